@@ -1,0 +1,1 @@
+"""Hypervisor drivers: the contract and its implementations (file, qemu)."""
