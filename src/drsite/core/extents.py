@@ -101,6 +101,10 @@ class ExtentList:
                 out.append((cur, e - cur))
         return ExtentList.of(out)
 
+    def intersect(self, other: ExtentList) -> ExtentList:
+        """The parts of ``self`` also covered by ``other``."""
+        return self.subtract(self.subtract(other))
+
     def blocks(self, block: int) -> npt.NDArray[np.int64]:
         """Indexes of the ``block``-sized blocks that these extents touch, sorted and unique."""
         if len(self) == 0:

@@ -72,6 +72,10 @@ class HypervisorDriver(Protocol):
     def start_tracking(self, vm_id: str) -> str:
         """Begin a new change-tracking epoch for every disk; returns its id.
 
+        The first cycle sealed in an epoch has ``changed = [0, size)`` for every disk (nothing is
+        known to be replicated yet), so its frozen view protects the whole disk: initial
+        replication and resync read a consistent image of the instant of that seal.
+
         Changes recorded under an older epoch and any unreleased cycle are dropped: the caller
         must then copy or resync. Not responsible for shipping anything.
         """

@@ -1,0 +1,1 @@
+"""The ``drsite`` command line (Typer): thin, one module per command group."""

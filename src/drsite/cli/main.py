@@ -1,0 +1,59 @@
+"""Entry point of the ``drsite`` command."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from drsite import __version__
+from drsite.core.errors import DrsiteError
+
+app = typer.Typer(name="drsite", no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False,
+                  help="drsite: self-hosted site recovery for virtual machines.")
+
+# exit codes by error class, so scripts can tell "try again later" from "an operator must act"
+EXIT_PERMANENT = 2
+EXIT_TRANSIENT = 75  # EX_TEMPFAIL
+
+
+@app.command()
+def version() -> None:
+    """Print the drsite version."""
+    typer.echo(__version__)
+
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("drsite-demo"), help="Where the two sites are built (wiped first)."),
+    vms: int = typer.Option(2, min=1, max=16, help="Number of file VMs on the primary site."),
+    disks: int = typer.Option(2, min=1, max=8, help="Disks per VM."),
+    disk_mib: int = typer.Option(256, min=16, max=65536, help="Size of each disk in MiB."),
+    cycles: int = typer.Option(3, min=1, max=100, help="Delta cycles to run after initial replication."),
+    frequency: float = typer.Option(5.0, min=5.0, help="Replication frequency in seconds (>= 5)."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON result on stdout."),
+) -> None:
+    """Build a primary and a secondary site here, replicate live file VMs, prove the replica."""
+    from drsite.demo import DemoOptions, run_demo
+
+    res = run_demo(DemoOptions(workdir=workdir, vms=vms, disks=disks, disk_mib=disk_mib,
+                               cycles=cycles, frequency_s=frequency, json_out=json_out))
+    raise typer.Exit(0 if res.ok else 1)
+
+
+def main() -> None:
+    err = Console(stderr=True)
+    try:
+        app()
+    except DrsiteError as e:
+        err.print(f"[red]error[/] ({e.code}, {e.error_class.value}): {e.message}")
+        if e.hint:
+            err.print(f"[yellow]hint[/]: {e.hint}")
+        sys.exit(EXIT_TRANSIENT if e.transient else EXIT_PERMANENT)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,513 @@
+"""The replication driver: runs one protected item's steps (initial copy, delta cycle, resync),
+records attempts, applies the seed's retry rules and keeps the item's report.
+
+Invariants:
+- a step is resumable from facts in the driver (sealed cycle), the store (staged cycle, committed
+  points) and the item record; re-running any step after a crash never corrupts a point;
+- a cycle's extents are written to its point writer at most once each (no overlapping writes
+  within a cycle), so resuming from what the store already holds is exact;
+- the sealed cycle is released only after its point is committed, so a crash never loses the
+  changes of a cycle;
+- a resync starts a new tracking epoch and freezes the whole disk, so the resync point is an
+  exact image of the source at that instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from drsite.core.clock import Clock, SystemClock
+from drsite.core.errors import (
+    Conflict,
+    CorruptData,
+    DrsiteError,
+    PermanentError,
+    TrackingLost,
+    classify_os_error,
+)
+from drsite.core.extents import ExtentList
+from drsite.core.model import Consistency, SealedCycle, TrackingState
+from drsite.core.retention import RetentionRule
+from drsite.hypervisors.contract import HypervisorDriver
+from drsite.replication.planner import (
+    Action,
+    Decision,
+    PlanInput,
+    ResyncWindow,
+    app_consistent_due,
+    next_cycle_at,
+    plan,
+    validate_frequency,
+)
+from drsite.replication.report import Health, ItemReport, ItemState
+from drsite.replication.resync import RESYNC_BLOCK, block_digests, differing_extents
+from drsite.replication.state import ItemRecord, RecordFile
+from drsite.replication.target import RecoveryTarget
+from drsite.store.repository import PointInfo
+
+log = logging.getLogger(__name__)
+
+IO_SIZE = 4 * 1024 * 1024
+
+
+def local_minute_of_day(t: float) -> int:
+    lt = time.localtime(t)
+    return lt.tm_hour * 60 + lt.tm_min
+
+
+@dataclass(frozen=True)
+class ReplicationSettings:
+    """What a policy says about one item (the vault turns a policy into this)."""
+
+    frequency_s: float = 300.0
+    app_consistent_every_s: float | None = 3600.0
+    rpo_threshold_s: float = 1800.0
+    retention: RetentionRule = field(default_factory=RetentionRule)
+    resync_window: ResyncWindow = field(default_factory=ResyncWindow)
+    io_size: int = IO_SIZE
+    resync_block: int = RESYNC_BLOCK
+    save_every_bytes: int = 64 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        validate_frequency(self.frequency_s)
+
+
+ProgressFn = Callable[[ItemReport], None]
+
+
+class ItemReplicator:
+    """Replication of one VM to one recovery target. One instance per item; not thread-safe."""
+
+    def __init__(self, *, item_id: str, vm_id: str, driver: HypervisorDriver,
+                 target: RecoveryTarget, state_dir: Path,
+                 settings: ReplicationSettings | None = None, clock: Clock | None = None,
+                 on_progress: ProgressFn | None = None,
+                 minute_of_day: Callable[[float], int] = local_minute_of_day) -> None:
+        self.driver = driver
+        self.target = target
+        self.settings = settings or ReplicationSettings()
+        self.clock = clock or SystemClock()
+        self.on_progress = on_progress
+        self.minute_of_day = minute_of_day
+        self._file = RecordFile(state_dir / f"{item_id}.json")
+        rec = self._file.load()
+        if rec is None:
+            vm = driver.get_vm(vm_id)
+            rec = ItemRecord(item_id=item_id, vm_id=vm_id, vm_name=vm.name)
+            rec.report = ItemReport(item_id=item_id, vm_id=vm_id, vm_name=vm.name)
+            self._file.save(rec)
+        self.rec = rec
+        self._force_app: bool | None = None
+
+    # ----------------------------------------------------------------------------- public API
+
+    @property
+    def report(self) -> ItemReport:
+        assert self.rec.report is not None
+        return self.rec.report
+
+    def request_resync(self, reason: str = "started by hand") -> None:
+        """Ask for a resync now, inside or outside the window (also clears Critical)."""
+        self.rec.resync_by_hand = True
+        self.rec.resync_reason = reason
+        if self.rec.phase is ItemState.CRITICAL:
+            self.rec.phase = ItemState.RESYNC_REQUIRED
+        self.rec.retry.record_success()
+        self._save()
+
+    def next_due(self) -> float:
+        """When :meth:`step` has something to do next (for a scheduler loop)."""
+        r = self.rec
+        if r.retry.next_attempt_at is not None:
+            return r.retry.next_attempt_at
+        if r.phase in (ItemState.NEW, ItemState.INITIAL_REPLICATION, ItemState.RESYNCING) \
+                or r.resync_by_hand or r.cycle_id:
+            return self.clock.now()
+        return next_cycle_at(r.last_cycle_started, self.settings.frequency_s, self.clock.now())
+
+    def step(self) -> Decision:
+        """Do the next thing this item needs; never raises a drsite error (it is recorded)."""
+        now = self.clock.now()
+        try:
+            decision = plan(self._plan_input(now))
+            if decision.action is Action.INITIAL:
+                self._initial()
+            elif decision.action is Action.DELTA:
+                self._delta()
+            elif decision.action is Action.RESYNC:
+                self._resync(decision.reason)
+            elif decision.action is Action.MARK_RESYNC:
+                self._mark_resync(decision.reason)
+            if decision.action in (Action.INITIAL, Action.DELTA, Action.RESYNC):
+                self.rec.retry.record_success()
+                self.report.last_error = None
+        except DrsiteError as e:
+            decision = Decision(Action.NOTHING, f"failed: {e}")
+            self._fail(e)
+        except OSError as e:
+            decision = Decision(Action.NOTHING, f"failed: {e}")
+            self._fail(classify_os_error(e, "replication"))
+        self._refresh_report()
+        self._save()
+        return decision
+
+    def run_initial(self) -> PointInfo:
+        """Run steps until the item has its first committed point (raises on permanent error)."""
+        while self.target.repo.latest() is None:
+            self._step_or_raise()
+        latest = self.target.repo.latest()
+        assert latest is not None
+        return latest
+
+    def run_cycle(self, *, app_consistent: bool | None = None) -> PointInfo:
+        """Run one delta cycle now (or the pending resync) and return the new point."""
+        before = self.target.repo.latest()
+        self.rec.last_cycle_started = None  # make the cycle due
+        self._force_app = app_consistent
+        try:
+            while True:
+                self._step_or_raise()
+                latest = self.target.repo.latest()
+                if latest is not None and (before is None or latest.seq > before.seq):
+                    return latest
+        finally:
+            self._force_app = None
+
+    def run_resync(self, reason: str = "started by hand") -> PointInfo:
+        self.request_resync(reason)
+        before = self.target.repo.latest()
+        while True:
+            self._step_or_raise()
+            latest = self.target.repo.latest()
+            if latest is not None and (before is None or latest.seq > before.seq) \
+                    and self.rec.phase is ItemState.PROTECTED:
+                return latest
+
+    def _step_or_raise(self) -> None:
+        decision = self.step()
+        err = self.report.last_error
+        if err is None and decision.action in (Action.WAIT, Action.NOTHING):
+            raise Conflict(f"{self.rec.vm_name}: nothing can run now: {decision.reason}",
+                           hint="Start a resync by hand, or wait for the resync window.")
+        if err is not None:
+            if self.rec.phase is ItemState.CRITICAL or self.rec.retry.gave_up:
+                raise PermanentError(f"{self.rec.vm_name}: {err['message']}", hint=err.get("hint"))
+            # transient: wait out the schedule (the clock may be fake in tests); a repair
+            # (resync required) has no wait and runs on the next step
+            nxt = self.rec.retry.next_attempt_at
+            if nxt is not None:
+                self.clock.sleep(max(0.0, nxt - self.clock.now()))
+
+    # ----------------------------------------------------------------------------- planning
+
+    def _plan_input(self, now: float) -> PlanInput:
+        r = self.rec
+        vm = self.driver.get_vm(r.vm_id)
+        status = self.driver.tracking_status(r.vm_id)
+        tracking = status.state
+        if r.epoch is not None and status.epoch not in (None, r.epoch):
+            tracking = TrackingState.UNTRUSTED  # someone restarted tracking behind our back
+        frac = 0.0
+        for d in vm.disks:
+            if d.size:
+                frac = max(frac, status.pending_bytes.get(d.disk_id, 0) / d.size)
+        in_window = self.settings.resync_window.contains(self.minute_of_day(now)) \
+            or r.resync_from_store
+        return PlanInput(
+            state=r.phase, now=now,
+            next_cycle_at=next_cycle_at(r.last_cycle_started, self.settings.frequency_s, now),
+            retry_due=r.retry.due(now), resync_by_hand=r.resync_by_hand,
+            in_resync_window=in_window, tracking=tracking, largest_log_fraction=frac,
+            has_point=self.target.repo.latest() is not None,
+            cycle_in_flight=r.cycle_id is not None and r.cycle_kind == "delta",
+        )
+
+    # ----------------------------------------------------------------------------- steps
+
+    def _initial(self) -> None:
+        r = self.rec
+        r.phase = ItemState.INITIAL_REPLICATION
+        cycle = self._own_cycle("initial")
+        if cycle is None:
+            self._drop_pending()
+            r.epoch = self.driver.start_tracking(r.vm_id)
+            cycle = self.driver.seal(r.vm_id, app_consistent=self._app_due())
+            self._adopt(cycle, "initial")
+        assert cycle is not None
+        if not cycle.trusted:
+            raise TrackingLost(f"tracking of {r.vm_name} failed during initial replication: {cycle.note}")
+        todo: dict[str, ExtentList] = {}
+        for disk_id, size in cycle.disk_sizes.items():
+            reader = self.driver.open_cycle_reader(cycle, disk_id)
+            try:
+                todo[disk_id] = cycle.changed[disk_id].clip(size).intersect(reader.data_extents())
+            finally:
+                reader.close()
+        self._ship(cycle, "initial", None, todo, step="initial replication")
+
+    def _delta(self) -> None:
+        r = self.rec
+        cycle = self._own_cycle("delta")
+        if cycle is None:
+            r.last_cycle_started = self.clock.now()
+            app = self._force_app if self._force_app is not None else self._app_due()
+            cycle = self.driver.seal(r.vm_id, app_consistent=app)
+            self._adopt(cycle, "delta")
+        assert cycle is not None
+        if not cycle.trusted:
+            self._mark_resync(f"change tracking untrusted: {cycle.note or 'log damaged'}")
+            return
+        latest = self.target.repo.latest()
+        assert latest is not None
+        todo = {d: cycle.changed[d].clip(size) for d, size in cycle.disk_sizes.items()}
+        self._ship(cycle, "delta", latest.point_id, todo, step="delta cycle")
+
+    def _resync(self, reason: str) -> None:
+        r = self.rec
+        r.phase = ItemState.RESYNCING
+        r.resync_reason = reason
+        self._save()
+        cycle = self._own_cycle("resync")
+        if cycle is None:
+            self._drop_pending()
+            r.epoch = self.driver.start_tracking(r.vm_id)
+            cycle = self.driver.seal(r.vm_id, app_consistent=False)
+            self._adopt(cycle, "resync")
+        assert cycle is not None
+        latest = self.target.repo.latest()
+        assert latest is not None
+        rep = self.report
+        rep.step = "resync: comparing checksums"
+        total = sum(cycle.disk_sizes.values())
+        rep.bytes_total, rep.bytes_done, rep.progress = total, 0, 0.0
+        todo: dict[str, ExtentList] = {}
+        block = self.settings.resync_block
+
+        def count(n: int) -> None:
+            rep.bytes_done += n
+            rep.bytes_compared += n
+
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="resync") as pool:
+            for disk_id, size in cycle.disk_sizes.items():
+                src_reader = self.driver.open_cycle_reader(cycle, disk_id)
+                try:
+                    fs = pool.submit(block_digests, src_reader, block=block, progress=count)
+                    ft = pool.submit(self.target.digests, disk_id, from_store=r.resync_from_store,
+                                     block=block, progress=count)
+                    src, tgt = fs.result(), ft.result()
+                finally:
+                    src_reader.close()
+                todo[disk_id] = differing_extents(src, tgt, block, size)
+                self._emit()
+        self._ship(cycle, "resync", latest.point_id, todo, step="resync: sending differences")
+        r.resync_by_hand = False
+        r.resync_from_store = False
+        r.resync_reason = ""
+        rep.resyncs += 1
+
+    def _mark_resync(self, reason: str) -> None:
+        self.rec.phase = ItemState.RESYNC_REQUIRED
+        self.rec.resync_reason = reason
+        log.warning("%s: resync required: %s", self.rec.vm_name, reason)
+
+    # ----------------------------------------------------------------------------- shipping
+
+    def _ship(self, cycle: SealedCycle, kind: str, base: str | None,
+              todo: dict[str, ExtentList], *, step: str) -> None:
+        """Write the ``todo`` extents of the frozen view into the cycle's point and commit it.
+
+        Extents already durably in the store for this cycle (a resumed cycle) are skipped."""
+        repo = self.target.repo
+        done = repo.committed_cycle(cycle.cycle_id)
+        if done is None:
+            writer = repo.begin(cycle.cycle_id, base=base, disk_sizes=dict(cycle.disk_sizes),
+                                kind=kind)
+            try:
+                rep = self.report
+                resumed = 0
+                remaining: dict[str, ExtentList] = {}
+                for disk_id in sorted(todo):
+                    covered = writer.covered(disk_id)
+                    resumed += todo[disk_id].intersect(covered).total
+                    remaining[disk_id] = todo[disk_id].subtract(covered)
+                if kind == "initial" and resumed:
+                    rep.initial_resumed_from = resumed
+                    log.info("%s: resuming initial replication, %d bytes already stored",
+                             self.rec.vm_name, resumed)
+                rep.step = step
+                rep.bytes_total = resumed + sum(e.total for e in remaining.values())
+                rep.bytes_done = resumed
+                self._emit()
+                since_save = 0
+                io = self.settings.io_size
+                for disk_id in sorted(remaining):
+                    ext = remaining[disk_id].split(io)
+                    if len(ext) == 0:
+                        continue
+                    reader = self.driver.open_cycle_reader(cycle, disk_id)
+                    try:
+                        for off, length in ext:
+                            buf = bytearray(length)
+                            reader.readinto(off, memoryview(buf))
+                            writer.write(disk_id, off, buf)
+                            rep.bytes_done += length
+                            since_save += length
+                            if since_save >= self.settings.save_every_bytes:
+                                writer.flush()
+                                since_save = 0
+                                self._save()
+                            self._emit()
+                    finally:
+                        reader.close()
+                point = writer.commit(created_at=cycle.sealed_at, consistency=cycle.consistency,
+                                      meta={"vm_id": self.rec.vm_id, "vm_name": self.rec.vm_name,
+                                            "epoch": cycle.epoch, "note": cycle.note})
+                rep.bytes_sent += writer.bytes_written - writer.zero_bytes
+                rep.bytes_stored += writer.bytes_stored
+            finally:
+                writer.close()
+        else:
+            point = done
+        self._finish(cycle, point)
+
+    def _finish(self, cycle: SealedCycle, point: PointInfo) -> None:
+        r = self.rec
+        self.driver.release(cycle)
+        r.cycle_id = None
+        r.cycle_kind = None
+        r.phase = ItemState.PROTECTED
+        rep = self.report
+        rep.cycles += 1
+        rep.last_point_id = point.point_id
+        rep.last_point_time = point.created_at
+        if point.consistency is Consistency.APP:
+            rep.last_app_point_time = point.created_at
+        rep.step = ""
+        rep.progress = 100.0
+        self._save()
+        self.target.after_commit(point)
+        pinned = {p for p in (self.target.replica_point(),) if p}
+        self.target.repo.apply_retention(self.settings.retention, self.clock.now(), pinned)
+
+    # ----------------------------------------------------------------------------- helpers
+
+    def _own_cycle(self, kind: str) -> SealedCycle | None:
+        """The sealed cycle this item was working on, if it is still there and of ``kind``."""
+        r = self.rec
+        pending = self.driver.pending_cycle(r.vm_id)
+        if r.cycle_id is not None and r.cycle_kind == kind:
+            if pending is not None and pending.cycle_id == r.cycle_id:
+                return pending
+            done = self.target.repo.committed_cycle(r.cycle_id)
+            if done is not None and pending is None:
+                # committed and released, but the record was not saved: just record it
+                r.cycle_id, r.cycle_kind = None, None
+                return None
+            # our frozen view is gone: staged data belongs to a lost instant
+            self.target.repo.abort(r.cycle_id)
+            r.cycle_id, r.cycle_kind = None, None
+            return None
+        if kind == "delta" and pending is not None and r.cycle_id is None:
+            # sealed, then crashed before the record was saved
+            self._adopt(pending, kind)
+            return pending
+        return None
+
+    def _adopt(self, cycle: SealedCycle, kind: str) -> None:
+        self.rec.cycle_id = cycle.cycle_id
+        self.rec.cycle_kind = kind
+        self._save()
+
+    def _drop_pending(self) -> None:
+        """Before a new epoch: release any sealed cycle and drop staged data of other cycles."""
+        pending = self.driver.pending_cycle(self.rec.vm_id)
+        if pending is not None:
+            self.driver.release(pending)
+        for c in self.target.repo.staged_cycles():
+            self.target.repo.abort(c)
+        self.rec.cycle_id, self.rec.cycle_kind = None, None
+
+    def _app_due(self) -> bool:
+        return app_consistent_due(self.report.last_app_point_time,
+                                  self.settings.app_consistent_every_s, self.clock.now())
+
+    def _fail(self, e: DrsiteError) -> None:
+        r = self.rec
+        now = self.clock.now()
+        log.warning("%s: %s error: %s", r.vm_name, e.error_class.value, e)
+        self.report.last_error = e.to_dict()
+        if isinstance(e, CorruptData):
+            # repair: quarantine what is damaged, then resync against the store itself
+            self._quarantine_damage()
+            r.phase = ItemState.RESYNC_REQUIRED
+            r.resync_from_store = True
+            r.resync_reason = f"recovery store damaged: {e.message}"
+            r.retry.record_success()
+            return
+        if isinstance(e, TrackingLost):
+            self._mark_resync(e.message)
+            r.retry.record_success()
+            return
+        r.retry.record_failure(e, now)
+        if not e.transient:
+            r.phase = ItemState.CRITICAL
+
+    def _quarantine_damage(self) -> None:
+        repo = self.target.repo
+        latest = repo.latest()
+        if latest is None:
+            return
+        try:
+            report = repo.verify(latest.point_id)
+        except DrsiteError as e:  # verification itself failed: the resync still repairs
+            log.warning("verify of %s failed: %s", latest.point_id, e)
+            return
+        for key in report.damaged_keys:
+            repo.quarantine(key)
+
+    def _refresh_report(self) -> None:
+        r, rep = self.rec, self.report
+        now = self.clock.now()
+        rep.state = r.phase
+        rep.resync_reason = r.resync_reason
+        rep.next_attempt_at = r.retry.next_attempt_at
+        rep.rpo_s = (now - rep.last_point_time) if rep.last_point_time is not None else None
+        reasons: list[str] = []
+        health = Health.NORMAL
+        if r.phase is ItemState.CRITICAL:
+            health = Health.CRITICAL
+            reasons.append(rep.last_error["message"] if rep.last_error else "critical")
+        else:
+            if rep.rpo_s is not None and rep.rpo_s > self.settings.rpo_threshold_s:
+                health = Health.WARNING
+                reasons.append(f"RPO {rep.rpo_s:.0f}s exceeds threshold "
+                               f"{self.settings.rpo_threshold_s:.0f}s")
+            if r.phase in (ItemState.RESYNC_REQUIRED, ItemState.RESYNCING):
+                health = Health.WARNING
+                reasons.append(f"resync {'pending' if r.phase is ItemState.RESYNC_REQUIRED else 'running'}"
+                               f": {r.resync_reason}")
+            if r.retry.failures:
+                health = Health.WARNING
+                reasons.append(f"retrying after {r.retry.failures} failure(s)")
+        rep.health = health
+        rep.health_reasons = reasons
+        rep.updated_at = now
+
+    def _emit(self) -> None:
+        rep = self.report
+        rep.progress = 100.0 * rep.bytes_done / rep.bytes_total if rep.bytes_total else 100.0
+        if self.on_progress is not None:
+            self.on_progress(rep)
+
+    def _save(self) -> None:
+        self._file.save(self.rec)
+
+
+def new_item_id() -> str:
+    return "item-" + uuid.uuid4().hex[:12]

@@ -1,0 +1,66 @@
+"""The one serialisable report per protected item. CLI, API and web read only this."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class ItemState(StrEnum):
+    NEW = "new"
+    INITIAL_REPLICATION = "initial_replication"
+    PROTECTED = "protected"
+    RESYNC_REQUIRED = "resync_required"
+    RESYNCING = "resyncing"
+    CRITICAL = "critical"
+
+
+class Health(StrEnum):
+    NORMAL = "normal"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+@dataclass
+class ItemReport:
+    item_id: str
+    vm_id: str
+    vm_name: str
+    state: ItemState = ItemState.NEW
+    health: Health = Health.NORMAL
+    health_reasons: list[str] = field(default_factory=list)
+    # progress of the running step (initial copy, cycle, resync), 0..100
+    step: str = ""
+    progress: float = 0.0
+    bytes_total: int = 0
+    bytes_done: int = 0
+    # lifetime counters
+    bytes_sent: int = 0          # raw bytes shipped (before compression), excluding skipped zeros
+    bytes_stored: int = 0        # bytes that reached the store (after compression)
+    bytes_compared: int = 0      # bytes checksummed by resyncs
+    cycles: int = 0
+    resyncs: int = 0
+    initial_resumed_from: int = 0  # bytes already in the store when a crashed initial copy resumed
+    last_point_id: str | None = None
+    last_point_time: float | None = None
+    last_app_point_time: float | None = None
+    rpo_s: float | None = None   # age of the newest committed point when the report was made
+    resync_reason: str = ""
+    last_error: dict[str, str] | None = None
+    next_attempt_at: float | None = None
+    updated_at: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["state"] = self.state.value
+        d["health"] = self.health.value
+        return d
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> ItemReport:
+        d = dict(d)
+        d["state"] = ItemState(d["state"])
+        d["health"] = Health(d["health"])
+        known = set(ItemReport.__dataclass_fields__)
+        return ItemReport(**{k: v for k, v in d.items() if k in known})

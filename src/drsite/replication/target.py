@@ -1,0 +1,77 @@
+"""Where a protected item's recovery points go: the repository plus what the recovery site does
+after a commit (hydrate its replica disks) and how it answers a resync's checksum request."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from drsite.core.errors import ObjectNotFound
+from drsite.imagefile import RawImageReader
+from drsite.replication.resync import RESYNC_BLOCK, DigestResult, block_digests
+from drsite.store.replica import ReplicaHydrator
+from drsite.store.repository import PointInfo, Repository
+
+
+class RecoveryTarget(Protocol):
+    """The recovery side of one protected item, as the replication engine sees it.
+
+    Responsible for: the repository of points, keeping the recovery site's replica current after
+    a commit, and the target half of a resync (digests of the latest point). Not responsible for
+    deciding when to do any of it.
+    """
+
+    @property
+    def repo(self) -> Repository: ...
+
+    def after_commit(self, point: PointInfo) -> None:
+        """Bring the recovery site's replica to ``point`` (or note that it must catch up)."""
+        ...
+
+    def digests(self, disk_id: str, *, from_store: bool, block: int = RESYNC_BLOCK,
+                progress: Callable[[int], None] | None = None) -> DigestResult:
+        """Per-block digests of the latest committed point of ``disk_id``.
+
+        ``from_store`` forces reading the repository (used after store damage) instead of a
+        hydrated replica known to equal the latest point.
+        """
+        ...
+
+    def replica_point(self) -> str | None:
+        """The point the hydrated replica holds, if the target keeps one."""
+        ...
+
+
+class LocalTarget:
+    """A recovery site on this machine: a repository and, optionally, a hydrated replica."""
+
+    def __init__(self, repo: Repository, hydrator: ReplicaHydrator | None = None) -> None:
+        self._repo = repo
+        self.hydrator = hydrator
+
+    @property
+    def repo(self) -> Repository:
+        return self._repo
+
+    def after_commit(self, point: PointInfo) -> None:
+        if self.hydrator is not None:
+            self.hydrator.catch_up()
+
+    def replica_point(self) -> str | None:
+        if self.hydrator is None:
+            return None
+        current, applying = self.hydrator.state()
+        return current if applying is None else None
+
+    def digests(self, disk_id: str, *, from_store: bool, block: int = RESYNC_BLOCK,
+                progress: Callable[[int], None] | None = None) -> DigestResult:
+        latest = self._repo.latest()
+        if latest is None:
+            raise ObjectNotFound("no committed recovery point to resync against")
+        if not from_store and self.hydrator is not None and self.replica_point() == latest.point_id:
+            path = self.hydrator.disk_path(disk_id)
+            with RawImageReader(path, latest.disk_sizes[disk_id]) as r:
+                return block_digests(r, block=block, progress=progress)
+        # block_digests marks unreadable (corrupt) ranges bad, so they are always re-sent
+        return block_digests(self._repo.reader(latest.point_id, disk_id), block=block,
+                             progress=progress)

@@ -1,0 +1,1 @@
+"""Change trackers and change logs (the file driver's durable per-disk log)."""
