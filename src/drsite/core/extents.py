@@ -16,10 +16,19 @@ import numpy.typing as npt
 I64 = npt.NDArray[np.int64]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ExtentList:
     starts: I64
     lengths: I64
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ExtentList):
+            return NotImplemented
+        return bool(np.array_equal(self.starts, other.starts)
+                    and np.array_equal(self.lengths, other.lengths))
+
+    def __hash__(self) -> int:
+        return hash((self.starts.tobytes(), self.lengths.tobytes()))
 
     @staticmethod
     def empty() -> ExtentList:

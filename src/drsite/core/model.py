@@ -18,7 +18,7 @@ def validate_name(kind: str, value: str) -> str:
 
     Names become path segments and object-store keys, so anything else is refused.
     """
-    if not isinstance(value, str) or not _NAME_RE.match(value) or ".." in value:
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value) or ".." in value:
         raise InvalidInput(f"invalid {kind} name {value!r}",
                            hint="Use 1-63 characters of letters, digits, '.', '_' or '-', "
                                 "starting with a letter or digit, and no '..'.")

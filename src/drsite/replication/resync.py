@@ -73,8 +73,9 @@ def block_digests(reader: Readable, *, block: int = RESYNC_BLOCK,
         for i in range(0, length, block):
             chunk = piece[i:i + block]
             if len(chunk) < block:  # the last block of a disk whose size is not a multiple
-                chunk = bytes(chunk) + bytes(block - len(chunk))
-            out += h(chunk)
+                out += h(bytes(chunk) + bytes(block - len(chunk)))
+            else:
+                out += h(chunk)
         k = (length + block - 1) // block
         digests[first:first + k] = np.frombuffer(bytes(out), dtype=np.uint8).reshape(k, 16)
         read += length

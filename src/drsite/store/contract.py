@@ -25,7 +25,7 @@ def validate_key(key: str) -> str:
     if not isinstance(key, str) or not key or len(key) > MAX_KEY:
         raise InvalidInput(f"invalid object key {key!r}")
     for seg in key.split("/"):
-        if not _SEGMENT.match(seg) or seg in (".", "..") or ".." in seg:
+        if not _SEGMENT.fullmatch(seg) or seg in (".", "..") or ".." in seg:
             raise InvalidInput(f"invalid object key {key!r}",
                                hint="Keys are '/'-separated names of letters, digits, '.', '_', '-'.")
     return key

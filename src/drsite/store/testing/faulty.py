@@ -27,7 +27,7 @@ OPS = ("put", "get", "get_range", "exists", "size", "list", "delete")
 KINDS = ("network", "timeout", "enospc", "permanent", "crash", "truncate", "bitflip")
 
 
-class SimulatedCrash(BaseException):  # noqa: N818 - a BaseException so no `except Exception` eats it
+class SimulatedCrash(BaseException):  # a BaseException: no `except Exception` eats it
     """Raised by a ``crash`` fault: stands for the process being killed at that call."""
 
 

@@ -1,0 +1,661 @@
+"""The block layer of a file VM: disks, change logs and copy-before-write, in one process.
+
+:class:`FileVm` is what a guest process (or the driver, while the VM is stopped) holds while it
+owns a VM directory: it takes the VM lock, opens the disk images, reopens the change logs with
+their trust rules and resumes copy-before-write for an unreleased cycle.
+
+Invariants (see ``design.md``):
+- one owner at a time: the ``flock`` on ``VMDIR/lock`` is held for the life of a FileVm;
+- every write, seal, release and epoch change runs under ``_io_lock``, so no write is split
+  across two logs and a seal is one instant for all disks;
+- per write: change-log record → (copy-before-write: fleece granule → bitmap byte) → disk;
+- flush: logs, then fleece and bitmaps, then disks.
+
+Responsible for: write ordering, rotation, CBW, crash recovery of its own files. Not responsible
+for: scheduling cycles, reading frozen views (see :mod:`.readers`), processes or sockets.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from drsite.core.errors import (
+    Busy,
+    Conflict,
+    DrsiteError,
+    InvalidInput,
+    PermanentError,
+    TrackingLost,
+    classify_os_error,
+)
+from drsite.core.extents import ExtentList
+from drsite.core.model import Consistency
+from drsite.hypervisors.file.layout import (
+    GRANULE,
+    VmConfig,
+    VmPaths,
+    fsync_dir,
+    read_json,
+    write_json_atomic,
+)
+from drsite.tracking.changelog import (
+    DEFAULT_MAX_BYTES,
+    ChangeLog,
+    current_boot_id,
+    load_log,
+)
+
+log = logging.getLogger(__name__)
+_ZERO_GRANULE = bytes(GRANULE)
+HOOK_TIMEOUT = 60.0
+
+
+def _granules(size: int) -> int:
+    return (size + GRANULE - 1) // GRANULE
+
+
+def granule_mask(extents: ExtentList, size: int) -> bytearray:
+    """One byte per 64 KiB granule: 1 where ``extents`` touch it."""
+    m = np.zeros(_granules(size), dtype=np.uint8)
+    b = extents.clip(size).blocks(GRANULE)
+    m[b] = 1
+    return bytearray(m.tobytes())
+
+
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    mv = memoryview(data)
+    while mv:
+        n = os.pwrite(fd, mv, offset)
+        mv, offset = mv[n:], offset + n
+
+
+class _Cbw:
+    """Copy-before-write state of one disk for one sealed cycle (guest side).
+
+    ``mask`` None means every granule is protected (a full or untrusted cycle is read whole).
+    """
+
+    def __init__(self, disk_fd: int, size: int, fleece: Path, bitmap: Path,
+                 mask: bytearray | None) -> None:
+        self.disk_fd = disk_fd
+        self.mask = mask
+        n = _granules(size)
+        try:
+            self.fleece_fd = os.open(fleece, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self.bitmap_fd = os.open(bitmap, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            if os.fstat(self.fleece_fd).st_size != size:
+                os.ftruncate(self.fleece_fd, size)
+            if os.fstat(self.bitmap_fd).st_size != n:
+                os.ftruncate(self.bitmap_fd, n)
+            self.done = bytearray(os.pread(self.bitmap_fd, n, 0))
+        except OSError as e:
+            raise classify_os_error(e, f"copy-before-write files {fleece}") from e
+        self.copied = sum(self.done)
+        self._dirty = False
+
+    def before_write(self, offset: int, length: int) -> None:
+        g0, g1 = offset // GRANULE, (offset + length - 1) // GRANULE
+        done, mask = self.done, self.mask
+        for g in range(g0, g1 + 1):
+            if done[g] or (mask is not None and not mask[g]):
+                continue
+            old = os.pread(self.disk_fd, GRANULE, g * GRANULE)
+            # Order matters (readers check the bitmap AFTER reading the disk): the old data is
+            # in the fleece before the bit is set, and the bit is set before the disk changes.
+            if old != _ZERO_GRANULE[: len(old)]:  # a zero granule stays a hole in the fleece
+                pwrite_all(self.fleece_fd, old, g * GRANULE)
+            os.pwrite(self.bitmap_fd, b"\x01", g)
+            done[g] = 1
+            self.copied += 1
+            self._dirty = True
+
+    def flush(self) -> None:
+        if self._dirty:
+            os.fsync(self.fleece_fd)
+            os.fsync(self.bitmap_fd)
+            self._dirty = False
+
+    def close(self, *, sync: bool) -> None:
+        if self.fleece_fd < 0:
+            return
+        if sync:
+            self.flush()
+        os.close(self.fleece_fd)
+        os.close(self.bitmap_fd)
+        self.fleece_fd = self.bitmap_fd = -1
+
+
+class _Disk:
+    def __init__(self, disk_id: str, fd: int, size: int) -> None:
+        self.disk_id = disk_id
+        self.fd = fd
+        self.size = size
+        self.log: ChangeLog | None = None
+        self.dirty = bytearray(_granules(size))  # granules touched by the active log
+        self.cbw: _Cbw | None = None
+
+    def note_write(self, offset: int, length: int) -> None:
+        g0, g1 = offset // GRANULE, (offset + length - 1) // GRANULE
+        if g0 == g1:
+            self.dirty[g0] = 1
+        else:
+            self.dirty[g0:g1 + 1] = b"\x01" * (g1 - g0 + 1)
+
+
+class FileVm:
+    """An open file VM (see module doc). Thread-safe; create with :meth:`open`."""
+
+    def __init__(self, paths: VmPaths, config: VmConfig, lock_fd: int, boot_id: str,
+                 role: str, max_log_bytes: int) -> None:
+        self.paths = paths
+        self.config = config
+        self.boot_id = boot_id
+        self.role = role
+        self.max_log_bytes = max_log_bytes
+        self._lock_fd = lock_fd
+        self._io_lock = threading.RLock()
+        self._gate = threading.Event()  # cleared while frozen: writers wait before the I/O lock
+        self._gate.set()
+        self._freezes = 0
+        self.disks: dict[str, _Disk] = {}
+        self.epoch: str | None = None
+        self.cycle: dict[str, Any] | None = None
+        self.last_tag: int | None = None
+        self.closed = False
+        self.recovery_notes: list[str] = []
+        self.unclean_previous = False
+        self.host_crashed = False
+
+    # -- opening ------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, vm_dir: Path, *, role: str = "guest", lock_timeout: float = 30.0,
+             boot_id: str | None = None, max_log_bytes: int = DEFAULT_MAX_BYTES) -> FileVm:
+        """Take the VM lock (``Busy`` after ``lock_timeout``; 0 = don't wait) and open everything.
+
+        ``role`` is "guest" (a running VM) or "driver" (maintenance on a stopped VM): only a guest's
+        clean close marks the disks quiesced at rest.
+        """
+        paths = VmPaths(vm_dir)
+        cfg_raw = read_json(paths.config)
+        if cfg_raw is None:
+            raise PermanentError(f"{vm_dir} is not a file VM (no vm.json)")
+        config = VmConfig.from_dict(cfg_raw)
+        lock_fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + lock_timeout
+        while True:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(lock_fd)
+                    raise Busy(f"VM {config.name} is in use (locked)") from None
+                time.sleep(0.02)
+        vm = cls(paths, config, lock_fd, boot_id or current_boot_id(), role, max_log_bytes)
+        try:
+            vm._recover_and_open()
+        except BaseException:
+            vm._release_fds()
+            raise
+        return vm
+
+    def _recover_and_open(self) -> None:
+        p = self.paths
+        prev = read_json(p.session)
+        if prev is not None:
+            self.unclean_previous = True
+            self.host_crashed = prev.get("boot_id") != self.boot_id
+            p.unclean.touch()
+            self.recovery_notes.append(
+                "previous session ended uncleanly" + (" (host restart)" if self.host_crashed else ""))
+        write_json_atomic(p.session, {"boot_id": self.boot_id, "pid": os.getpid(), "role": self.role,
+                                      "opened_at": time.time()})
+        for d in self.config.disks:
+            path = p.disk(d.disk_id)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                if os.fstat(fd).st_size < d.size:
+                    os.ftruncate(fd, d.size)
+            except OSError as e:
+                raise classify_os_error(e, f"disk {path}") from e
+            self.disks[d.disk_id] = _Disk(d.disk_id, fd, d.size)
+        self.epoch = p.current_epoch()
+        if self.epoch is None:
+            return
+        self._drop_other_epochs(self.epoch)
+        for disk in self.disks.values():
+            self._open_active_log(disk)
+        record = p.cycle_record(self.epoch)
+        if record is not None and self.host_crashed:
+            # The fleece, bitmap and disk writes were ordered only in the page cache, which the
+            # host crash lost: the frozen view may hold post-seal data. Drop the cycle; its logs
+            # become carried and the next seal (untrusted: the active logs were open) covers them.
+            self._delete_cycle(record, keep_logs=True)
+            self.recovery_notes.append(f"dropped cycle {record['cycle_id']}: host restarted "
+                                       "while its frozen view was held")
+            record = None
+        self._cleanup_cbw_files(record)
+        if record is not None:
+            self.cycle = record
+            self._start_cbw(record)
+
+    def _drop_other_epochs(self, epoch: str) -> None:
+        for child in self.paths.tracking.iterdir():
+            if child.is_dir() and child.name != epoch:
+                shutil.rmtree(child, ignore_errors=True)
+
+    def _open_active_log(self, disk: _Disk) -> None:
+        assert self.epoch is not None
+        p = self.paths
+        active, nxt = p.active_log(self.epoch, disk.disk_id), p.next_log(self.epoch, disk.disk_id)
+        if not active.exists() and nxt.exists():
+            os.replace(nxt, active)  # a seal died after sealing the old log: promote the next
+        elif nxt.exists():
+            nxt.unlink()  # a seal died before sealing: the active log still records everything
+        if active.exists():
+            disk.log, contents = ChangeLog.reopen(active, epoch=self.epoch, disk_id=disk.disk_id,
+                                                  max_bytes=self.max_log_bytes, boot_id=self.boot_id)
+            if contents.trusted:
+                disk.dirty = granule_mask(contents.extents, disk.size)
+            else:
+                self.recovery_notes.append(f"disk {disk.disk_id}: {contents.reason}")
+        else:
+            disk.log = ChangeLog.create(active, epoch=self.epoch, disk_id=disk.disk_id,
+                                        max_bytes=self.max_log_bytes, boot_id=self.boot_id,
+                                        untrusted_reason="change log missing")
+            self.recovery_notes.append(f"disk {disk.disk_id}: change log missing")
+
+    def _cleanup_cbw_files(self, record: dict[str, Any] | None) -> None:
+        assert self.epoch is not None
+        keep = record["cycle_id"] if record else None
+        for f in self.paths.epoch_dir(self.epoch).iterdir():
+            stale_cbw = f.suffix in (".fleece", ".cbw") and f.name.split(".", 1)[0] != keep
+            if stale_cbw or f.name.endswith(".tmp"):
+                f.unlink(missing_ok=True)
+
+    def _start_cbw(self, record: dict[str, Any]) -> None:
+        """Resume copy-before-write for an unreleased cycle (after a guest restart)."""
+        assert self.epoch is not None
+        cid = record["cycle_id"]
+        for disk in self.disks.values():
+            if record["cbw_all"]:
+                mask = None
+            else:
+                ext = ExtentList.empty()
+                for name in record["logs"].get(disk.disk_id, []):
+                    c = load_log(self.paths.epoch_dir(self.epoch) / name, boot_id=self.boot_id)
+                    ext = ext.union(c.extents)
+                mask = granule_mask(ext, disk.size)
+            disk.cbw = _Cbw(disk.fd, disk.size, self.paths.fleece(self.epoch, cid, disk.disk_id),
+                            self.paths.cbw_bitmap(self.epoch, cid, disk.disk_id), mask)
+
+    # -- I/O ----------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self.closed:
+            raise Busy(f"VM {self.config.name} is closed")
+
+    def _disk(self, disk_id: str) -> _Disk:
+        try:
+            return self.disks[disk_id]
+        except KeyError:
+            raise InvalidInput(f"VM {self.config.name} has no disk {disk_id!r}") from None
+
+    def _acquire_unfrozen(self, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self._gate.wait(left):
+                raise Busy(f"VM {self.config.name} is frozen")
+            self._io_lock.acquire()
+            if self._gate.is_set():
+                return
+            self._io_lock.release()
+
+    def write(self, disk_id: str, offset: int, data: bytes | bytearray | memoryview, *,
+              tag: int | None = None, frozen_timeout: float | None = None) -> None:
+        """Write ``data`` at ``offset`` (log record first, then copy-before-write, then the data).
+
+        Waits while the VM is frozen (``Busy`` after ``frozen_timeout``). ``tag`` is remembered
+        as ``last_tag`` and stored in the next sealed cycle (the workload passes its sequence).
+        """
+        disk = self._disk(disk_id)
+        n = len(data)
+        if offset < 0 or n == 0 or offset + n > disk.size:
+            raise InvalidInput(f"write [{offset}, {offset + n}) outside disk {disk_id} "
+                               f"of {disk.size} bytes")
+        self._acquire_unfrozen(frozen_timeout)
+        try:
+            self._check_open()
+            if disk.log is not None:
+                disk.log.append(offset, n)
+                disk.note_write(offset, n)
+            try:
+                if disk.cbw is not None:
+                    disk.cbw.before_write(offset, n)
+                pwrite_all(disk.fd, data, offset)
+            except OSError as e:
+                raise classify_os_error(e, f"write to disk {disk_id}") from e
+            if tag is not None:
+                self.last_tag = tag
+        finally:
+            self._io_lock.release()
+
+    def read(self, disk_id: str, offset: int, length: int) -> bytes:
+        """Read the live disk (what the guest sees)."""
+        disk = self._disk(disk_id)
+        if offset < 0 or length < 0 or offset + length > disk.size:
+            raise InvalidInput(f"read outside disk {disk_id}")
+        self._check_open()
+        out = os.pread(disk.fd, length, offset)
+        return out + bytes(length - len(out))
+
+    def flush(self) -> None:
+        """Make every completed write durable: logs, then fleece/bitmaps, then disks."""
+        with self._io_lock:
+            self._check_open()
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        try:
+            for disk in self.disks.values():
+                if disk.log is not None:
+                    disk.log.flush()
+            for disk in self.disks.values():
+                if disk.cbw is not None:
+                    disk.cbw.flush()
+            for disk in self.disks.values():
+                os.fsync(disk.fd)
+        except OSError as e:
+            raise classify_os_error(e, f"flushing VM {self.config.name}") from e
+
+    # -- freeze -------------------------------------------------------------------------------
+    def freeze(self) -> None:
+        """Quiesce: new writes wait, in-flight writes finish, everything is flushed. Nests."""
+        with self._io_lock:
+            self._freezes += 1
+            self._gate.clear()
+            self._flush_locked()
+
+    def thaw(self) -> None:
+        with self._io_lock:
+            if self._freezes > 0:
+                self._freezes -= 1
+            if self._freezes == 0:
+                self._gate.set()
+
+    @property
+    def frozen(self) -> bool:
+        return self._freezes > 0
+
+    def _run_hook(self, name: str) -> str | None:
+        """Run ``hooks/<name>`` if present; returns an error text, or None on success/absence."""
+        hook = self.paths.hooks / name
+        if not hook.exists():
+            return None
+        try:
+            r = subprocess.run([str(hook)], cwd=self.paths.dir, capture_output=True,
+                               timeout=HOOK_TIMEOUT, stdin=subprocess.DEVNULL,
+                               env={**os.environ, "DRSITE_VM_DIR": str(self.paths.dir),
+                                    "DRSITE_VM_NAME": self.config.name})
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return f"{name} hook failed: {e}"
+        if r.returncode != 0:
+            err = r.stderr.decode(errors="replace").strip()[-200:]
+            return f"{name} hook exited {r.returncode}: {err}"
+        return None
+
+    # -- tracking -----------------------------------------------------------------------------
+    def start_tracking(self, epoch: str | None = None) -> str:
+        """Begin a new epoch: fresh logs, previous logs and any unreleased cycle dropped."""
+        new = epoch or uuid.uuid4().hex
+        with self._io_lock:
+            self._check_open()
+            p = self.paths
+            edir = p.epoch_dir(new)
+            edir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(p.epoch_state(new), {"base_released": False})
+            logs = {d.disk_id: ChangeLog.create(p.active_log(new, d.disk_id), epoch=new,
+                                                disk_id=d.disk_id, max_bytes=self.max_log_bytes,
+                                                boot_id=self.boot_id)
+                    for d in self.disks.values()}
+            tmp = p.tracking / "current.tmp"
+            tmp.write_text(new)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, p.current)  # the commit point of the new epoch
+            fsync_dir(p.tracking)
+            for disk in self.disks.values():
+                if disk.log is not None:
+                    disk.log.abandon()
+                if disk.cbw is not None:
+                    disk.cbw.close(sync=False)
+                    disk.cbw = None
+                disk.log = logs[disk.disk_id]
+                disk.dirty = bytearray(len(disk.dirty))
+            self.epoch, self.cycle = new, None
+            self._drop_other_epochs(new)
+            return new
+
+    def seal(self, *, app_consistent: bool = False, run_hooks: bool = True) -> dict[str, Any]:
+        """Rotate every disk's log at one instant and start copy-before-write for the view.
+
+        Returns the persisted cycle record. With ``app_consistent``: freeze (writers wait,
+        flush), run the freeze hook, seal, run the thaw hook, thaw. A failing freeze hook
+        gives a crash-consistent cycle with a note. Raises ``TrackingLost`` without an epoch,
+        ``Conflict`` while a cycle is unreleased.
+        """
+        notes: list[str] = []
+        consistency = Consistency.CRASH
+        if app_consistent:
+            if self.role == "driver":  # a stopped VM: quiesced iff it was left cleanly
+                if self.paths.unclean.exists():
+                    notes.append("VM was stopped uncleanly: crash-consistent")
+                else:
+                    consistency = Consistency.APP
+                return self._seal(consistency, notes)
+            self.freeze()
+            try:
+                err = self._run_hook("freeze") if run_hooks else None
+                if err:
+                    notes.append(err + "; crash-consistent")
+                else:
+                    consistency = Consistency.APP
+                try:
+                    return self._seal(consistency, notes, on_sealed=(
+                        (lambda: self._run_hook("thaw")) if run_hooks and not err else None))
+                except BaseException:
+                    if run_hooks and not err:
+                        self._run_hook("thaw")
+                    raise
+            finally:
+                self.thaw()
+        with self._io_lock:
+            return self._seal(consistency, notes)
+
+    def _seal(self, consistency: Consistency, notes: list[str],
+              on_sealed: Callable[[], str | None] | None = None) -> dict[str, Any]:
+        with self._io_lock:
+            self._check_open()
+            if self.epoch is None:
+                raise TrackingLost(f"VM {self.config.name}: change tracking was not started")
+            if self.cycle is not None:
+                raise Conflict(f"VM {self.config.name} has unreleased cycle {self.cycle['cycle_id']}",
+                               hint="Resume it (pending_cycle) and release it first.")
+            p, epoch = self.paths, self.epoch
+            cid = uuid.uuid4().hex
+            sealed_at = time.time()
+            carried = p.carried_logs(epoch, None)
+            # Until a cycle of this epoch is released, the target has no base from this epoch:
+            # the cycle is "full" (changed = whole disks, frozen view over whole disks).
+            full = not bool((read_json(p.epoch_state(epoch)) or {}).get("base_released"))
+            # 1. the next logs exist (durably) before the old ones are sealed: a crash in between
+            #    never leaves a disk without an active log (see _open_active_log)
+            nxt = {d.disk_id: ChangeLog.create(p.next_log(epoch, d.disk_id), epoch=epoch,
+                                               disk_id=d.disk_id, max_bytes=self.max_log_bytes,
+                                               boot_id=self.boot_id)
+                   for d in self.disks.values()}
+            trusted = True
+            masks: dict[str, bytearray | None] = {}
+            logs: dict[str, list[str]] = {}
+            for disk in self.disks.values():
+                assert disk.log is not None
+                trusted &= disk.log.trusted
+                if not disk.log.trusted:
+                    notes.append(f"disk {disk.disk_id}: {disk.log.reason}")
+                mask = disk.dirty
+                names = []
+                for old in carried.get(disk.disk_id, []):
+                    c = load_log(old, boot_id=self.boot_id)
+                    if not c.trusted:
+                        trusted = False
+                        notes.append(f"disk {disk.disk_id}: {c.reason}")
+                    else:
+                        mask = bytearray(np.bitwise_or(np.frombuffer(mask, np.uint8),
+                                                       np.frombuffer(granule_mask(c.extents, disk.size),
+                                                                     np.uint8)).tobytes())
+                    names.append(old.name)
+                sealed = p.sealed_log(epoch, cid, disk.disk_id)
+                disk.log.seal(sealed)  # 2. fsync, mark clean, rename
+                names.append(sealed.name)
+                logs[disk.disk_id] = names
+                masks[disk.disk_id] = mask
+            for disk in self.disks.values():  # 3. promote the next logs
+                log_ = nxt[disk.disk_id]
+                os.replace(log_.path, p.active_log(epoch, disk.disk_id))
+                log_.path = p.active_log(epoch, disk.disk_id)
+                disk.log = log_
+                disk.dirty = bytearray(len(disk.dirty))
+            fsync_dir(p.epoch_dir(epoch))
+            record: dict[str, Any] = {
+                "cycle_id": cid, "vm_id": self.config.vm_id, "epoch": epoch,
+                "sealed_at": sealed_at, "consistency": consistency.value, "notes": notes,
+                "logs": logs, "disk_sizes": {d.disk_id: d.size for d in self.disks.values()},
+                "full": full, "trusted": trusted, "cbw_all": full or not trusted,
+                "last_tag": self.last_tag, "boot_id": self.boot_id,
+            }
+            for disk in self.disks.values():  # 4. the frozen view starts now (before any write)
+                disk.cbw = _Cbw(disk.fd, disk.size, p.fleece(epoch, cid, disk.disk_id),
+                                p.cbw_bitmap(epoch, cid, disk.disk_id),
+                                None if full or not trusted else masks[disk.disk_id])
+            if on_sealed is not None:
+                err = on_sealed()
+                if err:
+                    notes.append(err)
+            write_json_atomic(p.cycle_file(epoch), record)  # 5. the commit point of the seal
+            self.cycle = record
+            return record
+
+    def release(self, cycle_id: str) -> bool:
+        """Drop the frozen view and sealed logs of ``cycle_id``; False if it is not pending."""
+        with self._io_lock:
+            self._check_open()
+            if self.cycle is None or self.cycle["cycle_id"] != cycle_id:
+                return False
+            for disk in self.disks.values():
+                if disk.cbw is not None:
+                    disk.cbw.close(sync=False)
+                    disk.cbw = None
+            self._delete_cycle(self.cycle)
+            if self.cycle.get("full"):  # after the commit point: a crash in between over-approximates
+                write_json_atomic(self.paths.epoch_state(self.cycle["epoch"]), {"base_released": True})
+            self.cycle = None
+            return True
+
+    def _delete_cycle(self, record: dict[str, Any], *, keep_logs: bool = False) -> None:
+        """Forget a cycle; with ``keep_logs`` its sealed logs stay and are carried."""
+        p, epoch = self.paths, record["epoch"]
+        p.cycle_file(epoch).unlink(missing_ok=True)  # the commit point of the release
+        fsync_dir(p.epoch_dir(epoch))
+        for disk_id, names in record["logs"].items():
+            for n in names:
+                if not keep_logs:
+                    (p.epoch_dir(epoch) / n).unlink(missing_ok=True)
+            p.fleece(epoch, record["cycle_id"], disk_id).unlink(missing_ok=True)
+            p.cbw_bitmap(epoch, record["cycle_id"], disk_id).unlink(missing_ok=True)
+
+    # -- status / closing ---------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        with self._io_lock:
+            return {
+                "vm_id": self.config.vm_id, "name": self.config.name, "pid": os.getpid(),
+                "role": self.role, "epoch": self.epoch, "frozen": self.frozen,
+                "cycle_id": self.cycle["cycle_id"] if self.cycle else None,
+                "last_tag": self.last_tag, "recovery_notes": list(self.recovery_notes),
+                "logs": {d.disk_id: {"records": d.log.records, "trusted": d.log.trusted,
+                                     "reason": d.log.reason} if d.log else None
+                         for d in self.disks.values()},
+                "cbw_copied": {d.disk_id: d.cbw.copied if d.cbw else 0 for d in self.disks.values()},
+            }
+
+    def close(self) -> None:
+        """Clean stop: flush, mark the logs clean, drop the session (quiesced at rest if guest)."""
+        self._gate.set()
+        with self._io_lock:
+            if self.closed:
+                return
+            try:
+                self._flush_locked()
+                for disk in self.disks.values():
+                    if disk.log is not None:
+                        disk.log.close()
+                    if disk.cbw is not None:
+                        disk.cbw.close(sync=True)
+                if self.role == "guest":
+                    self.paths.unclean.unlink(missing_ok=True)
+                self.paths.session.unlink(missing_ok=True)
+                fsync_dir(self.paths.dir)
+            finally:
+                self._release_fds()
+
+    def crash(self) -> None:
+        """Drop everything without flushing or marking clean: what SIGKILL leaves (tests)."""
+        self._gate.set()
+        with self._io_lock:
+            if self.closed:
+                return
+            for disk in self.disks.values():
+                if disk.log is not None:
+                    disk.log.abandon()
+            self._release_fds()
+
+    def _release_fds(self) -> None:
+        self.closed = True
+        for disk in self.disks.values():
+            if disk.cbw is not None:
+                disk.cbw.close(sync=False)
+            if disk.log is not None:
+                disk.log.abandon()
+            with suppress(OSError):
+                os.close(disk.fd)
+        with suppress(OSError):
+            os.close(self._lock_fd)  # releases the flock
+
+    def __enter__(self) -> FileVm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def describe_error(e: BaseException) -> dict[str, str]:
+    if isinstance(e, DrsiteError):
+        return e.to_dict()
+    return {"code": "error", "class": "permanent", "message": f"{type(e).__name__}: {e}", "hint": ""}
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"

@@ -1,0 +1,244 @@
+"""Conformance suite for :class:`~drsite.hypervisors.contract.HypervisorDriver`.
+
+Every driver joins by adding a harness factory to ``HARNESSES``: it yields a :class:`Harness`
+with the driver, a way to make a stopped VM with N disks, a way to do tracked writes to a
+running VM (as its guest OS would), and a way to get a fresh driver object (an engine restart).
+Assertions hold for any driver: changed extents may be widened to the driver's granularity
+(``granule``) but never miss a write.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from drsite.core.errors import Conflict, TrackingLost, VmNotFound
+from drsite.core.extents import ExtentList
+from drsite.core.model import DiskSpec, PowerState, SealedCycle, TrackingState, VmSpec
+from drsite.hypervisors.contract import DiskReader, HypervisorDriver
+from drsite.hypervisors.file import FileHypervisor
+
+MiB = 1 << 20
+
+
+@dataclass
+class Harness:
+    driver: HypervisorDriver
+    make_vm: Callable[[str, list[int]], str]  # name, disk sizes → vm_id of a stopped VM
+    write: Callable[[str, str, int, bytes], None]  # tracked write to a running VM
+    fresh_driver: Callable[[], HypervisorDriver]
+    scratch: Path
+    granule: int  # the driver's change-tracking granularity (1 = exact)
+
+
+def file_harness(tmp_path: Path) -> Iterator[Harness]:
+    hv = FileHypervisor(tmp_path / "vms")
+
+    def make_vm(name: str, sizes: list[int]) -> str:
+        spec = VmSpec(name, disks=tuple(DiskSpec(f"disk{i}", s) for i, s in enumerate(sizes)))
+        return hv.create_blank(spec).vm_id
+
+    yield Harness(hv, make_vm, hv.write, lambda: FileHypervisor(hv.root), tmp_path, 1)
+    for vm in hv.list_vms():
+        hv.delete_vm(vm.vm_id)
+
+
+HARNESSES = {"file": file_harness}
+
+
+@pytest.fixture(params=sorted(HARNESSES))
+def h(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
+    yield from HARNESSES[request.param](tmp_path)
+
+
+def read(reader: DiskReader, off: int, n: int) -> bytes:
+    buf = bytearray(n)
+    reader.readinto(off, memoryview(buf))
+    return bytes(buf)
+
+
+def assert_covers(h: Harness, cycle: SealedCycle, disk: str, writes: list[tuple[int, int]]) -> None:
+    w = ExtentList.of(writes)
+    changed = cycle.changed[disk]
+    assert len(w.subtract(changed)) == 0, "a write is missing from the changed extents"
+    widened = w.align(h.granule, cycle.disk_sizes[disk]) if h.granule > 1 else w
+    assert len(changed.subtract(widened)) == 0, "changed extents list bytes nobody wrote"
+
+
+def test_inventory(h: Harness) -> None:
+    vm_id = h.make_vm("inv", [MiB, 2 * MiB])
+    info = h.driver.get_vm(vm_id)
+    assert info.name == "inv" and info.power is PowerState.STOPPED
+    assert [(d.disk_id, d.size) for d in info.disks] == [("disk0", MiB), ("disk1", 2 * MiB)]
+    assert vm_id in [v.vm_id for v in h.driver.list_vms()]
+    missing = str(uuid.uuid4())
+    for call in (lambda: h.driver.get_vm(missing), lambda: h.driver.power_on(missing),
+                 lambda: h.driver.start_tracking(missing), lambda: h.driver.seal(missing),
+                 lambda: h.driver.tracking_status(missing), lambda: h.driver.pending_cycle(missing),
+                 lambda: h.driver.open_live_reader(missing, "disk0")):
+        with pytest.raises(VmNotFound):
+            call()
+
+
+def test_power_is_idempotent(h: Harness) -> None:
+    vm_id = h.make_vm("pwr", [MiB])
+    h.driver.power_off(vm_id)
+    h.driver.power_on(vm_id)
+    h.driver.power_on(vm_id)
+    assert h.driver.get_vm(vm_id).power is PowerState.RUNNING
+    h.driver.power_off(vm_id)
+    h.driver.power_off(vm_id)
+    assert h.driver.get_vm(vm_id).power is PowerState.STOPPED
+    h.driver.power_on(vm_id)
+    h.driver.power_off(vm_id, force=True)
+    assert h.driver.get_vm(vm_id).power is PowerState.STOPPED
+
+
+def test_tracking_cycle(h: Harness) -> None:
+    vm_id = h.make_vm("trk", [4 * MiB, MiB])
+    assert h.driver.tracking_status(vm_id).state is TrackingState.NOT_STARTED
+    with pytest.raises(TrackingLost):
+        h.driver.seal(vm_id)
+    epoch = h.driver.start_tracking(vm_id)
+    h.driver.power_on(vm_id)
+    first = h.driver.seal(vm_id)  # the epoch's base: whole disks (the target has nothing yet)
+    assert first.trusted and first.epoch == epoch
+    assert {d: e.to_pairs() for d, e in first.changed.items()} == {"disk0": [(0, 4 * MiB)],
+                                                                  "disk1": [(0, MiB)]}
+    h.driver.release(first)
+    writes = [(0, 512), (70_000, 3000), (3 * MiB + 1, 100)]
+    for off, n in writes:
+        h.write(vm_id, "disk0", off, bytes([7]) * n)
+    st = h.driver.tracking_status(vm_id)
+    assert st.state is TrackingState.ACTIVE and st.epoch == epoch
+    assert st.pending_bytes["disk0"] >= 3612 and st.pending_bytes["disk1"] == 0
+    c = h.driver.seal(vm_id)
+    assert c.vm_id == vm_id and c.epoch == epoch and c.trusted
+    assert c.disk_sizes == {"disk0": 4 * MiB, "disk1": MiB}
+    assert_covers(h, c, "disk0", writes)
+    assert len(c.changed["disk1"]) == 0
+    with pytest.raises(Conflict):
+        h.driver.seal(vm_id)
+    h.write(vm_id, "disk1", 10, b"x")
+    h.driver.release(c)
+    h.driver.release(c)  # idempotent
+    assert h.driver.pending_cycle(vm_id) is None
+    c2 = h.driver.seal(vm_id)
+    assert_covers(h, c2, "disk1", [(10, 1)])
+    assert len(c2.changed["disk0"]) == 0
+    h.driver.release(c2)
+    h.driver.power_off(vm_id)
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["base-cycle", "delta-cycle"])
+def test_frozen_view_stable_under_concurrent_writes(h: Harness, first: bool) -> None:
+    size = 2 * MiB
+    vm_id = h.make_vm("frz", [size])
+    h.driver.start_tracking(vm_id)
+    h.driver.power_on(vm_id)
+    if not first:
+        h.driver.release(h.driver.seal(vm_id))
+    rng = random.Random(1)
+    writes = [(rng.randrange(0, size - 20_000), rng.randrange(1, 20_000)) for _ in range(30)]
+    for off, n in writes:
+        h.write(vm_id, "disk0", off, rng.randbytes(n))
+    live = h.driver.open_live_reader(vm_id, "disk0")
+    before = read(live, 0, size)
+    c = h.driver.seal(vm_id)
+    if first:
+        assert c.changed["disk0"].to_pairs() == [(0, size)]
+    else:
+        assert_covers(h, c, "disk0", writes)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        r = random.Random(2)
+        try:
+            while not stop.is_set():
+                off, n = r.choice(writes)
+                h.write(vm_id, "disk0", off, r.randbytes(n))
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        view = h.driver.open_cycle_reader(c, "disk0")
+        for _ in range(5):
+            for s, n in c.changed["disk0"]:
+                assert read(view, s, n) == before[s:s + n]
+        view.close()
+    finally:
+        stop.set()
+        t.join()
+    assert not errors
+    assert read(live, 0, size) != before
+    live.close()
+    h.driver.release(c)
+    h.driver.power_off(vm_id)
+
+
+def test_pending_cycle_survives_engine_restart(h: Harness) -> None:
+    vm_id = h.make_vm("pend", [MiB])
+    h.driver.start_tracking(vm_id)
+    h.driver.power_on(vm_id)
+    h.driver.release(h.driver.seal(vm_id))
+    h.write(vm_id, "disk0", 4096, b"before")
+    c = h.driver.seal(vm_id)
+    h.write(vm_id, "disk0", 4096, b"after!")
+    d2 = h.fresh_driver()
+    p = d2.pending_cycle(vm_id)
+    assert p is not None and p.cycle_id == c.cycle_id
+    assert p.changed["disk0"].to_pairs() == c.changed["disk0"].to_pairs()
+    r = d2.open_cycle_reader(p, "disk0")
+    assert read(r, 4096, 6) == b"before"
+    r.close()
+    d2.release(p)
+    assert h.driver.pending_cycle(vm_id) is None
+    h.driver.power_off(vm_id)
+
+
+def test_start_tracking_drops_old_cycle(h: Harness) -> None:
+    vm_id = h.make_vm("epo", [MiB])
+    e1 = h.driver.start_tracking(vm_id)
+    h.driver.power_on(vm_id)
+    h.write(vm_id, "disk0", 0, b"1")
+    h.driver.seal(vm_id)
+    e2 = h.driver.start_tracking(vm_id)
+    assert e1 != e2 and h.driver.pending_cycle(vm_id) is None
+    st = h.driver.tracking_status(vm_id)
+    assert st.state is TrackingState.ACTIVE and st.epoch == e2 and st.pending_bytes["disk0"] == 0
+    h.driver.power_off(vm_id)
+
+
+def test_create_and_delete_vm(h: Harness) -> None:
+    img = h.scratch / "img0.raw"
+    with open(img, "wb") as f:
+        f.truncate(MiB)
+        f.seek(65536)
+        f.write(b"hello")
+    info = h.driver.create_vm(VmSpec("made", disks=(DiskSpec("disk0", MiB),)), {"disk0": str(img)})
+    assert info.power is PowerState.STOPPED and h.driver.get_vm(info.vm_id).name == "made"
+    r = h.driver.open_live_reader(info.vm_id, "disk0")
+    assert r.size == MiB and read(r, 65536, 5) == b"hello"
+    ext = r.data_extents()
+    assert len(ExtentList.of([(65536, 5)]).subtract(ext)) == 0
+    r.close()
+    other = h.scratch / "img1.raw"
+    other.write_bytes(b"\0" * 4096)
+    with pytest.raises(Conflict):
+        h.driver.create_vm(VmSpec("made", disks=(DiskSpec("disk0", MiB),)), {"disk0": str(other)})
+    h.driver.power_on(info.vm_id)
+    h.driver.delete_vm(info.vm_id)
+    h.driver.delete_vm(info.vm_id)
+    with pytest.raises(VmNotFound):
+        h.driver.get_vm(info.vm_id)
+    assert os.path.exists(other)

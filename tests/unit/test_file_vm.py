@@ -1,0 +1,353 @@
+"""The file VM block layer and driver, in-process (no guest processes): CBW, rotation, crash."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from drsite.core.errors import Conflict, InvalidInput, NotFound, TrackingLost, VmNotFound
+from drsite.core.extents import ExtentList
+from drsite.core.model import Consistency, DiskSpec, PowerState, TrackingState, VmSpec
+from drsite.hypervisors.file import FileHypervisor, FileVm
+from drsite.hypervisors.file.layout import GRANULE, VmPaths
+
+MiB = 1 << 20
+
+
+@pytest.fixture()
+def hv(tmp_path: Path) -> FileHypervisor:
+    return FileHypervisor(tmp_path / "vms")
+
+
+def make(hv: FileHypervisor, name: str = "vm1", sizes: tuple[int, ...] = (4 * MiB,)) -> str:
+    spec = VmSpec(name, disks=tuple(DiskSpec(f"d{i}", s) for i, s in enumerate(sizes)))
+    return hv.create_blank(spec).vm_id
+
+
+def base(hv: FileHypervisor, vm_id: str) -> None:
+    """The first cycle of an epoch covers whole disks; release it so later cycles are deltas."""
+    c = hv.seal(vm_id)
+    assert c.trusted and all(c.changed[d].to_pairs() == [(0, n)] for d, n in c.disk_sizes.items())
+    hv.release(c)
+
+
+def read_view(hv: FileHypervisor, cycle: object, disk: str, off: int, n: int) -> bytes:
+    r = hv.open_cycle_reader(cycle, disk)  # type: ignore[arg-type]
+    try:
+        buf = bytearray(n)
+        r.readinto(off, memoryview(buf))
+        return bytes(buf)
+    finally:
+        r.close()
+
+
+def test_changed_extents_exact_and_coalesced(hv: FileHypervisor) -> None:
+    vm_id = make(hv, sizes=(4 * MiB, 1 * MiB))
+    hv.start_tracking(vm_id)
+    rt = hv.guest(vm_id)
+    base(hv, vm_id)
+    rt.vm.write("d0", 100, b"x" * 5)
+    rt.vm.write("d0", 105, b"y" * 10)  # touching: merges
+    rt.vm.write("d0", 70_000, b"z")
+    rt.vm.write("d1", MiB - 3, b"abc")
+    st = hv.tracking_status(vm_id)
+    assert st.state is TrackingState.ACTIVE and st.pending_bytes == {"d0": 16, "d1": 3}
+    c = hv.seal(vm_id)
+    assert c.trusted and c.consistency is Consistency.CRASH
+    assert c.changed["d0"].to_pairs() == [(100, 15), (70_000, 1)]
+    assert c.changed["d1"].to_pairs() == [(MiB - 3, 3)]
+    assert c.disk_sizes == {"d0": 4 * MiB, "d1": MiB}
+    assert hv.tracking_status(vm_id).pending_bytes == {"d0": 0, "d1": 0}
+    rt.vm.write("d0", 0, b"q")
+    hv.release(c)
+    c2 = hv.seal(vm_id)
+    assert c2.changed["d0"].to_pairs() == [(0, 1)] and len(c2.changed["d1"]) == 0
+    hv.power_off(vm_id)
+
+
+def test_frozen_view_is_pre_seal_while_writes_continue(hv: FileHypervisor) -> None:
+    size = 2 * MiB
+    vm_id = make(hv, sizes=(size,))
+    hv.start_tracking(vm_id)
+    rt = hv.guest(vm_id)
+    rng = random.Random(5)
+    for _ in range(200):  # unaligned writes, some spanning granules
+        off = rng.randrange(0, size - 70_000)
+        rt.vm.write("d0", off, rng.randbytes(rng.randrange(1, 70_000)))
+    before = rt.vm.read("d0", 0, size)
+    c = hv.seal(vm_id)
+    stop = threading.Event()
+
+    def writer() -> None:
+        r = random.Random(6)
+        while not stop.is_set():
+            off = r.randrange(0, size - 9000)
+            rt.vm.write("d0", off, r.randbytes(r.randrange(1, 9000)))
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        for _ in range(20):  # read the changed set repeatedly under concurrent writes
+            for s, n in c.changed["d0"]:
+                assert read_view(hv, c, "d0", s, n) == before[s:s + n]
+    finally:
+        stop.set()
+        t.join()
+    assert rt.vm.read("d0", 0, size) != before  # the live disk did move on
+    assert c.changed["d0"].to_pairs() == [(0, size)]  # first cycle: the whole disk is frozen
+    assert read_view(hv, c, "d0", 0, size) == before
+    # a delta cycle: frozen over its changed extents
+    hv.release(c)
+    for off in (5, GRANULE - 3, 10 * GRANULE + 7):
+        rt.vm.write("d0", off, b"D" * 100)
+    before2 = rt.vm.read("d0", 0, size)
+    c2 = hv.seal(vm_id)
+    for off in (0, GRANULE - 50, 10 * GRANULE):
+        rt.vm.write("d0", off, b"E" * 300)
+    # the concurrent writer's writes after the first seal are in this cycle too
+    assert len(ExtentList.of([(5, 100), (GRANULE - 3, 100), (10 * GRANULE + 7, 100)])
+               .subtract(c2.changed["d0"])) == 0
+    for s, n in c2.changed["d0"]:
+        assert read_view(hv, c2, "d0", s, n) == before2[s:s + n]
+    hv.power_off(vm_id)
+
+
+def test_release_is_idempotent_and_drops_files(hv: FileHypervisor) -> None:
+    vm_id = make(hv)
+    hv.start_tracking(vm_id)
+    hv.write(vm_id, "d0", 0, b"a" * 10)  # stopped VM: tracked write under the lock
+    c = hv.seal(vm_id)
+    paths = VmPaths(hv.vm_dir(vm_id))
+    assert paths.cycle_file(c.epoch).exists()
+    with pytest.raises(Conflict):
+        hv.seal(vm_id)
+    hv.release(c)
+    hv.release(c)
+    assert hv.pending_cycle(vm_id) is None
+    assert sorted(p.name for p in paths.epoch_dir(c.epoch).iterdir()) == ["d0.active.hrl", "epoch.json"]
+    with pytest.raises(NotFound):
+        hv.open_cycle_reader(c, "d0")
+
+
+def test_pending_cycle_after_engine_crash(hv: FileHypervisor) -> None:
+    vm_id = make(hv)
+    hv.start_tracking(vm_id)
+    rt = hv.guest(vm_id)
+    base(hv, vm_id)
+    rt.vm.write("d0", GRANULE + 5, b"old!")
+    c = hv.seal(vm_id)
+    rt.vm.write("d0", GRANULE + 5, b"new!")
+    engine2 = FileHypervisor(hv.root)  # the engine restarted: a fresh driver object
+    p = engine2.pending_cycle(vm_id)
+    assert p is not None and (p.cycle_id, p.sealed_at, p.trusted) == (c.cycle_id, c.sealed_at, True)
+    assert p.changed["d0"].to_pairs() == c.changed["d0"].to_pairs() == [(GRANULE + 5, 4)]
+    assert read_view(engine2, p, "d0", GRANULE + 5, 4) == b"old!"
+    engine2.release(p)
+    assert hv.pending_cycle(vm_id) is None
+    hv.power_off(vm_id)
+
+
+def test_unclean_stop_same_boot_trusted_and_cbw_resumes(hv: FileHypervisor) -> None:
+    vm_id = make(hv)
+    hv.start_tracking(vm_id)
+    rt = hv.guest(vm_id)
+    rt.vm.write("d0", 0, b"A" * 100)
+    c = hv.seal(vm_id)
+    rt.vm.write("d0", 3 * GRANULE, b"B" * 10)  # tracked in the new log
+    hv.power_off(vm_id, force=True)  # in-process SIGKILL: nothing flushed or marked clean
+    assert hv.get_vm(vm_id).power is PowerState.STOPPED
+    st = hv.tracking_status(vm_id)
+    assert st.state is TrackingState.ACTIVE and st.pending_bytes["d0"] == 10
+    rt = hv.guest(vm_id)  # restart: logs reopened and validated, CBW resumed for the cycle
+    assert rt.vm.recovery_notes == ["previous session ended uncleanly"]
+    rt.vm.write("d0", 50, b"C" * 10)
+    assert read_view(hv, c, "d0", 0, 100) == b"A" * 100
+    hv.release(c)
+    c2 = hv.seal(vm_id)
+    assert c2.trusted and c2.changed["d0"].to_pairs() == [(50, 10), (3 * GRANULE, 10)]
+    hv.power_off(vm_id)
+
+
+def test_host_crash_untrusted_and_cycle_dropped(hv: FileHypervisor) -> None:
+    vm_id = make(hv)
+    hv.start_tracking(vm_id)
+    rt = hv.guest(vm_id)
+    base(hv, vm_id)
+    rt.vm.write("d0", 0, b"A" * 100)
+    c = hv.seal(vm_id)
+    rt.vm.write("d0", 5 * GRANULE, b"B")
+    hv.power_off(vm_id, force=True)
+    # the host "reboots": the next owner sees another boot id
+    vm = FileVm.open(hv.vm_dir(vm_id), boot_id=str(uuid.uuid4()))
+    assert any("host restart" in n for n in vm.recovery_notes)
+    vm.close()
+    st = hv.tracking_status(vm_id)
+    assert st.state is TrackingState.UNTRUSTED and "host restarted" in st.reason
+    assert st.pending_bytes["d0"] == 4 * MiB  # conservative: the 50% rule triggers a resync
+    assert hv.pending_cycle(vm_id) is None  # its frozen view could not be trusted
+    c2 = hv.seal(vm_id)
+    assert not c2.trusted and c2.cycle_id != c.cycle_id and "host restarted" in c2.note
+    # the dropped cycle's logs were carried into this one
+    assert (0, 100) in c2.changed["d0"].to_pairs()
+    # an untrusted cycle is read in full: CBW protects every granule, not only the changed set
+    rt = hv.guest(vm_id)
+    before = rt.vm.read("d0", 0, 4 * MiB)
+    rt.vm.write("d0", 2 * MiB, b"Z" * 70_000)
+    assert read_view(hv, c2, "d0", 0, 4 * MiB) == before
+    hv.release(c2)
+    rt.vm.write("d0", 9, b"1")
+    c3 = hv.seal(vm_id)
+    assert c3.trusted  # the new log after the seal was clean
+    hv.power_off(vm_id)
+
+
+def test_interrupted_seal_logs_are_carried(hv: FileHypervisor) -> None:
+    vm_id = make(hv)
+    hv.start_tracking(vm_id)
+    base(hv, vm_id)
+    hv.write(vm_id, "d0", 10, b"x")
+    c = hv.seal(vm_id)
+    paths = VmPaths(hv.vm_dir(vm_id))
+    paths.cycle_file(c.epoch).unlink()  # as if the seal died before its commit point
+    assert hv.pending_cycle(vm_id) is None
+    assert hv.tracking_status(vm_id).pending_bytes["d0"] == 1
+    hv.write(vm_id, "d0", 20, b"y")
+    c2 = hv.seal(vm_id)
+    assert c2.trusted and c2.changed["d0"].to_pairs() == [(10, 1), (20, 1)]
+    assert not paths.fleece(c.epoch, c.cycle_id, "d0").exists()
+
+
+def test_seal_errors_and_epochs(hv: FileHypervisor) -> None:
+    vm_id = make(hv)
+    with pytest.raises(TrackingLost):
+        hv.seal(vm_id)
+    e1 = hv.start_tracking(vm_id)
+    hv.write(vm_id, "d0", 0, b"1")
+    c = hv.seal(vm_id)
+    e2 = hv.start_tracking(vm_id)  # drops the old epoch and its unreleased cycle
+    assert e1 != e2 and hv.pending_cycle(vm_id) is None
+    assert not VmPaths(hv.vm_dir(vm_id)).epoch_dir(e1).exists()
+    hv.release(c)  # releasing a dropped cycle is a no-op
+    assert hv.tracking_status(vm_id).epoch == e2
+
+
+def test_app_consistent_hooks(hv: FileHypervisor, tmp_path: Path) -> None:
+    vm_id = make(hv)
+    hv.start_tracking(vm_id)
+    hooks = hv.vm_dir(vm_id) / "hooks"
+    hooks.mkdir()
+    marks = tmp_path / "marks"
+    for name in ("freeze", "thaw"):
+        (hooks / name).write_text(f"#!/bin/sh\necho {name} >> {marks}\n")
+        (hooks / name).chmod(0o755)
+    rt = hv.guest(vm_id)
+    rt.vm.write("d0", 0, b"1")
+    c = hv.seal(vm_id, app_consistent=True)
+    assert c.consistency is Consistency.APP and marks.read_text().split() == ["freeze", "thaw"]
+    assert not rt.vm.frozen
+    hv.release(c)
+    (hooks / "freeze").write_text("#!/bin/sh\necho nope >&2\nexit 3\n")
+    c = hv.seal(vm_id, app_consistent=True)
+    assert c.consistency is Consistency.CRASH and "freeze hook exited 3: nope" in c.note
+    hv.release(c)
+    hv.power_off(vm_id)  # clean stop: quiesced at rest
+    c = hv.seal(vm_id, app_consistent=True)
+    assert c.consistency is Consistency.APP
+    hv.release(c)
+    hv.guest(vm_id)
+    hv.power_off(vm_id, force=True)
+    c = hv.seal(vm_id, app_consistent=True)
+    assert c.consistency is Consistency.CRASH and "uncleanly" in c.note
+
+
+def test_freeze_blocks_writes_until_thaw(hv: FileHypervisor) -> None:
+    vm_id = make(hv)
+    rt = hv.guest(vm_id)
+    rt.vm.freeze()
+    done = threading.Event()
+
+    def write() -> None:
+        rt.vm.write("d0", 0, b"x")
+        done.set()
+
+    t = threading.Thread(target=write)
+    t.start()
+    assert not done.wait(0.2)
+    rt.vm.thaw()
+    assert done.wait(5)
+    t.join()
+    hv.power_off(vm_id)
+
+
+def test_readers(hv: FileHypervisor) -> None:
+    vm_id = make(hv, sizes=(8 * MiB,))
+    hv.write(vm_id, "d0", 3 * MiB, b"\x01" * 4096)
+    r = hv.open_live_reader(vm_id, "d0")
+    assert r.size == 8 * MiB
+    ext = r.data_extents()
+    assert ext.total >= 4096 and ext.total < 8 * MiB
+    assert any(s <= 3 * MiB < s + n for s, n in ext)
+    big = np.empty(8 * MiB, np.uint8)
+    r.readinto(0, big.data)
+    assert int(big.sum()) == 4096
+    with pytest.raises(InvalidInput):
+        r.readinto(8 * MiB - 1, memoryview(bytearray(2)))
+    r.close()
+
+
+def test_bad_names_and_unknown_vms(hv: FileHypervisor) -> None:
+    for bad in ("../x", "a/b", "..", "", ".hidden", "x" * 64):
+        with pytest.raises(InvalidInput):
+            hv.create_blank(VmSpec(bad, disks=(DiskSpec("d0", MiB),)))
+    with pytest.raises(InvalidInput):
+        hv.create_blank(VmSpec("ok", disks=(DiskSpec("../d0", MiB),)))
+    assert hv.list_vms() == []
+    with pytest.raises(VmNotFound):
+        hv.get_vm(str(uuid.uuid4()))
+    with pytest.raises(VmNotFound):
+        hv.power_on("nope")
+    make(hv, "dup")
+    with pytest.raises(Conflict):
+        make(hv, "dup")
+
+
+def test_create_vm_moves_images(hv: FileHypervisor, tmp_path: Path) -> None:
+    img = tmp_path / "src.img"
+    with open(img, "wb") as f:
+        f.truncate(MiB)
+        f.seek(4096)
+        f.write(b"payload")
+    ino = img.stat().st_ino
+    info = hv.create_vm(VmSpec("restored", disks=(DiskSpec("d0", 2 * MiB),)), {"d0": str(img)})
+    dst = hv.disk_path(info.vm_id, "d0")
+    assert not img.exists() and dst.stat().st_ino == ino and dst.stat().st_size == 2 * MiB
+    assert info.power is PowerState.STOPPED
+    with open(dst, "rb") as f:
+        f.seek(4096)
+        assert f.read(7) == b"payload"
+    hv.delete_vm(info.vm_id)
+    hv.delete_vm(info.vm_id)
+    assert hv.list_vms() == [] and not os.path.exists(dst)
+
+
+def test_full_cycle_until_a_base_is_released(hv: FileHypervisor) -> None:
+    vm_id = make(hv)
+    hv.start_tracking(vm_id)
+    rt = hv.guest(vm_id)
+    rt.vm.write("d0", 0, b"1")
+    c = hv.seal(vm_id)
+    assert c.changed["d0"].to_pairs() == [(0, 4 * MiB)] and "whole disks" in c.note
+    hv.power_off(vm_id, force=True)
+    FileVm.open(hv.vm_dir(vm_id), boot_id=str(uuid.uuid4())).close()  # host crash drops it
+    c2 = hv.seal(vm_id)  # still no base on the target: whole disks again, and complete
+    assert c2.trusted and c2.changed["d0"].to_pairs() == [(0, 4 * MiB)]
+    hv.release(c2)
+    hv.write(vm_id, "d0", 7, b"x")
+    c3 = hv.seal(vm_id)
+    assert c3.changed["d0"].to_pairs() == [(7, 1)]
