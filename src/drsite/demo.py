@@ -25,7 +25,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from drsite.core.model import DiskSpec, Nic, VmSpec
+from drsite.core.model import DiskSpec, Nic, SealedCycle, VmSpec
 from drsite.core.retention import RetentionRule
 from drsite.hypervisors.file.driver import FileHypervisor
 from drsite.hypervisors.file.workload import WorkloadSpec
@@ -35,7 +35,7 @@ from drsite.replication.target import LocalTarget
 from drsite.store.digest import file_digest, image_digest
 from drsite.store.local.backend import LocalObjectStore
 from drsite.store.replica import ReplicaHydrator
-from drsite.store.repository import Repository
+from drsite.store.repository import PointInfo, Repository
 
 MiB = 1024 * 1024
 
@@ -116,14 +116,17 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoResult:
     settings = ReplicationSettings(frequency_s=opts.frequency_s, app_consistent_every_s=opts.frequency_s * 2,
                                    rpo_threshold_s=opts.frequency_s * 6, resync_window=ALWAYS,
                                    retention=RetentionRule(retention_s=24 * 3600, keep_all_s=3600))
+    mid_ok: list[bool] = []
     items: list[ItemReplicator] = []
     hydrators: dict[str, ReplicaHydrator] = {}
+    repos: dict[str, Repository] = {}
     for vm_id in vm_ids:
         vm = hv.get_vm(vm_id)
         item_id = f"item-{vm.name}"
         repo = Repository(store, item_id)
         hydrator = ReplicaHydrator(repo, secondary / "replicas" / item_id)
         hydrators[item_id] = hydrator
+        repos[vm_id] = repo
         items.append(ItemReplicator(item_id=item_id, vm_id=vm_id, driver=hv,
                                     target=LocalTarget(repo, hydrator),
                                     state_dir=primary / "engine", settings=settings))
@@ -153,26 +156,58 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoResult:
 
     # -- delta cycles -----------------------------------------------------------------------------
     con.rule(f"[bold]delta replication: {opts.cycles} cycles every {opts.frequency_s:g} s")
+    # one mid-run point is checked against the source as it was at its instant: the frozen
+    # view of the source at the seal, read before the view is released
+    probe_cycle = min(2, opts.cycles)
+    mid_proof: list[tuple[str, str, str, str, str]] = []
+
+    def probe(cycle: SealedCycle, point: PointInfo) -> None:
+        for disk_id in sorted(cycle.disk_sizes):
+            src = image_digest(hv.open_cycle_reader(cycle, disk_id))
+            pt = image_digest(repos[cycle.vm_id].reader(point.point_id, disk_id))
+            mid_proof.append((hv.get_vm(cycle.vm_id).name, point.point_id, disk_id, src, pt))
+
     for n in range(opts.cycles):
         due = min(it.next_due() for it in items)
         time.sleep(max(0.0, due - time.time()))
         for it in items:
             before = it.report.bytes_sent
+            if n + 1 == probe_cycle:
+                # a resync by hand freezes the whole disk, so the whole source image at the seal
+                # instant can be read and compared with the point it produced
+                it.before_release = probe
+                compared = it.report.bytes_compared
+                p = it.run_resync("demo: verify by checksums")
+                it.before_release = None
+                con.print(f"  cycle {n + 1}: {it.rec.vm_name} point {p.point_id} (resync by hand) "
+                          f"compared {(it.report.bytes_compared - compared) / MiB:.0f} MiB of "
+                          f"checksums, sent only {(it.report.bytes_sent - before) / 1024:.0f} KiB "
+                          f"of differing 64 KiB blocks")
+                continue
             p = it.run_cycle()
             con.print(f"  cycle {n + 1}: {it.rec.vm_name} point {p.point_id} "
-                      f"[{p.consistency.value}-consistent] shipped "
+                      f"({p.consistency.value}-consistent) shipped "
                       f"{(it.report.bytes_sent - before) / 1024:.0f} KiB, "
-                      f"stored {p.bytes_stored / 1024:.0f} KiB")
+                      f"stored {p.bytes_stored / 1024:.0f} KiB, RPO {it.report.rpo_s or 0:.1f} s")
+    mid = Table(title=f"cycle {probe_cycle}, taken while the guests were writing: the point vs "
+                      "the source as it was at that instant")
+    for col in ("VM", "point", "disk", "source at seal", "point (store)", "equal"):
+        mid.add_column(col)
+    for vm_name, pid, disk_id, src, pt in mid_proof:
+        same = src == pt
+        mid_ok.append(same)
+        mid.add_row(vm_name, pid, disk_id, src[:16], pt[:16], "[green]yes[/]" if same else "[red]NO[/]")
+    con.print(mid)
 
     # -- planned stop and the proof -------------------------------------------------------------
     con.rule("[bold]proof: shut the sources down, ship the last changes, compare digests")
     for it in items:
         hv.power_off(it.rec.vm_id)
         it.run_cycle()
-    ok = True
+    ok = all(mid_ok)
     result = DemoResult(ok=True, seconds=0.0)
     proof = Table(title="replica at the final point vs the source (blake3 of each disk image)")
-    for col in ("VM", "disk", "source disk", "recovery point (store)", "hydrated replica", "equal"):
+    for col in ("VM", "disk", "source disk", "point (store)", "replica", "equal"):
         proof.add_column(col)
     for it in items:
         latest = it.target.repo.latest()
@@ -194,19 +229,17 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoResult:
     con.print(proof)
 
     # -- points and storage -----------------------------------------------------------------------
-    pts = Table(title="recovery points")
-    for col in ("VM", "points", "crash", "app", "latest", "RPO at end", "sent", "stored",
-                "store size", "logical size × points"):
-        pts.add_column(col, justify="right" if col not in ("VM", "latest") else "left")
+    pts = Table(title="recovery points and storage")
+    for col in ("VM", "points", "app", "sent", "stored", "store size", "size × points"):
+        pts.add_column(col, justify="left" if col == "VM" else "right")
     for it, entry in zip(items, result.vms, strict=True):
         points = it.target.repo.points()
         app = sum(1 for p in points if p.consistency.value == "app")
         rep = it.report
         logical = sum(points[-1].disk_sizes.values())
         stored = it.target.repo.storage_bytes()
-        pts.add_row(rep.vm_name, str(len(points)), str(len(points) - app), str(app),
-                    points[-1].point_id, f"{rep.rpo_s or 0:.1f}s", f"{rep.bytes_sent / MiB:.1f} MiB",
-                    f"{rep.bytes_stored / MiB:.1f} MiB", f"{stored / MiB:.1f} MiB",
+        pts.add_row(rep.vm_name, str(len(points)), str(app), f"{rep.bytes_sent / MiB:.0f} MiB",
+                    f"{rep.bytes_stored / MiB:.0f} MiB", f"{stored / MiB:.0f} MiB",
                     f"{logical * len(points) / MiB:.0f} MiB")
         entry.update({"points": [p.to_dict() for p in points], "report": rep.to_dict(),
                       "store_bytes": stored})

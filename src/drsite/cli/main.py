@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from drsite import __version__
+from drsite.cli.replicate import replicate
 from drsite.core.errors import DrsiteError
 
 app = typer.Typer(name="drsite", no_args_is_help=True, add_completion=False,
@@ -42,6 +43,9 @@ def demo(
     res = run_demo(DemoOptions(workdir=workdir, vms=vms, disks=disks, disk_mib=disk_mib,
                                cycles=cycles, frequency_s=frequency, json_out=json_out))
     raise typer.Exit(0 if res.ok else 1)
+
+
+app.command("replicate")(replicate)
 
 
 def main() -> None:

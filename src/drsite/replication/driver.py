@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from drsite import failpoints
 from drsite.core.clock import Clock, SystemClock
 from drsite.core.errors import (
     Conflict,
@@ -49,7 +50,7 @@ from drsite.replication.report import Health, ItemReport, ItemState
 from drsite.replication.resync import RESYNC_BLOCK, block_digests, differing_extents
 from drsite.replication.state import ItemRecord, RecordFile
 from drsite.replication.target import RecoveryTarget
-from drsite.store.repository import PointInfo
+from drsite.store.repository import PointInfo, VerifyReport
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,9 @@ class ItemReplicator:
             self._file.save(rec)
         self.rec = rec
         self._force_app: bool | None = None
+        # called after a point is committed and before its frozen view is released (a drill
+        # can compare the point with the source as it was at that instant)
+        self.before_release: Callable[[SealedCycle, PointInfo], None] | None = None
 
     # ----------------------------------------------------------------------------- public API
 
@@ -120,6 +124,23 @@ class ItemReplicator:
             self.rec.phase = ItemState.RESYNC_REQUIRED
         self.rec.retry.record_success()
         self._save()
+
+    def scrub(self) -> VerifyReport | None:
+        """Read back every object the latest point needs and check its hash. Damage is
+        quarantined and repaired by a resync against the store (at the next step)."""
+        latest = self.target.repo.latest()
+        if latest is None:
+            return None
+        report = self.target.repo.verify(latest.point_id)
+        if not report.ok:
+            for key in report.damaged_keys:
+                self.target.repo.quarantine(key)
+            self._store_damaged(CorruptData(
+                f"{len(report.damaged_keys)} damaged object(s) in the recovery store of "
+                f"{self.rec.vm_name}: {', '.join(report.damaged_keys[:3])}"))
+            self._refresh_report()
+            self._save()
+        return report
 
     def next_due(self) -> float:
         """When :meth:`step` has something to do next (for a scheduler loop)."""
@@ -378,6 +399,9 @@ class ItemReplicator:
 
     def _finish(self, cycle: SealedCycle, point: PointInfo) -> None:
         r = self.rec
+        failpoints.hit("engine.after-commit")
+        if self.before_release is not None and point.cycle_id == cycle.cycle_id:
+            self.before_release(cycle, point)
         self.driver.release(cycle)
         r.cycle_id = None
         r.cycle_kind = None
@@ -443,12 +467,8 @@ class ItemReplicator:
         log.warning("%s: %s error: %s", r.vm_name, e.error_class.value, e)
         self.report.last_error = e.to_dict()
         if isinstance(e, CorruptData):
-            # repair: quarantine what is damaged, then resync against the store itself
             self._quarantine_damage()
-            r.phase = ItemState.RESYNC_REQUIRED
-            r.resync_from_store = True
-            r.resync_reason = f"recovery store damaged: {e.message}"
-            r.retry.record_success()
+            self._store_damaged(e)
             return
         if isinstance(e, TrackingLost):
             self._mark_resync(e.message)
@@ -457,6 +477,17 @@ class ItemReplicator:
         r.retry.record_failure(e, now)
         if not e.transient:
             r.phase = ItemState.CRITICAL
+
+    def _store_damaged(self, e: CorruptData) -> None:
+        """Repair plan for damaged store data: resync at once against the store itself, so the
+        damaged (quarantined, now unreadable) ranges always differ and are sent again."""
+        r = self.rec
+        log.warning("%s: %s", r.vm_name, e)
+        self.report.last_error = e.to_dict()
+        r.phase = ItemState.RESYNC_REQUIRED
+        r.resync_from_store = True
+        r.resync_reason = f"recovery store damaged: {e.message}"
+        r.retry.record_success()
 
     def _quarantine_damage(self) -> None:
         repo = self.target.repo

@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
-from drsite.core.errors import CorruptData, ObjectNotFound
+from drsite.core.errors import BrokenChain, CorruptData, ObjectNotFound
 from drsite.core.extents import ExtentList, blocks_to_extents
 
 RESYNC_BLOCK = 64 * 1024
@@ -65,7 +65,7 @@ def block_digests(reader: Readable, *, block: int = RESYNC_BLOCK,
         first = off // block
         try:
             reader.readinto(off, piece)
-        except (CorruptData, ObjectNotFound):
+        except (CorruptData, ObjectNotFound, BrokenChain):
             last = (off + length + block - 1) // block
             bad[first:last] = True
             continue

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from drsite.core.errors import CorruptData, ObjectNotFound, classify_os_error
+from drsite.core.errors import BrokenChain, CorruptData, ObjectNotFound, classify_os_error
 from drsite.core.extents import ExtentList
 from drsite.core.model import validate_name
 from drsite.store.digest import file_digest, image_digest
@@ -219,9 +219,8 @@ class ReplicaHydrator:
             to = self._exists(ap.get("to"), ap.get("to_cycle"))
             if to is not None:
                 # the images mix ``from`` and ``to``: same plan again (or full if ``from`` left)
-                self._step(frm, to)
-                applied.append(to.point_id)
-                cur = to
+                cur = self._step_or_jump(frm, to)
+                applied.append(cur.point_id)
             else:
                 cur = None  # unknown mix: rebuild from the latest in full
         # cur is None also when the point the replica held was pruned: full rebuild from latest
@@ -236,10 +235,23 @@ class ReplicaHydrator:
                 if not later:
                     break
                 nxt = later[0]
-            self._step(cur, nxt)
-            applied.append(nxt.point_id)
-            cur = nxt
+            cur = self._step_or_jump(cur, nxt)
+            applied.append(cur.point_id)
         return applied
+
+    def _step_or_jump(self, cur: PointInfo | None, to: PointInfo) -> PointInfo:
+        """Apply ``to``; if its data is damaged and a later point exists (a resync that repaired
+        the damage), jump from ``cur`` straight to the latest point instead. ``diff(cur,
+        latest)`` covers every range ``to`` touched, so a half-applied ``to`` is overwritten."""
+        try:
+            self._step(cur, to)
+            return to
+        except (CorruptData, BrokenChain):
+            latest = self.repo.latest()
+            if latest is None or latest.seq <= to.seq:
+                raise
+            self._step(cur, latest)
+            return latest
 
     def verify(self, point_id: str | None = None) -> bool:
         """True if every image equals ``point_id`` (default: the point the replica holds),

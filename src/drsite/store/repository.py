@@ -39,6 +39,7 @@ import numpy.typing as npt
 import zstandard
 from blake3 import blake3
 
+from drsite import failpoints
 from drsite.core.errors import (
     BrokenChain,
     Conflict,
@@ -1085,6 +1086,7 @@ class PointWriter:
             self.repo.store.put(self.repo.key(rel), blob)
         except ObjectExists:
             pass  # content-addressed: an earlier attempt landed
+        failpoints.hit("store.pack-stored")
         self._record_pack(rel, e)
         self.bytes_stored += len(blob)
         self._pack_no += 1
@@ -1239,6 +1241,7 @@ class PointWriter:
                     "meta": {**(meta or {}), "stats": stats}, "disks": disks}
             blob = _canon({"blake3": _hex(_canon(body)), "body": body})
             repo.store.put(repo.key("seq"), str(seq).encode(), overwrite=True)
+            failpoints.hit("store.before-manifest")
             try:
                 repo.store.put(repo.key(f"points/{pid}"), blob)
             except ObjectExists:
@@ -1252,6 +1255,7 @@ class PointWriter:
             break
         else:
             raise Conflict(f"could not allocate a point id for cycle {self.cycle_id}")
+        failpoints.hit("store.after-manifest")
         repo.store.delete(repo.key(f"staging/{self.cycle_id}"))
         self._finish(info)
         return info
