@@ -1,0 +1,169 @@
+"""Initial replication of a sparse raw image vs ``cp --sparse=always`` + fsync of the copy.
+
+The image (default 2 GiB, about half data) holds scattered runs of 1-6 MiB, alternately
+incompressible (random) and compressible (text-like), with holes between. The VM is stopped.
+
+* reference: ``cp --sparse=always IMAGE COPY`` then ``fsync(COPY)``. Our engine fsyncs every
+  pack it stores, so the reference is made durable too.
+* ours (a): ``ItemReplicator.run_initial`` to a committed point in a ``LocalObjectStore``
+  (``LocalTarget`` without hydrator);
+* ours (b): the same including hydration of the replica image (``LocalTarget`` with a
+  ``ReplicaHydrator``), i.e. a bootable copy on the recovery side, like cp's.
+
+Throughput = logical image bytes / wall seconds; each side runs ``--runs`` times (interleaved),
+the best (fastest) run of each is reported. Goal: ours / cp >= 0.8.
+
+    .venv/bin/python bench/initial.py [--size-mib 2048] [--fill 0.5] [--runs 2] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchlib import (
+    MiB,
+    Site,
+    allocated_bytes,
+    best,
+    cache_note,
+    fsync_path,
+    mib,
+    plan_sparse,
+    rate,
+    settle,
+    timed,
+    try_drop_caches,
+    workdir,
+    write_image,
+    write_json,
+)
+
+GOAL = 0.8
+
+
+def run_cp(src: Path, dst: Path) -> float:
+    dst.unlink(missing_ok=True)
+    settle()
+    t0 = time.perf_counter()
+    subprocess.run(["cp", "--sparse=always", str(src), str(dst)], check=True)
+    fsync_path(dst)
+    t = time.perf_counter() - t0
+    return t
+
+
+def run_ours(site: Site, vm_id: str, item_id: str, *, hydrate: bool) -> dict[str, Any]:
+    site.drop_item(item_id)
+    settle()
+    it, target = site.item(item_id, vm_id, hydrate=hydrate)
+    t, point = timed(it.run_initial)
+    rep = it.report
+    assert target.committed_at is not None
+    out = {
+        "seconds": t,
+        "commit_seconds": t - target.hydrate_s,  # the point was committed this long after the start
+        "hydrate_seconds": target.hydrate_s,
+        "bytes_read": rep.bytes_total,
+        "bytes_sent": rep.bytes_sent,
+        "bytes_stored": rep.bytes_stored,
+        "store_bytes": target.repo.storage_bytes(),
+        "point": point.point_id,
+    }
+    target.repo.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-mib", type=int, default=2048, help="image size (MiB)")
+    ap.add_argument("--fill", type=float, default=0.5, help="fraction of the image holding data")
+    ap.add_argument("--runs", type=int, default=2, help="runs of each side (best is kept)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="where work files go (a temp dir is made inside; default bench/out)")
+    ap.add_argument("--keep", action="store_true", help="keep the work files")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    a = ap.parse_args(argv)
+    size = a.size_mib * MiB
+
+    with workdir(a.workdir, a.keep) as wd:
+        site = Site(wd)
+        vm_id = site.create_vm("bench-initial", size)
+        src = site.hv.disk_path(vm_id, "disk0")
+        lay = plan_sparse(size, a.fill, a.seed)
+        t_gen, _ = timed(lambda: write_image(src, lay, a.seed))
+        print(f"image: {mib(size)} logical, {mib(lay.data_bytes)} data in {len(lay.runs)} runs "
+              f"({mib(lay.random_bytes)} random, {mib(lay.data_bytes - lay.random_bytes)} "
+              f"text-like), {mib(allocated_bytes(src))} allocated; made in {t_gen:.1f} s")
+        dropped = try_drop_caches()
+        print(cache_note(dropped))
+
+        copy = wd / "cp-copy.img"
+        cp_t: list[float] = []
+        runs_a: list[dict[str, Any]] = []
+        runs_b: list[dict[str, Any]] = []
+        for i in range(a.runs):
+            if dropped:
+                try_drop_caches()
+            cp_t.append(run_cp(src, copy))
+            print(f"  run {i + 1}: cp --sparse=always + fsync   {cp_t[-1]:6.2f} s  "
+                  f"{rate(size, cp_t[-1])}")
+            copy.unlink(missing_ok=True)
+            if dropped:
+                try_drop_caches()
+            runs_a.append(run_ours(site, vm_id, f"init-a{i}", hydrate=False))
+            print(f"  run {i + 1}: ours, to committed point   {runs_a[-1]['seconds']:6.2f} s  "
+                  f"{rate(size, runs_a[-1]['seconds'])}")
+            site.drop_item(f"init-a{i}")
+            if dropped:
+                try_drop_caches()
+            runs_b.append(run_ours(site, vm_id, f"init-b{i}", hydrate=True))
+            rb = runs_b[-1]
+            print(f"  run {i + 1}: ours, incl. hydration      {rb['seconds']:6.2f} s  "
+                  f"{rate(size, rb['seconds'])}  (commit at {rb['commit_seconds']:.2f} s, "
+                  f"hydration {rb['hydrate_seconds']:.2f} s)")
+            if i == a.runs - 1:
+                replica = wd / "secondary" / "replicas" / f"init-b{i}" / "disk0.img"
+                same = subprocess.run(["cmp", "-s", str(src), str(replica)]).returncode == 0
+                print(f"  check: hydrated replica {'equals' if same else 'DIFFERS FROM'} the source")
+                if not same:
+                    return 2
+            site.drop_item(f"init-b{i}")
+
+        cp_best = best(cp_t)
+        a_best = min(runs_a, key=lambda r: r["seconds"])
+        b_best = min(runs_b, key=lambda r: r["seconds"])
+        ra = cp_best / a_best["seconds"]
+        rb_ = cp_best / b_best["seconds"]
+        comp = a_best["bytes_sent"] / a_best["bytes_stored"] if a_best["bytes_stored"] else 0.0
+        print()
+        print(f"best of {a.runs} runs each (fastest kept); reference = cp --sparse=always + fsync "
+              "of the copy (ours fsyncs what it stores, so the copy is made durable too)")
+        print(f"  cp + fsync                      {cp_best:6.2f} s  {rate(size, cp_best)}")
+        print(f"  (a) ours to committed point     {a_best['seconds']:6.2f} s  "
+              f"{rate(size, a_best['seconds'])}  ratio {ra:.2f}  (goal >= {GOAL}: "
+              f"{'met' if ra >= GOAL else 'NOT met'})")
+        print(f"  (b) ours incl. hydration        {b_best['seconds']:6.2f} s  "
+              f"{rate(size, b_best['seconds'])}  ratio {rb_:.2f}  (goal >= {GOAL}: "
+              f"{'met' if rb_ >= GOAL else 'NOT met'})")
+        print(f"  bytes read {mib(a_best['bytes_read'])}, sent (non-zero, raw) "
+              f"{mib(a_best['bytes_sent'])}, stored in packs {mib(a_best['bytes_stored'])} "
+              f"(store total {mib(a_best['store_bytes'])}); compression {comp:.2f}x")
+        write_json(a.json, {
+            "benchmark": "initial", "size": size, "data_bytes": lay.data_bytes,
+            "random_bytes": lay.random_bytes, "runs": a.runs, "cache_dropped": dropped,
+            "cp_seconds": cp_t, "ours_a": runs_a, "ours_b": runs_b,
+            "cp_best": cp_best, "a_best": a_best["seconds"], "b_best": b_best["seconds"],
+            "ratio_a": ra, "ratio_b": rb_, "goal": GOAL, "compression": comp,
+            "bytes_read": a_best["bytes_read"], "bytes_sent": a_best["bytes_sent"],
+            "bytes_stored": a_best["bytes_stored"], "store_bytes": a_best["store_bytes"],
+        })
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Run the benchmarks (initial, delta, resync) and append a dated section to bench/RESULTS.md.
+
+Each benchmark runs as its own process (``bench/<name>.py --json FILE``); its output streams to
+the console and its figures are collected into a table with the machine's description (nproc,
+memory, CPU model, Python version, filesystem). Figures are recorded as measured, goals met or
+not. ``--quick`` uses small sizes (a smoke run, not comparable with full runs).
+
+    .venv/bin/python bench/run_all.py [--quick] [--only initial,delta] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchlib import BENCH_DIR, DEFAULT_OUT, MiB, cache_note, machine_info
+
+BENCHES = ("initial", "delta", "resync")
+QUICK_ARGS = {
+    "initial": ["--size-mib", "256"],
+    "delta": ["--disk-mib", "256", "--write-mib", "16"],
+    "resync": ["--size-mib", "256"],
+}
+
+
+def run_one(name: str, quick: bool, wd: Path | None, out_json: Path) -> tuple[int, float]:
+    cmd = [sys.executable, str(BENCH_DIR / f"{name}.py"), "--json", str(out_json)]
+    if quick:
+        cmd += QUICK_ARGS[name]
+    if wd is not None:
+        cmd += ["--workdir", str(wd)]
+    print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
+    t0 = time.perf_counter()
+    rc = subprocess.run(cmd, cwd=BENCH_DIR.parent).returncode
+    return rc, time.perf_counter() - t0
+
+
+def _m(n: float) -> str:
+    return f"{n / MiB:.1f} MiB"
+
+
+def rows_for(name: str, r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(figure, value, goal, verdict) rows of one benchmark's JSON."""
+    if name == "initial":
+        size = r["size"]
+
+        def thr(t: float) -> str:
+            return f"{size / MiB / t:.0f} MiB/s"
+
+        return [
+            ("initial: image", f"{_m(size)} logical, {_m(r['data_bytes'])} data "
+             f"({_m(r['random_bytes'])} random)", "", ""),
+            ("initial: cp --sparse=always + fsync (best)", f"{r['cp_best']:.2f} s, "
+             f"{thr(r['cp_best'])}", "reference", ""),
+            ("initial (a) to committed point (best)", f"{r['a_best']:.2f} s, {thr(r['a_best'])}, "
+             f"ratio **{r['ratio_a']:.2f}**", f"≥ {r['goal']}",
+             "met" if r["ratio_a"] >= r["goal"] else "**not met**"),
+            ("initial (b) incl. replica hydration (best)", f"{r['b_best']:.2f} s, "
+             f"{thr(r['b_best'])}, ratio **{r['ratio_b']:.2f}**", f"≥ {r['goal']}",
+             "met" if r["ratio_b"] >= r["goal"] else "**not met**"),
+            ("initial: bytes read / sent / stored", f"{_m(r['bytes_read'])} / {_m(r['bytes_sent'])}"
+             f" / {_m(r['bytes_stored'])} (compression {r['compression']:.2f}x)", "", ""),
+        ]
+    if name == "delta":
+        return [
+            ("delta: writes", f"{r['writes']} × {r['io']} B random "
+             f"({'unaligned' if r['unaligned'] else 'aligned'}) on a {_m(r['disk_size'])} disk: "
+             f"{_m(r['written_total'])}, {_m(r['written_distinct'])} distinct", "", ""),
+            ("delta: shipped / written (distinct)", f"**{r['ratio_distinct']:.3f}** "
+             f"({_m(r['bytes_sent'])} raw, {_m(r['bytes_stored'])} stored)",
+             f"≤ {r['goal']}", "met" if r["ratio_distinct"] <= r["goal"] else "**not met**"),
+            ("delta: shipped / written (overlaps counted)", f"{r['ratio_total']:.3f}", "", ""),
+            ("delta: cycle wall time", f"{r['cycle_seconds']:.2f} s (hydration "
+             f"{r['hydrate_seconds']:.2f} s), {r['writes'] / r['cycle_seconds']:.0f} writes/s",
+             "", ""),
+        ]
+    st = r["rsync_stats"]
+    return [
+        ("resync: pair", f"{_m(r['size'])} (fill {r['fill']:.0%}), {r['changes']} × "
+         f"{r['piece'] // 1024} KiB changed = {_m(r['changed_bytes'])}", "", ""),
+        ("resync: ours / (rsync + fsync)", f"**{r['ratio']:.2f}** ({r['ours_seconds']:.2f} s vs "
+         f"{r['rsync_seconds']:.2f} s; vs rsync alone {r['ratio_rsync_only']:.2f})",
+         f"≤ {r['goal']}", "met" if r["ratio"] <= r["goal"] else "**not met**"),
+        ("resync: ours sent", f"{_m(r['ours_bytes_sent'])} raw, {_m(r['ours_bytes_stored'])} "
+         "compressed", "", ""),
+        ("resync: rsync sent", f"{_m(st.get('total_sent', 0))} total, "
+         f"{_m(st.get('literal', 0))} literal", "", ""),
+    ]
+
+
+def interpretation(name: str, r: dict[str, Any]) -> str:
+    if name == "initial":
+        a_ok, b_ok = r["ratio_a"] >= r["goal"], r["ratio_b"] >= r["goal"]
+        return (f"initial: to a committed point at {r['ratio_a']:.2f}× cp's throughput "
+                f"({'meets' if a_ok else 'misses'} the ≥ {r['goal']} goal); with replica hydration "
+                f"{r['ratio_b']:.2f}× ({'meets' if b_ok else 'misses'} it).")
+    if name == "delta":
+        ok = r["ratio_distinct"] <= r["goal"]
+        return (f"delta: ships {r['ratio_distinct']:.3f}× the distinct bytes written "
+                f"({'meets' if ok else 'misses'} ≤ {r['goal']}); the cycle ran at "
+                f"{r['writes'] / r['cycle_seconds']:.0f} writes/s.")
+    ok = r["ratio"] <= r["goal"]
+    return (f"resync: {r['ratio']:.2f}× rsync's wall time ({'meets' if ok else 'misses'} ≤ "
+            f"{r['goal']}), shipping {r['ours_bytes_sent'] / max(r['changed_bytes'], 1):.2f}× the "
+            "changed bytes (64 KiB blocks; unaligned changes touch two).")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
+    ap.add_argument("--only", default=",".join(BENCHES), help="comma-separated subset")
+    ap.add_argument("--workdir", type=Path, default=None, help="passed to each benchmark")
+    ap.add_argument("--results", type=Path, default=BENCH_DIR / "RESULTS.md",
+                    help="file the dated section is appended to")
+    ap.add_argument("--no-record", action="store_true", help="do not append to the results file")
+    a = ap.parse_args(argv)
+    names = [n for n in a.only.split(",") if n]
+    bad = [n for n in names if n not in BENCHES]
+    if bad:
+        ap.error(f"unknown benchmark(s): {', '.join(bad)}")
+
+    info = machine_info(a.workdir or DEFAULT_OUT)
+    results: dict[str, dict[str, Any]] = {}
+    failed: dict[str, int] = {}
+    elapsed: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-json-") as tmp:
+        for name in names:
+            out = Path(tmp) / f"{name}.json"
+            rc, el = run_one(name, a.quick, a.workdir, out)
+            elapsed[name] = el
+            if rc != 0:
+                failed[name] = rc
+            if out.exists():
+                results[name] = json.loads(out.read_text())
+
+    stamp = time.strftime("%Y-%m-%d %H:%M %Z")
+    dropped = any(r.get("cache_dropped") for r in results.values())
+    lines = [f"## {stamp} — {'quick (small sizes)' if a.quick else 'full'} run", ""]
+    lines += [f"- machine: {info['nproc']} CPUs ({info['cpu']}), {info['memory']} RAM, "
+              f"Python {info['python']}, kernel {info['kernel']}",
+              f"- filesystem: {info['filesystem']}",
+              f"- tools: {info['cp']}; {info['rsync']}",
+              f"- page cache: {cache_note(dropped)}",
+              "- wall time per benchmark: "
+              + ", ".join(f"{n} {elapsed[n]:.0f} s" for n in names), ""]
+    lines += ["| figure | value | goal | verdict |", "|---|---|---|---|"]
+    for name in names:
+        if name in results:
+            lines += [f"| {f} | {v} | {g} | {m} |" for f, v, g, m in rows_for(name, results[name])]
+        else:
+            lines.append(f"| {name} | failed (exit {failed.get(name)}) | | |")
+    lines.append("")
+    for name in names:
+        if name in results:
+            lines.append(f"- {interpretation(name, results[name])}")
+    for name, rc in failed.items():
+        lines.append(f"- {name}: exited with status {rc} (see its output)")
+    lines.append("")
+    section = "\n".join(lines)
+    print("\n" + section)
+    if not a.no_record:
+        if not a.results.exists():
+            a.results.write_text("# Benchmark results\n\nSections are appended by "
+                                 "`bench/run_all.py` (`make bench`), newest last.\n\n")
+        with a.results.open("a") as f:
+            f.write(section + "\n")
+        print(f"appended to {a.results}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
