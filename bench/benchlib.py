@@ -226,13 +226,14 @@ class Site:
                                          disks=(DiskSpec("disk0", size),)))
         return vm.vm_id
 
-    def item(self, item_id: str, vm_id: str, *, hydrate: bool) -> tuple[ItemReplicator, TimedTarget]:
+    def item(self, item_id: str, vm_id: str, *, hydrate: bool,
+             compression: bool = True) -> tuple[ItemReplicator, TimedTarget]:
         repo = Repository(self.store, item_id)
         hydrator = ReplicaHydrator(repo, self.root / "secondary" / "replicas" / item_id) \
             if hydrate else None
         target = TimedTarget(repo, hydrator)
         settings = ReplicationSettings(frequency_s=30.0, app_consistent_every_s=None,
-                                       resync_window=ALWAYS)
+                                       resync_window=ALWAYS, compression=compression)
         it = ItemReplicator(item_id=item_id, vm_id=vm_id, driver=self.hv, target=target,
                             state_dir=self.root / "primary" / "engine", settings=settings)
         return it, target

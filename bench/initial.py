@@ -56,10 +56,11 @@ def run_cp(src: Path, dst: Path) -> float:
     return t
 
 
-def run_ours(site: Site, vm_id: str, item_id: str, *, hydrate: bool) -> dict[str, Any]:
+def run_ours(site: Site, vm_id: str, item_id: str, *, hydrate: bool,
+             compression: bool = True) -> dict[str, Any]:
     site.drop_item(item_id)
     settle()
-    it, target = site.item(item_id, vm_id, hydrate=hydrate)
+    it, target = site.item(item_id, vm_id, hydrate=hydrate, compression=compression)
     t, point = timed(it.run_initial)
     rep = it.report
     assert target.committed_at is not None
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         cp_t: list[float] = []
         runs_a: list[dict[str, Any]] = []
         runs_b: list[dict[str, Any]] = []
+        runs_0: list[dict[str, Any]] = []
         for i in range(a.runs):
             if dropped:
                 try_drop_caches()
@@ -119,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  run {i + 1}: ours, to committed point   {runs_a[-1]['seconds']:6.2f} s  "
                   f"{rate(size, runs_a[-1]['seconds'])}")
             site.drop_item(f"init-a{i}")
+            if dropped:
+                try_drop_caches()
+            runs_0.append(run_ours(site, vm_id, f"init-0{i}", hydrate=False, compression=False))
+            print(f"  run {i + 1}: ours, compression off      {runs_0[-1]['seconds']:6.2f} s  "
+                  f"{rate(size, runs_0[-1]['seconds'])}")
+            site.drop_item(f"init-0{i}")
             if dropped:
                 try_drop_caches()
             runs_b.append(run_ours(site, vm_id, f"init-b{i}", hydrate=True))
@@ -137,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         cp_best = best(cp_t)
         a_best = min(runs_a, key=lambda r: r["seconds"])
         b_best = min(runs_b, key=lambda r: r["seconds"])
+        z_best = min(runs_0, key=lambda r: r["seconds"])
+        r0 = cp_best / z_best["seconds"]
         ra = cp_best / a_best["seconds"]
         rb_ = cp_best / b_best["seconds"]
         comp = a_best["bytes_sent"] / a_best["bytes_stored"] if a_best["bytes_stored"] else 0.0
@@ -147,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  (a) ours to committed point     {a_best['seconds']:6.2f} s  "
               f"{rate(size, a_best['seconds'])}  ratio {ra:.2f}  (goal >= {GOAL}: "
               f"{'met' if ra >= GOAL else 'NOT met'})")
+        print(f"  (a0) same, compression off      {z_best['seconds']:6.2f} s  "
+              f"{rate(size, z_best['seconds'])}  ratio {r0:.2f}  (goal >= {GOAL}: "
+              f"{'met' if r0 >= GOAL else 'NOT met'}; like for like with cp, which does not "
+              "compress)")
         print(f"  (b) ours incl. hydration        {b_best['seconds']:6.2f} s  "
               f"{rate(size, b_best['seconds'])}  ratio {rb_:.2f}  (goal >= {GOAL}: "
               f"{'met' if rb_ >= GOAL else 'NOT met'})")
@@ -158,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             "random_bytes": lay.random_bytes, "runs": a.runs, "cache_dropped": dropped,
             "cp_seconds": cp_t, "ours_a": runs_a, "ours_b": runs_b,
             "cp_best": cp_best, "a_best": a_best["seconds"], "b_best": b_best["seconds"],
-            "ratio_a": ra, "ratio_b": rb_, "goal": GOAL, "compression": comp,
+            "ratio_a": ra, "ratio_b": rb_, "ours_a0": runs_0, "a0_best": z_best["seconds"],
+            "ratio_a0": r0, "goal": GOAL, "compression": comp,
             "bytes_read": a_best["bytes_read"], "bytes_sent": a_best["bytes_sent"],
             "bytes_stored": a_best["bytes_stored"], "store_bytes": a_best["store_bytes"],
         })

@@ -24,6 +24,7 @@ from drsite.core.errors import (
 )
 from drsite.store.contract import ObjectStore
 from drsite.store.local import LocalObjectStore
+from drsite.store.site.testing import shared_site_store
 from drsite.store.testing import FaultyObjectStore, MemoryObjectStore
 from drsite.store.wrappers import RetryingStore
 
@@ -52,6 +53,8 @@ BACKENDS: dict[str, Callable[[Path], ObjectStore]] = {
     "local": _local,
     "memory": _memory,
     "retrying-faulty-memory": _flaky,
+    # the remote site store: a real mTLS server on 127.0.0.1 (one per session, fresh store per test)
+    "site": shared_site_store,
 }
 
 

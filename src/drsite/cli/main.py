@@ -9,7 +9,10 @@ import typer
 from rich.console import Console
 
 from drsite import __version__
+from drsite.cli import resources, up_cmd
+from drsite.cli.agent_cmd import agent
 from drsite.cli.replicate import replicate
+from drsite.cli.vault_cmd import vault
 from drsite.core.errors import DrsiteError
 
 app = typer.Typer(name="drsite", no_args_is_help=True, add_completion=False,
@@ -46,6 +49,20 @@ def demo(
 
 
 app.command("replicate")(replicate)
+app.add_typer(vault, name="vault")
+app.add_typer(agent, name="agent")
+app.add_typer(resources.sites, name="sites")
+app.add_typer(resources.hosts, name="hosts")
+app.add_typer(resources.vms, name="vms")
+app.add_typer(resources.policies, name="policies")
+app.add_typer(resources.groups, name="groups")
+app.add_typer(resources.items, name="items")
+app.add_typer(resources.jobs, name="jobs")
+app.add_typer(resources.alerts, name="alerts")
+app.add_typer(resources.tokens, name="tokens")
+app.command("health")(resources.health)
+app.command("up")(up_cmd.up)
+app.command("down")(up_cmd.down)
 
 
 def main() -> None:

@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,12 +31,13 @@ from drsite.core.errors import (
     DrsiteError,
     PermanentError,
     TrackingLost,
+    TransientError,
     classify_os_error,
 )
 from drsite.core.extents import ExtentList
 from drsite.core.model import Consistency, SealedCycle, TrackingState
 from drsite.core.retention import RetentionRule
-from drsite.hypervisors.contract import HypervisorDriver
+from drsite.hypervisors.contract import DiskReader, HypervisorDriver
 from drsite.replication.planner import (
     Action,
     Decision,
@@ -71,6 +73,7 @@ class ReplicationSettings:
     rpo_threshold_s: float = 1800.0
     retention: RetentionRule = field(default_factory=RetentionRule)
     resync_window: ResyncWindow = field(default_factory=ResyncWindow)
+    compression: bool = True     # zstd level 1 on shipped data (off: stored as is)
     io_size: int = IO_SIZE
     resync_block: int = RESYNC_BLOCK
     save_every_bytes: int = 64 * 1024 * 1024
@@ -178,39 +181,55 @@ class ItemReplicator:
         self._save()
         return decision
 
-    def run_initial(self) -> PointInfo:
-        """Run steps until the item has its first committed point (raises on permanent error)."""
+    def run_initial(self, *, wait_transient: bool = True) -> PointInfo:
+        """Run steps until the item has its first committed point (raises on permanent error).
+
+        ``wait_transient=False`` (a caller that owns the retry schedule, e.g. the agent run by
+        the vault's scheduler): a pending retry wait is skipped and a transient failure is
+        raised as :class:`TransientError` instead of being waited out."""
+        self._run_now(wait_transient)
         while self.target.repo.latest() is None:
-            self._step_or_raise()
+            self._step_or_raise(wait_transient)
         latest = self.target.repo.latest()
         assert latest is not None
         return latest
 
-    def run_cycle(self, *, app_consistent: bool | None = None) -> PointInfo:
-        """Run one delta cycle now (or the pending resync) and return the new point."""
+    def run_cycle(self, *, app_consistent: bool | None = None,
+                  wait_transient: bool = True) -> PointInfo:
+        """Run one delta cycle now (or the pending resync) and return the new point.
+        ``wait_transient``: as in :meth:`run_initial`."""
+        self._run_now(wait_transient)
         before = self.target.repo.latest()
         self.rec.last_cycle_started = None  # make the cycle due
         self._force_app = app_consistent
         try:
             while True:
-                self._step_or_raise()
+                self._step_or_raise(wait_transient)
                 latest = self.target.repo.latest()
                 if latest is not None and (before is None or latest.seq > before.seq):
                     return latest
         finally:
             self._force_app = None
 
-    def run_resync(self, reason: str = "started by hand") -> PointInfo:
+    def run_resync(self, reason: str = "started by hand", *,
+                   wait_transient: bool = True) -> PointInfo:
+        """Resync now and return the resync's point. ``wait_transient``: as in
+        :meth:`run_initial`."""
         self.request_resync(reason)
         before = self.target.repo.latest()
         while True:
-            self._step_or_raise()
+            self._step_or_raise(wait_transient)
             latest = self.target.repo.latest()
             if latest is not None and (before is None or latest.seq > before.seq) \
                     and self.rec.phase is ItemState.PROTECTED:
                 return latest
 
-    def _step_or_raise(self) -> None:
+    def _run_now(self, wait_transient: bool) -> None:
+        """The caller decided to run now: a pending retry wait does not hold it back."""
+        if not wait_transient and not self.rec.retry.gave_up:
+            self.rec.retry.next_attempt_at = None
+
+    def _step_or_raise(self, wait_transient: bool = True) -> None:
         decision = self.step()
         err = self.report.last_error
         if err is None and decision.action in (Action.WAIT, Action.NOTHING):
@@ -219,6 +238,10 @@ class ItemReplicator:
         if err is not None:
             if self.rec.phase is ItemState.CRITICAL or self.rec.retry.gave_up:
                 raise PermanentError(f"{self.rec.vm_name}: {err['message']}", hint=err.get("hint"))
+            if not wait_transient and self.rec.retry.next_attempt_at is not None:
+                exc = TransientError(f"{self.rec.vm_name}: {err['message']}", hint=err.get("hint"))
+                exc.code = err.get("code", exc.code)
+                raise exc
             # transient: wait out the schedule (the clock may be fake in tests); a repair
             # (resync required) has no wait and runs on the next step
             nxt = self.rec.retry.next_attempt_at
@@ -349,6 +372,8 @@ class ItemReplicator:
         if done is None:
             writer = repo.begin(cycle.cycle_id, base=base, disk_sizes=dict(cycle.disk_sizes),
                                 kind=kind)
+            if not self.settings.compression:
+                writer.zstd_level = 0
             try:
                 rep = self.report
                 resumed = 0
@@ -373,12 +398,10 @@ class ItemReplicator:
                         continue
                     reader = self.driver.open_cycle_reader(cycle, disk_id)
                     try:
-                        for off, length in ext:
-                            buf = bytearray(length)
-                            reader.readinto(off, memoryview(buf))
+                        for off, buf in read_ahead(reader, ext, io):
                             writer.write(disk_id, off, buf)
-                            rep.bytes_done += length
-                            since_save += length
+                            rep.bytes_done += len(buf)
+                            since_save += len(buf)
                             if since_save >= self.settings.save_every_bytes:
                                 writer.flush()
                                 since_save = 0
@@ -538,6 +561,59 @@ class ItemReplicator:
 
     def _save(self) -> None:
         self._file.save(self.rec)
+
+
+READ_AHEAD_BATCHES = 3
+
+
+def read_ahead(reader: DiskReader, extents: ExtentList, batch_bytes: int
+               ) -> Iterator[tuple[int, memoryview]]:
+    """Yield ``(offset, data)`` for every extent, in order, while up to ``READ_AHEAD_BATCHES``
+    batches (about ``batch_bytes`` each, many small extents per batch) are read by worker
+    threads: reads overlap with compressing and storing, and small random reads get queue
+    depth. Buffers are reused: a yielded view is valid only until the next item is asked for
+    (``PointWriter.write`` copies what it keeps)."""
+    batches: list[list[tuple[int, int]]] = []
+    cur: list[tuple[int, int]] = []
+    size = 0
+    for off, n in extents:
+        cur.append((off, n))
+        size += n
+        if size >= batch_bytes or len(cur) >= 1024:
+            batches.append(cur)
+            cur, size = [], 0
+    if cur:
+        batches.append(cur)
+    free: list[bytearray] = [bytearray(0) for _ in range(READ_AHEAD_BATCHES + 1)]
+
+    def read(batch: list[tuple[int, int]], buf: bytearray
+             ) -> tuple[bytearray, list[tuple[int, memoryview]]]:
+        total = sum(n for _, n in batch)
+        if len(buf) < total:
+            buf = bytearray(total)
+        mv = memoryview(buf)
+        out = []
+        pos = 0
+        for off, n in batch:
+            reader.readinto(off, mv[pos:pos + n])
+            out.append((off, mv[pos:pos + n]))
+            pos += n
+        return buf, out
+
+    with ThreadPoolExecutor(READ_AHEAD_BATCHES, thread_name_prefix="drsite-read") as pool:
+        pending: deque[Future[tuple[bytearray, list[tuple[int, memoryview]]]]] = deque()
+        nxt = 0
+        try:
+            while nxt < len(batches) or pending:
+                while nxt < len(batches) and len(pending) < READ_AHEAD_BATCHES:
+                    pending.append(pool.submit(read, batches[nxt], free.pop()))
+                    nxt += 1
+                buf, items = pending.popleft().result()
+                yield from items
+                free.append(buf)  # consumed: the next submitted read may reuse it
+        finally:
+            for f in pending:
+                f.cancel()
 
 
 def new_item_id() -> str:

@@ -109,8 +109,11 @@ def _decompressor() -> Any:
 
 
 def _compress(raw: bytes, level: int) -> tuple[int, bytes, bytes]:
-    """(codec, payload, blake3-128 of raw). Runs in worker threads: blake3/zstd drop the GIL."""
+    """(codec, payload, blake3-128 of raw). Runs in worker threads: blake3/zstd drop the GIL.
+    ``level`` 0 means no compression (a policy with compression off): frames are stored RAW."""
     h = _h16(raw)
+    if level == 0:
+        return RAW, raw, h
     z = _compressor(level).compress(raw)
     if len(z) >= len(raw):
         return RAW, raw, h
@@ -160,7 +163,11 @@ def _classify(view: memoryview, disk_off: int) -> tuple[Entries, bytes]:
     out["length"] = re_ - rs
     if not rnz.any():
         return out, b""
-    raw = bytes(view) if rnz.all() else arr[np.repeat(m, e - s)].tobytes()
+    if rnz.all():
+        whole = view.obj
+        raw = whole if isinstance(whole, bytes) and len(whole) == n else bytes(view)
+    else:
+        raw = arr[np.repeat(m, e - s)].tobytes()
     dl = np.where(rnz, re_ - rs, 0)
     out["roff"] = np.cumsum(dl) - dl
     out["rlen"] = len(raw)
@@ -928,8 +935,21 @@ class Repository:
 @dataclass
 class _Pending:
     disk: int
-    entries: Entries
-    future: Future[tuple[int, bytes, bytes]] | None
+    entries: Entries | None  # None: the future classifies the piece
+    future: Future[tuple[Entries, int, bytes, bytes]] | None
+
+
+def _prepare(piece: bytes, at: int, level: int) -> tuple[Entries, int, bytes, bytes]:
+    """Worker-thread half of :meth:`PointWriter.write`: zero/data runs of one piece, then
+    (codec, payload, blake3-128) of its data runs (codec 0 and empty payload if all zero)."""
+    e, raw = _classify(memoryview(piece), at)
+    if not raw:
+        return e, 0, b"", b""
+    codec, payload, h = _compress(raw, level)
+    return e, codec, payload, h
+
+
+UPLOADS_IN_FLIGHT = 2  # packs being stored while the next one fills (memory: 2 x pack_target)
 
 
 class PointWriter:
@@ -955,6 +975,12 @@ class PointWriter:
         self.meta_bytes = 0
         self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(
             repo.threads, thread_name_prefix=f"drsite-pack-{cycle_id}")
+        # zstd level for data frames; 0 stores frames as they are (policy: compression off)
+        self.zstd_level = repo.zstd_level
+        self._uploader: ThreadPoolExecutor | None = ThreadPoolExecutor(
+            1, thread_name_prefix=f"drsite-upload-{cycle_id}")
+        self._uploads: deque[tuple[Future[tuple[str, int]], Entries]] = deque()
+        self._broken = False
         self._queue: deque[_Pending] = deque()
         self._window = 4 * repo.threads
         # the open pack: frames and their entries (disk index in "disk")
@@ -1010,7 +1036,7 @@ class PointWriter:
     # -- writing -----------------------------------------------------------------------------
 
     def _check(self, disk_id: str, offset: int, length: int) -> int:
-        if self._finished is not None or self._pool is None:
+        if self._finished is not None or self._pool is None or self._broken:
             raise InvalidInput(f"writer of cycle {self.cycle_id} is closed")
         i = self._disk_idx.get(disk_id)
         if i is None:
@@ -1032,12 +1058,11 @@ class PointWriter:
         while pos < n:
             at = offset + pos
             step = min(n - pos, FRAME_MAX - at % FRAME_MAX)
-            e, raw = _classify(view[pos:pos + step], at)
-            e["disk"] = i
-            zl = int(e["length"][e["codec"] == ZERO].sum())
-            self.zero_bytes += zl
-            fut = self._pool.submit(_compress, raw, self.repo.zstd_level) if raw else None
-            self._queue.append(_Pending(i, e, fut))
+            # the one copy (the caller may reuse its buffer); zero detection and compression
+            # run in the worker threads so this thread only feeds them
+            piece = bytes(view[pos:pos + step])
+            fut = self._pool.submit(_prepare, piece, at, self.zstd_level)
+            self._queue.append(_Pending(i, None, fut))
             pos += step
             self._drain(self._window)
 
@@ -1057,16 +1082,21 @@ class PointWriter:
         """Move finished work, in write order, into the open pack until ``keep`` items remain."""
         while len(self._queue) > keep:
             item = self._queue[0]
-            e = item.entries
             if item.future is not None:
-                codec, payload, h = item.future.result()
-                data = e["codec"] != ZERO
-                e["codec"][data] = codec
-                e["foff"][data] = self._open_size
-                e["flen"][data] = len(payload)
-                e["hash"][data] = np.frombuffer(h, "V16")[0]
-                self._frames.append(payload)
-                self._open_size += len(payload)
+                e, codec, payload, h = item.future.result()
+                e["disk"] = item.disk
+                self.zero_bytes += int(e["length"][e["codec"] == ZERO].sum())
+                if payload:
+                    data = e["codec"] != ZERO
+                    e["codec"][data] = codec
+                    e["foff"][data] = self._open_size
+                    e["flen"][data] = len(payload)
+                    e["hash"][data] = np.frombuffer(h, "V16")[0]
+                    self._frames.append(payload)
+                    self._open_size += len(payload)
+            else:
+                assert item.entries is not None
+                e = item.entries
             self._queue.popleft()
             self._open.append(e)
             self._open_entries += e.size
@@ -1074,23 +1104,44 @@ class PointWriter:
                 self._seal()
 
     def _seal(self) -> None:
-        """Upload the open pack. On failure the pack stays open, so a later flush retries it."""
+        """Hand the open pack to the uploader thread (encode, hash, put + fsync) so that reading
+        and compressing the next pack overlap with storing this one. A pack counts as covered
+        only once its put returned; :meth:`flush` waits for every upload. An upload that fails
+        makes the writer unusable: the caller resumes the staged cycle with a new writer."""
         if not self._open:
             return
         e = np.concatenate(self._open)
         header = {"v": 1, "cycle": self.cycle_id, "pack_no": self._pack_no,
                   "disks": self.disk_ids}
-        blob = encode_pack(self._frames, header, e)
+        frames = self._frames
+        self._pack_no += 1
+        self._frames, self._open, self._open_size, self._open_entries = [], [], 0, 0
+        assert self._uploader is not None
+        self._uploads.append((self._uploader.submit(self._upload, frames, header, e), e))
+        self._reap(UPLOADS_IN_FLIGHT)
+
+    def _upload(self, frames: list[bytes], header: dict[str, Any], e: Entries) -> tuple[str, int]:
+        blob = encode_pack(frames, header, e)
         rel = f"packs/{self.cycle_id}/{_hex(blob)}"
         try:
             self.repo.store.put(self.repo.key(rel), blob)
         except ObjectExists:
             pass  # content-addressed: an earlier attempt landed
         failpoints.hit("store.pack-stored")
-        self._record_pack(rel, e)
-        self.bytes_stored += len(blob)
-        self._pack_no += 1
-        self._frames, self._open, self._open_size, self._open_entries = [], [], 0, 0
+        return rel, len(blob)
+
+    def _reap(self, keep: int) -> None:
+        """Record finished uploads, in pack order, until at most ``keep`` are in flight."""
+        while len(self._uploads) > keep:
+            fut, e = self._uploads[0]
+            try:
+                rel, size = fut.result()
+            except BaseException:
+                self._broken = True
+                raise
+            self._uploads.popleft()
+            self._record_pack(rel, e)
+            self.bytes_stored += size
 
     def _record_pack(self, rel: str, e: Entries) -> None:
         pidx = len(self.pack_keys)
@@ -1103,8 +1154,12 @@ class PointWriter:
 
     def flush(self) -> None:
         """Upload everything written so far; afterwards :meth:`covered` includes it."""
+        if self._broken:
+            raise InvalidInput(f"writer of cycle {self.cycle_id} failed an upload; resume the "
+                               "cycle with a new writer")
         self._drain(0)
         self._seal()
+        self._reap(0)
 
     def covered(self, disk_id: str) -> ExtentList:
         """Ranges of ``disk_id`` durably stored by this cycle so far (data and zeros)."""
@@ -1163,7 +1218,7 @@ class PointWriter:
             r["pack"] = inv.astype(np.uint32)
             r["disk"] = 0
             blob = _encode_blob("map", {"packs": [all_packs[int(u)] for u in used]},
-                                _compressor(repo.zstd_level).compress(r.tobytes()))
+                                _compressor(max(1, repo.zstd_level)).compress(r.tobytes()))
             h = _hex(blob)
             if old is not None and old.rsplit("/", 1)[-1] == h:
                 continue  # same content as the base: share its key
@@ -1183,7 +1238,7 @@ class PointWriter:
                 tables.append(base_tables[t])
                 continue
             blob = _encode_blob("table", {"n": len(chunk)},
-                                _compressor(repo.zstd_level).compress(_canon(chunk)))
+                                _compressor(max(1, repo.zstd_level)).compress(_canon(chunk)))
             rel = f"maps/{self.cycle_id}/{_hex(blob)}"
             tables.append(rel)
             new.append((rel, blob))
@@ -1194,7 +1249,7 @@ class PointWriter:
         else:
             pairs = np.stack([changed.starts, changed.lengths], axis=1).astype("<i8")
             blob = _encode_blob("changes", {"n": len(changed)},
-                                _compressor(repo.zstd_level).compress(pairs.tobytes()))
+                                _compressor(max(1, repo.zstd_level)).compress(pairs.tobytes()))
             rel = f"maps/{self.cycle_id}/{_hex(blob)}"
             entry["changed_key"] = rel
             new.append((rel, blob))
@@ -1274,6 +1329,11 @@ class PointWriter:
             self._queue.clear()
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        if self._uploader is not None:
+            # uploads already running finish (a pack is whole or absent); queued ones are dropped
+            self._uploader.shutdown(wait=True, cancel_futures=True)
+            self._uploader = None
+            self._uploads.clear()
 
     def __enter__(self) -> PointWriter:
         return self

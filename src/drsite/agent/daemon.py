@@ -1,0 +1,803 @@
+"""The host agent daemon: heartbeat, command execution, replication of this host's items.
+
+One loop (the caller's thread, :meth:`Agent.run`) sends a heartbeat every ``heartbeat_interval``
+seconds over mTLS — inventory, one report per item, the item's new and removed recovery points —
+and hands the commands of the reply to a small pool of workers: one command at a time per item,
+up to ``max_parallel_items`` items at once. Each command's result (and ``running`` progress
+while it runs) is posted to ``/commands/{id}/result``.
+
+What the agent decides on its own (see ``design.md``): nothing but (1) resuming its own
+interrupted work after a restart — an initial copy, a sealed cycle or a resync that a crash cut
+short — and (2) while the vault has been unreachable for ``offline_after_s``, keeping the items
+it was told to protect replicating by their own settings (frequency, retry schedule, resync
+window), so that an outage of the control plane does not stop data protection.
+
+Idempotency: a command id runs at most once. Ids queued or running are ignored when re-sent;
+finished ones are answered from a persisted journal (``commands.json``); a ``cycle`` or
+``resync`` that completed just before a crash is recognised from the point sequence recorded
+when it started, so it is not run twice.
+
+Responsible for: the loop, dispatch, idempotency, restart behaviour, the local state files.
+Not responsible for: replication mechanics (:class:`~drsite.replication.driver.ItemReplicator`),
+the store protocol (``store/site``), scheduling (the vault's scheduler).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import ssl
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+import drsite
+from drsite.agent.link import COMMAND_KINDS, Command, HeartbeatReply, VaultLink
+from drsite.agent.registration import AgentIdentity
+from drsite.agent.state import (
+    PHASE_INITIAL,
+    PHASE_PROTECTED,
+    CatalogEntry,
+    CatalogFile,
+    CommandJournal,
+    Finished,
+    ItemEntry,
+    ItemsFile,
+    settings_from_args,
+)
+from drsite.agent.storeservice import StoreService
+from drsite.core.errors import (
+    AuthError,
+    Conflict,
+    DrsiteError,
+    InvalidInput,
+    NotFound,
+    VmNotFound,
+    classify_os_error,
+)
+from drsite.hypervisors.contract import HypervisorDriver
+from drsite.replication.driver import ItemReplicator
+from drsite.replication.report import Health, ItemReport, ItemState
+from drsite.replication.target import RecoveryTarget
+from drsite.store.repository import PointInfo, Repository
+
+log = logging.getLogger(__name__)
+
+TargetFactory = Callable[[str, str], RecoveryTarget]
+"""``(store_url, item_id) → RecoveryTarget``; the default builds a ``SiteTarget``."""
+
+PROGRESS_REPOST_S = 10.0
+
+
+class Interrupted(Exception):
+    """Raised inside an item's work (from its progress callback) to stop it at once: the agent
+    is shutting down, or the item is being unprotected. Equivalent to a crash at that place,
+    which the engine resumes from."""
+
+
+@dataclass
+class _Task:
+    kind: str                      # a command kind, or "resume" / "auto" (the agent's own)
+    command: Command | None = None
+
+
+@dataclass
+class _Lane:
+    """Per-item FIFO of tasks; at most one of them runs at a time."""
+
+    tasks: deque[_Task] = field(default_factory=deque)
+    active: bool = False
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class _Item:
+    entry: ItemEntry
+    replicator: ItemReplicator | None
+    catalog: Repository | None     # the heartbeat thread's own view of the item's points
+    error: DrsiteError | None = None
+
+
+@dataclass
+class _Progress:
+    item_id: str
+    posted_at: float = 0.0
+    posted_progress: float = -1.0
+
+
+class Agent:
+    """The daemon of one host. See the module docstring for what it does and decides.
+
+    ``hypervisor``: the host's driver. ``store_dir`` + ``store_listen``: this host serves a
+    recovery store (a secondary site). ``transport`` replaces the network to the vault (tests);
+    ``target_factory`` replaces how an item's recovery target is built from its ``store_url``.
+    """
+
+    def __init__(self, data_dir: Path, *, hypervisor: HypervisorDriver,
+                 heartbeat_interval: float = 2.0, store_dir: Path | None = None,
+                 store_listen: str | None = None, offline_after_s: float = 30.0,
+                 max_backoff_s: float = 30.0, max_parallel_items: int = 2,
+                 transport: httpx.BaseTransport | None = None,
+                 target_factory: TargetFactory | None = None) -> None:
+        if (store_dir is None) != (store_listen is None):
+            raise InvalidInput("a store server needs both store_dir and store_listen")
+        if heartbeat_interval <= 0:
+            raise InvalidInput(f"heartbeat interval must be positive, not {heartbeat_interval}")
+        self.data_dir = Path(data_dir)
+        self.hypervisor = hypervisor
+        self.heartbeat_interval = heartbeat_interval
+        self.offline_after_s = offline_after_s
+        self.max_backoff_s = max(max_backoff_s, heartbeat_interval)
+        self.max_parallel_items = max(1, max_parallel_items)
+        self.identity = AgentIdentity.load(self.data_dir)
+        self._ctx: ssl.SSLContext = self.identity.client_context()
+        self.link = VaultLink(self.identity.vault_url, self._ctx, transport=transport)
+        self._target_factory = target_factory or self._site_target
+        self._site_stores: dict[str, Any] = {}
+        self._state_dir = self.data_dir / "items"
+        try:
+            self._state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise classify_os_error(e, f"agent data directory {self.data_dir}") from e
+        self._items_file = ItemsFile(self.data_dir / "items.json")
+        self._catalog_file = CatalogFile(self.data_dir / "catalog.json")
+        self._journal = CommandJournal(self.data_dir / "commands.json")
+        self._entries = self._items_file.load()
+        self._catalog = self._catalog_file.load()
+        self._items: dict[str, _Item] = {}
+        self._lanes: dict[str, _Lane] = {}
+        self._inflight: dict[str, _Progress] = {}   # accepted command ids (queued or running)
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._pool: ThreadPoolExecutor | None = None
+        self._store: StoreService | None = None
+        if store_dir is not None and store_listen is not None:
+            self._store = StoreService(self.identity, store_dir, self.data_dir / "replicas",
+                                       store_listen)
+        self._store_url: str | None = None
+        self._started = False
+        self._last_ok = time.monotonic()
+        self._failures = 0
+        self._offline = False
+
+    # ----------------------------------------------------------------------------- lifecycle
+
+    @property
+    def store_url(self) -> str | None:
+        """The URL of this host's recovery store (secondary agents, once started)."""
+        return self._store_url
+
+    def start(self) -> None:
+        """Start the store server (if any) and the workers, rebuild the persisted items and
+        resume their interrupted work. Idempotent; :meth:`run` calls it."""
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+            self._stop.clear()
+            self._lanes = {}
+            self._inflight = {}
+            self._pool = ThreadPoolExecutor(self.max_parallel_items,
+                                            thread_name_prefix="agent-item")
+        if self._store is not None:
+            self._store_url = self._store.start()
+        log.info("agent %s (%s, site %s) starting; vault %s; %d item(s)", self.identity.host_id,
+                 self.identity.host_name, self.identity.site, self.identity.vault_url,
+                 len(self._entries))
+        for entry in sorted(self._entries.values(), key=lambda e: e.item_id):
+            item = self._open_item(entry)
+            with self._lock:
+                self._items[entry.item_id] = item
+            if self._needs_resume(item):
+                log.info("item %s: resuming interrupted work after a restart", entry.item_id)
+                self._enqueue(entry.item_id, _Task("resume"))
+
+    def run(self) -> None:
+        """Run until :meth:`stop`: heartbeats, commands, results. Blocking."""
+        self.start()
+        try:
+            while not self._stop.is_set():
+                delay = self.tick()
+                self._stop.wait(delay)
+        finally:
+            self.shutdown()
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return (safe from a signal handler or another thread)."""
+        self._stop.set()
+
+    def shutdown(self) -> None:
+        """Interrupt running work (it resumes after the restart), stop the workers, the store
+        server and the vault connection. Commands interrupted here are not reported failed:
+        the vault re-sends them and the restarted agent resumes them."""
+        self._stop.set()
+        with self._lock:
+            for lane in self._lanes.values():
+                lane.cancel.set()
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if self._store is not None:
+            self._store.stop()
+        with self._lock:
+            for item in self._items.values():
+                self._close_item(item)
+            self._started = False
+        self.link.close()
+        for st in self._site_stores.values():
+            with contextlib.suppress(Exception):
+                st.close()
+        log.info("agent %s stopped", self.identity.host_id)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once no task is queued or running (tests, orderly shutdown)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not any(lane.active or lane.tasks for lane in self._lanes.values()):
+                    return True
+            time.sleep(0.02)
+        return False
+
+    # ----------------------------------------------------------------------------- items
+
+    def _site_target(self, store_url: str, item_id: str) -> RecoveryTarget:
+        from drsite.store.site import SiteObjectStore, SiteTarget
+
+        with self._lock:
+            store = self._site_stores.get(store_url)
+            if store is None:
+                store = self._site_stores[store_url] = SiteObjectStore(store_url, self._ctx)
+        target: RecoveryTarget = SiteTarget(store, item_id)
+        return target
+
+    def _on_progress(self, item_id: str, report: ItemReport) -> None:
+        lane = self._lanes.get(item_id)
+        if self._stop.is_set() or (lane is not None and lane.cancel.is_set()):
+            raise Interrupted(f"work on {item_id} interrupted")
+
+    def _open_item(self, entry: ItemEntry) -> _Item:
+        """Build the engine of one item from its entry (errors are kept in the item)."""
+        try:
+            target = self._target_factory(entry.store_url, entry.item_id)
+            replicator = ItemReplicator(
+                item_id=entry.item_id, vm_id=entry.vm_id, driver=self.hypervisor, target=target,
+                state_dir=self._state_dir, settings=settings_from_args(entry.settings),
+                on_progress=functools.partial(self._on_progress, entry.item_id))
+            return _Item(entry, replicator, Repository(target.repo.store, entry.item_id))
+        except DrsiteError as e:
+            log.error("item %s cannot be opened (%s): %s", entry.item_id, e.error_class.value, e)
+            return _Item(entry, None, None, e)
+
+    @staticmethod
+    def _close_item(item: _Item) -> None:
+        if item.catalog is not None:
+            item.catalog.close()
+        if item.replicator is not None:
+            item.replicator.target.repo.close()
+
+    def _reopen(self, item_id: str) -> _Item | None:
+        """Rebuild an item's engine from its files (after its work was interrupted)."""
+        with self._lock:
+            old = self._items.get(item_id)
+            entry = self._entries.get(item_id)
+        if entry is None:
+            return None
+        if old is not None:
+            self._close_item(old)
+        item = self._open_item(entry)
+        with self._lock:
+            self._items[item_id] = item
+        return item
+
+    @staticmethod
+    def _needs_resume(item: _Item) -> bool:
+        rep = item.replicator
+        if rep is None:
+            return False
+        if item.entry.phase == PHASE_INITIAL:
+            return True
+        rec = rep.rec
+        return rec.cycle_id is not None or rec.phase in (ItemState.INITIAL_REPLICATION,
+                                                         ItemState.RESYNCING)
+
+    def _save_entries(self) -> None:
+        with self._lock:
+            entries = dict(self._entries)
+        self._items_file.save(entries)
+
+    def _item_report(self, item: _Item) -> dict[str, Any]:
+        if item.replicator is not None:
+            return item.replicator.report.to_dict()
+        err = item.error or NotFound("item not opened")
+        rep = ItemReport(item_id=item.entry.item_id, vm_id=item.entry.vm_id, vm_name="",
+                         state=ItemState.CRITICAL, health=Health.CRITICAL,
+                         health_reasons=[err.message], last_error=err.to_dict(),
+                         updated_at=time.time())
+        return rep.to_dict()
+
+    def reports(self) -> dict[str, dict[str, Any]]:
+        """The report of every item this host protects (what the heartbeat carries)."""
+        with self._lock:
+            items = list(self._items.values())
+        return {it.entry.item_id: self._item_report(it) for it in items}
+
+    # ----------------------------------------------------------------------------- heartbeat
+
+    def _inventory(self) -> list[dict[str, Any]]:
+        try:
+            return [vm.to_dict() for vm in self.hypervisor.list_vms()]
+        except DrsiteError as e:
+            log.warning("listing VMs failed: %s", e)
+            return []
+
+    def _points_delta(self, item: _Item) -> tuple[list[PointInfo], list[str]]:
+        """(points the vault has not acked, points it knows that are gone)."""
+        if item.catalog is None:
+            return [], []
+        cat = self._catalog.get(item.entry.item_id) or CatalogEntry()
+        try:
+            points = item.catalog.points()
+        except DrsiteError as e:
+            log.debug("item %s: listing points failed: %s", item.entry.item_id, e)
+            return [], []
+        new = [p for p in points if p.seq > cat.ack]
+        ids = {p.point_id for p in points}
+        removed = sorted(cat.reported - ids)
+        return new, removed
+
+    def build_heartbeat(self) -> tuple[dict[str, Any], dict[str, tuple[list[PointInfo], list[str]]]]:
+        """The heartbeat payload, and per item what it reports of points (to apply the ack)."""
+        with self._lock:
+            items = list(self._items.values())
+        sent: dict[str, tuple[list[PointInfo], list[str]]] = {}
+        out_items: list[dict[str, Any]] = []
+        for it in items:
+            new, removed = self._points_delta(it)
+            sent[it.entry.item_id] = (new, removed)
+            out_items.append({"item_id": it.entry.item_id, "report": self._item_report(it),
+                              "new_points": [p.to_dict() for p in new],
+                              "removed_points": removed})
+        payload = {"host_name": self.identity.host_name, "version": drsite.__version__,
+                   "store_url": self._store_url, "vms": self._inventory(), "items": out_items}
+        return payload, sent
+
+    def _apply_ack(self, reply: HeartbeatReply,
+                   sent: dict[str, tuple[list[PointInfo], list[str]]]) -> None:
+        changed = False
+        with self._lock:
+            for item_id, (new, removed) in sent.items():
+                if item_id not in self._items:
+                    continue
+                cat = self._catalog.setdefault(item_id, CatalogEntry())
+                before = (cat.ack, set(cat.reported))
+                cat.reported -= set(removed)
+                ack = reply.ack.get(item_id)
+                if ack is not None:
+                    cat.ack = ack
+                    cat.reported |= {p.point_id for p in new if p.seq <= ack}
+                changed |= before != (cat.ack, cat.reported)
+            catalog = {k: CatalogEntry(v.ack, set(v.reported)) for k, v in self._catalog.items()}
+        if changed:
+            self._catalog_file.save(catalog)
+
+    def heartbeat_once(self) -> HeartbeatReply:
+        """One heartbeat: send, apply the ack, accept the commands, post pending results and
+        progress. Raises ``NetworkError`` (vault unreachable), ``AuthError`` and the like."""
+        payload, sent = self.build_heartbeat()
+        reply = self.link.heartbeat(payload)
+        self._apply_ack(reply, sent)
+        for cmd in reply.commands:
+            self._accept(cmd)
+        self._flush_results()
+        self._post_progress()
+        return reply
+
+    def tick(self) -> float:
+        """One iteration of :meth:`run`: a heartbeat (errors logged, backed off) and, when the
+        vault has been unreachable for long, the items' own schedule. Returns the delay until
+        the next tick."""
+        try:
+            self.heartbeat_once()
+        except DrsiteError as e:
+            self._failures += 1
+            delay = min(self.max_backoff_s,
+                        self.heartbeat_interval * 2.0 ** min(self._failures - 1, 8))
+            what = "refused by" if isinstance(e, AuthError) else "cannot reach"
+            if self._failures == 1:
+                log.warning("heartbeat failed: %s the vault at %s (%s): %s; retrying in %.1f s",
+                            what, self.identity.vault_url, e.error_class.value, e, delay)
+            else:
+                log.info("heartbeat failed %d times in a row (%s); retrying in %.1f s",
+                         self._failures, e, delay)
+            if isinstance(e, AuthError):
+                log.error("the vault refuses this host's certificate: is host %s still "
+                          "registered? (%s)", self.identity.host_id, e.hint)
+            self._offline_step()
+            return delay
+        if self._failures:
+            log.info("vault at %s reachable again after %d failed heartbeat(s)",
+                     self.identity.vault_url, self._failures)
+        if self._offline:
+            log.info("leaving offline mode: the vault's scheduler drives replication again")
+        self._failures = 0
+        self._offline = False
+        self._last_ok = time.monotonic()
+        return self.heartbeat_interval
+
+    def _offline_step(self) -> None:
+        """The vault has been away for ``offline_after_s``: run each idle item's own next step
+        when due (frequency, retry schedule, resync window from its last settings)."""
+        if time.monotonic() - self._last_ok < self.offline_after_s:
+            return
+        if not self._offline:
+            log.warning("vault unreachable for %.0f s: replicating the %d protected item(s) "
+                        "on their own schedule until it is back",
+                        time.monotonic() - self._last_ok, len(self._items))
+            self._offline = True
+        now = time.time()
+        with self._lock:
+            items = [it for it in self._items.values()
+                     if it.replicator is not None and it.entry.phase == PHASE_PROTECTED]
+            for it in items:
+                lane = self._lanes.get(it.entry.item_id)
+                if lane is not None and (lane.active or lane.tasks):
+                    continue
+                assert it.replicator is not None
+                if it.replicator.next_due() <= now:
+                    self._enqueue(it.entry.item_id, _Task("auto"))
+
+    # ----------------------------------------------------------------------------- results
+
+    def _post_final(self, fin: Finished) -> None:
+        try:
+            self.link.post_result(fin.command_id, status=fin.status,
+                                  progress=100.0 if fin.status == "succeeded" else 0.0,
+                                  result=fin.result, error=fin.error)
+        except Conflict as e:
+            # the vault already has a different end for it (e.g. withdrawn): nothing to retry
+            log.warning("the vault refused the result of command %s: %s", fin.command_id, e)
+        except DrsiteError as e:
+            log.info("result of command %s not delivered yet (%s); will retry", fin.command_id, e)
+            return
+        self._journal.mark_posted(fin.command_id)
+
+    def _flush_results(self) -> None:
+        for fin in self._journal.unposted():
+            self._post_final(fin)
+
+    def _post_progress(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            todo: list[tuple[str, _Progress, float]] = []
+            for cid, pr in self._inflight.items():
+                item = self._items.get(pr.item_id)
+                prog = 0.0
+                if item is not None and item.replicator is not None and self._is_running(cid):
+                    prog = float(item.replicator.report.progress)
+                if pr.posted_progress < 0 or abs(prog - pr.posted_progress) >= 0.5 \
+                        or now - pr.posted_at >= PROGRESS_REPOST_S:
+                    todo.append((cid, pr, prog))
+        for cid, pr, prog in todo:
+            try:
+                self.link.post_result(cid, status="running", progress=prog)
+            except Conflict:
+                continue  # ended meanwhile (our final post won the race)
+            except DrsiteError as e:
+                log.debug("progress of %s not posted: %s", cid, e)
+                return
+            pr.posted_at, pr.posted_progress = now, prog
+
+    def _is_running(self, command_id: str) -> bool:
+        pr = self._inflight.get(command_id)
+        if pr is None:
+            return False
+        lane = self._lanes.get(pr.item_id)
+        return lane is not None and lane.active and not any(
+            t.command is not None and t.command.command_id == command_id for t in lane.tasks)
+
+    # ----------------------------------------------------------------------------- dispatch
+
+    def _accept(self, cmd: Command) -> None:
+        """Take a command from the vault: ignore it if queued or running, answer it from the
+        journal if finished, else queue it on its item's lane."""
+        if cmd.kind not in COMMAND_KINDS:
+            if self._journal.finished(cmd.command_id) is None:
+                err = InvalidInput(f"unknown command kind {cmd.kind!r}",
+                                   hint="The agent is older than the vault; upgrade it.")
+                self._finish(cmd, "failed", {}, err.to_dict())
+            return
+        with self._lock:
+            if cmd.command_id in self._inflight:
+                log.debug("command %s already queued or running", cmd.command_id)
+                return
+            if self._journal.finished(cmd.command_id) is not None:
+                log.info("command %s was already done; sending its result again", cmd.command_id)
+                self._journal.mark_unposted(cmd.command_id)
+                return
+            log.info("command %s: %s %s accepted", cmd.command_id, cmd.kind, cmd.item_id)
+            self._inflight[cmd.command_id] = _Progress(cmd.item_id)
+            if cmd.kind == "unprotect":
+                lane = self._lanes.get(cmd.item_id)
+                if lane is not None and lane.active:
+                    log.info("item %s: interrupting its running work to unprotect it",
+                             cmd.item_id)
+                    lane.cancel.set()
+            self._enqueue(cmd.item_id, _Task(cmd.kind, cmd))
+
+    def _enqueue(self, item_id: str, task: _Task) -> None:
+        with self._lock:
+            lane = self._lanes.setdefault(item_id, _Lane())
+            lane.tasks.append(task)
+            if not lane.active and self._pool is not None and not self._stop.is_set():
+                lane.active = True
+                self._pool.submit(self._drain, item_id)
+
+    def _drain(self, item_id: str) -> None:
+        while True:
+            with self._lock:
+                lane = self._lanes[item_id]
+                if self._stop.is_set() or not lane.tasks:
+                    lane.active = False
+                    if self._stop.is_set():
+                        for t in lane.tasks:
+                            if t.command is not None:
+                                self._inflight.pop(t.command.command_id, None)
+                        lane.tasks.clear()
+                    return
+                task = lane.tasks.popleft()
+                if task.kind == "unprotect":
+                    lane.cancel.clear()
+            try:
+                self._execute(item_id, task)
+            except Exception:
+                log.exception("item %s: task %s failed unexpectedly", item_id, task.kind)
+            finally:
+                if task.command is not None:
+                    with self._lock:
+                        self._inflight.pop(task.command.command_id, None)
+
+    def _finish(self, cmd: Command, status: str, result: dict[str, Any],
+                error: dict[str, Any] | None) -> None:
+        fin = Finished(cmd.command_id, cmd.kind, cmd.item_id, status, result, error, time.time())
+        self._journal.finish(fin)
+        self._post_final(fin)
+
+    def _execute(self, item_id: str, task: _Task) -> None:
+        if task.command is None:
+            self._run_own(item_id, task.kind)
+            return
+        cmd = task.command
+        facts: dict[str, Any] = {}
+        if cmd.kind in ("cycle", "resync"):
+            item = self._items.get(item_id)
+            if item is not None and item.replicator is not None:
+                with contextlib.suppress(DrsiteError):
+                    latest = item.replicator.target.repo.latest()
+                    facts["before_seq"] = latest.seq if latest is not None else 0
+        self._journal.start(cmd.command_id, kind=cmd.kind, item_id=item_id, **facts)
+        started = time.monotonic()
+        try:
+            result = self._handle(cmd)
+        except Interrupted:
+            if self._stop.is_set():
+                log.info("command %s (%s %s) interrupted by shutdown; it resumes when the vault "
+                         "sends it again", cmd.command_id, cmd.kind, item_id)
+                return
+            self._reopen(item_id)
+            err: dict[str, Any] = Conflict(f"{cmd.kind} of {item_id} was interrupted to "
+                                           "unprotect the item").to_dict()
+            err["code"] = "interrupted"
+            self._finish(cmd, "failed", {}, err)
+            return
+        except DrsiteError as e:
+            log.warning("command %s (%s %s) failed (%s): %s", cmd.command_id, cmd.kind, item_id,
+                        e.error_class.value, e)
+            self._finish(cmd, "failed", {}, e.to_dict())
+            return
+        except Exception as e:
+            log.exception("command %s (%s %s) failed unexpectedly", cmd.command_id, cmd.kind,
+                          item_id)
+            self._finish(cmd, "failed", {}, {
+                "code": "internal", "class": "permanent",
+                "message": f"agent error in {cmd.kind}: {type(e).__name__}: {e}",
+                "hint": "See the agent's log; report a bug if it persists."})
+            return
+        log.info("command %s (%s %s) succeeded in %.1f s", cmd.command_id, cmd.kind, item_id,
+                 time.monotonic() - started)
+        self._finish(cmd, "succeeded", result, None)
+
+    def _run_own(self, item_id: str, kind: str) -> None:
+        """The agent's own work: ``resume`` after a restart, ``auto`` while offline."""
+        item = self._items.get(item_id)
+        if item is None or item.replicator is None:
+            return
+        rep = item.replicator
+        try:
+            if kind == "resume":
+                if rep.target.repo.latest() is None:
+                    point = rep.run_initial(wait_transient=False)
+                    self._mark_protected(item)
+                    log.info("item %s: interrupted initial replication finished (point %s)",
+                             item_id, point.point_id)
+                elif item.entry.phase == PHASE_INITIAL:
+                    self._mark_protected(item)
+                if rep.rec.cycle_id is not None or rep.rec.phase is ItemState.RESYNCING:
+                    decision = rep.step()  # finishes the sealed cycle / the resync
+                    log.info("item %s: resumed interrupted work: %s", item_id,
+                             decision.reason)
+            else:
+                decision = rep.step()
+                log.info("item %s (offline mode): %s %s", item_id, decision.action.value,
+                         decision.reason)
+        except Interrupted:
+            if not self._stop.is_set():
+                self._reopen(item_id)
+        except DrsiteError as e:
+            log.warning("item %s: %s failed (%s): %s; waiting for the vault", item_id, kind,
+                        e.error_class.value, e)
+
+    def _mark_protected(self, item: _Item) -> None:
+        if item.entry.phase != PHASE_PROTECTED:
+            item.entry.phase = PHASE_PROTECTED
+            self._save_entries()
+
+    # ----------------------------------------------------------------------------- commands
+
+    def _handle(self, cmd: Command) -> dict[str, Any]:
+        handler = {"protect": self._protect, "cycle": self._cycle, "resync": self._resync,
+                   "retention": self._retention, "unprotect": self._unprotect,
+                   "update_settings": self._update_settings}[cmd.kind]
+        return handler(cmd)
+
+    def _live_item(self, cmd: Command) -> tuple[_Item, ItemReplicator]:
+        with self._lock:
+            item = self._items.get(cmd.item_id)
+        if item is None:
+            raise NotFound(f"item {cmd.item_id} is not protected on host "
+                           f"{self.identity.host_id}",
+                           hint="Enable protection again (the agent has no record of it).")
+        if item.replicator is None:
+            item = self._reopen(cmd.item_id) or item
+            if item.replicator is None:
+                assert item.error is not None
+                raise item.error
+        return item, item.replicator
+
+    def _protect(self, cmd: Command) -> dict[str, Any]:
+        a = cmd.args
+        try:
+            vm_id, store_url = str(a["vm_id"]), str(a["store_url"])
+        except KeyError as e:
+            raise InvalidInput(f"protect {cmd.item_id}: missing argument {e.args[0]!r}") from None
+        settings = dict(a.get("settings") or {})
+        settings_from_args(settings)  # validate before anything is recorded
+        self.hypervisor.get_vm(vm_id)  # VmNotFound before anything is recorded
+        with self._lock:
+            entry = self._entries.get(cmd.item_id)
+            item = self._items.get(cmd.item_id)
+        if entry is not None and entry.vm_id != vm_id:
+            raise Conflict(f"item {cmd.item_id} protects VM {entry.vm_id} on this host, not "
+                           f"{vm_id}")
+        rebuild = item is None or item.replicator is None or entry is None \
+            or entry.store_url != store_url
+        if entry is None:
+            entry = ItemEntry(cmd.item_id, vm_id, str(a.get("target_site") or ""), store_url,
+                              settings, PHASE_INITIAL, time.time())
+        else:
+            entry.store_url, entry.settings = store_url, settings
+            entry.target_site = str(a.get("target_site") or entry.target_site)
+        with self._lock:
+            self._entries[cmd.item_id] = entry
+        self._save_entries()
+        if rebuild:
+            if item is not None:
+                self._close_item(item)
+            item = self._open_item(entry)
+            with self._lock:
+                self._items[cmd.item_id] = item
+        assert item is not None
+        if item.replicator is None:
+            assert item.error is not None
+            raise item.error
+        item.replicator.settings = settings_from_args(settings)
+        point = item.replicator.run_initial(wait_transient=False)
+        self._mark_protected(item)
+        return {"point": point.to_dict(), "report": item.replicator.report.to_dict()}
+
+    def _already_done(self, cmd: Command, rep: ItemReplicator, kind: str | None
+                      ) -> PointInfo | None:
+        """The point a ``cycle``/``resync`` made before a crash cut off its result, if any."""
+        first = self._journal.started(cmd.command_id)
+        if first is None or "before_seq" not in first or rep.rec.cycle_id is not None:
+            return None
+        if rep.rec.phase is not ItemState.PROTECTED:
+            return None
+        later = [p for p in rep.target.repo.points()
+                 if p.seq > int(first["before_seq"]) and (kind is None or p.kind == kind)]
+        return later[0] if later else None
+
+    def _cycle(self, cmd: Command) -> dict[str, Any]:
+        _, rep = self._live_item(cmd)
+        done = self._already_done(cmd, rep, None)
+        if done is not None:
+            log.info("command %s: its cycle was committed before a restart (point %s)",
+                     cmd.command_id, done.point_id)
+            return {"point": done.to_dict(), "report": rep.report.to_dict()}
+        app = cmd.args.get("app_consistent")
+        point = rep.run_cycle(app_consistent=bool(app) if app is not None else None,
+                              wait_transient=False)
+        return {"point": point.to_dict(), "report": rep.report.to_dict()}
+
+    def _resync(self, cmd: Command) -> dict[str, Any]:
+        _, rep = self._live_item(cmd)
+        done = self._already_done(cmd, rep, "resync")
+        if done is not None:
+            return {"point": done.to_dict(), "report": rep.report.to_dict()}
+        reason = "started by hand" if cmd.args.get("by_hand") else "started by the vault"
+        point = rep.run_resync(reason, wait_transient=False)
+        return {"point": point.to_dict(), "report": rep.report.to_dict()}
+
+    def _retention(self, cmd: Command) -> dict[str, Any]:
+        _, rep = self._live_item(cmd)
+        pinned = {p for p in (rep.target.replica_point(),) if p}
+        deleted = rep.target.repo.apply_retention(rep.settings.retention, time.time(), pinned)
+        if deleted:
+            log.info("item %s: retention removed %d point(s)", cmd.item_id, len(deleted))
+        return {"deleted_points": deleted}
+
+    def _update_settings(self, cmd: Command) -> dict[str, Any]:
+        settings = dict(cmd.args.get("settings") or {})
+        new = settings_from_args(settings)
+        item, rep = self._live_item(cmd)
+        item.entry.settings = settings
+        self._save_entries()
+        rep.settings = new
+        return {"settings": settings}
+
+    def _unprotect(self, cmd: Command) -> dict[str, Any]:
+        delete = bool(cmd.args.get("delete_points"))
+        with self._lock:
+            item = self._items.get(cmd.item_id)
+            entry = self._entries.get(cmd.item_id)
+        if item is None or entry is None:
+            return {"already_unprotected": True, "deleted_points": []}
+        deleted: list[str] = []
+        rep = item.replicator
+        if rep is not None:
+            with contextlib.suppress(VmNotFound):
+                pending = self.hypervisor.pending_cycle(entry.vm_id)
+                if pending is not None:
+                    self.hypervisor.release(pending)
+            repo = rep.target.repo
+            for cycle_id in repo.staged_cycles():
+                repo.abort(cycle_id)
+            if delete:
+                for p in repo.points():
+                    repo.delete_point(p.point_id)
+                    deleted.append(p.point_id)
+                repo.gc()
+        elif delete:
+            raise item.error or NotFound(f"item {cmd.item_id} cannot be opened")
+        with self._lock:
+            self._entries.pop(cmd.item_id, None)
+            self._items.pop(cmd.item_id, None)
+            cat = self._catalog.pop(cmd.item_id, None)
+            catalog = {k: CatalogEntry(v.ack, set(v.reported)) for k, v in self._catalog.items()}
+        self._save_entries()
+        if cat is not None:
+            self._catalog_file.save(catalog)
+        self._close_item(item)
+        with contextlib.suppress(FileNotFoundError):
+            (self._state_dir / f"{cmd.item_id}.json").unlink()
+        log.info("item %s unprotected%s", cmd.item_id,
+                 f", {len(deleted)} point(s) deleted" if delete else "")
+        return {"deleted_points": deleted}

@@ -1,0 +1,136 @@
+"""The agent's side of the agent routes: heartbeat and command results, over mTLS.
+
+Responsible for: the HTTP calls of ``/api/v1/agent/heartbeat`` and
+``/api/v1/agent/commands/{id}/result``, parsing the replies, and mapping failures to the error
+hierarchy (unreachable vault, timeout, 5xx → ``NetworkError``, transient; 401/403 →
+``AuthError``). Not responsible for: retrying or backing off (the daemon does), or for what the
+commands mean.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from drsite.client.api import error_from_response
+from drsite.core.errors import AuthError, InvalidInput, NetworkError
+
+log = logging.getLogger(__name__)
+
+COMMAND_KINDS = ("protect", "cycle", "resync", "retention", "unprotect", "update_settings")
+
+
+@dataclass(frozen=True)
+class Command:
+    """One command the vault sent (``docs/control-plane.md``, "Command")."""
+
+    command_id: str
+    kind: str
+    item_id: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def from_dict(d: Any) -> Command:
+        """Parse and validate; ``InvalidInput`` on a malformed command."""
+        if not isinstance(d, dict):
+            raise InvalidInput(f"command is not an object: {d!r}")
+        try:
+            cid, kind, item = str(d["command_id"]), str(d["kind"]), str(d["item_id"])
+        except KeyError as e:
+            raise InvalidInput(f"command without {e.args[0]!r}") from None
+        args = d.get("args") or {}
+        if not isinstance(args, dict):
+            raise InvalidInput(f"command {cid}: args is not an object")
+        if not cid or not item:
+            raise InvalidInput("command with an empty command_id or item_id")
+        return Command(cid, kind, item, dict(args))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"command_id": self.command_id, "kind": self.kind, "item_id": self.item_id,
+                "args": dict(self.args)}
+
+
+@dataclass(frozen=True)
+class HeartbeatReply:
+    """The vault's answer to a heartbeat: commands to run and, per item, the highest point
+    sequence number it has stored."""
+
+    commands: list[Command]
+    ack: dict[str, int]
+    malformed: int = 0  # commands dropped because they could not be parsed
+
+
+class VaultLink:
+    """HTTPS client of the agent routes (client certificate in ``ssl_context``).
+
+    ``transport`` replaces the network (tests: ``httpx.MockTransport``). Thread-safe: the
+    heartbeat thread and command workers share one instance.
+    """
+
+    def __init__(self, vault_url: str, ssl_context: ssl.SSLContext, *, timeout: float = 30.0,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self.vault_url = vault_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.vault_url + "/api/v1/agent", verify=ssl_context,
+                                  timeout=timeout, transport=transport)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _post(self, path: str, body: dict[str, Any]) -> Any:
+        try:
+            resp = self._http.post(path, json=body)
+        except httpx.TimeoutException as e:
+            raise NetworkError(f"the vault at {self.vault_url} did not answer in time") from e
+        except httpx.ConnectError as e:
+            text = str(e)
+            if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+                raise AuthError(f"the vault at {self.vault_url} presents a certificate not "
+                                f"signed by the CA this host registered with: {e}") from e
+            raise NetworkError(f"cannot reach the vault at {self.vault_url}: {e}") from e
+        except httpx.HTTPError as e:
+            raise NetworkError(f"request to the vault at {self.vault_url} failed: {e}") from e
+        if resp.status_code >= 500:
+            raise NetworkError(f"the vault answered HTTP {resp.status_code} to {path}")
+        if resp.status_code >= 400:
+            raise error_from_response(resp)
+        if not resp.content:
+            return None
+        try:
+            return resp.json()
+        except ValueError as e:
+            raise NetworkError(f"the vault's answer to {path} is not JSON") from e
+
+    def heartbeat(self, payload: dict[str, Any]) -> HeartbeatReply:
+        """Send one heartbeat; the reply's malformed commands are dropped (and logged)."""
+        out = self._post("/heartbeat", payload) or {}
+        if not isinstance(out, dict):
+            raise NetworkError("the vault's heartbeat reply is not an object")
+        commands: list[Command] = []
+        bad = 0
+        for raw in out.get("commands") or []:
+            try:
+                commands.append(Command.from_dict(raw))
+            except InvalidInput as e:
+                bad += 1
+                log.error("dropping a malformed command from the vault: %s", e)
+        ack: dict[str, int] = {}
+        raw_ack = out.get("ack") or {}
+        if isinstance(raw_ack, dict):
+            for item_id, seq in raw_ack.items():
+                try:
+                    ack[str(item_id)] = int(seq) if seq is not None else 0
+                except (TypeError, ValueError):
+                    log.error("ignoring a malformed ack for item %s: %r", item_id, seq)
+        return HeartbeatReply(commands, ack, bad)
+
+    def post_result(self, command_id: str, *, status: str, progress: float,
+                    result: dict[str, Any] | None = None,
+                    error: dict[str, Any] | None = None) -> None:
+        """Report a command's progress (``running``) or its final status."""
+        self._post(f"/commands/{command_id}/result",
+                   {"status": status, "progress": max(0.0, min(100.0, float(progress))),
+                    "result": result or {}, "error": error})

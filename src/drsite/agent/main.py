@@ -1,0 +1,105 @@
+"""Entry points of the agent for the CLI (``drsite agent …``) and ``python -m drsite.agent``.
+
+Responsible for: turning typed options into a registration or a running daemon, signal
+handling (SIGTERM/SIGINT stop the daemon cleanly) and process logging setup. Not responsible
+for: option parsing (the Typer commands in ``cli/`` and the tiny parser in ``__main__``).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from drsite.agent.daemon import Agent
+from drsite.agent.registration import (
+    AgentIdentity,
+    fetch_ca_by_fingerprint,
+    normalize_fingerprint,
+    pem_fingerprint,
+    register,
+)
+from drsite.core.errors import AuthError, InvalidInput, classify_os_error
+from drsite.hypervisors.contract import HypervisorDriver
+
+log = logging.getLogger(__name__)
+
+HYPERVISOR_KINDS = ("file",)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Log lines with time, level, logger and thread to stderr (only if nothing is set up)."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+
+
+def agent_register(vault_url: str, key: str, data_dir: Path, host_name: str,
+                   ca_file: Path | None = None, ca_fingerprint: str | None = None,
+                   insecure_first_contact: bool = False) -> AgentIdentity:
+    """Register this host (see :func:`drsite.agent.registration.register`).
+
+    Trust of the vault: ``ca_file`` (the vault's CA certificate) or ``ca_fingerprint`` (its
+    SHA-256, as the vault prints it: the chain the vault presents is fetched, the matching CA
+    taken, then everything is verified). Both given: the file must have that fingerprint.
+    Neither: refused unless ``insecure_first_contact``.
+    """
+    ca_pem: bytes | None = None
+    if ca_file is not None:
+        try:
+            ca_pem = Path(ca_file).read_bytes()
+        except OSError as e:
+            raise classify_os_error(e, f"CA file {ca_file}") from e
+        if ca_fingerprint is not None:
+            try:
+                actual = pem_fingerprint(ca_pem)
+            except ValueError as e:
+                raise InvalidInput(f"CA file {ca_file} is not a PEM certificate: {e}") from e
+            if actual != normalize_fingerprint(ca_fingerprint):
+                raise AuthError(f"CA file {ca_file} has fingerprint {actual}, not the one given",
+                                hint="Check which file and which fingerprint are the vault's.")
+    elif ca_fingerprint is not None:
+        ca_pem = fetch_ca_by_fingerprint(vault_url, ca_fingerprint)
+    return register(vault_url, key, Path(data_dir), host_name=host_name, ca_pem=ca_pem,
+                    insecure_first_contact=insecure_first_contact)
+
+
+def make_hypervisor(kind: str, vms_root: Path) -> HypervisorDriver:
+    """The host's hypervisor driver by kind (``"file"``: VMs under ``vms_root``)."""
+    if kind == "file":
+        from drsite.hypervisors.file.driver import FileHypervisor
+
+        return FileHypervisor(Path(vms_root))
+    raise InvalidInput(f"unknown hypervisor kind {kind!r}; known: {', '.join(HYPERVISOR_KINDS)}")
+
+
+def agent_run(data_dir: Path, hypervisor_kind: str = "file", vms_root: Path = Path("vms"),
+              store_dir: Path | None = None, store_listen: str | None = None,
+              heartbeat_interval: float = 2.0) -> None:
+    """Run the agent daemon until SIGTERM/SIGINT (blocking); returns after a clean stop.
+
+    Work cut short by the stop resumes at the next start (the vault re-sends its commands).
+    """
+    agent = Agent(Path(data_dir), hypervisor=make_hypervisor(hypervisor_kind, vms_root),
+                  heartbeat_interval=heartbeat_interval,
+                  store_dir=Path(store_dir) if store_dir is not None else None,
+                  store_listen=store_listen)
+    installed: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        def on_signal(sig: int, frame: FrameType | None) -> None:
+            log.info("received %s: stopping the agent", signal.Signals(sig).name)
+            agent.stop()
+
+        for s in (signal.SIGTERM, signal.SIGINT):
+            installed[s] = signal.signal(s, on_signal)
+    try:
+        agent.run()
+    finally:
+        for s, old in installed.items():
+            signal.signal(s, old)

@@ -1,0 +1,168 @@
+"""The recovery store a secondary-site agent serves to primary agents, and its hydration loop.
+
+The store server is :func:`drsite.store.site.make_store_app` over a
+:class:`~drsite.store.local.backend.LocalObjectStore`, served over HTTPS with a client
+certificate *required* (any certificate signed by the vault's CA: primary agents), presenting
+this agent's own certificate (it carries serverAuth). The hydration loop keeps every item's
+replica (``replicas/<item_id>/``) at the latest committed point even when no primary asks for a
+catch-up (a primary that died after committing, a commit whose catch-up call failed). The
+loop asks its own server for each catch-up (over HTTPS, with this agent's certificate), so it
+takes the server's per-item lock and never races a primary's catch-up or digest request.
+
+Responsible for: starting/stopping the server and the loop, and the loop's error handling.
+Not responsible for: the store protocol (``store/site``) or the replica format
+(:class:`~drsite.store.replica.ReplicaHydrator`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from drsite import tlsutil
+from drsite.agent.registration import AgentIdentity
+from drsite.core.errors import DrsiteError, InvalidInput, classify_os_error
+from drsite.core.model import validate_name
+from drsite.store.local.backend import LocalObjectStore
+from drsite.store.replica import ReplicaHydrator
+from drsite.store.repository import Repository
+from drsite.store.site import SiteObjectStore, make_store_app
+
+log = logging.getLogger(__name__)
+
+HYDRATE_EVERY_S = 2.0
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``"127.0.0.1:8444"`` / ``"localhost:0"`` / ``"[::1]:8444"`` → (host, port)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host:
+        raise InvalidInput(f"store listen address {listen!r} is not HOST:PORT")
+    host = host.strip("[]")
+    try:
+        p = int(port)
+    except ValueError:
+        raise InvalidInput(f"store listen port {port!r} is not a number") from None
+    if not 0 <= p < 65536:
+        raise InvalidInput(f"store listen port {p} is out of range")
+    return host, p
+
+
+class StoreService:
+    """A secondary agent's store server plus its replica hydration loop."""
+
+    def __init__(self, identity: AgentIdentity, store_dir: Path, replicas_dir: Path,
+                 listen: str, *, hydrate_every_s: float = HYDRATE_EVERY_S) -> None:
+        self.identity = identity
+        self.store_dir = Path(store_dir)
+        self.replicas_dir = Path(replicas_dir)
+        self.host, self.port = parse_listen(listen)
+        self.hydrate_every_s = hydrate_every_s
+        self._store = LocalObjectStore(self.store_dir)
+        self._server: tlsutil.ServerHandle | None = None
+        self._self_client: SiteObjectStore | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._errors: dict[str, str] = {}   # item → last hydration error logged (no log floods)
+
+    @property
+    def url(self) -> str:
+        """The store's URL as primary agents reach it (valid once started)."""
+        if self._server is None:
+            raise InvalidInput("the store server is not running")
+        return self._server.url
+
+    def start(self) -> str:
+        """Start serving and hydrating; returns the store URL."""
+        try:
+            self.replicas_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise classify_os_error(e, f"replica directory {self.replicas_dir}") from e
+        app = make_store_app(self._store, self.replicas_dir)
+        self._server = tlsutil.start_in_thread(
+            app, host=self.host, port=self.port, certfile=self.identity.cert_file,
+            keyfile=self.identity.key_file, cafile=self.identity.ca_file, client_cert="required")
+        log.info("recovery store %s served at %s", self.store_dir, self._server.url)
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        host = f"[{host}]" if ":" in host else host
+        self._self_client = SiteObjectStore(f"https://{host}:{self._server.port}",
+                                            self.identity.client_context())
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="agent-hydrate", daemon=True)
+        self._thread.start()
+        return self._server.url
+
+    def stop(self) -> None:
+        """Stop the loop (after the catch-up in progress) and the server. Idempotent."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(60.0)
+            self._thread = None
+        if self._self_client is not None:
+            self._self_client.close()
+            self._self_client = None
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def item_ids(self) -> list[str]:
+        """Items that have a repository in the store."""
+        root = self.store_dir / "items"
+        try:
+            names = sorted(p.name for p in root.iterdir() if p.is_dir())
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise classify_os_error(e, f"recovery store {self.store_dir}") from e
+        out: list[str] = []
+        for n in names:
+            try:
+                out.append(validate_name("item", n))
+            except InvalidInput:
+                continue
+        return out
+
+    def hydrate_once(self) -> dict[str, list[str]]:
+        """One pass: catch every item's replica up; returns the points applied per item."""
+        client = self._self_client
+        if client is None:
+            raise InvalidInput("the store server is not running")
+        applied: dict[str, list[str]] = {}
+        for item_id in self.item_ids():
+            if self._stop.is_set():
+                break
+            try:
+                if self._up_to_date(item_id):
+                    continue
+                done = client.catch_up(item_id)
+                if done:
+                    log.info("replica of %s hydrated to %s", item_id, done[-1])
+                    applied[item_id] = done
+                if self._errors.pop(item_id, None) is not None:
+                    log.info("replica of %s hydrates again", item_id)
+            except DrsiteError as e:
+                if self._errors.get(item_id) != str(e):
+                    log.warning("hydrating the replica of %s failed (%s): %s", item_id,
+                                e.error_class.value, e)
+                    self._errors[item_id] = str(e)
+        return applied
+
+    def _up_to_date(self, item_id: str) -> bool:
+        """The replica holds the latest point (read from local files: no request, no lock)."""
+        keys = list(self._store.list(f"items/{item_id}/points/"))
+        if not keys:
+            return True
+        latest = keys[-1].rsplit("/", 1)[-1]   # p%012d: sorted order is sequence order
+        held, applying = ReplicaHydrator(Repository(self._store, item_id),
+                                         self.replicas_dir / item_id).state()
+        return applying is None and held == latest
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.hydrate_every_s):
+            try:
+                self.hydrate_once()
+            except DrsiteError as e:
+                log.warning("hydration pass failed: %s", e)
+            except Exception:
+                log.exception("hydration pass failed unexpectedly")

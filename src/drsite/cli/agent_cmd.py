@@ -1,0 +1,45 @@
+"""``drsite agent …``: register a host with the vault, run the host daemon."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import typer
+
+agent = typer.Typer(help="The host agent: inventory, change tracking, replication, failover.",
+                    no_args_is_help=True)
+
+
+@agent.command("register")
+def register(
+    vault: str = typer.Option(..., "--vault", help="Vault URL, e.g. https://127.0.0.1:8443."),
+    key: str = typer.Option(..., help="One-time key from 'drsite vault registration-key'."),
+    data: Path = typer.Option(Path("drsite-agent"), help="Agent data directory."),
+    name: str = typer.Option(socket.gethostname(), help="Host name shown in the vault."),
+    ca_file: Path | None = typer.Option(None, help="The vault's CA certificate."),
+    ca_fingerprint: str | None = typer.Option(None, help="SHA-256 fingerprint of the vault's CA "
+                                                         "(instead of --ca-file)."),
+) -> None:
+    """Register this host: get a client certificate signed by the vault's CA."""
+    from drsite.agent.main import agent_register
+
+    ident = agent_register(vault_url=vault, key=key, data_dir=data, host_name=name,
+                           ca_file=ca_file, ca_fingerprint=ca_fingerprint)
+    typer.echo(f"registered host {ident.host_id} in site {ident.site}")
+
+
+@agent.command("run")
+def run(
+    data: Path = typer.Option(Path("drsite-agent"), help="Agent data directory."),
+    vms: Path = typer.Option(..., help="Root directory of the file hypervisor on this host."),
+    store: Path | None = typer.Option(None, help="Serve a recovery store from this directory "
+                                                 "(recovery-site hosts)."),
+    store_listen: str | None = typer.Option(None, help="HOST:PORT for the store server."),
+    heartbeat_interval: float = typer.Option(2.0, help="Seconds between heartbeats."),
+) -> None:
+    """Run the agent daemon in the foreground (SIGTERM stops it cleanly)."""
+    from drsite.agent.main import agent_run
+
+    agent_run(data_dir=data, vms_root=vms, store_dir=store, store_listen=store_listen,
+              heartbeat_interval=heartbeat_interval)

@@ -1,0 +1,60 @@
+"""``drsite up`` / ``drsite down``: the whole deployment on this machine."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import typer
+from rich.panel import Panel
+
+from drsite.cli.common import console
+
+DataOpt = typer.Option(Path("drsite-up"), help="Directory for the vault, agents, VMs, logs.")
+
+
+def up(data: Path = DataOpt,
+       detach: bool = typer.Option(False, help="Leave the processes running and return.")) -> None:
+    """Start a vault and two site agents (primary, secondary) as processes on 127.0.0.1."""
+    from drsite.up import down as stop
+    from drsite.up import up as start
+
+    c = start(data)
+    lines = "\n".join(c.env_lines())
+    console.print(Panel.fit(
+        f"vault   {c.vault_url}  (pid {c.pids['vault']})\n"
+        f"agents  primary (pid {c.pids['agent-primary']}), secondary (pid "
+        f"{c.pids['agent-secondary']}, store on 127.0.0.1:{c.store_port})\n"
+        f"logs    {c.root / 'logs'}\n\nTo use the CLI against it:\n{lines}\n\n"
+        f"Then e.g. 'drsite hosts list', 'drsite vms list', 'drsite jobs list'."
+        + ("\nStop with 'drsite down'." if detach else "\nCtrl-C stops everything."),
+        title="drsite is up"))
+    if detach:
+        return
+    stopping = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        while not stopping:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    stop(c)
+    c.save()
+    console.print("stopped")
+
+
+def down(data: Path = DataOpt) -> None:
+    """Stop what 'drsite up --detach' started."""
+    from drsite.up import Cluster
+    from drsite.up import down as stop
+
+    c = Cluster.load(data.resolve())
+    stop(c)
+    c.save()
+    console.print("stopped")

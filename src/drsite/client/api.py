@@ -1,0 +1,237 @@
+"""``VaultClient``: one method per operator route of ``docs/control-plane.md``.
+
+Responsible for: HTTPS to the vault (verifying its certificate against the vault's CA), the
+bearer token, and turning error responses back into the drsite error hierarchy (so the CLI can
+exit by error class). Not responsible for: retries (callers decide) or rendering.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from drsite.core import errors as E
+
+_CODES: dict[str, type[E.DrsiteError]] = {
+    "invalid_input": E.InvalidInput, "not_found": E.NotFound, "vm_not_found": E.VmNotFound,
+    "auth_failed": E.AuthError, "forbidden": E.AuthError, "conflict": E.Conflict,
+    "object_exists": E.ObjectExists, "network": E.NetworkError, "busy": E.Busy,
+}
+
+
+@dataclass(frozen=True)
+class VaultConfig:
+    url: str
+    token: str | None = None
+    ca_file: Path | None = None
+    timeout: float = 30.0
+
+    @staticmethod
+    def from_env(url: str | None = None, token: str | None = None,
+                 ca_file: Path | None = None) -> VaultConfig:
+        """Explicit values win, then ``DRSITE_VAULT_URL`` / ``DRSITE_TOKEN`` /
+        ``DRSITE_CA_FILE`` (``drsite up`` prints these)."""
+        u = url or os.environ.get("DRSITE_VAULT_URL")
+        if not u:
+            raise E.InvalidInput("no vault URL", hint="Pass --vault URL or set DRSITE_VAULT_URL "
+                                                      "(drsite up prints it).")
+        t = token or os.environ.get("DRSITE_TOKEN")
+        c = ca_file or (Path(os.environ["DRSITE_CA_FILE"]) if os.environ.get("DRSITE_CA_FILE")
+                        else None)
+        return VaultConfig(u.rstrip("/"), t, c)
+
+
+def error_from_response(resp: httpx.Response) -> E.DrsiteError:
+    try:
+        body = resp.json()
+    except ValueError:
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    detail = body.get("detail")
+    if isinstance(detail, dict):
+        body = detail
+    code = str(body.get("code") or "")
+    message = str(body.get("message") or (detail if isinstance(detail, str) else "")
+                  or f"HTTP {resp.status_code} from {resp.request.method} {resp.request.url.path}")
+    hint = body.get("hint")
+    if resp.status_code == 422 and not code:
+        code, message = "invalid_input", f"request refused: {detail}"
+    cls = _CODES.get(code)
+    if cls is None:
+        if resp.status_code in (401, 403):
+            cls = E.AuthError
+        elif resp.status_code == 404:
+            cls = E.NotFound
+        elif resp.status_code == 409:
+            cls = E.Conflict
+        elif resp.status_code in (400, 422):
+            cls = E.InvalidInput
+        elif resp.status_code >= 500:
+            cls = E.TransientError
+        else:
+            cls = E.PermanentError
+    err = cls(message, hint=str(hint) if hint else None)
+    return err
+
+
+class VaultClient:
+    def __init__(self, config: VaultConfig) -> None:
+        self.config = config
+        verify: Any = str(config.ca_file) if config.ca_file else True
+        headers = {"Authorization": f"Bearer {config.token}"} if config.token else {}
+        self._http = httpx.Client(base_url=config.url + "/api/v1", verify=verify,
+                                  headers=headers, timeout=config.timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> VaultClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _call(self, method: str, path: str, *, json: Any = None,
+              params: dict[str, Any] | None = None) -> Any:
+        try:
+            resp = self._http.request(method, path, json=json, params=params)
+        except httpx.ConnectError as e:
+            if "CERTIFICATE_VERIFY_FAILED" in str(e):
+                raise E.AuthError(f"the vault's certificate is not trusted: {e}",
+                                  hint="Pass --ca-file with the vault's CA (DATA/pki/ca.pem).") from e
+            raise E.NetworkError(f"cannot reach the vault at {self.config.url}: {e}",
+                                 hint="Is the vault running? Check --vault / DRSITE_VAULT_URL.") from e
+        except httpx.TimeoutException as e:
+            raise E.NetworkError(f"the vault did not answer in {self.config.timeout:g} s") from e
+        if resp.status_code >= 400:
+            raise error_from_response(resp)
+        if resp.status_code == 204 or not resp.content:
+            return None
+        ctype = resp.headers.get("content-type", "")
+        return resp.json() if "json" in ctype else resp.text
+
+    # -- resources -----------------------------------------------------------------------------
+
+    def version(self) -> dict[str, Any]:
+        return dict(self._call("GET", "/version"))
+
+    def metrics(self) -> str:
+        return str(self._call("GET", "/metrics"))
+
+    def sites(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/sites"))
+
+    def create_site(self, name: str, description: str = "") -> dict[str, Any]:
+        return dict(self._call("POST", "/sites", json={"name": name, "description": description}))
+
+    def registration_key(self, site: str, ttl_s: int = 3600) -> dict[str, Any]:
+        return dict(self._call("POST", f"/sites/{site}/registration-keys", json={"ttl_s": ttl_s}))
+
+    def hosts(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/hosts"))
+
+    def host(self, host_id: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/hosts/{host_id}"))
+
+    def vms(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/vms"))
+
+    def policies(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/policies"))
+
+    def policy(self, name: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/policies/{name}"))
+
+    def create_policy(self, policy: dict[str, Any]) -> dict[str, Any]:
+        return dict(self._call("POST", "/policies", json=policy))
+
+    def update_policy(self, name: str, policy: dict[str, Any]) -> dict[str, Any]:
+        return dict(self._call("PUT", f"/policies/{name}", json=policy))
+
+    def delete_policy(self, name: str) -> None:
+        self._call("DELETE", f"/policies/{name}")
+
+    def groups(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/groups"))
+
+    def group(self, name: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/groups/{name}"))
+
+    def create_group(self, group: dict[str, Any]) -> dict[str, Any]:
+        return dict(self._call("POST", "/groups", json=group))
+
+    def delete_group(self, name: str) -> None:
+        self._call("DELETE", f"/groups/{name}")
+
+    def items(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/items"))
+
+    def item(self, item_id: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/items/{item_id}"))
+
+    def protect(self, vm_id: str, group: str) -> dict[str, Any]:
+        return dict(self._call("POST", "/items", json={"vm_id": vm_id, "group": group}))
+
+    def unprotect(self, item_id: str) -> dict[str, Any]:
+        return dict(self._call("DELETE", f"/items/{item_id}"))
+
+    def resync(self, item_id: str) -> dict[str, Any]:
+        return dict(self._call("POST", f"/items/{item_id}/resync"))
+
+    def points(self, item_id: str) -> list[dict[str, Any]]:
+        return list(self._call("GET", f"/items/{item_id}/points"))
+
+    def jobs(self, *, state: str | None = None, kind: str | None = None,
+             limit: int = 100) -> list[dict[str, Any]]:
+        params = {k: v for k, v in {"state": state, "kind": kind, "limit": limit}.items()
+                  if v is not None}
+        return list(self._call("GET", "/jobs", params=params))
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/jobs/{job_id}"))
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        return dict(self._call("POST", f"/jobs/{job_id}/cancel") or {})
+
+    def alerts(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/alerts"))
+
+    def ack_alert(self, alert_id: str) -> None:
+        self._call("POST", f"/alerts/{alert_id}/ack")
+
+    def health(self) -> dict[str, Any]:
+        return dict(self._call("GET", "/health"))
+
+    def tokens(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/tokens"))
+
+    def create_token(self, name: str, role: str) -> dict[str, Any]:
+        return dict(self._call("POST", "/tokens", json={"name": name, "role": role}))
+
+    def delete_token(self, name: str) -> None:
+        self._call("DELETE", f"/tokens/{name}")
+
+    # -- waiting -------------------------------------------------------------------------------
+
+    def wait_job(self, job_id: str, *, timeout: float = 600.0, poll: float = 0.5,
+                 on_update: Any = None) -> dict[str, Any]:
+        """Poll a job until it ends (succeeded, failed, cancelled); returns the final job."""
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if on_update is not None:
+                on_update(job)
+            if job.get("state") in ("succeeded", "failed", "cancelled"):
+                return job
+            if time.monotonic() > deadline:
+                raise E.TransientError(f"job {job_id} still {job.get('state')} after {timeout:g} s",
+                                       hint=f"Follow it with 'drsite jobs show {job_id}'.")
+            time.sleep(poll)

@@ -1,0 +1,324 @@
+"""The recovery-store server a secondary-site agent runs: its object store and its hydrated
+replicas, over HTTPS with a required client certificate (see ``docs/control-plane.md``).
+
+Endpoints (all answer drsite errors as JSON ``DrsiteError.to_dict()`` with a mapped status):
+
+- ``PUT|GET|HEAD|DELETE /store/v1/objects/{key}`` — the :class:`ObjectStore` contract;
+  ``PUT ?overwrite=0|1`` (201), ``GET`` with ``Range: bytes=a-b`` (206), ``DELETE`` (204).
+- ``GET /store/v1/list?prefix=P[&format=jsonl]`` — ``{"keys": [...]}``, or one JSON string per
+  line with ``format=jsonl`` (what the client uses, so large listings stream).
+- ``POST /replica/v1/items/{item}/catch-up`` — bring the item's replica to its latest point.
+- ``GET /replica/v1/items/{item}/digests?disk=D&block=B&from_store=0|1`` — the target half of a
+  resync: ``n*16`` digest bytes then ``n`` bad-mask bytes, ``X-Blocks: n``.
+
+Responsible for: key and parameter validation (again: the client validates too), refusing any
+request without a verified client certificate (401, beyond the TLS layer's own check), one
+catch-up/digest computation per item at a time (:func:`replica_lock`, shared with
+any other hydrator of the same directory), logging who did what. Not responsible for:
+authorisation beyond "holds a certificate from the vault's CA" (no per-item ACL), TLS
+(:mod:`drsite.tlsutil`), retries (the client side).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from drsite.core.errors import AuthError, DrsiteError, InvalidInput, NotFound, classify_os_error
+from drsite.core.model import validate_name
+from drsite.pki import CertIdentity, cert_identity
+from drsite.replication.resync import RESYNC_BLOCK, DigestResult
+from drsite.replication.target import LocalTarget
+from drsite.store.contract import ObjectStore, validate_key, validate_prefix
+from drsite.store.replica import ReplicaHydrator
+from drsite.store.repository import Repository
+from drsite.store.site import protocol as P
+from drsite.tlsutil import peer_certificate
+
+log = logging.getLogger(__name__)
+
+RepoFactory = Callable[[ObjectStore, str], Repository]
+PEER_KEY = "drsite.peer"          # scope key holding the caller's CertIdentity
+_RANGE = re.compile(r"^bytes=(\d{1,19})-(\d{1,19})$")
+
+
+class _AnyKeyConvertor(Convertor[str]):
+    """Like Starlette's ``path`` convertor but also matching control characters, so every
+    malformed key reaches :func:`validate_key` (and gets 400) instead of a route miss (404)."""
+
+    regex = r"[\s\S]*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("drsite_key", _AnyKeyConvertor())
+
+
+@contextlib.contextmanager
+def replica_lock(replica_dir: Path) -> Iterator[None]:
+    """Hold the exclusive lock of one item's replica directory (``replica_dir/.lock``, an
+    ``flock``): one hydration or replica read at a time, across threads *and* processes.
+    :class:`~drsite.store.replica.ReplicaHydrator` is crash-safe but not safe against a second
+    concurrent writer, so anything else that hydrates the same directory (an agent's own
+    hydration loop) must take this lock too. Blocks until the lock is free."""
+    try:
+        replica_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(replica_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise classify_os_error(exc, f"replica lock in {replica_dir}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _error_response(exc: DrsiteError) -> JSONResponse:
+    return JSONResponse(exc.to_dict(), status_code=P.status_of(exc))
+
+
+@lru_cache(maxsize=256)
+def _identity(der: bytes) -> CertIdentity:
+    return cert_identity(der)
+
+
+class _RequireClientCert:
+    """ASGI middleware: 401 for any HTTP request whose connection has no verified client
+    certificate; otherwise the caller's identity goes into ``scope["drsite.peer"]``."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        der = peer_certificate(scope)
+        ident: CertIdentity | None = None
+        if der is not None:
+            try:
+                ident = _identity(der)
+            except InvalidInput:
+                ident = None
+        if ident is None:
+            client = scope.get("client")
+            log.warning("refused %s %s from %s: no verified client certificate",
+                        scope.get("method"), scope.get("path"), client[0] if client else "?")
+            resp = _error_response(AuthError(
+                "a client certificate issued by the vault's CA is required",
+                hint="Use the agent's certificate (issued at registration) for this connection."))
+            await resp(scope, receive, send)
+            return
+        scope = dict(scope)
+        scope[PEER_KEY] = ident
+        await self.app(scope, receive, send)
+
+
+def _peer(request: Request) -> str:
+    ident = request.scope.get(PEER_KEY)
+    return str(ident) if ident is not None else "?"
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _endpoint(fn: Handler) -> Handler:
+    """Every drsite error becomes its JSON answer; anything else a logged 500."""
+
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await fn(request)
+        except DrsiteError as exc:
+            if not isinstance(exc, NotFound | InvalidInput) or request.method not in ("GET", "HEAD"):
+                log.info("%s %s by %s: %s %s", request.method, request.url.path, _peer(request),
+                         exc.code, exc.message)
+            return _error_response(exc)
+        except Exception:
+            log.exception("%s %s by %s failed", request.method, request.url.path, _peer(request))
+            return JSONResponse({"code": "internal", "class": "transient",
+                                 "message": "internal error in the recovery store server",
+                                 "hint": "See the store server's log."}, status_code=500)
+
+    return wrapped
+
+
+def _flag(request: Request, name: str, default: bool) -> bool:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if raw not in ("0", "1"):
+        raise InvalidInput(f"query parameter {name} must be 0 or 1, not {raw!r}")
+    return raw == "1"
+
+
+def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not lo <= int(raw) <= hi:
+        raise InvalidInput(f"query parameter {name} must be an integer in [{lo}, {hi}]")
+    return int(raw)
+
+
+async def _read_body(request: Request, limit: int) -> bytearray:
+    """The whole request body, refusing more than ``limit`` bytes (before reading, when
+    ``Content-Length`` says so)."""
+    cl = request.headers.get("content-length")
+    if cl is not None and (not cl.isdigit() or int(cl) > limit):
+        raise InvalidInput(f"object body of {cl} bytes refused (limit {limit})")
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > limit:
+            raise InvalidInput(f"object body over {limit} bytes refused")
+    return buf
+
+
+class _StoreService:
+    """The endpoints over one object store and one replica directory."""
+
+    def __init__(self, store: ObjectStore, replicas: Path, repo_factory: RepoFactory | None,
+                 max_object: int) -> None:
+        self.store = store
+        self.replicas = Path(replicas)
+        self.repo_factory: RepoFactory = repo_factory or (lambda s, item: Repository(s, item))
+        self.max_object = max_object
+
+    # -- objects ---------------------------------------------------------------------------
+
+    async def objects(self, request: Request) -> Response:
+        key = validate_key(request.path_params["key"])
+        method = request.method
+        if method == "PUT":
+            overwrite = _flag(request, "overwrite", False)
+            body = await _read_body(request, self.max_object)
+            await run_in_threadpool(self.store.put, key, memoryview(body), overwrite=overwrite)
+            log.debug("put %s (%d bytes, overwrite=%s) by %s", key, len(body), overwrite,
+                      _peer(request))
+            return Response(status_code=201)
+        if method == "DELETE":
+            await run_in_threadpool(self.store.delete, key)
+            log.debug("deleted %s by %s", key, _peer(request))
+            return Response(status_code=204)
+        if method == "HEAD":
+            size = await run_in_threadpool(self.store.size, key)
+            return Response(status_code=200, headers={"Content-Length": str(size),
+                                                      "Accept-Ranges": "bytes"})
+        rng = request.headers.get("range")
+        if rng is None:
+            data = await run_in_threadpool(self.store.get, key)
+            return Response(data, status_code=200, media_type="application/octet-stream")
+        m = _RANGE.fullmatch(rng.strip())
+        if m is None:
+            raise InvalidInput(f"unsupported Range header {rng!r} (only 'bytes=a-b')")
+        first, last = int(m.group(1)), int(m.group(2))
+        if last < first:
+            raise InvalidInput(f"invalid Range {rng!r}")
+        data = await run_in_threadpool(self.store.get_range, key, first, last - first + 1)
+        headers = {"Content-Range": f"bytes {first}-{first + len(data) - 1}/*"} if data else {}
+        return Response(data, status_code=206, headers=headers,
+                        media_type="application/octet-stream")
+
+    async def listing(self, request: Request) -> Response:
+        prefix = validate_prefix(request.query_params.get("prefix", ""))
+        fmt = request.query_params.get("format", "json")
+        if fmt not in ("json", "jsonl"):
+            raise InvalidInput(f"unknown list format {fmt!r}")
+        keys = await run_in_threadpool(lambda: list(self.store.list(prefix)))
+        if fmt == "json":
+            return JSONResponse({"keys": keys})
+
+        async def lines() -> AsyncIterator[bytes]:
+            for i in range(0, len(keys), 1000):
+                yield "".join(json.dumps(k) + "\n" for k in keys[i:i + 1000]).encode()
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    # -- replicas --------------------------------------------------------------------------
+
+    def _catch_up(self, item_id: str) -> list[str]:
+        with replica_lock(self.replicas / item_id):
+            repo = self.repo_factory(self.store, item_id)
+            try:
+                return ReplicaHydrator(repo, self.replicas / item_id).catch_up()
+            finally:
+                repo.close()
+
+    async def catch_up(self, request: Request) -> Response:
+        item_id = validate_name("item", request.path_params["item_id"])
+        applied = await run_in_threadpool(self._catch_up, item_id)
+        log.info("replica of %s caught up (%d point(s) applied) for %s", item_id, len(applied),
+                 _peer(request))
+        return JSONResponse({"applied": applied})
+
+    def _digests(self, item_id: str, disk_id: str, block: int,
+                 from_store: bool) -> tuple[str, DigestResult]:
+        with replica_lock(self.replicas / item_id):
+            repo = self.repo_factory(self.store, item_id)
+            try:
+                latest = repo.latest()
+                if latest is None:
+                    raise NotFound(f"item {item_id} has no committed recovery point")
+                if disk_id not in latest.disk_sizes:
+                    raise NotFound(f"disk {disk_id} is not in point {latest.point_id} of {item_id}")
+                target = LocalTarget(repo, ReplicaHydrator(repo, self.replicas / item_id))
+                return latest.point_id, target.digests(disk_id, from_store=from_store, block=block)
+            finally:
+                repo.close()
+
+    async def digests(self, request: Request) -> Response:
+        item_id = validate_name("item", request.path_params["item_id"])
+        disk_id = validate_name("disk", request.query_params.get("disk", ""))
+        block = _int_param(request, "block", RESYNC_BLOCK, P.MIN_BLOCK, P.MAX_BLOCK)
+        from_store = _flag(request, "from_store", False)
+        point_id, res = await run_in_threadpool(self._digests, item_id, disk_id, block, from_store)
+        n = int(res.digests.shape[0])
+        body = np.ascontiguousarray(res.digests, dtype=np.uint8).tobytes() + \
+            np.ascontiguousarray(res.bad, dtype=np.uint8).tobytes()
+        log.info("digests of %s/%s at %s (%d blocks, from_store=%s) for %s", item_id, disk_id,
+                 point_id, n, from_store, _peer(request))
+        return Response(body, media_type="application/octet-stream",
+                        headers={P.BLOCKS_HEADER: str(n), P.BYTES_READ_HEADER: str(res.bytes_read),
+                                 P.POINT_HEADER: point_id})
+
+
+def make_store_app(store: ObjectStore, replicas: Path, *, repo_factory: RepoFactory | None = None,
+                   max_object: int = P.MAX_OBJECT) -> ASGIApp:
+    """The ASGI app serving ``store`` and the replicas under ``replicas/<item_id>/``.
+
+    ``repo_factory(store, item_id)`` builds the :class:`Repository` used for catch-up and
+    digests (default: ``Repository(store, item_id)``; a fresh one per request, so no cached
+    manifest outlives a point deleted by the primary). Run it with :mod:`drsite.tlsutil`
+    (``client_cert="required"``); without that module's protocol every request gets 401.
+    """
+    svc = _StoreService(store, replicas, repo_factory, max_object)
+    routes = [
+        Route(P.OBJECTS + "{key:drsite_key}", _endpoint(svc.objects),
+              methods=["GET", "HEAD", "PUT", "DELETE"]),
+        Route(P.LIST, _endpoint(svc.listing), methods=["GET"]),
+        Route(P.ITEMS + "{item_id}/catch-up", _endpoint(svc.catch_up), methods=["POST"]),
+        Route(P.ITEMS + "{item_id}/digests", _endpoint(svc.digests), methods=["GET"]),
+    ]
+    app: Any = Starlette(routes=routes)
+    return _RequireClientCert(app)

@@ -1,0 +1,278 @@
+"""TLS contexts for drsite's HTTPS endpoints and a uvicorn runner that exposes the verified
+client certificate to the application.
+
+uvicorn 0.54 does not put the peer certificate in the ASGI scope. :func:`serve` and
+:func:`start_in_thread` run uvicorn with :class:`ClientCertH11Protocol`, a small subclass of its
+h11 protocol: when a TLS connection is made (after the handshake, so after the certificate was
+verified against the CA) it reads the peer's leaf certificate and adds
+``scope["extensions"]["tls"]["client_cert_der"]`` (DER bytes, or ``None``) to every request of that
+connection. :func:`peer_certificate` reads it back.
+
+Responsible for: TLS >= 1.2 contexts trusting only the given CA, binding, starting and stopping
+uvicorn cleanly, and carrying the verified certificate to the app. Not responsible for:
+authorisation (the app decides what an identity may do), issuing certificates
+(:mod:`drsite.pki`). Nothing here logs keys, tokens or request bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, Literal, cast
+
+import uvicorn
+from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from drsite.core.errors import DrsiteError, InvalidInput, NetworkError, classify_os_error
+
+log = logging.getLogger(__name__)
+
+ClientCertMode = Literal["none", "optional", "required"]
+_VERIFY = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+# --------------------------------------------------------------------------- contexts
+
+def _load_chain(ctx: ssl.SSLContext, certfile: Path, keyfile: Path) -> None:
+    try:
+        ctx.load_cert_chain(str(certfile), str(keyfile))
+    except FileNotFoundError as exc:
+        raise InvalidInput(f"certificate or key file missing: {exc.filename}") from exc
+    except (ssl.SSLError, OSError) as exc:
+        raise InvalidInput(f"cannot load certificate {certfile} with key {keyfile}: "
+                           f"{getattr(exc, 'reason', None) or exc.__class__.__name__}",
+                           hint="Check that the key matches the certificate and is PEM.") from exc
+
+
+def _load_ca(ctx: ssl.SSLContext, cafile: Path) -> None:
+    try:
+        ctx.load_verify_locations(cafile=str(cafile))
+    except FileNotFoundError as exc:
+        raise InvalidInput(f"CA file {cafile} missing") from exc
+    except (ssl.SSLError, OSError) as exc:
+        raise InvalidInput(f"cannot load CA file {cafile}: {exc}") from exc
+
+
+def server_context(certfile: Path, keyfile: Path, cafile: Path, *,
+                   client_cert: ClientCertMode) -> ssl.SSLContext:
+    """A server context (TLS >= 1.2) presenting ``certfile``/``keyfile``.
+
+    ``client_cert``: ``"none"`` asks for no client certificate; ``"optional"`` asks for one and,
+    if sent, verifies it against ``cafile`` (a bad one fails the handshake); ``"required"`` fails
+    the handshake without a valid one. Only ``cafile`` is trusted, never the system store.
+    """
+    if client_cert not in _VERIFY:
+        raise InvalidInput(f"client_cert must be one of {sorted(_VERIFY)}, not {client_cert!r}")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_COMPRESSION
+    _load_chain(ctx, certfile, keyfile)
+    if client_cert != "none":
+        _load_ca(ctx, cafile)
+    ctx.verify_mode = _VERIFY[client_cert]
+    return ctx
+
+
+def client_context(cafile: Path, certfile: Path | None = None,
+                   keyfile: Path | None = None) -> ssl.SSLContext:
+    """A client context (TLS >= 1.2) that trusts only ``cafile``, checks the server's hostname
+    (or IP SAN), and presents ``certfile``/``keyfile`` as client certificate when given."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)   # CERT_REQUIRED + check_hostname
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_COMPRESSION
+    _load_ca(ctx, cafile)
+    if certfile is not None:
+        _load_chain(ctx, certfile, keyfile if keyfile is not None else certfile)
+    return ctx
+
+
+# --------------------------------------------------------------------------- client cert in scope
+
+def _with_client_cert(app: ASGIApp, der: bytes | None) -> ASGIApp:
+    """``app`` with ``scope["extensions"]["tls"]["client_cert_der"] = der`` on every http or
+    websocket scope. Always overwrites, so nothing upstream can inject a certificate."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            scope = dict(scope)
+            ext = dict(scope.get("extensions") or {})
+            ext["tls"] = {"client_cert_der": der}
+            scope["extensions"] = ext
+        await app(scope, receive, send)
+
+    return wrapped
+
+
+class ClientCertH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, plus the verified client certificate of the connection in every
+    request's scope. asyncio calls ``connection_made`` only after the TLS handshake, so the
+    certificate read there was verified (unless the context is ``CERT_NONE``: then none is
+    recorded, because OpenSSL would report an unverified one)."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        der: bytes | None = None
+        ssl_object = transport.get_extra_info("ssl_object")
+        if isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket) and \
+                ssl_object.context.verify_mode != ssl.CERT_NONE:
+            der = ssl_object.getpeercert(binary_form=True)
+        self.app = cast(Any, _with_client_cert(cast(ASGIApp, self.app), der))
+
+
+def peer_certificate(scope_or_request: Mapping[str, Any] | Any) -> bytes | None:
+    """DER of the connection's verified client certificate, or ``None``. Accepts an ASGI scope
+    or anything with a ``.scope`` (a Starlette/FastAPI ``Request``). Only servers started by
+    this module fill it in."""
+    scope = getattr(scope_or_request, "scope", scope_or_request)
+    if not isinstance(scope, Mapping):
+        return None
+    tls = (scope.get("extensions") or {}).get("tls") or {}
+    der = tls.get("client_cert_der") if isinstance(tls, Mapping) else None
+    return der if isinstance(der, bytes) and der else None
+
+
+# --------------------------------------------------------------------------- running uvicorn
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = socket.create_server((host, port), family=family, backlog=128)
+    except OSError as exc:
+        raise classify_os_error(exc, f"listening on {host}:{port}") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server with our own signal handling: SIGTERM/SIGINT ask for a graceful stop
+    (a second SIGINT forces it) and are not re-raised afterwards, so :func:`serve` returns."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handle(sig: int, frame: FrameType | None) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            self.should_exit = True
+            log.info("received %s: shutting down", signal.Signals(sig).name)
+
+        sigs = (signal.SIGTERM, signal.SIGINT)
+        old = {s: signal.signal(s, handle) for s in sigs}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+def _config(app: ASGIApp, ctx: ssl.SSLContext, *, host: str, port: int,
+            keep_alive_s: int, graceful_s: int, log_level: str) -> uvicorn.Config:
+    return uvicorn.Config(
+        app, host=host, port=port, http=ClientCertH11Protocol, ws="none", lifespan="auto",
+        ssl_context_factory=lambda _cfg, _default: ctx,
+        log_config=None, log_level=log_level, access_log=False, server_header=False,
+        proxy_headers=False, timeout_keep_alive=keep_alive_s,
+        timeout_graceful_shutdown=graceful_s)
+
+
+def serve(app: ASGIApp, *, host: str, port: int, certfile: Path, keyfile: Path, cafile: Path,
+          client_cert: Literal["optional", "required"], keep_alive_s: int = 60,
+          graceful_s: int = 10, log_level: str = "info") -> None:
+    """Serve ``app`` over HTTPS on ``host:port`` until SIGTERM/SIGINT, then stop gracefully
+    (requests in flight finish, within ``graceful_s``) and return. Blocking. Binding errors are
+    raised as drsite errors before anything starts."""
+    ctx = server_context(certfile, keyfile, cafile, client_cert=client_cert)
+    sock = _bind(host, port)
+    server = _Server(_config(app, ctx, host=host, port=port, keep_alive_s=keep_alive_s,
+                             graceful_s=graceful_s, log_level=log_level))
+    log.info("serving https://%s:%d (client certificate %s)", host,
+             sock.getsockname()[1], client_cert)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+@dataclass
+class ServerHandle:
+    """A server running in a background thread (tests, and agents embedding a store server).
+    ``stop`` is idempotent."""
+
+    host: str
+    port: int
+    _server: uvicorn.Server = field(repr=False)
+    _thread: threading.Thread = field(repr=False)
+    _sock: socket.socket = field(repr=False)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"https://{host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the server to stop, wait for its thread (up to ``timeout``)."""
+        self._server.should_exit = True
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                self._server.force_exit = True
+                self._thread.join(timeout)
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+
+def start_in_thread(app: ASGIApp, *, host: str, port: int, certfile: Path, keyfile: Path,
+                    cafile: Path, client_cert: Literal["optional", "required"],
+                    keep_alive_s: int = 60, graceful_s: int = 2, log_level: str = "warning",
+                    ready_timeout: float = 10.0) -> ServerHandle:
+    """Start ``app`` on ``host:port`` (0 = a free port) in a daemon thread and return once it
+    accepts connections. The handle gives the real ``port``, the ``url`` and ``stop()``."""
+    ctx = server_context(certfile, keyfile, cafile, client_cert=client_cert)
+    sock = _bind(host, port)
+    real_port = int(sock.getsockname()[1])
+    server = uvicorn.Server(_config(app, ctx, host=host, port=real_port,
+                                    keep_alive_s=keep_alive_s, graceful_s=graceful_s,
+                                    log_level=log_level))
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            server.run(sockets=[sock])
+        except BaseException as exc:  # reported to the starter below
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name=f"https-{host}:{real_port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + ready_timeout
+    while not server.started:
+        if failure or not thread.is_alive():
+            sock.close()
+            err = failure[0] if failure else None
+            if isinstance(err, DrsiteError):
+                raise err
+            raise NetworkError(f"server on {host}:{real_port} failed to start: {err!r}")
+        if time.monotonic() > deadline:
+            server.should_exit = True
+            thread.join(5)
+            sock.close()
+            raise NetworkError(f"server on {host}:{real_port} did not start in {ready_timeout}s")
+        time.sleep(0.005)
+    return ServerHandle(host, real_port, server, thread, sock)

@@ -1,0 +1,193 @@
+"""``drsite up``: a vault and two site agents (primary, secondary) with file VMs, as separate
+processes on 127.0.0.1 — the embedded default of a whole deployment on one machine.
+
+Layout under the data directory::
+
+    vault/                 the vault's data (CA, SQLite DB, admin.token)
+    primary/agent/         the primary agent's identity and item state
+    primary/vms/           file VMs of the primary site
+    secondary/agent/       the secondary agent's identity (+ hydrated replicas)
+    secondary/vms/         file VMs of the secondary site (failover targets)
+    secondary/store/       the recovery store the secondary agent serves over mTLS
+    logs/                  one log per process
+    cluster.json           ports, pids, URLs (read by ``drsite down`` and the demo)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from drsite.client.api import VaultClient, VaultConfig
+from drsite.core.errors import Conflict, DrsiteError, NetworkError, TransientError
+from drsite.fsutil import atomic_write_json, read_json
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Cluster:
+    root: Path
+    vault_url: str = ""
+    vault_port: int = 0
+    store_port: int = 0
+    pids: dict[str, int] = field(default_factory=dict)
+    admin_token: str = ""
+
+    @property
+    def ca_file(self) -> Path:
+        return self.root / "vault" / "pki" / "ca.pem"
+
+    def client(self) -> VaultClient:
+        return VaultClient(VaultConfig(self.vault_url, self.admin_token, self.ca_file))
+
+    def save(self) -> None:
+        d = asdict(self)
+        d["root"] = str(self.root)
+        atomic_write_json(self.root / "cluster.json", d)
+
+    @staticmethod
+    def load(root: Path) -> Cluster:
+        d: dict[str, Any] = read_json(root / "cluster.json")
+        d["root"] = Path(d["root"])
+        return Cluster(**d)
+
+    def env_lines(self) -> list[str]:
+        return [f"export DRSITE_VAULT_URL={self.vault_url}",
+                f"export DRSITE_TOKEN={self.admin_token}",
+                f"export DRSITE_CA_FILE={self.ca_file}"]
+
+
+def _spawn(name: str, args: list[str], logs: Path) -> subprocess.Popen[bytes]:
+    logs.mkdir(parents=True, exist_ok=True)
+    out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child for its life
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "drsite.cli.main", *args], stdout=out,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, env=env)
+
+
+def _wait(what: str, check: Any, timeout: float, proc: subprocess.Popen[bytes] | None = None,
+          log: Path | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-2000:] if log and log.exists() else ""
+            raise TransientError(f"{what}: process exited with {proc.returncode}\n{tail}")
+        try:
+            res = check()
+            if res:
+                return res
+        except (DrsiteError, OSError) as e:
+            last = e
+        time.sleep(0.2)
+    raise NetworkError(f"{what}: not ready after {timeout:g} s ({last})")
+
+
+def start_vault(c: Cluster) -> None:
+    c.vault_port = c.vault_port or free_port()
+    c.vault_url = f"https://127.0.0.1:{c.vault_port}"
+    logs = c.root / "logs"
+    proc = _spawn("vault", ["vault", "serve", "--data", str(c.root / "vault"), "--listen",
+                            f"127.0.0.1:{c.vault_port}"], logs)
+    c.pids["vault"] = proc.pid
+    token_file = c.root / "vault" / "admin.token"
+    _wait("vault admin token", lambda: token_file.exists() and token_file.read_text().strip(),
+          60, proc, logs / "vault.log")
+    c.admin_token = token_file.read_text().strip()
+
+    def ping() -> bool:
+        with VaultClient(VaultConfig(c.vault_url, c.admin_token, c.ca_file, timeout=2)) as cl:
+            return bool(cl.version())
+
+    _wait("vault API", ping, 60, proc, logs / "vault.log")
+
+
+def start_agent(c: Cluster, site: str, *, store: bool) -> None:
+    """Register (once) and start the agent of ``site``."""
+    from drsite.agent.main import agent_register
+
+    data = c.root / site / "agent"
+    vms = c.root / site / "vms"
+    vms.mkdir(parents=True, exist_ok=True)
+    if not (data / "agent.json").exists():
+        with c.client() as cl:
+            try:
+                cl.create_site(site, f"{site} site (drsite up)")
+            except Conflict:
+                pass
+            key = cl.registration_key(site, 600)["key"]
+        agent_register(vault_url=c.vault_url, key=key, data_dir=data, host_name=f"{site}-host",
+                       ca_file=c.ca_file, ca_fingerprint=None)
+    args = ["agent", "run", "--data", str(data), "--vms", str(vms)]
+    if store:
+        c.store_port = c.store_port or free_port()
+        args += ["--store", str(c.root / site / "store"), "--store-listen",
+                 f"127.0.0.1:{c.store_port}"]
+    proc = _spawn(f"agent-{site}", args, c.root / "logs")
+    c.pids[f"agent-{site}"] = proc.pid
+
+    def up() -> bool:
+        with c.client() as cl:
+            return any(h.get("site") == site and h.get("up") for h in cl.hosts())
+
+    _wait(f"{site} agent heartbeat", up, 60, proc, c.root / "logs" / f"agent-{site}.log")
+
+
+def up(root: Path) -> Cluster:
+    """Start (or restart) the vault and both agents; idempotent over an existing directory."""
+    root = root.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    c = Cluster.load(root) if (root / "cluster.json").exists() else Cluster(root)
+    down(c)
+    c.pids = {}
+    start_vault(c)
+    start_agent(c, "secondary", store=True)
+    start_agent(c, "primary", store=False)
+    c.save()
+    return c
+
+
+def down(c: Cluster, *, timeout: float = 15.0) -> None:
+    """Stop every process of the cluster (SIGTERM, then SIGKILL)."""
+    for name, pid in list(c.pids.items()):
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            c.pids.pop(name, None)
+    deadline = time.monotonic() + timeout
+    for name, pid in list(c.pids.items()):
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+                if _reap(pid):
+                    break
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        c.pids.pop(name, None)
+
+
+def _reap(pid: int) -> bool:
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == pid
+    except ChildProcessError:
+        return False

@@ -1,0 +1,2 @@
+"""HTTP layer of the vault: FastAPI routers (operator and agent), request schemas, views of
+rows, auth dependencies and the JSON error format ``{"code","class","message","hint"}``."""

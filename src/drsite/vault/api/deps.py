@@ -1,0 +1,84 @@
+"""FastAPI dependencies: the running vault, operator roles, the agent's client certificate.
+
+Tests override :func:`peer_cert` (``app.dependency_overrides``) to act as an agent without TLS;
+in production it returns the verified client certificate that ``tlsutil`` puts in the scope.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from drsite import tlsutil
+from drsite.core.errors import InvalidInput
+from drsite.core.model import validate_name
+from drsite.vault.api.errors import Forbidden
+from drsite.vault.auth import Role, authenticate_token
+from drsite.vault.context import Vault
+
+
+def get_vault(request: Request) -> Vault:
+    vault: Vault = request.app.state.vault
+    return vault
+
+
+VaultDep = Annotated[Vault, Depends(get_vault)]
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who made an operator call (token name and role)."""
+
+    name: str
+    role: Role
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()
+
+
+def require(role: Role) -> Callable[[Request, Vault], Principal]:
+    """A dependency admitting tokens whose role is at least ``role`` (401 / 403 otherwise)."""
+
+    def dependency(request: Request, vault: VaultDep) -> Principal:
+        with vault.db.tx() as s:
+            tok = authenticate_token(s, _bearer(request), vault.settings.clock.now())
+            principal = Principal(tok.name, Role(tok.role))
+        if not principal.role.allows(role):
+            raise Forbidden(f"token {principal.name!r} ({principal.role.value}) may not do this; "
+                            f"it needs the {role.value} role")
+        return principal
+
+    return dependency
+
+
+Reader = Annotated[Principal, Depends(require(Role.READER))]
+Operator = Annotated[Principal, Depends(require(Role.OPERATOR))]
+Admin = Annotated[Principal, Depends(require(Role.ADMIN))]
+
+
+def peer_cert(request: Request) -> bytes | None:
+    """DER of the verified client certificate of this connection, or None."""
+    return tlsutil.peer_certificate(request)
+
+
+PeerCert = Annotated[bytes | None, Depends(peer_cert)]
+
+
+def name(kind: str, value: str) -> str:
+    """A name from a path or body, checked (``InvalidInput`` → 400)."""
+    return validate_name(kind, value)
+
+
+def text(kind: str, value: str, *, limit: int = 1000) -> str:
+    """Free text (descriptions): bounded, no control characters except newline and tab."""
+    if len(value) > limit or any((ord(c) < 32 and c not in "\n\t") or ord(c) == 127 for c in value):
+        raise InvalidInput(f"invalid {kind}: at most {limit} characters, no control characters")
+    return value

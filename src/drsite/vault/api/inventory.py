@@ -1,0 +1,125 @@
+"""Operator routes for sites, registration keys, hosts and the VM inventory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, status
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from drsite.core.errors import Conflict, InvalidInput, NotFound
+from drsite.vault.api.deps import Admin, Reader, VaultDep, name, text
+from drsite.vault.api.schemas import RegistrationKeyIn, SiteIn
+from drsite.vault.api.views import host_view, site_names, site_view, vm_view
+from drsite.vault.audit import record_event
+from drsite.vault.auth import create_registration_key
+from drsite.vault.db.models import Host, Item, Site, Vm
+
+router = APIRouter()
+
+MIN_KEY_TTL_S, MAX_KEY_TTL_S = 60, 30 * 86400
+
+
+def get_site(s: Session, site_name: str) -> Site:
+    site = s.scalars(select(Site).where(Site.name == name("site", site_name))).first()
+    if site is None:
+        raise NotFound(f"no site {site_name!r}", hint="List sites with GET /api/v1/sites.")
+    return site
+
+
+@router.get("/sites", summary="List sites")
+def list_sites(vault: VaultDep, _p: Reader) -> list[dict[str, Any]]:
+    with vault.db.tx() as s:
+        counts = dict(s.execute(select(Host.site_id, func.count()).where(Host.revoked_at.is_(None))
+                                .group_by(Host.site_id)).tuples().all())
+        return [site_view(site, counts.get(site.id, 0)) for site in s.scalars(select(Site).order_by(Site.name))]
+
+
+@router.post("/sites", status_code=status.HTTP_201_CREATED, summary="Create a site")
+def create_site(body: SiteIn, vault: VaultDep, _p: Admin) -> dict[str, Any]:
+    site_name = name("site", body.name)
+    description = text("description", body.description)
+    now = vault.settings.clock.now()
+    with vault.db.tx() as s:
+        if s.scalars(select(Site.id).where(Site.name == site_name)).first() is not None:
+            raise Conflict(f"site {site_name} exists")
+        site = Site(name=site_name, description=description, created_at=now)
+        s.add(site)
+        s.flush()
+        record_event(s, now, "site", site_name, "created")
+        return site_view(site, 0)
+
+
+@router.get("/sites/{site}", summary="Show a site")
+def show_site(site: str, vault: VaultDep, _p: Reader) -> dict[str, Any]:
+    with vault.db.tx() as s:
+        row = get_site(s, site)
+        n = len(s.scalars(select(Host.id).where(Host.site_id == row.id, Host.revoked_at.is_(None))).all())
+        return site_view(row, n)
+
+
+@router.post("/sites/{site}/registration-keys", status_code=status.HTTP_201_CREATED,
+             summary="Create a one-time registration key for a host of the site")
+def registration_key(site: str, vault: VaultDep, _p: Admin,
+                     body: RegistrationKeyIn | None = None) -> dict[str, Any]:
+    ttl = (body or RegistrationKeyIn()).ttl_s
+    if not MIN_KEY_TTL_S <= ttl <= MAX_KEY_TTL_S:
+        raise InvalidInput(f"ttl_s must be between {MIN_KEY_TTL_S} and {MAX_KEY_TTL_S} seconds")
+    now = vault.settings.clock.now()
+    with vault.db.tx() as s:
+        row = get_site(s, site)
+        key, expires = create_registration_key(s, row.id, float(ttl), now)
+        record_event(s, now, "registration_key", row.name, f"created, expires in {ttl} s")
+        return {"key": key, "expires_at": expires, "site": row.name}
+
+
+@router.get("/hosts", summary="List registered hosts")
+def list_hosts(vault: VaultDep, _p: Reader) -> list[dict[str, Any]]:
+    now = vault.settings.clock.now()
+    with vault.db.tx() as s:
+        sites = site_names(s)
+        return [host_view(h, sites.get(h.site_id, ""), now, vault.settings)
+                for h in s.scalars(select(Host).order_by(Host.site_id, Host.name))]
+
+
+def get_host(s: Session, host_id: str) -> Host:
+    host = s.get(Host, name("host id", host_id))
+    if host is None:
+        raise NotFound(f"no host {host_id!r}")
+    return host
+
+
+@router.get("/hosts/{host_id}", summary="Show a host")
+def show_host(host_id: str, vault: VaultDep, _p: Reader) -> dict[str, Any]:
+    now = vault.settings.clock.now()
+    with vault.db.tx() as s:
+        h = get_host(s, host_id)
+        return host_view(h, site_names(s).get(h.site_id, ""), now, vault.settings)
+
+
+@router.delete("/hosts/{host_id}", summary="Revoke a host (its certificate stops working)")
+def revoke_host(host_id: str, vault: VaultDep, _p: Admin) -> dict[str, Any]:
+    now = vault.settings.clock.now()
+    with vault.db.tx() as s:
+        h = get_host(s, host_id)
+        if h.revoked_at is None:
+            h.revoked_at = now
+            record_event(s, now, "host", h.name, "revoked")
+        return host_view(h, site_names(s).get(h.site_id, ""), now, vault.settings)
+
+
+@router.get("/vms", summary="VM inventory reported by the agents")
+def list_vms(vault: VaultDep, _p: Reader) -> list[dict[str, Any]]:
+    with vault.db.tx() as s:
+        sites = site_names(s)
+        hosts = {h.id: h for h in s.scalars(select(Host))}
+        items = {ref: iid for ref, iid in s.execute(select(Item.vm_ref, Item.id)
+                                                    .where(Item.vm_ref.is_not(None))).tuples()}
+        out = []
+        for vm in s.scalars(select(Vm).order_by(Vm.name, Vm.id)):
+            host = hosts[vm.host_id]
+            if host.revoked_at is not None:
+                continue
+            out.append(vm_view(vm, host, sites.get(host.site_id, ""), items.get(f"{host.id}/{vm.vm_id}")))
+        return out

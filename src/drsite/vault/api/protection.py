@@ -1,0 +1,275 @@
+"""Operator routes for policies, protection groups, protected items and recovery points."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response, status
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from drsite.core.errors import Conflict, InvalidInput, NotFound
+from drsite.vault import commands
+from drsite.vault.api.deps import Operator, Reader, VaultDep, name
+from drsite.vault.api.inventory import get_site
+from drsite.vault.api.schemas import GroupIn, GroupUpdate, ItemIn, MatchIn, PolicyIn
+from drsite.vault.api.views import group_view, item_view, policy_view, site_names
+from drsite.vault.audit import record_event
+from drsite.vault.db.models import Group, Host, Item, Point, Policy, Vm
+from drsite.vault.jobs.create import (
+    start_disable_protection,
+    start_enable_protection,
+    start_policy_association,
+    start_resync,
+)
+from drsite.vault.policies import PolicyValues, agent_settings, apply_values
+
+router = APIRouter()
+
+
+# ---------------------------------------------------------------------------------- policies
+
+def _values(body: PolicyIn) -> PolicyValues:
+    return PolicyValues(frequency_s=body.frequency_s, retention_hours=body.retention_hours,
+                        app_consistent_every_s=body.app_consistent_every_s,
+                        initial_replication_start=body.initial_replication_start,
+                        compression=body.compression, encryption=body.encryption,
+                        bandwidth_limit_bps=body.bandwidth_limit_bps,
+                        resync_window=body.resync_window, rpo_threshold_s=body.rpo_threshold_s).check()
+
+
+def get_policy(s: Session, policy_name: str) -> Policy:
+    p = s.scalars(select(Policy).where(Policy.name == name("policy", policy_name))).first()
+    if p is None:
+        raise NotFound(f"no policy {policy_name!r}", hint="List policies with GET /api/v1/policies.")
+    return p
+
+
+@router.get("/policies", summary="List replication policies")
+def list_policies(vault: VaultDep, _p: Reader) -> list[dict[str, Any]]:
+    with vault.db.tx() as s:
+        return [policy_view(p) for p in s.scalars(select(Policy).order_by(Policy.name))]
+
+
+@router.post("/policies", status_code=status.HTTP_201_CREATED, summary="Create a policy")
+def create_policy(body: PolicyIn, vault: VaultDep, _p: Operator) -> dict[str, Any]:
+    if body.name is None:
+        raise InvalidInput("a policy needs a name")
+    policy_name = name("policy", body.name)
+    values = _values(body)
+    now = vault.settings.clock.now()
+    with vault.db.tx() as s:
+        if s.scalars(select(Policy.id).where(Policy.name == policy_name)).first() is not None:
+            raise Conflict(f"policy {policy_name} exists", hint="Change it with PUT /policies/NAME.")
+        p = Policy(name=policy_name, created_at=now, updated_at=now)
+        apply_values(p, values)
+        s.add(p)
+        s.flush()
+        record_event(s, now, "policy", policy_name, "created")
+        return policy_view(p)
+
+
+@router.get("/policies/{policy}", summary="Show a policy")
+def show_policy(policy: str, vault: VaultDep, _p: Reader) -> dict[str, Any]:
+    with vault.db.tx() as s:
+        return policy_view(get_policy(s, policy))
+
+
+@router.put("/policies/{policy}", summary="Replace a policy's values (sent to every item under it)")
+def update_policy(policy: str, body: PolicyIn, vault: VaultDep, _p: Operator) -> dict[str, Any]:
+    if body.name is not None and body.name != policy:
+        raise InvalidInput("a policy cannot be renamed", hint="Omit 'name' or repeat the path's name.")
+    values = _values(body)
+    now = vault.settings.clock.now()
+    with vault.db.tx() as s:
+        p = get_policy(s, policy)
+        apply_values(p, values)
+        p.updated_at = now
+        group_ids = list(s.scalars(select(Group.id).where(Group.policy_id == p.id)))
+        items = s.scalars(select(Item).where(Item.group_id.in_(group_ids), Item.status == "protected")).all()
+        for item in items:
+            commands.enqueue(s, host_id=item.host_id, kind="update_settings", item_id=item.id,
+                             args={"settings": agent_settings(p)}, now=now)
+        record_event(s, now, "policy", p.name, f"updated; settings sent to {len(items)} item(s)")
+        return policy_view(p)
+
+
+@router.delete("/policies/{policy}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a policy")
+def delete_policy(policy: str, vault: VaultDep, _p: Operator) -> Response:
+    now = vault.settings.clock.now()
+    with vault.db.tx() as s:
+        p = get_policy(s, policy)
+        used = s.scalars(select(Group.name).where(Group.policy_id == p.id)).all()
+        if used:
+            raise Conflict(f"policy {p.name} is used by group(s) {', '.join(used)}",
+                           hint="Associate another policy with those groups first.")
+        s.delete(p)
+        record_event(s, now, "policy", p.name, "deleted")
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+# ------------------------------------------------------------------------------------ groups
+
+def get_group(s: Session, group_name: str) -> Group:
+    g = s.scalars(select(Group).where(Group.name == name("group", group_name))).first()
+    if g is None:
+        raise NotFound(f"no group {group_name!r}", hint="List groups with GET /api/v1/groups.")
+    return g
+
+
+def _match(m: MatchIn) -> dict[str, list[str]]:
+    return {"vm_names": sorted({name("VM", v) for v in m.vm_names}),
+            "hosts": sorted({name("host", v) for v in m.hosts}),
+            "labels": sorted({name("label", v) for v in m.labels})}
+
+
+@router.get("/groups", summary="List protection groups")
+def list_groups(vault: VaultDep, _p: Reader) -> list[dict[str, Any]]:
+    with vault.db.tx() as s:
+        sites = site_names(s)
+        return [group_view(s, g, sites) for g in s.scalars(select(Group).order_by(Group.name))]
+
+
+@router.post("/groups", status_code=status.HTTP_201_CREATED,
+             summary="Create a protection group (with a policy: runs a PolicyAssociation job)")
+def create_group(body: GroupIn, vault: VaultDep, _p: Operator) -> dict[str, Any]:
+    group_name = name("group", body.name)
+    match = _match(body.match)
+    now = vault.settings.clock.now()
+    with vault.db.tx() as s:
+        site, target = get_site(s, body.site), get_site(s, body.target_site)
+        if site.id == target.id:
+            raise InvalidInput("a group's target site must differ from its site")
+        policy = get_policy(s, body.policy) if body.policy is not None else None
+        if s.scalars(select(Group.id).where(Group.name == group_name)).first() is not None:
+            raise Conflict(f"group {group_name} exists")
+        g = Group(name=group_name, site_id=site.id, target_site_id=target.id,
+                  policy_id=policy.id if policy else None, match=match, created_at=now)
+        s.add(g)
+        s.flush()
+        record_event(s, now, "group", group_name, "created")
+        job = start_policy_association(s, g, now=now) if policy is not None else None
+        return {**group_view(s, g, site_names(s)), "job_id": job.id if job else None}
+
+
+@router.get("/groups/{group}", summary="Show a protection group")
+def show_group(group: str, vault: VaultDep, _p: Reader) -> dict[str, Any]:
+    with vault.db.tx() as s:
+        return group_view(s, get_group(s, group), site_names(s))
+
+
+@router.put("/groups/{group}", summary="Change a group's policy or match (policy change: PolicyAssociation job)")
+def update_group(group: str, body: GroupUpdate, vault: VaultDep, _p: Operator) -> dict[str, Any]:
+    now = vault.settings.clock.now()
+    fields = body.model_fields_set
+    match = _match(body.match) if "match" in fields and body.match is not None else None
+    with vault.db.tx() as s:
+        g = get_group(s, group)
+        job = None
+        if match is not None and match != g.match:
+            g.match = match
+        if "policy" in fields:
+            policy = get_policy(s, body.policy) if body.policy is not None else None
+            new_id = policy.id if policy else None
+            if new_id != g.policy_id:
+                g.policy_id = new_id
+                record_event(s, now, "group", g.name,
+                             f"policy set to {policy.name}" if policy else "policy removed")
+                if policy is not None:
+                    job = start_policy_association(s, g, now=now)
+        elif match is not None and g.policy_id is not None:
+            job = start_policy_association(s, g, now=now)
+        return {**group_view(s, g, site_names(s)), "job_id": job.id if job else None}
+
+
+@router.delete("/groups/{group}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a group")
+def delete_group(group: str, vault: VaultDep, _p: Operator) -> Response:
+    now = vault.settings.clock.now()
+    with vault.db.tx() as s:
+        g = get_group(s, group)
+        live = s.scalars(select(Item.id).where(Item.group_id == g.id,
+                                               Item.status.in_(("enabling", "protected", "disabling")))).all()
+        if live:
+            raise Conflict(f"group {g.name} still protects {len(live)} item(s)",
+                           hint="Disable protection of its items first (DELETE /items/ID).")
+        if s.scalars(select(Item.id).where(Item.group_id == g.id)).first() is not None:
+            raise Conflict(f"group {g.name} is referenced by the history of removed items",
+                           hint="Keep it, or dissociate its policy (PUT /groups/NAME {\"policy\": null}).")
+        s.delete(g)
+        record_event(s, now, "group", g.name, "deleted")
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+# ------------------------------------------------------------------------------------- items
+
+def get_item(s: Session, item_id: str) -> Item:
+    item = s.get(Item, name("item id", item_id))
+    if item is None:
+        raise NotFound(f"no item {item_id!r}", hint="List items with GET /api/v1/items.")
+    return item
+
+
+@router.get("/items", summary="List protected items (removed ones with ?all=true)")
+def list_items(vault: VaultDep, _p: Reader, all: bool = False) -> list[dict[str, Any]]:
+    now = vault.settings.clock.now()
+    with vault.db.tx() as s:
+        q = select(Item).order_by(Item.vm_name, Item.id)
+        if not all:
+            q = q.where(Item.status.in_(("enabling", "protected", "disabling")))
+        sites = site_names(s)
+        return [item_view(s, i, now, vault.settings, sites) for i in s.scalars(q)]
+
+
+@router.get("/items/{item_id}", summary="Show a protected item and its report")
+def show_item(item_id: str, vault: VaultDep, _p: Reader) -> dict[str, Any]:
+    now = vault.settings.clock.now()
+    with vault.db.tx() as s:
+        return item_view(s, get_item(s, item_id), now, vault.settings)
+
+
+@router.post("/items", status_code=status.HTTP_202_ACCEPTED,
+             summary="Protect a VM under a group's policy (EnableProtection job)")
+def protect(body: ItemIn, vault: VaultDep, _p: Operator) -> dict[str, Any]:
+    if not body.vm_id or len(body.vm_id) > 128 or any(ord(c) < 32 or ord(c) == 127 for c in body.vm_id):
+        raise InvalidInput("invalid vm_id")
+    now = vault.settings.clock.now()
+    with vault.db.tx() as s:
+        group = get_group(s, body.group)
+        rows = s.execute(select(Vm, Host).join(Host, Host.id == Vm.host_id)
+                         .where(Vm.vm_id == body.vm_id, Vm.present.is_(True),
+                                Host.revoked_at.is_(None))).all()
+        if not rows:
+            raise NotFound(f"no VM {body.vm_id!r} in the inventory",
+                           hint="List VMs with GET /api/v1/vms (agents report them).")
+        if len(rows) > 1:
+            raise Conflict(f"VM id {body.vm_id!r} is reported by {len(rows)} hosts")
+        vm, host = rows[0]
+        job, item = start_enable_protection(s, vm=vm, host=host, group=group, now=now,
+                                            reason="protected by an operator")
+        return {"job_id": job.id, "item_id": item.id}
+
+
+@router.delete("/items/{item_id}", status_code=status.HTTP_202_ACCEPTED,
+               summary="Disable protection (DisableProtection job)")
+def unprotect(item_id: str, vault: VaultDep, _p: Operator, delete_points: bool = False) -> dict[str, Any]:
+    now = vault.settings.clock.now()
+    with vault.db.tx() as s:
+        job = start_disable_protection(s, get_item(s, item_id), delete_points=delete_points, now=now)
+        return {"job_id": job.id}
+
+
+@router.post("/items/{item_id}/resync", status_code=status.HTTP_202_ACCEPTED,
+             summary="Resynchronize now, inside or outside the window (Resync job)")
+def resync(item_id: str, vault: VaultDep, _p: Operator) -> dict[str, Any]:
+    now = vault.settings.clock.now()
+    with vault.db.tx() as s:
+        job = start_resync(s, get_item(s, item_id), now=now)
+        return {"job_id": job.id}
+
+
+@router.get("/items/{item_id}/points", summary="Recovery-point catalogue of an item (oldest first)")
+def points(item_id: str, vault: VaultDep, _p: Reader) -> list[dict[str, Any]]:
+    with vault.db.tx() as s:
+        item = get_item(s, item_id)
+        return [dict(p.info) for p in s.scalars(select(Point).where(Point.item_id == item.id)
+                                                .order_by(Point.seq, Point.id))]

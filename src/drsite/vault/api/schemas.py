@@ -1,0 +1,101 @@
+"""Request bodies (pydantic). Shapes and types only — a wrong shape or type is a 422; value
+rules (names, ranges, references) are checked by the routes and answer 400/404/409.
+
+Operator bodies are strict (no coercion, unknown fields refused); agent bodies ignore unknown
+fields so that newer agents can talk to this vault.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class SiteIn(Strict):
+    name: str
+    description: str = ""
+
+
+class RegistrationKeyIn(Strict):
+    ttl_s: int = 3600
+
+
+class PolicyIn(Strict):
+    name: str | None = None  # required by POST; PUT takes the name from the path
+    frequency_s: float = 300.0
+    retention_hours: float = 24.0
+    app_consistent_every_s: float | None = 3600.0
+    initial_replication_start: str | None = None
+    compression: bool = True
+    encryption: bool = False
+    bandwidth_limit_bps: int | None = None
+    resync_window: str = "18:00-08:00"
+    rpo_threshold_s: float = 1800.0
+
+
+class MatchIn(Strict):
+    vm_names: list[str] = Field(default_factory=list)
+    hosts: list[str] = Field(default_factory=list)
+    labels: list[str] = Field(default_factory=list)
+
+
+class GroupIn(Strict):
+    name: str
+    site: str
+    target_site: str
+    policy: str | None = None
+    match: MatchIn = Field(default_factory=MatchIn)
+
+
+class GroupUpdate(Strict):
+    """PUT /groups/{name}: fields present are changed (``policy: null`` dissociates)."""
+
+    policy: str | None = None
+    match: MatchIn | None = None
+
+
+class ItemIn(Strict):
+    vm_id: str
+    group: str
+
+
+class TokenIn(Strict):
+    name: str
+    role: str
+
+
+class RegisterIn(Lenient):
+    key: str
+    host_name: str
+    csr_pem: str
+
+
+class ItemBeatIn(Lenient):
+    item_id: str
+    report: dict[str, Any]
+    new_points: list[dict[str, Any]] = Field(default_factory=list)
+    removed_points: list[str] = Field(default_factory=list)
+
+
+class HeartbeatIn(Lenient):
+    host_name: str
+    version: str = ""
+    store_url: str | None = None
+    vms: list[dict[str, Any]] = Field(default_factory=list)
+    items: list[ItemBeatIn] = Field(default_factory=list)
+
+
+class CommandResultIn(Lenient):
+    status: Literal["running", "succeeded", "failed"]
+    progress: float | None = None
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None

@@ -1,0 +1,109 @@
+"""Rows → the JSON objects the API returns (never a secret, never a hash)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from drsite.vault.db.models import Alert, ApiToken, Event, Group, Host, Item, Job, Policy, Site, Task, Vm
+from drsite.vault.health import agent_up, item_health
+from drsite.vault.membership import normalise_match
+from drsite.vault.scheduler import item_policy
+from drsite.vault.settings import VaultSettings
+
+
+def site_names(s: Session) -> dict[int, str]:
+    return {site.id: site.name for site in s.scalars(select(Site))}
+
+
+def site_view(site: Site, hosts: int) -> dict[str, Any]:
+    return {"name": site.name, "description": site.description, "created_at": site.created_at,
+            "hosts": hosts}
+
+
+def host_view(h: Host, site: str, now: float, settings: VaultSettings) -> dict[str, Any]:
+    return {"id": h.id, "name": h.name, "site": site, "last_heartbeat": h.last_heartbeat,
+            "up": agent_up(h, now, settings), "version": h.version, "store_url": h.store_url,
+            "registered_at": h.registered_at, "revoked": h.revoked_at is not None}
+
+
+def vm_view(vm: Vm, host: Host, site: str, item_id: str | None) -> dict[str, Any]:
+    info = vm.info
+    return {"vm_id": vm.vm_id, "name": vm.name, "host_id": host.id, "host": host.name, "site": site,
+            "disks": info.get("disks", []), "nics": info.get("nics", []), "power": info.get("power"),
+            "vcpus": info.get("vcpus"), "memory_mib": info.get("memory_mib"),
+            "labels": info.get("labels", []), "present": vm.present, "last_seen": vm.last_seen,
+            "item_id": item_id}
+
+
+def policy_view(p: Policy) -> dict[str, Any]:
+    return {"name": p.name, "frequency_s": p.frequency_s, "retention_hours": p.retention_hours,
+            "app_consistent_every_s": p.app_consistent_every_s,
+            "initial_replication_start": p.initial_replication_start, "compression": p.compression,
+            "encryption": p.encryption, "bandwidth_limit_bps": p.bandwidth_limit_bps,
+            "resync_window": p.resync_window, "rpo_threshold_s": p.rpo_threshold_s,
+            "created_at": p.created_at, "updated_at": p.updated_at}
+
+
+def group_view(s: Session, g: Group, sites: dict[int, str]) -> dict[str, Any]:
+    policy = s.get(Policy, g.policy_id) if g.policy_id else None
+    n = len(s.scalars(select(Item.id).where(Item.group_id == g.id,
+                                            Item.status.in_(("enabling", "protected", "disabling")))).all())
+    return {"name": g.name, "site": sites.get(g.site_id), "target_site": sites.get(g.target_site_id),
+            "policy": policy.name if policy else None, "match": normalise_match(g.match),
+            "items": n, "created_at": g.created_at}
+
+
+def item_view(s: Session, item: Item, now: float, settings: VaultSettings,
+              sites: dict[int, str] | None = None) -> dict[str, Any]:
+    sites = sites if sites is not None else site_names(s)
+    host = s.get(Host, item.host_id)
+    group = s.get(Group, item.group_id)
+    policy = item_policy(s, item)
+    live = item.status in ("enabling", "protected", "disabling")
+    ih = item_health(item, policy, agent_up(host, now, settings), now) if live else None
+    retry = item.retry or {}
+    return {"id": item.id, "vm_id": item.vm_id, "vm_name": item.vm_name,
+            "group": group.name if group else None, "policy": policy.name if policy else None,
+            "source_host": host.name if host else None, "source_host_id": item.host_id,
+            "site": sites.get(host.site_id) if host else None,
+            "target_site": sites.get(item.target_site_id), "protection": item.status,
+            "state": "critical" if item.critical_error else item.state,
+            "health": ih.health.value if ih else item.health,
+            "health_reasons": ih.reasons if ih else list(item.health_reasons or []),
+            "rpo_s": ih.rpo_s if ih else None, "last_point_time": item.last_point_time,
+            "last_app_point_time": item.last_app_point_time, "last_error": retry.get("last_error"),
+            "next_attempt_at": retry.get("next_attempt_at"), "critical_error": item.critical_error,
+            "active_job_id": item.active_job_id, "created_at": item.created_at,
+            "updated_at": item.updated_at, "report": item.report}
+
+
+def task_view(t: Task) -> dict[str, Any]:
+    return {"name": t.name, "title": t.title, "state": t.state, "started_at": t.started_at,
+            "ended_at": t.ended_at, "progress": t.progress, "message": t.message}
+
+
+def job_view(s: Session, job: Job) -> dict[str, Any]:
+    tasks = s.scalars(select(Task).where(Task.job_id == job.id).order_by(Task.idx)).all()
+    return {"id": job.id, "kind": job.kind, "state": job.state, "target": job.target,
+            "item_id": job.item_id, "progress": job.progress, "message": job.message,
+            "error": job.error, "cancel_requested": job.cancel_requested,
+            "created_at": job.created_at, "started_at": job.started_at, "ended_at": job.ended_at,
+            "tasks": [task_view(t) for t in tasks]}
+
+
+def alert_view(a: Alert) -> dict[str, Any]:
+    return {"id": str(a.id), "key": a.key, "kind": a.kind, "severity": a.severity,
+            "subject": a.subject, "message": a.message, "raised_at": a.raised_at,
+            "last_seen_at": a.last_seen_at, "cleared_at": a.cleared_at, "acked_at": a.acked_at,
+            "active": a.cleared_at is None}
+
+
+def event_view(e: Event) -> dict[str, Any]:
+    return {"id": e.id, "at": e.at, "kind": e.kind, "subject": e.subject, "message": e.message}
+
+
+def token_view(t: ApiToken) -> dict[str, Any]:
+    return {"name": t.name, "role": t.role, "created_at": t.created_at, "last_used_at": t.last_used_at}

@@ -1,0 +1,128 @@
+"""The command queue between the vault and its agents.
+
+A command is created ``pending``, handed to its host in the next heartbeat reply (``sent``),
+acknowledged by the agent (``running``, with progress) and ended by it (``succeeded`` or
+``failed`` with an error dict carrying its class and hint). Commands are idempotent on the agent
+side, so the vault delivers a command again when a ``sent`` one was not acknowledged in time
+(e.g. the agent restarted) or a ``running`` one went silent for long.
+
+Responsible for: queue state and its transitions. Not responsible for: what a result means to
+a job or to the scheduler (they read the command rows).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from drsite.core.errors import Conflict, DrsiteError, ErrorClass, InvalidInput, PermanentError, TransientError
+from drsite.vault.db.models import Command
+from drsite.vault.ids import new_id
+
+KINDS = ("protect", "cycle", "resync", "retention", "unprotect", "update_settings")
+OPEN = ("pending", "sent", "running")
+DONE = ("succeeded", "failed")
+# commands that move data for an item: at most one of these is outstanding per item
+REPLICATION_KINDS = ("protect", "cycle", "resync")
+
+
+def enqueue(s: Session, *, host_id: str, kind: str, item_id: str | None, args: dict[str, Any],
+            now: float, job_id: str | None = None) -> Command:
+    if kind not in KINDS:
+        raise InvalidInput(f"unknown command kind {kind!r}")
+    cmd = Command(id=new_id("c"), host_id=host_id, item_id=item_id, job_id=job_id, kind=kind,
+                  args=args, status="pending", progress=0.0, deliveries=0, created_at=now,
+                  updated_at=now)
+    s.add(cmd)
+    s.flush()
+    return cmd
+
+
+def outstanding(s: Session, item_id: str, kinds: tuple[str, ...]) -> Command | None:
+    """The oldest open command of one of ``kinds`` for the item, if any."""
+    return s.scalars(select(Command)
+                     .where(Command.item_id == item_id, Command.kind.in_(kinds),
+                            Command.status.in_(OPEN))
+                     .order_by(Command.created_at, Command.id)).first()
+
+
+def cancel_open(s: Session, item_id: str, now: float, reason: str) -> int:
+    """Fail every open command of the item that has not reached its agent yet (``pending``)."""
+    n = 0
+    for cmd in s.scalars(select(Command).where(Command.item_id == item_id,
+                                               Command.status == "pending")):
+        cmd.status = "failed"
+        cmd.error = PermanentError(f"withdrawn: {reason}").to_dict()
+        cmd.updated_at = cmd.finished_at = now
+        n += 1
+    return n
+
+
+def to_wire(cmd: Command) -> dict[str, Any]:
+    """The ``Command`` object of the heartbeat reply."""
+    return {"command_id": cmd.id, "kind": cmd.kind, "item_id": cmd.item_id, "args": dict(cmd.args)}
+
+
+def deliver(s: Session, host_id: str, now: float, *, resend_after_s: float,
+            stale_running_s: float, limit: int = 100) -> list[Command]:
+    """Commands to put in this host's heartbeat reply (marked ``sent``), oldest first."""
+    rows = s.scalars(select(Command)
+                     .where(Command.host_id == host_id,
+                            or_(Command.status == "pending",
+                                (Command.status == "sent") & (Command.updated_at <= now - resend_after_s),
+                                (Command.status == "running")
+                                & (Command.updated_at <= now - stale_running_s)))
+                     .order_by(Command.created_at, Command.id).limit(limit)).all()
+    for cmd in rows:
+        if cmd.status == "pending":
+            cmd.status = "sent"
+            cmd.sent_at = now
+        cmd.deliveries += 1
+        cmd.updated_at = now
+    return list(rows)
+
+
+def record_result(cmd: Command, *, status: str, progress: float | None, result: dict[str, Any] | None,
+                  error: dict[str, Any] | None, now: float) -> bool:
+    """Apply an agent's result to ``cmd``; returns True when the command just ended.
+
+    Repeating the final result is accepted (agents retry posts); contradicting it is a
+    ``Conflict``; a ``failed`` result needs an error.
+    """
+    if cmd.status in DONE:
+        if status == cmd.status:
+            return False
+        raise Conflict(f"command {cmd.id} already ended as {cmd.status}")
+    if status == "failed" and not error:
+        raise InvalidInput("a failed result needs an error object")
+    if progress is not None:
+        cmd.progress = max(0.0, min(100.0, progress))
+    if result is not None:
+        cmd.result = result
+    cmd.updated_at = now
+    if status == "running":
+        cmd.status = "running"
+        return False
+    cmd.status = status
+    cmd.finished_at = now
+    if status == "succeeded":
+        cmd.progress = 100.0
+    else:
+        cmd.error = error
+    return True
+
+
+def error_from_dict(d: dict[str, Any] | None) -> DrsiteError:
+    """A :class:`DrsiteError` with the code, class, message and hint an agent reported."""
+    d = d or {}
+    msg = str(d.get("message") or "the agent reported a failure without a message")
+    hint = d.get("hint")
+    err: DrsiteError
+    if str(d.get("class")) == ErrorClass.TRANSIENT.value:
+        err = TransientError(msg, hint=str(hint) if hint else None)
+    else:
+        err = PermanentError(msg, hint=str(hint) if hint else None)
+    err.code = str(d.get("code") or err.code)
+    return err

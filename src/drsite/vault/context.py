@@ -1,0 +1,124 @@
+"""One running vault: its settings, database, CA, job runner, scheduler and health monitor, and
+the background loop that drives the last three.
+
+:func:`bootstrap` prepares a data directory (idempotent): the CA in ``DATA/pki``, the HTTPS
+server certificate (SAN localhost, 127.0.0.1), the database schema (``alembic upgrade head``)
+and, at first start only, the admin token in ``DATA/admin.token`` (mode 0600).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+
+from drsite.fsutil import atomic_write_bytes
+from drsite.pki import CertificateAuthority
+from drsite.vault.audit import record_event
+from drsite.vault.auth import ADMIN_TOKEN_NAME, Role, create_token
+from drsite.vault.db.database import Database
+from drsite.vault.db.models import ApiToken
+from drsite.vault.health import HealthMonitor
+from drsite.vault.jobs.runner import JobRunner
+from drsite.vault.scheduler import Scheduler
+from drsite.vault.settings import VaultSettings
+
+log = logging.getLogger(__name__)
+
+ADMIN_TOKEN_FILE = "admin.token"
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def ensure_server_cert(ca: CertificateAuthority, pki_dir: Path) -> TlsFiles:
+    cert, key = pki_dir / "server.pem", pki_dir / "server.key"
+    if not (cert.exists() and key.exists()):
+        cert_pem, key_pem = ca.issue_server_cert(hostnames=["localhost"], ips=["127.0.0.1"])
+        atomic_write_bytes(key, key_pem)
+        os.chmod(key, 0o600)
+        atomic_write_bytes(cert, cert_pem)
+    return TlsFiles(ca=pki_dir / "ca.pem", cert=cert, key=key)
+
+
+def ensure_admin_token(db: Database, data_dir: Path, now: float) -> str | None:
+    """At first start (no token at all): create the ``admin`` token, write it to
+    ``DATA/admin.token`` (0600) and return it; otherwise None."""
+    with db.tx() as s:
+        if s.scalars(select(ApiToken.id)).first() is not None:
+            return None
+        secret = create_token(s, ADMIN_TOKEN_NAME, Role.ADMIN, now)
+        record_event(s, now, "token", ADMIN_TOKEN_NAME, "first admin token created")
+    path = data_dir / ADMIN_TOKEN_FILE
+    atomic_write_bytes(path, (secret + "\n").encode())
+    os.chmod(path, 0o600)
+    return secret
+
+
+class Vault:
+    """Everything one vault process holds. Built by :func:`bootstrap`."""
+
+    def __init__(self, settings: VaultSettings, db: Database, ca: CertificateAuthority,
+                 tls: TlsFiles, new_admin_token: str | None) -> None:
+        self.settings = settings
+        self.db = db
+        self.ca = ca
+        self.tls = tls
+        self.new_admin_token = new_admin_token
+        self.runner = JobRunner(db, settings)
+        self.scheduler = Scheduler(db, settings)
+        self.monitor = HealthMonitor(db, settings)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.recovered: dict[str, str] = {}
+
+    def tick(self) -> None:
+        """One round of the background work: jobs, then the scheduler, then health."""
+        self.runner.tick()
+        self.scheduler.tick()
+        self.monitor.tick()
+
+    def start(self) -> None:
+        """Resume or fail jobs left by a previous process, then start the background loop."""
+        self.recovered = self.runner.recover()
+        if self.settings.background and self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="drsite-vault-loop", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def close(self) -> None:
+        self.stop()
+        self.db.dispose()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # keep the vault alive; the next tick tries again
+                log.exception("vault background loop failed; retrying")
+            self._stop.wait(self.settings.loop_interval)
+
+
+def bootstrap(settings: VaultSettings) -> Vault:
+    """Prepare ``settings.data_dir`` (CA, server certificate, schema, first admin token)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    ca = CertificateAuthority.load_or_create(settings.pki_dir)
+    tls = ensure_server_cert(ca, settings.pki_dir)
+    db = Database(settings.database_url)
+    db.migrate()
+    token = ensure_admin_token(db, settings.data_dir, settings.clock.now())
+    return Vault(settings, db, ca, tls, token)

@@ -1,0 +1,1 @@
+"""The vault's state database: SQLAlchemy 2 models, sessions, Alembic migrations."""

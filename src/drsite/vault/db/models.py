@@ -1,0 +1,276 @@
+"""SQLAlchemy models of the vault's state (one module, one metadata, one Alembic history).
+
+Times are float seconds since the epoch (UTC), as everywhere in drsite, so an injected clock
+drives every timestamp. JSON columns are always replaced, never mutated in place.
+Responsible for: table shapes and constraints. Not responsible for: rules (see the API,
+``jobs``, ``scheduler`` and ``health`` modules).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Site(Base):
+    __tablename__ = "sites"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class RegistrationKey(Base):
+    """A one-time key for a host to join a site; only its sha256 is stored."""
+
+    __tablename__ = "registration_keys"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id", ondelete="CASCADE"))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float] = mapped_column(Float)
+    used_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    used_by_host: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class Host(Base):
+    """A registered agent. Only the certificate with ``cert_fingerprint`` is accepted."""
+
+    __tablename__ = "hosts"
+    __table_args__ = (UniqueConstraint("site_id", "name"),)
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"))
+    cert_fingerprint: Mapped[str] = mapped_column(String(128))
+    cert_serial: Mapped[str] = mapped_column(String(64))
+    registered_at: Mapped[float] = mapped_column(Float)
+    last_heartbeat: Mapped[float | None] = mapped_column(Float, nullable=True)
+    version: Mapped[str] = mapped_column(String(64), default="")
+    store_url: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Vm(Base):
+    """A VM as last reported by its host's agent (inventory)."""
+
+    __tablename__ = "vms"
+    __table_args__ = (UniqueConstraint("host_id", "vm_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    host_id: Mapped[str] = mapped_column(ForeignKey("hosts.id", ondelete="CASCADE"))
+    vm_id: Mapped[str] = mapped_column(String(128), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    info: Mapped[dict[str, Any]] = mapped_column(JSON)
+    present: Mapped[bool] = mapped_column(Boolean, default=True)
+    first_seen: Mapped[float] = mapped_column(Float)
+    last_seen: Mapped[float] = mapped_column(Float)
+    # set when an operator disables protection: the group's policy does not re-protect it
+    auto_protect_blocked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Policy(Base):
+    __tablename__ = "policies"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    frequency_s: Mapped[float] = mapped_column(Float)
+    retention_hours: Mapped[float] = mapped_column(Float)
+    app_consistent_every_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    initial_replication_start: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    compression: Mapped[bool] = mapped_column(Boolean)
+    encryption: Mapped[bool] = mapped_column(Boolean)
+    bandwidth_limit_bps: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    resync_window: Mapped[str] = mapped_column(String(16))
+    rpo_threshold_s: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class Group(Base):
+    """A protection group: VMs of ``site`` (matched by name, host or label) replicated to
+    ``target_site`` under ``policy``."""
+
+    __tablename__ = "groups"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"))
+    target_site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"))
+    policy_id: Mapped[int | None] = mapped_column(ForeignKey("policies.id"), nullable=True)
+    match: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Item(Base):
+    """A protected item: one VM replicated under a group's policy.
+
+    ``status`` is the protection life cycle (enabling → protected → disabling → removed, or
+    failed); ``state`` is the replication state (``ItemState``) from the agent's report,
+    overridden by the vault to ``critical`` after a permanent failure (``critical_error``).
+    ``vm_ref`` ("host_id/vm_id") is set while the item is active, so a VM has one active item.
+    """
+
+    __tablename__ = "items"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    host_id: Mapped[str] = mapped_column(ForeignKey("hosts.id"))
+    vm_id: Mapped[str] = mapped_column(String(128))
+    vm_name: Mapped[str] = mapped_column(String(64))
+    group_id: Mapped[int] = mapped_column(ForeignKey("groups.id"))
+    target_site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    vm_ref: Mapped[str | None] = mapped_column(String(200), unique=True, nullable=True)
+    state: Mapped[str] = mapped_column(String(32))
+    report: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    acked_seq: Mapped[int] = mapped_column(Integer, default=0)
+    last_point_time: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_app_point_time: Mapped[float | None] = mapped_column(Float, nullable=True)
+    retry: Mapped[dict[str, Any]] = mapped_column(JSON)
+    critical_error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    last_cycle_sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_app_cycle_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_retention_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    active_job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    health: Mapped[str] = mapped_column(String(16), default="normal")
+    health_reasons: Mapped[list[Any]] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class Point(Base):
+    """The recovery-point catalogue (``PointInfo`` dicts reported by agents)."""
+
+    __tablename__ = "points"
+    __table_args__ = (UniqueConstraint("item_id", "point_id"), Index("ix_points_item_seq", "item_id", "seq"))
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    item_id: Mapped[str] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"))
+    point_id: Mapped[str] = mapped_column(String(128))
+    seq: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[float] = mapped_column(Float)
+    consistency: Mapped[str] = mapped_column(String(16))
+    bytes_written: Mapped[int] = mapped_column(Integer)
+    info: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class Job(Base):
+    """A long operation with ordered tasks. ``state``: queued, running, cancelling,
+    succeeded, failed, cancelled."""
+
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32), index=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    target: Mapped[str] = mapped_column(String(128))
+    item_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    args: Mapped[dict[str, Any]] = mapped_column(JSON)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    message: Mapped[str] = mapped_column(Text, default="")
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[float] = mapped_column(Float, index=True)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class Task(Base):
+    """One ordered step of a job. ``data`` holds the task's own resumable facts (e.g. the
+    command it sent). ``state``: pending, running, succeeded, failed, skipped, cancelled."""
+
+    __tablename__ = "tasks"
+    __table_args__ = (UniqueConstraint("job_id", "idx"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    idx: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(64))
+    title: Mapped[str] = mapped_column(String(128))
+    state: Mapped[str] = mapped_column(String(16))
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    message: Mapped[str] = mapped_column(Text, default="")
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Command(Base):
+    """A command for an agent, delivered in heartbeat replies.
+
+    ``status``: pending → sent → running → succeeded / failed (results posted by the agent).
+    """
+
+    __tablename__ = "commands"
+    __table_args__ = (Index("ix_commands_host_status", "host_id", "status"),)
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    host_id: Mapped[str] = mapped_column(ForeignKey("hosts.id"))
+    item_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    args: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16))
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    deliveries: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[float] = mapped_column(Float)
+    sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    updated_at: Mapped[float] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Alert(Base):
+    """A raised condition. One open alert per ``key``; ``cleared_at`` set when it ends."""
+
+    __tablename__ = "alerts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(String(200), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    severity: Mapped[str] = mapped_column(String(16))
+    subject: Mapped[str] = mapped_column(String(128))
+    message: Mapped[str] = mapped_column(Text)
+    raised_at: Mapped[float] = mapped_column(Float)
+    last_seen_at: Mapped[float] = mapped_column(Float)
+    cleared_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    acked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Event(Base):
+    """An append-only audit trail (registrations, job transitions, alerts)."""
+
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[float] = mapped_column(Float, index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    subject: Mapped[str] = mapped_column(String(128))
+    message: Mapped[str] = mapped_column(Text)
+
+
+class ApiToken(Base):
+    """An operator API token; only the sha256 of the secret is stored."""
+
+    __tablename__ = "api_tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    last_used_at: Mapped[float | None] = mapped_column(Float, nullable=True)

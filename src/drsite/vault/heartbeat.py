@@ -1,0 +1,157 @@
+"""What a heartbeat does to the vault's state, and what its reply carries.
+
+In one transaction: the host's liveness, version and store URL; the VM inventory (VMs no longer
+reported are marked absent); each reported item's report and recovery-point catalogue
+(``new_points`` upserted by point id, ``removed_points`` deleted; the reply's ``ack`` is the
+highest catalogued seq, so the agent resends anything the vault did not keep); EnableProtection
+jobs for newly discovered VMs that a group with a policy matches; then the commands due to the
+host (marked sent).
+
+Responsible for: applying agent facts. Not responsible for: deciding what replicates when
+(``scheduler``) or health (``health``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from drsite.core.errors import DrsiteError, InvalidInput
+from drsite.replication.report import ItemReport, ItemState
+from drsite.store.repository import PointInfo
+from drsite.vault import commands
+from drsite.vault.db.models import Group, Host, Item, Point, Vm
+from drsite.vault.jobs.create import start_enable_protection
+from drsite.vault.membership import active_item_for_vm, group_for_vm
+from drsite.vault.settings import VaultSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ItemBeat:
+    item_id: str
+    report: dict[str, Any]
+    new_points: list[dict[str, Any]] = field(default_factory=list)
+    removed_points: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Beat:
+    host_name: str
+    version: str
+    store_url: str | None
+    vms: list[dict[str, Any]]
+    items: list[ItemBeat]
+
+
+def _vm_fields(d: dict[str, Any]) -> tuple[str, str]:
+    vm_id, name = d.get("vm_id"), d.get("name")
+    if not isinstance(vm_id, str) or not vm_id or len(vm_id) > 128 or not isinstance(name, str):
+        raise InvalidInput("every VM needs a string vm_id (at most 128 characters) and name")
+    return vm_id, name
+
+
+def apply_heartbeat(s: Session, host: Host, beat: Beat, settings: VaultSettings) -> dict[str, Any]:
+    """Apply ``beat`` from ``host``; returns the reply ``{"commands", "ack", "heartbeat_interval"}``."""
+    now = settings.clock.now()
+    host.last_heartbeat = now
+    host.version = beat.version[:64]
+    host.store_url = beat.store_url
+    new_vms = _apply_inventory(s, host, beat.vms, now)
+    ack: dict[str, int] = {}
+    for ib in beat.items:
+        item = s.get(Item, ib.item_id)
+        if item is None or item.host_id != host.id or item.status in ("removed", "failed"):
+            log.warning("host %s reported item %s it does not own; ignored", host.id, ib.item_id)
+            continue
+        ack[item.id] = _apply_item(s, item, ib, now)
+    _auto_protect(s, host, new_vms, now)
+    due = commands.deliver(s, host.id, now, resend_after_s=settings.resend_after_s,
+                           stale_running_s=settings.stale_running_s)
+    return {"commands": [commands.to_wire(c) for c in due], "ack": ack,
+            "heartbeat_interval": settings.heartbeat_interval}
+
+
+def _apply_inventory(s: Session, host: Host, vms: list[dict[str, Any]], now: float) -> list[Vm]:
+    rows = {v.vm_id: v for v in s.scalars(select(Vm).where(Vm.host_id == host.id))}
+    seen: set[str] = set()
+    new: list[Vm] = []
+    for d in vms:
+        vm_id, name = _vm_fields(d)
+        seen.add(vm_id)
+        row = rows.get(vm_id)
+        if row is None:
+            row = Vm(host_id=host.id, vm_id=vm_id, name=name[:64], info=d, present=True,
+                     first_seen=now, last_seen=now, auto_protect_blocked=False)
+            s.add(row)
+            rows[vm_id] = row
+            new.append(row)
+        else:
+            if row.info != d:
+                row.info = d
+            row.name = name[:64]
+            row.present = True
+            row.last_seen = now
+    for vm_id, row in rows.items():
+        if vm_id not in seen and row.present:
+            row.present = False
+    s.flush()
+    return new
+
+
+def _apply_item(s: Session, item: Item, ib: ItemBeat, now: float) -> int:
+    try:
+        report = ItemReport.from_dict(ib.report)
+    except (KeyError, TypeError, ValueError) as e:
+        raise InvalidInput(f"item {item.id}: unreadable report ({type(e).__name__})") from None
+    item.report = report.to_dict()
+    if item.critical_error is None or report.state is ItemState.CRITICAL:
+        item.state = report.state.value
+    if report.last_point_time is not None:
+        item.last_point_time = max(item.last_point_time or 0.0, report.last_point_time)
+    if report.last_app_point_time is not None:
+        item.last_app_point_time = max(item.last_app_point_time or 0.0, report.last_app_point_time)
+    known = set(s.scalars(select(Point.point_id).where(Point.item_id == item.id)))
+    for pd in ib.new_points:
+        try:
+            p = PointInfo.from_dict({**pd, "item_id": item.id})
+        except (KeyError, TypeError, ValueError) as e:
+            raise InvalidInput(f"item {item.id}: unreadable point ({type(e).__name__})") from None
+        if p.point_id in known:
+            continue
+        known.add(p.point_id)
+        s.add(Point(item_id=item.id, point_id=p.point_id, seq=p.seq, created_at=p.created_at,
+                    consistency=p.consistency.value, bytes_written=p.bytes_written, info=p.to_dict()))
+        item.last_point_time = max(item.last_point_time or 0.0, p.created_at)
+        if p.consistency.value == "app":
+            item.last_app_point_time = max(item.last_app_point_time or 0.0, p.created_at)
+    if ib.removed_points:
+        s.execute(delete(Point).where(Point.item_id == item.id,
+                                      Point.point_id.in_([str(x) for x in ib.removed_points])))
+    s.flush()
+    top = s.scalar(select(func.max(Point.seq)).where(Point.item_id == item.id))
+    item.acked_seq = int(top or 0)
+    item.updated_at = now
+    return item.acked_seq
+
+
+def _auto_protect(s: Session, host: Host, new_vms: list[Vm], now: float) -> None:
+    """A policy applies to every VM of its group, also to VMs discovered later."""
+    if not new_vms or host.revoked_at is not None:
+        return
+    groups = list(s.scalars(select(Group).where(Group.site_id == host.site_id,
+                                                Group.policy_id.is_not(None))))
+    for vm in new_vms:
+        group = group_for_vm(groups, vm, host)
+        if group is None or active_item_for_vm(s, host.id, vm.vm_id) is not None:
+            continue
+        try:
+            start_enable_protection(s, vm=vm, host=host, group=group, now=now,
+                                    reason=f"discovered VM matches group {group.name}")
+        except DrsiteError as e:
+            log.warning("auto-protection of %s skipped: %s", vm.name, e.message)

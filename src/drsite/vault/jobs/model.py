@@ -1,0 +1,79 @@
+"""What a task body receives and returns (the runner does the bookkeeping around it)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from drsite.core.errors import PermanentError
+from drsite.vault.db.models import Item, Job, Task
+from drsite.vault.settings import VaultSettings
+
+
+@dataclass(frozen=True)
+class Step:
+    """A task body's answer: ``done`` moves to the next task; otherwise the task waits (is asked
+    again at the next tick) with ``progress`` (0-100) and ``message``."""
+
+    done: bool
+    progress: float = 0.0
+    message: str = ""
+
+
+def done(message: str = "") -> Step:
+    return Step(True, 100.0, message)
+
+
+def wait(progress: float, message: str) -> Step:
+    return Step(False, max(0.0, min(100.0, progress)), message)
+
+
+@dataclass
+class TaskContext:
+    """One call of a task body: the open transaction, the job, the task, the time, settings."""
+
+    s: Session
+    job: Job
+    task: Task
+    now: float
+    settings: VaultSettings
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return dict(self.task.data or {})
+
+    def put(self, **values: Any) -> None:
+        d = dict(self.task.data or {})
+        d.update(values)
+        self.task.data = d
+
+    def sibling(self, name: str) -> Task | None:
+        return self.s.scalars(select(Task).where(Task.job_id == self.job.id, Task.name == name)).first()
+
+    def item(self) -> Item:
+        item = self.s.get(Item, self.job.item_id) if self.job.item_id else None
+        if item is None:
+            raise PermanentError(f"protected item {self.job.item_id} no longer exists",
+                                 hint="Start the operation again if it is still needed.")
+        return item
+
+
+TaskFn = Callable[[TaskContext], Step]
+HookFn = Callable[[TaskContext], None]
+
+
+@dataclass(frozen=True)
+class JobHandlers:
+    """The bodies of a kind's tasks, plus what happens when a job of the kind ends.
+
+    ``on_end`` runs in every final state (release the item, roll state back after a failure);
+    ``rollback`` (if any) runs as an extra task when the job is cancelled.
+    """
+
+    tasks: dict[str, TaskFn]
+    on_end: Callable[[TaskContext, str], None]
+    rollback: TaskFn | None = None

@@ -1,0 +1,276 @@
+"""Task bodies of EnableProtection and DisableProtection (the seed's enable-protection job:
+prerequisite checks → create replication relationship → initial replication → finalize).
+
+Every body is resumable: it derives what to do from rows (the item, the commands it sent, whose
+ids it keeps in its task data) and never repeats a side effect it already recorded, so the
+runner can call it again after a vault restart.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import delete, select
+
+from drsite.core.errors import AuthError, NetworkError, PermanentError, VmNotFound
+from drsite.core.retry import RetryState
+from drsite.vault import commands
+from drsite.vault.audit import record_event
+from drsite.vault.db.models import Command, Group, Host, Item, Point, Policy, Site, Vm
+from drsite.vault.jobs.model import JobHandlers, Step, TaskContext, done, wait
+from drsite.vault.policies import agent_settings, parse_initial_start
+
+
+def host_up(host: Host, ctx: TaskContext) -> bool:
+    return (host.last_heartbeat is not None
+            and ctx.now - host.last_heartbeat <= ctx.settings.agent_down_after_s)
+
+
+def waited_too_long(ctx: TaskContext) -> bool:
+    """Prerequisites wait for agents at most max(60 s, 10 heartbeats) (a restarted vault has not
+    heard from them yet), then fail."""
+    limit = max(60.0, 10 * ctx.settings.heartbeat_interval)
+    return ctx.task.started_at is not None and ctx.now - ctx.task.started_at > limit
+
+
+def _policy(ctx: TaskContext, item: Item) -> Policy:
+    group = ctx.s.get(Group, item.group_id)
+    policy = ctx.s.get(Policy, group.policy_id) if group and group.policy_id else None
+    if group is None or policy is None:
+        raise PermanentError(f"group of item {item.id} has no policy any more",
+                             hint="Associate a policy with the group, then protect the VM again.")
+    return policy
+
+
+def target_store(ctx: TaskContext, site_id: int) -> Host | None:
+    """The most recently heard, non-revoked host of ``site_id`` that serves a recovery store."""
+    return ctx.s.scalars(select(Host).where(Host.site_id == site_id, Host.revoked_at.is_(None),
+                                            Host.store_url.is_not(None))
+                         .order_by(Host.last_heartbeat.desc())).first()
+
+
+# --------------------------------------------------------------------------- EnableProtection
+
+def prerequisites(ctx: TaskContext) -> Step:
+    item = ctx.item()
+    host = ctx.s.get(Host, item.host_id)
+    if host is None or host.revoked_at is not None:
+        raise AuthError(f"source host of {item.vm_name} is revoked",
+                        hint="Register the host again, then protect the VM.")
+    vm = ctx.s.scalars(select(Vm).where(Vm.host_id == host.id, Vm.vm_id == item.vm_id)).first()
+    if vm is None or not vm.present:
+        raise VmNotFound(f"VM {item.vm_name} is not reported by host {host.name}")
+    policy = _policy(ctx, item)
+    if not host_up(host, ctx):
+        if waited_too_long(ctx):
+            raise NetworkError(f"host {host.name} sends no heartbeats",
+                               hint="Start its agent ('drsite agent run'), then protect the VM again.")
+        return wait(10, f"waiting for a heartbeat of host {host.name}")
+    store = target_store(ctx, item.target_site_id)
+    site = ctx.s.get(Site, item.target_site_id)
+    site_name = site.name if site else str(item.target_site_id)
+    if store is None or not host_up(store, ctx):
+        if waited_too_long(ctx):
+            raise PermanentError(f"no recovery store is online in target site {site_name}",
+                                 hint="Run an agent with --store-listen in the target site.")
+        return wait(50, f"waiting for a recovery store in site {site_name}")
+    ctx.put(store_url=store.store_url, store_host=store.id, target_site=site_name,
+            policy=policy.name)
+    return done(f"VM {vm.name} on {host.name}; recovery store of {site_name} at {store.store_url}")
+
+
+def _protect_args(ctx: TaskContext, item: Item) -> dict[str, Any]:
+    pre = ctx.sibling("prerequisites")
+    facts = dict(pre.data) if pre is not None else {}
+    return {"vm_id": item.vm_id, "target_site": facts.get("target_site"),
+            "store_url": facts.get("store_url"), "settings": agent_settings(_policy(ctx, item))}
+
+
+def _fmt(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def create_relationship(ctx: TaskContext) -> Step:
+    item = ctx.item()
+    data = ctx.data
+    if "start_at" not in data:
+        policy = _policy(ctx, item)
+        start_at = parse_initial_start(policy.initial_replication_start, ctx.now,
+                                       ctx.settings.minute_of_day(ctx.now))
+        ctx.put(start_at=start_at)
+        data["start_at"] = start_at
+    if ctx.now < float(data["start_at"]):
+        return wait(0, f"initial replication scheduled for {_fmt(float(data['start_at']))}")
+    cmd = ctx.s.get(Command, data["command_id"]) if "command_id" in data else None
+    if cmd is None:
+        cmd = commands.enqueue(ctx.s, host_id=item.host_id, kind="protect", item_id=item.id,
+                               args=_protect_args(ctx, item), now=ctx.now, job_id=ctx.job.id)
+        ctx.put(command_id=cmd.id)
+    if cmd.status in ("pending", "sent"):
+        return wait(50, "waiting for the agent to accept the protect command")
+    if cmd.status == "failed":
+        err = commands.error_from_dict(cmd.error)
+        if not err.transient:
+            raise err
+        return done(f"the agent failed transiently ({err.message}); initial replication retries")
+    return done("replication relationship created on the source host")
+
+
+def initial_replication(ctx: TaskContext) -> Step:
+    """Waits for the agent's protect command to end (it ends when the first point is committed)
+    or for the item's report to show a committed point. Transient failures are retried on the
+    seed's schedule by sending ``protect`` again; a permanent one fails the job."""
+    item = ctx.item()
+    data = ctx.data
+    cmd_id = data.get("command_id")
+    if cmd_id is None:
+        rel = ctx.sibling("create_relationship")
+        cmd_id = rel.data.get("command_id") if rel is not None else None
+        ctx.put(command_id=cmd_id)
+    cmd = ctx.s.get(Command, cmd_id) if cmd_id else None
+    report = item.report or {}
+    if item.last_point_time is not None or (cmd is not None and cmd.status == "succeeded"):
+        return done("first recovery point committed")
+    retry = RetryState.from_dict(data.get("retry") or {})
+    if cmd is None or cmd.status == "failed":
+        if cmd is not None and data.get("failure_recorded_for") != cmd.id:
+            err = commands.error_from_dict(cmd.error)
+            if not err.transient:
+                raise err
+            retry.record_failure(err, ctx.now)
+            ctx.put(retry=retry.to_dict(), failure_recorded_for=cmd.id)
+        if not retry.due(ctx.now):
+            assert retry.next_attempt_at is not None
+            last = (retry.last_error or {}).get("message", "")
+            return wait(0, f"retry {retry.failures + 1} at {_fmt(retry.next_attempt_at)} after: {last}")
+        cmd = commands.enqueue(ctx.s, host_id=item.host_id, kind="protect", item_id=item.id,
+                               args=_protect_args(ctx, item), now=ctx.now, job_id=ctx.job.id)
+        ctx.put(command_id=cmd.id)
+    progress = float(report.get("progress") or cmd.progress or 0.0)
+    total, sent = int(report.get("bytes_total") or 0), int(report.get("bytes_done") or 0)
+    detail = f"{sent} of {total} bytes copied" if total else f"agent: {cmd.status}"
+    return wait(progress, detail)
+
+
+def finalize(ctx: TaskContext) -> Step:
+    item = ctx.item()
+    item.status = "protected"
+    if item.state in ("new", "initial_replication"):
+        item.state = "protected"
+    item.retry = RetryState().to_dict()
+    item.critical_error = None
+    item.last_cycle_sent_at = item.last_point_time or ctx.now
+    item.last_retention_at = ctx.now
+    item.updated_at = ctx.now
+    record_event(ctx.s, ctx.now, "item", item.id, f"{item.vm_name} is protected")
+    return done(f"{item.vm_name} is protected; delta replication follows the policy")
+
+
+def _protect_sent(ctx: TaskContext) -> bool:
+    return ctx.s.scalars(select(Command.id).where(Command.job_id == ctx.job.id,
+                                                  Command.kind == "protect")).first() is not None
+
+
+def _retire_item(ctx: TaskContext, item: Item, status: str) -> None:
+    item.status = status
+    item.vm_ref = None
+    item.updated_at = ctx.now
+    commands.cancel_open(ctx.s, item.id, ctx.now, f"item {status}")
+
+
+def enable_rollback(ctx: TaskContext) -> Step:
+    """After a cancel: tell the agent to unprotect (deleting the points it made), wait for it
+    (at most ``rollback_timeout_s``), and retire the item."""
+    item = ctx.item()
+    data = ctx.data
+    if not _protect_sent(ctx):
+        _retire_item(ctx, item, "removed")
+        return done("nothing was sent to the agent; nothing to undo")
+    cmd = ctx.s.get(Command, data["command_id"]) if "command_id" in data else None
+    if cmd is None:
+        commands.cancel_open(ctx.s, item.id, ctx.now, "enable protection cancelled")
+        cmd = commands.enqueue(ctx.s, host_id=item.host_id, kind="unprotect", item_id=item.id,
+                               args={"delete_points": True}, now=ctx.now, job_id=ctx.job.id)
+        ctx.put(command_id=cmd.id, since=ctx.now)
+    if cmd.status == "succeeded":
+        _retire_item(ctx, item, "removed")
+        return done("the agent stopped protecting the VM and deleted its points")
+    timed_out = ctx.now - float(data.get("since", ctx.now)) > ctx.settings.rollback_timeout_s
+    if cmd.status == "failed" or timed_out:
+        _retire_item(ctx, item, "removed")
+        why = "failed" if cmd.status == "failed" else "was not confirmed in time"
+        return done(f"unprotect {why}; the agent gets it when it returns (command {cmd.id})")
+    return wait(50, "waiting for the agent to unprotect the VM")
+
+
+def enable_on_end(ctx: TaskContext, state: str) -> None:
+    item = ctx.s.get(Item, ctx.job.item_id) if ctx.job.item_id else None
+    if item is None:
+        return
+    if item.active_job_id == ctx.job.id:
+        item.active_job_id = None
+    if state == "failed" and item.status == "enabling":
+        if _protect_sent(ctx):
+            commands.cancel_open(ctx.s, item.id, ctx.now, "enable protection failed")
+            commands.enqueue(ctx.s, host_id=item.host_id, kind="unprotect", item_id=item.id,
+                             args={"delete_points": True}, now=ctx.now, job_id=ctx.job.id)
+        _retire_item(ctx, item, "failed")
+    elif state == "cancelled" and item.status == "enabling":
+        _retire_item(ctx, item, "removed")
+
+
+ENABLE_HANDLERS = JobHandlers(
+    tasks={"prerequisites": prerequisites, "create_relationship": create_relationship,
+           "initial_replication": initial_replication, "finalize": finalize},
+    on_end=enable_on_end, rollback=enable_rollback)
+
+
+# -------------------------------------------------------------------------- DisableProtection
+
+def stop_replication(ctx: TaskContext) -> Step:
+    item = ctx.item()
+    host = ctx.s.get(Host, item.host_id)
+    if host is None or host.revoked_at is not None:
+        return done("source host is revoked; nothing to stop there")
+    data = ctx.data
+    cmd = ctx.s.get(Command, data["command_id"]) if "command_id" in data else None
+    if cmd is None:
+        commands.cancel_open(ctx.s, item.id, ctx.now, "protection disabled")
+        cmd = commands.enqueue(ctx.s, host_id=item.host_id, kind="unprotect", item_id=item.id,
+                               args={"delete_points": bool(ctx.job.args.get("delete_points"))},
+                               now=ctx.now, job_id=ctx.job.id)
+        ctx.put(command_id=cmd.id)
+    if cmd.status == "succeeded":
+        return done("the agent stopped replicating the VM")
+    if cmd.status == "failed":
+        raise commands.error_from_dict(cmd.error)
+    if not host_up(host, ctx):
+        return wait(30, f"waiting for host {host.name} (no heartbeat)")
+    return wait(50, f"waiting for the agent ({cmd.status})")
+
+
+def remove_item(ctx: TaskContext) -> Step:
+    item = ctx.item()
+    _retire_item(ctx, item, "removed")
+    ctx.s.execute(delete(Point).where(Point.item_id == item.id))
+    vm = ctx.s.scalars(select(Vm).where(Vm.host_id == item.host_id, Vm.vm_id == item.vm_id)).first()
+    if vm is not None:
+        vm.auto_protect_blocked = True  # the group's policy must not protect it again by itself
+    record_event(ctx.s, ctx.now, "item", item.id, f"protection of {item.vm_name} disabled")
+    return done("item removed from the vault")
+
+
+def disable_on_end(ctx: TaskContext, state: str) -> None:
+    item = ctx.s.get(Item, ctx.job.item_id) if ctx.job.item_id else None
+    if item is None:
+        return
+    if item.active_job_id == ctx.job.id:
+        item.active_job_id = None
+    if state in ("failed", "cancelled") and item.status == "disabling":
+        item.status = "protected"  # still protected: the operator may try again
+        item.updated_at = ctx.now
+
+
+DISABLE_HANDLERS = JobHandlers(tasks={"stop_replication": stop_replication, "remove_item": remove_item},
+                               on_end=disable_on_end)

@@ -1,0 +1,235 @@
+"""The job runner: advances every active job by calling its current task's body.
+
+Each tick handles each active job in its own transaction: a task body either finishes (the next
+task starts in the same tick) or waits (asked again next tick). A ``DrsiteError`` fails the task
+and the job, keeping its class and hint. Cancellation is honoured at task boundaries (before a
+task body is called; a waiting task's every call is one); a kind with a rollback (EnableProtection)
+then runs it as an extra task, in state ``cancelling``.
+
+At start-up (:meth:`JobRunner.recover`) the runner looks at every job a previous vault left
+active: it resumes those whose kind and current task it knows (task bodies derive everything
+from rows, so calling them again is safe), and fails the others with a reason that says why.
+
+Responsible for: job/task bookkeeping (states, times, progress, errors, events). Not
+responsible for: what tasks do (``protection``, ``maintenance``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from drsite.core.errors import Conflict, DrsiteError, PermanentError
+from drsite.vault.audit import record_event
+from drsite.vault.db.database import Database
+from drsite.vault.db.models import Item, Job, Task
+from drsite.vault.jobs.model import JobHandlers, TaskContext
+from drsite.vault.jobs.plan import ACTIVE_JOB_STATES, ROLLBACK_TASK, WEIGHTS
+from drsite.vault.jobs.registry import HANDLERS
+from drsite.vault.settings import VaultSettings
+
+log = logging.getLogger(__name__)
+
+MAX_STEPS_PER_TICK = 16
+
+
+def ordered_tasks(s: Session, job_id: str) -> list[Task]:
+    return list(s.scalars(select(Task).where(Task.job_id == job_id).order_by(Task.idx)))
+
+
+def job_progress(tasks: list[Task]) -> float:
+    real = [t for t in tasks if t.name != ROLLBACK_TASK[0]]
+    total = sum(WEIGHTS.get(t.name, 1.0) for t in real) or 1.0
+    got = 0.0
+    for t in real:
+        w = WEIGHTS.get(t.name, 1.0)
+        if t.state in ("succeeded", "skipped"):
+            got += w
+        elif t.state == "running":
+            got += w * t.progress / 100.0
+    return round(100.0 * got / total, 1)
+
+
+def request_cancel(s: Session, job: Job, now: float) -> None:
+    """Ask for a job to stop at its next task boundary (``Conflict`` if it already ended)."""
+    if job.state not in ACTIVE_JOB_STATES:
+        raise Conflict(f"job {job.id} already {job.state}")
+    if not job.cancel_requested:
+        job.cancel_requested = True
+        job.updated_at = now
+        record_event(s, now, "job", job.id, f"{job.kind} of {job.target}: cancel requested")
+
+
+class JobRunner:
+    """Runs the vault's jobs. ``tick()`` is called by the vault's loop (or by tests)."""
+
+    def __init__(self, db: Database, settings: VaultSettings) -> None:
+        self.db = db
+        self.settings = settings
+
+    # ------------------------------------------------------------------------------ start-up
+
+    def recover(self) -> dict[str, str]:
+        """Decide the fate of every job a previous vault process left active: ``{job_id:
+        "resumed" | "failed"}``."""
+        out: dict[str, str] = {}
+        with self.db.tx() as s:
+            now = self.settings.clock.now()
+            active = select(Job).where(Job.state.in_(ACTIVE_JOB_STATES)).order_by(Job.created_at)
+            for job in s.scalars(active):
+                why = self._why_not_resumable(s, job)
+                if why is None:
+                    job.message = f"resumed after a vault restart; {job.message}"
+                    job.updated_at = now
+                    record_event(s, now, "job", job.id, f"{job.kind} of {job.target} resumed after restart")
+                    out[job.id] = "resumed"
+                    continue
+                err = PermanentError(f"cannot resume after a vault restart: {why}",
+                                     hint="Start the operation again.")
+                handlers = HANDLERS.get(job.kind)
+                self._end(s, job, ordered_tasks(s, job.id), "failed", now, handlers, err)
+                out[job.id] = "failed"
+        return out
+
+    def _why_not_resumable(self, s: Session, job: Job) -> str | None:
+        handlers = HANDLERS.get(job.kind)
+        if handlers is None:
+            return f"this vault version does not know job kind {job.kind!r}"
+        known = set(handlers.tasks) | ({ROLLBACK_TASK[0]} if handlers.rollback else set())
+        for t in ordered_tasks(s, job.id):
+            if t.state in ("pending", "running") and t.name not in known:
+                return f"this vault version does not know task {t.name!r} of {job.kind}"
+        if job.item_id is not None and s.get(Item, job.item_id) is None:
+            return f"its item {job.item_id} no longer exists"
+        return None
+
+    # ---------------------------------------------------------------------------------- ticks
+
+    def tick(self) -> int:
+        """Advance every active job once; returns how many jobs are still active."""
+        with self.db.tx() as s:
+            ids = list(s.scalars(select(Job.id).where(Job.state.in_(ACTIVE_JOB_STATES))
+                                 .order_by(Job.created_at, Job.id)))
+        active = 0
+        for job_id in ids:
+            try:
+                with self.db.tx() as s:
+                    job = s.get(Job, job_id)
+                    if job is not None and self._advance(s, job):
+                        active += 1
+            except Exception as exc:  # a bug must not stop the other jobs: fail this one
+                log.exception("job %s: internal error", job_id)
+                self._fail_internal(job_id, exc)
+        return active
+
+    def _fail_internal(self, job_id: str, exc: Exception) -> None:
+        with self.db.tx() as s:
+            job = s.get(Job, job_id)
+            if job is None or job.state not in ACTIVE_JOB_STATES:
+                return
+            err = PermanentError(f"internal error in the vault: {type(exc).__name__}: {exc}",
+                                 hint="Report this with the vault's log; start the operation again.")
+            self._end(s, job, ordered_tasks(s, job.id), "failed", self.settings.clock.now(),
+                      HANDLERS.get(job.kind), err)
+
+    def _advance(self, s: Session, job: Job) -> bool:
+        now = self.settings.clock.now()
+        handlers = HANDLERS.get(job.kind)
+        tasks = ordered_tasks(s, job.id)
+        if handlers is None:
+            self._end(s, job, tasks, "failed", now, None,
+                      PermanentError(f"unknown job kind {job.kind!r}"))
+            return False
+        if job.state == "queued":
+            job.state = "running"
+            job.started_at = now
+            record_event(s, now, "job", job.id, f"{job.kind} of {job.target} started")
+        for _ in range(MAX_STEPS_PER_TICK):
+            if job.cancel_requested and job.state == "running":
+                self._begin_cancel(s, job, tasks, handlers, now)
+                tasks = ordered_tasks(s, job.id)
+            current = next((t for t in tasks if t.state in ("pending", "running")), None)
+            if current is None:
+                self._end(s, job, tasks, "cancelled" if job.state == "cancelling" else "succeeded",
+                          now, handlers, None)
+                return False
+            fn = handlers.rollback if current.name == ROLLBACK_TASK[0] else handlers.tasks.get(current.name)
+            if fn is None:
+                self._end(s, job, tasks, "failed", now, handlers,
+                          PermanentError(f"unknown task {current.name!r} of {job.kind}"))
+                return False
+            if current.state == "pending":
+                current.state = "running"
+                current.started_at = now
+            ctx = TaskContext(s=s, job=job, task=current, now=now, settings=self.settings)
+            try:
+                step = fn(ctx)
+            except DrsiteError as err:
+                current.state = "failed"
+                current.ended_at = now
+                current.message = err.message
+                if job.state == "cancelling":
+                    self._end(s, job, tasks, "cancelled", now, handlers, err)
+                else:
+                    self._end(s, job, tasks, "failed", now, handlers, err)
+                return False
+            current.message = step.message
+            if step.done:
+                current.state = "succeeded"
+                current.progress = 100.0
+                current.ended_at = now
+                continue
+            current.progress = step.progress
+            job.progress = job_progress(tasks)
+            job.message = f"{current.title}: {step.message}"
+            job.updated_at = now
+            return True
+        job.updated_at = now
+        return True
+
+    def _begin_cancel(self, s: Session, job: Job, tasks: list[Task], handlers: JobHandlers,
+                      now: float) -> None:
+        for t in tasks:
+            if t.state in ("pending", "running"):
+                t.state = "cancelled"
+                t.ended_at = now
+                t.message = t.message or "cancelled"
+        record_event(s, now, "job", job.id, f"{job.kind} of {job.target}: cancelling")
+        if handlers.rollback is not None:
+            name, title = ROLLBACK_TASK
+            s.add(Task(job_id=job.id, idx=len(tasks), name=name, title=title, state="pending",
+                       progress=0.0, message="", data={}))
+            s.flush()
+        job.state = "cancelling"
+
+    def _end(self, s: Session, job: Job, tasks: list[Task], state: str, now: float,
+             handlers: JobHandlers | None, err: DrsiteError | None) -> None:
+        for t in tasks:
+            if t.state == "pending":
+                t.state = "cancelled" if state == "cancelled" else "skipped"
+            elif t.state == "running":
+                t.state = "failed" if state == "failed" else "cancelled"
+                t.ended_at = now
+        job.state = state
+        job.ended_at = now
+        job.updated_at = now
+        if job.started_at is None:
+            job.started_at = now
+        if err is not None:
+            job.error = err.to_dict()
+            job.message = err.message
+        elif state == "succeeded":
+            job.progress = 100.0
+            done_msgs = [t.message for t in tasks if t.message]
+            job.message = done_msgs[-1] if done_msgs else "done"
+        else:
+            job.message = "cancelled"
+        if handlers is not None:
+            last = tasks[-1] if tasks else Task(job_id=job.id, idx=0, name="", title="", state="",
+                                                progress=0.0, message="", data={})
+            handlers.on_end(TaskContext(s=s, job=job, task=last, now=now, settings=self.settings),
+                            state)
+        record_event(s, now, "job", job.id, f"{job.kind} of {job.target} {state}"
+                     + (f": {err.message}" if err is not None else ""))

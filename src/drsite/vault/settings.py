@@ -1,0 +1,55 @@
+"""Settings of one vault instance (typed values; the CLI builds them from its options)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from drsite.core.clock import Clock, SystemClock
+from drsite.vault.db.database import sqlite_url
+
+
+def local_minute_of_day(t: float) -> int:
+    lt = time.localtime(t)
+    return lt.tm_hour * 60 + lt.tm_min
+
+
+@dataclass
+class VaultSettings:
+    """What a vault needs to run.
+
+    ``db_url`` None → SQLite file ``DATA/vault.db``. ``clock`` and ``minute_of_day`` are injected
+    for tests (resync windows are in local time by default). ``background`` runs the job runner,
+    scheduler and health loop in a thread while the app is up; tests set it False and call
+    ``tick()`` themselves.
+    """
+
+    data_dir: Path
+    db_url: str | None = None
+    heartbeat_interval: float = 2.0
+    missed_heartbeats: int = 3
+    clock: Clock = field(default_factory=SystemClock)
+    minute_of_day: Callable[[float], int] = local_minute_of_day
+    background: bool = True
+    loop_interval: float = 0.5
+    # a command delivered but not acknowledged (still "sent") is delivered again after this
+    resend_after_s: float = 30.0
+    # a "running" command with no news for this long is delivered again (agents are idempotent)
+    stale_running_s: float = 900.0
+    retention_every_s: float = 3600.0
+    # a cancelled EnableProtection waits this long for the agent to confirm the unprotect
+    rollback_timeout_s: float = 600.0
+
+    @property
+    def database_url(self) -> str:
+        return self.db_url or sqlite_url(self.data_dir / "vault.db")
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.data_dir / "pki"
+
+    @property
+    def agent_down_after_s(self) -> float:
+        return self.missed_heartbeats * self.heartbeat_interval

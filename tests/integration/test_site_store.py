@@ -1,0 +1,431 @@
+"""The remote site store over real mTLS on 127.0.0.1: who is refused, what the server itself
+refuses, error mapping, and a replication (initial, delta, resync) through it end to end.
+
+The object-store conformance suite also runs through a real server: see the ``site`` backend
+of ``tests/contract/test_store_conformance.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from drsite.core.clock import FakeClock
+from drsite.core.errors import (
+    AuthError,
+    CorruptData,
+    InvalidInput,
+    NetworkError,
+    NotFound,
+    ObjectExists,
+    ObjectNotFound,
+)
+from drsite.core.model import DiskSpec, VmSpec
+from drsite.hypervisors.testing.memory import MemoryHypervisor
+from drsite.pki import CertificateAuthority, cert_identity
+from drsite.replication.driver import ItemReplicator, ReplicationSettings
+from drsite.replication.planner import ALWAYS
+from drsite.replication.report import ItemState
+from drsite.replication.target import LocalTarget
+from drsite.store.replica import ReplicaHydrator
+from drsite.store.repository import Repository
+from drsite.store.site import SiteObjectStore, SiteTarget, make_store_app
+from drsite.store.site.testing import RunningSiteStore, issue_agent_cert, make_test_certs
+from drsite.tlsutil import client_context, peer_certificate, start_in_thread
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[RunningSiteStore]:
+    srv = RunningSiteStore(tmp_path / "site")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def client(site: RunningSiteStore) -> Iterator[SiteObjectStore]:
+    c = site.client()
+    yield c
+    c.close()
+
+
+# --------------------------------------------------------------------------- basics
+
+def test_roundtrip_large_pack_and_ranges(site: RunningSiteStore, client: SiteObjectStore) -> None:
+    data = np.random.default_rng(1).integers(0, 256, 16 * MiB, dtype=np.uint8).tobytes()
+    client.put("items/i/packs/c/p1", data)
+    assert site.backend.get("items/i/packs/c/p1") == data  # landed on the server's store
+    assert client.get("items/i/packs/c/p1") == data
+    assert client.size("items/i/packs/c/p1") == 16 * MiB
+    assert client.get_range("items/i/packs/c/p1", 5 * MiB + 3, 1000) == data[5 * MiB + 3:5 * MiB + 1003]
+    assert client.get_range("items/i/packs/c/p1", 16 * MiB - 10, 100) == data[-10:]
+    with pytest.raises(ObjectExists):
+        client.put("items/i/packs/c/p1", b"other")
+    assert list(client.list("items/i/")) == ["items/i/packs/c/p1"]
+
+
+def test_identity_reaches_the_app(tmp_path: Path) -> None:
+    """``peer_certificate`` gives the verified client certificate, per connection; None when
+    the client sent none (server with client_cert="optional")."""
+    certs = make_test_certs(tmp_path)
+
+    async def who(request: Request) -> JSONResponse:
+        der = peer_certificate(request)
+        return JSONResponse({"cn": cert_identity(der).common_name if der else None})
+
+    app = Starlette(routes=[Route("/who", who)])
+    h = start_in_thread(app, host="127.0.0.1", port=0, certfile=certs.server_cert,
+                        keyfile=certs.server_key, cafile=certs.ca_file, client_cert="optional")
+    try:
+        assert h.port > 0 and h.url == f"https://127.0.0.1:{h.port}"
+        with_cert = client_context(certs.ca_file, certs.client_cert, certs.client_key)
+        without = client_context(certs.ca_file)
+        with httpx.Client(verify=with_cert) as c:
+            assert c.get(h.url + "/who").json() == {"cn": "host-primary"}
+            assert c.get(h.url + "/who").json() == {"cn": "host-primary"}  # keep-alive reuse
+        with httpx.Client(verify=without) as c:
+            assert c.get(h.url + "/who").json() == {"cn": None}
+    finally:
+        h.stop()
+    h.stop()  # idempotent
+    with pytest.raises(httpx.ConnectError), httpx.Client(verify=without) as c:
+        c.get(h.url + "/who")
+
+
+# --------------------------------------------------------------------------- who is refused
+
+def _assert_nothing_written(site: RunningSiteStore) -> None:
+    assert list(site.backend.list()) == []
+    assert not [r for r in site.requests if r[0] in ("PUT", "DELETE")]
+
+
+def test_no_client_cert_refused(site: RunningSiteStore) -> None:
+    with site.client(use_client_cert=False) as c, pytest.raises((AuthError, NetworkError)) as ei:
+        c.put("k", b"x")
+    # TLS 1.3: the server's certificate_required alert is read back as a refusal (permanent)
+    assert isinstance(ei.value, AuthError), ei.value
+    _assert_nothing_written(site)
+
+
+def test_cert_from_another_ca_refused(site: RunningSiteStore, tmp_path: Path) -> None:
+    other = CertificateAuthority.load_or_create(tmp_path / "other-ca")
+    cert, key = issue_agent_cert(other, tmp_path / "other", "host-primary")
+    with site.client(cert, key) as c, pytest.raises(AuthError, match="refused"):
+        c.put("k", b"x")
+    _assert_nothing_written(site)
+
+
+def test_expired_cert_refused(site: RunningSiteStore, tmp_path: Path) -> None:
+    cert, key = issue_agent_cert(site.certs.ca, tmp_path / "old", "host-old", days=-1)
+    with site.client(cert, key) as c, pytest.raises(AuthError, match="refused") as ei:
+        c.put("k", b"x")
+    assert not ei.value.transient
+    _assert_nothing_written(site)
+
+
+def test_server_cert_from_another_ca_refused_by_client(tmp_path: Path) -> None:
+    ours = make_test_certs(tmp_path / "ours")
+    rogue = RunningSiteStore(tmp_path / "rogue", certs=make_test_certs(tmp_path / "theirs"))
+    try:
+        ctx = client_context(ours.ca_file, ours.client_cert, ours.client_key)
+        with SiteObjectStore(rogue.url, ctx) as c, pytest.raises(AuthError, match="not trusted") as ei:
+            c.put("k", b"x")
+        assert "vault's CA" in ei.value.hint
+        assert list(rogue.backend.list()) == []
+        assert rogue.requests == []  # not a single request left the client
+    finally:
+        rogue.stop()
+
+
+def test_server_cert_for_another_address_refused(site: RunningSiteStore, tmp_path: Path) -> None:
+    cert_pem, key_pem = site.certs.ca.issue_server_cert(hostnames=["elsewhere.example"], ips=[])
+    (tmp_path / "s.pem").write_bytes(cert_pem)
+    (tmp_path / "s.key").write_bytes(key_pem)
+    app = make_store_app(site.backend, tmp_path / "replicas")
+    h = start_in_thread(app, host="127.0.0.1", port=0, certfile=tmp_path / "s.pem",
+                        keyfile=tmp_path / "s.key", cafile=site.certs.ca_file,
+                        client_cert="required")
+    try:
+        ctx = client_context(site.certs.ca_file, site.certs.client_cert, site.certs.client_key)
+        with SiteObjectStore(h.url, ctx) as c, pytest.raises(AuthError, match="not trusted"):
+            c.exists("k")
+    finally:
+        h.stop()
+
+
+def test_server_refuses_requests_without_cert_even_if_tls_lets_them_in(site: RunningSiteStore,
+                                                                       tmp_path: Path) -> None:
+    """Defence in depth: the app itself answers 401 when no verified certificate reached it."""
+    app = make_store_app(site.backend, tmp_path / "replicas")
+    h = start_in_thread(app, host="127.0.0.1", port=0, certfile=site.certs.server_cert,
+                        keyfile=site.certs.server_key, cafile=site.certs.ca_file,
+                        client_cert="optional")
+    try:
+        anon = SiteObjectStore(h.url, client_context(site.certs.ca_file))
+        with pytest.raises(AuthError, match="client certificate"):
+            anon.put("k", b"x")
+        with pytest.raises(AuthError):
+            anon.catch_up("item1")
+        anon.close()
+        assert list(site.backend.list()) == []
+        with SiteObjectStore(h.url, client_context(site.certs.ca_file, site.certs.client_cert,
+                                                   site.certs.client_key)) as c:
+            c.put("k", b"x")
+        assert site.backend.get("k") == b"x"
+    finally:
+        h.stop()
+
+
+def test_server_down_is_transient(tmp_path: Path) -> None:
+    srv = RunningSiteStore(tmp_path)
+    c = srv.client(timeout=2.0)
+    c.put("k", b"v")
+    srv.stop()
+    with pytest.raises(NetworkError) as ei:
+        c.get("k")
+    assert ei.value.transient
+    c.close()
+
+
+# --------------------------------------------------------------------------- bad input
+
+BAD_RAW_PATHS = [
+    "/store/v1/objects/..%2Fx", "/store/v1/objects/%2e%2e/x", "/store/v1/objects/a%2F..%2Fb",
+    "/store/v1/objects/a/%2E%2E/%2E%2E/etc", "/store/v1/objects/a%00b", "/store/v1/objects/x%0A",
+    "/store/v1/objects/", "/store/v1/objects/a%20b", "/store/v1/objects/.hidden",
+]
+
+
+def test_bad_keys_refused_by_client_before_sending(site: RunningSiteStore,
+                                                   client: SiteObjectStore) -> None:
+    for bad in ("../x", "a/../b", "/abs", "a//b", "a\x00b"):
+        with pytest.raises(InvalidInput):
+            client.put(bad, b"x")
+        with pytest.raises(InvalidInput):
+            client.get(bad)
+    with pytest.raises(InvalidInput):
+        list(client.list("../"))
+    assert site.requests == []
+
+
+@pytest.mark.parametrize("path", BAD_RAW_PATHS)
+def test_bad_keys_refused_by_server(site: RunningSiteStore, tmp_path: Path, path: str) -> None:
+    ctx = client_context(site.certs.ca_file, site.certs.client_cert, site.certs.client_key)
+    with httpx.Client(verify=ctx, base_url=site.url) as raw:
+        for method in ("PUT", "GET", "HEAD", "DELETE"):
+            r = raw.request(method, path, content=b"evil" if method == "PUT" else None)
+            assert r.status_code == 400, (method, path, r.status_code, r.text)
+            if method != "HEAD":
+                assert r.json()["code"] == "invalid_input"
+    assert list(site.backend.list()) == []
+    assert sorted(p.name for p in (site.directory).iterdir()) == ["pki", "replicas", "store"]
+
+
+def test_unnormalised_dot_segments_refused_by_server(site: RunningSiteStore) -> None:
+    """A client that does not normalise ``..`` (httpx would) still cannot escape."""
+    ctx = client_context(site.certs.ca_file, site.certs.client_cert, site.certs.client_key)
+    url = httpx.URL(site.url).copy_with(raw_path=b"/store/v1/objects/../../escape")
+    with httpx.Client(verify=ctx) as raw:
+        r = raw.put(url, content=b"evil")
+    assert r.status_code == 400 and r.json()["code"] == "invalid_input"
+    assert not (site.directory / "escape").exists()
+    assert list(site.backend.list()) == []
+
+
+def test_bad_parameters_refused_by_server(site: RunningSiteStore) -> None:
+    ctx = client_context(site.certs.ca_file, site.certs.client_cert, site.certs.client_key)
+    with httpx.Client(verify=ctx, base_url=site.url) as raw:
+        for method, path, params, headers in [
+            ("GET", "/store/v1/list", {"prefix": "../"}, {}),
+            ("GET", "/store/v1/list", {"prefix": "a", "format": "xml"}, {}),
+            ("PUT", "/store/v1/objects/k", {"overwrite": "yes"}, {}),
+            ("GET", "/store/v1/objects/k", {}, {"Range": "bytes=5-"}),
+            ("GET", "/store/v1/objects/k", {}, {"Range": "bytes=9-3"}),
+            ("POST", "/replica/v1/items/a%20b/catch-up", {}, {}),
+            ("POST", "/replica/v1/items/..x/catch-up", {}, {}),
+            ("GET", "/replica/v1/items/item1/digests", {"disk": "../d0"}, {}),
+            ("GET", "/replica/v1/items/item1/digests", {"disk": "d0", "block": "0"}, {}),
+            ("GET", "/replica/v1/items/item1/digests", {"disk": "d0", "from_store": "2"}, {}),
+        ]:
+            r = raw.request(method, path, params=params, headers=headers)
+            assert r.status_code == 400, (method, path, params, r.text)
+            assert r.json()["code"] == "invalid_input"
+        r = raw.put("/store/v1/objects/k", content=b"x" * 100,
+                    headers={"Content-Length": str(1 << 40)})
+    assert list(site.backend.list()) == []
+
+
+def test_errors_map_back_to_their_classes(site: RunningSiteStore, client: SiteObjectStore) -> None:
+    with pytest.raises(ObjectNotFound):
+        client.get("missing")
+    with pytest.raises(ObjectNotFound):
+        client.size("missing")
+    with pytest.raises(ObjectNotFound):
+        client.get_range("missing", 0, 0)
+    with pytest.raises(NotFound):
+        client.digests("item1", "d0", from_store=False)  # no committed point
+    assert client.catch_up("item1") == []
+
+
+# --------------------------------------------------------------------------- replication end to end
+
+class _Env:
+    def __init__(self, tmp: Path, site: RunningSiteStore) -> None:
+        self.tmp = tmp
+        self.site = site
+        self.clock = FakeClock()
+        self.hv = MemoryHypervisor(self.clock)
+        self.vm = self.hv.create_blank(VmSpec(name="vm1", disks=(DiskSpec("d0", 2 * MiB),
+                                                                  DiskSpec("d1", 2 * MiB))))
+        self.rng = np.random.default_rng(3)
+        self.store = site.client()
+        self.target = SiteTarget(self.store, "item1", segment_size=1 * MiB, pack_target=256 * KiB)
+        self.item = ItemReplicator(
+            item_id="item1", vm_id=self.vm.vm_id, driver=self.hv, target=self.target,
+            state_dir=tmp / "state", clock=self.clock,
+            settings=ReplicationSettings(frequency_s=30, app_consistent_every_s=None,
+                                         resync_window=ALWAYS, io_size=256 * KiB,
+                                         save_every_bytes=256 * KiB))
+
+    def write(self, disk: str, off: int, n: int) -> None:
+        self.hv.write(self.vm.vm_id, disk, off,
+                      self.rng.integers(0, 256, n, dtype=np.uint8).tobytes())
+
+    def source(self) -> dict[str, bytes]:
+        return {d.disk_id: self.hv.disk_bytes(self.vm.vm_id, d.disk_id) for d in self.vm.disks}
+
+    def server_repo(self) -> Repository:
+        return Repository(self.site.backend, "item1")
+
+    def point_bytes(self, point_id: str) -> dict[str, bytes]:
+        out = {}
+        repo = self.server_repo()
+        for d in self.vm.disks:
+            r = repo.reader(point_id, d.disk_id)
+            buf = bytearray(r.size)
+            r.readinto(0, memoryview(buf))
+            out[d.disk_id] = bytes(buf)
+        return out
+
+    def hydrator(self) -> ReplicaHydrator:
+        return ReplicaHydrator(self.server_repo(), self.site.replicas / "item1")
+
+    def replica_bytes(self) -> dict[str, bytes]:
+        h = self.hydrator()
+        return {d.disk_id: h.disk_path(d.disk_id).read_bytes().ljust(d.size, b"\0")
+                for d in self.vm.disks}
+
+    def digest_calls(self) -> list[str]:
+        return [q for m, p, q in self.site.requests if p.endswith("/digests")]
+
+
+def test_replication_over_the_site_store(site: RunningSiteStore, tmp_path: Path) -> None:
+    env = _Env(tmp_path, site)
+    env.write("d0", 0, 300 * KiB)
+    env.write("d1", 1 * MiB + 123, 5000)
+    p0 = env.item.run_initial()
+    assert p0.kind == "initial"
+    assert env.point_bytes(p0.point_id) == env.source()
+    # the server hydrated its replica after the commit (catch-up call)
+    assert env.hydrator().state() == (p0.point_id, None)
+    assert env.replica_bytes() == env.source()
+
+    env.write("d0", 100 * KiB + 7, 4096)
+    env.write("d1", 12345, 1)
+    p1 = env.item.run_cycle()
+    assert p1.kind == "delta" and p1.base_point_id == p0.point_id
+    assert env.point_bytes(p1.point_id) == env.source()
+    assert env.hydrator().state() == (p1.point_id, None)
+    assert env.hydrator().verify()
+    assert env.replica_bytes() == env.source()
+    catch_ups = [r for r in site.requests if r[1] == "/replica/v1/items/item1/catch-up"]
+    assert len(catch_ups) == 2
+
+    # resync: the target's digests come from the server (from its replica: it holds the latest)
+    env.hv.lose_tracking(env.vm.vm_id, "log lost in host crash")
+    env.write("d0", 512 * KiB, 100)
+    env.item.step()
+    assert env.item.report.state is ItemState.RESYNC_REQUIRED
+    before = env.item.report.bytes_sent
+    env.item.step()
+    rep = env.item.report
+    assert rep.state is ItemState.PROTECTED and rep.resyncs == 1, rep.last_error
+    assert rep.bytes_sent - before == 64 * KiB  # only the one differing block travelled
+    calls = env.digest_calls()
+    assert {c.split("disk=")[1].split("&")[0] for c in calls} == {"d0", "d1"}
+    assert all("from_store=0" in c for c in calls)
+    latest = env.server_repo().latest()
+    assert latest is not None and latest.kind == "resync"
+    assert env.point_bytes(latest.point_id) == env.source()
+    assert env.replica_bytes() == env.source()
+
+    # a resync against the store itself (after damage) asks the server with from_store=1
+    env.item.request_resync("by hand, from the store")
+    env.item.rec.resync_from_store = True
+    env.item.step()
+    assert env.item.report.resyncs == 2
+    assert [c for c in env.digest_calls() if "from_store=1" in c]
+    env.store.close()
+
+
+def test_remote_digests_equal_local_and_carry_bad_blocks(site: RunningSiteStore,
+                                                         tmp_path: Path) -> None:
+    env = _Env(tmp_path, site)
+    env.write("d0", 0, 1 * MiB)
+    env.write("d1", 700 * KiB, 300 * KiB)
+    env.item.run_initial()
+    local = LocalTarget(env.server_repo(), env.hydrator())
+    for disk in ("d0", "d1"):
+        for from_store in (False, True):
+            remote = env.target.digests(disk, from_store=from_store)
+            mine = local.digests(disk, from_store=from_store)
+            assert np.array_equal(remote.digests, mine.digests)
+            assert np.array_equal(remote.bad, mine.bad) and not remote.bad.any()
+    # damage a pack on the server: a from-store digest marks the blocks bad (so they are re-sent)
+    packs = [k for k in site.backend.list("items/item1/") if "/packs/" in k]
+    victim = packs[0]
+    data = bytearray(site.backend.get(victim))
+    data[100] ^= 0xFF
+    site.backend.put(victim, bytes(data), overwrite=True)
+    bad = [env.target.digests(d, from_store=True).bad for d in ("d0", "d1")]
+    assert any(b.any() for b in bad)
+    progress: list[int] = []
+    env.target.digests("d0", from_store=False, progress=progress.append)
+    assert progress and progress[0] > 0
+    env.store.close()
+
+
+def test_hydration_damage_comes_back_as_corrupt_data(site: RunningSiteStore,
+                                                     tmp_path: Path) -> None:
+    """A catch-up that finds damaged data on the server raises CorruptData (permanent) at the
+    client, the class the engine's repair path (quarantine + resync from the store) expects."""
+    env = _Env(tmp_path, site)
+    env.write("d0", 0, 512 * KiB)
+    env.item.run_initial()
+    env.write("d0", 0, 512 * KiB)
+    catch_up = env.target.after_commit
+    env.target.after_commit = lambda point: None  # type: ignore[method-assign]
+    p1 = env.item.run_cycle()
+    env.target.after_commit = catch_up  # type: ignore[method-assign]
+    damaged = 0
+    for k in site.backend.list("items/item1/packs/"):
+        if p1.cycle_id in k:
+            d = bytearray(site.backend.get(k))
+            d[len(d) // 3] ^= 0xFF
+            site.backend.put(k, bytes(d), overwrite=True)
+            damaged += 1
+    assert damaged
+    with pytest.raises(CorruptData) as ei:
+        env.store.catch_up("item1")
+    assert not ei.value.transient
+    env.store.close()
