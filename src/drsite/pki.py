@@ -18,6 +18,7 @@ CSR/certificate/argument, ``PermanentError`` for an unusable CA directory.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import ipaddress
 import logging
 import os
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
+CA_LOCK = ".ca.lock"
 CA_DAYS = 3650
 _BACKDATE = dt.timedelta(minutes=5)   # tolerate small clock skew between vault and agents
 _MIN_RSA_BITS = 2048
@@ -184,9 +186,14 @@ class CertificateAuthority:
         cert_path, key_path = directory / CA_CERT, directory / CA_KEY
         try:
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            if cert_path.exists():
-                return cls._load(directory, cert_path, key_path)
-            return cls._create(directory, name, cert_path, key_path)
+            fd = os.open(directory / CA_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # two processes never create two CAs at once
+                if cert_path.exists():
+                    return cls._load(directory, cert_path, key_path)
+                return cls._create(directory, name, cert_path, key_path)
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise classify_os_error(exc, f"CA directory {directory}") from exc
 

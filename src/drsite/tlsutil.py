@@ -17,6 +17,8 @@ authorisation (the app decides what an identity may do), issuing certificates
 from __future__ import annotations
 
 import asyncio
+import asyncio.selector_events
+import asyncio.sslproto
 import contextlib
 import logging
 import signal
@@ -129,6 +131,15 @@ class ClientCertH11Protocol(H11Protocol):
             der = ssl_object.getpeercert(binary_form=True)
         self.app = cast(Any, _with_client_cert(cast(ASGIApp, self.app), der))
 
+    def shutdown(self) -> None:
+        """Server shutdown: like uvicorn's, but an idle keep-alive connection whose output is
+        flushed is aborted instead of waiting for the peer's TLS close_notify (an idle pooled
+        client never reads it, which held every stop for the full graceful timeout)."""
+        idle = self.cycle is None or self.cycle.response_complete
+        super().shutdown()
+        if idle and self.transport.get_write_buffer_size() == 0:
+            self.transport.abort()
+
 
 def peer_certificate(scope_or_request: Mapping[str, Any] | Any) -> bytes | None:
     """DER of the connection's verified client certificate, or ``None``. Accepts an ASGI scope
@@ -140,6 +151,52 @@ def peer_certificate(scope_or_request: Mapping[str, Any] | Any) -> bytes | None:
     tls = (scope.get("extensions") or {}).get("tls") or {}
     der = tls.get("client_cert_der") if isinstance(tls, Mapping) else None
     return der if isinstance(der, bytes) and der else None
+
+
+# --------------------------------------------------------------------------- handshake alerts
+
+class _AlertingSSLProtocol(asyncio.sslproto.SSLProtocol):
+    """CPython's TLS protocol closes the socket on a failed handshake without sending the alert
+    OpenSSL prepared, so a refused client sees a bare EOF and cannot tell "your certificate was
+    refused" (permanent) from "the server died" (transient). This sends the alert first, and
+    logs the refusal as one warning line (asyncio logs nothing for it outside debug mode)."""
+
+    def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
+        if handshake_exc is not None:
+            with contextlib.suppress(Exception):
+                self._process_outgoing()  # type: ignore[attr-defined]
+            with contextlib.suppress(Exception):
+                transport = getattr(self, "_transport", None)
+                peer = transport.get_extra_info("peername") if transport is not None else None
+                log.warning("TLS handshake from %s refused: %s", peer[0] if peer else "?",
+                            getattr(handshake_exc, "verify_message", None)
+                            or getattr(handshake_exc, "reason", None) or handshake_exc)
+        super()._on_handshake_complete(handshake_exc)
+
+
+class _AlertingEventLoop(asyncio.SelectorEventLoop):
+    """The selector loop, with :class:`_AlertingSSLProtocol` for TLS connections."""
+
+    def _make_ssl_transport(self, rawsock: Any, protocol: Any, sslcontext: Any,
+                            waiter: Any = None, *, server_side: bool = False,
+                            server_hostname: str | None = None, extra: Any = None,
+                            server: Any = None, ssl_handshake_timeout: float | None = None,
+                            ssl_shutdown_timeout: float | None = None) -> Any:
+        kw: dict[str, Any] = {}
+        if ssl_handshake_timeout is not None:
+            kw["ssl_handshake_timeout"] = ssl_handshake_timeout
+        if ssl_shutdown_timeout is not None:
+            kw["ssl_shutdown_timeout"] = ssl_shutdown_timeout
+        ssl_protocol = _AlertingSSLProtocol(self, protocol, sslcontext, waiter, server_side,
+                                            server_hostname, **kw)
+        asyncio.selector_events._SelectorSocketTransport(  # type: ignore[attr-defined]
+            self, rawsock, ssl_protocol, extra=extra, server=server)
+        return ssl_protocol._app_transport
+
+
+def _loop_factory() -> asyncio.AbstractEventLoop:
+    """uvicorn's ``loop`` setting (an import string naming this function)."""
+    return _AlertingEventLoop()
 
 
 # --------------------------------------------------------------------------- running uvicorn
@@ -183,6 +240,7 @@ def _config(app: ASGIApp, ctx: ssl.SSLContext, *, host: str, port: int,
             keep_alive_s: int, graceful_s: int, log_level: str) -> uvicorn.Config:
     return uvicorn.Config(
         app, host=host, port=port, http=ClientCertH11Protocol, ws="none", lifespan="auto",
+        loop=f"{__name__}:_loop_factory",
         ssl_context_factory=lambda _cfg, _default: ctx,
         log_config=None, log_level=log_level, access_log=False, server_header=False,
         proxy_headers=False, timeout_keep_alive=keep_alive_s,

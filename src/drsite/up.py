@@ -65,7 +65,7 @@ class Cluster:
 
     def env_lines(self) -> list[str]:
         return [f"export DRSITE_VAULT_URL={self.vault_url}",
-                f"export DRSITE_TOKEN={self.admin_token}",
+                f"export DRSITE_TOKEN=$(cat {self.root / 'vault' / 'admin.token'})",
                 f"export DRSITE_CA_FILE={self.ca_file}"]
 
 

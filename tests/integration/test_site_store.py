@@ -7,6 +7,11 @@ of ``tests/contract/test_store_conformance.py``.
 
 from __future__ import annotations
 
+import re
+import signal
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,6 +74,9 @@ def test_roundtrip_large_pack_and_ranges(site: RunningSiteStore, client: SiteObj
     assert client.size("items/i/packs/c/p1") == 16 * MiB
     assert client.get_range("items/i/packs/c/p1", 5 * MiB + 3, 1000) == data[5 * MiB + 3:5 * MiB + 1003]
     assert client.get_range("items/i/packs/c/p1", 16 * MiB - 10, 100) == data[-10:]
+    # a huge range is clamped on the server, not used to size a buffer
+    assert client.get_range("items/i/packs/c/p1", 16 * MiB - 10, 1 << 50) == data[-10:]
+    assert client.get_range("items/i/packs/c/p1", 17 * MiB, 1 << 50) == b""
     with pytest.raises(ObjectExists):
         client.put("items/i/packs/c/p1", b"other")
     assert list(client.list("items/i/")) == ["items/i/packs/c/p1"]
@@ -228,18 +236,40 @@ def test_bad_keys_refused_by_server(site: RunningSiteStore, tmp_path: Path, path
             if method != "HEAD":
                 assert r.json()["code"] == "invalid_input"
     assert list(site.backend.list()) == []
-    assert sorted(p.name for p in (site.directory).iterdir()) == ["pki", "replicas", "store"]
+    assert sorted(p.name for p in site.directory.iterdir()) == ["pki", "store"]
+
+
+def _raw_request(site: RunningSiteStore, head: str) -> tuple[int, bytes]:
+    """Send ``head`` (request line + headers, no body) as is over mTLS; (status, response)."""
+    ctx = client_context(site.certs.ca_file, site.certs.client_cert, site.certs.client_key)
+    with socket.create_connection(("127.0.0.1", site.handle.port), timeout=5) as raw, \
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        tls.sendall(head.encode("latin-1"))
+        out = b""
+        while True:
+            chunk = tls.recv(65536)
+            out += chunk
+            head_, sep, body = out.partition(b"\r\n\r\n")
+            m = re.search(rb"(?i)content-length: (\d+)", head_)
+            if not chunk or (sep and m and len(body) >= int(m.group(1))):
+                break
+    return int(out.split(b" ", 2)[1]), out
 
 
 def test_unnormalised_dot_segments_refused_by_server(site: RunningSiteStore) -> None:
     """A client that does not normalise ``..`` (httpx would) still cannot escape."""
-    ctx = client_context(site.certs.ca_file, site.certs.client_cert, site.certs.client_key)
-    url = httpx.URL(site.url).copy_with(raw_path=b"/store/v1/objects/../../escape")
-    with httpx.Client(verify=ctx) as raw:
-        r = raw.put(url, content=b"evil")
-    assert r.status_code == 400 and r.json()["code"] == "invalid_input"
+    status, resp = _raw_request(site, "PUT /store/v1/objects/../../escape HTTP/1.1\r\n"
+                                      "Host: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    assert status == 400 and b"invalid_input" in resp, resp
     assert not (site.directory / "escape").exists()
     assert list(site.backend.list()) == []
+
+
+def test_oversized_body_refused_before_reading(site: RunningSiteStore) -> None:
+    status, resp = _raw_request(site, f"PUT /store/v1/objects/big HTTP/1.1\r\nHost: x\r\n"
+                                      f"Content-Length: {1 << 40}\r\n\r\n")
+    assert status == 400 and b"invalid_input" in resp, resp
+    assert not site.backend.exists("big")
 
 
 def test_bad_parameters_refused_by_server(site: RunningSiteStore) -> None:
@@ -260,8 +290,6 @@ def test_bad_parameters_refused_by_server(site: RunningSiteStore) -> None:
             r = raw.request(method, path, params=params, headers=headers)
             assert r.status_code == 400, (method, path, params, r.text)
             assert r.json()["code"] == "invalid_input"
-        r = raw.put("/store/v1/objects/k", content=b"x" * 100,
-                    headers={"Content-Length": str(1 << 40)})
     assert list(site.backend.list()) == []
 
 
@@ -353,7 +381,7 @@ def test_replication_over_the_site_store(site: RunningSiteStore, tmp_path: Path)
 
     # resync: the target's digests come from the server (from its replica: it holds the latest)
     env.hv.lose_tracking(env.vm.vm_id, "log lost in host crash")
-    env.write("d0", 512 * KiB, 100)
+    env.write("d0", 128 * KiB + 10, 100)  # inside the data written above: a full 64 KiB block
     env.item.step()
     assert env.item.report.state is ItemState.RESYNC_REQUIRED
     before = env.item.report.bytes_sent
@@ -429,3 +457,50 @@ def test_hydration_damage_comes_back_as_corrupt_data(site: RunningSiteStore,
         env.store.catch_up("item1")
     assert not ei.value.transient
     env.store.close()
+
+
+# --------------------------------------------------------------------------- serve() and SIGTERM
+
+_SERVE = """
+import logging, sys
+from pathlib import Path
+from drsite.store.local import LocalObjectStore
+from drsite.store.site import make_store_app
+from drsite.tlsutil import serve
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s %(message)s")
+d = Path(sys.argv[1])
+serve(make_store_app(LocalObjectStore(d / "store"), d / "replicas"), host="127.0.0.1", port=0,
+      certfile=Path(sys.argv[2]), keyfile=Path(sys.argv[3]), cafile=Path(sys.argv[4]),
+      client_cert="required")
+print("returned cleanly", file=sys.stderr)
+"""
+
+
+def test_serve_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    certs = make_test_certs(tmp_path / "pki")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SERVE, str(tmp_path), str(certs.server_cert),
+         str(certs.server_key), str(certs.ca_file)], stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        lines: list[str] = []
+        port = None
+        while port is None:
+            line = proc.stderr.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+            m = re.search(r"serving https://127\.0\.0\.1:(\d+)", line)
+            port = int(m.group(1)) if m else None
+        ctx = client_context(certs.ca_file, certs.client_cert, certs.client_key)
+        with SiteObjectStore(f"https://127.0.0.1:{port}", ctx) as c:
+            c.put("k", b"v")
+            assert c.get("k") == b"v"
+            proc.send_signal(signal.SIGTERM)
+            out = proc.stderr.read()
+            assert proc.wait(10) == 0, out
+        assert "returned cleanly" in out
+        assert "PRIVATE KEY" not in "".join(lines) + out  # nothing secret in the log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -45,7 +45,7 @@ def test_create_then_load_is_idempotent(tmp_path: Path) -> None:
     _, csr = make_key_and_csr("h1")
     assert b.verify_issued(a.sign_csr(csr, common_name="h1", site="s1")).common_name == "h1"
     # no temp files left behind
-    assert sorted(p.name for p in d.iterdir()) == ["ca.key", "ca.pem"]
+    assert sorted(p.name for p in d.iterdir()) == [".ca.lock", "ca.key", "ca.pem"]
 
 
 def test_key_is_private(tmp_path: Path) -> None:

@@ -443,7 +443,6 @@ class Agent:
                         "on their own schedule until it is back",
                         time.monotonic() - self._last_ok, len(self._items))
             self._offline = True
-        now = time.time()
         with self._lock:
             items = [it for it in self._items.values()
                      if it.replicator is not None and it.entry.phase == PHASE_PROTECTED]
@@ -452,7 +451,7 @@ class Agent:
                 if lane is not None and (lane.active or lane.tasks):
                     continue
                 assert it.replicator is not None
-                if it.replicator.next_due() <= now:
+                if it.replicator.next_due() <= time.time():  # next_due first: it reads the clock
                     self._enqueue(it.entry.item_id, _Task("auto"))
 
     # ----------------------------------------------------------------------------- results

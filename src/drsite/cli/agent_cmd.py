@@ -39,7 +39,8 @@ def run(
     heartbeat_interval: float = typer.Option(2.0, help="Seconds between heartbeats."),
 ) -> None:
     """Run the agent daemon in the foreground (SIGTERM stops it cleanly)."""
-    from drsite.agent.main import agent_run
+    from drsite.agent.main import agent_run, configure_logging
 
+    configure_logging()
     agent_run(data_dir=data, vms_root=vms, store_dir=store, store_listen=store_listen,
               heartbeat_interval=heartbeat_interval)

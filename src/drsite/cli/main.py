@@ -36,16 +36,29 @@ def demo(
     vms: int = typer.Option(2, min=1, max=16, help="Number of file VMs on the primary site."),
     disks: int = typer.Option(2, min=1, max=8, help="Disks per VM."),
     disk_mib: int = typer.Option(256, min=16, max=65536, help="Size of each disk in MiB."),
-    cycles: int = typer.Option(3, min=1, max=100, help="Delta cycles to run after initial replication."),
+    cycles: int = typer.Option(3, min=1, max=100, help="Delta cycles to wait for after initial replication."),
     frequency: float = typer.Option(5.0, min=5.0, help="Replication frequency in seconds (>= 5)."),
+    in_process: bool = typer.Option(False, "--in-process", help="Run the replication library in "
+                                    "this process instead of a vault and agents (no API; also "
+                                    "shows a resync and a mid-run proof)."),
+    keep_running: bool = typer.Option(False, help="Leave the vault and agents running at the end."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON result on stdout."),
 ) -> None:
-    """Build a primary and a secondary site here, replicate live file VMs, prove the replica."""
-    from drsite.demo import DemoOptions, run_demo
+    """Two sites on this machine: a vault and two agents (processes on 127.0.0.1), live file VMs,
+    protection through the API, scheduled delta cycles, and a bit-for-bit proof by digest."""
+    if in_process:
+        from drsite.demo import DemoOptions, run_demo
 
-    res = run_demo(DemoOptions(workdir=workdir, vms=vms, disks=disks, disk_mib=disk_mib,
-                               cycles=cycles, frequency_s=frequency, json_out=json_out))
-    raise typer.Exit(0 if res.ok else 1)
+        res = run_demo(DemoOptions(workdir=workdir, vms=vms, disks=disks, disk_mib=disk_mib,
+                                   cycles=cycles, frequency_s=frequency, json_out=json_out))
+        raise typer.Exit(0 if res.ok else 1)
+    from drsite.demo_cluster import ClusterDemoOptions, run_cluster_demo
+
+    cres = run_cluster_demo(ClusterDemoOptions(workdir=workdir, vms=vms, disks=disks,
+                                               disk_mib=disk_mib, cycles=cycles,
+                                               frequency_s=frequency, json_out=json_out,
+                                               keep_running=keep_running))
+    raise typer.Exit(0 if cres.ok else 1)
 
 
 app.command("replicate")(replicate)

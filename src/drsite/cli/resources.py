@@ -50,7 +50,7 @@ def hosts_list(vault: str | None = VaultOpt, token: str | None = TokenOpt,
                ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
     """List registered hosts and whether their agent is up."""
     with client(vault, token, ca_file) as c:
-        show(c.hosts(), ["host_id", "name", "site", "up", "last_heartbeat", "store_url"],
+        show(c.hosts(), ["id", "name", "site", "up", "last_heartbeat", "store_url"],
              title="hosts", json_out=json_out)
 
 
@@ -59,7 +59,7 @@ def vms_list(vault: str | None = VaultOpt, token: str | None = TokenOpt,
              ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
     """List VMs reported by the agents."""
     with client(vault, token, ca_file) as c:
-        show(c.vms(), ["vm_id", "name", "site", "host_id", "power", "item_id"], title="VMs",
+        show(c.vms(), ["vm_id", "name", "site", "host", "power", "item_id"], title="VMs",
              json_out=json_out)
 
 
@@ -132,7 +132,8 @@ def groups_create(
 
 # -- items / points -----------------------------------------------------------------------------
 
-ITEM_COLS = ["item_id", "vm_name", "group", "state", "health", "rpo_s", "last_point_time"]
+ITEM_COLS = ["id", "vm_name", "group", "protection", "state", "health", "rpo_s",
+             "last_point_time"]
 
 
 @items.command("list")
@@ -172,11 +173,12 @@ def _follow(c: Any, job_id: str, json_out: bool, wait: bool) -> None:
 
         def update(job: dict[str, Any]) -> None:
             running = [t for t in job.get("tasks", []) if t.get("state") == "running"]
-            desc = f"{job.get('kind')}: {running[0]['name'] if running else job.get('state')}"
+            step = running[0].get("title") or running[0]["name"] if running else job.get("state")
+            desc = f"{job.get('kind')} {job.get('target') or ''}: {step}"
             progress.update(task, description=desc, completed=float(job.get("progress") or 0))
 
         job = c.wait_job(job_id, on_update=update)
-    show(job, ["job_id", "kind", "state", "progress", "error"], title="job", json_out=json_out)
+    show(job, ["id", "kind", "target", "state", "progress", "error"], title="job", json_out=json_out)
     if job.get("state") != "succeeded":
         raise typer.Exit(1)
 
@@ -219,7 +221,7 @@ def jobs_list(state: str | None = typer.Option(None), kind: str | None = typer.O
     """List jobs, newest first."""
     with client(vault, token, ca_file) as c:
         show(c.jobs(state=state, kind=kind, limit=limit),
-             ["job_id", "kind", "target", "state", "progress", "created_at"], title="jobs",
+             ["id", "kind", "target", "state", "progress", "created_at"], title="jobs",
              json_out=json_out)
 
 
@@ -232,10 +234,10 @@ def jobs_show(job_id: str, vault: str | None = VaultOpt, token: str | None = Tok
         if json_out:
             show(job, [], title="", json_out=True)
             return
-        show(job, ["job_id", "kind", "target", "state", "progress", "error"], title="job",
+        show(job, ["id", "kind", "target", "state", "progress", "message", "error"], title="job",
              json_out=False)
-        show(job.get("tasks", []), ["name", "state", "progress", "started_at", "ended_at", "message"],
-             title="tasks", json_out=False)
+        show(job.get("tasks", []), ["name", "state", "progress", "started_at", "ended_at",
+                                    "message"], title="tasks", json_out=False)
 
 
 @jobs.command("cancel")
@@ -265,7 +267,7 @@ def alerts_list(vault: str | None = VaultOpt, token: str | None = TokenOpt,
                 ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
     """List open alerts."""
     with client(vault, token, ca_file) as c:
-        show(c.alerts(), ["alert_id", "severity", "kind", "subject", "message", "raised_at"],
+        show(c.alerts(), ["id", "severity", "kind", "subject", "message", "raised_at"],
              title="alerts", json_out=json_out)
 
 
@@ -284,4 +286,5 @@ def tokens_list(vault: str | None = VaultOpt, token: str | None = TokenOpt,
                 ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
     """List API tokens (never their secrets)."""
     with client(vault, token, ca_file) as c:
-        show(c.tokens(), ["name", "role", "created_at"], title="tokens", json_out=json_out)
+        show(c.tokens(), ["name", "role", "created_at", "last_used_at"], title="tokens",
+             json_out=json_out)

@@ -8,6 +8,7 @@ exit by error class). Not responsible for: retries (callers decide) or rendering
 from __future__ import annotations
 
 import os
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,9 @@ _CODES: dict[str, type[E.DrsiteError]] = {
     "auth_failed": E.AuthError, "forbidden": E.AuthError, "conflict": E.Conflict,
     "object_exists": E.ObjectExists, "network": E.NetworkError, "busy": E.Busy,
 }
+
+
+TERMINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,8 @@ def error_from_response(resp: httpx.Response) -> E.DrsiteError:
 class VaultClient:
     def __init__(self, config: VaultConfig) -> None:
         self.config = config
-        verify: Any = str(config.ca_file) if config.ca_file else True
+        verify: Any = ssl.create_default_context(cafile=str(config.ca_file)) if config.ca_file \
+            else True
         headers = {"Authorization": f"Bearer {config.token}"} if config.token else {}
         self._http = httpx.Client(base_url=config.url + "/api/v1", verify=verify,
                                   headers=headers, timeout=config.timeout)
@@ -229,7 +234,7 @@ class VaultClient:
             job = self.job(job_id)
             if on_update is not None:
                 on_update(job)
-            if job.get("state") in ("succeeded", "failed", "cancelled"):
+            if job.get("state") in TERMINAL_JOB_STATES:
                 return job
             if time.monotonic() > deadline:
                 raise E.TransientError(f"job {job_id} still {job.get('state')} after {timeout:g} s",

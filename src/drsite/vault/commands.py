@@ -49,9 +49,10 @@ def outstanding(s: Session, item_id: str, kinds: tuple[str, ...]) -> Command | N
 
 
 def cancel_open(s: Session, item_id: str, now: float, reason: str) -> int:
-    """Fail every open command of the item that has not reached its agent yet (``pending``)."""
+    """Fail every open command of the item that has not reached its agent yet (``pending``),
+    except ``unprotect``: that one must reach the agent whenever it comes back."""
     n = 0
-    for cmd in s.scalars(select(Command).where(Command.item_id == item_id,
+    for cmd in s.scalars(select(Command).where(Command.item_id == item_id, Command.kind != "unprotect",
                                                Command.status == "pending")):
         cmd.status = "failed"
         cmd.error = PermanentError(f"withdrawn: {reason}").to_dict()

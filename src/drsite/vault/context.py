@@ -45,7 +45,8 @@ def ensure_server_cert(ca: CertificateAuthority, pki_dir: Path) -> TlsFiles:
         cert_pem, key_pem = ca.issue_server_cert(hostnames=["localhost"], ips=["127.0.0.1"])
         atomic_write_bytes(key, key_pem)
         os.chmod(key, 0o600)
-        atomic_write_bytes(cert, cert_pem)
+        # the chain includes the CA, so an agent can pin it by fingerprint on first contact
+        atomic_write_bytes(cert, cert_pem + ca.ca_pem)
     return TlsFiles(ca=pki_dir / "ca.pem", cert=cert, key=key)
 
 

@@ -47,6 +47,7 @@ _REFUSED_REASONS = frozenset({
     "SSLV3_ALERT_CERTIFICATE_EXPIRED", "SSLV3_ALERT_CERTIFICATE_REVOKED",
     "SSLV3_ALERT_CERTIFICATE_UNKNOWN", "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
     "TLSV1_ALERT_UNKNOWN_CA", "TLSV1_ALERT_ACCESS_DENIED", "PEER_DID_NOT_RETURN_A_CERTIFICATE",
+    "SSLV3_ALERT_HANDSHAKE_FAILURE",   # TLS 1.2 server that got no certificate
 })
 
 
@@ -71,8 +72,8 @@ def _transport_error(exc: httpx.TransportError, what: str, base_url: str) -> Drs
                      "address; check the store URL and that both sites belong to this vault.")
         if isinstance(e, ssl.SSLError) and (e.reason or "") in _REFUSED_REASONS:
             return AuthError(
-                f"{what}: the store server at {base_url} refused this agent's certificate "
-                f"({e.reason})",
+                f"{what}: the store server at {base_url} refused this agent's TLS connection "
+                f"({e.reason}): certificate missing, expired or not from the vault's CA",
                 hint="The agent needs a current certificate from the vault's CA; re-register it "
                      "if it expired or was issued by another vault.")
     if isinstance(exc, httpx.TimeoutException):

@@ -33,7 +33,8 @@ def list_sites(vault: VaultDep, _p: Reader) -> list[dict[str, Any]]:
     with vault.db.tx() as s:
         counts = dict(s.execute(select(Host.site_id, func.count()).where(Host.revoked_at.is_(None))
                                 .group_by(Host.site_id)).tuples().all())
-        return [site_view(site, counts.get(site.id, 0)) for site in s.scalars(select(Site).order_by(Site.name))]
+        rows = s.scalars(select(Site).order_by(Site.name))
+        return [site_view(site, counts.get(site.id, 0)) for site in rows]
 
 
 @router.post("/sites", status_code=status.HTTP_201_CREATED, summary="Create a site")

@@ -158,7 +158,8 @@ def show_group(group: str, vault: VaultDep, _p: Reader) -> dict[str, Any]:
         return group_view(s, get_group(s, group), site_names(s))
 
 
-@router.put("/groups/{group}", summary="Change a group's policy or match (policy change: PolicyAssociation job)")
+@router.put("/groups/{group}",
+            summary="Change a group's policy or match (policy change: PolicyAssociation job)")
 def update_group(group: str, body: GroupUpdate, vault: VaultDep, _p: Operator) -> dict[str, Any]:
     now = vault.settings.clock.now()
     fields = body.model_fields_set
@@ -192,9 +193,9 @@ def delete_group(group: str, vault: VaultDep, _p: Operator) -> Response:
         if live:
             raise Conflict(f"group {g.name} still protects {len(live)} item(s)",
                            hint="Disable protection of its items first (DELETE /items/ID).")
-        if s.scalars(select(Item.id).where(Item.group_id == g.id)).first() is not None:
-            raise Conflict(f"group {g.name} is referenced by the history of removed items",
-                           hint="Keep it, or dissociate its policy (PUT /groups/NAME {\"policy\": null}).")
+        for retired in s.scalars(select(Item).where(Item.group_id == g.id)):
+            s.delete(retired)  # removed or failed items: their jobs and events keep the history
+        s.flush()
         s.delete(g)
         record_event(s, now, "group", g.name, "deleted")
     return Response(status_code=status.HTTP_204_NO_CONTENT)

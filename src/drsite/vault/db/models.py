@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Float,
     ForeignKey,
@@ -101,7 +102,7 @@ class Policy(Base):
     initial_replication_start: Mapped[str | None] = mapped_column(String(64), nullable=True)
     compression: Mapped[bool] = mapped_column(Boolean)
     encryption: Mapped[bool] = mapped_column(Boolean)
-    bandwidth_limit_bps: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    bandwidth_limit_bps: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     resync_window: Mapped[str] = mapped_column(String(16))
     rpo_threshold_s: Mapped[float] = mapped_column(Float)
     created_at: Mapped[float] = mapped_column(Float)
@@ -142,7 +143,7 @@ class Item(Base):
     vm_ref: Mapped[str | None] = mapped_column(String(200), unique=True, nullable=True)
     state: Mapped[str] = mapped_column(String(32))
     report: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
-    acked_seq: Mapped[int] = mapped_column(Integer, default=0)
+    acked_seq: Mapped[int] = mapped_column(BigInteger, default=0)
     last_point_time: Mapped[float | None] = mapped_column(Float, nullable=True)
     last_app_point_time: Mapped[float | None] = mapped_column(Float, nullable=True)
     retry: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -165,10 +166,10 @@ class Point(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     item_id: Mapped[str] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"))
     point_id: Mapped[str] = mapped_column(String(128))
-    seq: Mapped[int] = mapped_column(Integer)
+    seq: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[float] = mapped_column(Float)
     consistency: Mapped[str] = mapped_column(String(16))
-    bytes_written: Mapped[int] = mapped_column(Integer)
+    bytes_written: Mapped[int] = mapped_column(BigInteger)
     info: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 

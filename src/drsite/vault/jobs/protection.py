@@ -131,7 +131,11 @@ def initial_replication(ctx: TaskContext) -> Step:
     cmd = ctx.s.get(Command, cmd_id) if cmd_id else None
     report = item.report or {}
     if item.last_point_time is not None or (cmd is not None and cmd.status == "succeeded"):
-        return done("first recovery point committed")
+        # done when the point is also in the catalogue operators see (it arrives with the
+        # agent's next heartbeat), so "protected" never shows an item without a point
+        if ctx.s.scalars(select(Point.point_id).where(Point.item_id == item.id)).first():
+            return done("first recovery point committed")
+        return wait(99.0, "first point committed; waiting for it to reach the catalogue")
     retry = RetryState.from_dict(data.get("retry") or {})
     if cmd is None or cmd.status == "failed":
         if cmd is not None and data.get("failure_recorded_for") != cmd.id:

@@ -109,19 +109,24 @@ class JobRunner:
 
     def tick(self) -> int:
         """Advance every active job once; returns how many jobs are still active."""
-        with self.db.tx() as s:
-            ids = list(s.scalars(select(Job.id).where(Job.state.in_(ACTIVE_JOB_STATES))
-                                 .order_by(Job.created_at, Job.id)))
+        seen: set[str] = set()
         active = 0
-        for job_id in ids:
-            try:
-                with self.db.tx() as s:
-                    job = s.get(Job, job_id)
-                    if job is not None and self._advance(s, job):
-                        active += 1
-            except Exception as exc:  # a bug must not stop the other jobs: fail this one
-                log.exception("job %s: internal error", job_id)
-                self._fail_internal(job_id, exc)
+        for _ in range(3):  # jobs started by jobs (PolicyAssociation) get their first step now
+            with self.db.tx() as s:
+                ids = [i for i in s.scalars(select(Job.id).where(Job.state.in_(ACTIVE_JOB_STATES))
+                                            .order_by(Job.created_at, Job.id)) if i not in seen]
+            if not ids:
+                break
+            for job_id in ids:
+                seen.add(job_id)
+                try:
+                    with self.db.tx() as s:
+                        job = s.get(Job, job_id)
+                        if job is not None and self._advance(s, job):
+                            active += 1
+                except Exception as exc:  # a bug must not stop the other jobs: fail this one
+                    log.exception("job %s: internal error", job_id)
+                    self._fail_internal(job_id, exc)
         return active
 
     def _fail_internal(self, job_id: str, exc: Exception) -> None:

@@ -1,0 +1,94 @@
+"""Agent routes (``/api/v1/agent``): registration with a one-time key, heartbeats, command
+results. Every route but ``register`` needs the agent's client certificate (see
+:func:`drsite.vault.auth.authenticate_agent`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, status
+
+from drsite.core.errors import InvalidInput, NotFound
+from drsite.pki import cert_identity
+from drsite.vault import commands
+from drsite.vault.api.deps import PeerCert, VaultDep, name
+from drsite.vault.api.schemas import CommandResultIn, HeartbeatIn, RegisterIn
+from drsite.vault.audit import record_event
+from drsite.vault.auth import authenticate_agent, consume_registration_key, lookup_registration_key
+from drsite.vault.db.models import Command, Host, Site
+from drsite.vault.heartbeat import Beat, ItemBeat, apply_heartbeat
+from drsite.vault.ids import new_id
+from drsite.vault.scheduler import apply_result
+
+router = APIRouter(prefix="/agent")
+
+MAX_CSR = 16 * 1024
+
+
+@router.post("/register", status_code=status.HTTP_201_CREATED,
+             summary="Join a site with a one-time registration key; the CSR is signed")
+def register(body: RegisterIn, vault: VaultDep) -> dict[str, Any]:
+    host_name = name("host", body.host_name)
+    if len(body.csr_pem) > MAX_CSR or len(body.key) > 200:
+        raise InvalidInput("csr_pem or key too long")
+    now = vault.settings.clock.now()
+    with vault.db.tx() as s:
+        key = lookup_registration_key(s, body.key, now)
+        site = s.get(Site, key.site_id)
+        if site is None:
+            raise NotFound("the key's site no longer exists")
+        host = s.query(Host).filter(Host.site_id == site.id, Host.name == host_name).first()
+        host_id = host.id if host is not None else new_id("h")
+        cert_pem = vault.ca.sign_csr(body.csr_pem.encode("utf-8", "replace"), common_name=host_id,
+                                     site=site.name)
+        ident = cert_identity(cert_pem)
+        consume_registration_key(s, key, host_id, now)
+        if host is None:
+            host = Host(id=host_id, name=host_name, site_id=site.id, registered_at=now,
+                        cert_fingerprint=ident.fingerprint, cert_serial=f"{ident.serial:x}")
+            s.add(host)
+            record_event(s, now, "host", host_name, f"registered in site {site.name} as {host_id}")
+        else:
+            host.cert_fingerprint = ident.fingerprint
+            host.cert_serial = f"{ident.serial:x}"
+            host.registered_at = now
+            host.revoked_at = None
+            record_event(s, now, "host", host_name, f"registered again in site {site.name}; "
+                                                    "its previous certificate no longer works")
+        return {"host_id": host_id, "site": site.name, "cert_pem": cert_pem.decode(),
+                "ca_pem": vault.ca.ca_pem.decode()}
+
+
+def _store_url(url: str | None) -> str | None:
+    if url is None:
+        return None
+    if (len(url) > 256 or not url.startswith(("https://", "http://"))
+            or any(ord(c) <= 32 or ord(c) == 127 for c in url)):
+        raise InvalidInput("store_url must be an http(s) URL of at most 256 characters")
+    return url
+
+
+@router.post("/heartbeat", summary="Report inventory, items and points; receive commands")
+def heartbeat(body: HeartbeatIn, vault: VaultDep, cert: PeerCert) -> dict[str, Any]:
+    store_url = _store_url(body.store_url)
+    beat = Beat(host_name=body.host_name, version=body.version, store_url=store_url, vms=body.vms,
+                items=[ItemBeat(item_id=i.item_id, report=i.report, new_points=i.new_points,
+                                removed_points=i.removed_points) for i in body.items])
+    with vault.db.tx() as s:
+        host = authenticate_agent(s, vault.ca, cert)
+        return apply_heartbeat(s, host, beat, vault.settings)
+
+
+@router.post("/commands/{command_id}/result", summary="Post a command's progress or result")
+def command_result(command_id: str, body: CommandResultIn, vault: VaultDep,
+                   cert: PeerCert) -> dict[str, Any]:
+    now = vault.settings.clock.now()
+    with vault.db.tx() as s:
+        host = authenticate_agent(s, vault.ca, cert)
+        cmd = s.get(Command, name("command id", command_id))
+        if cmd is None or cmd.host_id != host.id:
+            raise NotFound(f"no command {command_id!r} for this host")
+        if commands.record_result(cmd, status=body.status, progress=body.progress, result=body.result,
+                                  error=body.error, now=now):
+            apply_result(s, cmd, now)
+        return {"command_id": cmd.id, "status": cmd.status}

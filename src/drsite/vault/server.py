@@ -1,0 +1,63 @@
+"""``run_vault``: the vault as a process (what ``drsite vault serve`` calls).
+
+Bootstraps ``data_dir`` (CA in ``DATA/pki``, HTTPS certificate with SANs localhost and
+127.0.0.1, database schema via ``alembic upgrade head``, first admin token in
+``DATA/admin.token`` mode 0600 — printed once, at first start), then serves the API over HTTPS
+(client certificates optional at the TLS layer, required by agent routes) with the job runner,
+scheduler and health loop running inside, until SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from drsite import tlsutil
+from drsite.core.errors import InvalidInput
+from drsite.vault.app import create_app
+from drsite.vault.context import ADMIN_TOKEN_FILE, bootstrap
+from drsite.vault.settings import VaultSettings
+
+log = logging.getLogger(__name__)
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise InvalidInput(f"invalid listen address {listen!r}", hint="Use HOST:PORT, e.g. 127.0.0.1:8443.")
+    return host.strip("[]"), int(port)
+
+
+def run_vault(data_dir: Path, listen: str = "127.0.0.1:8443", db_url: str | None = None,
+              heartbeat_interval: float = 2.0) -> None:
+    """Run a vault in the foreground until it is asked to stop (blocking)."""
+    host, port = parse_listen(listen)
+    if heartbeat_interval <= 0:
+        raise InvalidInput("heartbeat_interval must be > 0")
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = VaultSettings(data_dir=Path(data_dir), db_url=db_url, heartbeat_interval=heartbeat_interval)
+    vault = bootstrap(settings)
+    if vault.new_admin_token is not None:
+        # the one place the first admin token is shown; it is also in DATA/admin.token (0600)
+        sys.stdout.write(f"admin token (saved in {settings.data_dir / ADMIN_TOKEN_FILE}, shown once): "
+                         f"{vault.new_admin_token}\n")
+        sys.stdout.flush()
+    app = create_app(settings, vault)
+    log.info("vault data in %s, database %s", settings.data_dir, _redact(settings.database_url))
+    try:
+        tlsutil.serve(app, host=host, port=port, certfile=vault.tls.cert, keyfile=vault.tls.key,
+                      cafile=vault.tls.ca, client_cert="optional")
+    finally:
+        vault.close()
+
+
+def _redact(url: str) -> str:
+    """A database URL without its password."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    cred, _, where = rest.rpartition("@")
+    user = cred.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{where}" if ":" in cred else f"{scheme}://{user}@{where}"

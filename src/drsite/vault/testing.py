@@ -1,0 +1,132 @@
+"""Test support for the vault (the vault itself never imports it).
+
+:class:`Harness` is an in-process vault: ``create_app`` with a fake clock and UTC resync
+windows, no background loop (tests call ``tick()``), the FastAPI ``TestClient``, and simulated
+agents — real CA-signed certificates handed to the app through the ``peer_cert`` dependency
+override instead of TLS.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from fastapi.testclient import TestClient
+
+from drsite.core.clock import FakeClock
+from drsite.pki import make_key_and_csr
+from drsite.replication.report import ItemReport, ItemState
+from drsite.vault.api.deps import peer_cert
+from drsite.vault.app import create_app
+from drsite.vault.context import Vault
+from drsite.vault.settings import VaultSettings
+
+T0 = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
+
+
+def utc_minute_of_day(t: float) -> int:
+    return int((t % 86400) // 60)
+
+
+def vm_info(vm_id: str, name: str, *, labels: list[str] | None = None) -> dict[str, Any]:
+    d: dict[str, Any] = {"vm_id": vm_id, "name": name, "vcpus": 1, "memory_mib": 512,
+                         "nics": [{"network": "lan", "mac": "52:54:00:00:00:01", "ip": None}],
+                         "disks": [{"disk_id": "disk0", "size": 1 << 20}], "power": "running"}
+    if labels is not None:
+        d["labels"] = labels
+    return d
+
+
+def report(item_id: str, vm_id: str, vm_name: str, state: ItemState = ItemState.PROTECTED,
+           **kw: Any) -> dict[str, Any]:
+    return ItemReport(item_id=item_id, vm_id=vm_id, vm_name=vm_name, state=state, **kw).to_dict()
+
+
+def point(item_id: str, seq: int, created_at: float, *, app: bool = False,
+          nbytes: int = 4096) -> dict[str, Any]:
+    return {"point_id": f"p{seq:06d}", "item_id": item_id, "seq": seq, "created_at": created_at,
+            "consistency": "app" if app else "crash", "kind": "initial" if seq == 1 else "delta",
+            "cycle_id": f"c{seq}", "base_point_id": None if seq == 1 else f"p{seq - 1:06d}",
+            "disk_sizes": {"disk0": 1 << 20}, "bytes_written": nbytes, "bytes_stored": nbytes // 2,
+            "meta": {}}
+
+
+class Agent:
+    """A registered host as the vault sees it (certificate DER, host id, site)."""
+
+    def __init__(self, h: Harness, host_id: str, site: str, name: str, cert_pem: bytes) -> None:
+        self.h, self.host_id, self.site, self.name = h, host_id, site, name
+        self.cert_der = x509.load_pem_x509_certificate(cert_pem).public_bytes(serialization.Encoding.DER)
+
+    def post(self, path: str, body: Any) -> Any:
+        self.h.peer = self.cert_der
+        try:
+            return self.h.client.post(f"/api/v1/agent{path}", json=body)
+        finally:
+            self.h.peer = None
+
+    def beat(self, vms: list[dict[str, Any]] | None = None, items: list[dict[str, Any]] | None = None,
+             store_url: str | None = None) -> dict[str, Any]:
+        r = self.post("/heartbeat", {"host_name": self.name, "version": "test", "store_url": store_url,
+                                     "vms": vms or [], "items": items or []})
+        assert r.status_code == 200, r.text
+        out: dict[str, Any] = r.json()
+        return out
+
+    def result(self, command_id: str, status: str, **kw: Any) -> Any:
+        return self.post(f"/commands/{command_id}/result", {"status": status, **kw})
+
+
+class Harness:
+    def __init__(self, data_dir: Path, db_url: str | None = None, **settings: Any) -> None:
+        self.clock = FakeClock(T0)
+        self.settings = VaultSettings(data_dir=data_dir, db_url=db_url, clock=self.clock,
+                                      minute_of_day=utc_minute_of_day, background=False, **settings)
+        self.app = create_app(self.settings)
+        self.vault: Vault = self.app.state.vault
+        self.peer: bytes | None = None
+        self.app.dependency_overrides[peer_cert] = lambda: self.peer
+        self.client = TestClient(self.app, raise_server_exceptions=False)
+        self.client.__enter__()
+        self.admin = (data_dir / "admin.token").read_text().strip()
+
+    def close(self) -> None:
+        self.client.__exit__(None, None, None)
+        self.vault.close()
+
+    def hdr(self, token: str | None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    def call(self, method: str, path: str, token: str | None = "admin", **kw: Any) -> Any:
+        tok = self.admin if token == "admin" else token
+        headers = {**self.hdr(tok), **kw.pop("headers", {})}
+        return self.client.request(method, f"/api/v1{path}", headers=headers, **kw)
+
+    def ok(self, method: str, path: str, token: str | None = "admin", **kw: Any) -> Any:
+        r = self.call(method, path, token, **kw)
+        assert r.status_code < 300, f"{method} {path}: {r.status_code} {r.text}"
+        return r.json() if r.content else None
+
+    def token(self, role: str, name: str | None = None) -> str:
+        return str(self.ok("POST", "/tokens", json={"name": name or f"t-{role}", "role": role})["token"])
+
+    def site(self, name: str) -> None:
+        self.ok("POST", "/sites", json={"name": name, "description": ""})
+
+    def register(self, site: str, host_name: str) -> Agent:
+        key = self.ok("POST", f"/sites/{site}/registration-keys", json={"ttl_s": 600})["key"]
+        _key_pem, csr = make_key_and_csr(host_name)
+        r = self.client.post("/api/v1/agent/register",
+                             json={"key": key, "host_name": host_name, "csr_pem": csr.decode()})
+        assert r.status_code == 201, r.text
+        body = r.json()
+        return Agent(self, body["host_id"], site, host_name, body["cert_pem"].encode())
+
+    def tick(self) -> None:
+        self.vault.tick()
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        out: dict[str, Any] = self.ok("GET", f"/jobs/{job_id}")
+        return out

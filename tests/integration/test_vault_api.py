@@ -1,0 +1,428 @@
+"""Vault API: every route, good and bad input, on SQLite and on PostgreSQL (in-process app,
+``TestClient``; agent routes get their client certificate through the dependency override)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from drsite.pki import make_key_and_csr
+from drsite.replication.report import ItemState
+from drsite.vault.testing import Agent, Harness, point, report, vm_info
+
+ENGINES = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(params=ENGINES)
+def h(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
+    url = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
+    hh = Harness(tmp_path / "vault", url)
+    yield hh
+    hh.close()
+
+
+def err(r: Any, status: int, code: str | None = None) -> dict[str, Any]:
+    assert r.status_code == status, f"{r.status_code} {r.text}"
+    body: dict[str, Any] = r.json()
+    assert set(body) == {"code", "class", "message", "hint"}, body
+    if code is not None:
+        assert body["code"] == code, body
+    return body
+
+
+def snapshot(h: Harness) -> dict[str, Any]:
+    """Everything an operator can see, to prove a refused call changed nothing."""
+    out = {p: h.ok("GET", p) for p in ("/sites", "/hosts", "/vms", "/policies", "/groups",
+                                       "/items?all=true", "/jobs", "/tokens")}
+    out["/tokens"] = [{k: v for k, v in t.items() if k != "last_used_at"} for t in out["/tokens"]]
+    return out
+
+
+def two_sites(h: Harness) -> tuple[Agent, Agent]:
+    h.site("prim")
+    h.site("sec")
+    a = h.register("prim", "hv1")
+    b = h.register("sec", "hv2")
+    a.beat(vms=[vm_info("vm-1", "web1"), vm_info("vm-2", "db1", labels=["db"])])
+    b.beat(store_url="https://127.0.0.1:9443")
+    return a, b
+
+
+def protect(h: Harness, a: Agent, vm_id: str = "vm-1", vm_name: str = "web1") -> str:
+    """Protect a VM through the API and play the agent until the item is protected."""
+    out = h.ok("POST", "/items", token=h.token("operator", f"op-{vm_id}"),
+               json={"vm_id": vm_id, "group": "g1"})
+    h.tick()
+    reply = a.beat(vms=[vm_info("vm-1", "web1"), vm_info("vm-2", "db1", labels=["db"])])
+    (cmd,) = [c for c in reply["commands"] if c["kind"] == "protect"]
+    assert cmd["item_id"] == out["item_id"]
+    assert cmd["args"]["store_url"] == "https://127.0.0.1:9443"
+    assert a.result(cmd["command_id"], "running", progress=5).status_code == 200
+    item_id = str(out["item_id"])
+    a.beat(vms=[vm_info("vm-1", "web1"), vm_info("vm-2", "db1", labels=["db"])],
+           items=[{"item_id": item_id, "report": report(item_id, vm_id, vm_name,
+                                                         last_point_time=h.clock.now()),
+                   "new_points": [point(item_id, 1, h.clock.now())]}])
+    assert a.result(cmd["command_id"], "succeeded").status_code == 200
+    h.tick()
+    job = h.job(out["job_id"])
+    assert job["state"] == "succeeded", job
+    return item_id
+
+
+def policy_and_group(h: Harness, **policy: Any) -> None:
+    h.ok("POST", "/policies", json={"name": "p1", "frequency_s": 30, **policy})
+    h.ok("POST", "/groups", json={"name": "g1", "site": "prim", "target_site": "sec", "policy": "p1"})
+
+
+# ----------------------------------------------------------------------------------- public
+
+def test_version_metrics_openapi(h: Harness) -> None:
+    assert h.client.get("/api/v1/version").json() == {"version": "0.1.0"}
+    m = h.client.get("/api/v1/metrics")
+    assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain")
+    assert "drsite_jobs" in m.text or "# HELP" in m.text
+    spec = h.client.get("/openapi.json").json()
+    for path in ("/api/v1/items", "/api/v1/agent/register", "/api/v1/agent/heartbeat",
+                 "/api/v1/jobs/{job_id}/cancel", "/api/v1/tokens/{token}"):
+        assert path in spec["paths"], path
+
+
+# ------------------------------------------------------------------------------------- auth
+
+def test_tokens_roles_and_secrets(h: Harness, tmp_path: Path) -> None:
+    token_file = tmp_path / "vault" / "admin.token"
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    err(h.call("GET", "/sites", token=None), 401, "auth_failed")
+    err(h.call("GET", "/sites", token="drst_not-a-token"), 401, "auth_failed")
+    err(h.client.get("/api/v1/sites", headers={"Authorization": "Basic abc"}), 401)
+    created = h.ok("POST", "/tokens", json={"name": "ro", "role": "reader"})
+    assert created["token"].startswith("drst_") and created["role"] == "reader"
+    listed = h.ok("GET", "/tokens")
+    assert {t["name"] for t in listed} == {"admin", "ro"}
+    assert all("token" not in t and "secret_hash" not in t for t in listed)
+    assert "token" not in h.ok("GET", "/tokens/ro")
+    ro = created["token"]
+    assert h.ok("GET", "/sites", token=ro) == []
+    before = snapshot(h)
+    err(h.call("POST", "/sites", token=ro, json={"name": "x"}), 403, "forbidden")
+    err(h.call("POST", "/tokens", token=ro, json={"name": "y", "role": "admin"}), 403, "forbidden")
+    op = h.token("operator", "op")
+    err(h.call("POST", "/tokens", token=op, json={"name": "y", "role": "admin"}), 403, "forbidden")
+    before = snapshot(h)
+    err(h.call("POST", "/tokens", json={"name": "bad", "role": "root"}), 400, "invalid_input")
+    err(h.call("POST", "/tokens", json={"name": "ro", "role": "reader"}), 409, "conflict")
+    err(h.call("POST", "/tokens", json={"name": "../x", "role": "reader"}), 400, "invalid_input")
+    err(h.call("GET", "/tokens/nope"), 404, "not_found")
+    err(h.call("DELETE", "/tokens/admin"), 409, "conflict")  # the last admin token
+    assert snapshot(h) == before
+    assert h.call("DELETE", "/tokens/ro").status_code == 204
+    err(h.call("GET", "/sites", token=ro), 401, "auth_failed")
+
+
+# ------------------------------------------------------------------------- sites and agents
+
+def test_sites_registration_and_hosts(h: Harness) -> None:
+    site = h.ok("POST", "/sites", json={"name": "prim", "description": "primary DC"})
+    assert site == {"name": "prim", "description": "primary DC", "created_at": site["created_at"],
+                    "hosts": 0}
+    before = snapshot(h)
+    err(h.call("POST", "/sites", json={"name": "prim"}), 409, "conflict")
+    for bad in ("../etc", "a/b", "bad\x00name", "tab\tname", "", ".hidden", "x" * 64):
+        err(h.call("POST", "/sites", json={"name": bad}), 400, "invalid_input")
+    err(h.call("POST", "/sites", json={"name": "ok", "description": "bell\x07"}), 400)
+    err(h.call("POST", "/sites", json={"name": 5}), 422, "invalid_input")
+    err(h.call("POST", "/sites", json={}), 422, "invalid_input")
+    err(h.call("POST", "/sites", json={"name": "x", "extra": 1}), 422)
+    err(h.call("POST", "/sites", content=b"{not json", headers={"content-type": "application/json"}), 422)
+    err(h.call("POST", "/sites/nope/registration-keys", json={"ttl_s": 600}), 404, "not_found")
+    err(h.call("POST", "/sites/prim/registration-keys", json={"ttl_s": 5}), 400, "invalid_input")
+    err(h.call("POST", "/sites/prim/registration-keys", json={"ttl_s": "600"}), 422)
+    assert snapshot(h) == before
+    assert h.ok("GET", "/sites/prim")["name"] == "prim"
+    err(h.call("GET", "/sites/nope"), 404)
+
+    key = h.ok("POST", "/sites/prim/registration-keys", json={"ttl_s": 600})
+    assert key["key"].startswith("drsk_") and key["expires_at"] == h.clock.now() + 600
+    _k, csr = make_key_and_csr("hv1")
+    body = {"key": key["key"], "host_name": "hv1", "csr_pem": csr.decode()}
+    # a bad CSR is refused and does not consume the key
+    err(h.client.post("/api/v1/agent/register", json={**body, "csr_pem": "garbage"}), 400, "invalid_input")
+    err(h.client.post("/api/v1/agent/register", json={**body, "host_name": "../hv"}), 400)
+    err(h.client.post("/api/v1/agent/register", json={"key": key["key"]}), 422)
+    assert h.ok("GET", "/hosts") == []
+    r = h.client.post("/api/v1/agent/register", json=body)
+    assert r.status_code == 201, r.text
+    reg = r.json()
+    assert set(reg) == {"host_id", "site", "cert_pem", "ca_pem"} and reg["site"] == "prim"
+    assert "PRIVATE KEY" not in r.text
+    # the key is one-time
+    err(h.client.post("/api/v1/agent/register", json=body), 401, "auth_failed")
+    err(h.client.post("/api/v1/agent/register", json={**body, "key": "drsk_unknown"}), 401)
+    # an expired key
+    key2 = h.ok("POST", "/sites/prim/registration-keys", json={"ttl_s": 60})["key"]
+    h.clock.advance(61)
+    before = snapshot(h)
+    _k, csr2 = make_key_and_csr("hv9")
+    err(h.client.post("/api/v1/agent/register",
+                      json={"key": key2, "host_name": "hv9", "csr_pem": csr2.decode()}), 401)
+    assert snapshot(h) == before
+
+    hosts = h.ok("GET", "/hosts")
+    assert [x["name"] for x in hosts] == ["hv1"] and hosts[0]["up"] is False
+    host = h.ok("GET", f"/hosts/{reg['host_id']}")
+    assert host["site"] == "prim" and host["revoked"] is False
+    err(h.call("GET", "/hosts/h-unknown"), 404)
+    err(h.call("GET", "/hosts/bad%01id"), 400)
+
+
+def test_agent_routes_need_a_current_certificate(h: Harness) -> None:
+    h.site("prim")
+    a = h.register("prim", "hv1")
+    beat = {"host_name": "hv1", "version": "1", "vms": [], "items": []}
+    err(h.client.post("/api/v1/agent/heartbeat", json=beat), 401, "auth_failed")
+    h.peer = b"not a certificate"
+    err(h.client.post("/api/v1/agent/heartbeat", json=beat), 401, "auth_failed")
+    h.peer = None
+    assert a.post("/heartbeat", beat).status_code == 200
+    assert h.ok("GET", f"/hosts/{a.host_id}")["up"] is True
+    # wrong shapes
+    assert a.post("/heartbeat", {"version": "1"}).status_code == 422
+    assert a.post("/heartbeat", {**beat, "vms": "x"}).status_code == 422
+    assert a.post("/heartbeat", {**beat, "vms": [{"name": "no id"}]}).status_code == 400
+    assert a.post("/heartbeat", {**beat, "store_url": "file:///etc/passwd"}).status_code == 400
+    assert a.post("/commands/c-unknown/result", {"status": "succeeded"}).status_code == 404
+    assert a.post("/commands/c-unknown/result", {"status": "exploded"}).status_code == 422
+    # re-registration replaces the certificate: the old one stops working
+    b = h.register("prim", "hv1")
+    assert b.host_id == a.host_id
+    err(a.post("/heartbeat", beat), 401, "auth_failed")
+    assert b.post("/heartbeat", beat).status_code == 200
+    # revocation
+    assert h.ok("DELETE", f"/hosts/{b.host_id}")["revoked"] is True
+    err(b.post("/heartbeat", beat), 401, "auth_failed")
+    ro = h.token("reader")
+    err(h.call("DELETE", f"/hosts/{b.host_id}", token=ro), 403)
+
+
+# ----------------------------------------------------------------------- policies and groups
+
+def test_policies(h: Harness) -> None:
+    p = h.ok("POST", "/policies", json={"name": "gold", "frequency_s": 30, "retention_hours": 48,
+                                        "app_consistent_every_s": 3600,
+                                        "initial_replication_start": "22:00",
+                                        "bandwidth_limit_bps": 10_000_000, "rpo_threshold_s": 300})
+    assert p["resync_window"] == "18:00-08:00" and p["compression"] is True and p["encryption"] is False
+    assert h.ok("GET", "/policies/gold") == p
+    assert [x["name"] for x in h.ok("GET", "/policies")] == ["gold"]
+    before = snapshot(h)
+    for bad in ({"frequency_s": 4}, {"retention_hours": 0}, {"resync_window": "25:00-08:00"},
+                {"resync_window": "18:00"}, {"initial_replication_start": "tomorrow"},
+                {"rpo_threshold_s": 10}, {"app_consistent_every_s": 10}, {"bandwidth_limit_bps": 5}):
+        err(h.call("POST", "/policies", json={"name": "bad", **bad}), 400, "invalid_input")
+    err(h.call("POST", "/policies", json={"name": "bad", "frequency_s": "30"}), 422)
+    err(h.call("POST", "/policies", json={"name": "bad", "compression": 1}), 422)
+    err(h.call("POST", "/policies", json={"frequency_s": 30}), 400)
+    err(h.call("POST", "/policies", json={"name": "gold"}), 409)
+    err(h.call("POST", "/policies", json={"name": "a\nb"}), 400)
+    ro = h.token("reader")
+    err(h.call("POST", "/policies", token=ro, json={"name": "x"}), 403)
+    before = {**before, "/tokens": snapshot(h)["/tokens"]}
+    assert snapshot(h) == before
+    p2 = h.ok("PUT", "/policies/gold", json={"frequency_s": 300, "rpo_threshold_s": 900})
+    assert p2["frequency_s"] == 300 and p2["retention_hours"] == 24  # PUT replaces every value
+    err(h.call("PUT", "/policies/gold", json={"name": "silver"}), 400)
+    err(h.call("PUT", "/policies/none", json={}), 404)
+    err(h.call("GET", "/policies/..%2Fetc"), 404)  # never reaches a route
+    err(h.call("GET", "/policies/a..b"), 400, "invalid_input")
+    err(h.call("GET", "/policies/x%1Bz"), 400, "invalid_input")
+    assert h.call("DELETE", "/policies/gold").status_code == 204
+    err(h.call("DELETE", "/policies/gold"), 404)
+
+
+def test_groups(h: Harness) -> None:
+    two_sites(h)
+    h.ok("POST", "/policies", json={"name": "p1", "frequency_s": 30})
+    g = h.ok("POST", "/groups", json={"name": "g0", "site": "prim", "target_site": "sec",
+                                      "match": {"hosts": ["hv1"]}})
+    assert g["policy"] is None and g["job_id"] is None and g["match"]["hosts"] == ["hv1"]
+    before = snapshot(h)
+    err(h.call("POST", "/groups", json={"name": "g0", "site": "prim", "target_site": "sec"}), 409)
+    err(h.call("POST", "/groups", json={"name": "gx", "site": "prim", "target_site": "prim"}), 400)
+    err(h.call("POST", "/groups", json={"name": "gx", "site": "nope", "target_site": "sec"}), 404)
+    err(h.call("POST", "/groups", json={"name": "gx", "site": "prim", "target_site": "sec",
+                                        "policy": "nope"}), 404)
+    err(h.call("POST", "/groups", json={"name": "gx", "site": "prim", "target_site": "sec",
+                                        "match": {"vm_names": ["../../x"]}}), 400)
+    err(h.call("POST", "/groups", json={"name": "gx", "site": "prim", "target_site": "sec",
+                                        "match": {"vm_names": "web1"}}), 422)
+    err(h.call("POST", "/groups", json={"name": "gx", "site": "prim"}), 422)
+    assert snapshot(h) == before
+    # associating a policy runs a PolicyAssociation job that protects matching VMs
+    g = h.ok("PUT", "/groups/g0", json={"policy": "p1"})
+    assert g["policy"] == "p1" and g["job_id"]
+    h.tick()
+    job = h.job(g["job_id"])
+    assert job["kind"] == "PolicyAssociation" and job["state"] == "succeeded"
+    assert [t["name"] for t in job["tasks"]] == ["apply_settings", "protect_vms"]
+    assert "2 EnableProtection" in job["message"]  # hv1 holds both VMs
+    enable = h.ok("GET", "/jobs?kind=EnableProtection")
+    assert len(enable) == 2
+    err(h.call("DELETE", "/policies/p1"), 409)
+    err(h.call("DELETE", "/groups/g0"), 409)
+    assert h.ok("GET", "/groups/g0")["items"] == 2
+    err(h.call("GET", "/groups/nope"), 404)
+    err(h.call("PUT", "/groups/g0", json={"policy": 3}), 422)
+
+
+# ------------------------------------------------------------------------------------ items
+
+def test_protect_item_points_and_unprotect(h: Harness) -> None:
+    a, _b = two_sites(h)
+    policy_and_group(h)
+    ro = h.token("reader")
+    before = snapshot(h)
+    err(h.call("POST", "/items", token=ro, json={"vm_id": "vm-1", "group": "g1"}), 403, "forbidden")
+    err(h.call("POST", "/items", token=None, json={"vm_id": "vm-1", "group": "g1"}), 401)
+    err(h.call("POST", "/items", json={"vm_id": "vm-404", "group": "g1"}), 404)
+    err(h.call("POST", "/items", json={"vm_id": "vm-1", "group": "nope"}), 404)
+    err(h.call("POST", "/items", json={"vm_id": "vm\x00", "group": "g1"}), 400)
+    err(h.call("POST", "/items", json={"vm_id": 1, "group": "g1"}), 422)
+    err(h.call("POST", "/items", json={"group": "g1"}), 422)
+    assert snapshot(h) == before
+
+    item_id = protect(h, a)
+    err(h.call("POST", "/items", json={"vm_id": "vm-1", "group": "g1"}), 409, "conflict")
+    item = h.ok("GET", f"/items/{item_id}")
+    assert item["protection"] == "protected" and item["state"] == "protected"
+    assert item["health"] == "normal" and item["rpo_s"] == 0.0 and item["group"] == "g1"
+    assert item["source_host"] == "hv1" and item["target_site"] == "sec" and item["policy"] == "p1"
+    assert [i["id"] for i in h.ok("GET", "/items")] == [item_id]
+    vms = {v["vm_id"]: v for v in h.ok("GET", "/vms")}
+    assert vms["vm-1"]["item_id"] == item_id and vms["vm-2"]["item_id"] is None
+    assert vms["vm-2"]["labels"] == ["db"]
+
+    # points: catalogue from heartbeats, acked by seq, removed by id, idempotent
+    t = h.clock.now()
+    beat_items = [{"item_id": item_id, "report": report(item_id, "vm-1", "web1", last_point_time=t + 1),
+                   "new_points": [point(item_id, 2, t + 1), point(item_id, 3, t + 2, app=True)]}]
+    assert a.beat(items=beat_items)["ack"] == {item_id: 3}
+    assert a.beat(items=beat_items)["ack"] == {item_id: 3}
+    pts = h.ok("GET", f"/items/{item_id}/points")
+    assert [p["seq"] for p in pts] == [1, 2, 3] and pts[2]["consistency"] == "app"
+    a.beat(items=[{"item_id": item_id, "report": report(item_id, "vm-1", "web1"),
+                   "removed_points": ["p000001"]}])
+    assert [p["seq"] for p in h.ok("GET", f"/items/{item_id}/points")] == [2, 3]
+    err(h.call("GET", "/items/i-unknown/points"), 404)
+    err(h.call("GET", "/items/i-unknown"), 404)
+
+    # resync by hand and unprotect: jobs; one active job per item
+    op = h.token("operator", "op2")
+    rs = h.ok("POST", f"/items/{item_id}/resync", token=op)
+    err(h.call("DELETE", f"/items/{item_id}", token=op), 409, "conflict")
+    err(h.call("POST", f"/items/{item_id}/resync", token=ro), 403)
+    h.tick()
+    cmd = next(c for c in a.beat()["commands"] if c["kind"] == "resync")
+    assert cmd["args"] == {"by_hand": True}
+    a.result(cmd["command_id"], "succeeded")
+    h.tick()
+    assert h.job(rs["job_id"])["state"] == "succeeded"
+    d = h.ok("DELETE", f"/items/{item_id}?delete_points=true", token=op)
+    h.tick()
+    cmd = next(c for c in a.beat()["commands"] if c["kind"] == "unprotect")
+    assert cmd["args"] == {"delete_points": True}
+    assert a.result(cmd["command_id"], "succeeded").json()["status"] == "succeeded"
+    # repeating a final result is accepted, contradicting it is not
+    assert a.result(cmd["command_id"], "succeeded").status_code == 200
+    assert a.result(cmd["command_id"], "failed", error={"message": "x"}).status_code == 409
+    h.tick()
+    assert h.job(d["job_id"])["state"] == "succeeded"
+    assert h.ok("GET", "/items") == []
+    assert h.ok("GET", "/items?all=true")[0]["protection"] == "removed"
+    assert h.ok("GET", f"/items/{item_id}/points") == []
+    # a VM whose protection was disabled by hand is not re-protected by its group's policy
+    h.ok("PUT", "/groups/g1", json={"match": {"vm_names": ["web1"]}})
+    h.tick()
+    assert h.ok("GET", "/items") == []
+    assert h.call("DELETE", "/groups/g1").status_code == 204
+
+
+def test_jobs_alerts_events_health(h: Harness) -> None:
+    a, _b = two_sites(h)
+    policy_and_group(h, rpo_threshold_s=60)
+    out = h.ok("POST", "/items", json={"vm_id": "vm-1", "group": "g1"})
+    job = h.job(out["job_id"])
+    assert job["kind"] == "EnableProtection" and job["state"] == "queued"
+    assert [t["name"] for t in job["tasks"]] == ["prerequisites", "create_relationship",
+                                                 "initial_replication", "finalize"]
+    assert {j["id"] for j in h.ok("GET", "/jobs?state=queued&kind=EnableProtection")} == {out["job_id"]}
+    assert h.ok("GET", "/jobs?kind=Resync") == []
+    assert len(h.ok("GET", "/jobs?limit=1")) == 1
+    err(h.call("GET", "/jobs?state=bogus"), 400)
+    err(h.call("GET", "/jobs?kind=Bogus"), 400)
+    err(h.call("GET", "/jobs?limit=0"), 400)
+    err(h.call("GET", "/jobs?limit=x"), 422)
+    err(h.call("GET", "/jobs/j-nope"), 404)
+    err(h.call("POST", "/jobs/j-nope/cancel"), 404)
+    ro = h.token("reader")
+    err(h.call("POST", f"/jobs/{out['job_id']}/cancel", token=ro), 403)
+    cancelled = h.ok("POST", f"/jobs/{out['job_id']}/cancel")
+    assert cancelled["cancel_requested"] is True
+    h.tick()
+    assert h.job(out["job_id"])["state"] == "cancelled"
+    err(h.call("POST", f"/jobs/{out['job_id']}/cancel"), 409)
+
+    item_id = protect(h, a)
+    h.clock.advance(120)  # no new point, no heartbeat: RPO over threshold and agent down
+    h.tick()
+    alerts = h.ok("GET", "/alerts?state=active")
+    assert {x["kind"] for x in alerts} == {"rpo", "agent_down"}
+    health = h.ok("GET", "/health")
+    assert health["items"] == {"normal": 0, "warning": 1, "critical": 0}
+    assert health["agents"] == {"up": 0, "down": 2} and health["alerts_active"] == 3
+    assert health["worst_rpo"][0]["item_id"] == item_id
+    rpo_alert = next(x for x in alerts if x["kind"] == "rpo")
+    err(h.call("POST", f"/alerts/{rpo_alert['id']}/ack", token=ro), 403)
+    err(h.call("POST", "/alerts/999999/ack"), 404)
+    err(h.call("POST", "/alerts/abc/ack"), 404)
+    assert h.ok("POST", f"/alerts/{rpo_alert['id']}/ack")["acked_at"] == h.clock.now()
+    err(h.call("GET", "/alerts?state=odd"), 400)
+    events = h.ok("GET", "/events?limit=500")
+    kinds = {e["kind"] for e in events}
+    assert {"site", "host", "job", "alert", "item"} <= kinds
+    m = h.client.get("/api/v1/metrics").text
+    assert f'drsite_item_rpo_seconds{{item="{item_id}",vm="web1"}} 120.0' in m
+    assert 'drsite_agent_up{host="hv1",site="prim"} 0.0' in m
+    assert 'drsite_jobs{kind="EnableProtection",state="succeeded"} 1.0' in m
+
+
+def test_secrets_never_in_logs_or_listings(h: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG")
+    h.site("prim")
+    tok = h.ok("POST", "/tokens", json={"name": "op", "role": "operator"})["token"]
+    key = h.ok("POST", "/sites/prim/registration-keys", json={"ttl_s": 600})["key"]
+    key_pem, csr = make_key_and_csr("hv1")
+    # a malformed call that carries the key must not echo it
+    r = h.client.post("/api/v1/agent/register", json={"key": key, "host_name": 7, "csr_pem": csr.decode()})
+    assert r.status_code == 422 and key not in r.text
+    h.client.post("/api/v1/agent/register", json={"key": key, "host_name": "hv1", "csr_pem": csr.decode()})
+    listing = str([h.ok("GET", p) for p in ("/tokens", "/events?limit=1000", "/hosts", "/sites")])
+    for secret in (tok, key, h.admin):
+        assert secret not in caplog.text and secret not in listing
+    assert "PRIVATE KEY" not in caplog.text and key_pem.decode() not in caplog.text
+
+
+def test_heartbeat_ignores_items_of_other_hosts(h: Harness) -> None:
+    a, b = two_sites(h)
+    policy_and_group(h)
+    item_id = protect(h, a)
+    reply = b.beat(items=[{"item_id": item_id, "report": report(item_id, "vm-1", "web1",
+                                                                 state=ItemState.CRITICAL),
+                           "new_points": [point(item_id, 9, h.clock.now())]}],
+                   store_url="https://127.0.0.1:9443")
+    assert reply["ack"] == {}
+    assert h.ok("GET", f"/items/{item_id}")["state"] == "protected"
+    assert [p["seq"] for p in h.ok("GET", f"/items/{item_id}/points")] == [1]

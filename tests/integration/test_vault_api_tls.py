@@ -1,0 +1,122 @@
+"""The vault over real HTTPS: its own CA and server certificate, agents registering and then
+authenticating with the client certificate the vault signed, the background loop running jobs,
+and ``run_vault`` as a separate process (admin token printed once, SIGTERM stops it)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from drsite import tlsutil
+from drsite.pki import make_key_and_csr
+from drsite.vault.app import create_app
+from drsite.vault.context import Vault
+from drsite.vault.settings import VaultSettings
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[str, Vault]]:
+    settings = VaultSettings(data_dir=tmp_path / "vault", loop_interval=0.05)
+    app = create_app(settings)
+    vault: Vault = app.state.vault
+    handle = tlsutil.start_in_thread(app, host="127.0.0.1", port=0, certfile=vault.tls.cert,
+                                     keyfile=vault.tls.key, cafile=vault.tls.ca, client_cert="optional")
+    try:
+        yield handle.url, vault
+    finally:
+        handle.stop()
+        vault.close()
+
+
+def test_https_registration_and_client_certificates(served: tuple[str, Vault], tmp_path: Path) -> None:
+    url, vault = served
+    ca = vault.tls.ca
+    admin = (vault.settings.data_dir / "admin.token").read_text().strip()
+    op = httpx.Client(base_url=url + "/api/v1", verify=tlsutil.client_context(ca),
+                      headers={"Authorization": f"Bearer {admin}"})
+    assert op.get("/version").json()["version"]
+    with pytest.raises(httpx.ConnectError):  # the vault's certificate is only trusted with its CA
+        httpx.get(url + "/api/v1/version")
+    op.post("/sites", json={"name": "prim"}).raise_for_status()
+    op.post("/sites", json={"name": "sec"}).raise_for_status()
+    key = op.post("/sites/prim/registration-keys", json={"ttl_s": 600}).json()["key"]
+    key_pem, csr = make_key_and_csr("hv1")
+    anon = httpx.Client(base_url=url + "/api/v1", verify=tlsutil.client_context(ca))
+    r = anon.post("/agent/register", json={"key": key, "host_name": "hv1", "csr_pem": csr.decode()})
+    assert r.status_code == 201, r.text
+    reg = r.json()
+    (tmp_path / "agent.key").write_bytes(key_pem)
+    (tmp_path / "agent.pem").write_text(reg["cert_pem"])
+    assert reg["ca_pem"] == ca.read_text()
+    beat = {"host_name": "hv1", "version": "1", "vms": [{"vm_id": "vm-1", "name": "web1"}], "items": []}
+    r = anon.post("/agent/heartbeat", json=beat)
+    assert r.status_code == 401 and r.json()["code"] == "auth_failed"
+    agent = httpx.Client(base_url=url + "/api/v1",
+                         verify=tlsutil.client_context(ca, tmp_path / "agent.pem", tmp_path / "agent.key"))
+    r = agent.post("/agent/heartbeat", json=beat)
+    assert r.status_code == 200, r.text
+    assert r.json()["commands"] == []
+    assert op.get(f"/hosts/{reg['host_id']}").json()["up"] is True
+    # the background loop runs jobs: a policy association ends without anyone ticking
+    op.post("/policies", json={"name": "p1", "frequency_s": 30}).raise_for_status()
+    job_id = op.post("/groups", json={"name": "g1", "site": "prim", "target_site": "sec",
+                                      "policy": "p1"}).json()["job_id"]
+    deadline = time.monotonic() + 10
+    while op.get(f"/jobs/{job_id}").json()["state"] != "succeeded":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    for c in (op, anon, agent):
+        c.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _run(data: Path, port: int) -> subprocess.Popen[str]:
+    code = ("import sys; from pathlib import Path; from drsite.vault.server import run_vault; "
+            f"run_vault(Path(sys.argv[1]), listen='127.0.0.1:{port}', heartbeat_interval=1.0)")
+    return subprocess.Popen([sys.executable, "-c", code, str(data)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_up(url: str, ca: Path, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            if ca.exists() and httpx.get(url, verify=tlsutil.client_context(ca), timeout=1).is_success:
+                return
+        except (httpx.HTTPError, OSError):
+            pass
+        assert time.monotonic() < deadline, "vault did not start"
+        time.sleep(0.1)
+
+
+def test_run_vault_as_a_process(tmp_path: Path) -> None:
+    data = tmp_path / "vault"
+    for first in (True, False):
+        port = _free_port()
+        proc = _run(data, port)
+        try:
+            _wait_up(f"https://127.0.0.1:{port}/api/v1/version", data / "pki" / "ca.pem", proc)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, errs = proc.communicate(timeout=20)
+        assert proc.returncode == 0, errs
+        token = (data / "admin.token").read_text().strip()
+        assert os.stat(data / "admin.token").st_mode & 0o777 == 0o600
+        assert (token in out) is first  # printed once, at first start only
+        assert token not in errs
+        assert (data / "vault.db").exists() and (data / "pki" / "server.pem").exists()

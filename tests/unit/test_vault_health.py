@@ -1,0 +1,112 @@
+"""Health and alerts: RPO over threshold, missed heartbeats, Critical; deduplicated while the
+condition lasts, cleared when it ends."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from drsite.replication.report import Health
+from drsite.vault.db.models import Item
+from drsite.vault.health import item_health
+from drsite.vault.testing import Harness, point, report, vm_info
+
+VMS = [vm_info("vm-1", "web1")]
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Iterator[Harness]:
+    hh = Harness(tmp_path / "vault")
+    yield hh
+    hh.close()
+
+
+def alerts(h: Harness, kind: str, state: str = "active") -> list[dict[str, object]]:
+    return [a for a in h.ok("GET", f"/alerts?state={state}") if a["kind"] == kind]
+
+
+def test_agent_down_after_three_missed_heartbeats(h: Harness) -> None:
+    h.site("prim")
+    a = h.register("prim", "hv1")
+    a.beat()
+    h.clock.advance(5.9)  # 3 x 2 s not yet passed
+    h.tick()
+    assert alerts(h, "agent_down") == [] and h.ok("GET", "/hosts")[0]["up"] is True
+    h.clock.advance(0.2)
+    h.tick()
+    h.clock.advance(10)
+    h.tick()
+    (al,) = alerts(h, "agent_down")
+    assert al["subject"] == "hv1" and al["severity"] == "warning"
+    assert h.ok("GET", "/hosts")[0]["up"] is False
+    a.beat()
+    h.tick()
+    assert alerts(h, "agent_down") == []
+    assert len(alerts(h, "agent_down", "cleared")) == 1
+    # a new outage is a new alert
+    h.clock.advance(7)
+    h.tick()
+    assert len(alerts(h, "agent_down")) == 1 and len(alerts(h, "agent_down", "cleared")) == 1
+
+
+def test_rpo_alert_raised_once_and_cleared(tmp_path: Path) -> None:
+    h = Harness(tmp_path / "vault", heartbeat_interval=600.0)  # keep agents "up" in this test
+    try:
+        h.site("prim")
+        h.site("sec")
+        a, b = h.register("prim", "hv1"), h.register("sec", "hv2")
+        a.beat(vms=VMS)
+        b.beat(store_url="https://127.0.0.1:9443")
+        h.ok("POST", "/policies", json={"name": "p1", "frequency_s": 30, "rpo_threshold_s": 120})
+        h.ok("POST", "/groups", json={"name": "g1", "site": "prim", "target_site": "sec", "policy": "p1"})
+        item_id = h.ok("POST", "/items", json={"vm_id": "vm-1", "group": "g1"})["item_id"]
+        h.tick()
+        a.beat(vms=VMS, items=[{"item_id": item_id, "report": report(item_id, "vm-1", "web1"),
+                                "new_points": [point(item_id, 1, h.clock.now())]}])
+        h.tick()
+        assert h.ok("GET", f"/items/{item_id}")["health"] == "normal"
+        for _ in range(5):
+            h.clock.advance(60)
+            h.tick()
+        item = h.ok("GET", f"/items/{item_id}")
+        assert item["health"] == "warning" and item["rpo_s"] == 300
+        assert "exceeds the threshold of 120 s" in item["health_reasons"][0]
+        (al,) = alerts(h, "rpo")  # one alert however many ticks saw the condition
+        assert al["raised_at"] == h.clock.now() - 120 and al["last_seen_at"] == h.clock.now()
+        a.beat(vms=VMS, items=[{"item_id": item_id, "report": report(item_id, "vm-1", "web1"),
+                                "new_points": [point(item_id, 2, h.clock.now())]}])
+        h.tick()
+        assert alerts(h, "rpo") == [] and alerts(h, "rpo", "cleared")[0]["cleared_at"] == h.clock.now()
+        assert h.ok("GET", f"/items/{item_id}")["health"] == "normal"
+        metrics = h.client.get("/api/v1/metrics").text
+        assert f'drsite_item_rpo_seconds{{item="{item_id}",vm="web1"}} 0.0' in metrics
+    finally:
+        h.close()
+
+
+def _item(**kw: object) -> Item:
+    base: dict[str, object] = dict(id="i-1", host_id="h", vm_id="v", vm_name="web1", group_id=1,
+                                   target_site_id=2, status="protected", state="protected", report={},
+                                   retry={}, critical_error=None, last_point_time=1000.0)
+    base.update(kw)
+    return Item(**base)
+
+
+def test_item_health_rules() -> None:
+    assert item_health(_item(), None, True, 1010).reasons == ["the item's group has no policy"]
+    from drsite.vault.db.models import Policy
+    p = Policy(name="p", rpo_threshold_s=60.0)
+    assert item_health(_item(), p, True, 1010).health is Health.NORMAL
+    assert item_health(_item(), p, True, 1061).health is Health.WARNING
+    assert item_health(_item(last_point_time=None, state="initial_replication"), p, True, 9999).health \
+        is Health.NORMAL
+    w = item_health(_item(state="resync_required"), p, True, 1010)
+    assert w.health is Health.WARNING and w.reasons[0].startswith("resync pending")
+    assert item_health(_item(), p, False, 1010).reasons == ["source agent is not sending heartbeats"]
+    r = item_health(_item(retry={"failures": 2, "last_error": {"message": "net"}}), p, True, 1010)
+    assert r.health is Health.WARNING and "2 transient failure(s): net" in r.reasons[0]
+    c = item_health(_item(critical_error={"message": "chain broken", "hint": "resync"}), p, True, 1010)
+    assert c.health is Health.CRITICAL and c.reasons == ["critical: chain broken; resync"]
+    assert item_health(_item(status="failed"), p, True, 1010).health is Health.CRITICAL

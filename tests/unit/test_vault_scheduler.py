@@ -1,0 +1,194 @@
+"""The vault's scheduler with a fake clock: cycles on time (one outstanding at most),
+app-consistent points, retention hourly, retries after 1/2/4/8/10/30 min, permanent → Critical,
+resync only inside the window unless started by hand."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from drsite.replication.report import ItemState
+from drsite.vault.testing import Agent, Harness, point, report, vm_info
+
+VMS = [vm_info("vm-1", "web1")]
+MIDNIGHT = 1_700_006_400.0  # 2023-11-15 00:00 UTC
+NET = {"code": "network", "class": "transient", "message": "store unreachable", "hint": "retries"}
+BROKEN = {"code": "broken_chain", "class": "permanent", "message": "chain broken", "hint": "resync"}
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Iterator[Harness]:
+    hh = Harness(tmp_path / "vault")
+    hh.clock.t = MIDNIGHT + 12 * 3600  # noon UTC: outside the default resync window
+    yield hh
+    hh.close()
+
+
+def protected(h: Harness, **policy: Any) -> tuple[Agent, str]:
+    h.site("prim")
+    h.site("sec")
+    a, b = h.register("prim", "hv1"), h.register("sec", "hv2")
+    a.beat(vms=VMS)
+    b.beat(store_url="https://127.0.0.1:9443")
+    h.ok("POST", "/policies", json={"name": "p1", "frequency_s": 30, "app_consistent_every_s": None,
+                                    **policy})
+    h.ok("POST", "/groups", json={"name": "g1", "site": "prim", "target_site": "sec", "policy": "p1"})
+    item_id = h.ok("POST", "/items", json={"vm_id": "vm-1", "group": "g1"})["item_id"]
+    h.tick()
+    (cmd,) = [c for c in a.beat(vms=VMS)["commands"] if c["kind"] == "protect"]
+    a.beat(vms=VMS, items=[{"item_id": item_id, "report": report(item_id, "vm-1", "web1"),
+                            "new_points": [point(item_id, 1, h.clock.now())]}])
+    a.result(cmd["command_id"], "succeeded")
+    h.tick()
+    assert h.ok("GET", f"/items/{item_id}")["protection"] == "protected"
+    return a, item_id
+
+
+def sent(h: Harness, kind: str | None = None) -> list[Any]:
+    return [c for c in h.vault.scheduler.tick() if kind is None or c.kind == kind]
+
+
+def test_cycles_on_time_and_never_two_outstanding(h: Harness) -> None:
+    a, _item_id = protected(h)
+    t0 = h.clock.now()
+    h.clock.advance(10)
+    assert sent(h, "cycle") == []
+    h.clock.advance(20)
+    (c1,) = sent(h, "cycle")
+    assert c1.args == {"app_consistent": False}
+    for _ in range(4):  # the agent is slow: nothing more is sent while one is outstanding
+        h.clock.advance(30)
+        assert sent(h, "cycle") == []
+    a.result(c1.id, "succeeded")
+    (c2,) = sent(h, "cycle")
+    assert c2.created_at == t0 + 150
+    # anchored to send times: the next one is due 30 s after c2 was sent
+    a.result(c2.id, "succeeded")
+    h.clock.advance(29)
+    assert sent(h, "cycle") == []
+    h.clock.advance(1)
+    assert len(sent(h, "cycle")) == 1
+
+
+
+def test_app_consistent_points_at_the_policy_frequency(h: Harness) -> None:
+    a, _ = protected(h, app_consistent_every_s=90)
+    flags = []
+    for _ in range(7):
+        h.clock.advance(30)
+        (c,) = sent(h, "cycle")
+        flags.append(c.args["app_consistent"])
+        a.result(c.id, "succeeded")
+    assert flags == [True, False, False, True, False, False, True]
+
+
+def test_retention_hourly(h: Harness) -> None:
+    a, _ = protected(h)
+    times = []
+    for _ in range(int(3 * 3600 / 300)):
+        h.clock.advance(300)
+        for c in sent(h):
+            a.result(c.id, "succeeded")
+            if c.kind == "retention":
+                times.append(c.created_at)
+    assert [round(t2 - t1) for t1, t2 in itertools.pairwise(times)] == [3600, 3600]
+
+
+def test_transient_failures_retry_after_1_2_4_8_10_then_30_minutes(h: Harness) -> None:
+    a, item_id = protected(h, frequency_s=900, rpo_threshold_s=3600)
+    h.clock.advance(900)
+    (c,) = sent(h, "cycle")
+    gaps = []
+    for _ in range(7):
+        a.result(c.id, "failed", error=NET)
+        failed_at = h.clock.now()
+        item = h.ok("GET", f"/items/{item_id}")
+        assert item["last_error"]["code"] == "network" and item["next_attempt_at"] > failed_at
+        while not (cycles := sent(h, "cycle")):
+            h.clock.advance(15)
+        gaps.append((h.clock.now() - failed_at) / 60)
+        c = cycles[0]
+    assert [round(g) for g in gaps] == [1, 2, 4, 8, 10, 30, 30]
+    assert h.ok("GET", f"/items/{item_id}")["health"] == "warning"
+    a.result(c.id, "succeeded")
+    item = h.ok("GET", f"/items/{item_id}")
+    assert item["last_error"] is None and item["next_attempt_at"] is None
+    h.clock.advance(899)
+    assert sent(h, "cycle") == []  # back to the policy's frequency
+
+
+def test_permanent_failure_makes_the_item_critical_and_stops_it(h: Harness) -> None:
+    a, item_id = protected(h)
+    h.clock.advance(30)
+    (c,) = sent(h, "cycle")
+    a.result(c.id, "failed", error=BROKEN)
+    h.tick()
+    item = h.ok("GET", f"/items/{item_id}")
+    assert item["state"] == "critical" and item["health"] == "critical"
+    assert "chain broken" in item["health_reasons"][0] and "resync" in item["health_reasons"][0]
+    alerts = h.ok("GET", "/alerts?state=active")
+    assert [x["subject"] for x in alerts if x["kind"] == "critical"] == ["web1"]
+    for _ in range(12):
+        h.clock.advance(600)
+        assert sent(h) == []
+        a.beat(vms=VMS)
+    # an operator resyncs by hand: at once, outside the window, Critical cleared
+    job = h.ok("POST", f"/items/{item_id}/resync")
+    h.tick()
+    (rs,) = [x for x in a.beat(vms=VMS)["commands"] if x["kind"] == "resync"]
+    assert rs["args"] == {"by_hand": True}
+    assert h.ok("GET", f"/items/{item_id}")["state"] == "resync_required"
+    assert sent(h, "cycle") == []  # the job owns the item while it runs
+    a.result(rs["command_id"], "succeeded")
+    a.beat(vms=VMS, items=[{"item_id": item_id, "report": report(item_id, "vm-1", "web1"),
+                            "new_points": [point(item_id, 2, h.clock.now())]}])
+    h.tick()
+    assert h.job(job["job_id"])["state"] == "succeeded"
+    assert h.ok("GET", f"/items/{item_id}")["health"] == "normal"
+    assert [x for x in h.ok("GET", "/alerts?state=active") if x["kind"] == "critical"] == []
+    assert "critical" in [x["kind"] for x in h.ok("GET", "/alerts?state=cleared")]
+    # replication goes on at once (the tick that ended the job scheduled a cycle)
+    assert "cycle" in [x["kind"] for x in a.beat(vms=VMS)["commands"]]
+
+
+def test_tracking_lost_is_not_critical(h: Harness) -> None:
+    a, item_id = protected(h)
+    h.clock.advance(30)
+    (c,) = sent(h, "cycle")
+    a.result(c.id, "failed", error={"code": "tracking_lost", "class": "permanent",
+                                    "message": "log lost", "hint": ""})
+    assert h.ok("GET", f"/items/{item_id}")["state"] != "critical"
+
+
+def test_resync_only_inside_the_window(h: Harness) -> None:
+    a, item_id = protected(h)
+    a.beat(vms=VMS, items=[{"item_id": item_id,
+                            "report": report(item_id, "vm-1", "web1", state=ItemState.RESYNC_REQUIRED,
+                                             resync_reason="change log over 50%")}])
+    h.tick()
+    item = h.ok("GET", f"/items/{item_id}")
+    assert item["health"] == "warning" and "resync pending" in item["health_reasons"][0]
+    # noon → 17:59: no resync and no cycles (the item needs a resync first)
+    for _ in range(int(6 * 3600 / 600) - 1):
+        h.clock.advance(600)
+        assert [c.kind for c in sent(h) if c.kind in ("resync", "cycle")] == []
+    h.clock.t = MIDNIGHT + 18 * 3600
+    (rs,) = sent(h, "resync")
+    assert rs.args == {"by_hand": False}
+    h.clock.advance(60)
+    assert sent(h, "resync") == []  # one outstanding at most
+    a.result(rs.id, "succeeded")
+    a.beat(vms=VMS, items=[{"item_id": item_id, "report": report(item_id, "vm-1", "web1")}])
+    h.clock.advance(30)
+    assert len(sent(h, "cycle")) == 1
+
+
+def test_a_custom_window_is_honoured(h: Harness) -> None:
+    a, item_id = protected(h, resync_window="11:00-13:00")
+    a.beat(vms=VMS, items=[{"item_id": item_id,
+                            "report": report(item_id, "vm-1", "web1", state=ItemState.RESYNC_REQUIRED)}])
+    assert len(sent(h, "resync")) == 1  # noon is inside 11:00-13:00
