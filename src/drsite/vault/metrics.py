@@ -50,7 +50,7 @@ class VaultCollector(Collector):
         with self.db.tx() as s:
             churn_by_item = dict(s.execute(
                 select(Point.item_id, func.sum(Point.bytes_written))
-                .where(Point.created_at >= now - CHURN_WINDOW_S).group_by(Point.item_id)).tuples().all())
+                .where(Point.created_at >= now - CHURN_WINDOW_S).group_by(Point.item_id)).all())
             live = select(Item).where(Item.status.in_(("enabling", "protected", "disabling")))
             for item in s.scalars(live):
                 labels = [item.id, item.vm_name]
@@ -63,14 +63,14 @@ class VaultCollector(Collector):
                 stored.add_metric(labels, float(report.get("bytes_stored") or 0))
                 churn.add_metric(labels, float(churn_by_item.get(item.id) or 0) / CHURN_WINDOW_S)
             for kind, state, n in s.execute(select(Job.kind, Job.state, func.count())
-                                            .group_by(Job.kind, Job.state)).tuples():
+                                            .group_by(Job.kind, Job.state)):
                 jobs.add_metric([kind, state], float(n))
             sites = {site.id: site.name for site in s.scalars(select(Site))}
             for host in s.scalars(select(Host).where(Host.revoked_at.is_(None))):
                 up.add_metric([host.name, sites.get(host.site_id, "")],
                               1.0 if agent_up(host, now, self.settings) else 0.0)
             for sev, n in s.execute(select(Alert.severity, func.count()).where(Alert.cleared_at.is_(None))
-                                    .group_by(Alert.severity)).tuples():
+                                    .group_by(Alert.severity)):
                 alerts.add_metric([sev], float(n))
         yield from (rpo, health, sent, stored, churn, jobs, up, alerts)
 

@@ -32,7 +32,7 @@ def get_site(s: Session, site_name: str) -> Site:
 def list_sites(vault: VaultDep, _p: Reader) -> list[dict[str, Any]]:
     with vault.db.tx() as s:
         counts = dict(s.execute(select(Host.site_id, func.count()).where(Host.revoked_at.is_(None))
-                                .group_by(Host.site_id)).tuples().all())
+                                .group_by(Host.site_id)).all())
         rows = s.scalars(select(Site).order_by(Site.name))
         return [site_view(site, counts.get(site.id, 0)) for site in rows]
 
@@ -116,7 +116,7 @@ def list_vms(vault: VaultDep, _p: Reader) -> list[dict[str, Any]]:
         sites = site_names(s)
         hosts = {h.id: h for h in s.scalars(select(Host))}
         items = {ref: iid for ref, iid in s.execute(select(Item.vm_ref, Item.id)
-                                                    .where(Item.vm_ref.is_not(None))).tuples()}
+                                                    .where(Item.vm_ref.is_not(None)))}
         out = []
         for vm in s.scalars(select(Vm).order_by(Vm.name, Vm.id)):
             host = hosts[vm.host_id]
