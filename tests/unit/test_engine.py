@@ -440,3 +440,65 @@ def test_scrub_finds_truncated_object_and_repairs(env: Env) -> None:
     assert env.point_bytes(latest.point_id) == env.source()
     # only the ranges of the damaged pack travelled again, not the whole disk
     assert env.item.report.bytes_sent - sent < 1 * MiB + 300 * KiB
+
+
+def test_resync_pending_outside_window_is_not_critical(tmp_path: Path) -> None:
+    """A cycle asked for while a resync waits for its window reports TrackingLost (the vault
+    treats it as self-remedied), never a permanent error that would make the item Critical."""
+    from drsite.core.errors import TrackingLost
+
+    env = Env(tmp_path)
+    env.item.settings = ReplicationSettings(frequency_s=30, resync_window=ResyncWindow("01:00", "02:00"),
+                                            io_size=256 * KiB)
+    env.item.minute_of_day = lambda t: 12 * 60
+    env.item.run_initial()
+    env.write("d0", 0, SIZE // 2 + 4096)
+    with pytest.raises(TrackingLost):
+        env.item.run_cycle(wait_transient=False)
+    assert env.item.report.state is ItemState.RESYNC_REQUIRED
+    assert env.item.report.health is Health.WARNING
+
+
+def test_crash_after_initial_commit_before_release(env: Env) -> None:
+    env.write("d0", 0, 200 * KiB)
+    real_release = env.hv.release
+
+    def dying_release(cycle):  # type: ignore[no-untyped-def]
+        raise Crash()
+
+    env.hv.release = dying_release  # type: ignore[method-assign]
+    with pytest.raises(Crash):
+        env.item.run_initial()
+    env.hv.release = real_release  # type: ignore[method-assign]
+    assert env.hv.pending_cycle(env.vm.vm_id) is not None
+    item = env.new_item()
+    env.write("d1", 0, 4096)
+    p = item.run_cycle()
+    assert item.report.state is ItemState.PROTECTED, item.report.to_dict()
+    assert p.kind == "delta"
+    assert env.point_bytes(p.point_id) == env.source()
+    assert env.replica_bytes() == env.source()
+
+
+@pytest.mark.parametrize("which", ["first", "all"])
+def test_damaged_segment_map_is_repaired_by_resync(env: Env, which: str) -> None:
+    """Segment maps and tables (metadata, under maps/) damaged: scrub finds it, the resync
+    against the store rewrites the affected segments, the new point verifies."""
+    env.write("d0", 0, 1 * MiB)
+    env.write("d1", 512 * KiB, 100 * KiB)
+    env.item.run_initial()
+    env.write("d0", 4096, 4096)
+    latest = env.item.run_cycle()
+    maps = [k for k in env.store.list("items/item1/maps/") if latest.cycle_id in k]
+    assert maps
+    for k in maps if which == "all" else maps[:1]:
+        _damage(env.store, k, "flip")
+    report = env.item.scrub()
+    assert report is not None and not report.ok
+    env.item.step()
+    rep = env.item.report
+    assert rep.state is ItemState.PROTECTED, rep.to_dict()
+    newest = env.repo().latest()
+    assert newest is not None and newest.kind == "resync"
+    assert env.repo().verify(newest.point_id).ok
+    assert env.point_bytes(newest.point_id) == env.source()

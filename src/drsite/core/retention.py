@@ -29,13 +29,15 @@ class PointStamp:
     created_at: float
     app_consistent: bool = False
     pinned: bool = False
+    seq: int = 0   # commit order; the newest point is the highest seq (clocks can step back)
 
 
 def points_to_keep(points: Iterable[PointStamp], rule: RetentionRule, now: float) -> set[str]:
     pts = sorted(points, key=lambda p: (p.created_at, p.point_id))
     if not pts:
         return set()
-    keep: set[str] = {pts[-1].point_id}
+    newest = max(pts, key=lambda p: (p.seq, p.created_at, p.point_id))
+    keep: set[str] = {newest.point_id}
     crash_buckets: dict[int, PointStamp] = {}
     app_buckets: dict[int, PointStamp] = {}
     for p in pts:

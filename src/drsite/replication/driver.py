@@ -29,6 +29,7 @@ from drsite.core.errors import (
     Conflict,
     CorruptData,
     DrsiteError,
+    Fenced,
     PermanentError,
     TrackingLost,
     TransientError,
@@ -37,6 +38,7 @@ from drsite.core.errors import (
 from drsite.core.extents import ExtentList
 from drsite.core.model import Consistency, SealedCycle, TrackingState
 from drsite.core.retention import RetentionRule
+from drsite.failover.generation import check_not_fenced
 from drsite.hypervisors.contract import DiskReader, HypervisorDriver
 from drsite.replication.planner import (
     Action,
@@ -86,13 +88,23 @@ ProgressFn = Callable[[ItemReport], None]
 
 
 class ItemReplicator:
-    """Replication of one VM to one recovery target. One instance per item; not thread-safe."""
+    """Replication of one VM to one recovery target. One instance per item; not thread-safe.
+
+    ``generation`` is the split-brain guard (:mod:`drsite.failover.generation`): when set, every
+    step first checks that the item's generation in the recovery store is not newer, and the
+    check runs again right before a point is committed; a newer generation (a failover promoted
+    the other side) makes the step fail with ``Fenced`` (permanent: the item goes Critical and
+    nothing is committed). ``None`` (the default) checks nothing, as before failover existed.
+    Callers update ``generation`` after a cancelled failover hands the item back.
+    """
 
     def __init__(self, *, item_id: str, vm_id: str, driver: HypervisorDriver,
                  target: RecoveryTarget, state_dir: Path,
                  settings: ReplicationSettings | None = None, clock: Clock | None = None,
                  on_progress: ProgressFn | None = None,
-                 minute_of_day: Callable[[float], int] = local_minute_of_day) -> None:
+                 minute_of_day: Callable[[float], int] = local_minute_of_day,
+                 generation: int | None = None) -> None:
+        self.generation = generation
         self.driver = driver
         self.target = target
         self.settings = settings or ReplicationSettings()
@@ -108,6 +120,7 @@ class ItemReplicator:
             self._file.save(rec)
         self.rec = rec
         self._force_app: bool | None = None
+        self._post_commit_issue: str | None = None
         # called after a point is committed and before its frozen view is released (a drill
         # can compare the point with the source as it was at that instant)
         self.before_release: Callable[[SealedCycle, PointInfo], None] | None = None
@@ -159,6 +172,7 @@ class ItemReplicator:
         """Do the next thing this item needs; never raises a drsite error (it is recorded)."""
         now = self.clock.now()
         try:
+            self._check_fence()
             decision = plan(self._plan_input(now))
             if decision.action is Action.INITIAL:
                 self._initial()
@@ -233,11 +247,19 @@ class ItemReplicator:
         decision = self.step()
         err = self.report.last_error
         if err is None and decision.action in (Action.WAIT, Action.NOTHING):
+            if self.rec.phase is ItemState.RESYNC_REQUIRED:
+                # not a failure an operator must fix: the resync runs in its window (or by hand)
+                raise TrackingLost(f"{self.rec.vm_name}: resync required "
+                                   f"({self.rec.resync_reason}); it runs in the resync window")
             raise Conflict(f"{self.rec.vm_name}: nothing can run now: {decision.reason}",
                            hint="Start a resync by hand, or wait for the resync window.")
         if err is not None:
+            if err.get("code") == Fenced.code:
+                raise Fenced(f"{self.rec.vm_name}: {err['message']}", hint=err.get("hint"))
             if self.rec.phase is ItemState.CRITICAL or self.rec.retry.gave_up:
-                raise PermanentError(f"{self.rec.vm_name}: {err['message']}", hint=err.get("hint"))
+                perm = PermanentError(f"{self.rec.vm_name}: {err['message']}", hint=err.get("hint"))
+                perm.code = err.get("code", perm.code)  # keep the class the vault acts on
+                raise perm
             if not wait_transient and self.rec.retry.next_attempt_at is not None:
                 exc = TransientError(f"{self.rec.vm_name}: {err['message']}", hint=err.get("hint"))
                 exc.code = err.get("code", exc.code)
@@ -409,6 +431,7 @@ class ItemReplicator:
                             self._emit()
                     finally:
                         reader.close()
+                self._check_fence()  # a promotion while we shipped: commit nothing
                 point = writer.commit(created_at=cycle.sealed_at, consistency=cycle.consistency,
                                       meta={"vm_id": self.rec.vm_id, "vm_name": self.rec.vm_name,
                                             "epoch": cycle.epoch, "note": cycle.note})
@@ -422,6 +445,11 @@ class ItemReplicator:
 
     def _finish(self, cycle: SealedCycle, point: PointInfo) -> None:
         r = self.rec
+        if r.cycle_kind == "resync" and point.cycle_id == cycle.cycle_id:
+            # the repair is committed: a failure below must not make it run again in full
+            r.resync_by_hand = False
+            r.resync_from_store = False
+            r.resync_reason = ""
         failpoints.hit("engine.after-commit")
         if self.before_release is not None and point.cycle_id == cycle.cycle_id:
             self.before_release(cycle, point)
@@ -438,16 +466,44 @@ class ItemReplicator:
         rep.step = ""
         rep.progress = 100.0
         self._save()
-        self.target.after_commit(point)
-        pinned = {p for p in (self.target.replica_point(),) if p}
-        self.target.repo.apply_retention(self.settings.retention, self.clock.now(), pinned)
+        # the point is committed: what follows must not turn the cycle into a failure, except
+        # damage found while hydrating (that starts the repair)
+        self._post_commit_issue = None
+        try:
+            self.target.after_commit(point)
+        except CorruptData:
+            raise
+        except DrsiteError as e:
+            log.warning("%s: point %s committed, but the replica did not catch up: %s",
+                        r.vm_name, point.point_id, e)
+            self._post_commit_issue = f"replica behind the latest point: {e.message}"
+        try:
+            pinned = {p for p in (self.target.replica_point(),) if p}
+            self.target.repo.apply_retention(self.settings.retention, self.clock.now(), pinned)
+        except DrsiteError as e:
+            log.warning("%s: retention failed: %s", r.vm_name, e)
+            self._post_commit_issue = f"retention failed: {e.message}"
 
     # ----------------------------------------------------------------------------- helpers
+
+    def _check_fence(self) -> None:
+        if self.generation is not None:
+            check_not_fenced(self.target.repo.store, self.rec.item_id, self.generation)
 
     def _own_cycle(self, kind: str) -> SealedCycle | None:
         """The sealed cycle this item was working on, if it is still there and of ``kind``."""
         r = self.rec
         pending = self.driver.pending_cycle(r.vm_id)
+        if r.cycle_id is not None and r.cycle_kind != kind:
+            # a cycle of another kind (e.g. the initial copy) committed just before a crash:
+            # finish it (release, hydrate) before anything new is sealed
+            done = self.target.repo.committed_cycle(r.cycle_id)
+            if done is not None:
+                if pending is not None and pending.cycle_id == r.cycle_id:
+                    self._finish(pending, done)
+                    pending = self.driver.pending_cycle(r.vm_id)
+                else:
+                    r.cycle_id, r.cycle_kind = None, None
         if r.cycle_id is not None and r.cycle_kind == kind:
             if pending is not None and pending.cycle_id == r.cycle_id:
                 return pending
@@ -549,6 +605,9 @@ class ItemReplicator:
             if r.retry.failures:
                 health = Health.WARNING
                 reasons.append(f"retrying after {r.retry.failures} failure(s)")
+            if self._post_commit_issue:
+                health = Health.WARNING
+                reasons.append(self._post_commit_issue)
         rep.health = health
         rep.health_reasons = reasons
         rep.updated_at = now

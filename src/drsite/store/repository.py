@@ -418,6 +418,10 @@ class _Lru(OrderedDict[str, Any]):
                 self.popitem(last=False)
         return val
 
+    def clear(self) -> None:
+        with self.lock:
+            super().clear()
+
     def drop(self, key: str) -> None:
         with self.lock:
             self.pop(key, None)
@@ -665,6 +669,10 @@ class Repository:
         return self._tables.fetch(rel, load)
 
     def _get_map(self, rel: str) -> _SegMap:
+        if rel.startswith(DAMAGED_MAP):
+            raise CorruptData(f"segment table {self.key(rel[len(DAMAGED_MAP):])} is damaged: "
+                              "the maps it lists cannot be read")
+
         def load() -> _SegMap:
             key = self.key(rel)
             header, payload = _decode_blob("map", self._get_blob(rel, "segment map"), key)
@@ -682,12 +690,24 @@ class Repository:
             raise InvalidInput(f"point {body['point_id']} of {self.item_id} has no disk {disk_id!r}")
         return d  # type: ignore[no-any-return]
 
-    def _map_keys(self, disk: dict[str, Any]) -> list[str | None]:
-        """Segment-map key (or None: all zero) of every segment of a disk of a manifest."""
+    def _map_keys(self, disk: dict[str, Any], *, tolerant: bool = False) -> list[str | None]:
+        """Segment-map key (or None: all zero) of every segment of a disk of a manifest.
+
+        ``tolerant``: the segments of an unreadable table get :data:`DAMAGED_MAP`, whose reads
+        raise ``CorruptData`` (readers and resyncs); otherwise the error propagates (GC, diff:
+        they must not guess)."""
         nseg = -(-int(disk["size"]) // int(disk["segment_size"]))
         keys: list[str | None] = []
         for t in disk["tables"]:
-            keys.extend(self._get_table(t) if t is not None else [None] * TABLE_SPAN)
+            if t is None:
+                keys.extend([None] * TABLE_SPAN)
+                continue
+            try:
+                keys.extend(self._get_table(t))
+            except (CorruptData, BrokenChain):
+                if not tolerant:
+                    raise
+                keys.extend([DAMAGED_MAP + t] * TABLE_SPAN)
         return (keys + [None] * nseg)[:nseg]
 
     def _changed(self, disk: dict[str, Any]) -> ExtentList:
@@ -785,7 +805,7 @@ class Repository:
         keep_pinned = set(pinned) | {b for b in self._staged_bases().values() if b}
         pts = self.points()
         stamps = [PointStamp(p.point_id, p.created_at, p.consistency is Consistency.APP,
-                             p.point_id in keep_pinned) for p in pts]
+                             p.point_id in keep_pinned, seq=p.seq) for p in pts]
         keep = points_to_keep(stamps, rule, now)
         deleted = [p.point_id for p in pts if p.point_id not in keep]
         for pid in deleted:
@@ -857,6 +877,10 @@ class Repository:
         """Read and hash-check every object the point references. Damage is reported (key,
         reason, disk ranges it covers), not raised; fix it with :meth:`quarantine` + resync."""
         rep = VerifyReport(point_id)
+        # read everything from the store again: cached metadata would hide damage
+        self._manifests.clear()
+        self._maps.clear()
+        self._tables.clear()
         try:
             body = self._load_manifest(point_id)
         except CorruptData as exc:
@@ -948,6 +972,17 @@ def _prepare(piece: bytes, at: int, level: int) -> tuple[Entries, int, bytes, by
     codec, payload, h = _compress(raw, level)
     return e, codec, payload, h
 
+
+def _same_table(repo: Repository, rel: str, chunk: list[str | None]) -> bool:
+    try:
+        return repo._get_table(rel) == chunk
+    except (CorruptData, BrokenChain):
+        return False  # a damaged base table is never shared
+
+
+# prefix (+ the table's key) standing for the map of a segment whose table could not be read
+# (never a valid key: keys are validated names, this one starts with a NUL)
+DAMAGED_MAP = "\x00damaged-table:"
 
 UPLOADS_IN_FLIGHT = 2  # packs being stored while the next one fills (memory: 2 x pack_target)
 
@@ -1185,7 +1220,7 @@ class PointWriter:
         bd = base_body["disks"].get(disk_id) if base_body else None
         seg = int(bd["segment_size"]) if bd else repo.segment_size
         nseg = -(-size // seg)
-        base_keys = repo._map_keys(bd)[:nseg] if bd else []
+        base_keys = repo._map_keys(bd, tolerant=True)[:nseg] if bd else []
         keys: list[str | None] = base_keys + [None] * (nseg - len(base_keys))
         parts = self._done[self._disk_idx[disk_id]]
         e = np.concatenate(parts) if parts else _empty()
@@ -1202,8 +1237,17 @@ class PointWriter:
             a, b = np.searchsorted(segs, s, "left"), np.searchsorted(segs, s, "right")
             mine = pieces[a:b].copy()
             old = keys[s]
+            bm = None
             if old is not None:
-                bm = repo._get_map(old)
+                try:
+                    bm = repo._get_map(old)
+                except (CorruptData, BrokenChain):
+                    # a damaged (quarantined) base map is not needed when this cycle rewrote the
+                    # whole segment, which is what a resync against the damaged store does
+                    whole = ExtentList.of([(lo, hi - lo)])
+                    if whole.subtract(coalesce(mine["offset"], mine["length"])).total:
+                        raise
+            if bm is not None:
                 packs = list(bm.packs)
                 mine["pack"] += len(packs)
                 stack = np.concatenate([bm.entries, mine])
@@ -1232,9 +1276,11 @@ class PointWriter:
             if all(k is None for k in chunk):
                 tables.append(None)
                 continue
+            if any(k is not None and k.startswith(DAMAGED_MAP) for k in chunk):
+                raise CorruptData(f"cycle {self.cycle_id} would keep segments of a damaged "
+                                  f"segment table of disk {disk_id}: resync them against the store")
             if t < len(base_tables) and base_tables[t] is not None and \
-                    len(chunk) == len(repo._get_table(str(base_tables[t]))) and \
-                    repo._get_table(str(base_tables[t])) == chunk:
+                    _same_table(repo, str(base_tables[t]), chunk):
                 tables.append(base_tables[t])
                 continue
             blob = _encode_blob("table", {"n": len(chunk)},
@@ -1358,7 +1404,7 @@ class PointReader:
         self._disk = disk
         self.size = int(disk["size"])
         self.segment_size = int(disk["segment_size"])
-        self._keys = repo._map_keys(disk)
+        self._keys = repo._map_keys(disk, tolerant=True)
         self._frames: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._cache_cap = 16
 
@@ -1428,9 +1474,17 @@ class PointReader:
         """Ranges that hold stored data (everything else reads as zeros)."""
         st: list[npt.NDArray[np.int64]] = []
         ln: list[npt.NDArray[np.int64]] = []
-        for mk in self._keys:
+        seg = self.segment_size
+        for i, mk in enumerate(self._keys):
             if mk is not None:
-                e = self.repo._get_map(mk).entries
+                try:
+                    e = self.repo._get_map(mk).entries
+                except (CorruptData, BrokenChain):
+                    # unreadable map: report its whole segment (over-approximation is allowed);
+                    # reading it then fails, which a resync counts as "differs"
+                    st.append(np.array([i * seg], np.int64))
+                    ln.append(np.array([max(0, min(seg, self.size - i * seg))], np.int64))
+                    continue
                 st.append(e["offset"])
                 ln.append(e["length"])
         if not st:

@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import Callable
 from contextlib import suppress
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -54,6 +55,7 @@ from drsite.core.model import (
 )
 from drsite.hypervisors.contract import DiskReader
 from drsite.hypervisors.file import control
+from drsite.hypervisors.file.cow import CowDiskReader, create_cow_files
 from drsite.hypervisors.file.layout import VmConfig, VmPaths, read_json, write_json_atomic
 from drsite.hypervisors.file.readers import CycleDiskReader, LiveDiskReader, file_data_extents
 from drsite.hypervisors.file.runtime import GuestRuntime
@@ -100,10 +102,16 @@ class FileHypervisor:
         return self._locate(vm_id)[0].dir
 
     def disk_path(self, vm_id: str, disk_id: str) -> Path:
-        """The raw image file of one disk (``VmNotFound``)."""
+        """The raw image file of one disk (``VmNotFound``). For a copy-on-write disk this is
+        its overlay, not its content: read such a disk with :meth:`open_live_reader`."""
         paths, cfg = self._locate(vm_id)
         cfg.disk_size(disk_id)
         return paths.disk(disk_id)
+
+    def disk_backing(self, vm_id: str) -> dict[str, Path]:
+        """Backing images of the VM's copy-on-write disks (empty for an ordinary VM)."""
+        _, cfg = self._locate(vm_id)
+        return {d: Path(p) for d, p in cfg.backing.items()}
 
     def find_vm(self, name: str) -> VmInfo:
         """A VM by name (``VmNotFound``)."""
@@ -312,7 +320,7 @@ class FileHypervisor:
     def set_workload(self, vm_id: str, spec: WorkloadSpec | None) -> None:
         """Store the workload in ``vm.json`` and apply it now if the VM runs."""
         paths, cfg = self._locate(vm_id)
-        new = VmConfig(cfg.vm_id, cfg.name, cfg.vcpus, cfg.memory_mib, cfg.nics, cfg.disks, spec)
+        new = replace(cfg, workload=spec)
         write_json_atomic(paths.config, new.to_dict())
         if self._power(paths) is PowerState.RUNNING:
             with suppress(NetworkError):
@@ -420,7 +428,11 @@ class FileHypervisor:
 
     def open_live_reader(self, vm_id: str, disk_id: str) -> DiskReader:
         paths, cfg = self._locate(vm_id)
-        return LiveDiskReader(paths.disk(disk_id), cfg.disk_size(disk_id))
+        size = cfg.disk_size(disk_id)
+        backing = cfg.backing.get(disk_id)
+        if backing is not None:
+            return CowDiskReader(paths.disk(disk_id), paths.alloc(disk_id), Path(backing), size)
+        return LiveDiskReader(paths.disk(disk_id), size)
 
     def release(self, cycle: SealedCycle) -> None:
         try:
@@ -448,9 +460,9 @@ class FileHypervisor:
         return tmp, final
 
     def _commit(self, spec: VmSpec, tmp: Path, final: Path, disks: tuple[DiskSpec, ...],
-                workload: WorkloadSpec | None) -> VmInfo:
+                workload: WorkloadSpec | None, backing: dict[str, str] | None = None) -> VmInfo:
         cfg = VmConfig(str(uuid.uuid4()), spec.name, spec.vcpus, spec.memory_mib, spec.nics, disks,
-                       workload)
+                       workload, dict(backing or {}))
         write_json_atomic(tmp / "vm.json", cfg.to_dict())
         try:
             os.rename(tmp, final)  # atomic; fails if the name appeared meanwhile
@@ -500,6 +512,50 @@ class FileHypervisor:
             shutil.rmtree(tmp, ignore_errors=True)
             raise classify_os_error(e, f"creating VM {spec.name}") from e
         return self._commit(spec, tmp, final, disks, None)
+
+    def create_vm_cow(self, spec: VmSpec, backing: dict[str, Path]) -> VmInfo:
+        """Create a stopped VM whose disks are copy-on-write views of read-only raw images.
+
+        Size-independent: each disk gets an empty sparse overlay and allocation bitmap; no data
+        is copied and ``backing`` files are never written (the guest's writes go to the
+        overlays, see :mod:`.cow`). A backing image smaller than the spec's disk reads as
+        zero-extended; a larger one is refused. With no ``spec.disks`` the images' sizes are
+        used. Such a VM cannot be change-tracked (``start_tracking`` raises ``InvalidInput``).
+
+        Not responsible for keeping the backing images unchanged while the VM exists (the
+        caller owns them) or for removing them: :meth:`delete_vm` removes only the VM's own
+        directory (overlays and bitmaps).
+        """
+        paths_by_disk: dict[str, Path] = {}
+        for k, v in backing.items():
+            p = Path(v).absolute()
+            if not p.is_file():
+                raise InvalidInput(f"backing image {p} of disk {k!r} is not a file")
+            paths_by_disk[validate_name("disk", k)] = p
+        disks = spec.disks or tuple(DiskSpec(k, p.stat().st_size)
+                                    for k, p in sorted(paths_by_disk.items()))
+        if sorted(d.disk_id for d in disks) != sorted(paths_by_disk):
+            raise InvalidInput(f"backing images {sorted(paths_by_disk)} do not match the spec's "
+                               f"disks {sorted(d.disk_id for d in disks)}")
+        for d in disks:
+            size = paths_by_disk[d.disk_id].stat().st_size
+            if size > d.size:
+                raise InvalidInput(f"backing image of disk {d.disk_id} is {size} bytes, larger "
+                                   f"than {d.size}")
+        spec = VmSpec(spec.name, spec.vcpus, spec.memory_mib, spec.nics, disks)
+        tmp, final = self._prepare(spec)
+        if any(p.is_relative_to(final.absolute()) for p in paths_by_disk.values()):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise InvalidInput("a backing image cannot live inside the VM's own directory")
+        try:
+            tmp_paths = VmPaths(tmp)
+            for d in disks:
+                create_cow_files(tmp_paths.disk(d.disk_id), tmp_paths.alloc(d.disk_id), d.size)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise classify_os_error(e, f"creating copy-on-write disks of {spec.name}") from e
+        return self._commit(spec, tmp, final, disks, None,
+                            {d: str(p) for d, p in paths_by_disk.items()})
 
     def delete_vm(self, vm_id: str) -> None:
         try:

@@ -2,7 +2,8 @@
 
 ```
 VMDIR/vm.json                      config (VmConfig)
-VMDIR/<disk_id>.img                sparse raw image
+VMDIR/<disk_id>.img                sparse raw image (for a copy-on-write disk: its overlay)
+VMDIR/<disk_id>.alloc              copy-on-write disks only: allocation bitmap (see cow.py)
 VMDIR/lock                         fcntl.flock: held by the guest for its life, or by the driver
 VMDIR/guest.pid, guest.log         the guest process
 VMDIR/session.json                 exists while someone has the disks open (stale = unclean stop)
@@ -25,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +50,20 @@ class VmConfig:
     nics: tuple[Nic, ...]
     disks: tuple[DiskSpec, ...]
     workload: WorkloadSpec | None = None
+    # copy-on-write disks: disk id → absolute path of the read-only backing raw image
+    backing: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        disks: list[dict[str, Any]] = []
+        for d in self.disks:
+            entry: dict[str, Any] = {"disk_id": d.disk_id, "size": d.size}
+            if d.disk_id in self.backing:
+                entry["backing"] = self.backing[d.disk_id]
+            disks.append(entry)
         return {"vm_id": self.vm_id, "name": self.name, "vcpus": self.vcpus,
                 "memory_mib": self.memory_mib,
                 "nics": [{"network": n.network, "mac": n.mac, "ip": n.ip} for n in self.nics],
-                "disks": [{"disk_id": d.disk_id, "size": d.size} for d in self.disks],
+                "disks": disks,
                 "workload": self.workload.to_dict() if self.workload else None}
 
     @staticmethod
@@ -65,7 +74,9 @@ class VmConfig:
                         tuple(Nic(n["network"], n["mac"], n.get("ip")) for n in d.get("nics", [])),
                         tuple(DiskSpec(validate_name("disk", x["disk_id"]), int(x["size"]))
                               for x in d["disks"]),
-                        WorkloadSpec.from_dict(wl) if wl else None)
+                        WorkloadSpec.from_dict(wl) if wl else None,
+                        {str(x["disk_id"]): str(x["backing"]) for x in d["disks"]
+                         if x.get("backing")})
 
     def info(self, power: PowerState) -> VmInfo:
         return VmInfo(self.vm_id, self.name, self.vcpus, self.memory_mib, self.nics, self.disks,
@@ -157,6 +168,10 @@ class VmPaths:
 
     def disk(self, disk_id: str) -> Path:
         return self.dir / f"{validate_name('disk', disk_id)}.img"
+
+    def alloc(self, disk_id: str) -> Path:
+        """Allocation bitmap of a copy-on-write disk."""
+        return self.dir / f"{validate_name('disk', disk_id)}.alloc"
 
     def epoch_dir(self, epoch: str) -> Path:
         return self.tracking / validate_name("epoch", epoch)

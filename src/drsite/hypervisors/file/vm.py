@@ -44,6 +44,7 @@ from drsite.core.errors import (
 )
 from drsite.core.extents import ExtentList
 from drsite.core.model import Consistency
+from drsite.hypervisors.file.cow import CowOverlay
 from drsite.hypervisors.file.layout import (
     GRANULE,
     VmConfig,
@@ -147,6 +148,7 @@ class _Disk:
         self.log: ChangeLog | None = None
         self.dirty = bytearray(_granules(size))  # granules touched by the active log
         self.cbw: _Cbw | None = None
+        self.cow: CowOverlay | None = None  # a copy-on-write disk (``fd`` is its overlay)
 
     def note_write(self, offset: int, length: int) -> None:
         g0, g1 = offset // GRANULE, (offset + length - 1) // GRANULE
@@ -232,7 +234,11 @@ class FileVm:
                     os.ftruncate(fd, d.size)
             except OSError as e:
                 raise classify_os_error(e, f"disk {path}") from e
-            self.disks[d.disk_id] = _Disk(d.disk_id, fd, d.size)
+            disk = _Disk(d.disk_id, fd, d.size)
+            self.disks[d.disk_id] = disk
+            backing = self.config.backing.get(d.disk_id)
+            if backing is not None:
+                disk.cow = CowOverlay(fd, p.alloc(d.disk_id), Path(backing), d.size)
         self.epoch = p.current_epoch()
         if self.epoch is None:
             return
@@ -346,7 +352,10 @@ class FileVm:
             try:
                 if disk.cbw is not None:
                     disk.cbw.before_write(offset, n)
-                pwrite_all(disk.fd, data, offset)
+                if disk.cow is not None:
+                    disk.cow.write(offset, data)
+                else:
+                    pwrite_all(disk.fd, data, offset)
             except OSError as e:
                 raise classify_os_error(e, f"write to disk {disk_id}") from e
             if tag is not None:
@@ -360,6 +369,8 @@ class FileVm:
         if offset < 0 or length < 0 or offset + length > disk.size:
             raise InvalidInput(f"read outside disk {disk_id}")
         self._check_open()
+        if disk.cow is not None:
+            return disk.cow.read(offset, length)
         out = os.pread(disk.fd, length, offset)
         return out + bytes(length - len(out))
 
@@ -379,6 +390,9 @@ class FileVm:
                     disk.cbw.flush()
             for disk in self.disks.values():
                 os.fsync(disk.fd)
+            for disk in self.disks.values():  # a set allocation byte names a durable granule
+                if disk.cow is not None:
+                    disk.cow.flush()
         except OSError as e:
             raise classify_os_error(e, f"flushing VM {self.config.name}") from e
 
@@ -420,10 +434,20 @@ class FileVm:
 
     # -- tracking -----------------------------------------------------------------------------
     def start_tracking(self, epoch: str | None = None) -> str:
-        """Begin a new epoch: fresh logs, previous logs and any unreleased cycle dropped."""
+        """Begin a new epoch: fresh logs, previous logs and any unreleased cycle dropped.
+
+        Refused (``InvalidInput``) on a VM with copy-on-write disks: those are test-failover
+        VMs, which are never replicated (see ``design.md``)."""
         new = epoch or uuid.uuid4().hex
         with self._io_lock:
             self._check_open()
+            cow = sorted(d.disk_id for d in self.disks.values() if d.cow is not None)
+            if cow:
+                raise InvalidInput(
+                    f"VM {self.config.name} has copy-on-write disks {cow}: change tracking is "
+                    "not supported on them",
+                    hint="Copy-on-write VMs are test-failover VMs and are not replicated; "
+                         "protect a VM with ordinary disks.")
             p = self.paths
             edir = p.epoch_dir(new)
             edir.mkdir(parents=True, exist_ok=True)
@@ -637,6 +661,8 @@ class FileVm:
         for disk in self.disks.values():
             if disk.cbw is not None:
                 disk.cbw.close(sync=False)
+            if disk.cow is not None:
+                disk.cow.close()
             if disk.log is not None:
                 disk.log.abandon()
             with suppress(OSError):

@@ -73,6 +73,25 @@ class LocalObjectStore:
                     if now - entry.stat(follow_symlinks=False).st_mtime >= older_than_s:
                         os.unlink(entry.path)
 
+    def _makedirs_durable(self, d: Path) -> None:
+        """Create ``d`` and missing parents; each new directory's parent is fsynced, so that
+        after a power loss an object never outlives the directory entry leading to it."""
+        if d.is_dir():
+            return
+        missing: list[Path] = []
+        cur = d
+        while not cur.is_dir():
+            missing.append(cur)
+            if cur == self.root or cur.parent == cur:
+                break
+            cur = cur.parent
+        for m in reversed(missing):
+            try:
+                m.mkdir()
+            except FileExistsError:
+                continue
+            _fsync_dir(m.parent)
+
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*validate_key(key).split("/"))
 
@@ -101,7 +120,7 @@ class LocalObjectStore:
                 os.close(fd)
             # a concurrent delete may remove the (empty) parent between makedirs and link
             for attempt in range(5):
-                path.parent.mkdir(parents=True, exist_ok=True)
+                self._makedirs_durable(path.parent)
                 try:
                     if overwrite:
                         os.replace(tmp, path)
