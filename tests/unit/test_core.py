@@ -192,3 +192,15 @@ def test_names_refuse_traversal() -> None:
 @given(st.integers(1, 40))
 def test_retry_delay_monotone(n: int) -> None:
     assert retry_delay(n) <= retry_delay(n + 1)
+
+
+def test_token_bucket_holds_the_rate() -> None:
+    from drsite.core.throttle import TokenBucket
+
+    clock = FakeClock()
+    b = TokenBucket(1000.0, clock, burst_s=0.5)
+    t0 = clock.now()
+    for _ in range(100):
+        b.consume(100)  # 10,000 bytes at 1,000 B/s
+    assert 9.4 <= clock.now() - t0 <= 10.0
+    assert max(clock.sleeps) <= 0.11  # small pieces: no long stalls

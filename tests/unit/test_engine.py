@@ -502,3 +502,26 @@ def test_damaged_segment_map_is_repaired_by_resync(env: Env, which: str) -> None
     assert newest is not None and newest.kind == "resync"
     assert env.repo().verify(newest.point_id).ok
     assert env.point_bytes(newest.point_id) == env.source()
+
+
+def test_bandwidth_limit_paces_shipping(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    env.item.settings = ReplicationSettings(frequency_s=30, resync_window=ALWAYS,
+                                            bandwidth_limit_bps=1 * MiB, io_size=256 * KiB)
+    env.write("d0", 0, 2 * MiB)
+    env.write("d1", 0, 2 * MiB)
+    t0 = env.clock.now()
+    env.item.run_initial()
+    # 4 MiB at 1 MiB/s: about 4 s on the (fake) clock, less the initial burst allowance
+    assert env.clock.now() - t0 >= 3.5
+    assert env.point_bytes(env.repo().latest().point_id) == env.source()  # type: ignore[union-attr]
+
+
+def test_compression_off_stores_frames_as_they_are(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    env.item.settings = ReplicationSettings(frequency_s=30, resync_window=ALWAYS, compression=False)
+    text = (b"compressible text " * 100_000)[: 1 * MiB]
+    env.hv.write(env.vm.vm_id, "d0", 0, text)
+    p = env.item.run_initial()
+    assert p.bytes_stored >= 1 * MiB  # not compressed
+    assert env.point_bytes(p.point_id) == env.source()

@@ -58,8 +58,11 @@ def settings_from_args(d: dict[str, Any] | None) -> ReplicationSettings:
             retention = RetentionRule(retention_s=keep_s,
                                       keep_all_s=min(RetentionRule().keep_all_s, keep_s))
         window = parse_window(d.get("resync_window"))
+        bw = d.get("bandwidth_limit_bps")
         return ReplicationSettings(frequency_s=freq, app_consistent_every_s=app,
                                    rpo_threshold_s=rpo, retention=retention,
+                                   compression=bool(d.get("compression", True)),
+                                   bandwidth_limit_bps=int(bw) if bw else None,
                                    resync_window=window)
     except (TypeError, ValueError) as e:
         raise InvalidInput(f"invalid replication settings {d!r}: {e}") from e

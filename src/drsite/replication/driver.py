@@ -38,6 +38,7 @@ from drsite.core.errors import (
 from drsite.core.extents import ExtentList
 from drsite.core.model import Consistency, SealedCycle, TrackingState
 from drsite.core.retention import RetentionRule
+from drsite.core.throttle import TokenBucket
 from drsite.failover.generation import check_not_fenced
 from drsite.hypervisors.contract import DiskReader, HypervisorDriver
 from drsite.replication.planner import (
@@ -76,6 +77,7 @@ class ReplicationSettings:
     retention: RetentionRule = field(default_factory=RetentionRule)
     resync_window: ResyncWindow = field(default_factory=ResyncWindow)
     compression: bool = True     # zstd level 1 on shipped data (off: stored as is)
+    bandwidth_limit_bps: int | None = None  # cap on data read and shipped (None: no cap)
     io_size: int = IO_SIZE
     resync_block: int = RESYNC_BLOCK
     save_every_bytes: int = 64 * 1024 * 1024
@@ -414,6 +416,11 @@ class ItemReplicator:
                 self._emit()
                 since_save = 0
                 io = self.settings.io_size
+                bucket: TokenBucket | None = None
+                if self.settings.bandwidth_limit_bps:
+                    rate = self.settings.bandwidth_limit_bps
+                    bucket = TokenBucket(rate, self.clock)
+                    io = max(64 * 1024, min(io, rate // 4))  # small pieces: a smooth rate
                 for disk_id in sorted(remaining):
                     ext = remaining[disk_id].split(io)
                     if len(ext) == 0:
@@ -421,6 +428,8 @@ class ItemReplicator:
                     reader = self.driver.open_cycle_reader(cycle, disk_id)
                     try:
                         for off, buf in read_ahead(reader, ext, io):
+                            if bucket is not None:
+                                bucket.consume(len(buf))
                             writer.write(disk_id, off, buf)
                             rep.bytes_done += len(buf)
                             since_save += len(buf)

@@ -40,10 +40,15 @@ def run_vault(data_dir: Path, listen: str = "127.0.0.1:8443", db_url: str | None
     settings = VaultSettings(data_dir=Path(data_dir), db_url=db_url, heartbeat_interval=heartbeat_interval)
     vault = bootstrap(settings)
     if vault.new_admin_token is not None:
-        # the one place the first admin token is shown; it is also in DATA/admin.token (0600)
-        sys.stdout.write(f"admin token (saved in {settings.data_dir / ADMIN_TOKEN_FILE}, shown once): "
-                         f"{vault.new_admin_token}\n")
-        sys.stdout.flush()
+        # the first admin token is in DATA/admin.token (0600); it is shown once on an interactive
+        # terminal, never written into a log file
+        where = settings.data_dir / ADMIN_TOKEN_FILE
+        if sys.stdout.isatty():
+            sys.stdout.write(f"admin token (saved in {where}, shown once): "
+                             f"{vault.new_admin_token}\n")
+            sys.stdout.flush()
+        else:
+            log.info("first admin token created; it is in %s (mode 0600)", where)
     app = create_app(settings, vault)
     log.info("vault data in %s, database %s", settings.data_dir, _redact(settings.database_url))
     try:
