@@ -88,7 +88,9 @@ def differing_blocks(source: DigestResult, target: DigestResult) -> npt.NDArray[
     """Indexes of blocks whose digests differ or whose target copy is bad."""
     if source.digests.shape != target.digests.shape:
         raise ValueError("source and target digests cover different sizes")
-    diff = np.any(source.digests != target.digests, axis=1) | target.bad
+    # compare 16-byte digests as two 64-bit words: one vectorised pass, cheap for big disks
+    diff = (source.digests.view(np.uint64) != target.digests.view(np.uint64)).any(axis=1) \
+        | target.bad
     return np.nonzero(diff)[0].astype(np.int64)
 
 
