@@ -22,7 +22,9 @@ from typing import Any
 from benchlib import BENCH_DIR, DEFAULT_OUT, MiB, cache_note, machine_info
 
 BENCHES = ("initial", "delta", "resync")
+OPTIONAL = ("scale",)  # run only when asked for (--scale, or named in --only)
 QUICK_ARGS = {
+    "scale": ["--quick"],
     "initial": ["--size-mib", "256"],
     "delta": ["--disk-mib", "256", "--write-mib", "16"],
     "resync": ["--size-mib", "256"],
@@ -45,8 +47,33 @@ def _m(n: float) -> str:
     return f"{n / MiB:.1f} MiB"
 
 
+def _scale_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    goal = r["goal_p99_s"]
+    rows: list[tuple[str, str, str, str]] = []
+    for e in r["engines"]:
+        c, n = e["cycles"], e["engine"]
+        share = c["on_time_share"]
+        p99 = max(e["items_p99"], e["health_p99"])
+        rows += [
+            (f"scale/{n}: load", f"{e['items']} items, {e['hosts']} hosts, frequency "
+             f"{e['frequency_s']:.0f} s, heartbeat {e['heartbeat_s']:.0f} s, window "
+             f"{e['window_s']:.0f} s", "", ""),
+            (f"scale/{n}: cycles on time (≤ due + {c['tolerance_s']:.0f} s)",
+             f"**{100 * share:.1f} %** ({c['on_time']}/{c['due']}; p99 late "
+             f"{c['late_p99']:.1f} s)", "100 %", "met" if share >= 1.0 else "**not met**"),
+            (f"scale/{n}: GET /items, /health p99", f"**{1000 * e['items_p99']:.0f} ms**, "
+             f"**{1000 * e['health_p99']:.0f} ms**", f"≤ {1000 * goal:.0f} ms",
+             "met" if p99 <= goal else "**not met**"),
+            (f"scale/{n}: vault CPU, RSS; generator CPU", f"{e['vault_cpu_cores']:.2f} cores, "
+             f"{e['vault_rss_end'] / MiB:.0f} MiB; {e['gen_cpu_cores']:.2f} cores", "", ""),
+        ]
+    return rows
+
+
 def rows_for(name: str, r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """(figure, value, goal, verdict) rows of one benchmark's JSON."""
+    if name == "scale":
+        return _scale_rows(r)
     if name == "initial":
         size = r["size"]
 
@@ -95,6 +122,11 @@ def rows_for(name: str, r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 
 
 def interpretation(name: str, r: dict[str, Any]) -> str:
+    if name == "scale":
+        return "scale: " + "; ".join(
+            f"{e['engine']}: {100 * e['cycles']['on_time_share']:.1f} % of cycles on time, "
+            f"p99 /items {1000 * e['items_p99']:.0f} ms, /health {1000 * e['health_p99']:.0f} ms"
+            for e in r["engines"])
     if name == "initial":
         a_ok, b_ok = r["ratio_a"] >= r["goal"], r["ratio_b"] >= r["goal"]
         return (f"initial: to a committed point at {r['ratio_a']:.2f}× cp's throughput "
@@ -115,13 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     ap.add_argument("--only", default=",".join(BENCHES), help="comma-separated subset")
+    ap.add_argument("--scale", action="store_true",
+                    help="also run the control-plane scale benchmark (bench/scale.py)")
     ap.add_argument("--workdir", type=Path, default=None, help="passed to each benchmark")
     ap.add_argument("--results", type=Path, default=BENCH_DIR / "RESULTS.md",
                     help="file the dated section is appended to")
     ap.add_argument("--no-record", action="store_true", help="do not append to the results file")
     a = ap.parse_args(argv)
     names = [n for n in a.only.split(",") if n]
-    bad = [n for n in names if n not in BENCHES]
+    if a.scale and "scale" not in names:
+        names.append("scale")
+    bad = [n for n in names if n not in BENCHES + OPTIONAL]
     if bad:
         ap.error(f"unknown benchmark(s): {', '.join(bad)}")
 
