@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from rich.table import Table
 
 from drsite.core.model import DiskSpec, Nic, SealedCycle, VmSpec
 from drsite.core.retention import RetentionRule
+from drsite.demo_cluster import seed_disk
 from drsite.hypervisors.file.driver import FileHypervisor
 from drsite.hypervisors.file.workload import WorkloadSpec
 from drsite.replication.driver import ItemReplicator, ReplicationSettings
@@ -60,24 +60,6 @@ class DemoResult:
     vms: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _seed_disk(path: Path, size: int, fill: float, rng: np.random.Generator) -> None:
-    """Write an 'installed OS' into a sparse image: scattered 1 MiB runs of mixed data."""
-    n_chunks = size // MiB
-    chosen = rng.choice(n_chunks, size=max(1, int(n_chunks * fill)), replace=False)
-    words = np.frombuffer(b"drsite demo guest data: the quick brown fox jumps over lazy dogs. ",
-                          dtype=np.uint8)
-    with open(path, "r+b") as f:
-        for i, c in enumerate(sorted(chosen.tolist())):
-            if i % 2:
-                data = rng.integers(0, 256, MiB, dtype=np.uint8).tobytes()  # incompressible
-            else:
-                data = np.resize(words, MiB).tobytes()  # compressible text
-                data = data[:4096] + rng.integers(0, 256, 4096, dtype=np.uint8).tobytes() + data[8192:]
-            os.pwrite(f.fileno(), data, c * MiB)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoResult:
     con = console or Console(stderr=opts.json_out)
     t0 = time.monotonic()
@@ -105,7 +87,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoResult:
                       disks=tuple(DiskSpec(f"disk{d}", size) for d in range(opts.disks)))
         vm = hv.create_blank(spec)
         for d in vm.disks:
-            _seed_disk(hv.disk_path(vm.vm_id, d.disk_id), d.size, opts.fill, rng)
+            seed_disk(hv.disk_path(vm.vm_id, d.disk_id), d.size, opts.fill, rng)
         hv.set_workload(vm.vm_id, WorkloadSpec(pattern="random", io_size=4096,
                                                rate=opts.write_rate, seed=i + 1))
         hv.power_on(vm.vm_id)

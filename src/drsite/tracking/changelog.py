@@ -35,6 +35,7 @@ import numpy.typing as npt
 
 from drsite.core.errors import CorruptData, InvalidInput, classify_os_error
 from drsite.core.extents import ExtentList, coalesce
+from drsite.fsutil import fsync_dir as _fsync_dir
 
 MAGIC = b"DRSHRL01"
 VERSION = 1
@@ -231,13 +232,6 @@ def load_log(path: Path, *, boot_id: str | None = None, live: bool = False) -> L
         raise classify_os_error(e, f"change log {path}") from e
     return _validate(raw, path, boot_id or current_boot_id(), live=live)
 
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ChangeLog:

@@ -32,6 +32,7 @@ from typing import Any
 
 from drsite.core.errors import PermanentError, VmNotFound, classify_os_error
 from drsite.core.model import DiskSpec, Nic, PowerState, VmInfo, validate_name
+from drsite.fsutil import fsync_dir
 from drsite.hypervisors.file.workload import WorkloadSpec
 
 GRANULE = 64 * 1024
@@ -115,13 +116,6 @@ def read_json(path: Path) -> dict[str, Any] | None:
         raise PermanentError(f"{path}: not a JSON object")
     return d
 
-
-def fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class VmPaths:

@@ -44,12 +44,12 @@ from drsite.core.errors import (
 )
 from drsite.core.extents import ExtentList
 from drsite.core.model import Consistency
+from drsite.fsutil import fsync_dir
 from drsite.hypervisors.file.cow import CowOverlay
 from drsite.hypervisors.file.layout import (
     GRANULE,
     VmConfig,
     VmPaths,
-    fsync_dir,
     read_json,
     write_json_atomic,
 )

@@ -31,17 +31,11 @@ from drsite.core.errors import (
     ObjectNotFound,
     classify_os_error,
 )
+from drsite.fsutil import fsync_dir as _fsync_dir
 from drsite.store.contract import validate_key, validate_prefix
 
 _TMP = ".tmp"
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class LocalObjectStore:
