@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from tests.cloud import azure_azurite, s3_moto, s3_seaweedfs
 
 from drsite.core.errors import (
     InvalidInput,
@@ -23,6 +24,7 @@ from drsite.core.errors import (
     PermanentError,
 )
 from drsite.store.contract import ObjectStore
+from drsite.store.crypto import EncryptedStore
 from drsite.store.local import LocalObjectStore
 from drsite.store.site.testing import shared_site_store
 from drsite.store.testing import FaultyObjectStore, MemoryObjectStore
@@ -49,12 +51,24 @@ def _flaky(tmp: Path) -> ObjectStore:
     return RetryingStore(faulty, attempts=6, base_delay=0.0, sleep=lambda _s: None)
 
 
+def _encrypted(tmp: Path) -> ObjectStore:
+    """Small segments so objects of the suite span several (ranged reads cross boundaries)."""
+    return EncryptedStore(MemoryObjectStore(), {"k1": b"\x01" * 32, "k2": b"\x02" * 32}, "k2",
+                          segment_size=64)
+
+
 BACKENDS: dict[str, Callable[[Path], ObjectStore]] = {
     "local": _local,
     "memory": _memory,
     "retrying-faulty-memory": _flaky,
+    "encrypted-memory": _encrypted,
     # the remote site store: a real mTLS server on 127.0.0.1 (one per session, fresh store per test)
     "site": shared_site_store,
+    # cloud backends against throw-away servers on 127.0.0.1 (one per session, fresh prefix per
+    # test); skipped when the server program is missing unless DRSITE_TEST_CLOUD=1
+    "s3-moto": s3_moto,
+    "s3-seaweedfs": s3_seaweedfs,
+    "azure-azurite": azure_azurite,
 }
 
 
