@@ -192,3 +192,16 @@ def test_a_custom_window_is_honoured(h: Harness) -> None:
     a.beat(vms=VMS, items=[{"item_id": item_id,
                             "report": report(item_id, "vm-1", "web1", state=ItemState.RESYNC_REQUIRED)}])
     assert len(sent(h, "resync")) == 1  # noon is inside 11:00-13:00
+
+
+def test_late_cycles_are_anchored_on_their_due_time(h: Harness) -> None:
+    a, _item_id = protected(h)
+    t0 = h.clock.now()
+    h.clock.advance(40)  # the scheduler is 10 s late: the cycle was due at t0 + 30
+    (c1,) = sent(h, "cycle")
+    a.result(c1.id, "succeeded")
+    h.clock.advance(19)  # t0 + 59: not yet due
+    assert sent(h, "cycle") == []
+    h.clock.advance(1)  # t0 + 60: due (anchored on t0 + 30, not on the late send at t0 + 40)
+    (c2,) = sent(h, "cycle")
+    assert c2.created_at == t0 + 60

@@ -26,7 +26,7 @@ from drsite.replication.report import Health, ItemState
 from drsite.vault.audit import record_event
 from drsite.vault.db.database import Database
 from drsite.vault.db.models import Alert, Host, Item, Policy
-from drsite.vault.scheduler import item_policy
+from drsite.vault.scheduler import item_policy, preload_policies
 from drsite.vault.settings import VaultSettings
 
 
@@ -96,6 +96,7 @@ class HealthMonitor:
             now = self.settings.clock.now()
             conditions: dict[str, tuple[str, str, str, str]] = {}  # key -> kind, severity, subject, msg
             hosts = {h.id: h for h in s.scalars(select(Host))}
+            _keep = preload_policies(s)  # keeps them in the identity map
             for h in hosts.values():
                 if (h.revoked_at is None and h.last_heartbeat is not None
                         and not agent_up(h, now, self.settings)):

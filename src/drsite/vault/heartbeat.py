@@ -31,6 +31,8 @@ from drsite.vault.settings import VaultSettings
 
 log = logging.getLogger(__name__)
 
+VM_SEEN_EVERY_S = 60.0  # a VM row's last_seen is refreshed at most this often (see the host row)
+
 
 @dataclass
 class ItemBeat:
@@ -59,13 +61,17 @@ def _vm_fields(d: dict[str, Any]) -> tuple[str, str]:
 def apply_heartbeat(s: Session, host: Host, beat: Beat, settings: VaultSettings) -> dict[str, Any]:
     """Apply ``beat`` from ``host``; returns the reply ``{"commands", "ack", "heartbeat_interval"}``."""
     now = settings.clock.now()
-    host.last_heartbeat = now
-    host.version = beat.version[:64]
-    host.store_url = beat.store_url
+    host.last_heartbeat = now  # liveness lives on the host row only
+    if host.version != beat.version[:64]:
+        host.version = beat.version[:64]
+    if host.store_url != beat.store_url:
+        host.store_url = beat.store_url
     new_vms = _apply_inventory(s, host, beat.vms, now)
     ack: dict[str, int] = {}
-    for ib in beat.items:
-        item = s.get(Item, ib.item_id)
+    ids = sorted({ib.item_id for ib in beat.items})
+    items = {i.id: i for i in s.scalars(select(Item).where(Item.id.in_(ids)))} if ids else {}
+    for ib in sorted(beat.items, key=lambda x: x.item_id):  # id order, like the scheduler
+        item = items.get(ib.item_id)
         if item is None or item.host_id != host.id or item.status in ("removed", "failed"):
             log.warning("host %s reported item %s it does not own; ignored", host.id, ib.item_id)
             continue
@@ -92,11 +98,18 @@ def _apply_inventory(s: Session, host: Host, vms: list[dict[str, Any]], now: flo
             rows[vm_id] = row
             new.append(row)
         else:
+            changed = False
             if row.info != d:
                 row.info = d
-            row.name = name[:64]
-            row.present = True
-            row.last_seen = now
+                changed = True
+            if row.name != name[:64] or not row.present:
+                row.name = name[:64]
+                row.present = True
+                changed = True
+            # the host row carries liveness; a VM row is written when it changes, and its
+            # last_seen refreshed at most once a minute (not on every beat)
+            if changed or now - row.last_seen >= VM_SEEN_EVERY_S:
+                row.last_seen = now
     for vm_id, row in rows.items():
         if vm_id not in seen and row.present:
             row.present = False
@@ -105,39 +118,58 @@ def _apply_inventory(s: Session, host: Host, vms: list[dict[str, Any]], now: flo
 
 
 def _apply_item(s: Session, item: Item, ib: ItemBeat, now: float) -> int:
+    """Apply one item's report and new/removed points; the row is written only when something
+    changed. Only the reported points are looked up (``point_id IN (...)``)."""
     try:
         report = ItemReport.from_dict(ib.report)
     except (KeyError, TypeError, ValueError) as e:
         raise InvalidInput(f"item {item.id}: unreadable report ({type(e).__name__})") from None
-    item.report = report.to_dict()
+    changed = False
+
+    def put(attr: str, value: Any) -> None:
+        nonlocal changed
+        if getattr(item, attr) != value:
+            setattr(item, attr, value)
+            changed = True
+
+    put("report", report.to_dict())
     if item.critical_error is None or report.state is ItemState.CRITICAL:
-        item.state = report.state.value
+        put("state", report.state.value)
     if report.last_point_time is not None:
-        item.last_point_time = max(item.last_point_time or 0.0, report.last_point_time)
+        put("last_point_time", max(item.last_point_time or 0.0, report.last_point_time))
     if report.last_app_point_time is not None:
-        item.last_app_point_time = max(item.last_app_point_time or 0.0, report.last_app_point_time)
-    known = set(s.scalars(select(Point.point_id).where(Point.item_id == item.id)))
+        put("last_app_point_time", max(item.last_app_point_time or 0.0, report.last_app_point_time))
+    points: list[PointInfo] = []
     for pd in ib.new_points:
         try:
-            p = PointInfo.from_dict({**pd, "item_id": item.id})
+            points.append(PointInfo.from_dict({**pd, "item_id": item.id}))
         except (KeyError, TypeError, ValueError) as e:
             raise InvalidInput(f"item {item.id}: unreadable point ({type(e).__name__})") from None
-        if p.point_id in known:
-            continue
-        known.add(p.point_id)
-        s.add(Point(item_id=item.id, point_id=p.point_id, seq=p.seq, created_at=p.created_at,
-                    consistency=p.consistency.value, bytes_written=p.bytes_written, info=p.to_dict()))
-        item.last_point_time = max(item.last_point_time or 0.0, p.created_at)
-        if p.consistency.value == "app":
-            item.last_app_point_time = max(item.last_app_point_time or 0.0, p.created_at)
+    acked = item.acked_seq or 0
+    if points:
+        known = set(s.scalars(select(Point.point_id).where(
+            Point.item_id == item.id, Point.point_id.in_(sorted({p.point_id for p in points})))))
+        for p in points:
+            if p.point_id in known:
+                acked = max(acked, p.seq)  # catalogued already
+                continue
+            known.add(p.point_id)
+            s.add(Point(item_id=item.id, point_id=p.point_id, seq=p.seq, created_at=p.created_at,
+                        consistency=p.consistency.value, bytes_written=p.bytes_written,
+                        info=p.to_dict()))
+            acked = max(acked, p.seq)
+            put("last_point_time", max(item.last_point_time or 0.0, p.created_at))
+            if p.consistency.value == "app":
+                put("last_app_point_time", max(item.last_app_point_time or 0.0, p.created_at))
     if ib.removed_points:
         s.execute(delete(Point).where(Point.item_id == item.id,
                                       Point.point_id.in_([str(x) for x in ib.removed_points])))
-    s.flush()
-    top = s.scalar(select(func.max(Point.seq)).where(Point.item_id == item.id))
-    item.acked_seq = int(top or 0)
-    item.updated_at = now
-    return item.acked_seq
+        s.flush()
+        acked = int(s.scalar(select(func.max(Point.seq)).where(Point.item_id == item.id)) or 0)
+    put("acked_seq", acked)
+    if changed:
+        item.updated_at = now
+    return acked
 
 
 def _auto_protect(s: Session, host: Host, new_vms: list[Vm], now: float) -> None:

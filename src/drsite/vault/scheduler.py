@@ -5,8 +5,9 @@ Per protected item that no job holds, at each tick (clock injected), the pure pl
 own facts:
 
 - ``delta`` → a ``cycle`` command (``app_consistent`` when the policy's app-consistent interval
-  has passed since the last app-consistent point); cycles are anchored to the times they were
-  sent, so slow cycles do not drift the schedule;
+  has passed since the last app-consistent point); each cycle is anchored to the time it was
+  due (``items.last_cycle_sent_at`` holds that anchor), so neither slow cycles nor a late
+  scheduler drift the schedule; a slot missed by more than one period is not made up;
 - ``resync`` → a ``resync`` command (``by_hand: false``) — the planner only says so inside the
   policy's resync window (by hand, the Resync job sends it at once);
 - never more than one outstanding replication command (protect, cycle, resync) per item;
@@ -23,8 +24,10 @@ responsible for: jobs (they own an item while active) or health (``health``).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from drsite.core.model import TrackingState
@@ -34,7 +37,8 @@ from drsite.replication.report import ItemState
 from drsite.vault import commands
 from drsite.vault.audit import record_event
 from drsite.vault.db.database import Database
-from drsite.vault.db.models import Command, Group, Item, Policy
+from drsite.vault.db.models import Command, Group, Host, Item, Policy
+from drsite.vault.ids import new_id
 from drsite.vault.policies import parse_window
 from drsite.vault.settings import VaultSettings
 
@@ -56,6 +60,13 @@ def effective_state(item: Item) -> ItemState:
 def item_policy(s: Session, item: Item) -> Policy | None:
     group = s.get(Group, item.group_id)
     return s.get(Policy, group.policy_id) if group is not None and group.policy_id else None
+
+
+def preload_policies(s: Session) -> list[object]:
+    """Load every group and policy into ``s`` in two queries; keep the returned list alive so
+    that :func:`item_policy` (``Session.get``) finds them in the identity map (it holds weak
+    references) instead of querying twice per item."""
+    return [*s.scalars(select(Group)), *s.scalars(select(Policy)), *s.scalars(select(Host))]
 
 
 def apply_result(s: Session, cmd: Command, now: float) -> None:
@@ -90,8 +101,24 @@ def apply_result(s: Session, cmd: Command, now: float) -> None:
     item.updated_at = now
 
 
+@dataclass
+class _Due:
+    """One command the scheduler decided to send, and the item fields that go with it."""
+
+    item_id: str
+    host_id: str
+    kind: str
+    args: dict[str, Any]
+    item_values: dict[str, Any]
+
+
 class Scheduler:
-    """Sends replication commands on time. ``tick()`` is called by the vault's loop or tests."""
+    """Sends replication commands on time. ``tick()`` is called by the vault's loop or tests.
+
+    A tick reads in two set-based queries (open commands of all items; protected items joined
+    with their group's policy) outside any write transaction, decides in Python, then writes
+    only the due commands and their items in one short transaction (items in id order, so it
+    does not dead-lock with heartbeats on PostgreSQL)."""
 
     def __init__(self, db: Database, settings: VaultSettings) -> None:
         self.db = db
@@ -99,17 +126,57 @@ class Scheduler:
 
     def tick(self) -> list[Command]:
         """One pass over the protected items; returns the commands it queued."""
+        now = self.settings.clock.now()
+        with self.db.read() as s:
+            open_kinds = _open_kinds(s, None)
+            rows = s.execute(select(Item, Policy)
+                             .join(Group, Group.id == Item.group_id)
+                             .join(Policy, Policy.id == Group.policy_id)
+                             .where(Item.status == "protected", Item.active_job_id.is_(None))
+                             .order_by(Item.id)).all()
+            due: list[_Due] = []
+            for item, policy in rows:
+                due.extend(self._item(item, policy, open_kinds.get(item.id, set()), now))
+        if not due:
+            return []
+        return self._write(due, now)
+
+    def _write(self, due: list[_Due], now: float) -> list[Command]:
+        """Insert the due commands and update their items, re-checking (inside the write
+        transaction) that nothing changed since the read: a job may have taken the item or a
+        command may have been queued meanwhile."""
+        ids = sorted({d.item_id for d in due})
         sent: list[Command] = []
         with self.db.tx() as s:
-            now = self.settings.clock.now()
-            items = s.scalars(select(Item).where(Item.status == "protected",
-                                                 Item.active_job_id.is_(None)).order_by(Item.id)).all()
-            for item in items:
-                sent.extend(self._item(s, item, now))
+            still = set(s.scalars(select(Item.id).where(Item.id.in_(ids), Item.status == "protected",
+                                                        Item.active_job_id.is_(None))))
+            open_kinds = _open_kinds(s, ids)
+            values: dict[str, dict[str, Any]] = {}
+            for d in sorted(due, key=lambda x: x.item_id):
+                if d.item_id not in still:
+                    continue
+                kinds = commands.REPLICATION_KINDS if d.kind in commands.REPLICATION_KINDS else (d.kind,)
+                taken = open_kinds.setdefault(d.item_id, set())
+                if taken.intersection(kinds):
+                    continue
+                taken.add(d.kind)
+                sent.append(Command(id=new_id("c"), host_id=d.host_id, item_id=d.item_id, job_id=None,
+                                    kind=d.kind, args=d.args, status="pending", progress=0.0,
+                                    deliveries=0, created_at=now, updated_at=now))
+                values.setdefault(d.item_id, {}).update(d.item_values)
+            for item_id in sorted(values):
+                if values[item_id]:
+                    s.execute(update(Item).where(Item.id == item_id).values(**values[item_id])
+                              .execution_options(synchronize_session=False))
+            s.add_all(sent)
         return sent
 
-    def decide(self, s: Session, item: Item, policy: Policy, now: float) -> Action:
+    def decide(self, s: Session | None, item: Item, policy: Policy, now: float) -> Action:
         """The planner's action for ``item`` now (pure in what it reads)."""
+        return self._plan(item, policy, now)[0]
+
+    def _plan(self, item: Item, policy: Policy, now: float) -> tuple[Action, float]:
+        """The planner's action and the time the next cycle is (was) due."""
         retry = RetryState.from_dict(item.retry or {})
         window = parse_window(policy.resync_window)
         report = item.report or {}
@@ -123,29 +190,38 @@ class Scheduler:
             tracking=TrackingState.ACTIVE, largest_log_fraction=0.0,
             has_point=item.last_point_time is not None or bool(report.get("last_point_id")),
             cycle_in_flight=False)
-        return plan(pi).action
+        return plan(pi).action, nxt
 
-    def _item(self, s: Session, item: Item, now: float) -> list[Command]:
-        policy = item_policy(s, item)
-        if policy is None:
-            return []
-        out: list[Command] = []
-        if commands.outstanding(s, item.id, commands.REPLICATION_KINDS) is None:
-            action = self.decide(s, item, policy, now)
+    def _item(self, item: Item, policy: Policy, open_kinds: set[str], now: float) -> list[_Due]:
+        out: list[_Due] = []
+        if not open_kinds.intersection(commands.REPLICATION_KINDS):
+            action, due_at = self._plan(item, policy, now)
             if action is Action.DELTA:
                 last_app = max(item.last_app_point_time or 0.0, item.last_app_cycle_at or 0.0) or None
                 app = app_consistent_due(last_app, policy.app_consistent_every_s, now)
-                out.append(commands.enqueue(s, host_id=item.host_id, kind="cycle", item_id=item.id,
-                                            args={"app_consistent": app}, now=now))
-                item.last_cycle_sent_at = now
+                # anchored on the time the cycle was due, not the (late) time it is sent, so
+                # lateness does not accumulate (``next_cycle_at`` drops slots missed by more than
+                # one period, so the anchor never lags behind by more than that)
+                out.append(_Due(item.id, item.host_id, "cycle", {"app_consistent": app},
+                                {"last_cycle_sent_at": min(due_at, now)}))
             elif action is Action.RESYNC:
-                out.append(commands.enqueue(s, host_id=item.host_id, kind="resync", item_id=item.id,
-                                            args={"by_hand": False}, now=now))
+                out.append(_Due(item.id, item.host_id, "resync", {"by_hand": False}, {}))
         if effective_state(item) is not ItemState.CRITICAL and (
                 item.last_retention_at is None
                 or now - item.last_retention_at >= self.settings.retention_every_s) \
-                and commands.outstanding(s, item.id, ("retention",)) is None:
-            out.append(commands.enqueue(s, host_id=item.host_id, kind="retention", item_id=item.id,
-                                        args={}, now=now))
-            item.last_retention_at = now
+                and "retention" not in open_kinds:
+            out.append(_Due(item.id, item.host_id, "retention", {}, {"last_retention_at": now}))
         return out
+
+
+def _open_kinds(s: Session, item_ids: list[str] | None) -> dict[str, set[str]]:
+    """Kinds of the open commands per item: of every item (one query), or of ``item_ids``."""
+    q = select(Command.item_id, Command.kind).where(Command.status.in_(commands.OPEN),
+                                                    Command.item_id.is_not(None))
+    if item_ids is not None:
+        q = q.where(Command.item_id.in_(item_ids))
+    out: dict[str, set[str]] = {}
+    for item_id, kind in s.execute(q):
+        if item_id is not None:
+            out.setdefault(item_id, set()).add(kind)
+    return out

@@ -14,7 +14,7 @@ from drsite.vault import commands
 from drsite.vault.api.deps import PeerCert, VaultDep, name
 from drsite.vault.api.schemas import CommandResultIn, HeartbeatIn, RegisterIn
 from drsite.vault.audit import record_event
-from drsite.vault.auth import authenticate_agent, consume_registration_key, lookup_registration_key
+from drsite.vault.auth import agent_host, consume_registration_key, lookup_registration_key, verify_agent_cert
 from drsite.vault.db.models import Command, Host, Site
 from drsite.vault.heartbeat import Beat, ItemBeat, apply_heartbeat
 from drsite.vault.ids import new_id
@@ -74,8 +74,9 @@ def heartbeat(body: HeartbeatIn, vault: VaultDep, cert: PeerCert) -> dict[str, A
     beat = Beat(host_name=body.host_name, version=body.version, store_url=store_url, vms=body.vms,
                 items=[ItemBeat(item_id=i.item_id, report=i.report, new_points=i.new_points,
                                 removed_points=i.removed_points) for i in body.items])
+    ident = verify_agent_cert(vault.ca, cert)  # before the transaction (cached)
     with vault.db.tx() as s:
-        host = authenticate_agent(s, vault.ca, cert)
+        host = agent_host(s, ident)
         return apply_heartbeat(s, host, beat, vault.settings)
 
 
@@ -83,8 +84,9 @@ def heartbeat(body: HeartbeatIn, vault: VaultDep, cert: PeerCert) -> dict[str, A
 def command_result(command_id: str, body: CommandResultIn, vault: VaultDep,
                    cert: PeerCert) -> dict[str, Any]:
     now = vault.settings.clock.now()
+    ident = verify_agent_cert(vault.ca, cert)  # before the transaction (cached)
     with vault.db.tx() as s:
-        host = authenticate_agent(s, vault.ca, cert)
+        host = agent_host(s, ident)
         cmd = s.get(Command, name("command id", command_id))
         if cmd is None or cmd.host_id != host.id:
             raise NotFound(f"no command {command_id!r} for this host")

@@ -16,7 +16,7 @@ from drsite import tlsutil
 from drsite.core.errors import InvalidInput
 from drsite.core.model import validate_name
 from drsite.vault.api.errors import Forbidden
-from drsite.vault.auth import Role, authenticate_token
+from drsite.vault.auth import Role, authenticate_token, token_needs_touch, touch_token
 from drsite.vault.context import Vault
 
 
@@ -48,9 +48,14 @@ def require(role: Role) -> Callable[[Request, Vault], Principal]:
     """A dependency admitting tokens whose role is at least ``role`` (401 / 403 otherwise)."""
 
     def dependency(request: Request, vault: VaultDep) -> Principal:
-        with vault.db.tx() as s:
-            tok = authenticate_token(s, _bearer(request), vault.settings.clock.now())
+        now = vault.settings.clock.now()
+        with vault.db.read() as s:  # no write lock for the check
+            tok = authenticate_token(s, _bearer(request), now, touch=False)
             principal = Principal(tok.name, Role(tok.role))
+            tok_id, stale = tok.id, token_needs_touch(tok, now)
+        if stale:
+            with vault.db.tx() as s:
+                touch_token(s, tok_id, now)
         if not principal.role.allows(role):
             raise Forbidden(f"token {principal.name!r} ({principal.role.value}) may not do this; "
                             f"it needs the {role.value} role")

@@ -30,7 +30,7 @@ def get_site(s: Session, site_name: str) -> Site:
 
 @router.get("/sites", summary="List sites")
 def list_sites(vault: VaultDep, _p: Reader) -> list[dict[str, Any]]:
-    with vault.db.tx() as s:
+    with vault.db.read() as s:
         counts = dict(s.execute(select(Host.site_id, func.count()).where(Host.revoked_at.is_(None))
                                 .group_by(Host.site_id)).all())
         rows = s.scalars(select(Site).order_by(Site.name))
@@ -54,7 +54,7 @@ def create_site(body: SiteIn, vault: VaultDep, _p: Admin) -> dict[str, Any]:
 
 @router.get("/sites/{site}", summary="Show a site")
 def show_site(site: str, vault: VaultDep, _p: Reader) -> dict[str, Any]:
-    with vault.db.tx() as s:
+    with vault.db.read() as s:
         row = get_site(s, site)
         n = len(s.scalars(select(Host.id).where(Host.site_id == row.id, Host.revoked_at.is_(None))).all())
         return site_view(row, n)
@@ -78,7 +78,7 @@ def registration_key(site: str, vault: VaultDep, _p: Admin,
 @router.get("/hosts", summary="List registered hosts")
 def list_hosts(vault: VaultDep, _p: Reader) -> list[dict[str, Any]]:
     now = vault.settings.clock.now()
-    with vault.db.tx() as s:
+    with vault.db.read() as s:
         sites = site_names(s)
         return [host_view(h, sites.get(h.site_id, ""), now, vault.settings)
                 for h in s.scalars(select(Host).order_by(Host.site_id, Host.name))]
@@ -94,7 +94,7 @@ def get_host(s: Session, host_id: str) -> Host:
 @router.get("/hosts/{host_id}", summary="Show a host")
 def show_host(host_id: str, vault: VaultDep, _p: Reader) -> dict[str, Any]:
     now = vault.settings.clock.now()
-    with vault.db.tx() as s:
+    with vault.db.read() as s:
         h = get_host(s, host_id)
         return host_view(h, site_names(s).get(h.site_id, ""), now, vault.settings)
 
@@ -112,7 +112,7 @@ def revoke_host(host_id: str, vault: VaultDep, _p: Admin) -> dict[str, Any]:
 
 @router.get("/vms", summary="VM inventory reported by the agents")
 def list_vms(vault: VaultDep, _p: Reader) -> list[dict[str, Any]]:
-    with vault.db.tx() as s:
+    with vault.db.read() as s:
         sites = site_names(s)
         hosts = {h.id: h for h in s.scalars(select(Host))}
         items = {ref: iid for ref, iid in s.execute(select(Item.vm_ref, Item.id)

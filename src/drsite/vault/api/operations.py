@@ -14,7 +14,7 @@ from drsite.vault.db.models import Alert, Event, Host, Item, Job
 from drsite.vault.health import agent_up, item_health
 from drsite.vault.jobs.plan import ACTIVE_JOB_STATES, JOB_STATES, TASK_PLAN
 from drsite.vault.jobs.runner import request_cancel
-from drsite.vault.scheduler import item_policy
+from drsite.vault.scheduler import item_policy, preload_policies
 
 router = APIRouter()
 
@@ -38,7 +38,7 @@ def list_jobs(vault: VaultDep, _p: Reader, state: str | None = None, kind: str |
         if kind not in TASK_PLAN:
             raise InvalidInput(f"unknown job kind {kind!r}", hint=f"Use one of {', '.join(TASK_PLAN)}.")
         q = q.where(Job.kind == kind)
-    with vault.db.tx() as s:
+    with vault.db.read() as s:
         return [job_view(s, j) for j in s.scalars(q)]
 
 
@@ -52,7 +52,7 @@ def _job(s: Any, job_id: str) -> Job:
 
 @router.get("/jobs/{job_id}", summary="Show a job with its ordered tasks")
 def show_job(job_id: str, vault: VaultDep, _p: Reader) -> dict[str, Any]:
-    with vault.db.tx() as s:
+    with vault.db.read() as s:
         return job_view(s, _job(s, job_id))
 
 
@@ -75,7 +75,7 @@ def list_alerts(vault: VaultDep, _p: Reader, state: str | None = None,
         q = q.where(Alert.cleared_at.is_not(None))
     elif state is not None:
         raise InvalidInput(f"unknown alert state {state!r}", hint="Use active or cleared.")
-    with vault.db.tx() as s:
+    with vault.db.read() as s:
         return [alert_view(a) for a in s.scalars(q)]
 
 
@@ -94,7 +94,7 @@ def ack_alert(alert_id: str, vault: VaultDep, _p: Operator) -> dict[str, Any]:
 
 @router.get("/events", summary="The event trail, newest first")
 def list_events(vault: VaultDep, _p: Reader, limit: int = 200) -> list[dict[str, Any]]:
-    with vault.db.tx() as s:
+    with vault.db.read() as s:
         q = select(Event).order_by(Event.at.desc(), Event.id.desc()).limit(_limit(limit))
         return [event_view(e) for e in s.scalars(q)]
 
@@ -102,8 +102,9 @@ def list_events(vault: VaultDep, _p: Reader, limit: int = 200) -> list[dict[str,
 @router.get("/health", summary="Counts by health, worst RPOs, agents up/down")
 def health(vault: VaultDep, _p: Reader) -> dict[str, Any]:
     now = vault.settings.clock.now()
-    with vault.db.tx() as s:
+    with vault.db.read() as s:
         hosts = {h.id: h for h in s.scalars(select(Host).where(Host.revoked_at.is_(None)))}
+        _keep = preload_policies(s)  # keeps them in the identity map
         counts = {"normal": 0, "warning": 0, "critical": 0}
         rpos: list[dict[str, Any]] = []
         for item in s.scalars(select(Item).where(Item.status.in_(("enabling", "protected", "disabling")))):

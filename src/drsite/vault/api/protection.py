@@ -23,6 +23,7 @@ from drsite.vault.jobs.create import (
     start_resync,
 )
 from drsite.vault.policies import PolicyValues, agent_settings, apply_values
+from drsite.vault.scheduler import preload_policies
 
 router = APIRouter()
 
@@ -47,7 +48,7 @@ def get_policy(s: Session, policy_name: str) -> Policy:
 
 @router.get("/policies", summary="List replication policies")
 def list_policies(vault: VaultDep, _p: Reader) -> list[dict[str, Any]]:
-    with vault.db.tx() as s:
+    with vault.db.read() as s:
         return [policy_view(p) for p in s.scalars(select(Policy).order_by(Policy.name))]
 
 
@@ -71,7 +72,7 @@ def create_policy(body: PolicyIn, vault: VaultDep, _p: Operator) -> dict[str, An
 
 @router.get("/policies/{policy}", summary="Show a policy")
 def show_policy(policy: str, vault: VaultDep, _p: Reader) -> dict[str, Any]:
-    with vault.db.tx() as s:
+    with vault.db.read() as s:
         return policy_view(get_policy(s, policy))
 
 
@@ -125,7 +126,7 @@ def _match(m: MatchIn) -> dict[str, list[str]]:
 
 @router.get("/groups", summary="List protection groups")
 def list_groups(vault: VaultDep, _p: Reader) -> list[dict[str, Any]]:
-    with vault.db.tx() as s:
+    with vault.db.read() as s:
         sites = site_names(s)
         return [group_view(s, g, sites) for g in s.scalars(select(Group).order_by(Group.name))]
 
@@ -154,7 +155,7 @@ def create_group(body: GroupIn, vault: VaultDep, _p: Operator) -> dict[str, Any]
 
 @router.get("/groups/{group}", summary="Show a protection group")
 def show_group(group: str, vault: VaultDep, _p: Reader) -> dict[str, Any]:
-    with vault.db.tx() as s:
+    with vault.db.read() as s:
         return group_view(s, get_group(s, group), site_names(s))
 
 
@@ -213,18 +214,19 @@ def get_item(s: Session, item_id: str) -> Item:
 @router.get("/items", summary="List protected items (removed ones with ?all=true)")
 def list_items(vault: VaultDep, _p: Reader, all: bool = False) -> list[dict[str, Any]]:
     now = vault.settings.clock.now()
-    with vault.db.tx() as s:
+    with vault.db.read() as s:
         q = select(Item).order_by(Item.vm_name, Item.id)
         if not all:
             q = q.where(Item.status.in_(("enabling", "protected", "disabling")))
         sites = site_names(s)
+        _keep = preload_policies(s)  # keeps them in the identity map
         return [item_view(s, i, now, vault.settings, sites) for i in s.scalars(q)]
 
 
 @router.get("/items/{item_id}", summary="Show a protected item and its report")
 def show_item(item_id: str, vault: VaultDep, _p: Reader) -> dict[str, Any]:
     now = vault.settings.clock.now()
-    with vault.db.tx() as s:
+    with vault.db.read() as s:
         return item_view(s, get_item(s, item_id), now, vault.settings)
 
 
@@ -270,7 +272,7 @@ def resync(item_id: str, vault: VaultDep, _p: Operator) -> dict[str, Any]:
 
 @router.get("/items/{item_id}/points", summary="Recovery-point catalogue of an item (oldest first)")
 def points(item_id: str, vault: VaultDep, _p: Reader) -> list[dict[str, Any]]:
-    with vault.db.tx() as s:
+    with vault.db.read() as s:
         item = get_item(s, item_id)
         return [dict(p.info) for p in s.scalars(select(Point).where(Point.item_id == item.id)
                                                 .order_by(Point.seq, Point.id))]

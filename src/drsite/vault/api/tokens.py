@@ -28,7 +28,7 @@ def _token(s: Session, token_name: str) -> ApiToken:
 
 @router.get("/tokens", summary="List API tokens (never their secrets)")
 def list_tokens(vault: VaultDep, _p: Admin) -> list[dict[str, Any]]:
-    with vault.db.tx() as s:
+    with vault.db.read() as s:
         return [token_view(t) for t in s.scalars(select(ApiToken).order_by(ApiToken.name))]
 
 
@@ -48,7 +48,7 @@ def new_token(body: TokenIn, vault: VaultDep, _p: Admin) -> dict[str, Any]:
 
 @router.get("/tokens/{token}", summary="Show a token (never its secret)")
 def show_token(token: str, vault: VaultDep, _p: Admin) -> dict[str, Any]:
-    with vault.db.tx() as s:
+    with vault.db.read() as s:
         return token_view(_token(s, token))
 
 

@@ -2,7 +2,9 @@
 
 Responsible for: building the engine for a URL (SQLite in WAL mode with immediate write
 transactions, so concurrent API threads and the background loop never dead-lock), running the
-Alembic migrations programmatically (``upgrade head``), and handing out transactions.
+Alembic migrations programmatically (``upgrade head``), and handing out transactions: ``tx()``
+for writes (``BEGIN IMMEDIATE`` on SQLite), ``read()`` for reads (deferred ``BEGIN``: WAL
+readers run beside the writer).
 Not responsible for: what is written (callers).
 """
 
@@ -21,6 +23,12 @@ from sqlalchemy.orm import Session, sessionmaker
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
+# connections: API worker threads (anyio's default limit is 40) + the background loop + slack
+POOL_SIZE = 16
+POOL_OVERFLOW = 34
+READ_ONLY = "drsite_read_only"
+
+
 def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path}"
 
@@ -28,7 +36,10 @@ def sqlite_url(path: Path) -> str:
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite gets WAL, a busy timeout and ``BEGIN IMMEDIATE``."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        # the pool is larger than the API's worker threads (anyio's default limit: 40) plus the
+        # background loop, so a thread never waits for a connection, only for the write lock
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                               pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -41,10 +52,15 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # read transactions take a deferred BEGIN: in WAL mode a reader neither waits for
+            # nor blocks the writer; write transactions take the write lock up front
+            if conn.get_execution_options().get(READ_ONLY):
+                conn.exec_driver_sql("BEGIN")
+            else:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
 
 
 def alembic_config(connection: Any | None = None) -> Config:
@@ -69,6 +85,8 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._read_sessions = sessionmaker(self.engine.execution_options(**{READ_ONLY: True}),
+                                           expire_on_commit=False)
 
     def migrate(self) -> None:
         upgrade(self.engine)
@@ -77,6 +95,17 @@ class Database:
     def tx(self) -> Iterator[Session]:
         with self._sessions() as s, s.begin():
             yield s
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A read transaction (a consistent snapshot), never committed: on SQLite a deferred
+        ``BEGIN`` so it does not queue behind the writer. Objects stay readable after the
+        block (detached); changes made to them are discarded."""
+        with self._read_sessions() as s:
+            try:
+                yield s
+            finally:
+                s.rollback()
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -220,7 +220,9 @@ class Command(Base):
     """
 
     __tablename__ = "commands"
-    __table_args__ = (Index("ix_commands_host_status", "host_id", "status"),)
+    __table_args__ = (Index("ix_commands_host_status", "host_id", "status"),
+                      # the scheduler reads all open commands once per tick (migration 0002)
+                      Index("ix_commands_status", "status"))
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     host_id: Mapped[str] = mapped_column(ForeignKey("hosts.id"))
     item_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
