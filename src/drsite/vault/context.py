@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,9 +107,16 @@ class Vault:
         self.db.dispose()
 
     def _loop(self) -> None:
+        # jobs and the scheduler run every loop_interval; health (a pass over every item that
+        # holds the write lock) at most every health_interval: alerts do not need 0.5 s
+        last_health = 0.0
         while not self._stop.is_set():
             try:
-                self.tick()
+                self.runner.tick()
+                self.scheduler.tick()
+                if time.monotonic() - last_health >= self.settings.health_interval:
+                    self.monitor.tick()
+                    last_health = time.monotonic()
             except Exception:  # keep the vault alive; the next tick tries again
                 log.exception("vault background loop failed; retrying")
             self._stop.wait(self.settings.loop_interval)

@@ -34,6 +34,7 @@ class VaultSettings:
     minute_of_day: Callable[[float], int] = local_minute_of_day
     background: bool = True
     loop_interval: float = 0.5
+    health_interval: float = 2.0  # seconds between health passes of the background loop
     # a command delivered but not acknowledged (still "sent") is delivered again after this
     resend_after_s: float = 30.0
     # a "running" command with no news for this long is delivered again (agents are idempotent)
