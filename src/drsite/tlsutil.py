@@ -137,7 +137,13 @@ class ClientCertH11Protocol(H11Protocol):
         client never reads it, which held every stop for the full graceful timeout)."""
         idle = self.cycle is None or self.cycle.response_complete
         super().shutdown()
-        if idle and self.transport.get_write_buffer_size() == 0:
+        if not idle or self.transport.is_closing():
+            return
+        try:
+            flushed = self.transport.get_write_buffer_size() == 0
+        except AttributeError:  # the TLS layer was torn down meanwhile (peer closed): done
+            return
+        if flushed:
             self.transport.abort()
 
 
