@@ -46,6 +46,10 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         yield c
     finally:
         down(c)
+        # the VMs are not the cluster's processes: stop their guests too, or they outlive the test
+        hv = FileHypervisor(c.root / "primary" / "vms")
+        for vm in hv.list_vms():
+            hv.power_off(vm.vm_id, force=True)
 
 
 def make_vm(c: Cluster, name: str, size_mib: int, rate: int = 256 * 1024) -> str:
