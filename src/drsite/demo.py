@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,6 @@ from rich.table import Table
 
 from drsite.core.model import DiskSpec, Nic, SealedCycle, VmSpec
 from drsite.core.retention import RetentionRule
-from drsite.demo_cluster import seed_disk
 from drsite.hypervisors.file.driver import FileHypervisor
 from drsite.hypervisors.file.workload import WorkloadSpec
 from drsite.replication.driver import ItemReplicator, ReplicationSettings
@@ -58,6 +58,22 @@ class DemoResult:
     ok: bool
     seconds: float
     vms: list[dict[str, Any]] = field(default_factory=list)
+
+
+def seed_disk(path: Path, size: int, fill: float, rng: np.random.Generator) -> None:
+    """Write an 'installed OS' into a sparse image: scattered 1 MiB runs of mixed data."""
+    n_chunks = size // MiB
+    chosen = rng.choice(n_chunks, size=max(1, int(n_chunks * fill)), replace=False)
+    words = np.frombuffer(b"drsite demo guest data: the quick brown fox jumps over lazy dogs. ",
+                          dtype=np.uint8)
+    with open(path, "r+b") as f:
+        for i, c in enumerate(sorted(chosen.tolist())):
+            if i % 2:
+                data = rng.integers(0, 256, MiB, dtype=np.uint8).tobytes()
+            else:
+                data = np.resize(words, MiB).tobytes()
+            os.pwrite(f.fileno(), data, c * MiB)
+        os.fsync(f.fileno())
 
 
 def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoResult:

@@ -11,11 +11,9 @@ store, and of the secondary's hydrated replica are printed: they must be equal.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,6 +25,7 @@ from rich.table import Table
 from drsite.client.api import VaultClient
 from drsite.core.errors import DrsiteError, TransientError
 from drsite.core.model import DiskSpec, Nic, VmSpec
+from drsite.demo import DemoOptions, DemoResult, seed_disk
 from drsite.hypervisors.file.driver import FileHypervisor
 from drsite.hypervisors.file.workload import WorkloadSpec
 from drsite.store.digest import file_digest, image_digest
@@ -39,40 +38,8 @@ MiB = 1024 * 1024
 
 
 @dataclass
-class ClusterDemoOptions:
-    workdir: Path
-    vms: int = 2
-    disks: int = 2
-    disk_mib: int = 256
-    fill: float = 0.4
-    cycles: int = 3
-    frequency_s: float = 5.0
-    write_rate: int = 2 * MiB
-    json_out: bool = False
+class ClusterDemoOptions(DemoOptions):
     keep_running: bool = False
-
-
-@dataclass
-class ClusterDemoResult:
-    ok: bool
-    seconds: float
-    vms: list[dict[str, Any]] = field(default_factory=list)
-
-
-def seed_disk(path: Path, size: int, fill: float, rng: np.random.Generator) -> None:
-    """Write an 'installed OS' into a sparse image: scattered 1 MiB runs of mixed data."""
-    n_chunks = size // MiB
-    chosen = rng.choice(n_chunks, size=max(1, int(n_chunks * fill)), replace=False)
-    words = np.frombuffer(b"drsite demo guest data: the quick brown fox jumps over lazy dogs. ",
-                          dtype=np.uint8)
-    with open(path, "r+b") as f:
-        for i, c in enumerate(sorted(chosen.tolist())):
-            if i % 2:
-                data = rng.integers(0, 256, MiB, dtype=np.uint8).tobytes()
-            else:
-                data = np.resize(words, MiB).tobytes()
-            os.pwrite(f.fileno(), data, c * MiB)
-        os.fsync(f.fileno())
 
 
 def _until(what: str, check: Any, timeout: float, poll: float = 0.5) -> Any:
@@ -86,7 +53,7 @@ def _until(what: str, check: Any, timeout: float, poll: float = 0.5) -> Any:
         time.sleep(poll)
 
 
-def run_cluster_demo(opts: ClusterDemoOptions, console: Console | None = None) -> ClusterDemoResult:
+def run_cluster_demo(opts: ClusterDemoOptions, console: Console | None = None) -> DemoResult:
     con = console or Console(stderr=opts.json_out)
     t0 = time.monotonic()
     root = opts.workdir.resolve()
@@ -124,7 +91,7 @@ def run_cluster_demo(opts: ClusterDemoOptions, console: Console | None = None) -
     return result
 
 
-def _drive(cluster: Cluster, opts: ClusterDemoOptions, con: Console) -> ClusterDemoResult:
+def _drive(cluster: Cluster, opts: ClusterDemoOptions, con: Console) -> DemoResult:
     root = cluster.root
     hv = FileHypervisor(root / "primary" / "vms")
     rng = np.random.default_rng(20261123)
@@ -262,9 +229,9 @@ def _show_items(c: VaultClient, names: list[str], con: Console) -> None:
 
 def _prove(cluster: Cluster, hv: FileHypervisor, vms: list[dict[str, Any]],
            items: dict[str, dict[str, Any]], latest: dict[str, dict[str, Any]],
-           con: Console) -> ClusterDemoResult:
+           con: Console) -> DemoResult:
     store = LocalObjectStore(cluster.root / "secondary" / "store")
-    result = ClusterDemoResult(ok=True, seconds=0.0)
+    result = DemoResult(ok=True, seconds=0.0)
     proof = Table(title="the replica at the final point vs the source (blake3 of each disk image)")
     for col in ("VM", "disk", "source disk", "point (secondary store)", "secondary replica",
                 "equal"):

@@ -18,7 +18,7 @@ import pytest
 
 from drsite.client.api import VaultClient
 from drsite.core.model import DiskSpec, VmSpec
-from drsite.demo_cluster import seed_disk
+from drsite.demo import seed_disk
 from drsite.hypervisors.file.driver import FileHypervisor
 from drsite.hypervisors.file.workload import WorkloadSpec
 from drsite.up import Cluster, down, start_agent, start_vault, up

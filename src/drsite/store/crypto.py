@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from drsite.core.errors import AuthError, CorruptData, InvalidInput
 from drsite.store.contract import ObjectStore, validate_key
+from drsite.store.wrappers import ForwardingStore
 
 MAGIC = b"DRSE"
 VERSION = 1
@@ -70,7 +71,7 @@ def _parse_header(blob: bytes, key: str) -> Header:
     return Header(key_id, segment, length, prefix, bytes(blob[:end]))
 
 
-class EncryptedStore:
+class EncryptedStore(ForwardingStore):
     """Encrypts on ``put`` and decrypts and authenticates on ``get``/``get_range`` over any
     ``inner`` store, with AES-256-GCM keys from ``keys`` (key id → 32-byte key).
 
@@ -97,7 +98,7 @@ class EncryptedStore:
             raise ValueError(f"active key id {active_key_id!r} is not among the keys")
         if not 0 < segment_size < 2 ** 32:
             raise ValueError("segment_size out of range")
-        self.inner = inner
+        super().__init__(inner)
         self._aead = {kid: AESGCM(bytes(k)) for kid, k in keys.items()}
         self.active_key_id = active_key_id
         self.segment_size = segment_size
@@ -198,14 +199,5 @@ class EncryptedStore:
         skip = offset - first * h.segment
         return plain[skip:skip + (end - offset)]
 
-    def exists(self, key: str) -> bool:
-        return self.inner.exists(key)
-
     def size(self, key: str) -> int:
         return self._header(key).length
-
-    def list(self, prefix: str = "") -> Iterator[str]:
-        return self.inner.list(prefix)
-
-    def delete(self, key: str) -> None:
-        self.inner.delete(key)

@@ -16,6 +16,35 @@ from drsite.store.contract import ObjectStore
 T = TypeVar("T")
 
 
+class ForwardingStore:
+    """Passes every call to ``inner`` unchanged: the base of store decorators, which override
+    only the calls they change."""
+
+    def __init__(self, inner: ObjectStore) -> None:
+        self.inner = inner
+
+    def put(self, key: str, data: bytes | memoryview, *, overwrite: bool = False) -> None:
+        self.inner.put(key, data, overwrite=overwrite)
+
+    def get(self, key: str) -> bytes:
+        return self.inner.get(key)
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        return self.inner.get_range(key, offset, length)
+
+    def exists(self, key: str) -> bool:
+        return self.inner.exists(key)
+
+    def size(self, key: str) -> int:
+        return self.inner.size(key)
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        return self.inner.list(prefix)
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(key)
+
+
 class RetryingStore:
     """Retries transient errors of ``inner`` up to ``attempts`` times with exponential back-off
     (``base_delay * 2**n``; ``sleep`` is injectable). Permanent errors pass through at once.
@@ -92,7 +121,7 @@ class RetryingStore:
         self._run(once)
 
 
-class RateLimitedStore:
+class RateLimitedStore(ForwardingStore):
     """Limits the bytes moved by ``put``/``get``/``get_range`` of ``inner`` to ``rate_bps`` on
     average, with a smooth :class:`~drsite.core.throttle.TokenBucket` (``clock`` injected).
 
@@ -108,7 +137,7 @@ class RateLimitedStore:
                  piece: int = 256 * 1024, burst_s: float = 0.25) -> None:
         if piece <= 0:
             raise ValueError("piece must be positive")
-        self.inner = inner
+        super().__init__(inner)
         self.bucket = TokenBucket(rate_bps, clock or SystemClock(), burst_s=burst_s)
         self.piece = piece
         self._lock = threading.Lock()
@@ -132,18 +161,6 @@ class RateLimitedStore:
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         self._pay(length)
         return self.inner.get_range(key, offset, length)
-
-    def exists(self, key: str) -> bool:
-        return self.inner.exists(key)
-
-    def size(self, key: str) -> int:
-        return self.inner.size(key)
-
-    def list(self, prefix: str = "") -> Iterator[str]:
-        return self.inner.list(prefix)
-
-    def delete(self, key: str) -> None:
-        self.inner.delete(key)
 
 
 class ConcurrencyLimitedStore:

@@ -9,7 +9,6 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from drsite.store.contract import ObjectStore
 from drsite.store.local import LocalObjectStore
 from drsite.store.site.client import SiteObjectStore
 from drsite.store.site.server import make_store_app
+from drsite.store.wrappers import ForwardingStore
 from drsite.tlsutil import ServerHandle, client_context, start_in_thread
 
 
@@ -112,32 +112,8 @@ class RunningSiteStore:
         self.handle.stop()
 
 
-class _SwappableStore:
+class _SwappableStore(ForwardingStore):
     """Delegates to ``inner``, which a test may replace (one server, a fresh store per test)."""
-
-    def __init__(self, inner: ObjectStore) -> None:
-        self.inner = inner
-
-    def put(self, key: str, data: bytes | memoryview, *, overwrite: bool = False) -> None:
-        self.inner.put(key, data, overwrite=overwrite)
-
-    def get(self, key: str) -> bytes:
-        return self.inner.get(key)
-
-    def get_range(self, key: str, offset: int, length: int) -> bytes:
-        return self.inner.get_range(key, offset, length)
-
-    def exists(self, key: str) -> bool:
-        return self.inner.exists(key)
-
-    def size(self, key: str) -> int:
-        return self.inner.size(key)
-
-    def list(self, prefix: str = "") -> Iterator[str]:
-        return self.inner.list(prefix)
-
-    def delete(self, key: str) -> None:
-        self.inner.delete(key)
 
 
 _shared: tuple[RunningSiteStore, _SwappableStore] | None = None
