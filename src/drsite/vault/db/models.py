@@ -121,6 +121,8 @@ class Group(Base):
     policy_id: Mapped[int | None] = mapped_column(ForeignKey("policies.id"), nullable=True)
     match: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[float] = mapped_column(Float)
+    # a cloud recovery store (S3/Azure) instead of the target site's agent store (migration 0003)
+    store_id: Mapped[int | None] = mapped_column(ForeignKey("stores.id"), nullable=True)
 
 
 class Item(Base):
@@ -156,6 +158,11 @@ class Item(Base):
     health_reasons: Mapped[list[Any]] = mapped_column(JSON)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+    # failover (migration 0003): the item this one reverses (re-protect), the failover that
+    # holds the item (not committed/cleaned up yet), and the VM spec failover recreates
+    origin_item_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    failover_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    vm_spec: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class Point(Base):
@@ -277,3 +284,75 @@ class ApiToken(Base):
     secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[float] = mapped_column(Float)
     last_used_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Store(Base):
+    """A cloud recovery store (``kind`` s3 or azure). ``config`` is what may be shown (endpoint,
+    bucket/container, region, prefix); ``secret`` (credentials) and ``keys`` (encryption keys by
+    key id) are never returned by the API nor logged; agents receive them in command arguments
+    over mTLS only."""
+
+    __tablename__ = "stores"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    secret: Mapped[dict[str, Any]] = mapped_column(JSON)
+    keys: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class NetworkMapping(Base):
+    """Source network of ``source_site`` → network on ``recovery_site`` (and → test network),
+    with an IP rule (``{"kind": "keep"}``, ``{"kind": "subnet", "source", "target"}``,
+    ``{"kind": "fixed", "addresses": {vm: ip}}``)."""
+
+    __tablename__ = "network_mappings"
+    __table_args__ = (UniqueConstraint("source_site_id", "recovery_site_id", "source_network"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    source_site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"))
+    recovery_site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"))
+    source_network: Mapped[str] = mapped_column(String(64))
+    recovery_network: Mapped[str] = mapped_column(String(64))
+    test_network: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    ip_rule: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Failover(Base):
+    """The vault's record of one failover of one item (the agents keep their own step records).
+
+    ``kind``: test, planned, unplanned. ``state``: starting, test_running, cleaned_up,
+    pending_commit, committed, cancelled, failed, reprotected."""
+
+    __tablename__ = "failovers"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    item_id: Mapped[str] = mapped_column(String(64), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    point_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    point_created_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    recovery_host_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    vm_name: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    vm_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    generation: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    rto_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    result: Mapped[dict[str, Any]] = mapped_column(JSON)
+    notes: Mapped[list[Any]] = mapped_column(JSON)
+    job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class RecoveryPlan(Base):
+    """A recovery plan: ordered groups of items with pre/post actions (``spec``, validated by
+    ``vault.plans``)."""
+
+    __tablename__ = "recovery_plans"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
