@@ -24,6 +24,7 @@ from drsite.core.extents import ExtentList
 from drsite.core.model import DiskSpec, PowerState, SealedCycle, TrackingState, VmSpec
 from drsite.hypervisors.contract import DiskReader, HypervisorDriver
 from drsite.hypervisors.file import FileHypervisor
+from drsite.hypervisors.qemu.daemon import missing_tools
 
 MiB = 1 << 20
 
@@ -50,7 +51,40 @@ def file_harness(tmp_path: Path) -> Iterator[Harness]:
         hv.delete_vm(vm.vm_id)
 
 
-HARNESSES = {"file": file_harness}
+def require_qemu() -> None:
+    """Skip without QEMU (fail instead when DRSITE_TEST_QEMU=1, as in CI)."""
+    missing = missing_tools(("qemu-img", "qemu-storage-daemon", "qemu-system-x86_64"))
+    if not missing:
+        return
+    msg = (f"QEMU tools missing: {', '.join(missing)} (apt-get install qemu-utils "
+           "qemu-system-common qemu-system-x86)")
+    if os.environ.get("DRSITE_TEST_QEMU") == "1":
+        pytest.fail("DRSITE_TEST_QEMU=1 but " + msg)
+    pytest.skip(msg)
+
+
+def qemu_harness(tmp_path: Path) -> Iterator[Harness]:
+    require_qemu()
+    from drsite.hypervisors.qemu.driver import QemuHypervisor
+    from drsite.hypervisors.qemu.tracking import GRANULARITY
+
+    hv = QemuHypervisor(tmp_path / "vms")
+
+    def make_vm(name: str, sizes: list[int]) -> str:
+        spec = VmSpec(name, memory_mib=64,
+                      disks=tuple(DiskSpec(f"disk{i}", s) for i, s in enumerate(sizes)))
+        return hv.create_blank(spec).vm_id
+
+    try:
+        yield Harness(hv, make_vm, hv.write, lambda: QemuHypervisor(hv.root), tmp_path,
+                      GRANULARITY)
+    finally:
+        for vm in hv.list_vms():
+            hv.delete_vm(vm.vm_id)
+        hv.close()
+
+
+HARNESSES = {"file": file_harness, "qemu": qemu_harness}
 
 
 @pytest.fixture(params=sorted(HARNESSES))

@@ -27,7 +27,7 @@ from drsite.hypervisors.contract import HypervisorDriver
 
 log = logging.getLogger(__name__)
 
-HYPERVISOR_KINDS = ("file",)
+HYPERVISOR_KINDS = ("file", "qemu")
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -71,11 +71,16 @@ def agent_register(vault_url: str, key: str, data_dir: Path, host_name: str,
 
 
 def make_hypervisor(kind: str, vms_root: Path) -> HypervisorDriver:
-    """The host's hypervisor driver by kind (``"file"``: VMs under ``vms_root``)."""
+    """The host's hypervisor driver by kind (``"file"`` or ``"qemu"``: VMs under
+    ``vms_root``)."""
     if kind == "file":
         from drsite.hypervisors.file.driver import FileHypervisor
 
         return FileHypervisor(Path(vms_root))
+    if kind == "qemu":
+        from drsite.hypervisors.qemu.driver import QemuHypervisor
+
+        return QemuHypervisor(Path(vms_root))
     raise InvalidInput(f"unknown hypervisor kind {kind!r}; known: {', '.join(HYPERVISOR_KINDS)}")
 
 

@@ -1,3 +1,3 @@
-"""QEMU/KVM data plane: a QMP client, an NBD client, the QEMU storage daemon runner and the
-dirty-bitmap + fleecing change-tracking cycle (see ``design.md``). Not yet a full
-``HypervisorDriver`` (no inventory, power or VM creation)."""
+"""QEMU/KVM data plane: a QMP client, an NBD client, the QEMU storage daemon runner, the
+dirty-bitmap + fleecing change-tracking cycle, and :class:`~.driver.QemuHypervisor`, the
+``HypervisorDriver`` for QEMU VMs (see ``design.md``)."""

@@ -50,6 +50,12 @@ class FrozenView:
     export_name: str
     nbd_socket: str
 
+    @property
+    def filter_node(self) -> str:
+        """Node name of the copy-before-write filter :meth:`BitmapCycle.seal_many` inserts
+        above ``node`` while the view lives (writers must go through it)."""
+        return "cbw-" + self.fleece_node.removeprefix("fleece-")
+
 
 class BitmapCycle:
     """Drives the bitmap/fleece cycle for block nodes reachable through one QMP connection.
@@ -157,6 +163,96 @@ class BitmapCycle:
                 self._quiet("block-dirty-bitmap-enable", {"node": node, "name": current})
             raise
         return view
+
+    def seal_many(self, rotations: list[tuple[str, str, str]], cycle_id: str
+                  ) -> list[FrozenView]:
+        """:meth:`seal` for several nodes at ONE instant: ``rotations`` are
+        ``(node, current, next_bitmap)``; one ``transaction`` rotates every bitmap and starts
+        every fleece job, so the views of all disks of a VM show the same instant.
+
+        Raises ``TrackingLost`` if any ``current`` is not active. On failure everything this
+        call created is removed again and every ``current`` is recording again.
+        """
+        for node, current, _ in rotations:
+            state = self.bitmap_state(node, current)
+            if state != "active":
+                raise TrackingLost(f"bitmap {current} on {node} is {state}")
+        self.ensure_nbd_server()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        views = [self.view(node, current, next_bitmap, f"{cycle_id}-{i}", self.node_size(node))
+                 for i, (node, current, next_bitmap) in enumerate(rotations)]
+        try:
+            actions: list[dict[str, Any]] = []
+            for v in views:
+                run_tool(["qemu-img", "create", "-q", "-f", "qcow2", v.fleece_path, str(v.size)])
+                self.qmp.execute("blockdev-add", {
+                    "driver": "qcow2", "node-name": v.fleece_node,
+                    "file": {"driver": "file", "filename": v.fleece_path}, "backing": v.node})
+                actions += [
+                    {"type": "block-dirty-bitmap-add",
+                     "data": {"node": v.node, "name": v.next_bitmap, "persistent": True,
+                              "granularity": GRANULARITY}},
+                    {"type": "block-dirty-bitmap-disable", "data": {"node": v.node,
+                                                                    "name": v.bitmap}},
+                    {"type": "blockdev-backup",
+                     "data": {"device": v.node, "target": v.fleece_node, "sync": "none",
+                              "job-id": v.job_id, "filter-node-name": v.filter_node}}]
+            self.qmp.execute("transaction", {"actions": actions})
+            for v in views:
+                self.qmp.execute("block-export-add", {
+                    "type": "nbd", "id": v.export_id, "node-name": v.fleece_node,
+                    "name": v.export_name, "writable": False, "bitmaps": [v.bitmap]})
+        except BaseException:
+            for v in views:
+                self.undo_seal(v)
+            raise
+        return views
+
+    def view(self, node: str, current: str, next_bitmap: str, tag: str, size: int
+             ) -> FrozenView:
+        """The names :meth:`seal_many` uses for one node's view (``tag``: cycle id and disk
+        index; fleece node names must stay under 32 characters)."""
+        return FrozenView(node=node, bitmap=current, next_bitmap=next_bitmap, size=size,
+                          fleece_node=f"fleece-{tag}",
+                          fleece_path=str(self.workdir / f"fleece-{tag}.qcow2"),
+                          job_id=f"fleece-{tag}", export_id=f"view-{tag}",
+                          export_name=f"view-{tag}", nbd_socket=str(self.nbd_socket))
+
+    def discard(self, view: FrozenView) -> None:
+        """Remove the view (export, job, overlay) but leave both bitmaps; idempotent."""
+        self._teardown(view, remove_bitmap=False)
+
+    def undo_seal(self, view: FrozenView) -> None:
+        """Take back a seal that will not be used (failed half-way, or abandoned before its
+        cycle was recorded): remove the view, fold ``next_bitmap`` back into ``bitmap`` and
+        make ``bitmap`` record again, so no change is lost. Idempotent."""
+        self._teardown(view, remove_bitmap=False)
+        cur = self.bitmap_state(view.node, view.bitmap)
+        if cur == "disabled":  # first: from now on writes land in `bitmap` (and in `next`)
+            self._quiet("block-dirty-bitmap-enable", {"node": view.node, "name": view.bitmap})
+            cur = "active"
+        nxt = self.bitmap_state(view.node, view.next_bitmap)
+        if nxt != "missing":
+            if cur == "active" and nxt in ("active", "disabled"):
+                self.qmp.execute("block-dirty-bitmap-merge", {
+                    "node": view.node, "target": view.bitmap, "bitmaps": [view.next_bitmap]})
+            self._quiet("block-dirty-bitmap-remove", {"node": view.node,
+                                                      "name": view.next_bitmap})
+
+    def carry(self, view: FrozenView) -> None:
+        """Give up a sealed cycle whose frozen view is gone (its QEMU process stopped) without
+        losing its changes: fold ``bitmap`` into ``next_bitmap`` (which recorded everything
+        since the seal), then remove ``bitmap``. If either bitmap is not consistent nothing is
+        merged (tracking is lost anyway; the driver reports it). Idempotent."""
+        self._teardown(view, remove_bitmap=False)
+        cur = self.bitmap_state(view.node, view.bitmap)
+        nxt = self.bitmap_state(view.node, view.next_bitmap)
+        if cur == "missing":
+            return
+        if cur in ("active", "disabled") and nxt in ("active", "disabled"):
+            self.qmp.execute("block-dirty-bitmap-merge", {
+                "node": view.node, "target": view.next_bitmap, "bitmaps": [view.bitmap]})
+        self._quiet("block-dirty-bitmap-remove", {"node": view.node, "name": view.bitmap})
 
     def open_reader(self, view: FrozenView, *, timeout: float = 30.0) -> NbdClient:
         """An NBD client on the frozen view with the cycle's bitmap negotiated:

@@ -1,0 +1,211 @@
+"""The QEMU process that holds a VM's disks: ``qemu-system-x86_64`` (the VM runs) or
+``qemu-storage-daemon`` (the VM is stopped but its disks are needed: seal, read, bitmaps).
+
+A runner is identified by a token ``"<pid>:<start time>"`` (from ``/proc``), so a pid reused
+by another process is never mistaken for it; ``runner.json`` in the VM directory names the
+current runner, so a restarted driver finds it again. Frozen views (fleece jobs, exports) live
+inside the runner: when it stops, they are gone.
+
+Responsible for: command lines, starting a runner and waiting for its QMP socket, liveness,
+stopping (graceful, then ``quit``, then SIGKILL). Not responsible for: what is done through QMP
+(tracking, exports), or deciding when a VM should run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from drsite.core.errors import DrsiteError, NetworkError, NotFound, PermanentError
+from drsite.hypervisors.qemu.layout import QemuVmConfig, VmDir, read_json, write_json_atomic
+from drsite.hypervisors.qemu.qmp import QmpClient
+
+VM_BINARY = "qemu-system-x86_64"
+DAEMON_BINARY = "qemu-storage-daemon"
+START_TIMEOUT = 15.0
+
+# children started by this process, by pid: polled so they never linger as zombies
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+@dataclass(frozen=True)
+class Runner:
+    """A live runner: ``kind`` is ``"vm"`` or ``"daemon"``."""
+
+    kind: str
+    pid: int
+    token: str
+
+
+def process_token(pid: int) -> str | None:
+    """``"<pid>:<start time>"`` of a live (non-zombie) process, else None."""
+    child = _children.get(pid)
+    if child is not None and child.poll() is not None:
+        _children.pop(pid, None)
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()
+    if not fields or fields[0] in ("Z", "X"):
+        try:
+            os.waitpid(pid, os.WNOHANG)  # ours (started by an earlier driver object): reap it
+        except ChildProcessError:
+            pass
+        return None
+    return f"{pid}:{fields[19]}"
+
+
+def current_runner(paths: VmDir) -> Runner | None:
+    """The runner named in ``runner.json`` if it still lives (same pid and start time)."""
+    rec = read_json(paths.runner)
+    if rec is None:
+        return None
+    pid = int(rec["pid"])
+    tok = process_token(pid)
+    if tok is None or tok != rec.get("token"):
+        return None
+    return Runner(str(rec["kind"]), pid, tok)
+
+
+def vm_args(paths: VmDir, cfg: QemuVmConfig, *, start_cpus: bool) -> list[str]:
+    """The ``qemu-system-x86_64`` command line of a VM (no display, no default devices)."""
+    exe = shutil.which(VM_BINARY)
+    if exe is None:
+        raise NotFound(f"{VM_BINARY} is not installed",
+                       hint="Install Debian's qemu-system-x86 package.")
+    accel = "kvm:tcg" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
+    args = [exe, "-name", f"guest={cfg.name}", "-nodefaults", "-no-user-config",
+            "-display", "none", "-machine", f"q35,accel={accel}",
+            "-m", str(cfg.memory_mib), "-smp", str(cfg.vcpus),
+            "-chardev", f"socket,id=qmp0,path={paths.qmp_socket},server=on,wait=off",
+            "-mon", "chardev=qmp0,mode=control"]
+    if not start_cpus:
+        args.append("-S")
+    for i, d in enumerate(cfg.disks):
+        args += ["-blockdev", _file_node(paths, d.disk_id, i),
+                 "-blockdev", f"driver=qcow2,file=file{i},node-name={d.node}",
+                 # share-rw: drsite's own NBD export of the node (test writes) may write too
+                 "-device",
+                 f"virtio-blk-pci,drive={d.node},id=vd{i},share-rw=on,bootindex={i}"]
+    if cfg.guest_agent:
+        args += ["-chardev", f"socket,id=qga0,path={paths.qga_socket},server=on,wait=off",
+                 "-device", "virtio-serial-pci",
+                 "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"]
+    return args
+
+
+def daemon_args(paths: VmDir, cfg: QemuVmConfig) -> list[str]:
+    """The ``qemu-storage-daemon`` command line serving a stopped VM's disks (same nodes)."""
+    exe = shutil.which(DAEMON_BINARY)
+    if exe is None:
+        raise NotFound(f"{DAEMON_BINARY} is not installed",
+                       hint="Install Debian's qemu-system-common package.")
+    args = [exe, "--chardev", f"socket,id=qmp0,path={paths.qmp_socket},server=on,wait=off",
+            "--monitor", "chardev=qmp0"]
+    for i, d in enumerate(cfg.disks):
+        args += ["--blockdev", _file_node(paths, d.disk_id, i),
+                 "--blockdev", f"driver=qcow2,file=file{i},node-name={d.node}"]
+    return args
+
+
+def _file_node(paths: VmDir, disk_id: str, i: int) -> str:
+    return f"driver=file,filename={paths.qcow2(disk_id)},node-name=file{i}"
+
+
+def start_runner(paths: VmDir, cfg: QemuVmConfig, kind: str, *, start_cpus: bool = False,
+                 timeout: float = START_TIMEOUT) -> Runner:
+    """Start a runner of ``kind`` for the VM and record it in ``runner.json``.
+
+    The caller must have made sure no runner holds the disks. Raises ``PermanentError`` with
+    QEMU's log if the process exits early, ``NetworkError`` if QMP does not come up in time.
+    """
+    args = vm_args(paths, cfg, start_cpus=start_cpus) if kind == "vm" else daemon_args(paths, cfg)
+    for s in (paths.qmp_socket, paths.nbd_socket, paths.qga_socket):
+        s.unlink(missing_ok=True)
+    with open(paths.log, "ab") as log:
+        log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} starting {kind}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True, close_fds=True, cwd=paths.dir)
+    _children[proc.pid] = proc
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            _children.pop(proc.pid, None)
+            raise PermanentError(f"QEMU {kind} of {cfg.name} exited with {proc.returncode}: "
+                                 f"{log_tail(paths)}")
+        if paths.qmp_socket.exists():
+            try:
+                QmpClient.connect(str(paths.qmp_socket), timeout=2.0).close()
+                break
+            except NetworkError:
+                pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            _children.pop(proc.pid, None)
+            raise NetworkError(f"QEMU {kind} of {cfg.name} did not open its QMP socket in "
+                               f"{timeout:.0f}s: {log_tail(paths)}")
+        time.sleep(0.01)
+    tok = process_token(proc.pid)
+    if tok is None:
+        raise PermanentError(f"QEMU {kind} of {cfg.name} exited at once: {log_tail(paths)}")
+    write_json_atomic(paths.runner, {"kind": kind, "pid": proc.pid, "token": tok})
+    return Runner(kind, proc.pid, tok)
+
+
+def wait_gone(runner: Runner, timeout: float) -> bool:
+    """Wait until the runner's process has exited (and is reaped if ours); True if it did."""
+    deadline = time.monotonic() + timeout
+    while True:
+        child = _children.get(runner.pid)
+        if child is not None:
+            try:
+                child.wait(timeout=max(0.0, min(0.05, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                pass
+        if process_token(runner.pid) != runner.token:
+            _children.pop(runner.pid, None)
+            return True
+        if time.monotonic() > deadline:
+            return False
+        if child is None:
+            time.sleep(0.02)
+
+
+def quit_runner(paths: VmDir, runner: Runner, *, timeout: float = 10.0) -> None:
+    """``quit`` over QMP (QEMU flushes its disks and stores persistent bitmaps: a clean stop
+    for the block layer), SIGKILL if that does not end it within ``timeout``."""
+    try:
+        with QmpClient.connect(str(paths.qmp_socket), timeout=min(timeout, 5.0)) as q:
+            q.execute("quit", timeout=min(timeout, 5.0))
+    except DrsiteError:
+        pass
+    if not wait_gone(runner, timeout):
+        kill_runner(runner)
+
+
+def kill_runner(runner: Runner) -> None:
+    """SIGKILL the runner (an unclean stop: bitmaps come back ``inconsistent``)."""
+    if process_token(runner.pid) != runner.token:
+        return
+    try:
+        os.kill(runner.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    if not wait_gone(runner, 10.0):
+        raise PermanentError(f"QEMU pid {runner.pid} did not die after SIGKILL")
+
+
+def log_tail(paths: VmDir) -> str:
+    try:
+        return paths.log.read_text(errors="replace")[-800:].strip()
+    except OSError:
+        return "(no QEMU log)"
