@@ -3,9 +3,10 @@
 A vault and two site agents run as separate processes (``drsite up``); file VMs on the primary
 site write continuously; a policy and a protection group are created through the API, the
 EnableProtection jobs run (progress bars follow the jobs), the vault's scheduler drives delta
-cycles, and at the end the sources are shut down, the last changes shipped, and the blake3
-digests of every source disk, of the latest recovery point read back from the secondary's
-store, and of the secondary's hydrated replica are printed: they must be equal.
+cycles; then a recovery plan (network mappings, two groups, a script) runs a test failover and
+its cleanup, a planned failover (the blake3 digests of every stopped source disk and of its
+recovery VM's disk are printed: they must be equal), a commit that re-protects in the reverse
+direction (bytes sent vs disk size), and the failback to the original VMs (digests again).
 """
 
 from __future__ import annotations
@@ -28,10 +29,7 @@ from drsite.core.model import DiskSpec, Nic, VmSpec
 from drsite.demo import DemoOptions, DemoResult, seed_disk
 from drsite.hypervisors.file.driver import FileHypervisor
 from drsite.hypervisors.file.workload import WorkloadSpec
-from drsite.store.digest import file_digest, image_digest
-from drsite.store.local.backend import LocalObjectStore
-from drsite.store.replica import ReplicaHydrator
-from drsite.store.repository import Repository
+from drsite.store.digest import file_digest
 from drsite.up import Cluster, down, up
 
 MiB = 1024 * 1024
@@ -76,9 +74,14 @@ def run_cluster_demo(opts: ClusterDemoOptions, console: Console | None = None) -
         if not opts.keep_running:
             down(cluster)
             cluster.save()
+            for site in ("primary", "secondary"):  # the VMs' guests are not cluster processes
+                site_hv = FileHypervisor(root / site / "vms")
+                for vm in site_hv.list_vms():
+                    site_hv.power_off(vm.vm_id, force=True)
     result.seconds = time.monotonic() - t0
     if result.ok:
-        con.print(Panel.fit(f"[bold green]replicas equal their sources bit for bit[/] "
+        con.print(Panel.fit("[bold green]failover and failback: every recovery VM equals its "
+                            "source bit for bit[/] "
                             f"({result.seconds:.1f} s). Work directory: {root}"))
     else:
         con.print(Panel.fit("[bold red]MISMATCH between source and replica[/]"))
@@ -149,17 +152,123 @@ def _drive(cluster: Cluster, opts: ClusterDemoOptions, con: Console) -> DemoResu
                 time.sleep(0.5)
         _show_items(c, names, con)
 
-        con.rule("[bold]proof: shut the sources down, ship the last changes, compare digests")
-        stop_at = time.time()
-        for vm in vms:
-            hv.power_off(vm["vm_id"])
-        latest: dict[str, dict[str, Any]] = {}
-        for n in names:
-            latest[n] = _until(f"a recovery point of {n} after the shutdown",
-                               lambda n=n: next((p for p in reversed(c.points(items[n]["id"]))
-                                                 if p["created_at"] > stop_at), None),
-                               opts.frequency_s * 6 + 60)
-    return _prove(cluster, hv, vms, items, latest, con)
+        return _failover_and_back(cluster, c, hv, vms, items, con)
+
+
+def _follow_job(c: VaultClient, job: dict[str, Any], con: Console, what: str) -> dict[str, Any]:
+    with Progress(TextColumn("{task.description:60}"), BarColumn(),
+                  TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(), console=con) as pr:
+        bar = pr.add_task(what, total=100)
+
+        def upd(j: dict[str, Any]) -> None:
+            running = [t for t in j.get("tasks", []) if t.get("state") == "running"]
+            label = f"{what}: {running[0]['title'] if running else j['state']}"
+            pr.update(bar, description=label[:60], completed=float(j.get("progress") or 0))
+
+        final = c.wait_job(job["id"], timeout=600, on_update=upd)
+    if final["state"] != "succeeded":
+        raise DrsiteError(f"{what}: job {final['id']} {final['state']}: {final.get('error')}",
+                          hint=f"drsite jobs show {final['id']}")
+    _show_jobs(c, [final["id"]], con)
+    return final
+
+
+def _disk_digests(hv: FileHypervisor, vm_id: str) -> dict[str, str]:
+    return {d.disk_id: file_digest(hv.disk_path(vm_id, d.disk_id), d.size)
+            for d in hv.get_vm(vm_id).disks}
+
+
+def _failover_and_back(cluster: Cluster, c: VaultClient, hv: FileHypervisor,
+                       vms: list[dict[str, Any]], items: dict[str, dict[str, Any]],
+                       con: Console) -> DemoResult:
+    """A recovery plan through the API: test failover and cleanup, planned failover (proof: the
+    recovery VMs' disks equal the stopped sources'), commit (re-protects: only differences
+    travel), failback to the original VMs (proof again), commit."""
+    root = cluster.root
+    sec = FileHypervisor(root / "secondary" / "vms")
+    names = [v["name"] for v in vms]
+    for a, b, test, rule in (("primary", "secondary", "dr-test",
+                              {"kind": "subnet", "source": "10.0.0.0/24", "target": "10.1.0.0/24"}),
+                             ("secondary", "primary", "prod-test",
+                              {"kind": "subnet", "source": "10.1.0.0/24", "target": "10.0.0.0/24"})):
+        c.set_network_mapping({"source_site": a, "recovery_site": b,
+                               "source_network": "prod-net" if a == "primary" else "dr-net",
+                               "recovery_network": "dr-net" if a == "primary" else "prod-net",
+                               "test_network": test, "ip_rule": rule})
+    groups = [{"name": "first", "vms": names[:1],
+               "pre": [{"script": "echo \"$DRSITE_PLAN: $DRSITE_PLAN_ACTION of $DRSITE_GROUP\"",
+                        "timeout_s": 30}]}]
+    if len(names) > 1:
+        groups.append({"name": "rest", "vms": names[1:]})
+    diff = c.apply_plans([{"name": "demo-plan", "description": "the demo's VMs, in two groups",
+                           "groups": groups}])
+    con.print(f"[green]✓[/] network mappings prod-net → dr-net (test: dr-test, 10.0.0.0/24 → "
+              f"10.1.0.0/24) and back; recovery plan [bold]demo-plan[/] "
+              f"{diff['changes'][0]['change']}d with {len(groups)} group(s)")
+
+    con.rule("[bold]test failover of the plan (copy-on-write VMs in the test network)")
+    _follow_job(c, c.plan_action("demo-plan", "test-failover"), con, "test failover")
+    tests = [v for v in sec.list_vms() if v.name.endswith("-test")]
+    con.print(f"[green]✓[/] {len(tests)} test VM(s) running on the secondary in network "
+              f"{tests[0].nics[0].network if tests and tests[0].nics else '-'}; replication went on")
+    _follow_job(c, c.plan_action("demo-plan", "cleanup-test-failover", notes="demo: all good"),
+                con, "cleanup test failover")
+
+    con.rule("[bold]planned failover of the plan: sources shut down, last changes shipped")
+    _follow_job(c, c.plan_action("demo-plan", "planned-failover"), con, "planned failover")
+    result = DemoResult(ok=True, seconds=0.0)
+    proof = Table(title="planned failover: recovery VM vs stopped source (blake3 of each disk)")
+    for col in ("VM", "disk", "source (stopped)", "recovery VM (secondary)", "equal"):
+        proof.add_column(col)
+    rec_vms: dict[str, str] = {}
+    for vm in vms:
+        rec = sec.find_vm(vm["name"])
+        rec_vms[vm["name"]] = rec.vm_id
+        src, dst = _disk_digests(hv, vm["vm_id"]), _disk_digests(sec, rec.vm_id)
+        entry: dict[str, Any] = {"vm": vm["name"], "item_id": items[vm["name"]]["id"], "disks": []}
+        for d in sorted(src):
+            same = src[d] == dst.get(d)
+            result.ok = result.ok and same
+            proof.add_row(vm["name"], d, src[d][:16], str(dst.get(d, "-"))[:16],
+                          "[green]yes[/]" if same else "[red]NO[/]")
+            entry["disks"].append({"disk": d, "source": src[d], "recovery": dst.get(d), "equal": same})
+        result.vms.append(entry)
+    con.print(proof)
+
+    for n, vm_id in rec_vms.items():  # the failed-over VMs run and write
+        sec.set_workload(vm_id, WorkloadSpec(pattern="random", io_size=4096, rate=256 * 1024,
+                                             seed=len(n) + 100))
+    time.sleep(2)
+    con.rule("[bold]commit: the recovery VMs replicate back to the primary (re-protect)")
+    _follow_job(c, c.plan_action("demo-plan", "commit"), con, "commit + re-protect")
+    t = Table(title="re-protect: resync against the old primary's disks")
+    for col in ("VM", "disk bytes", "bytes sent", "share"):
+        t.add_column(col)
+    for n in names:
+        fo = c.failovers(items[n]["id"])[0]
+        rp = (fo.get("result") or {}).get("reprotect") or {}
+        disk, sent = int(rp.get("disk_bytes") or 0), int(rp.get("bytes_sent") or 0)
+        t.add_row(n, f"{disk:,}", f"{sent:,}", f"{100 * sent / max(disk, 1):.2f} %")
+    con.print(t)
+
+    con.rule("[bold]failback: planned failover of the plan back to the original VMs")
+    time.sleep(2)
+    _follow_job(c, c.plan_action("demo-plan", "planned-failover"), con, "failback")
+    back = Table(title="failback: original VM vs the stopped recovery VM (blake3 of each disk)")
+    for col in ("VM", "disk", "recovery VM (stopped)", "original VM (primary)", "equal"):
+        back.add_column(col)
+    for vm in vms:
+        orig = hv.find_vm(vm["name"])
+        src, dst = _disk_digests(sec, rec_vms[vm["name"]]), _disk_digests(hv, orig.vm_id)
+        for d in sorted(src):
+            same = src[d] == dst.get(d)
+            result.ok = result.ok and same
+            back.add_row(vm["name"], d, src[d][:16], str(dst.get(d, "-"))[:16],
+                         "[green]yes[/]" if same else "[red]NO[/]")
+    con.print(back)
+    _follow_job(c, c.plan_action("demo-plan", "commit"), con, "commit failback + re-protect")
+    _show_items(c, names, con)
+    return result
 
 
 def _protect(c: VaultClient, vms: list[dict[str, Any]], con: Console) -> list[str]:
@@ -215,56 +324,14 @@ def _show_jobs(c: VaultClient, job_ids: list[str], con: Console) -> None:
 
 def _show_items(c: VaultClient, names: list[str], con: Console) -> None:
     t = Table(title="protected items (from the vault)")
-    for col in ("VM", "state", "health", "RPO", "points", "last point"):
+    for col in ("VM", "site", "protection", "health", "RPO", "points", "last point"):
         t.add_column(col)
     for it in c.items():
         if it.get("vm_name") not in names:
             continue
         pts = c.points(it["id"])
-        t.add_row(it["vm_name"], str(it.get("state")), str(it.get("health")),
+        t.add_row(it["vm_name"], str(it.get("site")), str(it.get("protection")),
+                  str(it.get("health")),
                   f"{it.get('rpo_s') or 0:.1f} s", str(len(pts)),
                   pts[-1]["point_id"] if pts else "-")
     con.print(t)
-
-
-def _prove(cluster: Cluster, hv: FileHypervisor, vms: list[dict[str, Any]],
-           items: dict[str, dict[str, Any]], latest: dict[str, dict[str, Any]],
-           con: Console) -> DemoResult:
-    store = LocalObjectStore(cluster.root / "secondary" / "store")
-    result = DemoResult(ok=True, seconds=0.0)
-    proof = Table(title="the replica at the final point vs the source (blake3 of each disk image)")
-    for col in ("VM", "disk", "source disk", "point (secondary store)", "secondary replica",
-                "equal"):
-        proof.add_column(col)
-    for vm in vms:
-        name = vm["name"]
-        item_id = items[name]["id"]
-        point_id = latest[name]["point_id"]
-        repo = Repository(store, item_id)
-        replica_dir = cluster.root / "secondary" / "agent" / "replicas" / item_id
-        hydrator = ReplicaHydrator(repo, replica_dir)
-        target_seq = repo.point(point_id).seq
-
-        def caught_up(h: ReplicaHydrator = hydrator, r: Repository = repo,
-                      seq: int = target_seq) -> bool:
-            held, applying = h.state()
-            return held is not None and applying is None and r.point(held).seq >= seq
-
-        _until(f"the secondary's replica of {name} to reach {point_id}", caught_up, 60)
-        held = hydrator.state()[0]
-        entry: dict[str, Any] = {"vm": name, "item_id": item_id, "point": held, "disks": []}
-        for d in hv.get_vm(vm["vm_id"]).disks:
-            src = file_digest(hv.disk_path(vm["vm_id"], d.disk_id), d.size)
-            assert held is not None
-            pt = image_digest(repo.reader(held, d.disk_id))
-            rep = file_digest(replica_dir / f"{d.disk_id}.img", d.size)
-            same = src == pt == rep
-            result.ok = result.ok and same
-            proof.add_row(name, d.disk_id, src[:16], pt[:16], rep[:16],
-                          "[green]yes[/]" if same else "[red]NO[/]")
-            entry["disks"].append({"disk": d.disk_id, "source": src, "point": pt,
-                                   "replica": rep, "equal": same})
-        repo.close()
-        result.vms.append(entry)
-    con.print(proof)
-    return result

@@ -42,6 +42,8 @@ class Cluster:
     vault_url: str = ""
     vault_port: int = 0
     store_port: int = 0
+    # the primary's store: re-protect writes the reverse item's base there, failback uses it
+    primary_store_port: int = 0
     pids: dict[str, int] = field(default_factory=dict)
     admin_token: str = ""
 
@@ -133,9 +135,11 @@ def start_agent(c: Cluster, site: str, *, store: bool) -> None:
                        ca_file=c.ca_file, ca_fingerprint=None)
     args = ["agent", "run", "--data", str(data), "--vms", str(vms)]
     if store:
-        c.store_port = c.store_port or free_port()
-        args += ["--store", str(c.root / site / "store"), "--store-listen",
-                 f"127.0.0.1:{c.store_port}"]
+        if site == "primary":
+            c.primary_store_port = port = c.primary_store_port or free_port()
+        else:
+            c.store_port = port = c.store_port or free_port()
+        args += ["--store", str(c.root / site / "store"), "--store-listen", f"127.0.0.1:{port}"]
     proc = _spawn(f"agent-{site}", args, c.root / "logs")
     c.pids[f"agent-{site}"] = proc.pid
 
@@ -155,7 +159,7 @@ def up(root: Path) -> Cluster:
     c.pids = {}
     start_vault(c)
     start_agent(c, "secondary", store=True)
-    start_agent(c, "primary", store=False)
+    start_agent(c, "primary", store=True)
     c.save()
     return c
 

@@ -135,13 +135,13 @@ def test_sigkill_agent_mid_initial_resumes_without_full_copy(cluster: Cluster,
         # the primary agent SIGKILLs itself right after its third pack is stored (failpoint)
         stop_process(cluster.pids["agent-primary"])
         monkeypatch.setenv("DRSITE_FAILPOINTS", "store.pack-stored=kill@3")
-        start_agent(cluster, "primary", store=False)
+        start_agent(cluster, "primary", store=True)
         monkeypatch.delenv("DRSITE_FAILPOINTS")
         job_id = cl.protect(vm_id, "g")["job_id"]
         until("the agent killed mid initial copy", lambda: not alive(cluster.pids["agent-primary"]),
               120)
         assert cl.job(job_id)["state"] == "running"
-        start_agent(cluster, "primary", store=False)
+        start_agent(cluster, "primary", store=True)
         job = cl.wait_job(job_id, timeout=180)
         assert job["state"] == "succeeded", job
         rep = item_of(cl, vm_id).get("report") or {}

@@ -8,7 +8,6 @@ import logging
 import os
 
 import pytest
-from tests.cloud import azure_store, s3_store
 
 from drsite.core.errors import AuthError, NetworkError, ObjectExists
 from drsite.store.crypto import EncryptedStore
@@ -19,6 +18,7 @@ from drsite.store.testing.servers import (
     free_ports,
 )
 from drsite.store.wrappers import RetryingStore
+from tests.cloud import azure_store, s3_store
 
 MiB = 1024 * 1024
 S3_KINDS = ["moto", "seaweedfs"]

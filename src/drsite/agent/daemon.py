@@ -40,9 +40,11 @@ from typing import Any
 import httpx
 
 import drsite
+from drsite.agent import cloudstores
 from drsite.agent.link import COMMAND_KINDS, Command, HeartbeatReply, VaultLink
 from drsite.agent.registration import AgentIdentity
 from drsite.agent.state import (
+    PHASE_FAILED_OVER,
     PHASE_INITIAL,
     PHASE_PROTECTED,
     CatalogEntry,
@@ -67,6 +69,7 @@ from drsite.hypervisors.contract import HypervisorDriver
 from drsite.replication.driver import ItemReplicator
 from drsite.replication.report import Health, ItemReport, ItemState
 from drsite.replication.target import RecoveryTarget
+from drsite.store.factory import StoreSpec
 from drsite.store.repository import PointInfo, Repository
 
 log = logging.getLogger(__name__)
@@ -163,12 +166,42 @@ class Agent:
             self._store = StoreService(self.identity, store_dir, self.data_dir / "replicas",
                                        store_listen)
         self._store_url: str | None = None
+        from drsite.agent.failover import FailoverCommands
+
+        self.failover = FailoverCommands(self)
         self._started = False
         self._last_ok = time.monotonic()
         self._failures = 0
         self._offline = False
 
     # ----------------------------------------------------------------------------- lifecycle
+
+    @property
+    def store_service(self) -> StoreService | None:
+        """This host's recovery store service (secondary sites), if any."""
+        return self._store
+
+    def live_item(self, cmd: Command) -> tuple[_Item, ItemReplicator]:
+        """The item a command names, with its engine (``NotFound`` if not protected here)."""
+        return self._live_item(cmd)
+
+    def set_generation(self, item_id: str, generation: int) -> None:
+        """Persist the item's generation (the split-brain guard its engine checks)."""
+        with self._lock:
+            entry = self._entries.get(item_id)
+            if entry is not None:
+                entry.generation = generation
+        self._save_entries()
+
+    def set_failed_over(self, item_id: str, failed_over: bool) -> None:
+        """Mark an item failed over (a planned failover shut its VM down): offline mode and
+        resume-after-restart leave it alone; ``False`` makes it protected again."""
+        with self._lock:
+            entry = self._entries.get(item_id)
+            if entry is None:
+                return
+            entry.phase = PHASE_FAILED_OVER if failed_over else PHASE_PROTECTED
+        self._save_entries()
 
     @property
     def store_url(self) -> str | None:
@@ -267,11 +300,16 @@ class Agent:
     def _open_item(self, entry: ItemEntry) -> _Item:
         """Build the engine of one item from its entry (errors are kept in the item)."""
         try:
-            target = self._target_factory(entry.store_url, entry.item_id)
+            if cloudstores.is_cloud(entry.store_url):  # spec from its 0600 file
+                target = cloudstores.cloud_target(
+                    cloudstores.load_spec(self.data_dir, entry.item_id), entry.item_id)
+            else:
+                target = self._target_factory(entry.store_url, entry.item_id)
             replicator = ItemReplicator(
                 item_id=entry.item_id, vm_id=entry.vm_id, driver=self.hypervisor, target=target,
                 state_dir=self._state_dir, settings=settings_from_args(entry.settings),
-                on_progress=functools.partial(self._on_progress, entry.item_id))
+                on_progress=functools.partial(self._on_progress, entry.item_id),
+                generation=entry.generation)
             return _Item(entry, replicator, Repository(target.repo.store, entry.item_id))
         except DrsiteError as e:
             log.error("item %s cannot be opened (%s): %s", entry.item_id, e.error_class.value, e)
@@ -654,7 +692,9 @@ class Agent:
     def _handle(self, cmd: Command) -> dict[str, Any]:
         handler = {"protect": self._protect, "cycle": self._cycle, "resync": self._resync,
                    "retention": self._retention, "unprotect": self._unprotect,
-                   "update_settings": self._update_settings}[cmd.kind]
+                   "update_settings": self._update_settings}.get(cmd.kind)
+        if handler is None:
+            return self.failover.handle(cmd)  # failover_* commands (agent/failover.py)
         return handler(cmd)
 
     def _live_item(self, cmd: Command) -> tuple[_Item, ItemReplicator]:
@@ -679,6 +719,10 @@ class Agent:
             raise InvalidInput(f"protect {cmd.item_id}: missing argument {e.args[0]!r}") from None
         settings = dict(a.get("settings") or {})
         settings_from_args(settings)  # validate before anything is recorded
+        cloud = a.get("store")  # a cloud store's full spec (credentials, keys)
+        if cloud is not None:
+            cloud = StoreSpec.from_dict(cloud).to_dict()  # validate before anything is recorded
+            store_url = cloudstores.CLOUD_STORE_URL + str(cloud["name"] or "store")
         self.hypervisor.get_vm(vm_id)  # VmNotFound before anything is recorded
         with self._lock:
             entry = self._entries.get(cmd.item_id)
@@ -686,11 +730,14 @@ class Agent:
         if entry is not None and entry.vm_id != vm_id:
             raise Conflict(f"item {cmd.item_id} protects VM {entry.vm_id} on this host, not "
                            f"{vm_id}")
+        spec_changed = cloud is not None and cloudstores.save_spec(self.data_dir, cmd.item_id,
+                                                                   cloud)
         rebuild = item is None or item.replicator is None or entry is None \
-            or entry.store_url != store_url
+            or entry.store_url != store_url or spec_changed
         if entry is None:
             entry = ItemEntry(cmd.item_id, vm_id, str(a.get("target_site") or ""), store_url,
-                              settings, PHASE_INITIAL, time.time())
+                              settings, PHASE_INITIAL, time.time(),
+                              generation=int(a.get("generation") or 1))
         else:
             entry.store_url, entry.settings = store_url, settings
             entry.target_site = str(a.get("target_site") or entry.target_site)
@@ -708,6 +755,18 @@ class Agent:
             assert item.error is not None
             raise item.error
         item.replicator.settings = settings_from_args(settings)
+        if a.get("resync_from_base") and entry.phase == PHASE_INITIAL:
+            # re-protect: the store holds the old primary's disks as a base point; only the
+            # blocks that differ travel (never an initial full copy over a common base)
+            rep = item.replicator
+            latest = rep.target.repo.latest()
+            if latest is None or latest.kind != "resync" or rep.rec.phase is not ItemState.PROTECTED:
+                point = rep.run_resync("re-protect: resync against the old primary's disks",
+                                       wait_transient=False)
+            else:
+                point = latest
+            self._mark_protected(item)
+            return {"point": point.to_dict(), "report": rep.report.to_dict()}
         point = item.replicator.run_initial(wait_transient=False)
         self._mark_protected(item)
         return {"point": point.to_dict(), "report": item.replicator.report.to_dict()}
@@ -797,6 +856,7 @@ class Agent:
         self._close_item(item)
         with contextlib.suppress(FileNotFoundError):
             (self._state_dir / f"{cmd.item_id}.json").unlink()
+        cloudstores.remove_spec(self.data_dir, cmd.item_id)
         log.info("item %s unprotected%s", cmd.item_id,
                  f", {len(deleted)} point(s) deleted" if delete else "")
         return {"deleted_points": deleted}

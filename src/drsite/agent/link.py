@@ -21,7 +21,11 @@ from drsite.core.errors import AuthError, InvalidInput, NetworkError
 
 log = logging.getLogger(__name__)
 
-COMMAND_KINDS = ("protect", "cycle", "resync", "retention", "unprotect", "update_settings")
+COMMAND_KINDS = ("protect", "cycle", "resync", "retention", "unprotect", "update_settings",
+                 # failover (agent/failover.py)
+                 "failover", "failover_cleanup", "failover_commit", "failover_cancel",
+                 "failover_change_point", "reprotect_seed", "failover_prepare",
+                 "failover_resume_source", "run_script")
 
 
 @dataclass(frozen=True)

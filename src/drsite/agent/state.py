@@ -30,6 +30,7 @@ from drsite.replication.planner import ALWAYS, ResyncWindow, parse_hhmm
 
 PHASE_INITIAL = "initial"      # protect received; no first point confirmed yet
 PHASE_PROTECTED = "protected"  # the first point is committed
+PHASE_FAILED_OVER = "failed_over"  # planned failover: source off, final cycle shipped
 
 JOURNAL_KEEP = 1000
 
@@ -114,11 +115,14 @@ class ItemEntry:
     settings: dict[str, Any] = field(default_factory=dict)
     phase: str = PHASE_INITIAL
     created_at: float = 0.0
+    # split-brain guard: the engine is fenced once the store records a newer generation
+    generation: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return {"item_id": self.item_id, "vm_id": self.vm_id, "target_site": self.target_site,
                 "store_url": self.store_url, "settings": dict(self.settings),
-                "phase": self.phase, "created_at": self.created_at}
+                "phase": self.phase, "created_at": self.created_at,
+                "generation": self.generation}
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> ItemEntry:
@@ -126,7 +130,8 @@ class ItemEntry:
                          target_site=str(d.get("target_site") or ""),
                          store_url=str(d["store_url"]), settings=dict(d.get("settings") or {}),
                          phase=str(d.get("phase") or PHASE_INITIAL),
-                         created_at=float(d.get("created_at") or 0.0))
+                         created_at=float(d.get("created_at") or 0.0),
+                         generation=int(d.get("generation") or 1))
 
 
 class ItemsFile:

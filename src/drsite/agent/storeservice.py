@@ -67,6 +67,11 @@ class StoreService:
         self._errors: dict[str, str] = {}   # item → last hydration error logged (no log floods)
 
     @property
+    def local_store(self) -> LocalObjectStore:
+        """The store this service serves (failover on this host reads it directly)."""
+        return self._store
+
+    @property
     def url(self) -> str:
         """The store's URL as primary agents reach it (valid once started)."""
         if self._server is None:

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from drsite import __version__
-from drsite.cli import resources, up_cmd
+from drsite.cli import failover_cmd, resources, stores_cmd, up_cmd
 from drsite.cli.agent_cmd import agent
 from drsite.cli.replicate import replicate
 from drsite.cli.vault_cmd import vault
@@ -71,8 +71,13 @@ app.add_typer(resources.policies, name="policies")
 app.add_typer(resources.groups, name="groups")
 app.add_typer(resources.items, name="items")
 app.add_typer(resources.jobs, name="jobs")
+app.add_typer(resources.jobs, name="job", hidden=True)  # `drsite job resume ID` reads naturally
+app.add_typer(failover_cmd.failover, name="failover")
+app.add_typer(failover_cmd.plan, name="plan")
+app.add_typer(failover_cmd.network, name="network")
 app.add_typer(resources.alerts, name="alerts")
 app.add_typer(resources.tokens, name="tokens")
+app.add_typer(stores_cmd.store, name="store")
 app.command("health")(resources.health)
 app.command("up")(up_cmd.up)
 app.command("down")(up_cmd.down)

@@ -224,6 +224,48 @@ class VaultClient:
     def delete_token(self, name: str) -> None:
         self._call("DELETE", f"/tokens/{name}")
 
+    # -- failover and recovery plans -------------------------------------------------------------
+
+    def item_action(self, item_id: str, action: str, **body: Any) -> dict[str, Any]:
+        """Start a failover action on one item (``test-failover``, ``cleanup-test-failover``,
+        ``planned-failover``, ``unplanned-failover``, ``commit``, ``cancel``, ``change-point``,
+        ``reprotect``); returns its job."""
+        return dict(self._call("POST", f"/items/{item_id}/failover/{action}",
+                               json={k: v for k, v in body.items() if v is not None}))
+
+    def failovers(self, item_id: str | None = None) -> list[dict[str, Any]]:
+        return list(self._call("GET", f"/items/{item_id}/failovers" if item_id else "/failovers"))
+
+    def failover(self, failover_id: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/failovers/{failover_id}"))
+
+    def plans(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/plans"))
+
+    def plan(self, name: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/plans/{name}"))
+
+    def apply_plans(self, plans: list[dict[str, Any]], *, dry_run: bool = False,
+                    prune: bool = False) -> dict[str, Any]:
+        return dict(self._call("POST", "/plans", json={"plans": plans, "dry_run": dry_run,
+                                                        "prune": prune}))
+
+    def delete_plan(self, name: str) -> None:
+        self._call("DELETE", f"/plans/{name}")
+
+    def plan_action(self, name: str, action: str, **body: Any) -> dict[str, Any]:
+        return dict(self._call("POST", f"/plans/{name}/{action}",
+                               json={k: v for k, v in body.items() if v is not None}))
+
+    def resume_job(self, job_id: str) -> dict[str, Any]:
+        return dict(self._call("POST", f"/jobs/{job_id}/resume"))
+
+    def network_mappings(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/network-mappings"))
+
+    def set_network_mapping(self, mapping: dict[str, Any]) -> dict[str, Any]:
+        return dict(self._call("PUT", "/network-mappings", json=mapping))
+
     # -- waiting -------------------------------------------------------------------------------
 
     def wait_job(self, job_id: str, *, timeout: float = 600.0, poll: float = 0.5,
@@ -240,3 +282,29 @@ class VaultClient:
                 raise E.TransientError(f"job {job_id} still {job.get('state')} after {timeout:g} s",
                                        hint=f"Follow it with 'drsite jobs show {job_id}'.")
             time.sleep(poll)
+
+    # --- cloud stores -------------------------------------------------------------------------
+    # credentials go in request bodies only; no response carries them (the vault redacts)
+
+    def stores(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/stores"))
+
+    def store(self, name: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/stores/{name}"))
+
+    def create_store(self, body: dict[str, Any]) -> dict[str, Any]:
+        return dict(self._call("POST", "/stores", json=body))
+
+    def update_store(self, name: str, *, config: dict[str, Any] | None = None,
+                     secret: dict[str, Any] | None = None) -> dict[str, Any]:
+        body = {k: v for k, v in {"config": config, "secret": secret}.items() if v is not None}
+        return dict(self._call("PUT", f"/stores/{name}", json=body))
+
+    def delete_store(self, name: str) -> None:
+        self._call("DELETE", f"/stores/{name}")
+
+    def rotate_store_key(self, name: str) -> dict[str, Any]:
+        return dict(self._call("POST", f"/stores/{name}/rotate-key"))
+
+    def set_group_store(self, group: str, store: str | None) -> dict[str, Any]:
+        return dict(self._call("PUT", f"/groups/{group}", json={"store": store}))

@@ -37,6 +37,7 @@ from drsite.core.model import Consistency, DiskSpec, PowerState, VmInfo, VmSpec,
 from drsite.failover.generation import GenerationStore, check_replication_direction
 from drsite.failover.images import (
     digests_differ,
+    disk_fingerprint,
     frozen_replica_copy,
     restore_point,
     timed,
@@ -74,7 +75,7 @@ class Site:
     engine state of reverse replication."""
 
     name: str
-    hypervisor: FailoverHypervisor
+    hypervisor: FailoverHypervisor | None
     work_dir: Path
 
     def __post_init__(self) -> None:
@@ -84,6 +85,11 @@ class Site:
 
     @property
     def hv(self) -> FailoverHypervisor:
+        """The site's hypervisor; ``None`` means it is another host's (an agent acting for the
+        recovery side of a failover does not reach the primary's hypervisor)."""
+        if self.hypervisor is None:
+            raise InvalidInput(f"the hypervisor of site {self.name} is not reachable from here",
+                               hint="This step runs on that site's agent.")
         return self.hypervisor
 
 
@@ -556,6 +562,73 @@ def planned_failover(item: ProtectedItem, *, failover_id: str | None = None,
     return rec
 
 
+def source_fingerprints(hv: HypervisorDriver, vm_id: str) -> dict[str, str]:
+    """Fingerprints of every disk of a (stopped) VM: the primary's half of the proof that a
+    planned failover lost nothing (see :func:`planned_failover_recovery_side`)."""
+    out: dict[str, str] = {}
+    for d in hv.get_vm(vm_id).disks:
+        r = hv.open_live_reader(vm_id, d.disk_id)
+        try:
+            out[d.disk_id] = disk_fingerprint(r)
+        finally:
+            r.close()
+    return out
+
+
+def planned_failover_recovery_side(item: ProtectedItem, *, failover_id: str, point_id: str,
+                                   fingerprints: dict[str, str], vm_name: str | None = None,
+                                   replace_vm: str | None = None,
+                                   clock: Clock | None = None) -> FailoverResult:
+    """The recovery site's half of a planned failover whose primary half ran on another host:
+    the primary powered its VM off, ran the final cycle (``point_id``) and sent the
+    fingerprints of its stopped disks (:func:`source_fingerprints`). Here: the replica is
+    brought to that point, every image's fingerprint must equal the source's (else
+    ``InvalidReplicaState`` and nothing starts: no data lost is proven, not assumed), then
+    promotion, VM creation from the replica's images and power-on, as :func:`planned_failover`.
+    ``vm_name`` names the recovery VM (failback to an alternate location); ``replace_vm`` is a
+    stopped VM of that name on this site that is deleted and re-created (failback to the
+    original VM).
+    """
+    clock = clock or SystemClock()
+    rec, resumed = _start(item, "planned", failover_id, clock)
+    run = _Run(item, rec)
+    if resumed and rec.state is not FailoverState.STARTING:
+        return rec
+    if not run.done("checked"):
+        check_replication_direction(item.repo.store, item.item_id, item.primary.name)
+        item.network_map.check(item.spec)
+        rec.point_id = point_id
+        rec.steps.extend(s for s in ("source_off", "final_cycle") if s not in rec.steps)
+        run.mark("checked")
+    p = item.repo.point(point_id)
+    rec.point_created_at = p.created_at
+    if sorted(fingerprints) != sorted(p.disk_sizes):
+        raise InvalidReplicaState(f"planned failover of {item.item_id}: the source reported disks "
+                                  f"{sorted(fingerprints)}, the final point has {sorted(p.disk_sizes)}")
+    if item.hydrator is not None and not run.done("images"):
+        stop = timed(rec.timings, "hydrate")
+        item.hydrator.catch_up()
+        stop()
+    images, from_replica = _images_for(item, p, run, verify=False)
+    if not run.done("no_data_lost"):
+        stop = timed(rec.timings, "compare_source")
+        for disk_id, path in images.items():
+            with RawImageReader(path, p.disk_sizes[disk_id]) as img:
+                got = disk_fingerprint(img)
+            if got != fingerprints[disk_id]:
+                raise InvalidReplicaState(
+                    f"planned failover of {item.item_id}: disk {disk_id} of the replica differs "
+                    "from the stopped source; nothing was started",
+                    hint="Cancel the failover (the source restarts) and resync the item.")
+        stop()
+        rec.verified = True
+        run.mark("no_data_lost")
+    spec = _recovery_spec(item, p, test=False, name=vm_name)
+    _create_and_start(item, run, p, spec, images, from_replica=from_replica,
+                      replace_vm=replace_vm, clock=clock)
+    return rec
+
+
 def unplanned_failover(item: ProtectedItem, choice: PointChoice = "latest", *,
                        failover_id: str | None = None, verify: bool = True,
                        clock: Clock | None = None) -> FailoverResult:
@@ -833,5 +906,6 @@ def failback(rev_item: ProtectedItem, forward_store: ObjectStore, *,
 
 __all__ = ["FailbackResult", "FailoverResult", "FailoverState", "ProtectedItem",
            "ReprotectResult", "Site", "cancel", "change_point", "cleanup_test_failover",
-           "commit", "failback", "load_failover", "planned_failover", "reprotect",
+           "commit", "failback", "load_failover", "planned_failover",
+           "planned_failover_recovery_side", "reprotect", "source_fingerprints",
            "test_failover", "unplanned_failover"]

@@ -83,8 +83,10 @@ class EncryptedStore(ForwardingStore):
     Responsible for: confidentiality and integrity of object *contents*. Not responsible for:
     hiding keys, sizes or access patterns (names and approximate sizes stay visible to the
     store), key storage or distribution (the caller passes keys), re-encrypting old objects
-    on rotation. Wrap it *inside* ``RetryingStore`` (``RetryingStore(EncryptedStore(s))``) so a
-    retried put compares plaintexts, since each put uses a fresh random nonce.
+    on rotation. ``factory.open_store`` puts it *outside* ``RetryingStore``: a put is encrypted
+    once and a retry re-sends the same ciphertext, so the lost-reply check compares equal bytes.
+    (Inside a ``RetryingStore`` it also works: each attempt re-encrypts with a fresh nonce and
+    the check compares plaintexts.)
     """
 
     def __init__(self, inner: ObjectStore, keys: Mapping[str, bytes], active_key_id: str, *,

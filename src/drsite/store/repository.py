@@ -439,7 +439,8 @@ class Repository:
     """
 
     def __init__(self, store: ObjectStore, item_id: str, *, segment_size: int = 64 << 20,
-                 pack_target: int = 8 << 20, zstd_level: int = 1, threads: int = 2) -> None:
+                 pack_target: int = 8 << 20, zstd_level: int = 1, threads: int = 2,
+                 upload_threads: int = 1) -> None:
         validate_name("item", item_id)
         if segment_size <= 0 or segment_size % BLOCK:
             raise InvalidInput(f"segment size {segment_size} is not a positive multiple of {BLOCK}")
@@ -450,6 +451,9 @@ class Repository:
         self.pack_target = max(pack_target, 1)
         self.zstd_level = zstd_level
         self.threads = max(threads, 1)
+        # packs stored at once by a writer (cloud stores: several, one request each; packs may
+        # land out of order, which resume() handles: it sorts trailers by pack number)
+        self.upload_threads = max(upload_threads, 1)
         self._manifests = _Lru(4096)
         self._maps = _Lru(2048)
         self._tables = _Lru(1024)
@@ -1013,7 +1017,7 @@ class PointWriter:
         # zstd level for data frames; 0 stores frames as they are (policy: compression off)
         self.zstd_level = repo.zstd_level
         self._uploader: ThreadPoolExecutor | None = ThreadPoolExecutor(
-            1, thread_name_prefix=f"drsite-upload-{cycle_id}")
+            repo.upload_threads, thread_name_prefix=f"drsite-upload-{cycle_id}")
         self._uploads: deque[tuple[Future[tuple[str, int]], Entries]] = deque()
         self._broken = False
         self._queue: deque[_Pending] = deque()
@@ -1153,7 +1157,7 @@ class PointWriter:
         self._frames, self._open, self._open_size, self._open_entries = [], [], 0, 0
         assert self._uploader is not None
         self._uploads.append((self._uploader.submit(self._upload, frames, header, e), e))
-        self._reap(UPLOADS_IN_FLIGHT)
+        self._reap(max(UPLOADS_IN_FLIGHT, self.repo.upload_threads + 1))
 
     def _upload(self, frames: list[bytes], header: dict[str, Any], e: Entries) -> tuple[str, int]:
         blob = encode_pack(frames, header, e)

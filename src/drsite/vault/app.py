@@ -15,9 +15,20 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from drsite import __version__
-from drsite.vault.api import agent, errors, inventory, operations, protection, public, tokens
+from drsite.vault.api import (
+    agent,
+    errors,
+    failover,
+    inventory,
+    operations,
+    protection,
+    public,
+    stores,
+    tokens,
+)
 from drsite.vault.context import Vault, bootstrap
 from drsite.vault.settings import VaultSettings
+from drsite.web import routes as web
 
 API_PREFIX = "/api/v1"
 
@@ -40,6 +51,7 @@ def create_app(settings: VaultSettings, vault: Vault | None = None) -> FastAPI:
     app.state.vault = v
     errors.install(app)
     for r in (public.router, inventory.router, protection.router, operations.router, tokens.router,
-              agent.router):
+              agent.router, stores.router, failover.router):
         app.include_router(r, prefix=API_PREFIX)
+    app.include_router(web.router)  # the dashboard at /ui, and / → /ui
     return app

@@ -21,7 +21,11 @@ from drsite.core.errors import Conflict, DrsiteError, ErrorClass, InvalidInput, 
 from drsite.vault.db.models import Command
 from drsite.vault.ids import new_id
 
-KINDS = ("protect", "cycle", "resync", "retention", "unprotect", "update_settings")
+KINDS = ("protect", "cycle", "resync", "retention", "unprotect", "update_settings",
+         # failover (vault/jobs/failover.py → agent/failover.py)
+         "failover", "failover_cleanup", "failover_commit", "failover_cancel",
+         "failover_change_point", "reprotect_seed", "failover_prepare", "failover_resume_source",
+         "run_script")
 OPEN = ("pending", "sent", "running")
 DONE = ("succeeded", "failed")
 # commands that move data for an item: at most one of these is outstanding per item

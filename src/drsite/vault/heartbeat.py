@@ -182,6 +182,12 @@ def _auto_protect(s: Session, host: Host, new_vms: list[Vm], now: float) -> None
         group = group_for_vm(groups, vm, host)
         if group is None or active_item_for_vm(s, host.id, vm.vm_id) is not None:
             continue
+        if s.scalars(select(Item.id).where(Item.vm_name == vm.name, Item.status.in_(
+                ("failing_over", "failed_over", "committed")))).first() is not None:
+            # a VM created by a failover (or a failback to the original VM): its protection
+            # is the failover's re-protect, not a second, forward item
+            vm.auto_protect_blocked = True
+            continue
         try:
             start_enable_protection(s, vm=vm, host=host, group=group, now=now,
                                     reason=f"discovered VM matches group {group.name}")

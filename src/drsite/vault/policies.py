@@ -84,11 +84,8 @@ class PolicyValues:
             raise InvalidInput("app_consistent_every_s must be at least frequency_s (or null)")
         if self.bandwidth_limit_bps is not None and self.bandwidth_limit_bps < 1024:
             raise InvalidInput("bandwidth_limit_bps must be at least 1024 (or null for no limit)")
-        if self.encryption:
-            # never accept a promise drsite does not keep yet: data would be stored in the clear
-            raise InvalidInput("encryption at rest is not available yet",
-                               hint="Create the policy with encryption false; stores encrypt "
-                                    "nothing today (see docs/control-plane.md).")
+        # encryption: true is checked against each group's store (vault.stores.check_encryption):
+        # only a cloud store with keys encrypts at rest; a group with a site store refuses it
         if self.rpo_threshold_s < self.frequency_s:
             raise InvalidInput("rpo_threshold_s must be at least frequency_s")
         parse_window(self.resync_window)

@@ -12,7 +12,8 @@ from drsite.vault.api.deps import Operator, Reader, VaultDep, name
 from drsite.vault.api.views import alert_view, event_view, job_view
 from drsite.vault.db.models import Alert, Event, Host, Item, Job
 from drsite.vault.health import agent_up, item_health
-from drsite.vault.jobs.plan import ACTIVE_JOB_STATES, JOB_STATES, TASK_PLAN
+from drsite.vault.jobs.plan import ACTIVE_JOB_STATES, JOB_STATES
+from drsite.vault.jobs.registry import HANDLERS
 from drsite.vault.jobs.runner import request_cancel
 from drsite.vault.scheduler import item_policy, preload_policies
 
@@ -35,8 +36,8 @@ def list_jobs(vault: VaultDep, _p: Reader, state: str | None = None, kind: str |
                                hint=f"Use one of {', '.join(JOB_STATES)}, active.")
         q = q.where(Job.state.in_(ACTIVE_JOB_STATES) if state == "active" else Job.state == state)
     if kind is not None:
-        if kind not in TASK_PLAN:
-            raise InvalidInput(f"unknown job kind {kind!r}", hint=f"Use one of {', '.join(TASK_PLAN)}.")
+        if kind not in HANDLERS:
+            raise InvalidInput(f"unknown job kind {kind!r}", hint=f"Use one of {', '.join(HANDLERS)}.")
         q = q.where(Job.kind == kind)
     with vault.db.read() as s:
         return [job_view(s, j) for j in s.scalars(q)]

@@ -24,6 +24,7 @@ from drsite.vault.jobs.create import (
 )
 from drsite.vault.policies import PolicyValues, agent_settings, apply_values
 from drsite.vault.scheduler import preload_policies
+from drsite.vault.stores import check_encryption, get_store
 
 router = APIRouter()
 
@@ -86,6 +87,8 @@ def update_policy(policy: str, body: PolicyIn, vault: VaultDep, _p: Operator) ->
         p = get_policy(s, policy)
         apply_values(p, values)
         p.updated_at = now
+        for g in s.scalars(select(Group).where(Group.policy_id == p.id)):
+            check_encryption(s, g, p)
         group_ids = list(s.scalars(select(Group.id).where(Group.policy_id == p.id)))
         items = s.scalars(select(Item).where(Item.group_id.in_(group_ids), Item.status == "protected")).all()
         for item in items:
@@ -144,8 +147,11 @@ def create_group(body: GroupIn, vault: VaultDep, _p: Operator) -> dict[str, Any]
         policy = get_policy(s, body.policy) if body.policy is not None else None
         if s.scalars(select(Group.id).where(Group.name == group_name)).first() is not None:
             raise Conflict(f"group {group_name} exists")
+        cloud = get_store(s, body.store) if body.store is not None else None
         g = Group(name=group_name, site_id=site.id, target_site_id=target.id,
-                  policy_id=policy.id if policy else None, match=match, created_at=now)
+                  policy_id=policy.id if policy else None, match=match, created_at=now,
+                  store_id=cloud.id if cloud else None)
+        check_encryption(s, g, policy)
         s.add(g)
         s.flush()
         record_event(s, now, "group", group_name, "created")
@@ -168,11 +174,14 @@ def update_group(group: str, body: GroupUpdate, vault: VaultDep, _p: Operator) -
     with vault.db.tx() as s:
         g = get_group(s, group)
         job = None
+        if "store" in fields:
+            _set_store(s, g, body.store, now)
         if match is not None and match != g.match:
             g.match = match
         if "policy" in fields:
             policy = get_policy(s, body.policy) if body.policy is not None else None
             new_id = policy.id if policy else None
+            check_encryption(s, g, policy)
             if new_id != g.policy_id:
                 g.policy_id = new_id
                 record_event(s, now, "group", g.name,
@@ -181,7 +190,27 @@ def update_group(group: str, body: GroupUpdate, vault: VaultDep, _p: Operator) -
                     job = start_policy_association(s, g, now=now)
         elif match is not None and g.policy_id is not None:
             job = start_policy_association(s, g, now=now)
+        if "store" in fields and "policy" not in fields:
+            check_encryption(s, g, s.get(Policy, g.policy_id) if g.policy_id else None)
         return {**group_view(s, g, site_names(s)), "job_id": job.id if job else None}
+
+
+def _set_store(s: Session, g: Group, store_name: str | None, now: float) -> None:
+    """Point a group at a cloud store (or back at its target site's agent store). Only while
+    the group protects nothing: the points of its items live in the store they were made in."""
+    cloud = get_store(s, store_name) if store_name is not None else None
+    new_id = cloud.id if cloud else None
+    if new_id == g.store_id:
+        return
+    live = s.scalars(select(Item.id).where(Item.group_id == g.id,
+                                           Item.status.in_(("enabling", "protected", "disabling")))).all()
+    if live:
+        raise Conflict(f"group {g.name} still protects {len(live)} item(s); its recovery store "
+                       "cannot change under them",
+                       hint="Disable protection of its items first, or create another group.")
+    g.store_id = new_id
+    record_event(s, now, "group", g.name, f"recovery store set to {cloud.name}" if cloud
+                 else "recovery store set to the target site's agent store")
 
 
 @router.delete("/groups/{group}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a group")
@@ -217,7 +246,8 @@ def list_items(vault: VaultDep, _p: Reader, all: bool = False) -> list[dict[str,
     with vault.db.read() as s:
         q = select(Item).order_by(Item.vm_name, Item.id)
         if not all:
-            q = q.where(Item.status.in_(("enabling", "protected", "disabling")))
+            q = q.where(Item.status.in_(("enabling", "protected", "disabling", "failing_over",
+                                         "failed_over", "committed")))
         sites = site_names(s)
         _keep = preload_policies(s)  # keeps them in the identity map
         return [item_view(s, i, now, vault.settings, sites) for i in s.scalars(q)]

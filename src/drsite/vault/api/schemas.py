@@ -54,13 +54,16 @@ class GroupIn(Strict):
     target_site: str
     policy: str | None = None
     match: MatchIn = Field(default_factory=MatchIn)
+    store: str | None = None  # a cloud store instead of the target site's agent store
 
 
 class GroupUpdate(Strict):
-    """PUT /groups/{name}: fields present are changed (``policy: null`` dissociates)."""
+    """PUT /groups/{name}: fields present are changed (``policy: null`` dissociates,
+    ``store: null`` goes back to the target site's agent store)."""
 
     policy: str | None = None
     match: MatchIn | None = None
+    store: str | None = None
 
 
 class ItemIn(Strict):

@@ -22,12 +22,15 @@ from drsite.vault.membership import active_item_for_vm, vm_ref
 
 
 def create_job(s: Session, kind: str, *, target: str, item_id: str | None,
-               args: dict[str, Any], now: float) -> Job:
+               args: dict[str, Any], now: float,
+               tasks: tuple[tuple[str, str], ...] | None = None) -> Job:
+    """A queued job of ``kind`` with the kind's tasks (or ``tasks``: recovery plans build
+    theirs from the plan)."""
     job = Job(id=new_id("j"), kind=kind, state="queued", target=target, item_id=item_id,
               args=args, progress=0.0, message="queued", cancel_requested=False,
               created_at=now, updated_at=now)
     s.add(job)
-    for idx, (name, title) in enumerate(TASK_PLAN[kind]):
+    for idx, (name, title) in enumerate(tasks if tasks is not None else TASK_PLAN[kind]):
         s.add(Task(job_id=job.id, idx=idx, name=name, title=title, state="pending", progress=0.0,
                    message="", data={}))
     s.flush()

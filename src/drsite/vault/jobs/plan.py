@@ -11,6 +11,15 @@ ENABLE = "EnableProtection"
 DISABLE = "DisableProtection"
 RESYNC = "Resync"
 ASSOCIATE = "PolicyAssociation"
+TEST_FAILOVER = "TestFailover"
+CLEANUP_TEST = "CleanupTestFailover"
+PLANNED = "PlannedFailover"
+UNPLANNED = "UnplannedFailover"
+COMMIT = "CommitFailover"
+CANCEL = "CancelFailover"
+CHANGE_POINT = "ChangeRecoveryPoint"
+REPROTECT = "Reprotect"
+PLAN = "RecoveryPlan"
 
 TASK_PLAN: dict[str, tuple[tuple[str, str], ...]] = {
     ENABLE: (("prerequisites", "Prerequisite checks"),
@@ -23,7 +32,25 @@ TASK_PLAN: dict[str, tuple[tuple[str, str], ...]] = {
              ("resync", "Resynchronize by checksums")),
     ASSOCIATE: (("apply_settings", "Apply the policy to protected items"),
                 ("protect_vms", "Enable protection of matching VMs")),
+    TEST_FAILOVER: (("failover_checks", "Prerequisite checks"),
+                    ("start_test_vm", "Start the test VM from the recovery point")),
+    CLEANUP_TEST: (("cleanup_test_vm", "Remove the test VM and its images"),),
+    PLANNED: (("failover_checks", "Prerequisite checks"),
+              ("shutdown_source", "Shut down the source VM and ship the last changes"),
+              ("start_replica", "Start the replica VM (no data lost)")),
+    UNPLANNED: (("failover_checks", "Prerequisite checks"),
+                ("start_replica", "Start the replica VM from the recovery point")),
+    COMMIT: (("commit", "Commit the failover"),),
+    CANCEL: (("cancel", "Cancel the failover (delete the recovery VM)"),
+             ("resume_source", "Hand the item back to the source")),
+    CHANGE_POINT: (("change_point", "Restart the recovery VM from another point"),),
+    REPROTECT: (("reprotect_seed", "Write the old primary's disks as the reverse base"),
+                ("reverse_replication", "Resync from the failed-over VM (only differences travel)")),
 }
+# a planned failover's commit re-protects at once (the seed: protected in the reverse direction)
+COMMIT_AND_REPROTECT = TASK_PLAN[COMMIT] + TASK_PLAN[REPROTECT]
 ROLLBACK_TASK = ("rollback", "Roll back (unprotect)")
 # task weights for the job's overall progress (initial replication is the long one)
-WEIGHTS: dict[str, float] = {"initial_replication": 8.0, "resync": 6.0}
+WEIGHTS: dict[str, float] = {"initial_replication": 8.0, "resync": 6.0, "start_replica": 4.0,
+                             "start_test_vm": 4.0, "reverse_replication": 6.0,
+                             "shutdown_source": 3.0}

@@ -20,6 +20,7 @@ from drsite.vault.audit import record_event
 from drsite.vault.db.models import Command, Group, Host, Item, Point, Policy, Site, Vm
 from drsite.vault.jobs.model import JobHandlers, Step, TaskContext, done, wait
 from drsite.vault.policies import agent_settings, parse_initial_start
+from drsite.vault.stores import CLOUD_STORE_URL, check_encryption, group_store, item_store_spec
 
 
 def host_up(host: Host, ctx: TaskContext) -> bool:
@@ -67,9 +68,23 @@ def prerequisites(ctx: TaskContext) -> Step:
             raise NetworkError(f"host {host.name} sends no heartbeats",
                                hint="Start its agent ('drsite agent run'), then protect the VM again.")
         return wait(10, f"waiting for a heartbeat of host {host.name}")
-    store = target_store(ctx, item.target_site_id)
     site = ctx.s.get(Site, item.target_site_id)
     site_name = site.name if site else str(item.target_site_id)
+    group = ctx.s.get(Group, item.group_id)
+    cloud = group_store(ctx.s, group)
+    if group is not None and cloud is not None:
+        # no store agent needed: the source agent writes to the cloud store itself
+        check_encryption(ctx.s, group, policy)
+        ctx.put(store_url=CLOUD_STORE_URL + cloud.name, store_name=cloud.name,
+                target_site=site_name, policy=policy.name)
+        return done(f"VM {vm.name} on {host.name}; recovery store {cloud.name} ({cloud.kind}); "
+                    f"failover to site {site_name}")
+    if policy.encryption:
+        raise PermanentError(f"policy {policy.name} asks for encryption; the agent store of "
+                             f"site {site_name} does not encrypt at rest",
+                             hint="Give the group an encrypted cloud store, or use a policy "
+                                  "with encryption false.")
+    store = target_store(ctx, item.target_site_id)
     if store is None or not host_up(store, ctx):
         if waited_too_long(ctx):
             raise PermanentError(f"no recovery store is online in target site {site_name}",
@@ -83,8 +98,13 @@ def prerequisites(ctx: TaskContext) -> Step:
 def _protect_args(ctx: TaskContext, item: Item) -> dict[str, Any]:
     pre = ctx.sibling("prerequisites")
     facts = dict(pre.data) if pre is not None else {}
-    return {"vm_id": item.vm_id, "target_site": facts.get("target_site"),
+    args = {"vm_id": item.vm_id, "target_site": facts.get("target_site"),
             "store_url": facts.get("store_url"), "settings": agent_settings(_policy(ctx, item))}
+    spec = item_store_spec(ctx.s, item)  # read now: credentials or keys may have changed
+    if spec is not None:
+        args["store"] = spec
+        args["store_url"] = CLOUD_STORE_URL + str(spec["name"])
+    return args
 
 
 def _fmt(t: float) -> str:

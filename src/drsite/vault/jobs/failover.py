@@ -1,0 +1,506 @@
+"""Task bodies of the failover jobs: test failover and its cleanup, planned and unplanned
+failover, commit, cancel, change of recovery point, re-protect.
+
+A failover has two halves on two hosts: the **primary** host (the item's source agent: shut the
+VM down and ship the last changes; after a cancel, take the item back) and the **recovery**
+host (the target site's agent that serves the item's store and holds its replica: everything
+else). Each task sends one command (its id kept in the task's data, so calling the body again
+re-reads it instead of sending again) and waits for its result; the agent side is idempotent
+per ``failover_id`` (``agent/failover.py``), so a command delivered twice resumes or repeats
+its result. The vault's ``failovers`` row mirrors the agent's record (state, point, VM, RTO).
+
+Item ``status`` through a failover: ``protected`` → (planned/unplanned) ``failed_over`` →
+``committed`` (unprotected; after an unplanned failover until re-protected) → ``reprotected``
+(a reverse item, ``origin_item_id`` = this one, replicates the failed-over VM back); cancel →
+``protected`` again with a new generation. A test failover leaves the item ``protected``.
+
+No VM of an item runs on both sites: the primary's VM is off before the recovery VM starts
+(planned), or the promotion is written before it starts (unplanned: the old primary's engine is
+fenced by generation); re-protect powers the old primary's VM off before using its disks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+
+from drsite.core.errors import InvalidInput, NetworkError, PermanentError
+from drsite.vault import commands
+from drsite.vault.audit import record_event
+from drsite.vault.db.models import (
+    Command,
+    Failover,
+    Group,
+    Host,
+    Item,
+    NetworkMapping,
+    Point,
+    Site,
+    Vm,
+)
+from drsite.vault.ids import new_id
+from drsite.vault.jobs.model import JobHandlers, Step, TaskContext, done, wait
+from drsite.vault.jobs.protection import _policy, host_up, target_store, waited_too_long
+from drsite.vault.membership import vm_ref
+from drsite.vault.policies import agent_settings
+from drsite.vault.stores import store_spec
+
+TRANSIENT_RETRIES = 3
+
+
+# ------------------------------------------------------------------------------ helpers
+
+def failover_row(ctx: TaskContext) -> Failover:
+    fid = ctx.job.args.get("failover_id")
+    fo = ctx.s.get(Failover, fid) if fid else None
+    if fo is None:
+        raise PermanentError(f"job {ctx.job.id} names no known failover ({fid})")
+    return fo
+
+
+def site_name(ctx: TaskContext, site_id: int) -> str:
+    site = ctx.s.get(Site, site_id)
+    return site.name if site else str(site_id)
+
+
+def recovery_host(ctx: TaskContext, item: Item) -> Host | None:
+    """The host that runs the item's recovery side: the target site's store host, or (cloud
+    store groups) the most recently heard host of the target site."""
+    group = ctx.s.get(Group, item.group_id)
+    if group is not None and group.store_id is not None:
+        return ctx.s.scalars(select(Host).where(Host.site_id == item.target_site_id,
+                                                Host.revoked_at.is_(None))
+                             .order_by(Host.last_heartbeat.desc())).first()
+    return target_store(ctx, item.target_site_id)
+
+
+def network_rows(ctx: TaskContext, source_site_id: int, recovery_site_id: int) -> list[dict[str, Any]]:
+    rows = ctx.s.scalars(select(NetworkMapping).where(
+        NetworkMapping.source_site_id == source_site_id,
+        NetworkMapping.recovery_site_id == recovery_site_id).order_by(NetworkMapping.source_network))
+    return [{"source": r.source_network, "recovery": r.recovery_network, "test": r.test_network,
+             "ip_rule": dict(r.ip_rule)} for r in rows]
+
+
+def vm_spec_of(ctx: TaskContext, item: Item) -> dict[str, Any]:
+    """The protected VM's configuration: the inventory's last report (kept when the host is
+    gone: an unplanned failover must not need the source), snapshotted into the item."""
+    vm = ctx.s.scalars(select(Vm).where(Vm.host_id == item.host_id, Vm.vm_id == item.vm_id)).first()
+    if vm is not None:
+        info = vm.info or {}
+        spec = {"name": vm.name, "vcpus": info.get("vcpus") or 1,
+                "memory_mib": info.get("memory_mib") or 512,
+                "nics": [{"network": n.get("network"), "mac": n.get("mac"), "ip": n.get("ip")}
+                         for n in info.get("nics") or []],
+                "disks": [{"disk_id": d.get("disk_id"), "size": d.get("size")}
+                          for d in info.get("disks") or []]}
+        if spec != item.vm_spec:
+            item.vm_spec = spec
+        return spec
+    if item.vm_spec:
+        return dict(item.vm_spec)
+    raise PermanentError(f"the vault has no configuration of VM {item.vm_name}",
+                         hint="Wait for its host to report its inventory once.")
+
+
+def item_context(ctx: TaskContext, item: Item, fo: Failover) -> dict[str, Any]:
+    """The arguments every recovery-side command carries: what the item is, without asking
+    the source."""
+    src = ctx.s.get(Host, item.host_id)
+    src_site = src.site_id if src is not None else item.target_site_id
+    args: dict[str, Any] = {
+        "failover_id": fo.id, "vm_id": item.vm_id, "vm_spec": vm_spec_of(ctx, item),
+        "source_site": site_name(ctx, src_site), "recovery_site": site_name(ctx, item.target_site_id),
+        "network_map": network_rows(ctx, src_site, item.target_site_id)}
+    store = store_spec_for(ctx, item)
+    if store is not None:
+        args["store"] = store
+    return args
+
+
+def store_spec_for(ctx: TaskContext, item: Item) -> dict[str, Any] | None:
+    """The cloud store spec (with credentials) when the item's group replicates to one."""
+    group = ctx.s.get(Group, item.group_id)
+    if group is None or group.store_id is None:
+        return None
+    return store_spec(ctx.s, group.store_id)
+
+
+def run_command(ctx: TaskContext, host: Host | None, kind: str, args: dict[str, Any], *,
+                item_id: str, key: str = "command_id", progress: float = 30.0) -> Command | Step:
+    """Send ``kind`` once (its id in the task's data under ``key``) and report where it is: the
+    succeeded command, or a ``wait`` step. A failure raises its error; a transient one is sent
+    again (same arguments: the agent resumes) up to ``TRANSIENT_RETRIES`` times."""
+    if host is None or host.revoked_at is not None:
+        raise NetworkError(f"no host to run {kind} of item {item_id}",
+                           hint="Start (or register) the agent of that site, then try again.")
+    data = ctx.data
+    cmd = ctx.s.get(Command, data[key]) if key in data else None
+    if cmd is not None and cmd.status == "failed":
+        err = commands.error_from_dict(cmd.error)
+        tries = int(data.get(f"{key}_tries") or 0)
+        if not err.transient or tries >= TRANSIENT_RETRIES:
+            raise err
+        ctx.put(**{f"{key}_tries": tries + 1})
+        cmd = None
+    if cmd is None:
+        cmd = commands.enqueue(ctx.s, host_id=host.id, kind=kind, item_id=item_id, args=args,
+                               now=ctx.now, job_id=ctx.job.id)
+        ctx.put(**{key: cmd.id})
+    if cmd.status == "succeeded":
+        return cmd
+    if not host_up(host, ctx):
+        return wait(progress * 0.5, f"waiting for host {host.name} (no heartbeat); {kind} is queued")
+    return wait(max(progress, cmd.progress), f"{kind} on host {host.name}: {cmd.status}")
+
+
+def register_recovery_vm(ctx: TaskContext, fo: Failover) -> None:
+    """Known to the inventory before its host reports it, and never auto-protected by a group
+    (its protection is the failover's re-protect)."""
+    if not fo.recovery_host_id or not fo.vm_id:
+        return
+    row = ctx.s.scalars(select(Vm).where(Vm.host_id == fo.recovery_host_id,
+                                         Vm.vm_id == fo.vm_id)).first()
+    if row is None:
+        ctx.s.add(Vm(host_id=fo.recovery_host_id, vm_id=fo.vm_id, name=(fo.vm_name or fo.vm_id)[:64],
+                     info={}, present=False, first_seen=ctx.now, last_seen=ctx.now,
+                     auto_protect_blocked=True))
+    else:
+        row.auto_protect_blocked = True
+
+
+def apply_failover_result(fo: Failover, result: dict[str, Any] | None, now: float) -> None:
+    rec = dict((result or {}).get("failover") or {})
+    if not rec:
+        return
+    fo.state = str(rec.get("state") or fo.state)
+    fo.point_id = rec.get("point_id") or fo.point_id
+    fo.point_created_at = rec.get("point_created_at") or fo.point_created_at
+    fo.vm_name = rec.get("vm_name") or fo.vm_name
+    fo.vm_id = rec.get("vm_id") or fo.vm_id
+    fo.generation = int(rec.get("generation") or 0) or fo.generation
+    fo.rto_s = rec.get("rto_s") if rec.get("rto_s") is not None else fo.rto_s
+    fo.notes = list(rec.get("notes") or fo.notes or [])
+    fo.result = {**dict(fo.result or {}), "agent": rec}
+    fo.updated_at = now
+
+
+def _point_choice(ctx: TaskContext) -> str:
+    return str(ctx.job.args.get("point") or "latest")
+
+
+# ------------------------------------------------------------------------------ checks
+
+def failover_checks(ctx: TaskContext) -> Step:
+    """The recovery host is up, the item has a point to fail over to (the point chosen exists
+    in the catalogue), every NIC's network is mapped (to a test network for a test failover);
+    for a planned failover the source host must be up too."""
+    item = ctx.item()
+    fo = failover_row(ctx)
+    host = recovery_host(ctx, item)
+    target = site_name(ctx, item.target_site_id)
+    if host is None or not host_up(host, ctx):
+        if waited_too_long(ctx):
+            raise NetworkError(f"no agent is online in recovery site {target}",
+                               hint="Start the recovery site's agent, then fail over again.")
+        return wait(20, f"waiting for an agent of recovery site {target}")
+    if fo.kind == "planned":
+        src = ctx.s.get(Host, item.host_id)
+        if src is None or not host_up(src, ctx):
+            if waited_too_long(ctx):
+                raise NetworkError(f"source host of {item.vm_name} is not reachable; a planned "
+                                   "failover needs it", hint="Use an unplanned failover.")
+            return wait(40, "waiting for the source host")
+    choice = _point_choice(ctx)
+    points = ctx.s.scalars(select(Point).where(Point.item_id == item.id).order_by(Point.seq)).all()
+    if not points:
+        raise InvalidInput(f"{item.vm_name} has no recovery point yet",
+                           hint="Wait for its initial replication to finish.")
+    if choice == "latest_app" and not any(p.consistency == "app" for p in points):
+        raise InvalidInput(f"{item.vm_name} has no app-consistent recovery point",
+                           hint="Choose 'latest' or a point id.")
+    if choice not in ("latest", "latest_app") and not any(p.point_id == choice for p in points):
+        raise InvalidInput(f"recovery point {choice} of {item.vm_name} is not in the catalogue",
+                           hint=f"List its points: drsite item points {item.id}")
+    args = item_context(ctx, item, fo)
+    # the network mapping check, here so that a bad mapping fails before anything is touched
+    from drsite.agent.failover import network_map_from_args, vm_spec_from_dict
+
+    spec = vm_spec_from_dict(args["vm_spec"])
+    network_map_from_args(args["network_map"]).check(spec, test=fo.kind == "test")
+    fo.recovery_host_id = host.id
+    fo.updated_at = ctx.now
+    ctx.put(recovery_host=host.id, recovery_site=target)
+    return done(f"recovery on host {host.name} (site {target}); networks mapped for "
+                f"{len(spec.nics)} NIC(s)")
+
+
+def _recovery(ctx: TaskContext, fo: Failover) -> Host | None:
+    return ctx.s.get(Host, fo.recovery_host_id) if fo.recovery_host_id else None
+
+
+# ------------------------------------------------------------------------------ test failover
+
+def start_test_vm(ctx: TaskContext) -> Step:
+    item = ctx.item()
+    fo = failover_row(ctx)
+    args = {**item_context(ctx, item, fo), "kind": "test", "point": _point_choice(ctx)}
+    if ctx.job.args.get("vm_name"):
+        args["vm_name"] = ctx.job.args["vm_name"]
+    got = run_command(ctx, _recovery(ctx, fo), "failover", args, item_id=item.id)
+    if isinstance(got, Step):
+        return got
+    apply_failover_result(fo, got.result, ctx.now)
+    register_recovery_vm(ctx, fo)
+    record_event(ctx.s, ctx.now, "item", item.id,
+                 f"test failover {fo.id}: VM {fo.vm_name} runs from point {fo.point_id}")
+    return done(f"test VM {fo.vm_name} runs from point {fo.point_id} in the test network "
+                f"(RTO {fo.rto_s or 0:.2f} s); replication goes on")
+
+
+def cleanup_test_vm(ctx: TaskContext) -> Step:
+    item = ctx.item()
+    fo = failover_row(ctx)
+    args = {**item_context(ctx, item, fo), "notes": str(ctx.job.args.get("notes") or "")}
+    got = run_command(ctx, _recovery(ctx, fo), "failover_cleanup", args, item_id=item.id)
+    if isinstance(got, Step):
+        return got
+    apply_failover_result(fo, got.result, ctx.now)
+    return done(f"test VM {fo.vm_name} removed")
+
+
+# ------------------------------------------------------------------------- planned / unplanned
+
+def shutdown_source(ctx: TaskContext) -> Step:
+    item = ctx.item()
+    fo = failover_row(ctx)
+    src = ctx.s.get(Host, item.host_id)
+    args = {"failover_id": fo.id,
+            "shutdown_timeout": float(ctx.job.args.get("shutdown_timeout") or 60.0)}
+    got = run_command(ctx, src, "failover_prepare", args, item_id=item.id)
+    if isinstance(got, Step):
+        return got
+    res = dict(got.result or {})
+    fo.point_id = str(res.get("point_id"))
+    fo.result = {**dict(fo.result or {}), "source": res}
+    fo.updated_at = ctx.now
+    item.status = "failing_over"
+    return done(f"source VM off; last changes shipped as point {fo.point_id}")
+
+
+def start_replica(ctx: TaskContext) -> Step:
+    item = ctx.item()
+    fo = failover_row(ctx)
+    args = {**item_context(ctx, item, fo), "kind": fo.kind, "point": _point_choice(ctx)}
+    if fo.kind == "planned":
+        src = dict((fo.result or {}).get("source") or {})
+        args.update(point_id=src.get("point_id"), fingerprints=src.get("fingerprints") or {})
+        if ctx.job.args.get("vm_name"):
+            args["vm_name"] = ctx.job.args["vm_name"]
+        if ctx.job.args.get("replace_vm"):
+            args["replace_vm"] = ctx.job.args["replace_vm"]
+    got = run_command(ctx, _recovery(ctx, fo), "failover", args, item_id=item.id)
+    if isinstance(got, Step):
+        return got
+    apply_failover_result(fo, got.result, ctx.now)
+    register_recovery_vm(ctx, fo)
+    item.status = "failed_over"
+    item.failover_id = fo.id
+    item.updated_at = ctx.now
+    commands.cancel_open(ctx.s, item.id, ctx.now, "item failed over")
+    record_event(ctx.s, ctx.now, "item", item.id,
+                 f"{fo.kind} failover {fo.id}: {fo.vm_name} runs on the recovery site from point "
+                 f"{fo.point_id} (generation {fo.generation}); commit or cancel it")
+    proof = "; replica equals the stopped source (no data lost)" if fo.kind == "planned" else ""
+    return done(f"{fo.vm_name} runs on the recovery site from point {fo.point_id}, RTO "
+                f"{fo.rto_s or 0:.2f} s{proof}")
+
+
+# ------------------------------------------------------------------------------ after failover
+
+def commit(ctx: TaskContext) -> Step:
+    item = ctx.item()
+    fo = failover_row(ctx)
+    got = run_command(ctx, _recovery(ctx, fo), "failover_commit", item_context(ctx, item, fo),
+                      item_id=item.id)
+    if isinstance(got, Step):
+        return got
+    apply_failover_result(fo, got.result, ctx.now)
+    item.status = "committed"
+    item.updated_at = ctx.now
+    ctx.s.query(Point).filter(Point.item_id == item.id, Point.point_id != fo.point_id).delete()
+    record_event(ctx.s, ctx.now, "item", item.id, f"failover {fo.id} committed")
+    return done(f"failover committed; {fo.vm_name} is the primary (other points discarded)")
+
+
+def cancel(ctx: TaskContext) -> Step:
+    item = ctx.item()
+    fo = failover_row(ctx)
+    got = run_command(ctx, _recovery(ctx, fo), "failover_cancel", item_context(ctx, item, fo),
+                      item_id=item.id)
+    if isinstance(got, Step):
+        return got
+    apply_failover_result(fo, got.result, ctx.now)
+    return done(f"recovery VM deleted; generation {fo.generation} names the source again")
+
+
+def resume_source(ctx: TaskContext) -> Step:
+    """Tell the source agent its new generation (and to power its VM on after a planned
+    failover). The source may be down (unplanned): then the command stays queued for it and the
+    job ends; the item is protected again either way."""
+    item = ctx.item()
+    fo = failover_row(ctx)
+    src = ctx.s.get(Host, item.host_id)
+    args = {"generation": fo.generation or 0,
+            "power_on": fo.kind == "planned" and bool((fo.result or {}).get("source"))}
+    got = run_command(ctx, src, "failover_resume_source", args, item_id=item.id)
+    item.status = "protected"
+    item.failover_id = None
+    item.critical_error = None
+    item.updated_at = ctx.now
+    if isinstance(got, Step):
+        if src is not None and not host_up(src, ctx):
+            return done(f"source host {src.name} is down: it takes the item back when it returns")
+        return got
+    return done("the source replicates again" + (" (VM powered on)" if args["power_on"] else ""))
+
+
+def change_point(ctx: TaskContext) -> Step:
+    item = ctx.item()
+    fo = failover_row(ctx)
+    args = {**item_context(ctx, item, fo), "point": _point_choice(ctx)}
+    got = run_command(ctx, _recovery(ctx, fo), "failover_change_point", args, item_id=item.id)
+    if isinstance(got, Step):
+        return got
+    apply_failover_result(fo, got.result, ctx.now)
+    return done(f"{fo.vm_name} restarted from point {fo.point_id}")
+
+
+def _reverse_group(ctx: TaskContext, item: Item) -> Group:
+    """The group of reverse items: the item's group mirrored (recovery site → source site)."""
+    group = ctx.s.get(Group, item.group_id)
+    if group is None:
+        raise PermanentError(f"the group of {item.vm_name} no longer exists")
+    src = ctx.s.get(Host, item.host_id)
+    source_site = src.site_id if src is not None else group.site_id
+    name = f"{group.name}-reverse"[:64]
+    rev = ctx.s.scalars(select(Group).where(Group.name == name)).first()
+    if rev is None:
+        rev = Group(name=name, site_id=item.target_site_id, target_site_id=source_site,
+                    policy_id=group.policy_id, match={}, created_at=ctx.now)
+        ctx.s.add(rev)
+        ctx.s.flush()
+    return rev
+
+
+def reprotect_seed(ctx: TaskContext) -> Step:
+    item = ctx.item()
+    fo = failover_row(ctx)
+    if fo.state != "committed":
+        raise InvalidInput(f"failover {fo.id} is {fo.state}; commit it before re-protecting",
+                           hint="Commit the failover first.")
+    data = ctx.data
+    rev_id = data.get("rev_item_id") or new_id("i")
+    ctx.put(rev_item_id=rev_id)
+    old = ctx.s.get(Host, item.host_id)
+    args = {"failover_id": fo.id, "rev_item_id": rev_id, "vm_id": item.vm_id,
+            "new_primary_site": site_name(ctx, item.target_site_id),
+            "generation": fo.generation or 1}
+    got = run_command(ctx, old, "reprotect_seed", args, item_id=item.id)
+    if isinstance(got, Step):
+        return got
+    res = dict(got.result or {})
+    fo.result = {**dict(fo.result or {}), "reprotect_seed": res}
+    return done(f"old primary's disks written as the reverse base ({res.get('base_bytes_local', 0)} "
+                "bytes, locally: nothing crossed the network)")
+
+
+def reverse_replication(ctx: TaskContext) -> Step:
+    item = ctx.item()
+    fo = failover_row(ctx)
+    seed = ctx.sibling("reprotect_seed")
+    rev_id = str((seed.data if seed is not None else {}).get("rev_item_id"))
+    rec_host = _recovery(ctx, fo)
+    src = ctx.s.get(Host, item.host_id)
+    if rec_host is None or src is None or fo.vm_id is None:
+        raise PermanentError(f"failover {fo.id} lacks its recovery host or VM")
+    store = target_store(ctx, src.site_id)
+    if store is None or store.store_url is None:
+        raise PermanentError("no recovery store is online in the old primary's site",
+                             hint="Run the old primary's agent with --store-listen.")
+    rev = ctx.s.get(Item, rev_id)
+    if rev is None:
+        group = _reverse_group(ctx, item)
+        rev = Item(id=rev_id, host_id=rec_host.id, vm_id=fo.vm_id, vm_name=fo.vm_name or item.vm_name,
+                   group_id=group.id, target_site_id=src.site_id, status="enabling",
+                   vm_ref=vm_ref(rec_host.id, fo.vm_id), state="resyncing", report=None,
+                   acked_seq=0, retry=dict(item.retry or {}), critical_error=None,
+                   active_job_id=None, health="normal", health_reasons=[], created_at=ctx.now,
+                   updated_at=ctx.now, origin_item_id=item.id, vm_spec=item.vm_spec)
+        ctx.s.add(rev)
+        ctx.s.flush()
+    args = {"vm_id": fo.vm_id, "target_site": site_name(ctx, src.site_id),
+            "store_url": store.store_url, "settings": agent_settings(_policy(ctx, item)),
+            "generation": fo.generation or 1, "resync_from_base": True}
+    got = run_command(ctx, rec_host, "protect", args, item_id=rev.id, progress=20.0)
+    if isinstance(got, Step):
+        return got
+    res = dict(got.result or {})
+    report = dict(res.get("report") or {})
+    sent = int(report.get("bytes_sent") or 0)
+    seed_res = dict((fo.result or {}).get("reprotect_seed") or {})
+    disk = int(seed_res.get("disk_bytes") or 0)
+    rev.status = "protected"
+    rev.state = "protected"
+    rev.last_cycle_sent_at = ctx.now
+    rev.last_retention_at = ctx.now
+    rev.updated_at = ctx.now
+    item.status = "reprotected"
+    item.vm_ref = None
+    item.failover_id = None
+    item.updated_at = ctx.now
+    fo.state = "reprotected"
+    fo.result = {**dict(fo.result or {}), "reprotect": {"item_id": rev.id, "bytes_sent": sent,
+                                                       "disk_bytes": disk}}
+    record_event(ctx.s, ctx.now, "item", rev.id,
+                 f"{rev.vm_name} re-protected in the reverse direction ({sent} of {disk} bytes sent)")
+    return done(f"reverse item {rev.id} protected: {sent} bytes sent for {disk} bytes of disks "
+                "(only differences travelled)")
+
+
+# ------------------------------------------------------------------------------ end hooks
+
+def failover_on_end(ctx: TaskContext, state: str) -> None:
+    item = ctx.s.get(Item, ctx.job.item_id) if ctx.job.item_id else None
+    if item is not None and item.active_job_id == ctx.job.id:
+        item.active_job_id = None
+    fid = ctx.job.args.get("failover_id")
+    fo = ctx.s.get(Failover, fid) if fid else None
+    if fo is None:
+        return
+    if state != "succeeded" and fo.state == "starting":
+        fo.state = "failed" if state == "failed" else "cancelled"
+        fo.updated_at = ctx.now
+        if item is not None and item.status == "failing_over":
+            item.status = "failed_over"  # the source is off: cancel the failover to undo it
+            item.failover_id = fo.id
+    if fo.job_id is None:
+        fo.job_id = ctx.job.id
+
+
+def _handlers(**tasks: Any) -> JobHandlers:
+    return JobHandlers(tasks=tasks, on_end=failover_on_end)
+
+
+TEST_HANDLERS = _handlers(failover_checks=failover_checks, start_test_vm=start_test_vm)
+CLEANUP_HANDLERS = _handlers(cleanup_test_vm=cleanup_test_vm)
+PLANNED_HANDLERS = _handlers(failover_checks=failover_checks, shutdown_source=shutdown_source,
+                             start_replica=start_replica)
+UNPLANNED_HANDLERS = _handlers(failover_checks=failover_checks, start_replica=start_replica)
+COMMIT_HANDLERS = _handlers(commit=commit, reprotect_seed=reprotect_seed,
+                            reverse_replication=reverse_replication)
+CANCEL_HANDLERS = _handlers(cancel=cancel, resume_source=resume_source)
+CHANGE_POINT_HANDLERS = _handlers(change_point=change_point)
+REPROTECT_HANDLERS = _handlers(reprotect_seed=reprotect_seed,
+                               reverse_replication=reverse_replication)

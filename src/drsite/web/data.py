@@ -1,0 +1,209 @@
+"""What each page shows, read through the API's own routes and views (never from internals).
+
+Every function here calls the REST API's route functions (``vault.api.inventory``,
+``operations``, ``protection``) or its view functions (``vault.api.views``) — the same
+serialisable reports the API returns — with the logged-in user as the principal, so the
+dashboard and ``GET /api/v1/...`` can never disagree. Three reads have no route of their own
+and use the API's view over one query: the jobs of one item (``job_view``), the recovery points
+of the plotted window (``dict(point.info)``, as ``GET /items/{id}/points``), and the changed
+bytes of the last hour per item (summed over that same catalogue).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from types import ModuleType
+from typing import Any
+
+from sqlalchemy import func, select
+
+from drsite.core.errors import NotFound
+from drsite.vault.api import inventory, operations, protection
+from drsite.vault.api.deps import Principal
+from drsite.vault.api.views import job_view
+from drsite.vault.context import Vault
+from drsite.vault.db.models import Job, Point
+from drsite.web import charts
+from drsite.web.session import WebUser
+
+log = logging.getLogger(__name__)
+
+FAILOVER_SERVICE = "drsite.vault.failover_service"
+CHURN_WINDOW_S = 3600.0
+
+
+def principal(user: WebUser) -> Principal:
+    return Principal(user.name, user.role)
+
+
+def overview(vault: Vault, user: WebUser) -> dict[str, Any]:
+    p = principal(user)
+    health = operations.health(vault, p)
+    hosts = inventory.list_hosts(vault, p)
+    sites = inventory.list_sites(vault, p)
+    for site in sites:
+        mine = [h for h in hosts if h["site"] == site["name"] and not h["revoked"]]
+        site["up"] = sum(1 for h in mine if h["up"])
+        site["down"] = len(mine) - site["up"]
+    return {"health": health, "sites": sites,
+            "hosts": [h for h in hosts if not h["revoked"]],
+            "alerts": operations.list_alerts(vault, p, state="active", limit=10),
+            "jobs": operations.list_jobs(vault, p, limit=8)}
+
+
+def churn_by_item(vault: Vault, now: float, item_id: str | None = None) -> dict[str, float]:
+    """Changed bytes per second over the last hour, per item (points after the first: the
+    initial copy is not churn), from the recovery-point catalogue."""
+    since = now - CHURN_WINDOW_S
+    q = (select(Point.item_id, func.count(), func.min(Point.created_at), func.max(Point.created_at),
+                func.sum(Point.bytes_written))
+         .where(Point.created_at >= since, Point.seq > 1).group_by(Point.item_id))
+    if item_id is not None:
+        q = q.where(Point.item_id == item_id)
+    with vault.db.read() as s:
+        rows = s.execute(q).all()
+    out: dict[str, float] = {}
+    for item_id, n, first, last, total in rows:
+        if n >= 2 and last > first:
+            out[str(item_id)] = float(total or 0) / (float(last) - float(first))
+    return out
+
+
+def protected_vms(vault: Vault, user: WebUser) -> dict[str, Any]:
+    p = principal(user)
+    now = vault.settings.clock.now()
+    items = protection.list_items(vault, p)
+    churn = churn_by_item(vault, now)
+    for it in items:
+        it["churn_bps"] = churn.get(it["id"])
+    unprotected = [v for v in inventory.list_vms(vault, p) if v["item_id"] is None and v["present"]]
+    return {"items": items, "unprotected": unprotected}
+
+
+def item_points(vault: Vault, item_id: str, window: str | None, now: float) -> dict[str, Any]:
+    """The item's recovery points for the page, each exactly as ``GET /items/{id}/points``
+    serialises it (``dict(point.info)``), but only what the page draws: the points of the
+    window plus the newest one before it (where the RPO curve starts), the 15 newest for the
+    table, and counts. (The route returns the whole catalogue: too much to read every 2 s.)"""
+    with vault.db.read() as s:
+        base = select(Point).where(Point.item_id == item_id)
+        n, n_app, oldest = s.execute(
+            select(func.count(), func.count().filter(Point.consistency == "app"), func.min(Point.created_at))
+            .where(Point.item_id == item_id)).one()
+        key, w = charts.window_for(window, now, [{"created_at": oldest}] if oldest is not None else [])
+        inside = [dict(p.info) for p in s.scalars(base.where(Point.created_at >= w.start)
+                                                   .order_by(Point.seq, Point.id))]
+        before = s.scalars(base.where(Point.created_at < w.start)
+                           .order_by(Point.seq.desc(), Point.id.desc()).limit(1)).first()
+        recent = [dict(p.info) for p in s.scalars(base.order_by(Point.seq.desc(), Point.id.desc()).limit(15))]
+    points = ([dict(before.info)] if before is not None else []) + inside
+    return {"points": points, "recent_points": recent, "n_points": int(n), "n_app": int(n_app),
+            "oldest": oldest, "window": key, "w": w}
+
+
+def item_page(vault: Vault, user: WebUser, item_id: str, window: str | None) -> dict[str, Any]:
+    p = principal(user)
+    now = vault.settings.clock.now()
+    item = protection.show_item(item_id, vault, p)
+    pts = item_points(vault, item["id"], window, now)
+    policy = None
+    if item.get("policy"):
+        try:
+            policy = protection.show_policy(item["policy"], vault, p)
+        except NotFound:
+            policy = None
+    with vault.db.read() as s:
+        jobs = [job_view(s, j) for j in s.scalars(select(Job).where(Job.item_id == item["id"])
+                                                  .order_by(Job.created_at.desc(), Job.id.desc())
+                                                  .limit(20))]
+    threshold = float(policy["rpo_threshold_s"]) if policy else None
+    w = pts.pop("w")
+    return {"item": item, "policy": policy, "jobs": jobs, **pts, "windows": list(charts.WINDOWS),
+            "rpo_svg": charts.rpo_chart(pts["points"], w, threshold),
+            "timeline_svg": charts.timeline(pts["points"], w),
+            "churn_bps": churn_by_item(vault, now, item["id"]).get(item["id"])}
+
+
+def jobs(vault: Vault, user: WebUser, state: str | None, kind: str | None) -> list[dict[str, Any]]:
+    return operations.list_jobs(vault, principal(user), state=state or None, kind=kind or None, limit=100)
+
+
+def job(vault: Vault, user: WebUser, job_id: str) -> dict[str, Any]:
+    j = operations.show_job(job_id, vault, principal(user))
+    j["waiting_for_operator"] = waiting_for_operator(j)
+    return j
+
+
+def waiting_for_operator(j: dict[str, Any]) -> bool:
+    """A plan job paused at a manual step: still running, its current task waits for a resume."""
+    if j.get("state") != "running":
+        return False
+    current = next((t for t in j.get("tasks", []) if t.get("state") == "running"), None)
+    return current is not None and "waiting for operator" in str(current.get("message") or "").lower()
+
+
+def alerts(vault: Vault, user: WebUser, state: str | None) -> list[dict[str, Any]]:
+    return operations.list_alerts(vault, principal(user), state=state or None, limit=200)
+
+
+# ------------------------------------------------------------------------- recovery plans
+
+def failover_service() -> ModuleType | None:
+    """``drsite.vault.failover_service`` when this vault has it, else None."""
+    try:
+        return importlib.import_module(FAILOVER_SERVICE)
+    except ModuleNotFoundError as e:
+        if e.name != FAILOVER_SERVICE:
+            log.warning("recovery plans unavailable: %s", e)
+        return None
+    except Exception:  # a broken module must not take the dashboard down
+        log.exception("recovery plans unavailable: %s failed to import", FAILOVER_SERVICE)
+        return None
+
+
+def plans(vault: Vault) -> list[dict[str, Any]] | None:
+    fs = failover_service()
+    if fs is None:
+        return None
+    with vault.db.read() as s:
+        out: list[dict[str, Any]] = list(fs.list_plans(s))
+        return out
+
+
+def plan(vault: Vault, name: str) -> dict[str, Any] | None:
+    fs = failover_service()
+    if fs is None:
+        return None
+    with vault.db.read() as s:
+        view: dict[str, Any] = dict(fs.plan_view(s, name))
+        return view
+
+
+def start_plan_action(vault: Vault, name: str, action: str, args: dict[str, Any]) -> str:
+    """Start ``action`` of plan ``name``; the new job's id."""
+    fs = failover_service()
+    if fs is None:
+        raise NotFound("recovery plans are not available in this vault version")
+    now = vault.settings.clock.now()
+    with vault.db.tx() as s:
+        job_ = fs.start_plan_action(s, name, action, args, now)
+        return str(job_.id)
+
+
+def resume_job(vault: Vault, job_id: str) -> None:
+    fs = failover_service()
+    if fs is None:
+        raise NotFound("recovery plans are not available in this vault version")
+    now = vault.settings.clock.now()
+    with vault.db.tx() as s:
+        fs.resume_job(s, job_id, now)
+
+
+def cancel_job(vault: Vault, user: WebUser, job_id: str) -> None:
+    operations.cancel_job(job_id, vault, principal(user))
+
+
+def ack_alert(vault: Vault, user: WebUser, alert_id: str) -> None:
+    operations.ack_alert(alert_id, vault, principal(user))
+

@@ -1,0 +1,152 @@
+"""Failover through the vault API with agents played by the test (SQLite and PostgreSQL):
+jobs send the right commands to the right hosts, record the failover, move the item through
+its states; bad input and wrong roles are refused and change nothing; a plan runs its groups
+in order and waits for an operator at a manual step."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from drsite.vault.testing import Agent, Harness, vm_info
+from tests.integration.test_vault_api import err, policy_and_group, protect, two_sites
+
+ENGINES = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(params=ENGINES)
+def h(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
+    url = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
+    hh = Harness(tmp_path / "vault", url)
+    yield hh
+    hh.close()
+
+
+def play(h: Harness, agent: Agent, kind: str, result: dict[str, Any] | None = None,
+         status: str = "succeeded", error: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Tick, take the one command of ``kind`` the agent gets, answer it."""
+    h.tick()
+    reply = agent.beat(store_url="https://127.0.0.1:9443" if agent.site == "sec"
+                       else "https://127.0.0.1:9555",
+                       vms=[vm_info("vm-1", "web1"), vm_info("vm-2", "db1", labels=["db"])]
+                       if agent.site == "prim" else [])
+    cmds = [c for c in reply["commands"] if c["kind"] == kind]
+    assert len(cmds) == 1, reply["commands"]
+    body: dict[str, Any] = {"result": result or {}}
+    if error is not None:
+        body = {"error": error}
+    assert agent.result(cmds[0]["command_id"], status, **body).status_code == 200
+    h.tick()
+    return dict(cmds[0])
+
+
+def fo_result(state: str, **kw: Any) -> dict[str, Any]:
+    return {"failover": {"state": state, "point_id": "p000000000001", "vm_name": "web1",
+                         "vm_id": "rvm-1", "generation": 2, "rto_s": 1.5, **kw}}
+
+
+def setup(h: Harness) -> tuple[Agent, Agent, str]:
+    a, b = two_sites(h)
+    policy_and_group(h)
+    item = protect(h, a)
+    h.ok("PUT", "/network-mappings", json={"source_site": "prim", "recovery_site": "sec",
+                                           "source_network": "lan", "recovery_network": "dr",
+                                           "test_network": "bubble"})
+    return a, b, item
+
+
+def test_planned_failover_commit_reprotect_commands(h: Harness) -> None:
+    a, b, item = setup(h)
+    job = h.ok("POST", f"/items/{item}/failover/planned-failover", json={})
+    cmd = play(h, a, "failover_prepare", {"point_id": "p000000000002", "fingerprints": {"d0": "x"}})
+    assert cmd["args"]["failover_id"].startswith("f-")
+    cmd = play(h, b, "failover", fo_result("pending_commit", point_id="p000000000002"))
+    assert cmd["args"]["kind"] == "planned" and cmd["args"]["fingerprints"] == {"d0": "x"}
+    assert cmd["args"]["network_map"][0]["recovery"] == "dr"
+    assert cmd["args"]["recovery_site"] == "sec" and cmd["args"]["source_site"] == "prim"
+    assert h.job(job["id"])["state"] == "succeeded"
+    assert h.ok("GET", f"/items/{item}")["protection"] == "failed_over"
+    fo = h.ok("GET", f"/items/{item}/failovers")[0]
+    assert fo["state"] == "pending_commit" and fo["rto_s"] == 1.5
+    assert "fingerprints" not in str(fo)
+    # no second failover while this one is open; cycles stop
+    err(h.call("POST", f"/items/{item}/failover/test-failover", json={}), 409)
+    # commit (planned) re-protects: seed on the old primary, protect on the recovery host
+    job = h.ok("POST", f"/items/{item}/failover/commit", json={})
+    play(h, b, "failover_commit", fo_result("committed", point_id="p000000000002"))
+    cmd = play(h, a, "reprotect_seed", {"base_point_id": "p1", "base_bytes_local": 100,
+                                        "disk_bytes": 1000})
+    rev_id = cmd["args"]["rev_item_id"]
+    a.beat(store_url="https://127.0.0.1:9555", vms=[vm_info("vm-1", "web1")])
+    cmd = play(h, b, "protect", {"report": {"bytes_sent": 10}})
+    assert cmd["item_id"] == rev_id and cmd["args"]["resync_from_base"] is True
+    assert cmd["args"]["store_url"] == "https://127.0.0.1:9555"
+    assert h.job(job["id"])["state"] == "succeeded", h.job(job["id"])
+    rev = h.ok("GET", f"/items/{rev_id}")
+    assert rev["protection"] == "protected" and rev["target_site"] == "prim"
+    assert h.ok("GET", f"/failovers/{fo['id']}")["result"]["reprotect"]["bytes_sent"] == 10
+
+
+def test_plan_groups_in_order_manual_resume(h: Harness) -> None:
+    a, b, _item = setup(h)
+    protect(h, a, "vm-2", "db1")
+    plan = {"name": "shop", "groups": [
+        {"name": "db", "vms": ["db1"], "post": [{"manual": "check the database"}]},
+        {"name": "web", "vms": ["web1"]}]}
+    op = h.token("operator", "op-plan")
+    err(h.call("POST", "/plans", token=op, json={"plans": [plan]}), 403)  # scripts: admin only
+    assert h.ok("POST", "/plans", json={"plans": [plan], "dry_run": True})["changes"][0]["change"] == "create"
+    assert h.ok("GET", "/plans") == []
+    h.ok("POST", "/plans", json={"plans": [plan]})
+    reader = h.token("reader", "rd")
+    err(h.call("POST", "/plans/shop/test-failover", token=reader, json={}), 403)
+    job = h.ok("POST", "/plans/shop/test-failover", token=op, json={})
+    cmd = play(h, b, "failover", fo_result("test_running", vm_name="db1-test"))
+    assert cmd["args"]["kind"] == "test"
+    for _ in range(3):
+        h.tick()
+    j = h.job(job["id"])
+    assert j["state"] == "running" and "waiting for operator" in j["message"], j
+    h.ok("POST", f"/jobs/{job['id']}/resume", token=op)
+    err(h.call("POST", f"/jobs/{job['id']}/resume", token=op), 409)  # not waiting any more
+    play(h, b, "failover", fo_result("test_running", vm_name="web1-test"))
+    for _ in range(3):
+        h.tick()
+    j = h.job(job["id"])
+    assert j["state"] == "succeeded", j
+    assert [t["name"] for t in j["tasks"]] == ["plan_group", "plan_action", "plan_group", "plan_summary"]
+    assert "measured RTO" in j["message"]
+
+
+def test_bad_input_is_refused_and_changes_nothing(h: Harness) -> None:
+    _a, _b, item = setup(h)
+    err(h.call("POST", f"/items/{item}/failover/explode", json={}), 400)
+    err(h.call("POST", f"/items/{item}/failover/test-failover", json={"point": "../etc"}), 400)
+    err(h.call("POST", "/items/nope/failover/test-failover", json={}), 404)
+    err(h.call("POST", f"/items/{item}/failover/commit", json={}), 409)   # nothing to commit
+    err(h.call("POST", f"/items/{item}/failover/reprotect", json={}), 409)
+    err(h.call("POST", f"/items/{item}/failover/test-failover", json={"bogus": 1}), 422)
+    for bad in ({"name": "../x", "groups": [{"vms": ["web1"]}]},
+                {"name": "p", "groups": []},
+                {"name": "p", "groups": [{"vms": ["web1"], "pre": [{"script": "x", "manual": "y"}]}]},
+                {"name": "p", "groups": [{"vms": ["web1"]}, {"vms": ["web1"]}]},
+                {"name": "p", "groups": [{"vms": ["web1"], "pre": [{"script": "x", "timeout_s": -1}]}]}):
+        err(h.call("POST", "/plans", json={"plans": [bad]}), 400)
+    assert h.ok("GET", "/plans") == []
+    err(h.call("PUT", "/network-mappings", json={"source_site": "prim", "recovery_site": "sec",
+                                                 "source_network": "lan", "recovery_network": "dr",
+                                                 "ip_rule": {"kind": "subnet", "source": "10.0.0.0/24",
+                                                             "target": "10.1.0.0/16"}}), 400)
+    assert h.ok("GET", "/jobs?kind=TestFailover") == []
+    # an unmapped network fails the prerequisite check with a clear message, before anything runs
+    h.ok("DELETE", f"/network-mappings/{h.ok('GET', '/network-mappings')[0]['id']}")
+    job = h.ok("POST", f"/items/{item}/failover/test-failover", json={})
+    h.tick()
+    j = h.job(job["id"])
+    assert j["state"] == "failed" and "network 'lan' has no network mapping" in j["error"]["message"], j
+    assert j["error"]["hint"]
+    assert h.ok("GET", f"/items/{item}")["protection"] == "protected"
+    assert h.ok("GET", f"/items/{item}/failovers")[0]["state"] == "failed"

@@ -1,0 +1,375 @@
+"""The dashboard's routes with an in-process vault (TestClient): login and cookies, CSRF,
+reader 403, every page and fragment (empty and populated), escaping, plans, and the SVG plots."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from drsite.vault.db.models import Job, Task
+from drsite.vault.testing import Harness, point, report, vm_info
+from drsite.web import charts, fmt
+from drsite.web.session import COOKIE, csrf_for
+
+VMS = [vm_info("vm-1", "web1"), vm_info("vm-2", "db1")]
+PAGES = ["/ui", "/ui/vms", "/ui/jobs", "/ui/jobs?state=active", "/ui/alerts", "/ui/alerts?state=active",
+         "/ui/plans"]
+FRAGMENTS = ["/ui/f/overview", "/ui/f/vms", "/ui/f/jobs", "/ui/f/jobs?state=failed", "/ui/f/alerts",
+             "/ui/f/plans"]
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Iterator[Harness]:
+    hh = Harness(tmp_path / "vault", heartbeat_interval=600.0)  # agents stay "up" under the fake clock
+    yield hh
+    hh.close()
+
+
+def login(h: Harness, token: str) -> str:
+    """Log the harness's client in; the session's CSRF token."""
+    h.client.cookies.clear()
+    r = h.client.post("/ui/login", data={"token": token, "next": "/ui"}, follow_redirects=False)
+    assert r.status_code == 303, r.text
+    return csrf_for(token)
+
+
+def populate(h: Harness) -> str:
+    """Two sites, a protected VM with crash and app-consistent points; the item id."""
+    h.site("prim")
+    h.site("sec")
+    a, b = h.register("prim", "hv1"), h.register("sec", "hv2")
+    a.beat(vms=VMS)
+    b.beat(store_url="https://127.0.0.1:9443")
+    h.ok("POST", "/policies", json={"name": "p1", "frequency_s": 30, "rpo_threshold_s": 120})
+    h.ok("POST", "/groups", json={"name": "g1", "site": "prim", "target_site": "sec", "policy": "p1"})
+    item_id = str(h.ok("POST", "/items", json={"vm_id": "vm-1", "group": "g1"})["item_id"])
+    h.tick()
+    for seq in range(1, 9):
+        a.beat(vms=VMS, items=[{"item_id": item_id, "report": report(item_id, "vm-1", "web1"),
+                                "new_points": [point(item_id, seq, h.clock.now(), app=seq % 4 == 0,
+                                                     nbytes=1 << 20)]}])
+        h.tick()
+        h.clock.advance(30)
+    return item_id
+
+
+def add_failed_job(h: Harness) -> str:
+    now = h.clock.now()
+    with h.vault.db.tx() as s:
+        s.add(Job(id="job-failed-1", kind="Resync", state="failed", target="web1", item_id=None, args={},
+                  progress=50.0, message="failed", created_at=now - 60, started_at=now - 60,
+                  ended_at=now - 10, updated_at=now,
+                  error={"code": "broken_chain", "class": "permanent", "message": "the chain is <broken>",
+                         "hint": "Run a resync by hand to repair the item."}))
+        s.add(Task(job_id="job-failed-1", idx=0, name="start_resync", title="Start resynchronization",
+                   state="succeeded", progress=100.0, message="sent", data={}, started_at=now - 60,
+                   ended_at=now - 50))
+        s.add(Task(job_id="job-failed-1", idx=1, name="resync", title="Resynchronize by checksums",
+                   state="failed", progress=0.0, message="agent said: chain broken", data={},
+                   started_at=now - 50, ended_at=now - 10))
+    return "job-failed-1"
+
+
+def add_plan(h: Harness, description: str = "web tier") -> None:
+    h.ok("POST", "/plans", json={"plans": [{
+        "name": "tier1", "description": description,
+        "groups": [{"name": "web", "vms": ["web1"], "pre": [{"manual": "Tell the DBA"}],
+                    "post": [{"script": "echo done", "on": "vault", "timeout_s": 30}]}]}]})
+
+
+# ------------------------------------------------------------------------------------ auth
+
+def test_root_redirects_and_pages_need_a_session(h: Harness) -> None:
+    r = h.client.get("/", follow_redirects=False)
+    assert r.status_code == 307 and r.headers["location"] == "/ui"
+    r = h.client.get("/ui/vms", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/ui/login?next=%2Fui%2Fvms"
+    r = h.client.get("/ui/f/overview", headers={"HX-Request": "true"})
+    assert r.status_code == 401 and r.headers["HX-Redirect"] == "/ui/login"
+    r = h.client.get("/ui/login")
+    assert r.status_code == 200 and 'name="token"' in r.text
+    assert "script-src 'self'" in r.headers["content-security-policy"]
+    assert r.headers["x-frame-options"] == "DENY"
+
+
+def test_wrong_token_is_refused_with_a_clear_message(h: Harness) -> None:
+    r = h.client.post("/ui/login", data={"token": "drst_not-a-real-token"}, follow_redirects=False)
+    assert r.status_code == 401
+    assert "That token was not accepted" in r.text
+    assert "drst_not-a-real-token" not in r.text  # a presented secret is never echoed
+    assert COOKIE not in r.headers.get("set-cookie", "")
+    r = h.client.post("/ui/login", data={"token": ""}, follow_redirects=False)
+    assert r.status_code == 401 and "Enter an API token" in r.text
+
+
+def test_login_sets_a_strict_httponly_cookie_and_logout_clears_it(h: Harness) -> None:
+    r = h.client.post("/ui/login", data={"token": h.admin, "next": "/ui/jobs"}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/ui/jobs"
+    cookie = r.headers["set-cookie"]
+    assert cookie.startswith(f"{COOKIE}=")
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie.replace("Strict", "strict")
+    assert "Path=/ui" in cookie
+    page = h.client.get("/ui")
+    assert page.status_code == 200 and "admin" in page.text
+    assert h.admin not in page.text  # the secret is never rendered
+    csrf = csrf_for(h.admin)
+    assert csrf in page.text and csrf != h.admin
+    # an open redirect is not possible through ?next=
+    r = h.client.post("/ui/login", data={"token": h.admin, "next": "//evil.example/x"},
+                      follow_redirects=False)
+    assert r.headers["location"] == "/ui"
+    # logout needs the CSRF token
+    assert h.client.post("/ui/logout", data={}, follow_redirects=False).status_code == 403
+    r = h.client.post("/ui/logout", data={"csrf": csrf}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/ui/login"
+    h.client.cookies.clear()
+    assert h.client.get("/ui", follow_redirects=False).status_code == 303
+
+
+def test_a_deleted_token_ends_its_sessions(h: Harness) -> None:
+    tok = h.token("operator", "ops")
+    login(h, tok)
+    assert h.client.get("/ui/vms").status_code == 200
+    h.ok("DELETE", "/tokens/ops")
+    assert h.client.get("/ui/vms", follow_redirects=False).status_code == 303
+
+
+# ------------------------------------------------------------------------- pages, fragments
+
+def test_every_page_and_fragment_renders_with_an_empty_database(h: Harness) -> None:
+    login(h, h.admin)
+    for url in PAGES + FRAGMENTS:
+        r = h.client.get(url)
+        assert r.status_code == 200, (url, r.text[:500])
+        assert "Traceback" not in r.text
+    overview = h.client.get("/ui").text
+    assert 'hx-get="/ui/f/overview"' in overview and 'hx-trigger="every 2s"' in overview
+    assert "No site yet" in overview and "No open alert" in overview
+
+
+def test_pages_show_the_vault_state(h: Harness) -> None:
+    item_id = populate(h)
+    login(h, h.admin)
+    overview = h.client.get("/ui").text
+    assert "prim" in overview and "sec" in overview and "hv1" in overview
+    assert f"/ui/items/{item_id}" in overview  # worst RPOs link to the VM
+    vms = h.client.get("/ui/vms").text
+    assert "web1" in vms and "db1" in vms  # protected, and the unprotected inventory
+    assert re.search(r"\d+\.\d KiB/s", vms)  # churn over the last hour
+    assert '<time datetime="' in vms and "ago" in vms and "UTC" in vms
+    page = h.client.get(f"/ui/items/{item_id}").text
+    assert page.count("<svg") >= 2
+    assert 'class="chart rpo"' in page and 'class="chart timeline"' in page
+    assert "mark mark-app" in page and "mark mark-crash" in page
+    assert "threshold 2 min" in page and "time (UTC)" in page
+    assert h.client.get(f"/ui/items/{item_id}?window=15m").status_code == 200
+    assert h.client.get(f"/ui/f/items/{item_id}?window=bogus").status_code == 200
+    assert h.client.get("/ui/items/nope").status_code == 404
+    jobs = h.client.get("/ui/jobs").text
+    assert "EnableProtection" in jobs and "<progress" in jobs
+
+
+def test_job_drill_down_shows_tasks_and_the_errors_hint(h: Harness) -> None:
+    populate(h)
+    job_id = add_failed_job(h)
+    login(h, h.admin)
+    r = h.client.get(f"/ui/jobs/{job_id}")
+    assert r.status_code == 200
+    assert "Resynchronize by checksums" in r.text and "agent said: chain broken" in r.text
+    assert "Run a resync by hand to repair the item." in r.text
+    assert "the chain is &lt;broken&gt;" in r.text and "<broken>" not in r.text  # escaped
+    frag = h.client.get(f"/ui/f/jobs/{job_id}").text
+    assert "What to do:" in frag and 'hx-get' not in frag
+    assert h.client.get("/ui/jobs/no-such-job").status_code == 404
+
+
+# ------------------------------------------------------------------------------ CSRF, roles
+
+def running_job(h: Harness) -> str:
+    jobs = h.ok("GET", "/jobs?state=active")
+    if jobs:
+        return str(jobs[0]["id"])
+    h.ok("POST", "/items", json={"vm_id": "vm-2", "group": "g1"})
+    return str(h.ok("GET", "/jobs?state=active")[0]["id"])
+
+
+def test_posts_need_the_sessions_csrf_token_and_the_same_origin(h: Harness) -> None:
+    populate(h)
+    job_id = running_job(h)
+    csrf = login(h, h.admin)
+    url = f"/ui/jobs/{job_id}/cancel"
+    assert h.client.post(url, data={}, follow_redirects=False).status_code == 403
+    assert h.client.post(url, data={"csrf": "0" * 64}, follow_redirects=False).status_code == 403
+    r = h.client.post(url, data={"csrf": csrf}, headers={"Origin": "https://evil.example"},
+                      follow_redirects=False)
+    assert r.status_code == 403
+    assert h.job(job_id)["cancel_requested"] is False
+    # another token's CSRF value does not work either
+    assert h.client.post(url, data={"csrf": csrf_for(h.token("operator"))},
+                         follow_redirects=False).status_code == 403
+    r = h.client.post(url, data={"csrf": csrf}, headers={"Origin": "http://testserver"},
+                      follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == f"/ui/jobs/{job_id}"
+    assert h.job(job_id)["cancel_requested"] is True
+    h.client.cookies.clear()
+    assert h.client.post(url, data={"csrf": csrf}, follow_redirects=False).status_code == 401
+
+
+def test_a_reader_sees_everything_and_can_press_nothing(h: Harness) -> None:
+    item_id = populate(h)
+    job_id = running_job(h)
+    add_plan(h)
+    csrf = login(h, h.token("reader", "audit"))
+    for url in [*PAGES, *FRAGMENTS, f"/ui/items/{item_id}", f"/ui/jobs/{job_id}", "/ui/plans/tier1",
+                "/ui/plans/tier1/test_failover", f"/ui/jobs/{job_id}/cancel"]:
+        assert h.client.get(url).status_code == 200, url
+    job_page = h.client.get(f"/ui/jobs/{job_id}").text
+    assert re.search(r"<button[^>]*disabled[^>]*>Cancel job</button>", job_page)
+    plan_page = h.client.get("/ui/plans/tier1").text
+    buttons = re.findall(r"<button[^>]*>[^<]*</button>", plan_page)
+    labels = [b for b in buttons if "Log out" not in b]
+    assert len(labels) == 7 and all("disabled" in b for b in labels), labels
+    assert "/ui/plans/tier1/test_failover" not in plan_page  # no link to act through either
+    confirm = h.client.get("/ui/plans/tier1/test_failover").text
+    assert re.search(r'<button type="submit" id="confirm"[^>]*disabled', confirm)
+    for url in [f"/ui/jobs/{job_id}/cancel", "/ui/plans/tier1/test_failover", "/ui/alerts/1/ack"]:
+        r = h.client.post(url, data={"csrf": csrf}, follow_redirects=False)
+        assert r.status_code == 403, url
+        assert "reader role" in r.text
+    assert h.job(job_id)["cancel_requested"] is False
+    assert all(j["kind"] != "RecoveryPlan" for j in h.ok("GET", "/jobs"))
+
+
+# ---------------------------------------------------------------------------------- plans
+
+def test_plan_page_and_an_operator_starting_a_test_failover(h: Harness) -> None:
+    item_id = populate(h)
+    add_plan(h, description="<script>alert(1)</script>")
+    csrf = login(h, h.token("operator", "ops"))
+    plans = h.client.get("/ui/plans").text
+    assert "tier1" in plans and "&lt;script&gt;" in plans and "<script>alert" not in plans
+    page = h.client.get("/ui/plans/tier1").text
+    assert "Tell the DBA" in page and "echo done" in page and f"/ui/items/{item_id}" in page
+    assert 'href="/ui/plans/tier1/planned_failover"' in page
+    confirm = h.client.get("/ui/plans/tier1/test_failover").text
+    assert "What will happen" in confirm and "isolated test network" in confirm
+    assert 'value="latest_app"' in confirm
+    r = h.client.post("/ui/plans/tier1/test_failover", data={"csrf": csrf, "point": "latest"},
+                      follow_redirects=False)
+    assert r.status_code == 303, r.text
+    job_id = r.headers["location"].rsplit("/", 1)[1]
+    job: dict[str, Any] = h.job(job_id)
+    assert job["kind"] == "RecoveryPlan" and job["target"] == "tier1"
+    # a second one is refused by the vault's own rule, shown on the confirmation page
+    r = h.client.post("/ui/plans/tier1/test_failover", data={"csrf": csrf}, follow_redirects=False)
+    assert r.status_code == 409 and "already has a job running" in r.text
+    assert h.client.post("/ui/plans/tier1/test_failover", data={"csrf": csrf, "point": "bogus"},
+                         follow_redirects=False).status_code == 400
+    assert h.client.get("/ui/plans/tier1/explode").status_code == 404
+    assert h.client.get("/ui/plans/nope").status_code == 404
+
+
+def test_plans_page_without_a_failover_service(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    from drsite.web import data
+
+    monkeypatch.setattr(data, "FAILOVER_SERVICE", "drsite.vault.no_such_module")
+    csrf = login(h, h.admin)
+    for url in ("/ui/plans", "/ui/plans/tier1", "/ui/f/plans"):
+        r = h.client.get(url)
+        assert r.status_code == 200 and "not available in this vault version" in r.text
+    r = h.client.post("/ui/plans/tier1/test_failover", data={"csrf": csrf}, follow_redirects=False)
+    assert r.status_code == 404 and "not available" in r.text
+
+
+def test_static_files(h: Harness) -> None:
+    css = h.client.get("/ui/static/style.css")
+    assert css.status_code == 200 and css.headers["content-type"].startswith("text/css")
+    js = h.client.get("/ui/static/htmx.min.js")
+    assert js.status_code == 200 and b"htmx" in js.content
+    assert h.client.get("/ui/static/..%2Fdata.py").status_code == 404
+    assert h.client.get("/ui/static/nope.js").status_code == 404
+
+
+# ---------------------------------------------------------------------------- pure helpers
+
+def test_rpo_series_is_a_sawtooth() -> None:
+    pts = [{"created_at": t} for t in (100.0, 130.0, 160.0)]
+    w = charts.Window(90.0, 200.0)
+    s = charts.rpo_series(pts, w)
+    assert s == [(100.0, 0.0), (130.0, 30.0), (130.0, 0.0), (160.0, 30.0), (160.0, 0.0), (200.0, 40.0)]
+    # a point before the window carries the RPO into it
+    assert charts.rpo_series(pts, charts.Window(140.0, 200.0))[0] == (140.0, 10.0)
+    assert charts.rpo_series([], w) == []
+
+
+def test_axes_ticks_and_windows() -> None:
+    top, ticks = charts.value_ticks(130.0)
+    assert top >= 130 and ticks[0] == 0 and ticks[-1] == top and len(ticks) <= 7
+    w = charts.Window(0.0, 3600.0)
+    t = charts.time_ticks(w)
+    assert 3 <= len(t) <= 9 and all(0 <= x <= 3600 for x in t)
+    key, win = charts.window_for("6h", 10_000.0, [{"created_at": 9_000.0}])
+    assert key == "6h" and win.end == 10_000.0 and win.start < 9_000.0
+    assert charts.window_for("bogus", 10_000.0, [])[0] == "1h"
+    svg = str(charts.rpo_chart([], charts.Window(0, 600), 120.0))
+    assert "no recovery point yet" in svg and "threshold" in svg
+
+
+def test_churn_and_human_formats() -> None:
+    pts = [{"created_at": 1000.0 + 10 * i, "bytes_written": 1000, "kind": "delta"} for i in range(4)]
+    assert charts.churn(pts, 1100.0) == pytest.approx(3000 / 30)
+    assert charts.churn(pts[:1], 1100.0) is None
+    assert fmt.ago_text(100.0, 280.0) == "3 min ago"
+    assert fmt.ago_text(None, 1.0) == "never" and fmt.ago_text(100.0, 100.5) == "just now"
+    assert "title=\"1970-01-01 00:01:40 UTC\"" in str(fmt.ago(100.0, 280.0))
+    assert fmt.size(3 * 1024 * 1024) == "3.0 MiB" and fmt.duration(7500) == "2 h 5 min"
+    assert "badge crit" in str(fmt.badge("critical", "health"))
+
+
+def test_a_job_waiting_for_an_operator_is_resumed_from_its_page(h: Harness) -> None:
+    populate(h)
+    add_plan(h)  # group "web": a manual pre action pauses the plan's failover
+    csrf = login(h, h.admin)
+    r = h.client.post("/ui/plans/tier1/test_failover", data={"csrf": csrf}, follow_redirects=False)
+    assert r.status_code == 303, r.text
+    job_id = r.headers["location"].rsplit("/", 1)[1]
+    h.tick()
+    h.tick()
+    page = h.client.get(f"/ui/jobs/{job_id}").text
+    assert 'id="waiting"' in page and "Tell the DBA" in page
+    assert f'href="/ui/jobs/{job_id}/resume"' in page
+    confirm = h.client.get(f"/ui/jobs/{job_id}/resume").text
+    assert "paused at a manual step" in confirm
+    r = h.client.post(f"/ui/jobs/{job_id}/resume", data={"csrf": csrf}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == f"/ui/jobs/{job_id}"
+    h.tick()
+    tasks = h.job(job_id)["tasks"]
+    assert tasks[0]["state"] == "succeeded" and "operator confirmed" in tasks[0]["message"]
+    # resuming again is refused by the vault's rule, shown on the confirmation page
+    r = h.client.post(f"/ui/jobs/{job_id}/resume", data={"csrf": csrf}, follow_redirects=False)
+    assert r.status_code == 409 and "not waiting for an operator" in r.text
+
+
+def test_an_operator_acknowledges_an_alert(tmp_path: Path) -> None:
+    h = Harness(tmp_path / "vault")  # 2 s heartbeats: the agent goes down under the fake clock
+    try:
+        h.site("prim")
+        h.register("prim", "hv1").beat()
+        h.clock.advance(30)
+        h.tick()
+        (alert,) = h.ok("GET", "/alerts?state=active")
+        csrf = login(h, h.token("operator", "ops"))
+        overview = h.client.get("/ui").text
+        assert "hv1" in overview and "down" in overview
+        page = h.client.get("/ui/alerts?state=active").text
+        assert f'action="/ui/alerts/{alert["id"]}/ack"' in page
+        r = h.client.post(f"/ui/alerts/{alert['id']}/ack", data={"csrf": csrf}, follow_redirects=False)
+        assert r.status_code == 303
+        assert h.ok("GET", "/alerts")[0]["acked_at"] is not None
+        assert h.client.post("/ui/alerts/999/ack", data={"csrf": csrf}).status_code == 404
+    finally:
+        h.close()
