@@ -295,35 +295,43 @@ def test_sigkill_vault_mid_plan_and_split_brain(cluster: Cluster) -> None:
                 assert running_on(sec, n)
                 assert cl.item(items[n]["id"])["protection"] == "failed_over"
 
-        # split brain: a2 is cancelled back; then an unplanned failover while the primary agent
-        # is dead and its VM keeps running (a partition); the old primary comes back: fenced
+        # cancel hands an item back: the source VM runs and replicates again
         a2 = items["a2"]["id"]
         if cl.item(a2)["protection"] == "failed_over":
             run(cl, cl.item_action(a2, "cancel"))
         until("a2 protected again", lambda: cl.item(a2)["protection"] == "protected", 60)
         until("a2 running on the primary", lambda: prim.get_vm(vms["a2"]).power is PowerState.RUNNING, 30)
-        until("a2 replicates again", lambda: len(cl.points(a2)) >= 2, 60)
+        n2 = len(cl.points(a2))
+        until("a2 replicates again", lambda: len(cl.points(a2)) >= n2 + 1, 60)
+
+        # split brain, on an item never failed over before (its first promotion must fence):
+        # unplanned failover while the primary agent is dead and its VM keeps running (a
+        # partition); the old primary comes back and tries to replicate on its own: fenced
+        a3_vm = make_vm(cluster, "a3", 8, "10.0.0.30")
+        a3 = protect(cl, a3_vm)["id"]
+        until("a3 has delta points", lambda: len(cl.points(a3)) >= 2, 60)
         kill(cluster.pids["agent-primary"])
-        run(cl, cl.item_action(a2, "unplanned-failover"))
-        fo = cl.failovers(a2)[0]
-        rec_vm = sec.find_vm("a2")
-        assert rec_vm.power is PowerState.RUNNING and fo["generation"] >= 2
-        assert equals_point(cluster, sec, rec_vm.vm_id, a2, fo["point_id"])
-        n_points = len(cl.points(a2))
-        store_points = sorted((cluster.root / "secondary" / "store" / "items" / a2 / "points").iterdir())
-        assert prim.get_vm(vms["a2"]).power is PowerState.RUNNING  # partitioned, not dead
+        run(cl, cl.item_action(a3, "unplanned-failover"))
+        fo = cl.failovers(a3)[0]
+        rec_vm = sec.find_vm("a3")
+        assert rec_vm.power is PowerState.RUNNING and fo["generation"] == 2
+        assert equals_point(cluster, sec, rec_vm.vm_id, a3, fo["point_id"])
+        n_points = len(cl.points(a3))
+        store_points = sorted((cluster.root / "secondary" / "store" / "items" / a3 / "points").iterdir())
+        assert prim.get_vm(a3_vm).power is PowerState.RUNNING  # partitioned, not dead
         start_agent(cluster, "primary", store=True)   # the old primary returns
         time.sleep(3)
         # cut off from the vault, it replicates on its own after 30 s (offline mode): fenced
         kill(cluster.pids["vault"])
         log = cluster.root / "logs" / "agent-primary.log"
-        until("the old primary's engine is fenced", lambda: "must not write" in log.read_text(), 90)
-        assert sorted((cluster.root / "secondary" / "store" / "items" / a2 / "points").iterdir()) \
+        until("the old primary's engine is fenced",
+              lambda: any(a3 in ln and "must not write" in ln for ln in log.read_text().splitlines()), 90)
+        assert sorted((cluster.root / "secondary" / "store" / "items" / a3 / "points").iterdir()) \
             == store_points
         assert sec.get_vm(rec_vm.vm_id).power is PowerState.RUNNING
     start_vault(cluster)
     with cluster.client() as cl:
-        assert len(cl.points(a2)) == n_points
-        assert cl.item(a2)["protection"] == "failed_over"
+        assert len(cl.points(a3)) == n_points
+        assert cl.item(a3)["protection"] == "failed_over"
         with pytest.raises(Exception, match="only a protected item"):
-            cl.item_action(a2, "test-failover")
+            cl.item_action(a3, "test-failover")

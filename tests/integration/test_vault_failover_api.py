@@ -150,3 +150,57 @@ def test_bad_input_is_refused_and_changes_nothing(h: Harness) -> None:
     assert j["error"]["hint"]
     assert h.ok("GET", f"/items/{item}")["protection"] == "protected"
     assert h.ok("GET", f"/items/{item}/failovers")[0]["state"] == "failed"
+
+
+def test_unplanned_change_point_then_cancel_hands_the_item_back(h: Harness) -> None:
+    a, b, item = setup(h)
+    job = h.ok("POST", f"/items/{item}/failover/unplanned-failover", json={"point": "latest_app"})
+    h.tick()
+    j = h.job(job["id"])
+    assert j["state"] == "failed" and "app-consistent" in j["error"]["message"], j
+    job = h.ok("POST", f"/items/{item}/failover/unplanned-failover", json={})
+    cmd = play(h, b, "failover", fo_result("pending_commit"))
+    assert cmd["args"]["kind"] == "unplanned" and cmd["args"]["point"] == "latest"
+    assert h.job(job["id"])["state"] == "succeeded"
+    job = h.ok("POST", f"/items/{item}/failover/change-point", json={"point": "p000000000001"})
+    cmd = play(h, b, "failover_change_point", fo_result("pending_commit"))
+    assert cmd["args"]["point"] == "p000000000001"
+    assert h.job(job["id"])["state"] == "succeeded"
+    job = h.ok("POST", f"/items/{item}/failover/cancel", json={})
+    play(h, b, "failover_cancel", fo_result("cancelled", generation=3))
+    cmd = play(h, a, "failover_resume_source", {"generation": 3, "powered_on": False})
+    assert cmd["args"] == {"generation": 3, "power_on": False}  # unplanned: the source was not stopped
+    assert h.job(job["id"])["state"] == "succeeded"
+    assert h.ok("GET", f"/items/{item}")["protection"] == "protected"
+    assert sorted(f["state"] for f in h.ok("GET", f"/items/{item}/failovers")) == ["cancelled", "failed"]
+
+
+def test_cancelled_failover_job_withdraws_its_queued_command(h: Harness) -> None:
+    """A failover job cancelled before its command reached an agent: the command is withdrawn
+    (an agent coming back later does not promote anything) and the item is protected."""
+    _a, _b, item = setup(h)
+    job = h.ok("POST", f"/items/{item}/failover/unplanned-failover", json={})
+    h.tick()   # checks pass, the failover command is queued (no heartbeat takes it)
+    h.ok("POST", f"/jobs/{job['id']}/cancel")
+    h.tick()
+    assert h.job(job["id"])["state"] == "cancelled"
+    assert h.ok("GET", f"/items/{item}")["protection"] == "protected"
+    reply = _b.beat(store_url="https://127.0.0.1:9443")
+    assert [c for c in reply["commands"] if c["kind"].startswith("failover")] == []
+
+
+def test_planned_failover_failing_at_the_source_is_cancelled_back(h: Harness) -> None:
+    """The source's half fails (its VM may be off): the item is left failed_over, cancel hands
+    it back and powers the source VM on, even though nothing started on the recovery side."""
+    a, b, item = setup(h)
+    job = h.ok("POST", f"/items/{item}/failover/planned-failover", json={})
+    play(h, a, "failover_prepare", status="failed",
+         error={"code": "network", "class": "permanent", "message": "disk gone", "hint": "x"})
+    assert h.job(job["id"])["state"] == "failed"
+    assert h.ok("GET", f"/items/{item}")["protection"] == "failed_over"
+    job = h.ok("POST", f"/items/{item}/failover/cancel", json={})
+    play(h, b, "failover_cancel", fo_result("cancelled", generation=1))
+    cmd = play(h, a, "failover_resume_source", {"generation": 1, "powered_on": True})
+    assert cmd["args"]["power_on"] is True
+    assert h.job(job["id"])["state"] == "succeeded"
+    assert h.ok("GET", f"/items/{item}")["protection"] == "protected"

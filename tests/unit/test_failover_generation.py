@@ -132,3 +132,15 @@ def test_engine_without_generation_is_unchanged(tmp_path: Path) -> None:
     GenerationStore(store).advance("app", "site-b", now=2.0, failover_id="f", reason="x")
     it, _, _ = _engine(tmp_path, store, generation=None)
     assert it.run_initial() is not None  # no check: the pre-failover behaviour
+
+
+def test_first_promotion_without_a_record_fences_an_engine_at_1() -> None:
+    """Agents' engines start at generation 1 and protection writes no record: the first
+    promotion must be 2, or the old primary would go on writing (review finding)."""
+    store = MemoryObjectStore()
+    gs = GenerationStore(store)
+    assert gs.current("app") == 0
+    rec = gs.advance("app", "site-b", now=1.0, failover_id="f1", reason="unplanned failover")
+    assert rec.generation == 2
+    with pytest.raises(Fenced):
+        check_not_fenced(store, "app", 1)

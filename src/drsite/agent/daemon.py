@@ -665,6 +665,8 @@ class Agent:
                     self._mark_protected(item)
                     log.info("item %s: interrupted initial replication finished (point %s)",
                              item_id, point.point_id)
+                elif item.entry.resync_from_base:
+                    return  # the base is the old primary's disks: the vault's protect resyncs
                 elif item.entry.phase == PHASE_INITIAL:
                     self._mark_protected(item)
                 if rep.rec.cycle_id is not None or rep.rec.phase is ItemState.RESYNCING:
@@ -737,7 +739,8 @@ class Agent:
         if entry is None:
             entry = ItemEntry(cmd.item_id, vm_id, str(a.get("target_site") or ""), store_url,
                               settings, PHASE_INITIAL, time.time(),
-                              generation=int(a.get("generation") or 1))
+                              generation=int(a.get("generation") or 1),
+                              resync_from_base=bool(a.get("resync_from_base")))
         else:
             entry.store_url, entry.settings = store_url, settings
             entry.target_site = str(a.get("target_site") or entry.target_site)
@@ -755,7 +758,7 @@ class Agent:
             assert item.error is not None
             raise item.error
         item.replicator.settings = settings_from_args(settings)
-        if a.get("resync_from_base") and entry.phase == PHASE_INITIAL:
+        if entry.resync_from_base:
             # re-protect: the store holds the old primary's disks as a base point; only the
             # blocks that differ travel (never an initial full copy over a common base)
             rep = item.replicator
@@ -765,7 +768,9 @@ class Agent:
                                        wait_transient=False)
             else:
                 point = latest
-            self._mark_protected(item)
+            entry.resync_from_base = False
+            self._mark_protected(item)  # saves the entries
+            self._save_entries()
             return {"point": point.to_dict(), "report": rep.report.to_dict()}
         point = item.replicator.run_initial(wait_transient=False)
         self._mark_protected(item)

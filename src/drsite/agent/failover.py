@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from drsite.core.errors import Conflict, InvalidInput, NotFound, PermanentError
+from drsite.core.errors import InvalidInput, PermanentError
 from drsite.core.model import DiskSpec, Nic, PowerState, VmSpec, validate_name
 from drsite.failover import actions
 from drsite.failover.generation import GenerationStore
@@ -195,8 +195,12 @@ class FailoverCommands:
         return self._result(rec)
 
     def _cleanup(self, cmd: Command) -> dict[str, Any]:
+        fid = self._fid(cmd)
         with self._item(cmd) as pi:
-            return self._result(actions.cleanup_test_failover(pi, self._fid(cmd),
+            if actions.load_failover(pi.recovery, fid) is None:  # it never started here
+                return {"failover": {"failover_id": fid, "state": "cleaned_up",
+                                     "notes": ["nothing had started on the recovery site"]}}
+            return self._result(actions.cleanup_test_failover(pi, fid,
                                                               str(cmd.args.get("notes") or "")))
 
     def _commit(self, cmd: Command) -> dict[str, Any]:
@@ -204,8 +208,15 @@ class FailoverCommands:
             return self._result(actions.commit(pi, self._fid(cmd)))
 
     def _cancel(self, cmd: Command) -> dict[str, Any]:
+        fid = self._fid(cmd)
         with self._item(cmd) as pi:
-            return self._result(actions.cancel(pi, self._fid(cmd), restart_source=False))
+            if actions.load_failover(pi.recovery, fid) is None:
+                # the recovery side never started (e.g. the source's half failed): nothing to
+                # undo here; the generation is unchanged
+                return {"failover": {"failover_id": fid, "state": "cancelled",
+                                     "generation": max(1, pi.generations.current(pi.item_id)),
+                                     "notes": ["nothing had started on the recovery site"]}}
+            return self._result(actions.cancel(pi, fid, restart_source=False))
 
     def _change_point(self, cmd: Command) -> dict[str, Any]:
         with self._item(cmd) as pi:
@@ -248,9 +259,8 @@ class FailoverCommands:
         fenced engine resyncs), optionally power the VM on again."""
         agent = self.agent
         item, rep = agent.live_item(cmd)
-        gen = int(cmd.args.get("generation") or 0)
-        if gen < item.entry.generation:
-            raise Conflict(f"generation {gen} is older than the item's {item.entry.generation}")
+        # never go back: a cancel before any promotion leaves the item's own number
+        gen = max(int(cmd.args.get("generation") or 0), item.entry.generation)
         agent.set_generation(cmd.item_id or "", gen)
         rep.generation = gen
         err = rep.report.last_error
@@ -284,10 +294,7 @@ class FailoverCommands:
                                "re-protect writes the reverse item's base into it",
                                hint="Run this host's agent with --store-listen.")
         hv = self.agent.hypervisor
-        try:
-            vm = hv.get_vm(vm_id)
-        except NotFound:
-            raise
+        vm = hv.get_vm(vm_id)
         if vm.power is PowerState.RUNNING:
             hv.power_off(vm_id, timeout=30.0)  # never a VM of the item on both sites
         store = svc.local_store

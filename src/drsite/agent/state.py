@@ -117,12 +117,15 @@ class ItemEntry:
     created_at: float = 0.0
     # split-brain guard: the engine is fenced once the store records a newer generation
     generation: int = 1
+    # re-protect: the store holds the old primary's disks as a base point; the first point is
+    # a resync against it (persisted: a restart must not take the base as this VM's point)
+    resync_from_base: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"item_id": self.item_id, "vm_id": self.vm_id, "target_site": self.target_site,
                 "store_url": self.store_url, "settings": dict(self.settings),
                 "phase": self.phase, "created_at": self.created_at,
-                "generation": self.generation}
+                "generation": self.generation, "resync_from_base": self.resync_from_base}
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> ItemEntry:
@@ -131,7 +134,8 @@ class ItemEntry:
                          store_url=str(d["store_url"]), settings=dict(d.get("settings") or {}),
                          phase=str(d.get("phase") or PHASE_INITIAL),
                          created_at=float(d.get("created_at") or 0.0),
-                         generation=int(d.get("generation") or 1))
+                         generation=int(d.get("generation") or 1),
+                         resync_from_base=bool(d.get("resync_from_base")))
 
 
 class ItemsFile:

@@ -15,6 +15,7 @@ serialising two actions on the same item (the caller runs one at a time).
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 import uuid
@@ -450,7 +451,14 @@ def _create_and_start(item: ProtectedItem, run: _Run, p: PointInfo, spec: VmSpec
         hv.power_off(vm.vm_id, timeout=10.0)
         hv.delete_vm(vm.vm_id)  # failback to the original VM: it is re-created with its name
         vm = None
+    if vm is not None and not run.done("creating_vm"):
+        # a VM of that name that this failover did not create (e.g. a stale one left by an
+        # earlier failback): never start its old disks in place of the chosen point
+        raise Conflict(f"a VM named {spec.name} already exists on the recovery site "
+                       f"({vm.vm_id}); it was not created by failover {rec.failover_id}",
+                       hint="Delete or rename that VM on the recovery site, then fail over again.")
     if vm is None:
+        run.mark("creating_vm")
         stop = timed(rec.timings, "create_vm")
         vm = hv.create_vm(spec, {d: str(p_) for d, p_ in images.items()})
         stop()
@@ -745,29 +753,38 @@ def change_point(item: ProtectedItem, failover_id: str, point: PointChoice, *,
     same name and network settings; the generation does not change (same promotion)."""
     clock = clock or SystemClock()
     rec, run = _pending(item, failover_id)
-    if rec.state is not FailoverState.PENDING_COMMIT:
-        raise Conflict(f"failover {failover_id} is {rec.state.value}; the point can change only "
-                       "before commit")
-    p = _resolve_point(item.repo, point)
-    if p.point_id == rec.point_id:
-        return rec
     hv = item.recovery.hv
-    run.t0 = time.monotonic()
-    run.rto_base = 0.0
-    if rec.vm_id is not None:
-        hv.power_off(rec.vm_id, timeout=10.0)
-        hv.delete_vm(rec.vm_id)
-    old = rec.point_id
-    rec.point_id, rec.point_created_at = p.point_id, p.created_at
-    rec.steps = [s for s in rec.steps if s not in ("images", "vm_created", "vm_running")]
-    rec.state = FailoverState.STARTING
-    rec.notes.append(f"point changed from {old} to {p.point_id}")
-    shutil.rmtree(item.recovery.work_dir / "restores" / rec.failover_id, ignore_errors=True)
-    run.save()
+    if rec.state is FailoverState.STARTING and "changing_point" in rec.steps \
+            and rec.point_id is not None:
+        p = item.repo.point(rec.point_id)  # a change interrupted after the old VM went: resume
+    else:
+        if rec.state is not FailoverState.PENDING_COMMIT:
+            raise Conflict(f"failover {failover_id} is {rec.state.value}; the point can change "
+                           "only before commit")
+        p = _resolve_point(item.repo, point)
+        if p.point_id == rec.point_id:
+            return rec
+        run.t0 = time.monotonic()
+        run.rto_base = 0.0
+        if rec.vm_id is not None:
+            with contextlib.suppress(VmNotFound):
+                hv.power_off(rec.vm_id, timeout=10.0)
+                hv.delete_vm(rec.vm_id)
+        old = rec.point_id
+        rec.point_id, rec.point_created_at = p.point_id, p.created_at
+        rec.steps = [s for s in rec.steps
+                     if s not in ("images", "creating_vm", "vm_created", "vm_running")]
+        rec.steps.append("changing_point")
+        rec.state = FailoverState.STARTING
+        rec.notes.append(f"point changed from {old} to {p.point_id}")
+        shutil.rmtree(item.recovery.work_dir / "restores" / rec.failover_id, ignore_errors=True)
+        run.save()
     images, from_replica = _images_for(item, p, run, verify=verify)
     spec = _recovery_spec(item, p, test=False, name=rec.vm_name)
     _create_and_start(item, run, p, spec, images, from_replica=from_replica, replace_vm=None,
                       clock=clock)
+    rec.steps = [s for s in rec.steps if s != "changing_point"]
+    run.save()
     return rec
 
 

@@ -97,7 +97,7 @@ class GenerationStore:
             raise CorruptData(f"generation record {key} names item {rec.item_id!r}")
         return rec
 
-    def current(self, item_id: str) -> int:
+    def current(self, item_id: str) -> int:  # 0: no record (engines then hold 1)
         """The item's generation; 0 when it has no record (never promoted, never protected
         with a guard)."""
         rec = self.read(item_id)
@@ -134,7 +134,9 @@ class GenerationStore:
         if rec is not None and rec.failover_id == failover_id and rec.reason == reason \
                 and rec.primary == new_primary:
             return rec
-        nxt = max((rec.generation if rec else 0) + 1, at_least)
+        # no record = generation 1: every engine starts at 1, so the first promotion must be
+        # 2 or the old primary would not be fenced by it
+        nxt = max((rec.generation if rec else 1) + 1, at_least)
         return self._put(GenerationRecord(item_id, nxt, new_primary, now, reason, failover_id))
 
 

@@ -70,6 +70,9 @@ def start_item_action(s: Session, item_id: str, action: str, args: dict[str, Any
     if action not in ITEM_ACTIONS:
         raise InvalidInput(f"unknown failover action {action!r}; known: {', '.join(ITEM_ACTIONS)}")
     item = _get_item(s, item_id)
+    if item.active_job_id is not None:  # checked before anything is created (claim_item is final)
+        raise Conflict(f"item {item.id} is busy with job {item.active_job_id}",
+                       hint=f"Wait for job {item.active_job_id} to end, or cancel it.")
     args = dict(args)
     for key in ("vm_name",):
         if args.get(key) is not None:
@@ -101,7 +104,8 @@ def start_item_action(s: Session, item_id: str, action: str, args: dict[str, Any
     else:
         found: Failover | None
         if action == "cleanup_test_failover":
-            found = _latest_failover(s, item, kind="test", states=("test_running", "starting", "failed"))
+            found = _latest_failover(s, item, kind="test",
+                                     states=("test_running", "starting", "failed", "cancelled"))
             if found is None:
                 raise Conflict(f"{item.vm_name} has no test failover to clean up")
             jkind = P.CLEANUP_TEST

@@ -24,7 +24,7 @@ from drsite.core.errors import DrsiteError, InvalidInput
 from drsite.replication.report import ItemReport, ItemState
 from drsite.store.repository import PointInfo
 from drsite.vault import commands
-from drsite.vault.db.models import Group, Host, Item, Point, Vm
+from drsite.vault.db.models import Failover, Group, Host, Item, Point, Vm
 from drsite.vault.jobs.create import start_enable_protection
 from drsite.vault.membership import active_item_for_vm, group_for_vm
 from drsite.vault.settings import VaultSettings
@@ -172,6 +172,20 @@ def _apply_item(s: Session, item: Item, ib: ItemBeat, now: float) -> int:
     return acked
 
 
+def _made_by_failover(s: Session, host: Host, vm: Vm) -> bool:
+    """A new VM of this site named like an item failing over into it (or its test VM)."""
+    if s.scalars(select(Item.id).where(Item.target_site_id == host.site_id, Item.vm_name == vm.name,
+                                       Item.status.in_(("failing_over", "failed_over", "committed")))
+                 ).first() is not None:
+        return True
+    if not vm.name.endswith("-test"):
+        return False
+    return s.scalars(select(Failover.id).join(Item, Item.id == Failover.item_id).where(
+        Item.target_site_id == host.site_id, Item.vm_name == vm.name[:-len("-test")],
+        Failover.kind == "test", Failover.state.in_(("starting", "test_running")))
+    ).first() is not None
+
+
 def _auto_protect(s: Session, host: Host, new_vms: list[Vm], now: float) -> None:
     """A policy applies to every VM of its group, also to VMs discovered later."""
     if not new_vms or host.revoked_at is not None:
@@ -182,10 +196,9 @@ def _auto_protect(s: Session, host: Host, new_vms: list[Vm], now: float) -> None
         group = group_for_vm(groups, vm, host)
         if group is None or active_item_for_vm(s, host.id, vm.vm_id) is not None:
             continue
-        if s.scalars(select(Item.id).where(Item.vm_name == vm.name, Item.status.in_(
-                ("failing_over", "failed_over", "committed")))).first() is not None:
-            # a VM created by a failover (or a failback to the original VM): its protection
-            # is the failover's re-protect, not a second, forward item
+        if _made_by_failover(s, host, vm):
+            # a VM created by a failover into this site (or a failback to the original VM, or
+            # a test failover): its protection is the failover's re-protect, not a new item
             vm.auto_protect_blocked = True
             continue
         try:

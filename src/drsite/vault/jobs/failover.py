@@ -151,7 +151,8 @@ def run_command(ctx: TaskContext, host: Host | None, kind: str, args: dict[str, 
     if cmd.status == "succeeded":
         return cmd
     if not host_up(host, ctx):
-        return wait(progress * 0.5, f"waiting for host {host.name} (no heartbeat); {kind} is queued")
+        return wait(progress * 0.5, f"waiting for host {host.name} (no heartbeat); {kind} is "
+                                    "queued for it (cancel the job to give up)")
     return wait(max(progress, cmd.progress), f"{kind} on host {host.name}: {cmd.status}")
 
 
@@ -276,6 +277,7 @@ def shutdown_source(ctx: TaskContext) -> Step:
     item = ctx.item()
     fo = failover_row(ctx)
     src = ctx.s.get(Host, item.host_id)
+    item.status = "failing_over"  # the source VM goes off: no cycles; a failure needs a cancel
     args = {"failover_id": fo.id,
             "shutdown_timeout": float(ctx.job.args.get("shutdown_timeout") or 60.0)}
     got = run_command(ctx, src, "failover_prepare", args, item_id=item.id)
@@ -292,6 +294,9 @@ def shutdown_source(ctx: TaskContext) -> Step:
 def start_replica(ctx: TaskContext) -> Step:
     item = ctx.item()
     fo = failover_row(ctx)
+    # from the moment the recovery side may promote, the item is not plainly protected: no
+    # cycles are scheduled, and a failure leaves it 'failed_over' for cancel (see on_end)
+    item.status = "failing_over"
     args = {**item_context(ctx, item, fo), "kind": fo.kind, "point": _point_choice(ctx)}
     if fo.kind == "planned":
         src = dict((fo.result or {}).get("source") or {})
@@ -352,18 +357,26 @@ def resume_source(ctx: TaskContext) -> Step:
     item = ctx.item()
     fo = failover_row(ctx)
     src = ctx.s.get(Host, item.host_id)
-    args = {"generation": fo.generation or 0,
-            "power_on": fo.kind == "planned" and bool((fo.result or {}).get("source"))}
+    prepared = ctx.s.scalars(select(Command.id).where(
+        Command.item_id == item.id, Command.kind == "failover_prepare",
+        Command.args["failover_id"].as_string() == fo.id)).first() is not None
+    args = {"generation": fo.generation or 0, "power_on": fo.kind == "planned" and prepared}
     got = run_command(ctx, src, "failover_resume_source", args, item_id=item.id)
+    if isinstance(got, Step):
+        if src is not None and not host_up(src, ctx):
+            _back_to_protected(ctx, item)
+            return done(f"source host {src.name} is down: it takes the item back (and powers "
+                        "its VM on) when it returns")
+        return got
+    _back_to_protected(ctx, item)
+    return done("the source replicates again" + (" (VM powered on)" if args["power_on"] else ""))
+
+
+def _back_to_protected(ctx: TaskContext, item: Item) -> None:
     item.status = "protected"
     item.failover_id = None
     item.critical_error = None
     item.updated_at = ctx.now
-    if isinstance(got, Step):
-        if src is not None and not host_up(src, ctx):
-            return done(f"source host {src.name} is down: it takes the item back when it returns")
-        return got
-    return done("the source replicates again" + (" (VM powered on)" if args["power_on"] else ""))
 
 
 def change_point(ctx: TaskContext) -> Step:
@@ -472,21 +485,44 @@ def reverse_replication(ctx: TaskContext) -> Step:
 # ------------------------------------------------------------------------------ end hooks
 
 def failover_on_end(ctx: TaskContext, state: str) -> None:
+    """After a failed or cancelled job: commands it queued that no agent took yet are
+    withdrawn; if one reached an agent (it may still promote and start a VM there), the item is
+    left ``failed_over`` so that a cancel can undo whatever happened."""
     item = ctx.s.get(Item, ctx.job.item_id) if ctx.job.item_id else None
     if item is not None and item.active_job_id == ctx.job.id:
         item.active_job_id = None
     fid = ctx.job.args.get("failover_id")
     fo = ctx.s.get(Failover, fid) if fid else None
+    if state != "succeeded":
+        reached = _recovery_side_ran(ctx)  # before withdrawing: a withdrawn one has 'failed' too
+        for cmd in ctx.s.scalars(select(Command).where(Command.job_id == ctx.job.id,
+                                                       Command.status.in_(commands.OPEN))):
+            if cmd.status == "pending":
+                cmd.status = "failed"
+                cmd.error = PermanentError(f"withdrawn: job {ctx.job.id} {state}").to_dict()
+                cmd.updated_at = cmd.finished_at = ctx.now
+            elif cmd.kind in ("failover", "failover_prepare"):
+                reached = True
+        if fo is not None and item is not None and item.status == "failing_over":
+            if reached or fo.kind == "planned":
+                item.status = "failed_over"  # cancel the failover to undo it
+                item.failover_id = fo.id
+            else:
+                item.status = "protected"  # nothing reached an agent: nothing to undo
     if fo is None:
         return
     if state != "succeeded" and fo.state == "starting":
         fo.state = "failed" if state == "failed" else "cancelled"
         fo.updated_at = ctx.now
-        if item is not None and item.status == "failing_over":
-            item.status = "failed_over"  # the source is off: cancel the failover to undo it
-            item.failover_id = fo.id
     if fo.job_id is None:
         fo.job_id = ctx.job.id
+
+
+def _recovery_side_ran(ctx: TaskContext) -> bool:
+    """A ``failover`` command of this job ended (succeeded or failed) on the recovery host."""
+    return ctx.s.scalars(select(Command.id).where(
+        Command.job_id == ctx.job.id, Command.kind == "failover",
+        Command.status.in_(commands.DONE))).first() is not None
 
 
 def _handlers(**tasks: Any) -> JobHandlers:

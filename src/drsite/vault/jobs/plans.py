@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy import select
 
 from drsite.core.errors import Conflict, DrsiteError, InvalidInput, PermanentError
-from drsite.vault.db.models import Host, Item, Job, Task
+from drsite.vault.db.models import Failover, Host, Item, Job, Task
 from drsite.vault.failover_service import _items_by_vm, start_item_action
 from drsite.vault.jobs.failover import run_command
 from drsite.vault.jobs.model import JobHandlers, Step, TaskContext, done, wait
@@ -55,14 +55,20 @@ def _tail(path: Path) -> str:
 
 def _vault_script(ctx: TaskContext, action: dict[str, Any], data: dict[str, Any]) -> Step:
     base = _script_dir(ctx) / f"{ctx.job.id}-{ctx.task.idx}"
-    out, rc_file = base.with_suffix(".log"), base.with_suffix(".rc")
+    script, out, rc_file, pid_file = (base.with_suffix(x) for x in (".sh", ".log", ".rc", ".pid"))
     timeout = float(action.get("timeout_s") or 300)
+    if "pid" not in data and pid_file.exists():
+        # started before a vault restart cut off its bookkeeping: never start it twice
+        ctx.put(pid=int(pid_file.read_text().strip() or 0), since=ctx.now)
+        data = ctx.data
     if "pid" not in data:
-        wrapped = f"{action['script']}\n"
-        # the exit code lands in a file written after the script ends (rename: whole or absent)
-        shell = (f"( {wrapped} ) >{shlex.quote(str(out))} 2>&1; rc=$?; "
-                 f"echo $rc >{shlex.quote(str(rc_file))}.tmp && mv {shlex.quote(str(rc_file))}.tmp "
-                 f"{shlex.quote(str(rc_file))}")
+        # the script runs from its own file (a syntax error is its own failure, with output);
+        # the wrapper records its pid first and the exit code last (rename: whole or absent)
+        script.write_text(f"{action['script']}\n")
+        q = {k: shlex.quote(str(v)) for k, v in
+             {"sh": script, "out": out, "rc": rc_file, "pid": pid_file}.items()}
+        shell = (f"echo $$ >{q['pid']}; /bin/sh {q['sh']} >{q['out']} 2>&1; rc=$?; "
+                 f"echo $rc >{q['rc']}.tmp && mv {q['rc']}.tmp {q['rc']}")
         env = {**os.environ, **_env(ctx, data)}
         proc = subprocess.Popen(["/bin/sh", "-c", shell], env=env, start_new_session=True,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -78,10 +84,12 @@ def _vault_script(ctx: TaskContext, action: dict[str, Any], data: dict[str, Any]
                                  hint=f"Fix the script (output in {out}), then run the plan again.")
         return done(f"script ended with exit code 0{': ' + tail[-200:] if tail else ''}")
     if ctx.now - float(data.get("since", ctx.now)) > timeout:
-        try:
-            os.killpg(int(data["pid"]), signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        pid = int(data.get("pid") or 0)
+        if pid > 1:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         raise PermanentError(f"script timed out after {timeout:.0f} s and was killed",
                              hint="Raise its timeout_s or make it faster.")
     return wait(50, f"script running (pid {data['pid']})")
@@ -131,12 +139,13 @@ def plan_group(ctx: TaskContext) -> Step:
             for k in ("point", "notes"):
                 if ctx.job.args.get(k):
                     args[k] = ctx.job.args[k]
+            if _already_there(ctx, item, action):
+                skipped.append(vm)
+                continue
             try:
                 job = start_item_action(ctx.s, item.id, action, args, ctx.now)
             except Conflict as e:
-                if _already_there(item, action):
-                    skipped.append(vm)
-                    continue
+                ctx.put(jobs=jobs)  # the jobs started for the group's other VMs stay visible
                 raise Conflict(f"VM {vm}: {e.message}", hint=e.hint) from None
             jobs[vm] = job.id
         ctx.put(jobs=jobs, started=True, skipped=skipped, started_at=ctx.now)
@@ -161,12 +170,21 @@ def plan_group(ctx: TaskContext) -> Step:
     return done(f"{len(states)} VM(s) done in {took:.1f} s{extra}")
 
 
-def _already_there(item: Item, action: str) -> bool:
+def _already_there(ctx: TaskContext, item: Item, action: str) -> bool:
     """A re-run of a plan skips VMs already in the state the action leads to."""
+    if item.active_job_id is not None:
+        return False
+    if action in ("test_failover", "cleanup_test_failover"):
+        states = ("starting", "test_running") if action == "test_failover" else \
+            ("starting", "test_running", "failed", "cancelled")  # cleanup: also what failed
+        open_test = ctx.s.scalars(select(Failover.id).where(
+            Failover.item_id == item.id, Failover.kind == "test",
+            Failover.state.in_(states))).first() is not None
+        return open_test if action == "test_failover" else not open_test
     want = {"planned_failover": ("failed_over",), "unplanned_failover": ("failed_over",),
             "commit": ("committed", "reprotected"), "reprotect": ("reprotected",),
             "cancel": ("protected",)}.get(action, ())
-    return item.status in want and item.active_job_id is None
+    return item.status in want
 
 
 def plan_summary(ctx: TaskContext) -> Step:
