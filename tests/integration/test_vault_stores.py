@@ -172,6 +172,13 @@ def test_cloud_group_protect_args_carry_the_spec(h: Harness,
     job = h.job(out["job_id"])
     assert job["state"] == "succeeded", job
     assert "recovery store offsite" in job["tasks"][0]["message"]
+    # a command that ended keeps no credential and no key in the vault's database
+    from drsite.vault.db.models import Command
+
+    with h.vault.db.read() as s:
+        kept = s.get(Command, cmd["command_id"])
+        assert kept is not None and kept.args["store"]["redacted"] is True
+        assert SECRET not in str(kept.args) and not any(k in str(kept.args) for k in store_keys(h))
 
     # the store is in use: no delete, no move, and the group's store cannot change under items
     err(h.call("DELETE", "/stores/offsite"), 409, "conflict")

@@ -100,6 +100,7 @@ class FailoverCommands:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self.work_dir = agent.data_dir / "failover"
+        self._replicas = agent.data_dir / "replicas"
 
     def handle(self, cmd: Command) -> dict[str, Any]:
         fn = {"failover": self._failover, "failover_cleanup": self._cleanup,
@@ -146,6 +147,7 @@ class FailoverCommands:
         replica_dir.mkdir(parents=True, exist_ok=True)
         from drsite.store.site.server import replica_lock
 
+        self._replicas = replicas
         try:
             with replica_lock(replica_dir):
                 yield actions.ProtectedItem(
@@ -156,6 +158,18 @@ class FailoverCommands:
                     network_map=network_map_from_args(a.get("network_map")))
         finally:
             repo.close()
+
+    def _hold(self, item_id: str, held: bool) -> None:
+        """Stop (or resume) the store service's hydration of a replica that a real failover
+        moves into its VM; called under the replica's lock (see ``held_marker``)."""
+        from drsite.fsutil import atomic_write_json
+        from drsite.store.site.server import held_marker
+
+        marker = held_marker(self._replicas, item_id)
+        if held:
+            atomic_write_json(marker, {"held_by": "failover", "at": time.time()})
+        else:
+            marker.unlink(missing_ok=True)
 
     @staticmethod
     def _fid(cmd: Command) -> str:
@@ -176,6 +190,7 @@ class FailoverCommands:
                 rec = actions.test_failover(pi, str(a.get("point") or "latest"), failover_id=fid,
                                             vm_name=a.get("vm_name"))
             elif kind == "unplanned":
+                self._hold(pi.item_id, True)
                 rec = actions.unplanned_failover(pi, str(a.get("point") or "latest"),
                                                  failover_id=fid)
             elif kind == "planned":
@@ -184,6 +199,7 @@ class FailoverCommands:
                 except KeyError as e:
                     raise InvalidInput(f"planned failover {fid}: missing {e.args[0]!r} from the "
                                        "source's prepare step") from None
+                self._hold(pi.item_id, True)
                 rec = actions.planned_failover_recovery_side(
                     pi, failover_id=fid, point_id=point_id,
                     fingerprints={str(k): str(v) for k, v in prints.items()},
@@ -216,6 +232,7 @@ class FailoverCommands:
                 return {"failover": {"failover_id": fid, "state": "cancelled",
                                      "generation": max(1, pi.generations.current(pi.item_id)),
                                      "notes": ["nothing had started on the recovery site"]}}
+            self._hold(pi.item_id, False)  # the replica is rebuilt (cancel catches it up)
             return self._result(actions.cancel(pi, fid, restart_source=False))
 
     def _change_point(self, cmd: Command) -> dict[str, Any]:

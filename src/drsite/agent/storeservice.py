@@ -28,6 +28,7 @@ from drsite.store.local.backend import LocalObjectStore
 from drsite.store.replica import ReplicaHydrator
 from drsite.store.repository import Repository
 from drsite.store.site import SiteObjectStore, make_store_app
+from drsite.store.site.server import replica_held
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ class StoreService:
             if self._stop.is_set():
                 break
             try:
-                if self._up_to_date(item_id):
+                if replica_held(self.replicas_dir, item_id) or self._up_to_date(item_id):
                     continue
                 done = client.catch_up(item_id)
                 if done:

@@ -60,6 +60,7 @@ def cancel_open(s: Session, item_id: str, now: float, reason: str) -> int:
                                                Command.status == "pending")):
         cmd.status = "failed"
         cmd.error = PermanentError(f"withdrawn: {reason}").to_dict()
+        scrub_secrets(cmd)
         cmd.updated_at = cmd.finished_at = now
         n += 1
     return n
@@ -112,11 +113,24 @@ def record_result(cmd: Command, *, status: str, progress: float | None, result: 
         return False
     cmd.status = status
     cmd.finished_at = now
+    scrub_secrets(cmd)
     if status == "succeeded":
         cmd.progress = 100.0
     else:
         cmd.error = error
     return True
+
+
+def scrub_secrets(cmd: Command) -> None:
+    """A command that ended is never delivered again: the cloud store credentials and keys in
+    its arguments are dropped (the names of what was set stay, for the record)."""
+    spec = (cmd.args or {}).get("store")
+    if not isinstance(spec, dict) or spec.get("redacted"):
+        return
+    kept = {k: v for k, v in spec.items() if k not in ("secret", "keys")}
+    kept.update(redacted=True, secret_fields=sorted(dict(spec.get("secret") or {})),
+                key_ids=sorted(dict(spec.get("keys") or {})))
+    cmd.args = {**cmd.args, "store": kept}
 
 
 def error_from_dict(d: dict[str, Any] | None) -> DrsiteError:

@@ -75,6 +75,17 @@ class _AnyKeyConvertor(Convertor[str]):
 register_url_convertor("drsite_key", _AnyKeyConvertor())
 
 
+def held_marker(replicas: Path, item_id: str) -> Path:
+    """``replicas/<item>.held``: the item failed over on this host; its replica is not
+    hydrated again (its images were moved into the recovery VM) until the failover is
+    cancelled. Written and removed by the agent's failover commands under the replica lock."""
+    return replicas / f"{item_id}.held"
+
+
+def replica_held(replicas: Path, item_id: str) -> bool:
+    return held_marker(replicas, item_id).exists()
+
+
 @contextlib.contextmanager
 def replica_lock(replica_dir: Path) -> Iterator[None]:
     """Hold the exclusive lock of one item's replica directory (``replica_dir/.lock``, an
@@ -264,6 +275,8 @@ class _StoreService:
 
     def _catch_up(self, item_id: str) -> list[str]:
         with replica_lock(self.replicas / item_id):
+            if replica_held(self.replicas, item_id):
+                return []  # failed over here: its replica became (or becomes) the VM's disks
             repo = self.repo_factory(self.store, item_id)
             try:
                 return ReplicaHydrator(repo, self.replicas / item_id).catch_up()

@@ -500,6 +500,7 @@ def failover_on_end(ctx: TaskContext, state: str) -> None:
             if cmd.status == "pending":
                 cmd.status = "failed"
                 cmd.error = PermanentError(f"withdrawn: job {ctx.job.id} {state}").to_dict()
+                commands.scrub_secrets(cmd)
                 cmd.updated_at = cmd.finished_at = ctx.now
             elif cmd.kind in ("failover", "failover_prepare"):
                 reached = True
