@@ -1,5 +1,6 @@
-"""``drsite up``: a vault and two site agents (primary, secondary) with file VMs, as separate
-processes on 127.0.0.1 — the embedded default of a whole deployment on one machine.
+"""``drsite up``: a vault and two site agents (primary, secondary) with file VMs (or QEMU VMs:
+``hypervisor="qemu"``), as separate processes on 127.0.0.1 — the embedded default of a whole
+deployment on one machine.
 
 Layout under the data directory::
 
@@ -46,6 +47,7 @@ class Cluster:
     primary_store_port: int = 0
     pids: dict[str, int] = field(default_factory=dict)
     admin_token: str = ""
+    hypervisor: str = "file"  # the agents' driver: "file" or "qemu"
 
     @property
     def ca_file(self) -> Path:
@@ -117,8 +119,9 @@ def start_vault(c: Cluster) -> None:
     _wait("vault API", ping, 60, proc, logs / "vault.log")
 
 
-def start_agent(c: Cluster, site: str, *, store: bool) -> None:
-    """Register (once) and start the agent of ``site``."""
+def start_agent(c: Cluster, site: str, *, store: bool, hypervisor: str | None = None) -> None:
+    """Register (once) and start the agent of ``site`` with the ``hypervisor`` driver
+    (``file`` or ``qemu``, VMs under ``<site>/vms``; default: the cluster's)."""
     from drsite.agent.main import agent_register
 
     data = c.root / site / "agent"
@@ -133,7 +136,8 @@ def start_agent(c: Cluster, site: str, *, store: bool) -> None:
             key = cl.registration_key(site, 600)["key"]
         agent_register(vault_url=c.vault_url, key=key, data_dir=data, host_name=f"{site}-host",
                        ca_file=c.ca_file, ca_fingerprint=None)
-    args = ["agent", "run", "--data", str(data), "--vms", str(vms)]
+    args = ["agent", "run", "--data", str(data), "--vms", str(vms),
+            "--hypervisor", hypervisor or c.hypervisor]
     if store:
         if site == "primary":
             c.primary_store_port = port = c.primary_store_port or free_port()
@@ -150,13 +154,15 @@ def start_agent(c: Cluster, site: str, *, store: bool) -> None:
     _wait(f"{site} agent heartbeat", up, 60, proc, c.root / "logs" / f"agent-{site}.log")
 
 
-def up(root: Path) -> Cluster:
-    """Start (or restart) the vault and both agents; idempotent over an existing directory."""
+def up(root: Path, *, hypervisor: str = "file") -> Cluster:
+    """Start (or restart) the vault and both agents (both with the ``hypervisor`` driver);
+    idempotent over an existing directory."""
     root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     c = Cluster.load(root) if (root / "cluster.json").exists() else Cluster(root)
     down(c)
     c.pids = {}
+    c.hypervisor = hypervisor
     start_vault(c)
     start_agent(c, "secondary", store=True)
     start_agent(c, "primary", store=True)

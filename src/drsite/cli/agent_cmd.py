@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import socket
+from enum import StrEnum
 from pathlib import Path
 
 import typer
+
+
+class HypervisorKind(StrEnum):
+    """``--hypervisor`` choices (``drsite.agent.main.HYPERVISOR_KINDS``)."""
+
+    file = "file"
+    qemu = "qemu"
+
 
 agent = typer.Typer(help="The host agent: inventory, change tracking, replication, failover.",
                     no_args_is_help=True)
@@ -32,7 +41,11 @@ def register(
 @agent.command("run")
 def run(
     data: Path = typer.Option(Path("drsite-agent"), help="Agent data directory."),
-    vms: Path = typer.Option(..., help="Root directory of the file hypervisor on this host."),
+    vms: Path = typer.Option(..., help="Root directory of this host's VMs (the hypervisor's "
+                                       "VM directories)."),
+    hypervisor: HypervisorKind = typer.Option(HypervisorKind.file, "--hypervisor",
+                                              help="Hypervisor driver of this host: file (file "
+                                                   "VMs) or qemu (QEMU/KVM VMs)."),
     store: Path | None = typer.Option(None, help="Serve a recovery store from this directory "
                                                  "(recovery-site hosts)."),
     store_listen: str | None = typer.Option(None, help="HOST:PORT for the store server."),
@@ -42,5 +55,5 @@ def run(
     from drsite.agent.main import agent_run, configure_logging
 
     configure_logging()
-    agent_run(data_dir=data, vms_root=vms, store_dir=store, store_listen=store_listen,
-              heartbeat_interval=heartbeat_interval)
+    agent_run(data_dir=data, hypervisor_kind=hypervisor.value, vms_root=vms, store_dir=store,
+              store_listen=store_listen, heartbeat_interval=heartbeat_interval)

@@ -9,18 +9,22 @@ from pathlib import Path
 import typer
 from rich.panel import Panel
 
+from drsite.cli.agent_cmd import HypervisorKind
 from drsite.cli.common import console
 
 DataOpt = typer.Option(Path("drsite-up"), help="Directory for the vault, agents, VMs, logs.")
 
 
 def up(data: Path = DataOpt,
-       detach: bool = typer.Option(False, help="Leave the processes running and return.")) -> None:
+       detach: bool = typer.Option(False, help="Leave the processes running and return."),
+       hypervisor: HypervisorKind = typer.Option(HypervisorKind.file, "--hypervisor",
+                                                 help="Hypervisor driver of both agents: file "
+                                                      "or qemu (QEMU/KVM VMs).")) -> None:
     """Start a vault and two site agents (primary, secondary) as processes on 127.0.0.1."""
     from drsite.up import down as stop
     from drsite.up import up as start
 
-    c = start(data)
+    c = start(data, hypervisor=hypervisor.value)
     lines = "\n".join(c.env_lines())
     console.print(Panel.fit(
         f"vault   {c.vault_url}  (pid {c.pids['vault']})\n"
