@@ -204,3 +204,51 @@ def test_planned_failover_failing_at_the_source_is_cancelled_back(h: Harness) ->
     assert cmd["args"]["power_on"] is True
     assert h.job(job["id"])["state"] == "succeeded"
     assert h.ok("GET", f"/items/{item}")["protection"] == "protected"
+
+
+def test_cli_plan_apply_diff_network_map_and_bad_yaml(h: Harness, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from drsite.cli import failover_cmd
+    from drsite.cli.main import app
+    from drsite.client.api import VaultClient, VaultConfig
+
+    def fake_client(*_a: Any) -> VaultClient:
+        c = VaultClient(VaultConfig("http://testserver", h.admin))
+        c._http.close()
+        c._http = TestClient(h.app, base_url="http://testserver/api/v1",
+                             headers={"Authorization": f"Bearer {h.admin}"})
+        return c
+
+    monkeypatch.setattr(failover_cmd, "client", fake_client)
+    _a, _b, _item = setup(h)
+    runner = CliRunner()
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("plans:\n  - name: shop\n    groups:\n      - name: web\n        vms: [web1]\n"
+                    "        post:\n          - manual: check it\n")
+    r = runner.invoke(app, ["plan", "apply", "-f", str(plan), "--dry-run", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output) == [{"plan": "shop", "change": "create",
+                                     "fields": ["description", "groups"]}]
+    assert h.ok("GET", "/plans") == []
+    r = runner.invoke(app, ["plan", "apply", "-f", str(plan), "--json"])
+    assert r.exit_code == 0 and h.ok("GET", "/plans")[0]["name"] == "shop"
+    r = runner.invoke(app, ["plan", "show", "shop"])
+    assert r.exit_code == 0 and "web1" in r.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("plans: [ {name: x, groups: [")
+    r = runner.invoke(app, ["plan", "apply", "-f", str(bad)])
+    assert r.exit_code != 0 and "not valid YAML" in str(r.exception)  # main() maps it to 2
+    r = runner.invoke(app, ["network", "map", "--from-site", "prim", "--to-site", "sec",
+                            "--network", "lan", "--recovery-network", "dr2",
+                            "--ip-rule", "subnet:10.0.0.0/24:10.2.0.0/24", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["ip_rule"] == {"kind": "subnet", "source": "10.0.0.0/24",
+                                               "target": "10.2.0.0/24"}
+    r = runner.invoke(app, ["network", "map", "--from-site", "prim", "--to-site", "sec",
+                            "--network", "lan", "--recovery-network", "dr2", "--ip-rule", "nope"])
+    assert r.exit_code != 0 and "unknown IP rule" in str(r.exception)
