@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tests.e2e.test_cluster import until
 
 from drsite.client.api import VaultClient
 from drsite.core.model import DiskSpec, Nic, PowerState, VmSpec
@@ -28,19 +29,9 @@ from drsite.store.local.backend import LocalObjectStore
 from drsite.store.repository import Repository
 from drsite.up import Cluster, down, start_agent, start_vault, up
 
+__all__ = ["until"]
 pytestmark = pytest.mark.slow
 MiB = 1024 * 1024
-
-
-def until(what: str, check: Any, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        res = check()
-        if res:
-            return res
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.25)
 
 
 def hv(c: Cluster, site: str) -> FileHypervisor:

@@ -19,6 +19,7 @@ import contextlib
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -500,6 +501,33 @@ def _images_for(item: ProtectedItem, p: PointInfo, run: _Run, *,
     return images, from_replica
 
 
+def _replica_proven_equal(item: ProtectedItem, run: _Run, p: PointInfo,
+                          differs: Callable[[str, Path], str | None]
+                          ) -> tuple[dict[str, Path], bool]:
+    """Planned failover: the replica brought to the final point ``p`` and its images, each
+    proven equal to the stopped source (``differs(disk_id, image)`` says how it differs, or
+    None) — else ``InvalidReplicaState`` and nothing starts. Returns (images, from_replica)."""
+    rec = run.rec
+    if item.hydrator is not None and not run.done("images"):
+        stop = timed(rec.timings, "hydrate")
+        item.hydrator.catch_up()
+        stop()
+    images, from_replica = _images_for(item, p, run, verify=False)
+    if not run.done("no_data_lost"):
+        stop = timed(rec.timings, "compare_source")
+        for disk_id, path in images.items():
+            how = differs(disk_id, path)
+            if how is not None:
+                raise InvalidReplicaState(
+                    f"planned failover of {item.item_id}: disk {disk_id} of the replica differs "
+                    f"from the stopped source{how}; nothing was started",
+                    hint="Cancel the failover (the source restarts) and resync the item.")
+        stop()
+        rec.verified = True
+        run.mark("no_data_lost")
+    return images, from_replica
+
+
 def planned_failover(item: ProtectedItem, *, failover_id: str | None = None,
                      vm_spec: VmSpec | None = None, replace_vm: str | None = None,
                      shutdown_timeout: float = 60.0, clock: Clock | None = None) -> FailoverResult:
@@ -542,28 +570,17 @@ def planned_failover(item: ProtectedItem, *, failover_id: str | None = None,
         run.mark("final_cycle")
     assert rec.point_id is not None
     p = item.repo.point(rec.point_id)
-    if item.hydrator is not None and not run.done("images"):
-        stop = timed(rec.timings, "hydrate")
-        item.hydrator.catch_up()
-        stop()
-    images, from_replica = _images_for(item, p, run, verify=False)
-    if not run.done("no_data_lost"):
-        stop = timed(rec.timings, "compare_source")
-        for disk_id, path in images.items():
-            src = src_hv.open_live_reader(item.vm_id, disk_id)
-            try:
-                with RawImageReader(path, p.disk_sizes[disk_id]) as img:
-                    bad = digests_differ(src, img)
-            finally:
-                src.close()
-            if bad:
-                raise InvalidReplicaState(
-                    f"planned failover of {item.item_id}: disk {disk_id} of the replica differs "
-                    f"from the stopped source in {bad} block(s); nothing was started",
-                    hint="Cancel the failover (the source restarts) and resync the item.")
-        stop()
-        rec.verified = True
-        run.mark("no_data_lost")
+
+    def differs(disk_id: str, path: Path) -> str | None:
+        src = src_hv.open_live_reader(item.vm_id, disk_id)
+        try:
+            with RawImageReader(path, p.disk_sizes[disk_id]) as img:
+                bad = digests_differ(src, img)
+        finally:
+            src.close()
+        return f" in {bad} block(s)" if bad else None
+
+    images, from_replica = _replica_proven_equal(item, run, p, differs)
     spec = vm_spec or _recovery_spec(item, p, test=False, name=None)
     _create_and_start(item, run, p, spec, images, from_replica=from_replica,
                       replace_vm=replace_vm, clock=clock)
@@ -613,24 +630,12 @@ def planned_failover_recovery_side(item: ProtectedItem, *, failover_id: str, poi
     if sorted(fingerprints) != sorted(p.disk_sizes):
         raise InvalidReplicaState(f"planned failover of {item.item_id}: the source reported disks "
                                   f"{sorted(fingerprints)}, the final point has {sorted(p.disk_sizes)}")
-    if item.hydrator is not None and not run.done("images"):
-        stop = timed(rec.timings, "hydrate")
-        item.hydrator.catch_up()
-        stop()
-    images, from_replica = _images_for(item, p, run, verify=False)
-    if not run.done("no_data_lost"):
-        stop = timed(rec.timings, "compare_source")
-        for disk_id, path in images.items():
-            with RawImageReader(path, p.disk_sizes[disk_id]) as img:
-                got = disk_fingerprint(img)
-            if got != fingerprints[disk_id]:
-                raise InvalidReplicaState(
-                    f"planned failover of {item.item_id}: disk {disk_id} of the replica differs "
-                    "from the stopped source; nothing was started",
-                    hint="Cancel the failover (the source restarts) and resync the item.")
-        stop()
-        rec.verified = True
-        run.mark("no_data_lost")
+
+    def differs(disk_id: str, path: Path) -> str | None:
+        with RawImageReader(path, p.disk_sizes[disk_id]) as img:
+            return None if disk_fingerprint(img) == fingerprints[disk_id] else ""
+
+    images, from_replica = _replica_proven_equal(item, run, p, differs)
     spec = _recovery_spec(item, p, test=False, name=vm_name)
     _create_and_start(item, run, p, spec, images, from_replica=from_replica,
                       replace_vm=replace_vm, clock=clock)
