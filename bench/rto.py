@@ -57,13 +57,13 @@ from benchlib import (
 from drsite.core.extents import ExtentList
 from drsite.core.model import DiskSpec, Nic, VmSpec
 from drsite.failover import actions as fo
-from drsite.failover.generation import GenerationStore
 from drsite.failover.network import NetworkMap, NetworkMapping, SubnetRule
 from drsite.hypervisors.file import FileHypervisor
 from drsite.replication.driver import ItemReplicator, ReplicationSettings
 from drsite.replication.planner import ALWAYS
 from drsite.replication.target import LocalTarget
 from drsite.store.digest import image_digest
+from drsite.store.generation import GenerationStore
 from drsite.store.local.backend import LocalObjectStore
 from drsite.store.replica import ReplicaHydrator
 from drsite.store.repository import PointInfo, Repository

@@ -122,7 +122,7 @@ def start_vault(c: Cluster) -> None:
 def start_agent(c: Cluster, site: str, *, store: bool, hypervisor: str | None = None) -> None:
     """Register (once) and start the agent of ``site`` with the ``hypervisor`` driver
     (``file`` or ``qemu``, VMs under ``<site>/vms``; default: the cluster's)."""
-    from drsite.agent.main import agent_register
+    from drsite.agent.process import agent_register
 
     data = c.root / site / "agent"
     vms = c.root / site / "vms"

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from drsite.agent.daemon import Agent
-from drsite.agent.main import agent_register
+from drsite.agent.process import agent_register
 from drsite.agent.testing import FakeVault
 from drsite.core.model import Consistency, DiskSpec, VmSpec
 from drsite.hypervisors.file.driver import FileHypervisor
@@ -137,7 +137,7 @@ def _agent_proc(sites: Sites, failpoint: str | None) -> subprocess.Popen[str]:
     env.pop("DRSITE_FAILPOINTS", None)
     if failpoint:
         env["DRSITE_FAILPOINTS"] = failpoint
-    cmd = [sys.executable, "-m", "drsite.agent", "run", "--data", str(sites.tmp / "pri"),
+    cmd = [sys.executable, "-m", "drsite.cli.main", "agent", "run", "--data", str(sites.tmp / "pri"),
            "--vms", str(sites.tmp / "vms"), "--heartbeat-interval", "0.3"]
     with open(sites.tmp / f"agent-{time.monotonic_ns()}.log", "w") as log:
         return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,

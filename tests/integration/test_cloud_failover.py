@@ -19,14 +19,14 @@ import numpy as np
 import pytest
 
 from drsite.agent.daemon import Agent
-from drsite.agent.main import agent_register
+from drsite.agent.process import agent_register
 from drsite.agent.testing import FakeVault
 from drsite.core.model import DiskSpec, VmSpec
 from drsite.failover import actions as fo
-from drsite.failover.generation import GenerationStore
 from drsite.hypervisors.file.driver import FileHypervisor
 from drsite.store.digest import file_digest, image_digest
 from drsite.store.factory import StoreSpec, ensure_bucket, open_backend, open_item_repository
+from drsite.store.generation import GenerationStore
 from drsite.store.replica import ReplicaHydrator
 from drsite.store.testing.servers import (
     AZURITE_KEY,

@@ -284,7 +284,7 @@ def test_agent_socket_without_agent_falls_back(hv: QemuHypervisor) -> None:
 
 def test_agent_kind_and_failover_protocol(tmp_path: Path) -> None:
     require_qemu()
-    from drsite.agent.main import HYPERVISOR_KINDS, make_hypervisor
+    from drsite.agent.process import HYPERVISOR_KINDS, make_hypervisor
     from drsite.failover.actions import FailoverHypervisor
 
     assert "qemu" in HYPERVISOR_KINDS

@@ -16,7 +16,7 @@ import pytest
 
 from drsite.agent.daemon import Agent
 from drsite.agent.link import VaultLink
-from drsite.agent.main import agent_register
+from drsite.agent.process import agent_register
 from drsite.agent.state import CommandJournal, settings_from_args
 from drsite.agent.testing import FakeVault
 from drsite.core.errors import AuthError, InvalidInput, NetworkError

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from drsite.agent.main import agent_register
+from drsite.agent.process import agent_register
 from drsite.agent.registration import AgentIdentity, normalize_fingerprint, register
 from drsite.agent.testing import FakeVault
 from drsite.core.errors import AuthError, Conflict, InvalidInput, NotFound

@@ -9,18 +9,18 @@ import pytest
 from drsite.core.clock import FakeClock
 from drsite.core.errors import CorruptData, Fenced, InvalidInput
 from drsite.core.model import DiskSpec, VmSpec
-from drsite.failover.generation import (
+from drsite.hypervisors.testing.memory import MemoryHypervisor
+from drsite.replication.driver import ItemReplicator, ReplicationSettings
+from drsite.replication.planner import ALWAYS
+from drsite.replication.report import ItemState
+from drsite.replication.target import LocalTarget
+from drsite.store.generation import (
     GenerationRecord,
     GenerationStore,
     check_not_fenced,
     check_replication_direction,
     generation_key,
 )
-from drsite.hypervisors.testing.memory import MemoryHypervisor
-from drsite.replication.driver import ItemReplicator, ReplicationSettings
-from drsite.replication.planner import ALWAYS
-from drsite.replication.report import ItemState
-from drsite.replication.target import LocalTarget
 from drsite.store.repository import Repository
 from drsite.store.testing.memory import MemoryObjectStore
 

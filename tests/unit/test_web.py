@@ -13,6 +13,7 @@ import pytest
 from drsite.vault.db.models import Job, Task
 from drsite.vault.testing import Harness, point, report, vm_info
 from drsite.web import charts, fmt
+from drsite.web.routes import router as dashboard
 from drsite.web.session import COOKIE, csrf_for
 
 VMS = [vm_info("vm-1", "web1"), vm_info("vm-2", "db1")]
@@ -24,7 +25,8 @@ FRAGMENTS = ["/ui/f/overview", "/ui/f/vms", "/ui/f/jobs", "/ui/f/jobs?state=fail
 
 @pytest.fixture
 def h(tmp_path: Path) -> Iterator[Harness]:
-    hh = Harness(tmp_path / "vault", heartbeat_interval=600.0)  # agents stay "up" under the fake clock
+    # agents stay "up" under the fake clock
+    hh = Harness(tmp_path / "vault", routers=[dashboard], heartbeat_interval=600.0)
     yield hh
     hh.close()
 
@@ -273,18 +275,6 @@ def test_plan_page_and_an_operator_starting_a_test_failover(h: Harness) -> None:
     assert h.client.get("/ui/plans/nope").status_code == 404
 
 
-def test_plans_page_without_a_failover_service(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
-    from drsite.web import data
-
-    monkeypatch.setattr(data, "FAILOVER_SERVICE", "drsite.vault.no_such_module")
-    csrf = login(h, h.admin)
-    for url in ("/ui/plans", "/ui/plans/tier1", "/ui/f/plans"):
-        r = h.client.get(url)
-        assert r.status_code == 200 and "not available in this vault version" in r.text
-    r = h.client.post("/ui/plans/tier1/test_failover", data={"csrf": csrf}, follow_redirects=False)
-    assert r.status_code == 404 and "not available" in r.text
-
-
 def test_static_files(h: Harness) -> None:
     css = h.client.get("/ui/static/style.css")
     assert css.status_code == 200 and css.headers["content-type"].startswith("text/css")
@@ -355,7 +345,8 @@ def test_a_job_waiting_for_an_operator_is_resumed_from_its_page(h: Harness) -> N
 
 
 def test_an_operator_acknowledges_an_alert(tmp_path: Path) -> None:
-    h = Harness(tmp_path / "vault")  # 2 s heartbeats: the agent goes down under the fake clock
+    # 2 s heartbeats: the agent goes down under the fake clock
+    h = Harness(tmp_path / "vault", routers=[dashboard])
     try:
         h.site("prim")
         h.register("prim", "hv1").beat()

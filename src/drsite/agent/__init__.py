@@ -5,7 +5,8 @@ recovery store over mTLS and keeps replicas hydrated.
 
 Modules: :mod:`.registration` (identity, trust on first contact), :mod:`.daemon` (the loop),
 :mod:`.link` (the agent routes), :mod:`.state` (files that make restarts resume),
-:mod:`.storeservice` (secondary store server + hydration), :mod:`.main` (entry points for the
-CLI and ``python -m drsite.agent``), :mod:`.testing` (a fake vault for tests). See
+:mod:`.storeservice` (secondary store server + hydration), :mod:`.failover` (the host's half
+of failover jobs), :mod:`.process` (the agent as a process: what ``drsite agent register|run``
+call), :mod:`.testing` (a fake vault for tests). See
 ``design.md``.
 """

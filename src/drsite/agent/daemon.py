@@ -41,6 +41,7 @@ import httpx
 
 import drsite
 from drsite.agent import cloudstores
+from drsite.agent.failover import FailoverCommands
 from drsite.agent.link import COMMAND_KINDS, Command, HeartbeatReply, VaultLink
 from drsite.agent.registration import AgentIdentity
 from drsite.agent.state import (
@@ -71,6 +72,7 @@ from drsite.replication.report import Health, ItemReport, ItemState
 from drsite.replication.target import RecoveryTarget
 from drsite.store.factory import StoreSpec
 from drsite.store.repository import PointInfo, Repository
+from drsite.store.site import SiteObjectStore, SiteTarget
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +146,7 @@ class Agent:
         self._ctx: ssl.SSLContext = self.identity.client_context()
         self.link = VaultLink(self.identity.vault_url, self._ctx, transport=transport)
         self._target_factory = target_factory or self._site_target
-        self._site_stores: dict[str, Any] = {}
+        self._site_stores: dict[str, SiteObjectStore] = {}
         self._state_dir = self.data_dir / "items"
         try:
             self._state_dir.mkdir(parents=True, exist_ok=True)
@@ -166,8 +168,6 @@ class Agent:
             self._store = StoreService(self.identity, store_dir, self.data_dir / "replicas",
                                        store_listen)
         self._store_url: str | None = None
-        from drsite.agent.failover import FailoverCommands
-
         self.failover = FailoverCommands(self)
         self._started = False
         self._last_ok = time.monotonic()
@@ -283,8 +283,6 @@ class Agent:
     # ----------------------------------------------------------------------------- items
 
     def _site_target(self, store_url: str, item_id: str) -> RecoveryTarget:
-        from drsite.store.site import SiteObjectStore, SiteTarget
-
         with self._lock:
             store = self._site_stores.get(store_url)
             if store is None:

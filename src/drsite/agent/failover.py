@@ -23,30 +23,31 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from drsite.agent.link import Command
+from drsite.agent.registration import AgentIdentity
+from drsite.agent.state import ItemEntry
+from drsite.agent.storeservice import StoreService
 from drsite.core.errors import InvalidInput, PermanentError
-from drsite.core.model import DiskSpec, Nic, PowerState, VmSpec, validate_name
+from drsite.core.model import PowerState, validate_name
 from drsite.failover import actions
-from drsite.failover.generation import GenerationStore
-from drsite.failover.network import (
-    FixedAddress,
-    IpRule,
-    KeepAddress,
-    NetworkMap,
-    NetworkMapping,
-    SubnetRule,
-)
+from drsite.failover.wire import network_map_from_args, vm_spec_from_dict
+from drsite.fsutil import atomic_write_json, read_json
+from drsite.hypervisors.contract import HypervisorDriver
+from drsite.replication.driver import ItemReplicator
 from drsite.store.contract import ObjectStore
+from drsite.store.factory import open_store
+from drsite.store.generation import GenerationStore
 from drsite.store.replica import ReplicaHydrator
 from drsite.store.repository import Repository
-
-if TYPE_CHECKING:
-    from drsite.agent.daemon import Agent
-    from drsite.agent.link import Command
+from drsite.store.site.server import held_marker, replica_lock
 
 log = logging.getLogger(__name__)
 
@@ -57,47 +58,36 @@ KINDS = (*RECOVERY_KINDS, *PRIMARY_KINDS, "run_script")
 SCRIPT_OUTPUT_TAIL = 2000
 
 
-def ip_rule_from_dict(d: dict[str, Any] | None) -> IpRule:
-    """``{"kind": "keep"}`` | ``{"kind": "subnet", "source", "target"}`` |
-    ``{"kind": "fixed", "addresses": {vm: ip}}`` → the library's rule (``InvalidInput``)."""
-    d = d or {"kind": "keep"}
-    kind = d.get("kind", "keep")
-    if kind == "keep":
-        return KeepAddress()
-    if kind == "subnet":
-        return SubnetRule(str(d.get("source")), str(d.get("target")),
-                          bool(d.get("allow_resize", False)))
-    if kind == "fixed":
-        addrs = d.get("addresses")
-        if not isinstance(addrs, dict):
-            raise InvalidInput("a fixed IP rule needs 'addresses': {vm name: address}")
-        return FixedAddress({str(k): str(v) for k, v in addrs.items()})
-    raise InvalidInput(f"unknown IP rule kind {kind!r}; known: keep, subnet, fixed")
+class LiveItem(Protocol):
+    """An item this host protects, as the daemon holds it."""
+
+    @property
+    def entry(self) -> ItemEntry: ...
 
 
-def network_map_from_args(rows: list[dict[str, Any]] | None) -> NetworkMap:
-    return NetworkMap(tuple(
-        NetworkMapping(str(r["source"]), str(r["recovery"]),
-                       str(r["test"]) if r.get("test") else None, ip_rule_from_dict(r.get("ip_rule")))
-        for r in rows or []))
+class FailoverHost(Protocol):
+    """What the failover commands need of the agent daemon (:class:`drsite.agent.daemon.Agent`
+    implements it; declared here so that this module does not import the daemon)."""
 
+    data_dir: Path
+    hypervisor: HypervisorDriver
+    identity: AgentIdentity
 
-def vm_spec_from_dict(d: dict[str, Any]) -> VmSpec:
-    try:
-        return VmSpec(name=validate_name("VM", str(d["name"])), vcpus=int(d.get("vcpus") or 1),
-                      memory_mib=int(d.get("memory_mib") or 512),
-                      nics=tuple(Nic(str(n["network"]), n.get("mac"), n.get("ip"))
-                                 for n in d.get("nics") or []),
-                      disks=tuple(DiskSpec(str(x["disk_id"]), int(x["size"]))
-                                  for x in d.get("disks") or []))
-    except (KeyError, TypeError, ValueError) as e:
-        raise InvalidInput(f"invalid VM spec in the command: {e}") from None
+    @property
+    def store_service(self) -> StoreService | None: ...
+
+    def live_item(self, cmd: Command) -> tuple[LiveItem, ItemReplicator]: ...
+
+    def set_generation(self, item_id: str, generation: int) -> None: ...
+
+    def set_failed_over(self, item_id: str, failed_over: bool) -> None: ...
+
 
 
 class FailoverCommands:
     """Runs the failover commands of one agent (called from the item's lane)."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: FailoverHost) -> None:
         self.agent = agent
         self.work_dir = agent.data_dir / "failover"
         self._replicas = agent.data_dir / "replicas"
@@ -120,8 +110,6 @@ class FailoverCommands:
         """The item's recovery store as seen on this host, and the replicas directory."""
         svc = self.agent.store_service
         if args.get("store"):
-            from drsite.store.factory import open_store  # cloud stores (issue 6)
-
             replicas = self.agent.data_dir / "replicas"
             return open_store(dict(args["store"])), replicas
         if svc is None:
@@ -145,8 +133,6 @@ class FailoverCommands:
         hv: Any = self.agent.hypervisor
         replica_dir = replicas / item_id
         replica_dir.mkdir(parents=True, exist_ok=True)
-        from drsite.store.site.server import replica_lock
-
         self._replicas = replicas
         try:
             with replica_lock(replica_dir):
@@ -162,9 +148,6 @@ class FailoverCommands:
     def _hold(self, item_id: str, held: bool) -> None:
         """Stop (or resume) the store service's hydration of a replica that a real failover
         moves into its VM; called under the replica's lock (see ``held_marker``)."""
-        from drsite.fsutil import atomic_write_json
-        from drsite.store.site.server import held_marker
-
         marker = held_marker(self._replicas, item_id)
         if held:
             atomic_write_json(marker, {"held_by": "failover", "at": time.time()})
@@ -249,8 +232,6 @@ class FailoverCommands:
         agent = self.agent
         item, rep = agent.live_item(cmd)
         rec_path = self.work_dir / "prepared" / f"{fid}.json"
-        from drsite.fsutil import atomic_write_json, read_json
-
         if rec_path.exists():
             return dict(read_json(rec_path))
         hv = agent.hypervisor
@@ -336,9 +317,6 @@ class FailoverCommands:
         """A recovery plan's script action on this host: ``/bin/sh -c`` with the plan's context
         in the environment (``DRSITE_*``), killed (whole process group) after ``timeout_s``.
         A non-zero exit code fails the command (permanent: the plan stops there)."""
-        import os
-        import subprocess
-
         script = str(cmd.args.get("script") or "")
         if not script.strip():
             raise InvalidInput("run_script: empty script")
@@ -351,8 +329,6 @@ class FailoverCommands:
         try:
             out, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            import signal
-
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()

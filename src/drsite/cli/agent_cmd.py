@@ -10,7 +10,7 @@ import typer
 
 
 class HypervisorKind(StrEnum):
-    """``--hypervisor`` choices (``drsite.agent.main.HYPERVISOR_KINDS``)."""
+    """``--hypervisor`` choices (``drsite.agent.process.HYPERVISOR_KINDS``)."""
 
     file = "file"
     qemu = "qemu"
@@ -31,7 +31,7 @@ def register(
                                                          "(instead of --ca-file)."),
 ) -> None:
     """Register this host: get a client certificate signed by the vault's CA."""
-    from drsite.agent.main import agent_register
+    from drsite.agent.process import agent_register
 
     ident = agent_register(vault_url=vault, key=key, data_dir=data, host_name=name,
                            ca_file=ca_file, ca_fingerprint=ca_fingerprint)
@@ -52,7 +52,7 @@ def run(
     heartbeat_interval: float = typer.Option(2.0, help="Seconds between heartbeats."),
 ) -> None:
     """Run the agent daemon in the foreground (SIGTERM stops it cleanly)."""
-    from drsite.agent.main import agent_run, configure_logging
+    from drsite.agent.process import agent_run, configure_logging
 
     configure_logging()
     agent_run(data_dir=data, hypervisor_kind=hypervisor.value, vms_root=vms, store_dir=store,

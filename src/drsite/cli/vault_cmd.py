@@ -20,10 +20,13 @@ def serve(
                                              "directory; postgresql+psycopg://… for PostgreSQL)."),
     heartbeat_interval: float = typer.Option(2.0, help="Seconds between agent heartbeats."),
 ) -> None:
-    """Run the vault in the foreground (Ctrl-C or SIGTERM stops it cleanly)."""
+    """Run the vault in the foreground (Ctrl-C or SIGTERM stops it cleanly), with the web
+    dashboard at /ui."""
     from drsite.vault.server import run_vault
+    from drsite.web.routes import router as dashboard
 
-    run_vault(data, listen=listen, db_url=db, heartbeat_interval=heartbeat_interval)
+    run_vault(data, listen=listen, db_url=db, heartbeat_interval=heartbeat_interval,
+              routers=[dashboard])
 
 
 def _admin_token(data: Path | None, token: str | None) -> str | None:

@@ -1,7 +1,7 @@
-"""Failover: network mapping (``network``), the split-brain guard (``generation``), images for
-recovery VMs (``images``) and the actions — test/planned/unplanned failover, commit, cancel,
-change of point, re-protect, failback (``actions``). See ``design.md``.
+"""Failover: network mapping (``network``), images for recovery VMs (``images``), the wire form
+of what the vault sends agents (``wire``) and the actions — test/planned/unplanned failover,
+commit, cancel, change of point, re-protect, failback (``actions``). See ``design.md``.
 
-Nothing is imported here: :mod:`drsite.replication.driver` imports ``failover.generation``, and
-``failover.actions`` imports the replication engine.
+The split-brain guard (generation records) lives in :mod:`drsite.store.generation`: the
+replication engine checks it, and it depends on nothing but the store contract.
 """

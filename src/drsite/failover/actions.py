@@ -36,7 +36,6 @@ from drsite.core.errors import (
     VmNotFound,
 )
 from drsite.core.model import Consistency, DiskSpec, PowerState, VmInfo, VmSpec, validate_name
-from drsite.failover.generation import GenerationStore, check_replication_direction
 from drsite.failover.images import (
     digests_differ,
     disk_fingerprint,
@@ -53,6 +52,7 @@ from drsite.replication.driver import ItemReplicator, ReplicationSettings
 from drsite.replication.report import ItemState
 from drsite.replication.target import LocalTarget
 from drsite.store.contract import ObjectStore
+from drsite.store.generation import GenerationStore, check_replication_direction
 from drsite.store.replica import ReplicaHydrator
 from drsite.store.repository import PointInfo, Repository, iter_pieces
 

@@ -39,7 +39,6 @@ from drsite.core.extents import ExtentList
 from drsite.core.model import Consistency, SealedCycle, TrackingState
 from drsite.core.retention import RetentionRule
 from drsite.core.throttle import TokenBucket
-from drsite.failover.generation import check_not_fenced
 from drsite.hypervisors.contract import DiskReader, HypervisorDriver
 from drsite.replication.planner import (
     Action,
@@ -55,6 +54,7 @@ from drsite.replication.report import Health, ItemReport, ItemState
 from drsite.replication.resync import RESYNC_BLOCK, block_digests, differing_extents
 from drsite.replication.state import ItemRecord, RecordFile
 from drsite.replication.target import RecoveryTarget
+from drsite.store.generation import check_not_fenced
 from drsite.store.repository import PointInfo, VerifyReport
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ ProgressFn = Callable[[ItemReport], None]
 class ItemReplicator:
     """Replication of one VM to one recovery target. One instance per item; not thread-safe.
 
-    ``generation`` is the split-brain guard (:mod:`drsite.failover.generation`): when set, every
+    ``generation`` is the split-brain guard (:mod:`drsite.store.generation`): when set, every
     step first checks that the item's generation in the recovery store is not newer, and the
     check runs again right before a point is committed; a newer generation (a failover promoted
     the other side) makes the step fail with ``Fenced`` (permanent: the item goes Critical and

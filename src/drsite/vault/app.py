@@ -9,10 +9,10 @@ runner, scheduler, health) unless ``settings.background`` is False — then test
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 
 from drsite import __version__
 from drsite.vault.api import (
@@ -28,13 +28,17 @@ from drsite.vault.api import (
 )
 from drsite.vault.context import Vault, bootstrap
 from drsite.vault.settings import VaultSettings
-from drsite.web import routes as web
 
 API_PREFIX = "/api/v1"
 
 
-def create_app(settings: VaultSettings, vault: Vault | None = None) -> FastAPI:
-    """The vault app for ``settings`` (or around an already bootstrapped ``vault``)."""
+def create_app(settings: VaultSettings, vault: Vault | None = None, *,
+               routers: Sequence[APIRouter] = ()) -> FastAPI:
+    """The vault app for ``settings`` (or around an already bootstrapped ``vault``).
+
+    ``routers`` are mounted after the API: the dashboard (:mod:`drsite.web`) sits above the
+    vault and is added by whoever assembles the process (``drsite vault serve``), so the vault
+    never imports it."""
     v = vault or bootstrap(settings)
 
     @asynccontextmanager
@@ -53,5 +57,6 @@ def create_app(settings: VaultSettings, vault: Vault | None = None) -> FastAPI:
     for r in (public.router, inventory.router, protection.router, operations.router, tokens.router,
               agent.router, stores.router, failover.router):
         app.include_router(r, prefix=API_PREFIX)
-    app.include_router(web.router)  # the dashboard at /ui, and / → /ui
+    for r in routers:
+        app.include_router(r)
     return app

@@ -17,6 +17,9 @@ from sqlalchemy.orm import Session
 from drsite.vault.db.models import Group, Host, Item, Vm
 
 ACTIVE_ITEM_STATUSES = ("enabling", "protected", "disabling")
+# an item in any of these still stands for its VM (recovery plans find items by VM name)
+LIVE_ITEM_STATUSES = ("enabling", "protected", "disabling", "failing_over", "failed_over",
+                      "committed")
 
 
 def normalise_match(match: dict[str, Any] | None) -> dict[str, list[str]]:
@@ -48,3 +51,12 @@ def vm_ref(host_id: str, vm_id: str) -> str:
 
 def active_item_for_vm(s: Session, host_id: str, vm_id: str) -> Item | None:
     return s.scalars(select(Item).where(Item.vm_ref == vm_ref(host_id, vm_id))).first()
+
+
+def items_by_vm(s: Session) -> dict[str, Item]:
+    """Active items by VM name (newest wins: a re-protected VM's reverse item)."""
+    out: dict[str, Item] = {}
+    for it in s.scalars(select(Item).where(Item.status.in_(LIVE_ITEM_STATUSES))
+                        .order_by(Item.created_at)):
+        out[it.vm_name] = it
+    return out

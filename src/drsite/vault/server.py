@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+
+from fastapi import APIRouter
 
 from drsite import tlsutil
 from drsite.core.errors import InvalidInput
@@ -30,8 +33,9 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 
 def run_vault(data_dir: Path, listen: str = "127.0.0.1:8443", db_url: str | None = None,
-              heartbeat_interval: float = 2.0) -> None:
-    """Run a vault in the foreground until it is asked to stop (blocking)."""
+              heartbeat_interval: float = 2.0, routers: Sequence[APIRouter] = ()) -> None:
+    """Run a vault in the foreground until it is asked to stop (blocking). ``routers``: more
+    routes to serve beside the API (the CLI adds the dashboard)."""
     host, port = parse_listen(listen)
     if heartbeat_interval <= 0:
         raise InvalidInput("heartbeat_interval must be > 0")
@@ -49,7 +53,7 @@ def run_vault(data_dir: Path, listen: str = "127.0.0.1:8443", db_url: str | None
             sys.stdout.flush()
         else:
             log.info("first admin token created; it is in %s (mode 0600)", where)
-    app = create_app(settings, vault)
+    app = create_app(settings, vault, routers=routers)
     log.info("vault data in %s, database %s", settings.data_dir, _redact(settings.database_url))
     try:
         tlsutil.serve(app, host=host, port=port, certfile=vault.tls.cert, keyfile=vault.tls.key,

@@ -23,7 +23,9 @@ from sqlalchemy.orm import Session
 from drsite.core.errors import InvalidInput, NotFound
 from drsite.core.model import validate_name
 from drsite.store.factory import StoreSpec
-from drsite.vault.db.models import Group, Item, Policy, Store
+from drsite.vault import commands
+from drsite.vault.db.models import Group, Item, Policy, Site, Store
+from drsite.vault.policies import agent_settings
 
 CLOUD_STORE_URL = "cloud:"
 """``store_url`` of items replicating to a cloud store: ``cloud:<store name>``."""
@@ -123,10 +125,6 @@ def push_spec(s: Session, row: Store, now: float) -> int:
     points it only replaces the store spec (the agent reopens the item) and returns the latest
     point. Items held by a job get the spec with the job's next ``protect``. Returns how many
     items were sent it."""
-    from drsite.vault import commands
-    from drsite.vault.db.models import Site
-    from drsite.vault.policies import agent_settings
-
     spec = row_spec(row).to_dict()
     n = 0
     for g in s.scalars(select(Group).where(Group.store_id == row.id)):

@@ -8,11 +8,13 @@ override instead of TLS.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from fastapi import APIRouter
 from fastapi.testclient import TestClient
 
 from drsite.core.clock import FakeClock
@@ -80,11 +82,12 @@ class Agent:
 
 
 class Harness:
-    def __init__(self, data_dir: Path, db_url: str | None = None, **settings: Any) -> None:
+    def __init__(self, data_dir: Path, db_url: str | None = None, *,
+                 routers: Sequence[APIRouter] = (), **settings: Any) -> None:
         self.clock = FakeClock(T0)
         self.settings = VaultSettings(data_dir=data_dir, db_url=db_url, clock=self.clock,
                                       minute_of_day=utc_minute_of_day, background=False, **settings)
-        self.app = create_app(self.settings)
+        self.app = create_app(self.settings, routers=routers)
         self.vault: Vault = self.app.state.vault
         self.peer: bytes | None = None
         self.app.dependency_overrides[peer_cert] = lambda: self.peer

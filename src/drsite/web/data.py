@@ -11,25 +11,24 @@ bytes of the last hour per item (summed over that same catalogue).
 
 from __future__ import annotations
 
-import importlib
 import logging
-from types import ModuleType
 from typing import Any
 
 from sqlalchemy import func, select
 
 from drsite.core.errors import NotFound
+from drsite.vault import recovery_plans
 from drsite.vault.api import inventory, operations, protection
 from drsite.vault.api.deps import Principal
 from drsite.vault.api.views import job_view
 from drsite.vault.context import Vault
 from drsite.vault.db.models import Job, Point
+from drsite.vault.jobs import create
 from drsite.web import charts
 from drsite.web.session import WebUser
 
 log = logging.getLogger(__name__)
 
-FAILOVER_SERVICE = "drsite.vault.failover_service"
 CHURN_WINDOW_S = 3600.0
 
 
@@ -149,55 +148,27 @@ def alerts(vault: Vault, user: WebUser, state: str | None) -> list[dict[str, Any
 
 # ------------------------------------------------------------------------- recovery plans
 
-def failover_service() -> ModuleType | None:
-    """``drsite.vault.failover_service`` when this vault has it, else None."""
-    try:
-        return importlib.import_module(FAILOVER_SERVICE)
-    except ModuleNotFoundError as e:
-        if e.name != FAILOVER_SERVICE:
-            log.warning("recovery plans unavailable: %s", e)
-        return None
-    except Exception:  # a broken module must not take the dashboard down
-        log.exception("recovery plans unavailable: %s failed to import", FAILOVER_SERVICE)
-        return None
-
-
-def plans(vault: Vault) -> list[dict[str, Any]] | None:
-    fs = failover_service()
-    if fs is None:
-        return None
+def plans(vault: Vault) -> list[dict[str, Any]]:
     with vault.db.read() as s:
-        out: list[dict[str, Any]] = list(fs.list_plans(s))
-        return out
+        return recovery_plans.list_plans(s)
 
 
-def plan(vault: Vault, name: str) -> dict[str, Any] | None:
-    fs = failover_service()
-    if fs is None:
-        return None
+def plan(vault: Vault, name: str) -> dict[str, Any]:
     with vault.db.read() as s:
-        view: dict[str, Any] = dict(fs.plan_view(s, name))
-        return view
+        return recovery_plans.plan_view(s, name)
 
 
 def start_plan_action(vault: Vault, name: str, action: str, args: dict[str, Any]) -> str:
     """Start ``action`` of plan ``name``; the new job's id."""
-    fs = failover_service()
-    if fs is None:
-        raise NotFound("recovery plans are not available in this vault version")
     now = vault.settings.clock.now()
     with vault.db.tx() as s:
-        job_ = fs.start_plan_action(s, name, action, args, now)
-        return str(job_.id)
+        return str(recovery_plans.start_plan_action(s, name, action, args, now).id)
 
 
 def resume_job(vault: Vault, job_id: str) -> None:
-    fs = failover_service()
-    if fs is None:
-        raise NotFound("recovery plans are not available in this vault version")
     now = vault.settings.clock.now()
     with vault.db.tx() as s:
-        fs.resume_job(s, job_id, now)
+        create.resume_job(s, job_id, now)
 
 
 def cancel_job(vault: Vault, user: WebUser, job_id: str) -> None:

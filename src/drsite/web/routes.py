@@ -289,14 +289,11 @@ def alerts_fragment(request: Request, state: str | None = None) -> Response:
 
 
 def _plans_ctx(v: Vault, _u: WebUser) -> dict[str, Any]:
-    plans = data.plans(v)
-    return {"plans": plans or [], "available": plans is not None}
+    return {"plans": data.plans(v)}
 
 
 def _plan_ctx(v: Vault, _u: WebUser, name: str) -> dict[str, Any]:
-    available = data.failover_service() is not None
-    plan = data.plan(v, name) if available else None
-    return {"plan": plan, "available": available, "actions": PLAN_ACTIONS, "name": name}
+    return {"plan": data.plan(v, name), "actions": PLAN_ACTIONS, "name": name}
 
 
 @router.get("/ui/plans")

@@ -10,14 +10,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from drsite.core.errors import InvalidInput, NotFound
-from drsite.vault import failover_service as svc
+from drsite.vault import network_mappings, recovery_plans
 from drsite.vault.api.deps import Admin, Operator, Reader, VaultDep, name
-from drsite.vault.api.views import job_view
+from drsite.vault.api.views import failover_view, job_view
 from drsite.vault.db.models import Failover, NetworkMapping
+from drsite.vault.jobs import create
 
 router = APIRouter()
 
-ACTIONS = {a.replace("_", "-"): a for a in svc.ITEM_ACTIONS}
+ACTIONS = {a.replace("_", "-"): a for a in create.ITEM_ACTIONS}
 
 
 class ActionIn(BaseModel):
@@ -58,7 +59,7 @@ def item_action(item_id: str, action: str, vault: VaultDep, _p: Operator,
     if action not in ACTIONS:
         raise InvalidInput(f"unknown failover action {action!r}", hint=f"Use one of {', '.join(ACTIONS)}.")
     with vault.db.tx() as s:
-        job = svc.start_item_action(s, name("item id", item_id), ACTIONS[action], _args(body),
+        job = create.start_item_action(s, name("item id", item_id), ACTIONS[action], _args(body),
                                     vault.settings.clock.now())
         return job_view(s, job)
 
@@ -68,7 +69,7 @@ def item_failovers(item_id: str, vault: VaultDep, _p: Reader) -> list[dict[str, 
     with vault.db.read() as s:
         rows = s.scalars(select(Failover).where(Failover.item_id == name("item id", item_id))
                          .order_by(Failover.created_at.desc()))
-        return [svc.failover_view(f) for f in rows]
+        return [failover_view(f) for f in rows]
 
 
 @router.get("/failovers", summary="All failovers, newest first")
@@ -76,7 +77,7 @@ def list_failovers(vault: VaultDep, _p: Reader, limit: int = 100) -> list[dict[s
     if not 1 <= limit <= 1000:
         raise InvalidInput("limit must be between 1 and 1000")
     with vault.db.read() as s:
-        return [svc.failover_view(f) for f in
+        return [failover_view(f) for f in
                 s.scalars(select(Failover).order_by(Failover.created_at.desc()).limit(limit))]
 
 
@@ -86,14 +87,14 @@ def show_failover(failover_id: str, vault: VaultDep, _p: Reader) -> dict[str, An
         fo = s.get(Failover, name("failover id", failover_id))
         if fo is None:
             raise NotFound(f"no failover {failover_id!r}")
-        return svc.failover_view(fo)
+        return failover_view(fo)
 
 
 @router.post("/jobs/{job_id}/resume", status_code=status.HTTP_202_ACCEPTED,
              summary="Resume a job waiting for an operator (a recovery plan's manual action)")
 def resume(job_id: str, vault: VaultDep, _p: Operator) -> dict[str, Any]:
     with vault.db.tx() as s:
-        return job_view(s, svc.resume_job(s, job_id, vault.settings.clock.now()))
+        return job_view(s, create.resume_job(s, job_id, vault.settings.clock.now()))
 
 
 # ------------------------------------------------------------------------------ plans
@@ -101,20 +102,20 @@ def resume(job_id: str, vault: VaultDep, _p: Operator) -> dict[str, Any]:
 @router.get("/plans", summary="List recovery plans with their groups and actions")
 def list_plans(vault: VaultDep, _p: Reader) -> list[dict[str, Any]]:
     with vault.db.read() as s:
-        return svc.list_plans(s)
+        return recovery_plans.list_plans(s)
 
 
 @router.get("/plans/{plan}", summary="Show a recovery plan")
 def show_plan(plan: str, vault: VaultDep, _p: Reader) -> dict[str, Any]:
     with vault.db.read() as s:
-        return svc.plan_view(s, plan)
+        return recovery_plans.plan_view(s, plan)
 
 
 @router.post("/plans", summary="Create or update recovery plans from documents; returns the diff "
                                 "(dry_run: change nothing). Admin: plans run scripts.")
 def apply_plans(body: PlansIn, vault: VaultDep, _p: Admin) -> dict[str, Any]:
     with vault.db.tx() as s:
-        diff = svc.apply_plans(s, body.plans, vault.settings.clock.now(), dry_run=body.dry_run,
+        diff = recovery_plans.apply_plans(s, body.plans, vault.settings.clock.now(), dry_run=body.dry_run,
                                prune=body.prune)
         return {"dry_run": body.dry_run, "changes": diff}
 
@@ -122,7 +123,7 @@ def apply_plans(body: PlansIn, vault: VaultDep, _p: Admin) -> dict[str, Any]:
 @router.delete("/plans/{plan}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a plan")
 def delete_plan(plan: str, vault: VaultDep, _p: Admin) -> Response:
     with vault.db.tx() as s:
-        svc.delete_plan(s, plan, vault.settings.clock.now())
+        recovery_plans.delete_plan(s, plan, vault.settings.clock.now())
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -132,11 +133,11 @@ def delete_plan(plan: str, vault: VaultDep, _p: Admin) -> Response:
 def plan_action(plan: str, action: str, vault: VaultDep, _p: Operator,
                 body: ActionIn | None = None) -> dict[str, Any]:
     act = action.replace("-", "_")
-    if act not in svc.PLAN_ACTIONS:
+    if act not in create.PLAN_ACTIONS:
         raise InvalidInput(f"unknown plan action {action!r}",
-                           hint=f"Use one of {', '.join(a.replace('_', '-') for a in svc.PLAN_ACTIONS)}.")
+                           hint=f"Use one of {', '.join(a.replace('_', '-') for a in create.PLAN_ACTIONS)}.")
     with vault.db.tx() as s:
-        job = svc.start_plan_action(s, plan, act, _args(body), vault.settings.clock.now())
+        job = recovery_plans.start_plan_action(s, plan, act, _args(body), vault.settings.clock.now())
         return job_view(s, job)
 
 
@@ -145,18 +146,18 @@ def plan_action(plan: str, action: str, vault: VaultDep, _p: Operator,
 @router.get("/network-mappings", summary="List network mappings")
 def list_mappings(vault: VaultDep, _p: Reader) -> list[dict[str, Any]]:
     with vault.db.read() as s:
-        return [svc.network_mapping_view(s, r) for r in
+        return [network_mappings.network_mapping_view(s, r) for r in
                 s.scalars(select(NetworkMapping).order_by(NetworkMapping.id))]
 
 
 @router.put("/network-mappings", summary="Create or replace the mapping of a source network")
 def put_mapping(body: MappingIn, vault: VaultDep, _p: Operator) -> dict[str, Any]:
     with vault.db.tx() as s:
-        row = svc.set_network_mapping(
+        row = network_mappings.set_network_mapping(
             s, source_site=body.source_site, recovery_site=body.recovery_site,
             source_network=body.source_network, recovery_network=body.recovery_network,
             test_network=body.test_network, ip_rule=body.ip_rule, now=vault.settings.clock.now())
-        return svc.network_mapping_view(s, row)
+        return network_mappings.network_mapping_view(s, row)
 
 
 @router.delete("/network-mappings/{mapping_id}", status_code=status.HTTP_204_NO_CONTENT,

@@ -12,9 +12,9 @@ from drsite.vault.api.deps import Operator, Reader, VaultDep, name
 from drsite.vault.api.views import alert_view, event_view, job_view
 from drsite.vault.db.models import Alert, Event, Host, Item, Job
 from drsite.vault.health import agent_up, item_health
+from drsite.vault.jobs.create import request_cancel
 from drsite.vault.jobs.plan import ACTIVE_JOB_STATES, JOB_STATES
 from drsite.vault.jobs.registry import HANDLERS
-from drsite.vault.jobs.runner import request_cancel
 from drsite.vault.scheduler import item_policy, preload_policies
 
 router = APIRouter()

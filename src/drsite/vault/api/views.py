@@ -7,7 +7,21 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from drsite.vault.db.models import Alert, ApiToken, Event, Group, Host, Item, Job, Policy, Site, Task, Vm
+from drsite.vault.db.models import (
+    Alert,
+    ApiToken,
+    Event,
+    Failover,
+    Group,
+    Host,
+    Item,
+    Job,
+    Policy,
+    Site,
+    Store,
+    Task,
+    Vm,
+)
 from drsite.vault.health import agent_up, item_health
 from drsite.vault.membership import normalise_match
 from drsite.vault.scheduler import item_policy
@@ -51,8 +65,6 @@ def group_view(s: Session, g: Group, sites: dict[int, str]) -> dict[str, Any]:
     policy = s.get(Policy, g.policy_id) if g.policy_id else None
     n = len(s.scalars(select(Item.id).where(Item.group_id == g.id,
                                             Item.status.in_(("enabling", "protected", "disabling")))).all())
-    from drsite.vault.db.models import Store
-
     store = s.get(Store, g.store_id) if g.store_id else None
     return {"name": g.name, "site": sites.get(g.site_id), "target_site": sites.get(g.target_site_id),
             "policy": policy.name if policy else None, "match": normalise_match(g.match),
@@ -110,3 +122,19 @@ def event_view(e: Event) -> dict[str, Any]:
 
 def token_view(t: ApiToken) -> dict[str, Any]:
     return {"name": t.name, "role": t.role, "created_at": t.created_at, "last_used_at": t.last_used_at}
+
+
+def failover_view(fo: Failover) -> dict[str, Any]:
+    return {"id": fo.id, "item_id": fo.item_id, "kind": fo.kind, "state": fo.state,
+            "point_id": fo.point_id, "point_created_at": fo.point_created_at,
+            "recovery_host_id": fo.recovery_host_id, "vm_name": fo.vm_name, "vm_id": fo.vm_id,
+            "generation": fo.generation, "rto_s": fo.rto_s, "notes": fo.notes,
+            "job_id": fo.job_id, "created_at": fo.created_at, "updated_at": fo.updated_at,
+            "result": {k: v for k, v in (fo.result or {}).items() if k != "source"}
+            | ({"source": {k: v for k, v in fo.result["source"].items() if k != "fingerprints"}}
+               if (fo.result or {}).get("source") else {})}
+
+
+def host_name(s: Session, host_id: str | None) -> str | None:
+    h = s.get(Host, host_id) if host_id else None
+    return h.name if h else None

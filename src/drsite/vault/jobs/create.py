@@ -1,23 +1,28 @@
-"""Starting jobs: one function per kind, each checking what must hold before the job exists.
+"""Starting jobs — one function per kind (protection, resync, policy association, the failover
+actions of one item), each checking what must hold before the job exists — resuming a job that
+waits for an operator, and asking one to stop (``request_cancel``).
 
 An item is owned by at most one active job (``items.active_job_id``, claimed by a conditional
-update, so two concurrent requests cannot both start one). Responsible for: creating the job and
-its task rows and claiming the item. Not responsible for: doing the work (``runner``).
+update, so two concurrent requests cannot both start one). Called by the API, the dashboard and
+the recovery-plan job inside a transaction. Responsible for: creating the job and its task rows
+and claiming the item. Not responsible for: doing the work (``runner`` and the task modules).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from drsite.core.errors import Conflict, InvalidInput, VmNotFound
+from drsite.core.errors import Conflict, InvalidInput, NotFound, VmNotFound
+from drsite.core.model import validate_name
 from drsite.core.retry import RetryState
 from drsite.vault.audit import record_event
-from drsite.vault.db.models import Group, Host, Item, Job, Task, Vm
+from drsite.vault.db.models import Failover, Group, Host, Item, Job, Task, Vm
 from drsite.vault.ids import new_id
-from drsite.vault.jobs.plan import ASSOCIATE, DISABLE, ENABLE, RESYNC, TASK_PLAN
+from drsite.vault.jobs import plan as P
+from drsite.vault.jobs.plan import ACTIVE_JOB_STATES, ASSOCIATE, DISABLE, ENABLE, RESYNC, TASK_PLAN
 from drsite.vault.membership import active_item_for_vm, vm_ref
 
 
@@ -105,3 +110,134 @@ def start_policy_association(s: Session, group: Group, *, now: float) -> Job:
     idempotent, so two association jobs of one group may overlap harmlessly."""
     return create_job(s, ASSOCIATE, target=group.name, item_id=None,
                       args={"group": group.name}, now=now)
+
+
+def request_cancel(s: Session, job: Job, now: float) -> None:
+    """Ask for a job to stop at its next task boundary (``Conflict`` if it already ended)."""
+    if job.state not in ACTIVE_JOB_STATES:
+        raise Conflict(f"job {job.id} already {job.state}")
+    if not job.cancel_requested:
+        job.cancel_requested = True
+        job.updated_at = now
+        record_event(s, now, "job", job.id, f"{job.kind} of {job.target}: cancel requested")
+
+
+# ------------------------------------------------------------------------------ failover actions
+
+ITEM_ACTIONS = ("test_failover", "cleanup_test_failover", "planned_failover", "unplanned_failover",
+                "commit", "cancel", "change_point", "reprotect")
+PLAN_ACTIONS = ("test_failover", "cleanup_test_failover", "planned_failover", "unplanned_failover",
+                "commit", "cancel", "reprotect")
+FAILOVER_KINDS = {"test_failover": "test", "planned_failover": "planned",
+                  "unplanned_failover": "unplanned"}
+
+
+def _latest_failover(s: Session, item: Item, *, kind: str | None = None,
+                     states: tuple[str, ...]) -> Failover | None:
+    q = select(Failover).where(Failover.item_id == item.id, Failover.state.in_(states))
+    if kind is not None:
+        q = q.where(Failover.kind == kind)
+    return s.scalars(q.order_by(Failover.created_at.desc())).first()
+
+
+def get_item(s: Session, item_id: str) -> Item:
+    item = s.get(Item, validate_name("item", item_id))
+    if item is None:
+        raise NotFound(f"no item {item_id!r}", hint="List items with GET /api/v1/items.")
+    return item
+
+
+def point_arg(args: dict[str, Any]) -> str:
+    point = str(args.get("point") or "latest")
+    if point not in ("latest", "latest_app"):
+        validate_name("point", point)
+    return point
+
+
+def start_item_action(s: Session, item_id: str, action: str, args: dict[str, Any],
+                      now: float) -> Job:
+    """Start the job of ``action`` on one item (``Conflict`` when the item's state does not
+    allow it or another job holds the item)."""
+    if action not in ITEM_ACTIONS:
+        raise InvalidInput(f"unknown failover action {action!r}; known: {', '.join(ITEM_ACTIONS)}")
+    item = get_item(s, item_id)
+    if item.active_job_id is not None:  # checked before anything is created (claim_item is final)
+        raise Conflict(f"item {item.id} is busy with job {item.active_job_id}",
+                       hint=f"Wait for job {item.active_job_id} to end, or cancel it.")
+    args = dict(args)
+    for key in ("vm_name",):
+        if args.get(key) is not None:
+            args[key] = validate_name("VM", str(args[key]))
+    if action in FAILOVER_KINDS:
+        kind = FAILOVER_KINDS[action]
+        if item.status != "protected":
+            raise Conflict(f"{item.vm_name} is {item.status}; only a protected item can fail over",
+                           hint="Commit or cancel the failover in progress first." if
+                           item.status in ("failed_over", "failing_over") else None)
+        if kind == "test" and _latest_failover(s, item, kind="test", states=("starting", "test_running")):
+            raise Conflict(f"{item.vm_name} already has a test failover running",
+                           hint="Clean it up first (cleanup_test_failover).")
+        point = point_arg(args)
+        fo = Failover(id=new_id("f"), item_id=item.id, kind=kind, state="starting", point_id=None,
+                      result={}, notes=[], created_at=now, updated_at=now)
+        s.add(fo)
+        jkind = {"test": P.TEST_FAILOVER, "planned": P.PLANNED, "unplanned": P.UNPLANNED}[kind]
+        job_args: dict[str, Any] = {"failover_id": fo.id, "point": point}
+        job_args.update({k: args[k] for k in ("vm_name", "replace_vm", "shutdown_timeout", "plan_job")
+                         if k in args})
+        if kind == "planned" and item.origin_item_id and "replace_vm" not in job_args \
+                and "vm_name" not in job_args:
+            origin = s.get(Item, item.origin_item_id)
+            if origin is not None:  # failback: to the original VM, re-created in place
+                job_args["replace_vm"] = origin.vm_id
+        job = create_job(s, jkind, target=item.vm_name, item_id=item.id, args=job_args, now=now)
+        fo.job_id = job.id
+    else:
+        found: Failover | None
+        if action == "cleanup_test_failover":
+            found = _latest_failover(s, item, kind="test",
+                                     states=("test_running", "starting", "failed", "cancelled"))
+            if found is None:
+                raise Conflict(f"{item.vm_name} has no test failover to clean up")
+            jkind = P.CLEANUP_TEST
+        elif action in ("commit", "cancel", "change_point"):
+            found = s.get(Failover, item.failover_id) if item.failover_id else None
+            if found is None or item.status not in ("failed_over", "failing_over"):
+                raise Conflict(f"{item.vm_name} is {item.status}; there is no failover to {action}",
+                               hint="Fail the item over first.")
+            if action == "commit" and found.state != "pending_commit":
+                raise Conflict(f"failover {found.id} is {found.state}; only a failover pending commit "
+                               "can be committed", hint="Cancel it instead.")
+            jkind = {"commit": P.COMMIT, "cancel": P.CANCEL, "change_point": P.CHANGE_POINT}[action]
+        else:  # reprotect
+            found = _latest_failover(s, item, states=("committed",))
+            if found is None or item.status != "committed":
+                raise Conflict(f"{item.vm_name} is {item.status}; re-protect needs a committed "
+                               "failover", hint="Commit the failover first.")
+            jkind = P.REPROTECT
+        fo = found
+        job_args = {"failover_id": fo.id, "notes": str(args.get("notes") or "")[:2000],
+                    **({"plan_job": args["plan_job"]} if "plan_job" in args else {})}
+        if action == "change_point":
+            job_args["point"] = point_arg(args)
+        tasks = P.COMMIT_AND_REPROTECT if action == "commit" and fo.kind == "planned" \
+            and args.get("reprotect", True) else None
+        job = create_job(s, jkind, target=item.vm_name, item_id=item.id, args=job_args, now=now,
+                         tasks=tasks)
+    claim_item(s, item, job.id)
+    return job
+
+
+def resume_job(s: Session, job_id: str, now: float) -> Job:
+    """Let a job waiting for an operator (a manual action) go on."""
+    job = s.get(Job, validate_name("job", job_id))
+    if job is None:
+        raise NotFound(f"no job {job_id!r}")
+    task = s.scalars(select(Task).where(Task.job_id == job.id, Task.state == "running")
+                     .order_by(Task.idx)).first()
+    if job.state != "running" or task is None or not (task.data or {}).get("waiting_for_operator"):
+        raise Conflict(f"job {job_id} is not waiting for an operator",
+                       hint="Only a job whose current step is a manual action can be resumed.")
+    task.data = {**dict(task.data or {}), "resumed_at": now, "waiting_for_operator": False}
+    record_event(s, now, "job", job.id, f"{job.kind} of {job.target}: resumed by an operator")
+    return job

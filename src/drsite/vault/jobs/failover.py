@@ -26,6 +26,7 @@ from typing import Any
 from sqlalchemy import select
 
 from drsite.core.errors import InvalidInput, NetworkError, PermanentError
+from drsite.failover.wire import network_map_from_args, vm_spec_from_dict
 from drsite.vault import commands
 from drsite.vault.audit import record_event
 from drsite.vault.db.models import (
@@ -226,8 +227,6 @@ def failover_checks(ctx: TaskContext) -> Step:
                            hint=f"List its points: drsite item points {item.id}")
     args = item_context(ctx, item, fo)
     # the network mapping check, here so that a bad mapping fails before anything is touched
-    from drsite.agent.failover import network_map_from_args, vm_spec_from_dict
-
     spec = vm_spec_from_dict(args["vm_spec"])
     network_map_from_args(args["network_map"]).check(spec, test=fo.kind == "test")
     fo.recovery_host_id = host.id

@@ -25,9 +25,10 @@ from sqlalchemy import select
 
 from drsite.core.errors import Conflict, DrsiteError, InvalidInput, PermanentError
 from drsite.vault.db.models import Failover, Host, Item, Job, Task
-from drsite.vault.failover_service import _items_by_vm, start_item_action
+from drsite.vault.jobs.create import request_cancel, start_item_action
 from drsite.vault.jobs.failover import run_command
 from drsite.vault.jobs.model import JobHandlers, Step, TaskContext, done, wait
+from drsite.vault.membership import items_by_vm
 
 OUTPUT_TAIL = 2000
 
@@ -127,7 +128,7 @@ def plan_group(ctx: TaskContext) -> Step:
     action = str(ctx.job.args.get("action"))
     jobs: dict[str, str] = dict(data.get("jobs") or {})
     if not data.get("started"):
-        items = _items_by_vm(ctx.s)
+        items = items_by_vm(ctx.s)
         skipped: list[str] = []
         for vm in data.get("vms", []):
             item = items.get(vm)
@@ -208,8 +209,6 @@ def plan_on_end(ctx: TaskContext, state: str) -> None:
     """Cancelling a plan cancels the item jobs it started that are still running."""
     if state == "succeeded":
         return
-    from drsite.vault.jobs.runner import request_cancel
-
     for t in ctx.s.scalars(select(Task).where(Task.job_id == ctx.job.id, Task.name == "plan_group")):
         for jid in dict((t.data or {}).get("jobs") or {}).values():
             job = ctx.s.get(Job, jid)

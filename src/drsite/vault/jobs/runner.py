@@ -21,7 +21,7 @@ import logging
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from drsite.core.errors import Conflict, DrsiteError, PermanentError
+from drsite.core.errors import DrsiteError, PermanentError
 from drsite.vault.audit import record_event
 from drsite.vault.db.database import Database
 from drsite.vault.db.models import Item, Job, Task
@@ -50,16 +50,6 @@ def job_progress(tasks: list[Task]) -> float:
         elif t.state == "running":
             got += w * t.progress / 100.0
     return round(100.0 * got / total, 1)
-
-
-def request_cancel(s: Session, job: Job, now: float) -> None:
-    """Ask for a job to stop at its next task boundary (``Conflict`` if it already ended)."""
-    if job.state not in ACTIVE_JOB_STATES:
-        raise Conflict(f"job {job.id} already {job.state}")
-    if not job.cancel_requested:
-        job.cancel_requested = True
-        job.updated_at = now
-        record_event(s, now, "job", job.id, f"{job.kind} of {job.target}: cancel requested")
 
 
 class JobRunner:

@@ -1,8 +1,9 @@
-"""Entry points of the agent for the CLI (``drsite agent …``) and ``python -m drsite.agent``.
+"""The agent as a process: what ``drsite agent register`` and ``drsite agent run`` call (the only
+entry point of an agent).
 
 Responsible for: turning typed options into a registration or a running daemon, signal
 handling (SIGTERM/SIGINT stop the daemon cleanly) and process logging setup. Not responsible
-for: option parsing (the Typer commands in ``cli/`` and the tiny parser in ``__main__``).
+for: option parsing (the Typer commands in ``cli/agent_cmd.py``).
 """
 
 from __future__ import annotations
