@@ -70,7 +70,8 @@ from drsite.replication.driver import ItemReplicator
 from drsite.replication.report import Health, ItemReport, ItemState
 from drsite.replication.target import RecoveryTarget
 from drsite.store.factory import StoreSpec
-from drsite.store.repository import PointInfo, Repository
+from drsite.store.format import PointInfo
+from drsite.store.repository import Repository
 
 log = logging.getLogger(__name__)
 

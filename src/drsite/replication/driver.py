@@ -55,7 +55,8 @@ from drsite.replication.report import Health, ItemReport, ItemState
 from drsite.replication.resync import RESYNC_BLOCK, block_digests, differing_extents
 from drsite.replication.state import ItemRecord, RecordFile
 from drsite.replication.target import RecoveryTarget
-from drsite.store.repository import PointInfo, VerifyReport
+from drsite.store.format import PointInfo
+from drsite.store.maintenance import VerifyReport
 
 log = logging.getLogger(__name__)
 
