@@ -40,6 +40,7 @@ from drsite.failover.network import (
     NetworkMapping,
     SubnetRule,
 )
+from drsite.sitestore.server import held_marker, replica_lock
 from drsite.store.contract import ObjectStore
 from drsite.store.replica import ReplicaHydrator
 from drsite.store.repository import Repository
@@ -145,8 +146,6 @@ class FailoverCommands:
         hv: Any = self.agent.hypervisor
         replica_dir = replicas / item_id
         replica_dir.mkdir(parents=True, exist_ok=True)
-        from drsite.store.site.server import replica_lock
-
         self._replicas = replicas
         try:
             with replica_lock(replica_dir):
@@ -163,7 +162,6 @@ class FailoverCommands:
         """Stop (or resume) the store service's hydration of a replica that a real failover
         moves into its VM; called under the replica's lock (see ``held_marker``)."""
         from drsite.fsutil import atomic_write_json
-        from drsite.store.site.server import held_marker
 
         marker = held_marker(self._replicas, item_id)
         if held:
