@@ -27,9 +27,10 @@ from drsite.hypervisors.file.driver import FileHypervisor
 from drsite.replication.driver import ItemReplicator, ReplicationSettings
 from drsite.replication.planner import ALWAYS
 from drsite.replication.target import LocalTarget
+from drsite.store.format import PointInfo
 from drsite.store.local.backend import LocalObjectStore
 from drsite.store.replica import ReplicaHydrator
-from drsite.store.repository import PointInfo, Repository
+from drsite.store.repository import Repository
 
 KiB = 1024
 MiB = 1024 * KiB

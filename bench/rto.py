@@ -63,10 +63,11 @@ from drsite.replication.driver import ItemReplicator, ReplicationSettings
 from drsite.replication.planner import ALWAYS
 from drsite.replication.target import LocalTarget
 from drsite.store.digest import image_digest
+from drsite.store.format import PointInfo
 from drsite.store.generation import GenerationStore
 from drsite.store.local.backend import LocalObjectStore
 from drsite.store.replica import ReplicaHydrator
-from drsite.store.repository import PointInfo, Repository
+from drsite.store.repository import Repository
 
 RATIO_GOAL = 1.2
 ABS_GOAL_S = 10.0

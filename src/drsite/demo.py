@@ -33,9 +33,10 @@ from drsite.replication.driver import ItemReplicator, ReplicationSettings
 from drsite.replication.planner import ALWAYS
 from drsite.replication.target import LocalTarget
 from drsite.store.digest import file_digest, image_digest
+from drsite.store.format import PointInfo
 from drsite.store.local.backend import LocalObjectStore
 from drsite.store.replica import ReplicaHydrator
-from drsite.store.repository import PointInfo, Repository
+from drsite.store.repository import Repository
 
 MiB = 1024 * 1024
 

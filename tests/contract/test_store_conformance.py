@@ -23,10 +23,10 @@ from drsite.core.errors import (
     ObjectNotFound,
     PermanentError,
 )
+from drsite.sitestore.testing import shared_site_store
 from drsite.store.contract import ObjectStore
 from drsite.store.crypto import EncryptedStore
 from drsite.store.local import LocalObjectStore
-from drsite.store.site.testing import shared_site_store
 from drsite.store.testing import FaultyObjectStore, MemoryObjectStore
 from drsite.store.wrappers import RetryingStore
 

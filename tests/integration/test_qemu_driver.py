@@ -28,8 +28,9 @@ from drsite.replication.driver import ItemReplicator, ReplicationSettings
 from drsite.replication.planner import ALWAYS
 from drsite.replication.target import LocalTarget
 from drsite.store.digest import image_digest
+from drsite.store.format import PointInfo
 from drsite.store.local.backend import LocalObjectStore
-from drsite.store.repository import PointInfo, Repository
+from drsite.store.repository import Repository
 
 MiB = 1 << 20
 KiB = 1 << 10

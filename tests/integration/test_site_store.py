@@ -40,10 +40,10 @@ from drsite.replication.driver import ItemReplicator, ReplicationSettings
 from drsite.replication.planner import ALWAYS
 from drsite.replication.report import ItemState
 from drsite.replication.target import LocalTarget
+from drsite.sitestore import SiteObjectStore, SiteTarget, make_store_app
+from drsite.sitestore.testing import RunningSiteStore, issue_agent_cert, make_test_certs
 from drsite.store.replica import ReplicaHydrator
 from drsite.store.repository import Repository
-from drsite.store.site import SiteObjectStore, SiteTarget, make_store_app
-from drsite.store.site.testing import RunningSiteStore, issue_agent_cert, make_test_certs
 from drsite.tlsutil import client_context, peer_certificate, start_in_thread
 
 KiB = 1024
@@ -465,7 +465,7 @@ _SERVE = """
 import logging, sys
 from pathlib import Path
 from drsite.store.local import LocalObjectStore
-from drsite.store.site import make_store_app
+from drsite.sitestore import make_store_app
 from drsite.tlsutil import serve
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s %(message)s")
 d = Path(sys.argv[1])

@@ -18,10 +18,12 @@ from drsite.core.retention import RetentionRule
 from drsite.store.contract import ObjectStore
 from drsite.store.digest import file_digest, image_digest
 from drsite.store.local import LocalObjectStore
+from drsite.store.reader import PointReader
 from drsite.store.replica import ReplicaHydrator
-from drsite.store.repository import PointReader, PointWriter, Repository
+from drsite.store.repository import Repository
 from drsite.store.testing import FaultyObjectStore, MemoryObjectStore, SimulatedCrash
 from drsite.store.wrappers import RetryingStore
+from drsite.store.writer import PointWriter
 
 KiB, MiB = 1 << 10, 1 << 20
 SEG = 256 * KiB

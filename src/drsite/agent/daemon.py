@@ -19,7 +19,7 @@ when it started, so it is not run twice.
 
 Responsible for: the loop, dispatch, idempotency, restart behaviour, the local state files.
 Not responsible for: replication mechanics (:class:`~drsite.replication.driver.ItemReplicator`),
-the store protocol (``store/site``), scheduling (the vault's scheduler).
+the store protocol (``sitestore``), scheduling (the vault's scheduler).
 """
 
 from __future__ import annotations
@@ -70,9 +70,10 @@ from drsite.hypervisors.contract import HypervisorDriver
 from drsite.replication.driver import ItemReplicator
 from drsite.replication.report import Health, ItemReport, ItemState
 from drsite.replication.target import RecoveryTarget
+from drsite.sitestore import SiteObjectStore, SiteTarget
 from drsite.store.factory import StoreSpec
-from drsite.store.repository import PointInfo, Repository
-from drsite.store.site import SiteObjectStore, SiteTarget
+from drsite.store.format import PointInfo
+from drsite.store.repository import Repository
 
 log = logging.getLogger(__name__)
 

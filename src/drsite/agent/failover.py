@@ -42,12 +42,12 @@ from drsite.failover.wire import network_map_from_args, vm_spec_from_dict
 from drsite.fsutil import atomic_write_json, read_json
 from drsite.hypervisors.contract import HypervisorDriver
 from drsite.replication.driver import ItemReplicator
+from drsite.sitestore.server import held_marker, replica_lock
 from drsite.store.contract import ObjectStore
 from drsite.store.factory import open_store
 from drsite.store.generation import GenerationStore
 from drsite.store.replica import ReplicaHydrator
 from drsite.store.repository import Repository
-from drsite.store.site.server import held_marker, replica_lock
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The recovery store a secondary-site agent serves to primary agents, and its hydration loop.
 
-The store server is :func:`drsite.store.site.make_store_app` over a
+The store server is :func:`drsite.sitestore.make_store_app` over a
 :class:`~drsite.store.local.backend.LocalObjectStore`, served over HTTPS with a client
 certificate *required* (any certificate signed by the vault's CA: primary agents), presenting
 this agent's own certificate (it carries serverAuth). The hydration loop keeps every item's
@@ -10,7 +10,7 @@ loop asks its own server for each catch-up (over HTTPS, with this agent's certif
 takes the server's per-item lock and never races a primary's catch-up or digest request.
 
 Responsible for: starting/stopping the server and the loop, and the loop's error handling.
-Not responsible for: the store protocol (``store/site``) or the replica format
+Not responsible for: the store protocol (``sitestore``) or the replica format
 (:class:`~drsite.store.replica.ReplicaHydrator`).
 """
 
@@ -24,11 +24,11 @@ from drsite import tlsutil
 from drsite.agent.registration import AgentIdentity
 from drsite.core.errors import DrsiteError, InvalidInput, classify_os_error
 from drsite.core.model import validate_name
+from drsite.sitestore import SiteObjectStore, make_store_app
+from drsite.sitestore.server import replica_held
 from drsite.store.local.backend import LocalObjectStore
 from drsite.store.replica import ReplicaHydrator
 from drsite.store.repository import Repository
-from drsite.store.site import SiteObjectStore, make_store_app
-from drsite.store.site.server import replica_held
 
 log = logging.getLogger(__name__)
 

@@ -52,9 +52,11 @@ from drsite.replication.driver import ItemReplicator, ReplicationSettings
 from drsite.replication.report import ItemState
 from drsite.replication.target import LocalTarget
 from drsite.store.contract import ObjectStore
+from drsite.store.format import PointInfo
 from drsite.store.generation import GenerationStore, check_replication_direction
+from drsite.store.reader import iter_pieces
 from drsite.store.replica import ReplicaHydrator
-from drsite.store.repository import PointInfo, Repository, iter_pieces
+from drsite.store.repository import Repository
 
 PointChoice = str  # "latest" | "latest_app" | a point id
 PIECE = 4 << 20

@@ -20,8 +20,9 @@ import numpy as np
 from drsite.core.errors import InvalidReplicaState, classify_os_error
 from drsite.imagefile import RawImageReader, sparse_data_extents
 from drsite.replication.resync import Readable, block_digests, differing_blocks
+from drsite.store.reader import PointReader, iter_pieces
 from drsite.store.replica import ReplicaHydrator
-from drsite.store.repository import PointReader, Repository, iter_pieces
+from drsite.store.repository import Repository
 
 PIECE = 4 << 20
 RESTORE_THREADS = 4

@@ -54,8 +54,9 @@ from drsite.replication.report import Health, ItemReport, ItemState
 from drsite.replication.resync import RESYNC_BLOCK, block_digests, differing_extents
 from drsite.replication.state import ItemRecord, RecordFile
 from drsite.replication.target import RecoveryTarget
+from drsite.store.format import PointInfo
 from drsite.store.generation import check_not_fenced
-from drsite.store.repository import PointInfo, VerifyReport
+from drsite.store.maintenance import VerifyReport
 
 log = logging.getLogger(__name__)
 

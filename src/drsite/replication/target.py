@@ -9,8 +9,9 @@ from typing import Protocol
 from drsite.core.errors import ObjectNotFound
 from drsite.imagefile import RawImageReader
 from drsite.replication.resync import RESYNC_BLOCK, DigestResult, block_digests
+from drsite.store.format import PointInfo
 from drsite.store.replica import ReplicaHydrator
-from drsite.store.repository import PointInfo, Repository
+from drsite.store.repository import Repository
 
 
 class RecoveryTarget(Protocol):

@@ -1,7 +1,7 @@
 """The object-store contract every recovery-store backend implements.
 
 A backend stores immutable objects under ``/``-separated keys (see :func:`validate_key`). It
-knows nothing of recovery points: the point format lives in :mod:`drsite.store.repository`.
+knows nothing of recovery points: the point format lives in :mod:`drsite.store.format`.
 Backends raise only :mod:`drsite.core.errors`: ``ObjectNotFound``, ``ObjectExists``,
 ``InvalidInput`` (bad key), ``AuthError`` (permanent); ``NetworkError``, ``LowDiskSpace``,
 ``TransientError`` (transient, retried by the wrapper above).

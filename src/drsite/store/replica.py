@@ -31,7 +31,9 @@ from drsite.core.errors import BrokenChain, CorruptData, ObjectNotFound, classif
 from drsite.core.extents import ExtentList
 from drsite.core.model import validate_name
 from drsite.store.digest import file_digest, image_digest
-from drsite.store.repository import PointInfo, PointReader, Repository, iter_pieces
+from drsite.store.format import PointInfo
+from drsite.store.reader import PointReader, iter_pieces
+from drsite.store.repository import Repository
 
 PIECE = 4 << 20
 _FALLOC_FL_KEEP_SIZE = 0x01

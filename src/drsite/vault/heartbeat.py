@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from drsite.core.errors import DrsiteError, InvalidInput
 from drsite.replication.report import ItemReport, ItemState
-from drsite.store.repository import PointInfo
+from drsite.store.format import PointInfo
 from drsite.vault import commands
 from drsite.vault.db.models import Failover, Group, Host, Item, Point, Vm
 from drsite.vault.jobs.create import start_enable_protection

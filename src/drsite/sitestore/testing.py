@@ -15,10 +15,10 @@ from pathlib import Path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from drsite.pki import CertificateAuthority, make_key_and_csr
+from drsite.sitestore.client import SiteObjectStore
+from drsite.sitestore.server import make_store_app
 from drsite.store.contract import ObjectStore
 from drsite.store.local import LocalObjectStore
-from drsite.store.site.client import SiteObjectStore
-from drsite.store.site.server import make_store_app
 from drsite.store.wrappers import ForwardingStore
 from drsite.tlsutil import ServerHandle, client_context, start_in_thread
 

@@ -36,9 +36,10 @@ from drsite.core.errors import (
 )
 from drsite.core.model import validate_name
 from drsite.replication.resync import RESYNC_BLOCK, DigestResult
+from drsite.sitestore import protocol as P
 from drsite.store.contract import validate_key, validate_prefix
-from drsite.store.repository import PointInfo, Repository
-from drsite.store.site import protocol as P
+from drsite.store.format import PointInfo
+from drsite.store.repository import Repository
 from drsite.store.wrappers import RetryingStore
 
 # OpenSSL reasons of alerts a server sends when it refuses the client's certificate

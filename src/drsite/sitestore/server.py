@@ -46,10 +46,10 @@ from drsite.core.model import validate_name
 from drsite.pki import CertIdentity, cert_identity
 from drsite.replication.resync import RESYNC_BLOCK, DigestResult
 from drsite.replication.target import LocalTarget
+from drsite.sitestore import protocol as P
 from drsite.store.contract import ObjectStore, validate_key, validate_prefix
 from drsite.store.replica import ReplicaHydrator
 from drsite.store.repository import Repository
-from drsite.store.site import protocol as P
 from drsite.tlsutil import peer_certificate
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,158 @@
+"""Entry arrays (:data:`~drsite.store.format.ENTRY_DT`): pure numpy algorithms, no I/O.
+
+- :func:`classify` cuts written bytes into zero and data runs on the 4 KiB grid;
+- :func:`split_segments` cuts entries at segment boundaries;
+- :func:`resolve` overlays entries (later rows win; zero runs win and then vanish), which is how a
+  segment map is built from its base map and a cycle's writes;
+- :func:`diff_entries` compares two resolved maps without reading data.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from drsite.core.extents import ExtentList, coalesce
+from drsite.store.format import BLOCK, ENTRY_DT, ZERO, ZSTD, Entries, empty_entries
+
+
+def classify(view: memoryview, disk_off: int) -> tuple[Entries, bytes]:
+    """Split one piece (≤ FRAME_MAX) into zero and data runs on the disk's 4 KiB grid.
+
+    Returns the run entries in disk order (zero runs with codec ZERO; data runs with ``roff``
+    into the returned raw bytes, the concatenation of the data runs) and those raw bytes.
+    """
+    n = len(view)
+    p1 = disk_off + n
+    a0 = min(-(-disk_off // BLOCK) * BLOCK, p1)
+    a1 = max((p1 // BLOCK) * BLOCK, a0)
+    head, inner = a0 - disk_off, a1 - a0
+    arr = np.frombuffer(view, np.uint8)
+    starts: list[npt.NDArray[np.int64]] = []
+    nz: list[npt.NDArray[np.bool_]] = []
+    if head:
+        starts.append(np.array([disk_off], np.int64))
+        nz.append(np.array([arr[:head].any()], bool))
+    if inner:
+        starts.append(np.arange(a0, a1, BLOCK, dtype=np.int64))
+        blocks = np.frombuffer(view[head:head + inner], np.uint64).reshape(-1, BLOCK // 8)
+        nz.append(np.asarray(blocks.any(axis=1), bool))
+    if p1 > a1:
+        starts.append(np.array([a1], np.int64))
+        nz.append(np.array([arr[head + inner:].any()], bool))
+    s = np.concatenate(starts)
+    m = np.concatenate(nz)
+    e = np.empty_like(s)
+    e[:-1] = s[1:]
+    e[-1] = p1
+    first = np.concatenate([[0], np.flatnonzero(m[1:] != m[:-1]) + 1])
+    last = np.concatenate([first[1:], [m.size]]) - 1
+    rs, re_, rnz = s[first], e[last], m[first]
+    out = np.zeros(rs.size, ENTRY_DT)
+    out["offset"] = rs
+    out["length"] = re_ - rs
+    if not rnz.any():
+        return out, b""
+    if rnz.all():
+        whole = view.obj
+        raw = whole if isinstance(whole, bytes) and len(whole) == n else bytes(view)
+    else:
+        raw = arr[np.repeat(m, e - s)].tobytes()
+    dl = np.where(rnz, re_ - rs, 0)
+    out["roff"] = np.cumsum(dl) - dl
+    out["rlen"] = len(raw)
+    out["codec"] = np.where(rnz, ZSTD, ZERO)  # data codec is fixed once the frame is compressed
+    return out, raw
+
+
+def split_segments(e: Entries, seg: int) -> tuple[npt.NDArray[np.int64], Entries]:
+    """Cut entries at segment boundaries; returns (segment index per piece, pieces), pieces in
+    the original order within each segment (order = priority: later writes win)."""
+    if e.size == 0:
+        return np.zeros(0, np.int64), e
+    s0 = e["offset"] // seg
+    s1 = (e["offset"] + e["length"] - 1) // seg
+    cnt = s1 - s0 + 1
+    if int(cnt.max()) == 1:
+        return s0.astype(np.int64), e
+    idx = np.repeat(np.arange(e.size), cnt)
+    k = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+    segs = (s0[idx] + k).astype(np.int64)
+    out = e[idx].copy()
+    lo = np.maximum(out["offset"], segs * seg)
+    hi = np.minimum(out["offset"] + out["length"], (segs + 1) * seg)
+    out["roff"] = out["roff"] + (lo - out["offset"]).astype(np.uint32)
+    out["offset"] = lo
+    out["length"] = hi - lo
+    return segs, out
+
+
+def resolve(e: Entries, lo: int, hi: int) -> Entries:
+    """Overlay entries (later rows win) clipped to ``[lo, hi)``; returns sorted, non-overlapping
+    data entries (zero runs win over earlier data and then vanish: unlisted bytes read as zero)."""
+    off = e["offset"]
+    end = off + e["length"]
+    cs = np.maximum(off, lo)
+    ce = np.minimum(end, hi)
+    keep = ce > cs
+    if not keep.any():
+        return empty_entries()
+    e = e[keep].copy()
+    cs, ce = cs[keep], ce[keep]
+    e["roff"] = e["roff"] + (cs - e["offset"]).astype(np.uint32)
+    e["offset"] = cs
+    e["length"] = ce - cs
+    bounds = np.unique(np.concatenate([cs, ce]))
+    i0 = np.searchsorted(bounds, cs)
+    i1 = np.searchsorted(bounds, ce)
+    cnt = i1 - i0
+    elem = np.repeat(i0, cnt) + (np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt))
+    owner = np.full(bounds.size - 1, -1, np.int64)
+    np.maximum.at(owner, elem, np.repeat(np.arange(e.size), cnt))
+    xs, xe = bounds[:-1], bounds[1:]
+    valid = owner >= 0
+    xs, xe, owner = xs[valid], xe[valid], owner[valid]
+    if owner.size == 0:
+        return empty_entries()
+    run = np.ones(owner.size, bool)
+    run[1:] = (owner[1:] != owner[:-1]) | (xs[1:] != xe[:-1])
+    first = np.flatnonzero(run)
+    last = np.concatenate([first[1:], [owner.size]]) - 1
+    own = owner[first]
+    out = e[own].copy()
+    out["roff"] = out["roff"] + (xs[first] - out["offset"]).astype(np.uint32)
+    out["offset"] = xs[first]
+    out["length"] = xe[last] - xs[first]
+    res: Entries = out[out["codec"] != ZERO]
+    return res
+
+
+def diff_entries(a: Entries, pa: list[str], b: Entries, pb: list[str], lo: int,
+                  hi: int) -> ExtentList:
+    """Ranges of ``[lo, hi)`` where two resolved maps name different bytes (or data vs hole)."""
+    ids: dict[str, int] = {}
+    ga = np.array([ids.setdefault(k, len(ids)) for k in pa], np.int64)[a["pack"]] if a.size else \
+        np.zeros(0, np.int64)
+    gb = np.array([ids.setdefault(k, len(ids)) for k in pb], np.int64)[b["pack"]] if b.size else \
+        np.zeros(0, np.int64)
+    bounds = np.unique(np.concatenate([[lo, hi], a["offset"], a["offset"] + a["length"],
+                                       b["offset"], b["offset"] + b["length"]]))
+    bounds = bounds[(bounds >= lo) & (bounds <= hi)]
+    xs, ln = bounds[:-1], np.diff(bounds)
+
+    def ident(e: Entries, g: npt.NDArray[np.int64]) -> tuple[npt.NDArray[Any], ...]:
+        if e.size == 0:
+            z = np.zeros(xs.size, np.int64)
+            return np.zeros(xs.size, bool), z, z, z
+        i = np.searchsorted(e["offset"], xs, "right") - 1
+        ic = np.clip(i, 0, None)
+        ok = (i >= 0) & (xs < e["offset"][ic] + e["length"][ic])
+        return ok, g[ic], e["foff"][ic], e["roff"][ic].astype(np.int64) - e["offset"][ic]
+
+    oa, ka, fa, ra = ident(a, ga)
+    ob, kb, fb, rb = ident(b, gb)
+    differ = (oa != ob) | (oa & ob & ((ka != kb) | (fa != fb) | (ra != rb)))
+    return coalesce(xs[differ], ln[differ])
+

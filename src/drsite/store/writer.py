@@ -1,0 +1,513 @@
+"""Writing a cycle: :class:`PointWriter` stages packs, then commits segment maps and a manifest.
+
+Order of a commit (what makes a point whole or absent): every pack is stored (:meth:`flush`) →
+new maps, tables and changed-extent lists → ``seq`` → the manifest (the point is visible) → the
+staging marker is deleted. A crash before the manifest leaves a staged cycle that
+:func:`reopen` rebuilds from the store alone (the marker and the pack trailers); a crash after it
+leaves a stale marker that ``Repository.resume`` and GC remove.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from drsite import failpoints
+from drsite.core.errors import (
+    BrokenChain,
+    Conflict,
+    CorruptData,
+    InvalidInput,
+    ObjectExists,
+    ObjectNotFound,
+)
+from drsite.core.extents import ExtentList, coalesce
+from drsite.core.model import Consistency
+from drsite.store.catalog import DAMAGED_MAP, Catalog
+from drsite.store.entries import classify, resolve, split_segments
+from drsite.store.format import (
+    ENTRY_DT,
+    FRAME_MAX,
+    INLINE_CHANGES,
+    MAX_PACK_ENTRIES,
+    PACK_FOOTER,
+    TABLE_SPAN,
+    ZERO,
+    Entries,
+    PointInfo,
+    canonical_json,
+    compress_frame,
+    compressor,
+    decode_pack_trailer,
+    empty_entries,
+    encode_blob,
+    encode_pack,
+    hash16,
+    hex_hash,
+)
+
+UPLOADS_IN_FLIGHT = 2  # packs being stored while the next one fills (memory: 2 x pack_target)
+
+
+@dataclass
+class _Pending:
+    disk: int
+    entries: Entries | None  # None: the future classifies the piece
+    future: Future[tuple[Entries, int, bytes, bytes]] | None
+
+
+def _prepare(piece: bytes, at: int, level: int) -> tuple[Entries, int, bytes, bytes]:
+    """Worker-thread half of :meth:`PointWriter.write`: zero/data runs of one piece, then
+    (codec, payload, blake3-128) of its data runs (codec 0 and empty payload if all zero)."""
+    e, raw = classify(memoryview(piece), at)
+    if not raw:
+        return e, 0, b"", b""
+    codec, payload, h = compress_frame(raw, level)
+    return e, codec, payload, h
+
+
+def _same_table(repo: Catalog, rel: str, chunk: list[str | None]) -> bool:
+    try:
+        return repo._get_table(rel) == chunk
+    except (CorruptData, BrokenChain):
+        return False  # a damaged base table is never shared
+
+
+class PointWriter:
+    """Writes one cycle: buffers frames, compresses them in worker threads, uploads packs of about
+    ``pack_target`` bytes, and on :meth:`commit` builds segment maps and the manifest.
+
+    Within a cycle later writes win over earlier ones. Not thread-safe (one caller thread);
+    not responsible for reading the source or deciding what to write.
+    """
+
+    def __init__(self, repo: Catalog, cycle_id: str, base: str | None,
+                 disk_sizes: dict[str, int], kind: str) -> None:
+        self.repo = repo
+        self.cycle_id = cycle_id
+        self.base = base
+        self.kind = kind
+        self.disk_sizes = dict(disk_sizes)
+        self.disk_ids = sorted(self.disk_sizes)
+        self._disk_idx = {d: i for i, d in enumerate(self.disk_ids)}
+        self.bytes_written = 0
+        self.bytes_stored = 0
+        self.zero_bytes = 0
+        self.meta_bytes = 0
+        self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(
+            repo.threads, thread_name_prefix=f"drsite-pack-{cycle_id}")
+        # zstd level for data frames; 0 stores frames as they are (policy: compression off)
+        self.zstd_level = repo.zstd_level
+        self._uploader: ThreadPoolExecutor | None = ThreadPoolExecutor(
+            repo.upload_threads, thread_name_prefix=f"drsite-upload-{cycle_id}")
+        self._uploads: deque[tuple[Future[tuple[str, int]], Entries]] = deque()
+        self._broken = False
+        self._queue: deque[_Pending] = deque()
+        self._window = 4 * repo.threads
+        # the open pack: frames and their entries (disk index in "disk")
+        self._frames: list[bytes] = []
+        self._open: list[Entries] = []
+        self._open_size = 0
+        self._open_entries = 0
+        self._pack_no = 0
+        # uploaded packs, in order; per disk the entries of the cycle in write order
+        self.pack_keys: list[str] = []
+        self._done: dict[int, list[Entries]] = {i: [] for i in range(len(self.disk_ids))}
+        self._covered: dict[int, ExtentList] = {}
+        self._finished: PointInfo | None = None
+
+    # -- resume ------------------------------------------------------------------------------
+
+    def _load_packs(self) -> None:
+        """Rebuild state from the trailers of the packs already in the store (sorted by pack_no,
+        so that write order, and thus which write wins, is preserved)."""
+        repo = self.repo
+        found: list[tuple[int, str, Entries, int]] = []
+        for rel in repo._list(f"packs/{self.cycle_id}/"):
+            key = repo.key(rel)
+            size = repo.store.size(key)
+            if size < PACK_FOOTER.size:
+                raise CorruptData(f"pack {key} is truncated ({size} bytes)")
+            tail = repo.store.get_range(key, size - PACK_FOOTER.size, PACK_FOOTER.size)
+            hlen, n = decode_pack_trailer(tail, key)
+            tlen = hlen + n * ENTRY_DT.itemsize
+            if tlen + PACK_FOOTER.size > size:
+                raise CorruptData(f"pack {key} has a trailer longer than itself")
+            trailer = repo.store.get_range(key, size - PACK_FOOTER.size - tlen, tlen)
+            if len(trailer) != tlen or hash16(trailer) != PACK_FOOTER.unpack(tail)[3]:
+                raise CorruptData(f"pack {key}: trailer failed its hash check")
+            header = json.loads(trailer[:hlen])
+            e = np.frombuffer(trailer[hlen:], ENTRY_DT).copy()
+            # remap the pack's disk table onto this writer's
+            names = [str(x) for x in header["disks"]]
+            if any(nm not in self._disk_idx for nm in names):
+                raise CorruptData(f"pack {key} names disks outside its cycle: {names}")
+            remap = np.array([self._disk_idx[nm] for nm in names], np.uint16)
+            if e.size:
+                e["disk"] = remap[e["disk"]]
+            found.append((int(header["pack_no"]), rel, e, size))
+        found.sort(key=lambda t: (t[0], t[1]))
+        for pack_no, rel, e, size in found:
+            self._record_pack(rel, e)
+            self.bytes_stored += size
+            self._pack_no = max(self._pack_no, pack_no + 1)
+            self.bytes_written += int(e["length"].sum())
+            self.zero_bytes += int(e["length"][e["codec"] == ZERO].sum())
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def _check(self, disk_id: str, offset: int, length: int) -> int:
+        if self._finished is not None or self._pool is None or self._broken:
+            raise InvalidInput(f"writer of cycle {self.cycle_id} is closed")
+        i = self._disk_idx.get(disk_id)
+        if i is None:
+            raise InvalidInput(f"cycle {self.cycle_id} has no disk {disk_id!r}")
+        if offset < 0 or length < 0 or offset + length > self.disk_sizes[disk_id]:
+            raise InvalidInput(f"write {offset}+{length} passes the end of disk {disk_id} "
+                               f"({self.disk_sizes[disk_id]} bytes)")
+        return i
+
+    def write(self, disk_id: str, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Record ``data`` at ``offset``. All-zero 4 KiB blocks become zero extents (not stored).
+        The data is copied before this returns; it is durable only after :meth:`flush`."""
+        view = memoryview(data).cast("B")
+        n = len(view)
+        i = self._check(disk_id, offset, n)
+        self.bytes_written += n
+        pos = 0
+        assert self._pool is not None
+        while pos < n:
+            at = offset + pos
+            step = min(n - pos, FRAME_MAX - at % FRAME_MAX)
+            # the one copy (the caller may reuse its buffer); zero detection and compression
+            # run in the worker threads so this thread only feeds them
+            piece = bytes(view[pos:pos + step])
+            fut = self._pool.submit(_prepare, piece, at, self.zstd_level)
+            self._queue.append(_Pending(i, None, fut))
+            pos += step
+            self._drain(self._window)
+
+    def write_zero(self, disk_id: str, offset: int, length: int) -> None:
+        """Record ``[offset, offset+length)`` as zeros (overrides the base and earlier writes)."""
+        i = self._check(disk_id, offset, length)
+        if length == 0:
+            return
+        e = np.zeros(1, ENTRY_DT)
+        e["offset"], e["length"], e["disk"], e["codec"] = offset, length, i, ZERO
+        self.bytes_written += length
+        self.zero_bytes += length
+        self._queue.append(_Pending(i, e, None))
+        self._drain(self._window)
+
+    def _drain(self, keep: int) -> None:
+        """Move finished work, in write order, into the open pack until ``keep`` items remain."""
+        while len(self._queue) > keep:
+            item = self._queue[0]
+            if item.future is not None:
+                e, codec, payload, h = item.future.result()
+                e["disk"] = item.disk
+                self.zero_bytes += int(e["length"][e["codec"] == ZERO].sum())
+                if payload:
+                    data = e["codec"] != ZERO
+                    e["codec"][data] = codec
+                    e["foff"][data] = self._open_size
+                    e["flen"][data] = len(payload)
+                    e["hash"][data] = np.frombuffer(h, "V16")[0]
+                    self._frames.append(payload)
+                    self._open_size += len(payload)
+            else:
+                assert item.entries is not None
+                e = item.entries
+            self._queue.popleft()
+            self._open.append(e)
+            self._open_entries += e.size
+            if self._open_size >= self.repo.pack_target or self._open_entries >= MAX_PACK_ENTRIES:
+                self._seal()
+
+    def _seal(self) -> None:
+        """Hand the open pack to the uploader thread (encode, hash, put + fsync) so that reading
+        and compressing the next pack overlap with storing this one. A pack counts as covered
+        only once its put returned; :meth:`flush` waits for every upload. An upload that fails
+        makes the writer unusable: the caller resumes the staged cycle with a new writer."""
+        if not self._open:
+            return
+        e = np.concatenate(self._open)
+        header = {"v": 1, "cycle": self.cycle_id, "pack_no": self._pack_no,
+                  "disks": self.disk_ids}
+        frames = self._frames
+        self._pack_no += 1
+        self._frames, self._open, self._open_size, self._open_entries = [], [], 0, 0
+        assert self._uploader is not None
+        self._uploads.append((self._uploader.submit(self._upload, frames, header, e), e))
+        self._reap(max(UPLOADS_IN_FLIGHT, self.repo.upload_threads + 1))
+
+    def _upload(self, frames: list[bytes], header: dict[str, Any], e: Entries) -> tuple[str, int]:
+        blob = encode_pack(frames, header, e)
+        rel = f"packs/{self.cycle_id}/{hex_hash(blob)}"
+        try:
+            self.repo.store.put(self.repo.key(rel), blob)
+        except ObjectExists:
+            pass  # content-addressed: an earlier attempt landed
+        failpoints.hit("store.pack-stored")
+        return rel, len(blob)
+
+    def _reap(self, keep: int) -> None:
+        """Record finished uploads, in pack order, until at most ``keep`` are in flight."""
+        while len(self._uploads) > keep:
+            fut, e = self._uploads[0]
+            try:
+                rel, size = fut.result()
+            except BaseException:
+                self._broken = True
+                raise
+            self._uploads.popleft()
+            self._record_pack(rel, e)
+            self.bytes_stored += size
+
+    def _record_pack(self, rel: str, e: Entries) -> None:
+        pidx = len(self.pack_keys)
+        self.pack_keys.append(rel)
+        e = e.copy()
+        e["pack"] = pidx
+        for di in np.unique(e["disk"]).tolist():
+            self._done[int(di)].append(e[e["disk"] == di])
+            self._covered.pop(int(di), None)
+
+    def flush(self) -> None:
+        """Upload everything written so far; afterwards :meth:`covered` includes it."""
+        if self._broken:
+            raise InvalidInput(f"writer of cycle {self.cycle_id} failed an upload; resume the "
+                               "cycle with a new writer")
+        self._drain(0)
+        self._seal()
+        self._reap(0)
+
+    def covered(self, disk_id: str) -> ExtentList:
+        """Ranges of ``disk_id`` durably stored by this cycle so far (data and zeros)."""
+        i = self._disk_idx.get(disk_id)
+        if i is None:
+            raise InvalidInput(f"cycle {self.cycle_id} has no disk {disk_id!r}")
+        if i not in self._covered:
+            parts = self._done[i]
+            if parts:
+                e = np.concatenate(parts)
+                self._covered[i] = coalesce(e["offset"], e["length"])
+            else:
+                self._covered[i] = ExtentList.empty()
+        return self._covered[i]
+
+    # -- commit ------------------------------------------------------------------------------
+
+    def _disk_maps(self, disk_id: str, base_body: dict[str, Any] | None
+                   ) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:
+        """Manifest entry of one disk plus the new (key, blob) objects it needs."""
+        repo = self.repo
+        size = self.disk_sizes[disk_id]
+        bd = base_body["disks"].get(disk_id) if base_body else None
+        seg = int(bd["segment_size"]) if bd else repo.segment_size
+        nseg = -(-size // seg)
+        base_keys = repo._map_keys(bd, tolerant=True)[:nseg] if bd else []
+        keys: list[str | None] = base_keys + [None] * (nseg - len(base_keys))
+        parts = self._done[self._disk_idx[disk_id]]
+        e = np.concatenate(parts) if parts else empty_entries()
+        changed = coalesce(e["offset"], e["length"]) if e.size else ExtentList.empty()
+        segs, pieces = split_segments(e, seg)
+        order = np.argsort(segs, kind="stable")
+        segs, pieces = segs[order], pieces[order]
+        touched = np.unique(segs).tolist()
+        if bd and int(bd["size"]) > size and nseg:
+            touched = sorted(set(touched) | {nseg - 1})  # shrink: clip the new last segment
+        new: list[tuple[str, bytes]] = []
+        for s in touched:
+            lo, hi = s * seg, min((s + 1) * seg, size)
+            a, b = np.searchsorted(segs, s, "left"), np.searchsorted(segs, s, "right")
+            mine = pieces[a:b].copy()
+            old = keys[s]
+            bm = None
+            if old is not None:
+                try:
+                    bm = repo._get_map(old)
+                except (CorruptData, BrokenChain):
+                    # a damaged (quarantined) base map is not needed when this cycle rewrote the
+                    # whole segment, which is what a resync against the damaged store does
+                    whole = ExtentList.of([(lo, hi - lo)])
+                    if whole.subtract(coalesce(mine["offset"], mine["length"])).total:
+                        raise
+            if bm is not None:
+                packs = list(bm.packs)
+                mine["pack"] += len(packs)
+                stack = np.concatenate([bm.entries, mine])
+            else:
+                packs, stack = [], mine
+            r = resolve(stack, lo, hi)
+            if r.size == 0:
+                keys[s] = None
+                continue
+            all_packs = packs + self.pack_keys
+            used, inv = np.unique(r["pack"], return_inverse=True)
+            r["pack"] = inv.astype(np.uint32)
+            r["disk"] = 0
+            blob = encode_blob("map", {"packs": [all_packs[int(u)] for u in used]},
+                                compressor(max(1, repo.zstd_level)).compress(r.tobytes()))
+            h = hex_hash(blob)
+            if old is not None and old.rsplit("/", 1)[-1] == h:
+                continue  # same content as the base: share its key
+            rel = f"maps/{self.cycle_id}/{h}"
+            keys[s] = rel
+            new.append((rel, blob))
+        base_tables = list(bd["tables"]) if bd and int(bd["segment_size"]) == seg else []
+        tables: list[str | None] = []
+        for t in range(-(-nseg // TABLE_SPAN)):
+            chunk = keys[t * TABLE_SPAN:(t + 1) * TABLE_SPAN]
+            if all(k is None for k in chunk):
+                tables.append(None)
+                continue
+            if any(k is not None and k.startswith(DAMAGED_MAP) for k in chunk):
+                raise CorruptData(f"cycle {self.cycle_id} would keep segments of a damaged "
+                                  f"segment table of disk {disk_id}: resync them against the store")
+            if t < len(base_tables) and base_tables[t] is not None and \
+                    _same_table(repo, str(base_tables[t]), chunk):
+                tables.append(base_tables[t])
+                continue
+            blob = encode_blob("table", {"n": len(chunk)},
+                                compressor(max(1, repo.zstd_level)).compress(canonical_json(chunk)))
+            rel = f"maps/{self.cycle_id}/{hex_hash(blob)}"
+            tables.append(rel)
+            new.append((rel, blob))
+        entry: dict[str, Any] = {"size": size, "segment_size": seg, "tables": tables,
+                                 "changed": None, "changed_key": None}
+        if len(changed) <= INLINE_CHANGES:
+            entry["changed"] = changed.to_pairs()
+        else:
+            pairs = np.stack([changed.starts, changed.lengths], axis=1).astype("<i8")
+            blob = encode_blob("changes", {"n": len(changed)},
+                                compressor(max(1, repo.zstd_level)).compress(pairs.tobytes()))
+            rel = f"maps/{self.cycle_id}/{hex_hash(blob)}"
+            entry["changed_key"] = rel
+            new.append((rel, blob))
+        return entry, new
+
+    def _put_map(self, data: bytes) -> str:
+        """Store a map, table or changed-extent list of this cycle under its content address."""
+        rel = f"maps/{self.cycle_id}/{hex_hash(data)}"
+        try:
+            self.repo.store.put(self.repo.key(rel), data)
+        except ObjectExists:
+            pass  # content-addressed: same key, same bytes
+        return rel
+
+    def _next_seq(self) -> int:
+        """One past the highest point sequence number ever used (points and ``seq`` marker)."""
+        repo = self.repo
+        ids = repo._point_ids()
+        top = int(ids[-1][1:]) if ids else 0
+        try:
+            top = max(top, int(repo.store.get(repo.key("seq")).decode().strip() or 0))
+        except ObjectNotFound:
+            pass
+        except ValueError as exc:
+            raise CorruptData(f"sequence marker {repo.key('seq')} is damaged") from exc
+        return top + 1
+
+    def commit(self, *, created_at: float, consistency: Consistency,
+               meta: dict[str, Any] | None = None) -> PointInfo:
+        """Flush, write maps and tables, then the manifest (the point becomes visible), then drop
+        the staging marker. Idempotent: a cycle already committed returns its point."""
+        if self._finished is not None:
+            return self._finished
+        repo = self.repo
+        done = repo.committed_cycle(self.cycle_id)
+        if done is not None:
+            self._finish(done)
+            return done
+        self.flush()
+        base_body = None
+        if self.base is not None:
+            try:
+                base_body = repo._load_manifest(self.base)
+            except ObjectNotFound as exc:
+                raise BrokenChain(f"base point {self.base} of cycle {self.cycle_id} is gone") \
+                    from exc
+        disks: dict[str, Any] = {}
+        new: list[tuple[str, bytes]] = []
+        for d in self.disk_ids:
+            disks[d], objs = self._disk_maps(d, base_body)
+            new.extend(objs)
+        assert self._pool is not None
+        for _ in self._pool.map(lambda kv: self._put_map(kv[1]), new):
+            pass
+        meta_bytes = sum(len(b) for _, b in new)
+        stats = {"zero_bytes": self.zero_bytes, "packs": len(self.pack_keys),
+                 "metadata_bytes": meta_bytes, "new_objects": len(new) + len(self.pack_keys)}
+        for _attempt in range(8):
+            seq = self._next_seq()
+            pid = f"p{seq:012d}"
+            body = {"format": 1, "point_id": pid, "item_id": repo.item_id, "seq": seq,
+                    "created_at": float(created_at), "consistency": Consistency(consistency).value,
+                    "kind": self.kind, "cycle_id": self.cycle_id, "base_point_id": self.base,
+                    "disk_sizes": dict(self.disk_sizes), "bytes_written": self.bytes_written,
+                    "bytes_stored": self.bytes_stored + meta_bytes,
+                    "meta": {**(meta or {}), "stats": stats}, "disks": disks}
+            blob = canonical_json({"blake3": hex_hash(canonical_json(body)), "body": body})
+            repo.store.put(repo.key("seq"), str(seq).encode(), overwrite=True)
+            failpoints.hit("store.before-manifest")
+            try:
+                repo.store.put(repo.key(f"points/{pid}"), blob)
+            except ObjectExists:
+                repo._forget(f"points/{pid}")
+                other = repo._load_manifest(pid)
+                if other["cycle_id"] == self.cycle_id:
+                    info = PointInfo.from_dict(other)
+                    break
+                continue  # another commit took this seq: take the next one
+            info = PointInfo.from_dict(body)
+            break
+        else:
+            raise Conflict(f"could not allocate a point id for cycle {self.cycle_id}")
+        failpoints.hit("store.after-manifest")
+        repo.store.delete(repo.key(f"staging/{self.cycle_id}"))
+        self._finish(info)
+        return info
+
+    def _finish(self, info: PointInfo) -> None:
+        self._finished = info
+        self.close()
+
+    def close(self) -> None:
+        """Stop the worker threads without committing; buffered, unflushed data is dropped (the
+        staged cycle stays resumable from what was flushed)."""
+        if self._pool is not None:
+            for item in self._queue:
+                if item.future is not None:
+                    item.future.cancel()
+            self._queue.clear()
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        if self._uploader is not None:
+            # uploads already running finish (a pack is whole or absent); queued ones are dropped
+            self._uploader.shutdown(wait=True, cancel_futures=True)
+            self._uploader = None
+            self._uploads.clear()
+
+    def __enter__(self) -> PointWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def reopen(repo: Catalog, cycle_id: str, marker: dict[str, Any]) -> PointWriter:
+    """The writer of a staged cycle, rebuilt from its staging marker and its packs' trailers."""
+    w = PointWriter(repo, cycle_id, marker["base"],
+                    {str(k): int(v) for k, v in marker["disk_sizes"].items()}, str(marker["kind"]))
+    try:
+        w._load_packs()
+    except BaseException:
+        w.close()
+        raise
+    return w
