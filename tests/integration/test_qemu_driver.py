@@ -285,12 +285,12 @@ def test_agent_socket_without_agent_falls_back(hv: QemuHypervisor) -> None:
 def test_agent_kind_and_failover_protocol(tmp_path: Path) -> None:
     require_qemu()
     from drsite.agent.main import HYPERVISOR_KINDS, make_hypervisor
-    from drsite.failover.actions import FailoverHypervisor
+    from drsite.hypervisors.contract import HypervisorDriver
 
     assert "qemu" in HYPERVISOR_KINDS
     made = make_hypervisor("qemu", tmp_path / "vms")
     assert isinstance(made, QemuHypervisor)
-    fh: FailoverHypervisor = made  # mypy: find_vm and create_vm_cow are there
+    fh: HypervisorDriver = made  # mypy: find_vm and create_vm_cow are in the contract
     vm = made.create_blank(VmSpec("byname", memory_mib=64, disks=(DiskSpec("d0", MiB),)))
     assert fh.find_vm("byname").vm_id == vm.vm_id
     made.delete_vm(vm.vm_id)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from drsite.core.clock import Clock, SystemClock
 from drsite.core.errors import (
@@ -60,16 +60,6 @@ PointChoice = str  # "latest" | "latest_app" | a point id
 PIECE = 4 << 20
 
 
-class FailoverHypervisor(HypervisorDriver, Protocol):
-    """What failover needs from a site's hypervisor: the driver contract (replication of the
-    failed-over VM when re-protecting) plus lookup by name and copy-on-write VM creation. The
-    file driver implements it."""
-
-    def find_vm(self, name: str) -> VmInfo: ...
-
-    def create_vm_cow(self, spec: VmSpec, backing: dict[str, Path]) -> VmInfo: ...
-
-
 @dataclass
 class Site:
     """One site as the failover library sees it: a name (as in generation records), a
@@ -77,7 +67,7 @@ class Site:
     engine state of reverse replication."""
 
     name: str
-    hypervisor: FailoverHypervisor | None
+    hypervisor: HypervisorDriver | None
     work_dir: Path
 
     def __post_init__(self) -> None:
@@ -86,7 +76,7 @@ class Site:
         self.work_dir.mkdir(parents=True, exist_ok=True)
 
     @property
-    def hv(self) -> FailoverHypervisor:
+    def hv(self) -> HypervisorDriver:
         """The site's hypervisor; ``None`` means it is another host's (an agent acting for the
         recovery side of a failover does not reach the primary's hypervisor)."""
         if self.hypervisor is None:
@@ -286,7 +276,7 @@ def _resolve_point(repo: Repository, choice: PointChoice) -> PointInfo:
                        hint="List the item's points and choose one of them.") from exc
 
 
-def _find_vm(hv: FailoverHypervisor, name: str) -> VmInfo | None:
+def _find_vm(hv: HypervisorDriver, name: str) -> VmInfo | None:
     try:
         return hv.find_vm(name)
     except VmNotFound:

@@ -13,8 +13,8 @@ Tracking state is persisted in the VM directory so an engine or agent restart fi
 seal in progress) and ``cycle.json`` (the sealed cycle: its frozen views and changed extents,
 and the runner token that holds the views). See ``design.md`` for the invariants.
 
-Responsible for: the :class:`~drsite.hypervisors.contract.HypervisorDriver` contract plus
-``find_vm``/``create_vm_cow`` for failover. Not responsible for: policy (when to seal, what to
+Responsible for: the :class:`~drsite.hypervisors.contract.HypervisorDriver` contract (with
+``find_vm``/``create_vm_cow`` for failover). Not responsible for: policy (when to seal, what to
 ship, when to resync), the vault's database, networking of VMs (NICs are recorded in the
 config, not wired), or libvirt.
 """
