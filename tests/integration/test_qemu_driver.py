@@ -418,7 +418,7 @@ def test_seal_interrupted_before_its_record_is_undone(hv: QemuHypervisor,
     hv.power_on(vm)
     hv.release(hv.seal(vm))
     hv.write(vm, "d0", 70_000, b"w" * 10)
-    real_write = drv.write_json_atomic  # type: ignore[attr-defined]
+    real_write = drv.write_record  # type: ignore[attr-defined]
 
     class Crash(BaseException):
         pass
@@ -431,7 +431,7 @@ def test_seal_interrupted_before_its_record_is_undone(hv: QemuHypervisor,
             raise Crash()
         real_write(path, data)
 
-    monkeypatch.setattr(drv, "write_json_atomic", crashing_write)
+    monkeypatch.setattr(drv, "write_record", crashing_write)
     monkeypatch.setattr(BitmapCycle, "undo_seal", lambda self, view: None)  # died: no undo
     with pytest.raises(Crash):
         hv.seal(vm)

@@ -283,6 +283,20 @@ def _find_vm(hv: HypervisorDriver, name: str) -> VmInfo | None:
         return None
 
 
+def _start_vm(run: _Run, hv: HypervisorDriver, vm: VmInfo, state: FailoverState) -> None:
+    """Record the recovery VM (``vm_created``), power it on (the RTO ends here) and enter
+    ``state`` (``vm_running``). Idempotent: powering on a running VM is a no-op."""
+    rec = run.rec
+    rec.vm_id, rec.vm_name = vm.vm_id, vm.name
+    run.mark("vm_created")
+    stop = timed(rec.timings, "power_on")
+    hv.power_on(vm.vm_id)
+    stop()
+    run.running()
+    rec.state = state
+    run.mark("vm_running")
+
+
 def _images_from_store(item: ProtectedItem, point: PointInfo, dest: Path,
                        run: _Run) -> dict[str, Path]:
     """Restore every disk of ``point`` into ``dest`` (verified reads)."""
@@ -385,14 +399,7 @@ def test_failover(item: ProtectedItem, point: PointChoice = "latest", *,
         stop = timed(rec.timings, "create_vm")
         vm = hv.create_vm_cow(spec, images)
         stop()
-    rec.vm_id = vm.vm_id
-    run.mark("vm_created")
-    stop = timed(rec.timings, "power_on")
-    hv.power_on(vm.vm_id)
-    stop()
-    run.running()
-    rec.state = FailoverState.TEST_RUNNING
-    run.mark("vm_running")
+    _start_vm(run, hv, vm, FailoverState.TEST_RUNNING)
     return rec
 
 
@@ -455,15 +462,7 @@ def _create_and_start(item: ProtectedItem, run: _Run, p: PointInfo, spec: VmSpec
         stop()
         if from_replica:
             _consume_replica(item)
-    rec.vm_id = vm.vm_id
-    rec.vm_name = vm.name
-    run.mark("vm_created")
-    stop = timed(rec.timings, "power_on")
-    hv.power_on(vm.vm_id)
-    stop()
-    run.running()
-    rec.state = FailoverState.PENDING_COMMIT
-    run.mark("vm_running")
+    _start_vm(run, hv, vm, FailoverState.PENDING_COMMIT)
 
 
 def _images_for(item: ProtectedItem, p: PointInfo, run: _Run, *,
