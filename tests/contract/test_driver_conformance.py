@@ -28,7 +28,7 @@ from drsite.core.extents import ExtentList
 from drsite.core.model import DiskSpec, PowerState, SealedCycle, TrackingState, VmSpec
 from drsite.hypervisors.contract import DiskReader, HypervisorDriver
 from drsite.hypervisors.file import FileHypervisor
-from drsite.hypervisors.qemu.daemon import missing_tools
+from drsite.hypervisors.qemu.tools import missing_tools
 from drsite.hypervisors.testing.memory import MemoryHypervisor
 
 MiB = 1 << 20

@@ -19,10 +19,10 @@ import pytest
 from drsite.core.errors import TrackingLost
 from drsite.core.extents import ExtentList
 from drsite.core.model import Consistency, DiskSpec, SealedCycle, TrackingState, VmSpec
-from drsite.hypervisors.qemu.daemon import missing_tools
 from drsite.hypervisors.qemu.driver import QemuHypervisor
 from drsite.hypervisors.qemu.layout import VmDir
 from drsite.hypervisors.qemu.qmp import QmpClient
+from drsite.hypervisors.qemu.tools import missing_tools
 from drsite.hypervisors.qemu.tracking import GRANULARITY
 from drsite.replication.driver import ItemReplicator, ReplicationSettings
 from drsite.replication.planner import ALWAYS

@@ -54,7 +54,8 @@ from drsite.core.model import (
 )
 from drsite.fsutil import flock_exclusive, read_record, write_record
 from drsite.hypervisors.contract import DiskReader
-from drsite.hypervisors.file import control
+from drsite.hypervisors.file.control import call as guest_call
+from drsite.hypervisors.file.control import encode_data
 from drsite.hypervisors.file.cow import CowDiskReader, create_cow_files
 from drsite.hypervisors.file.layout import VmConfig, VmPaths
 from drsite.hypervisors.file.readers import CycleDiskReader
@@ -184,7 +185,7 @@ class FileHypervisor:
                     raise PermanentError(f"guest of VM {cfg.name} exited with {proc.returncode}: "
                                          f"{self._log_tail(paths)}")
                 try:
-                    r = control.call(paths.socket_address(), "ping", timeout=2.0)
+                    r = guest_call(paths.socket_address(), "ping", timeout=2.0)
                     if int(r["pid"]) == proc.pid:
                         return
                 except NetworkError:
@@ -245,7 +246,7 @@ class FileHypervisor:
             assert pid is not None
             if not force:
                 try:
-                    control.call(paths.socket_address(), "shutdown", timeout=min(timeout, 5.0))
+                    guest_call(paths.socket_address(), "shutdown", timeout=min(timeout, 5.0))
                 except DrsiteError:
                     with suppress(ProcessLookupError):
                         if pid != os.getpid():
@@ -280,7 +281,7 @@ class FileHypervisor:
                 vm = FileVm.open(paths.dir, role="driver", lock_timeout=0)
             except Busy:
                 try:
-                    return control.call(paths.socket_address(), cmd, timeout=timeout,  # type: ignore[no-any-return]
+                    return guest_call(paths.socket_address(), cmd, timeout=timeout,  # type: ignore[no-any-return]
                                         **args)
                 except NetworkError:
                     if time.monotonic() > deadline:
@@ -298,7 +299,7 @@ class FileHypervisor:
         under the VM lock when stopped). For tests and the demo, not a data path."""
         paths, _ = self._locate(vm_id)
         self._act(paths, "write", lambda vm: vm.write(disk_id, offset, data),
-                  disk_id=disk_id, offset=offset, data=control.encode_data(data))
+                  disk_id=disk_id, offset=offset, data=encode_data(data))
 
     def flush(self, vm_id: str) -> None:
         """Make the guest's completed writes durable (logs, then disks)."""
@@ -311,7 +312,7 @@ class FileHypervisor:
         if self._power(paths) is PowerState.STOPPED:
             return None
         try:
-            return control.call(paths.socket_address(), "status", timeout=10.0)  # type: ignore[no-any-return]
+            return guest_call(paths.socket_address(), "status", timeout=10.0)  # type: ignore[no-any-return]
         except NetworkError:
             return None
 
@@ -322,7 +323,7 @@ class FileHypervisor:
         write_record(paths.config, new.to_dict())
         if self._power(paths) is PowerState.RUNNING:
             with suppress(NetworkError):
-                control.call(paths.socket_address(), "workload",
+                guest_call(paths.socket_address(), "workload",
                              spec=spec.to_dict() if spec else None)
 
     # -- tracking -----------------------------------------------------------------------------

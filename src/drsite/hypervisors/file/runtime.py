@@ -71,7 +71,7 @@ class GuestRuntime:
             self.workload.stop()
             self.workload = None
         if spec is not None:
-            self.workload = Workload(self.vm, spec)
+            self.workload = Workload(self.vm, self.vm.config.disks, spec)
             self.workload.start()
         return self.workload.stats() if self.workload else None
 

@@ -17,7 +17,6 @@ for: scheduling cycles, reading frozen views (see :mod:`.readers`), processes or
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -35,7 +34,6 @@ import numpy as np
 from drsite.core.errors import (
     Busy,
     Conflict,
-    DrsiteError,
     InvalidInput,
     PermanentError,
     TrackingLost,
@@ -655,13 +653,3 @@ class FileVm:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def describe_error(e: BaseException) -> dict[str, str]:
-    if isinstance(e, DrsiteError):
-        return e.to_dict()
-    return {"code": "error", "class": "permanent", "message": f"{type(e).__name__}: {e}", "hint": ""}
-
-
-def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"

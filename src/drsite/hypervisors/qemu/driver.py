@@ -58,7 +58,6 @@ from drsite.core.model import (
 )
 from drsite.fsutil import flock_exclusive, read_record, write_record
 from drsite.hypervisors.contract import DiskReader
-from drsite.hypervisors.qemu.daemon import run_tool
 from drsite.hypervisors.qemu.guest_agent import GuestAgent
 from drsite.hypervisors.qemu.layout import QemuDisk, QemuVmConfig, VmDir
 from drsite.hypervisors.qemu.nbd import NbdClient
@@ -72,6 +71,7 @@ from drsite.hypervisors.qemu.runner import (
     start_runner,
     wait_gone,
 )
+from drsite.hypervisors.qemu.tools import run_tool
 from drsite.hypervisors.qemu.tracking import BitmapCycle, FrozenView
 from drsite.imagefile import move_sparse
 
