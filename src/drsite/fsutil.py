@@ -1,12 +1,22 @@
-"""Small durable-file helpers shared by the agent-side components (not used by ``core``)."""
+"""Small durable-file helpers shared by the agent-side components (not used by ``core``).
+
+Two families: ``atomic_write_*``/``read_json`` raise ``OSError`` (their callers translate it
+with a message of their own), ``write_record``/``read_record`` raise :mod:`drsite.core.errors`
+(a component's small JSON records, e.g. the hypervisor drivers' VM configs and tracking state).
+Both write the same way: temp file, fsync, rename, fsync the directory.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
+
+from drsite.core.errors import PermanentError, classify_os_error
 
 
 def fsync_dir(path: Path) -> None:
@@ -17,12 +27,31 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def flock_exclusive(fd: int, timeout: float) -> bool:
+    """Take an exclusive ``flock`` on the open file ``fd``, waiting up to ``timeout`` seconds
+    (0: one try). False if another holder kept it that long; the caller decides what that
+    means (busy, or a probe that the holder lives) and closes ``fd``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, parents: bool = True) -> None:
     """Write ``data`` to ``path`` so that a crash leaves either the old or the new file, whole.
 
-    The temp file is fsynced before the rename and the directory after it.
+    The temp file (mode 0600, beside ``path``, removed on failure) is fsynced before the rename
+    and the directory after it. ``parents``: create missing parent directories (else a missing
+    directory is ``FileNotFoundError``). Concurrent writers of one path never share a temp
+    file; the last rename wins.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -39,10 +68,38 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+def atomic_write_json(path: Path, obj: Any, *, parents: bool = True) -> None:
+    """``obj`` as JSON (sorted keys), written with :func:`atomic_write_bytes`."""
+    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode(), parents=parents)
 
 
 def read_json(path: Path) -> Any:
+    """The JSON value in ``path``. Raises ``OSError`` (``FileNotFoundError`` when missing) and
+    ``ValueError`` when it is not JSON."""
     with open(path, "rb") as f:
         return json.loads(f.read())
+
+
+def write_record(path: Path, data: dict[str, Any]) -> None:
+    """Replace the JSON record ``path`` atomically (:func:`atomic_write_json`); its directory
+    must exist (a record never recreates a directory that was removed, e.g. a deleted VM's).
+    Raises drsite errors (``classify_os_error``): ``NotFound`` for a missing directory."""
+    try:
+        atomic_write_json(path, data, parents=False)
+    except OSError as e:
+        raise classify_os_error(e, f"writing {path}") from e
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None when there is no such file. Raises
+    ``PermanentError`` when it cannot be read or holds anything but a JSON object."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise PermanentError(f"cannot read {path}: {e}") from e
+    if not isinstance(d, dict):
+        raise PermanentError(f"{path}: not a JSON object")
+    return d

@@ -4,11 +4,15 @@ Every driver joins by adding a harness factory to ``HARNESSES``: it yields a :cl
 with the driver, a way to make a stopped VM with N disks, a way to do tracked writes to a
 running VM (as its guest OS would), and a way to get a fresh driver object (an engine restart).
 Assertions hold for any driver: changed extents may be widened to the driver's granularity
-(``granule``) but never miss a write.
+(``granule``) but never miss a write. The suite covers the whole contract: what the
+replication engine uses (inventory, power, tracking cycles, readers) and what failover uses
+(``find_vm``, ``create_vm``, ``create_vm_cow``, ``delete_vm``). The in-memory driver of the
+unit tests runs it too, so a fake never drifts from the real drivers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import threading
@@ -19,12 +23,13 @@ from pathlib import Path
 
 import pytest
 
-from drsite.core.errors import Conflict, TrackingLost, VmNotFound
+from drsite.core.errors import Conflict, InvalidInput, TrackingLost, VmNotFound
 from drsite.core.extents import ExtentList
 from drsite.core.model import DiskSpec, PowerState, SealedCycle, TrackingState, VmSpec
 from drsite.hypervisors.contract import DiskReader, HypervisorDriver
 from drsite.hypervisors.file import FileHypervisor
-from drsite.hypervisors.qemu.daemon import missing_tools
+from drsite.hypervisors.qemu.tools import missing_tools
+from drsite.hypervisors.testing.memory import MemoryHypervisor
 
 MiB = 1 << 20
 
@@ -84,7 +89,18 @@ def qemu_harness(tmp_path: Path) -> Iterator[Harness]:
         hv.close()
 
 
-HARNESSES = {"file": file_harness, "qemu": qemu_harness}
+def memory_harness(tmp_path: Path) -> Iterator[Harness]:
+    hv = MemoryHypervisor()
+
+    def make_vm(name: str, sizes: list[int]) -> str:
+        spec = VmSpec(name, disks=tuple(DiskSpec(f"disk{i}", s) for i, s in enumerate(sizes)))
+        return hv.create_blank(spec).vm_id
+
+    # the host's state lives in the driver object: an engine restart keeps the same one
+    yield Harness(hv, make_vm, hv.write, lambda: hv, tmp_path, 1)
+
+
+HARNESSES = {"file": file_harness, "memory": memory_harness, "qemu": qemu_harness}
 
 
 @pytest.fixture(params=sorted(HARNESSES))
@@ -106,19 +122,29 @@ def assert_covers(h: Harness, cycle: SealedCycle, disk: str, writes: list[tuple[
     assert len(changed.subtract(widened)) == 0, "changed extents list bytes nobody wrote"
 
 
+def test_implements_the_contract(h: Harness) -> None:
+    assert isinstance(h.driver, HypervisorDriver)  # every method of the protocol is there
+
+
 def test_inventory(h: Harness) -> None:
     vm_id = h.make_vm("inv", [MiB, 2 * MiB])
     info = h.driver.get_vm(vm_id)
     assert info.name == "inv" and info.power is PowerState.STOPPED
     assert [(d.disk_id, d.size) for d in info.disks] == [("disk0", MiB), ("disk1", 2 * MiB)]
     assert vm_id in [v.vm_id for v in h.driver.list_vms()]
+    assert h.driver.find_vm("inv") == info
     missing = str(uuid.uuid4())
     for call in (lambda: h.driver.get_vm(missing), lambda: h.driver.power_on(missing),
+                 lambda: h.driver.power_off(missing),
                  lambda: h.driver.start_tracking(missing), lambda: h.driver.seal(missing),
                  lambda: h.driver.tracking_status(missing), lambda: h.driver.pending_cycle(missing),
-                 lambda: h.driver.open_live_reader(missing, "disk0")):
+                 lambda: h.driver.open_live_reader(missing, "disk0"),
+                 lambda: h.driver.find_vm("no-such-vm")):
         with pytest.raises(VmNotFound):
             call()
+    with pytest.raises(InvalidInput):
+        h.driver.find_vm("../etc")
+    h.driver.delete_vm(missing)  # idempotent: nothing to do
 
 
 def test_power_is_idempotent(h: Harness) -> None:
@@ -276,3 +302,110 @@ def test_create_and_delete_vm(h: Harness) -> None:
     with pytest.raises(VmNotFound):
         h.driver.get_vm(info.vm_id)
     assert os.path.exists(other)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def raw_image(path: Path, size: int, writes: dict[int, bytes]) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off, data in writes.items():
+            f.seek(off)
+            f.write(data)
+    return path
+
+
+def test_find_vm_follows_create_and_delete(h: Harness) -> None:
+    vm_id = h.make_vm("findme", [MiB])
+    other = h.make_vm("other", [MiB])
+    found = h.driver.find_vm("findme")
+    assert found.vm_id == vm_id and found.power is PowerState.STOPPED
+    h.driver.power_on(vm_id)
+    assert h.driver.find_vm("findme").power is PowerState.RUNNING
+    h.driver.delete_vm(vm_id)
+    with pytest.raises(VmNotFound):
+        h.driver.find_vm("findme")
+    assert h.driver.find_vm("other").vm_id == other
+
+
+def test_create_vm_sizes_and_bad_input(h: Harness) -> None:
+    small = raw_image(h.scratch / "small.raw", 64 * 1024, {4096: b"tail-extended"})
+    info = h.driver.create_vm(VmSpec("grown", disks=(DiskSpec("disk0", MiB),)),
+                              {"disk0": str(small)})
+    r = h.driver.open_live_reader(info.vm_id, "disk0")
+    assert r.size == MiB and read(r, 4096, 13) == b"tail-extended"
+    assert read(r, 64 * 1024, MiB - 64 * 1024) == bytes(MiB - 64 * 1024)  # zero-extended
+    r.close()
+    sized = raw_image(h.scratch / "sized.raw", 2 * MiB, {MiB: b"own size"})
+    info2 = h.driver.create_vm(VmSpec("imgsize"), {"disk0": str(sized)})  # no spec.disks
+    assert [(d.disk_id, d.size) for d in info2.disks] == [("disk0", 2 * MiB)]
+    r = h.driver.open_live_reader(info2.vm_id, "disk0")
+    assert read(r, MiB, 8) == b"own size"
+    r.close()
+    big = raw_image(h.scratch / "big.raw", 2 * MiB, {0: b"x"})
+    before = digest(big)
+    for spec, images in (
+            (VmSpec("toobig", disks=(DiskSpec("disk0", MiB),)), {"disk0": str(big)}),
+            (VmSpec("wrongids", disks=(DiskSpec("disk0", 2 * MiB),)), {"disk9": str(big)}),
+            (VmSpec("bad name!", disks=(DiskSpec("disk0", 2 * MiB),)), {"disk0": str(big)})):
+        with pytest.raises(InvalidInput):
+            h.driver.create_vm(spec, images)
+        assert digest(big) == before  # refused before the image was touched
+    with pytest.raises(VmNotFound):
+        h.driver.find_vm("toobig")
+    for vm in (info, info2):
+        h.driver.delete_vm(vm.vm_id)
+
+
+def test_create_vm_cow_never_writes_its_backing(h: Harness) -> None:
+    size = 2 * MiB
+    base = raw_image(h.scratch / "base.raw", MiB, {0: b"boot", 300_000: b"data" * 1000})
+    before = digest(base)
+    info = h.driver.create_vm_cow(VmSpec("cowvm", disks=(DiskSpec("disk0", size),)),
+                                  {"disk0": base})
+    assert info.power is PowerState.STOPPED and info.name == "cowvm"
+    assert [(d.disk_id, d.size) for d in info.disks] == [("disk0", size)]
+    assert h.driver.find_vm("cowvm").vm_id == info.vm_id
+    r = h.driver.open_live_reader(info.vm_id, "disk0")
+    assert r.size == size
+    assert read(r, 0, MiB) == base.read_bytes()
+    assert read(r, MiB, MiB) == bytes(MiB)  # a smaller backing reads zero-extended
+    assert len(ExtentList.of([(0, 4), (300_000, 4000)]).subtract(r.data_extents())) == 0
+    r.close()
+    h.driver.power_on(info.vm_id)
+    h.write(info.vm_id, "disk0", 0, b"BOOT")
+    h.write(info.vm_id, "disk0", MiB + 10, b"past the backing")
+    r = h.driver.open_live_reader(info.vm_id, "disk0")
+    assert read(r, 0, 8) == b"BOOTdata"[:4] + base.read_bytes()[4:8]
+    assert read(r, 300_000, 4) == b"data"
+    assert read(r, MiB + 10, 16) == b"past the backing"
+    r.close()
+    assert digest(base) == before
+    with pytest.raises(Conflict):
+        h.driver.create_vm_cow(VmSpec("cowvm", disks=(DiskSpec("disk0", size),)),
+                               {"disk0": base})
+    h.driver.delete_vm(info.vm_id)
+    with pytest.raises(VmNotFound):
+        h.driver.get_vm(info.vm_id)
+    assert digest(base) == before  # delete removes the VM's own storage only
+    # the images' sizes when the spec names no disks
+    own = h.driver.create_vm_cow(VmSpec("cowown"), {"disk0": base})
+    assert [(d.disk_id, d.size) for d in own.disks] == [("disk0", MiB)]
+    h.driver.delete_vm(own.vm_id)
+    assert digest(base) == before
+
+
+def test_create_vm_cow_bad_input(h: Harness) -> None:
+    base = raw_image(h.scratch / "base.raw", 2 * MiB, {0: b"x"})
+    for spec, backing in (
+            (VmSpec("small", disks=(DiskSpec("disk0", MiB),)), {"disk0": base}),
+            (VmSpec("ids", disks=(DiskSpec("disk0", 2 * MiB),)), {"disk1": base}),
+            (VmSpec("nofile", disks=(DiskSpec("disk0", 2 * MiB),)),
+             {"disk0": h.scratch / "missing.raw"}),
+            (VmSpec("adir", disks=(DiskSpec("disk0", 2 * MiB),)), {"disk0": h.scratch})):
+        with pytest.raises(InvalidInput):
+            h.driver.create_vm_cow(spec, backing)
+        with pytest.raises(VmNotFound):
+            h.driver.find_vm(spec.name)

@@ -19,10 +19,10 @@ import pytest
 from drsite.core.errors import TrackingLost
 from drsite.core.extents import ExtentList
 from drsite.core.model import Consistency, DiskSpec, SealedCycle, TrackingState, VmSpec
-from drsite.hypervisors.qemu.daemon import missing_tools
 from drsite.hypervisors.qemu.driver import QemuHypervisor
 from drsite.hypervisors.qemu.layout import VmDir
 from drsite.hypervisors.qemu.qmp import QmpClient
+from drsite.hypervisors.qemu.tools import missing_tools
 from drsite.hypervisors.qemu.tracking import GRANULARITY
 from drsite.replication.driver import ItemReplicator, ReplicationSettings
 from drsite.replication.planner import ALWAYS
@@ -286,12 +286,12 @@ def test_agent_socket_without_agent_falls_back(hv: QemuHypervisor) -> None:
 def test_agent_kind_and_failover_protocol(tmp_path: Path) -> None:
     require_qemu()
     from drsite.agent.process import HYPERVISOR_KINDS, make_hypervisor
-    from drsite.failover.actions import FailoverHypervisor
+    from drsite.hypervisors.contract import HypervisorDriver
 
     assert "qemu" in HYPERVISOR_KINDS
     made = make_hypervisor("qemu", tmp_path / "vms")
     assert isinstance(made, QemuHypervisor)
-    fh: FailoverHypervisor = made  # mypy: find_vm and create_vm_cow are there
+    fh: HypervisorDriver = made  # mypy: find_vm and create_vm_cow are in the contract
     vm = made.create_blank(VmSpec("byname", memory_mib=64, disks=(DiskSpec("d0", MiB),)))
     assert fh.find_vm("byname").vm_id == vm.vm_id
     made.delete_vm(vm.vm_id)
@@ -419,7 +419,7 @@ def test_seal_interrupted_before_its_record_is_undone(hv: QemuHypervisor,
     hv.power_on(vm)
     hv.release(hv.seal(vm))
     hv.write(vm, "d0", 70_000, b"w" * 10)
-    real_write = drv.write_json_atomic  # type: ignore[attr-defined]
+    real_write = drv.write_record  # type: ignore[attr-defined]
 
     class Crash(BaseException):
         pass
@@ -432,7 +432,7 @@ def test_seal_interrupted_before_its_record_is_undone(hv: QemuHypervisor,
             raise Crash()
         real_write(path, data)
 
-    monkeypatch.setattr(drv, "write_json_atomic", crashing_write)
+    monkeypatch.setattr(drv, "write_record", crashing_write)
     monkeypatch.setattr(BitmapCycle, "undo_seal", lambda self, view: None)  # died: no undo
     with pytest.raises(Crash):
         hv.seal(vm)

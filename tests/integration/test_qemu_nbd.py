@@ -16,13 +16,13 @@ import pytest
 
 from drsite.core.errors import InvalidInput, NetworkError, NotFound
 from drsite.core.extents import ExtentList
-from drsite.hypervisors.qemu.daemon import missing_tools, run_tool
 from drsite.hypervisors.qemu.nbd import (
     BASE_ALLOCATION,
     NbdClient,
     NbdProtocolError,
     dirty_bitmap_context,
 )
+from drsite.hypervisors.qemu.tools import missing_tools, run_tool
 
 MiB = 1 << 20
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from drsite.core.errors import NetworkError, NotFound, PermanentError
-from drsite.hypervisors.qemu.daemon import StorageDaemon, missing_tools, run_tool
 from drsite.hypervisors.qemu.qmp import (
     QmpClient,
     QmpCommandError,
     QmpInvalidArgument,
     QmpNotFound,
 )
+from drsite.hypervisors.qemu.tools import StorageDaemon, missing_tools, run_tool
 
 
 def require_qemu() -> None:

@@ -11,8 +11,8 @@ import pytest
 
 from drsite.core.errors import TrackingLost
 from drsite.core.extents import ExtentList
-from drsite.hypervisors.qemu.daemon import StorageDaemon, missing_tools, run_tool
 from drsite.hypervisors.qemu.nbd import NbdClient
+from drsite.hypervisors.qemu.tools import StorageDaemon, missing_tools, run_tool
 from drsite.hypervisors.qemu.tracking import GRANULARITY, BitmapCycle
 
 MiB = 1 << 20

@@ -130,7 +130,7 @@ class FailoverCommands:
         item_id = validate_name("item", cmd.item_id or "")
         store, replicas = self._store(a)
         repo = Repository(store, item_id)
-        hv: Any = self.agent.hypervisor
+        hv = self.agent.hypervisor
         replica_dir = replicas / item_id
         replica_dir.mkdir(parents=True, exist_ok=True)
         self._replicas = replicas

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from drsite.core.clock import Clock, SystemClock
 from drsite.core.errors import (
@@ -62,16 +62,6 @@ PointChoice = str  # "latest" | "latest_app" | a point id
 PIECE = 4 << 20
 
 
-class FailoverHypervisor(HypervisorDriver, Protocol):
-    """What failover needs from a site's hypervisor: the driver contract (replication of the
-    failed-over VM when re-protecting) plus lookup by name and copy-on-write VM creation. The
-    file driver implements it."""
-
-    def find_vm(self, name: str) -> VmInfo: ...
-
-    def create_vm_cow(self, spec: VmSpec, backing: dict[str, Path]) -> VmInfo: ...
-
-
 @dataclass
 class Site:
     """One site as the failover library sees it: a name (as in generation records), a
@@ -79,7 +69,7 @@ class Site:
     engine state of reverse replication."""
 
     name: str
-    hypervisor: FailoverHypervisor | None
+    hypervisor: HypervisorDriver | None
     work_dir: Path
 
     def __post_init__(self) -> None:
@@ -88,7 +78,7 @@ class Site:
         self.work_dir.mkdir(parents=True, exist_ok=True)
 
     @property
-    def hv(self) -> FailoverHypervisor:
+    def hv(self) -> HypervisorDriver:
         """The site's hypervisor; ``None`` means it is another host's (an agent acting for the
         recovery side of a failover does not reach the primary's hypervisor)."""
         if self.hypervisor is None:
@@ -288,11 +278,25 @@ def _resolve_point(repo: Repository, choice: PointChoice) -> PointInfo:
                        hint="List the item's points and choose one of them.") from exc
 
 
-def _find_vm(hv: FailoverHypervisor, name: str) -> VmInfo | None:
+def _find_vm(hv: HypervisorDriver, name: str) -> VmInfo | None:
     try:
         return hv.find_vm(name)
     except VmNotFound:
         return None
+
+
+def _start_vm(run: _Run, hv: HypervisorDriver, vm: VmInfo, state: FailoverState) -> None:
+    """Record the recovery VM (``vm_created``), power it on (the RTO ends here) and enter
+    ``state`` (``vm_running``). Idempotent: powering on a running VM is a no-op."""
+    rec = run.rec
+    rec.vm_id, rec.vm_name = vm.vm_id, vm.name
+    run.mark("vm_created")
+    stop = timed(rec.timings, "power_on")
+    hv.power_on(vm.vm_id)
+    stop()
+    run.running()
+    rec.state = state
+    run.mark("vm_running")
 
 
 def _images_from_store(item: ProtectedItem, point: PointInfo, dest: Path,
@@ -397,14 +401,7 @@ def test_failover(item: ProtectedItem, point: PointChoice = "latest", *,
         stop = timed(rec.timings, "create_vm")
         vm = hv.create_vm_cow(spec, images)
         stop()
-    rec.vm_id = vm.vm_id
-    run.mark("vm_created")
-    stop = timed(rec.timings, "power_on")
-    hv.power_on(vm.vm_id)
-    stop()
-    run.running()
-    rec.state = FailoverState.TEST_RUNNING
-    run.mark("vm_running")
+    _start_vm(run, hv, vm, FailoverState.TEST_RUNNING)
     return rec
 
 
@@ -467,15 +464,7 @@ def _create_and_start(item: ProtectedItem, run: _Run, p: PointInfo, spec: VmSpec
         stop()
         if from_replica:
             _consume_replica(item)
-    rec.vm_id = vm.vm_id
-    rec.vm_name = vm.name
-    run.mark("vm_created")
-    stop = timed(rec.timings, "power_on")
-    hv.power_on(vm.vm_id)
-    stop()
-    run.running()
-    rec.state = FailoverState.PENDING_COMMIT
-    run.mark("vm_running")
+    _start_vm(run, hv, vm, FailoverState.PENDING_COMMIT)
 
 
 def _images_for(item: ProtectedItem, p: PointInfo, run: _Run, *,

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from drsite.core.errors import InvalidReplicaState, classify_os_error
-from drsite.imagefile import RawImageReader, sparse_data_extents
+from drsite.imagefile import RawImageReader, copy_sparse, pwrite_all
 from drsite.replication.resync import Readable, block_digests, differing_blocks
 from drsite.store.reader import PointReader, iter_pieces
 from drsite.store.replica import ReplicaHydrator
@@ -72,11 +72,9 @@ def restore_point(repo: Repository, point_id: str, disk_id: str, dest: Path, *,
         buf = bytearray(n)
         r.readinto(off, memoryview(buf))
         written = 0
-        if np.frombuffer(buf, np.uint8).any():
-            mv = memoryview(buf)
-            while mv:
-                k = os.pwrite(fd, mv, off + written)
-                mv, written = mv[k:], written + k
+        if np.frombuffer(buf, np.uint8).any():  # an all-zero piece stays a hole
+            pwrite_all(fd, buf, off)
+            written = n
         with lock:
             stats.bytes_read += n
             stats.bytes_written += written
@@ -101,31 +99,6 @@ def restore_point(repo: Repository, point_id: str, disk_id: str, dest: Path, *,
             tmp.unlink()
     stats.seconds = time.monotonic() - t0
     return stats
-
-
-def copy_sparse(src: Path, dest: Path, size: int) -> int:
-    """Copy the data extents of ``src`` into a new sparse ``dest`` of ``size`` bytes with
-    ``copy_file_range`` (a reflink on filesystems that share extents, a kernel copy elsewhere).
-    Returns the bytes copied."""
-    copied = 0
-    tmp = dest.with_name(f".{dest.name}.copying")
-    try:
-        with open(src, "rb") as fi, open(tmp, "wb") as fo:
-            fo.truncate(size)
-            for s, n in sparse_data_extents(fi.fileno(), min(size, os.fstat(fi.fileno()).st_size)):
-                off = s
-                while off < s + n:
-                    done = os.copy_file_range(fi.fileno(), fo.fileno(), s + n - off, off, off)
-                    if done == 0:
-                        break
-                    off += done
-                    copied += done
-            os.fsync(fo.fileno())
-        os.replace(tmp, dest)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise classify_os_error(e, f"copying {src} to {dest}") from e
-    return copied
 
 
 def frozen_replica_copy(hydrator: ReplicaHydrator, point_id: str, disk_sizes: dict[str, int],

@@ -1,12 +1,17 @@
 """The hypervisor driver contract.
 
-Every driver (the embedded file driver, QEMU/KVM, libvirt) implements :class:`HypervisorDriver`.
+Every driver (the embedded file driver, QEMU/KVM, the in-memory test driver, libvirt later)
+implements :class:`HypervisorDriver`: the replication engine uses its inventory, power and
+change-tracking methods, failover uses its inventory, power and VM-creation methods. Every
+driver runs the same conformance suite (``tests/contract/test_driver_conformance.py``).
 Drivers return results and raise :mod:`drsite.core.errors`; they never write the vault's
-database and never decide policy (what to ship, when to resync): that is the engine's job.
+database and never decide policy (what to ship, when to resync, which point to fail over to):
+that is the engine's and failover's job.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from drsite.core.extents import ExtentList
@@ -40,6 +45,7 @@ class DiskReader(Protocol):
         ...
 
 
+@runtime_checkable
 class HypervisorDriver(Protocol):
     """Inventory, power, disks, change tracking and VM creation for one host.
 
@@ -48,10 +54,19 @@ class HypervisorDriver(Protocol):
     instant; the engine reads ``cycle.changed`` from :meth:`open_cycle_reader`, commits the
     point, then calls :meth:`release`. A sealed cycle survives a crash of the engine (find it
     again with :meth:`pending_cycle`); it is forgotten only on release.
+
+    Failover creates VMs from images on the recovery site: :meth:`create_vm` (planned and
+    unplanned failover: the images become the VM's disks), :meth:`create_vm_cow` (test
+    failover: copy-on-write views of read-only images), finds them again by name after a crash
+    (:meth:`find_vm`) and removes them (:meth:`delete_vm`).
+
+    Every method taking a ``vm_id`` raises ``VmNotFound`` for an unknown VM unless it says
+    otherwise.
     """
 
     name: str
 
+    # -- inventory ------------------------------------------------------------------------------
     def list_vms(self) -> list[VmInfo]:
         """Every VM this host has, with its disks and power state."""
         ...
@@ -60,6 +75,17 @@ class HypervisorDriver(Protocol):
         """One VM by id. Raises ``VmNotFound``."""
         ...
 
+    def find_vm(self, name: str) -> VmInfo:
+        """One VM by name (names are unique on a host). Raises ``VmNotFound`` when no VM has
+        that name, ``InvalidInput`` when ``name`` is not a valid VM name.
+
+        Failover uses it to find the VM it created after a crash or a re-delivered command
+        (ids are the driver's, names are the caller's). Not responsible for telling who
+        created the VM: the caller compares ids with its own records.
+        """
+        ...
+
+    # -- power ----------------------------------------------------------------------------------
     def power_on(self, vm_id: str) -> None:
         """Start the VM; a no-op if it runs."""
         ...
@@ -69,6 +95,7 @@ class HypervisorDriver(Protocol):
         ``timeout`` seconds a graceful stop becomes forced. A no-op if it is stopped."""
         ...
 
+    # -- change tracking ------------------------------------------------------------------------
     def start_tracking(self, vm_id: str) -> str:
         """Begin a new change-tracking epoch for every disk; returns its id.
 
@@ -77,7 +104,8 @@ class HypervisorDriver(Protocol):
         replication and resync read a consistent image of the instant of that seal.
 
         Changes recorded under an older epoch and any unreleased cycle are dropped: the caller
-        must then copy or resync. Not responsible for shipping anything.
+        must then copy or resync. Not responsible for shipping anything. A driver may refuse
+        tracking on a copy-on-write VM (:meth:`create_vm_cow`) with ``InvalidInput``.
         """
         ...
 
@@ -104,19 +132,51 @@ class HypervisorDriver(Protocol):
         ...
 
     def open_live_reader(self, vm_id: str, disk_id: str) -> DiskReader:
-        """A reader of the live disk (fuzzy while the VM runs; used by initial copy and resync
-        only together with tracking that covers the copy)."""
+        """A reader of the live disk as the guest sees it (fuzzy while the VM runs; used by
+        initial copy and resync only together with tracking that covers the copy, and by
+        failover on stopped VMs: proofs and re-protect bases). For a copy-on-write disk this
+        is the backing image with the VM's writes over it."""
         ...
 
     def release(self, cycle: SealedCycle) -> None:
-        """Drop the frozen view and the sealed logs of ``cycle``; idempotent."""
+        """Drop the frozen view and the sealed logs of ``cycle``; idempotent (also for a VM
+        that is gone)."""
         ...
 
+    # -- creation and removal (failover) --------------------------------------------------------
     def create_vm(self, spec: VmSpec, disk_images: dict[str, str]) -> VmInfo:
-        """Create a stopped VM from existing disk image files (moved or linked into place, not
-        copied when avoidable). Used at failover. Raises ``Conflict`` if the name exists."""
+        """Create a stopped VM named ``spec.name`` whose disks are the raw image files
+        ``disk_images`` (disk id → path). Used by planned and unplanned failover.
+
+        The images become the VM's: moved into place (a rename; across file systems a sparse
+        copy, then the source is removed), not copied when avoidable, so the caller must not
+        use those paths afterwards. An image smaller than its disk in ``spec.disks`` reads as
+        zero-extended; with no ``spec.disks`` the images' own sizes are used.
+
+        Raises ``Conflict`` if a VM of that name exists, ``InvalidInput`` if the image ids do
+        not match ``spec.disks``, an image is larger than its disk or the name is invalid;
+        these are checked before any image is touched. Not responsible for checking what the
+        images hold (failover verifies them first) or for starting the VM.
+        """
+        ...
+
+    def create_vm_cow(self, spec: VmSpec, backing: dict[str, Path]) -> VmInfo:
+        """Create a stopped VM whose disks are copy-on-write views of read-only raw images
+        ``backing`` (disk id → path). Used by test failover.
+
+        The backing files are never written: the VM's writes go to storage of its own, and
+        :meth:`delete_vm` removes that storage only. A backing image smaller than its disk
+        reads as zero-extended; with no ``spec.disks`` the images' sizes are used. Real
+        drivers create the VM in time independent of the disk size (nothing is copied).
+
+        Raises ``Conflict`` if a VM of that name exists, ``InvalidInput`` if a backing path is
+        not a file, the ids do not match ``spec.disks``, an image is larger than its disk or
+        lives inside the VM's own storage. Not responsible for keeping the backing images
+        unchanged while the VM exists, nor for removing them: the caller owns them.
+        """
         ...
 
     def delete_vm(self, vm_id: str) -> None:
-        """Power off and remove the VM and its disks; idempotent."""
+        """Power the VM off (forced) and remove it and its own disks; idempotent (an unknown
+        ``vm_id`` is a no-op). Backing images of a copy-on-write VM are left alone."""
         ...

@@ -22,7 +22,6 @@ from contextlib import suppress
 from typing import Any
 
 from drsite.core import errors as E
-from drsite.hypervisors.file.vm import describe_error, dumps
 
 log = logging.getLogger(__name__)
 Handler = Callable[[dict[str, Any]], Any]
@@ -107,6 +106,18 @@ class ControlServer:
                     conn.sendall(dumps(reply))
                 except OSError:
                     return
+
+
+def describe_error(e: BaseException) -> dict[str, str]:
+    """The reply's ``error`` for an exception a handler raised."""
+    if isinstance(e, E.DrsiteError):
+        return e.to_dict()
+    return {"code": "error", "class": "permanent", "message": f"{type(e).__name__}: {e}", "hint": ""}
+
+
+def dumps(obj: Any) -> bytes:
+    """One JSON line of the channel."""
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
 
 def call(address: str, cmd: str, *, timeout: float = 120.0, **args: Any) -> Any:

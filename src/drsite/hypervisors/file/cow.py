@@ -35,7 +35,7 @@ import numpy.typing as npt
 from drsite.core.errors import InvalidInput, NotFound, classify_os_error
 from drsite.core.extents import ExtentList, blocks_to_extents
 from drsite.hypervisors.file.layout import GRANULE
-from drsite.hypervisors.file.readers import file_data_extents, preadv_full
+from drsite.imagefile import pread_full, pwrite_all, sparse_data_extents
 
 
 def granule_count(size: int) -> int:
@@ -105,7 +105,7 @@ class CowOverlay:
         g0, g1 = offset // GRANULE, (offset + n - 1) // GRANULE
         for a, b, in_overlay in _runs(self.alloc[g0:g1 + 1], g0):
             lo, hi = max(offset, a * GRANULE), min(offset + n, (b + 1) * GRANULE)
-            preadv_full(self.overlay_fd if in_overlay else self._backing_fd,
+            pread_full(self.overlay_fd if in_overlay else self._backing_fd,
                         buf[lo - offset:hi - offset], lo)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
@@ -124,11 +124,11 @@ class CowOverlay:
             # build the granules: backing bytes, then this write's bytes over them
             buf = bytearray(hi - lo)
             bv = memoryview(buf)
-            preadv_full(self._backing_fd, bv, lo)
+            pread_full(self._backing_fd, bv, lo)
             wlo, whi = max(lo, offset), min(hi, end)
             bv[wlo - lo:whi - lo] = mv[wlo - offset:whi - offset]
             if np.frombuffer(buf, np.uint8).any():  # an all-zero granule stays a hole
-                _pwrite_all(self.overlay_fd, bv, lo)
+                pwrite_all(self.overlay_fd, bv, lo)
             copied.append((a, b))
         if copied:
             os.fdatasync(self.overlay_fd)  # the granules are durable before their bytes are set
@@ -140,7 +140,7 @@ class CowOverlay:
             if not allocated:
                 continue
             lo, hi = max(offset, a * GRANULE), min(end, (b + 1) * GRANULE)
-            _pwrite_all(self.overlay_fd, mv[lo - offset:hi - offset], lo)
+            pwrite_all(self.overlay_fd, mv[lo - offset:hi - offset], lo)
 
     def flush(self) -> None:
         """Make the bitmap durable (the caller fsyncs the overlay first)."""
@@ -155,12 +155,6 @@ class CowOverlay:
                 with suppress(OSError):
                     os.close(fd)
                 setattr(self, name, -1)
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        k = os.pwrite(fd, data, offset)
-        data, offset = data[k:], offset + k
 
 
 class CowDiskReader:
@@ -205,7 +199,7 @@ class CowDiskReader:
                                   np.uint8)
             for a, b, in_overlay in _runs(flags, g0):
                 lo, hi = max(offset, a * GRANULE), min(offset + n, (b + 1) * GRANULE)
-                preadv_full(self._overlay if in_overlay else self._backing,
+                pread_full(self._overlay if in_overlay else self._backing,
                             mv[lo - offset:hi - offset], lo)
         except OSError as e:
             raise classify_os_error(e, "reading copy-on-write disk") from e
@@ -215,7 +209,7 @@ class CowDiskReader:
         n = granule_count(self._size)
         flags = np.frombuffer(os.pread(self._bitmap, n, 0).ljust(n, b"\0"), np.uint8)
         allocated = blocks_to_extents(np.flatnonzero(flags), GRANULE, self._size)
-        return file_data_extents(self._backing, self._size).clip(self._size).union(allocated)
+        return sparse_data_extents(self._backing, self._size).clip(self._size).union(allocated)
 
     def close(self) -> None:
         for fd in self._fds:

@@ -13,7 +13,6 @@ responsible for: policy (when to seal, what to ship, when to resync), the vault'
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import signal
@@ -53,14 +52,17 @@ from drsite.core.model import (
     VmSpec,
     validate_name,
 )
+from drsite.fsutil import flock_exclusive, read_record, write_record
 from drsite.hypervisors.contract import DiskReader
-from drsite.hypervisors.file import control
+from drsite.hypervisors.file.control import call as guest_call
+from drsite.hypervisors.file.control import encode_data
 from drsite.hypervisors.file.cow import CowDiskReader, create_cow_files
-from drsite.hypervisors.file.layout import VmConfig, VmPaths, read_json, write_json_atomic
-from drsite.hypervisors.file.readers import CycleDiskReader, LiveDiskReader, file_data_extents
+from drsite.hypervisors.file.layout import VmConfig, VmPaths
+from drsite.hypervisors.file.readers import CycleDiskReader
 from drsite.hypervisors.file.runtime import GuestRuntime
 from drsite.hypervisors.file.vm import FileVm
 from drsite.hypervisors.file.workload import WorkloadSpec
+from drsite.imagefile import RawImageReader, move_sparse
 from drsite.tracking.changelog import load_log
 
 T = TypeVar("T")
@@ -86,7 +88,7 @@ class FileHypervisor:
         for d in sorted(self.root.iterdir()):
             if d.name.startswith(".") or not d.is_dir():
                 continue
-            raw = read_json(d / "vm.json")
+            raw = read_record(d / "vm.json")
             if raw is not None:
                 out.append((d, VmConfig.from_dict(raw)))
         return out
@@ -136,12 +138,9 @@ class FileHypervisor:
         except OSError as e:
             raise classify_os_error(e, f"lock of {paths.dir}") from e
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
+            return not flock_exclusive(fd, 0)
         finally:
             os.close(fd)  # also drops our probe lock if we got it
-        return False
 
     def _guest_pid(self, paths: VmPaths) -> int | None:
         try:
@@ -186,7 +185,7 @@ class FileHypervisor:
                     raise PermanentError(f"guest of VM {cfg.name} exited with {proc.returncode}: "
                                          f"{self._log_tail(paths)}")
                 try:
-                    r = control.call(paths.socket_address(), "ping", timeout=2.0)
+                    r = guest_call(paths.socket_address(), "ping", timeout=2.0)
                     if int(r["pid"]) == proc.pid:
                         return
                 except NetworkError:
@@ -247,7 +246,7 @@ class FileHypervisor:
             assert pid is not None
             if not force:
                 try:
-                    control.call(paths.socket_address(), "shutdown", timeout=min(timeout, 5.0))
+                    guest_call(paths.socket_address(), "shutdown", timeout=min(timeout, 5.0))
                 except DrsiteError:
                     with suppress(ProcessLookupError):
                         if pid != os.getpid():
@@ -282,7 +281,7 @@ class FileHypervisor:
                 vm = FileVm.open(paths.dir, role="driver", lock_timeout=0)
             except Busy:
                 try:
-                    return control.call(paths.socket_address(), cmd, timeout=timeout,  # type: ignore[no-any-return]
+                    return guest_call(paths.socket_address(), cmd, timeout=timeout,  # type: ignore[no-any-return]
                                         **args)
                 except NetworkError:
                     if time.monotonic() > deadline:
@@ -300,7 +299,7 @@ class FileHypervisor:
         under the VM lock when stopped). For tests and the demo, not a data path."""
         paths, _ = self._locate(vm_id)
         self._act(paths, "write", lambda vm: vm.write(disk_id, offset, data),
-                  disk_id=disk_id, offset=offset, data=control.encode_data(data))
+                  disk_id=disk_id, offset=offset, data=encode_data(data))
 
     def flush(self, vm_id: str) -> None:
         """Make the guest's completed writes durable (logs, then disks)."""
@@ -313,7 +312,7 @@ class FileHypervisor:
         if self._power(paths) is PowerState.STOPPED:
             return None
         try:
-            return control.call(paths.socket_address(), "status", timeout=10.0)  # type: ignore[no-any-return]
+            return guest_call(paths.socket_address(), "status", timeout=10.0)  # type: ignore[no-any-return]
         except NetworkError:
             return None
 
@@ -321,10 +320,10 @@ class FileHypervisor:
         """Store the workload in ``vm.json`` and apply it now if the VM runs."""
         paths, cfg = self._locate(vm_id)
         new = replace(cfg, workload=spec)
-        write_json_atomic(paths.config, new.to_dict())
+        write_record(paths.config, new.to_dict())
         if self._power(paths) is PowerState.RUNNING:
             with suppress(NetworkError):
-                control.call(paths.socket_address(), "workload",
+                guest_call(paths.socket_address(), "workload",
                              spec=spec.to_dict() if spec else None)
 
     # -- tracking -----------------------------------------------------------------------------
@@ -432,7 +431,7 @@ class FileHypervisor:
         backing = cfg.backing.get(disk_id)
         if backing is not None:
             return CowDiskReader(paths.disk(disk_id), paths.alloc(disk_id), Path(backing), size)
-        return LiveDiskReader(paths.disk(disk_id), size)
+        return RawImageReader(paths.disk(disk_id), size)
 
     def release(self, cycle: SealedCycle) -> None:
         try:
@@ -463,7 +462,7 @@ class FileHypervisor:
                 workload: WorkloadSpec | None, backing: dict[str, str] | None = None) -> VmInfo:
         cfg = VmConfig(str(uuid.uuid4()), spec.name, spec.vcpus, spec.memory_mib, spec.nics, disks,
                        workload, dict(backing or {}))
-        write_json_atomic(tmp / "vm.json", cfg.to_dict())
+        write_record(tmp / "vm.json", cfg.to_dict())
         try:
             os.rename(tmp, final)  # atomic; fails if the name appeared meanwhile
         except OSError as e:
@@ -504,13 +503,16 @@ class FileHypervisor:
         try:
             for d in disks:
                 dst = tmp / f"{d.disk_id}.img"
-                _move_sparse(Path(disk_images[d.disk_id]), dst)
+                move_sparse(Path(disk_images[d.disk_id]), dst)
                 with open(dst, "r+b") as f:
                     if os.fstat(f.fileno()).st_size < d.size:
                         f.truncate(d.size)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise classify_os_error(e, f"creating VM {spec.name}") from e
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return self._commit(spec, tmp, final, disks, None)
 
     def create_vm_cow(self, spec: VmSpec, backing: dict[str, Path]) -> VmInfo:
@@ -567,24 +569,3 @@ class FileHypervisor:
         with suppress(FileNotFoundError):
             os.rename(paths.dir, gone)  # atomic: the VM disappears from listings at once
         shutil.rmtree(gone, ignore_errors=True)
-
-
-def _move_sparse(src: Path, dst: Path) -> None:
-    try:
-        os.replace(src, dst)
-        return
-    except OSError as e:
-        if e.errno != 18:  # EXDEV: another filesystem
-            raise
-    size = src.stat().st_size
-    with open(src, "rb") as fi, open(dst, "wb") as fo:
-        fo.truncate(size)
-        for s, n in file_data_extents(fi.fileno(), size):
-            off = s
-            while off < s + n:
-                done = os.copy_file_range(fi.fileno(), fo.fileno(), s + n - off, off, off)
-                if done == 0:
-                    break
-                off += done
-        os.fsync(fo.fileno())
-    src.unlink()

@@ -24,15 +24,14 @@ release interrupted by a crash leaves them; carrying over-approximates and never
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from drsite.core.errors import PermanentError, VmNotFound, classify_os_error
+from drsite.core.errors import VmNotFound, classify_os_error
 from drsite.core.model import DiskSpec, Nic, PowerState, VmInfo, validate_name
-from drsite.fsutil import fsync_dir
+from drsite.fsutil import read_record
 from drsite.hypervisors.file.workload import WorkloadSpec
 
 GRANULE = 64 * 1024
@@ -88,34 +87,6 @@ class VmConfig:
             if d.disk_id == disk_id:
                 return d.size
         raise VmNotFound(f"VM {self.name} has no disk {disk_id!r}")
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Replace ``path`` with ``data`` durably: tmp file, fsync, rename, fsync dir."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except OSError as e:
-        raise classify_os_error(e, f"writing {path}") from e
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise PermanentError(f"cannot read {path}: {e}") from e
-    if not isinstance(d, dict):
-        raise PermanentError(f"{path}: not a JSON object")
-    return d
-
 
 
 class VmPaths:
@@ -211,7 +182,7 @@ class VmPaths:
         return e or None
 
     def cycle_record(self, epoch: str) -> dict[str, Any] | None:
-        return read_json(self.cycle_file(epoch))
+        return read_record(self.cycle_file(epoch))
 
     def sealed_logs(self, epoch: str) -> dict[str, list[Path]]:
         """Every sealed log of the epoch, by disk id (sorted by name)."""

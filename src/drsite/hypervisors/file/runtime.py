@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
 
@@ -70,7 +71,7 @@ class GuestRuntime:
             self.workload.stop()
             self.workload = None
         if spec is not None:
-            self.workload = Workload(self.vm, spec)
+            self.workload = Workload(self.vm, self.vm.config.disks, spec)
             self.workload.start()
         return self.workload.stats() if self.workload else None
 
@@ -80,6 +81,14 @@ class GuestRuntime:
 
     def stop(self) -> None:
         """Graceful: stop writing, flush, close the logs cleanly, stop serving."""
+        self._end(self.vm.close)
+
+    def crash(self) -> None:
+        """In-process stand-in for SIGKILL: nothing flushed, nothing marked clean."""
+        self._end(self.vm.crash)
+
+    def _end(self, release: Callable[[], None]) -> None:
+        """Stop writing and serving, then ``release`` the VM (close or crash); once."""
         with self._life:
             if self.stopped.is_set():
                 return
@@ -87,22 +96,10 @@ class GuestRuntime:
                 self.workload.stop()
             self.server.stop()
             try:
-                self.vm.close()
+                release()
             finally:
                 self._forget_pid()
                 self.stopped.set()
-
-    def crash(self) -> None:
-        """In-process stand-in for SIGKILL: nothing flushed, nothing marked clean."""
-        with self._life:
-            if self.stopped.is_set():
-                return
-            if self.workload is not None:
-                self.workload.stop()
-            self.server.stop()
-            self.vm.crash()
-            self._forget_pid()
-            self.stopped.set()
 
     def _forget_pid(self) -> None:
         with suppress(OSError):

@@ -17,8 +17,6 @@ for: scheduling cycles, reading frozen views (see :mod:`.readers`), processes or
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
 import os
 import shutil
@@ -36,7 +34,6 @@ import numpy as np
 from drsite.core.errors import (
     Busy,
     Conflict,
-    DrsiteError,
     InvalidInput,
     PermanentError,
     TrackingLost,
@@ -44,15 +41,10 @@ from drsite.core.errors import (
 )
 from drsite.core.extents import ExtentList
 from drsite.core.model import Consistency
-from drsite.fsutil import fsync_dir
+from drsite.fsutil import flock_exclusive, fsync_dir, read_record, write_record
 from drsite.hypervisors.file.cow import CowOverlay
-from drsite.hypervisors.file.layout import (
-    GRANULE,
-    VmConfig,
-    VmPaths,
-    read_json,
-    write_json_atomic,
-)
+from drsite.hypervisors.file.layout import GRANULE, VmConfig, VmPaths
+from drsite.imagefile import pwrite_all
 from drsite.tracking.changelog import (
     DEFAULT_MAX_BYTES,
     ChangeLog,
@@ -75,13 +67,6 @@ def granule_mask(extents: ExtentList, size: int) -> bytearray:
     b = extents.clip(size).blocks(GRANULE)
     m[b] = 1
     return bytearray(m.tobytes())
-
-
-def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    mv = memoryview(data)
-    while mv:
-        n = os.pwrite(fd, mv, offset)
-        mv, offset = mv[n:], offset + n
 
 
 class _Cbw:
@@ -192,21 +177,14 @@ class FileVm:
         clean close marks the disks quiesced at rest.
         """
         paths = VmPaths(vm_dir)
-        cfg_raw = read_json(paths.config)
+        cfg_raw = read_record(paths.config)
         if cfg_raw is None:
             raise PermanentError(f"{vm_dir} is not a file VM (no vm.json)")
         config = VmConfig.from_dict(cfg_raw)
         lock_fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        deadline = time.monotonic() + lock_timeout
-        while True:
-            try:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(lock_fd)
-                    raise Busy(f"VM {config.name} is in use (locked)") from None
-                time.sleep(0.02)
+        if not flock_exclusive(lock_fd, lock_timeout):
+            os.close(lock_fd)
+            raise Busy(f"VM {config.name} is in use (locked)")
         vm = cls(paths, config, lock_fd, boot_id or current_boot_id(), role, max_log_bytes)
         try:
             vm._recover_and_open()
@@ -217,14 +195,14 @@ class FileVm:
 
     def _recover_and_open(self) -> None:
         p = self.paths
-        prev = read_json(p.session)
+        prev = read_record(p.session)
         if prev is not None:
             self.unclean_previous = True
             self.host_crashed = prev.get("boot_id") != self.boot_id
             p.unclean.touch()
             self.recovery_notes.append(
                 "previous session ended uncleanly" + (" (host restart)" if self.host_crashed else ""))
-        write_json_atomic(p.session, {"boot_id": self.boot_id, "pid": os.getpid(), "role": self.role,
+        write_record(p.session, {"boot_id": self.boot_id, "pid": os.getpid(), "role": self.role,
                                       "opened_at": time.time()})
         for d in self.config.disks:
             path = p.disk(d.disk_id)
@@ -451,7 +429,7 @@ class FileVm:
             p = self.paths
             edir = p.epoch_dir(new)
             edir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(p.epoch_state(new), {"base_released": False})
+            write_record(p.epoch_state(new), {"base_released": False})
             logs = {d.disk_id: ChangeLog.create(p.active_log(new, d.disk_id), epoch=new,
                                                 disk_id=d.disk_id, max_bytes=self.max_log_bytes,
                                                 boot_id=self.boot_id)
@@ -525,7 +503,7 @@ class FileVm:
             carried = p.carried_logs(epoch, None)
             # Until a cycle of this epoch is released, the target has no base from this epoch:
             # the cycle is "full" (changed = whole disks, frozen view over whole disks).
-            full = not bool((read_json(p.epoch_state(epoch)) or {}).get("base_released"))
+            full = not bool((read_record(p.epoch_state(epoch)) or {}).get("base_released"))
             # 1. the next logs exist (durably) before the old ones are sealed: a crash in between
             #    never leaves a disk without an active log (see _open_active_log)
             nxt = {d.disk_id: ChangeLog.create(p.next_log(epoch, d.disk_id), epoch=epoch,
@@ -579,7 +557,7 @@ class FileVm:
                 err = on_sealed()
                 if err:
                     notes.append(err)
-            write_json_atomic(p.cycle_file(epoch), record)  # 5. the commit point of the seal
+            write_record(p.cycle_file(epoch), record)  # 5. the commit point of the seal
             self.cycle = record
             return record
 
@@ -595,7 +573,7 @@ class FileVm:
                     disk.cbw = None
             self._delete_cycle(self.cycle)
             if self.cycle.get("full"):  # after the commit point: a crash in between over-approximates
-                write_json_atomic(self.paths.epoch_state(self.cycle["epoch"]), {"base_released": True})
+                write_record(self.paths.epoch_state(self.cycle["epoch"]), {"base_released": True})
             self.cycle = None
             return True
 
@@ -675,13 +653,3 @@ class FileVm:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def describe_error(e: BaseException) -> dict[str, str]:
-    if isinstance(e, DrsiteError):
-        return e.to_dict()
-    return {"code": "error", "class": "permanent", "message": f"{type(e).__name__}: {e}", "hint": ""}
-
-
-def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"

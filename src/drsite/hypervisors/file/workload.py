@@ -7,7 +7,8 @@ position that is a pure function of ``(spec, seq)`` (:func:`plan_writes`), so a 
 the writes up to any ``seq`` without a journal.
 
 Responsible for: generating and rate-limiting writes (sleeping, never spinning). Not responsible
-for: tracking or copy-before-write (every write goes through :meth:`FileVm.write`).
+for: tracking or copy-before-write (every write goes through a :class:`BlockWriter`, in a running
+VM its :class:`~drsite.hypervisors.file.vm.FileVm`).
 """
 
 from __future__ import annotations
@@ -16,16 +17,15 @@ import random
 import struct
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from drsite.core.errors import DrsiteError, InvalidInput
-
-if TYPE_CHECKING:
-    from drsite.hypervisors.file.vm import FileVm
+from drsite.core.model import DiskSpec
 
 STAMP_MAGIC = b"DRSWKLD1"
 _STAMP = struct.Struct("<8sQQQ")
@@ -111,17 +111,26 @@ def parse_stamp(block: bytes | memoryview) -> tuple[int, int] | None:
     return (int(seq), int(offset)) if trailer == seq else None
 
 
-class Workload:
-    """Runs a :class:`WorkloadSpec` against a :class:`FileVm` in a background thread."""
+class BlockWriter(Protocol):
+    """What the workload writes through: a VM's block layer, which tracks every write
+    (``tag`` is the write's sequence number, remembered as the VM's last tag)."""
 
-    def __init__(self, vm: FileVm, spec: WorkloadSpec) -> None:
+    def write(self, disk_id: str, offset: int, data: bytes, *, tag: int | None = None) -> None:
+        ...
+
+
+class Workload:
+    """Runs a :class:`WorkloadSpec` against the ``disks`` of a VM in a background thread,
+    writing through ``vm``; stops at the first ``DrsiteError`` (e.g. the VM was closed)."""
+
+    def __init__(self, vm: BlockWriter, disks: Sequence[DiskSpec], spec: WorkloadSpec) -> None:
         self.vm = vm
         self.spec = spec
-        self._disk_ids = [d.disk_id for d in vm.config.disks]
+        self._disk_ids = [d.disk_id for d in disks]
         for t in spec.disks:
             if t not in self._disk_ids:
                 raise InvalidInput(f"workload names unknown disk {t!r}")
-        sizes = {d.disk_id: d.size for d in vm.config.disks}
+        sizes = {d.disk_id: d.size for d in disks}
         self._size = min(sizes[t] for t in (spec.disks or tuple(self._disk_ids)))
         slots(spec, self._size)
         self._rng = random.Random(spec.seed)

@@ -13,15 +13,14 @@ Tracking state is persisted in the VM directory so an engine or agent restart fi
 seal in progress) and ``cycle.json`` (the sealed cycle: its frozen views and changed extents,
 and the runner token that holds the views). See ``design.md`` for the invariants.
 
-Responsible for: the :class:`~drsite.hypervisors.contract.HypervisorDriver` contract plus
-``find_vm``/``create_vm_cow`` for failover. Not responsible for: policy (when to seal, what to
+Responsible for: the :class:`~drsite.hypervisors.contract.HypervisorDriver` contract (with
+``find_vm``/``create_vm_cow`` for failover). Not responsible for: policy (when to seal, what to
 ship, when to resync), the vault's database, networking of VMs (NICs are recorded in the
 config, not wired), or libvirt.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -57,16 +56,10 @@ from drsite.core.model import (
     VmSpec,
     validate_name,
 )
+from drsite.fsutil import flock_exclusive, read_record, write_record
 from drsite.hypervisors.contract import DiskReader
-from drsite.hypervisors.qemu.daemon import run_tool
 from drsite.hypervisors.qemu.guest_agent import GuestAgent
-from drsite.hypervisors.qemu.layout import (
-    QemuDisk,
-    QemuVmConfig,
-    VmDir,
-    read_json,
-    write_json_atomic,
-)
+from drsite.hypervisors.qemu.layout import QemuDisk, QemuVmConfig, VmDir
 from drsite.hypervisors.qemu.nbd import NbdClient
 from drsite.hypervisors.qemu.qmp import QmpClient
 from drsite.hypervisors.qemu.readers import NbdDiskReader
@@ -78,7 +71,9 @@ from drsite.hypervisors.qemu.runner import (
     start_runner,
     wait_gone,
 )
+from drsite.hypervisors.qemu.tools import run_tool
 from drsite.hypervisors.qemu.tracking import BitmapCycle, FrozenView
+from drsite.imagefile import move_sparse
 
 BITMAP_PREFIX = "drsite-"
 LOCK_TIMEOUT = 120.0
@@ -102,16 +97,9 @@ def _vm_lock(paths: VmDir) -> Iterator[None]:
                 fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             except FileNotFoundError:
                 raise VmNotFound(f"VM directory {paths.dir} is gone") from None
-            deadline = time.monotonic() + LOCK_TIMEOUT
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        os.close(fd)
-                        raise Busy(f"VM in {paths.dir} is locked by another process") from None
-                    time.sleep(0.02)
+            if not flock_exclusive(fd, LOCK_TIMEOUT):
+                os.close(fd)
+                raise Busy(f"VM in {paths.dir} is locked by another process")
         _lock_fds[paths.dir] = (fd, depth + 1)
         try:
             yield
@@ -159,7 +147,7 @@ class QemuHypervisor:
             if d.name.startswith(".") or not d.is_dir():
                 continue
             try:
-                raw = read_json(d / "vm.json")
+                raw = read_record(d / "vm.json")
             except PermanentError:
                 continue
             if raw is not None and raw.get("kind") == "qemu":
@@ -245,7 +233,7 @@ class QemuHypervisor:
             if not force and status == "running":
                 clean = wait_gone(r, timeout)
             quit_runner(paths, r, timeout=10.0)
-            write_json_atomic(paths.stop, {"clean": clean, "at": time.time()})
+            write_record(paths.stop, {"clean": clean, "at": time.time()})
 
     def _agent_shutdown(self, paths: VmDir) -> bool:
         if not paths.qga_socket.exists():
@@ -289,10 +277,10 @@ class QemuHypervisor:
         changes folded back), a recorded seal finishes; a cycle whose runner is gone has lost
         its frozen view and is carried into the next (its bitmap merged into the recording
         one), so no change is lost."""
-        tr = read_json(paths.tracking)
+        tr = read_record(paths.tracking)
         if tr is None:
             return
-        rec = read_json(paths.cycle)
+        rec = read_record(paths.cycle)
         sealing = tr.get("sealing")
         if sealing is not None:
             if rec is not None and rec["cycle_id"] == sealing["cycle_id"]:
@@ -302,7 +290,7 @@ class QemuHypervisor:
                     cyc.undo_seal(cyc.view(d.node, tr["bitmap"], sealing["next"],
                                            f"{sealing['cycle_id']}-{i}", 0))
             tr["sealing"] = None
-            write_json_atomic(paths.tracking, tr)
+            write_record(paths.tracking, tr)
         if rec is not None and rec.get("runner") != r.token:
             for vd in rec["views"]:
                 cyc.carry(_view_from_dict(vd))
@@ -310,7 +298,7 @@ class QemuHypervisor:
             tr.setdefault("notes", []).append(
                 f"cycle {rec['cycle_id']} dropped: the QEMU process holding its frozen view "
                 "stopped; its changes go with the next cycle")
-            write_json_atomic(paths.tracking, tr)
+            write_record(paths.tracking, tr)
 
     # -- tracking -----------------------------------------------------------------------------
     def start_tracking(self, vm_id: str) -> str:
@@ -318,7 +306,7 @@ class QemuHypervisor:
         add a fresh persistent bitmap on every disk. The epoch's first seal is whole disks."""
         paths, cfg = self._locate(vm_id)
         with self._session(paths, cfg) as (cyc, _):
-            rec = read_json(paths.cycle)
+            rec = read_record(paths.cycle)
             if rec is not None:
                 for vd in rec["views"]:
                     cyc.discard(_view_from_dict(vd))
@@ -332,7 +320,7 @@ class QemuHypervisor:
             bitmap = f"{BITMAP_PREFIX}{epoch[:12]}-0"
             for d in cfg.disks:
                 cyc.start(d.node, bitmap)
-            write_json_atomic(paths.tracking, {"epoch": epoch, "bitmap": bitmap, "gen": 0,
+            write_record(paths.tracking, {"epoch": epoch, "bitmap": bitmap, "gen": 0,
                                                "base_released": False, "sealing": None,
                                                "notes": []})
             return epoch
@@ -360,7 +348,7 @@ class QemuHypervisor:
         if not paths.tracking.exists():
             return TrackingStatus(TrackingState.NOT_STARTED)
         with self._session(paths, cfg) as (cyc, _):
-            tr = read_json(paths.tracking)
+            tr = read_record(paths.tracking)
             if tr is None:
                 return TrackingStatus(TrackingState.NOT_STARTED)
             reasons, counts = self._bitmap_problems(cfg, cyc, tr["bitmap"])
@@ -379,11 +367,11 @@ class QemuHypervisor:
         """
         paths, cfg = self._locate(vm_id)
         with self._session(paths, cfg) as (cyc, runner):
-            tr = read_json(paths.tracking)
+            tr = read_record(paths.tracking)
             if tr is None:
                 raise TrackingLost(f"VM {cfg.name}: change tracking was not started")
             if paths.cycle.exists():
-                rec = read_json(paths.cycle) or {}
+                rec = read_record(paths.cycle) or {}
                 raise Conflict(f"VM {cfg.name} has unreleased cycle {rec.get('cycle_id')}",
                                hint="Resume it (pending_cycle) and release it first.")
             reasons, _ = self._bitmap_problems(cfg, cyc, tr["bitmap"])
@@ -393,7 +381,7 @@ class QemuHypervisor:
             gen = int(tr.get("gen", 0)) + 1
             nxt = f"{BITMAP_PREFIX}{tr['epoch'][:12]}-{gen}"
             tr["sealing"] = {"cycle_id": cycle_id, "next": nxt}
-            write_json_atomic(paths.tracking, tr)
+            write_record(paths.tracking, tr)
             notes = list(tr.get("notes", []))
             consistency = Consistency.CRASH
             agent: GuestAgent | None = None
@@ -430,16 +418,16 @@ class QemuHypervisor:
                        "views": [_view_to_dict(d.disk_id, v)
                                  for d, v in zip(cfg.disks, views, strict=True)],
                        "changed": {k: e.to_pairs() for k, e in changed.items()}}
-                write_json_atomic(paths.cycle, rec)  # the commit point of the seal
+                write_record(paths.cycle, rec)  # the commit point of the seal
             except BaseException:
                 for v in views:
                     with suppress(DrsiteError):
                         cyc.undo_seal(v)
                 tr["sealing"] = None
-                write_json_atomic(paths.tracking, tr)
+                write_record(paths.tracking, tr)
                 raise
             tr.update(bitmap=nxt, gen=gen, sealing=None, notes=[])
-            write_json_atomic(paths.tracking, tr)
+            write_record(paths.tracking, tr)
             return self._cycle(rec)
 
     def _quiesce(self, paths: VmDir, cfg: QemuVmConfig, runner: Runner
@@ -447,7 +435,7 @@ class QemuHypervisor:
         """Freeze the guest's file systems (the returned agent must thaw them). A stopped VM
         is quiesced iff its guest shut down cleanly."""
         if runner.kind != "vm":
-            stop = read_json(paths.stop) or {}
+            stop = read_record(paths.stop) or {}
             if stop.get("clean"):
                 return None, Consistency.APP, "VM was shut down cleanly"
             return None, Consistency.CRASH, "VM was not shut down cleanly: crash-consistent"
@@ -476,7 +464,7 @@ class QemuHypervisor:
                            "; ".join(rec.get("notes", [])))
 
     def _live_cycle(self, paths: VmDir) -> dict[str, Any] | None:
-        rec = read_json(paths.cycle)
+        rec = read_record(paths.cycle)
         if rec is None:
             return None
         r = current_runner(paths)
@@ -544,17 +532,17 @@ class QemuHypervisor:
         except VmNotFound:
             return
         with _vm_lock(paths):
-            rec = read_json(paths.cycle)
+            rec = read_record(paths.cycle)
             if rec is None or rec["cycle_id"] != cycle.cycle_id:
                 return
             with self._session(paths, cfg, reconcile=False) as (cyc, _):
                 for vd in rec["views"]:
                     cyc.release(_view_from_dict(vd))
                 if rec.get("full"):
-                    tr = read_json(paths.tracking)
+                    tr = read_record(paths.tracking)
                     if tr is not None and tr["epoch"] == rec["epoch"]:
                         tr["base_released"] = True
-                        write_json_atomic(paths.tracking, tr)
+                        write_record(paths.tracking, tr)
                 paths.cycle.unlink(missing_ok=True)
             self._park(paths)
 
@@ -642,7 +630,7 @@ class QemuHypervisor:
                 guest_agent: bool = True) -> VmInfo:
         cfg = QemuVmConfig(str(uuid.uuid4()), spec.name, spec.vcpus, spec.memory_mib,
                            spec.nics, tuple(disks), guest_agent)
-        write_json_atomic(paths.config, cfg.to_dict())  # the VM exists from here on
+        write_record(paths.config, cfg.to_dict())  # the VM exists from here on
         return cfg.info(PowerState.STOPPED)
 
     def create_blank(self, spec: VmSpec, *, guest_agent: bool = True) -> VmInfo:
@@ -685,7 +673,7 @@ class QemuHypervisor:
                 fmt, size = infos[d.disk_id]
                 src = Path(disk_images[d.disk_id])
                 if fmt == "qcow2":
-                    _move(src, paths.qcow2(d.disk_id))
+                    move_sparse(src, paths.qcow2(d.disk_id))
                     if size < d.size:
                         run_tool(["qemu-img", "resize", "-q", "-f", "qcow2",
                                   str(paths.qcow2(d.disk_id)), str(d.size)])
@@ -695,7 +683,7 @@ class QemuHypervisor:
                 run_tool(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
                           f"data_file={raw},data_file_raw=on", str(paths.qcow2(d.disk_id)),
                           str(d.size)])
-                _move(src, raw)
+                move_sparse(src, raw)
                 if size < d.size:
                     os.truncate(raw, d.size)
             return self._commit(paths, spec, [QemuDisk(d.disk_id, d.size, f"drv{i}")
@@ -783,15 +771,3 @@ def _image_info(path: Path) -> tuple[str, int]:
     if fmt not in ("raw", "qcow2"):
         raise InvalidInput(f"disk image {path} is {fmt}; only raw and qcow2 are supported")
     return fmt, int(info["virtual-size"])
-
-
-def _move(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst``; across file systems a sparse copy, then remove ``src``."""
-    try:
-        os.replace(src, dst)
-        return
-    except OSError as e:
-        if e.errno != 18:  # EXDEV
-            raise
-    run_tool(["cp", "--sparse=always", str(src), str(dst)], timeout=3600)
-    src.unlink()

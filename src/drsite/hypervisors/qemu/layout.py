@@ -30,9 +30,6 @@ from typing import Any
 
 from drsite.core.errors import InvalidInput
 from drsite.core.model import DiskSpec, Nic, PowerState, VmInfo
-from drsite.hypervisors.file.layout import read_json, write_json_atomic
-
-__all__ = ["QemuDisk", "QemuVmConfig", "VmDir", "read_json", "write_json_atomic"]
 
 
 @dataclass(frozen=True)

@@ -292,15 +292,7 @@ class NbdClient:
         Raises ``InvalidInput`` if the range passes the end of the export.
         """
         self._check_range(offset, len(buf))
-        step = self._request_size(None)
-        window: deque[_Request] = deque()
-        pos = 0
-        while pos < len(buf) or window:
-            while pos < len(buf) and len(window) < inflight:
-                n = min(step, len(buf) - pos)
-                window.append(self._submit(CMD_READ, offset + pos, n, buf=buf[pos:pos + n]))
-                pos += n
-            self._finish(window.popleft())
+        self._pipelined(CMD_READ, offset, buf, inflight)
 
     def read(self, offset: int, length: int) -> bytes:
         """The export's bytes at ``[offset, offset + length)``."""
@@ -352,13 +344,22 @@ class NbdClient:
             raise InvalidInput(f"{self._what}: the export is read-only")
         mv = memoryview(data).cast("B")
         self._check_range(offset, len(mv))
+        self._pipelined(CMD_WRITE, offset, mv, inflight)
+
+    def _pipelined(self, cmd: int, offset: int, mv: memoryview, inflight: int) -> None:
+        """READ into / WRITE from ``mv`` at ``offset`` in pieces of the request size, with up to
+        ``inflight`` requests outstanding; returns when every piece is acknowledged."""
         step = self._request_size(None)
         window: deque[_Request] = deque()
         pos = 0
         while pos < len(mv) or window:
             while pos < len(mv) and len(window) < inflight:
                 n = min(step, len(mv) - pos)
-                window.append(self._submit(CMD_WRITE, offset + pos, n, payload=mv[pos:pos + n]))
+                piece = mv[pos:pos + n]
+                if cmd == CMD_READ:
+                    window.append(self._submit(cmd, offset + pos, n, buf=piece))
+                else:
+                    window.append(self._submit(cmd, offset + pos, n, payload=piece))
                 pos += n
             self._finish(window.popleft())
 

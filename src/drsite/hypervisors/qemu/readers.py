@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import TypeVar
 
 from drsite.core.errors import InvalidInput
 from drsite.core.extents import ExtentList
 from drsite.hypervisors.qemu.nbd import BASE_ALLOCATION, NbdClient
+
+T = TypeVar("T")
 
 
 class NbdDiskReader:
@@ -65,39 +68,32 @@ class NbdDiskReader:
         with self._lock:
             self._idle.append(c)
 
-    def readinto(self, offset: int, buf: memoryview) -> None:
-        if offset < 0 or offset + len(buf) > self._size:
-            raise InvalidInput(f"read [{offset}, {offset + len(buf)}) passes the end of the "
-                               f"disk ({self._size} bytes)")
+    def _on_connection(self, fn: Callable[[NbdClient], T]) -> T:
+        """``fn`` on a pooled connection, which goes back to the pool only if ``fn`` returned:
+        after any error it is broken (or at least suspect) and closed, never reused."""
         c = self._take()
         try:
-            c.readinto(offset, buf)
-        except BaseException:
-            c.close()  # broken (or at least suspect): never reuse it
-            raise
-        self._put(c)
-
-    def read_extents(self, extents: ExtentList, *, inflight: int = 16,
-                     request_size: int | None = None) -> list[tuple[int, memoryview]]:
-        """Read many extents pipelined on one connection (``inflight`` requests outstanding)."""
-        c = self._take()
-        try:
-            out = list(c.read_extents(extents, inflight=inflight, request_size=request_size))
+            out = fn(c)
         except BaseException:
             c.close()
             raise
         self._put(c)
         return out
 
+    def readinto(self, offset: int, buf: memoryview) -> None:
+        if offset < 0 or offset + len(buf) > self._size:
+            raise InvalidInput(f"read [{offset}, {offset + len(buf)}) passes the end of the "
+                               f"disk ({self._size} bytes)")
+        self._on_connection(lambda c: c.readinto(offset, buf))
+
+    def read_extents(self, extents: ExtentList, *, inflight: int = 16,
+                     request_size: int | None = None) -> list[tuple[int, memoryview]]:
+        """Read many extents pipelined on one connection (``inflight`` requests outstanding)."""
+        return self._on_connection(lambda c: list(
+            c.read_extents(extents, inflight=inflight, request_size=request_size)))
+
     def data_extents(self) -> ExtentList:
-        c = self._take()
-        try:
-            ext = c.allocated_extents()
-        except BaseException:
-            c.close()
-            raise
-        self._put(c)
-        return ext
+        return self._on_connection(lambda c: c.allocated_extents())
 
     def close(self) -> None:
         with self._lock:

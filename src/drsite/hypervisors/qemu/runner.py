@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from drsite.core.errors import DrsiteError, NetworkError, NotFound, PermanentError
-from drsite.hypervisors.qemu.layout import QemuVmConfig, VmDir, read_json, write_json_atomic
+from drsite.fsutil import read_record, write_record
+from drsite.hypervisors.qemu.layout import QemuVmConfig, VmDir
 from drsite.hypervisors.qemu.qmp import QmpClient
 
 VM_BINARY = "qemu-system-x86_64"
@@ -64,7 +65,7 @@ def process_token(pid: int) -> str | None:
 
 def current_runner(paths: VmDir) -> Runner | None:
     """The runner named in ``runner.json`` if it still lives (same pid and start time)."""
-    rec = read_json(paths.runner)
+    rec = read_record(paths.runner)
     if rec is None:
         return None
     pid = int(rec["pid"])
@@ -157,7 +158,7 @@ def start_runner(paths: VmDir, cfg: QemuVmConfig, kind: str, *, start_cpus: bool
     tok = process_token(proc.pid)
     if tok is None:
         raise PermanentError(f"QEMU {kind} of {cfg.name} exited at once: {log_tail(paths)}")
-    write_json_atomic(paths.runner, {"kind": kind, "pid": proc.pid, "token": tok})
+    write_record(paths.runner, {"kind": kind, "pid": proc.pid, "token": tok})
     return Runner(kind, proc.pid, tok)
 
 

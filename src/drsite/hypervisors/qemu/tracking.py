@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from drsite.core.errors import Conflict, DrsiteError, NotFound, TrackingLost
-from drsite.hypervisors.qemu.daemon import run_tool
 from drsite.hypervisors.qemu.nbd import NbdClient, dirty_bitmap_context
 from drsite.hypervisors.qemu.qmp import QmpClient
+from drsite.hypervisors.qemu.tools import run_tool
 
 GRANULARITY = 64 * 1024
 

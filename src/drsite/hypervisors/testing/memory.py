@@ -2,7 +2,10 @@
 
 Disks are bytearrays; tracked writes go through :meth:`MemoryHypervisor.write`; a seal copies
 the disks (the frozen view) and rotates the change log. Faults can be injected: lost or
-untrusted tracking, a VM that disappears. Not for production: no durability at all.
+untrusted tracking, a VM that disappears. It runs the drivers' conformance suite like the real
+drivers. Not for production: no durability at all, and VM creation reads the images into
+memory (``create_vm`` leaves the files where they are, ``create_vm_cow`` copies the backing
+images at creation: neither is size-independent, and the backing files are never written).
 """
 
 from __future__ import annotations
@@ -10,14 +13,16 @@ from __future__ import annotations
 import threading
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from drsite.core.clock import Clock, SystemClock
-from drsite.core.errors import Conflict, InvalidInput, TrackingLost, VmNotFound
+from drsite.core.errors import Conflict, InvalidInput, TrackingLost, VmNotFound, classify_os_error
 from drsite.core.extents import ExtentList, coalesce
 from drsite.core.model import (
     Consistency,
+    DiskSpec,
     PowerState,
     SealedCycle,
     TrackingState,
@@ -31,7 +36,10 @@ _BLOCK = 4096
 
 
 class BytesReader:
-    """A DiskReader over an immutable bytes-like image; data extents = non-zero 4 KiB blocks."""
+    """A DiskReader over an image in memory; data extents = non-zero 4 KiB blocks.
+
+    Over ``bytes`` it is a frozen view; over a VM's ``bytearray`` it is the live disk (fuzzy
+    while writes go on, as a real live reader)."""
 
     def __init__(self, data: bytes | bytearray) -> None:
         self._data = data
@@ -84,12 +92,8 @@ class MemoryHypervisor:
     # --- test helpers ----------------------------------------------------------------------
 
     def create_blank(self, spec: VmSpec) -> VmInfo:
-        validate_name("VM", spec.name)
-        vm_id = str(uuid.uuid4())
-        info = VmInfo(vm_id, spec.name, spec.vcpus, spec.memory_mib, spec.nics, spec.disks,
-                      PowerState.STOPPED)
-        self._vms[vm_id] = _Vm(info, {d.disk_id: bytearray(d.size) for d in spec.disks})
-        return info
+        """Create a stopped VM with zeroed disks (``Conflict`` if the name exists)."""
+        return self._create(spec, {})
 
     def write(self, vm_id: str, disk_id: str, offset: int, data: bytes) -> None:
         """A tracked guest write (the log record comes first, as in the real drivers)."""
@@ -146,9 +150,10 @@ class MemoryHypervisor:
         vm = self._vm(vm_id)
         if vm.epoch is None:
             return TrackingStatus(TrackingState.NOT_STARTED)
-        if vm.untrusted:
-            return TrackingStatus(TrackingState.UNTRUSTED, vm.epoch, vm.untrusted)
-        pending = {d: ExtentList.of(v).total for d, v in vm.log.items()}
+        if vm.untrusted:  # only a resync is safe: every byte counts as pending
+            return TrackingStatus(TrackingState.UNTRUSTED, vm.epoch, vm.untrusted,
+                                  {d: len(b) for d, b in vm.disks.items()})
+        pending = {d: ExtentList.of(vm.log.get(d, [])).total for d in vm.disks}
         return TrackingStatus(TrackingState.ACTIVE, vm.epoch, pending_bytes=pending)
 
     def seal(self, vm_id: str, *, app_consistent: bool = False) -> SealedCycle:
@@ -185,22 +190,69 @@ class MemoryHypervisor:
         return BytesReader(vm.frozen[disk_id])
 
     def open_live_reader(self, vm_id: str, disk_id: str) -> BytesReader:
-        return BytesReader(bytes(self._vm(vm_id).disks[disk_id]))
+        return BytesReader(self._vm(vm_id).disks[disk_id])
 
     def release(self, cycle: SealedCycle) -> None:
         vm = self._vms.get(cycle.vm_id)
         if vm is not None and vm.cycle is not None and vm.cycle.cycle_id == cycle.cycle_id:
             vm.cycle, vm.frozen = None, {}
 
+    def _create(self, spec: VmSpec, images: dict[str, bytes]) -> VmInfo:
+        """A stopped VM of ``spec`` whose disks start as ``images`` (zero-extended; a disk
+        without an image is zeros). The checks and errors of the real drivers' creation."""
+        validate_name("VM", spec.name)
+        ids = [validate_name("disk", d.disk_id) for d in spec.disks]
+        if len(set(ids)) != len(ids):
+            raise InvalidInput(f"duplicate disk ids in {ids}")
+        if any(d.size <= 0 for d in spec.disks):
+            raise InvalidInput("disk sizes must be positive")
+        for d in spec.disks:
+            if len(images.get(d.disk_id, b"")) > d.size:
+                raise InvalidInput(f"image of disk {d.disk_id} is {len(images[d.disk_id])} "
+                                   f"bytes, larger than {d.size}")
+        with self._lock:
+            if any(v.info.name == spec.name for v in self._vms.values()):
+                raise Conflict(f"a VM named {spec.name!r} exists")
+            vm_id = str(uuid.uuid4())
+            info = VmInfo(vm_id, spec.name, spec.vcpus, spec.memory_mib, spec.nics, spec.disks,
+                          PowerState.STOPPED)
+            disks = {d.disk_id: bytearray(images.get(d.disk_id, b"").ljust(d.size, b"\0"))
+                     for d in spec.disks}
+            self._vms[vm_id] = _Vm(info, disks)
+            return info
+
+    @staticmethod
+    def _images(spec: VmSpec, paths: dict[str, Path]) -> tuple[VmSpec, dict[str, bytes]]:
+        """Read the images; the spec with the images' sizes when it names no disks."""
+        data: dict[str, bytes] = {}
+        for disk_id, path in paths.items():
+            validate_name("disk", disk_id)
+            if not path.is_file():
+                raise InvalidInput(f"disk image {path} of disk {disk_id!r} is not a file")
+            try:
+                data[disk_id] = path.read_bytes()
+            except OSError as e:
+                raise classify_os_error(e, f"disk image {path}") from e
+        disks = spec.disks or tuple(DiskSpec(k, len(v)) for k, v in sorted(data.items()))
+        if sorted(d.disk_id for d in disks) != sorted(data):
+            raise InvalidInput(f"disk images {sorted(data)} do not match the spec's disks "
+                               f"{sorted(d.disk_id for d in disks)}")
+        return VmSpec(spec.name, spec.vcpus, spec.memory_mib, spec.nics, disks), data
+
+    def find_vm(self, name: str) -> VmInfo:
+        validate_name("VM", name)
+        for v in list(self._vms.values()):
+            if v.info.name == name:
+                return v.info
+        raise VmNotFound(f"no VM named {name!r}")
+
     def create_vm(self, spec: VmSpec, disk_images: dict[str, str]) -> VmInfo:
-        for v in self._vms.values():
-            if v.info.name == spec.name:
-                raise Conflict(f"a VM named {spec.name} exists")
-        info = self.create_blank(spec)
-        for disk_id, path in disk_images.items():
-            with open(path, "rb") as f:
-                self._vms[info.vm_id].disks[disk_id][:] = f.read()
-        return info
+        spec, data = self._images(spec, {k: Path(v) for k, v in disk_images.items()})
+        return self._create(spec, data)
+
+    def create_vm_cow(self, spec: VmSpec, backing: dict[str, Path]) -> VmInfo:
+        spec, data = self._images(spec, {k: Path(v) for k, v in backing.items()})
+        return self._create(spec, data)
 
     def delete_vm(self, vm_id: str) -> None:
         self._vms.pop(vm_id, None)

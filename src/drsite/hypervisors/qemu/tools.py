@@ -1,14 +1,16 @@
-"""Running ``qemu-storage-daemon`` (and finding QEMU tools) for drsite.
+"""The QEMU tools drsite runs: finding them, running ``qemu-img`` & co (:func:`run_tool`), and
+``qemu-storage-daemon`` (:class:`StorageDaemon`).
 
-Responsible for: starting a storage daemon with a QMP monitor on a unix socket inside a
-directory we own, connecting a :class:`~drsite.hypervisors.qemu.qmp.QmpClient` to it, and
-stopping it (``quit``, then SIGKILL after a grace period). Used for powered-off disks and in
-tests. Not responsible for what block nodes or exports the caller configures through QMP.
+Responsible for: running a tool and translating its failures into drsite errors; starting a
+storage daemon with a QMP monitor on a unix socket inside a directory we own, connecting a
+:class:`~drsite.hypervisors.qemu.qmp.QmpClient` to it, and stopping it (``quit``, then SIGKILL
+after a grace period). Used for powered-off disks and in tests. Not responsible for what block
+nodes or exports the caller configures through QMP, nor for the QEMU processes that hold a VM's
+disks (:mod:`.runner`).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import time
@@ -136,8 +138,3 @@ class StorageDaemon:
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
-
-
-def kill_process(pid: int) -> None:
-    """SIGKILL one process we started (used by tests to simulate a crash)."""
-    os.kill(pid, 9)
