@@ -1,6 +1,7 @@
 """``python -m drsite.agent register|run …``: the agent as a process without the Typer CLI
-(options mirror ``drsite agent register`` / ``drsite agent run``). Exit codes: 0 ok, 2 a
-permanent error, 3 a transient error."""
+(options mirror ``drsite agent register`` / ``drsite agent run``). Exit codes: 0 ok, else the
+error's own as for ``drsite`` (``DrsiteError.exit_code``: 2 a permanent error, 75 a transient
+one)."""
 
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     except DrsiteError as e:
         print(f"error ({e.error_class.value}): {e}" + (f"\nhint: {e.hint}" if e.hint else ""),
               file=sys.stderr)
-        return 3 if e.transient else 2
+        return e.exit_code
     return 0
 
 

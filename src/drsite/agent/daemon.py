@@ -62,6 +62,8 @@ from drsite.core.errors import (
     DrsiteError,
     InvalidInput,
     NotFound,
+    OperationInterrupted,
+    PermanentError,
     VmNotFound,
     classify_os_error,
 )
@@ -630,10 +632,8 @@ class Agent:
                          "sends it again", cmd.command_id, cmd.kind, item_id)
                 return
             self._reopen(item_id)
-            err: dict[str, Any] = Conflict(f"{cmd.kind} of {item_id} was interrupted to "
-                                           "unprotect the item").to_dict()
-            err["code"] = "interrupted"
-            self._finish(cmd, "failed", {}, err)
+            self._finish(cmd, "failed", {}, OperationInterrupted(
+                f"{cmd.kind} of {item_id} was interrupted to unprotect the item").to_dict())
             return
         except DrsiteError as e:
             log.warning("command %s (%s %s) failed (%s): %s", cmd.command_id, cmd.kind, item_id,
@@ -643,10 +643,10 @@ class Agent:
         except Exception as e:
             log.exception("command %s (%s %s) failed unexpectedly", cmd.command_id, cmd.kind,
                           item_id)
-            self._finish(cmd, "failed", {}, {
-                "code": "internal", "class": "permanent",
-                "message": f"agent error in {cmd.kind}: {type(e).__name__}: {e}",
-                "hint": "See the agent's log; report a bug if it persists."})
+            # a bug, not a fault to wait out: permanent (the item goes Critical), generic code
+            self._finish(cmd, "failed", {}, PermanentError(
+                f"agent error in {cmd.kind}: {type(e).__name__}: {e}",
+                hint="See the agent's log; report a bug if it persists.").to_dict())
             return
         log.info("command %s (%s %s) succeeded in %.1f s", cmd.command_id, cmd.kind, item_id,
                  time.monotonic() - started)

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from drsite.core.errors import InvalidInput, PermanentError
+from drsite.core.errors import Fenced, InvalidInput, PermanentError
 from drsite.core.model import DiskSpec, Nic, PowerState, VmSpec, validate_name
 from drsite.failover import actions
 from drsite.failover.generation import GenerationStore
@@ -281,7 +281,7 @@ class FailoverCommands:
         agent.set_generation(cmd.item_id or "", gen)
         rep.generation = gen
         err = rep.report.last_error
-        if err and err.get("code") == "fenced":
+        if err and err.get("code") == Fenced.code:
             rep.request_resync("failover cancelled: the source is the primary again")
         agent.set_failed_over(cmd.item_id or "", False)
         powered = False

@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from drsite import tlsutil
-from drsite.core.errors import AuthError, DrsiteError, InvalidInput, NotFound
+from drsite.core.errors import AuthError, Busy, DrsiteError, InvalidInput, NotFound
 from drsite.pki import CertificateAuthority, cert_identity
 
 FINAL = ("succeeded", "failed")
@@ -220,14 +220,12 @@ class FakeVault:
 
         @app.exception_handler(DrsiteError)
         async def _err(request: Request, exc: DrsiteError) -> JSONResponse:
-            code = 401 if isinstance(exc, AuthError) else 404 if isinstance(exc, NotFound) \
-                else 400
-            return JSONResponse(exc.to_dict(), status_code=code)
+            return JSONResponse(exc.to_dict(), status_code=exc.http_status)
 
         @app.exception_handler(_Unavailable)
         async def _unavail(request: Request, exc: _Unavailable) -> JSONResponse:
-            return JSONResponse({"code": "busy", "class": "transient", "message": "down",
-                                 "hint": ""}, status_code=503)
+            down = Busy("down", hint="")
+            return JSONResponse(down.to_dict(), status_code=down.http_status)
 
         @app.post("/api/v1/agent/register")
         async def register(request: Request) -> dict[str, Any]:

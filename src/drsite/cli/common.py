@@ -14,6 +14,11 @@ from rich.table import Table
 
 from drsite.client.api import VaultClient, VaultConfig
 
+# exit codes: 0 ok, 1 a job ended badly, else the error's own (``DrsiteError.exit_code``: 2 an
+# operator must act, 75 try again later), so scripts can tell them apart
+EXIT_OK = 0
+EXIT_JOB_FAILED = 1
+
 console = Console()
 err_console = Console(stderr=True)
 

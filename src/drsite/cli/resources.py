@@ -9,7 +9,16 @@ from typing import Any
 import typer
 from rich.progress import BarColumn, Progress, TextColumn
 
-from drsite.cli.common import CaOpt, JsonOpt, TokenOpt, VaultOpt, client, console, show
+from drsite.cli.common import (
+    EXIT_JOB_FAILED,
+    CaOpt,
+    JsonOpt,
+    TokenOpt,
+    VaultOpt,
+    client,
+    console,
+    show,
+)
 
 sites = typer.Typer(help="Sites (a site groups hosts).", no_args_is_help=True)
 hosts = typer.Typer(help="Hosts running 'drsite agent'.", no_args_is_help=True)
@@ -180,7 +189,7 @@ def _follow(c: Any, job_id: str, json_out: bool, wait: bool) -> None:
         job = c.wait_job(job_id, on_update=update)
     show(job, ["id", "kind", "target", "state", "progress", "error"], title="job", json_out=json_out)
     if job.get("state") != "succeeded":
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_JOB_FAILED)
 
 
 @items.command("protect")

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from drsite.core.errors import Conflict, DrsiteError, ErrorClass, InvalidInput, PermanentError, TransientError
+from drsite.core.errors import Conflict, InvalidInput, PermanentError
 from drsite.vault.db.models import Command
 from drsite.vault.ids import new_id
 
@@ -131,17 +131,3 @@ def scrub_secrets(cmd: Command) -> None:
     kept.update(redacted=True, secret_fields=sorted(dict(spec.get("secret") or {})),
                 key_ids=sorted(dict(spec.get("keys") or {})))
     cmd.args = {**cmd.args, "store": kept}
-
-
-def error_from_dict(d: dict[str, Any] | None) -> DrsiteError:
-    """A :class:`DrsiteError` with the code, class, message and hint an agent reported."""
-    d = d or {}
-    msg = str(d.get("message") or "the agent reported a failure without a message")
-    hint = d.get("hint")
-    err: DrsiteError
-    if str(d.get("class")) == ErrorClass.TRANSIENT.value:
-        err = TransientError(msg, hint=str(hint) if hint else None)
-    else:
-        err = PermanentError(msg, hint=str(hint) if hint else None)
-    err.code = str(d.get("code") or err.code)
-    return err

@@ -30,6 +30,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from drsite.core.errors import CorruptData, TrackingLost, from_dict
 from drsite.core.model import TrackingState
 from drsite.core.retry import RetryState
 from drsite.replication.planner import Action, PlanInput, app_consistent_due, next_cycle_at, plan
@@ -45,7 +46,7 @@ from drsite.vault.settings import VaultSettings
 log = logging.getLogger(__name__)
 
 # permanent errors the agent remedies itself by marking the item for resync
-SELF_REMEDIED = frozenset({"tracking_lost", "corrupt_data"})
+SELF_REMEDIED = (TrackingLost, CorruptData)
 
 
 def effective_state(item: Item) -> ItemState:
@@ -86,8 +87,8 @@ def apply_result(s: Session, cmd: Command, now: float) -> None:
         return
     if cmd.status != "failed":
         return
-    err = commands.error_from_dict(cmd.error)
-    if not err.transient and err.code in SELF_REMEDIED:
+    err = from_dict(cmd.error)
+    if isinstance(err, SELF_REMEDIED):
         return
     if cmd.kind == "retention":
         log.warning("retention of %s failed: %s", item.id, err.message)

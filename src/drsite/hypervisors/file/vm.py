@@ -678,9 +678,10 @@ class FileVm:
 
 
 def describe_error(e: BaseException) -> dict[str, str]:
-    if isinstance(e, DrsiteError):
-        return e.to_dict()
-    return {"code": "error", "class": "permanent", "message": f"{type(e).__name__}: {e}", "hint": ""}
+    """The wire form of any exception: a drsite error as it is, anything else (a bug) as a
+    plain permanent error."""
+    err = e if isinstance(e, DrsiteError) else PermanentError(f"{type(e).__name__}: {e}")
+    return err.to_dict()
 
 
 def dumps(obj: Any) -> bytes:

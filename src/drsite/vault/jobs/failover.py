@@ -25,7 +25,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from drsite.core.errors import InvalidInput, NetworkError, PermanentError
+from drsite.core.errors import InvalidInput, NetworkError, PermanentError, from_dict
 from drsite.vault import commands
 from drsite.vault.audit import record_event
 from drsite.vault.db.models import (
@@ -138,7 +138,7 @@ def run_command(ctx: TaskContext, host: Host | None, kind: str, args: dict[str, 
     data = ctx.data
     cmd = ctx.s.get(Command, data[key]) if key in data else None
     if cmd is not None and cmd.status == "failed":
-        err = commands.error_from_dict(cmd.error)
+        err = from_dict(cmd.error)
         tries = int(data.get(f"{key}_tries") or 0)
         if not err.transient or tries >= TRANSIENT_RETRIES:
             raise err

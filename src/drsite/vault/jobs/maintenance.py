@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from drsite.core.errors import DrsiteError, NotFound
+from drsite.core.errors import DrsiteError, NotFound, from_dict
 from drsite.core.retry import RetryState
 from drsite.vault import commands
 from drsite.vault.db.models import Command, Group, Host, Item, Policy, Vm
@@ -49,7 +49,7 @@ def resync(ctx: TaskContext) -> Step:
         item.retry = RetryState().to_dict()
         return done("resynchronized: source and target match")
     if cmd.status == "failed":
-        err = commands.error_from_dict(cmd.error)
+        err = from_dict(cmd.error)
         retry = RetryState.from_dict(item.retry or {})
         retry.record_failure(err, ctx.now)
         item.retry = retry.to_dict()

@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import delete, select
 
-from drsite.core.errors import AuthError, NetworkError, PermanentError, VmNotFound
+from drsite.core.errors import AuthError, NetworkError, PermanentError, VmNotFound, from_dict
 from drsite.core.retry import RetryState
 from drsite.vault import commands
 from drsite.vault.audit import record_event
@@ -130,7 +130,7 @@ def create_relationship(ctx: TaskContext) -> Step:
     if cmd.status in ("pending", "sent"):
         return wait(50, "waiting for the agent to accept the protect command")
     if cmd.status == "failed":
-        err = commands.error_from_dict(cmd.error)
+        err = from_dict(cmd.error)
         if not err.transient:
             raise err
         return done(f"the agent failed transiently ({err.message}); initial replication retries")
@@ -159,7 +159,7 @@ def initial_replication(ctx: TaskContext) -> Step:
     retry = RetryState.from_dict(data.get("retry") or {})
     if cmd is None or cmd.status == "failed":
         if cmd is not None and data.get("failure_recorded_for") != cmd.id:
-            err = commands.error_from_dict(cmd.error)
+            err = from_dict(cmd.error)
             if not err.transient:
                 raise err
             retry.record_failure(err, ctx.now)
@@ -268,7 +268,7 @@ def stop_replication(ctx: TaskContext) -> Step:
     if cmd.status == "succeeded":
         return done("the agent stopped replicating the VM")
     if cmd.status == "failed":
-        raise commands.error_from_dict(cmd.error)
+        raise from_dict(cmd.error)
     if not host_up(host, ctx):
         return wait(30, f"waiting for host {host.name} (no heartbeat)")
     return wait(50, f"waiting for the agent ({cmd.status})")
