@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from drsite.core.errors import Fenced, InvalidInput, PermanentError
 from drsite.core.model import DiskSpec, Nic, PowerState, VmSpec, validate_name
+from drsite.core.states import FailoverState
 from drsite.failover import actions
 from drsite.failover.generation import GenerationStore
 from drsite.failover.network import (
@@ -214,7 +215,7 @@ class FailoverCommands:
         fid = self._fid(cmd)
         with self._item(cmd) as pi:
             if actions.load_failover(pi.recovery, fid) is None:  # it never started here
-                return {"failover": {"failover_id": fid, "state": "cleaned_up",
+                return {"failover": {"failover_id": fid, "state": FailoverState.CLEANED_UP.value,
                                      "notes": ["nothing had started on the recovery site"]}}
             return self._result(actions.cleanup_test_failover(pi, fid,
                                                               str(cmd.args.get("notes") or "")))
@@ -229,7 +230,7 @@ class FailoverCommands:
             if actions.load_failover(pi.recovery, fid) is None:
                 # the recovery side never started (e.g. the source's half failed): nothing to
                 # undo here; the generation is unchanged
-                return {"failover": {"failover_id": fid, "state": "cancelled",
+                return {"failover": {"failover_id": fid, "state": FailoverState.CANCELLED.value,
                                      "generation": max(1, pi.generations.current(pi.item_id)),
                                      "notes": ["nothing had started on the recovery site"]}}
             self._hold(pi.item_id, False)  # the replica is rebuilt (cancel catches it up)

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 
 from drsite.core.errors import AuthError, DrsiteError, InvalidInput, NetworkError, from_dict
+from drsite.core.states import CommandStatus
 
 log = logging.getLogger(__name__)
 
@@ -142,10 +143,11 @@ class VaultLink:
                     log.error("ignoring a malformed ack for item %s: %r", item_id, seq)
         return HeartbeatReply(commands, ack, bad)
 
-    def post_result(self, command_id: str, *, status: str, progress: float,
+    def post_result(self, command_id: str, *, status: CommandStatus, progress: float,
                     result: dict[str, Any] | None = None,
                     error: dict[str, Any] | None = None) -> None:
         """Report a command's progress (``running``) or its final status."""
         self._post(f"/commands/{command_id}/result",
-                   {"status": status, "progress": max(0.0, min(100.0, float(progress))),
+                   {"status": CommandStatus(status).value,
+                    "progress": max(0.0, min(100.0, float(progress))),
                     "result": result or {}, "error": error})

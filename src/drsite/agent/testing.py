@@ -24,9 +24,8 @@ from fastapi.responses import JSONResponse
 
 from drsite import tlsutil
 from drsite.core.errors import AuthError, Busy, DrsiteError, InvalidInput, NotFound
+from drsite.core.states import FINAL_COMMAND_STATUSES, CommandStatus
 from drsite.pki import CertificateAuthority, cert_identity
-
-FINAL = ("succeeded", "failed")
 
 
 @dataclass
@@ -99,7 +98,7 @@ class FakeVault:
     def final(self, command_id: str) -> dict[str, Any] | None:
         with self.lock:
             for r in reversed(self.results.get(command_id, [])):
-                if r["status"] in FINAL:
+                if r["status"] in FINAL_COMMAND_STATUSES:
                     return dict(r)
         return None
 
@@ -115,7 +114,8 @@ class FakeVault:
 
     def finals(self, command_id: str) -> list[dict[str, Any]]:
         with self.lock:
-            return [dict(r) for r in self.results.get(command_id, []) if r["status"] in FINAL]
+            return [dict(r) for r in self.results.get(command_id, [])
+                    if r["status"] in FINAL_COMMAND_STATUSES]
 
     def resend(self, host_id: str, command: dict[str, Any]) -> None:
         """Deliver a command again (as the vault does after a restart or a silence)."""
@@ -208,7 +208,7 @@ class FakeVault:
 
     def result(self, host: FakeHost, command_id: str, body: dict[str, Any]) -> None:
         status = body.get("status")
-        if status not in ("running", *FINAL):
+        if status not in (CommandStatus.RUNNING, *FINAL_COMMAND_STATUSES):
             raise InvalidInput(f"bad status {status!r}")
         with self.lock:
             self.results.setdefault(command_id, []).append({**body, "at": time.time()})

@@ -17,8 +17,7 @@ from typing import Any
 import httpx
 
 from drsite.core import errors as E
-
-TERMINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
+from drsite.core.states import TERMINAL_JOB_STATES
 
 
 @dataclass(frozen=True)

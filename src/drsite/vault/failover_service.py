@@ -16,6 +16,16 @@ from sqlalchemy.orm import Session
 
 from drsite.core.errors import Conflict, InvalidInput, NotFound
 from drsite.core.model import validate_name
+from drsite.core.states import (
+    ACTIVE_JOB_STATES,
+    FAILOVER_ITEM_STATUSES,
+    LIVE_ITEM_STATUSES,
+    NOT_PROTECTED,
+    FailoverState,
+    ItemProtection,
+    JobState,
+    TaskState,
+)
 from drsite.vault.audit import record_event
 from drsite.vault.db.models import (
     Failover,
@@ -37,12 +47,13 @@ PLAN_ACTIONS = ("test_failover", "cleanup_test_failover", "planned_failover", "u
                 "commit", "cancel", "reprotect")
 FAILOVER_KINDS = {"test_failover": "test", "planned_failover": "planned",
                   "unplanned_failover": "unplanned"}
-ACTIVE_ITEM_STATUSES = ("enabling", "protected", "disabling", "failing_over", "failed_over",
-                        "committed")
+ACTIVE_ITEM_STATUSES = LIVE_ITEM_STATUSES | FAILOVER_ITEM_STATUSES
+# a failover holds the item and may still be committed, cancelled or moved to another point
+_HELD = frozenset({ItemProtection.FAILING_OVER, ItemProtection.FAILED_OVER})
 
 
 def _latest_failover(s: Session, item: Item, *, kind: str | None = None,
-                     states: tuple[str, ...]) -> Failover | None:
+                     states: tuple[FailoverState, ...]) -> Failover | None:
     q = select(Failover).where(Failover.item_id == item.id, Failover.state.in_(states))
     if kind is not None:
         q = q.where(Failover.kind == kind)
@@ -79,15 +90,17 @@ def start_item_action(s: Session, item_id: str, action: str, args: dict[str, Any
             args[key] = validate_name("VM", str(args[key]))
     if action in FAILOVER_KINDS:
         kind = FAILOVER_KINDS[action]
-        if item.status != "protected":
+        if item.status != ItemProtection.PROTECTED:
             raise Conflict(f"{item.vm_name} is {item.status}; only a protected item can fail over",
                            hint="Commit or cancel the failover in progress first." if
-                           item.status in ("failed_over", "failing_over") else None)
-        if kind == "test" and _latest_failover(s, item, kind="test", states=("starting", "test_running")):
+                           item.status in _HELD else None)
+        if kind == "test" and _latest_failover(s, item, kind="test", states=(
+                FailoverState.STARTING, FailoverState.TEST_RUNNING)):
             raise Conflict(f"{item.vm_name} already has a test failover running",
                            hint="Clean it up first (cleanup_test_failover).")
         point = _point_arg(args)
-        fo = Failover(id=new_id("f"), item_id=item.id, kind=kind, state="starting", point_id=None,
+        fo = Failover(id=new_id("f"), item_id=item.id, kind=kind, state=FailoverState.STARTING,
+                      point_id=None,
                       result={}, notes=[], created_at=now, updated_at=now)
         s.add(fo)
         jkind = {"test": P.TEST_FAILOVER, "planned": P.PLANNED, "unplanned": P.UNPLANNED}[kind]
@@ -104,23 +117,24 @@ def start_item_action(s: Session, item_id: str, action: str, args: dict[str, Any
     else:
         found: Failover | None
         if action == "cleanup_test_failover":
-            found = _latest_failover(s, item, kind="test",
-                                     states=("test_running", "starting", "failed", "cancelled"))
+            found = _latest_failover(s, item, kind="test", states=(
+                FailoverState.TEST_RUNNING, FailoverState.STARTING, FailoverState.FAILED,
+                FailoverState.CANCELLED))
             if found is None:
                 raise Conflict(f"{item.vm_name} has no test failover to clean up")
             jkind = P.CLEANUP_TEST
         elif action in ("commit", "cancel", "change_point"):
             found = s.get(Failover, item.failover_id) if item.failover_id else None
-            if found is None or item.status not in ("failed_over", "failing_over"):
+            if found is None or item.status not in _HELD:
                 raise Conflict(f"{item.vm_name} is {item.status}; there is no failover to {action}",
                                hint="Fail the item over first.")
-            if action == "commit" and found.state != "pending_commit":
+            if action == "commit" and found.state != FailoverState.PENDING_COMMIT:
                 raise Conflict(f"failover {found.id} is {found.state}; only a failover pending commit "
                                "can be committed", hint="Cancel it instead.")
             jkind = {"commit": P.COMMIT, "cancel": P.CANCEL, "change_point": P.CHANGE_POINT}[action]
         else:  # reprotect
-            found = _latest_failover(s, item, states=("committed",))
-            if found is None or item.status != "committed":
+            found = _latest_failover(s, item, states=(FailoverState.COMMITTED,))
+            if found is None or item.status != ItemProtection.COMMITTED:
                 raise Conflict(f"{item.vm_name} is {item.status}; re-protect needs a committed "
                                "failover", hint="Commit the failover first.")
             jkind = P.REPROTECT
@@ -315,7 +329,7 @@ def plan_view(s: Session, name: str) -> dict[str, Any]:
     for g in p.spec.get("groups", []):
         groups.append({"name": g["name"], "pre": g.get("pre", []), "post": g.get("post", []),
                        "items": [{"vm_name": v, "item_id": items[v].id if v in items else None,
-                                  "status": items[v].status if v in items else "not protected"}
+                                  "status": items[v].status if v in items else NOT_PROTECTED}
                                  for v in g["vms"]]})
     return {"name": p.name, "description": p.description, "groups": groups,
             "created_at": p.created_at, "updated_at": p.updated_at,
@@ -330,7 +344,7 @@ def list_plans(s: Session) -> list[dict[str, Any]]:
 def delete_plan(s: Session, name: str, now: float) -> None:
     p = get_plan(s, name)
     if s.scalars(select(Job.id).where(Job.kind == P.PLAN, Job.target == p.name,
-                                      Job.state.in_(P.ACTIVE_JOB_STATES))).first():
+                                      Job.state.in_(ACTIVE_JOB_STATES))).first():
         raise Conflict(f"recovery plan {name} has a job running")
     s.delete(p)
     record_event(s, now, "plan", name, "deleted")
@@ -349,7 +363,7 @@ def start_plan_action(s: Session, name: str, action: str, args: dict[str, Any], 
         raise InvalidInput(f"unknown plan action {action!r}; known: {', '.join(PLAN_ACTIONS)}")
     p = get_plan(s, name)
     if s.scalars(select(Job.id).where(Job.kind == P.PLAN, Job.target == p.name,
-                                      Job.state.in_(P.ACTIVE_JOB_STATES))).first():
+                                      Job.state.in_(ACTIVE_JOB_STATES))).first():
         raise Conflict(f"recovery plan {name} already has a job running",
                        hint="Wait for it to end, or cancel it.")
     items = _items_by_vm(s)
@@ -392,9 +406,9 @@ def resume_job(s: Session, job_id: str, now: float) -> Job:
     job = s.get(Job, validate_name("job", job_id))
     if job is None:
         raise NotFound(f"no job {job_id!r}")
-    task = s.scalars(select(Task).where(Task.job_id == job.id, Task.state == "running")
+    task = s.scalars(select(Task).where(Task.job_id == job.id, Task.state == TaskState.RUNNING)
                      .order_by(Task.idx)).first()
-    if job.state != "running" or task is None or not (task.data or {}).get("waiting_for_operator"):
+    if job.state != JobState.RUNNING or task is None or not (task.data or {}).get("waiting_for_operator"):
         raise Conflict(f"job {job_id} is not waiting for an operator",
                        hint="Only a job whose current step is a manual action can be resumed.")
     task.data = {**dict(task.data or {}), "resumed_at": now, "waiting_for_operator": False}

@@ -16,8 +16,6 @@ from sqlalchemy.orm import Session
 
 from drsite.vault.db.models import Group, Host, Item, Vm
 
-ACTIVE_ITEM_STATUSES = ("enabling", "protected", "disabling")
-
 
 def normalise_match(match: dict[str, Any] | None) -> dict[str, list[str]]:
     m = match or {}

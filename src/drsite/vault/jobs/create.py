@@ -14,6 +14,8 @@ from sqlalchemy.orm import Session
 
 from drsite.core.errors import Conflict, InvalidInput, VmNotFound
 from drsite.core.retry import RetryState
+from drsite.core.states import ItemProtection, JobState, TaskState
+from drsite.replication.report import Health, ItemState
 from drsite.vault.audit import record_event
 from drsite.vault.db.models import Group, Host, Item, Job, Task, Vm
 from drsite.vault.ids import new_id
@@ -26,13 +28,13 @@ def create_job(s: Session, kind: str, *, target: str, item_id: str | None,
                tasks: tuple[tuple[str, str], ...] | None = None) -> Job:
     """A queued job of ``kind`` with the kind's tasks (or ``tasks``: recovery plans build
     theirs from the plan)."""
-    job = Job(id=new_id("j"), kind=kind, state="queued", target=target, item_id=item_id,
-              args=args, progress=0.0, message="queued", cancel_requested=False,
+    job = Job(id=new_id("j"), kind=kind, state=JobState.QUEUED, target=target, item_id=item_id,
+              args=args, progress=0.0, message=JobState.QUEUED.value, cancel_requested=False,
               created_at=now, updated_at=now)
     s.add(job)
     for idx, (name, title) in enumerate(tasks if tasks is not None else TASK_PLAN[kind]):
-        s.add(Task(job_id=job.id, idx=idx, name=name, title=title, state="pending", progress=0.0,
-                   message="", data={}))
+        s.add(Task(job_id=job.id, idx=idx, name=name, title=title, state=TaskState.PENDING,
+                   progress=0.0, message="", data={}))
     s.flush()
     record_event(s, now, "job", job.id, f"{kind} of {target} queued")
     return job
@@ -70,9 +72,10 @@ def start_enable_protection(s: Session, *, vm: Vm, host: Host, group: Group, now
                      args={"vm_id": vm.vm_id, "host_id": host.id, "group": group.name, "reason": reason},
                      now=now)
     item = Item(id=item_id, host_id=host.id, vm_id=vm.vm_id, vm_name=vm.name, group_id=group.id,
-                target_site_id=group.target_site_id, status="enabling", vm_ref=vm_ref(host.id, vm.vm_id),
-                state="new", report=None, acked_seq=0, retry=RetryState().to_dict(),
-                critical_error=None, active_job_id=job.id, health="normal", health_reasons=[],
+                target_site_id=group.target_site_id, status=ItemProtection.ENABLING,
+                vm_ref=vm_ref(host.id, vm.vm_id), state=ItemState.NEW, report=None, acked_seq=0,
+                retry=RetryState().to_dict(), critical_error=None, active_job_id=job.id,
+                health=Health.NORMAL, health_reasons=[],
                 created_at=now, updated_at=now)
     s.add(item)
     vm.auto_protect_blocked = False
@@ -81,18 +84,18 @@ def start_enable_protection(s: Session, *, vm: Vm, host: Host, group: Group, now
 
 
 def start_disable_protection(s: Session, item: Item, *, delete_points: bool, now: float) -> Job:
-    if item.status not in ("protected", "enabling"):
+    if item.status not in (ItemProtection.PROTECTED, ItemProtection.ENABLING):
         raise Conflict(f"item {item.id} is {item.status}", hint="Only protected items can be disabled.")
     job = create_job(s, DISABLE, target=item.vm_name, item_id=item.id,
                      args={"delete_points": delete_points}, now=now)
     claim_item(s, item, job.id)
-    item.status = "disabling"
+    item.status = ItemProtection.DISABLING
     item.updated_at = now
     return job
 
 
 def start_resync(s: Session, item: Item, *, now: float) -> Job:
-    if item.status != "protected":
+    if item.status != ItemProtection.PROTECTED:
         raise Conflict(f"item {item.id} is {item.status}",
                        hint="A resync needs a protected item with a first recovery point.")
     job = create_job(s, RESYNC, target=item.vm_name, item_id=item.id, args={"by_hand": True}, now=now)
