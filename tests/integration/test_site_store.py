@@ -456,6 +456,12 @@ def test_hydration_damage_comes_back_as_corrupt_data(site: RunningSiteStore,
     with pytest.raises(CorruptData) as ei:
         env.store.catch_up("item1")
     assert not ei.value.transient
+    # on the wire: the codec's status for the class (500: the server's data, not the request)
+    ctx = client_context(site.certs.ca_file, site.certs.client_cert, site.certs.client_key)
+    with httpx.Client(verify=ctx, base_url=site.url) as raw:
+        r = raw.post("/replica/v1/items/item1/catch-up")
+    assert r.status_code == CorruptData.http_status == 500
+    assert r.json()["code"] == "corrupt_data" and r.json()["class"] == "permanent"
     env.store.close()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,13 @@ from drsite.agent.link import VaultLink
 from drsite.agent.process import agent_register
 from drsite.agent.state import CommandJournal, settings_from_args
 from drsite.agent.testing import FakeVault
-from drsite.core.errors import AuthError, InvalidInput, NetworkError
+from drsite.core.errors import (
+    AuthError,
+    InvalidInput,
+    NetworkError,
+    OperationInterrupted,
+    from_dict,
+)
 from drsite.core.model import DiskSpec, VmSpec
 from drsite.hypervisors.file.driver import FileHypervisor
 from drsite.replication.target import LocalTarget, RecoveryTarget
@@ -348,3 +355,36 @@ def test_settings_from_args() -> None:
     for bad in ({"frequency_s": 1}, {"resync_window": "noon"}, {"retention_hours": -1}):
         with pytest.raises(InvalidInput):
             settings_from_args(bad)
+
+
+def test_unprotect_interrupts_running_work_with_its_own_code(env: Env) -> None:
+    """A protect still copying when unprotect arrives ends failed with ``interrupted`` (the
+    class the codec names: permanent, a conflict), and the unprotect then runs."""
+    gate = threading.Event()
+    started = threading.Event()
+
+    class GatedStore(LocalObjectStore):
+        def put(self, key: str, data: bytes | memoryview, *, overwrite: bool = False) -> None:
+            started.set()
+            assert gate.wait(20), "the test never opened the gate"
+            super().put(key, data, overwrite=overwrite)
+
+    env.target = lambda url, item: LocalTarget(  # type: ignore[method-assign]
+        Repository(GatedStore(env.store), item))
+    a = env.agent()
+    try:
+        protect = env.vault.send(env.host_id, "protect", ITEM, env.protect_args())
+        a.heartbeat_once()
+        assert started.wait(20), "protect did not start writing"
+        unprotect = env.vault.send(env.host_id, "unprotect", ITEM, {"delete_points": True})
+        a.heartbeat_once()  # accepted: the running work is told to stop
+        gate.set()
+        r = env.run(a, protect)
+        assert r["status"] == "failed", r
+        assert r["error"]["code"] == OperationInterrupted.code == "interrupted"
+        assert r["error"]["class"] == "permanent" and r["error"]["hint"]
+        assert type(from_dict(r["error"])) is OperationInterrupted
+        assert env.run(a, unprotect)["status"] == "succeeded"
+    finally:
+        gate.set()
+        a.shutdown()

@@ -45,14 +45,12 @@ from drsite.agent.failover import FailoverCommands
 from drsite.agent.link import COMMAND_KINDS, Command, HeartbeatReply, VaultLink
 from drsite.agent.registration import AgentIdentity
 from drsite.agent.state import (
-    PHASE_FAILED_OVER,
-    PHASE_INITIAL,
-    PHASE_PROTECTED,
     CatalogEntry,
     CatalogFile,
     CommandJournal,
     Finished,
     ItemEntry,
+    ItemPhase,
     ItemsFile,
     settings_from_args,
 )
@@ -63,9 +61,12 @@ from drsite.core.errors import (
     DrsiteError,
     InvalidInput,
     NotFound,
+    OperationInterrupted,
+    PermanentError,
     VmNotFound,
     classify_os_error,
 )
+from drsite.core.states import CommandStatus
 from drsite.hypervisors.contract import HypervisorDriver
 from drsite.replication.driver import ItemReplicator
 from drsite.replication.report import Health, ItemReport, ItemState
@@ -201,7 +202,7 @@ class Agent:
             entry = self._entries.get(item_id)
             if entry is None:
                 return
-            entry.phase = PHASE_FAILED_OVER if failed_over else PHASE_PROTECTED
+            entry.phase = ItemPhase.FAILED_OVER if failed_over else ItemPhase.PROTECTED
         self._save_entries()
 
     @property
@@ -340,7 +341,7 @@ class Agent:
         rep = item.replicator
         if rep is None:
             return False
-        if item.entry.phase == PHASE_INITIAL:
+        if item.entry.phase == ItemPhase.INITIAL:
             return True
         rec = rep.rec
         return rec.cycle_id is not None or rec.phase in (ItemState.INITIAL_REPLICATION,
@@ -482,7 +483,7 @@ class Agent:
             self._offline = True
         with self._lock:
             items = [it for it in self._items.values()
-                     if it.replicator is not None and it.entry.phase == PHASE_PROTECTED]
+                     if it.replicator is not None and it.entry.phase == ItemPhase.PROTECTED]
             for it in items:
                 lane = self._lanes.get(it.entry.item_id)
                 if lane is not None and (lane.active or lane.tasks):
@@ -496,7 +497,7 @@ class Agent:
     def _post_final(self, fin: Finished) -> None:
         try:
             self.link.post_result(fin.command_id, status=fin.status,
-                                  progress=100.0 if fin.status == "succeeded" else 0.0,
+                                  progress=100.0 if fin.status == CommandStatus.SUCCEEDED else 0.0,
                                   result=fin.result, error=fin.error)
         except Conflict as e:
             # the vault already has a different end for it (e.g. withdrawn): nothing to retry
@@ -524,7 +525,7 @@ class Agent:
                     todo.append((cid, pr, prog))
         for cid, pr, prog in todo:
             try:
-                self.link.post_result(cid, status="running", progress=prog)
+                self.link.post_result(cid, status=CommandStatus.RUNNING, progress=prog)
             except Conflict:
                 continue  # ended meanwhile (our final post won the race)
             except DrsiteError as e:
@@ -549,7 +550,7 @@ class Agent:
             if self._journal.finished(cmd.command_id) is None:
                 err = InvalidInput(f"unknown command kind {cmd.kind!r}",
                                    hint="The agent is older than the vault; upgrade it.")
-                self._finish(cmd, "failed", {}, err.to_dict())
+                self._finish(cmd, CommandStatus.FAILED, {}, err.to_dict())
             return
         with self._lock:
             if cmd.command_id in self._inflight:
@@ -601,7 +602,7 @@ class Agent:
                     with self._lock:
                         self._inflight.pop(task.command.command_id, None)
 
-    def _finish(self, cmd: Command, status: str, result: dict[str, Any],
+    def _finish(self, cmd: Command, status: CommandStatus, result: dict[str, Any],
                 error: dict[str, Any] | None) -> None:
         fin = Finished(cmd.command_id, cmd.kind, cmd.item_id, status, result, error, time.time())
         self._journal.finish(fin)
@@ -629,27 +630,25 @@ class Agent:
                          "sends it again", cmd.command_id, cmd.kind, item_id)
                 return
             self._reopen(item_id)
-            err: dict[str, Any] = Conflict(f"{cmd.kind} of {item_id} was interrupted to "
-                                           "unprotect the item").to_dict()
-            err["code"] = "interrupted"
-            self._finish(cmd, "failed", {}, err)
+            self._finish(cmd, CommandStatus.FAILED, {}, OperationInterrupted(
+                f"{cmd.kind} of {item_id} was interrupted to unprotect the item").to_dict())
             return
         except DrsiteError as e:
             log.warning("command %s (%s %s) failed (%s): %s", cmd.command_id, cmd.kind, item_id,
                         e.error_class.value, e)
-            self._finish(cmd, "failed", {}, e.to_dict())
+            self._finish(cmd, CommandStatus.FAILED, {}, e.to_dict())
             return
         except Exception as e:
             log.exception("command %s (%s %s) failed unexpectedly", cmd.command_id, cmd.kind,
                           item_id)
-            self._finish(cmd, "failed", {}, {
-                "code": "internal", "class": "permanent",
-                "message": f"agent error in {cmd.kind}: {type(e).__name__}: {e}",
-                "hint": "See the agent's log; report a bug if it persists."})
+            # a bug, not a fault to wait out: permanent (the item goes Critical), generic code
+            self._finish(cmd, CommandStatus.FAILED, {}, PermanentError(
+                f"agent error in {cmd.kind}: {type(e).__name__}: {e}",
+                hint="See the agent's log; report a bug if it persists.").to_dict())
             return
         log.info("command %s (%s %s) succeeded in %.1f s", cmd.command_id, cmd.kind, item_id,
                  time.monotonic() - started)
-        self._finish(cmd, "succeeded", result, None)
+        self._finish(cmd, CommandStatus.SUCCEEDED, result, None)
 
     def _run_own(self, item_id: str, kind: str) -> None:
         """The agent's own work: ``resume`` after a restart, ``auto`` while offline."""
@@ -666,7 +665,7 @@ class Agent:
                              item_id, point.point_id)
                 elif item.entry.resync_from_base:
                     return  # the base is the old primary's disks: the vault's protect resyncs
-                elif item.entry.phase == PHASE_INITIAL:
+                elif item.entry.phase == ItemPhase.INITIAL:
                     self._mark_protected(item)
                 if rep.rec.cycle_id is not None or rep.rec.phase is ItemState.RESYNCING:
                     decision = rep.step()  # finishes the sealed cycle / the resync
@@ -684,8 +683,8 @@ class Agent:
                         e.error_class.value, e)
 
     def _mark_protected(self, item: _Item) -> None:
-        if item.entry.phase != PHASE_PROTECTED:
-            item.entry.phase = PHASE_PROTECTED
+        if item.entry.phase != ItemPhase.PROTECTED:
+            item.entry.phase = ItemPhase.PROTECTED
             self._save_entries()
 
     # ----------------------------------------------------------------------------- commands
@@ -737,7 +736,7 @@ class Agent:
             or entry.store_url != store_url or spec_changed
         if entry is None:
             entry = ItemEntry(cmd.item_id, vm_id, str(a.get("target_site") or ""), store_url,
-                              settings, PHASE_INITIAL, time.time(),
+                              settings, ItemPhase.INITIAL, time.time(),
                               generation=int(a.get("generation") or 1),
                               resync_from_base=bool(a.get("resync_from_base")))
         else:

@@ -35,8 +35,9 @@ from drsite.agent.link import Command
 from drsite.agent.registration import AgentIdentity
 from drsite.agent.state import ItemEntry
 from drsite.agent.storeservice import StoreService
-from drsite.core.errors import InvalidInput, PermanentError
+from drsite.core.errors import Fenced, InvalidInput, PermanentError
 from drsite.core.model import PowerState, validate_name
+from drsite.core.states import FailoverState
 from drsite.failover import actions
 from drsite.failover.wire import network_map_from_args, vm_spec_from_dict
 from drsite.fsutil import atomic_write_json, read_json
@@ -197,7 +198,7 @@ class FailoverCommands:
         fid = self._fid(cmd)
         with self._item(cmd) as pi:
             if actions.load_failover(pi.recovery, fid) is None:  # it never started here
-                return {"failover": {"failover_id": fid, "state": "cleaned_up",
+                return {"failover": {"failover_id": fid, "state": FailoverState.CLEANED_UP.value,
                                      "notes": ["nothing had started on the recovery site"]}}
             return self._result(actions.cleanup_test_failover(pi, fid,
                                                               str(cmd.args.get("notes") or "")))
@@ -212,7 +213,7 @@ class FailoverCommands:
             if actions.load_failover(pi.recovery, fid) is None:
                 # the recovery side never started (e.g. the source's half failed): nothing to
                 # undo here; the generation is unchanged
-                return {"failover": {"failover_id": fid, "state": "cancelled",
+                return {"failover": {"failover_id": fid, "state": FailoverState.CANCELLED.value,
                                      "generation": max(1, pi.generations.current(pi.item_id)),
                                      "notes": ["nothing had started on the recovery site"]}}
             self._hold(pi.item_id, False)  # the replica is rebuilt (cancel catches it up)
@@ -262,7 +263,7 @@ class FailoverCommands:
         agent.set_generation(cmd.item_id or "", gen)
         rep.generation = gen
         err = rep.report.last_error
-        if err and err.get("code") == "fenced":
+        if err and err.get("code") == Fenced.code:
             rep.request_resync("failover cancelled: the source is the primary again")
         agent.set_failed_over(cmd.item_id or "", False)
         powered = False

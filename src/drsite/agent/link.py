@@ -2,9 +2,9 @@
 
 Responsible for: the HTTP calls of ``/api/v1/agent/heartbeat`` and
 ``/api/v1/agent/commands/{id}/result``, parsing the replies, and mapping failures to the error
-hierarchy (unreachable vault, timeout, 5xx → ``NetworkError``, transient; 401/403 →
-``AuthError``). Not responsible for: retrying or backing off (the daemon does), or for what the
-commands mean.
+hierarchy (unreachable vault, timeout → ``NetworkError``, transient; error answers through the
+codec of :mod:`drsite.core.errors`: the body's class, else by status, 5xx transient). Not
+responsible for: retrying or backing off (the daemon does), or for what the commands mean.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any
 
 import httpx
 
-from drsite.client.api import error_from_response
-from drsite.core.errors import AuthError, InvalidInput, NetworkError
+from drsite.core.errors import AuthError, DrsiteError, InvalidInput, NetworkError, from_dict
+from drsite.core.states import CommandStatus
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,20 @@ COMMAND_KINDS = ("protect", "cycle", "resync", "retention", "unprotect", "update
                  "failover", "failover_cleanup", "failover_commit", "failover_cancel",
                  "failover_change_point", "reprotect_seed", "failover_prepare",
                  "failover_resume_source", "run_script")
+
+
+def vault_error(resp: httpx.Response, what: str) -> DrsiteError:
+    """The drsite error an error answer of the vault stands for: its JSON body decoded
+    (:func:`~drsite.core.errors.from_dict`), or by status when it has none of ours."""
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        body = {}
+    if not isinstance(body.get("message"), str) or not body["message"]:
+        body = {**body, "message": f"the vault answered HTTP {resp.status_code} to {what}"}
+    return from_dict(body, http_status=resp.status_code)
 
 
 @dataclass(frozen=True)
@@ -97,10 +111,8 @@ class VaultLink:
             raise NetworkError(f"cannot reach the vault at {self.vault_url}: {e}") from e
         except httpx.HTTPError as e:
             raise NetworkError(f"request to the vault at {self.vault_url} failed: {e}") from e
-        if resp.status_code >= 500:
-            raise NetworkError(f"the vault answered HTTP {resp.status_code} to {path}")
         if resp.status_code >= 400:
-            raise error_from_response(resp)
+            raise vault_error(resp, path)
         if not resp.content:
             return None
         try:
@@ -131,10 +143,11 @@ class VaultLink:
                     log.error("ignoring a malformed ack for item %s: %r", item_id, seq)
         return HeartbeatReply(commands, ack, bad)
 
-    def post_result(self, command_id: str, *, status: str, progress: float,
+    def post_result(self, command_id: str, *, status: CommandStatus, progress: float,
                     result: dict[str, Any] | None = None,
                     error: dict[str, Any] | None = None) -> None:
         """Report a command's progress (``running``) or its final status."""
         self._post(f"/commands/{command_id}/result",
-                   {"status": status, "progress": max(0.0, min(100.0, float(progress))),
+                   {"status": CommandStatus(status).value,
+                    "progress": max(0.0, min(100.0, float(progress))),
                     "result": result or {}, "error": error})

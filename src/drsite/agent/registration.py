@@ -38,7 +38,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from drsite import pki, tlsutil
-from drsite.client.api import error_from_response
+from drsite.agent.link import vault_error
 from drsite.core.errors import (
     AuthError,
     Conflict,
@@ -301,12 +301,12 @@ def register(vault_url: str, key: str, data_dir: Path, *, host_name: str,
     except httpx.HTTPError as e:
         raise NetworkError(f"registration request to {vault_url} failed: {e}") from e
     if resp.status_code in (401, 403):
-        err = error_from_response(resp)
+        err = vault_error(resp, REGISTER_PATH)
         raise AuthError(f"the vault refused the registration key: {err.message}",
                         hint="Registration keys are one-time and expire; ask an admin for a new "
                              "one ('drsite vault registration-key SITE').")
     if resp.status_code >= 400:
-        raise error_from_response(resp)
+        raise vault_error(resp, REGISTER_PATH)
     try:
         out = resp.json()
         host_id, site = str(out["host_id"]), str(out["site"])

@@ -19,18 +19,25 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from drsite.core.errors import InvalidInput, classify_os_error
 from drsite.core.retention import RetentionRule
+from drsite.core.states import CommandStatus
 from drsite.fsutil import atomic_write_json, read_json
 from drsite.replication.driver import ReplicationSettings
 from drsite.replication.planner import ALWAYS, ResyncWindow, parse_hhmm
 
-PHASE_INITIAL = "initial"      # protect received; no first point confirmed yet
-PHASE_PROTECTED = "protected"  # the first point is committed
-PHASE_FAILED_OVER = "failed_over"  # planned failover: source off, final cycle shipped
+
+class ItemPhase(StrEnum):
+    """Where this agent's own record of an item is (``items.json``; values never change)."""
+
+    INITIAL = "initial"          # protect received; no first point confirmed yet
+    PROTECTED = "protected"      # the first point is committed
+    FAILED_OVER = "failed_over"  # planned failover: source off, final cycle shipped
+
 
 JOURNAL_KEEP = 1000
 
@@ -113,7 +120,7 @@ class ItemEntry:
     target_site: str
     store_url: str
     settings: dict[str, Any] = field(default_factory=dict)
-    phase: str = PHASE_INITIAL
+    phase: ItemPhase = ItemPhase.INITIAL
     created_at: float = 0.0
     # split-brain guard: the engine is fenced once the store records a newer generation
     generation: int = 1
@@ -124,7 +131,7 @@ class ItemEntry:
     def to_dict(self) -> dict[str, Any]:
         return {"item_id": self.item_id, "vm_id": self.vm_id, "target_site": self.target_site,
                 "store_url": self.store_url, "settings": dict(self.settings),
-                "phase": self.phase, "created_at": self.created_at,
+                "phase": self.phase.value, "created_at": self.created_at,
                 "generation": self.generation, "resync_from_base": self.resync_from_base}
 
     @staticmethod
@@ -132,7 +139,7 @@ class ItemEntry:
         return ItemEntry(item_id=str(d["item_id"]), vm_id=str(d["vm_id"]),
                          target_site=str(d.get("target_site") or ""),
                          store_url=str(d["store_url"]), settings=dict(d.get("settings") or {}),
-                         phase=str(d.get("phase") or PHASE_INITIAL),
+                         phase=ItemPhase(d.get("phase") or ItemPhase.INITIAL),
                          created_at=float(d.get("created_at") or 0.0),
                          generation=int(d.get("generation") or 1),
                          resync_from_base=bool(d.get("resync_from_base")))
@@ -195,7 +202,7 @@ class Finished:
     command_id: str
     kind: str
     item_id: str
-    status: str                      # "succeeded" | "failed"
+    status: CommandStatus            # SUCCEEDED | FAILED
     result: dict[str, Any]
     error: dict[str, Any] | None
     finished_at: float
@@ -203,13 +210,13 @@ class Finished:
 
     def to_dict(self) -> dict[str, Any]:
         return {"command_id": self.command_id, "kind": self.kind, "item_id": self.item_id,
-                "status": self.status, "result": self.result, "error": self.error,
+                "status": self.status.value, "result": self.result, "error": self.error,
                 "finished_at": self.finished_at, "posted": self.posted}
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Finished:
         return Finished(str(d["command_id"]), str(d["kind"]), str(d["item_id"]),
-                        str(d["status"]), dict(d.get("result") or {}), d.get("error"),
+                        CommandStatus(d["status"]), dict(d.get("result") or {}), d.get("error"),
                         float(d["finished_at"]), bool(d.get("posted")))
 
 

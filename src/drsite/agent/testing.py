@@ -23,10 +23,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from drsite import tlsutil
-from drsite.core.errors import AuthError, DrsiteError, InvalidInput, NotFound
+from drsite.core.errors import AuthError, Busy, DrsiteError, InvalidInput, NotFound
+from drsite.core.states import FINAL_COMMAND_STATUSES, CommandStatus
 from drsite.pki import CertificateAuthority, cert_identity
-
-FINAL = ("succeeded", "failed")
 
 
 @dataclass
@@ -99,7 +98,7 @@ class FakeVault:
     def final(self, command_id: str) -> dict[str, Any] | None:
         with self.lock:
             for r in reversed(self.results.get(command_id, [])):
-                if r["status"] in FINAL:
+                if r["status"] in FINAL_COMMAND_STATUSES:
                     return dict(r)
         return None
 
@@ -115,7 +114,8 @@ class FakeVault:
 
     def finals(self, command_id: str) -> list[dict[str, Any]]:
         with self.lock:
-            return [dict(r) for r in self.results.get(command_id, []) if r["status"] in FINAL]
+            return [dict(r) for r in self.results.get(command_id, [])
+                    if r["status"] in FINAL_COMMAND_STATUSES]
 
     def resend(self, host_id: str, command: dict[str, Any]) -> None:
         """Deliver a command again (as the vault does after a restart or a silence)."""
@@ -208,7 +208,7 @@ class FakeVault:
 
     def result(self, host: FakeHost, command_id: str, body: dict[str, Any]) -> None:
         status = body.get("status")
-        if status not in ("running", *FINAL):
+        if status not in (CommandStatus.RUNNING, *FINAL_COMMAND_STATUSES):
             raise InvalidInput(f"bad status {status!r}")
         with self.lock:
             self.results.setdefault(command_id, []).append({**body, "at": time.time()})
@@ -220,14 +220,12 @@ class FakeVault:
 
         @app.exception_handler(DrsiteError)
         async def _err(request: Request, exc: DrsiteError) -> JSONResponse:
-            code = 401 if isinstance(exc, AuthError) else 404 if isinstance(exc, NotFound) \
-                else 400
-            return JSONResponse(exc.to_dict(), status_code=code)
+            return JSONResponse(exc.to_dict(), status_code=exc.http_status)
 
         @app.exception_handler(_Unavailable)
         async def _unavail(request: Request, exc: _Unavailable) -> JSONResponse:
-            return JSONResponse({"code": "busy", "class": "transient", "message": "down",
-                                 "hint": ""}, status_code=503)
+            down = Busy("down", hint="")
+            return JSONResponse(down.to_dict(), status_code=down.http_status)
 
         @app.post("/api/v1/agent/register")
         async def register(request: Request) -> dict[str, Any]:

@@ -9,7 +9,17 @@ from typing import Any
 import typer
 from rich.progress import BarColumn, Progress, TextColumn
 
-from drsite.cli.common import CaOpt, JsonOpt, TokenOpt, VaultOpt, client, console, show
+from drsite.cli.common import (
+    EXIT_JOB_FAILED,
+    CaOpt,
+    JsonOpt,
+    TokenOpt,
+    VaultOpt,
+    client,
+    console,
+    show,
+)
+from drsite.core.states import JobState, TaskState
 
 sites = typer.Typer(help="Sites (a site groups hosts).", no_args_is_help=True)
 hosts = typer.Typer(help="Hosts running 'drsite agent'.", no_args_is_help=True)
@@ -172,15 +182,15 @@ def _follow(c: Any, job_id: str, json_out: bool, wait: bool) -> None:
         task = progress.add_task(job_id, total=100)
 
         def update(job: dict[str, Any]) -> None:
-            running = [t for t in job.get("tasks", []) if t.get("state") == "running"]
+            running = [t for t in job.get("tasks", []) if t.get("state") == TaskState.RUNNING]
             step = running[0].get("title") or running[0]["name"] if running else job.get("state")
             desc = f"{job.get('kind')} {job.get('target') or ''}: {step}"
             progress.update(task, description=desc, completed=float(job.get("progress") or 0))
 
         job = c.wait_job(job_id, on_update=update)
     show(job, ["id", "kind", "target", "state", "progress", "error"], title="job", json_out=json_out)
-    if job.get("state") != "succeeded":
-        raise typer.Exit(1)
+    if job.get("state") != JobState.SUCCEEDED:
+        raise typer.Exit(EXIT_JOB_FAILED)
 
 
 @items.command("protect")

@@ -17,15 +17,7 @@ from typing import Any
 import httpx
 
 from drsite.core import errors as E
-
-_CODES: dict[str, type[E.DrsiteError]] = {
-    "invalid_input": E.InvalidInput, "not_found": E.NotFound, "vm_not_found": E.VmNotFound,
-    "auth_failed": E.AuthError, "forbidden": E.AuthError, "conflict": E.Conflict,
-    "object_exists": E.ObjectExists, "network": E.NetworkError, "busy": E.Busy,
-}
-
-
-TERMINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
+from drsite.core.states import TERMINAL_JOB_STATES
 
 
 @dataclass(frozen=True)
@@ -51,6 +43,8 @@ class VaultConfig:
 
 
 def error_from_response(resp: httpx.Response) -> E.DrsiteError:
+    """The drsite error an error answer of the vault stands for (the codec of
+    :mod:`drsite.core.errors`; FastAPI's own ``{"detail": ...}`` bodies are unwrapped)."""
     try:
         body = resp.json()
     except ValueError:
@@ -60,28 +54,11 @@ def error_from_response(resp: httpx.Response) -> E.DrsiteError:
     detail = body.get("detail")
     if isinstance(detail, dict):
         body = detail
-    code = str(body.get("code") or "")
-    message = str(body.get("message") or (detail if isinstance(detail, str) else "")
-                  or f"HTTP {resp.status_code} from {resp.request.method} {resp.request.url.path}")
-    hint = body.get("hint")
-    if resp.status_code == 422 and not code:
-        code, message = "invalid_input", f"request refused: {detail}"
-    cls = _CODES.get(code)
-    if cls is None:
-        if resp.status_code in (401, 403):
-            cls = E.AuthError
-        elif resp.status_code == 404:
-            cls = E.NotFound
-        elif resp.status_code == 409:
-            cls = E.Conflict
-        elif resp.status_code in (400, 422):
-            cls = E.InvalidInput
-        elif resp.status_code >= 500:
-            cls = E.TransientError
-        else:
-            cls = E.PermanentError
-    err = cls(message, hint=str(hint) if hint else None)
-    return err
+    message = body.get("message") or (detail if isinstance(detail, str) else "") \
+        or f"HTTP {resp.status_code} from {resp.request.method} {resp.request.url.path}"
+    if resp.status_code == 422 and not body.get("code"):
+        message = f"request refused: {detail}"
+    return E.from_dict({**body, "message": message}, http_status=resp.status_code)
 
 
 class VaultClient:

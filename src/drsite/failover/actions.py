@@ -21,7 +21,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +35,7 @@ from drsite.core.errors import (
     VmNotFound,
 )
 from drsite.core.model import Consistency, DiskSpec, PowerState, VmInfo, VmSpec, validate_name
+from drsite.core.states import FailoverState
 from drsite.failover.images import (
     digests_differ,
     disk_fingerprint,
@@ -111,15 +111,6 @@ class ProtectedItem:
     @property
     def generations(self) -> GenerationStore:
         return GenerationStore(self.repo.store)
-
-
-class FailoverState(StrEnum):
-    STARTING = "starting"              # steps in progress (a crash resumes from the record)
-    TEST_RUNNING = "test_running"      # test failover VM runs
-    CLEANED_UP = "cleaned_up"          # test failover removed
-    PENDING_COMMIT = "pending_commit"  # failed over; point may change; may be cancelled
-    COMMITTED = "committed"
-    CANCELLED = "cancelled"
 
 
 FailoverKind = Literal["test", "planned", "unplanned"]

@@ -29,11 +29,11 @@ from drsite.core.errors import (
     Conflict,
     CorruptData,
     DrsiteError,
+    ErrorClass,
     Fenced,
-    PermanentError,
     TrackingLost,
-    TransientError,
     classify_os_error,
+    from_dict,
 )
 from drsite.core.extents import ExtentList
 from drsite.core.model import Consistency, SealedCycle, TrackingState
@@ -257,16 +257,14 @@ class ItemReplicator:
             raise Conflict(f"{self.rec.vm_name}: nothing can run now: {decision.reason}",
                            hint="Start a resync by hand, or wait for the resync window.")
         if err is not None:
+            # the recorded error again, with the code and the class the vault acts on
+            again = {**err, "message": f"{self.rec.vm_name}: {err.get('message')}"}
             if err.get("code") == Fenced.code:
-                raise Fenced(f"{self.rec.vm_name}: {err['message']}", hint=err.get("hint"))
+                raise from_dict(again)
             if self.rec.phase is ItemState.CRITICAL or self.rec.retry.gave_up:
-                perm = PermanentError(f"{self.rec.vm_name}: {err['message']}", hint=err.get("hint"))
-                perm.code = err.get("code", perm.code)  # keep the class the vault acts on
-                raise perm
+                raise from_dict({**again, "class": ErrorClass.PERMANENT.value})
             if not wait_transient and self.rec.retry.next_attempt_at is not None:
-                exc = TransientError(f"{self.rec.vm_name}: {err['message']}", hint=err.get("hint"))
-                exc.code = err.get("code", exc.code)
-                raise exc
+                raise from_dict({**again, "class": ErrorClass.TRANSIENT.value})
             # transient: wait out the schedule (the clock may be fake in tests); a repair
             # (resync required) has no wait and runs on the next step
             nxt = self.rec.retry.next_attempt_at

@@ -1,7 +1,8 @@
 """The recovery-store server a secondary-site agent runs: its object store and its hydrated
 replicas, over HTTPS with a required client certificate (see ``docs/control-plane.md``).
 
-Endpoints (all answer drsite errors as JSON ``DrsiteError.to_dict()`` with a mapped status):
+Endpoints (all answer drsite errors as JSON ``DrsiteError.to_dict()`` with the class's
+``http_status``):
 
 - ``PUT|GET|HEAD|DELETE /store/v1/objects/{key}`` — the :class:`ObjectStore` contract;
   ``PUT ?overwrite=0|1`` (201), ``GET`` with ``Range: bytes=a-b`` (206), ``DELETE`` (204).
@@ -41,7 +42,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from drsite.core.errors import AuthError, DrsiteError, InvalidInput, NotFound, classify_os_error
+from drsite.core.errors import (
+    AuthError,
+    DrsiteError,
+    InternalError,
+    InvalidInput,
+    NotFound,
+    classify_os_error,
+)
 from drsite.core.model import validate_name
 from drsite.pki import CertIdentity, cert_identity
 from drsite.replication.resync import RESYNC_BLOCK, DigestResult
@@ -106,7 +114,7 @@ def replica_lock(replica_dir: Path) -> Iterator[None]:
 
 
 def _error_response(exc: DrsiteError) -> JSONResponse:
-    return JSONResponse(exc.to_dict(), status_code=P.status_of(exc))
+    return JSONResponse(exc.to_dict(), status_code=exc.http_status)
 
 
 @lru_cache(maxsize=256)
@@ -167,9 +175,8 @@ def _endpoint(fn: Handler) -> Handler:
             return _error_response(exc)
         except Exception:
             log.exception("%s %s by %s failed", request.method, request.url.path, _peer(request))
-            return JSONResponse({"code": "internal", "class": "transient",
-                                 "message": "internal error in the recovery store server",
-                                 "hint": "See the store server's log."}, status_code=500)
+            return _error_response(InternalError("internal error in the recovery store server",
+                                                 hint="See the store server's log."))
 
     return wrapped
 

@@ -17,7 +17,8 @@ from typing import Any
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from drsite.core.errors import Conflict, DrsiteError, ErrorClass, InvalidInput, PermanentError, TransientError
+from drsite.core.errors import Conflict, InvalidInput, PermanentError
+from drsite.core.states import FINAL_COMMAND_STATUSES, OPEN_COMMAND_STATUSES, CommandStatus
 from drsite.vault.db.models import Command
 from drsite.vault.ids import new_id
 
@@ -26,8 +27,6 @@ KINDS = ("protect", "cycle", "resync", "retention", "unprotect", "update_setting
          "failover", "failover_cleanup", "failover_commit", "failover_cancel",
          "failover_change_point", "reprotect_seed", "failover_prepare", "failover_resume_source",
          "run_script")
-OPEN = ("pending", "sent", "running")
-DONE = ("succeeded", "failed")
 # commands that move data for an item: at most one of these is outstanding per item
 REPLICATION_KINDS = ("protect", "cycle", "resync")
 
@@ -37,7 +36,7 @@ def enqueue(s: Session, *, host_id: str, kind: str, item_id: str | None, args: d
     if kind not in KINDS:
         raise InvalidInput(f"unknown command kind {kind!r}")
     cmd = Command(id=new_id("c"), host_id=host_id, item_id=item_id, job_id=job_id, kind=kind,
-                  args=args, status="pending", progress=0.0, deliveries=0, created_at=now,
+                  args=args, status=CommandStatus.PENDING, progress=0.0, deliveries=0, created_at=now,
                   updated_at=now)
     s.add(cmd)
     s.flush()
@@ -48,7 +47,7 @@ def outstanding(s: Session, item_id: str, kinds: tuple[str, ...]) -> Command | N
     """The oldest open command of one of ``kinds`` for the item, if any."""
     return s.scalars(select(Command)
                      .where(Command.item_id == item_id, Command.kind.in_(kinds),
-                            Command.status.in_(OPEN))
+                            Command.status.in_(OPEN_COMMAND_STATUSES))
                      .order_by(Command.created_at, Command.id)).first()
 
 
@@ -57,8 +56,8 @@ def cancel_open(s: Session, item_id: str, now: float, reason: str) -> int:
     except ``unprotect``: that one must reach the agent whenever it comes back."""
     n = 0
     for cmd in s.scalars(select(Command).where(Command.item_id == item_id, Command.kind != "unprotect",
-                                               Command.status == "pending")):
-        cmd.status = "failed"
+                                               Command.status == CommandStatus.PENDING)):
+        cmd.status = CommandStatus.FAILED
         cmd.error = PermanentError(f"withdrawn: {reason}").to_dict()
         scrub_secrets(cmd)
         cmd.updated_at = cmd.finished_at = now
@@ -76,45 +75,46 @@ def deliver(s: Session, host_id: str, now: float, *, resend_after_s: float,
     """Commands to put in this host's heartbeat reply (marked ``sent``), oldest first."""
     rows = s.scalars(select(Command)
                      .where(Command.host_id == host_id,
-                            or_(Command.status == "pending",
-                                (Command.status == "sent") & (Command.updated_at <= now - resend_after_s),
-                                (Command.status == "running")
+                            or_(Command.status == CommandStatus.PENDING,
+                                (Command.status == CommandStatus.SENT)
+                                & (Command.updated_at <= now - resend_after_s),
+                                (Command.status == CommandStatus.RUNNING)
                                 & (Command.updated_at <= now - stale_running_s)))
                      .order_by(Command.created_at, Command.id).limit(limit)).all()
     for cmd in rows:
-        if cmd.status == "pending":
-            cmd.status = "sent"
+        if cmd.status == CommandStatus.PENDING:
+            cmd.status = CommandStatus.SENT
             cmd.sent_at = now
         cmd.deliveries += 1
         cmd.updated_at = now
     return list(rows)
 
 
-def record_result(cmd: Command, *, status: str, progress: float | None, result: dict[str, Any] | None,
-                  error: dict[str, Any] | None, now: float) -> bool:
+def record_result(cmd: Command, *, status: CommandStatus, progress: float | None,
+                  result: dict[str, Any] | None, error: dict[str, Any] | None, now: float) -> bool:
     """Apply an agent's result to ``cmd``; returns True when the command just ended.
 
     Repeating the final result is accepted (agents retry posts); contradicting it is a
     ``Conflict``; a ``failed`` result needs an error.
     """
-    if cmd.status in DONE:
+    if cmd.status in FINAL_COMMAND_STATUSES:
         if status == cmd.status:
             return False
         raise Conflict(f"command {cmd.id} already ended as {cmd.status}")
-    if status == "failed" and not error:
+    if status == CommandStatus.FAILED and not error:
         raise InvalidInput("a failed result needs an error object")
     if progress is not None:
         cmd.progress = max(0.0, min(100.0, progress))
     if result is not None:
         cmd.result = result
     cmd.updated_at = now
-    if status == "running":
-        cmd.status = "running"
+    if status == CommandStatus.RUNNING:
+        cmd.status = CommandStatus.RUNNING
         return False
     cmd.status = status
     cmd.finished_at = now
     scrub_secrets(cmd)
-    if status == "succeeded":
+    if status == CommandStatus.SUCCEEDED:
         cmd.progress = 100.0
     else:
         cmd.error = error
@@ -131,17 +131,3 @@ def scrub_secrets(cmd: Command) -> None:
     kept.update(redacted=True, secret_fields=sorted(dict(spec.get("secret") or {})),
                 key_ids=sorted(dict(spec.get("keys") or {})))
     cmd.args = {**cmd.args, "store": kept}
-
-
-def error_from_dict(d: dict[str, Any] | None) -> DrsiteError:
-    """A :class:`DrsiteError` with the code, class, message and hint an agent reported."""
-    d = d or {}
-    msg = str(d.get("message") or "the agent reported a failure without a message")
-    hint = d.get("hint")
-    err: DrsiteError
-    if str(d.get("class")) == ErrorClass.TRANSIENT.value:
-        err = TransientError(msg, hint=str(hint) if hint else None)
-    else:
-        err = PermanentError(msg, hint=str(hint) if hint else None)
-    err.code = str(d.get("code") or err.code)
-    return err

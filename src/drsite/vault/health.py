@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from drsite.core.states import LIVE_ITEM_STATUSES, ItemProtection
 from drsite.replication.report import Health, ItemState
 from drsite.vault.audit import record_event
 from drsite.vault.db.database import Database
@@ -49,7 +50,7 @@ def item_health(item: Item, policy: Policy | None, host_is_up: bool, now: float)
     reasons: list[str] = []
     critical = False
     state = item.state
-    if item.status == "failed":
+    if item.status == ItemProtection.FAILED:
         critical = True
         reasons.append("enable protection failed")
     if item.critical_error is not None or state == ItemState.CRITICAL.value:
@@ -59,7 +60,7 @@ def item_health(item: Item, policy: Policy | None, host_is_up: bool, now: float)
                        f"{err.get('hint') or 'operator action required'}")
     warn = False
     exceeded = False
-    if policy is None and item.status in ("protected", "enabling"):
+    if policy is None and item.status in (ItemProtection.PROTECTED, ItemProtection.ENABLING):
         warn = True
         reasons.append("the item's group has no policy")
     if policy is not None and rpo is not None and rpo > policy.rpo_threshold_s:
@@ -77,7 +78,7 @@ def item_health(item: Item, policy: Policy | None, host_is_up: bool, now: float)
         warn = True
         msg = (retry.get("last_error") or {}).get("message", "")
         reasons.append(f"retrying after {retry['failures']} transient failure(s): {msg}")
-    if not host_is_up and item.status in ("protected", "enabling", "disabling"):
+    if not host_is_up and item.status in LIVE_ITEM_STATUSES:
         warn = True
         reasons.append("source agent is not sending heartbeats")
     health = Health.CRITICAL if critical else Health.WARNING if warn else Health.NORMAL
@@ -103,15 +104,15 @@ class HealthMonitor:
                     conditions[f"agent_down:{h.id}"] = (
                         "agent_down", "warning", h.name,
                         f"agent {h.name} missed heartbeats (last {now - h.last_heartbeat:.0f} s ago)")
-            items = s.scalars(select(Item).where(Item.status.in_(("enabling", "protected", "disabling",
-                                                                  "failed")))).all()
+            items = s.scalars(select(Item).where(Item.status.in_(
+                LIVE_ITEM_STATUSES | {ItemProtection.FAILED}))).all()
             for item in items:
                 policy = item_policy(s, item)
                 ih = item_health(item, policy, agent_up(hosts.get(item.host_id), now, self.settings), now)
                 if item.health != ih.health.value or item.health_reasons != ih.reasons:
                     item.health = ih.health.value
                     item.health_reasons = ih.reasons
-                if item.status == "failed":
+                if item.status == ItemProtection.FAILED:
                     continue
                 if ih.rpo_exceeded and policy is not None and ih.rpo_s is not None:
                     conditions[f"rpo:{item.id}"] = (

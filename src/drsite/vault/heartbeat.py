@@ -21,6 +21,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from drsite.core.errors import DrsiteError, InvalidInput
+from drsite.core.states import FAILOVER_ITEM_STATUSES, RETIRED_ITEM_STATUSES, FailoverState
 from drsite.replication.report import ItemReport, ItemState
 from drsite.store.format import PointInfo
 from drsite.vault import commands
@@ -72,7 +73,7 @@ def apply_heartbeat(s: Session, host: Host, beat: Beat, settings: VaultSettings)
     items = {i.id: i for i in s.scalars(select(Item).where(Item.id.in_(ids)))} if ids else {}
     for ib in sorted(beat.items, key=lambda x: x.item_id):  # id order, like the scheduler
         item = items.get(ib.item_id)
-        if item is None or item.host_id != host.id or item.status in ("removed", "failed"):
+        if item is None or item.host_id != host.id or item.status in RETIRED_ITEM_STATUSES:
             log.warning("host %s reported item %s it does not own; ignored", host.id, ib.item_id)
             continue
         ack[item.id] = _apply_item(s, item, ib, now)
@@ -175,14 +176,15 @@ def _apply_item(s: Session, item: Item, ib: ItemBeat, now: float) -> int:
 def _made_by_failover(s: Session, host: Host, vm: Vm) -> bool:
     """A new VM of this site named like an item failing over into it (or its test VM)."""
     if s.scalars(select(Item.id).where(Item.target_site_id == host.site_id, Item.vm_name == vm.name,
-                                       Item.status.in_(("failing_over", "failed_over", "committed")))
+                                       Item.status.in_(FAILOVER_ITEM_STATUSES))
                  ).first() is not None:
         return True
     if not vm.name.endswith("-test"):
         return False
     return s.scalars(select(Failover.id).join(Item, Item.id == Failover.item_id).where(
         Item.target_site_id == host.site_id, Item.vm_name == vm.name[:-len("-test")],
-        Failover.kind == "test", Failover.state.in_(("starting", "test_running")))
+        Failover.kind == "test",
+        Failover.state.in_((FailoverState.STARTING, FailoverState.TEST_RUNNING)))
     ).first() is not None
 
 

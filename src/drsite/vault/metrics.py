@@ -16,6 +16,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
+from drsite.core.states import LIVE_ITEM_STATUSES
+from drsite.replication.report import Health
 from drsite.vault.db.database import Database
 from drsite.vault.db.models import Alert, Host, Item, Job, Point, Site
 from drsite.vault.health import agent_up
@@ -51,20 +53,20 @@ class VaultCollector(Collector):
             churn_by_item = dict(s.execute(
                 select(Point.item_id, func.sum(Point.bytes_written))
                 .where(Point.created_at >= now - CHURN_WINDOW_S).group_by(Point.item_id)).all())
-            live = select(Item).where(Item.status.in_(("enabling", "protected", "disabling")))
+            live = select(Item).where(Item.status.in_(LIVE_ITEM_STATUSES))
             for item in s.scalars(live):
                 labels = [item.id, item.vm_name]
                 if item.last_point_time is not None:
                     rpo.add_metric(labels, max(0.0, now - item.last_point_time))
-                for h in ("normal", "warning", "critical"):
-                    health.add_metric([*labels, h], 1.0 if item.health == h else 0.0)
+                for h in Health:
+                    health.add_metric([*labels, h.value], 1.0 if item.health == h else 0.0)
                 report = item.report or {}
                 sent.add_metric(labels, float(report.get("bytes_sent") or 0))
                 stored.add_metric(labels, float(report.get("bytes_stored") or 0))
                 churn.add_metric(labels, float(churn_by_item.get(item.id) or 0) / CHURN_WINDOW_S)
             for kind, state, n in s.execute(select(Job.kind, Job.state, func.count())
                                             .group_by(Job.kind, Job.state)):
-                jobs.add_metric([kind, state], float(n))
+                jobs.add_metric([kind, state.value], float(n))
             sites = {site.id: site.name for site in s.scalars(select(Site))}
             for host in s.scalars(select(Host).where(Host.revoked_at.is_(None))):
                 up.add_metric([host.name, sites.get(host.site_id, "")],

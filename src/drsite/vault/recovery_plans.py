@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from drsite.core.errors import Conflict, InvalidInput, NotFound
 from drsite.core.model import validate_name
+from drsite.core.states import ACTIVE_JOB_STATES, NOT_PROTECTED
 from drsite.vault.audit import record_event
 from drsite.vault.db.models import Job, RecoveryPlan, Task
 from drsite.vault.jobs import plan as P
@@ -138,7 +139,7 @@ def plan_view(s: Session, name: str) -> dict[str, Any]:
     for g in p.spec.get("groups", []):
         groups.append({"name": g["name"], "pre": g.get("pre", []), "post": g.get("post", []),
                        "items": [{"vm_name": v, "item_id": items[v].id if v in items else None,
-                                  "status": items[v].status if v in items else "not protected"}
+                                  "status": items[v].status if v in items else NOT_PROTECTED}
                                  for v in g["vms"]]})
     return {"name": p.name, "description": p.description, "groups": groups,
             "created_at": p.created_at, "updated_at": p.updated_at,
@@ -153,7 +154,7 @@ def list_plans(s: Session) -> list[dict[str, Any]]:
 def delete_plan(s: Session, name: str, now: float) -> None:
     p = get_plan(s, name)
     if s.scalars(select(Job.id).where(Job.kind == P.PLAN, Job.target == p.name,
-                                      Job.state.in_(P.ACTIVE_JOB_STATES))).first():
+                                      Job.state.in_(ACTIVE_JOB_STATES))).first():
         raise Conflict(f"recovery plan {name} has a job running")
     s.delete(p)
     record_event(s, now, "plan", name, "deleted")
@@ -172,7 +173,7 @@ def start_plan_action(s: Session, name: str, action: str, args: dict[str, Any], 
         raise InvalidInput(f"unknown plan action {action!r}; known: {', '.join(PLAN_ACTIONS)}")
     p = get_plan(s, name)
     if s.scalars(select(Job.id).where(Job.kind == P.PLAN, Job.target == p.name,
-                                      Job.state.in_(P.ACTIVE_JOB_STATES))).first():
+                                      Job.state.in_(ACTIVE_JOB_STATES))).first():
         raise Conflict(f"recovery plan {name} already has a job running",
                        hint="Wait for it to end, or cancel it.")
     items = items_by_vm(s)

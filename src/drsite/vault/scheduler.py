@@ -30,8 +30,10 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from drsite.core.errors import CorruptData, TrackingLost, from_dict
 from drsite.core.model import TrackingState
 from drsite.core.retry import RetryState
+from drsite.core.states import OPEN_COMMAND_STATUSES, CommandStatus, ItemProtection
 from drsite.replication.planner import Action, PlanInput, app_consistent_due, next_cycle_at, plan
 from drsite.replication.report import ItemState
 from drsite.vault import commands
@@ -45,7 +47,7 @@ from drsite.vault.settings import VaultSettings
 log = logging.getLogger(__name__)
 
 # permanent errors the agent remedies itself by marking the item for resync
-SELF_REMEDIED = frozenset({"tracking_lost", "corrupt_data"})
+SELF_REMEDIED = (TrackingLost, CorruptData)
 
 
 def effective_state(item: Item) -> ItemState:
@@ -74,20 +76,20 @@ def apply_result(s: Session, cmd: Command, now: float) -> None:
     if cmd.job_id is not None or cmd.item_id is None or cmd.kind not in ("cycle", "resync", "retention"):
         return
     item = s.get(Item, cmd.item_id)
-    if item is None or item.status != "protected":
+    if item is None or item.status != ItemProtection.PROTECTED:
         return
     retry = RetryState.from_dict(item.retry or {})
-    if cmd.status == "succeeded":
+    if cmd.status == CommandStatus.SUCCEEDED:
         if cmd.kind in ("cycle", "resync"):
             retry.record_success()
             item.retry = retry.to_dict()
         if cmd.kind == "cycle" and cmd.args.get("app_consistent"):
             item.last_app_cycle_at = cmd.created_at
         return
-    if cmd.status != "failed":
+    if cmd.status != CommandStatus.FAILED:
         return
-    err = commands.error_from_dict(cmd.error)
-    if not err.transient and err.code in SELF_REMEDIED:
+    err = from_dict(cmd.error)
+    if isinstance(err, SELF_REMEDIED):
         return
     if cmd.kind == "retention":
         log.warning("retention of %s failed: %s", item.id, err.message)
@@ -96,7 +98,7 @@ def apply_result(s: Session, cmd: Command, now: float) -> None:
     item.retry = retry.to_dict()
     if not err.transient:
         item.critical_error = err.to_dict()
-        item.state = ItemState.CRITICAL.value
+        item.state = ItemState.CRITICAL
         record_event(s, now, "item", item.id, f"{item.vm_name} is critical: {err.message}")
     item.updated_at = now
 
@@ -132,7 +134,7 @@ class Scheduler:
             rows = s.execute(select(Item, Policy)
                              .join(Group, Group.id == Item.group_id)
                              .join(Policy, Policy.id == Group.policy_id)
-                             .where(Item.status == "protected", Item.active_job_id.is_(None))
+                             .where(Item.status == ItemProtection.PROTECTED, Item.active_job_id.is_(None))
                              .order_by(Item.id)).all()
             due: list[_Due] = []
             for item, policy in rows:
@@ -148,7 +150,8 @@ class Scheduler:
         ids = sorted({d.item_id for d in due})
         sent: list[Command] = []
         with self.db.tx() as s:
-            still = set(s.scalars(select(Item.id).where(Item.id.in_(ids), Item.status == "protected",
+            still = set(s.scalars(select(Item.id).where(Item.id.in_(ids),
+                                                        Item.status == ItemProtection.PROTECTED,
                                                         Item.active_job_id.is_(None))))
             open_kinds = _open_kinds(s, ids)
             values: dict[str, dict[str, Any]] = {}
@@ -161,7 +164,7 @@ class Scheduler:
                     continue
                 taken.add(d.kind)
                 sent.append(Command(id=new_id("c"), host_id=d.host_id, item_id=d.item_id, job_id=None,
-                                    kind=d.kind, args=d.args, status="pending", progress=0.0,
+                                    kind=d.kind, args=d.args, status=CommandStatus.PENDING, progress=0.0,
                                     deliveries=0, created_at=now, updated_at=now))
                 values.setdefault(d.item_id, {}).update(d.item_values)
             for item_id in sorted(values):
@@ -216,7 +219,7 @@ class Scheduler:
 
 def _open_kinds(s: Session, item_ids: list[str] | None) -> dict[str, set[str]]:
     """Kinds of the open commands per item: of every item (one query), or of ``item_ids``."""
-    q = select(Command.item_id, Command.kind).where(Command.status.in_(commands.OPEN),
+    q = select(Command.item_id, Command.kind).where(Command.status.in_(OPEN_COMMAND_STATUSES),
                                                     Command.item_id.is_not(None))
     if item_ids is not None:
         q = q.where(Command.item_id.in_(item_ids))

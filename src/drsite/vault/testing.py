@@ -18,6 +18,7 @@ from fastapi import APIRouter
 from fastapi.testclient import TestClient
 
 from drsite.core.clock import FakeClock
+from drsite.core.model import PowerState
 from drsite.pki import make_key_and_csr
 from drsite.replication.report import ItemReport, ItemState
 from drsite.vault.api.deps import peer_cert
@@ -35,7 +36,7 @@ def utc_minute_of_day(t: float) -> int:
 def vm_info(vm_id: str, name: str, *, labels: list[str] | None = None) -> dict[str, Any]:
     d: dict[str, Any] = {"vm_id": vm_id, "name": name, "vcpus": 1, "memory_mib": 512,
                          "nics": [{"network": "lan", "mac": "52:54:00:00:00:01", "ip": None}],
-                         "disks": [{"disk_id": "disk0", "size": 1 << 20}], "power": "running"}
+                         "disks": [{"disk_id": "disk0", "size": 1 << 20}], "power": PowerState.RUNNING.value}
     if labels is not None:
         d["labels"] = labels
     return d

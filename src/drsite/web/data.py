@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from drsite.core.errors import NotFound
+from drsite.core.states import JobState, TaskState
 from drsite.vault import recovery_plans
 from drsite.vault.api import inventory, operations, protection
 from drsite.vault.api.deps import Principal
@@ -136,9 +137,9 @@ def job(vault: Vault, user: WebUser, job_id: str) -> dict[str, Any]:
 
 def waiting_for_operator(j: dict[str, Any]) -> bool:
     """A plan job paused at a manual step: still running, its current task waits for a resume."""
-    if j.get("state") != "running":
+    if j.get("state") != JobState.RUNNING:
         return False
-    current = next((t for t in j.get("tasks", []) if t.get("state") == "running"), None)
+    current = next((t for t in j.get("tasks", []) if t.get("state") == TaskState.RUNNING), None)
     return current is not None and "waiting for operator" in str(current.get("message") or "").lower()
 
 

@@ -19,6 +19,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from drsite.core.errors import AuthError, Conflict, DrsiteError, InvalidInput, NotFound
+from drsite.core.states import JOB_FILTER_ACTIVE, JobState
 from drsite.vault.context import Vault
 from drsite.web import data
 from drsite.web.render import page, static_response
@@ -253,7 +254,8 @@ def item_fragment(request: Request, item_id: str, window: str | None = None) -> 
 
 def _jobs_ctx(v: Vault, u: WebUser, state: str | None, kind: str | None) -> dict[str, Any]:
     return {"jobs": data.jobs(v, u, state, kind), "state": state or "", "kind": kind or "",
-            "states": ("active", "queued", "running", "succeeded", "failed", "cancelled")}
+            "states": (JOB_FILTER_ACTIVE, JobState.QUEUED, JobState.RUNNING, JobState.SUCCEEDED,
+                       JobState.FAILED, JobState.CANCELLED)}
 
 
 @router.get("/ui/jobs")

@@ -13,9 +13,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from drsite import tlsutil
-from drsite.core.errors import InvalidInput
+from drsite.core.errors import Forbidden, InvalidInput
 from drsite.core.model import validate_name
-from drsite.vault.api.errors import Forbidden
 from drsite.vault.auth import Role, authenticate_token, token_needs_touch, touch_token
 from drsite.vault.context import Vault
 

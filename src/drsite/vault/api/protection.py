@@ -9,6 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from drsite.core.errors import Conflict, InvalidInput, NotFound
+from drsite.core.states import FAILOVER_ITEM_STATUSES, LIVE_ITEM_STATUSES, ItemProtection
 from drsite.vault import commands
 from drsite.vault.api.deps import Operator, Reader, VaultDep, name
 from drsite.vault.api.inventory import get_site
@@ -90,7 +91,8 @@ def update_policy(policy: str, body: PolicyIn, vault: VaultDep, _p: Operator) ->
         for g in s.scalars(select(Group).where(Group.policy_id == p.id)):
             check_encryption(s, g, p)
         group_ids = list(s.scalars(select(Group.id).where(Group.policy_id == p.id)))
-        items = s.scalars(select(Item).where(Item.group_id.in_(group_ids), Item.status == "protected")).all()
+        items = s.scalars(select(Item).where(Item.group_id.in_(group_ids),
+                                             Item.status == ItemProtection.PROTECTED)).all()
         for item in items:
             commands.enqueue(s, host_id=item.host_id, kind="update_settings", item_id=item.id,
                              args={"settings": agent_settings(p)}, now=now)
@@ -203,7 +205,7 @@ def _set_store(s: Session, g: Group, store_name: str | None, now: float) -> None
     if new_id == g.store_id:
         return
     live = s.scalars(select(Item.id).where(Item.group_id == g.id,
-                                           Item.status.in_(("enabling", "protected", "disabling")))).all()
+                                           Item.status.in_(LIVE_ITEM_STATUSES))).all()
     if live:
         raise Conflict(f"group {g.name} still protects {len(live)} item(s); its recovery store "
                        "cannot change under them",
@@ -219,7 +221,7 @@ def delete_group(group: str, vault: VaultDep, _p: Operator) -> Response:
     with vault.db.tx() as s:
         g = get_group(s, group)
         live = s.scalars(select(Item.id).where(Item.group_id == g.id,
-                                               Item.status.in_(("enabling", "protected", "disabling")))).all()
+                                               Item.status.in_(LIVE_ITEM_STATUSES))).all()
         if live:
             raise Conflict(f"group {g.name} still protects {len(live)} item(s)",
                            hint="Disable protection of its items first (DELETE /items/ID).")
@@ -246,8 +248,7 @@ def list_items(vault: VaultDep, _p: Reader, all: bool = False) -> list[dict[str,
     with vault.db.read() as s:
         q = select(Item).order_by(Item.vm_name, Item.id)
         if not all:
-            q = q.where(Item.status.in_(("enabling", "protected", "disabling", "failing_over",
-                                         "failed_over", "committed")))
+            q = q.where(Item.status.in_(LIVE_ITEM_STATUSES | FAILOVER_ITEM_STATUSES))
         sites = site_names(s)
         _keep = preload_policies(s)  # keeps them in the identity map
         return [item_view(s, i, now, vault.settings, sites) for i in s.scalars(q)]

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from drsite.core.states import CommandStatus
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -98,7 +100,7 @@ class HeartbeatIn(Lenient):
 
 
 class CommandResultIn(Lenient):
-    status: Literal["running", "succeeded", "failed"]
+    status: Literal[CommandStatus.RUNNING, CommandStatus.SUCCEEDED, CommandStatus.FAILED]
     progress: float | None = None
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None

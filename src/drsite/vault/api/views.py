@@ -7,6 +7,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from drsite.core.states import LIVE_ITEM_STATUSES
+from drsite.replication.report import ItemState
 from drsite.vault.db.models import (
     Alert,
     ApiToken,
@@ -64,7 +66,7 @@ def policy_view(p: Policy) -> dict[str, Any]:
 def group_view(s: Session, g: Group, sites: dict[int, str]) -> dict[str, Any]:
     policy = s.get(Policy, g.policy_id) if g.policy_id else None
     n = len(s.scalars(select(Item.id).where(Item.group_id == g.id,
-                                            Item.status.in_(("enabling", "protected", "disabling")))).all())
+                                            Item.status.in_(LIVE_ITEM_STATUSES))).all())
     store = s.get(Store, g.store_id) if g.store_id else None
     return {"name": g.name, "site": sites.get(g.site_id), "target_site": sites.get(g.target_site_id),
             "policy": policy.name if policy else None, "match": normalise_match(g.match),
@@ -77,7 +79,7 @@ def item_view(s: Session, item: Item, now: float, settings: VaultSettings,
     host = s.get(Host, item.host_id)
     group = s.get(Group, item.group_id)
     policy = item_policy(s, item)
-    live = item.status in ("enabling", "protected", "disabling")
+    live = item.status in LIVE_ITEM_STATUSES
     ih = item_health(item, policy, agent_up(host, now, settings), now) if live else None
     retry = item.retry or {}
     return {"id": item.id, "vm_id": item.vm_id, "vm_name": item.vm_name,
@@ -85,7 +87,7 @@ def item_view(s: Session, item: Item, now: float, settings: VaultSettings,
             "source_host": host.name if host else None, "source_host_id": item.host_id,
             "site": sites.get(host.site_id) if host else None,
             "target_site": sites.get(item.target_site_id), "protection": item.status,
-            "state": "critical" if item.critical_error else item.state,
+            "state": ItemState.CRITICAL if item.critical_error else item.state,
             "health": ih.health.value if ih else item.health,
             "health_reasons": ih.reasons if ih else list(item.health_reasons or []),
             "rpo_s": ih.rpo_s if ih else None, "last_point_time": item.last_point_time,

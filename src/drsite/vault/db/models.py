@@ -25,6 +25,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from drsite.core.states import CommandStatus, FailoverState, ItemProtection, JobState, TaskState
+from drsite.replication.report import Health
+from drsite.vault.db.types import EnumText
+
 NAMING = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -128,8 +132,9 @@ class Group(Base):
 class Item(Base):
     """A protected item: one VM replicated under a group's policy.
 
-    ``status`` is the protection life cycle (enabling → protected → disabling → removed, or
-    failed); ``state`` is the replication state (``ItemState``) from the agent's report,
+    ``status`` is the protection life cycle (``ItemProtection``: enabling → protected →
+    disabling → removed, or failed; failing_over → failed_over → committed → reprotected while a
+    failover holds it); ``state`` is the replication state (``ItemState``) from the agent's report,
     overridden by the vault to ``critical`` after a permanent failure (``critical_error``).
     ``vm_ref`` ("host_id/vm_id") is set while the item is active, so a VM has one active item.
     """
@@ -141,7 +146,7 @@ class Item(Base):
     vm_name: Mapped[str] = mapped_column(String(64))
     group_id: Mapped[int] = mapped_column(ForeignKey("groups.id"))
     target_site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"))
-    status: Mapped[str] = mapped_column(String(16), index=True)
+    status: Mapped[ItemProtection] = mapped_column(EnumText(ItemProtection, 16), index=True)
     vm_ref: Mapped[str | None] = mapped_column(String(200), unique=True, nullable=True)
     state: Mapped[str] = mapped_column(String(32))
     report: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
@@ -154,7 +159,7 @@ class Item(Base):
     last_app_cycle_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     last_retention_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     active_job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    health: Mapped[str] = mapped_column(String(16), default="normal")
+    health: Mapped[str] = mapped_column(String(16), default=Health.NORMAL.value)
     health_reasons: Mapped[list[Any]] = mapped_column(JSON)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
@@ -181,13 +186,12 @@ class Point(Base):
 
 
 class Job(Base):
-    """A long operation with ordered tasks. ``state``: queued, running, cancelling,
-    succeeded, failed, cancelled."""
+    """A long operation with ordered tasks (``state``: :class:`JobState`)."""
 
     __tablename__ = "jobs"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     kind: Mapped[str] = mapped_column(String(32), index=True)
-    state: Mapped[str] = mapped_column(String(16), index=True)
+    state: Mapped[JobState] = mapped_column(EnumText(JobState, 16), index=True)
     target: Mapped[str] = mapped_column(String(128))
     item_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     args: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -203,7 +207,7 @@ class Job(Base):
 
 class Task(Base):
     """One ordered step of a job. ``data`` holds the task's own resumable facts (e.g. the
-    command it sent). ``state``: pending, running, succeeded, failed, skipped, cancelled."""
+    command it sent). ``state``: :class:`TaskState`."""
 
     __tablename__ = "tasks"
     __table_args__ = (UniqueConstraint("job_id", "idx"),)
@@ -212,7 +216,7 @@ class Task(Base):
     idx: Mapped[int] = mapped_column(Integer)
     name: Mapped[str] = mapped_column(String(64))
     title: Mapped[str] = mapped_column(String(128))
-    state: Mapped[str] = mapped_column(String(16))
+    state: Mapped[TaskState] = mapped_column(EnumText(TaskState, 16))
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     message: Mapped[str] = mapped_column(Text, default="")
     data: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -223,7 +227,8 @@ class Task(Base):
 class Command(Base):
     """A command for an agent, delivered in heartbeat replies.
 
-    ``status``: pending → sent → running → succeeded / failed (results posted by the agent).
+    ``status`` (:class:`CommandStatus`): pending → sent → running → succeeded / failed (results
+    posted by the agent).
     """
 
     __tablename__ = "commands"
@@ -236,7 +241,7 @@ class Command(Base):
     job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     kind: Mapped[str] = mapped_column(String(32))
     args: Mapped[dict[str, Any]] = mapped_column(JSON)
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[CommandStatus] = mapped_column(EnumText(CommandStatus, 16))
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
@@ -323,14 +328,13 @@ class NetworkMapping(Base):
 class Failover(Base):
     """The vault's record of one failover of one item (the agents keep their own step records).
 
-    ``kind``: test, planned, unplanned. ``state``: starting, test_running, cleaned_up,
-    pending_commit, committed, cancelled, failed, reprotected."""
+    ``kind``: test, planned, unplanned. ``state``: :class:`FailoverState`."""
 
     __tablename__ = "failovers"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     item_id: Mapped[str] = mapped_column(String(64), index=True)
     kind: Mapped[str] = mapped_column(String(16))
-    state: Mapped[str] = mapped_column(String(16), index=True)
+    state: Mapped[FailoverState] = mapped_column(EnumText(FailoverState, 16), index=True)
     point_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     point_created_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     recovery_host_id: Mapped[str | None] = mapped_column(String(64), nullable=True)

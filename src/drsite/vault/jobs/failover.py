@@ -25,8 +25,17 @@ from typing import Any
 
 from sqlalchemy import select
 
-from drsite.core.errors import InvalidInput, NetworkError, PermanentError
+from drsite.core.errors import InvalidInput, NetworkError, PermanentError, from_dict
+from drsite.core.states import (
+    FINAL_COMMAND_STATUSES,
+    OPEN_COMMAND_STATUSES,
+    CommandStatus,
+    FailoverState,
+    ItemProtection,
+    JobState,
+)
 from drsite.failover.wire import network_map_from_args, vm_spec_from_dict
+from drsite.replication.report import Health, ItemState
 from drsite.vault import commands
 from drsite.vault.audit import record_event
 from drsite.vault.db.models import (
@@ -138,8 +147,8 @@ def run_command(ctx: TaskContext, host: Host | None, kind: str, args: dict[str, 
                            hint="Start (or register) the agent of that site, then try again.")
     data = ctx.data
     cmd = ctx.s.get(Command, data[key]) if key in data else None
-    if cmd is not None and cmd.status == "failed":
-        err = commands.error_from_dict(cmd.error)
+    if cmd is not None and cmd.status == CommandStatus.FAILED:
+        err = from_dict(cmd.error)
         tries = int(data.get(f"{key}_tries") or 0)
         if not err.transient or tries >= TRANSIENT_RETRIES:
             raise err
@@ -149,7 +158,7 @@ def run_command(ctx: TaskContext, host: Host | None, kind: str, args: dict[str, 
         cmd = commands.enqueue(ctx.s, host_id=host.id, kind=kind, item_id=item_id, args=args,
                                now=ctx.now, job_id=ctx.job.id)
         ctx.put(**{key: cmd.id})
-    if cmd.status == "succeeded":
+    if cmd.status == CommandStatus.SUCCEEDED:
         return cmd
     if not host_up(host, ctx):
         return wait(progress * 0.5, f"waiting for host {host.name} (no heartbeat); {kind} is "
@@ -176,7 +185,12 @@ def apply_failover_result(fo: Failover, result: dict[str, Any] | None, now: floa
     rec = dict((result or {}).get("failover") or {})
     if not rec:
         return
-    fo.state = str(rec.get("state") or fo.state)
+    if rec.get("state") is not None:
+        try:
+            fo.state = FailoverState(rec["state"])
+        except ValueError:
+            raise InvalidInput(f"failover {fo.id}: the agent reported an unknown state "
+                               f"{str(rec['state'])[:40]!r}") from None
     fo.point_id = rec.get("point_id") or fo.point_id
     fo.point_created_at = rec.get("point_created_at") or fo.point_created_at
     fo.vm_name = rec.get("vm_name") or fo.vm_name
@@ -276,7 +290,7 @@ def shutdown_source(ctx: TaskContext) -> Step:
     item = ctx.item()
     fo = failover_row(ctx)
     src = ctx.s.get(Host, item.host_id)
-    item.status = "failing_over"  # the source VM goes off: no cycles; a failure needs a cancel
+    item.status = ItemProtection.FAILING_OVER  # the source VM goes off: no cycles; a failure needs a cancel
     args = {"failover_id": fo.id,
             "shutdown_timeout": float(ctx.job.args.get("shutdown_timeout") or 60.0)}
     got = run_command(ctx, src, "failover_prepare", args, item_id=item.id)
@@ -286,7 +300,7 @@ def shutdown_source(ctx: TaskContext) -> Step:
     fo.point_id = str(res.get("point_id"))
     fo.result = {**dict(fo.result or {}), "source": res}
     fo.updated_at = ctx.now
-    item.status = "failing_over"
+    item.status = ItemProtection.FAILING_OVER
     return done(f"source VM off; last changes shipped as point {fo.point_id}")
 
 
@@ -295,7 +309,7 @@ def start_replica(ctx: TaskContext) -> Step:
     fo = failover_row(ctx)
     # from the moment the recovery side may promote, the item is not plainly protected: no
     # cycles are scheduled, and a failure leaves it 'failed_over' for cancel (see on_end)
-    item.status = "failing_over"
+    item.status = ItemProtection.FAILING_OVER
     args = {**item_context(ctx, item, fo), "kind": fo.kind, "point": _point_choice(ctx)}
     if fo.kind == "planned":
         src = dict((fo.result or {}).get("source") or {})
@@ -309,7 +323,7 @@ def start_replica(ctx: TaskContext) -> Step:
         return got
     apply_failover_result(fo, got.result, ctx.now)
     register_recovery_vm(ctx, fo)
-    item.status = "failed_over"
+    item.status = ItemProtection.FAILED_OVER
     item.failover_id = fo.id
     item.updated_at = ctx.now
     commands.cancel_open(ctx.s, item.id, ctx.now, "item failed over")
@@ -331,7 +345,7 @@ def commit(ctx: TaskContext) -> Step:
     if isinstance(got, Step):
         return got
     apply_failover_result(fo, got.result, ctx.now)
-    item.status = "committed"
+    item.status = ItemProtection.COMMITTED
     item.updated_at = ctx.now
     ctx.s.query(Point).filter(Point.item_id == item.id, Point.point_id != fo.point_id).delete()
     record_event(ctx.s, ctx.now, "item", item.id, f"failover {fo.id} committed")
@@ -372,7 +386,7 @@ def resume_source(ctx: TaskContext) -> Step:
 
 
 def _back_to_protected(ctx: TaskContext, item: Item) -> None:
-    item.status = "protected"
+    item.status = ItemProtection.PROTECTED
     item.failover_id = None
     item.critical_error = None
     item.updated_at = ctx.now
@@ -409,7 +423,7 @@ def _reverse_group(ctx: TaskContext, item: Item) -> Group:
 def reprotect_seed(ctx: TaskContext) -> Step:
     item = ctx.item()
     fo = failover_row(ctx)
-    if fo.state != "committed":
+    if fo.state != FailoverState.COMMITTED:
         raise InvalidInput(f"failover {fo.id} is {fo.state}; commit it before re-protecting",
                            hint="Commit the failover first.")
     data = ctx.data
@@ -445,10 +459,10 @@ def reverse_replication(ctx: TaskContext) -> Step:
     if rev is None:
         group = _reverse_group(ctx, item)
         rev = Item(id=rev_id, host_id=rec_host.id, vm_id=fo.vm_id, vm_name=fo.vm_name or item.vm_name,
-                   group_id=group.id, target_site_id=src.site_id, status="enabling",
-                   vm_ref=vm_ref(rec_host.id, fo.vm_id), state="resyncing", report=None,
+                   group_id=group.id, target_site_id=src.site_id, status=ItemProtection.ENABLING,
+                   vm_ref=vm_ref(rec_host.id, fo.vm_id), state=ItemState.RESYNCING, report=None,
                    acked_seq=0, retry=dict(item.retry or {}), critical_error=None,
-                   active_job_id=None, health="normal", health_reasons=[], created_at=ctx.now,
+                   active_job_id=None, health=Health.NORMAL, health_reasons=[], created_at=ctx.now,
                    updated_at=ctx.now, origin_item_id=item.id, vm_spec=item.vm_spec)
         ctx.s.add(rev)
         ctx.s.flush()
@@ -463,16 +477,16 @@ def reverse_replication(ctx: TaskContext) -> Step:
     sent = int(report.get("bytes_sent") or 0)
     seed_res = dict((fo.result or {}).get("reprotect_seed") or {})
     disk = int(seed_res.get("disk_bytes") or 0)
-    rev.status = "protected"
-    rev.state = "protected"
+    rev.status = ItemProtection.PROTECTED
+    rev.state = ItemState.PROTECTED
     rev.last_cycle_sent_at = ctx.now
     rev.last_retention_at = ctx.now
     rev.updated_at = ctx.now
-    item.status = "reprotected"
+    item.status = ItemProtection.REPROTECTED
     item.vm_ref = None
     item.failover_id = None
     item.updated_at = ctx.now
-    fo.state = "reprotected"
+    fo.state = FailoverState.REPROTECTED
     fo.result = {**dict(fo.result or {}), "reprotect": {"item_id": rev.id, "bytes_sent": sent,
                                                        "disk_bytes": disk}}
     record_event(ctx.s, ctx.now, "item", rev.id,
@@ -483,7 +497,7 @@ def reverse_replication(ctx: TaskContext) -> Step:
 
 # ------------------------------------------------------------------------------ end hooks
 
-def failover_on_end(ctx: TaskContext, state: str) -> None:
+def failover_on_end(ctx: TaskContext, state: JobState) -> None:
     """After a failed or cancelled job: commands it queued that no agent took yet are
     withdrawn; if one reached an agent (it may still promote and start a VM there), the item is
     left ``failed_over`` so that a cancel can undo whatever happened."""
@@ -492,27 +506,27 @@ def failover_on_end(ctx: TaskContext, state: str) -> None:
         item.active_job_id = None
     fid = ctx.job.args.get("failover_id")
     fo = ctx.s.get(Failover, fid) if fid else None
-    if state != "succeeded":
+    if state != JobState.SUCCEEDED:
         reached = _recovery_side_ran(ctx)  # before withdrawing: a withdrawn one has 'failed' too
         for cmd in ctx.s.scalars(select(Command).where(Command.job_id == ctx.job.id,
-                                                       Command.status.in_(commands.OPEN))):
-            if cmd.status == "pending":
-                cmd.status = "failed"
+                                                       Command.status.in_(OPEN_COMMAND_STATUSES))):
+            if cmd.status == CommandStatus.PENDING:
+                cmd.status = CommandStatus.FAILED
                 cmd.error = PermanentError(f"withdrawn: job {ctx.job.id} {state}").to_dict()
                 commands.scrub_secrets(cmd)
                 cmd.updated_at = cmd.finished_at = ctx.now
             elif cmd.kind in ("failover", "failover_prepare"):
                 reached = True
-        if fo is not None and item is not None and item.status == "failing_over":
+        if fo is not None and item is not None and item.status == ItemProtection.FAILING_OVER:
             if reached or fo.kind == "planned":
-                item.status = "failed_over"  # cancel the failover to undo it
+                item.status = ItemProtection.FAILED_OVER  # cancel the failover to undo it
                 item.failover_id = fo.id
             else:
-                item.status = "protected"  # nothing reached an agent: nothing to undo
+                item.status = ItemProtection.PROTECTED  # nothing reached an agent: nothing to undo
     if fo is None:
         return
-    if state != "succeeded" and fo.state == "starting":
-        fo.state = "failed" if state == "failed" else "cancelled"
+    if state != JobState.SUCCEEDED and fo.state == FailoverState.STARTING:
+        fo.state = FailoverState.FAILED if state == JobState.FAILED else FailoverState.CANCELLED
         fo.updated_at = ctx.now
     if fo.job_id is None:
         fo.job_id = ctx.job.id
@@ -522,7 +536,7 @@ def _recovery_side_ran(ctx: TaskContext) -> bool:
     """A ``failover`` command of this job ended (succeeded or failed) on the recovery host."""
     return ctx.s.scalars(select(Command.id).where(
         Command.job_id == ctx.job.id, Command.kind == "failover",
-        Command.status.in_(commands.DONE))).first() is not None
+        Command.status.in_(FINAL_COMMAND_STATUSES))).first() is not None
 
 
 def _handlers(**tasks: Any) -> JobHandlers:

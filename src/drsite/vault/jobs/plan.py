@@ -1,11 +1,8 @@
 """The ordered tasks of every job kind (names are stored in the database: never rename one;
-a job whose task names are unknown after an upgrade is failed at start-up, not guessed at)."""
+a job whose task names are unknown after an upgrade is failed at start-up, not guessed at).
+The states of jobs and tasks are :class:`~drsite.core.states.JobState` and ``TaskState``."""
 
 from __future__ import annotations
-
-JOB_STATES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
-ACTIVE_JOB_STATES = ("queued", "running", "cancelling")
-TASK_STATES = ("pending", "running", "succeeded", "failed", "skipped", "cancelled")
 
 ENABLE = "EnableProtection"
 DISABLE = "DisableProtection"

@@ -13,8 +13,10 @@ from typing import Any
 
 from sqlalchemy import delete, select
 
-from drsite.core.errors import AuthError, NetworkError, PermanentError, VmNotFound
+from drsite.core.errors import AuthError, NetworkError, PermanentError, VmNotFound, from_dict
 from drsite.core.retry import RetryState
+from drsite.core.states import UNSTARTED_COMMAND_STATUSES, CommandStatus, ItemProtection, JobState
+from drsite.replication.report import ItemState
 from drsite.vault import commands
 from drsite.vault.audit import record_event
 from drsite.vault.db.models import Command, Group, Host, Item, Point, Policy, Site, Vm
@@ -127,10 +129,10 @@ def create_relationship(ctx: TaskContext) -> Step:
         cmd = commands.enqueue(ctx.s, host_id=item.host_id, kind="protect", item_id=item.id,
                                args=_protect_args(ctx, item), now=ctx.now, job_id=ctx.job.id)
         ctx.put(command_id=cmd.id)
-    if cmd.status in ("pending", "sent"):
+    if cmd.status in UNSTARTED_COMMAND_STATUSES:
         return wait(50, "waiting for the agent to accept the protect command")
-    if cmd.status == "failed":
-        err = commands.error_from_dict(cmd.error)
+    if cmd.status == CommandStatus.FAILED:
+        err = from_dict(cmd.error)
         if not err.transient:
             raise err
         return done(f"the agent failed transiently ({err.message}); initial replication retries")
@@ -150,16 +152,16 @@ def initial_replication(ctx: TaskContext) -> Step:
         ctx.put(command_id=cmd_id)
     cmd = ctx.s.get(Command, cmd_id) if cmd_id else None
     report = item.report or {}
-    if item.last_point_time is not None or (cmd is not None and cmd.status == "succeeded"):
+    if item.last_point_time is not None or (cmd is not None and cmd.status == CommandStatus.SUCCEEDED):
         # done when the point is also in the catalogue operators see (it arrives with the
         # agent's next heartbeat), so "protected" never shows an item without a point
         if ctx.s.scalars(select(Point.point_id).where(Point.item_id == item.id)).first():
             return done("first recovery point committed")
         return wait(99.0, "first point committed; waiting for it to reach the catalogue")
     retry = RetryState.from_dict(data.get("retry") or {})
-    if cmd is None or cmd.status == "failed":
+    if cmd is None or cmd.status == CommandStatus.FAILED:
         if cmd is not None and data.get("failure_recorded_for") != cmd.id:
-            err = commands.error_from_dict(cmd.error)
+            err = from_dict(cmd.error)
             if not err.transient:
                 raise err
             retry.record_failure(err, ctx.now)
@@ -179,9 +181,9 @@ def initial_replication(ctx: TaskContext) -> Step:
 
 def finalize(ctx: TaskContext) -> Step:
     item = ctx.item()
-    item.status = "protected"
-    if item.state in ("new", "initial_replication"):
-        item.state = "protected"
+    item.status = ItemProtection.PROTECTED
+    if item.state in (ItemState.NEW, ItemState.INITIAL_REPLICATION):
+        item.state = ItemState.PROTECTED
     item.retry = RetryState().to_dict()
     item.critical_error = None
     item.last_cycle_sent_at = item.last_point_time or ctx.now
@@ -196,7 +198,7 @@ def _protect_sent(ctx: TaskContext) -> bool:
                                                   Command.kind == "protect")).first() is not None
 
 
-def _retire_item(ctx: TaskContext, item: Item, status: str) -> None:
+def _retire_item(ctx: TaskContext, item: Item, status: ItemProtection) -> None:
     item.status = status
     item.vm_ref = None
     item.updated_at = ctx.now
@@ -209,7 +211,7 @@ def enable_rollback(ctx: TaskContext) -> Step:
     item = ctx.item()
     data = ctx.data
     if not _protect_sent(ctx):
-        _retire_item(ctx, item, "removed")
+        _retire_item(ctx, item, ItemProtection.REMOVED)
         return done("nothing was sent to the agent; nothing to undo")
     cmd = ctx.s.get(Command, data["command_id"]) if "command_id" in data else None
     if cmd is None:
@@ -217,31 +219,31 @@ def enable_rollback(ctx: TaskContext) -> Step:
         cmd = commands.enqueue(ctx.s, host_id=item.host_id, kind="unprotect", item_id=item.id,
                                args={"delete_points": True}, now=ctx.now, job_id=ctx.job.id)
         ctx.put(command_id=cmd.id, since=ctx.now)
-    if cmd.status == "succeeded":
-        _retire_item(ctx, item, "removed")
+    if cmd.status == CommandStatus.SUCCEEDED:
+        _retire_item(ctx, item, ItemProtection.REMOVED)
         return done("the agent stopped protecting the VM and deleted its points")
     timed_out = ctx.now - float(data.get("since", ctx.now)) > ctx.settings.rollback_timeout_s
-    if cmd.status == "failed" or timed_out:
-        _retire_item(ctx, item, "removed")
-        why = "failed" if cmd.status == "failed" else "was not confirmed in time"
+    if cmd.status == CommandStatus.FAILED or timed_out:
+        _retire_item(ctx, item, ItemProtection.REMOVED)
+        why = "failed" if cmd.status == CommandStatus.FAILED else "was not confirmed in time"
         return done(f"unprotect {why}; the agent gets it when it returns (command {cmd.id})")
     return wait(50, "waiting for the agent to unprotect the VM")
 
 
-def enable_on_end(ctx: TaskContext, state: str) -> None:
+def enable_on_end(ctx: TaskContext, state: JobState) -> None:
     item = ctx.s.get(Item, ctx.job.item_id) if ctx.job.item_id else None
     if item is None:
         return
     if item.active_job_id == ctx.job.id:
         item.active_job_id = None
-    if state == "failed" and item.status == "enabling":
+    if state == JobState.FAILED and item.status == ItemProtection.ENABLING:
         if _protect_sent(ctx):
             commands.cancel_open(ctx.s, item.id, ctx.now, "enable protection failed")
             commands.enqueue(ctx.s, host_id=item.host_id, kind="unprotect", item_id=item.id,
                              args={"delete_points": True}, now=ctx.now, job_id=ctx.job.id)
-        _retire_item(ctx, item, "failed")
-    elif state == "cancelled" and item.status == "enabling":
-        _retire_item(ctx, item, "removed")
+        _retire_item(ctx, item, ItemProtection.FAILED)
+    elif state == JobState.CANCELLED and item.status == ItemProtection.ENABLING:
+        _retire_item(ctx, item, ItemProtection.REMOVED)
 
 
 ENABLE_HANDLERS = JobHandlers(
@@ -265,10 +267,10 @@ def stop_replication(ctx: TaskContext) -> Step:
                                args={"delete_points": bool(ctx.job.args.get("delete_points"))},
                                now=ctx.now, job_id=ctx.job.id)
         ctx.put(command_id=cmd.id)
-    if cmd.status == "succeeded":
+    if cmd.status == CommandStatus.SUCCEEDED:
         return done("the agent stopped replicating the VM")
-    if cmd.status == "failed":
-        raise commands.error_from_dict(cmd.error)
+    if cmd.status == CommandStatus.FAILED:
+        raise from_dict(cmd.error)
     if not host_up(host, ctx):
         return wait(30, f"waiting for host {host.name} (no heartbeat)")
     return wait(50, f"waiting for the agent ({cmd.status})")
@@ -276,7 +278,7 @@ def stop_replication(ctx: TaskContext) -> Step:
 
 def remove_item(ctx: TaskContext) -> Step:
     item = ctx.item()
-    _retire_item(ctx, item, "removed")
+    _retire_item(ctx, item, ItemProtection.REMOVED)
     ctx.s.execute(delete(Point).where(Point.item_id == item.id))
     vm = ctx.s.scalars(select(Vm).where(Vm.host_id == item.host_id, Vm.vm_id == item.vm_id)).first()
     if vm is not None:
@@ -285,14 +287,14 @@ def remove_item(ctx: TaskContext) -> Step:
     return done("item removed from the vault")
 
 
-def disable_on_end(ctx: TaskContext, state: str) -> None:
+def disable_on_end(ctx: TaskContext, state: JobState) -> None:
     item = ctx.s.get(Item, ctx.job.item_id) if ctx.job.item_id else None
     if item is None:
         return
     if item.active_job_id == ctx.job.id:
         item.active_job_id = None
-    if state in ("failed", "cancelled") and item.status == "disabling":
-        item.status = "protected"  # still protected: the operator may try again
+    if state in (JobState.FAILED, JobState.CANCELLED) and item.status == ItemProtection.DISABLING:
+        item.status = ItemProtection.PROTECTED  # still protected: the operator may try again
         item.updated_at = ctx.now
 
 
