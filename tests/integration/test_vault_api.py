@@ -196,8 +196,13 @@ def test_agent_routes_need_a_current_certificate(h: Harness) -> None:
     assert a.post("/heartbeat", {**beat, "store_url": "file:///etc/passwd"}).status_code == 400
     assert a.post("/commands/c-unknown/result", {"status": "succeeded"}).status_code == 404
     assert a.post("/commands/c-unknown/result", {"status": "exploded"}).status_code == 422
-    # re-registration replaces the certificate: the old one stops working
-    b = h.register("prim", "hv1")
+    # a re-issue key (admin) replaces the certificate: the old one stops working
+    key = h.ok("POST", f"/hosts/{a.host_id}/reissue", json={"ttl_s": 600})["key"]
+    _k, csr = make_key_and_csr("hv1")
+    r = h.client.post("/api/v1/agent/register",
+                      json={"key": key, "host_name": "hv1", "csr_pem": csr.decode()})
+    assert r.status_code == 201, r.text
+    b = Agent(h, r.json()["host_id"], "prim", "hv1", r.json()["cert_pem"].encode())
     assert b.host_id == a.host_id
     err(a.post("/heartbeat", beat), 401, "auth_failed")
     assert b.post("/heartbeat", beat).status_code == 200

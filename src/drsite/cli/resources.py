@@ -10,6 +10,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn
 
 from drsite.cli.common import CaOpt, JsonOpt, TokenOpt, VaultOpt, client, console, show
+from drsite.core.errors import InvalidInput, NotFound
 
 sites = typer.Typer(help="Sites (a site groups hosts).", no_args_is_help=True)
 hosts = typer.Typer(help="Hosts running 'drsite agent'.", no_args_is_help=True)
@@ -52,6 +53,42 @@ def hosts_list(vault: str | None = VaultOpt, token: str | None = TokenOpt,
     with client(vault, token, ca_file) as c:
         show(c.hosts(), ["id", "name", "site", "up", "last_heartbeat", "store_url"],
              title="hosts", json_out=json_out)
+
+
+def resolve_host(hosts_: list[dict[str, Any]], host: str, site: str | None) -> dict[str, Any]:
+    """The host named ``host`` (its id, or its name in ``site``)."""
+    by_id = [h for h in hosts_ if h["id"] == host]
+    if by_id:
+        return by_id[0]
+    named = [h for h in hosts_ if h["name"] == host and (site is None or h["site"] == site)]
+    if len(named) == 1:
+        return named[0]
+    if not named:
+        raise NotFound(f"no host {host!r}" + (f" in site {site}" if site else ""),
+                       hint="List hosts with 'drsite hosts list'.")
+    raise InvalidInput(f"{len(named)} hosts are named {host} (sites "
+                       f"{', '.join(sorted(h['site'] for h in named))})",
+                       hint="Give the host id, or --site SITE.")
+
+
+@hosts.command("reissue")
+def hosts_reissue(host: str = typer.Argument(..., help="Host id, or host name."),
+                  site: str | None = typer.Option(None, help="Site of the host (when names "
+                                                              "repeat across sites)."),
+                  ttl: int = typer.Option(3600, min=60, max=30 * 86400,
+                                          help="Seconds until the key expires."),
+                  vault: str | None = VaultOpt, token: str | None = TokenOpt,
+                  ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
+    """Print a one-time key that replaces HOST's certificate (admin). On the host, run
+    'drsite agent register --vault URL --key KEY --data DIR': a new key pair and certificate
+    replace the old ones, which stop working."""
+    with client(vault, token, ca_file) as c:
+        h = resolve_host(c.hosts(), host, site)
+        res = c.reissue_host(h["id"], ttl)
+        if json_out:
+            show(res, [], title="", json_out=True)
+        else:
+            typer.echo(res["key"])
 
 
 @vms.command("list")

@@ -146,6 +146,10 @@ class VaultClient:
     def host(self, host_id: str) -> dict[str, Any]:
         return dict(self._call("GET", f"/hosts/{host_id}"))
 
+    def reissue_host(self, host_id: str, ttl_s: int = 3600) -> dict[str, Any]:
+        """A one-time key that replaces the certificate of ``host_id`` (admin)."""
+        return dict(self._call("POST", f"/hosts/{host_id}/reissue", json={"ttl_s": ttl_s}))
+
     def vms(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/vms"))
 

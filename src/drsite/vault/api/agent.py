@@ -7,15 +7,16 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, status
+from sqlalchemy.orm import Session
 
-from drsite.core.errors import InvalidInput, NotFound
+from drsite.core.errors import Conflict, InvalidInput, NotFound
 from drsite.pki import cert_identity
 from drsite.vault import commands
 from drsite.vault.api.deps import PeerCert, VaultDep, name
 from drsite.vault.api.schemas import CommandResultIn, HeartbeatIn, RegisterIn
 from drsite.vault.audit import record_event
 from drsite.vault.auth import agent_host, consume_registration_key, lookup_registration_key, verify_agent_cert
-from drsite.vault.db.models import Command, Host, Site
+from drsite.vault.db.models import Command, Host, RegistrationKey, Site
 from drsite.vault.heartbeat import Beat, ItemBeat, apply_heartbeat
 from drsite.vault.ids import new_id
 from drsite.vault.scheduler import apply_result
@@ -25,10 +26,39 @@ router = APIRouter(prefix="/agent")
 MAX_CSR = 16 * 1024
 
 
+def _registered_host(s: Session, key: RegistrationKey, site: Site, host_name: str,
+                     expected: str | None) -> Host | None:
+    """The existing host this registration replaces the certificate of, or None for a new
+    host. A site key never takes over an existing, non-revoked host (409); a re-issue key
+    registers its own host and nothing else; ``expected`` (an agent re-registering sends its
+    host id) must be the host the key replaces."""
+    if key.host_id is not None:
+        host = s.get(Host, key.host_id)
+        if host is None:
+            raise NotFound("the host this key was issued for no longer exists")
+        if host.name != host_name:
+            raise InvalidInput(f"this key replaces the certificate of host {host.name}, not of "
+                               f"{host_name}",
+                               hint=f"Register with the host's name: 'drsite agent register "
+                                    f"--name {host.name} --key KEY ...'.")
+    else:
+        host = s.query(Host).filter(Host.site_id == site.id, Host.name == host_name).first()
+        if host is not None and host.revoked_at is None:
+            raise Conflict(f"host {host_name} is already registered in site {site.name} (as "
+                           f"{host.id}): a site registration key cannot take it over",
+                           hint=f"To replace its certificate, an admin runs 'drsite hosts "
+                                f"reissue {host_name}' and the host registers with that key.")
+    if expected is not None and (host is None or host.id != expected):
+        raise Conflict(f"this key does not re-register host {expected}",
+                       hint="Ask an admin for a key for this host: 'drsite hosts reissue HOST'.")
+    return host
+
+
 @router.post("/register", status_code=status.HTTP_201_CREATED,
              summary="Join a site with a one-time registration key; the CSR is signed")
 def register(body: RegisterIn, vault: VaultDep) -> dict[str, Any]:
     host_name = name("host", body.host_name)
+    expected = name("host id", body.host_id) if body.host_id is not None else None
     if len(body.csr_pem) > MAX_CSR or len(body.key) > 200:
         raise InvalidInput("csr_pem or key too long")
     now = vault.settings.clock.now()
@@ -37,7 +67,7 @@ def register(body: RegisterIn, vault: VaultDep) -> dict[str, Any]:
         site = s.get(Site, key.site_id)
         if site is None:
             raise NotFound("the key's site no longer exists")
-        host = s.query(Host).filter(Host.site_id == site.id, Host.name == host_name).first()
+        host = _registered_host(s, key, site, host_name, expected)
         host_id = host.id if host is not None else new_id("h")
         cert_pem = vault.ca.sign_csr(body.csr_pem.encode("utf-8", "replace"), common_name=host_id,
                                      site=site.name)
@@ -49,11 +79,12 @@ def register(body: RegisterIn, vault: VaultDep) -> dict[str, Any]:
             s.add(host)
             record_event(s, now, "host", host_name, f"registered in site {site.name} as {host_id}")
         else:
+            how = "with a re-issue key" if key.host_id is not None else "after its revocation"
             host.cert_fingerprint = ident.fingerprint
             host.cert_serial = f"{ident.serial:x}"
             host.registered_at = now
             host.revoked_at = None
-            record_event(s, now, "host", host_name, f"registered again in site {site.name}; "
+            record_event(s, now, "host", host_name, f"registered again in site {site.name} {how}; "
                                                     "its previous certificate no longer works")
         return {"host_id": host_id, "site": site.name, "cert_pem": cert_pem.decode(),
                 "ca_pem": vault.ca.ca_pem.decode()}

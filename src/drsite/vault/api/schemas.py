@@ -80,6 +80,11 @@ class RegisterIn(Lenient):
     key: str
     host_name: str
     csr_pem: str
+    host_id: str | None = None  # an agent re-registering (re-issue key): the host it already is
+
+
+class ReissueIn(Strict):
+    ttl_s: int = 3600
 
 
 class ItemBeatIn(Lenient):

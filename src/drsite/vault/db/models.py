@@ -46,7 +46,8 @@ class Site(Base):
 
 
 class RegistrationKey(Base):
-    """A one-time key for a host to join a site; only its sha256 is stored."""
+    """A one-time key for a host to join a site; only its sha256 is stored. With ``host_id``
+    (migration 0004) it is a re-issue key: it replaces the certificate of that host only."""
 
     __tablename__ = "registration_keys"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -56,6 +57,8 @@ class RegistrationKey(Base):
     expires_at: Mapped[float] = mapped_column(Float)
     used_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     used_by_host: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    host_id: Mapped[str | None] = mapped_column(ForeignKey("hosts.id", ondelete="CASCADE"),
+                                                nullable=True)
 
 
 class Host(Base):
