@@ -318,6 +318,12 @@ def test_protect_item_points_and_unprotect(h: Harness) -> None:
     assert a.beat(items=beat_items)["ack"] == {item_id: 3}
     pts = h.ok("GET", f"/items/{item_id}/points")
     assert [p["seq"] for p in pts] == [1, 2, 3] and pts[2]["consistency"] == "app"
+    # a removal counts when the retention rule explains it: p000001 is young, then old enough
+    # to be thinned (the newest point of its hour, p000003, stays)
+    a.beat(items=[{"item_id": item_id, "report": report(item_id, "vm-1", "web1"),
+                   "removed_points": ["p000001"]}])
+    assert [p["seq"] for p in h.ok("GET", f"/items/{item_id}/points")] == [1, 2, 3]
+    h.clock.advance(2 * 3600)
     a.beat(items=[{"item_id": item_id, "report": report(item_id, "vm-1", "web1"),
                    "removed_points": ["p000001"]}])
     assert [p["seq"] for p in h.ok("GET", f"/items/{item_id}/points")] == [2, 3]

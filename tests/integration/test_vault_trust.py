@@ -23,8 +23,9 @@ from drsite.replication.report import ItemState
 from drsite.vault.app import create_app
 from drsite.vault.context import Vault
 from drsite.vault.settings import VaultSettings
-from drsite.vault.testing import Agent, Harness, report, vm_info
+from drsite.vault.testing import Agent, Harness, point, report, vm_info
 from tests.integration.test_vault_api import err, policy_and_group, protect, snapshot, two_sites
+from tests.integration.test_vault_failover_api import fo_result, play, setup
 
 ENGINES = ["sqlite", "postgresql"]
 VMS = [vm_info("vm-1", "web1"), vm_info("vm-2", "db1", labels=["db"])]
@@ -130,6 +131,82 @@ def test_reissue_gives_a_one_time_key_for_that_host_only(h: Harness) -> None:
     assert new.beat()["commands"] is not None
 
 
+# --------------------------------------------------------------- what a heartbeat may claim
+
+def test_a_host_cannot_report_or_remove_points_of_an_item_it_does_not_own(h: Harness) -> None:
+    a, b = two_sites(h)
+    policy_and_group(h)
+    item_id = protect(h, a)
+    t = h.clock.now()
+    beat_item(a, item_id, new=[point(item_id, 2, t + 1), point(item_id, 3, t + 2)], vms=VMS)
+    assert catalogue(h, item_id) == ["p000001", "p000002", "p000003"]
+    other = as_agent(h, register_raw(h, site_key(h), "hv3"), "prim", "hv3")  # same site
+    for hostile in (b, other):
+        reply = beat_item(hostile, item_id, state=ItemState.CRITICAL,
+                          new=[point(item_id, 9, t + 3)], removed=["p000001", "p000002", "p000003"])
+        assert reply["ack"] == {}
+    assert catalogue(h, item_id) == ["p000001", "p000002", "p000003"]
+    item = h.ok("GET", f"/items/{item_id}")
+    assert item["state"] == "protected" and item["report"]["state"] == "protected"
+    alerts = security_alerts(h)
+    assert {(al["severity"], al["subject"]) for al in alerts} == {("critical", "hv2"), ("critical", "hv3")}
+    assert all(item_id in al["message"] and "does not own" in al["message"] for al in alerts)
+    # an item id the vault does not know: ignored and alerted the same way
+    beat_item(other, "i-unknown")
+    assert any("i-unknown" in al["message"] for al in security_alerts(h))
+    # alerts stay open across health passes until an operator has seen them
+    h.tick()
+    assert len(security_alerts(h)) == 3
+    for al in security_alerts(h):
+        h.ok("POST", f"/alerts/{al['id']}/ack")
+    h.tick()
+    assert security_alerts(h) == []
+    # the owner is believed
+    assert beat_item(a, item_id, new=[point(item_id, 4, t + 4)])["ack"] == {item_id: 4}
+
+
+def test_a_removal_must_be_explained_by_the_retention_rule(h: Harness) -> None:
+    a, _b = two_sites(h)
+    policy_and_group(h, retention_hours=24)  # keep all 1 h, then one point per hour for 24 h
+    item_id = protect(h, a)
+    t = h.clock.now()
+    beat_item(a, item_id, new=[point(item_id, s, t + 30 * (s - 1)) for s in range(2, 6)])
+    everything = ["p000001", "p000002", "p000003", "p000004", "p000005"]
+    assert catalogue(h, item_id) == everything
+    # young points: retention keeps them all, so their removal is refused (and alerted)
+    beat_item(a, item_id, removed=["p000002"])
+    assert catalogue(h, item_id) == everything
+    (alert,) = security_alerts(h)
+    assert alert["subject"] == "web1" and "p000002" in alert["message"]
+    assert "retention" in alert["message"]
+    # two hours later the points of one hour are thinned to the newest of that hour: removing
+    # the others is explained; the newest point is never removable
+    h.clock.advance(2 * 3600)
+    reply = beat_item(a, item_id, removed=["p000001", "p000002", "p000003", "p000005"])
+    kept = catalogue(h, item_id)
+    assert kept == ["p000004", "p000005"]  # p000005: the newest point, p000004: not removed
+    assert reply["ack"] == {item_id: 5}
+    # after the retention window every point but the newest may go
+    h.clock.advance(25 * 3600)
+    beat_item(a, item_id, removed=kept)
+    assert catalogue(h, item_id) == ["p000005"]
+
+
+def test_removals_the_vault_ordered_are_accepted(h: Harness) -> None:
+    a, _b = two_sites(h)
+    policy_and_group(h)
+    item_id = protect(h, a)
+    t = h.clock.now()
+    beat_item(a, item_id, new=[point(item_id, 2, t + 1), point(item_id, 3, t + 2)])
+    h.ok("DELETE", f"/items/{item_id}?delete_points=true")
+    h.tick()
+    cmd = next(c for c in a.beat()["commands"] if c["kind"] == "unprotect")
+    assert cmd["args"] == {"delete_points": True}
+    beat_item(a, item_id, removed=["p000001", "p000002", "p000003"])
+    assert catalogue(h, item_id) == []
+    assert security_alerts(h) == []
+
+
 # ------------------------------------------------- the same over HTTPS, with the real CLI
 
 @pytest.fixture
@@ -193,3 +270,19 @@ def test_cli_reissue_then_agent_register_replaces_the_certificate(
     r = runner.invoke(app, ["agent", "register", "--vault", url, "--key", reissue, "--data", str(data)])
     assert r.exit_code != 0
     assert beat(data) == 200
+
+
+def test_a_failover_commit_explains_removing_every_other_point(h: Harness) -> None:
+    a, b, item_id = setup(h)
+    t = h.clock.now()
+    beat_item(a, item_id, new=[point(item_id, 2, t + 1), point(item_id, 3, t + 2)], vms=VMS)
+    h.ok("POST", f"/items/{item_id}/failover/planned-failover", json={})
+    play(h, a, "failover_prepare", {"point_id": "p000002", "fingerprints": {"d0": "x"}})
+    play(h, b, "failover", fo_result("pending_commit", point_id="p000002"))
+    # before the commit is ordered, the failover's point and the newest stay
+    beat_item(a, item_id, removed=["p000002", "p000003"])
+    assert catalogue(h, item_id) == ["p000001", "p000002", "p000003"]
+    h.ok("POST", f"/items/{item_id}/failover/commit", json={})
+    play(h, b, "failover_commit", fo_result("committed", point_id="p000002"))
+    beat_item(a, item_id, removed=["p000001", "p000002", "p000003"])
+    assert catalogue(h, item_id) == ["p000002"]

@@ -42,6 +42,8 @@ class VaultSettings:
     retention_every_s: float = 3600.0
     # a cancelled EnableProtection waits this long for the agent to confirm the unprotect
     rollback_timeout_s: float = 600.0
+    # an agent's clock may run this far ahead of the vault's when its retention removes points
+    retention_skew_s: float = 300.0
 
     @property
     def database_url(self) -> str:
