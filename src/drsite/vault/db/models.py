@@ -25,6 +25,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from drsite.vault.db.sealed import STORE_SPEC_PATHS, SealedJSON
+
 NAMING = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -238,7 +240,8 @@ class Command(Base):
     item_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     kind: Mapped[str] = mapped_column(String(32))
-    args: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # a cloud store's spec in the arguments has its credentials and keys sealed at rest
+    args: Mapped[dict[str, Any]] = mapped_column(SealedJSON("commands.args", STORE_SPEC_PATHS))
     status: Mapped[str] = mapped_column(String(16))
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
@@ -292,16 +295,16 @@ class ApiToken(Base):
 class Store(Base):
     """A cloud recovery store (``kind`` s3 or azure). ``config`` is what may be shown (endpoint,
     bucket/container, region, prefix); ``secret`` (credentials) and ``keys`` (encryption keys by
-    key id) are never returned by the API nor logged; agents receive them in command arguments
-    over mTLS only."""
+    key id) are never returned by the API nor logged, and are sealed at rest under the vault's
+    master key; agents receive them in command arguments over mTLS only."""
 
     __tablename__ = "stores"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     kind: Mapped[str] = mapped_column(String(16))
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
-    secret: Mapped[dict[str, Any]] = mapped_column(JSON)
-    keys: Mapped[dict[str, Any]] = mapped_column(JSON)
+    secret: Mapped[dict[str, Any]] = mapped_column(SealedJSON("stores.secret"))  # sealed at rest
+    keys: Mapped[dict[str, Any]] = mapped_column(SealedJSON("stores.keys"))  # sealed at rest
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
 
