@@ -5,6 +5,7 @@ point removals explained by the item's retention rule or an operation the vault 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -270,6 +271,29 @@ def test_cli_reissue_then_agent_register_replaces_the_certificate(
     r = runner.invoke(app, ["agent", "register", "--vault", url, "--key", reissue, "--data", str(data)])
     assert r.exit_code != 0
     assert beat(data) == 200
+    # all of it is in the audit trail, from 127.0.0.1, as 'drsite audit list' shows it
+    r = runner.invoke(app, ["audit", "list", "--json", "--all", "--limit", "5", *opts])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)
+    assert all(e["client"] == "127.0.0.1" for e in rows)
+    regs = [(e["outcome"], e["detail"].get("via"), e["error_code"]) for e in rows
+            if e["action"] == "POST /api/v1/agent/register"]
+    assert regs == [("refused", None, "auth_failed"), ("ok", "re-issue key", None),
+                    ("refused", "site key", "conflict"), ("ok", "site key", None)]
+    assert [e["target"] for e in rows if e["action"] == "POST /api/v1/hosts/{host_id}/reissue"] == \
+        [f"host_id={ident.host_id}"]
+    r = runner.invoke(app, ["audit", "list", "--actor", ident.host_id, "--since", "1h", "--json",
+                            *opts])
+    assert r.exit_code == 0, r.output
+    mine = json.loads(r.output)
+    assert {e["actor"] for e in mine} == {ident.host_id}
+    assert [(e["action"], e["outcome"]) for e in mine] == [
+        ("POST /api/v1/agent/heartbeat", "refused"),  # the old certificate, once
+        ("POST /api/v1/agent/register", "ok"), ("POST /api/v1/agent/register", "ok")]
+    r = runner.invoke(app, ["audit", "list", "--since", "yesterday", *opts])
+    assert r.exit_code != 0
+    for secret in (key, key2, reissue, admin):
+        assert secret not in json.dumps(rows)
 
 
 def test_a_failover_commit_explains_removing_every_other_point(h: Harness) -> None:

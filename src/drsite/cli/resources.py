@@ -3,6 +3,7 @@ points, jobs, health, alerts, tokens. Thin: parse options, call the client, rend
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ items = typer.Typer(help="Protected items (one per protected VM).", no_args_is_h
 jobs = typer.Typer(help="Jobs: every long operation, with its tasks.", no_args_is_help=True)
 alerts = typer.Typer(help="Alerts raised by health checks.", no_args_is_help=True)
 tokens = typer.Typer(help="API tokens for operators (admin only).", no_args_is_help=True)
+audit = typer.Typer(help="The audit trail: who did what, from where, when (admin only).",
+                    no_args_is_help=True)
 
 
 # -- sites --------------------------------------------------------------------------------------
@@ -325,3 +328,41 @@ def tokens_list(vault: str | None = VaultOpt, token: str | None = TokenOpt,
     with client(vault, token, ca_file) as c:
         show(c.tokens(), ["name", "role", "created_at", "last_used_at"], title="tokens",
              json_out=json_out)
+
+
+# -- audit --------------------------------------------------------------------------------------
+
+def parse_since(value: str | None, now: float) -> float | None:
+    """``--since``: epoch seconds, or a duration back from now (``90s``, ``15m``, ``2h``, ``1d``)."""
+    if value is None:
+        return None
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+    text = value.strip().lower()
+    try:
+        if text and text[-1] in units:
+            return now - float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise InvalidInput(f"--since {value!r} is neither epoch seconds nor a duration",
+                           hint="Use e.g. 15m, 2h, 1d, or epoch seconds.") from None
+
+
+@audit.command("list")
+def audit_list(limit: int = typer.Option(100, min=1, max=1000, help="Entries to show."),
+               since: str | None = typer.Option(None, help="Only entries since then: epoch "
+                                                           "seconds or a duration (15m, 2h, 1d)."),
+               actor: str | None = typer.Option(None, help="Only this token name or host id."),
+               all_pages: bool = typer.Option(False, "--all", help="Every page, not only the "
+                                                                   "newest LIMIT entries."),
+               vault: str | None = VaultOpt, token: str | None = TokenOpt,
+               ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
+    """List the audit trail, newest first."""
+    with client(vault, token, ca_file) as c:
+        page = c.audit(limit=limit, since=parse_since(since, time.time()), actor=actor)
+        entries = list(page["entries"])
+        while all_pages and page.get("next_before"):
+            page = c.audit(limit=limit, since=parse_since(since, time.time()), actor=actor,
+                           before=page["next_before"])
+            entries += page["entries"]
+        show(entries, ["at", "actor_kind", "actor", "client", "action", "target", "outcome",
+                       "error_code"], title="audit", json_out=json_out)

@@ -219,6 +219,13 @@ class VaultClient:
     def health(self) -> dict[str, Any]:
         return dict(self._call("GET", "/health"))
 
+    def audit(self, *, limit: int = 100, since: float | None = None, actor: str | None = None,
+              before: int | None = None) -> dict[str, Any]:
+        """One page of the audit trail, newest first: ``{"entries", "next_before"}`` (admin)."""
+        params = {k: v for k, v in {"limit": limit, "since": since, "actor": actor,
+                                    "before": before}.items() if v is not None}
+        return dict(self._call("GET", "/audit", params=params))
+
     def tokens(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/tokens"))
 

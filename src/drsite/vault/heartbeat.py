@@ -6,7 +6,8 @@ reported are marked absent); each reported item's report and recovery-point cata
 highest catalogued seq, so the agent resends anything the vault did not keep); EnableProtection
 jobs for newly discovered VMs that a group with a policy matches; then the commands due to the
 host (marked sent). Item facts count only from the item's own host, and a removal only when
-the vault can explain it (``trust``): the rest is ignored, recorded and alerted.
+the vault can explain it (``trust``): the rest is ignored, recorded and alerted. The store
+deletes/overwrites a store-serving host reports (``audit``) go to the audit trail.
 
 Responsible for: applying agent facts. Not responsible for: deciding what replicates when
 (``scheduler``) or health (``health``).
@@ -50,6 +51,7 @@ class Beat:
     store_url: str | None
     vms: list[dict[str, Any]]
     items: list[ItemBeat]
+    audit: list[trust.StoreAudit] = field(default_factory=list)
 
 
 def _vm_fields(d: dict[str, Any]) -> tuple[str, str]:
@@ -80,6 +82,8 @@ def apply_heartbeat(s: Session, host: Host, beat: Beat, settings: VaultSettings)
             log.debug("host %s reported item %s, which is %s; ignored", host.id, item.id, item.status)
             continue
         ack[item.id] = _apply_item(s, host, item, ib, now, settings)
+    if beat.audit:
+        trust.record_store_audit(s, host, beat.audit, now)
     _auto_protect(s, host, new_vms, now)
     due = commands.deliver(s, host.id, now, resend_after_s=settings.resend_after_s,
                            stale_running_s=settings.stale_running_s)

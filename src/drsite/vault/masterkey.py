@@ -37,8 +37,10 @@ import hashlib
 import json
 import logging
 import os
+import pwd
 import secrets
 import stat
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +54,7 @@ from sqlalchemy.engine import make_url
 from drsite import failpoints
 from drsite.core.errors import Conflict, InvalidInput, SecretUnreadable, classify_os_error
 from drsite.fsutil import atomic_write_bytes, fsync_dir
+from drsite.vault.audit import AuditEntry, record_audit
 from drsite.vault.db.database import Database
 from drsite.vault.db.sealed import (
     MARK,
@@ -365,11 +368,23 @@ def rotate_master_key(data_dir: Path, *, db_url: str | None = None,
         try:
             db.migrate()
             report = rotate(db, settings.master_key_path)
+            with db.tx() as s:
+                record_audit(s, AuditEntry(at=time.time(), actor_kind="local",
+                                           actor=_local_user(), action="vault.rotate_master_key",
+                                           target=str(settings.master_key_path),
+                                           detail=report.to_dict()))
         finally:
             db.dispose()
     finally:
         lock.release()
     return report.to_dict()
+
+
+def _local_user() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return f"uid {os.getuid()}"
 
 
 # ------------------------------------------------------------------ data directory privacy

@@ -17,7 +17,14 @@ An unexplained removal is refused (the catalogue keeps the point), recorded and 
 
 Security alerts (``kind`` ``security``, severity critical) are raised by events, not by
 conditions: one open alert per key, refreshed while it repeats, cleared once an operator
-acknowledged it (see :class:`drsite.vault.health.HealthMonitor`).
+acknowledged it (see :class:`drsite.vault.health.HealthMonitor`). Each refusal is in the audit
+trail (``agent.*`` actions; a refused report that repeats every heartbeat once per open alert).
+
+Store audit reports (the heartbeat's ``audit``: deletes and overwrites a store did or refused)
+are accepted only from the host whose store it is: for an item, the item's own host or a
+store-serving host of the item's target site; without an item, a store-serving host. They are
+recorded with ``caller`` (the host its client named) as actor and the reporting host in the
+detail; anything else is refused, recorded and alerted.
 
 Responsible for: these verdicts and their alerts. Not responsible for: applying accepted facts
 (``heartbeat``) or authenticating the host (``auth``).
@@ -26,12 +33,14 @@ Responsible for: these verdicts and their alerts. Not responsible for: applying 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from drsite.core.errors import InvalidInput
 from drsite.core.retention import PointStamp, RetentionRule, points_to_keep, rule_for_hours
-from drsite.vault.audit import record_event
+from drsite.vault.audit import AuditEntry, record_audit, record_event
 from drsite.vault.db.models import Alert, Command, Failover, Host, Item, Point
 from drsite.vault.scheduler import item_policy
 
@@ -72,6 +81,10 @@ def refuse_report(s: Session, host: Host, item_id: str, item: Item | None, now: 
                "removals were ignored")
     if raise_security_alert(s, now, f"untrusted_report:{host.id}:{item_id}", host.name, message):
         log.warning("%s", message)
+        record_audit(s, AuditEntry(at=now, actor_kind="host", actor=host.id,
+                                   action="agent.report_item", target=f"item={item_id}",
+                                   outcome="refused", error_code="untrusted_report",
+                                   detail={"owner": item.host_id if item is not None else None}))
     return why
 
 
@@ -148,3 +161,68 @@ def refuse_removals(s: Session, host: Host, item: Item, refused: dict[str, str],
                "damaged, verify the item's store; otherwise look for who deleted them")
     if raise_security_alert(s, now, f"point_removal:{item.id}", item.vm_name, message):
         log.warning("%s", message)
+    record_audit(s, AuditEntry(at=now, actor_kind="host", actor=host.id,
+                               action="agent.remove_points", target=f"item={item.id}",
+                               outcome="refused", error_code="unexplained_removal",
+                               detail={"points": sorted(refused)[:20],
+                                       "why": sorted(set(refused.values()))[:3]}))
+
+
+STORE_OPS = ("delete", "overwrite")
+STORE_OUTCOMES = ("ok", "refused")
+
+
+@dataclass(frozen=True)
+class StoreAudit:
+    """One store delete/overwrite a host reports (done, or refused by its store)."""
+
+    op: str
+    key: str
+    item_id: str | None
+    caller: str
+    outcome: str
+    at: float | None = None
+
+    def check(self) -> None:
+        if self.op not in STORE_OPS or self.outcome not in STORE_OUTCOMES:
+            raise InvalidInput(f"audit entries need op in {STORE_OPS} and outcome in {STORE_OUTCOMES}")
+        if not 0 < len(self.key) <= 1024 or not 0 < len(self.caller) <= 128 or \
+                (self.item_id is not None and not 0 < len(self.item_id) <= 64):
+            raise InvalidInput("audit entries need a key (at most 1024 characters), a caller (at "
+                               "most 128) and an item_id of at most 64 characters or null")
+
+
+def _store_of(s: Session, host: Host, item_id: str | None) -> bool:
+    """Whether ``host``'s store (or, for its own items, ``host`` itself) holds ``item_id``."""
+    serves = host.store_url is not None
+    if item_id is None:
+        return serves
+    item = s.get(Item, item_id)
+    if item is None:
+        return False
+    return owns(host, item) or (serves and item.target_site_id == host.site_id)
+
+
+def record_store_audit(s: Session, host: Host, entries: list[StoreAudit], now: float) -> None:
+    """Audit the store deletes/overwrites ``host`` reports (see the module's docstring)."""
+    for e in entries:
+        e.check()
+    refused = 0
+    for e in entries:
+        at = e.at if e.at is not None and 0 < e.at <= now + 3600 else now
+        if _store_of(s, host, e.item_id):
+            record_audit(s, AuditEntry(at=at, actor_kind="host", actor=e.caller,
+                                       action=f"store.{e.op}", target=f"item={e.item_id}, key={e.key}",
+                                       outcome=e.outcome,
+                                       detail={"reported_by": host.id, "store_url": host.store_url}))
+            continue
+        refused += 1
+        record_audit(s, AuditEntry(at=now, actor_kind="host", actor=host.id,
+                                   action="agent.store_audit", target=f"item={e.item_id}, key={e.key}",
+                                   outcome="refused", error_code="untrusted_report",
+                                   detail={"op": e.op, "caller": e.caller}))
+    if refused:
+        message = (f"host {host.name} ({host.id}) reported {refused} store delete/overwrite(s) "
+                   "of items its store does not hold; they were recorded as refused")
+        if raise_security_alert(s, now, f"untrusted_audit:{host.id}", host.name, message):
+            log.warning("%s", message)

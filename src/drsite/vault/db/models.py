@@ -280,6 +280,27 @@ class Event(Base):
     message: Mapped[str] = mapped_column(Text)
 
 
+class Audit(Base):
+    """The audit trail (migration 0004): who (``actor_kind`` token/host/anonymous/local and
+    ``actor``: token name or host id), from where (``client`` address), what (``action``: the
+    route template, or ``agent.*`` / ``store.*`` / ``vault.*`` for facts that are not a call;
+    ``target``), when (``at``), how it ended (``outcome`` ok/refused/failed, HTTP ``status``,
+    ``error_code``) and non-secret ``detail``. Append-only; never holds a secret."""
+
+    __tablename__ = "audit"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[float] = mapped_column(Float, index=True)
+    actor_kind: Mapped[str] = mapped_column(String(16))
+    actor: Mapped[str] = mapped_column(String(128), index=True)
+    client: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    action: Mapped[str] = mapped_column(String(128))
+    target: Mapped[str] = mapped_column(String(256))
+    outcome: Mapped[str] = mapped_column(String(16))
+    status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
 class ApiToken(Base):
     """An operator API token; only the sha256 of the secret is stored."""
 
