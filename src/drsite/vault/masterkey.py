@@ -401,10 +401,17 @@ def fix_modes(data_dir: Path) -> list[Path]:
     changed: list[Path] = []
 
     def fix(p: Path, want: int) -> None:
-        st = p.lstat()
-        if stat.S_ISLNK(st.st_mode) or stat.S_IMODE(st.st_mode) == want:
+        try:
+            st = p.lstat()
+            if stat.S_ISLNK(st.st_mode) or stat.S_IMODE(st.st_mode) == want:
+                return
+            os.chmod(p, want)
+        except FileNotFoundError:  # removed meanwhile (a plan script's temp file)
             return
-        os.chmod(p, want)
+        except PermissionError:  # not ours: say so, loudly, rather than refuse to start
+            log.warning("cannot make %s private (mode %o wanted): it belongs to another user",
+                        p, want)
+            return
         changed.append(p)
 
     fix(data_dir, 0o700)

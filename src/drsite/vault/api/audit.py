@@ -71,13 +71,18 @@ def _target(scope: Scope, body: bytes, complete: bool) -> str:
     return ", ".join(parts)
 
 
-def _error_code(body: bytes) -> str | None:
+STATUS_CODES = {400: "invalid_input", 401: "auth_failed", 403: "forbidden", 404: "not_found",
+                409: "conflict", 422: "invalid_input"}
+
+
+def _error_code(body: bytes, status: int) -> str | None:
+    """The error's code from its JSON body, else (dashboard pages are HTML) from its status."""
     try:
         parsed = json.loads(body)
     except ValueError:
-        return None
+        parsed = None
     code = parsed.get("code") if isinstance(parsed, dict) else None
-    return str(code) if code else None
+    return str(code) if code else STATUS_CODES.get(status, "internal" if status >= 500 else None)
 
 
 class AuditMiddleware:
@@ -141,7 +146,7 @@ class AuditMiddleware:
                     client=str(client[0]) if client else None, action=action,
                     target=_target(scope, bytes(body), seen["body_done"] and "overflow" not in seen),
                     outcome="ok" if status < 400 else "refused" if status < 500 else "failed",
-                    status=status, error_code=_error_code(bytes(err)) if status >= 400 else None,
+                    status=status, error_code=_error_code(bytes(err), status) if status >= 400 else None,
                     detail=dict(state.get(STATE_DETAIL) or {}))
                 if not self._repeated(entry):
                     await run_in_threadpool(_write, vault, entry)
