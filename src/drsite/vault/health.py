@@ -12,7 +12,8 @@ An agent is up when its last heartbeat is younger than ``missed_heartbeats × he
 
 Alerts (:class:`HealthMonitor`): one open alert per condition key (``rpo:ITEM``,
 ``critical:ITEM``, ``agent_down:HOST``); raised when the condition starts, refreshed while it
-lasts (no duplicates), cleared when it ends. Acknowledging only marks it seen.
+lasts (no duplicates), cleared when it ends. Acknowledging only marks it seen. Security alerts
+(``trust``) are raised by events, not conditions: they are cleared once acknowledged.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from drsite.vault.db.database import Database
 from drsite.vault.db.models import Alert, Host, Item, Policy
 from drsite.vault.scheduler import item_policy, preload_policies
 from drsite.vault.settings import VaultSettings
+from drsite.vault.trust import SECURITY
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,11 @@ class HealthMonitor:
                 a.last_seen_at = now
                 a.message = message
         for key, a in open_alerts.items():
+            if a.kind == SECURITY:  # raised by an event, not a condition: ends once it was seen
+                if a.acked_at is not None:
+                    a.cleared_at = now
+                    record_event(s, now, "alert", a.subject, f"cleared: {a.kind} (acknowledged)")
+                continue
             if key not in conditions:
                 a.cleared_at = now
                 record_event(s, now, "alert", a.subject, f"cleared: {a.kind}")
