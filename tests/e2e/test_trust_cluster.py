@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from drsite.agent.main import agent_register
 from tests.cloud import server_or_skip
 from tests.e2e.test_failover_cluster import cluster, make_vm, until
 
+from drsite.agent.process import agent_register
 from drsite.core.errors import Conflict
 from drsite.store.factory import StoreSpec, ensure_bucket
 from drsite.store.testing.servers import TEST_BUCKET, TEST_REGION, unique_prefix

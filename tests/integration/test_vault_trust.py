@@ -12,10 +12,10 @@ from typing import Any
 
 import httpx
 import pytest
-from drsite.agent.main import agent_register
 from typer.testing import CliRunner
 
 from drsite import tlsutil
+from drsite.agent.process import agent_register
 from drsite.agent.registration import AgentIdentity
 from drsite.cli.main import app
 from drsite.core.errors import Conflict
