@@ -496,7 +496,8 @@ class ItemReplicator:
 
     def _check_fence(self) -> None:
         if self.generation is not None:
-            check_not_fenced(self.target.repo.store, self.rec.item_id, self.generation)
+            check_not_fenced(self.target.repo.store, self.rec.item_id, self.generation,
+                             self.target.repo.auth)
 
     def _own_cycle(self, kind: str) -> SealedCycle | None:
         """The sealed cycle this item was working on, if it is still there and of ``kind``."""
