@@ -80,6 +80,7 @@ class HeartbeatReply:
     commands: list[Command]
     ack: dict[str, int]
     malformed: int = 0  # commands dropped because they could not be parsed
+    store_acl: dict[str, Any] | None = None  # a new store access list (store-serving agents)
 
 
 class VaultLink:
@@ -141,7 +142,8 @@ class VaultLink:
                     ack[str(item_id)] = int(seq) if seq is not None else 0
                 except (TypeError, ValueError):
                     log.error("ignoring a malformed ack for item %s: %r", item_id, seq)
-        return HeartbeatReply(commands, ack, bad)
+        acl = out.get("store_acl")
+        return HeartbeatReply(commands, ack, bad, acl if isinstance(acl, dict) else None)
 
     def post_result(self, command_id: str, *, status: CommandStatus, progress: float,
                     result: dict[str, Any] | None = None,
