@@ -40,7 +40,7 @@ from typing import Any
 import httpx
 
 import drsite
-from drsite.agent import cloudstores, pointkeys, storeacl
+from drsite.agent import cloudstores, pointkeys, storeacl, storerekey
 from drsite.agent.failover import FailoverCommands
 from drsite.agent.link import COMMAND_KINDS, Command, HeartbeatReply, VaultLink
 from drsite.agent.registration import AgentIdentity
@@ -529,6 +529,8 @@ class Agent:
                 prog = 0.0
                 if item is not None and item.replicator is not None and self._is_running(cid):
                     prog = float(item.replicator.report.progress)
+                if not pr.item_id and pr.posted_progress >= 0:
+                    continue  # a command of no item (store_rekey) posts its own progress
                 if pr.posted_progress < 0 or abs(prog - pr.posted_progress) >= 0.5 \
                         or now - pr.posted_at >= PROGRESS_REPOST_S:
                     todo.append((cid, pr, prog))
@@ -701,7 +703,8 @@ class Agent:
     def _handle(self, cmd: Command) -> dict[str, Any]:
         handler = {"protect": self._protect, "cycle": self._cycle, "resync": self._resync,
                    "retention": self._retention, "unprotect": self._unprotect,
-                   "update_settings": self._update_settings}.get(cmd.kind)
+                   "update_settings": self._update_settings,
+                   "store_rekey": self._store_rekey}.get(cmd.kind)
         if handler is None:
             return self.failover.handle(cmd)  # failover_* commands (agent/failover.py)
         return handler(cmd)
@@ -840,6 +843,12 @@ class Agent:
         if deleted:
             log.info("item %s: retention removed %d point(s)", cmd.item_id, len(deleted))
         return {"deleted_points": deleted}
+
+    def _store_rekey(self, cmd: Command) -> dict[str, Any]:
+        result = storerekey.run_rekey(self.link, cmd, self._stop)
+        if self._stop.is_set():
+            raise Interrupted("store rekey interrupted by shutdown")  # resumes when re-sent
+        return result
 
     def _update_settings(self, cmd: Command) -> dict[str, Any]:
         settings = dict(cmd.args.get("settings") or {})

@@ -98,13 +98,13 @@ class FakeVault:
             self.reissue_keys[key] = host_id
         return key
 
-    def send(self, host_id: str, kind: str, item_id: str, args: dict[str, Any] | None = None,
+    def send(self, host_id: str, kind: str, item_id: str | None, args: dict[str, Any] | None = None,
              command_id: str | None = None) -> str:
         """Queue a command for a host; returns its id."""
         cid = command_id or "c-" + uuid.uuid4().hex[:12]
         args = dict(args or {})
         with self.lock:
-            if kind == "protect":
+            if kind == "protect" and item_id is not None:
                 grant = self.grants.setdefault(item_id, {
                     "writer": host_id, "point_key": base64.b64encode(os.urandom(32)).decode()})
                 grant["writer"] = host_id

@@ -26,7 +26,8 @@ KINDS = ("protect", "cycle", "resync", "retention", "unprotect", "update_setting
          # failover (vault/jobs/failover.py → agent/failover.py)
          "failover", "failover_cleanup", "failover_commit", "failover_cancel",
          "failover_change_point", "reprotect_seed", "failover_prepare", "failover_resume_source",
-         "run_script")
+         "run_script",
+         "store_rekey")   # re-encrypt a cloud store's old objects (jobs/stores.py)
 # arguments holding an item's point key (scrubbed when the command ends, sealed at rest)
 POINT_KEY_ARGS = ("point_key", "rev_point_key")
 # commands that move data for an item: at most one of these is outstanding per item
@@ -107,8 +108,8 @@ def record_result(cmd: Command, *, status: CommandStatus, progress: float | None
         raise InvalidInput("a failed result needs an error object")
     if progress is not None:
         cmd.progress = max(0.0, min(100.0, progress))
-    if result is not None:
-        cmd.result = result
+    if result is not None and (result or status != CommandStatus.RUNNING):
+        cmd.result = result  # a running post without a result keeps the last one (a cursor)
     cmd.updated_at = now
     if status == CommandStatus.RUNNING:
         cmd.status = CommandStatus.RUNNING
