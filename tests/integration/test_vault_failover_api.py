@@ -69,6 +69,11 @@ def test_planned_failover_commit_reprotect_commands(h: Harness) -> None:
     assert cmd["args"]["recovery_site"] == "sec" and cmd["args"]["source_site"] == "prim"
     assert h.job(job["id"])["state"] == "succeeded"
     assert h.ok("GET", f"/items/{item}")["protection"] == "failed_over"
+    # failed over: the old primary may still read its item on the store, never write it
+    h.store_beat()
+    assert b.store_acl is not None
+    assert b.store_acl["items"][item]["writer"] == "" and a.host_id in \
+        b.store_acl["items"][item]["readers"]
     fo = h.ok("GET", f"/items/{item}/failovers")[0]
     assert fo["state"] == "pending_commit" and fo["rto_s"] == 1.5
     assert "fingerprints" not in str(fo)

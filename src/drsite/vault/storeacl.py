@@ -8,7 +8,7 @@ agent, and where a site-store item's retention runs.
 - **Access list** (:func:`access_list`): for a host that serves a store — the hosts that may
   use it (their *current* certificate fingerprints: a re-issued certificate replaces the old
   one), per item of its site that replicates to the site's agent store: the writer (the item's
-  source host), the readers (the source host; the store's own host may do everything) and the
+  source host; none once the item failed over), the readers (the source host; the store's own host may do everything) and the
   point key; and every revoked host with its serial and fingerprint. It goes in the heartbeat
   reply when the agent's digest differs (:func:`reply_fields`), so a revocation reaches every
   store within one heartbeat interval.
@@ -31,12 +31,15 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from drsite.core.states import RETIRED_ITEM_STATUSES
+from drsite.core.states import RETIRED_ITEM_STATUSES, ItemProtection
 from drsite.sitestore.acl import FORMAT, acl_digest
 from drsite.vault import commands
 from drsite.vault.db.models import Command, Group, Host, Item, PointKey
 
 KEY_BYTES = 32
+# failed over (or further): the old primary's item is read-only on the store
+READ_ONLY_STATUSES = frozenset({ItemProtection.FAILED_OVER, ItemProtection.COMMITTED,
+                                ItemProtection.REPROTECTED})
 
 
 def point_key(s: Session, item_id: str, now: float) -> str:
@@ -48,6 +51,16 @@ def point_key(s: Session, item_id: str, now: float) -> str:
         s.add(row)
         s.flush()
     return row.key
+
+
+def point_keys(s: Session, item_ids: list[str], now: float) -> dict[str, str]:
+    """The point keys of many items in one query (missing ones created)."""
+    out = {r.item_id: r.key for r in s.scalars(select(PointKey).where(
+        PointKey.item_id.in_(sorted(item_ids))))} if item_ids else {}
+    for item_id in item_ids:
+        if item_id not in out:
+            out[item_id] = point_key(s, item_id, now)
+    return out
 
 
 def _site_store_items(s: Session, site_id: int) -> list[Item]:
@@ -69,12 +82,15 @@ def access_list(s: Session, host: Host, now: float) -> dict[str, Any]:
     hosts = {h.id: h for h in s.scalars(select(Host).where(Host.id.in_(sorted(writers))))}
     live = {hid: {"fingerprint": h.cert_fingerprint, "serial": h.cert_serial}
             for hid, h in hosts.items() if h.revoked_at is None}
+    keys = point_keys(s, [it.id for it in items if it.host_id in live], now)
     grants: dict[str, Any] = {}
     for it in items:
         if it.host_id not in live:
             continue  # a revoked source host: no grant at all
-        grants[it.id] = {"writer": it.host_id, "readers": sorted({it.host_id, host.id}),
-                         "point_key": point_key(s, it.id, now)}
+        # after a failover the old primary may read its item but never write it again
+        writer = "" if it.status in READ_ONLY_STATUSES else it.host_id
+        grants[it.id] = {"writer": writer, "readers": sorted({it.host_id, host.id}),
+                         "point_key": keys[it.id]}
     revoked = list(s.scalars(select(Host).where(Host.revoked_at.is_not(None)).order_by(Host.id)))
     return {"format": FORMAT, "store_host": host.id,
             "hosts": live, "items": grants,
