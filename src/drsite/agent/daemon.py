@@ -835,7 +835,7 @@ class Agent:
                                         "that serves the item's store.")
             return storeacl.store_retention(self._store, cmd)
         _, rep = self._live_item(cmd)
-        if isinstance(rep.target, SiteTarget):
+        if not rep.target.runs_retention:
             # committed points on a site store are removed by the store's own agent only
             return {"deleted_points": [], "store_side": False}
         pinned = {p for p in (rep.target.replica_point(),) if p}
@@ -876,7 +876,7 @@ class Agent:
             repo = rep.target.repo
             for cycle_id in repo.staged_cycles():
                 repo.abort(cycle_id)
-            if delete and isinstance(rep.target, SiteTarget):
+            if delete and not rep.target.runs_retention:
                 pass  # the store's own agent deletes them (the vault sends it 'retention')
             elif delete:
                 for p in repo.points():

@@ -8,10 +8,10 @@ agent, and where a site-store item's retention runs.
 - **Access list** (:func:`access_list`): for a host that serves a store — the hosts that may
   use it (their *current* certificate fingerprints: a re-issued certificate replaces the old
   one), per item of its site that replicates to the site's agent store: the writer (the item's
-  source host; none once the item failed over), the readers (the source host; the store's own host may do everything) and the
-  point key; and every revoked host with its serial and fingerprint. It goes in the heartbeat
-  reply when the agent's digest differs (:func:`reply_fields`), so a revocation reaches every
-  store within one heartbeat interval.
+  source host; none once the item failed over), the readers (the source host; the store's own
+  host may do everything) and the point key; and every revoked host with its serial and
+  fingerprint. It goes in the heartbeat reply when the agent's digest differs
+  (:func:`reply_fields`), so a revocation reaches every store within one heartbeat interval.
 - **Store-side retention** (:func:`retention_target`): retention and deletion of a site-store
   item's points run on the store's own agent (``retention`` with ``store_side``), since remote
   clients may not delete committed objects.
