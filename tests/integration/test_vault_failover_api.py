@@ -69,6 +69,11 @@ def test_planned_failover_commit_reprotect_commands(h: Harness) -> None:
     assert cmd["args"]["recovery_site"] == "sec" and cmd["args"]["source_site"] == "prim"
     assert h.job(job["id"])["state"] == "succeeded"
     assert h.ok("GET", f"/items/{item}")["protection"] == "failed_over"
+    # failed over: the old primary may still read its item on the store, never write it
+    h.store_beat()
+    assert b.store_acl is not None
+    assert b.store_acl["items"][item]["writer"] == "" and a.host_id in \
+        b.store_acl["items"][item]["readers"]
     fo = h.ok("GET", f"/items/{item}/failovers")[0]
     assert fo["state"] == "pending_commit" and fo["rto_s"] == 1.5
     assert "fingerprints" not in str(fo)
@@ -80,7 +85,10 @@ def test_planned_failover_commit_reprotect_commands(h: Harness) -> None:
     cmd = play(h, a, "reprotect_seed", {"base_point_id": "p1", "base_bytes_local": 100,
                                         "disk_bytes": 1000})
     rev_id = cmd["args"]["rev_item_id"]
+    assert cmd["args"]["rev_point_key"] and cmd["args"]["point_key"]
     a.beat(store_url="https://127.0.0.1:9555", vms=[vm_info("vm-1", "web1")])
+    h.tick()         # the reverse item exists: its store (the old primary's) gets its grant
+    h.store_beat()
     cmd = play(h, b, "protect", {"report": {"bytes_sent": 10}})
     assert cmd["item_id"] == rev_id and cmd["args"]["resync_from_base"] is True
     assert cmd["args"]["store_url"] == "https://127.0.0.1:9555"
@@ -169,7 +177,9 @@ def test_unplanned_change_point_then_cancel_hands_the_item_back(h: Harness) -> N
     job = h.ok("POST", f"/items/{item}/failover/cancel", json={})
     play(h, b, "failover_cancel", fo_result("cancelled", generation=3))
     cmd = play(h, a, "failover_resume_source", {"generation": 3, "powered_on": False})
-    assert cmd["args"] == {"generation": 3, "power_on": False}  # unplanned: the source was not stopped
+    args = dict(cmd["args"])
+    assert args.pop("point_key")  # the item's point key travels with every failover command
+    assert args == {"generation": 3, "power_on": False}  # unplanned: the source was not stopped
     assert h.job(job["id"])["state"] == "succeeded"
     assert h.ok("GET", f"/items/{item}")["protection"] == "protected"
     assert sorted(f["state"] for f in h.ok("GET", f"/items/{item}/failovers")) == ["cancelled", "failed"]

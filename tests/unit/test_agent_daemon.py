@@ -4,6 +4,7 @@ store (``target_factory``) so these tests need no store server."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import threading
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from drsite.agent import pointkeys
 from drsite.agent.daemon import Agent
 from drsite.agent.link import VaultLink
 from drsite.agent.process import agent_register
@@ -239,6 +241,8 @@ def test_restart_resumes_an_interrupted_initial_replication_on_its_own(env: Env)
                         "store_url": "https://store.invalid", "settings": SETTINGS,
                         "phase": "initial", "created_at": time.time()}]}
     (env.data / "items.json").write_text(json.dumps(items))
+    key = base64.b64encode(os.urandom(32)).decode()
+    pointkeys.save_key(env.data, ITEM, key)   # kept before the item was recorded
     a = env.agent()
     try:
         assert a.wait_idle(20)
@@ -246,7 +250,8 @@ def test_restart_resumes_an_interrupted_initial_replication_on_its_own(env: Env)
         assert json.loads((env.data / "items.json").read_text())["items"][0]["phase"] == \
             "protected"
         # the vault re-sends the protect it never got a result for: it completes at once
-        r = env.run(a, env.vault.send(env.host_id, "protect", ITEM, env.protect_args()))
+        r = env.run(a, env.vault.send(env.host_id, "protect", ITEM,
+                                      {**env.protect_args(), "point_key": key}))
         assert r["status"] == "succeeded" and r["result"]["point"]["seq"] == 1
     finally:
         a.shutdown()

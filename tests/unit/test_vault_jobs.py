@@ -37,6 +37,7 @@ def setup(h: Harness) -> tuple[Agent, Agent]:
 
 def start(h: Harness) -> tuple[str, str]:
     out = h.ok("POST", "/items", json={"vm_id": "vm-1", "group": "g1"})
+    h.store_beat()  # the store receives and confirms the item's grant
     return out["job_id"], out["item_id"]
 
 

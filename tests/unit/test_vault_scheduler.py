@@ -29,6 +29,12 @@ def h(tmp_path: Path) -> Iterator[Harness]:
 
 
 def protected(h: Harness, **policy: Any) -> tuple[Agent, str]:
+    a, _store, item_id = protected_with_store(h, **policy)
+    return a, item_id
+
+
+def protected_with_store(h: Harness, **policy: Any) -> tuple[Agent, Agent, str]:
+    """(the source agent, the store-serving agent of the target site, the item)."""
     h.site("prim")
     h.site("sec")
     a, b = h.register("prim", "hv1"), h.register("sec", "hv2")
@@ -38,6 +44,7 @@ def protected(h: Harness, **policy: Any) -> tuple[Agent, str]:
                                     **policy})
     h.ok("POST", "/groups", json={"name": "g1", "site": "prim", "target_site": "sec", "policy": "p1"})
     item_id = h.ok("POST", "/items", json={"vm_id": "vm-1", "group": "g1"})["item_id"]
+    h.store_beat()  # the store receives and confirms the item's grant
     h.tick()
     (cmd,) = [c for c in a.beat(vms=VMS)["commands"] if c["kind"] == "protect"]
     a.beat(vms=VMS, items=[{"item_id": item_id, "report": report(item_id, "vm-1", "web1"),
@@ -45,7 +52,7 @@ def protected(h: Harness, **policy: Any) -> tuple[Agent, str]:
     a.result(cmd["command_id"], "succeeded")
     h.tick()
     assert h.ok("GET", f"/items/{item_id}")["protection"] == "protected"
-    return a, item_id
+    return a, b, item_id
 
 
 def sent(h: Harness, kind: str | None = None) -> list[Any]:
@@ -87,14 +94,20 @@ def test_app_consistent_points_at_the_policy_frequency(h: Harness) -> None:
 
 
 def test_retention_hourly(h: Harness) -> None:
-    a, _ = protected(h)
+    """Hourly, and sent to the agent whose store holds the item (remote clients may not delete
+    committed objects), with the policy's settings."""
+    a, store, _ = protected_with_store(h)
     times = []
     for _ in range(int(3 * 3600 / 300)):
         h.clock.advance(300)
         for c in sent(h):
-            a.result(c.id, "succeeded")
             if c.kind == "retention":
+                assert c.host_id == store.host_id and c.args["store_side"] is True
+                assert c.args["settings"]["retention_hours"] > 0
+                store.result(c.id, "succeeded")
                 times.append(c.created_at)
+            else:
+                a.result(c.id, "succeeded")
     assert [round(t2 - t1) for t1, t2 in itertools.pairwise(times)] == [3600, 3600]
 
 

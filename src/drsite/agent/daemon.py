@@ -40,7 +40,7 @@ from typing import Any
 import httpx
 
 import drsite
-from drsite.agent import cloudstores
+from drsite.agent import cloudstores, pointkeys, storeacl, storerekey
 from drsite.agent.failover import FailoverCommands
 from drsite.agent.link import COMMAND_KINDS, Command, HeartbeatReply, VaultLink
 from drsite.agent.registration import AgentIdentity
@@ -305,12 +305,14 @@ class Agent:
                     cloudstores.load_spec(self.data_dir, entry.item_id), entry.item_id)
             else:
                 target = self._target_factory(entry.store_url, entry.item_id)
+            target.repo.auth = pointkeys.load_auth(self.data_dir, entry.item_id)
             replicator = ItemReplicator(
                 item_id=entry.item_id, vm_id=entry.vm_id, driver=self.hypervisor, target=target,
                 state_dir=self._state_dir, settings=settings_from_args(entry.settings),
                 on_progress=functools.partial(self._on_progress, entry.item_id),
                 generation=entry.generation)
-            return _Item(entry, replicator, Repository(target.repo.store, entry.item_id))
+            return _Item(entry, replicator, Repository(target.repo.store, entry.item_id,
+                                                       auth=target.repo.auth))
         except DrsiteError as e:
             log.error("item %s cannot be opened (%s): %s", entry.item_id, e.error_class.value, e)
             return _Item(entry, None, None, e)
@@ -431,7 +433,14 @@ class Agent:
         """One heartbeat: send, apply the ack, accept the commands, post pending results and
         progress. Raises ``NetworkError`` (vault unreachable), ``AuthError`` and the like."""
         payload, sent = self.build_heartbeat()
-        reply = self.link.heartbeat(payload)
+        store_fields = storeacl.beat_fields(self._store)  # access-list digest, store audit
+        payload.update(store_fields)
+        try:
+            reply = self.link.heartbeat(payload)
+        except DrsiteError:
+            storeacl.beat_failed(self._store, store_fields)
+            raise
+        storeacl.apply_reply(self._store, reply.store_acl)
         self._apply_ack(reply, sent)
         for cmd in reply.commands:
             self._accept(cmd)
@@ -520,6 +529,8 @@ class Agent:
                 prog = 0.0
                 if item is not None and item.replicator is not None and self._is_running(cid):
                     prog = float(item.replicator.report.progress)
+                if not pr.item_id and pr.posted_progress >= 0:
+                    continue  # a command of no item (store_rekey) posts its own progress
                 if pr.posted_progress < 0 or abs(prog - pr.posted_progress) >= 0.5 \
                         or now - pr.posted_at >= PROGRESS_REPOST_S:
                     todo.append((cid, pr, prog))
@@ -692,7 +703,8 @@ class Agent:
     def _handle(self, cmd: Command) -> dict[str, Any]:
         handler = {"protect": self._protect, "cycle": self._cycle, "resync": self._resync,
                    "retention": self._retention, "unprotect": self._unprotect,
-                   "update_settings": self._update_settings}.get(cmd.kind)
+                   "update_settings": self._update_settings,
+                   "store_rekey": self._store_rekey}.get(cmd.kind)
         if handler is None:
             return self.failover.handle(cmd)  # failover_* commands (agent/failover.py)
         return handler(cmd)
@@ -724,6 +736,7 @@ class Agent:
             cloud = StoreSpec.from_dict(cloud).to_dict()  # validate before anything is recorded
             store_url = cloudstores.CLOUD_STORE_URL + str(cloud["name"] or "store")
         self.hypervisor.get_vm(vm_id)  # VmNotFound before anything is recorded
+        key_changed = self._save_point_key(cmd)
         with self._lock:
             entry = self._entries.get(cmd.item_id)
             item = self._items.get(cmd.item_id)
@@ -733,7 +746,7 @@ class Agent:
         spec_changed = cloud is not None and cloudstores.save_spec(self.data_dir, cmd.item_id,
                                                                    cloud)
         rebuild = item is None or item.replicator is None or entry is None \
-            or entry.store_url != store_url or spec_changed
+            or entry.store_url != store_url or spec_changed or key_changed
         if entry is None:
             entry = ItemEntry(cmd.item_id, vm_id, str(a.get("target_site") or ""), store_url,
                               settings, ItemPhase.INITIAL, time.time(),
@@ -774,6 +787,13 @@ class Agent:
         self._mark_protected(item)
         return {"point": point.to_dict(), "report": item.replicator.report.to_dict()}
 
+    def _save_point_key(self, cmd: Command) -> bool:
+        """Keep the item's point key from ``protect`` (0600 file); whether it changed."""
+        raw = cmd.args.get("point_key")
+        if not isinstance(raw, str) or not raw or raw == "redacted":
+            return False
+        return pointkeys.save_key(self.data_dir, cmd.item_id or "", raw)
+
     def _already_done(self, cmd: Command, rep: ItemReplicator, kind: str | None
                       ) -> PointInfo | None:
         """The point a ``cycle``/``resync`` made before a crash cut off its result, if any."""
@@ -808,12 +828,27 @@ class Agent:
         return {"point": point.to_dict(), "report": rep.report.to_dict()}
 
     def _retention(self, cmd: Command) -> dict[str, Any]:
+        if cmd.args.get("store_side"):  # this host's store holds the item (agent/storeacl.py)
+            if self._store is None:
+                raise InvalidInput(f"host {self.identity.host_name} serves no recovery store",
+                                   hint="The vault sends store-side retention to the agent "
+                                        "that serves the item's store.")
+            return storeacl.store_retention(self._store, cmd)
         _, rep = self._live_item(cmd)
+        if not rep.target.runs_retention:
+            # committed points on a site store are removed by the store's own agent only
+            return {"deleted_points": [], "store_side": False}
         pinned = {p for p in (rep.target.replica_point(),) if p}
         deleted = rep.target.repo.apply_retention(rep.settings.retention, time.time(), pinned)
         if deleted:
             log.info("item %s: retention removed %d point(s)", cmd.item_id, len(deleted))
         return {"deleted_points": deleted}
+
+    def _store_rekey(self, cmd: Command) -> dict[str, Any]:
+        result = storerekey.run_rekey(self.link, cmd, self._stop)
+        if self._stop.is_set():
+            raise Interrupted("store rekey interrupted by shutdown")  # resumes when re-sent
+        return result
 
     def _update_settings(self, cmd: Command) -> dict[str, Any]:
         settings = dict(cmd.args.get("settings") or {})
@@ -841,7 +876,9 @@ class Agent:
             repo = rep.target.repo
             for cycle_id in repo.staged_cycles():
                 repo.abort(cycle_id)
-            if delete:
+            if delete and not rep.target.runs_retention:
+                pass  # the store's own agent deletes them (the vault sends it 'retention')
+            elif delete:
                 for p in repo.points():
                     repo.delete_point(p.point_id)
                     deleted.append(p.point_id)
@@ -860,6 +897,7 @@ class Agent:
         with contextlib.suppress(FileNotFoundError):
             (self._state_dir / f"{cmd.item_id}.json").unlink()
         cloudstores.remove_spec(self.data_dir, cmd.item_id)
+        pointkeys.remove_key(self.data_dir, cmd.item_id)
         log.info("item %s unprotected%s", cmd.item_id,
                  f", {len(deleted)} point(s) deleted" if delete else "")
         return {"deleted_points": deleted}

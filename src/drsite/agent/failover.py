@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from drsite.agent import pointkeys
 from drsite.agent.link import Command
 from drsite.agent.registration import AgentIdentity
 from drsite.agent.state import ItemEntry
@@ -44,6 +45,7 @@ from drsite.fsutil import atomic_write_json, read_json
 from drsite.hypervisors.contract import HypervisorDriver
 from drsite.replication.driver import ItemReplicator
 from drsite.sitestore.server import held_marker, replica_lock
+from drsite.store.auth import PointAuth
 from drsite.store.contract import ObjectStore
 from drsite.store.factory import open_store
 from drsite.store.generation import GenerationStore
@@ -119,6 +121,16 @@ class FailoverCommands:
                                     "serves the store (--store-listen).")
         return svc.local_store, svc.replicas_dir
 
+    def _auth(self, item_id: str, raw: object) -> PointAuth | None:
+        """The item's point MAC: from the command (kept in a 0600 file), else the key this
+        host kept, else the one in its store's access list. With it, every point and
+        generation record the failover reads must be authentic."""
+        auth = pointkeys.auth_from_args(self.agent.data_dir, item_id, raw)
+        svc = self.agent.store_service
+        if auth is None and svc is not None:
+            auth = svc.acl.point_auth(item_id)
+        return auth
+
     @contextlib.contextmanager
     def _item(self, cmd: Command) -> Iterator[actions.ProtectedItem]:
         a = cmd.args
@@ -130,7 +142,7 @@ class FailoverCommands:
             raise InvalidInput(f"{cmd.kind} {cmd.item_id}: missing argument {e.args[0]!r}") from None
         item_id = validate_name("item", cmd.item_id or "")
         store, replicas = self._store(a)
-        repo = Repository(store, item_id)
+        repo = Repository(store, item_id, auth=self._auth(item_id, a.get("point_key")))
         hv = self.agent.hypervisor
         replica_dir = replicas / item_id
         replica_dir.mkdir(parents=True, exist_ok=True)
@@ -297,7 +309,8 @@ class FailoverCommands:
         if vm.power is PowerState.RUNNING:
             hv.power_off(vm_id, timeout=30.0)  # never a VM of the item on both sites
         store = svc.local_store
-        repo = Repository(store, rev_id)
+        auth = self._auth(rev_id, a.get("rev_point_key"))
+        repo = Repository(store, rev_id, auth=auth)
         readers = {d.disk_id: hv.open_live_reader(vm_id, d.disk_id) for d in vm.disks}
         t0 = time.monotonic()
         try:
@@ -306,11 +319,12 @@ class FailoverCommands:
             for r in readers.values():
                 r.close()
             repo.close()
-        GenerationStore(store).ensure(rev_id, new_primary, now=time.time(), at_least=generation,
-                                      reason=f"re-protect of {cmd.item_id}")
+        GenerationStore(store, auth).ensure(rev_id, new_primary, now=time.time(),
+                                            at_least=generation,
+                                            reason=f"re-protect of {cmd.item_id}")
         return {"base_point_id": base.point_id, "base_bytes_local": written,
                 "disk_bytes": sum(base.disk_sizes.values()), "generation":
-                GenerationStore(store).current(rev_id), "seconds": round(time.monotonic() - t0, 3)}
+                GenerationStore(store, auth).current(rev_id), "seconds": round(time.monotonic() - t0, 3)}
 
     # ------------------------------------------------------------------- recovery plans
 

@@ -25,7 +25,9 @@ COMMAND_KINDS = ("protect", "cycle", "resync", "retention", "unprotect", "update
                  # failover (agent/failover.py)
                  "failover", "failover_cleanup", "failover_commit", "failover_cancel",
                  "failover_change_point", "reprotect_seed", "failover_prepare",
-                 "failover_resume_source", "run_script")
+                 "failover_resume_source", "run_script",
+                 "store_rekey")   # agent/storerekey.py
+ITEMLESS_KINDS = ("store_rekey",)   # commands of no item (item_id null; their lane is "")
 
 
 def vault_error(resp: httpx.Response, what: str) -> DrsiteError:
@@ -57,13 +59,14 @@ class Command:
         if not isinstance(d, dict):
             raise InvalidInput(f"command is not an object: {d!r}")
         try:
-            cid, kind, item = str(d["command_id"]), str(d["kind"]), str(d["item_id"])
+            cid, kind, raw_item = str(d["command_id"]), str(d["kind"]), d["item_id"]
         except KeyError as e:
             raise InvalidInput(f"command without {e.args[0]!r}") from None
+        item = "" if raw_item is None else str(raw_item)
         args = d.get("args") or {}
         if not isinstance(args, dict):
             raise InvalidInput(f"command {cid}: args is not an object")
-        if not cid or not item:
+        if not cid or (not item and kind not in ITEMLESS_KINDS):
             raise InvalidInput("command with an empty command_id or item_id")
         return Command(cid, kind, item, dict(args))
 
@@ -80,6 +83,7 @@ class HeartbeatReply:
     commands: list[Command]
     ack: dict[str, int]
     malformed: int = 0  # commands dropped because they could not be parsed
+    store_acl: dict[str, Any] | None = None  # a new store access list (store-serving agents)
 
 
 class VaultLink:
@@ -141,7 +145,8 @@ class VaultLink:
                     ack[str(item_id)] = int(seq) if seq is not None else 0
                 except (TypeError, ValueError):
                     log.error("ignoring a malformed ack for item %s: %r", item_id, seq)
-        return HeartbeatReply(commands, ack, bad)
+        acl = out.get("store_acl")
+        return HeartbeatReply(commands, ack, bad, acl if isinstance(acl, dict) else None)
 
     def post_result(self, command_id: str, *, status: CommandStatus, progress: float,
                     result: dict[str, Any] | None = None,

@@ -294,5 +294,9 @@ class VaultClient:
     def rotate_store_key(self, name: str) -> dict[str, Any]:
         return dict(self._call("POST", f"/stores/{name}/rotate-key"))
 
+    def rekey_store(self, name: str) -> dict[str, Any]:
+        """Start re-encrypting the store's old objects under its active key; returns the job."""
+        return dict(self._call("POST", f"/stores/{name}/rekey"))
+
     def set_group_store(self, group: str, store: str | None) -> dict[str, Any]:
         return dict(self._call("PUT", f"/groups/{group}", json={"store": store}))

@@ -145,6 +145,18 @@ class CorruptData(PermanentError):
     default_hint = "The damaged object was quarantined; run a resync to repair the item."
 
 
+class PointNotAuthentic(PermanentError):
+    """A recovery point (its manifest) or a generation record does not carry a valid MAC under
+    the item's point key: it was written or altered by someone who does not hold the key (the
+    store's directory or the bucket's credentials), or before points were authenticated."""
+
+    code = "point_not_authentic"
+    default_hint = ("Do not fail over to this point. Check who can write the recovery store "
+                    "(see 'drsite audit list'); protect the VM anew ('drsite items unprotect ITEM', "
+                    "then 'drsite items protect VM --group GROUP') to write "
+                    "a new authenticated full copy.")
+
+
 class InvalidReplicaState(PermanentError):
     code = "invalid_replica_state"
     default_hint = "Inspect the replica; a resync or re-protect rebuilds it."

@@ -110,7 +110,7 @@ class ProtectedItem:
 
     @property
     def generations(self) -> GenerationStore:
-        return GenerationStore(self.repo.store)
+        return GenerationStore(self.repo.store, self.repo.auth)
 
 
 FailoverKind = Literal["test", "planned", "unplanned"]
@@ -534,7 +534,7 @@ def planned_failover(item: ProtectedItem, *, failover_id: str | None = None,
                            "engine for the final cycle", hint="Use an unplanned failover.")
     if not run.done("checked"):
         check_replication_direction(item.repo.store, item.item_id, item.primary.name,
-                                    item.replicator.generation)
+                                    item.replicator.generation, auth=item.repo.auth)
         if vm_spec is None:  # an explicit spec is used as it is
             item.network_map.check(item.spec)
         run.mark("checked")
@@ -602,7 +602,8 @@ def planned_failover_recovery_side(item: ProtectedItem, *, failover_id: str, poi
     if resumed and rec.state is not FailoverState.STARTING:
         return rec
     if not run.done("checked"):
-        check_replication_direction(item.repo.store, item.item_id, item.primary.name)
+        check_replication_direction(item.repo.store, item.item_id, item.primary.name,
+                                    auth=item.repo.auth)
         item.network_map.check(item.spec)
         rec.point_id = point_id
         rec.steps.extend(s for s in ("source_off", "final_cycle") if s not in rec.steps)
@@ -827,7 +828,8 @@ def reprotect(item: ProtectedItem, failover_id: str, reverse_store: ObjectStore,
                        "re-protecting", hint="Commit the failover first.")
     assert rec.vm_id is not None
     rev_id = validate_name("item", new_item_id or rec.reprotect_item_id or f"{item.item_id}-rev")
-    g = check_replication_direction(item.repo.store, item.item_id, item.recovery.name)
+    g = check_replication_direction(item.repo.store, item.item_id, item.recovery.name,
+                                    auth=item.repo.auth)
     generation = g.generation if g else 0
     if g is not None and g.generation <= rec.generation_before:
         raise Fenced(f"the old primary of {item.item_id} is not fenced (generation "

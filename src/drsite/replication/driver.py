@@ -486,8 +486,10 @@ class ItemReplicator:
                         r.vm_name, point.point_id, e)
             self._post_commit_issue = f"replica behind the latest point: {e.message}"
         try:
-            pinned = {p for p in (self.target.replica_point(),) if p}
-            self.target.repo.apply_retention(self.settings.retention, self.clock.now(), pinned)
+            if self.target.runs_retention:
+                pinned = {p for p in (self.target.replica_point(),) if p}
+                self.target.repo.apply_retention(self.settings.retention, self.clock.now(),
+                                                 pinned)
         except DrsiteError as e:
             log.warning("%s: retention failed: %s", r.vm_name, e)
             self._post_commit_issue = f"retention failed: {e.message}"
@@ -496,7 +498,8 @@ class ItemReplicator:
 
     def _check_fence(self) -> None:
         if self.generation is not None:
-            check_not_fenced(self.target.repo.store, self.rec.item_id, self.generation)
+            check_not_fenced(self.target.repo.store, self.rec.item_id, self.generation,
+                             self.target.repo.auth)
 
     def _own_cycle(self, kind: str) -> SealedCycle | None:
         """The sealed cycle this item was working on, if it is still there and of ``kind``."""

@@ -299,3 +299,7 @@ class SiteTarget:
 
     def replica_point(self) -> str | None:
         return None
+
+    @property
+    def runs_retention(self) -> bool:
+        return False  # the store's own agent applies it (the vault sends it 'retention')

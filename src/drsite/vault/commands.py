@@ -26,7 +26,10 @@ KINDS = ("protect", "cycle", "resync", "retention", "unprotect", "update_setting
          # failover (vault/jobs/failover.py → agent/failover.py)
          "failover", "failover_cleanup", "failover_commit", "failover_cancel",
          "failover_change_point", "reprotect_seed", "failover_prepare", "failover_resume_source",
-         "run_script")
+         "run_script",
+         "store_rekey")   # re-encrypt a cloud store's old objects (jobs/stores.py)
+# arguments holding an item's point key (scrubbed when the command ends, sealed at rest)
+POINT_KEY_ARGS = ("point_key", "rev_point_key")
 # commands that move data for an item: at most one of these is outstanding per item
 REPLICATION_KINDS = ("protect", "cycle", "resync")
 
@@ -105,8 +108,8 @@ def record_result(cmd: Command, *, status: CommandStatus, progress: float | None
         raise InvalidInput("a failed result needs an error object")
     if progress is not None:
         cmd.progress = max(0.0, min(100.0, progress))
-    if result is not None:
-        cmd.result = result
+    if result is not None and (result or status != CommandStatus.RUNNING):
+        cmd.result = result  # a running post without a result keeps the last one (a cursor)
     cmd.updated_at = now
     if status == CommandStatus.RUNNING:
         cmd.status = CommandStatus.RUNNING
@@ -123,7 +126,11 @@ def record_result(cmd: Command, *, status: CommandStatus, progress: float | None
 
 def scrub_secrets(cmd: Command) -> None:
     """A command that ended is never delivered again: the cloud store credentials and keys in
-    its arguments are dropped (the names of what was set stay, for the record)."""
+    its arguments are dropped (the names of what was set stay, for the record), and so are
+    point keys (``point_key``, ``rev_point_key``: replaced by ``"redacted"``)."""
+    keys = [k for k in POINT_KEY_ARGS if (cmd.args or {}).get(k) not in (None, "redacted")]
+    if keys:
+        cmd.args = {**cmd.args, **dict.fromkeys(keys, "redacted")}
     spec = (cmd.args or {}).get("store")
     if not isinstance(spec, dict) or spec.get("redacted"):
         return

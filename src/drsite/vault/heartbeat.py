@@ -7,7 +7,8 @@ highest catalogued seq, so the agent resends anything the vault did not keep); E
 jobs for newly discovered VMs that a group with a policy matches; then the commands due to the
 host (marked sent). Item facts count only from the item's own host, and a removal only when
 the vault can explain it (``trust``): the rest is ignored, recorded and alerted. The store
-deletes/overwrites a store-serving host reports (``audit``) go to the audit trail.
+deletes/overwrites a store-serving host reports (``audit``) go to the audit trail; a
+store-serving host gets its store's access list when its copy is outdated (``storeacl``).
 
 Responsible for: applying agent facts. Not responsible for: deciding what replicates when
 (``scheduler``) or health (``health``).
@@ -26,7 +27,7 @@ from drsite.core.errors import DrsiteError, InvalidInput
 from drsite.core.states import FAILOVER_ITEM_STATUSES, RETIRED_ITEM_STATUSES, FailoverState
 from drsite.replication.report import ItemReport, ItemState
 from drsite.store.format import PointInfo
-from drsite.vault import commands, trust
+from drsite.vault import commands, storeacl, trust
 from drsite.vault.db.models import Failover, Group, Host, Item, Point, Vm
 from drsite.vault.jobs.create import start_enable_protection
 from drsite.vault.membership import active_item_for_vm, group_for_vm
@@ -53,6 +54,7 @@ class Beat:
     vms: list[dict[str, Any]]
     items: list[ItemBeat]
     audit: list[trust.StoreAudit] = field(default_factory=list)
+    store_acl_digest: str | None = None   # the store access list the agent has (storeacl)
 
 
 def _vm_fields(d: dict[str, Any]) -> tuple[str, str]:
@@ -89,7 +91,8 @@ def apply_heartbeat(s: Session, host: Host, beat: Beat, settings: VaultSettings)
     due = commands.deliver(s, host.id, now, resend_after_s=settings.resend_after_s,
                            stale_running_s=settings.stale_running_s)
     return {"commands": [commands.to_wire(c) for c in due], "ack": ack,
-            "heartbeat_interval": settings.heartbeat_interval}
+            "heartbeat_interval": settings.heartbeat_interval,
+            **storeacl.reply_fields(s, host, beat.store_acl_digest, now)}
 
 
 def _apply_inventory(s: Session, host: Host, vms: list[dict[str, Any]], now: float) -> list[Vm]:

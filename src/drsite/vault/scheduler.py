@@ -36,12 +36,12 @@ from drsite.core.retry import RetryState
 from drsite.core.states import OPEN_COMMAND_STATUSES, CommandStatus, ItemProtection
 from drsite.replication.planner import Action, PlanInput, app_consistent_due, next_cycle_at, plan
 from drsite.replication.report import ItemState
-from drsite.vault import commands
+from drsite.vault import commands, storeacl
 from drsite.vault.audit import record_event
 from drsite.vault.db.database import Database
 from drsite.vault.db.models import Command, Group, Host, Item, Policy
 from drsite.vault.ids import new_id
-from drsite.vault.policies import parse_window
+from drsite.vault.policies import agent_settings, parse_window
 from drsite.vault.settings import VaultSettings
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,11 @@ class Scheduler:
                              .order_by(Item.id)).all()
             due: list[_Due] = []
             for item, policy in rows:
-                due.extend(self._item(item, policy, open_kinds.get(item.id, set()), now))
+                for d in self._item(item, policy, open_kinds.get(item.id, set()), now):
+                    if d.kind == "retention":  # a site store's own agent runs it
+                        d.host_id, d.args = storeacl.retention_target(s, item,
+                                                                      agent_settings(policy))
+                    due.append(d)
         if not due:
             return []
         return self._write(due, now)

@@ -20,7 +20,7 @@ from drsite.vault.db.models import Command, Host, RegistrationKey, Site
 from drsite.vault.heartbeat import Beat, ItemBeat, apply_heartbeat
 from drsite.vault.ids import new_id
 from drsite.vault.scheduler import apply_result
-from drsite.vault.trust import StoreAudit
+from drsite.vault.trust import StoreAudit, alert_not_authentic
 
 router = APIRouter(prefix="/agent")
 
@@ -113,7 +113,8 @@ def heartbeat(body: HeartbeatIn, vault: VaultDep, cert: PeerCert, request: Reque
                 items=[ItemBeat(item_id=i.item_id, report=i.report, new_points=i.new_points,
                                 removed_points=i.removed_points) for i in body.items],
                 audit=[StoreAudit(op=a.op, key=a.key, item_id=a.item_id, caller=a.caller,
-                                  outcome=a.outcome, at=a.at) for a in body.audit])
+                                  outcome=a.outcome, at=a.at) for a in body.audit],
+                 store_acl_digest=body.store_acl_digest)
     ident = verify_agent_cert(vault.ca, cert)  # before the transaction (cached)
     set_actor(request, "host", ident.common_name)
     with vault.db.tx() as s:
@@ -135,4 +136,5 @@ def command_result(command_id: str, body: CommandResultIn, vault: VaultDep,
         if commands.record_result(cmd, status=body.status, progress=body.progress, result=body.result,
                                   error=body.error, now=now):
             apply_result(s, cmd, now)
+            alert_not_authentic(s, host, cmd, now)
         return {"command_id": cmd.id, "status": cmd.status}

@@ -115,6 +115,7 @@ class HeartbeatIn(Lenient):
     vms: list[dict[str, Any]] = Field(default_factory=list)
     items: list[ItemBeatIn] = Field(default_factory=list)
     audit: list[StoreAuditIn] = Field(default_factory=list, max_length=1000)
+    store_acl_digest: str | None = Field(default=None, max_length=128)
 
 
 class CommandResultIn(Lenient):

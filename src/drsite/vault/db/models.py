@@ -27,7 +27,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from drsite.core.states import CommandStatus, FailoverState, ItemProtection, JobState, TaskState
 from drsite.replication.report import Health
-from drsite.vault.db.sealed import STORE_SPEC_PATHS, SealedJSON
+from drsite.vault.db.sealed import COMMAND_ARG_PATHS, SealedJSON
 from drsite.vault.db.types import EnumText
 
 NAMING = {
@@ -81,6 +81,8 @@ class Host(Base):
     version: Mapped[str] = mapped_column(String(64), default="")
     store_url: Mapped[str | None] = mapped_column(String(256), nullable=True)
     revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # digest of the store access list the agent last said it holds (migration 0005)
+    store_acl_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class Vm(Base):
@@ -244,8 +246,8 @@ class Command(Base):
     item_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     kind: Mapped[str] = mapped_column(String(32))
-    # a cloud store's spec in the arguments has its credentials and keys sealed at rest
-    args: Mapped[dict[str, Any]] = mapped_column(SealedJSON("commands.args", STORE_SPEC_PATHS))
+    # a cloud store's credentials and keys and an item's point key are sealed at rest
+    args: Mapped[dict[str, Any]] = mapped_column(SealedJSON("commands.args", COMMAND_ARG_PATHS))
     status: Mapped[CommandStatus] = mapped_column(EnumText(CommandStatus, 16))
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
@@ -386,3 +388,15 @@ class RecoveryPlan(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+
+
+class PointKey(Base):
+    """An item's point key (``drsite.store.auth``): 32 random bytes, base64, sealed at rest.
+    Given to the item's source agent (``protect``), its recovery agent (the store access list)
+    and in failover commands; never in an API response. No foreign key: a reverse item's key
+    exists before its row (``reprotect_seed`` writes its base). Migration 0005."""
+
+    __tablename__ = "point_keys"
+    item_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key: Mapped[str] = mapped_column(SealedJSON("point_keys.key"))
+    created_at: Mapped[float] = mapped_column(Float)

@@ -115,6 +115,17 @@ def start_policy_association(s: Session, group: Group, *, now: float) -> Job:
                       args={"group": group.name}, now=now)
 
 
+def start_store_rekey(s: Session, store_name: str, *, now: float) -> Job:
+    """Re-encrypt the store's old objects (one such job per store at a time)."""
+    running = s.scalars(select(Job.id).where(Job.kind == P.REKEY, Job.target == store_name,
+                                             Job.state.in_(ACTIVE_JOB_STATES))).first()
+    if running is not None:
+        raise Conflict(f"store {store_name} is already being re-encrypted (job {running})",
+                       hint=f"Follow it with 'drsite jobs show {running}', or cancel it.")
+    return create_job(s, P.REKEY, target=store_name, item_id=None, args={"store": store_name},
+                      now=now)
+
+
 def request_cancel(s: Session, job: Job, now: float) -> None:
     """Ask for a job to stop at its next task boundary (``Conflict`` if it already ended)."""
     if job.state not in ACTIVE_JOB_STATES:

@@ -36,7 +36,7 @@ from drsite.core.states import (
 )
 from drsite.failover.wire import network_map_from_args, vm_spec_from_dict
 from drsite.replication.report import Health, ItemState
-from drsite.vault import commands
+from drsite.vault import commands, storeacl
 from drsite.vault.audit import record_event
 from drsite.vault.db.models import (
     Command,
@@ -155,6 +155,10 @@ def run_command(ctx: TaskContext, host: Host | None, kind: str, args: dict[str, 
         ctx.put(**{f"{key}_tries": tries + 1})
         cmd = None
     if cmd is None:
+        if kind != "run_script":  # the item's point key (scrubbed when the command ends)
+            args = {**args, "point_key": storeacl.point_key(ctx.s, item_id, ctx.now)}
+        if kind == "reprotect_seed":
+            args["rev_point_key"] = storeacl.point_key(ctx.s, str(args["rev_item_id"]), ctx.now)
         cmd = commands.enqueue(ctx.s, host_id=host.id, kind=kind, item_id=item_id, args=args,
                                now=ctx.now, job_id=ctx.job.id)
         ctx.put(**{key: cmd.id})
@@ -466,6 +470,9 @@ def reverse_replication(ctx: TaskContext) -> Step:
                    updated_at=ctx.now, origin_item_id=item.id, vm_spec=item.vm_spec)
         ctx.s.add(rev)
         ctx.s.flush()
+    pending = storeacl.grant_pending(ctx.s, rev, ctx.now)
+    if pending is not None and "command_id" not in ctx.data:
+        return wait(60, pending)
     args = {"vm_id": fo.vm_id, "target_site": site_name(ctx, src.site_id),
             "store_url": store.store_url, "settings": agent_settings(_policy(ctx, item)),
             "generation": fo.generation or 1, "resync_from_base": True}

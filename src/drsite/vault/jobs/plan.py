@@ -17,6 +17,7 @@ CANCEL = "CancelFailover"
 CHANGE_POINT = "ChangeRecoveryPoint"
 REPROTECT = "Reprotect"
 PLAN = "RecoveryPlan"
+REKEY = "RekeyStore"
 
 TASK_PLAN: dict[str, tuple[tuple[str, str], ...]] = {
     ENABLE: (("prerequisites", "Prerequisite checks"),
@@ -43,6 +44,7 @@ TASK_PLAN: dict[str, tuple[tuple[str, str], ...]] = {
     CHANGE_POINT: (("change_point", "Restart the recovery VM from another point"),),
     REPROTECT: (("reprotect_seed", "Write the old primary's disks as the reverse base"),
                 ("reverse_replication", "Resync from the failed-over VM (only differences travel)")),
+    REKEY: (("rekey", "Re-encrypt old objects under the active key"),),
 }
 # a planned failover's commit re-protects at once (the seed: protected in the reverse direction)
 COMMIT_AND_REPROTECT = TASK_PLAN[COMMIT] + TASK_PLAN[REPROTECT]
@@ -50,4 +52,4 @@ ROLLBACK_TASK = ("rollback", "Roll back (unprotect)")
 # task weights for the job's overall progress (initial replication is the long one)
 WEIGHTS: dict[str, float] = {"initial_replication": 8.0, "resync": 6.0, "start_replica": 4.0,
                              "start_test_vm": 4.0, "reverse_replication": 6.0,
-                             "shutdown_source": 3.0}
+                             "shutdown_source": 3.0, "rekey": 1.0}
