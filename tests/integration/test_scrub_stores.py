@@ -13,12 +13,12 @@ import pytest
 
 from drsite.core.clock import FakeClock
 from drsite.core.model import Consistency
+from drsite.sitestore.testing import shared_site_store
 from drsite.store.contract import ObjectStore
 from drsite.store.digest import image_digest
 from drsite.store.local import LocalObjectStore
 from drsite.store.repository import Repository
 from drsite.store.scrub import CORRUPT, MISSING, ScrubCursor, scrub, verify_point
-from drsite.sitestore.testing import shared_site_store
 from tests.cloud import azure_azurite, s3_moto
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -75,7 +75,7 @@ def packs(repo: Repository, cycle: str) -> list[str]:
 @pytest.mark.parametrize("kind", list(STORES))
 def test_scrub_finds_flipped_truncated_and_deleted_packs(kind: str, tmp_path: Path) -> None:
     store = STORES[kind](tmp_path)
-    repo, disk, (p1, p2, p3) = three_points(store)
+    repo, _disk, (p1, p2, p3) = three_points(store)
     clean, cur = scrub(repo)
     assert cur is None and clean.complete and clean.findings == []
     assert clean.points == [p1, p2, p3] and clean.latest_point == p3
