@@ -41,9 +41,11 @@ import httpx
 
 import drsite
 from drsite.agent import cloudstores
+from drsite.agent.drill import DrillCommands
 from drsite.agent.failover import FailoverCommands
 from drsite.agent.link import COMMAND_KINDS, Command, HeartbeatReply, VaultLink
 from drsite.agent.registration import AgentIdentity
+from drsite.agent.scrub import ScrubCommands
 from drsite.agent.state import (
     CatalogEntry,
     CatalogFile,
@@ -171,6 +173,8 @@ class Agent:
                                        store_listen)
         self._store_url: str | None = None
         self.failover = FailoverCommands(self)
+        self.scrubs = ScrubCommands(self)
+        self.drills = DrillCommands(self)
         self._started = False
         self._last_ok = time.monotonic()
         self._failures = 0
@@ -692,7 +696,8 @@ class Agent:
     def _handle(self, cmd: Command) -> dict[str, Any]:
         handler = {"protect": self._protect, "cycle": self._cycle, "resync": self._resync,
                    "retention": self._retention, "unprotect": self._unprotect,
-                   "update_settings": self._update_settings}.get(cmd.kind)
+                   "update_settings": self._update_settings, "scrub": self.scrubs.handle,
+                   "verify": self.scrubs.handle, "drill_probe": self.drills.handle}.get(cmd.kind)
         if handler is None:
             return self.failover.handle(cmd)  # failover_* commands (agent/failover.py)
         return handler(cmd)

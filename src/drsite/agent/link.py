@@ -25,7 +25,9 @@ COMMAND_KINDS = ("protect", "cycle", "resync", "retention", "unprotect", "update
                  # failover (agent/failover.py)
                  "failover", "failover_cleanup", "failover_commit", "failover_cancel",
                  "failover_change_point", "reprotect_seed", "failover_prepare",
-                 "failover_resume_source", "run_script")
+                 "failover_resume_source", "run_script",
+                 # store upkeep and drills (agent/scrub.py, agent/drill.py)
+                 "scrub", "verify", "drill_probe")
 
 
 def vault_error(resp: httpx.Response, what: str) -> DrsiteError:

@@ -97,6 +97,9 @@ def policies_create(
     compression: bool = typer.Option(True, help="zstd compression of shipped data."),
     encryption: bool = typer.Option(False, help="Encrypt data at rest in the store."),
     bandwidth_limit: int | None = typer.Option(None, help="Bytes/s cap for replication traffic."),
+    scrub_interval: float | None = typer.Option(86400.0, help="Seconds between scrubs of the "
+                                                "recovery store (every object hash-checked)."),
+    scrub_rate: int | None = typer.Option(32 << 20, help="Bytes/s a scrub may read."),
     vault: str | None = VaultOpt, token: str | None = TokenOpt, ca_file: Path | None = CaOpt,
     json_out: bool = JsonOpt,
 ) -> None:
@@ -106,7 +109,8 @@ def policies_create(
                             "app_consistent_every_s": app_consistent_every,
                             "rpo_threshold_s": rpo_threshold, "resync_window": resync_window,
                             "compression": compression, "encryption": encryption,
-                            "bandwidth_limit_bps": bandwidth_limit}
+                            "bandwidth_limit_bps": bandwidth_limit,
+                            "scrub_interval_s": scrub_interval, "scrub_rate_bps": scrub_rate}
     with client(vault, token, ca_file) as c:
         show(c.create_policy(body), ["name", "frequency_s", "retention_hours"],
              title="policy created", json_out=json_out)

@@ -26,7 +26,9 @@ KINDS = ("protect", "cycle", "resync", "retention", "unprotect", "update_setting
          # failover (vault/jobs/failover.py → agent/failover.py)
          "failover", "failover_cleanup", "failover_commit", "failover_cancel",
          "failover_change_point", "reprotect_seed", "failover_prepare", "failover_resume_source",
-         "run_script")
+         "run_script",
+         # store upkeep and drills (vault/scrub.py, vault/jobs/drills.py → agent/scrub.py, drill.py)
+         "scrub", "verify", "drill_probe")
 # commands that move data for an item: at most one of these is outstanding per item
 REPLICATION_KINDS = ("protect", "cycle", "resync")
 

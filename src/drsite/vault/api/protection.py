@@ -38,7 +38,9 @@ def _values(body: PolicyIn) -> PolicyValues:
                         initial_replication_start=body.initial_replication_start,
                         compression=body.compression, encryption=body.encryption,
                         bandwidth_limit_bps=body.bandwidth_limit_bps,
-                        resync_window=body.resync_window, rpo_threshold_s=body.rpo_threshold_s).check()
+                        resync_window=body.resync_window, rpo_threshold_s=body.rpo_threshold_s,
+                        scrub_interval_s=body.scrub_interval_s,
+                        scrub_rate_bps=body.scrub_rate_bps).check()
 
 
 def get_policy(s: Session, policy_name: str) -> Policy:

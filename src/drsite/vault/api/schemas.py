@@ -42,6 +42,8 @@ class PolicyIn(Strict):
     bandwidth_limit_bps: int | None = None
     resync_window: str = "18:00-08:00"
     rpo_threshold_s: float = 1800.0
+    scrub_interval_s: float | None = 86400.0
+    scrub_rate_bps: int | None = 32 << 20
 
 
 class MatchIn(Strict):

@@ -111,6 +111,12 @@ class Policy(Base):
     rpo_threshold_s: Mapped[float] = mapped_column(Float)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+    # scrub of the items' recovery stores (migration 0005): a pass every interval (null: never),
+    # paced to the rate (null: unpaced)
+    scrub_interval_s: Mapped[float | None] = mapped_column(Float, nullable=True,
+                                                           server_default="86400")
+    scrub_rate_bps: Mapped[int | None] = mapped_column(BigInteger, nullable=True,
+                                                       server_default=str(32 << 20))
 
 
 class Group(Base):
@@ -168,6 +174,9 @@ class Item(Base):
     origin_item_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     failover_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     vm_spec: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # scrub (migration 0005): when the current pass was started, and the last report's summary
+    last_scrub_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    scrub: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class Point(Base):
@@ -183,6 +192,9 @@ class Point(Base):
     consistency: Mapped[str] = mapped_column(String(16))
     bytes_written: Mapped[int] = mapped_column(BigInteger)
     info: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # set when a scrub or a verify found the point cannot be restored (migration 0005):
+    # {"reason", "found_at", "by", "objects"}; failover refuses such a point
+    damage: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class Job(Base):
@@ -360,3 +372,19 @@ class RecoveryPlan(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+
+
+class Drill(Base):
+    """One drill of a recovery plan (migration 0005): a test failover of the plan, verified,
+    booted, probed and cleaned up. ``state``: running, passed, failed; ``trigger``: schedule
+    or hand; ``report``: per VM point, RPO, RTO, verification and probe (``vault.drills``)."""
+
+    __tablename__ = "drills"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    plan: Mapped[str] = mapped_column(String(64), index=True)
+    job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    state: Mapped[str] = mapped_column(String(16))
+    trigger: Mapped[str] = mapped_column(String(16))
+    report: Mapped[dict[str, Any]] = mapped_column(JSON)
+    started_at: Mapped[float] = mapped_column(Float)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
