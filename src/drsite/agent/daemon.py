@@ -808,8 +808,10 @@ class Agent:
         done = self._already_done(cmd, rep, "resync")
         if done is not None:
             return {"point": done.to_dict(), "report": rep.report.to_dict()}
-        reason = "started by hand" if cmd.args.get("by_hand") else "started by the vault"
-        point = rep.run_resync(reason, wait_transient=False)
+        reason = str(cmd.args.get("reason") or ("started by hand" if cmd.args.get("by_hand")
+                                                else "started by the vault"))
+        point = rep.run_resync(reason, wait_transient=False,
+                               from_store=bool(cmd.args.get("from_store")))
         return {"point": point.to_dict(), "report": rep.report.to_dict()}
 
     def _retention(self, cmd: Command) -> dict[str, Any]:

@@ -171,6 +171,14 @@ class VaultClient:
     def points(self, item_id: str) -> list[dict[str, Any]]:
         return list(self._call("GET", f"/items/{item_id}/points"))
 
+    def verify(self, item_id: str, *, point: str | None = None,
+               all_points: bool = False) -> dict[str, Any]:
+        return dict(self._call("POST", f"/items/{item_id}/verify",
+                               json={"point": point, "all": all_points}))
+
+    def verification(self, item_id: str, job_id: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/items/{item_id}/verifications/{job_id}"))
+
     def jobs(self, *, state: str | None = None, kind: str | None = None,
              limit: int = 100) -> list[dict[str, Any]]:
         params = {k: v for k, v in {"state": state, "kind": kind, "limit": limit}.items()

@@ -13,16 +13,18 @@ from drsite.core.states import FAILOVER_ITEM_STATUSES, LIVE_ITEM_STATUSES, ItemP
 from drsite.vault import commands
 from drsite.vault.api.deps import Operator, Reader, VaultDep, name
 from drsite.vault.api.inventory import get_site
-from drsite.vault.api.schemas import GroupIn, GroupUpdate, ItemIn, MatchIn, PolicyIn
+from drsite.vault.api.schemas import GroupIn, GroupUpdate, ItemIn, MatchIn, PolicyIn, VerifyIn
 from drsite.vault.api.views import group_view, item_view, policy_view, site_names
 from drsite.vault.audit import record_event
-from drsite.vault.db.models import Group, Host, Item, Point, Policy, Vm
+from drsite.vault.db.models import Group, Host, Item, Job, Point, Policy, Task, Vm
 from drsite.vault.jobs.create import (
     start_disable_protection,
     start_enable_protection,
     start_policy_association,
     start_resync,
+    start_verify,
 )
+from drsite.vault.jobs.plan import VERIFY
 from drsite.vault.policies import PolicyValues, agent_settings, apply_values
 from drsite.vault.scheduler import preload_policies
 from drsite.vault.stores import check_encryption, get_store
@@ -307,5 +309,31 @@ def resync(item_id: str, vault: VaultDep, _p: Operator) -> dict[str, Any]:
 def points(item_id: str, vault: VaultDep, _p: Reader) -> list[dict[str, Any]]:
     with vault.db.read() as s:
         item = get_item(s, item_id)
-        return [dict(p.info) for p in s.scalars(select(Point).where(Point.item_id == item.id)
-                                                .order_by(Point.seq, Point.id))]
+        return [{**dict(p.info), "damage": p.damage}
+                for p in s.scalars(select(Point).where(Point.item_id == item.id)
+                                   .order_by(Point.seq, Point.id))]
+
+
+@router.post("/items/{item_id}/verify", status_code=status.HTTP_202_ACCEPTED,
+             summary="Prove recovery points restore to their manifests (Verify job)")
+def verify(item_id: str, body: VerifyIn, vault: VaultDep, _p: Operator) -> dict[str, Any]:
+    now = vault.settings.clock.now()
+    with vault.db.tx() as s:
+        job = start_verify(s, get_item(s, item_id), point=body.point, all_points=body.all,
+                           now=now)
+        return {"job_id": job.id}
+
+
+@router.get("/items/{item_id}/verifications/{job_id}",
+            summary="The report of a Verify job (per point and disk)")
+def verification(item_id: str, job_id: str, vault: VaultDep, _p: Reader) -> dict[str, Any]:
+    with vault.db.read() as s:
+        item = get_item(s, item_id)
+        job = s.get(Job, job_id)
+        if job is None or job.item_id != item.id or job.kind != VERIFY:
+            raise NotFound(f"no verification {job_id!r} of item {item.id}",
+                           hint=f"Start one: drsite items verify {item.id}")
+        task = s.scalars(select(Task).where(Task.job_id == job.id)).first()
+        report = dict((task.data or {}).get("report") or {}) if task is not None else {}
+        return {"job_id": job.id, "state": job.state, "message": job.message,
+                "error": job.error, "report": report}

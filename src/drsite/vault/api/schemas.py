@@ -46,6 +46,11 @@ class PolicyIn(Strict):
     scrub_rate_bps: int | None = 32 << 20
 
 
+class VerifyIn(Strict):
+    point: str | None = None
+    all: bool = False
+
+
 class MatchIn(Strict):
     vm_names: list[str] = Field(default_factory=list)
     hosts: list[str] = Field(default_factory=list)

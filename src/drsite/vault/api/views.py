@@ -27,6 +27,7 @@ from drsite.vault.db.models import (
 from drsite.vault.health import agent_up, item_health
 from drsite.vault.membership import normalise_match
 from drsite.vault.scheduler import item_policy
+from drsite.vault.scrub import damage_of
 from drsite.vault.settings import VaultSettings
 
 
@@ -81,7 +82,8 @@ def item_view(s: Session, item: Item, now: float, settings: VaultSettings,
     group = s.get(Group, item.group_id)
     policy = item_policy(s, item)
     live = item.status in LIVE_ITEM_STATUSES
-    ih = item_health(item, policy, agent_up(host, now, settings), now) if live else None
+    damage = damage_of(s, [item.id]).get(item.id) if live else None
+    ih = item_health(item, policy, agent_up(host, now, settings), now, damage) if live else None
     retry = item.retry or {}
     return {"id": item.id, "vm_id": item.vm_id, "vm_name": item.vm_name,
             "group": group.name if group else None, "policy": policy.name if policy else None,
@@ -95,7 +97,9 @@ def item_view(s: Session, item: Item, now: float, settings: VaultSettings,
             "last_app_point_time": item.last_app_point_time, "last_error": retry.get("last_error"),
             "next_attempt_at": retry.get("next_attempt_at"), "critical_error": item.critical_error,
             "active_job_id": item.active_job_id, "created_at": item.created_at,
-            "updated_at": item.updated_at, "report": item.report}
+            "updated_at": item.updated_at, "report": item.report,
+            "scrub": item.scrub, "last_scrub_at": item.last_scrub_at,
+            "damaged_points": sorted(damage.points) if damage else []}
 
 
 def task_view(t: Task) -> dict[str, Any]:

@@ -194,7 +194,7 @@ class Point(Base):
     info: Mapped[dict[str, Any]] = mapped_column(JSON)
     # set when a scrub or a verify found the point cannot be restored (migration 0005):
     # {"reason", "found_at", "by", "objects"}; failover refuses such a point
-    damage: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    damage: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
 
 
 class Job(Base):

@@ -108,6 +108,20 @@ def start_resync(s: Session, item: Item, *, now: float) -> Job:
     return job
 
 
+def start_verify(s: Session, item: Item, *, point: str | None, all_points: bool,
+                 now: float) -> Job:
+    """A Verify job of the item's latest point, of ``point``, or of every point. It does not
+    hold the item (it only reads its store)."""
+    if item.status in (ItemProtection.REMOVED, ItemProtection.FAILED):
+        raise Conflict(f"item {item.id} is {item.status}; its store is not verified any more")
+    if point is not None and all_points:
+        raise InvalidInput("give a point or ask for all points, not both")
+    points: str | list[str] = "all" if all_points else \
+        [validate_name("point", point)] if point else "latest"
+    return create_job(s, P.VERIFY, target=item.vm_name, item_id=item.id,
+                      args={"points": points}, now=now)
+
+
 def start_policy_association(s: Session, group: Group, *, now: float) -> Job:
     """Apply the group's (new) policy to its items and protect its matching VMs. Its tasks are
     idempotent, so two association jobs of one group may overlap harmlessly."""

@@ -9,6 +9,7 @@ from drsite.vault.jobs.model import JobHandlers
 from drsite.vault.jobs.plan import ASSOCIATE, DISABLE, ENABLE, RESYNC
 from drsite.vault.jobs.plans import PLAN_HANDLERS
 from drsite.vault.jobs.protection import DISABLE_HANDLERS, ENABLE_HANDLERS
+from drsite.vault.jobs.verify import VERIFY_HANDLERS
 
 HANDLERS: dict[str, JobHandlers] = {
     ENABLE: ENABLE_HANDLERS,
@@ -24,4 +25,5 @@ HANDLERS: dict[str, JobHandlers] = {
     P.CHANGE_POINT: F.CHANGE_POINT_HANDLERS,
     P.REPROTECT: F.REPROTECT_HANDLERS,
     P.PLAN: PLAN_HANDLERS,
+    P.VERIFY: VERIFY_HANDLERS,
 }
