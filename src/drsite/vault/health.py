@@ -13,7 +13,8 @@ Item health (:func:`item_health`, pure):
 An agent is up when its last heartbeat is younger than ``missed_heartbeats × heartbeat_interval``.
 
 Alerts (:class:`HealthMonitor`): one open alert per condition key (``rpo:ITEM``,
-``critical:ITEM``, ``agent_down:HOST``, ``store_damage:ITEM`` for repairable damage found by a
+``critical:ITEM``, ``agent_down:HOST``, ``drill:PLAN`` while a plan's latest drill failed,
+``store_damage:ITEM`` for repairable damage found by a
 scrub, ``replication_failing:ITEM`` after ``FAILING_AFTER`` transient failures in a row — a
 full or unreachable store, also during initial replication); raised when the condition
 starts, refreshed while it lasts (no duplicates), cleared when it ends. Acknowledging only marks it seen.
@@ -22,15 +23,16 @@ starts, refreshed while it lasts (no duplicates), cleared when it ends. Acknowle
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from drsite.core.states import LIVE_ITEM_STATUSES, ItemProtection
 from drsite.replication.report import Health, ItemState
 from drsite.vault.audit import record_event
 from drsite.vault.db.database import Database
-from drsite.vault.db.models import Alert, Host, Item, Policy
+from drsite.vault.db.models import Alert, Drill, Host, Item, Policy
 from drsite.vault.scheduler import item_policy, preload_policies
 from drsite.vault.scrub import Damage, damage_of, damage_reasons
 from drsite.vault.settings import VaultSettings
@@ -101,6 +103,21 @@ def item_health(item: Item, policy: Policy | None, host_is_up: bool, now: float,
     return ItemHealth(health, reasons, rpo, exceeded)
 
 
+def failed_drills(s: Session) -> dict[str, Drill]:
+    """Plans whose latest finished drill failed (the ``drill:PLAN`` alerts)."""
+    latest = select(Drill.plan, func.max(Drill.started_at).label("t")).where(
+        Drill.state != "running").group_by(Drill.plan).subquery()
+    rows = s.scalars(select(Drill).join(latest, (Drill.plan == latest.c.plan)
+                                        & (Drill.started_at == latest.c.t))).all()
+    return {d.plan: d for d in rows if d.state == "failed"}
+
+
+def _drill_reason(report: dict[str, Any]) -> str:
+    bad = [v for v in report.get("vms") or [] if not v.get("ok")]
+    return "; ".join(f"{v.get('vm')}: {v.get('reason') or 'not verified'}" for v in bad[:3]) \
+        or "see 'drsite drills show'"
+
+
 class HealthMonitor:
     """Stores each item's health and keeps the alert table in step with conditions."""
 
@@ -155,6 +172,12 @@ class HealthMonitor:
                     conditions[f"critical:{item.id}"] = (
                         "critical", "critical", item.vm_name,
                         f"{item.vm_name} is critical: {'; '.join(ih.reasons)}")
+            for plan, drill in failed_drills(s).items():
+                rep = dict(drill.report or {})
+                conditions[f"drill:{plan}"] = (
+                    "drill", "critical", plan,
+                    f"the last drill of recovery plan {plan} failed ({drill.id}): "
+                    f"{rep.get('error') or _drill_reason(rep)}")
             self._sync_alerts(s, conditions, now)
 
     def _sync_alerts(self, s: Session, conditions: dict[str, tuple[str, str, str, str]],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from drsite.vault.jobs import failover as F
 from drsite.vault.jobs import plan as P
+from drsite.vault.jobs.drills import DRILL_HANDLERS
 from drsite.vault.jobs.maintenance import ASSOCIATE_HANDLERS, RESYNC_HANDLERS
 from drsite.vault.jobs.model import JobHandlers
 from drsite.vault.jobs.plan import ASSOCIATE, DISABLE, ENABLE, RESYNC
@@ -26,4 +27,5 @@ HANDLERS: dict[str, JobHandlers] = {
     P.REPROTECT: F.REPROTECT_HANDLERS,
     P.PLAN: PLAN_HANDLERS,
     P.VERIFY: VERIFY_HANDLERS,
+    P.DRILL: DRILL_HANDLERS,
 }
