@@ -176,6 +176,15 @@ class VaultClient:
         return dict(self._call("POST", f"/items/{item_id}/verify",
                                json={"point": point, "all": all_points}))
 
+    def drills(self, plan: str | None = None) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/drills", params={"plan": plan} if plan else None))
+
+    def drill(self, drill_id: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/drills/{drill_id}"))
+
+    def run_drill(self, plan: str, **overrides: Any) -> dict[str, Any]:
+        return dict(self._call("POST", f"/plans/{plan}/drills", json=overrides))
+
     def verification(self, item_id: str, job_id: str) -> dict[str, Any]:
         return dict(self._call("GET", f"/items/{item_id}/verifications/{job_id}"))
 

@@ -17,6 +17,7 @@ from fastapi import APIRouter, FastAPI
 from drsite import __version__
 from drsite.vault.api import (
     agent,
+    drills,
     errors,
     failover,
     inventory,
@@ -55,7 +56,7 @@ def create_app(settings: VaultSettings, vault: Vault | None = None, *,
     app.state.vault = v
     errors.install(app)
     for r in (public.router, inventory.router, protection.router, operations.router, tokens.router,
-              agent.router, stores.router, failover.router):
+              agent.router, stores.router, failover.router, drills.router):
         app.include_router(r, prefix=API_PREFIX)
     for r in routers:
         app.include_router(r)

@@ -30,7 +30,7 @@ from drsite.vault.jobs.create import create_job
 from drsite.vault.jobs.drills import RUNNING
 from drsite.vault.membership import items_by_vm
 from drsite.vault.policies import parse_window
-from drsite.vault.recovery_plans import get_plan, plan_tasks
+from drsite.vault.recovery_plans import get_plan, plan_tasks, validate_drill
 from drsite.vault.settings import VaultSettings
 
 DEFAULT_DRILL = {"every_s": 7 * 86400.0, "window": None, "boot_timeout_s": 120.0, "probe": None}
@@ -71,6 +71,12 @@ def start_drill(s: Session, plan_name: str, *, trigger: str, now: float,
     s.flush()
     record_event(s, now, "drill", p.name, f"drill {did} started ({trigger})")
     return row
+
+
+def validate_override(d: dict[str, Any]) -> dict[str, Any]:
+    """Fields of a drill started by hand that replace the plan's (boot timeout, probe)."""
+    spec = validate_drill({"every_s": "weekly", **d}, "drill")
+    return {k: spec[k] for k in d if k in ("boot_timeout_s", "probe")}
 
 
 def drill_view(d: Drill) -> dict[str, Any]:
