@@ -183,7 +183,7 @@ class VaultClient:
         return dict(self._call("GET", f"/drills/{drill_id}"))
 
     def run_drill(self, plan: str, **overrides: Any) -> dict[str, Any]:
-        return dict(self._call("POST", f"/plans/{plan}/drills", json=overrides))
+        return dict(self._call("POST", "/drills", json={"plan": plan, **overrides}))
 
     def verification(self, item_id: str, job_id: str) -> dict[str, Any]:
         return dict(self._call("GET", f"/items/{item_id}/verifications/{job_id}"))

@@ -144,8 +144,8 @@ def repair_due(item: Item) -> str | None:
     latest = sc.get("latest_point")
     if not sc.get("latest_damaged") or not latest or sc.get("repair_for") == latest:
         return None
-    if (item.report or {}).get("last_point_id") not in (None, latest):
-        return None  # a newer point exists already (a cycle or a repair after the scrub)
+    # a delta point committed since shares the damaged data it did not rewrite: the repair
+    # compares the source with the store's newest point, whichever it is
     return f"scrub found damage in the newest point {latest}"
 
 

@@ -15,6 +15,7 @@ router = APIRouter()
 
 class DrillIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    plan: str
     boot_timeout_s: float | None = None
     probe: dict[str, Any] | None = None
 
@@ -32,14 +33,14 @@ def show_drill(drill_id: str, vault: VaultDep, _p: Reader) -> dict[str, Any]:
         return drills.drill_view(drills.get_drill(s, drill_id))
 
 
-@router.post("/plans/{plan}/drills", status_code=status.HTTP_202_ACCEPTED,
-             summary="Run a drill of the plan now (test failover, verify, boot, probe, cleanup)")
-def run_drill(plan: str, body: DrillIn, vault: VaultDep, _p: Operator) -> dict[str, Any]:
+@router.post("/drills", status_code=status.HTTP_202_ACCEPTED,
+             summary="Run a drill of a plan now (test failover, verify, boot, probe, cleanup)")
+def run_drill(body: DrillIn, vault: VaultDep, _p: Operator) -> dict[str, Any]:
     now = vault.settings.clock.now()
     override: dict[str, Any] = {}
     if body.boot_timeout_s is not None or body.probe is not None:
-        from_body = {k: v for k, v in body.model_dump().items() if v is not None}
+        from_body = {k: v for k, v in body.model_dump().items() if v is not None and k != "plan"}
         override = drills.validate_override(from_body)
     with vault.db.tx() as s:
-        d = drills.start_drill(s, plan, trigger="hand", now=now, drill=override)
+        d = drills.start_drill(s, body.plan, trigger="hand", now=now, drill=override)
         return {"drill_id": d.id, "job_id": d.job_id}

@@ -26,6 +26,7 @@ from drsite.vault.ids import new_id
 from drsite.vault.jobs import plan as P
 from drsite.vault.jobs.plan import ASSOCIATE, DISABLE, ENABLE, RESYNC, TASK_PLAN
 from drsite.vault.membership import active_item_for_vm, vm_ref
+from drsite.vault.scrub import failover_point
 
 
 def create_job(s: Session, kind: str, *, target: str, item_id: str | None,
@@ -198,6 +199,8 @@ def start_item_action(s: Session, item_id: str, action: str, args: dict[str, Any
             raise Conflict(f"{item.vm_name} already has a test failover running",
                            hint="Clean it up first (cleanup_test_failover).")
         point = point_arg(args)
+        if point not in ("latest", "latest_app"):
+            failover_point(s, item, point)  # a point known to be damaged is refused now
         fo = Failover(id=new_id("f"), item_id=item.id, kind=kind, state=FailoverState.STARTING,
                       point_id=None, result={}, notes=[], created_at=now, updated_at=now)
         s.add(fo)
