@@ -133,6 +133,8 @@ def test_scrub_damage_repair_refusal_and_verify(h: Harness) -> None:
     assert "critical" in [x["kind"] for x in h.ok("GET", "/alerts?state=active")]
     pts = {p["point_id"]: p for p in h.ok("GET", f"/items/{item}/points")}
     assert pts["p000002"]["damage"]["by"] == "scrub" and pts["p000003"]["damage"] is None
+    m = h.client.get("/api/v1/metrics").text
+    assert f'drsite_item_damaged_points{{item="{item}",vm="web1"}} 1.0' in m
 
     # verify: the command goes to the store host; damage fails the job; the report is kept
     v = h.ok("POST", f"/items/{item}/verify", json={"all": True})
@@ -205,6 +207,8 @@ def test_drill_runs_the_plan_probes_cleans_up_and_reports(h: Harness, probe_ok: 
         alerts = [x for x in h.ok("GET", "/alerts?state=active") if x["kind"] == "drill"]
         assert len(alerts) == 1 and "probe did not pass" in alerts[0]["message"]
     assert h.job(d["job_id"])["state"] == ("succeeded" if probe_ok else "failed")
+    m = h.client.get("/api/v1/metrics").text
+    assert f'drsite_drill_passed{{plan="shop"}} {1.0 if probe_ok else 0.0}' in m
     # not again before the week is over
     h.tick()
     assert len(h.ok("GET", "/drills")) == 1
