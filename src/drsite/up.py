@@ -10,7 +10,7 @@ Layout under the data directory::
     secondary/agent/       the secondary agent's identity (+ hydrated replicas)
     secondary/vms/         file VMs of the secondary site (failover targets)
     secondary/store/       the recovery store the secondary agent serves over mTLS
-    logs/                  one log per process
+    logs/                  one log per process (0700 / 0600)
     cluster.json           ports, pids, URLs (read by ``drsite down`` and the demo)
 """
 
@@ -74,8 +74,9 @@ class Cluster:
 
 
 def _spawn(name: str, args: list[str], logs: Path) -> subprocess.Popen[bytes]:
-    logs.mkdir(parents=True, exist_ok=True)
-    out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child for its life
+    logs.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # private: a log may name hosts, items and paths; the child owns the file for its life
+    out = os.fdopen(os.open(logs / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, "-m", "drsite.cli.main", *args], stdout=out,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -283,3 +283,32 @@ def test_plan_test_failover_from_the_ui_then_cleanup(env: Env, page: Any) -> Non
     sync_api.expect(page).to_have_url(re.compile(r"/ui/jobs/[^/]+$"))
     expect_text(page.locator("#job-state"), "succeeded|failed", timeout=240_000)
     assert page.locator("#job-state").inner_text().strip() == "succeeded", page.locator("main").inner_text()
+
+
+def test_the_audit_page_is_for_admins(env: Env, page: Any) -> None:
+    page.goto(env.url + "/ui/login")
+    page.fill("#token", "drst_not-an-audited-secret")
+    page.click("button[type=submit]")
+    expect_text(page.locator("#login-error"), "not accepted")
+    login(page, env, env.reader_token)
+    sync_api.expect(page.locator("header nav >> text=Audit")).to_have_count(0)
+    r = page.goto(f"{env.url}/ui/audit")
+    assert r is not None and r.status == 403
+    page.context.clear_cookies()
+    login(page, env, admin_token(env))
+    page.click("header nav >> text=Audit")
+    sync_api.expect(page).to_have_url(re.compile(r"/ui/audit$"))
+    table = page.locator("#audit")
+    expect_text(table, r"POST /api/v1/items")
+    expect_text(table, r"POST /ui/login")
+    expect_text(table, r"auth_failed")  # the refused login of the wrong token
+    screenshot(page, env, "audit")
+    page.fill("input[name=actor]", "auditor")
+    page.click("form.filters button[type=submit]")
+    sync_api.expect(page).to_have_url(re.compile(r"/ui/audit\?actor=auditor"))
+    rows = page.locator("#audit tr.audit-row")
+    until("the reader's entries", lambda: rows.count() > 0, 20)
+    for i in range(rows.count()):
+        assert "auditor" in rows.nth(i).inner_text()
+    for secret in (env.reader_token, admin_token(env), "drst_not-an-audited-secret"):
+        assert secret not in page.content()

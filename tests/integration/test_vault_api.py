@@ -196,8 +196,13 @@ def test_agent_routes_need_a_current_certificate(h: Harness) -> None:
     assert a.post("/heartbeat", {**beat, "store_url": "file:///etc/passwd"}).status_code == 400
     assert a.post("/commands/c-unknown/result", {"status": "succeeded"}).status_code == 404
     assert a.post("/commands/c-unknown/result", {"status": "exploded"}).status_code == 422
-    # re-registration replaces the certificate: the old one stops working
-    b = h.register("prim", "hv1")
+    # a re-issue key (admin) replaces the certificate: the old one stops working
+    key = h.ok("POST", f"/hosts/{a.host_id}/reissue", json={"ttl_s": 600})["key"]
+    _k, csr = make_key_and_csr("hv1")
+    r = h.client.post("/api/v1/agent/register",
+                      json={"key": key, "host_name": "hv1", "csr_pem": csr.decode()})
+    assert r.status_code == 201, r.text
+    b = Agent(h, r.json()["host_id"], "prim", "hv1", r.json()["cert_pem"].encode())
     assert b.host_id == a.host_id
     err(a.post("/heartbeat", beat), 401, "auth_failed")
     assert b.post("/heartbeat", beat).status_code == 200
@@ -313,6 +318,12 @@ def test_protect_item_points_and_unprotect(h: Harness) -> None:
     assert a.beat(items=beat_items)["ack"] == {item_id: 3}
     pts = h.ok("GET", f"/items/{item_id}/points")
     assert [p["seq"] for p in pts] == [1, 2, 3] and pts[2]["consistency"] == "app"
+    # a removal counts when the retention rule explains it: p000001 is young, then old enough
+    # to be thinned (the newest point of its hour, p000003, stays)
+    a.beat(items=[{"item_id": item_id, "report": report(item_id, "vm-1", "web1"),
+                   "removed_points": ["p000001"]}])
+    assert [p["seq"] for p in h.ok("GET", f"/items/{item_id}/points")] == [1, 2, 3]
+    h.clock.advance(2 * 3600)
     a.beat(items=[{"item_id": item_id, "report": report(item_id, "vm-1", "web1"),
                    "removed_points": ["p000001"]}])
     assert [p["seq"] for p in h.ok("GET", f"/items/{item_id}/points")] == [2, 3]

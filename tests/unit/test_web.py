@@ -364,3 +364,37 @@ def test_an_operator_acknowledges_an_alert(tmp_path: Path) -> None:
         assert h.client.post("/ui/alerts/999/ack", data={"csrf": csrf}).status_code == 404
     finally:
         h.close()
+
+
+# ---------------------------------------------------------------------------------- audit
+
+def test_the_audit_page_is_for_admins_and_shows_dashboard_actions(h: Harness) -> None:
+    populate(h)
+    job_id = running_job(h)
+    ops = h.token("operator", "ops")
+    # an operator cancels a job from the dashboard: the audit trail names the token
+    csrf = login(h, ops)
+    assert h.client.post(f"/ui/jobs/{job_id}/cancel", data={"csrf": csrf},
+                         follow_redirects=False).status_code == 303
+    assert 'href="/ui/audit"' not in h.client.get("/ui").text  # no link for a non-admin
+    for url in ("/ui/audit", "/ui/f/audit"):
+        r = h.client.get(url)
+        assert r.status_code == 403 and "admin" in r.text
+    h.client.post("/ui/login", data={"token": "drst_wrong"}, follow_redirects=False)
+    csrf = login(h, h.admin)
+    page = h.client.get("/ui/audit")
+    assert page.status_code == 200 and 'href="/ui/audit"' in page.text
+    assert 'hx-get="/ui/f/audit?actor=&amp;before="' in page.text
+    rows = re.findall(r'<tr class="audit-row (\w+)" data-audit="(\d+)">', page.text)
+    assert rows and all(outcome in ("ok", "refused", "failed") for outcome, _ in rows)
+    assert "POST /ui/jobs/{job_id}/{action}" in page.text and f"job_id={job_id}" in page.text
+    assert "POST /ui/login" in page.text  # the refused login, anonymous, and the admin's
+    assert "drst_wrong" not in page.text and h.admin not in page.text and ops not in page.text
+    mine = h.client.get("/ui/f/audit?actor=ops")
+    assert mine.status_code == 200
+    assert "POST /ui/jobs/{job_id}/{action}" in mine.text and "POST /api/v1/policies" not in mine.text
+    entries = h.ok("GET", "/audit?actor=ops")["entries"]
+    assert entries[0]["action"] == "POST /ui/jobs/{job_id}/{action}" and entries[0]["status"] == 303
+    assert h.client.get("/ui/audit?before=x").status_code == 400
+    older = h.client.get(f"/ui/audit?before={rows[-1][1]}")
+    assert older.status_code == 200

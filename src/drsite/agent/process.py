@@ -41,7 +41,7 @@ def configure_logging(level: str = "INFO") -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
 
 
-def agent_register(vault_url: str, key: str, data_dir: Path, host_name: str,
+def agent_register(vault_url: str, key: str, data_dir: Path, host_name: str | None,
                    ca_file: Path | None = None, ca_fingerprint: str | None = None,
                    insecure_first_contact: bool = False) -> AgentIdentity:
     """Register this host (see :func:`drsite.agent.registration.register`).
@@ -49,7 +49,9 @@ def agent_register(vault_url: str, key: str, data_dir: Path, host_name: str,
     Trust of the vault: ``ca_file`` (the vault's CA certificate) or ``ca_fingerprint`` (its
     SHA-256, as the vault prints it: the chain the vault presents is fetched, the matching CA
     taken, then everything is verified). Both given: the file must have that fingerprint.
-    Neither: refused unless ``insecure_first_contact``.
+    Neither: refused unless ``insecure_first_contact`` — or, when ``data_dir`` already holds
+    a registration (re-registration with a re-issue key), the CA it trusts already.
+    ``host_name`` None: the registered name, else the machine's host name.
     """
     ca_pem: bytes | None = None
     if ca_file is not None:

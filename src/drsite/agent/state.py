@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from drsite.core.errors import InvalidInput, classify_os_error
-from drsite.core.retention import RetentionRule
+from drsite.core.retention import rule_for_hours
 from drsite.core.states import CommandStatus
 from drsite.fsutil import atomic_write_json, read_json
 from drsite.replication.driver import ReplicationSettings
@@ -62,9 +62,7 @@ def settings_from_args(d: dict[str, Any] | None) -> ReplicationSettings:
             hours = float(d["retention_hours"])
             if hours <= 0:
                 raise ValueError(f"retention_hours must be positive, not {hours}")
-            keep_s = hours * 3600.0
-            retention = RetentionRule(retention_s=keep_s,
-                                      keep_all_s=min(RetentionRule().keep_all_s, keep_s))
+            retention = rule_for_hours(hours)
         window = parse_window(d.get("resync_window"))
         bw = d.get("bandwidth_limit_bps")
         return ReplicationSettings(frequency_s=freq, app_consistent_every_s=app,

@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from drsite import tlsutil
-from drsite.core.errors import AuthError, Busy, DrsiteError, InvalidInput, NotFound
+from drsite.core.errors import AuthError, Busy, Conflict, DrsiteError, InvalidInput, NotFound
 from drsite.core.states import FINAL_COMMAND_STATUSES, CommandStatus
 from drsite.pki import CertificateAuthority, cert_identity
 
@@ -55,6 +55,7 @@ class FakeVault:
         self.keyfile.chmod(0o600)
         self.lock = threading.RLock()
         self.keys: dict[str, str] = {}            # key → site
+        self.reissue_keys: dict[str, str] = {}    # key → the host whose certificate it replaces
         self.hosts: dict[str, FakeHost] = {}
         self.queue: dict[str, list[dict[str, Any]]] = {}   # host → commands without a status
         self.results: dict[str, list[dict[str, Any]]] = {}  # command → statuses posted
@@ -79,6 +80,15 @@ class FakeVault:
         key = secrets.token_urlsafe(24)
         with self.lock:
             self.keys[key] = site
+        return key
+
+    def reissue_key(self, host_id: str) -> str:
+        """A one-time key that registers ``host_id`` again (a new certificate replaces its
+        current one), as ``POST /hosts/{id}/reissue`` gives."""
+        key = secrets.token_urlsafe(24)
+        with self.lock:
+            self.keys[key] = self.hosts[host_id].site
+            self.reissue_keys[key] = host_id
         return key
 
     def send(self, host_id: str, kind: str, item_id: str, args: dict[str, Any] | None = None,
@@ -172,11 +182,19 @@ class FakeVault:
         return host
 
     def register(self, body: dict[str, Any]) -> dict[str, Any]:
+        expected = body.get("host_id")
         with self.lock:
-            site = self.keys.pop(str(body.get("key")), None)
-        if site is None:
-            raise AuthError("registration key unknown, used or expired")
-        host_id = "h-" + uuid.uuid4().hex[:10]
+            site = self.keys.get(str(body.get("key")))
+            bound = self.reissue_keys.get(str(body.get("key")))
+            if site is None:
+                raise AuthError("registration key unknown, used or expired")
+            if expected is not None and bound != expected:
+                raise Conflict(f"this key does not re-register host {expected}",
+                               hint="Ask an admin for a key for this host: 'drsite hosts "
+                                    "reissue HOST'.")
+            del self.keys[str(body.get("key"))]
+            self.reissue_keys.pop(str(body.get("key")), None)
+        host_id = bound or "h-" + uuid.uuid4().hex[:10]
         cert = self.ca.sign_csr(str(body["csr_pem"]).encode(), common_name=host_id, site=site)
         with self.lock:
             self.hosts[host_id] = FakeHost(host_id, str(body.get("host_name")), site,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from enum import StrEnum
 from pathlib import Path
 
@@ -23,19 +22,29 @@ agent = typer.Typer(help="The host agent: inventory, change tracking, replicatio
 @agent.command("register")
 def register(
     vault: str = typer.Option(..., "--vault", help="Vault URL, e.g. https://127.0.0.1:8443."),
-    key: str = typer.Option(..., help="One-time key from 'drsite vault registration-key'."),
+    key: str = typer.Option(..., help="One-time key from 'drsite vault registration-key' (a new "
+                                      "host) or 'drsite hosts reissue HOST' (this host again: "
+                                      "its certificate is replaced)."),
     data: Path = typer.Option(Path("drsite-agent"), help="Agent data directory."),
-    name: str = typer.Option(socket.gethostname(), help="Host name shown in the vault."),
+    name: str | None = typer.Option(None, help="Host name shown in the vault (default: the "
+                                               "registered name, else this machine's name)."),
     ca_file: Path | None = typer.Option(None, help="The vault's CA certificate."),
     ca_fingerprint: str | None = typer.Option(None, help="SHA-256 fingerprint of the vault's CA "
                                                          "(instead of --ca-file)."),
 ) -> None:
-    """Register this host: get a client certificate signed by the vault's CA."""
+    """Register this host: get a client certificate signed by the vault's CA. With a re-issue
+    key, a registered host gets a new key pair and certificate (the old one stops working);
+    restart its agent to use them."""
     from drsite.agent.process import agent_register
 
+    again = (data / "agent.json").exists()
     ident = agent_register(vault_url=vault, key=key, data_dir=data, host_name=name,
                            ca_file=ca_file, ca_fingerprint=ca_fingerprint)
-    typer.echo(f"registered host {ident.host_id} in site {ident.site}")
+    if again:
+        typer.echo(f"re-registered host {ident.host_id} in site {ident.site}: its certificate "
+                   "was replaced; restart its agent ('drsite agent run') to use it")
+    else:
+        typer.echo(f"registered host {ident.host_id} in site {ident.site}")
 
 
 @agent.command("run")

@@ -73,7 +73,7 @@ def show(rows: Sequence[dict[str, Any]] | dict[str, Any], columns: Iterable[str]
 
 def _cell(r: dict[str, Any], col: str) -> str:
     v = r.get(col)
-    if col.endswith("_at") or col in ("last_heartbeat", "last_point_time"):
+    if col.endswith("_at") or col in ("at", "last_heartbeat", "last_point_time"):
         return ago(v)
     if col == "health":
         colors: dict[str, str] = {Health.NORMAL: "green", Health.WARNING: "yellow",

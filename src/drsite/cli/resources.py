@@ -4,6 +4,7 @@ points, jobs, health, alerts, tokens. Thin: parse options, call the client, rend
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from drsite.cli.common import (
     console,
     show,
 )
+from drsite.core.errors import InvalidInput, NotFound
 from drsite.core.states import JobState, TaskState
 
 sites = typer.Typer(help="Sites (a site groups hosts).", no_args_is_help=True)
@@ -32,6 +34,8 @@ items = typer.Typer(help="Protected items (one per protected VM).", no_args_is_h
 jobs = typer.Typer(help="Jobs: every long operation, with its tasks.", no_args_is_help=True)
 alerts = typer.Typer(help="Alerts raised by health checks.", no_args_is_help=True)
 tokens = typer.Typer(help="API tokens for operators (admin only).", no_args_is_help=True)
+audit = typer.Typer(help="The audit trail: who did what, from where, when (admin only).",
+                    no_args_is_help=True)
 
 
 # -- sites --------------------------------------------------------------------------------------
@@ -63,6 +67,42 @@ def hosts_list(vault: str | None = VaultOpt, token: str | None = TokenOpt,
     with client(vault, token, ca_file) as c:
         show(c.hosts(), ["id", "name", "site", "up", "last_heartbeat", "store_url"],
              title="hosts", json_out=json_out)
+
+
+def resolve_host(hosts_: list[dict[str, Any]], host: str, site: str | None) -> dict[str, Any]:
+    """The host named ``host`` (its id, or its name in ``site``)."""
+    by_id = [h for h in hosts_ if h["id"] == host]
+    if by_id:
+        return by_id[0]
+    named = [h for h in hosts_ if h["name"] == host and (site is None or h["site"] == site)]
+    if len(named) == 1:
+        return named[0]
+    if not named:
+        raise NotFound(f"no host {host!r}" + (f" in site {site}" if site else ""),
+                       hint="List hosts with 'drsite hosts list'.")
+    raise InvalidInput(f"{len(named)} hosts are named {host} (sites "
+                       f"{', '.join(sorted(h['site'] for h in named))})",
+                       hint="Give the host id, or --site SITE.")
+
+
+@hosts.command("reissue")
+def hosts_reissue(host: str = typer.Argument(..., help="Host id, or host name."),
+                  site: str | None = typer.Option(None, help="Site of the host (when names "
+                                                              "repeat across sites)."),
+                  ttl: int = typer.Option(3600, min=60, max=30 * 86400,
+                                          help="Seconds until the key expires."),
+                  vault: str | None = VaultOpt, token: str | None = TokenOpt,
+                  ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
+    """Print a one-time key that replaces HOST's certificate (admin). On the host, run
+    'drsite agent register --vault URL --key KEY --data DIR': a new key pair and certificate
+    replace the old ones, which stop working."""
+    with client(vault, token, ca_file) as c:
+        h = resolve_host(c.hosts(), host, site)
+        res = c.reissue_host(h["id"], ttl)
+        if json_out:
+            show(res, [], title="", json_out=True)
+        else:
+            typer.echo(res["key"])
 
 
 @vms.command("list")
@@ -331,3 +371,41 @@ def tokens_list(vault: str | None = VaultOpt, token: str | None = TokenOpt,
     with client(vault, token, ca_file) as c:
         show(c.tokens(), ["name", "role", "created_at", "last_used_at"], title="tokens",
              json_out=json_out)
+
+
+# -- audit --------------------------------------------------------------------------------------
+
+def parse_since(value: str | None, now: float) -> float | None:
+    """``--since``: epoch seconds, or a duration back from now (``90s``, ``15m``, ``2h``, ``1d``)."""
+    if value is None:
+        return None
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+    text = value.strip().lower()
+    try:
+        if text and text[-1] in units:
+            return now - float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise InvalidInput(f"--since {value!r} is neither epoch seconds nor a duration",
+                           hint="Use e.g. 15m, 2h, 1d, or epoch seconds.") from None
+
+
+@audit.command("list")
+def audit_list(limit: int = typer.Option(100, min=1, max=1000, help="Entries to show."),
+               since: str | None = typer.Option(None, help="Only entries since then: epoch "
+                                                           "seconds or a duration (15m, 2h, 1d)."),
+               actor: str | None = typer.Option(None, help="Only this token name or host id."),
+               all_pages: bool = typer.Option(False, "--all", help="Every page, not only the "
+                                                                   "newest LIMIT entries."),
+               vault: str | None = VaultOpt, token: str | None = TokenOpt,
+               ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
+    """List the audit trail, newest first."""
+    with client(vault, token, ca_file) as c:
+        page = c.audit(limit=limit, since=parse_since(since, time.time()), actor=actor)
+        entries = list(page["entries"])
+        while all_pages and page.get("next_before"):
+            page = c.audit(limit=limit, since=parse_since(since, time.time()), actor=actor,
+                           before=page["next_before"])
+            entries += page["entries"]
+        show(entries, ["at", "actor_kind", "actor", "client", "action", "target", "outcome",
+                       "error_code"], title="audit", json_out=json_out)

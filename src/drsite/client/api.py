@@ -123,6 +123,10 @@ class VaultClient:
     def host(self, host_id: str) -> dict[str, Any]:
         return dict(self._call("GET", f"/hosts/{host_id}"))
 
+    def reissue_host(self, host_id: str, ttl_s: int = 3600) -> dict[str, Any]:
+        """A one-time key that replaces the certificate of ``host_id`` (admin)."""
+        return dict(self._call("POST", f"/hosts/{host_id}/reissue", json={"ttl_s": ttl_s}))
+
     def vms(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/vms"))
 
@@ -208,6 +212,13 @@ class VaultClient:
 
     def health(self) -> dict[str, Any]:
         return dict(self._call("GET", "/health"))
+
+    def audit(self, *, limit: int = 100, since: float | None = None, actor: str | None = None,
+              before: int | None = None) -> dict[str, Any]:
+        """One page of the audit trail, newest first: ``{"entries", "next_before"}`` (admin)."""
+        params = {k: v for k, v in {"limit": limit, "since": since, "actor": actor,
+                                    "before": before}.items() if v is not None}
+        return dict(self._call("GET", "/audit", params=params))
 
     def tokens(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/tokens"))

@@ -193,6 +193,15 @@ class Fenced(PermanentError):
     default_hint = "This side was demoted by a failover; re-protect it before using it again."
 
 
+class SecretUnreadable(PermanentError):
+    """A secret sealed at rest cannot be opened: its master key is missing or wrong, or the
+    sealed value was altered."""
+
+    code = "secret_unreadable"
+    default_hint = ("Restore the vault's master key file (DATA/master.key, or the file "
+                    "DRSITE_MASTER_KEY_FILE names) from its backup.")
+
+
 class TrackingLost(PermanentError):
     """Change tracking cannot be trusted; the item needs a resync (not a full copy)."""
 

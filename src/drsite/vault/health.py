@@ -17,7 +17,9 @@ Alerts (:class:`HealthMonitor`): one open alert per condition key (``rpo:ITEM``,
 ``store_damage:ITEM`` for repairable damage found by a
 scrub, ``replication_failing:ITEM`` after ``FAILING_AFTER`` transient failures in a row — a
 full or unreachable store, also during initial replication); raised when the condition
-starts, refreshed while it lasts (no duplicates), cleared when it ends. Acknowledging only marks it seen.
+starts, refreshed while it lasts (no duplicates), cleared when it ends. Acknowledging only marks
+it seen. Security alerts (``trust``) are raised by events, not conditions: they are cleared once
+acknowledged.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from drsite.vault.db.models import Alert, Drill, Host, Item, Policy
 from drsite.vault.scheduler import item_policy, preload_policies
 from drsite.vault.scrub import Damage, damage_of, damage_reasons
 from drsite.vault.settings import VaultSettings
+from drsite.vault.trust import SECURITY
 
 FAILING_AFTER = 2  # transient failures in a row that raise a replication_failing alert
 
@@ -193,6 +196,11 @@ class HealthMonitor:
                 a.last_seen_at = now
                 a.message = message
         for key, a in open_alerts.items():
+            if a.kind == SECURITY:  # raised by an event, not a condition: ends once it was seen
+                if a.acked_at is not None:
+                    a.cleared_at = now
+                    record_event(s, now, "alert", a.subject, f"cleared: {a.kind} (acknowledged)")
+                continue
             if key not in conditions:
                 a.cleared_at = now
                 record_event(s, now, "alert", a.subject, f"cleared: {a.kind}")

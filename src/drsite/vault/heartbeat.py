@@ -5,7 +5,9 @@ reported are marked absent); each reported item's report and recovery-point cata
 (``new_points`` upserted by point id, ``removed_points`` deleted; the reply's ``ack`` is the
 highest catalogued seq, so the agent resends anything the vault did not keep); EnableProtection
 jobs for newly discovered VMs that a group with a policy matches; then the commands due to the
-host (marked sent).
+host (marked sent). Item facts count only from the item's own host, and a removal only when
+the vault can explain it (``trust``): the rest is ignored, recorded and alerted. The store
+deletes/overwrites a store-serving host reports (``audit``) go to the audit trail.
 
 Responsible for: applying agent facts. Not responsible for: deciding what replicates when
 (``scheduler``) or health (``health``).
@@ -24,7 +26,7 @@ from drsite.core.errors import DrsiteError, InvalidInput
 from drsite.core.states import FAILOVER_ITEM_STATUSES, RETIRED_ITEM_STATUSES, FailoverState
 from drsite.replication.report import ItemReport, ItemState
 from drsite.store.format import PointInfo
-from drsite.vault import commands
+from drsite.vault import commands, trust
 from drsite.vault.db.models import Failover, Group, Host, Item, Point, Vm
 from drsite.vault.jobs.create import start_enable_protection
 from drsite.vault.membership import active_item_for_vm, group_for_vm
@@ -50,6 +52,7 @@ class Beat:
     store_url: str | None
     vms: list[dict[str, Any]]
     items: list[ItemBeat]
+    audit: list[trust.StoreAudit] = field(default_factory=list)
 
 
 def _vm_fields(d: dict[str, Any]) -> tuple[str, str]:
@@ -73,10 +76,15 @@ def apply_heartbeat(s: Session, host: Host, beat: Beat, settings: VaultSettings)
     items = {i.id: i for i in s.scalars(select(Item).where(Item.id.in_(ids)))} if ids else {}
     for ib in sorted(beat.items, key=lambda x: x.item_id):  # id order, like the scheduler
         item = items.get(ib.item_id)
-        if item is None or item.host_id != host.id or item.status in RETIRED_ITEM_STATUSES:
-            log.warning("host %s reported item %s it does not own; ignored", host.id, ib.item_id)
+        if item is None or not trust.owns(host, item):
+            trust.refuse_report(s, host, ib.item_id, item, now)
             continue
-        ack[item.id] = _apply_item(s, item, ib, now)
+        if item.status in RETIRED_ITEM_STATUSES:
+            log.debug("host %s reported item %s, which is %s; ignored", host.id, item.id, item.status)
+            continue
+        ack[item.id] = _apply_item(s, host, item, ib, now, settings)
+    if beat.audit:
+        trust.record_store_audit(s, host, beat.audit, now)
     _auto_protect(s, host, new_vms, now)
     due = commands.deliver(s, host.id, now, resend_after_s=settings.resend_after_s,
                            stale_running_s=settings.stale_running_s)
@@ -118,9 +126,11 @@ def _apply_inventory(s: Session, host: Host, vms: list[dict[str, Any]], now: flo
     return new
 
 
-def _apply_item(s: Session, item: Item, ib: ItemBeat, now: float) -> int:
+def _apply_item(s: Session, host: Host, item: Item, ib: ItemBeat, now: float,
+                settings: VaultSettings) -> int:
     """Apply one item's report and new/removed points; the row is written only when something
-    changed. Only the reported points are looked up (``point_id IN (...)``)."""
+    changed. Only the reported points are looked up (``point_id IN (...)``); removals only when
+    explained (:func:`trust.judge_removals`), after the new points are in."""
     try:
         report = ItemReport.from_dict(ib.report)
     except (KeyError, TypeError, ValueError) as e:
@@ -163,9 +173,14 @@ def _apply_item(s: Session, item: Item, ib: ItemBeat, now: float) -> int:
             if p.consistency.value == "app":
                 put("last_app_point_time", max(item.last_app_point_time or 0.0, p.created_at))
     if ib.removed_points:
-        s.execute(delete(Point).where(Point.item_id == item.id,
-                                      Point.point_id.in_([str(x) for x in ib.removed_points])))
         s.flush()
+        accepted, refused = trust.judge_removals(s, item, ib.removed_points, now,
+                                                 settings.retention_skew_s)
+        if refused:
+            trust.refuse_removals(s, host, item, refused, now)
+        if accepted:
+            s.execute(delete(Point).where(Point.item_id == item.id, Point.point_id.in_(accepted)))
+            s.flush()
         acked = int(s.scalar(select(func.max(Point.seq)).where(Point.item_id == item.id)) or 0)
     put("acked_seq", acked)
     if changed:

@@ -19,6 +19,7 @@ from sqlalchemy import func, select
 from drsite.core.errors import NotFound
 from drsite.core.states import JobState, TaskState
 from drsite.vault import recovery_plans
+from drsite.vault.api import audit as audit_api
 from drsite.vault.api import inventory, operations, protection
 from drsite.vault.api.deps import Principal
 from drsite.vault.api.views import job_view
@@ -141,6 +142,11 @@ def waiting_for_operator(j: dict[str, Any]) -> bool:
         return False
     current = next((t for t in j.get("tasks", []) if t.get("state") == TaskState.RUNNING), None)
     return current is not None and "waiting for operator" in str(current.get("message") or "").lower()
+
+
+def audit(vault: Vault, user: WebUser, actor: str | None, before: int | None) -> dict[str, Any]:
+    """The audit trail page (admin only: the route refuses other roles)."""
+    return audit_api.list_audit(vault, principal(user), limit=100, actor=actor, before=before)
 
 
 def alerts(vault: Vault, user: WebUser, state: str | None) -> list[dict[str, Any]]:

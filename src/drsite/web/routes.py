@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from drsite.core.errors import AuthError, Conflict, DrsiteError, InvalidInput, NotFound
 from drsite.core.states import JOB_FILTER_ACTIVE, JobState
+from drsite.vault.api.deps import set_actor
 from drsite.vault.context import Vault
 from drsite.web import data
 from drsite.web.render import page, static_response
@@ -43,6 +44,7 @@ MAX_FORM_BYTES = 16 * 1024
 NAV = (("overview", "/ui", "Overview"), ("vms", "/ui/vms", "Protected VMs"),
        ("jobs", "/ui/jobs", "Jobs"), ("plans", "/ui/plans", "Recovery plans"),
        ("alerts", "/ui/alerts", "Alerts"))
+ADMIN_NAV = (("audit", "/ui/audit", "Audit"),)  # shown to admins only (the page is admin only)
 
 
 # Plan actions: label, what will happen (shown on the confirmation), whether it is disruptive
@@ -108,16 +110,21 @@ def _login_redirect(request: Request) -> Response:
     return RedirectResponse(f"/ui/login?next={quote(target, safe='')}", status_code=303)
 
 
+def _nav(user: WebUser | None) -> tuple[tuple[str, str, str], ...]:
+    return NAV + ADMIN_NAV if user is not None and user.is_admin else NAV
+
+
 def _ctx(vault: Vault, user: WebUser, active: str, **kw: Any) -> dict[str, Any]:
-    return {"user": user, "now": _now(vault), "nav": NAV, "active": active, "poll": POLL, **kw}
+    return {"user": user, "now": _now(vault), "nav": _nav(user), "active": active, "poll": POLL,
+            **kw}
 
 
 def _error(vault: Vault, user: WebUser | None, err: DrsiteError, status: int,
            fragment: bool = False) -> HTMLResponse:
     if fragment:
         return page("fragments/error.html", status, err=err)
-    return page("error.html", status, user=user, now=_now(vault), nav=NAV, active="", err=err,
-                poll=POLL)
+    return page("error.html", status, user=user, now=_now(vault), nav=_nav(user), active="",
+                err=err, poll=POLL)
 
 
 def _status(err: DrsiteError) -> int:
@@ -192,12 +199,13 @@ async def login(request: Request) -> Response:
                     hint=None)
     token = form.get("token", "").strip()
     try:
-        await run_in_threadpool(check_token, vault, token)
+        user = await run_in_threadpool(check_token, vault, token)
     except AuthError as e:
         msg = ("Enter an API token." if not token else
                "That token was not accepted: it is not a token of this vault (it may have been "
                "deleted, or mistyped).")
         return page("login.html", 401, next=nxt, error=msg, hint=e.hint or None)
+    set_actor(request, "token", user.name)  # the audit trail's "who" of this login
     resp = RedirectResponse(nxt, status_code=303)
     resp.set_cookie(COOKIE, token, max_age=SESSION_MAX_AGE_S, path="/ui", httponly=True,
                     samesite="strict", secure=cookie_secure(request))
@@ -288,6 +296,25 @@ def alerts(request: Request, state: str | None = None) -> Response:
 def alerts_fragment(request: Request, state: str | None = None) -> Response:
     return _view(request, "fragments/alerts.html", "alerts",
                  lambda v, u: {"alerts": data.alerts(v, u, state), "state": state or ""}, True)
+
+
+def _audit_ctx(v: Vault, u: WebUser, actor: str | None, before: str | None) -> dict[str, Any]:
+    if before is not None and before != "" and not before.isdigit():
+        raise InvalidInput("before must be an audit entry id")
+    cursor = int(before) if before else None
+    return {"audit": data.audit(v, u, actor or None, cursor), "actor": actor or "",
+            "before": cursor}
+
+
+@router.get("/ui/audit")
+def audit(request: Request, actor: str | None = None, before: str | None = None) -> Response:
+    return _view(request, "audit.html", "audit", lambda v, u: _audit_ctx(v, u, actor, before))
+
+
+@router.get("/ui/f/audit")
+def audit_fragment(request: Request, actor: str | None = None, before: str | None = None) -> Response:
+    return _view(request, "fragments/audit.html", "audit",
+                 lambda v, u: _audit_ctx(v, u, actor, before), True)
 
 
 def _plans_ctx(v: Vault, _u: WebUser) -> dict[str, Any]:

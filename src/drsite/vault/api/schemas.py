@@ -89,6 +89,11 @@ class RegisterIn(Lenient):
     key: str
     host_name: str
     csr_pem: str
+    host_id: str | None = None  # an agent re-registering (re-issue key): the host it already is
+
+
+class ReissueIn(Strict):
+    ttl_s: int = 3600
 
 
 class ItemBeatIn(Lenient):
@@ -98,12 +103,25 @@ class ItemBeatIn(Lenient):
     removed_points: list[str] = Field(default_factory=list)
 
 
+class StoreAuditIn(Lenient):
+    """A delete or overwrite the reporting host's store did (or refused): ``caller`` is the host
+    id its client certificate named."""
+
+    op: str
+    key: str
+    item_id: str | None = None
+    caller: str
+    outcome: str
+    at: float | None = None
+
+
 class HeartbeatIn(Lenient):
     host_name: str
     version: str = ""
     store_url: str | None = None
     vms: list[dict[str, Any]] = Field(default_factory=list)
     items: list[ItemBeatIn] = Field(default_factory=list)
+    audit: list[StoreAuditIn] = Field(default_factory=list, max_length=1000)
 
 
 class CommandResultIn(Lenient):

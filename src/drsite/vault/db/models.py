@@ -27,6 +27,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from drsite.core.states import CommandStatus, FailoverState, ItemProtection, JobState, TaskState
 from drsite.replication.report import Health
+from drsite.vault.db.sealed import STORE_SPEC_PATHS, SealedJSON
 from drsite.vault.db.types import EnumText
 
 NAMING = {
@@ -50,7 +51,8 @@ class Site(Base):
 
 
 class RegistrationKey(Base):
-    """A one-time key for a host to join a site; only its sha256 is stored."""
+    """A one-time key for a host to join a site; only its sha256 is stored. With ``host_id``
+    (migration 0004) it is a re-issue key: it replaces the certificate of that host only."""
 
     __tablename__ = "registration_keys"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -60,6 +62,8 @@ class RegistrationKey(Base):
     expires_at: Mapped[float] = mapped_column(Float)
     used_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     used_by_host: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    host_id: Mapped[str | None] = mapped_column(ForeignKey("hosts.id", ondelete="CASCADE"),
+                                                nullable=True)
 
 
 class Host(Base):
@@ -252,7 +256,8 @@ class Command(Base):
     item_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     kind: Mapped[str] = mapped_column(String(32))
-    args: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # a cloud store's spec in the arguments has its credentials and keys sealed at rest
+    args: Mapped[dict[str, Any]] = mapped_column(SealedJSON("commands.args", STORE_SPEC_PATHS))
     status: Mapped[CommandStatus] = mapped_column(EnumText(CommandStatus, 16))
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
@@ -291,6 +296,27 @@ class Event(Base):
     message: Mapped[str] = mapped_column(Text)
 
 
+class Audit(Base):
+    """The audit trail (migration 0004): who (``actor_kind`` token/host/anonymous/local and
+    ``actor``: token name or host id), from where (``client`` address), what (``action``: the
+    route template, or ``agent.*`` / ``store.*`` / ``vault.*`` for facts that are not a call;
+    ``target``), when (``at``), how it ended (``outcome`` ok/refused/failed, HTTP ``status``,
+    ``error_code``) and non-secret ``detail``. Append-only; never holds a secret."""
+
+    __tablename__ = "audit"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[float] = mapped_column(Float, index=True)
+    actor_kind: Mapped[str] = mapped_column(String(16))
+    actor: Mapped[str] = mapped_column(String(128), index=True)
+    client: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    action: Mapped[str] = mapped_column(String(128))
+    target: Mapped[str] = mapped_column(String(256))
+    outcome: Mapped[str] = mapped_column(String(16))
+    status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
 class ApiToken(Base):
     """An operator API token; only the sha256 of the secret is stored."""
 
@@ -306,16 +332,16 @@ class ApiToken(Base):
 class Store(Base):
     """A cloud recovery store (``kind`` s3 or azure). ``config`` is what may be shown (endpoint,
     bucket/container, region, prefix); ``secret`` (credentials) and ``keys`` (encryption keys by
-    key id) are never returned by the API nor logged; agents receive them in command arguments
-    over mTLS only."""
+    key id) are never returned by the API nor logged, and are sealed at rest under the vault's
+    master key; agents receive them in command arguments over mTLS only."""
 
     __tablename__ = "stores"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     kind: Mapped[str] = mapped_column(String(16))
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
-    secret: Mapped[dict[str, Any]] = mapped_column(JSON)
-    keys: Mapped[dict[str, Any]] = mapped_column(JSON)
+    secret: Mapped[dict[str, Any]] = mapped_column(SealedJSON("stores.secret"))  # sealed at rest
+    keys: Mapped[dict[str, Any]] = mapped_column(SealedJSON("stores.keys"))  # sealed at rest
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
 

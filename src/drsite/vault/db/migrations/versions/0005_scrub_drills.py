@@ -1,7 +1,7 @@
 """Scrub and drills: policy scrub interval and rate, item scrub state, damaged points, drills.
 
-Revision ID: 0005_scrub_drills
-Revises: 0003
+Revision ID: 0005
+Revises: 0004
 Create Date: 2026-12-10
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0005_scrub_drills"
-down_revision = "0003"
+revision = "0005"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
