@@ -118,7 +118,8 @@ def test_scrub_damage_repair_refusal_and_verify(h: Harness) -> None:
     assert h.job(job["id"])["state"] == "succeeded"
     notes = h.ok("GET", f"/items/{item}/failovers")[0]["notes"]
     assert any("p000002 is damaged in the store; using p000001" in n for n in notes)
-    # the repair commits a new point: the damaged one is now an older point: critical
+    # the repair commits a new point: the damaged one is now an older point that cannot be
+    # repaired: warning (the newest point is intact), with how many, and the alert says so
     a.result(rs["command_id"], "succeeded", result={"point": {"point_id": "p000003",
                                                               "bytes_written": 4096}})
     now = h.clock.now()
@@ -127,10 +128,13 @@ def test_scrub_damage_repair_refusal_and_verify(h: Harness) -> None:
                     "new_points": [point(item, 3, now)]}])
     h.tick()
     it = h.ok("GET", f"/items/{item}")
-    assert it["health"] == "critical", it
-    assert any("older recovery point(s) cannot be restored (p000002)" in r
+    assert it["health"] == "warning", it
+    assert any("1 older recovery point(s) cannot be restored (p000002)" in r
                for r in it["health_reasons"])
-    assert "critical" in [x["kind"] for x in h.ok("GET", "/alerts?state=active")]
+    active = h.ok("GET", "/alerts?state=active")
+    assert "critical" not in [x["kind"] for x in active]
+    (dmg,) = [x for x in active if x["kind"] == "store_damage"]
+    assert "1 older recovery point(s) of web1 cannot be restored" in dmg["message"], dmg
     pts = {p["point_id"]: p for p in h.ok("GET", f"/items/{item}/points")}
     assert pts["p000002"]["damage"]["by"] == "scrub" and pts["p000003"]["damage"] is None
     m = h.client.get("/api/v1/metrics").text

@@ -2,20 +2,20 @@
 
 Item health (:func:`item_health`, pure):
 - **Critical**: a permanent failure (the vault's or the agent's report), the item's
-  protection failed, or a recovery point cannot be restored (its data in the store is damaged
-  and cannot be repaired: ``vault/scrub.py``);
+  protection failed, or the newest recovery point cannot be restored and cannot be repaired
+  (``vault/scrub.py``);
 - **Warning**: the measured RPO (now − newest committed point) passed the policy's threshold,
   a resync is pending or running, a transient failure is being retried, the source agent misses
-  heartbeats, the item has no policy, the newest point is damaged and being repaired, or the
-  last scrub of the item's store failed;
+  heartbeats, the item has no policy, the newest point is damaged and being repaired, older
+  points are damaged (unrepairable, refused for failover; the newest is intact), or the last
+  scrub of the item's store failed;
 - **Normal** otherwise (also during initial replication: there is no RPO yet).
 
 An agent is up when its last heartbeat is younger than ``missed_heartbeats × heartbeat_interval``.
 
 Alerts (:class:`HealthMonitor`): one open alert per condition key (``rpo:ITEM``,
 ``critical:ITEM``, ``agent_down:HOST``, ``drill:PLAN`` while a plan's latest drill failed,
-``store_damage:ITEM`` for repairable damage found by a
-scrub, ``replication_failing:ITEM`` after ``FAILING_AFTER`` transient failures in a row — a
+``store_damage:ITEM`` while damage found by a scrub or a verify is not critical, ``replication_failing:ITEM`` after ``FAILING_AFTER`` transient failures in a row — a
 full or unreachable store, also during initial replication); raised when the condition
 starts, refreshed while it lasts (no duplicates), cleared when it ends. Acknowledging only marks
 it seen. Security alerts (``trust``) are raised by events, not conditions: they are cleared once
@@ -121,6 +121,15 @@ def _drill_reason(report: dict[str, Any]) -> str:
         or "see 'drsite drills show'"
 
 
+def _damage_message(item: Item, d: Damage) -> str:
+    if d.newest_damaged:
+        return (f"recovery store damage in the newest point of {item.vm_name}: "
+                f"{d.points.get(d.newest or '', '')}; repairing from the source")
+    older = d.older
+    return (f"{len(older)} older recovery point(s) of {item.vm_name} cannot be restored "
+            f"({d.points[older[0]]}); failover to them is refused; the newest point is intact")
+
+
 class HealthMonitor:
     """Stores each item's health and keeps the alert table in step with conditions."""
 
@@ -158,11 +167,9 @@ class HealthMonitor:
                         f"RPO of {item.vm_name} is {ih.rpo_s:.0f} s "
                         f"(threshold {policy.rpo_threshold_s:.0f} s)")
                 d = damage.get(item.id)
-                if d is not None and d.newest_damaged and ih.health is not Health.CRITICAL:
+                if d is not None and d.points and ih.health is not Health.CRITICAL:
                     conditions[f"store_damage:{item.id}"] = (
-                        "store_damage", "warning", item.vm_name,
-                        f"recovery store damage in the newest point of {item.vm_name}: "
-                        f"{d.points.get(d.newest or '', '')}; repairing from the source")
+                        "store_damage", "warning", item.vm_name, _damage_message(item, d))
                 failures = int((item.retry or {}).get("failures") or 0)
                 if failures >= FAILING_AFTER and ih.health is not Health.CRITICAL:
                     msg = ((item.retry or {}).get("last_error") or {}).get("message", "")

@@ -11,10 +11,13 @@
   marks each point that cannot be restored; only a later proof — ``verify`` — clears a mark):
   damage in the newest point of a protected item is repaired from the source (the scheduler
   sends a ``resync`` that compares the source with what the store can restore) → health
-  warning; a point that cannot be restored and cannot be repaired (older points whose unique
-  data is gone; the newest when the item is not replicating) → health critical. Failover
-  refuses a damaged point with a message naming a command, and ``latest`` falls back to the
-  newest point that is not damaged.
+  warning while the repair is pending; the newest point damaged and not repairable (the item
+  is not replicating) → health critical: critical only while the newest point cannot be
+  restored and no repair has succeeded. Older points whose unique data is gone cannot be
+  repaired: once the newest point is intact (a repair committed a new point) they only make
+  the item warning, with their count in the reason — they stay marked damaged, are refused as
+  failover choices and leave with retention. Failover refuses a damaged point with a message
+  naming a command, and ``latest`` falls back to the newest point that is not damaged.
 
 Responsible for: the rules above. Not responsible for: sending (``scheduler``), alerts
 (``health``), reading stores (agents, ``store/scrub.py``).
@@ -76,7 +79,9 @@ def damage_of(s: Session, item_ids: list[str] | None = None) -> dict[str, Damage
 
 
 def damage_reasons(item: Item, damage: Damage | None) -> tuple[bool, bool, list[str]]:
-    """(warning, critical, reasons) of an item's store damage."""
+    """(warning, critical, reasons) of an item's store damage: critical only for a damaged
+    newest point that cannot be repaired (the item is not protected); a damaged newest point
+    being repaired, and damaged older points, are warnings."""
     if damage is None or not damage.points:
         return False, False, []
     warn = crit = False
@@ -95,7 +100,8 @@ def damage_reasons(item: Item, damage: Damage | None) -> tuple[bool, bool, list[
                            f" and cannot be repaired while the item is {item.status}")
     older = damage.older
     if older:
-        crit = True
+        # unrepairable, but the newest point (or its repair) still recovers the VM: warning
+        warn = True
         shown = ", ".join(older[:3]) + (f" and {len(older) - 3} more" if len(older) > 3 else "")
         reasons.append(f"{len(older)} older recovery point(s) cannot be restored ({shown}): their "
                        f"data in the recovery store is damaged ({damage.points[older[0]]}); "
