@@ -37,6 +37,7 @@ EXPECTED: dict[str, tuple[type[E.DrsiteError], int, int]] = {
     "invalid_replica_state": (E.InvalidReplicaState, 500, 2),
     "tracking_lost": (E.TrackingLost, 500, 2),
     "hypervisor_error": (E.HypervisorError, 500, 2),
+    "secret_unreadable": (E.SecretUnreadable, 500, 2),
     "transient": (E.TransientError, 503, 75),
     "internal": (E.InternalError, 500, 75),
     "network": (E.NetworkError, 503, 75),

@@ -65,6 +65,7 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
     d = Database(url)
     attach_sealer(d.engine, Keyring(MasterKey.generate()))  # Command.args is a sealed column
     d.migrate()
+    attach_sealer(d.engine, Keyring(MasterKey.generate()))  # commands.args is a sealed column
     return d
 
 
