@@ -31,7 +31,6 @@ EXPECTED: dict[str, tuple[type[E.DrsiteError], int, int]] = {
     "object_exists": (E.ObjectExists, 409, 2),
     "interrupted": (E.OperationInterrupted, 409, 2),
     "fenced": (E.Fenced, 409, 2),
-    "secret_unreadable": (E.SecretUnreadable, 500, 2),
     "broken_chain": (E.BrokenChain, 500, 2),
     "corrupt_data": (E.CorruptData, 500, 2),
     "invalid_replica_state": (E.InvalidReplicaState, 500, 2),

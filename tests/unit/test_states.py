@@ -63,7 +63,6 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
     url = (str(request.getfixturevalue("pg_url")) if request.param == "postgresql"
            else sqlite_url(tmp_path / "vault.db"))
     d = Database(url)
-    attach_sealer(d.engine, Keyring(MasterKey.generate()))  # Command.args is a sealed column
     d.migrate()
     attach_sealer(d.engine, Keyring(MasterKey.generate()))  # commands.args is a sealed column
     return d
