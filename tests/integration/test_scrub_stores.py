@@ -171,3 +171,43 @@ def test_scrub_rate_limit_is_paid_by_the_bytes_read(tmp_path: Path) -> None:
     slept = clock.now() - 5000.0
     # the bucket starts with a quarter second of tokens
     assert rep.bytes_checked / MiB - 0.25 <= slept <= rep.bytes_checked / MiB + 0.01
+
+
+class _StoreHost:
+    """What ``ScrubCommands`` needs of an agent: its data directory, the store it serves, and
+    whether another command waits in an item's lane."""
+
+    def __init__(self, data_dir: Path, store: LocalObjectStore) -> None:
+        self.data_dir = data_dir
+        self.identity = None
+        self.store_service = type("Svc", (), {"local_store": store})()
+        self.waiting = False
+        self.asked = 0
+
+    def lane_waiting(self, item_id: str) -> bool:
+        assert item_id == "vm1"
+        self.asked += 1
+        return self.waiting
+
+
+def test_agent_scrub_yields_to_a_command_waiting_in_the_lane(tmp_path: Path) -> None:
+    """A scrub slice ends after the pack it reads once a command waits behind it (a failover
+    must not wait for a whole pass); its cursor is kept and the next slice goes on from it."""
+    from drsite.agent.link import Command
+    from drsite.agent.scrub import ScrubCommands
+
+    store = LocalObjectStore(tmp_path / "store")
+    repo, _disk, _points = three_points(store)
+    n_packs = len([k for c in ("c1", "c2", "c3") for k in packs(repo, c)])
+    assert n_packs >= 3
+    host = _StoreHost(tmp_path / "agent", store)
+    cmds = ScrubCommands(host)  # type: ignore[arg-type]
+    host.waiting = True
+    out = cmds.handle(Command("c1", "scrub", "vm1", {"budget_s": 300}))["scrub"]
+    assert out["complete"] is False and out["packs_done"] == 1, out
+    assert cmds.cursor_path("vm1").exists()  # the next slice goes on from here
+    host.waiting = False
+    out = cmds.handle(Command("c2", "scrub", "vm1", {"budget_s": 300}))["scrub"]
+    assert out["complete"] is True and out["packs_done"] == n_packs and out["findings"] == []
+    assert not cmds.cursor_path("vm1").exists()
+    assert host.asked >= n_packs - 1

@@ -537,6 +537,12 @@ class Agent:
                 return
             pr.posted_at, pr.posted_progress = now, prog
 
+    def lane_waiting(self, item_id: str) -> bool:
+        """True while a task waits in the item's lane (a long scrub yields to it)."""
+        with self._lock:
+            lane = self._lanes.get(item_id)
+            return lane is not None and bool(lane.tasks)
+
     def _is_running(self, command_id: str) -> bool:
         pr = self._inflight.get(command_id)
         if pr is None:

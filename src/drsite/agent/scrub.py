@@ -8,7 +8,11 @@ lane on that host (one command at a time per item).
 ``scrub`` runs :func:`drsite.store.scrub.scrub` for at most ``budget_s`` seconds at
 ``rate_bps`` and keeps the pass's cursor in ``<data>/scrub/<item>.json`` (written atomically
 while the pass runs), so a pass cut short by the budget, a restart or a crash goes on where it
-stopped. ``verify`` proves points (:func:`drsite.store.scrub.verify_point`).
+stopped. A scrub yields: as soon as another command waits in the item's lane (a failover, a
+cleanup) it ends after the pack it is reading, with an incomplete report; the vault sends the
+next slice, which queues behind that command. ``verify`` proves points
+(:func:`drsite.store.scrub.verify_point`); it does not yield (it is asked for by hand or by a
+drill, and reads only the points asked for).
 
 Responsible for: opening the store from the arguments, the cursor file, the results. Not
 responsible for: when to scrub or what the results mean (the vault: ``vault/scrub.py``).
@@ -46,6 +50,10 @@ class StoreHost(Protocol):
 
     @property
     def store_service(self) -> StoreService | None: ...
+
+    def lane_waiting(self, item_id: str) -> bool:
+        """True while another command waits in the item's lane."""
+        ...
 
 
 class ScrubCommands:
@@ -99,8 +107,10 @@ class ScrubCommands:
         def keep(c: ScrubCursor) -> None:
             atomic_write_json(path, c.to_dict())
 
+        item_id = cmd.item_id or ""
         with self._repo(cmd) as repo:
-            report, nxt = scrub(repo, cursor, rate_bps=rate, budget_s=budget, on_progress=keep)
+            report, nxt = scrub(repo, cursor, rate_bps=rate, budget_s=budget, on_progress=keep,
+                                yield_to=lambda: self.agent.lane_waiting(item_id))
         if nxt is None:
             path.unlink(missing_ok=True)
         else:

@@ -211,14 +211,16 @@ def _quarantine(repo: Catalog, rel: str) -> str | None:
 def scrub(repo: Catalog, cursor: ScrubCursor | None = None, *, rate_bps: int | None = None,
           budget_s: float | None = None, clock: Clock | None = None,
           on_progress: Callable[[ScrubCursor], None] | None = None,
-          quarantine: bool = True) -> tuple[ScrubReport, ScrubCursor | None]:
+          quarantine: bool = True,
+          yield_to: Callable[[], bool] | None = None) -> tuple[ScrubReport, ScrubCursor | None]:
     """Scrub the item's repository: one pass, or its continuation from ``cursor``.
 
     Returns the report and the cursor to keep (None: the pass completed, the next call starts a
     new one). ``budget_s`` ends the call early, after at least one pack (incomplete report,
-    cursor returned);
-    ``rate_bps`` paces the bytes read. Not responsible for repairs (see the module docstring),
-    nor for retries (wrap the store).
+    cursor returned); so does ``yield_to`` returning True (checked after each pack: other work
+    waits for the caller, e.g. a failover queued behind the scrub). ``rate_bps`` paces the
+    bytes read. Not responsible for repairs (see the module docstring), nor for retries (wrap
+    the store).
     """
     clock = clock or SystemClock()
     t0 = time.monotonic()
@@ -263,7 +265,8 @@ def scrub(repo: Catalog, cursor: ScrubCursor | None = None, *, rate_bps: int | N
             on_progress(cursor)
             last_save = time.monotonic()
         # the budget is checked after a pack: every call makes progress
-        if budget_s is not None and time.monotonic() - t0 >= budget_s and i < len(remaining) - 1:
+        out_of_time = budget_s is not None and time.monotonic() - t0 >= budget_s
+        if (out_of_time or (yield_to is not None and yield_to())) and i < len(remaining) - 1:
             complete = False
             break
     findings: list[ScrubFinding] = []

@@ -15,10 +15,11 @@ An agent is up when its last heartbeat is younger than ``missed_heartbeats × he
 
 Alerts (:class:`HealthMonitor`): one open alert per condition key (``rpo:ITEM``,
 ``critical:ITEM``, ``agent_down:HOST``, ``drill:PLAN`` while a plan's latest drill failed,
-``store_damage:ITEM`` while damage found by a scrub or a verify is not critical, ``replication_failing:ITEM`` after ``FAILING_AFTER`` transient failures in a row — a
-full or unreachable store, also during initial replication); raised when the condition
-starts, refreshed while it lasts (no duplicates), cleared when it ends. Acknowledging only marks
-it seen. Security alerts (``trust``) are raised by events, not conditions: they are cleared once
+``store_damage:ITEM`` while damage found by a scrub or a verify is not critical,
+``replication_failing:ITEM`` after ``FAILING_AFTER`` transient failures in a row — a full or
+unreachable store, also during initial replication); raised when the condition starts,
+refreshed while it lasts (no duplicates), cleared when it ends. Acknowledging only marks it
+seen. Security alerts (``trust``) are raised by events, not conditions: they are cleared once
 acknowledged.
 """
 
