@@ -18,7 +18,7 @@ from drsite.store.contract import ObjectStore
 from drsite.store.digest import image_digest
 from drsite.store.local import LocalObjectStore
 from drsite.store.repository import Repository
-from drsite.store.scrub import CORRUPT, MISSING, ScrubCursor, scrub, verify_point
+from drsite.store.scrub import CORRUPT, MISSING, ScrubCursor, references, scrub, verify_point
 from tests.cloud import azure_azurite, s3_moto
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -211,3 +211,14 @@ def test_agent_scrub_yields_to_a_command_waiting_in_the_lane(tmp_path: Path) -> 
     assert out["complete"] is True and out["packs_done"] == n_packs and out["findings"] == []
     assert not cmds.cursor_path("vm1").exists()
     assert host.asked >= n_packs - 1
+
+
+def test_references_name_the_points_that_need_each_object(tmp_path: Path) -> None:
+    store = LocalObjectStore(tmp_path / "store")
+    repo, _disk, (p1, p2, p3) = three_points(store)
+    refs = references(repo)
+    assert refs[f"points/{p3}"] == {p3}
+    (only_p2,) = packs(repo, "c2")  # its data was overwritten by p3
+    assert refs[only_p2] == {p2}
+    assert all(refs[k] == {p1, p2, p3} for k in packs(repo, "c1"))
+    assert set(packs(repo, "c3")) <= {k for k, pts in refs.items() if pts == {p3}}

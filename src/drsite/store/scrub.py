@@ -194,6 +194,15 @@ def _references(repo: Catalog, point_ids: list[str], meta: dict[str, tuple[str, 
     return refs, kept
 
 
+def references(repo: Catalog) -> dict[str, set[str]]:
+    """Which kept points reference each object (repository-relative key → point ids): what a
+    pass checks, for tools and tests that need to know what damage to an object would cost.
+    Unreadable metadata is left out (its objects are not listed)."""
+    repo._forget_all()
+    refs, _kept = _references(repo, repo._point_ids(), {}, ScrubCursor(0.0))
+    return refs
+
+
 def _quarantine(repo: Catalog, rel: str) -> str | None:
     """Move a corrupt pack/map/table aside; manifests stay (a point must not vanish from the
     catalogue silently: reading it keeps failing loudly)."""

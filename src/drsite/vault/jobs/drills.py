@@ -10,7 +10,8 @@ verifies each test VM's disk images against its point before the VM starts.
 A drill always cleans up: a failed probe is recorded and the cleanup still runs; a failure
 before that (a group's test failover failed) fails the job, and ``drill_on_end`` starts the
 cleanup of every test failover the drill opened. The report (``drills.report``) names per VM the
-point used, its age when the drill started (RPO achieved), the time to running (RTO achieved:
+point used, its age when the VM's test failover was requested (RPO achieved: what a disaster at
+that moment would have lost), the time to running (RTO achieved:
 the test failover's request → VM running, plus the time until the guest answered), the
 verification and the probe; a failed drill raises a ``drill:PLAN`` alert (``health``).
 """
@@ -109,7 +110,9 @@ def _report(ctx: TaskContext) -> dict[str, Any]:
                "failover_id": fo.id if fo else None,
                "point_id": fo.point_id if fo else None,
                "point_created_at": fo.point_created_at if fo else None,
-               "rpo_s": round(started - fo.point_created_at, 3)
+               # the data a disaster at the failover's request would have lost: the point's
+               # age then (a group that starts later may use a point newer than the drill)
+               "rpo_s": round(max(0.0, fo.created_at - fo.point_created_at), 3)
                if fo is not None and fo.point_created_at else None,
                "rto_s": round(rto + float(ready or 0.0), 3) if rto is not None else None,
                "to_running_s": rto, "guest_ready_after_s": ready,
