@@ -242,3 +242,29 @@ def test_drills_scheduled_failed_probe_and_by_hand(cluster: Cluster) -> None:
 def cl_jobs(c: Cluster) -> list[dict[str, Any]]:
     with c.client() as cl:
         return cl.jobs()
+
+
+def test_a_group_drill_schedule_set_from_the_cli(cluster: Cluster) -> None:
+    """``drsite drills schedule --group``: the group's protected VMs are drilled at once (never
+    drilled before), in parallel, and the schedule ends with ``--off``."""
+    out = cli(cluster, "drills", "schedule", "--group", "g", "--every", "weekly",
+              "--boot-timeout", "30", "--probe", 'test "$DRSITE_DRILL_GROUP" = g')
+    assert out.returncode == 0, out.stdout + out.stderr
+    sec = hv(cluster, "secondary")
+    with cluster.client() as cl:
+        assert cl.group("g")["drill"]["every_s"] == 7 * 86400
+        (d,) = until("the group's drill", lambda: cl.drills(group="g"), 30)
+        assert d["trigger"] == "schedule" and d["plan"] is None
+        assert cl.wait_job(d["job_id"], timeout=120)["state"] == "succeeded"
+        d = cl.drill(d["id"])
+        assert d["state"] == "passed", d
+        protected = sorted(it["vm_name"] for it in cl.items() if it["protection"] == "protected")
+        assert sorted(v["vm"] for v in d["report"]["vms"]) == protected
+        assert all(v["verified"] and v["probe"]["rc"] == 0 for v in d["report"]["vms"])
+        assert not [v for v in sec.list_vms() if v.name.endswith("-test")]
+    out = cli(cluster, "drills", "schedule", "--group", "g", "--off")
+    assert out.returncode == 0, out.stdout + out.stderr
+    with cluster.client() as cl:
+        assert cl.group("g")["drill"] is None
+    bad = cli(cluster, "drills", "run", "shop", "--group", "g")
+    assert bad.returncode != 0 and "one of them" in " ".join((bad.stdout + bad.stderr).split())

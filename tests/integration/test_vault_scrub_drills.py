@@ -242,3 +242,66 @@ def test_initial_replication_failing_on_a_full_store_shows_on_the_item(h: Harnes
     assert any("no space left on device" in r for r in it["health_reasons"])
     alerts = [x for x in h.ok("GET", "/alerts?state=active") if x["kind"] == "replication_failing"]
     assert len(alerts) == 1 and "initial replication of web1 failed 2 times" in alerts[0]["message"]
+
+
+def test_a_protection_group_carries_a_drill_schedule(h: Harness) -> None:
+    """A group's drill schedule drills its protected VMs (no plan needed); its report, alert
+    (``drill:group:G``) and metric are the group's; bad schedules and requests are refused."""
+    a, b = two_sites(h)
+    policy_and_group(h)
+    err(h.call("PUT", "/groups/g1", json={"drill": {"every_s": 5}}), 400)  # under 10 s
+    err(h.call("PUT", "/groups/g1", json={"drill": {"every_s": "daily", "window": "25:00-"}}),
+        400)
+    assert h.ok("GET", "/groups/g1")["drill"] is None
+    h.tick()  # a group with a schedule but nothing protected yet starts no drill
+    out = h.ok("PUT", "/groups/g1", json={"drill": {
+        "every_s": "daily", "boot_timeout_s": 20,
+        "probe": {"script": 'test "$DRSITE_DRILL_GROUP" = g1', "timeout_s": 5}}})
+    assert out["drill"]["every_s"] == 86400 and out["drill"]["probe"]["timeout_s"] == 5
+    for _ in range(3):
+        h.tick()
+    assert h.ok("GET", "/drills") == []
+    protect(h, a)
+    mapping(h)
+    for _ in range(3):
+        h.tick()
+    (d,) = h.ok("GET", "/drills?group=g1")
+    assert d["group"] == "g1" and d["plan"] is None and d["trigger"] == "schedule"
+    assert h.job(d["job_id"])["target"] == "group:g1"
+    cmd = take(h, b, "failover")
+    assert cmd["args"]["kind"] == "test"
+    b.result(cmd["command_id"], "succeeded", result=fo_result("test_running"))
+    for _ in range(3):
+        h.tick()
+    probe = take(h, b, "drill_probe")
+    assert probe["args"]["env"]["DRSITE_DRILL_GROUP"] == "g1"
+    assert "DRSITE_PLAN" not in probe["args"]["env"]
+    b.result(probe["command_id"], "succeeded", result={"drill_probe": {
+        "vm_name": "web1-test", "running": True, "guest_ready": True, "ok": False,
+        "ready_after_s": None, "probe": {"rc": 1, "attempts": 2, "ok": False, "output": ""},
+        "reason": "probe did not pass within 20 s (2 attempt(s), last exit code 1)"}})
+    for _ in range(3):
+        h.tick()
+    cl = take(h, b, "failover_cleanup")
+    b.result(cl["command_id"], "succeeded", result=fo_result("cleaned_up"))
+    for _ in range(4):
+        h.tick()
+    d = h.ok("GET", f"/drills/{d['id']}")
+    assert d["state"] == "failed" and d["report"]["group"] == "g1", d
+    job = h.job(d["job_id"])
+    assert "drill of protection group g1 failed" in job["error"]["message"]
+    assert "drsite drills run --group g1" in job["error"]["hint"]
+    (alert,) = [x for x in h.ok("GET", "/alerts?state=active") if x["kind"] == "drill"]
+    assert alert["subject"] == "group g1" and "protection group g1" in alert["message"]
+    assert 'drsite_group_drill_passed{group="g1"} 0.0' in h.client.get("/api/v1/metrics").text
+    # not again before a day is over; by hand at once; one target at a time
+    h.tick()
+    assert len(h.ok("GET", "/drills")) == 1
+    err(h.call("POST", "/drills", json={"plan": "shop", "group": "g1"}), 400)
+    err(h.call("POST", "/drills", json={}), 400)
+    err(h.call("POST", "/drills", json={"group": "nope"}), 404)
+    started = h.ok("POST", "/drills", json={"group": "g1"})
+    err(h.call("POST", "/drills", json={"group": "g1"}), 409)
+    assert h.ok("GET", f"/drills/{started['drill_id']}")["trigger"] == "hand"
+    # the schedule ends
+    assert h.ok("PUT", "/groups/g1", json={"drill": None})["drill"] is None

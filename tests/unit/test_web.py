@@ -498,6 +498,10 @@ def add_drills(h: Harness, item_id: str) -> None:
                             "rto_s": None, "rpo_s": 42.0}, started_at=now - 300, ended_at=now - 250))
         s.add(Drill(id="d-other", plan="other", job_id=None, state="running", trigger="hand",
                     report={}, started_at=now - 10, ended_at=None))
+        s.add(Drill(id="d-group", plan=None, group="g1", job_id="j-3", state="passed",
+                    trigger="schedule", report={"group": "g1", "ok": True, "vms": [vm],
+                                                "cleaned_up": True, "rto_s": 12.5, "rpo_s": 42.0},
+                    started_at=now - 2000, ended_at=now - 1990))
 
 
 def test_drill_history_and_a_drills_report(h: Harness) -> None:
@@ -509,12 +513,17 @@ def test_drill_history_and_a_drills_report(h: Harness) -> None:
     add_drills(h, item_id)
     login(h, h.token("reader", "audit"))  # drills are for every role to read
     page = h.client.get("/ui/drills").text
-    assert 'href="/ui/drills"' in page and 'hx-get="/ui/f/drills?plan="' in page
+    assert 'href="/ui/drills"' in page and 'hx-get="/ui/f/drills?plan=&amp;group="' in page
     rows = re.findall(r'<tr class="drill-row" data-drill="([\w-]+)" data-state="(\w+)">', page)
-    assert rows == [("d-other", "running"), ("d-fail", "failed"), ("d-pass", "passed")]
+    assert rows == [("d-other", "running"), ("d-fail", "failed"), ("d-pass", "passed"),
+                    ("d-group", "passed")]
+    assert 'group <a href="/ui/drills?group=g1">g1</a>' in page
     assert "1 / 1" in page and "0 / 1" in page and "by hand" in page
     mine = h.client.get("/ui/f/drills?plan=tier1").text
-    assert "d-pass" in mine and "d-other" not in mine
+    assert "d-pass" in mine and "d-other" not in mine and "d-group" not in mine
+    groups = h.client.get("/ui/drills?group=g1").text
+    assert "d-group" in groups and "d-pass" not in groups and "of protection group g1" in groups
+    assert "Drill of group" in h.client.get("/ui/drills/d-group").text
     rep = h.client.get("/ui/drills/d-pass").text
     assert 'hx-get="/ui/f/drills/d-pass"' in rep
     assert "p000000000007" in rep and "42 s" in rep and "12 s" in rep  # RPO, RTO

@@ -1,4 +1,5 @@
-"""``drsite drills list|show|run``: recovery drills of plans (test failover, proven)."""
+"""``drsite drills list|show|run`` and ``drsite drills schedule --group``: recovery drills of
+plans and of protection groups (test failover, proven)."""
 
 from __future__ import annotations
 
@@ -20,17 +21,18 @@ from drsite.cli.common import (
 
 drills = typer.Typer(no_args_is_help=True, help="Recovery drills: scheduled, proven test failovers.")
 
-COLS = ["id", "plan", "state", "trigger", "started_at", "rto_s", "rpo_s"]
+COLS = ["id", "plan", "group", "state", "trigger", "started_at", "rto_s", "rpo_s"]
 VM_COLS = ["vm", "point_id", "rpo_s", "rto_s", "verified", "guest_ready", "ok", "reason"]
 
 
 @drills.command("list")
 def drills_list(plan: str | None = typer.Option(None, help="Only this plan's drills."),
+                group: str | None = typer.Option(None, help="Only this group's drills."),
                 vault: str | None = VaultOpt, token: str | None = TokenOpt,
                 ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
     """The drill history, newest first."""
     with client(vault, token, ca_file) as c:
-        show(c.drills(plan), COLS, title="drills", json_out=json_out)
+        show(c.drills(plan, group=group), COLS, title="drills", json_out=json_out)
 
 
 def _show(d: dict[str, Any], json_out: bool) -> None:
@@ -53,12 +55,17 @@ def drills_show(drill_id: str, vault: str | None = VaultOpt, token: str | None =
 
 
 @drills.command("run")
-def drills_run(plan: str, wait: bool = typer.Option(True, help="Follow the drill until it ends."),
+def drills_run(plan: str | None = typer.Argument(None, help="The recovery plan to drill."),
+               group: str | None = typer.Option(None, help="Drill a protection group's VMs "
+                                                "instead of a plan."),
+               wait: bool = typer.Option(True, help="Follow the drill until it ends."),
                vault: str | None = VaultOpt, token: str | None = TokenOpt,
                ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
-    """Run a drill of a plan now; exit code 1 when it fails."""
+    """Run a drill of a plan (or of a group) now; exit code 1 when it fails."""
+    if (plan is None) == (group is None):
+        raise typer.BadParameter("give a plan, or --group GROUP (one of them)")
     with client(vault, token, ca_file) as c:
-        started = c.run_drill(plan)
+        started = c.run_drill(plan, group=group)
         if not wait:
             show(started, ["drill_id", "job_id"], title="drill started", json_out=json_out)
             return
@@ -67,3 +74,29 @@ def drills_run(plan: str, wait: bool = typer.Option(True, help="Follow the drill
     _show(d, json_out)
     if d.get("state") != "passed":
         raise typer.Exit(EXIT_JOB_FAILED)
+
+
+@drills.command("schedule")
+def drills_schedule(
+    group: str = typer.Option(..., help="The protection group whose VMs are drilled."),
+    every: str | None = typer.Option(None, help="Seconds, 'daily' or 'weekly'; omit with "
+                                     "--off."),
+    window: str | None = typer.Option(None, help="Local time window, HH:MM-HH:MM."),
+    boot_timeout: float = typer.Option(120.0, help="Seconds for a test VM to answer."),
+    probe: str | None = typer.Option(None, help="Shell script run on the recovery host; "
+                                     "exit 0 = the VM works (env: DRSITE_DRILL_IPS, ...)."),
+    probe_timeout: float = typer.Option(60.0, help="Seconds for one probe run."),
+    off: bool = typer.Option(False, "--off", help="End the group's drill schedule."),
+    vault: str | None = VaultOpt, token: str | None = TokenOpt, ca_file: Path | None = CaOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Give a protection group a drill schedule (plans carry theirs in the plan document)."""
+    if off == (every is not None):
+        raise typer.BadParameter("give --every, or --off")
+    spec: dict[str, Any] | None = None if off else {
+        "every_s": every, "window": window, "boot_timeout_s": boot_timeout,
+        "probe": {"script": probe, "timeout_s": probe_timeout} if probe else None}
+    with client(vault, token, ca_file) as c:
+        g = c.set_group_drill(group, spec)
+    show({"group": g.get("name"), "drill": json.dumps(g.get("drill"))}, ["group", "drill"],
+         title="drill schedule", json_out=json_out)

@@ -1,12 +1,16 @@
-"""Drills: recovery plans whose test failover runs on a schedule and is proven each time.
+"""Drills: test failovers that run on a schedule and are proven each time.
 
-A plan's ``drill`` (``recovery_plans.validate_drill``: ``every_s``, an optional ``window``, the
-boot timeout and an optional probe script) makes :class:`DrillScheduler` start a Drill job when
-the last drill of the plan started ``every_s`` ago (or never ran) and the local time is inside
-the window; ``drsite drills run PLAN`` starts one by hand. One drill per plan at a time, and none
-while another job of the plan runs. The job (``jobs/drills.py``) is the plan's own test-failover
-tasks, a boot/probe step, the plan's cleanup and the report; its row in ``drills`` holds the
-state (running, passed, failed) and the report.
+A drill is of a recovery plan (its groups, in order, with their pre/post actions) or of a
+protection group (its protected VMs, all in parallel, no actions). A plan's ``drill``
+(``recovery_plans.validate_drill``: ``every_s``, an optional ``window``, the boot timeout and an
+optional probe script) — or a group's — makes :class:`DrillScheduler` start a Drill job when the
+last drill of that plan/group started ``every_s`` ago (or never ran) and the local time is
+inside the window; ``drsite drills run PLAN`` (``--group G``) starts one by hand. One drill per
+plan/group at a time, and none while another job of the plan runs. The job (``jobs/drills.py``)
+is the test-failover tasks of the plan's groups (or of the group as one plan group), a
+boot/probe step, the cleanup and the report; its row in ``drills`` holds the state (running,
+passed, failed) and the report. The job's target is the plan's name, or ``group:NAME`` (names
+never hold a colon).
 
 Responsible for: starting drills and their views. Not responsible for: running them.
 """
@@ -20,10 +24,10 @@ from sqlalchemy.orm import Session
 
 from drsite.core.errors import Conflict, InvalidInput, NotFound
 from drsite.core.model import validate_name
-from drsite.core.states import ACTIVE_JOB_STATES
+from drsite.core.states import ACTIVE_JOB_STATES, ItemProtection
 from drsite.vault.audit import record_event
 from drsite.vault.db.database import Database
-from drsite.vault.db.models import Drill, Job, RecoveryPlan, Task
+from drsite.vault.db.models import Drill, Group, Item, Job, RecoveryPlan, Task
 from drsite.vault.ids import new_id
 from drsite.vault.jobs import plan as P
 from drsite.vault.jobs.create import create_job
@@ -36,22 +40,54 @@ from drsite.vault.settings import VaultSettings
 DEFAULT_DRILL = {"every_s": 7 * 86400.0, "window": None, "boot_timeout_s": 120.0, "probe": None}
 
 
-def start_drill(s: Session, plan_name: str, *, trigger: str, now: float,
-                drill: dict[str, Any] | None = None) -> Drill:
-    """A Drill job of the plan (its ``drill`` spec, or ``drill``, or the defaults)."""
-    p = get_plan(s, plan_name)
-    busy = s.scalars(select(Job.id).where(Job.kind.in_((P.PLAN, P.DRILL)), Job.target == p.name,
+GROUP_TARGET = "group:"
+
+
+def drill_target(*, plan: str | None, group: str | None) -> str:
+    """The Drill job's target: the plan's name, or ``group:NAME``."""
+    return str(plan) if plan is not None else f"{GROUP_TARGET}{group}"
+
+
+def _group_vms(s: Session, g: Group) -> list[str]:
+    """The names of the group's protected VMs (what a group drill fails over)."""
+    return sorted(s.scalars(select(Item.vm_name).where(
+        Item.group_id == g.id, Item.status == ItemProtection.PROTECTED)).all())
+
+
+def start_drill(s: Session, plan_name: str | None = None, *, group_name: str | None = None,
+                trigger: str, now: float, drill: dict[str, Any] | None = None) -> Drill:
+    """A Drill job of a plan (or of a protection group's protected VMs), with its ``drill``
+    spec, or ``drill``, or the defaults."""
+    if (plan_name is None) == (group_name is None):
+        raise InvalidInput("a drill is of a recovery plan or of a protection group (one of them)")
+    if plan_name is not None:
+        p = get_plan(s, plan_name)
+        name, own, groups = p.name, dict(p.spec.get("drill") or {}), list(p.spec.get("groups", []))
+        target = drill_target(plan=p.name, group=None)
+    else:
+        g = s.scalars(select(Group).where(Group.name == validate_name("group", str(group_name)))
+                      ).first()
+        if g is None:
+            raise NotFound(f"no group {group_name!r}", hint="List groups: drsite groups list")
+        vms = _group_vms(s, g)
+        if not vms:
+            raise Conflict(f"protection group {g.name} protects no VM yet",
+                           hint="Protect its VMs first (give the group a policy).")
+        name, own = g.name, dict(g.drill or {})
+        groups = [{"name": g.name, "vms": vms, "pre": [], "post": []}]
+        target = drill_target(plan=None, group=g.name)
+    what = f"recovery plan {name}" if plan_name is not None else f"protection group {name}"
+    busy = s.scalars(select(Job.id).where(Job.kind.in_((P.PLAN, P.DRILL)), Job.target == target,
                                           Job.state.in_(ACTIVE_JOB_STATES))).first()
     if busy is not None:
-        raise Conflict(f"recovery plan {p.name} has a job running ({busy})",
+        raise Conflict(f"{what} has a job running ({busy})",
                        hint="Wait for it to end, or cancel it.")
     items = items_by_vm(s)
-    groups = list(p.spec.get("groups", []))
-    missing = [v for g in groups for v in g["vms"] if v not in items]
+    missing = [v for g_ in groups for v in g_["vms"] if v not in items]
     if missing:
-        raise Conflict(f"plan {p.name}: VM(s) {', '.join(missing)} are not protected",
+        raise Conflict(f"{what}: VM(s) {', '.join(missing)} are not protected",
                        hint="Protect them or remove them from the plan.")
-    spec = {**DEFAULT_DRILL, **dict(p.spec.get("drill") or {}), **dict(drill or {})}
+    spec = {**DEFAULT_DRILL, **own, **dict(drill or {})}
     test_tasks, test_data = plan_tasks(groups, "test_failover")
     clean_tasks, clean_data = plan_tasks(groups, "cleanup_test_failover")
     clean_data = [{**d, "action": "cleanup_test_failover"} for d in clean_data]
@@ -59,17 +95,18 @@ def start_drill(s: Session, plan_name: str, *, trigger: str, now: float,
              *clean_tasks, ("drill_report", "Record the drill report (RPO, RTO, checks)")]
     data = [*test_data, {}, *clean_data, {}]
     did = new_id("d")
-    job = create_job(s, P.DRILL, target=p.name, item_id=None, now=now, tasks=tuple(tasks),
-                     args={"action": "test_failover", "plan": p.name, "point": "latest",
-                           "drill_id": did, "drill": spec,
-                           "notes": f"drill {did} ({trigger})"})
+    job = create_job(s, P.DRILL, target=target, item_id=None, now=now, tasks=tuple(tasks),
+                     args={"action": "test_failover", "point": "latest", "drill_id": did,
+                           "drill": spec, "notes": f"drill {did} ({trigger})",
+                           **({"plan": name} if plan_name is not None else {"group": name})})
     for t in s.scalars(select(Task).where(Task.job_id == job.id).order_by(Task.idx)):
         t.data = data[t.idx]
-    row = Drill(id=did, plan=p.name, job_id=job.id, state=RUNNING, trigger=trigger, report={},
-                started_at=now, ended_at=None)
+    row = Drill(id=did, plan=name if plan_name is not None else None,
+                group=name if group_name is not None else None, job_id=job.id, state=RUNNING,
+                trigger=trigger, report={}, started_at=now, ended_at=None)
     s.add(row)
     s.flush()
-    record_event(s, now, "drill", p.name, f"drill {did} started ({trigger})")
+    record_event(s, now, "drill", target, f"drill {did} started ({trigger})")
     return row
 
 
@@ -81,15 +118,18 @@ def validate_override(d: dict[str, Any]) -> dict[str, Any]:
 
 def drill_view(d: Drill) -> dict[str, Any]:
     r = dict(d.report or {})
-    return {"id": d.id, "plan": d.plan, "job_id": d.job_id, "state": d.state,
+    return {"id": d.id, "plan": d.plan, "group": d.group, "job_id": d.job_id, "state": d.state,
             "trigger": d.trigger, "started_at": d.started_at, "ended_at": d.ended_at,
             "rto_s": r.get("rto_s"), "rpo_s": r.get("rpo_s"), "report": r}
 
 
-def list_drills(s: Session, plan: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+def list_drills(s: Session, plan: str | None = None, limit: int = 100, *,
+                group: str | None = None) -> list[dict[str, Any]]:
     q = select(Drill)
     if plan is not None:
         q = q.where(Drill.plan == validate_name("plan", plan))
+    if group is not None:
+        q = q.where(Drill.group == validate_name("group", group))
     return [drill_view(d) for d in s.scalars(q.order_by(Drill.started_at.desc()).limit(limit))]
 
 
@@ -111,21 +151,31 @@ class DrillScheduler:
         now = self.settings.clock.now()
         started: list[str] = []
         with self.db.tx() as s:
-            last = dict(s.execute(select(Drill.plan, func.max(Drill.started_at))
-                                  .group_by(Drill.plan)).all())
+            last_plan = dict(s.execute(select(Drill.plan, func.max(Drill.started_at))
+                                       .where(Drill.plan.is_not(None)).group_by(Drill.plan)).all())
+            last_group = dict(s.execute(select(Drill.group, func.max(Drill.started_at))
+                                        .where(Drill.group.is_not(None))
+                                        .group_by(Drill.group)).all())
+            due: list[tuple[str | None, str | None]] = []
             for p in s.scalars(select(RecoveryPlan).order_by(RecoveryPlan.name)):
-                spec = p.spec.get("drill")
-                if not spec:
-                    continue
-                prev = last.get(p.name)
-                if prev is not None and now - prev < float(spec["every_s"]):
-                    continue
-                if spec.get("window") and not parse_window(str(spec["window"])).contains(
-                        self.settings.minute_of_day(now)):
-                    continue
+                if self._due(p.spec.get("drill"), last_plan.get(p.name), now):
+                    due.append((p.name, None))
+            for g in s.scalars(select(Group).where(Group.drill.is_not(None)).order_by(Group.name)):
+                if self._due(g.drill, last_group.get(g.name), now):
+                    due.append((None, g.name))
+            for plan, group in due:
                 try:
                     with s.begin_nested():
-                        started.append(start_drill(s, p.name, trigger="schedule", now=now).id)
+                        started.append(start_drill(s, plan, group_name=group,
+                                                   trigger="schedule", now=now).id)
                 except (Conflict, InvalidInput, NotFound):
                     continue
         return started
+
+    def _due(self, spec: dict[str, Any] | None, prev: float | None, now: float) -> bool:
+        if not spec:
+            return False
+        if prev is not None and now - prev < float(spec["every_s"]):
+            return False
+        return not (spec.get("window") and not parse_window(str(spec["window"])).contains(
+            self.settings.minute_of_day(now)))

@@ -14,7 +14,8 @@ Item health (:func:`item_health`, pure):
 An agent is up when its last heartbeat is younger than ``missed_heartbeats × heartbeat_interval``.
 
 Alerts (:class:`HealthMonitor`): one open alert per condition key (``rpo:ITEM``,
-``critical:ITEM``, ``agent_down:HOST``, ``drill:PLAN`` while a plan's latest drill failed,
+``critical:ITEM``, ``agent_down:HOST``, ``drill:PLAN`` (``drill:group:GROUP``) while the latest
+drill of a plan (a group) failed,
 ``store_damage:ITEM`` while damage found by a scrub or a verify is not critical,
 ``replication_failing:ITEM`` after ``FAILING_AFTER`` transient failures in a row — a full or
 unreachable store, also during initial replication); raised when the condition starts,
@@ -36,6 +37,7 @@ from drsite.replication.report import Health, ItemState
 from drsite.vault.audit import record_event
 from drsite.vault.db.database import Database
 from drsite.vault.db.models import Alert, Drill, Host, Item, Policy
+from drsite.vault.drills import drill_target
 from drsite.vault.scheduler import item_policy, preload_policies
 from drsite.vault.scrub import Damage, damage_of, damage_reasons
 from drsite.vault.settings import VaultSettings
@@ -108,12 +110,17 @@ def item_health(item: Item, policy: Policy | None, host_is_up: bool, now: float,
 
 
 def failed_drills(s: Session) -> dict[str, Drill]:
-    """Plans whose latest finished drill failed (the ``drill:PLAN`` alerts)."""
-    latest = select(Drill.plan, func.max(Drill.started_at).label("t")).where(
-        Drill.state != "running").group_by(Drill.plan).subquery()
-    rows = s.scalars(select(Drill).join(latest, (Drill.plan == latest.c.plan)
-                                        & (Drill.started_at == latest.c.t))).all()
-    return {d.plan: d for d in rows if d.state == "failed"}
+    """Plans and groups whose latest finished drill failed, by drill target (the plan's name or
+    ``group:NAME``: the ``drill:TARGET`` alerts)."""
+    out: dict[str, Drill] = {}
+    for col in (Drill.plan, Drill.group):
+        latest = select(col.label("k"), func.max(Drill.started_at).label("t")).where(
+            Drill.state != "running", col.is_not(None)).group_by(col).subquery()
+        rows = s.scalars(select(Drill).join(latest, (col == latest.c.k)
+                                            & (Drill.started_at == latest.c.t))).all()
+        out.update({drill_target(plan=d.plan, group=d.group): d for d in rows
+                    if d.state == "failed"})
+    return out
 
 
 def _drill_reason(report: dict[str, Any]) -> str:
@@ -183,11 +190,13 @@ class HealthMonitor:
                     conditions[f"critical:{item.id}"] = (
                         "critical", "critical", item.vm_name,
                         f"{item.vm_name} is critical: {'; '.join(ih.reasons)}")
-            for plan, drill in failed_drills(s).items():
+            for target, drill in failed_drills(s).items():
                 rep = dict(drill.report or {})
-                conditions[f"drill:{plan}"] = (
-                    "drill", "critical", plan,
-                    f"the last drill of recovery plan {plan} failed ({drill.id}): "
+                what = (f"recovery plan {drill.plan}" if drill.plan is not None
+                        else f"protection group {drill.group}")
+                conditions[f"drill:{target}"] = (
+                    "drill", "critical", drill.plan or f"group {drill.group}",
+                    f"the last drill of {what} failed ({drill.id}): "
                     f"{rep.get('error') or _drill_reason(rep)}")
             self._sync_alerts(s, conditions, now)
 

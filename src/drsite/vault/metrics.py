@@ -7,7 +7,8 @@ recovery points over the last hour, per second), ``drsite_jobs{kind,state}``,
 ``drsite_agent_up{host,site}``, ``drsite_alerts_active{severity}``,
 ``drsite_item_damaged_points{item,vm}`` (points that cannot be restored),
 ``drsite_item_scrub_bytes_checked{item,vm}`` and ``drsite_item_scrub_completed_timestamp``
-(the last scrub report), ``drsite_drill_passed{plan}`` (1/0, the latest finished drill).
+(the last scrub report), ``drsite_drill_passed{plan}`` and ``drsite_group_drill_passed{group}``
+(1/0, the latest finished drill).
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ class VaultCollector(Collector):
                                        labels=["item", "vm"])
         drill_ok = GaugeMetricFamily("drsite_drill_passed", "1 when the plan's latest drill "
                                      "passed, 0 when it failed", labels=["plan"])
+        group_drill_ok = GaugeMetricFamily("drsite_group_drill_passed", "1 when the protection "
+                                           "group's latest drill passed, 0 when it failed",
+                                           labels=["group"])
         with self.db.tx() as s:
             churn_by_item = dict(s.execute(
                 select(Point.item_id, func.sum(Point.bytes_written))
@@ -96,13 +100,16 @@ class VaultCollector(Collector):
             for sev, n in s.execute(select(Alert.severity, func.count()).where(Alert.cleared_at.is_(None))
                                     .group_by(Alert.severity)):
                 alerts.add_metric([sev], float(n))
-            done = s.execute(select(Drill.plan, Drill.state, Drill.started_at)
+            done = s.execute(select(Drill.plan, Drill.group, Drill.state)
                              .where(Drill.state != "running").order_by(Drill.started_at)).all()
-            latest: dict[str, str] = {str(p): str(st) for p, st, _t in done}
-            for plan, outcome in latest.items():
+            by_plan = {str(p): str(st) for p, _g, st in done if p is not None}
+            by_group = {str(g): str(st) for _p, g, st in done if g is not None}
+            for plan, outcome in by_plan.items():
                 drill_ok.add_metric([plan], 1.0 if outcome == "passed" else 0.0)
+            for group, outcome in by_group.items():
+                group_drill_ok.add_metric([group], 1.0 if outcome == "passed" else 0.0)
         yield from (rpo, health, sent, stored, churn, jobs, up, alerts, damaged, scrubbed,
-                    scrub_done, drill_ok)
+                    scrub_done, drill_ok, group_drill_ok)
 
 
 def render(db: Database, settings: VaultSettings) -> bytes:

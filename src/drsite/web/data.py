@@ -162,8 +162,10 @@ def start_verify(vault: Vault, user: WebUser, item_id: str, which: str) -> str:
     return str(protection.verify(item_id, body, vault, principal(user))["job_id"])
 
 
-def drills(vault: Vault, user: WebUser, plan: str | None) -> list[dict[str, Any]]:
-    return drills_api.list_drills(vault, principal(user), plan=plan or None, limit=100)
+def drills(vault: Vault, user: WebUser, plan: str | None,
+           group: str | None = None) -> list[dict[str, Any]]:
+    return drills_api.list_drills(vault, principal(user), plan=plan or None,
+                                  group=group or None, limit=100)
 
 
 def drill(vault: Vault, user: WebUser, drill_id: str) -> dict[str, Any]:

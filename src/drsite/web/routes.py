@@ -266,19 +266,20 @@ def item_fragment(request: Request, item_id: str, window: str | None = None) -> 
                  lambda v, u: data.item_page(v, u, item_id, window), True)
 
 
-def _drills_ctx(v: Vault, u: WebUser, plan: str | None) -> dict[str, Any]:
-    return {"drills": data.drills(v, u, plan), "plan": plan or ""}
+def _drills_ctx(v: Vault, u: WebUser, plan: str | None, group: str | None) -> dict[str, Any]:
+    return {"drills": data.drills(v, u, plan, group), "plan": plan or "", "group": group or ""}
 
 
 @router.get("/ui/drills")
-def drills(request: Request, plan: str | None = None) -> Response:
-    return _view(request, "drills.html", "drills", lambda v, u: _drills_ctx(v, u, plan))
+def drills(request: Request, plan: str | None = None, group: str | None = None) -> Response:
+    return _view(request, "drills.html", "drills", lambda v, u: _drills_ctx(v, u, plan, group))
 
 
 @router.get("/ui/f/drills")
-def drills_fragment(request: Request, plan: str | None = None) -> Response:
-    return _view(request, "fragments/drills.html", "drills", lambda v, u: _drills_ctx(v, u, plan),
-                 True)
+def drills_fragment(request: Request, plan: str | None = None,
+                    group: str | None = None) -> Response:
+    return _view(request, "fragments/drills.html", "drills",
+                 lambda v, u: _drills_ctx(v, u, plan, group), True)
 
 
 @router.get("/ui/drills/{drill_id}")

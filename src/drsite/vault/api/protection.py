@@ -26,6 +26,7 @@ from drsite.vault.jobs.create import (
 )
 from drsite.vault.jobs.plan import VERIFY
 from drsite.vault.policies import PolicyValues, agent_settings, apply_values
+from drsite.vault.recovery_plans import validate_drill
 from drsite.vault.scheduler import preload_policies
 from drsite.vault.stores import check_encryption, get_store
 
@@ -156,7 +157,7 @@ def create_group(body: GroupIn, vault: VaultDep, _p: Operator) -> dict[str, Any]
         cloud = get_store(s, body.store) if body.store is not None else None
         g = Group(name=group_name, site_id=site.id, target_site_id=target.id,
                   policy_id=policy.id if policy else None, match=match, created_at=now,
-                  store_id=cloud.id if cloud else None)
+                  store_id=cloud.id if cloud else None, drill=_drill(group_name, body.drill))
         check_encryption(s, g, policy)
         s.add(g)
         s.flush()
@@ -172,7 +173,8 @@ def show_group(group: str, vault: VaultDep, _p: Reader) -> dict[str, Any]:
 
 
 @router.put("/groups/{group}",
-            summary="Change a group's policy or match (policy change: PolicyAssociation job)")
+            summary="Change a group's policy, match, store or drill schedule (policy change: "
+                    "PolicyAssociation job)")
 def update_group(group: str, body: GroupUpdate, vault: VaultDep, _p: Operator) -> dict[str, Any]:
     now = vault.settings.clock.now()
     fields = body.model_fields_set
@@ -184,6 +186,12 @@ def update_group(group: str, body: GroupUpdate, vault: VaultDep, _p: Operator) -
             _set_store(s, g, body.store, now)
         if match is not None and match != g.match:
             g.match = match
+        if "drill" in fields:
+            drill = _drill(g.name, body.drill)
+            if drill != g.drill:
+                g.drill = drill
+                record_event(s, now, "group", g.name,
+                             f"drill every {drill['every_s']:.0f} s" if drill else "no drill")
         if "policy" in fields:
             policy = get_policy(s, body.policy) if body.policy is not None else None
             new_id = policy.id if policy else None
@@ -199,6 +207,11 @@ def update_group(group: str, body: GroupUpdate, vault: VaultDep, _p: Operator) -
         if "store" in fields and "policy" not in fields:
             check_encryption(s, g, s.get(Policy, g.policy_id) if g.policy_id else None)
         return {**group_view(s, g, site_names(s)), "job_id": job.id if job else None}
+
+
+def _drill(group_name: str, spec: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A group's drill schedule, validated as a plan's (``recovery_plans.validate_drill``)."""
+    return validate_drill(spec, f"group {group_name}, drill") if spec is not None else None
 
 
 def _set_store(s: Session, g: Group, store_name: str | None, now: float) -> None:

@@ -72,7 +72,8 @@ def group_view(s: Session, g: Group, sites: dict[int, str]) -> dict[str, Any]:
     store = s.get(Store, g.store_id) if g.store_id else None
     return {"name": g.name, "site": sites.get(g.site_id), "target_site": sites.get(g.target_site_id),
             "policy": policy.name if policy else None, "match": normalise_match(g.match),
-            "store": store.name if store else None, "items": n, "created_at": g.created_at}
+            "store": store.name if store else None, "items": n, "drill": g.drill,
+            "created_at": g.created_at}
 
 
 def item_view(s: Session, item: Item, now: float, settings: VaultSettings,

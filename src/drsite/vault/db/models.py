@@ -137,6 +137,8 @@ class Group(Base):
     created_at: Mapped[float] = mapped_column(Float)
     # a cloud recovery store (S3/Azure) instead of the target site's agent store (migration 0003)
     store_id: Mapped[int | None] = mapped_column(ForeignKey("stores.id"), nullable=True)
+    # a drill schedule over the group's protected VMs (migration 0005; vault/drills.py)
+    drill: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class Item(Base):
@@ -401,13 +403,15 @@ class RecoveryPlan(Base):
 
 
 class Drill(Base):
-    """One drill of a recovery plan (migration 0005): a test failover of the plan, verified,
-    booted, probed and cleaned up. ``state``: running, passed, failed; ``trigger``: schedule
-    or hand; ``report``: per VM point, RPO, RTO, verification and probe (``vault.drills``)."""
+    """One drill (migration 0005): a test failover of a recovery plan — or of a protection
+    group's VMs (``group``; ``plan`` is then null) — verified, booted, probed and cleaned up.
+    ``state``: running, passed, failed; ``trigger``: schedule or hand; ``report``: per VM
+    point, RPO, RTO, verification and probe (``vault.drills``)."""
 
     __tablename__ = "drills"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    plan: Mapped[str] = mapped_column(String(64), index=True)
+    plan: Mapped[str | None] = mapped_column(String(64), index=True, nullable=True)
+    group: Mapped[str | None] = mapped_column(String(64), index=True, nullable=True)
     job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     state: Mapped[str] = mapped_column(String(16))
     trigger: Mapped[str] = mapped_column(String(16))

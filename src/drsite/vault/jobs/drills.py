@@ -1,6 +1,7 @@
 """Task bodies of the Drill job: a recovery plan's test failover, proven and cleaned up.
 
-A Drill job runs the plan's own tasks (``plan_action`` / ``plan_group`` of ``jobs/plans.py``:
+A Drill job (of a plan, or of a protection group as one plan group: ``vault/drills.py``) runs
+the plan's own tasks (``plan_action`` / ``plan_group`` of ``jobs/plans.py``:
 pre actions, each group's VMs in parallel through TestFailover jobs, post actions), then
 ``drill_probe`` (each test VM booted: its guest answers or the drill's probe script passes, on
 the recovery host), then the cleanup groups (``plan_group`` with ``action:
@@ -45,6 +46,22 @@ def _test_jobs(ctx: TaskContext) -> dict[str, str]:
     return out
 
 
+def _subject_env(ctx: TaskContext) -> dict[str, str]:
+    """What the probe is told the drill is of: ``DRSITE_PLAN`` or ``DRSITE_DRILL_GROUP``."""
+    if ctx.job.args.get("group"):
+        return {"DRSITE_DRILL_GROUP": str(ctx.job.args["group"])}
+    return {"DRSITE_PLAN": str(ctx.job.args.get("plan") or ctx.job.target)}
+
+
+def _what(ctx: TaskContext) -> tuple[str, str]:
+    """(what the drill is of, the command that runs it again)."""
+    group = ctx.job.args.get("group")
+    if group:
+        return f"protection group {group}", f"drsite drills run --group {group}"
+    plan = ctx.job.args.get("plan") or ctx.job.target
+    return f"plan {plan}", f"drsite drills run {plan}"
+
+
 def _failover_of(ctx: TaskContext, job_id: str) -> Failover | None:
     return ctx.s.scalars(select(Failover).where(Failover.job_id == job_id)).first()
 
@@ -65,8 +82,7 @@ def drill_probe(ctx: TaskContext) -> Step:
         host = ctx.s.get(Host, fo.recovery_host_id) if fo.recovery_host_id else None
         args = {"vm_name": fo.vm_name, "boot_timeout_s": spec.get("boot_timeout_s") or 120,
                 "probe": spec.get("probe"),
-                "env": {"DRSITE_PLAN": str(ctx.job.target), "DRSITE_DRILL_ID":
-                        str(ctx.job.args.get("drill_id"))}}
+                "env": {**_subject_env(ctx), "DRSITE_DRILL_ID": str(ctx.job.args.get("drill_id"))}}
         try:
             got = run_command(ctx, host, "drill_probe", args, item_id=fo.item_id,
                               key=f"probe:{vm}")
@@ -127,7 +143,8 @@ def _report(ctx: TaskContext) -> dict[str, Any]:
     ok = bool(vms) and all(v["ok"] for v in vms) and cleanup_ok
     rtos = [v["rto_s"] for v in vms if v["rto_s"] is not None]
     rpos = [v["rpo_s"] for v in vms if v["rpo_s"] is not None]
-    return {"plan": ctx.job.target, "ok": ok, "vms": vms, "cleaned_up": cleanup_ok,
+    return {"plan": ctx.job.args.get("plan"), "group": ctx.job.args.get("group"), "ok": ok,
+            "vms": vms, "cleaned_up": cleanup_ok,
             "rto_s": max(rtos) if rtos else None, "rpo_s": max(rpos) if rpos else None,
             "started_at": started, "ended_at": ctx.now}
 
@@ -139,7 +156,7 @@ def _finish(ctx: TaskContext, report: dict[str, Any], state: str) -> None:
     drill.report = report
     drill.state = state
     drill.ended_at = ctx.now
-    record_event(ctx.s, ctx.now, "drill", drill.plan,
+    record_event(ctx.s, ctx.now, "drill", ctx.job.target,
                  f"drill {drill.id} {state}: RTO {report.get('rto_s')} s, "
                  f"RPO {report.get('rpo_s')} s")
 
@@ -152,9 +169,10 @@ def drill_report(ctx: TaskContext) -> Step:
         bad = [v for v in report["vms"] if not v["ok"]]
         detail = "; ".join(f"{v['vm']}: {v['reason'] or 'not verified'}" for v in bad[:3]) \
             or "the cleanup did not finish"
-        raise PermanentError(f"drill of plan {ctx.job.target} failed: {detail}",
+        what, again = _what(ctx)
+        raise PermanentError(f"drill of {what} failed: {detail}",
                              hint=f"See 'drsite drills show {ctx.job.args.get('drill_id')}'; fix "
-                                  f"the cause, then 'drsite drills run {ctx.job.target}'.")
+                                  f"the cause, then '{again}'.")
     return done(f"drill passed: {len(report['vms'])} VM(s) recovered, verified and probed; "
                 f"RTO {report['rto_s']} s, RPO {report['rpo_s']} s")
 

@@ -1,4 +1,5 @@
-"""Scrub and drills: policy scrub interval and rate, item scrub state, damaged points, drills.
+"""Scrub and drills: policy scrub interval and rate, item scrub state, damaged points, drills
+(of recovery plans and of protection groups: a group's drill schedule).
 
 Revision ID: 0005
 Revises: 0004
@@ -27,10 +28,13 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("scrub", sa.JSON(), nullable=True))
     with op.batch_alter_table("points", schema=None) as batch_op:
         batch_op.add_column(sa.Column("damage", sa.JSON(), nullable=True))
+    with op.batch_alter_table("groups", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("drill", sa.JSON(), nullable=True))
     op.create_table(
         "drills",
         sa.Column("id", sa.String(length=64), nullable=False),
-        sa.Column("plan", sa.String(length=64), nullable=False),
+        sa.Column("plan", sa.String(length=64), nullable=True),
+        sa.Column("group", sa.String(length=64), nullable=True),
         sa.Column("job_id", sa.String(length=64), nullable=True),
         sa.Column("state", sa.String(length=16), nullable=False),
         sa.Column("trigger", sa.String(length=16), nullable=False),
@@ -40,11 +44,15 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_drills")),
     )
     op.create_index(op.f("ix_drills_plan"), "drills", ["plan"], unique=False)
+    op.create_index(op.f("ix_drills_group"), "drills", ["group"], unique=False)
 
 
 def downgrade() -> None:
+    op.drop_index(op.f("ix_drills_group"), table_name="drills")
     op.drop_index(op.f("ix_drills_plan"), table_name="drills")
     op.drop_table("drills")
+    with op.batch_alter_table("groups", schema=None) as batch_op:
+        batch_op.drop_column("drill")
     with op.batch_alter_table("points", schema=None) as batch_op:
         batch_op.drop_column("damage")
     with op.batch_alter_table("items", schema=None) as batch_op:
