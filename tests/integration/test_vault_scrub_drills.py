@@ -305,3 +305,20 @@ def test_a_protection_group_carries_a_drill_schedule(h: Harness) -> None:
     assert h.ok("GET", f"/drills/{started['drill_id']}")["trigger"] == "hand"
     # the schedule ends
     assert h.ok("PUT", "/groups/g1", json={"drill": None})["drill"] is None
+
+
+def test_a_drill_never_adopts_an_operators_test_failover(h: Harness) -> None:
+    """A drill removes what it opened; a test failover an operator runs is not its to remove:
+    the drill is refused until it is cleaned up."""
+    a, _b = two_sites(h)
+    policy_and_group(h)
+    item = protect(h, a)
+    mapping(h)
+    h.ok("POST", "/plans", json={"plans": [{"name": "shop", "groups": [{"name": "web",
+                                                                        "vms": ["web1"]}]}]})
+    h.ok("POST", f"/items/{item}/failover/test-failover", json={})
+    for body in ({"plan": "shop"}, {"group": "g1"}):
+        r = err(h.call("POST", "/drills", json=body), 409)
+        assert "web1 already run(s) a test failover" in r["message"]
+        assert "drsite failover cleanup" in r["hint"]
+    assert h.ok("GET", "/drills") == []

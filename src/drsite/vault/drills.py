@@ -24,10 +24,10 @@ from sqlalchemy.orm import Session
 
 from drsite.core.errors import Conflict, InvalidInput, NotFound
 from drsite.core.model import validate_name
-from drsite.core.states import ACTIVE_JOB_STATES, ItemProtection
+from drsite.core.states import ACTIVE_JOB_STATES, FailoverState, ItemProtection
 from drsite.vault.audit import record_event
 from drsite.vault.db.database import Database
-from drsite.vault.db.models import Drill, Group, Item, Job, RecoveryPlan, Task
+from drsite.vault.db.models import Drill, Failover, Group, Item, Job, RecoveryPlan, Task
 from drsite.vault.ids import new_id
 from drsite.vault.jobs import plan as P
 from drsite.vault.jobs.create import create_job
@@ -41,6 +41,7 @@ DEFAULT_DRILL = {"every_s": 7 * 86400.0, "window": None, "boot_timeout_s": 120.0
 
 
 GROUP_TARGET = "group:"
+OPEN_TEST = (FailoverState.STARTING, FailoverState.TEST_RUNNING)
 
 
 def drill_target(*, plan: str | None, group: str | None) -> str:
@@ -87,6 +88,16 @@ def start_drill(s: Session, plan_name: str | None = None, *, group_name: str | N
     if missing:
         raise Conflict(f"{what}: VM(s) {', '.join(missing)} are not protected",
                        hint="Protect them or remove them from the plan.")
+    # a drill cleans up what it opened: it must not adopt (and then remove) a test failover an
+    # operator has running
+    open_tests = sorted(s.scalars(select(Item.vm_name).join(Failover, Failover.item_id == Item.id)
+                                  .where(Item.vm_name.in_([v for g_ in groups for v in g_["vms"]]),
+                                         Failover.kind == "test",
+                                         Failover.state.in_(OPEN_TEST))).all())
+    if open_tests:
+        raise Conflict(f"{what}: {', '.join(open_tests)} already run(s) a test failover",
+                       hint="Clean it up first (drsite failover cleanup ITEM), "
+                            "then run the drill.")
     spec = {**DEFAULT_DRILL, **own, **dict(drill or {})}
     test_tasks, test_data = plan_tasks(groups, "test_failover")
     clean_tasks, clean_data = plan_tasks(groups, "cleanup_test_failover")
