@@ -206,7 +206,8 @@ def test_drills_scheduled_failed_probe_and_by_hand(cluster: Cluster) -> None:
             pids = [p["point_id"] for p in cl.points(items[v["vm"]])]
             assert v["point_id"] in pids and v["verified"] is True, v
             assert v["probe"]["rc"] == 0 and v["guest_ready"] is True
-            assert 0 < v["rpo_s"] < 60 and 0 < v["rto_s"] < 60, v
+            # RPO 0: the point used was made after the failover was asked for
+            assert 0 <= v["rpo_s"] < 60 and 0 < v["rto_s"] < 60, v
         assert d["rto_s"] == max(v["rto_s"] for v in rep["vms"])
         assert not [v for v in sec.list_vms() if v.name.endswith("-test")]  # cleaned up
         assert active(cl, "drill") == []
