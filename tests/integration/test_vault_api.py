@@ -338,7 +338,7 @@ def test_protect_item_points_and_unprotect(h: Harness) -> None:
     err(h.call("POST", f"/items/{item_id}/resync", token=ro), 403)
     h.tick()
     cmd = next(c for c in a.beat()["commands"] if c["kind"] == "resync")
-    assert cmd["args"] == {"by_hand": True}
+    assert cmd["args"] == {"by_hand": True, "from_store": True}  # compared with what the store restores
     a.result(cmd["command_id"], "succeeded")
     h.tick()
     assert h.job(rs["job_id"])["state"] == "succeeded"

@@ -153,7 +153,7 @@ def test_permanent_failure_makes_the_item_critical_and_stops_it(h: Harness) -> N
     job = h.ok("POST", f"/items/{item_id}/resync")
     h.tick()
     (rs,) = [x for x in a.beat(vms=VMS)["commands"] if x["kind"] == "resync"]
-    assert rs["args"] == {"by_hand": True}
+    assert rs["args"] == {"by_hand": True, "from_store": True}  # compared with what the store restores
     assert h.ok("GET", f"/items/{item_id}")["state"] == "resync_required"
     assert sent(h, "cycle") == []  # the job owns the item while it runs
     a.result(rs["command_id"], "succeeded")

@@ -41,9 +41,11 @@ import httpx
 
 import drsite
 from drsite.agent import cloudstores, pointkeys, storeacl, storerekey
+from drsite.agent.drill import DrillCommands
 from drsite.agent.failover import FailoverCommands
 from drsite.agent.link import COMMAND_KINDS, Command, HeartbeatReply, VaultLink
 from drsite.agent.registration import AgentIdentity
+from drsite.agent.scrub import ScrubCommands
 from drsite.agent.state import (
     CatalogEntry,
     CatalogFile,
@@ -171,6 +173,8 @@ class Agent:
                                        store_listen)
         self._store_url: str | None = None
         self.failover = FailoverCommands(self)
+        self.scrubs = ScrubCommands(self)
+        self.drills = DrillCommands(self)
         self._started = False
         self._last_ok = time.monotonic()
         self._failures = 0
@@ -544,6 +548,12 @@ class Agent:
                 return
             pr.posted_at, pr.posted_progress = now, prog
 
+    def lane_waiting(self, item_id: str) -> bool:
+        """True while a task waits in the item's lane (a long scrub yields to it)."""
+        with self._lock:
+            lane = self._lanes.get(item_id)
+            return lane is not None and bool(lane.tasks)
+
     def _is_running(self, command_id: str) -> bool:
         pr = self._inflight.get(command_id)
         if pr is None:
@@ -704,7 +714,8 @@ class Agent:
         handler = {"protect": self._protect, "cycle": self._cycle, "resync": self._resync,
                    "retention": self._retention, "unprotect": self._unprotect,
                    "update_settings": self._update_settings,
-                   "store_rekey": self._store_rekey}.get(cmd.kind)
+                   "store_rekey": self._store_rekey, "scrub": self.scrubs.handle,
+                   "verify": self.scrubs.handle, "drill_probe": self.drills.handle}.get(cmd.kind)
         if handler is None:
             return self.failover.handle(cmd)  # failover_* commands (agent/failover.py)
         return handler(cmd)
@@ -823,8 +834,10 @@ class Agent:
         done = self._already_done(cmd, rep, "resync")
         if done is not None:
             return {"point": done.to_dict(), "report": rep.report.to_dict()}
-        reason = "started by hand" if cmd.args.get("by_hand") else "started by the vault"
-        point = rep.run_resync(reason, wait_transient=False)
+        reason = str(cmd.args.get("reason") or ("started by hand" if cmd.args.get("by_hand")
+                                                else "started by the vault"))
+        point = rep.run_resync(reason, wait_transient=False,
+                               from_store=bool(cmd.args.get("from_store")))
         return {"point": point.to_dict(), "report": rep.report.to_dict()}
 
     def _retention(self, cmd: Command) -> dict[str, Any]:

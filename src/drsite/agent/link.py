@@ -26,7 +26,9 @@ COMMAND_KINDS = ("protect", "cycle", "resync", "retention", "unprotect", "update
                  "failover", "failover_cleanup", "failover_commit", "failover_cancel",
                  "failover_change_point", "reprotect_seed", "failover_prepare",
                  "failover_resume_source", "run_script",
-                 "store_rekey")   # agent/storerekey.py
+                 "store_rekey",   # agent/storerekey.py
+                 # store upkeep and drills (agent/scrub.py, agent/drill.py)
+                 "scrub", "verify", "drill_probe")
 ITEMLESS_KINDS = ("store_rekey",)   # commands of no item (item_id null; their lane is "")
 
 

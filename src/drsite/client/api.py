@@ -175,6 +175,31 @@ class VaultClient:
     def points(self, item_id: str) -> list[dict[str, Any]]:
         return list(self._call("GET", f"/items/{item_id}/points"))
 
+    def verify(self, item_id: str, *, point: str | None = None,
+               all_points: bool = False) -> dict[str, Any]:
+        return dict(self._call("POST", f"/items/{item_id}/verify",
+                               json={"point": point, "all": all_points}))
+
+    def drills(self, plan: str | None = None, *, group: str | None = None) -> list[dict[str, Any]]:
+        params = {k: v for k, v in {"plan": plan, "group": group}.items() if v}
+        return list(self._call("GET", "/drills", params=params or None))
+
+    def drill(self, drill_id: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/drills/{drill_id}"))
+
+    def run_drill(self, plan: str | None = None, *, group: str | None = None,
+                  **overrides: Any) -> dict[str, Any]:
+        """Start a drill of a plan, or of a protection group (``group=``)."""
+        target = {"plan": plan} if plan is not None else {"group": group}
+        return dict(self._call("POST", "/drills", json={**target, **overrides}))
+
+    def set_group_drill(self, group: str, drill: dict[str, Any] | None) -> dict[str, Any]:
+        """Give a protection group a drill schedule (None: no drill)."""
+        return dict(self._call("PUT", f"/groups/{group}", json={"drill": drill}))
+
+    def verification(self, item_id: str, job_id: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/items/{item_id}/verifications/{job_id}"))
+
     def jobs(self, *, state: str | None = None, kind: str | None = None,
              limit: int = 100) -> list[dict[str, Any]]:
         params = {k: v for k, v in {"state": state, "kind": kind, "limit": limit}.items()

@@ -135,14 +135,17 @@ class BrokenChain(PermanentError):
     """A recovery point refers to data that is missing or does not follow its base."""
 
     code = "broken_chain"
-    default_hint = "Run a resync ('drsite resync ITEM') to rebuild the chain from checksums."
+    default_hint = ("Run a resync ('drsite items resync ITEM') to rebuild the chain from "
+                    "checksums.")
 
 
 class CorruptData(PermanentError):
     """Data read back does not match its hash: bit rot, truncation or tampering."""
 
     code = "corrupt_data"
-    default_hint = "The damaged object was quarantined; run a resync to repair the item."
+    default_hint = ("Nothing was restored from the damaged data. 'drsite items verify ITEM --all' "
+                    "shows which points are affected; 'drsite items resync ITEM' repairs the "
+                    "newest point from the source (the scrub moves damaged objects aside).")
 
 
 class PointNotAuthentic(PermanentError):

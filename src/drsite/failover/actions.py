@@ -368,23 +368,29 @@ def test_failover(item: ProtectedItem, point: PointChoice = "latest", *,
     spec = _recovery_spec(item, p, test=True, name=vm_name or rec.vm_name
                           or f"{item.spec.name}-test")
     rec.vm_name = spec.name
-    run.save()
     backing_dir = item.recovery.work_dir / "testfailover" / rec.failover_id
+    # recorded before any image is written, so a cleanup after a crash or a failure finds them
     rec.backing_dir = str(backing_dir)
+    run.save()
     if not run.done("images"):
-        images: dict[str, Path] | None = None
-        if item.hydrator is not None:
-            stop = timed(rec.timings, "frozen_copy")
-            images = frozen_replica_copy(item.hydrator, p.point_id, p.disk_sizes, backing_dir)
-            stop()
-            if images is not None:
-                rec.image_source = "replica-copy"
-        if images is None:
-            images = _images_from_store(item, p, backing_dir, run)
-        for path in images.values():
-            path.chmod(0o444)  # the backing of a CoW VM is read-only
-        if verify:
-            _verify(item, p, images, run)
+        try:
+            images: dict[str, Path] | None = None
+            if item.hydrator is not None:
+                stop = timed(rec.timings, "frozen_copy")
+                images = frozen_replica_copy(item.hydrator, p.point_id, p.disk_sizes, backing_dir)
+                stop()
+                if images is not None:
+                    rec.image_source = "replica-copy"
+            if images is None:
+                images = _images_from_store(item, p, backing_dir, run)
+            for path in images.values():
+                path.chmod(0o444)  # the backing of a CoW VM is read-only
+            if verify:
+                _verify(item, p, images, run)
+        except BaseException:
+            # a failed test failover leaves no images behind (nothing runs from them yet)
+            shutil.rmtree(backing_dir, ignore_errors=True)
+            raise
         run.mark("images")
     images = {d: backing_dir / f"{d}.img" for d in p.disk_sizes}
     vm = _find_vm(hv, spec.name)

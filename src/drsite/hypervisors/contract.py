@@ -95,6 +95,12 @@ class HypervisorDriver(Protocol):
         ``timeout`` seconds a graceful stop becomes forced. A no-op if it is stopped."""
         ...
 
+    def guest_ready(self, vm_id: str) -> bool:
+        """True once the running VM's guest answers (QEMU: qemu-guest-agent replies to a sync;
+        file VMs: the guest process answers its control socket). False while it boots, when it
+        is stopped, or when it has no way to answer. Never waits long (a second or two)."""
+        ...
+
     # -- change tracking ------------------------------------------------------------------------
     def start_tracking(self, vm_id: str) -> str:
         """Begin a new change-tracking epoch for every disk; returns its id.

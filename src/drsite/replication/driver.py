@@ -135,9 +135,13 @@ class ItemReplicator:
         assert self.rec.report is not None
         return self.rec.report
 
-    def request_resync(self, reason: str = "started by hand") -> None:
-        """Ask for a resync now, inside or outside the window (also clears Critical)."""
+    def request_resync(self, reason: str = "started by hand", *, from_store: bool = False) -> None:
+        """Ask for a resync now, inside or outside the window (also clears Critical).
+        ``from_store``: compare the source with what the store can restore (read the point from
+        the store, not a hydrated replica), so damage in the store is found and re-sent."""
         self.rec.resync_by_hand = True
+        if from_store:
+            self.rec.resync_from_store = True
         self.rec.resync_reason = reason
         if self.rec.phase is ItemState.CRITICAL:
             self.rec.phase = ItemState.RESYNC_REQUIRED
@@ -228,11 +232,11 @@ class ItemReplicator:
         finally:
             self._force_app = None
 
-    def run_resync(self, reason: str = "started by hand", *,
-                   wait_transient: bool = True) -> PointInfo:
+    def run_resync(self, reason: str = "started by hand", *, wait_transient: bool = True,
+                   from_store: bool = False) -> PointInfo:
         """Resync now and return the resync's point. ``wait_transient``: as in
-        :meth:`run_initial`."""
-        self.request_resync(reason)
+        :meth:`run_initial`; ``from_store``: as in :meth:`request_resync`."""
+        self.request_resync(reason, from_store=from_store)
         before = self.target.repo.latest()
         while True:
             self._step_or_raise(wait_transient)

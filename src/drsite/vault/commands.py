@@ -27,7 +27,9 @@ KINDS = ("protect", "cycle", "resync", "retention", "unprotect", "update_setting
          "failover", "failover_cleanup", "failover_commit", "failover_cancel",
          "failover_change_point", "reprotect_seed", "failover_prepare", "failover_resume_source",
          "run_script",
-         "store_rekey")   # re-encrypt a cloud store's old objects (jobs/stores.py)
+         "store_rekey",   # re-encrypt a cloud store's old objects (jobs/stores.py)
+         # store upkeep and drills (vault/scrub.py, vault/jobs/drills.py → agent/scrub.py, drill.py)
+         "scrub", "verify", "drill_probe")
 # arguments holding an item's point key (scrubbed when the command ends, sealed at rest)
 POINT_KEY_ARGS = ("point_key", "rev_point_key")
 # commands that move data for an item: at most one of these is outstanding per item

@@ -28,6 +28,7 @@ from drsite.vault.auth import ADMIN_TOKEN_NAME, Role, create_token
 from drsite.vault.db.database import Database
 from drsite.vault.db.models import ApiToken
 from drsite.vault.db.sealed import attach_sealer
+from drsite.vault.drills import DrillScheduler
 from drsite.vault.health import HealthMonitor
 from drsite.vault.jobs.runner import JobRunner
 from drsite.vault.scheduler import Scheduler
@@ -85,6 +86,7 @@ class Vault:
         self.runner = JobRunner(db, settings)
         self.scheduler = Scheduler(db, settings)
         self.monitor = HealthMonitor(db, settings)
+        self.drills = DrillScheduler(db, settings)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.recovered: dict[str, str] = {}
@@ -93,6 +95,7 @@ class Vault:
         """One round of the background work: jobs, then the scheduler, then health."""
         self.runner.tick()
         self.scheduler.tick()
+        self.drills.tick()
         self.monitor.tick()
 
     def start(self) -> None:
@@ -123,6 +126,7 @@ class Vault:
             try:
                 self.runner.tick()
                 self.scheduler.tick()
+                self.drills.tick()
                 if time.monotonic() - last_health >= self.settings.health_interval:
                     self.monitor.tick()
                     last_health = time.monotonic()

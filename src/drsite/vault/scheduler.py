@@ -12,6 +12,9 @@ own facts:
   policy's resync window (by hand, the Resync job sends it at once);
 - never more than one outstanding replication command (protect, cycle, resync) per item;
 - ``retention`` hourly (own command, one outstanding at most);
+- ``scrub`` of the item's recovery store every ``policy.scrub_interval_s``, sent to the host
+  that reads the store cheaply, and a repair ``resync`` (compared with what the store can
+  restore) when a scrub found the newest point damaged (rules in ``vault/scrub.py``);
 - after a failed command: transient → next attempt after 1, 2, 4, 8, 10 min, then every 30 min
   (:class:`drsite.core.retry.RetryState`, kept in the item row so a restart keeps the schedule);
   permanent → the item goes Critical and nothing more is sent until an operator resyncs by hand.
@@ -37,6 +40,7 @@ from drsite.core.states import OPEN_COMMAND_STATUSES, CommandStatus, ItemProtect
 from drsite.replication.planner import Action, PlanInput, app_consistent_due, next_cycle_at, plan
 from drsite.replication.report import ItemState
 from drsite.vault import commands, storeacl
+from drsite.vault import scrub as scrubbing
 from drsite.vault.audit import record_event
 from drsite.vault.db.database import Database
 from drsite.vault.db.models import Command, Group, Host, Item, Policy
@@ -72,7 +76,11 @@ def preload_policies(s: Session) -> list[object]:
 
 
 def apply_result(s: Session, cmd: Command, now: float) -> None:
-    """Digest the end of a scheduler command (no job): retry bookkeeping and Critical."""
+    """Digest the end of a scheduler command (no job): retry bookkeeping and Critical; scrub
+    reports (``vault/scrub.py``)."""
+    if cmd.kind == "scrub" and cmd.item_id is not None and cmd.job_id is None:
+        _apply_scrub(s, cmd, now)
+        return
     if cmd.job_id is not None or cmd.item_id is None or cmd.kind not in ("cycle", "resync", "retention"):
         return
     item = s.get(Item, cmd.item_id)
@@ -101,6 +109,19 @@ def apply_result(s: Session, cmd: Command, now: float) -> None:
         item.state = ItemState.CRITICAL
         record_event(s, now, "item", item.id, f"{item.vm_name} is critical: {err.message}")
     item.updated_at = now
+
+
+def _apply_scrub(s: Session, cmd: Command, now: float) -> None:
+    item = s.get(Item, cmd.item_id)
+    if item is None:
+        return
+    host = s.get(Host, cmd.host_id)
+    name = host.name if host is not None else cmd.host_id
+    if cmd.status == CommandStatus.SUCCEEDED:
+        scrubbing.apply_scrub(s, item, dict((cmd.result or {}).get("scrub") or {}), name, now)
+    elif cmd.status == CommandStatus.FAILED:
+        log.warning("scrub of %s on %s failed: %s", item.id, name, (cmd.error or {}).get("message"))
+        scrubbing.apply_scrub_failure(item, dict(cmd.error or {}), name, now)
 
 
 @dataclass
@@ -138,11 +159,13 @@ class Scheduler:
                              .order_by(Item.id)).all()
             due: list[_Due] = []
             for item, policy in rows:
-                for d in self._item(item, policy, open_kinds.get(item.id, set()), now):
+                kinds = open_kinds.get(item.id, set())
+                for d in self._item(item, policy, kinds, now):
                     if d.kind == "retention":  # a site store's own agent runs it
                         d.host_id, d.args = storeacl.retention_target(s, item,
                                                                       agent_settings(policy))
                     due.append(d)
+                due.extend(_scrub(s, item, policy, kinds, now))
         if not due:
             return []
         return self._write(due, now)
@@ -201,7 +224,17 @@ class Scheduler:
 
     def _item(self, item: Item, policy: Policy, open_kinds: set[str], now: float) -> list[_Due]:
         out: list[_Due] = []
-        if not open_kinds.intersection(commands.REPLICATION_KINDS):
+        repair = scrubbing.repair_due(item)
+        if repair is not None and not open_kinds.intersection(commands.REPLICATION_KINDS) \
+                and effective_state(item) is not ItemState.CRITICAL:
+            # the newest point is damaged in the store: re-send it from the source (the resync
+            # compares the source with what the store can restore), before any new cycle
+            sc = dict(item.scrub or {})
+            out.append(_Due(item.id, item.host_id, "resync",
+                            {"by_hand": False, "from_store": True, "reason": repair},
+                            {"scrub": {**sc, "repair_for": sc.get("latest_point"),
+                                       "repair_sent_at": now}}))
+        elif not open_kinds.intersection(commands.REPLICATION_KINDS):
             action, due_at = self._plan(item, policy, now)
             if action is Action.DELTA:
                 last_app = max(item.last_app_point_time or 0.0, item.last_app_cycle_at or 0.0) or None
@@ -219,6 +252,20 @@ class Scheduler:
                 and "retention" not in open_kinds:
             out.append(_Due(item.id, item.host_id, "retention", {}, {"last_retention_at": now}))
         return out
+
+
+def _scrub(s: Session, item: Item, policy: Policy, open_kinds: set[str], now: float) -> list[_Due]:
+    """A ``scrub`` for the item's store host when a pass is due or goes on (one open at most)."""
+    if "scrub" in open_kinds:
+        return []
+    new_pass = scrubbing.scrub_due(item, policy, now)
+    if new_pass is None:
+        return []
+    host, spec = scrubbing.scrub_host(s, item)
+    if host is None:
+        return []
+    args = scrubbing.scrub_args(policy, spec, storeacl.existing_point_key(s, item.id))
+    return [_Due(item.id, host.id, "scrub", args, {"last_scrub_at": now} if new_pass else {})]
 
 
 def _open_kinds(s: Session, item_ids: list[str] | None) -> dict[str, set[str]]:

@@ -53,6 +53,12 @@ def point_key(s: Session, item_id: str, now: float) -> str:
     return row.key
 
 
+def existing_point_key(s: Session, item_id: str) -> str | None:
+    """The item's point key if it has one (read-only: for read transactions)."""
+    row = s.get(PointKey, item_id)
+    return row.key if row is not None else None
+
+
 def point_keys(s: Session, item_ids: list[str], now: float) -> dict[str, str]:
     """The point keys of many items in one query (missing ones created)."""
     out = {r.item_id: r.key for r in s.scalars(select(PointKey).where(

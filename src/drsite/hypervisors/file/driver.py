@@ -306,6 +306,10 @@ class FileHypervisor:
         paths, _ = self._locate(vm_id)
         self._act(paths, "flush", lambda vm: vm.flush())
 
+    def guest_ready(self, vm_id: str) -> bool:
+        """The guest process runs and answers its control socket."""
+        return self.guest_status(vm_id) is not None
+
     def guest_status(self, vm_id: str) -> dict[str, Any] | None:
         """The running guest's status (epoch, cycle, workload stats), or None when stopped."""
         paths, _ = self._locate(vm_id)

@@ -235,6 +235,19 @@ class QemuHypervisor:
             quit_runner(paths, r, timeout=10.0)
             write_record(paths.stop, {"clean": clean, "at": time.time()})
 
+    def guest_ready(self, vm_id: str) -> bool:
+        """qemu-guest-agent answers a ``guest-sync`` (a VM without an OS never does)."""
+        paths, _cfg = self._locate(vm_id)
+        if not paths.qga_socket.exists():
+            return False
+        try:
+            with GuestAgent.connect(str(paths.qga_socket), timeout=min(self.agent_timeout, 2.0)) \
+                    as ga:
+                ga.sync()
+            return True
+        except DrsiteError:
+            return False
+
     def _agent_shutdown(self, paths: VmDir) -> bool:
         if not paths.qga_socket.exists():
             return False

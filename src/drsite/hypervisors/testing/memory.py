@@ -137,6 +137,9 @@ class MemoryHypervisor:
         vm = self._vm(vm_id)
         vm.info = _replace_power(vm.info, PowerState.STOPPED)
 
+    def guest_ready(self, vm_id: str) -> bool:
+        return self._vm(vm_id).info.power is PowerState.RUNNING
+
     def start_tracking(self, vm_id: str) -> str:
         with self._lock:
             vm = self._vm(vm_id)

@@ -42,6 +42,13 @@ class PolicyIn(Strict):
     bandwidth_limit_bps: int | None = None
     resync_window: str = "18:00-08:00"
     rpo_threshold_s: float = 1800.0
+    scrub_interval_s: float | None = 86400.0
+    scrub_rate_bps: int | None = 32 << 20
+
+
+class VerifyIn(Strict):
+    point: str | None = None
+    all: bool = False
 
 
 class MatchIn(Strict):
@@ -57,15 +64,18 @@ class GroupIn(Strict):
     policy: str | None = None
     match: MatchIn = Field(default_factory=MatchIn)
     store: str | None = None  # a cloud store instead of the target site's agent store
+    drill: dict[str, Any] | None = None  # a drill schedule of the group's VMs
 
 
 class GroupUpdate(Strict):
     """PUT /groups/{name}: fields present are changed (``policy: null`` dissociates,
-    ``store: null`` goes back to the target site's agent store)."""
+    ``store: null`` goes back to the target site's agent store, ``drill: null`` ends the
+    group's drill schedule)."""
 
     policy: str | None = None
     match: MatchIn | None = None
     store: str | None = None
+    drill: dict[str, Any] | None = None
 
 
 class ItemIn(Strict):

@@ -117,6 +117,12 @@ class Policy(Base):
     rpo_threshold_s: Mapped[float] = mapped_column(Float)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+    # scrub of the items' recovery stores (migration 0006): a pass every interval (null: never),
+    # paced to the rate (null: unpaced)
+    scrub_interval_s: Mapped[float | None] = mapped_column(Float, nullable=True,
+                                                           server_default="86400")
+    scrub_rate_bps: Mapped[int | None] = mapped_column(BigInteger, nullable=True,
+                                                       server_default=str(32 << 20))
 
 
 class Group(Base):
@@ -133,6 +139,8 @@ class Group(Base):
     created_at: Mapped[float] = mapped_column(Float)
     # a cloud recovery store (S3/Azure) instead of the target site's agent store (migration 0003)
     store_id: Mapped[int | None] = mapped_column(ForeignKey("stores.id"), nullable=True)
+    # a drill schedule over the group's protected VMs (migration 0006; vault/drills.py)
+    drill: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class Item(Base):
@@ -174,6 +182,9 @@ class Item(Base):
     origin_item_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     failover_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     vm_spec: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # scrub (migration 0006): when the current pass was started, and the last report's summary
+    last_scrub_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    scrub: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class Point(Base):
@@ -189,6 +200,9 @@ class Point(Base):
     consistency: Mapped[str] = mapped_column(String(16))
     bytes_written: Mapped[int] = mapped_column(BigInteger)
     info: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # set when a scrub or a verify found the point cannot be restored (migration 0006):
+    # {"reason", "found_at", "by", "objects"}; failover refuses such a point
+    damage: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
 
 
 class Job(Base):
@@ -400,3 +414,21 @@ class PointKey(Base):
     item_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     key: Mapped[str] = mapped_column(SealedJSON("point_keys.key"))
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class Drill(Base):
+    """One drill (migration 0006): a test failover of a recovery plan — or of a protection
+    group's VMs (``group``; ``plan`` is then null) — verified, booted, probed and cleaned up.
+    ``state``: running, passed, failed; ``trigger``: schedule or hand; ``report``: per VM
+    point, RPO, RTO, verification and probe (``vault.drills``)."""
+
+    __tablename__ = "drills"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    plan: Mapped[str | None] = mapped_column(String(64), index=True, nullable=True)
+    group: Mapped[str | None] = mapped_column(String(64), index=True, nullable=True)
+    job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    state: Mapped[str] = mapped_column(String(16))
+    trigger: Mapped[str] = mapped_column(String(16))
+    report: Mapped[dict[str, Any]] = mapped_column(JSON)
+    started_at: Mapped[float] = mapped_column(Float)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -26,6 +26,7 @@ from drsite.vault.ids import new_id
 from drsite.vault.jobs import plan as P
 from drsite.vault.jobs.plan import ASSOCIATE, DISABLE, ENABLE, RESYNC, TASK_PLAN
 from drsite.vault.membership import active_item_for_vm, vm_ref
+from drsite.vault.scrub import failover_point
 
 
 def create_job(s: Session, kind: str, *, target: str, item_id: str | None,
@@ -106,6 +107,20 @@ def start_resync(s: Session, item: Item, *, now: float) -> Job:
     job = create_job(s, RESYNC, target=item.vm_name, item_id=item.id, args={"by_hand": True}, now=now)
     claim_item(s, item, job.id)
     return job
+
+
+def start_verify(s: Session, item: Item, *, point: str | None, all_points: bool,
+                 now: float) -> Job:
+    """A Verify job of the item's latest point, of ``point``, or of every point. It does not
+    hold the item (it only reads its store)."""
+    if item.status in (ItemProtection.REMOVED, ItemProtection.FAILED):
+        raise Conflict(f"item {item.id} is {item.status}; its store is not verified any more")
+    if point is not None and all_points:
+        raise InvalidInput("give a point or ask for all points, not both")
+    points: str | list[str] = "all" if all_points else \
+        [validate_name("point", point)] if point else "latest"
+    return create_job(s, P.VERIFY, target=item.vm_name, item_id=item.id,
+                      args={"points": points}, now=now)
 
 
 def start_policy_association(s: Session, group: Group, *, now: float) -> Job:
@@ -195,6 +210,8 @@ def start_item_action(s: Session, item_id: str, action: str, args: dict[str, Any
             raise Conflict(f"{item.vm_name} already has a test failover running",
                            hint="Clean it up first (cleanup_test_failover).")
         point = point_arg(args)
+        if point not in ("latest", "latest_app"):
+            failover_point(s, item, point)  # a point known to be damaged is refused now
         fo = Failover(id=new_id("f"), item_id=item.id, kind=kind, state=FailoverState.STARTING,
                       point_id=None, result={}, notes=[], created_at=now, updated_at=now)
         s.add(fo)

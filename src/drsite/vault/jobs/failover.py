@@ -54,6 +54,7 @@ from drsite.vault.jobs.model import JobHandlers, Step, TaskContext, done, wait
 from drsite.vault.jobs.protection import _policy, host_up, target_store, waited_too_long
 from drsite.vault.membership import vm_ref
 from drsite.vault.policies import agent_settings
+from drsite.vault.scrub import failover_point
 from drsite.vault.stores import store_spec
 
 TRANSIENT_RETRIES = 3
@@ -242,7 +243,13 @@ def failover_checks(ctx: TaskContext) -> Step:
                            hint="Choose 'latest' or a point id.")
     if choice not in ("latest", "latest_app") and not any(p.point_id == choice for p in points):
         raise InvalidInput(f"recovery point {choice} of {item.vm_name} is not in the catalogue",
-                           hint=f"List its points: drsite item points {item.id}")
+                           hint=f"List its points: drsite items points {item.id}")
+    # a point the scrub or a verify found damaged is refused; latest falls back to an intact one
+    usable, note = failover_point(ctx.s, item, choice)
+    if usable != choice:
+        ctx.job.args = {**dict(ctx.job.args), "point": usable}
+        fo.notes = [*list(fo.notes or []), note]
+        ctx.put(point_note=note)
     args = item_context(ctx, item, fo)
     # the network mapping check, here so that a bad mapping fails before anything is touched
     spec = vm_spec_from_dict(args["vm_spec"])

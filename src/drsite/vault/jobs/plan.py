@@ -18,6 +18,8 @@ CHANGE_POINT = "ChangeRecoveryPoint"
 REPROTECT = "Reprotect"
 PLAN = "RecoveryPlan"
 REKEY = "RekeyStore"
+VERIFY = "Verify"
+DRILL = "Drill"
 
 TASK_PLAN: dict[str, tuple[tuple[str, str], ...]] = {
     ENABLE: (("prerequisites", "Prerequisite checks"),
@@ -42,6 +44,11 @@ TASK_PLAN: dict[str, tuple[tuple[str, str], ...]] = {
     CANCEL: (("cancel", "Cancel the failover (delete the recovery VM)"),
              ("resume_source", "Hand the item back to the source")),
     CHANGE_POINT: (("change_point", "Restart the recovery VM from another point"),),
+    VERIFY: (("verify_points", "Read and check every recovery point asked for"),),
+    # a Drill's tasks are built from its plan (vault/drills.py): the plan's test failover
+    # tasks, then these two around the cleanup groups
+    DRILL: (("drill_probe", "Boot each test VM and run the probe"),
+            ("drill_report", "Record the drill report (RPO, RTO, checks)")),
     REPROTECT: (("reprotect_seed", "Write the old primary's disks as the reverse base"),
                 ("reverse_replication", "Resync from the failed-over VM (only differences travel)")),
     REKEY: (("rekey", "Re-encrypt old objects under the active key"),),

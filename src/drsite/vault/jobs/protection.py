@@ -143,6 +143,11 @@ def create_relationship(ctx: TaskContext) -> Step:
         err = from_dict(cmd.error)
         if not err.transient:
             raise err
+        if data.get("failure_recorded_for") != cmd.id:
+            retry = RetryState.from_dict(item.retry or {})
+            retry.record_failure(err, ctx.now)
+            item.retry = retry.to_dict()  # the item's health shows it (warning, with the reason)
+            ctx.put(failure_recorded_for=cmd.id)
         return done(f"the agent failed transiently ({err.message}); initial replication retries")
     return done("replication relationship created on the source host")
 
@@ -174,6 +179,9 @@ def initial_replication(ctx: TaskContext) -> Step:
                 raise err
             retry.record_failure(err, ctx.now)
             ctx.put(retry=retry.to_dict(), failure_recorded_for=cmd.id)
+            # on the item too: its health says why initial replication does not progress
+            item.retry = retry.to_dict()
+            item.updated_at = ctx.now
         if not retry.due(ctx.now):
             assert retry.next_attempt_at is not None
             last = (retry.last_error or {}).get("message", "")
