@@ -168,9 +168,16 @@ def test_unplanned_change_point_then_cancel_hands_the_item_back(h: Harness) -> N
     assert h.job(job["id"])["state"] == "succeeded"
     job = h.ok("POST", f"/items/{item}/failover/cancel", json={})
     play(h, b, "failover_cancel", fo_result("cancelled", generation=3))
-    cmd = play(h, a, "failover_resume_source", {"generation": 3, "powered_on": False})
+    cmd = play(h, a, "failover_resume_source", {"generation": 3, "powered_on": False,
+                                                "resync": True})
     assert cmd["args"] == {"generation": 3, "power_on": False}  # unplanned: the source was not stopped
-    assert h.job(job["id"])["state"] == "succeeded"
+    # the job says "replicates again" only once a point proves it: the fenced source resyncs
+    assert h.job(job["id"])["state"] == "running"
+    cmd = play(h, a, "resync", {"point": {"point_id": "p000000000009"}})
+    assert cmd["args"] == {"by_hand": True}
+    j = h.job(job["id"])
+    assert j["state"] == "succeeded" and "replicates again" in j["message"], j
+    assert "p000000000009" in j["message"]
     assert h.ok("GET", f"/items/{item}")["protection"] == "protected"
     assert sorted(f["state"] for f in h.ok("GET", f"/items/{item}/failovers")) == ["cancelled", "failed"]
 
@@ -202,6 +209,8 @@ def test_planned_failover_failing_at_the_source_is_cancelled_back(h: Harness) ->
     play(h, b, "failover_cancel", fo_result("cancelled", generation=1))
     cmd = play(h, a, "failover_resume_source", {"generation": 1, "powered_on": True})
     assert cmd["args"]["power_on"] is True
+    assert h.job(job["id"])["state"] == "running"  # not before the source replicated once
+    cmd = play(h, a, "cycle", {"point": {"point_id": "p000000000002"}})
     assert h.job(job["id"])["state"] == "succeeded"
     assert h.ok("GET", f"/items/{item}")["protection"] == "protected"
 

@@ -45,6 +45,7 @@ from drsite.agent.failover import FailoverCommands
 from drsite.agent.link import COMMAND_KINDS, Command, HeartbeatReply, VaultLink
 from drsite.agent.registration import AgentIdentity
 from drsite.agent.state import (
+    Accepted,
     CatalogEntry,
     CatalogFile,
     CommandJournal,
@@ -57,6 +58,7 @@ from drsite.agent.state import (
 from drsite.agent.storeservice import StoreService
 from drsite.core.errors import (
     AuthError,
+    CommandInterrupted,
     Conflict,
     DrsiteError,
     InvalidInput,
@@ -234,6 +236,7 @@ class Agent:
             if self._needs_resume(item):
                 log.info("item %s: resuming interrupted work after a restart", entry.item_id)
                 self._enqueue(entry.item_id, _Task("resume"))
+        self._resume_accepted()
 
     def run(self) -> None:
         """Run until :meth:`stop`: heartbeats, commands, results. Blocking."""
@@ -405,7 +408,8 @@ class Agent:
                               "new_points": [p.to_dict() for p in new],
                               "removed_points": removed})
         payload = {"host_name": self.identity.host_name, "version": drsite.__version__,
-                   "store_url": self._store_url, "vms": self._inventory(), "items": out_items}
+                   "store_url": self._store_url, "vms": self._inventory(), "items": out_items,
+                   "held": self.held_commands()}
         return payload, sent
 
     def _apply_ack(self, reply: HeartbeatReply,
@@ -544,8 +548,9 @@ class Agent:
     # ----------------------------------------------------------------------------- dispatch
 
     def _accept(self, cmd: Command) -> None:
-        """Take a command from the vault: ignore it if queued or running, answer it from the
-        journal if finished, else queue it on its item's lane."""
+        """Take a command from the vault (heartbeat reply or the command channel): ignore it if
+        queued or running, answer it from the journal if finished, else record it in the
+        journal (durably, so a restart resumes it) and queue it on its item's lane."""
         if cmd.kind not in COMMAND_KINDS:
             if self._journal.finished(cmd.command_id) is None:
                 err = InvalidInput(f"unknown command kind {cmd.kind!r}",
@@ -562,6 +567,14 @@ class Agent:
                 return
             log.info("command %s: %s %s accepted", cmd.command_id, cmd.kind, cmd.item_id)
             self._inflight[cmd.command_id] = _Progress(cmd.item_id)
+        try:
+            self._journal.accept(cmd.command_id, kind=cmd.kind, item_id=cmd.item_id,
+                                 args=cmd.args)
+        except DrsiteError:
+            with self._lock:
+                self._inflight.pop(cmd.command_id, None)
+            raise  # not taken: the vault re-delivers it (the next heartbeat does not hold it)
+        with self._lock:
             if cmd.kind == "unprotect":
                 lane = self._lanes.get(cmd.item_id)
                 if lane is not None and lane.active:
@@ -569,6 +582,55 @@ class Agent:
                              cmd.item_id)
                     lane.cancel.set()
             self._enqueue(cmd.item_id, _Task(cmd.kind, cmd))
+
+    def _resume_accepted(self) -> None:
+        """After a restart: every command accepted before it and not finished is queued again
+        (commands are idempotent; ``cycle``/``resync`` recognise work already done), or, when
+        its arguments carried secrets the journal does not keep and the agent cannot find
+        again, reported failed at once as interrupted (transient: the vault sends it again)."""
+        for acc in self._journal.unfinished():
+            args = dict(acc.args)
+            if acc.redacted:
+                restored = self._restore_secrets(acc)
+                if restored is None:
+                    log.warning("command %s (%s %s) was interrupted by a restart and carried "
+                                "credentials this host does not keep; reporting it interrupted",
+                                acc.command_id, acc.kind, acc.item_id)
+                    cmd = Command(acc.command_id, acc.kind, acc.item_id, args)
+                    self._finish(cmd, CommandStatus.FAILED, {}, CommandInterrupted(
+                        f"the agent of host {self.identity.host_name} restarted while it held "
+                        f"{acc.kind} of {acc.item_id}").to_dict())
+                    continue
+                args = restored
+            log.info("command %s (%s %s): resuming it after a restart", acc.command_id,
+                     acc.kind, acc.item_id)
+            with self._lock:
+                self._inflight[acc.command_id] = _Progress(acc.item_id)
+            self._enqueue(acc.item_id, _Task(acc.kind, Command(acc.command_id, acc.kind,
+                                                               acc.item_id, args)))
+
+    def _restore_secrets(self, acc: Accepted) -> dict[str, Any] | None:
+        """A ``protect`` of a cloud-store item finds its store's full spec in the item's 0600
+        spec file (written before the command ran); nothing else can be restored."""
+        if acc.kind != "protect":
+            return None
+        try:
+            spec = cloudstores.load_spec(self.data_dir, acc.item_id)
+        except DrsiteError:
+            return None
+        kept = dict(acc.args.get("store") or {})
+        if spec.get("name") != kept.get("name") or spec.get("kind") != kept.get("kind"):
+            return None
+        return {**acc.args, "store": spec}
+
+    def held_commands(self) -> list[str]:
+        """Ids of the commands this agent holds: queued, running, or finished with a result
+        the vault has not confirmed yet. The heartbeat carries them: the vault re-delivers at
+        once a command it delivered that is not among them (``docs/control-plane.md``)."""
+        with self._lock:
+            held = set(self._inflight)
+        held.update(f.command_id for f in self._journal.unposted())
+        return sorted(held)
 
     def _enqueue(self, item_id: str, task: _Task) -> None:
         with self._lock:
@@ -637,6 +699,16 @@ class Agent:
             log.warning("command %s (%s %s) failed (%s): %s", cmd.command_id, cmd.kind, item_id,
                         e.error_class.value, e)
             self._finish(cmd, CommandStatus.FAILED, {}, e.to_dict())
+            return
+        except OSError as e:
+            # the host's own resources (a full disk, a vanished file): a drsite error naming
+            # the file, transient where the seed retries (ENOSPC → low_disk), never "unexpected"
+            where = f" ({e.filename})" if e.filename else ""
+            err = classify_os_error(e, f"{cmd.kind} of {item_id} on host "
+                                       f"{self.identity.host_name}{where}")
+            log.warning("command %s (%s %s) failed (%s): %s", cmd.command_id, cmd.kind, item_id,
+                        err.error_class.value, err)
+            self._finish(cmd, CommandStatus.FAILED, {}, err.to_dict())
             return
         except Exception as e:
             log.exception("command %s (%s %s) failed unexpectedly", cmd.command_id, cmd.kind,

@@ -43,6 +43,7 @@ from drsite.failover.wire import network_map_from_args, vm_spec_from_dict
 from drsite.fsutil import atomic_write_json, read_json
 from drsite.hypervisors.contract import HypervisorDriver
 from drsite.replication.driver import ItemReplicator
+from drsite.replication.report import ItemState
 from drsite.sitestore.server import held_marker, replica_lock
 from drsite.store.contract import ObjectStore
 from drsite.store.factory import open_store
@@ -263,7 +264,9 @@ class FailoverCommands:
         agent.set_generation(cmd.item_id or "", gen)
         rep.generation = gen
         err = rep.report.last_error
-        if err and err.get("code") == Fenced.code:
+        resync = bool(err and err.get("code") == Fenced.code) or \
+            rep.rec.phase in (ItemState.CRITICAL, ItemState.RESYNC_REQUIRED)
+        if resync:
             rep.request_resync("failover cancelled: the source is the primary again")
         agent.set_failed_over(cmd.item_id or "", False)
         powered = False
@@ -272,7 +275,8 @@ class FailoverCommands:
             if vm.power is not PowerState.RUNNING:
                 agent.hypervisor.power_on(item.entry.vm_id)
                 powered = True
-        return {"generation": gen, "powered_on": powered}
+        return {"generation": gen, "powered_on": powered, "resync": resync,
+                "report": rep.report.to_dict()}
 
     def _reprotect_seed(self, cmd: Command) -> dict[str, Any]:
         """Re-protect, old primary's half: power its VM off and write its disks as the full

@@ -136,12 +136,17 @@ class ItemReplicator:
         return self.rec.report
 
     def request_resync(self, reason: str = "started by hand") -> None:
-        """Ask for a resync now, inside or outside the window (also clears Critical)."""
+        """Ask for a resync now, inside or outside the window (also clears Critical: the error
+        that made the item Critical is what the resync repairs). The report follows at once,
+        so whoever reads it (the agent's heartbeat) sees ``resync_required``, not the old
+        Critical."""
         self.rec.resync_by_hand = True
         self.rec.resync_reason = reason
         if self.rec.phase is ItemState.CRITICAL:
             self.rec.phase = ItemState.RESYNC_REQUIRED
+            self.report.last_error = None
         self.rec.retry.record_success()
+        self._refresh_report()
         self._save()
 
     def scrub(self) -> VerifyReport | None:
@@ -300,6 +305,7 @@ class ItemReplicator:
     def _initial(self) -> None:
         r = self.rec
         r.phase = ItemState.INITIAL_REPLICATION
+        self._refresh_report()
         cycle = self._own_cycle("initial")
         if cycle is None:
             self._drop_pending()
@@ -339,6 +345,7 @@ class ItemReplicator:
         r = self.rec
         r.phase = ItemState.RESYNCING
         r.resync_reason = reason
+        self._refresh_report()
         self._save()
         cycle = self._own_cycle("resync")
         if cycle is None:

@@ -50,6 +50,7 @@ class Beat:
     store_url: str | None
     vms: list[dict[str, Any]]
     items: list[ItemBeat]
+    held: list[str] | None = None  # command ids the agent holds (None: it does not say)
 
 
 def _vm_fields(d: dict[str, Any]) -> tuple[str, str]:
@@ -62,6 +63,7 @@ def _vm_fields(d: dict[str, Any]) -> tuple[str, str]:
 def apply_heartbeat(s: Session, host: Host, beat: Beat, settings: VaultSettings) -> dict[str, Any]:
     """Apply ``beat`` from ``host``; returns the reply ``{"commands", "ack", "heartbeat_interval"}``."""
     now = settings.clock.now()
+    prev_beat_at = host.last_heartbeat
     host.last_heartbeat = now  # liveness lives on the host row only
     if host.version != beat.version[:64]:
         host.version = beat.version[:64]
@@ -79,7 +81,9 @@ def apply_heartbeat(s: Session, host: Host, beat: Beat, settings: VaultSettings)
         ack[item.id] = _apply_item(s, item, ib, now)
     _auto_protect(s, host, new_vms, now)
     due = commands.deliver(s, host.id, now, resend_after_s=settings.resend_after_s,
-                           stale_running_s=settings.stale_running_s)
+                           stale_running_s=settings.stale_running_s,
+                           held=set(beat.held) if beat.held is not None else None,
+                           prev_beat_at=prev_beat_at)
     return {"commands": [commands.to_wire(c) for c in due], "ack": ack,
             "heartbeat_interval": settings.heartbeat_interval}
 

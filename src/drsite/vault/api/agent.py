@@ -73,7 +73,8 @@ def heartbeat(body: HeartbeatIn, vault: VaultDep, cert: PeerCert) -> dict[str, A
     store_url = _store_url(body.store_url)
     beat = Beat(host_name=body.host_name, version=body.version, store_url=store_url, vms=body.vms,
                 items=[ItemBeat(item_id=i.item_id, report=i.report, new_points=i.new_points,
-                                removed_points=i.removed_points) for i in body.items])
+                                removed_points=i.removed_points) for i in body.items],
+                held=body.held)
     ident = verify_agent_cert(vault.ca, cert)  # before the transaction (cached)
     with vault.db.tx() as s:
         host = agent_host(s, ident)

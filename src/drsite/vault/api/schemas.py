@@ -97,6 +97,9 @@ class HeartbeatIn(Lenient):
     store_url: str | None = None
     vms: list[dict[str, Any]] = Field(default_factory=list)
     items: list[ItemBeatIn] = Field(default_factory=list)
+    # ids of the commands the agent holds (queued, running, result not yet confirmed); None
+    # from agents that do not list them (then only the timeouts re-deliver)
+    held: list[str] | None = Field(default=None, max_length=10_000)
 
 
 class CommandResultIn(Lenient):

@@ -130,7 +130,8 @@ def failover_view(fo: Failover) -> dict[str, Any]:
     return {"id": fo.id, "item_id": fo.item_id, "kind": fo.kind, "state": fo.state,
             "point_id": fo.point_id, "point_created_at": fo.point_created_at,
             "recovery_host_id": fo.recovery_host_id, "vm_name": fo.vm_name, "vm_id": fo.vm_id,
-            "generation": fo.generation, "rto_s": fo.rto_s, "notes": fo.notes,
+            "generation": fo.generation, "rto_s": fo.rto_s,
+            "wall_s": (fo.result or {}).get("wall_s"), "notes": fo.notes,
             "job_id": fo.job_id, "created_at": fo.created_at, "updated_at": fo.updated_at,
             "result": {k: v for k, v in (fo.result or {}).items() if k != "source"}
             | ({"source": {k: v for k, v in fo.result["source"].items() if k != "fingerprints"}}
