@@ -261,3 +261,29 @@ def test_cli_plan_apply_diff_network_map_and_bad_yaml(h: Harness, tmp_path: Path
     r = runner.invoke(app, ["network", "map", "--from-site", "prim", "--to-site", "sec",
                             "--network", "lan", "--recovery-network", "dr2", "--ip-rule", "nope"])
     assert r.exit_code != 0 and "unknown IP rule" in str(r.exception)
+
+
+def test_low_disk_in_a_failover_step_is_retried_on_the_seed_schedule(h: Harness) -> None:
+    """Issue 19, finding 3: a full disk during cancel is a clear transient error in the job's
+    message, retried at once a few times, then per the seed's schedule — never a silent wait
+    and never a failed job."""
+    a, b, item = setup(h)
+    job = h.ok("POST", f"/items/{item}/failover/unplanned-failover", json={})
+    play(h, b, "failover", fo_result("pending_commit"))
+    job = h.ok("POST", f"/items/{item}/failover/cancel", json={})
+    full = {"code": "low_disk", "class": "transient", "hint": "Free space on the recovery store.",
+            "message": "failover_cancel of i on host b (/srv/replicas): no space left"}
+    for _ in range(4):   # the first try and three immediate re-sends
+        play(h, b, "failover_cancel", status="failed", error=full)
+    j = h.job(job["id"])
+    assert j["state"] == "running", j
+    assert "no space left" in j["message"] and "next attempt in 60 s" in j["message"], j
+    h.tick()
+    reply = b.beat(store_url="https://127.0.0.1:9443")
+    assert [c for c in reply["commands"] if c["kind"] == "failover_cancel"] == []
+    h.clock.advance(61)
+    a.beat()   # the source is up (a down source ends the job with "when it returns")
+    play(h, b, "failover_cancel", fo_result("cancelled", generation=3))   # space again
+    play(h, a, "failover_resume_source", {"generation": 3, "powered_on": False})
+    play(h, a, "cycle", {"point": {"point_id": "p000000000002"}})
+    assert h.job(job["id"])["state"] == "succeeded"

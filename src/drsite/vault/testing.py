@@ -71,9 +71,12 @@ class Agent:
             self.h.peer = None
 
     def beat(self, vms: list[dict[str, Any]] | None = None, items: list[dict[str, Any]] | None = None,
-             store_url: str | None = None) -> dict[str, Any]:
-        r = self.post("/heartbeat", {"host_name": self.name, "version": "test", "store_url": store_url,
-                                     "vms": vms or [], "items": items or []})
+             store_url: str | None = None, held: list[str] | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"host_name": self.name, "version": "test", "store_url": store_url,
+                                "vms": vms or [], "items": items or []}
+        if held is not None:
+            body["held"] = held
+        r = self.post("/heartbeat", body)
         assert r.status_code == 200, r.text
         out: dict[str, Any] = r.json()
         return out
