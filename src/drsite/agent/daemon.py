@@ -43,6 +43,7 @@ import drsite
 from drsite.agent import cloudstores
 from drsite.agent.failover import FailoverCommands
 from drsite.agent.link import COMMAND_KINDS, Command, HeartbeatReply, VaultLink
+from drsite.agent.peers import CatalogueRefresher
 from drsite.agent.registration import AgentIdentity
 from drsite.agent.state import (
     Accepted,
@@ -74,6 +75,7 @@ from drsite.replication.driver import ItemReplicator
 from drsite.replication.report import Health, ItemReport, ItemState
 from drsite.replication.target import RecoveryTarget
 from drsite.sitestore import SiteObjectStore, SiteTarget
+from drsite.store.contract import ObjectStore
 from drsite.store.factory import StoreSpec
 from drsite.store.format import PointInfo
 from drsite.store.repository import Repository
@@ -84,6 +86,7 @@ TargetFactory = Callable[[str, str], RecoveryTarget]
 """``(store_url, item_id) → RecoveryTarget``; the default builds a ``SiteTarget``."""
 
 PROGRESS_REPOST_S = 10.0
+CATALOGUE_TIMEOUT_S = 5.0  # listing an item's points at a peer store
 
 
 class Interrupted(Exception):
@@ -151,6 +154,7 @@ class Agent:
         self.link = VaultLink(self.identity.vault_url, self._ctx, transport=transport)
         self._target_factory = target_factory or self._site_target
         self._site_stores: dict[str, SiteObjectStore] = {}
+        self._catalogue_stores: dict[str, SiteObjectStore] = {}
         self._state_dir = self.data_dir / "items"
         try:
             self._state_dir.mkdir(parents=True, exist_ok=True)
@@ -164,6 +168,8 @@ class Agent:
         self._items: dict[str, _Item] = {}
         self._lanes: dict[str, _Lane] = {}
         self._inflight: dict[str, _Progress] = {}   # accepted command ids (queued or running)
+        # the items' recovery points, listed off the control loop (one thread per peer)
+        self._catalogues = CatalogueRefresher(heartbeat_interval)
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._pool: ThreadPoolExecutor | None = None
@@ -222,6 +228,8 @@ class Agent:
             self._stop.clear()
             self._lanes = {}
             self._inflight = {}
+            if self._catalogues.stopped:  # started again after a shutdown
+                self._catalogues = CatalogueRefresher(self.heartbeat_interval)
             self._pool = ThreadPoolExecutor(self.max_parallel_items,
                                             thread_name_prefix="agent-item")
         if self._store is not None:
@@ -263,6 +271,7 @@ class Agent:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        self._catalogues.stop()
         if self._store is not None:
             self._store.stop()
         with self._lock:
@@ -270,7 +279,7 @@ class Agent:
                 self._close_item(item)
             self._started = False
         self.link.close()
-        for st in self._site_stores.values():
+        for st in [*self._site_stores.values(), *self._catalogue_stores.values()]:
             with contextlib.suppress(Exception):
                 st.close()
         log.info("agent %s stopped", self.identity.host_id)
@@ -295,6 +304,18 @@ class Agent:
         target: RecoveryTarget = SiteTarget(store, item_id)
         return target
 
+    def _catalogue_store(self, store_url: str, target: RecoveryTarget) -> ObjectStore:
+        """The store the heartbeat's catalogue lists: for a site store, a client of its own
+        with short timeouts (listing is small; a hung peer must be noticed in seconds)."""
+        if self._target_factory != self._site_target or not store_url.startswith("https://"):
+            return target.repo.store
+        with self._lock:
+            store = self._catalogue_stores.get(store_url)
+            if store is None:
+                store = self._catalogue_stores[store_url] = SiteObjectStore(
+                    store_url, self._ctx, timeout=CATALOGUE_TIMEOUT_S)
+        return store
+
     def _on_progress(self, item_id: str, report: ItemReport) -> None:
         lane = self._lanes.get(item_id)
         if self._stop.is_set() or (lane is not None and lane.cancel.is_set()):
@@ -313,13 +334,15 @@ class Agent:
                 state_dir=self._state_dir, settings=settings_from_args(entry.settings),
                 on_progress=functools.partial(self._on_progress, entry.item_id),
                 generation=entry.generation)
-            return _Item(entry, replicator, Repository(target.repo.store, entry.item_id))
+            catalog = Repository(self._catalogue_store(entry.store_url, target), entry.item_id)
+            self._catalogues.track(entry.item_id, entry.store_url, catalog.points)
+            return _Item(entry, replicator, catalog)
         except DrsiteError as e:
             log.error("item %s cannot be opened (%s): %s", entry.item_id, e.error_class.value, e)
             return _Item(entry, None, None, e)
 
-    @staticmethod
-    def _close_item(item: _Item) -> None:
+    def _close_item(self, item: _Item) -> None:
+        self._catalogues.untrack(item.entry.item_id)
         if item.catalog is not None:
             item.catalog.close()
         if item.replicator is not None:
@@ -355,9 +378,21 @@ class Agent:
             entries = dict(self._entries)
         self._items_file.save(entries)
 
+    def _issues(self, item: _Item) -> list[str]:
+        """Conditions outside the engine's report that degrade the item (its recovery store
+        at the peer site does not answer)."""
+        cat = self._catalogues.get(item.entry.item_id)
+        if cat.error is None:
+            return []
+        return [f"recovery store {item.entry.store_url} does not answer: {cat.error.message}"]
+
     def _item_report(self, item: _Item) -> dict[str, Any]:
         if item.replicator is not None:
-            return item.replicator.report.to_dict()
+            report = item.replicator.report.to_dict()
+            issues = self._issues(item)
+            if issues:
+                report["agent_issues"] = issues
+            return report
         err = item.error or NotFound("item not opened")
         rep = ItemReport(item_id=item.entry.item_id, vm_id=item.entry.vm_id, vm_name="",
                          state=ItemState.CRITICAL, health=Health.CRITICAL,
@@ -381,14 +416,14 @@ class Agent:
             return []
 
     def _points_delta(self, item: _Item) -> tuple[list[PointInfo], list[str]]:
-        """(points the vault has not acked, points it knows that are gone)."""
+        """(points the vault has not acked, points it knows that are gone), from the last
+        catalogue listing (:class:`~drsite.agent.peers.CatalogueRefresher`): never a call to
+        another site on the heartbeat's thread."""
         if item.catalog is None:
             return [], []
         cat = self._catalog.get(item.entry.item_id) or CatalogEntry()
-        try:
-            points = item.catalog.points()
-        except DrsiteError as e:
-            log.debug("item %s: listing points failed: %s", item.entry.item_id, e)
+        points = self._catalogues.get(item.entry.item_id).points
+        if points is None:
             return [], []
         new = [p for p in points if p.seq > cat.ack]
         ids = {p.point_id for p in points}
@@ -660,6 +695,7 @@ class Agent:
             except Exception:
                 log.exception("item %s: task %s failed unexpectedly", item_id, task.kind)
             finally:
+                self._catalogues.refresh(item_id)  # new points reach the next heartbeat
                 if task.command is not None:
                     with self._lock:
                         self._inflight.pop(task.command.command_id, None)

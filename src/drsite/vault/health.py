@@ -81,6 +81,10 @@ def item_health(item: Item, policy: Policy | None, host_is_up: bool, now: float)
     if not host_is_up and item.status in LIVE_ITEM_STATUSES:
         warn = True
         reasons.append("source agent is not sending heartbeats")
+    issues = (item.report or {}).get("agent_issues") or []
+    if issues and item.status in LIVE_ITEM_STATUSES:
+        warn = True
+        reasons.extend(str(x) for x in issues)
     health = Health.CRITICAL if critical else Health.WARNING if warn else Health.NORMAL
     return ItemHealth(health, reasons, rpo, exceeded)
 

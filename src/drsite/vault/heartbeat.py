@@ -122,6 +122,16 @@ def _apply_inventory(s: Session, host: Host, vms: list[dict[str, Any]], now: flo
     return new
 
 
+def _stored_report(report: ItemReport, raw: dict[str, Any]) -> dict[str, Any]:
+    """The report as stored: the engine's fields, plus the agent's own conditions
+    (``agent_issues``: e.g. the item's peer store does not answer), at most 5 short lines."""
+    out = report.to_dict()
+    issues = raw.get("agent_issues")
+    if isinstance(issues, list) and issues:
+        out["agent_issues"] = [str(x)[:300] for x in issues[:5]]
+    return out
+
+
 def _apply_item(s: Session, item: Item, ib: ItemBeat, now: float) -> int:
     """Apply one item's report and new/removed points; the row is written only when something
     changed. Only the reported points are looked up (``point_id IN (...)``)."""
@@ -137,7 +147,7 @@ def _apply_item(s: Session, item: Item, ib: ItemBeat, now: float) -> int:
             setattr(item, attr, value)
             changed = True
 
-    put("report", report.to_dict())
+    put("report", _stored_report(report, ib.report))
     if item.critical_error is None or report.state is ItemState.CRITICAL:
         put("state", report.state.value)
     if report.last_point_time is not None:
