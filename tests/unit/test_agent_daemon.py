@@ -122,7 +122,14 @@ def test_heartbeat_payload_shape(env: Env) -> None:
         assert env.vault.points[ITEM].keys() == {"p000000000001"}
         assert item["new_points"] == [] or [p["seq"] for p in item["new_points"]] == [1]
         a.heartbeat_once()
-        assert env.vault.hosts[env.host_id].last["items"][0]["new_points"] == []
+        # only what changed: nothing did (the inventory is null, the item is not listed)
+        hb = env.vault.hosts[env.host_id].last
+        assert hb["items"] == [] and hb["vms"] is None
+        env.write(MiB, b"\x01" * 4096)
+        env.run(a, env.vault.send(env.host_id, "cycle", ITEM, {}))
+        a.heartbeat_once()
+        (item,) = env.vault.hosts[env.host_id].last["items"]   # a new point: listed again
+        assert env.vault.points[ITEM].keys() == {"p000000000001", "p000000000002"}
     finally:
         a.shutdown()
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import ssl
 import threading
@@ -41,6 +42,7 @@ import httpx
 
 import drsite
 from drsite.agent import cloudstores
+from drsite.agent.failover import KINDS as FAILOVER_KINDS
 from drsite.agent.failover import FailoverCommands
 from drsite.agent.link import COMMAND_KINDS, Command, HeartbeatReply, VaultLink
 from drsite.agent.peers import CatalogueRefresher
@@ -87,6 +89,10 @@ TargetFactory = Callable[[str, str], RecoveryTarget]
 
 PROGRESS_REPOST_S = 10.0
 CATALOGUE_TIMEOUT_S = 5.0  # listing an item's points at a peer store
+URGENT_KINDS = frozenset((*FAILOVER_KINDS, "unprotect"))
+URGENT_WORKERS = 4
+FULL_HEARTBEAT_EVERY = 30
+CHANNEL_WAIT_S = 20.0  # how long the vault may hold the command channel's request
 
 
 class Interrupted(Exception):
@@ -138,7 +144,8 @@ class Agent:
                  store_listen: str | None = None, offline_after_s: float = 30.0,
                  max_backoff_s: float = 30.0, max_parallel_items: int = 2,
                  transport: httpx.BaseTransport | None = None,
-                 target_factory: TargetFactory | None = None) -> None:
+                 target_factory: TargetFactory | None = None,
+                 command_channel: bool = True) -> None:
         if (store_dir is None) != (store_listen is None):
             raise InvalidInput("a store server needs both store_dir and store_listen")
         if heartbeat_interval <= 0:
@@ -170,15 +177,25 @@ class Agent:
         self._inflight: dict[str, _Progress] = {}   # accepted command ids (queued or running)
         # the items' recovery points, listed off the control loop (one thread per peer)
         self._catalogues = CatalogueRefresher(heartbeat_interval)
+        # what the vault was last told (report digests per item, "" = inventory): heartbeats
+        # carry only what changed, and a full one every FULL_HEARTBEAT_EVERY or after a failure
+        self._beat_digests: dict[str, str] = {}
+        self._pending_digests: dict[str, str] = {}
+        self._beats_since_full = 0
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._pool: ThreadPoolExecutor | None = None
+        # lanes whose next task is a failover or unprotect command start here, so that they
+        # never queue behind replication stuck on a slow or hung peer
+        self._urgent_pool: ThreadPoolExecutor | None = None
         self._store: StoreService | None = None
         if store_dir is not None and store_listen is not None:
             self._store = StoreService(self.identity, store_dir, self.data_dir / "replicas",
                                        store_listen)
         self._store_url: str | None = None
         self.failover = FailoverCommands(self)
+        self.command_channel = command_channel
+        self._channel: threading.Thread | None = None
         self._started = False
         self._last_ok = time.monotonic()
         self._failures = 0
@@ -232,6 +249,8 @@ class Agent:
                 self._catalogues = CatalogueRefresher(self.heartbeat_interval)
             self._pool = ThreadPoolExecutor(self.max_parallel_items,
                                             thread_name_prefix="agent-item")
+            self._urgent_pool = ThreadPoolExecutor(URGENT_WORKERS,
+                                                   thread_name_prefix="agent-urgent")
         if self._store is not None:
             self._store_url = self._store.start()
         log.info("agent %s (%s, site %s) starting; vault %s; %d item(s)", self.identity.host_id,
@@ -245,6 +264,10 @@ class Agent:
                 log.info("item %s: resuming interrupted work after a restart", entry.item_id)
                 self._enqueue(entry.item_id, _Task("resume"))
         self._resume_accepted()
+        if self.command_channel and (self._channel is None or not self._channel.is_alive()):
+            self._channel = threading.Thread(target=self._channel_loop, daemon=True,
+                                             name="agent-commands")
+            self._channel.start()
 
     def run(self) -> None:
         """Run until :meth:`stop`: heartbeats, commands, results. Blocking."""
@@ -269,8 +292,10 @@ class Agent:
             for lane in self._lanes.values():
                 lane.cancel.set()
             pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            urgent, self._urgent_pool = self._urgent_pool, None
+        for p in (pool, urgent):
+            if p is not None:
+                p.shutdown(wait=True, cancel_futures=True)
         self._catalogues.stop()
         if self._store is not None:
             self._store.stop()
@@ -430,21 +455,37 @@ class Agent:
         removed = sorted(cat.reported - ids)
         return new, removed
 
-    def build_heartbeat(self) -> tuple[dict[str, Any], dict[str, tuple[list[PointInfo], list[str]]]]:
-        """The heartbeat payload, and per item what it reports of points (to apply the ack)."""
+    def build_heartbeat(self, *, full: bool = True
+                        ) -> tuple[dict[str, Any], dict[str, tuple[list[PointInfo], list[str]]]]:
+        """The heartbeat payload, and per item what it reports of points (to apply the ack).
+
+        ``full=False``: only what changed since the last heartbeat the vault answered —
+        ``vms`` is ``null`` when the inventory is unchanged, and an item is listed only when
+        its report changed or it has new or removed points (``docs/control-plane.md``)."""
         with self._lock:
             items = list(self._items.values())
         sent: dict[str, tuple[list[PointInfo], list[str]]] = {}
         out_items: list[dict[str, Any]] = []
+        digests: dict[str, str] = {}
         for it in items:
             new, removed = self._points_delta(it)
+            report = self._item_report(it)
+            digest = json.dumps(report, sort_keys=True, default=str)
+            digests[it.entry.item_id] = digest
+            if not full and not new and not removed \
+                    and self._beat_digests.get(it.entry.item_id) == digest:
+                continue
             sent[it.entry.item_id] = (new, removed)
-            out_items.append({"item_id": it.entry.item_id, "report": self._item_report(it),
+            out_items.append({"item_id": it.entry.item_id, "report": report,
                               "new_points": [p.to_dict() for p in new],
                               "removed_points": removed})
+        vms = self._inventory()
+        digests[""] = json.dumps(vms, sort_keys=True, default=str)
         payload = {"host_name": self.identity.host_name, "version": drsite.__version__,
-                   "store_url": self._store_url, "vms": self._inventory(), "items": out_items,
-                   "held": self.held_commands()}
+                   "store_url": self._store_url,
+                   "vms": vms if full or self._beat_digests.get("") != digests[""] else None,
+                   "items": out_items, "held": self.held_commands()}
+        self._pending_digests = digests
         return payload, sent
 
     def _apply_ack(self, reply: HeartbeatReply,
@@ -469,8 +510,15 @@ class Agent:
     def heartbeat_once(self) -> HeartbeatReply:
         """One heartbeat: send, apply the ack, accept the commands, post pending results and
         progress. Raises ``NetworkError`` (vault unreachable), ``AuthError`` and the like."""
-        payload, sent = self.build_heartbeat()
-        reply = self.link.heartbeat(payload)
+        full = self._beats_since_full >= FULL_HEARTBEAT_EVERY or not self._beat_digests
+        try:
+            payload, sent = self.build_heartbeat(full=full)
+            reply = self.link.heartbeat(payload)
+        except DrsiteError:
+            self._beat_digests = {}  # the vault may have missed anything: the next one is full
+            raise
+        self._beat_digests = self._pending_digests
+        self._beats_since_full = 0 if full else self._beats_since_full + 1
         self._apply_ack(reply, sent)
         for cmd in reply.commands:
             self._accept(cmd)
@@ -509,6 +557,40 @@ class Agent:
         self._offline = False
         self._last_ok = time.monotonic()
         return self.heartbeat_interval
+
+    def _channel_loop(self) -> None:
+        """The command channel: a long poll to the vault (same mTLS), so a command reaches the
+        agent when the vault commits it, not at the next heartbeat. Heartbeats still carry
+        commands too (re-deliveries, a vault without the channel); ids make both paths one."""
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                cmds = self.link.wait_commands(CHANNEL_WAIT_S)
+            except NotFound:
+                log.info("the vault at %s has no command channel; commands arrive with "
+                         "heartbeats", self.identity.vault_url)
+                return
+            except DrsiteError as e:
+                failures += 1
+                if failures == 1:
+                    log.info("command channel to the vault interrupted (%s); heartbeats carry "
+                             "commands meanwhile", e)
+                self._stop.wait(min(self.max_backoff_s, self.heartbeat_interval * failures))
+                continue
+            except Exception:  # the client was closed under it (shutdown) or a bug
+                if self._stop.is_set():
+                    return
+                log.exception("command channel failed; retrying")
+                self._stop.wait(self.heartbeat_interval)
+                continue
+            failures = 0
+            for cmd in cmds:
+                if self._stop.is_set():
+                    return  # not taken: the vault re-delivers (the next heartbeat lacks it)
+                try:
+                    self._accept(cmd)
+                except DrsiteError as e:
+                    log.warning("command %s not taken: %s", cmd.command_id, e)
 
     def _offline_step(self) -> None:
         """The vault has been away for ``offline_after_s``: run each idle item's own next step
@@ -671,9 +753,10 @@ class Agent:
         with self._lock:
             lane = self._lanes.setdefault(item_id, _Lane())
             lane.tasks.append(task)
-            if not lane.active and self._pool is not None and not self._stop.is_set():
+            pool = self._urgent_pool if task.kind in URGENT_KINDS else self._pool
+            if not lane.active and pool is not None and not self._stop.is_set():
                 lane.active = True
-                self._pool.submit(self._drain, item_id)
+                pool.submit(self._drain, item_id)
 
     def _drain(self, item_id: str) -> None:
         while True:

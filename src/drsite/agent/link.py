@@ -98,9 +98,10 @@ class VaultLink:
     def close(self) -> None:
         self._http.close()
 
-    def _post(self, path: str, body: dict[str, Any]) -> Any:
+    def _post(self, path: str, body: dict[str, Any], *, timeout: float | None = None) -> Any:
         try:
-            resp = self._http.post(path, json=body)
+            resp = self._http.post(path, json=body, timeout=timeout if timeout is not None
+                                   else httpx.USE_CLIENT_DEFAULT)
         except httpx.TimeoutException as e:
             raise NetworkError(f"the vault at {self.vault_url} did not answer in time") from e
         except httpx.ConnectError as e:
@@ -120,11 +121,8 @@ class VaultLink:
         except ValueError as e:
             raise NetworkError(f"the vault's answer to {path} is not JSON") from e
 
-    def heartbeat(self, payload: dict[str, Any]) -> HeartbeatReply:
-        """Send one heartbeat; the reply's malformed commands are dropped (and logged)."""
-        out = self._post("/heartbeat", payload) or {}
-        if not isinstance(out, dict):
-            raise NetworkError("the vault's heartbeat reply is not an object")
+    @staticmethod
+    def _commands(out: dict[str, Any]) -> tuple[list[Command], int]:
         commands: list[Command] = []
         bad = 0
         for raw in out.get("commands") or []:
@@ -133,6 +131,23 @@ class VaultLink:
             except InvalidInput as e:
                 bad += 1
                 log.error("dropping a malformed command from the vault: %s", e)
+        return commands, bad
+
+    def wait_commands(self, wait_s: float) -> list[Command]:
+        """The command channel: this host's commands as soon as the vault has any, or ``[]``
+        after about ``wait_s`` (the vault holds the request open). ``NotFound`` from a vault
+        without the channel."""
+        out = self._post("/commands/wait", {"timeout_s": wait_s}, timeout=wait_s + 15.0) or {}
+        if not isinstance(out, dict):
+            raise NetworkError("the vault's command channel reply is not an object")
+        return self._commands(out)[0]
+
+    def heartbeat(self, payload: dict[str, Any]) -> HeartbeatReply:
+        """Send one heartbeat; the reply's malformed commands are dropped (and logged)."""
+        out = self._post("/heartbeat", payload) or {}
+        if not isinstance(out, dict):
+            raise NetworkError("the vault's heartbeat reply is not an object")
+        commands, bad = self._commands(out)
         ack: dict[str, int] = {}
         raw_ack = out.get("ack") or {}
         if isinstance(raw_ack, dict):

@@ -124,6 +124,13 @@ def lost_commands(s: Session, host_id: str, held: set[str], prev_beat_at: float,
     return lost
 
 
+def has_pending(s: Session, host_id: str) -> bool:
+    """Whether the host has a command waiting for delivery (an index lookup)."""
+    return s.scalars(select(Command.id).where(Command.host_id == host_id,
+                                              Command.status == CommandStatus.PENDING)
+                     .limit(1)).first() is not None
+
+
 def deliver_pending(s: Session, host_id: str, now: float, *, limit: int = 100) -> list[Command]:
     """The push channel's share: only ``pending`` commands (marked ``sent``). Re-delivery of
     lost or silent ones is the heartbeat's (:func:`deliver`), which knows what the agent holds."""

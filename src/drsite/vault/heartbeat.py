@@ -1,7 +1,8 @@
 """What a heartbeat does to the vault's state, and what its reply carries.
 
-In one transaction: the host's liveness, version and store URL; the VM inventory (VMs no longer
-reported are marked absent); each reported item's report and recovery-point catalogue
+In one transaction: the host's liveness, version and store URL; the VM inventory when sent
+(``null`` = unchanged; VMs no longer reported are marked absent); each reported item's report
+(agents list an item only when its report or points changed) and recovery-point catalogue
 (``new_points`` upserted by point id, ``removed_points`` deleted; the reply's ``ack`` is the
 highest catalogued seq, so the agent resends anything the vault did not keep); EnableProtection
 jobs for newly discovered VMs that a group with a policy matches; then the commands due to the
@@ -48,7 +49,7 @@ class Beat:
     host_name: str
     version: str
     store_url: str | None
-    vms: list[dict[str, Any]]
+    vms: list[dict[str, Any]] | None  # None: unchanged since the agent's last heartbeat
     items: list[ItemBeat]
     held: list[str] | None = None  # command ids the agent holds (None: it does not say)
 
@@ -69,7 +70,7 @@ def apply_heartbeat(s: Session, host: Host, beat: Beat, settings: VaultSettings)
         host.version = beat.version[:64]
     if host.store_url != beat.store_url:
         host.store_url = beat.store_url
-    new_vms = _apply_inventory(s, host, beat.vms, now)
+    new_vms = _apply_inventory(s, host, beat.vms, now) if beat.vms is not None else []
     ack: dict[str, int] = {}
     ids = sorted({ib.item_id for ib in beat.items})
     items = {i.id: i for i in s.scalars(select(Item).where(Item.id.in_(ids)))} if ids else {}
