@@ -10,6 +10,7 @@ responsible for: retrying or backing off (the daemon does), or for what the comm
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,6 +93,12 @@ class VaultLink:
     def __init__(self, vault_url: str, ssl_context: ssl.SSLContext, *, timeout: float = 30.0,
                  transport: httpx.BaseTransport | None = None) -> None:
         self.vault_url = vault_url.rstrip("/")
+        if transport is None:
+            # TCP_NODELAY: a request's body is not held back by Nagle's algorithm until the
+            # vault acknowledges its headers (a delayed ACK costs ~40 ms per request)
+            transport = httpx.HTTPTransport(
+                verify=ssl_context,
+                socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
         self._http = httpx.Client(base_url=self.vault_url + "/api/v1/agent", verify=ssl_context,
                                   timeout=timeout, transport=transport)
 
