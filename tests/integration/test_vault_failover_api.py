@@ -287,3 +287,29 @@ def test_low_disk_in_a_failover_step_is_retried_on_the_seed_schedule(h: Harness)
     play(h, a, "failover_resume_source", {"generation": 3, "powered_on": False})
     play(h, a, "cycle", {"point": {"point_id": "p000000000002"}})
     assert h.job(job["id"])["state"] == "succeeded"
+
+
+def test_unplanned_failover_fences_the_old_primary_when_it_is_back(h: Harness) -> None:
+    """Issue 13 part 2: after an unplanned failover the source host gets `failover_fence`
+    (whenever it is back); until it confirms, the item is Critical with "old primary may still
+    be writing" and GET /vms warns on both VMs; the confirmation clears both."""
+    a, b, item = setup(h)
+    h.ok("POST", f"/items/{item}/failover/unplanned-failover", json={})
+    play(h, b, "failover", fo_result("pending_commit"))
+    b.beat(store_url="https://127.0.0.1:9443", vms=[vm_info("rvm-1", "web1")])
+    h.tick()
+    it = h.ok("GET", f"/items/{item}")
+    assert it["protection"] == "failed_over" and it["health"] == "critical", it
+    assert any("old primary may still be writing" in r for r in it["health_reasons"]), it
+    warned = {(v["host_id"], v["vm_id"]) for v in h.ok("GET", "/vms") if v["warning"]}
+    assert (a.host_id, "vm-1") in warned and (b.host_id, "rvm-1") in warned
+    assert any(al["kind"] == "critical" and al["active"] for al in h.ok("GET", "/alerts"))
+    cmd = play(h, a, "failover_fence", {"fenced": True, "vm_power": "stopped",
+                                        "was_running": True})
+    assert cmd["args"]["failover_id"] and cmd["args"]["recovery_site"] == "sec"
+    h.tick()
+    it = h.ok("GET", f"/items/{item}")
+    assert it["health"] == "normal" and it["health_reasons"] == [], it
+    assert not any(v["warning"] for v in h.ok("GET", "/vms"))
+    fo = h.ok("GET", f"/items/{item}/failovers")[0]
+    assert fo["result"]["fence"]["state"] == "done" and fo["result"]["fence"]["vm_power"] == "stopped"

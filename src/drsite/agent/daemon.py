@@ -64,6 +64,7 @@ from drsite.core.errors import (
     CommandInterrupted,
     Conflict,
     DrsiteError,
+    Fenced,
     InvalidInput,
     NotFound,
     OperationInterrupted,
@@ -71,6 +72,7 @@ from drsite.core.errors import (
     VmNotFound,
     classify_os_error,
 )
+from drsite.core.model import PowerState
 from drsite.core.states import CommandStatus
 from drsite.hypervisors.contract import HypervisorDriver
 from drsite.replication.driver import ItemReplicator
@@ -229,6 +231,49 @@ class Agent:
                 return
             entry.phase = ItemPhase.FAILED_OVER if failed_over else ItemPhase.PROTECTED
         self._save_entries()
+
+    def fence_item(self, item_id: str, reason: str) -> dict[str, Any]:
+        """This host is no longer the item's primary (a failover promoted the recovery site):
+        power its VM off so that the old primary never writes beside the recovery VM, stop
+        replicating it (phase ``failed_over``: offline mode and resume leave it alone), and
+        remember whether it was running (a cancel powers it on again). Idempotent."""
+        with self._lock:
+            entry = self._entries.get(item_id)
+        if entry is None:
+            return {"fenced": False, "note": "the item is not protected on this host"}
+        was_running = False
+        power = "absent"
+        try:
+            vm = self.hypervisor.get_vm(entry.vm_id)
+            if vm.power is not PowerState.STOPPED:
+                was_running = True
+                log.warning("item %s: %s; powering VM %s off (fencing the old primary)",
+                            item_id, reason, vm.name)
+                self.hypervisor.power_off(entry.vm_id, force=True, timeout=10.0)
+            power = self.hypervisor.get_vm(entry.vm_id).power.value
+        except VmNotFound:
+            pass
+        with self._lock:
+            first = not entry.fenced
+            entry.fenced = True
+            entry.fenced_running = entry.fenced_running or was_running
+            entry.phase = ItemPhase.FAILED_OVER
+        if first or was_running:
+            self._save_entries()
+        return {"fenced": True, "vm_power": power, "was_running": was_running,
+                "reason": reason}
+
+    def unfence_item(self, item_id: str) -> bool:
+        """A cancelled failover hands the item back: clear the fence; True when the VM was
+        running when this host fenced it (the caller powers it on again)."""
+        with self._lock:
+            entry = self._entries.get(item_id)
+            if entry is None or not entry.fenced:
+                return False
+            was_running = entry.fenced_running
+            entry.fenced = entry.fenced_running = False
+        self._save_entries()
+        return was_running
 
     @property
     def store_url(self) -> str | None:
@@ -817,6 +862,8 @@ class Agent:
         except DrsiteError as e:
             log.warning("command %s (%s %s) failed (%s): %s", cmd.command_id, cmd.kind, item_id,
                         e.error_class.value, e)
+            if isinstance(e, Fenced):
+                self._fence_on_own(item_id, e)
             self._finish(cmd, CommandStatus.FAILED, {}, e.to_dict())
             return
         except OSError as e:
@@ -872,6 +919,20 @@ class Agent:
         except DrsiteError as e:
             log.warning("item %s: %s failed (%s): %s; waiting for the vault", item_id, kind,
                         e.error_class.value, e)
+            if isinstance(e, Fenced):
+                self._fence_on_own(item_id, e)
+        err = rep.report.last_error
+        if err and err.get("code") == Fenced.code:
+            self._fence_on_own(item_id, Fenced(str(err.get("message") or "fenced")))
+
+    def _fence_on_own(self, item_id: str, e: Fenced) -> None:
+        """The store's generation record says another site was promoted: fence at once, without
+        waiting for the vault (which may be unreachable) — the second way an old primary learns
+        it was failed over (the first is the vault's ``failover_fence``)."""
+        try:
+            self.fence_item(item_id, f"the recovery store names a newer primary ({e.message})")
+        except DrsiteError as err:
+            log.error("item %s: fencing the old primary failed: %s", item_id, err)
 
     def _mark_protected(self, item: _Item) -> None:
         if item.entry.phase != ItemPhase.PROTECTED:

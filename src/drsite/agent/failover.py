@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 RECOVERY_KINDS = ("failover", "failover_cleanup", "failover_commit", "failover_cancel",
                   "failover_change_point", "reprotect_seed")
-PRIMARY_KINDS = ("failover_prepare", "failover_resume_source")
+PRIMARY_KINDS = ("failover_prepare", "failover_resume_source", "failover_fence")
 KINDS = (*RECOVERY_KINDS, *PRIMARY_KINDS, "run_script")
 SCRIPT_OUTPUT_TAIL = 2000
 
@@ -84,6 +84,10 @@ class FailoverHost(Protocol):
 
     def set_failed_over(self, item_id: str, failed_over: bool) -> None: ...
 
+    def fence_item(self, item_id: str, reason: str) -> dict[str, Any]: ...
+
+    def unfence_item(self, item_id: str) -> bool: ...
+
 
 
 class FailoverCommands:
@@ -100,6 +104,7 @@ class FailoverCommands:
               "failover_change_point": self._change_point, "reprotect_seed": self._reprotect_seed,
               "failover_prepare": self._prepare,
               "failover_resume_source": self._resume_source,
+              "failover_fence": self._fence,
               "run_script": self._run_script}.get(cmd.kind)
         if fn is None:
             raise InvalidInput(f"unknown command kind {cmd.kind!r}",
@@ -270,13 +275,23 @@ class FailoverCommands:
             rep.request_resync("failover cancelled: the source is the primary again")
         agent.set_failed_over(cmd.item_id or "", False)
         powered = False
-        if cmd.args.get("power_on"):
+        # a VM this host fenced while it was running runs again (the failover is undone)
+        if agent.unfence_item(cmd.item_id or "") or cmd.args.get("power_on"):
             vm = agent.hypervisor.get_vm(item.entry.vm_id)
             if vm.power is not PowerState.RUNNING:
                 agent.hypervisor.power_on(item.entry.vm_id)
                 powered = True
         return {"generation": gen, "powered_on": powered, "resync": resync,
                 "report": rep.report.to_dict()}
+
+    def _fence(self, cmd: Command) -> dict[str, Any]:
+        """Unplanned failover, old primary's half (whenever this host hears of it): the
+        recovery site was promoted, so the VM here is powered off and the item stops
+        replicating (``Agent.fence_item``); its engine is fenced by the store's generation
+        record in any case."""
+        out = self.agent.fence_item(cmd.item_id or "", f"failover {self._fid(cmd)} promoted "
+                                                        f"site {cmd.args.get('recovery_site')}")
+        return {**out, "failover_id": self._fid(cmd), "at": time.time()}
 
     def _reprotect_seed(self, cmd: Command) -> dict[str, Any]:
         """Re-protect, old primary's half: power its VM off and write its disks as the full

@@ -26,7 +26,7 @@ COMMAND_KINDS = ("protect", "cycle", "resync", "retention", "unprotect", "update
                  # failover (agent/failover.py)
                  "failover", "failover_cleanup", "failover_commit", "failover_cancel",
                  "failover_change_point", "reprotect_seed", "failover_prepare",
-                 "failover_resume_source", "run_script")
+                 "failover_resume_source", "failover_fence", "run_script")
 
 
 def vault_error(resp: httpx.Response, what: str) -> DrsiteError:

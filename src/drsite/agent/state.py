@@ -128,12 +128,17 @@ class ItemEntry:
     # re-protect: the store holds the old primary's disks as a base point; the first point is
     # a resync against it (persisted: a restart must not take the base as this VM's point)
     resync_from_base: bool = False
+    # fenced: a failover promoted the other site; this host powered the VM off (it was running
+    # then: ``fenced_running``, so that a cancel powers it on again)
+    fenced: bool = False
+    fenced_running: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"item_id": self.item_id, "vm_id": self.vm_id, "target_site": self.target_site,
                 "store_url": self.store_url, "settings": dict(self.settings),
                 "phase": self.phase.value, "created_at": self.created_at,
-                "generation": self.generation, "resync_from_base": self.resync_from_base}
+                "generation": self.generation, "resync_from_base": self.resync_from_base,
+                "fenced": self.fenced, "fenced_running": self.fenced_running}
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> ItemEntry:
@@ -143,7 +148,9 @@ class ItemEntry:
                          phase=ItemPhase(d.get("phase") or ItemPhase.INITIAL),
                          created_at=float(d.get("created_at") or 0.0),
                          generation=int(d.get("generation") or 1),
-                         resync_from_base=bool(d.get("resync_from_base")))
+                         resync_from_base=bool(d.get("resync_from_base")),
+                         fenced=bool(d.get("fenced")),
+                         fenced_running=bool(d.get("fenced_running")))
 
 
 class ItemsFile:

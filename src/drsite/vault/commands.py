@@ -29,7 +29,7 @@ KINDS = ("protect", "cycle", "resync", "retention", "unprotect", "update_setting
          # failover (vault/jobs/failover.py → agent/failover.py)
          "failover", "failover_cleanup", "failover_commit", "failover_cancel",
          "failover_change_point", "reprotect_seed", "failover_prepare", "failover_resume_source",
-         "run_script")
+         "failover_fence", "run_script")
 # commands that move data for an item: at most one of these is outstanding per item
 REPLICATION_KINDS = ("protect", "cycle", "resync")
 

@@ -14,7 +14,7 @@ from fastapi import APIRouter, status
 
 from drsite.core.errors import InvalidInput, NotFound
 from drsite.pki import CertIdentity, cert_identity
-from drsite.vault import commands
+from drsite.vault import commands, fencing
 from drsite.vault.api.deps import PeerCert, VaultDep, name
 from drsite.vault.api.schemas import CommandResultIn, CommandWaitIn, HeartbeatIn, RegisterIn
 from drsite.vault.audit import record_event
@@ -143,4 +143,6 @@ def command_result(command_id: str, body: CommandResultIn, vault: VaultDep,
         if commands.record_result(cmd, status=body.status, progress=body.progress, result=body.result,
                                   error=body.error, now=now):
             apply_result(s, cmd, now)
+            if cmd.kind == "failover_fence":
+                fencing.apply_result(s, cmd, now)
         return {"command_id": cmd.id, "status": cmd.status}

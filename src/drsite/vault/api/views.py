@@ -45,13 +45,16 @@ def host_view(h: Host, site: str, now: float, settings: VaultSettings) -> dict[s
             "registered_at": h.registered_at, "revoked": h.revoked_at is not None}
 
 
-def vm_view(vm: Vm, host: Host, site: str, item_id: str | None) -> dict[str, Any]:
+def vm_view(vm: Vm, host: Host, site: str, item_id: str | None, *,
+            warning: str | None = None) -> dict[str, Any]:
+    """``warning``: e.g. the VM's item failed over and the old primary is not fenced yet (the
+    same VM may be running on both sites)."""
     info = vm.info
     return {"vm_id": vm.vm_id, "name": vm.name, "host_id": host.id, "host": host.name, "site": site,
             "disks": info.get("disks", []), "nics": info.get("nics", []), "power": info.get("power"),
             "vcpus": info.get("vcpus"), "memory_mib": info.get("memory_mib"),
             "labels": info.get("labels", []), "present": vm.present, "last_seen": vm.last_seen,
-            "item_id": item_id}
+            "item_id": item_id, "warning": warning}
 
 
 def policy_view(p: Policy) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from drsite.core.states import (
 )
 from drsite.failover.wire import network_map_from_args, vm_spec_from_dict
 from drsite.replication.report import Health, ItemState
-from drsite.vault import commands
+from drsite.vault import commands, fencing
 from drsite.vault.audit import record_event
 from drsite.vault.db.models import (
     Command,
@@ -357,6 +357,9 @@ def start_replica(ctx: TaskContext) -> Step:
     item.failover_id = fo.id
     item.updated_at = ctx.now
     commands.cancel_open(ctx.s, item.id, ctx.now, "item failed over")
+    if fo.kind == "unplanned":
+        # the source was not asked: fence it (now, or whenever its agent is back)
+        fencing.request_fence(ctx.s, item, fo, site_name(ctx, item.target_site_id), ctx.now)
     record_event(ctx.s, ctx.now, "item", item.id,
                  f"{fo.kind} failover {fo.id}: {fo.vm_name} runs on the recovery site from point "
                  f"{fo.point_id} (generation {fo.generation}); commit or cancel it")
@@ -385,6 +388,7 @@ def commit(ctx: TaskContext) -> Step:
 def cancel(ctx: TaskContext) -> Step:
     item = ctx.item()
     fo = failover_row(ctx)
+    fencing.withdraw(ctx.s, fo, ctx.now)
     got = run_command(ctx, _recovery(ctx, fo), "failover_cancel", item_context(ctx, item, fo),
                       item_id=item.id)
     if isinstance(got, Step):
