@@ -147,9 +147,11 @@ class Agent:
                  max_backoff_s: float = 30.0, max_parallel_items: int = 2,
                  transport: httpx.BaseTransport | None = None,
                  target_factory: TargetFactory | None = None,
-                 command_channel: bool = True) -> None:
+                 command_channel: bool = True, store_url: str | None = None) -> None:
         if (store_dir is None) != (store_listen is None):
             raise InvalidInput("a store server needs both store_dir and store_listen")
+        if store_url is not None and not store_url.startswith("https://"):
+            raise InvalidInput(f"store URL {store_url!r} is not an https:// URL")
         if heartbeat_interval <= 0:
             raise InvalidInput(f"heartbeat interval must be positive, not {heartbeat_interval}")
         self.data_dir = Path(data_dir)
@@ -195,6 +197,7 @@ class Agent:
             self._store = StoreService(self.identity, store_dir, self.data_dir / "replicas",
                                        store_listen)
         self._store_url: str | None = None
+        self._store_advertised = store_url.rstrip("/") if store_url else None
         self.failover = FailoverCommands(self)
         self.command_channel = command_channel
         self._channel: threading.Thread | None = None
@@ -298,6 +301,8 @@ class Agent:
                                                    thread_name_prefix="agent-urgent")
         if self._store is not None:
             self._store_url = self._store.start()
+            if self._store_advertised is not None:
+                self._store_url = self._store_advertised
         log.info("agent %s (%s, site %s) starting; vault %s; %d item(s)", self.identity.host_id,
                  self.identity.host_name, self.identity.site, self.identity.vault_url,
                  len(self._entries))

@@ -31,11 +31,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from drsite import failpoints
 from drsite.agent.link import Command
 from drsite.agent.registration import AgentIdentity
 from drsite.agent.state import ItemEntry
 from drsite.agent.storeservice import StoreService
-from drsite.core.errors import Fenced, InvalidInput, PermanentError
+from drsite.core.errors import DrsiteError, Fenced, InvalidInput, PermanentError
 from drsite.core.model import PowerState, validate_name
 from drsite.core.states import FailoverState
 from drsite.failover import actions
@@ -223,6 +224,7 @@ class FailoverCommands:
                                      "generation": max(1, pi.generations.current(pi.item_id)),
                                      "notes": ["nothing had started on the recovery site"]}}
             self._hold(pi.item_id, False)  # the replica is rebuilt (cancel catches it up)
+            failpoints.hit("agent.failover-cancel")
             return self._result(actions.cancel(pi, fid, restart_source=False))
 
     def _change_point(self, cmd: Command) -> dict[str, Any]:
@@ -289,8 +291,12 @@ class FailoverCommands:
         recovery site was promoted, so the VM here is powered off and the item stops
         replicating (``Agent.fence_item``); its engine is fenced by the store's generation
         record in any case."""
-        out = self.agent.fence_item(cmd.item_id or "", f"failover {self._fid(cmd)} promoted "
-                                                        f"site {cmd.args.get('recovery_site')}")
+        reason = f"failover {self._fid(cmd)} promoted site {cmd.args.get('recovery_site')}"
+        out = self.agent.fence_item(cmd.item_id or "", reason)
+        with contextlib.suppress(DrsiteError):
+            _, rep = self.agent.live_item(cmd)
+            if rep.rec.phase is not ItemState.CRITICAL:
+                rep.mark_fenced(f"{reason}: this site must not write the item any more")
         return {**out, "failover_id": self._fid(cmd), "at": time.time()}
 
     def _reprotect_seed(self, cmd: Command) -> dict[str, Any]:

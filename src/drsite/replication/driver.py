@@ -149,6 +149,15 @@ class ItemReplicator:
         self._refresh_report()
         self._save()
 
+    def mark_fenced(self, message: str) -> None:
+        """A failover promoted the other site (the vault or the store's generation record says
+        so): the item is Critical with ``fenced`` until a cancel hands it back
+        (:meth:`request_resync`), and its report says so at once."""
+        self.report.last_error = Fenced(message).to_dict()
+        self.rec.phase = ItemState.CRITICAL
+        self._refresh_report()
+        self._save()
+
     def scrub(self) -> VerifyReport | None:
         """Read back every object the latest point needs and check its hash. Damage is
         quarantined and repaired by a resync against the store (at the next step)."""
