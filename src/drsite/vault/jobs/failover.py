@@ -430,6 +430,12 @@ def resume_source(ctx: TaskContext) -> Step:
                         f"down before the first {kind}: replication resumes when it returns")
         return rep
     _back_to_protected(ctx, item)
+    report = (rep.result or {}).get("report")
+    if isinstance(report, dict) and report.get("state"):
+        # the agent's report after that point: the scheduler acts on it now, not at the next
+        # heartbeat (before it, the item still read `critical` from the fenced report)
+        item.report = report
+        item.state = str(report["state"])
     point = dict((rep.result or {}).get("point") or {})
     return done(f"the source replicates again{powered}: {kind} committed point "
                 f"{point.get('point_id', '?')}")
