@@ -83,6 +83,7 @@ from drsite.store.contract import ObjectStore
 from drsite.store.factory import StoreSpec
 from drsite.store.format import PointInfo
 from drsite.store.repository import Repository
+from drsite.tracking.changelog import cap_for_interval
 
 log = logging.getLogger(__name__)
 
@@ -1013,6 +1014,7 @@ class Agent:
             assert item.error is not None
             raise item.error
         item.replicator.settings = settings_from_args(settings)
+        self._apply_log_cap(entry.vm_id, item.replicator.settings.frequency_s)
         if entry.resync_from_base:
             # re-protect: the store holds the old primary's disks as a base point; only the
             # blocks that differ travel (never an initial full copy over a common base)
@@ -1079,7 +1081,13 @@ class Agent:
         item.entry.settings = settings
         self._save_entries()
         rep.settings = new
+        self._apply_log_cap(item.entry.vm_id, new.frequency_s)
         return {"settings": settings}
+
+    def _apply_log_cap(self, vm_id: str, frequency_s: float) -> None:
+        """The change log holds a few intervals of writes at the policy's frequency (issue 13
+        part 5), not a fixed 64 MiB."""
+        self.hypervisor.set_change_log_limit(vm_id, cap_for_interval(frequency_s))
 
     def _unprotect(self, cmd: Command) -> dict[str, Any]:
         delete = bool(cmd.args.get("delete_points"))
