@@ -43,6 +43,10 @@ from drsite.store.repository import Repository
 from drsite.up import Cluster, down, start_agent, start_vault, up
 
 PHASES = ("initial", "delta", "planned", "unplanned", "cancel", "reprotect")
+# the kill comes after a random delay up to this into the operation (a failover through the
+# vault takes about a second now: later kills would only hit an idle deployment)
+KILL_WINDOW_S = {"initial": 3.0, "delta": 5.0, "planned": 1.0, "unplanned": 0.6,
+                 "cancel": 1.5, "reprotect": 2.0}
 VICTIMS = ("agent-primary", "agent-secondary", "vault")
 MiB = 1 << 20
 
@@ -220,8 +224,8 @@ class Campaign:
     # ------------------------------------------------------------------ one trial
 
     def trial(self, phase: str, victim: str) -> Trial:
-        t = Trial(len(self.trials) + 1, phase, victim, round(self.rng.uniform(0.0, 3.0), 2),
-                  goal_s=2 * self.policy_s)
+        t = Trial(len(self.trials) + 1, phase, victim,
+                  round(self.rng.uniform(0.0, KILL_WINDOW_S[phase]), 2), goal_s=2 * self.policy_s)
         try:
             getattr(self, f"_trial_{phase}")(t)
         except Exception as e:  # a broken trial is a finding, not a crash of the campaign

@@ -83,9 +83,12 @@ class PeerBreaker:
                 self._opened_at = self._clock()
                 self._probing = False
 
-    def call(self, fn: Callable[[], list[PointInfo]]) -> list[PointInfo]:
-        """``fn()`` through the breaker (only drsite errors count as the peer's failures)."""
-        self.before_call()
+    def call(self, fn: Callable[[], list[PointInfo]], *, probe: bool = False) -> list[PointInfo]:
+        """``fn()`` through the breaker (only transient drsite errors count as the peer's
+        failures). ``probe``: try even while open (a caller off the control loop that has
+        reason to think the peer is back); its success closes the breaker."""
+        if not probe:
+            self.before_call()
         try:
             out = fn()
         except DrsiteError as e:
@@ -123,7 +126,7 @@ class CatalogueRefresher:
     the same breaker.
     """
 
-    def __init__(self, interval: float, *, breaker_open_for_s: float = 10.0) -> None:
+    def __init__(self, interval: float, *, breaker_open_for_s: float = 5.0) -> None:
         self.interval = interval
         self.breaker_open_for_s = breaker_open_for_s
         self._lock = threading.Lock()
@@ -175,11 +178,13 @@ class CatalogueRefresher:
             ev.set()
 
     def refresh(self, item_id: str) -> None:
-        """List one item now, in the caller's thread (never the control loop's)."""
+        """List one item now, in the caller's thread (never the control loop's): a worker
+        that just worked on the item. It probes even an open breaker — the peer may well be
+        back (its store answered the work) — and a success closes it for every item."""
         with self._lock:
             tr = self._items.get(item_id)
         if tr is not None:
-            self._list(item_id, tr)
+            self._list(item_id, tr, probe=True)
 
     @property
     def stopped(self) -> bool:
@@ -190,10 +195,10 @@ class CatalogueRefresher:
         self._stop.set()
         self.kick()
 
-    def _list(self, item_id: str, tr: _Tracked) -> None:
+    def _list(self, item_id: str, tr: _Tracked, *, probe: bool = False) -> None:
         try:
             with tr.busy:
-                points = self.breaker(tr.peer).call(tr.lister)
+                points = self.breaker(tr.peer).call(tr.lister, probe=probe)
         except DrsiteError as e:
             with self._lock:
                 tr.view.error = e
