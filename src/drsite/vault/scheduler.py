@@ -131,6 +131,7 @@ class Scheduler:
         now = self.settings.clock.now()
         with self.db.read() as s:
             open_kinds = _open_kinds(s, None)
+            stores_up = store_sites_up(s, now, self.settings.agent_down_after_s)
             rows = s.execute(select(Item, Policy)
                              .join(Group, Group.id == Item.group_id)
                              .join(Policy, Policy.id == Group.policy_id)
@@ -138,7 +139,8 @@ class Scheduler:
                              .order_by(Item.id)).all()
             due: list[_Due] = []
             for item, policy in rows:
-                due.extend(self._item(item, policy, open_kinds.get(item.id, set()), now))
+                due.extend(self._item(item, policy, open_kinds.get(item.id, set()), now,
+                                      item.target_site_id in stores_up))
         if not due:
             return []
         return self._write(due, now)
@@ -178,9 +180,13 @@ class Scheduler:
         """The planner's action for ``item`` now (pure in what it reads)."""
         return self._plan(item, policy, now)[0]
 
-    def _plan(self, item: Item, policy: Policy, now: float) -> tuple[Action, float]:
-        """The planner's action and the time the next cycle is (was) due."""
+    def _plan(self, item: Item, policy: Policy, now: float,
+              store_up: bool = False) -> tuple[Action, float]:
+        """The planner's action and the time the next cycle is (was) due. ``store_up``: an
+        agent serving the item's recovery store is up (see :func:`early_retry`)."""
         retry = RetryState.from_dict(item.retry or {})
+        if early_retry(retry, store_up, now, self.settings.heartbeat_interval):
+            retry.next_attempt_at = now
         window = parse_window(policy.resync_window)
         report = item.report or {}
         nxt = next_cycle_at(item.last_cycle_sent_at, policy.frequency_s, now)
@@ -195,10 +201,11 @@ class Scheduler:
             cycle_in_flight=False)
         return plan(pi).action, nxt
 
-    def _item(self, item: Item, policy: Policy, open_kinds: set[str], now: float) -> list[_Due]:
+    def _item(self, item: Item, policy: Policy, open_kinds: set[str], now: float,
+              store_up: bool = False) -> list[_Due]:
         out: list[_Due] = []
         if not open_kinds.intersection(commands.REPLICATION_KINDS):
-            action, due_at = self._plan(item, policy, now)
+            action, due_at = self._plan(item, policy, now, store_up)
             if action is Action.DELTA:
                 last_app = max(item.last_app_point_time or 0.0, item.last_app_cycle_at or 0.0) or None
                 app = app_consistent_due(last_app, policy.app_consistent_every_s, now)
@@ -215,6 +222,29 @@ class Scheduler:
                 and "retention" not in open_kinds:
             out.append(_Due(item.id, item.host_id, "retention", {}, {"last_retention_at": now}))
         return out
+
+
+EARLY_RETRY_CODES = ("network", "peer_unavailable", "command_interrupted")
+
+
+def early_retry(retry: RetryState, store_up: bool, now: float, heartbeat_interval: float) -> bool:
+    """The first retry after a failure to reach the other site comes early — as soon as an
+    agent serving the item's store heartbeats and two heartbeat intervals have passed — not
+    after the seed's first minute: the usual cause is that agent restarting (issue 19: after a
+    kill -9 anywhere, back to protected within a cycle). Once only per run of failures: a
+    second failure (the link itself is down) follows the seed's schedule."""
+    if retry.failures != 1 or retry.gave_up or not store_up or retry.first_failure_at is None:
+        return False
+    code = (retry.last_error or {}).get("code")
+    return code in EARLY_RETRY_CODES and now - retry.first_failure_at >= 2 * heartbeat_interval
+
+
+def store_sites_up(s: Session, now: float, down_after_s: float) -> set[int]:
+    """Sites with an agent that serves a recovery store and is up (a heartbeat within
+    ``down_after_s``)."""
+    return {site for site, in s.execute(select(Host.site_id).where(
+        Host.store_url.is_not(None), Host.revoked_at.is_(None),
+        Host.last_heartbeat >= now - down_after_s))}
 
 
 def _open_kinds(s: Session, item_ids: list[str] | None) -> dict[str, set[str]]:

@@ -430,6 +430,7 @@ def resume_source(ctx: TaskContext) -> Step:
                         f"down before the first {kind}: replication resumes when it returns")
         return rep
     _back_to_protected(ctx, item)
+    item.retry = RetryState().to_dict()  # a point just proved it: no retry wait left over
     report = (rep.result or {}).get("report")
     if isinstance(report, dict) and report.get("state"):
         # the agent's report after that point: the scheduler acts on it now, not at the next
