@@ -273,8 +273,10 @@ def test_low_disk_in_a_failover_step_is_retried_on_the_seed_schedule(h: Harness)
     job = h.ok("POST", f"/items/{item}/failover/cancel", json={})
     full = {"code": "low_disk", "class": "transient", "hint": "Free space on the recovery store.",
             "message": "failover_cancel of i on host b (/srv/replicas): no space left"}
-    for _ in range(4):   # the first try and three immediate re-sends
+    for wait_s in (0, 0, 4, 8):   # the first try, then re-sends 0, 2 and 4 heartbeats later
+        h.clock.advance(wait_s)
         play(h, b, "failover_cancel", status="failed", error=full)
+        assert h.job(job["id"])["state"] == "running", (wait_s, h.job(job["id"])["message"])
     j = h.job(job["id"])
     assert j["state"] == "running", j
     assert "no space left" in j["message"] and "next attempt in 60 s" in j["message"], j

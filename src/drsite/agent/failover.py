@@ -292,6 +292,14 @@ class FailoverCommands:
         replicating (``Agent.fence_item``); its engine is fenced by the store's generation
         record in any case."""
         reason = f"failover {self._fid(cmd)} promoted site {cmd.args.get('recovery_site')}"
+        gen = int(cmd.args.get("generation") or 0)
+        with contextlib.suppress(DrsiteError):
+            item, _ = self.agent.live_item(cmd)
+            if gen and item.entry.generation >= gen:
+                # the item came back to this site at that generation or later (a cancel):
+                # a stale fence (e.g. re-delivered after an agent restart) changes nothing
+                return {"fenced": False, "failover_id": self._fid(cmd),
+                        "note": f"stale: the item holds generation {item.entry.generation}"}
         out = self.agent.fence_item(cmd.item_id or "", reason)
         with contextlib.suppress(DrsiteError):
             _, rep = self.agent.live_item(cmd)

@@ -88,19 +88,20 @@ def apply_result(s: Session, cmd: Command, now: float) -> None:
 
 
 def withdraw(s: Session, fo: Failover, now: float) -> None:
-    """A cancel hands the item back: a fence not yet delivered is withdrawn."""
+    """A cancel hands the item back: a fence not done yet is withdrawn — pending, and also
+    delivered (sent/running): a delivery lost to an agent restart must never be re-delivered
+    after the cancel (the agent also ignores a fence older than its item's generation). If the
+    agent did fence, ``failover_resume_source`` (queued after it, same item lane) powers the VM
+    on again."""
     fence = dict((fo.result or {}).get("fence") or {})
     if fence.get("state") != PENDING:
         return
     cmd = s.get(Command, fence.get("command_id") or "")
-    if cmd is not None and cmd.status == CommandStatus.PENDING:
+    if cmd is not None and cmd.status in OPEN_COMMAND_STATUSES:
         cmd.status = CommandStatus.FAILED
         cmd.error = PermanentError("withdrawn: the failover was cancelled").to_dict()
         cmd.updated_at = cmd.finished_at = now
-        fence.update(state=WITHDRAWN, at=now)
-    elif cmd is None or cmd.status not in OPEN_COMMAND_STATUSES:
-        fence.update(state=WITHDRAWN, at=now)
-    # delivered and not done: the agent fences, then resume_source powers the VM on again
+    fence.update(state=WITHDRAWN, at=now)
     fo.result = {**dict(fo.result or {}), "fence": fence}
 
 

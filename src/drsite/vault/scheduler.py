@@ -42,6 +42,7 @@ from drsite.vault.db.database import Database
 from drsite.vault.db.models import Command, Group, Host, Item, Policy
 from drsite.vault.ids import new_id
 from drsite.vault.policies import parse_window
+from drsite.vault.retries import early_retry, store_sites_up
 from drsite.vault.settings import VaultSettings
 
 log = logging.getLogger(__name__)
@@ -222,29 +223,6 @@ class Scheduler:
                 and "retention" not in open_kinds:
             out.append(_Due(item.id, item.host_id, "retention", {}, {"last_retention_at": now}))
         return out
-
-
-EARLY_RETRY_CODES = ("network", "peer_unavailable", "command_interrupted")
-
-
-def early_retry(retry: RetryState, store_up: bool, now: float, heartbeat_interval: float) -> bool:
-    """The first retry after a failure to reach the other site comes early — as soon as an
-    agent serving the item's store heartbeats and two heartbeat intervals have passed — not
-    after the seed's first minute: the usual cause is that agent restarting (issue 19: after a
-    kill -9 anywhere, back to protected within a cycle). Once only per run of failures: a
-    second failure (the link itself is down) follows the seed's schedule."""
-    if retry.failures != 1 or retry.gave_up or not store_up or retry.first_failure_at is None:
-        return False
-    code = (retry.last_error or {}).get("code")
-    return code in EARLY_RETRY_CODES and now - retry.first_failure_at >= 2 * heartbeat_interval
-
-
-def store_sites_up(s: Session, now: float, down_after_s: float) -> set[int]:
-    """Sites with an agent that serves a recovery store and is up (a heartbeat within
-    ``down_after_s``)."""
-    return {site for site, in s.execute(select(Host.site_id).where(
-        Host.store_url.is_not(None), Host.revoked_at.is_(None),
-        Host.last_heartbeat >= now - down_after_s))}
 
 
 def _open_kinds(s: Session, item_ids: list[str] | None) -> dict[str, set[str]]:

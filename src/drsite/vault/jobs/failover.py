@@ -142,8 +142,9 @@ def run_command(ctx: TaskContext, host: Host | None, kind: str, args: dict[str, 
                 item_id: str, key: str = "command_id", progress: float = 30.0) -> Command | Step:
     """Send ``kind`` once (its id in the task's data under ``key``) and report where it is: the
     succeeded command, or a ``wait`` step. A permanent failure raises its error. A transient
-    one is sent again (same arguments: the agent resumes): at once the first
-    ``TRANSIENT_RETRIES`` times, then on the seed's schedule (1, 2, 4, 8, 10 min, then every
+    one is sent again (same arguments: the agent resumes): ``TRANSIENT_RETRIES`` times at
+    once, two and four heartbeat intervals later (an agent being restarted is back by then),
+    then on the seed's schedule (1, 2, 4, 8, 10 min, then every
     30 min; ``core.retry``), the job's message naming the error and the next attempt — a full
     disk is retried once space exists, never waited out in silence."""
     if host is None or host.revoked_at is not None:
@@ -156,6 +157,12 @@ def run_command(ctx: TaskContext, host: Host | None, kind: str, args: dict[str, 
         if not err.transient:
             raise err
         tries = int(data.get(f"{key}_tries") or 0)
+        spacing = 2 * ctx.settings.heartbeat_interval * tries   # 0, 2, 4 heartbeats: a
+        since = ctx.now - (cmd.finished_at or ctx.now)            # restarting agent is back
+        if tries < TRANSIENT_RETRIES and since < spacing:
+            return wait(max(progress, cmd.progress),
+                        f"{kind} on host {host.name} failed ({err.code}): {err.message}; sending "
+                        f"it again in {spacing - since:.0f} s")
         if tries >= TRANSIENT_RETRIES:
             retry = RetryState.from_dict(dict(data.get(f"{key}_retry") or {}))
             if data.get(f"{key}_retry_for") != cmd.id:  # count each failed command once
