@@ -110,7 +110,7 @@ def vms_list(vault: str | None = VaultOpt, token: str | None = TokenOpt,
              ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
     """List VMs reported by the agents."""
     with client(vault, token, ca_file) as c:
-        show(c.vms(), ["vm_id", "name", "site", "host", "power", "item_id"], title="VMs",
+        show(c.vms(), ["vm_id", "name", "site", "host", "power", "item_id", "warning"], title="VMs",
              json_out=json_out)
 
 

@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session
 
 from drsite.core.states import LIVE_ITEM_STATUSES, ItemProtection
 from drsite.replication.report import Health, ItemState
+from drsite.vault import fencing
 from drsite.vault.audit import record_event
 from drsite.vault.db.database import Database
 from drsite.vault.db.models import Alert, Drill, Host, Item, Policy
@@ -105,6 +106,10 @@ def item_health(item: Item, policy: Policy | None, host_is_up: bool, now: float,
     if scrub_err:
         warn = True
         reasons.append(f"the last scrub of the recovery store failed: {scrub_err.get('message')}")
+    issues = (item.report or {}).get("agent_issues") or []
+    if issues and item.status in LIVE_ITEM_STATUSES:
+        warn = True
+        reasons.extend(str(x) for x in issues)
     health = Health.CRITICAL if critical else Health.WARNING if warn else Health.NORMAL
     return ItemHealth(health, reasons, rpo, exceeded)
 
@@ -198,7 +203,27 @@ class HealthMonitor:
                     "drill", "critical", drill.plan or f"group {drill.group}",
                     f"the last drill of {what} failed ({drill.id}): "
                     f"{rep.get('error') or _drill_reason(rep)}")
+            self._fences(s, conditions)
             self._sync_alerts(s, conditions, now)
+
+    @staticmethod
+    def _fences(s: Session, conditions: dict[str, tuple[str, str, str, str]]) -> None:
+        """Items in a failover: Critical while the old primary is not known to be fenced
+        (``fencing``), back to Normal once it is."""
+        unfenced = fencing.unfenced(s)
+        for item_id, (item, _fo, issue) in unfenced.items():
+            reasons = [issue]
+            if item.health != Health.CRITICAL.value or item.health_reasons != reasons:
+                item.health = Health.CRITICAL.value
+                item.health_reasons = reasons
+            conditions[f"critical:{item_id}"] = ("critical", "critical", item.vm_name,
+                                                 f"{item.vm_name}: {issue}")
+        for item in s.scalars(select(Item).where(Item.status.in_(fencing.FENCED_STATUSES),
+                                                 Item.health == Health.CRITICAL.value)):
+            if item.id not in unfenced and item.health_reasons \
+                    and str(item.health_reasons[0]).startswith(fencing.WARNING):
+                item.health = Health.NORMAL.value
+                item.health_reasons = []
 
     def _sync_alerts(self, s: Session, conditions: dict[str, tuple[str, str, str, str]],
                      now: float) -> None:
