@@ -126,7 +126,9 @@ def grant_pending(s: Session, item: Item, now: float) -> str | None:
     if host is None:
         return None
     doc = access_list(s, host, now)
-    if item.id in doc["items"] and host.store_acl_digest == acl_digest(doc):
+    grant = doc["items"].get(item.id)
+    if grant is not None and grant["writer"] == item.host_id \
+            and host.store_acl_digest == acl_digest(doc):
         return None
     return (f"waiting for the store agent of the target site ({host.name}) to receive the "
             "item's access grant (next heartbeat)")
