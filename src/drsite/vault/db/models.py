@@ -83,6 +83,9 @@ class Host(Base):
     revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     # digest of the store access list the agent last said it holds (migration 0005)
     store_acl_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # digest of the list last put in a heartbeat reply to it (migration 0007): while it differs
+    # from ``store_acl_digest`` a list is in flight and no grant is confirmed
+    store_acl_sent: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class Vm(Base):
