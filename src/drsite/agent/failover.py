@@ -40,7 +40,7 @@ from drsite.agent.storeservice import StoreService
 from drsite.core.errors import DrsiteError, Fenced, InvalidInput, PermanentError
 from drsite.core.model import PowerState, validate_name
 from drsite.core.states import FailoverState
-from drsite.failover import actions
+from drsite.failover import actions, reprotect
 from drsite.failover.wire import network_map_from_args, vm_spec_from_dict
 from drsite.fsutil import atomic_write_json, read_json
 from drsite.hypervisors.contract import HypervisorDriver
@@ -347,7 +347,7 @@ class FailoverCommands:
         readers = {d.disk_id: hv.open_live_reader(vm_id, d.disk_id) for d in vm.disks}
         t0 = time.monotonic()
         try:
-            base, written = actions._write_base_point(repo, f"{fid}-base", readers, time.time())
+            base, written = reprotect.write_base_point(repo, f"{fid}-base", readers, time.time())
         finally:
             for r in readers.values():
                 r.close()
