@@ -9,7 +9,9 @@ jobs for newly discovered VMs that a group with a policy matches; then the comma
 host (marked sent). Item facts count only from the item's own host, and a removal only when
 the vault can explain it (``trust``): the rest is ignored, recorded and alerted. The store
 deletes/overwrites a store-serving host reports (``audit``) go to the audit trail; a
-store-serving host gets its store's access list when its copy is outdated (``storeacl``).
+store-serving host gets its store's access list when its copy is outdated (``storeacl``), and
+its recovery book likewise (``recoverybook``); break-glass failovers it reports are recorded
+first (``breakglass``) and acknowledged in the reply.
 
 Responsible for: applying agent facts. Not responsible for: deciding what replicates when
 (``scheduler``) or health (``health``).
@@ -28,7 +30,7 @@ from drsite.core.errors import DrsiteError, InvalidInput
 from drsite.core.states import FAILOVER_ITEM_STATUSES, RETIRED_ITEM_STATUSES, FailoverState
 from drsite.replication.report import ItemReport, ItemState
 from drsite.store.format import PointInfo
-from drsite.vault import commands, storeacl, trust
+from drsite.vault import breakglass, commands, recoverybook, storeacl, trust
 from drsite.vault.db.models import Failover, Group, Host, Item, Point, Vm
 from drsite.vault.jobs.create import start_enable_protection
 from drsite.vault.membership import active_item_for_vm, group_for_vm
@@ -57,6 +59,8 @@ class Beat:
     audit: list[trust.StoreAudit] = field(default_factory=list)
     store_acl_digest: str | None = None   # the store access list the agent has (storeacl)
     held: list[str] | None = None  # command ids the agent holds (None: it does not say)
+    recovery_book_digest: str | None = None  # the recovery book the agent has (recoverybook)
+    breakglass: list[dict[str, Any]] = field(default_factory=list)  # break-glass failovers
 
 
 def _vm_fields(d: dict[str, Any]) -> tuple[str, str]:
@@ -75,6 +79,9 @@ def apply_heartbeat(s: Session, host: Host, beat: Beat, settings: VaultSettings)
         host.version = beat.version[:64]
     if host.store_url != beat.store_url:
         host.store_url = beat.store_url
+    # break-glass failovers first: the recovery VMs in this very inventory must be known as
+    # such (never auto-protected), and the items failed over before anything is scheduled
+    bg_acked = breakglass.apply_reports(s, host, beat.breakglass, now) if beat.breakglass else []
     new_vms = _apply_inventory(s, host, beat.vms, now) if beat.vms is not None else []
     ack: dict[str, int] = {}
     ids = sorted({ib.item_id for ib in beat.items})
@@ -97,7 +104,9 @@ def apply_heartbeat(s: Session, host: Host, beat: Beat, settings: VaultSettings)
                            prev_beat_at=prev_beat_at)
     return {"commands": [commands.to_wire(c) for c in due], "ack": ack,
             "heartbeat_interval": settings.heartbeat_interval,
-            **storeacl.reply_fields(s, host, beat.store_acl_digest, now)}
+            **storeacl.reply_fields(s, host, beat.store_acl_digest, now),
+            **recoverybook.reply_fields(s, host, beat.recovery_book_digest),
+            **({"breakglass_ack": bg_acked} if bg_acked else {})}
 
 
 def _apply_inventory(s: Session, host: Host, vms: list[dict[str, Any]], now: float) -> list[Vm]:
