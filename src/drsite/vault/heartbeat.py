@@ -38,6 +38,10 @@ from drsite.vault.settings import VaultSettings
 
 log = logging.getLogger(__name__)
 
+# items.acked_seq of a restored database: ask the agent for its whole catalogue (RESTORED),
+# then expect it (AWAITING_FULL_CATALOGUE) and reconcile
+RESTORED = -1
+AWAITING_FULL_CATALOGUE = -2
 VM_SEEN_EVERY_S = 60.0  # a VM row's last_seen is refreshed at most this often (see the host row)
 
 
@@ -183,7 +187,13 @@ def _apply_item(s: Session, host: Host, item: Item, ib: ItemBeat, now: float,
             points.append(PointInfo.from_dict({**pd, "item_id": item.id}))
         except (KeyError, TypeError, ValueError) as e:
             raise InvalidInput(f"item {item.id}: unreadable point ({type(e).__name__})") from None
-    acked = item.acked_seq or 0
+    # a restored database (``vault/backup.py``) may lack points the agents reported to the
+    # vault before it was lost, which they will not report again (their ack is past them):
+    # ask the agent for its whole catalogue once (ack 0), then reconcile with it
+    restored = (item.acked_seq or 0) < 0
+    acked = max(0, item.acked_seq or 0)
+    reconciled = item.acked_seq == AWAITING_FULL_CATALOGUE and bool(points) \
+        and _reconcile_catalogue(s, item, points, now, settings)
     if points:
         known = set(s.scalars(select(Point.point_id).where(
             Point.item_id == item.id, Point.point_id.in_(sorted({p.point_id for p in points})))))
@@ -209,10 +219,31 @@ def _apply_item(s: Session, host: Host, item: Item, ib: ItemBeat, now: float,
             s.execute(delete(Point).where(Point.item_id == item.id, Point.point_id.in_(accepted)))
             s.flush()
         acked = int(s.scalar(select(func.max(Point.seq)).where(Point.item_id == item.id)) or 0)
+    if restored and not reconciled:
+        put("acked_seq", AWAITING_FULL_CATALOGUE)
+        return 0   # the agent reports every point it has in its next heartbeat
     put("acked_seq", acked)
     if changed:
         item.updated_at = now
     return acked
+
+
+def _reconcile_catalogue(s: Session, item: Item, points: list[PointInfo], now: float,
+                         settings: VaultSettings) -> bool:
+    """After a restore: ``points`` is the agent's whole catalogue when it reaches back to the
+    oldest point the vault holds (else the agent has not taken the ack 0 yet: ask again).
+    Points the vault holds that the agent no longer has were removed after the backup; each
+    is judged like a reported removal (the retention rule must explain it), else kept."""
+    rows = s.execute(select(Point.point_id, Point.seq).where(Point.item_id == item.id)).all()
+    if rows and min(p.seq for p in points) > min(r.seq for r in rows):
+        return False
+    gone = sorted({r.point_id for r in rows} - {p.point_id for p in points})
+    if gone:
+        accepted, _refused = trust.judge_removals(s, item, gone, now, settings.retention_skew_s)
+        if accepted:
+            s.execute(delete(Point).where(Point.item_id == item.id, Point.point_id.in_(accepted)))
+            s.flush()
+    return True
 
 
 def _made_by_failover(s: Session, host: Host, vm: Vm) -> bool:
