@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from drsite.core.states import ItemProtection
 from drsite.failover.wire import check_recovery_book, recovery_book_digest
-from drsite.vault.db.models import Failover, Item
+from drsite.vault.db.models import Command, Failover, Item
 from drsite.vault.testing import Agent, Harness
 from tests.integration.test_vault_api import policy_and_group, protect, two_sites
 from tests.integration.test_vault_trust import security_alerts
@@ -127,3 +127,50 @@ def test_breakglass_reports_the_vault_must_not_believe(h: Harness) -> None:
     assert r.json()["breakglass_ack"] == ["bg-eeeeeeeeeeee"]
     assert any("two recovery VMs may exist" in al["message"] for al in security_alerts(h))
     assert h.call("GET", "/failovers/bg-eeeeeeeeeeee", "admin").status_code == 404
+
+
+def test_a_vault_failover_waiting_meanwhile_gives_way(h: Harness) -> None:
+    """The vault was lost with an unplanned failover job whose command had not reached the
+    recovery agent; break-glass ran; the returned vault records it and its own job fails
+    instead of starting a second VM."""
+    a, b = two_sites(h)
+    policy_and_group(h)
+    item_id = protect(h, a)
+    h.ok("PUT", "/network-mappings", json={"source_site": "prim", "recovery_site": "sec",
+                                           "source_network": "lan", "recovery_network": "dr"})
+    job = h.ok("POST", f"/items/{item_id}/failover/unplanned-failover", json={})
+    for _ in range(3):
+        h.tick()
+    with h.vault.db.read() as s:
+        (sent,) = s.scalars(select(Command).where(Command.kind == "failover"))
+        assert sent.status == "pending" and sent.host_id == b.host_id
+    rec = bg_record(item_id)
+    r = beat(b, breakglass=[rec])
+    assert r.json()["breakglass_ack"] == [rec["failover_id"]]
+    assert not [c for c in r.json()["commands"] if c["kind"] == "failover"]  # withdrawn
+    for _ in range(3):
+        h.tick()
+    assert h.ok("GET", f"/jobs/{job['id']}")["state"] == "failed"
+    it = h.ok("GET", f"/items/{item_id}")
+    assert it["protection"] == "failed_over"
+    with h.vault.db.read() as s:
+        item = s.get(Item, item_id)
+        assert item is not None and item.failover_id == rec["failover_id"]
+    states = {f["id"]: f["state"] for f in h.ok("GET", f"/items/{item_id}/failovers")}
+    assert states[rec["failover_id"]] == "pending_commit"
+    assert sorted(states.values()) == ["failed", "pending_commit"]
+    # recorded before the job's recovery step even started: the job stops there
+    item2 = protect(h, a, "vm-2", "db1")
+    job2 = h.ok("POST", f"/items/{item2}/failover/unplanned-failover", json={})
+    rec2 = bg_record(item2, "bg-222222222222", vm_name="db1")
+    assert beat(b, breakglass=[rec2]).json()["breakglass_ack"] == [rec2["failover_id"]]
+    for _ in range(3):
+        h.tick()
+    done = h.ok("GET", f"/jobs/{job2['id']}")
+    assert done["state"] == "failed" and "meanwhile" in done["error"]["message"], done
+    with h.vault.db.read() as s:
+        assert not list(s.scalars(select(Command).where(Command.kind == "failover",
+                                                        Command.item_id == item2)))
+        item = s.get(Item, item2)
+        assert item is not None and item.failover_id == rec2["failover_id"]
+        assert item.status == ItemProtection.FAILED_OVER
