@@ -13,9 +13,13 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from sqlalchemy import select
 
 from drsite.core.errors import Conflict, CorruptData, InvalidInput, SecretUnreadable
 from drsite.vault.backup import backup, restore
+from drsite.vault.db.database import sqlite_url
+from drsite.vault.db.models import Store
+from drsite.vault.masterkey import open_database
 from drsite.vault.testing import Agent, Harness, point, report
 from tests.integration.test_vault_api import policy_and_group, protect, two_sites
 
@@ -31,6 +35,10 @@ def test_backup_holds_no_master_key_and_restore_refuses_what_it_must(tmp_path: P
     h = Harness(data)
     try:
         h.token("reader", "r1")
+        secret = {"access_key": "AKIABACKUPTEST", "secret_key": "sEcReT-of-the-bucket-0123"}
+        h.ok("POST", "/stores", json={"name": "offsite", "kind": "s3", "secret": secret,
+                                     "config": {"bucket": "b-offsite", "prefix": "p",
+                                                "endpoint_url": "http://127.0.0.1:9"}})
         out = tmp_path / "b.tar"
         rep = backup(data, out)                      # while the vault runs
         assert out.stat().st_mode & 0o777 == 0o600
@@ -40,6 +48,7 @@ def test_backup_holds_no_master_key_and_restore_refuses_what_it_must(tmp_path: P
                 "admin.token.sealed"} <= names and "master.key" not in names
         key = (data / "master.key").read_text().strip()
         assert key.encode() not in out.read_bytes()
+        assert secret["secret_key"].encode() not in out.read_bytes()   # sealed in the snapshot
         kept = _key_file(tmp_path / "kept.key", base64.b64decode(key))
         # a running vault is never restored over, even with --force
         with pytest.raises(Conflict, match="running"):
@@ -69,9 +78,16 @@ def test_backup_holds_no_master_key_and_restore_refuses_what_it_must(tmp_path: P
     res = restore(out, data, master_key_file=kept, force=True)
     assert res["replaced"] and Path(res["replaced"]).is_dir()
     assert (data / "master.key").stat().st_mode & 0o777 == 0o600
+    db = open_database(sqlite_url(data / "vault.db"), data / "master.key")
+    try:
+        with db.read() as s:   # the sealed secret opens under the restored key
+            assert s.scalars(select(Store.secret).where(Store.name == "offsite")).one() == secret
+    finally:
+        db.dispose()
     h2 = Harness(data)
     try:
         assert {t["name"] for t in h2.ok("GET", "/tokens")} >= {"admin", "r1"}
+        assert [st["name"] for st in h2.ok("GET", "/stores")] == ["offsite"]
     finally:
         h2.close()
 
