@@ -246,7 +246,7 @@ class BreakGlass:
         repo = Repository(self.store, item_id, auth=self._auth(item_id))
         rows: list[dict[str, Any]] = []
         try:
-            for pid in repo._point_ids():
+            for pid in repo.point_ids():
                 try:
                     p = repo.point(pid)
                 except DrsiteError as e:
