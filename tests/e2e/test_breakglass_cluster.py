@@ -160,3 +160,20 @@ def test_breakglass_failover_without_vault(cluster: Cluster) -> None:
         assert sec.get_vm(rec["vm_id"]).power is PowerState.RUNNING
         assert cl.item(item)["protection"] == "failed_over"
         assert len(cl.failovers(item)) == 1
+
+        # from here the vault owns it as any unplanned failover: commit, then re-protect (the
+        # old primary's disks are the reverse base; both VMs wrote since the point, so how much
+        # differs depends on the workloads)
+        job = cl.wait_job(cl.item_action(item, "commit")["id"], timeout=120)
+        assert job["state"] == "succeeded", job
+        assert cl.failovers(item)[0]["state"] == "committed"
+        job = cl.wait_job(cl.item_action(item, "reprotect")["id"], timeout=180)
+        assert job["state"] == "succeeded", job
+        fo = cl.failovers(item)[0]
+        assert fo["state"] == "reprotected" and fo["id"] == rec["failover_id"], fo
+        rp = fo["result"]["reprotect"]
+        assert 0 < rp["bytes_sent"] <= rp["disk_bytes"] == 8 * 1024 * 1024, rp
+        rev = cl.item(rp["item_id"])
+        assert rev["protection"] == "protected" and rev["site"] == "secondary"
+        assert prim.get_vm(vm_id).power is PowerState.STOPPED   # never on both sites
+        assert sec.get_vm(rec["vm_id"]).power is PowerState.RUNNING
