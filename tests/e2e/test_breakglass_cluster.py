@@ -4,7 +4,8 @@ failover``) from its store's catalogue, with the point's MAC checked and the gen
 promoted; the vault, restarted, learns it from the agent's heartbeat — the item failed over
 with the point used, no second VM, the old primary fenced when it returns and nothing
 replicated towards the recovery site. Bad input: an unknown item, a point whose MAC fails,
-running it twice, another point after it ran, and running it while the vault answers."""
+running it twice, another point after it ran, and running it while the vault answers (refused;
+with --force it runs and the vault records it at once, fencing the primary)."""
 
 from __future__ import annotations
 
@@ -52,11 +53,13 @@ def ok_json(p: subprocess.CompletedProcess[str]) -> Any:
 
 def test_breakglass_failover_without_vault(cluster: Cluster) -> None:
     vm_id = make_vm(cluster, "bg1", 8, "10.0.0.40")
+    vm2 = make_vm(cluster, "bg2", 8, "10.0.0.41")
     prim, sec = hv(cluster, "primary"), hv(cluster, "secondary")
     book = cluster.root / "secondary" / "agent" / "recovery-book.json"
     with cluster.client() as cl:
         setup(cl)
         item = protect(cl, vm_id)["id"]
+        item2 = protect(cl, vm2)["id"]
         cl.apply_plans([{"name": "drp", "groups": [{"name": "all", "vms": ["bg1"]}]}])
         until("delta points", lambda: len(cl.points(item)) >= 2, 60)
         until("the recovery book names the item and the plan",
@@ -67,6 +70,19 @@ def test_breakglass_failover_without_vault(cluster: Cluster) -> None:
     # while the vault answers, break-glass refuses (it would not know of the failover)
     p = agent_cli(cluster, "failover", item)
     assert p.returncode == 2 and "answers" in err(p) and "drsite failover unplanned" in err(p), p
+    # --force (a partition: the vault answers, the primary replicates on): the vault records
+    # it at the agent's next heartbeat and fences the primary, whose VM goes off
+    forced = ok_json(agent_cli(cluster, "failover", item2, "--force", "--json"))
+    assert forced["state"] == "pending_commit" and forced["generation"] == 2, forced
+    with cluster.client() as cl:
+        until("the vault records the forced break-glass failover",
+              lambda: cl.item(item2)["protection"] == "failed_over", 30)
+        assert [f["id"] for f in cl.failovers(item2)] == [forced["failover_id"]]
+        until("the primary fenced",
+              lambda: (cl.failovers(item2)[0]["result"].get("fence") or {}).get("state")
+              == "done", 30)
+    assert prim.get_vm(vm2).power is PowerState.STOPPED
+    assert sec.get_vm(forced["vm_id"]).power is PowerState.RUNNING
 
     # site A and the vault are lost (the primary VM keeps running: a partition)
     kill(cluster.pids["vault"])
