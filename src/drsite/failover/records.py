@@ -162,6 +162,21 @@ def _records_dir(site: Site) -> Path:
     return d
 
 
+def live_failovers(site: Site, item_id: str) -> list[FailoverResult]:
+    """The real (not test) failovers of ``item_id`` on ``site`` that hold it: started, pending
+    commit or committed — a second failover of the item would start a second VM."""
+    out = []
+    for path in sorted(_records_dir(site).glob("*.json")):
+        try:
+            rec = FailoverResult.from_dict(read_json(path))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if rec.item_id == item_id and rec.kind != "test" and rec.state in (
+                FailoverState.STARTING, FailoverState.PENDING_COMMIT, FailoverState.COMMITTED):
+            out.append(rec)
+    return out
+
+
 def load_failover(site: Site, failover_id: str) -> FailoverResult | None:
     """The record of a failover whose recovery side is ``site`` (None if unknown)."""
     path = _records_dir(site) / f"{validate_name('failover', failover_id)}.json"

@@ -193,6 +193,11 @@ class Catalog:
     def _point_ids(self) -> list[str]:
         return sorted(k.rsplit("/", 1)[-1] for k in self._list("points/"))
 
+    def point_ids(self) -> list[str]:
+        """The ids of the committed points (their manifests' keys), sorted; nothing is read or
+        checked: :meth:`point` does that, one point at a time."""
+        return self._point_ids()
+
     def points(self) -> list[PointInfo]:
         """Committed points, ascending ``seq``."""
         out = [PointInfo.from_dict(self._load_manifest(p)) for p in self._point_ids()]

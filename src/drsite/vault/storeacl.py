@@ -69,7 +69,7 @@ def point_keys(s: Session, item_ids: list[str], now: float) -> dict[str, str]:
     return out
 
 
-def _site_store_items(s: Session, site_id: int) -> list[Item]:
+def site_store_items(s: Session, site_id: int) -> list[Item]:
     """Active items whose recovery store is the agent store of ``site_id`` (not a cloud
     store)."""
     rows = s.execute(select(Item, Group.store_id).join(Group, Group.id == Item.group_id)
@@ -83,7 +83,7 @@ def access_list(s: Session, host: Host, now: float) -> dict[str, Any]:
     """The access list of the store ``host`` serves (see the module docstring and
     ``sitestore/acl.py`` for the format). It holds no time stamp: an unchanged list has an
     unchanged digest, and is not sent again."""
-    items = _site_store_items(s, host.site_id)
+    items = site_store_items(s, host.site_id)
     writers = {it.host_id for it in items} | {host.id}
     hosts = {h.id: h for h in s.scalars(select(Host).where(Host.id.in_(sorted(writers))))}
     live = {hid: {"fingerprint": h.cert_fingerprint, "serial": h.cert_serial}

@@ -122,7 +122,8 @@ def heartbeat(body: HeartbeatIn, vault: VaultDep, cert: PeerCert, request: Reque
                                 removed_points=i.removed_points) for i in body.items],
                 audit=[StoreAudit(op=a.op, key=a.key, item_id=a.item_id, caller=a.caller,
                                   outcome=a.outcome, at=a.at) for a in body.audit],
-                store_acl_digest=body.store_acl_digest, held=body.held)
+                store_acl_digest=body.store_acl_digest, held=body.held,
+                recovery_book_digest=body.recovery_book_digest, breakglass=body.breakglass)
     ident = verify_agent_cert(vault.ca, cert)  # before the transaction (cached)
     set_actor(request, "host", ident.common_name)
     with vault.db.tx() as s:

@@ -25,7 +25,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from drsite.core.errors import InvalidInput, NetworkError, PermanentError, from_dict
+from drsite.core.errors import Conflict, InvalidInput, NetworkError, PermanentError, from_dict
 from drsite.core.retry import RetryState
 from drsite.core.states import (
     FINAL_COMMAND_STATUSES,
@@ -336,6 +336,7 @@ def cleanup_test_vm(ctx: TaskContext) -> Step:
 def shutdown_source(ctx: TaskContext) -> Step:
     item = ctx.item()
     fo = failover_row(ctx)
+    _taken_by_another(item, fo)
     src = ctx.s.get(Host, item.host_id)
     item.status = ItemProtection.FAILING_OVER  # the source VM goes off: no cycles; a failure needs a cancel
     args = {"failover_id": fo.id,
@@ -351,9 +352,20 @@ def shutdown_source(ctx: TaskContext) -> Step:
     return done(f"source VM off; last changes shipped as point {fo.point_id}")
 
 
+def _taken_by_another(item: Item, fo: Failover) -> None:
+    """A failover this job did not run holds the item (a break-glass failover recorded while
+    this job waited, ``vault/breakglass.py``): this one must not start a second VM."""
+    if item.status in (ItemProtection.FAILED_OVER, ItemProtection.COMMITTED) \
+            and item.failover_id not in (None, fo.id):
+        raise Conflict(f"{item.vm_name} was failed over by failover {item.failover_id} "
+                       "meanwhile (a break-glass failover on the recovery site)",
+                       hint=f"Commit or cancel that one: drsite failover list {item.id}")
+
+
 def start_replica(ctx: TaskContext) -> Step:
     item = ctx.item()
     fo = failover_row(ctx)
+    _taken_by_another(item, fo)
     # from the moment the recovery side may promote, the item is not plainly protected: no
     # cycles are scheduled, and a failure leaves it 'failed_over' for cancel (see on_end)
     item.status = ItemProtection.FAILING_OVER
@@ -606,7 +618,8 @@ def failover_on_end(ctx: TaskContext, state: JobState) -> None:
                 cmd.updated_at = cmd.finished_at = ctx.now
             elif cmd.kind in ("failover", "failover_prepare"):
                 reached = True
-        if fo is not None and item is not None and item.status == ItemProtection.FAILING_OVER:
+        if fo is not None and item is not None and item.status == ItemProtection.FAILING_OVER \
+                and item.failover_id in (None, fo.id):
             if reached or fo.kind == "planned":
                 item.status = ItemProtection.FAILED_OVER  # cancel the failover to undo it
                 item.failover_id = fo.id
