@@ -386,3 +386,21 @@ class RecoveryPlan(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+
+
+class ControllerLease(Base):
+    """A lease with an epoch (migration 0006): ``name`` ``controller`` is held by the one vault
+    process that runs the background work (``vault/controller.py``). ``epoch`` grows by one at
+    every acquisition (never at a renewal): a controller's writes check, in their own
+    transaction, that the row still names its ``holder`` at its ``epoch`` — the fencing token.
+    Times (``expires_at``…) are the database server's clock (PostgreSQL) or the vault's
+    (SQLite). ``info`` says who the holder is (host, pid, listen address), never a secret."""
+
+    __tablename__ = "controller_lease"
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    epoch: Mapped[int] = mapped_column(BigInteger)
+    holder: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    info: Mapped[dict[str, Any]] = mapped_column(JSON)
+    acquired_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    renewed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    expires_at: Mapped[float] = mapped_column(Float)

@@ -30,6 +30,7 @@ from drsite.core.states import (
     TaskState,
 )
 from drsite.vault.audit import record_event
+from drsite.vault.controller import NotController
 from drsite.vault.db.database import Database
 from drsite.vault.db.models import Item, Job, Task
 from drsite.vault.jobs.model import JobHandlers, TaskContext
@@ -109,7 +110,7 @@ class JobRunner:
         seen: set[str] = set()
         active = 0
         for _ in range(3):  # jobs started by jobs (PolicyAssociation) get their first step now
-            with self.db.tx() as s:
+            with self.db.read() as s:
                 ids = [i for i in s.scalars(select(Job.id).where(Job.state.in_(ACTIVE_JOB_STATES))
                                             .order_by(Job.created_at, Job.id)) if i not in seen]
             if not ids:
@@ -121,6 +122,8 @@ class JobRunner:
                         job = s.get(Job, job_id)
                         if job is not None and self._advance(s, job):
                             active += 1
+                except NotController:
+                    raise  # fenced: nothing was written; the new controller carries the job on
                 except Exception as exc:  # a bug must not stop the other jobs: fail this one
                     log.exception("job %s: internal error", job_id)
                     self._fail_internal(job_id, exc)

@@ -1,0 +1,37 @@
+"""The controller lease: one vault process of several on a database runs the background work.
+
+Revision ID: 0006_controller_lease
+Revises: 0004
+Create Date: 2026-12-05
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0006_controller_lease"
+down_revision = "0004"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    lease = op.create_table(
+        "controller_lease",
+        sa.Column("name", sa.String(length=32), nullable=False),
+        sa.Column("epoch", sa.BigInteger(), nullable=False),
+        sa.Column("holder", sa.String(length=200), nullable=True),
+        sa.Column("info", sa.JSON(), nullable=False),
+        sa.Column("acquired_at", sa.Float(), nullable=True),
+        sa.Column("renewed_at", sa.Float(), nullable=True),
+        sa.Column("expires_at", sa.Float(), nullable=False),
+        sa.PrimaryKeyConstraint("name", name=op.f("pk_controller_lease")),
+    )
+    # the row exists from the start: every acquisition is an UPDATE of a locked row
+    op.bulk_insert(lease, [{"name": "controller", "epoch": 0, "holder": None, "info": {},
+                            "acquired_at": None, "renewed_at": None, "expires_at": 0.0}])
+
+
+def downgrade() -> None:
+    op.drop_table("controller_lease")
