@@ -140,7 +140,7 @@ def test_bad_input_is_refused_and_changes_nothing(h: Harness) -> None:
                                                  "source_network": "lan", "recovery_network": "dr",
                                                  "ip_rule": {"kind": "subnet", "source": "10.0.0.0/24",
                                                              "target": "10.1.0.0/16"}}), 400)
-    assert h.ok("GET", "/jobs?kind=TestFailover") == []
+    assert h.entries("/jobs?kind=TestFailover") == []
     # an unmapped network fails the prerequisite check with a clear message, before anything runs
     h.ok("DELETE", f"/network-mappings/{h.ok('GET', '/network-mappings')[0]['id']}")
     job = h.ok("POST", f"/items/{item}/failover/test-failover", json={})

@@ -192,11 +192,11 @@ def test_job_drill_down_shows_tasks_and_the_errors_hint(h: Harness) -> None:
 # ------------------------------------------------------------------------------ CSRF, roles
 
 def running_job(h: Harness) -> str:
-    jobs = h.ok("GET", "/jobs?state=active")
+    jobs = h.entries("/jobs?state=active")
     if jobs:
         return str(jobs[0]["id"])
     h.ok("POST", "/items", json={"vm_id": "vm-2", "group": "g1"})
-    return str(h.ok("GET", "/jobs?state=active")[0]["id"])
+    return str(h.entries("/jobs?state=active")[0]["id"])
 
 
 def test_posts_need_the_sessions_csrf_token_and_the_same_origin(h: Harness) -> None:
@@ -243,7 +243,7 @@ def test_a_reader_sees_everything_and_can_press_nothing(h: Harness) -> None:
         assert r.status_code == 403, url
         assert "reader role" in r.text
     assert h.job(job_id)["cancel_requested"] is False
-    assert all(j["kind"] != "RecoveryPlan" for j in h.ok("GET", "/jobs"))
+    assert all(j["kind"] != "RecoveryPlan" for j in h.entries("/jobs"))
 
 
 # ---------------------------------------------------------------------------------- plans
@@ -352,7 +352,7 @@ def test_an_operator_acknowledges_an_alert(tmp_path: Path) -> None:
         h.register("prim", "hv1").beat()
         h.clock.advance(30)
         h.tick()
-        (alert,) = h.ok("GET", "/alerts?state=active")
+        (alert,) = h.entries("/alerts?state=active")
         csrf = login(h, h.token("operator", "ops"))
         overview = h.client.get("/ui").text
         assert "hv1" in overview and "down" in overview
@@ -360,7 +360,7 @@ def test_an_operator_acknowledges_an_alert(tmp_path: Path) -> None:
         assert f'action="/ui/alerts/{alert["id"]}/ack"' in page
         r = h.client.post(f"/ui/alerts/{alert['id']}/ack", data={"csrf": csrf}, follow_redirects=False)
         assert r.status_code == 303
-        assert h.ok("GET", "/alerts")[0]["acked_at"] is not None
+        assert h.entries("/alerts")[0]["acked_at"] is not None
         assert h.client.post("/ui/alerts/999/ack", data={"csrf": csrf}).status_code == 404
     finally:
         h.close()
