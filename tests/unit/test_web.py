@@ -398,3 +398,30 @@ def test_the_audit_page_is_for_admins_and_shows_dashboard_actions(h: Harness) ->
     assert h.client.get("/ui/audit?before=x").status_code == 400
     older = h.client.get(f"/ui/audit?before={rows[-1][1]}")
     assert older.status_code == 200
+
+
+def test_lists_say_how_many_of_how_many(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A list cut to a page says so ("Showing N of M") and links the next page; nothing is
+    cut without notice."""
+    from drsite.web import data
+
+    populate(h)
+    login(h, h.admin)
+    page = h.client.get("/ui/vms")
+    assert re.search(r'id="items-shown">Showing 1 of 1 protected VMs</p>', page.text), page.text
+    monkeypatch.setattr(data, "ITEMS_PER_PAGE", 1)
+    h.ok("POST", "/items", json={"vm_id": "vm-2", "group": "g1"})
+    page = h.client.get("/ui/vms")
+    m = re.search(r'id="items-shown">Showing 1 of 2 protected VMs · <a href="([^"]+)">next page',
+                  page.text)
+    assert m, page.text
+    assert "db1" in page.text.split('id="items"')[1].split("</table>")[0]  # by VM name
+    nxt = h.client.get(m.group(1).replace("&amp;", "&"))
+    rows = nxt.text.split('id="items"')[1].split("</table>")[0]
+    assert "web1" in rows and "db1" not in rows
+    assert "Showing 1 of 2 protected VMs" in nxt.text
+    jobs = h.client.get("/ui/jobs").text
+    total = len(h.entries("/jobs"))
+    assert f"Showing {total} of {total} jobs" in jobs
+    overview = h.client.get("/ui").text
+    assert f"({min(8, total)} of {total}: " in overview
