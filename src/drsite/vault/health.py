@@ -20,17 +20,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from drsite.core.states import LIVE_ITEM_STATUSES, ItemProtection
 from drsite.replication.report import Health, ItemState
 from drsite.vault.audit import record_event
 from drsite.vault.db.database import Database
-from drsite.vault.db.models import Alert, Host, Item, Policy
-from drsite.vault.scheduler import item_policy, preload_policies
+from drsite.vault.db.models import Alert, Group, Host, Item, Policy
+from drsite.vault.itemfacts import ItemFacts, attach_reports, load_facts
 from drsite.vault.settings import VaultSettings
 from drsite.vault.trust import SECURITY
+
+# an open alert's last_seen_at is refreshed at most this often (not a write per alert per pass)
+ALERT_SEEN_EVERY_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,14 @@ def agent_up(host: Host | None, now: float, settings: VaultSettings) -> bool:
             and now - host.last_heartbeat <= settings.agent_down_after_s)
 
 
-def item_health(item: Item, policy: Policy | None, host_is_up: bool, now: float) -> ItemHealth:
+def needs_report(item: Item | ItemFacts) -> bool:
+    """Whether :func:`item_health` reads the agent's report of this item (to explain it)."""
+    return (item.critical_error is not None or item.state in (ItemState.CRITICAL.value,
+                                                              ItemState.RESYNC_REQUIRED.value))
+
+
+def item_health(item: Item | ItemFacts, policy: Policy | None, host_is_up: bool,
+                now: float) -> ItemHealth:
     """The health of one item now, with the reasons an operator reads."""
     rpo = None if item.last_point_time is None else max(0.0, now - item.last_point_time)
     reasons: list[str] = []
@@ -88,32 +98,39 @@ def item_health(item: Item, policy: Policy | None, host_is_up: bool, now: float)
 
 
 class HealthMonitor:
-    """Stores each item's health and keeps the alert table in step with conditions."""
+    """Stores each item's health and keeps the alert table in step with conditions.
+
+    A pass reads (item columns as plain tuples, ``itemfacts``; hosts; policies) in a read
+    transaction, decides in Python, then writes in one short transaction only the items whose
+    health changed and the alerts. An item that changed in between is set right by the next
+    pass (every ``health_interval``)."""
 
     def __init__(self, db: Database, settings: VaultSettings) -> None:
         self.db = db
         self.settings = settings
 
     def tick(self) -> None:
-        with self.db.tx() as s:
-            now = self.settings.clock.now()
-            conditions: dict[str, tuple[str, str, str, str]] = {}  # key -> kind, severity, subject, msg
+        now = self.settings.clock.now()
+        conditions: dict[str, tuple[str, str, str, str]] = {}  # key -> kind, severity, subject, msg
+        changed: dict[str, ItemHealth] = {}
+        with self.db.read() as s:
             hosts = {h.id: h for h in s.scalars(select(Host))}
-            _keep = preload_policies(s)  # keeps them in the identity map
+            policies = {gid: p for gid, p in s.execute(
+                select(Group.id, Policy).join(Policy, Policy.id == Group.policy_id))}
             for h in hosts.values():
                 if (h.revoked_at is None and h.last_heartbeat is not None
                         and not agent_up(h, now, self.settings)):
                     conditions[f"agent_down:{h.id}"] = (
                         "agent_down", "warning", h.name,
                         f"agent {h.name} missed heartbeats (last {now - h.last_heartbeat:.0f} s ago)")
-            items = s.scalars(select(Item).where(Item.status.in_(
-                LIVE_ITEM_STATUSES | {ItemProtection.FAILED}))).all()
+            items = load_facts(s, Item.status.in_(LIVE_ITEM_STATUSES | {ItemProtection.FAILED}))
+            attach_reports(s, items, needs_report)
             for item in items:
-                policy = item_policy(s, item)
-                ih = item_health(item, policy, agent_up(hosts.get(item.host_id), now, self.settings), now)
+                policy = policies.get(item.group_id)
+                ih = item_health(item, policy, agent_up(hosts.get(item.host_id), now, self.settings),
+                                 now)
                 if item.health != ih.health.value or item.health_reasons != ih.reasons:
-                    item.health = ih.health.value
-                    item.health_reasons = ih.reasons
+                    changed[item.id] = ih
                 if item.status == ItemProtection.FAILED:
                     continue
                 if ih.rpo_exceeded and policy is not None and ih.rpo_s is not None:
@@ -125,6 +142,12 @@ class HealthMonitor:
                     conditions[f"critical:{item.id}"] = (
                         "critical", "critical", item.vm_name,
                         f"{item.vm_name} is critical: {'; '.join(ih.reasons)}")
+        with self.db.tx() as s:
+            for item_id in sorted(changed):  # id order, like heartbeats and the scheduler
+                ih = changed[item_id]
+                s.execute(update(Item).where(Item.id == item_id)
+                          .values(health=ih.health.value, health_reasons=ih.reasons)
+                          .execution_options(synchronize_session=False))
             self._sync_alerts(s, conditions, now)
 
     def _sync_alerts(self, s: Session, conditions: dict[str, tuple[str, str, str, str]],
@@ -137,8 +160,10 @@ class HealthMonitor:
                             raised_at=now, last_seen_at=now))
                 record_event(s, now, "alert", subject, f"raised: {message}")
             else:
-                a.last_seen_at = now
-                a.message = message
+                if a.message != message:
+                    a.message = message
+                if now - a.last_seen_at >= ALERT_SEEN_EVERY_S:
+                    a.last_seen_at = now
         for key, a in open_alerts.items():
             if a.kind == SECURITY:  # raised by an event, not a condition: ends once it was seen
                 if a.acked_at is not None:

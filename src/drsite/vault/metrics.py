@@ -49,7 +49,7 @@ class VaultCollector(Collector):
         up = GaugeMetricFamily("drsite_agent_up", "1 when the agent sends heartbeats",
                                labels=["host", "site"])
         alerts = GaugeMetricFamily("drsite_alerts_active", "Open alerts", labels=["severity"])
-        with self.db.tx() as s:
+        with self.db.read() as s:
             churn_by_item = dict(s.execute(
                 select(Point.item_id, func.sum(Point.bytes_written))
                 .where(Point.created_at >= now - CHURN_WINDOW_S).group_by(Point.item_id)).all())
