@@ -1,16 +1,17 @@
 """Control-plane scale benchmark: one vault, many protected items, simulated agents.
 
-A real vault process (``drsite vault serve``, HTTPS, 127.0.0.1) on SQLite and/or PostgreSQL
-(a throw-away cluster started like ``tests/pg.py`` does). A load generator — one asyncio thread,
-httpx with keep-alive, one client certificate per simulated host obtained through the real
-registration route — speaks the agent protocol: heartbeats every ``--heartbeat`` seconds with
-the host's VM inventory, one report per item and the item's new recovery points (seq > the
-vault's ack), and answers the vault's commands like ``drsite agent`` does (a ``running`` post at
-once, then the final result): ``protect`` → after ``--initial-seconds`` a first point;
-``cycle``/``resync`` → after ``--cycle-seconds`` a new point; ``retention``,
-``update_settings``, ``unprotect`` → succeeded at once. No data moves: this measures the
-control plane only. One more simulated host in the target site reports a (never contacted)
-store URL, so that the vault has a recovery store to point items at.
+A real vault process (``drsite vault serve``, HTTPS, 127.0.0.1) on SQLite and/or PostgreSQL (a
+throw-away cluster started like ``tests/pg.py`` does); on PostgreSQL optionally with several API
+worker processes (``--workers N``: ``vault serve --workers N``, one of them the controller). A
+load generator — one asyncio thread, httpx with keep-alive, one client certificate per simulated
+host obtained through the real registration route — speaks the agent protocol: heartbeats every
+``--heartbeat`` seconds with the host's VM inventory, one report per item and the item's new
+recovery points (seq > the vault's ack), and answers the vault's commands like ``drsite agent``
+does (a ``running`` post at once, then the final result): ``protect`` → after
+``--initial-seconds`` a first point; ``cycle``/``resync`` → after ``--cycle-seconds`` a new point;
+``retention``, ``update_settings``, ``unprotect`` → succeeded at once. No data moves: this
+measures the control plane only. One more simulated host in the target site reports a (never
+contacted) store URL, so that the vault has a recovery store to point items at.
 
 Setup: sites ``prod`` and ``dr``; a policy (frequency ``--frequency``, no app-consistent
 points); a group of site ``prod`` matching the label ``bench`` with that policy — every VM the
@@ -20,25 +21,30 @@ item is ``protected`` and no job is active.
 
 Measured in the window:
 
-- **cycles on time**. For each item, cycle *k* is due at the vault's own anchor + frequency:
-  the anchor of the first cycle is the creation time of the item's first point (the vault sets
-  ``last_cycle_sent_at`` to it when protection finalizes), afterwards the time the vault queued
-  cycle *k−1* (``commands.created_at``; the scheduler anchors cycles to their send times). A
-  cycle is *on time* when the simulated agent received it (heartbeat reply) no later than
-  due + 1 s + heartbeat interval. Counted: every cycle due in [window start, window end − 1 s −
-  heartbeat]; one that was never received by then counts as late (after an item's last queued
-  cycle, every further frequency slot in that range counts as one late cycle). Also reported: scheduler lag
-  (queued − due), delivery lag (received − queued), and the mean interval between consecutive
-  cycles of an item (the anchoring lets lateness accumulate into a longer period).
-- **API latency** of ``GET /api/v1/items`` and ``GET /api/v1/health`` with a reader token, from
-  a separate thread (own keep-alive connection, sequential: items, health, 0.5 s pause, …),
+- **cycles on time**. For each item, cycle *k* is due at the vault's own anchor + frequency: the
+  anchor of the first cycle is the creation time of the item's first point (the vault sets
+  ``last_cycle_sent_at`` to it when protection finalizes), afterwards the time cycle *k−1* was
+  due (the scheduler anchors each cycle to its due time, so lateness never stretches the period;
+  a slot missed by more than a period is dropped and the next one counts from the time the late
+  cycle was queued). A cycle is *on time* when the simulated agent received it (heartbeat reply)
+  no later than due + 1 s + heartbeat interval (commands reach agents in heartbeat replies, so a
+  command queued on time may wait one interval for its delivery); also reported: *queued on
+  time* (the vault queued it by due + 1 s — the scheduler's share) and *received by due + 1 s*.
+  Counted: every cycle due in [window start, window end − 1 s − heartbeat]; one that was never
+  received by then counts as late (after an item's last queued cycle, every further frequency
+  slot in that range counts as one late cycle). Also reported: scheduler lag (queued − due),
+  delivery lag (received − queued), and the mean interval between consecutive cycles of an item.
+- **API latency** of ``GET /api/v1/items`` (its first page: 100 items by VM name, with the total
+  — the list endpoints are paginated) and ``GET /api/v1/health`` with a reader token, from a
+  separate thread (own keep-alive connection, sequential: items, health, 0.5 s pause, …),
   client-side time to the full body: p50 / p99 / max.
-- **vault CPU and memory** from ``/proc/PID/stat`` (utime + stime over the window) and
-  ``/proc/PID/status`` (VmRSS at the end, peak sampled each second); for PostgreSQL also the
-  server's CPU (postmaster and its backends); the **generator's CPU** (getrusage, self).
+- **vault CPU and memory** from ``/proc/PID/stat`` (utime + stime over the window, the
+  supervisor and its workers together) and ``/proc/PID/statm`` (RSS of all of them at the end,
+  peak sampled each second); CPU per 1,000 items; for PostgreSQL also the server's CPU
+  (postmaster and its backends); the **generator's CPU** (getrusage, self).
 
     .venv/bin/python bench/scale.py [--quick] [--items N] [--hosts N] [--engines sqlite,postgresql]
-                                    [--duration S] [--json FILE] [--profile DIR]
+                                    [--workers N] [--duration S] [--json FILE] [--profile DIR]
 """
 
 from __future__ import annotations
@@ -121,6 +127,27 @@ def tree_cpu(root: int) -> float:
         if d.isdigit() and _ppid(int(d)) == root:
             with contextlib.suppress(OSError):
                 total += proc_cpu(int(d))
+    return total
+
+
+def children(root: int) -> list[int]:
+    return [int(d) for d in os.listdir("/proc") if d.isdigit() and _ppid(int(d)) == root]
+
+
+def vault_cpu(root: int) -> float:
+    """CPU seconds of the vault: the process and its (worker) children, live or reaped."""
+    total = proc_cpu(root, children=True)
+    for pid in children(root):
+        with contextlib.suppress(OSError):
+            total += proc_cpu(pid)
+    return total
+
+
+def vault_rss(root: int) -> int:
+    total = proc_rss(root)
+    for pid in children(root):
+        with contextlib.suppress(OSError):
+            total += proc_rss(pid)
     return total
 
 
@@ -408,13 +435,13 @@ class Probe(threading.Thread):
                 self.lat[path].append(dt)
                 if path == "/items":
                     self.items_bytes = len(body)
+                    with contextlib.suppress(ValueError, KeyError):
+                        self.items_count = int(r.json()["total"])
                 if time.monotonic() - last_sample >= 1.0:
                     last_sample = time.monotonic()
                     with contextlib.suppress(OSError):
-                        self.rss_peak = max(self.rss_peak, proc_rss(self.pid))
+                        self.rss_peak = max(self.rss_peak, vault_rss(self.pid))
             self.halt.wait(self.pause)
-        with contextlib.suppress(Exception):
-            self.items_count = len(self.client.get("/items").json())
         self.client.close()
 
 
@@ -422,13 +449,15 @@ class Probe(threading.Thread):
 
 @contextlib.contextmanager
 def vault_process(data: Path, port: int, db_url: str | None, heartbeat: float,
-                  log: Path) -> Iterator[subprocess.Popen[bytes]]:
+                  log: Path, workers: int = 1) -> Iterator[subprocess.Popen[bytes]]:
     exe = Path(sys.executable).with_name("drsite")
     cmd = ([str(exe)] if exe.exists() else [sys.executable, "-m", "drsite.cli.main"])
     cmd += ["vault", "serve", "--data", str(data), "--listen", f"127.0.0.1:{port}",
             "--heartbeat-interval", str(heartbeat)]
     if db_url:
         cmd += ["--db", db_url]
+    if workers > 1:
+        cmd += ["--workers", str(workers)]
     with open(log, "wb") as lf:
         proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, cwd=REPO)
     try:
@@ -506,7 +535,7 @@ def analyse_cycles(gen: Generator, db_url: str, w0: float, w1: float, a: argpars
     by_item: dict[str, list[tuple[str, float, float | None]]] = {}
     for cid, item_id, created, sent in rows:
         by_item.setdefault(item_id, []).append((cid, created, sent))
-    due_n = on_time = never = 0
+    due_n = on_time = never = queued_on_time = within_1s = 0
     late: list[float] = []  # received - due, for every counted cycle that was received
     sched_lag: list[float] = []
     deliver_lag: list[float] = []
@@ -526,6 +555,10 @@ def analyse_cycles(gen: Generator, db_url: str, w0: float, w1: float, a: argpars
             if w0 <= due <= w1 - tol:
                 due_n += 1
                 sched_lag.append(created - due)
+                if created <= due + 1.0:
+                    queued_on_time += 1
+                if recv is not None and recv <= due + 1.0:
+                    within_1s += 1
                 if recv is None:
                     never += 1
                     worst.append((float("inf"), it.item_id))
@@ -539,7 +572,7 @@ def analyse_cycles(gen: Generator, db_url: str, w0: float, w1: float, a: argpars
                     intervals.append(recv - prev_recv)
             if recv is not None:
                 prev_recv = recv
-            anchor = created
+            anchor = due if created - due <= a.frequency else created
         due = anchor + a.frequency
         while due <= w1 - tol:  # slots after the last queued cycle: due, never queued
             if due >= w0:
@@ -550,6 +583,10 @@ def analyse_cycles(gen: Generator, db_url: str, w0: float, w1: float, a: argpars
     worst.sort(reverse=True)
     return {"tolerance_s": tol, "due": due_n, "on_time": on_time, "never_received": never,
             "on_time_share": on_time / due_n if due_n else float("nan"),
+            "queued_on_time": queued_on_time,
+            "queued_on_time_share": queued_on_time / due_n if due_n else float("nan"),
+            "received_within_1s": within_1s,
+            "received_within_1s_share": within_1s / due_n if due_n else float("nan"),
             "late_p50": pct(late, 50), "late_p99": pct(late, 99), "late_max": max(late, default=0.0),
             "sched_lag_p50": pct(sched_lag, 50), "sched_lag_p99": pct(sched_lag, 99),
             "sched_lag_max": max(sched_lag, default=0.0),
@@ -581,7 +618,9 @@ def run_engine(engine: str, a: argparse.Namespace, root: Path) -> dict[str, Any]
         log = d / "vault.log"
         base = f"https://127.0.0.1:{port}"
         ca = data / "pki" / "ca.pem"
-        proc = stack.enter_context(vault_process(data, port, db_url, a.heartbeat, log))
+        workers = a.workers if engine == "postgresql" else 1
+        out["workers"] = workers
+        proc = stack.enter_context(vault_process(data, port, db_url, a.heartbeat, log, workers))
         t_start = time.perf_counter()
         wait_vault(base, ca, proc, log)
         token = (data / "admin.token").read_text().strip()
@@ -615,12 +654,12 @@ def run_engine(engine: str, a: argparse.Namespace, root: Path) -> dict[str, Any]
         deadline = time.monotonic() + a.setup_timeout
         while True:
             time.sleep(3)
-            items = ok(adm.get("/items"))
-            protected = sum(1 for i in items if i["protection"] == "protected")
-            active = ok(adm.get("/jobs", params={"state": "active", "limit": 1}))
+            n_items = ok(adm.get("/items", params={"limit": 1}))["total"]
+            protected = ok(adm.get("/items", params={"limit": 1,
+                                                     "protection": "protected"}))["total"]
+            active = ok(adm.get("/jobs", params={"state": "active", "limit": 1}))["total"]
             print(f"  [{engine}] {time.perf_counter() - t_prot:5.0f} s: {protected}/{a.items} "
-                  f"protected, {len(items)} items, jobs active: {'yes' if active else 'no'}",
-                  flush=True)
+                  f"protected, {n_items} items, jobs active: {active}", flush=True)
             if protected >= a.items and not active:
                 break
             if time.monotonic() > deadline or proc.poll() is not None:
@@ -629,9 +668,10 @@ def run_engine(engine: str, a: argparse.Namespace, root: Path) -> dict[str, Any]
         out["protect_all_s"] = time.perf_counter() - t_prot
         # the measured window
         probe = Probe(base, ca, reader, proc.pid, a.probe_pause)
-        cpu0, gcpu0 = proc_cpu(proc.pid), self_cpu()
+        out["load_before"] = os.getloadavg()
+        cpu0, gcpu0 = vault_cpu(proc.pid), self_cpu()
         pg0 = tree_cpu(pg_pid) if pg_pid else None
-        rss0 = proc_rss(proc.pid)
+        rss0 = vault_rss(proc.pid)
         w0 = time.time()
         gen.in_window = True
         hb0, res0 = gen.stats.heartbeats, gen.stats.result_posts
@@ -639,9 +679,10 @@ def run_engine(engine: str, a: argparse.Namespace, root: Path) -> dict[str, Any]
         time.sleep(a.duration)
         w1 = time.time()
         gen.in_window = False
-        cpu1, gcpu1 = proc_cpu(proc.pid), self_cpu()
+        cpu1, gcpu1 = vault_cpu(proc.pid), self_cpu()
         pg1 = tree_cpu(pg_pid) if pg_pid else None
-        rss1 = proc_rss(proc.pid)
+        rss1 = vault_rss(proc.pid)
+        out["load_after"] = os.getloadavg()
         hb1, res1 = gen.stats.heartbeats, gen.stats.result_posts
         lat = {k: list(v) for k, v in probe.lat.items()}
         rss_peak = probe.rss_peak
@@ -653,7 +694,7 @@ def run_engine(engine: str, a: argparse.Namespace, root: Path) -> dict[str, Any]
             print(f"  [{engine}] profiling the vault for {a.profile_seconds:.0f} s", flush=True)
             subprocess.run([str(spy_exe), "record", "-o", str(a.profile / f"vault-{engine}.txt"),
                             "-f", "raw", "-r", "50", "-d", str(int(a.profile_seconds)),
-                            "--pid", str(proc.pid)], stdout=subprocess.DEVNULL,
+                            "--subprocesses", "--pid", str(proc.pid)], stdout=subprocess.DEVNULL,
                            stderr=subprocess.STDOUT, check=False)
         probe.halt.set()
         probe.join(120)
@@ -665,6 +706,7 @@ def run_engine(engine: str, a: argparse.Namespace, root: Path) -> dict[str, Any]
             "window_s": win, "items": a.items, "hosts": a.hosts, "frequency_s": a.frequency,
             "heartbeat_s": a.heartbeat,
             "vault_cpu_s": cpu1 - cpu0, "vault_cpu_cores": (cpu1 - cpu0) / win,
+            "vault_cores_per_1000_items": (cpu1 - cpu0) / win / a.items * 1000,
             "vault_rss_start": rss0, "vault_rss_end": rss1,
             "vault_rss_peak": max(rss_peak, rss0, rss1),
             "gen_cpu_s": gcpu1 - gcpu0, "gen_cpu_cores": (gcpu1 - gcpu0) / win,
@@ -689,16 +731,24 @@ def run_engine(engine: str, a: argparse.Namespace, root: Path) -> dict[str, Any]
 
 # ----------------------------------------------------------------------------- output
 
+def _load(t: Any) -> str:
+    return "/".join(f"{x:.2f}" for x in t)
+
+
 def summary(r: dict[str, Any], goal_p99: float) -> str:
     c = r["cycles"]
     mb = 1024 * 1024
     lines = [
-        f"[{r['engine']}] {r['items']} items on {r['hosts']} hosts (+1 store host), frequency "
+        f"[{r['engine']}{' x' + str(r['workers']) + ' workers' if r.get('workers', 1) > 1 else ''}] "
+        f"{r['items']} items on {r['hosts']} hosts (+1 store host), frequency "
         f"{r['frequency_s']:.0f} s, heartbeat {r['heartbeat_s']:.1f} s, window {r['window_s']:.0f} s "
         f"(all protected after {r['protect_all_s']:.0f} s)",
         f"  cycles on time: {c['on_time']}/{c['due']} = {100 * c['on_time_share']:.1f} % "
         f"(tolerance {c['tolerance_s']:.1f} s; never received {c['never_received']}); received - due "
         f"p50 {c['late_p50']:.2f} s, p99 {c['late_p99']:.2f} s, max {c['late_max']:.2f} s",
+        f"  queued by due + 1 s: {c['queued_on_time']}/{c['due']} = "
+        f"{100 * c['queued_on_time_share']:.1f} %; received by due + 1 s: "
+        f"{c['received_within_1s']}/{c['due']} = {100 * c['received_within_1s_share']:.1f} %",
         f"  scheduler lag (queued - due) p50 {c['sched_lag_p50']:.2f} s p99 {c['sched_lag_p99']:.2f} s "
         f"max {c['sched_lag_max']:.2f} s; delivery (received - queued) p50 "
         f"{c['deliver_lag_p50']:.2f} s p99 {c['deliver_lag_p99']:.2f} s; mean interval between an "
@@ -710,13 +760,16 @@ def summary(r: dict[str, Any], goal_p99: float) -> str:
         f"{1000 * r['health_max']:.0f} ms (n={r['health_n']})",
         f"  heartbeat POST p50 {1000 * r['hb_p50']:.0f} ms p99 {1000 * r['hb_p99']:.0f} ms; "
         f"{r['heartbeats_per_s']:.1f} heartbeats/s, {r['results_per_s']:.1f} result posts/s",
-        f"  vault CPU {r['vault_cpu_s']:.1f} s = {r['vault_cpu_cores']:.2f} cores; RSS "
+        f"  vault CPU {r['vault_cpu_s']:.1f} s = {r['vault_cpu_cores']:.2f} cores "
+        f"({r['vault_cores_per_1000_items']:.3f} per 1,000 items); RSS "
         f"{r['vault_rss_start'] / mb:.0f} → {r['vault_rss_end'] / mb:.0f} MiB (peak "
         f"{r['vault_rss_peak'] / mb:.0f}); generator CPU {r['gen_cpu_s']:.1f} s = "
         f"{r['gen_cpu_cores']:.2f} cores (loop lag max {1000 * r['gen_loop_lag_max']:.0f} ms)"
         + (f"; PostgreSQL CPU {r['pg_cpu_s']:.1f} s" if r.get("pg_cpu_s") is not None else ""),
         f"  errors: heartbeats {r['heartbeat_errors']}, results {r['result_errors']}, probe "
         f"{r['probe_errors']} {r['errors_sample'] or ''}",
+        f"  load average (1/5/15 min) before the window {_load(r['load_before'])}, after "
+        f"{_load(r['load_after'])}",
     ]
     return "\n".join(lines)
 
@@ -730,6 +783,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=None,
                     help="measured window per engine, s (default 150)")
     ap.add_argument("--engines", default="sqlite,postgresql")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="API worker processes of the vault on PostgreSQL (vault serve --workers)")
     ap.add_argument("--initial-seconds", type=float, default=2.0,
                     help="simulated initial replication time")
     ap.add_argument("--cycle-seconds", type=float, default=1.0, help="simulated cycle time")
@@ -738,6 +793,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--setup-timeout", type=float, default=600.0)
     ap.add_argument("--quick", action="store_true", help="100 items, 10 hosts, 60 s")
     ap.add_argument("--goal-p99-ms", type=float, default=200.0)
+    ap.add_argument("--goal-on-time", type=float, default=100.0,
+                    help="goal: share of cycles on time, percent")
     ap.add_argument("--profile", type=Path, default=None,
                     help="after the window, py-spy record the vault under the same load into "
                          "DIR/vault-ENGINE.txt (raw format)")
@@ -764,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(r)
             if a.json is not None:  # partial results survive a failure of the next engine
                 write_json(a.json, {"engines": results, "partial": True})
-    met = {r["engine"]: {"on_time": r["cycles"]["on_time_share"] >= 1.0,
+    met = {r["engine"]: {"on_time": r["cycles"]["on_time_share"] >= a.goal_on_time / 100.0,
                          "p99": max(r["items_p99"], r["health_p99"]) <= goal} for r in results}
     write_json(a.json, {"engines": results, "goal_p99_s": goal, "met": met, "quick": a.quick,
                         "wall_s": time.perf_counter() - t0, "machine": machine_info()})

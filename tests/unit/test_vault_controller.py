@@ -202,3 +202,29 @@ def test_fair_lock_serves_in_arrival_order() -> None:
     assert order == [0, 1, 2, 3, 4]
     with pytest.raises(RuntimeError):
         lock.release()
+
+
+def test_fair_lock_never_has_two_holders() -> None:
+    """A release hands the lock to the oldest waiter; a thread arriving at that moment queues
+    behind it instead of taking the lock too."""
+    lock = FairLock()
+    inside: list[int] = [0]
+    errors: list[str] = []
+
+    def work(seed: int) -> None:
+        for i in range(2000):
+            with lock:
+                inside[0] += 1
+                if inside[0] != 1:
+                    errors.append("two holders")
+                if (i + seed) % 97 == 0:
+                    with lock:  # re-entrant
+                        pass
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and inside == [0]

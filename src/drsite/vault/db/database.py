@@ -84,11 +84,11 @@ def is_sqlite(url: str) -> bool:
 class FairLock:
     """A re-entrant lock granted in arrival order (``threading.RLock`` favours whoever runs
     next, so a thread that re-acquires in a loop — the job runner, one transaction per job —
-    could keep the others out)."""
+    could keep the others out). A release hands the lock straight to the oldest waiter."""
 
     def __init__(self) -> None:
         self._mutex = threading.Lock()
-        self._queue: deque[threading.Lock] = deque()
+        self._queue: deque[tuple[int, threading.Lock]] = deque()
         self._owner: int | None = None
         self._depth = 0
 
@@ -98,15 +98,13 @@ class FairLock:
             if self._owner == me:
                 self._depth += 1
                 return
-            if self._owner is None and not self._queue:
+            if self._owner is None:
                 self._owner, self._depth = me, 1
                 return
             gate = threading.Lock()
             gate.acquire()
-            self._queue.append(gate)
-        gate.acquire()  # released by the previous owner, which hands the lock over to us
-        with self._mutex:
-            self._owner, self._depth = me, 1
+            self._queue.append((me, gate))
+        gate.acquire()  # the previous owner made us the owner, then opened the gate
 
     def release(self) -> None:
         with self._mutex:
@@ -115,9 +113,12 @@ class FairLock:
             self._depth -= 1
             if self._depth:
                 return
-            self._owner = None
             if self._queue:
-                self._queue.popleft().release()
+                nxt, gate = self._queue.popleft()
+                self._owner, self._depth = nxt, 1
+                gate.release()
+            else:
+                self._owner = None
 
     def __enter__(self) -> FairLock:
         self.acquire()
