@@ -37,7 +37,7 @@ class VaultSettings:
     clock: Clock = field(default_factory=SystemClock)
     minute_of_day: Callable[[float], int] = local_minute_of_day
     background: bool = True
-    loop_interval: float = 0.5
+    loop_interval: float = 0.25  # a cycle is queued at most this late (plus one pass)
     health_interval: float = 2.0  # seconds between health passes of the background loop
     # a command delivered but not acknowledged (still "sent") is delivered again after this
     resend_after_s: float = 30.0
