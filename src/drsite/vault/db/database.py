@@ -73,8 +73,10 @@ def make_engine(url: str, *, idle_in_tx_s: float | None = None) -> Engine:
     args: dict[str, Any] = {}
     if idle_in_tx_s is not None and url.startswith("postgresql"):
         args["options"] = f"-c idle_in_transaction_session_timeout={int(idle_in_tx_s * 1000)}"
-    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW,
-                         connect_args=args)
+    # no pre-ping: it cost a round trip per transaction; a connection found dead (the server
+    # restarted, or ended a session idle in a transaction) fails that one transaction, and
+    # SQLAlchemy then replaces every pooled connection older than the failure
+    return create_engine(url, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW, connect_args=args)
 
 
 def is_sqlite(url: str) -> bool:
