@@ -228,3 +228,41 @@ def test_fair_lock_never_has_two_holders() -> None:
     for t in threads:
         t.join(60)
     assert errors == [] and inside == [0]
+
+
+def test_two_api_workers_never_hand_out_one_command(tmp_path: Path,
+                                                    request: pytest.FixtureRequest) -> None:
+    """Two transactions delivering the same host's commands at once (two API workers, or a
+    heartbeat beside a command poll): the second skips the rows the first holds
+    (``FOR UPDATE SKIP LOCKED``), so a command is handed out once."""
+    from drsite.vault import commands
+    from drsite.vault.testing import Harness
+
+    h = Harness(tmp_path / "vault", str(request.getfixturevalue("pg_url")))
+    try:
+        h.site("prim")
+        a = h.register("prim", "hv1")
+        now = h.clock.now()
+        with h.vault.db.tx() as s:
+            for _ in range(3):
+                commands.enqueue(s, host_id=a.host_id, kind="retention", item_id=None, args={},
+                                 now=now)
+        first_has_them = threading.Event()
+        got: dict[str, list[str]] = {}
+
+        def worker(name: str, hold: bool) -> None:
+            with h.vault.db.tx() as s:
+                got[name] = [c.id for c in commands.deliver(
+                    s, a.host_id, now, resend_after_s=30.0, stale_running_s=900.0)]
+                if hold:
+                    first_has_them.set()
+                    time.sleep(0.5)  # the second delivers while this one is still open
+
+        t1 = threading.Thread(target=worker, args=("one", True))
+        t1.start()
+        assert first_has_them.wait(10)
+        worker("two", False)
+        t1.join(10)
+        assert len(got["one"]) == 3 and got["two"] == []
+    finally:
+        h.close()

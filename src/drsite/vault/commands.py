@@ -72,7 +72,10 @@ def to_wire(cmd: Command) -> dict[str, Any]:
 
 def deliver(s: Session, host_id: str, now: float, *, resend_after_s: float,
             stale_running_s: float, limit: int = 100) -> list[Command]:
-    """Commands to put in this host's heartbeat reply (marked ``sent``), oldest first."""
+    """Commands to put in this host's heartbeat reply (marked ``sent``), oldest first. Rows
+    another transaction is delivering right now are skipped (``FOR UPDATE SKIP LOCKED`` on
+    PostgreSQL: two API workers serving the same host at once never both hand out one
+    command; SQLite serialises writers anyway)."""
     rows = s.scalars(select(Command)
                      .where(Command.host_id == host_id,
                             or_(Command.status == CommandStatus.PENDING,
@@ -80,7 +83,8 @@ def deliver(s: Session, host_id: str, now: float, *, resend_after_s: float,
                                 & (Command.updated_at <= now - resend_after_s),
                                 (Command.status == CommandStatus.RUNNING)
                                 & (Command.updated_at <= now - stale_running_s)))
-                     .order_by(Command.created_at, Command.id).limit(limit)).all()
+                     .order_by(Command.created_at, Command.id).limit(limit)
+                     .with_for_update(skip_locked=True)).all()
     for cmd in rows:
         if cmd.status == CommandStatus.PENDING:
             cmd.status = CommandStatus.SENT
