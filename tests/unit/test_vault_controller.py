@@ -115,6 +115,19 @@ def test_release_hands_over_at_once_and_epochs_only_grow(db: Database) -> None:
     assert a.held and a.epoch == 3
 
 
+def test_force_takes_a_live_lease_and_fences_its_holder(db: Database) -> None:
+    """A promotion (issue 14) takes the lease from a live holder with a new epoch."""
+    a, b = Lease(db, other("a"), 30.0), Lease(db, other("b"), 30.0)
+    a.step()
+    b.step()
+    assert not b.held
+    b.step(force=True)
+    assert b.held and b.epoch == 2
+    with pytest.raises(NotController):
+        write_event(db.guarded(a.guard), "the old holder")
+    assert events(db) == [] and not a.held
+
+
 def test_a_holder_that_lost_its_row_takes_it_back_with_a_new_epoch(db: Database) -> None:
     a = Lease(db, other("a"), 30.0)
     a.step()

@@ -212,10 +212,14 @@ class Lease:
         if not self.db.sqlite:
             s.execute(text(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}"))
 
-    def step(self) -> float:
+    def step(self, *, force: bool = False) -> float:
         """One election round: renew the lease if it is ours, take it if it is free. Returns
         how long to wait before the next round. Database errors propagate (the caller retries
-        soon); the local state changes only after a commit."""
+        soon); the local state changes only after a commit.
+
+        ``force`` takes the lease whoever holds it (a new epoch): for a promotion (issue 14:
+        a standby vault promoted with its database) or an operator who knows the holder is
+        gone. The old holder is fenced from its next transaction on."""
         mine = self._epoch
         with self.db.tx() as s:
             self._lock_timeout(s)
@@ -228,13 +232,13 @@ class Lease:
                 s.flush()
             holder, epoch = row.holder, row.epoch
             renew = mine is not None and holder == self.ident.holder and epoch == mine
-            take = not renew and (holder is None or holder == self.ident.holder
+            take = not renew and (force or holder is None or holder == self.ident.holder
                                   or row.expires_at <= now or holder_gone(row.info or {}))
             if renew or take:
                 if take:
                     if holder is not None and row.expires_at > now:
-                        log.warning("controller %s (epoch %d) no longer runs: taking over its "
-                                    "lease", holder, epoch)
+                        log.warning("controller %s (epoch %d) %s: taking over its lease",
+                                    holder, epoch, "is set aside" if force else "no longer runs")
                     row.epoch = epoch = epoch + 1
                     row.holder = self.ident.holder
                     row.info = dict(self.ident.info)
