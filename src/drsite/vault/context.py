@@ -19,6 +19,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,6 +102,23 @@ class Vault:
                                      interval_s=settings.loop_interval, kick=self._kick)
         self._last_health = 0.0
         self.recovered: dict[str, str] = {}
+        self._later: ThreadPoolExecutor | None = None
+        self._later_lock = threading.Lock()
+
+    def later(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` soon in this process's one bookkeeping thread, off the request path (a
+        token's ``last_used_at``: a GET must not queue for the write lock). Best effort: an
+        error is logged."""
+        def run() -> None:
+            try:
+                fn()
+            except Exception:
+                log.exception("deferred bookkeeping write failed")
+
+        with self._later_lock:
+            if self._later is None:
+                self._later = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drsite-later")
+            self._later.submit(run)
 
     def tick(self) -> None:
         """One round of the background work, all of it (tests: no background thread): jobs,
@@ -144,6 +163,10 @@ class Vault:
 
     def close(self) -> None:
         self.stop()
+        with self._later_lock:
+            if self._later is not None:
+                self._later.shutdown(wait=True)
+                self._later = None
         self.db.dispose()
         if self.lock is not None:
             self.lock.release()
