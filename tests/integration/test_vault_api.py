@@ -55,6 +55,7 @@ def protect(h: Harness, a: Agent, vm_id: str = "vm-1", vm_name: str = "web1") ->
     """Protect a VM through the API and play the agent until the item is protected."""
     out = h.ok("POST", "/items", token=h.token("operator", f"op-{vm_id}"),
                json={"vm_id": vm_id, "group": "g1"})
+    h.store_beat()  # the store receives and confirms the item's grant
     h.tick()
     reply = a.beat(vms=[vm_info("vm-1", "web1"), vm_info("vm-2", "db1", labels=["db"])])
     (cmd,) = [c for c in reply["commands"] if c["kind"] == "protect"]
@@ -286,7 +287,7 @@ def test_groups(h: Harness) -> None:
 # ------------------------------------------------------------------------------------ items
 
 def test_protect_item_points_and_unprotect(h: Harness) -> None:
-    a, _b = two_sites(h)
+    a, b = two_sites(h)
     policy_and_group(h)
     ro = h.token("reader")
     before = snapshot(h)
@@ -337,7 +338,7 @@ def test_protect_item_points_and_unprotect(h: Harness) -> None:
     err(h.call("POST", f"/items/{item_id}/resync", token=ro), 403)
     h.tick()
     cmd = next(c for c in a.beat()["commands"] if c["kind"] == "resync")
-    assert cmd["args"] == {"by_hand": True}
+    assert cmd["args"] == {"by_hand": True, "from_store": True}  # compared with what the store restores
     a.result(cmd["command_id"], "succeeded")
     h.tick()
     assert h.job(rs["job_id"])["state"] == "succeeded"
@@ -349,6 +350,13 @@ def test_protect_item_points_and_unprotect(h: Harness) -> None:
     # repeating a final result is accepted, contradicting it is not
     assert a.result(cmd["command_id"], "succeeded").status_code == 200
     assert a.result(cmd["command_id"], "failed", error={"message": "x"}).status_code == 409
+    h.tick()
+    # committed points on a site store are deleted by the store's own agent
+    assert h.job(d["job_id"])["state"] == "running"
+    (purge,) = [c for c in b.beat(store_url=b.store_url)["commands"] if c["kind"] == "retention"]
+    assert purge["item_id"] == item_id and purge["args"] == {"store_side": True, "delete_all": True}
+    assert b.result(purge["command_id"], "succeeded",
+                    result={"deleted_points": [], "store_side": True}).status_code == 200
     h.tick()
     assert h.job(d["job_id"])["state"] == "succeeded"
     assert h.entries("/items") == []

@@ -36,6 +36,7 @@ from sqlalchemy import create_engine, text
 
 from drsite import tlsutil
 from drsite.pki import make_key_and_csr
+from drsite.sitestore.acl import acl_digest
 from drsite.vault.testing import point, report, vm_info
 
 LEASE_S = 3.0
@@ -114,9 +115,10 @@ class SimAgent(threading.Thread):
     vault of ``urls`` that answers (a load balancer's stand-in), commands answered at once."""
 
     def __init__(self, urls: Callable[[], list[str]], ca: Path, cert: Path, key: Path,
-                 name: str, vms: list[dict[str, Any]]) -> None:
+                 name: str, vms: list[dict[str, Any]], store_url: str | None = None) -> None:
         super().__init__(daemon=True, name=f"agent-{name}")
-        self.urls, self.name, self.vms = urls, name, vms
+        self.urls, self.name, self.vms, self.store_url = urls, name, vms, store_url
+        self.store_acl: dict[str, Any] | None = None  # a store host confirms its access list
         self.ctx = tlsutil.client_context(ca, cert, key)
         self.items: dict[str, SimItem] = {}
         self.seen: set[str] = set()
@@ -147,10 +149,14 @@ class SimAgent(threading.Thread):
     def beat(self) -> None:
         items = [{"item_id": it.item_id, "report": report(it.item_id, it.vm_id, it.name),
                   "new_points": it.points} for it in self.items.values()]
-        reply = self.post("/heartbeat", {"host_name": self.name, "version": "test",
-                                         "vms": self.vms, "items": items})
+        reply = self.post("/heartbeat", {
+            "host_name": self.name, "version": "test", "vms": self.vms, "items": items,
+            "store_url": self.store_url,
+            "store_acl_digest": acl_digest(self.store_acl) if self.store_acl else None})
         if reply is None:
             return
+        if reply.get("store_acl") is not None:
+            self.store_acl = reply["store_acl"]
         for item_id, seq in reply["ack"].items():
             it = self.items.get(item_id)
             if it is not None:
@@ -179,6 +185,7 @@ class Cluster:
     vaults: list[VaultProc]
     admin: str
     agent: SimAgent | None = None
+    store: SimAgent | None = None
 
     @property
     def ca(self) -> Path:
@@ -226,9 +233,10 @@ def cluster(pg_url: str, tmp_path: Path) -> Iterator[Cluster]:
     try:
         yield c
     finally:
-        if c.agent is not None:
-            c.agent.halt.set()
-            c.agent.join(10)
+        for a in (c.agent, c.store):
+            if a is not None:
+                a.halt.set()
+                a.join(10)
         for v in c.vaults:
             stop(v)
 
@@ -253,11 +261,10 @@ def setup_protection(c: Cluster, tmp_path: Path, n_vms: int = 4) -> SimAgent:
             (tmp_path / f"{host}.key").write_bytes(key_pem)
             (tmp_path / f"{host}.pem").write_text(r.json()["cert_pem"])
             certs[host] = (tmp_path / f"{host}.pem", tmp_path / f"{host}.key")
-    # the recovery site's host reports a store URL: items have somewhere to replicate to
-    dr_ctx = tlsutil.client_context(c.ca, *certs["dr1"])
-    httpx.post(c.vaults[0].url + "/api/v1/agent/heartbeat", verify=dr_ctx, json={
-        "host_name": "dr1", "version": "test", "store_url": "https://127.0.0.1:9/store",
-        "vms": [], "items": []}).raise_for_status()
+    # the recovery site's host serves a store (never contacted) and confirms its access list
+    store = SimAgent(c.live_urls, c.ca, *certs["dr1"], "dr1", [], "https://127.0.0.1:9/store")
+    c.store = store
+    store.start()
     vms = [vm_info(f"vm-{i}", f"web{i}", labels=["ctl"]) for i in range(n_vms)]
     agent = SimAgent(c.live_urls, c.ca, *certs["hv1"], "hv1", vms)
     c.agent = agent
@@ -347,6 +354,7 @@ def test_one_controller_takeover_after_sigkill_and_fencing_after_sigstop(
     assert one_controller(c) is third and c.lease()[0] == epoch0 + 2
     assert "this vault process is the controller" not in second.text()[log_before:]
     assert c.agent is not None and c.agent.errors == []
+    assert c.store is not None and c.store.errors == []
     assert_no_duplicates(c)
     # jobs started under one controller finished under another: every EnableProtection ended
     states = {s for (s,) in c.sql("SELECT state FROM jobs")}

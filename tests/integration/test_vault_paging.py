@@ -55,6 +55,9 @@ def fleet(h: Harness) -> tuple[Agent, Agent, Agent]:
     h.ok("POST", "/groups", json={"name": "g1", "site": "prim", "target_site": "sec",
                                    "policy": "p", "match": {"labels": ["all"]}})
     h.tick()
+    for _ in range(2):  # the store agent receives the items' access list, then confirms it
+        dr.beat(store_url="https://127.0.0.1:9443")
+    h.tick()
     return a, b, dr
 
 

@@ -34,6 +34,8 @@ EXPECTED: dict[str, tuple[type[E.DrsiteError], int, int]] = {
     "broken_chain": (E.BrokenChain, 500, 2),
     "corrupt_data": (E.CorruptData, 500, 2),
     "invalid_replica_state": (E.InvalidReplicaState, 500, 2),
+    "point_not_authentic": (E.PointNotAuthentic, 500, 2),
+    "secret_unreadable": (E.SecretUnreadable, 500, 2),
     "tracking_lost": (E.TrackingLost, 500, 2),
     "hypervisor_error": (E.HypervisorError, 500, 2),
     "transient": (E.TransientError, 503, 75),
@@ -42,6 +44,8 @@ EXPECTED: dict[str, tuple[type[E.DrsiteError], int, int]] = {
     "low_disk": (E.LowDiskSpace, 503, 75),
     "low_memory": (E.LowMemory, 503, 75),
     "busy": (E.Busy, 503, 75),
+    "command_interrupted": (E.CommandInterrupted, 503, 75),
+    "peer_unavailable": (E.PeerUnavailable, 503, 75),
 }
 
 

@@ -17,7 +17,9 @@ from drsite.core.errors import InvalidInput
 from drsite.failover import actions
 from drsite.vault.db.database import Database, sqlite_url
 from drsite.vault.db.models import Command, Failover, Host, Item, Job, Site, Task
+from drsite.vault.db.sealed import attach_sealer
 from drsite.vault.jobs.failover import apply_failover_result
+from drsite.vault.masterkey import Keyring, MasterKey
 
 # the stored strings, written out: renaming one would need a migration
 VALUES = {
@@ -61,6 +63,7 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
     url = (str(request.getfixturevalue("pg_url")) if request.param == "postgresql"
            else sqlite_url(tmp_path / "vault.db"))
     d = Database(url)
+    attach_sealer(d.engine, Keyring(MasterKey.generate()))  # Command.args has sealed paths
     d.migrate()
     return d
 

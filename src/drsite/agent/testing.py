@@ -11,6 +11,8 @@ production code.
 
 from __future__ import annotations
 
+import base64
+import os
 import secrets
 import threading
 import time
@@ -36,6 +38,7 @@ class FakeHost:
     fingerprint: str
     heartbeats: int = 0
     last: dict[str, Any] = field(default_factory=dict)
+    beat_at: float = 0.0
 
 
 class FakeVault:
@@ -64,6 +67,10 @@ class FakeVault:
         self.reports: dict[str, dict[str, Any]] = {}
         self.heartbeat_log: list[dict[str, Any]] = []
         self.refuse_heartbeats = False
+        # store authorization as the real vault does it (vault/storeacl.py): the writer and
+        # point key of each item a ``protect`` was sent for; revoked host ids
+        self.grants: dict[str, dict[str, str]] = {}
+        self.revoked: set[str] = set()
         self._server: tlsutil.ServerHandle | None = None
 
     # -- operator side (tests) -----------------------------------------------------------------
@@ -91,13 +98,20 @@ class FakeVault:
             self.reissue_keys[key] = host_id
         return key
 
-    def send(self, host_id: str, kind: str, item_id: str, args: dict[str, Any] | None = None,
+    def send(self, host_id: str, kind: str, item_id: str | None, args: dict[str, Any] | None = None,
              command_id: str | None = None) -> str:
         """Queue a command for a host; returns its id."""
         cid = command_id or "c-" + uuid.uuid4().hex[:12]
+        args = dict(args or {})
         with self.lock:
+            if kind == "protect" and item_id is not None:
+                grant = self.grants.setdefault(item_id, {
+                    "writer": host_id, "point_key": base64.b64encode(os.urandom(32)).decode()})
+                grant["writer"] = host_id
+                grant["at"] = str(time.time())
+                args.setdefault("point_key", grant["point_key"])
             self.queue.setdefault(host_id, []).append(
-                {"command_id": cid, "kind": kind, "item_id": item_id, "args": dict(args or {})})
+                {"command_id": cid, "kind": kind, "item_id": item_id, "args": args})
         return cid
 
     def status(self, command_id: str) -> dict[str, Any] | None:
@@ -221,8 +235,30 @@ class FakeVault:
                     pts.pop(pid, None)
                     self.removed.setdefault(item_id, set()).add(pid)
                 ack[item_id] = max((int(p["seq"]) for p in pts.values()), default=0)
-            commands = [c for c in self.queue.get(host.host_id, [])]
-        return {"commands": commands, "ack": ack}
+            host.beat_at = time.time()
+            # like the real vault, a protect goes out once every store has its grant
+            stores = [h.beat_at for h in self.hosts.values() if h.last.get("store_url")]
+            synced = min(stores, default=float("inf"))
+            commands = [c for c in self.queue.get(host.host_id, [])
+                        if c["kind"] != "protect"
+                        or float(self.grants.get(c["item_id"], {}).get("at", 0)) < synced]
+            reply: dict[str, Any] = {"commands": commands, "ack": ack}
+            if body.get("store_url"):
+                reply["store_acl"] = self.store_acl(host.host_id)
+        return reply
+
+    def store_acl(self, store_host: str) -> dict[str, Any]:
+        """The access list of ``store_host``'s store (the format of ``sitestore/acl.py``):
+        every registered, non-revoked host; each protected item written by its source host."""
+        with self.lock:
+            live = {h.host_id: {"fingerprint": h.fingerprint, "serial": ""}
+                    for h in self.hosts.values() if h.host_id not in self.revoked}
+            items = {item: {"writer": g["writer"], "readers": [g["writer"], store_host],
+                            "point_key": g["point_key"]}
+                     for item, g in self.grants.items() if g["writer"] in live}
+            revoked = sorted(self.revoked)
+        return {"format": 1, "store_host": store_host, "hosts": live, "items": items,
+                "revoked": {"hosts": revoked, "serials": [], "fingerprints": []}}
 
     def result(self, host: FakeHost, command_id: str, body: dict[str, Any]) -> None:
         status = body.get("status")

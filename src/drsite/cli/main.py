@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from drsite import __version__
-from drsite.cli import failover_cmd, resources, stores_cmd, up_cmd
+from drsite.cli import drills_cmd, failover_cmd, resources, stores_cmd, up_cmd
 from drsite.cli.agent_cmd import agent
 from drsite.cli.common import EXIT_JOB_FAILED, EXIT_OK
 from drsite.cli.replicate import replicate
@@ -76,6 +76,7 @@ app.add_typer(resources.alerts, name="alerts")
 app.add_typer(resources.tokens, name="tokens")
 app.add_typer(resources.audit, name="audit")
 app.add_typer(stores_cmd.store, name="store")
+app.add_typer(drills_cmd.drills, name="drills")
 app.command("health")(resources.health)
 app.command("up")(up_cmd.up)
 app.command("down")(up_cmd.down)

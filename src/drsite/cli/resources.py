@@ -3,6 +3,7 @@ points, jobs, health, alerts, tokens. Thin: parse options, call the client, rend
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,7 @@ def vms_list(vault: str | None = VaultOpt, token: str | None = TokenOpt,
              ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
     """List VMs reported by the agents."""
     with client(vault, token, ca_file) as c:
-        show(c.vms(), ["vm_id", "name", "site", "host", "power", "item_id"], title="VMs",
+        show(c.vms(), ["vm_id", "name", "site", "host", "power", "item_id", "warning"], title="VMs",
              json_out=json_out)
 
 
@@ -141,6 +142,9 @@ def policies_create(
     compression: bool = typer.Option(True, help="zstd compression of shipped data."),
     encryption: bool = typer.Option(False, help="Encrypt data at rest in the store."),
     bandwidth_limit: int | None = typer.Option(None, help="Bytes/s cap for replication traffic."),
+    scrub_interval: float | None = typer.Option(86400.0, help="Seconds between scrubs of the "
+                                                "recovery store (every object hash-checked)."),
+    scrub_rate: int | None = typer.Option(32 << 20, help="Bytes/s a scrub may read."),
     vault: str | None = VaultOpt, token: str | None = TokenOpt, ca_file: Path | None = CaOpt,
     json_out: bool = JsonOpt,
 ) -> None:
@@ -150,7 +154,8 @@ def policies_create(
                             "app_consistent_every_s": app_consistent_every,
                             "rpo_threshold_s": rpo_threshold, "resync_window": resync_window,
                             "compression": compression, "encryption": encryption,
-                            "bandwidth_limit_bps": bandwidth_limit}
+                            "bandwidth_limit_bps": bandwidth_limit,
+                            "scrub_interval_s": scrub_interval, "scrub_rate_bps": scrub_rate}
     with client(vault, token, ca_file) as c:
         show(c.create_policy(body), ["name", "frequency_s", "retention_hours"],
              title="policy created", json_out=json_out)
@@ -232,9 +237,36 @@ def items_points(item_id: str,
     with client(vault, token, ca_file) as c:
         rows, total = fetch_list(c, f"/items/{item_id}/points", limit=limit,
                                  all_pages=all_pages, consistency=consistency)
+        rows = [{**p, "damaged": (p.get("damage") or {}).get("reason") or ""} for p in rows]
         show_list(rows, total, ["point_id", "created_at", "consistency", "kind",
-                                "bytes_written", "bytes_stored"],
+                                "bytes_written", "bytes_stored", "damaged"],
                   title=f"recovery points of {item_id}", what="points", json_out=json_out)
+
+
+@items.command("verify")
+def items_verify(item_id: str,
+                 point: str | None = typer.Option(None, "--point", help="One point id."),
+                 all_points: bool = typer.Option(False, "--all", help="Every kept point."),
+                 vault: str | None = VaultOpt, token: str | None = TokenOpt,
+                 ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
+    """Prove recovery points restore exactly to what their manifests say (default: the
+    newest). Reads every disk whole in the store; exit code 1 when a point is damaged."""
+    with client(vault, token, ca_file) as c:
+        job_id = c.verify(item_id, point=point, all_points=all_points)["job_id"]
+        job = c.wait_job(job_id, timeout=24 * 3600.0)
+        res = c.verification(item_id, job_id)
+    rep = dict(res.get("report") or {})
+    rows = [{"point_id": p.get("point_id"), "ok": p.get("ok"), "disk": d.get("disk_id"),
+             "bytes_read": d.get("bytes_read"), "digest": (d.get("digest") or "")[:16],
+             "damaged": d.get("damaged") or (d.get("errors") or [""])[0]}
+            for p in rep.get("points") or [] for d in p.get("disks") or [{}]]
+    if json_out:
+        print(json.dumps(res, indent=1, default=str))
+    else:
+        show(rows, ["point_id", "ok", "disk", "bytes_read", "digest", "damaged"],
+             title=f"verification of {item_id}: {job.get('message')}", json_out=False)
+    if job.get("state") != JobState.SUCCEEDED:
+        raise typer.Exit(EXIT_JOB_FAILED)
 
 
 def _follow(c: Any, job_id: str, json_out: bool, wait: bool) -> None:

@@ -209,6 +209,31 @@ class VaultClient:
                     **filters: Any) -> dict[str, Any]:
         return self.page(f"/items/{item_id}/points", limit=limit, cursor=cursor, **filters)
 
+    def verify(self, item_id: str, *, point: str | None = None,
+               all_points: bool = False) -> dict[str, Any]:
+        return dict(self._call("POST", f"/items/{item_id}/verify",
+                               json={"point": point, "all": all_points}))
+
+    def drills(self, plan: str | None = None, *, group: str | None = None) -> list[dict[str, Any]]:
+        params = {k: v for k, v in {"plan": plan, "group": group}.items() if v}
+        return list(self._call("GET", "/drills", params=params or None))
+
+    def drill(self, drill_id: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/drills/{drill_id}"))
+
+    def run_drill(self, plan: str | None = None, *, group: str | None = None,
+                  **overrides: Any) -> dict[str, Any]:
+        """Start a drill of a plan, or of a protection group (``group=``)."""
+        target = {"plan": plan} if plan is not None else {"group": group}
+        return dict(self._call("POST", "/drills", json={**target, **overrides}))
+
+    def set_group_drill(self, group: str, drill: dict[str, Any] | None) -> dict[str, Any]:
+        """Give a protection group a drill schedule (None: no drill)."""
+        return dict(self._call("PUT", f"/groups/{group}", json={"drill": drill}))
+
+    def verification(self, item_id: str, job_id: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/items/{item_id}/verifications/{job_id}"))
+
     def jobs(self, *, state: str | None = None, kind: str | None = None,
              limit: int | None = 100, **filters: Any) -> list[dict[str, Any]]:
         """The newest ``limit`` jobs (None: all) matching the filters (``item``, ``since``)."""
@@ -345,6 +370,10 @@ class VaultClient:
 
     def rotate_store_key(self, name: str) -> dict[str, Any]:
         return dict(self._call("POST", f"/stores/{name}/rotate-key"))
+
+    def rekey_store(self, name: str) -> dict[str, Any]:
+        """Start re-encrypting the store's old objects under its active key; returns the job."""
+        return dict(self._call("POST", f"/stores/{name}/rekey"))
 
     def set_group_store(self, group: str, store: str | None) -> dict[str, Any]:
         return dict(self._call("PUT", f"/groups/{group}", json={"store": store}))

@@ -135,14 +135,29 @@ class BrokenChain(PermanentError):
     """A recovery point refers to data that is missing or does not follow its base."""
 
     code = "broken_chain"
-    default_hint = "Run a resync ('drsite resync ITEM') to rebuild the chain from checksums."
+    default_hint = ("Run a resync ('drsite items resync ITEM') to rebuild the chain from "
+                    "checksums.")
 
 
 class CorruptData(PermanentError):
     """Data read back does not match its hash: bit rot, truncation or tampering."""
 
     code = "corrupt_data"
-    default_hint = "The damaged object was quarantined; run a resync to repair the item."
+    default_hint = ("Nothing was restored from the damaged data. 'drsite items verify ITEM --all' "
+                    "shows which points are affected; 'drsite items resync ITEM' repairs the "
+                    "newest point from the source (the scrub moves damaged objects aside).")
+
+
+class PointNotAuthentic(PermanentError):
+    """A recovery point (its manifest) or a generation record does not carry a valid MAC under
+    the item's point key: it was written or altered by someone who does not hold the key (the
+    store's directory or the bucket's credentials), or before points were authenticated."""
+
+    code = "point_not_authentic"
+    default_hint = ("Do not fail over to this point. Check who can write the recovery store "
+                    "(see 'drsite audit list'); protect the VM anew ('drsite items unprotect ITEM', "
+                    "then 'drsite items protect VM --group GROUP') to write "
+                    "a new authenticated full copy.")
 
 
 class InvalidReplicaState(PermanentError):
@@ -242,6 +257,23 @@ class LowMemory(TransientError):
 class Busy(TransientError):
     code = "busy"
     default_hint = "Another step holds this resource; drsite retries on its own."
+
+
+class CommandInterrupted(TransientError):
+    """An agent restarted (or crashed) while it held a command it cannot resume by itself
+    (its arguments carried secrets the agent does not keep); the sender sends it again."""
+
+    code = "command_interrupted"
+    default_hint = "Nothing to do: the vault sends the command again at once."
+
+
+class PeerUnavailable(TransientError):
+    """A peer site's service is known to be unreachable (its circuit breaker is open): the
+    call was not even tried, so nothing waits on a hung or partitioned peer."""
+
+    code = "peer_unavailable"
+    default_hint = ("The other site's agent or store does not answer; drsite tries again on "
+                    "its own. Check that site's agent and the link between the sites.")
 
 
 # --- the codec ------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from drsite import __version__
 from drsite.vault.api import (
     agent,
     audit,
+    drills,
     errors,
     failover,
     inventory,
@@ -57,7 +58,7 @@ def create_app(settings: VaultSettings, vault: Vault | None = None, *,
     errors.install(app)
     app.add_middleware(audit.AuditMiddleware)  # every mutating or refused call → audit trail
     for r in (public.router, inventory.router, protection.router, operations.router, tokens.router,
-              agent.router, stores.router, failover.router, audit.router):
+              agent.router, stores.router, failover.router, drills.router, audit.router):
         app.include_router(r, prefix=API_PREFIX)
     for r in routers:
         app.include_router(r)

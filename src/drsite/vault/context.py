@@ -28,15 +28,17 @@ from sqlalchemy import select
 
 from drsite.fsutil import atomic_write_bytes
 from drsite.pki import CertificateAuthority
-from drsite.vault import masterkey
+from drsite.vault import masterkey, notify
 from drsite.vault.audit import record_event
 from drsite.vault.auth import ADMIN_TOKEN_NAME, Role, create_token
 from drsite.vault.controller import Controller, Lease, NotController, this_process
 from drsite.vault.db.database import Database
 from drsite.vault.db.models import ApiToken
 from drsite.vault.db.sealed import attach_sealer
+from drsite.vault.drills import DrillScheduler
 from drsite.vault.health import HealthMonitor
 from drsite.vault.jobs.runner import JobRunner
+from drsite.vault.push import CommandPush, Waiters
 from drsite.vault.scheduler import Scheduler
 from drsite.vault.settings import VaultSettings
 
@@ -78,6 +80,13 @@ def ensure_admin_token(db: Database, data_dir: Path, now: float) -> str | None:
     return secret
 
 
+LOOP_MIN_S = 0.02
+# a waiting long poll looks at the commands table this often (commands written by another
+# process on the same database, when no notification wakes it); this process's own commits
+# wake it at once
+PUSH_POLL_S = 1.0
+
+
 class Vault:
     """Everything one vault process holds. Built by :func:`bootstrap` (or :func:`attach`)."""
 
@@ -98,9 +107,23 @@ class Vault:
         self.runner = JobRunner(self.control_db, settings)
         self.scheduler = Scheduler(self.control_db, settings)
         self.monitor = HealthMonitor(self.control_db, settings)
+        self.drills = DrillScheduler(self.control_db, settings)
         self.controller = Controller(self.lease, work=self._round, on_elected=self._elected,
-                                     interval_s=settings.loop_interval, kick=self._kick)
+                                     interval_s=settings.loop_interval, kick=self._kick,
+                                     min_interval_s=LOOP_MIN_S)
         self._last_health = 0.0
+        # long polls of the agents (the command channel) and the hook that wakes them; a job
+        # created or a command ended here kicks the loop (and its waiting jobs are asked now)
+        self.waiters = Waiters()
+        push = CommandPush(self.waiters, self._jobs_changed)
+        db.listen("after_flush", push.after_flush)
+        db.listen("after_commit", push.after_commit)
+        db.listen("after_rollback", push.after_rollback)
+        # several processes on PostgreSQL: the same wake-ups across processes (LISTEN/NOTIFY)
+        self.listener: notify.Listener | None = None
+        if not db.sqlite:
+            db.listen("after_flush", notify.after_flush)
+            self.listener = notify.Listener(db.url, self.waiters.wake, self._jobs_changed)
         self.recovered: dict[str, str] = {}
         self._later: ThreadPoolExecutor | None = None
         self._later_lock = threading.Lock()
@@ -131,7 +154,20 @@ class Vault:
                                 hint="Stop it, or wait until its lease expires.")
         self.runner.tick()
         self.scheduler.tick()
+        self.drills.tick()
         self.monitor.tick()
+
+    @property
+    def push_poll_s(self) -> float:
+        """How often a waiting long poll looks at the commands table: rarely when another
+        process's commands wake it by notification, else every second."""
+        if self.listener is not None and self.listener.listening.is_set():
+            return notify.POLL_WITH_NOTIFY_S
+        return PUSH_POLL_S
+
+    def _jobs_changed(self) -> None:
+        self.runner.wake()
+        self._kick.set()
 
     def _elected(self) -> None:
         """A new term: resume or fail the jobs a previous controller (or process) left."""
@@ -143,6 +179,7 @@ class Vault:
         # budget per round, so thousands of jobs never delay the scheduler's cycles.
         self.runner.tick(budget_s=RUNNER_BUDGET_S)
         self.scheduler.tick()
+        self.drills.tick()
         if time.monotonic() - self._last_health >= self.settings.health_interval:
             self.monitor.tick()
             self._last_health = time.monotonic()
@@ -151,6 +188,8 @@ class Vault:
         """Seek the controller lease and, while holding it, run the background work (first
         resuming or failing the jobs a previous controller left). Without ``background``
         (tests) the lease is taken now and ``tick()`` does the rounds."""
+        if self.listener is not None:
+            self.listener.start()
         if self.settings.background:
             self.controller.start()
             return
@@ -160,6 +199,8 @@ class Vault:
     def stop(self) -> None:
         """Stop the background work and release the controller lease."""
         self.controller.stop()
+        if self.listener is not None:
+            self.listener.stop()
 
     def close(self) -> None:
         self.stop()

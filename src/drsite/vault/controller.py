@@ -326,11 +326,12 @@ class Controller:
 
     def __init__(self, lease: Lease, *, work: Callable[[], None],
                  on_elected: Callable[[], None], interval_s: float,
-                 kick: threading.Event | None = None) -> None:
+                 kick: threading.Event | None = None, min_interval_s: float = 0.0) -> None:
         self.lease = lease
         self.work = work
         self.on_elected = on_elected
         self.interval_s = interval_s
+        self.min_interval_s = min_interval_s
         self.kick = kick or threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -374,7 +375,6 @@ class Controller:
                 log.warning("controller election round failed: %s: %s", type(e).__name__,
                             str(e).splitlines()[0] if str(e) else "")
                 wait = min(1.0, self.lease.renew_every_s)
-            self.kick.set()  # the loop looks at the new state at once
             self._stop.wait(wait)
 
     def _loop(self) -> None:
@@ -386,5 +386,8 @@ class Controller:
                 pass  # the lease logged it; the loop waits for the next term
             except Exception:  # keep the vault alive; the next round tries again
                 log.exception("vault background loop failed; retrying")
-            self.kick.wait(self.interval_s)
+            # the next round after interval_s, or at once when kicked (a job was created, a
+            # command ended, the lease changed), but not more often than min_interval_s
+            self._stop.wait(self.min_interval_s)
+            self.kick.wait(max(0.0, self.interval_s - self.min_interval_s))
             self.kick.clear()

@@ -1,37 +1,50 @@
 """Health of items and agents, and the alerts raised from it.
 
 Item health (:func:`item_health`, pure):
-- **Critical**: a permanent failure (the vault's or the agent's report), or the item's
-  protection failed;
+- **Critical**: a permanent failure (the vault's or the agent's report), the item's
+  protection failed, or the newest recovery point cannot be restored and cannot be repaired
+  (``vault/scrub.py``);
 - **Warning**: the measured RPO (now − newest committed point) passed the policy's threshold,
   a resync is pending or running, a transient failure is being retried, the source agent misses
-  heartbeats, or the item has no policy;
+  heartbeats, the item has no policy, the newest point is damaged and being repaired, older
+  points are damaged (unrepairable, refused for failover; the newest is intact), or the last
+  scrub of the item's store failed;
 - **Normal** otherwise (also during initial replication: there is no RPO yet).
 
 An agent is up when its last heartbeat is younger than ``missed_heartbeats × heartbeat_interval``.
 
 Alerts (:class:`HealthMonitor`): one open alert per condition key (``rpo:ITEM``,
-``critical:ITEM``, ``agent_down:HOST``); raised when the condition starts, refreshed while it
-lasts (no duplicates), cleared when it ends. Acknowledging only marks it seen. Security alerts
-(``trust``) are raised by events, not conditions: they are cleared once acknowledged.
+``critical:ITEM``, ``agent_down:HOST``, ``drill:PLAN`` (``drill:group:GROUP``) while the latest
+drill of a plan (a group) failed,
+``store_damage:ITEM`` while damage found by a scrub or a verify is not critical,
+``replication_failing:ITEM`` after ``FAILING_AFTER`` transient failures in a row — a full or
+unreachable store, also during initial replication); raised when the condition starts,
+refreshed while it lasts (no duplicates), cleared when it ends. Acknowledging only marks it
+seen. Security alerts (``trust``) are raised by events, not conditions: they are cleared once
+acknowledged.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from drsite.core.states import LIVE_ITEM_STATUSES, ItemProtection
 from drsite.replication.report import Health, ItemState
+from drsite.vault import fencing
 from drsite.vault.audit import record_event
 from drsite.vault.db.database import Database
-from drsite.vault.db.models import Alert, Group, Host, Item, Policy
-from drsite.vault.itemfacts import ItemFacts, attach_reports, load_facts
+from drsite.vault.db.models import Alert, Drill, Group, Host, Item, Policy
+from drsite.vault.drills import drill_target
+from drsite.vault.itemfacts import ItemFacts, load_facts
+from drsite.vault.scrub import Damage, damage_of, damage_reasons
 from drsite.vault.settings import VaultSettings
 from drsite.vault.trust import SECURITY
 
+FAILING_AFTER = 2  # transient failures in a row that raise a replication_failing alert
 # an open alert's last_seen_at is refreshed at most this often (not a write per alert per pass)
 ALERT_SEEN_EVERY_S = 30.0
 
@@ -49,15 +62,10 @@ def agent_up(host: Host | None, now: float, settings: VaultSettings) -> bool:
             and now - host.last_heartbeat <= settings.agent_down_after_s)
 
 
-def needs_report(item: Item | ItemFacts) -> bool:
-    """Whether :func:`item_health` reads the agent's report of this item (to explain it)."""
-    return (item.critical_error is not None or item.state in (ItemState.CRITICAL.value,
-                                                              ItemState.RESYNC_REQUIRED.value))
-
-
-def item_health(item: Item | ItemFacts, policy: Policy | None, host_is_up: bool,
-                now: float) -> ItemHealth:
-    """The health of one item now, with the reasons an operator reads."""
+def item_health(item: Item | ItemFacts, policy: Policy | None, host_is_up: bool, now: float,
+                damage: Damage | None = None) -> ItemHealth:
+    """The health of one item now, with the reasons an operator reads (``damage``: its damaged
+    recovery points, :func:`drsite.vault.scrub.damage_of`)."""
     rpo = None if item.last_point_time is None else max(0.0, now - item.last_point_time)
     reasons: list[str] = []
     critical = False
@@ -93,17 +101,57 @@ def item_health(item: Item | ItemFacts, policy: Policy | None, host_is_up: bool,
     if not host_is_up and item.status in LIVE_ITEM_STATUSES:
         warn = True
         reasons.append("source agent is not sending heartbeats")
+    d_warn, d_crit, d_reasons = damage_reasons(item, damage)
+    warn, critical = warn or d_warn, critical or d_crit
+    reasons.extend(d_reasons)
+    scrub_err = (item.scrub or {}).get("error")
+    if scrub_err:
+        warn = True
+        reasons.append(f"the last scrub of the recovery store failed: {scrub_err.get('message')}")
+    issues = (item.report or {}).get("agent_issues") or []
+    if issues and item.status in LIVE_ITEM_STATUSES:
+        warn = True
+        reasons.extend(str(x) for x in issues)
     health = Health.CRITICAL if critical else Health.WARNING if warn else Health.NORMAL
     return ItemHealth(health, reasons, rpo, exceeded)
+
+
+def failed_drills(s: Session) -> dict[str, Drill]:
+    """Plans and groups whose latest finished drill failed, by drill target (the plan's name or
+    ``group:NAME``: the ``drill:TARGET`` alerts)."""
+    out: dict[str, Drill] = {}
+    for col in (Drill.plan, Drill.group):
+        latest = select(col.label("k"), func.max(Drill.started_at).label("t")).where(
+            Drill.state != "running", col.is_not(None)).group_by(col).subquery()
+        rows = s.scalars(select(Drill).join(latest, (col == latest.c.k)
+                                            & (Drill.started_at == latest.c.t))).all()
+        out.update({drill_target(plan=d.plan, group=d.group): d for d in rows
+                    if d.state == "failed"})
+    return out
+
+
+def _drill_reason(report: dict[str, Any]) -> str:
+    bad = [v for v in report.get("vms") or [] if not v.get("ok")]
+    return "; ".join(f"{v.get('vm')}: {v.get('reason') or 'not verified'}" for v in bad[:3]) \
+        or "see 'drsite drills show'"
+
+
+def _damage_message(item: Item | ItemFacts, d: Damage) -> str:
+    if d.newest_damaged:
+        return (f"recovery store damage in the newest point of {item.vm_name}: "
+                f"{d.points.get(d.newest or '', '')}; repairing from the source")
+    older = d.older
+    return (f"{len(older)} older recovery point(s) of {item.vm_name} cannot be restored "
+            f"({d.points[older[0]]}); failover to them is refused; the newest point is intact")
 
 
 class HealthMonitor:
     """Stores each item's health and keeps the alert table in step with conditions.
 
-    A pass reads (item columns as plain tuples, ``itemfacts``; hosts; policies) in a read
-    transaction, decides in Python, then writes in one short transaction only the items whose
-    health changed and the alerts. An item that changed in between is set right by the next
-    pass (every ``health_interval``)."""
+    A pass reads (item columns as plain tuples, ``itemfacts``; hosts; policies; damage; drills)
+    in a read transaction, decides in Python, then writes in one short transaction only the
+    items whose health changed, the fences' health and the alerts. An item that changed in
+    between is set right by the next pass (every ``health_interval``)."""
 
     def __init__(self, db: Database, settings: VaultSettings) -> None:
         self.db = db
@@ -124,11 +172,11 @@ class HealthMonitor:
                         "agent_down", "warning", h.name,
                         f"agent {h.name} missed heartbeats (last {now - h.last_heartbeat:.0f} s ago)")
             items = load_facts(s, Item.status.in_(LIVE_ITEM_STATUSES | {ItemProtection.FAILED}))
-            attach_reports(s, items, needs_report)
+            damage = damage_of(s)
             for item in items:
                 policy = policies.get(item.group_id)
                 ih = item_health(item, policy, agent_up(hosts.get(item.host_id), now, self.settings),
-                                 now)
+                                 now, damage.get(item.id))
                 if item.health != ih.health.value or item.health_reasons != ih.reasons:
                     changed[item.id] = ih
                 if item.status == ItemProtection.FAILED:
@@ -138,17 +186,60 @@ class HealthMonitor:
                         "rpo", "warning", item.vm_name,
                         f"RPO of {item.vm_name} is {ih.rpo_s:.0f} s "
                         f"(threshold {policy.rpo_threshold_s:.0f} s)")
+                d = damage.get(item.id)
+                if d is not None and d.points and ih.health is not Health.CRITICAL:
+                    conditions[f"store_damage:{item.id}"] = (
+                        "store_damage", "warning", item.vm_name, _damage_message(item, d))
+                failures = int((item.retry or {}).get("failures") or 0)
+                if failures >= FAILING_AFTER and ih.health is not Health.CRITICAL:
+                    msg = ((item.retry or {}).get("last_error") or {}).get("message", "")
+                    what = "initial replication" if item.status == ItemProtection.ENABLING \
+                        else "replication"
+                    conditions[f"replication_failing:{item.id}"] = (
+                        "replication_failing", "warning", item.vm_name,
+                        f"{what} of {item.vm_name} failed {failures} times in a row: {msg}")
                 if ih.health is Health.CRITICAL:
                     conditions[f"critical:{item.id}"] = (
                         "critical", "critical", item.vm_name,
                         f"{item.vm_name} is critical: {'; '.join(ih.reasons)}")
+            for target, drill in failed_drills(s).items():
+                rep = dict(drill.report or {})
+                what = (f"recovery plan {drill.plan}" if drill.plan is not None
+                        else f"protection group {drill.group}")
+                conditions[f"drill:{target}"] = (
+                    "drill", "critical", drill.plan or f"group {drill.group}",
+                    f"the last drill of {what} failed ({drill.id}): "
+                    f"{rep.get('error') or _drill_reason(rep)}")
         with self.db.tx() as s:
+            unfenced = fencing.unfenced(s)
             for item_id in sorted(changed):  # id order, like heartbeats and the scheduler
+                if item_id in unfenced:
+                    continue  # its health is the fence's (below)
                 ih = changed[item_id]
                 s.execute(update(Item).where(Item.id == item_id)
                           .values(health=ih.health.value, health_reasons=ih.reasons)
                           .execution_options(synchronize_session=False))
+            self._fences(s, conditions, unfenced)
             self._sync_alerts(s, conditions, now)
+
+    @staticmethod
+    def _fences(s: Session, conditions: dict[str, tuple[str, str, str, str]],
+                unfenced: dict[str, tuple[Item, Any, str]]) -> None:
+        """Items in a failover: Critical while the old primary is not known to be fenced
+        (``fencing.unfenced``), back to Normal once it is."""
+        for item_id, (item, _fo, issue) in unfenced.items():
+            reasons = [issue]
+            if item.health != Health.CRITICAL.value or item.health_reasons != reasons:
+                item.health = Health.CRITICAL.value
+                item.health_reasons = reasons
+            conditions[f"critical:{item_id}"] = ("critical", "critical", item.vm_name,
+                                                 f"{item.vm_name}: {issue}")
+        for item in s.scalars(select(Item).where(Item.status.in_(fencing.FENCED_STATUSES),
+                                                 Item.health == Health.CRITICAL.value)):
+            if item.id not in unfenced and item.health_reasons \
+                    and str(item.health_reasons[0]).startswith(fencing.WARNING):
+                item.health = Health.NORMAL.value
+                item.health_reasons = []
 
     def _sync_alerts(self, s: Session, conditions: dict[str, tuple[str, str, str, str]],
                      now: float) -> None:

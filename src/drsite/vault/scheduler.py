@@ -12,6 +12,9 @@ own facts:
   policy's resync window (by hand, the Resync job sends it at once);
 - never more than one outstanding replication command (protect, cycle, resync) per item;
 - ``retention`` hourly (own command, one outstanding at most);
+- ``scrub`` of the item's recovery store every ``policy.scrub_interval_s``, sent to the host
+  that reads the store cheaply, and a repair ``resync`` (compared with what the store can
+  restore) when a scrub found the newest point damaged (rules in ``vault/scrub.py``);
 - after a failed command: transient → next attempt after 1, 2, 4, 8, 10 min, then every 30 min
   (:class:`drsite.core.retry.RetryState`, kept in the item row so a restart keeps the schedule);
   permanent → the item goes Critical and nothing more is sent until an operator resyncs by hand.
@@ -27,7 +30,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, or_, select, update
+from sqlalchemy import ColumnElement, false, or_, select, true, update
 from sqlalchemy.orm import Session
 
 from drsite.core.errors import CorruptData, TrackingLost, from_dict
@@ -36,13 +39,15 @@ from drsite.core.retry import RetryState
 from drsite.core.states import OPEN_COMMAND_STATUSES, CommandStatus, ItemProtection
 from drsite.replication.planner import Action, PlanInput, app_consistent_due, next_cycle_at, plan
 from drsite.replication.report import ItemState
-from drsite.vault import commands
+from drsite.vault import commands, storeacl
+from drsite.vault import scrub as scrubbing
 from drsite.vault.audit import record_event
 from drsite.vault.db.database import Database
 from drsite.vault.db.models import Command, Group, Host, Item, Policy
 from drsite.vault.ids import new_id
-from drsite.vault.itemfacts import ItemFacts, attach_reports, load_facts
-from drsite.vault.policies import parse_window
+from drsite.vault.itemfacts import ItemFacts, load_facts
+from drsite.vault.policies import agent_settings, parse_window
+from drsite.vault.retries import early_retry, store_sites_up
 from drsite.vault.settings import VaultSettings
 
 log = logging.getLogger(__name__)
@@ -73,7 +78,11 @@ def preload_policies(s: Session) -> list[object]:
 
 
 def apply_result(s: Session, cmd: Command, now: float) -> None:
-    """Digest the end of a scheduler command (no job): retry bookkeeping and Critical."""
+    """Digest the end of a scheduler command (no job): retry bookkeeping and Critical; scrub
+    reports (``vault/scrub.py``)."""
+    if cmd.kind == "scrub" and cmd.item_id is not None and cmd.job_id is None:
+        _apply_scrub(s, cmd, now)
+        return
     if cmd.job_id is not None or cmd.item_id is None or cmd.kind not in ("cycle", "resync", "retention"):
         return
     item = s.get(Item, cmd.item_id)
@@ -104,6 +113,19 @@ def apply_result(s: Session, cmd: Command, now: float) -> None:
     item.updated_at = now
 
 
+def _apply_scrub(s: Session, cmd: Command, now: float) -> None:
+    item = s.get(Item, cmd.item_id)
+    if item is None:
+        return
+    host = s.get(Host, cmd.host_id)
+    name = host.name if host is not None else cmd.host_id
+    if cmd.status == CommandStatus.SUCCEEDED:
+        scrubbing.apply_scrub(s, item, dict((cmd.result or {}).get("scrub") or {}), name, now)
+    elif cmd.status == CommandStatus.FAILED:
+        log.warning("scrub of %s on %s failed: %s", item.id, name, (cmd.error or {}).get("message"))
+        scrubbing.apply_scrub_failure(item, dict(cmd.error or {}), name, now)
+
+
 @dataclass
 class _Due:
     """One command the scheduler decided to send, and the item fields that go with it."""
@@ -118,10 +140,11 @@ class _Due:
 class Scheduler:
     """Sends replication commands on time. ``tick()`` is called by the vault's loop or tests.
 
-    A tick reads in set-based queries (open commands of all items; the policies; the protected
-    items' columns as plain tuples, ``itemfacts``) outside any write transaction, decides in
-    Python, then writes only the due commands and their items in one short transaction (items
-    in id order, so it does not dead-lock with heartbeats on PostgreSQL)."""
+    A tick reads in set-based queries (the policies; the columns, as plain tuples
+    (``itemfacts``), of only the protected items that may need something now; their open
+    commands) outside any write transaction, decides in Python, then writes only the due
+    commands and their items in one short transaction (items in id order, so it does not
+    dead-lock with heartbeats on PostgreSQL)."""
 
     def __init__(self, db: Database, settings: VaultSettings) -> None:
         self.db = db
@@ -137,32 +160,48 @@ class Scheduler:
             items = [f for f in load_facts(s, *self._candidates(now)) if f.group_id in policies]
             if not items:
                 return []
-            # "has a point" needs the report only while no point time is known (rare)
-            attach_reports(s, items, lambda f: f.last_point_time is None)
             open_kinds = _open_kinds(s, [f.id for f in items] if len(items) <= 500 else None)
+            stores_up = store_sites_up(s, now, self.settings.agent_down_after_s)
             due: list[_Due] = []
             for item in items:
-                due.extend(self._item(item, policies[item.group_id],
-                                      open_kinds.get(item.id, set()), now))
+                policy = policies[item.group_id]
+                kinds = open_kinds.get(item.id, set())
+                for d in self._item(item, policy, kinds, now, item.target_site_id in stores_up):
+                    if d.kind == "retention":  # a site store's own agent runs it
+                        row = s.get(Item, item.id)
+                        if row is None:
+                            continue
+                        d.host_id, d.args = storeacl.retention_target(s, row,
+                                                                      agent_settings(policy))
+                    due.append(d)
+                due.extend(_scrub(s, item, policy, kinds, now))
         if not due:
             return []
         return self._write(due, now)
 
     def _candidates(self, now: float) -> tuple[ColumnElement[bool], ...]:
         """The protected items this tick may send something to — a superset of what
-        :meth:`_item` decides, so most items (their next cycle not due yet) are not even read:
-        a replication state other than protected (resync, initial, critical: the planner
-        decides), a transient failure on record, a cycle due (``last_cycle_sent_at +
-        frequency <= now``: the anchor rule of ``next_cycle_at``), or retention due."""
-        policy_freq = (select(Policy.frequency_s).join(Group, Group.policy_id == Policy.id)
-                       .where(Group.id == Item.group_id).scalar_subquery())
+        :meth:`_item` and :func:`_scrub` decide, so most items (nothing due yet) are not even
+        read: a replication state other than protected (resync, initial, critical: the planner
+        decides), a transient failure on record, a cycle due (``last_cycle_sent_at + frequency
+        <= now``: the anchor rule of ``next_cycle_at``), retention due, a scrub pass due or
+        going on, or a repair the last scrub asked for."""
+        def of_policy(col: Any) -> Any:
+            return (select(col).join(Group, Group.policy_id == Policy.id)
+                    .where(Group.id == Item.group_id).scalar_subquery())
+
+        scrub_every = of_policy(Policy.scrub_interval_s)
         return (Item.status == ItemProtection.PROTECTED, Item.active_job_id.is_(None),
                 or_(Item.state != ItemState.PROTECTED.value,
                     Item.retry["failures"].as_integer() > 0,
                     Item.last_cycle_sent_at.is_(None),
-                    Item.last_cycle_sent_at + policy_freq <= now,
+                    Item.last_cycle_sent_at + of_policy(Policy.frequency_s) <= now,
                     Item.last_retention_at.is_(None),
-                    Item.last_retention_at <= now - self.settings.retention_every_s))
+                    Item.last_retention_at <= now - self.settings.retention_every_s,
+                    scrub_every.is_not(None) & Item.last_point_time.is_not(None)
+                    & (Item.last_scrub_at.is_(None) | (Item.last_scrub_at + scrub_every <= now)),
+                    Item.scrub["complete"].as_boolean() == false(),
+                    Item.scrub["latest_damaged"].as_boolean() == true()))
 
     def _write(self, due: list[_Due], now: float) -> list[Command]:
         """Insert the due commands and update their items, re-checking (inside the write
@@ -206,9 +245,13 @@ class Scheduler:
             self._windows[key] = hit
         return hit
 
-    def _plan(self, item: ItemFacts, policy: Policy, now: float) -> tuple[Action, float]:
-        """The planner's action and the time the next cycle is (was) due."""
+    def _plan(self, item: ItemFacts, policy: Policy, now: float,
+              store_up: bool = False) -> tuple[Action, float]:
+        """The planner's action and the time the next cycle is (was) due. ``store_up``: an
+        agent serving the item's recovery store is up (see :func:`early_retry`)."""
         retry = RetryState.from_dict(item.retry) if item.retry else RetryState()
+        if early_retry(retry, store_up, now, self.settings.heartbeat_interval):
+            retry.next_attempt_at = now
         report = item.report or {}
         nxt = next_cycle_at(item.last_cycle_sent_at, policy.frequency_s, now)
         if retry.failures and retry.due(now):
@@ -222,11 +265,21 @@ class Scheduler:
             cycle_in_flight=False)
         return plan(pi).action, nxt
 
-    def _item(self, item: ItemFacts, policy: Policy, open_kinds: set[str],
-              now: float) -> list[_Due]:
+    def _item(self, item: ItemFacts, policy: Policy, open_kinds: set[str], now: float,
+              store_up: bool = False) -> list[_Due]:
         out: list[_Due] = []
-        if not open_kinds.intersection(commands.REPLICATION_KINDS):
-            action, due_at = self._plan(item, policy, now)
+        repair = scrubbing.repair_due(item)
+        if repair is not None and not open_kinds.intersection(commands.REPLICATION_KINDS) \
+                and effective_state(item) is not ItemState.CRITICAL:
+            # the newest point is damaged in the store: re-send it from the source (the resync
+            # compares the source with what the store can restore), before any new cycle
+            sc = dict(item.scrub or {})
+            out.append(_Due(item.id, item.host_id, "resync",
+                            {"by_hand": False, "from_store": True, "reason": repair},
+                            {"scrub": {**sc, "repair_for": sc.get("latest_point"),
+                                       "repair_sent_at": now}}))
+        elif not open_kinds.intersection(commands.REPLICATION_KINDS):
+            action, due_at = self._plan(item, policy, now, store_up)
             if action is Action.DELTA:
                 last_app = max(item.last_app_point_time or 0.0, item.last_app_cycle_at or 0.0) or None
                 app = app_consistent_due(last_app, policy.app_consistent_every_s, now)
@@ -243,6 +296,24 @@ class Scheduler:
                 and "retention" not in open_kinds:
             out.append(_Due(item.id, item.host_id, "retention", {}, {"last_retention_at": now}))
         return out
+
+
+def _scrub(s: Session, item: ItemFacts, policy: Policy, open_kinds: set[str],
+           now: float) -> list[_Due]:
+    """A ``scrub`` for the item's store host when a pass is due or goes on (one open at most)."""
+    if "scrub" in open_kinds:
+        return []
+    new_pass = scrubbing.scrub_due(item, policy, now)
+    if new_pass is None:
+        return []
+    row = s.get(Item, item.id)
+    if row is None:
+        return []
+    host, spec = scrubbing.scrub_host(s, row)
+    if host is None:
+        return []
+    args = scrubbing.scrub_args(policy, spec, storeacl.existing_point_key(s, item.id))
+    return [_Due(item.id, host.id, "scrub", args, {"last_scrub_at": now} if new_pass else {})]
 
 
 def _open_kinds(s: Session, item_ids: list[str] | None) -> dict[str, set[str]]:

@@ -24,7 +24,7 @@ from drsite.core.errors import InvalidInput, NotFound
 from drsite.core.model import validate_name
 from drsite.core.states import ItemProtection
 from drsite.store.factory import StoreSpec
-from drsite.vault import commands
+from drsite.vault import commands, storeacl
 from drsite.vault.db.models import Group, Item, Policy, Site, Store
 from drsite.vault.policies import agent_settings
 
@@ -136,7 +136,8 @@ def push_spec(s: Session, row: Store, now: float) -> int:
             site = s.get(Site, item.target_site_id)
             args: dict[str, Any] = {"vm_id": item.vm_id, "target_site": site.name if site else "",
                                     "store_url": CLOUD_STORE_URL + row.name, "store": spec,
-                                    "settings": agent_settings(policy) if policy else {}}
+                                    "settings": agent_settings(policy) if policy else {},
+                                    "point_key": storeacl.point_key(s, item.id, now)}
             commands.enqueue(s, host_id=item.host_id, kind="protect", item_id=item.id,
                              args=args, now=now)
             n += 1

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from drsite.core.errors import InvalidInput
+from drsite.core.errors import InvalidInput, PointNotAuthentic, from_dict
 from drsite.core.retention import PointStamp, RetentionRule, points_to_keep, rule_for_hours
 from drsite.core.states import CommandStatus
 from drsite.vault.audit import AuditEntry, record_audit, record_event
@@ -91,11 +91,13 @@ def refuse_report(s: Session, host: Host, item_id: str, item: Item | None, now: 
 
 
 def _ordered_delete_all(s: Session, item: Item) -> bool:
-    """The vault ordered every point of the item deleted (``unprotect`` with delete_points)."""
-    for args in s.scalars(select(Command.args).where(Command.item_id == item.id,
-                                                     Command.kind == "unprotect",
-                                                     Command.status.in_(ORDERED_STATES))):
-        if isinstance(args, dict) and args.get("delete_points") is True:
+    """The vault ordered every point of the item deleted (``unprotect`` with delete_points, or
+    the store-side ``retention`` with ``delete_all`` that goes with it on a site store)."""
+    for kind, args in s.execute(select(Command.kind, Command.args).where(
+            Command.item_id == item.id, Command.kind.in_(("unprotect", "retention")),
+            Command.status.in_(ORDERED_STATES))):
+        flag = "delete_points" if kind == "unprotect" else "delete_all"
+        if isinstance(args, dict) and args.get(flag) is True:
             return True
     return False
 
@@ -228,3 +230,20 @@ def record_store_audit(s: Session, host: Host, entries: list[StoreAudit], now: f
                    "of items its store does not hold; they were recorded as refused")
         if raise_security_alert(s, now, f"untrusted_audit:{host.id}", host.name, message):
             log.warning("%s", message)
+
+
+def alert_not_authentic(s: Session, host: Host, cmd: Command, now: float) -> None:
+    """A command that failed because a recovery point is not authentic: security alert and
+    audit entry (the agent refused the point; someone wrote the store without the key)."""
+    if cmd.status != CommandStatus.FAILED or not cmd.error:
+        return
+    err = from_dict(cmd.error)
+    if err.code != PointNotAuthentic.code:
+        return
+    message = (f"{cmd.kind} of item {cmd.item_id} on host {host.name} refused a recovery point "
+               f"that is not authentic: {err.message}")
+    raise_security_alert(s, now, f"point_not_authentic:{cmd.item_id}", str(cmd.item_id), message)
+    record_audit(s, AuditEntry(at=now, actor_kind="host", actor=host.id,
+                               action=f"agent.{cmd.kind}", target=f"item={cmd.item_id}",
+                               outcome="refused", error_code=PointNotAuthentic.code,
+                               detail={"command_id": cmd.id, "message": err.message[:500]}))

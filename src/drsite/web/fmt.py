@@ -93,7 +93,8 @@ STATE_CLASSES: dict[str, str] = {
     ItemProtection.PROTECTED: "ok", ItemState.INITIAL_REPLICATION: "run",
     ItemState.RESYNCING: "run", ItemProtection.ENABLING: "run", ItemState.RESYNC_REQUIRED: "warn",
     ItemProtection.FAILING_OVER: "run", ItemProtection.FAILED_OVER: "warn",
-    NOT_PROTECTED: "warn", ItemState.CRITICAL: "crit"}
+    NOT_PROTECTED: "warn", ItemState.CRITICAL: "crit",
+    "passed": "ok"}  # a drill (running and failed are the job states' words)
 
 
 def badge(value: Any, kind: str = "state") -> Markup:

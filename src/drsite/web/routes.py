@@ -43,7 +43,7 @@ SESSION_MAX_AGE_S = 12 * 3600
 MAX_FORM_BYTES = 16 * 1024
 NAV = (("overview", "/ui", "Overview"), ("vms", "/ui/vms", "Protected VMs"),
        ("jobs", "/ui/jobs", "Jobs"), ("plans", "/ui/plans", "Recovery plans"),
-       ("alerts", "/ui/alerts", "Alerts"))
+       ("drills", "/ui/drills", "Drills"), ("alerts", "/ui/alerts", "Alerts"))
 ADMIN_NAV = (("audit", "/ui/audit", "Audit"),)  # shown to admins only (the page is admin only)
 
 
@@ -82,6 +82,12 @@ PLAN_ACTIONS: dict[str, tuple[str, str, bool]] = {
         "Reverses replication: the failed-over VMs replicate back to the original site, resyncing "
         "against the old primary disks so that only differences travel.", True),
 }
+VERIFY_WHAT = ("Reads the chosen recovery points whole from the recovery store, on the host that "
+               "serves it, checking every piece of data against its hash, and records each disk's "
+               "digest. A point that cannot be restored exactly is marked damaged and refused for "
+               "failover (the job fails); a point proven whole loses an earlier damage mark. "
+               "Replication goes on meanwhile; nothing is changed in the store.")
+VERIFY_CHOICES = (("latest", "The newest recovery point"), ("all", "Every kept recovery point"))
 POINT_CHOICES = (("latest", "Latest recovery point (lowest RPO)"),
                  ("latest_app", "Latest app-consistent recovery point"))
 POINT_ACTIONS = ("test_failover", "unplanned_failover")
@@ -261,6 +267,33 @@ def item_fragment(request: Request, item_id: str, window: str | None = None) -> 
                  lambda v, u: data.item_page(v, u, item_id, window), True)
 
 
+def _drills_ctx(v: Vault, u: WebUser, plan: str | None, group: str | None) -> dict[str, Any]:
+    return {"drills": data.drills(v, u, plan, group), "plan": plan or "", "group": group or ""}
+
+
+@router.get("/ui/drills")
+def drills(request: Request, plan: str | None = None, group: str | None = None) -> Response:
+    return _view(request, "drills.html", "drills", lambda v, u: _drills_ctx(v, u, plan, group))
+
+
+@router.get("/ui/f/drills")
+def drills_fragment(request: Request, plan: str | None = None,
+                    group: str | None = None) -> Response:
+    return _view(request, "fragments/drills.html", "drills",
+                 lambda v, u: _drills_ctx(v, u, plan, group), True)
+
+
+@router.get("/ui/drills/{drill_id}")
+def drill(request: Request, drill_id: str) -> Response:
+    return _view(request, "drill.html", "drills", lambda v, u: {"drill": data.drill(v, u, drill_id)})
+
+
+@router.get("/ui/f/drills/{drill_id}")
+def drill_fragment(request: Request, drill_id: str) -> Response:
+    return _view(request, "fragments/drill.html", "drills",
+                 lambda v, u: {"drill": data.drill(v, u, drill_id)}, True)
+
+
 def _jobs_ctx(v: Vault, u: WebUser, state: str | None, kind: str | None,
               cursor: str | None) -> dict[str, Any]:
     jobs_page = data.jobs(v, u, state, kind, cursor)
@@ -390,6 +423,21 @@ def _job_confirm(job_id: str, action: str) -> dict[str, Any]:
                         f"/ui/jobs/{quote(job_id)}/resume", f"/ui/jobs/{quote(job_id)}", False)
 
 
+def _verify_confirm(item_id: str) -> dict[str, Any]:
+    return _confirm_ctx(f"Verify the recovery points of item {item_id}", "verify",
+                        VERIFY_WHAT, f"/ui/items/{quote(item_id)}/verify",
+                        f"/ui/items/{quote(item_id)}", False, VERIFY_CHOICES)
+
+
+@router.get("/ui/items/{item_id}/verify")
+def verify_confirm(request: Request, item_id: str) -> Response:
+    def build(v: Vault, u: WebUser) -> dict[str, Any]:
+        data.item(v, u, item_id)  # 404 for an unknown item, as the page
+        return _verify_confirm(item_id)
+
+    return _view(request, "confirm.html", "vms", build)
+
+
 @router.get("/ui/plans/{name}/{action}")
 def plan_action_confirm(request: Request, name: str, action: str) -> Response:
     return _view(request, "confirm.html", "plans", lambda v, u: _plan_confirm(name, action))
@@ -456,6 +504,17 @@ async def plan_action(request: Request, name: str, action: str) -> Response:
         return f"/ui/jobs/{quote(job_id)}"
 
     return await _act(request, confirm, "plans", run)
+
+
+@router.post("/ui/items/{item_id}/verify")
+async def verify(request: Request, item_id: str) -> Response:
+    def run(vault: Vault, user: WebUser, form: dict[str, str]) -> str:
+        which = form.get("point", "latest")
+        if which not in dict(VERIFY_CHOICES):
+            raise InvalidInput(f"unknown choice {which!r}: verify the newest point or all points")
+        return f"/ui/jobs/{quote(data.start_verify(vault, user, item_id, which))}"
+
+    return await _act(request, _verify_confirm(item_id), "vms", run)
 
 
 @router.post("/ui/jobs/{job_id}/{action}")

@@ -15,17 +15,20 @@ from drsite.vault import commands
 from drsite.vault.api.deps import Operator, Reader, VaultDep, name
 from drsite.vault.api.inventory import get_site
 from drsite.vault.api.paging import DEFAULT_LIMIT, Key, page
-from drsite.vault.api.schemas import GroupIn, GroupUpdate, ItemIn, MatchIn, PolicyIn
+from drsite.vault.api.schemas import GroupIn, GroupUpdate, ItemIn, MatchIn, PolicyIn, VerifyIn
 from drsite.vault.api.views import group_view, item_view, policy_view, site_names
 from drsite.vault.audit import record_event
-from drsite.vault.db.models import Group, Host, Item, Point, Policy, Vm
+from drsite.vault.db.models import Group, Host, Item, Job, Point, Policy, Task, Vm
 from drsite.vault.jobs.create import (
     start_disable_protection,
     start_enable_protection,
     start_policy_association,
     start_resync,
+    start_verify,
 )
+from drsite.vault.jobs.plan import VERIFY
 from drsite.vault.policies import PolicyValues, agent_settings, apply_values
+from drsite.vault.recovery_plans import validate_drill
 from drsite.vault.scheduler import preload_policies
 from drsite.vault.stores import check_encryption, get_store
 
@@ -40,7 +43,9 @@ def _values(body: PolicyIn) -> PolicyValues:
                         initial_replication_start=body.initial_replication_start,
                         compression=body.compression, encryption=body.encryption,
                         bandwidth_limit_bps=body.bandwidth_limit_bps,
-                        resync_window=body.resync_window, rpo_threshold_s=body.rpo_threshold_s).check()
+                        resync_window=body.resync_window, rpo_threshold_s=body.rpo_threshold_s,
+                        scrub_interval_s=body.scrub_interval_s,
+                        scrub_rate_bps=body.scrub_rate_bps).check()
 
 
 def get_policy(s: Session, policy_name: str) -> Policy:
@@ -154,7 +159,7 @@ def create_group(body: GroupIn, vault: VaultDep, _p: Operator) -> dict[str, Any]
         cloud = get_store(s, body.store) if body.store is not None else None
         g = Group(name=group_name, site_id=site.id, target_site_id=target.id,
                   policy_id=policy.id if policy else None, match=match, created_at=now,
-                  store_id=cloud.id if cloud else None)
+                  store_id=cloud.id if cloud else None, drill=_drill(group_name, body.drill))
         check_encryption(s, g, policy)
         s.add(g)
         s.flush()
@@ -170,7 +175,8 @@ def show_group(group: str, vault: VaultDep, _p: Reader) -> dict[str, Any]:
 
 
 @router.put("/groups/{group}",
-            summary="Change a group's policy or match (policy change: PolicyAssociation job)")
+            summary="Change a group's policy, match, store or drill schedule (policy change: "
+                    "PolicyAssociation job)")
 def update_group(group: str, body: GroupUpdate, vault: VaultDep, _p: Operator) -> dict[str, Any]:
     now = vault.settings.clock.now()
     fields = body.model_fields_set
@@ -182,6 +188,12 @@ def update_group(group: str, body: GroupUpdate, vault: VaultDep, _p: Operator) -
             _set_store(s, g, body.store, now)
         if match is not None and match != g.match:
             g.match = match
+        if "drill" in fields:
+            drill = _drill(g.name, body.drill)
+            if drill != g.drill:
+                g.drill = drill
+                record_event(s, now, "group", g.name,
+                             f"drill every {drill['every_s']:.0f} s" if drill else "no drill")
         if "policy" in fields:
             policy = get_policy(s, body.policy) if body.policy is not None else None
             new_id = policy.id if policy else None
@@ -197,6 +209,11 @@ def update_group(group: str, body: GroupUpdate, vault: VaultDep, _p: Operator) -
         if "store" in fields and "policy" not in fields:
             check_encryption(s, g, s.get(Policy, g.policy_id) if g.policy_id else None)
         return {**group_view(s, g, site_names(s)), "job_id": job.id if job else None}
+
+
+def _drill(group_name: str, spec: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A group's drill schedule, validated as a plan's (``recovery_plans.validate_drill``)."""
+    return validate_drill(spec, f"group {group_name}, drill") if spec is not None else None
 
 
 def _set_store(s: Session, g: Group, store_name: str | None, now: float) -> None:
@@ -372,4 +389,30 @@ def points(item_id: str, vault: VaultDep, _p: Reader, since: float | None = None
             q = q.where(Point.created_at >= since)
         if consistency is not None:
             q = q.where(Point.consistency == _choice("consistency", consistency, ["crash", "app"]))
-        return page(s, q, POINT_ORDER, limit=limit, cursor=cursor, view=lambda p: dict(p.info))
+        return page(s, q, POINT_ORDER, limit=limit, cursor=cursor,
+                    view=lambda p: {**dict(p.info), "damage": p.damage})
+
+
+@router.post("/items/{item_id}/verify", status_code=status.HTTP_202_ACCEPTED,
+             summary="Prove recovery points restore to their manifests (Verify job)")
+def verify(item_id: str, body: VerifyIn, vault: VaultDep, _p: Operator) -> dict[str, Any]:
+    now = vault.settings.clock.now()
+    with vault.db.tx() as s:
+        job = start_verify(s, get_item(s, item_id), point=body.point, all_points=body.all,
+                           now=now)
+        return {"job_id": job.id}
+
+
+@router.get("/items/{item_id}/verifications/{job_id}",
+            summary="The report of a Verify job (per point and disk)")
+def verification(item_id: str, job_id: str, vault: VaultDep, _p: Reader) -> dict[str, Any]:
+    with vault.db.read() as s:
+        item = get_item(s, item_id)
+        job = s.get(Job, job_id)
+        if job is None or job.item_id != item.id or job.kind != VERIFY:
+            raise NotFound(f"no verification {job_id!r} of item {item.id}",
+                           hint=f"Start one: drsite items verify {item.id}")
+        task = s.scalars(select(Task).where(Task.job_id == job.id)).first()
+        report = dict((task.data or {}).get("report") or {}) if task is not None else {}
+        return {"job_id": job.id, "state": job.state, "message": job.message,
+                "error": job.error, "report": report}

@@ -27,7 +27,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from drsite.core.states import CommandStatus, FailoverState, ItemProtection, JobState, TaskState
 from drsite.replication.report import Health
-from drsite.vault.db.sealed import STORE_SPEC_PATHS, SealedJSON
+from drsite.vault.db.sealed import COMMAND_ARG_PATHS, SealedJSON
 from drsite.vault.db.types import EnumText
 
 NAMING = {
@@ -81,6 +81,8 @@ class Host(Base):
     version: Mapped[str] = mapped_column(String(64), default="")
     store_url: Mapped[str | None] = mapped_column(String(256), nullable=True)
     revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # digest of the store access list the agent last said it holds (migration 0005)
+    store_acl_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class Vm(Base):
@@ -115,6 +117,12 @@ class Policy(Base):
     rpo_threshold_s: Mapped[float] = mapped_column(Float)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+    # scrub of the items' recovery stores (migration 0006): a pass every interval (null: never),
+    # paced to the rate (null: unpaced)
+    scrub_interval_s: Mapped[float | None] = mapped_column(Float, nullable=True,
+                                                           server_default="86400")
+    scrub_rate_bps: Mapped[int | None] = mapped_column(BigInteger, nullable=True,
+                                                       server_default=str(32 << 20))
 
 
 class Group(Base):
@@ -131,6 +139,8 @@ class Group(Base):
     created_at: Mapped[float] = mapped_column(Float)
     # a cloud recovery store (S3/Azure) instead of the target site's agent store (migration 0003)
     store_id: Mapped[int | None] = mapped_column(ForeignKey("stores.id"), nullable=True)
+    # a drill schedule over the group's protected VMs (migration 0006; vault/drills.py)
+    drill: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class Item(Base):
@@ -172,6 +182,9 @@ class Item(Base):
     origin_item_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     failover_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     vm_spec: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # scrub (migration 0006): when the current pass was started, and the last report's summary
+    last_scrub_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    scrub: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class Point(Base):
@@ -187,6 +200,9 @@ class Point(Base):
     consistency: Mapped[str] = mapped_column(String(16))
     bytes_written: Mapped[int] = mapped_column(BigInteger)
     info: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # set when a scrub or a verify found the point cannot be restored (migration 0006):
+    # {"reason", "found_at", "by", "objects"}; failover refuses such a point
+    damage: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
 
 
 class Job(Base):
@@ -244,8 +260,8 @@ class Command(Base):
     item_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     kind: Mapped[str] = mapped_column(String(32))
-    # a cloud store's spec in the arguments has its credentials and keys sealed at rest
-    args: Mapped[dict[str, Any]] = mapped_column(SealedJSON("commands.args", STORE_SPEC_PATHS))
+    # a cloud store's credentials and keys and an item's point key are sealed at rest
+    args: Mapped[dict[str, Any]] = mapped_column(SealedJSON("commands.args", COMMAND_ARG_PATHS))
     status: Mapped[CommandStatus] = mapped_column(EnumText(CommandStatus, 16))
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
@@ -388,8 +404,38 @@ class RecoveryPlan(Base):
     updated_at: Mapped[float] = mapped_column(Float)
 
 
+class PointKey(Base):
+    """An item's point key (``drsite.store.auth``): 32 random bytes, base64, sealed at rest.
+    Given to the item's source agent (``protect``), its recovery agent (the store access list)
+    and in failover commands; never in an API response. No foreign key: a reverse item's key
+    exists before its row (``reprotect_seed`` writes its base). Migration 0005."""
+
+    __tablename__ = "point_keys"
+    item_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key: Mapped[str] = mapped_column(SealedJSON("point_keys.key"))
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Drill(Base):
+    """One drill (migration 0006): a test failover of a recovery plan — or of a protection
+    group's VMs (``group``; ``plan`` is then null) — verified, booted, probed and cleaned up.
+    ``state``: running, passed, failed; ``trigger``: schedule or hand; ``report``: per VM
+    point, RPO, RTO, verification and probe (``vault.drills``)."""
+
+    __tablename__ = "drills"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    plan: Mapped[str | None] = mapped_column(String(64), index=True, nullable=True)
+    group: Mapped[str | None] = mapped_column(String(64), index=True, nullable=True)
+    job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    state: Mapped[str] = mapped_column(String(16))
+    trigger: Mapped[str] = mapped_column(String(16))
+    report: Mapped[dict[str, Any]] = mapped_column(JSON)
+    started_at: Mapped[float] = mapped_column(Float)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
 class ControllerLease(Base):
-    """A lease with an epoch (migration 0006): ``name`` ``controller`` is held by the one vault
+    """A lease with an epoch (migration 0007): ``name`` ``controller`` is held by the one vault
     process that runs the background work (``vault/controller.py``). ``epoch`` grows by one at
     every acquisition (never at a renewal): a controller's writes check, in their own
     transaction, that the row still names its ``holder`` at its ``epoch`` — the fencing token.

@@ -130,9 +130,12 @@ class SealedColumn:
 
 
 STORE_SPEC_PATHS: tuple[Path_, ...] = (("store", "secret"), ("store", "keys"))
+# the secrets a command's arguments may carry: a cloud store's spec, an item's point key
+COMMAND_ARG_PATHS: tuple[Path_, ...] = (*STORE_SPEC_PATHS, ("point_key",), ("rev_point_key",))
 
 SEALED_COLUMNS = (
     SealedColumn("stores", "id", "secret"),            # cloud credentials
     SealedColumn("stores", "id", "keys"),              # data-encryption keys
-    SealedColumn("commands", "id", "args", STORE_SPEC_PATHS),  # the store spec agents receive
+    SealedColumn("commands", "id", "args", COMMAND_ARG_PATHS),  # what agents receive
+    SealedColumn("point_keys", "item_id", "key"),      # items' point keys (store/auth.py)
 )

@@ -26,6 +26,7 @@ from drsite.vault.ids import new_id
 from drsite.vault.jobs import plan as P
 from drsite.vault.jobs.plan import ASSOCIATE, DISABLE, ENABLE, RESYNC, TASK_PLAN
 from drsite.vault.membership import active_item_for_vm, vm_ref
+from drsite.vault.scrub import failover_point
 
 
 def create_job(s: Session, kind: str, *, target: str, item_id: str | None,
@@ -108,11 +109,36 @@ def start_resync(s: Session, item: Item, *, now: float) -> Job:
     return job
 
 
+def start_verify(s: Session, item: Item, *, point: str | None, all_points: bool,
+                 now: float) -> Job:
+    """A Verify job of the item's latest point, of ``point``, or of every point. It does not
+    hold the item (it only reads its store)."""
+    if item.status in (ItemProtection.REMOVED, ItemProtection.FAILED):
+        raise Conflict(f"item {item.id} is {item.status}; its store is not verified any more")
+    if point is not None and all_points:
+        raise InvalidInput("give a point or ask for all points, not both")
+    points: str | list[str] = "all" if all_points else \
+        [validate_name("point", point)] if point else "latest"
+    return create_job(s, P.VERIFY, target=item.vm_name, item_id=item.id,
+                      args={"points": points}, now=now)
+
+
 def start_policy_association(s: Session, group: Group, *, now: float) -> Job:
     """Apply the group's (new) policy to its items and protect its matching VMs. Its tasks are
     idempotent, so two association jobs of one group may overlap harmlessly."""
     return create_job(s, ASSOCIATE, target=group.name, item_id=None,
                       args={"group": group.name}, now=now)
+
+
+def start_store_rekey(s: Session, store_name: str, *, now: float) -> Job:
+    """Re-encrypt the store's old objects (one such job per store at a time)."""
+    running = s.scalars(select(Job.id).where(Job.kind == P.REKEY, Job.target == store_name,
+                                             Job.state.in_(ACTIVE_JOB_STATES))).first()
+    if running is not None:
+        raise Conflict(f"store {store_name} is already being re-encrypted (job {running})",
+                       hint=f"Follow it with 'drsite jobs show {running}', or cancel it.")
+    return create_job(s, P.REKEY, target=store_name, item_id=None, args={"store": store_name},
+                      now=now)
 
 
 def request_cancel(s: Session, job: Job, now: float) -> None:
@@ -184,6 +210,8 @@ def start_item_action(s: Session, item_id: str, action: str, args: dict[str, Any
             raise Conflict(f"{item.vm_name} already has a test failover running",
                            hint="Clean it up first (cleanup_test_failover).")
         point = point_arg(args)
+        if point not in ("latest", "latest_app"):
+            failover_point(s, item, point)  # a point known to be damaged is refused now
         fo = Failover(id=new_id("f"), item_id=item.id, kind=kind, state=FailoverState.STARTING,
                       point_id=None, result={}, notes=[], created_at=now, updated_at=now)
         s.add(fo)

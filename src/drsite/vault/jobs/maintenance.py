@@ -31,8 +31,11 @@ def start_resync(ctx: TaskContext) -> Step:
         if item.state == ItemState.CRITICAL:
             item.state = ItemState.RESYNC_REQUIRED
         commands.cancel_open(ctx.s, item.id, ctx.now, "a resync was started by hand")
+        # compared with what the store can restore, not with the hydrated replica: damage in
+        # the store is found and re-sent
         cmd = commands.enqueue(ctx.s, host_id=item.host_id, kind="resync", item_id=item.id,
-                               args={"by_hand": True}, now=ctx.now, job_id=ctx.job.id)
+                               args={"by_hand": True, "from_store": True}, now=ctx.now,
+                               job_id=ctx.job.id)
         ctx.put(command_id=cmd.id)
     if cmd.status in UNSTARTED_COMMAND_STATUSES:
         return wait(30, "waiting for the agent to accept the resync")
@@ -49,7 +52,13 @@ def resync(ctx: TaskContext) -> Step:
                        hint="Start the resync again.")
     if cmd.status == CommandStatus.SUCCEEDED:
         item.retry = RetryState().to_dict()
-        return done("resynchronized: source and target match")
+        point = dict((cmd.result or {}).get("point") or {})
+        sent = int(point.get("bytes_written") or 0)
+        pid = point.get("point_id") or "?"
+        if sent:
+            return done(f"resynchronized against what the store restores: {sent} bytes differed "
+                        f"and were sent again (new point {pid})")
+        return done(f"resynchronized: the source equals what the store restores (point {pid})")
     if cmd.status == CommandStatus.FAILED:
         err = from_dict(cmd.error)
         retry = RetryState.from_dict(item.retry or {})

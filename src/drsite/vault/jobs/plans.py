@@ -126,7 +126,8 @@ def plan_action(ctx: TaskContext) -> Step:
 
 def plan_group(ctx: TaskContext) -> Step:
     data = ctx.data
-    action = str(ctx.job.args.get("action"))
+    # a drill's cleanup groups carry their own action (the job's is its test failover)
+    action = str(data.get("action") or ctx.job.args.get("action"))
     jobs: dict[str, str] = dict(data.get("jobs") or {})
     if not data.get("started"):
         items = items_by_vm(ctx.s)

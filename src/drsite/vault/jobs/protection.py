@@ -17,11 +17,12 @@ from drsite.core.errors import AuthError, NetworkError, PermanentError, VmNotFou
 from drsite.core.retry import RetryState
 from drsite.core.states import UNSTARTED_COMMAND_STATUSES, CommandStatus, ItemProtection, JobState
 from drsite.replication.report import ItemState
-from drsite.vault import commands
+from drsite.vault import commands, storeacl
 from drsite.vault.audit import record_event
 from drsite.vault.db.models import Command, Group, Host, Item, Point, Policy, Site, Vm
 from drsite.vault.jobs.model import JobHandlers, Step, TaskContext, done, wait
 from drsite.vault.policies import agent_settings, parse_initial_start
+from drsite.vault.retries import early_retry, store_sites_up
 from drsite.vault.stores import CLOUD_STORE_URL, check_encryption, group_store, item_store_spec
 
 
@@ -92,6 +93,13 @@ def prerequisites(ctx: TaskContext) -> Step:
             raise PermanentError(f"no recovery store is online in target site {site_name}",
                                  hint="Run an agent with --store-listen in the target site.")
         return wait(50, f"waiting for a recovery store in site {site_name}")
+    pending = storeacl.grant_pending(ctx.s, item, ctx.now)
+    if pending is not None:
+        if waited_too_long(ctx):
+            raise PermanentError(f"the store agent of site {site_name} did not confirm the "
+                                 "item's access grant", hint="Check that its agent runs and "
+                                 "reaches the vault ('drsite hosts list').")
+        return wait(60, pending)
     ctx.put(store_url=store.store_url, store_host=store.id, target_site=site_name,
             policy=policy.name)
     return done(f"VM {vm.name} on {host.name}; recovery store of {site_name} at {store.store_url}")
@@ -102,6 +110,7 @@ def _protect_args(ctx: TaskContext, item: Item) -> dict[str, Any]:
     facts = dict(pre.data) if pre is not None else {}
     args = {"vm_id": item.vm_id, "target_site": facts.get("target_site"),
             "store_url": facts.get("store_url"), "settings": agent_settings(_policy(ctx, item))}
+    args["point_key"] = storeacl.point_key(ctx.s, item.id, ctx.now)
     spec = item_store_spec(ctx.s, item)  # read now: credentials or keys may have changed
     if spec is not None:
         args["store"] = spec
@@ -135,6 +144,11 @@ def create_relationship(ctx: TaskContext) -> Step:
         err = from_dict(cmd.error)
         if not err.transient:
             raise err
+        if data.get("failure_recorded_for") != cmd.id:
+            retry = RetryState.from_dict(item.retry or {})
+            retry.record_failure(err, ctx.now)
+            item.retry = retry.to_dict()  # the item's health shows it (warning, with the reason)
+            ctx.put(failure_recorded_for=cmd.id)
         return done(f"the agent failed transiently ({err.message}); initial replication retries")
     return done("replication relationship created on the source host")
 
@@ -166,6 +180,13 @@ def initial_replication(ctx: TaskContext) -> Step:
                 raise err
             retry.record_failure(err, ctx.now)
             ctx.put(retry=retry.to_dict(), failure_recorded_for=cmd.id)
+            # on the item too: its health says why initial replication does not progress
+            item.retry = retry.to_dict()
+            item.updated_at = ctx.now
+        if early_retry(retry, item.target_site_id in store_sites_up(
+                ctx.s, ctx.now, ctx.settings.agent_down_after_s), ctx.now,
+                ctx.settings.heartbeat_interval):
+            retry.next_attempt_at = ctx.now  # the other site's agent is back (vault/retries.py)
         if not retry.due(ctx.now):
             assert retry.next_attempt_at is not None
             last = (retry.last_error or {}).get("message", "")
@@ -218,6 +239,7 @@ def enable_rollback(ctx: TaskContext) -> Step:
         commands.cancel_open(ctx.s, item.id, ctx.now, "enable protection cancelled")
         cmd = commands.enqueue(ctx.s, host_id=item.host_id, kind="unprotect", item_id=item.id,
                                args={"delete_points": True}, now=ctx.now, job_id=ctx.job.id)
+        storeacl.enqueue_store_purge(ctx.s, item, ctx.now, ctx.job.id)
         ctx.put(command_id=cmd.id, since=ctx.now)
     if cmd.status == CommandStatus.SUCCEEDED:
         _retire_item(ctx, item, ItemProtection.REMOVED)
@@ -241,6 +263,7 @@ def enable_on_end(ctx: TaskContext, state: JobState) -> None:
             commands.cancel_open(ctx.s, item.id, ctx.now, "enable protection failed")
             commands.enqueue(ctx.s, host_id=item.host_id, kind="unprotect", item_id=item.id,
                              args={"delete_points": True}, now=ctx.now, job_id=ctx.job.id)
+            storeacl.enqueue_store_purge(ctx.s, item, ctx.now, ctx.job.id)
         _retire_item(ctx, item, ItemProtection.FAILED)
     elif state == JobState.CANCELLED and item.status == ItemProtection.ENABLING:
         _retire_item(ctx, item, ItemProtection.REMOVED)
@@ -268,12 +291,31 @@ def stop_replication(ctx: TaskContext) -> Step:
                                now=ctx.now, job_id=ctx.job.id)
         ctx.put(command_id=cmd.id)
     if cmd.status == CommandStatus.SUCCEEDED:
-        return done("the agent stopped replicating the VM")
+        if not ctx.job.args.get("delete_points"):
+            return done("the agent stopped replicating the VM")
+        return _purge_store(ctx, item)
     if cmd.status == CommandStatus.FAILED:
         raise from_dict(cmd.error)
     if not host_up(host, ctx):
         return wait(30, f"waiting for host {host.name} (no heartbeat)")
     return wait(50, f"waiting for the agent ({cmd.status})")
+
+
+def _purge_store(ctx: TaskContext, item: Item) -> Step:
+    """A site-store item's points are deleted by the store's own agent (remote clients may not
+    delete committed objects): send it ``retention`` with ``delete_all`` and wait for it."""
+    data = ctx.data
+    purge = ctx.s.get(Command, data["purge_command_id"]) if "purge_command_id" in data else None
+    if purge is None:
+        purge = storeacl.enqueue_store_purge(ctx.s, item, ctx.now, ctx.job.id)
+        if purge is None:
+            return done("the agent stopped replicating the VM and deleted its points")
+        ctx.put(purge_command_id=purge.id)
+    if purge.status == CommandStatus.SUCCEEDED:
+        return done("the agent stopped replicating the VM; the store's agent deleted its points")
+    if purge.status == CommandStatus.FAILED:
+        raise from_dict(purge.error)
+    return wait(80, f"waiting for the store's agent to delete the points ({purge.status})")
 
 
 def remove_item(ctx: TaskContext) -> Step:

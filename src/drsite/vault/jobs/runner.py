@@ -72,6 +72,11 @@ class JobRunner:
         self._resume_after = ""  # the job a budgeted pass stopped after
         self._next_ask: dict[str, tuple[float, float]] = {}  # job -> (monotonic due, delay)
 
+    def wake(self) -> None:
+        """Something jobs wait for happened (a job was created, a command ended): the next
+        pass asks every active job again, however long it has been waiting."""
+        self._next_ask.clear()
+
     # ------------------------------------------------------------------------------ start-up
 
     def recover(self) -> dict[str, str]:
