@@ -88,3 +88,40 @@ def test_a_refused_point_raises_a_security_alert(h: Harness) -> None:
     trail = h.ok("GET", "/audit?limit=200")["entries"]
     assert [e for e in trail if e["action"] == "agent.retention"
             and e["error_code"] == "point_not_authentic"]
+
+
+def test_grants_are_confirmed_while_new_items_keep_changing_the_list(h: Harness) -> None:
+    """A stream of new items changes the store's list at every heartbeat, so the agent never
+    confirms the *current* list; an item created well before a list the agent did confirm is
+    in it, and its job goes on (before: every grant stayed pending until the stream stopped,
+    and the jobs failed after 60 s)."""
+    from drsite.vault.storeacl import CONFIRM_MARGIN_S
+    from drsite.vault.testing import vm_info
+
+    a, b = two_sites(h)
+    policy_and_group(h)
+    vms = [vm_info(f"vm-{i}", f"web{i}") for i in range(1, 4)]
+    a.beat(vms=vms)
+
+    def protect_vm(vm_id: str) -> str:
+        return str(h.ok("POST", "/items", json={"vm_id": vm_id, "group": "g1"})["job_id"])
+
+    def prerequisites(job_id: str) -> str:
+        (t,) = [t for t in h.job(job_id)["tasks"] if t["name"] == "prerequisites"]
+        return str(t["state"])
+
+    step = CONFIRM_MARGIN_S + 1
+    job_a = protect_vm("vm-1")
+    h.tick()
+    b.beat(store_url=b.store_url)   # receives the list granting A (sent at t0)
+    h.clock.advance(step)
+    job_b = protect_vm("vm-2")      # the list changes again
+    h.tick()
+    b.beat(store_url=b.store_url)   # confirms the list of t0, receives the next one
+    h.clock.advance(step)           # A has waited more than the 60 s limit by now
+    protect_vm("vm-3")
+    b.beat(store_url=b.store_url)   # confirms the list of t0 + step, receives the next one
+    a.beat(vms=vms)                 # the source agent is up
+    h.tick()
+    assert prerequisites(job_a) == "succeeded" and h.job(job_a)["state"] == "running"
+    assert prerequisites(job_b) == "running"   # too new for the confirmed list: it waits

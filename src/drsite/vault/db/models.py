@@ -83,6 +83,11 @@ class Host(Base):
     revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     # digest of the store access list the agent last said it holds (migration 0005)
     store_acl_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # the last access list sent to this store host, and when the host confirmed holding it
+    # (migration 0007; ``storeacl.grant_pending``)
+    store_acl_sent_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    store_acl_sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    store_acl_confirmed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Vm(Base):

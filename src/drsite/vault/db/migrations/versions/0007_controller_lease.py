@@ -1,4 +1,5 @@
-"""The controller lease: one vault process of several on a database runs the background work.
+"""The controller lease: one vault process of several on a database runs the background work;
+a store host's confirmed access list (the last list sent to it, and when it confirmed it).
 
 Revision ID: 0007
 Revises: 0006
@@ -31,7 +32,15 @@ def upgrade() -> None:
     # the row exists from the start: every acquisition is an UPDATE of a locked row
     op.bulk_insert(lease, [{"name": "controller", "epoch": 0, "holder": None, "info": {},
                             "acquired_at": None, "renewed_at": None, "expires_at": 0.0}])
+    with op.batch_alter_table("hosts", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("store_acl_sent_digest", sa.String(length=64), nullable=True))
+        batch_op.add_column(sa.Column("store_acl_sent_at", sa.Float(), nullable=True))
+        batch_op.add_column(sa.Column("store_acl_confirmed_at", sa.Float(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("hosts", schema=None) as batch_op:
+        batch_op.drop_column("store_acl_confirmed_at")
+        batch_op.drop_column("store_acl_sent_at")
+        batch_op.drop_column("store_acl_sent_digest")
     op.drop_table("controller_lease")
