@@ -88,8 +88,11 @@ def after_cursor(keys: Sequence[Key], values: Sequence[Any]) -> ColumnElement[bo
 
 
 def page(s: Session, q: Select[Any], keys: Sequence[Key], *, limit: int, cursor: str | None,
-         view: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
-    """One page of ``q`` (a ``select(Model)`` with its filters) in the order of ``keys``."""
+         view: Callable[[Any], dict[str, Any]],
+         prepare: Callable[[list[Any]], None] | None = None) -> dict[str, Any]:
+    """One page of ``q`` (a ``select(Model)`` with its filters) in the order of ``keys``;
+    ``prepare`` sees the page's rows before ``view`` shows each (to read what they need in
+    one query)."""
     limit = check_limit(limit)
     total = s.scalar(select(func.count()).select_from(q.order_by(None).subquery()))
     if cursor:
@@ -98,5 +101,7 @@ def page(s: Session, q: Select[Any], keys: Sequence[Key], *, limit: int, cursor:
     more = len(rows) > limit
     rows = rows[:limit]
     nxt = encode_cursor([getattr(rows[-1], k.name) for k in keys]) if more and rows else None
+    if prepare is not None:
+        prepare(rows)
     return {"entries": [view(r) for r in rows], "total": int(total or 0), "limit": limit,
             "next_cursor": nxt}

@@ -30,6 +30,7 @@ from drsite.vault.jobs.plan import VERIFY
 from drsite.vault.policies import PolicyValues, agent_settings, apply_values
 from drsite.vault.recovery_plans import validate_drill
 from drsite.vault.scheduler import preload_policies
+from drsite.vault.scrub import Damage, damage_of
 from drsite.vault.stores import check_encryption, get_store
 
 router = APIRouter()
@@ -321,8 +322,10 @@ def list_items(vault: VaultDep, _p: Reader, all: bool = False, protection: str |
                              host=host, site=site, target_site=target_site, group=group, q=q)
         sites = site_names(s)
         _keep = preload_policies(s)  # keeps them in the identity map
+        damages: dict[str, Damage] = {}
         return page(s, select(Item).where(*where), ITEM_ORDER, limit=limit, cursor=cursor,
-                    view=lambda i: item_view(s, i, now, vault.settings, sites))
+                    prepare=lambda rows: damages.update(damage_of(s, [i.id for i in rows])),
+                    view=lambda i: item_view(s, i, now, vault.settings, sites, damages))
 
 
 @router.get("/items/{item_id}", summary="Show a protected item and its report")
