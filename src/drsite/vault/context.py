@@ -159,9 +159,10 @@ class Vault:
 
     @property
     def push_poll_s(self) -> float:
-        """How often a waiting long poll looks at the commands table: rarely when another
-        process's commands wake it by notification, else every second."""
-        if self.listener is not None and self.listener.listening.is_set():
+        """How often a waiting long poll looks at the commands table: rarely when every writer
+        wakes it — SQLite (one process: its own commits do), or PostgreSQL while notifications
+        arrive — else every second."""
+        if self.listener is None or self.listener.listening.is_set():
             return notify.POLL_WITH_NOTIFY_S
         return PUSH_POLL_S
 
