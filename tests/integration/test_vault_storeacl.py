@@ -14,9 +14,11 @@ import pytest
 from sqlalchemy import select
 
 from drsite.core.errors import PointNotAuthentic
+from drsite.core.states import ItemProtection
 from drsite.sitestore.acl import AclState, acl_digest
-from drsite.vault.db.models import Command
-from drsite.vault.testing import Harness
+from drsite.vault import storeacl
+from drsite.vault.db.models import Command, Item
+from drsite.vault.testing import Harness, vm_info
 from tests.integration.test_vault_api import policy_and_group, protect, two_sites
 from tests.integration.test_vault_trust import security_alerts
 
@@ -95,9 +97,6 @@ def test_grants_are_confirmed_while_new_items_keep_changing_the_list(h: Harness)
     confirms the *current* list; an item created well before a list the agent did confirm is
     in it, and its job goes on (before: every grant stayed pending until the stream stopped,
     and the jobs failed after 60 s)."""
-    from drsite.vault.storeacl import CONFIRM_MARGIN_S
-    from drsite.vault.testing import vm_info
-
     a, b = two_sites(h)
     policy_and_group(h)
     vms = [vm_info(f"vm-{i}", f"web{i}") for i in range(1, 4)]
@@ -110,7 +109,7 @@ def test_grants_are_confirmed_while_new_items_keep_changing_the_list(h: Harness)
         (t,) = [t for t in h.job(job_id)["tasks"] if t["name"] == "prerequisites"]
         return str(t["state"])
 
-    step = CONFIRM_MARGIN_S + 1
+    step = storeacl.CONFIRM_MARGIN_S + 1
     job_a = protect_vm("vm-1")
     h.tick()
     b.beat(store_url=b.store_url)   # receives the list granting A (sent at t0)
@@ -125,3 +124,74 @@ def test_grants_are_confirmed_while_new_items_keep_changing_the_list(h: Harness)
     h.tick()
     assert prerequisites(job_a) == "succeeded" and h.job(job_a)["state"] == "running"
     assert prerequisites(job_b) == "running"   # too new for the confirmed list: it waits
+
+
+def test_a_grant_is_not_confirmed_while_another_list_is_in_flight(h: Harness) -> None:
+    """A failover makes the item read-only for its source; a cancel makes it writable again —
+    the very list the store agent may still hold. A reply carrying the read-only list may then
+    be in flight: until the agent confirms the list sent last, the grant stays pending (the
+    source's first write would be refused otherwise)."""
+    a, b = two_sites(h)
+    policy_and_group(h)
+    item_id = protect(h, a)
+    held = b.store_acl
+    with h.vault.db.tx() as s:
+        item = s.get(Item, item_id)
+        assert item is not None and storeacl.grant_pending(s, item, h.clock.now()) is None
+        item.status = ItemProtection.FAILED_OVER
+    # the heartbeat's reply carries the read-only list; the agent has not applied it yet
+    reply = b.beat(store_url=b.store_url)
+    assert reply["store_acl"]["items"][item_id]["writer"] == ""
+    b.store_acl = held
+    with h.vault.db.tx() as s:
+        item = s.get(Item, item_id)
+        assert item is not None
+        item.status = ItemProtection.PROTECTED   # cancelled: the held list grants writes again
+        assert storeacl.grant_pending(s, item, h.clock.now()) is not None
+    # the agent applies the read-only list, reports it, gets the writable one, confirms it
+    b.store_acl = reply["store_acl"]
+    b.beat(store_url=b.store_url)
+    with h.vault.db.tx() as s:
+        item = s.get(Item, item_id)
+        assert item is not None and storeacl.grant_pending(s, item, h.clock.now()) is not None
+    b.beat(store_url=b.store_url)
+    with h.vault.db.tx() as s:
+        item = s.get(Item, item_id)
+        assert item is not None and storeacl.grant_pending(s, item, h.clock.now()) is None
+    assert b.store_acl is not None and b.store_acl["items"][item_id]["writer"] == a.host_id
+
+
+def test_a_writer_flip_is_not_confirmed_by_a_list_built_before_it(h: Harness) -> None:
+    """An item older than the confirmation margin fails over; the store agent confirms the
+    read-only list; the failover is cancelled. The agent's confirmed list was built long after
+    the item was made, but before its writer changed back: the grant waits for a list built
+    after the flip (the source's first write would be refused otherwise)."""
+    a, b = two_sites(h)
+    policy_and_group(h)
+    item_id = protect(h, a)
+    step = storeacl.CONFIRM_MARGIN_S + 1
+    h.clock.advance(step)
+    with h.vault.db.tx() as s:
+        item = s.get(Item, item_id)
+        assert item is not None
+        storeacl.set_status(item, ItemProtection.FAILED_OVER, h.clock.now())
+        assert storeacl.grant_pending(s, item, h.clock.now()) is not None   # read-only
+    reply = b.beat(store_url=b.store_url)   # the read-only list, built now
+    assert reply["store_acl"]["items"][item_id]["writer"] == ""
+    h.clock.advance(step)
+    b.beat(store_url=b.store_url)           # confirms it, well after the item was made
+    with h.vault.db.tx() as s:
+        item = s.get(Item, item_id)
+        assert item is not None
+        storeacl.set_status(item, ItemProtection.PROTECTED, h.clock.now())   # cancelled
+        assert item.grant_changed_at == h.clock.now()
+        assert storeacl.grant_pending(s, item, h.clock.now()) is not None
+    reply = b.beat(store_url=b.store_url)   # the writable list
+    assert reply["store_acl"]["items"][item_id]["writer"] == a.host_id
+    with h.vault.db.tx() as s:
+        item = s.get(Item, item_id)
+        assert item is not None and storeacl.grant_pending(s, item, h.clock.now()) is not None
+    b.beat(store_url=b.store_url)           # confirms it
+    with h.vault.db.tx() as s:
+        item = s.get(Item, item_id)
+        assert item is not None and storeacl.grant_pending(s, item, h.clock.now()) is None

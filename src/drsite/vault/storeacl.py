@@ -16,13 +16,19 @@ agent, and where a site-store item's retention runs.
   (the point keys, immutable once made, are kept in memory): a store heartbeat every 2 s no
   longer reads every item and unseals every key of the site.
 - **A grant is confirmed** (:func:`grant_pending`, before a job lets a source write) when the
-  store's agent holds a list that has it. The host row records the last list sent (digest and
-  time) and when the agent confirmed it (``store_acl_confirmed_at``: its heartbeat sent back
-  that digest). An item created ``CONFIRM_MARGIN_S`` before the list the agent confirmed was
-  built is in it (its creating transaction committed long before); a newer item needs the
-  exact rule (the agent's digest is the current list's, which grants it). So a stream of new
-  items — a policy applied to thousands of VMs, whose list changes at every heartbeat — no
-  longer keeps every grant pending until the stream stops.
+  current list lets the item's source write it and the store's agent holds a list with that
+  grant. The host row records the last list put in a reply (``store_acl_sent``, and when it
+  was built, ``store_acl_sent_at``) and the build time of the last one the agent confirmed
+  (``store_acl_confirmed_at``: its heartbeat sent that digest back). Two ways to confirm:
+  *at scale*, the grant has been what it is now since ``CONFIRM_MARGIN_S`` before the
+  confirmed list was built — since the item was made, its writer last changed
+  (``items.grant_changed_at``: a failover, a cancel; :func:`set_status`) and its source got its
+  certificate — so that list, and every later one (the one in flight too), has it; *exactly*,
+  the agent's digest is the current list's and no other list is in flight (a cancelled
+  failover flips the list back to one the agent still holds while the read-only one may be on
+  its way). So a stream of new items — a policy applied to thousands of VMs, whose list
+  changes at every heartbeat — no longer keeps every grant pending until the stream stops,
+  and a flip of the writer is never confirmed by a list built before it.
 - **Store-side retention** (:func:`retention_target`): retention and deletion of a site-store
   item's points run on the store's own agent (``retention`` with ``store_side``), since remote
   clients may not delete committed objects.
@@ -36,6 +42,7 @@ Responsible for: these decisions. Not responsible for: evaluating the list (the 
 from __future__ import annotations
 
 import base64
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -84,6 +91,15 @@ def point_keys(s: Session, item_ids: list[str], now: float) -> dict[str, str]:
         if item_id not in out:
             out[item_id] = point_key(s, item_id, now)
     return out
+
+
+def set_status(item: Item, status: ItemProtection, now: float) -> None:
+    """Set the item's protection status; a change between writable and read-only (failover,
+    cancel) is when its store grant changed writer (``grant_changed_at``, see
+    :func:`grant_pending`). Every such change (all in ``jobs/failover.py``) goes through here."""
+    if (item.status in READ_ONLY_STATUSES) != (status in READ_ONLY_STATUSES):
+        item.grant_changed_at = now
+    item.status = status
 
 
 def _site_store_rows(s: Session, site_id: int) -> list[tuple[str, str, ItemProtection]]:
@@ -160,17 +176,27 @@ def reply_fields(s: Session, host: Host, agent_digest: str | None, now: float) -
         return {}
     if host.store_acl_digest != agent_digest:
         host.store_acl_digest = agent_digest
-    if agent_digest is not None and agent_digest == host.store_acl_sent_digest \
+    doc, want = access_list_digest(s, host, now)
+    # heartbeats of one agent are sequential and each reply is applied before the next beat:
+    # what the agent reports now already reflects (or lost) every earlier reply, so the only
+    # list in flight is the one this reply carries. The agent's digest confirms the list sent
+    # last (before it is replaced by this reply's), or the current one it already holds.
+    _confirm(host, agent_digest)
+    if host.store_acl_sent != want or host.store_acl_sent_at is None:
+        host.store_acl_sent = want
+        host.store_acl_sent_at = now
+        _confirm(host, agent_digest)
+    if agent_digest is not None and agent_digest == want:
+        return {}
+    return {"store_acl": doc}
+
+
+def _confirm(host: Host, agent_digest: str | None) -> None:
+    """The agent holds the list sent last: record when that list was built."""
+    if agent_digest is not None and agent_digest == host.store_acl_sent \
             and host.store_acl_sent_at is not None \
             and host.store_acl_confirmed_at != host.store_acl_sent_at:
         host.store_acl_confirmed_at = host.store_acl_sent_at
-    doc, digest = access_list_digest(s, host, now)
-    if agent_digest is not None and agent_digest == digest:
-        return {}
-    if host.store_acl_sent_digest != digest:
-        host.store_acl_sent_digest = digest
-        host.store_acl_sent_at = now
-    return {"store_acl": doc}
 
 
 def grant_pending(s: Session, item: Item, now: float) -> str | None:
@@ -180,14 +206,27 @@ def grant_pending(s: Session, item: Item, now: float) -> str | None:
     host = store_host(s, item)
     if host is None:
         return None
+    doc, want = access_list_digest(s, host, now)
+    grant = doc["items"].get(item.id)
+    waiting = (f"waiting for the store agent of the target site ({host.name}) to receive the "
+               "item's access grant (next heartbeat)")
+    if grant is None or grant["writer"] != item.host_id:
+        return waiting   # the current list does not let the source write (read-only, revoked)
+    # at scale: the grant is as it is now since ``since`` (the item was made, its writer last
+    # changed, its source got its certificate); a list the agent confirmed, built well after
+    # that, has it — and so has every list built later, the one in flight included
+    source = s.get(Host, item.host_id)
+    since = max(item.created_at, item.grant_changed_at or 0.0,
+                source.registered_at if source is not None else math.inf)
     confirmed = host.store_acl_confirmed_at
-    if confirmed is not None and item.created_at <= confirmed - CONFIRM_MARGIN_S:
+    if confirmed is not None and since <= confirmed - CONFIRM_MARGIN_S:
         return None
-    doc, digest = access_list_digest(s, host, now)
-    if item.id in doc["items"] and host.store_acl_digest == digest:
+    # exactly: the agent holds this very list and no other one is in flight (after a failover
+    # is cancelled the list flips back to one the agent still holds, while a reply with the
+    # read-only list may not have reached it yet)
+    if host.store_acl_digest == want and host.store_acl_sent in (None, want):
         return None
-    return (f"waiting for the store agent of the target site ({host.name}) to receive the "
-            "item's access grant (next heartbeat)")
+    return waiting
 
 
 def store_host(s: Session, item: Item) -> Host | None:

@@ -83,9 +83,11 @@ class Host(Base):
     revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     # digest of the store access list the agent last said it holds (migration 0005)
     store_acl_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    # the last access list sent to this store host, and when the host confirmed holding it
-    # (migration 0007; ``storeacl.grant_pending``)
-    store_acl_sent_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # digest of the list last put in a heartbeat reply to it (migration 0007): while it differs
+    # from ``store_acl_digest`` a list is in flight and no grant is confirmed
+    store_acl_sent: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # when the list ``store_acl_sent`` was built, and the build time of the last list the agent
+    # confirmed holding (migration 0008; ``storeacl.grant_pending``)
     store_acl_sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     store_acl_confirmed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
@@ -190,6 +192,9 @@ class Item(Base):
     # scrub (migration 0006): when the current pass was started, and the last report's summary
     last_scrub_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     scrub: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # when the store grant's writer last changed (migration 0008): a failover made the item
+    # read-only, a cancel writable again (``storeacl.set_status``); None: not since created_at
+    grant_changed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Point(Base):
@@ -440,7 +445,7 @@ class Drill(Base):
 
 
 class ControllerLease(Base):
-    """A lease with an epoch (migration 0007): ``name`` ``controller`` is held by the one vault
+    """A lease with an epoch (migration 0008): ``name`` ``controller`` is held by the one vault
     process that runs the background work (``vault/controller.py``). ``epoch`` grows by one at
     every acquisition (never at a renewal): a controller's writes check, in their own
     transaction, that the row still names its ``holder`` at its ``epoch`` — the fencing token.

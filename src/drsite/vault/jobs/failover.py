@@ -371,7 +371,7 @@ def start_replica(ctx: TaskContext) -> Step:
     apply_failover_result(fo, got.result, ctx.now)
     record_wall_time(fo, ctx.now)
     register_recovery_vm(ctx, fo)
-    item.status = ItemProtection.FAILED_OVER
+    storeacl.set_status(item, ItemProtection.FAILED_OVER, ctx.now)
     item.failover_id = fo.id
     item.updated_at = ctx.now
     commands.cancel_open(ctx.s, item.id, ctx.now, "item failed over")
@@ -396,7 +396,7 @@ def commit(ctx: TaskContext) -> Step:
     if isinstance(got, Step):
         return got
     apply_failover_result(fo, got.result, ctx.now)
-    item.status = ItemProtection.COMMITTED
+    storeacl.set_status(item, ItemProtection.COMMITTED, ctx.now)
     item.updated_at = ctx.now
     ctx.s.query(Point).filter(Point.item_id == item.id, Point.point_id != fo.point_id).delete()
     record_event(ctx.s, ctx.now, "item", item.id, f"failover {fo.id} committed")
@@ -437,6 +437,17 @@ def resume_source(ctx: TaskContext) -> Step:
         return got
     powered = " (VM powered on)" if args["power_on"] else ""
     res = dict(got.result or {})
+    # the source may write again: the item is protected (the job still holds it, so the
+    # scheduler does not drive it yet) and its site store must grant the source's writes
+    # before the first one (an old primary only reads a failed-over item)
+    _back_to_protected(ctx, item)
+    pending = storeacl.grant_pending(ctx.s, item, ctx.now)
+    if pending is not None:
+        store = storeacl.store_host(ctx.s, item)
+        if store is not None and not host_up(store, ctx):
+            return done(f"the source took the item back{powered}; the recovery store's host "
+                        f"{store.name} is down: replication resumes when it returns")
+        return wait(75.0, pending)
     # one replication now: a resync (only differing blocks travel) when the source's engine
     # was fenced or must repair, else a delta cycle
     kind, rargs = ("resync", {"by_hand": True}) if res.get("resync") else ("cycle", {})
@@ -461,7 +472,7 @@ def resume_source(ctx: TaskContext) -> Step:
 
 
 def _back_to_protected(ctx: TaskContext, item: Item) -> None:
-    item.status = ItemProtection.PROTECTED
+    storeacl.set_status(item, ItemProtection.PROTECTED, ctx.now)
     item.failover_id = None
     item.critical_error = None
     item.updated_at = ctx.now
@@ -560,7 +571,7 @@ def reverse_replication(ctx: TaskContext) -> Step:
     rev.last_cycle_sent_at = ctx.now
     rev.last_retention_at = ctx.now
     rev.updated_at = ctx.now
-    item.status = ItemProtection.REPROTECTED
+    storeacl.set_status(item, ItemProtection.REPROTECTED, ctx.now)
     item.vm_ref = None
     item.failover_id = None
     item.updated_at = ctx.now
@@ -597,7 +608,7 @@ def failover_on_end(ctx: TaskContext, state: JobState) -> None:
                 reached = True
         if fo is not None and item is not None and item.status == ItemProtection.FAILING_OVER:
             if reached or fo.kind == "planned":
-                item.status = ItemProtection.FAILED_OVER  # cancel the failover to undo it
+                storeacl.set_status(item, ItemProtection.FAILED_OVER, ctx.now)  # a cancel undoes it
                 item.failover_id = fo.id
             else:
                 item.status = ItemProtection.PROTECTED  # nothing reached an agent: nothing to undo

@@ -1,8 +1,9 @@
 """The controller lease: one vault process of several on a database runs the background work;
-a store host's confirmed access list (the last list sent to it, and when it confirmed it).
+when a store host's lists were built and confirmed, and when an item's store grant last changed
+its writer (``storeacl.grant_pending`` at scale).
 
-Revision ID: 0007
-Revises: 0006
+Revision ID: 0008
+Revises: 0007
 Create Date: 2026-12-05
 """
 
@@ -11,8 +12,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0007"
-down_revision = "0006"
+revision = "0008"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 
@@ -33,14 +34,16 @@ def upgrade() -> None:
     op.bulk_insert(lease, [{"name": "controller", "epoch": 0, "holder": None, "info": {},
                             "acquired_at": None, "renewed_at": None, "expires_at": 0.0}])
     with op.batch_alter_table("hosts", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("store_acl_sent_digest", sa.String(length=64), nullable=True))
         batch_op.add_column(sa.Column("store_acl_sent_at", sa.Float(), nullable=True))
         batch_op.add_column(sa.Column("store_acl_confirmed_at", sa.Float(), nullable=True))
+    with op.batch_alter_table("items", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("grant_changed_at", sa.Float(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("items", schema=None) as batch_op:
+        batch_op.drop_column("grant_changed_at")
     with op.batch_alter_table("hosts", schema=None) as batch_op:
         batch_op.drop_column("store_acl_confirmed_at")
         batch_op.drop_column("store_acl_sent_at")
-        batch_op.drop_column("store_acl_sent_digest")
     op.drop_table("controller_lease")
