@@ -222,6 +222,9 @@ def test_planned_failover_failing_at_the_source_is_cancelled_back(h: Harness) ->
     cmd = play(h, a, "failover_resume_source", {"generation": 1, "powered_on": True})
     assert cmd["args"]["power_on"] is True
     assert h.job(job["id"])["state"] == "running"  # not before the source replicated once
+    # the store got the read-only list with the cancel: the source waits for its write grant
+    assert "access grant" in str(h.job(job["id"])), h.job(job["id"])
+    h.store_beat()
     cmd = play(h, a, "cycle", {"point": {"point_id": "p000000000002"}})
     assert h.job(job["id"])["state"] == "succeeded"
     assert h.ok("GET", f"/items/{item}")["protection"] == "protected"
