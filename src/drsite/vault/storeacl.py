@@ -59,7 +59,11 @@ from drsite.vault.db.models import Command, Group, Host, Item, PointKey
 KEY_BYTES = 32
 CONFIRM_MARGIN_S = 30.0  # an item this much older than a confirmed list is in it
 _CACHE = threading.Lock()
-_DOCS: OrderedDict[tuple[str, int], tuple[dict[str, Any], str]] = OrderedDict()
+# (store host, its item rows, its host rows) -> (list, digest): keyed by the rows themselves,
+# not a hash of them, so two different lists never share an entry
+_DocKey = tuple[str, tuple[tuple[str, str, ItemProtection], ...],
+                tuple[tuple[str, str, str, float | None], ...]]
+_DOCS: OrderedDict[_DocKey, tuple[dict[str, Any], str]] = OrderedDict()
 _KEYS: dict[str, str] = {}  # item id -> point key: immutable once made
 # failed over (or further): the old primary's item is read-only on the store
 READ_ONLY_STATUSES = frozenset({ItemProtection.FAILED_OVER, ItemProtection.COMMITTED,
@@ -139,7 +143,7 @@ def access_list_digest(s: Session, host: Host, now: float) -> tuple[dict[str, An
         (r[0], r[1], r[2], r[3]) for r in s.execute(
             select(Host.id, Host.cert_fingerprint, Host.cert_serial, Host.revoked_at)
             .where(Host.id.in_(sorted(writers)) | Host.revoked_at.is_not(None))))
-    key = (host.id, hash((tuple(items), tuple(host_rows))))
+    key: _DocKey = (host.id, tuple(items), tuple(host_rows))
     with _CACHE:
         hit = _DOCS.get(key)
         if hit is not None:
