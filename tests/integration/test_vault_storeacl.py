@@ -7,6 +7,8 @@ sent to the store's own agent, and the security alert of a refused, non-authenti
 from __future__ import annotations
 
 import base64
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -195,3 +197,31 @@ def test_a_writer_flip_is_not_confirmed_by_a_list_built_before_it(h: Harness) ->
     with h.vault.db.tx() as s:
         item = s.get(Item, item_id)
         assert item is not None and storeacl.grant_pending(s, item, h.clock.now()) is None
+
+
+def test_two_transactions_making_one_point_key_agree(tmp_path: Path, pg_url: str) -> None:
+    """The job runner and a store heartbeat (two vault processes on PostgreSQL) may both find
+    an item's point key missing: the second insert waits for the first transaction, fails on
+    the key, and returns the key the first one made (before: the job failed with an internal
+    error, seen in bench/scale with two API workers)."""
+    hh = Harness(tmp_path / "vault", pg_url)
+    try:
+        got: dict[str, str] = {}
+
+        def second() -> None:
+            with hh.vault.db.tx() as s:
+                got["second"] = storeacl.point_key(s, "i-race", hh.clock.now())
+
+        with hh.vault.db.tx() as s:
+            got["first"] = storeacl.point_key(s, "i-race", hh.clock.now())
+            t = threading.Thread(target=second)
+            t.start()
+            time.sleep(0.5)   # the second one's insert now waits on the first's key
+            assert t.is_alive()
+        t.join(10)
+        assert not t.is_alive()
+        assert got["second"] == got["first"]
+        with hh.vault.db.read() as s:
+            assert storeacl.existing_point_key(s, "i-race") == got["first"]
+    finally:
+        hh.close()

@@ -49,6 +49,7 @@ from collections import OrderedDict
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from drsite.core.states import RETIRED_ITEM_STATUSES, ItemProtection
@@ -71,13 +72,21 @@ READ_ONLY_STATUSES = frozenset({ItemProtection.FAILED_OVER, ItemProtection.COMMI
 
 
 def point_key(s: Session, item_id: str, now: float) -> str:
-    """The item's point key (base64), created on first use."""
+    """The item's point key (base64), created on first use. Two transactions may both find it
+    missing (the job runner and a store heartbeat building the list, in two vault processes on
+    PostgreSQL): the second insert fails in its own savepoint and reads the first one's key."""
     row = s.get(PointKey, item_id)
     if row is None:
         row = PointKey(item_id=item_id, key=base64.b64encode(os.urandom(KEY_BYTES)).decode(),
                        created_at=now)
-        s.add(row)
-        s.flush()
+        try:
+            with s.begin_nested():
+                s.add(row)
+        except IntegrityError:
+            made = s.get(PointKey, item_id)
+            if made is None:
+                raise
+            row = made
     return row.key
 
 
