@@ -275,7 +275,7 @@ def test_groups(h: Harness) -> None:
     assert job["kind"] == "PolicyAssociation" and job["state"] == "succeeded"
     assert [t["name"] for t in job["tasks"]] == ["apply_settings", "protect_vms"]
     assert "2 EnableProtection" in job["message"]  # hv1 holds both VMs
-    enable = h.ok("GET", "/jobs?kind=EnableProtection")
+    enable = h.entries("/jobs?kind=EnableProtection")
     assert len(enable) == 2
     err(h.call("DELETE", "/policies/p1"), 409)
     err(h.call("DELETE", "/groups/g0"), 409)
@@ -306,7 +306,7 @@ def test_protect_item_points_and_unprotect(h: Harness) -> None:
     assert item["protection"] == "protected" and item["state"] == "protected"
     assert item["health"] == "normal" and item["rpo_s"] == 0.0 and item["group"] == "g1"
     assert item["source_host"] == "hv1" and item["target_site"] == "sec" and item["policy"] == "p1"
-    assert [i["id"] for i in h.ok("GET", "/items")] == [item_id]
+    assert [i["id"] for i in h.entries("/items")] == [item_id]
     vms = {v["vm_id"]: v for v in h.ok("GET", "/vms")}
     assert vms["vm-1"]["item_id"] == item_id and vms["vm-2"]["item_id"] is None
     assert vms["vm-2"]["labels"] == ["db"]
@@ -317,17 +317,17 @@ def test_protect_item_points_and_unprotect(h: Harness) -> None:
                    "new_points": [point(item_id, 2, t + 1), point(item_id, 3, t + 2, app=True)]}]
     assert a.beat(items=beat_items)["ack"] == {item_id: 3}
     assert a.beat(items=beat_items)["ack"] == {item_id: 3}
-    pts = h.ok("GET", f"/items/{item_id}/points")
+    pts = h.entries(f"/items/{item_id}/points")
     assert [p["seq"] for p in pts] == [1, 2, 3] and pts[2]["consistency"] == "app"
     # a removal counts when the retention rule explains it: p000001 is young, then old enough
     # to be thinned (the newest point of its hour, p000003, stays)
     a.beat(items=[{"item_id": item_id, "report": report(item_id, "vm-1", "web1"),
                    "removed_points": ["p000001"]}])
-    assert [p["seq"] for p in h.ok("GET", f"/items/{item_id}/points")] == [1, 2, 3]
+    assert [p["seq"] for p in h.entries(f"/items/{item_id}/points")] == [1, 2, 3]
     h.clock.advance(2 * 3600)
     a.beat(items=[{"item_id": item_id, "report": report(item_id, "vm-1", "web1"),
                    "removed_points": ["p000001"]}])
-    assert [p["seq"] for p in h.ok("GET", f"/items/{item_id}/points")] == [2, 3]
+    assert [p["seq"] for p in h.entries(f"/items/{item_id}/points")] == [2, 3]
     err(h.call("GET", "/items/i-unknown/points"), 404)
     err(h.call("GET", "/items/i-unknown"), 404)
 
@@ -359,13 +359,13 @@ def test_protect_item_points_and_unprotect(h: Harness) -> None:
                     result={"deleted_points": [], "store_side": True}).status_code == 200
     h.tick()
     assert h.job(d["job_id"])["state"] == "succeeded"
-    assert h.ok("GET", "/items") == []
-    assert h.ok("GET", "/items?all=true")[0]["protection"] == "removed"
-    assert h.ok("GET", f"/items/{item_id}/points") == []
+    assert h.entries("/items") == []
+    assert h.entries("/items?all=true")[0]["protection"] == "removed"
+    assert h.entries(f"/items/{item_id}/points") == []
     # a VM whose protection was disabled by hand is not re-protected by its group's policy
     h.ok("PUT", "/groups/g1", json={"match": {"vm_names": ["web1"]}})
     h.tick()
-    assert h.ok("GET", "/items") == []
+    assert h.entries("/items") == []
     assert h.call("DELETE", "/groups/g1").status_code == 204
 
 
@@ -377,9 +377,9 @@ def test_jobs_alerts_events_health(h: Harness) -> None:
     assert job["kind"] == "EnableProtection" and job["state"] == "queued"
     assert [t["name"] for t in job["tasks"]] == ["prerequisites", "create_relationship",
                                                  "initial_replication", "finalize"]
-    assert {j["id"] for j in h.ok("GET", "/jobs?state=queued&kind=EnableProtection")} == {out["job_id"]}
-    assert h.ok("GET", "/jobs?kind=Resync") == []
-    assert len(h.ok("GET", "/jobs?limit=1")) == 1
+    assert {j["id"] for j in h.entries("/jobs?state=queued&kind=EnableProtection")} == {out["job_id"]}
+    assert h.entries("/jobs?kind=Resync") == []
+    assert len(h.ok("GET", "/jobs?limit=1")["entries"]) == 1
     err(h.call("GET", "/jobs?state=bogus"), 400)
     err(h.call("GET", "/jobs?kind=Bogus"), 400)
     err(h.call("GET", "/jobs?limit=0"), 400)
@@ -397,7 +397,7 @@ def test_jobs_alerts_events_health(h: Harness) -> None:
     item_id = protect(h, a)
     h.clock.advance(120)  # no new point, no heartbeat: RPO over threshold and agent down
     h.tick()
-    alerts = h.ok("GET", "/alerts?state=active")
+    alerts = h.entries("/alerts?state=active")
     assert {x["kind"] for x in alerts} == {"rpo", "agent_down"}
     health = h.ok("GET", "/health")
     assert health["items"] == {"normal": 0, "warning": 1, "critical": 0}
@@ -409,7 +409,7 @@ def test_jobs_alerts_events_health(h: Harness) -> None:
     err(h.call("POST", "/alerts/abc/ack"), 404)
     assert h.ok("POST", f"/alerts/{rpo_alert['id']}/ack")["acked_at"] == h.clock.now()
     err(h.call("GET", "/alerts?state=odd"), 400)
-    events = h.ok("GET", "/events?limit=500")
+    events = h.entries("/events?limit=500")
     kinds = {e["kind"] for e in events}
     assert {"site", "host", "job", "alert", "item"} <= kinds
     m = h.client.get("/api/v1/metrics").text
@@ -444,4 +444,4 @@ def test_heartbeat_ignores_items_of_other_hosts(h: Harness) -> None:
                    store_url="https://127.0.0.1:9443")
     assert reply["ack"] == {}
     assert h.ok("GET", f"/items/{item_id}")["state"] == "protected"
-    assert [p["seq"] for p in h.ok("GET", f"/items/{item_id}/points")] == [1]
+    assert [p["seq"] for p in h.entries(f"/items/{item_id}/points")] == [1]

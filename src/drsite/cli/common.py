@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from drsite.client.api import VaultClient, VaultConfig
+from drsite.client.api import PAGE_MAX, VaultClient, VaultConfig
 from drsite.core.states import JobState
 from drsite.replication.report import Health, ItemState
 
@@ -32,6 +32,37 @@ JsonOpt = typer.Option(False, "--json", help="Print JSON for scripts.")
 
 def client(vault: str | None, token: str | None, ca_file: Path | None) -> VaultClient:
     return VaultClient(VaultConfig.from_env(vault, token, ca_file))
+
+
+LimitOpt = typer.Option(100, "--limit", min=1, help="How many to show (the newest, or the "
+                                                  "first in the list's order).")
+AllOpt = typer.Option(False, "--all", help="Every one, all pages (not only --limit).")
+
+
+def fetch_list(c: VaultClient, path: str, *, limit: int, all_pages: bool,
+               **params: Any) -> tuple[list[dict[str, Any]], int]:
+    """Rows of a list endpoint (one or more pages: ``limit`` of them, or all) and how many
+    match in total."""
+    first = c.page(path, **params, limit=min(limit, PAGE_MAX) if not all_pages else PAGE_MAX)
+    rows = list(first["entries"])
+    total = int(first["total"])
+    cursor = first.get("next_cursor")
+    while cursor and (all_pages or len(rows) < limit):
+        want = PAGE_MAX if all_pages else min(PAGE_MAX, limit - len(rows))
+        pg = c.page(path, **params, limit=want, cursor=cursor)
+        rows.extend(pg["entries"])
+        cursor = pg.get("next_cursor")
+    return rows, total
+
+
+def show_list(rows: list[dict[str, Any]], total: int, columns: Iterable[str], *, title: str,
+              what: str, json_out: bool) -> None:
+    """:func:`show`, and — when the list was cut — "showing N of M" (on stderr with
+    ``--json``, so the JSON stays a list): never a silently shortened list."""
+    show(rows, columns, title=title, json_out=json_out)
+    if len(rows) < total:
+        note = f"showing {len(rows)} of {total} {what} (--all for every one, or --limit N)"
+        (err_console if json_out else console).print(note)
 
 
 def fmt(v: Any) -> str:

@@ -13,13 +13,17 @@ from rich.progress import BarColumn, Progress, TextColumn
 
 from drsite.cli.common import (
     EXIT_JOB_FAILED,
+    AllOpt,
     CaOpt,
     JsonOpt,
+    LimitOpt,
     TokenOpt,
     VaultOpt,
     client,
     console,
+    fetch_list,
     show,
+    show_list,
 )
 from drsite.core.errors import InvalidInput, NotFound
 from drsite.core.states import JobState, TaskState
@@ -192,11 +196,24 @@ ITEM_COLS = ["id", "vm_name", "group", "protection", "state", "health", "rpo_s",
 
 
 @items.command("list")
-def items_list(vault: str | None = VaultOpt, token: str | None = TokenOpt,
+def items_list(health: str | None = typer.Option(None, help="normal, warning or critical."),
+               state: str | None = typer.Option(None, help="Replication state, e.g. "
+                                                           "protected, resyncing, critical."),
+               host: str | None = typer.Option(None, help="Source host (name or id)."),
+               site: str | None = typer.Option(None, help="Source site."),
+               group: str | None = typer.Option(None, help="Protection group."),
+               search: str | None = typer.Option(None, help="Part of the VM name (any case)."),
+               include_removed: bool = typer.Option(False, help="Also removed and failed items."),
+               limit: int = LimitOpt, all_pages: bool = AllOpt,
+               vault: str | None = VaultOpt, token: str | None = TokenOpt,
                ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
-    """List protected items with health and measured RPO."""
+    """List protected items (by VM name) with health and measured RPO."""
     with client(vault, token, ca_file) as c:
-        show(c.items(), ITEM_COLS, title="protected items", json_out=json_out)
+        rows, total = fetch_list(c, "/items", limit=limit, all_pages=all_pages, health=health,
+                                 state=state, host=host, site=site, group=group, q=search,
+                                 all="true" if include_removed else None)
+        show_list(rows, total, ITEM_COLS, title="protected items", what="items",
+                  json_out=json_out)
 
 
 @items.command("show")
@@ -209,15 +226,21 @@ def items_show(item_id: str, vault: str | None = VaultOpt, token: str | None = T
 
 
 @items.command("points")
-def items_points(item_id: str, vault: str | None = VaultOpt, token: str | None = TokenOpt,
+def items_points(item_id: str,
+                 consistency: str | None = typer.Option(None, help="crash or app."),
+                 limit: int = typer.Option(1000, "--limit", min=1, help="How many (oldest "
+                                                                       "first)."),
+                 all_pages: bool = AllOpt,
+                 vault: str | None = VaultOpt, token: str | None = TokenOpt,
                  ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
-    """List an item's recovery points."""
+    """List an item's recovery points, oldest first."""
     with client(vault, token, ca_file) as c:
-        rows = [{**p, "damaged": (p.get("damage") or {}).get("reason") or ""}
-                for p in c.points(item_id)]
-        show(rows, ["point_id", "created_at", "consistency", "kind", "bytes_written",
-                    "bytes_stored", "damaged"],
-             title=f"recovery points of {item_id}", json_out=json_out)
+        rows, total = fetch_list(c, f"/items/{item_id}/points", limit=limit,
+                                 all_pages=all_pages, consistency=consistency)
+        rows = [{**p, "damaged": (p.get("damage") or {}).get("reason") or ""} for p in rows]
+        show_list(rows, total, ["point_id", "created_at", "consistency", "kind",
+                                "bytes_written", "bytes_stored", "damaged"],
+                  title=f"recovery points of {item_id}", what="points", json_out=json_out)
 
 
 @items.command("verify")
@@ -297,15 +320,19 @@ def items_resync(item_id: str, wait: bool = typer.Option(True),
 # -- jobs ---------------------------------------------------------------------------------------
 
 @jobs.command("list")
-def jobs_list(state: str | None = typer.Option(None), kind: str | None = typer.Option(None),
-              limit: int = typer.Option(50), vault: str | None = VaultOpt,
+def jobs_list(state: str | None = typer.Option(None, help="A job state, or active."),
+              kind: str | None = typer.Option(None, help="A job kind, e.g. EnableProtection."),
+              item: str | None = typer.Option(None, help="Only this item's jobs (item id)."),
+              limit: int = typer.Option(50, "--limit", min=1, help="How many, newest first."),
+              all_pages: bool = AllOpt, vault: str | None = VaultOpt,
               token: str | None = TokenOpt, ca_file: Path | None = CaOpt,
               json_out: bool = JsonOpt) -> None:
     """List jobs, newest first."""
     with client(vault, token, ca_file) as c:
-        show(c.jobs(state=state, kind=kind, limit=limit),
-             ["id", "kind", "target", "state", "progress", "created_at"], title="jobs",
-             json_out=json_out)
+        rows, total = fetch_list(c, "/jobs", limit=limit, all_pages=all_pages, state=state,
+                                 kind=kind, item=item)
+        show_list(rows, total, ["id", "kind", "target", "state", "progress", "created_at"],
+                  title="jobs", what="jobs", json_out=json_out)
 
 
 @jobs.command("show")
@@ -346,12 +373,17 @@ def health(vault: str | None = VaultOpt, token: str | None = TokenOpt,
 
 
 @alerts.command("list")
-def alerts_list(vault: str | None = VaultOpt, token: str | None = TokenOpt,
+def alerts_list(state: str | None = typer.Option(None, help="active or cleared (default: both)."),
+                severity: str | None = typer.Option(None, help="warning or critical."),
+                limit: int = LimitOpt, all_pages: bool = AllOpt,
+                vault: str | None = VaultOpt, token: str | None = TokenOpt,
                 ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
-    """List open alerts."""
+    """List alerts, newest first."""
     with client(vault, token, ca_file) as c:
-        show(c.alerts(), ["id", "severity", "kind", "subject", "message", "raised_at"],
-             title="alerts", json_out=json_out)
+        rows, total = fetch_list(c, "/alerts", limit=limit, all_pages=all_pages, state=state,
+                                 severity=severity)
+        show_list(rows, total, ["id", "severity", "kind", "subject", "message", "raised_at",
+                                "active"], title="alerts", what="alerts", json_out=json_out)
 
 
 @tokens.command("create")
@@ -401,11 +433,8 @@ def audit_list(limit: int = typer.Option(100, min=1, max=1000, help="Entries to 
                ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
     """List the audit trail, newest first."""
     with client(vault, token, ca_file) as c:
-        page = c.audit(limit=limit, since=parse_since(since, time.time()), actor=actor)
-        entries = list(page["entries"])
-        while all_pages and page.get("next_before"):
-            page = c.audit(limit=limit, since=parse_since(since, time.time()), actor=actor,
-                           before=page["next_before"])
-            entries += page["entries"]
-        show(entries, ["at", "actor_kind", "actor", "client", "action", "target", "outcome",
-                       "error_code"], title="audit", json_out=json_out)
+        rows, total = fetch_list(c, "/audit", limit=limit, all_pages=all_pages,
+                                 since=parse_since(since, time.time()), actor=actor)
+        show_list(rows, total, ["at", "actor_kind", "actor", "client", "action", "target",
+                                "outcome", "error_code"], title="audit", what="entries",
+                  json_out=json_out)

@@ -24,6 +24,14 @@ def serve(
                                              "directory; postgresql+psycopg://… for PostgreSQL)."),
     heartbeat_interval: float = typer.Option(2.0, help="Seconds between agent heartbeats."),
     master_key_file: Path | None = MasterKeyOpt,
+    workers: int = typer.Option(1, min=1, max=64,
+                                help="API worker processes sharing the listen address (more "
+                                     "than one needs PostgreSQL). One process of all those on "
+                                     "the database is the controller (jobs, scheduler, health)."),
+    controller_lease: float = typer.Option(10.0, min=1.0, max=600.0,
+                                           help="Seconds a controller that stopped renewing its "
+                                                "lease keeps it before another vault process "
+                                                "takes over."),
 ) -> None:
     """Run the vault in the foreground (Ctrl-C or SIGTERM stops it cleanly), with the web
     dashboard at /ui."""
@@ -31,7 +39,8 @@ def serve(
     from drsite.web.routes import router as dashboard
 
     run_vault(data, listen=listen, db_url=db, heartbeat_interval=heartbeat_interval,
-              master_key_file=master_key_file, routers=[dashboard])
+              master_key_file=master_key_file, routers=[dashboard], workers=workers,
+              lease_s=controller_lease)
 
 
 @vault.command("rotate-master-key")

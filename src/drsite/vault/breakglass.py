@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 from drsite.core.errors import InvalidInput
 from drsite.core.model import validate_name
 from drsite.core.states import FailoverState, ItemProtection
-from drsite.vault import commands, fencing
+from drsite.vault import commands, fencing, storeacl
 from drsite.vault.audit import AuditEntry, record_audit, record_event
 from drsite.vault.db.models import Failover, Host, Item, Site, Vm
 from drsite.vault.trust import raise_security_alert
@@ -112,7 +112,7 @@ def _record(s: Session, host: Host, item: Item, rec: dict[str, Any], fid: str,
                   job_id=None, created_at=float(rec.get("requested_at") or now), updated_at=now)
     s.add(fo)
     s.flush()
-    item.status = ItemProtection.FAILED_OVER
+    storeacl.set_status(item, ItemProtection.FAILED_OVER, now)
     item.failover_id = fid
     item.updated_at = now
     commands.cancel_open(s, item.id, now, "item failed over (break-glass)")

@@ -51,10 +51,12 @@ def overview(vault: Vault, user: WebUser) -> dict[str, Any]:
         mine = [h for h in hosts if h["site"] == site["name"] and not h["revoked"]]
         site["up"] = sum(1 for h in mine if h["up"])
         site["down"] = len(mine) - site["up"]
+    alerts = operations.list_alerts(vault, p, state="active", limit=10)
+    recent = operations.list_jobs(vault, p, limit=8)
     return {"health": health, "sites": sites,
             "hosts": [h for h in hosts if not h["revoked"]],
-            "alerts": operations.list_alerts(vault, p, state="active", limit=10),
-            "jobs": operations.list_jobs(vault, p, limit=8)}
+            "alerts": alerts["entries"], "alerts_total": alerts["total"],
+            "jobs": recent["entries"], "jobs_total": recent["total"]}
 
 
 def churn_by_item(vault: Vault, now: float, item_id: str | None = None) -> dict[str, float]:
@@ -75,15 +77,22 @@ def churn_by_item(vault: Vault, now: float, item_id: str | None = None) -> dict[
     return out
 
 
-def protected_vms(vault: Vault, user: WebUser) -> dict[str, Any]:
+ITEMS_PER_PAGE = 500
+
+
+def protected_vms(vault: Vault, user: WebUser, cursor: str | None = None) -> dict[str, Any]:
+    """One page of items (``ITEMS_PER_PAGE``, by VM name) with the total, and the VMs that are
+    not protected."""
     p = principal(user)
     now = vault.settings.clock.now()
-    items = protection.list_items(vault, p)
+    items = protection.list_items(vault, p, limit=ITEMS_PER_PAGE, cursor=cursor or None)
     churn = churn_by_item(vault, now)
-    for it in items:
+    for it in items["entries"]:
         it["churn_bps"] = churn.get(it["id"])
     unprotected = [v for v in inventory.list_vms(vault, p) if v["item_id"] is None and v["present"]]
-    return {"items": items, "unprotected": unprotected}
+    return {"items": items["entries"], "items_total": items["total"],
+            "next_cursor": items["next_cursor"], "cursor": cursor or "",
+            "unprotected": unprotected}
 
 
 def item_points(vault: Vault, item_id: str, window: str | None, now: float) -> dict[str, Any]:
@@ -172,8 +181,11 @@ def drill(vault: Vault, user: WebUser, drill_id: str) -> dict[str, Any]:
     return drills_api.show_drill(drill_id, vault, principal(user))
 
 
-def jobs(vault: Vault, user: WebUser, state: str | None, kind: str | None) -> list[dict[str, Any]]:
-    return operations.list_jobs(vault, principal(user), state=state or None, kind=kind or None, limit=100)
+def jobs(vault: Vault, user: WebUser, state: str | None, kind: str | None,
+         cursor: str | None = None) -> dict[str, Any]:
+    """One page of jobs (newest first) with the total: ``{"entries", "total", "next_cursor"}``."""
+    return operations.list_jobs(vault, principal(user), state=state or None, kind=kind or None,
+                                limit=100, cursor=cursor or None)
 
 
 def job(vault: Vault, user: WebUser, job_id: str) -> dict[str, Any]:
@@ -195,8 +207,11 @@ def audit(vault: Vault, user: WebUser, actor: str | None, before: int | None) ->
     return audit_api.list_audit(vault, principal(user), limit=100, actor=actor, before=before)
 
 
-def alerts(vault: Vault, user: WebUser, state: str | None) -> list[dict[str, Any]]:
-    return operations.list_alerts(vault, principal(user), state=state or None, limit=200)
+def alerts(vault: Vault, user: WebUser, state: str | None,
+           cursor: str | None = None) -> dict[str, Any]:
+    """One page of alerts (newest first) with the total."""
+    return operations.list_alerts(vault, principal(user), state=state or None, limit=200,
+                                  cursor=cursor or None)
 
 
 # ------------------------------------------------------------------------- recovery plans

@@ -246,13 +246,14 @@ def overview_fragment(request: Request) -> Response:
 
 
 @router.get("/ui/vms")
-def vms(request: Request) -> Response:
-    return _view(request, "vms.html", "vms", lambda v, u: data.protected_vms(v, u))
+def vms(request: Request, cursor: str | None = None) -> Response:
+    return _view(request, "vms.html", "vms", lambda v, u: data.protected_vms(v, u, cursor))
 
 
 @router.get("/ui/f/vms")
-def vms_fragment(request: Request) -> Response:
-    return _view(request, "fragments/vms.html", "vms", lambda v, u: data.protected_vms(v, u), True)
+def vms_fragment(request: Request, cursor: str | None = None) -> Response:
+    return _view(request, "fragments/vms.html", "vms",
+                 lambda v, u: data.protected_vms(v, u, cursor), True)
 
 
 @router.get("/ui/items/{item_id}")
@@ -293,20 +294,27 @@ def drill_fragment(request: Request, drill_id: str) -> Response:
                  lambda v, u: {"drill": data.drill(v, u, drill_id)}, True)
 
 
-def _jobs_ctx(v: Vault, u: WebUser, state: str | None, kind: str | None) -> dict[str, Any]:
-    return {"jobs": data.jobs(v, u, state, kind), "state": state or "", "kind": kind or "",
+def _jobs_ctx(v: Vault, u: WebUser, state: str | None, kind: str | None,
+              cursor: str | None) -> dict[str, Any]:
+    jobs_page = data.jobs(v, u, state, kind, cursor)
+    return {"jobs": jobs_page["entries"], "jobs_total": jobs_page["total"],
+            "next_cursor": jobs_page["next_cursor"], "cursor": cursor or "",
+            "state": state or "", "kind": kind or "",
             "states": (JOB_FILTER_ACTIVE, JobState.QUEUED, JobState.RUNNING, JobState.SUCCEEDED,
                        JobState.FAILED, JobState.CANCELLED)}
 
 
 @router.get("/ui/jobs")
-def jobs(request: Request, state: str | None = None, kind: str | None = None) -> Response:
-    return _view(request, "jobs.html", "jobs", lambda v, u: _jobs_ctx(v, u, state, kind))
+def jobs(request: Request, state: str | None = None, kind: str | None = None,
+         cursor: str | None = None) -> Response:
+    return _view(request, "jobs.html", "jobs", lambda v, u: _jobs_ctx(v, u, state, kind, cursor))
 
 
 @router.get("/ui/f/jobs")
-def jobs_fragment(request: Request, state: str | None = None, kind: str | None = None) -> Response:
-    return _view(request, "fragments/jobs.html", "jobs", lambda v, u: _jobs_ctx(v, u, state, kind), True)
+def jobs_fragment(request: Request, state: str | None = None, kind: str | None = None,
+                  cursor: str | None = None) -> Response:
+    return _view(request, "fragments/jobs.html", "jobs",
+                 lambda v, u: _jobs_ctx(v, u, state, kind, cursor), True)
 
 
 @router.get("/ui/jobs/{job_id}")
@@ -319,16 +327,23 @@ def job_fragment(request: Request, job_id: str) -> Response:
     return _view(request, "fragments/job.html", "jobs", lambda v, u: {"job": data.job(v, u, job_id)}, True)
 
 
+def _alerts_ctx(v: Vault, u: WebUser, state: str | None, cursor: str | None) -> dict[str, Any]:
+    alerts_page = data.alerts(v, u, state, cursor)
+    return {"alerts": alerts_page["entries"], "alerts_total": alerts_page["total"],
+            "next_cursor": alerts_page["next_cursor"], "cursor": cursor or "",
+            "state": state or ""}
+
+
 @router.get("/ui/alerts")
-def alerts(request: Request, state: str | None = None) -> Response:
-    return _view(request, "alerts.html", "alerts",
-                 lambda v, u: {"alerts": data.alerts(v, u, state), "state": state or ""})
+def alerts(request: Request, state: str | None = None, cursor: str | None = None) -> Response:
+    return _view(request, "alerts.html", "alerts", lambda v, u: _alerts_ctx(v, u, state, cursor))
 
 
 @router.get("/ui/f/alerts")
-def alerts_fragment(request: Request, state: str | None = None) -> Response:
+def alerts_fragment(request: Request, state: str | None = None,
+                    cursor: str | None = None) -> Response:
     return _view(request, "fragments/alerts.html", "alerts",
-                 lambda v, u: {"alerts": data.alerts(v, u, state), "state": state or ""}, True)
+                 lambda v, u: _alerts_ctx(v, u, state, cursor), True)
 
 
 def _audit_ctx(v: Vault, u: WebUser, actor: str | None, before: str | None) -> dict[str, Any]:

@@ -383,7 +383,7 @@ def start_replica(ctx: TaskContext) -> Step:
     apply_failover_result(fo, got.result, ctx.now)
     record_wall_time(fo, ctx.now)
     register_recovery_vm(ctx, fo)
-    item.status = ItemProtection.FAILED_OVER
+    storeacl.set_status(item, ItemProtection.FAILED_OVER, ctx.now)
     item.failover_id = fo.id
     item.updated_at = ctx.now
     commands.cancel_open(ctx.s, item.id, ctx.now, "item failed over")
@@ -408,7 +408,7 @@ def commit(ctx: TaskContext) -> Step:
     if isinstance(got, Step):
         return got
     apply_failover_result(fo, got.result, ctx.now)
-    item.status = ItemProtection.COMMITTED
+    storeacl.set_status(item, ItemProtection.COMMITTED, ctx.now)
     item.updated_at = ctx.now
     ctx.s.query(Point).filter(Point.item_id == item.id, Point.point_id != fo.point_id).delete()
     record_event(ctx.s, ctx.now, "item", item.id, f"failover {fo.id} committed")
@@ -484,7 +484,7 @@ def resume_source(ctx: TaskContext) -> Step:
 
 
 def _back_to_protected(ctx: TaskContext, item: Item) -> None:
-    item.status = ItemProtection.PROTECTED
+    storeacl.set_status(item, ItemProtection.PROTECTED, ctx.now)
     item.failover_id = None
     item.critical_error = None
     item.updated_at = ctx.now
@@ -583,7 +583,7 @@ def reverse_replication(ctx: TaskContext) -> Step:
     rev.last_cycle_sent_at = ctx.now
     rev.last_retention_at = ctx.now
     rev.updated_at = ctx.now
-    item.status = ItemProtection.REPROTECTED
+    storeacl.set_status(item, ItemProtection.REPROTECTED, ctx.now)
     item.vm_ref = None
     item.failover_id = None
     item.updated_at = ctx.now
@@ -621,7 +621,7 @@ def failover_on_end(ctx: TaskContext, state: JobState) -> None:
         if fo is not None and item is not None and item.status == ItemProtection.FAILING_OVER \
                 and item.failover_id in (None, fo.id):
             if reached or fo.kind == "planned":
-                item.status = ItemProtection.FAILED_OVER  # cancel the failover to undo it
+                storeacl.set_status(item, ItemProtection.FAILED_OVER, ctx.now)  # a cancel undoes it
                 item.failover_id = fo.id
             else:
                 item.status = ItemProtection.PROTECTED  # nothing reached an agent: nothing to undo
