@@ -124,7 +124,7 @@ def test_a_restored_vault_learns_the_points_reported_after_the_backup(tmp_path: 
         # the agent reports point 5 (its ack was 4): answered with ack 0, so it reports all
         assert beat(a2, [5]) == 0
         assert beat(a2, [1, 2, 3, 4, 5]) == 5
-        seqs = sorted(p["seq"] for p in h2.ok("GET", f"/items/{item_id}/points"))
+        seqs = sorted(p["seq"] for p in h2.ok("GET", f"/items/{item_id}/points")["entries"])
         assert seqs == [1, 2, 3, 4, 5]
         assert beat(a2, [6]) == 6                     # back to normal
     finally:
