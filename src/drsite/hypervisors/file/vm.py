@@ -18,6 +18,7 @@ for: scheduling cycles, reading frozen views (see :mod:`.readers`), processes or
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import shutil
 import subprocess
@@ -43,7 +44,7 @@ from drsite.core.extents import ExtentList
 from drsite.core.model import Consistency
 from drsite.fsutil import flock_exclusive, fsync_dir, read_record, write_record
 from drsite.hypervisors.file.cow import CowOverlay
-from drsite.hypervisors.file.layout import GRANULE, VmConfig, VmPaths
+from drsite.hypervisors.file.layout import CBW_BLOCK, GRANULE, VmConfig, VmPaths
 from drsite.imagefile import pwrite_all
 from drsite.tracking.changelog import (
     DEFAULT_MAX_BYTES,
@@ -53,12 +54,16 @@ from drsite.tracking.changelog import (
 )
 
 log = logging.getLogger(__name__)
-_ZERO_GRANULE = bytes(GRANULE)
+_ZEROS = memoryview(bytes(1 << 20))
 HOOK_TIMEOUT = 60.0
 
 
 def _granules(size: int) -> int:
     return (size + GRANULE - 1) // GRANULE
+
+
+def _all_zero(b: bytes) -> bool:
+    return _ZEROS[:len(b)] == b if len(b) <= len(_ZEROS) else b.count(0) == len(b)
 
 
 def granule_mask(extents: ExtentList, size: int) -> bytearray:
@@ -72,14 +77,23 @@ def granule_mask(extents: ExtentList, size: int) -> bytearray:
 class _Cbw:
     """Copy-before-write state of one disk for one sealed cycle (guest side).
 
-    ``mask`` None means every granule is protected (a full or untrusted cycle is read whole).
+    ``mask`` (one byte per 64 KiB granule) names the granules the cycle's view protects; None
+    means every granule (a full or untrusted cycle is read whole). Preservation is per
+    ``block`` (4 KiB; 64 KiB in cycles sealed before blocks were introduced): the first write to
+    a protected block copies that block only, so a 4 KiB write costs a 4 KiB copy, not 64 KiB.
+    The bitmap file holds one byte per block and is shared through ``mmap`` (what the reader
+    maps too); a set byte is visible to every reader of the file as soon as it is stored.
     """
 
     def __init__(self, disk_fd: int, size: int, fleece: Path, bitmap: Path,
-                 mask: bytearray | None) -> None:
+                 mask: bytearray | None, block: int = CBW_BLOCK) -> None:
         self.disk_fd = disk_fd
+        self.size = size
         self.mask = mask
-        n = _granules(size)
+        self.block = block
+        self._per_granule = max(1, GRANULE // block)
+        n = (size + block - 1) // block
+        self.fleece_fd = self.bitmap_fd = -1
         try:
             self.fleece_fd = os.open(fleece, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             self.bitmap_fd = os.open(bitmap, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -87,31 +101,53 @@ class _Cbw:
                 os.ftruncate(self.fleece_fd, size)
             if os.fstat(self.bitmap_fd).st_size != n:
                 os.ftruncate(self.bitmap_fd, n)
-            self.done = bytearray(os.pread(self.bitmap_fd, n, 0))
+            self.done = mmap.mmap(self.bitmap_fd, n)
         except OSError as e:
+            self._close_fds()
             raise classify_os_error(e, f"copy-before-write files {fleece}") from e
-        self.copied = sum(self.done)
+        self.copied = n - self.done[:].count(0)
         self._dirty = False
 
     def before_write(self, offset: int, length: int) -> None:
-        g0, g1 = offset // GRANULE, (offset + length - 1) // GRANULE
-        done, mask = self.done, self.mask
-        for g in range(g0, g1 + 1):
-            if done[g] or (mask is not None and not mask[g]):
-                continue
-            old = os.pread(self.disk_fd, GRANULE, g * GRANULE)
-            # Order matters (readers check the bitmap AFTER reading the disk): the old data is
-            # in the fleece before the bit is set, and the bit is set before the disk changes.
-            if old != _ZERO_GRANULE[: len(old)]:  # a zero granule stays a hole in the fleece
-                pwrite_all(self.fleece_fd, old, g * GRANULE)
-            os.pwrite(self.bitmap_fd, b"\x01", g)
-            done[g] = 1
-            self.copied += 1
-            self._dirty = True
+        bs, done, mask = self.block, self.done, self.mask
+        b0, b1 = offset // bs, (offset + length - 1) // bs
+        if b0 == b1:  # the common case: one block, no numpy
+            if done[b0] or (mask is not None and not mask[b0 // self._per_granule]):
+                return
+            self._preserve(b0, b0 + 1)
+            return
+        cur = done[b0:b1 + 1]
+        if cur.count(0) == 0:
+            return
+        need = np.frombuffer(cur, np.uint8) == 0
+        if mask is not None:
+            g = np.arange(b0, b1 + 1) // self._per_granule
+            need &= np.frombuffer(mask, np.uint8)[g] != 0
+        idx = np.flatnonzero(need)
+        if idx.size == 0:
+            return
+        brk = np.flatnonzero(np.diff(idx) != 1)
+        firsts = np.concatenate([idx[:1], idx[brk + 1]]) + b0
+        lasts = np.concatenate([idx[brk], idx[-1:]]) + b0
+        for a, b in zip(firsts.tolist(), lasts.tolist(), strict=True):
+            self._preserve(a, b + 1)
+
+    def _preserve(self, a: int, b: int) -> None:
+        """Preserve blocks ``[a, b)``. Order matters (readers check the bitmap AFTER reading
+        the disk): the old data is in the fleece before the bytes are set, and the bytes are
+        set before the caller changes the disk."""
+        lo, hi = a * self.block, min(b * self.block, self.size)
+        old = os.pread(self.disk_fd, hi - lo, lo)
+        if not _all_zero(old):
+            pwrite_all(self.fleece_fd, old, lo)  # all-zero blocks stay holes in the fleece
+        self.done[a:b] = b"\x01" * (b - a)
+        self.copied += b - a
+        self._dirty = True
 
     def flush(self) -> None:
         if self._dirty:
             os.fsync(self.fleece_fd)
+            self.done.flush()  # msync: the bitmap's pages
             os.fsync(self.bitmap_fd)
             self._dirty = False
 
@@ -120,8 +156,14 @@ class _Cbw:
             return
         if sync:
             self.flush()
-        os.close(self.fleece_fd)
-        os.close(self.bitmap_fd)
+        self.done.close()
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        for fd in (self.fleece_fd, self.bitmap_fd):
+            if fd >= 0:
+                with suppress(OSError):
+                    os.close(fd)
         self.fleece_fd = self.bitmap_fd = -1
 
 
@@ -285,7 +327,8 @@ class FileVm:
                     ext = ext.union(c.extents)
                 mask = granule_mask(ext, disk.size)
             disk.cbw = _Cbw(disk.fd, disk.size, self.paths.fleece(self.epoch, cid, disk.disk_id),
-                            self.paths.cbw_bitmap(self.epoch, cid, disk.disk_id), mask)
+                            self.paths.cbw_bitmap(self.epoch, cid, disk.disk_id), mask,
+                            int(record.get("cbw_block", GRANULE)))
 
     # -- I/O ----------------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -547,12 +590,12 @@ class FileVm:
                 "sealed_at": sealed_at, "consistency": consistency.value, "notes": notes,
                 "logs": logs, "disk_sizes": {d.disk_id: d.size for d in self.disks.values()},
                 "full": full, "trusted": trusted, "cbw_all": full or not trusted,
-                "last_tag": self.last_tag, "boot_id": self.boot_id,
+                "last_tag": self.last_tag, "boot_id": self.boot_id, "cbw_block": CBW_BLOCK,
             }
             for disk in self.disks.values():  # 4. the frozen view starts now (before any write)
                 disk.cbw = _Cbw(disk.fd, disk.size, p.fleece(epoch, cid, disk.disk_id),
                                 p.cbw_bitmap(epoch, cid, disk.disk_id),
-                                None if full or not trusted else masks[disk.disk_id])
+                                None if full or not trusted else masks[disk.disk_id], CBW_BLOCK)
             if on_sealed is not None:
                 err = on_sealed()
                 if err:
