@@ -11,7 +11,12 @@ Invariants:
 - while ``applying`` is set the images are a mix of ``from`` and ``to``; the next
   :meth:`ReplicaHydrator.catch_up` re-applies the same ranges (writes are idempotent: each sets a
   range to ``to``'s bytes), or, if ``to``/``from`` vanished meanwhile, rebuilds from the latest
-  point in full.
+  point in full;
+- a cycle *streamed* into the replica while it is shipped (:meth:`ReplicaHydrator.stream`) is
+  marked ``applying`` with ``to: null`` and its cycle id before its first byte is written; its
+  point id is known only at commit. ``catch_up`` finds that point by its cycle
+  (``committed_cycle``) and re-applies it from the store; a cycle that never committed leaves an
+  unknown mix, rebuilt in full.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from drsite.core.errors import BrokenChain, CorruptData, ObjectNotFound, classif
 from drsite.core.extents import ExtentList
 from drsite.core.model import validate_name
 from drsite.store.digest import file_digest, image_digest
-from drsite.store.format import PointInfo
+from drsite.store.format import ZERO, Entries, PointInfo
 from drsite.store.reader import PointReader, iter_pieces
 from drsite.store.repository import Repository
 
@@ -118,15 +123,19 @@ class ReplicaHydrator:
             raise classify_os_error(exc, f"replica state {self._state_path}") from exc
 
     def state(self) -> tuple[str | None, str | None]:
-        """(point the replica holds or None, point being applied or None)."""
+        """(point the replica holds or None, point being applied or None). While a cycle
+        streams in before its commit, the second item is ``"cycle:<cycle id>"``."""
         st = self._load()
         ap = st["applying"]
-        return st["point_id"], (ap["to"] if ap else None)
+        if not ap:
+            return st["point_id"], None
+        return st["point_id"], ap.get("to") or f"cycle:{ap.get('to_cycle')}"
 
     def pinned(self) -> set[str]:
         """Points retention must keep for this replica to catch up cheaply."""
-        cur, applying = self.state()
-        return {p for p in (cur, applying) if p}
+        st = self._load()
+        ap = st["applying"] or {}
+        return {p for p in (st["point_id"], ap.get("to"), ap.get("from")) if p}
 
     def disk_path(self, disk_id: str) -> Path:
         return self.dir / f"{validate_name('disk', disk_id)}.img"
@@ -218,7 +227,10 @@ class ReplicaHydrator:
         ap = st["applying"]
         if ap:
             frm = self._exists(ap.get("from"), ap.get("from_cycle"))
-            to = self._exists(ap.get("to"), ap.get("to_cycle"))
+            if ap.get("to"):
+                to = self._exists(ap.get("to"), ap.get("to_cycle"))
+            else:  # a streamed cycle: its point, if it was committed
+                to = self.repo.committed_cycle(ap["to_cycle"]) if ap.get("to_cycle") else None
             if to is not None:
                 # the images mix ``from`` and ``to``: same plan again (or full if ``from`` left)
                 cur = self._step_or_jump(frm, to)
@@ -255,6 +267,38 @@ class ReplicaHydrator:
             self._step(cur, latest)
             return latest
 
+    # -- streaming a cycle while it is shipped ------------------------------------------------
+
+    def stream(self, cycle_id: str, base_point_id: str | None,
+               disk_sizes: dict[str, int]) -> ReplicaStream | None:
+        """Start writing cycle ``cycle_id`` into the images while it is shipped (from the same
+        buffers the point writer gets, see :attr:`PointWriter.tee`), or None when the replica
+        cannot take it: a delta streams only onto a replica that holds exactly
+        ``base_point_id`` (or is re-streaming this same cycle onto it); a full cycle (``base``
+        None) always streams, over fresh images. The applying marker is saved before this
+        returns; :meth:`ReplicaStream.finish` records the point once it is committed."""
+        validate_name("cycle", cycle_id)
+        st = self._load()
+        ap = st["applying"]
+        if base_point_id is not None:
+            clean = ap is None and st["point_id"] == base_point_id
+            again = ap is not None and ap.get("to") is None and ap.get("to_cycle") == cycle_id \
+                and ap.get("from") == base_point_id
+            if not (clean or again):
+                return None
+            try:
+                base = self.repo.point(base_point_id)
+            except ObjectNotFound:
+                return None
+        else:
+            base = None
+        self._save({"point_id": st["point_id"] if ap is None else ap.get("from"),
+                    "cycle_id": st["cycle_id"] if ap is None else ap.get("from_cycle"),
+                    "applying": {"to": None, "to_cycle": cycle_id,
+                                 "from": base.point_id if base else None,
+                                 "from_cycle": base.cycle_id if base else None}})
+        return ReplicaStream(self, cycle_id, base, disk_sizes)
+
     def verify(self, point_id: str | None = None) -> bool:
         """True if every image equals ``point_id`` (default: the point the replica holds),
         compared by digest of the full logical image."""
@@ -270,3 +314,80 @@ class ReplicaHydrator:
             if file_digest(path, size) != image_digest(self.repo.reader(pid, disk_id)):
                 return False
         return True
+
+
+class ReplicaStream:
+    """One cycle being written into the replica images as it is shipped.
+
+    :meth:`write_runs` is :attr:`PointWriter.tee`: it gets every frame's zero/data runs from the
+    writer's worker threads, in any order across frames (a cycle writes each range at most once,
+    so order does not matter). Not responsible for deciding whether to stream (the hydrator) or
+    for data that reaches the point some other way (a resumed cycle does not stream).
+    """
+
+    def __init__(self, hydrator: ReplicaHydrator, cycle_id: str, base: PointInfo | None,
+                 disk_sizes: dict[str, int]) -> None:
+        self.hydrator = hydrator
+        self.cycle_id = cycle_id
+        self.base = base
+        self.disk_sizes = dict(disk_sizes)
+        self._fds: dict[str, int] = {}
+        self._fresh: dict[str, bool] = {}
+        try:
+            for disk_id, size in self.disk_sizes.items():
+                path = hydrator.disk_path(disk_id)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                self._fds[disk_id] = fd
+                fresh = base is None or disk_id not in base.disk_sizes
+                if fresh:
+                    os.ftruncate(fd, 0)  # every range not written reads as zeros
+                os.ftruncate(fd, size)
+                self._fresh[disk_id] = fresh
+        except OSError as exc:
+            self.close()
+            raise classify_os_error(exc, f"replica images in {hydrator.dir}") from exc
+
+    def write_runs(self, disk_id: str, runs: Entries, raw: bytes | memoryview) -> None:
+        """Set the ranges of ``runs`` (zero runs: codec ZERO; data runs: ``roff`` into ``raw``)."""
+        fd = self._fds[disk_id]
+        mv = memoryview(raw)
+        zero = runs["codec"] == ZERO
+        try:
+            if zero.any() and not self._fresh[disk_id]:
+                for off, n in zip(runs["offset"][zero].tolist(), runs["length"][zero].tolist(),
+                                  strict=True):
+                    zero_range(fd, off, n)
+            data = runs[~zero]
+            for off, n, ro in zip(data["offset"].tolist(), data["length"].tolist(),
+                                  data["roff"].tolist(), strict=True):
+                done = os.pwrite(fd, mv[ro:ro + n], off)
+                while done < n:
+                    done += os.pwrite(fd, mv[ro + done:ro + n], off + done)
+        except OSError as exc:
+            raise classify_os_error(exc, f"replica image {self.hydrator.disk_path(disk_id)}") \
+                from exc
+
+    def finish(self, point: PointInfo) -> None:
+        """The cycle committed as ``point``: fsync the images, then record the point."""
+        if point.cycle_id != self.cycle_id:
+            raise CorruptData(f"point {point.point_id} is not cycle {self.cycle_id}")
+        try:
+            for fd in self._fds.values():
+                os.fsync(fd)
+        except OSError as exc:
+            raise classify_os_error(exc, f"replica images in {self.hydrator.dir}") from exc
+        finally:
+            self.close()
+        for stale in self.hydrator.dir.glob("*.img"):
+            if stale.stem not in point.disk_sizes:
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+        self.hydrator._save({"point_id": point.point_id, "cycle_id": point.cycle_id,
+                             "applying": None})
+
+    def close(self) -> None:
+        """Close the images; the applying marker stays (``catch_up`` settles it)."""
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
