@@ -25,7 +25,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -359,26 +359,47 @@ class FileVm:
         Waits while the VM is frozen (``Busy`` after ``frozen_timeout``). ``tag`` is remembered
         as ``last_tag`` and stored in the next sealed cycle (the workload passes its sequence).
         """
-        disk = self._disk(disk_id)
-        n = len(data)
-        if offset < 0 or n == 0 or offset + n > disk.size:
-            raise InvalidInput(f"write [{offset}, {offset + n}) outside disk {disk_id} "
-                               f"of {disk.size} bytes")
+        self.write_many([(disk_id, offset, data)], tag=tag, frozen_timeout=frozen_timeout)
+
+    def write_many(self, writes: Sequence[tuple[str, int, bytes | bytearray | memoryview]], *,
+                   tag: int | None = None, frozen_timeout: float | None = None) -> None:
+        """Several writes as one batch (a guest's queue of requests): every log record of the
+        batch first (one ``os.write`` per disk), then, in order, each write's copy-before-write
+        and its data. One instant for the seal: a batch is never split across two logs.
+        ``tag`` (the batch's last sequence number) and ``frozen_timeout`` as in :meth:`write`.
+        """
+        by_disk: dict[str, tuple[list[int], list[int]]] = {}
+        for disk_id, offset, data in writes:
+            disk = self._disk(disk_id)
+            n = len(data)
+            if offset < 0 or n == 0 or offset + n > disk.size:
+                raise InvalidInput(f"write [{offset}, {offset + n}) outside disk {disk_id} "
+                                   f"of {disk.size} bytes")
+            offs, lens = by_disk.setdefault(disk_id, ([], []))
+            offs.append(offset)
+            lens.append(n)
+        if not by_disk:
+            return
         self._acquire_unfrozen(frozen_timeout)
         try:
             self._check_open()
-            if disk.log is not None:
-                disk.log.append(offset, n)
-                disk.note_write(offset, n)
-            try:
-                if disk.cbw is not None:
-                    disk.cbw.before_write(offset, n)
-                if disk.cow is not None:
-                    disk.cow.write(offset, data)
-                else:
-                    pwrite_all(disk.fd, data, offset)
-            except OSError as e:
-                raise classify_os_error(e, f"write to disk {disk_id}") from e
+            for disk_id, (offs, lens) in by_disk.items():
+                disk = self.disks[disk_id]
+                if disk.log is not None:
+                    disk.log.append_many(offs, lens)
+                    for offset, n in zip(offs, lens, strict=True):
+                        disk.note_write(offset, n)
+            for disk_id, offset, data in writes:
+                disk = self.disks[disk_id]
+                try:
+                    if disk.cbw is not None:
+                        disk.cbw.before_write(offset, len(data))
+                    if disk.cow is not None:
+                        disk.cow.write(offset, data)
+                    else:
+                        pwrite_all(disk.fd, data, offset)
+                except OSError as e:
+                    raise classify_os_error(e, f"write to disk {disk_id}") from e
             if tag is not None:
                 self.last_tag = tag
         finally:
