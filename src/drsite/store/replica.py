@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from drsite.core.errors import BrokenChain, CorruptData, ObjectNotFound, classify_os_error
 from drsite.core.extents import ExtentList
@@ -41,6 +42,7 @@ from drsite.store.reader import PointReader, iter_pieces
 from drsite.store.repository import Repository
 
 PIECE = 4 << 20
+BATCH_EXTENTS = 4096  # extents read from the store in one batch
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
@@ -167,16 +169,24 @@ class ReplicaHydrator:
                 plan[disk_id] = (self.repo.diff(cur.point_id, to.point_id, disk_id), False)
         return plan
 
-    def _write_piece(self, fd: int, reader: PointReader, off: int, n: int, buf: memoryview) -> None:
-        """Set ``[off, off+n)`` of the image to the point's bytes (all-zero pieces → holes)."""
-        view = buf[:n]
-        reader.readinto(off, view)
-        if not np.frombuffer(view, np.uint8).any():
-            zero_range(fd, off, n)
-            return
-        done = 0
-        while done < n:
-            done += os.pwrite(fd, view[done:], off + done)
+    def _write_batch(self, fd: int, reader: PointReader, offs: npt.NDArray[np.int64],
+                     lens: npt.NDArray[np.int64], buf: memoryview) -> None:
+        """Set the extents ``(offs[i], lens[i])`` of the image to the point's bytes, read in one
+        batch (all-zero extents → holes)."""
+        total = int(lens.sum())
+        view = buf[:total]
+        reader.readv(offs, lens, view)
+        arr = np.frombuffer(view, np.uint8)
+        pos = np.cumsum(lens) - lens
+        nonzero = (np.maximum.reduceat(arr, pos) != 0).tolist()
+        for off, n, at, nz in zip(offs.tolist(), lens.tolist(), pos.tolist(), nonzero,
+                                  strict=True):
+            if not nz:
+                zero_range(fd, off, n)
+                continue
+            done = 0
+            while done < n:
+                done += os.pwrite(fd, view[at + done:at + n], off + done)
 
     def _apply(self, to: PointInfo, plan: dict[str, tuple[ExtentList, bool]]) -> None:
         buf = memoryview(bytearray(PIECE))
@@ -195,8 +205,16 @@ class ReplicaHydrator:
                     holes = ExtentList.of([(0, size)]).subtract(ranges) if size else ranges
                     for off, n in holes:
                         zero_range(fd, off, n)
-                for off, n in iter_pieces(ranges, PIECE):
-                    self._write_piece(fd, reader, off, n, buf)
+                pieces = ranges.split(PIECE)
+                starts, lengths = pieces.starts, pieces.lengths
+                ends = np.cumsum(lengths)
+                i = 0
+                while i < starts.size:  # batches of up to PIECE bytes / BATCH_EXTENTS extents
+                    base = int(ends[i - 1]) if i else 0
+                    j = int(np.searchsorted(ends, base + PIECE, "right"))
+                    j = min(max(j, i + 1), i + BATCH_EXTENTS)
+                    self._write_batch(fd, reader, starts[i:j], lengths[i:j], buf)
+                    i = j
                 os.fsync(fd)
             except OSError as exc:
                 raise classify_os_error(exc, f"replica image {path}") from exc
