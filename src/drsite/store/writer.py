@@ -389,8 +389,9 @@ class PointWriter:
         e = np.concatenate(parts) if parts else empty_entries()
         changed = coalesce(e["offset"], e["length"]) if e.size else ExtentList.empty()
         segs, pieces = split_segments(e, seg)
-        order = np.argsort(segs, kind="stable")
-        segs, pieces = segs[order], pieces[order]
+        del e
+        order = np.argsort(segs, kind="stable")  # write order kept within a segment
+        segs = segs[order]
         touched = np.unique(segs).tolist()
         if bd and int(bd["size"]) > size and nseg:
             touched = sorted(set(touched) | {nseg - 1})  # shrink: clip the new last segment
@@ -398,7 +399,7 @@ class PointWriter:
         for s in touched:
             lo, hi = s * seg, min((s + 1) * seg, size)
             a, b = np.searchsorted(segs, s, "left"), np.searchsorted(segs, s, "right")
-            mine = pieces[a:b].copy()
+            mine = pieces[order[a:b]]  # a copy of this segment's pieces only
             old = keys[s]
             bm = None
             if old is not None:
