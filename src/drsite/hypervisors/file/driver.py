@@ -423,7 +423,8 @@ class FileHypervisor:
         return CycleDiskReader(paths.disk(disk_id),
                                paths.fleece(cycle.epoch, cycle.cycle_id, disk_id),
                                paths.cbw_bitmap(cycle.epoch, cycle.cycle_id, disk_id),
-                               cfg.disk_size(disk_id), int(record.get("cbw_block", GRANULE)))
+                               cfg.disk_size(disk_id), int(record.get("cbw_block", GRANULE)),
+                               whole=bool(record.get("cbw_all")))
 
     def open_live_reader(self, vm_id: str, disk_id: str) -> DiskReader:
         paths, cfg = self._locate(vm_id)

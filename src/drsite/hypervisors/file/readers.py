@@ -44,8 +44,17 @@ class CycleDiskReader(RawImageReader):
     """
 
     def __init__(self, disk: Path, fleece: Path, bitmap: Path, size: int,
-                 block: int = GRANULE) -> None:
+                 block: int = GRANULE, *, whole: bool = False) -> None:
         super().__init__(disk, size)
+        # Keep the guest's page cache free of the large folios our reads would leave: on Linux
+        # a small write into a large cached folio dirties (and writes back) all of it, and the
+        # guest's 4 KiB random writes ran 10-30x slower after an initial copy. A view read
+        # ``whole`` (initial copy, resync) reads ahead and drops what it read behind it; a
+        # delta's scattered extents are read without readahead.
+        self._drop_behind = whole
+        with suppress(OSError, AttributeError):
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL if whole
+                             else os.POSIX_FADV_RANDOM)
         self._block = block
         self._fleece = self._bitmap = -1
         self._map: mmap.mmap | None = None
@@ -92,6 +101,9 @@ class CycleDiskReader(RawImageReader):
                 piece = mv[pos:pos + n]
                 if os.preadv(fd, [piece], off) != n:
                     pread_full(fd, piece, off)
+                if self._drop_behind:
+                    with suppress(OSError):
+                        os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
                 pos += n
             if self._map is None:
                 return
