@@ -84,6 +84,9 @@ class ReplicationSettings:
     io_size: int = IO_SIZE
     resync_block: int = RESYNC_BLOCK
     save_every_bytes: int = 64 * 1024 * 1024
+    # GC sweeps (listing and deleting objects: many requests on a remote store) run at most
+    # this often; retention still deletes expired points after every cycle
+    gc_every_s: float = 300.0
 
     def __post_init__(self) -> None:
         validate_frequency(self.frequency_s)
@@ -126,6 +129,7 @@ class ItemReplicator:
         self.rec = rec
         self._force_app: bool | None = None
         self._post_commit_issue: str | None = None
+        self._last_gc: float | None = None  # None: the first commit of this process sweeps
         # called after a point is committed and before its frozen view is released (a drill
         # can compare the point with the source as it was at that instant)
         self.before_release: Callable[[SealedCycle, PointInfo], None] | None = None
@@ -504,7 +508,11 @@ class ItemReplicator:
             self._post_commit_issue = f"replica behind the latest point: {e.message}"
         try:
             pinned = {p for p in (self.target.replica_point(),) if p}
-            self.target.repo.apply_retention(self.settings.retention, self.clock.now(), pinned)
+            now = self.clock.now()
+            sweep = self._last_gc is None or now - self._last_gc >= self.settings.gc_every_s
+            self.target.repo.apply_retention(self.settings.retention, now, pinned, sweep=sweep)
+            if sweep:
+                self._last_gc = now
         except DrsiteError as e:
             log.warning("%s: retention failed: %s", r.vm_name, e)
             self._post_commit_issue = f"retention failed: {e.message}"

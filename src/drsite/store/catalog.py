@@ -14,6 +14,7 @@ Caches hold only immutable objects (manifests, maps and tables never change unde
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -101,8 +102,8 @@ class Catalog:
     """
 
     def __init__(self, store: ObjectStore, item_id: str, *, segment_size: int = 64 << 20,
-                 pack_target: int = 8 << 20, zstd_level: int = 1, threads: int = 2,
-                 upload_threads: int = 1) -> None:
+                 pack_target: int = 8 << 20, zstd_level: int = 1, threads: int | None = None,
+                 upload_threads: int = 2) -> None:
         validate_name("item", item_id)
         if segment_size <= 0 or segment_size % BLOCK:
             raise InvalidInput(f"segment size {segment_size} is not a positive multiple of {BLOCK}")
@@ -112,9 +113,11 @@ class Catalog:
         self.segment_size = segment_size
         self.pack_target = max(pack_target, 1)
         self.zstd_level = zstd_level
-        self.threads = max(threads, 1)
-        # packs stored at once by a writer (cloud stores: several, one request each; packs may
-        # land out of order, which resume() handles: it sorts trailers by pack number)
+        # zero detection, hashing and compression: one worker per core by default
+        self.threads = max(threads if threads is not None else (os.cpu_count() or 2), 1)
+        # packs stored at once by a writer (local stores: their fsyncs overlap; remote ones:
+        # one request each; packs may land out of order, which resume() handles: it sorts
+        # trailers by pack number)
         self.upload_threads = max(upload_threads, 1)
         self._manifests = _Lru(4096)
         # maps of a disk written in scattered 4 KiB pieces hold ~1 MiB of entries per 64 MiB
