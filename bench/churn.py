@@ -52,8 +52,12 @@ from benchlib import BENCH_DIR, GiB, KiB, MiB, machine_info, workdir, write_json
 
 from drsite.core.model import DiskSpec, VmSpec
 from drsite.core.retention import RetentionRule
+from drsite.hypervisors.contract import HypervisorDriver
 from drsite.hypervisors.file.driver import FileHypervisor
-from drsite.hypervisors.file.workload import WorkloadSpec
+from drsite.hypervisors.file.workload import Workload, WorkloadSpec
+from drsite.hypervisors.qemu.driver import QemuHypervisor
+from drsite.hypervisors.qemu.layout import VmDir
+from drsite.hypervisors.qemu.nbd import NbdClient
 from drsite.replication.driver import ItemReplicator, ReplicationSettings
 from drsite.replication.planner import ALWAYS
 from drsite.replication.target import LocalTarget, RecoveryTarget
@@ -111,16 +115,55 @@ def load1() -> float:
         return -1.0
 
 
-def guest_pid(hv: FileHypervisor, vm_id: str) -> int:
-    st = hv.guest_status(vm_id)
-    return int(st["pid"]) if st else -1
+def make_driver(kind: str, root: Path) -> HypervisorDriver:
+    if kind == "qemu":
+        return QemuHypervisor(root)
+    return FileHypervisor(root)
 
 
-def guest_bytes(hv: FileHypervisor, vm_id: str) -> int:
-    st = hv.guest_status(vm_id)
-    if not st or not st.get("workload"):
-        return 0
-    return int(st["workload"]["bytes_written"])
+class _NbdWriter:
+    """The workload's block layer for a QEMU VM: its writes go through a writable NBD export
+    of the disk's top node (QEMU's block layer and dirty bitmaps see them as guest writes),
+    each batch pipelined like a guest's request queue."""
+
+    def __init__(self, client: NbdClient) -> None:
+        self.client = client
+
+    def write_many(self, writes: Any, *, tag: int | None = None) -> None:
+        self.client.write_many([(off, data) for _, off, data in writes], inflight=32)
+
+
+def qemu_writer_main(argv: list[str]) -> int:
+    """Run the seeded workload against a QEMU VM's guest export until SIGTERM; every 0.2 s
+    ``{"bytes_written", "pid"}`` goes to ``--stats``."""
+    ap = argparse.ArgumentParser(prog="churn.py qemu-writer")
+    ap.add_argument("--socket", required=True)
+    ap.add_argument("--export", required=True)
+    ap.add_argument("--spec", required=True, help="WorkloadSpec as JSON")
+    ap.add_argument("--stats", type=Path, required=True)
+    a = ap.parse_args(argv)
+    stop = False
+
+    def on_term(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    spec = WorkloadSpec.from_dict(json.loads(a.spec))
+    client = NbdClient.connect_unix(a.socket, a.export, timeout=120.0)
+    wl = Workload(_NbdWriter(client), [DiskSpec("disk0", client.size)], spec)
+    wl.start()
+    try:
+        while not stop and wl.running:
+            tmp = a.stats.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"bytes_written": wl.bytes_written, "pid": os.getpid(),
+                                       "error": wl.error}))
+            tmp.replace(a.stats)
+            time.sleep(0.2)
+    finally:
+        wl.stop()
+        client.close()
+    return 0
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
@@ -148,6 +191,7 @@ def engine_main(argv: list[str]) -> int:
     ap.add_argument("--store", type=Path, help="local recovery store directory")
     ap.add_argument("--replicas", type=Path, help="hydrated replicas (local target)")
     ap.add_argument("--site", type=Path, help="JSON file describing a site store server")
+    ap.add_argument("--driver", choices=("file", "qemu"), default="file")
     a = ap.parse_args(argv)
     stop = False
 
@@ -156,7 +200,7 @@ def engine_main(argv: list[str]) -> int:
         stop = True
 
     signal.signal(signal.SIGTERM, on_term)
-    hv = FileHypervisor(a.vms)
+    hv = make_driver(a.driver, a.vms)
     vm = hv.find_vm(a.vm)
     target: RecoveryTarget
     if a.site is not None:
@@ -245,15 +289,18 @@ class Bench:
     unprotected (no tracking), then protected by one engine per frequency whose workload steps
     through the rates."""
 
-    def __init__(self, root: Path, disk_size: int, target: str, prefill: bool) -> None:
+    def __init__(self, root: Path, disk_size: int, target: str, prefill: bool,
+                 driver: str = "file") -> None:
         self.root = root
         self.disk_size = disk_size
         self.target = target
         self.prefill = prefill
-        self.hv = FileHypervisor(root / "vms")
+        self.driver = driver
+        self.hv: Any = make_driver(driver, root / "vms")
         self.n = 0
         self.site: dict[str, str] | None = None
         self._server: subprocess.Popen[bytes] | None = None
+        self._writer: subprocess.Popen[bytes] | None = None
         if target == "site":
             self._start_site()
 
@@ -280,26 +327,76 @@ class Bench:
         """A stopped VM with one disk; prefilled with incompressible data unless sparse."""
         self.n += 1
         name = f"churn{self.n}"
-        vm = self.hv.create_blank(VmSpec(name=name, vcpus=1, memory_mib=512,
-                                         disks=(DiskSpec("disk0", self.disk_size),)))
-        if self.prefill:
-            chunk = os.urandom(64 * MiB)
-            fd = os.open(self.hv.disk_path(vm.vm_id, "disk0"), os.O_WRONLY)
-            try:
+        img = self.root / f"{name}.raw"
+        with open(img, "wb") as f:
+            f.truncate(self.disk_size)
+            if self.prefill:
+                chunk = os.urandom(64 * MiB)
                 for off in range(0, self.disk_size, len(chunk)):
-                    n = min(len(chunk), self.disk_size - off)
-                    os.pwrite(fd, chunk[:n], off)
-                os.fsync(fd)
+                    os.pwrite(f.fileno(), chunk[:min(len(chunk), self.disk_size - off)], off)
+                os.fsync(f.fileno())
                 # not cached: a disk in use is not one big run of freshly written large folios
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        vm = self.hv.create_vm(VmSpec(name=name, vcpus=1, memory_mib=512,
+                                      disks=(DiskSpec("disk0", self.disk_size),)),
+                               {"disk0": str(img)})
         return vm.vm_id, name
 
     def drop_vm(self, vm_id: str) -> None:
+        self.stop_workload(vm_id)
         with contextlib.suppress(Exception):
             self.hv.power_off(vm_id, force=True)
         self.hv.delete_vm(vm_id)
+
+    # -- the guest's workload: the file guest's own, or a writer process on QEMU's export ----
+
+    def start_workload(self, vm_id: str, spec: WorkloadSpec) -> None:
+        if self.driver == "file":
+            self.hv.set_workload(vm_id, spec)
+            return
+        self.stop_workload(vm_id)
+        # the guest export of the disk's top node (made by the driver's own write path)
+        self.hv.write(vm_id, "disk0", 0, bytes(4096))
+        stats = self.root / "writer.json"
+        stats.unlink(missing_ok=True)
+        self._writer = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "qemu-writer",
+             "--socket", str(VmDir(self.hv.vm_dir(vm_id)).nbd_socket), "--export",
+             "guest-drv0", "--spec", json.dumps(spec.to_dict()), "--stats", str(stats)],
+            cwd=BENCH_DIR.parent)
+        deadline = time.monotonic() + 30
+        while not stats.exists():
+            if self._writer.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the QEMU workload writer did not start")
+            time.sleep(0.05)
+
+    def stop_workload(self, vm_id: str) -> None:
+        if self.driver == "file":
+            with contextlib.suppress(Exception):
+                self.hv.set_workload(vm_id, None)
+            return
+        if self._writer is not None:
+            stop_process(self._writer, timeout=30)
+            self._writer = None
+
+    def guest_bytes(self, vm_id: str) -> int:
+        if self.driver == "file":
+            st = self.hv.guest_status(vm_id)
+            return int(st["workload"]["bytes_written"]) if st and st.get("workload") else 0
+        try:
+            return int(json.loads((self.root / "writer.json").read_text())["bytes_written"])
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    def guest_cpu(self, vm_id: str) -> float:
+        """CPU seconds of what makes the guest's writes: the file guest process, or the
+        workload writer plus QEMU."""
+        if self.driver == "file":
+            st = self.hv.guest_status(vm_id)
+            return cpu_seconds(int(st["pid"])) if st else 0.0
+        r = self.hv.runner(vm_id)
+        w = self._writer.pid if self._writer is not None else -1
+        return cpu_seconds(w) + (cpu_seconds(r.pid) if r is not None else 0.0)
 
     def drop_item(self) -> None:
         import shutil
@@ -313,16 +410,15 @@ class Bench:
     def unprotected(self, vm_id: str, p: Pattern, rate: int, window: float,
                     warmup: float) -> dict[str, Any]:
         """The workload on the untracked, running VM: achieved bytes/s over ``window``."""
-        self.hv.set_workload(vm_id, WorkloadSpec(pattern=p.pattern, io_size=p.io, rate=rate,
-                                                 seed=self.n))  # type: ignore[arg-type]
+        self.start_workload(vm_id, WorkloadSpec(pattern=p.pattern, io_size=p.io, rate=rate,
+                                                seed=self.n))  # type: ignore[arg-type]
         try:
             time.sleep(warmup)
-            pid = guest_pid(self.hv, vm_id)
-            b0, c0, t0 = guest_bytes(self.hv, vm_id), cpu_seconds(pid), time.monotonic()
+            b0, c0, t0 = self.guest_bytes(vm_id), self.guest_cpu(vm_id), time.monotonic()
             time.sleep(window)
-            b1, c1, t1 = guest_bytes(self.hv, vm_id), cpu_seconds(pid), time.monotonic()
+            b1, c1, t1 = self.guest_bytes(vm_id), self.guest_cpu(vm_id), time.monotonic()
         finally:
-            self.hv.set_workload(vm_id, None)
+            self.stop_workload(vm_id)
         return {"rate": rate, "achieved": (b1 - b0) / (t1 - t0),
                 "guest_cpu": (c1 - c0) / (t1 - t0), "window": t1 - t0}
 
@@ -336,7 +432,7 @@ class Bench:
         cmd = [sys.executable, str(Path(__file__).resolve()), "engine",
                "--vms", str(self.root / "vms"), "--vm", name,
                "--state", str(self.root / "state"), "--frequency", str(freq),
-               "--events", str(events)]
+               "--events", str(events), "--driver", self.driver]
         if self.site:
             cmd += ["--site", str(self.root / "site.json")]
         else:
@@ -353,7 +449,7 @@ class Bench:
                 time.sleep(0.1)
             initial_s = time.monotonic() - t_init
             for rate in rates:
-                self.hv.set_workload(vm_id, WorkloadSpec(
+                self.start_workload(vm_id, WorkloadSpec(
                     pattern=p.pattern, io_size=p.io, rate=rate,  # type: ignore[arg-type]
                     seed=self.n, start_seq=10**9 * (len(trials) + 1)))
                 t = self._window(vm_id, engine, repo, freq, window, warmup_cycles, events)
@@ -372,8 +468,7 @@ class Bench:
                 if not t["passed"] and not all_rates:
                     break
         finally:
-            with contextlib.suppress(Exception):
-                self.hv.set_workload(vm_id, None)
+            self.stop_workload(vm_id)
             stop_process(engine, timeout=max(60.0, 4 * freq))
             repo.close()
             events.unlink(missing_ok=True)
@@ -388,9 +483,8 @@ class Bench:
             if engine.poll() is not None:
                 raise RuntimeError(f"engine exited with {engine.returncode}")
             time.sleep(0.25)
-        gpid = guest_pid(self.hv, vm_id)
-        b0, t0, w0 = guest_bytes(self.hv, vm_id), time.monotonic(), time.time()
-        gc0, ec0 = cpu_seconds(gpid), cpu_seconds(engine.pid)
+        b0, t0, w0 = self.guest_bytes(vm_id), time.monotonic(), time.time()
+        gc0, ec0 = self.guest_cpu(vm_id), cpu_seconds(engine.pid)
         rpo: list[float] = []
         rss = 0
         load = [load1()]
@@ -402,8 +496,8 @@ class Bench:
             rpo.append(time.time() - latest.created_at)
             rss = max(rss, vm_rss(engine.pid))
             time.sleep(0.25)
-        b1, t1, w1 = guest_bytes(self.hv, vm_id), time.monotonic(), time.time()
-        gc1, ec1 = cpu_seconds(gpid), cpu_seconds(engine.pid)
+        b1, t1, w1 = self.guest_bytes(vm_id), time.monotonic(), time.time()
+        gc1, ec1 = self.guest_cpu(vm_id), cpu_seconds(engine.pid)
         load.append(load1())
         cycles = [json.loads(x) for x in events.read_text().splitlines()] \
             if events.exists() else []
@@ -442,7 +536,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
             ax.plot(xs, ys, marker="o", label=f"{name} {PATTERNS[name].pattern}")
         ax.axhline(RPO_FACTOR * f, color="red", linestyle="--", linewidth=1,
                    label=f"{RPO_FACTOR:.0f}× frequency")
-        ax.set_title(f"policy frequency {f:g} s ({results['target']} target)")
+        ax.set_title(f"policy frequency {f:g} s ({results.get('driver', 'file')} VM, "
+                     f"{results['target']} target)")
         ax.set_xlabel("guest write rate offered (MiB/s)")
         ax.set_ylabel("max measured RPO over the window (s)")
         ax.grid(True, alpha=0.3)
@@ -461,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
         return engine_main(args[1:])
     if args[:1] == ["site-server"]:
         return site_server_main(args[1:])
+    if args[:1] == ["qemu-writer"]:
+        return qemu_writer_main(args[1:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 4 GiB disk, 15 s windows, two rates per pattern, 10 s only")
@@ -477,6 +574,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="cycles under load before the window (default 1.5, quick 1)")
     ap.add_argument("--disk-gib", type=float, default=None, help="disk size (default 8, quick 4)")
     ap.add_argument("--target", choices=("local", "site"), default="local")
+    ap.add_argument("--driver", choices=("file", "qemu"), default="file",
+                    help="file VMs (guest process) or QEMU VMs (dirty bitmaps, frozen views "
+                         "read over NBD; the workload writes through an NBD export)")
     ap.add_argument("--sparse", action="store_true",
                     help="start from an empty sparse disk (default: prefilled, every block "
                          "allocated, as the disk of a VM in use)")
@@ -500,14 +600,14 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "benchmark": "churn", "stamp": time.strftime("%Y-%m-%d %H:%M %Z"),
         "machine": machine_info(a.workdir), "window": a.window, "disk_size": disk,
-        "frequencies": freqs, "target": a.target, "quick": a.quick,
+        "frequencies": freqs, "target": a.target, "driver": a.driver, "quick": a.quick,
         "unprotected_window": a.unprotected_window, "warmup_cycles": a.warmup_cycles,
         "rpo_factor": RPO_FACTOR, "ratio_goal": RATIO_GOAL, "patterns": {},
         "prefilled": not a.sparse,
         "load_start": load1(),
     }
     with workdir(a.workdir, a.keep) as wd:
-        bench = Bench(wd, disk, a.target, prefill=not a.sparse)
+        bench = Bench(wd, disk, a.target, prefill=not a.sparse, driver=a.driver)
         try:
             for name in names:
                 p = PATTERNS[name]
@@ -560,8 +660,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def summary(r: dict[str, Any]) -> str:
-    lines = [f"churn ({r['target']} target, disk {r['disk_size'] / GiB:.0f} GiB, window "
-             f"{r['window']:.0f} s, load {r['load_start']:.1f} → {r['load_end']:.1f}):"]
+    lines = [f"churn ({r.get('driver', 'file')} VM, {r['target']} target, disk "
+             f"{r['disk_size'] / GiB:.0f} GiB, window {r['window']:.0f} s, load "
+             f"{r['load_start']:.1f} → {r['load_end']:.1f}):"]
     for name, pr in r["patterns"].items():
         lim = pr["unprotected_limit"]
         goal = pr["goal"]
