@@ -18,7 +18,7 @@ from drsite.core.extents import ExtentList, coalesce
 from drsite.store.format import BLOCK, ENTRY_DT, ZERO, ZSTD, Entries, empty_entries
 
 
-def classify(view: memoryview, disk_off: int) -> tuple[Entries, bytes]:
+def classify(view: memoryview, disk_off: int) -> tuple[Entries, bytes | memoryview]:
     """Split one piece (≤ FRAME_MAX) into zero and data runs on the disk's 4 KiB grid.
 
     Returns the run entries in disk order (zero runs with codec ZERO; data runs with ``roff``
@@ -28,13 +28,14 @@ def classify(view: memoryview, disk_off: int) -> tuple[Entries, bytes]:
 
 
 def classify_many(view: memoryview, offsets: npt.NDArray[np.int64],
-                  lengths: npt.NDArray[np.int64]) -> tuple[Entries, bytes]:
+                  lengths: npt.NDArray[np.int64]) -> tuple[Entries, bytes | memoryview]:
     """:func:`classify` for several pieces at once: ``view`` holds the pieces concatenated, piece
     ``i`` being ``lengths[i]`` bytes of the disk at ``offsets[i]`` (pieces must not overlap).
 
     One frame's worth of scattered writes is classified with a few numpy operations (no Python
     work per piece or per block). Runs never cross a piece boundary unless the pieces touch on
-    the disk; data runs index the returned raw bytes in order.
+    the disk; data runs index the returned raw bytes in order (``view`` itself when every run
+    holds data).
     """
     n = len(view)
     po = np.asarray(offsets, np.int64)
@@ -81,8 +82,7 @@ def classify_many(view: memoryview, offsets: npt.NDArray[np.int64],
     if not rnz.any():
         return out, b""
     if rnz.all():
-        whole = view.obj
-        raw = whole if isinstance(whole, bytes) and len(whole) == n else bytes(view)
+        raw: bytes | memoryview = view  # no copy: the caller keeps ``view`` alive
     else:
         raw = arr[np.repeat(m, sl)].tobytes()
     dl = np.where(rnz, re_ - rs, 0)

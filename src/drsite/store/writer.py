@@ -61,18 +61,19 @@ UPLOADS_IN_FLIGHT = 2  # packs being stored while the next one fills (memory: 2 
 class _Pending:
     disk: int
     entries: Entries | None  # None: the future classifies the piece
-    future: Future[tuple[Entries, int, bytes, bytes]] | None
+    future: Future[tuple[Entries, int, bytes | memoryview, bytes]] | None
 
 
-Tee = Callable[[str, Entries, bytes], None]
+Tee = Callable[[str, Entries, bytes | memoryview], None]
 
 
-def _prepare(frame: bytes, offsets: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64],
-             level: int, tee: Tee | None, disk_id: str) -> tuple[Entries, int, bytes, bytes]:
+def _prepare(frame: memoryview, offsets: npt.NDArray[np.int64],
+             lengths: npt.NDArray[np.int64], level: int, tee: Tee | None, disk_id: str
+             ) -> tuple[Entries, int, bytes | memoryview, bytes]:
     """Worker-thread half of :meth:`PointWriter.write_many`: zero/data runs of one frame's
     pieces (handed to ``tee`` if set), then (codec, payload, blake3-128) of its data runs
     (codec 0 and empty payload if all zero)."""
-    e, raw = classify_many(memoryview(frame), offsets, lengths)
+    e, raw = classify_many(frame, offsets, lengths)
     if tee is not None:
         tee(disk_id, e, raw)
     if not raw:
@@ -151,7 +152,7 @@ class PointWriter:
         self._queue: deque[_Pending] = deque()
         self._window = 4 * repo.threads
         # the open pack: frames and their entries (disk index in "disk")
-        self._frames: list[bytes] = []
+        self._frames: list[bytes | memoryview] = []
         self._open: list[Entries] = []
         self._open_size = 0
         self._open_entries = 0
@@ -253,10 +254,14 @@ class PointWriter:
         bounds = np.concatenate([fstarts, [po.size]]).tolist()
         ends = np.concatenate([[0], np.cumsum(pl)]).tolist()
         assert self._pool is not None
+        # the one copy (the caller may reuse its buffer), for the whole batch at once; its
+        # frames are views of it. Zero detection and compression run in the worker threads
+        # so this thread only feeds them.
+        slab = np.empty(total, np.uint8)
+        slab[:] = np.frombuffer(view, np.uint8)
+        smv = slab.data
         for a, b in itertools.pairwise(bounds):
-            # the one copy (the caller may reuse its buffer); zero detection and compression
-            # run in the worker threads so this thread only feeds them
-            frame = bytes(view[ends[a]:ends[b]])
+            frame = smv[ends[a]:ends[b]]
             fut = self._pool.submit(_prepare, frame, po[a:b], pl[a:b], self.zstd_level, self.tee,
                                     disk_id)
             self._queue.append(_Pending(i, None, fut))
@@ -318,7 +323,8 @@ class PointWriter:
         self._uploads.append((self._uploader.submit(self._upload, frames, header, e), e))
         self._reap(max(UPLOADS_IN_FLIGHT, self.repo.upload_threads + 1))
 
-    def _upload(self, frames: list[bytes], header: dict[str, Any], e: Entries) -> tuple[str, int]:
+    def _upload(self, frames: list[bytes | memoryview], header: dict[str, Any], e: Entries
+                ) -> tuple[str, int]:
         blob = encode_pack(frames, header, e)
         rel = f"packs/{self.cycle_id}/{hex_hash(blob)}"
         try:
