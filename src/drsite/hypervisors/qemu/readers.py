@@ -1,6 +1,6 @@
 """:class:`~drsite.hypervisors.contract.DiskReader` over an NBD export of a QEMU runner.
 
-The engine reads with several threads at once (``read_ahead``), and an :class:`NbdClient` is
+The engine reads with several threads at once (``read_batches``), and an :class:`NbdClient` is
 one connection for one thread: the reader keeps a small pool of connections, each used by one
 thread at a time, opened on demand and all closed by :meth:`NbdDiskReader.close`.
 
