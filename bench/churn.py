@@ -580,6 +580,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sparse", action="store_true",
                     help="start from an empty sparse disk (default: prefilled, every block "
                          "allocated, as the disk of a VM in use)")
+    ap.add_argument("--ramp-from-previous", action="store_true",
+                    help="after the first frequency, start each ramp at the capacity the "
+                         "previous frequency reached (fewer trials; lower rates not re-run)")
     ap.add_argument("--all-rates", action="store_true",
                     help="try every rate even after one fails (a fuller curve)")
     ap.add_argument("--workdir", type=Path, default=None)
@@ -630,8 +633,11 @@ def main(argv: list[str] | None = None) -> int:
                         pr["unprotected"][str(rate)] = un
                         print(f"[{name}] unprotected guest at {rate / MiB:.0f} MiB/s: "
                               f"{un['achieved'] / MiB:.0f} MiB/s", flush=True)
+                    prev = 0
                     for f in freqs:
-                        trials = bench.protected(vm_id, vm_name, p, rates, f, a.window,
+                        todo = [r for r in rates if r >= prev] if a.ramp_from_previous \
+                            else rates
+                        trials = bench.protected(vm_id, vm_name, p, todo, f, a.window,
                                                  a.warmup_cycles, pr["unprotected"],
                                                  a.all_rates, sys.stdout)
                         pr["protected"][str(f)] = trials
@@ -643,7 +649,9 @@ def main(argv: list[str] | None = None) -> int:
                             "rpo_max": best["rpo_max"] if best else None,
                             "engine_rss_max": best["engine_rss_max"] if best else None,
                             "tried_up_to": max(t["rate"] for t in trials) if trials else 0,
+                            "tried_from": min(t["rate"] for t in trials) if trials else 0,
                             "all_passed": len(ok) == len(trials)}
+                        prev = best["rate"] if best else 0
                 finally:
                     bench.drop_vm(vm_id)
         finally:
