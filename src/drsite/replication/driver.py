@@ -42,6 +42,7 @@ from drsite.core.model import Consistency, SealedCycle, TrackingState
 from drsite.core.retention import RetentionRule
 from drsite.core.throttle import TokenBucket
 from drsite.hypervisors.contract import DiskReader, HypervisorDriver, VectorDiskReader
+from drsite.replication import allocator
 from drsite.replication.planner import (
     Action,
     Decision,
@@ -113,6 +114,7 @@ class ItemReplicator:
                  minute_of_day: Callable[[float], int] = local_minute_of_day,
                  generation: int | None = None) -> None:
         self.generation = generation
+        allocator.limit_retention()  # freed cycle buffers go back to the system (engine RSS)
         self.driver = driver
         self.target = target
         self.settings = settings or ReplicationSettings()
