@@ -25,6 +25,8 @@ import subprocess
 import threading
 import time
 import uuid
+from array import array
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from pathlib import Path
@@ -86,12 +88,22 @@ class _Cbw:
     """
 
     def __init__(self, disk_fd: int, size: int, fleece: Path, bitmap: Path,
-                 mask: bytearray | None, block: int = CBW_BLOCK) -> None:
+                 mask: bytearray | None, block: int = CBW_BLOCK,
+                 exact: ExtentList | None = None) -> None:
         self.disk_fd = disk_fd
         self.size = size
         self.mask = mask
         self.block = block
         self._per_granule = max(1, GRANULE // block)
+        # ``exact`` (the cycle's changed extents, with ``mask``): only blocks the view is read
+        # over are preserved. A dirty granule's other blocks were not written in the cycle, so
+        # they are mostly not in the page cache: copying them cost the guest a disk read each.
+        self._lo: array[int] | None = None
+        self._hi: array[int] | None = None
+        if mask is not None and exact is not None:
+            blocks = exact.align(block, size)
+            self._lo = array("q", (blocks.starts // block).tolist())
+            self._hi = array("q", (-(-blocks.ends // block)).tolist())
         n = (size + block - 1) // block
         self.fleece_fd = self.bitmap_fd = -1
         try:
@@ -114,6 +126,10 @@ class _Cbw:
         if b0 == b1:  # the common case: one block, no numpy
             if done[b0] or (mask is not None and not mask[b0 // self._per_granule]):
                 return
+            if self._lo is not None and self._hi is not None:
+                i = bisect_right(self._lo, b0) - 1
+                if i < 0 or b0 >= self._hi[i]:
+                    return
             self._preserve(b0, b0 + 1)
             return
         cur = done[b0:b1 + 1]
@@ -121,8 +137,15 @@ class _Cbw:
             return
         need = np.frombuffer(cur, np.uint8) == 0
         if mask is not None:
-            g = np.arange(b0, b1 + 1) // self._per_granule
-            need &= np.frombuffer(mask, np.uint8)[g] != 0
+            blocks = np.arange(b0, b1 + 1)
+            need &= np.frombuffer(mask, np.uint8)[blocks // self._per_granule] != 0
+            if self._lo is not None and self._hi is not None and len(self._lo):
+                lo = np.frombuffer(self._lo, np.int64)
+                hi = np.frombuffer(self._hi, np.int64)
+                k = np.searchsorted(lo, blocks, "right") - 1
+                need &= (k >= 0) & (blocks < hi[np.clip(k, 0, None)])
+            elif self._lo is not None:
+                need[:] = False
         idx = np.flatnonzero(need)
         if idx.size == 0:
             return
@@ -318,17 +341,18 @@ class FileVm:
         assert self.epoch is not None
         cid = record["cycle_id"]
         for disk in self.disks.values():
+            ext = ExtentList.empty()
             if record["cbw_all"]:
                 mask = None
             else:
-                ext = ExtentList.empty()
                 for name in record["logs"].get(disk.disk_id, []):
                     c = load_log(self.paths.epoch_dir(self.epoch) / name, boot_id=self.boot_id)
                     ext = ext.union(c.extents)
                 mask = granule_mask(ext, disk.size)
+            block = int(record.get("cbw_block", GRANULE))
             disk.cbw = _Cbw(disk.fd, disk.size, self.paths.fleece(self.epoch, cid, disk.disk_id),
-                            self.paths.cbw_bitmap(self.epoch, cid, disk.disk_id), mask,
-                            int(record.get("cbw_block", GRANULE)))
+                            self.paths.cbw_bitmap(self.epoch, cid, disk.disk_id), mask, block,
+                            ext if mask is not None and block < GRANULE else None)
 
     # -- I/O ----------------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -576,6 +600,7 @@ class FileVm:
                    for d in self.disks.values()}
             trusted = True
             masks: dict[str, bytearray | None] = {}
+            exact: dict[str, ExtentList] = {}
             logs: dict[str, list[str]] = {}
             for disk in self.disks.values():
                 assert disk.log is not None
@@ -599,6 +624,11 @@ class FileVm:
                 names.append(sealed.name)
                 logs[disk.disk_id] = names
                 masks[disk.disk_id] = mask
+                if not full and trusted:  # the blocks the view will be read over, exactly
+                    ext = load_log(sealed, boot_id=self.boot_id).extents
+                    for old in carried.get(disk.disk_id, []):
+                        ext = ext.union(load_log(old, boot_id=self.boot_id).extents)
+                    exact[disk.disk_id] = ext
             for disk in self.disks.values():  # 3. promote the next logs
                 log_ = nxt[disk.disk_id]
                 os.replace(log_.path, p.active_log(epoch, disk.disk_id))
@@ -616,7 +646,8 @@ class FileVm:
             for disk in self.disks.values():  # 4. the frozen view starts now (before any write)
                 disk.cbw = _Cbw(disk.fd, disk.size, p.fleece(epoch, cid, disk.disk_id),
                                 p.cbw_bitmap(epoch, cid, disk.disk_id),
-                                None if full or not trusted else masks[disk.disk_id], CBW_BLOCK)
+                                None if full or not trusted else masks[disk.disk_id], CBW_BLOCK,
+                                exact.get(disk.disk_id))
             if on_sealed is not None:
                 err = on_sealed()
                 if err:
