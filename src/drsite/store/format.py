@@ -142,23 +142,25 @@ def decode_entries(payload: bytes | memoryview, key: str) -> Entries:
 
 
 def encode_pack(frames: list[bytes | memoryview], header: dict[str, Any],
-                entries: Entries) -> memoryview:
+                entries: Entries, out: npt.NDArray[np.uint8] | None = None) -> memoryview:
     """frames ‖ header JSON ‖ entry table ‖ footer; the trailer carries its own blake3-128 so it
     can be read and trusted alone (resume) without fetching the whole pack.
 
-    Assembled in one numpy buffer (a pack is ~8 MiB: numpy backs it with huge pages, where
-    a ``bytes`` join faulted in 2048 small pages per pack)."""
+    Assembled in one numpy buffer: ``out`` when it is large enough (a writer reuses its pack
+    buffers: no fresh memory to fault in and zero per pack), else a new one."""
     hdr = canonical_json(header)
     trailer = hdr + entries.astype(ENTRY_DT).tobytes()
     footer = PACK_FOOTER.pack(PACK_MAGIC, len(hdr), entries.size, hash16(trailer))
     parts = [*frames, trailer, footer]
-    out = np.empty(sum(len(p) for p in parts), np.uint8)
+    total = sum(len(p) for p in parts)
+    if out is None or out.size < total:
+        out = np.empty(total, np.uint8)
     pos = 0
     for p in parts:
         n = len(p)
         out[pos:pos + n] = np.frombuffer(p, np.uint8)
         pos += n
-    return out.data
+    return out[:total].data
 
 
 def decode_pack_trailer(tail: bytes, key: str) -> tuple[int, int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -148,6 +149,8 @@ class PointWriter:
         self._uploader: ThreadPoolExecutor | None = ThreadPoolExecutor(
             repo.upload_threads, thread_name_prefix=f"drsite-upload-{cycle_id}")
         self._uploads: deque[tuple[Future[tuple[str, int]], Entries]] = deque()
+        self._bufs: list[npt.NDArray[np.uint8]] = []  # pack buffers to reuse
+        self._bufs_lock = threading.Lock()
         self._broken = False
         self._queue: deque[_Pending] = deque()
         self._window = 4 * repo.threads
@@ -325,14 +328,26 @@ class PointWriter:
 
     def _upload(self, frames: list[bytes | memoryview], header: dict[str, Any], e: Entries
                 ) -> tuple[str, int]:
-        blob = encode_pack(frames, header, e)
-        rel = f"packs/{self.cycle_id}/{hex_hash(blob)}"
+        with self._bufs_lock:
+            buf = self._bufs.pop() if self._bufs else None
+        blob = encode_pack(frames, header, e, buf)
         try:
-            self.repo.store.put(self.repo.key(rel), blob)
-        except ObjectExists:
-            pass  # content-addressed: an earlier attempt landed
-        failpoints.hit("store.pack-stored")
-        return rel, len(blob)
+            rel = f"packs/{self.cycle_id}/{hex_hash(blob)}"
+            try:
+                self.repo.store.put(self.repo.key(rel), blob)
+            except ObjectExists:
+                pass  # content-addressed: an earlier attempt landed
+            failpoints.hit("store.pack-stored")
+            return rel, len(blob)
+        finally:
+            # the store is done with the bytes once put returned (the contract copies or
+            # writes them): the buffer serves the next pack
+            base = blob.obj
+            if isinstance(base, np.ndarray):
+                with self._bufs_lock:
+                    if len(self._bufs) <= self.repo.upload_threads:
+                        self._bufs.append(base.base if isinstance(base.base, np.ndarray)
+                                          else base)
 
     def _reap(self, keep: int) -> None:
         """Record finished uploads, in pack order, until at most ``keep`` are in flight."""
