@@ -31,7 +31,8 @@ half the disk.
     .venv/bin/python bench/churn.py [--quick] [--window 60] [--target local|site]
         [--patterns 4k,64k,1m] [--frequencies 10,30] [--disk-gib 8] [--plot bench/churn.png]
 
-Internal modes (run by the benchmark itself): ``churn.py engine ...``, ``churn.py site-server``.
+Internal modes (run by the benchmark itself): ``churn.py engine ...``, ``churn.py site-server``,
+``churn.py qemu-writer``; ``churn.py plot OUT.png RUN.json...`` draws several runs in one figure.
 """
 
 from __future__ import annotations
@@ -518,36 +519,58 @@ class Bench:
 
 # -- the benchmark -----------------------------------------------------------------------------
 
-def plot(results: dict[str, Any], path: Path) -> None:
+def plot(runs: list[dict[str, Any]], path: Path) -> None:
+    """One panel per run (driver, target) and frequency: max RPO against offered write rate,
+    one line per I/O pattern, the 2x-frequency limit dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    freqs = results["frequencies"]
-    fig, axes = plt.subplots(1, len(freqs), figsize=(6 * len(freqs), 4.5), squeeze=False)
-    for ax, f in zip(axes[0], freqs, strict=True):
-        for name, pr in results["patterns"].items():
-            trials = sorted(pr["protected"].get(str(f), []), key=lambda t: t["rate"])
-            if not trials:
-                continue
-            xs = [t["rate"] / MiB for t in trials]
-            ys = [t.get("rpo_max", float("nan")) for t in trials]
-            ax.plot(xs, ys, marker="o", label=f"{name} {PATTERNS[name].pattern}")
-        ax.axhline(RPO_FACTOR * f, color="red", linestyle="--", linewidth=1,
-                   label=f"{RPO_FACTOR:.0f}× frequency")
-        ax.set_title(f"policy frequency {f:g} s ({results.get('driver', 'file')} VM, "
-                     f"{results['target']} target)")
-        ax.set_xlabel("guest write rate offered (MiB/s)")
-        ax.set_ylabel("max measured RPO over the window (s)")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"drsite churn: RPO vs guest write rate — {results['stamp']}, "
-                 f"{results['machine']['nproc']} CPUs, window {results['window']:.0f} s, "
-                 f"disk {results['disk_size'] / GiB:.0f} GiB", fontsize=9)
+    cols = max(len(r["frequencies"]) for r in runs)
+    rows = len(runs)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for i, r in enumerate(runs):
+        for j, f in enumerate(r["frequencies"]):
+            ax = axes[i][j]
+            ax.set_visible(True)
+            top = RPO_FACTOR * f
+            for name, pr in r["patterns"].items():
+                trials = sorted(pr["protected"].get(str(f), []), key=lambda t: t["rate"])
+                if trials:
+                    xs = [t["rate"] / MiB for t in trials]
+                    ys = [t.get("rpo_max", float("nan")) for t in trials]
+                    top = max(top, *ys)
+                    ax.plot(xs, ys, marker="o", label=f"{name} {PATTERNS[name].pattern}")
+            ax.axhline(RPO_FACTOR * f, color="red", linestyle="--", linewidth=1,
+                       label=f"{RPO_FACTOR:.0f}× frequency (limit)")
+            ax.set_ylim(0, top * 1.1)
+            ax.set_title(f"{r.get('driver', 'file')} VM → {r['target']} target, frequency "
+                         f"{f:g} s", fontsize=10)
+            ax.set_xlabel("guest write rate offered (MiB/s)")
+            ax.set_ylabel("max RPO over the window (s)")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+    first = runs[0]
+    fig.suptitle(f"drsite churn, {first['stamp']}: {first['machine']['nproc']} CPUs, "
+                 f"{first['disk_size'] / GiB:.0f} GiB disk"
+                 f"{' prefilled' if first.get('prefilled') else ''}, window "
+                 f"{first['window']:.0f} s", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def plot_main(argv: list[str]) -> int:
+    """``churn.py plot OUT.png RUN.json...``: one figure of several runs' curves."""
+    ap = argparse.ArgumentParser(prog="churn.py plot")
+    ap.add_argument("out", type=Path)
+    ap.add_argument("runs", type=Path, nargs="+")
+    a = ap.parse_args(argv)
+    plot([json.loads(p.read_text()) for p in a.runs], a.out)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -558,6 +581,8 @@ def main(argv: list[str] | None = None) -> int:
         return site_server_main(args[1:])
     if args[:1] == ["qemu-writer"]:
         return qemu_writer_main(args[1:])
+    if args[:1] == ["plot"]:
+        return plot_main(args[1:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 4 GiB disk, 15 s windows, two rates per pattern, 10 s only")
@@ -659,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     results["load_end"] = load1()
     results["seconds"] = time.time() - started
     if a.plot is not None:
-        plot(results, a.plot)
+        plot([results], a.plot)
         results["plot"] = str(a.plot)
         print(f"plot written to {a.plot}")
     write_json(a.json, results)

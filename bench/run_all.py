@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -31,20 +32,32 @@ QUICK_ARGS = {
     "resync": ["--size-mib", "256"],
     "churn": ["--quick"],
 }
-EXTRA_ARGS = {"churn": ["--plot", str(BENCH_DIR / "out" / "churn.png")]}
+# the churn curve of a full run is the one committed beside RESULTS.md (linked from it)
+PLOTS = {"churn": (BENCH_DIR / "churn.png", BENCH_DIR / "out" / "churn-quick.png")}
 
 
-def run_one(name: str, quick: bool, wd: Path | None, out_json: Path) -> tuple[int, float]:
+def run_one(name: str, quick: bool, wd: Path | None, out_json: Path,
+            extra: list[str]) -> tuple[int, float]:
     cmd = [sys.executable, str(BENCH_DIR / f"{name}.py"), "--json", str(out_json)]
     if quick:
         cmd += QUICK_ARGS[name]
-    cmd += EXTRA_ARGS.get(name, [])
+    if name in PLOTS:
+        cmd += ["--plot", str(PLOTS[name][1 if quick else 0])]
+    cmd += extra
     if wd is not None:
         cmd += ["--workdir", str(wd)]
     print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.perf_counter()
     rc = subprocess.run(cmd, cwd=BENCH_DIR.parent).returncode
     return rc, time.perf_counter() - t0
+
+
+def _uptime() -> str:
+    """The load averages as ``uptime`` prints them (1, 5, 15 minutes)."""
+    try:
+        return ", ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
 
 
 def _m(n: float) -> str:
@@ -193,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale", action="store_true",
                     help="also run the control-plane scale benchmark (bench/scale.py)")
     ap.add_argument("--workdir", type=Path, default=None, help="passed to each benchmark")
+    ap.add_argument("--args", action="append", default=[], metavar="NAME=ARGS",
+                    help="more arguments for one benchmark, e.g. churn='--window 300'")
     ap.add_argument("--results", type=Path, default=BENCH_DIR / "RESULTS.md",
                     help="file the dated section is appended to")
     ap.add_argument("--no-record", action="store_true", help="do not append to the results file")
@@ -204,14 +219,19 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"unknown benchmark(s): {', '.join(bad)}")
 
+    extra: dict[str, list[str]] = {}
+    for spec in a.args:
+        n, _, rest = spec.partition("=")
+        extra.setdefault(n, []).extend(shlex.split(rest))
     info = machine_info(a.workdir or DEFAULT_OUT)
+    load_before = _uptime()
     results: dict[str, dict[str, Any]] = {}
     failed: dict[str, int] = {}
     elapsed: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench-json-") as tmp:
         for name in names:
             out = Path(tmp) / f"{name}.json"
-            rc, el = run_one(name, a.quick, a.workdir, out)
+            rc, el = run_one(name, a.quick, a.workdir, out, extra.get(name, []))
             elapsed[name] = el
             if rc != 0:
                 failed[name] = rc
@@ -223,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"## {stamp} — {'quick (small sizes)' if a.quick else 'full'} run", ""]
     lines += [f"- machine: {info['nproc']} CPUs ({info['cpu']}), {info['memory']} RAM, "
               f"Python {info['python']}, kernel {info['kernel']}",
+              f"- load (uptime) before / after: {load_before} / {_uptime()}",
               f"- filesystem: {info['filesystem']}",
               f"- tools: {info['cp']}; {info['rsync']}",
               f"- page cache: {cache_note(dropped)}",
@@ -238,6 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         if name in results:
             lines.append(f"- {interpretation(name, results[name])}")
+    plot = results.get("churn", {}).get("plot")
+    if plot and Path(plot).exists():
+        rel = Path(plot).resolve().relative_to(BENCH_DIR) if Path(plot).resolve().is_relative_to(
+            BENCH_DIR) else Path(plot)
+        lines += ["", f"RPO against churn, one line per I/O size: ![churn curve]({rel})"]
     for name, rc in failed.items():
         lines.append(f"- {name}: exited with status {rc} (see its output)")
     lines.append("")
