@@ -26,6 +26,7 @@ from rich.table import Table
 from drsite.client.api import VaultClient
 from drsite.core.errors import DrsiteError, TransientError
 from drsite.core.model import DiskSpec, Nic, VmSpec
+from drsite.core.states import TERMINAL_JOB_STATES, JobState, TaskState
 from drsite.demo import DemoOptions, DemoResult, seed_disk
 from drsite.hypervisors.file.driver import FileHypervisor
 from drsite.hypervisors.file.workload import WorkloadSpec
@@ -161,12 +162,12 @@ def _follow_job(c: VaultClient, job: dict[str, Any], con: Console, what: str) ->
         bar = pr.add_task(what, total=100)
 
         def upd(j: dict[str, Any]) -> None:
-            running = [t for t in j.get("tasks", []) if t.get("state") == "running"]
+            running = [t for t in j.get("tasks", []) if t.get("state") == TaskState.RUNNING]
             label = f"{what}: {running[0]['title'] if running else j['state']}"
             pr.update(bar, description=label[:60], completed=float(j.get("progress") or 0))
 
         final = c.wait_job(job["id"], timeout=600, on_update=upd)
-    if final["state"] != "succeeded":
+    if final["state"] != JobState.SUCCEEDED:
         raise DrsiteError(f"{what}: job {final['id']} {final['state']}: {final.get('error')}",
                           hint=f"drsite jobs show {final['id']}")
     _show_jobs(c, [final["id"]], con)
@@ -295,15 +296,15 @@ def _protect(c: VaultClient, vms: list[dict[str, Any]], con: Console) -> list[st
             states = []
             for jid in ids:
                 job = c.job(jid)
-                running = [t for t in job.get("tasks", []) if t.get("state") == "running"]
+                running = [t for t in job.get("tasks", []) if t.get("state") == TaskState.RUNNING]
                 label = f"{job.get('target', '')}: {running[0]['name'] if running else job['state']}"
                 progress.update(bars[jid], description=label[:40],
                                 completed=float(job.get("progress") or 0))
                 states.append(job["state"])
-            if all(s in ("succeeded", "failed", "cancelled") for s in states):
+            if all(s in TERMINAL_JOB_STATES for s in states):
                 break
             time.sleep(0.5)
-    failed = [jid for jid, s in zip(ids, states, strict=True) if s != "succeeded"]
+    failed = [jid for jid, s in zip(ids, states, strict=True) if s != JobState.SUCCEEDED]
     if failed:
         job = c.job(failed[0])
         raise DrsiteError(f"EnableProtection job {failed[0]} ended {job['state']}: "

@@ -56,10 +56,12 @@ def test_protect_to_cloud_and_unplanned_failover_from_it(kind: str, cluster: Clu
         created = cl.create_store(body)
         secret = next(iter(body["secret"].values()))
         assert secret not in str(created) and secret not in str(cl.stores())
-        from drsite.vault.db.database import Database, sqlite_url
+        from drsite.vault.db.database import sqlite_url
+        from drsite.vault.masterkey import open_database
         from drsite.vault.stores import store_spec
 
-        db = Database(sqlite_url(cluster.root / "vault" / "vault.db"))
+        db = open_database(sqlite_url(cluster.root / "vault" / "vault.db"),
+                           cluster.root / "vault" / "master.key")
         try:
             with db.read() as s:
                 from drsite.vault.stores import get_store

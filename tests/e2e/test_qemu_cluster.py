@@ -7,10 +7,12 @@ point and is cleaned up; a planned failover through the API starts a recovery QE
 VM on the secondary whose disks equal the stopped source's (read through each site's QEMU
 block layer, by digest: never the qcow2 files); commit re-protects at once and only
 differences travel back; a guest write on the recovery VM (raw images moved in) ships as a
-reverse delta point equal to its disks; failback re-creates the original VM, equal again."""
+reverse delta point equal to its disks; failback re-creates the original VM, equal again.
+A drill of a QEMU VM boots its test VM, probes it through QEMU and reports RPO and RTO."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -203,3 +205,70 @@ def test_qemu_vm_protect_planned_failover_commit(cluster: Cluster) -> None:
         assert read_at(prim, back.vm_id, "d0", 9 * MiB, 64 * KiB) == b"\x33" * (64 * KiB)
         print(f"forward points {len(pts)}, RTO {fo.get('rto_s')} s, reprotect {rp}, "
               f"reverse delta {delta['bytes_written']} bytes")
+
+
+PROBE = '''
+import os, sys
+from pathlib import Path
+from drsite.core.model import PowerState
+from drsite.hypervisors.qemu.driver import QemuHypervisor
+
+h = QemuHypervisor(Path(sys.argv[1]), agent_timeout=0.5)
+vm_id = os.environ["DRSITE_DRILL_VM_ID"]
+try:
+    if h.get_vm(vm_id).power is not PowerState.RUNNING or h.runner(vm_id) is None:
+        sys.exit("the test VM's QEMU does not run")
+    r = h.open_live_reader(vm_id, "d0")  # through the running QEMU's block layer
+    try:
+        buf = bytearray(4096)
+        r.readinto(int(sys.argv[2]), memoryview(buf))
+    finally:
+        r.close()
+    sys.exit(0 if bytes(buf) == b"\\x5a" * 4096 else "the marker is not on the test VM's disk")
+finally:
+    h.close()
+'''
+
+
+def test_qemu_drill_boots_probes_and_cleans_up(cluster: Cluster, tmp_path: Path) -> None:
+    """A drill of a QEMU VM: the test VM (copy-on-write over the point, verified) runs in real
+    QEMU, the probe reads the source's marker through the test VM's block layer, the report has
+    RPO and RTO, and nothing is left behind. Without a probe the drill fails — this guest has no
+    OS, so its qemu-guest-agent never answers — with that reason, an alert, and cleans up."""
+    prim, sec = hv(cluster, "primary"), hv(cluster, "secondary")
+    vm_id = prim.create_blank(VmSpec(
+        "qd", memory_mib=64, nics=(Nic("prod", "52:54:00:00:00:0b", "10.0.0.6"),),
+        disks=(DiskSpec("d0", 16 * MiB),))).vm_id
+    prim.power_on(vm_id)
+    prim.write(vm_id, "d0", MiB, b"\x5a" * 4096)
+    prim.flush(vm_id)
+    prim.close()
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    with cluster.client() as cl:
+        setup(cl)
+        item = protect(cl, vm_id)
+        cl.apply_plans([{"name": "q", "groups": [{"name": "all", "vms": ["qd"]}]}])
+        started = cl.run_drill("q", boot_timeout_s=60, probe={
+            "script": f"{sys.executable} {probe} {cluster.root / 'secondary' / 'vms'} {MiB}",
+            "timeout_s": 30})
+        cl.wait_job(started["job_id"], timeout=120)
+        d = cl.drill(started["drill_id"])
+        assert d["state"] == "passed", d
+        (v,) = d["report"]["vms"]
+        assert v["verified"] is True and v["probe"]["rc"] == 0, v
+        assert v["guest_ready"] is False  # no OS: the guest agent never answered
+        assert v["point_id"] in [p["point_id"] for p in cl.points(item["id"])]
+        assert v["rpo_s"] is not None and v["rpo_s"] >= 0 and 0 < v["rto_s"] < 60, v
+        assert not any(x.name == v["test_vm"] for x in sec.list_vms())
+
+        started = cl.run_drill("q", boot_timeout_s=3)
+        job = cl.wait_job(started["job_id"], timeout=120)
+        d = cl.drill(started["drill_id"])
+        assert job["state"] == "failed" and d["state"] == "failed", d
+        (v,) = d["report"]["vms"]
+        assert "did not answer" in v["reason"] and "probe script" in v["reason"], v
+        until("the drill alert", lambda: [a for a in cl.alerts()
+                                          if a["kind"] == "drill" and a["active"]], 15)
+        until("the test VM removed", lambda: not any(x.name == v["test_vm"]
+                                                     for x in sec.list_vms()), 60)

@@ -3,8 +3,10 @@ cluster: a vault and two agents as processes (``drsite up``) with two protected 
 
 Log in (and be refused with a wrong token), see the overview with the VMs, a VM page with its
 plots updating live, the jobs list and a job's tasks, a reader who sees everything and can press
-nothing, and a recovery plan's test failover started from the UI, watched to Succeeded, then
-cleaned up. Screenshots go to a pytest tmp dir, and to ``$DRSITE_SCREENSHOTS`` when it is set.
+nothing, a recovery plan's test failover started from the UI, watched to Succeeded, then
+cleaned up, a verification started from a VM page (with its scrub status), and the drill
+history with one drill's report. Screenshots go to a pytest tmp dir, and to
+``$DRSITE_SCREENSHOTS`` when it is set.
 """
 
 from __future__ import annotations
@@ -283,3 +285,79 @@ def test_plan_test_failover_from_the_ui_then_cleanup(env: Env, page: Any) -> Non
     sync_api.expect(page).to_have_url(re.compile(r"/ui/jobs/[^/]+$"))
     expect_text(page.locator("#job-state"), "succeeded|failed", timeout=240_000)
     assert page.locator("#job-state").inner_text().strip() == "succeeded", page.locator("main").inner_text()
+
+
+def test_the_audit_page_is_for_admins(env: Env, page: Any) -> None:
+    page.goto(env.url + "/ui/login")
+    page.fill("#token", "drst_not-an-audited-secret")
+    page.click("button[type=submit]")
+    expect_text(page.locator("#login-error"), "not accepted")
+    login(page, env, env.reader_token)
+    sync_api.expect(page.locator("header nav >> text=Audit")).to_have_count(0)
+    r = page.goto(f"{env.url}/ui/audit")
+    assert r is not None and r.status == 403
+    page.context.clear_cookies()
+    login(page, env, admin_token(env))
+    page.click("header nav >> text=Audit")
+    sync_api.expect(page).to_have_url(re.compile(r"/ui/audit$"))
+    table = page.locator("#audit")
+    expect_text(table, r"POST /api/v1/items")
+    expect_text(table, r"POST /ui/login")
+    expect_text(table, r"auth_failed")  # the refused login of the wrong token
+    screenshot(page, env, "audit")
+    page.fill("input[name=actor]", "auditor")
+    page.click("form.filters button[type=submit]")
+    sync_api.expect(page).to_have_url(re.compile(r"/ui/audit\?actor=auditor"))
+    rows = page.locator("#audit tr.audit-row")
+    until("the reader's entries", lambda: rows.count() > 0, 20)
+    for i in range(rows.count()):
+        assert "auditor" in rows.nth(i).inner_text()
+    for secret in (env.reader_token, admin_token(env), "drst_not-an-audited-secret"):
+        assert secret not in page.content()
+
+
+@pytest.mark.timeout(600)
+def test_verify_from_a_vm_page_and_the_drill_history(env: Env, page: Any) -> None:
+    item_id = env.items["web"]
+    login(page, env, admin_token(env), f"/ui/items/{item_id}")
+    # the store's first scrub pass runs when the item is protected; its result is on the page
+    expect_text(page.locator("#scrub-last"), "passed", timeout=60_000)
+    expect_text(page.locator("#scrub-last"), r"\d+ objects")
+    expect_text(page.locator("#scrub-damage"), "none known")
+    screenshot(page, env, "vm-scrub")
+    page.click("#item-buttons >> text=Verify recovery points")
+    expect_text(page.locator("#what-will-happen"), "checking every piece of data")
+    sync_api.expect(page.locator("input[name=point][value=latest]")).to_be_checked()
+    page.click("#confirm")
+    sync_api.expect(page).to_have_url(re.compile(r"/ui/jobs/[^/]+$"))
+    expect_text(page.locator("h1"), "Verify")
+    expect_text(page.locator("#job-state"), "succeeded|failed", timeout=120_000)
+    assert page.locator("#job-state").inner_text().strip() == "succeeded", \
+        page.locator("main").inner_text()
+    expect_text(page.locator("#tasks"), "restore exactly to their manifests")
+
+    # a drill of the plan (started through the API, as a schedule would), then its history
+    with env.client() as cl:
+        until("no plan job running", lambda: not [
+            j for j in cl.jobs(state="active") if j["kind"] in ("RecoveryPlan", "Drill")], 120)
+        started = cl.run_drill("tier1", boot_timeout_s=30,
+                               probe={"script": 'test -n "$DRSITE_DRILL_IPS"', "timeout_s": 10})
+        assert cl.wait_job(started["job_id"], timeout=240)["state"] == "succeeded"
+    page.click("header nav >> text=Drills")
+    sync_api.expect(page).to_have_url(re.compile(r"/ui/drills$"))
+    row = page.locator(f"tr.drill-row[data-drill='{started['drill_id']}']")
+    expect_text(row, "passed")
+    expect_text(row, r"2 / 2")
+    screenshot(page, env, "drills")
+    row.locator("a").first.click()
+    sync_api.expect(page).to_have_url(re.compile(rf"/ui/drills/{started['drill_id']}$"))
+    vms = page.locator("#drill-vms tbody tr.drill-vm")
+    sync_api.expect(vms).to_have_count(2)
+    for name in ("db", "web"):
+        vm = page.locator(f"tr.drill-vm[data-vm='{name}']")
+        expect_text(vm, "verified")
+        expect_text(vm, "proven")
+        expect_text(vm, r"exit 0")
+    expect_text(page.locator("#drill-rto"), r"\d+ s")
+    expect_text(page.locator("#drill-rpo"), r"\d+ s")
+    screenshot(page, env, "drill")

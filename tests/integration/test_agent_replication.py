@@ -199,3 +199,52 @@ def test_sigkill_mid_initial_copy_resumes(sites: Sites) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_site_store_retention_and_deletion_run_on_the_stores_agent(sites: Sites) -> None:
+    """The source never deletes committed points on a site store (refused remotely): its
+    engine skips retention, its ``retention`` deletes nothing; the store's agent deletes them
+    (``retention`` with ``store_side``), audits each, and the source reports them removed."""
+    vm_id = sites.make_vm(4 * MiB)
+    primary = Agent(sites.tmp / "pri", hypervisor=sites.hv, heartbeat_interval=0.3)
+    t = threading.Thread(target=primary.run, daemon=True)
+    t.start()
+    sec_id = sites.secondary.identity.host_id
+    try:
+        assert sites.vault.wait_final(sites.protect(vm_id), 30)["status"] == "succeeded"
+        for _ in range(2):
+            sites.hv.write(vm_id, "d0", 0, os.urandom(4096))
+            r = sites.vault.wait_final(sites.vault.send(sites.pri_id, "cycle", ITEM, {}), 30)
+            assert r["status"] == "succeeded", r
+            reasons = r["result"]["report"]["health_reasons"]
+            assert not [x for x in reasons if "retention" in x], reasons
+        r = sites.vault.wait_final(sites.vault.send(sites.pri_id, "retention", ITEM, {}), 30)
+        assert r["result"] == {"deleted_points": [], "store_side": False}
+        assert len(sites.repo().points()) == 3
+        r = sites.vault.wait_final(sites.vault.send(
+            sec_id, "retention", ITEM, {"store_side": True, "settings": SETTINGS}), 30)
+        assert r["status"] == "succeeded" and r["result"]["store_side"] is True, r
+        r = sites.vault.wait_final(sites.vault.send(
+            sec_id, "retention", ITEM, {"store_side": True, "delete_all": True}), 30)
+        assert r["status"] == "succeeded", r
+        assert sorted(r["result"]["deleted_points"]) == ["p000000000001", "p000000000002",
+                                                          "p000000000003"]
+        assert sites.repo().points() == []
+        deadline = time.monotonic() + 10
+        while len(sites.vault.removed.get(ITEM, set())) < 3:   # the source reports them
+            assert time.monotonic() < deadline, sites.vault.removed
+            time.sleep(0.1)
+        want = {f"items/{ITEM}/points/p00000000000{i}" for i in (1, 2, 3)}
+        deadline = time.monotonic() + 10
+        while True:   # in the store agent's next heartbeat
+            with sites.vault.lock:
+                audit = [e for b in sites.vault.heartbeat_log if b["host_id"] == sec_id
+                         for e in b.get("audit") or []]
+            if want <= {e["key"] for e in audit if e["op"] == "delete"
+                        and e["caller"] == sec_id and e["outcome"] == "ok"}:
+                break
+            assert time.monotonic() < deadline, audit
+            time.sleep(0.1)
+    finally:
+        primary.stop()
+        t.join(30)

@@ -41,7 +41,12 @@ from drsite.replication.planner import ALWAYS
 from drsite.replication.report import ItemState
 from drsite.replication.target import LocalTarget
 from drsite.sitestore import SiteObjectStore, SiteTarget, make_store_app
-from drsite.sitestore.testing import RunningSiteStore, issue_agent_cert, make_test_certs
+from drsite.sitestore.testing import (
+    OpenAcl,
+    RunningSiteStore,
+    issue_agent_cert,
+    make_test_certs,
+)
 from drsite.store.replica import ReplicaHydrator
 from drsite.store.repository import Repository
 from drsite.tlsutil import client_context, peer_certificate, start_in_thread
@@ -159,7 +164,7 @@ def test_server_cert_for_another_address_refused(site: RunningSiteStore, tmp_pat
     cert_pem, key_pem = site.certs.ca.issue_server_cert(hostnames=["elsewhere.example"], ips=[])
     (tmp_path / "s.pem").write_bytes(cert_pem)
     (tmp_path / "s.key").write_bytes(key_pem)
-    app = make_store_app(site.backend, tmp_path / "replicas")
+    app = make_store_app(site.backend, tmp_path / "replicas", acl=OpenAcl())
     h = start_in_thread(app, host="127.0.0.1", port=0, certfile=tmp_path / "s.pem",
                         keyfile=tmp_path / "s.key", cafile=site.certs.ca_file,
                         client_cert="required")
@@ -174,7 +179,7 @@ def test_server_cert_for_another_address_refused(site: RunningSiteStore, tmp_pat
 def test_server_refuses_requests_without_cert_even_if_tls_lets_them_in(site: RunningSiteStore,
                                                                        tmp_path: Path) -> None:
     """Defence in depth: the app itself answers 401 when no verified certificate reached it."""
-    app = make_store_app(site.backend, tmp_path / "replicas")
+    app = make_store_app(site.backend, tmp_path / "replicas", acl=OpenAcl())
     h = start_in_thread(app, host="127.0.0.1", port=0, certfile=site.certs.server_cert,
                         keyfile=site.certs.server_key, cafile=site.certs.ca_file,
                         client_cert="optional")
@@ -456,6 +461,12 @@ def test_hydration_damage_comes_back_as_corrupt_data(site: RunningSiteStore,
     with pytest.raises(CorruptData) as ei:
         env.store.catch_up("item1")
     assert not ei.value.transient
+    # on the wire: the codec's status for the class (500: the server's data, not the request)
+    ctx = client_context(site.certs.ca_file, site.certs.client_cert, site.certs.client_key)
+    with httpx.Client(verify=ctx, base_url=site.url) as raw:
+        r = raw.post("/replica/v1/items/item1/catch-up")
+    assert r.status_code == CorruptData.http_status == 500
+    assert r.json()["code"] == "corrupt_data" and r.json()["class"] == "permanent"
     env.store.close()
 
 
@@ -466,10 +477,12 @@ import logging, sys
 from pathlib import Path
 from drsite.store.local import LocalObjectStore
 from drsite.sitestore import make_store_app
+from drsite.sitestore.testing import OpenAcl
 from drsite.tlsutil import serve
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s %(message)s")
 d = Path(sys.argv[1])
-serve(make_store_app(LocalObjectStore(d / "store"), d / "replicas"), host="127.0.0.1", port=0,
+serve(make_store_app(LocalObjectStore(d / "store"), d / "replicas", acl=OpenAcl()),
+      host="127.0.0.1", port=0,
       certfile=Path(sys.argv[2]), keyfile=Path(sys.argv[3]), cafile=Path(sys.argv[4]),
       client_cert="required")
 print("returned cleanly", file=sys.stderr)

@@ -55,6 +55,7 @@ def protect(h: Harness, a: Agent, vm_id: str = "vm-1", vm_name: str = "web1") ->
     """Protect a VM through the API and play the agent until the item is protected."""
     out = h.ok("POST", "/items", token=h.token("operator", f"op-{vm_id}"),
                json={"vm_id": vm_id, "group": "g1"})
+    h.store_beat()  # the store receives and confirms the item's grant
     h.tick()
     reply = a.beat(vms=[vm_info("vm-1", "web1"), vm_info("vm-2", "db1", labels=["db"])])
     (cmd,) = [c for c in reply["commands"] if c["kind"] == "protect"]
@@ -196,8 +197,13 @@ def test_agent_routes_need_a_current_certificate(h: Harness) -> None:
     assert a.post("/heartbeat", {**beat, "store_url": "file:///etc/passwd"}).status_code == 400
     assert a.post("/commands/c-unknown/result", {"status": "succeeded"}).status_code == 404
     assert a.post("/commands/c-unknown/result", {"status": "exploded"}).status_code == 422
-    # re-registration replaces the certificate: the old one stops working
-    b = h.register("prim", "hv1")
+    # a re-issue key (admin) replaces the certificate: the old one stops working
+    key = h.ok("POST", f"/hosts/{a.host_id}/reissue", json={"ttl_s": 600})["key"]
+    _k, csr = make_key_and_csr("hv1")
+    r = h.client.post("/api/v1/agent/register",
+                      json={"key": key, "host_name": "hv1", "csr_pem": csr.decode()})
+    assert r.status_code == 201, r.text
+    b = Agent(h, r.json()["host_id"], "prim", "hv1", r.json()["cert_pem"].encode())
     assert b.host_id == a.host_id
     err(a.post("/heartbeat", beat), 401, "auth_failed")
     assert b.post("/heartbeat", beat).status_code == 200
@@ -281,7 +287,7 @@ def test_groups(h: Harness) -> None:
 # ------------------------------------------------------------------------------------ items
 
 def test_protect_item_points_and_unprotect(h: Harness) -> None:
-    a, _b = two_sites(h)
+    a, b = two_sites(h)
     policy_and_group(h)
     ro = h.token("reader")
     before = snapshot(h)
@@ -313,6 +319,12 @@ def test_protect_item_points_and_unprotect(h: Harness) -> None:
     assert a.beat(items=beat_items)["ack"] == {item_id: 3}
     pts = h.ok("GET", f"/items/{item_id}/points")
     assert [p["seq"] for p in pts] == [1, 2, 3] and pts[2]["consistency"] == "app"
+    # a removal counts when the retention rule explains it: p000001 is young, then old enough
+    # to be thinned (the newest point of its hour, p000003, stays)
+    a.beat(items=[{"item_id": item_id, "report": report(item_id, "vm-1", "web1"),
+                   "removed_points": ["p000001"]}])
+    assert [p["seq"] for p in h.ok("GET", f"/items/{item_id}/points")] == [1, 2, 3]
+    h.clock.advance(2 * 3600)
     a.beat(items=[{"item_id": item_id, "report": report(item_id, "vm-1", "web1"),
                    "removed_points": ["p000001"]}])
     assert [p["seq"] for p in h.ok("GET", f"/items/{item_id}/points")] == [2, 3]
@@ -326,7 +338,7 @@ def test_protect_item_points_and_unprotect(h: Harness) -> None:
     err(h.call("POST", f"/items/{item_id}/resync", token=ro), 403)
     h.tick()
     cmd = next(c for c in a.beat()["commands"] if c["kind"] == "resync")
-    assert cmd["args"] == {"by_hand": True}
+    assert cmd["args"] == {"by_hand": True, "from_store": True}  # compared with what the store restores
     a.result(cmd["command_id"], "succeeded")
     h.tick()
     assert h.job(rs["job_id"])["state"] == "succeeded"
@@ -338,6 +350,13 @@ def test_protect_item_points_and_unprotect(h: Harness) -> None:
     # repeating a final result is accepted, contradicting it is not
     assert a.result(cmd["command_id"], "succeeded").status_code == 200
     assert a.result(cmd["command_id"], "failed", error={"message": "x"}).status_code == 409
+    h.tick()
+    # committed points on a site store are deleted by the store's own agent
+    assert h.job(d["job_id"])["state"] == "running"
+    (purge,) = [c for c in b.beat(store_url=b.store_url)["commands"] if c["kind"] == "retention"]
+    assert purge["item_id"] == item_id and purge["args"] == {"store_side": True, "delete_all": True}
+    assert b.result(purge["command_id"], "succeeded",
+                    result={"deleted_points": [], "store_side": True}).status_code == 200
     h.tick()
     assert h.job(d["job_id"])["state"] == "succeeded"
     assert h.ok("GET", "/items") == []

@@ -16,8 +16,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from drsite import tlsutil
+from drsite.client.api import VaultClient, VaultConfig
+from drsite.core import errors as E
 from drsite.pki import make_key_and_csr
 from drsite.vault.app import create_app
 from drsite.vault.context import Vault
@@ -25,17 +28,22 @@ from drsite.vault.settings import VaultSettings
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[str, Vault]]:
+def served_app(tmp_path: Path) -> Iterator[tuple[str, Vault, FastAPI]]:
     settings = VaultSettings(data_dir=tmp_path / "vault", loop_interval=0.05)
     app = create_app(settings)
     vault: Vault = app.state.vault
     handle = tlsutil.start_in_thread(app, host="127.0.0.1", port=0, certfile=vault.tls.cert,
                                      keyfile=vault.tls.key, cafile=vault.tls.ca, client_cert="optional")
     try:
-        yield handle.url, vault
+        yield handle.url, vault, app
     finally:
         handle.stop()
         vault.close()
+
+
+@pytest.fixture
+def served(served_app: tuple[str, Vault, FastAPI]) -> tuple[str, Vault]:
+    return served_app[0], served_app[1]
 
 
 def test_https_registration_and_client_certificates(served: tuple[str, Vault], tmp_path: Path) -> None:
@@ -123,3 +131,46 @@ def test_run_vault_as_a_process(tmp_path: Path) -> None:
         assert token not in out and token not in errs
         assert ("first admin token created" in errs) is first
         assert (data / "vault.db").exists() and (data / "pki" / "server.pem").exists()
+
+
+def test_every_error_reaches_the_client_as_its_class(
+        served_app: tuple[str, Vault, FastAPI]) -> None:
+    """The vault's error handlers and ``VaultClient`` over real HTTPS share one codec: each class
+    comes back as itself with its status (the client used to know 9 codes: ``fenced`` and
+    ``corrupt_data`` arrived as generic errors), and the router's and the unexpected answers
+    decode too."""
+    url, vault, app = served_app
+
+    async def raise_code(code: str) -> None:
+        if code == "boom":
+            raise RuntimeError("a bug")
+        raise E.ERROR_CLASSES[code](f"raised {code}", hint=f"hint for {code}")
+
+    app.add_api_route("/api/v1/test-raise/{code}", raise_code, methods=["GET"])
+    admin = (vault.settings.data_dir / "admin.token").read_text().strip()
+    with VaultClient(VaultConfig(url, admin, vault.tls.ca)) as c:
+        for code, cls in E.ERROR_CLASSES.items():
+            with pytest.raises(E.DrsiteError) as ei:
+                c._call("GET", f"/test-raise/{code}")
+            assert type(ei.value) is cls, code
+            assert ei.value.to_dict() == {"code": code, "class": cls.error_class.value,
+                                          "message": f"raised {code}", "hint": f"hint for {code}"}
+        raw = httpx.Client(base_url=url + "/api/v1", verify=tlsutil.client_context(vault.tls.ca),
+                           headers={"Authorization": f"Bearer {admin}"})
+        for code, cls in E.ERROR_CLASSES.items():
+            r = raw.get(f"/test-raise/{code}")
+            assert r.status_code == cls.http_status and r.json()["code"] == code
+        with pytest.raises(E.InternalError) as internal:
+            c._call("GET", "/test-raise/boom")
+        assert internal.value.transient and "RuntimeError" in internal.value.message
+        assert raw.get("/test-raise/boom").status_code == 500
+        with pytest.raises(E.MethodNotAllowed):
+            c._call("PATCH", "/sites")
+        with pytest.raises(E.NotFound):
+            c._call("GET", "/no-such-route")
+        reader = c.create_token("ro", "reader")["token"]
+        raw.close()
+    with VaultClient(VaultConfig(url, reader, vault.tls.ca)) as ro, \
+            pytest.raises(E.Forbidden) as forbidden:
+        ro.create_site("nope")
+    assert forbidden.value.exit_code == 2 and "role" in forbidden.value.hint

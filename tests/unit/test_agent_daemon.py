@@ -4,8 +4,10 @@ store (``target_factory``) so these tests need no store server."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,12 +16,20 @@ from typing import Any
 import httpx
 import pytest
 
+from drsite.agent import pointkeys
 from drsite.agent.daemon import Agent
 from drsite.agent.link import VaultLink
 from drsite.agent.process import agent_register
 from drsite.agent.state import CommandJournal, settings_from_args
 from drsite.agent.testing import FakeVault
-from drsite.core.errors import AuthError, InvalidInput, NetworkError
+from drsite.core.errors import (
+    AuthError,
+    CommandInterrupted,
+    InvalidInput,
+    NetworkError,
+    OperationInterrupted,
+    from_dict,
+)
 from drsite.core.model import DiskSpec, VmSpec
 from drsite.hypervisors.file.driver import FileHypervisor
 from drsite.replication.target import LocalTarget, RecoveryTarget
@@ -106,15 +116,22 @@ def test_heartbeat_payload_shape(env: Env) -> None:
         r = env.run(a, env.vault.send(env.host_id, "protect", ITEM, env.protect_args()))
         assert r["status"] == "succeeded", r
         a.heartbeat_once()
-        hb = env.vault.hosts[env.host_id].last
-        (item,) = hb["items"]
+        # the last heartbeat that listed the item (later ones list it only when it changes)
+        item = [b for b in env.vault.heartbeat_log if b["items"]][-1]["items"][0]
         assert set(item) == {"item_id", "report", "new_points", "removed_points"}
         assert item["report"]["state"] == "protected" and item["report"]["vm_name"] == "web"
         # the point went out once and was acked: the next heartbeat does not repeat it
         assert env.vault.points[ITEM].keys() == {"p000000000001"}
         assert item["new_points"] == [] or [p["seq"] for p in item["new_points"]] == [1]
         a.heartbeat_once()
-        assert env.vault.hosts[env.host_id].last["items"][0]["new_points"] == []
+        # only what changed: nothing did (the inventory is null, the item is not listed)
+        hb = env.vault.hosts[env.host_id].last
+        assert hb["items"] == [] and hb["vms"] is None
+        env.write(MiB, b"\x01" * 4096)
+        env.run(a, env.vault.send(env.host_id, "cycle", ITEM, {}))
+        a.heartbeat_once()
+        # the new point made the item listed again (in some heartbeat since)
+        assert env.vault.points[ITEM].keys() == {"p000000000001", "p000000000002"}
     finally:
         a.shutdown()
 
@@ -232,6 +249,8 @@ def test_restart_resumes_an_interrupted_initial_replication_on_its_own(env: Env)
                         "store_url": "https://store.invalid", "settings": SETTINGS,
                         "phase": "initial", "created_at": time.time()}]}
     (env.data / "items.json").write_text(json.dumps(items))
+    key = base64.b64encode(os.urandom(32)).decode()
+    pointkeys.save_key(env.data, ITEM, key)   # kept before the item was recorded
     a = env.agent()
     try:
         assert a.wait_idle(20)
@@ -239,7 +258,8 @@ def test_restart_resumes_an_interrupted_initial_replication_on_its_own(env: Env)
         assert json.loads((env.data / "items.json").read_text())["items"][0]["phase"] == \
             "protected"
         # the vault re-sends the protect it never got a result for: it completes at once
-        r = env.run(a, env.vault.send(env.host_id, "protect", ITEM, env.protect_args()))
+        r = env.run(a, env.vault.send(env.host_id, "protect", ITEM,
+                                      {**env.protect_args(), "point_key": key}))
         assert r["status"] == "succeeded" and r["result"]["point"]["seq"] == 1
     finally:
         a.shutdown()
@@ -348,3 +368,96 @@ def test_settings_from_args() -> None:
     for bad in ({"frequency_s": 1}, {"resync_window": "noon"}, {"retention_hours": -1}):
         with pytest.raises(InvalidInput):
             settings_from_args(bad)
+
+
+def test_unprotect_interrupts_running_work_with_its_own_code(env: Env) -> None:
+    """A protect still copying when unprotect arrives ends failed with ``interrupted`` (the
+    class the codec names: permanent, a conflict), and the unprotect then runs."""
+    gate = threading.Event()
+    started = threading.Event()
+
+    class GatedStore(LocalObjectStore):
+        def put(self, key: str, data: bytes | memoryview, *, overwrite: bool = False) -> None:
+            started.set()
+            assert gate.wait(20), "the test never opened the gate"
+            super().put(key, data, overwrite=overwrite)
+
+    env.target = lambda url, item: LocalTarget(  # type: ignore[method-assign]
+        Repository(GatedStore(env.store), item))
+    a = env.agent()
+    try:
+        protect = env.vault.send(env.host_id, "protect", ITEM, env.protect_args())
+        a.heartbeat_once()
+        assert started.wait(20), "protect did not start writing"
+        unprotect = env.vault.send(env.host_id, "unprotect", ITEM, {"delete_points": True})
+        a.heartbeat_once()  # accepted: the running work is told to stop
+        gate.set()
+        r = env.run(a, protect)
+        assert r["status"] == "failed", r
+        assert r["error"]["code"] == OperationInterrupted.code == "interrupted"
+        assert r["error"]["class"] == "permanent" and r["error"]["hint"]
+        assert type(from_dict(r["error"])) is OperationInterrupted
+        assert env.run(a, unprotect)["status"] == "succeeded"
+    finally:
+        gate.set()
+        a.shutdown()
+
+
+def test_restart_resumes_accepted_commands_and_reports_them_at_once(env: Env) -> None:
+    """Issue 19, finding 1 (agent side): a command accepted before a crash is run after the
+    restart without the vault sending it again; one whose secrets the journal does not keep is
+    reported interrupted (transient) on first contact; heartbeats list what the agent holds."""
+    a = env.agent()
+    env.run(a, env.vault.send(env.host_id, "protect", ITEM, env.protect_args()))
+    a.shutdown()
+    env.write(MiB, b"\x05" * 8192)
+    # the agent took a cycle and a cloud failover command, then died before running them
+    path = env.data / "commands.json"
+    j = CommandJournal(path)
+    j.accept("c-cyc", kind="cycle", item_id=ITEM, args={"app_consistent": False})
+    j.accept("c-fo", kind="failover_cancel", item_id=ITEM,
+             args={"failover_id": "f1", "store": {"name": "s3a", "kind": "s3",
+                                                   "secret": {"key": "TOPSECRET"}}})
+    raw = path.read_text()
+    assert "TOPSECRET" not in raw and "c-fo" in raw  # never a secret in the journal
+    assert [u.command_id for u in CommandJournal(path).unfinished()] == ["c-cyc", "c-fo"]
+    b = env.agent()   # start() re-queues; no command is sent by the vault
+    try:
+        assert b.wait_idle(20)
+        b.heartbeat_once()
+        cyc = env.vault.final("c-cyc")
+        assert cyc is not None and cyc["status"] == "succeeded", cyc
+        assert cyc["result"]["point"]["seq"] == 2
+        fo = env.vault.final("c-fo")
+        assert fo is not None and fo["status"] == "failed"
+        err = from_dict(fo["error"])
+        assert isinstance(err, CommandInterrupted) and err.transient
+        assert CommandJournal(path).unfinished() == []
+        hb = env.vault.hosts[env.host_id].last
+        assert hb["held"] == []
+    finally:
+        b.shutdown()
+
+
+def test_heartbeat_holds_queued_and_running_commands(env: Env) -> None:
+    a = env.agent()
+    try:
+        env.run(a, env.vault.send(env.host_id, "protect", ITEM, env.protect_args()))
+        gate = threading.Event()
+        orig = a.hypervisor.seal
+
+        def slow_seal(*args: Any, **kw: Any) -> Any:
+            gate.wait(10)
+            return orig(*args, **kw)
+
+        a.hypervisor.seal = slow_seal  # type: ignore[method-assign]
+        cid = env.vault.send(env.host_id, "cycle", ITEM, {})
+        a.heartbeat_once()      # takes it
+        a.heartbeat_once()      # lists it
+        assert cid in env.vault.hosts[env.host_id].last["held"]
+        gate.set()
+        env.run(a, cid)
+        a.heartbeat_once()
+        assert cid not in env.vault.hosts[env.host_id].last["held"]
+    finally:
+        a.shutdown()

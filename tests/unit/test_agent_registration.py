@@ -96,11 +96,56 @@ def test_reused_key_is_refused_with_a_clear_error(vault: FakeVault, tmp_path: Pa
 
 
 def test_registered_directory_is_not_overwritten(vault: FakeVault, tmp_path: Path) -> None:
-    agent_register(vault.url, vault.registration_key("site-a"), tmp_path / "a", "h",
-                   ca_file=vault.ca_file)
-    with pytest.raises(Conflict, match="already holds"):
-        agent_register(vault.url, vault.registration_key("site-a"), tmp_path / "a", "h",
+    data = tmp_path / "a"
+    agent_register(vault.url, vault.registration_key("site-a"), data, "h", ca_file=vault.ca_file)
+    files = {f: (data / f).read_bytes() for f in ("agent.key", "agent.pem", "agent.json")}
+    # a site key never registers a host again (the vault refuses it)
+    with pytest.raises(Conflict, match="does not re-register"):
+        agent_register(vault.url, vault.registration_key("site-a"), data, "h",
                        ca_file=vault.ca_file)
+    # another vault: refused here, before anything is sent
+    with pytest.raises(Conflict, match="already holds"):
+        agent_register("https://127.0.0.1:9", "k", data, "h", ca_file=vault.ca_file)
+    # another name: refused here too
+    with pytest.raises(Conflict, match="cannot register as"):
+        agent_register(vault.url, "k", data, "other", ca_file=vault.ca_file)
+    assert {f: (data / f).read_bytes() for f in files} == files
+
+
+def test_reissue_key_replaces_key_and_certificate(vault: FakeVault, tmp_path: Path) -> None:
+    data = tmp_path / "a"
+    first = agent_register(vault.url, vault.registration_key("site-a"), data, "h",
+                           ca_file=vault.ca_file)
+    old_key, old_pem = (data / "agent.key").read_bytes(), (data / "agent.pem").read_bytes()
+    # no CA and no name needed: the host's registration has both
+    again = agent_register(vault.url, vault.reissue_key(first.host_id), data, None)
+    assert again == first
+    assert (data / "agent.key").read_bytes() != old_key
+    assert (data / "agent.pem").read_bytes() != old_pem
+    assert cert_identity((data / "agent.pem").read_bytes()).common_name == first.host_id
+    assert vault.hosts[first.host_id].fingerprint == cert_identity((data / "agent.pem")
+                                                                   .read_bytes()).fingerprint
+    assert stat.S_IMODE((data / "agent.key").stat().st_mode) == 0o600
+    assert not list(data.glob("*.next"))
+
+
+def test_a_half_done_swap_is_rolled_forward(vault: FakeVault, tmp_path: Path) -> None:
+    data = tmp_path / "a"
+    ident = agent_register(vault.url, vault.registration_key("site-a"), data, "h",
+                           ca_file=vault.ca_file)
+    # as if the process died after renaming the new key but before renaming the certificate
+    (data / "agent.pem.next").write_bytes(b"new certificate")
+    (data / "agent.key").write_bytes(b"new key")
+    assert AgentIdentity.load(data) == ident
+    assert (data / "agent.pem").read_bytes() == b"new certificate"
+    assert (data / "agent.key").read_bytes() == b"new key"
+    assert not (data / "agent.pem.next").exists()
+    # and before either rename
+    (data / "agent.key.next").write_bytes(b"key 2")
+    (data / "agent.pem.next").write_bytes(b"cert 2")
+    AgentIdentity.load(data)
+    assert (data / "agent.key").read_bytes() == b"key 2"
+    assert (data / "agent.pem").read_bytes() == b"cert 2"
 
 
 def test_unreachable_vault_and_unregistered_dir(tmp_path: Path, vault: FakeVault) -> None:

@@ -204,3 +204,10 @@ def test_token_bucket_holds_the_rate() -> None:
         b.consume(100)  # 10,000 bytes at 1,000 B/s
     assert 9.4 <= clock.now() - t0 <= 10.0
     assert max(clock.sleeps) <= 0.11  # small pieces: no long stalls
+    # an empty bucket (a scrub) has no burst at its start: every byte is paid for
+    clock = FakeClock()
+    b = TokenBucket(1000.0, clock, burst_s=0.5, full=False)
+    t0 = clock.now()
+    for _ in range(100):
+        b.consume(100)
+    assert clock.now() - t0 == pytest.approx(10.0)

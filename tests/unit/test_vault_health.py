@@ -110,3 +110,30 @@ def test_item_health_rules() -> None:
     c = item_health(_item(critical_error={"message": "chain broken", "hint": "resync"}), p, True, 1010)
     assert c.health is Health.CRITICAL and c.reasons == ["critical: chain broken; resync"]
     assert item_health(_item(status="failed"), p, True, 1010).health is Health.CRITICAL
+
+
+def test_store_damage_health_rules() -> None:
+    """Newest damaged and being repaired: warning; newest damaged and not repairable: critical;
+    after a repair only older points are damaged: warning, with their count."""
+    from drsite.vault.db.models import Policy
+    from drsite.vault.scrub import Damage
+    p = Policy(name="p", rpo_threshold_s=60.0)
+    assert item_health(_item(), p, True, 1010, Damage()).health is Health.NORMAL
+    newest = Damage({"p3": "corrupt object packs/ab"}, newest="p3")
+    w = item_health(_item(), p, True, 1010, newest)
+    assert w.health is Health.WARNING
+    assert w.reasons == ["the newest recovery point p3 is damaged in the store (corrupt object "
+                         "packs/ab); it is being repaired from the source (a resync against what "
+                         "the store can restore)"]
+    c = item_health(_item(status="failed_over"), p, True, 1010, newest)
+    assert c.health is Health.CRITICAL and "cannot be repaired while the item is failed_over" \
+        in c.reasons[0]
+    # repaired: p4 is the newest and intact; p1..p3 stay damaged (refused, not repairable)
+    older = Damage({f"p{i}": "missing object maps/cd" for i in (1, 2, 3)}, newest="p4")
+    o = item_health(_item(), p, True, 1010, older)
+    assert o.health is Health.WARNING, o
+    assert o.reasons[0].startswith("3 older recovery point(s) cannot be restored (p1, p2, p3)")
+    # both: the newest is damaged again while older ones are: still warning while repairable
+    both = Damage({"p1": "x", "p4": "y"}, newest="p4")
+    assert item_health(_item(), p, True, 1010, both).health is Health.WARNING
+    assert item_health(_item(status="committed"), p, True, 1010, both).health is Health.CRITICAL

@@ -29,6 +29,12 @@ def h(tmp_path: Path) -> Iterator[Harness]:
 
 
 def protected(h: Harness, **policy: Any) -> tuple[Agent, str]:
+    a, _store, item_id = protected_with_store(h, **policy)
+    return a, item_id
+
+
+def protected_with_store(h: Harness, **policy: Any) -> tuple[Agent, Agent, str]:
+    """(the source agent, the store-serving agent of the target site, the item)."""
     h.site("prim")
     h.site("sec")
     a, b = h.register("prim", "hv1"), h.register("sec", "hv2")
@@ -38,6 +44,7 @@ def protected(h: Harness, **policy: Any) -> tuple[Agent, str]:
                                     **policy})
     h.ok("POST", "/groups", json={"name": "g1", "site": "prim", "target_site": "sec", "policy": "p1"})
     item_id = h.ok("POST", "/items", json={"vm_id": "vm-1", "group": "g1"})["item_id"]
+    h.store_beat()  # the store receives and confirms the item's grant
     h.tick()
     (cmd,) = [c for c in a.beat(vms=VMS)["commands"] if c["kind"] == "protect"]
     a.beat(vms=VMS, items=[{"item_id": item_id, "report": report(item_id, "vm-1", "web1"),
@@ -45,7 +52,7 @@ def protected(h: Harness, **policy: Any) -> tuple[Agent, str]:
     a.result(cmd["command_id"], "succeeded")
     h.tick()
     assert h.ok("GET", f"/items/{item_id}")["protection"] == "protected"
-    return a, item_id
+    return a, b, item_id
 
 
 def sent(h: Harness, kind: str | None = None) -> list[Any]:
@@ -87,14 +94,20 @@ def test_app_consistent_points_at_the_policy_frequency(h: Harness) -> None:
 
 
 def test_retention_hourly(h: Harness) -> None:
-    a, _ = protected(h)
+    """Hourly, and sent to the agent whose store holds the item (remote clients may not delete
+    committed objects), with the policy's settings."""
+    a, store, _ = protected_with_store(h)
     times = []
     for _ in range(int(3 * 3600 / 300)):
         h.clock.advance(300)
         for c in sent(h):
-            a.result(c.id, "succeeded")
             if c.kind == "retention":
+                assert c.host_id == store.host_id and c.args["store_side"] is True
+                assert c.args["settings"]["retention_hours"] > 0
+                store.result(c.id, "succeeded")
                 times.append(c.created_at)
+            else:
+                a.result(c.id, "succeeded")
     assert [round(t2 - t1) for t1, t2 in itertools.pairwise(times)] == [3600, 3600]
 
 
@@ -121,6 +134,32 @@ def test_transient_failures_retry_after_1_2_4_8_10_then_30_minutes(h: Harness) -
     assert sent(h, "cycle") == []  # back to the policy's frequency
 
 
+def test_first_network_retry_is_early_when_the_store_agent_is_back(h: Harness) -> None:
+    """Issue 19: a cycle that failed because the recovery site's agent restarted is retried as
+    soon as that agent heartbeats again (two heartbeat intervals at least), not after the
+    seed's first minute; a second failure follows the seed's schedule."""
+    a, _ = protected(h, frequency_s=30)
+    h.clock.advance(30)
+    (c,) = sent(h, "cycle")
+    a.result(c.id, "failed", error=NET)
+    h.clock.advance(1)
+    assert sent(h, "cycle") == []                 # not at once: give the peer a moment
+    h.clock.advance(3)
+    assert sent(h, "cycle") == []                 # the store's agent is not heartbeating
+    store = next(x for x in h.ok("GET", "/hosts") if x["store_url"])
+    assert store["up"] is False
+    b = next(x for x in h.agents if x.name == "hv2")  # the same host, its agent back
+    b.beat(store_url="https://127.0.0.1:9443")
+    (c,) = sent(h, "cycle")
+    a.result(c.id, "failed", error=NET)           # the link itself is down: seed schedule
+    h.clock.advance(60)
+    b.beat(store_url="https://127.0.0.1:9443")
+    assert sent(h, "cycle") == []
+    h.clock.advance(61)
+    b.beat(store_url="https://127.0.0.1:9443")
+    assert len(sent(h, "cycle")) == 1
+
+
 def test_permanent_failure_makes_the_item_critical_and_stops_it(h: Harness) -> None:
     a, item_id = protected(h)
     h.clock.advance(30)
@@ -140,7 +179,7 @@ def test_permanent_failure_makes_the_item_critical_and_stops_it(h: Harness) -> N
     job = h.ok("POST", f"/items/{item_id}/resync")
     h.tick()
     (rs,) = [x for x in a.beat(vms=VMS)["commands"] if x["kind"] == "resync"]
-    assert rs["args"] == {"by_hand": True}
+    assert rs["args"] == {"by_hand": True, "from_store": True}  # compared with what the store restores
     assert h.ok("GET", f"/items/{item_id}")["state"] == "resync_required"
     assert sent(h, "cycle") == []  # the job owns the item while it runs
     a.result(rs["command_id"], "succeeded")

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from drsite.vault.db.models import Job, Task
+from drsite.vault.db.models import Drill, Item, Job, Point, Task
 from drsite.vault.testing import Harness, point, report, vm_info
 from drsite.web import charts, fmt
 from drsite.web.routes import router as dashboard
@@ -18,9 +18,9 @@ from drsite.web.session import COOKIE, csrf_for
 
 VMS = [vm_info("vm-1", "web1"), vm_info("vm-2", "db1")]
 PAGES = ["/ui", "/ui/vms", "/ui/jobs", "/ui/jobs?state=active", "/ui/alerts", "/ui/alerts?state=active",
-         "/ui/plans"]
+         "/ui/plans", "/ui/drills", "/ui/drills?plan=tier1"]
 FRAGMENTS = ["/ui/f/overview", "/ui/f/vms", "/ui/f/jobs", "/ui/f/jobs?state=failed", "/ui/f/alerts",
-             "/ui/f/plans"]
+             "/ui/f/plans", "/ui/f/drills"]
 
 
 @pytest.fixture
@@ -364,3 +364,176 @@ def test_an_operator_acknowledges_an_alert(tmp_path: Path) -> None:
         assert h.client.post("/ui/alerts/999/ack", data={"csrf": csrf}).status_code == 404
     finally:
         h.close()
+
+
+# ---------------------------------------------------------------------------------- audit
+
+def test_the_audit_page_is_for_admins_and_shows_dashboard_actions(h: Harness) -> None:
+    populate(h)
+    job_id = running_job(h)
+    ops = h.token("operator", "ops")
+    # an operator cancels a job from the dashboard: the audit trail names the token
+    csrf = login(h, ops)
+    assert h.client.post(f"/ui/jobs/{job_id}/cancel", data={"csrf": csrf},
+                         follow_redirects=False).status_code == 303
+    assert 'href="/ui/audit"' not in h.client.get("/ui").text  # no link for a non-admin
+    for url in ("/ui/audit", "/ui/f/audit"):
+        r = h.client.get(url)
+        assert r.status_code == 403 and "admin" in r.text
+    h.client.post("/ui/login", data={"token": "drst_wrong"}, follow_redirects=False)
+    csrf = login(h, h.admin)
+    page = h.client.get("/ui/audit")
+    assert page.status_code == 200 and 'href="/ui/audit"' in page.text
+    assert 'hx-get="/ui/f/audit?actor=&amp;before="' in page.text
+    rows = re.findall(r'<tr class="audit-row (\w+)" data-audit="(\d+)">', page.text)
+    assert rows and all(outcome in ("ok", "refused", "failed") for outcome, _ in rows)
+    assert "POST /ui/jobs/{job_id}/{action}" in page.text and f"job_id={job_id}" in page.text
+    assert "POST /ui/login" in page.text  # the refused login, anonymous, and the admin's
+    assert "drst_wrong" not in page.text and h.admin not in page.text and ops not in page.text
+    mine = h.client.get("/ui/f/audit?actor=ops")
+    assert mine.status_code == 200
+    assert "POST /ui/jobs/{job_id}/{action}" in mine.text and "POST /api/v1/policies" not in mine.text
+    entries = h.ok("GET", "/audit?actor=ops")["entries"]
+    assert entries[0]["action"] == "POST /ui/jobs/{job_id}/{action}" and entries[0]["status"] == 303
+    assert h.client.get("/ui/audit?before=x").status_code == 400
+    older = h.client.get(f"/ui/audit?before={rows[-1][1]}")
+    assert older.status_code == 200
+
+
+# ------------------------------------------------------------------- scrub, verify, drills
+
+def damage_item(h: Harness, item_id: str) -> list[str]:
+    """The item's last scrub found a corrupt pack that two older points need; their ids."""
+    now = h.clock.now()
+    with h.vault.db.tx() as s:
+        pts = s.query(Point).filter(Point.item_id == item_id).order_by(Point.seq).all()
+        bad = [p.point_id for p in pts[:2]]
+        for p in pts[:2]:
+            p.damage = {"reason": "corrupt object packs/c1/ab<12>", "found_at": now - 5, "by": "scrub"}
+        item = s.get(Item, item_id)
+        assert item is not None
+        item.last_scrub_at = now - 20
+        item.scrub = {"at": now - 5, "host": "hv2", "complete": True, "objects_checked": 42,
+                      "bytes_checked": 3 << 20, "seconds": 1.5, "packs_total": 4, "packs_done": 4,
+                      "findings": [{"key": "packs/c1/ab12", "kind": "corrupt",
+                                    "reason": "pack failed its hash check", "points": bad,
+                                    "quarantined_to": "quarantine/packs/c1/ab12.17"}],
+                      "findings_total": 1, "error": None}
+    return bad
+
+
+def test_item_page_shows_the_scrub_and_damaged_points(h: Harness) -> None:
+    item_id = populate(h)
+    login(h, h.admin)
+    page = h.client.get(f"/ui/items/{item_id}").text
+    assert 'id="scrub"' in page and "not scrubbed yet" in page and "none known" in page
+    assert "every 1 d" in page  # the policy's default scrub interval
+    bad = damage_item(h, item_id)
+    h.tick()
+    page = h.client.get(f"/ui/f/items/{item_id}").text
+    assert "42 objects, 3.0 MiB checked" in page and "on hv2" in page
+    assert "<b>2</b> cannot be restored and are refused for failover" in page
+    assert all(f'data-point="{p}"' in page for p in bad)
+    assert "ab&lt;12&gt;" in page and "ab<12>" not in page  # escaped
+    assert "quarantine/packs/c1/ab12.17" in page
+    assert "older recovery point(s) cannot be restored" in page  # the health reason
+    with h.vault.db.tx() as s:
+        item = s.get(Item, item_id)
+        assert item is not None
+        item.scrub = {**dict(item.scrub or {}), "error": {"message": "store unreachable",
+                                                          "hint": "Check the store host."}}
+    page = h.client.get(f"/ui/f/items/{item_id}").text
+    assert "failed: store unreachable" in page and "Check the store host." in page
+
+
+def test_an_operator_verifies_from_the_item_page(h: Harness) -> None:
+    item_id = populate(h)
+    csrf = login(h, h.token("operator", "ops"))
+    page = h.client.get(f"/ui/items/{item_id}").text
+    assert f'href="/ui/items/{item_id}/verify"' in page
+    confirm = h.client.get(f"/ui/items/{item_id}/verify").text
+    assert "What will happen" in confirm and "checking every piece of data" in confirm
+    assert 'value="latest"' in confirm and 'value="all"' in confirm
+    url = f"/ui/items/{item_id}/verify"
+    assert h.client.post(url, data={"point": "all"}, follow_redirects=False).status_code == 403
+    assert h.client.post(url, data={"csrf": csrf, "point": "some"},
+                         follow_redirects=False).status_code == 400
+    r = h.client.post(url, data={"csrf": csrf, "point": "all"}, follow_redirects=False)
+    assert r.status_code == 303, r.text
+    job_id = r.headers["location"].rsplit("/", 1)[1]
+    job: dict[str, Any] = h.job(job_id)
+    assert job["kind"] == "Verify" and job["item_id"] == item_id and job["target"] == "web1"
+    with h.vault.db.read() as s:
+        row = s.get(Job, job_id)
+        assert row is not None and row.args == {"points": "all"}
+    assert h.client.get("/ui/items/nope/verify").status_code == 404
+    r = h.client.post("/ui/items/nope/verify", data={"csrf": csrf}, follow_redirects=False)
+    assert r.status_code == 404 and "What will happen" in r.text
+    # a reader sees the button disabled and cannot post
+    csrf = login(h, h.token("reader", "audit"))
+    page = h.client.get(f"/ui/items/{item_id}").text
+    assert re.search(r"<button[^>]*disabled[^>]*>Verify recovery points</button>", page)
+    assert f'href="/ui/items/{item_id}/verify"' not in page
+    r = h.client.post(url, data={"csrf": csrf}, follow_redirects=False)
+    assert r.status_code == 403 and "reader role" in r.text
+    assert len([j for j in h.ok("GET", "/jobs") if j["kind"] == "Verify"]) == 1
+
+
+def add_drills(h: Harness, item_id: str) -> None:
+    now = h.clock.now()
+    vm = {"vm": "web1", "item_id": item_id, "test_vm": "web1-test", "failover_id": "f-1",
+          "point_id": "p000000000007", "point_created_at": now - 100, "rpo_s": 42.0,
+          "rto_s": 12.5, "to_running_s": 9.0, "guest_ready_after_s": 3.5, "verified": True,
+          "image_source": "replica-copy", "guest_ready": True,
+          "probe": {"rc": 0, "attempts": 1, "ok": True, "output": "HTTP/1.1 200 <ok>"},
+          "ok": True, "reason": ""}
+    bad = {**vm, "probe": {"rc": 7, "attempts": 3, "ok": False, "output": "refused"},
+           "ok": False, "reason": "probe did not pass within 30 s (3 attempt(s), last exit code 7)"}
+    with h.vault.db.tx() as s:
+        s.add(Drill(id="d-pass", plan="tier1", job_id="j-1", state="passed", trigger="schedule",
+                    report={"plan": "tier1", "ok": True, "vms": [vm], "cleaned_up": True,
+                            "rto_s": 12.5, "rpo_s": 42.0}, started_at=now - 900, ended_at=now - 860))
+        s.add(Drill(id="d-fail", plan="tier1", job_id="j-2", state="failed", trigger="hand",
+                    report={"plan": "tier1", "ok": False, "vms": [bad], "cleaned_up": True,
+                            "rto_s": None, "rpo_s": 42.0}, started_at=now - 300, ended_at=now - 250))
+        s.add(Drill(id="d-other", plan="other", job_id=None, state="running", trigger="hand",
+                    report={}, started_at=now - 10, ended_at=None))
+        s.add(Drill(id="d-group", plan=None, group="g1", job_id="j-3", state="passed",
+                    trigger="schedule", report={"group": "g1", "ok": True, "vms": [vm],
+                                                "cleaned_up": True, "rto_s": 12.5, "rpo_s": 42.0},
+                    started_at=now - 2000, ended_at=now - 1990))
+
+
+def test_drill_history_and_a_drills_report(h: Harness) -> None:
+    item_id = populate(h)
+    h.ok("POST", "/plans", json={"plans": [{
+        "name": "tier1", "groups": [{"name": "web", "vms": ["web1"]}],
+        "drill": {"every_s": "weekly", "window": "01:00-05:00", "boot_timeout_s": 60,
+                  "probe": {"script": "curl -sf http://$DRSITE_DRILL_IPS/", "timeout_s": 5}}}]})
+    add_drills(h, item_id)
+    login(h, h.token("reader", "audit"))  # drills are for every role to read
+    page = h.client.get("/ui/drills").text
+    assert 'href="/ui/drills"' in page and 'hx-get="/ui/f/drills?plan=&amp;group="' in page
+    rows = re.findall(r'<tr class="drill-row" data-drill="([\w-]+)" data-state="(\w+)">', page)
+    assert rows == [("d-other", "running"), ("d-fail", "failed"), ("d-pass", "passed"),
+                    ("d-group", "passed")]
+    assert 'group <a href="/ui/drills?group=g1">g1</a>' in page
+    assert "1 / 1" in page and "0 / 1" in page and "by hand" in page
+    mine = h.client.get("/ui/f/drills?plan=tier1").text
+    assert "d-pass" in mine and "d-other" not in mine and "d-group" not in mine
+    groups = h.client.get("/ui/drills?group=g1").text
+    assert "d-group" in groups and "d-pass" not in groups and "of protection group g1" in groups
+    assert "Drill of group" in h.client.get("/ui/drills/d-group").text
+    rep = h.client.get("/ui/drills/d-pass").text
+    assert 'hx-get="/ui/f/drills/d-pass"' in rep
+    assert "p000000000007" in rep and "42 s" in rep and "12 s" in rep  # RPO, RTO
+    assert "verified" in rep and "replica-copy" in rep and "answers" in rep
+    assert "HTTP/1.1 200 &lt;ok&gt;" in rep and "<ok>" not in rep
+    assert f'href="/ui/items/{item_id}"' in rep and 'href="/ui/jobs/j-1"' in rep
+    failed = h.client.get("/ui/f/drills/d-fail").text
+    assert "probe did not pass within 30 s" in failed and "exit 7, 3 attempt(s)" in failed
+    running = h.client.get("/ui/drills/d-other").text
+    assert "The drill is running" in running
+    assert h.client.get("/ui/drills/nope").status_code == 404
+    plan = h.client.get("/ui/plans/tier1").text
+    assert "Drill every 7 d inside 01:00-05:00" in plan and 'href="/ui/drills?plan=tier1"' in plan

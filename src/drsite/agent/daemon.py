@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import ssl
 import threading
@@ -40,40 +41,51 @@ from typing import Any
 import httpx
 
 import drsite
-from drsite.agent import cloudstores
+from drsite.agent import cloudstores, pointkeys, storeacl, storerekey
+from drsite.agent.drill import DrillCommands
+from drsite.agent.failover import KINDS as FAILOVER_KINDS
 from drsite.agent.failover import FailoverCommands
 from drsite.agent.link import COMMAND_KINDS, Command, HeartbeatReply, VaultLink
+from drsite.agent.peers import CatalogueRefresher
 from drsite.agent.registration import AgentIdentity
+from drsite.agent.scrub import ScrubCommands
 from drsite.agent.state import (
-    PHASE_FAILED_OVER,
-    PHASE_INITIAL,
-    PHASE_PROTECTED,
+    Accepted,
     CatalogEntry,
     CatalogFile,
     CommandJournal,
     Finished,
     ItemEntry,
+    ItemPhase,
     ItemsFile,
     settings_from_args,
 )
 from drsite.agent.storeservice import StoreService
 from drsite.core.errors import (
     AuthError,
+    CommandInterrupted,
     Conflict,
     DrsiteError,
+    Fenced,
     InvalidInput,
     NotFound,
+    OperationInterrupted,
+    PermanentError,
     VmNotFound,
     classify_os_error,
 )
+from drsite.core.model import PowerState
+from drsite.core.states import CommandStatus
 from drsite.hypervisors.contract import HypervisorDriver
 from drsite.replication.driver import ItemReplicator
 from drsite.replication.report import Health, ItemReport, ItemState
 from drsite.replication.target import RecoveryTarget
 from drsite.sitestore import SiteObjectStore, SiteTarget
+from drsite.store.contract import ObjectStore
 from drsite.store.factory import StoreSpec
 from drsite.store.format import PointInfo
 from drsite.store.repository import Repository
+from drsite.tracking.changelog import cap_for_interval
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +93,11 @@ TargetFactory = Callable[[str, str], RecoveryTarget]
 """``(store_url, item_id) → RecoveryTarget``; the default builds a ``SiteTarget``."""
 
 PROGRESS_REPOST_S = 10.0
+CATALOGUE_TIMEOUT_S = 5.0  # listing an item's points at a peer store
+URGENT_KINDS = frozenset((*FAILOVER_KINDS, "unprotect"))
+URGENT_WORKERS = 4
+FULL_HEARTBEAT_EVERY = 30
+CHANNEL_WAIT_S = 20.0  # how long the vault may hold the command channel's request
 
 
 class Interrupted(Exception):
@@ -132,9 +149,12 @@ class Agent:
                  store_listen: str | None = None, offline_after_s: float = 30.0,
                  max_backoff_s: float = 30.0, max_parallel_items: int = 2,
                  transport: httpx.BaseTransport | None = None,
-                 target_factory: TargetFactory | None = None) -> None:
+                 target_factory: TargetFactory | None = None,
+                 command_channel: bool = True, store_url: str | None = None) -> None:
         if (store_dir is None) != (store_listen is None):
             raise InvalidInput("a store server needs both store_dir and store_listen")
+        if store_url is not None and not store_url.startswith("https://"):
+            raise InvalidInput(f"store URL {store_url!r} is not an https:// URL")
         if heartbeat_interval <= 0:
             raise InvalidInput(f"heartbeat interval must be positive, not {heartbeat_interval}")
         self.data_dir = Path(data_dir)
@@ -148,6 +168,7 @@ class Agent:
         self.link = VaultLink(self.identity.vault_url, self._ctx, transport=transport)
         self._target_factory = target_factory or self._site_target
         self._site_stores: dict[str, SiteObjectStore] = {}
+        self._catalogue_stores: dict[str, SiteObjectStore] = {}
         self._state_dir = self.data_dir / "items"
         try:
             self._state_dir.mkdir(parents=True, exist_ok=True)
@@ -161,15 +182,30 @@ class Agent:
         self._items: dict[str, _Item] = {}
         self._lanes: dict[str, _Lane] = {}
         self._inflight: dict[str, _Progress] = {}   # accepted command ids (queued or running)
+        # the items' recovery points, listed off the control loop (one thread per peer)
+        self._catalogues = CatalogueRefresher(heartbeat_interval)
+        # what the vault was last told (report digests per item, "" = inventory): heartbeats
+        # carry only what changed, and a full one every FULL_HEARTBEAT_EVERY or after a failure
+        self._beat_digests: dict[str, str] = {}
+        self._pending_digests: dict[str, str] = {}
+        self._beats_since_full = 0
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._pool: ThreadPoolExecutor | None = None
+        # lanes whose next task is a failover or unprotect command start here, so that they
+        # never queue behind replication stuck on a slow or hung peer
+        self._urgent_pool: ThreadPoolExecutor | None = None
         self._store: StoreService | None = None
         if store_dir is not None and store_listen is not None:
             self._store = StoreService(self.identity, store_dir, self.data_dir / "replicas",
                                        store_listen)
         self._store_url: str | None = None
+        self._store_advertised = store_url.rstrip("/") if store_url else None
         self.failover = FailoverCommands(self)
+        self.scrubs = ScrubCommands(self)
+        self.drills = DrillCommands(self)
+        self.command_channel = command_channel
+        self._channel: threading.Thread | None = None
         self._started = False
         self._last_ok = time.monotonic()
         self._failures = 0
@@ -201,8 +237,51 @@ class Agent:
             entry = self._entries.get(item_id)
             if entry is None:
                 return
-            entry.phase = PHASE_FAILED_OVER if failed_over else PHASE_PROTECTED
+            entry.phase = ItemPhase.FAILED_OVER if failed_over else ItemPhase.PROTECTED
         self._save_entries()
+
+    def fence_item(self, item_id: str, reason: str) -> dict[str, Any]:
+        """This host is no longer the item's primary (a failover promoted the recovery site):
+        power its VM off so that the old primary never writes beside the recovery VM, stop
+        replicating it (phase ``failed_over``: offline mode and resume leave it alone), and
+        remember whether it was running (a cancel powers it on again). Idempotent."""
+        with self._lock:
+            entry = self._entries.get(item_id)
+        if entry is None:
+            return {"fenced": False, "note": "the item is not protected on this host"}
+        was_running = False
+        power = "absent"
+        try:
+            vm = self.hypervisor.get_vm(entry.vm_id)
+            if vm.power is not PowerState.STOPPED:
+                was_running = True
+                log.warning("item %s: %s; powering VM %s off (fencing the old primary)",
+                            item_id, reason, vm.name)
+                self.hypervisor.power_off(entry.vm_id, force=True, timeout=10.0)
+            power = self.hypervisor.get_vm(entry.vm_id).power.value
+        except VmNotFound:
+            pass
+        with self._lock:
+            first = not entry.fenced
+            entry.fenced = True
+            entry.fenced_running = entry.fenced_running or was_running
+            entry.phase = ItemPhase.FAILED_OVER
+        if first or was_running:
+            self._save_entries()
+        return {"fenced": True, "vm_power": power, "was_running": was_running,
+                "reason": reason}
+
+    def unfence_item(self, item_id: str) -> bool:
+        """A cancelled failover hands the item back: clear the fence; True when the VM was
+        running when this host fenced it (the caller powers it on again)."""
+        with self._lock:
+            entry = self._entries.get(item_id)
+            if entry is None or not entry.fenced:
+                return False
+            was_running = entry.fenced_running
+            entry.fenced = entry.fenced_running = False
+        self._save_entries()
+        return was_running
 
     @property
     def store_url(self) -> str | None:
@@ -219,10 +298,16 @@ class Agent:
             self._stop.clear()
             self._lanes = {}
             self._inflight = {}
+            if self._catalogues.stopped:  # started again after a shutdown
+                self._catalogues = CatalogueRefresher(self.heartbeat_interval)
             self._pool = ThreadPoolExecutor(self.max_parallel_items,
                                             thread_name_prefix="agent-item")
+            self._urgent_pool = ThreadPoolExecutor(URGENT_WORKERS,
+                                                   thread_name_prefix="agent-urgent")
         if self._store is not None:
             self._store_url = self._store.start()
+            if self._store_advertised is not None:
+                self._store_url = self._store_advertised
         log.info("agent %s (%s, site %s) starting; vault %s; %d item(s)", self.identity.host_id,
                  self.identity.host_name, self.identity.site, self.identity.vault_url,
                  len(self._entries))
@@ -233,6 +318,11 @@ class Agent:
             if self._needs_resume(item):
                 log.info("item %s: resuming interrupted work after a restart", entry.item_id)
                 self._enqueue(entry.item_id, _Task("resume"))
+        self._resume_accepted()
+        if self.command_channel and (self._channel is None or not self._channel.is_alive()):
+            self._channel = threading.Thread(target=self._channel_loop, daemon=True,
+                                             name="agent-commands")
+            self._channel.start()
 
     def run(self) -> None:
         """Run until :meth:`stop`: heartbeats, commands, results. Blocking."""
@@ -257,8 +347,11 @@ class Agent:
             for lane in self._lanes.values():
                 lane.cancel.set()
             pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            urgent, self._urgent_pool = self._urgent_pool, None
+        for p in (pool, urgent):
+            if p is not None:
+                p.shutdown(wait=True, cancel_futures=True)
+        self._catalogues.stop()
         if self._store is not None:
             self._store.stop()
         with self._lock:
@@ -266,7 +359,7 @@ class Agent:
                 self._close_item(item)
             self._started = False
         self.link.close()
-        for st in self._site_stores.values():
+        for st in [*self._site_stores.values(), *self._catalogue_stores.values()]:
             with contextlib.suppress(Exception):
                 st.close()
         log.info("agent %s stopped", self.identity.host_id)
@@ -291,6 +384,18 @@ class Agent:
         target: RecoveryTarget = SiteTarget(store, item_id)
         return target
 
+    def _catalogue_store(self, store_url: str, target: RecoveryTarget) -> ObjectStore:
+        """The store the heartbeat's catalogue lists: for a site store, a client of its own
+        with short timeouts (listing is small; a hung peer must be noticed in seconds)."""
+        if self._target_factory != self._site_target or not store_url.startswith("https://"):
+            return target.repo.store
+        with self._lock:
+            store = self._catalogue_stores.get(store_url)
+            if store is None:
+                store = self._catalogue_stores[store_url] = SiteObjectStore(
+                    store_url, self._ctx, timeout=CATALOGUE_TIMEOUT_S)
+        return store
+
     def _on_progress(self, item_id: str, report: ItemReport) -> None:
         lane = self._lanes.get(item_id)
         if self._stop.is_set() or (lane is not None and lane.cancel.is_set()):
@@ -304,18 +409,22 @@ class Agent:
                     cloudstores.load_spec(self.data_dir, entry.item_id), entry.item_id)
             else:
                 target = self._target_factory(entry.store_url, entry.item_id)
+            target.repo.auth = pointkeys.load_auth(self.data_dir, entry.item_id)
             replicator = ItemReplicator(
                 item_id=entry.item_id, vm_id=entry.vm_id, driver=self.hypervisor, target=target,
                 state_dir=self._state_dir, settings=settings_from_args(entry.settings),
                 on_progress=functools.partial(self._on_progress, entry.item_id),
                 generation=entry.generation)
-            return _Item(entry, replicator, Repository(target.repo.store, entry.item_id))
+            catalog = Repository(self._catalogue_store(entry.store_url, target), entry.item_id,
+                                 auth=target.repo.auth)
+            self._catalogues.track(entry.item_id, entry.store_url, catalog.points)
+            return _Item(entry, replicator, catalog)
         except DrsiteError as e:
             log.error("item %s cannot be opened (%s): %s", entry.item_id, e.error_class.value, e)
             return _Item(entry, None, None, e)
 
-    @staticmethod
-    def _close_item(item: _Item) -> None:
+    def _close_item(self, item: _Item) -> None:
+        self._catalogues.untrack(item.entry.item_id)
         if item.catalog is not None:
             item.catalog.close()
         if item.replicator is not None:
@@ -340,7 +449,7 @@ class Agent:
         rep = item.replicator
         if rep is None:
             return False
-        if item.entry.phase == PHASE_INITIAL:
+        if item.entry.phase == ItemPhase.INITIAL:
             return True
         rec = rep.rec
         return rec.cycle_id is not None or rec.phase in (ItemState.INITIAL_REPLICATION,
@@ -351,9 +460,21 @@ class Agent:
             entries = dict(self._entries)
         self._items_file.save(entries)
 
+    def _issues(self, item: _Item) -> list[str]:
+        """Conditions outside the engine's report that degrade the item (its recovery store
+        at the peer site does not answer)."""
+        cat = self._catalogues.get(item.entry.item_id)
+        if cat.error is None:
+            return []
+        return [f"recovery store {item.entry.store_url} does not answer: {cat.error.message}"]
+
     def _item_report(self, item: _Item) -> dict[str, Any]:
         if item.replicator is not None:
-            return item.replicator.report.to_dict()
+            report = item.replicator.report.to_dict()
+            issues = self._issues(item)
+            if issues:
+                report["agent_issues"] = issues
+            return report
         err = item.error or NotFound("item not opened")
         rep = ItemReport(item_id=item.entry.item_id, vm_id=item.entry.vm_id, vm_name="",
                          state=ItemState.CRITICAL, health=Health.CRITICAL,
@@ -377,34 +498,51 @@ class Agent:
             return []
 
     def _points_delta(self, item: _Item) -> tuple[list[PointInfo], list[str]]:
-        """(points the vault has not acked, points it knows that are gone)."""
+        """(points the vault has not acked, points it knows that are gone), from the last
+        catalogue listing (:class:`~drsite.agent.peers.CatalogueRefresher`): never a call to
+        another site on the heartbeat's thread."""
         if item.catalog is None:
             return [], []
         cat = self._catalog.get(item.entry.item_id) or CatalogEntry()
-        try:
-            points = item.catalog.points()
-        except DrsiteError as e:
-            log.debug("item %s: listing points failed: %s", item.entry.item_id, e)
+        points = self._catalogues.get(item.entry.item_id).points
+        if points is None:
             return [], []
         new = [p for p in points if p.seq > cat.ack]
         ids = {p.point_id for p in points}
         removed = sorted(cat.reported - ids)
         return new, removed
 
-    def build_heartbeat(self) -> tuple[dict[str, Any], dict[str, tuple[list[PointInfo], list[str]]]]:
-        """The heartbeat payload, and per item what it reports of points (to apply the ack)."""
+    def build_heartbeat(self, *, full: bool = True
+                        ) -> tuple[dict[str, Any], dict[str, tuple[list[PointInfo], list[str]]]]:
+        """The heartbeat payload, and per item what it reports of points (to apply the ack).
+
+        ``full=False``: only what changed since the last heartbeat the vault answered —
+        ``vms`` is ``null`` when the inventory is unchanged, and an item is listed only when
+        its report changed or it has new or removed points (``docs/control-plane.md``)."""
         with self._lock:
             items = list(self._items.values())
         sent: dict[str, tuple[list[PointInfo], list[str]]] = {}
         out_items: list[dict[str, Any]] = []
+        digests: dict[str, str] = {}
         for it in items:
             new, removed = self._points_delta(it)
+            report = self._item_report(it)
+            digest = json.dumps(report, sort_keys=True, default=str)
+            digests[it.entry.item_id] = digest
+            if not full and not new and not removed \
+                    and self._beat_digests.get(it.entry.item_id) == digest:
+                continue
             sent[it.entry.item_id] = (new, removed)
-            out_items.append({"item_id": it.entry.item_id, "report": self._item_report(it),
+            out_items.append({"item_id": it.entry.item_id, "report": report,
                               "new_points": [p.to_dict() for p in new],
                               "removed_points": removed})
+        vms = self._inventory()
+        digests[""] = json.dumps(vms, sort_keys=True, default=str)
         payload = {"host_name": self.identity.host_name, "version": drsite.__version__,
-                   "store_url": self._store_url, "vms": self._inventory(), "items": out_items}
+                   "store_url": self._store_url,
+                   "vms": vms if full or self._beat_digests.get("") != digests[""] else None,
+                   "items": out_items, "held": self.held_commands()}
+        self._pending_digests = digests
         return payload, sent
 
     def _apply_ack(self, reply: HeartbeatReply,
@@ -429,8 +567,20 @@ class Agent:
     def heartbeat_once(self) -> HeartbeatReply:
         """One heartbeat: send, apply the ack, accept the commands, post pending results and
         progress. Raises ``NetworkError`` (vault unreachable), ``AuthError`` and the like."""
-        payload, sent = self.build_heartbeat()
-        reply = self.link.heartbeat(payload)
+        full = self._beats_since_full >= FULL_HEARTBEAT_EVERY or not self._beat_digests
+        store_fields: dict[str, Any] = {}
+        try:
+            payload, sent = self.build_heartbeat(full=full)
+            store_fields = storeacl.beat_fields(self._store)  # access-list digest, store audit
+            payload.update(store_fields)
+            reply = self.link.heartbeat(payload)
+        except DrsiteError:
+            self._beat_digests = {}  # the vault may have missed anything: the next one is full
+            storeacl.beat_failed(self._store, store_fields)
+            raise
+        self._beat_digests = self._pending_digests
+        self._beats_since_full = 0 if full else self._beats_since_full + 1
+        storeacl.apply_reply(self._store, reply.store_acl)
         self._apply_ack(reply, sent)
         for cmd in reply.commands:
             self._accept(cmd)
@@ -470,6 +620,40 @@ class Agent:
         self._last_ok = time.monotonic()
         return self.heartbeat_interval
 
+    def _channel_loop(self) -> None:
+        """The command channel: a long poll to the vault (same mTLS), so a command reaches the
+        agent when the vault commits it, not at the next heartbeat. Heartbeats still carry
+        commands too (re-deliveries, a vault without the channel); ids make both paths one."""
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                cmds = self.link.wait_commands(CHANNEL_WAIT_S)
+            except NotFound:
+                log.info("the vault at %s has no command channel; commands arrive with "
+                         "heartbeats", self.identity.vault_url)
+                return
+            except DrsiteError as e:
+                failures += 1
+                if failures == 1:
+                    log.info("command channel to the vault interrupted (%s); heartbeats carry "
+                             "commands meanwhile", e)
+                self._stop.wait(min(self.max_backoff_s, self.heartbeat_interval * failures))
+                continue
+            except Exception:  # the client was closed under it (shutdown) or a bug
+                if self._stop.is_set():
+                    return
+                log.exception("command channel failed; retrying")
+                self._stop.wait(self.heartbeat_interval)
+                continue
+            failures = 0
+            for cmd in cmds:
+                if self._stop.is_set():
+                    return  # not taken: the vault re-delivers (the next heartbeat lacks it)
+                try:
+                    self._accept(cmd)
+                except DrsiteError as e:
+                    log.warning("command %s not taken: %s", cmd.command_id, e)
+
     def _offline_step(self) -> None:
         """The vault has been away for ``offline_after_s``: run each idle item's own next step
         when due (frequency, retry schedule, resync window from its last settings)."""
@@ -482,7 +666,7 @@ class Agent:
             self._offline = True
         with self._lock:
             items = [it for it in self._items.values()
-                     if it.replicator is not None and it.entry.phase == PHASE_PROTECTED]
+                     if it.replicator is not None and it.entry.phase == ItemPhase.PROTECTED]
             for it in items:
                 lane = self._lanes.get(it.entry.item_id)
                 if lane is not None and (lane.active or lane.tasks):
@@ -496,7 +680,7 @@ class Agent:
     def _post_final(self, fin: Finished) -> None:
         try:
             self.link.post_result(fin.command_id, status=fin.status,
-                                  progress=100.0 if fin.status == "succeeded" else 0.0,
+                                  progress=100.0 if fin.status == CommandStatus.SUCCEEDED else 0.0,
                                   result=fin.result, error=fin.error)
         except Conflict as e:
             # the vault already has a different end for it (e.g. withdrawn): nothing to retry
@@ -519,18 +703,26 @@ class Agent:
                 prog = 0.0
                 if item is not None and item.replicator is not None and self._is_running(cid):
                     prog = float(item.replicator.report.progress)
+                if not pr.item_id and pr.posted_progress >= 0:
+                    continue  # a command of no item (store_rekey) posts its own progress
                 if pr.posted_progress < 0 or abs(prog - pr.posted_progress) >= 0.5 \
                         or now - pr.posted_at >= PROGRESS_REPOST_S:
                     todo.append((cid, pr, prog))
         for cid, pr, prog in todo:
             try:
-                self.link.post_result(cid, status="running", progress=prog)
+                self.link.post_result(cid, status=CommandStatus.RUNNING, progress=prog)
             except Conflict:
                 continue  # ended meanwhile (our final post won the race)
             except DrsiteError as e:
                 log.debug("progress of %s not posted: %s", cid, e)
                 return
             pr.posted_at, pr.posted_progress = now, prog
+
+    def lane_waiting(self, item_id: str) -> bool:
+        """True while a task waits in the item's lane (a long scrub yields to it)."""
+        with self._lock:
+            lane = self._lanes.get(item_id)
+            return lane is not None and bool(lane.tasks)
 
     def _is_running(self, command_id: str) -> bool:
         pr = self._inflight.get(command_id)
@@ -543,13 +735,14 @@ class Agent:
     # ----------------------------------------------------------------------------- dispatch
 
     def _accept(self, cmd: Command) -> None:
-        """Take a command from the vault: ignore it if queued or running, answer it from the
-        journal if finished, else queue it on its item's lane."""
+        """Take a command from the vault (heartbeat reply or the command channel): ignore it if
+        queued or running, answer it from the journal if finished, else record it in the
+        journal (durably, so a restart resumes it) and queue it on its item's lane."""
         if cmd.kind not in COMMAND_KINDS:
             if self._journal.finished(cmd.command_id) is None:
                 err = InvalidInput(f"unknown command kind {cmd.kind!r}",
                                    hint="The agent is older than the vault; upgrade it.")
-                self._finish(cmd, "failed", {}, err.to_dict())
+                self._finish(cmd, CommandStatus.FAILED, {}, err.to_dict())
             return
         with self._lock:
             if cmd.command_id in self._inflight:
@@ -561,6 +754,14 @@ class Agent:
                 return
             log.info("command %s: %s %s accepted", cmd.command_id, cmd.kind, cmd.item_id)
             self._inflight[cmd.command_id] = _Progress(cmd.item_id)
+        try:
+            self._journal.accept(cmd.command_id, kind=cmd.kind, item_id=cmd.item_id,
+                                 args=self._keep_point_keys(cmd))
+        except DrsiteError:
+            with self._lock:
+                self._inflight.pop(cmd.command_id, None)
+            raise  # not taken: the vault re-delivers it (the next heartbeat does not hold it)
+        with self._lock:
             if cmd.kind == "unprotect":
                 lane = self._lanes.get(cmd.item_id)
                 if lane is not None and lane.active:
@@ -569,13 +770,63 @@ class Agent:
                     lane.cancel.set()
             self._enqueue(cmd.item_id, _Task(cmd.kind, cmd))
 
+    def _resume_accepted(self) -> None:
+        """After a restart: every command accepted before it and not finished is queued again
+        (commands are idempotent; ``cycle``/``resync`` recognise work already done), or, when
+        its arguments carried secrets the journal does not keep and the agent cannot find
+        again, reported failed at once as interrupted (transient: the vault sends it again)."""
+        for acc in self._journal.unfinished():
+            args = dict(acc.args)
+            if acc.redacted:
+                restored = self._restore_secrets(acc)
+                if restored is None:
+                    log.warning("command %s (%s %s) was interrupted by a restart and carried "
+                                "credentials this host does not keep; reporting it interrupted",
+                                acc.command_id, acc.kind, acc.item_id)
+                    cmd = Command(acc.command_id, acc.kind, acc.item_id, args)
+                    self._finish(cmd, CommandStatus.FAILED, {}, CommandInterrupted(
+                        f"the agent of host {self.identity.host_name} restarted while it held "
+                        f"{acc.kind} of {acc.item_id}").to_dict())
+                    continue
+                args = restored
+            log.info("command %s (%s %s): resuming it after a restart", acc.command_id,
+                     acc.kind, acc.item_id)
+            with self._lock:
+                self._inflight[acc.command_id] = _Progress(acc.item_id)
+            self._enqueue(acc.item_id, _Task(acc.kind, Command(acc.command_id, acc.kind,
+                                                               acc.item_id, args)))
+
+    def _restore_secrets(self, acc: Accepted) -> dict[str, Any] | None:
+        """A ``protect`` of a cloud-store item finds its store's full spec in the item's 0600
+        spec file (written before the command ran); nothing else can be restored."""
+        if acc.kind != "protect":
+            return None
+        try:
+            spec = cloudstores.load_spec(self.data_dir, acc.item_id)
+        except DrsiteError:
+            return None
+        kept = dict(acc.args.get("store") or {})
+        if spec.get("name") != kept.get("name") or spec.get("kind") != kept.get("kind"):
+            return None
+        return {**acc.args, "store": spec}
+
+    def held_commands(self) -> list[str]:
+        """Ids of the commands this agent holds: queued, running, or finished with a result
+        the vault has not confirmed yet. The heartbeat carries them: the vault re-delivers at
+        once a command it delivered that is not among them (``docs/control-plane.md``)."""
+        with self._lock:
+            held = set(self._inflight)
+        held.update(f.command_id for f in self._journal.unposted())
+        return sorted(held)
+
     def _enqueue(self, item_id: str, task: _Task) -> None:
         with self._lock:
             lane = self._lanes.setdefault(item_id, _Lane())
             lane.tasks.append(task)
-            if not lane.active and self._pool is not None and not self._stop.is_set():
+            pool = self._urgent_pool if task.kind in URGENT_KINDS else self._pool
+            if not lane.active and pool is not None and not self._stop.is_set():
                 lane.active = True
-                self._pool.submit(self._drain, item_id)
+                pool.submit(self._drain, item_id)
 
     def _drain(self, item_id: str) -> None:
         while True:
@@ -597,11 +848,12 @@ class Agent:
             except Exception:
                 log.exception("item %s: task %s failed unexpectedly", item_id, task.kind)
             finally:
+                self._catalogues.refresh(item_id)  # new points reach the next heartbeat
                 if task.command is not None:
                     with self._lock:
                         self._inflight.pop(task.command.command_id, None)
 
-    def _finish(self, cmd: Command, status: str, result: dict[str, Any],
+    def _finish(self, cmd: Command, status: CommandStatus, result: dict[str, Any],
                 error: dict[str, Any] | None) -> None:
         fin = Finished(cmd.command_id, cmd.kind, cmd.item_id, status, result, error, time.time())
         self._journal.finish(fin)
@@ -629,27 +881,37 @@ class Agent:
                          "sends it again", cmd.command_id, cmd.kind, item_id)
                 return
             self._reopen(item_id)
-            err: dict[str, Any] = Conflict(f"{cmd.kind} of {item_id} was interrupted to "
-                                           "unprotect the item").to_dict()
-            err["code"] = "interrupted"
-            self._finish(cmd, "failed", {}, err)
+            self._finish(cmd, CommandStatus.FAILED, {}, OperationInterrupted(
+                f"{cmd.kind} of {item_id} was interrupted to unprotect the item").to_dict())
             return
         except DrsiteError as e:
             log.warning("command %s (%s %s) failed (%s): %s", cmd.command_id, cmd.kind, item_id,
                         e.error_class.value, e)
-            self._finish(cmd, "failed", {}, e.to_dict())
+            if isinstance(e, Fenced):
+                self._fence_on_own(item_id, e)
+            self._finish(cmd, CommandStatus.FAILED, {}, e.to_dict())
+            return
+        except OSError as e:
+            # the host's own resources (a full disk, a vanished file): a drsite error naming
+            # the file, transient where the seed retries (ENOSPC → low_disk), never "unexpected"
+            where = f" ({e.filename})" if e.filename else ""
+            err = classify_os_error(e, f"{cmd.kind} of {item_id} on host "
+                                       f"{self.identity.host_name}{where}")
+            log.warning("command %s (%s %s) failed (%s): %s", cmd.command_id, cmd.kind, item_id,
+                        err.error_class.value, err)
+            self._finish(cmd, CommandStatus.FAILED, {}, err.to_dict())
             return
         except Exception as e:
             log.exception("command %s (%s %s) failed unexpectedly", cmd.command_id, cmd.kind,
                           item_id)
-            self._finish(cmd, "failed", {}, {
-                "code": "internal", "class": "permanent",
-                "message": f"agent error in {cmd.kind}: {type(e).__name__}: {e}",
-                "hint": "See the agent's log; report a bug if it persists."})
+            # a bug, not a fault to wait out: permanent (the item goes Critical), generic code
+            self._finish(cmd, CommandStatus.FAILED, {}, PermanentError(
+                f"agent error in {cmd.kind}: {type(e).__name__}: {e}",
+                hint="See the agent's log; report a bug if it persists.").to_dict())
             return
         log.info("command %s (%s %s) succeeded in %.1f s", cmd.command_id, cmd.kind, item_id,
                  time.monotonic() - started)
-        self._finish(cmd, "succeeded", result, None)
+        self._finish(cmd, CommandStatus.SUCCEEDED, result, None)
 
     def _run_own(self, item_id: str, kind: str) -> None:
         """The agent's own work: ``resume`` after a restart, ``auto`` while offline."""
@@ -666,7 +928,7 @@ class Agent:
                              item_id, point.point_id)
                 elif item.entry.resync_from_base:
                     return  # the base is the old primary's disks: the vault's protect resyncs
-                elif item.entry.phase == PHASE_INITIAL:
+                elif item.entry.phase == ItemPhase.INITIAL:
                     self._mark_protected(item)
                 if rep.rec.cycle_id is not None or rep.rec.phase is ItemState.RESYNCING:
                     decision = rep.step()  # finishes the sealed cycle / the resync
@@ -682,10 +944,24 @@ class Agent:
         except DrsiteError as e:
             log.warning("item %s: %s failed (%s): %s; waiting for the vault", item_id, kind,
                         e.error_class.value, e)
+            if isinstance(e, Fenced):
+                self._fence_on_own(item_id, e)
+        err = rep.report.last_error
+        if err and err.get("code") == Fenced.code:
+            self._fence_on_own(item_id, Fenced(str(err.get("message") or "fenced")))
+
+    def _fence_on_own(self, item_id: str, e: Fenced) -> None:
+        """The store's generation record says another site was promoted: fence at once, without
+        waiting for the vault (which may be unreachable) — the second way an old primary learns
+        it was failed over (the first is the vault's ``failover_fence``)."""
+        try:
+            self.fence_item(item_id, f"the recovery store names a newer primary ({e.message})")
+        except DrsiteError as err:
+            log.error("item %s: fencing the old primary failed: %s", item_id, err)
 
     def _mark_protected(self, item: _Item) -> None:
-        if item.entry.phase != PHASE_PROTECTED:
-            item.entry.phase = PHASE_PROTECTED
+        if item.entry.phase != ItemPhase.PROTECTED:
+            item.entry.phase = ItemPhase.PROTECTED
             self._save_entries()
 
     # ----------------------------------------------------------------------------- commands
@@ -693,7 +969,9 @@ class Agent:
     def _handle(self, cmd: Command) -> dict[str, Any]:
         handler = {"protect": self._protect, "cycle": self._cycle, "resync": self._resync,
                    "retention": self._retention, "unprotect": self._unprotect,
-                   "update_settings": self._update_settings}.get(cmd.kind)
+                   "update_settings": self._update_settings,
+                   "store_rekey": self._store_rekey, "scrub": self.scrubs.handle,
+                   "verify": self.scrubs.handle, "drill_probe": self.drills.handle}.get(cmd.kind)
         if handler is None:
             return self.failover.handle(cmd)  # failover_* commands (agent/failover.py)
         return handler(cmd)
@@ -725,6 +1003,7 @@ class Agent:
             cloud = StoreSpec.from_dict(cloud).to_dict()  # validate before anything is recorded
             store_url = cloudstores.CLOUD_STORE_URL + str(cloud["name"] or "store")
         self.hypervisor.get_vm(vm_id)  # VmNotFound before anything is recorded
+        key_changed = self._save_point_key(cmd)
         with self._lock:
             entry = self._entries.get(cmd.item_id)
             item = self._items.get(cmd.item_id)
@@ -734,10 +1013,10 @@ class Agent:
         spec_changed = cloud is not None and cloudstores.save_spec(self.data_dir, cmd.item_id,
                                                                    cloud)
         rebuild = item is None or item.replicator is None or entry is None \
-            or entry.store_url != store_url or spec_changed
+            or entry.store_url != store_url or spec_changed or key_changed
         if entry is None:
             entry = ItemEntry(cmd.item_id, vm_id, str(a.get("target_site") or ""), store_url,
-                              settings, PHASE_INITIAL, time.time(),
+                              settings, ItemPhase.INITIAL, time.time(),
                               generation=int(a.get("generation") or 1),
                               resync_from_base=bool(a.get("resync_from_base")))
         else:
@@ -757,6 +1036,7 @@ class Agent:
             assert item.error is not None
             raise item.error
         item.replicator.settings = settings_from_args(settings)
+        self._apply_log_cap(entry.vm_id, item.replicator.settings.frequency_s)
         if entry.resync_from_base:
             # re-protect: the store holds the old primary's disks as a base point; only the
             # blocks that differ travel (never an initial full copy over a common base)
@@ -774,6 +1054,26 @@ class Agent:
         point = item.replicator.run_initial(wait_transient=False)
         self._mark_protected(item)
         return {"point": point.to_dict(), "report": item.replicator.report.to_dict()}
+
+    def _keep_point_keys(self, cmd: Command) -> dict[str, Any]:
+        """The command's arguments for the journal: its point keys (``point_key`` for its item,
+        ``rev_point_key`` for a re-protect's reverse item) go to their 0600 key files now and
+        are left out, so the journal holds no key; a command queued again after a restart
+        finds them there (``pointkeys.auth_from_args`` falls back to the kept key)."""
+        args = dict(cmd.args)
+        rev = args.get("rev_item_id")
+        for arg, item_id in (("point_key", cmd.item_id), ("rev_point_key", rev)):
+            raw = args.pop(arg, None)
+            if isinstance(raw, str) and raw and raw != "redacted" and item_id:
+                pointkeys.save_key(self.data_dir, str(item_id), raw)
+        return args
+
+    def _save_point_key(self, cmd: Command) -> bool:
+        """Keep the item's point key from ``protect`` (0600 file); whether it changed."""
+        raw = cmd.args.get("point_key")
+        if not isinstance(raw, str) or not raw or raw == "redacted":
+            return False
+        return pointkeys.save_key(self.data_dir, cmd.item_id or "", raw)
 
     def _already_done(self, cmd: Command, rep: ItemReplicator, kind: str | None
                       ) -> PointInfo | None:
@@ -804,17 +1104,34 @@ class Agent:
         done = self._already_done(cmd, rep, "resync")
         if done is not None:
             return {"point": done.to_dict(), "report": rep.report.to_dict()}
-        reason = "started by hand" if cmd.args.get("by_hand") else "started by the vault"
-        point = rep.run_resync(reason, wait_transient=False)
+        reason = str(cmd.args.get("reason") or ("started by hand" if cmd.args.get("by_hand")
+                                                else "started by the vault"))
+        point = rep.run_resync(reason, wait_transient=False,
+                               from_store=bool(cmd.args.get("from_store")))
         return {"point": point.to_dict(), "report": rep.report.to_dict()}
 
     def _retention(self, cmd: Command) -> dict[str, Any]:
+        if cmd.args.get("store_side"):  # this host's store holds the item (agent/storeacl.py)
+            if self._store is None:
+                raise InvalidInput(f"host {self.identity.host_name} serves no recovery store",
+                                   hint="The vault sends store-side retention to the agent "
+                                        "that serves the item's store.")
+            return storeacl.store_retention(self._store, cmd)
         _, rep = self._live_item(cmd)
+        if not rep.target.runs_retention:
+            # committed points on a site store are removed by the store's own agent only
+            return {"deleted_points": [], "store_side": False}
         pinned = {p for p in (rep.target.replica_point(),) if p}
         deleted = rep.target.repo.apply_retention(rep.settings.retention, time.time(), pinned)
         if deleted:
             log.info("item %s: retention removed %d point(s)", cmd.item_id, len(deleted))
         return {"deleted_points": deleted}
+
+    def _store_rekey(self, cmd: Command) -> dict[str, Any]:
+        result = storerekey.run_rekey(self.link, cmd, self._stop)
+        if self._stop.is_set():
+            raise Interrupted("store rekey interrupted by shutdown")  # resumes when re-sent
+        return result
 
     def _update_settings(self, cmd: Command) -> dict[str, Any]:
         settings = dict(cmd.args.get("settings") or {})
@@ -823,7 +1140,13 @@ class Agent:
         item.entry.settings = settings
         self._save_entries()
         rep.settings = new
+        self._apply_log_cap(item.entry.vm_id, new.frequency_s)
         return {"settings": settings}
+
+    def _apply_log_cap(self, vm_id: str, frequency_s: float) -> None:
+        """The change log holds a few intervals of writes at the policy's frequency (issue 13
+        part 5), not a fixed 64 MiB."""
+        self.hypervisor.set_change_log_limit(vm_id, cap_for_interval(frequency_s))
 
     def _unprotect(self, cmd: Command) -> dict[str, Any]:
         delete = bool(cmd.args.get("delete_points"))
@@ -842,7 +1165,9 @@ class Agent:
             repo = rep.target.repo
             for cycle_id in repo.staged_cycles():
                 repo.abort(cycle_id)
-            if delete:
+            if delete and not rep.target.runs_retention:
+                pass  # the store's own agent deletes them (the vault sends it 'retention')
+            elif delete:
                 for p in repo.points():
                     repo.delete_point(p.point_id)
                     deleted.append(p.point_id)
@@ -861,6 +1186,7 @@ class Agent:
         with contextlib.suppress(FileNotFoundError):
             (self._state_dir / f"{cmd.item_id}.json").unlink()
         cloudstores.remove_spec(self.data_dir, cmd.item_id)
+        pointkeys.remove_key(self.data_dir, cmd.item_id)
         log.info("item %s unprotected%s", cmd.item_id,
                  f", {len(deleted)} point(s) deleted" if delete else "")
         return {"deleted_points": deleted}

@@ -31,18 +31,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from drsite import failpoints
+from drsite.agent import pointkeys
 from drsite.agent.link import Command
 from drsite.agent.registration import AgentIdentity
 from drsite.agent.state import ItemEntry
 from drsite.agent.storeservice import StoreService
-from drsite.core.errors import InvalidInput, PermanentError
+from drsite.core.errors import DrsiteError, Fenced, InvalidInput, PermanentError
 from drsite.core.model import PowerState, validate_name
+from drsite.core.states import FailoverState
 from drsite.failover import actions
 from drsite.failover.wire import network_map_from_args, vm_spec_from_dict
 from drsite.fsutil import atomic_write_json, read_json
 from drsite.hypervisors.contract import HypervisorDriver
 from drsite.replication.driver import ItemReplicator
+from drsite.replication.report import ItemState
 from drsite.sitestore.server import held_marker, replica_lock
+from drsite.store.auth import PointAuth
 from drsite.store.contract import ObjectStore
 from drsite.store.factory import open_store
 from drsite.store.generation import GenerationStore
@@ -53,7 +58,7 @@ log = logging.getLogger(__name__)
 
 RECOVERY_KINDS = ("failover", "failover_cleanup", "failover_commit", "failover_cancel",
                   "failover_change_point", "reprotect_seed")
-PRIMARY_KINDS = ("failover_prepare", "failover_resume_source")
+PRIMARY_KINDS = ("failover_prepare", "failover_resume_source", "failover_fence")
 KINDS = (*RECOVERY_KINDS, *PRIMARY_KINDS, "run_script")
 SCRIPT_OUTPUT_TAIL = 2000
 
@@ -82,6 +87,10 @@ class FailoverHost(Protocol):
 
     def set_failed_over(self, item_id: str, failed_over: bool) -> None: ...
 
+    def fence_item(self, item_id: str, reason: str) -> dict[str, Any]: ...
+
+    def unfence_item(self, item_id: str) -> bool: ...
+
 
 
 class FailoverCommands:
@@ -98,6 +107,7 @@ class FailoverCommands:
               "failover_change_point": self._change_point, "reprotect_seed": self._reprotect_seed,
               "failover_prepare": self._prepare,
               "failover_resume_source": self._resume_source,
+              "failover_fence": self._fence,
               "run_script": self._run_script}.get(cmd.kind)
         if fn is None:
             raise InvalidInput(f"unknown command kind {cmd.kind!r}",
@@ -118,6 +128,16 @@ class FailoverCommands:
                                     "serves the store (--store-listen).")
         return svc.local_store, svc.replicas_dir
 
+    def _auth(self, item_id: str, raw: object) -> PointAuth | None:
+        """The item's point MAC: from the command (kept in a 0600 file), else the key this
+        host kept, else the one in its store's access list. With it, every point and
+        generation record the failover reads must be authentic."""
+        auth = pointkeys.auth_from_args(self.agent.data_dir, item_id, raw)
+        svc = self.agent.store_service
+        if auth is None and svc is not None:
+            auth = svc.acl.point_auth(item_id)
+        return auth
+
     @contextlib.contextmanager
     def _item(self, cmd: Command) -> Iterator[actions.ProtectedItem]:
         a = cmd.args
@@ -129,7 +149,7 @@ class FailoverCommands:
             raise InvalidInput(f"{cmd.kind} {cmd.item_id}: missing argument {e.args[0]!r}") from None
         item_id = validate_name("item", cmd.item_id or "")
         store, replicas = self._store(a)
-        repo = Repository(store, item_id)
+        repo = Repository(store, item_id, auth=self._auth(item_id, a.get("point_key")))
         hv = self.agent.hypervisor
         replica_dir = replicas / item_id
         replica_dir.mkdir(parents=True, exist_ok=True)
@@ -197,7 +217,7 @@ class FailoverCommands:
         fid = self._fid(cmd)
         with self._item(cmd) as pi:
             if actions.load_failover(pi.recovery, fid) is None:  # it never started here
-                return {"failover": {"failover_id": fid, "state": "cleaned_up",
+                return {"failover": {"failover_id": fid, "state": FailoverState.CLEANED_UP.value,
                                      "notes": ["nothing had started on the recovery site"]}}
             return self._result(actions.cleanup_test_failover(pi, fid,
                                                               str(cmd.args.get("notes") or "")))
@@ -212,10 +232,11 @@ class FailoverCommands:
             if actions.load_failover(pi.recovery, fid) is None:
                 # the recovery side never started (e.g. the source's half failed): nothing to
                 # undo here; the generation is unchanged
-                return {"failover": {"failover_id": fid, "state": "cancelled",
+                return {"failover": {"failover_id": fid, "state": FailoverState.CANCELLED.value,
                                      "generation": max(1, pi.generations.current(pi.item_id)),
                                      "notes": ["nothing had started on the recovery site"]}}
             self._hold(pi.item_id, False)  # the replica is rebuilt (cancel catches it up)
+            failpoints.hit("agent.failover-cancel")
             return self._result(actions.cancel(pi, fid, restart_source=False))
 
     def _change_point(self, cmd: Command) -> dict[str, Any]:
@@ -262,16 +283,41 @@ class FailoverCommands:
         agent.set_generation(cmd.item_id or "", gen)
         rep.generation = gen
         err = rep.report.last_error
-        if err and err.get("code") == "fenced":
+        resync = bool(err and err.get("code") == Fenced.code) or \
+            rep.rec.phase in (ItemState.CRITICAL, ItemState.RESYNC_REQUIRED)
+        if resync:
             rep.request_resync("failover cancelled: the source is the primary again")
         agent.set_failed_over(cmd.item_id or "", False)
         powered = False
-        if cmd.args.get("power_on"):
+        # a VM this host fenced while it was running runs again (the failover is undone)
+        if agent.unfence_item(cmd.item_id or "") or cmd.args.get("power_on"):
             vm = agent.hypervisor.get_vm(item.entry.vm_id)
             if vm.power is not PowerState.RUNNING:
                 agent.hypervisor.power_on(item.entry.vm_id)
                 powered = True
-        return {"generation": gen, "powered_on": powered}
+        return {"generation": gen, "powered_on": powered, "resync": resync,
+                "report": rep.report.to_dict()}
+
+    def _fence(self, cmd: Command) -> dict[str, Any]:
+        """Unplanned failover, old primary's half (whenever this host hears of it): the
+        recovery site was promoted, so the VM here is powered off and the item stops
+        replicating (``Agent.fence_item``); its engine is fenced by the store's generation
+        record in any case."""
+        reason = f"failover {self._fid(cmd)} promoted site {cmd.args.get('recovery_site')}"
+        gen = int(cmd.args.get("generation") or 0)
+        with contextlib.suppress(DrsiteError):
+            item, _ = self.agent.live_item(cmd)
+            if gen and item.entry.generation >= gen:
+                # the item came back to this site at that generation or later (a cancel):
+                # a stale fence (e.g. re-delivered after an agent restart) changes nothing
+                return {"fenced": False, "failover_id": self._fid(cmd),
+                        "note": f"stale: the item holds generation {item.entry.generation}"}
+        out = self.agent.fence_item(cmd.item_id or "", reason)
+        with contextlib.suppress(DrsiteError):
+            _, rep = self.agent.live_item(cmd)
+            if rep.rec.phase is not ItemState.CRITICAL:
+                rep.mark_fenced(f"{reason}: this site must not write the item any more")
+        return {**out, "failover_id": self._fid(cmd), "at": time.time()}
 
     def _reprotect_seed(self, cmd: Command) -> dict[str, Any]:
         """Re-protect, old primary's half: power its VM off and write its disks as the full
@@ -296,7 +342,8 @@ class FailoverCommands:
         if vm.power is PowerState.RUNNING:
             hv.power_off(vm_id, timeout=30.0)  # never a VM of the item on both sites
         store = svc.local_store
-        repo = Repository(store, rev_id)
+        auth = self._auth(rev_id, a.get("rev_point_key"))
+        repo = Repository(store, rev_id, auth=auth)
         readers = {d.disk_id: hv.open_live_reader(vm_id, d.disk_id) for d in vm.disks}
         t0 = time.monotonic()
         try:
@@ -305,11 +352,12 @@ class FailoverCommands:
             for r in readers.values():
                 r.close()
             repo.close()
-        GenerationStore(store).ensure(rev_id, new_primary, now=time.time(), at_least=generation,
-                                      reason=f"re-protect of {cmd.item_id}")
+        GenerationStore(store, auth).ensure(rev_id, new_primary, now=time.time(),
+                                            at_least=generation,
+                                            reason=f"re-protect of {cmd.item_id}")
         return {"base_point_id": base.point_id, "base_bytes_local": written,
                 "disk_bytes": sum(base.disk_sizes.values()), "generation":
-                GenerationStore(store).current(rev_id), "seconds": round(time.monotonic() - t0, 3)}
+                GenerationStore(store, auth).current(rev_id), "seconds": round(time.monotonic() - t0, 3)}
 
     # ------------------------------------------------------------------- recovery plans
 

@@ -2,22 +2,23 @@
 
 Responsible for: the HTTP calls of ``/api/v1/agent/heartbeat`` and
 ``/api/v1/agent/commands/{id}/result``, parsing the replies, and mapping failures to the error
-hierarchy (unreachable vault, timeout, 5xx → ``NetworkError``, transient; 401/403 →
-``AuthError``). Not responsible for: retrying or backing off (the daemon does), or for what the
-commands mean.
+hierarchy (unreachable vault, timeout → ``NetworkError``, transient; error answers through the
+codec of :mod:`drsite.core.errors`: the body's class, else by status, 5xx transient). Not
+responsible for: retrying or backing off (the daemon does), or for what the commands mean.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
-from drsite.client.api import error_from_response
-from drsite.core.errors import AuthError, InvalidInput, NetworkError
+from drsite.core.errors import AuthError, DrsiteError, InvalidInput, NetworkError, from_dict
+from drsite.core.states import CommandStatus
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,25 @@ COMMAND_KINDS = ("protect", "cycle", "resync", "retention", "unprotect", "update
                  # failover (agent/failover.py)
                  "failover", "failover_cleanup", "failover_commit", "failover_cancel",
                  "failover_change_point", "reprotect_seed", "failover_prepare",
-                 "failover_resume_source", "run_script")
+                 "failover_resume_source", "failover_fence", "run_script",
+                 "store_rekey",   # agent/storerekey.py
+                 # store upkeep and drills (agent/scrub.py, agent/drill.py)
+                 "scrub", "verify", "drill_probe")
+ITEMLESS_KINDS = ("store_rekey",)   # commands of no item (item_id null; their lane is "")
+
+
+def vault_error(resp: httpx.Response, what: str) -> DrsiteError:
+    """The drsite error an error answer of the vault stands for: its JSON body decoded
+    (:func:`~drsite.core.errors.from_dict`), or by status when it has none of ours."""
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        body = {}
+    if not isinstance(body.get("message"), str) or not body["message"]:
+        body = {**body, "message": f"the vault answered HTTP {resp.status_code} to {what}"}
+    return from_dict(body, http_status=resp.status_code)
 
 
 @dataclass(frozen=True)
@@ -43,13 +62,14 @@ class Command:
         if not isinstance(d, dict):
             raise InvalidInput(f"command is not an object: {d!r}")
         try:
-            cid, kind, item = str(d["command_id"]), str(d["kind"]), str(d["item_id"])
+            cid, kind, raw_item = str(d["command_id"]), str(d["kind"]), d["item_id"]
         except KeyError as e:
             raise InvalidInput(f"command without {e.args[0]!r}") from None
+        item = "" if raw_item is None else str(raw_item)
         args = d.get("args") or {}
         if not isinstance(args, dict):
             raise InvalidInput(f"command {cid}: args is not an object")
-        if not cid or not item:
+        if not cid or (not item and kind not in ITEMLESS_KINDS):
             raise InvalidInput("command with an empty command_id or item_id")
         return Command(cid, kind, item, dict(args))
 
@@ -66,6 +86,7 @@ class HeartbeatReply:
     commands: list[Command]
     ack: dict[str, int]
     malformed: int = 0  # commands dropped because they could not be parsed
+    store_acl: dict[str, Any] | None = None  # a new store access list (store-serving agents)
 
 
 class VaultLink:
@@ -78,15 +99,22 @@ class VaultLink:
     def __init__(self, vault_url: str, ssl_context: ssl.SSLContext, *, timeout: float = 30.0,
                  transport: httpx.BaseTransport | None = None) -> None:
         self.vault_url = vault_url.rstrip("/")
+        if transport is None:
+            # TCP_NODELAY: a request's body is not held back by Nagle's algorithm until the
+            # vault acknowledges its headers (a delayed ACK costs ~40 ms per request)
+            transport = httpx.HTTPTransport(
+                verify=ssl_context,
+                socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
         self._http = httpx.Client(base_url=self.vault_url + "/api/v1/agent", verify=ssl_context,
                                   timeout=timeout, transport=transport)
 
     def close(self) -> None:
         self._http.close()
 
-    def _post(self, path: str, body: dict[str, Any]) -> Any:
+    def _post(self, path: str, body: dict[str, Any], *, timeout: float | None = None) -> Any:
         try:
-            resp = self._http.post(path, json=body)
+            resp = self._http.post(path, json=body, timeout=timeout if timeout is not None
+                                   else httpx.USE_CLIENT_DEFAULT)
         except httpx.TimeoutException as e:
             raise NetworkError(f"the vault at {self.vault_url} did not answer in time") from e
         except httpx.ConnectError as e:
@@ -97,10 +125,8 @@ class VaultLink:
             raise NetworkError(f"cannot reach the vault at {self.vault_url}: {e}") from e
         except httpx.HTTPError as e:
             raise NetworkError(f"request to the vault at {self.vault_url} failed: {e}") from e
-        if resp.status_code >= 500:
-            raise NetworkError(f"the vault answered HTTP {resp.status_code} to {path}")
         if resp.status_code >= 400:
-            raise error_from_response(resp)
+            raise vault_error(resp, path)
         if not resp.content:
             return None
         try:
@@ -108,11 +134,8 @@ class VaultLink:
         except ValueError as e:
             raise NetworkError(f"the vault's answer to {path} is not JSON") from e
 
-    def heartbeat(self, payload: dict[str, Any]) -> HeartbeatReply:
-        """Send one heartbeat; the reply's malformed commands are dropped (and logged)."""
-        out = self._post("/heartbeat", payload) or {}
-        if not isinstance(out, dict):
-            raise NetworkError("the vault's heartbeat reply is not an object")
+    @staticmethod
+    def _commands(out: dict[str, Any]) -> tuple[list[Command], int]:
         commands: list[Command] = []
         bad = 0
         for raw in out.get("commands") or []:
@@ -121,6 +144,23 @@ class VaultLink:
             except InvalidInput as e:
                 bad += 1
                 log.error("dropping a malformed command from the vault: %s", e)
+        return commands, bad
+
+    def wait_commands(self, wait_s: float) -> list[Command]:
+        """The command channel: this host's commands as soon as the vault has any, or ``[]``
+        after about ``wait_s`` (the vault holds the request open). ``NotFound`` from a vault
+        without the channel."""
+        out = self._post("/commands/wait", {"timeout_s": wait_s}, timeout=wait_s + 15.0) or {}
+        if not isinstance(out, dict):
+            raise NetworkError("the vault's command channel reply is not an object")
+        return self._commands(out)[0]
+
+    def heartbeat(self, payload: dict[str, Any]) -> HeartbeatReply:
+        """Send one heartbeat; the reply's malformed commands are dropped (and logged)."""
+        out = self._post("/heartbeat", payload) or {}
+        if not isinstance(out, dict):
+            raise NetworkError("the vault's heartbeat reply is not an object")
+        commands, bad = self._commands(out)
         ack: dict[str, int] = {}
         raw_ack = out.get("ack") or {}
         if isinstance(raw_ack, dict):
@@ -129,12 +169,14 @@ class VaultLink:
                     ack[str(item_id)] = int(seq) if seq is not None else 0
                 except (TypeError, ValueError):
                     log.error("ignoring a malformed ack for item %s: %r", item_id, seq)
-        return HeartbeatReply(commands, ack, bad)
+        acl = out.get("store_acl")
+        return HeartbeatReply(commands, ack, bad, acl if isinstance(acl, dict) else None)
 
-    def post_result(self, command_id: str, *, status: str, progress: float,
+    def post_result(self, command_id: str, *, status: CommandStatus, progress: float,
                     result: dict[str, Any] | None = None,
                     error: dict[str, Any] | None = None) -> None:
         """Report a command's progress (``running``) or its final status."""
         self._post(f"/commands/{command_id}/result",
-                   {"status": status, "progress": max(0.0, min(100.0, float(progress))),
+                   {"status": CommandStatus(status).value,
+                    "progress": max(0.0, min(100.0, float(progress))),
                     "result": result or {}, "error": error})

@@ -41,7 +41,7 @@ def configure_logging(level: str = "INFO") -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
 
 
-def agent_register(vault_url: str, key: str, data_dir: Path, host_name: str,
+def agent_register(vault_url: str, key: str, data_dir: Path, host_name: str | None,
                    ca_file: Path | None = None, ca_fingerprint: str | None = None,
                    insecure_first_contact: bool = False) -> AgentIdentity:
     """Register this host (see :func:`drsite.agent.registration.register`).
@@ -49,7 +49,9 @@ def agent_register(vault_url: str, key: str, data_dir: Path, host_name: str,
     Trust of the vault: ``ca_file`` (the vault's CA certificate) or ``ca_fingerprint`` (its
     SHA-256, as the vault prints it: the chain the vault presents is fetched, the matching CA
     taken, then everything is verified). Both given: the file must have that fingerprint.
-    Neither: refused unless ``insecure_first_contact``.
+    Neither: refused unless ``insecure_first_contact`` — or, when ``data_dir`` already holds
+    a registration (re-registration with a re-issue key), the CA it trusts already.
+    ``host_name`` None: the registered name, else the machine's host name.
     """
     ca_pem: bytes | None = None
     if ca_file is not None:
@@ -87,7 +89,7 @@ def make_hypervisor(kind: str, vms_root: Path) -> HypervisorDriver:
 
 def agent_run(data_dir: Path, hypervisor_kind: str = "file", vms_root: Path = Path("vms"),
               store_dir: Path | None = None, store_listen: str | None = None,
-              heartbeat_interval: float = 2.0) -> None:
+              heartbeat_interval: float = 2.0, store_url: str | None = None) -> None:
     """Run the agent daemon until SIGTERM/SIGINT (blocking); returns after a clean stop.
 
     Work cut short by the stop resumes at the next start (the vault re-sends its commands).
@@ -95,7 +97,7 @@ def agent_run(data_dir: Path, hypervisor_kind: str = "file", vms_root: Path = Pa
     agent = Agent(Path(data_dir), hypervisor=make_hypervisor(hypervisor_kind, vms_root),
                   heartbeat_interval=heartbeat_interval,
                   store_dir=Path(store_dir) if store_dir is not None else None,
-                  store_listen=store_listen)
+                  store_listen=store_listen, store_url=store_url)
     installed: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
         def on_signal(sig: int, frame: FrameType | None) -> None:

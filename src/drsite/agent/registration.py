@@ -11,6 +11,13 @@ what the vault returns. Files in the agent's data directory (each replaced atomi
     agent.json  {"host_id", "site", "vault_url", "host_name", "registered_at"}; written last,
                 so its presence means a complete registration
 
+Registering a host that is already registered (its data directory holds ``agent.json``) needs a
+re-issue key for that host (``drsite hosts reissue HOST`` on the vault's side): the request names
+the host id, the vault replaces the host's certificate, and the new key and certificate are staged
+as ``agent.key.next`` / ``agent.pem.next`` and then renamed over the old ones. A crash between the
+two renames is rolled forward by :meth:`AgentIdentity.load` (the old certificate no longer works
+once the vault answered, so forward is the only way). A site key never re-registers a host.
+
 Trust on first contact is never silent: the caller passes the vault's CA (a file the operator
 copied from the vault), or the SHA-256 fingerprint of that CA as the vault prints it — then the
 certificate chain the vault presents is fetched once without verification, the CA whose
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import socket
 import ssl
 import time
@@ -38,7 +46,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from drsite import pki, tlsutil
-from drsite.client.api import error_from_response
+from drsite.agent.link import vault_error
 from drsite.core.errors import (
     AuthError,
     Conflict,
@@ -47,7 +55,7 @@ from drsite.core.errors import (
     NotFound,
     classify_os_error,
 )
-from drsite.fsutil import atomic_write_bytes, atomic_write_json, read_json
+from drsite.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, read_json
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +63,7 @@ KEY_FILE = "agent.key"
 CERT_FILE = "agent.pem"
 CA_FILE = "ca.pem"
 IDENTITY_FILE = "agent.json"
+NEXT = ".next"  # suffix of a staged key/certificate during a re-registration
 REGISTER_PATH = "/api/v1/agent/register"
 _ENCODING_DER = 2  # _ssl.ENCODING_DER (not exported by the ssl module before 3.13)
 
@@ -90,6 +99,7 @@ class AgentIdentity:
         """The identity registered in ``data_dir`` (``NotFound`` if this host never registered,
         ``InvalidInput`` if the files are incomplete)."""
         path = Path(data_dir) / IDENTITY_FILE
+        _finish_swap(Path(data_dir))
         try:
             raw: Any = read_json(path)
         except FileNotFoundError:
@@ -250,30 +260,69 @@ def _check_issued(cert_pem: bytes, ca_pem: bytes, key_pem: bytes) -> None:
         raise AuthError("the certificate the vault returned is not for this host's key")
 
 
-def register(vault_url: str, key: str, data_dir: Path, *, host_name: str,
+def _finish_swap(data_dir: Path) -> None:
+    """Roll an interrupted re-registration forward: a staged certificate (and key, if it was
+    not renamed yet) replaces the current one. Nothing to do without ``agent.pem.next``."""
+    pem_next = data_dir / (CERT_FILE + NEXT)
+    if not pem_next.exists():
+        return
+    key_next = data_dir / (KEY_FILE + NEXT)
+    try:
+        if key_next.exists():
+            os.replace(key_next, data_dir / KEY_FILE)
+        os.replace(pem_next, data_dir / CERT_FILE)
+        fsync_dir(data_dir)
+    except OSError as e:
+        raise classify_os_error(e, f"agent data directory {data_dir}") from e
+
+
+def _existing(data_dir: Path, vault_url: str) -> AgentIdentity | None:
+    if not (data_dir / IDENTITY_FILE).exists():
+        return None
+    existing = AgentIdentity.load(data_dir)
+    if existing.vault_url.rstrip("/") != vault_url:
+        raise Conflict(f"{data_dir} already holds the registration of host {existing.host_id} "
+                       f"(site {existing.site}) with the vault at {existing.vault_url}",
+                       hint="Use another --data directory, or remove this one to register again.")
+    return existing
+
+
+def register(vault_url: str, key: str, data_dir: Path, *, host_name: str | None = None,
              ca_pem: bytes | None = None, insecure_first_contact: bool = False,
              timeout: float = 30.0) -> AgentIdentity:
     """Register this host with the vault and store its identity in ``data_dir``.
 
     ``ca_pem``: the vault's CA (from ``--ca-file``, or from :func:`fetch_ca_by_fingerprint`).
     Without it, ``insecure_first_contact=True`` must be passed to trust whatever CA the vault
-    presents (logged with its fingerprint); otherwise ``InvalidInput``.
+    presents (logged with its fingerprint); otherwise ``InvalidInput``. ``host_name`` defaults
+    to the registered name (re-registration) or the machine's host name.
 
-    Errors: ``Conflict`` if ``data_dir`` already holds a registration; ``AuthError`` if the
-    registration key is refused (used, expired or unknown) or the vault's certificate is not
-    trusted; ``NetworkError`` if the vault cannot be reached. Nothing is written unless the
-    registration succeeded.
+    When ``data_dir`` already holds a registration with this vault, ``key`` must be a re-issue
+    key for that host (``drsite hosts reissue HOST``): a fresh key pair and certificate replace
+    the old ones (the CA already trusted is used when none is given). A site key is refused by
+    the vault (``Conflict``): it never takes over an existing host.
+
+    Errors: ``Conflict`` if ``data_dir`` holds the registration of another vault, or the key
+    cannot re-register this host; ``AuthError`` if the registration key is refused (used,
+    expired or unknown) or the vault's certificate is not trusted; ``NetworkError`` if the vault
+    cannot be reached. Nothing is written unless the registration succeeded.
     """
     data_dir = Path(data_dir)
     vault_url = vault_url.rstrip("/")
-    if (data_dir / IDENTITY_FILE).exists():
-        existing = AgentIdentity.load(data_dir)
-        raise Conflict(f"{data_dir} already holds the registration of host {existing.host_id} "
-                       f"(site {existing.site})",
-                       hint="Use another --data directory, or remove this one to register again.")
+    existing = _existing(data_dir, vault_url)
     if not key:
         raise InvalidInput("empty registration key",
                            hint="Create one with 'drsite vault registration-key SITE'.")
+    if existing is not None:
+        host_name = host_name or existing.host_name
+        if host_name != existing.host_name:
+            raise Conflict(f"{data_dir} is host {existing.host_name} ({existing.host_id}); it "
+                           f"cannot register as {host_name}",
+                           hint="Re-register it under its own name, or use another --data "
+                                "directory for another host.")
+        if ca_pem is None:
+            ca_pem = existing.ca_file.read_bytes()
+    host_name = host_name or socket.gethostname()
     if ca_pem is None:
         if not insecure_first_contact:
             raise InvalidInput("the vault's CA is not known: refusing to trust the vault blindly",
@@ -287,7 +336,9 @@ def register(vault_url: str, key: str, data_dir: Path, *, host_name: str,
         raise InvalidInput(f"the CA given is not a PEM certificate: {e}") from e
     ctx = ssl.create_default_context(cadata=ca_pem.decode())
     key_pem, csr_pem = pki.make_key_and_csr(host_name)
-    body = {"key": key, "host_name": host_name, "csr_pem": csr_pem.decode()}
+    body: dict[str, Any] = {"key": key, "host_name": host_name, "csr_pem": csr_pem.decode()}
+    if existing is not None:
+        body["host_id"] = existing.host_id
     try:
         with httpx.Client(verify=ctx, timeout=timeout) as http:
             resp = http.post(vault_url + REGISTER_PATH, json=body)
@@ -301,12 +352,13 @@ def register(vault_url: str, key: str, data_dir: Path, *, host_name: str,
     except httpx.HTTPError as e:
         raise NetworkError(f"registration request to {vault_url} failed: {e}") from e
     if resp.status_code in (401, 403):
-        err = error_from_response(resp)
+        err = vault_error(resp, REGISTER_PATH)
         raise AuthError(f"the vault refused the registration key: {err.message}",
                         hint="Registration keys are one-time and expire; ask an admin for a new "
-                             "one ('drsite vault registration-key SITE').")
+                             "one ('drsite vault registration-key SITE', or 'drsite hosts "
+                             "reissue HOST' for a registered host).")
     if resp.status_code >= 400:
-        raise error_from_response(resp)
+        raise vault_error(resp, REGISTER_PATH)
     try:
         out = resp.json()
         host_id, site = str(out["host_id"]), str(out["site"])
@@ -318,16 +370,26 @@ def register(vault_url: str, key: str, data_dir: Path, *, host_name: str,
         raise AuthError("the vault returned a CA other than the one this host trusts",
                         hint="Check --ca-file / --ca-fingerprint.")
     _check_issued(cert_pem, ca_pem, key_pem)
+    if existing is not None and host_id != existing.host_id:
+        raise AuthError(f"the vault re-registered host {host_id}, not {existing.host_id}",
+                        hint="Nothing was changed here; ask an admin to check the host.")
     try:
-        atomic_write_bytes(data_dir / KEY_FILE, key_pem)  # mkstemp: mode 0600
-        atomic_write_bytes(data_dir / CERT_FILE, cert_pem)
+        if existing is not None:
+            # stage both, then rename: load() rolls a half-done rename forward
+            atomic_write_bytes(data_dir / (KEY_FILE + NEXT), key_pem)
+            atomic_write_bytes(data_dir / (CERT_FILE + NEXT), cert_pem)
+            _finish_swap(data_dir)
+        else:
+            atomic_write_bytes(data_dir / KEY_FILE, key_pem)  # mkstemp: mode 0600
+            atomic_write_bytes(data_dir / CERT_FILE, cert_pem)
         atomic_write_bytes(data_dir / CA_FILE, ca_pem)
         atomic_write_json(data_dir / IDENTITY_FILE, {
             "host_id": host_id, "site": site, "vault_url": vault_url, "host_name": host_name,
             "registered_at": time.time()})
     except OSError as e:
         raise classify_os_error(e, f"agent data directory {data_dir}") from e
-    log.info("registered host %s (%s) in site %s with the vault at %s", host_id, host_name, site,
+    log.info("%s host %s (%s) in site %s with the vault at %s",
+             "re-registered" if existing is not None else "registered", host_id, host_name, site,
              vault_url)
     return AgentIdentity(data_dir, host_id, site, vault_url, host_name)
 

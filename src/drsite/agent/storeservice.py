@@ -9,6 +9,12 @@ catch-up (a primary that died after committing, a commit whose catch-up call fai
 loop asks its own server for each catch-up (over HTTPS, with this agent's certificate), so it
 takes the server's per-item lock and never races a primary's catch-up or digest request.
 
+Every request is decided by the store's access list (:class:`~drsite.sitestore.acl.StoreAcl`,
+``DATA/store-acl.json``, 0600), which the vault sends in heartbeat replies
+(``agent/storeacl.py``); before the first list arrives the server refuses everything (the
+hydration loop included: its own host is allowed only by the list). Deletes and overwrites go
+to :attr:`StoreService.audit`, which the heartbeat drains.
+
 Responsible for: starting/stopping the server and the loop, and the loop's error handling.
 Not responsible for: the store protocol (``sitestore``) or the replica format
 (:class:`~drsite.store.replica.ReplicaHydrator`).
@@ -25,6 +31,8 @@ from drsite.agent.registration import AgentIdentity
 from drsite.core.errors import DrsiteError, InvalidInput, classify_os_error
 from drsite.core.model import validate_name
 from drsite.sitestore import SiteObjectStore, make_store_app
+from drsite.sitestore.acl import ACL_FILE, StoreAcl
+from drsite.sitestore.audit import StoreAuditLog
 from drsite.sitestore.server import replica_held
 from drsite.store.local.backend import LocalObjectStore
 from drsite.store.replica import ReplicaHydrator
@@ -54,13 +62,17 @@ class StoreService:
     """A secondary agent's store server plus its replica hydration loop."""
 
     def __init__(self, identity: AgentIdentity, store_dir: Path, replicas_dir: Path,
-                 listen: str, *, hydrate_every_s: float = HYDRATE_EVERY_S) -> None:
+                 listen: str, *, hydrate_every_s: float = HYDRATE_EVERY_S,
+                 acl_file: Path | None = None) -> None:
         self.identity = identity
         self.store_dir = Path(store_dir)
         self.replicas_dir = Path(replicas_dir)
         self.host, self.port = parse_listen(listen)
         self.hydrate_every_s = hydrate_every_s
         self._store = LocalObjectStore(self.store_dir)
+        # the vault's access list, persisted beside the replicas (the agent's data directory)
+        self.acl = StoreAcl(acl_file or self.replicas_dir.parent / ACL_FILE)
+        self.audit = StoreAuditLog()
         self._server: tlsutil.ServerHandle | None = None
         self._self_client: SiteObjectStore | None = None
         self._stop = threading.Event()
@@ -85,7 +97,7 @@ class StoreService:
             self.replicas_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise classify_os_error(e, f"replica directory {self.replicas_dir}") from e
-        app = make_store_app(self._store, self.replicas_dir)
+        app = make_store_app(self._store, self.replicas_dir, acl=self.acl, audit=self.audit)
         self._server = tlsutil.start_in_thread(
             app, host=self.host, port=self.port, certfile=self.identity.cert_file,
             keyfile=self.identity.key_file, cafile=self.identity.ca_file, client_cert="required")

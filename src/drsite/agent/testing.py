@@ -11,6 +11,8 @@ production code.
 
 from __future__ import annotations
 
+import base64
+import os
 import secrets
 import threading
 import time
@@ -23,10 +25,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from drsite import tlsutil
-from drsite.core.errors import AuthError, DrsiteError, InvalidInput, NotFound
+from drsite.core.errors import AuthError, Busy, Conflict, DrsiteError, InvalidInput, NotFound
+from drsite.core.states import FINAL_COMMAND_STATUSES, CommandStatus
 from drsite.pki import CertificateAuthority, cert_identity
-
-FINAL = ("succeeded", "failed")
 
 
 @dataclass
@@ -37,6 +38,7 @@ class FakeHost:
     fingerprint: str
     heartbeats: int = 0
     last: dict[str, Any] = field(default_factory=dict)
+    beat_at: float = 0.0
 
 
 class FakeVault:
@@ -56,6 +58,7 @@ class FakeVault:
         self.keyfile.chmod(0o600)
         self.lock = threading.RLock()
         self.keys: dict[str, str] = {}            # key → site
+        self.reissue_keys: dict[str, str] = {}    # key → the host whose certificate it replaces
         self.hosts: dict[str, FakeHost] = {}
         self.queue: dict[str, list[dict[str, Any]]] = {}   # host → commands without a status
         self.results: dict[str, list[dict[str, Any]]] = {}  # command → statuses posted
@@ -64,6 +67,10 @@ class FakeVault:
         self.reports: dict[str, dict[str, Any]] = {}
         self.heartbeat_log: list[dict[str, Any]] = []
         self.refuse_heartbeats = False
+        # store authorization as the real vault does it (vault/storeacl.py): the writer and
+        # point key of each item a ``protect`` was sent for; revoked host ids
+        self.grants: dict[str, dict[str, str]] = {}
+        self.revoked: set[str] = set()
         self._server: tlsutil.ServerHandle | None = None
 
     # -- operator side (tests) -----------------------------------------------------------------
@@ -82,13 +89,29 @@ class FakeVault:
             self.keys[key] = site
         return key
 
-    def send(self, host_id: str, kind: str, item_id: str, args: dict[str, Any] | None = None,
+    def reissue_key(self, host_id: str) -> str:
+        """A one-time key that registers ``host_id`` again (a new certificate replaces its
+        current one), as ``POST /hosts/{id}/reissue`` gives."""
+        key = secrets.token_urlsafe(24)
+        with self.lock:
+            self.keys[key] = self.hosts[host_id].site
+            self.reissue_keys[key] = host_id
+        return key
+
+    def send(self, host_id: str, kind: str, item_id: str | None, args: dict[str, Any] | None = None,
              command_id: str | None = None) -> str:
         """Queue a command for a host; returns its id."""
         cid = command_id or "c-" + uuid.uuid4().hex[:12]
+        args = dict(args or {})
         with self.lock:
+            if kind == "protect" and item_id is not None:
+                grant = self.grants.setdefault(item_id, {
+                    "writer": host_id, "point_key": base64.b64encode(os.urandom(32)).decode()})
+                grant["writer"] = host_id
+                grant["at"] = str(time.time())
+                args.setdefault("point_key", grant["point_key"])
             self.queue.setdefault(host_id, []).append(
-                {"command_id": cid, "kind": kind, "item_id": item_id, "args": dict(args or {})})
+                {"command_id": cid, "kind": kind, "item_id": item_id, "args": args})
         return cid
 
     def status(self, command_id: str) -> dict[str, Any] | None:
@@ -99,7 +122,7 @@ class FakeVault:
     def final(self, command_id: str) -> dict[str, Any] | None:
         with self.lock:
             for r in reversed(self.results.get(command_id, [])):
-                if r["status"] in FINAL:
+                if r["status"] in FINAL_COMMAND_STATUSES:
                     return dict(r)
         return None
 
@@ -115,7 +138,8 @@ class FakeVault:
 
     def finals(self, command_id: str) -> list[dict[str, Any]]:
         with self.lock:
-            return [dict(r) for r in self.results.get(command_id, []) if r["status"] in FINAL]
+            return [dict(r) for r in self.results.get(command_id, [])
+                    if r["status"] in FINAL_COMMAND_STATUSES]
 
     def resend(self, host_id: str, command: dict[str, Any]) -> None:
         """Deliver a command again (as the vault does after a restart or a silence)."""
@@ -172,11 +196,19 @@ class FakeVault:
         return host
 
     def register(self, body: dict[str, Any]) -> dict[str, Any]:
+        expected = body.get("host_id")
         with self.lock:
-            site = self.keys.pop(str(body.get("key")), None)
-        if site is None:
-            raise AuthError("registration key unknown, used or expired")
-        host_id = "h-" + uuid.uuid4().hex[:10]
+            site = self.keys.get(str(body.get("key")))
+            bound = self.reissue_keys.get(str(body.get("key")))
+            if site is None:
+                raise AuthError("registration key unknown, used or expired")
+            if expected is not None and bound != expected:
+                raise Conflict(f"this key does not re-register host {expected}",
+                               hint="Ask an admin for a key for this host: 'drsite hosts "
+                                    "reissue HOST'.")
+            del self.keys[str(body.get("key"))]
+            self.reissue_keys.pop(str(body.get("key")), None)
+        host_id = bound or "h-" + uuid.uuid4().hex[:10]
         cert = self.ca.sign_csr(str(body["csr_pem"]).encode(), common_name=host_id, site=site)
         with self.lock:
             self.hosts[host_id] = FakeHost(host_id, str(body.get("host_name")), site,
@@ -203,12 +235,34 @@ class FakeVault:
                     pts.pop(pid, None)
                     self.removed.setdefault(item_id, set()).add(pid)
                 ack[item_id] = max((int(p["seq"]) for p in pts.values()), default=0)
-            commands = [c for c in self.queue.get(host.host_id, [])]
-        return {"commands": commands, "ack": ack}
+            host.beat_at = time.time()
+            # like the real vault, a protect goes out once every store has its grant
+            stores = [h.beat_at for h in self.hosts.values() if h.last.get("store_url")]
+            synced = min(stores, default=float("inf"))
+            commands = [c for c in self.queue.get(host.host_id, [])
+                        if c["kind"] != "protect"
+                        or float(self.grants.get(c["item_id"], {}).get("at", 0)) < synced]
+            reply: dict[str, Any] = {"commands": commands, "ack": ack}
+            if body.get("store_url"):
+                reply["store_acl"] = self.store_acl(host.host_id)
+        return reply
+
+    def store_acl(self, store_host: str) -> dict[str, Any]:
+        """The access list of ``store_host``'s store (the format of ``sitestore/acl.py``):
+        every registered, non-revoked host; each protected item written by its source host."""
+        with self.lock:
+            live = {h.host_id: {"fingerprint": h.fingerprint, "serial": ""}
+                    for h in self.hosts.values() if h.host_id not in self.revoked}
+            items = {item: {"writer": g["writer"], "readers": [g["writer"], store_host],
+                            "point_key": g["point_key"]}
+                     for item, g in self.grants.items() if g["writer"] in live}
+            revoked = sorted(self.revoked)
+        return {"format": 1, "store_host": store_host, "hosts": live, "items": items,
+                "revoked": {"hosts": revoked, "serials": [], "fingerprints": []}}
 
     def result(self, host: FakeHost, command_id: str, body: dict[str, Any]) -> None:
         status = body.get("status")
-        if status not in ("running", *FINAL):
+        if status not in (CommandStatus.RUNNING, *FINAL_COMMAND_STATUSES):
             raise InvalidInput(f"bad status {status!r}")
         with self.lock:
             self.results.setdefault(command_id, []).append({**body, "at": time.time()})
@@ -220,14 +274,12 @@ class FakeVault:
 
         @app.exception_handler(DrsiteError)
         async def _err(request: Request, exc: DrsiteError) -> JSONResponse:
-            code = 401 if isinstance(exc, AuthError) else 404 if isinstance(exc, NotFound) \
-                else 400
-            return JSONResponse(exc.to_dict(), status_code=code)
+            return JSONResponse(exc.to_dict(), status_code=exc.http_status)
 
         @app.exception_handler(_Unavailable)
         async def _unavail(request: Request, exc: _Unavailable) -> JSONResponse:
-            return JSONResponse({"code": "busy", "class": "transient", "message": "down",
-                                 "hint": ""}, status_code=503)
+            down = Busy("down", hint="")
+            return JSONResponse(down.to_dict(), status_code=down.http_status)
 
         @app.post("/api/v1/agent/register")
         async def register(request: Request) -> dict[str, Any]:

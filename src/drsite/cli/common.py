@@ -13,6 +13,13 @@ from rich.console import Console
 from rich.table import Table
 
 from drsite.client.api import VaultClient, VaultConfig
+from drsite.core.states import JobState
+from drsite.replication.report import Health, ItemState
+
+# exit codes: 0 ok, 1 a job ended badly, else the error's own (``DrsiteError.exit_code``: 2 an
+# operator must act, 75 try again later), so scripts can tell them apart
+EXIT_OK = 0
+EXIT_JOB_FAILED = 1
 
 console = Console()
 err_console = Console(stderr=True)
@@ -66,12 +73,14 @@ def show(rows: Sequence[dict[str, Any]] | dict[str, Any], columns: Iterable[str]
 
 def _cell(r: dict[str, Any], col: str) -> str:
     v = r.get(col)
-    if col.endswith("_at") or col in ("last_heartbeat", "last_point_time"):
+    if col.endswith("_at") or col in ("at", "last_heartbeat", "last_point_time"):
         return ago(v)
     if col == "health":
-        color = {"normal": "green", "warning": "yellow", "critical": "red"}.get(str(v), "white")
+        colors: dict[str, str] = {Health.NORMAL: "green", Health.WARNING: "yellow",
+                                  Health.CRITICAL: "red"}
+        color = colors.get(str(v), "white")
         return f"[{color}]{v}[/]"
-    if col == "state" and v in ("failed", "critical"):
+    if col == "state" and v in (JobState.FAILED, ItemState.CRITICAL):
         return f"[red]{v}[/]"
     if col == "rpo_s" and isinstance(v, int | float):
         return f"{v:.0f}s"

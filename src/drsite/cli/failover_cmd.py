@@ -33,7 +33,7 @@ def _item_action(item_id: str, action: str, wait: bool, vault: str | None, token
         if wait and not json_out:
             fos = c.failovers(item_id)
             if fos:
-                show(fos[0], ["id", "kind", "state", "point_id", "vm_name", "generation", "rto_s"],
+                show(fos[0], ["id", "kind", "state", "point_id", "vm_name", "generation", "rto_s", "wall_s"],
                      title="failover", json_out=False)
 
 
@@ -112,7 +112,7 @@ def fo_list(item_id: str | None = typer.Argument(None), vault: str | None = Vaul
     """List failovers (of one item, or all)."""
     with client(vault, token, ca_file) as c:
         show(c.failovers(item_id), ["id", "item_id", "kind", "state", "point_id", "vm_name",
-                                    "generation", "rto_s", "created_at"],
+                                    "generation", "rto_s", "wall_s", "created_at"],
              title="failovers", json_out=json_out)
 
 

@@ -9,8 +9,9 @@ import typer
 from rich.console import Console
 
 from drsite import __version__
-from drsite.cli import failover_cmd, resources, stores_cmd, up_cmd
+from drsite.cli import drills_cmd, failover_cmd, resources, stores_cmd, up_cmd
 from drsite.cli.agent_cmd import agent
+from drsite.cli.common import EXIT_JOB_FAILED, EXIT_OK
 from drsite.cli.replicate import replicate
 from drsite.cli.vault_cmd import vault
 from drsite.core.errors import DrsiteError
@@ -18,10 +19,6 @@ from drsite.core.errors import DrsiteError
 app = typer.Typer(name="drsite", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False,
                   help="drsite: self-hosted site recovery for virtual machines.")
-
-# exit codes by error class, so scripts can tell "try again later" from "an operator must act"
-EXIT_PERMANENT = 2
-EXIT_TRANSIENT = 75  # EX_TEMPFAIL
 
 
 @app.command()
@@ -51,14 +48,14 @@ def demo(
 
         res = run_demo(DemoOptions(workdir=workdir, vms=vms, disks=disks, disk_mib=disk_mib,
                                    cycles=cycles, frequency_s=frequency, json_out=json_out))
-        raise typer.Exit(0 if res.ok else 1)
+        raise typer.Exit(EXIT_OK if res.ok else EXIT_JOB_FAILED)
     from drsite.demo_cluster import ClusterDemoOptions, run_cluster_demo
 
     cres = run_cluster_demo(ClusterDemoOptions(workdir=workdir, vms=vms, disks=disks,
                                                disk_mib=disk_mib, cycles=cycles,
                                                frequency_s=frequency, json_out=json_out,
                                                keep_running=keep_running))
-    raise typer.Exit(0 if cres.ok else 1)
+    raise typer.Exit(EXIT_OK if cres.ok else EXIT_JOB_FAILED)
 
 
 app.command("replicate")(replicate)
@@ -77,7 +74,9 @@ app.add_typer(failover_cmd.plan, name="plan")
 app.add_typer(failover_cmd.network, name="network")
 app.add_typer(resources.alerts, name="alerts")
 app.add_typer(resources.tokens, name="tokens")
+app.add_typer(resources.audit, name="audit")
 app.add_typer(stores_cmd.store, name="store")
+app.add_typer(drills_cmd.drills, name="drills")
 app.command("health")(resources.health)
 app.command("up")(up_cmd.up)
 app.command("down")(up_cmd.down)
@@ -91,7 +90,7 @@ def main() -> None:
         err.print(f"[red]error[/] ({e.code}, {e.error_class.value}): {e.message}")
         if e.hint:
             err.print(f"[yellow]hint[/]: {e.hint}")
-        sys.exit(EXIT_TRANSIENT if e.transient else EXIT_PERMANENT)
+        sys.exit(e.exit_code)  # 2 permanent, 75 transient
 
 
 if __name__ == "__main__":

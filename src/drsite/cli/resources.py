@@ -3,13 +3,26 @@ points, jobs, health, alerts, tokens. Thin: parse options, call the client, rend
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 from typing import Any
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn
 
-from drsite.cli.common import CaOpt, JsonOpt, TokenOpt, VaultOpt, client, console, show
+from drsite.cli.common import (
+    EXIT_JOB_FAILED,
+    CaOpt,
+    JsonOpt,
+    TokenOpt,
+    VaultOpt,
+    client,
+    console,
+    show,
+)
+from drsite.core.errors import InvalidInput, NotFound
+from drsite.core.states import JobState, TaskState
 
 sites = typer.Typer(help="Sites (a site groups hosts).", no_args_is_help=True)
 hosts = typer.Typer(help="Hosts running 'drsite agent'.", no_args_is_help=True)
@@ -21,6 +34,8 @@ items = typer.Typer(help="Protected items (one per protected VM).", no_args_is_h
 jobs = typer.Typer(help="Jobs: every long operation, with its tasks.", no_args_is_help=True)
 alerts = typer.Typer(help="Alerts raised by health checks.", no_args_is_help=True)
 tokens = typer.Typer(help="API tokens for operators (admin only).", no_args_is_help=True)
+audit = typer.Typer(help="The audit trail: who did what, from where, when (admin only).",
+                    no_args_is_help=True)
 
 
 # -- sites --------------------------------------------------------------------------------------
@@ -54,12 +69,48 @@ def hosts_list(vault: str | None = VaultOpt, token: str | None = TokenOpt,
              title="hosts", json_out=json_out)
 
 
+def resolve_host(hosts_: list[dict[str, Any]], host: str, site: str | None) -> dict[str, Any]:
+    """The host named ``host`` (its id, or its name in ``site``)."""
+    by_id = [h for h in hosts_ if h["id"] == host]
+    if by_id:
+        return by_id[0]
+    named = [h for h in hosts_ if h["name"] == host and (site is None or h["site"] == site)]
+    if len(named) == 1:
+        return named[0]
+    if not named:
+        raise NotFound(f"no host {host!r}" + (f" in site {site}" if site else ""),
+                       hint="List hosts with 'drsite hosts list'.")
+    raise InvalidInput(f"{len(named)} hosts are named {host} (sites "
+                       f"{', '.join(sorted(h['site'] for h in named))})",
+                       hint="Give the host id, or --site SITE.")
+
+
+@hosts.command("reissue")
+def hosts_reissue(host: str = typer.Argument(..., help="Host id, or host name."),
+                  site: str | None = typer.Option(None, help="Site of the host (when names "
+                                                              "repeat across sites)."),
+                  ttl: int = typer.Option(3600, min=60, max=30 * 86400,
+                                          help="Seconds until the key expires."),
+                  vault: str | None = VaultOpt, token: str | None = TokenOpt,
+                  ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
+    """Print a one-time key that replaces HOST's certificate (admin). On the host, run
+    'drsite agent register --vault URL --key KEY --data DIR': a new key pair and certificate
+    replace the old ones, which stop working."""
+    with client(vault, token, ca_file) as c:
+        h = resolve_host(c.hosts(), host, site)
+        res = c.reissue_host(h["id"], ttl)
+        if json_out:
+            show(res, [], title="", json_out=True)
+        else:
+            typer.echo(res["key"])
+
+
 @vms.command("list")
 def vms_list(vault: str | None = VaultOpt, token: str | None = TokenOpt,
              ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
     """List VMs reported by the agents."""
     with client(vault, token, ca_file) as c:
-        show(c.vms(), ["vm_id", "name", "site", "host", "power", "item_id"], title="VMs",
+        show(c.vms(), ["vm_id", "name", "site", "host", "power", "item_id", "warning"], title="VMs",
              json_out=json_out)
 
 
@@ -87,6 +138,9 @@ def policies_create(
     compression: bool = typer.Option(True, help="zstd compression of shipped data."),
     encryption: bool = typer.Option(False, help="Encrypt data at rest in the store."),
     bandwidth_limit: int | None = typer.Option(None, help="Bytes/s cap for replication traffic."),
+    scrub_interval: float | None = typer.Option(86400.0, help="Seconds between scrubs of the "
+                                                "recovery store (every object hash-checked)."),
+    scrub_rate: int | None = typer.Option(32 << 20, help="Bytes/s a scrub may read."),
     vault: str | None = VaultOpt, token: str | None = TokenOpt, ca_file: Path | None = CaOpt,
     json_out: bool = JsonOpt,
 ) -> None:
@@ -96,7 +150,8 @@ def policies_create(
                             "app_consistent_every_s": app_consistent_every,
                             "rpo_threshold_s": rpo_threshold, "resync_window": resync_window,
                             "compression": compression, "encryption": encryption,
-                            "bandwidth_limit_bps": bandwidth_limit}
+                            "bandwidth_limit_bps": bandwidth_limit,
+                            "scrub_interval_s": scrub_interval, "scrub_rate_bps": scrub_rate}
     with client(vault, token, ca_file) as c:
         show(c.create_policy(body), ["name", "frequency_s", "retention_hours"],
              title="policy created", json_out=json_out)
@@ -158,9 +213,37 @@ def items_points(item_id: str, vault: str | None = VaultOpt, token: str | None =
                  ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
     """List an item's recovery points."""
     with client(vault, token, ca_file) as c:
-        show(c.points(item_id), ["point_id", "created_at", "consistency", "kind",
-                                 "bytes_written", "bytes_stored"],
+        rows = [{**p, "damaged": (p.get("damage") or {}).get("reason") or ""}
+                for p in c.points(item_id)]
+        show(rows, ["point_id", "created_at", "consistency", "kind", "bytes_written",
+                    "bytes_stored", "damaged"],
              title=f"recovery points of {item_id}", json_out=json_out)
+
+
+@items.command("verify")
+def items_verify(item_id: str,
+                 point: str | None = typer.Option(None, "--point", help="One point id."),
+                 all_points: bool = typer.Option(False, "--all", help="Every kept point."),
+                 vault: str | None = VaultOpt, token: str | None = TokenOpt,
+                 ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
+    """Prove recovery points restore exactly to what their manifests say (default: the
+    newest). Reads every disk whole in the store; exit code 1 when a point is damaged."""
+    with client(vault, token, ca_file) as c:
+        job_id = c.verify(item_id, point=point, all_points=all_points)["job_id"]
+        job = c.wait_job(job_id, timeout=24 * 3600.0)
+        res = c.verification(item_id, job_id)
+    rep = dict(res.get("report") or {})
+    rows = [{"point_id": p.get("point_id"), "ok": p.get("ok"), "disk": d.get("disk_id"),
+             "bytes_read": d.get("bytes_read"), "digest": (d.get("digest") or "")[:16],
+             "damaged": d.get("damaged") or (d.get("errors") or [""])[0]}
+            for p in rep.get("points") or [] for d in p.get("disks") or [{}]]
+    if json_out:
+        print(json.dumps(res, indent=1, default=str))
+    else:
+        show(rows, ["point_id", "ok", "disk", "bytes_read", "digest", "damaged"],
+             title=f"verification of {item_id}: {job.get('message')}", json_out=False)
+    if job.get("state") != JobState.SUCCEEDED:
+        raise typer.Exit(EXIT_JOB_FAILED)
 
 
 def _follow(c: Any, job_id: str, json_out: bool, wait: bool) -> None:
@@ -172,15 +255,15 @@ def _follow(c: Any, job_id: str, json_out: bool, wait: bool) -> None:
         task = progress.add_task(job_id, total=100)
 
         def update(job: dict[str, Any]) -> None:
-            running = [t for t in job.get("tasks", []) if t.get("state") == "running"]
+            running = [t for t in job.get("tasks", []) if t.get("state") == TaskState.RUNNING]
             step = running[0].get("title") or running[0]["name"] if running else job.get("state")
             desc = f"{job.get('kind')} {job.get('target') or ''}: {step}"
             progress.update(task, description=desc, completed=float(job.get("progress") or 0))
 
         job = c.wait_job(job_id, on_update=update)
     show(job, ["id", "kind", "target", "state", "progress", "error"], title="job", json_out=json_out)
-    if job.get("state") != "succeeded":
-        raise typer.Exit(1)
+    if job.get("state") != JobState.SUCCEEDED:
+        raise typer.Exit(EXIT_JOB_FAILED)
 
 
 @items.command("protect")
@@ -288,3 +371,41 @@ def tokens_list(vault: str | None = VaultOpt, token: str | None = TokenOpt,
     with client(vault, token, ca_file) as c:
         show(c.tokens(), ["name", "role", "created_at", "last_used_at"], title="tokens",
              json_out=json_out)
+
+
+# -- audit --------------------------------------------------------------------------------------
+
+def parse_since(value: str | None, now: float) -> float | None:
+    """``--since``: epoch seconds, or a duration back from now (``90s``, ``15m``, ``2h``, ``1d``)."""
+    if value is None:
+        return None
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+    text = value.strip().lower()
+    try:
+        if text and text[-1] in units:
+            return now - float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise InvalidInput(f"--since {value!r} is neither epoch seconds nor a duration",
+                           hint="Use e.g. 15m, 2h, 1d, or epoch seconds.") from None
+
+
+@audit.command("list")
+def audit_list(limit: int = typer.Option(100, min=1, max=1000, help="Entries to show."),
+               since: str | None = typer.Option(None, help="Only entries since then: epoch "
+                                                           "seconds or a duration (15m, 2h, 1d)."),
+               actor: str | None = typer.Option(None, help="Only this token name or host id."),
+               all_pages: bool = typer.Option(False, "--all", help="Every page, not only the "
+                                                                   "newest LIMIT entries."),
+               vault: str | None = VaultOpt, token: str | None = TokenOpt,
+               ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
+    """List the audit trail, newest first."""
+    with client(vault, token, ca_file) as c:
+        page = c.audit(limit=limit, since=parse_since(since, time.time()), actor=actor)
+        entries = list(page["entries"])
+        while all_pages and page.get("next_before"):
+            page = c.audit(limit=limit, since=parse_since(since, time.time()), actor=actor,
+                           before=page["next_before"])
+            entries += page["entries"]
+        show(entries, ["at", "actor_kind", "actor", "client", "action", "target", "outcome",
+                       "error_code"], title="audit", json_out=json_out)

@@ -146,6 +146,23 @@ def store_rotate_key(name: str, vault: str | None = VaultOpt, token: str | None 
              title="key rotated", json_out=json_out)
 
 
+@store.command("rekey")
+def store_rekey(name: str, wait: bool = typer.Option(True, help="Wait for the job to end."),
+                timeout: float = typer.Option(3600.0, help="Seconds to wait."),
+                vault: str | None = VaultOpt, token: str | None = TokenOpt,
+                ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
+    """Re-encrypt the store's objects written under older keys with its active key (a
+    resumable job run by an agent that holds the store; safe while replication runs)."""
+    with client(vault, token, ca_file) as c:
+        job = c.rekey_store(name)
+        if wait:
+            job = c.wait_job(str(job["id"]), timeout=timeout)
+        show(job, ["id", "kind", "target", "state", "message"], title="store rekey",
+             json_out=json_out)
+        if job.get("state") == "failed":
+            raise typer.Exit(2)
+
+
 @store.command("assign")
 def store_assign(name: str, group: str = typer.Option(..., help="Protection group."),
                  vault: str | None = VaultOpt, token: str | None = TokenOpt,

@@ -8,6 +8,10 @@ import typer
 
 from drsite.cli.common import CaOpt, JsonOpt, VaultOpt, client, show
 
+MasterKeyOpt = typer.Option(None, "--master-key-file", envvar="DRSITE_MASTER_KEY_FILE",
+                            help="File holding the master key that seals the vault's secrets "
+                                 "(default: DATA/master.key; mode 0600).")
+
 vault = typer.Typer(help="The vault: control plane (API, database, jobs, scheduler, health).",
                     no_args_is_help=True)
 
@@ -19,6 +23,7 @@ def serve(
     db: str | None = typer.Option(None, help="Database URL (default: SQLite in the data "
                                              "directory; postgresql+psycopg://… for PostgreSQL)."),
     heartbeat_interval: float = typer.Option(2.0, help="Seconds between agent heartbeats."),
+    master_key_file: Path | None = MasterKeyOpt,
 ) -> None:
     """Run the vault in the foreground (Ctrl-C or SIGTERM stops it cleanly), with the web
     dashboard at /ui."""
@@ -26,7 +31,27 @@ def serve(
     from drsite.web.routes import router as dashboard
 
     run_vault(data, listen=listen, db_url=db, heartbeat_interval=heartbeat_interval,
-              routers=[dashboard])
+              master_key_file=master_key_file, routers=[dashboard])
+
+
+@vault.command("rotate-master-key")
+def rotate_master_key(
+    data: Path = typer.Option(Path("drsite-vault"), help="The vault's data directory."),
+    db: str | None = typer.Option(None, help="Database URL (default: SQLite in the data "
+                                             "directory)."),
+    master_key_file: Path | None = MasterKeyOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Seal every secret in the vault's database under a new master key (stop the vault
+    first). Interrupted, it leaves every secret readable; run it again to finish."""
+    from drsite.vault.masterkey import rotate_master_key as rotate
+
+    report = rotate(data, db_url=db, master_key_file=master_key_file)
+    if json_out:
+        show(report, [], title="", json_out=True)
+    else:
+        typer.echo(f"master key rotated: {report['old_key']} -> {report['new_key']} "
+                   f"({report['values_resealed']} value(s) sealed again)")
 
 
 def _admin_token(data: Path | None, token: str | None) -> str | None:

@@ -17,15 +17,7 @@ from typing import Any
 import httpx
 
 from drsite.core import errors as E
-
-_CODES: dict[str, type[E.DrsiteError]] = {
-    "invalid_input": E.InvalidInput, "not_found": E.NotFound, "vm_not_found": E.VmNotFound,
-    "auth_failed": E.AuthError, "forbidden": E.AuthError, "conflict": E.Conflict,
-    "object_exists": E.ObjectExists, "network": E.NetworkError, "busy": E.Busy,
-}
-
-
-TERMINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
+from drsite.core.states import TERMINAL_JOB_STATES
 
 
 @dataclass(frozen=True)
@@ -51,6 +43,8 @@ class VaultConfig:
 
 
 def error_from_response(resp: httpx.Response) -> E.DrsiteError:
+    """The drsite error an error answer of the vault stands for (the codec of
+    :mod:`drsite.core.errors`; FastAPI's own ``{"detail": ...}`` bodies are unwrapped)."""
     try:
         body = resp.json()
     except ValueError:
@@ -60,28 +54,11 @@ def error_from_response(resp: httpx.Response) -> E.DrsiteError:
     detail = body.get("detail")
     if isinstance(detail, dict):
         body = detail
-    code = str(body.get("code") or "")
-    message = str(body.get("message") or (detail if isinstance(detail, str) else "")
-                  or f"HTTP {resp.status_code} from {resp.request.method} {resp.request.url.path}")
-    hint = body.get("hint")
-    if resp.status_code == 422 and not code:
-        code, message = "invalid_input", f"request refused: {detail}"
-    cls = _CODES.get(code)
-    if cls is None:
-        if resp.status_code in (401, 403):
-            cls = E.AuthError
-        elif resp.status_code == 404:
-            cls = E.NotFound
-        elif resp.status_code == 409:
-            cls = E.Conflict
-        elif resp.status_code in (400, 422):
-            cls = E.InvalidInput
-        elif resp.status_code >= 500:
-            cls = E.TransientError
-        else:
-            cls = E.PermanentError
-    err = cls(message, hint=str(hint) if hint else None)
-    return err
+    message = body.get("message") or (detail if isinstance(detail, str) else "") \
+        or f"HTTP {resp.status_code} from {resp.request.method} {resp.request.url.path}"
+    if resp.status_code == 422 and not body.get("code"):
+        message = f"request refused: {detail}"
+    return E.from_dict({**body, "message": message}, http_status=resp.status_code)
 
 
 class VaultClient:
@@ -146,6 +123,10 @@ class VaultClient:
     def host(self, host_id: str) -> dict[str, Any]:
         return dict(self._call("GET", f"/hosts/{host_id}"))
 
+    def reissue_host(self, host_id: str, ttl_s: int = 3600) -> dict[str, Any]:
+        """A one-time key that replaces the certificate of ``host_id`` (admin)."""
+        return dict(self._call("POST", f"/hosts/{host_id}/reissue", json={"ttl_s": ttl_s}))
+
     def vms(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/vms"))
 
@@ -194,6 +175,31 @@ class VaultClient:
     def points(self, item_id: str) -> list[dict[str, Any]]:
         return list(self._call("GET", f"/items/{item_id}/points"))
 
+    def verify(self, item_id: str, *, point: str | None = None,
+               all_points: bool = False) -> dict[str, Any]:
+        return dict(self._call("POST", f"/items/{item_id}/verify",
+                               json={"point": point, "all": all_points}))
+
+    def drills(self, plan: str | None = None, *, group: str | None = None) -> list[dict[str, Any]]:
+        params = {k: v for k, v in {"plan": plan, "group": group}.items() if v}
+        return list(self._call("GET", "/drills", params=params or None))
+
+    def drill(self, drill_id: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/drills/{drill_id}"))
+
+    def run_drill(self, plan: str | None = None, *, group: str | None = None,
+                  **overrides: Any) -> dict[str, Any]:
+        """Start a drill of a plan, or of a protection group (``group=``)."""
+        target = {"plan": plan} if plan is not None else {"group": group}
+        return dict(self._call("POST", "/drills", json={**target, **overrides}))
+
+    def set_group_drill(self, group: str, drill: dict[str, Any] | None) -> dict[str, Any]:
+        """Give a protection group a drill schedule (None: no drill)."""
+        return dict(self._call("PUT", f"/groups/{group}", json={"drill": drill}))
+
+    def verification(self, item_id: str, job_id: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/items/{item_id}/verifications/{job_id}"))
+
     def jobs(self, *, state: str | None = None, kind: str | None = None,
              limit: int = 100) -> list[dict[str, Any]]:
         params = {k: v for k, v in {"state": state, "kind": kind, "limit": limit}.items()
@@ -214,6 +220,13 @@ class VaultClient:
 
     def health(self) -> dict[str, Any]:
         return dict(self._call("GET", "/health"))
+
+    def audit(self, *, limit: int = 100, since: float | None = None, actor: str | None = None,
+              before: int | None = None) -> dict[str, Any]:
+        """One page of the audit trail, newest first: ``{"entries", "next_before"}`` (admin)."""
+        params = {k: v for k, v in {"limit": limit, "since": since, "actor": actor,
+                                    "before": before}.items() if v is not None}
+        return dict(self._call("GET", "/audit", params=params))
 
     def tokens(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/tokens"))
@@ -305,6 +318,10 @@ class VaultClient:
 
     def rotate_store_key(self, name: str) -> dict[str, Any]:
         return dict(self._call("POST", f"/stores/{name}/rotate-key"))
+
+    def rekey_store(self, name: str) -> dict[str, Any]:
+        """Start re-encrypting the store's old objects under its active key; returns the job."""
+        return dict(self._call("POST", f"/stores/{name}/rekey"))
 
     def set_group_store(self, group: str, store: str | None) -> dict[str, Any]:
         return dict(self._call("PUT", f"/groups/{group}", json={"store": store}))

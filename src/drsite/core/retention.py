@@ -23,6 +23,14 @@ class RetentionRule:
     app_interval_s: float = 3600.0
 
 
+def rule_for_hours(hours: float) -> RetentionRule:
+    """The rule a policy's ``retention_hours`` stands for: points for that long, every point of
+    the first hour (of the whole window when it is shorter). Agents apply it; the vault checks
+    the removals agents report against it."""
+    keep_s = hours * 3600.0
+    return RetentionRule(retention_s=keep_s, keep_all_s=min(RetentionRule().keep_all_s, keep_s))
+
+
 @dataclass(frozen=True)
 class PointStamp:
     point_id: str

@@ -9,15 +9,17 @@ class TokenBucket:
     """At most ``rate`` bytes per second on average, with bursts of at most ``burst_s`` seconds'
     worth. A request larger than the bucket borrows: the caller sleeps until the debt is paid,
     so the long-run rate holds whatever the piece size (callers keep pieces small for
-    smoothness)."""
+    smoothness). ``full=False`` starts the bucket empty: a background reader (a scrub) that must
+    keep its rate from the first byte, not burst at its start."""
 
-    def __init__(self, rate: float, clock: Clock, *, burst_s: float = 0.25) -> None:
+    def __init__(self, rate: float, clock: Clock, *, burst_s: float = 0.25,
+                 full: bool = True) -> None:
         if rate <= 0:
             raise ValueError("rate must be positive")
         self.rate = float(rate)
         self.clock = clock
         self.capacity = self.rate * burst_s
-        self.tokens = self.capacity
+        self.tokens = self.capacity if full else 0.0
         self.last = clock.now()
         self.waited_s = 0.0
 

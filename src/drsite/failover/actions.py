@@ -21,7 +21,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +35,7 @@ from drsite.core.errors import (
     VmNotFound,
 )
 from drsite.core.model import Consistency, DiskSpec, PowerState, VmInfo, VmSpec, validate_name
+from drsite.core.states import FailoverState
 from drsite.failover.images import (
     digests_differ,
     disk_fingerprint,
@@ -110,16 +110,7 @@ class ProtectedItem:
 
     @property
     def generations(self) -> GenerationStore:
-        return GenerationStore(self.repo.store)
-
-
-class FailoverState(StrEnum):
-    STARTING = "starting"              # steps in progress (a crash resumes from the record)
-    TEST_RUNNING = "test_running"      # test failover VM runs
-    CLEANED_UP = "cleaned_up"          # test failover removed
-    PENDING_COMMIT = "pending_commit"  # failed over; point may change; may be cancelled
-    COMMITTED = "committed"
-    CANCELLED = "cancelled"
+        return GenerationStore(self.repo.store, self.repo.auth)
 
 
 FailoverKind = Literal["test", "planned", "unplanned"]
@@ -377,23 +368,29 @@ def test_failover(item: ProtectedItem, point: PointChoice = "latest", *,
     spec = _recovery_spec(item, p, test=True, name=vm_name or rec.vm_name
                           or f"{item.spec.name}-test")
     rec.vm_name = spec.name
-    run.save()
     backing_dir = item.recovery.work_dir / "testfailover" / rec.failover_id
+    # recorded before any image is written, so a cleanup after a crash or a failure finds them
     rec.backing_dir = str(backing_dir)
+    run.save()
     if not run.done("images"):
-        images: dict[str, Path] | None = None
-        if item.hydrator is not None:
-            stop = timed(rec.timings, "frozen_copy")
-            images = frozen_replica_copy(item.hydrator, p.point_id, p.disk_sizes, backing_dir)
-            stop()
-            if images is not None:
-                rec.image_source = "replica-copy"
-        if images is None:
-            images = _images_from_store(item, p, backing_dir, run)
-        for path in images.values():
-            path.chmod(0o444)  # the backing of a CoW VM is read-only
-        if verify:
-            _verify(item, p, images, run)
+        try:
+            images: dict[str, Path] | None = None
+            if item.hydrator is not None:
+                stop = timed(rec.timings, "frozen_copy")
+                images = frozen_replica_copy(item.hydrator, p.point_id, p.disk_sizes, backing_dir)
+                stop()
+                if images is not None:
+                    rec.image_source = "replica-copy"
+            if images is None:
+                images = _images_from_store(item, p, backing_dir, run)
+            for path in images.values():
+                path.chmod(0o444)  # the backing of a CoW VM is read-only
+            if verify:
+                _verify(item, p, images, run)
+        except BaseException:
+            # a failed test failover leaves no images behind (nothing runs from them yet)
+            shutil.rmtree(backing_dir, ignore_errors=True)
+            raise
         run.mark("images")
     images = {d: backing_dir / f"{d}.img" for d in p.disk_sizes}
     vm = _find_vm(hv, spec.name)
@@ -543,7 +540,7 @@ def planned_failover(item: ProtectedItem, *, failover_id: str | None = None,
                            "engine for the final cycle", hint="Use an unplanned failover.")
     if not run.done("checked"):
         check_replication_direction(item.repo.store, item.item_id, item.primary.name,
-                                    item.replicator.generation)
+                                    item.replicator.generation, auth=item.repo.auth)
         if vm_spec is None:  # an explicit spec is used as it is
             item.network_map.check(item.spec)
         run.mark("checked")
@@ -611,7 +608,8 @@ def planned_failover_recovery_side(item: ProtectedItem, *, failover_id: str, poi
     if resumed and rec.state is not FailoverState.STARTING:
         return rec
     if not run.done("checked"):
-        check_replication_direction(item.repo.store, item.item_id, item.primary.name)
+        check_replication_direction(item.repo.store, item.item_id, item.primary.name,
+                                    auth=item.repo.auth)
         item.network_map.check(item.spec)
         rec.point_id = point_id
         rec.steps.extend(s for s in ("source_off", "final_cycle") if s not in rec.steps)
@@ -836,7 +834,8 @@ def reprotect(item: ProtectedItem, failover_id: str, reverse_store: ObjectStore,
                        "re-protecting", hint="Commit the failover first.")
     assert rec.vm_id is not None
     rev_id = validate_name("item", new_item_id or rec.reprotect_item_id or f"{item.item_id}-rev")
-    g = check_replication_direction(item.repo.store, item.item_id, item.recovery.name)
+    g = check_replication_direction(item.repo.store, item.item_id, item.recovery.name,
+                                    auth=item.repo.auth)
     generation = g.generation if g else 0
     if g is not None and g.generation <= rec.generation_before:
         raise Fenced(f"the old primary of {item.item_id} is not fenced (generation "

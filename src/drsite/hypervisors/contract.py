@@ -112,6 +112,12 @@ class HypervisorDriver(Protocol):
         ``timeout`` seconds a graceful stop becomes forced. A no-op if it is stopped."""
         ...
 
+    def guest_ready(self, vm_id: str) -> bool:
+        """True once the running VM's guest answers (QEMU: qemu-guest-agent replies to a sync;
+        file VMs: the guest process answers its control socket). False while it boots, when it
+        is stopped, or when it has no way to answer. Never waits long (a second or two)."""
+        ...
+
     # -- change tracking ------------------------------------------------------------------------
     def start_tracking(self, vm_id: str) -> str:
         """Begin a new change-tracking epoch for every disk; returns its id.
@@ -142,6 +148,12 @@ class HypervisorDriver(Protocol):
 
     def pending_cycle(self, vm_id: str) -> SealedCycle | None:
         """The sealed, unreleased cycle of this VM, if any (after an engine restart)."""
+        ...
+
+    def set_change_log_limit(self, vm_id: str, max_bytes: int) -> None:
+        """Cap the VM's change tracking at ``max_bytes`` of log (the protecting policy sets it
+        so that a cycle a couple of intervals late still finds a trusted log); applies from
+        the next seal. Drivers whose tracking is not a growing log (dirty bitmaps) ignore it."""
         ...
 
     def open_cycle_reader(self, cycle: SealedCycle, disk_id: str) -> DiskReader:

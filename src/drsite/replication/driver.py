@@ -31,11 +31,11 @@ from drsite.core.errors import (
     Conflict,
     CorruptData,
     DrsiteError,
+    ErrorClass,
     Fenced,
-    PermanentError,
     TrackingLost,
-    TransientError,
     classify_os_error,
+    from_dict,
 )
 from drsite.core.extents import I64, ExtentList
 from drsite.core.model import Consistency, SealedCycle, TrackingState
@@ -143,13 +143,31 @@ class ItemReplicator:
         assert self.rec.report is not None
         return self.rec.report
 
-    def request_resync(self, reason: str = "started by hand") -> None:
-        """Ask for a resync now, inside or outside the window (also clears Critical)."""
+    def request_resync(self, reason: str = "started by hand", *, from_store: bool = False) -> None:
+        """Ask for a resync now, inside or outside the window (also clears Critical: the error
+        that made the item Critical is what the resync repairs). ``from_store``: compare the
+        source with what the store can restore (read the point from the store, not a hydrated
+        replica), so damage in the store is found and re-sent. The report follows at once, so
+        whoever reads it (the agent's heartbeat) sees ``resync_required``, not the old
+        Critical."""
         self.rec.resync_by_hand = True
+        if from_store:
+            self.rec.resync_from_store = True
         self.rec.resync_reason = reason
         if self.rec.phase is ItemState.CRITICAL:
             self.rec.phase = ItemState.RESYNC_REQUIRED
+            self.report.last_error = None
         self.rec.retry.record_success()
+        self._refresh_report()
+        self._save()
+
+    def mark_fenced(self, message: str) -> None:
+        """A failover promoted the other site (the vault or the store's generation record says
+        so): the item is Critical with ``fenced`` until a cancel hands it back
+        (:meth:`request_resync`), and its report says so at once."""
+        self.report.last_error = Fenced(message).to_dict()
+        self.rec.phase = ItemState.CRITICAL
+        self._refresh_report()
         self._save()
 
     def scrub(self) -> VerifyReport | None:
@@ -236,11 +254,11 @@ class ItemReplicator:
         finally:
             self._force_app = None
 
-    def run_resync(self, reason: str = "started by hand", *,
-                   wait_transient: bool = True) -> PointInfo:
+    def run_resync(self, reason: str = "started by hand", *, wait_transient: bool = True,
+                   from_store: bool = False) -> PointInfo:
         """Resync now and return the resync's point. ``wait_transient``: as in
-        :meth:`run_initial`."""
-        self.request_resync(reason)
+        :meth:`run_initial`; ``from_store``: as in :meth:`request_resync`."""
+        self.request_resync(reason, from_store=from_store)
         before = self.target.repo.latest()
         while True:
             self._step_or_raise(wait_transient)
@@ -265,16 +283,14 @@ class ItemReplicator:
             raise Conflict(f"{self.rec.vm_name}: nothing can run now: {decision.reason}",
                            hint="Start a resync by hand, or wait for the resync window.")
         if err is not None:
+            # the recorded error again, with the code and the class the vault acts on
+            again = {**err, "message": f"{self.rec.vm_name}: {err.get('message')}"}
             if err.get("code") == Fenced.code:
-                raise Fenced(f"{self.rec.vm_name}: {err['message']}", hint=err.get("hint"))
+                raise from_dict(again)
             if self.rec.phase is ItemState.CRITICAL or self.rec.retry.gave_up:
-                perm = PermanentError(f"{self.rec.vm_name}: {err['message']}", hint=err.get("hint"))
-                perm.code = err.get("code", perm.code)  # keep the class the vault acts on
-                raise perm
+                raise from_dict({**again, "class": ErrorClass.PERMANENT.value})
             if not wait_transient and self.rec.retry.next_attempt_at is not None:
-                exc = TransientError(f"{self.rec.vm_name}: {err['message']}", hint=err.get("hint"))
-                exc.code = err.get("code", exc.code)
-                raise exc
+                raise from_dict({**again, "class": ErrorClass.TRANSIENT.value})
             # transient: wait out the schedule (the clock may be fake in tests); a repair
             # (resync required) has no wait and runs on the next step
             nxt = self.rec.retry.next_attempt_at
@@ -310,6 +326,7 @@ class ItemReplicator:
     def _initial(self) -> None:
         r = self.rec
         r.phase = ItemState.INITIAL_REPLICATION
+        self._refresh_report()
         cycle = self._own_cycle("initial")
         if cycle is None:
             self._drop_pending()
@@ -349,6 +366,7 @@ class ItemReplicator:
         r = self.rec
         r.phase = ItemState.RESYNCING
         r.resync_reason = reason
+        self._refresh_report()
         self._save()
         cycle = self._own_cycle("resync")
         if cycle is None:
@@ -509,12 +527,15 @@ class ItemReplicator:
                         r.vm_name, point.point_id, e)
             self._post_commit_issue = f"replica behind the latest point: {e.message}"
         try:
-            pinned = {p for p in (self.target.replica_point(),) if p}
-            now = self.clock.now()
-            sweep = self._last_gc is None or now - self._last_gc >= self.settings.gc_every_s
-            self.target.repo.apply_retention(self.settings.retention, now, pinned, sweep=sweep)
-            if sweep:
-                self._last_gc = now
+            if self.target.runs_retention:
+                pinned = {p for p in (self.target.replica_point(),) if p}
+                now = self.clock.now()
+                sweep = (self._last_gc is None
+                         or now - self._last_gc >= self.settings.gc_every_s)
+                self.target.repo.apply_retention(self.settings.retention, now, pinned,
+                                                 sweep=sweep)
+                if sweep:
+                    self._last_gc = now
         except DrsiteError as e:
             log.warning("%s: retention failed: %s", r.vm_name, e)
             self._post_commit_issue = f"retention failed: {e.message}"
@@ -523,7 +544,8 @@ class ItemReplicator:
 
     def _check_fence(self) -> None:
         if self.generation is not None:
-            check_not_fenced(self.target.repo.store, self.rec.item_id, self.generation)
+            check_not_fenced(self.target.repo.store, self.rec.item_id, self.generation,
+                             self.target.repo.auth)
 
     def _own_cycle(self, kind: str) -> SealedCycle | None:
         """The sealed cycle this item was working on, if it is still there and of ``kind``."""

@@ -43,6 +43,13 @@ class RecoveryTarget(Protocol):
         """The point the hydrated replica holds, if the target keeps one."""
         ...
 
+    @property
+    def runs_retention(self) -> bool:
+        """Whether the engine applies retention to this target itself after a commit (False:
+        the store's own agent does, as on a site store, where remote clients may not delete
+        committed points)."""
+        ...
+
 
 @runtime_checkable
 class StreamingTarget(RecoveryTarget, Protocol):
@@ -103,6 +110,10 @@ class LocalTarget:
                 s.close()
         if self.hydrator is not None:
             self.hydrator.catch_up()
+
+    @property
+    def runs_retention(self) -> bool:
+        return True
 
     def replica_point(self) -> str | None:
         if self.hydrator is None:

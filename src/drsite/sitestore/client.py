@@ -5,9 +5,11 @@ resync digests live on the secondary site's store server).
 
 Error mapping (the contract says backends raise only drsite errors):
 
-- a JSON error body from the server → the same drsite class (``ObjectNotFound``, ``CorruptData``…);
-- otherwise by status: 404 ``ObjectNotFound``, 409 ``ObjectExists``, 400 ``InvalidInput``,
-  401/403 ``AuthError``, 5xx ``NetworkError`` (transient), anything else ``PermanentError``;
+- a JSON error body from the server → the same drsite class (``ObjectNotFound``, ``CorruptData``…,
+  :func:`drsite.core.errors.from_dict`);
+- an answer without one (``HEAD`` has no body): 404 ``ObjectNotFound`` and 409
+  ``ObjectExists`` (what those mean on the object routes), anything else by status
+  (:func:`drsite.core.errors.class_for_status`: 5xx transient);
 - connection errors and timeouts → ``NetworkError`` (transient);
 - TLS failures that retrying cannot fix → ``AuthError`` (permanent) with a hint: the server's
   certificate is not trusted (wrong CA or address), or the server refused ours (expired,
@@ -32,7 +34,7 @@ from drsite.core.errors import (
     NetworkError,
     ObjectExists,
     ObjectNotFound,
-    PermanentError,
+    from_dict,
 )
 from drsite.core.model import validate_name
 from drsite.replication.resync import RESYNC_BLOCK, DigestResult
@@ -90,22 +92,17 @@ def _status_error(resp: httpx.Response, what: str) -> DrsiteError:
             body = json.loads(resp.content)
         except ValueError:
             body = None
-    err = P.error_from_body(body)
-    if err is not None:
-        return err
-    code = resp.status_code
-    msg = f"{what}: HTTP {code} from the store server"
-    if code == 404:
-        return ObjectNotFound(f"{what}: not found")
-    if code == 409:
-        return ObjectExists(f"{what}: already exists")
-    if code == 400:
-        return InvalidInput(msg)
-    if code in (401, 403):
-        return AuthError(msg)
-    if code >= 500:
-        return NetworkError(msg)
-    return PermanentError(msg)
+    status = resp.status_code
+    if not (isinstance(body, dict) and isinstance(body.get("code"), str)):
+        if status == 404:
+            return ObjectNotFound(f"{what}: not found")
+        if status == 409:
+            return ObjectExists(f"{what}: already exists")
+        body = {"message": f"{what}: HTTP {status} from the store server"}
+    return from_dict(body, http_status=status)
+
+
+CONNECT_TIMEOUT_S = 5.0
 
 
 class SiteObjectStore:
@@ -125,7 +122,10 @@ class SiteObjectStore:
         self.timeout = timeout
         self.slow_timeout = slow_timeout
         self._client = httpx.Client(
-            base_url=self.base_url, verify=ssl_context, timeout=httpx.Timeout(timeout),
+            # a peer that does not accept the connection is known in seconds, whatever the
+            # read timeout of the data plane (issue 13: a hung site must not stall callers)
+            base_url=self.base_url, verify=ssl_context,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT_S)),
             limits=httpx.Limits(max_connections=max_connections,
                                 max_keepalive_connections=max_connections,
                                 keepalive_expiry=20.0),   # below the server's 60 s keep-alive
@@ -309,3 +309,7 @@ class SiteTarget:
 
     def replica_point(self) -> str | None:
         return None
+
+    @property
+    def runs_retention(self) -> bool:
+        return False  # the store's own agent applies it (the vault sends it 'retention')

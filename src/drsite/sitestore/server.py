@@ -1,7 +1,8 @@
 """The recovery-store server a secondary-site agent runs: its object store and its hydrated
 replicas, over HTTPS with a required client certificate (see ``docs/control-plane.md``).
 
-Endpoints (all answer drsite errors as JSON ``DrsiteError.to_dict()`` with a mapped status):
+Endpoints (all answer drsite errors as JSON ``DrsiteError.to_dict()`` with the class's
+``http_status``):
 
 - ``PUT|GET|HEAD|DELETE /store/v1/objects/{key}`` — the :class:`ObjectStore` contract;
   ``PUT ?overwrite=0|1`` (201), ``GET`` with ``Range: bytes=a-b`` (206), ``DELETE`` (204).
@@ -12,11 +13,15 @@ Endpoints (all answer drsite errors as JSON ``DrsiteError.to_dict()`` with a map
   resync: ``n*16`` digest bytes then ``n`` bad-mask bytes, ``X-Blocks: n``.
 
 Responsible for: key and parameter validation (again: the client validates too), refusing any
-request without a verified client certificate (401, beyond the TLS layer's own check), one
-catch-up/digest computation per item at a time (:func:`replica_lock`, shared with
-any other hydrator of the same directory), logging who did what. Not responsible for:
-authorisation beyond "holds a certificate from the vault's CA" (no per-item ACL), TLS
-(:mod:`drsite.tlsutil`), retries (the client side).
+request without a verified client certificate (401, beyond the TLS layer's own check), asking
+the access list about every request (403 ``forbidden``: :mod:`drsite.sitestore.acl`) and the
+immutability rules about every remote overwrite and delete (:mod:`drsite.sitestore.immutable`),
+scoping listings to what the caller may read, noting deletes/overwrites (done or refused) for
+the audit trail (:class:`~drsite.sitestore.audit.StoreAuditLog`), hydrating only authentic
+points (the item's point key from the list), one catch-up/digest computation per item at a
+time (:func:`replica_lock`, shared with any other hydrator of the same directory), logging who
+did what. Not responsible for: TLS (:mod:`drsite.tlsutil`), retries (the client side), building
+the list (the vault; the agent delivers it).
 """
 
 from __future__ import annotations
@@ -36,17 +41,30 @@ import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.convertors import Convertor, register_url_convertor
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from drsite.core.errors import AuthError, DrsiteError, InvalidInput, NotFound, classify_os_error
+from drsite.core.errors import (
+    AuthError,
+    DrsiteError,
+    Forbidden,
+    InternalError,
+    InvalidInput,
+    MethodNotAllowed,
+    NotFound,
+    classify_os_error,
+)
 from drsite.core.model import validate_name
 from drsite.pki import CertIdentity, cert_identity
 from drsite.replication.resync import RESYNC_BLOCK, DigestResult
 from drsite.replication.target import LocalTarget
 from drsite.sitestore import protocol as P
+from drsite.sitestore.acl import Authorizer, Op, item_of
+from drsite.sitestore.audit import StoreAuditLog
+from drsite.sitestore.immutable import CommittedCycles, check_remote_change
 from drsite.store.contract import ObjectStore, validate_key, validate_prefix
 from drsite.store.replica import ReplicaHydrator
 from drsite.store.repository import Repository
@@ -106,7 +124,7 @@ def replica_lock(replica_dir: Path) -> Iterator[None]:
 
 
 def _error_response(exc: DrsiteError) -> JSONResponse:
-    return JSONResponse(exc.to_dict(), status_code=P.status_of(exc))
+    return JSONResponse(exc.to_dict(), status_code=exc.http_status)
 
 
 @lru_cache(maxsize=256)
@@ -151,6 +169,13 @@ def _peer(request: Request) -> str:
     return str(ident) if ident is not None else "?"
 
 
+def _ident(request: Request) -> CertIdentity:
+    ident = request.scope.get(PEER_KEY)
+    if not isinstance(ident, CertIdentity):   # _RequireClientCert always sets it
+        raise AuthError("no verified client certificate on this connection")
+    return ident
+
+
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -160,6 +185,10 @@ def _endpoint(fn: Handler) -> Handler:
     async def wrapped(request: Request) -> Response:
         try:
             return await fn(request)
+        except Forbidden as exc:
+            log.warning("%s %s by %s refused: %s", request.method, request.url.path,
+                        _peer(request), exc.message)
+            return _error_response(exc)
         except DrsiteError as exc:
             if not isinstance(exc, NotFound | InvalidInput) or request.method not in ("GET", "HEAD"):
                 log.info("%s %s by %s: %s %s", request.method, request.url.path, _peer(request),
@@ -167,9 +196,8 @@ def _endpoint(fn: Handler) -> Handler:
             return _error_response(exc)
         except Exception:
             log.exception("%s %s by %s failed", request.method, request.url.path, _peer(request))
-            return JSONResponse({"code": "internal", "class": "transient",
-                                 "message": "internal error in the recovery store server",
-                                 "hint": "See the store server's log."}, status_code=500)
+            return _error_response(InternalError("internal error in the recovery store server",
+                                                 hint="See the store server's log."))
 
     return wrapped
 
@@ -209,29 +237,70 @@ async def _read_body(request: Request, limit: int) -> bytearray:
 class _StoreService:
     """The endpoints over one object store and one replica directory."""
 
-    def __init__(self, store: ObjectStore, replicas: Path, repo_factory: RepoFactory | None,
+    def __init__(self, store: ObjectStore, replicas: Path, acl: Authorizer,
+                 audit: StoreAuditLog | None, repo_factory: RepoFactory | None,
                  max_object: int) -> None:
         self.store = store
         self.replicas = Path(replicas)
+        self.acl = acl
+        self.audit = audit
         self.repo_factory: RepoFactory = repo_factory or (lambda s, item: Repository(s, item))
         self.max_object = max_object
+        self.cycles = CommittedCycles()
+
+    def _repo(self, item_id: str) -> Repository:
+        """The item's repository for replica work, with its point key: hydration and digests
+        read only authentic points."""
+        repo = self.repo_factory(self.store, item_id)
+        auth = self.acl.point_auth(item_id)
+        if auth is not None:
+            repo.auth = auth
+        return repo
+
+    def _note(self, op: str, key: str, item_id: str | None, ident: CertIdentity,
+              outcome: str) -> None:
+        if self.audit is not None:
+            self.audit.record(op, key, item_id, ident.common_name, outcome)
+
+    async def _change(self, op: Op, key: str, ident: CertIdentity, body: bytes | None) -> None:
+        """Authorize an overwrite or delete (ACL, then the immutability rules), auditing it
+        when refused; the caller audits success."""
+        item_id, rel = item_of(key)
+        try:
+            self.acl.authorize(ident, op, item_id, key)
+            if item_id is not None and self.acl.immutable:
+                await run_in_threadpool(check_remote_change, self.store, item_id, rel, op, body,
+                                        self.acl.point_auth(item_id), self.cycles)
+        except Forbidden:
+            self._note(op, key, item_id, ident, "refused")
+            raise
 
     # -- objects ---------------------------------------------------------------------------
 
     async def objects(self, request: Request) -> Response:
         key = validate_key(request.path_params["key"])
         method = request.method
+        ident = _ident(request)
+        item_id, _rel = item_of(key)
         if method == "PUT":
             overwrite = _flag(request, "overwrite", False)
+            if not overwrite:
+                self.acl.authorize(ident, "put", item_id, key)
             body = await _read_body(request, self.max_object)
+            if overwrite:
+                await self._change("overwrite", key, ident, bytes(body))
             await run_in_threadpool(self.store.put, key, memoryview(body), overwrite=overwrite)
+            if overwrite:
+                self._note("overwrite", key, item_id, ident, "ok")
             log.debug("put %s (%d bytes, overwrite=%s) by %s", key, len(body), overwrite,
                       _peer(request))
             return Response(status_code=201)
         if method == "DELETE":
+            await self._change("delete", key, ident, None)
             await run_in_threadpool(self.store.delete, key)
-            log.debug("deleted %s by %s", key, _peer(request))
+            self._note("delete", key, item_id, ident, "ok")
             return Response(status_code=204)
+        self.acl.authorize(ident, "read", item_id, key)
         if method == "HEAD":
             size = await run_in_threadpool(self.store.size, key)
             return Response(status_code=200, headers={"Content-Length": str(size),
@@ -261,7 +330,15 @@ class _StoreService:
         fmt = request.query_params.get("format", "json")
         if fmt not in ("json", "jsonl"):
             raise InvalidInput(f"unknown list format {fmt!r}")
-        keys = await run_in_threadpool(lambda: list(self.store.list(prefix)))
+        ident = _ident(request)
+        parts = prefix.split("/", 2)
+        if len(parts) == 3 and parts[0] == "items":   # one item's keys: one decision
+            self.acl.authorize(ident, "read", item_of(prefix)[0], f"the keys under {prefix}")
+            keys = await run_in_threadpool(lambda: list(self.store.list(prefix)))
+        else:                                         # scoped to the items it may read
+            self.acl.identify(ident)
+            keys = [k for k in await run_in_threadpool(lambda: list(self.store.list(prefix)))
+                    if self.acl.readable(ident, item_of(k)[0])]
         if fmt == "json":
             return JSONResponse({"keys": keys})
 
@@ -277,7 +354,7 @@ class _StoreService:
         with replica_lock(self.replicas / item_id):
             if replica_held(self.replicas, item_id):
                 return []  # failed over here: its replica became (or becomes) the VM's disks
-            repo = self.repo_factory(self.store, item_id)
+            repo = self._repo(item_id)
             try:
                 return ReplicaHydrator(repo, self.replicas / item_id).catch_up()
             finally:
@@ -285,6 +362,7 @@ class _StoreService:
 
     async def catch_up(self, request: Request) -> Response:
         item_id = validate_name("item", request.path_params["item_id"])
+        self.acl.authorize(_ident(request), "read", item_id, f"the replica of {item_id}")
         applied = await run_in_threadpool(self._catch_up, item_id)
         log.info("replica of %s caught up (%d point(s) applied) for %s", item_id, len(applied),
                  _peer(request))
@@ -293,7 +371,7 @@ class _StoreService:
     def _digests(self, item_id: str, disk_id: str, block: int,
                  from_store: bool) -> tuple[str, DigestResult]:
         with replica_lock(self.replicas / item_id):
-            repo = self.repo_factory(self.store, item_id)
+            repo = self._repo(item_id)
             try:
                 latest = repo.latest()
                 if latest is None:
@@ -307,6 +385,7 @@ class _StoreService:
 
     async def digests(self, request: Request) -> Response:
         item_id = validate_name("item", request.path_params["item_id"])
+        self.acl.authorize(_ident(request), "read", item_id, f"the replica of {item_id}")
         disk_id = validate_name("disk", request.query_params.get("disk", ""))
         block = _int_param(request, "block", RESYNC_BLOCK, P.MIN_BLOCK, P.MAX_BLOCK)
         from_store = _flag(request, "from_store", False)
@@ -321,16 +400,21 @@ class _StoreService:
                                  P.POINT_HEADER: point_id})
 
 
-def make_store_app(store: ObjectStore, replicas: Path, *, repo_factory: RepoFactory | None = None,
+def make_store_app(store: ObjectStore, replicas: Path, *, acl: Authorizer,
+                   audit: StoreAuditLog | None = None, repo_factory: RepoFactory | None = None,
                    max_object: int = P.MAX_OBJECT) -> ASGIApp:
     """The ASGI app serving ``store`` and the replicas under ``replicas/<item_id>/``.
+
+    ``acl`` decides every request (:class:`~drsite.sitestore.acl.StoreAcl`: the vault's list;
+    without a list every request is refused); ``audit`` receives every delete/overwrite, done
+    or refused.
 
     ``repo_factory(store, item_id)`` builds the :class:`Repository` used for catch-up and
     digests (default: ``Repository(store, item_id)``; a fresh one per request, so no cached
     manifest outlives a point deleted by the primary). Run it with :mod:`drsite.tlsutil`
     (``client_cert="required"``); without that module's protocol every request gets 401.
     """
-    svc = _StoreService(store, replicas, repo_factory, max_object)
+    svc = _StoreService(store, replicas, acl, audit, repo_factory, max_object)
     routes = [
         Route(P.OBJECTS + "{key:drsite_key}", _endpoint(svc.objects),
               methods=["GET", "HEAD", "PUT", "DELETE"]),
@@ -338,5 +422,16 @@ def make_store_app(store: ObjectStore, replicas: Path, *, repo_factory: RepoFact
         Route(P.ITEMS + "{item_id}/catch-up", _endpoint(svc.catch_up), methods=["POST"]),
         Route(P.ITEMS + "{item_id}/digests", _endpoint(svc.digests), methods=["GET"]),
     ]
-    app: Any = Starlette(routes=routes)
+    app: Any = Starlette(routes=routes, exception_handlers={HTTPException: _route_error})
     return _RequireClientCert(app)
+
+
+async def _route_error(request: Request, exc: Exception) -> Response:
+    """No route or method: a drsite error body like every other answer."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    if status == 405:
+        return _error_response(MethodNotAllowed(f"{request.method} is not allowed on "
+                                                f"{request.url.path}"))
+    if status == 404:
+        return _error_response(NotFound(f"no store route {request.url.path}"))
+    return _error_response(InvalidInput(f"bad request to {request.url.path} (HTTP {status})"))

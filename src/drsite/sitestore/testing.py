@@ -14,9 +14,12 @@ from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from drsite.pki import CertificateAuthority, make_key_and_csr
+from drsite.pki import CertIdentity, CertificateAuthority, make_key_and_csr
+from drsite.sitestore.acl import Authorizer, Op
+from drsite.sitestore.audit import StoreAuditLog
 from drsite.sitestore.client import SiteObjectStore
 from drsite.sitestore.server import make_store_app
+from drsite.store.auth import PointAuth
 from drsite.store.contract import ObjectStore
 from drsite.store.local import LocalObjectStore
 from drsite.store.wrappers import ForwardingStore
@@ -72,19 +75,45 @@ def make_test_certs(directory: Path) -> TestCerts:
     return TestCerts(ca, ca.cert_path, scert, skey, ccert, ckey)
 
 
+class OpenAcl:
+    """An :class:`~drsite.sitestore.acl.Authorizer` allowing every identified caller
+    everything, immutability rules off: for the object-store conformance suite (which tests the
+    ``ObjectStore`` contract, overwrites and deletes of any key included) and tests of the
+    replication engine over a site store. Never used by production paths."""
+
+    immutable = False
+
+    def identify(self, ident: CertIdentity) -> None:
+        return None
+
+    def readable(self, ident: CertIdentity, item_id: str | None) -> bool:
+        return True
+
+    def authorize(self, ident: CertIdentity, op: Op, item_id: str | None, what: str) -> None:
+        return None
+
+    def point_auth(self, item_id: str) -> PointAuth | None:
+        return None
+
+
 class RunningSiteStore:
     """A store server over ``backend`` (default: a ``LocalObjectStore`` in ``directory``) with
     replicas in ``directory/replicas``, mTLS required, on a free port of 127.0.0.1.
-    ``requests`` lists ``(method, path, query)`` of every request the server received."""
+    ``requests`` lists ``(method, path, query)`` of every request the server received.
+    ``acl``: who may do what (default :class:`OpenAcl`); ``audit`` collects deletes and
+    overwrites."""
 
     def __init__(self, directory: Path, backend: ObjectStore | None = None,
-                 certs: TestCerts | None = None) -> None:
+                 certs: TestCerts | None = None, acl: Authorizer | None = None) -> None:
         self.directory = directory
         self.certs = certs or make_test_certs(directory / "pki")
         self.backend: ObjectStore = backend if backend is not None else \
             LocalObjectStore(directory / "store")
         self.replicas = directory / "replicas"
-        self._recorder = _Recorder(make_store_app(self.backend, self.replicas))
+        self.audit = StoreAuditLog()
+        self._recorder = _Recorder(make_store_app(self.backend, self.replicas,
+                                                  acl=acl if acl is not None else OpenAcl(),
+                                                  audit=self.audit))
         self.handle: ServerHandle = start_in_thread(
             self._recorder, host="127.0.0.1", port=0, certfile=self.certs.server_cert,
             keyfile=self.certs.server_key, cafile=self.certs.ca_file, client_cert="required")

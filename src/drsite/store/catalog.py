@@ -27,6 +27,7 @@ import zstandard
 from drsite.core.errors import BrokenChain, CorruptData, InvalidInput, ObjectNotFound
 from drsite.core.extents import ExtentList, coalesce
 from drsite.core.model import validate_name
+from drsite.store.auth import MANIFEST, PointAuth
 from drsite.store.contract import ObjectStore, validate_key
 from drsite.store.format import (
     BLOCK,
@@ -103,7 +104,7 @@ class Catalog:
 
     def __init__(self, store: ObjectStore, item_id: str, *, segment_size: int = 64 << 20,
                  pack_target: int = 8 << 20, zstd_level: int = 1, threads: int | None = None,
-                 upload_threads: int = 2) -> None:
+                 upload_threads: int = 2, auth: PointAuth | None = None) -> None:
         validate_name("item", item_id)
         if segment_size <= 0 or segment_size % BLOCK:
             raise InvalidInput(f"segment size {segment_size} is not a positive multiple of {BLOCK}")
@@ -119,6 +120,10 @@ class Catalog:
         # one request each; packs may land out of order, which resume() handles: it sorts
         # trailers by pack number)
         self.upload_threads = max(upload_threads, 1)
+        # the item's point key: with it, every manifest read must carry a valid MAC
+        # (PointNotAuthentic otherwise) and the writer signs what it commits; set it before
+        # the first read (cached manifests were checked under the key in force when read)
+        self.auth: PointAuth | None = auth
         self._manifests = _Lru(4096)
         # maps of a disk written in scattered 4 KiB pieces hold ~1 MiB of entries per 64 MiB
         # segment: bound the cache by bytes, not only by count (engine memory per item)
@@ -192,12 +197,18 @@ class Catalog:
             try:
                 env = json.loads(data)
                 body = env["body"]
-                ok = env.get("blake3") == hex_hash(canonical_json(body))
+                canon = canonical_json(body)
+                ok = env.get("blake3") == hex_hash(canon)
             except (ValueError, KeyError, TypeError) as exc:
                 raise CorruptData(f"manifest {key} is unreadable (truncated or damaged): {exc}") \
                     from exc
             if not ok:
                 raise CorruptData(f"manifest {key} failed its checksum")
+            if self.auth is not None:
+                self.auth.check(MANIFEST, canon, env, f"recovery point {point_id}")
+            if body.get("point_id") != point_id or body.get("item_id") != self.item_id:
+                raise CorruptData(f"manifest {key} names point {body.get('point_id')!r} of item "
+                                  f"{body.get('item_id')!r}")
             return body  # type: ignore[no-any-return]
 
         return self._manifests.fetch(point_id, load)

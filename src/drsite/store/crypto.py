@@ -83,8 +83,9 @@ class EncryptedStore(ForwardingStore):
     Responsible for: confidentiality and integrity of object *contents*. Not responsible for:
     hiding keys, sizes or access patterns (names and approximate sizes stay visible to the
     store), key storage or distribution (the caller passes keys), re-encrypting old objects
-    on rotation. ``factory.open_store`` puts it *outside* ``RetryingStore``: a put is encrypted
-    once and a retry re-sends the same ciphertext, so the lost-reply check compares equal bytes.
+    on rotation (:mod:`drsite.store.rekey`). ``factory.open_store`` puts it *outside*
+    ``RetryingStore``: a put is encrypted once and a retry re-sends the same ciphertext, so
+    the lost-reply check compares equal bytes.
     (Inside a ``RetryingStore`` it also works: each attempt re-encrypts with a fresh nonce and
     the check compares plaintexts.)
     """
@@ -182,10 +183,26 @@ class EncryptedStore(ForwardingStore):
     def get(self, key: str) -> bytes:
         return self.decrypt(key, self.inner.get(key))
 
+    def key_id_of(self, key: str) -> str:
+        """The key id an object is encrypted with (reads its header only)."""
+        return self._header(key).key_id
+
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0:
             raise InvalidInput(f"invalid range {offset}+{length} of object {key!r}")
         h = self._header(key)
+        try:
+            return self._range(h, key, offset, length)
+        except CorruptData:
+            # the header and the segments are two reads: an object replaced in between (a
+            # re-encryption, ``drsite.store.rekey``: same plaintext, new header) fails once;
+            # a new header means a new object, read again; the same header means damage
+            h2 = self._header(key)
+            if h2.raw == h.raw:
+                raise
+            return self._range(h2, key, offset, length)
+
+    def _range(self, h: Header, key: str, offset: int, length: int) -> bytes:
         self._cipher(h, key)
         end = min(offset + length, h.length)
         if end <= offset:

@@ -4,7 +4,12 @@
 overwrite=True)``)::
 
     {"body": {"item_id", "generation", "primary", "promoted_at", "reason", "failover_id"},
-     "blake3": <hex blake3 of the canonical body>}
+     "blake3": <hex blake3 of the canonical body>, "mac": <keyed blake3, store/auth.py>}
+
+With the item's point key (``GenerationStore(store, auth)``) records are written with a MAC and
+a record without a valid one is refused (:class:`~drsite.core.errors.PointNotAuthentic`), so
+someone with the store's files or the bucket's credentials can neither fence the primary nor
+un-fence a demoted one.
 
 ``primary`` is the site name allowed to write the item's data; ``generation`` grows by one at
 every promotion (failover) and at every demotion back (cancel): a number is never reused. A
@@ -28,6 +33,7 @@ from blake3 import blake3
 
 from drsite.core.errors import CorruptData, Fenced, InvalidInput, ObjectNotFound
 from drsite.core.model import validate_name
+from drsite.store.auth import GENERATION, PointAuth
 from drsite.store.contract import ObjectStore
 
 
@@ -55,16 +61,21 @@ class GenerationRecord:
                 "promoted_at": self.promoted_at, "reason": self.reason,
                 "failover_id": self.failover_id}
 
-    def to_bytes(self) -> bytes:
+    def to_bytes(self, auth: PointAuth | None = None) -> bytes:
         body = self.body()
-        return _canon({"body": body, "blake3": blake3(_canon(body)).hexdigest()})
+        env: dict[str, Any] = {"body": body, "blake3": blake3(_canon(body)).hexdigest()}
+        if auth is not None:
+            env["mac"] = auth.mac(GENERATION, _canon(body))
+        return _canon(env)
 
     @staticmethod
-    def from_bytes(data: bytes, key: str) -> GenerationRecord:
+    def from_bytes(data: bytes, key: str, auth: PointAuth | None = None) -> GenerationRecord:
         try:
             env = json.loads(data)
             body = env["body"]
             ok = env.get("blake3") == blake3(_canon(body)).hexdigest()
+            if ok and auth is not None:
+                auth.check(GENERATION, _canon(body), env, f"generation record {key}")
             rec = GenerationRecord(str(body["item_id"]), int(body["generation"]),
                                    str(body["primary"]), float(body["promoted_at"]),
                                    str(body.get("reason", "")), body.get("failover_id"))
@@ -82,8 +93,9 @@ class GenerationRecord:
 class GenerationStore:
     """The generation records of the items of one recovery store."""
 
-    def __init__(self, store: ObjectStore) -> None:
+    def __init__(self, store: ObjectStore, auth: PointAuth | None = None) -> None:
         self.store = store
+        self.auth = auth
 
     def read(self, item_id: str) -> GenerationRecord | None:
         """The item's record, None if it has none yet. ``CorruptData`` if damaged."""
@@ -92,7 +104,7 @@ class GenerationStore:
             data = self.store.get(key)
         except ObjectNotFound:
             return None
-        rec = GenerationRecord.from_bytes(data, key)
+        rec = GenerationRecord.from_bytes(data, key, self.auth)
         if rec.item_id != item_id:
             raise CorruptData(f"generation record {key} names item {rec.item_id!r}")
         return rec
@@ -105,7 +117,7 @@ class GenerationStore:
 
     def _put(self, rec: GenerationRecord) -> GenerationRecord:
         key = generation_key(rec.item_id)
-        self.store.put(key, rec.to_bytes(), overwrite=True)
+        self.store.put(key, rec.to_bytes(self.auth), overwrite=True)
         back = self.read(rec.item_id)  # read back: the record we rely on is the stored one
         if back != rec:
             raise Fenced(f"generation record {key} changed under us (another promoter?): "
@@ -140,7 +152,8 @@ class GenerationStore:
         return self._put(GenerationRecord(item_id, nxt, new_primary, now, reason, failover_id))
 
 
-def check_not_fenced(store: ObjectStore, item_id: str, my_generation: int) -> None:
+def check_not_fenced(store: ObjectStore, item_id: str, my_generation: int,
+                     auth: PointAuth | None = None) -> None:
     """Raise :class:`Fenced` when the item's stored generation is newer than ``my_generation``.
 
     Equal (or no record, generation 0) passes. The replication engine calls this before each
@@ -148,7 +161,7 @@ def check_not_fenced(store: ObjectStore, item_id: str, my_generation: int) -> No
     """
     if my_generation < 0:
         raise InvalidInput(f"generation {my_generation} is negative")
-    rec = GenerationStore(store).read(item_id)
+    rec = GenerationStore(store, auth).read(item_id)
     if rec is not None and rec.generation > my_generation:
         raise Fenced(f"item {item_id}: this writer holds generation {my_generation} but "
                      f"{rec.primary!r} was promoted to generation {rec.generation} "
@@ -156,13 +169,14 @@ def check_not_fenced(store: ObjectStore, item_id: str, my_generation: int) -> No
 
 
 def check_replication_direction(store: ObjectStore, item_id: str, source_site: str,
-                                my_generation: int | None = None) -> GenerationRecord | None:
+                                my_generation: int | None = None,
+                                auth: PointAuth | None = None) -> GenerationRecord | None:
     """The check a caller runs before a resync (or any replication) of ``item_id`` from
     ``source_site``: the record must name ``source_site`` as primary, and ``my_generation``
     (when given) must not be older than the record. Raises :class:`Fenced` otherwise, so a
     resync never copies a demoted side over the promoted one. Returns the record (None when
     the item has none: nothing was ever promoted, any direction is the first one)."""
-    rec = GenerationStore(store).read(item_id)
+    rec = GenerationStore(store, auth).read(item_id)
     if rec is None:
         return None
     if rec.primary != source_site:
@@ -170,5 +184,5 @@ def check_replication_direction(store: ObjectStore, item_id: str, source_site: s
                      f"{rec.generation} belongs to {rec.primary!r}); replication from it "
                      "would run in the wrong direction")
     if my_generation is not None and rec.generation > my_generation:
-        check_not_fenced(store, item_id, my_generation)
+        check_not_fenced(store, item_id, my_generation, auth)
     return rec

@@ -32,6 +32,7 @@ from drsite.core.errors import (
 )
 from drsite.core.extents import ExtentList, coalesce
 from drsite.core.model import Consistency
+from drsite.store.auth import MANIFEST
 from drsite.store.catalog import DAMAGED_MAP, Catalog
 from drsite.store.entries import classify_many, resolve, split_segments
 from drsite.store.format import (
@@ -547,7 +548,11 @@ class PointWriter:
                     "disk_sizes": dict(self.disk_sizes), "bytes_written": self.bytes_written,
                     "bytes_stored": self.bytes_stored + meta_bytes,
                     "meta": {**(meta or {}), "stats": stats}, "disks": disks}
-            blob = canonical_json({"blake3": hex_hash(canonical_json(body)), "body": body})
+            canon = canonical_json(body)
+            env: dict[str, Any] = {"blake3": hex_hash(canon), "body": body}
+            if repo.auth is not None:
+                env["mac"] = repo.auth.mac(MANIFEST, canon)
+            blob = canonical_json(env)
             repo.store.put(repo.key("seq"), str(seq).encode(), overwrite=True)
             failpoints.hit("store.before-manifest")
             try:

@@ -17,6 +17,8 @@ from fastapi import APIRouter, FastAPI
 from drsite import __version__
 from drsite.vault.api import (
     agent,
+    audit,
+    drills,
     errors,
     failover,
     inventory,
@@ -54,8 +56,9 @@ def create_app(settings: VaultSettings, vault: Vault | None = None, *,
                               "protected items, recovery points, jobs, alerts.")
     app.state.vault = v
     errors.install(app)
+    app.add_middleware(audit.AuditMiddleware)  # every mutating or refused call → audit trail
     for r in (public.router, inventory.router, protection.router, operations.router, tokens.router,
-              agent.router, stores.router, failover.router):
+              agent.router, stores.router, failover.router, drills.router, audit.router):
         app.include_router(r, prefix=API_PREFIX)
     for r in routers:
         app.include_router(r)

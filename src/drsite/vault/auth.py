@@ -98,12 +98,15 @@ def touch_token(s: Session, token_id: int, now: float) -> None:
               .execution_options(synchronize_session=False))
 
 
-def create_registration_key(s: Session, site_id: int, ttl_s: float, now: float) -> tuple[str, float]:
-    """A one-time key for ``site_id``; returns ``(key, expires_at)``."""
+def create_registration_key(s: Session, site_id: int, ttl_s: float, now: float, *,
+                            host_id: str | None = None) -> tuple[str, float]:
+    """A one-time key for ``site_id``; returns ``(key, expires_at)``. With ``host_id`` it is a
+    re-issue key: it registers that host again (a new certificate replaces its current one)
+    and nothing else; without, it registers a new host of the site and never an existing one."""
     key = new_secret(REGKEY_PREFIX)
     expires = now + ttl_s
     s.add(RegistrationKey(site_id=site_id, key_hash=secret_hash(key), created_at=now,
-                          expires_at=expires))
+                          expires_at=expires, host_id=host_id))
     s.flush()
     return key, expires
 

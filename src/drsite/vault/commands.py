@@ -12,22 +12,29 @@ a job or to the scheduler (they read the command rows).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from drsite.core.errors import Conflict, DrsiteError, ErrorClass, InvalidInput, PermanentError, TransientError
+from drsite.core.errors import Conflict, InvalidInput, PermanentError
+from drsite.core.states import FINAL_COMMAND_STATUSES, OPEN_COMMAND_STATUSES, CommandStatus
 from drsite.vault.db.models import Command
 from drsite.vault.ids import new_id
+
+log = logging.getLogger(__name__)
 
 KINDS = ("protect", "cycle", "resync", "retention", "unprotect", "update_settings",
          # failover (vault/jobs/failover.py → agent/failover.py)
          "failover", "failover_cleanup", "failover_commit", "failover_cancel",
          "failover_change_point", "reprotect_seed", "failover_prepare", "failover_resume_source",
-         "run_script")
-OPEN = ("pending", "sent", "running")
-DONE = ("succeeded", "failed")
+         "failover_fence", "run_script",
+         "store_rekey",   # re-encrypt a cloud store's old objects (jobs/stores.py)
+         # store upkeep and drills (vault/scrub.py, vault/jobs/drills.py → agent/scrub.py, drill.py)
+         "scrub", "verify", "drill_probe")
+# arguments holding an item's point key (scrubbed when the command ends, sealed at rest)
+POINT_KEY_ARGS = ("point_key", "rev_point_key")
 # commands that move data for an item: at most one of these is outstanding per item
 REPLICATION_KINDS = ("protect", "cycle", "resync")
 
@@ -37,7 +44,7 @@ def enqueue(s: Session, *, host_id: str, kind: str, item_id: str | None, args: d
     if kind not in KINDS:
         raise InvalidInput(f"unknown command kind {kind!r}")
     cmd = Command(id=new_id("c"), host_id=host_id, item_id=item_id, job_id=job_id, kind=kind,
-                  args=args, status="pending", progress=0.0, deliveries=0, created_at=now,
+                  args=args, status=CommandStatus.PENDING, progress=0.0, deliveries=0, created_at=now,
                   updated_at=now)
     s.add(cmd)
     s.flush()
@@ -48,7 +55,7 @@ def outstanding(s: Session, item_id: str, kinds: tuple[str, ...]) -> Command | N
     """The oldest open command of one of ``kinds`` for the item, if any."""
     return s.scalars(select(Command)
                      .where(Command.item_id == item_id, Command.kind.in_(kinds),
-                            Command.status.in_(OPEN))
+                            Command.status.in_(OPEN_COMMAND_STATUSES))
                      .order_by(Command.created_at, Command.id)).first()
 
 
@@ -57,8 +64,8 @@ def cancel_open(s: Session, item_id: str, now: float, reason: str) -> int:
     except ``unprotect``: that one must reach the agent whenever it comes back."""
     n = 0
     for cmd in s.scalars(select(Command).where(Command.item_id == item_id, Command.kind != "unprotect",
-                                               Command.status == "pending")):
-        cmd.status = "failed"
+                                               Command.status == CommandStatus.PENDING)):
+        cmd.status = CommandStatus.FAILED
         cmd.error = PermanentError(f"withdrawn: {reason}").to_dict()
         scrub_secrets(cmd)
         cmd.updated_at = cmd.finished_at = now
@@ -72,49 +79,102 @@ def to_wire(cmd: Command) -> dict[str, Any]:
 
 
 def deliver(s: Session, host_id: str, now: float, *, resend_after_s: float,
-            stale_running_s: float, limit: int = 100) -> list[Command]:
-    """Commands to put in this host's heartbeat reply (marked ``sent``), oldest first."""
-    rows = s.scalars(select(Command)
-                     .where(Command.host_id == host_id,
-                            or_(Command.status == "pending",
-                                (Command.status == "sent") & (Command.updated_at <= now - resend_after_s),
-                                (Command.status == "running")
-                                & (Command.updated_at <= now - stale_running_s)))
-                     .order_by(Command.created_at, Command.id).limit(limit)).all()
+            stale_running_s: float, held: set[str] | None = None,
+            prev_beat_at: float | None = None, limit: int = 100) -> list[Command]:
+    """Commands to put in this host's heartbeat reply (marked ``sent``), oldest first.
+
+    ``pending`` ones are delivered. A delivered (``sent``/``running``) one is delivered again:
+
+    - **lost** (``held`` given, i.e. the agent lists what it holds): the agent's heartbeat does
+      not hold it although it was built after the command's last delivery. The agent builds a
+      heartbeat only after it has taken the reply to the previous one, so a command whose last
+      delivery or news (``updated_at``) is not after ``prev_beat_at`` (when the previous
+      heartbeat was applied) was in the agent's hands when it built this one — unless the
+      reply was lost or the agent restarted, which is exactly when it must come again;
+    - ``sent`` and not acknowledged within ``resend_after_s``, or ``running`` and silent for
+      ``stale_running_s``: the last resort, for agents that do not list what they hold.
+
+    A command delivered twice is harmless (agents ignore ids they hold and answer finished ones
+    from their journal); a lost one is never left for a timeout.
+    """
+    due = (Command.status == CommandStatus.PENDING) \
+        | ((Command.status == CommandStatus.SENT) & (Command.updated_at <= now - resend_after_s)) \
+        | ((Command.status == CommandStatus.RUNNING) & (Command.updated_at <= now - stale_running_s))
+    rows = list(s.scalars(select(Command).where(Command.host_id == host_id, due)
+                          .order_by(Command.created_at, Command.id).limit(limit)))
+    if held is not None and prev_beat_at is not None:
+        rows.extend(lost_commands(s, host_id, held, prev_beat_at, {c.id for c in rows}))
+        rows.sort(key=lambda c: (c.created_at, c.id))
     for cmd in rows:
-        if cmd.status == "pending":
-            cmd.status = "sent"
+        if cmd.status == CommandStatus.PENDING:
+            cmd.status = CommandStatus.SENT
             cmd.sent_at = now
         cmd.deliveries += 1
         cmd.updated_at = now
-    return list(rows)
+    return rows[:limit]
 
 
-def record_result(cmd: Command, *, status: str, progress: float | None, result: dict[str, Any] | None,
-                  error: dict[str, Any] | None, now: float) -> bool:
+def lost_commands(s: Session, host_id: str, held: set[str], prev_beat_at: float,
+                  skip: set[str]) -> list[Command]:
+    """Delivered commands of the host that its agent does not hold although its heartbeat was
+    built after their last delivery (see :func:`deliver`)."""
+    rows = s.scalars(select(Command).where(
+        Command.host_id == host_id,
+        Command.status.in_((CommandStatus.SENT, CommandStatus.RUNNING)),
+        Command.updated_at <= prev_beat_at).order_by(Command.created_at, Command.id))
+    lost = [c for c in rows if c.id not in held and c.id not in skip]
+    for c in lost:
+        log.info("command %s (%s %s) is not held by host %s after its delivery: delivering "
+                 "it again", c.id, c.kind, c.item_id, host_id)
+    return lost
+
+
+def has_pending(s: Session, host_id: str) -> bool:
+    """Whether the host has a command waiting for delivery (an index lookup)."""
+    return s.scalars(select(Command.id).where(Command.host_id == host_id,
+                                              Command.status == CommandStatus.PENDING)
+                     .limit(1)).first() is not None
+
+
+def deliver_pending(s: Session, host_id: str, now: float, *, limit: int = 100) -> list[Command]:
+    """The push channel's share: only ``pending`` commands (marked ``sent``). Re-delivery of
+    lost or silent ones is the heartbeat's (:func:`deliver`), which knows what the agent holds."""
+    rows = list(s.scalars(select(Command).where(Command.host_id == host_id,
+                                                Command.status == CommandStatus.PENDING)
+                          .order_by(Command.created_at, Command.id).limit(limit)))
+    for cmd in rows:
+        cmd.status = CommandStatus.SENT
+        cmd.sent_at = now
+        cmd.deliveries += 1
+        cmd.updated_at = now
+    return rows
+
+
+def record_result(cmd: Command, *, status: CommandStatus, progress: float | None,
+                  result: dict[str, Any] | None, error: dict[str, Any] | None, now: float) -> bool:
     """Apply an agent's result to ``cmd``; returns True when the command just ended.
 
     Repeating the final result is accepted (agents retry posts); contradicting it is a
     ``Conflict``; a ``failed`` result needs an error.
     """
-    if cmd.status in DONE:
+    if cmd.status in FINAL_COMMAND_STATUSES:
         if status == cmd.status:
             return False
         raise Conflict(f"command {cmd.id} already ended as {cmd.status}")
-    if status == "failed" and not error:
+    if status == CommandStatus.FAILED and not error:
         raise InvalidInput("a failed result needs an error object")
     if progress is not None:
         cmd.progress = max(0.0, min(100.0, progress))
-    if result is not None:
-        cmd.result = result
+    if result is not None and (result or status != CommandStatus.RUNNING):
+        cmd.result = result  # a running post without a result keeps the last one (a cursor)
     cmd.updated_at = now
-    if status == "running":
-        cmd.status = "running"
+    if status == CommandStatus.RUNNING:
+        cmd.status = CommandStatus.RUNNING
         return False
     cmd.status = status
     cmd.finished_at = now
     scrub_secrets(cmd)
-    if status == "succeeded":
+    if status == CommandStatus.SUCCEEDED:
         cmd.progress = 100.0
     else:
         cmd.error = error
@@ -123,7 +183,11 @@ def record_result(cmd: Command, *, status: str, progress: float | None, result: 
 
 def scrub_secrets(cmd: Command) -> None:
     """A command that ended is never delivered again: the cloud store credentials and keys in
-    its arguments are dropped (the names of what was set stay, for the record)."""
+    its arguments are dropped (the names of what was set stay, for the record), and so are
+    point keys (``point_key``, ``rev_point_key``: replaced by ``"redacted"``)."""
+    keys = [k for k in POINT_KEY_ARGS if (cmd.args or {}).get(k) not in (None, "redacted")]
+    if keys:
+        cmd.args = {**cmd.args, **dict.fromkeys(keys, "redacted")}
     spec = (cmd.args or {}).get("store")
     if not isinstance(spec, dict) or spec.get("redacted"):
         return
@@ -131,17 +195,3 @@ def scrub_secrets(cmd: Command) -> None:
     kept.update(redacted=True, secret_fields=sorted(dict(spec.get("secret") or {})),
                 key_ids=sorted(dict(spec.get("keys") or {})))
     cmd.args = {**cmd.args, "store": kept}
-
-
-def error_from_dict(d: dict[str, Any] | None) -> DrsiteError:
-    """A :class:`DrsiteError` with the code, class, message and hint an agent reported."""
-    d = d or {}
-    msg = str(d.get("message") or "the agent reported a failure without a message")
-    hint = d.get("hint")
-    err: DrsiteError
-    if str(d.get("class")) == ErrorClass.TRANSIENT.value:
-        err = TransientError(msg, hint=str(hint) if hint else None)
-    else:
-        err = PermanentError(msg, hint=str(hint) if hint else None)
-    err.code = str(d.get("code") or err.code)
-    return err

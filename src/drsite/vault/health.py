@@ -1,33 +1,50 @@
 """Health of items and agents, and the alerts raised from it.
 
 Item health (:func:`item_health`, pure):
-- **Critical**: a permanent failure (the vault's or the agent's report), or the item's
-  protection failed;
+- **Critical**: a permanent failure (the vault's or the agent's report), the item's
+  protection failed, or the newest recovery point cannot be restored and cannot be repaired
+  (``vault/scrub.py``);
 - **Warning**: the measured RPO (now − newest committed point) passed the policy's threshold,
   a resync is pending or running, a transient failure is being retried, the source agent misses
-  heartbeats, or the item has no policy;
+  heartbeats, the item has no policy, the newest point is damaged and being repaired, older
+  points are damaged (unrepairable, refused for failover; the newest is intact), or the last
+  scrub of the item's store failed;
 - **Normal** otherwise (also during initial replication: there is no RPO yet).
 
 An agent is up when its last heartbeat is younger than ``missed_heartbeats × heartbeat_interval``.
 
 Alerts (:class:`HealthMonitor`): one open alert per condition key (``rpo:ITEM``,
-``critical:ITEM``, ``agent_down:HOST``); raised when the condition starts, refreshed while it
-lasts (no duplicates), cleared when it ends. Acknowledging only marks it seen.
+``critical:ITEM``, ``agent_down:HOST``, ``drill:PLAN`` (``drill:group:GROUP``) while the latest
+drill of a plan (a group) failed,
+``store_damage:ITEM`` while damage found by a scrub or a verify is not critical,
+``replication_failing:ITEM`` after ``FAILING_AFTER`` transient failures in a row — a full or
+unreachable store, also during initial replication); raised when the condition starts,
+refreshed while it lasts (no duplicates), cleared when it ends. Acknowledging only marks it
+seen. Security alerts (``trust``) are raised by events, not conditions: they are cleared once
+acknowledged.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from drsite.core.states import LIVE_ITEM_STATUSES, ItemProtection
 from drsite.replication.report import Health, ItemState
+from drsite.vault import fencing
 from drsite.vault.audit import record_event
 from drsite.vault.db.database import Database
-from drsite.vault.db.models import Alert, Host, Item, Policy
+from drsite.vault.db.models import Alert, Drill, Host, Item, Policy
+from drsite.vault.drills import drill_target
 from drsite.vault.scheduler import item_policy, preload_policies
+from drsite.vault.scrub import Damage, damage_of, damage_reasons
 from drsite.vault.settings import VaultSettings
+from drsite.vault.trust import SECURITY
+
+FAILING_AFTER = 2  # transient failures in a row that raise a replication_failing alert
 
 
 @dataclass(frozen=True)
@@ -43,13 +60,15 @@ def agent_up(host: Host | None, now: float, settings: VaultSettings) -> bool:
             and now - host.last_heartbeat <= settings.agent_down_after_s)
 
 
-def item_health(item: Item, policy: Policy | None, host_is_up: bool, now: float) -> ItemHealth:
-    """The health of one item now, with the reasons an operator reads."""
+def item_health(item: Item, policy: Policy | None, host_is_up: bool, now: float,
+                damage: Damage | None = None) -> ItemHealth:
+    """The health of one item now, with the reasons an operator reads (``damage``: its damaged
+    recovery points, :func:`drsite.vault.scrub.damage_of`)."""
     rpo = None if item.last_point_time is None else max(0.0, now - item.last_point_time)
     reasons: list[str] = []
     critical = False
     state = item.state
-    if item.status == "failed":
+    if item.status == ItemProtection.FAILED:
         critical = True
         reasons.append("enable protection failed")
     if item.critical_error is not None or state == ItemState.CRITICAL.value:
@@ -59,7 +78,7 @@ def item_health(item: Item, policy: Policy | None, host_is_up: bool, now: float)
                        f"{err.get('hint') or 'operator action required'}")
     warn = False
     exceeded = False
-    if policy is None and item.status in ("protected", "enabling"):
+    if policy is None and item.status in (ItemProtection.PROTECTED, ItemProtection.ENABLING):
         warn = True
         reasons.append("the item's group has no policy")
     if policy is not None and rpo is not None and rpo > policy.rpo_threshold_s:
@@ -77,11 +96,51 @@ def item_health(item: Item, policy: Policy | None, host_is_up: bool, now: float)
         warn = True
         msg = (retry.get("last_error") or {}).get("message", "")
         reasons.append(f"retrying after {retry['failures']} transient failure(s): {msg}")
-    if not host_is_up and item.status in ("protected", "enabling", "disabling"):
+    if not host_is_up and item.status in LIVE_ITEM_STATUSES:
         warn = True
         reasons.append("source agent is not sending heartbeats")
+    d_warn, d_crit, d_reasons = damage_reasons(item, damage)
+    warn, critical = warn or d_warn, critical or d_crit
+    reasons.extend(d_reasons)
+    scrub_err = (item.scrub or {}).get("error")
+    if scrub_err:
+        warn = True
+        reasons.append(f"the last scrub of the recovery store failed: {scrub_err.get('message')}")
+    issues = (item.report or {}).get("agent_issues") or []
+    if issues and item.status in LIVE_ITEM_STATUSES:
+        warn = True
+        reasons.extend(str(x) for x in issues)
     health = Health.CRITICAL if critical else Health.WARNING if warn else Health.NORMAL
     return ItemHealth(health, reasons, rpo, exceeded)
+
+
+def failed_drills(s: Session) -> dict[str, Drill]:
+    """Plans and groups whose latest finished drill failed, by drill target (the plan's name or
+    ``group:NAME``: the ``drill:TARGET`` alerts)."""
+    out: dict[str, Drill] = {}
+    for col in (Drill.plan, Drill.group):
+        latest = select(col.label("k"), func.max(Drill.started_at).label("t")).where(
+            Drill.state != "running", col.is_not(None)).group_by(col).subquery()
+        rows = s.scalars(select(Drill).join(latest, (col == latest.c.k)
+                                            & (Drill.started_at == latest.c.t))).all()
+        out.update({drill_target(plan=d.plan, group=d.group): d for d in rows
+                    if d.state == "failed"})
+    return out
+
+
+def _drill_reason(report: dict[str, Any]) -> str:
+    bad = [v for v in report.get("vms") or [] if not v.get("ok")]
+    return "; ".join(f"{v.get('vm')}: {v.get('reason') or 'not verified'}" for v in bad[:3]) \
+        or "see 'drsite drills show'"
+
+
+def _damage_message(item: Item, d: Damage) -> str:
+    if d.newest_damaged:
+        return (f"recovery store damage in the newest point of {item.vm_name}: "
+                f"{d.points.get(d.newest or '', '')}; repairing from the source")
+    older = d.older
+    return (f"{len(older)} older recovery point(s) of {item.vm_name} cannot be restored "
+            f"({d.points[older[0]]}); failover to them is refused; the newest point is intact")
 
 
 class HealthMonitor:
@@ -103,26 +162,68 @@ class HealthMonitor:
                     conditions[f"agent_down:{h.id}"] = (
                         "agent_down", "warning", h.name,
                         f"agent {h.name} missed heartbeats (last {now - h.last_heartbeat:.0f} s ago)")
-            items = s.scalars(select(Item).where(Item.status.in_(("enabling", "protected", "disabling",
-                                                                  "failed")))).all()
+            items = s.scalars(select(Item).where(Item.status.in_(
+                LIVE_ITEM_STATUSES | {ItemProtection.FAILED}))).all()
+            damage = damage_of(s)
             for item in items:
                 policy = item_policy(s, item)
-                ih = item_health(item, policy, agent_up(hosts.get(item.host_id), now, self.settings), now)
+                ih = item_health(item, policy, agent_up(hosts.get(item.host_id), now, self.settings),
+                                 now, damage.get(item.id))
                 if item.health != ih.health.value or item.health_reasons != ih.reasons:
                     item.health = ih.health.value
                     item.health_reasons = ih.reasons
-                if item.status == "failed":
+                if item.status == ItemProtection.FAILED:
                     continue
                 if ih.rpo_exceeded and policy is not None and ih.rpo_s is not None:
                     conditions[f"rpo:{item.id}"] = (
                         "rpo", "warning", item.vm_name,
                         f"RPO of {item.vm_name} is {ih.rpo_s:.0f} s "
                         f"(threshold {policy.rpo_threshold_s:.0f} s)")
+                d = damage.get(item.id)
+                if d is not None and d.points and ih.health is not Health.CRITICAL:
+                    conditions[f"store_damage:{item.id}"] = (
+                        "store_damage", "warning", item.vm_name, _damage_message(item, d))
+                failures = int((item.retry or {}).get("failures") or 0)
+                if failures >= FAILING_AFTER and ih.health is not Health.CRITICAL:
+                    msg = ((item.retry or {}).get("last_error") or {}).get("message", "")
+                    what = "initial replication" if item.status == ItemProtection.ENABLING \
+                        else "replication"
+                    conditions[f"replication_failing:{item.id}"] = (
+                        "replication_failing", "warning", item.vm_name,
+                        f"{what} of {item.vm_name} failed {failures} times in a row: {msg}")
                 if ih.health is Health.CRITICAL:
                     conditions[f"critical:{item.id}"] = (
                         "critical", "critical", item.vm_name,
                         f"{item.vm_name} is critical: {'; '.join(ih.reasons)}")
+            for target, drill in failed_drills(s).items():
+                rep = dict(drill.report or {})
+                what = (f"recovery plan {drill.plan}" if drill.plan is not None
+                        else f"protection group {drill.group}")
+                conditions[f"drill:{target}"] = (
+                    "drill", "critical", drill.plan or f"group {drill.group}",
+                    f"the last drill of {what} failed ({drill.id}): "
+                    f"{rep.get('error') or _drill_reason(rep)}")
+            self._fences(s, conditions)
             self._sync_alerts(s, conditions, now)
+
+    @staticmethod
+    def _fences(s: Session, conditions: dict[str, tuple[str, str, str, str]]) -> None:
+        """Items in a failover: Critical while the old primary is not known to be fenced
+        (``fencing``), back to Normal once it is."""
+        unfenced = fencing.unfenced(s)
+        for item_id, (item, _fo, issue) in unfenced.items():
+            reasons = [issue]
+            if item.health != Health.CRITICAL.value or item.health_reasons != reasons:
+                item.health = Health.CRITICAL.value
+                item.health_reasons = reasons
+            conditions[f"critical:{item_id}"] = ("critical", "critical", item.vm_name,
+                                                 f"{item.vm_name}: {issue}")
+        for item in s.scalars(select(Item).where(Item.status.in_(fencing.FENCED_STATUSES),
+                                                 Item.health == Health.CRITICAL.value)):
+            if item.id not in unfenced and item.health_reasons \
+                    and str(item.health_reasons[0]).startswith(fencing.WARNING):
+                item.health = Health.NORMAL.value
+                item.health_reasons = []
 
     def _sync_alerts(self, s: Session, conditions: dict[str, tuple[str, str, str, str]],
                      now: float) -> None:
@@ -137,6 +238,11 @@ class HealthMonitor:
                 a.last_seen_at = now
                 a.message = message
         for key, a in open_alerts.items():
+            if a.kind == SECURITY:  # raised by an event, not a condition: ends once it was seen
+                if a.acked_at is not None:
+                    a.cleared_at = now
+                    record_event(s, now, "alert", a.subject, f"cleared: {a.kind} (acknowledged)")
+                continue
             if key not in conditions:
                 a.cleared_at = now
                 record_event(s, now, "alert", a.subject, f"cleared: {a.kind}")

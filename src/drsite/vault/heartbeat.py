@@ -1,11 +1,15 @@
 """What a heartbeat does to the vault's state, and what its reply carries.
 
-In one transaction: the host's liveness, version and store URL; the VM inventory (VMs no longer
-reported are marked absent); each reported item's report and recovery-point catalogue
+In one transaction: the host's liveness, version and store URL; the VM inventory when sent
+(``null`` = unchanged; VMs no longer reported are marked absent); each reported item's report
+(agents list an item only when its report or points changed) and recovery-point catalogue
 (``new_points`` upserted by point id, ``removed_points`` deleted; the reply's ``ack`` is the
 highest catalogued seq, so the agent resends anything the vault did not keep); EnableProtection
 jobs for newly discovered VMs that a group with a policy matches; then the commands due to the
-host (marked sent).
+host (marked sent). Item facts count only from the item's own host, and a removal only when
+the vault can explain it (``trust``): the rest is ignored, recorded and alerted. The store
+deletes/overwrites a store-serving host reports (``audit``) go to the audit trail; a
+store-serving host gets its store's access list when its copy is outdated (``storeacl``).
 
 Responsible for: applying agent facts. Not responsible for: deciding what replicates when
 (``scheduler``) or health (``health``).
@@ -21,9 +25,10 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from drsite.core.errors import DrsiteError, InvalidInput
+from drsite.core.states import FAILOVER_ITEM_STATUSES, RETIRED_ITEM_STATUSES, FailoverState
 from drsite.replication.report import ItemReport, ItemState
 from drsite.store.format import PointInfo
-from drsite.vault import commands
+from drsite.vault import commands, storeacl, trust
 from drsite.vault.db.models import Failover, Group, Host, Item, Point, Vm
 from drsite.vault.jobs.create import start_enable_protection
 from drsite.vault.membership import active_item_for_vm, group_for_vm
@@ -47,8 +52,11 @@ class Beat:
     host_name: str
     version: str
     store_url: str | None
-    vms: list[dict[str, Any]]
+    vms: list[dict[str, Any]] | None  # None: unchanged since the agent's last heartbeat
     items: list[ItemBeat]
+    audit: list[trust.StoreAudit] = field(default_factory=list)
+    store_acl_digest: str | None = None   # the store access list the agent has (storeacl)
+    held: list[str] | None = None  # command ids the agent holds (None: it does not say)
 
 
 def _vm_fields(d: dict[str, Any]) -> tuple[str, str]:
@@ -61,26 +69,35 @@ def _vm_fields(d: dict[str, Any]) -> tuple[str, str]:
 def apply_heartbeat(s: Session, host: Host, beat: Beat, settings: VaultSettings) -> dict[str, Any]:
     """Apply ``beat`` from ``host``; returns the reply ``{"commands", "ack", "heartbeat_interval"}``."""
     now = settings.clock.now()
+    prev_beat_at = host.last_heartbeat
     host.last_heartbeat = now  # liveness lives on the host row only
     if host.version != beat.version[:64]:
         host.version = beat.version[:64]
     if host.store_url != beat.store_url:
         host.store_url = beat.store_url
-    new_vms = _apply_inventory(s, host, beat.vms, now)
+    new_vms = _apply_inventory(s, host, beat.vms, now) if beat.vms is not None else []
     ack: dict[str, int] = {}
     ids = sorted({ib.item_id for ib in beat.items})
     items = {i.id: i for i in s.scalars(select(Item).where(Item.id.in_(ids)))} if ids else {}
     for ib in sorted(beat.items, key=lambda x: x.item_id):  # id order, like the scheduler
         item = items.get(ib.item_id)
-        if item is None or item.host_id != host.id or item.status in ("removed", "failed"):
-            log.warning("host %s reported item %s it does not own; ignored", host.id, ib.item_id)
+        if item is None or not trust.owns(host, item):
+            trust.refuse_report(s, host, ib.item_id, item, now)
             continue
-        ack[item.id] = _apply_item(s, item, ib, now)
+        if item.status in RETIRED_ITEM_STATUSES:
+            log.debug("host %s reported item %s, which is %s; ignored", host.id, item.id, item.status)
+            continue
+        ack[item.id] = _apply_item(s, host, item, ib, now, settings)
+    if beat.audit:
+        trust.record_store_audit(s, host, beat.audit, now)
     _auto_protect(s, host, new_vms, now)
     due = commands.deliver(s, host.id, now, resend_after_s=settings.resend_after_s,
-                           stale_running_s=settings.stale_running_s)
+                           stale_running_s=settings.stale_running_s,
+                           held=set(beat.held) if beat.held is not None else None,
+                           prev_beat_at=prev_beat_at)
     return {"commands": [commands.to_wire(c) for c in due], "ack": ack,
-            "heartbeat_interval": settings.heartbeat_interval}
+            "heartbeat_interval": settings.heartbeat_interval,
+            **storeacl.reply_fields(s, host, beat.store_acl_digest, now)}
 
 
 def _apply_inventory(s: Session, host: Host, vms: list[dict[str, Any]], now: float) -> list[Vm]:
@@ -117,9 +134,21 @@ def _apply_inventory(s: Session, host: Host, vms: list[dict[str, Any]], now: flo
     return new
 
 
-def _apply_item(s: Session, item: Item, ib: ItemBeat, now: float) -> int:
+def _stored_report(report: ItemReport, raw: dict[str, Any]) -> dict[str, Any]:
+    """The report as stored: the engine's fields, plus the agent's own conditions
+    (``agent_issues``: e.g. the item's peer store does not answer), at most 5 short lines."""
+    out = report.to_dict()
+    issues = raw.get("agent_issues")
+    if isinstance(issues, list) and issues:
+        out["agent_issues"] = [str(x)[:300] for x in issues[:5]]
+    return out
+
+
+def _apply_item(s: Session, host: Host, item: Item, ib: ItemBeat, now: float,
+                settings: VaultSettings) -> int:
     """Apply one item's report and new/removed points; the row is written only when something
-    changed. Only the reported points are looked up (``point_id IN (...)``)."""
+    changed. Only the reported points are looked up (``point_id IN (...)``); removals only when
+    explained (:func:`trust.judge_removals`), after the new points are in."""
     try:
         report = ItemReport.from_dict(ib.report)
     except (KeyError, TypeError, ValueError) as e:
@@ -132,7 +161,7 @@ def _apply_item(s: Session, item: Item, ib: ItemBeat, now: float) -> int:
             setattr(item, attr, value)
             changed = True
 
-    put("report", report.to_dict())
+    put("report", _stored_report(report, ib.report))
     if item.critical_error is None or report.state is ItemState.CRITICAL:
         put("state", report.state.value)
     if report.last_point_time is not None:
@@ -162,9 +191,14 @@ def _apply_item(s: Session, item: Item, ib: ItemBeat, now: float) -> int:
             if p.consistency.value == "app":
                 put("last_app_point_time", max(item.last_app_point_time or 0.0, p.created_at))
     if ib.removed_points:
-        s.execute(delete(Point).where(Point.item_id == item.id,
-                                      Point.point_id.in_([str(x) for x in ib.removed_points])))
         s.flush()
+        accepted, refused = trust.judge_removals(s, item, ib.removed_points, now,
+                                                 settings.retention_skew_s)
+        if refused:
+            trust.refuse_removals(s, host, item, refused, now)
+        if accepted:
+            s.execute(delete(Point).where(Point.item_id == item.id, Point.point_id.in_(accepted)))
+            s.flush()
         acked = int(s.scalar(select(func.max(Point.seq)).where(Point.item_id == item.id)) or 0)
     put("acked_seq", acked)
     if changed:
@@ -175,14 +209,15 @@ def _apply_item(s: Session, item: Item, ib: ItemBeat, now: float) -> int:
 def _made_by_failover(s: Session, host: Host, vm: Vm) -> bool:
     """A new VM of this site named like an item failing over into it (or its test VM)."""
     if s.scalars(select(Item.id).where(Item.target_site_id == host.site_id, Item.vm_name == vm.name,
-                                       Item.status.in_(("failing_over", "failed_over", "committed")))
+                                       Item.status.in_(FAILOVER_ITEM_STATUSES))
                  ).first() is not None:
         return True
     if not vm.name.endswith("-test"):
         return False
     return s.scalars(select(Failover.id).join(Item, Item.id == Failover.item_id).where(
         Item.target_site_id == host.site_id, Item.vm_name == vm.name[:-len("-test")],
-        Failover.kind == "test", Failover.state.in_(("starting", "test_running")))
+        Failover.kind == "test",
+        Failover.state.in_((FailoverState.STARTING, FailoverState.TEST_RUNNING)))
     ).first() is not None
 
 

@@ -14,12 +14,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from drsite.core.states import FAILOVER_ITEM_STATUSES, LIVE_ITEM_STATUSES
 from drsite.vault.db.models import Group, Host, Item, Vm
-
-ACTIVE_ITEM_STATUSES = ("enabling", "protected", "disabling")
-# an item in any of these still stands for its VM (recovery plans find items by VM name)
-LIVE_ITEM_STATUSES = ("enabling", "protected", "disabling", "failing_over", "failed_over",
-                      "committed")
 
 
 def normalise_match(match: dict[str, Any] | None) -> dict[str, list[str]]:
@@ -54,9 +50,11 @@ def active_item_for_vm(s: Session, host_id: str, vm_id: str) -> Item | None:
 
 
 def items_by_vm(s: Session) -> dict[str, Item]:
-    """Active items by VM name (newest wins: a re-protected VM's reverse item)."""
+    """Items that still stand for their VM — protected or in a failover — by VM name (newest
+    wins: a re-protected VM's reverse item). Recovery plans find their items through this."""
     out: dict[str, Item] = {}
-    for it in s.scalars(select(Item).where(Item.status.in_(LIVE_ITEM_STATUSES))
+    statuses = LIVE_ITEM_STATUSES | FAILOVER_ITEM_STATUSES
+    for it in s.scalars(select(Item).where(Item.status.in_(statuses))
                         .order_by(Item.created_at)):
         out[it.vm_name] = it
     return out

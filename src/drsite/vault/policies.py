@@ -71,6 +71,8 @@ class PolicyValues:
     bandwidth_limit_bps: int | None
     resync_window: str
     rpo_threshold_s: float
+    scrub_interval_s: float | None = 86400.0
+    scrub_rate_bps: int | None = 32 << 20
 
     def check(self) -> PolicyValues:
         if self.frequency_s < 5:
@@ -88,6 +90,11 @@ class PolicyValues:
         # only a cloud store with keys encrypts at rest; a group with a site store refuses it
         if self.rpo_threshold_s < self.frequency_s:
             raise InvalidInput("rpo_threshold_s must be at least frequency_s")
+        if self.scrub_interval_s is not None and not 10 <= self.scrub_interval_s <= 366 * 86400:
+            raise InvalidInput("scrub_interval_s must be between 10 seconds and a year (or null "
+                               "for no scrub)", hint="One day (86400) suits most stores.")
+        if self.scrub_rate_bps is not None and self.scrub_rate_bps < 64 * 1024:
+            raise InvalidInput("scrub_rate_bps must be at least 65536 (or null for no limit)")
         parse_window(self.resync_window)
         validate_initial_start(self.initial_replication_start)
         return self
@@ -103,6 +110,8 @@ def apply_values(p: Policy, v: PolicyValues) -> None:
     p.bandwidth_limit_bps = v.bandwidth_limit_bps
     p.resync_window = v.resync_window
     p.rpo_threshold_s = v.rpo_threshold_s
+    p.scrub_interval_s = v.scrub_interval_s
+    p.scrub_rate_bps = v.scrub_rate_bps
 
 
 def agent_settings(p: Policy) -> dict[str, Any]:

@@ -15,11 +15,13 @@ from sqlalchemy.orm import Session
 
 from drsite.core.errors import Conflict, InvalidInput, NotFound
 from drsite.core.model import validate_name
+from drsite.core.states import ACTIVE_JOB_STATES, NOT_PROTECTED
 from drsite.vault.audit import record_event
 from drsite.vault.db.models import Job, RecoveryPlan, Task
 from drsite.vault.jobs import plan as P
 from drsite.vault.jobs.create import FAILOVER_KINDS, PLAN_ACTIONS, create_job, point_arg
 from drsite.vault.membership import items_by_vm
+from drsite.vault.policies import parse_window
 
 
 def _action_spec(d: Any, where: str) -> dict[str, Any]:
@@ -76,11 +78,47 @@ def validate_plan(d: Any) -> dict[str, Any]:
                     for j, a in enumerate(g.get("pre") or [])],
             "post": [_action_spec(a, f"{where}, post action {j + 1}")
                      for j, a in enumerate(g.get("post") or [])]})
-    return {"name": name, "description": str(d.get("description") or "")[:1000], "groups": out_groups}
+    out: dict[str, Any] = {"name": name, "description": str(d.get("description") or "")[:1000],
+                           "groups": out_groups, "drill": None}
+    if d.get("drill") is not None:
+        out["drill"] = validate_drill(d["drill"], f"plan {name}, drill")
+    return out
+
+
+def validate_drill(d: Any, where: str) -> dict[str, Any]:
+    """A drill schedule: ``{"every_s": seconds (or "daily"/"weekly"), "window": "HH:MM-HH:MM"
+    or null, "boot_timeout_s": 120, "probe": {"script", "timeout_s"} or null}``."""
+    if not isinstance(d, dict):
+        raise InvalidInput(f"{where}: a drill is an object with 'every_s'")
+    every = d.get("every_s", "weekly")
+    every = {"daily": 86400.0, "weekly": 7 * 86400.0}.get(str(every)) or every
+    try:
+        every_s = float(every)
+        boot = float(d.get("boot_timeout_s", 120))
+    except (TypeError, ValueError):
+        raise InvalidInput(f"{where}: every_s and boot_timeout_s are seconds") from None
+    if not 10 <= every_s <= 366 * 86400:
+        raise InvalidInput(f"{where}: every_s must be between 10 s and a year ('weekly', 'daily')")
+    if not 1 <= boot <= 3600:
+        raise InvalidInput(f"{where}: boot_timeout_s must be between 1 and 3600")
+    window = d.get("window")
+    if window is not None:
+        window = str(window)
+        parse_window(window)
+    probe = d.get("probe")
+    if probe is not None:
+        if not isinstance(probe, dict) or not str(probe.get("script") or "").strip():
+            raise InvalidInput(f"{where}: a probe is an object with a 'script'")
+        t = float(probe.get("timeout_s", 60))
+        if not 0 < t <= 3600:
+            raise InvalidInput(f"{where}: probe timeout_s must be between 0 and 3600")
+        probe = {"script": str(probe["script"]).strip(), "timeout_s": t}
+    return {"every_s": every_s, "window": window, "boot_timeout_s": boot, "probe": probe}
 
 
 def _spec_of(p: RecoveryPlan) -> dict[str, Any]:
-    return {"name": p.name, "description": p.description, "groups": p.spec.get("groups", [])}
+    return {"name": p.name, "description": p.description, "groups": p.spec.get("groups", []),
+            "drill": p.spec.get("drill")}
 
 
 def apply_plans(s: Session, docs: list[Any], now: float, *, dry_run: bool,
@@ -97,17 +135,20 @@ def apply_plans(s: Session, docs: list[Any], now: float, *, dry_run: bool,
     for spec in specs:
         cur = existing.get(spec["name"])
         if cur is None:
-            diff.append({"plan": spec["name"], "change": "create", "fields": ["description", "groups"]})
+            diff.append({"plan": spec["name"], "change": "create",
+                         "fields": ["description", "groups", *(["drill"] if spec["drill"] else [])]})
             if not dry_run:
                 s.add(RecoveryPlan(name=spec["name"], description=spec["description"],
-                                   spec={"groups": spec["groups"]}, created_at=now, updated_at=now))
+                                   spec={"groups": spec["groups"], "drill": spec["drill"]},
+                                   created_at=now, updated_at=now))
             continue
         old = _spec_of(cur)
-        fields = [k for k in ("description", "groups") if old[k] != spec[k]]
+        fields = [k for k in ("description", "groups", "drill") if old[k] != spec[k]]
         diff.append({"plan": spec["name"], "change": "update" if fields else "unchanged",
                      "fields": fields})
         if fields and not dry_run:
-            cur.description, cur.spec, cur.updated_at = spec["description"], {"groups": spec["groups"]}, now
+            cur.description, cur.updated_at = spec["description"], now
+            cur.spec = {"groups": spec["groups"], "drill": spec["drill"]}
     if prune:
         for pname, p in existing.items():
             if pname not in names:
@@ -138,9 +179,10 @@ def plan_view(s: Session, name: str) -> dict[str, Any]:
     for g in p.spec.get("groups", []):
         groups.append({"name": g["name"], "pre": g.get("pre", []), "post": g.get("post", []),
                        "items": [{"vm_name": v, "item_id": items[v].id if v in items else None,
-                                  "status": items[v].status if v in items else "not protected"}
+                                  "status": items[v].status if v in items else NOT_PROTECTED}
                                  for v in g["vms"]]})
     return {"name": p.name, "description": p.description, "groups": groups,
+            "drill": p.spec.get("drill"),
             "created_at": p.created_at, "updated_at": p.updated_at,
             "last_job": {"id": last.id, "action": last.args.get("action"), "state": last.state,
                          "message": last.message} if last else None}
@@ -153,7 +195,7 @@ def list_plans(s: Session) -> list[dict[str, Any]]:
 def delete_plan(s: Session, name: str, now: float) -> None:
     p = get_plan(s, name)
     if s.scalars(select(Job.id).where(Job.kind == P.PLAN, Job.target == p.name,
-                                      Job.state.in_(P.ACTIVE_JOB_STATES))).first():
+                                      Job.state.in_(ACTIVE_JOB_STATES))).first():
         raise Conflict(f"recovery plan {name} has a job running")
     s.delete(p)
     record_event(s, now, "plan", name, "deleted")
@@ -172,7 +214,7 @@ def start_plan_action(s: Session, name: str, action: str, args: dict[str, Any], 
         raise InvalidInput(f"unknown plan action {action!r}; known: {', '.join(PLAN_ACTIONS)}")
     p = get_plan(s, name)
     if s.scalars(select(Job.id).where(Job.kind == P.PLAN, Job.target == p.name,
-                                      Job.state.in_(P.ACTIVE_JOB_STATES))).first():
+                                      Job.state.in_(ACTIVE_JOB_STATES))).first():
         raise Conflict(f"recovery plan {name} already has a job running",
                        hint="Wait for it to end, or cancel it.")
     items = items_by_vm(s)
@@ -181,6 +223,23 @@ def start_plan_action(s: Session, name: str, action: str, args: dict[str, Any], 
     if missing:
         raise Conflict(f"plan {name}: VM(s) {', '.join(missing)} are not protected",
                        hint="Protect them or remove them from the plan.")
+    tasks, data = plan_tasks(groups, action)
+    tasks.append(("plan_summary", "Plan summary (measured RTO)"))
+    data.append({})
+    point = point_arg(args) if action in ("test_failover", "unplanned_failover") else None
+    job = create_job(s, P.PLAN, target=p.name, item_id=None, now=now, tasks=tuple(tasks),
+                     args={"action": action, "plan": p.name,
+                           **({"point": point} if point else {}),
+                           **({"notes": str(args.get("notes"))[:2000]} if args.get("notes") else {})})
+    for t in s.scalars(select(Task).where(Task.job_id == job.id).order_by(Task.idx)):
+        t.data = data[t.idx]
+    return job
+
+
+def plan_tasks(groups: list[dict[str, Any]], action: str
+               ) -> tuple[list[tuple[str, str]], list[dict[str, Any]]]:
+    """The tasks (and their data) that run ``action`` over a plan's groups, in order: pre
+    actions, the group's VMs in parallel, post actions (failovers only)."""
     if action == "cancel":
         groups = groups[::-1]  # undo in reverse order
     with_actions = action in FAILOVER_KINDS
@@ -198,13 +257,4 @@ def start_plan_action(s: Session, name: str, action: str, args: dict[str, Any], 
             for j, a in enumerate(g.get("post", [])):
                 tasks.append(("plan_action", f"Group {g['name']}: post {_describe(a)}"))
                 data.append({"group": g["name"], "phase": "post", "action": a, "idx": j})
-    tasks.append(("plan_summary", "Plan summary (measured RTO)"))
-    data.append({})
-    point = point_arg(args) if action in ("test_failover", "unplanned_failover") else None
-    job = create_job(s, P.PLAN, target=p.name, item_id=None, now=now, tasks=tuple(tasks),
-                     args={"action": action, "plan": p.name,
-                           **({"point": point} if point else {}),
-                           **({"notes": str(args.get("notes"))[:2000]} if args.get("notes") else {})})
-    for t in s.scalars(select(Task).where(Task.job_id == job.id).order_by(Task.idx)):
-        t.data = data[t.idx]
-    return job
+    return tasks, data

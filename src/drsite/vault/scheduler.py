@@ -12,6 +12,9 @@ own facts:
   policy's resync window (by hand, the Resync job sends it at once);
 - never more than one outstanding replication command (protect, cycle, resync) per item;
 - ``retention`` hourly (own command, one outstanding at most);
+- ``scrub`` of the item's recovery store every ``policy.scrub_interval_s``, sent to the host
+  that reads the store cheaply, and a repair ``resync`` (compared with what the store can
+  restore) when a scrub found the newest point damaged (rules in ``vault/scrub.py``);
 - after a failed command: transient → next attempt after 1, 2, 4, 8, 10 min, then every 30 min
   (:class:`drsite.core.retry.RetryState`, kept in the item row so a restart keeps the schedule);
   permanent → the item goes Critical and nothing more is sent until an operator resyncs by hand.
@@ -30,22 +33,26 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from drsite.core.errors import CorruptData, TrackingLost, from_dict
 from drsite.core.model import TrackingState
 from drsite.core.retry import RetryState
+from drsite.core.states import OPEN_COMMAND_STATUSES, CommandStatus, ItemProtection
 from drsite.replication.planner import Action, PlanInput, app_consistent_due, next_cycle_at, plan
 from drsite.replication.report import ItemState
-from drsite.vault import commands
+from drsite.vault import commands, storeacl
+from drsite.vault import scrub as scrubbing
 from drsite.vault.audit import record_event
 from drsite.vault.db.database import Database
 from drsite.vault.db.models import Command, Group, Host, Item, Policy
 from drsite.vault.ids import new_id
-from drsite.vault.policies import parse_window
+from drsite.vault.policies import agent_settings, parse_window
+from drsite.vault.retries import early_retry, store_sites_up
 from drsite.vault.settings import VaultSettings
 
 log = logging.getLogger(__name__)
 
 # permanent errors the agent remedies itself by marking the item for resync
-SELF_REMEDIED = frozenset({"tracking_lost", "corrupt_data"})
+SELF_REMEDIED = (TrackingLost, CorruptData)
 
 
 def effective_state(item: Item) -> ItemState:
@@ -70,24 +77,28 @@ def preload_policies(s: Session) -> list[object]:
 
 
 def apply_result(s: Session, cmd: Command, now: float) -> None:
-    """Digest the end of a scheduler command (no job): retry bookkeeping and Critical."""
+    """Digest the end of a scheduler command (no job): retry bookkeeping and Critical; scrub
+    reports (``vault/scrub.py``)."""
+    if cmd.kind == "scrub" and cmd.item_id is not None and cmd.job_id is None:
+        _apply_scrub(s, cmd, now)
+        return
     if cmd.job_id is not None or cmd.item_id is None or cmd.kind not in ("cycle", "resync", "retention"):
         return
     item = s.get(Item, cmd.item_id)
-    if item is None or item.status != "protected":
+    if item is None or item.status != ItemProtection.PROTECTED:
         return
     retry = RetryState.from_dict(item.retry or {})
-    if cmd.status == "succeeded":
+    if cmd.status == CommandStatus.SUCCEEDED:
         if cmd.kind in ("cycle", "resync"):
             retry.record_success()
             item.retry = retry.to_dict()
         if cmd.kind == "cycle" and cmd.args.get("app_consistent"):
             item.last_app_cycle_at = cmd.created_at
         return
-    if cmd.status != "failed":
+    if cmd.status != CommandStatus.FAILED:
         return
-    err = commands.error_from_dict(cmd.error)
-    if not err.transient and err.code in SELF_REMEDIED:
+    err = from_dict(cmd.error)
+    if isinstance(err, SELF_REMEDIED):
         return
     if cmd.kind == "retention":
         log.warning("retention of %s failed: %s", item.id, err.message)
@@ -96,9 +107,22 @@ def apply_result(s: Session, cmd: Command, now: float) -> None:
     item.retry = retry.to_dict()
     if not err.transient:
         item.critical_error = err.to_dict()
-        item.state = ItemState.CRITICAL.value
+        item.state = ItemState.CRITICAL
         record_event(s, now, "item", item.id, f"{item.vm_name} is critical: {err.message}")
     item.updated_at = now
+
+
+def _apply_scrub(s: Session, cmd: Command, now: float) -> None:
+    item = s.get(Item, cmd.item_id)
+    if item is None:
+        return
+    host = s.get(Host, cmd.host_id)
+    name = host.name if host is not None else cmd.host_id
+    if cmd.status == CommandStatus.SUCCEEDED:
+        scrubbing.apply_scrub(s, item, dict((cmd.result or {}).get("scrub") or {}), name, now)
+    elif cmd.status == CommandStatus.FAILED:
+        log.warning("scrub of %s on %s failed: %s", item.id, name, (cmd.error or {}).get("message"))
+        scrubbing.apply_scrub_failure(item, dict(cmd.error or {}), name, now)
 
 
 @dataclass
@@ -129,14 +153,21 @@ class Scheduler:
         now = self.settings.clock.now()
         with self.db.read() as s:
             open_kinds = _open_kinds(s, None)
+            stores_up = store_sites_up(s, now, self.settings.agent_down_after_s)
             rows = s.execute(select(Item, Policy)
                              .join(Group, Group.id == Item.group_id)
                              .join(Policy, Policy.id == Group.policy_id)
-                             .where(Item.status == "protected", Item.active_job_id.is_(None))
+                             .where(Item.status == ItemProtection.PROTECTED, Item.active_job_id.is_(None))
                              .order_by(Item.id)).all()
             due: list[_Due] = []
             for item, policy in rows:
-                due.extend(self._item(item, policy, open_kinds.get(item.id, set()), now))
+                kinds = open_kinds.get(item.id, set())
+                for d in self._item(item, policy, kinds, now, item.target_site_id in stores_up):
+                    if d.kind == "retention":  # a site store's own agent runs it
+                        d.host_id, d.args = storeacl.retention_target(s, item,
+                                                                      agent_settings(policy))
+                    due.append(d)
+                due.extend(_scrub(s, item, policy, kinds, now))
         if not due:
             return []
         return self._write(due, now)
@@ -148,7 +179,8 @@ class Scheduler:
         ids = sorted({d.item_id for d in due})
         sent: list[Command] = []
         with self.db.tx() as s:
-            still = set(s.scalars(select(Item.id).where(Item.id.in_(ids), Item.status == "protected",
+            still = set(s.scalars(select(Item.id).where(Item.id.in_(ids),
+                                                        Item.status == ItemProtection.PROTECTED,
                                                         Item.active_job_id.is_(None))))
             open_kinds = _open_kinds(s, ids)
             values: dict[str, dict[str, Any]] = {}
@@ -161,7 +193,7 @@ class Scheduler:
                     continue
                 taken.add(d.kind)
                 sent.append(Command(id=new_id("c"), host_id=d.host_id, item_id=d.item_id, job_id=None,
-                                    kind=d.kind, args=d.args, status="pending", progress=0.0,
+                                    kind=d.kind, args=d.args, status=CommandStatus.PENDING, progress=0.0,
                                     deliveries=0, created_at=now, updated_at=now))
                 values.setdefault(d.item_id, {}).update(d.item_values)
             for item_id in sorted(values):
@@ -175,9 +207,13 @@ class Scheduler:
         """The planner's action for ``item`` now (pure in what it reads)."""
         return self._plan(item, policy, now)[0]
 
-    def _plan(self, item: Item, policy: Policy, now: float) -> tuple[Action, float]:
-        """The planner's action and the time the next cycle is (was) due."""
+    def _plan(self, item: Item, policy: Policy, now: float,
+              store_up: bool = False) -> tuple[Action, float]:
+        """The planner's action and the time the next cycle is (was) due. ``store_up``: an
+        agent serving the item's recovery store is up (see :func:`early_retry`)."""
         retry = RetryState.from_dict(item.retry or {})
+        if early_retry(retry, store_up, now, self.settings.heartbeat_interval):
+            retry.next_attempt_at = now
         window = parse_window(policy.resync_window)
         report = item.report or {}
         nxt = next_cycle_at(item.last_cycle_sent_at, policy.frequency_s, now)
@@ -192,10 +228,21 @@ class Scheduler:
             cycle_in_flight=False)
         return plan(pi).action, nxt
 
-    def _item(self, item: Item, policy: Policy, open_kinds: set[str], now: float) -> list[_Due]:
+    def _item(self, item: Item, policy: Policy, open_kinds: set[str], now: float,
+              store_up: bool = False) -> list[_Due]:
         out: list[_Due] = []
-        if not open_kinds.intersection(commands.REPLICATION_KINDS):
-            action, due_at = self._plan(item, policy, now)
+        repair = scrubbing.repair_due(item)
+        if repair is not None and not open_kinds.intersection(commands.REPLICATION_KINDS) \
+                and effective_state(item) is not ItemState.CRITICAL:
+            # the newest point is damaged in the store: re-send it from the source (the resync
+            # compares the source with what the store can restore), before any new cycle
+            sc = dict(item.scrub or {})
+            out.append(_Due(item.id, item.host_id, "resync",
+                            {"by_hand": False, "from_store": True, "reason": repair},
+                            {"scrub": {**sc, "repair_for": sc.get("latest_point"),
+                                       "repair_sent_at": now}}))
+        elif not open_kinds.intersection(commands.REPLICATION_KINDS):
+            action, due_at = self._plan(item, policy, now, store_up)
             if action is Action.DELTA:
                 last_app = max(item.last_app_point_time or 0.0, item.last_app_cycle_at or 0.0) or None
                 app = app_consistent_due(last_app, policy.app_consistent_every_s, now)
@@ -214,9 +261,23 @@ class Scheduler:
         return out
 
 
+def _scrub(s: Session, item: Item, policy: Policy, open_kinds: set[str], now: float) -> list[_Due]:
+    """A ``scrub`` for the item's store host when a pass is due or goes on (one open at most)."""
+    if "scrub" in open_kinds:
+        return []
+    new_pass = scrubbing.scrub_due(item, policy, now)
+    if new_pass is None:
+        return []
+    host, spec = scrubbing.scrub_host(s, item)
+    if host is None:
+        return []
+    args = scrubbing.scrub_args(policy, spec, storeacl.existing_point_key(s, item.id))
+    return [_Due(item.id, host.id, "scrub", args, {"last_scrub_at": now} if new_pass else {})]
+
+
 def _open_kinds(s: Session, item_ids: list[str] | None) -> dict[str, set[str]]:
     """Kinds of the open commands per item: of every item (one query), or of ``item_ids``."""
-    q = select(Command.item_id, Command.kind).where(Command.status.in_(commands.OPEN),
+    q = select(Command.item_id, Command.kind).where(Command.status.in_(OPEN_COMMAND_STATUSES),
                                                     Command.item_id.is_not(None))
     if item_ids is not None:
         q = q.where(Command.item_id.in_(item_ids))

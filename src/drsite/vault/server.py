@@ -1,15 +1,17 @@
 """``run_vault``: the vault as a process (what ``drsite vault serve`` calls).
 
 Bootstraps ``data_dir`` (CA in ``DATA/pki``, HTTPS certificate with SANs localhost and
-127.0.0.1, database schema via ``alembic upgrade head``, first admin token in
-``DATA/admin.token`` mode 0600 — printed once, at first start), then serves the API over HTTPS
-(client certificates optional at the TLS layer, required by agent routes) with the job runner,
-scheduler and health loop running inside, until SIGTERM/SIGINT.
+127.0.0.1, database schema via ``alembic upgrade head``, the master key sealing secrets at rest,
+first admin token in ``DATA/admin.token`` mode 0600 — printed once, at first start), then serves
+the API over HTTPS (client certificates optional at the TLS layer, required by agent routes) with
+the job runner, scheduler and health loop running inside, until SIGTERM/SIGINT. The process runs
+with umask 077: every file it (or a vault-side plan script) creates is private.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,15 +35,18 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 
 def run_vault(data_dir: Path, listen: str = "127.0.0.1:8443", db_url: str | None = None,
-              heartbeat_interval: float = 2.0, routers: Sequence[APIRouter] = ()) -> None:
+              heartbeat_interval: float = 2.0, master_key_file: Path | None = None,
+              routers: Sequence[APIRouter] = ()) -> None:
     """Run a vault in the foreground until it is asked to stop (blocking). ``routers``: more
     routes to serve beside the API (the CLI adds the dashboard)."""
     host, port = parse_listen(listen)
     if heartbeat_interval <= 0:
         raise InvalidInput("heartbeat_interval must be > 0")
+    os.umask(0o077)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = VaultSettings(data_dir=Path(data_dir), db_url=db_url, heartbeat_interval=heartbeat_interval)
+    settings = VaultSettings(data_dir=Path(data_dir), db_url=db_url, heartbeat_interval=heartbeat_interval,
+                             master_key_file=master_key_file)
     vault = bootstrap(settings)
     if vault.new_admin_token is not None:
         # the first admin token is in DATA/admin.token (0600); it is shown once on an interactive

@@ -20,14 +20,16 @@ def local_minute_of_day(t: float) -> int:
 class VaultSettings:
     """What a vault needs to run.
 
-    ``db_url`` None → SQLite file ``DATA/vault.db``. ``clock`` and ``minute_of_day`` are injected
-    for tests (resync windows are in local time by default). ``background`` runs the job runner,
-    scheduler and health loop in a thread while the app is up; tests set it False and call
-    ``tick()`` themselves.
+    ``db_url`` None → SQLite file ``DATA/vault.db``. ``master_key_file`` None →
+    ``DATA/master.key`` (the key that seals secrets at rest, see ``vault/masterkey.py``).
+    ``clock`` and ``minute_of_day`` are injected for tests (resync windows are in local time by
+    default). ``background`` runs the job runner, scheduler and health loop in a thread while
+    the app is up; tests set it False and call ``tick()`` themselves.
     """
 
     data_dir: Path
     db_url: str | None = None
+    master_key_file: Path | None = None
     heartbeat_interval: float = 2.0
     missed_heartbeats: int = 3
     clock: Clock = field(default_factory=SystemClock)
@@ -37,19 +39,32 @@ class VaultSettings:
     health_interval: float = 2.0  # seconds between health passes of the background loop
     # a command delivered but not acknowledged (still "sent") is delivered again after this
     resend_after_s: float = 30.0
-    # a "running" command with no news for this long is delivered again (agents are idempotent)
-    stale_running_s: float = 900.0
+    # last resort: a "running" command with no news (progress is posted at least every 10 s)
+    # for this many heartbeat intervals is delivered again (agents are idempotent). A command
+    # the agent's heartbeat does not hold is re-delivered at once (``commands.deliver``).
+    stale_running_heartbeats: int = 30
     retention_every_s: float = 3600.0
     # a cancelled EnableProtection waits this long for the agent to confirm the unprotect
     rollback_timeout_s: float = 600.0
+    # an agent's clock may run this far ahead of the vault's when its retention removes points
+    retention_skew_s: float = 300.0
 
     @property
     def database_url(self) -> str:
         return self.db_url or sqlite_url(self.data_dir / "vault.db")
 
     @property
+    def master_key_path(self) -> Path:
+        return self.master_key_file or self.data_dir / "master.key"
+
+    @property
     def pki_dir(self) -> Path:
         return self.data_dir / "pki"
+
+    @property
+    def stale_running_s(self) -> float:
+        # not below 30 s: three of the agent's progress posts (every 10 s while running)
+        return max(30.0, self.stale_running_heartbeats * self.heartbeat_interval)
 
     @property
     def agent_down_after_s(self) -> float:

@@ -22,8 +22,9 @@ from sqlalchemy.orm import Session
 
 from drsite.core.errors import InvalidInput, NotFound
 from drsite.core.model import validate_name
+from drsite.core.states import ItemProtection
 from drsite.store.factory import StoreSpec
-from drsite.vault import commands
+from drsite.vault import commands, storeacl
 from drsite.vault.db.models import Group, Item, Policy, Site, Store
 from drsite.vault.policies import agent_settings
 
@@ -130,12 +131,13 @@ def push_spec(s: Session, row: Store, now: float) -> int:
     for g in s.scalars(select(Group).where(Group.store_id == row.id)):
         policy = s.get(Policy, g.policy_id) if g.policy_id else None
         for item in s.scalars(select(Item).where(Item.group_id == g.id,
-                                                 Item.status == "protected",
+                                                 Item.status == ItemProtection.PROTECTED,
                                                  Item.active_job_id.is_(None))):
             site = s.get(Site, item.target_site_id)
             args: dict[str, Any] = {"vm_id": item.vm_id, "target_site": site.name if site else "",
                                     "store_url": CLOUD_STORE_URL + row.name, "store": spec,
-                                    "settings": agent_settings(policy) if policy else {}}
+                                    "settings": agent_settings(policy) if policy else {},
+                                    "point_key": storeacl.point_key(s, item.id, now)}
             commands.enqueue(s, host_id=item.host_id, kind="protect", item_id=item.id,
                              args=args, now=now)
             n += 1

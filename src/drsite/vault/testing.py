@@ -18,8 +18,10 @@ from fastapi import APIRouter
 from fastapi.testclient import TestClient
 
 from drsite.core.clock import FakeClock
+from drsite.core.model import PowerState
 from drsite.pki import make_key_and_csr
 from drsite.replication.report import ItemReport, ItemState
+from drsite.sitestore.acl import acl_digest
 from drsite.vault.api.deps import peer_cert
 from drsite.vault.app import create_app
 from drsite.vault.context import Vault
@@ -35,7 +37,7 @@ def utc_minute_of_day(t: float) -> int:
 def vm_info(vm_id: str, name: str, *, labels: list[str] | None = None) -> dict[str, Any]:
     d: dict[str, Any] = {"vm_id": vm_id, "name": name, "vcpus": 1, "memory_mib": 512,
                          "nics": [{"network": "lan", "mac": "52:54:00:00:00:01", "ip": None}],
-                         "disks": [{"disk_id": "disk0", "size": 1 << 20}], "power": "running"}
+                         "disks": [{"disk_id": "disk0", "size": 1 << 20}], "power": PowerState.RUNNING.value}
     if labels is not None:
         d["labels"] = labels
     return d
@@ -61,6 +63,11 @@ class Agent:
     def __init__(self, h: Harness, host_id: str, site: str, name: str, cert_pem: bytes) -> None:
         self.h, self.host_id, self.site, self.name = h, host_id, site, name
         self.cert_der = x509.load_pem_x509_certificate(cert_pem).public_bytes(serialization.Encoding.DER)
+        # like a real store-serving agent: the last access list received, its digest sent back
+        self.store_url: str | None = None
+        self.store_acl: dict[str, Any] | None = None
+        self.last_vms: list[dict[str, Any]] = []
+        h.agents.append(self)
 
     def post(self, path: str, body: Any) -> Any:
         self.h.peer = self.cert_der
@@ -70,11 +77,19 @@ class Agent:
             self.h.peer = None
 
     def beat(self, vms: list[dict[str, Any]] | None = None, items: list[dict[str, Any]] | None = None,
-             store_url: str | None = None) -> dict[str, Any]:
-        r = self.post("/heartbeat", {"host_name": self.name, "version": "test", "store_url": store_url,
-                                     "vms": vms or [], "items": items or []})
+             store_url: str | None = None, held: list[str] | None = None) -> dict[str, Any]:
+        digest = acl_digest(self.store_acl) if self.store_acl is not None else None
+        body: dict[str, Any] = {"host_name": self.name, "version": "test", "store_url": store_url,
+                                "vms": vms or [], "items": items or [],
+                                "store_acl_digest": digest}
+        if held is not None:
+            body["held"] = held
+        r = self.post("/heartbeat", body)
         assert r.status_code == 200, r.text
         out: dict[str, Any] = r.json()
+        self.store_url, self.last_vms = store_url, list(vms or [])
+        if out.get("store_acl") is not None:
+            self.store_acl = out["store_acl"]
         return out
 
     def result(self, command_id: str, status: str, **kw: Any) -> Any:
@@ -94,6 +109,7 @@ class Harness:
         self.client = TestClient(self.app, raise_server_exceptions=False)
         self.client.__enter__()
         self.admin = (data_dir / "admin.token").read_text().strip()
+        self.agents: list[Agent] = []
 
     def close(self) -> None:
         self.client.__exit__(None, None, None)
@@ -129,6 +145,15 @@ class Harness:
 
     def tick(self) -> None:
         self.vault.tick()
+
+    def store_beat(self) -> None:
+        """Every store-serving agent beats twice (it receives its store's new access list, then
+        confirms it), as real ones do within two heartbeat intervals. A job sends ``protect``
+        to a site-store item's source only once its store confirmed the item's grant."""
+        for _ in range(2):
+            for a in self.agents:
+                if a.store_url is not None:
+                    a.beat(vms=a.last_vms, store_url=a.store_url)
 
     def job(self, job_id: str) -> dict[str, Any]:
         out: dict[str, Any] = self.ok("GET", f"/jobs/{job_id}")

@@ -3,10 +3,11 @@
 Every function here calls the REST API's route functions (``vault.api.inventory``,
 ``operations``, ``protection``) or its view functions (``vault.api.views``) — the same
 serialisable reports the API returns — with the logged-in user as the principal, so the
-dashboard and ``GET /api/v1/...`` can never disagree. Three reads have no route of their own
+dashboard and ``GET /api/v1/...`` can never disagree. Four reads have no route of their own
 and use the API's view over one query: the jobs of one item (``job_view``), the recovery points
-of the plotted window (``dict(point.info)``, as ``GET /items/{id}/points``), and the changed
-bytes of the last hour per item (summed over that same catalogue).
+of the plotted window and the damaged ones (``dict(point.info)`` with ``damage``, as ``GET
+/items/{id}/points``), and the changed bytes of the last hour per item (summed over that same
+catalogue). Drills are ``vault.api.drills``' routes.
 """
 
 from __future__ import annotations
@@ -17,9 +18,13 @@ from typing import Any
 from sqlalchemy import func, select
 
 from drsite.core.errors import NotFound
+from drsite.core.states import JobState, TaskState
 from drsite.vault import recovery_plans
+from drsite.vault.api import audit as audit_api
+from drsite.vault.api import drills as drills_api
 from drsite.vault.api import inventory, operations, protection
 from drsite.vault.api.deps import Principal
+from drsite.vault.api.schemas import VerifyIn
 from drsite.vault.api.views import job_view
 from drsite.vault.context import Vault
 from drsite.vault.db.models import Job, Point
@@ -30,6 +35,7 @@ from drsite.web.session import WebUser
 log = logging.getLogger(__name__)
 
 CHURN_WINDOW_S = 3600.0
+DAMAGED_SHOWN = 20
 
 
 def principal(user: WebUser) -> Principal:
@@ -119,9 +125,51 @@ def item_page(vault: Vault, user: WebUser, item_id: str, window: str | None) -> 
     threshold = float(policy["rpo_threshold_s"]) if policy else None
     w = pts.pop("w")
     return {"item": item, "policy": policy, "jobs": jobs, **pts, "windows": list(charts.WINDOWS),
+            "damaged": damaged_points(vault, item["id"]), "scrub": scrub_status(item, policy),
             "rpo_svg": charts.rpo_chart(pts["points"], w, threshold),
             "timeline_svg": charts.timeline(pts["points"], w),
             "churn_bps": churn_by_item(vault, now, item["id"]).get(item["id"])}
+
+
+def item(vault: Vault, user: WebUser, item_id: str) -> dict[str, Any]:
+    return protection.show_item(item_id, vault, principal(user))
+
+
+def damaged_points(vault: Vault, item_id: str) -> list[dict[str, Any]]:
+    """The item's newest points marked damaged (by a scrub or a verify), newest first, each as
+    ``GET /items/{id}/points`` serialises it."""
+    with vault.db.read() as s:
+        rows = s.scalars(select(Point).where(Point.item_id == item_id, Point.damage.is_not(None))
+                         .order_by(Point.seq.desc(), Point.id.desc()).limit(DAMAGED_SHOWN))
+        return [{**dict(p.info), "damage": p.damage} for p in rows]
+
+
+def scrub_status(item: dict[str, Any], policy: dict[str, Any] | None) -> dict[str, Any]:
+    """The item's last scrub as the item view reports it, and when the next pass is due."""
+    sc = dict(item.get("scrub") or {})
+    interval = policy.get("scrub_interval_s") if policy else None
+    last = item.get("last_scrub_at")
+    return {**sc, "interval_s": interval, "rate_bps": policy.get("scrub_rate_bps") if policy else None,
+            "last_pass_at": last,
+            "next_at": (float(last) + float(interval)) if last is not None and interval else None,
+            "findings": list(sc.get("findings") or [])[:10],
+            "findings_total": int(sc.get("findings_total") or 0)}
+
+
+def start_verify(vault: Vault, user: WebUser, item_id: str, which: str) -> str:
+    """A Verify job of the item's newest point or of all its points; the job's id."""
+    body = VerifyIn(point=None, all=which == "all")
+    return str(protection.verify(item_id, body, vault, principal(user))["job_id"])
+
+
+def drills(vault: Vault, user: WebUser, plan: str | None,
+           group: str | None = None) -> list[dict[str, Any]]:
+    return drills_api.list_drills(vault, principal(user), plan=plan or None,
+                                  group=group or None, limit=100)
+
+
+def drill(vault: Vault, user: WebUser, drill_id: str) -> dict[str, Any]:
+    return drills_api.show_drill(drill_id, vault, principal(user))
 
 
 def jobs(vault: Vault, user: WebUser, state: str | None, kind: str | None) -> list[dict[str, Any]]:
@@ -136,10 +184,15 @@ def job(vault: Vault, user: WebUser, job_id: str) -> dict[str, Any]:
 
 def waiting_for_operator(j: dict[str, Any]) -> bool:
     """A plan job paused at a manual step: still running, its current task waits for a resume."""
-    if j.get("state") != "running":
+    if j.get("state") != JobState.RUNNING:
         return False
-    current = next((t for t in j.get("tasks", []) if t.get("state") == "running"), None)
+    current = next((t for t in j.get("tasks", []) if t.get("state") == TaskState.RUNNING), None)
     return current is not None and "waiting for operator" in str(current.get("message") or "").lower()
+
+
+def audit(vault: Vault, user: WebUser, actor: str | None, before: int | None) -> dict[str, Any]:
+    """The audit trail page (admin only: the route refuses other roles)."""
+    return audit_api.list_audit(vault, principal(user), limit=100, actor=actor, before=before)
 
 
 def alerts(vault: Vault, user: WebUser, state: str | None) -> list[dict[str, Any]]:

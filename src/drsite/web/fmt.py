@@ -11,6 +11,9 @@ from typing import Any
 
 from markupsafe import Markup
 
+from drsite.core.states import NOT_PROTECTED, ItemProtection, JobState, TaskState
+from drsite.replication.report import Health, ItemState
+
 
 def utc(t: float | None) -> str:
     """``2026-11-23 21:30:05 UTC`` (empty for None)."""
@@ -80,13 +83,18 @@ def pct(v: float | None) -> str:
     return "—" if v is None else f"{v:.0f} %"
 
 
-HEALTH_CLASSES = {"normal": "ok", "warning": "warn", "critical": "crit"}
-STATE_CLASSES = {"succeeded": "ok", "running": "run", "queued": "muted", "cancelling": "warn",
-                 "failed": "crit", "cancelled": "muted", "pending": "muted", "skipped": "muted",
-                 # protected items: replication state and protection life cycle
-                 "protected": "ok", "initial_replication": "run", "resyncing": "run", "enabling": "run",
-                 "resync_required": "warn", "failing_over": "run", "failed_over": "warn",
-                 "not protected": "warn", "critical": "crit"}
+HEALTH_CLASSES: dict[str, str] = {Health.NORMAL: "ok", Health.WARNING: "warn",
+                                  Health.CRITICAL: "crit"}
+STATE_CLASSES: dict[str, str] = {
+    JobState.SUCCEEDED: "ok", JobState.RUNNING: "run", JobState.QUEUED: "muted",
+    JobState.CANCELLING: "warn", JobState.FAILED: "crit", JobState.CANCELLED: "muted",
+    TaskState.PENDING: "muted", TaskState.SKIPPED: "muted",
+    # protected items: replication state and protection life cycle
+    ItemProtection.PROTECTED: "ok", ItemState.INITIAL_REPLICATION: "run",
+    ItemState.RESYNCING: "run", ItemProtection.ENABLING: "run", ItemState.RESYNC_REQUIRED: "warn",
+    ItemProtection.FAILING_OVER: "run", ItemProtection.FAILED_OVER: "warn",
+    NOT_PROTECTED: "warn", ItemState.CRITICAL: "crit",
+    "passed": "ok"}  # a drill (running and failed are the job states' words)
 
 
 def badge(value: Any, kind: str = "state") -> Markup:

@@ -11,6 +11,7 @@ from fastapi.responses import HTMLResponse, Response
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 from drsite import __version__
+from drsite.core.states import ItemProtection, JobState, TaskState
 from drsite.web import fmt
 
 # script and style only from /ui/static; no inline script, no inline style, no framing
@@ -54,7 +55,8 @@ def env() -> Environment:
                     undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     e.filters.update(utc=fmt.utc, duration=fmt.duration, size=fmt.size, rate=fmt.rate, pct=fmt.pct,
                      short=fmt.short)
-    e.globals.update(static_url=static_url, badge=fmt.badge, version=__version__)
+    e.globals.update(static_url=static_url, badge=fmt.badge, version=__version__,
+                     JobState=JobState, TaskState=TaskState, ItemProtection=ItemProtection)
     return e
 
 

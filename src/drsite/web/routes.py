@@ -19,6 +19,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from drsite.core.errors import AuthError, Conflict, DrsiteError, InvalidInput, NotFound
+from drsite.core.states import JOB_FILTER_ACTIVE, JobState
+from drsite.vault.api.deps import set_actor
 from drsite.vault.context import Vault
 from drsite.web import data
 from drsite.web.render import page, static_response
@@ -41,7 +43,8 @@ SESSION_MAX_AGE_S = 12 * 3600
 MAX_FORM_BYTES = 16 * 1024
 NAV = (("overview", "/ui", "Overview"), ("vms", "/ui/vms", "Protected VMs"),
        ("jobs", "/ui/jobs", "Jobs"), ("plans", "/ui/plans", "Recovery plans"),
-       ("alerts", "/ui/alerts", "Alerts"))
+       ("drills", "/ui/drills", "Drills"), ("alerts", "/ui/alerts", "Alerts"))
+ADMIN_NAV = (("audit", "/ui/audit", "Audit"),)  # shown to admins only (the page is admin only)
 
 
 # Plan actions: label, what will happen (shown on the confirmation), whether it is disruptive
@@ -79,6 +82,12 @@ PLAN_ACTIONS: dict[str, tuple[str, str, bool]] = {
         "Reverses replication: the failed-over VMs replicate back to the original site, resyncing "
         "against the old primary disks so that only differences travel.", True),
 }
+VERIFY_WHAT = ("Reads the chosen recovery points whole from the recovery store, on the host that "
+               "serves it, checking every piece of data against its hash, and records each disk's "
+               "digest. A point that cannot be restored exactly is marked damaged and refused for "
+               "failover (the job fails); a point proven whole loses an earlier damage mark. "
+               "Replication goes on meanwhile; nothing is changed in the store.")
+VERIFY_CHOICES = (("latest", "The newest recovery point"), ("all", "Every kept recovery point"))
 POINT_CHOICES = (("latest", "Latest recovery point (lowest RPO)"),
                  ("latest_app", "Latest app-consistent recovery point"))
 POINT_ACTIONS = ("test_failover", "unplanned_failover")
@@ -107,16 +116,21 @@ def _login_redirect(request: Request) -> Response:
     return RedirectResponse(f"/ui/login?next={quote(target, safe='')}", status_code=303)
 
 
+def _nav(user: WebUser | None) -> tuple[tuple[str, str, str], ...]:
+    return NAV + ADMIN_NAV if user is not None and user.is_admin else NAV
+
+
 def _ctx(vault: Vault, user: WebUser, active: str, **kw: Any) -> dict[str, Any]:
-    return {"user": user, "now": _now(vault), "nav": NAV, "active": active, "poll": POLL, **kw}
+    return {"user": user, "now": _now(vault), "nav": _nav(user), "active": active, "poll": POLL,
+            **kw}
 
 
 def _error(vault: Vault, user: WebUser | None, err: DrsiteError, status: int,
            fragment: bool = False) -> HTMLResponse:
     if fragment:
         return page("fragments/error.html", status, err=err)
-    return page("error.html", status, user=user, now=_now(vault), nav=NAV, active="", err=err,
-                poll=POLL)
+    return page("error.html", status, user=user, now=_now(vault), nav=_nav(user), active="",
+                err=err, poll=POLL)
 
 
 def _status(err: DrsiteError) -> int:
@@ -191,12 +205,13 @@ async def login(request: Request) -> Response:
                     hint=None)
     token = form.get("token", "").strip()
     try:
-        await run_in_threadpool(check_token, vault, token)
+        user = await run_in_threadpool(check_token, vault, token)
     except AuthError as e:
         msg = ("Enter an API token." if not token else
                "That token was not accepted: it is not a token of this vault (it may have been "
                "deleted, or mistyped).")
         return page("login.html", 401, next=nxt, error=msg, hint=e.hint or None)
+    set_actor(request, "token", user.name)  # the audit trail's "who" of this login
     resp = RedirectResponse(nxt, status_code=303)
     resp.set_cookie(COOKIE, token, max_age=SESSION_MAX_AGE_S, path="/ui", httponly=True,
                     samesite="strict", secure=cookie_secure(request))
@@ -251,9 +266,37 @@ def item_fragment(request: Request, item_id: str, window: str | None = None) -> 
                  lambda v, u: data.item_page(v, u, item_id, window), True)
 
 
+def _drills_ctx(v: Vault, u: WebUser, plan: str | None, group: str | None) -> dict[str, Any]:
+    return {"drills": data.drills(v, u, plan, group), "plan": plan or "", "group": group or ""}
+
+
+@router.get("/ui/drills")
+def drills(request: Request, plan: str | None = None, group: str | None = None) -> Response:
+    return _view(request, "drills.html", "drills", lambda v, u: _drills_ctx(v, u, plan, group))
+
+
+@router.get("/ui/f/drills")
+def drills_fragment(request: Request, plan: str | None = None,
+                    group: str | None = None) -> Response:
+    return _view(request, "fragments/drills.html", "drills",
+                 lambda v, u: _drills_ctx(v, u, plan, group), True)
+
+
+@router.get("/ui/drills/{drill_id}")
+def drill(request: Request, drill_id: str) -> Response:
+    return _view(request, "drill.html", "drills", lambda v, u: {"drill": data.drill(v, u, drill_id)})
+
+
+@router.get("/ui/f/drills/{drill_id}")
+def drill_fragment(request: Request, drill_id: str) -> Response:
+    return _view(request, "fragments/drill.html", "drills",
+                 lambda v, u: {"drill": data.drill(v, u, drill_id)}, True)
+
+
 def _jobs_ctx(v: Vault, u: WebUser, state: str | None, kind: str | None) -> dict[str, Any]:
     return {"jobs": data.jobs(v, u, state, kind), "state": state or "", "kind": kind or "",
-            "states": ("active", "queued", "running", "succeeded", "failed", "cancelled")}
+            "states": (JOB_FILTER_ACTIVE, JobState.QUEUED, JobState.RUNNING, JobState.SUCCEEDED,
+                       JobState.FAILED, JobState.CANCELLED)}
 
 
 @router.get("/ui/jobs")
@@ -286,6 +329,25 @@ def alerts(request: Request, state: str | None = None) -> Response:
 def alerts_fragment(request: Request, state: str | None = None) -> Response:
     return _view(request, "fragments/alerts.html", "alerts",
                  lambda v, u: {"alerts": data.alerts(v, u, state), "state": state or ""}, True)
+
+
+def _audit_ctx(v: Vault, u: WebUser, actor: str | None, before: str | None) -> dict[str, Any]:
+    if before is not None and before != "" and not before.isdigit():
+        raise InvalidInput("before must be an audit entry id")
+    cursor = int(before) if before else None
+    return {"audit": data.audit(v, u, actor or None, cursor), "actor": actor or "",
+            "before": cursor}
+
+
+@router.get("/ui/audit")
+def audit(request: Request, actor: str | None = None, before: str | None = None) -> Response:
+    return _view(request, "audit.html", "audit", lambda v, u: _audit_ctx(v, u, actor, before))
+
+
+@router.get("/ui/f/audit")
+def audit_fragment(request: Request, actor: str | None = None, before: str | None = None) -> Response:
+    return _view(request, "fragments/audit.html", "audit",
+                 lambda v, u: _audit_ctx(v, u, actor, before), True)
 
 
 def _plans_ctx(v: Vault, _u: WebUser) -> dict[str, Any]:
@@ -344,6 +406,21 @@ def _job_confirm(job_id: str, action: str) -> dict[str, Any]:
                         "The job is paused at a manual step of its recovery plan. Resume it once that "
                         "step is done: the plan goes on with its next action or group.",
                         f"/ui/jobs/{quote(job_id)}/resume", f"/ui/jobs/{quote(job_id)}", False)
+
+
+def _verify_confirm(item_id: str) -> dict[str, Any]:
+    return _confirm_ctx(f"Verify the recovery points of item {item_id}", "verify",
+                        VERIFY_WHAT, f"/ui/items/{quote(item_id)}/verify",
+                        f"/ui/items/{quote(item_id)}", False, VERIFY_CHOICES)
+
+
+@router.get("/ui/items/{item_id}/verify")
+def verify_confirm(request: Request, item_id: str) -> Response:
+    def build(v: Vault, u: WebUser) -> dict[str, Any]:
+        data.item(v, u, item_id)  # 404 for an unknown item, as the page
+        return _verify_confirm(item_id)
+
+    return _view(request, "confirm.html", "vms", build)
 
 
 @router.get("/ui/plans/{name}/{action}")
@@ -412,6 +489,17 @@ async def plan_action(request: Request, name: str, action: str) -> Response:
         return f"/ui/jobs/{quote(job_id)}"
 
     return await _act(request, confirm, "plans", run)
+
+
+@router.post("/ui/items/{item_id}/verify")
+async def verify(request: Request, item_id: str) -> Response:
+    def run(vault: Vault, user: WebUser, form: dict[str, str]) -> str:
+        which = form.get("point", "latest")
+        if which not in dict(VERIFY_CHOICES):
+            raise InvalidInput(f"unknown choice {which!r}: verify the newest point or all points")
+        return f"/ui/jobs/{quote(data.start_verify(vault, user, item_id, which))}"
+
+    return await _act(request, _verify_confirm(item_id), "vms", run)
 
 
 @router.post("/ui/jobs/{job_id}/{action}")

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from fastapi import Request
 
 from drsite.core.errors import AuthError
+from drsite.vault.api.deps import set_actor
 from drsite.vault.auth import Role, authenticate_token, token_needs_touch, touch_token
 from drsite.vault.context import Vault
 
@@ -40,6 +41,10 @@ class WebUser:
     @property
     def can_operate(self) -> bool:
         return self.role.allows(Role.OPERATOR)
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role.allows(Role.ADMIN)
 
 
 def csrf_for(secret: str) -> str:
@@ -68,9 +73,11 @@ def current_user(request: Request, vault: Vault) -> WebUser | None:
     if not secret:
         return None
     try:
-        return check_token(vault, secret)
+        user = check_token(vault, secret)
     except AuthError:
         return None
+    set_actor(request, "token", user.name)  # who, for the audit trail of a dashboard POST
+    return user
 
 
 def csrf_ok(user: WebUser, presented: str | None) -> bool:

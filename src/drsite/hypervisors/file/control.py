@@ -2,8 +2,9 @@
 
 Request ``{"cmd": NAME, ...args}``, reply ``{"ok": true, "result": ...}`` or
 ``{"ok": false, "error": {"code", "class", "message", "hint"}}``; the client turns errors back
-into the matching :mod:`drsite.core.errors` class. Commands: ping, status, seal, release,
-start_tracking, freeze, thaw, write, flush, workload, shutdown.
+into the matching :mod:`drsite.core.errors` class (:func:`~drsite.core.errors.from_dict`).
+Commands: ping, status, seal, release, start_tracking, freeze, thaw, write, flush, workload,
+shutdown.
 
 Responsible for: framing, dispatch and error translation. Not responsible for: what a command
 does (that is :class:`~drsite.hypervisors.file.vm.FileVm` and the guest runtime).
@@ -26,27 +27,6 @@ from drsite.core import errors as E
 log = logging.getLogger(__name__)
 Handler = Callable[[dict[str, Any]], Any]
 MAX_LINE = 64 * 1024 * 1024
-
-
-def _error_classes() -> dict[str, type[E.DrsiteError]]:
-    out: dict[str, type[E.DrsiteError]] = {}
-    todo: list[type[E.DrsiteError]] = [E.DrsiteError]
-    while todo:
-        c = todo.pop()
-        out.setdefault(c.code, c)
-        todo.extend(c.__subclasses__())
-    return out
-
-
-_BY_CODE = _error_classes()
-
-
-def error_from_dict(d: dict[str, Any]) -> E.DrsiteError:
-    cls = _BY_CODE.get(str(d.get("code")))
-    msg = str(d.get("message", "guest error"))
-    if cls is None:
-        cls = E.TransientError if d.get("class") == "transient" else E.PermanentError
-    return cls(msg, hint=d.get("hint") or None)
 
 
 class ControlServer:
@@ -109,10 +89,10 @@ class ControlServer:
 
 
 def describe_error(e: BaseException) -> dict[str, str]:
-    """The reply's ``error`` for an exception a handler raised."""
-    if isinstance(e, E.DrsiteError):
-        return e.to_dict()
-    return {"code": "error", "class": "permanent", "message": f"{type(e).__name__}: {e}", "hint": ""}
+    """The reply's ``error`` for an exception a handler raised: a drsite error as it is,
+    anything else (a bug) as a plain permanent error."""
+    err = e if isinstance(e, E.DrsiteError) else E.PermanentError(f"{type(e).__name__}: {e}")
+    return err.to_dict()
 
 
 def dumps(obj: Any) -> bytes:
@@ -144,7 +124,7 @@ def call(address: str, cmd: str, *, timeout: float = 120.0, **args: Any) -> Any:
         s.close()
     reply = json.loads(buf)
     if not reply.get("ok"):
-        raise error_from_dict(reply.get("error", {}))
+        raise E.from_dict(reply.get("error"))
     return reply.get("result")
 
 

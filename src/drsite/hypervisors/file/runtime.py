@@ -18,6 +18,7 @@ from contextlib import suppress
 from typing import Any
 
 from drsite.core.errors import InvalidInput
+from drsite.fsutil import atomic_write_bytes
 from drsite.hypervisors.file.control import ControlServer, decode_data
 from drsite.hypervisors.file.vm import FileVm
 from drsite.hypervisors.file.workload import Workload, WorkloadSpec
@@ -48,8 +49,10 @@ class GuestRuntime:
 
     def start(self) -> None:
         self.set_workload(self.vm.config.workload)
+        # the pid file before the control socket answers: a driver that saw a ping reply
+        # finds the pid file too (power state = pid file + lock), never "stopped"
+        atomic_write_bytes(self.vm.paths.pid, f"{os.getpid()}\n".encode())
         self.server.start()
-        self.vm.paths.pid.write_text(f"{os.getpid()}\n")
 
     def status(self) -> dict[str, Any]:
         st = self.vm.status()

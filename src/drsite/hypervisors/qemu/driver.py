@@ -235,6 +235,19 @@ class QemuHypervisor:
             quit_runner(paths, r, timeout=10.0)
             write_record(paths.stop, {"clean": clean, "at": time.time()})
 
+    def guest_ready(self, vm_id: str) -> bool:
+        """qemu-guest-agent answers a ``guest-sync`` (a VM without an OS never does)."""
+        paths, _cfg = self._locate(vm_id)
+        if not paths.qga_socket.exists():
+            return False
+        try:
+            with GuestAgent.connect(str(paths.qga_socket), timeout=min(self.agent_timeout, 2.0)) \
+                    as ga:
+                ga.sync()
+            return True
+        except DrsiteError:
+            return False
+
     def _agent_shutdown(self, paths: VmDir) -> bool:
         if not paths.qga_socket.exists():
             return False
@@ -471,6 +484,11 @@ class QemuHypervisor:
         if r is None or r.token != rec.get("runner"):
             return None  # its frozen view died with its QEMU: carried at the next session
         return rec
+
+    def set_change_log_limit(self, vm_id: str, max_bytes: int) -> None:
+        """QEMU tracks with dirty bitmaps, which do not grow with writes: nothing to cap
+        (``VmNotFound`` for an unknown VM, like every call)."""
+        self._locate(vm_id)
 
     def pending_cycle(self, vm_id: str) -> SealedCycle | None:
         """The sealed cycle whose frozen view is still held by a live QEMU, else None."""

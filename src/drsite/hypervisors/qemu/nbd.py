@@ -33,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from drsite.core.errors import (
+    HypervisorError,
     InvalidInput,
     LowDiskSpace,
     NetworkError,
@@ -106,17 +107,14 @@ def dirty_bitmap_context(name: str) -> str:
     return f"qemu:dirty-bitmap:{name}"
 
 
-class NbdProtocolError(PermanentError):
+class NbdProtocolError(HypervisorError):
     """The server broke the NBD protocol; retrying the same server will not help."""
 
-    code = "nbd_protocol"
     default_hint = "The NBD server misbehaved; check its version and logs."
 
 
-class NbdRequestRefused(PermanentError):
+class NbdRequestRefused(HypervisorError):
     """The server refused a request it will never accept (EPERM, EINVAL, ENOTSUP...)."""
-
-    code = "nbd_refused"
 
     def __init__(self, message: str, nbd_errno: int) -> None:
         super().__init__(message)

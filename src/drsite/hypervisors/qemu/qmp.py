@@ -26,7 +26,14 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from drsite.core.errors import DrsiteError, InvalidInput, NetworkError, NotFound, PermanentError
+from drsite.core.errors import (
+    DrsiteError,
+    HypervisorError,
+    InvalidInput,
+    NetworkError,
+    NotFound,
+    PermanentError,
+)
 
 _MAX_LINE = 16 * 1024 * 1024
 _MAX_EVENTS = 10_000
@@ -34,10 +41,9 @@ _MAX_EVENTS = 10_000
 JsonObj = dict[str, Any]
 
 
-class QmpCommandError(PermanentError):
+class QmpCommandError(HypervisorError):
     """QEMU answered a command with an error; ``qmp_class`` and ``desc`` are QEMU's words."""
 
-    code = "qmp_error"
     default_hint = "QEMU refused the command; see the message, fix the VM's state, then retry."
 
     def __init__(self, command: str, qmp_class: str, desc: str) -> None:
@@ -50,8 +56,6 @@ class QmpCommandError(PermanentError):
 class QmpInvalidArgument(InvalidInput):
     """QEMU refused the arguments of a command (missing/unknown parameter, wrong type)."""
 
-    code = "qmp_invalid_argument"
-
     def __init__(self, command: str, qmp_class: str, desc: str) -> None:
         super().__init__(f"QMP {command}: {desc}")
         self.command = command
@@ -61,8 +65,6 @@ class QmpInvalidArgument(InvalidInput):
 
 class QmpNotFound(NotFound):
     """QEMU does not know the device, node or job named in the command."""
-
-    code = "qmp_not_found"
 
     def __init__(self, command: str, qmp_class: str, desc: str) -> None:
         super().__init__(f"QMP {command}: {desc}")

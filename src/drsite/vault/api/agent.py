@@ -4,31 +4,72 @@ results. Every route but ``register`` needs the agent's client certificate (see
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 from typing import Any
 
-from fastapi import APIRouter, status
+import anyio
+from fastapi import APIRouter, Request, status
+from sqlalchemy.orm import Session
 
-from drsite.core.errors import InvalidInput, NotFound
-from drsite.pki import cert_identity
-from drsite.vault import commands
-from drsite.vault.api.deps import PeerCert, VaultDep, name
-from drsite.vault.api.schemas import CommandResultIn, HeartbeatIn, RegisterIn
+from drsite.core.errors import Conflict, InvalidInput, NotFound
+from drsite.pki import CertIdentity, cert_identity
+from drsite.vault import commands, fencing
+from drsite.vault.api.deps import PeerCert, VaultDep, name, note, set_actor
+from drsite.vault.api.schemas import CommandResultIn, CommandWaitIn, HeartbeatIn, RegisterIn
 from drsite.vault.audit import record_event
 from drsite.vault.auth import agent_host, consume_registration_key, lookup_registration_key, verify_agent_cert
-from drsite.vault.db.models import Command, Host, Site
+from drsite.vault.context import Vault
+from drsite.vault.db.models import Command, Host, RegistrationKey, Site
 from drsite.vault.heartbeat import Beat, ItemBeat, apply_heartbeat
 from drsite.vault.ids import new_id
 from drsite.vault.scheduler import apply_result
+from drsite.vault.trust import StoreAudit, alert_not_authentic
 
 router = APIRouter(prefix="/agent")
 
 MAX_CSR = 16 * 1024
+# a waiting long poll looks at the commands table this often (commands written by another
+# process on the same database); commands written by this process wake it at once
+PUSH_POLL_S = 1.0
+
+
+def _registered_host(s: Session, key: RegistrationKey, site: Site, host_name: str,
+                     expected: str | None) -> Host | None:
+    """The existing host this registration replaces the certificate of, or None for a new
+    host. A site key never takes over an existing, non-revoked host (409); a re-issue key
+    registers its own host and nothing else; ``expected`` (an agent re-registering sends its
+    host id) must be the host the key replaces."""
+    if key.host_id is not None:
+        host = s.get(Host, key.host_id)
+        if host is None:
+            raise NotFound("the host this key was issued for no longer exists")
+        if host.name != host_name:
+            raise InvalidInput(f"this key replaces the certificate of host {host.name}, not of "
+                               f"{host_name}",
+                               hint=f"Register with the host's name: 'drsite agent register "
+                                    f"--name {host.name} --key KEY ...'.")
+    else:
+        host = s.query(Host).filter(Host.site_id == site.id, Host.name == host_name).first()
+        if host is not None and host.revoked_at is None:
+            raise Conflict(f"host {host_name} is already registered in site {site.name} (as "
+                           f"{host.id}): a site registration key cannot take it over",
+                           hint=f"To replace its certificate, an admin runs 'drsite hosts "
+                                f"reissue {host_name}' and the host registers with that key.")
+    if expected is not None and (host is None or host.id != expected):
+        raise Conflict(f"this key does not re-register host {expected}",
+                       hint="Ask an admin for a key for this host: 'drsite hosts reissue HOST'.")
+    return host
 
 
 @router.post("/register", status_code=status.HTTP_201_CREATED,
              summary="Join a site with a one-time registration key; the CSR is signed")
-def register(body: RegisterIn, vault: VaultDep) -> dict[str, Any]:
+def register(body: RegisterIn, vault: VaultDep, request: Request) -> dict[str, Any]:
+    detail = note(request)  # the audit row's detail: names and ids only, never the key or CSR
     host_name = name("host", body.host_name)
+    detail["host_name"] = host_name
+    expected = name("host id", body.host_id) if body.host_id is not None else None
     if len(body.csr_pem) > MAX_CSR or len(body.key) > 200:
         raise InvalidInput("csr_pem or key too long")
     now = vault.settings.clock.now()
@@ -37,23 +78,28 @@ def register(body: RegisterIn, vault: VaultDep) -> dict[str, Any]:
         site = s.get(Site, key.site_id)
         if site is None:
             raise NotFound("the key's site no longer exists")
-        host = s.query(Host).filter(Host.site_id == site.id, Host.name == host_name).first()
+        detail.update(site=site.name, via="re-issue key" if key.host_id else "site key")
+        host = _registered_host(s, key, site, host_name, expected)
         host_id = host.id if host is not None else new_id("h")
         cert_pem = vault.ca.sign_csr(body.csr_pem.encode("utf-8", "replace"), common_name=host_id,
                                      site=site.name)
         ident = cert_identity(cert_pem)
         consume_registration_key(s, key, host_id, now)
+        set_actor(request, "host", host_id)
+        detail.update(host_id=host_id, cert_serial=f"{ident.serial:x}",
+                      replaced=host is not None)
         if host is None:
             host = Host(id=host_id, name=host_name, site_id=site.id, registered_at=now,
                         cert_fingerprint=ident.fingerprint, cert_serial=f"{ident.serial:x}")
             s.add(host)
             record_event(s, now, "host", host_name, f"registered in site {site.name} as {host_id}")
         else:
+            how = "with a re-issue key" if key.host_id is not None else "after its revocation"
             host.cert_fingerprint = ident.fingerprint
             host.cert_serial = f"{ident.serial:x}"
             host.registered_at = now
             host.revoked_at = None
-            record_event(s, now, "host", host_name, f"registered again in site {site.name}; "
+            record_event(s, now, "host", host_name, f"registered again in site {site.name} {how}; "
                                                     "its previous certificate no longer works")
         return {"host_id": host_id, "site": site.name, "cert_pem": cert_pem.decode(),
                 "ca_pem": vault.ca.ca_pem.decode()}
@@ -69,22 +115,68 @@ def _store_url(url: str | None) -> str | None:
 
 
 @router.post("/heartbeat", summary="Report inventory, items and points; receive commands")
-def heartbeat(body: HeartbeatIn, vault: VaultDep, cert: PeerCert) -> dict[str, Any]:
+def heartbeat(body: HeartbeatIn, vault: VaultDep, cert: PeerCert, request: Request) -> dict[str, Any]:
     store_url = _store_url(body.store_url)
     beat = Beat(host_name=body.host_name, version=body.version, store_url=store_url, vms=body.vms,
                 items=[ItemBeat(item_id=i.item_id, report=i.report, new_points=i.new_points,
-                                removed_points=i.removed_points) for i in body.items])
+                                removed_points=i.removed_points) for i in body.items],
+                audit=[StoreAudit(op=a.op, key=a.key, item_id=a.item_id, caller=a.caller,
+                                  outcome=a.outcome, at=a.at) for a in body.audit],
+                store_acl_digest=body.store_acl_digest, held=body.held)
     ident = verify_agent_cert(vault.ca, cert)  # before the transaction (cached)
+    set_actor(request, "host", ident.common_name)
     with vault.db.tx() as s:
         host = agent_host(s, ident)
         return apply_heartbeat(s, host, beat, vault.settings)
 
 
+def _take_pending(vault: Vault, ident: CertIdentity) -> tuple[str, list[dict[str, Any]]]:
+    """The host's pending commands, marked sent (a read first: no write transaction — on
+    SQLite the database-wide write lock — when there is nothing to take)."""
+    now = vault.settings.clock.now()
+    with vault.db.read() as s:
+        host_id = agent_host(s, ident).id
+        if not commands.has_pending(s, host_id):
+            return host_id, []
+    with vault.db.tx() as s:
+        host = agent_host(s, ident)
+        return host.id, [commands.to_wire(c) for c in commands.deliver_pending(s, host.id, now)]
+
+
+@router.post("/commands/wait", summary="Long poll: this host's commands as soon as they exist")
+async def wait_commands(body: CommandWaitIn, vault: VaultDep, cert: PeerCert) -> dict[str, Any]:
+    """The command channel (``docs/control-plane.md``): answers at once with the host's pending
+    commands, or holds the request until one is committed (woken in-process, or found by a
+    look at the table every ``PUSH_POLL_S`` — commands written by another vault process),
+    at most ``timeout_s``; then ``{"commands": []}``. It waits for the database only, never
+    for an agent."""
+    ident = await anyio.to_thread.run_sync(verify_agent_cert, vault.ca, cert)
+    deadline = time.monotonic() + body.timeout_s
+    host_id, cmds = await anyio.to_thread.run_sync(_take_pending, vault, ident)
+    if cmds or body.timeout_s <= 0:
+        return {"commands": cmds}
+    ev = vault.waiters.register(host_id)
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return {"commands": []}
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ev.wait(), timeout=min(left, PUSH_POLL_S))
+            ev.clear()
+            _, cmds = await anyio.to_thread.run_sync(_take_pending, vault, ident)
+            if cmds:
+                return {"commands": cmds}
+    finally:
+        vault.waiters.unregister(host_id, ev)
+
+
 @router.post("/commands/{command_id}/result", summary="Post a command's progress or result")
 def command_result(command_id: str, body: CommandResultIn, vault: VaultDep,
-                   cert: PeerCert) -> dict[str, Any]:
+                   cert: PeerCert, request: Request) -> dict[str, Any]:
     now = vault.settings.clock.now()
     ident = verify_agent_cert(vault.ca, cert)  # before the transaction (cached)
+    set_actor(request, "host", ident.common_name)
     with vault.db.tx() as s:
         host = agent_host(s, ident)
         cmd = s.get(Command, name("command id", command_id))
@@ -93,4 +185,7 @@ def command_result(command_id: str, body: CommandResultIn, vault: VaultDep,
         if commands.record_result(cmd, status=body.status, progress=body.progress, result=body.result,
                                   error=body.error, now=now):
             apply_result(s, cmd, now)
+            alert_not_authentic(s, host, cmd, now)
+            if cmd.kind == "failover_fence":
+                fencing.apply_result(s, cmd, now)
         return {"command_id": cmd.id, "status": cmd.status}

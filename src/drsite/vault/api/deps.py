@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
 from drsite import tlsutil
-from drsite.core.errors import InvalidInput
+from drsite.core.errors import Forbidden, InvalidInput
 from drsite.core.model import validate_name
-from drsite.vault.api.errors import Forbidden
 from drsite.vault.auth import Role, authenticate_token, token_needs_touch, touch_token
 from drsite.vault.context import Vault
 
@@ -36,6 +35,32 @@ class Principal:
     role: Role
 
 
+STATE_ACTOR = "audit_actor"
+STATE_DETAIL = "audit_detail"
+
+
+def set_actor(request: Request, kind: str, name: str) -> None:
+    """Who made this call, for the audit trail (``token`` + token name, ``host`` + host id)."""
+    setattr(request.state, STATE_ACTOR, (kind, name))
+
+
+def note(request: Request) -> dict[str, Any]:
+    """This call's audit detail (a dict the route fills; never put a secret in it)."""
+    d: dict[str, Any] | None = getattr(request.state, STATE_DETAIL, None)
+    if d is None:
+        d = {}
+        setattr(request.state, STATE_DETAIL, d)
+    return d
+
+
+def ensure_role(p: Principal, role: Role) -> None:
+    """``Forbidden`` unless ``p`` has at least ``role`` (for route functions also called
+    directly, e.g. by the dashboard, where the dependency does not run)."""
+    if not p.role.allows(role):
+        raise Forbidden(f"token {p.name!r} ({p.role.value}) may not do this; it needs the "
+                        f"{role.value} role")
+
+
 def _bearer(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
     scheme, _, value = header.partition(" ")
@@ -52,13 +77,12 @@ def require(role: Role) -> Callable[[Request, Vault], Principal]:
         with vault.db.read() as s:  # no write lock for the check
             tok = authenticate_token(s, _bearer(request), now, touch=False)
             principal = Principal(tok.name, Role(tok.role))
+            set_actor(request, "token", principal.name)
             tok_id, stale = tok.id, token_needs_touch(tok, now)
         if stale:
             with vault.db.tx() as s:
                 touch_token(s, tok_id, now)
-        if not principal.role.allows(role):
-            raise Forbidden(f"token {principal.name!r} ({principal.role.value}) may not do this; "
-                            f"it needs the {role.value} role")
+        ensure_role(principal, role)
         return principal
 
     return dependency

@@ -9,8 +9,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from drsite.core.errors import Conflict, InvalidInput, NotFound
+from drsite.vault import fencing
 from drsite.vault.api.deps import Admin, Reader, VaultDep, name, text
-from drsite.vault.api.schemas import RegistrationKeyIn, SiteIn
+from drsite.vault.api.schemas import RegistrationKeyIn, ReissueIn, SiteIn
 from drsite.vault.api.views import host_view, site_names, site_view, vm_view
 from drsite.vault.audit import record_event
 from drsite.vault.auth import create_registration_key
@@ -110,6 +111,23 @@ def revoke_host(host_id: str, vault: VaultDep, _p: Admin) -> dict[str, Any]:
         return host_view(h, site_names(s).get(h.site_id, ""), now, vault.settings)
 
 
+@router.post("/hosts/{host_id}/reissue", status_code=status.HTTP_201_CREATED,
+             summary="A one-time key that replaces this host's certificate (and nothing else)")
+def reissue_host(host_id: str, vault: VaultDep, _p: Admin,
+                 body: ReissueIn | None = None) -> dict[str, Any]:
+    ttl = (body or ReissueIn()).ttl_s
+    if not MIN_KEY_TTL_S <= ttl <= MAX_KEY_TTL_S:
+        raise InvalidInput(f"ttl_s must be between {MIN_KEY_TTL_S} and {MAX_KEY_TTL_S} seconds")
+    now = vault.settings.clock.now()
+    with vault.db.tx() as s:
+        h = get_host(s, host_id)
+        key, expires = create_registration_key(s, h.site_id, float(ttl), now, host_id=h.id)
+        record_event(s, now, "host", h.name, f"re-issue key created (expires in {ttl} s): the "
+                     "host's certificate is replaced when the host registers with it")
+        return {"key": key, "expires_at": expires, "host_id": h.id, "host": h.name,
+                "site": site_names(s).get(h.site_id, "")}
+
+
 @router.get("/vms", summary="VM inventory reported by the agents")
 def list_vms(vault: VaultDep, _p: Reader) -> list[dict[str, Any]]:
     with vault.db.read() as s:
@@ -117,10 +135,12 @@ def list_vms(vault: VaultDep, _p: Reader) -> list[dict[str, Any]]:
         hosts = {h.id: h for h in s.scalars(select(Host))}
         items = {ref: iid for ref, iid in s.execute(select(Item.vm_ref, Item.id)
                                                     .where(Item.vm_ref.is_not(None)))}
+        warnings = fencing.vm_warnings(s)
         out = []
         for vm in s.scalars(select(Vm).order_by(Vm.name, Vm.id)):
             host = hosts[vm.host_id]
             if host.revoked_at is not None:
                 continue
-            out.append(vm_view(vm, host, sites.get(host.site_id, ""), items.get(f"{host.id}/{vm.vm_id}")))
+            out.append(vm_view(vm, host, sites.get(host.site_id, ""), items.get(f"{host.id}/{vm.vm_id}"),
+                               warning=warnings.get((host.id, vm.vm_id))))
         return out

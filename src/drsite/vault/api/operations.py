@@ -8,12 +8,13 @@ from fastapi import APIRouter
 from sqlalchemy import func, select
 
 from drsite.core.errors import InvalidInput, NotFound
+from drsite.core.states import ACTIVE_JOB_STATES, JOB_FILTER_ACTIVE, LIVE_ITEM_STATUSES, JobState
+from drsite.replication.report import Health
 from drsite.vault.api.deps import Operator, Reader, VaultDep, name
 from drsite.vault.api.views import alert_view, event_view, job_view
 from drsite.vault.db.models import Alert, Event, Host, Item, Job
 from drsite.vault.health import agent_up, item_health
 from drsite.vault.jobs.create import request_cancel
-from drsite.vault.jobs.plan import ACTIVE_JOB_STATES, JOB_STATES
 from drsite.vault.jobs.registry import HANDLERS
 from drsite.vault.scheduler import item_policy, preload_policies
 
@@ -31,10 +32,11 @@ def list_jobs(vault: VaultDep, _p: Reader, state: str | None = None, kind: str |
               limit: int = 100) -> list[dict[str, Any]]:
     q = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(_limit(limit))
     if state is not None:
-        if state not in (*JOB_STATES, "active"):
+        if state not in (*JobState, JOB_FILTER_ACTIVE):
             raise InvalidInput(f"unknown job state {state!r}",
-                               hint=f"Use one of {', '.join(JOB_STATES)}, active.")
-        q = q.where(Job.state.in_(ACTIVE_JOB_STATES) if state == "active" else Job.state == state)
+                               hint=f"Use one of {', '.join(JobState)}, {JOB_FILTER_ACTIVE}.")
+        q = q.where(Job.state.in_(ACTIVE_JOB_STATES) if state == JOB_FILTER_ACTIVE
+                    else Job.state == JobState(state))
     if kind is not None:
         if kind not in HANDLERS:
             raise InvalidInput(f"unknown job kind {kind!r}", hint=f"Use one of {', '.join(HANDLERS)}.")
@@ -106,9 +108,9 @@ def health(vault: VaultDep, _p: Reader) -> dict[str, Any]:
     with vault.db.read() as s:
         hosts = {h.id: h for h in s.scalars(select(Host).where(Host.revoked_at.is_(None)))}
         _keep = preload_policies(s)  # keeps them in the identity map
-        counts = {"normal": 0, "warning": 0, "critical": 0}
+        counts = {h.value: 0 for h in Health}
         rpos: list[dict[str, Any]] = []
-        for item in s.scalars(select(Item).where(Item.status.in_(("enabling", "protected", "disabling")))):
+        for item in s.scalars(select(Item).where(Item.status.in_(LIVE_ITEM_STATUSES))):
             up_ = agent_up(hosts.get(item.host_id), now, vault.settings)
             ih = item_health(item, item_policy(s, item), up_, now)
             counts[ih.health.value] += 1

@@ -9,20 +9,24 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from drsite.core.errors import Conflict, InvalidInput, NotFound
+from drsite.core.states import FAILOVER_ITEM_STATUSES, LIVE_ITEM_STATUSES, ItemProtection
 from drsite.vault import commands
 from drsite.vault.api.deps import Operator, Reader, VaultDep, name
 from drsite.vault.api.inventory import get_site
-from drsite.vault.api.schemas import GroupIn, GroupUpdate, ItemIn, MatchIn, PolicyIn
+from drsite.vault.api.schemas import GroupIn, GroupUpdate, ItemIn, MatchIn, PolicyIn, VerifyIn
 from drsite.vault.api.views import group_view, item_view, policy_view, site_names
 from drsite.vault.audit import record_event
-from drsite.vault.db.models import Group, Host, Item, Point, Policy, Vm
+from drsite.vault.db.models import Group, Host, Item, Job, Point, Policy, Task, Vm
 from drsite.vault.jobs.create import (
     start_disable_protection,
     start_enable_protection,
     start_policy_association,
     start_resync,
+    start_verify,
 )
+from drsite.vault.jobs.plan import VERIFY
 from drsite.vault.policies import PolicyValues, agent_settings, apply_values
+from drsite.vault.recovery_plans import validate_drill
 from drsite.vault.scheduler import preload_policies
 from drsite.vault.stores import check_encryption, get_store
 
@@ -37,7 +41,9 @@ def _values(body: PolicyIn) -> PolicyValues:
                         initial_replication_start=body.initial_replication_start,
                         compression=body.compression, encryption=body.encryption,
                         bandwidth_limit_bps=body.bandwidth_limit_bps,
-                        resync_window=body.resync_window, rpo_threshold_s=body.rpo_threshold_s).check()
+                        resync_window=body.resync_window, rpo_threshold_s=body.rpo_threshold_s,
+                        scrub_interval_s=body.scrub_interval_s,
+                        scrub_rate_bps=body.scrub_rate_bps).check()
 
 
 def get_policy(s: Session, policy_name: str) -> Policy:
@@ -90,7 +96,8 @@ def update_policy(policy: str, body: PolicyIn, vault: VaultDep, _p: Operator) ->
         for g in s.scalars(select(Group).where(Group.policy_id == p.id)):
             check_encryption(s, g, p)
         group_ids = list(s.scalars(select(Group.id).where(Group.policy_id == p.id)))
-        items = s.scalars(select(Item).where(Item.group_id.in_(group_ids), Item.status == "protected")).all()
+        items = s.scalars(select(Item).where(Item.group_id.in_(group_ids),
+                                             Item.status == ItemProtection.PROTECTED)).all()
         for item in items:
             commands.enqueue(s, host_id=item.host_id, kind="update_settings", item_id=item.id,
                              args={"settings": agent_settings(p)}, now=now)
@@ -150,7 +157,7 @@ def create_group(body: GroupIn, vault: VaultDep, _p: Operator) -> dict[str, Any]
         cloud = get_store(s, body.store) if body.store is not None else None
         g = Group(name=group_name, site_id=site.id, target_site_id=target.id,
                   policy_id=policy.id if policy else None, match=match, created_at=now,
-                  store_id=cloud.id if cloud else None)
+                  store_id=cloud.id if cloud else None, drill=_drill(group_name, body.drill))
         check_encryption(s, g, policy)
         s.add(g)
         s.flush()
@@ -166,7 +173,8 @@ def show_group(group: str, vault: VaultDep, _p: Reader) -> dict[str, Any]:
 
 
 @router.put("/groups/{group}",
-            summary="Change a group's policy or match (policy change: PolicyAssociation job)")
+            summary="Change a group's policy, match, store or drill schedule (policy change: "
+                    "PolicyAssociation job)")
 def update_group(group: str, body: GroupUpdate, vault: VaultDep, _p: Operator) -> dict[str, Any]:
     now = vault.settings.clock.now()
     fields = body.model_fields_set
@@ -178,6 +186,12 @@ def update_group(group: str, body: GroupUpdate, vault: VaultDep, _p: Operator) -
             _set_store(s, g, body.store, now)
         if match is not None and match != g.match:
             g.match = match
+        if "drill" in fields:
+            drill = _drill(g.name, body.drill)
+            if drill != g.drill:
+                g.drill = drill
+                record_event(s, now, "group", g.name,
+                             f"drill every {drill['every_s']:.0f} s" if drill else "no drill")
         if "policy" in fields:
             policy = get_policy(s, body.policy) if body.policy is not None else None
             new_id = policy.id if policy else None
@@ -195,6 +209,11 @@ def update_group(group: str, body: GroupUpdate, vault: VaultDep, _p: Operator) -
         return {**group_view(s, g, site_names(s)), "job_id": job.id if job else None}
 
 
+def _drill(group_name: str, spec: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A group's drill schedule, validated as a plan's (``recovery_plans.validate_drill``)."""
+    return validate_drill(spec, f"group {group_name}, drill") if spec is not None else None
+
+
 def _set_store(s: Session, g: Group, store_name: str | None, now: float) -> None:
     """Point a group at a cloud store (or back at its target site's agent store). Only while
     the group protects nothing: the points of its items live in the store they were made in."""
@@ -203,7 +222,7 @@ def _set_store(s: Session, g: Group, store_name: str | None, now: float) -> None
     if new_id == g.store_id:
         return
     live = s.scalars(select(Item.id).where(Item.group_id == g.id,
-                                           Item.status.in_(("enabling", "protected", "disabling")))).all()
+                                           Item.status.in_(LIVE_ITEM_STATUSES))).all()
     if live:
         raise Conflict(f"group {g.name} still protects {len(live)} item(s); its recovery store "
                        "cannot change under them",
@@ -219,7 +238,7 @@ def delete_group(group: str, vault: VaultDep, _p: Operator) -> Response:
     with vault.db.tx() as s:
         g = get_group(s, group)
         live = s.scalars(select(Item.id).where(Item.group_id == g.id,
-                                               Item.status.in_(("enabling", "protected", "disabling")))).all()
+                                               Item.status.in_(LIVE_ITEM_STATUSES))).all()
         if live:
             raise Conflict(f"group {g.name} still protects {len(live)} item(s)",
                            hint="Disable protection of its items first (DELETE /items/ID).")
@@ -246,8 +265,7 @@ def list_items(vault: VaultDep, _p: Reader, all: bool = False) -> list[dict[str,
     with vault.db.read() as s:
         q = select(Item).order_by(Item.vm_name, Item.id)
         if not all:
-            q = q.where(Item.status.in_(("enabling", "protected", "disabling", "failing_over",
-                                         "failed_over", "committed")))
+            q = q.where(Item.status.in_(LIVE_ITEM_STATUSES | FAILOVER_ITEM_STATUSES))
         sites = site_names(s)
         _keep = preload_policies(s)  # keeps them in the identity map
         return [item_view(s, i, now, vault.settings, sites) for i in s.scalars(q)]
@@ -304,5 +322,31 @@ def resync(item_id: str, vault: VaultDep, _p: Operator) -> dict[str, Any]:
 def points(item_id: str, vault: VaultDep, _p: Reader) -> list[dict[str, Any]]:
     with vault.db.read() as s:
         item = get_item(s, item_id)
-        return [dict(p.info) for p in s.scalars(select(Point).where(Point.item_id == item.id)
-                                                .order_by(Point.seq, Point.id))]
+        return [{**dict(p.info), "damage": p.damage}
+                for p in s.scalars(select(Point).where(Point.item_id == item.id)
+                                   .order_by(Point.seq, Point.id))]
+
+
+@router.post("/items/{item_id}/verify", status_code=status.HTTP_202_ACCEPTED,
+             summary="Prove recovery points restore to their manifests (Verify job)")
+def verify(item_id: str, body: VerifyIn, vault: VaultDep, _p: Operator) -> dict[str, Any]:
+    now = vault.settings.clock.now()
+    with vault.db.tx() as s:
+        job = start_verify(s, get_item(s, item_id), point=body.point, all_points=body.all,
+                           now=now)
+        return {"job_id": job.id}
+
+
+@router.get("/items/{item_id}/verifications/{job_id}",
+            summary="The report of a Verify job (per point and disk)")
+def verification(item_id: str, job_id: str, vault: VaultDep, _p: Reader) -> dict[str, Any]:
+    with vault.db.read() as s:
+        item = get_item(s, item_id)
+        job = s.get(Job, job_id)
+        if job is None or job.item_id != item.id or job.kind != VERIFY:
+            raise NotFound(f"no verification {job_id!r} of item {item.id}",
+                           hint=f"Start one: drsite items verify {item.id}")
+        task = s.scalars(select(Task).where(Task.job_id == job.id)).first()
+        report = dict((task.data or {}).get("report") or {}) if task is not None else {}
+        return {"job_id": job.id, "state": job.state, "message": job.message,
+                "error": job.error, "report": report}

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from drsite.core.states import CommandStatus
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -40,6 +42,13 @@ class PolicyIn(Strict):
     bandwidth_limit_bps: int | None = None
     resync_window: str = "18:00-08:00"
     rpo_threshold_s: float = 1800.0
+    scrub_interval_s: float | None = 86400.0
+    scrub_rate_bps: int | None = 32 << 20
+
+
+class VerifyIn(Strict):
+    point: str | None = None
+    all: bool = False
 
 
 class MatchIn(Strict):
@@ -55,15 +64,18 @@ class GroupIn(Strict):
     policy: str | None = None
     match: MatchIn = Field(default_factory=MatchIn)
     store: str | None = None  # a cloud store instead of the target site's agent store
+    drill: dict[str, Any] | None = None  # a drill schedule of the group's VMs
 
 
 class GroupUpdate(Strict):
     """PUT /groups/{name}: fields present are changed (``policy: null`` dissociates,
-    ``store: null`` goes back to the target site's agent store)."""
+    ``store: null`` goes back to the target site's agent store, ``drill: null`` ends the
+    group's drill schedule)."""
 
     policy: str | None = None
     match: MatchIn | None = None
     store: str | None = None
+    drill: dict[str, Any] | None = None
 
 
 class ItemIn(Strict):
@@ -80,6 +92,11 @@ class RegisterIn(Lenient):
     key: str
     host_name: str
     csr_pem: str
+    host_id: str | None = None  # an agent re-registering (re-issue key): the host it already is
+
+
+class ReissueIn(Strict):
+    ttl_s: int = 3600
 
 
 class ItemBeatIn(Lenient):
@@ -89,16 +106,39 @@ class ItemBeatIn(Lenient):
     removed_points: list[str] = Field(default_factory=list)
 
 
+class StoreAuditIn(Lenient):
+    """A delete or overwrite the reporting host's store did (or refused): ``caller`` is the host
+    id its client certificate named."""
+
+    op: str
+    key: str
+    item_id: str | None = None
+    caller: str
+    outcome: str
+    at: float | None = None
+
+
 class HeartbeatIn(Lenient):
     host_name: str
     version: str = ""
     store_url: str | None = None
-    vms: list[dict[str, Any]] = Field(default_factory=list)
+    # null: the inventory is unchanged since the agent's last answered heartbeat
+    vms: list[dict[str, Any]] | None = Field(default_factory=list)
     items: list[ItemBeatIn] = Field(default_factory=list)
+    audit: list[StoreAuditIn] = Field(default_factory=list, max_length=1000)
+    store_acl_digest: str | None = Field(default=None, max_length=128)
+    # ids of the commands the agent holds (queued, running, result not yet confirmed); None
+    # from agents that do not list them (then only the timeouts re-deliver)
+    held: list[str] | None = Field(default=None, max_length=10_000)
+
+
+class CommandWaitIn(Lenient):
+    # how long the vault may hold the request open when there is nothing to deliver
+    timeout_s: float = Field(default=20.0, ge=0.0, le=60.0)
 
 
 class CommandResultIn(Lenient):
-    status: Literal["running", "succeeded", "failed"]
+    status: Literal[CommandStatus.RUNNING, CommandStatus.SUCCEEDED, CommandStatus.FAILED]
     progress: float | None = None
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None

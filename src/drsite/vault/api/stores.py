@@ -12,8 +12,10 @@ from sqlalchemy import select
 from drsite.core.errors import Conflict, InvalidInput
 from drsite.vault.api.deps import Admin, Reader, VaultDep, name
 from drsite.vault.api.schemas import Strict
+from drsite.vault.api.views import job_view
 from drsite.vault.audit import record_event
 from drsite.vault.db.models import Group, Store
+from drsite.vault.jobs.create import start_store_rekey
 from drsite.vault.stores import check_spec_dict, get_store, push_spec, rotate_keys, store_view
 
 router = APIRouter()
@@ -120,6 +122,19 @@ def rotate_key(store: str, vault: VaultDep, _p: Admin) -> dict[str, Any]:
         record_event(s, now, "store", row.name, f"new active encryption key {kid} (old keys "
                      f"kept for reading); sent to the agents of {n} protected item(s)")
         return store_view(s, row)
+
+
+@router.post("/stores/{store}/rekey", status_code=status.HTTP_202_ACCEPTED,
+             summary="Re-encrypt the store's old objects under its active key (a job)")
+def rekey(store: str, vault: VaultDep, _p: Admin) -> dict[str, Any]:
+    now = vault.settings.clock.now()
+    with vault.db.tx() as s:
+        row = get_store(s, store)
+        if not (row.keys or {}).get("keys"):
+            raise Conflict(f"store {row.name} is not encrypted; there is nothing to re-encrypt",
+                           hint="Only stores created with encryption have keys to rotate.")
+        job = start_store_rekey(s, row.name, now=now)
+        return job_view(s, job)
 
 
 @router.delete("/stores/{store}", status_code=status.HTTP_204_NO_CONTENT,

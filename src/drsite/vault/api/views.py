@@ -7,6 +7,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from drsite.core.states import LIVE_ITEM_STATUSES
+from drsite.replication.report import ItemState
 from drsite.vault.db.models import (
     Alert,
     ApiToken,
@@ -25,6 +27,7 @@ from drsite.vault.db.models import (
 from drsite.vault.health import agent_up, item_health
 from drsite.vault.membership import normalise_match
 from drsite.vault.scheduler import item_policy
+from drsite.vault.scrub import damage_of
 from drsite.vault.settings import VaultSettings
 
 
@@ -43,13 +46,16 @@ def host_view(h: Host, site: str, now: float, settings: VaultSettings) -> dict[s
             "registered_at": h.registered_at, "revoked": h.revoked_at is not None}
 
 
-def vm_view(vm: Vm, host: Host, site: str, item_id: str | None) -> dict[str, Any]:
+def vm_view(vm: Vm, host: Host, site: str, item_id: str | None, *,
+            warning: str | None = None) -> dict[str, Any]:
+    """``warning``: e.g. the VM's item failed over and the old primary is not fenced yet (the
+    same VM may be running on both sites)."""
     info = vm.info
     return {"vm_id": vm.vm_id, "name": vm.name, "host_id": host.id, "host": host.name, "site": site,
             "disks": info.get("disks", []), "nics": info.get("nics", []), "power": info.get("power"),
             "vcpus": info.get("vcpus"), "memory_mib": info.get("memory_mib"),
             "labels": info.get("labels", []), "present": vm.present, "last_seen": vm.last_seen,
-            "item_id": item_id}
+            "item_id": item_id, "warning": warning}
 
 
 def policy_view(p: Policy) -> dict[str, Any]:
@@ -58,17 +64,19 @@ def policy_view(p: Policy) -> dict[str, Any]:
             "initial_replication_start": p.initial_replication_start, "compression": p.compression,
             "encryption": p.encryption, "bandwidth_limit_bps": p.bandwidth_limit_bps,
             "resync_window": p.resync_window, "rpo_threshold_s": p.rpo_threshold_s,
+            "scrub_interval_s": p.scrub_interval_s, "scrub_rate_bps": p.scrub_rate_bps,
             "created_at": p.created_at, "updated_at": p.updated_at}
 
 
 def group_view(s: Session, g: Group, sites: dict[int, str]) -> dict[str, Any]:
     policy = s.get(Policy, g.policy_id) if g.policy_id else None
     n = len(s.scalars(select(Item.id).where(Item.group_id == g.id,
-                                            Item.status.in_(("enabling", "protected", "disabling")))).all())
+                                            Item.status.in_(LIVE_ITEM_STATUSES))).all())
     store = s.get(Store, g.store_id) if g.store_id else None
     return {"name": g.name, "site": sites.get(g.site_id), "target_site": sites.get(g.target_site_id),
             "policy": policy.name if policy else None, "match": normalise_match(g.match),
-            "store": store.name if store else None, "items": n, "created_at": g.created_at}
+            "store": store.name if store else None, "items": n, "drill": g.drill,
+            "created_at": g.created_at}
 
 
 def item_view(s: Session, item: Item, now: float, settings: VaultSettings,
@@ -77,22 +85,25 @@ def item_view(s: Session, item: Item, now: float, settings: VaultSettings,
     host = s.get(Host, item.host_id)
     group = s.get(Group, item.group_id)
     policy = item_policy(s, item)
-    live = item.status in ("enabling", "protected", "disabling")
-    ih = item_health(item, policy, agent_up(host, now, settings), now) if live else None
+    live = item.status in LIVE_ITEM_STATUSES
+    damage = damage_of(s, [item.id]).get(item.id) if live else None
+    ih = item_health(item, policy, agent_up(host, now, settings), now, damage) if live else None
     retry = item.retry or {}
     return {"id": item.id, "vm_id": item.vm_id, "vm_name": item.vm_name,
             "group": group.name if group else None, "policy": policy.name if policy else None,
             "source_host": host.name if host else None, "source_host_id": item.host_id,
             "site": sites.get(host.site_id) if host else None,
             "target_site": sites.get(item.target_site_id), "protection": item.status,
-            "state": "critical" if item.critical_error else item.state,
+            "state": ItemState.CRITICAL if item.critical_error else item.state,
             "health": ih.health.value if ih else item.health,
             "health_reasons": ih.reasons if ih else list(item.health_reasons or []),
             "rpo_s": ih.rpo_s if ih else None, "last_point_time": item.last_point_time,
             "last_app_point_time": item.last_app_point_time, "last_error": retry.get("last_error"),
             "next_attempt_at": retry.get("next_attempt_at"), "critical_error": item.critical_error,
             "active_job_id": item.active_job_id, "created_at": item.created_at,
-            "updated_at": item.updated_at, "report": item.report}
+            "updated_at": item.updated_at, "report": item.report,
+            "scrub": item.scrub, "last_scrub_at": item.last_scrub_at,
+            "damaged_points": sorted(damage.points) if damage else []}
 
 
 def task_view(t: Task) -> dict[str, Any]:
@@ -128,7 +139,8 @@ def failover_view(fo: Failover) -> dict[str, Any]:
     return {"id": fo.id, "item_id": fo.item_id, "kind": fo.kind, "state": fo.state,
             "point_id": fo.point_id, "point_created_at": fo.point_created_at,
             "recovery_host_id": fo.recovery_host_id, "vm_name": fo.vm_name, "vm_id": fo.vm_id,
-            "generation": fo.generation, "rto_s": fo.rto_s, "notes": fo.notes,
+            "generation": fo.generation, "rto_s": fo.rto_s,
+            "wall_s": (fo.result or {}).get("wall_s"), "notes": fo.notes,
             "job_id": fo.job_id, "created_at": fo.created_at, "updated_at": fo.updated_at,
             "result": {k: v for k, v in (fo.result or {}).items() if k != "source"}
             | ({"source": {k: v for k, v in fo.result["source"].items() if k != "fingerprints"}}

@@ -25,6 +25,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from drsite.core.states import CommandStatus, FailoverState, ItemProtection, JobState, TaskState
+from drsite.replication.report import Health
+from drsite.vault.db.sealed import COMMAND_ARG_PATHS, SealedJSON
+from drsite.vault.db.types import EnumText
+
 NAMING = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -46,7 +51,8 @@ class Site(Base):
 
 
 class RegistrationKey(Base):
-    """A one-time key for a host to join a site; only its sha256 is stored."""
+    """A one-time key for a host to join a site; only its sha256 is stored. With ``host_id``
+    (migration 0004) it is a re-issue key: it replaces the certificate of that host only."""
 
     __tablename__ = "registration_keys"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -56,6 +62,8 @@ class RegistrationKey(Base):
     expires_at: Mapped[float] = mapped_column(Float)
     used_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     used_by_host: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    host_id: Mapped[str | None] = mapped_column(ForeignKey("hosts.id", ondelete="CASCADE"),
+                                                nullable=True)
 
 
 class Host(Base):
@@ -73,6 +81,11 @@ class Host(Base):
     version: Mapped[str] = mapped_column(String(64), default="")
     store_url: Mapped[str | None] = mapped_column(String(256), nullable=True)
     revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # digest of the store access list the agent last said it holds (migration 0005)
+    store_acl_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # digest of the list last put in a heartbeat reply to it (migration 0007): while it differs
+    # from ``store_acl_digest`` a list is in flight and no grant is confirmed
+    store_acl_sent: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class Vm(Base):
@@ -107,6 +120,12 @@ class Policy(Base):
     rpo_threshold_s: Mapped[float] = mapped_column(Float)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+    # scrub of the items' recovery stores (migration 0006): a pass every interval (null: never),
+    # paced to the rate (null: unpaced)
+    scrub_interval_s: Mapped[float | None] = mapped_column(Float, nullable=True,
+                                                           server_default="86400")
+    scrub_rate_bps: Mapped[int | None] = mapped_column(BigInteger, nullable=True,
+                                                       server_default=str(32 << 20))
 
 
 class Group(Base):
@@ -123,13 +142,16 @@ class Group(Base):
     created_at: Mapped[float] = mapped_column(Float)
     # a cloud recovery store (S3/Azure) instead of the target site's agent store (migration 0003)
     store_id: Mapped[int | None] = mapped_column(ForeignKey("stores.id"), nullable=True)
+    # a drill schedule over the group's protected VMs (migration 0006; vault/drills.py)
+    drill: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class Item(Base):
     """A protected item: one VM replicated under a group's policy.
 
-    ``status`` is the protection life cycle (enabling → protected → disabling → removed, or
-    failed); ``state`` is the replication state (``ItemState``) from the agent's report,
+    ``status`` is the protection life cycle (``ItemProtection``: enabling → protected →
+    disabling → removed, or failed; failing_over → failed_over → committed → reprotected while a
+    failover holds it); ``state`` is the replication state (``ItemState``) from the agent's report,
     overridden by the vault to ``critical`` after a permanent failure (``critical_error``).
     ``vm_ref`` ("host_id/vm_id") is set while the item is active, so a VM has one active item.
     """
@@ -141,7 +163,7 @@ class Item(Base):
     vm_name: Mapped[str] = mapped_column(String(64))
     group_id: Mapped[int] = mapped_column(ForeignKey("groups.id"))
     target_site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"))
-    status: Mapped[str] = mapped_column(String(16), index=True)
+    status: Mapped[ItemProtection] = mapped_column(EnumText(ItemProtection, 16), index=True)
     vm_ref: Mapped[str | None] = mapped_column(String(200), unique=True, nullable=True)
     state: Mapped[str] = mapped_column(String(32))
     report: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
@@ -154,7 +176,7 @@ class Item(Base):
     last_app_cycle_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     last_retention_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     active_job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    health: Mapped[str] = mapped_column(String(16), default="normal")
+    health: Mapped[str] = mapped_column(String(16), default=Health.NORMAL.value)
     health_reasons: Mapped[list[Any]] = mapped_column(JSON)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
@@ -163,6 +185,9 @@ class Item(Base):
     origin_item_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     failover_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     vm_spec: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # scrub (migration 0006): when the current pass was started, and the last report's summary
+    last_scrub_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    scrub: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class Point(Base):
@@ -178,16 +203,18 @@ class Point(Base):
     consistency: Mapped[str] = mapped_column(String(16))
     bytes_written: Mapped[int] = mapped_column(BigInteger)
     info: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # set when a scrub or a verify found the point cannot be restored (migration 0006):
+    # {"reason", "found_at", "by", "objects"}; failover refuses such a point
+    damage: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
 
 
 class Job(Base):
-    """A long operation with ordered tasks. ``state``: queued, running, cancelling,
-    succeeded, failed, cancelled."""
+    """A long operation with ordered tasks (``state``: :class:`JobState`)."""
 
     __tablename__ = "jobs"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     kind: Mapped[str] = mapped_column(String(32), index=True)
-    state: Mapped[str] = mapped_column(String(16), index=True)
+    state: Mapped[JobState] = mapped_column(EnumText(JobState, 16), index=True)
     target: Mapped[str] = mapped_column(String(128))
     item_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     args: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -203,7 +230,7 @@ class Job(Base):
 
 class Task(Base):
     """One ordered step of a job. ``data`` holds the task's own resumable facts (e.g. the
-    command it sent). ``state``: pending, running, succeeded, failed, skipped, cancelled."""
+    command it sent). ``state``: :class:`TaskState`."""
 
     __tablename__ = "tasks"
     __table_args__ = (UniqueConstraint("job_id", "idx"),)
@@ -212,7 +239,7 @@ class Task(Base):
     idx: Mapped[int] = mapped_column(Integer)
     name: Mapped[str] = mapped_column(String(64))
     title: Mapped[str] = mapped_column(String(128))
-    state: Mapped[str] = mapped_column(String(16))
+    state: Mapped[TaskState] = mapped_column(EnumText(TaskState, 16))
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     message: Mapped[str] = mapped_column(Text, default="")
     data: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -223,7 +250,8 @@ class Task(Base):
 class Command(Base):
     """A command for an agent, delivered in heartbeat replies.
 
-    ``status``: pending → sent → running → succeeded / failed (results posted by the agent).
+    ``status`` (:class:`CommandStatus`): pending → sent → running → succeeded / failed (results
+    posted by the agent).
     """
 
     __tablename__ = "commands"
@@ -235,8 +263,9 @@ class Command(Base):
     item_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     kind: Mapped[str] = mapped_column(String(32))
-    args: Mapped[dict[str, Any]] = mapped_column(JSON)
-    status: Mapped[str] = mapped_column(String(16))
+    # a cloud store's credentials and keys and an item's point key are sealed at rest
+    args: Mapped[dict[str, Any]] = mapped_column(SealedJSON("commands.args", COMMAND_ARG_PATHS))
+    status: Mapped[CommandStatus] = mapped_column(EnumText(CommandStatus, 16))
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
@@ -274,6 +303,27 @@ class Event(Base):
     message: Mapped[str] = mapped_column(Text)
 
 
+class Audit(Base):
+    """The audit trail (migration 0004): who (``actor_kind`` token/host/anonymous/local and
+    ``actor``: token name or host id), from where (``client`` address), what (``action``: the
+    route template, or ``agent.*`` / ``store.*`` / ``vault.*`` for facts that are not a call;
+    ``target``), when (``at``), how it ended (``outcome`` ok/refused/failed, HTTP ``status``,
+    ``error_code``) and non-secret ``detail``. Append-only; never holds a secret."""
+
+    __tablename__ = "audit"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[float] = mapped_column(Float, index=True)
+    actor_kind: Mapped[str] = mapped_column(String(16))
+    actor: Mapped[str] = mapped_column(String(128), index=True)
+    client: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    action: Mapped[str] = mapped_column(String(128))
+    target: Mapped[str] = mapped_column(String(256))
+    outcome: Mapped[str] = mapped_column(String(16))
+    status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
 class ApiToken(Base):
     """An operator API token; only the sha256 of the secret is stored."""
 
@@ -289,16 +339,16 @@ class ApiToken(Base):
 class Store(Base):
     """A cloud recovery store (``kind`` s3 or azure). ``config`` is what may be shown (endpoint,
     bucket/container, region, prefix); ``secret`` (credentials) and ``keys`` (encryption keys by
-    key id) are never returned by the API nor logged; agents receive them in command arguments
-    over mTLS only."""
+    key id) are never returned by the API nor logged, and are sealed at rest under the vault's
+    master key; agents receive them in command arguments over mTLS only."""
 
     __tablename__ = "stores"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     kind: Mapped[str] = mapped_column(String(16))
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
-    secret: Mapped[dict[str, Any]] = mapped_column(JSON)
-    keys: Mapped[dict[str, Any]] = mapped_column(JSON)
+    secret: Mapped[dict[str, Any]] = mapped_column(SealedJSON("stores.secret"))  # sealed at rest
+    keys: Mapped[dict[str, Any]] = mapped_column(SealedJSON("stores.keys"))  # sealed at rest
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
 
@@ -323,14 +373,13 @@ class NetworkMapping(Base):
 class Failover(Base):
     """The vault's record of one failover of one item (the agents keep their own step records).
 
-    ``kind``: test, planned, unplanned. ``state``: starting, test_running, cleaned_up,
-    pending_commit, committed, cancelled, failed, reprotected."""
+    ``kind``: test, planned, unplanned. ``state``: :class:`FailoverState`."""
 
     __tablename__ = "failovers"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     item_id: Mapped[str] = mapped_column(String(64), index=True)
     kind: Mapped[str] = mapped_column(String(16))
-    state: Mapped[str] = mapped_column(String(16), index=True)
+    state: Mapped[FailoverState] = mapped_column(EnumText(FailoverState, 16), index=True)
     point_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     point_created_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     recovery_host_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -356,3 +405,33 @@ class RecoveryPlan(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+
+
+class PointKey(Base):
+    """An item's point key (``drsite.store.auth``): 32 random bytes, base64, sealed at rest.
+    Given to the item's source agent (``protect``), its recovery agent (the store access list)
+    and in failover commands; never in an API response. No foreign key: a reverse item's key
+    exists before its row (``reprotect_seed`` writes its base). Migration 0005."""
+
+    __tablename__ = "point_keys"
+    item_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key: Mapped[str] = mapped_column(SealedJSON("point_keys.key"))
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Drill(Base):
+    """One drill (migration 0006): a test failover of a recovery plan — or of a protection
+    group's VMs (``group``; ``plan`` is then null) — verified, booted, probed and cleaned up.
+    ``state``: running, passed, failed; ``trigger``: schedule or hand; ``report``: per VM
+    point, RPO, RTO, verification and probe (``vault.drills``)."""
+
+    __tablename__ = "drills"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    plan: Mapped[str | None] = mapped_column(String(64), index=True, nullable=True)
+    group: Mapped[str | None] = mapped_column(String(64), index=True, nullable=True)
+    job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    state: Mapped[str] = mapped_column(String(16))
+    trigger: Mapped[str] = mapped_column(String(16))
+    report: Mapped[dict[str, Any]] = mapped_column(JSON)
+    started_at: Mapped[float] = mapped_column(Float)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)

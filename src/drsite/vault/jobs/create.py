@@ -18,12 +18,15 @@ from sqlalchemy.orm import Session
 from drsite.core.errors import Conflict, InvalidInput, NotFound, VmNotFound
 from drsite.core.model import validate_name
 from drsite.core.retry import RetryState
+from drsite.core.states import ACTIVE_JOB_STATES, FailoverState, ItemProtection, JobState, TaskState
+from drsite.replication.report import Health, ItemState
 from drsite.vault.audit import record_event
 from drsite.vault.db.models import Failover, Group, Host, Item, Job, Task, Vm
 from drsite.vault.ids import new_id
 from drsite.vault.jobs import plan as P
-from drsite.vault.jobs.plan import ACTIVE_JOB_STATES, ASSOCIATE, DISABLE, ENABLE, RESYNC, TASK_PLAN
+from drsite.vault.jobs.plan import ASSOCIATE, DISABLE, ENABLE, RESYNC, TASK_PLAN
 from drsite.vault.membership import active_item_for_vm, vm_ref
+from drsite.vault.scrub import failover_point
 
 
 def create_job(s: Session, kind: str, *, target: str, item_id: str | None,
@@ -31,13 +34,13 @@ def create_job(s: Session, kind: str, *, target: str, item_id: str | None,
                tasks: tuple[tuple[str, str], ...] | None = None) -> Job:
     """A queued job of ``kind`` with the kind's tasks (or ``tasks``: recovery plans build
     theirs from the plan)."""
-    job = Job(id=new_id("j"), kind=kind, state="queued", target=target, item_id=item_id,
-              args=args, progress=0.0, message="queued", cancel_requested=False,
+    job = Job(id=new_id("j"), kind=kind, state=JobState.QUEUED, target=target, item_id=item_id,
+              args=args, progress=0.0, message=JobState.QUEUED.value, cancel_requested=False,
               created_at=now, updated_at=now)
     s.add(job)
     for idx, (name, title) in enumerate(tasks if tasks is not None else TASK_PLAN[kind]):
-        s.add(Task(job_id=job.id, idx=idx, name=name, title=title, state="pending", progress=0.0,
-                   message="", data={}))
+        s.add(Task(job_id=job.id, idx=idx, name=name, title=title, state=TaskState.PENDING,
+                   progress=0.0, message="", data={}))
     s.flush()
     record_event(s, now, "job", job.id, f"{kind} of {target} queued")
     return job
@@ -75,9 +78,10 @@ def start_enable_protection(s: Session, *, vm: Vm, host: Host, group: Group, now
                      args={"vm_id": vm.vm_id, "host_id": host.id, "group": group.name, "reason": reason},
                      now=now)
     item = Item(id=item_id, host_id=host.id, vm_id=vm.vm_id, vm_name=vm.name, group_id=group.id,
-                target_site_id=group.target_site_id, status="enabling", vm_ref=vm_ref(host.id, vm.vm_id),
-                state="new", report=None, acked_seq=0, retry=RetryState().to_dict(),
-                critical_error=None, active_job_id=job.id, health="normal", health_reasons=[],
+                target_site_id=group.target_site_id, status=ItemProtection.ENABLING,
+                vm_ref=vm_ref(host.id, vm.vm_id), state=ItemState.NEW, report=None, acked_seq=0,
+                retry=RetryState().to_dict(), critical_error=None, active_job_id=job.id,
+                health=Health.NORMAL, health_reasons=[],
                 created_at=now, updated_at=now)
     s.add(item)
     vm.auto_protect_blocked = False
@@ -86,18 +90,18 @@ def start_enable_protection(s: Session, *, vm: Vm, host: Host, group: Group, now
 
 
 def start_disable_protection(s: Session, item: Item, *, delete_points: bool, now: float) -> Job:
-    if item.status not in ("protected", "enabling"):
+    if item.status not in (ItemProtection.PROTECTED, ItemProtection.ENABLING):
         raise Conflict(f"item {item.id} is {item.status}", hint="Only protected items can be disabled.")
     job = create_job(s, DISABLE, target=item.vm_name, item_id=item.id,
                      args={"delete_points": delete_points}, now=now)
     claim_item(s, item, job.id)
-    item.status = "disabling"
+    item.status = ItemProtection.DISABLING
     item.updated_at = now
     return job
 
 
 def start_resync(s: Session, item: Item, *, now: float) -> Job:
-    if item.status != "protected":
+    if item.status != ItemProtection.PROTECTED:
         raise Conflict(f"item {item.id} is {item.status}",
                        hint="A resync needs a protected item with a first recovery point.")
     job = create_job(s, RESYNC, target=item.vm_name, item_id=item.id, args={"by_hand": True}, now=now)
@@ -105,11 +109,36 @@ def start_resync(s: Session, item: Item, *, now: float) -> Job:
     return job
 
 
+def start_verify(s: Session, item: Item, *, point: str | None, all_points: bool,
+                 now: float) -> Job:
+    """A Verify job of the item's latest point, of ``point``, or of every point. It does not
+    hold the item (it only reads its store)."""
+    if item.status in (ItemProtection.REMOVED, ItemProtection.FAILED):
+        raise Conflict(f"item {item.id} is {item.status}; its store is not verified any more")
+    if point is not None and all_points:
+        raise InvalidInput("give a point or ask for all points, not both")
+    points: str | list[str] = "all" if all_points else \
+        [validate_name("point", point)] if point else "latest"
+    return create_job(s, P.VERIFY, target=item.vm_name, item_id=item.id,
+                      args={"points": points}, now=now)
+
+
 def start_policy_association(s: Session, group: Group, *, now: float) -> Job:
     """Apply the group's (new) policy to its items and protect its matching VMs. Its tasks are
     idempotent, so two association jobs of one group may overlap harmlessly."""
     return create_job(s, ASSOCIATE, target=group.name, item_id=None,
                       args={"group": group.name}, now=now)
+
+
+def start_store_rekey(s: Session, store_name: str, *, now: float) -> Job:
+    """Re-encrypt the store's old objects (one such job per store at a time)."""
+    running = s.scalars(select(Job.id).where(Job.kind == P.REKEY, Job.target == store_name,
+                                             Job.state.in_(ACTIVE_JOB_STATES))).first()
+    if running is not None:
+        raise Conflict(f"store {store_name} is already being re-encrypted (job {running})",
+                       hint=f"Follow it with 'drsite jobs show {running}', or cancel it.")
+    return create_job(s, P.REKEY, target=store_name, item_id=None, args={"store": store_name},
+                      now=now)
 
 
 def request_cancel(s: Session, job: Job, now: float) -> None:
@@ -130,10 +159,12 @@ PLAN_ACTIONS = ("test_failover", "cleanup_test_failover", "planned_failover", "u
                 "commit", "cancel", "reprotect")
 FAILOVER_KINDS = {"test_failover": "test", "planned_failover": "planned",
                   "unplanned_failover": "unplanned"}
+# a failover holds the item and may still be committed, cancelled or moved to another point
+_HELD = frozenset({ItemProtection.FAILING_OVER, ItemProtection.FAILED_OVER})
 
 
 def _latest_failover(s: Session, item: Item, *, kind: str | None = None,
-                     states: tuple[str, ...]) -> Failover | None:
+                     states: tuple[FailoverState, ...]) -> Failover | None:
     q = select(Failover).where(Failover.item_id == item.id, Failover.state.in_(states))
     if kind is not None:
         q = q.where(Failover.kind == kind)
@@ -170,16 +201,19 @@ def start_item_action(s: Session, item_id: str, action: str, args: dict[str, Any
             args[key] = validate_name("VM", str(args[key]))
     if action in FAILOVER_KINDS:
         kind = FAILOVER_KINDS[action]
-        if item.status != "protected":
+        if item.status != ItemProtection.PROTECTED:
             raise Conflict(f"{item.vm_name} is {item.status}; only a protected item can fail over",
                            hint="Commit or cancel the failover in progress first." if
-                           item.status in ("failed_over", "failing_over") else None)
-        if kind == "test" and _latest_failover(s, item, kind="test", states=("starting", "test_running")):
+                           item.status in _HELD else None)
+        if kind == "test" and _latest_failover(s, item, kind="test", states=(
+                FailoverState.STARTING, FailoverState.TEST_RUNNING)):
             raise Conflict(f"{item.vm_name} already has a test failover running",
                            hint="Clean it up first (cleanup_test_failover).")
         point = point_arg(args)
-        fo = Failover(id=new_id("f"), item_id=item.id, kind=kind, state="starting", point_id=None,
-                      result={}, notes=[], created_at=now, updated_at=now)
+        if point not in ("latest", "latest_app"):
+            failover_point(s, item, point)  # a point known to be damaged is refused now
+        fo = Failover(id=new_id("f"), item_id=item.id, kind=kind, state=FailoverState.STARTING,
+                      point_id=None, result={}, notes=[], created_at=now, updated_at=now)
         s.add(fo)
         jkind = {"test": P.TEST_FAILOVER, "planned": P.PLANNED, "unplanned": P.UNPLANNED}[kind]
         job_args: dict[str, Any] = {"failover_id": fo.id, "point": point}
@@ -195,23 +229,24 @@ def start_item_action(s: Session, item_id: str, action: str, args: dict[str, Any
     else:
         found: Failover | None
         if action == "cleanup_test_failover":
-            found = _latest_failover(s, item, kind="test",
-                                     states=("test_running", "starting", "failed", "cancelled"))
+            found = _latest_failover(s, item, kind="test", states=(
+                FailoverState.TEST_RUNNING, FailoverState.STARTING, FailoverState.FAILED,
+                FailoverState.CANCELLED))
             if found is None:
                 raise Conflict(f"{item.vm_name} has no test failover to clean up")
             jkind = P.CLEANUP_TEST
         elif action in ("commit", "cancel", "change_point"):
             found = s.get(Failover, item.failover_id) if item.failover_id else None
-            if found is None or item.status not in ("failed_over", "failing_over"):
+            if found is None or item.status not in _HELD:
                 raise Conflict(f"{item.vm_name} is {item.status}; there is no failover to {action}",
                                hint="Fail the item over first.")
-            if action == "commit" and found.state != "pending_commit":
+            if action == "commit" and found.state != FailoverState.PENDING_COMMIT:
                 raise Conflict(f"failover {found.id} is {found.state}; only a failover pending commit "
                                "can be committed", hint="Cancel it instead.")
             jkind = {"commit": P.COMMIT, "cancel": P.CANCEL, "change_point": P.CHANGE_POINT}[action]
         else:  # reprotect
-            found = _latest_failover(s, item, states=("committed",))
-            if found is None or item.status != "committed":
+            found = _latest_failover(s, item, states=(FailoverState.COMMITTED,))
+            if found is None or item.status != ItemProtection.COMMITTED:
                 raise Conflict(f"{item.vm_name} is {item.status}; re-protect needs a committed "
                                "failover", hint="Commit the failover first.")
             jkind = P.REPROTECT
@@ -233,9 +268,9 @@ def resume_job(s: Session, job_id: str, now: float) -> Job:
     job = s.get(Job, validate_name("job", job_id))
     if job is None:
         raise NotFound(f"no job {job_id!r}")
-    task = s.scalars(select(Task).where(Task.job_id == job.id, Task.state == "running")
+    task = s.scalars(select(Task).where(Task.job_id == job.id, Task.state == TaskState.RUNNING)
                      .order_by(Task.idx)).first()
-    if job.state != "running" or task is None or not (task.data or {}).get("waiting_for_operator"):
+    if job.state != JobState.RUNNING or task is None or not (task.data or {}).get("waiting_for_operator"):
         raise Conflict(f"job {job_id} is not waiting for an operator",
                        hint="Only a job whose current step is a manual action can be resumed.")
     task.data = {**dict(task.data or {}), "resumed_at": now, "waiting_for_operator": False}

@@ -25,9 +25,19 @@ from typing import Any
 
 from sqlalchemy import select
 
-from drsite.core.errors import InvalidInput, NetworkError, PermanentError
+from drsite.core.errors import InvalidInput, NetworkError, PermanentError, from_dict
+from drsite.core.retry import RetryState
+from drsite.core.states import (
+    FINAL_COMMAND_STATUSES,
+    OPEN_COMMAND_STATUSES,
+    CommandStatus,
+    FailoverState,
+    ItemProtection,
+    JobState,
+)
 from drsite.failover.wire import network_map_from_args, vm_spec_from_dict
-from drsite.vault import commands
+from drsite.replication.report import Health, ItemState
+from drsite.vault import commands, fencing, storeacl
 from drsite.vault.audit import record_event
 from drsite.vault.db.models import (
     Command,
@@ -45,6 +55,7 @@ from drsite.vault.jobs.model import JobHandlers, Step, TaskContext, done, wait
 from drsite.vault.jobs.protection import _policy, host_up, target_store, waited_too_long
 from drsite.vault.membership import vm_ref
 from drsite.vault.policies import agent_settings
+from drsite.vault.scrub import failover_point
 from drsite.vault.stores import store_spec
 
 TRANSIENT_RETRIES = 3
@@ -131,25 +142,49 @@ def store_spec_for(ctx: TaskContext, item: Item) -> dict[str, Any] | None:
 def run_command(ctx: TaskContext, host: Host | None, kind: str, args: dict[str, Any], *,
                 item_id: str, key: str = "command_id", progress: float = 30.0) -> Command | Step:
     """Send ``kind`` once (its id in the task's data under ``key``) and report where it is: the
-    succeeded command, or a ``wait`` step. A failure raises its error; a transient one is sent
-    again (same arguments: the agent resumes) up to ``TRANSIENT_RETRIES`` times."""
+    succeeded command, or a ``wait`` step. A permanent failure raises its error. A transient
+    one is sent again (same arguments: the agent resumes): ``TRANSIENT_RETRIES`` times at
+    once, two and four heartbeat intervals later (an agent being restarted is back by then),
+    then on the seed's schedule (1, 2, 4, 8, 10 min, then every
+    30 min; ``core.retry``), the job's message naming the error and the next attempt — a full
+    disk is retried once space exists, never waited out in silence."""
     if host is None or host.revoked_at is not None:
         raise NetworkError(f"no host to run {kind} of item {item_id}",
                            hint="Start (or register) the agent of that site, then try again.")
     data = ctx.data
     cmd = ctx.s.get(Command, data[key]) if key in data else None
-    if cmd is not None and cmd.status == "failed":
-        err = commands.error_from_dict(cmd.error)
-        tries = int(data.get(f"{key}_tries") or 0)
-        if not err.transient or tries >= TRANSIENT_RETRIES:
+    if cmd is not None and cmd.status == CommandStatus.FAILED:
+        err = from_dict(cmd.error)
+        if not err.transient:
             raise err
+        tries = int(data.get(f"{key}_tries") or 0)
+        spacing = 2 * ctx.settings.heartbeat_interval * tries   # 0, 2, 4 heartbeats: a
+        since = ctx.now - (cmd.finished_at or ctx.now)            # restarting agent is back
+        if tries < TRANSIENT_RETRIES and since < spacing:
+            return wait(max(progress, cmd.progress),
+                        f"{kind} on host {host.name} failed ({err.code}): {err.message}; sending "
+                        f"it again in {spacing - since:.0f} s")
+        if tries >= TRANSIENT_RETRIES:
+            retry = RetryState.from_dict(dict(data.get(f"{key}_retry") or {}))
+            if data.get(f"{key}_retry_for") != cmd.id:  # count each failed command once
+                retry.record_failure(err, ctx.now)
+                ctx.put(**{f"{key}_retry": retry.to_dict(), f"{key}_retry_for": cmd.id})
+            if not retry.due(ctx.now):
+                left = (retry.next_attempt_at or ctx.now) - ctx.now
+                return wait(max(progress, cmd.progress),
+                            f"{kind} on host {host.name} failed ({err.code}): {err.message}; "
+                            f"next attempt in {left:.0f} s ({err.hint or 'cancel the job to give up'})")
         ctx.put(**{f"{key}_tries": tries + 1})
         cmd = None
     if cmd is None:
+        if kind != "run_script":  # the item's point key (scrubbed when the command ends)
+            args = {**args, "point_key": storeacl.point_key(ctx.s, item_id, ctx.now)}
+        if kind == "reprotect_seed":
+            args["rev_point_key"] = storeacl.point_key(ctx.s, str(args["rev_item_id"]), ctx.now)
         cmd = commands.enqueue(ctx.s, host_id=host.id, kind=kind, item_id=item_id, args=args,
                                now=ctx.now, job_id=ctx.job.id)
         ctx.put(**{key: cmd.id})
-    if cmd.status == "succeeded":
+    if cmd.status == CommandStatus.SUCCEEDED:
         return cmd
     if not host_up(host, ctx):
         return wait(progress * 0.5, f"waiting for host {host.name} (no heartbeat); {kind} is "
@@ -176,7 +211,12 @@ def apply_failover_result(fo: Failover, result: dict[str, Any] | None, now: floa
     rec = dict((result or {}).get("failover") or {})
     if not rec:
         return
-    fo.state = str(rec.get("state") or fo.state)
+    if rec.get("state") is not None:
+        try:
+            fo.state = FailoverState(rec["state"])
+        except ValueError:
+            raise InvalidInput(f"failover {fo.id}: the agent reported an unknown state "
+                               f"{str(rec['state'])[:40]!r}") from None
     fo.point_id = rec.get("point_id") or fo.point_id
     fo.point_created_at = rec.get("point_created_at") or fo.point_created_at
     fo.vm_name = rec.get("vm_name") or fo.vm_name
@@ -186,6 +226,20 @@ def apply_failover_result(fo: Failover, result: dict[str, Any] | None, now: floa
     fo.notes = list(rec.get("notes") or fo.notes or [])
     fo.result = {**dict(fo.result or {}), "agent": rec}
     fo.updated_at = now
+
+
+def record_wall_time(fo: Failover, now: float) -> float:
+    """What the operator waited: request (the failover row's creation) → recovery VM running,
+    kept next to the agent's own RTO (``rto_s``: the recovery host's part only)."""
+    wall = round(max(0.0, now - fo.created_at), 3)
+    fo.result = {**dict(fo.result or {}), "wall_s": wall}
+    return wall
+
+
+def _rto_text(fo: Failover) -> str:
+    wall = (fo.result or {}).get("wall_s")
+    return (f"RTO {fo.rto_s or 0:.2f} s on the recovery host"
+            + (f", {wall:.2f} s since the request" if wall is not None else ""))
 
 
 def _point_choice(ctx: TaskContext) -> str:
@@ -224,7 +278,13 @@ def failover_checks(ctx: TaskContext) -> Step:
                            hint="Choose 'latest' or a point id.")
     if choice not in ("latest", "latest_app") and not any(p.point_id == choice for p in points):
         raise InvalidInput(f"recovery point {choice} of {item.vm_name} is not in the catalogue",
-                           hint=f"List its points: drsite item points {item.id}")
+                           hint=f"List its points: drsite items points {item.id}")
+    # a point the scrub or a verify found damaged is refused; latest falls back to an intact one
+    usable, note = failover_point(ctx.s, item, choice)
+    if usable != choice:
+        ctx.job.args = {**dict(ctx.job.args), "point": usable}
+        fo.notes = [*list(fo.notes or []), note]
+        ctx.put(point_note=note)
     args = item_context(ctx, item, fo)
     # the network mapping check, here so that a bad mapping fails before anything is touched
     spec = vm_spec_from_dict(args["vm_spec"])
@@ -252,11 +312,12 @@ def start_test_vm(ctx: TaskContext) -> Step:
     if isinstance(got, Step):
         return got
     apply_failover_result(fo, got.result, ctx.now)
+    record_wall_time(fo, ctx.now)
     register_recovery_vm(ctx, fo)
     record_event(ctx.s, ctx.now, "item", item.id,
                  f"test failover {fo.id}: VM {fo.vm_name} runs from point {fo.point_id}")
     return done(f"test VM {fo.vm_name} runs from point {fo.point_id} in the test network "
-                f"(RTO {fo.rto_s or 0:.2f} s); replication goes on")
+                f"({_rto_text(fo)}); replication goes on")
 
 
 def cleanup_test_vm(ctx: TaskContext) -> Step:
@@ -276,7 +337,7 @@ def shutdown_source(ctx: TaskContext) -> Step:
     item = ctx.item()
     fo = failover_row(ctx)
     src = ctx.s.get(Host, item.host_id)
-    item.status = "failing_over"  # the source VM goes off: no cycles; a failure needs a cancel
+    item.status = ItemProtection.FAILING_OVER  # the source VM goes off: no cycles; a failure needs a cancel
     args = {"failover_id": fo.id,
             "shutdown_timeout": float(ctx.job.args.get("shutdown_timeout") or 60.0)}
     got = run_command(ctx, src, "failover_prepare", args, item_id=item.id)
@@ -286,7 +347,7 @@ def shutdown_source(ctx: TaskContext) -> Step:
     fo.point_id = str(res.get("point_id"))
     fo.result = {**dict(fo.result or {}), "source": res}
     fo.updated_at = ctx.now
-    item.status = "failing_over"
+    item.status = ItemProtection.FAILING_OVER
     return done(f"source VM off; last changes shipped as point {fo.point_id}")
 
 
@@ -295,7 +356,7 @@ def start_replica(ctx: TaskContext) -> Step:
     fo = failover_row(ctx)
     # from the moment the recovery side may promote, the item is not plainly protected: no
     # cycles are scheduled, and a failure leaves it 'failed_over' for cancel (see on_end)
-    item.status = "failing_over"
+    item.status = ItemProtection.FAILING_OVER
     args = {**item_context(ctx, item, fo), "kind": fo.kind, "point": _point_choice(ctx)}
     if fo.kind == "planned":
         src = dict((fo.result or {}).get("source") or {})
@@ -308,17 +369,21 @@ def start_replica(ctx: TaskContext) -> Step:
     if isinstance(got, Step):
         return got
     apply_failover_result(fo, got.result, ctx.now)
+    record_wall_time(fo, ctx.now)
     register_recovery_vm(ctx, fo)
-    item.status = "failed_over"
+    item.status = ItemProtection.FAILED_OVER
     item.failover_id = fo.id
     item.updated_at = ctx.now
     commands.cancel_open(ctx.s, item.id, ctx.now, "item failed over")
+    if fo.kind == "unplanned":
+        # the source was not asked: fence it (now, or whenever its agent is back)
+        fencing.request_fence(ctx.s, item, fo, site_name(ctx, item.target_site_id), ctx.now)
     record_event(ctx.s, ctx.now, "item", item.id,
                  f"{fo.kind} failover {fo.id}: {fo.vm_name} runs on the recovery site from point "
                  f"{fo.point_id} (generation {fo.generation}); commit or cancel it")
     proof = "; replica equals the stopped source (no data lost)" if fo.kind == "planned" else ""
-    return done(f"{fo.vm_name} runs on the recovery site from point {fo.point_id}, RTO "
-                f"{fo.rto_s or 0:.2f} s{proof}")
+    return done(f"{fo.vm_name} runs on the recovery site from point {fo.point_id}, "
+                f"{_rto_text(fo)}{proof}")
 
 
 # ------------------------------------------------------------------------------ after failover
@@ -331,7 +396,7 @@ def commit(ctx: TaskContext) -> Step:
     if isinstance(got, Step):
         return got
     apply_failover_result(fo, got.result, ctx.now)
-    item.status = "committed"
+    item.status = ItemProtection.COMMITTED
     item.updated_at = ctx.now
     ctx.s.query(Point).filter(Point.item_id == item.id, Point.point_id != fo.point_id).delete()
     record_event(ctx.s, ctx.now, "item", item.id, f"failover {fo.id} committed")
@@ -341,6 +406,7 @@ def commit(ctx: TaskContext) -> Step:
 def cancel(ctx: TaskContext) -> Step:
     item = ctx.item()
     fo = failover_row(ctx)
+    fencing.withdraw(ctx.s, fo, ctx.now)
     got = run_command(ctx, _recovery(ctx, fo), "failover_cancel", item_context(ctx, item, fo),
                       item_id=item.id)
     if isinstance(got, Step):
@@ -351,8 +417,10 @@ def cancel(ctx: TaskContext) -> Step:
 
 def resume_source(ctx: TaskContext) -> Step:
     """Tell the source agent its new generation (and to power its VM on after a planned
-    failover). The source may be down (unplanned): then the command stays queued for it and the
-    job ends; the item is protected again either way."""
+    failover), then replicate once — a resync when the source's engine had been fenced — so
+    that the job says "the source replicates again" only once a new point proves it. The source
+    may be down (unplanned): then the commands stay queued for it and the job ends saying so;
+    the item is protected again either way (the scheduler drives it when its agent is back)."""
     item = ctx.item()
     fo = failover_row(ctx)
     src = ctx.s.get(Host, item.host_id)
@@ -365,14 +433,46 @@ def resume_source(ctx: TaskContext) -> Step:
         if src is not None and not host_up(src, ctx):
             _back_to_protected(ctx, item)
             return done(f"source host {src.name} is down: it takes the item back (and powers "
-                        "its VM on) when it returns")
+                        "its VM on) when it returns; replication resumes then")
         return got
+    powered = " (VM powered on)" if args["power_on"] else ""
+    res = dict(got.result or {})
+    # the source may write again: the item is protected (the job still holds it, so the
+    # scheduler does not drive it yet) and its site store must grant the source's writes
+    # before the first one (an old primary only reads a failed-over item)
     _back_to_protected(ctx, item)
-    return done("the source replicates again" + (" (VM powered on)" if args["power_on"] else ""))
+    pending = storeacl.grant_pending(ctx.s, item, ctx.now)
+    if pending is not None:
+        store = storeacl.store_host(ctx.s, item)
+        if store is not None and not host_up(store, ctx):
+            return done(f"the source took the item back{powered}; the recovery store's host "
+                        f"{store.name} is down: replication resumes when it returns")
+        return wait(75.0, pending)
+    # one replication now: a resync (only differing blocks travel) when the source's engine
+    # was fenced or must repair, else a delta cycle
+    kind, rargs = ("resync", {"by_hand": True}) if res.get("resync") else ("cycle", {})
+    rep = run_command(ctx, src, kind, rargs, item_id=item.id, key="replicate_id", progress=80.0)
+    if isinstance(rep, Step):
+        if src is not None and not host_up(src, ctx):
+            _back_to_protected(ctx, item)
+            return done(f"the source took the item back{powered}; its host {src.name} went "
+                        f"down before the first {kind}: replication resumes when it returns")
+        return rep
+    _back_to_protected(ctx, item)
+    item.retry = RetryState().to_dict()  # a point just proved it: no retry wait left over
+    report = (rep.result or {}).get("report")
+    if isinstance(report, dict) and report.get("state"):
+        # the agent's report after that point: the scheduler acts on it now, not at the next
+        # heartbeat (before it, the item still read `critical` from the fenced report)
+        item.report = report
+        item.state = str(report["state"])
+    point = dict((rep.result or {}).get("point") or {})
+    return done(f"the source replicates again{powered}: {kind} committed point "
+                f"{point.get('point_id', '?')}")
 
 
 def _back_to_protected(ctx: TaskContext, item: Item) -> None:
-    item.status = "protected"
+    item.status = ItemProtection.PROTECTED
     item.failover_id = None
     item.critical_error = None
     item.updated_at = ctx.now
@@ -409,7 +509,7 @@ def _reverse_group(ctx: TaskContext, item: Item) -> Group:
 def reprotect_seed(ctx: TaskContext) -> Step:
     item = ctx.item()
     fo = failover_row(ctx)
-    if fo.state != "committed":
+    if fo.state != FailoverState.COMMITTED:
         raise InvalidInput(f"failover {fo.id} is {fo.state}; commit it before re-protecting",
                            hint="Commit the failover first.")
     data = ctx.data
@@ -445,13 +545,16 @@ def reverse_replication(ctx: TaskContext) -> Step:
     if rev is None:
         group = _reverse_group(ctx, item)
         rev = Item(id=rev_id, host_id=rec_host.id, vm_id=fo.vm_id, vm_name=fo.vm_name or item.vm_name,
-                   group_id=group.id, target_site_id=src.site_id, status="enabling",
-                   vm_ref=vm_ref(rec_host.id, fo.vm_id), state="resyncing", report=None,
+                   group_id=group.id, target_site_id=src.site_id, status=ItemProtection.ENABLING,
+                   vm_ref=vm_ref(rec_host.id, fo.vm_id), state=ItemState.RESYNCING, report=None,
                    acked_seq=0, retry=dict(item.retry or {}), critical_error=None,
-                   active_job_id=None, health="normal", health_reasons=[], created_at=ctx.now,
+                   active_job_id=None, health=Health.NORMAL, health_reasons=[], created_at=ctx.now,
                    updated_at=ctx.now, origin_item_id=item.id, vm_spec=item.vm_spec)
         ctx.s.add(rev)
         ctx.s.flush()
+    pending = storeacl.grant_pending(ctx.s, rev, ctx.now)
+    if pending is not None and "command_id" not in ctx.data:
+        return wait(60, pending)
     args = {"vm_id": fo.vm_id, "target_site": site_name(ctx, src.site_id),
             "store_url": store.store_url, "settings": agent_settings(_policy(ctx, item)),
             "generation": fo.generation or 1, "resync_from_base": True}
@@ -463,16 +566,16 @@ def reverse_replication(ctx: TaskContext) -> Step:
     sent = int(report.get("bytes_sent") or 0)
     seed_res = dict((fo.result or {}).get("reprotect_seed") or {})
     disk = int(seed_res.get("disk_bytes") or 0)
-    rev.status = "protected"
-    rev.state = "protected"
+    rev.status = ItemProtection.PROTECTED
+    rev.state = ItemState.PROTECTED
     rev.last_cycle_sent_at = ctx.now
     rev.last_retention_at = ctx.now
     rev.updated_at = ctx.now
-    item.status = "reprotected"
+    item.status = ItemProtection.REPROTECTED
     item.vm_ref = None
     item.failover_id = None
     item.updated_at = ctx.now
-    fo.state = "reprotected"
+    fo.state = FailoverState.REPROTECTED
     fo.result = {**dict(fo.result or {}), "reprotect": {"item_id": rev.id, "bytes_sent": sent,
                                                        "disk_bytes": disk}}
     record_event(ctx.s, ctx.now, "item", rev.id,
@@ -483,7 +586,7 @@ def reverse_replication(ctx: TaskContext) -> Step:
 
 # ------------------------------------------------------------------------------ end hooks
 
-def failover_on_end(ctx: TaskContext, state: str) -> None:
+def failover_on_end(ctx: TaskContext, state: JobState) -> None:
     """After a failed or cancelled job: commands it queued that no agent took yet are
     withdrawn; if one reached an agent (it may still promote and start a VM there), the item is
     left ``failed_over`` so that a cancel can undo whatever happened."""
@@ -492,27 +595,27 @@ def failover_on_end(ctx: TaskContext, state: str) -> None:
         item.active_job_id = None
     fid = ctx.job.args.get("failover_id")
     fo = ctx.s.get(Failover, fid) if fid else None
-    if state != "succeeded":
+    if state != JobState.SUCCEEDED:
         reached = _recovery_side_ran(ctx)  # before withdrawing: a withdrawn one has 'failed' too
         for cmd in ctx.s.scalars(select(Command).where(Command.job_id == ctx.job.id,
-                                                       Command.status.in_(commands.OPEN))):
-            if cmd.status == "pending":
-                cmd.status = "failed"
+                                                       Command.status.in_(OPEN_COMMAND_STATUSES))):
+            if cmd.status == CommandStatus.PENDING:
+                cmd.status = CommandStatus.FAILED
                 cmd.error = PermanentError(f"withdrawn: job {ctx.job.id} {state}").to_dict()
                 commands.scrub_secrets(cmd)
                 cmd.updated_at = cmd.finished_at = ctx.now
             elif cmd.kind in ("failover", "failover_prepare"):
                 reached = True
-        if fo is not None and item is not None and item.status == "failing_over":
+        if fo is not None and item is not None and item.status == ItemProtection.FAILING_OVER:
             if reached or fo.kind == "planned":
-                item.status = "failed_over"  # cancel the failover to undo it
+                item.status = ItemProtection.FAILED_OVER  # cancel the failover to undo it
                 item.failover_id = fo.id
             else:
-                item.status = "protected"  # nothing reached an agent: nothing to undo
+                item.status = ItemProtection.PROTECTED  # nothing reached an agent: nothing to undo
     if fo is None:
         return
-    if state != "succeeded" and fo.state == "starting":
-        fo.state = "failed" if state == "failed" else "cancelled"
+    if state != JobState.SUCCEEDED and fo.state == FailoverState.STARTING:
+        fo.state = FailoverState.FAILED if state == JobState.FAILED else FailoverState.CANCELLED
         fo.updated_at = ctx.now
     if fo.job_id is None:
         fo.job_id = ctx.job.id
@@ -522,7 +625,7 @@ def _recovery_side_ran(ctx: TaskContext) -> bool:
     """A ``failover`` command of this job ended (succeeded or failed) on the recovery host."""
     return ctx.s.scalars(select(Command.id).where(
         Command.job_id == ctx.job.id, Command.kind == "failover",
-        Command.status.in_(commands.DONE))).first() is not None
+        Command.status.in_(FINAL_COMMAND_STATUSES))).first() is not None
 
 
 def _handlers(**tasks: Any) -> JobHandlers:

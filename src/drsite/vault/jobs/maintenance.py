@@ -5,8 +5,10 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from drsite.core.errors import DrsiteError, NotFound
+from drsite.core.errors import DrsiteError, NotFound, from_dict
 from drsite.core.retry import RetryState
+from drsite.core.states import UNSTARTED_COMMAND_STATUSES, CommandStatus, ItemProtection, JobState
+from drsite.replication.report import ItemState
 from drsite.vault import commands
 from drsite.vault.db.models import Command, Group, Host, Item, Policy, Vm
 from drsite.vault.jobs.create import start_enable_protection
@@ -26,13 +28,16 @@ def start_resync(ctx: TaskContext) -> Step:
     if cmd is None:
         item.critical_error = None
         item.retry = RetryState().to_dict()
-        if item.state == "critical":
-            item.state = "resync_required"
+        if item.state == ItemState.CRITICAL:
+            item.state = ItemState.RESYNC_REQUIRED
         commands.cancel_open(ctx.s, item.id, ctx.now, "a resync was started by hand")
+        # compared with what the store can restore, not with the hydrated replica: damage in
+        # the store is found and re-sent
         cmd = commands.enqueue(ctx.s, host_id=item.host_id, kind="resync", item_id=item.id,
-                               args={"by_hand": True}, now=ctx.now, job_id=ctx.job.id)
+                               args={"by_hand": True, "from_store": True}, now=ctx.now,
+                               job_id=ctx.job.id)
         ctx.put(command_id=cmd.id)
-    if cmd.status in ("pending", "sent"):
+    if cmd.status in UNSTARTED_COMMAND_STATUSES:
         return wait(30, "waiting for the agent to accept the resync")
     return done("resync started on the source host")
 
@@ -45,24 +50,30 @@ def resync(ctx: TaskContext) -> Step:
     if cmd is None:
         raise NotFound("the resync command of this job is missing",
                        hint="Start the resync again.")
-    if cmd.status == "succeeded":
+    if cmd.status == CommandStatus.SUCCEEDED:
         item.retry = RetryState().to_dict()
-        return done("resynchronized: source and target match")
-    if cmd.status == "failed":
-        err = commands.error_from_dict(cmd.error)
+        point = dict((cmd.result or {}).get("point") or {})
+        sent = int(point.get("bytes_written") or 0)
+        pid = point.get("point_id") or "?"
+        if sent:
+            return done(f"resynchronized against what the store restores: {sent} bytes differed "
+                        f"and were sent again (new point {pid})")
+        return done(f"resynchronized: the source equals what the store restores (point {pid})")
+    if cmd.status == CommandStatus.FAILED:
+        err = from_dict(cmd.error)
         retry = RetryState.from_dict(item.retry or {})
         retry.record_failure(err, ctx.now)
         item.retry = retry.to_dict()
         if not err.transient:
             item.critical_error = err.to_dict()
-            item.state = "critical"
+            item.state = ItemState.CRITICAL
         raise err
     report = item.report or {}
     progress = float(report.get("progress") or cmd.progress or 0.0)
     return wait(progress, f"agent: {cmd.status}, {int(report.get('bytes_compared') or 0)} bytes compared")
 
 
-def resync_on_end(ctx: TaskContext, state: str) -> None:
+def resync_on_end(ctx: TaskContext, state: JobState) -> None:
     item = ctx.s.get(Item, ctx.job.item_id) if ctx.job.item_id else None
     if item is not None and item.active_job_id == ctx.job.id:
         item.active_job_id = None
@@ -90,7 +101,7 @@ def apply_settings(ctx: TaskContext) -> Step:
         return done("the group has no policy; nothing to apply")
     sent = set(ctx.data.get("sent") or [])
     items = ctx.s.scalars(select(Item).where(Item.group_id == group.id,
-                                             Item.status == "protected")).all()
+                                             Item.status == ItemProtection.PROTECTED)).all()
     for item in items:
         if item.id in sent:
             continue
@@ -130,7 +141,7 @@ def protect_vms(ctx: TaskContext) -> Step:
     return done(msg)
 
 
-def associate_on_end(ctx: TaskContext, state: str) -> None:
+def associate_on_end(ctx: TaskContext, state: JobState) -> None:
     return None
 
 

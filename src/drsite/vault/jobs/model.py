@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from drsite.core.errors import PermanentError
+from drsite.core.states import JobState
 from drsite.vault.db.models import Item, Job, Task
 from drsite.vault.settings import VaultSettings
 
@@ -75,5 +76,5 @@ class JobHandlers:
     """
 
     tasks: dict[str, TaskFn]
-    on_end: Callable[[TaskContext, str], None]
+    on_end: Callable[[TaskContext, JobState], None]
     rollback: TaskFn | None = None

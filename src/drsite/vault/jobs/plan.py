@@ -1,11 +1,8 @@
 """The ordered tasks of every job kind (names are stored in the database: never rename one;
-a job whose task names are unknown after an upgrade is failed at start-up, not guessed at)."""
+a job whose task names are unknown after an upgrade is failed at start-up, not guessed at).
+The states of jobs and tasks are :class:`~drsite.core.states.JobState` and ``TaskState``."""
 
 from __future__ import annotations
-
-JOB_STATES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
-ACTIVE_JOB_STATES = ("queued", "running", "cancelling")
-TASK_STATES = ("pending", "running", "succeeded", "failed", "skipped", "cancelled")
 
 ENABLE = "EnableProtection"
 DISABLE = "DisableProtection"
@@ -20,6 +17,9 @@ CANCEL = "CancelFailover"
 CHANGE_POINT = "ChangeRecoveryPoint"
 REPROTECT = "Reprotect"
 PLAN = "RecoveryPlan"
+REKEY = "RekeyStore"
+VERIFY = "Verify"
+DRILL = "Drill"
 
 TASK_PLAN: dict[str, tuple[tuple[str, str], ...]] = {
     ENABLE: (("prerequisites", "Prerequisite checks"),
@@ -44,8 +44,14 @@ TASK_PLAN: dict[str, tuple[tuple[str, str], ...]] = {
     CANCEL: (("cancel", "Cancel the failover (delete the recovery VM)"),
              ("resume_source", "Hand the item back to the source")),
     CHANGE_POINT: (("change_point", "Restart the recovery VM from another point"),),
+    VERIFY: (("verify_points", "Read and check every recovery point asked for"),),
+    # a Drill's tasks are built from its plan (vault/drills.py): the plan's test failover
+    # tasks, then these two around the cleanup groups
+    DRILL: (("drill_probe", "Boot each test VM and run the probe"),
+            ("drill_report", "Record the drill report (RPO, RTO, checks)")),
     REPROTECT: (("reprotect_seed", "Write the old primary's disks as the reverse base"),
                 ("reverse_replication", "Resync from the failed-over VM (only differences travel)")),
+    REKEY: (("rekey", "Re-encrypt old objects under the active key"),),
 }
 # a planned failover's commit re-protects at once (the seed: protected in the reverse direction)
 COMMIT_AND_REPROTECT = TASK_PLAN[COMMIT] + TASK_PLAN[REPROTECT]
@@ -53,4 +59,4 @@ ROLLBACK_TASK = ("rollback", "Roll back (unprotect)")
 # task weights for the job's overall progress (initial replication is the long one)
 WEIGHTS: dict[str, float] = {"initial_replication": 8.0, "resync": 6.0, "start_replica": 4.0,
                              "start_test_vm": 4.0, "reverse_replication": 6.0,
-                             "shutdown_source": 3.0}
+                             "shutdown_source": 3.0, "rekey": 1.0}

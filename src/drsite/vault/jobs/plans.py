@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy import select
 
 from drsite.core.errors import Conflict, DrsiteError, InvalidInput, PermanentError
+from drsite.core.states import ACTIVE_JOB_STATES, FailoverState, ItemProtection, JobState
 from drsite.vault.db.models import Failover, Host, Item, Job, Task
 from drsite.vault.jobs.create import request_cancel, start_item_action
 from drsite.vault.jobs.failover import run_command
@@ -125,7 +126,8 @@ def plan_action(ctx: TaskContext) -> Step:
 
 def plan_group(ctx: TaskContext) -> Step:
     data = ctx.data
-    action = str(ctx.job.args.get("action"))
+    # a drill's cleanup groups carry their own action (the job's is its test failover)
+    action = str(data.get("action") or ctx.job.args.get("action"))
     jobs: dict[str, str] = dict(data.get("jobs") or {})
     if not data.get("started"):
         items = items_by_vm(ctx.s)
@@ -152,12 +154,12 @@ def plan_group(ctx: TaskContext) -> Step:
         ctx.put(jobs=jobs, started=True, skipped=skipped, started_at=ctx.now)
     states = {vm: ctx.s.get(Job, jid) for vm, jid in jobs.items()}
     running = {vm: j for vm, j in states.items()
-               if j is not None and j.state in ("queued", "running", "cancelling")}
+               if j is not None and j.state in ACTIVE_JOB_STATES}
     if running:
         prog = sum((j.progress if j else 100.0) for j in states.values()) / max(1, len(states))
         msgs = "; ".join(f"{vm}: {j.message}" for vm, j in list(running.items())[:3])
         return wait(prog, f"{len(states) - len(running)} of {len(states)} VM(s) done; {msgs}")
-    failed = {vm: j for vm, j in states.items() if j is None or j.state != "succeeded"}
+    failed = {vm: j for vm, j in states.items() if j is None or j.state != JobState.SUCCEEDED}
     if failed:
         detail = "; ".join(f"{vm}: {j.message if j else 'job missing'}" for vm, j in failed.items())
         raise PermanentError(f"{len(failed)} of {len(states)} VM(s) of group {data.get('group')} "
@@ -171,20 +173,25 @@ def plan_group(ctx: TaskContext) -> Step:
     return done(f"{len(states)} VM(s) done in {took:.1f} s{extra}")
 
 
+_OPEN_TEST = (FailoverState.STARTING, FailoverState.TEST_RUNNING)
+
+
 def _already_there(ctx: TaskContext, item: Item, action: str) -> bool:
     """A re-run of a plan skips VMs already in the state the action leads to."""
     if item.active_job_id is not None:
         return False
     if action in ("test_failover", "cleanup_test_failover"):
-        states = ("starting", "test_running") if action == "test_failover" else \
-            ("starting", "test_running", "failed", "cancelled")  # cleanup: also what failed
+        states = _OPEN_TEST if action == "test_failover" else \
+            (*_OPEN_TEST, FailoverState.FAILED, FailoverState.CANCELLED)  # cleanup: also what failed
         open_test = ctx.s.scalars(select(Failover.id).where(
             Failover.item_id == item.id, Failover.kind == "test",
             Failover.state.in_(states))).first() is not None
         return open_test if action == "test_failover" else not open_test
-    want = {"planned_failover": ("failed_over",), "unplanned_failover": ("failed_over",),
-            "commit": ("committed", "reprotected"), "reprotect": ("reprotected",),
-            "cancel": ("protected",)}.get(action, ())
+    want = {"planned_failover": (ItemProtection.FAILED_OVER,),
+            "unplanned_failover": (ItemProtection.FAILED_OVER,),
+            "commit": (ItemProtection.COMMITTED, ItemProtection.REPROTECTED),
+            "reprotect": (ItemProtection.REPROTECTED,),
+            "cancel": (ItemProtection.PROTECTED,)}.get(action, ())
     return item.status in want
 
 
@@ -205,14 +212,15 @@ def plan_summary(ctx: TaskContext) -> Step:
     return done(f"plan {ctx.job.target}: {action.replace('_', ' ')} done in {rto:.1f} s")
 
 
-def plan_on_end(ctx: TaskContext, state: str) -> None:
+def plan_on_end(ctx: TaskContext, state: JobState) -> None:
     """Cancelling a plan cancels the item jobs it started that are still running."""
-    if state == "succeeded":
+    if state == JobState.SUCCEEDED:
         return
     for t in ctx.s.scalars(select(Task).where(Task.job_id == ctx.job.id, Task.name == "plan_group")):
         for jid in dict((t.data or {}).get("jobs") or {}).values():
             job = ctx.s.get(Job, jid)
-            if job is not None and job.state in ("queued", "running") and state == "cancelled":
+            if job is not None and job.state in (JobState.QUEUED, JobState.RUNNING) \
+                    and state == JobState.CANCELLED:
                 try:
                     request_cancel(ctx.s, job, ctx.now)
                 except DrsiteError:

@@ -13,13 +13,16 @@ from typing import Any
 
 from sqlalchemy import delete, select
 
-from drsite.core.errors import AuthError, NetworkError, PermanentError, VmNotFound
+from drsite.core.errors import AuthError, NetworkError, PermanentError, VmNotFound, from_dict
 from drsite.core.retry import RetryState
-from drsite.vault import commands
+from drsite.core.states import UNSTARTED_COMMAND_STATUSES, CommandStatus, ItemProtection, JobState
+from drsite.replication.report import ItemState
+from drsite.vault import commands, storeacl
 from drsite.vault.audit import record_event
 from drsite.vault.db.models import Command, Group, Host, Item, Point, Policy, Site, Vm
 from drsite.vault.jobs.model import JobHandlers, Step, TaskContext, done, wait
 from drsite.vault.policies import agent_settings, parse_initial_start
+from drsite.vault.retries import early_retry, store_sites_up
 from drsite.vault.stores import CLOUD_STORE_URL, check_encryption, group_store, item_store_spec
 
 
@@ -90,6 +93,13 @@ def prerequisites(ctx: TaskContext) -> Step:
             raise PermanentError(f"no recovery store is online in target site {site_name}",
                                  hint="Run an agent with --store-listen in the target site.")
         return wait(50, f"waiting for a recovery store in site {site_name}")
+    pending = storeacl.grant_pending(ctx.s, item, ctx.now)
+    if pending is not None:
+        if waited_too_long(ctx):
+            raise PermanentError(f"the store agent of site {site_name} did not confirm the "
+                                 "item's access grant", hint="Check that its agent runs and "
+                                 "reaches the vault ('drsite hosts list').")
+        return wait(60, pending)
     ctx.put(store_url=store.store_url, store_host=store.id, target_site=site_name,
             policy=policy.name)
     return done(f"VM {vm.name} on {host.name}; recovery store of {site_name} at {store.store_url}")
@@ -100,6 +110,7 @@ def _protect_args(ctx: TaskContext, item: Item) -> dict[str, Any]:
     facts = dict(pre.data) if pre is not None else {}
     args = {"vm_id": item.vm_id, "target_site": facts.get("target_site"),
             "store_url": facts.get("store_url"), "settings": agent_settings(_policy(ctx, item))}
+    args["point_key"] = storeacl.point_key(ctx.s, item.id, ctx.now)
     spec = item_store_spec(ctx.s, item)  # read now: credentials or keys may have changed
     if spec is not None:
         args["store"] = spec
@@ -127,12 +138,17 @@ def create_relationship(ctx: TaskContext) -> Step:
         cmd = commands.enqueue(ctx.s, host_id=item.host_id, kind="protect", item_id=item.id,
                                args=_protect_args(ctx, item), now=ctx.now, job_id=ctx.job.id)
         ctx.put(command_id=cmd.id)
-    if cmd.status in ("pending", "sent"):
+    if cmd.status in UNSTARTED_COMMAND_STATUSES:
         return wait(50, "waiting for the agent to accept the protect command")
-    if cmd.status == "failed":
-        err = commands.error_from_dict(cmd.error)
+    if cmd.status == CommandStatus.FAILED:
+        err = from_dict(cmd.error)
         if not err.transient:
             raise err
+        if data.get("failure_recorded_for") != cmd.id:
+            retry = RetryState.from_dict(item.retry or {})
+            retry.record_failure(err, ctx.now)
+            item.retry = retry.to_dict()  # the item's health shows it (warning, with the reason)
+            ctx.put(failure_recorded_for=cmd.id)
         return done(f"the agent failed transiently ({err.message}); initial replication retries")
     return done("replication relationship created on the source host")
 
@@ -150,20 +166,27 @@ def initial_replication(ctx: TaskContext) -> Step:
         ctx.put(command_id=cmd_id)
     cmd = ctx.s.get(Command, cmd_id) if cmd_id else None
     report = item.report or {}
-    if item.last_point_time is not None or (cmd is not None and cmd.status == "succeeded"):
+    if item.last_point_time is not None or (cmd is not None and cmd.status == CommandStatus.SUCCEEDED):
         # done when the point is also in the catalogue operators see (it arrives with the
         # agent's next heartbeat), so "protected" never shows an item without a point
         if ctx.s.scalars(select(Point.point_id).where(Point.item_id == item.id)).first():
             return done("first recovery point committed")
         return wait(99.0, "first point committed; waiting for it to reach the catalogue")
     retry = RetryState.from_dict(data.get("retry") or {})
-    if cmd is None or cmd.status == "failed":
+    if cmd is None or cmd.status == CommandStatus.FAILED:
         if cmd is not None and data.get("failure_recorded_for") != cmd.id:
-            err = commands.error_from_dict(cmd.error)
+            err = from_dict(cmd.error)
             if not err.transient:
                 raise err
             retry.record_failure(err, ctx.now)
             ctx.put(retry=retry.to_dict(), failure_recorded_for=cmd.id)
+            # on the item too: its health says why initial replication does not progress
+            item.retry = retry.to_dict()
+            item.updated_at = ctx.now
+        if early_retry(retry, item.target_site_id in store_sites_up(
+                ctx.s, ctx.now, ctx.settings.agent_down_after_s), ctx.now,
+                ctx.settings.heartbeat_interval):
+            retry.next_attempt_at = ctx.now  # the other site's agent is back (vault/retries.py)
         if not retry.due(ctx.now):
             assert retry.next_attempt_at is not None
             last = (retry.last_error or {}).get("message", "")
@@ -179,9 +202,9 @@ def initial_replication(ctx: TaskContext) -> Step:
 
 def finalize(ctx: TaskContext) -> Step:
     item = ctx.item()
-    item.status = "protected"
-    if item.state in ("new", "initial_replication"):
-        item.state = "protected"
+    item.status = ItemProtection.PROTECTED
+    if item.state in (ItemState.NEW, ItemState.INITIAL_REPLICATION):
+        item.state = ItemState.PROTECTED
     item.retry = RetryState().to_dict()
     item.critical_error = None
     item.last_cycle_sent_at = item.last_point_time or ctx.now
@@ -196,7 +219,7 @@ def _protect_sent(ctx: TaskContext) -> bool:
                                                   Command.kind == "protect")).first() is not None
 
 
-def _retire_item(ctx: TaskContext, item: Item, status: str) -> None:
+def _retire_item(ctx: TaskContext, item: Item, status: ItemProtection) -> None:
     item.status = status
     item.vm_ref = None
     item.updated_at = ctx.now
@@ -209,39 +232,41 @@ def enable_rollback(ctx: TaskContext) -> Step:
     item = ctx.item()
     data = ctx.data
     if not _protect_sent(ctx):
-        _retire_item(ctx, item, "removed")
+        _retire_item(ctx, item, ItemProtection.REMOVED)
         return done("nothing was sent to the agent; nothing to undo")
     cmd = ctx.s.get(Command, data["command_id"]) if "command_id" in data else None
     if cmd is None:
         commands.cancel_open(ctx.s, item.id, ctx.now, "enable protection cancelled")
         cmd = commands.enqueue(ctx.s, host_id=item.host_id, kind="unprotect", item_id=item.id,
                                args={"delete_points": True}, now=ctx.now, job_id=ctx.job.id)
+        storeacl.enqueue_store_purge(ctx.s, item, ctx.now, ctx.job.id)
         ctx.put(command_id=cmd.id, since=ctx.now)
-    if cmd.status == "succeeded":
-        _retire_item(ctx, item, "removed")
+    if cmd.status == CommandStatus.SUCCEEDED:
+        _retire_item(ctx, item, ItemProtection.REMOVED)
         return done("the agent stopped protecting the VM and deleted its points")
     timed_out = ctx.now - float(data.get("since", ctx.now)) > ctx.settings.rollback_timeout_s
-    if cmd.status == "failed" or timed_out:
-        _retire_item(ctx, item, "removed")
-        why = "failed" if cmd.status == "failed" else "was not confirmed in time"
+    if cmd.status == CommandStatus.FAILED or timed_out:
+        _retire_item(ctx, item, ItemProtection.REMOVED)
+        why = "failed" if cmd.status == CommandStatus.FAILED else "was not confirmed in time"
         return done(f"unprotect {why}; the agent gets it when it returns (command {cmd.id})")
     return wait(50, "waiting for the agent to unprotect the VM")
 
 
-def enable_on_end(ctx: TaskContext, state: str) -> None:
+def enable_on_end(ctx: TaskContext, state: JobState) -> None:
     item = ctx.s.get(Item, ctx.job.item_id) if ctx.job.item_id else None
     if item is None:
         return
     if item.active_job_id == ctx.job.id:
         item.active_job_id = None
-    if state == "failed" and item.status == "enabling":
+    if state == JobState.FAILED and item.status == ItemProtection.ENABLING:
         if _protect_sent(ctx):
             commands.cancel_open(ctx.s, item.id, ctx.now, "enable protection failed")
             commands.enqueue(ctx.s, host_id=item.host_id, kind="unprotect", item_id=item.id,
                              args={"delete_points": True}, now=ctx.now, job_id=ctx.job.id)
-        _retire_item(ctx, item, "failed")
-    elif state == "cancelled" and item.status == "enabling":
-        _retire_item(ctx, item, "removed")
+            storeacl.enqueue_store_purge(ctx.s, item, ctx.now, ctx.job.id)
+        _retire_item(ctx, item, ItemProtection.FAILED)
+    elif state == JobState.CANCELLED and item.status == ItemProtection.ENABLING:
+        _retire_item(ctx, item, ItemProtection.REMOVED)
 
 
 ENABLE_HANDLERS = JobHandlers(
@@ -265,18 +290,37 @@ def stop_replication(ctx: TaskContext) -> Step:
                                args={"delete_points": bool(ctx.job.args.get("delete_points"))},
                                now=ctx.now, job_id=ctx.job.id)
         ctx.put(command_id=cmd.id)
-    if cmd.status == "succeeded":
-        return done("the agent stopped replicating the VM")
-    if cmd.status == "failed":
-        raise commands.error_from_dict(cmd.error)
+    if cmd.status == CommandStatus.SUCCEEDED:
+        if not ctx.job.args.get("delete_points"):
+            return done("the agent stopped replicating the VM")
+        return _purge_store(ctx, item)
+    if cmd.status == CommandStatus.FAILED:
+        raise from_dict(cmd.error)
     if not host_up(host, ctx):
         return wait(30, f"waiting for host {host.name} (no heartbeat)")
     return wait(50, f"waiting for the agent ({cmd.status})")
 
 
+def _purge_store(ctx: TaskContext, item: Item) -> Step:
+    """A site-store item's points are deleted by the store's own agent (remote clients may not
+    delete committed objects): send it ``retention`` with ``delete_all`` and wait for it."""
+    data = ctx.data
+    purge = ctx.s.get(Command, data["purge_command_id"]) if "purge_command_id" in data else None
+    if purge is None:
+        purge = storeacl.enqueue_store_purge(ctx.s, item, ctx.now, ctx.job.id)
+        if purge is None:
+            return done("the agent stopped replicating the VM and deleted its points")
+        ctx.put(purge_command_id=purge.id)
+    if purge.status == CommandStatus.SUCCEEDED:
+        return done("the agent stopped replicating the VM; the store's agent deleted its points")
+    if purge.status == CommandStatus.FAILED:
+        raise from_dict(purge.error)
+    return wait(80, f"waiting for the store's agent to delete the points ({purge.status})")
+
+
 def remove_item(ctx: TaskContext) -> Step:
     item = ctx.item()
-    _retire_item(ctx, item, "removed")
+    _retire_item(ctx, item, ItemProtection.REMOVED)
     ctx.s.execute(delete(Point).where(Point.item_id == item.id))
     vm = ctx.s.scalars(select(Vm).where(Vm.host_id == item.host_id, Vm.vm_id == item.vm_id)).first()
     if vm is not None:
@@ -285,14 +329,14 @@ def remove_item(ctx: TaskContext) -> Step:
     return done("item removed from the vault")
 
 
-def disable_on_end(ctx: TaskContext, state: str) -> None:
+def disable_on_end(ctx: TaskContext, state: JobState) -> None:
     item = ctx.s.get(Item, ctx.job.item_id) if ctx.job.item_id else None
     if item is None:
         return
     if item.active_job_id == ctx.job.id:
         item.active_job_id = None
-    if state in ("failed", "cancelled") and item.status == "disabling":
-        item.status = "protected"  # still protected: the operator may try again
+    if state in (JobState.FAILED, JobState.CANCELLED) and item.status == ItemProtection.DISABLING:
+        item.status = ItemProtection.PROTECTED  # still protected: the operator may try again
         item.updated_at = ctx.now
 
 

@@ -22,11 +22,18 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from drsite.core.errors import DrsiteError, PermanentError
+from drsite.core.states import (
+    ACTIVE_JOB_STATES,
+    OPEN_TASK_STATES,
+    PASSED_TASK_STATES,
+    JobState,
+    TaskState,
+)
 from drsite.vault.audit import record_event
 from drsite.vault.db.database import Database
 from drsite.vault.db.models import Item, Job, Task
 from drsite.vault.jobs.model import JobHandlers, TaskContext
-from drsite.vault.jobs.plan import ACTIVE_JOB_STATES, ROLLBACK_TASK, WEIGHTS
+from drsite.vault.jobs.plan import ROLLBACK_TASK, WEIGHTS
 from drsite.vault.jobs.registry import HANDLERS
 from drsite.vault.settings import VaultSettings
 
@@ -45,9 +52,9 @@ def job_progress(tasks: list[Task]) -> float:
     got = 0.0
     for t in real:
         w = WEIGHTS.get(t.name, 1.0)
-        if t.state in ("succeeded", "skipped"):
+        if t.state in PASSED_TASK_STATES:
             got += w
-        elif t.state == "running":
+        elif t.state == TaskState.RUNNING:
             got += w * t.progress / 100.0
     return round(100.0 * got / total, 1)
 
@@ -63,7 +70,7 @@ class JobRunner:
 
     def recover(self) -> dict[str, str]:
         """Decide the fate of every job a previous vault process left active: ``{job_id:
-        "resumed" | "failed"}``."""
+        "resumed" | JobState.FAILED}``."""
         out: dict[str, str] = {}
         with self.db.tx() as s:
             now = self.settings.clock.now()
@@ -79,8 +86,8 @@ class JobRunner:
                 err = PermanentError(f"cannot resume after a vault restart: {why}",
                                      hint="Start the operation again.")
                 handlers = HANDLERS.get(job.kind)
-                self._end(s, job, ordered_tasks(s, job.id), "failed", now, handlers, err)
-                out[job.id] = "failed"
+                self._end(s, job, ordered_tasks(s, job.id), JobState.FAILED, now, handlers, err)
+                out[job.id] = JobState.FAILED
         return out
 
     def _why_not_resumable(self, s: Session, job: Job) -> str | None:
@@ -89,7 +96,7 @@ class JobRunner:
             return f"this vault version does not know job kind {job.kind!r}"
         known = set(handlers.tasks) | ({ROLLBACK_TASK[0]} if handlers.rollback else set())
         for t in ordered_tasks(s, job.id):
-            if t.state in ("pending", "running") and t.name not in known:
+            if t.state in OPEN_TASK_STATES and t.name not in known:
                 return f"this vault version does not know task {t.name!r} of {job.kind}"
         if job.item_id is not None and s.get(Item, job.item_id) is None:
             return f"its item {job.item_id} no longer exists"
@@ -126,7 +133,7 @@ class JobRunner:
                 return
             err = PermanentError(f"internal error in the vault: {type(exc).__name__}: {exc}",
                                  hint="Report this with the vault's log; start the operation again.")
-            self._end(s, job, ordered_tasks(s, job.id), "failed", self.settings.clock.now(),
+            self._end(s, job, ordered_tasks(s, job.id), JobState.FAILED, self.settings.clock.now(),
                       HANDLERS.get(job.kind), err)
 
     def _advance(self, s: Session, job: Job) -> bool:
@@ -134,45 +141,45 @@ class JobRunner:
         handlers = HANDLERS.get(job.kind)
         tasks = ordered_tasks(s, job.id)
         if handlers is None:
-            self._end(s, job, tasks, "failed", now, None,
+            self._end(s, job, tasks, JobState.FAILED, now, None,
                       PermanentError(f"unknown job kind {job.kind!r}"))
             return False
-        if job.state == "queued":
-            job.state = "running"
+        if job.state == JobState.QUEUED:
+            job.state = JobState.RUNNING
             job.started_at = now
             record_event(s, now, "job", job.id, f"{job.kind} of {job.target} started")
         for _ in range(MAX_STEPS_PER_TICK):
-            if job.cancel_requested and job.state == "running":
+            if job.cancel_requested and job.state == JobState.RUNNING:
                 self._begin_cancel(s, job, tasks, handlers, now)
                 tasks = ordered_tasks(s, job.id)
-            current = next((t for t in tasks if t.state in ("pending", "running")), None)
+            current = next((t for t in tasks if t.state in OPEN_TASK_STATES), None)
             if current is None:
-                self._end(s, job, tasks, "cancelled" if job.state == "cancelling" else "succeeded",
-                          now, handlers, None)
+                self._end(s, job, tasks, JobState.CANCELLED if job.state == JobState.CANCELLING
+                          else JobState.SUCCEEDED, now, handlers, None)
                 return False
             fn = handlers.rollback if current.name == ROLLBACK_TASK[0] else handlers.tasks.get(current.name)
             if fn is None:
-                self._end(s, job, tasks, "failed", now, handlers,
+                self._end(s, job, tasks, JobState.FAILED, now, handlers,
                           PermanentError(f"unknown task {current.name!r} of {job.kind}"))
                 return False
-            if current.state == "pending":
-                current.state = "running"
+            if current.state == TaskState.PENDING:
+                current.state = TaskState.RUNNING
                 current.started_at = now
             ctx = TaskContext(s=s, job=job, task=current, now=now, settings=self.settings)
             try:
                 step = fn(ctx)
             except DrsiteError as err:
-                current.state = "failed"
+                current.state = TaskState.FAILED
                 current.ended_at = now
                 current.message = err.message
-                if job.state == "cancelling":
-                    self._end(s, job, tasks, "cancelled", now, handlers, err)
+                if job.state == JobState.CANCELLING:
+                    self._end(s, job, tasks, JobState.CANCELLED, now, handlers, err)
                 else:
-                    self._end(s, job, tasks, "failed", now, handlers, err)
+                    self._end(s, job, tasks, JobState.FAILED, now, handlers, err)
                 return False
             current.message = step.message
             if step.done:
-                current.state = "succeeded"
+                current.state = TaskState.SUCCEEDED
                 current.progress = 100.0
                 current.ended_at = now
                 continue
@@ -187,25 +194,25 @@ class JobRunner:
     def _begin_cancel(self, s: Session, job: Job, tasks: list[Task], handlers: JobHandlers,
                       now: float) -> None:
         for t in tasks:
-            if t.state in ("pending", "running"):
-                t.state = "cancelled"
+            if t.state in OPEN_TASK_STATES:
+                t.state = TaskState.CANCELLED
                 t.ended_at = now
-                t.message = t.message or "cancelled"
+                t.message = t.message or TaskState.CANCELLED.value
         record_event(s, now, "job", job.id, f"{job.kind} of {job.target}: cancelling")
         if handlers.rollback is not None:
             name, title = ROLLBACK_TASK
-            s.add(Task(job_id=job.id, idx=len(tasks), name=name, title=title, state="pending",
-                       progress=0.0, message="", data={}))
+            s.add(Task(job_id=job.id, idx=len(tasks), name=name, title=title,
+                       state=TaskState.PENDING, progress=0.0, message="", data={}))
             s.flush()
-        job.state = "cancelling"
+        job.state = JobState.CANCELLING
 
-    def _end(self, s: Session, job: Job, tasks: list[Task], state: str, now: float,
+    def _end(self, s: Session, job: Job, tasks: list[Task], state: JobState, now: float,
              handlers: JobHandlers | None, err: DrsiteError | None) -> None:
         for t in tasks:
-            if t.state == "pending":
-                t.state = "cancelled" if state == "cancelled" else "skipped"
-            elif t.state == "running":
-                t.state = "failed" if state == "failed" else "cancelled"
+            if t.state == TaskState.PENDING:
+                t.state = TaskState.CANCELLED if state == JobState.CANCELLED else TaskState.SKIPPED
+            elif t.state == TaskState.RUNNING:
+                t.state = TaskState.FAILED if state == JobState.FAILED else TaskState.CANCELLED
                 t.ended_at = now
         job.state = state
         job.ended_at = now
@@ -215,15 +222,16 @@ class JobRunner:
         if err is not None:
             job.error = err.to_dict()
             job.message = err.message
-        elif state == "succeeded":
+        elif state == JobState.SUCCEEDED:
             job.progress = 100.0
             done_msgs = [t.message for t in tasks if t.message]
             job.message = done_msgs[-1] if done_msgs else "done"
         else:
-            job.message = "cancelled"
+            job.message = JobState.CANCELLED.value
         if handlers is not None:
-            last = tasks[-1] if tasks else Task(job_id=job.id, idx=0, name="", title="", state="",
-                                                progress=0.0, message="", data={})
+            last = tasks[-1] if tasks else Task(job_id=job.id, idx=0, name="", title="",
+                                                state=TaskState.PENDING, progress=0.0, message="",
+                                                data={})
             handlers.on_end(TaskContext(s=s, job=job, task=last, now=now, settings=self.settings),
                             state)
         record_event(s, now, "job", job.id, f"{job.kind} of {job.target} {state}"
