@@ -546,7 +546,9 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
                     xs = [t["rate"] / MiB for t in trials]
                     ys = [t.get("rpo_max", float("nan")) for t in trials]
                     top = max(top, *ys)
-                    ax.plot(xs, ys, marker="o", label=f"{name} {PATTERNS[name].pattern}")
+                    disk = pr.get("disk_size", r["disk_size"]) / GiB
+                    ax.plot(xs, ys, marker="o",
+                            label=f"{name} {PATTERNS[name].pattern} ({disk:.0f} GiB disk)")
             ax.axhline(RPO_FACTOR * f, color="red", linestyle="--", linewidth=1,
                        label=f"{RPO_FACTOR:.0f}× frequency (limit)")
             ax.set_ylim(0, top * 1.1)
@@ -558,8 +560,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
             ax.legend(fontsize=8)
     first = runs[0]
     fig.suptitle(f"drsite churn, {first['stamp']}: {first['machine']['nproc']} CPUs, "
-                 f"{first['disk_size'] / GiB:.0f} GiB disk"
-                 f"{' prefilled' if first.get('prefilled') else ''}, window "
+                 f"disks{' prefilled' if first.get('prefilled') else ' sparse'}, window "
                  f"{first['window']:.0f} s", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -567,12 +568,25 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
 
 
 def plot_main(argv: list[str]) -> int:
-    """``churn.py plot OUT.png RUN.json...``: one figure of several runs' curves."""
+    """``churn.py plot OUT.png RUN.json...``: one figure of several runs' curves; runs of the
+    same driver and target (e.g. one run per pattern) share a panel, one line per pattern."""
     ap = argparse.ArgumentParser(prog="churn.py plot")
     ap.add_argument("out", type=Path)
     ap.add_argument("runs", type=Path, nargs="+")
     a = ap.parse_args(argv)
-    plot([json.loads(p.read_text()) for p in a.runs], a.out)
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    for path in a.runs:
+        r = json.loads(path.read_text())
+        for pr in r["patterns"].values():
+            pr.setdefault("disk_size", r["disk_size"])
+        key = (r.get("driver", "file"), r["target"])
+        if key not in merged:
+            merged[key] = r
+            continue
+        m = merged[key]
+        m["patterns"].update(r["patterns"])
+        m["frequencies"] = sorted(set(m["frequencies"]) | set(r["frequencies"]))
+    plot(list(merged.values()), a.out)
     return 0
 
 
