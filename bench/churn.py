@@ -275,6 +275,11 @@ def site_server_main(argv: list[str]) -> int:
 
 # -- trials ------------------------------------------------------------------------------------
 
+def per_s(a: float | None, b: float | None, seconds: float) -> float:
+    """(b - a) / seconds; NaN when either reading is missing (the guest did not answer)."""
+    return float("nan") if a is None or b is None else (b - a) / seconds
+
+
 def vm_rss(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -380,21 +385,33 @@ class Bench:
             stop_process(self._writer, timeout=30)
             self._writer = None
 
-    def guest_bytes(self, vm_id: str) -> int:
-        if self.driver == "file":
+    def _file_status(self, vm_id: str) -> dict[str, Any] | None:
+        """The file guest's status; None when it did not answer (its call times out after
+        10 s) twice in a row: the caller marks the measurement invalid instead of reading 0."""
+        for _ in range(2):
             st = self.hv.guest_status(vm_id)
-            return int(st["workload"]["bytes_written"]) if st and st.get("workload") else 0
+            if st is not None:
+                return st  # type: ignore[no-any-return]
+        return None
+
+    def guest_bytes(self, vm_id: str) -> int | None:
+        """Bytes the workload wrote so far; None when the guest did not answer."""
+        if self.driver == "file":
+            st = self._file_status(vm_id)
+            if st is None:
+                return None
+            return int(st["workload"]["bytes_written"]) if st.get("workload") else 0
         try:
             return int(json.loads((self.root / "writer.json").read_text())["bytes_written"])
         except (OSError, ValueError, KeyError):
             return 0
 
-    def guest_cpu(self, vm_id: str) -> float:
+    def guest_cpu(self, vm_id: str) -> float | None:
         """CPU seconds of what makes the guest's writes: the file guest process, or the
-        workload writer plus QEMU."""
+        workload writer plus QEMU; None when the file guest did not answer."""
         if self.driver == "file":
-            st = self.hv.guest_status(vm_id)
-            return cpu_seconds(int(st["pid"])) if st else 0.0
+            st = self._file_status(vm_id)
+            return cpu_seconds(int(st["pid"])) if st else None
         r = self.hv.runner(vm_id)
         w = self._writer.pid if self._writer is not None else -1
         return cpu_seconds(w) + (cpu_seconds(r.pid) if r is not None else 0.0)
@@ -420,8 +437,9 @@ class Bench:
             b1, c1, t1 = self.guest_bytes(vm_id), self.guest_cpu(vm_id), time.monotonic()
         finally:
             self.stop_workload(vm_id)
-        return {"rate": rate, "achieved": (b1 - b0) / (t1 - t0),
-                "guest_cpu": (c1 - c0) / (t1 - t0), "window": t1 - t0}
+        return {"rate": rate, "achieved": per_s(b0, b1, t1 - t0),
+                "guest_cpu": per_s(c0, c1, t1 - t0), "window": t1 - t0,
+                "guest_unanswered": b0 is None or b1 is None}
 
     def protected(self, vm_id: str, name: str, p: Pattern, rates: list[int], freq: float,
                   window: float, warmup_cycles: float, unprotected: dict[str, Any],
@@ -508,12 +526,14 @@ class Bench:
         mine = [c for c in cycles if c["kind"] == "delta" and w0 <= c["committed_at"] <= w1]
         durations = [c["committed_at"] - c["started_at"] for c in mine]
         return {
-            "achieved": (b1 - b0) / (t1 - t0), "window": t1 - t0,
+            "achieved": per_s(b0, b1, t1 - t0), "window": t1 - t0,
             "rpo_max": max(rpo), "rpo_mean": sum(rpo) / len(rpo),
             "rpo_p99": sorted(rpo)[int(0.99 * (len(rpo) - 1))], "rpo_samples": len(rpo),
-            "passed": max(rpo) <= RPO_FACTOR * freq,
+            # a window whose guest did not answer has no write rate: it cannot pass
+            "passed": max(rpo) <= RPO_FACTOR * freq and b0 is not None and b1 is not None,
+            "guest_unanswered": b0 is None or b1 is None,
             "engine_rss_max": rss, "engine_peak_rss": peak_rss(engine.pid),
-            "engine_cpu": (ec1 - ec0) / (t1 - t0), "guest_cpu": (gc1 - gc0) / (t1 - t0),
+            "engine_cpu": (ec1 - ec0) / (t1 - t0), "guest_cpu": per_s(gc0, gc1, t1 - t0),
             "load1": load, "cycles": len(mine),
             "cycle_seconds_max": max(durations, default=0.0),
             "cycle_seconds_mean": sum(durations) / len(durations) if durations else 0.0,
