@@ -566,7 +566,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
                     xs = [t["rate"] / MiB for t in trials]
                     ys = [t.get("rpo_max", float("nan")) for t in trials]
                     top = max(top, *ys)
-                    disk = pr.get("disk_size", r["disk_size"]) / GiB
+                    disk = trials[0].get("disk_size", pr.get("disk_size", r["disk_size"])) / GiB
                     ax.plot(xs, ys, marker="o",
                             label=f"{name} {PATTERNS[name].pattern} ({disk:.0f} GiB disk)")
             ax.axhline(RPO_FACTOR * f, color="red", linestyle="--", linewidth=1,
@@ -599,12 +599,19 @@ def plot_main(argv: list[str]) -> int:
         r = json.loads(path.read_text())
         for pr in r["patterns"].values():
             pr.setdefault("disk_size", r["disk_size"])
+            for trials in pr["protected"].values():
+                for t in trials:
+                    t.setdefault("disk_size", r["disk_size"])
         key = (r.get("driver", "file"), r["target"])
         if key not in merged:
             merged[key] = r
             continue
         m = merged[key]
-        m["patterns"].update(r["patterns"])
+        for name, pr in r["patterns"].items():
+            if name in m["patterns"]:  # the same pattern at other frequencies
+                m["patterns"][name]["protected"].update(pr["protected"])
+            else:
+                m["patterns"][name] = pr
         m["frequencies"] = sorted(set(m["frequencies"]) | set(r["frequencies"]))
     plot(list(merged.values()), a.out)
     return 0
