@@ -182,6 +182,21 @@ def vault_answers(identity: AgentIdentity, timeout: float = 3.0) -> bool:
 
 # ------------------------------------------------------------------ the failover itself
 
+def _refuse_others(site: actions.Site, item_id: str, fid: str | None) -> None:
+    """``Conflict`` when another real failover (a vault's) holds the item on this host: a
+    second one would promote again and start a second VM. Checked before waiting for the
+    replica's lock and again under it (every failover of the item starts its record under
+    that lock)."""
+    others = [r for r in records.live_failovers(site, item_id) if r.failover_id != fid]
+    if others:
+        o = others[0]
+        raise Conflict(f"item {item_id} is in failover {o.failover_id} on this host already "
+                       f"({o.state.value}, VM {o.vm_name}); a second failover would start "
+                       "a second VM",
+                       hint="Commit or cancel that failover through the vault when it is "
+                            "back (drsite failover commit|cancel ITEM).")
+
+
 class BreakGlass:
     """Break-glass failovers of the items whose store this host serves (``store_dir``)."""
 
@@ -283,14 +298,7 @@ class BreakGlass:
                         f"{rec.point_id}); a second failover would start a second VM",
                         hint="Change the point through the vault once it is back: "
                              f"drsite failover change-point {item_id} --point {point}")
-        others = [r for r in records.live_failovers(site, item_id) if r.failover_id != fid]
-        if others:
-            o = others[0]
-            raise Conflict(f"item {item_id} is in failover {o.failover_id} on this host already "
-                           f"({o.state.value}, VM {o.vm_name}); a second failover would start "
-                           "a second VM",
-                           hint="Commit or cancel that failover through the vault when it is "
-                                "back (drsite failover commit|cancel ITEM).")
+        _refuse_others(site, item_id, fid)
         if fid is None:
             fid = f"bg-{secrets.token_hex(6)}"
             _save_record(self.data_dir, item_id, {"failover_id": fid, "item_id": item_id,
@@ -310,6 +318,9 @@ class BreakGlass:
                     primary=actions.Site(str(entry["source_site"]), None, self.work_dir),
                     recovery=site, repo=repo, hydrator=ReplicaHydrator(repo, replica_dir),
                     network_map=network_map_from_args(entry.get("network_map")))
+                # again under the lock: a vault's failover command (the vault came back) may
+                # have held it and failed the item over while this run waited for it
+                _refuse_others(site, item_id, fid)
                 # the store service must not rebuild the replica behind the VM it moves into
                 marker = held_marker(self.replicas, item_id)
                 atomic_write_json(marker, {"held_by": "break-glass failover", "at": time.time()})

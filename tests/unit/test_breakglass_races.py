@@ -1,0 +1,153 @@
+"""Break-glass failover racing the vault's own failover of the same item on the store host
+(the vault came back while ``drsite agent failover`` ran): both take the item's replica lock,
+and whichever gets it second must see the other's failover and refuse — never a second
+promotion, never a second VM, never a stuck break-glass record that blocks every later
+failover. Real local store, real points with MACs, the file hypervisor."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+
+from drsite.agent import breakglass
+from drsite.agent import failover as agent_failover
+from drsite.agent.failover import FailoverCommands, FailoverHost
+from drsite.agent.link import Command
+from drsite.agent.recoverybook import BOOK_FILE, RecoveryBook
+from drsite.core.errors import Conflict
+from drsite.core.model import Consistency
+from drsite.core.states import FailoverState
+from drsite.failover import actions, records
+from drsite.failover.wire import BOOK_FORMAT
+from drsite.hypervisors.file import FileHypervisor
+from drsite.sitestore.acl import ACL_FILE, FORMAT, StoreAcl
+from drsite.sitestore.server import replica_lock
+from drsite.store.auth import PointAuth
+from drsite.store.generation import GenerationStore
+from drsite.store.local import LocalObjectStore
+from drsite.store.repository import Repository
+
+ITEM = "i-0123456789ab"
+MiB = 1 << 20
+SPEC = {"name": "web1", "vcpus": 1, "memory_mib": 256, "nics": [],
+        "disks": [{"disk_id": "d0", "size": MiB}]}
+
+
+def store_host(tmp: Path) -> tuple[Path, Path, FileHypervisor]:
+    """A store host's data directory (identity, access list with the item's point key,
+    recovery book) and store (two authentic points, generation 1 naming site prim)."""
+    data, store = tmp / "agent", tmp / "store"
+    data.mkdir()
+    store.mkdir()
+    (data / "agent.json").write_text(json.dumps(
+        {"host_id": "h-sec", "site": "sec", "vault_url": "https://127.0.0.1:1", "host_name": "b"}))
+    for f in ("agent.key", "agent.pem", "ca.pem"):
+        (data / f).write_text("x")
+    key = os.urandom(32)
+    StoreAcl(data / ACL_FILE).update({
+        "format": FORMAT, "store_host": "h-sec", "hosts": {}, "revoked": {},
+        "items": {ITEM: {"writer": "h-prim", "readers": ["h-prim", "h-sec"],
+                         "point_key": base64.b64encode(key).decode()}}})
+    RecoveryBook(data / BOOK_FILE).update({
+        "format": BOOK_FORMAT, "site": "sec", "plans": {},
+        "items": {ITEM: {"vm_id": "vm-1", "vm_name": "web1", "vm_spec": SPEC,
+                         "source_site": "prim", "recovery_site": "sec", "network_map": []}}})
+    repo = Repository(LocalObjectStore(store), ITEM, auth=PointAuth(ITEM, key))
+    base = None
+    for n in (1, 2):
+        w = repo.begin(f"c{n}", base=base, disk_sizes={"d0": MiB},
+                       kind="initial" if base is None else "delta")
+        w.write("d0", 0, bytes([n]) * 4096)
+        base = w.commit(created_at=time.time(), consistency=Consistency.CRASH).point_id
+    GenerationStore(repo.store, repo.auth).ensure(ITEM, "prim", now=time.time())
+    repo.close()
+    return data, store, FileHypervisor(tmp / "vms")
+
+
+def vault_command(data: Path, store: Path, hv: FileHypervisor) -> FailoverCommands:
+    """The agent daemon's failover commands on the same host (what runs a vault's command)."""
+    acl = StoreAcl(data / ACL_FILE)
+    svc = SimpleNamespace(local_store=LocalObjectStore(store), replicas_dir=data / "replicas",
+                          acl=acl)
+    return FailoverCommands(cast(FailoverHost, SimpleNamespace(
+        data_dir=data, hypervisor=hv, store_service=svc,
+        identity=SimpleNamespace(host_name="b"))))
+
+
+def vault_failover(fid: str) -> Command:
+    return Command("c-1", "failover", ITEM, {
+        "kind": "unplanned", "failover_id": fid, "vm_id": "vm-1", "vm_spec": SPEC,
+        "source_site": "prim", "recovery_site": "sec", "network_map": []})
+
+
+def generation(store: Path, data: Path) -> int:
+    auth = StoreAcl(data / ACL_FILE).point_auth(ITEM)
+    return GenerationStore(LocalObjectStore(store), auth).current(ITEM)
+
+
+def live(data: Path) -> list[str]:
+    site = actions.Site("sec", None, data / "failover")
+    return sorted(r.failover_id for r in records.live_failovers(site, ITEM))
+
+
+def test_breakglass_waiting_for_the_lock_while_the_vault_fails_over(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vault's failover command gets the replica lock first (break-glass had checked for
+    other failovers before it waited): break-glass must refuse, not promote a second time."""
+    data, store, hv = store_host(tmp_path)
+    cmds = vault_command(data, store, hv)
+    real_lock = replica_lock
+
+    @contextlib.contextmanager
+    def vault_first(replica_dir: Path) -> Iterator[None]:
+        monkeypatch.setattr(breakglass, "replica_lock", real_lock)
+        cmds.handle(vault_failover("f-000000000001"))   # held the lock meanwhile
+        with real_lock(replica_dir):
+            yield
+
+    monkeypatch.setattr(breakglass, "replica_lock", vault_first)
+    bg = breakglass.BreakGlass(data, hv, store)
+    with pytest.raises(Conflict, match="f-000000000001"):
+        bg.failover(ITEM)
+    assert generation(store, data) == 2          # one promotion
+    assert [v.name for v in hv.list_vms()] == ["web1"]
+    assert live(data) == ["f-000000000001"]
+    assert breakglass.pending_reports(data) == []
+    # nothing of break-glass holds the item: the vault's failover goes on (commit, cancel)
+    assert breakglass.active_failover(data, ITEM) is None
+
+
+def test_vault_command_waiting_for_the_lock_while_breakglass_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Break-glass had saved its record but not yet started its step record when the vault's
+    command checked; break-glass then held the lock and finished: the command must refuse."""
+    data, store, hv = store_host(tmp_path)
+    cmds = vault_command(data, store, hv)
+    real_lock = replica_lock
+    out: dict[str, Any] = {}
+
+    @contextlib.contextmanager
+    def breakglass_first(replica_dir: Path) -> Iterator[None]:
+        monkeypatch.setattr(agent_failover, "replica_lock", real_lock)
+        out["bg"] = breakglass.BreakGlass(data, hv, store).failover(ITEM)
+        with real_lock(replica_dir):
+            yield
+
+    monkeypatch.setattr(agent_failover, "replica_lock", breakglass_first)
+    with pytest.raises(Conflict, match="break-glass"):
+        cmds.handle(vault_failover("f-000000000002"))
+    rec = out["bg"]
+    assert rec.state is FailoverState.PENDING_COMMIT and rec.generation == 2
+    assert generation(store, data) == 2
+    assert [v.name for v in hv.list_vms()] == ["web1"]
+    assert live(data) == [rec.failover_id]
+    assert [r["failover_id"] for r in breakglass.pending_reports(data)] == [rec.failover_id]
