@@ -16,9 +16,11 @@ from cryptography.hazmat.primitives import serialization
 from sqlalchemy import select
 
 from drsite.core.errors import Conflict, CorruptData, InvalidInput, SecretUnreadable
+from drsite.core.states import ItemProtection
+from drsite.vault import storeacl
 from drsite.vault.backup import backup, restore
 from drsite.vault.db.database import sqlite_url
-from drsite.vault.db.models import Store
+from drsite.vault.db.models import Item, Store
 from drsite.vault.masterkey import open_database
 from drsite.vault.testing import Agent, Harness, point, report
 from tests.integration.test_vault_api import policy_and_group, protect, two_sites
@@ -127,5 +129,54 @@ def test_a_restored_vault_learns_the_points_reported_after_the_backup(tmp_path: 
         seqs = sorted(p["seq"] for p in h2.ok("GET", f"/items/{item_id}/points"))
         assert seqs == [1, 2, 3, 4, 5]
         assert beat(a2, [6]) == 6                     # back to normal
+    finally:
+        h2.close()
+
+
+def test_a_restored_vault_does_not_trust_the_store_lists_it_remembers(tmp_path: Path) -> None:
+    """The backup says which access list each store agent held then; after it, the item failed
+    over and the store agent took the read-only list. The restored vault (the item protected
+    again in its eyes) must not confirm the source's write grant from that memory — the source's
+    writes would be refused — but only once the store agent confirmed its list again."""
+    data = tmp_path / "vault"
+    h = Harness(data)
+    try:
+        a, b = two_sites(h)
+        policy_and_group(h)
+        item_id = protect(h, a)
+        with h.vault.db.read() as s:
+            item = s.get(Item, item_id)
+            assert item is not None and storeacl.grant_pending(s, item, h.clock.now()) is None
+        out = tmp_path / "b.tar"
+        backup(data, out)
+        with h.vault.db.tx() as s:                    # after the backup: a failover
+            item = s.get(Item, item_id)
+            assert item is not None
+            item.status = ItemProtection.FAILED_OVER
+        h.store_beat()
+        assert b.store_acl is not None and b.store_acl["items"][item_id]["writer"] == ""
+        key = _key_file(tmp_path / "kept.key",
+                        base64.b64decode((data / "master.key").read_text().strip()))
+        cert_pem = x509.load_der_x509_certificate(b.cert_der).public_bytes(
+            serialization.Encoding.PEM)
+    finally:
+        h.close()
+    restore(out, tmp_path / "restored", master_key_file=key)
+    h2 = Harness(tmp_path / "restored")
+    try:
+        def pending() -> str | None:
+            with h2.vault.db.read() as s:
+                item = s.get(Item, item_id)
+                assert item is not None
+                return storeacl.grant_pending(s, item, h2.clock.now())
+
+        assert pending() is not None                  # unknown until the store agent beats
+        b2 = Agent(h2, b.host_id, b.site, b.name, cert_pem)
+        b2.store_acl = b.store_acl                    # the read-only list it holds
+        b2.beat(store_url=b.store_url)                # gets the writable list
+        assert pending() is not None
+        b2.beat(store_url=b.store_url)                # confirms it
+        assert pending() is None
+        assert b2.store_acl is not None and b2.store_acl["items"][item_id]["writer"] == a.host_id
     finally:
         h2.close()

@@ -65,7 +65,7 @@ from drsite.core.errors import (
 from drsite.fsutil import atomic_write_bytes, fsync_dir
 from drsite.vault.context import ADMIN_TOKEN_FILE
 from drsite.vault.db.database import Database, sqlite_url
-from drsite.vault.db.models import Item
+from drsite.vault.db.models import Host, Item
 from drsite.vault.heartbeat import RESTORED
 from drsite.vault.masterkey import (
     KEY_FILE,
@@ -283,6 +283,9 @@ def restore(archive: Path, data_dir: Path, *, master_key_file: Path,
             db.migrate()
             with db.tx() as s:   # ask the agents for their whole catalogues (``heartbeat``)
                 s.execute(update(Item).values(acked_seq=RESTORED))
+                # which access list each store agent holds is unknown (it may have taken newer
+                # ones since the backup): no grant counts as confirmed before it says again
+                s.execute(update(Host).values(store_acl_digest=None, store_acl_sent=None))
             # every sealed value names this key and opens under it (a value in clear, from a
             # vault older than sealing, is sealed now: what the vault does at start anyway)
             seal_clear_values(db, open_keyring(db, stage / KEY_FILE))
