@@ -7,10 +7,16 @@ reported after the backup."""
 from __future__ import annotations
 
 import base64
+import hashlib
+import io
+import json
+import sqlite3
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from blake3 import blake3
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import select
@@ -180,3 +186,64 @@ def test_a_restored_vault_does_not_trust_the_store_lists_it_remembers(tmp_path: 
         assert b2.store_acl is not None and b2.store_acl["items"][item_id]["writer"] == a.host_id
     finally:
         h2.close()
+
+
+def _rewrite(src: Path, dest: Path, change: Callable[[dict[str, bytes]], None]) -> None:
+    """``src`` with its members changed by ``change`` and a manifest made to match: what
+    anyone who can write the backup file (but has no master key) can produce."""
+    with tarfile.open(src) as tar:
+        files = {m.name: (tar.extractfile(m) or io.BytesIO()).read() for m in tar.getmembers()}
+    change(files)
+    manifest = json.loads(files["manifest.json"])
+    manifest["members"] = {n: blake3(d).hexdigest() for n, d in sorted(files.items())
+                           if n in manifest["members"]}
+    files["manifest.json"] = json.dumps(manifest).encode()
+    with tarfile.open(dest, "w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_restore_refuses_a_backup_altered_without_the_master_key(tmp_path: Path) -> None:
+    """Someone who can write where backups are kept, without the master key, swaps the
+    database for one with their own admin token (and a manifest to match): the restored vault
+    would obey them. The archive must prove it was made with the master key."""
+    data = tmp_path / "vault"
+    h = Harness(data)
+    try:
+        h.token("reader", "r1")
+        out = tmp_path / "b.tar"
+        backup(data, out)
+        key = _key_file(tmp_path / "kept.key",
+                        base64.b64decode((data / "master.key").read_text().strip()))
+    finally:
+        h.close()
+    planted = "planted-admin-secret-0123456789"
+
+    def swap_db(files: dict[str, bytes]) -> None:
+        db = tmp_path / "swap.db"
+        db.write_bytes(files["vault.db"])
+        con = sqlite3.connect(db)
+        con.execute("INSERT INTO api_tokens (name, role, secret_hash, created_at) "
+                    "VALUES ('intruder', 'admin', ?, 0)",
+                    (hashlib.sha256(planted.encode()).hexdigest(),))
+        con.commit()
+        con.close()
+        files["vault.db"] = db.read_bytes()
+
+    _rewrite(out, tmp_path / "swapped.tar", swap_db)
+    with pytest.raises(CorruptData, match="master key"):
+        restore(tmp_path / "swapped.tar", tmp_path / "r1", master_key_file=key)
+    assert not (tmp_path / "r1").exists()
+    # an edited manifest (its members unchanged)
+
+    def edit_manifest(files: dict[str, bytes]) -> None:
+        m = json.loads(files["manifest.json"])
+        files["manifest.json"] = json.dumps({**m, "created_at": 0}).encode()
+
+    _rewrite(out, tmp_path / "edited.tar", edit_manifest)
+    with pytest.raises(CorruptData, match="master key"):
+        restore(tmp_path / "edited.tar", tmp_path / "r2", master_key_file=key)
+    # the genuine backup restores
+    assert restore(out, tmp_path / "r3", master_key_file=key)["data_dir"]
