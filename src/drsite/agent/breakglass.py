@@ -48,7 +48,11 @@ from drsite.core.errors import (
 from drsite.core.model import validate_name
 from drsite.core.states import FailoverState
 from drsite.failover import actions, records
-from drsite.failover.wire import network_map_from_args, vm_spec_from_dict
+from drsite.failover.wire import (
+    BREAKGLASS_MAX_REPORTS,
+    network_map_from_args,
+    vm_spec_from_dict,
+)
 from drsite.fsutil import atomic_write_bytes, atomic_write_json, read_json
 from drsite.hypervisors.contract import HypervisorDriver
 from drsite.sitestore.acl import ACL_FILE, StoreAcl
@@ -115,7 +119,9 @@ def _save_record(data_dir: Path, item_id: str, doc: dict[str, Any]) -> None:
 
 def pending_reports(data_dir: Path) -> list[dict[str, Any]]:
     """The finished break-glass failovers the vault has not acknowledged: the failover
-    library's record of each as the break-glass run ended (``FailoverResult.to_dict()``)."""
+    library's record of each as the break-glass run ended (``FailoverResult.to_dict()``), at
+    most ``BREAKGLASS_MAX_REPORTS`` (what one heartbeat may carry; the rest go in the next
+    ones, as these are acknowledged)."""
     out: list[dict[str, Any]] = []
     folder = _records_dir(data_dir)
     if not folder.is_dir():
@@ -131,6 +137,8 @@ def pending_reports(data_dir: Path) -> list[dict[str, Any]]:
             continue
         if rec.get("state") in [s.value for s in DONE_STATES]:
             out.append(rec)
+            if len(out) >= BREAKGLASS_MAX_REPORTS:
+                break
     return out
 
 

@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session
 from drsite.core.errors import InvalidInput
 from drsite.core.model import validate_name
 from drsite.core.states import FailoverState, ItemProtection
+from drsite.failover.wire import BREAKGLASS_MAX_REPORTS
 from drsite.vault import commands, fencing
 from drsite.vault.audit import AuditEntry, record_audit, record_event
 from drsite.vault.db.models import Failover, Group, Host, Item, Site, Vm
@@ -40,7 +41,7 @@ from drsite.vault.trust import raise_security_alert
 
 log = logging.getLogger(__name__)
 
-MAX_REPORTS = 100
+MAX_REPORTS = BREAKGLASS_MAX_REPORTS
 # a break-glass failover may land on an item the vault had protected, or was failing over
 TAKEN_STATUSES = frozenset({ItemProtection.PROTECTED, ItemProtection.FAILING_OVER,
                             ItemProtection.ENABLING})
