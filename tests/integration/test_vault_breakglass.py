@@ -15,7 +15,7 @@ from sqlalchemy import select
 from drsite.core.states import FailoverState, ItemProtection
 from drsite.failover.wire import check_recovery_book, recovery_book_digest
 from drsite.vault.db.models import Command, Failover, Group, Item, Store
-from drsite.vault.testing import Agent, Harness
+from drsite.vault.testing import Agent, Harness, vm_info
 from tests.integration.test_vault_api import policy_and_group, protect, two_sites
 from tests.integration.test_vault_trust import security_alerts
 
@@ -227,3 +227,26 @@ def test_breakglass_reports_with_impossible_facts_are_refused(h: Harness) -> Non
     assert h.ok("GET", f"/items/{item_id}")["protection"] == "protected"
     assert len(security_alerts(h)) == 5
     assert not [c for c in a.beat()["commands"] if c["kind"] == "failover_fence"]
+
+
+def test_one_vm_with_a_bad_configuration_does_not_cost_the_site_its_recovery_book(
+        h: Harness) -> None:
+    """The store agent takes a book whole or not at all (a malformed one is ignored and the
+    old one stays). One protected VM whose host reports a configuration the failover cannot
+    use (a disk without a size, a name that is no name) must not keep every other item of the
+    site out of the book: a source host would otherwise deny break-glass to items it does not
+    own."""
+    a, b = two_sites(h)
+    policy_and_group(h)
+    web = protect(h, a)
+    db = protect(h, a, "vm-2", "db1")
+    bad = vm_info("vm-2", "db1", labels=["db"])
+    bad["disks"] = [{"disk_id": "disk0", "size": None}]
+    a.beat(vms=[vm_info("vm-1", "web1"), bad])
+    book = check_recovery_book(beat(b).json()["recovery_book"])
+    assert web in book["items"]
+    # the item keeps the configuration it was protected with, if it had one; else it is left out
+    assert db not in book["items"] or book["items"][db]["vm_spec"]["disks"][0]["size"] == 1 << 20
+    a.beat(vms=[vm_info("vm-1", "web1"), {**vm_info("vm-2", "db 1"), "labels": ["db"]}])
+    book = check_recovery_book(beat(b).json()["recovery_book"])
+    assert web in book["items"]
