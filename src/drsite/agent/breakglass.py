@@ -221,6 +221,21 @@ class BreakGlass:
         self.replicas = self.data_dir / "replicas"
         self.work_dir = self.data_dir / WORK_DIR
 
+    def _check_user(self) -> None:
+        """The records a failover writes (0600) must be the agent's: root (sudo) would write
+        files the agent cannot read, so it would never report the failover to the vault."""
+        try:
+            owner = self.data_dir.stat().st_uid
+        except OSError as e:
+            raise classify_os_error(e, f"agent data directory {self.data_dir}") from e
+        if owner != os.geteuid():
+            raise InvalidInput(
+                f"the agent data directory {self.data_dir} belongs to user id {owner}, not to "
+                f"this user (id {os.geteuid()}): the agent could not read what break-glass "
+                "writes, and would never report the failover to the vault",
+                hint="Run it as the agent's user, e.g. sudo -u <agent user> drsite agent "
+                     "failover ...")
+
     def _auth(self, item_id: str) -> PointAuth:
         """The item's point MAC: break-glass never reads a point it cannot authenticate."""
         auth = self.acl.point_auth(item_id)
@@ -286,6 +301,7 @@ class BreakGlass:
         """Fail ``item_id`` over to ``point`` ("latest", "latest_app" or a point id) on this
         host; idempotent (see the module docstring)."""
         item_id = validate_name("item", item_id)
+        self._check_user()
         entry = self.book.entry(item_id)
         auth = self._auth(item_id)
         path = _record_path(self.data_dir, item_id)

@@ -1,8 +1,9 @@
-"""Break-glass failover racing the vault's own failover of the same item on the store host
-(the vault came back while ``drsite agent failover`` ran): both take the item's replica lock,
-and whichever gets it second must see the other's failover and refuse — never a second
-promotion, never a second VM, never a stuck break-glass record that blocks every later
-failover. Real local store, real points with MACs, the file hypervisor."""
+"""Break-glass failover on a store host, with a real local store (points with MACs) and the
+file hypervisor: racing the vault's own failover of the same item (the vault came back while
+``drsite agent failover`` ran) — both take the item's replica lock, and whichever gets it
+second must see the other's failover and refuse: never a second promotion, never a second VM,
+never a stuck break-glass record that blocks every later failover; and run by another user
+than the agent's (root via sudo), whose files the agent could not read."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from drsite.agent import failover as agent_failover
 from drsite.agent.failover import FailoverCommands, FailoverHost
 from drsite.agent.link import Command
 from drsite.agent.recoverybook import BOOK_FILE, RecoveryBook
-from drsite.core.errors import Conflict
+from drsite.core.errors import Conflict, InvalidInput
 from drsite.core.model import Consistency
 from drsite.core.states import FailoverState
 from drsite.failover import actions, records
@@ -151,3 +152,21 @@ def test_vault_command_waiting_for_the_lock_while_breakglass_runs(
     assert [v.name for v in hv.list_vms()] == ["web1"]
     assert live(data) == [rec.failover_id]
     assert [r["failover_id"] for r in breakglass.pending_reports(data)] == [rec.failover_id]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own files as another user")
+def test_refused_when_run_as_another_user_than_the_agents(tmp_path: Path) -> None:
+    """``sudo drsite agent failover`` for an agent that runs as its own user: the break-glass
+    record, the failover's step record and the replica's marker would be root's, 0600 — the
+    agent could not read them, so it would never report the failover to the vault (which would
+    then schedule the item as if nothing happened) and could not hydrate the replica again."""
+    data, store, hv = store_host(tmp_path)
+    for root, dirs, files in os.walk(tmp_path):
+        for name in [*dirs, *files]:
+            os.chown(Path(root) / name, 65534, 65534)
+    os.chown(tmp_path, 65534, 65534)
+    bg = breakglass.BreakGlass(data, hv, store)
+    assert bg.items()[0]["points"] == 2          # listing writes nothing: allowed
+    with pytest.raises(InvalidInput, match="user"):
+        bg.failover(ITEM)
+    assert not (data / "breakglass").exists() and not (data / "failover").exists()
