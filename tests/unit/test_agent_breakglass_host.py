@@ -21,6 +21,7 @@ import pytest
 
 from drsite.agent import breakglass
 from drsite.agent import failover as agent_failover
+from drsite.agent.daemon import Agent
 from drsite.agent.failover import FailoverCommands, FailoverHost
 from drsite.agent.link import Command
 from drsite.agent.recoverybook import BOOK_FILE, RecoveryBook
@@ -170,3 +171,32 @@ def test_refused_when_run_as_another_user_than_the_agents(tmp_path: Path) -> Non
     with pytest.raises(InvalidInput, match="user"):
         bg.failover(ITEM)
     assert not (data / "breakglass").exists() and not (data / "failover").exists()
+
+
+def test_the_recovery_vm_stays_out_of_the_inventory_until_the_run_saved_its_record(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon heartbeat while ``drsite agent failover`` runs (the vault answers: --force, or
+    it came back) must not show the vault the recovery VM before the failover's report: the
+    vault would see a new VM of its site (a group there may auto-protect it, and the item's
+    re-protect then finds the VM taken). While the run holds its lock the VM is left out of
+    the daemon's inventory; once the record is saved, the VM and the report go together."""
+    data, store, hv = store_host(tmp_path)
+    daemon = SimpleNamespace(hypervisor=hv, data_dir=data, _book=RecoveryBook(data / BOOK_FILE))
+
+    def inventory() -> list[str]:
+        return [v["name"] for v in Agent._inventory(cast(Agent, daemon))]
+
+    seen: dict[str, Any] = {}
+    real_start = actions._start_vm
+
+    def start_and_look(*args: Any, **kw: Any) -> None:
+        real_start(*args, **kw)
+        seen["on the hypervisor"] = [v.name for v in hv.list_vms()]
+        seen["inventory"] = inventory()
+        seen["reports"] = breakglass.pending_reports(data)
+
+    monkeypatch.setattr(actions, "_start_vm", start_and_look)
+    rec = breakglass.BreakGlass(data, hv, store).failover(ITEM)
+    assert seen == {"on the hypervisor": ["web1"], "inventory": [], "reports": []}
+    assert inventory() == ["web1"]
+    assert [r["failover_id"] for r in breakglass.pending_reports(data)] == [rec.failover_id]

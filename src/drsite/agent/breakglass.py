@@ -27,10 +27,12 @@ Responsible for: these local steps and the report queue. Not responsible for: pa
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import secrets
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,7 @@ from drsite.store.repository import Repository
 log = logging.getLogger(__name__)
 
 BG_DIR = "breakglass"
+RUN_SUFFIX = ".run"             # DATA/breakglass/<item>.run: the run lock of a break-glass run
 WORK_DIR = "failover"           # the failover library's work directory (as agent/failover.py)
 RUN_FILE = "agent-run.json"   # how `drsite agent run` was started (hypervisor, VMs, store)
 DONE_STATES = (FailoverState.PENDING_COMMIT, FailoverState.COMMITTED)
@@ -157,6 +160,49 @@ def mark_reported(data_dir: Path, failover_ids: list[str]) -> None:
                 atomic_write_json(path, doc)
                 log.info("the vault recorded break-glass failover %s of %s",
                          doc.get("failover_id"), path.stem)
+
+
+@contextlib.contextmanager
+def _run_lock(data_dir: Path, item_id: str) -> Iterator[None]:
+    """Held (``flock``) for the whole of a break-glass run of ``item_id``, up to its record
+    being saved finished."""
+    path = _records_dir(data_dir) / f"{validate_name('item', item_id)}{RUN_SUFFIX}"
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise classify_os_error(e, f"break-glass run lock {path}") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def vms_in_flight(data_dir: Path, book: dict[str, Any] | None) -> set[str]:
+    """Names of the VMs break-glass runs on this host are creating right now (their run lock
+    is held): the daemon leaves them out of its inventory until the run has saved its record,
+    which goes in the same heartbeat as the VM. Otherwise the vault could meet the recovery
+    VM before the failover — a new VM of its site, which a group there may auto-protect."""
+    folder = _records_dir(data_dir)
+    items = dict((book or {}).get("items") or {})
+    out: set[str] = set()
+    for path in sorted(folder.glob(f"*{RUN_SUFFIX}")) if folder.is_dir() else []:
+        entry = items.get(path.name[:-len(RUN_SUFFIX)])
+        if not isinstance(entry, dict):
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:   # held: a run is under way
+            out.update(str(n) for n in (entry.get("vm_name"),
+                                        dict(entry.get("vm_spec") or {}).get("name")) if n)
+        finally:
+            os.close(fd)
+    return out
 
 
 # ------------------------------------------------------------------ the vault's presence
@@ -299,9 +345,14 @@ class BreakGlass:
 
     def failover(self, item_id: str, point: str = "latest") -> actions.FailoverResult:
         """Fail ``item_id`` over to ``point`` ("latest", "latest_app" or a point id) on this
-        host; idempotent (see the module docstring)."""
+        host; idempotent (see the module docstring). Runs under the item's run lock (see
+        :func:`vms_in_flight`; a second run of the item waits for the first)."""
         item_id = validate_name("item", item_id)
         self._check_user()
+        with _run_lock(self.data_dir, item_id):
+            return self._failover(item_id, point)
+
+    def _failover(self, item_id: str, point: str) -> actions.FailoverResult:
         entry = self.book.entry(item_id)
         auth = self._auth(item_id)
         path = _record_path(self.data_dir, item_id)
