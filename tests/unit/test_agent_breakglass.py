@@ -54,7 +54,8 @@ def _bg(tmp_path: Path, fid: str, state: str | None) -> None:
     if state:
         (tmp_path / "failover" / "failovers").mkdir(parents=True, exist_ok=True)
         atomic_write_json(tmp_path / "failover" / "failovers" / f"{fid}.json",
-                          {"failover_id": fid, "item_id": ITEM, "state": state})
+                          {"failover_id": fid, "item_id": ITEM, "state": state,
+                           "kind": "unplanned", "requested_at": 0.0, "steps": ["promoted"]})
 
 
 def test_reports_until_acknowledged(tmp_path: Path) -> None:
@@ -80,7 +81,8 @@ def test_vault_failover_refused_while_breakglass_holds_the_item(tmp_path: Path) 
         cmds.handle(cmd)
     # cancelled (through the vault, once it recorded it): the item may fail over again
     atomic_write_json(tmp_path / "failover" / "failovers" / "bg-000000000001.json",
-                      {"failover_id": "bg-000000000001", "item_id": ITEM, "state": "cancelled"})
+                      {"failover_id": "bg-000000000001", "item_id": ITEM, "state": "cancelled",
+                       "kind": "unplanned", "requested_at": 0.0, "steps": ["promoted"]})
     assert breakglass.active_failover(tmp_path, ITEM) is None
 
 

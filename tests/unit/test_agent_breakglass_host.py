@@ -29,7 +29,7 @@ from drsite.core.errors import Conflict, InvalidInput
 from drsite.core.model import Consistency
 from drsite.core.states import FailoverState
 from drsite.failover import actions, records
-from drsite.failover.wire import BOOK_FORMAT
+from drsite.failover.wire import BOOK_FORMAT, vm_spec_from_dict
 from drsite.hypervisors.file import FileHypervisor
 from drsite.sitestore.acl import ACL_FILE, FORMAT, StoreAcl
 from drsite.sitestore.server import replica_lock
@@ -200,3 +200,23 @@ def test_the_recovery_vm_stays_out_of_the_inventory_until_the_run_saved_its_reco
     assert seen == {"on the hypervisor": ["web1"], "inventory": [], "reports": []}
     assert inventory() == ["web1"]
     assert [r["failover_id"] for r in breakglass.pending_reports(data)] == [rec.failover_id]
+
+
+def test_a_vm_in_the_way_is_refused_before_the_promotion(tmp_path: Path) -> None:
+    """A VM of the item's name already on the recovery host (one left by an earlier failback,
+    or someone's): break-glass refuses (it would not start that VM's disks) — and must do so
+    before it promotes: a promotion fences the old primary's engine (replication stops while
+    its VM runs on, unknown to the vault) for a failover that starts no VM, and its step record
+    would hold the item against every later failover."""
+    data, store, hv = store_host(tmp_path)
+    img = tmp_path / "stale-d0.img"
+    img.write_bytes(b"\0" * 4096)
+    stale = hv.create_vm(vm_spec_from_dict(SPEC), {"d0": str(img)})
+    with pytest.raises(Conflict, match="already exists"):
+        breakglass.BreakGlass(data, hv, store).failover(ITEM)
+    assert generation(store, data) == 1
+    assert live(data) == []
+    assert breakglass.active_failover(data, ITEM) is None
+    hv.delete_vm(stale.vm_id)             # cleared away: break-glass goes through
+    rec = breakglass.BreakGlass(data, hv, store).failover(ITEM)
+    assert rec.state is FailoverState.PENDING_COMMIT and generation(store, data) == 2

@@ -208,19 +208,22 @@ def vms_in_flight(data_dir: Path, book: dict[str, Any] | None) -> set[str]:
 # ------------------------------------------------------------------ the vault's presence
 
 def active_failover(data_dir: Path, item_id: str) -> str | None:
-    """The id of the item's break-glass failover that still holds it on this host (not
-    cancelled: its step record says so, whoever cancelled it), or None. A vault's failover
+    """The id of the item's break-glass failover that still holds it on this host (promoted,
+    not cancelled: its step record says so, whoever cancelled it), or None. A vault's failover
     command for the item with another id is refused while there is one: the vault had not
     heard of it yet."""
     try:
         fid = str(dict(read_json(_record_path(data_dir, item_id))).get("failover_id") or "")
-        step = dict(read_json(Path(data_dir) / WORK_DIR / "failovers"
-                              / f"{validate_name('failover', fid)}.json"))
+        raw = read_json(Path(data_dir) / WORK_DIR / "failovers"
+                        / f"{validate_name('failover', fid)}.json")
     except FileNotFoundError:
         return None
-    if step.get("state") in (FailoverState.CANCELLED.value, FailoverState.CLEANED_UP.value):
-        return None
-    return fid
+    try:
+        step = records.FailoverResult.from_dict(raw)
+    except (KeyError, TypeError, ValueError):
+        return fid   # a damaged step record: assume it holds (no second VM on a guess)
+    # stopped before its promotion (e.g. its point was refused): nothing changed, no hold
+    return fid if records.holds_item(step) else None
 
 
 def vault_answers(identity: AgentIdentity, timeout: float = 3.0) -> bool:
