@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from drsite.core.states import CommandStatus
+from drsite.failover.wire import BREAKGLASS_MAX_REPORTS
 
 
 class Strict(BaseModel):
@@ -132,7 +133,8 @@ class HeartbeatIn(Lenient):
     held: list[str] | None = Field(default=None, max_length=10_000)
     # store-serving agents: the recovery book they hold; break-glass failovers not yet recorded
     recovery_book_digest: str | None = Field(default=None, max_length=128)
-    breakglass: list[dict[str, Any]] = Field(default_factory=list, max_length=100)
+    breakglass: list[dict[str, Any]] = Field(default_factory=list,
+                                             max_length=BREAKGLASS_MAX_REPORTS)
 
 
 class CommandWaitIn(Lenient):
