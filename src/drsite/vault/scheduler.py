@@ -42,6 +42,7 @@ from drsite.replication.report import ItemState
 from drsite.vault import commands, storeacl
 from drsite.vault import scrub as scrubbing
 from drsite.vault.audit import record_event
+from drsite.vault.barrier import BarrierRunner
 from drsite.vault.db.database import Database
 from drsite.vault.db.models import Command, Group, Host, Item, Policy
 from drsite.vault.ids import new_id
@@ -82,14 +83,15 @@ def apply_result(s: Session, cmd: Command, now: float) -> None:
     if cmd.kind == "scrub" and cmd.item_id is not None and cmd.job_id is None:
         _apply_scrub(s, cmd, now)
         return
-    if cmd.job_id is not None or cmd.item_id is None or cmd.kind not in ("cycle", "resync", "retention"):
+    if cmd.job_id is not None or cmd.item_id is None \
+            or cmd.kind not in ("cycle", "resync", "retention", "group_seal"):
         return
     item = s.get(Item, cmd.item_id)
     if item is None or item.status != ItemProtection.PROTECTED:
         return
     retry = RetryState.from_dict(item.retry or {})
     if cmd.status == CommandStatus.SUCCEEDED:
-        if cmd.kind in ("cycle", "resync"):
+        if cmd.kind in ("cycle", "resync", "group_seal"):
             retry.record_success()
             item.retry = retry.to_dict()
         if cmd.kind == "cycle" and cmd.args.get("app_consistent"):
@@ -147,22 +149,28 @@ class Scheduler:
     def __init__(self, db: Database, settings: VaultSettings) -> None:
         self.db = db
         self.settings = settings
+        self.barriers = BarrierRunner(db, settings)
 
     def tick(self) -> list[Command]:
-        """One pass over the protected items; returns the commands it queued."""
+        """One pass over the protected items (and the consistency groups' barriers, whose
+        members' cycles they are); returns the per-item commands it queued."""
+        self.barriers.tick()
         now = self.settings.clock.now()
         with self.db.read() as s:
             open_kinds = _open_kinds(s, None)
             stores_up = store_sites_up(s, now, self.settings.agent_down_after_s)
-            rows = s.execute(select(Item, Policy)
+            rows = s.execute(select(Item, Policy, Group.consistent)
                              .join(Group, Group.id == Item.group_id)
                              .join(Policy, Policy.id == Group.policy_id)
                              .where(Item.status == ItemProtection.PROTECTED, Item.active_job_id.is_(None))
                              .order_by(Item.id)).all()
             due: list[_Due] = []
-            for item, policy in rows:
+            for item, policy, consistent in rows:
                 kinds = open_kinds.get(item.id, set())
                 for d in self._item(item, policy, kinds, now, item.target_site_id in stores_up):
+                    if d.kind == "cycle" and consistent:
+                        continue  # a consistent group's cycles come from its barrier
+
                     if d.kind == "retention":  # a site store's own agent runs it
                         d.host_id, d.args = storeacl.retention_target(s, item,
                                                                       agent_settings(policy))
