@@ -54,7 +54,7 @@ def wait(what: str, check: Any, timeout: float) -> Any:
 class Writer:
     """Writes 512 B to its VM every ``period`` s; records (start wall time, latency)."""
 
-    def __init__(self, h: FileHypervisor, vm_id: str, period: float = 0.005) -> None:
+    def __init__(self, h: FileHypervisor, vm_id: str, period: float = 0.02) -> None:
         self.h, self.vm_id, self.period = h, vm_id, period
         self.samples: list[tuple[float, float]] = []
         self.stop = threading.Event()
@@ -91,8 +91,9 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=90.0, help="per phase")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--dir", type=Path, default=None)
+    ap.add_argument("--keep", action="store_true", help="keep the work files (logs)")
     args = ap.parse_args()
-    with workdir(args.dir) as root:
+    with workdir(args.dir, keep=args.keep) as root:
         machine = machine_info(root)
         load_before = os.getloadavg()
         c: Cluster = up(root / "c")

@@ -171,3 +171,26 @@ def test_at_most_16_vms_and_bound_validated(h: Harness) -> None:
         check_members(s, g, adding=14)  # 16: fine
         with pytest.raises(InvalidInput, match="at most 16"):
             check_members(s, g, adding=15)
+
+
+def test_a_member_silent_after_it_held_does_not_stop_the_group(h: Harness) -> None:
+    (a1, a2), items = setup_group(h)
+    for a in (a1, a2):
+        (p,) = cmds(a, "group_prepare")
+        a.result(p["command_id"], "succeeded", result={})
+    (s1,) = cmds(a1, "group_seal")
+    (s2,) = cmds(a2, "group_seal")
+    seal_ok(h, a1, s1, 2)  # a2's agent stops after holding: its seal never answers
+    h.clock.advance(89)  # max(60 s, 3 periods of 30 s)
+    h.tick()
+    assert h.ok("GET", "/groups/g1/points?all=true")[0]["state"] == "sealing"
+    h.clock.advance(2)
+    h.tick()  # the barrier ends; the next round: a2 still has its seal open → a1 alone cycles
+    rows = h.ok("GET", "/groups/g1/points?all=true")
+    assert rows[1]["state"] == "partial" and "no seal answer" in rows[1]["message"]
+    assert rows[0]["state"] == "partial" and "not eligible" in rows[0]["message"]
+    assert len(cmds(a1, "cycle")) == 1
+    # the late answer still commits a2's per-VM point; no group point appears from it
+    seal_ok(h, a2, s2, 2)
+    assert h.ok("GET", "/groups/g1/points") == []
+    assert h.ok("GET", "/groups/g1/points?all=true")[1]["members"][items[1]]["state"] == "committed"

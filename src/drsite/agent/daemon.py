@@ -785,6 +785,15 @@ class Agent:
                 return
             log.info("command %s: %s %s accepted", cmd.command_id, cmd.kind, cmd.item_id)
             self._inflight[cmd.command_id] = _Progress(cmd.item_id)
+        if cmd.kind in barriers.KINDS and self._barrier_pool is not None:
+            # a barrier's step runs at once and is journaled meanwhile: guest writes wait for
+            # it, and a crash before the journal is harmless (the vault re-delivers the seal,
+            # whose cycle the lane then adopts; a prepare's hold ends at its bound)
+            self._barrier_pool.submit(self._barrier_task, cmd)
+            with contextlib.suppress(DrsiteError):
+                self._journal.accept(cmd.command_id, kind=cmd.kind, item_id=cmd.item_id,
+                                     args=self._keep_point_keys(cmd))
+            return
         try:
             self._journal.accept(cmd.command_id, kind=cmd.kind, item_id=cmd.item_id,
                                  args=self._keep_point_keys(cmd))
@@ -799,9 +808,6 @@ class Agent:
                     log.info("item %s: interrupting its running work to unprotect it",
                              cmd.item_id)
                     lane.cancel.set()
-            if cmd.kind in barriers.KINDS and self._barrier_pool is not None:
-                self._barrier_pool.submit(self._barrier_task, cmd)
-                return
             self._enqueue(cmd.item_id, _Task(cmd.kind, cmd))
 
     def _barrier_task(self, cmd: Command) -> None:
@@ -830,7 +836,7 @@ class Agent:
             self._finish(cmd, CommandStatus.FAILED, {}, PermanentError(
                 f"agent error in group_prepare: {type(e).__name__}: {e}").to_dict())
         else:
-            self._finish(cmd, CommandStatus.SUCCEEDED, result, None)
+            self._finish_held(cmd, result)
         finally:
             with self._lock:
                 self._inflight.pop(cmd.command_id, None)
@@ -917,6 +923,21 @@ class Agent:
                 if task.command is not None:
                     with self._lock:
                         self._inflight.pop(task.command.command_id, None)
+
+    def _finish_held(self, cmd: Command, result: dict[str, Any]) -> None:
+        """A prepare that holds its guest: the vault hears it before the journal's fsync
+        (guest writes wait for the barrier's next step; a lost answer only makes the member
+        miss the barrier, and the journal then re-posts it)."""
+        fin = Finished(cmd.command_id, cmd.kind, cmd.item_id, CommandStatus.SUCCEEDED, result,
+                       None, time.time())
+        try:
+            self.link.post_result(cmd.command_id, status=CommandStatus.SUCCEEDED, progress=100.0,
+                                  result=result, error=None)
+            fin.posted = True
+        except DrsiteError as e:
+            log.info("result of command %s not delivered yet (%s); will retry",
+                     cmd.command_id, e)
+        self._journal.finish(fin)
 
     def _finish(self, cmd: Command, status: CommandStatus, result: dict[str, Any],
                 error: dict[str, Any] | None) -> None:

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 MAX_MEMBERS = 16  # as Azure Site Recovery's multi-VM consistency groups
 MIN_TIMEOUT_MS, MAX_TIMEOUT_MS = 50, 10_000
 OPEN_STATES = ("preparing", "sealing")
+SEAL_TIMEOUT_MIN_S = 60.0  # a member whose seal does not answer in max(this, 3 periods) fails
 KINDS = ("group_prepare", "group_seal")
 
 
@@ -167,6 +168,20 @@ def _give_up(s: Session, b: GroupBarrier, now: float) -> None:
     _maybe_end(s, b, now)
 
 
+def _seal_timeout(s: Session, b: GroupBarrier, now: float) -> None:
+    """Members whose seal did not answer in time (an agent stopped or gone after it held):
+    the barrier ends without a group point, so the group's other members are not left without
+    points; a late answer still commits that member's per-VM point."""
+    late = []
+    for item_id, m in sorted(b.members.items()):
+        if m.get("state") in ("pending", "held", "sealing"):
+            _set(b, item_id, state="failed", held=False, error="no seal answer in time")
+            late.append(str(m.get("vm_name") or item_id))
+    if late:
+        b.message = f"no seal answer in time: {', '.join(late)} (per-VM points)"
+    _maybe_end(s, b, now)
+
+
 def _maybe_end(s: Session, b: GroupBarrier, now: float) -> None:
     if b.state != "sealing":
         return
@@ -223,8 +238,11 @@ class BarrierRunner:
         for b in open_b:
             if b.state == "preparing" and now >= b.prepare_deadline:
                 _give_up(s, b, now)
+            elif now - b.started_at >= max(SEAL_TIMEOUT_MIN_S, 3 * policy.frequency_s):
+                _seal_timeout(s, b, now)
             else:
                 _maybe_end(s, b, now)
+        open_b = [b for b in open_b if b.state in OPEN_STATES]
         if open_b:
             return None
         if next_cycle_at(group.last_barrier_at, policy.frequency_s, now) > now:
