@@ -109,3 +109,37 @@ def test_hold_then_guest_stop_releases_nothing_blocked(hv: FileHypervisor) -> No
     hv.hold(vm_id, "b5", timeout_s=30.0)
     rt.stop()  # type: ignore[attr-defined]  # a clean stop with a hold does not hang
     assert rt.stopped.is_set()  # type: ignore[attr-defined]
+
+
+def _hook(hv: FileHypervisor, vm_id: str, name: str, body: str) -> Path:
+    d = hv.vm_dir(vm_id) / "hooks"
+    d.mkdir(exist_ok=True)
+    p = d / name
+    p.write_text("#!/bin/sh\n" + body + "\n")
+    p.chmod(0o755)
+    return p
+
+
+def test_app_consistent_hold_runs_freeze_then_thaw(hv: FileHypervisor, tmp_path: Path) -> None:
+    vm_id, rt = running(hv)
+    marks = tmp_path / "marks"
+    _hook(hv, vm_id, "freeze", f"echo freeze >> {marks}")
+    _hook(hv, vm_id, "thaw", f"echo thaw >> {marks}")
+    hv.hold(vm_id, "app1", timeout_s=5.0, app_consistent=True)
+    assert marks.read_text().split() == ["freeze"]
+    cycle, barrier = hv.seal_held(vm_id, "app1", app_consistent=True)
+    assert barrier["held"] is True and cycle.consistency.value == "app"
+    assert marks.read_text().split() == ["freeze", "thaw"]
+    hv.release(cycle)
+    rt.stop()  # type: ignore[attr-defined]
+
+
+def test_a_failing_freeze_hook_gives_a_crash_consistent_member(hv: FileHypervisor) -> None:
+    vm_id, rt = running(hv)
+    _hook(hv, vm_id, "freeze", "echo no >&2; exit 3")
+    hv.hold(vm_id, "app2", timeout_s=5.0, app_consistent=True)
+    cycle, barrier = hv.seal_held(vm_id, "app2", app_consistent=True)
+    assert barrier["held"] is True  # still a consistent cut, only not app-consistent
+    assert cycle.consistency.value == "crash" and "freeze hook exited 3" in cycle.note
+    hv.release(cycle)
+    rt.stop()  # type: ignore[attr-defined]
