@@ -17,6 +17,7 @@ the group (the vault does), or keeping the bound (the guest does).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any, Protocol
@@ -120,6 +121,11 @@ class BarrierCommands:
         facts = self.host.started_facts(cmd.command_id) or {}
         barrier = dict(facts.get("barrier") or {"id": bid, "held": False, "paused_s": 0.0})
         done = self.host.already_done(cmd, rep)
+        if "barrier" not in facts and isinstance(self.host.hypervisor, WriteHolder):
+            # the barrier thread did not seal (a restart, a failed seal): a hold it left ends
+            # now rather than at its bound; this cycle is a per-VM point
+            with contextlib.suppress(DrsiteError):
+                self.host.hypervisor.unhold(rep.rec.vm_id, bid)
         point = done if done is not None else rep.run_cycle(
             app_consistent=bool(cmd.args.get("app_consistent")), wait_transient=False)
         held = bool(barrier.get("held")) and barrier.get("cycle_id") == point.cycle_id
