@@ -122,15 +122,18 @@ def start_vault(c: Cluster) -> None:
 
 
 def start_agent(c: Cluster, site: str, *, store: bool, hypervisor: str | None = None,
-                store_url: str | None = None, env: dict[str, str] | None = None) -> None:
+                store_url: str | None = None, env: dict[str, str] | None = None,
+                host: str | None = None) -> None:
     """Register (once) and start the agent of ``site`` with the ``hypervisor`` driver
     (``file`` or ``qemu``, VMs under ``<site>/vms``; default: the cluster's). ``store_url``:
     the URL the store is advertised at (a proxy in tests); ``env``: extra environment (e.g.
-    ``DRSITE_FAILPOINTS``)."""
+    ``DRSITE_FAILPOINTS``). ``host``: a further host of ``site`` (its files under ``<host>/``,
+    process ``agent-<host>``, no store), e.g. a second source host for a consistency group."""
     from drsite.agent.process import agent_register
 
-    data = c.root / site / "agent"
-    vms = c.root / site / "vms"
+    key_dir = host or site
+    data = c.root / key_dir / "agent"
+    vms = c.root / key_dir / "vms"
     vms.mkdir(parents=True, exist_ok=True)
     if not (data / "agent.json").exists():
         with c.client() as cl:
@@ -139,11 +142,12 @@ def start_agent(c: Cluster, site: str, *, store: bool, hypervisor: str | None = 
             except Conflict:
                 pass
             key = cl.registration_key(site, 600)["key"]
-        agent_register(vault_url=c.vault_url, key=key, data_dir=data, host_name=f"{site}-host",
+        agent_register(vault_url=c.vault_url, key=key, data_dir=data,
+                       host_name=host or f"{site}-host",
                        ca_file=c.ca_file, ca_fingerprint=None)
     args = ["agent", "run", "--data", str(data), "--vms", str(vms),
             "--hypervisor", hypervisor or c.hypervisor]
-    if store:
+    if store and host is None:
         if site == "primary":
             c.primary_store_port = port = c.primary_store_port or free_port()
         else:
@@ -151,14 +155,16 @@ def start_agent(c: Cluster, site: str, *, store: bool, hypervisor: str | None = 
         args += ["--store", str(c.root / site / "store"), "--store-listen", f"127.0.0.1:{port}"]
         if store_url is not None:
             args += ["--store-url", store_url]
-    proc = _spawn(f"agent-{site}", args, c.root / "logs", env)
-    c.pids[f"agent-{site}"] = proc.pid
+    proc = _spawn(f"agent-{key_dir}", args, c.root / "logs", env)
+    c.pids[f"agent-{key_dir}"] = proc.pid
+    host_name = host or f"{site}-host"
 
     def up() -> bool:
         with c.client() as cl:
-            return any(h.get("site") == site and h.get("up") for h in cl.hosts())
+            return any(h.get("site") == site and h.get("name") == host_name and h.get("up")
+                       for h in cl.hosts())
 
-    _wait(f"{site} agent heartbeat", up, 60, proc, c.root / "logs" / f"agent-{site}.log")
+    _wait(f"{key_dir} agent heartbeat", up, 60, proc, c.root / "logs" / f"agent-{key_dir}.log")
 
 
 def up(root: Path, *, hypervisor: str = "file") -> Cluster:

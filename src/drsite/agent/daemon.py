@@ -41,6 +41,7 @@ from typing import Any
 import httpx
 
 import drsite
+from drsite.agent import barrier as barriers
 from drsite.agent import breakglass, cloudstores, pointkeys, recoverybook, storeacl, storerekey
 from drsite.agent.drill import DrillCommands
 from drsite.agent.failover import KINDS as FAILOVER_KINDS
@@ -97,6 +98,7 @@ PROGRESS_REPOST_S = 10.0
 CATALOGUE_TIMEOUT_S = 5.0  # listing an item's points at a peer store
 URGENT_KINDS = frozenset((*FAILOVER_KINDS, "unprotect"))
 URGENT_WORKERS = 4
+BARRIER_WORKERS = 4  # group barriers' prepare and seal: short, local, never behind a lane
 FULL_HEARTBEAT_EVERY = 30
 CHANNEL_WAIT_S = 20.0  # how long the vault may hold the command channel's request
 
@@ -196,6 +198,7 @@ class Agent:
         # lanes whose next task is a failover or unprotect command start here, so that they
         # never queue behind replication stuck on a slow or hung peer
         self._urgent_pool: ThreadPoolExecutor | None = None
+        self._barrier_pool: ThreadPoolExecutor | None = None
         self._store: StoreService | None = None
         if store_dir is not None and store_listen is not None:
             self._store = StoreService(self.identity, store_dir, self.data_dir / "replicas",
@@ -207,6 +210,7 @@ class Agent:
         self.failover = FailoverCommands(self)
         self.scrubs = ScrubCommands(self)
         self.drills = DrillCommands(self)
+        self.barriers = barriers.BarrierCommands(self)
         self.command_channel = command_channel
         self._channel: threading.Thread | None = None
         self._started = False
@@ -224,6 +228,20 @@ class Agent:
     def live_item(self, cmd: Command) -> tuple[_Item, ItemReplicator]:
         """The item a command names, with its engine (``NotFound`` if not protected here)."""
         return self._live_item(cmd)
+
+    def lane_idle(self, item_id: str) -> bool:
+        with self._lock:
+            lane = self._lanes.get(item_id)
+            return lane is None or not (lane.active or lane.tasks)
+
+    def note_started(self, cmd: Command, **facts: Any) -> None:
+        self._journal.start(cmd.command_id, kind=cmd.kind, item_id=cmd.item_id, **facts)
+
+    def started_facts(self, command_id: str) -> dict[str, Any] | None:
+        return self._journal.started(command_id)
+
+    def already_done(self, cmd: Command, rep: ItemReplicator) -> PointInfo | None:
+        return self._already_done(cmd, rep, None)
 
     def set_generation(self, item_id: str, generation: int) -> None:
         """Persist the item's generation (the split-brain guard its engine checks)."""
@@ -307,6 +325,8 @@ class Agent:
                                             thread_name_prefix="agent-item")
             self._urgent_pool = ThreadPoolExecutor(URGENT_WORKERS,
                                                    thread_name_prefix="agent-urgent")
+            self._barrier_pool = ThreadPoolExecutor(BARRIER_WORKERS,
+                                                    thread_name_prefix="agent-barrier")
         if self._store is not None:
             self._store_url = self._store.start()
             if self._store_advertised is not None:
@@ -351,7 +371,8 @@ class Agent:
                 lane.cancel.set()
             pool, self._pool = self._pool, None
             urgent, self._urgent_pool = self._urgent_pool, None
-        for p in (pool, urgent):
+            bar, self._barrier_pool = self._barrier_pool, None
+        for p in (pool, urgent, bar):
             if p is not None:
                 p.shutdown(wait=True, cancel_futures=True)
         self._catalogues.stop()
@@ -769,6 +790,15 @@ class Agent:
                 return
             log.info("command %s: %s %s accepted", cmd.command_id, cmd.kind, cmd.item_id)
             self._inflight[cmd.command_id] = _Progress(cmd.item_id)
+        if cmd.kind in barriers.KINDS and self._barrier_pool is not None:
+            # a barrier's step runs at once and is journaled meanwhile: guest writes wait for
+            # it, and a crash before the journal is harmless (the vault re-delivers the seal,
+            # whose cycle the lane then adopts; a prepare's hold ends at its bound)
+            self._barrier_pool.submit(self._barrier_task, cmd)
+            with contextlib.suppress(DrsiteError):
+                self._journal.accept(cmd.command_id, kind=cmd.kind, item_id=cmd.item_id,
+                                     args=self._keep_point_keys(cmd))
+            return
         try:
             self._journal.accept(cmd.command_id, kind=cmd.kind, item_id=cmd.item_id,
                                  args=self._keep_point_keys(cmd))
@@ -784,6 +814,37 @@ class Agent:
                              cmd.item_id)
                     lane.cancel.set()
             self._enqueue(cmd.item_id, _Task(cmd.kind, cmd))
+
+    def _barrier_task(self, cmd: Command) -> None:
+        """A group barrier's prepare (answered from here) or seal (then shipped in the item's
+        lane), on a barrier thread: neither waits for a lane or a worker."""
+        if cmd.kind == "group_seal":
+            try:
+                self.barriers.seal(cmd)
+            except DrsiteError as e:  # the lane's cycle seals on its own: a per-VM point
+                log.warning("command %s: group seal of %s failed: %s", cmd.command_id,
+                            cmd.item_id, e)
+            except Exception:
+                log.exception("command %s: group seal of %s failed unexpectedly",
+                              cmd.command_id, cmd.item_id)
+            self._enqueue(cmd.item_id, _Task(cmd.kind, cmd))
+            return
+        try:
+            result = self.barriers.prepare(cmd)
+        except DrsiteError as e:
+            log.info("command %s: %s misses the group barrier: %s", cmd.command_id,
+                     cmd.item_id, e)
+            self._finish(cmd, CommandStatus.FAILED, {}, e.to_dict())
+        except Exception as e:
+            log.exception("command %s: group prepare of %s failed unexpectedly",
+                          cmd.command_id, cmd.item_id)
+            self._finish(cmd, CommandStatus.FAILED, {}, PermanentError(
+                f"agent error in group_prepare: {type(e).__name__}: {e}").to_dict())
+        else:
+            self._finish_held(cmd, result)
+        finally:
+            with self._lock:
+                self._inflight.pop(cmd.command_id, None)
 
     def _resume_accepted(self) -> None:
         """After a restart: every command accepted before it and not finished is queued again
@@ -867,6 +928,21 @@ class Agent:
                 if task.command is not None:
                     with self._lock:
                         self._inflight.pop(task.command.command_id, None)
+
+    def _finish_held(self, cmd: Command, result: dict[str, Any]) -> None:
+        """A prepare that holds its guest: the vault hears it before the journal's fsync
+        (guest writes wait for the barrier's next step; a lost answer only makes the member
+        miss the barrier, and the journal then re-posts it)."""
+        fin = Finished(cmd.command_id, cmd.kind, cmd.item_id, CommandStatus.SUCCEEDED, result,
+                       None, time.time())
+        try:
+            self.link.post_result(cmd.command_id, status=CommandStatus.SUCCEEDED, progress=100.0,
+                                  result=result, error=None)
+            fin.posted = True
+        except DrsiteError as e:
+            log.info("result of command %s not delivered yet (%s); will retry",
+                     cmd.command_id, e)
+        self._journal.finish(fin)
 
     def _finish(self, cmd: Command, status: CommandStatus, result: dict[str, Any],
                 error: dict[str, Any] | None) -> None:
@@ -986,7 +1062,9 @@ class Agent:
                    "retention": self._retention, "unprotect": self._unprotect,
                    "update_settings": self._update_settings,
                    "store_rekey": self._store_rekey, "scrub": self.scrubs.handle,
-                   "verify": self.scrubs.handle, "drill_probe": self.drills.handle}.get(cmd.kind)
+                   "verify": self.scrubs.handle, "drill_probe": self.drills.handle,
+                   "group_prepare": self.barriers.prepare,
+                   "group_seal": self.barriers.ship}.get(cmd.kind)
         if handler is None:
             return self.failover.handle(cmd)  # failover_* commands (agent/failover.py)
         return handler(cmd)

@@ -29,7 +29,9 @@ COMMAND_KINDS = ("protect", "cycle", "resync", "retention", "unprotect", "update
                  "failover_resume_source", "failover_fence", "run_script",
                  "store_rekey",   # agent/storerekey.py
                  # store upkeep and drills (agent/scrub.py, agent/drill.py)
-                 "scrub", "verify", "drill_probe")
+                 "scrub", "verify", "drill_probe",
+                 # consistency groups' barrier (agent/barrier.py)
+                 "group_prepare", "group_seal")
 ITEMLESS_KINDS = ("store_rekey",)   # commands of no item (item_id null; their lane is "")
 
 

@@ -21,7 +21,9 @@ plan = typer.Typer(help="Recovery plans: ordered groups of VMs with scripts and 
 network = typer.Typer(help="Network mappings: source network → recovery (and test) network.",
                       no_args_is_help=True)
 
-PointOpt = typer.Option("latest", "--point", help="latest, latest_app, or a point id.")
+PointOpt = typer.Option("latest", "--point",
+                        help="latest, latest_app, latest_group (the newest multi-VM consistent "
+                             "group point), or a point id.")
 WaitOpt = typer.Option(True, help="Follow the job until it ends.")
 
 
@@ -183,7 +185,7 @@ def plan_show(name: str, vault: str | None = VaultOpt, token: str | None = Token
 def plan_run(name: str, action: str = typer.Argument(
                  ..., help="test-failover, cleanup-test-failover, planned-failover, "
                            "unplanned-failover, commit, cancel, reprotect"),
-             point: str | None = typer.Option(None, help="latest, latest_app (failovers)."),
+             point: str | None = typer.Option(None, help="latest, latest_app, latest_group (failovers)."),
              notes: str | None = typer.Option(None, help="Cleanup notes."),
              wait: bool = WaitOpt, vault: str | None = VaultOpt, token: str | None = TokenOpt,
              ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:

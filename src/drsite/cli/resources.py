@@ -166,7 +166,7 @@ def groups_list(vault: str | None = VaultOpt, token: str | None = TokenOpt,
                 ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
     """List protection groups."""
     with client(vault, token, ca_file) as c:
-        show(c.groups(), ["name", "site", "target_site", "policy", "match"],
+        show(c.groups(), ["name", "site", "target_site", "policy", "consistent", "match"],
              title="protection groups", json_out=json_out)
 
 
@@ -178,15 +178,60 @@ def groups_create(
     policy: str | None = typer.Option(None, help="Policy to associate (protects matching VMs)."),
     vm: list[str] = typer.Option([], help="VM names to include (repeatable)."),
     host: list[str] = typer.Option([], help="Host names whose VMs are included (repeatable)."),
+    consistent: bool = typer.Option(False, "--consistent/--no-consistent",
+                                    help="Multi-VM consistency: group points shared by its VMs "
+                                         "(at most 16)."),
+    barrier_timeout_ms: int = typer.Option(500, help="Bound on each guest write pause of a "
+                                                     "group point (50-10000 ms)."),
     vault: str | None = VaultOpt, token: str | None = TokenOpt, ca_file: Path | None = CaOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Create a protection group (with a policy, its VMs are protected, also VMs found later)."""
     body = {"name": name, "site": site, "target_site": target_site, "policy": policy,
-            "match": {"vm_names": vm, "hosts": host, "labels": []}}
+            "match": {"vm_names": vm, "hosts": host, "labels": []}, "consistent": consistent,
+            "barrier_timeout_ms": barrier_timeout_ms}
     with client(vault, token, ca_file) as c:
-        show(c.create_group(body), ["name", "site", "target_site", "policy"],
+        show(c.create_group(body), ["name", "site", "target_site", "policy", "consistent"],
              title="group created", json_out=json_out)
+
+
+@groups.command("update")
+def groups_update(
+    name: str,
+    consistent: bool | None = typer.Option(None, "--consistent/--no-consistent",
+                                           help="Multi-VM consistency (at most 16 VMs)."),
+    barrier_timeout_ms: int | None = typer.Option(None, help="Bound on each guest write pause "
+                                                             "of a group point (50-10000 ms)."),
+    policy: str | None = typer.Option(None, help="Policy to associate."),
+    vault: str | None = VaultOpt, token: str | None = TokenOpt, ca_file: Path | None = CaOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Change a protection group: multi-VM consistency, the barrier's bound, its policy."""
+    fields: dict[str, object] = {k: v for k, v in {
+        "consistent": consistent, "barrier_timeout_ms": barrier_timeout_ms,
+        "policy": policy}.items() if v is not None}
+    with client(vault, token, ca_file) as c:
+        show(c.update_group(name, fields), ["name", "policy", "consistent", "barrier_timeout_ms"],
+             title="group updated", json_out=json_out)
+
+
+@groups.command("points")
+def groups_points(name: str, all: bool = typer.Option(False, "--all",
+                                                      help="Every barrier, not only group points."),
+                  vault: str | None = VaultOpt, token: str | None = TokenOpt,
+                  ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
+    """A consistent group's group points (which member points make each), newest first."""
+    with client(vault, token, ca_file) as c:
+        rows = c.group_points(name, all=all)
+    if json_out:
+        show(rows, [], title="group points", json_out=True)
+        return
+    flat = [{"id": r["id"], "state": r["state"], "point_time": r["point_time"],
+             "members": ", ".join(f"{m['vm_name']}={m['point_id']}"
+                                  for m in r["members"].values()),
+             "message": r["message"]} for r in rows]
+    show(flat, ["id", "state", "point_time", "members", "message"], title="group points",
+         json_out=False)
 
 
 # -- items / points -----------------------------------------------------------------------------

@@ -176,6 +176,15 @@ class VaultClient:
     def create_group(self, group: dict[str, Any]) -> dict[str, Any]:
         return dict(self._call("POST", "/groups", json=group))
 
+    def update_group(self, name: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """PUT /groups/{name}: the fields present are changed."""
+        return dict(self._call("PUT", f"/groups/{name}", json=fields))
+
+    def group_points(self, name: str, *, all: bool = False) -> list[dict[str, Any]]:
+        """A consistent group's group points, newest first (``all``: every barrier)."""
+        return list(self._call("GET", f"/groups/{name}/points",
+                               params={"all": "true"} if all else None))
+
     def delete_group(self, name: str) -> None:
         self._call("DELETE", f"/groups/{name}")
 

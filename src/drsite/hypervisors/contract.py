@@ -209,3 +209,31 @@ class HypervisorDriver(Protocol):
         """Power the VM off (forced) and remove it and its own disks; idempotent (an unknown
         ``vm_id`` is a no-op). Backing images of a copy-on-write VM are left alone."""
         ...
+
+
+@runtime_checkable
+class WriteHolder(Protocol):
+    """Optional driver capability: a group barrier's write hold (multi-VM consistency groups,
+    ``vault/barrier_design.md``). A driver without it cannot take part in group points (its
+    members get per-VM points)."""
+
+    def hold(self, vm_id: str, barrier_id: str, *, timeout_s: float,
+             app_consistent: bool = False) -> dict[str, object]:
+        """Make the running guest's new writes wait (not fail) until :meth:`seal_held` or
+        :meth:`unhold` of ``barrier_id``, and never longer than ``timeout_s``: the bound is kept
+        by the guest side itself, so a caller that stops or dies never blocks the guest past
+        it. Returns ``{"barrier_id", "held_at", "timeout_s"}``. Idempotent per barrier;
+        ``Conflict`` while another barrier holds the VM. A stopped VM has nothing to hold:
+        its later :meth:`seal_held` reports ``held: false``."""
+        ...
+
+    def seal_held(self, vm_id: str, barrier_id: str, *, app_consistent: bool = False
+                  ) -> tuple[SealedCycle, dict[str, object]]:
+        """Seal (as :meth:`HypervisorDriver.seal`) and end the hold of ``barrier_id`` in one
+        step. The second value is ``{"id", "held", "paused_s"}``: ``held`` is True only when the
+        guest's writes were held without a break from :meth:`hold` to this seal."""
+        ...
+
+    def unhold(self, vm_id: str, barrier_id: str) -> bool:
+        """End the hold without sealing (the barrier was abandoned); False if not held."""
+        ...

@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 
 from drsite.core.states import LIVE_ITEM_STATUSES, ItemProtection
 from drsite.replication.report import Health, ItemState
-from drsite.vault import fencing
+from drsite.vault import barrier, fencing
 from drsite.vault.audit import record_event
 from drsite.vault.db.database import Database
 from drsite.vault.db.models import Alert, Drill, Group, Host, Item, Policy
@@ -219,6 +219,11 @@ class HealthMonitor:
                 s.execute(update(Item).where(Item.id == item_id)
                           .values(health=ih.health.value, health_reasons=ih.reasons)
                           .execution_options(synchronize_session=False))
+            for gname, b in barrier.missed_barriers(s).items():
+                conditions[f"group_barrier:{gname}"] = (
+                    "group_barrier", "warning", f"group {gname}",
+                    f"consistent group {gname} made no group point in its last barrier "
+                    f"({b.id}): {b.message}")
             self._fences(s, conditions, unfenced)
             self._sync_alerts(s, conditions, now)
 

@@ -89,7 +89,8 @@ VERIFY_WHAT = ("Reads the chosen recovery points whole from the recovery store, 
                "Replication goes on meanwhile; nothing is changed in the store.")
 VERIFY_CHOICES = (("latest", "The newest recovery point"), ("all", "Every kept recovery point"))
 POINT_CHOICES = (("latest", "Latest recovery point (lowest RPO)"),
-                 ("latest_app", "Latest app-consistent recovery point"))
+                 ("latest_app", "Latest app-consistent recovery point"),
+                 ("latest_group", "Latest multi-VM consistent point (consistent groups)"))
 POINT_ACTIONS = ("test_failover", "unplanned_failover")
 
 

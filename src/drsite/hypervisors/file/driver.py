@@ -412,6 +412,28 @@ class FileHypervisor:
                            app_consistent=app_consistent)
         return self._cycle(paths, record)
 
+    # -- group barrier (contract.WriteHolder) --------------------------------------------------
+    def hold(self, vm_id: str, barrier_id: str, *, timeout_s: float,
+             app_consistent: bool = False) -> dict[str, object]:
+        paths, _ = self._locate(vm_id)
+        return self._act(paths, "hold", lambda vm: vm.hold(barrier_id, timeout_s,
+                                                          app_consistent=app_consistent),
+                         timeout=10.0, barrier_id=barrier_id, timeout_s=timeout_s,
+                         app_consistent=app_consistent)
+
+    def seal_held(self, vm_id: str, barrier_id: str, *, app_consistent: bool = False
+                  ) -> tuple[SealedCycle, dict[str, object]]:
+        paths, _ = self._locate(vm_id)
+        record = self._act(paths, "seal_held",
+                           lambda vm: vm.seal_held(barrier_id, app_consistent=app_consistent),
+                           barrier_id=barrier_id, app_consistent=app_consistent)
+        return self._cycle(paths, record), dict(record["barrier"])
+
+    def unhold(self, vm_id: str, barrier_id: str) -> bool:
+        paths, _ = self._locate(vm_id)
+        return bool(self._act(paths, "unhold", lambda vm: vm.unhold(barrier_id), timeout=10.0,
+                              barrier_id=barrier_id))
+
     def pending_cycle(self, vm_id: str) -> SealedCycle | None:
         paths, _ = self._locate(vm_id)
         epoch = paths.current_epoch()

@@ -75,6 +75,19 @@ class _Disk:
             self.dirty[g0:g1 + 1] = b"\x01" * (g1 - g0 + 1)
 
 
+class _Hold:
+    """A group barrier's hold on new writes: ends at :meth:`FileVm.seal_held`,
+    :meth:`FileVm.unhold` or, whatever the agent does, when its timer fires."""
+
+    def __init__(self, barrier_id: str, timeout_s: float, app: bool) -> None:
+        self.barrier_id = barrier_id
+        self.started = time.monotonic()
+        self.deadline = self.started + timeout_s
+        self.app = app
+        self.hook_error: str | None = None
+        self.timer: threading.Timer | None = None
+
+
 class FileVm:
     """An open file VM (see module doc). Thread-safe; create with :meth:`open`."""
 
@@ -90,6 +103,8 @@ class FileVm:
         self._gate = threading.Event()  # cleared while frozen: writers wait before the I/O lock
         self._gate.set()
         self._freezes = 0
+        self._hold: _Hold | None = None  # a group barrier's write hold (see hold())
+        self.hold_pauses: list[float] = []  # seconds each ended hold kept writes waiting (last 1000)
         self.disks: dict[str, _Disk] = {}
         self.epoch: str | None = None
         self.cycle: dict[str, Any] | None = None
@@ -348,6 +363,114 @@ class FileVm:
     def frozen(self) -> bool:
         return self._freezes > 0
 
+    # -- group barrier: hold writes, seal under the hold, release ------------------------------
+    def hold(self, barrier_id: str, timeout_s: float, *, app_consistent: bool = False
+             ) -> dict[str, Any]:
+        """Hold new writes for a group barrier: they wait (they do not fail) until
+        :meth:`seal_held` or :meth:`unhold` for ``barrier_id``, and never longer than
+        ``timeout_s`` — a timer in this process ends the hold, so a stopped or dead caller never
+        blocks the guest past the bound. In-flight writes finish first (the I/O lock). With
+        ``app_consistent`` the disks are flushed and the freeze hook runs (its failure makes the
+        point crash-consistent, with a note). Idempotent per ``barrier_id``; ``Conflict`` while
+        another barrier holds the VM."""
+        if not 0 < timeout_s <= 60:
+            raise InvalidInput("a write hold lasts more than 0 and at most 60 seconds")
+        with self._io_lock:
+            self._check_open()
+            if self._hold is not None:
+                if self._hold.barrier_id == barrier_id:
+                    return self._hold_info(self._hold)
+                raise Conflict(f"VM {self.config.name} is held by barrier {self._hold.barrier_id}")
+            h = _Hold(barrier_id, timeout_s, app_consistent)
+            self._freezes += 1
+            self._gate.clear()
+            self._hold = h
+            h.timer = threading.Timer(timeout_s, self._expire_hold, args=(h,))
+            h.timer.daemon = True
+            h.timer.start()
+            if app_consistent:
+                self._flush_locked()
+        if app_consistent:  # outside the I/O lock: the hook may read the disks
+            h.hook_error = self._run_hook("freeze")
+        return self._hold_info(h)
+
+    @staticmethod
+    def _hold_info(h: _Hold) -> dict[str, Any]:
+        return {"barrier_id": h.barrier_id, "held_at": time.time() - (time.monotonic() - h.started),
+                "timeout_s": h.deadline - h.started}
+
+    def _end_hold_locked(self, h: _Hold) -> float:
+        """End hold ``h`` (caller holds the I/O lock); returns how long writes waited."""
+        if self._hold is not h:
+            return 0.0
+        self._hold = None
+        if h.timer is not None:
+            h.timer.cancel()
+        paused = time.monotonic() - h.started
+        self.hold_pauses = [*self.hold_pauses[-999:], paused]
+        if self._freezes > 0:
+            self._freezes -= 1
+        if self._freezes == 0:
+            self._gate.set()
+        return paused
+
+    def _after_hold(self, h: _Hold) -> None:
+        if h.app and h.hook_error is None:
+            err = self._run_hook("thaw")
+            if err:
+                log.warning("VM %s: %s", self.config.name, err)
+
+    def _expire_hold(self, h: _Hold) -> None:
+        with self._io_lock:
+            if self._hold is not h:
+                return
+            paused = self._end_hold_locked(h)
+        log.warning("VM %s: write hold of barrier %s ended at its bound (%.3f s)",
+                    self.config.name, h.barrier_id, paused)
+        self._after_hold(h)
+
+    def unhold(self, barrier_id: str) -> bool:
+        """End the hold of ``barrier_id`` without sealing; False if it is not held."""
+        with self._io_lock:
+            h = self._hold
+            if h is None or h.barrier_id != barrier_id:
+                return False
+            self._end_hold_locked(h)
+        self._after_hold(h)
+        return True
+
+    def seal_held(self, barrier_id: str, *, app_consistent: bool = False) -> dict[str, Any]:
+        """Seal for barrier ``barrier_id`` and end its hold, in one step under the I/O lock.
+
+        The record's ``barrier`` says whether writes were held without a break from the hold
+        to this seal (``held``: only then may the point join a group point) and how long they
+        waited (``paused_s``). Without the hold (it expired, or the guest restarted) this is an
+        ordinary crash-consistent seal with ``held: false``."""
+        with self._io_lock:
+            h = self._hold if self._hold is not None and self._hold.barrier_id == barrier_id \
+                else None
+            notes: list[str] = []
+            consistency = Consistency.CRASH
+            if h is None:
+                notes.append(f"group barrier {barrier_id}: the write hold had ended; "
+                             "a per-VM point")
+            elif h.app:
+                if h.hook_error:
+                    notes.append(h.hook_error + "; crash-consistent")
+                else:
+                    consistency = Consistency.APP
+            elif app_consistent:
+                notes.append("held without the freeze hook: crash-consistent")
+            try:
+                record = self._seal(consistency, notes,
+                                    barrier={"id": barrier_id, "held": h is not None})
+            finally:
+                paused = self._end_hold_locked(h) if h is not None else 0.0
+        if h is not None:
+            self._after_hold(h)
+        return {**record, "barrier": {"id": barrier_id, "held": h is not None,
+                                      "paused_s": paused}}
+
     def _run_hook(self, name: str) -> str | None:
         """Run ``hooks/<name>`` if present; returns an error text, or None on success/absence."""
         hook = self.paths.hooks / name
@@ -452,7 +575,8 @@ class FileVm:
             return self._seal(consistency, notes)
 
     def _seal(self, consistency: Consistency, notes: list[str],
-              on_sealed: Callable[[], str | None] | None = None) -> dict[str, Any]:
+              on_sealed: Callable[[], str | None] | None = None,
+              barrier: dict[str, Any] | None = None) -> dict[str, Any]:
         with self._io_lock:
             self._check_open()
             if self.epoch is None:
@@ -518,6 +642,8 @@ class FileVm:
                 "full": full, "trusted": trusted, "cbw_all": full or not trusted,
                 "last_tag": self.last_tag, "boot_id": self.boot_id, "cbw_block": CBW_BLOCK,
             }
+            if barrier is not None:
+                record["barrier"] = barrier
             for disk in self.disks.values():  # 4. the frozen view starts now (before any write)
                 disk.cbw = CopyBeforeWrite(disk.fd, disk.size, p.fleece(epoch, cid, disk.disk_id),
                                 p.cbw_bitmap(epoch, cid, disk.disk_id),
@@ -565,6 +691,8 @@ class FileVm:
             return {
                 "vm_id": self.config.vm_id, "name": self.config.name, "pid": os.getpid(),
                 "role": self.role, "epoch": self.epoch, "frozen": self.frozen,
+                "held_by": self._hold.barrier_id if self._hold else None,
+                "hold_pauses": list(self.hold_pauses[-100:]),
                 "cycle_id": self.cycle["cycle_id"] if self.cycle else None,
                 "last_tag": self.last_tag, "recovery_notes": list(self.recovery_notes),
                 "logs": {d.disk_id: {"records": d.log.records, "trusted": d.log.trusted,
@@ -573,8 +701,15 @@ class FileVm:
                 "cbw_copied": {d.disk_id: d.cbw.copied if d.cbw else 0 for d in self.disks.values()},
             }
 
+    def _drop_hold(self) -> None:
+        h = self._hold
+        if h is not None and h.timer is not None:
+            h.timer.cancel()
+        self._hold = None
+
     def close(self) -> None:
         """Clean stop: flush, mark the logs clean, drop the session (quiesced at rest if guest)."""
+        self._drop_hold()
         self._gate.set()
         with self._io_lock:
             if self.closed:
@@ -595,6 +730,7 @@ class FileVm:
 
     def crash(self) -> None:
         """Drop everything without flushing or marking clean: what SIGKILL leaves (tests)."""
+        self._drop_hold()
         self._gate.set()
         with self._io_lock:
             if self.closed:

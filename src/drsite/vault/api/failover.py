@@ -23,7 +23,8 @@ ACTIONS = {a.replace("_", "-"): a for a in create.ITEM_ACTIONS}
 
 class ActionIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    point: str | None = Field(None, description="latest | latest_app | a point id")
+    point: str | None = Field(None, description="latest | latest_app | latest_group "
+                                                "(multi-VM consistent) | a point id")
     vm_name: str | None = Field(None, description="name of the recovery/test VM")
     notes: str | None = Field(None, max_length=2000, description="cleanup: what was observed")
     reprotect: bool = Field(True, description="commit of a planned failover: re-protect at once")

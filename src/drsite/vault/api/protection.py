@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from drsite.core.errors import Conflict, InvalidInput, NotFound
 from drsite.core.states import FAILOVER_ITEM_STATUSES, LIVE_ITEM_STATUSES, ItemProtection
 from drsite.replication.report import Health, ItemState
-from drsite.vault import commands
+from drsite.vault import barrier, commands
 from drsite.vault.api.deps import Operator, Reader, VaultDep, name
 from drsite.vault.api.inventory import get_site
 from drsite.vault.api.paging import DEFAULT_LIMIT, Key, page
@@ -160,7 +160,9 @@ def create_group(body: GroupIn, vault: VaultDep, _p: Operator) -> dict[str, Any]
         cloud = get_store(s, body.store) if body.store is not None else None
         g = Group(name=group_name, site_id=site.id, target_site_id=target.id,
                   policy_id=policy.id if policy else None, match=match, created_at=now,
-                  store_id=cloud.id if cloud else None, drill=_drill(group_name, body.drill))
+                  store_id=cloud.id if cloud else None, drill=_drill(group_name, body.drill),
+                  consistent=body.consistent,
+                  barrier_timeout_ms=barrier.check_timeout_ms(body.barrier_timeout_ms))
         check_encryption(s, g, policy)
         s.add(g)
         s.flush()
@@ -187,6 +189,14 @@ def update_group(group: str, body: GroupUpdate, vault: VaultDep, _p: Operator) -
         job = None
         if "store" in fields:
             _set_store(s, g, body.store, now)
+        if "barrier_timeout_ms" in fields and body.barrier_timeout_ms is not None:
+            g.barrier_timeout_ms = barrier.check_timeout_ms(body.barrier_timeout_ms)
+        if "consistent" in fields and body.consistent is not None \
+                and body.consistent != g.consistent:
+            g.consistent = body.consistent
+            barrier.check_members(s, g)  # > 16 VMs: refused (the transaction rolls back)
+            record_event(s, now, "group", g.name, "multi-VM consistent" if g.consistent
+                         else "not multi-VM consistent")
         if match is not None and match != g.match:
             g.match = match
         if "drill" in fields:
@@ -233,6 +243,16 @@ def _set_store(s: Session, g: Group, store_name: str | None, now: float) -> None
     g.store_id = new_id
     record_event(s, now, "group", g.name, f"recovery store set to {cloud.name}" if cloud
                  else "recovery store set to the target site's agent store")
+
+
+@router.get("/groups/{group}/points",
+            summary="A consistent group's group points (newest first; all=true: every barrier)")
+def list_group_points(group: str, vault: VaultDep, _p: Reader, all: bool = False,
+                      limit: int = 100) -> list[dict[str, Any]]:
+    with vault.db.read() as s:
+        g = get_group(s, group)
+        return [barrier.view(b, g.name) for b in barrier.group_points(
+            s, g, include_partial=all, limit=max(1, min(limit, 1000)))]
 
 
 @router.delete("/groups/{group}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a group")

@@ -66,6 +66,8 @@ class GroupIn(Strict):
     match: MatchIn = Field(default_factory=MatchIn)
     store: str | None = None  # a cloud store instead of the target site's agent store
     drill: dict[str, Any] | None = None  # a drill schedule of the group's VMs
+    consistent: bool = False  # multi-VM consistency: group points from a barrier (≤ 16 VMs)
+    barrier_timeout_ms: int = 500  # the barrier's bound on guest write pauses
 
 
 class GroupUpdate(Strict):
@@ -77,6 +79,8 @@ class GroupUpdate(Strict):
     match: MatchIn | None = None
     store: str | None = None
     drill: dict[str, Any] | None = None
+    consistent: bool | None = None
+    barrier_timeout_ms: int | None = None
 
 
 class ItemIn(Strict):

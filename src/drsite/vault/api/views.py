@@ -76,6 +76,7 @@ def group_view(s: Session, g: Group, sites: dict[int, str]) -> dict[str, Any]:
     return {"name": g.name, "site": sites.get(g.site_id), "target_site": sites.get(g.target_site_id),
             "policy": policy.name if policy else None, "match": normalise_match(g.match),
             "store": store.name if store else None, "items": n, "drill": g.drill,
+            "consistent": bool(g.consistent), "barrier_timeout_ms": g.barrier_timeout_ms,
             "created_at": g.created_at}
 
 

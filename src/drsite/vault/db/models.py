@@ -148,6 +148,33 @@ class Group(Base):
     store_id: Mapped[int | None] = mapped_column(ForeignKey("stores.id"), nullable=True)
     # a drill schedule over the group's protected VMs (migration 0006; vault/drills.py)
     drill: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # multi-VM consistency (migration 0009; vault/barrier.py): group points from a barrier
+    consistent: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    barrier_timeout_ms: Mapped[int] = mapped_column(Integer, default=500, server_default="500")
+    last_barrier_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_app_barrier_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class GroupBarrier(Base):
+    """One run of a consistency group's barrier (``vault/barrier.py``); ``state`` ``committed``
+    is a group point: ``members[item].point_id`` of every member, all sealed under the hold.
+
+    ``members``: ``{item_id: {host_id, vm_name, prepare, seal, state (pending|held|missed|
+    sealing|committed|failed), point_id, point_created_at, held, paused_s, error}}``."""
+
+    __tablename__ = "group_barriers"
+    __table_args__ = (Index("ix_group_barriers_group_state", "group_id", "state"),)
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    group_id: Mapped[int] = mapped_column(ForeignKey("groups.id", ondelete="CASCADE"))
+    state: Mapped[str] = mapped_column(String(16))  # preparing|sealing|committed|partial
+    app_consistent: Mapped[bool] = mapped_column(Boolean, default=False)
+    started_at: Mapped[float] = mapped_column(Float)
+    prepare_deadline: Mapped[float] = mapped_column(Float)
+    hold_deadline: Mapped[float] = mapped_column(Float)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    point_time: Mapped[float | None] = mapped_column(Float, nullable=True)
+    members: Mapped[dict[str, Any]] = mapped_column(JSON)
+    message: Mapped[str] = mapped_column(Text, default="")
 
 
 class Item(Base):

@@ -20,6 +20,7 @@ from drsite.core.model import validate_name
 from drsite.core.retry import RetryState
 from drsite.core.states import ACTIVE_JOB_STATES, FailoverState, ItemProtection, JobState, TaskState
 from drsite.replication.report import Health, ItemState
+from drsite.vault import barrier
 from drsite.vault.audit import record_event
 from drsite.vault.db.models import Failover, Group, Host, Item, Job, Task, Vm
 from drsite.vault.ids import new_id
@@ -73,6 +74,7 @@ def start_enable_protection(s: Session, *, vm: Vm, host: Host, group: Group, now
     existing = active_item_for_vm(s, host.id, vm.vm_id)
     if existing is not None:
         raise Conflict(f"VM {vm.name} is already protected by item {existing.id} ({existing.status})")
+    barrier.check_members(s, group, adding=1)  # a consistent group: at most 16 VMs
     item_id = new_id("i")
     job = create_job(s, ENABLE, target=vm.name, item_id=item_id,
                      args={"vm_id": vm.vm_id, "host_id": host.id, "group": group.name, "reason": reason},
@@ -178,9 +180,12 @@ def get_item(s: Session, item_id: str) -> Item:
     return item
 
 
+POINT_CHOICES = ("latest", "latest_app", "latest_group")
+
+
 def point_arg(args: dict[str, Any]) -> str:
     point = str(args.get("point") or "latest")
-    if point not in ("latest", "latest_app"):
+    if point not in POINT_CHOICES:
         validate_name("point", point)
     return point
 
@@ -210,10 +215,19 @@ def start_item_action(s: Session, item_id: str, action: str, args: dict[str, Any
             raise Conflict(f"{item.vm_name} already has a test failover running",
                            hint="Clean it up first (cleanup_test_failover).")
         point = point_arg(args)
+        group_note = None
+        if point == "latest_group":
+            # the item's point in the newest whole group point recorded before the request
+            # (a plan's request: every item of the plan resolves to the same group point)
+            plan_job = s.get(Job, str(args["plan_job"])) if args.get("plan_job") else None
+            gp, point = barrier.latest_group_point(
+                s, item, before=plan_job.created_at if plan_job is not None else now)
+            group_note = f"latest multi-VM consistent point: group point {gp.id}, point {point}"
         if point not in ("latest", "latest_app"):
             failover_point(s, item, point)  # a point known to be damaged is refused now
         fo = Failover(id=new_id("f"), item_id=item.id, kind=kind, state=FailoverState.STARTING,
-                      point_id=None, result={}, notes=[], created_at=now, updated_at=now)
+                      point_id=None, result={}, notes=[group_note] if group_note else [],
+                      created_at=now, updated_at=now)
         s.add(fo)
         jkind = {"test": P.TEST_FAILOVER, "planned": P.PLANNED, "unplanned": P.UNPLANNED}[kind]
         job_args: dict[str, Any] = {"failover_id": fo.id, "point": point}
@@ -254,7 +268,10 @@ def start_item_action(s: Session, item_id: str, action: str, args: dict[str, Any
         job_args = {"failover_id": fo.id, "notes": str(args.get("notes") or "")[:2000],
                     **({"plan_job": args["plan_job"]} if "plan_job" in args else {})}
         if action == "change_point":
-            job_args["point"] = point_arg(args)
+            point = point_arg(args)
+            if point == "latest_group":
+                _, point = barrier.latest_group_point(s, item, before=now)
+            job_args["point"] = point
         tasks = P.COMMIT_AND_REPROTECT if action == "commit" and fo.kind == "planned" \
             and args.get("reprotect", True) else None
         job = create_job(s, jkind, target=item.vm_name, item_id=item.id, args=job_args, now=now,
