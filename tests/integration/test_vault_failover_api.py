@@ -79,8 +79,17 @@ def test_planned_failover_commit_reprotect_commands(h: Harness) -> None:
     assert "fingerprints" not in str(fo)
     # no second failover while this one is open; cycles stop
     err(h.call("POST", f"/items/{item}/failover/test-failover", json={}), 409)
+    # commit (planned) re-protects: the way back must be mapped (or asked to be made)
+    e = err(h.call("POST", f"/items/{item}/failover/commit", json={}), 409)
+    assert "network mapping back" in e["message"] and "--create-reverse-mapping" in e["hint"]
+    assert "drsite network map --from-site sec --to-site prim --network dr" in e["hint"]
+    assert len(h.ok("GET", "/network-mappings")) == 1
+    assert h.ok("GET", f"/items/{item}")["active_job_id"] is None  # nothing started
     # commit (planned) re-protects: seed on the old primary, protect on the recovery host
-    job = h.ok("POST", f"/items/{item}/failover/commit", json={})
+    job = h.ok("POST", f"/items/{item}/failover/commit", json={"create_reverse_mapping": True})
+    back = [m for m in h.ok("GET", "/network-mappings") if m["source_site"] == "sec"]
+    assert [(m["source_network"], m["recovery_network"], m["test_network"]) for m in back] == \
+        [("dr", "lan", "bubble")]
     play(h, b, "failover_commit", fo_result("committed", point_id="p000000000002"))
     cmd = play(h, a, "reprotect_seed", {"base_point_id": "p1", "base_bytes_local": 100,
                                         "disk_bytes": 1000})

@@ -21,6 +21,7 @@ from drsite.vault.api import (
     drills,
     errors,
     failover,
+    history,
     inventory,
     operations,
     protection,
@@ -58,7 +59,7 @@ def create_app(settings: VaultSettings, vault: Vault | None = None, *,
     errors.install(app)
     app.add_middleware(audit.AuditMiddleware)  # every mutating or refused call → audit trail
     for r in (public.router, inventory.router, protection.router, operations.router, tokens.router,
-              agent.router, stores.router, failover.router, drills.router, audit.router):
+              agent.router, stores.router, failover.router, drills.router, audit.router, history.router):
         app.include_router(r, prefix=API_PREFIX)
     for r in routers:
         app.include_router(r)

@@ -11,6 +11,12 @@ Item health (:func:`item_health`, pure):
   scrub of the item's store failed;
 - **Normal** otherwise (also during initial replication: there is no RPO yet).
 
+An item held by a failover does not replicate; its health says what it waits for
+(:func:`failover_health`): **critical** when the failover's job failed after it reached the
+recovery site (the item is left ``failed_over`` for a cancel; nothing replicates until then),
+**warning** once committed and not re-protected (the VM is unprotected), normal with the reason
+while a failover runs or waits for its commit.
+
 An agent is up when its last heartbeat is younger than ``missed_heartbeats × heartbeat_interval``.
 
 Alerts (:class:`HealthMonitor`): one open alert per condition key (``rpo:ITEM``,
@@ -32,11 +38,16 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from drsite.core.states import LIVE_ITEM_STATUSES, ItemProtection
+from drsite.core.states import (
+    FAILOVER_ITEM_STATUSES,
+    LIVE_ITEM_STATUSES,
+    FailoverState,
+    ItemProtection,
+)
 from drsite.replication.report import Health, ItemState
 from drsite.vault.audit import record_event
 from drsite.vault.db.database import Database
-from drsite.vault.db.models import Alert, Drill, Host, Item, Policy
+from drsite.vault.db.models import Alert, Drill, Failover, Host, Item, Job, Policy
 from drsite.vault.drills import drill_target
 from drsite.vault.scheduler import item_policy, preload_policies
 from drsite.vault.scrub import Damage, damage_of, damage_reasons
@@ -107,6 +118,27 @@ def item_health(item: Item, policy: Policy | None, host_is_up: bool, now: float,
         reasons.append(f"the last scrub of the recovery store failed: {scrub_err.get('message')}")
     health = Health.CRITICAL if critical else Health.WARNING if warn else Health.NORMAL
     return ItemHealth(health, reasons, rpo, exceeded)
+
+
+def failover_health(item: Item, fo: Failover | None, job: Job | None) -> ItemHealth:
+    """The health of an item a failover holds (``fo``: the failover holding it or, once
+    committed, the last one; ``job``: its job)."""
+    if item.status == ItemProtection.COMMITTED:
+        return ItemHealth(Health.WARNING, [
+            f"failover committed: {item.vm_name} runs on the recovery site unprotected; "
+            f"re-protect it: drsite failover reprotect {item.id}"])
+    if fo is not None and fo.state == FailoverState.FAILED and item.status == \
+            ItemProtection.FAILED_OVER:
+        err = (job.error if job is not None else None) or {}
+        return ItemHealth(Health.CRITICAL, [
+            f"{fo.kind} failover {fo.id} failed: {err.get('message', 'see its job')}; "
+            f"{item.vm_name} does not replicate until the failover is cancelled: drsite "
+            f"failover cancel {item.id}"])
+    if fo is not None and fo.state == FailoverState.PENDING_COMMIT:
+        return ItemHealth(Health.NORMAL, [
+            f"failed over ({fo.kind}) from point {fo.point_id}, pending commit: commit "
+            f"(drsite failover commit {item.id}) or cancel it"])
+    return ItemHealth(Health.NORMAL, ["a failover is in progress"])
 
 
 def failed_drills(s: Session) -> dict[str, Drill]:
@@ -198,7 +230,26 @@ class HealthMonitor:
                     "drill", "critical", drill.plan or f"group {drill.group}",
                     f"the last drill of {what} failed ({drill.id}): "
                     f"{rep.get('error') or _drill_reason(rep)}")
+            self._failover_items(s, conditions)
             self._sync_alerts(s, conditions, now)
+
+    @staticmethod
+    def _failover_items(s: Session, conditions: dict[str, tuple[str, str, str, str]]) -> None:
+        """Health of the items failovers hold; a critical one (its failover failed half-way)
+        raises ``critical:ITEM`` like any other critical item."""
+        for item in s.scalars(select(Item).where(Item.status.in_(FAILOVER_ITEM_STATUSES))):
+            fo = s.get(Failover, item.failover_id) if item.failover_id else \
+                s.scalars(select(Failover).where(Failover.item_id == item.id)
+                          .order_by(Failover.created_at.desc())).first()
+            job = s.get(Job, fo.job_id) if fo is not None and fo.job_id else None
+            ih = failover_health(item, fo, job)
+            if item.health != ih.health.value or item.health_reasons != ih.reasons:
+                item.health = ih.health.value
+                item.health_reasons = ih.reasons
+            if ih.health is Health.CRITICAL:
+                conditions[f"critical:{item.id}"] = (
+                    "critical", "critical", item.vm_name,
+                    f"{item.vm_name} is critical: {'; '.join(ih.reasons)}")
 
     def _sync_alerts(self, s: Session, conditions: dict[str, tuple[str, str, str, str]],
                      now: float) -> None:

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from drsite.core.actions import FailoverAction
 from drsite.core.errors import AuthError, Conflict, DrsiteError, InvalidInput, NotFound
 from drsite.core.states import JOB_FILTER_ACTIVE, JobState
 from drsite.vault.api.deps import set_actor
@@ -48,36 +49,36 @@ ADMIN_NAV = (("audit", "/ui/audit", "Audit"),)  # shown to admins only (the page
 
 
 # Plan actions: label, what will happen (shown on the confirmation), whether it is disruptive
-PLAN_ACTIONS: dict[str, tuple[str, str, bool]] = {
-    "test_failover": (
+PLAN_ACTIONS: dict[FailoverAction, tuple[str, str, bool]] = {
+    FailoverAction.TEST_FAILOVER: (
         "Test failover",
         "Starts every VM of the plan, group by group, from its latest recovery point in the "
         "isolated test network, on a copy-on-write view of the replica. Replication goes on and "
         "production VMs are not touched. Clean the test failover up when you are done.", False),
-    "cleanup_test_failover": (
+    FailoverAction.CLEANUP_TEST_FAILOVER: (
         "Clean up test failover",
         "Stops and deletes the plan's test VMs and their copy-on-write images. Recovery points "
         "and replication are not affected.", False),
-    "planned_failover": (
+    FailoverAction.PLANNED_FAILOVER: (
         "Planned failover",
         "Shuts the source VMs down, ships their last changes, then starts the replicas on the "
         "recovery site group by group, running the plan's pre and post actions: no data is lost. "
         "The source VMs stay off. Commit afterwards to end the failover.", True),
-    "unplanned_failover": (
+    FailoverAction.UNPLANNED_FAILOVER: (
         "Unplanned failover",
         "Starts the replicas on the recovery site from the chosen recovery point without waiting "
         "for the source site (use it when the source is down). Changes made after that point are "
         "lost, and the VMs stay unprotected until you re-protect them.", True),
-    "commit": (
+    FailoverAction.COMMIT: (
         "Commit",
         "Ends the failover: the recovery VMs keep running from the point they started on, and the "
         "other recovery points of those VMs are discarded. The point can no longer be changed.",
         True),
-    "cancel": (
+    FailoverAction.CANCEL: (
         "Cancel failover",
         "Deletes the recovery VMs of the uncommitted failover and hands the VMs back to the "
         "source site.", True),
-    "reprotect": (
+    FailoverAction.REPROTECT: (
         "Re-protect",
         "Reverses replication: the failed-over VMs replicate back to the original site, resyncing "
         "against the old primary disks so that only differences travel.", True),
@@ -90,7 +91,7 @@ VERIFY_WHAT = ("Reads the chosen recovery points whole from the recovery store, 
 VERIFY_CHOICES = (("latest", "The newest recovery point"), ("all", "Every kept recovery point"))
 POINT_CHOICES = (("latest", "Latest recovery point (lowest RPO)"),
                  ("latest_app", "Latest app-consistent recovery point"))
-POINT_ACTIONS = ("test_failover", "unplanned_failover")
+POINT_ACTIONS = (FailoverAction.TEST_FAILOVER, FailoverAction.UNPLANNED_FAILOVER)
 
 
 def vault_of(request: Request) -> Vault:
@@ -387,13 +388,15 @@ def _confirm_ctx(title: str, label: str, what: str, action_url: str, back: str, 
 
 
 def _plan_confirm(name: str, action: str) -> dict[str, Any]:
-    if action not in PLAN_ACTIONS:
-        raise NotFound(f"no plan action {action!r}",
-                       hint=f"Use one of {', '.join(PLAN_ACTIONS)}.")
-    label, what, danger = PLAN_ACTIONS[action]
+    try:
+        act = FailoverAction.parse(action, tuple(PLAN_ACTIONS))
+    except InvalidInput as e:
+        raise NotFound(f"no plan action {action!r}", hint=e.hint) from None
+    action = act.value
+    label, what, danger = PLAN_ACTIONS[act]
     return _confirm_ctx(f"{label} of recovery plan {name}", label, what, f"/ui/plans/{quote(name)}/{action}",
                         f"/ui/plans/{quote(name)}", danger,
-                        POINT_CHOICES if action in POINT_ACTIONS else ())
+                        POINT_CHOICES if act in POINT_ACTIONS else ())
 
 
 def _job_confirm(job_id: str, action: str) -> dict[str, Any]:
@@ -480,7 +483,7 @@ async def plan_action(request: Request, name: str, action: str) -> Response:
 
     def run(vault: Vault, _user: WebUser, form: dict[str, str]) -> str:
         args: dict[str, Any] = {}
-        if action in POINT_ACTIONS:
+        if FailoverAction.parse(action) in POINT_ACTIONS:
             point = form.get("point", "latest")
             if point not in dict(POINT_CHOICES):
                 raise InvalidInput(f"unknown recovery point choice {point!r}")

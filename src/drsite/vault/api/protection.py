@@ -24,7 +24,7 @@ from drsite.vault.jobs.create import (
     start_resync,
     start_verify,
 )
-from drsite.vault.jobs.plan import VERIFY
+from drsite.vault.jobs.kinds import VERIFY
 from drsite.vault.policies import PolicyValues, agent_settings, apply_values
 from drsite.vault.recovery_plans import validate_drill
 from drsite.vault.scheduler import preload_policies

@@ -86,7 +86,8 @@ def item_view(s: Session, item: Item, now: float, settings: VaultSettings,
     damage = damage_of(s, [item.id]).get(item.id) if live else None
     ih = item_health(item, policy, agent_up(host, now, settings), now, damage) if live else None
     retry = item.retry or {}
-    return {"id": item.id, "vm_id": item.vm_id, "vm_name": item.vm_name,
+    return {"id": item.id, "lineage_id": item.lineage_id or item.id, "vm_id": item.vm_id,
+            "vm_name": item.vm_name, "origin_item_id": item.origin_item_id,
             "group": group.name if group else None, "policy": policy.name if policy else None,
             "source_host": host.name if host else None, "source_host_id": item.host_id,
             "site": sites.get(host.site_id) if host else None,

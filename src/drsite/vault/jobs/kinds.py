@@ -1,4 +1,4 @@
-"""The ordered tasks of every job kind (names are stored in the database: never rename one;
+"""Job kinds and the ordered tasks of each (names are stored in the database: never rename one;
 a job whose task names are unknown after an upgrade is failed at start-up, not guessed at).
 The states of jobs and tasks are :class:`~drsite.core.states.JobState` and ``TaskState``."""
 
@@ -16,6 +16,7 @@ COMMIT = "CommitFailover"
 CANCEL = "CancelFailover"
 CHANGE_POINT = "ChangeRecoveryPoint"
 REPROTECT = "Reprotect"
+FAILBACK = "Failback"  # a planned failover of a reverse item back to its original site
 PLAN = "RecoveryPlan"
 REKEY = "RekeyStore"
 VERIFY = "Verify"
@@ -38,6 +39,9 @@ TASK_PLAN: dict[str, tuple[tuple[str, str], ...]] = {
     PLANNED: (("failover_checks", "Prerequisite checks"),
               ("shutdown_source", "Shut down the source VM and ship the last changes"),
               ("start_replica", "Start the replica VM (no data lost)")),
+    FAILBACK: (("failover_checks", "Prerequisite checks"),
+               ("shutdown_source", "Shut down the failed-over VM and ship the last changes"),
+               ("start_replica", "Start the VM on its original site (no data lost)")),
     UNPLANNED: (("failover_checks", "Prerequisite checks"),
                 ("start_replica", "Start the replica VM from the recovery point")),
     COMMIT: (("commit", "Commit the failover"),),
