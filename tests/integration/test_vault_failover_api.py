@@ -232,7 +232,7 @@ def test_cli_plan_apply_diff_network_map_and_bad_yaml(h: Harness, tmp_path: Path
     from fastapi.testclient import TestClient
     from typer.testing import CliRunner
 
-    from drsite.cli import failover_cmd
+    from drsite.cli import common
     from drsite.cli.main import app
     from drsite.client.api import VaultClient, VaultConfig
 
@@ -243,7 +243,7 @@ def test_cli_plan_apply_diff_network_map_and_bad_yaml(h: Harness, tmp_path: Path
                              headers={"Authorization": f"Bearer {h.admin}"})
         return c
 
-    monkeypatch.setattr(failover_cmd, "client", fake_client)
+    monkeypatch.setattr(common, "client", fake_client)
     _a, _b, _item = setup(h)
     runner = CliRunner()
     plan = tmp_path / "plan.yaml"

@@ -57,6 +57,7 @@ from drsite.agent.state import (
     settings_from_args,
 )
 from drsite.agent.storeservice import StoreService
+from drsite.agent.vms import VmCommands, lane_of
 from drsite.core.errors import (
     AuthError,
     Conflict,
@@ -126,12 +127,14 @@ class Agent:
     """The daemon of one host. See the module docstring for what it does and decides.
 
     ``hypervisor``: the host's driver. ``store_dir`` + ``store_listen``: this host serves a
-    recovery store (a secondary site). ``transport`` replaces the network to the vault (tests);
+    recovery store (a secondary site). ``import_dir``: where ``vm_import`` may read disk images
+    (none: imports are refused). ``transport`` replaces the network to the vault (tests);
     ``target_factory`` replaces how an item's recovery target is built from its ``store_url``.
     """
 
     def __init__(self, data_dir: Path, *, hypervisor: HypervisorDriver,
                  heartbeat_interval: float = 2.0, store_dir: Path | None = None,
+                 import_dir: Path | None = None,
                  store_listen: str | None = None, offline_after_s: float = 30.0,
                  max_backoff_s: float = 30.0, max_parallel_items: int = 2,
                  transport: httpx.BaseTransport | None = None,
@@ -175,6 +178,7 @@ class Agent:
         self.failover = FailoverCommands(self)
         self.scrubs = ScrubCommands(self)
         self.drills = DrillCommands(self)
+        self.vms = VmCommands(hypervisor, self.data_dir, import_dir)
         self._started = False
         self._last_ok = time.monotonic()
         self._failures = 0
@@ -589,7 +593,8 @@ class Agent:
                     log.info("item %s: interrupting its running work to unprotect it",
                              cmd.item_id)
                     lane.cancel.set()
-            self._enqueue(cmd.item_id, _Task(cmd.kind, cmd))
+            key = cmd.item_id or (lane_of(cmd) if cmd.kind.startswith("vm_") else "")
+            self._enqueue(key, _Task(cmd.kind, cmd))
 
     def _enqueue(self, item_id: str, task: _Task) -> None:
         with self._lock:
@@ -715,7 +720,9 @@ class Agent:
                    "retention": self._retention, "unprotect": self._unprotect,
                    "update_settings": self._update_settings,
                    "store_rekey": self._store_rekey, "scrub": self.scrubs.handle,
-                   "verify": self.scrubs.handle, "drill_probe": self.drills.handle}.get(cmd.kind)
+                   "verify": self.scrubs.handle, "drill_probe": self.drills.handle,
+                   **dict.fromkeys(("vm_create", "vm_import", "vm_start", "vm_stop",
+                                    "vm_delete"), self.vms.handle)}.get(cmd.kind)
         if handler is None:
             return self.failover.handle(cmd)  # failover_* commands (agent/failover.py)
         return handler(cmd)

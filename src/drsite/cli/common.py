@@ -1,19 +1,26 @@
-"""Shared CLI plumbing: the client from options/env, tables, JSON output."""
+"""Shared CLI plumbing: the connection options (declared once: :func:`vault_command`), the
+client from options/env, tables, JSON output, sizes."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, get_type_hints
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 from drsite.client.api import VaultClient, VaultConfig
-from drsite.core.states import JobState
+from drsite.core.errors import InvalidInput
+from drsite.core.states import JobState, TaskState
 from drsite.replication.report import Health, ItemState
 
 # exit codes: 0 ok, 1 a job ended badly, else the error's own (``DrsiteError.exit_code``: 2 an
@@ -32,6 +39,70 @@ JsonOpt = typer.Option(False, "--json", help="Print JSON for scripts.")
 
 def client(vault: str | None, token: str | None, ca_file: Path | None) -> VaultClient:
     return VaultClient(VaultConfig.from_env(vault, token, ca_file))
+
+
+@dataclass(frozen=True)
+class Conn:
+    """What every command that talks to the vault takes: where the vault is, the token, the
+    vault's CA (options or ``DRSITE_VAULT_URL``/``DRSITE_TOKEN``/``DRSITE_CA_FILE``), and
+    whether to print JSON for scripts."""
+
+    vault: str | None = None
+    token: str | None = None
+    ca_file: Path | None = None
+    json: bool = False
+
+    def client(self) -> VaultClient:
+        return client(self.vault, self.token, self.ca_file)
+
+
+# the options of Conn, added to every vault command by vault_command (name, option, type)
+CONN_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
+    ("vault", VaultOpt, str | None), ("token", TokenOpt, str | None),
+    ("ca_file", CaOpt, Path | None), ("json_out", JsonOpt, bool))
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def vault_command(group: typer.Typer, name: str | None = None, **kw: Any) -> Callable[[F], F]:
+    """Register ``fn(conn: Conn, ...)`` as command ``name`` of ``group`` with the connection
+    options (``--vault``, ``--token``, ``--ca-file``, ``--json``) added after its own: they are
+    declared here once, not on each command. Returns ``fn`` unchanged (tests call it with a
+    ``Conn``)."""
+
+    def register(fn: F) -> F:
+        hints = get_type_hints(fn)
+        own = [p.replace(annotation=hints.get(p.name, p.annotation))
+               for p in inspect.signature(fn).parameters.values() if p.name != "conn"]
+        added = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=t)
+                 for n, opt, t in CONN_OPTIONS]
+
+        @functools.wraps(fn)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            conn = Conn(kwargs.pop("vault"), kwargs.pop("token"), kwargs.pop("ca_file"),
+                        bool(kwargs.pop("json_out")))
+            return fn(conn, *args, **kwargs)
+
+        command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [*[p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in own], *added])
+        command.__annotations__ = {**{p.name: p.annotation for p in own},
+                                   **{n: t for n, _, t in CONN_OPTIONS}, "return": None}
+        group.command(name, **kw)(command)
+        return fn
+
+    return register
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """``1G``, ``1GiB``, ``512M``, ``4096`` → bytes (K, M, G, T, P are powers of 1024)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise InvalidInput(f"{what} {text!r} is not a size",
+                           hint="Write e.g. 512MiB, 1G, 20GiB, or a number of bytes.")
+    mult = 1024 ** " kmgtp".index((m.group(2) or " ").lower())
+    return int(float(m.group(1)) * mult)
 
 
 def fmt(v: Any) -> str:
@@ -85,3 +156,39 @@ def _cell(r: dict[str, Any], col: str) -> str:
     if col == "rpo_s" and isinstance(v, int | float):
         return f"{v:.0f}s"
     return fmt(v)
+
+
+def follow_job(c: VaultClient, job_id: str, json_out: bool, wait: bool,
+               timeout: float = 24 * 3600.0) -> dict[str, Any]:
+    """Show a job's progress until it ends (``wait``), then the job; exit 1 when it did not
+    succeed (the job's error and hint are in its row and ``drsite jobs show JOB``). Without
+    ``wait``: the job id. Returns the job."""
+    if not wait:
+        show({"job_id": job_id}, ["job_id"], title="job started", json_out=json_out)
+        return {"id": job_id}
+    with Progress(TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.percentage:>3.0f}%"), console=console,
+                  disable=json_out) as progress:
+        task = progress.add_task(job_id, total=100)
+
+        def update(job: dict[str, Any]) -> None:
+            running = [t for t in job.get("tasks", []) if t.get("state") == TaskState.RUNNING]
+            step = (running[0].get("title") or running[0]["name"]) if running \
+                else job.get("state")
+            desc = f"{job.get('kind')} {job.get('target') or ''}: {step}"
+            progress.update(task, description=desc, completed=float(job.get("progress") or 0))
+
+        job = c.wait_job(job_id, on_update=update, timeout=timeout)
+    if json_out:
+        show(job, [], title="", json_out=True)
+    else:
+        show(job, ["id", "kind", "target", "state", "progress", "message"], title="job",
+             json_out=False)
+        err = job.get("error") or {}
+        if err:
+            err_console.print(f"[red]error[/] ({err.get('code')}): {err.get('message')}")
+            if err.get("hint"):
+                err_console.print(f"[yellow]hint[/]: {err['hint']}")
+    if job.get("state") != JobState.SUCCEEDED:
+        raise typer.Exit(EXIT_JOB_FAILED)
+    return job

@@ -127,8 +127,28 @@ class VaultClient:
         """A one-time key that replaces the certificate of ``host_id`` (admin)."""
         return dict(self._call("POST", f"/hosts/{host_id}/reissue", json={"ttl_s": ttl_s}))
 
-    def vms(self) -> list[dict[str, Any]]:
-        return list(self._call("GET", "/vms"))
+    def vms(self, *, all_vms: bool = False) -> list[dict[str, Any]]:
+        """The VM inventory (``all_vms``: also VMs no longer reported)."""
+        return list(self._call("GET", "/vms", params={"all": "true"} if all_vms else None))
+
+    def create_vm(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Create a VM on a host (``POST /vms``); returns its CreateVm job."""
+        return dict(self._call("POST", "/vms", json=body))
+
+    def import_vm(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Create a VM from disk images on its host (``POST /vms/import``); its ImportVm job."""
+        return dict(self._call("POST", "/vms/import", json=body))
+
+    def start_vm(self, vm_id: str) -> dict[str, Any]:
+        return dict(self._call("POST", f"/vms/{vm_id}/start"))
+
+    def stop_vm(self, vm_id: str, *, force: bool = False, timeout_s: float = 60.0
+                ) -> dict[str, Any]:
+        return dict(self._call("POST", f"/vms/{vm_id}/stop",
+                               json={"force": force, "timeout_s": timeout_s}))
+
+    def delete_vm(self, vm_id: str) -> dict[str, Any]:
+        return dict(self._call("DELETE", f"/vms/{vm_id}"))
 
     def policies(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/policies"))
@@ -154,11 +174,20 @@ class VaultClient:
     def create_group(self, group: dict[str, Any]) -> dict[str, Any]:
         return dict(self._call("POST", "/groups", json=group))
 
+    def update_group(self, name: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """Change a group's ``policy``, ``match``, ``store`` or ``drill`` (fields given)."""
+        return dict(self._call("PUT", f"/groups/{name}", json=changes))
+
     def delete_group(self, name: str) -> None:
         self._call("DELETE", f"/groups/{name}")
 
-    def items(self) -> list[dict[str, Any]]:
-        return list(self._call("GET", "/items"))
+    def items(self, *, all_items: bool = False) -> list[dict[str, Any]]:
+        """Items standing for a VM (``all_items``: also removed, failed, re-protected)."""
+        return list(self._call("GET", "/items", params={"all": "true"} if all_items else None))
+
+    def item_history(self, item_id: str) -> dict[str, Any]:
+        """The VM's history across failover and failback, from any of its items."""
+        return dict(self._call("GET", f"/items/{item_id}/history"))
 
     def item(self, item_id: str) -> dict[str, Any]:
         return dict(self._call("GET", f"/items/{item_id}"))
@@ -166,8 +195,9 @@ class VaultClient:
     def protect(self, vm_id: str, group: str) -> dict[str, Any]:
         return dict(self._call("POST", "/items", json={"vm_id": vm_id, "group": group}))
 
-    def unprotect(self, item_id: str) -> dict[str, Any]:
-        return dict(self._call("DELETE", f"/items/{item_id}"))
+    def unprotect(self, item_id: str, *, delete_points: bool = False) -> dict[str, Any]:
+        return dict(self._call("DELETE", f"/items/{item_id}",
+                               params={"delete_points": "true"} if delete_points else None))
 
     def resync(self, item_id: str) -> dict[str, Any]:
         return dict(self._call("POST", f"/items/{item_id}/resync"))
@@ -212,8 +242,9 @@ class VaultClient:
     def cancel_job(self, job_id: str) -> dict[str, Any]:
         return dict(self._call("POST", f"/jobs/{job_id}/cancel") or {})
 
-    def alerts(self) -> list[dict[str, Any]]:
-        return list(self._call("GET", "/alerts"))
+    def alerts(self, *, state: str | None = None) -> list[dict[str, Any]]:
+        """Alerts, newest first (``state``: active or cleared; None: both)."""
+        return list(self._call("GET", "/alerts", params={"state": state} if state else None))
 
     def ack_alert(self, alert_id: str) -> None:
         self._call("POST", f"/alerts/{alert_id}/ack")
@@ -240,9 +271,10 @@ class VaultClient:
     # -- failover and recovery plans -------------------------------------------------------------
 
     def item_action(self, item_id: str, action: str, **body: Any) -> dict[str, Any]:
-        """Start a failover action on one item (``test-failover``, ``cleanup-test-failover``,
-        ``planned-failover``, ``unplanned-failover``, ``commit``, ``cancel``, ``change-point``,
-        ``reprotect``); returns its job."""
+        """Start a failover action on one item (a :class:`~drsite.core.actions.FailoverAction`:
+        ``test-failover``, ``cleanup-test-failover``, ``planned-failover``,
+        ``unplanned-failover``, ``commit``, ``cancel``, ``change-point``, ``reprotect``,
+        ``failback``); returns its job."""
         return dict(self._call("POST", f"/items/{item_id}/failover/{action}",
                                json={k: v for k, v in body.items() if v is not None}))
 
@@ -278,6 +310,9 @@ class VaultClient:
 
     def set_network_mapping(self, mapping: dict[str, Any]) -> dict[str, Any]:
         return dict(self._call("PUT", "/network-mappings", json=mapping))
+
+    def delete_network_mapping(self, mapping_id: int) -> None:
+        self._call("DELETE", f"/network-mappings/{int(mapping_id)}")
 
     # -- waiting -------------------------------------------------------------------------------
 

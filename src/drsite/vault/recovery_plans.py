@@ -243,6 +243,8 @@ def start_plan_action(s: Session, name: str, action: str | FailoverAction,
     job = create_job(s, K.PLAN, target=p.name, item_id=None, now=now, tasks=tuple(tasks),
                      args={"action": act.value, "plan": p.name,
                            **({"point": point} if point else {}),
+                           **({"create_reverse_mapping": True}
+                              if args.get("create_reverse_mapping") else {}),
                            **({"notes": str(args.get("notes"))[:2000]} if args.get("notes") else {})})
     for t in s.scalars(select(Task).where(Task.job_id == job.id).order_by(Task.idx)):
         t.data = data[t.idx]

@@ -21,6 +21,13 @@ PLAN = "RecoveryPlan"
 REKEY = "RekeyStore"
 VERIFY = "Verify"
 DRILL = "Drill"
+# the VM lifecycle on a host (vault/jobs/vms.py): one command to the host's agent each
+CREATE_VM = "CreateVm"
+IMPORT_VM = "ImportVm"
+START_VM = "StartVm"
+STOP_VM = "StopVm"
+DELETE_VM = "DeleteVm"
+VM_KINDS = (CREATE_VM, IMPORT_VM, START_VM, STOP_VM, DELETE_VM)
 
 TASK_PLAN: dict[str, tuple[tuple[str, str], ...]] = {
     ENABLE: (("prerequisites", "Prerequisite checks"),
@@ -56,6 +63,11 @@ TASK_PLAN: dict[str, tuple[tuple[str, str], ...]] = {
     REPROTECT: (("reprotect_seed", "Write the old primary's disks as the reverse base"),
                 ("reverse_replication", "Resync from the failed-over VM (only differences travel)")),
     REKEY: (("rekey", "Re-encrypt old objects under the active key"),),
+    CREATE_VM: (("create_vm", "Create the VM on its host"),),
+    IMPORT_VM: (("import_vm", "Create the VM on its host from disk images"),),
+    START_VM: (("start_vm", "Start the VM"),),
+    STOP_VM: (("stop_vm", "Stop the VM"),),
+    DELETE_VM: (("delete_vm", "Delete the VM and its disks"),),
 }
 # a planned failover's commit re-protects at once (the seed: protected in the reverse direction)
 COMMIT_AND_REPROTECT = TASK_PLAN[COMMIT] + TASK_PLAN[REPROTECT]

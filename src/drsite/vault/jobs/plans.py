@@ -147,7 +147,7 @@ def plan_group(ctx: TaskContext) -> Step:
             if vm in jobs:
                 continue
             args: dict[str, Any] = {"plan_job": ctx.job.id}
-            for k in ("point", "notes"):
+            for k in ("point", "notes", "create_reverse_mapping"):
                 if ctx.job.args.get(k):
                     args[k] = ctx.job.args[k]
             if _already_there(ctx, item, action):

@@ -12,6 +12,7 @@ from drsite.vault.jobs.plans import PLAN_HANDLERS
 from drsite.vault.jobs.protection import DISABLE_HANDLERS, ENABLE_HANDLERS
 from drsite.vault.jobs.stores import REKEY_HANDLERS
 from drsite.vault.jobs.verify import VERIFY_HANDLERS
+from drsite.vault.jobs.vms import VM_HANDLERS
 
 HANDLERS: dict[str, JobHandlers] = {
     ENABLE: ENABLE_HANDLERS,
@@ -31,4 +32,5 @@ HANDLERS: dict[str, JobHandlers] = {
     K.REKEY: REKEY_HANDLERS,
     K.VERIFY: VERIFY_HANDLERS,
     K.DRILL: DRILL_HANDLERS,
+    **dict.fromkeys(K.VM_KINDS, VM_HANDLERS),
 }
