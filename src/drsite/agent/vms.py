@@ -61,7 +61,7 @@ def lane_of(cmd: Command) -> str:
 def _spec(a: dict[str, Any]) -> VmSpec:
     try:
         name = validate_name("VM", str(a["name"]))
-        vcpus, memory = int(a.get("vcpus") or 1), int(a.get("memory_mib") or 512)
+        vcpus, memory = int(a.get("vcpus", 1)), int(a.get("memory_mib", 512))
         nics = tuple(Nic(validate_name("network", str(n["network"])), str(n["mac"]),
                          str(n["ip"]) if n.get("ip") else None) for n in a.get("nics") or [])
         disks = tuple(DiskSpec(validate_name("disk", str(d["disk_id"])), int(d["size"]))

@@ -399,7 +399,7 @@ class QemuHypervisor:
             if paths.cycle.exists():
                 rec = read_record(paths.cycle) or {}
                 raise Conflict(f"VM {cfg.name} has unreleased cycle {rec.get('cycle_id')}",
-                               hint="Resume it (pending_cycle) and release it first.")
+                               hint="Finish the pending cycle (ship and release it) first.")
             reasons, _ = self._bitmap_problems(cfg, cyc, tr["bitmap"])
             if reasons:
                 raise TrackingLost(f"VM {cfg.name}: " + "; ".join(reasons))

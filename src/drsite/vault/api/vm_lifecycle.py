@@ -244,10 +244,11 @@ def delete_vm(vm_id: str, vault: VaultDep, _p: Operator) -> dict[str, Any]:
                                               Failover.recovery_host_id == host.id,
                                               Failover.state.in_(_OPEN_FAILOVER))).first()
         if fo is not None:
-            what = "cleanup" if fo.kind == "test" else "commit or cancel"
-            cmd = "cleanup" if fo.kind == "test" else "cancel"
             raise Conflict(f"VM {vm.name} is the recovery VM of {fo.kind} failover {fo.id}, "
-                           f"which is {fo.state}", hint=f"End that failover ({what}): drsite "
-                                                        f"failover {cmd} {fo.item_id}")
+                           f"which is {fo.state}",
+                           hint=f"Clean the test failover up first: drsite failover cleanup "
+                                f"{fo.item_id}" if fo.kind == "test" else
+                           f"Commit or cancel that failover first: drsite failover cancel "
+                           f"{fo.item_id}")
         return _start_job(s, K.DELETE_VM, host, vm.name, "vm_delete",
                           {"vm_id": vm.vm_id, "name": vm.name}, now, vm.vm_id)
