@@ -8,9 +8,10 @@ to the job's end as the API reports it (the recovery VM is running when the job 
 the agent's own figure (``failovers.rto_s``: command start → VM running). Each is cancelled
 afterwards (untimed) so the next run starts from a protected item.
 
-The difference between the two is the control plane: the command waits for the recovery
-agent's next heartbeat (``--heartbeat`` s, default 2), its result is posted at once. Goal (the
-issue's, for the library path): 100 GiB within 1.2× of 1 GiB, < 10 s.
+The difference between the two is the control plane: the job runner's tick, the command's
+delivery (pushed over the agents' command channel since issue 13; before, it waited for the
+recovery agent's next heartbeat, 2 s) and the result's post. Goals: 100 GiB within 1.2× of
+1 GiB; API request → VM running ≤ 2 s for 1 GiB.
 
     .venv/bin/python bench/rto_vault.py [--quick] [--runs N] [--json FILE]
 """

@@ -124,6 +124,13 @@ class ClientCertH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP, and
+        # socket.create_server makes proto-0 sockets: without this, Nagle's algorithm holds
+        # each response's body until the client acknowledges its headers (~40 ms delayed ACK)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         der: bytes | None = None
         ssl_object = transport.get_extra_info("ssl_object")
         if isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket) and \

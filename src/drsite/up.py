@@ -98,11 +98,12 @@ class Cluster:
                 f"export DRSITE_CA_FILE={self.ca_file}"]
 
 
-def _spawn(name: str, args: list[str], logs: Path) -> subprocess.Popen[bytes]:
+def _spawn(name: str, args: list[str], logs: Path,
+           extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     logs.mkdir(parents=True, exist_ok=True, mode=0o700)
     # private: a log may name hosts, items and paths; the child owns the file for its life
     out = os.fdopen(os.open(logs / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra_env or {}))
     return subprocess.Popen([sys.executable, "-m", "drsite.cli.main", *args], stdout=out,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True, env=env)
@@ -146,9 +147,12 @@ def start_vault(c: Cluster) -> None:
     _wait("vault API", ping, 60, proc, logs / "vault.log")
 
 
-def start_agent(c: Cluster, site: str, *, store: bool, hypervisor: str | None = None) -> None:
+def start_agent(c: Cluster, site: str, *, store: bool, hypervisor: str | None = None,
+                store_url: str | None = None, env: dict[str, str] | None = None) -> None:
     """Register (once) and start the agent of ``site`` with the ``hypervisor`` driver
-    (``file`` or ``qemu``, VMs under ``<site>/vms``; default: the cluster's)."""
+    (``file`` or ``qemu``, VMs under ``<site>/vms``; default: the cluster's). ``store_url``:
+    the URL the store is advertised at (a proxy in tests); ``env``: extra environment (e.g.
+    ``DRSITE_FAILPOINTS``)."""
     data = c.root / site / "agent"
     vms = c.root / site / "vms"
     vms.mkdir(parents=True, exist_ok=True)
@@ -173,7 +177,9 @@ def start_agent(c: Cluster, site: str, *, store: bool, hypervisor: str | None = 
         else:
             c.store_port = port = c.store_port or free_port()
         args += ["--store", str(c.root / site / "store"), "--store-listen", f"127.0.0.1:{port}"]
-    proc = _spawn(f"agent-{site}", args, c.root / "logs")
+        if store_url is not None:
+            args += ["--store-url", store_url]
+    proc = _spawn(f"agent-{site}", args, c.root / "logs", env)
     c.pids[f"agent-{site}"] = proc.pid
     c.save()
 

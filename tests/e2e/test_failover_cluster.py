@@ -313,13 +313,20 @@ def test_sigkill_vault_mid_plan_and_split_brain(cluster: Cluster) -> None:
         n_points = len(cl.points(a3))
         store_points = sorted((cluster.root / "secondary" / "store" / "items" / a3 / "points").iterdir())
         assert prim.get_vm(a3_vm).power is PowerState.RUNNING  # partitioned, not dead
+        until("the item warns that the old primary may still write",
+              lambda: any("old primary may still be writing" in r
+                          for r in cl.item(a3)["health_reasons"]), 15)
         start_agent(cluster, "primary", store=True)   # the old primary returns
-        time.sleep(3)
-        # cut off from the vault, it replicates on its own after 30 s (offline mode): fenced
-        kill(cluster.pids["vault"])
+        # fenced at once: the vault's failover_fence powers its VM off (before: it kept
+        # running, and writing, until re-protect)
+        until("the old primary fenced",
+              lambda: (cl.failovers(a3)[0]["result"].get("fence") or {}).get("state") == "done", 30)
+        assert prim.get_vm(a3_vm).power is PowerState.STOPPED
         log = cluster.root / "logs" / "agent-primary.log"
-        until("the old primary's engine is fenced",
-              lambda: any(a3 in ln and "must not write" in ln for ln in log.read_text().splitlines()), 90)
+        assert any(a3 in ln and "fencing the old primary" in ln for ln in log.read_text().splitlines())
+        # cut off from the vault, it does not replicate on its own (offline mode skips it)
+        kill(cluster.pids["vault"])
+        time.sleep(35)
         assert sorted((cluster.root / "secondary" / "store" / "items" / a3 / "points").iterdir()) \
             == store_points
         assert sec.get_vm(rec_vm.vm_id).power is PowerState.RUNNING

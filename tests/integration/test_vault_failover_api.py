@@ -185,11 +185,18 @@ def test_unplanned_change_point_then_cancel_hands_the_item_back(h: Harness) -> N
     assert h.job(job["id"])["state"] == "succeeded"
     job = h.ok("POST", f"/items/{item}/failover/cancel", json={})
     play(h, b, "failover_cancel", fo_result("cancelled", generation=3))
-    cmd = play(h, a, "failover_resume_source", {"generation": 3, "powered_on": False})
+    cmd = play(h, a, "failover_resume_source", {"generation": 3, "powered_on": False,
+                                                "resync": True})
     args = dict(cmd["args"])
     assert args.pop("point_key")  # the item's point key travels with every failover command
     assert args == {"generation": 3, "power_on": False}  # unplanned: the source was not stopped
-    assert h.job(job["id"])["state"] == "succeeded"
+    # the job says "replicates again" only once a point proves it: the fenced source resyncs
+    assert h.job(job["id"])["state"] == "running"
+    cmd = play(h, a, "resync", {"point": {"point_id": "p000000000009"}})
+    assert cmd["args"] == {"by_hand": True}
+    j = h.job(job["id"])
+    assert j["state"] == "succeeded" and "replicates again" in j["message"], j
+    assert "p000000000009" in j["message"]
     assert h.ok("GET", f"/items/{item}")["protection"] == "protected"
     assert sorted(f["state"] for f in h.ok("GET", f"/items/{item}/failovers")) == ["cancelled", "failed"]
 
@@ -221,6 +228,8 @@ def test_planned_failover_failing_at_the_source_is_cancelled_back(h: Harness) ->
     play(h, b, "failover_cancel", fo_result("cancelled", generation=1))
     cmd = play(h, a, "failover_resume_source", {"generation": 1, "powered_on": True})
     assert cmd["args"]["power_on"] is True
+    assert h.job(job["id"])["state"] == "running"  # not before the source replicated once
+    cmd = play(h, a, "cycle", {"point": {"point_id": "p000000000002"}})
     assert h.job(job["id"])["state"] == "succeeded"
     assert h.ok("GET", f"/items/{item}")["protection"] == "protected"
 
@@ -271,3 +280,57 @@ def test_cli_plan_apply_diff_network_map_and_bad_yaml(h: Harness, tmp_path: Path
     r = runner.invoke(app, ["network", "map", "--from-site", "prim", "--to-site", "sec",
                             "--network", "lan", "--recovery-network", "dr2", "--ip-rule", "nope"])
     assert r.exit_code != 0 and "unknown IP rule" in str(r.exception)
+
+
+def test_low_disk_in_a_failover_step_is_retried_on_the_seed_schedule(h: Harness) -> None:
+    """Issue 19, finding 3: a full disk during cancel is a clear transient error in the job's
+    message, retried at once a few times, then per the seed's schedule — never a silent wait
+    and never a failed job."""
+    a, b, item = setup(h)
+    job = h.ok("POST", f"/items/{item}/failover/unplanned-failover", json={})
+    play(h, b, "failover", fo_result("pending_commit"))
+    job = h.ok("POST", f"/items/{item}/failover/cancel", json={})
+    full = {"code": "low_disk", "class": "transient", "hint": "Free space on the recovery store.",
+            "message": "failover_cancel of i on host b (/srv/replicas): no space left"}
+    for wait_s in (0, 0, 4, 8):   # the first try, then re-sends 0, 2 and 4 heartbeats later
+        h.clock.advance(wait_s)
+        play(h, b, "failover_cancel", status="failed", error=full)
+        assert h.job(job["id"])["state"] == "running", (wait_s, h.job(job["id"])["message"])
+    j = h.job(job["id"])
+    assert j["state"] == "running", j
+    assert "no space left" in j["message"] and "next attempt in 60 s" in j["message"], j
+    h.tick()
+    reply = b.beat(store_url="https://127.0.0.1:9443")
+    assert [c for c in reply["commands"] if c["kind"] == "failover_cancel"] == []
+    h.clock.advance(61)
+    a.beat()   # the source is up (a down source ends the job with "when it returns")
+    play(h, b, "failover_cancel", fo_result("cancelled", generation=3))   # space again
+    play(h, a, "failover_resume_source", {"generation": 3, "powered_on": False})
+    play(h, a, "cycle", {"point": {"point_id": "p000000000002"}})
+    assert h.job(job["id"])["state"] == "succeeded"
+
+
+def test_unplanned_failover_fences_the_old_primary_when_it_is_back(h: Harness) -> None:
+    """Issue 13 part 2: after an unplanned failover the source host gets `failover_fence`
+    (whenever it is back); until it confirms, the item is Critical with "old primary may still
+    be writing" and GET /vms warns on both VMs; the confirmation clears both."""
+    a, b, item = setup(h)
+    h.ok("POST", f"/items/{item}/failover/unplanned-failover", json={})
+    play(h, b, "failover", fo_result("pending_commit"))
+    b.beat(store_url="https://127.0.0.1:9443", vms=[vm_info("rvm-1", "web1")])
+    h.tick()
+    it = h.ok("GET", f"/items/{item}")
+    assert it["protection"] == "failed_over" and it["health"] == "critical", it
+    assert any("old primary may still be writing" in r for r in it["health_reasons"]), it
+    warned = {(v["host_id"], v["vm_id"]) for v in h.ok("GET", "/vms") if v["warning"]}
+    assert (a.host_id, "vm-1") in warned and (b.host_id, "rvm-1") in warned
+    assert any(al["kind"] == "critical" and al["active"] for al in h.ok("GET", "/alerts"))
+    cmd = play(h, a, "failover_fence", {"fenced": True, "vm_power": "stopped",
+                                        "was_running": True})
+    assert cmd["args"]["failover_id"] and cmd["args"]["recovery_site"] == "sec"
+    h.tick()
+    it = h.ok("GET", f"/items/{item}")
+    assert it["health"] == "normal" and it["health_reasons"] == [], it
+    assert not any(v["warning"] for v in h.ok("GET", "/vms"))
+    fo = h.ok("GET", f"/items/{item}/failovers")[0]
+    assert fo["result"]["fence"]["state"] == "done" and fo["result"]["fence"]["vm_power"] == "stopped"

@@ -24,6 +24,7 @@ from drsite.agent.state import CommandJournal, settings_from_args
 from drsite.agent.testing import FakeVault
 from drsite.core.errors import (
     AuthError,
+    CommandInterrupted,
     InvalidInput,
     NetworkError,
     OperationInterrupted,
@@ -115,15 +116,22 @@ def test_heartbeat_payload_shape(env: Env) -> None:
         r = env.run(a, env.vault.send(env.host_id, "protect", ITEM, env.protect_args()))
         assert r["status"] == "succeeded", r
         a.heartbeat_once()
-        hb = env.vault.hosts[env.host_id].last
-        (item,) = hb["items"]
+        # the last heartbeat that listed the item (later ones list it only when it changes)
+        item = [b for b in env.vault.heartbeat_log if b["items"]][-1]["items"][0]
         assert set(item) == {"item_id", "report", "new_points", "removed_points"}
         assert item["report"]["state"] == "protected" and item["report"]["vm_name"] == "web"
         # the point went out once and was acked: the next heartbeat does not repeat it
         assert env.vault.points[ITEM].keys() == {"p000000000001"}
         assert item["new_points"] == [] or [p["seq"] for p in item["new_points"]] == [1]
         a.heartbeat_once()
-        assert env.vault.hosts[env.host_id].last["items"][0]["new_points"] == []
+        # only what changed: nothing did (the inventory is null, the item is not listed)
+        hb = env.vault.hosts[env.host_id].last
+        assert hb["items"] == [] and hb["vms"] is None
+        env.write(MiB, b"\x01" * 4096)
+        env.run(a, env.vault.send(env.host_id, "cycle", ITEM, {}))
+        a.heartbeat_once()
+        # the new point made the item listed again (in some heartbeat since)
+        assert env.vault.points[ITEM].keys() == {"p000000000001", "p000000000002"}
     finally:
         a.shutdown()
 
@@ -392,4 +400,64 @@ def test_unprotect_interrupts_running_work_with_its_own_code(env: Env) -> None:
         assert env.run(a, unprotect)["status"] == "succeeded"
     finally:
         gate.set()
+        a.shutdown()
+
+
+def test_restart_resumes_accepted_commands_and_reports_them_at_once(env: Env) -> None:
+    """Issue 19, finding 1 (agent side): a command accepted before a crash is run after the
+    restart without the vault sending it again; one whose secrets the journal does not keep is
+    reported interrupted (transient) on first contact; heartbeats list what the agent holds."""
+    a = env.agent()
+    env.run(a, env.vault.send(env.host_id, "protect", ITEM, env.protect_args()))
+    a.shutdown()
+    env.write(MiB, b"\x05" * 8192)
+    # the agent took a cycle and a cloud failover command, then died before running them
+    path = env.data / "commands.json"
+    j = CommandJournal(path)
+    j.accept("c-cyc", kind="cycle", item_id=ITEM, args={"app_consistent": False})
+    j.accept("c-fo", kind="failover_cancel", item_id=ITEM,
+             args={"failover_id": "f1", "store": {"name": "s3a", "kind": "s3",
+                                                   "secret": {"key": "TOPSECRET"}}})
+    raw = path.read_text()
+    assert "TOPSECRET" not in raw and "c-fo" in raw  # never a secret in the journal
+    assert [u.command_id for u in CommandJournal(path).unfinished()] == ["c-cyc", "c-fo"]
+    b = env.agent()   # start() re-queues; no command is sent by the vault
+    try:
+        assert b.wait_idle(20)
+        b.heartbeat_once()
+        cyc = env.vault.final("c-cyc")
+        assert cyc is not None and cyc["status"] == "succeeded", cyc
+        assert cyc["result"]["point"]["seq"] == 2
+        fo = env.vault.final("c-fo")
+        assert fo is not None and fo["status"] == "failed"
+        err = from_dict(fo["error"])
+        assert isinstance(err, CommandInterrupted) and err.transient
+        assert CommandJournal(path).unfinished() == []
+        hb = env.vault.hosts[env.host_id].last
+        assert hb["held"] == []
+    finally:
+        b.shutdown()
+
+
+def test_heartbeat_holds_queued_and_running_commands(env: Env) -> None:
+    a = env.agent()
+    try:
+        env.run(a, env.vault.send(env.host_id, "protect", ITEM, env.protect_args()))
+        gate = threading.Event()
+        orig = a.hypervisor.seal
+
+        def slow_seal(*args: Any, **kw: Any) -> Any:
+            gate.wait(10)
+            return orig(*args, **kw)
+
+        a.hypervisor.seal = slow_seal  # type: ignore[method-assign]
+        cid = env.vault.send(env.host_id, "cycle", ITEM, {})
+        a.heartbeat_once()      # takes it
+        a.heartbeat_once()      # lists it
+        assert cid in env.vault.hosts[env.host_id].last["held"]
+        gate.set()
+        env.run(a, cid)
+        a.heartbeat_once()
+        assert cid not in env.vault.hosts[env.host_id].last["held"]
+    finally:
         a.shutdown()

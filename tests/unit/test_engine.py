@@ -170,6 +170,30 @@ def test_vm_not_found_is_permanent_and_critical(env: Env) -> None:
         env.item.run_cycle()
 
 
+def test_request_resync_recomputes_the_report_at_once(env: Env) -> None:
+    """Issue 19, finding 2: the record leaves Critical and the report (what the heartbeat
+    carries) says so at once — resync required, then resyncing, then protected."""
+    env.write("d0", 0, 64 * KiB)
+    env.item.run_initial()
+    env.item.generation = 1
+    from drsite.store.generation import GenerationStore
+    GenerationStore(env.store).ensure("item1", "elsewhere", now=env.clock.now(), at_least=2,
+                                      reason="promoted on the other site")
+    env.item.step()
+    rep = env.item.report
+    assert rep.state is ItemState.CRITICAL and rep.last_error["code"] == "fenced"
+    env.item.generation = 2  # the cancelled failover hands the item back
+    env.item.request_resync("failover cancelled")
+    rep = env.item.report
+    assert rep.state is ItemState.RESYNC_REQUIRED and rep.health is Health.WARNING, rep
+    assert rep.last_error is None and "failover cancelled" in " ".join(rep.health_reasons)
+    seen: list[ItemState] = []
+    env.item.on_progress = lambda r: seen.append(r.state)
+    env.item.step()
+    assert ItemState.RESYNCING in seen
+    assert env.item.report.state is ItemState.PROTECTED and env.item.report.health is Health.NORMAL
+
+
 def test_crash_mid_initial_resumes_where_it_stopped(env: Env) -> None:
     for i in range(8):
         env.write(f"d{i % 2}", i * 256 * KiB, 200 * KiB)

@@ -44,6 +44,8 @@ EXPECTED: dict[str, tuple[type[E.DrsiteError], int, int]] = {
     "low_disk": (E.LowDiskSpace, 503, 75),
     "low_memory": (E.LowMemory, 503, 75),
     "busy": (E.Busy, 503, 75),
+    "command_interrupted": (E.CommandInterrupted, 503, 75),
+    "peer_unavailable": (E.PeerUnavailable, 503, 75),
 }
 
 

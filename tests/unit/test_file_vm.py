@@ -351,3 +351,37 @@ def test_full_cycle_until_a_base_is_released(hv: FileHypervisor) -> None:
     hv.write(vm_id, "d0", 7, b"x")
     c3 = hv.seal(vm_id)
     assert c3.changed["d0"].to_pairs() == [(7, 1)]
+
+
+def test_change_log_cap_follows_the_policy(hv: FileHypervisor) -> None:
+    """Issue 13 part 5: the cap is derived from the policy's interval (≥ the old fixed 64 MiB,
+    several intervals of 4 KiB writes at 20 MB/s) and applies from the next seal."""
+    from drsite.tracking.changelog import (
+        DEFAULT_MAX_BYTES,
+        HEADER_SIZE,
+        MAX_CAP_BYTES,
+        RECORD_SIZE,
+        cap_for_interval,
+    )
+    assert cap_for_interval(30) == DEFAULT_MAX_BYTES
+    assert cap_for_interval(900) >= RECORD_SIZE * 5000 * 900 * 2   # two 15-min intervals
+    assert cap_for_interval(10 ** 9) == MAX_CAP_BYTES
+    vm_id = make(hv)
+    hv.start_tracking(vm_id)
+    cap = cap_for_interval(900)
+    hv.set_change_log_limit(vm_id, cap)
+    assert hv.get_vm(vm_id).name == "vm1"   # vm.json still readable, other fields kept
+    hv.power_on(vm_id)
+    try:
+        hv.write(vm_id, "d0", 0, b"x" * 4096)
+        c = hv.seal(vm_id)
+        hv.release(c)
+    finally:
+        hv.power_off(vm_id)
+    vm = FileVm.open(hv.root / "vm1", role="driver")
+    try:
+        assert vm._log_cap() == cap
+        log = vm.disks["d0"].log
+        assert log is not None and log.max_records == (cap - HEADER_SIZE) // RECORD_SIZE
+    finally:
+        vm.close()

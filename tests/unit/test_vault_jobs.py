@@ -85,6 +85,48 @@ def test_unacknowledged_commands_are_delivered_again(h: Harness) -> None:
     assert [c["command_id"] for c in commands(a, "protect")] == [cmd["command_id"]]
 
 
+def test_lost_commands_are_delivered_again_at_the_next_heartbeat(h: Harness) -> None:
+    """Issue 19: a command the agent's heartbeat does not hold, although that heartbeat was
+    built after the command's delivery, is delivered again at once — not after a timeout."""
+    a, _ = setup(h)
+    start(h)
+    h.tick()
+    reply = a.beat(held=[])          # delivered in this reply (the agent may never get it)
+    (cmd,) = [c for c in reply["commands"] if c["kind"] == "protect"]
+    h.clock.advance(0.5)
+    # a heartbeat built after that reply that does not hold it: the reply was lost, or the
+    # agent restarted without it → delivered again now
+    again = [c["command_id"] for c in a.beat(held=[])["commands"]]
+    assert again == [cmd["command_id"]]
+    h.clock.advance(0.5)
+    # held (queued or running): never re-delivered, however long it runs with progress posts
+    assert a.beat(held=[cmd["command_id"]])["commands"] == []
+    a.result(cmd["command_id"], "running", progress=10)
+    h.clock.advance(0.5)
+    assert a.beat(held=[cmd["command_id"]])["commands"] == []
+    h.clock.advance(0.5)
+    # the agent restarted and lost it while running: its first heartbeat brings it back
+    assert [c["command_id"] for c in a.beat(held=[])["commands"]] == [cmd["command_id"]]
+    # news after the last heartbeat (a progress post racing the heartbeat): not yet
+    h.clock.advance(0.25)
+    a.result(cmd["command_id"], "running", progress=20)
+    h.clock.advance(0.25)
+    assert a.beat(held=[])["commands"] == []
+    h.clock.advance(0.5)
+    assert [c["command_id"] for c in a.beat(held=[])["commands"]] == [cmd["command_id"]]
+
+
+def test_silent_running_commands_are_delivered_again_after_heartbeats_not_minutes(h: Harness) -> None:
+    a, _ = setup(h)
+    start(h)
+    h.tick()
+    (cmd,) = commands(a, "protect")
+    a.result(cmd["command_id"], "running", progress=1)
+    assert h.settings.stale_running_s <= 60
+    h.clock.advance(h.settings.stale_running_s + 1)
+    assert [c["command_id"] for c in commands(a, "protect")] == [cmd["command_id"]]
+
+
 def test_initial_replication_retries_transient_failures_on_the_seed_schedule(h: Harness) -> None:
     a, _ = setup(h)
     job_id, item_id = start(h)

@@ -134,6 +134,32 @@ def test_transient_failures_retry_after_1_2_4_8_10_then_30_minutes(h: Harness) -
     assert sent(h, "cycle") == []  # back to the policy's frequency
 
 
+def test_first_network_retry_is_early_when_the_store_agent_is_back(h: Harness) -> None:
+    """Issue 19: a cycle that failed because the recovery site's agent restarted is retried as
+    soon as that agent heartbeats again (two heartbeat intervals at least), not after the
+    seed's first minute; a second failure follows the seed's schedule."""
+    a, _ = protected(h, frequency_s=30)
+    h.clock.advance(30)
+    (c,) = sent(h, "cycle")
+    a.result(c.id, "failed", error=NET)
+    h.clock.advance(1)
+    assert sent(h, "cycle") == []                 # not at once: give the peer a moment
+    h.clock.advance(3)
+    assert sent(h, "cycle") == []                 # the store's agent is not heartbeating
+    store = next(x for x in h.ok("GET", "/hosts") if x["store_url"])
+    assert store["up"] is False
+    b = next(x for x in h.agents if x.name == "hv2")  # the same host, its agent back
+    b.beat(store_url="https://127.0.0.1:9443")
+    (c,) = sent(h, "cycle")
+    a.result(c.id, "failed", error=NET)           # the link itself is down: seed schedule
+    h.clock.advance(60)
+    b.beat(store_url="https://127.0.0.1:9443")
+    assert sent(h, "cycle") == []
+    h.clock.advance(61)
+    b.beat(store_url="https://127.0.0.1:9443")
+    assert len(sent(h, "cycle")) == 1
+
+
 def test_permanent_failure_makes_the_item_critical_and_stops_it(h: Harness) -> None:
     a, item_id = protected(h)
     h.clock.advance(30)

@@ -227,7 +227,7 @@ def test_a_reader_sees_everything_and_can_press_nothing(h: Harness) -> None:
     add_plan(h)
     csrf = login(h, h.token("reader", "audit"))
     for url in [*PAGES, *FRAGMENTS, f"/ui/items/{item_id}", f"/ui/jobs/{job_id}", "/ui/plans/tier1",
-                "/ui/plans/tier1/test_failover", f"/ui/jobs/{job_id}/cancel"]:
+                "/ui/plans/tier1/test-failover", f"/ui/jobs/{job_id}/cancel"]:
         assert h.client.get(url).status_code == 200, url
     job_page = h.client.get(f"/ui/jobs/{job_id}").text
     assert re.search(r"<button[^>]*disabled[^>]*>Cancel job</button>", job_page)
@@ -235,10 +235,10 @@ def test_a_reader_sees_everything_and_can_press_nothing(h: Harness) -> None:
     buttons = re.findall(r"<button[^>]*>[^<]*</button>", plan_page)
     labels = [b for b in buttons if "Log out" not in b]
     assert len(labels) == 7 and all("disabled" in b for b in labels), labels
-    assert "/ui/plans/tier1/test_failover" not in plan_page  # no link to act through either
-    confirm = h.client.get("/ui/plans/tier1/test_failover").text
+    assert "/ui/plans/tier1/test-failover" not in plan_page  # no link to act through either
+    confirm = h.client.get("/ui/plans/tier1/test-failover").text
     assert re.search(r'<button type="submit" id="confirm"[^>]*disabled', confirm)
-    for url in [f"/ui/jobs/{job_id}/cancel", "/ui/plans/tier1/test_failover", "/ui/alerts/1/ack"]:
+    for url in [f"/ui/jobs/{job_id}/cancel", "/ui/plans/tier1/test-failover", "/ui/alerts/1/ack"]:
         r = h.client.post(url, data={"csrf": csrf}, follow_redirects=False)
         assert r.status_code == 403, url
         assert "reader role" in r.text
@@ -256,20 +256,20 @@ def test_plan_page_and_an_operator_starting_a_test_failover(h: Harness) -> None:
     assert "tier1" in plans and "&lt;script&gt;" in plans and "<script>alert" not in plans
     page = h.client.get("/ui/plans/tier1").text
     assert "Tell the DBA" in page and "echo done" in page and f"/ui/items/{item_id}" in page
-    assert 'href="/ui/plans/tier1/planned_failover"' in page
-    confirm = h.client.get("/ui/plans/tier1/test_failover").text
+    assert 'href="/ui/plans/tier1/planned-failover"' in page
+    confirm = h.client.get("/ui/plans/tier1/test-failover").text
     assert "What will happen" in confirm and "isolated test network" in confirm
     assert 'value="latest_app"' in confirm
-    r = h.client.post("/ui/plans/tier1/test_failover", data={"csrf": csrf, "point": "latest"},
+    r = h.client.post("/ui/plans/tier1/test-failover", data={"csrf": csrf, "point": "latest"},
                       follow_redirects=False)
     assert r.status_code == 303, r.text
     job_id = r.headers["location"].rsplit("/", 1)[1]
     job: dict[str, Any] = h.job(job_id)
     assert job["kind"] == "RecoveryPlan" and job["target"] == "tier1"
     # a second one is refused by the vault's own rule, shown on the confirmation page
-    r = h.client.post("/ui/plans/tier1/test_failover", data={"csrf": csrf}, follow_redirects=False)
+    r = h.client.post("/ui/plans/tier1/test-failover", data={"csrf": csrf}, follow_redirects=False)
     assert r.status_code == 409 and "already has a job running" in r.text
-    assert h.client.post("/ui/plans/tier1/test_failover", data={"csrf": csrf, "point": "bogus"},
+    assert h.client.post("/ui/plans/tier1/test-failover", data={"csrf": csrf, "point": "bogus"},
                          follow_redirects=False).status_code == 400
     assert h.client.get("/ui/plans/tier1/explode").status_code == 404
     assert h.client.get("/ui/plans/nope").status_code == 404
@@ -324,7 +324,7 @@ def test_a_job_waiting_for_an_operator_is_resumed_from_its_page(h: Harness) -> N
     populate(h)
     add_plan(h)  # group "web": a manual pre action pauses the plan's failover
     csrf = login(h, h.admin)
-    r = h.client.post("/ui/plans/tier1/test_failover", data={"csrf": csrf}, follow_redirects=False)
+    r = h.client.post("/ui/plans/tier1/test-failover", data={"csrf": csrf}, follow_redirects=False)
     assert r.status_code == 303, r.text
     job_id = r.headers["location"].rsplit("/", 1)[1]
     h.tick()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import ssl
 import threading
@@ -42,11 +43,14 @@ import httpx
 import drsite
 from drsite.agent import cloudstores, pointkeys, storeacl, storerekey
 from drsite.agent.drill import DrillCommands
+from drsite.agent.failover import KINDS as FAILOVER_KINDS
 from drsite.agent.failover import FailoverCommands
 from drsite.agent.link import COMMAND_KINDS, Command, HeartbeatReply, VaultLink
+from drsite.agent.peers import CatalogueRefresher
 from drsite.agent.registration import AgentIdentity
 from drsite.agent.scrub import ScrubCommands
 from drsite.agent.state import (
+    Accepted,
     CatalogEntry,
     CatalogFile,
     CommandJournal,
@@ -60,8 +64,10 @@ from drsite.agent.storeservice import StoreService
 from drsite.agent.vms import VmCommands, lane_of
 from drsite.core.errors import (
     AuthError,
+    CommandInterrupted,
     Conflict,
     DrsiteError,
+    Fenced,
     InvalidInput,
     NotFound,
     OperationInterrupted,
@@ -69,15 +75,18 @@ from drsite.core.errors import (
     VmNotFound,
     classify_os_error,
 )
+from drsite.core.model import PowerState
 from drsite.core.states import CommandStatus
 from drsite.hypervisors.contract import HypervisorDriver
 from drsite.replication.driver import ItemReplicator
 from drsite.replication.report import Health, ItemReport, ItemState
 from drsite.replication.target import RecoveryTarget
 from drsite.sitestore import SiteObjectStore, SiteTarget
+from drsite.store.contract import ObjectStore
 from drsite.store.factory import StoreSpec
 from drsite.store.format import PointInfo
 from drsite.store.repository import Repository
+from drsite.tracking.changelog import cap_for_interval
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +94,11 @@ TargetFactory = Callable[[str, str], RecoveryTarget]
 """``(store_url, item_id) → RecoveryTarget``; the default builds a ``SiteTarget``."""
 
 PROGRESS_REPOST_S = 10.0
+CATALOGUE_TIMEOUT_S = 5.0  # listing an item's points at a peer store
+URGENT_KINDS = frozenset((*FAILOVER_KINDS, "unprotect"))
+URGENT_WORKERS = 4
+FULL_HEARTBEAT_EVERY = 30
+CHANNEL_WAIT_S = 20.0  # how long the vault may hold the command channel's request
 
 
 class Interrupted(Exception):
@@ -138,9 +152,12 @@ class Agent:
                  store_listen: str | None = None, offline_after_s: float = 30.0,
                  max_backoff_s: float = 30.0, max_parallel_items: int = 2,
                  transport: httpx.BaseTransport | None = None,
-                 target_factory: TargetFactory | None = None) -> None:
+                 target_factory: TargetFactory | None = None,
+                 command_channel: bool = True, store_url: str | None = None) -> None:
         if (store_dir is None) != (store_listen is None):
             raise InvalidInput("a store server needs both store_dir and store_listen")
+        if store_url is not None and not store_url.startswith("https://"):
+            raise InvalidInput(f"store URL {store_url!r} is not an https:// URL")
         if heartbeat_interval <= 0:
             raise InvalidInput(f"heartbeat interval must be positive, not {heartbeat_interval}")
         self.data_dir = Path(data_dir)
@@ -154,6 +171,7 @@ class Agent:
         self.link = VaultLink(self.identity.vault_url, self._ctx, transport=transport)
         self._target_factory = target_factory or self._site_target
         self._site_stores: dict[str, SiteObjectStore] = {}
+        self._catalogue_stores: dict[str, SiteObjectStore] = {}
         self._state_dir = self.data_dir / "items"
         try:
             self._state_dir.mkdir(parents=True, exist_ok=True)
@@ -167,18 +185,31 @@ class Agent:
         self._items: dict[str, _Item] = {}
         self._lanes: dict[str, _Lane] = {}
         self._inflight: dict[str, _Progress] = {}   # accepted command ids (queued or running)
+        # the items' recovery points, listed off the control loop (one thread per peer)
+        self._catalogues = CatalogueRefresher(heartbeat_interval)
+        # what the vault was last told (report digests per item, "" = inventory): heartbeats
+        # carry only what changed, and a full one every FULL_HEARTBEAT_EVERY or after a failure
+        self._beat_digests: dict[str, str] = {}
+        self._pending_digests: dict[str, str] = {}
+        self._beats_since_full = 0
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._pool: ThreadPoolExecutor | None = None
+        # lanes whose next task is a failover or unprotect command start here, so that they
+        # never queue behind replication stuck on a slow or hung peer
+        self._urgent_pool: ThreadPoolExecutor | None = None
         self._store: StoreService | None = None
         if store_dir is not None and store_listen is not None:
             self._store = StoreService(self.identity, store_dir, self.data_dir / "replicas",
                                        store_listen)
         self._store_url: str | None = None
+        self._store_advertised = store_url.rstrip("/") if store_url else None
         self.failover = FailoverCommands(self)
         self.scrubs = ScrubCommands(self)
         self.drills = DrillCommands(self)
         self.vms = VmCommands(hypervisor, self.data_dir, import_dir)
+        self.command_channel = command_channel
+        self._channel: threading.Thread | None = None
         self._started = False
         self._last_ok = time.monotonic()
         self._failures = 0
@@ -213,6 +244,49 @@ class Agent:
             entry.phase = ItemPhase.FAILED_OVER if failed_over else ItemPhase.PROTECTED
         self._save_entries()
 
+    def fence_item(self, item_id: str, reason: str) -> dict[str, Any]:
+        """This host is no longer the item's primary (a failover promoted the recovery site):
+        power its VM off so that the old primary never writes beside the recovery VM, stop
+        replicating it (phase ``failed_over``: offline mode and resume leave it alone), and
+        remember whether it was running (a cancel powers it on again). Idempotent."""
+        with self._lock:
+            entry = self._entries.get(item_id)
+        if entry is None:
+            return {"fenced": False, "note": "the item is not protected on this host"}
+        was_running = False
+        power = "absent"
+        try:
+            vm = self.hypervisor.get_vm(entry.vm_id)
+            if vm.power is not PowerState.STOPPED:
+                was_running = True
+                log.warning("item %s: %s; powering VM %s off (fencing the old primary)",
+                            item_id, reason, vm.name)
+                self.hypervisor.power_off(entry.vm_id, force=True, timeout=10.0)
+            power = self.hypervisor.get_vm(entry.vm_id).power.value
+        except VmNotFound:
+            pass
+        with self._lock:
+            first = not entry.fenced
+            entry.fenced = True
+            entry.fenced_running = entry.fenced_running or was_running
+            entry.phase = ItemPhase.FAILED_OVER
+        if first or was_running:
+            self._save_entries()
+        return {"fenced": True, "vm_power": power, "was_running": was_running,
+                "reason": reason}
+
+    def unfence_item(self, item_id: str) -> bool:
+        """A cancelled failover hands the item back: clear the fence; True when the VM was
+        running when this host fenced it (the caller powers it on again)."""
+        with self._lock:
+            entry = self._entries.get(item_id)
+            if entry is None or not entry.fenced:
+                return False
+            was_running = entry.fenced_running
+            entry.fenced = entry.fenced_running = False
+        self._save_entries()
+        return was_running
+
     @property
     def store_url(self) -> str | None:
         """The URL of this host's recovery store (secondary agents, once started)."""
@@ -228,10 +302,16 @@ class Agent:
             self._stop.clear()
             self._lanes = {}
             self._inflight = {}
+            if self._catalogues.stopped:  # started again after a shutdown
+                self._catalogues = CatalogueRefresher(self.heartbeat_interval)
             self._pool = ThreadPoolExecutor(self.max_parallel_items,
                                             thread_name_prefix="agent-item")
+            self._urgent_pool = ThreadPoolExecutor(URGENT_WORKERS,
+                                                   thread_name_prefix="agent-urgent")
         if self._store is not None:
             self._store_url = self._store.start()
+            if self._store_advertised is not None:
+                self._store_url = self._store_advertised
         log.info("agent %s (%s, site %s) starting; vault %s; %d item(s)", self.identity.host_id,
                  self.identity.host_name, self.identity.site, self.identity.vault_url,
                  len(self._entries))
@@ -242,6 +322,11 @@ class Agent:
             if self._needs_resume(item):
                 log.info("item %s: resuming interrupted work after a restart", entry.item_id)
                 self._enqueue(entry.item_id, _Task("resume"))
+        self._resume_accepted()
+        if self.command_channel and (self._channel is None or not self._channel.is_alive()):
+            self._channel = threading.Thread(target=self._channel_loop, daemon=True,
+                                             name="agent-commands")
+            self._channel.start()
 
     def run(self) -> None:
         """Run until :meth:`stop`: heartbeats, commands, results. Blocking."""
@@ -266,8 +351,11 @@ class Agent:
             for lane in self._lanes.values():
                 lane.cancel.set()
             pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            urgent, self._urgent_pool = self._urgent_pool, None
+        for p in (pool, urgent):
+            if p is not None:
+                p.shutdown(wait=True, cancel_futures=True)
+        self._catalogues.stop()
         if self._store is not None:
             self._store.stop()
         with self._lock:
@@ -275,7 +363,7 @@ class Agent:
                 self._close_item(item)
             self._started = False
         self.link.close()
-        for st in self._site_stores.values():
+        for st in [*self._site_stores.values(), *self._catalogue_stores.values()]:
             with contextlib.suppress(Exception):
                 st.close()
         log.info("agent %s stopped", self.identity.host_id)
@@ -300,6 +388,18 @@ class Agent:
         target: RecoveryTarget = SiteTarget(store, item_id)
         return target
 
+    def _catalogue_store(self, store_url: str, target: RecoveryTarget) -> ObjectStore:
+        """The store the heartbeat's catalogue lists: for a site store, a client of its own
+        with short timeouts (listing is small; a hung peer must be noticed in seconds)."""
+        if self._target_factory != self._site_target or not store_url.startswith("https://"):
+            return target.repo.store
+        with self._lock:
+            store = self._catalogue_stores.get(store_url)
+            if store is None:
+                store = self._catalogue_stores[store_url] = SiteObjectStore(
+                    store_url, self._ctx, timeout=CATALOGUE_TIMEOUT_S)
+        return store
+
     def _on_progress(self, item_id: str, report: ItemReport) -> None:
         lane = self._lanes.get(item_id)
         if self._stop.is_set() or (lane is not None and lane.cancel.is_set()):
@@ -319,14 +419,16 @@ class Agent:
                 state_dir=self._state_dir, settings=settings_from_args(entry.settings),
                 on_progress=functools.partial(self._on_progress, entry.item_id),
                 generation=entry.generation)
-            return _Item(entry, replicator, Repository(target.repo.store, entry.item_id,
-                                                       auth=target.repo.auth))
+            catalog = Repository(self._catalogue_store(entry.store_url, target), entry.item_id,
+                                 auth=target.repo.auth)
+            self._catalogues.track(entry.item_id, entry.store_url, catalog.points)
+            return _Item(entry, replicator, catalog)
         except DrsiteError as e:
             log.error("item %s cannot be opened (%s): %s", entry.item_id, e.error_class.value, e)
             return _Item(entry, None, None, e)
 
-    @staticmethod
-    def _close_item(item: _Item) -> None:
+    def _close_item(self, item: _Item) -> None:
+        self._catalogues.untrack(item.entry.item_id)
         if item.catalog is not None:
             item.catalog.close()
         if item.replicator is not None:
@@ -362,9 +464,21 @@ class Agent:
             entries = dict(self._entries)
         self._items_file.save(entries)
 
+    def _issues(self, item: _Item) -> list[str]:
+        """Conditions outside the engine's report that degrade the item (its recovery store
+        at the peer site does not answer)."""
+        cat = self._catalogues.get(item.entry.item_id)
+        if cat.error is None:
+            return []
+        return [f"recovery store {item.entry.store_url} does not answer: {cat.error.message}"]
+
     def _item_report(self, item: _Item) -> dict[str, Any]:
         if item.replicator is not None:
-            return item.replicator.report.to_dict()
+            report = item.replicator.report.to_dict()
+            issues = self._issues(item)
+            if issues:
+                report["agent_issues"] = issues
+            return report
         err = item.error or NotFound("item not opened")
         rep = ItemReport(item_id=item.entry.item_id, vm_id=item.entry.vm_id, vm_name="",
                          state=ItemState.CRITICAL, health=Health.CRITICAL,
@@ -388,34 +502,51 @@ class Agent:
             return []
 
     def _points_delta(self, item: _Item) -> tuple[list[PointInfo], list[str]]:
-        """(points the vault has not acked, points it knows that are gone)."""
+        """(points the vault has not acked, points it knows that are gone), from the last
+        catalogue listing (:class:`~drsite.agent.peers.CatalogueRefresher`): never a call to
+        another site on the heartbeat's thread."""
         if item.catalog is None:
             return [], []
         cat = self._catalog.get(item.entry.item_id) or CatalogEntry()
-        try:
-            points = item.catalog.points()
-        except DrsiteError as e:
-            log.debug("item %s: listing points failed: %s", item.entry.item_id, e)
+        points = self._catalogues.get(item.entry.item_id).points
+        if points is None:
             return [], []
         new = [p for p in points if p.seq > cat.ack]
         ids = {p.point_id for p in points}
         removed = sorted(cat.reported - ids)
         return new, removed
 
-    def build_heartbeat(self) -> tuple[dict[str, Any], dict[str, tuple[list[PointInfo], list[str]]]]:
-        """The heartbeat payload, and per item what it reports of points (to apply the ack)."""
+    def build_heartbeat(self, *, full: bool = True
+                        ) -> tuple[dict[str, Any], dict[str, tuple[list[PointInfo], list[str]]]]:
+        """The heartbeat payload, and per item what it reports of points (to apply the ack).
+
+        ``full=False``: only what changed since the last heartbeat the vault answered —
+        ``vms`` is ``null`` when the inventory is unchanged, and an item is listed only when
+        its report changed or it has new or removed points (``docs/control-plane.md``)."""
         with self._lock:
             items = list(self._items.values())
         sent: dict[str, tuple[list[PointInfo], list[str]]] = {}
         out_items: list[dict[str, Any]] = []
+        digests: dict[str, str] = {}
         for it in items:
             new, removed = self._points_delta(it)
+            report = self._item_report(it)
+            digest = json.dumps(report, sort_keys=True, default=str)
+            digests[it.entry.item_id] = digest
+            if not full and not new and not removed \
+                    and self._beat_digests.get(it.entry.item_id) == digest:
+                continue
             sent[it.entry.item_id] = (new, removed)
-            out_items.append({"item_id": it.entry.item_id, "report": self._item_report(it),
+            out_items.append({"item_id": it.entry.item_id, "report": report,
                               "new_points": [p.to_dict() for p in new],
                               "removed_points": removed})
+        vms = self._inventory()
+        digests[""] = json.dumps(vms, sort_keys=True, default=str)
         payload = {"host_name": self.identity.host_name, "version": drsite.__version__,
-                   "store_url": self._store_url, "vms": self._inventory(), "items": out_items}
+                   "store_url": self._store_url,
+                   "vms": vms if full or self._beat_digests.get("") != digests[""] else None,
+                   "items": out_items, "held": self.held_commands()}
+        self._pending_digests = digests
         return payload, sent
 
     def _apply_ack(self, reply: HeartbeatReply,
@@ -440,14 +571,19 @@ class Agent:
     def heartbeat_once(self) -> HeartbeatReply:
         """One heartbeat: send, apply the ack, accept the commands, post pending results and
         progress. Raises ``NetworkError`` (vault unreachable), ``AuthError`` and the like."""
-        payload, sent = self.build_heartbeat()
-        store_fields = storeacl.beat_fields(self._store)  # access-list digest, store audit
-        payload.update(store_fields)
+        full = self._beats_since_full >= FULL_HEARTBEAT_EVERY or not self._beat_digests
+        store_fields: dict[str, Any] = {}
         try:
+            payload, sent = self.build_heartbeat(full=full)
+            store_fields = storeacl.beat_fields(self._store)  # access-list digest, store audit
+            payload.update(store_fields)
             reply = self.link.heartbeat(payload)
         except DrsiteError:
+            self._beat_digests = {}  # the vault may have missed anything: the next one is full
             storeacl.beat_failed(self._store, store_fields)
             raise
+        self._beat_digests = self._pending_digests
+        self._beats_since_full = 0 if full else self._beats_since_full + 1
         storeacl.apply_reply(self._store, reply.store_acl)
         self._apply_ack(reply, sent)
         for cmd in reply.commands:
@@ -487,6 +623,40 @@ class Agent:
         self._offline = False
         self._last_ok = time.monotonic()
         return self.heartbeat_interval
+
+    def _channel_loop(self) -> None:
+        """The command channel: a long poll to the vault (same mTLS), so a command reaches the
+        agent when the vault commits it, not at the next heartbeat. Heartbeats still carry
+        commands too (re-deliveries, a vault without the channel); ids make both paths one."""
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                cmds = self.link.wait_commands(CHANNEL_WAIT_S)
+            except NotFound:
+                log.info("the vault at %s has no command channel; commands arrive with "
+                         "heartbeats", self.identity.vault_url)
+                return
+            except DrsiteError as e:
+                failures += 1
+                if failures == 1:
+                    log.info("command channel to the vault interrupted (%s); heartbeats carry "
+                             "commands meanwhile", e)
+                self._stop.wait(min(self.max_backoff_s, self.heartbeat_interval * failures))
+                continue
+            except Exception:  # the client was closed under it (shutdown) or a bug
+                if self._stop.is_set():
+                    return
+                log.exception("command channel failed; retrying")
+                self._stop.wait(self.heartbeat_interval)
+                continue
+            failures = 0
+            for cmd in cmds:
+                if self._stop.is_set():
+                    return  # not taken: the vault re-delivers (the next heartbeat lacks it)
+                try:
+                    self._accept(cmd)
+                except DrsiteError as e:
+                    log.warning("command %s not taken: %s", cmd.command_id, e)
 
     def _offline_step(self) -> None:
         """The vault has been away for ``offline_after_s``: run each idle item's own next step
@@ -569,8 +739,9 @@ class Agent:
     # ----------------------------------------------------------------------------- dispatch
 
     def _accept(self, cmd: Command) -> None:
-        """Take a command from the vault: ignore it if queued or running, answer it from the
-        journal if finished, else queue it on its item's lane."""
+        """Take a command from the vault (heartbeat reply or the command channel): ignore it if
+        queued or running, answer it from the journal if finished, else record it in the
+        journal (durably, so a restart resumes it) and queue it on its item's lane."""
         if cmd.kind not in COMMAND_KINDS:
             if self._journal.finished(cmd.command_id) is None:
                 err = InvalidInput(f"unknown command kind {cmd.kind!r}",
@@ -587,22 +758,85 @@ class Agent:
                 return
             log.info("command %s: %s %s accepted", cmd.command_id, cmd.kind, cmd.item_id)
             self._inflight[cmd.command_id] = _Progress(cmd.item_id)
+        try:
+            self._journal.accept(cmd.command_id, kind=cmd.kind, item_id=cmd.item_id,
+                                 args=self._keep_point_keys(cmd))
+        except DrsiteError:
+            with self._lock:
+                self._inflight.pop(cmd.command_id, None)
+            raise  # not taken: the vault re-delivers it (the next heartbeat does not hold it)
+        with self._lock:
             if cmd.kind == "unprotect":
                 lane = self._lanes.get(cmd.item_id)
                 if lane is not None and lane.active:
                     log.info("item %s: interrupting its running work to unprotect it",
                              cmd.item_id)
                     lane.cancel.set()
-            key = cmd.item_id or (lane_of(cmd) if cmd.kind.startswith("vm_") else "")
-            self._enqueue(key, _Task(cmd.kind, cmd))
+            self._enqueue(self._lane_key(cmd), _Task(cmd.kind, cmd))
+
+    @staticmethod
+    def _lane_key(cmd: Command) -> str:
+        """The lane a command runs in: its item's, a VM command's VM's (``vms.lane_of``), else
+        the lane of commands of no item ("")."""
+        return cmd.item_id or (lane_of(cmd) if cmd.kind.startswith("vm_") else "")
+
+    def _resume_accepted(self) -> None:
+        """After a restart: every command accepted before it and not finished is queued again
+        (commands are idempotent; ``cycle``/``resync`` recognise work already done), or, when
+        its arguments carried secrets the journal does not keep and the agent cannot find
+        again, reported failed at once as interrupted (transient: the vault sends it again)."""
+        for acc in self._journal.unfinished():
+            args = dict(acc.args)
+            if acc.redacted:
+                restored = self._restore_secrets(acc)
+                if restored is None:
+                    log.warning("command %s (%s %s) was interrupted by a restart and carried "
+                                "credentials this host does not keep; reporting it interrupted",
+                                acc.command_id, acc.kind, acc.item_id)
+                    cmd = Command(acc.command_id, acc.kind, acc.item_id, args)
+                    self._finish(cmd, CommandStatus.FAILED, {}, CommandInterrupted(
+                        f"the agent of host {self.identity.host_name} restarted while it held "
+                        f"{acc.kind} of {acc.item_id}").to_dict())
+                    continue
+                args = restored
+            log.info("command %s (%s %s): resuming it after a restart", acc.command_id,
+                     acc.kind, acc.item_id)
+            with self._lock:
+                self._inflight[acc.command_id] = _Progress(acc.item_id)
+            resumed = Command(acc.command_id, acc.kind, acc.item_id, args)
+            self._enqueue(self._lane_key(resumed), _Task(acc.kind, resumed))
+
+    def _restore_secrets(self, acc: Accepted) -> dict[str, Any] | None:
+        """A ``protect`` of a cloud-store item finds its store's full spec in the item's 0600
+        spec file (written before the command ran); nothing else can be restored."""
+        if acc.kind != "protect":
+            return None
+        try:
+            spec = cloudstores.load_spec(self.data_dir, acc.item_id)
+        except DrsiteError:
+            return None
+        kept = dict(acc.args.get("store") or {})
+        if spec.get("name") != kept.get("name") or spec.get("kind") != kept.get("kind"):
+            return None
+        return {**acc.args, "store": spec}
+
+    def held_commands(self) -> list[str]:
+        """Ids of the commands this agent holds: queued, running, or finished with a result
+        the vault has not confirmed yet. The heartbeat carries them: the vault re-delivers at
+        once a command it delivered that is not among them (``docs/control-plane.md``)."""
+        with self._lock:
+            held = set(self._inflight)
+        held.update(f.command_id for f in self._journal.unposted())
+        return sorted(held)
 
     def _enqueue(self, item_id: str, task: _Task) -> None:
         with self._lock:
             lane = self._lanes.setdefault(item_id, _Lane())
             lane.tasks.append(task)
-            if not lane.active and self._pool is not None and not self._stop.is_set():
+            pool = self._urgent_pool if task.kind in URGENT_KINDS else self._pool
+            if not lane.active and pool is not None and not self._stop.is_set():
                 lane.active = True
-                self._pool.submit(self._drain, item_id)
+                pool.submit(self._drain, item_id)
 
     def _drain(self, item_id: str) -> None:
         while True:
@@ -624,6 +858,7 @@ class Agent:
             except Exception:
                 log.exception("item %s: task %s failed unexpectedly", item_id, task.kind)
             finally:
+                self._catalogues.refresh(item_id)  # new points reach the next heartbeat
                 if task.command is not None:
                     with self._lock:
                         self._inflight.pop(task.command.command_id, None)
@@ -662,7 +897,19 @@ class Agent:
         except DrsiteError as e:
             log.warning("command %s (%s %s) failed (%s): %s", cmd.command_id, cmd.kind, item_id,
                         e.error_class.value, e)
+            if isinstance(e, Fenced):
+                self._fence_on_own(item_id, e)
             self._finish(cmd, CommandStatus.FAILED, {}, e.to_dict())
+            return
+        except OSError as e:
+            # the host's own resources (a full disk, a vanished file): a drsite error naming
+            # the file, transient where the seed retries (ENOSPC → low_disk), never "unexpected"
+            where = f" ({e.filename})" if e.filename else ""
+            err = classify_os_error(e, f"{cmd.kind} of {item_id} on host "
+                                       f"{self.identity.host_name}{where}")
+            log.warning("command %s (%s %s) failed (%s): %s", cmd.command_id, cmd.kind, item_id,
+                        err.error_class.value, err)
+            self._finish(cmd, CommandStatus.FAILED, {}, err.to_dict())
             return
         except Exception as e:
             log.exception("command %s (%s %s) failed unexpectedly", cmd.command_id, cmd.kind,
@@ -707,6 +954,20 @@ class Agent:
         except DrsiteError as e:
             log.warning("item %s: %s failed (%s): %s; waiting for the vault", item_id, kind,
                         e.error_class.value, e)
+            if isinstance(e, Fenced):
+                self._fence_on_own(item_id, e)
+        err = rep.report.last_error
+        if err and err.get("code") == Fenced.code:
+            self._fence_on_own(item_id, Fenced(str(err.get("message") or "fenced")))
+
+    def _fence_on_own(self, item_id: str, e: Fenced) -> None:
+        """The store's generation record says another site was promoted: fence at once, without
+        waiting for the vault (which may be unreachable) — the second way an old primary learns
+        it was failed over (the first is the vault's ``failover_fence``)."""
+        try:
+            self.fence_item(item_id, f"the recovery store names a newer primary ({e.message})")
+        except DrsiteError as err:
+            log.error("item %s: fencing the old primary failed: %s", item_id, err)
 
     def _mark_protected(self, item: _Item) -> None:
         if item.entry.phase != ItemPhase.PROTECTED:
@@ -787,6 +1048,7 @@ class Agent:
             assert item.error is not None
             raise item.error
         item.replicator.settings = settings_from_args(settings)
+        self._apply_log_cap(entry.vm_id, item.replicator.settings.frequency_s)
         if entry.resync_from_base:
             # re-protect: the store holds the old primary's disks as a base point; only the
             # blocks that differ travel (never an initial full copy over a common base)
@@ -804,6 +1066,19 @@ class Agent:
         point = item.replicator.run_initial(wait_transient=False)
         self._mark_protected(item)
         return {"point": point.to_dict(), "report": item.replicator.report.to_dict()}
+
+    def _keep_point_keys(self, cmd: Command) -> dict[str, Any]:
+        """The command's arguments for the journal: its point keys (``point_key`` for its item,
+        ``rev_point_key`` for a re-protect's reverse item) go to their 0600 key files now and
+        are left out, so the journal holds no key; a command queued again after a restart
+        finds them there (``pointkeys.auth_from_args`` falls back to the kept key)."""
+        args = dict(cmd.args)
+        rev = args.get("rev_item_id")
+        for arg, item_id in (("point_key", cmd.item_id), ("rev_point_key", rev)):
+            raw = args.pop(arg, None)
+            if isinstance(raw, str) and raw and raw != "redacted" and item_id:
+                pointkeys.save_key(self.data_dir, str(item_id), raw)
+        return args
 
     def _save_point_key(self, cmd: Command) -> bool:
         """Keep the item's point key from ``protect`` (0600 file); whether it changed."""
@@ -877,7 +1152,13 @@ class Agent:
         item.entry.settings = settings
         self._save_entries()
         rep.settings = new
+        self._apply_log_cap(item.entry.vm_id, new.frequency_s)
         return {"settings": settings}
+
+    def _apply_log_cap(self, vm_id: str, frequency_s: float) -> None:
+        """The change log holds a few intervals of writes at the policy's frequency (issue 13
+        part 5), not a fixed 64 MiB."""
+        self.hypervisor.set_change_log_limit(vm_id, cap_for_interval(frequency_s))
 
     def _unprotect(self, cmd: Command) -> dict[str, Any]:
         delete = bool(cmd.args.get("delete_points"))

@@ -31,12 +31,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from drsite import failpoints
 from drsite.agent import pointkeys
 from drsite.agent.link import Command
 from drsite.agent.registration import AgentIdentity
 from drsite.agent.state import ItemEntry
 from drsite.agent.storeservice import StoreService
-from drsite.core.errors import Fenced, InvalidInput, PermanentError
+from drsite.core.errors import DrsiteError, Fenced, InvalidInput, PermanentError
 from drsite.core.model import PowerState, validate_name
 from drsite.core.states import FailoverState
 from drsite.failover import actions
@@ -44,6 +45,7 @@ from drsite.failover.wire import network_map_from_args, vm_spec_from_dict
 from drsite.fsutil import atomic_write_json, read_json
 from drsite.hypervisors.contract import HypervisorDriver
 from drsite.replication.driver import ItemReplicator
+from drsite.replication.report import ItemState
 from drsite.sitestore.server import held_marker, replica_lock
 from drsite.store.auth import PointAuth
 from drsite.store.contract import ObjectStore
@@ -56,7 +58,7 @@ log = logging.getLogger(__name__)
 
 RECOVERY_KINDS = ("failover", "failover_cleanup", "failover_commit", "failover_cancel",
                   "failover_change_point", "reprotect_seed")
-PRIMARY_KINDS = ("failover_prepare", "failover_resume_source")
+PRIMARY_KINDS = ("failover_prepare", "failover_resume_source", "failover_fence")
 KINDS = (*RECOVERY_KINDS, *PRIMARY_KINDS, "run_script")
 SCRIPT_OUTPUT_TAIL = 2000
 
@@ -85,6 +87,10 @@ class FailoverHost(Protocol):
 
     def set_failed_over(self, item_id: str, failed_over: bool) -> None: ...
 
+    def fence_item(self, item_id: str, reason: str) -> dict[str, Any]: ...
+
+    def unfence_item(self, item_id: str) -> bool: ...
+
 
 
 class FailoverCommands:
@@ -101,6 +107,7 @@ class FailoverCommands:
               "failover_change_point": self._change_point, "reprotect_seed": self._reprotect_seed,
               "failover_prepare": self._prepare,
               "failover_resume_source": self._resume_source,
+              "failover_fence": self._fence,
               "run_script": self._run_script}.get(cmd.kind)
         if fn is None:
             raise InvalidInput(f"unknown command kind {cmd.kind!r}",
@@ -229,6 +236,7 @@ class FailoverCommands:
                                      "generation": max(1, pi.generations.current(pi.item_id)),
                                      "notes": ["nothing had started on the recovery site"]}}
             self._hold(pi.item_id, False)  # the replica is rebuilt (cancel catches it up)
+            failpoints.hit("agent.failover-cancel")
             return self._result(actions.cancel(pi, fid, restart_source=False))
 
     def _change_point(self, cmd: Command) -> dict[str, Any]:
@@ -275,16 +283,41 @@ class FailoverCommands:
         agent.set_generation(cmd.item_id or "", gen)
         rep.generation = gen
         err = rep.report.last_error
-        if err and err.get("code") == Fenced.code:
+        resync = bool(err and err.get("code") == Fenced.code) or \
+            rep.rec.phase in (ItemState.CRITICAL, ItemState.RESYNC_REQUIRED)
+        if resync:
             rep.request_resync("failover cancelled: the source is the primary again")
         agent.set_failed_over(cmd.item_id or "", False)
         powered = False
-        if cmd.args.get("power_on"):
+        # a VM this host fenced while it was running runs again (the failover is undone)
+        if agent.unfence_item(cmd.item_id or "") or cmd.args.get("power_on"):
             vm = agent.hypervisor.get_vm(item.entry.vm_id)
             if vm.power is not PowerState.RUNNING:
                 agent.hypervisor.power_on(item.entry.vm_id)
                 powered = True
-        return {"generation": gen, "powered_on": powered}
+        return {"generation": gen, "powered_on": powered, "resync": resync,
+                "report": rep.report.to_dict()}
+
+    def _fence(self, cmd: Command) -> dict[str, Any]:
+        """Unplanned failover, old primary's half (whenever this host hears of it): the
+        recovery site was promoted, so the VM here is powered off and the item stops
+        replicating (``Agent.fence_item``); its engine is fenced by the store's generation
+        record in any case."""
+        reason = f"failover {self._fid(cmd)} promoted site {cmd.args.get('recovery_site')}"
+        gen = int(cmd.args.get("generation") or 0)
+        with contextlib.suppress(DrsiteError):
+            item, _ = self.agent.live_item(cmd)
+            if gen and item.entry.generation >= gen:
+                # the item came back to this site at that generation or later (a cancel):
+                # a stale fence (e.g. re-delivered after an agent restart) changes nothing
+                return {"fenced": False, "failover_id": self._fid(cmd),
+                        "note": f"stale: the item holds generation {item.entry.generation}"}
+        out = self.agent.fence_item(cmd.item_id or "", reason)
+        with contextlib.suppress(DrsiteError):
+            _, rep = self.agent.live_item(cmd)
+            if rep.rec.phase is not ItemState.CRITICAL:
+                rep.mark_fenced(f"{reason}: this site must not write the item any more")
+        return {**out, "failover_id": self._fid(cmd), "at": time.time()}
 
     def _reprotect_seed(self, cmd: Command) -> dict[str, Any]:
         """Re-protect, old primary's half: power its VM off and write its disks as the full

@@ -10,6 +10,7 @@ responsible for: retrying or backing off (the daemon does), or for what the comm
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,7 @@ COMMAND_KINDS = ("protect", "cycle", "resync", "retention", "unprotect", "update
                  # failover (agent/failover.py)
                  "failover", "failover_cleanup", "failover_commit", "failover_cancel",
                  "failover_change_point", "reprotect_seed", "failover_prepare",
-                 "failover_resume_source", "run_script",
+                 "failover_resume_source", "failover_fence", "run_script",
                  "store_rekey",   # agent/storerekey.py
                  # store upkeep and drills (agent/scrub.py, agent/drill.py)
                  "scrub", "verify", "drill_probe",
@@ -101,15 +102,22 @@ class VaultLink:
     def __init__(self, vault_url: str, ssl_context: ssl.SSLContext, *, timeout: float = 30.0,
                  transport: httpx.BaseTransport | None = None) -> None:
         self.vault_url = vault_url.rstrip("/")
+        if transport is None:
+            # TCP_NODELAY: a request's body is not held back by Nagle's algorithm until the
+            # vault acknowledges its headers (a delayed ACK costs ~40 ms per request)
+            transport = httpx.HTTPTransport(
+                verify=ssl_context,
+                socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
         self._http = httpx.Client(base_url=self.vault_url + "/api/v1/agent", verify=ssl_context,
                                   timeout=timeout, transport=transport)
 
     def close(self) -> None:
         self._http.close()
 
-    def _post(self, path: str, body: dict[str, Any]) -> Any:
+    def _post(self, path: str, body: dict[str, Any], *, timeout: float | None = None) -> Any:
         try:
-            resp = self._http.post(path, json=body)
+            resp = self._http.post(path, json=body, timeout=timeout if timeout is not None
+                                   else httpx.USE_CLIENT_DEFAULT)
         except httpx.TimeoutException as e:
             raise NetworkError(f"the vault at {self.vault_url} did not answer in time") from e
         except httpx.ConnectError as e:
@@ -129,11 +137,8 @@ class VaultLink:
         except ValueError as e:
             raise NetworkError(f"the vault's answer to {path} is not JSON") from e
 
-    def heartbeat(self, payload: dict[str, Any]) -> HeartbeatReply:
-        """Send one heartbeat; the reply's malformed commands are dropped (and logged)."""
-        out = self._post("/heartbeat", payload) or {}
-        if not isinstance(out, dict):
-            raise NetworkError("the vault's heartbeat reply is not an object")
+    @staticmethod
+    def _commands(out: dict[str, Any]) -> tuple[list[Command], int]:
         commands: list[Command] = []
         bad = 0
         for raw in out.get("commands") or []:
@@ -142,6 +147,23 @@ class VaultLink:
             except InvalidInput as e:
                 bad += 1
                 log.error("dropping a malformed command from the vault: %s", e)
+        return commands, bad
+
+    def wait_commands(self, wait_s: float) -> list[Command]:
+        """The command channel: this host's commands as soon as the vault has any, or ``[]``
+        after about ``wait_s`` (the vault holds the request open). ``NotFound`` from a vault
+        without the channel."""
+        out = self._post("/commands/wait", {"timeout_s": wait_s}, timeout=wait_s + 15.0) or {}
+        if not isinstance(out, dict):
+            raise NetworkError("the vault's command channel reply is not an object")
+        return self._commands(out)[0]
+
+    def heartbeat(self, payload: dict[str, Any]) -> HeartbeatReply:
+        """Send one heartbeat; the reply's malformed commands are dropped (and logged)."""
+        out = self._post("/heartbeat", payload) or {}
+        if not isinstance(out, dict):
+            raise NetworkError("the vault's heartbeat reply is not an object")
+        commands, bad = self._commands(out)
         ack: dict[str, int] = {}
         raw_ack = out.get("ack") or {}
         if isinstance(raw_ack, dict):

@@ -6,8 +6,9 @@ of the directory)::
     items.json      the items this host protects: vm, target store, settings, phase
     catalog.json    per item: the vault's last ack and the point ids the vault knows of
                     (so points removed by retention are reported even across a restart)
-    commands.json   journal: commands started (with the item's latest point seq at start) and
-                    commands finished (their final result, and whether the vault has it)
+    commands.json   journal: commands accepted (id, kind, item, arguments without secrets),
+                    started (with the item's latest point seq at start) and finished (their
+                    final result, and whether the vault has it)
     items/          the replication engine's per-item records (``ItemReplicator``'s state_dir)
 
 Responsible for: these files and turning command arguments into engine settings. Not
@@ -125,12 +126,17 @@ class ItemEntry:
     # re-protect: the store holds the old primary's disks as a base point; the first point is
     # a resync against it (persisted: a restart must not take the base as this VM's point)
     resync_from_base: bool = False
+    # fenced: a failover promoted the other site; this host powered the VM off (it was running
+    # then: ``fenced_running``, so that a cancel powers it on again)
+    fenced: bool = False
+    fenced_running: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"item_id": self.item_id, "vm_id": self.vm_id, "target_site": self.target_site,
                 "store_url": self.store_url, "settings": dict(self.settings),
                 "phase": self.phase.value, "created_at": self.created_at,
-                "generation": self.generation, "resync_from_base": self.resync_from_base}
+                "generation": self.generation, "resync_from_base": self.resync_from_base,
+                "fenced": self.fenced, "fenced_running": self.fenced_running}
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> ItemEntry:
@@ -140,7 +146,9 @@ class ItemEntry:
                          phase=ItemPhase(d.get("phase") or ItemPhase.INITIAL),
                          created_at=float(d.get("created_at") or 0.0),
                          generation=int(d.get("generation") or 1),
-                         resync_from_base=bool(d.get("resync_from_base")))
+                         resync_from_base=bool(d.get("resync_from_base")),
+                         fenced=bool(d.get("fenced")),
+                         fenced_running=bool(d.get("fenced_running")))
 
 
 class ItemsFile:
@@ -218,8 +226,51 @@ class Finished:
                         float(d["finished_at"]), bool(d.get("posted")))
 
 
+SECRET_FIELDS = ("secret", "keys")
+
+
+def redact_args(args: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """A command's arguments without cloud-store credentials and keys (``store.secret``,
+    ``store.keys``), and whether anything was removed (point keys never reach the journal: the
+    daemon keeps them in their own 0600 files first). The journal never holds secrets: a
+    ``protect`` finds them again in the item's 0600 spec file; other commands that carried
+    them cannot be resumed from the journal and are reported interrupted instead."""
+    spec = args.get("store")
+    if not isinstance(spec, dict) or not any(spec.get(k) for k in SECRET_FIELDS):
+        return dict(args), False
+    kept = {k: v for k, v in spec.items() if k not in SECRET_FIELDS}
+    return {**args, "store": kept}, True
+
+
+@dataclass
+class Accepted:
+    """A command the agent took from the vault and has not finished (``commands.json``)."""
+
+    command_id: str
+    kind: str
+    item_id: str
+    args: dict[str, Any]
+    accepted_at: float
+    redacted: bool = False  # secrets were left out of ``args``
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"command_id": self.command_id, "kind": self.kind, "item_id": self.item_id,
+                "args": self.args, "accepted_at": self.accepted_at, "redacted": self.redacted}
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Accepted:
+        return Accepted(str(d["command_id"]), str(d["kind"]), str(d["item_id"]),
+                        dict(d.get("args") or {}), float(d.get("accepted_at") or 0.0),
+                        bool(d.get("redacted")))
+
+
 class CommandJournal:
-    """``commands.json``: started and finished commands (the last ``JOURNAL_KEEP`` finished).
+    """``commands.json``: accepted, started and finished commands (the last ``JOURNAL_KEEP``
+    finished).
+
+    Invariant: a command id is in ``accepted`` from the moment the agent takes it until its
+    final result is recorded (``finish``), so a restarted agent knows every command it owes
+    the vault an answer for (:meth:`unfinished`).
 
     Responsible for: exactly-once bookkeeping across restarts. Thread-safe.
     """
@@ -231,6 +282,8 @@ class CommandJournal:
         raw = _load(path, {})
         try:
             self._started: dict[str, dict[str, Any]] = dict(raw.get("started") or {})
+            self._accepted: dict[str, Accepted] = {
+                k: Accepted.from_dict(v) for k, v in (raw.get("accepted") or {}).items()}
             self._finished: dict[str, Finished] = {
                 k: Finished.from_dict(v) for k, v in (raw.get("finished") or {}).items()}
         except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -240,8 +293,26 @@ class CommandJournal:
         if len(self._finished) > self.keep:
             newest = sorted(self._finished.values(), key=lambda f: f.finished_at)[-self.keep:]
             self._finished = {f.command_id: f for f in newest}
-        _save(self.path, {"started": self._started,
+        _save(self.path, {"accepted": {k: v.to_dict() for k, v in self._accepted.items()},
+                          "started": self._started,
                           "finished": {k: v.to_dict() for k, v in self._finished.items()}})
+
+    def accept(self, command_id: str, *, kind: str, item_id: str, args: dict[str, Any]) -> None:
+        """Record (durably, before the command is queued) that the agent took the command;
+        its secrets are left out (:func:`redact_args`). Kept as is if already there."""
+        with self._lock:
+            if command_id in self._accepted or command_id in self._finished:
+                return
+            kept, redacted = redact_args(args)
+            self._accepted[command_id] = Accepted(command_id, kind, item_id, kept, time.time(),
+                                                  redacted)
+            self._flush()
+
+    def unfinished(self) -> list[Accepted]:
+        """Commands accepted and not finished (what a restarted agent still owes), oldest
+        first."""
+        with self._lock:
+            return sorted(self._accepted.values(), key=lambda a: (a.accepted_at, a.command_id))
 
     def started(self, command_id: str) -> dict[str, Any] | None:
         """What was recorded when the command started (before a crash), or None."""
@@ -266,6 +337,7 @@ class CommandJournal:
     def finish(self, fin: Finished) -> None:
         with self._lock:
             self._started.pop(fin.command_id, None)
+            self._accepted.pop(fin.command_id, None)
             self._finished[fin.command_id] = fin
             self._flush()
 

@@ -58,6 +58,9 @@ def run(
     store: Path | None = typer.Option(None, help="Serve a recovery store from this directory "
                                                  "(recovery-site hosts)."),
     store_listen: str | None = typer.Option(None, help="HOST:PORT for the store server."),
+    store_url: str | None = typer.Option(None, help="URL other sites use to reach this store "
+                                                    "(e.g. through a proxy or NAT); default: "
+                                                    "the --store-listen address."),
     heartbeat_interval: float = typer.Option(2.0, help="Seconds between heartbeats."),
     import_dir: Path | None = typer.Option(None, help="Where 'drsite vms import' may read disk "
                                                       "images on this host (default: the "
@@ -68,5 +71,6 @@ def run(
 
     configure_logging()
     agent_run(data_dir=data, hypervisor_kind=hypervisor.value, vms_root=vms, store_dir=store,
-              store_listen=store_listen, heartbeat_interval=heartbeat_interval,
+              store_listen=store_listen, store_url=store_url,
+              heartbeat_interval=heartbeat_interval,
               import_dir=import_dir if import_dir is not None else vms.absolute().parent / "import")

@@ -33,7 +33,7 @@ WaitOpt = typer.Option(True, help="Follow the job until it ends.")
 ReverseOpt = typer.Option(False, "--create-reverse-mapping",
                           help="Create the missing network mappings back (recovery site → "
                                "source site) by inverting the forward ones.")
-FO_COLS = ["id", "kind", "state", "point_id", "vm_name", "generation", "rto_s"]
+FO_COLS = ["id", "kind", "state", "point_id", "vm_name", "generation", "rto_s", "wall_s"]
 
 
 def item_action(conn: Conn, item_id: str, action: FailoverAction, wait: bool,

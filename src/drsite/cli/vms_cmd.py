@@ -19,7 +19,7 @@ HostOpt = typer.Option(None, "--host", help="Host id or name (default: the only 
                                             "--site).")
 SiteOpt = typer.Option(None, "--site", help="Site of the host.")
 WaitOpt = typer.Option(True, help="Follow the job until it ends.")
-VM_COLS = ["name", "site", "host", "power", "disks", "nics", "item_id", "vm_id"]
+VM_COLS = ["name", "site", "host", "power", "disks", "nics", "item_id", "vm_id", "warning"]
 
 
 def _row(v: dict[str, Any]) -> dict[str, Any]:

@@ -259,6 +259,23 @@ class Busy(TransientError):
     default_hint = "Another step holds this resource; drsite retries on its own."
 
 
+class CommandInterrupted(TransientError):
+    """An agent restarted (or crashed) while it held a command it cannot resume by itself
+    (its arguments carried secrets the agent does not keep); the sender sends it again."""
+
+    code = "command_interrupted"
+    default_hint = "Nothing to do: the vault sends the command again at once."
+
+
+class PeerUnavailable(TransientError):
+    """A peer site's service is known to be unreachable (its circuit breaker is open): the
+    call was not even tried, so nothing waits on a hung or partitioned peer."""
+
+    code = "peer_unavailable"
+    default_hint = ("The other site's agent or store does not answer; drsite tries again on "
+                    "its own. Check that site's agent and the link between the sites.")
+
+
 # --- the codec ------------------------------------------------------------------------------
 
 _CLASSES = frozenset(c.value for c in ErrorClass)

@@ -134,6 +134,12 @@ class HypervisorDriver(Protocol):
         """The sealed, unreleased cycle of this VM, if any (after an engine restart)."""
         ...
 
+    def set_change_log_limit(self, vm_id: str, max_bytes: int) -> None:
+        """Cap the VM's change tracking at ``max_bytes`` of log (the protecting policy sets it
+        so that a cycle a couple of intervals late still finds a trusted log); applies from
+        the next seal. Drivers whose tracking is not a growing log (dirty bitmaps) ignore it."""
+        ...
+
     def open_cycle_reader(self, cycle: SealedCycle, disk_id: str) -> DiskReader:
         """A reader of the frozen view of ``disk_id`` at ``cycle.sealed_at``."""
         ...

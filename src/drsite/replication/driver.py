@@ -136,16 +136,30 @@ class ItemReplicator:
         return self.rec.report
 
     def request_resync(self, reason: str = "started by hand", *, from_store: bool = False) -> None:
-        """Ask for a resync now, inside or outside the window (also clears Critical).
-        ``from_store``: compare the source with what the store can restore (read the point from
-        the store, not a hydrated replica), so damage in the store is found and re-sent."""
+        """Ask for a resync now, inside or outside the window (also clears Critical: the error
+        that made the item Critical is what the resync repairs). ``from_store``: compare the
+        source with what the store can restore (read the point from the store, not a hydrated
+        replica), so damage in the store is found and re-sent. The report follows at once, so
+        whoever reads it (the agent's heartbeat) sees ``resync_required``, not the old
+        Critical."""
         self.rec.resync_by_hand = True
         if from_store:
             self.rec.resync_from_store = True
         self.rec.resync_reason = reason
         if self.rec.phase is ItemState.CRITICAL:
             self.rec.phase = ItemState.RESYNC_REQUIRED
+            self.report.last_error = None
         self.rec.retry.record_success()
+        self._refresh_report()
+        self._save()
+
+    def mark_fenced(self, message: str) -> None:
+        """A failover promoted the other site (the vault or the store's generation record says
+        so): the item is Critical with ``fenced`` until a cancel hands it back
+        (:meth:`request_resync`), and its report says so at once."""
+        self.report.last_error = Fenced(message).to_dict()
+        self.rec.phase = ItemState.CRITICAL
+        self._refresh_report()
         self._save()
 
     def scrub(self) -> VerifyReport | None:
@@ -304,6 +318,7 @@ class ItemReplicator:
     def _initial(self) -> None:
         r = self.rec
         r.phase = ItemState.INITIAL_REPLICATION
+        self._refresh_report()
         cycle = self._own_cycle("initial")
         if cycle is None:
             self._drop_pending()
@@ -343,6 +358,7 @@ class ItemReplicator:
         r = self.rec
         r.phase = ItemState.RESYNCING
         r.resync_reason = reason
+        self._refresh_report()
         self._save()
         cycle = self._own_cycle("resync")
         if cycle is None:

@@ -102,6 +102,9 @@ def _status_error(resp: httpx.Response, what: str) -> DrsiteError:
     return from_dict(body, http_status=status)
 
 
+CONNECT_TIMEOUT_S = 5.0
+
+
 class SiteObjectStore:
     """:class:`~drsite.store.contract.ObjectStore` over a store server (HTTPS, client certificate
     in ``ssl_context``), plus the server's replica calls (:meth:`catch_up`, :meth:`digests`).
@@ -119,7 +122,10 @@ class SiteObjectStore:
         self.timeout = timeout
         self.slow_timeout = slow_timeout
         self._client = httpx.Client(
-            base_url=self.base_url, verify=ssl_context, timeout=httpx.Timeout(timeout),
+            # a peer that does not accept the connection is known in seconds, whatever the
+            # read timeout of the data plane (issue 13: a hung site must not stall callers)
+            base_url=self.base_url, verify=ssl_context,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT_S)),
             limits=httpx.Limits(max_connections=max_connections,
                                 max_keepalive_connections=max_connections,
                                 keepalive_expiry=20.0),   # below the server's 60 s keep-alive

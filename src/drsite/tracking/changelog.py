@@ -43,6 +43,21 @@ HEADER_SIZE = 256
 RECORD_SIZE = 24
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 MAX_RECORD_LEN = 0xFFFF_FFFF  # a longer write is recorded as several records
+# what a cap derived from the policy assumes a disk can take: 4 KiB writes at 20 MB/s
+ASSUMED_WRITES_PER_S = 5000
+CAP_MARGIN = 3.0          # the cycle's own interval plus two missed ones
+MAX_CAP_BYTES = 4 << 30
+
+
+def cap_for_interval(frequency_s: float, *, writes_per_s: int = ASSUMED_WRITES_PER_S,
+                     margin: float = CAP_MARGIN) -> int:
+    """The change-log cap for a replication interval: one record per write, ``writes_per_s``
+    writes per second, for ``margin`` × the interval (so a cycle that comes a couple of
+    intervals late still finds a trusted log), never below :data:`DEFAULT_MAX_BYTES` nor above
+    4 GiB. A 15-minute policy gets ~324 MB (the fixed 64 MiB held ≈ 9 minutes of 4 KiB writes
+    at 20 MB/s: such a policy resynced every cycle under that load)."""
+    want = HEADER_SIZE + int(RECORD_SIZE * writes_per_s * max(0.0, frequency_s) * margin)
+    return max(DEFAULT_MAX_BYTES, min(MAX_CAP_BYTES, want))
 
 # magic, version, state, flags, salt, record_size, boot_id, epoch, disk_id, reason, pad, crc
 _HEADER = struct.Struct("<8sIIIII16s40s64s96s8xI")

@@ -12,9 +12,10 @@ a job or to the scheduler (they read the command rows).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from drsite.core.errors import Conflict, InvalidInput, PermanentError
@@ -22,11 +23,13 @@ from drsite.core.states import FINAL_COMMAND_STATUSES, OPEN_COMMAND_STATUSES, Co
 from drsite.vault.db.models import Command
 from drsite.vault.ids import new_id
 
+log = logging.getLogger(__name__)
+
 KINDS = ("protect", "cycle", "resync", "retention", "unprotect", "update_settings",
          # failover (vault/jobs/failover.py → agent/failover.py)
          "failover", "failover_cleanup", "failover_commit", "failover_cancel",
          "failover_change_point", "reprotect_seed", "failover_prepare", "failover_resume_source",
-         "run_script",
+         "failover_fence", "run_script",
          "store_rekey",   # re-encrypt a cloud store's old objects (jobs/stores.py)
          # store upkeep and drills (vault/scrub.py, vault/jobs/drills.py → agent/scrub.py, drill.py)
          "scrub", "verify", "drill_probe",
@@ -78,23 +81,75 @@ def to_wire(cmd: Command) -> dict[str, Any]:
 
 
 def deliver(s: Session, host_id: str, now: float, *, resend_after_s: float,
-            stale_running_s: float, limit: int = 100) -> list[Command]:
-    """Commands to put in this host's heartbeat reply (marked ``sent``), oldest first."""
-    rows = s.scalars(select(Command)
-                     .where(Command.host_id == host_id,
-                            or_(Command.status == CommandStatus.PENDING,
-                                (Command.status == CommandStatus.SENT)
-                                & (Command.updated_at <= now - resend_after_s),
-                                (Command.status == CommandStatus.RUNNING)
-                                & (Command.updated_at <= now - stale_running_s)))
-                     .order_by(Command.created_at, Command.id).limit(limit)).all()
+            stale_running_s: float, held: set[str] | None = None,
+            prev_beat_at: float | None = None, limit: int = 100) -> list[Command]:
+    """Commands to put in this host's heartbeat reply (marked ``sent``), oldest first.
+
+    ``pending`` ones are delivered. A delivered (``sent``/``running``) one is delivered again:
+
+    - **lost** (``held`` given, i.e. the agent lists what it holds): the agent's heartbeat does
+      not hold it although it was built after the command's last delivery. The agent builds a
+      heartbeat only after it has taken the reply to the previous one, so a command whose last
+      delivery or news (``updated_at``) is not after ``prev_beat_at`` (when the previous
+      heartbeat was applied) was in the agent's hands when it built this one — unless the
+      reply was lost or the agent restarted, which is exactly when it must come again;
+    - ``sent`` and not acknowledged within ``resend_after_s``, or ``running`` and silent for
+      ``stale_running_s``: the last resort, for agents that do not list what they hold.
+
+    A command delivered twice is harmless (agents ignore ids they hold and answer finished ones
+    from their journal); a lost one is never left for a timeout.
+    """
+    due = (Command.status == CommandStatus.PENDING) \
+        | ((Command.status == CommandStatus.SENT) & (Command.updated_at <= now - resend_after_s)) \
+        | ((Command.status == CommandStatus.RUNNING) & (Command.updated_at <= now - stale_running_s))
+    rows = list(s.scalars(select(Command).where(Command.host_id == host_id, due)
+                          .order_by(Command.created_at, Command.id).limit(limit)))
+    if held is not None and prev_beat_at is not None:
+        rows.extend(lost_commands(s, host_id, held, prev_beat_at, {c.id for c in rows}))
+        rows.sort(key=lambda c: (c.created_at, c.id))
     for cmd in rows:
         if cmd.status == CommandStatus.PENDING:
             cmd.status = CommandStatus.SENT
             cmd.sent_at = now
         cmd.deliveries += 1
         cmd.updated_at = now
-    return list(rows)
+    return rows[:limit]
+
+
+def lost_commands(s: Session, host_id: str, held: set[str], prev_beat_at: float,
+                  skip: set[str]) -> list[Command]:
+    """Delivered commands of the host that its agent does not hold although its heartbeat was
+    built after their last delivery (see :func:`deliver`)."""
+    rows = s.scalars(select(Command).where(
+        Command.host_id == host_id,
+        Command.status.in_((CommandStatus.SENT, CommandStatus.RUNNING)),
+        Command.updated_at <= prev_beat_at).order_by(Command.created_at, Command.id))
+    lost = [c for c in rows if c.id not in held and c.id not in skip]
+    for c in lost:
+        log.info("command %s (%s %s) is not held by host %s after its delivery: delivering "
+                 "it again", c.id, c.kind, c.item_id, host_id)
+    return lost
+
+
+def has_pending(s: Session, host_id: str) -> bool:
+    """Whether the host has a command waiting for delivery (an index lookup)."""
+    return s.scalars(select(Command.id).where(Command.host_id == host_id,
+                                              Command.status == CommandStatus.PENDING)
+                     .limit(1)).first() is not None
+
+
+def deliver_pending(s: Session, host_id: str, now: float, *, limit: int = 100) -> list[Command]:
+    """The push channel's share: only ``pending`` commands (marked ``sent``). Re-delivery of
+    lost or silent ones is the heartbeat's (:func:`deliver`), which knows what the agent holds."""
+    rows = list(s.scalars(select(Command).where(Command.host_id == host_id,
+                                                Command.status == CommandStatus.PENDING)
+                          .order_by(Command.created_at, Command.id).limit(limit)))
+    for cmd in rows:
+        cmd.status = CommandStatus.SENT
+        cmd.sent_at = now
+        cmd.deliveries += 1
+        cmd.updated_at = now
+    return rows
 
 
 def record_result(cmd: Command, *, status: CommandStatus, progress: float | None,

@@ -31,6 +31,7 @@ from drsite.vault.db.sealed import attach_sealer
 from drsite.vault.drills import DrillScheduler
 from drsite.vault.health import HealthMonitor
 from drsite.vault.jobs.runner import JobRunner
+from drsite.vault.push import CommandPush, Waiters
 from drsite.vault.scheduler import Scheduler
 from drsite.vault.settings import VaultSettings
 
@@ -71,6 +72,9 @@ def ensure_admin_token(db: Database, data_dir: Path, now: float) -> str | None:
     return secret
 
 
+LOOP_MIN_S = 0.02
+
+
 class Vault:
     """Everything one vault process holds. Built by :func:`bootstrap`."""
 
@@ -88,6 +92,13 @@ class Vault:
         self.monitor = HealthMonitor(db, settings)
         self.drills = DrillScheduler(db, settings)
         self._stop = threading.Event()
+        self._kick = threading.Event()
+        # long polls of the agents (the command channel) and the hook that wakes them
+        self.waiters = Waiters()
+        push = CommandPush(self.waiters, self._kick.set)
+        db.listen("after_flush", push.after_flush)
+        db.listen("after_commit", push.after_commit)
+        db.listen("after_rollback", push.after_rollback)
         self._thread: threading.Thread | None = None
         self.recovered: dict[str, str] = {}
 
@@ -108,6 +119,7 @@ class Vault:
 
     def stop(self) -> None:
         self._stop.set()
+        self._kick.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
@@ -132,7 +144,11 @@ class Vault:
                     last_health = time.monotonic()
             except Exception:  # keep the vault alive; the next tick tries again
                 log.exception("vault background loop failed; retrying")
-            self._stop.wait(self.settings.loop_interval)
+            # the next round after loop_interval, or at once when a job was created or a
+            # command ended (a job waits for it), but not more than every LOOP_MIN_S
+            self._stop.wait(LOOP_MIN_S)
+            self._kick.wait(max(0.0, self.settings.loop_interval - LOOP_MIN_S))
+            self._kick.clear()
 
 
 def bootstrap(settings: VaultSettings) -> Vault:

@@ -45,6 +45,7 @@ from drsite.core.states import (
     ItemProtection,
 )
 from drsite.replication.report import Health, ItemState
+from drsite.vault import fencing
 from drsite.vault.audit import record_event
 from drsite.vault.db.database import Database
 from drsite.vault.db.models import Alert, Drill, Failover, Host, Item, Job, Policy
@@ -116,6 +117,10 @@ def item_health(item: Item, policy: Policy | None, host_is_up: bool, now: float,
     if scrub_err:
         warn = True
         reasons.append(f"the last scrub of the recovery store failed: {scrub_err.get('message')}")
+    issues = (item.report or {}).get("agent_issues") or []
+    if issues and item.status in LIVE_ITEM_STATUSES:
+        warn = True
+        reasons.extend(str(x) for x in issues)
     health = Health.CRITICAL if critical else Health.WARNING if warn else Health.NORMAL
     return ItemHealth(health, reasons, rpo, exceeded)
 
@@ -235,21 +240,27 @@ class HealthMonitor:
 
     @staticmethod
     def _failover_items(s: Session, conditions: dict[str, tuple[str, str, str, str]]) -> None:
-        """Health of the items failovers hold; a critical one (its failover failed half-way)
-        raises ``critical:ITEM`` like any other critical item."""
+        """Health of the items failovers hold (:func:`failover_health`); Critical while the
+        old primary is not known to be fenced (``fencing``). A critical one raises
+        ``critical:ITEM`` like any other critical item."""
+        unfenced = fencing.unfenced(s)
         for item in s.scalars(select(Item).where(Item.status.in_(FAILOVER_ITEM_STATUSES))):
             fo = s.get(Failover, item.failover_id) if item.failover_id else \
                 s.scalars(select(Failover).where(Failover.item_id == item.id)
                           .order_by(Failover.created_at.desc())).first()
             job = s.get(Job, fo.job_id) if fo is not None and fo.job_id else None
             ih = failover_health(item, fo, job)
+            if item.id in unfenced:
+                issue = unfenced[item.id][2]
+                ih = ItemHealth(Health.CRITICAL, [issue, *[r for r in ih.reasons
+                                                           if ih.health is Health.CRITICAL]])
             if item.health != ih.health.value or item.health_reasons != ih.reasons:
                 item.health = ih.health.value
                 item.health_reasons = ih.reasons
             if ih.health is Health.CRITICAL:
                 conditions[f"critical:{item.id}"] = (
                     "critical", "critical", item.vm_name,
-                    f"{item.vm_name} is critical: {'; '.join(ih.reasons)}")
+                    f"{item.vm_name}: {'; '.join(ih.reasons)}")
 
     def _sync_alerts(self, s: Session, conditions: dict[str, tuple[str, str, str, str]],
                      now: float) -> None:

@@ -1,7 +1,8 @@
 """What a heartbeat does to the vault's state, and what its reply carries.
 
-In one transaction: the host's liveness, version and store URL; the VM inventory (VMs no longer
-reported are marked absent); each reported item's report and recovery-point catalogue
+In one transaction: the host's liveness, version and store URL; the VM inventory when sent
+(``null`` = unchanged; VMs no longer reported are marked absent); each reported item's report
+(agents list an item only when its report or points changed) and recovery-point catalogue
 (``new_points`` upserted by point id, ``removed_points`` deleted; the reply's ``ack`` is the
 highest catalogued seq, so the agent resends anything the vault did not keep); EnableProtection
 jobs for newly discovered VMs that a group with a policy matches; then the commands due to the
@@ -51,10 +52,11 @@ class Beat:
     host_name: str
     version: str
     store_url: str | None
-    vms: list[dict[str, Any]]
+    vms: list[dict[str, Any]] | None  # None: unchanged since the agent's last heartbeat
     items: list[ItemBeat]
     audit: list[trust.StoreAudit] = field(default_factory=list)
     store_acl_digest: str | None = None   # the store access list the agent has (storeacl)
+    held: list[str] | None = None  # command ids the agent holds (None: it does not say)
 
 
 def _vm_fields(d: dict[str, Any]) -> tuple[str, str]:
@@ -67,12 +69,13 @@ def _vm_fields(d: dict[str, Any]) -> tuple[str, str]:
 def apply_heartbeat(s: Session, host: Host, beat: Beat, settings: VaultSettings) -> dict[str, Any]:
     """Apply ``beat`` from ``host``; returns the reply ``{"commands", "ack", "heartbeat_interval"}``."""
     now = settings.clock.now()
+    prev_beat_at = host.last_heartbeat
     host.last_heartbeat = now  # liveness lives on the host row only
     if host.version != beat.version[:64]:
         host.version = beat.version[:64]
     if host.store_url != beat.store_url:
         host.store_url = beat.store_url
-    new_vms = _apply_inventory(s, host, beat.vms, now)
+    new_vms = _apply_inventory(s, host, beat.vms, now) if beat.vms is not None else []
     ack: dict[str, int] = {}
     ids = sorted({ib.item_id for ib in beat.items})
     items = {i.id: i for i in s.scalars(select(Item).where(Item.id.in_(ids)))} if ids else {}
@@ -89,7 +92,9 @@ def apply_heartbeat(s: Session, host: Host, beat: Beat, settings: VaultSettings)
         trust.record_store_audit(s, host, beat.audit, now)
     _auto_protect(s, host, new_vms, now)
     due = commands.deliver(s, host.id, now, resend_after_s=settings.resend_after_s,
-                           stale_running_s=settings.stale_running_s)
+                           stale_running_s=settings.stale_running_s,
+                           held=set(beat.held) if beat.held is not None else None,
+                           prev_beat_at=prev_beat_at)
     return {"commands": [commands.to_wire(c) for c in due], "ack": ack,
             "heartbeat_interval": settings.heartbeat_interval,
             **storeacl.reply_fields(s, host, beat.store_acl_digest, now)}
@@ -129,6 +134,16 @@ def _apply_inventory(s: Session, host: Host, vms: list[dict[str, Any]], now: flo
     return new
 
 
+def _stored_report(report: ItemReport, raw: dict[str, Any]) -> dict[str, Any]:
+    """The report as stored: the engine's fields, plus the agent's own conditions
+    (``agent_issues``: e.g. the item's peer store does not answer), at most 5 short lines."""
+    out = report.to_dict()
+    issues = raw.get("agent_issues")
+    if isinstance(issues, list) and issues:
+        out["agent_issues"] = [str(x)[:300] for x in issues[:5]]
+    return out
+
+
 def _apply_item(s: Session, host: Host, item: Item, ib: ItemBeat, now: float,
                 settings: VaultSettings) -> int:
     """Apply one item's report and new/removed points; the row is written only when something
@@ -146,7 +161,7 @@ def _apply_item(s: Session, host: Host, item: Item, ib: ItemBeat, now: float,
             setattr(item, attr, value)
             changed = True
 
-    put("report", report.to_dict())
+    put("report", _stored_report(report, ib.report))
     if item.critical_error is None or report.state is ItemState.CRITICAL:
         put("state", report.state.value)
     if report.last_point_time is not None:

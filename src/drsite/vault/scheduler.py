@@ -46,6 +46,7 @@ from drsite.vault.db.database import Database
 from drsite.vault.db.models import Command, Group, Host, Item, Policy
 from drsite.vault.ids import new_id
 from drsite.vault.policies import agent_settings, parse_window
+from drsite.vault.retries import early_retry, store_sites_up
 from drsite.vault.settings import VaultSettings
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,7 @@ class Scheduler:
         now = self.settings.clock.now()
         with self.db.read() as s:
             open_kinds = _open_kinds(s, None)
+            stores_up = store_sites_up(s, now, self.settings.agent_down_after_s)
             rows = s.execute(select(Item, Policy)
                              .join(Group, Group.id == Item.group_id)
                              .join(Policy, Policy.id == Group.policy_id)
@@ -160,7 +162,7 @@ class Scheduler:
             due: list[_Due] = []
             for item, policy in rows:
                 kinds = open_kinds.get(item.id, set())
-                for d in self._item(item, policy, kinds, now):
+                for d in self._item(item, policy, kinds, now, item.target_site_id in stores_up):
                     if d.kind == "retention":  # a site store's own agent runs it
                         d.host_id, d.args = storeacl.retention_target(s, item,
                                                                       agent_settings(policy))
@@ -205,9 +207,13 @@ class Scheduler:
         """The planner's action for ``item`` now (pure in what it reads)."""
         return self._plan(item, policy, now)[0]
 
-    def _plan(self, item: Item, policy: Policy, now: float) -> tuple[Action, float]:
-        """The planner's action and the time the next cycle is (was) due."""
+    def _plan(self, item: Item, policy: Policy, now: float,
+              store_up: bool = False) -> tuple[Action, float]:
+        """The planner's action and the time the next cycle is (was) due. ``store_up``: an
+        agent serving the item's recovery store is up (see :func:`early_retry`)."""
         retry = RetryState.from_dict(item.retry or {})
+        if early_retry(retry, store_up, now, self.settings.heartbeat_interval):
+            retry.next_attempt_at = now
         window = parse_window(policy.resync_window)
         report = item.report or {}
         nxt = next_cycle_at(item.last_cycle_sent_at, policy.frequency_s, now)
@@ -222,7 +228,8 @@ class Scheduler:
             cycle_in_flight=False)
         return plan(pi).action, nxt
 
-    def _item(self, item: Item, policy: Policy, open_kinds: set[str], now: float) -> list[_Due]:
+    def _item(self, item: Item, policy: Policy, open_kinds: set[str], now: float,
+              store_up: bool = False) -> list[_Due]:
         out: list[_Due] = []
         repair = scrubbing.repair_due(item)
         if repair is not None and not open_kinds.intersection(commands.REPLICATION_KINDS) \
@@ -235,7 +242,7 @@ class Scheduler:
                             {"scrub": {**sc, "repair_for": sc.get("latest_point"),
                                        "repair_sent_at": now}}))
         elif not open_kinds.intersection(commands.REPLICATION_KINDS):
-            action, due_at = self._plan(item, policy, now)
+            action, due_at = self._plan(item, policy, now, store_up)
             if action is Action.DELTA:
                 last_app = max(item.last_app_point_time or 0.0, item.last_app_cycle_at or 0.0) or None
                 app = app_consistent_due(last_app, policy.app_consistent_every_s, now)

@@ -39,8 +39,10 @@ class VaultSettings:
     health_interval: float = 2.0  # seconds between health passes of the background loop
     # a command delivered but not acknowledged (still "sent") is delivered again after this
     resend_after_s: float = 30.0
-    # a "running" command with no news for this long is delivered again (agents are idempotent)
-    stale_running_s: float = 900.0
+    # last resort: a "running" command with no news (progress is posted at least every 10 s)
+    # for this many heartbeat intervals is delivered again (agents are idempotent). A command
+    # the agent's heartbeat does not hold is re-delivered at once (``commands.deliver``).
+    stale_running_heartbeats: int = 30
     retention_every_s: float = 3600.0
     # a cancelled EnableProtection waits this long for the agent to confirm the unprotect
     rollback_timeout_s: float = 600.0
@@ -58,6 +60,11 @@ class VaultSettings:
     @property
     def pki_dir(self) -> Path:
         return self.data_dir / "pki"
+
+    @property
+    def stale_running_s(self) -> float:
+        # not below 30 s: three of the agent's progress posts (every 10 s while running)
+        return max(30.0, self.stale_running_heartbeats * self.heartbeat_interval)
 
     @property
     def agent_down_after_s(self) -> float:

@@ -77,11 +77,14 @@ class Agent:
             self.h.peer = None
 
     def beat(self, vms: list[dict[str, Any]] | None = None, items: list[dict[str, Any]] | None = None,
-             store_url: str | None = None) -> dict[str, Any]:
+             store_url: str | None = None, held: list[str] | None = None) -> dict[str, Any]:
         digest = acl_digest(self.store_acl) if self.store_acl is not None else None
-        r = self.post("/heartbeat", {"host_name": self.name, "version": "test", "store_url": store_url,
-                                     "vms": vms or [], "items": items or [],
-                                     "store_acl_digest": digest})
+        body: dict[str, Any] = {"host_name": self.name, "version": "test", "store_url": store_url,
+                                "vms": vms or [], "items": items or [],
+                                "store_acl_digest": digest}
+        if held is not None:
+            body["held"] = held
+        r = self.post("/heartbeat", body)
         assert r.status_code == 200, r.text
         out: dict[str, Any] = r.json()
         self.store_url, self.last_vms = store_url, list(vms or [])

@@ -331,6 +331,12 @@ class FileHypervisor:
                              spec=spec.to_dict() if spec else None)
 
     # -- tracking -----------------------------------------------------------------------------
+    def set_change_log_limit(self, vm_id: str, max_bytes: int) -> None:
+        """Cap the VM's change logs (stored in ``vm.json``; from the next seal on)."""
+        paths, cfg = self._locate(vm_id)
+        if cfg.change_log_max_bytes != max_bytes:
+            write_record(paths.config, replace(cfg, change_log_max_bytes=int(max_bytes)).to_dict())
+
     def start_tracking(self, vm_id: str) -> str:
         paths, _ = self._locate(vm_id)
         epoch = uuid.uuid4().hex

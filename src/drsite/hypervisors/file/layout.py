@@ -52,6 +52,8 @@ class VmConfig:
     workload: WorkloadSpec | None = None
     # copy-on-write disks: disk id → absolute path of the read-only backing raw image
     backing: dict[str, str] = field(default_factory=dict)
+    # change-log cap set by whoever protects the VM (from its policy); None = the host default
+    change_log_max_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         disks: list[dict[str, Any]] = []
@@ -64,7 +66,8 @@ class VmConfig:
                 "memory_mib": self.memory_mib,
                 "nics": [{"network": n.network, "mac": n.mac, "ip": n.ip} for n in self.nics],
                 "disks": disks,
-                "workload": self.workload.to_dict() if self.workload else None}
+                "workload": self.workload.to_dict() if self.workload else None,
+                "change_log_max_bytes": self.change_log_max_bytes}
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> VmConfig:
@@ -76,7 +79,8 @@ class VmConfig:
                               for x in d["disks"]),
                         WorkloadSpec.from_dict(wl) if wl else None,
                         {str(x["disk_id"]): str(x["backing"]) for x in d["disks"]
-                         if x.get("backing")})
+                         if x.get("backing")},
+                        int(d["change_log_max_bytes"]) if d.get("change_log_max_bytes") else None)
 
     def info(self, power: PowerState) -> VmInfo:
         return VmInfo(self.vm_id, self.name, self.vcpus, self.memory_mib, self.nics, self.disks,

@@ -252,14 +252,14 @@ class FileVm:
             nxt.unlink()  # a seal died before sealing: the active log still records everything
         if active.exists():
             disk.log, contents = ChangeLog.reopen(active, epoch=self.epoch, disk_id=disk.disk_id,
-                                                  max_bytes=self.max_log_bytes, boot_id=self.boot_id)
+                                                  max_bytes=self._log_cap(), boot_id=self.boot_id)
             if contents.trusted:
                 disk.dirty = granule_mask(contents.extents, disk.size)
             else:
                 self.recovery_notes.append(f"disk {disk.disk_id}: {contents.reason}")
         else:
             disk.log = ChangeLog.create(active, epoch=self.epoch, disk_id=disk.disk_id,
-                                        max_bytes=self.max_log_bytes, boot_id=self.boot_id,
+                                        max_bytes=self._log_cap(), boot_id=self.boot_id,
                                         untrusted_reason="change log missing")
             self.recovery_notes.append(f"disk {disk.disk_id}: change log missing")
 
@@ -411,6 +411,14 @@ class FileVm:
         return None
 
     # -- tracking -----------------------------------------------------------------------------
+    def _log_cap(self) -> int:
+        """The cap of the change logs created now: the VM's own (``vm.json``, set by the driver
+        from the protecting policy; read again here, so a change applies from the next
+        seal), else the host default."""
+        raw = read_record(self.paths.config) or {}
+        cap = raw.get("change_log_max_bytes")
+        return int(cap) if cap else self.max_log_bytes
+
     def start_tracking(self, epoch: str | None = None) -> str:
         """Begin a new epoch: fresh logs, previous logs and any unreleased cycle dropped.
 
@@ -431,7 +439,7 @@ class FileVm:
             edir.mkdir(parents=True, exist_ok=True)
             write_record(p.epoch_state(new), {"base_released": False})
             logs = {d.disk_id: ChangeLog.create(p.active_log(new, d.disk_id), epoch=new,
-                                                disk_id=d.disk_id, max_bytes=self.max_log_bytes,
+                                                disk_id=d.disk_id, max_bytes=self._log_cap(),
                                                 boot_id=self.boot_id)
                     for d in self.disks.values()}
             tmp = p.tracking / "current.tmp"
@@ -507,7 +515,7 @@ class FileVm:
             # 1. the next logs exist (durably) before the old ones are sealed: a crash in between
             #    never leaves a disk without an active log (see _open_active_log)
             nxt = {d.disk_id: ChangeLog.create(p.next_log(epoch, d.disk_id), epoch=epoch,
-                                               disk_id=d.disk_id, max_bytes=self.max_log_bytes,
+                                               disk_id=d.disk_id, max_bytes=self._log_cap(),
                                                boot_id=self.boot_id)
                    for d in self.disks.values()}
             trusted = True

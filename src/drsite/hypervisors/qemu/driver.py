@@ -498,6 +498,11 @@ class QemuHypervisor:
             return None  # its frozen view died with its QEMU: carried at the next session
         return rec
 
+    def set_change_log_limit(self, vm_id: str, max_bytes: int) -> None:
+        """QEMU tracks with dirty bitmaps, which do not grow with writes: nothing to cap
+        (``VmNotFound`` for an unknown VM, like every call)."""
+        self._locate(vm_id)
+
     def pending_cycle(self, vm_id: str) -> SealedCycle | None:
         """The sealed cycle whose frozen view is still held by a live QEMU, else None."""
         paths, _ = self._locate(vm_id)

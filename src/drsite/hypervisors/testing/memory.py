@@ -87,6 +87,7 @@ class MemoryHypervisor:
         self.clock: Clock = clock or SystemClock()
         self._vms: dict[str, _Vm] = {}
         self._lock = threading.RLock()
+        self.log_limits: dict[str, int] = {}  # vm id → change-log cap set by the engine
         self.seals = 0
 
     # --- test helpers ----------------------------------------------------------------------
@@ -182,6 +183,11 @@ class MemoryHypervisor:
             vm.cycle = cycle
             vm.frozen = {d: bytes(b) for d, b in vm.disks.items()}
             return cycle
+
+    def set_change_log_limit(self, vm_id: str, max_bytes: int) -> None:
+        """In-memory tracking has no log: the cap is only recorded."""
+        self._vm(vm_id)
+        self.log_limits[vm_id] = int(max_bytes)
 
     def pending_cycle(self, vm_id: str) -> SealedCycle | None:
         return self._vm(vm_id).cycle

@@ -4,18 +4,23 @@ results. Every route but ``register`` needs the agent's client certificate (see
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Request, status
 from sqlalchemy.orm import Session
 
 from drsite.core.errors import Conflict, InvalidInput, NotFound
-from drsite.pki import cert_identity
-from drsite.vault import commands
+from drsite.pki import CertIdentity, cert_identity
+from drsite.vault import commands, fencing
 from drsite.vault.api.deps import PeerCert, VaultDep, name, note, set_actor
-from drsite.vault.api.schemas import CommandResultIn, HeartbeatIn, RegisterIn
+from drsite.vault.api.schemas import CommandResultIn, CommandWaitIn, HeartbeatIn, RegisterIn
 from drsite.vault.audit import record_event
 from drsite.vault.auth import agent_host, consume_registration_key, lookup_registration_key, verify_agent_cert
+from drsite.vault.context import Vault
 from drsite.vault.db.models import Command, Host, RegistrationKey, Site
 from drsite.vault.heartbeat import Beat, ItemBeat, apply_heartbeat
 from drsite.vault.ids import new_id
@@ -25,6 +30,9 @@ from drsite.vault.trust import StoreAudit, alert_not_authentic
 router = APIRouter(prefix="/agent")
 
 MAX_CSR = 16 * 1024
+# a waiting long poll looks at the commands table this often (commands written by another
+# process on the same database); commands written by this process wake it at once
+PUSH_POLL_S = 1.0
 
 
 def _registered_host(s: Session, key: RegistrationKey, site: Site, host_name: str,
@@ -114,12 +122,53 @@ def heartbeat(body: HeartbeatIn, vault: VaultDep, cert: PeerCert, request: Reque
                                 removed_points=i.removed_points) for i in body.items],
                 audit=[StoreAudit(op=a.op, key=a.key, item_id=a.item_id, caller=a.caller,
                                   outcome=a.outcome, at=a.at) for a in body.audit],
-                 store_acl_digest=body.store_acl_digest)
+                store_acl_digest=body.store_acl_digest, held=body.held)
     ident = verify_agent_cert(vault.ca, cert)  # before the transaction (cached)
     set_actor(request, "host", ident.common_name)
     with vault.db.tx() as s:
         host = agent_host(s, ident)
         return apply_heartbeat(s, host, beat, vault.settings)
+
+
+def _take_pending(vault: Vault, ident: CertIdentity) -> tuple[str, list[dict[str, Any]]]:
+    """The host's pending commands, marked sent (a read first: no write transaction — on
+    SQLite the database-wide write lock — when there is nothing to take)."""
+    now = vault.settings.clock.now()
+    with vault.db.read() as s:
+        host_id = agent_host(s, ident).id
+        if not commands.has_pending(s, host_id):
+            return host_id, []
+    with vault.db.tx() as s:
+        host = agent_host(s, ident)
+        return host.id, [commands.to_wire(c) for c in commands.deliver_pending(s, host.id, now)]
+
+
+@router.post("/commands/wait", summary="Long poll: this host's commands as soon as they exist")
+async def wait_commands(body: CommandWaitIn, vault: VaultDep, cert: PeerCert) -> dict[str, Any]:
+    """The command channel (``docs/control-plane.md``): answers at once with the host's pending
+    commands, or holds the request until one is committed (woken in-process, or found by a
+    look at the table every ``PUSH_POLL_S`` — commands written by another vault process),
+    at most ``timeout_s``; then ``{"commands": []}``. It waits for the database only, never
+    for an agent."""
+    ident = await anyio.to_thread.run_sync(verify_agent_cert, vault.ca, cert)
+    deadline = time.monotonic() + body.timeout_s
+    host_id, cmds = await anyio.to_thread.run_sync(_take_pending, vault, ident)
+    if cmds or body.timeout_s <= 0:
+        return {"commands": cmds}
+    ev = vault.waiters.register(host_id)
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return {"commands": []}
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ev.wait(), timeout=min(left, PUSH_POLL_S))
+            ev.clear()
+            _, cmds = await anyio.to_thread.run_sync(_take_pending, vault, ident)
+            if cmds:
+                return {"commands": cmds}
+    finally:
+        vault.waiters.unregister(host_id, ev)
 
 
 @router.post("/commands/{command_id}/result", summary="Post a command's progress or result")
@@ -137,4 +186,6 @@ def command_result(command_id: str, body: CommandResultIn, vault: VaultDep,
                                   error=body.error, now=now):
             apply_result(s, cmd, now)
             alert_not_authentic(s, host, cmd, now)
+            if cmd.kind == "failover_fence":
+                fencing.apply_result(s, cmd, now)
         return {"command_id": cmd.id, "status": cmd.status}

@@ -9,6 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from drsite.core.errors import Conflict, InvalidInput, NotFound
+from drsite.vault import fencing
 from drsite.vault.api.deps import Admin, Reader, VaultDep, name, text
 from drsite.vault.api.schemas import RegistrationKeyIn, ReissueIn, SiteIn
 from drsite.vault.api.views import host_view, site_names, site_view, vm_view
@@ -135,10 +136,12 @@ def list_vms(vault: VaultDep, _p: Reader, all: bool = False) -> list[dict[str, A
         hosts = {h.id: h for h in s.scalars(select(Host))}
         items = {ref: iid for ref, iid in s.execute(select(Item.vm_ref, Item.id)
                                                     .where(Item.vm_ref.is_not(None)))}
+        warnings = fencing.vm_warnings(s)
         out = []
         for vm in s.scalars(select(Vm).order_by(Vm.name, Vm.id)):
             host = hosts[vm.host_id]
             if host.revoked_at is not None or not (vm.present or all):
                 continue
-            out.append(vm_view(vm, host, sites.get(host.site_id, ""), items.get(f"{host.id}/{vm.vm_id}")))
+            out.append(vm_view(vm, host, sites.get(host.site_id, ""), items.get(f"{host.id}/{vm.vm_id}"),
+                               warning=warnings.get((host.id, vm.vm_id))))
         return out

@@ -122,10 +122,19 @@ class HeartbeatIn(Lenient):
     host_name: str
     version: str = ""
     store_url: str | None = None
-    vms: list[dict[str, Any]] = Field(default_factory=list)
+    # null: the inventory is unchanged since the agent's last answered heartbeat
+    vms: list[dict[str, Any]] | None = Field(default_factory=list)
     items: list[ItemBeatIn] = Field(default_factory=list)
     audit: list[StoreAuditIn] = Field(default_factory=list, max_length=1000)
     store_acl_digest: str | None = Field(default=None, max_length=128)
+    # ids of the commands the agent holds (queued, running, result not yet confirmed); None
+    # from agents that do not list them (then only the timeouts re-deliver)
+    held: list[str] | None = Field(default=None, max_length=10_000)
+
+
+class CommandWaitIn(Lenient):
+    # how long the vault may hold the request open when there is nothing to deliver
+    timeout_s: float = Field(default=20.0, ge=0.0, le=60.0)
 
 
 class CommandResultIn(Lenient):

@@ -46,13 +46,16 @@ def host_view(h: Host, site: str, now: float, settings: VaultSettings) -> dict[s
             "registered_at": h.registered_at, "revoked": h.revoked_at is not None}
 
 
-def vm_view(vm: Vm, host: Host, site: str, item_id: str | None) -> dict[str, Any]:
+def vm_view(vm: Vm, host: Host, site: str, item_id: str | None, *,
+            warning: str | None = None) -> dict[str, Any]:
+    """``warning``: e.g. the VM's item failed over and the old primary is not fenced yet (the
+    same VM may be running on both sites)."""
     info = vm.info
     return {"vm_id": vm.vm_id, "name": vm.name, "host_id": host.id, "host": host.name, "site": site,
             "disks": info.get("disks", []), "nics": info.get("nics", []), "power": info.get("power"),
             "vcpus": info.get("vcpus"), "memory_mib": info.get("memory_mib"),
             "labels": info.get("labels", []), "present": vm.present, "last_seen": vm.last_seen,
-            "item_id": item_id}
+            "item_id": item_id, "warning": warning}
 
 
 def policy_view(p: Policy) -> dict[str, Any]:
@@ -137,7 +140,8 @@ def failover_view(fo: Failover) -> dict[str, Any]:
     return {"id": fo.id, "item_id": fo.item_id, "kind": fo.kind, "state": fo.state,
             "point_id": fo.point_id, "point_created_at": fo.point_created_at,
             "recovery_host_id": fo.recovery_host_id, "vm_name": fo.vm_name, "vm_id": fo.vm_id,
-            "generation": fo.generation, "rto_s": fo.rto_s, "notes": fo.notes,
+            "generation": fo.generation, "rto_s": fo.rto_s,
+            "wall_s": (fo.result or {}).get("wall_s"), "notes": fo.notes,
             "job_id": fo.job_id, "created_at": fo.created_at, "updated_at": fo.updated_at,
             "result": {k: v for k, v in (fo.result or {}).items() if k != "source"}
             | ({"source": {k: v for k, v in fo.result["source"].items() if k != "fingerprints"}}

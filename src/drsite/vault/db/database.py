@@ -91,6 +91,11 @@ class Database:
     def migrate(self) -> None:
         upgrade(self.engine)
 
+    def listen(self, name: str, fn: Any) -> None:
+        """Hook ``fn`` to a session event (``after_flush``, ``after_commit``, ...) of the write
+        sessions (``tx()``)."""
+        event.listen(self._sessions, name, fn)
+
     @contextmanager
     def tx(self) -> Iterator[Session]:
         with self._sessions() as s, s.begin():

@@ -26,6 +26,7 @@ from typing import Any
 from sqlalchemy import select
 
 from drsite.core.errors import InvalidInput, NetworkError, PermanentError, from_dict
+from drsite.core.retry import RetryState
 from drsite.core.states import (
     FINAL_COMMAND_STATUSES,
     OPEN_COMMAND_STATUSES,
@@ -36,7 +37,7 @@ from drsite.core.states import (
 )
 from drsite.failover.wire import network_map_from_args, vm_spec_from_dict
 from drsite.replication.report import Health, ItemState
-from drsite.vault import commands, storeacl
+from drsite.vault import commands, fencing, storeacl
 from drsite.vault.audit import record_event
 from drsite.vault.db.models import (
     Command,
@@ -141,8 +142,12 @@ def store_spec_for(ctx: TaskContext, item: Item) -> dict[str, Any] | None:
 def run_command(ctx: TaskContext, host: Host | None, kind: str, args: dict[str, Any], *,
                 item_id: str, key: str = "command_id", progress: float = 30.0) -> Command | Step:
     """Send ``kind`` once (its id in the task's data under ``key``) and report where it is: the
-    succeeded command, or a ``wait`` step. A failure raises its error; a transient one is sent
-    again (same arguments: the agent resumes) up to ``TRANSIENT_RETRIES`` times."""
+    succeeded command, or a ``wait`` step. A permanent failure raises its error. A transient
+    one is sent again (same arguments: the agent resumes): ``TRANSIENT_RETRIES`` times at
+    once, two and four heartbeat intervals later (an agent being restarted is back by then),
+    then on the seed's schedule (1, 2, 4, 8, 10 min, then every
+    30 min; ``core.retry``), the job's message naming the error and the next attempt — a full
+    disk is retried once space exists, never waited out in silence."""
     if host is None or host.revoked_at is not None:
         raise NetworkError(f"no host to run {kind} of item {item_id}",
                            hint="Start (or register) the agent of that site, then try again.")
@@ -150,9 +155,25 @@ def run_command(ctx: TaskContext, host: Host | None, kind: str, args: dict[str, 
     cmd = ctx.s.get(Command, data[key]) if key in data else None
     if cmd is not None and cmd.status == CommandStatus.FAILED:
         err = from_dict(cmd.error)
-        tries = int(data.get(f"{key}_tries") or 0)
-        if not err.transient or tries >= TRANSIENT_RETRIES:
+        if not err.transient:
             raise err
+        tries = int(data.get(f"{key}_tries") or 0)
+        spacing = 2 * ctx.settings.heartbeat_interval * tries   # 0, 2, 4 heartbeats: a
+        since = ctx.now - (cmd.finished_at or ctx.now)            # restarting agent is back
+        if tries < TRANSIENT_RETRIES and since < spacing:
+            return wait(max(progress, cmd.progress),
+                        f"{kind} on host {host.name} failed ({err.code}): {err.message}; sending "
+                        f"it again in {spacing - since:.0f} s")
+        if tries >= TRANSIENT_RETRIES:
+            retry = RetryState.from_dict(dict(data.get(f"{key}_retry") or {}))
+            if data.get(f"{key}_retry_for") != cmd.id:  # count each failed command once
+                retry.record_failure(err, ctx.now)
+                ctx.put(**{f"{key}_retry": retry.to_dict(), f"{key}_retry_for": cmd.id})
+            if not retry.due(ctx.now):
+                left = (retry.next_attempt_at or ctx.now) - ctx.now
+                return wait(max(progress, cmd.progress),
+                            f"{kind} on host {host.name} failed ({err.code}): {err.message}; "
+                            f"next attempt in {left:.0f} s ({err.hint or 'cancel the job to give up'})")
         ctx.put(**{f"{key}_tries": tries + 1})
         cmd = None
     if cmd is None:
@@ -205,6 +226,20 @@ def apply_failover_result(fo: Failover, result: dict[str, Any] | None, now: floa
     fo.notes = list(rec.get("notes") or fo.notes or [])
     fo.result = {**dict(fo.result or {}), "agent": rec}
     fo.updated_at = now
+
+
+def record_wall_time(fo: Failover, now: float) -> float:
+    """What the operator waited: request (the failover row's creation) → recovery VM running,
+    kept next to the agent's own RTO (``rto_s``: the recovery host's part only)."""
+    wall = round(max(0.0, now - fo.created_at), 3)
+    fo.result = {**dict(fo.result or {}), "wall_s": wall}
+    return wall
+
+
+def _rto_text(fo: Failover) -> str:
+    wall = (fo.result or {}).get("wall_s")
+    return (f"RTO {fo.rto_s or 0:.2f} s on the recovery host"
+            + (f", {wall:.2f} s since the request" if wall is not None else ""))
 
 
 def _point_choice(ctx: TaskContext) -> str:
@@ -280,11 +315,12 @@ def start_test_vm(ctx: TaskContext) -> Step:
     if isinstance(got, Step):
         return got
     apply_failover_result(fo, got.result, ctx.now)
+    record_wall_time(fo, ctx.now)
     register_recovery_vm(ctx, fo)
     record_event(ctx.s, ctx.now, "item", item.id,
                  f"test failover {fo.id}: VM {fo.vm_name} runs from point {fo.point_id}")
     return done(f"test VM {fo.vm_name} runs from point {fo.point_id} in the test network "
-                f"(RTO {fo.rto_s or 0:.2f} s); replication goes on")
+                f"({_rto_text(fo)}); replication goes on")
 
 
 def cleanup_test_vm(ctx: TaskContext) -> Step:
@@ -336,17 +372,21 @@ def start_replica(ctx: TaskContext) -> Step:
     if isinstance(got, Step):
         return got
     apply_failover_result(fo, got.result, ctx.now)
+    record_wall_time(fo, ctx.now)
     register_recovery_vm(ctx, fo)
     item.status = ItemProtection.FAILED_OVER
     item.failover_id = fo.id
     item.updated_at = ctx.now
     commands.cancel_open(ctx.s, item.id, ctx.now, "item failed over")
+    if fo.kind == "unplanned":
+        # the source was not asked: fence it (now, or whenever its agent is back)
+        fencing.request_fence(ctx.s, item, fo, site_name(ctx, item.target_site_id), ctx.now)
     record_event(ctx.s, ctx.now, "item", item.id,
                  f"{fo.kind} failover {fo.id}: {fo.vm_name} runs on the recovery site from point "
                  f"{fo.point_id} (generation {fo.generation}); commit or cancel it")
     proof = "; replica equals the stopped source (no data lost)" if fo.kind == "planned" else ""
-    return done(f"{fo.vm_name} runs on the recovery site from point {fo.point_id}, RTO "
-                f"{fo.rto_s or 0:.2f} s{proof}")
+    return done(f"{fo.vm_name} runs on the recovery site from point {fo.point_id}, "
+                f"{_rto_text(fo)}{proof}")
 
 
 # ------------------------------------------------------------------------------ after failover
@@ -369,6 +409,7 @@ def commit(ctx: TaskContext) -> Step:
 def cancel(ctx: TaskContext) -> Step:
     item = ctx.item()
     fo = failover_row(ctx)
+    fencing.withdraw(ctx.s, fo, ctx.now)
     got = run_command(ctx, _recovery(ctx, fo), "failover_cancel", item_context(ctx, item, fo),
                       item_id=item.id)
     if isinstance(got, Step):
@@ -379,8 +420,10 @@ def cancel(ctx: TaskContext) -> Step:
 
 def resume_source(ctx: TaskContext) -> Step:
     """Tell the source agent its new generation (and to power its VM on after a planned
-    failover). The source may be down (unplanned): then the command stays queued for it and the
-    job ends; the item is protected again either way."""
+    failover), then replicate once — a resync when the source's engine had been fenced — so
+    that the job says "the source replicates again" only once a new point proves it. The source
+    may be down (unplanned): then the commands stay queued for it and the job ends saying so;
+    the item is protected again either way (the scheduler drives it when its agent is back)."""
     item = ctx.item()
     fo = failover_row(ctx)
     src = ctx.s.get(Host, item.host_id)
@@ -393,10 +436,31 @@ def resume_source(ctx: TaskContext) -> Step:
         if src is not None and not host_up(src, ctx):
             _back_to_protected(ctx, item)
             return done(f"source host {src.name} is down: it takes the item back (and powers "
-                        "its VM on) when it returns")
+                        "its VM on) when it returns; replication resumes then")
         return got
+    powered = " (VM powered on)" if args["power_on"] else ""
+    res = dict(got.result or {})
+    # one replication now: a resync (only differing blocks travel) when the source's engine
+    # was fenced or must repair, else a delta cycle
+    kind, rargs = ("resync", {"by_hand": True}) if res.get("resync") else ("cycle", {})
+    rep = run_command(ctx, src, kind, rargs, item_id=item.id, key="replicate_id", progress=80.0)
+    if isinstance(rep, Step):
+        if src is not None and not host_up(src, ctx):
+            _back_to_protected(ctx, item)
+            return done(f"the source took the item back{powered}; its host {src.name} went "
+                        f"down before the first {kind}: replication resumes when it returns")
+        return rep
     _back_to_protected(ctx, item)
-    return done("the source replicates again" + (" (VM powered on)" if args["power_on"] else ""))
+    item.retry = RetryState().to_dict()  # a point just proved it: no retry wait left over
+    report = (rep.result or {}).get("report")
+    if isinstance(report, dict) and report.get("state"):
+        # the agent's report after that point: the scheduler acts on it now, not at the next
+        # heartbeat (before it, the item still read `critical` from the fenced report)
+        item.report = report
+        item.state = str(report["state"])
+    point = dict((rep.result or {}).get("point") or {})
+    return done(f"the source replicates again{powered}: {kind} committed point "
+                f"{point.get('point_id', '?')}")
 
 
 def _back_to_protected(ctx: TaskContext, item: Item) -> None:

@@ -22,6 +22,7 @@ from drsite.vault.audit import record_event
 from drsite.vault.db.models import Command, Group, Host, Item, Point, Policy, Site, Vm
 from drsite.vault.jobs.model import JobHandlers, Step, TaskContext, done, wait
 from drsite.vault.policies import agent_settings, parse_initial_start
+from drsite.vault.retries import early_retry, store_sites_up
 from drsite.vault.stores import CLOUD_STORE_URL, check_encryption, group_store, item_store_spec
 
 
@@ -182,6 +183,10 @@ def initial_replication(ctx: TaskContext) -> Step:
             # on the item too: its health says why initial replication does not progress
             item.retry = retry.to_dict()
             item.updated_at = ctx.now
+        if early_retry(retry, item.target_site_id in store_sites_up(
+                ctx.s, ctx.now, ctx.settings.agent_down_after_s), ctx.now,
+                ctx.settings.heartbeat_interval):
+            retry.next_attempt_at = ctx.now  # the other site's agent is back (vault/retries.py)
         if not retry.due(ctx.now):
             assert retry.next_attempt_at is not None
             last = (retry.last_error or {}).get("message", "")

@@ -1,0 +1,111 @@
+"""Commands pushed to agents: the long-poll channel's waiting and waking.
+
+Each agent keeps one request open on ``POST /api/v1/agent/commands/wait`` (same mTLS as every
+agent route). The handler takes the host's ``pending`` commands
+(:func:`drsite.vault.commands.deliver_pending`, in a short transaction); when there are none it
+waits until either
+
+- a transaction of **this process** that added or changed a command of that host commits
+  (:class:`CommandPush` watches the vault's sessions: ``after_flush`` notes the hosts,
+  ``after_commit`` wakes their waiters) — milliseconds; or
+- ``poll_s`` passes — the fallback for commands written by **another process** on the same
+  database (several API workers, another controller): the waiter looks at the table again;
+  delivery never depends on in-process state alone.
+
+A command is marked ``sent`` in the same transaction that reads it, so two waiters of one host
+(an agent that reconnected while its old request was still open) never both take it; one that
+the agent then does not receive (the reply was lost) is re-delivered by the heartbeat rule
+(``commands.deliver``), which knows what the agent holds.
+
+The same hook kicks the background loop (:meth:`CommandPush.on_change`) when a job is created
+or a command ends, so a job's next task runs at once instead of at the next loop tick.
+
+Responsible for: waking waiters and the loop. Not responsible for: which commands are due
+(``commands``), or what an agent does with them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from drsite.core.states import FINAL_COMMAND_STATUSES
+from drsite.vault.db.models import Command, Job
+
+log = logging.getLogger(__name__)
+
+_HOSTS = "drsite_push_hosts"
+_KICK = "drsite_push_kick"
+
+
+class Waiters:
+    """Per host, the long polls waiting in this process (any event loop). Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_host: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+
+    def wake(self, host_ids: set[str]) -> None:
+        with self._lock:
+            targets = [w for h in host_ids for w in self._by_host.get(h, [])]
+        for loop, ev in targets:
+            try:
+                loop.call_soon_threadsafe(ev.set)
+            except RuntimeError:  # its loop is closed: the waiter is gone
+                continue
+
+    def register(self, host_id: str) -> asyncio.Event:
+        """An event set whenever the host's commands change (the caller clears it before each
+        look at the table, and must :meth:`unregister` it)."""
+        ev = asyncio.Event()
+        with self._lock:
+            self._by_host.setdefault(host_id, []).append((asyncio.get_running_loop(), ev))
+        return ev
+
+    def unregister(self, host_id: str, ev: asyncio.Event) -> None:
+        with self._lock:
+            lst = [w for w in self._by_host.get(host_id, []) if w[1] is not ev]
+            if lst:
+                self._by_host[host_id] = lst
+            else:
+                self._by_host.pop(host_id, None)
+
+    def count(self) -> int:
+        with self._lock:
+            return sum(len(v) for v in self._by_host.values())
+
+
+class CommandPush:
+    """Session hooks: after a commit that touched commands, wake their hosts' waiters; after
+    one that created a job or ended a command, call ``on_change`` (kick the background loop)."""
+
+    def __init__(self, waiters: Waiters, on_change: Callable[[], None] | None = None) -> None:
+        self.waiters = waiters
+        self.on_change = on_change
+
+    def after_flush(self, session: Session, _ctx: Any) -> None:
+        hosts: set[str] = session.info.setdefault(_HOSTS, set())
+        for obj in (*session.new, *session.dirty):
+            if isinstance(obj, Command):
+                hosts.add(obj.host_id)
+                if obj not in session.new and obj.status in FINAL_COMMAND_STATUSES:
+                    session.info[_KICK] = True   # a job may be waiting for this result
+            elif isinstance(obj, Job) and obj in session.new:
+                session.info[_KICK] = True
+
+    def after_commit(self, session: Session) -> None:
+        hosts = session.info.pop(_HOSTS, None)
+        kick = session.info.pop(_KICK, False)
+        if hosts:
+            self.waiters.wake(hosts)
+        if kick and self.on_change is not None:
+            self.on_change()
+
+    def after_rollback(self, session: Session) -> None:
+        session.info.pop(_HOSTS, None)
+        session.info.pop(_KICK, None)
