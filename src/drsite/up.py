@@ -23,6 +23,7 @@ the ones it stopped. The pids of the processes ``up`` starts are saved as each s
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -93,9 +94,11 @@ class Cluster:
         return Cluster(**{k: v for k, v in d.items() if k in known})
 
     def env_lines(self) -> list[str]:
-        return [f"export DRSITE_VAULT_URL={self.vault_url}",
-                f"export DRSITE_TOKEN=$(cat {self.root / 'vault' / 'admin.token'})",
-                f"export DRSITE_CA_FILE={self.ca_file}"]
+        """Shell exports pointing the CLI at this cluster (``drsite env`` prints them)."""
+        token = shlex.quote(str(self.root / "vault" / "admin.token"))
+        return [f"export DRSITE_VAULT_URL={shlex.quote(self.vault_url)}",
+                f"export DRSITE_TOKEN=$(cat {token})",
+                f"export DRSITE_CA_FILE={shlex.quote(str(self.ca_file))}"]
 
 
 def _spawn(name: str, args: list[str], logs: Path,

@@ -112,8 +112,10 @@ def commit_and_reprotect(w: World, item: str, src: Agent, dst: Agent, vm_id: str
     w.h.tick()         # the reverse item exists: its store gets its grant and confirms it
     w.h.store_beat()
     cmd = w.play(dst, "protect", {"report": {"bytes_sent": 10}})
-    assert w.h.job(job["id"])["state"] == "succeeded", w.h.job(job["id"])
+    assert w.h.job(job["id"])["state"] == "running"  # until the first point is catalogued
     w.first_point(dst, rev, str(cmd["args"]["vm_id"]))
+    w.h.tick()
+    assert w.h.job(job["id"])["state"] == "succeeded", w.h.job(job["id"])
     return rev
 
 

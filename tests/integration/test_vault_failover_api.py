@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from drsite.vault.testing import Agent, Harness, vm_info
+from drsite.vault.testing import Agent, Harness, point, report, vm_info
 from tests.integration.test_vault_api import err, policy_and_group, protect, two_sites
 
 ENGINES = ["sqlite", "postgresql"]
@@ -101,6 +101,12 @@ def test_planned_failover_commit_reprotect_commands(h: Harness) -> None:
     cmd = play(h, b, "protect", {"report": {"bytes_sent": 10}})
     assert cmd["item_id"] == rev_id and cmd["args"]["resync_from_base"] is True
     assert cmd["args"]["store_url"] == "https://127.0.0.1:9555"
+    # the job ends once the reverse item's first point reached the catalogue
+    assert h.job(job["id"])["state"] == "running"
+    b.beat(store_url="https://127.0.0.1:9443", items=[{
+        "item_id": rev_id, "report": report(rev_id, "rvm-1", "web1"),
+        "new_points": [point(rev_id, 1, h.clock.now())]}])
+    h.tick()
     assert h.job(job["id"])["state"] == "succeeded", h.job(job["id"])
     rev = h.ok("GET", f"/items/{rev_id}")
     assert rev["protection"] == "protected" and rev["target_site"] == "prim"

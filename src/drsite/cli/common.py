@@ -19,7 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 from drsite.client.api import VaultClient, VaultConfig
-from drsite.core.errors import InvalidInput
+from drsite.core.errors import InvalidInput, NotFound
 from drsite.core.states import JobState, TaskState
 from drsite.replication.report import Health, ItemState
 
@@ -192,3 +192,25 @@ def follow_job(c: VaultClient, job_id: str, json_out: bool, wait: bool,
     if job.get("state") != JobState.SUCCEEDED:
         raise typer.Exit(EXIT_JOB_FAILED)
     return job
+
+
+ItemArg = typer.Argument(..., metavar="ITEM", help="An item id, or the name of the VM it "
+                                                   "protects (then: the VM's current item).")
+
+
+def item_ref(c: VaultClient, ref: str) -> str:
+    """The item ``ref`` names: an item id, or the name of a protected VM (the item that stands
+    for the VM now: after a failover and re-protect, its reverse item)."""
+    try:
+        return str(c.item(ref)["id"])
+    except (NotFound, InvalidInput):
+        pass
+    rows = [it for it in c.items() if it.get("vm_name") == ref]
+    if len(rows) == 1:
+        return str(rows[0]["id"])
+    if not rows:
+        raise NotFound(f"no item {ref!r}: neither an item id nor the name of a protected VM",
+                       hint="List items with 'drsite items list'.")
+    raise InvalidInput(f"{len(rows)} items protect VMs named {ref} "
+                       f"({', '.join(str(it['id']) for it in rows)})",
+                       hint="Give the item id ('drsite items list').")

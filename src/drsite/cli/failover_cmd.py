@@ -10,7 +10,15 @@ from typing import Any
 import typer
 import yaml
 
-from drsite.cli.common import Conn, console, follow_job, show, vault_command
+from drsite.cli.common import (
+    Conn,
+    ItemArg,
+    console,
+    follow_job,
+    item_ref,
+    show,
+    vault_command,
+)
 from drsite.core.actions import PLAN_ACTIONS, FailoverAction
 from drsite.core.errors import InvalidInput
 
@@ -41,6 +49,7 @@ def item_action(conn: Conn, item_id: str, action: FailoverAction, wait: bool,
     """Start ``action`` on the item, follow its job, then show the failover it acted on (and,
     after a re-protect, the reverse item that now replicates the VM back)."""
     with conn.client() as c:
+        item_id = item_ref(c, item_id)
         job = c.item_action(item_id, action.value, **body)
         follow_job(c, str(job["id"]), conn.json, wait)
         if not wait or conn.json:
@@ -55,12 +64,18 @@ def item_action(conn: Conn, item_id: str, action: FailoverAction, wait: bool,
         show(fo, FO_COLS, title=f"failover of {target}", json_out=False)
         rev = ((fo.get("result") or {}).get("reprotect") or {}).get("item_id")
         if rev:
-            console.print(f"re-protected: item [bold]{rev}[/] now replicates {fo.get('vm_name')} "
-                          f"back; fail back with 'drsite failover failback {rev}'")
+            legs = c.item_history(str(rev))["items"]  # newest first; the last is the first
+            vm, to, home = fo.get("vm_name"), legs[0]["target_site"], legs[-1]["source_site"]
+            if to == home:
+                console.print(f"re-protected: item [bold]{rev}[/] replicates {vm} back to site "
+                              f"{to}; fail back with 'drsite failover failback {vm}'")
+            else:
+                console.print(f"re-protected: {vm} is home, and item [bold]{rev}[/] replicates "
+                              f"it to site {to} again")
 
 
 @vault_command(failover, "test")
-def fo_test(conn: Conn, item_id: str, point: str = PointOpt,
+def fo_test(conn: Conn, item_id: str = ItemArg, point: str = PointOpt,
             vm_name: str | None = typer.Option(None, help="Test VM name (default <vm>-test)."),
             wait: bool = WaitOpt) -> None:
     """Start the VM from a point in the test network (copy-on-write; replication goes on).
@@ -69,7 +84,7 @@ def fo_test(conn: Conn, item_id: str, point: str = PointOpt,
 
 
 @vault_command(failover, "cleanup")
-def fo_cleanup(conn: Conn, item_id: str,
+def fo_cleanup(conn: Conn, item_id: str = ItemArg,
                notes: str = typer.Option("", help="What the test showed (kept with it)."),
                wait: bool = WaitOpt) -> None:
     """Remove the test failover VM and record notes."""
@@ -77,21 +92,21 @@ def fo_cleanup(conn: Conn, item_id: str,
 
 
 @vault_command(failover, "planned")
-def fo_planned(conn: Conn, item_id: str, wait: bool = WaitOpt) -> None:
+def fo_planned(conn: Conn, item_id: str = ItemArg, wait: bool = WaitOpt) -> None:
     """Shut the source down, ship the last changes, start the replica: no data lost. Then
     commit (it re-protects) or cancel."""
     item_action(conn, item_id, FailoverAction.PLANNED_FAILOVER, wait)
 
 
 @vault_command(failover, "unplanned")
-def fo_unplanned(conn: Conn, item_id: str, point: str = PointOpt, wait: bool = WaitOpt) -> None:
+def fo_unplanned(conn: Conn, item_id: str = ItemArg, point: str = PointOpt, wait: bool = WaitOpt) -> None:
     """The source site is lost: start the replica from a point (the old primary is fenced).
     Then commit, and re-protect once the old site is back."""
     item_action(conn, item_id, FailoverAction.UNPLANNED_FAILOVER, wait, point=point)
 
 
 @vault_command(failover, "commit")
-def fo_commit(conn: Conn, item_id: str,
+def fo_commit(conn: Conn, item_id: str = ItemArg,
               reprotect: bool = typer.Option(True, help="After a planned failover: re-protect "
                                                         "in the reverse direction at once."),
               create_reverse_mapping: bool = ReverseOpt, wait: bool = WaitOpt) -> None:
@@ -102,20 +117,20 @@ def fo_commit(conn: Conn, item_id: str,
 
 
 @vault_command(failover, "cancel")
-def fo_cancel(conn: Conn, item_id: str, wait: bool = WaitOpt) -> None:
+def fo_cancel(conn: Conn, item_id: str = ItemArg, wait: bool = WaitOpt) -> None:
     """Undo a failover that is not committed (the recovery VM is deleted; the source resumes)."""
     item_action(conn, item_id, FailoverAction.CANCEL, wait)
 
 
 @vault_command(failover, "change-point")
-def fo_change_point(conn: Conn, item_id: str, point: str = PointOpt,
+def fo_change_point(conn: Conn, item_id: str = ItemArg, point: str = PointOpt,
                     wait: bool = WaitOpt) -> None:
     """Before commit: restart the recovery VM from another point."""
     item_action(conn, item_id, FailoverAction.CHANGE_POINT, wait, point=point)
 
 
 @vault_command(failover, "reprotect")
-def fo_reprotect(conn: Conn, item_id: str, create_reverse_mapping: bool = ReverseOpt,
+def fo_reprotect(conn: Conn, item_id: str = ItemArg, create_reverse_mapping: bool = ReverseOpt,
                  wait: bool = WaitOpt) -> None:
     """Replicate the failed-over VM back to its old site (only differences travel). Needs a
     network mapping back for each of its networks (--create-reverse-mapping makes them)."""
@@ -125,8 +140,8 @@ def fo_reprotect(conn: Conn, item_id: str, create_reverse_mapping: bool = Revers
 
 @vault_command(failover, "failback")
 def fo_failback(conn: Conn, item_id: str = typer.Argument(
-                    ..., help="The re-protected VM's item: its reverse item, or the item it "
-                              "failed over from."),
+                    ..., metavar="ITEM", help="The re-protected VM: its name, its reverse item, "
+                                              "or the item it failed over from."),
                 wait: bool = WaitOpt) -> None:
     """Fail a re-protected VM back to its original site: a planned failover of its reverse
     item (the VM there is shut down, its last changes shipped, the original VM re-created from
@@ -138,8 +153,9 @@ def fo_failback(conn: Conn, item_id: str = typer.Argument(
 def fo_list(conn: Conn, item_id: str | None = typer.Argument(None)) -> None:
     """List failovers (of one item, or all), newest first."""
     with conn.client() as c:
-        show(c.failovers(item_id), ["id", "item_id", *FO_COLS[1:], "created_at"],
-             title="failovers", json_out=conn.json)
+        rows = c.failovers(item_ref(c, item_id) if item_id else None)
+        show(rows, ["id", "item_id", *FO_COLS[1:], "created_at"], title="failovers",
+             json_out=conn.json)
 
 
 # -- plans --------------------------------------------------------------------------------------

@@ -89,6 +89,7 @@ app.add_typer(drills_cmd.drills, name="drills")
 vault_command(app, "health")(resources.health)
 app.command("up")(up_cmd.up)
 app.command("down")(up_cmd.down)
+app.command("env")(up_cmd.env)
 
 
 def main() -> None:

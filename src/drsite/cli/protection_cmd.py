@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from drsite.cli.common import Conn, console, show, vault_command
+from drsite.cli.common import Conn, console, follow_job, show, vault_command
 from drsite.core.errors import InvalidInput, NotFound
 
 policies = typer.Typer(help="Replication policies: how often, how long points are kept, "
@@ -179,6 +179,31 @@ def _check_vms(c: Any, site: str, names: list[str], allow_missing: bool) -> None
                             "VMs that do not exist yet (they are protected when they appear).")
 
 
+def _protecting(conn: Conn, c: Any, group: dict[str, Any], wait: bool) -> None:
+    """Follow the group's PolicyAssociation job, then the EnableProtection job of each VM it
+    protects (initial replication), so that the command ends with the VMs protected."""
+    job_id = group.get("job_id")
+    if job_id and wait:
+        if conn.json:
+            c.wait_job(str(job_id), timeout=24 * 3600.0)
+        else:
+            follow_job(c, str(job_id), False, True)
+        for it in c.items():
+            if it.get("group") == group["name"] and it.get("protection") == "enabling" \
+                    and it.get("active_job_id"):
+                if conn.json:
+                    c.wait_job(str(it["active_job_id"]), timeout=24 * 3600.0)
+                else:
+                    follow_job(c, str(it["active_job_id"]), False, True)
+    group = {**c.group(group["name"]), "job_id": job_id}
+    show(group, ["name", "site", "target_site", "policy", "items", "job_id"],
+         title=f"group {group['name']}", json_out=conn.json)
+
+
+WaitOpt = typer.Option(True, help="Follow the protection of the group's VMs (their initial "
+                                  "replication) until it ends.")
+
+
 @vault_command(groups, "create")
 def groups_create(
     conn: Conn, name: str,
@@ -189,14 +214,14 @@ def groups_create(
     host: list[str] = typer.Option([], help="Host names whose VMs are included (repeatable)."),
     allow_missing: bool = typer.Option(False, help="Accept --vm names not in the inventory "
                                                    "yet."),
+    wait: bool = WaitOpt,
 ) -> None:
     """Create a protection group (with a policy, its VMs are protected, also VMs found later)."""
     body = {"name": name, "site": site, "target_site": target_site, "policy": policy,
             "match": {"vm_names": vm, "hosts": host, "labels": []}}
     with conn.client() as c:
         _check_vms(c, site, vm, allow_missing)
-        show(c.create_group(body), ["name", "site", "target_site", "policy", "job_id"],
-             title="group created", json_out=conn.json)
+        _protecting(conn, c, c.create_group(body), wait)
     if policy is None and (vm or host) and not conn.json:
         console.print("[yellow]note[/]: without a policy the group protects nothing yet; "
                       f"give it one: drsite groups update {name} --policy POLICY")
@@ -212,6 +237,7 @@ def groups_update(
     host: list[str] = typer.Option([], help="Replace the host names matched (repeatable)."),
     allow_missing: bool = typer.Option(False, help="Accept --vm names not in the inventory "
                                                    "yet."),
+    wait: bool = WaitOpt,
 ) -> None:
     """Change a group's policy or the VMs it matches."""
     body: dict[str, Any] = {}
@@ -230,8 +256,7 @@ def groups_update(
         if not body:
             raise InvalidInput("nothing to change", hint="Give --policy, --no-policy, --vm or "
                                                          "--host (see --help).")
-        show(c.update_group(name, body), ["name", "site", "target_site", "policy", "match",
-                                          "job_id"], title="group updated", json_out=conn.json)
+        _protecting(conn, c, c.update_group(name, body), wait)
 
 
 @vault_command(groups, "delete")

@@ -14,8 +14,10 @@ from rich.table import Table
 from drsite.cli.common import (
     EXIT_JOB_FAILED,
     Conn,
+    ItemArg,
     console,
     follow_job,
+    item_ref,
     show,
     vault_command,
 )
@@ -137,10 +139,10 @@ def items_list(conn: Conn,
 
 
 @vault_command(items, "show")
-def items_show(conn: Conn, item_id: str) -> None:
+def items_show(conn: Conn, item_id: str = ItemArg) -> None:
     """Show one item with its health reasons."""
     with conn.client() as c:
-        it = c.item(item_id)
+        it = c.item(item_ref(c, item_id))
     if conn.json:
         show(it, [], title="", json_out=True)
         return
@@ -151,11 +153,12 @@ def items_show(conn: Conn, item_id: str) -> None:
 
 @vault_command(items, "history")
 def items_history(conn: Conn, item_id: str = typer.Argument(
-        ..., help="Any item of the VM: its first item, a reverse item, the current one.")) -> None:
+        ..., metavar="ITEM", help="The VM's name, or any item of the VM: its first item, a "
+                                  "reverse item, the current one.")) -> None:
     """A VM's history across failover and failback: the items it had (one per direction of
     replication), its failovers and jobs, newest first."""
     with conn.client() as c:
-        h = c.item_history(item_id)
+        h = c.item_history(item_ref(c, item_id))
     if conn.json:
         show(h, [], title="", json_out=True)
         return
@@ -170,9 +173,10 @@ def items_history(conn: Conn, item_id: str = typer.Argument(
 
 
 @vault_command(items, "points")
-def items_points(conn: Conn, item_id: str) -> None:
+def items_points(conn: Conn, item_id: str = ItemArg) -> None:
     """List an item's recovery points (oldest first) with their absolute times."""
     with conn.client() as c:
+        item_id = item_ref(c, item_id)
         rows = [{**p, "at": _utc(p.get("created_at")),
                  "damaged": (p.get("damage") or {}).get("reason") or ""}
                 for p in c.points(item_id)]
@@ -188,12 +192,13 @@ def _utc(t: Any) -> str:
 
 
 @vault_command(items, "verify")
-def items_verify(conn: Conn, item_id: str,
+def items_verify(conn: Conn, item_id: str = ItemArg,
                  point: str | None = typer.Option(None, "--point", help="One point id."),
                  all_points: bool = typer.Option(False, "--all", help="Every kept point.")) -> None:
     """Prove recovery points restore exactly to what their manifests say (default: the
     newest). Reads every disk whole in the store; exit code 1 when a point is damaged."""
     with conn.client() as c:
+        item_id = item_ref(c, item_id)
         job_id = c.verify(item_id, point=point, all_points=all_points)["job_id"]
         job = c.wait_job(job_id, timeout=24 * 3600.0)
         res = c.verification(item_id, job_id)
@@ -231,20 +236,20 @@ def items_protect(conn: Conn, vm: str = typer.Argument(..., help="VM id, or VM n
 
 
 @vault_command(items, "unprotect")
-def items_unprotect(conn: Conn, item_id: str, wait: bool = WaitOpt,
+def items_unprotect(conn: Conn, item_id: str = ItemArg, wait: bool = WaitOpt,
                     delete_points: bool = typer.Option(False, help="Also delete the item's "
                                                                    "recovery points.")) -> None:
     """Disable protection (DisableProtection job)."""
     with conn.client() as c:
-        follow_job(c, c.unprotect(item_id, delete_points=delete_points)["job_id"], conn.json,
-                   wait)
+        follow_job(c, c.unprotect(item_ref(c, item_id), delete_points=delete_points)["job_id"],
+                   conn.json, wait)
 
 
 @vault_command(items, "resync")
-def items_resync(conn: Conn, item_id: str, wait: bool = WaitOpt) -> None:
+def items_resync(conn: Conn, item_id: str = ItemArg, wait: bool = WaitOpt) -> None:
     """Resynchronise now by checksums (outside the window too)."""
     with conn.client() as c:
-        follow_job(c, c.resync(item_id)["job_id"], conn.json, wait)
+        follow_job(c, c.resync(item_ref(c, item_id))["job_id"], conn.json, wait)
 
 
 # -- jobs ---------------------------------------------------------------------------------------
@@ -263,9 +268,15 @@ def jobs_list(conn: Conn,
 
 
 @vault_command(jobs, "show")
-def jobs_show(conn: Conn, job_id: str) -> None:
+def jobs_show(conn: Conn, job_id: str | None = typer.Argument(
+        None, metavar="[JOB]", help="A job id (default: the newest job).")) -> None:
     """Show a job and its ordered tasks (a failed job: its error and what to do)."""
     with conn.client() as c:
+        if job_id is None:
+            newest = c.jobs(limit=1)
+            if not newest:
+                raise NotFound("no job yet", hint="Jobs appear as you act: 'drsite jobs list'.")
+            job_id = str(newest[0]["id"])
         job = c.job(job_id)
     if conn.json:
         show(job, [], title="", json_out=True)

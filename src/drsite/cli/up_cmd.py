@@ -70,3 +70,12 @@ def down(data: Path = DataOpt) -> None:
     c.save()
     n = sum(len(v) for v in c.stopped_vms.values())
     console.print(f"stopped {', '.join(procs) or 'no process'} and {n} running VM(s) in {c.root}")
+
+
+def env(data: Path = DataOpt) -> None:
+    """Print the shell exports that point the CLI at what 'drsite up' started: run
+    'eval "$(drsite env --data DIR)"'."""
+    from drsite.up import Cluster
+
+    c = Cluster.load(data.resolve())
+    typer.echo("\n".join(c.env_lines()))

@@ -14,8 +14,8 @@ Item health (:func:`item_health`, pure):
 An item held by a failover does not replicate; its health says what it waits for
 (:func:`failover_health`): **critical** when the failover's job failed after it reached the
 recovery site (the item is left ``failed_over`` for a cancel; nothing replicates until then),
-**warning** once committed and not re-protected (the VM is unprotected), normal with the reason
-while a failover runs or waits for its commit.
+**warning** once committed and not re-protected (the VM is unprotected), normal while a
+failover runs or waits for its commit (its state says so).
 
 An agent is up when its last heartbeat is younger than ``missed_heartbeats × heartbeat_interval``.
 
@@ -139,11 +139,7 @@ def failover_health(item: Item, fo: Failover | None, job: Job | None) -> ItemHea
             f"{fo.kind} failover {fo.id} failed: {err.get('message', 'see its job')}; "
             f"{item.vm_name} does not replicate until the failover is cancelled: drsite "
             f"failover cancel {item.id}"])
-    if fo is not None and fo.state == FailoverState.PENDING_COMMIT:
-        return ItemHealth(Health.NORMAL, [
-            f"failed over ({fo.kind}) from point {fo.point_id}, pending commit: commit "
-            f"(drsite failover commit {item.id}) or cancel it"])
-    return ItemHealth(Health.NORMAL, ["a failover is in progress"])
+    return ItemHealth(Health.NORMAL)  # running, or pending commit: its state says so
 
 
 def failed_drills(s: Session) -> dict[str, Drill]:

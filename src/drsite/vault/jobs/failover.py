@@ -577,6 +577,11 @@ def reverse_replication(ctx: TaskContext) -> Step:
     got = run_command(ctx, rec_host, "protect", args, item_id=rev.id, progress=20.0)
     if isinstance(got, Step):
         return got
+    # done when the reverse item's first point is also in the catalogue operators see (it
+    # arrives with the agent's next heartbeat): a failback asked right after must find it
+    if ctx.s.scalars(select(Point.point_id).where(Point.item_id == rev.id)).first() is None:
+        return wait(95, "the reverse item's first point is committed; waiting for it to reach "
+                        "the catalogue")
     res = dict(got.result or {})
     report = dict(res.get("report") or {})
     sent = int(report.get("bytes_sent") or 0)
