@@ -137,3 +137,37 @@ def test_no_import_directory_and_no_workload_on_other_drivers(tmp_path: Path) ->
         mem.handle(cmd("vm_create", **create_args(workload={"rate": 1000})))
     assert "file VMs only" in e.value.message
     assert mem.handle(cmd("vm_create", "c-9", **create_args()))["vm"]["name"] == "app-01"
+
+
+def test_qemu_vms_through_the_same_commands(tmp_path: Path) -> None:
+    """QEMU VMs: created (qcow2 disks), imported from a qcow2 image, started (a QEMU process),
+    stopped, deleted — the same commands, the other driver."""
+    from tests.contract.test_driver_conformance import require_qemu
+
+    require_qemu()
+    from drsite.hypervisors.qemu.driver import QemuHypervisor
+    from drsite.hypervisors.qemu.tools import run_tool
+
+    hv = QemuHypervisor(tmp_path / "vms")
+    (tmp_path / "import").mkdir()
+    vms = VmCommands(hv, tmp_path / "agent", tmp_path / "import")
+    try:
+        made = vms.handle(cmd("vm_create", **create_args(memory_mib=64, start=True)))["vm"]
+        assert made["power"] == "running" and hv.runner(made["vm_id"]) is not None
+        assert vms.handle(cmd("vm_stop", "s", vm_id=made["vm_id"], timeout_s=5))["vm"]["power"] \
+            == "stopped"
+        img = tmp_path / "import" / "base.qcow2"
+        run_tool(["qemu-img", "create", "-q", "-f", "qcow2", str(img), str(8 * MiB)])
+        imp = vms.handle(cmd("vm_import", "i", name="imp", memory_mib=64,
+                             disks=[{"disk_id": "d0", "path": "base.qcow2"}]))["vm"]
+        assert [(d["disk_id"], d["size"]) for d in imp["disks"]] == [("d0", 8 * MiB)]
+        assert img.exists()
+        with pytest.raises(InvalidInput):  # the stand-in guest is for file VMs
+            vms.handle(cmd("vm_create", "w", **create_args(name="w", workload={"rate": 10})))
+        for vm_id in (made["vm_id"], imp["vm_id"]):
+            vms.handle(cmd("vm_delete", f"d-{vm_id}", vm_id=vm_id))
+        assert hv.list_vms() == []
+    finally:
+        for vm in hv.list_vms():
+            hv.delete_vm(vm.vm_id)
+        hv.close()
