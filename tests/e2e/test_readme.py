@@ -11,7 +11,6 @@ four items, one history — and ``drsite down``/``up`` stop and start its VMs.
 from __future__ import annotations
 
 import pytest
-
 from tests.e2e.conftest import ReadmeRun
 
 pytestmark = pytest.mark.slow

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.integration.test_vault_api import protect
 
 from drsite.vault.db.models import Drill, Item, Job, Point, Task
 from drsite.vault.testing import Harness, point, report, vm_info
@@ -48,8 +49,7 @@ def populate(h: Harness) -> str:
     b.beat(store_url="https://127.0.0.1:9443")
     h.ok("POST", "/policies", json={"name": "p1", "frequency_s": 30, "rpo_threshold_s": 120})
     h.ok("POST", "/groups", json={"name": "g1", "site": "prim", "target_site": "sec", "policy": "p1"})
-    item_id = str(h.ok("POST", "/items", json={"vm_id": "vm-1", "group": "g1"})["item_id"])
-    h.tick()
+    item_id = protect(h, a)  # its EnableProtection job played to the end
     for seq in range(1, 9):
         a.beat(vms=VMS, items=[{"item_id": item_id, "report": report(item_id, "vm-1", "web1"),
                                 "new_points": [point(item_id, seq, h.clock.now(), app=seq % 4 == 0,
@@ -91,7 +91,12 @@ def test_root_redirects_and_pages_need_a_session(h: Harness) -> None:
     r = h.client.get("/ui/vms", follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"] == "/ui/login?next=%2Fui%2Fvms"
     r = h.client.get("/ui/f/overview", headers={"HX-Request": "true"})
-    assert r.status_code == 401 and r.headers["HX-Redirect"] == "/ui/login"
+    assert r.status_code == 401 and r.headers["HX-Redirect"] == "/ui/login?next=%2Fui"
+    # a live fragment's session ends: back to the page it belongs to after the login
+    r = h.client.get("/ui/f/items/i-1?window=6h", headers={
+        "HX-Request": "true", "HX-Current-URL": "http://testserver/ui/items/i-1?window=6h"})
+    assert r.status_code == 401
+    assert r.headers["HX-Redirect"] == "/ui/login?next=%2Fui%2Fitems%2Fi-1%3Fwindow%3D6h"
     r = h.client.get("/ui/login")
     assert r.status_code == 200 and 'name="token"' in r.text
     assert "script-src 'self'" in r.headers["content-security-policy"]
@@ -165,7 +170,8 @@ def test_pages_show_the_vault_state(h: Harness) -> None:
     assert '<time datetime="' in vms and "ago" in vms and "UTC" in vms
     page = h.client.get(f"/ui/items/{item_id}").text
     assert page.count("<svg") >= 2
-    assert 'class="chart rpo"' in page and 'class="chart timeline"' in page
+    assert 'class="chart rpo wide"' in page and 'class="chart timeline wide"' in page
+    assert 'class="chart rpo narrow"' in page  # the phone form, shown by the stylesheet
     assert "mark mark-app" in page and "mark mark-crash" in page
     assert "threshold 2 min" in page and "time (UTC)" in page
     assert h.client.get(f"/ui/items/{item_id}?window=15m").status_code == 200
@@ -234,7 +240,7 @@ def test_a_reader_sees_everything_and_can_press_nothing(h: Harness) -> None:
     plan_page = h.client.get("/ui/plans/tier1").text
     buttons = re.findall(r"<button[^>]*>[^<]*</button>", plan_page)
     labels = [b for b in buttons if "Log out" not in b]
-    assert len(labels) == 7 and all("disabled" in b for b in labels), labels
+    assert len(labels) == 8 and all("disabled" in b for b in labels), labels
     assert "/ui/plans/tier1/test-failover" not in plan_page  # no link to act through either
     confirm = h.client.get("/ui/plans/tier1/test-failover").text
     assert re.search(r'<button type="submit" id="confirm"[^>]*disabled', confirm)
@@ -468,7 +474,7 @@ def test_an_operator_verifies_from_the_item_page(h: Harness) -> None:
         assert row is not None and row.args == {"points": "all"}
     assert h.client.get("/ui/items/nope/verify").status_code == 404
     r = h.client.post("/ui/items/nope/verify", data={"csrf": csrf}, follow_redirects=False)
-    assert r.status_code == 404 and "What will happen" in r.text
+    assert r.status_code == 404 and "no item" in r.text
     # a reader sees the button disabled and cannot post
     csrf = login(h, h.token("reader", "audit"))
     page = h.client.get(f"/ui/items/{item_id}").text

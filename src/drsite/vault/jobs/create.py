@@ -101,21 +101,36 @@ def start_disable_protection(s: Session, item: Item, *, delete_points: bool, now
     return job
 
 
-def start_resync(s: Session, item: Item, *, now: float) -> Job:
+def check_resync(item: Item) -> None:
+    """``Conflict`` unless a resync of ``item`` may start now."""
     if item.status != ItemProtection.PROTECTED:
         raise Conflict(f"item {item.id} is {item.status}",
-                       hint="A resync needs a protected item with a first recovery point.")
+                       hint="A resync needs a protected item with a first recovery point "
+                            "('drsite items list' shows the item's status).")
+    if item.active_job_id is not None:
+        raise Conflict(f"item {item.id} is busy with job {item.active_job_id}",
+                       hint=f"Wait for it: drsite jobs show {item.active_job_id}")
+
+
+def start_resync(s: Session, item: Item, *, now: float) -> Job:
+    check_resync(item)
     job = create_job(s, RESYNC, target=item.vm_name, item_id=item.id, args={"by_hand": True}, now=now)
     claim_item(s, item, job.id)
     return job
+
+
+def check_verify(item: Item) -> None:
+    """``Conflict`` unless the item's points may be verified now."""
+    if item.status in (ItemProtection.REMOVED, ItemProtection.FAILED):
+        raise Conflict(f"item {item.id} is {item.status}; its store is not verified any more",
+                       hint="Verify the VM's current item ('drsite items history ITEM' names it).")
 
 
 def start_verify(s: Session, item: Item, *, point: str | None, all_points: bool,
                  now: float) -> Job:
     """A Verify job of the item's latest point, of ``point``, or of every point. It does not
     hold the item (it only reads its store)."""
-    if item.status in (ItemProtection.REMOVED, ItemProtection.FAILED):
-        raise Conflict(f"item {item.id} is {item.status}; its store is not verified any more")
+    check_verify(item)
     if point is not None and all_points:
         raise InvalidInput("give a point or ask for all points, not both")
     points: str | list[str] = "all" if all_points else \

@@ -28,7 +28,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from drsite.core.actions import FAILOVER_KINDS, ITEM_ACTIONS, FailoverAction
-from drsite.core.errors import Conflict, NotFound
+from drsite.core.errors import Conflict, DrsiteError, NotFound
 from drsite.core.model import validate_name
 from drsite.core.states import LIVE_ITEM_STATUSES, FailoverState, ItemProtection
 from drsite.vault.db.models import Failover, Host, Item, Job
@@ -108,10 +108,12 @@ def _failback_item(s: Session, item: Item) -> Item:
     return item
 
 
-def start_item_action(s: Session, item_id: str, action: str | FailoverAction,
-                      args: dict[str, Any], now: float) -> Job:
-    """Start the job of ``action`` on one item (``Conflict`` when the item's state does not
-    allow it or another job holds the item)."""
+def preflight(s: Session, item_id: str, action: str | FailoverAction,
+              args: dict[str, Any]) -> tuple[Item, Failover | None, bool]:
+    """What :func:`start_item_action` checks before it creates anything, without creating
+    anything: the item the action acts on (a failback's reverse item), the failover a follow-up
+    acts on, and whether the job re-protects. Raises the refusal (``Conflict`` with its hint)
+    the start would raise — the dashboard shows it before an operator presses anything."""
     act = FailoverAction.parse(str(action), ITEM_ACTIONS)
     item = get_item(s, item_id)
     if act is A.FAILBACK:
@@ -120,19 +122,57 @@ def start_item_action(s: Session, item_id: str, action: str | FailoverAction,
         raise Conflict(f"item {item.id} is busy with job {item.active_job_id}",
                        hint=f"Wait for it ('drsite jobs show {item.active_job_id}'), or cancel "
                             f"it: drsite jobs cancel {item.active_job_id}")
+    if args.get("vm_name") is not None:
+        validate_name("VM", str(args["vm_name"]))
+    if act in FAILOVER_KINDS:
+        _check_failover(s, item, act, args)
+        return item, None, False
+    found = _follow_up_failover(s, item, act)
+    reprotects = act is A.REPROTECT or (act is A.COMMIT and found.kind == "planned"
+                                        and bool(args.get("reprotect", True)))
+    if reprotects and not args.get("create_reverse_mapping"):
+        ensure_reverse_mappings(s, item, create=False, now=0.0)
+    if act is A.CHANGE_POINT:
+        point = point_arg(args)
+        if point not in ("latest", "latest_app"):
+            failover_point(s, item, point)  # a damaged point is refused now
+    return item, found, reprotects
+
+
+def allowed_actions(s: Session, item: Item) -> dict[FailoverAction, DrsiteError | None]:
+    """Each failover action of the item: None when it may start now, else the refusal it
+    would get (the dashboard enables only the valid ones and shows why the others are not)."""
+    out: dict[FailoverAction, DrsiteError | None] = {}
+    for act in ITEM_ACTIONS:
+        try:
+            preflight(s, item.id, act, {"create_reverse_mapping": True})
+            out[act] = None
+        except DrsiteError as e:
+            out[act] = e
+    return out
+
+
+def start_item_action(s: Session, item_id: str, action: str | FailoverAction,
+                      args: dict[str, Any], now: float) -> Job:
+    """Start the job of ``action`` on one item (``Conflict`` when the item's state does not
+    allow it or another job holds the item: :func:`preflight`)."""
+    act = FailoverAction.parse(str(action), ITEM_ACTIONS)
     args = dict(args)
     if args.get("vm_name") is not None:
         args["vm_name"] = validate_name("VM", str(args["vm_name"]))
+    item, found, reprotects = preflight(s, item_id, act, args)
     if act in FAILOVER_KINDS:
         job = _start_failover(s, item, act, args, now)
     else:
-        job = _start_follow_up(s, item, act, args, now)
+        assert found is not None
+        if reprotects and args.get("create_reverse_mapping"):
+            ensure_reverse_mappings(s, item, create=True, now=now)
+        job = _start_follow_up(s, item, act, found, reprotects, args, now)
     claim_item(s, item, job.id)
     return job
 
 
-def _start_failover(s: Session, item: Item, act: FailoverAction, args: dict[str, Any],
-                    now: float) -> Job:
+def _check_failover(s: Session, item: Item, act: FailoverAction, args: dict[str, Any]) -> None:
     kind = FAILOVER_KINDS[act]
     if item.status != ItemProtection.PROTECTED:
         held = item.status in _HELD
@@ -149,6 +189,12 @@ def _start_failover(s: Session, item: Item, act: FailoverAction, args: dict[str,
     point = point_arg(args)
     if point not in ("latest", "latest_app"):
         failover_point(s, item, point)  # a point known to be damaged is refused now
+
+
+def _start_failover(s: Session, item: Item, act: FailoverAction, args: dict[str, Any],
+                    now: float) -> Job:
+    kind = FAILOVER_KINDS[act]
+    point = point_arg(args)
     fo = Failover(id=new_id("f"), item_id=item.id, kind=kind, state=FailoverState.STARTING,
                   point_id=None, result={"action": act.value}, notes=[], created_at=now,
                   updated_at=now)
@@ -167,9 +213,8 @@ def _start_failover(s: Session, item: Item, act: FailoverAction, args: dict[str,
     return job
 
 
-def _start_follow_up(s: Session, item: Item, act: FailoverAction, args: dict[str, Any],
-                     now: float) -> Job:
-    """Cleanup, commit, cancel, change-point, re-protect: on the failover they act on."""
+def _follow_up_failover(s: Session, item: Item, act: FailoverAction) -> Failover:
+    """The failover cleanup, commit, cancel, change-point or re-protect acts on."""
     found: Failover | None
     if act is A.CLEANUP_TEST_FAILOVER:
         found = latest_failover(s, item, kind="test", states=(
@@ -187,24 +232,26 @@ def _start_follow_up(s: Session, item: Item, act: FailoverAction, args: dict[str
             raise Conflict(f"failover {found.id} is {found.state}; only a failover pending "
                            "commit can be committed",
                            hint=f"Cancel it instead: drsite failover cancel {item.id}")
+        if act is A.CHANGE_POINT and found.state != FailoverState.PENDING_COMMIT:
+            raise Conflict(f"failover {found.id} is {found.state}; the point can change only "
+                           "while the failover waits for its commit",
+                           hint=f"Cancel it instead: drsite failover cancel {item.id}")
     else:  # re-protect
         found = latest_failover(s, item, states=(FailoverState.COMMITTED,))
         if found is None or item.status != ItemProtection.COMMITTED:
             raise Conflict(f"{item.vm_name} is {item.status}; re-protect needs a committed "
                            "failover", hint=f"Commit the failover first: drsite failover commit "
                                             f"{item.id}")
-    reprotects = act is A.REPROTECT or (act is A.COMMIT and found.kind == "planned"
-                                        and args.get("reprotect", True))
-    if reprotects:
-        ensure_reverse_mappings(s, item, create=bool(args.get("create_reverse_mapping")),
-                                now=now)
+    return found
+
+
+def _start_follow_up(s: Session, item: Item, act: FailoverAction, found: Failover,
+                     reprotects: bool, args: dict[str, Any], now: float) -> Job:
     job_args: dict[str, Any] = {"failover_id": found.id, "action": act.value,
                                 "notes": str(args.get("notes") or "")[:2000],
                                 **({"plan_job": args["plan_job"]} if "plan_job" in args else {})}
     if act is A.CHANGE_POINT:
         job_args["point"] = point_arg(args)
-        if job_args["point"] not in ("latest", "latest_app"):
-            failover_point(s, item, job_args["point"])  # a damaged point is refused now
     tasks = K.COMMIT_AND_REPROTECT if act is A.COMMIT and reprotects else None
     return create_job(s, _JOB_KIND[act], target=item.vm_name, item_id=item.id, args=job_args,
                       now=now, tasks=tasks)
