@@ -90,8 +90,10 @@ def _x(t: float, w: Window, left: float, width: float) -> float:
     return left + (t - w.start) / w.span * width
 
 
-def _svg_open(vb_w: int, vb_h: int, label: str, cls: str) -> str:
-    return (f'<svg class="chart {cls}" viewBox="0 0 {vb_w} {vb_h}" width="100%" role="img" '
+def _svg_open(vb_w: int, vb_h: int, label: str, cls: str, role: str = "img") -> str:
+    """An SVG plot: an image, or (``role="group"``) a group of links (an image's children are
+    presentational: it cannot hold links)."""
+    return (f'<svg class="chart {cls}" viewBox="0 0 {vb_w} {vb_h}" width="100%" role="{role}" '
             f'preserveAspectRatio="xMidYMid meet" aria-label="{escape(label)}" '
             f'xmlns="http://www.w3.org/2000/svg"><title>{escape(label)}</title>')
 
@@ -189,7 +191,7 @@ def timeline(points: Sequence[dict[str, Any]], w: Window, *, link: str | None = 
     lanes = ({"app": (top + 4, top + 40), "crash": (top + 62, axis_y - 4)} if narrow
              else {"app": (top + 4, top + 36), "crash": (top + 44, axis_y - 4)})
     out = [_svg_open(vb_w, vb_h, "Recovery points", "timeline narrow" if narrow
-                     else "timeline wide")]
+                     else "timeline wide", "img" if link is None else "group")]
     for name, (y0, y1) in lanes.items():
         out.append(f'<rect class="lane lane-{name}" x="{left}" y="{y0}" width="{width}" '
                    f'height="{y1 - y0}"/>')
