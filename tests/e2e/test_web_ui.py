@@ -201,7 +201,7 @@ def test_overview_vms_and_a_vm_page_update_live(env: Env, page: Any) -> None:
     rows = page.locator("#items tbody tr.item-row")
     sync_api.expect(rows).to_have_count(n_items)
     expect_text(page.locator("#items"), "normal")
-    page.click("#items >> text=web")
+    page.click(f"#items a[href='/ui/items/{env.items['web']}']")
     sync_api.expect(page).to_have_url(re.compile(rf"/ui/items/{env.items['web']}"))
     rpo = ".wide-only svg.chart.rpo"
     marks = page.locator(".wide-only svg.chart.timeline line.mark")

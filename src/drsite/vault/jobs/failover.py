@@ -440,6 +440,13 @@ def resume_source(ctx: TaskContext) -> Step:
         return got
     powered = " (VM powered on)" if args["power_on"] else ""
     res = dict(got.result or {})
+    # the source is the primary again: its site store must let it write before it replicates
+    # (a failed-over item has no writer in the store's access list)
+    _back_to_protected(ctx, item)
+    if "replicate_id" not in ctx.data:
+        pending = storeacl.grant_pending(ctx.s, item, ctx.now)
+        if pending is not None:
+            return wait(75, pending)
     # one replication now: a resync (only differing blocks travel) when the source's engine
     # was fenced or must repair, else a delta cycle
     kind, rargs = ("resync", {"by_hand": True}) if res.get("resync") else ("cycle", {})
