@@ -22,6 +22,7 @@ from drsite.vault.api.agent import PUSH_POLL_S
 from drsite.vault.app import create_app
 from drsite.vault.context import Vault
 from drsite.vault.db.database import Database
+from drsite.vault.db.sealed import attach_sealer
 from drsite.vault.settings import VaultSettings
 
 
@@ -54,7 +55,7 @@ class Served:
 
     def enqueue(self, db: Database | None = None) -> tuple[str, float]:
         with (db or self.vault.db).tx() as s:
-            cmd = commands.enqueue(s, host_id=self.host_id, kind="retention", item_id=None,
+            cmd = commands.enqueue(s, host_id=self.host_id, kind="retention", item_id="i-1",
                                    args={}, now=time.time())
             cid = cmd.id
         return cid, time.monotonic()
@@ -114,6 +115,8 @@ def test_commands_reach_a_waiting_agent_in_milliseconds(served: Served) -> None:
 def test_a_command_written_by_another_process_arrives_by_the_fallback_poll(
         served: Served) -> None:
     other = Database(served.vault.db.url)   # no in-process wake-up hooks: like another process
+    # another process opens the database with the same master key (commands.args is sealed)
+    attach_sealer(other.engine, served.vault.db.engine.dialect.drsite_sealer)  # type: ignore[attr-defined]
     got: dict[str, float] = {}
     stop = threading.Event()
     t = threading.Thread(target=_receiver, args=(served.link, got, stop, []), daemon=True)

@@ -14,8 +14,10 @@ import pytest
 from sqlalchemy import select
 
 from drsite.core.errors import PointNotAuthentic
+from drsite.core.states import ItemProtection
 from drsite.sitestore.acl import AclState, acl_digest
-from drsite.vault.db.models import Command
+from drsite.vault import storeacl
+from drsite.vault.db.models import Command, Item
 from drsite.vault.testing import Harness
 from tests.integration.test_vault_api import policy_and_group, protect, two_sites
 from tests.integration.test_vault_trust import security_alerts
@@ -88,3 +90,38 @@ def test_a_refused_point_raises_a_security_alert(h: Harness) -> None:
     trail = h.ok("GET", "/audit?limit=200")["entries"]
     assert [e for e in trail if e["action"] == "agent.retention"
             and e["error_code"] == "point_not_authentic"]
+
+
+def test_a_grant_is_not_confirmed_while_another_list_is_in_flight(h: Harness) -> None:
+    """A failover makes the item read-only for its source; a cancel makes it writable again —
+    the very list the store agent may still hold. A reply carrying the read-only list may then
+    be in flight: until the agent confirms the list sent last, the grant stays pending (the
+    source's first write would be refused otherwise)."""
+    a, b = two_sites(h)
+    policy_and_group(h)
+    item_id = protect(h, a)
+    held = b.store_acl
+    with h.vault.db.tx() as s:
+        item = s.get(Item, item_id)
+        assert item is not None and storeacl.grant_pending(s, item, h.clock.now()) is None
+        item.status = ItemProtection.FAILED_OVER
+    # the heartbeat's reply carries the read-only list; the agent has not applied it yet
+    reply = b.beat(store_url=b.store_url)
+    assert reply["store_acl"]["items"][item_id]["writer"] == ""
+    b.store_acl = held
+    with h.vault.db.tx() as s:
+        item = s.get(Item, item_id)
+        assert item is not None
+        item.status = ItemProtection.PROTECTED   # cancelled: the held list grants writes again
+        assert storeacl.grant_pending(s, item, h.clock.now()) is not None
+    # the agent applies the read-only list, reports it, gets the writable one, confirms it
+    b.store_acl = reply["store_acl"]
+    b.beat(store_url=b.store_url)
+    with h.vault.db.tx() as s:
+        item = s.get(Item, item_id)
+        assert item is not None and storeacl.grant_pending(s, item, h.clock.now()) is not None
+    b.beat(store_url=b.store_url)
+    with h.vault.db.tx() as s:
+        item = s.get(Item, item_id)
+        assert item is not None and storeacl.grant_pending(s, item, h.clock.now()) is None
+    assert b.store_acl is not None and b.store_acl["items"][item_id]["writer"] == a.host_id

@@ -113,7 +113,13 @@ def reply_fields(s: Session, host: Host, agent_digest: str | None, now: float) -
     if host.store_acl_digest != agent_digest:
         host.store_acl_digest = agent_digest
     doc = access_list(s, host, now)
-    if agent_digest is not None and agent_digest == acl_digest(doc):
+    want = acl_digest(doc)
+    # heartbeats of one agent are sequential and each reply is applied before the next beat:
+    # what the agent reports now already reflects (or lost) every earlier reply, so the only
+    # list in flight is the one this reply carries
+    if host.store_acl_sent != want:
+        host.store_acl_sent = want
+    if agent_digest is not None and agent_digest == want:
         return {}
     return {"store_acl": doc}
 
@@ -126,7 +132,13 @@ def grant_pending(s: Session, item: Item, now: float) -> str | None:
     if host is None:
         return None
     doc = access_list(s, host, now)
-    if item.id in doc["items"] and host.store_acl_digest == acl_digest(doc):
+    grant = doc["items"].get(item.id)
+    want = acl_digest(doc)
+    # confirmed only when the agent holds this very list and no other one is in flight: after
+    # a failover is cancelled the list flips back to one the agent still holds, while a reply
+    # with the read-only list may not have reached it yet
+    if grant is not None and grant["writer"] == item.host_id \
+            and host.store_acl_digest == want and host.store_acl_sent in (None, want):
         return None
     return (f"waiting for the store agent of the target site ({host.name}) to receive the "
             "item's access grant (next heartbeat)")

@@ -83,6 +83,9 @@ class Host(Base):
     revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     # digest of the store access list the agent last said it holds (migration 0005)
     store_acl_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # digest of the list last put in a heartbeat reply to it (migration 0007): while it differs
+    # from ``store_acl_digest`` a list is in flight and no grant is confirmed
+    store_acl_sent: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class Vm(Base):
@@ -141,7 +144,7 @@ class Group(Base):
     store_id: Mapped[int | None] = mapped_column(ForeignKey("stores.id"), nullable=True)
     # a drill schedule over the group's protected VMs (migration 0006; vault/drills.py)
     drill: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
-    # the group this one mirrors (migration 0007): re-protect puts reverse items in a group
+    # the group this one mirrors (migration 0008): re-protect puts reverse items in a group
     # with reverse_of_id = the forward group; a failback's items go back to reverse_of_id
     reverse_of_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
@@ -188,7 +191,7 @@ class Item(Base):
     # scrub (migration 0006): when the current pass was started, and the last report's summary
     last_scrub_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     scrub: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
-    # the VM's one identity across failover and failback (migration 0007): the id of the first
+    # the VM's one identity across failover and failback (migration 0008): the id of the first
     # item that protected it; re-protect's reverse item (and failback's) inherits it
     lineage_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 

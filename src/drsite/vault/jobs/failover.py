@@ -440,13 +440,18 @@ def resume_source(ctx: TaskContext) -> Step:
         return got
     powered = " (VM powered on)" if args["power_on"] else ""
     res = dict(got.result or {})
-    # the source is the primary again: its site store must let it write before it replicates
-    # (a failed-over item has no writer in the store's access list)
+    # the source may write again: the item is protected (the job still holds it, so the
+    # scheduler does not drive it yet) and its site store must grant the source's writes
+    # before the first one (an old primary only reads a failed-over item); once the
+    # replication is sent the grant was confirmed, and a later list does not hold it back
     _back_to_protected(ctx, item)
-    if "replicate_id" not in ctx.data:
-        pending = storeacl.grant_pending(ctx.s, item, ctx.now)
-        if pending is not None:
-            return wait(75, pending)
+    pending = None if "replicate_id" in ctx.data else storeacl.grant_pending(ctx.s, item, ctx.now)
+    if pending is not None:
+        store = storeacl.store_host(ctx.s, item)
+        if store is not None and not host_up(store, ctx):
+            return done(f"the source took the item back{powered}; the recovery store's host "
+                        f"{store.name} is down: replication resumes when it returns")
+        return wait(75.0, pending)
     # one replication now: a resync (only differing blocks travel) when the source's engine
     # was fenced or must repair, else a delta cycle
     kind, rargs = ("resync", {"by_hand": True}) if res.get("resync") else ("cycle", {})
