@@ -9,8 +9,9 @@ same result. States and invariants: ``design.md`` next to this file.
 Responsible for: the order of the steps (power, final cycle, images, VM creation, generation,
 power on), the proofs (images verified against the point, or against the source for a planned
 failover) and the timings (RTO = request → recovery VM running). Not responsible for: the vault's
-jobs or database (a later issue wires these actions into jobs and agents), creating networks,
-serialising two actions on the same item (the caller runs one at a time).
+jobs or database (``vault/jobs/failover.py`` runs these actions as agent commands, through the
+agent's ``FailoverHost``), creating networks, serialising two actions on the same item (the
+caller — the vault's job, one per item — runs one at a time).
 """
 
 from __future__ import annotations
