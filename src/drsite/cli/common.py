@@ -37,6 +37,56 @@ CaOpt = typer.Option(None, "--ca-file", envvar="DRSITE_CA_FILE", help="The vault
 JsonOpt = typer.Option(False, "--json", help="Print JSON for scripts.")
 
 
+WhereOpt = typer.Option([], "--where", metavar="FIELD=VALUE",
+                        help="Only rows whose FIELD (a --json key) is VALUE (case-insensitive; "
+                             "repeat to combine).")
+SortOpt = typer.Option(None, "--sort", metavar="FIELD",
+                       help="Sort by FIELD (a --json key; -FIELD: descending; empty values last).")
+
+
+def select_rows(rows: Sequence[dict[str, Any]], where: Sequence[str],
+                sort: str | None) -> list[dict[str, Any]]:
+    """A list command's rows filtered by ``--where FIELD=VALUE`` (all must hold) and ordered by
+    ``--sort [-]FIELD``; a field no row has is refused with the fields there are."""
+    out = list(rows)
+    fields = sorted({k for r in out for k in r})
+
+    def known(field: str, opt: str) -> str:
+        if fields and field not in fields:
+            raise InvalidInput(f"{opt}: no field {field!r} in these rows",
+                               hint=f"Use one of: {', '.join(fields)} (the keys of --json).")
+        return field
+
+    for cond in where:
+        field, sep, value = cond.partition("=")
+        if not sep or not field.strip():
+            raise InvalidInput(f"--where {cond!r} is not FIELD=VALUE",
+                               hint="Write e.g. --where site=primary --where health=critical.")
+        key = known(field.strip(), "--where")
+        out = [r for r in out if _text(r.get(key)).lower() == value.strip().lower()]
+    if sort:
+        desc = sort.startswith("-")
+        key = known(sort.lstrip("-"), "--sort")
+        present = [r for r in out if r.get(key) is not None]
+        absent = [r for r in out if r.get(key) is None]
+        present.sort(key=lambda r: _sort_key(r.get(key)), reverse=desc)
+        out = present + absent
+    return out
+
+
+def _text(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return "" if v is None else str(v)
+
+
+def _sort_key(v: Any) -> tuple[int, float, str]:
+    """Numbers by value before text by its letters (a column may hold both)."""
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        return (0, float(v), "")
+    return (1, 0.0, _text(v).lower())
+
+
 def client(vault: str | None, token: str | None, ca_file: Path | None) -> VaultClient:
     return VaultClient(VaultConfig.from_env(vault, token, ca_file))
 

@@ -1,5 +1,5 @@
 """Command groups over the vault's operator API: sites, hosts, items and points, jobs, health,
-alerts, tokens, audit. Thin: parse options, call the client, render. (VMs: ``vms_cmd``;
+alerts, events, tokens, audit. Thin: parse options, call the client, render. (VMs: ``vms_cmd``;
 policies and groups: ``protection_cmd``; failover: ``failover_cmd``.)"""
 
 from __future__ import annotations
@@ -15,9 +15,12 @@ from drsite.cli.common import (
     EXIT_JOB_FAILED,
     Conn,
     ItemArg,
+    SortOpt,
+    WhereOpt,
     console,
     follow_job,
     item_ref,
+    select_rows,
     show,
     vault_command,
 )
@@ -31,6 +34,8 @@ items = typer.Typer(help="Protected items: one per protected VM and direction of
                          "follows a VM across them).", no_args_is_help=True)
 jobs = typer.Typer(help="Jobs: every long operation, with its tasks.", no_args_is_help=True)
 alerts = typer.Typer(help="Alerts raised by health checks.", no_args_is_help=True)
+events = typer.Typer(help="The event trail: what happened to items, jobs, hosts, groups, …",
+                     no_args_is_help=True)
 tokens = typer.Typer(help="API tokens for operators (admin only).", no_args_is_help=True)
 audit = typer.Typer(help="The audit trail: who did what, from where, when (admin only).",
                     no_args_is_help=True)
@@ -55,10 +60,11 @@ def sites_create(conn: Conn, name: str,
 
 
 @vault_command(hosts, "list")
-def hosts_list(conn: Conn) -> None:
+def hosts_list(conn: Conn, where: list[str] = WhereOpt, sort: str | None = SortOpt) -> None:
     """List registered hosts and whether their agent is up."""
     with conn.client() as c:
-        show(c.hosts(), ["id", "name", "site", "up", "last_heartbeat", "store_url"],
+        show(select_rows(c.hosts(), where, sort),
+             ["id", "name", "site", "up", "last_heartbeat", "store_url"],
              title="hosts", json_out=conn.json)
 
 
@@ -129,13 +135,14 @@ def item_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @vault_command(items, "list")
 def items_list(conn: Conn,
                all_items: bool = typer.Option(False, "--all", help="Also removed, failed and "
-                                                                   "re-protected items.")) -> None:
+                                                                   "re-protected items."),
+               where: list[str] = WhereOpt, sort: str | None = SortOpt) -> None:
     """List protected items with health and measured RPO. Status: the replication state of a
     protected item (protected, resyncing, …), or where a failover holds it (failed_over,
     committed, reprotected)."""
     with conn.client() as c:
-        show(item_rows(c.items(all_items=all_items)), ITEM_COLS, title="protected items",
-             json_out=conn.json)
+        show(select_rows(item_rows(c.items(all_items=all_items)), where, sort), ITEM_COLS,
+             title="protected items", json_out=conn.json)
 
 
 @vault_command(items, "show")
@@ -258,11 +265,11 @@ def items_resync(conn: Conn, item_id: str = ItemArg, wait: bool = WaitOpt) -> No
 def jobs_list(conn: Conn,
               state: str | None = typer.Option(None, help="A job state, or active."),
               kind: str | None = typer.Option(None, help="A job kind, e.g. EnableProtection."),
-              limit: int = typer.Option(50, min=1, max=1000, help="How many, newest first.")
-              ) -> None:
-    """List jobs, newest first."""
+              limit: int = typer.Option(50, min=1, max=1000, help="How many, newest first."),
+              where: list[str] = WhereOpt, sort: str | None = SortOpt) -> None:
+    """List jobs, newest first (--where and --sort apply to the LIMIT newest)."""
     with conn.client() as c:
-        show(c.jobs(state=state, kind=kind, limit=limit),
+        show(select_rows(c.jobs(state=state, kind=kind, limit=limit), where, sort),
              ["id", "kind", "target", "state", "progress", "created_at"], title="jobs",
              json_out=conn.json)
 
@@ -339,12 +346,13 @@ ALERT_COLS = ["id", "severity", "kind", "subject", "message", "raised_at"]
 
 @vault_command(alerts, "list")
 def alerts_list(conn: Conn,
-                all_alerts: bool = typer.Option(False, "--all", help="Also cleared alerts.")
-                ) -> None:
+                all_alerts: bool = typer.Option(False, "--all", help="Also cleared alerts."),
+                where: list[str] = WhereOpt, sort: str | None = SortOpt) -> None:
     """List open alerts, newest first (--all: also the cleared ones)."""
     with conn.client() as c:
         rows = c.alerts(state=None if all_alerts else "active")
-    rows = [{**a, "state": "open" if a.get("active") else "cleared"} for a in rows]
+    rows = select_rows([{**a, "state": "open" if a.get("active") else "cleared"} for a in rows],
+                       where, sort)
     show(rows, [*ALERT_COLS, *(["state"] if all_alerts else [])],
          title="alerts" if all_alerts else "open alerts", json_out=conn.json)
 
@@ -355,6 +363,19 @@ def alerts_ack(conn: Conn, alert_id: str) -> None:
     with conn.client() as c:
         c.ack_alert(alert_id)
     console.print(f"alert {alert_id} acknowledged")
+
+
+@vault_command(events, "list")
+def events_list(conn: Conn,
+                kind: str | None = typer.Option(None, help="Only events of this kind (item, job, "
+                                                          "host, group, alert, store, …)."),
+                subject: str | None = typer.Option(None, help="Only events about this subject "
+                                                             "(an item id, a job id, …)."),
+                limit: int = typer.Option(50, min=1, max=1000, help="Events to show.")) -> None:
+    """List events, newest first."""
+    with conn.client() as c:
+        show(c.events(kind=kind, subject=subject, limit=limit),
+             ["at", "kind", "subject", "message"], title="events", json_out=conn.json)
 
 
 @vault_command(tokens, "create")

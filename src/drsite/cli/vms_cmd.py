@@ -8,7 +8,17 @@ from typing import Any
 
 import typer
 
-from drsite.cli.common import Conn, console, follow_job, parse_size, show, vault_command
+from drsite.cli.common import (
+    Conn,
+    SortOpt,
+    WhereOpt,
+    console,
+    follow_job,
+    parse_size,
+    select_rows,
+    show,
+    vault_command,
+)
 from drsite.cli.resources import resolve_host
 from drsite.core.errors import InvalidInput, NotFound
 
@@ -43,10 +53,11 @@ def _size(n: int) -> str:
 @vault_command(vms, "list")
 def vms_list(conn: Conn,
              all_vms: bool = typer.Option(False, "--all", help="Also VMs no longer reported "
-                                                               "(deleted).")) -> None:
+                                                               "(deleted)."),
+             where: list[str] = WhereOpt, sort: str | None = SortOpt) -> None:
     """List VMs reported by the agents (power, disks, networks, the item protecting each)."""
     with conn.client() as c:
-        rows = c.vms(all_vms=all_vms)
+        rows = select_rows(c.vms(all_vms=all_vms), where, sort)
     show([_row(v) for v in rows] if not conn.json else rows, VM_COLS, title="VMs",
          json_out=conn.json)
 

@@ -249,6 +249,13 @@ class VaultClient:
     def ack_alert(self, alert_id: str) -> None:
         self._call("POST", f"/alerts/{alert_id}/ack")
 
+    def events(self, *, kind: str | None = None, subject: str | None = None,
+               limit: int = 200) -> list[dict[str, Any]]:
+        """The event trail, newest first (``kind``: item, job, host, …; ``subject``: its id)."""
+        params = {k: v for k, v in {"kind": kind, "subject": subject, "limit": limit}.items()
+                  if v is not None}
+        return list(self._call("GET", "/events", params=params))
+
     def health(self) -> dict[str, Any]:
         return dict(self._call("GET", "/health"))
 

@@ -34,7 +34,7 @@ from drsite.vault.api.deps import Principal
 from drsite.vault.api.schemas import VerifyIn
 from drsite.vault.api.views import failover_view, job_view
 from drsite.vault.context import Vault
-from drsite.vault.db.models import Failover, Item, Job, Point
+from drsite.vault.db.models import Event, Failover, Item, Job, Point
 from drsite.vault.jobs import create, item_actions
 from drsite.vault.jobs.registry import HANDLERS
 from drsite.vault.membership import items_by_vm
@@ -378,10 +378,23 @@ def alerts(vault: Vault, user: WebUser, query: ListQuery) -> dict[str, Any]:
 EVENT_SORTS = ("at", "kind", "subject")
 
 
+EVENT_LIST_MAX = 1000
+
+
 def events(vault: Vault, user: WebUser, query: ListQuery) -> dict[str, Any]:
-    rows = operations.list_events(vault, principal(user), limit=1000)
-    page = paginate(rows, query, search=("kind", "subject", "message"))
-    return {"page": page, "query": query, "kinds": sorted({str(e.get("kind")) for e in rows})}
+    """Events, newest first: the API's newest ``EVENT_LIST_MAX`` of the kind asked for (so a
+    kind reaches older events), searched, sorted and paged here, with how many exist."""
+    kind = query.filters.get("kind")
+    with vault.db.read() as s:
+        kinds = sorted(s.scalars(select(Event.kind).distinct()))
+        count = select(func.count()).select_from(Event)
+        existing = int(s.scalar(count.where(Event.kind == kind) if kind else count) or 0)
+    # an unknown kind matches nothing (a list's bad parameter is never an error page)
+    rows = [] if kind and kind not in kinds else operations.list_events(
+        vault, principal(user), limit=EVENT_LIST_MAX, kind=kind or None)
+    page = paginate(rows, replace(query, filters={}), search=("kind", "subject", "message"))
+    return {"page": page, "query": query, "kinds": kinds, "existing": existing,
+            "listed_max": EVENT_LIST_MAX}
 
 
 def sites(vault: Vault, user: WebUser) -> dict[str, Any]:

@@ -95,10 +95,15 @@ def ack_alert(alert_id: str, vault: VaultDep, _p: Operator) -> dict[str, Any]:
         return alert_view(a)
 
 
-@router.get("/events", summary="The event trail, newest first")
-def list_events(vault: VaultDep, _p: Reader, limit: int = 200) -> list[dict[str, Any]]:
+@router.get("/events", summary="The event trail, newest first (kind and subject: exact matches)")
+def list_events(vault: VaultDep, _p: Reader, limit: int = 200, kind: str | None = None,
+                subject: str | None = None) -> list[dict[str, Any]]:
+    q = select(Event).order_by(Event.at.desc(), Event.id.desc()).limit(_limit(limit))
+    if kind is not None:
+        q = q.where(Event.kind == name("event kind", kind))
+    if subject is not None:
+        q = q.where(Event.subject == subject[:128])
     with vault.db.read() as s:
-        q = select(Event).order_by(Event.at.desc(), Event.id.desc()).limit(_limit(limit))
         return [event_view(e) for e in s.scalars(q)]
 
 
