@@ -131,6 +131,10 @@ def test_failback_verb_one_lineage_home_group_and_the_unplanned_after_failback(h
     r = h.ok("GET", f"/items/{rev}")
     assert r["lineage_id"] == first and r["origin_item_id"] == first and r["group"] == "g1-reverse"
     assert h.ok("GET", f"/items/{first}?")["protection"] == "reprotected"
+    # the committed item's warning ("re-protect it") ends with the re-protect
+    h.tick()
+    old = h.ok("GET", f"/items/{first}")
+    assert (old["health"], old["health_reasons"]) == ("normal", []), old
 
     # failback, asked on the ORIGINAL item: the reverse item fails over home, and the stopped
     # original VM is replaced by the one made from the reverse item's final point

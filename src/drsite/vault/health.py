@@ -15,7 +15,9 @@ An item held by a failover does not replicate; its health says what it waits for
 (:func:`failover_health`): **critical** when the failover's job failed after it reached the
 recovery site (the item is left ``failed_over`` for a cancel; nothing replicates until then),
 **warning** once committed and not re-protected (the VM is unprotected), normal while a
-failover runs or waits for its commit (its state says so).
+failover runs or waits for its commit (its state says so). An item that is over
+(``reprotected``: a reverse item protects the VM now; ``removed``) is normal with no reasons:
+what its last pass said (e.g. "re-protect it") is no longer true.
 
 An agent is up when its last heartbeat is younger than ``missed_heartbeats × heartbeat_interval``.
 
@@ -232,6 +234,7 @@ class HealthMonitor:
                     f"the last drill of {what} failed ({drill.id}): "
                     f"{rep.get('error') or _drill_reason(rep)}")
             self._failover_items(s, conditions)
+            self._items_over(s)
             self._sync_alerts(s, conditions, now)
 
     @staticmethod
@@ -257,6 +260,16 @@ class HealthMonitor:
                 conditions[f"critical:{item.id}"] = (
                     "critical", "critical", item.vm_name,
                     f"{item.vm_name}: {'; '.join(ih.reasons)}")
+
+    @staticmethod
+    def _items_over(s: Session) -> None:
+        """Items no pass looks at any more (re-protected, removed) lose the health their last
+        pass gave them."""
+        for item in s.scalars(select(Item).where(
+                Item.status.in_((ItemProtection.REPROTECTED, ItemProtection.REMOVED)),
+                Item.health != Health.NORMAL.value)):
+            item.health = Health.NORMAL.value
+            item.health_reasons = []
 
     def _sync_alerts(self, s: Session, conditions: dict[str, tuple[str, str, str, str]],
                      now: float) -> None:
