@@ -480,7 +480,7 @@ def test_focus_stays_across_live_refreshes_and_lists_page(env: Env, page: Any) -
     until("a live refresh", lambda: page.evaluate("window.__swaps") >= 2, 20)
     assert page.evaluate("document.activeElement.getAttribute('href')") == href
     # search, sort by a column, and a page of jobs at a time
-    page.fill("input[name=q]", "web")
+    page.fill("input[name=q]", "app-01")
     page.click("form.list-form button[type=submit]")
     expect_text(page.locator(".pager .count"), r"of 1 protected VMs")
     page.goto(f"{env.url}/ui/jobs?limit=20")

@@ -35,7 +35,8 @@ def up(data: Path = DataOpt,
         f"{c.root}/<site>/import\n"
         f"logs    {c.root / 'logs'}\n\nTo use the CLI against it:\n{lines}\n\n"
         f"Then e.g. 'drsite hosts list', 'drsite vms create app-01 --site primary --disk 1G', "
-        f"'drsite jobs list'.\nDashboard: {c.vault_url}/ui (log in with the token above)."
+        f"'drsite jobs list'.\nDashboard: {c.vault_url}/ui (log in with the token in "
+        f"{c.root / 'vault' / 'admin.token'})."
         + (f"\nStop with 'drsite down --data {data}'." if detach
            else "\nCtrl-C stops everything."),
         title="drsite is up"))
