@@ -182,6 +182,23 @@ def test_lists_sort_filter_search_and_page(h: Harness) -> None:
     assert "Showing" in events and "EnableProtection" in events
 
 
+def test_alerts_beyond_the_newest_thousand_say_so(h: Harness) -> None:
+    populate(h)
+    login(h, h.admin)
+    now = h.clock.now()
+    with h.vault.db.tx() as s:
+        for i in range(1003):
+            s.add(Alert(key=f"rpo:y{i}", kind="rpo", severity="warning", subject=f"vm{i}",
+                        message="RPO", raised_at=now - i, last_seen_at=now))
+        s.add(Alert(key="old", kind="critical", severity="critical", subject="gone",
+                    message="was critical", raised_at=now - 5, last_seen_at=now - 4,
+                    cleared_at=now - 3))
+    page = h.client.get("/ui/alerts").text
+    assert re.search(r"10\d\d alerts exist in this state; the newest 1000 are grouped here", page)
+    cleared = h.client.get("/ui/alerts?state=cleared").text
+    assert "was critical" in cleared and "are grouped here" not in cleared
+
+
 def test_events_beyond_the_newest_thousand_by_kind(h: Harness) -> None:
     """The events page lists the newest 1000 and says so; a kind is filtered by the API, so an
     old event of a rare kind is still found; an unknown kind matches nothing (no error)."""

@@ -34,7 +34,7 @@ from drsite.vault.api.deps import Principal
 from drsite.vault.api.schemas import VerifyIn
 from drsite.vault.api.views import failover_view, job_view
 from drsite.vault.context import Vault
-from drsite.vault.db.models import Event, Failover, Item, Job, Point
+from drsite.vault.db.models import Alert, Event, Failover, Item, Job, Point
 from drsite.vault.jobs import create, item_actions
 from drsite.vault.jobs.registry import HANDLERS
 from drsite.vault.membership import items_by_vm
@@ -351,6 +351,7 @@ def audit(vault: Vault, user: WebUser, actor: str | None, before: int | None) ->
 
 
 ALERT_SEVERITY = {"critical": 0, "warning": 1}
+ALERT_LIST_MAX = 1000
 
 
 def alerts(vault: Vault, user: WebUser, query: ListQuery) -> dict[str, Any]:
@@ -358,7 +359,14 @@ def alerts(vault: Vault, user: WebUser, query: ListQuery) -> dict[str, Any]:
     alerts): groups with a critical alert first, then by size; each group newest first."""
     state = query.filters.get("state", "active")
     rows = operations.list_alerts(vault, principal(user),
-                                  state=None if state == "all" else state, limit=1000)
+                                  state=None if state == "all" else state, limit=ALERT_LIST_MAX)
+    with vault.db.read() as s:
+        count = select(func.count()).select_from(Alert)
+        if state == "active":
+            count = count.where(Alert.cleared_at.is_(None))
+        elif state == "cleared":
+            count = count.where(Alert.cleared_at.is_not(None))
+        existing = int(s.scalar(count) or 0)
     unfiltered = replace(query, filters={k: v for k, v in query.filters.items() if k != "state"},
                          limit=1000, offset=0)
     found = paginate(rows, unfiltered, search=("kind", "subject", "message", "severity")).rows
@@ -371,7 +379,8 @@ def alerts(vault: Vault, user: WebUser, query: ListQuery) -> dict[str, Any]:
                         "severity": min((str(a.get("severity")) for a in v),
                                         key=lambda x: ALERT_SEVERITY.get(x, 2))}
                        for k, v in ordered],
-            "total": len(found), "state": state, "query": query,
+            "total": len(found), "state": state, "query": query, "existing": existing,
+            "listed_max": ALERT_LIST_MAX,
             "kinds": sorted({str(a.get("kind")) for a in rows})}
 
 
