@@ -36,7 +36,7 @@ from benchlib import MiB, best, cache_note, mib, rate, try_drop_caches, workdir,
 from drsite.core.model import DiskSpec, VmSpec
 from drsite.hypervisors.qemu.driver import QemuHypervisor
 from drsite.hypervisors.qemu.readers import NbdDiskReader
-from drsite.replication.driver import read_ahead
+from drsite.replication.driver import read_batches
 
 GRANULE = 64 * 1024
 GOAL = 0.7
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
             def engine_read() -> float:
                 t = time.perf_counter()
-                got = sum(len(b) for _, b in read_ahead(reader, changed.split(4 * MiB), 4 * MiB))
+                got = sum(len(b) for _, _, b in read_batches(reader, changed.split(4 * MiB), 4 * MiB))
                 assert got == total
                 return time.perf_counter() - t
 

@@ -1,4 +1,5 @@
-"""Run the benchmarks (initial, delta, resync) and append a dated section to bench/RESULTS.md.
+"""Run the benchmarks (initial, delta, resync, churn) and append a dated section to
+bench/RESULTS.md.
 
 Each benchmark runs as its own process (``bench/<name>.py --json FILE``); its output streams to
 the console and its figures are collected into a table with the machine's description (nproc,
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -21,26 +23,41 @@ from typing import Any
 
 from benchlib import BENCH_DIR, DEFAULT_OUT, MiB, cache_note, machine_info
 
-BENCHES = ("initial", "delta", "resync")
+BENCHES = ("initial", "delta", "resync", "churn")
 OPTIONAL = ("scale",)  # run only when asked for (--scale, or named in --only)
 QUICK_ARGS = {
     "scale": ["--quick"],
     "initial": ["--size-mib", "256"],
     "delta": ["--disk-mib", "256", "--write-mib", "16"],
     "resync": ["--size-mib", "256"],
+    "churn": ["--quick"],
 }
+# the churn curve of a full run is the one committed beside RESULTS.md (linked from it)
+PLOTS = {"churn": (BENCH_DIR / "churn.png", BENCH_DIR / "out" / "churn-quick.png")}
 
 
-def run_one(name: str, quick: bool, wd: Path | None, out_json: Path) -> tuple[int, float]:
+def run_one(name: str, quick: bool, wd: Path | None, out_json: Path,
+            extra: list[str]) -> tuple[int, float]:
     cmd = [sys.executable, str(BENCH_DIR / f"{name}.py"), "--json", str(out_json)]
     if quick:
         cmd += QUICK_ARGS[name]
+    if name in PLOTS:
+        cmd += ["--plot", str(PLOTS[name][1 if quick else 0])]
+    cmd += extra
     if wd is not None:
         cmd += ["--workdir", str(wd)]
     print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.perf_counter()
     rc = subprocess.run(cmd, cwd=BENCH_DIR.parent).returncode
     return rc, time.perf_counter() - t0
+
+
+def _uptime() -> str:
+    """The load averages as ``uptime`` prints them (1, 5, 15 minutes)."""
+    try:
+        return ", ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
 
 
 def _m(n: float) -> str:
@@ -70,6 +87,28 @@ def _scale_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def _churn_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    rows = [("churn: set-up", f"{r['target']} target, disk {r['disk_size'] / MiB / 1024:.0f} GiB"
+             f"{' prefilled' if r.get('prefilled') else ' sparse'}, window {r['window']:.0f} s, "
+             f"load {r['load_start']:.1f} → {r['load_end']:.1f}", "", "")]
+    for n, pr in r["patterns"].items():
+        lim = pr["unprotected_limit"]
+        goal = pr.get("goal")
+        eff = min(goal, lim) if goal else None
+        for f, c in pr.get("capacity", {}).items():
+            ok = eff is not None and c["rate"] >= eff and c["ratio"] >= r["ratio_goal"]
+            more = "; every rate tried passed" if c["all_passed"] else ""
+            rss = f", engine RSS ≤ {c['engine_rss_max'] / MiB:.0f} MiB" \
+                if c.get("engine_rss_max") else ""
+            rows.append((f"churn {n} {pr['pattern']} @ {float(f):g} s: highest rate with "
+                         f"RPO ≤ {r['rpo_factor']:.0f}×", f"**{c['rate'] / MiB:.0f} MiB/s** "
+                         f"(ratio {c['ratio']:.2f}{rss}; unprotected limit {lim / MiB:.0f} "
+                         f"MiB/s{more})", f"≥ {eff / MiB:.0f} MiB/s, ratio ≥ "
+                         f"{r['ratio_goal']}" if eff else "",
+                         ("met" if ok else "**not met**") if eff else ""))
+    return rows
+
+
 def rows_for(name: str, r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """(figure, value, goal, verdict) rows of one benchmark's JSON."""
     if name == "scale":
@@ -80,20 +119,29 @@ def rows_for(name: str, r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         def thr(t: float) -> str:
             return f"{size / MiB / t:.0f} MiB/s"
 
-        return [
-            ("initial: image", f"{_m(size)} logical, {_m(r['data_bytes'])} data "
-             f"({_m(r['random_bytes'])} random)", "", ""),
-            ("initial: cp --sparse=always + fsync (best)", f"{r['cp_best']:.2f} s, "
-             f"{thr(r['cp_best'])}", "reference", ""),
-            ("initial (a) to committed point (best)", f"{r['a_best']:.2f} s, {thr(r['a_best'])}, "
-             f"ratio **{r['ratio_a']:.2f}**", f"≥ {r['goal']}",
-             "met" if r["ratio_a"] >= r["goal"] else "**not met**"),
-            ("initial (b) incl. replica hydration (best)", f"{r['b_best']:.2f} s, "
-             f"{thr(r['b_best'])}, ratio **{r['ratio_b']:.2f}**", f"≥ {r['goal']}",
-             "met" if r["ratio_b"] >= r["goal"] else "**not met**"),
-            ("initial: bytes read / sent / stored", f"{_m(r['bytes_read'])} / {_m(r['bytes_sent'])}"
-             f" / {_m(r['bytes_stored'])} (compression {r['compression']:.2f}x)", "", ""),
-        ]
+        goal_b = r.get("goal_replica", r["goal"])
+        rows = [("initial: image", f"{_m(size)} logical, {_m(r['data_bytes'])} data "
+                 f"({_m(r['random_bytes'])} random)", "", "")]
+        states = r.get("states") or {"cold" if r.get("cache_dropped") else "warm": r}
+        for st, x in states.items():
+            rows += [
+                (f"initial ({st}): cp --sparse=always + fsync (best)", f"{x['cp_best']:.2f} s, "
+                 f"{thr(x['cp_best'])}", "reference", ""),
+                (f"initial ({st}) (a) to committed point (best)", f"{x['a_best']:.2f} s, "
+                 f"{thr(x['a_best'])}, ratio **{x['ratio_a']:.2f}**", f"≥ {r['goal']}",
+                 "met" if x["ratio_a"] >= r["goal"] else "**not met**"),
+                (f"initial ({st}) (a0) same, compression off", f"{x['a0_best']:.2f} s, ratio "
+                 f"{x['ratio_a0']:.2f}", "", ""),
+                (f"initial ({st}) (b) incl. replica (best)", f"{x['b_best']:.2f} s, "
+                 f"{thr(x['b_best'])}, ratio **{x['ratio_b']:.2f}**", f"≥ {goal_b}",
+                 "met" if x["ratio_b"] >= goal_b else "**not met**"),
+            ]
+        rows.append(("initial: bytes read / sent / stored", f"{_m(r['bytes_read'])} / "
+                     f"{_m(r['bytes_sent'])} / {_m(r['bytes_stored'])} (compression "
+                     f"{r['compression']:.2f}x)", "", ""))
+        return rows
+    if name == "churn":
+        return _churn_rows(r)
     if name == "delta":
         return [
             ("delta: writes", f"{r['writes']} × {r['io']} B random "
@@ -128,10 +176,18 @@ def interpretation(name: str, r: dict[str, Any]) -> str:
             f"p99 /items {1000 * e['items_p99']:.0f} ms, /health {1000 * e['health_p99']:.0f} ms"
             for e in r["engines"])
     if name == "initial":
-        a_ok, b_ok = r["ratio_a"] >= r["goal"], r["ratio_b"] >= r["goal"]
-        return (f"initial: to a committed point at {r['ratio_a']:.2f}× cp's throughput "
-                f"({'meets' if a_ok else 'misses'} the ≥ {r['goal']} goal); with replica hydration "
-                f"{r['ratio_b']:.2f}× ({'meets' if b_ok else 'misses'} it).")
+        goal_b = r.get("goal_replica", r["goal"])
+        states = r.get("states") or {"cold" if r.get("cache_dropped") else "warm": r}
+        return "initial: " + "; ".join(
+            f"{st}: to a committed point {x['ratio_a']:.2f}× cp's throughput "
+            f"({'meets' if x['ratio_a'] >= r['goal'] else 'misses'} ≥ {r['goal']}), with the "
+            f"replica {x['ratio_b']:.2f}× ({'meets' if x['ratio_b'] >= goal_b else 'misses'} "
+            f"≥ {goal_b})" for st, x in states.items()) + "."
+    if name == "churn":
+        return "churn: " + "; ".join(
+            f"{n} @ {float(f):g} s: {c['rate'] / MiB:.0f} MiB/s (ratio {c['ratio']:.2f})"
+            for n, pr in r["patterns"].items() for f, c in pr.get("capacity", {}).items()) + \
+            f" — plot: {r.get('plot', 'not drawn')}."
     if name == "delta":
         ok = r["ratio_distinct"] <= r["goal"]
         return (f"delta: ships {r['ratio_distinct']:.3f}× the distinct bytes written "
@@ -150,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale", action="store_true",
                     help="also run the control-plane scale benchmark (bench/scale.py)")
     ap.add_argument("--workdir", type=Path, default=None, help="passed to each benchmark")
+    ap.add_argument("--args", action="append", default=[], metavar="NAME=ARGS",
+                    help="more arguments for one benchmark, e.g. churn='--window 300'")
     ap.add_argument("--results", type=Path, default=BENCH_DIR / "RESULTS.md",
                     help="file the dated section is appended to")
     ap.add_argument("--no-record", action="store_true", help="do not append to the results file")
@@ -161,14 +219,19 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"unknown benchmark(s): {', '.join(bad)}")
 
+    extra: dict[str, list[str]] = {}
+    for spec in a.args:
+        n, _, rest = spec.partition("=")
+        extra.setdefault(n, []).extend(shlex.split(rest))
     info = machine_info(a.workdir or DEFAULT_OUT)
+    load_before = _uptime()
     results: dict[str, dict[str, Any]] = {}
     failed: dict[str, int] = {}
     elapsed: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench-json-") as tmp:
         for name in names:
             out = Path(tmp) / f"{name}.json"
-            rc, el = run_one(name, a.quick, a.workdir, out)
+            rc, el = run_one(name, a.quick, a.workdir, out, extra.get(name, []))
             elapsed[name] = el
             if rc != 0:
                 failed[name] = rc
@@ -180,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"## {stamp} — {'quick (small sizes)' if a.quick else 'full'} run", ""]
     lines += [f"- machine: {info['nproc']} CPUs ({info['cpu']}), {info['memory']} RAM, "
               f"Python {info['python']}, kernel {info['kernel']}",
+              f"- load (uptime) before / after: {load_before} / {_uptime()}",
               f"- filesystem: {info['filesystem']}",
               f"- tools: {info['cp']}; {info['rsync']}",
               f"- page cache: {cache_note(dropped)}",
@@ -195,6 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         if name in results:
             lines.append(f"- {interpretation(name, results[name])}")
+    plot = results.get("churn", {}).get("plot")
+    if plot and Path(plot).exists():
+        rel = Path(plot).resolve().relative_to(BENCH_DIR) if Path(plot).resolve().is_relative_to(
+            BENCH_DIR) else Path(plot)
+        lines += ["", f"RPO against churn, one line per I/O size: ![churn curve]({rel})"]
     for name, rc in failed.items():
         lines.append(f"- {name}: exited with status {rc} (see its output)")
     lines.append("")

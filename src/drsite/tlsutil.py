@@ -1,12 +1,12 @@
 """TLS contexts for drsite's HTTPS endpoints and a uvicorn runner that exposes the verified
 client certificate to the application.
 
-uvicorn 0.54 does not put the peer certificate in the ASGI scope. :func:`serve` and
-:func:`start_in_thread` run uvicorn with :class:`ClientCertH11Protocol`, a small subclass of its
-h11 protocol: when a TLS connection is made (after the handshake, so after the certificate was
-verified against the CA) it reads the peer's leaf certificate and adds
-``scope["extensions"]["tls"]["client_cert_der"]`` (DER bytes, or ``None``) to every request of that
-connection. :func:`peer_certificate` reads it back.
+uvicorn 0.54 does not put the peer certificate in the ASGI scope. :func:`serve`,
+:func:`serve_workers` (in every worker) and :func:`start_in_thread` run uvicorn with
+:class:`ClientCertH11Protocol`, a small subclass of its h11 protocol: when a TLS connection is
+made (after the handshake, so after the certificate was verified against the CA) it reads the
+peer's leaf certificate and adds ``scope["extensions"]["tls"]["client_cert_der"]`` (DER bytes,
+or ``None``) to every request of that connection. :func:`peer_certificate` reads it back.
 
 Responsible for: TLS >= 1.2 contexts trusting only the given CA, binding, starting and stopping
 uvicorn cleanly, and carrying the verified certificate to the app. Not responsible for:
@@ -21,12 +21,13 @@ import asyncio.selector_events
 import asyncio.sslproto
 import contextlib
 import logging
+import os
 import signal
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -276,6 +277,123 @@ def serve(app: ASGIApp, *, host: str, port: int, certfile: Path, keyfile: Path, 
         server.run(sockets=[sock])
     finally:
         sock.close()
+
+
+def _watch_parent(server: uvicorn.Server, parent: int) -> None:
+    """A worker stops (gracefully) when its supervisor is gone: no orphan keeps serving."""
+    while not server.should_exit:
+        if os.getppid() != parent:
+            log.warning("the supervising process %d is gone: this worker stops", parent)
+            server.should_exit = True
+            return
+        time.sleep(1.0)
+
+
+def _worker(make_app: Callable[[], ASGIApp], sock: socket.socket, *, host: str, port: int,
+            certfile: Path, keyfile: Path, cafile: Path, client_cert: ClientCertMode,
+            keep_alive_s: int, graceful_s: int, log_level: str, parent: int) -> None:
+    """One worker process: its own app (built after the fork), TLS context and uvicorn, on the
+    listening socket it inherited."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    ctx = server_context(certfile, keyfile, cafile, client_cert=client_cert)
+    app = make_app()
+    server = _Server(_config(app, ctx, host=host, port=port, keep_alive_s=keep_alive_s,
+                             graceful_s=graceful_s, log_level=log_level))
+    threading.Thread(target=_watch_parent, args=(server, parent), name="parent-watch",
+                     daemon=True).start()
+    server.run(sockets=[sock])
+
+
+def serve_workers(make_app: Callable[[], ASGIApp], *, workers: int, host: str, port: int,
+                  certfile: Path, keyfile: Path, cafile: Path,
+                  client_cert: Literal["optional", "required"], keep_alive_s: int = 60,
+                  graceful_s: int = 10, log_level: str = "info",
+                  restart_delay_s: float = 1.0) -> None:
+    """Serve over HTTPS with ``workers`` processes forked from this one, until SIGTERM/SIGINT.
+
+    This process binds ``host:port`` once and forks the workers; they share the listening
+    socket (the kernel gives each new connection to one worker that accepts it — the model of
+    gunicorn and of uvicorn's own ``--workers``, which needs an import string instead of an
+    app). Each worker calls ``make_app()`` after the fork (no connection, thread or event loop
+    crosses a fork) and runs uvicorn with :class:`ClientCertH11Protocol`, so every worker puts
+    the verified client certificate in the scope. This process only supervises: a worker that
+    exits while the server is not stopping is replaced after ``restart_delay_s``; SIGTERM/SIGINT
+    are passed on to every worker (each stops gracefully within ``graceful_s``; a worker still
+    there ``graceful_s + 10`` s later is killed) and the call returns. A worker whose
+    supervisor is killed stops by itself. Call it with no other thread running."""
+    if not 1 <= workers <= 64:
+        raise InvalidInput("workers must be between 1 and 64")
+    server_context(certfile, keyfile, cafile, client_cert=client_cert)  # bad files fail here
+    sock = _bind(host, port)
+    parent = os.getpid()
+    children: dict[int, int] = {}  # pid -> slot
+    stopping: list[float] = []  # when the stop began (a list: set from the signal handler)
+
+    def spawn(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 0
+            try:
+                _worker(make_app, sock, host=host, port=port, certfile=certfile,
+                        keyfile=keyfile, cafile=cafile, client_cert=client_cert,
+                        keep_alive_s=keep_alive_s, graceful_s=graceful_s, log_level=log_level,
+                        parent=parent)
+            except BaseException:  # reported, then the supervisor replaces this worker
+                log.exception("worker %d failed", os.getpid())
+                code = 1
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        children[pid] = slot
+        log.info("worker %d started (pid %d)", slot, pid)
+
+    def on_signal(sig: int, _frame: FrameType | None) -> None:
+        if not stopping:
+            stopping.append(time.monotonic())
+            log.info("received %s: stopping %d worker(s)", signal.Signals(sig).name, len(children))
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    old = {sg: signal.signal(sg, on_signal) for sg in (signal.SIGTERM, signal.SIGINT)}
+    log.info("serving https://%s:%d with %d workers (client certificate %s)", host,
+             sock.getsockname()[1], workers, client_cert)
+    try:
+        for slot in range(workers):
+            spawn(slot)
+        while children:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                if stopping and time.monotonic() - stopping[0] > graceful_s + 10:
+                    for p in list(children):
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(p, signal.SIGKILL)
+                time.sleep(0.2)
+                continue
+            if pid not in children:
+                continue
+            slot = children.pop(pid)
+            if stopping:
+                continue
+            log.warning("worker %d (pid %d) exited (%s); starting another in %.1f s", slot, pid,
+                        _exit_text(status), restart_delay_s)
+            time.sleep(restart_delay_s)
+            if not stopping:
+                spawn(slot)
+    finally:
+        for sg, h in old.items():
+            signal.signal(sg, h)
+        for p in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        sock.close()
+
+
+def _exit_text(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"signal {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit code {os.WEXITSTATUS(status)}"
 
 
 @dataclass

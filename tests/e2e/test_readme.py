@@ -27,7 +27,7 @@ def test_the_readme_commands_work_as_written(readme: ReadmeRun) -> None:
                  "RecoveryPlan shop", "open alerts", "StopVm app-01"):
         assert seen in out, seen
     with readme.cluster.client() as c:
-        items = c.items(all_items=True)
+        items = c.items(all="true")
         hist = c.item_history(items[0]["id"])
         legs = [(x["source_site"], x["target_site"], x["protection"]) for x in hist["items"]]
         # newest first: re-protected after the unplanned failover, the forward leg that

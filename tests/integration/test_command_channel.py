@@ -17,18 +17,18 @@ import pytest
 from drsite import tlsutil
 from drsite.agent.link import Command, VaultLink
 from drsite.pki import make_key_and_csr
-from drsite.vault import commands
-from drsite.vault.api.agent import PUSH_POLL_S
+from drsite.vault import commands, notify
 from drsite.vault.app import create_app
 from drsite.vault.context import Vault
 from drsite.vault.db.database import Database
 from drsite.vault.db.sealed import attach_sealer
+from drsite.vault.masterkey import load_keyring
 from drsite.vault.settings import VaultSettings
 
 
 class Served:
-    def __init__(self, tmp: Path) -> None:
-        settings = VaultSettings(data_dir=tmp / "vault", loop_interval=0.05)
+    def __init__(self, tmp: Path, db_url: str | None = None) -> None:
+        settings = VaultSettings(data_dir=tmp / "vault", loop_interval=0.05, db_url=db_url)
         app = create_app(settings)
         self.vault: Vault = app.state.vault
         v = self.vault
@@ -55,7 +55,8 @@ class Served:
 
     def enqueue(self, db: Database | None = None) -> tuple[str, float]:
         with (db or self.vault.db).tx() as s:
-            cmd = commands.enqueue(s, host_id=self.host_id, kind="retention", item_id="i-1",
+            # an itemless kind: the agent drops commands of no item but these (link.ITEMLESS_KINDS)
+            cmd = commands.enqueue(s, host_id=self.host_id, kind="store_rekey", item_id=None,
                                    args={}, now=time.time())
             cid = cmd.id
         return cid, time.monotonic()
@@ -112,11 +113,17 @@ def test_commands_reach_a_waiting_agent_in_milliseconds(served: Served) -> None:
         t.join(5)
 
 
+def another_process(served: Served, url: str) -> Database:
+    """The database as another vault process opens it: its own engine and master key, none of
+    this process's wake-up hooks."""
+    other = Database(url)
+    attach_sealer(other.engine, load_keyring(served.vault.settings.master_key_path))
+    return other
+
+
 def test_a_command_written_by_another_process_arrives_by_the_fallback_poll(
         served: Served) -> None:
-    other = Database(served.vault.db.url)   # no in-process wake-up hooks: like another process
-    # another process opens the database with the same master key (commands.args is sealed)
-    attach_sealer(other.engine, served.vault.db.engine.dialect.drsite_sealer)  # type: ignore[attr-defined]
+    other = another_process(served, served.vault.db.url)  # no in-process wake-up hooks
     got: dict[str, float] = {}
     stop = threading.Event()
     t = threading.Thread(target=_receiver, args=(served.link, got, stop, []), daemon=True)
@@ -124,15 +131,47 @@ def test_a_command_written_by_another_process_arrives_by_the_fallback_poll(
     try:
         time.sleep(0.3)
         cid, t0 = served.enqueue(other)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + served.vault.push_poll_s + 5
         while cid not in got and time.monotonic() < deadline:
             time.sleep(0.005)
         assert cid in got
-        assert got[cid] - t0 < PUSH_POLL_S + 1.0
+        assert got[cid] - t0 < served.vault.push_poll_s + 1.0
     finally:
         stop.set()
         t.join(5)
         other.dispose()
+
+
+def test_another_process_on_postgresql_wakes_the_wait_by_notification(
+        pg_url: str, tmp_path: Path) -> None:
+    """Several vault processes on PostgreSQL: a command another process commits is announced
+    (NOTIFY at commit, ``vault/notify.py``) and reaches the waiting agent at once, not at the
+    long poll's next look at the table (every 5 s while notifications work)."""
+    served = Served(tmp_path, pg_url)
+    other = another_process(served, pg_url)  # another vault process, with the notify hook
+    other.listen("after_flush", notify.after_flush)
+    got: dict[str, float] = {}
+    stop = threading.Event()
+    t = threading.Thread(target=_receiver, args=(served.link, got, stop, []), daemon=True)
+    t.start()
+    try:
+        assert served.vault.listener is not None and served.vault.listener.listening.wait(10)
+        assert served.vault.push_poll_s == notify.POLL_WITH_NOTIFY_S
+        time.sleep(0.3)
+        lat = []
+        for _ in range(5):
+            cid, t0 = served.enqueue(other)
+            deadline = time.monotonic() + 10
+            while cid not in got and time.monotonic() < deadline:
+                time.sleep(0.002)
+            assert cid in got
+            lat.append(got[cid] - t0)
+        assert max(lat) < 1.0, lat  # far below the 5 s poll: the notification woke it
+    finally:
+        stop.set()
+        t.join(5)
+        other.dispose()
+        served.close()
 
 
 def test_two_waiters_of_one_host_never_both_take_a_command(served: Served) -> None:

@@ -16,6 +16,7 @@ import pytest
 from drsite.core.errors import Conflict, Fenced
 from drsite.core.model import Consistency, DiskSpec, Nic, PowerState, VmSpec
 from drsite.failover import actions as fo
+from drsite.failover import reprotect as fo_reprotect
 from drsite.failover.network import NetworkMap, NetworkMapping, SubnetRule
 from drsite.hypervisors.file import FileHypervisor
 from drsite.replication.driver import ItemReplicator, ReplicationSettings
@@ -192,7 +193,7 @@ def test_planned_failover_loses_nothing_then_reprotect_and_failback(world: World
 
     # the recovery VM changes a little while the old primary is down
     changes = [world.write(hv_b, res.vm_id or "", "d0", 8 * MiB, n=3000) for _ in range(4)]
-    rp = fo.reprotect(item, "pf1", world.store_a)
+    rp = fo_reprotect.reprotect(item, "pf1", world.store_a)
     disk_bytes = 12 * MiB
     assert rp.item.item_id == "item-app-rev" and rp.generation == 2
     assert rp.disk_bytes == disk_bytes and rp.base_bytes_local > 0
@@ -203,7 +204,7 @@ def test_planned_failover_loses_nothing_then_reprotect_and_failback(world: World
     rp.item.replicator.run_cycle()
 
     original = hv_a.get_vm(item.vm_id)
-    fb = fo.failback(rp.item, world.store_b, to_original_vm=original)
+    fb = fo_reprotect.failback(rp.item, world.store_b, to_original_vm=original)
     back = hv_a.find_vm("app")
     assert fb.failover.vm_id == back.vm_id and back.power is PowerState.RUNNING
     assert back.nics == original.nics  # the original VM's own configuration

@@ -90,6 +90,27 @@ class World:
             self.hv.write(self.vm.vm_id, disk, off, data)
         self.model[disk][off:off + n] = data
 
+    def scatter(self, disk: str, seed: int, count: int, aligned: bool) -> None:
+        """A guest's queue of small scattered writes (4 KiB blocks or odd sizes, some zero) in
+        one batch: one log append for all, shared frames when shipped."""
+        rng = np.random.default_rng(seed)
+        size = SIZES[disk]
+        writes = []
+        for i in range(count):
+            if aligned:
+                off, n = int(rng.integers(0, size // 4096)) * 4096, 4096
+            else:
+                off = int(rng.integers(0, size - 1))
+                n = min(int(rng.integers(1, 9000)), size - off)
+            data = bytes(n) if i % 4 == 0 else rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+            writes.append((disk, off, data))
+            self.model[disk][off:off + n] = data  # later writes of the batch win
+        if self.rt is not None:
+            self.rt.vm.write_many(writes)
+        else:
+            for d, off, data in writes:
+                self.hv.write(self.vm.vm_id, d, off, data)
+
     def record(self) -> None:
         for p in self.repo().points():
             if p.point_id not in self.expected:
@@ -118,6 +139,8 @@ class World:
 ops = st.lists(st.one_of(
     st.tuples(st.just("write"), st.sampled_from(sorted(SIZES)), st.integers(0, 2 * MiB - 1),
               st.integers(1, 200 * KiB), st.booleans()),
+    st.tuples(st.just("scatter"), st.sampled_from(sorted(SIZES)), st.integers(0, 2**16),
+              st.integers(1, 300), st.booleans()),
     st.tuples(st.just("cycle")),
     st.tuples(st.just("engine_crash"), st.integers(0, 5)),
     st.tuples(st.just("guest_crash")),
@@ -137,6 +160,9 @@ def test_points_equal_source_under_crashes(steps: list[tuple[Any, ...]]) -> None
             if o[0] == "write":
                 _, disk, off, n, zero = o
                 w.write(disk, min(off, SIZES[disk] - 1), n, zero)
+            elif o[0] == "scatter":
+                _, disk, seed, count, aligned = o
+                w.scatter(disk, seed, count, aligned)
             elif o[0] == "cycle":
                 w.advance()
             elif o[0] == "engine_crash":

@@ -275,7 +275,7 @@ def test_groups(h: Harness) -> None:
     assert job["kind"] == "PolicyAssociation" and job["state"] == "succeeded"
     assert [t["name"] for t in job["tasks"]] == ["apply_settings", "protect_vms"]
     assert "2 EnableProtection" in job["message"]  # hv1 holds both VMs
-    enable = h.ok("GET", "/jobs?kind=EnableProtection")
+    enable = h.entries("/jobs?kind=EnableProtection")
     assert len(enable) == 2
     err(h.call("DELETE", "/policies/p1"), 409)
     err(h.call("DELETE", "/groups/g0"), 409)
@@ -306,7 +306,7 @@ def test_protect_item_points_and_unprotect(h: Harness) -> None:
     assert item["protection"] == "protected" and item["state"] == "protected"
     assert item["health"] == "normal" and item["rpo_s"] == 0.0 and item["group"] == "g1"
     assert item["source_host"] == "hv1" and item["target_site"] == "sec" and item["policy"] == "p1"
-    assert [i["id"] for i in h.ok("GET", "/items")] == [item_id]
+    assert [i["id"] for i in h.entries("/items")] == [item_id]
     vms = {v["vm_id"]: v for v in h.ok("GET", "/vms")}
     assert vms["vm-1"]["item_id"] == item_id and vms["vm-2"]["item_id"] is None
     assert vms["vm-2"]["labels"] == ["db"]
@@ -317,17 +317,17 @@ def test_protect_item_points_and_unprotect(h: Harness) -> None:
                    "new_points": [point(item_id, 2, t + 1), point(item_id, 3, t + 2, app=True)]}]
     assert a.beat(items=beat_items)["ack"] == {item_id: 3}
     assert a.beat(items=beat_items)["ack"] == {item_id: 3}
-    pts = h.ok("GET", f"/items/{item_id}/points")
+    pts = h.entries(f"/items/{item_id}/points")
     assert [p["seq"] for p in pts] == [1, 2, 3] and pts[2]["consistency"] == "app"
     # a removal counts when the retention rule explains it: p000001 is young, then old enough
     # to be thinned (the newest point of its hour, p000003, stays)
     a.beat(items=[{"item_id": item_id, "report": report(item_id, "vm-1", "web1"),
                    "removed_points": ["p000001"]}])
-    assert [p["seq"] for p in h.ok("GET", f"/items/{item_id}/points")] == [1, 2, 3]
+    assert [p["seq"] for p in h.entries(f"/items/{item_id}/points")] == [1, 2, 3]
     h.clock.advance(2 * 3600)
     a.beat(items=[{"item_id": item_id, "report": report(item_id, "vm-1", "web1"),
                    "removed_points": ["p000001"]}])
-    assert [p["seq"] for p in h.ok("GET", f"/items/{item_id}/points")] == [2, 3]
+    assert [p["seq"] for p in h.entries(f"/items/{item_id}/points")] == [2, 3]
     err(h.call("GET", "/items/i-unknown/points"), 404)
     err(h.call("GET", "/items/i-unknown"), 404)
 
@@ -359,13 +359,13 @@ def test_protect_item_points_and_unprotect(h: Harness) -> None:
                     result={"deleted_points": [], "store_side": True}).status_code == 200
     h.tick()
     assert h.job(d["job_id"])["state"] == "succeeded"
-    assert h.ok("GET", "/items") == []
-    assert h.ok("GET", "/items?all=true")[0]["protection"] == "removed"
-    assert h.ok("GET", f"/items/{item_id}/points") == []
+    assert h.entries("/items") == []
+    assert h.entries("/items?all=true")[0]["protection"] == "removed"
+    assert h.entries(f"/items/{item_id}/points") == []
     # a VM whose protection was disabled by hand is not re-protected by its group's policy
     h.ok("PUT", "/groups/g1", json={"match": {"vm_names": ["web1"]}})
     h.tick()
-    assert h.ok("GET", "/items") == []
+    assert h.entries("/items") == []
     assert h.call("DELETE", "/groups/g1").status_code == 204
 
 
@@ -377,9 +377,9 @@ def test_jobs_alerts_events_health(h: Harness) -> None:
     assert job["kind"] == "EnableProtection" and job["state"] == "queued"
     assert [t["name"] for t in job["tasks"]] == ["prerequisites", "create_relationship",
                                                  "initial_replication", "finalize"]
-    assert {j["id"] for j in h.ok("GET", "/jobs?state=queued&kind=EnableProtection")} == {out["job_id"]}
-    assert h.ok("GET", "/jobs?kind=Resync") == []
-    assert len(h.ok("GET", "/jobs?limit=1")) == 1
+    assert {j["id"] for j in h.entries("/jobs?state=queued&kind=EnableProtection")} == {out["job_id"]}
+    assert h.entries("/jobs?kind=Resync") == []
+    assert len(h.ok("GET", "/jobs?limit=1")["entries"]) == 1
     err(h.call("GET", "/jobs?state=bogus"), 400)
     err(h.call("GET", "/jobs?kind=Bogus"), 400)
     err(h.call("GET", "/jobs?limit=0"), 400)
@@ -397,7 +397,7 @@ def test_jobs_alerts_events_health(h: Harness) -> None:
     item_id = protect(h, a)
     h.clock.advance(120)  # no new point, no heartbeat: RPO over threshold and agent down
     h.tick()
-    alerts = h.ok("GET", "/alerts?state=active")
+    alerts = h.entries("/alerts?state=active")
     assert {x["kind"] for x in alerts} == {"rpo", "agent_down"}
     health = h.ok("GET", "/health")
     assert health["items"] == {"normal": 0, "warning": 1, "critical": 0}
@@ -409,15 +409,15 @@ def test_jobs_alerts_events_health(h: Harness) -> None:
     err(h.call("POST", "/alerts/abc/ack"), 404)
     assert h.ok("POST", f"/alerts/{rpo_alert['id']}/ack")["acked_at"] == h.clock.now()
     err(h.call("GET", "/alerts?state=odd"), 400)
-    events = h.ok("GET", "/events?limit=500")
+    events = h.entries("/events?limit=500")
     kinds = {e["kind"] for e in events}
     assert {"site", "host", "job", "alert", "item"} <= kinds
     # filtered by kind and subject, newest first; bad filters are refused
-    mine = h.ok("GET", f"/events?kind=item&subject={item_id}")
+    mine = h.entries(f"/events?kind=item&subject={item_id}")
     assert mine and all(e["kind"] == "item" and e["subject"] == item_id for e in mine)
     assert mine == [e for e in events if e["kind"] == "item" and e["subject"] == item_id]
-    assert h.ok("GET", "/events?kind=nosuchkind") == []
-    assert len(h.ok("GET", "/events?kind=job&limit=1")) == 1
+    assert h.entries("/events?kind=nosuchkind") == []
+    assert len(h.ok("GET", "/events?kind=job&limit=1")["entries"]) == 1
     err(h.call("GET", "/events?kind=../x"), 400)
     err(h.call("GET", "/events?limit=1001"), 400)
     m = h.client.get("/api/v1/metrics").text
@@ -454,11 +454,11 @@ def test_cli_events_list_and_list_options(h: Harness, monkeypatch: pytest.Monkey
     runner = CliRunner()
     r = runner.invoke(app, ["events", "list", "--kind", "item", "--subject", item_id, "--json"])
     assert r.exit_code == 0, r.output
-    rows = json.loads(r.output)
+    rows = json.loads(r.stdout)
     assert rows and {(e["kind"], e["subject"]) for e in rows} == {("item", item_id)}
     assert rows == sorted(rows, key=lambda e: -e["at"])
     r = runner.invoke(app, ["events", "list", "--limit", "2", "--json"])
-    assert r.exit_code == 0 and len(json.loads(r.output)) == 2
+    assert r.exit_code == 0 and len(json.loads(r.stdout)) == 2
     r = runner.invoke(app, ["events", "list", "--kind", "site"])
     assert r.exit_code == 0 and "events" in r.output and "prim" in r.output
     r = runner.invoke(app, ["events", "list", "--kind", "a/b"])
@@ -468,19 +468,19 @@ def test_cli_events_list_and_list_options(h: Harness, monkeypatch: pytest.Monkey
     # every list: --where FIELD=VALUE (case-insensitive, combined) and --sort [-]FIELD
     r = runner.invoke(app, ["hosts", "list", "--sort", "-name", "--json"])
     assert r.exit_code == 0, r.output
-    assert [x["name"] for x in json.loads(r.output)] == ["hv2", "hv1"]
+    assert [x["name"] for x in json.loads(r.stdout)] == ["hv2", "hv1"]
     r = runner.invoke(app, ["hosts", "list", "--where", "site=PRIM", "--json"])
-    assert [x["name"] for x in json.loads(r.output)] == ["hv1"]
+    assert [x["name"] for x in json.loads(r.stdout)] == ["hv1"]
     r = runner.invoke(app, ["hosts", "list", "--where", "site=prim", "--where", "name=hv2",
                             "--json"])
-    assert json.loads(r.output) == []
+    assert json.loads(r.stdout) == []
     r = runner.invoke(app, ["items", "list", "--where", f"id={item_id}", "--json"])
-    assert [x["id"] for x in json.loads(r.output)] == [item_id]
+    assert [x["id"] for x in json.loads(r.stdout)] == [item_id]
     r = runner.invoke(app, ["vms", "list", "--sort", "name", "--json"])
-    names = [x["name"] for x in json.loads(r.output)]
+    names = [x["name"] for x in json.loads(r.stdout)]
     assert names == sorted(names) and len(names) >= 2
     r = runner.invoke(app, ["jobs", "list", "--where", "kind=EnableProtection", "--json"])
-    assert r.exit_code == 0 and {x["kind"] for x in json.loads(r.output)} == {"EnableProtection"}
+    assert r.exit_code == 0 and {x["kind"] for x in json.loads(r.stdout)} == {"EnableProtection"}
     r = runner.invoke(app, ["alerts", "list", "--all", "--sort", "raised_at"])
     assert r.exit_code == 0
     r = runner.invoke(app, ["hosts", "list", "--where", "nosuchfield=1"])
@@ -517,4 +517,4 @@ def test_heartbeat_ignores_items_of_other_hosts(h: Harness) -> None:
                    store_url="https://127.0.0.1:9443")
     assert reply["ack"] == {}
     assert h.ok("GET", f"/items/{item_id}")["state"] == "protected"
-    assert [p["seq"] for p in h.ok("GET", f"/items/{item_id}/points")] == [1]
+    assert [p["seq"] for p in h.entries(f"/items/{item_id}/points")] == [1]

@@ -203,7 +203,7 @@ def test_refused_agent_claims_and_store_reports_are_audited(h: Harness) -> None:
     untrusted = [e for e in trail_ if e["action"] == "agent.store_audit"]
     assert len(untrusted) == 2 and all(e["actor"] == c.host_id and e["outcome"] == "refused"
                                        for e in untrusted)
-    alerts = {al["key"] for al in h.ok("GET", "/alerts?state=active") if al["kind"] == "security"}
+    alerts = {al["key"] for al in h.entries("/alerts?state=active") if al["kind"] == "security"}
     assert alerts == {f"untrusted_report:{c.host_id}:{item_id}", f"point_removal:{item_id}",
                       f"untrusted_audit:{c.host_id}"}
 

@@ -140,7 +140,7 @@ def test_failback_verb_one_lineage_home_group_and_the_unplanned_after_failback(h
     # original VM is replaced by the one made from the reverse item's final point
     cmd = planned(w, first, b, a, "vm-9", "lan", action="failback")
     assert cmd["item_id"] == rev and cmd["args"]["replace_vm"] == "vm-1"
-    jobs = [j for j in h.ok("GET", "/jobs") if j["item_id"] == rev]
+    jobs = [j for j in h.entries("/jobs") if j["item_id"] == rev]
     assert jobs[0]["kind"] == "Failback"
     fwd = commit_and_reprotect(w, rev, b, a, "vm-9")  # the way back (prim→sec) exists: no flag
     f = h.ok("GET", f"/items/{fwd}")
@@ -174,7 +174,7 @@ def test_a_failover_that_fails_half_way_is_critical_with_an_alert(h: Harness) ->
     it = h.ok("GET", f"/items/{item}")
     assert it["protection"] == "failed_over" and it["health"] == "critical", it
     assert any(f"drsite failover cancel {item}" in r for r in it["health_reasons"])
-    alerts = [x for x in h.ok("GET", "/alerts") if x["key"] == f"critical:{item}"]
+    alerts = [x for x in h.entries("/alerts") if x["key"] == f"critical:{item}"]
     assert alerts and alerts[0]["active"] and "a VM named web1 exists" in alerts[0]["message"]
 
 

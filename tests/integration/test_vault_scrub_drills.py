@@ -97,7 +97,7 @@ def test_scrub_damage_repair_refusal_and_verify(h: Harness) -> None:
     assert it["health"] == "warning", it
     assert any("newest recovery point p000002 is damaged" in r for r in it["health_reasons"])
     assert it["damaged_points"] == ["p000002"]
-    alerts = h.ok("GET", "/alerts?state=active")
+    alerts = h.entries("/alerts?state=active")
     assert [x["subject"] for x in alerts if x["kind"] == "store_damage"] == ["web1"]
     h.tick()
     for c in beat(a):  # the cycle in flight ends first (one replication command at a time)
@@ -131,11 +131,11 @@ def test_scrub_damage_repair_refusal_and_verify(h: Harness) -> None:
     assert it["health"] == "warning", it
     assert any("1 older recovery point(s) cannot be restored (p000002)" in r
                for r in it["health_reasons"])
-    active = h.ok("GET", "/alerts?state=active")
+    active = h.entries("/alerts?state=active")
     assert "critical" not in [x["kind"] for x in active]
     (dmg,) = [x for x in active if x["kind"] == "store_damage"]
     assert "1 older recovery point(s) of web1 cannot be restored" in dmg["message"], dmg
-    pts = {p["point_id"]: p for p in h.ok("GET", f"/items/{item}/points")}
+    pts = {p["point_id"]: p for p in h.entries(f"/items/{item}/points")}
     assert pts["p000002"]["damage"]["by"] == "scrub" and pts["p000003"]["damage"] is None
     m = h.client.get("/api/v1/metrics").text
     assert f'drsite_item_damaged_points{{item="{item}",vm="web1"}} 1.0' in m
@@ -155,7 +155,7 @@ def test_scrub_damage_repair_refusal_and_verify(h: Harness) -> None:
     assert j["state"] == "failed" and "1 of 2 recovery point(s)" in j["error"]["message"], j
     rep = h.ok("GET", f"/items/{item}/verifications/{v['job_id']}")
     assert rep["report"]["points"][1]["disks"][0]["digest"] == "ab" * 32
-    pts = {p["point_id"]: p for p in h.ok("GET", f"/items/{item}/points")}
+    pts = {p["point_id"]: p for p in h.entries(f"/items/{item}/points")}
     assert pts["p000001"]["damage"]["by"] == "verify"
     err(h.call("POST", f"/items/{item}/verify", json={"all": True, "point": "p1"}), 400)
 
@@ -205,10 +205,10 @@ def test_drill_runs_the_plan_probes_cleans_up_and_reports(h: Harness, probe_ok: 
     assert vm["rpo_s"] is not None and vm["rpo_s"] > 0
     if probe_ok:
         assert vm["rto_s"] == pytest.approx(3.5) and d["rto_s"] == pytest.approx(3.5)
-        assert [x for x in h.ok("GET", "/alerts?state=active") if x["kind"] == "drill"] == []
+        assert [x for x in h.entries("/alerts?state=active") if x["kind"] == "drill"] == []
     else:
         assert "probe did not pass" in vm["reason"]
-        alerts = [x for x in h.ok("GET", "/alerts?state=active") if x["kind"] == "drill"]
+        alerts = [x for x in h.entries("/alerts?state=active") if x["kind"] == "drill"]
         assert len(alerts) == 1 and "probe did not pass" in alerts[0]["message"]
     assert h.job(d["job_id"])["state"] == ("succeeded" if probe_ok else "failed")
     m = h.client.get("/api/v1/metrics").text
@@ -242,7 +242,7 @@ def test_initial_replication_failing_on_a_full_store_shows_on_the_item(h: Harnes
     it = h.ok("GET", f"/items/{out['item_id']}")
     assert it["health"] == "warning", it
     assert any("no space left on device" in r for r in it["health_reasons"])
-    alerts = [x for x in h.ok("GET", "/alerts?state=active") if x["kind"] == "replication_failing"]
+    alerts = [x for x in h.entries("/alerts?state=active") if x["kind"] == "replication_failing"]
     assert len(alerts) == 1 and "initial replication of web1 failed 2 times" in alerts[0]["message"]
 
 
@@ -293,7 +293,7 @@ def test_a_protection_group_carries_a_drill_schedule(h: Harness) -> None:
     job = h.job(d["job_id"])
     assert "drill of protection group g1 failed" in job["error"]["message"]
     assert "drsite drills run --group g1" in job["error"]["hint"]
-    (alert,) = [x for x in h.ok("GET", "/alerts?state=active") if x["kind"] == "drill"]
+    (alert,) = [x for x in h.entries("/alerts?state=active") if x["kind"] == "drill"]
     assert alert["subject"] == "group g1" and "protection group g1" in alert["message"]
     assert 'drsite_group_drill_passed{group="g1"} 0.0' in h.client.get("/api/v1/metrics").text
     # not again before a day is over; by hand at once; one target at a time

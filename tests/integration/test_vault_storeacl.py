@@ -7,6 +7,8 @@ sent to the store's own agent, and the security alert of a refused, non-authenti
 from __future__ import annotations
 
 import base64
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from drsite.core.states import ItemProtection
 from drsite.sitestore.acl import AclState, acl_digest
 from drsite.vault import storeacl
 from drsite.vault.db.models import Command, Item
-from drsite.vault.testing import Harness
+from drsite.vault.testing import Harness, vm_info
 from tests.integration.test_vault_api import policy_and_group, protect, two_sites
 from tests.integration.test_vault_trust import security_alerts
 
@@ -92,6 +94,40 @@ def test_a_refused_point_raises_a_security_alert(h: Harness) -> None:
             and e["error_code"] == "point_not_authentic"]
 
 
+def test_grants_are_confirmed_while_new_items_keep_changing_the_list(h: Harness) -> None:
+    """A stream of new items changes the store's list at every heartbeat, so the agent never
+    confirms the *current* list; an item created well before a list the agent did confirm is
+    in it, and its job goes on (before: every grant stayed pending until the stream stopped,
+    and the jobs failed after 60 s)."""
+    a, b = two_sites(h)
+    policy_and_group(h)
+    vms = [vm_info(f"vm-{i}", f"web{i}") for i in range(1, 4)]
+    a.beat(vms=vms)
+
+    def protect_vm(vm_id: str) -> str:
+        return str(h.ok("POST", "/items", json={"vm_id": vm_id, "group": "g1"})["job_id"])
+
+    def prerequisites(job_id: str) -> str:
+        (t,) = [t for t in h.job(job_id)["tasks"] if t["name"] == "prerequisites"]
+        return str(t["state"])
+
+    step = storeacl.CONFIRM_MARGIN_S + 1
+    job_a = protect_vm("vm-1")
+    h.tick()
+    b.beat(store_url=b.store_url)   # receives the list granting A (sent at t0)
+    h.clock.advance(step)
+    job_b = protect_vm("vm-2")      # the list changes again
+    h.tick()
+    b.beat(store_url=b.store_url)   # confirms the list of t0, receives the next one
+    h.clock.advance(step)           # A has waited more than the 60 s limit by now
+    protect_vm("vm-3")
+    b.beat(store_url=b.store_url)   # confirms the list of t0 + step, receives the next one
+    a.beat(vms=vms)                 # the source agent is up
+    h.tick()
+    assert prerequisites(job_a) == "succeeded" and h.job(job_a)["state"] == "running"
+    assert prerequisites(job_b) == "running"   # too new for the confirmed list: it waits
+
+
 def test_a_grant_is_not_confirmed_while_another_list_is_in_flight(h: Harness) -> None:
     """A failover makes the item read-only for its source; a cancel makes it writable again —
     the very list the store agent may still hold. A reply carrying the read-only list may then
@@ -125,3 +161,67 @@ def test_a_grant_is_not_confirmed_while_another_list_is_in_flight(h: Harness) ->
         item = s.get(Item, item_id)
         assert item is not None and storeacl.grant_pending(s, item, h.clock.now()) is None
     assert b.store_acl is not None and b.store_acl["items"][item_id]["writer"] == a.host_id
+
+
+def test_a_writer_flip_is_not_confirmed_by_a_list_built_before_it(h: Harness) -> None:
+    """An item older than the confirmation margin fails over; the store agent confirms the
+    read-only list; the failover is cancelled. The agent's confirmed list was built long after
+    the item was made, but before its writer changed back: the grant waits for a list built
+    after the flip (the source's first write would be refused otherwise)."""
+    a, b = two_sites(h)
+    policy_and_group(h)
+    item_id = protect(h, a)
+    step = storeacl.CONFIRM_MARGIN_S + 1
+    h.clock.advance(step)
+    with h.vault.db.tx() as s:
+        item = s.get(Item, item_id)
+        assert item is not None
+        storeacl.set_status(item, ItemProtection.FAILED_OVER, h.clock.now())
+        assert storeacl.grant_pending(s, item, h.clock.now()) is not None   # read-only
+    reply = b.beat(store_url=b.store_url)   # the read-only list, built now
+    assert reply["store_acl"]["items"][item_id]["writer"] == ""
+    h.clock.advance(step)
+    b.beat(store_url=b.store_url)           # confirms it, well after the item was made
+    with h.vault.db.tx() as s:
+        item = s.get(Item, item_id)
+        assert item is not None
+        storeacl.set_status(item, ItemProtection.PROTECTED, h.clock.now())   # cancelled
+        assert item.grant_changed_at == h.clock.now()
+        assert storeacl.grant_pending(s, item, h.clock.now()) is not None
+    reply = b.beat(store_url=b.store_url)   # the writable list
+    assert reply["store_acl"]["items"][item_id]["writer"] == a.host_id
+    with h.vault.db.tx() as s:
+        item = s.get(Item, item_id)
+        assert item is not None and storeacl.grant_pending(s, item, h.clock.now()) is not None
+    b.beat(store_url=b.store_url)           # confirms it
+    with h.vault.db.tx() as s:
+        item = s.get(Item, item_id)
+        assert item is not None and storeacl.grant_pending(s, item, h.clock.now()) is None
+
+
+def test_two_transactions_making_one_point_key_agree(tmp_path: Path, pg_url: str) -> None:
+    """The job runner and a store heartbeat (two vault processes on PostgreSQL) may both find
+    an item's point key missing: the second insert waits for the first transaction, fails on
+    the key, and returns the key the first one made (before: the job failed with an internal
+    error, seen in bench/scale with two API workers)."""
+    hh = Harness(tmp_path / "vault", pg_url)
+    try:
+        got: dict[str, str] = {}
+
+        def second() -> None:
+            with hh.vault.db.tx() as s:
+                got["second"] = storeacl.point_key(s, "i-race", hh.clock.now())
+
+        with hh.vault.db.tx() as s:
+            got["first"] = storeacl.point_key(s, "i-race", hh.clock.now())
+            t = threading.Thread(target=second)
+            t.start()
+            time.sleep(0.5)   # the second one's insert now waits on the first's key
+            assert t.is_alive()
+        t.join(10)
+        assert not t.is_alive()
+        assert got["second"] == got["first"]
+        with hh.vault.db.read() as s:
+            assert storeacl.existing_point_key(s, "i-race") == got["first"]
+    finally:
+        hh.close()

@@ -46,7 +46,7 @@ def everything(h: Harness, extra: tuple[str, ...] = ()) -> str:
     paths = ["/stores", "/stores/offsite", "/groups", "/policies", "/items?all=true", "/jobs",
              "/events?limit=1000", "/sites", "/hosts", "/alerts", "/health", *extra]
     out = [h.call("GET", p).text for p in paths]
-    for job in h.ok("GET", "/jobs"):
+    for job in h.entries("/jobs"):
         out.append(h.call("GET", f"/jobs/{job['id']}").text)
     return "\n".join(out)
 

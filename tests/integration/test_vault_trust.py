@@ -57,7 +57,7 @@ def site_key(h: Harness, site: str = "prim") -> str:
 
 
 def catalogue(h: Harness, item_id: str) -> list[str]:
-    return [p["point_id"] for p in h.ok("GET", f"/items/{item_id}/points")]
+    return [p["point_id"] for p in h.entries(f"/items/{item_id}/points")]
 
 
 def beat_item(agent: Agent, item_id: str, *, new: list[dict[str, Any]] | None = None,
@@ -69,7 +69,7 @@ def beat_item(agent: Agent, item_id: str, *, new: list[dict[str, Any]] | None = 
 
 
 def security_alerts(h: Harness) -> list[dict[str, Any]]:
-    return [a for a in h.ok("GET", "/alerts?state=active") if a["kind"] == "security"]
+    return [a for a in h.entries("/alerts?state=active") if a["kind"] == "security"]
 
 
 # ------------------------------------------------------------------- registration, reissue

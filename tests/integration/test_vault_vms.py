@@ -130,4 +130,4 @@ def test_refusals(h: Harness) -> None:
     e = err(h.call("POST", "/vms/vm-1/start"), 409)
     assert f"drsite failover cancel {item}" in e["hint"]
     e = err(h.call("DELETE", "/vms/vm-1"), 409)  # cancel and re-protect need its disks
-    assert not [j for j in h.ok("GET", "/jobs") if j["kind"].endswith("Vm")]
+    assert not [j for j in h.entries("/jobs") if j["kind"].endswith("Vm")]

@@ -172,6 +172,38 @@ def test_overflow(tmp_path: Path) -> None:
     assert os.path.getsize(log.path) == HEADER_SIZE + 10 * RECORD_SIZE
 
 
+def test_append_many_writes_the_records_append_would(tmp_path: Path) -> None:
+    """One os.write for a batch, same bytes as one append per write (offsets past 4 GiB, the
+    records counter continuing); the rare cases (huge writes, overflow) fall back exactly."""
+    one = ChangeLog.create(tmp_path / "a.hrl", epoch="e", disk_id="d")
+    many = ChangeLog.create(tmp_path / "b.hrl", epoch="e", disk_id="d")
+    # the records differ only through the salt: give both logs the same one
+    many._hdr.salt = one._hdr.salt
+    many._write_header(sync=True)
+    rng = np.random.default_rng(3)
+    batches = [(rng.integers(0, 1 << 36, k).tolist(), rng.integers(1, 1 << 20, k).tolist())
+               for k in (1, 7, 300, 2)]
+    for offs, lens in batches:
+        for o, n in zip(offs, lens, strict=True):
+            one.append(o, n)
+        many.append_many(offs, lens)
+    many.append_many([5, 1 << 33], [5 << 30, 9])  # a write longer than 4 GiB: two records
+    one.append(5, 5 << 30)
+    one.append(1 << 33, 9)
+    one.close()
+    many.close()
+    assert one.records == many.records == 310 + 2 + 1
+    assert (tmp_path / "a.hrl").read_bytes()[HEADER_SIZE:] == \
+        (tmp_path / "b.hrl").read_bytes()[HEADER_SIZE:]
+    c = load_log(tmp_path / "b.hrl")
+    assert c.trusted and c.records == 313
+    full = new_log(tmp_path, max_bytes=HEADER_SIZE + 10 * RECORD_SIZE)
+    full.append_many(list(range(0, 800, 100)), [10] * 8)
+    assert full.trusted and full.records == 8
+    full.append_many([5000, 6000, 7000], [10, 10, 10])  # the third would overflow
+    assert full.overflowed and full.records == 10
+
+
 def test_scalar_and_vector_checksums_agree() -> None:
     rng = np.random.default_rng(7)
     words = rng.integers(0, 2**32, size=(1000, 5), dtype=np.uint64).astype(np.uint32)

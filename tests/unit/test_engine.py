@@ -17,6 +17,7 @@ from drsite.hypervisors.testing.memory import MemoryHypervisor
 from drsite.replication.driver import ItemReplicator, ReplicationSettings
 from drsite.replication.planner import ALWAYS, ResyncWindow
 from drsite.replication.report import Health, ItemState
+from drsite.replication.target import LocalTarget
 from drsite.store.replica import ReplicaHydrator
 from drsite.store.repository import Repository
 from drsite.store.testing.memory import MemoryObjectStore
@@ -70,8 +71,6 @@ class Env:
 
     def new_item(self) -> ItemReplicator:
         """A fresh engine over the same durable state: what a restarted agent builds."""
-        from drsite.replication.target import LocalTarget
-
         repo = self.repo()
         self.hydrator = ReplicaHydrator(repo, self.tmp / "replica")
         return ItemReplicator(item_id="item1", vm_id=self.vm.vm_id, driver=self.hv,
@@ -421,6 +420,10 @@ def test_damage_found_by_hydration_is_quarantined_and_resynced(env: Env, how: st
     env.write("d0", 64 * KiB, 64 * KiB)
     env.write("d1", 4096, 100)
     target = env.item.target
+    assert isinstance(target, LocalTarget)
+    # the replica catches up from the store (the path that reads, and so finds, the damage; a
+    # streamed replica is written from the source's buffers and never reads the packs back)
+    target.stream_replica = False
     real_after_commit = target.after_commit
 
     def damaging_after_commit(point):  # type: ignore[no-untyped-def]

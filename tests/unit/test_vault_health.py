@@ -24,7 +24,7 @@ def h(tmp_path: Path) -> Iterator[Harness]:
 
 
 def alerts(h: Harness, kind: str, state: str = "active") -> list[dict[str, object]]:
-    return [a for a in h.ok("GET", f"/alerts?state={state}") if a["kind"] == kind]
+    return [a for a in h.entries(f"/alerts?state={state}") if a["kind"] == kind]
 
 
 def test_agent_down_after_three_missed_heartbeats(h: Harness) -> None:

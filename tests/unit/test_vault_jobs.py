@@ -241,7 +241,7 @@ def test_restart_mid_job_resumes_it(tmp_path: Path) -> None:
         h.tick()
         assert h.job(job_id)["state"] == "succeeded"
         # the protect command was not sent twice
-        assert len([e for e in h.ok("GET", "/events?limit=1000") if "resumed" in e["message"]]) == 1
+        assert len([e for e in h.entries("/events?limit=1000") if "resumed" in e["message"]]) == 1
     finally:
         h.close()
 
@@ -262,7 +262,7 @@ def test_restart_fails_jobs_it_cannot_resume(tmp_path: Path) -> None:
         assert "cannot resume after a vault restart" in job["error"]["message"]
         assert "create_relationship_v9" in job["error"]["message"]
         assert job["error"]["hint"] == "Start the operation again."
-        assert h.ok("GET", "/jobs?state=active") == []
+        assert h.entries("/jobs?state=active") == []
         # the item does not stay "enabling"
         with h.vault.db.tx() as s:
             assert s.get(Item, _item_id).status == "failed"  # type: ignore[union-attr]
@@ -274,9 +274,9 @@ def test_policy_applies_to_vms_discovered_later(h: Harness) -> None:
     a, _ = setup(h)
     h.ok("PUT", "/groups/g1", json={"match": {"labels": ["web"]}})
     h.tick()
-    assert h.ok("GET", "/jobs?kind=EnableProtection") == []
+    assert h.entries("/jobs?kind=EnableProtection") == []
     a.beat(vms=[*VMS, vm_info("vm-7", "web7", labels=["web"])])
-    jobs = h.ok("GET", "/jobs?kind=EnableProtection")
+    jobs = h.entries("/jobs?kind=EnableProtection")
     assert [j["target"] for j in jobs] == ["web7"]
     a.beat(vms=[*VMS, vm_info("vm-7", "web7", labels=["web"])])
-    assert len(h.ok("GET", "/jobs?kind=EnableProtection")) == 1  # only when first discovered
+    assert len(h.entries("/jobs?kind=EnableProtection")) == 1  # only when first discovered

@@ -198,11 +198,11 @@ def test_job_drill_down_shows_tasks_and_the_errors_hint(h: Harness) -> None:
 # ------------------------------------------------------------------------------ CSRF, roles
 
 def running_job(h: Harness) -> str:
-    jobs = h.ok("GET", "/jobs?state=active")
+    jobs = h.entries("/jobs?state=active")
     if jobs:
         return str(jobs[0]["id"])
     h.ok("POST", "/items", json={"vm_id": "vm-2", "group": "g1"})
-    return str(h.ok("GET", "/jobs?state=active")[0]["id"])
+    return str(h.entries("/jobs?state=active")[0]["id"])
 
 
 def test_posts_need_the_sessions_csrf_token_and_the_same_origin(h: Harness) -> None:
@@ -249,7 +249,7 @@ def test_a_reader_sees_everything_and_can_press_nothing(h: Harness) -> None:
         assert r.status_code == 403, url
         assert "reader role" in r.text
     assert h.job(job_id)["cancel_requested"] is False
-    assert all(j["kind"] != "RecoveryPlan" for j in h.ok("GET", "/jobs"))
+    assert all(j["kind"] != "RecoveryPlan" for j in h.entries("/jobs"))
 
 
 # ---------------------------------------------------------------------------------- plans
@@ -358,7 +358,7 @@ def test_an_operator_acknowledges_an_alert(tmp_path: Path) -> None:
         h.register("prim", "hv1").beat()
         h.clock.advance(30)
         h.tick()
-        (alert,) = h.ok("GET", "/alerts?state=active")
+        (alert,) = h.entries("/alerts?state=active")
         csrf = login(h, h.token("operator", "ops"))
         overview = h.client.get("/ui").text
         assert "hv1" in overview and "down" in overview
@@ -366,7 +366,7 @@ def test_an_operator_acknowledges_an_alert(tmp_path: Path) -> None:
         assert f'action="/ui/alerts/{alert["id"]}/ack"' in page
         r = h.client.post(f"/ui/alerts/{alert['id']}/ack", data={"csrf": csrf}, follow_redirects=False)
         assert r.status_code == 303
-        assert h.ok("GET", "/alerts")[0]["acked_at"] is not None
+        assert h.entries("/alerts")[0]["acked_at"] is not None
         assert h.client.post("/ui/alerts/999/ack", data={"csrf": csrf}).status_code == 404
     finally:
         h.close()
@@ -404,6 +404,44 @@ def test_the_audit_page_is_for_admins_and_shows_dashboard_actions(h: Harness) ->
     assert h.client.get("/ui/audit?before=x").status_code == 400
     older = h.client.get(f"/ui/audit?before={rows[-1][1]}")
     assert older.status_code == 200
+
+
+def test_lists_say_how_many_of_how_many(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A list cut to a page says so ("Showing a–b of M") and links the next page; nothing is
+    cut without notice. The VM list reads the API's pages along their cursor
+    (``ITEMS_PER_PAGE`` a request): in the API's order only up to the page shown, in another
+    order every matching item."""
+    from drsite.web import data, lists
+
+    populate(h)
+    login(h, h.admin)
+    page = h.client.get("/ui/vms")
+    assert "Showing 1–1 of 1 protected VMs" in page.text, page.text
+    monkeypatch.setattr(data, "ITEMS_PER_PAGE", 1)
+    monkeypatch.setattr(lists, "LIMITS", (1, *lists.LIMITS))
+    h.ok("POST", "/items", json={"vm_id": "vm-2", "group": "g1"})
+    page = h.client.get("/ui/vms?limit=1")
+    assert "Showing 1–1 of 2 protected VMs" in page.text, page.text
+    assert "db1" in page.text.split('id="items"')[1].split("</table>")[0]  # by VM name
+    m = re.search(r'<a href="([^"]+)" rel="next">', page.text)
+    assert m, page.text
+    nxt = h.client.get(m.group(1).replace("&amp;", "&"))
+    rows = nxt.text.split('id="items"')[1].split("</table>")[0]
+    assert "web1" in rows and "db1" not in rows
+    assert "Showing 2–2 of 2 protected VMs" in nxt.text
+    every = h.client.get("/ui/vms").text  # two API pages of one item
+    rows = every.split('id="items"')[1].split("</table>")[0]
+    assert "Showing 1–2 of 2 protected VMs" in every and rows.index("db1") < rows.index("web1")
+    desc = h.client.get("/ui/vms?sort=vm_name&order=desc").text  # sorted here, all pages read
+    rows = desc.split('id="items"')[1].split("</table>")[0]
+    assert "Showing 1–2 of 2 protected VMs" in desc and rows.index("web1") < rows.index("db1")
+    jobs = h.client.get("/ui/jobs").text
+    total = len(h.entries("/jobs"))
+    assert f"Showing 1–{total} of {total} jobs" in jobs
+    jobs = h.client.get("/ui/jobs?limit=1").text
+    assert f"Showing 1–1 of {total} jobs" in jobs and 'rel="next"' in jobs
+    overview = h.client.get("/ui").text
+    assert f"({min(8, total)} of {total}: " in overview
 
 
 # ------------------------------------------------------------------- scrub, verify, drills
@@ -482,7 +520,7 @@ def test_an_operator_verifies_from_the_item_page(h: Harness) -> None:
     assert f'href="/ui/items/{item_id}/verify"' not in page
     r = h.client.post(url, data={"csrf": csrf}, follow_redirects=False)
     assert r.status_code == 403 and "reader role" in r.text
-    assert len([j for j in h.ok("GET", "/jobs") if j["kind"] == "Verify"]) == 1
+    assert len([j for j in h.entries("/jobs") if j["kind"] == "Verify"]) == 1
 
 
 def add_drills(h: Harness, item_id: str) -> None:

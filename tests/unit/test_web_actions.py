@@ -200,8 +200,9 @@ def test_alerts_beyond_the_newest_thousand_say_so(h: Harness) -> None:
 
 
 def test_events_beyond_the_newest_thousand_by_kind(h: Harness) -> None:
-    """The events page lists the newest 1000 and says so; a kind is filtered by the API, so an
-    old event of a rare kind is still found; an unknown kind matches nothing (no error)."""
+    """The events page pages the API's list newest first with its total; a search or another
+    order works on the newest 1000 and says so; a kind is filtered by the API, so an old event
+    of a rare kind is still found; an unknown kind matches nothing (no error)."""
     populate(h)
     login(h, h.admin)
     now = h.clock.now()
@@ -209,14 +210,18 @@ def test_events_beyond_the_newest_thousand_by_kind(h: Harness) -> None:
         s.add(Event(at=now - 5000, kind="plan", subject="tier9", message="plan tier9 created"))
         for i in range(1100):
             s.add(Event(at=now - i, kind="job", subject=f"j-{i:04d}", message="noise"))
-    page = h.client.get("/ui/events").text
-    assert re.search(r"\d{4} events exist; the newest 1000 are listed", page)
+    page = h.client.get("/ui/events").text  # newest first: the API's pages, its total
+    assert re.search(r"Showing 1–\d+ of 11\d\d events", page) and "are listed" not in page
     assert "plan tier9 created" not in page
+    searched = h.client.get("/ui/events?q=noise").text  # a search works on the newest 1000
+    assert re.search(r"\d{4} events exist; the newest 1000 are listed", searched)
     assert '<option value="plan"' in page  # every kind of the trail, not of the newest 1000
     old = h.client.get("/ui/events?kind=plan").text
     assert "plan tier9 created" in old and "Showing 1–1 of 1" in old
     assert "are listed" not in old
     jobs = h.client.get("/ui/events?kind=job").text
+    assert "Showing 1–50 of 11" in jobs and "are listed" not in jobs
+    jobs = h.client.get("/ui/events?kind=job&sort=subject&order=asc").text
     assert "events of this kind exist; the newest 1000 are listed" in jobs
     r = h.client.get("/ui/events?kind=nosuchkind")
     assert r.status_code == 200 and "No event matches." in r.text

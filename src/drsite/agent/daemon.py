@@ -41,12 +41,13 @@ from typing import Any
 import httpx
 
 import drsite
-from drsite.agent import cloudstores, pointkeys, storeacl, storerekey
+from drsite.agent import breakglass, cloudstores, pointkeys, recoverybook, storeacl, storerekey
 from drsite.agent.drill import DrillCommands
 from drsite.agent.failover import KINDS as FAILOVER_KINDS
 from drsite.agent.failover import FailoverCommands
 from drsite.agent.link import COMMAND_KINDS, Command, HeartbeatReply, VaultLink
 from drsite.agent.peers import CatalogueRefresher
+from drsite.agent.recoverybook import BOOK_FILE, RecoveryBook
 from drsite.agent.registration import AgentIdentity
 from drsite.agent.scrub import ScrubCommands
 from drsite.agent.state import (
@@ -202,6 +203,8 @@ class Agent:
         if store_dir is not None and store_listen is not None:
             self._store = StoreService(self.identity, store_dir, self.data_dir / "replicas",
                                        store_listen)
+        # break-glass: what this store host would need of the vault to fail its items over
+        self._book = RecoveryBook(self.data_dir / BOOK_FILE) if self._store is not None else None
         self._store_url: str | None = None
         self._store_advertised = store_url.rstrip("/") if store_url else None
         self.failover = FailoverCommands(self)
@@ -577,6 +580,11 @@ class Agent:
             payload, sent = self.build_heartbeat(full=full)
             store_fields = storeacl.beat_fields(self._store)  # access-list digest, store audit
             payload.update(store_fields)
+            if self._book is not None:
+                payload["recovery_book_digest"] = self._book.digest
+            reports = breakglass.pending_reports(self.data_dir)
+            if reports:
+                payload["breakglass"] = reports  # until the vault acknowledges them
             reply = self.link.heartbeat(payload)
         except DrsiteError:
             self._beat_digests = {}  # the vault may have missed anything: the next one is full
@@ -585,6 +593,8 @@ class Agent:
         self._beat_digests = self._pending_digests
         self._beats_since_full = 0 if full else self._beats_since_full + 1
         storeacl.apply_reply(self._store, reply.store_acl)
+        recoverybook.apply_reply(self._book, reply.recovery_book)
+        breakglass.mark_reported(self.data_dir, reply.breakglass_ack)
         self._apply_ack(reply, sent)
         for cmd in reply.commands:
             self._accept(cmd)

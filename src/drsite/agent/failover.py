@@ -32,15 +32,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from drsite import failpoints
-from drsite.agent import pointkeys
+from drsite.agent import breakglass, pointkeys
 from drsite.agent.link import Command
 from drsite.agent.registration import AgentIdentity
 from drsite.agent.state import ItemEntry
 from drsite.agent.storeservice import StoreService
-from drsite.core.errors import DrsiteError, Fenced, InvalidInput, PermanentError
+from drsite.core.errors import Conflict, DrsiteError, Fenced, InvalidInput, PermanentError
 from drsite.core.model import PowerState, validate_name
 from drsite.core.states import FailoverState
-from drsite.failover import actions
+from drsite.failover import actions, reprotect
 from drsite.failover.wire import network_map_from_args, vm_spec_from_dict
 from drsite.fsutil import atomic_write_json, read_json
 from drsite.hypervisors.contract import HypervisorDriver
@@ -188,6 +188,13 @@ class FailoverCommands:
     def _failover(self, cmd: Command) -> dict[str, Any]:
         a = cmd.args
         kind, fid = str(a.get("kind")), self._fid(cmd)
+        bg = breakglass.active_failover(self.agent.data_dir, cmd.item_id or "") \
+            if kind != "test" else None
+        if bg is not None and bg != fid:
+            raise Conflict(f"item {cmd.item_id} was failed over on this host by break-glass "
+                           f"failover {bg}, which the vault has not recorded yet",
+                           hint="Wait for this agent's next heartbeat (it reports the failover), "
+                                "then commit or cancel that one.")
         with self._item(cmd) as pi:
             if kind == "test":
                 rec = actions.test_failover(pi, str(a.get("point") or "latest"), failover_id=fid,
@@ -347,7 +354,7 @@ class FailoverCommands:
         readers = {d.disk_id: hv.open_live_reader(vm_id, d.disk_id) for d in vm.disks}
         t0 = time.monotonic()
         try:
-            base, written = actions._write_base_point(repo, f"{fid}-base", readers, time.time())
+            base, written = reprotect.write_base_point(repo, f"{fid}-base", readers, time.time())
         finally:
             for r in readers.values():
                 r.close()

@@ -90,6 +90,8 @@ class HeartbeatReply:
     ack: dict[str, int]
     malformed: int = 0  # commands dropped because they could not be parsed
     store_acl: dict[str, Any] | None = None  # a new store access list (store-serving agents)
+    recovery_book: dict[str, Any] | None = None  # a new recovery book (store-serving agents)
+    breakglass_ack: list[str] = field(default_factory=list)  # break-glass failovers recorded
 
 
 class VaultLink:
@@ -172,8 +174,11 @@ class VaultLink:
                     ack[str(item_id)] = int(seq) if seq is not None else 0
                 except (TypeError, ValueError):
                     log.error("ignoring a malformed ack for item %s: %r", item_id, seq)
-        acl = out.get("store_acl")
-        return HeartbeatReply(commands, ack, bad, acl if isinstance(acl, dict) else None)
+        acl, book = out.get("store_acl"), out.get("recovery_book")
+        acked = out.get("breakglass_ack")
+        return HeartbeatReply(commands, ack, bad, acl if isinstance(acl, dict) else None,
+                              book if isinstance(book, dict) else None,
+                              [str(x) for x in acked] if isinstance(acked, list) else [])
 
     def post_result(self, command_id: str, *, status: CommandStatus, progress: float,
                     result: dict[str, Any] | None = None,

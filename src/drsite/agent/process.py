@@ -15,6 +15,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from drsite.agent.breakglass import BreakGlass, load_run_options, save_run_options
 from drsite.agent.daemon import Agent
 from drsite.agent.registration import (
     AgentIdentity,
@@ -95,6 +96,8 @@ def agent_run(data_dir: Path, hypervisor_kind: str = "file", vms_root: Path = Pa
 
     Work cut short by the stop resumes at the next start (the vault re-sends its commands).
     """
+    save_run_options(Path(data_dir), hypervisor=hypervisor_kind, vms_root=Path(vms_root),
+                     store_dir=Path(store_dir) if store_dir is not None else None)
     agent = Agent(Path(data_dir), hypervisor=make_hypervisor(hypervisor_kind, vms_root),
                   heartbeat_interval=heartbeat_interval,
                   store_dir=Path(store_dir) if store_dir is not None else None,
@@ -113,3 +116,18 @@ def agent_run(data_dir: Path, hypervisor_kind: str = "file", vms_root: Path = Pa
     finally:
         for s, old in installed.items():
             signal.signal(s, old)
+
+
+def breakglass_host(data_dir: Path, *, hypervisor_kind: str | None = None,
+                    vms_root: Path | None = None, store_dir: Path | None = None) -> BreakGlass:
+    """Break-glass failover on this host (``drsite agent failover|points``): the hypervisor
+    and store the daemon last ran with (``agent-run.json``), unless given."""
+    opts = load_run_options(Path(data_dir))
+    kind = hypervisor_kind or opts.get("hypervisor") or "file"
+    vms = vms_root or (Path(opts["vms"]) if opts.get("vms") else None)
+    store = store_dir or (Path(opts["store"]) if opts.get("store") else None)
+    if vms is None or store is None:
+        raise InvalidInput("this host's VM root or recovery store is not known",
+                           hint="Pass --vms and --store as 'drsite agent run' uses them "
+                                "(break-glass runs on the recovery site's store agent).")
+    return BreakGlass(Path(data_dir), make_hypervisor(kind, vms), store)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from enum import StrEnum
 from pathlib import Path
 
@@ -74,3 +75,91 @@ def run(
               store_listen=store_listen, store_url=store_url,
               heartbeat_interval=heartbeat_interval,
               import_dir=import_dir if import_dir is not None else vms.absolute().parent / "import")
+
+
+StoreOpt = typer.Option(None, "--store", help="The recovery store directory the agent serves "
+                                              "(default: as 'drsite agent run' last used).")
+VmsOpt = typer.Option(None, "--vms", help="Root directory of this host's VMs (default: as "
+                                          "'drsite agent run' last used).")
+HvOpt = typer.Option(None, "--hypervisor", help="Hypervisor driver (default: as 'drsite agent "
+                                                "run' last used).")
+
+
+@agent.command("points")
+def points(
+    item_id: str | None = typer.Argument(None, help="An item: its points (default: every item "
+                                                    "and plan this host can fail over)."),
+    data: Path = typer.Option(Path("drsite-agent"), help="Agent data directory."),
+    store: Path | None = StoreOpt, vms: Path | None = VmsOpt,
+    hypervisor: HypervisorKind | None = HvOpt,
+    json_out: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """Break-glass: what this recovery host can fail over without the vault (the items and plans
+    of its recovery book), or one item's authenticated points in its store."""
+    from drsite.agent.process import breakglass_host
+    from drsite.cli.common import show
+
+    bg = breakglass_host(data, hypervisor_kind=hypervisor.value if hypervisor else None,
+                         vms_root=vms, store_dir=store)
+    if item_id is None:
+        rows = bg.items()
+        plans = bg.plans()
+        if json_out:
+            typer.echo(json.dumps({"items": rows, "plans": plans}, indent=2))
+            return
+        show(rows, ["item_id", "vm_name", "source_site", "points", "latest", "error"],
+             title="items this host can fail over", json_out=False)
+        for name, plan in sorted(plans.items()):
+            groups = " → ".join(",".join(g.get("items") or []) for g in plan.get("groups") or [])
+            typer.echo(f"plan {name}: {groups}")
+        return
+    show(bg.point_rows(item_id), ["point_id", "seq", "created_at", "consistency", "ok", "error"],
+         title=f"points of {item_id}", json_out=json_out)
+
+
+@agent.command("failover")
+def failover(
+    item_id: str | None = typer.Argument(None, help="The item to fail over (or --plan)."),
+    point: str = typer.Option("latest", "--point", help="latest, latest_app or a point id "
+                                                        "('drsite agent points ITEM')."),
+    plan: str | None = typer.Option(None, "--plan", help="Fail over every item of this "
+                                                         "recovery plan, group by group."),
+    data: Path = typer.Option(Path("drsite-agent"), help="Agent data directory."),
+    store: Path | None = StoreOpt, vms: Path | None = VmsOpt,
+    hypervisor: HypervisorKind | None = HvOpt,
+    force: bool = typer.Option(False, "--force", help="Run even though the vault answers."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """Break-glass unplanned failover on this recovery host, for when no vault answers: from the
+    store's own catalogue (points authenticated with the item's key), with the generation
+    promotion written before the VM starts. The vault learns of it from this agent's heartbeat
+    when it is back. Idempotent: running it again returns the same failover."""
+    from drsite.agent.breakglass import vault_answers
+    from drsite.agent.process import breakglass_host
+    from drsite.core.errors import Conflict, InvalidInput
+
+    if (item_id is None) == (plan is None):
+        raise InvalidInput("name one item or one --plan")
+    bg = breakglass_host(data, hypervisor_kind=hypervisor.value if hypervisor else None,
+                         vms_root=vms, store_dir=store)
+    if not force and vault_answers(bg.identity):
+        what = f"plan run {plan} unplanned-failover" if plan else f"failover unplanned {item_id}"
+        raise Conflict(
+            f"the vault ({bg.identity.vault_url}) answers: break-glass is for when it does not. "
+            "A failover it does not run is unknown to it until this agent's next heartbeat; "
+            "meanwhile it may fail the item over itself (a second VM) or keep replicating it",
+            hint=f"Use the vault: drsite {what} (or --force if the vault is wrong about it).")
+    if plan is not None:
+        recs = bg.failover_plan(plan, point)
+    else:
+        assert item_id is not None
+        recs = [bg.failover(item_id, point).to_dict()]
+    if json_out:
+        typer.echo(json.dumps(recs if plan else recs[0], indent=2, default=str))
+        return
+    for r in recs:
+        typer.echo(f"{r['item_id']}: {r['state']}, VM {r['vm_name']} ({r['vm_id']}) from point "
+                   f"{r['point_id']}, generation {r['generation']}, RTO {r.get('rto_s') or 0:.2f} s "
+                   f"(failover {r['failover_id']})")
+    typer.echo("The vault records it when it is back (this agent reports it); commit or cancel "
+               "it there.")

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
-from drsite.client.api import VaultClient, VaultConfig
+from drsite.client.api import PAGE_MAX, VaultClient, VaultConfig
 from drsite.core.errors import InvalidInput, NotFound
 from drsite.core.states import JobState, TaskState
 from drsite.replication.report import Health, ItemState
@@ -153,6 +153,66 @@ def parse_size(text: str, what: str = "size") -> int:
                            hint="Write e.g. 512MiB, 1G, 20GiB, or a number of bytes.")
     mult = 1024 ** " kmgtp".index((m.group(2) or " ").lower())
     return int(float(m.group(1)) * mult)
+
+
+LimitOpt = typer.Option(100, "--limit", min=1, help="How many to show (the newest, or the "
+                                                  "first in the list's order).")
+AllOpt = typer.Option(False, "--all", help="Every one, all pages (not only --limit).")
+
+
+def fetch_list(c: VaultClient, path: str, *, limit: int, all_pages: bool,
+               **params: Any) -> tuple[list[dict[str, Any]], int]:
+    """Rows of a list endpoint (one or more pages: ``limit`` of them, or all) and how many
+    match in total."""
+    first = c.page(path, **params, limit=min(limit, PAGE_MAX) if not all_pages else PAGE_MAX)
+    rows = list(first["entries"])
+    total = int(first["total"])
+    cursor = first.get("next_cursor")
+    while cursor and (all_pages or len(rows) < limit):
+        want = PAGE_MAX if all_pages else min(PAGE_MAX, limit - len(rows))
+        pg = c.page(path, **params, limit=want, cursor=cursor)
+        rows.extend(pg["entries"])
+        cursor = pg.get("next_cursor")
+    return rows, total
+
+
+def list_rows(c: VaultClient, path: str, *, limit: int, all_pages: bool, where: Sequence[str],
+              sort: str | None, server_fields: Sequence[str] = (),
+              rows_of: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
+              **params: Any) -> tuple[list[dict[str, Any]], int]:
+    """A list command's rows and how many match, with paging, ``--where`` and ``--sort``.
+
+    A ``--where`` on one of ``server_fields`` (fields the endpoint filters exactly) becomes
+    that filter, so the vault pages and counts only the matching rows. Any other ``--where``,
+    and ``--sort``, need the whole list: every page is read, filtered and sorted here
+    (:func:`select_rows`, over the rows as ``--json`` shows them: ``rows_of``), then ``--limit``
+    cuts it (``--all``: not) and the total is what matched. ``--sort`` therefore sorts every
+    matching row, not only the page shown."""
+    local: list[str] = []
+    for cond in where:
+        field, sep, value = cond.partition("=")
+        key = field.strip()
+        if sep and key in server_fields and params.get(key) is None:
+            params[key] = value.strip().lower()
+        else:
+            local.append(cond)
+    shape = rows_of or (lambda rows: rows)
+    if local or sort:
+        rows, _ = fetch_list(c, path, limit=limit, all_pages=True, **params)
+        out = select_rows(shape(rows), local, sort)
+        return (out if all_pages else out[:limit]), len(out)
+    rows, total = fetch_list(c, path, limit=limit, all_pages=all_pages, **params)
+    return shape(rows), total
+
+
+def show_list(rows: list[dict[str, Any]], total: int, columns: Iterable[str], *, title: str,
+              what: str, json_out: bool) -> None:
+    """:func:`show`, and — when the list was cut — "showing N of M" (on stderr with
+    ``--json``, so the JSON stays a list): never a silently shortened list."""
+    show(rows, columns, title=title, json_out=json_out)
+    if len(rows) < total:
+        note = f"showing {len(rows)} of {total} {what} (--all for every one, or --limit N)"
+        (err_console if json_out else console).print(note)
 
 
 def fmt(v: Any) -> str:

@@ -13,15 +13,20 @@ from rich.table import Table
 
 from drsite.cli.common import (
     EXIT_JOB_FAILED,
+    AllOpt,
     Conn,
     ItemArg,
+    LimitOpt,
     SortOpt,
     WhereOpt,
     console,
+    fetch_list,
     follow_job,
     item_ref,
+    list_rows,
     select_rows,
     show,
+    show_list,
     vault_command,
 )
 from drsite.core.errors import InvalidInput, NotFound
@@ -134,15 +139,30 @@ def item_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 @vault_command(items, "list")
 def items_list(conn: Conn,
-               all_items: bool = typer.Option(False, "--all", help="Also removed, failed and "
-                                                                   "re-protected items."),
+               health: str | None = typer.Option(None, help="normal, warning or critical."),
+               state: str | None = typer.Option(None, help="Replication state, e.g. "
+                                                           "protected, resyncing, critical."),
+               host: str | None = typer.Option(None, help="Source host (name or id)."),
+               site: str | None = typer.Option(None, help="Source site."),
+               group: str | None = typer.Option(None, help="Protection group."),
+               search: str | None = typer.Option(None, help="Part of the VM name (any case)."),
+               include_removed: bool = typer.Option(False, help="Also removed, failed and "
+                                                                "re-protected items."),
+               limit: int = LimitOpt, all_pages: bool = AllOpt,
                where: list[str] = WhereOpt, sort: str | None = SortOpt) -> None:
-    """List protected items with health and measured RPO. Status: the replication state of a
-    protected item (protected, resyncing, …), or where a failover holds it (failed_over,
-    committed, reprotected)."""
+    """List protected items (by VM name) with health and measured RPO. Status: the replication
+    state of a protected item (protected, resyncing, …), or where a failover holds it
+    (failed_over, committed, reprotected). --where health=, state= or protection= is filtered
+    by the vault; any other --where, and --sort, read every page (--sort sorts every matching
+    item, then --limit cuts)."""
     with conn.client() as c:
-        show(select_rows(item_rows(c.items(all_items=all_items)), where, sort), ITEM_COLS,
-             title="protected items", json_out=conn.json)
+        rows, total = list_rows(c, "/items", limit=limit, all_pages=all_pages, where=where,
+                                sort=sort, server_fields=("health", "state", "protection"),
+                                rows_of=item_rows, health=health, state=state, host=host,
+                                site=site, group=group, q=search,
+                                all="true" if include_removed else None)
+        show_list(rows, total, ITEM_COLS, title="protected items", what="items",
+                  json_out=conn.json)
 
 
 @vault_command(items, "show")
@@ -180,16 +200,21 @@ def items_history(conn: Conn, item_id: str = typer.Argument(
 
 
 @vault_command(items, "points")
-def items_points(conn: Conn, item_id: str = ItemArg) -> None:
+def items_points(conn: Conn, item_id: str = ItemArg,
+                 consistency: str | None = typer.Option(None, help="crash or app."),
+                 limit: int = typer.Option(1000, "--limit", min=1, help="How many (oldest "
+                                                                       "first)."),
+                 all_pages: bool = AllOpt) -> None:
     """List an item's recovery points (oldest first) with their absolute times."""
     with conn.client() as c:
         item_id = item_ref(c, item_id)
+        rows, total = fetch_list(c, f"/items/{item_id}/points", limit=limit,
+                                 all_pages=all_pages, consistency=consistency)
         rows = [{**p, "at": _utc(p.get("created_at")),
-                 "damaged": (p.get("damage") or {}).get("reason") or ""}
-                for p in c.points(item_id)]
-        show(rows, ["point_id", "at", "created_at", "consistency", "kind", "bytes_written",
-                    "bytes_stored", "damaged"],
-             title=f"recovery points of {item_id}", json_out=conn.json)
+                 "damaged": (p.get("damage") or {}).get("reason") or ""} for p in rows]
+        show_list(rows, total, ["point_id", "at", "created_at", "consistency", "kind",
+                                "bytes_written", "bytes_stored", "damaged"],
+                  title=f"recovery points of {item_id}", what="points", json_out=conn.json)
 
 
 def _utc(t: Any) -> str:
@@ -265,13 +290,18 @@ def items_resync(conn: Conn, item_id: str = ItemArg, wait: bool = WaitOpt) -> No
 def jobs_list(conn: Conn,
               state: str | None = typer.Option(None, help="A job state, or active."),
               kind: str | None = typer.Option(None, help="A job kind, e.g. EnableProtection."),
-              limit: int = typer.Option(50, min=1, max=1000, help="How many, newest first."),
+              item: str | None = typer.Option(None, help="Only this item's jobs (item id)."),
+              limit: int = typer.Option(50, "--limit", min=1, help="How many, newest first."),
+              all_pages: bool = AllOpt,
               where: list[str] = WhereOpt, sort: str | None = SortOpt) -> None:
-    """List jobs, newest first (--where and --sort apply to the LIMIT newest)."""
+    """List jobs, newest first. --where state= is filtered by the vault; any other --where,
+    and --sort, read every page (--sort sorts every matching job, then --limit cuts)."""
     with conn.client() as c:
-        show(select_rows(c.jobs(state=state, kind=kind, limit=limit), where, sort),
-             ["id", "kind", "target", "state", "progress", "created_at"], title="jobs",
-             json_out=conn.json)
+        rows, total = list_rows(c, "/jobs", limit=limit, all_pages=all_pages, where=where,
+                                sort=sort, server_fields=("state",), state=state, kind=kind,
+                                item=item)
+        show_list(rows, total, ["id", "kind", "target", "state", "progress", "created_at"],
+                  title="jobs", what="jobs", json_out=conn.json)
 
 
 @vault_command(jobs, "show")
@@ -346,15 +376,25 @@ ALERT_COLS = ["id", "severity", "kind", "subject", "message", "raised_at"]
 
 @vault_command(alerts, "list")
 def alerts_list(conn: Conn,
-                all_alerts: bool = typer.Option(False, "--all", help="Also cleared alerts."),
+                state: str = typer.Option("active", help="active (open), cleared, or all."),
+                severity: str | None = typer.Option(None, help="warning or critical."),
+                limit: int = LimitOpt, all_pages: bool = AllOpt,
                 where: list[str] = WhereOpt, sort: str | None = SortOpt) -> None:
-    """List open alerts, newest first (--all: also the cleared ones)."""
+    """List alerts, newest first (default: the open ones). --where severity= or kind= is
+    filtered by the vault; any other --where, and --sort, read every page (--sort sorts every
+    matching alert, then --limit cuts)."""
+    if state not in ("active", "cleared", "all"):
+        raise InvalidInput(f"unknown alert state {state!r}", hint="Use active, cleared or all.")
     with conn.client() as c:
-        rows = c.alerts(state=None if all_alerts else "active")
-    rows = select_rows([{**a, "state": "open" if a.get("active") else "cleared"} for a in rows],
-                       where, sort)
-    show(rows, [*ALERT_COLS, *(["state"] if all_alerts else [])],
-         title="alerts" if all_alerts else "open alerts", json_out=conn.json)
+        rows, total = list_rows(
+            c, "/alerts", limit=limit, all_pages=all_pages, where=where, sort=sort,
+            server_fields=("severity", "kind"),
+            rows_of=lambda rs: [{**a, "state": "open" if a.get("active") else "cleared"}
+                                for a in rs],
+            state=None if state == "all" else state, severity=severity)
+    show_list(rows, total, [*ALERT_COLS, *(["state"] if state != "active" else [])],
+              title="open alerts" if state == "active" else "alerts", what="alerts",
+              json_out=conn.json)
 
 
 @vault_command(alerts, "ack")
@@ -371,11 +411,15 @@ def events_list(conn: Conn,
                                                           "host, group, alert, store, …)."),
                 subject: str | None = typer.Option(None, help="Only events about this subject "
                                                              "(an item id, a job id, …)."),
-                limit: int = typer.Option(50, min=1, max=1000, help="Events to show.")) -> None:
+                limit: int = typer.Option(50, "--limit", min=1, help="Events to show, newest "
+                                                                     "first."),
+                all_pages: bool = AllOpt) -> None:
     """List events, newest first."""
     with conn.client() as c:
-        show(c.events(kind=kind, subject=subject, limit=limit),
-             ["at", "kind", "subject", "message"], title="events", json_out=conn.json)
+        rows, total = fetch_list(c, "/events", limit=limit, all_pages=all_pages, kind=kind,
+                                 subject=subject)
+        show_list(rows, total, ["at", "kind", "subject", "message"], title="events",
+                  what="events", json_out=conn.json)
 
 
 @vault_command(tokens, "create")
@@ -431,11 +475,8 @@ def audit_list(conn: Conn,
                ) -> None:
     """List the audit trail, newest first."""
     with conn.client() as c:
-        page = c.audit(limit=limit, since=parse_since(since, time.time()), actor=actor)
-        entries = list(page["entries"])
-        while all_pages and page.get("next_before"):
-            page = c.audit(limit=limit, since=parse_since(since, time.time()), actor=actor,
-                           before=page["next_before"])
-            entries += page["entries"]
-        show(entries, ["at", "actor_kind", "actor", "client", "action", "target", "outcome",
-                       "error_code"], title="audit", json_out=conn.json)
+        rows, total = fetch_list(c, "/audit", limit=limit, all_pages=all_pages,
+                                 since=parse_since(since, time.time()), actor=actor)
+        show_list(rows, total, ["at", "actor_kind", "actor", "client", "action", "target",
+                                "outcome", "error_code"], title="audit", what="entries",
+                  json_out=conn.json)

@@ -24,6 +24,14 @@ def serve(
                                              "directory; postgresql+psycopg://… for PostgreSQL)."),
     heartbeat_interval: float = typer.Option(2.0, help="Seconds between agent heartbeats."),
     master_key_file: Path | None = MasterKeyOpt,
+    workers: int = typer.Option(1, min=1, max=64,
+                                help="API worker processes sharing the listen address (more "
+                                     "than one needs PostgreSQL). One process of all those on "
+                                     "the database is the controller (jobs, scheduler, health)."),
+    controller_lease: float = typer.Option(10.0, min=1.0, max=600.0,
+                                           help="Seconds a controller that stopped renewing its "
+                                                "lease keeps it before another vault process "
+                                                "takes over."),
 ) -> None:
     """Run the vault in the foreground (Ctrl-C or SIGTERM stops it cleanly), with the web
     dashboard at /ui."""
@@ -31,7 +39,8 @@ def serve(
     from drsite.web.routes import router as dashboard
 
     run_vault(data, listen=listen, db_url=db, heartbeat_interval=heartbeat_interval,
-              master_key_file=master_key_file, routers=[dashboard])
+              master_key_file=master_key_file, routers=[dashboard], workers=workers,
+              lease_s=controller_lease)
 
 
 @vault.command("rotate-master-key")
@@ -81,3 +90,51 @@ def registration_key(
             show(res, [], title="", json_out=True)
         else:
             typer.echo(res["key"])
+
+
+@vault.command("backup")
+def backup(
+    out: Path = typer.Option(..., "--out", "-o", help="Backup file to write (a tar, 0600)."),
+    data: Path = typer.Option(Path("drsite-vault"), help="The vault's data directory."),
+    db: str | None = typer.Option(None, help="Database URL (default: SQLite in the data "
+                                             "directory; PostgreSQL: use pg_dump)."),
+    master_key_file: Path | None = MasterKeyOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Back up the vault while it runs (deployments without HA): a consistent snapshot of its
+    database (secrets stay sealed), its CA and server certificate (private keys sealed under
+    the master key) and admin token. The master key itself is never in the backup: keep its
+    file apart; 'drsite vault restore' needs it."""
+    from drsite.vault.backup import backup as run_backup
+
+    report = run_backup(data, out, db_url=db, master_key_file=master_key_file).to_dict()
+    if json_out:
+        show(report, [], title="", json_out=True)
+    else:
+        typer.echo(f"backup written to {report['path']} ({report['bytes']} bytes, "
+                   f"{report['seconds']:.2f} s); its secrets need master key "
+                   f"{report['master_key_id']} to restore — keep that key file apart")
+
+
+@vault.command("restore")
+def restore(
+    source: Path = typer.Option(..., "--from", help="Backup file from 'drsite vault backup'."),
+    data: Path = typer.Option(..., help="Data directory to restore into (new or empty)."),
+    master_key_file: Path = typer.Option(..., "--master-key-file", envvar="DRSITE_MASTER_KEY_FILE",
+                                         help="The master key file the backed-up vault used "
+                                              "(written as DATA/master.key, 0600)."),
+    force: bool = typer.Option(False, "--force", help="Replace a stopped vault in --data (it is "
+                                                      "renamed aside, not deleted)."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Restore a vault backup into a data directory, verified before it is put in place; then
+    start it with 'drsite vault serve --data DIR'. Refused over a running vault."""
+    from drsite.vault.backup import restore as run_restore
+
+    report = run_restore(source, data, master_key_file=master_key_file, force=force)
+    if json_out:
+        show(report, [], title="", json_out=True)
+    else:
+        aside = f"; the vault it replaced is in {report['replaced']}" if report["replaced"] else ""
+        typer.echo(f"restored into {report['data_dir']} (master key {report['master_key_id']})"
+                   f"{aside}; start it with: drsite vault serve --data {report['data_dir']}")

@@ -19,6 +19,8 @@ import httpx
 from drsite.core import errors as E
 from drsite.core.states import TERMINAL_JOB_STATES
 
+PAGE_MAX = 1000  # the vault's largest page
+
 
 @dataclass(frozen=True)
 class VaultConfig:
@@ -99,6 +101,26 @@ class VaultClient:
             return None
         ctype = resp.headers.get("content-type", "")
         return resp.json() if "json" in ctype else resp.text
+
+    # -- pages ---------------------------------------------------------------------------------
+
+    def page(self, path: str, **params: Any) -> dict[str, Any]:
+        """One page of a list endpoint: ``{"entries", "total", "limit", "next_cursor"}``
+        (``params``: its filters, ``limit``, ``cursor``; None values are left out)."""
+        return dict(self._call("GET", path, params={k: v for k, v in params.items()
+                                                    if v is not None}))
+
+    def collect(self, path: str, *, limit: int | None = None, **params: Any) -> list[dict[str, Any]]:
+        """Every entry of a list endpoint (all pages), or the first ``limit`` of them."""
+        out: list[dict[str, Any]] = []
+        cursor: str | None = None
+        while True:
+            want = PAGE_MAX if limit is None else min(PAGE_MAX, limit - len(out))
+            pg = self.page(path, **params, limit=want, cursor=cursor)
+            out.extend(pg["entries"])
+            cursor = pg.get("next_cursor")
+            if not cursor or (limit is not None and len(out) >= limit):
+                return out
 
     # -- resources -----------------------------------------------------------------------------
 
@@ -181,9 +203,14 @@ class VaultClient:
     def delete_group(self, name: str) -> None:
         self._call("DELETE", f"/groups/{name}")
 
-    def items(self, *, all_items: bool = False) -> list[dict[str, Any]]:
-        """Items standing for a VM (``all_items``: also removed, failed, re-protected)."""
-        return list(self._call("GET", "/items", params={"all": "true"} if all_items else None))
+    def items(self, **filters: Any) -> list[dict[str, Any]]:
+        """Every item matching ``filters`` (``all``, ``protection``, ``state``, ``health``,
+        ``host``, ``site``, ``target_site``, ``group``, ``q``), all pages."""
+        return self.collect("/items", **filters)
+
+    def items_page(self, *, limit: int = 100, cursor: str | None = None,
+                   **filters: Any) -> dict[str, Any]:
+        return self.page("/items", limit=limit, cursor=cursor, **filters)
 
     def item_history(self, item_id: str) -> dict[str, Any]:
         """The VM's history across failover and failback, from any of its items."""
@@ -202,8 +229,14 @@ class VaultClient:
     def resync(self, item_id: str) -> dict[str, Any]:
         return dict(self._call("POST", f"/items/{item_id}/resync"))
 
-    def points(self, item_id: str) -> list[dict[str, Any]]:
-        return list(self._call("GET", f"/items/{item_id}/points"))
+    def points(self, item_id: str, **filters: Any) -> list[dict[str, Any]]:
+        """The item's whole recovery-point catalogue, oldest first (``since``,
+        ``consistency``)."""
+        return self.collect(f"/items/{item_id}/points", **filters)
+
+    def points_page(self, item_id: str, *, limit: int = 100, cursor: str | None = None,
+                    **filters: Any) -> dict[str, Any]:
+        return self.page(f"/items/{item_id}/points", limit=limit, cursor=cursor, **filters)
 
     def verify(self, item_id: str, *, point: str | None = None,
                all_points: bool = False) -> dict[str, Any]:
@@ -231,10 +264,13 @@ class VaultClient:
         return dict(self._call("GET", f"/items/{item_id}/verifications/{job_id}"))
 
     def jobs(self, *, state: str | None = None, kind: str | None = None,
-             limit: int = 100) -> list[dict[str, Any]]:
-        params = {k: v for k, v in {"state": state, "kind": kind, "limit": limit}.items()
-                  if v is not None}
-        return list(self._call("GET", "/jobs", params=params))
+             limit: int | None = 100, **filters: Any) -> list[dict[str, Any]]:
+        """The newest ``limit`` jobs (None: all) matching the filters (``item``, ``since``)."""
+        return self.collect("/jobs", limit=limit, state=state, kind=kind, **filters)
+
+    def jobs_page(self, *, limit: int = 100, cursor: str | None = None,
+                  **filters: Any) -> dict[str, Any]:
+        return self.page("/jobs", limit=limit, cursor=cursor, **filters)
 
     def job(self, job_id: str) -> dict[str, Any]:
         return dict(self._call("GET", f"/jobs/{job_id}"))
@@ -242,29 +278,42 @@ class VaultClient:
     def cancel_job(self, job_id: str) -> dict[str, Any]:
         return dict(self._call("POST", f"/jobs/{job_id}/cancel") or {})
 
-    def alerts(self, *, state: str | None = None) -> list[dict[str, Any]]:
-        """Alerts, newest first (``state``: active or cleared; None: both)."""
-        return list(self._call("GET", "/alerts", params={"state": state} if state else None))
+    def alerts(self, **filters: Any) -> list[dict[str, Any]]:
+        """Every alert matching ``filters`` (``state``, ``kind``, ``severity``, ``since``)."""
+        return self.collect("/alerts", **filters)
+
+    def alerts_page(self, *, limit: int = 100, cursor: str | None = None,
+                    **filters: Any) -> dict[str, Any]:
+        return self.page("/alerts", limit=limit, cursor=cursor, **filters)
+
+    def events_page(self, *, limit: int = 100, cursor: str | None = None,
+                    **filters: Any) -> dict[str, Any]:
+        """One page of the event trail, newest first (``kind``, ``subject``, ``since``)."""
+        return self.page("/events", limit=limit, cursor=cursor, **filters)
+
+    def controller(self) -> dict[str, Any]:
+        """Which vault process is the controller (``{"lease", "this_process"}``)."""
+        return dict(self._call("GET", "/controller"))
 
     def ack_alert(self, alert_id: str) -> None:
         self._call("POST", f"/alerts/{alert_id}/ack")
 
     def events(self, *, kind: str | None = None, subject: str | None = None,
-               limit: int = 200) -> list[dict[str, Any]]:
-        """The event trail, newest first (``kind``: item, job, host, …; ``subject``: its id)."""
-        params = {k: v for k, v in {"kind": kind, "subject": subject, "limit": limit}.items()
-                  if v is not None}
-        return list(self._call("GET", "/events", params=params))
+               limit: int | None = 200) -> list[dict[str, Any]]:
+        """The event trail, newest first (``kind``: item, job, host, …; ``subject``: its id),
+        the newest ``limit`` events (None: all pages)."""
+        return self.collect("/events", limit=limit, kind=kind, subject=subject)
 
     def health(self) -> dict[str, Any]:
         return dict(self._call("GET", "/health"))
 
     def audit(self, *, limit: int = 100, since: float | None = None, actor: str | None = None,
-              before: int | None = None) -> dict[str, Any]:
-        """One page of the audit trail, newest first: ``{"entries", "next_before"}`` (admin)."""
-        params = {k: v for k, v in {"limit": limit, "since": since, "actor": actor,
-                                    "before": before}.items() if v is not None}
-        return dict(self._call("GET", "/audit", params=params))
+              before: int | None = None, cursor: str | None = None,
+              outcome: str | None = None) -> dict[str, Any]:
+        """One page of the audit trail, newest first: ``{"entries", "total", "next_cursor",
+        "next_before"}`` (admin)."""
+        return self.page("/audit", limit=limit, since=since, actor=actor, before=before,
+                         cursor=cursor, outcome=outcome)
 
     def tokens(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/tokens"))

@@ -1,5 +1,6 @@
 """Failover actions for one protected item, in-process: test failover and its cleanup, planned
-and unplanned failover, commit, cancel, change of recovery point, re-protect and failback.
+and unplanned failover, commit, cancel, change of recovery point (re-protect and failback:
+``reprotect.py``; the model and the records: ``records.py``).
 
 Every action keeps a record in ``<recovery site work_dir>/failovers/<failover_id>.json``
 (replaced atomically) naming the steps already done, so running an action again with the same
@@ -19,11 +20,8 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
 
 from drsite.core.clock import Clock, SystemClock
 from drsite.core.errors import (
@@ -35,7 +33,7 @@ from drsite.core.errors import (
     ObjectNotFound,
     VmNotFound,
 )
-from drsite.core.model import Consistency, DiskSpec, PowerState, VmInfo, VmSpec, validate_name
+from drsite.core.model import Consistency, DiskSpec, VmInfo, VmSpec, validate_name
 from drsite.core.states import FailoverState
 from drsite.failover.images import (
     digests_differ,
@@ -45,209 +43,26 @@ from drsite.failover.images import (
     timed,
     verify_image_against_point,
 )
-from drsite.failover.network import NetworkMap
-from drsite.fsutil import atomic_write_json, read_json
-from drsite.hypervisors.contract import DiskReader, HypervisorDriver
+from drsite.failover.records import (
+    ActionRun,
+    FailbackResult,
+    FailoverResult,
+    ProtectedItem,
+    ReprotectResult,
+    Site,
+    load_failover,
+    pending_record,
+    start_record,
+)
+from drsite.hypervisors.contract import HypervisorDriver
 from drsite.imagefile import RawImageReader
-from drsite.replication.driver import ItemReplicator, ReplicationSettings
 from drsite.replication.report import ItemState
-from drsite.replication.target import LocalTarget
-from drsite.store.contract import ObjectStore
 from drsite.store.format import PointInfo
-from drsite.store.generation import GenerationStore, check_replication_direction
-from drsite.store.reader import iter_pieces
-from drsite.store.replica import ReplicaHydrator
+from drsite.store.generation import check_replication_direction
 from drsite.store.repository import Repository
 
 PointChoice = str  # "latest" | "latest_app" | a point id
 PIECE = 4 << 20
-
-
-@dataclass
-class Site:
-    """One site as the failover library sees it: a name (as in generation records), a
-    hypervisor, and a work directory for restored images, frozen copies, records and the
-    engine state of reverse replication."""
-
-    name: str
-    hypervisor: HypervisorDriver | None
-    work_dir: Path
-
-    def __post_init__(self) -> None:
-        validate_name("site", self.name)
-        self.work_dir = Path(self.work_dir)
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def hv(self) -> HypervisorDriver:
-        """The site's hypervisor; ``None`` means it is another host's (an agent acting for the
-        recovery side of a failover does not reach the primary's hypervisor)."""
-        if self.hypervisor is None:
-            raise InvalidInput(f"the hypervisor of site {self.name} is not reachable from here",
-                               hint="This step runs on that site's agent.")
-        return self.hypervisor
-
-
-@dataclass
-class ProtectedItem:
-    """One replicated VM, as failover needs it.
-
-    ``spec`` is the protected VM's configuration as the vault knows it (name, CPUs, memory,
-    NICs, disks): an unplanned failover must not need the source. ``replicator`` is the primary
-    side's engine (needed by a planned failover for its final cycle). ``hydrator`` is the
-    recovery site's replica of the latest point (optional: without it every failover restores
-    from the store).
-    """
-
-    item_id: str
-    vm_id: str
-    spec: VmSpec
-    primary: Site
-    recovery: Site
-    repo: Repository
-    hydrator: ReplicaHydrator | None = None
-    replicator: ItemReplicator | None = None
-    network_map: NetworkMap = field(default_factory=NetworkMap)
-
-    @property
-    def generations(self) -> GenerationStore:
-        return GenerationStore(self.repo.store, self.repo.auth)
-
-
-FailoverKind = Literal["test", "planned", "unplanned"]
-
-
-@dataclass
-class FailoverResult:
-    """The persisted record of one failover, and what every action returns.
-
-    ``timings`` holds seconds per step; ``rto_s`` is request → recovery VM running (summed over
-    resumptions). ``bytes_restored`` counts point data read from the store into images.
-    """
-
-    failover_id: str
-    kind: str
-    item_id: str
-    state: FailoverState
-    requested_at: float
-    point_id: str | None = None
-    point_created_at: float | None = None
-    vm_id: str | None = None
-    vm_name: str | None = None
-    source_site: str = ""
-    recovery_site: str = ""
-    generation_before: int = 0
-    generation: int = 0
-    rto_s: float | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-    steps: list[str] = field(default_factory=list)
-    image_source: str = ""          # "replica" | "replica-copy" | "restore"
-    bytes_restored: int = 0
-    verified: bool = False
-    backing_dir: str | None = None  # test failover: the frozen images under the CoW VM
-    notes: list[str] = field(default_factory=list)
-    reprotect_item_id: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["state"] = self.state.value
-        return d
-
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> FailoverResult:
-        d = dict(d)
-        d["state"] = FailoverState(d["state"])
-        known = set(FailoverResult.__dataclass_fields__)
-        return FailoverResult(**{k: v for k, v in d.items() if k in known})
-
-
-@dataclass
-class ReprotectResult:
-    """Reverse replication set up: the reverse item, its engine, and what travelled."""
-
-    item: ProtectedItem
-    point: PointInfo
-    base_point: PointInfo
-    bytes_sent: int
-    bytes_compared: int
-    disk_bytes: int
-    base_bytes_local: int
-    generation: int
-    seconds: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"item_id": self.item.item_id, "point_id": self.point.point_id,
-                "base_point_id": self.base_point.point_id, "bytes_sent": self.bytes_sent,
-                "bytes_compared": self.bytes_compared, "disk_bytes": self.disk_bytes,
-                "base_bytes_local": self.base_bytes_local, "generation": self.generation,
-                "seconds": self.seconds}
-
-
-@dataclass
-class FailbackResult:
-    failover: FailoverResult
-    reprotect: ReprotectResult
-
-
-# --- records --------------------------------------------------------------------------------
-
-def _records_dir(site: Site) -> Path:
-    d = site.work_dir / "failovers"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def load_failover(site: Site, failover_id: str) -> FailoverResult | None:
-    """The record of a failover whose recovery side is ``site`` (None if unknown)."""
-    path = _records_dir(site) / f"{validate_name('failover', failover_id)}.json"
-    if not path.exists():
-        return None
-    return FailoverResult.from_dict(read_json(path))
-
-
-def _save(site: Site, rec: FailoverResult) -> None:
-    atomic_write_json(_records_dir(site) / f"{rec.failover_id}.json", rec.to_dict())
-
-
-class _Run:
-    """One invocation of an action on a record: measures the elapsed time for the RTO."""
-
-    def __init__(self, item: ProtectedItem, rec: FailoverResult) -> None:
-        self.item = item
-        self.rec = rec
-        self.t0 = time.monotonic()
-        self.rto_base = rec.rto_s or 0.0
-
-    def save(self) -> None:
-        _save(self.item.recovery, self.rec)
-
-    def done(self, step: str) -> bool:
-        return step in self.rec.steps
-
-    def mark(self, step: str) -> None:
-        if step not in self.rec.steps:
-            self.rec.steps.append(step)
-        self.save()
-
-    def running(self) -> None:
-        """The recovery VM runs: the RTO is measured up to here."""
-        self.rec.rto_s = round(self.rto_base + time.monotonic() - self.t0, 6)
-
-
-def _start(item: ProtectedItem, kind: FailoverKind, failover_id: str | None,
-           clock: Clock) -> tuple[FailoverResult, bool]:
-    fid = failover_id or f"{kind}-{item.item_id}-{uuid.uuid4().hex[:8]}"
-    validate_name("failover", fid)
-    rec = load_failover(item.recovery, fid)
-    if rec is not None:
-        if rec.kind != kind or rec.item_id != item.item_id:
-            raise Conflict(f"failover id {fid} is a {rec.kind} failover of {rec.item_id}")
-        return rec, True
-    rec = FailoverResult(fid, kind, item.item_id, FailoverState.STARTING, clock.now(),
-                         source_site=item.primary.name, recovery_site=item.recovery.name,
-                         generation_before=item.generations.current(item.item_id))
-    _save(item.recovery, rec)
-    return rec, False
 
 
 def _resolve_point(repo: Repository, choice: PointChoice) -> PointInfo:
@@ -277,7 +92,7 @@ def _find_vm(hv: HypervisorDriver, name: str) -> VmInfo | None:
         return None
 
 
-def _start_vm(run: _Run, hv: HypervisorDriver, vm: VmInfo, state: FailoverState) -> None:
+def _start_vm(run: ActionRun, hv: HypervisorDriver, vm: VmInfo, state: FailoverState) -> None:
     """Record the recovery VM (``vm_created``), power it on (the RTO ends here) and enter
     ``state`` (``vm_running``). Idempotent: powering on a running VM is a no-op."""
     rec = run.rec
@@ -292,7 +107,7 @@ def _start_vm(run: _Run, hv: HypervisorDriver, vm: VmInfo, state: FailoverState)
 
 
 def _images_from_store(item: ProtectedItem, point: PointInfo, dest: Path,
-                       run: _Run) -> dict[str, Path]:
+                       run: ActionRun) -> dict[str, Path]:
     """Restore every disk of ``point`` into ``dest`` (verified reads)."""
     dest.mkdir(parents=True, exist_ok=True)
     stop = timed(run.rec.timings, "restore")
@@ -307,7 +122,7 @@ def _images_from_store(item: ProtectedItem, point: PointInfo, dest: Path,
     return out
 
 
-def _verify(item: ProtectedItem, point: PointInfo, images: dict[str, Path], run: _Run) -> None:
+def _verify(item: ProtectedItem, point: PointInfo, images: dict[str, Path], run: ActionRun) -> None:
     stop = timed(run.rec.timings, "verify")
     for disk_id, path in images.items():
         verify_image_against_point(item.repo, point.point_id, disk_id, path,
@@ -359,8 +174,8 @@ def test_failover(item: ProtectedItem, point: PointChoice = "latest", *,
     never writes the item's data). ``verify`` checks the backing images against the point.
     """
     clock = clock or SystemClock()
-    rec, resumed = _start(item, "test", failover_id, clock)
-    run = _Run(item, rec)
+    rec, resumed = start_record(item, "test", failover_id, clock)
+    run = ActionRun(item, rec)
     if resumed and rec.state is not FailoverState.STARTING:
         return rec
     hv = item.recovery.hv
@@ -412,7 +227,7 @@ def cleanup_test_failover(item: ProtectedItem, failover_id: str, notes: str = ""
     rec = load_failover(item.recovery, failover_id)
     if rec is None or rec.kind != "test":
         raise NotFound(f"no test failover {failover_id} of {item.item_id}")
-    run = _Run(item, rec)
+    run = ActionRun(item, rec)
     hv = item.recovery.hv
     if rec.state is not FailoverState.CLEANED_UP:
         stop = timed(rec.timings, "cleanup")
@@ -432,7 +247,7 @@ def cleanup_test_failover(item: ProtectedItem, failover_id: str, notes: str = ""
 
 # --- planned / unplanned failover -----------------------------------------------------------
 
-def _create_and_start(item: ProtectedItem, run: _Run, p: PointInfo, spec: VmSpec,
+def _create_and_start(item: ProtectedItem, run: ActionRun, p: PointInfo, spec: VmSpec,
                       images: dict[str, Path], *, from_replica: bool,
                       replace_vm: str | None, clock: Clock) -> None:
     """Promote, create the recovery VM from ``images`` (moved into it), start it."""
@@ -465,7 +280,7 @@ def _create_and_start(item: ProtectedItem, run: _Run, p: PointInfo, spec: VmSpec
     _start_vm(run, hv, vm, FailoverState.PENDING_COMMIT)
 
 
-def _images_for(item: ProtectedItem, p: PointInfo, run: _Run, *,
+def _images_for(item: ProtectedItem, p: PointInfo, run: ActionRun, *,
                 verify: bool) -> tuple[dict[str, Path], bool]:
     """Images of point ``p`` to move into the recovery VM: the replica's own images when it
     holds ``p`` (fastest: a rename), else a restore from the store. Returns (images,
@@ -490,7 +305,7 @@ def _images_for(item: ProtectedItem, p: PointInfo, run: _Run, *,
     return images, from_replica
 
 
-def _replica_proven_equal(item: ProtectedItem, run: _Run, p: PointInfo,
+def _replica_proven_equal(item: ProtectedItem, run: ActionRun, p: PointInfo,
                           differs: Callable[[str, Path], str | None]
                           ) -> tuple[dict[str, Path], bool]:
     """Planned failover: the replica brought to the final point ``p`` and its images, each
@@ -532,8 +347,8 @@ def planned_failover(item: ProtectedItem, *, failover_id: str | None = None,
     is deleted and re-created under its own name (failback to the original VM).
     """
     clock = clock or SystemClock()
-    rec, resumed = _start(item, "planned", failover_id, clock)
-    run = _Run(item, rec)
+    rec, resumed = start_record(item, "planned", failover_id, clock)
+    run = ActionRun(item, rec)
     if resumed and rec.state is not FailoverState.STARTING:
         return rec
     if item.replicator is None:
@@ -604,8 +419,8 @@ def planned_failover_recovery_side(item: ProtectedItem, *, failover_id: str, poi
     original VM).
     """
     clock = clock or SystemClock()
-    rec, resumed = _start(item, "planned", failover_id, clock)
-    run = _Run(item, rec)
+    rec, resumed = start_record(item, "planned", failover_id, clock)
+    run = ActionRun(item, rec)
     if resumed and rec.state is not FailoverState.STARTING:
         return rec
     if not run.done("checked"):
@@ -647,8 +462,8 @@ def unplanned_failover(item: ProtectedItem, choice: PointChoice = "latest", *,
     the old primary's engine before the recovery VM runs.
     """
     clock = clock or SystemClock()
-    rec, resumed = _start(item, "unplanned", failover_id, clock)
-    run = _Run(item, rec)
+    rec, resumed = start_record(item, "unplanned", failover_id, clock)
+    run = ActionRun(item, rec)
     if resumed and rec.state is not FailoverState.STARTING:
         return rec
     if not run.done("checked"):
@@ -670,18 +485,11 @@ def unplanned_failover(item: ProtectedItem, choice: PointChoice = "latest", *,
     return rec
 
 
-def _pending(item: ProtectedItem, failover_id: str) -> tuple[FailoverResult, _Run]:
-    rec = load_failover(item.recovery, failover_id)
-    if rec is None or rec.kind == "test":
-        raise NotFound(f"no failover {failover_id} of {item.item_id}")
-    return rec, _Run(item, rec)
-
-
 def commit(item: ProtectedItem, failover_id: str) -> FailoverResult:
     """End the failover: the recovery VM is the item's primary for good. The other recovery
     points of the item are discarded (deleted, then GC) and the point cannot change any more.
     Idempotent."""
-    rec, run = _pending(item, failover_id)
+    rec, run = pending_record(item, failover_id)
     if rec.state is FailoverState.COMMITTED:
         return rec
     if rec.state is not FailoverState.PENDING_COMMIT:
@@ -709,7 +517,7 @@ def cancel(item: ProtectedItem, failover_id: str, *, restart_source: bool = True
     to resync, which clears Critical). Idempotent.
     """
     clock = clock or SystemClock()
-    rec, run = _pending(item, failover_id)
+    rec, run = pending_record(item, failover_id)
     if rec.state is FailoverState.CANCELLED:
         return rec
     if rec.state not in (FailoverState.PENDING_COMMIT, FailoverState.STARTING):
@@ -750,7 +558,7 @@ def change_point(item: ProtectedItem, failover_id: str, point: PointChoice, *,
     recovery VM is powered off and deleted first (never two at once); the new one gets the
     same name and network settings; the generation does not change (same promotion)."""
     clock = clock or SystemClock()
-    rec, run = _pending(item, failover_id)
+    rec, run = pending_record(item, failover_id)
     hv = item.recovery.hv
     if rec.state is FailoverState.STARTING and "changing_point" in rec.steps \
             and rec.point_id is not None:
@@ -786,142 +594,8 @@ def change_point(item: ProtectedItem, failover_id: str, point: PointChoice, *,
     return rec
 
 
-# --- re-protect and failback ----------------------------------------------------------------
-
-def _write_base_point(repo: Repository, cycle_id: str, readers: dict[str, DiskReader],
-                      created_at: float) -> tuple[PointInfo, int]:
-    """A full point holding the given disks (data extents only), written where the disks are."""
-    done = repo.committed_cycle(cycle_id)
-    if done is not None:
-        return done, 0
-    sizes = {d: r.size for d, r in readers.items()}
-    written = 0
-    w = repo.begin(cycle_id, base=None, disk_sizes=sizes, kind="initial")
-    try:
-        covered = {d: w.covered(d) for d in sizes}
-        buf = bytearray(PIECE)
-        for disk_id, r in sorted(readers.items()):
-            todo = r.data_extents().clip(sizes[disk_id]).subtract(covered[disk_id])
-            for off, n in iter_pieces(todo, PIECE):
-                mv = memoryview(buf)[:n]
-                r.readinto(off, mv)
-                w.write(disk_id, off, mv)
-                written += n
-        point = w.commit(created_at=created_at, consistency=Consistency.CRASH,
-                         meta={"note": "re-protect base: the old primary's disks"})
-    finally:
-        w.close()
-    return point, written
-
-
-def reprotect(item: ProtectedItem, failover_id: str, reverse_store: ObjectStore, *,
-              new_item_id: str | None = None, network_map: NetworkMap | None = None,
-              settings: ReplicationSettings | None = None,
-              clock: Clock | None = None) -> ReprotectResult:
-    """Reverse replication of a committed failover: the recovery VM replicates to
-    ``reverse_store`` on the old primary's side, reusing the old primary's disks.
-
-    Steps: the failover must be committed and the store's generation record must name the
-    recovery site as primary with a generation newer than the old primary's (the old primary
-    is fenced), the old primary's VM is powered off; its disks are written as a full base point
-    of the new item (default ``<item>-rev``) *where they are* (on the old primary's side: no
-    network); the reverse item's generation record starts at the current generation; the
-    reverse replica is hydrated on the old primary's site; then a resync by checksums
-    (``ItemReplicator.run_resync``) sends only the blocks that differ. Returns the reverse item
-    (its ``replicator`` runs further cycles) and bytes sent vs disk size.
-    """
-    clock = clock or SystemClock()
-    t0 = time.monotonic()
-    rec, run = _pending(item, failover_id)
-    if rec.state is not FailoverState.COMMITTED:
-        raise Conflict(f"failover {failover_id} is {rec.state.value}; commit it before "
-                       "re-protecting", hint="Commit the failover first.")
-    assert rec.vm_id is not None
-    rev_id = validate_name("item", new_item_id or rec.reprotect_item_id or f"{item.item_id}-rev")
-    g = check_replication_direction(item.repo.store, item.item_id, item.recovery.name,
-                                    auth=item.repo.auth)
-    generation = g.generation if g else 0
-    if g is not None and g.generation <= rec.generation_before:
-        raise Fenced(f"the old primary of {item.item_id} is not fenced (generation "
-                     f"{g.generation} is not newer than {rec.generation_before})")
-    old_hv = item.primary.hv
-    new_hv = item.recovery.hv
-    old_vm = old_hv.get_vm(item.vm_id)
-    if old_vm.power is PowerState.RUNNING:
-        old_hv.power_off(item.vm_id, timeout=30.0)  # no VM of the item on both sites
-    rec.reprotect_item_id = rev_id
-    run.mark("reprotecting")
-    rev_repo = Repository(reverse_store, rev_id)
-    readers = {d.disk_id: old_hv.open_live_reader(item.vm_id, d.disk_id) for d in old_vm.disks}
-    try:
-        base, base_bytes = _write_base_point(rev_repo, f"{failover_id}-base", readers, clock.now())
-    finally:
-        for r in readers.values():
-            r.close()
-    GenerationStore(reverse_store).ensure(rev_id, item.recovery.name, now=clock.now(),
-                                          at_least=generation,
-                                          reason=f"re-protect of {item.item_id}")
-    rev_gen = GenerationStore(reverse_store).current(rev_id)
-    hydrator = ReplicaHydrator(rev_repo, item.primary.work_dir / "replicas" / rev_id)
-    hydrator.catch_up()
-    engine = ItemReplicator(item_id=rev_id, vm_id=rec.vm_id, driver=new_hv,
-                            target=LocalTarget(rev_repo, hydrator),
-                            state_dir=item.recovery.work_dir / "engine",
-                            settings=settings or (item.replicator.settings if item.replicator
-                                                  else None),
-                            clock=clock, generation=rev_gen)
-    sent0, cmp0 = engine.report.bytes_sent, engine.report.bytes_compared
-    point = rev_repo.latest()
-    if point is None or point.point_id == base.point_id or engine.rec.phase is not ItemState.PROTECTED:
-        point = engine.run_resync(f"re-protect after failover {failover_id}: resync against the "
-                                  "old primary's disks")
-    new_vm = new_hv.get_vm(rec.vm_id)
-    rev_item = ProtectedItem(
-        item_id=rev_id, vm_id=rec.vm_id,
-        spec=VmSpec(new_vm.name, new_vm.vcpus, new_vm.memory_mib, new_vm.nics, new_vm.disks),
-        primary=item.recovery, recovery=item.primary, repo=rev_repo, hydrator=hydrator,
-        replicator=engine, network_map=network_map or NetworkMap())
-    run.mark("reprotected")
-    return ReprotectResult(rev_item, point, base, engine.report.bytes_sent - sent0,
-                           engine.report.bytes_compared - cmp0, sum(base.disk_sizes.values()),
-                           base_bytes, rev_gen, round(time.monotonic() - t0, 6))
-
-
-def failback(rev_item: ProtectedItem, forward_store: ObjectStore, *,
-             to_original_vm: VmInfo | None = None, alternate_name: str | None = None,
-             failover_id: str | None = None, new_item_id: str | None = None,
-             clock: Clock | None = None) -> FailbackResult:
-    """Planned failover of a re-protected item back to the old primary's site, commit, then
-    re-protect again (the VM it leaves, now stopped, is the base of the new forward item).
-
-    ``to_original_vm``: the original VM is re-created under its own name and configuration from
-    the failed-back images (it must be stopped; re-protect stopped it). ``alternate_name``: a new
-    VM with that name and the reverse item's network mapping. Exactly one of them.
-    """
-    clock = clock or SystemClock()
-    if (to_original_vm is None) == (alternate_name is None):
-        raise InvalidInput("failback needs exactly one of to_original_vm or alternate_name")
-    if to_original_vm is not None:
-        spec = VmSpec(to_original_vm.name, to_original_vm.vcpus, to_original_vm.memory_mib,
-                      to_original_vm.nics, to_original_vm.disks)
-        replace = to_original_vm.vm_id
-    else:
-        assert alternate_name is not None
-        mapped = rev_item.network_map.apply(rev_item.spec)
-        spec = VmSpec(validate_name("VM", alternate_name), mapped.vcpus, mapped.memory_mib,
-                      mapped.nics, mapped.disks)
-        replace = None
-    fid = failover_id or f"failback-{rev_item.item_id}"
-    fo = planned_failover(rev_item, failover_id=fid, vm_spec=spec, replace_vm=replace, clock=clock)
-    fo = commit(rev_item, fo.failover_id)
-    rp = reprotect(rev_item, fo.failover_id, forward_store,
-                   new_item_id=new_item_id or f"{rev_item.item_id}-fb{fo.generation}",
-                   clock=clock)
-    return FailbackResult(fo, rp)
-
-
 __all__ = ["FailbackResult", "FailoverResult", "FailoverState", "ProtectedItem",
            "ReprotectResult", "Site", "cancel", "change_point", "cleanup_test_failover",
-           "commit", "failback", "load_failover", "planned_failover",
-           "planned_failover_recovery_side", "reprotect", "source_fingerprints",
+           "commit", "load_failover", "planned_failover",
+           "planned_failover_recovery_side", "source_fingerprints",
            "test_failover", "unplanned_failover"]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from blake3 import blake3
+
 from drsite.core.errors import InvalidInput
 from drsite.core.model import DiskSpec, Nic, VmSpec, validate_name
 from drsite.failover.network import (
@@ -20,6 +22,7 @@ from drsite.failover.network import (
     NetworkMapping,
     SubnetRule,
 )
+from drsite.store.format import canonical_json
 
 
 def ip_rule_from_dict(d: dict[str, Any] | None) -> IpRule:
@@ -57,3 +60,41 @@ def vm_spec_from_dict(d: dict[str, Any]) -> VmSpec:
                                   for x in d.get("disks") or []))
     except (KeyError, TypeError, ValueError) as e:
         raise InvalidInput(f"invalid VM spec in the command: {e}") from None
+
+
+# ------------------------------------------------------------------------ the recovery book
+
+BOOK_FORMAT = 1
+
+
+def recovery_book_digest(doc: dict[str, Any]) -> str:
+    """The digest of a recovery book (``docs/control-plane.md``, "Break-glass failover"): what
+    a store-serving agent sends back so the vault re-sends the book only when it changed."""
+    return str(blake3(canonical_json(doc)).hexdigest())
+
+
+def check_recovery_book(doc: Any) -> dict[str, Any]:
+    """Validate a recovery book's shape (``InvalidInput`` naming what is wrong):
+    ``{"format": 1, "site", "items": {ITEM: {"vm_id", "vm_name", "vm_spec", "source_site",
+    "recovery_site", "network_map"}}, "plans": {NAME: {"groups": [{"name", "items": [ITEM]}],
+    "actions": [str]}}}``."""
+    if not isinstance(doc, dict) or doc.get("format") != BOOK_FORMAT:
+        raise InvalidInput("recovery book: not an object of format 1")
+    items, plans = doc.get("items"), doc.get("plans")
+    if not isinstance(items, dict) or not isinstance(plans, dict):
+        raise InvalidInput("recovery book: 'items' and 'plans' must be objects")
+    for item_id, entry in items.items():
+        validate_name("item", str(item_id))
+        if not isinstance(entry, dict):
+            raise InvalidInput(f"recovery book: item {item_id} is not an object")
+        for key in ("vm_id", "vm_name", "source_site", "recovery_site"):
+            if not isinstance(entry.get(key), str):
+                raise InvalidInput(f"recovery book: item {item_id} lacks {key!r}")
+        vm_spec_from_dict(dict(entry.get("vm_spec") or {}))
+        network_map_from_args(entry.get("network_map"))
+    for name, plan in plans.items():
+        groups = plan.get("groups") if isinstance(plan, dict) else None
+        if not isinstance(groups, list) or not all(
+                isinstance(g, dict) and isinstance(g.get("items"), list) for g in groups):
+            raise InvalidInput(f"recovery book: plan {name} has no list of groups of items")
+    return doc

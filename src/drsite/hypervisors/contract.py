@@ -15,6 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+import numpy as np
+import numpy.typing as npt
+
 from drsite.core.extents import ExtentList
 from drsite.core.model import SealedCycle, TrackingStatus, VmInfo, VmSpec
 
@@ -43,6 +46,20 @@ class DiskReader(Protocol):
         ...
 
     def close(self) -> None:
+        ...
+
+
+@runtime_checkable
+class VectorDiskReader(DiskReader, Protocol):
+    """A :class:`DiskReader` that also reads many extents in one call (the engine's batches of
+    scattered small extents cost a syscall or a request each, not a Python call each)."""
+
+    def readv(self, offsets: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64],
+              buf: memoryview) -> None:
+        """Fill ``buf`` with the extents ``(offsets[i], lengths[i])``, concatenated in order.
+
+        Same guarantees per extent as :meth:`DiskReader.readinto` (holes read as zeros;
+        ``InvalidInput`` if an extent passes the end of the disk)."""
         ...
 
 

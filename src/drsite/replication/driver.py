@@ -23,6 +23,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from drsite import failpoints
 from drsite.core.clock import Clock, SystemClock
 from drsite.core.errors import (
@@ -35,11 +37,12 @@ from drsite.core.errors import (
     classify_os_error,
     from_dict,
 )
-from drsite.core.extents import ExtentList
+from drsite.core.extents import I64, ExtentList
 from drsite.core.model import Consistency, SealedCycle, TrackingState
 from drsite.core.retention import RetentionRule
 from drsite.core.throttle import TokenBucket
-from drsite.hypervisors.contract import DiskReader, HypervisorDriver
+from drsite.hypervisors.contract import DiskReader, HypervisorDriver, VectorDiskReader
+from drsite.replication import allocator
 from drsite.replication.planner import (
     Action,
     Decision,
@@ -53,7 +56,7 @@ from drsite.replication.planner import (
 from drsite.replication.report import Health, ItemReport, ItemState
 from drsite.replication.resync import RESYNC_BLOCK, block_digests, differing_extents
 from drsite.replication.state import ItemRecord, RecordFile
-from drsite.replication.target import RecoveryTarget
+from drsite.replication.target import RecoveryTarget, StreamingTarget
 from drsite.store.format import PointInfo
 from drsite.store.generation import check_not_fenced
 from drsite.store.maintenance import VerifyReport
@@ -82,6 +85,9 @@ class ReplicationSettings:
     io_size: int = IO_SIZE
     resync_block: int = RESYNC_BLOCK
     save_every_bytes: int = 64 * 1024 * 1024
+    # GC sweeps (listing and deleting objects: many requests on a remote store) run at most
+    # this often; retention still deletes expired points after every cycle
+    gc_every_s: float = 300.0
 
     def __post_init__(self) -> None:
         validate_frequency(self.frequency_s)
@@ -108,6 +114,7 @@ class ItemReplicator:
                  minute_of_day: Callable[[float], int] = local_minute_of_day,
                  generation: int | None = None) -> None:
         self.generation = generation
+        allocator.limit_retention()  # freed cycle buffers go back to the system (engine RSS)
         self.driver = driver
         self.target = target
         self.settings = settings or ReplicationSettings()
@@ -124,6 +131,7 @@ class ItemReplicator:
         self.rec = rec
         self._force_app: bool | None = None
         self._post_commit_issue: str | None = None
+        self._last_gc: float | None = None  # None: the first commit of this process sweeps
         # called after a point is committed and before its frozen view is released (a drill
         # can compare the point with the source as it was at that instant)
         self.before_release: Callable[[SealedCycle, PointInfo], None] | None = None
@@ -417,14 +425,23 @@ class ItemReplicator:
                                 kind=kind)
             if not self.settings.compression:
                 writer.zstd_level = 0
+            streaming = False
             try:
                 rep = self.report
                 resumed = 0
                 remaining: dict[str, ExtentList] = {}
+                fresh = True
                 for disk_id in sorted(todo):
                     covered = writer.covered(disk_id)
+                    fresh = fresh and len(covered) == 0
                     resumed += todo[disk_id].intersect(covered).total
                     remaining[disk_id] = todo[disk_id].subtract(covered)
+                if fresh and isinstance(self.target, StreamingTarget):
+                    # the replica is written from the buffers we ship (a resumed cycle is not:
+                    # its replica catches up from the store after the commit)
+                    writer.tee = self.target.open_stream(cycle.cycle_id, base,
+                                                         dict(cycle.disk_sizes))
+                    streaming = writer.tee is not None
                 if kind == "initial" and resumed:
                     rep.initial_resumed_from = resumed
                     log.info("%s: resuming initial replication, %d bytes already stored",
@@ -446,12 +463,12 @@ class ItemReplicator:
                         continue
                     reader = self.driver.open_cycle_reader(cycle, disk_id)
                     try:
-                        for off, buf in read_ahead(reader, ext, io):
+                        for offs, lens, data in read_batches(reader, ext, io):
                             if bucket is not None:
-                                bucket.consume(len(buf))
-                            writer.write(disk_id, off, buf)
-                            rep.bytes_done += len(buf)
-                            since_save += len(buf)
+                                bucket.consume(len(data))
+                            writer.write_many(disk_id, offs, lens, data)
+                            rep.bytes_done += len(data)
+                            since_save += len(data)
                             if since_save >= self.settings.save_every_bytes:
                                 writer.flush()
                                 since_save = 0
@@ -465,8 +482,12 @@ class ItemReplicator:
                                             "epoch": cycle.epoch, "note": cycle.note})
                 rep.bytes_sent += writer.bytes_written - writer.zero_bytes
                 rep.bytes_stored += writer.bytes_stored
+                streaming = False  # committed: after_commit settles the stream
             finally:
                 writer.close()
+                if streaming:
+                    assert isinstance(self.target, StreamingTarget)
+                    self.target.close_stream()
         else:
             point = done
         self._finish(cycle, point)
@@ -508,8 +529,13 @@ class ItemReplicator:
         try:
             if self.target.runs_retention:
                 pinned = {p for p in (self.target.replica_point(),) if p}
-                self.target.repo.apply_retention(self.settings.retention, self.clock.now(),
-                                                 pinned)
+                now = self.clock.now()
+                sweep = (self._last_gc is None
+                         or now - self._last_gc >= self.settings.gc_every_s)
+                self.target.repo.apply_retention(self.settings.retention, now, pinned,
+                                                 sweep=sweep)
+                if sweep:
+                    self._last_gc = now
         except DrsiteError as e:
             log.warning("%s: retention failed: %s", r.vm_name, e)
             self._post_commit_issue = f"retention failed: {e.message}"
@@ -654,52 +680,56 @@ class ItemReplicator:
 
 
 READ_AHEAD_BATCHES = 3
+MAX_BATCH_EXTENTS = 4096
 
 
-def read_ahead(reader: DiskReader, extents: ExtentList, batch_bytes: int
-               ) -> Iterator[tuple[int, memoryview]]:
-    """Yield ``(offset, data)`` for every extent, in order, while up to ``READ_AHEAD_BATCHES``
-    batches (about ``batch_bytes`` each, many small extents per batch) are read by worker
-    threads: reads overlap with compressing and storing, and small random reads get queue
-    depth. Buffers are reused: a yielded view is valid only until the next item is asked for
-    (``PointWriter.write`` copies what it keeps)."""
-    batches: list[list[tuple[int, int]]] = []
-    cur: list[tuple[int, int]] = []
-    size = 0
-    for off, n in extents:
-        cur.append((off, n))
-        size += n
-        if size >= batch_bytes or len(cur) >= 1024:
-            batches.append(cur)
-            cur, size = [], 0
-    if cur:
-        batches.append(cur)
+def read_batches(reader: DiskReader, extents: ExtentList, batch_bytes: int
+                 ) -> Iterator[tuple[I64, I64, memoryview]]:
+    """Yield ``(offsets, lengths, data)`` batches covering ``extents`` in order (``data`` = the
+    batch's extents concatenated; about ``batch_bytes`` and at most ``MAX_BATCH_EXTENTS``
+    extents each), while up to ``READ_AHEAD_BATCHES`` batches are read by worker threads: reads
+    overlap with compressing and storing, and small random reads get queue depth. A
+    :class:`VectorDiskReader` reads a batch in one call; no Python object is made per extent.
+    Buffers are reused: a yielded view is valid only until the next batch is asked for
+    (``PointWriter.write_many`` copies what it keeps)."""
+    starts, lengths = extents.starts, extents.lengths
+    if starts.size == 0:
+        return
+    ends = np.cumsum(lengths)
+    cuts = [0]
+    while cuts[-1] < starts.size:
+        i = cuts[-1]
+        base = int(ends[i - 1]) if i else 0
+        j = int(np.searchsorted(ends, base + batch_bytes, "right"))
+        cuts.append(min(max(j, i + 1), i + MAX_BATCH_EXTENTS))
+    vector = reader if isinstance(reader, VectorDiskReader) else None
     free: list[bytearray] = [bytearray(0) for _ in range(READ_AHEAD_BATCHES + 1)]
 
-    def read(batch: list[tuple[int, int]], buf: bytearray
-             ) -> tuple[bytearray, list[tuple[int, memoryview]]]:
-        total = sum(n for _, n in batch)
+    def read(a: int, b: int, buf: bytearray) -> tuple[bytearray, I64, I64, memoryview]:
+        offs, lens = starts[a:b], lengths[a:b]
+        total = int(ends[b - 1]) - (int(ends[a - 1]) if a else 0)
         if len(buf) < total:
             buf = bytearray(total)
-        mv = memoryview(buf)
-        out = []
-        pos = 0
-        for off, n in batch:
-            reader.readinto(off, mv[pos:pos + n])
-            out.append((off, mv[pos:pos + n]))
-            pos += n
-        return buf, out
+        mv = memoryview(buf)[:total]
+        if vector is not None:
+            vector.readv(offs, lens, mv)
+        else:
+            pos = 0
+            for off, n in zip(offs.tolist(), lens.tolist(), strict=True):
+                reader.readinto(off, mv[pos:pos + n])
+                pos += n
+        return buf, offs, lens, mv
 
     with ThreadPoolExecutor(READ_AHEAD_BATCHES, thread_name_prefix="drsite-read") as pool:
-        pending: deque[Future[tuple[bytearray, list[tuple[int, memoryview]]]]] = deque()
+        pending: deque[Future[tuple[bytearray, I64, I64, memoryview]]] = deque()
         nxt = 0
         try:
-            while nxt < len(batches) or pending:
-                while nxt < len(batches) and len(pending) < READ_AHEAD_BATCHES:
-                    pending.append(pool.submit(read, batches[nxt], free.pop()))
+            while nxt < len(cuts) - 1 or pending:
+                while nxt < len(cuts) - 1 and len(pending) < READ_AHEAD_BATCHES:
+                    pending.append(pool.submit(read, cuts[nxt], cuts[nxt + 1], free.pop()))
                     nxt += 1
-                buf, items = pending.popleft().result()
-                yield from items
+                buf, offs, lens, mv = pending.popleft().result()
+                yield offs, lens, mv
                 free.append(buf)  # consumed: the next submitted read may reuse it
         finally:
             for f in pending:

@@ -4,14 +4,15 @@ after a commit (hydrate its replica disks) and how it answers a resync's checksu
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from drsite.core.errors import ObjectNotFound
 from drsite.imagefile import RawImageReader
 from drsite.replication.resync import RESYNC_BLOCK, DigestResult, block_digests
 from drsite.store.format import PointInfo
-from drsite.store.replica import ReplicaHydrator
+from drsite.store.replica import ReplicaHydrator, ReplicaStream
 from drsite.store.repository import Repository
+from drsite.store.writer import Tee
 
 
 class RecoveryTarget(Protocol):
@@ -50,18 +51,63 @@ class RecoveryTarget(Protocol):
         ...
 
 
-class LocalTarget:
-    """A recovery site on this machine: a repository and, optionally, a hydrated replica."""
+@runtime_checkable
+class StreamingTarget(RecoveryTarget, Protocol):
+    """A recovery target whose replica can be written while a cycle is shipped, from the same
+    buffers (no second pass over the store after the commit)."""
 
-    def __init__(self, repo: Repository, hydrator: ReplicaHydrator | None = None) -> None:
+    def open_stream(self, cycle_id: str, base_point_id: str | None,
+                    disk_sizes: dict[str, int]) -> Tee | None:
+        """A tee for the cycle's point writer (:attr:`PointWriter.tee`), or None when the replica
+        cannot take this cycle now (it then catches up from the store after the commit). The
+        stream is settled by :meth:`after_commit` of the cycle's point, or by
+        :meth:`close_stream`."""
+        ...
+
+    def close_stream(self) -> None:
+        """Drop an open stream without a commit (the replica's marker makes the next catch-up
+        settle what it wrote)."""
+        ...
+
+
+class LocalTarget:
+    """A recovery site on this machine: a repository and, optionally, a hydrated replica
+    (streamed while a cycle is shipped when it holds the cycle's base, else caught up from the
+    store after the commit)."""
+
+    def __init__(self, repo: Repository, hydrator: ReplicaHydrator | None = None, *,
+                 stream_replica: bool = True) -> None:
         self._repo = repo
         self.hydrator = hydrator
+        # False: the replica always catches up from the store after a commit (reads and verifies
+        # every byte it applies, at the cost of a second pass)
+        self.stream_replica = stream_replica
+        self._stream: ReplicaStream | None = None
 
     @property
     def repo(self) -> Repository:
         return self._repo
 
+    def open_stream(self, cycle_id: str, base_point_id: str | None,
+                    disk_sizes: dict[str, int]) -> Tee | None:
+        self.close_stream()
+        if self.hydrator is None or not self.stream_replica:
+            return None
+        self._stream = self.hydrator.stream(cycle_id, base_point_id, disk_sizes)
+        return self._stream.write_runs if self._stream is not None else None
+
+    def close_stream(self) -> None:
+        s, self._stream = self._stream, None
+        if s is not None:
+            s.close()
+
     def after_commit(self, point: PointInfo) -> None:
+        s, self._stream = self._stream, None
+        if s is not None:
+            if s.cycle_id == point.cycle_id:
+                s.finish(point)
+            else:
+                s.close()
         if self.hydrator is not None:
             self.hydrator.catch_up()
 

@@ -14,6 +14,7 @@ Caches hold only immutable objects (manifests, maps and tables never change unde
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -47,13 +48,21 @@ T = TypeVar("T")
 # prefix (+ the table's key) standing for the map of a segment whose table could not be read
 # (never a valid key: keys are validated names, this one starts with a NUL)
 DAMAGED_MAP = "\x00damaged-table:"
+MAP_CACHE_BYTES = 32 << 20
 
 
 class _Lru(OrderedDict[str, Any]):
-    def __init__(self, cap: int) -> None:
+    """At most ``cap`` values and, with ``weigh``, at most ``max_weight`` of their weight."""
+
+    def __init__(self, cap: int, weigh: Callable[[Any], int] | None = None,
+                 max_weight: int = 0) -> None:
         super().__init__()
         self.cap = cap
         self.lock = threading.Lock()
+        self._weigh = weigh
+        self._max_weight = max_weight
+        self._weights: dict[str, int] = {}
+        self.weight = 0
 
     def fetch(self, key: str, load: Callable[[], T]) -> T:
         with self.lock:
@@ -62,18 +71,27 @@ class _Lru(OrderedDict[str, Any]):
                 return self[key]  # type: ignore[no-any-return]
         val = load()
         with self.lock:
+            if key not in self and self._weigh is not None:
+                w = self._weigh(val)
+                self._weights[key] = w
+                self.weight += w
             self[key] = val
-            while len(self) > self.cap:
-                self.popitem(last=False)
+            while len(self) > self.cap or (self._weigh is not None and len(self) > 1
+                                           and self.weight > self._max_weight):
+                old, _ = self.popitem(last=False)
+                self.weight -= self._weights.pop(old, 0)
         return val
 
     def clear(self) -> None:
         with self.lock:
             super().clear()
+            self._weights.clear()
+            self.weight = 0
 
     def drop(self, key: str) -> None:
         with self.lock:
             self.pop(key, None)
+            self.weight -= self._weights.pop(key, 0)
 
 
 class Catalog:
@@ -85,8 +103,8 @@ class Catalog:
     """
 
     def __init__(self, store: ObjectStore, item_id: str, *, segment_size: int = 64 << 20,
-                 pack_target: int = 8 << 20, zstd_level: int = 1, threads: int = 2,
-                 upload_threads: int = 1, auth: PointAuth | None = None) -> None:
+                 pack_target: int = 8 << 20, zstd_level: int = 1, threads: int | None = None,
+                 upload_threads: int = 2, auth: PointAuth | None = None) -> None:
         validate_name("item", item_id)
         if segment_size <= 0 or segment_size % BLOCK:
             raise InvalidInput(f"segment size {segment_size} is not a positive multiple of {BLOCK}")
@@ -96,16 +114,21 @@ class Catalog:
         self.segment_size = segment_size
         self.pack_target = max(pack_target, 1)
         self.zstd_level = zstd_level
-        self.threads = max(threads, 1)
-        # packs stored at once by a writer (cloud stores: several, one request each; packs may
-        # land out of order, which resume() handles: it sorts trailers by pack number)
+        # zero detection, hashing and compression: one worker per core by default
+        self.threads = max(threads if threads is not None else (os.cpu_count() or 2), 1)
+        # packs stored at once by a writer (local stores: their fsyncs overlap; remote ones:
+        # one request each; packs may land out of order, which resume() handles: it sorts
+        # trailers by pack number)
         self.upload_threads = max(upload_threads, 1)
         # the item's point key: with it, every manifest read must carry a valid MAC
         # (PointNotAuthentic otherwise) and the writer signs what it commits; set it before
         # the first read (cached manifests were checked under the key in force when read)
         self.auth: PointAuth | None = auth
         self._manifests = _Lru(4096)
-        self._maps = _Lru(2048)
+        # maps of a disk written in scattered 4 KiB pieces hold ~1 MiB of entries per 64 MiB
+        # segment: bound the cache by bytes, not only by count (engine memory per item)
+        self._maps = _Lru(2048, lambda m: int(m.entries.nbytes) + 100 * len(m.packs),
+                          MAP_CACHE_BYTES)
         self._tables = _Lru(1024)
         self._pool_lock = threading.Lock()
         self._pool_: ThreadPoolExecutor | None = None
@@ -192,6 +215,11 @@ class Catalog:
 
     def _point_ids(self) -> list[str]:
         return sorted(k.rsplit("/", 1)[-1] for k in self._list("points/"))
+
+    def point_ids(self) -> list[str]:
+        """The ids of the committed points (their manifests' keys), sorted; nothing is read or
+        checked: :meth:`point` does that, one point at a time."""
+        return self._point_ids()
 
     def points(self) -> list[PointInfo]:
         """Committed points, ascending ``seq``."""

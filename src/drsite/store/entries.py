@@ -18,48 +18,73 @@ from drsite.core.extents import ExtentList, coalesce
 from drsite.store.format import BLOCK, ENTRY_DT, ZERO, ZSTD, Entries, empty_entries
 
 
-def classify(view: memoryview, disk_off: int) -> tuple[Entries, bytes]:
+def classify(view: memoryview, disk_off: int) -> tuple[Entries, bytes | memoryview]:
     """Split one piece (≤ FRAME_MAX) into zero and data runs on the disk's 4 KiB grid.
 
     Returns the run entries in disk order (zero runs with codec ZERO; data runs with ``roff``
     into the returned raw bytes, the concatenation of the data runs) and those raw bytes.
     """
+    return classify_many(view, np.array([disk_off], np.int64), np.array([len(view)], np.int64))
+
+
+def classify_many(view: memoryview, offsets: npt.NDArray[np.int64],
+                  lengths: npt.NDArray[np.int64]) -> tuple[Entries, bytes | memoryview]:
+    """:func:`classify` for several pieces at once: ``view`` holds the pieces concatenated, piece
+    ``i`` being ``lengths[i]`` bytes of the disk at ``offsets[i]`` (pieces must not overlap).
+
+    One frame's worth of scattered writes is classified with a few numpy operations (no Python
+    work per piece or per block). Runs never cross a piece boundary unless the pieces touch on
+    the disk; data runs index the returned raw bytes in order (``view`` itself when every run
+    holds data).
+    """
     n = len(view)
-    p1 = disk_off + n
-    a0 = min(-(-disk_off // BLOCK) * BLOCK, p1)
-    a1 = max((p1 // BLOCK) * BLOCK, a0)
-    head, inner = a0 - disk_off, a1 - a0
+    po = np.asarray(offsets, np.int64)
+    pl = np.asarray(lengths, np.int64)
+    keep = pl > 0
+    if not keep.all():
+        po, pl = po[keep], pl[keep]
+    if int(pl.sum()) != n:
+        raise ValueError(f"pieces hold {int(pl.sum())} bytes, the buffer {n}")
+    if n == 0:
+        return empty_entries(), b""
     arr = np.frombuffer(view, np.uint8)
-    starts: list[npt.NDArray[np.int64]] = []
-    nz: list[npt.NDArray[np.bool_]] = []
-    if head:
-        starts.append(np.array([disk_off], np.int64))
-        nz.append(np.array([arr[:head].any()], bool))
-    if inner:
-        starts.append(np.arange(a0, a1, BLOCK, dtype=np.int64))
-        blocks = np.frombuffer(view[head:head + inner], np.uint64).reshape(-1, BLOCK // 8)
-        nz.append(np.asarray(blocks.any(axis=1), bool))
-    if p1 > a1:
-        starts.append(np.array([a1], np.int64))
-        nz.append(np.array([arr[head + inner:].any()], bool))
-    s = np.concatenate(starts)
-    m = np.concatenate(nz)
-    e = np.empty_like(s)
-    e[:-1] = s[1:]
-    e[-1] = p1
-    first = np.concatenate([[0], np.flatnonzero(m[1:] != m[:-1]) + 1])
-    last = np.concatenate([first[1:], [m.size]]) - 1
-    rs, re_, rnz = s[first], e[last], m[first]
+    pbuf = np.cumsum(pl) - pl                       # where each piece starts in ``view``
+    # cut every piece at the 4 KiB disk grid: sub-pieces [ss, se) at buffer position sb
+    first = po // BLOCK
+    cnt = (po + pl - 1) // BLOCK - first + 1
+    if int(cnt.max()) == 1:
+        ss, se, sb = po, po + pl, pbuf
+    else:
+        idx = np.repeat(np.arange(po.size), cnt)
+        k = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+        g = (first[idx] + k) * BLOCK
+        ss = np.maximum(po[idx], g)
+        se = np.minimum(po[idx] + pl[idx], g + BLOCK)
+        sb = pbuf[idx] + (ss - po[idx])
+    sl = se - ss
+    # non-zero flag per sub-piece
+    if bool((sl == BLOCK).all()):
+        # whole aligned blocks, laid end to end in the buffer
+        m = np.asarray(np.frombuffer(view, np.uint64).reshape(-1, BLOCK // 8).any(axis=1), bool)
+    elif not (bool((sb % 8).any()) or bool((sl % 8).any())):
+        m = np.maximum.reduceat(np.frombuffer(view, np.uint64), sb // 8) != 0
+    else:
+        m = np.maximum.reduceat(arr, sb) != 0
+    # runs: consecutive sub-pieces of the same kind that touch on the disk
+    brk = np.ones(ss.size, bool)
+    brk[1:] = (m[1:] != m[:-1]) | (ss[1:] != se[:-1])
+    rfirst = np.flatnonzero(brk)
+    rlast = np.concatenate([rfirst[1:], [ss.size]]) - 1
+    rs, re_, rnz = ss[rfirst], se[rlast], m[rfirst]
     out = np.zeros(rs.size, ENTRY_DT)
     out["offset"] = rs
     out["length"] = re_ - rs
     if not rnz.any():
         return out, b""
     if rnz.all():
-        whole = view.obj
-        raw = whole if isinstance(whole, bytes) and len(whole) == n else bytes(view)
+        raw: bytes | memoryview = view  # no copy: the caller keeps ``view`` alive
     else:
-        raw = arr[np.repeat(m, e - s)].tobytes()
+        raw = arr[np.repeat(m, sl)].tobytes()
     dl = np.where(rnz, re_ - rs, 0)
     out["roff"] = np.cumsum(dl) - dl
     out["rlen"] = len(raw)

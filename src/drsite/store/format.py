@@ -93,7 +93,7 @@ def decompressor() -> Any:
     return d
 
 
-def compress_frame(raw: bytes, level: int) -> tuple[int, bytes, bytes]:
+def compress_frame(raw: bytes | memoryview, level: int) -> tuple[int, bytes | memoryview, bytes]:
     """(codec, payload, blake3-128 of raw). Runs in worker threads: blake3/zstd drop the GIL.
     ``level`` 0 means no compression (a policy with compression off): frames are stored RAW."""
     h = hash16(raw)
@@ -141,13 +141,26 @@ def decode_entries(payload: bytes | memoryview, key: str) -> Entries:
     return np.frombuffer(raw, ENTRY_DT).copy()
 
 
-def encode_pack(frames: list[bytes], header: dict[str, Any], entries: Entries) -> bytes:
+def encode_pack(frames: list[bytes | memoryview], header: dict[str, Any],
+                entries: Entries, out: npt.NDArray[np.uint8] | None = None) -> memoryview:
     """frames ‖ header JSON ‖ entry table ‖ footer; the trailer carries its own blake3-128 so it
-    can be read and trusted alone (resume) without fetching the whole pack."""
+    can be read and trusted alone (resume) without fetching the whole pack.
+
+    Assembled in one numpy buffer: ``out`` when it is large enough (a writer reuses its pack
+    buffers: no fresh memory to fault in and zero per pack), else a new one."""
     hdr = canonical_json(header)
     trailer = hdr + entries.astype(ENTRY_DT).tobytes()
     footer = PACK_FOOTER.pack(PACK_MAGIC, len(hdr), entries.size, hash16(trailer))
-    return b"".join([*frames, trailer, footer])
+    parts = [*frames, trailer, footer]
+    total = sum(len(p) for p in parts)
+    if out is None or out.size < total:
+        out = np.empty(total, np.uint8)
+    pos = 0
+    for p in parts:
+        n = len(p)
+        out[pos:pos + n] = np.frombuffer(p, np.uint8)
+        pos += n
+    return out[:total].data
 
 
 def decode_pack_trailer(tail: bytes, key: str) -> tuple[int, int]:

@@ -94,9 +94,11 @@ def staged_bases(repo: Catalog) -> dict[str, str | None]:
 
 
 def apply_retention(repo: Catalog, rule: RetentionRule, now: float,
-                    pinned: set[str] | frozenset[str] = frozenset()) -> list[str]:
+                    pinned: set[str] | frozenset[str] = frozenset(), *,
+                    sweep: bool = True) -> list[str]:
     """Delete the points :func:`points_to_keep` drops (never a pinned point, the latest, or
-    the base of a staged cycle), then :func:`gc`. Returns the deleted point ids."""
+    the base of a staged cycle), then :func:`gc` (unless not ``sweep``: the data of deleted
+    points then waits for a later GC). Returns the deleted point ids."""
     keep_pinned = set(pinned) | {b for b in staged_bases(repo).values() if b}
     pts = repo.points()
     stamps = [PointStamp(p.point_id, p.created_at, p.consistency is Consistency.APP,
@@ -105,7 +107,8 @@ def apply_retention(repo: Catalog, rule: RetentionRule, now: float,
     deleted = [p.point_id for p in pts if p.point_id not in keep]
     for pid in deleted:
         delete_point(repo, pid)
-    gc(repo)
+    if sweep:
+        gc(repo)
     return deleted
 
 

@@ -11,7 +11,12 @@ Invariants:
 - while ``applying`` is set the images are a mix of ``from`` and ``to``; the next
   :meth:`ReplicaHydrator.catch_up` re-applies the same ranges (writes are idempotent: each sets a
   range to ``to``'s bytes), or, if ``to``/``from`` vanished meanwhile, rebuilds from the latest
-  point in full.
+  point in full;
+- a cycle *streamed* into the replica while it is shipped (:meth:`ReplicaHydrator.stream`) is
+  marked ``applying`` with ``to: null`` and its cycle id before its first byte is written; its
+  point id is known only at commit. ``catch_up`` finds that point by its cycle
+  (``committed_cycle``) and re-applies it from the store; a cycle that never committed leaves an
+  unknown mix, rebuilt in full.
 """
 
 from __future__ import annotations
@@ -22,40 +27,70 @@ import ctypes.util
 import errno
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from drsite.core.errors import BrokenChain, CorruptData, ObjectNotFound, classify_os_error
 from drsite.core.extents import ExtentList
 from drsite.core.model import validate_name
 from drsite.store.digest import file_digest, image_digest
-from drsite.store.format import PointInfo
+from drsite.store.format import ZERO, Entries, PointInfo
 from drsite.store.reader import PointReader, iter_pieces
 from drsite.store.repository import Repository
 
 PIECE = 4 << 20
+BATCH_EXTENTS = 4096  # extents read from the store in one batch
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
+_SYNC_FILE_RANGE_WRITE = 0x02
+WRITEBACK_EVERY_S = 0.5  # a streaming replica starts writing its dirty pages back this often
 
 _libc: Any = None
 
 
-def punch_hole(fd: int, offset: int, length: int) -> bool:
-    """Deallocate ``[offset, offset+length)`` (reads back as zeros). False if unsupported."""
+def _c() -> Any:
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
         _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong,
                                     ctypes.c_longlong]
-    rc = _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+        if hasattr(_libc, "sync_file_range"):
+            _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_longlong,
+                                              ctypes.c_longlong, ctypes.c_uint]
+    return _libc
+
+
+def start_writeback(fd: int) -> None:
+    """Start writing a file's dirty pages back now, without waiting (Linux
+    ``sync_file_range(SYNC_FILE_RANGE_WRITE)``), so that a later fsync finds little left. Not
+    a durability guarantee; a no-op where unsupported."""
+    lib = _c()
+    if hasattr(lib, "sync_file_range"):
+        lib.sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate ``[offset, offset+length)`` (reads back as zeros). False if unsupported."""
+    lib = _c()
+    rc = lib.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
     if rc == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
         return False
     raise OSError(err, os.strerror(err))
+
+
+def _drop_cache(fd: int) -> None:
+    """Drop an image's (clean, just fsynced) pages from the page cache: nobody reads a replica
+    until failover, and the large folios its big writes left would make the next cycle's
+    small writes dirty (and write back) whole folios."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def zero_range(fd: int, offset: int, length: int) -> None:
@@ -118,15 +153,19 @@ class ReplicaHydrator:
             raise classify_os_error(exc, f"replica state {self._state_path}") from exc
 
     def state(self) -> tuple[str | None, str | None]:
-        """(point the replica holds or None, point being applied or None)."""
+        """(point the replica holds or None, point being applied or None). While a cycle
+        streams in before its commit, the second item is ``"cycle:<cycle id>"``."""
         st = self._load()
         ap = st["applying"]
-        return st["point_id"], (ap["to"] if ap else None)
+        if not ap:
+            return st["point_id"], None
+        return st["point_id"], ap.get("to") or f"cycle:{ap.get('to_cycle')}"
 
     def pinned(self) -> set[str]:
         """Points retention must keep for this replica to catch up cheaply."""
-        cur, applying = self.state()
-        return {p for p in (cur, applying) if p}
+        st = self._load()
+        ap = st["applying"] or {}
+        return {p for p in (st["point_id"], ap.get("to"), ap.get("from")) if p}
 
     def disk_path(self, disk_id: str) -> Path:
         return self.dir / f"{validate_name('disk', disk_id)}.img"
@@ -158,16 +197,24 @@ class ReplicaHydrator:
                 plan[disk_id] = (self.repo.diff(cur.point_id, to.point_id, disk_id), False)
         return plan
 
-    def _write_piece(self, fd: int, reader: PointReader, off: int, n: int, buf: memoryview) -> None:
-        """Set ``[off, off+n)`` of the image to the point's bytes (all-zero pieces → holes)."""
-        view = buf[:n]
-        reader.readinto(off, view)
-        if not np.frombuffer(view, np.uint8).any():
-            zero_range(fd, off, n)
-            return
-        done = 0
-        while done < n:
-            done += os.pwrite(fd, view[done:], off + done)
+    def _write_batch(self, fd: int, reader: PointReader, offs: npt.NDArray[np.int64],
+                     lens: npt.NDArray[np.int64], buf: memoryview) -> None:
+        """Set the extents ``(offs[i], lens[i])`` of the image to the point's bytes, read in one
+        batch (all-zero extents → holes)."""
+        total = int(lens.sum())
+        view = buf[:total]
+        reader.readv(offs, lens, view)
+        arr = np.frombuffer(view, np.uint8)
+        pos = np.cumsum(lens) - lens
+        nonzero = (np.maximum.reduceat(arr, pos) != 0).tolist()
+        for off, n, at, nz in zip(offs.tolist(), lens.tolist(), pos.tolist(), nonzero,
+                                  strict=True):
+            if not nz:
+                zero_range(fd, off, n)
+                continue
+            done = 0
+            while done < n:
+                done += os.pwrite(fd, view[at + done:at + n], off + done)
 
     def _apply(self, to: PointInfo, plan: dict[str, tuple[ExtentList, bool]]) -> None:
         buf = memoryview(bytearray(PIECE))
@@ -186,9 +233,18 @@ class ReplicaHydrator:
                     holes = ExtentList.of([(0, size)]).subtract(ranges) if size else ranges
                     for off, n in holes:
                         zero_range(fd, off, n)
-                for off, n in iter_pieces(ranges, PIECE):
-                    self._write_piece(fd, reader, off, n, buf)
+                pieces = ranges.split(PIECE)
+                starts, lengths = pieces.starts, pieces.lengths
+                ends = np.cumsum(lengths)
+                i = 0
+                while i < starts.size:  # batches of up to PIECE bytes / BATCH_EXTENTS extents
+                    base = int(ends[i - 1]) if i else 0
+                    j = int(np.searchsorted(ends, base + PIECE, "right"))
+                    j = min(max(j, i + 1), i + BATCH_EXTENTS)
+                    self._write_batch(fd, reader, starts[i:j], lengths[i:j], buf)
+                    i = j
                 os.fsync(fd)
+                _drop_cache(fd)
             except OSError as exc:
                 raise classify_os_error(exc, f"replica image {path}") from exc
             finally:
@@ -218,7 +274,10 @@ class ReplicaHydrator:
         ap = st["applying"]
         if ap:
             frm = self._exists(ap.get("from"), ap.get("from_cycle"))
-            to = self._exists(ap.get("to"), ap.get("to_cycle"))
+            if ap.get("to"):
+                to = self._exists(ap.get("to"), ap.get("to_cycle"))
+            else:  # a streamed cycle: its point, if it was committed
+                to = self.repo.committed_cycle(ap["to_cycle"]) if ap.get("to_cycle") else None
             if to is not None:
                 # the images mix ``from`` and ``to``: same plan again (or full if ``from`` left)
                 cur = self._step_or_jump(frm, to)
@@ -255,6 +314,38 @@ class ReplicaHydrator:
             self._step(cur, latest)
             return latest
 
+    # -- streaming a cycle while it is shipped ------------------------------------------------
+
+    def stream(self, cycle_id: str, base_point_id: str | None,
+               disk_sizes: dict[str, int]) -> ReplicaStream | None:
+        """Start writing cycle ``cycle_id`` into the images while it is shipped (from the same
+        buffers the point writer gets, see :attr:`PointWriter.tee`), or None when the replica
+        cannot take it: a delta streams only onto a replica that holds exactly
+        ``base_point_id`` (or is re-streaming this same cycle onto it); a full cycle (``base``
+        None) always streams, over fresh images. The applying marker is saved before this
+        returns; :meth:`ReplicaStream.finish` records the point once it is committed."""
+        validate_name("cycle", cycle_id)
+        st = self._load()
+        ap = st["applying"]
+        if base_point_id is not None:
+            clean = ap is None and st["point_id"] == base_point_id
+            again = ap is not None and ap.get("to") is None and ap.get("to_cycle") == cycle_id \
+                and ap.get("from") == base_point_id
+            if not (clean or again):
+                return None
+            try:
+                base = self.repo.point(base_point_id)
+            except ObjectNotFound:
+                return None
+        else:
+            base = None
+        self._save({"point_id": st["point_id"] if ap is None else ap.get("from"),
+                    "cycle_id": st["cycle_id"] if ap is None else ap.get("from_cycle"),
+                    "applying": {"to": None, "to_cycle": cycle_id,
+                                 "from": base.point_id if base else None,
+                                 "from_cycle": base.cycle_id if base else None}})
+        return ReplicaStream(self, cycle_id, base, disk_sizes)
+
     def verify(self, point_id: str | None = None) -> bool:
         """True if every image equals ``point_id`` (default: the point the replica holds),
         compared by digest of the full logical image."""
@@ -270,3 +361,99 @@ class ReplicaHydrator:
             if file_digest(path, size) != image_digest(self.repo.reader(pid, disk_id)):
                 return False
         return True
+
+
+class ReplicaStream:
+    """One cycle being written into the replica images as it is shipped.
+
+    :meth:`write_runs` is :attr:`PointWriter.tee`: it gets every frame's zero/data runs from the
+    writer's worker threads, in any order across frames (a cycle writes each range at most once,
+    so order does not matter). Not responsible for deciding whether to stream (the hydrator) or
+    for data that reaches the point some other way (a resumed cycle does not stream).
+    """
+
+    def __init__(self, hydrator: ReplicaHydrator, cycle_id: str, base: PointInfo | None,
+                 disk_sizes: dict[str, int]) -> None:
+        self.hydrator = hydrator
+        self.cycle_id = cycle_id
+        self.base = base
+        self.disk_sizes = dict(disk_sizes)
+        self._fds: dict[str, int] = {}
+        self._fresh: dict[str, bool] = {}
+        self._stop = threading.Event()
+        self._flusher: threading.Thread | None = None
+        try:
+            for disk_id, size in self.disk_sizes.items():
+                path = hydrator.disk_path(disk_id)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                self._fds[disk_id] = fd
+                fresh = base is None or disk_id not in base.disk_sizes
+                if fresh:
+                    os.ftruncate(fd, 0)  # every range not written reads as zeros
+                os.ftruncate(fd, size)
+                self._fresh[disk_id] = fresh
+        except OSError as exc:
+            self.close()
+            raise classify_os_error(exc, f"replica images in {hydrator.dir}") from exc
+        # the images' writeback overlaps with shipping: finish() then fsyncs what is left
+        self._flusher = threading.Thread(target=self._writeback, daemon=True,
+                                         name=f"drsite-replica-{cycle_id}")
+        self._flusher.start()
+
+    def _writeback(self) -> None:
+        while not self._stop.wait(WRITEBACK_EVERY_S):
+            for fd in list(self._fds.values()):
+                with contextlib.suppress(OSError):
+                    start_writeback(fd)
+
+    def write_runs(self, disk_id: str, runs: Entries, raw: bytes | memoryview) -> None:
+        """Set the ranges of ``runs`` (zero runs: codec ZERO; data runs: ``roff`` into ``raw``)."""
+        fd = self._fds[disk_id]
+        mv = memoryview(raw)
+        zero = runs["codec"] == ZERO
+        try:
+            if zero.any() and not self._fresh[disk_id]:
+                for off, n in zip(runs["offset"][zero].tolist(), runs["length"][zero].tolist(),
+                                  strict=True):
+                    zero_range(fd, off, n)
+            data = runs[~zero]
+            for off, n, ro in zip(data["offset"].tolist(), data["length"].tolist(),
+                                  data["roff"].tolist(), strict=True):
+                done = os.pwrite(fd, mv[ro:ro + n], off)
+                while done < n:
+                    done += os.pwrite(fd, mv[ro + done:ro + n], off + done)
+        except OSError as exc:
+            raise classify_os_error(exc, f"replica image {self.hydrator.disk_path(disk_id)}") \
+                from exc
+
+    def finish(self, point: PointInfo) -> None:
+        """The cycle committed as ``point``: fsync the images, then record the point."""
+        if point.cycle_id != self.cycle_id:
+            raise CorruptData(f"point {point.point_id} is not cycle {self.cycle_id}")
+        self._stop.set()
+        if self._flusher is not None:
+            self._flusher.join()
+        try:
+            for fd in self._fds.values():
+                os.fsync(fd)
+                _drop_cache(fd)
+        except OSError as exc:
+            raise classify_os_error(exc, f"replica images in {self.hydrator.dir}") from exc
+        finally:
+            self.close()
+        for stale in self.hydrator.dir.glob("*.img"):
+            if stale.stem not in point.disk_sizes:
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+        self.hydrator._save({"point_id": point.point_id, "cycle_id": point.cycle_id,
+                             "applying": None})
+
+    def close(self) -> None:
+        """Close the images; the applying marker stays (``catch_up`` settles it)."""
+        self._stop.set()
+        if self._flusher is not None and self._flusher is not threading.current_thread():
+            self._flusher.join()
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)

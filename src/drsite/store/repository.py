@@ -127,10 +127,12 @@ class Repository(Catalog):
         maintenance.delete_point(self, point_id)
 
     def apply_retention(self, rule: RetentionRule, now: float,
-                        pinned: set[str] | frozenset[str] = frozenset()) -> list[str]:
+                        pinned: set[str] | frozenset[str] = frozenset(), *,
+                        sweep: bool = True) -> list[str]:
         """Delete the points :func:`points_to_keep` drops (never a pinned point, the latest, or
-        the base of a staged cycle), then :meth:`gc`. Returns the deleted point ids."""
-        return maintenance.apply_retention(self, rule, now, pinned)
+        the base of a staged cycle), then :meth:`gc` (unless not ``sweep``: their data waits
+        for a later GC). Returns the deleted point ids."""
+        return maintenance.apply_retention(self, rule, now, pinned, sweep=sweep)
 
     def gc(self) -> GcReport:
         """Delete the objects under ``packs/`` and ``maps/`` that no kept point and no staged

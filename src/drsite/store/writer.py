@@ -9,13 +9,17 @@ leaves a stale marker that ``Repository.resume`` and GC remove.
 
 from __future__ import annotations
 
+import itertools
 import json
+import threading
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from drsite import failpoints
 from drsite.core.errors import (
@@ -30,7 +34,7 @@ from drsite.core.extents import ExtentList, coalesce
 from drsite.core.model import Consistency
 from drsite.store.auth import MANIFEST
 from drsite.store.catalog import DAMAGED_MAP, Catalog
-from drsite.store.entries import classify, resolve, split_segments
+from drsite.store.entries import classify_many, resolve, split_segments
 from drsite.store.format import (
     ENTRY_DT,
     FRAME_MAX,
@@ -59,17 +63,52 @@ UPLOADS_IN_FLIGHT = 2  # packs being stored while the next one fills (memory: 2 
 class _Pending:
     disk: int
     entries: Entries | None  # None: the future classifies the piece
-    future: Future[tuple[Entries, int, bytes, bytes]] | None
+    future: Future[tuple[Entries, int, bytes | memoryview, bytes]] | None
 
 
-def _prepare(piece: bytes, at: int, level: int) -> tuple[Entries, int, bytes, bytes]:
-    """Worker-thread half of :meth:`PointWriter.write`: zero/data runs of one piece, then
-    (codec, payload, blake3-128) of its data runs (codec 0 and empty payload if all zero)."""
-    e, raw = classify(memoryview(piece), at)
+Tee = Callable[[str, Entries, bytes | memoryview], None]
+
+
+def _prepare(frame: memoryview, offsets: npt.NDArray[np.int64],
+             lengths: npt.NDArray[np.int64], level: int, tee: Tee | None, disk_id: str
+             ) -> tuple[Entries, int, bytes | memoryview, bytes]:
+    """Worker-thread half of :meth:`PointWriter.write_many`: zero/data runs of one frame's
+    pieces (handed to ``tee`` if set), then (codec, payload, blake3-128) of its data runs
+    (codec 0 and empty payload if all zero)."""
+    e, raw = classify_many(frame, offsets, lengths)
+    if tee is not None:
+        tee(disk_id, e, raw)
     if not raw:
         return e, 0, b"", b""
     codec, payload, h = compress_frame(raw, level)
     return e, codec, payload, h
+
+
+def frame_pieces(offsets: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64]
+                 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Cut extents at FRAME_MAX disk boundaries and group the pieces, in order, into frames of at
+    most FRAME_MAX bytes: returns (piece offsets, piece lengths, frame start indexes into the
+    pieces). A large write gives frames aligned on the disk's 1 MiB grid; many small writes
+    share a frame (one zstd frame and one hash for up to 1 MiB of scattered 4 KiB writes)."""
+    first = offsets // FRAME_MAX
+    cnt = (offsets + lengths - 1) // FRAME_MAX - first + 1
+    if cnt.size and int(cnt.max()) > 1:
+        idx = np.repeat(np.arange(offsets.size), cnt)
+        k = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+        g = (first[idx] + k) * FRAME_MAX
+        po = np.maximum(offsets[idx], g)
+        pl = np.minimum(offsets[idx] + lengths[idx], g + FRAME_MAX) - po
+    else:
+        po, pl = offsets, lengths
+    ends = np.cumsum(pl)
+    starts: list[int] = []
+    i, n, base = 0, po.size, 0
+    while i < n:  # one iteration per frame, not per piece
+        starts.append(i)
+        j = int(np.searchsorted(ends, base + FRAME_MAX, "right"))
+        i = max(j, i + 1)
+        base = int(ends[i - 1])
+    return po, pl, np.asarray(starts, np.int64)
 
 
 def _same_table(repo: Catalog, rel: str, chunk: list[str | None]) -> bool:
@@ -104,14 +143,20 @@ class PointWriter:
             repo.threads, thread_name_prefix=f"drsite-pack-{cycle_id}")
         # zstd level for data frames; 0 stores frames as they are (policy: compression off)
         self.zstd_level = repo.zstd_level
+        # also hand every write's zero/data runs to ``tee(disk_id, runs, raw)`` (a replica being
+        # written from the same buffers). Called from worker threads in any order across
+        # frames: set it only for cycles whose writes never overlap (the engine's cycles).
+        self.tee: Tee | None = None
         self._uploader: ThreadPoolExecutor | None = ThreadPoolExecutor(
             repo.upload_threads, thread_name_prefix=f"drsite-upload-{cycle_id}")
         self._uploads: deque[tuple[Future[tuple[str, int]], Entries]] = deque()
+        self._bufs: list[npt.NDArray[np.uint8]] = []  # pack buffers to reuse
+        self._bufs_lock = threading.Lock()
         self._broken = False
         self._queue: deque[_Pending] = deque()
         self._window = 4 * repo.threads
         # the open pack: frames and their entries (disk index in "disk")
-        self._frames: list[bytes] = []
+        self._frames: list[bytes | memoryview] = []
         self._open: list[Entries] = []
         self._open_size = 0
         self._open_entries = 0
@@ -176,21 +221,54 @@ class PointWriter:
     def write(self, disk_id: str, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Record ``data`` at ``offset``. All-zero 4 KiB blocks become zero extents (not stored).
         The data is copied before this returns; it is durable only after :meth:`flush`."""
+        n = len(memoryview(data).cast("B"))
+        self.write_many(disk_id, np.array([offset], np.int64), np.array([n], np.int64), data)
+
+    def write_many(self, disk_id: str, offsets: npt.ArrayLike, lengths: npt.ArrayLike,
+                   data: bytes | bytearray | memoryview) -> None:
+        """Record many extents of one disk at once: extent ``i`` is ``lengths[i]`` bytes at
+        ``offsets[i]``, the extents' bytes concatenated in ``data``, in write order (a later
+        extent wins where two overlap, as with separate :meth:`write` calls).
+
+        Consecutive extents share zstd frames of up to ``FRAME_MAX`` bytes, so scattered small
+        writes cost an index row each, not a frame each. Copied before this returns (the caller
+        may reuse ``data``); durable only after :meth:`flush`."""
         view = memoryview(data).cast("B")
-        n = len(view)
-        i = self._check(disk_id, offset, n)
-        self.bytes_written += n
-        pos = 0
+        off = np.asarray(offsets, np.int64).reshape(-1)
+        ln = np.asarray(lengths, np.int64).reshape(-1)
+        if off.size != ln.size:
+            raise InvalidInput("write_many: offsets and lengths differ in number")
+        keep = ln > 0
+        if not keep.all():
+            if (ln < 0).any():
+                raise InvalidInput("write_many: negative length")
+            off, ln = off[keep], ln[keep]
+        total = int(ln.sum())
+        if total != len(view):
+            raise InvalidInput(f"write_many: extents hold {total} bytes, data has {len(view)}")
+        if off.size == 0:
+            self._check(disk_id, 0, 0)
+            return
+        i = self._check(disk_id, int(off.min()), 0)
+        if int((off + ln).max()) > self.disk_sizes[disk_id] or int(off.min()) < 0:
+            raise InvalidInput(f"a write passes the end of disk {disk_id} "
+                               f"({self.disk_sizes[disk_id]} bytes)")
+        self.bytes_written += total
+        po, pl, fstarts = frame_pieces(off, ln)
+        bounds = np.concatenate([fstarts, [po.size]]).tolist()
+        ends = np.concatenate([[0], np.cumsum(pl)]).tolist()
         assert self._pool is not None
-        while pos < n:
-            at = offset + pos
-            step = min(n - pos, FRAME_MAX - at % FRAME_MAX)
-            # the one copy (the caller may reuse its buffer); zero detection and compression
-            # run in the worker threads so this thread only feeds them
-            piece = bytes(view[pos:pos + step])
-            fut = self._pool.submit(_prepare, piece, at, self.zstd_level)
+        # the one copy (the caller may reuse its buffer), for the whole batch at once; its
+        # frames are views of it. Zero detection and compression run in the worker threads
+        # so this thread only feeds them.
+        slab = np.empty(total, np.uint8)
+        slab[:] = np.frombuffer(view, np.uint8)
+        smv = slab.data
+        for a, b in itertools.pairwise(bounds):
+            frame = smv[ends[a]:ends[b]]
+            fut = self._pool.submit(_prepare, frame, po[a:b], pl[a:b], self.zstd_level, self.tee,
+                                    disk_id)
             self._queue.append(_Pending(i, None, fut))
-            pos += step
             self._drain(self._window)
 
     def write_zero(self, disk_id: str, offset: int, length: int) -> None:
@@ -200,6 +278,8 @@ class PointWriter:
             return
         e = np.zeros(1, ENTRY_DT)
         e["offset"], e["length"], e["disk"], e["codec"] = offset, length, i, ZERO
+        if self.tee is not None:
+            self.tee(disk_id, e, b"")
         self.bytes_written += length
         self.zero_bytes += length
         self._queue.append(_Pending(i, e, None))
@@ -247,15 +327,28 @@ class PointWriter:
         self._uploads.append((self._uploader.submit(self._upload, frames, header, e), e))
         self._reap(max(UPLOADS_IN_FLIGHT, self.repo.upload_threads + 1))
 
-    def _upload(self, frames: list[bytes], header: dict[str, Any], e: Entries) -> tuple[str, int]:
-        blob = encode_pack(frames, header, e)
-        rel = f"packs/{self.cycle_id}/{hex_hash(blob)}"
+    def _upload(self, frames: list[bytes | memoryview], header: dict[str, Any], e: Entries
+                ) -> tuple[str, int]:
+        with self._bufs_lock:
+            buf = self._bufs.pop() if self._bufs else None
+        blob = encode_pack(frames, header, e, buf)
         try:
-            self.repo.store.put(self.repo.key(rel), blob)
-        except ObjectExists:
-            pass  # content-addressed: an earlier attempt landed
-        failpoints.hit("store.pack-stored")
-        return rel, len(blob)
+            rel = f"packs/{self.cycle_id}/{hex_hash(blob)}"
+            try:
+                self.repo.store.put(self.repo.key(rel), blob)
+            except ObjectExists:
+                pass  # content-addressed: an earlier attempt landed
+            failpoints.hit("store.pack-stored")
+            return rel, len(blob)
+        finally:
+            # the store is done with the bytes once put returned (the contract copies or
+            # writes them): the buffer serves the next pack
+            base = blob.obj
+            if isinstance(base, np.ndarray):
+                with self._bufs_lock:
+                    if len(self._bufs) <= self.repo.upload_threads:
+                        self._bufs.append(base.base if isinstance(base.base, np.ndarray)
+                                          else base)
 
     def _reap(self, keep: int) -> None:
         """Record finished uploads, in pack order, until at most ``keep`` are in flight."""
@@ -318,8 +411,9 @@ class PointWriter:
         e = np.concatenate(parts) if parts else empty_entries()
         changed = coalesce(e["offset"], e["length"]) if e.size else ExtentList.empty()
         segs, pieces = split_segments(e, seg)
-        order = np.argsort(segs, kind="stable")
-        segs, pieces = segs[order], pieces[order]
+        del e
+        order = np.argsort(segs, kind="stable")  # write order kept within a segment
+        segs = segs[order]
         touched = np.unique(segs).tolist()
         if bd and int(bd["size"]) > size and nseg:
             touched = sorted(set(touched) | {nseg - 1})  # shrink: clip the new last segment
@@ -327,7 +421,7 @@ class PointWriter:
         for s in touched:
             lo, hi = s * seg, min((s + 1) * seg, size)
             a, b = np.searchsorted(segs, s, "left"), np.searchsorted(segs, s, "right")
-            mine = pieces[a:b].copy()
+            mine = pieces[order[a:b]]  # a copy of this segment's pieces only
             old = keys[s]
             bm = None
             if old is not None:

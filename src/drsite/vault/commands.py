@@ -97,13 +97,16 @@ def deliver(s: Session, host_id: str, now: float, *, resend_after_s: float,
       ``stale_running_s``: the last resort, for agents that do not list what they hold.
 
     A command delivered twice is harmless (agents ignore ids they hold and answer finished ones
-    from their journal); a lost one is never left for a timeout.
+    from their journal); a lost one is never left for a timeout. Rows another transaction is
+    delivering right now are skipped (``FOR UPDATE SKIP LOCKED`` on PostgreSQL: two API workers
+    serving the same host at once never both hand out one command; SQLite serialises writers).
     """
     due = (Command.status == CommandStatus.PENDING) \
         | ((Command.status == CommandStatus.SENT) & (Command.updated_at <= now - resend_after_s)) \
         | ((Command.status == CommandStatus.RUNNING) & (Command.updated_at <= now - stale_running_s))
     rows = list(s.scalars(select(Command).where(Command.host_id == host_id, due)
-                          .order_by(Command.created_at, Command.id).limit(limit)))
+                          .order_by(Command.created_at, Command.id).limit(limit)
+                          .with_for_update(skip_locked=True)))
     if held is not None and prev_beat_at is not None:
         rows.extend(lost_commands(s, host_id, held, prev_beat_at, {c.id for c in rows}))
         rows.sort(key=lambda c: (c.created_at, c.id))
@@ -123,7 +126,8 @@ def lost_commands(s: Session, host_id: str, held: set[str], prev_beat_at: float,
     rows = s.scalars(select(Command).where(
         Command.host_id == host_id,
         Command.status.in_((CommandStatus.SENT, CommandStatus.RUNNING)),
-        Command.updated_at <= prev_beat_at).order_by(Command.created_at, Command.id))
+        Command.updated_at <= prev_beat_at).order_by(Command.created_at, Command.id)
+        .with_for_update(skip_locked=True))  # see deliver
     lost = [c for c in rows if c.id not in held and c.id not in skip]
     for c in lost:
         log.info("command %s (%s %s) is not held by host %s after its delivery: delivering "
@@ -143,7 +147,8 @@ def deliver_pending(s: Session, host_id: str, now: float, *, limit: int = 100) -
     lost or silent ones is the heartbeat's (:func:`deliver`), which knows what the agent holds."""
     rows = list(s.scalars(select(Command).where(Command.host_id == host_id,
                                                 Command.status == CommandStatus.PENDING)
-                          .order_by(Command.created_at, Command.id).limit(limit)))
+                          .order_by(Command.created_at, Command.id).limit(limit)
+                          .with_for_update(skip_locked=True)))  # see deliver
     for cmd in rows:
         cmd.status = CommandStatus.SENT
         cmd.sent_at = now

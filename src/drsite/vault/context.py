@@ -7,6 +7,10 @@ certificate (SAN localhost, 127.0.0.1), the database schema (``alembic upgrade h
 master key that seals secrets in the database (``vault/masterkey.py``; values still in clear are
 sealed) and, at first start only, the admin token in ``DATA/admin.token`` (mode 0600). A running
 vault holds ``DATA/vault.lock`` shared (a master-key rotation needs it exclusively).
+
+Every vault process serves the API; the background work runs only in the one that holds the
+controller lease (:mod:`drsite.vault.controller`), through a fenced view of the database
+(``control_db``): a write of a controller that lost the lease is refused before it happens.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +28,10 @@ from sqlalchemy import select
 
 from drsite.fsutil import atomic_write_bytes
 from drsite.pki import CertificateAuthority
-from drsite.vault import masterkey
+from drsite.vault import masterkey, notify
 from drsite.vault.audit import record_event
 from drsite.vault.auth import ADMIN_TOKEN_NAME, Role, create_token
+from drsite.vault.controller import Controller, Lease, NotController, this_process
 from drsite.vault.db.database import Database
 from drsite.vault.db.models import ApiToken
 from drsite.vault.db.sealed import attach_sealer
@@ -38,6 +45,7 @@ from drsite.vault.settings import VaultSettings
 log = logging.getLogger(__name__)
 
 ADMIN_TOKEN_FILE = "admin.token"
+RUNNER_BUDGET_S = 0.2  # the job runner's share of one background round
 
 
 @dataclass(frozen=True)
@@ -73,10 +81,14 @@ def ensure_admin_token(db: Database, data_dir: Path, now: float) -> str | None:
 
 
 LOOP_MIN_S = 0.02
+# a waiting long poll looks at the commands table this often (commands written by another
+# process on the same database, when no notification wakes it); this process's own commits
+# wake it at once
+PUSH_POLL_S = 1.0
 
 
 class Vault:
-    """Everything one vault process holds. Built by :func:`bootstrap`."""
+    """Everything one vault process holds. Built by :func:`bootstrap` (or :func:`attach`)."""
 
     def __init__(self, settings: VaultSettings, db: Database, ca: CertificateAuthority,
                  tls: TlsFiles, new_admin_token: str | None,
@@ -87,68 +99,119 @@ class Vault:
         self.ca = ca
         self.tls = tls
         self.new_admin_token = new_admin_token
-        self.runner = JobRunner(db, settings)
-        self.scheduler = Scheduler(db, settings)
-        self.monitor = HealthMonitor(db, settings)
-        self.drills = DrillScheduler(db, settings)
-        self._stop = threading.Event()
         self._kick = threading.Event()
-        # long polls of the agents (the command channel) and the hook that wakes them
+        self.lease = Lease(db, this_process(settings.listen), settings.lease_s,
+                           on_change=self._kick.set)
+        # the controller's writes go through the fence (vault/controller.py)
+        self.control_db = db.guarded(self.lease.guard)
+        self.runner = JobRunner(self.control_db, settings)
+        self.scheduler = Scheduler(self.control_db, settings)
+        self.monitor = HealthMonitor(self.control_db, settings)
+        self.drills = DrillScheduler(self.control_db, settings)
+        self.controller = Controller(self.lease, work=self._round, on_elected=self._elected,
+                                     interval_s=settings.loop_interval, kick=self._kick,
+                                     min_interval_s=LOOP_MIN_S)
+        self._last_health = 0.0
+        # long polls of the agents (the command channel) and the hook that wakes them; a job
+        # created or a command ended here kicks the loop (and its waiting jobs are asked now)
         self.waiters = Waiters()
-        push = CommandPush(self.waiters, self._kick.set)
+        push = CommandPush(self.waiters, self._jobs_changed)
         db.listen("after_flush", push.after_flush)
         db.listen("after_commit", push.after_commit)
         db.listen("after_rollback", push.after_rollback)
-        self._thread: threading.Thread | None = None
+        # several processes on PostgreSQL: the same wake-ups across processes (LISTEN/NOTIFY)
+        self.listener: notify.Listener | None = None
+        if not db.sqlite:
+            db.listen("after_flush", notify.after_flush)
+            self.listener = notify.Listener(db.url, self.waiters.wake, self._jobs_changed)
         self.recovered: dict[str, str] = {}
+        self._later: ThreadPoolExecutor | None = None
+        self._later_lock = threading.Lock()
+
+    def later(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` soon in this process's one bookkeeping thread, off the request path (a
+        token's ``last_used_at``: a GET must not queue for the write lock). Best effort: an
+        error is logged."""
+        def run() -> None:
+            try:
+                fn()
+            except Exception:
+                log.exception("deferred bookkeeping write failed")
+
+        with self._later_lock:
+            if self._later is None:
+                self._later = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drsite-later")
+            self._later.submit(run)
 
     def tick(self) -> None:
-        """One round of the background work: jobs, then the scheduler, then health."""
+        """One round of the background work, all of it (tests: no background thread): jobs,
+        the scheduler, health. Takes the controller lease first if this process does not hold
+        it (``NotController`` when another live process does)."""
+        if not self.lease.held:
+            self.lease.step()
+        if not self.controller.ensure_elected():
+            raise NotController("another vault process holds the controller lease",
+                                hint="Stop it, or wait until its lease expires.")
         self.runner.tick()
         self.scheduler.tick()
         self.drills.tick()
         self.monitor.tick()
 
-    def start(self) -> None:
-        """Resume or fail jobs left by a previous process, then start the background loop."""
+    @property
+    def push_poll_s(self) -> float:
+        """How often a waiting long poll looks at the commands table: rarely when every writer
+        wakes it — SQLite (one process: its own commits do), or PostgreSQL while notifications
+        arrive — else every second."""
+        if self.listener is None or self.listener.listening.is_set():
+            return notify.POLL_WITH_NOTIFY_S
+        return PUSH_POLL_S
+
+    def _jobs_changed(self) -> None:
+        self.runner.wake()
+        self._kick.set()
+
+    def _elected(self) -> None:
+        """A new term: resume or fail the jobs a previous controller (or process) left."""
         self.recovered = self.runner.recover()
-        if self.settings.background and self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._loop, name="drsite-vault-loop", daemon=True)
-            self._thread.start()
+
+    def _round(self) -> None:
+        # jobs and the scheduler run every loop_interval; health (a pass over every item) at
+        # most every health_interval: alerts do not need 0.25 s. The job runner has a time
+        # budget per round, so thousands of jobs never delay the scheduler's cycles.
+        self.runner.tick(budget_s=RUNNER_BUDGET_S)
+        self.scheduler.tick()
+        self.drills.tick()
+        if time.monotonic() - self._last_health >= self.settings.health_interval:
+            self.monitor.tick()
+            self._last_health = time.monotonic()
+
+    def start(self) -> None:
+        """Seek the controller lease and, while holding it, run the background work (first
+        resuming or failing the jobs a previous controller left). Without ``background``
+        (tests) the lease is taken now and ``tick()`` does the rounds."""
+        if self.listener is not None:
+            self.listener.start()
+        if self.settings.background:
+            self.controller.start()
+            return
+        self.lease.step()
+        self.controller.ensure_elected()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._kick.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+        """Stop the background work and release the controller lease."""
+        self.controller.stop()
+        if self.listener is not None:
+            self.listener.stop()
 
     def close(self) -> None:
         self.stop()
+        with self._later_lock:
+            if self._later is not None:
+                self._later.shutdown(wait=True)
+                self._later = None
         self.db.dispose()
         if self.lock is not None:
             self.lock.release()
-
-    def _loop(self) -> None:
-        # jobs and the scheduler run every loop_interval; health (a pass over every item that
-        # holds the write lock) at most every health_interval: alerts do not need 0.5 s
-        last_health = 0.0
-        while not self._stop.is_set():
-            try:
-                self.runner.tick()
-                self.scheduler.tick()
-                self.drills.tick()
-                if time.monotonic() - last_health >= self.settings.health_interval:
-                    self.monitor.tick()
-                    last_health = time.monotonic()
-            except Exception:  # keep the vault alive; the next tick tries again
-                log.exception("vault background loop failed; retrying")
-            # the next round after loop_interval, or at once when a job was created or a
-            # command ended (a job waits for it), but not more than every LOOP_MIN_S
-            self._stop.wait(LOOP_MIN_S)
-            self._kick.wait(max(0.0, self.settings.loop_interval - LOOP_MIN_S))
-            self._kick.clear()
 
 
 def bootstrap(settings: VaultSettings) -> Vault:
@@ -162,7 +225,7 @@ def bootstrap(settings: VaultSettings) -> Vault:
         ca = CertificateAuthority.load_or_create(settings.pki_dir)
         tls = ensure_server_cert(ca, settings.pki_dir)
         masterkey.private_sqlite_file(settings.database_url)
-        db = Database(settings.database_url)
+        db = Database(settings.database_url, idle_in_tx_s=settings.idle_in_tx_s)
         db.migrate()
         ring = masterkey.open_keyring(db, settings.master_key_path)
         attach_sealer(db.engine, ring)
@@ -175,3 +238,23 @@ def bootstrap(settings: VaultSettings) -> Vault:
         lock.release()
         raise
     return Vault(settings, db, ca, tls, token, lock)
+
+
+def attach(settings: VaultSettings) -> Vault:
+    """Open a data directory :func:`bootstrap` prepared (a worker process of ``vault serve
+    --workers N``): the CA, the server certificate, the database (no migration) and the master
+    key; nothing is created. Holds ``DATA/vault.lock`` shared, like every vault process."""
+    lock = masterkey.DataDirLock(settings.data_dir, exclusive=False)
+    db: Database | None = None
+    try:
+        ca = CertificateAuthority.load_or_create(settings.pki_dir)
+        tls = ensure_server_cert(ca, settings.pki_dir)
+        db = Database(settings.database_url, idle_in_tx_s=settings.idle_in_tx_s)
+        ring = masterkey.open_keyring(db, settings.master_key_path)
+        attach_sealer(db.engine, ring)
+    except BaseException:
+        if db is not None:
+            db.dispose()
+        lock.release()
+        raise
+    return Vault(settings, db, ca, tls, None, lock)

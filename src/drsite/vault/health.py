@@ -37,7 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from drsite.core.states import (
@@ -50,14 +50,16 @@ from drsite.replication.report import Health, ItemState
 from drsite.vault import fencing
 from drsite.vault.audit import record_event
 from drsite.vault.db.database import Database
-from drsite.vault.db.models import Alert, Drill, Failover, Host, Item, Job, Policy
+from drsite.vault.db.models import Alert, Drill, Failover, Group, Host, Item, Job, Policy
 from drsite.vault.drills import drill_target
-from drsite.vault.scheduler import item_policy, preload_policies
+from drsite.vault.itemfacts import ItemFacts, load_facts
 from drsite.vault.scrub import Damage, damage_of, damage_reasons
 from drsite.vault.settings import VaultSettings
 from drsite.vault.trust import SECURITY
 
 FAILING_AFTER = 2  # transient failures in a row that raise a replication_failing alert
+# an open alert's last_seen_at is refreshed at most this often (not a write per alert per pass)
+ALERT_SEEN_EVERY_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ def agent_up(host: Host | None, now: float, settings: VaultSettings) -> bool:
             and now - host.last_heartbeat <= settings.agent_down_after_s)
 
 
-def item_health(item: Item, policy: Policy | None, host_is_up: bool, now: float,
+def item_health(item: Item | ItemFacts, policy: Policy | None, host_is_up: bool, now: float,
                 damage: Damage | None = None) -> ItemHealth:
     """The health of one item now, with the reasons an operator reads (``damage``: its damaged
     recovery points, :func:`drsite.vault.scrub.damage_of`)."""
@@ -164,7 +166,7 @@ def _drill_reason(report: dict[str, Any]) -> str:
         or "see 'drsite drills show'"
 
 
-def _damage_message(item: Item, d: Damage) -> str:
+def _damage_message(item: Item | ItemFacts, d: Damage) -> str:
     if d.newest_damaged:
         return (f"recovery store damage in the newest point of {item.vm_name}: "
                 f"{d.points.get(d.newest or '', '')}; repairing from the source")
@@ -174,34 +176,39 @@ def _damage_message(item: Item, d: Damage) -> str:
 
 
 class HealthMonitor:
-    """Stores each item's health and keeps the alert table in step with conditions."""
+    """Stores each item's health and keeps the alert table in step with conditions.
+
+    A pass reads (item columns as plain tuples, ``itemfacts``; hosts; policies; damage; drills)
+    in a read transaction, decides in Python, then writes in one short transaction only the
+    items whose health changed, the fences' health and the alerts. An item that changed in
+    between is set right by the next pass (every ``health_interval``)."""
 
     def __init__(self, db: Database, settings: VaultSettings) -> None:
         self.db = db
         self.settings = settings
 
     def tick(self) -> None:
-        with self.db.tx() as s:
-            now = self.settings.clock.now()
-            conditions: dict[str, tuple[str, str, str, str]] = {}  # key -> kind, severity, subject, msg
+        now = self.settings.clock.now()
+        conditions: dict[str, tuple[str, str, str, str]] = {}  # key -> kind, severity, subject, msg
+        changed: dict[str, ItemHealth] = {}
+        with self.db.read() as s:
             hosts = {h.id: h for h in s.scalars(select(Host))}
-            _keep = preload_policies(s)  # keeps them in the identity map
+            policies = {gid: p for gid, p in s.execute(
+                select(Group.id, Policy).join(Policy, Policy.id == Group.policy_id))}
             for h in hosts.values():
                 if (h.revoked_at is None and h.last_heartbeat is not None
                         and not agent_up(h, now, self.settings)):
                     conditions[f"agent_down:{h.id}"] = (
                         "agent_down", "warning", h.name,
                         f"agent {h.name} missed heartbeats (last {now - h.last_heartbeat:.0f} s ago)")
-            items = s.scalars(select(Item).where(Item.status.in_(
-                LIVE_ITEM_STATUSES | {ItemProtection.FAILED}))).all()
+            items = load_facts(s, Item.status.in_(LIVE_ITEM_STATUSES | {ItemProtection.FAILED}))
             damage = damage_of(s)
             for item in items:
-                policy = item_policy(s, item)
+                policy = policies.get(item.group_id)
                 ih = item_health(item, policy, agent_up(hosts.get(item.host_id), now, self.settings),
                                  now, damage.get(item.id))
                 if item.health != ih.health.value or item.health_reasons != ih.reasons:
-                    item.health = ih.health.value
-                    item.health_reasons = ih.reasons
+                    changed[item.id] = ih
                 if item.status == ItemProtection.FAILED:
                     continue
                 if ih.rpo_exceeded and policy is not None and ih.rpo_s is not None:
@@ -233,16 +240,25 @@ class HealthMonitor:
                     "drill", "critical", drill.plan or f"group {drill.group}",
                     f"the last drill of {what} failed ({drill.id}): "
                     f"{rep.get('error') or _drill_reason(rep)}")
-            self._failover_items(s, conditions)
+        with self.db.tx() as s:
+            unfenced = fencing.unfenced(s)
+            for item_id in sorted(changed):  # id order, like heartbeats and the scheduler
+                if item_id in unfenced:
+                    continue  # its health is the fence's (below)
+                ih = changed[item_id]
+                s.execute(update(Item).where(Item.id == item_id)
+                          .values(health=ih.health.value, health_reasons=ih.reasons)
+                          .execution_options(synchronize_session=False))
+            self._failover_items(s, conditions, unfenced)
             self._items_over(s)
             self._sync_alerts(s, conditions, now)
 
     @staticmethod
-    def _failover_items(s: Session, conditions: dict[str, tuple[str, str, str, str]]) -> None:
+    def _failover_items(s: Session, conditions: dict[str, tuple[str, str, str, str]],
+                        unfenced: dict[str, tuple[Item, Any, str]]) -> None:
         """Health of the items failovers hold (:func:`failover_health`); Critical while the
-        old primary is not known to be fenced (``fencing``). A critical one raises
+        old primary is not known to be fenced (``fencing.unfenced``). A critical one raises
         ``critical:ITEM`` like any other critical item."""
-        unfenced = fencing.unfenced(s)
         for item in s.scalars(select(Item).where(Item.status.in_(FAILOVER_ITEM_STATUSES))):
             fo = s.get(Failover, item.failover_id) if item.failover_id else \
                 s.scalars(select(Failover).where(Failover.item_id == item.id)
@@ -281,8 +297,10 @@ class HealthMonitor:
                             raised_at=now, last_seen_at=now))
                 record_event(s, now, "alert", subject, f"raised: {message}")
             else:
-                a.last_seen_at = now
-                a.message = message
+                if a.message != message:
+                    a.message = message
+                if now - a.last_seen_at >= ALERT_SEEN_EVERY_S:
+                    a.last_seen_at = now
         for key, a in open_alerts.items():
             if a.kind == SECURITY:  # raised by an event, not a condition: ends once it was seen
                 if a.acked_at is not None:

@@ -9,7 +9,9 @@ jobs for newly discovered VMs that a group with a policy matches; then the comma
 host (marked sent). Item facts count only from the item's own host, and a removal only when
 the vault can explain it (``trust``): the rest is ignored, recorded and alerted. The store
 deletes/overwrites a store-serving host reports (``audit``) go to the audit trail; a
-store-serving host gets its store's access list when its copy is outdated (``storeacl``).
+store-serving host gets its store's access list when its copy is outdated (``storeacl``), and
+its recovery book likewise (``recoverybook``); break-glass failovers it reports are recorded
+first (``breakglass``) and acknowledged in the reply.
 
 Responsible for: applying agent facts. Not responsible for: deciding what replicates when
 (``scheduler``) or health (``health``).
@@ -28,7 +30,7 @@ from drsite.core.errors import DrsiteError, InvalidInput
 from drsite.core.states import FAILOVER_ITEM_STATUSES, RETIRED_ITEM_STATUSES, FailoverState
 from drsite.replication.report import ItemReport, ItemState
 from drsite.store.format import PointInfo
-from drsite.vault import commands, storeacl, trust
+from drsite.vault import breakglass, commands, recoverybook, storeacl, trust
 from drsite.vault.db.models import Failover, Group, Host, Item, Point, Vm
 from drsite.vault.jobs.create import start_enable_protection
 from drsite.vault.membership import active_item_for_vm, group_for_vm
@@ -36,7 +38,24 @@ from drsite.vault.settings import VaultSettings
 
 log = logging.getLogger(__name__)
 
+# items.acked_seq of a restored database: ask the agent for its whole catalogue (RESTORED),
+# then expect it (AWAITING_FULL_CATALOGUE) and reconcile
+RESTORED = -1
+AWAITING_FULL_CATALOGUE = -2
 VM_SEEN_EVERY_S = 60.0  # a VM row's last_seen is refreshed at most this often (see the host row)
+# a report that differs from the stored one only in its time stamps is stored at most this often
+REPORT_EVERY_S = 30.0
+_REPORT_CLOCKS = ("updated_at", "rpo_s")
+
+
+def _report_news(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
+    """Whether ``new`` must replace the stored report: something besides its clocks changed,
+    or the stored one is ``REPORT_EVERY_S`` old (an item row is not rewritten every beat)."""
+    if old is None:
+        return True
+    if any(old.get(k) != v for k, v in new.items() if k not in _REPORT_CLOCKS):
+        return True
+    return float(new.get("updated_at") or 0.0) - float(old.get("updated_at") or 0.0) >= REPORT_EVERY_S
 
 
 @dataclass
@@ -57,6 +76,8 @@ class Beat:
     audit: list[trust.StoreAudit] = field(default_factory=list)
     store_acl_digest: str | None = None   # the store access list the agent has (storeacl)
     held: list[str] | None = None  # command ids the agent holds (None: it does not say)
+    recovery_book_digest: str | None = None  # the recovery book the agent has (recoverybook)
+    breakglass: list[dict[str, Any]] = field(default_factory=list)  # break-glass failovers
 
 
 def _vm_fields(d: dict[str, Any]) -> tuple[str, str]:
@@ -75,19 +96,26 @@ def apply_heartbeat(s: Session, host: Host, beat: Beat, settings: VaultSettings)
         host.version = beat.version[:64]
     if host.store_url != beat.store_url:
         host.store_url = beat.store_url
+    # break-glass failovers first: the recovery VMs in this very inventory must be known as
+    # such (never auto-protected), and the items failed over before anything is scheduled
+    bg_acked = breakglass.apply_reports(s, host, beat.breakglass, now) if beat.breakglass else []
     new_vms = _apply_inventory(s, host, beat.vms, now) if beat.vms is not None else []
     ack: dict[str, int] = {}
     ids = sorted({ib.item_id for ib in beat.items})
     items = {i.id: i for i in s.scalars(select(Item).where(Item.id.in_(ids)))} if ids else {}
-    for ib in sorted(beat.items, key=lambda x: x.item_id):  # id order, like the scheduler
-        item = items.get(ib.item_id)
-        if item is None or not trust.owns(host, item):
-            trust.refuse_report(s, host, ib.item_id, item, now)
-            continue
-        if item.status in RETIRED_ITEM_STATUSES:
-            log.debug("host %s reported item %s, which is %s; ignored", host.id, item.id, item.status)
-            continue
-        ack[item.id] = _apply_item(s, host, item, ib, now, settings)
+    # one flush for all items at the end (each item's own queries read only its own rows; a
+    # flush per query made a heartbeat of 25 items 25 round trips of UPDATEs and INSERTs)
+    with s.no_autoflush:
+        for ib in sorted(beat.items, key=lambda x: x.item_id):  # id order, like the scheduler
+            item = items.get(ib.item_id)
+            if item is None or not trust.owns(host, item):
+                trust.refuse_report(s, host, ib.item_id, item, now)
+                continue
+            if item.status in RETIRED_ITEM_STATUSES:
+                log.debug("host %s reported item %s, which is %s; ignored", host.id, item.id,
+                          item.status)
+                continue
+            ack[item.id] = _apply_item(s, host, item, ib, now, settings)
     if beat.audit:
         trust.record_store_audit(s, host, beat.audit, now)
     _auto_protect(s, host, new_vms, now)
@@ -97,7 +125,9 @@ def apply_heartbeat(s: Session, host: Host, beat: Beat, settings: VaultSettings)
                            prev_beat_at=prev_beat_at)
     return {"commands": [commands.to_wire(c) for c in due], "ack": ack,
             "heartbeat_interval": settings.heartbeat_interval,
-            **storeacl.reply_fields(s, host, beat.store_acl_digest, now)}
+            **storeacl.reply_fields(s, host, beat.store_acl_digest, now),
+            **recoverybook.reply_fields(s, host, beat.recovery_book_digest),
+            **({"breakglass_ack": bg_acked} if bg_acked else {})}
 
 
 def _apply_inventory(s: Session, host: Host, vms: list[dict[str, Any]], now: float) -> list[Vm]:
@@ -161,7 +191,9 @@ def _apply_item(s: Session, host: Host, item: Item, ib: ItemBeat, now: float,
             setattr(item, attr, value)
             changed = True
 
-    put("report", _stored_report(report, ib.report))
+    new_report = _stored_report(report, ib.report)
+    if _report_news(item.report, new_report):
+        put("report", new_report)
     if item.critical_error is None or report.state is ItemState.CRITICAL:
         put("state", report.state.value)
     if report.last_point_time is not None:
@@ -174,7 +206,13 @@ def _apply_item(s: Session, host: Host, item: Item, ib: ItemBeat, now: float,
             points.append(PointInfo.from_dict({**pd, "item_id": item.id}))
         except (KeyError, TypeError, ValueError) as e:
             raise InvalidInput(f"item {item.id}: unreadable point ({type(e).__name__})") from None
-    acked = item.acked_seq or 0
+    # a restored database (``vault/backup.py``) may lack points the agents reported to the
+    # vault before it was lost, which they will not report again (their ack is past them):
+    # ask the agent for its whole catalogue once (ack 0), then reconcile with it
+    restored = (item.acked_seq or 0) < 0
+    acked = max(0, item.acked_seq or 0)
+    reconciled = item.acked_seq == AWAITING_FULL_CATALOGUE and bool(points) \
+        and _reconcile_catalogue(s, item, points, now, settings)
     if points:
         known = set(s.scalars(select(Point.point_id).where(
             Point.item_id == item.id, Point.point_id.in_(sorted({p.point_id for p in points})))))
@@ -200,10 +238,31 @@ def _apply_item(s: Session, host: Host, item: Item, ib: ItemBeat, now: float,
             s.execute(delete(Point).where(Point.item_id == item.id, Point.point_id.in_(accepted)))
             s.flush()
         acked = int(s.scalar(select(func.max(Point.seq)).where(Point.item_id == item.id)) or 0)
+    if restored and not reconciled:
+        put("acked_seq", AWAITING_FULL_CATALOGUE)
+        return 0   # the agent reports every point it has in its next heartbeat
     put("acked_seq", acked)
     if changed:
         item.updated_at = now
     return acked
+
+
+def _reconcile_catalogue(s: Session, item: Item, points: list[PointInfo], now: float,
+                         settings: VaultSettings) -> bool:
+    """After a restore: ``points`` is the agent's whole catalogue when it reaches back to the
+    oldest point the vault holds (else the agent has not taken the ack 0 yet: ask again).
+    Points the vault holds that the agent no longer has were removed after the backup; each
+    is judged like a reported removal (the retention rule must explain it), else kept."""
+    rows = s.execute(select(Point.point_id, Point.seq).where(Point.item_id == item.id)).all()
+    if rows and min(p.seq for p in points) > min(r.seq for r in rows):
+        return False
+    gone = sorted({r.point_id for r in rows} - {p.point_id for p in points})
+    if gone:
+        accepted, _refused = trust.judge_removals(s, item, gone, now, settings.retention_skew_s)
+        if accepted:
+            s.execute(delete(Point).where(Point.item_id == item.id, Point.point_id.in_(accepted)))
+            s.flush()
+    return True
 
 
 def _made_by_failover(s: Session, host: Host, vm: Vm) -> bool:

@@ -68,7 +68,7 @@ class VaultCollector(Collector):
         group_drill_ok = GaugeMetricFamily("drsite_group_drill_passed", "1 when the protection "
                                            "group's latest drill passed, 0 when it failed",
                                            labels=["group"])
-        with self.db.tx() as s:
+        with self.db.read() as s:
             churn_by_item = dict(s.execute(
                 select(Point.item_id, func.sum(Point.bytes_written))
                 .where(Point.created_at >= now - CHURN_WINDOW_S).group_by(Point.item_id)).all())

@@ -30,7 +30,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, false, or_, select, true, update
 from sqlalchemy.orm import Session
 
 from drsite.core.errors import CorruptData, TrackingLost, from_dict
@@ -45,6 +45,7 @@ from drsite.vault.audit import record_event
 from drsite.vault.db.database import Database
 from drsite.vault.db.models import Command, Group, Host, Item, Policy
 from drsite.vault.ids import new_id
+from drsite.vault.itemfacts import ItemFacts, load_facts
 from drsite.vault.policies import agent_settings, parse_window
 from drsite.vault.retries import early_retry, store_sites_up
 from drsite.vault.settings import VaultSettings
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 SELF_REMEDIED = (TrackingLost, CorruptData)
 
 
-def effective_state(item: Item) -> ItemState:
+def effective_state(item: Item | ItemFacts) -> ItemState:
     if item.critical_error is not None:
         return ItemState.CRITICAL
     try:
@@ -139,38 +140,68 @@ class _Due:
 class Scheduler:
     """Sends replication commands on time. ``tick()`` is called by the vault's loop or tests.
 
-    A tick reads in two set-based queries (open commands of all items; protected items joined
-    with their group's policy) outside any write transaction, decides in Python, then writes
-    only the due commands and their items in one short transaction (items in id order, so it
-    does not dead-lock with heartbeats on PostgreSQL)."""
+    A tick reads in set-based queries (the policies; the columns, as plain tuples
+    (``itemfacts``), of only the protected items that may need something now; their open
+    commands) outside any write transaction, decides in Python, then writes only the due
+    commands and their items in one short transaction (items in id order, so it does not
+    dead-lock with heartbeats on PostgreSQL)."""
 
     def __init__(self, db: Database, settings: VaultSettings) -> None:
         self.db = db
         self.settings = settings
+        self._windows: dict[tuple[str, float], bool] = {}
 
     def tick(self) -> list[Command]:
         """One pass over the protected items; returns the commands it queued."""
         now = self.settings.clock.now()
         with self.db.read() as s:
-            open_kinds = _open_kinds(s, None)
+            policies = {gid: p for gid, p in s.execute(
+                select(Group.id, Policy).join(Policy, Policy.id == Group.policy_id))}
+            items = [f for f in load_facts(s, *self._candidates(now)) if f.group_id in policies]
+            if not items:
+                return []
+            open_kinds = _open_kinds(s, [f.id for f in items] if len(items) <= 500 else None)
             stores_up = store_sites_up(s, now, self.settings.agent_down_after_s)
-            rows = s.execute(select(Item, Policy)
-                             .join(Group, Group.id == Item.group_id)
-                             .join(Policy, Policy.id == Group.policy_id)
-                             .where(Item.status == ItemProtection.PROTECTED, Item.active_job_id.is_(None))
-                             .order_by(Item.id)).all()
             due: list[_Due] = []
-            for item, policy in rows:
+            for item in items:
+                policy = policies[item.group_id]
                 kinds = open_kinds.get(item.id, set())
                 for d in self._item(item, policy, kinds, now, item.target_site_id in stores_up):
                     if d.kind == "retention":  # a site store's own agent runs it
-                        d.host_id, d.args = storeacl.retention_target(s, item,
+                        row = s.get(Item, item.id)
+                        if row is None:
+                            continue
+                        d.host_id, d.args = storeacl.retention_target(s, row,
                                                                       agent_settings(policy))
                     due.append(d)
                 due.extend(_scrub(s, item, policy, kinds, now))
         if not due:
             return []
         return self._write(due, now)
+
+    def _candidates(self, now: float) -> tuple[ColumnElement[bool], ...]:
+        """The protected items this tick may send something to — a superset of what
+        :meth:`_item` and :func:`_scrub` decide, so most items (nothing due yet) are not even
+        read: a replication state other than protected (resync, initial, critical: the planner
+        decides), a transient failure on record, a cycle due (``last_cycle_sent_at + frequency
+        <= now``: the anchor rule of ``next_cycle_at``), retention due, a scrub pass due or
+        going on, or a repair the last scrub asked for."""
+        def of_policy(col: Any) -> Any:
+            return (select(col).join(Group, Group.policy_id == Policy.id)
+                    .where(Group.id == Item.group_id).scalar_subquery())
+
+        scrub_every = of_policy(Policy.scrub_interval_s)
+        return (Item.status == ItemProtection.PROTECTED, Item.active_job_id.is_(None),
+                or_(Item.state != ItemState.PROTECTED.value,
+                    Item.retry["failures"].as_integer() > 0,
+                    Item.last_cycle_sent_at.is_(None),
+                    Item.last_cycle_sent_at + of_policy(Policy.frequency_s) <= now,
+                    Item.last_retention_at.is_(None),
+                    Item.last_retention_at <= now - self.settings.retention_every_s,
+                    scrub_every.is_not(None) & Item.last_point_time.is_not(None)
+                    & (Item.last_scrub_at.is_(None) | (Item.last_scrub_at + scrub_every <= now)),
+                    Item.scrub["complete"].as_boolean() == false(),
+                    Item.scrub["latest_damaged"].as_boolean() == true()))
 
     def _write(self, due: list[_Due], now: float) -> list[Command]:
         """Insert the due commands and update their items, re-checking (inside the write
@@ -203,18 +234,24 @@ class Scheduler:
             s.add_all(sent)
         return sent
 
-    def decide(self, s: Session | None, item: Item, policy: Policy, now: float) -> Action:
-        """The planner's action for ``item`` now (pure in what it reads)."""
-        return self._plan(item, policy, now)[0]
+    def _in_window(self, policy: Policy, now: float) -> bool:
+        """Whether ``now`` is inside the policy's resync window (once per policy and tick)."""
+        key = (policy.resync_window, now)
+        hit = self._windows.get(key)
+        if hit is None:
+            if len(self._windows) > 64:
+                self._windows.clear()
+            hit = parse_window(policy.resync_window).contains(self.settings.minute_of_day(now))
+            self._windows[key] = hit
+        return hit
 
-    def _plan(self, item: Item, policy: Policy, now: float,
+    def _plan(self, item: ItemFacts, policy: Policy, now: float,
               store_up: bool = False) -> tuple[Action, float]:
         """The planner's action and the time the next cycle is (was) due. ``store_up``: an
         agent serving the item's recovery store is up (see :func:`early_retry`)."""
-        retry = RetryState.from_dict(item.retry or {})
+        retry = RetryState.from_dict(item.retry) if item.retry else RetryState()
         if early_retry(retry, store_up, now, self.settings.heartbeat_interval):
             retry.next_attempt_at = now
-        window = parse_window(policy.resync_window)
         report = item.report or {}
         nxt = next_cycle_at(item.last_cycle_sent_at, policy.frequency_s, now)
         if retry.failures and retry.due(now):
@@ -222,13 +259,13 @@ class Scheduler:
         pi = PlanInput(
             state=effective_state(item), now=now, next_cycle_at=nxt,
             retry_due=retry.due(now), resync_by_hand=False,
-            in_resync_window=window.contains(self.settings.minute_of_day(now)),
+            in_resync_window=self._in_window(policy, now),
             tracking=TrackingState.ACTIVE, largest_log_fraction=0.0,
             has_point=item.last_point_time is not None or bool(report.get("last_point_id")),
             cycle_in_flight=False)
         return plan(pi).action, nxt
 
-    def _item(self, item: Item, policy: Policy, open_kinds: set[str], now: float,
+    def _item(self, item: ItemFacts, policy: Policy, open_kinds: set[str], now: float,
               store_up: bool = False) -> list[_Due]:
         out: list[_Due] = []
         repair = scrubbing.repair_due(item)
@@ -261,14 +298,18 @@ class Scheduler:
         return out
 
 
-def _scrub(s: Session, item: Item, policy: Policy, open_kinds: set[str], now: float) -> list[_Due]:
+def _scrub(s: Session, item: ItemFacts, policy: Policy, open_kinds: set[str],
+           now: float) -> list[_Due]:
     """A ``scrub`` for the item's store host when a pass is due or goes on (one open at most)."""
     if "scrub" in open_kinds:
         return []
     new_pass = scrubbing.scrub_due(item, policy, now)
     if new_pass is None:
         return []
-    host, spec = scrubbing.scrub_host(s, item)
+    row = s.get(Item, item.id)
+    if row is None:
+        return []
+    host, spec = scrubbing.scrub_host(s, row)
     if host is None:
         return []
     args = scrubbing.scrub_args(policy, spec, storeacl.existing_point_key(s, item.id))

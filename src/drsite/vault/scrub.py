@@ -35,6 +35,7 @@ from drsite.core.errors import Conflict
 from drsite.core.states import ItemProtection
 from drsite.vault.audit import record_event
 from drsite.vault.db.models import Group, Host, Item, Point, Policy
+from drsite.vault.itemfacts import ItemFacts
 from drsite.vault.stores import item_store_spec
 
 SCRUB_BUDGET_S = 300.0
@@ -78,7 +79,8 @@ def damage_of(s: Session, item_ids: list[str] | None = None) -> dict[str, Damage
     return {i: Damage(p, newest.get(i)) for i, p in bad.items()}
 
 
-def damage_reasons(item: Item, damage: Damage | None) -> tuple[bool, bool, list[str]]:
+def damage_reasons(item: Item | ItemFacts,
+                   damage: Damage | None) -> tuple[bool, bool, list[str]]:
     """(warning, critical, reasons) of an item's store damage: critical only for a damaged
     newest point that cannot be repaired (the item is not protected); a damaged newest point
     being repaired, and damaged older points, are warnings."""
@@ -123,7 +125,7 @@ def scrub_host(s: Session, item: Item) -> tuple[Host | None, dict[str, Any] | No
     return host, spec
 
 
-def scrub_due(item: Item, policy: Policy, now: float) -> bool | None:
+def scrub_due(item: Item | ItemFacts, policy: Policy, now: float) -> bool | None:
     """None: no scrub now; True: start a new pass; False: continue the current pass."""
     if policy.scrub_interval_s is None or item.status != ItemProtection.PROTECTED \
             or item.last_point_time is None:
@@ -149,7 +151,7 @@ def scrub_args(policy: Policy, spec: dict[str, Any] | None,
     return args
 
 
-def repair_due(item: Item) -> str | None:
+def repair_due(item: Item | ItemFacts) -> str | None:
     """The reason for a repair resync when the last scrub found the newest point damaged and no
     repair was sent for it yet (None otherwise)."""
     sc = dict(item.scrub or {})

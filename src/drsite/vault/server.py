@@ -6,6 +6,12 @@ first admin token in ``DATA/admin.token`` mode 0600 — printed once, at first s
 the API over HTTPS (client certificates optional at the TLS layer, required by agent routes) with
 the job runner, scheduler and health loop running inside, until SIGTERM/SIGINT. The process runs
 with umask 077: every file it (or a vault-side plan script) creates is private.
+
+With ``workers`` > 1 (PostgreSQL only) this process bootstraps, then forks that many worker
+processes sharing the listening socket (``tlsutil.serve_workers``) and supervises them; every
+worker serves the API, and the one holding the controller lease runs the background work
+(``vault/controller.py``) — as does one of several ``vault serve`` processes, on one machine or
+several, sharing a database.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from fastapi import APIRouter
 from drsite import tlsutil
 from drsite.core.errors import InvalidInput
 from drsite.vault.app import create_app
-from drsite.vault.context import ADMIN_TOKEN_FILE, bootstrap
+from drsite.vault.context import ADMIN_TOKEN_FILE, attach, bootstrap
+from drsite.vault.db.database import is_sqlite
 from drsite.vault.settings import VaultSettings
 
 log = logging.getLogger(__name__)
@@ -34,19 +41,32 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+MAX_WORKERS = 64
+
+
 def run_vault(data_dir: Path, listen: str = "127.0.0.1:8443", db_url: str | None = None,
               heartbeat_interval: float = 2.0, master_key_file: Path | None = None,
-              routers: Sequence[APIRouter] = ()) -> None:
+              routers: Sequence[APIRouter] = (), workers: int = 1,
+              lease_s: float = 10.0) -> None:
     """Run a vault in the foreground until it is asked to stop (blocking). ``routers``: more
-    routes to serve beside the API (the CLI adds the dashboard)."""
+    routes to serve beside the API (the CLI adds the dashboard). ``workers``: API processes
+    (more than one needs PostgreSQL). ``lease_s``: the controller lease period."""
     host, port = parse_listen(listen)
     if heartbeat_interval <= 0:
         raise InvalidInput("heartbeat_interval must be > 0")
+    if not 1 <= workers <= MAX_WORKERS:
+        raise InvalidInput(f"workers must be between 1 and {MAX_WORKERS}")
+    if not 1.0 <= lease_s <= 600.0:
+        raise InvalidInput("the controller lease must be between 1 and 600 seconds")
+    if workers > 1 and is_sqlite(db_url or "sqlite"):
+        raise InvalidInput("several API workers need PostgreSQL: SQLite has one writer at a time "
+                           "and stays the one-process default",
+                           hint="Pass --db postgresql+psycopg://USER@HOST/DB, or --workers 1.")
     os.umask(0o077)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = VaultSettings(data_dir=Path(data_dir), db_url=db_url, heartbeat_interval=heartbeat_interval,
-                             master_key_file=master_key_file)
+                             master_key_file=master_key_file, lease_s=lease_s, listen=listen)
     vault = bootstrap(settings)
     if vault.new_admin_token is not None:
         # the first admin token is in DATA/admin.token (0600); it is shown once on an interactive
@@ -58,8 +78,16 @@ def run_vault(data_dir: Path, listen: str = "127.0.0.1:8443", db_url: str | None
             sys.stdout.flush()
         else:
             log.info("first admin token created; it is in %s (mode 0600)", where)
-    app = create_app(settings, vault, routers=routers)
     log.info("vault data in %s, database %s", settings.data_dir, _redact(settings.database_url))
+    if workers > 1:
+        # the supervisor holds nothing open: each worker opens the data and the database itself
+        tls = vault.tls
+        vault.close()
+        tlsutil.serve_workers(lambda: create_app(settings, attach(settings), routers=routers),
+                              workers=workers, host=host, port=port, certfile=tls.cert,
+                              keyfile=tls.key, cafile=tls.ca, client_cert="optional")
+        return
+    app = create_app(settings, vault, routers=routers)
     try:
         tlsutil.serve(app, host=host, port=port, certfile=vault.tls.cert, keyfile=vault.tls.key,
                       cafile=vault.tls.ca, client_cert="optional")

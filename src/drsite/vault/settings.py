@@ -24,7 +24,9 @@ class VaultSettings:
     ``DATA/master.key`` (the key that seals secrets at rest, see ``vault/masterkey.py``).
     ``clock`` and ``minute_of_day`` are injected for tests (resync windows are in local time by
     default). ``background`` runs the job runner, scheduler and health loop in a thread while
-    the app is up; tests set it False and call ``tick()`` themselves.
+    the app is up — in the one vault process on the database that holds the controller lease
+    (``vault/controller.py``, period ``lease_s``); tests set it False and call ``tick()``
+    themselves. ``listen`` is only shown (who the controller is).
     """
 
     data_dir: Path
@@ -35,7 +37,7 @@ class VaultSettings:
     clock: Clock = field(default_factory=SystemClock)
     minute_of_day: Callable[[float], int] = local_minute_of_day
     background: bool = True
-    loop_interval: float = 0.5
+    loop_interval: float = 0.25  # a cycle is queued at most this late (plus one pass)
     health_interval: float = 2.0  # seconds between health passes of the background loop
     # a command delivered but not acknowledged (still "sent") is delivered again after this
     resend_after_s: float = 30.0
@@ -48,6 +50,9 @@ class VaultSettings:
     rollback_timeout_s: float = 600.0
     # an agent's clock may run this far ahead of the vault's when its retention removes points
     retention_skew_s: float = 300.0
+    # the controller lease: a controller that stops renewing it is replaced after this long
+    lease_s: float = 10.0
+    listen: str | None = None
 
     @property
     def database_url(self) -> str:
@@ -60,6 +65,12 @@ class VaultSettings:
     @property
     def pki_dir(self) -> Path:
         return self.data_dir / "pki"
+
+    @property
+    def idle_in_tx_s(self) -> float:
+        """PostgreSQL ends a session idle inside a transaction for this long (a stopped process
+        must not keep the controller lease's share lock beyond its lease)."""
+        return max(2.0, self.lease_s / 2.0)
 
     @property
     def stale_running_s(self) -> float:

@@ -12,6 +12,23 @@ agent, and where a site-store item's retention runs.
   host may do everything) and the point key; and every revoked host with its serial and
   fingerprint. It goes in the heartbeat reply when the agent's digest differs
   (:func:`reply_fields`), so a revocation reaches every store within one heartbeat interval.
+  Built from plain columns, and at most once per change of what it depends on in each process
+  (the point keys, immutable once made, are kept in memory): a store heartbeat every 2 s no
+  longer reads every item and unseals every key of the site.
+- **A grant is confirmed** (:func:`grant_pending`, before a job lets a source write) when the
+  current list lets the item's source write it and the store's agent holds a list with that
+  grant. The host row records the last list put in a reply (``store_acl_sent``, and when it
+  was built, ``store_acl_sent_at``) and the build time of the last one the agent confirmed
+  (``store_acl_confirmed_at``: its heartbeat sent that digest back). Two ways to confirm:
+  *at scale*, the grant has been what it is now since ``CONFIRM_MARGIN_S`` before the
+  confirmed list was built — since the item was made, its writer last changed
+  (``items.grant_changed_at``: a failover, a cancel; :func:`set_status`) and its source got its
+  certificate — so that list, and every later one (the one in flight too), has it; *exactly*,
+  the agent's digest is the current list's and no other list is in flight (a cancelled
+  failover flips the list back to one the agent still holds while the read-only one may be on
+  its way). So a stream of new items — a policy applied to thousands of VMs, whose list
+  changes at every heartbeat — no longer keeps every grant pending until the stream stops,
+  and a flip of the writer is never confirmed by a list built before it.
 - **Store-side retention** (:func:`retention_target`): retention and deletion of a site-store
   item's points run on the store's own agent (``retention`` with ``store_side``), since remote
   clients may not delete committed objects.
@@ -25,10 +42,14 @@ Responsible for: these decisions. Not responsible for: evaluating the list (the 
 from __future__ import annotations
 
 import base64
+import math
 import os
+import threading
+from collections import OrderedDict
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from drsite.core.states import RETIRED_ITEM_STATUSES, ItemProtection
@@ -37,19 +58,35 @@ from drsite.vault import commands
 from drsite.vault.db.models import Command, Group, Host, Item, PointKey
 
 KEY_BYTES = 32
+CONFIRM_MARGIN_S = 30.0  # an item this much older than a confirmed list is in it
+_CACHE = threading.Lock()
+# (store host, its item rows, its host rows) -> (list, digest): keyed by the rows themselves,
+# not a hash of them, so two different lists never share an entry
+_DocKey = tuple[str, tuple[tuple[str, str, ItemProtection], ...],
+                tuple[tuple[str, str, str, float | None], ...]]
+_DOCS: OrderedDict[_DocKey, tuple[dict[str, Any], str]] = OrderedDict()
+_KEYS: dict[str, str] = {}  # item id -> point key: immutable once made
 # failed over (or further): the old primary's item is read-only on the store
 READ_ONLY_STATUSES = frozenset({ItemProtection.FAILED_OVER, ItemProtection.COMMITTED,
                                 ItemProtection.REPROTECTED})
 
 
 def point_key(s: Session, item_id: str, now: float) -> str:
-    """The item's point key (base64), created on first use."""
+    """The item's point key (base64), created on first use. Two transactions may both find it
+    missing (the job runner and a store heartbeat building the list, in two vault processes on
+    PostgreSQL): the second insert fails in its own savepoint and reads the first one's key."""
     row = s.get(PointKey, item_id)
     if row is None:
         row = PointKey(item_id=item_id, key=base64.b64encode(os.urandom(KEY_BYTES)).decode(),
                        created_at=now)
-        s.add(row)
-        s.flush()
+        try:
+            with s.begin_nested():
+                s.add(row)
+        except IntegrityError:
+            made = s.get(PointKey, item_id)
+            if made is None:
+                raise
+            row = made
     return row.key
 
 
@@ -69,9 +106,9 @@ def point_keys(s: Session, item_ids: list[str], now: float) -> dict[str, str]:
     return out
 
 
-def _site_store_items(s: Session, site_id: int) -> list[Item]:
+def site_store_items(s: Session, site_id: int) -> list[Item]:
     """Active items whose recovery store is the agent store of ``site_id`` (not a cloud
-    store)."""
+    store), as rows (the recovery book needs their configuration)."""
     rows = s.execute(select(Item, Group.store_id).join(Group, Group.id == Item.group_id)
                      .where(Item.target_site_id == site_id)).all()
     return sorted((it for it, store_id in rows
@@ -79,69 +116,140 @@ def _site_store_items(s: Session, site_id: int) -> list[Item]:
                   key=lambda it: it.id)
 
 
+def set_status(item: Item, status: ItemProtection, now: float) -> None:
+    """Set the item's protection status; a change between writable and read-only (failover,
+    cancel) is when its store grant changed writer (``grant_changed_at``, see
+    :func:`grant_pending`). Every such change (all in ``jobs/failover.py``) goes through here."""
+    if (item.status in READ_ONLY_STATUSES) != (status in READ_ONLY_STATUSES):
+        item.grant_changed_at = now
+    item.status = status
+
+
+def _site_store_rows(s: Session, site_id: int) -> list[tuple[str, str, ItemProtection]]:
+    """(id, source host, status) of the active items whose recovery store is the agent store of
+    ``site_id`` (not a cloud store), by id."""
+    rows = s.execute(select(Item.id, Item.host_id, Item.status, Group.store_id)
+                     .join(Group, Group.id == Item.group_id)
+                     .where(Item.target_site_id == site_id)).all()
+    return sorted((i, h, st) for i, h, st, store_id in rows
+                  if store_id is None and st not in RETIRED_ITEM_STATUSES)
+
+
+def _keys(s: Session, item_ids: list[str], now: float) -> dict[str, str]:
+    with _CACHE:
+        out = {i: _KEYS[i] for i in item_ids if i in _KEYS}
+    missing = [i for i in item_ids if i not in out]
+    if missing:
+        got = point_keys(s, missing, now)
+        with _CACHE:
+            _KEYS.update(got)
+        out.update(got)
+    return out
+
+
 def access_list(s: Session, host: Host, now: float) -> dict[str, Any]:
     """The access list of the store ``host`` serves (see the module docstring and
     ``sitestore/acl.py`` for the format). It holds no time stamp: an unchanged list has an
     unchanged digest, and is not sent again."""
-    items = _site_store_items(s, host.site_id)
-    writers = {it.host_id for it in items} | {host.id}
-    hosts = {h.id: h for h in s.scalars(select(Host).where(Host.id.in_(sorted(writers))))}
-    live = {hid: {"fingerprint": h.cert_fingerprint, "serial": h.cert_serial}
-            for hid, h in hosts.items() if h.revoked_at is None}
-    keys = point_keys(s, [it.id for it in items if it.host_id in live], now)
+    return access_list_digest(s, host, now)[0]
+
+
+def access_list_digest(s: Session, host: Host, now: float) -> tuple[dict[str, Any], str]:
+    """:func:`access_list` and its digest, built once per change of the rows it depends on."""
+    items = _site_store_rows(s, host.site_id)
+    writers = {h for _, h, _ in items} | {host.id}
+    host_rows: list[tuple[str, str, str, float | None]] = sorted(
+        (r[0], r[1], r[2], r[3]) for r in s.execute(
+            select(Host.id, Host.cert_fingerprint, Host.cert_serial, Host.revoked_at)
+            .where(Host.id.in_(sorted(writers)) | Host.revoked_at.is_not(None))))
+    key: _DocKey = (host.id, tuple(items), tuple(host_rows))
+    with _CACHE:
+        hit = _DOCS.get(key)
+        if hit is not None:
+            _DOCS.move_to_end(key)
+            return hit
+    live = {hid: {"fingerprint": fp, "serial": serial}
+            for hid, fp, serial, revoked_at in host_rows if hid in writers and revoked_at is None}
+    keys = _keys(s, [i for i, h, _ in items if h in live], now)
     grants: dict[str, Any] = {}
-    for it in items:
-        if it.host_id not in live:
+    for item_id, source, status in items:
+        if source not in live:
             continue  # a revoked source host: no grant at all
         # after a failover the old primary may read its item but never write it again
-        writer = "" if it.status in READ_ONLY_STATUSES else it.host_id
-        grants[it.id] = {"writer": writer, "readers": sorted({it.host_id, host.id}),
-                         "point_key": keys[it.id]}
-    revoked = list(s.scalars(select(Host).where(Host.revoked_at.is_not(None)).order_by(Host.id)))
-    return {"format": FORMAT, "store_host": host.id,
-            "hosts": live, "items": grants,
-            "revoked": {"hosts": [h.id for h in revoked],
-                        "serials": [h.cert_serial for h in revoked],
-                        "fingerprints": [h.cert_fingerprint for h in revoked]}}
+        writer = "" if status in READ_ONLY_STATUSES else source
+        grants[item_id] = {"writer": writer, "readers": sorted({source, host.id}),
+                           "point_key": keys[item_id]}
+    revoked = [r for r in host_rows if r[3] is not None]
+    doc = {"format": FORMAT, "store_host": host.id, "hosts": live, "items": grants,
+           "revoked": {"hosts": [r[0] for r in revoked], "serials": [r[2] for r in revoked],
+                       "fingerprints": [r[1] for r in revoked]}}
+    out = (doc, acl_digest(doc))
+    with _CACHE:
+        _DOCS[key] = out
+        while len(_DOCS) > 16:
+            _DOCS.popitem(last=False)
+    return out
 
 
 def reply_fields(s: Session, host: Host, agent_digest: str | None, now: float) -> dict[str, Any]:
     """``{"store_acl": list}`` for a store-serving host whose list differs from the one it has
-    (``agent_digest``), else nothing."""
+    (``agent_digest``), else nothing. Records what the agent confirmed: the last list sent to
+    it, when its digest comes back."""
     if host.store_url is None or host.revoked_at is not None:
         return {}
     if host.store_acl_digest != agent_digest:
         host.store_acl_digest = agent_digest
-    doc = access_list(s, host, now)
-    want = acl_digest(doc)
+    doc, want = access_list_digest(s, host, now)
     # heartbeats of one agent are sequential and each reply is applied before the next beat:
     # what the agent reports now already reflects (or lost) every earlier reply, so the only
-    # list in flight is the one this reply carries
-    if host.store_acl_sent != want:
+    # list in flight is the one this reply carries. The agent's digest confirms the list sent
+    # last (before it is replaced by this reply's), or the current one it already holds.
+    _confirm(host, agent_digest)
+    if host.store_acl_sent != want or host.store_acl_sent_at is None:
         host.store_acl_sent = want
+        host.store_acl_sent_at = now
+        _confirm(host, agent_digest)
     if agent_digest is not None and agent_digest == want:
         return {}
     return {"store_acl": doc}
 
 
+def _confirm(host: Host, agent_digest: str | None) -> None:
+    """The agent holds the list sent last: record when that list was built."""
+    if agent_digest is not None and agent_digest == host.store_acl_sent \
+            and host.store_acl_sent_at is not None \
+            and host.store_acl_confirmed_at != host.store_acl_sent_at:
+        host.store_acl_confirmed_at = host.store_acl_sent_at
+
+
 def grant_pending(s: Session, item: Item, now: float) -> str | None:
     """Why the item's writes would still be refused by its site store (its agent has not
-    confirmed, in a heartbeat, the list that grants them), or None. A job waits on this before
-    it sends ``protect``, so the first write never races the list."""
+    confirmed, in a heartbeat, a list that grants them), or None. A job waits on this before
+    it sends ``protect``, so the first write never races the list (module docstring)."""
     host = store_host(s, item)
     if host is None:
         return None
-    doc = access_list(s, host, now)
+    doc, want = access_list_digest(s, host, now)
     grant = doc["items"].get(item.id)
-    want = acl_digest(doc)
-    # confirmed only when the agent holds this very list and no other one is in flight: after
-    # a failover is cancelled the list flips back to one the agent still holds, while a reply
-    # with the read-only list may not have reached it yet
-    if grant is not None and grant["writer"] == item.host_id \
-            and host.store_acl_digest == want and host.store_acl_sent in (None, want):
+    waiting = (f"waiting for the store agent of the target site ({host.name}) to receive the "
+               "item's access grant (next heartbeat)")
+    if grant is None or grant["writer"] != item.host_id:
+        return waiting   # the current list does not let the source write (read-only, revoked)
+    # at scale: the grant is as it is now since ``since`` (the item was made, its writer last
+    # changed, its source got its certificate); a list the agent confirmed, built well after
+    # that, has it — and so has every list built later, the one in flight included
+    source = s.get(Host, item.host_id)
+    since = max(item.created_at, item.grant_changed_at or 0.0,
+                source.registered_at if source is not None else math.inf)
+    confirmed = host.store_acl_confirmed_at
+    if confirmed is not None and since <= confirmed - CONFIRM_MARGIN_S:
         return None
-    return (f"waiting for the store agent of the target site ({host.name}) to receive the "
-            "item's access grant (next heartbeat)")
+    # exactly: the agent holds this very list and no other one is in flight (after a failover
+    # is cancelled the list flips back to one the agent still holds, while a reply with the
+    # read-only list may not have reached it yet)
+    if host.store_acl_digest == want and host.store_acl_sent in (None, want):
+        return None
+    return waiting
 
 
 def store_host(s: Session, item: Item) -> Host | None:

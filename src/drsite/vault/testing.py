@@ -128,6 +128,21 @@ class Harness:
         assert r.status_code < 300, f"{method} {path}: {r.status_code} {r.text}"
         return r.json() if r.content else None
 
+    def entries(self, path: str, token: str | None = "admin") -> list[dict[str, Any]]:
+        """Every entry of a list endpoint (``{"entries", "total", "next_cursor"}``), all pages;
+        checks that ``total`` counts them."""
+        out: list[dict[str, Any]] = []
+        sep = "&" if "?" in path else "?"
+        page = self.ok("GET", path, token)
+        total = page["total"]
+        out.extend(page["entries"])
+        while page["next_cursor"]:
+            page = self.ok("GET", f"{path}{sep}cursor={page['next_cursor']}", token)
+            out.extend(page["entries"])
+        if "limit=" not in path:
+            assert len(out) == total, (path, len(out), total)
+        return out
+
     def token(self, role: str, name: str | None = None) -> str:
         return str(self.ok("POST", "/tokens", json={"name": name or f"t-{role}", "role": role})["token"])
 

@@ -16,6 +16,7 @@ a button is enabled exactly when the API would accept its action. Drills are
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -34,12 +35,12 @@ from drsite.vault.api.deps import Principal
 from drsite.vault.api.schemas import VerifyIn
 from drsite.vault.api.views import failover_view, job_view
 from drsite.vault.context import Vault
-from drsite.vault.db.models import Alert, Event, Failover, Item, Job, Point
+from drsite.vault.db.models import Event, Failover, Item, Job, Point
 from drsite.vault.jobs import create, item_actions
 from drsite.vault.jobs.registry import HANDLERS
 from drsite.vault.membership import items_by_vm
 from drsite.web import charts
-from drsite.web.lists import ListQuery, paginate
+from drsite.web.lists import ListQuery, Page, paginate
 from drsite.web.session import WebUser
 
 log = logging.getLogger(__name__)
@@ -61,10 +62,12 @@ def overview(vault: Vault, user: WebUser) -> dict[str, Any]:
         mine = [h for h in hosts if h["site"] == site["name"] and not h["revoked"]]
         site["up"] = sum(1 for h in mine if h["up"])
         site["down"] = len(mine) - site["up"]
+    alerts = operations.list_alerts(vault, p, state="active", limit=10)
+    recent = operations.list_jobs(vault, p, limit=8)
     return {"health": health, "sites": sites,
             "hosts": [h for h in hosts if not h["revoked"]],
-            "alerts": operations.list_alerts(vault, p, state="active", limit=10),
-            "jobs": operations.list_jobs(vault, p, limit=8)}
+            "alerts": alerts["entries"], "alerts_total": alerts["total"],
+            "jobs": recent["entries"], "jobs_total": recent["total"]}
 
 
 def churn_by_item(vault: Vault, now: float, item_id: str | None = None) -> dict[str, float]:
@@ -85,10 +88,34 @@ def churn_by_item(vault: Vault, now: float, item_id: str | None = None) -> dict[
     return out
 
 
+# entries per page the dashboard reads from a paged API list (the API's maximum)
+API_PAGE = 500
+ITEMS_PER_PAGE = API_PAGE
 ITEM_SORTS = ("vm_name", "health", "status", "rpo_s", "last_point_time", "group", "site",
               "churn_bps")
 ITEM_FILTERS = ("health", "status", "site", "group")
+ITEM_API_FILTERS = ("health", "site", "group")  # GET /items filters them (status: here)
 HEALTH_ORDER = {"critical": 0, "warning": 1, "normal": 2}
+
+
+def read_pages(fetch: Callable[[int, str | None], dict[str, Any]], *, per_page: int,
+               need: int | None = None) -> tuple[list[dict[str, Any]], int]:
+    """Entries of a paged API list, page after page along its keyset cursor (``fetch(limit,
+    cursor)``): every one, or at least the first ``need``; and how many the list holds."""
+    rows: list[dict[str, Any]] = []
+    cursor: str | None = None
+    while True:
+        pg = fetch(per_page, cursor)
+        rows.extend(pg["entries"])
+        total, cursor = int(pg["total"]), pg.get("next_cursor")
+        if not cursor or (need is not None and len(rows) >= need):
+            return rows, total
+
+
+def api_page(rows: list[dict[str, Any]], total: int, query: ListQuery) -> Page:
+    """The page ``query`` asks for of a list in the API's own order (``rows``: its first
+    entries, at least up to the page's end; ``total``: the API's count)."""
+    return Page(rows[query.offset:query.offset + query.limit], total, query)
 
 
 def item_status(it: dict[str, Any]) -> str:
@@ -98,9 +125,26 @@ def item_status(it: dict[str, Any]) -> str:
 
 
 def protected_vms(vault: Vault, user: WebUser, query: ListQuery) -> dict[str, Any]:
+    """A page of protected VMs and the VMs that are not protected. Health, site and group are
+    the API's filters; in the API's order (VM name) without a search or a status filter only
+    the pages up to the one shown are read (``ITEMS_PER_PAGE`` a request), with the API's
+    total; another order, a search or a status filter read every matching item (the list is
+    sorted, searched and cut here)."""
     p = principal(user)
     now = vault.settings.clock.now()
-    items = protection.list_items(vault, p)
+    api = {k: v for k, v in query.filters.items() if k in ITEM_API_FILTERS}
+    local = replace(query, filters={k: v for k, v in query.filters.items()
+                                    if k not in ITEM_API_FILTERS})
+    in_api_order = query.sort == "vm_name" and not query.desc and not query.q \
+        and not local.filters
+    try:
+        items, total = read_pages(
+            lambda limit, cursor: protection.list_items(
+                vault, p, health=api.get("health"), site=api.get("site"), group=api.get("group"),
+                limit=limit, cursor=cursor),
+            per_page=ITEMS_PER_PAGE, need=query.offset + query.limit if in_api_order else None)
+    except DrsiteError:  # an unknown site or group matches nothing (never an error page)
+        items, total = [], 0
     churn = churn_by_item(vault, now)
     for it in items:
         it["churn_bps"] = churn.get(it["id"])
@@ -109,11 +153,22 @@ def protected_vms(vault: Vault, user: WebUser, query: ListQuery) -> dict[str, An
     def sort_value(r: dict[str, Any], key: str) -> Any:
         return HEALTH_ORDER.get(str(r.get("health")), 3) if key == "health" else r.get(key)
 
-    page = paginate(items, query, search=("vm_name", "id", "group", "source_host", "site",
-                                          "target_site", "status"), sort_value=sort_value)
+    page = api_page(items, total, query) if in_api_order else paginate(
+        items, local, search=("vm_name", "id", "group", "source_host", "site", "target_site",
+                              "status"), sort_value=sort_value)
+    page = replace(page, query=query)
     unprotected = [v for v in inventory.list_vms(vault, p) if v["item_id"] is None and v["present"]]
     return {"page": page, "query": query, "unprotected": unprotected,
-            "facets": facets(items, ITEM_FILTERS)}
+            "facets": item_facets(vault, p, items)}
+
+
+def item_facets(vault: Vault, p: Principal, items: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """The choices of the VM list's filters: every health, site and group there is (the items
+    read may be only the first pages), and the statuses of the items read."""
+    return {"health": list(HEALTH_ORDER),
+            "status": sorted({str(it["status"]) for it in items}),
+            "site": sorted(str(s["name"]) for s in inventory.list_sites(vault, p)),
+            "group": sorted(str(g["name"]) for g in protection.list_groups(vault, p))}
 
 
 def facets(rows: list[dict[str, Any]], names: tuple[str, ...]) -> dict[str, list[str]]:
@@ -223,7 +278,7 @@ def points_page(vault: Vault, user: WebUser, item_id: str, query: ListQuery) -> 
     times (the point picker and the points list)."""
     p = principal(user)
     item = protection.show_item(item_id, vault, p)
-    rows = protection.points(item_id, vault, p)
+    rows = all_points(vault, p, item_id)
 
     def match(r: dict[str, Any], name: str, value: str) -> bool:
         if name == "damaged":
@@ -235,10 +290,17 @@ def points_page(vault: Vault, user: WebUser, item_id: str, query: ListQuery) -> 
             "query": query, "actions": allowed(vault, item_id)}
 
 
+def all_points(vault: Vault, p: Principal, item_id: str) -> list[dict[str, Any]]:
+    """Every recovery point of the item (``GET /items/{id}/points``, all its pages)."""
+    return read_pages(lambda limit, cursor: protection.points(item_id, vault, p, limit=limit,
+                                                              cursor=cursor),
+                      per_page=API_PAGE)[0]
+
+
 def point(vault: Vault, user: WebUser, item_id: str, point_id: str) -> dict[str, Any]:
     p = principal(user)
     item = protection.show_item(item_id, vault, p)
-    for row in protection.points(item_id, vault, p):
+    for row in all_points(vault, p, item_id):
         if row.get("point_id") == point_id:
             return {"item": item, "point": row, "actions": allowed(vault, item_id)}
     raise NotFound(f"no recovery point {point_id!r} of item {item_id}",
@@ -300,17 +362,25 @@ JOB_LIST_MAX = 1000
 
 
 def jobs(vault: Vault, user: WebUser, query: ListQuery) -> dict[str, Any]:
-    """Jobs, newest first: the API's newest ``JOB_LIST_MAX`` (state and kind filtered by the
-    API), searched, sorted and paged here, with how many exist."""
-    state, kind = query.filters.get("state"), query.filters.get("kind")
-    rows = operations.list_jobs(vault, principal(user), state=state or None, kind=kind or None,
-                                limit=JOB_LIST_MAX)
-    unfiltered = replace(query, filters={})
-    page = paginate(rows, unfiltered, search=("id", "kind", "target", "state", "message"))
-    with vault.db.read() as s:
-        existing = int(s.scalar(select(func.count()).select_from(Job)) or 0)
+    """Jobs, newest first (state and kind filtered by the API). In the API's order (newest
+    first) without a search only the pages up to the one shown are read, with the API's total;
+    another order or a search works on the newest ``JOB_LIST_MAX`` (``capped`` says when more
+    exist)."""
+    p = principal(user)
+    state, kind = query.filters.get("state") or None, query.filters.get("kind") or None
+    in_api_order = query.sort == "created_at" and query.desc and not query.q
+    need = query.offset + query.limit if in_api_order else JOB_LIST_MAX
+    rows, existing = read_pages(
+        lambda limit, cursor: operations.list_jobs(vault, p, state=state, kind=kind,
+                                                   limit=limit, cursor=cursor),
+        per_page=min(API_PAGE, need), need=need)
+    if in_api_order:
+        page = api_page(rows, existing, query)
+    else:
+        page = replace(paginate(rows[:JOB_LIST_MAX], replace(query, filters={}),
+                                search=("id", "kind", "target", "state", "message")), query=query)
     return {"page": page, "query": query, "existing": existing, "listed_max": JOB_LIST_MAX,
-            "kinds": sorted(HANDLERS)}
+            "capped": not in_api_order and existing > JOB_LIST_MAX, "kinds": sorted(HANDLERS)}
 
 
 def job(vault: Vault, user: WebUser, job_id: str) -> dict[str, Any]:
@@ -356,17 +426,18 @@ ALERT_LIST_MAX = 1000
 
 def alerts(vault: Vault, user: WebUser, query: ListQuery) -> dict[str, Any]:
     """Alerts grouped by cause (their kind: two agent_down alerts are not lost among 27 RPO
-    alerts): groups with a critical alert first, then by size; each group newest first."""
+    alerts): groups with a critical alert first, then by size; each group newest first. The
+    newest ``ALERT_LIST_MAX`` of the state asked for are read (pages of the API) and grouped;
+    ``existing`` (the API's total) says when there are more."""
+    p = principal(user)
     state = query.filters.get("state", "active")
-    rows = operations.list_alerts(vault, principal(user),
-                                  state=None if state == "all" else state, limit=ALERT_LIST_MAX)
-    with vault.db.read() as s:
-        count = select(func.count()).select_from(Alert)
-        if state == "active":
-            count = count.where(Alert.cleared_at.is_(None))
-        elif state == "cleared":
-            count = count.where(Alert.cleared_at.is_not(None))
-        existing = int(s.scalar(count) or 0)
+    if state not in ("active", "cleared", "all"):
+        state = "active"
+    rows, existing = read_pages(
+        lambda limit, cursor: operations.list_alerts(
+            vault, p, state=None if state == "all" else state, limit=limit, cursor=cursor),
+        per_page=API_PAGE, need=ALERT_LIST_MAX)
+    rows = rows[:ALERT_LIST_MAX]
     unfiltered = replace(query, filters={k: v for k, v in query.filters.items() if k != "state"},
                          limit=1000, offset=0)
     found = paginate(rows, unfiltered, search=("kind", "subject", "message", "severity")).rows
@@ -385,25 +456,31 @@ def alerts(vault: Vault, user: WebUser, query: ListQuery) -> dict[str, Any]:
 
 
 EVENT_SORTS = ("at", "kind", "subject")
-
-
 EVENT_LIST_MAX = 1000
 
 
 def events(vault: Vault, user: WebUser, query: ListQuery) -> dict[str, Any]:
-    """Events, newest first: the API's newest ``EVENT_LIST_MAX`` of the kind asked for (so a
-    kind reaches older events), searched, sorted and paged here, with how many exist."""
+    """Events of the kind asked for (the API's filter, so a kind reaches older events), newest
+    first. In the API's order without a search only the pages up to the one shown are read,
+    with the API's total; another order or a search works on the newest ``EVENT_LIST_MAX``
+    (``capped`` says when more exist)."""
     kind = query.filters.get("kind")
     with vault.db.read() as s:
         kinds = sorted(s.scalars(select(Event.kind).distinct()))
-        count = select(func.count()).select_from(Event)
-        existing = int(s.scalar(count.where(Event.kind == kind) if kind else count) or 0)
+    in_api_order = query.sort == "at" and query.desc and not query.q
+    need = query.offset + query.limit if in_api_order else EVENT_LIST_MAX
     # an unknown kind matches nothing (a list's bad parameter is never an error page)
-    rows = [] if kind and kind not in kinds else operations.list_events(
-        vault, principal(user), limit=EVENT_LIST_MAX, kind=kind or None)
-    page = paginate(rows, replace(query, filters={}), search=("kind", "subject", "message"))
+    rows, existing = ([], 0) if kind and kind not in kinds else read_pages(
+        lambda limit, cursor: operations.list_events(vault, principal(user), kind=kind or None,
+                                                     limit=limit, cursor=cursor),
+        per_page=min(API_PAGE, need), need=need)
+    if in_api_order:
+        page = api_page(rows, existing, query)
+    else:
+        page = replace(paginate(rows[:EVENT_LIST_MAX], replace(query, filters={}),
+                                search=("kind", "subject", "message")), query=query)
     return {"page": page, "query": query, "kinds": kinds, "existing": existing,
-            "listed_max": EVENT_LIST_MAX}
+            "listed_max": EVENT_LIST_MAX, "capped": not in_api_order and existing > EVENT_LIST_MAX}
 
 
 def sites(vault: Vault, user: WebUser) -> dict[str, Any]:
@@ -426,7 +503,9 @@ def host(vault: Vault, user: WebUser, host_id: str) -> dict[str, Any]:
     p = principal(user)
     h = inventory.show_host(host_id, vault, p)
     vms = [v for v in inventory.list_vms(vault, p, all=True) if v["host_id"] == h["id"]]
-    items = [it for it in protection.list_items(vault, p) if it.get("source_host_id") == h["id"]]
+    items = read_pages(lambda limit, cursor: protection.list_items(vault, p, host=h["id"],
+                                                                   limit=limit, cursor=cursor),
+                       per_page=API_PAGE)[0]
     return {"host": h, "vms": vms, "items": items}
 
 

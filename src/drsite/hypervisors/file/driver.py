@@ -57,7 +57,7 @@ from drsite.hypervisors.contract import DiskReader
 from drsite.hypervisors.file.control import call as guest_call
 from drsite.hypervisors.file.control import encode_data
 from drsite.hypervisors.file.cow import CowDiskReader, create_cow_files
-from drsite.hypervisors.file.layout import VmConfig, VmPaths
+from drsite.hypervisors.file.layout import GRANULE, VmConfig, VmPaths
 from drsite.hypervisors.file.readers import CycleDiskReader
 from drsite.hypervisors.file.runtime import GuestRuntime
 from drsite.hypervisors.file.vm import FileVm
@@ -450,11 +450,12 @@ class FileHypervisor:
 
     def open_cycle_reader(self, cycle: SealedCycle, disk_id: str) -> DiskReader:
         paths, cfg = self._locate(cycle.vm_id)
-        self.cycle_record(cycle)
+        record = self.cycle_record(cycle)
         return CycleDiskReader(paths.disk(disk_id),
                                paths.fleece(cycle.epoch, cycle.cycle_id, disk_id),
                                paths.cbw_bitmap(cycle.epoch, cycle.cycle_id, disk_id),
-                               cfg.disk_size(disk_id))
+                               cfg.disk_size(disk_id), int(record.get("cbw_block", GRANULE)),
+                               whole=bool(record.get("cbw_all")))
 
     def open_live_reader(self, vm_id: str, disk_id: str) -> DiskReader:
         paths, cfg = self._locate(vm_id)

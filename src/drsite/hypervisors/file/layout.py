@@ -34,7 +34,8 @@ from drsite.core.model import DiskSpec, Nic, PowerState, VmInfo, validate_name
 from drsite.fsutil import read_record
 from drsite.hypervisors.file.workload import WorkloadSpec
 
-GRANULE = 64 * 1024
+GRANULE = 64 * 1024   # dirty-map granule: a cycle's copy-before-write mask is kept per granule
+CBW_BLOCK = 4 * 1024  # copy-before-write block: what a first write after a seal preserves
 SEALED_SUFFIX = ".sealed.hrl"
 MAX_SUN_PATH = 107
 

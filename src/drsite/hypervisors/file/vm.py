@@ -18,13 +18,16 @@ for: scheduling cycles, reading frozen views (see :mod:`.readers`), processes or
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import shutil
 import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from array import array
+from bisect import bisect_right
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -43,7 +46,7 @@ from drsite.core.extents import ExtentList
 from drsite.core.model import Consistency
 from drsite.fsutil import flock_exclusive, fsync_dir, read_record, write_record
 from drsite.hypervisors.file.cow import CowOverlay
-from drsite.hypervisors.file.layout import GRANULE, VmConfig, VmPaths
+from drsite.hypervisors.file.layout import CBW_BLOCK, GRANULE, VmConfig, VmPaths
 from drsite.imagefile import pwrite_all
 from drsite.tracking.changelog import (
     DEFAULT_MAX_BYTES,
@@ -53,12 +56,16 @@ from drsite.tracking.changelog import (
 )
 
 log = logging.getLogger(__name__)
-_ZERO_GRANULE = bytes(GRANULE)
+_ZEROS = memoryview(bytes(1 << 20))
 HOOK_TIMEOUT = 60.0
 
 
 def _granules(size: int) -> int:
     return (size + GRANULE - 1) // GRANULE
+
+
+def _all_zero(b: bytes) -> bool:
+    return _ZEROS[:len(b)] == b if len(b) <= len(_ZEROS) else b.count(0) == len(b)
 
 
 def granule_mask(extents: ExtentList, size: int) -> bytearray:
@@ -72,14 +79,33 @@ def granule_mask(extents: ExtentList, size: int) -> bytearray:
 class _Cbw:
     """Copy-before-write state of one disk for one sealed cycle (guest side).
 
-    ``mask`` None means every granule is protected (a full or untrusted cycle is read whole).
+    ``mask`` (one byte per 64 KiB granule) names the granules the cycle's view protects; None
+    means every granule (a full or untrusted cycle is read whole). Preservation is per
+    ``block`` (4 KiB; 64 KiB in cycles sealed before blocks were introduced): the first write to
+    a protected block copies that block only, so a 4 KiB write costs a 4 KiB copy, not 64 KiB.
+    The bitmap file holds one byte per block and is shared through ``mmap`` (what the reader
+    maps too); a set byte is visible to every reader of the file as soon as it is stored.
     """
 
     def __init__(self, disk_fd: int, size: int, fleece: Path, bitmap: Path,
-                 mask: bytearray | None) -> None:
+                 mask: bytearray | None, block: int = CBW_BLOCK,
+                 exact: ExtentList | None = None) -> None:
         self.disk_fd = disk_fd
+        self.size = size
         self.mask = mask
-        n = _granules(size)
+        self.block = block
+        self._per_granule = max(1, GRANULE // block)
+        # ``exact`` (the cycle's changed extents, with ``mask``): only blocks the view is read
+        # over are preserved. A dirty granule's other blocks were not written in the cycle, so
+        # they are mostly not in the page cache: copying them cost the guest a disk read each.
+        self._lo: array[int] | None = None
+        self._hi: array[int] | None = None
+        if mask is not None and exact is not None:
+            blocks = exact.align(block, size)
+            self._lo = array("q", (blocks.starts // block).tolist())
+            self._hi = array("q", (-(-blocks.ends // block)).tolist())
+        n = (size + block - 1) // block
+        self.fleece_fd = self.bitmap_fd = -1
         try:
             self.fleece_fd = os.open(fleece, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             self.bitmap_fd = os.open(bitmap, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -87,31 +113,64 @@ class _Cbw:
                 os.ftruncate(self.fleece_fd, size)
             if os.fstat(self.bitmap_fd).st_size != n:
                 os.ftruncate(self.bitmap_fd, n)
-            self.done = bytearray(os.pread(self.bitmap_fd, n, 0))
+            self.done = mmap.mmap(self.bitmap_fd, n)
         except OSError as e:
+            self._close_fds()
             raise classify_os_error(e, f"copy-before-write files {fleece}") from e
-        self.copied = sum(self.done)
+        self.copied = n - self.done[:].count(0)
         self._dirty = False
 
     def before_write(self, offset: int, length: int) -> None:
-        g0, g1 = offset // GRANULE, (offset + length - 1) // GRANULE
-        done, mask = self.done, self.mask
-        for g in range(g0, g1 + 1):
-            if done[g] or (mask is not None and not mask[g]):
-                continue
-            old = os.pread(self.disk_fd, GRANULE, g * GRANULE)
-            # Order matters (readers check the bitmap AFTER reading the disk): the old data is
-            # in the fleece before the bit is set, and the bit is set before the disk changes.
-            if old != _ZERO_GRANULE[: len(old)]:  # a zero granule stays a hole in the fleece
-                pwrite_all(self.fleece_fd, old, g * GRANULE)
-            os.pwrite(self.bitmap_fd, b"\x01", g)
-            done[g] = 1
-            self.copied += 1
-            self._dirty = True
+        bs, done, mask = self.block, self.done, self.mask
+        b0, b1 = offset // bs, (offset + length - 1) // bs
+        if b0 == b1:  # the common case: one block, no numpy
+            if done[b0] or (mask is not None and not mask[b0 // self._per_granule]):
+                return
+            if self._lo is not None and self._hi is not None:
+                i = bisect_right(self._lo, b0) - 1
+                if i < 0 or b0 >= self._hi[i]:
+                    return
+            self._preserve(b0, b0 + 1)
+            return
+        cur = done[b0:b1 + 1]
+        if cur.count(0) == 0:
+            return
+        need = np.frombuffer(cur, np.uint8) == 0
+        if mask is not None:
+            blocks = np.arange(b0, b1 + 1)
+            need &= np.frombuffer(mask, np.uint8)[blocks // self._per_granule] != 0
+            if self._lo is not None and self._hi is not None and len(self._lo):
+                lo = np.frombuffer(self._lo, np.int64)
+                hi = np.frombuffer(self._hi, np.int64)
+                k = np.searchsorted(lo, blocks, "right") - 1
+                need &= (k >= 0) & (blocks < hi[np.clip(k, 0, None)])
+            elif self._lo is not None:
+                need[:] = False
+        idx = np.flatnonzero(need)
+        if idx.size == 0:
+            return
+        brk = np.flatnonzero(np.diff(idx) != 1)
+        firsts = np.concatenate([idx[:1], idx[brk + 1]]) + b0
+        lasts = np.concatenate([idx[brk], idx[-1:]]) + b0
+        for a, b in zip(firsts.tolist(), lasts.tolist(), strict=True):
+            self._preserve(a, b + 1)
+
+    def _preserve(self, a: int, b: int) -> None:
+        """Preserve blocks ``[a, b)``. Order matters (readers check the bitmap AFTER reading
+        the disk): the old data is in the fleece before the bytes are set, and the bytes are
+        set before the caller changes the disk."""
+        lo, hi = a * self.block, min(b * self.block, self.size)
+        old = os.pread(self.disk_fd, hi - lo, lo)
+        if not _all_zero(old):
+            pwrite_all(self.fleece_fd, old, lo)  # all-zero blocks stay holes in the fleece
+        self.done[a:b] = b"\x01" * (b - a)
+        self.copied += b - a
+        self._dirty = True
 
     def flush(self) -> None:
         if self._dirty:
             os.fsync(self.fleece_fd)
+            self.done.flush()  # msync: the bitmap's pages
             os.fsync(self.bitmap_fd)
             self._dirty = False
 
@@ -120,8 +179,14 @@ class _Cbw:
             return
         if sync:
             self.flush()
-        os.close(self.fleece_fd)
-        os.close(self.bitmap_fd)
+        self.done.close()
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        for fd in (self.fleece_fd, self.bitmap_fd):
+            if fd >= 0:
+                with suppress(OSError):
+                    os.close(fd)
         self.fleece_fd = self.bitmap_fd = -1
 
 
@@ -276,16 +341,18 @@ class FileVm:
         assert self.epoch is not None
         cid = record["cycle_id"]
         for disk in self.disks.values():
+            ext = ExtentList.empty()
             if record["cbw_all"]:
                 mask = None
             else:
-                ext = ExtentList.empty()
                 for name in record["logs"].get(disk.disk_id, []):
                     c = load_log(self.paths.epoch_dir(self.epoch) / name, boot_id=self.boot_id)
                     ext = ext.union(c.extents)
                 mask = granule_mask(ext, disk.size)
+            block = int(record.get("cbw_block", GRANULE))
             disk.cbw = _Cbw(disk.fd, disk.size, self.paths.fleece(self.epoch, cid, disk.disk_id),
-                            self.paths.cbw_bitmap(self.epoch, cid, disk.disk_id), mask)
+                            self.paths.cbw_bitmap(self.epoch, cid, disk.disk_id), mask, block,
+                            ext if mask is not None and block < GRANULE else None)
 
     # -- I/O ----------------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -316,26 +383,47 @@ class FileVm:
         Waits while the VM is frozen (``Busy`` after ``frozen_timeout``). ``tag`` is remembered
         as ``last_tag`` and stored in the next sealed cycle (the workload passes its sequence).
         """
-        disk = self._disk(disk_id)
-        n = len(data)
-        if offset < 0 or n == 0 or offset + n > disk.size:
-            raise InvalidInput(f"write [{offset}, {offset + n}) outside disk {disk_id} "
-                               f"of {disk.size} bytes")
+        self.write_many([(disk_id, offset, data)], tag=tag, frozen_timeout=frozen_timeout)
+
+    def write_many(self, writes: Sequence[tuple[str, int, bytes | bytearray | memoryview]], *,
+                   tag: int | None = None, frozen_timeout: float | None = None) -> None:
+        """Several writes as one batch (a guest's queue of requests): every log record of the
+        batch first (one ``os.write`` per disk), then, in order, each write's copy-before-write
+        and its data. One instant for the seal: a batch is never split across two logs.
+        ``tag`` (the batch's last sequence number) and ``frozen_timeout`` as in :meth:`write`.
+        """
+        by_disk: dict[str, tuple[list[int], list[int]]] = {}
+        for disk_id, offset, data in writes:
+            disk = self._disk(disk_id)
+            n = len(data)
+            if offset < 0 or n == 0 or offset + n > disk.size:
+                raise InvalidInput(f"write [{offset}, {offset + n}) outside disk {disk_id} "
+                                   f"of {disk.size} bytes")
+            offs, lens = by_disk.setdefault(disk_id, ([], []))
+            offs.append(offset)
+            lens.append(n)
+        if not by_disk:
+            return
         self._acquire_unfrozen(frozen_timeout)
         try:
             self._check_open()
-            if disk.log is not None:
-                disk.log.append(offset, n)
-                disk.note_write(offset, n)
-            try:
-                if disk.cbw is not None:
-                    disk.cbw.before_write(offset, n)
-                if disk.cow is not None:
-                    disk.cow.write(offset, data)
-                else:
-                    pwrite_all(disk.fd, data, offset)
-            except OSError as e:
-                raise classify_os_error(e, f"write to disk {disk_id}") from e
+            for disk_id, (offs, lens) in by_disk.items():
+                disk = self.disks[disk_id]
+                if disk.log is not None:
+                    disk.log.append_many(offs, lens)
+                    for offset, n in zip(offs, lens, strict=True):
+                        disk.note_write(offset, n)
+            for disk_id, offset, data in writes:
+                disk = self.disks[disk_id]
+                try:
+                    if disk.cbw is not None:
+                        disk.cbw.before_write(offset, len(data))
+                    if disk.cow is not None:
+                        disk.cow.write(offset, data)
+                    else:
+                        pwrite_all(disk.fd, data, offset)
+                except OSError as e:
+                    raise classify_os_error(e, f"write to disk {disk_id}") from e
             if tag is not None:
                 self.last_tag = tag
         finally:
@@ -520,6 +608,7 @@ class FileVm:
                    for d in self.disks.values()}
             trusted = True
             masks: dict[str, bytearray | None] = {}
+            exact: dict[str, ExtentList] = {}
             logs: dict[str, list[str]] = {}
             for disk in self.disks.values():
                 assert disk.log is not None
@@ -543,6 +632,11 @@ class FileVm:
                 names.append(sealed.name)
                 logs[disk.disk_id] = names
                 masks[disk.disk_id] = mask
+                if not full and trusted:  # the blocks the view will be read over, exactly
+                    ext = load_log(sealed, boot_id=self.boot_id).extents
+                    for old in carried.get(disk.disk_id, []):
+                        ext = ext.union(load_log(old, boot_id=self.boot_id).extents)
+                    exact[disk.disk_id] = ext
             for disk in self.disks.values():  # 3. promote the next logs
                 log_ = nxt[disk.disk_id]
                 os.replace(log_.path, p.active_log(epoch, disk.disk_id))
@@ -555,12 +649,13 @@ class FileVm:
                 "sealed_at": sealed_at, "consistency": consistency.value, "notes": notes,
                 "logs": logs, "disk_sizes": {d.disk_id: d.size for d in self.disks.values()},
                 "full": full, "trusted": trusted, "cbw_all": full or not trusted,
-                "last_tag": self.last_tag, "boot_id": self.boot_id,
+                "last_tag": self.last_tag, "boot_id": self.boot_id, "cbw_block": CBW_BLOCK,
             }
             for disk in self.disks.values():  # 4. the frozen view starts now (before any write)
                 disk.cbw = _Cbw(disk.fd, disk.size, p.fleece(epoch, cid, disk.disk_id),
                                 p.cbw_bitmap(epoch, cid, disk.disk_id),
-                                None if full or not trusted else masks[disk.disk_id])
+                                None if full or not trusted else masks[disk.disk_id], CBW_BLOCK,
+                                exact.get(disk.disk_id))
             if on_sealed is not None:
                 err = on_sealed()
                 if err:

@@ -32,6 +32,7 @@ _STAMP = struct.Struct("<8sQQQ")
 _TRAILER = struct.Struct("<Q")
 _U64 = 0xFFFF_FFFF_FFFF_FFFF
 _TICK = 0.005  # rate-limiter granularity (seconds)
+_BATCH_BYTES = 4 << 20  # at most this much per batch of writes
 
 
 @dataclass(frozen=True)
@@ -112,10 +113,12 @@ def parse_stamp(block: bytes | memoryview) -> tuple[int, int] | None:
 
 
 class BlockWriter(Protocol):
-    """What the workload writes through: a VM's block layer, which tracks every write
-    (``tag`` is the write's sequence number, remembered as the VM's last tag)."""
+    """What the workload writes through: a VM's block layer, which tracks every write. The
+    workload submits a batch at a time, like a guest's request queue (``tag`` is the batch's
+    last sequence number, remembered as the VM's last tag)."""
 
-    def write(self, disk_id: str, offset: int, data: bytes, *, tag: int | None = None) -> None:
+    def write_many(self, writes: Sequence[tuple[str, int, bytes]], *,
+                   tag: int | None = None) -> None:
         ...
 
 
@@ -166,7 +169,7 @@ class Workload:
 
     def _run(self) -> None:
         spec = self.spec
-        batch = 64
+        batch = max(1, min(64, _BATCH_BYTES // spec.io_size))
         t0 = time.monotonic()
         done = 0
         try:
@@ -186,15 +189,17 @@ class Workload:
                     n = max(1, min(batch * 4, int(due // spec.io_size)))
                 else:
                     n = batch
+                if self._stop.is_set():
+                    return
                 seqs = np.arange(self.next_seq, self.next_seq + n, dtype=np.uint64)
                 didx, offs = plan_writes(spec, self._disk_ids, self._size, seqs)
-                for seq, di, off in zip(seqs.tolist(), didx.tolist(), offs.tolist(), strict=True):
-                    if self._stop.is_set():
-                        return
-                    self.vm.write(self._disk_ids[di], off, self._payload(seq, off), tag=seq)
-                    self.next_seq = seq + 1
-                    done += spec.io_size
-                    self.bytes_written += spec.io_size
+                writes = [(self._disk_ids[di], off, self._payload(seq, off))
+                          for seq, di, off in zip(seqs.tolist(), didx.tolist(), offs.tolist(),
+                                                  strict=True)]
+                self.vm.write_many(writes, tag=self.next_seq + n - 1)
+                self.next_seq += n
+                done += n * spec.io_size
+                self.bytes_written += n * spec.io_size
         except DrsiteError as e:  # the VM was closed under us, or a disk error: stop writing
             self.error = str(e)
 

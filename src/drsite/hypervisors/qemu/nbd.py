@@ -24,7 +24,7 @@ import io
 import socket
 import struct
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import cast
@@ -347,11 +347,20 @@ class NbdClient:
     def _pipelined(self, cmd: int, offset: int, mv: memoryview, inflight: int) -> None:
         """READ into / WRITE from ``mv`` at ``offset`` in pieces of the request size, with up to
         ``inflight`` requests outstanding; returns when every piece is acknowledged."""
+        self._pipeline(cmd, [(offset, mv)], inflight)
+
+    def _pipeline(self, cmd: int, ranges: Iterable[tuple[int, memoryview]],
+                  inflight: int) -> None:
+        """READ into / WRITE from each ``(offset, buffer)`` in pieces of the request size, with
+        up to ``inflight`` requests outstanding across all of them; returns when every piece
+        is acknowledged."""
         step = self._request_size(None)
         window: deque[_Request] = deque()
-        pos = 0
-        while pos < len(mv) or window:
-            while pos < len(mv) and len(window) < inflight:
+        for offset, mv in ranges:
+            pos = 0
+            while pos < len(mv):
+                if len(window) >= inflight:
+                    self._finish(window.popleft())
                 n = min(step, len(mv) - pos)
                 piece = mv[pos:pos + n]
                 if cmd == CMD_READ:
@@ -359,7 +368,36 @@ class NbdClient:
                 else:
                     window.append(self._submit(cmd, offset + pos, n, payload=piece))
                 pos += n
+        while window:
             self._finish(window.popleft())
+
+    def read_many(self, offsets: Sequence[int], lengths: Sequence[int], buf: memoryview, *,
+                  inflight: int = 16) -> None:
+        """Read the extents ``(offsets[i], lengths[i])`` into ``buf`` (their bytes concatenated,
+        in order), pipelined: scattered small extents cost a request each, not a round trip."""
+        mv = buf.cast("B") if buf.format != "B" else buf
+        if sum(lengths) != len(mv):
+            raise InvalidInput(f"{self._what}: the extents do not fill the buffer")
+        ranges = []
+        pos = 0
+        for off, n in zip(offsets, lengths, strict=True):
+            self._check_range(off, n)
+            ranges.append((off, mv[pos:pos + n]))
+            pos += n
+        self._pipeline(CMD_READ, ranges, max(1, inflight))
+
+    def write_many(self, writes: Iterable[tuple[int, bytes | bytearray | memoryview]], *,
+                   inflight: int = 16) -> None:
+        """Write each ``(offset, data)``, pipelined; returns when the server has acknowledged
+        every piece (a guest's queue of requests)."""
+        if self.info.read_only:
+            raise InvalidInput(f"{self._what}: the export is read-only")
+        ranges = []
+        for off, data in writes:
+            mv = memoryview(data).cast("B")
+            self._check_range(off, len(mv))
+            ranges.append((off, mv))
+        self._pipeline(CMD_WRITE, ranges, max(1, inflight))
 
     def flush(self) -> None:
         """``NBD_CMD_FLUSH`` if the server supports it (else a no-op)."""

@@ -1,6 +1,6 @@
 """:class:`~drsite.hypervisors.contract.DiskReader` over an NBD export of a QEMU runner.
 
-The engine reads with several threads at once (``read_ahead``), and an :class:`NbdClient` is
+The engine reads with several threads at once (``read_batches``), and an :class:`NbdClient` is
 one connection for one thread: the reader keeps a small pool of connections, each used by one
 thread at a time, opened on demand and all closed by :meth:`NbdDiskReader.close`.
 
@@ -13,6 +13,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from typing import TypeVar
+
+import numpy as np
+import numpy.typing as npt
 
 from drsite.core.errors import InvalidInput
 from drsite.core.extents import ExtentList
@@ -85,6 +88,16 @@ class NbdDiskReader:
             raise InvalidInput(f"read [{offset}, {offset + len(buf)}) passes the end of the "
                                f"disk ({self._size} bytes)")
         self._on_connection(lambda c: c.readinto(offset, buf))
+
+    def readv(self, offsets: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64],
+              buf: memoryview) -> None:
+        """Read many extents into ``buf`` (concatenated, in order), pipelined on one pooled
+        connection (:class:`~drsite.hypervisors.contract.VectorDiskReader`)."""
+        offs, lens = offsets.tolist(), lengths.tolist()
+        if offs and (min(offs) < 0 or max(o + n for o, n in zip(offs, lens, strict=True))
+                     > self._size):
+            raise InvalidInput(f"a read passes the end of the disk ({self._size} bytes)")
+        self._on_connection(lambda c: c.read_many(offs, lens, buf))
 
     def read_extents(self, extents: ExtentList, *, inflight: int = 16,
                      request_size: int | None = None) -> list[tuple[int, memoryview]]:

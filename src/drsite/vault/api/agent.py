@@ -30,9 +30,6 @@ from drsite.vault.trust import StoreAudit, alert_not_authentic
 router = APIRouter(prefix="/agent")
 
 MAX_CSR = 16 * 1024
-# a waiting long poll looks at the commands table this often (commands written by another
-# process on the same database); commands written by this process wake it at once
-PUSH_POLL_S = 1.0
 
 
 def _registered_host(s: Session, key: RegistrationKey, site: Site, host_name: str,
@@ -122,7 +119,8 @@ def heartbeat(body: HeartbeatIn, vault: VaultDep, cert: PeerCert, request: Reque
                                 removed_points=i.removed_points) for i in body.items],
                 audit=[StoreAudit(op=a.op, key=a.key, item_id=a.item_id, caller=a.caller,
                                   outcome=a.outcome, at=a.at) for a in body.audit],
-                store_acl_digest=body.store_acl_digest, held=body.held)
+                store_acl_digest=body.store_acl_digest, held=body.held,
+                recovery_book_digest=body.recovery_book_digest, breakglass=body.breakglass)
     ident = verify_agent_cert(vault.ca, cert)  # before the transaction (cached)
     set_actor(request, "host", ident.common_name)
     with vault.db.tx() as s:
@@ -147,22 +145,26 @@ def _take_pending(vault: Vault, ident: CertIdentity) -> tuple[str, list[dict[str
 async def wait_commands(body: CommandWaitIn, vault: VaultDep, cert: PeerCert) -> dict[str, Any]:
     """The command channel (``docs/control-plane.md``): answers at once with the host's pending
     commands, or holds the request until one is committed (woken in-process, or found by a
-    look at the table every ``PUSH_POLL_S`` — commands written by another vault process),
+    look at the table every ``vault.push_poll_s`` — commands written by another vault process
+    also wake it by notification on PostgreSQL, ``vault/notify.py``),
     at most ``timeout_s``; then ``{"commands": []}``. It waits for the database only, never
     for an agent."""
     ident = await anyio.to_thread.run_sync(verify_agent_cert, vault.ca, cert)
     deadline = time.monotonic() + body.timeout_s
-    host_id, cmds = await anyio.to_thread.run_sync(_take_pending, vault, ident)
-    if cmds or body.timeout_s <= 0:
-        return {"commands": cmds}
+    # registered before the first look (the certificate names the host id): a command
+    # committed between that look and the wait still wakes it
+    host_id = ident.common_name
     ev = vault.waiters.register(host_id)
     try:
+        _, cmds = await anyio.to_thread.run_sync(_take_pending, vault, ident)
+        if cmds or body.timeout_s <= 0:
+            return {"commands": cmds}
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 return {"commands": []}
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ev.wait(), timeout=min(left, PUSH_POLL_S))
+                await asyncio.wait_for(ev.wait(), timeout=min(left, vault.push_poll_s))
             ev.clear()
             _, cmds = await anyio.to_thread.run_sync(_take_pending, vault, ident)
             if cmds:

@@ -34,6 +34,7 @@ from starlette.concurrency import run_in_threadpool
 
 from drsite.core.errors import InvalidInput
 from drsite.vault.api.deps import STATE_ACTOR, STATE_DETAIL, Admin, VaultDep, ensure_role
+from drsite.vault.api.paging import DEFAULT_LIMIT, Key, page
 from drsite.vault.audit import AuditEntry, audit_view, record_audit
 from drsite.vault.auth import Role
 from drsite.vault.db.models import Audit
@@ -181,22 +182,31 @@ def _write(vault: Any, entry: AuditEntry) -> None:
         log.exception("could not record an audit row for %s", entry.action)
 
 
-@router.get("/audit", summary="The audit trail, newest first (admin; paginated with before=ID)")
-def list_audit(vault: VaultDep, p: Admin, limit: int = 100, since: float | None = None,
-               actor: str | None = None, before: int | None = None) -> dict[str, Any]:
+AUDIT_ORDER = (Key(Audit.id, descending=True),)
+
+
+@router.get("/audit", summary="The audit trail, newest first, a page at a time (admin; filters: "
+                              "since, actor, outcome)")
+def list_audit(vault: VaultDep, p: Admin, limit: int = DEFAULT_LIMIT, since: float | None = None,
+               actor: str | None = None, outcome: str | None = None, before: int | None = None,
+               cursor: str | None = None) -> dict[str, Any]:
+    """Like every list: ``{"entries", "total", "limit", "next_cursor"}``; also ``before=ID``
+    (entries older than that id) and ``next_before``, the same cursor as an id."""
     ensure_role(p, Role.ADMIN)
-    if not 1 <= limit <= 1000:
-        raise InvalidInput("limit must be between 1 and 1000")
-    q = select(Audit).order_by(Audit.id.desc()).limit(limit)
+    q = select(Audit)
     if since is not None:
         q = q.where(Audit.at >= since)
     if actor:
         if len(actor) > 128:
             raise InvalidInput("actor must be at most 128 characters")
         q = q.where(Audit.actor == actor)
+    if outcome is not None:
+        if outcome not in ("ok", "refused", "failed"):
+            raise InvalidInput(f"unknown outcome {outcome!r}", hint="Use ok, refused or failed.")
+        q = q.where(Audit.outcome == outcome)
     if before is not None:
         q = q.where(Audit.id < before)
     with vault.db.read() as s:
-        entries = [audit_view(a) for a in s.scalars(q)]
-    return {"entries": entries,
-            "next_before": entries[-1]["id"] if len(entries) == limit else None}
+        out = page(s, q, AUDIT_ORDER, limit=limit, cursor=cursor, view=audit_view)
+    out["next_before"] = out["entries"][-1]["id"] if out["next_cursor"] else None
+    return out

@@ -19,7 +19,9 @@ from drsite.vault.auth import Role, authenticate_token, token_needs_touch, touch
 from drsite.vault.context import Vault
 
 
-def get_vault(request: Request) -> Vault:
+async def get_vault(request: Request) -> Vault:
+    # async: FastAPI runs a sync dependency in the thread pool (a thread hop per request for
+    # an attribute read); the same for peer_cert below
     vault: Vault = request.app.state.vault
     return vault
 
@@ -79,9 +81,12 @@ def require(role: Role) -> Callable[[Request, Vault], Principal]:
             principal = Principal(tok.name, Role(tok.role))
             set_actor(request, "token", principal.name)
             tok_id, stale = tok.id, token_needs_touch(tok, now)
-        if stale:
-            with vault.db.tx() as s:
-                touch_token(s, tok_id, now)
+        if stale:  # off the request path: a GET never waits for the write lock
+            def touch() -> None:
+                with vault.db.tx() as s:
+                    touch_token(s, tok_id, now)
+
+            vault.later(touch)
         ensure_role(principal, role)
         return principal
 
@@ -93,7 +98,7 @@ Operator = Annotated[Principal, Depends(require(Role.OPERATOR))]
 Admin = Annotated[Principal, Depends(require(Role.ADMIN))]
 
 
-def peer_cert(request: Request) -> bytes | None:
+async def peer_cert(request: Request) -> bytes | None:
     """DER of the verified client certificate of this connection, or None."""
     return tlsutil.peer_certificate(request)
 

@@ -1,7 +1,9 @@
-"""Operator routes for jobs, alerts, events and the health summary."""
+"""Operator routes for jobs, alerts, events, the health summary and the controller."""
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Any
 
 from fastapi import APIRouter
@@ -11,26 +13,35 @@ from drsite.core.errors import InvalidInput, NotFound
 from drsite.core.states import ACTIVE_JOB_STATES, JOB_FILTER_ACTIVE, LIVE_ITEM_STATUSES, JobState
 from drsite.replication.report import Health
 from drsite.vault.api.deps import Operator, Reader, VaultDep, name
+from drsite.vault.api.paging import DEFAULT_LIMIT, Key, page
 from drsite.vault.api.views import alert_view, event_view, job_view
 from drsite.vault.db.models import Alert, Event, Host, Item, Job
-from drsite.vault.health import agent_up, item_health
+from drsite.vault.health import agent_up
 from drsite.vault.jobs.create import request_cancel
 from drsite.vault.jobs.registry import HANDLERS
-from drsite.vault.scheduler import item_policy, preload_policies
 
 router = APIRouter()
 
 
-def _limit(limit: int) -> int:
-    if not 1 <= limit <= 1000:
-        raise InvalidInput("limit must be between 1 and 1000")
-    return limit
+JOB_ORDER = (Key(Job.created_at, descending=True), Key(Job.id, descending=True))
+ALERT_ORDER = (Key(Alert.raised_at, descending=True), Key(Alert.id, descending=True))
+EVENT_ORDER = (Key(Event.at, descending=True), Key(Event.id, descending=True))
 
 
-@router.get("/jobs", summary="List jobs, newest first")
+def _text(kind: str, value: str, limit: int = 128) -> str:
+    if len(value) > limit or any(ord(c) < 32 for c in value):
+        raise InvalidInput(f"{kind} must be at most {limit} characters, no control characters")
+    return value
+
+
+@router.get("/jobs", summary="List jobs, newest first, a page at a time (filters: state, kind, "
+                             "item, since)")
 def list_jobs(vault: VaultDep, _p: Reader, state: str | None = None, kind: str | None = None,
-              limit: int = 100) -> list[dict[str, Any]]:
-    q = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(_limit(limit))
+              item: str | None = None, since: float | None = None, limit: int = DEFAULT_LIMIT,
+              cursor: str | None = None) -> dict[str, Any]:
+    """``state``: a job state or ``active``; ``item``: an item id; ``since``: created at or
+    after (epoch seconds)."""
+    q = select(Job)
     if state is not None:
         if state not in (*JobState, JOB_FILTER_ACTIVE):
             raise InvalidInput(f"unknown job state {state!r}",
@@ -41,8 +52,12 @@ def list_jobs(vault: VaultDep, _p: Reader, state: str | None = None, kind: str |
         if kind not in HANDLERS:
             raise InvalidInput(f"unknown job kind {kind!r}", hint=f"Use one of {', '.join(HANDLERS)}.")
         q = q.where(Job.kind == kind)
+    if item is not None:
+        q = q.where(Job.item_id == name("item id", item))
+    if since is not None:
+        q = q.where(Job.created_at >= since)
     with vault.db.read() as s:
-        return [job_view(s, j) for j in s.scalars(q)]
+        return page(s, q, JOB_ORDER, limit=limit, cursor=cursor, view=lambda j: job_view(s, j))
 
 
 def _job(s: Any, job_id: str) -> Job:
@@ -68,18 +83,29 @@ def cancel_job(job_id: str, vault: VaultDep, _p: Operator) -> dict[str, Any]:
         return job_view(s, job)
 
 
-@router.get("/alerts", summary="List alerts (state=active|cleared, newest first)")
-def list_alerts(vault: VaultDep, _p: Reader, state: str | None = None,
-                limit: int = 200) -> list[dict[str, Any]]:
-    q = select(Alert).order_by(Alert.raised_at.desc(), Alert.id.desc()).limit(_limit(limit))
+@router.get("/alerts", summary="List alerts, newest first, a page at a time (filters: state, "
+                               "kind, severity, since)")
+def list_alerts(vault: VaultDep, _p: Reader, state: str | None = None, kind: str | None = None,
+                severity: str | None = None, since: float | None = None,
+                limit: int = DEFAULT_LIMIT, cursor: str | None = None) -> dict[str, Any]:
+    """``state``: active or cleared; ``since``: raised at or after (epoch seconds)."""
+    q = select(Alert)
     if state == "active":
         q = q.where(Alert.cleared_at.is_(None))
     elif state == "cleared":
         q = q.where(Alert.cleared_at.is_not(None))
     elif state is not None:
         raise InvalidInput(f"unknown alert state {state!r}", hint="Use active or cleared.")
+    if kind is not None:
+        q = q.where(Alert.kind == _text("kind", kind, 32))
+    if severity is not None:
+        if severity not in ("warning", "critical"):
+            raise InvalidInput(f"unknown severity {severity!r}", hint="Use warning or critical.")
+        q = q.where(Alert.severity == severity)
+    if since is not None:
+        q = q.where(Alert.raised_at >= since)
     with vault.db.read() as s:
-        return [alert_view(a) for a in s.scalars(q)]
+        return page(s, q, ALERT_ORDER, limit=limit, cursor=cursor, view=alert_view)
 
 
 @router.post("/alerts/{alert_id}/ack", summary="Acknowledge an alert")
@@ -95,36 +121,58 @@ def ack_alert(alert_id: str, vault: VaultDep, _p: Operator) -> dict[str, Any]:
         return alert_view(a)
 
 
-@router.get("/events", summary="The event trail, newest first (kind and subject: exact matches)")
-def list_events(vault: VaultDep, _p: Reader, limit: int = 200, kind: str | None = None,
-                subject: str | None = None) -> list[dict[str, Any]]:
-    q = select(Event).order_by(Event.at.desc(), Event.id.desc()).limit(_limit(limit))
+@router.get("/events", summary="The event trail, newest first, a page at a time (filters: "
+                               "kind, subject, since)")
+def list_events(vault: VaultDep, _p: Reader, kind: str | None = None, subject: str | None = None,
+                since: float | None = None, limit: int = DEFAULT_LIMIT,
+                cursor: str | None = None) -> dict[str, Any]:
+    q = select(Event)
     if kind is not None:
         q = q.where(Event.kind == name("event kind", kind))
     if subject is not None:
-        q = q.where(Event.subject == subject[:128])
+        q = q.where(Event.subject == _text("subject", subject))
+    if since is not None:
+        q = q.where(Event.at >= since)
     with vault.db.read() as s:
-        return [event_view(e) for e in s.scalars(q)]
+        return page(s, q, EVENT_ORDER, limit=limit, cursor=cursor, view=event_view)
 
 
 @router.get("/health", summary="Counts by health, worst RPOs, agents up/down")
 def health(vault: VaultDep, _p: Reader) -> dict[str, Any]:
+    """Counts of the health the vault last evaluated (every ``health_interval``) by SQL, the
+    ten oldest newest-points, agents, open alerts and active jobs: a handful of queries,
+    whatever the number of items."""
     now = vault.settings.clock.now()
+    live = Item.status.in_(LIVE_ITEM_STATUSES)
     with vault.db.read() as s:
-        hosts = {h.id: h for h in s.scalars(select(Host).where(Host.revoked_at.is_(None)))}
-        _keep = preload_policies(s)  # keeps them in the identity map
+        hosts = list(s.scalars(select(Host).where(Host.revoked_at.is_(None))))
         counts = {h.value: 0 for h in Health}
-        rpos: list[dict[str, Any]] = []
-        for item in s.scalars(select(Item).where(Item.status.in_(LIVE_ITEM_STATUSES))):
-            up_ = agent_up(hosts.get(item.host_id), now, vault.settings)
-            ih = item_health(item, item_policy(s, item), up_, now)
-            counts[ih.health.value] += 1
-            if ih.rpo_s is not None:
-                rpos.append({"item_id": item.id, "vm_name": item.vm_name, "rpo_s": ih.rpo_s,
-                             "health": ih.health.value})
-        up = sum(1 for h in hosts.values() if agent_up(h, now, vault.settings))
+        for value, n in s.execute(select(Item.health, func.count()).where(live)
+                                  .group_by(Item.health)):
+            if value in counts:
+                counts[value] = int(n)
+        worst = s.execute(select(Item.id, Item.vm_name, Item.last_point_time, Item.health)
+                          .where(live, Item.last_point_time.is_not(None))
+                          .order_by(Item.last_point_time, Item.id).limit(10)).all()
+        up = sum(1 for h in hosts if agent_up(h, now, vault.settings))
         n_alerts = s.scalar(select(func.count()).select_from(Alert).where(Alert.cleared_at.is_(None)))
         n_jobs = s.scalar(select(func.count()).select_from(Job).where(Job.state.in_(ACTIVE_JOB_STATES)))
-        return {"items": counts, "worst_rpo": sorted(rpos, key=lambda r: -r["rpo_s"])[:10],
+        return {"items": counts,
+                "worst_rpo": [{"item_id": i, "vm_name": n, "rpo_s": max(0.0, now - (t or 0.0)),
+                               "health": hl}
+                              for i, n, t, hl in worst],
                 "agents": {"up": up, "down": len(hosts) - up}, "alerts_active": int(n_alerts or 0),
                 "jobs_active": int(n_jobs or 0)}
+
+
+@router.get("/controller", summary="Which vault process is the controller (lease, epoch)")
+def controller(vault: VaultDep, _p: Reader) -> dict[str, Any]:
+    """The controller lease as the database holds it, and the process that answered (several
+    API processes may serve one vault: ``this_process.controller`` tells whether it is the
+    one running the background work)."""
+    lease = vault.lease.view()
+    return {"lease": lease.to_dict(),
+            "this_process": {"host": socket.gethostname(), "pid": os.getpid(),
+                             "controller": vault.lease.held
+                             and lease.holder == vault.lease.ident.holder,
+                             "epoch": vault.lease.epoch}}

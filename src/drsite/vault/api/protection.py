@@ -5,14 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Response, status
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
 from drsite.core.errors import Conflict, InvalidInput, NotFound
 from drsite.core.states import FAILOVER_ITEM_STATUSES, LIVE_ITEM_STATUSES, ItemProtection
+from drsite.replication.report import Health, ItemState
 from drsite.vault import commands
 from drsite.vault.api.deps import Operator, Reader, VaultDep, name
 from drsite.vault.api.inventory import get_site
+from drsite.vault.api.paging import DEFAULT_LIMIT, Key, page
 from drsite.vault.api.schemas import GroupIn, GroupUpdate, ItemIn, MatchIn, PolicyIn, VerifyIn
 from drsite.vault.api.views import group_view, item_view, policy_view, site_names
 from drsite.vault.audit import record_event
@@ -28,6 +30,7 @@ from drsite.vault.jobs.kinds import VERIFY
 from drsite.vault.policies import PolicyValues, agent_settings, apply_values
 from drsite.vault.recovery_plans import validate_drill
 from drsite.vault.scheduler import preload_policies
+from drsite.vault.scrub import Damage, damage_of
 from drsite.vault.stores import check_encryption, get_store
 
 router = APIRouter()
@@ -261,20 +264,75 @@ def delete_group(group: str, vault: VaultDep, _p: Operator) -> Response:
 def get_item(s: Session, item_id: str) -> Item:
     item = s.get(Item, name("item id", item_id))
     if item is None:
-        raise NotFound(f"no item {item_id!r}", hint="List items with 'drsite items list --all'.")
+        raise NotFound(f"no item {item_id!r}",
+                       hint="List items with 'drsite items list --include-removed'.")
     return item
 
 
-@router.get("/items", summary="List protected items (removed ones with ?all=true)")
-def list_items(vault: VaultDep, _p: Reader, all: bool = False) -> list[dict[str, Any]]:
+ITEM_ORDER = (Key(Item.vm_name), Key(Item.id))
+
+
+def _choice(kind: str, value: str, allowed: list[str]) -> str:
+    if value not in allowed:
+        raise InvalidInput(f"unknown {kind} {value!r}", hint=f"Use one of {', '.join(allowed)}.")
+    return value
+
+
+def item_filters(s: Session, *, all: bool = False, protection: str | None = None,
+                 state: str | None = None, health: str | None = None, host: str | None = None,
+                 site: str | None = None, target_site: str | None = None,
+                 group: str | None = None, q: str | None = None) -> list[ColumnElement[bool]]:
+    """The WHERE clauses of ``GET /items``'s filters (each checked: 400 on a bad value)."""
+    out: list[ColumnElement[bool]] = []
+    if protection is not None:
+        out.append(Item.status == ItemProtection(
+            _choice("protection", protection, [p.value for p in ItemProtection])))
+    elif not all:
+        out.append(Item.status.in_(LIVE_ITEM_STATUSES | FAILOVER_ITEM_STATUSES))
+    if state is not None:
+        # the vault sets the stored state to critical with critical_error, and a report does
+        # not overwrite it while critical_error stands: the column is the effective state
+        out.append(Item.state == _choice("state", state, [x.value for x in ItemState]))
+    if health is not None:
+        out.append(Item.health == _choice("health", health, [h.value for h in Health]))
+    if host is not None:
+        host_name = name("host", host)
+        out.append(Item.host_id.in_(select(Host.id).where((Host.name == host_name)
+                                                          | (Host.id == host_name))))
+    if site is not None:
+        out.append(Item.host_id.in_(select(Host.id).where(Host.site_id == get_site(s, site).id)))
+    if target_site is not None:
+        out.append(Item.target_site_id == get_site(s, target_site).id)
+    if group is not None:
+        out.append(Item.group_id.in_(select(Group.id).where(Group.name == name("group", group))))
+    if q:
+        if len(q) > 64:
+            raise InvalidInput("q must be at most 64 characters")
+        pattern = q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        out.append(Item.vm_name.ilike(f"%{pattern}%", escape="\\"))
+    return out
+
+
+@router.get("/items", summary="List protected items, a page at a time (filters: protection, "
+                              "state, health, host, site, target_site, group, q)")
+def list_items(vault: VaultDep, _p: Reader, all: bool = False, protection: str | None = None,
+               state: str | None = None, health: str | None = None, host: str | None = None,
+               site: str | None = None, target_site: str | None = None,
+               group: str | None = None, q: str | None = None, limit: int = DEFAULT_LIMIT,
+               cursor: str | None = None) -> dict[str, Any]:
+    """Items by VM name (then id): removed and failed ones only with ``all=true`` or
+    ``protection=…``; ``health`` is the health the vault last evaluated (every
+    ``health_interval``); ``q`` a part of the VM name (any case)."""
     now = vault.settings.clock.now()
     with vault.db.read() as s:
-        q = select(Item).order_by(Item.vm_name, Item.id)
-        if not all:
-            q = q.where(Item.status.in_(LIVE_ITEM_STATUSES | FAILOVER_ITEM_STATUSES))
+        where = item_filters(s, all=all, protection=protection, state=state, health=health,
+                             host=host, site=site, target_site=target_site, group=group, q=q)
         sites = site_names(s)
         _keep = preload_policies(s)  # keeps them in the identity map
-        return [item_view(s, i, now, vault.settings, sites) for i in s.scalars(q)]
+        damages: dict[str, Damage] = {}
+        return page(s, select(Item).where(*where), ITEM_ORDER, limit=limit, cursor=cursor,
+                    prepare=lambda rows: damages.update(damage_of(s, [i.id for i in rows])),
+                    view=lambda i: item_view(s, i, now, vault.settings, sites, damages))
 
 
 @router.get("/items/{item_id}", summary="Show a protected item and its report")
@@ -324,13 +382,25 @@ def resync(item_id: str, vault: VaultDep, _p: Operator) -> dict[str, Any]:
         return {"job_id": job.id}
 
 
-@router.get("/items/{item_id}/points", summary="Recovery-point catalogue of an item (oldest first)")
-def points(item_id: str, vault: VaultDep, _p: Reader) -> list[dict[str, Any]]:
+POINT_ORDER = (Key(Point.seq), Key(Point.id))
+
+
+@router.get("/items/{item_id}/points",
+            summary="Recovery-point catalogue of an item, oldest first, a page at a time")
+def points(item_id: str, vault: VaultDep, _p: Reader, since: float | None = None,
+           consistency: str | None = None, limit: int = DEFAULT_LIMIT,
+           cursor: str | None = None) -> dict[str, Any]:
+    """``PointInfo`` dicts by seq; ``since``: created at or after (epoch seconds);
+    ``consistency``: crash or app."""
     with vault.db.read() as s:
         item = get_item(s, item_id)
-        return [{**dict(p.info), "damage": p.damage}
-                for p in s.scalars(select(Point).where(Point.item_id == item.id)
-                                   .order_by(Point.seq, Point.id))]
+        q = select(Point).where(Point.item_id == item.id)
+        if since is not None:
+            q = q.where(Point.created_at >= since)
+        if consistency is not None:
+            q = q.where(Point.consistency == _choice("consistency", consistency, ["crash", "app"]))
+        return page(s, q, POINT_ORDER, limit=limit, cursor=cursor,
+                    view=lambda p: {**dict(p.info), "damage": p.damage})
 
 
 @router.post("/items/{item_id}/verify", status_code=status.HTTP_202_ACCEPTED,

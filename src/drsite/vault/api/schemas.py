@@ -130,6 +130,9 @@ class HeartbeatIn(Lenient):
     # ids of the commands the agent holds (queued, running, result not yet confirmed); None
     # from agents that do not list them (then only the timeouts re-deliver)
     held: list[str] | None = Field(default=None, max_length=10_000)
+    # store-serving agents: the recovery book they hold; break-glass failovers not yet recorded
+    recovery_book_digest: str | None = Field(default=None, max_length=128)
+    breakglass: list[dict[str, Any]] = Field(default_factory=list, max_length=100)
 
 
 class CommandWaitIn(Lenient):

@@ -27,7 +27,7 @@ from drsite.vault.db.models import (
 from drsite.vault.health import agent_up, item_health
 from drsite.vault.membership import normalise_match
 from drsite.vault.scheduler import item_policy
-from drsite.vault.scrub import damage_of
+from drsite.vault.scrub import Damage, damage_of
 from drsite.vault.settings import VaultSettings
 
 
@@ -80,13 +80,21 @@ def group_view(s: Session, g: Group, sites: dict[int, str]) -> dict[str, Any]:
 
 
 def item_view(s: Session, item: Item, now: float, settings: VaultSettings,
-              sites: dict[int, str] | None = None) -> dict[str, Any]:
+              sites: dict[int, str] | None = None,
+              damages: dict[str, Damage] | None = None) -> dict[str, Any]:
+    """``damages``: the damage of a page of items, read once (:func:`damage_of`), else the
+    item's own is read."""
     sites = sites if sites is not None else site_names(s)
     host = s.get(Host, item.host_id)
     group = s.get(Group, item.group_id)
     policy = item_policy(s, item)
     live = item.status in LIVE_ITEM_STATUSES
-    damage = damage_of(s, [item.id]).get(item.id) if live else None
+    if not live:
+        damage = None
+    elif damages is not None:
+        damage = damages.get(item.id)
+    else:
+        damage = damage_of(s, [item.id]).get(item.id)
     ih = item_health(item, policy, agent_up(host, now, settings), now, damage) if live else None
     retry = item.retry or {}
     return {"id": item.id, "lineage_id": item.lineage_id or item.id, "vm_id": item.vm_id,

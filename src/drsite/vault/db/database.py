@@ -4,13 +4,20 @@ Responsible for: building the engine for a URL (SQLite in WAL mode with immediat
 transactions, so concurrent API threads and the background loop never dead-lock), running the
 Alembic migrations programmatically (``upgrade head``), and handing out transactions: ``tx()``
 for writes (``BEGIN IMMEDIATE`` on SQLite), ``read()`` for reads (deferred ``BEGIN``: WAL
-readers run beside the writer).
+readers run beside the writer). On SQLite the writers of one process also queue, first come
+first served, on a lock of their own before ``BEGIN IMMEDIATE`` (:class:`FairLock`): SQLite's
+busy handler polls with sleeps of up to 100 ms and favours no one, so under load a heartbeat
+waited seconds for a lock that was free most of the time. A guarded view (:meth:`guarded`)
+runs a check at the start of each of its write transactions (the controller's epoch fence).
 Not responsible for: what is written (callers).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import copy
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,8 +40,11 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path}"
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets WAL, a busy timeout and ``BEGIN IMMEDIATE``."""
+def make_engine(url: str, *, idle_in_tx_s: float | None = None) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, a busy timeout and ``BEGIN IMMEDIATE``.
+    PostgreSQL sessions that sit idle inside a transaction for ``idle_in_tx_s`` are ended by the
+    server (a stopped process must not hold its row locks, the controller lease's included,
+    for ever)."""
     if url.startswith("sqlite"):
         # the pool is larger than the API's worker threads (anyio's default limit: 40) plus the
         # background loop, so a thread never waits for a connection, only for the write lock
@@ -60,7 +70,72 @@ def make_engine(url: str) -> Engine:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
+    args: dict[str, Any] = {}
+    if idle_in_tx_s is not None and url.startswith("postgresql"):
+        args["options"] = f"-c idle_in_transaction_session_timeout={int(idle_in_tx_s * 1000)}"
+    # no pre-ping: it cost a round trip per transaction; a connection found dead (the server
+    # restarted, or ended a session idle in a transaction) fails that one transaction, and
+    # SQLAlchemy then replaces every pooled connection older than the failure
+    return create_engine(url, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW, connect_args=args)
+
+
+def is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
+class FairLock:
+    """A re-entrant lock granted in arrival order (``threading.RLock`` favours whoever runs
+    next, so a thread that re-acquires in a loop — the job runner, one transaction per job —
+    could keep the others out). A release hands the lock straight to the oldest waiter."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._queue: deque[tuple[int, threading.Lock]] = deque()
+        self._owner: int | None = None
+        self._depth = 0
+
+    def acquire(self) -> None:
+        me = threading.get_ident()
+        with self._mutex:
+            if self._owner == me:
+                self._depth += 1
+                return
+            if self._owner is None:
+                self._owner, self._depth = me, 1
+                return
+            gate = threading.Lock()
+            gate.acquire()
+            self._queue.append((me, gate))
+        gate.acquire()  # the previous owner made us the owner, then opened the gate
+
+    def release(self) -> None:
+        with self._mutex:
+            if self._owner != threading.get_ident():
+                raise RuntimeError("release of a FairLock this thread does not hold")
+            self._depth -= 1
+            if self._depth:
+                return
+            if self._queue:
+                nxt, gate = self._queue.popleft()
+                self._owner, self._depth = nxt, 1
+                gate.release()
+            else:
+                self._owner = None
+
+    def __enter__(self) -> FairLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class _NoLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 def alembic_config(connection: Any | None = None) -> Config:
@@ -77,16 +152,31 @@ def upgrade(engine: Engine) -> None:
         command.upgrade(alembic_config(conn), "head")
 
 
+Guard = Callable[[Session], None]
+
+
 class Database:
     """The vault's engine plus a session factory. ``tx()`` is one transaction: committed when
     the block ends, rolled back when it raises (so a refused request changes nothing)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, idle_in_tx_s: float | None = None) -> None:
         self.url = url
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, idle_in_tx_s=idle_in_tx_s)
+        self.sqlite = is_sqlite(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._read_sessions = sessionmaker(self.engine.execution_options(**{READ_ONLY: True}),
                                            expire_on_commit=False)
+        # one process's SQLite writers queue here, in order, instead of in the busy handler
+        self._writers: FairLock | _NoLock = FairLock() if self.sqlite else _NoLock()
+        self._guard: Guard | None = None
+
+    def guarded(self, guard: Guard) -> Database:
+        """The same database (engine, sessions, writer queue) whose write transactions first
+        call ``guard(session)``: it raises to refuse the transaction before anything is
+        written (the controller's fence: ``vault/controller.py``)."""
+        view = copy.copy(self)
+        view._guard = guard
+        return view
 
     def migrate(self) -> None:
         upgrade(self.engine)
@@ -98,7 +188,9 @@ class Database:
 
     @contextmanager
     def tx(self) -> Iterator[Session]:
-        with self._sessions() as s, s.begin():
+        with self._writers, self._sessions() as s, s.begin():
+            if self._guard is not None:
+                self._guard(s)
             yield s
 
     @contextmanager

@@ -86,6 +86,10 @@ class Host(Base):
     # digest of the list last put in a heartbeat reply to it (migration 0007): while it differs
     # from ``store_acl_digest`` a list is in flight and no grant is confirmed
     store_acl_sent: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # when the list ``store_acl_sent`` was built, and the build time of the last list the agent
+    # confirmed holding (migration 0008; ``storeacl.grant_pending``)
+    store_acl_sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    store_acl_confirmed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Vm(Base):
@@ -144,7 +148,7 @@ class Group(Base):
     store_id: Mapped[int | None] = mapped_column(ForeignKey("stores.id"), nullable=True)
     # a drill schedule over the group's protected VMs (migration 0006; vault/drills.py)
     drill: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
-    # the group this one mirrors (migration 0008): re-protect puts reverse items in a group
+    # the group this one mirrors (migration 0009): re-protect puts reverse items in a group
     # with reverse_of_id = the forward group; a failback's items go back to reverse_of_id
     reverse_of_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
@@ -191,7 +195,10 @@ class Item(Base):
     # scrub (migration 0006): when the current pass was started, and the last report's summary
     last_scrub_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     scrub: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
-    # the VM's one identity across failover and failback (migration 0008): the id of the first
+    # when the store grant's writer last changed (migration 0008): a failover made the item
+    # read-only, a cancel writable again (``storeacl.set_status``); None: not since created_at
+    grant_changed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # the VM's one identity across failover and failback (migration 0009): the id of the first
     # item that protected it; re-protect's reverse item (and failback's) inherits it
     lineage_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 
@@ -441,3 +448,21 @@ class Drill(Base):
     report: Mapped[dict[str, Any]] = mapped_column(JSON)
     started_at: Mapped[float] = mapped_column(Float)
     ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class ControllerLease(Base):
+    """A lease with an epoch (migration 0008): ``name`` ``controller`` is held by the one vault
+    process that runs the background work (``vault/controller.py``). ``epoch`` grows by one at
+    every acquisition (never at a renewal): a controller's writes check, in their own
+    transaction, that the row still names its ``holder`` at its ``epoch`` — the fencing token.
+    Times (``expires_at``…) are the database server's clock (PostgreSQL) or the vault's
+    (SQLite). ``info`` says who the holder is (host, pid, listen address), never a secret."""
+
+    __tablename__ = "controller_lease"
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    epoch: Mapped[int] = mapped_column(BigInteger)
+    holder: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    info: Mapped[dict[str, Any]] = mapped_column(JSON)
+    acquired_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    renewed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    expires_at: Mapped[float] = mapped_column(Float)

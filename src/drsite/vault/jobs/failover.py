@@ -25,7 +25,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from drsite.core.errors import InvalidInput, NetworkError, PermanentError, from_dict
+from drsite.core.errors import Conflict, InvalidInput, NetworkError, PermanentError, from_dict
 from drsite.core.retry import RetryState
 from drsite.core.states import (
     FINAL_COMMAND_STATUSES,
@@ -339,6 +339,7 @@ def cleanup_test_vm(ctx: TaskContext) -> Step:
 def shutdown_source(ctx: TaskContext) -> Step:
     item = ctx.item()
     fo = failover_row(ctx)
+    _taken_by_another(item, fo)
     src = ctx.s.get(Host, item.host_id)
     item.status = ItemProtection.FAILING_OVER  # the source VM goes off: no cycles; a failure needs a cancel
     args = {"failover_id": fo.id,
@@ -354,9 +355,20 @@ def shutdown_source(ctx: TaskContext) -> Step:
     return done(f"source VM off; last changes shipped as point {fo.point_id}")
 
 
+def _taken_by_another(item: Item, fo: Failover) -> None:
+    """A failover this job did not run holds the item (a break-glass failover recorded while
+    this job waited, ``vault/breakglass.py``): this one must not start a second VM."""
+    if item.status in (ItemProtection.FAILED_OVER, ItemProtection.COMMITTED) \
+            and item.failover_id not in (None, fo.id):
+        raise Conflict(f"{item.vm_name} was failed over by failover {item.failover_id} "
+                       "meanwhile (a break-glass failover on the recovery site)",
+                       hint=f"Commit or cancel that one: drsite failover list {item.id}")
+
+
 def start_replica(ctx: TaskContext) -> Step:
     item = ctx.item()
     fo = failover_row(ctx)
+    _taken_by_another(item, fo)
     # from the moment the recovery side may promote, the item is not plainly protected: no
     # cycles are scheduled, and a failure leaves it 'failed_over' for cancel (see on_end)
     item.status = ItemProtection.FAILING_OVER
@@ -374,7 +386,7 @@ def start_replica(ctx: TaskContext) -> Step:
     apply_failover_result(fo, got.result, ctx.now)
     record_wall_time(fo, ctx.now)
     register_recovery_vm(ctx, fo)
-    item.status = ItemProtection.FAILED_OVER
+    storeacl.set_status(item, ItemProtection.FAILED_OVER, ctx.now)
     item.failover_id = fo.id
     item.updated_at = ctx.now
     commands.cancel_open(ctx.s, item.id, ctx.now, "item failed over")
@@ -399,7 +411,7 @@ def commit(ctx: TaskContext) -> Step:
     if isinstance(got, Step):
         return got
     apply_failover_result(fo, got.result, ctx.now)
-    item.status = ItemProtection.COMMITTED
+    storeacl.set_status(item, ItemProtection.COMMITTED, ctx.now)
     item.updated_at = ctx.now
     ctx.s.query(Point).filter(Point.item_id == item.id, Point.point_id != fo.point_id).delete()
     record_event(ctx.s, ctx.now, "item", item.id, f"failover {fo.id} committed")
@@ -476,7 +488,7 @@ def resume_source(ctx: TaskContext) -> Step:
 
 
 def _back_to_protected(ctx: TaskContext, item: Item) -> None:
-    item.status = ItemProtection.PROTECTED
+    storeacl.set_status(item, ItemProtection.PROTECTED, ctx.now)
     item.failover_id = None
     item.critical_error = None
     item.updated_at = ctx.now
@@ -604,7 +616,7 @@ def reverse_replication(ctx: TaskContext) -> Step:
     rev.last_cycle_sent_at = ctx.now
     rev.last_retention_at = ctx.now
     rev.updated_at = ctx.now
-    item.status = ItemProtection.REPROTECTED
+    storeacl.set_status(item, ItemProtection.REPROTECTED, ctx.now)
     item.vm_ref = None
     item.failover_id = None
     item.updated_at = ctx.now
@@ -639,9 +651,10 @@ def failover_on_end(ctx: TaskContext, state: JobState) -> None:
                 cmd.updated_at = cmd.finished_at = ctx.now
             elif cmd.kind in ("failover", "failover_prepare"):
                 reached = True
-        if fo is not None and item is not None and item.status == ItemProtection.FAILING_OVER:
+        if fo is not None and item is not None and item.status == ItemProtection.FAILING_OVER \
+                and item.failover_id in (None, fo.id):
             if reached or fo.kind == "planned":
-                item.status = ItemProtection.FAILED_OVER  # cancel the failover to undo it
+                storeacl.set_status(item, ItemProtection.FAILED_OVER, ctx.now)  # a cancel undoes it
                 item.failover_id = fo.id
             else:
                 item.status = ItemProtection.PROTECTED  # nothing reached an agent: nothing to undo

@@ -59,7 +59,8 @@ def latest_failover(s: Session, item: Item, *, kind: str | None = None,
 def get_item(s: Session, item_id: str) -> Item:
     item = s.get(Item, validate_name("item", item_id))
     if item is None:
-        raise NotFound(f"no item {item_id!r}", hint="List items with 'drsite items list --all'.")
+        raise NotFound(f"no item {item_id!r}",
+                       hint="List items with 'drsite items list --include-removed'.")
     return item
 
 

@@ -17,6 +17,7 @@ responsible for: what tasks do (``protection``, ``maintenance``).
 from __future__ import annotations
 
 import logging
+import time
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -30,6 +31,7 @@ from drsite.core.states import (
     TaskState,
 )
 from drsite.vault.audit import record_event
+from drsite.vault.controller import NotController
 from drsite.vault.db.database import Database
 from drsite.vault.db.models import Item, Job, Task
 from drsite.vault.jobs.kinds import ROLLBACK_TASK, WEIGHTS
@@ -40,6 +42,8 @@ from drsite.vault.settings import VaultSettings
 log = logging.getLogger(__name__)
 
 MAX_STEPS_PER_TICK = 16
+BACKOFF_ABOVE = 64  # active jobs beyond which waiting jobs are asked less often
+BACKOFF_MAX_S = 1.0
 
 
 def ordered_tasks(s: Session, job_id: str) -> list[Task]:
@@ -65,6 +69,13 @@ class JobRunner:
     def __init__(self, db: Database, settings: VaultSettings) -> None:
         self.db = db
         self.settings = settings
+        self._resume_after = ""  # the job a budgeted pass stopped after
+        self._next_ask: dict[str, tuple[float, float]] = {}  # job -> (monotonic due, delay)
+
+    def wake(self) -> None:
+        """Something jobs wait for happened (a job was created, a command ended): the next
+        pass asks every active job again, however long it has been waiting."""
+        self._next_ask.clear()
 
     # ------------------------------------------------------------------------------ start-up
 
@@ -104,26 +115,59 @@ class JobRunner:
 
     # ---------------------------------------------------------------------------------- ticks
 
-    def tick(self) -> int:
-        """Advance every active job once; returns how many jobs are still active."""
+    def tick(self, budget_s: float | None = None) -> int:
+        """Advance active jobs once each; returns how many are still active.
+
+        Without ``budget_s`` (tests) every active job is advanced. The background loop passes a
+        budget: the pass stops when it is spent and the next one resumes after the last job
+        advanced (round robin), so a burst of thousands of jobs (a policy applied to a large
+        group) never holds up the scheduler; and while more than ``BACKOFF_ABOVE`` jobs are
+        active, a job that is still waiting after its advance is next asked after a delay
+        doubling from one loop interval to ``BACKOFF_MAX_S`` (a few jobs are asked every
+        round, as before)."""
+        deadline = None if budget_s is None else time.monotonic() + budget_s
         seen: set[str] = set()
         active = 0
         for _ in range(3):  # jobs started by jobs (PolicyAssociation) get their first step now
-            with self.db.tx() as s:
+            with self.db.read() as s:
                 ids = [i for i in s.scalars(select(Job.id).where(Job.state.in_(ACTIVE_JOB_STATES))
                                             .order_by(Job.created_at, Job.id)) if i not in seen]
             if not ids:
                 break
-            for job_id in ids:
+            backoff = deadline is not None and len(ids) > BACKOFF_ABOVE
+            if deadline is not None and self._resume_after in ids:  # round robin
+                k = ids.index(self._resume_after) + 1
+                ids = ids[k:] + ids[:k]
+            for n, job_id in enumerate(ids):
+                if deadline is not None and time.monotonic() > deadline:
+                    self._resume_after = ids[n - 1] if n else self._resume_after
+                    return active + len(ids) - n
                 seen.add(job_id)
+                now = time.monotonic()
+                if backoff and self._next_ask.get(job_id, (0.0, 0.0))[0] > now:
+                    active += 1
+                    continue
                 try:
                     with self.db.tx() as s:
                         job = s.get(Job, job_id)
-                        if job is not None and self._advance(s, job):
-                            active += 1
+                        still = job is not None and self._advance(s, job)
+                except NotController:
+                    raise  # fenced: nothing was written; the new controller carries the job on
                 except Exception as exc:  # a bug must not stop the other jobs: fail this one
                     log.exception("job %s: internal error", job_id)
                     self._fail_internal(job_id, exc)
+                    still = False
+                if still:
+                    active += 1
+                    delay = self._next_ask.get(job_id, (0.0, self.settings.loop_interval / 2))[1]
+                    delay = min(BACKOFF_MAX_S, delay * 2)
+                    self._next_ask[job_id] = (now + delay, delay)
+                else:
+                    self._next_ask.pop(job_id, None)
+            if deadline is not None:
+                self._resume_after = ""
+        if len(self._next_ask) > 4 * max(active, BACKOFF_ABOVE):
+            self._next_ask.clear()  # forget jobs that ended elsewhere
         return active
 
     def _fail_internal(self, job_id: str, exc: Exception) -> None:

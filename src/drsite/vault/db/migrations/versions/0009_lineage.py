@@ -3,8 +3,8 @@ item that protected the VM; reverse items of re-protect inherit it), and ``group
 (the group a re-protect's reverse group mirrors, so a failback's items go home to the original
 group instead of a ``-reverse-reverse`` one).
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0009
+Revises: 0008
 Create Date: 2026-12-05
 """
 
@@ -13,8 +13,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0008"
-down_revision = "0007"
+revision = "0009"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,109 @@
+"""The recovery book a store-serving agent keeps for break-glass failover: what it would need of
+the vault to fail an item over, written down beforehand.
+
+The vault sends it in the heartbeat reply of every store-serving agent whose copy differs
+(``recovery_book_digest`` in the heartbeat), like the store's access list. The document
+(``failover.wire.check_recovery_book``)::
+
+    {"format": 1, "site": SITE,
+     "items": {ITEM: {"vm_id", "vm_name", "vm_spec", "source_site", "recovery_site",
+                      "network_map"}},
+     "plans": {NAME: {"groups": [{"name", "items": [ITEM]}], "actions": [str]}}}
+
+It holds no secret (the items' point keys are in the access list, ``store-acl.json``) and is
+persisted at ``DATA/recovery-book.json`` (0600, atomically) before it counts.
+
+Responsible for: holding and persisting the book. Not responsible for: using it
+(``breakglass``), building it (the vault's ``recoverybook``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from drsite.core.errors import InvalidInput, NotFound, classify_os_error
+from drsite.failover.wire import check_recovery_book, recovery_book_digest
+from drsite.fsutil import atomic_write_bytes, read_json
+from drsite.store.format import canonical_json
+
+log = logging.getLogger(__name__)
+
+BOOK_FILE = "recovery-book.json"
+NO_BOOK_HINT = ("The vault sends the recovery book to the recovery site's store agent with its "
+                "heartbeat replies; an item protected after the vault was lost is not in it.")
+
+
+class RecoveryBook:
+    """The book at ``path`` (thread-safe; ``None`` until one was received)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._doc: dict[str, Any] | None = None
+        self._digest: str | None = None
+        with contextlib.suppress(FileNotFoundError):
+            try:
+                doc = check_recovery_book(read_json(self.path))
+            except InvalidInput as e:
+                log.error("ignoring the recovery book in %s: %s", self.path, e)
+            else:
+                self._doc, self._digest = doc, recovery_book_digest(doc)
+
+    @property
+    def digest(self) -> str | None:
+        return self._digest
+
+    @property
+    def doc(self) -> dict[str, Any] | None:
+        return self._doc
+
+    def update(self, doc: Any) -> bool:
+        """Persist and adopt ``doc`` (``InvalidInput`` if malformed: the old book stays);
+        whether it changed."""
+        doc = check_recovery_book(doc)
+        digest = recovery_book_digest(doc)
+        with self._lock:
+            if digest == self._digest:
+                return False
+            try:
+                atomic_write_bytes(self.path, canonical_json(doc))
+                os.chmod(self.path, 0o600)
+            except OSError as e:
+                raise classify_os_error(e, f"recovery book {self.path}") from e
+            self._doc, self._digest = doc, digest
+        return True
+
+    def entry(self, item_id: str) -> dict[str, Any]:
+        """What the book says of ``item_id`` (``NotFound`` with a hint)."""
+        items = dict((self._doc or {}).get("items") or {})
+        if item_id not in items:
+            raise NotFound(f"item {item_id} is not in this host's recovery book",
+                           hint="List what this host can fail over: drsite agent points. "
+                                + NO_BOOK_HINT)
+        return dict(items[item_id])
+
+    def plan(self, name: str) -> dict[str, Any]:
+        plans = dict((self._doc or {}).get("plans") or {})
+        if name not in plans:
+            raise NotFound(f"recovery plan {name} is not in this host's recovery book",
+                           hint="List what this host can fail over: drsite agent points. "
+                                + NO_BOOK_HINT)
+        return dict(plans[name])
+
+
+def apply_reply(book: RecoveryBook | None, doc: Any) -> None:
+    """Take the book of a heartbeat reply (absent: unchanged). A malformed one is logged and
+    ignored: the book in force stays."""
+    if book is None or doc is None:
+        return
+    try:
+        if book.update(doc):
+            log.info("recovery book updated: %d item(s), %d plan(s)",
+                     len(doc.get("items") or {}), len(doc.get("plans") or {}))
+    except InvalidInput as e:
+        log.error("ignoring the vault's recovery book: %s", e)

@@ -1,0 +1,176 @@
+"""The vault's half of break-glass failover (issue 14 part 4): the recovery book a store agent
+receives beforehand (re-sent only when it changed), and what the vault does with a break-glass
+failover the agent reports after the vault was down — recorded once (idempotent), the item
+failed over, the old primary fenced, no second failover — and reports it must not believe."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from drsite.core.states import ItemProtection
+from drsite.failover.wire import check_recovery_book, recovery_book_digest
+from drsite.vault.db.models import Command, Failover, Item
+from drsite.vault.testing import Agent, Harness
+from tests.integration.test_vault_api import policy_and_group, protect, two_sites
+from tests.integration.test_vault_trust import security_alerts
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Iterator[Harness]:
+    hh = Harness(tmp_path / "vault")
+    yield hh
+    hh.close()
+
+
+def beat(agent: Agent, *, book_digest: str | None = None,
+         breakglass: list[dict[str, Any]] | None = None) -> Any:
+    body: dict[str, Any] = {"host_name": agent.name, "version": "test",
+                            "store_url": agent.store_url, "vms": None, "items": [],
+                            "recovery_book_digest": book_digest}
+    if breakglass is not None:
+        body["breakglass"] = breakglass
+    return agent.post("/heartbeat", body)
+
+
+def bg_record(item_id: str, fid: str = "bg-0123456789ab", **kw: Any) -> dict[str, Any]:
+    return {"failover_id": fid, "kind": "unplanned", "item_id": item_id,
+            "state": "pending_commit", "requested_at": 1_700_000_100.0, "point_id": "p000001",
+            "point_created_at": 1_700_000_000.0, "vm_id": "vm-rec-1", "vm_name": "web1",
+            "source_site": "prim", "recovery_site": "sec", "generation": 2, "rto_s": 0.4,
+            "notes": [], **kw}
+
+
+def test_recovery_book_reaches_the_store_agent(h: Harness) -> None:
+    a, b = two_sites(h)
+    policy_and_group(h)
+    h.ok("PUT", "/network-mappings", json={"source_site": "prim", "recovery_site": "sec",
+                                           "source_network": "lan", "recovery_network": "dr"})
+    item_id = protect(h, a)
+    h.ok("POST", "/plans", json={"plans": [{"name": "shop", "groups": [
+        {"name": "web", "vms": ["web1"], "post": [{"manual": "check it"}]},
+        {"name": "db", "vms": ["db1"]}]}]})
+    r = beat(b)
+    assert r.status_code == 200, r.text
+    book = check_recovery_book(r.json()["recovery_book"])
+    entry = book["items"][item_id]
+    assert (entry["vm_id"], entry["vm_name"], entry["source_site"], entry["recovery_site"]) \
+        == ("vm-1", "web1", "prim", "sec")
+    assert entry["vm_spec"]["disks"] == [{"disk_id": "disk0", "size": 1 << 20}]
+    assert [m["recovery"] for m in entry["network_map"]] == ["dr"]
+    # db1 is not protected: the plan names only what this store can recover
+    assert book["plans"]["shop"]["groups"] == [{"name": "web", "items": [item_id]}]
+    assert book["plans"]["shop"]["actions"] == ["web: post action"]
+    assert "point_key" not in str(book)   # keys travel in the access list only
+    # unchanged: not sent again; a host serving no store gets none
+    assert "recovery_book" not in beat(b, book_digest=recovery_book_digest(book)).json()
+    assert "recovery_book" not in beat(a).json()
+
+
+def test_a_reported_breakglass_failover_is_recorded_once(h: Harness) -> None:
+    a, b = two_sites(h)
+    policy_and_group(h)
+    item_id = protect(h, a)
+    rec = bg_record(item_id)
+    r = beat(b, breakglass=[rec])
+    assert r.status_code == 200, r.text
+    assert r.json()["breakglass_ack"] == [rec["failover_id"]]
+    it = h.ok("GET", f"/items/{item_id}")
+    assert it["protection"] == "failed_over"
+    fo = h.ok("GET", f"/failovers/{rec['failover_id']}")
+    assert (fo["kind"], fo["state"], fo["point_id"], fo["generation"], fo["vm_id"]) \
+        == ("unplanned", "pending_commit", "p000001", 2, "vm-rec-1")
+    assert fo["result"]["fence"]["state"] == "pending"
+    # the old primary is fenced when it is heard of again
+    cmds = a.beat()["commands"]
+    assert [(c["kind"], c["args"]["failover_id"]) for c in cmds
+            if c["kind"] == "failover_fence"] == [("failover_fence", rec["failover_id"])]
+    # a lost acknowledgement: reported again → acknowledged, nothing new
+    assert beat(b, breakglass=[rec]).json()["breakglass_ack"] == [rec["failover_id"]]
+    with h.vault.db.read() as s:
+        assert len(list(s.scalars(select(Failover).where(Failover.item_id == item_id)))) == 1
+    # no second failover through the vault; the book no longer offers the item
+    r = h.call("POST", f"/items/{item_id}/failover/unplanned-failover", "admin", json={})
+    assert r.status_code == 409, r.text
+    assert item_id not in beat(b).json().get("recovery_book", {"items": {}})["items"]
+    assert not security_alerts(h)
+
+
+def test_breakglass_reports_the_vault_must_not_believe(h: Harness) -> None:
+    a, b = two_sites(h)
+    policy_and_group(h)
+    item_id = protect(h, a)
+    # from the item's source host (it does not serve the item's recovery store)
+    a.store_url = "https://127.0.0.1:9555"
+    r = beat(a, breakglass=[bg_record(item_id, "bg-aaaaaaaaaaaa")])
+    assert r.status_code == 200 and r.json()["breakglass_ack"] == ["bg-aaaaaaaaaaaa"]
+    assert h.ok("GET", f"/items/{item_id}")["protection"] == "protected"
+    # an unknown item; an unfinished failover
+    beat(b, breakglass=[bg_record("i-000000000000", "bg-bbbbbbbbbbbb")])
+    beat(b, breakglass=[bg_record(item_id, "bg-cccccccccccc", state="starting")])
+    assert h.ok("GET", f"/items/{item_id}")["protection"] == "protected"
+    assert len(security_alerts(h)) == 3
+    # malformed
+    r = beat(b, breakglass=[{"failover_id": "bg-dddddddddddd", "item_id": item_id}])
+    assert r.status_code == 400, r.text
+    # the vault failed the item over too before it was lost: two VMs may exist → alert
+    with h.vault.db.tx() as s:
+        item = s.get(Item, item_id)
+        assert item is not None
+        item.status = ItemProtection.FAILED_OVER
+        item.failover_id = "f-000000000001"
+    r = beat(b, breakglass=[bg_record(item_id, "bg-eeeeeeeeeeee")])
+    assert r.json()["breakglass_ack"] == ["bg-eeeeeeeeeeee"]
+    assert any("two recovery VMs may exist" in al["message"] for al in security_alerts(h))
+    assert h.call("GET", "/failovers/bg-eeeeeeeeeeee", "admin").status_code == 404
+
+
+def test_a_vault_failover_waiting_meanwhile_gives_way(h: Harness) -> None:
+    """The vault was lost with an unplanned failover job whose command had not reached the
+    recovery agent; break-glass ran; the returned vault records it and its own job fails
+    instead of starting a second VM."""
+    a, b = two_sites(h)
+    policy_and_group(h)
+    item_id = protect(h, a)
+    h.ok("PUT", "/network-mappings", json={"source_site": "prim", "recovery_site": "sec",
+                                           "source_network": "lan", "recovery_network": "dr"})
+    job = h.ok("POST", f"/items/{item_id}/failover/unplanned-failover", json={})
+    for _ in range(3):
+        h.tick()
+    with h.vault.db.read() as s:
+        (sent,) = s.scalars(select(Command).where(Command.kind == "failover"))
+        assert sent.status == "pending" and sent.host_id == b.host_id
+    rec = bg_record(item_id)
+    r = beat(b, breakglass=[rec])
+    assert r.json()["breakglass_ack"] == [rec["failover_id"]]
+    assert not [c for c in r.json()["commands"] if c["kind"] == "failover"]  # withdrawn
+    for _ in range(3):
+        h.tick()
+    assert h.ok("GET", f"/jobs/{job['id']}")["state"] == "failed"
+    it = h.ok("GET", f"/items/{item_id}")
+    assert it["protection"] == "failed_over"
+    with h.vault.db.read() as s:
+        item = s.get(Item, item_id)
+        assert item is not None and item.failover_id == rec["failover_id"]
+    states = {f["id"]: f["state"] for f in h.ok("GET", f"/items/{item_id}/failovers")}
+    assert states[rec["failover_id"]] == "pending_commit"
+    assert sorted(states.values()) == ["failed", "pending_commit"]
+    # recorded before the job's recovery step even started: the job stops there
+    item2 = protect(h, a, "vm-2", "db1")
+    job2 = h.ok("POST", f"/items/{item2}/failover/unplanned-failover", json={})
+    rec2 = bg_record(item2, "bg-222222222222", vm_name="db1")
+    assert beat(b, breakglass=[rec2]).json()["breakglass_ack"] == [rec2["failover_id"]]
+    for _ in range(3):
+        h.tick()
+    done = h.ok("GET", f"/jobs/{job2['id']}")
+    assert done["state"] == "failed" and "meanwhile" in done["error"]["message"], done
+    with h.vault.db.read() as s:
+        assert not list(s.scalars(select(Command).where(Command.kind == "failover",
+                                                        Command.item_id == item2)))
+        item = s.get(Item, item2)
+        assert item is not None and item.failover_id == rec2["failover_id"]
+        assert item.status == ItemProtection.FAILED_OVER
