@@ -10,13 +10,20 @@ Layout under the data directory::
     secondary/agent/       the secondary agent's identity (+ hydrated replicas)
     secondary/vms/         file VMs of the secondary site (failover targets)
     secondary/store/       the recovery store the secondary agent serves over mTLS
+    <site>/import/         disk images 'drsite vms import' may read on that site's host
     logs/                  one log per process (0700 / 0600)
-    cluster.json           ports, pids, URLs (read by ``drsite down`` and the demo)
+    cluster.json           ports, pids, URLs, the VMs ``down`` stopped (read by ``drsite
+                           down``, ``drsite up`` and the demo)
+
+``down`` stops the VMs too (file VMs' guest processes, QEMU processes) and ``up`` starts again
+the ones it stopped. The pids of the processes ``up`` starts are saved as each starts, and an
+``up`` that fails half-way stops what it started, so no process outlives the cluster's record.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -26,9 +33,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from drsite.agent.process import agent_register, make_hypervisor
 from drsite.client.api import VaultClient, VaultConfig
-from drsite.core.errors import Conflict, DrsiteError, NetworkError, TransientError
+from drsite.core.errors import (
+    Conflict,
+    DrsiteError,
+    InvalidInput,
+    NetworkError,
+    TransientError,
+)
+from drsite.core.model import PowerState
 from drsite.fsutil import atomic_write_json, read_json
+from drsite.hypervisors.contract import HypervisorDriver
+from drsite.hypervisors.qemu.driver import QemuHypervisor
 
 
 def free_port() -> int:
@@ -48,6 +65,8 @@ class Cluster:
     pids: dict[str, int] = field(default_factory=dict)
     admin_token: str = ""
     hypervisor: str = "file"  # the agents' driver: "file" or "qemu"
+    hypervisors: dict[str, str] = field(default_factory=dict)  # a site's own driver, if other
+    stopped_vms: dict[str, list[str]] = field(default_factory=dict)  # site → VMs down stopped
 
     @property
     def ca_file(self) -> Path:
@@ -63,14 +82,23 @@ class Cluster:
 
     @staticmethod
     def load(root: Path) -> Cluster:
+        """The cluster ``drsite up`` recorded in ``root`` (``InvalidInput`` when there is
+        none)."""
+        if not (root / "cluster.json").is_file():
+            raise InvalidInput(f"no drsite up deployment in {root} (no cluster.json)",
+                               hint="Pass the directory given to 'drsite up': drsite down "
+                                    "--data DIR.")
         d: dict[str, Any] = read_json(root / "cluster.json")
         d["root"] = Path(d["root"])
-        return Cluster(**d)
+        known = set(Cluster.__dataclass_fields__)
+        return Cluster(**{k: v for k, v in d.items() if k in known})
 
     def env_lines(self) -> list[str]:
-        return [f"export DRSITE_VAULT_URL={self.vault_url}",
-                f"export DRSITE_TOKEN=$(cat {self.root / 'vault' / 'admin.token'})",
-                f"export DRSITE_CA_FILE={self.ca_file}"]
+        """Shell exports pointing the CLI at this cluster (``drsite env`` prints them)."""
+        token = shlex.quote(str(self.root / "vault" / "admin.token"))
+        return [f"export DRSITE_VAULT_URL={shlex.quote(self.vault_url)}",
+                f"export DRSITE_TOKEN=$(cat {token})",
+                f"export DRSITE_CA_FILE={shlex.quote(str(self.ca_file))}"]
 
 
 def _spawn(name: str, args: list[str], logs: Path,
@@ -109,6 +137,7 @@ def start_vault(c: Cluster) -> None:
     proc = _spawn("vault", ["vault", "serve", "--data", str(c.root / "vault"), "--listen",
                             f"127.0.0.1:{c.vault_port}"], logs)
     c.pids["vault"] = proc.pid
+    c.save()  # a later 'drsite down' finds it whatever happens next
     token_file = c.root / "vault" / "admin.token"
     _wait("vault admin token", lambda: token_file.exists() and token_file.read_text().strip(),
           60, proc, logs / "vault.log")
@@ -129,12 +158,13 @@ def start_agent(c: Cluster, site: str, *, store: bool, hypervisor: str | None = 
     the URL the store is advertised at (a proxy in tests); ``env``: extra environment (e.g.
     ``DRSITE_FAILPOINTS``). ``host``: a further host of ``site`` (its files under ``<host>/``,
     process ``agent-<host>``, no store), e.g. a second source host for a consistency group."""
-    from drsite.agent.process import agent_register
-
     key_dir = host or site
     data = c.root / key_dir / "agent"
     vms = c.root / key_dir / "vms"
     vms.mkdir(parents=True, exist_ok=True)
+    (c.root / key_dir / "import").mkdir(exist_ok=True)
+    if hypervisor is not None and hypervisor != c.hypervisor:
+        c.hypervisors[site] = hypervisor
     if not (data / "agent.json").exists():
         with c.client() as cl:
             try:
@@ -146,7 +176,8 @@ def start_agent(c: Cluster, site: str, *, store: bool, hypervisor: str | None = 
                        host_name=host or f"{site}-host",
                        ca_file=c.ca_file, ca_fingerprint=None)
     args = ["agent", "run", "--data", str(data), "--vms", str(vms),
-            "--hypervisor", hypervisor or c.hypervisor]
+            "--hypervisor", hypervisor or c.hypervisor,
+            "--import-dir", str(c.root / key_dir / "import")]
     if store and host is None:
         if site == "primary":
             c.primary_store_port = port = c.primary_store_port or free_port()
@@ -157,6 +188,7 @@ def start_agent(c: Cluster, site: str, *, store: bool, hypervisor: str | None = 
             args += ["--store-url", store_url]
     proc = _spawn(f"agent-{key_dir}", args, c.root / "logs", env)
     c.pids[f"agent-{key_dir}"] = proc.pid
+    c.save()
     host_name = host or f"{site}-host"
 
     def up() -> bool:
@@ -176,15 +208,66 @@ def up(root: Path, *, hypervisor: str = "file") -> Cluster:
     down(c)
     c.pids = {}
     c.hypervisor = hypervisor
-    start_vault(c)
-    start_agent(c, "secondary", store=True)
-    start_agent(c, "primary", store=True)
+    try:
+        start_vault(c)
+        start_agent(c, "secondary", store=True)
+        start_agent(c, "primary", store=True)
+        start_stopped_vms(c)
+    except BaseException:
+        down(c, vms=False)  # nothing it started outlives it (the VMs were not touched yet)
+        c.save()
+        raise
     c.save()
     return c
 
 
-def down(c: Cluster, *, timeout: float = 15.0) -> None:
-    """Stop every process of the cluster (SIGTERM, then SIGKILL)."""
+def site_driver(c: Cluster, site: str) -> HypervisorDriver:
+    """The hypervisor driver of ``site``'s VMs (as its agent runs it)."""
+    return make_hypervisor(c.hypervisors.get(site, c.hypervisor), c.root / site / "vms")
+
+
+def sites(c: Cluster) -> list[str]:
+    return sorted(p.parent.name for p in c.root.glob("*/vms") if p.is_dir())
+
+
+def stop_vms(c: Cluster, timeout: float = 20.0) -> int:
+    """Stop every VM of the cluster's sites (gracefully; forced after ``timeout``), and every
+    QEMU process holding their disks; the ones that ran are recorded for the next ``up``.
+    Returns how many were running."""
+    n = 0
+    for site in sites(c):
+        hv = site_driver(c, site)
+        for vm in hv.list_vms():
+            if vm.power is PowerState.RUNNING:
+                c.stopped_vms.setdefault(site, [])
+                if vm.vm_id not in c.stopped_vms[site]:
+                    c.stopped_vms[site].append(vm.vm_id)
+                n += 1
+            try:
+                if isinstance(hv, QemuHypervisor):  # also a storage daemon of a stopped VM
+                    hv.stop_processes(vm.vm_id, timeout=timeout)
+                elif vm.power is PowerState.RUNNING:
+                    hv.power_off(vm.vm_id, timeout=timeout)
+            except DrsiteError:
+                hv.power_off(vm.vm_id, force=True)
+        c.save()
+    return n
+
+
+def start_stopped_vms(c: Cluster) -> None:
+    """Power on again the VMs ``down`` stopped (the ones still there)."""
+    for site, vm_ids in sorted(c.stopped_vms.items()):
+        hv = site_driver(c, site)
+        present = {vm.vm_id for vm in hv.list_vms()}
+        for vm_id in vm_ids:
+            if vm_id in present:
+                hv.power_on(vm_id)
+    c.stopped_vms = {}
+    c.save()
+
+
+def down(c: Cluster, *, timeout: float = 15.0, vms: bool = True) -> None:
+    """Stop every process of the cluster (SIGTERM, then SIGKILL), then (``vms``) its VMs."""
     for name, pid in list(c.pids.items()):
         try:
             os.killpg(pid, signal.SIGTERM)
@@ -206,6 +289,8 @@ def down(c: Cluster, *, timeout: float = 15.0) -> None:
             except ProcessLookupError:
                 pass
         c.pids.pop(name, None)
+    if vms and c.root.is_dir():
+        stop_vms(c)
 
 
 def _reap(pid: int) -> bool:

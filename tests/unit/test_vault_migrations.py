@@ -48,12 +48,13 @@ def _columns(db: Database, table: str) -> set[str]:
     return {c["name"] for c in inspect(db.engine).get_columns(table)}
 
 
-@pytest.mark.parametrize("start", ["0006", "0007"])
+@pytest.mark.parametrize("start", ["0006", "0007", "0008", "0009"])
 def test_upgrade_from_an_older_revision_keeps_the_rows_and_downgrades_cleanly(
         url: str, start: str) -> None:
-    """A database at 0006 (before the store's sent list) or 0007 (before the controller lease)
-    reaches the models' schema with its hosts intact; a downgrade to ``start`` undoes 0008
-    (and 0007) and a second upgrade gets there again."""
+    """A database at 0006 (before the store's sent list), 0007 (before the controller lease),
+    0008 (before consistency groups) or 0009 (before the items' lineage) reaches the models'
+    schema with its hosts intact; a downgrade to ``start`` undoes what came after it and a
+    second upgrade gets there again."""
     db = Database(url)
     try:
         with db.engine.begin() as conn:
@@ -72,11 +73,16 @@ def test_upgrade_from_an_older_revision_keeps_the_rows_and_downgrades_cleanly(
                 == [(0, None)]
         with db.engine.begin() as conn:
             command.downgrade(alembic_config(conn), start)
-        assert "controller_lease" not in inspect(db.engine).get_table_names()
-        assert "grant_changed_at" not in _columns(db, "items")
+        assert "lineage_id" not in _columns(db, "items")
+        assert "reverse_of_id" not in _columns(db, "groups")
+        leased = start in ("0008", "0009")
+        assert ("consistent" in _columns(db, "groups")) == (start == "0009")
+        assert ("group_barriers" in inspect(db.engine).get_table_names()) == (start == "0009")
+        assert ("controller_lease" in inspect(db.engine).get_table_names()) == leased
+        assert ("grant_changed_at" in _columns(db, "items")) == leased
         hosts = _columns(db, "hosts")
-        assert not hosts & {"store_acl_sent_at", "store_acl_confirmed_at"}
-        assert ("store_acl_sent" in hosts) == (start == "0007")
+        assert bool(hosts & {"store_acl_sent_at", "store_acl_confirmed_at"}) == leased
+        assert ("store_acl_sent" in hosts) == (start != "0006")
         db.migrate()
         assert _schema_diffs(db) == []
         with db.engine.connect() as conn:

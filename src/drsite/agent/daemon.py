@@ -63,6 +63,7 @@ from drsite.agent.state import (
     settings_from_args,
 )
 from drsite.agent.storeservice import StoreService
+from drsite.agent.vms import VmCommands, lane_of
 from drsite.core.errors import (
     AuthError,
     CommandInterrupted,
@@ -143,12 +144,14 @@ class Agent:
     """The daemon of one host. See the module docstring for what it does and decides.
 
     ``hypervisor``: the host's driver. ``store_dir`` + ``store_listen``: this host serves a
-    recovery store (a secondary site). ``transport`` replaces the network to the vault (tests);
+    recovery store (a secondary site). ``import_dir``: where ``vm_import`` may read disk images
+    (none: imports are refused). ``transport`` replaces the network to the vault (tests);
     ``target_factory`` replaces how an item's recovery target is built from its ``store_url``.
     """
 
     def __init__(self, data_dir: Path, *, hypervisor: HypervisorDriver,
                  heartbeat_interval: float = 2.0, store_dir: Path | None = None,
+                 import_dir: Path | None = None,
                  store_listen: str | None = None, offline_after_s: float = 30.0,
                  max_backoff_s: float = 30.0, max_parallel_items: int = 2,
                  transport: httpx.BaseTransport | None = None,
@@ -211,6 +214,7 @@ class Agent:
         self.scrubs = ScrubCommands(self)
         self.drills = DrillCommands(self)
         self.barriers = barriers.BarrierCommands(self)
+        self.vms = VmCommands(hypervisor, self.data_dir, import_dir)
         self.command_channel = command_channel
         self._channel: threading.Thread | None = None
         self._started = False
@@ -813,7 +817,13 @@ class Agent:
                     log.info("item %s: interrupting its running work to unprotect it",
                              cmd.item_id)
                     lane.cancel.set()
-            self._enqueue(cmd.item_id, _Task(cmd.kind, cmd))
+            self._enqueue(self._lane_key(cmd), _Task(cmd.kind, cmd))
+
+    @staticmethod
+    def _lane_key(cmd: Command) -> str:
+        """The lane a command runs in: its item's, a VM command's VM's (``vms.lane_of``), else
+        the lane of commands of no item ("")."""
+        return cmd.item_id or (lane_of(cmd) if cmd.kind.startswith("vm_") else "")
 
     def _barrier_task(self, cmd: Command) -> None:
         """A group barrier's prepare (answered from here) or seal (then shipped in the item's
@@ -869,8 +879,8 @@ class Agent:
                      acc.kind, acc.item_id)
             with self._lock:
                 self._inflight[acc.command_id] = _Progress(acc.item_id)
-            self._enqueue(acc.item_id, _Task(acc.kind, Command(acc.command_id, acc.kind,
-                                                               acc.item_id, args)))
+            resumed = Command(acc.command_id, acc.kind, acc.item_id, args)
+            self._enqueue(self._lane_key(resumed), _Task(acc.kind, resumed))
 
     def _restore_secrets(self, acc: Accepted) -> dict[str, Any] | None:
         """A ``protect`` of a cloud-store item finds its store's full spec in the item's 0600
@@ -1064,7 +1074,9 @@ class Agent:
                    "store_rekey": self._store_rekey, "scrub": self.scrubs.handle,
                    "verify": self.scrubs.handle, "drill_probe": self.drills.handle,
                    "group_prepare": self.barriers.prepare,
-                   "group_seal": self.barriers.ship}.get(cmd.kind)
+                   "group_seal": self.barriers.ship,
+                   **dict.fromkeys(("vm_create", "vm_import", "vm_start", "vm_stop",
+                                    "vm_delete"), self.vms.handle)}.get(cmd.kind)
         if handler is None:
             return self.failover.handle(cmd)  # failover_* commands (agent/failover.py)
         return handler(cmd)

@@ -211,7 +211,7 @@ class FailoverCommands:
             elif kind == "unplanned":
                 self._hold(pi.item_id, True)
                 rec = actions.unplanned_failover(pi, str(a.get("point") or "latest"),
-                                                 failover_id=fid)
+                                                 failover_id=fid, replace_vm=a.get("replace_vm"))
             elif kind == "planned":
                 try:
                     point_id, prints = str(a["point_id"]), dict(a["fingerprints"])

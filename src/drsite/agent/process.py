@@ -90,7 +90,8 @@ def make_hypervisor(kind: str, vms_root: Path) -> HypervisorDriver:
 
 def agent_run(data_dir: Path, hypervisor_kind: str = "file", vms_root: Path = Path("vms"),
               store_dir: Path | None = None, store_listen: str | None = None,
-              heartbeat_interval: float = 2.0, store_url: str | None = None) -> None:
+              heartbeat_interval: float = 2.0, store_url: str | None = None,
+              import_dir: Path | None = None) -> None:
     """Run the agent daemon until SIGTERM/SIGINT (blocking); returns after a clean stop.
 
     Work cut short by the stop resumes at the next start (the vault re-sends its commands).
@@ -100,7 +101,8 @@ def agent_run(data_dir: Path, hypervisor_kind: str = "file", vms_root: Path = Pa
     agent = Agent(Path(data_dir), hypervisor=make_hypervisor(hypervisor_kind, vms_root),
                   heartbeat_interval=heartbeat_interval,
                   store_dir=Path(store_dir) if store_dir is not None else None,
-                  store_listen=store_listen, store_url=store_url)
+                  store_listen=store_listen, store_url=store_url,
+                  import_dir=Path(import_dir) if import_dir is not None else None)
     installed: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
         def on_signal(sig: int, frame: FrameType | None) -> None:

@@ -63,6 +63,9 @@ def run(
                                                     "(e.g. through a proxy or NAT); default: "
                                                     "the --store-listen address."),
     heartbeat_interval: float = typer.Option(2.0, help="Seconds between heartbeats."),
+    import_dir: Path | None = typer.Option(None, help="Where 'drsite vms import' may read disk "
+                                                      "images on this host (default: the "
+                                                      "directory 'import' beside --vms)."),
 ) -> None:
     """Run the agent daemon in the foreground (SIGTERM stops it cleanly)."""
     from drsite.agent.process import agent_run, configure_logging
@@ -70,7 +73,8 @@ def run(
     configure_logging()
     agent_run(data_dir=data, hypervisor_kind=hypervisor.value, vms_root=vms, store_dir=store,
               store_listen=store_listen, store_url=store_url,
-              heartbeat_interval=heartbeat_interval)
+              heartbeat_interval=heartbeat_interval,
+              import_dir=import_dir if import_dir is not None else vms.absolute().parent / "import")
 
 
 StoreOpt = typer.Option(None, "--store", help="The recovery store directory the agent serves "

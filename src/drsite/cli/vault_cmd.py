@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from drsite.cli.common import CaOpt, JsonOpt, VaultOpt, client, show
+from drsite.cli.common import Conn, JsonOpt, client, show, vault_command
 
 MasterKeyOpt = typer.Option(None, "--master-key-file", envvar="DRSITE_MASTER_KEY_FILE",
                             help="File holding the master key that seals the vault's secrets "
@@ -71,21 +71,22 @@ def _admin_token(data: Path | None, token: str | None) -> str | None:
     return None
 
 
-@vault.command("registration-key")
+@vault_command(vault, "registration-key")
 def registration_key(
+    conn: Conn,
     site: str = typer.Option(..., help="Site the registering host joins."),
     ttl: int = typer.Option(3600, min=60, max=7 * 86400, help="Seconds until the key expires."),
-    data: Path | None = typer.Option(None, help="Vault data dir (reads its admin token)."),
-    vault: str | None = VaultOpt,
-    token: str | None = typer.Option(None, "--token", envvar="DRSITE_TOKEN"),
-    ca_file: Path | None = CaOpt, json_out: bool = JsonOpt,
+    data: Path | None = typer.Option(None, help="Vault data dir (reads its admin token and CA; "
+                                                "on the vault's machine)."),
 ) -> None:
-    """Print a one-time registration key for a host of SITE (expires after --ttl)."""
+    """Print a one-time registration key for a host of SITE (admin; expires after --ttl).
+    On the host: 'drsite agent register --vault URL --key KEY --ca-file CA'."""
+    ca_file = conn.ca_file
     if ca_file is None and data is not None:
         ca_file = data / "pki" / "ca.pem"
-    with client(vault, _admin_token(data, token), ca_file) as c:
+    with client(conn.vault, _admin_token(data, conn.token), ca_file) as c:
         res = c.registration_key(site, ttl)
-        if json_out:
+        if conn.json:
             show(res, [], title="", json_out=True)
         else:
             typer.echo(res["key"])

@@ -459,9 +459,12 @@ def planned_failover_recovery_side(item: ProtectedItem, *, failover_id: str, poi
 
 def unplanned_failover(item: ProtectedItem, choice: PointChoice = "latest", *,
                        failover_id: str | None = None, verify: bool = True,
+                       replace_vm: str | None = None,
                        clock: Clock | None = None) -> FailoverResult:
     """The source is unreachable (it is not touched): start the recovery VM from ``choice``
-    ("latest", "latest_app" or a point id) and promote.
+    ("latest", "latest_app" or a point id) and promote. ``replace_vm`` names a stopped VM of
+    the recovery VM's name on the recovery site that is an older incarnation of this one (left
+    by a failback): it is deleted and re-created, as in a failback.
 
     For the point the replica holds (after letting it catch up), the replica's images are
     moved into the VM; for any other point the point is restored from the store (parallel
@@ -487,8 +490,8 @@ def unplanned_failover(item: ProtectedItem, choice: PointChoice = "latest", *,
     p = item.repo.point(rec.point_id)
     images, from_replica = _images_for(item, p, run, verify=verify)
     spec = _recovery_spec(item, p, test=False, name=None)
-    _create_and_start(item, run, p, spec, images, from_replica=from_replica, replace_vm=None,
-                      clock=clock)
+    _create_and_start(item, run, p, spec, images, from_replica=from_replica,
+                      replace_vm=replace_vm, clock=clock)
     return rec
 
 

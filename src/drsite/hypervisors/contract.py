@@ -2,8 +2,9 @@
 
 Every driver (the embedded file driver, QEMU/KVM, the in-memory test driver, libvirt later)
 implements :class:`HypervisorDriver`: the replication engine uses its inventory, power and
-change-tracking methods, failover uses its inventory, power and VM-creation methods. Every
-driver runs the same conformance suite (``tests/contract/test_driver_conformance.py``).
+change-tracking methods, failover uses its inventory, power and VM-creation methods, and the
+host's agent runs the operators' VM lifecycle (create, import, start, stop, delete) through
+them. Every driver runs the same conformance suite (``tests/contract/test_driver_conformance.py``).
 Drivers return results and raise :mod:`drsite.core.errors`; they never write the vault's
 database and never decide policy (what to ship, when to resync, which point to fail over to):
 that is the engine's and failover's job.
@@ -172,7 +173,18 @@ class HypervisorDriver(Protocol):
         that is gone)."""
         ...
 
-    # -- creation and removal (failover) --------------------------------------------------------
+    # -- creation and removal (operators, failover) ----------------------------------------------
+    def create_blank(self, spec: VmSpec) -> VmInfo:
+        """Create a stopped VM named ``spec.name`` with the vCPUs, memory and NICs of ``spec``
+        and an empty (all zeros, sparse: nothing allocated) disk of each size in
+        ``spec.disks``. Used by ``drsite vms create`` through the host's agent.
+
+        Raises ``Conflict`` if a VM of that name exists, ``InvalidInput`` for an invalid name,
+        duplicate disk ids or a disk size that is not positive; nothing is left behind on
+        failure. Not responsible for installing an OS or starting the VM.
+        """
+        ...
+
     def create_vm(self, spec: VmSpec, disk_images: dict[str, str]) -> VmInfo:
         """Create a stopped VM named ``spec.name`` whose disks are the raw image files
         ``disk_images`` (disk id → path). Used by planned and unplanned failover.

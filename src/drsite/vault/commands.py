@@ -34,7 +34,9 @@ KINDS = ("protect", "cycle", "resync", "retention", "unprotect", "update_setting
          # store upkeep and drills (vault/scrub.py, vault/jobs/drills.py → agent/scrub.py, drill.py)
          "scrub", "verify", "drill_probe",
          # consistency groups' barrier (vault/barrier.py → agent/barrier.py)
-         "group_prepare", "group_seal")
+         "group_prepare", "group_seal",
+         # the VM lifecycle (vault/jobs/vms.py → agent/vms.py)
+         "vm_create", "vm_import", "vm_start", "vm_stop", "vm_delete")
 # arguments holding an item's point key (scrubbed when the command ends, sealed at rest)
 POINT_KEY_ARGS = ("point_key", "rev_point_key")
 # commands that move data for an item: at most one of these is outstanding per item

@@ -219,6 +219,23 @@ class FileHypervisor:
                 return False
             time.sleep(0.02)
 
+    @staticmethod
+    def _pid_gone(pid: int, timeout: float) -> bool:
+        """True once ``pid`` has exited (or is a zombie waiting for its parent)."""
+        if pid == os.getpid():
+            return True
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                return True
+            if state in ("Z", "X"):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+
     def _kill(self, paths: VmPaths, pid: int) -> None:
         if pid == os.getpid():
             raise Conflict("refusing to SIGKILL this process (an in-process guest of another driver)")
@@ -252,6 +269,10 @@ class FileHypervisor:
                         if pid != os.getpid():
                             os.kill(pid, signal.SIGTERM)
                 if self._wait_stopped(paths, timeout):
+                    # the lock goes first, the process right after: return once it is gone
+                    # (a caller that stops the host next must not find it still exiting)
+                    if not self._pid_gone(pid, 10.0):
+                        self._kill(paths, pid)
                     return
             self._kill(paths, pid)
             if not self._wait_stopped(paths, 10.0):

@@ -583,7 +583,7 @@ class FileVm:
                 raise TrackingLost(f"VM {self.config.name}: change tracking was not started")
             if self.cycle is not None:
                 raise Conflict(f"VM {self.config.name} has unreleased cycle {self.cycle['cycle_id']}",
-                               hint="Resume it (pending_cycle) and release it first.")
+                               hint="Finish the pending cycle (ship and release it) first.")
             p, epoch = self.paths, self.epoch
             cid = uuid.uuid4().hex
             sealed_at = time.time()

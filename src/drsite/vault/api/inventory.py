@@ -25,7 +25,7 @@ MIN_KEY_TTL_S, MAX_KEY_TTL_S = 60, 30 * 86400
 def get_site(s: Session, site_name: str) -> Site:
     site = s.scalars(select(Site).where(Site.name == name("site", site_name))).first()
     if site is None:
-        raise NotFound(f"no site {site_name!r}", hint="List sites with GET /api/v1/sites.")
+        raise NotFound(f"no site {site_name!r}", hint="List sites with 'drsite sites list'.")
     return site
 
 
@@ -88,7 +88,7 @@ def list_hosts(vault: VaultDep, _p: Reader) -> list[dict[str, Any]]:
 def get_host(s: Session, host_id: str) -> Host:
     host = s.get(Host, name("host id", host_id))
     if host is None:
-        raise NotFound(f"no host {host_id!r}")
+        raise NotFound(f"no host {host_id!r}", hint="List hosts with 'drsite hosts list'.")
     return host
 
 
@@ -128,8 +128,9 @@ def reissue_host(host_id: str, vault: VaultDep, _p: Admin,
                 "site": site_names(s).get(h.site_id, "")}
 
 
-@router.get("/vms", summary="VM inventory reported by the agents")
-def list_vms(vault: VaultDep, _p: Reader) -> list[dict[str, Any]]:
+@router.get("/vms", summary="VM inventory reported by the agents (VMs no longer reported, "
+                            "e.g. deleted ones, with ?all=true)")
+def list_vms(vault: VaultDep, _p: Reader, all: bool = False) -> list[dict[str, Any]]:
     with vault.db.read() as s:
         sites = site_names(s)
         hosts = {h.id: h for h in s.scalars(select(Host))}
@@ -139,7 +140,7 @@ def list_vms(vault: VaultDep, _p: Reader) -> list[dict[str, Any]]:
         out = []
         for vm in s.scalars(select(Vm).order_by(Vm.name, Vm.id)):
             host = hosts[vm.host_id]
-            if host.revoked_at is not None:
+            if host.revoked_at is not None or not (vm.present or all):
                 continue
             out.append(vm_view(vm, host, sites.get(host.site_id, ""), items.get(f"{host.id}/{vm.vm_id}"),
                                warning=warnings.get((host.id, vm.vm_id))))

@@ -151,3 +151,35 @@ class CommandResultIn(Lenient):
     progress: float | None = None
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
+
+
+class DiskIn(Strict):
+    disk_id: str | None = None  # default d0, d1, …
+    size: int | None = None     # bytes; an import may leave it out (the image's size)
+    path: str | None = None     # import: the image, relative to the agent's import directory
+
+
+class NicIn(Strict):
+    network: str
+    ip: str | None = None
+    mac: str | None = None      # default: a stable 52:54:00:… address from host and VM name
+
+
+class VmCreateIn(Strict):
+    """POST /vms (CreateVm) and POST /vms/import (ImportVm: ``disks`` carry ``path``)."""
+
+    host: str                   # host id, or host name (with ``site`` when names repeat)
+    site: str | None = None
+    name: str
+    vcpus: int = 1
+    memory_mib: int = 512
+    disks: list[DiskIn] = Field(default_factory=list)
+    nics: list[NicIn] = Field(default_factory=list)
+    workload: dict[str, Any] | None = None  # file VMs: what the stand-in guest OS writes
+    start: bool = False
+    move: bool = False          # import: move the images into the VM instead of copying them
+
+
+class VmStopIn(Strict):
+    force: bool = False
+    timeout_s: float = 60.0

@@ -98,7 +98,8 @@ def item_view(s: Session, item: Item, now: float, settings: VaultSettings,
         damage = damage_of(s, [item.id]).get(item.id)
     ih = item_health(item, policy, agent_up(host, now, settings), now, damage) if live else None
     retry = item.retry or {}
-    return {"id": item.id, "vm_id": item.vm_id, "vm_name": item.vm_name,
+    return {"id": item.id, "lineage_id": item.lineage_id or item.id, "vm_id": item.vm_id,
+            "vm_name": item.vm_name, "origin_item_id": item.origin_item_id,
             "group": group.name if group else None, "policy": policy.name if policy else None,
             "source_host": host.name if host else None, "source_host_id": item.host_id,
             "site": sites.get(host.site_id) if host else None,
@@ -116,16 +117,31 @@ def item_view(s: Session, item: Item, now: float, settings: VaultSettings,
 
 
 def task_view(t: Task) -> dict[str, Any]:
-    return {"name": t.name, "title": t.title, "state": t.state, "started_at": t.started_at,
-            "ended_at": t.ended_at, "progress": t.progress, "message": t.message}
+    """A task; a recovery plan's group task also names the job it started per VM
+    (``child_jobs``: VM name → job id)."""
+    out: dict[str, Any] = {"name": t.name, "title": t.title, "state": t.state,
+                           "started_at": t.started_at, "ended_at": t.ended_at,
+                           "progress": t.progress, "message": t.message}
+    jobs = (t.data or {}).get("jobs") if t.name == "plan_group" else None
+    if isinstance(jobs, dict):
+        out["child_jobs"] = {str(k): str(v) for k, v in jobs.items()}
+    return out
+
+
+# what a job's arguments may show (never a secret): the failover action, the recovery point
+# asked for ("latest", "latest_app" or a point id), the failover and the plan job it belongs to
+JOB_ARGS_SHOWN = {"action": "action", "point": "point", "failover_id": "failover_id",
+                  "plan_job": "parent_job_id", "host": "host"}
 
 
 def job_view(s: Session, job: Job) -> dict[str, Any]:
     tasks = s.scalars(select(Task).where(Task.job_id == job.id).order_by(Task.idx)).all()
+    args = job.args or {}
     return {"id": job.id, "kind": job.kind, "state": job.state, "target": job.target,
             "item_id": job.item_id, "progress": job.progress, "message": job.message,
             "error": job.error, "cancel_requested": job.cancel_requested,
             "created_at": job.created_at, "started_at": job.started_at, "ended_at": job.ended_at,
+            **{shown: args.get(arg) for arg, shown in JOB_ARGS_SHOWN.items()},
             "tasks": [task_view(t) for t in tasks]}
 
 

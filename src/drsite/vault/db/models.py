@@ -154,6 +154,10 @@ class Group(Base):
     last_barrier_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     last_app_barrier_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
+    # the group this one mirrors (migration 0010): re-protect puts reverse items in a group
+    # with reverse_of_id = the forward group; a failback's items go back to reverse_of_id
+    reverse_of_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
 
 class GroupBarrier(Base):
     """One run of a consistency group's barrier (``vault/barrier.py``); ``state`` ``committed``
@@ -222,6 +226,9 @@ class Item(Base):
     # when the store grant's writer last changed (migration 0008): a failover made the item
     # read-only, a cancel writable again (``storeacl.set_status``); None: not since created_at
     grant_changed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # the VM's one identity across failover and failback (migration 0010): the id of the first
+    # item that protected it; re-protect's reverse item (and failback's) inherits it
+    lineage_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 
 
 class Point(Base):
