@@ -25,7 +25,7 @@ from drsite.agent.daemon import Agent
 from drsite.agent.failover import FailoverCommands, FailoverHost
 from drsite.agent.link import Command
 from drsite.agent.recoverybook import BOOK_FILE, RecoveryBook
-from drsite.core.errors import Conflict, InvalidInput
+from drsite.core.errors import Conflict, DrsiteError, InvalidInput
 from drsite.core.model import Consistency
 from drsite.core.states import FailoverState
 from drsite.failover import actions, records
@@ -42,6 +42,21 @@ ITEM = "i-0123456789ab"
 MiB = 1 << 20
 SPEC = {"name": "web1", "vcpus": 1, "memory_mib": 256, "nics": [],
         "disks": [{"disk_id": "d0", "size": MiB}]}
+
+
+_HYPERVISORS: list[FileHypervisor] = []
+
+
+@pytest.fixture(autouse=True)
+def _vms_off() -> Iterator[None]:
+    """A recovery VM outlives the failover that started it (its guest is a process of its
+    own): every VM a test started is stopped when the test ends."""
+    yield
+    while _HYPERVISORS:
+        hv = _HYPERVISORS.pop()
+        for vm in hv.list_vms():
+            with contextlib.suppress(DrsiteError):
+                hv.power_off(vm.vm_id, force=True, timeout=10.0)
 
 
 def store_host(tmp: Path) -> tuple[Path, Path, FileHypervisor]:
@@ -72,7 +87,9 @@ def store_host(tmp: Path) -> tuple[Path, Path, FileHypervisor]:
         base = w.commit(created_at=time.time(), consistency=Consistency.CRASH).point_id
     GenerationStore(repo.store, repo.auth).ensure(ITEM, "prim", now=time.time())
     repo.close()
-    return data, store, FileHypervisor(tmp / "vms")
+    hv = FileHypervisor(tmp / "vms")
+    _HYPERVISORS.append(hv)
+    return data, store, hv
 
 
 def vault_command(data: Path, store: Path, hv: FileHypervisor) -> FailoverCommands:
