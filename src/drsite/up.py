@@ -125,7 +125,8 @@ def start_agent(c: Cluster, site: str, *, store: bool, hypervisor: str | None = 
                 store_url: str | None = None, env: dict[str, str] | None = None) -> None:
     """Register (once) and start the agent of ``site`` with the ``hypervisor`` driver
     (``file`` or ``qemu``, VMs under ``<site>/vms``; default: the cluster's). ``store_url``:
-    the URL the store is advertised at (a proxy in tests); ``env``: extra environment (e.g.
+    the URL the store is advertised at (a proxy in tests); with ``store`` the host gets its
+    site's store role (admin call, before the agent starts); ``env``: extra environment (e.g.
     ``DRSITE_FAILPOINTS``)."""
     from drsite.agent.process import agent_register
 
@@ -151,6 +152,10 @@ def start_agent(c: Cluster, site: str, *, store: bool, hypervisor: str | None = 
         args += ["--store", str(c.root / site / "store"), "--store-listen", f"127.0.0.1:{port}"]
         if store_url is not None:
             args += ["--store-url", store_url]
+        # serving the site's store is a role the vault grants (``vault/storerole.py``): give
+        # it before the agent's first heartbeat announces its store (idempotent on a restart)
+        with c.client() as cl:
+            cl.set_store_host(site, f"{site}-host")
     proc = _spawn(f"agent-{site}", args, c.root / "logs", env)
     c.pids[f"agent-{site}"] = proc.pid
 

@@ -83,3 +83,37 @@ def test_upgrade_from_an_older_revision_keeps_the_rows_and_downgrades_cleanly(
             assert conn.execute(text("SELECT name FROM hosts")).all() == [("host1",)]
     finally:
         db.dispose()
+
+
+def test_upgrade_gives_the_store_role_to_the_host_that_served_each_sites_store(url: str) -> None:
+    """0009_store_role: serving a store becomes a role; an upgraded deployment keeps working —
+    the host that served each site's store (store URL, not revoked, most recently heard) gets
+    it; a site with no such host gets none; a downgrade drops the role."""
+    db = Database(url)
+    try:
+        with db.engine.begin() as conn:
+            command.upgrade(alembic_config(conn), "0008")
+            for n, site in enumerate(("a", "b", "c"), 1):
+                conn.execute(text("INSERT INTO sites (id, name, description, created_at) "
+                                  f"VALUES ({n}, '{site}', '', 1.0)"))
+            for hid, site, url_, beat, revoked in [
+                    ("h-1", 1, "'https://s1'", "10.0", "NULL"),
+                    ("h-2", 1, "'https://s2'", "20.0", "NULL"),   # the most recently heard
+                    ("h-3", 1, "'https://s3'", "30.0", "5.0"),    # revoked
+                    ("h-4", 2, "NULL", "40.0", "NULL"),           # serves no store
+                    ("h-5", 3, "'https://s5'", "NULL", "NULL"),   # never heard, but the only one
+                    ("h-6", 3, "NULL", "50.0", "NULL")]:
+                conn.execute(text(
+                    "INSERT INTO hosts (id, name, site_id, cert_fingerprint, cert_serial, "
+                    "registered_at, version, store_url, last_heartbeat, revoked_at) VALUES "
+                    f"('{hid}', '{hid}', {site}, 'fp', '1', 2.0, '', {url_}, {beat}, {revoked})"))
+        db.migrate()
+        assert _schema_diffs(db) == []
+        with db.engine.connect() as conn:
+            assert conn.execute(text("SELECT name, store_host_id FROM sites ORDER BY name")).all() \
+                == [("a", "h-2"), ("b", None), ("c", "h-5")]
+        with db.engine.begin() as conn:
+            command.downgrade(alembic_config(conn), "0008")
+        assert "store_host_id" not in _columns(db, "sites")
+    finally:
+        db.dispose()

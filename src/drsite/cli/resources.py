@@ -49,7 +49,8 @@ def sites_list(vault: str | None = VaultOpt, token: str | None = TokenOpt,
                ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
     """List sites."""
     with client(vault, token, ca_file) as c:
-        show(c.sites(), ["name", "description", "hosts"], title="sites", json_out=json_out)
+        show(c.sites(), ["name", "description", "hosts", "store_host"], title="sites",
+             json_out=json_out)
 
 
 @sites.command("create")
@@ -62,6 +63,36 @@ def sites_create(name: str, description: str = typer.Option("", help="Free text.
              json_out=json_out)
 
 
+@sites.command("set-store")
+def sites_set_store(site: str,
+                    host: str | None = typer.Argument(None, help="Host id, or host name in "
+                                                                 "SITE (omit with --none)."),
+                    none: bool = typer.Option(False, "--none", help="The site serves no store."),
+                    force: bool = typer.Option(False, help="Move the role although items "
+                                                           "replicate to the current store host "
+                                                           "(their points stay behind)."),
+                    vault: str | None = VaultOpt, token: str | None = TokenOpt,
+                    ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
+    """Give SITE's store role to HOST (admin). Only that host's agent serves the site's
+    recovery store: it gets the store's access list and recovery book, and its break-glass
+    failovers are believed. A store URL another host announces is ignored and alerted."""
+    if (host is None) == (not none):
+        raise InvalidInput("give either HOST or --none",
+                           hint=f"'drsite sites set-store {site} HOST' (see 'drsite hosts list').")
+    with client(vault, token, ca_file) as c:
+        res = c.set_store_host(site, host, force=force)
+        if json_out:
+            show(res, [], title="", json_out=True)
+            return
+        who = res.get("store_host_name") or "no host"
+        typer.echo(f"site {site}: store role held by {who}"
+                   + ("" if res.get("changed") else " (unchanged)"))
+        if res.get("moved_items"):
+            typer.echo(f"{len(res['moved_items'])} item(s) stay on the old store host's store "
+                       "and must be protected anew: 'drsite items unprotect ITEM', then "
+                       "'drsite items protect VM --group GROUP'")
+
+
 # -- hosts / vms --------------------------------------------------------------------------------
 
 @hosts.command("list")
@@ -69,7 +100,7 @@ def hosts_list(vault: str | None = VaultOpt, token: str | None = TokenOpt,
                ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
     """List registered hosts and whether their agent is up."""
     with client(vault, token, ca_file) as c:
-        show(c.hosts(), ["id", "name", "site", "up", "last_heartbeat", "store_url"],
+        show(c.hosts(), ["id", "name", "site", "up", "last_heartbeat", "store_role", "store_url"],
              title="hosts", json_out=json_out)
 
 
