@@ -5,15 +5,20 @@ alerted once. Moving the role while items use the current store host needs ``for
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
+from drsite.agent.process import agent_register
+from drsite.cli.main import app
+from drsite.vault.context import Vault
 from drsite.vault.testing import Agent, Harness
 from tests.integration.test_vault_api import policy_and_group, protect, two_sites
-from tests.integration.test_vault_trust import security_alerts
+from tests.integration.test_vault_trust import security_alerts, served  # noqa: F401 (fixture)
 
 CLAIM = "https://127.0.0.1:9777"
 
@@ -132,3 +137,28 @@ def test_setting_the_role_validates_the_host_and_needs_an_admin(h: Harness) -> N
     h.ok("DELETE", f"/hosts/{c.host_id}")
     r = h.set_store("sec", "hv3")
     assert r.status_code == 400 and "revoked" in r.json()["message"]
+
+
+def test_cli_set_store_over_https(served: tuple[str, Vault], tmp_path: Path) -> None:  # noqa: F811
+    url, vault = served
+    ca = vault.tls.ca
+    admin = (vault.settings.data_dir / "admin.token").read_text().strip()
+    runner = CliRunner()
+    opts = ["--vault", url, "--token", admin, "--ca-file", str(ca)]
+    assert runner.invoke(app, ["sites", "create", "sec", *opts]).exit_code == 0
+    key = runner.invoke(app, ["vault", "registration-key", "--site", "sec", *opts]).output.strip()
+    ident = agent_register(url, key, tmp_path / "agent", "dr1", ca_file=ca)
+    r = runner.invoke(app, ["sites", "set-store", "sec", *opts])
+    assert r.exit_code != 0 and "give either HOST or --none" in str(r.exception)
+    r = runner.invoke(app, ["sites", "set-store", "sec", "dr1", *opts])
+    assert r.exit_code == 0 and "store role held by dr1" in r.output, r.output
+    r = runner.invoke(app, ["sites", "set-store", "sec", "dr1", *opts])
+    assert r.exit_code == 0 and "(unchanged)" in r.output, r.output
+    r = runner.invoke(app, ["sites", "list", "--json", *opts])
+    assert json.loads(r.output)[0]["store_host"] == ident.host_id
+    r = runner.invoke(app, ["hosts", "list", "--json", *opts])
+    assert [h["store_role"] for h in json.loads(r.output)] == [True]
+    r = runner.invoke(app, ["sites", "set-store", "sec", "--none", *opts])
+    assert r.exit_code == 0 and "store role held by no host" in r.output, r.output
+    r = runner.invoke(app, ["sites", "set-store", "sec", "nosuch", *opts])
+    assert r.exit_code != 0 and "no host 'nosuch'" in str(r.exception), r.output
