@@ -156,8 +156,10 @@ def start_agent(c: Cluster, site: str, *, store: bool, hypervisor: str | None = 
     """Register (once) and start the agent of ``site`` with the ``hypervisor`` driver
     (``file`` or ``qemu``, VMs under ``<site>/vms``; default: the cluster's). ``store_url``:
     the URL the store is advertised at (a proxy in tests); ``env``: extra environment (e.g.
-    ``DRSITE_FAILPOINTS``). ``host``: a further host of ``site`` (its files under ``<host>/``,
-    process ``agent-<host>``, no store), e.g. a second source host for a consistency group."""
+    ``DRSITE_FAILPOINTS``); with ``store`` the host gets its site's store role (admin call,
+    before the agent starts). ``host``: a further host of ``site`` (its files under
+    ``<host>/``, process ``agent-<host>``, no store), e.g. a second source host for a
+    consistency group."""
     key_dir = host or site
     data = c.root / key_dir / "agent"
     vms = c.root / key_dir / "vms"
@@ -186,6 +188,10 @@ def start_agent(c: Cluster, site: str, *, store: bool, hypervisor: str | None = 
         args += ["--store", str(c.root / site / "store"), "--store-listen", f"127.0.0.1:{port}"]
         if store_url is not None:
             args += ["--store-url", store_url]
+        # serving the site's store is a role the vault grants (``vault/storerole.py``): give
+        # it before the agent's first heartbeat announces its store (idempotent on a restart)
+        with c.client() as cl:
+            cl.set_store_host(site, f"{site}-host")
     proc = _spawn(f"agent-{key_dir}", args, c.root / "logs", env)
     c.pids[f"agent-{key_dir}"] = proc.pid
     c.save()

@@ -46,6 +46,7 @@ def two_sites(h: Harness) -> tuple[Agent, Agent]:
     h.site("sec")
     a = h.register("prim", "hv1")
     b = h.register("sec", "hv2")
+    assert h.set_store("sec", "hv2").status_code == 200   # the site's store role (storerole)
     a.beat(vms=[vm_info("vm-1", "web1"), vm_info("vm-2", "db1", labels=["db"])])
     b.beat(store_url="https://127.0.0.1:9443")
     return a, b
@@ -129,7 +130,7 @@ def test_tokens_roles_and_secrets(h: Harness, tmp_path: Path) -> None:
 def test_sites_registration_and_hosts(h: Harness) -> None:
     site = h.ok("POST", "/sites", json={"name": "prim", "description": "primary DC"})
     assert site == {"name": "prim", "description": "primary DC", "created_at": site["created_at"],
-                    "hosts": 0}
+                    "hosts": 0, "store_host": None}
     before = snapshot(h)
     err(h.call("POST", "/sites", json={"name": "prim"}), 409, "conflict")
     for bad in ("../etc", "a/b", "bad\x00name", "tab\tname", "", ".hidden", "x" * 64):

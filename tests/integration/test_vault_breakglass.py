@@ -113,7 +113,10 @@ def test_breakglass_reports_the_vault_must_not_believe(h: Harness) -> None:
     beat(b, breakglass=[bg_record("i-000000000000", "bg-bbbbbbbbbbbb")])
     beat(b, breakglass=[bg_record(item_id, "bg-cccccccccccc", state="starting")])
     assert h.ok("GET", f"/items/{item_id}")["protection"] == "protected"
-    assert len(security_alerts(h)) == 3
+    # three refused reports, and the source host's store URL: a claim without the store role
+    alerts = security_alerts(h)
+    assert len(alerts) == 4
+    assert len([al for al in alerts if "without the site's store role" in al["message"]]) == 1
     # malformed
     r = beat(b, breakglass=[{"failover_id": "bg-dddddddddddd", "item_id": item_id}])
     assert r.status_code == 400, r.text

@@ -60,6 +60,7 @@ def setup(h: Harness) -> tuple[Agent, Agent, str]:
 
 def test_planned_failover_commit_reprotect_commands(h: Harness) -> None:
     a, b, item = setup(h)
+    assert h.set_store("prim", "hv1").status_code == 200   # the old primary's store role
     job = h.ok("POST", f"/items/{item}/failover/planned-failover", json={})
     cmd = play(h, a, "failover_prepare", {"point_id": "p000000000002", "fingerprints": {"d0": "x"}})
     assert cmd["args"]["failover_id"].startswith("f-")

@@ -48,6 +48,7 @@ def fleet(h: Harness) -> tuple[Agent, Agent, Agent]:
     h.site("prim")
     h.site("sec")
     a, b, dr = h.register("prim", "hv1"), h.register("prim", "hv2"), h.register("sec", "dr1")
+    assert h.set_store("sec", "dr1").status_code == 200
     dr.beat(store_url="https://127.0.0.1:9443")
     a.beat(vms=vms(N_VMS))
     b.beat(vms=vms(3, "db"))

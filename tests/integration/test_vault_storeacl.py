@@ -227,9 +227,6 @@ def test_two_transactions_making_one_point_key_agree(tmp_path: Path, pg_url: str
         hh.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review r9, not fixed: serving a store is claimed by the "
-                   "host itself (store_url in its heartbeat); the vault needs an admin-assigned "
-                   "store role per site before this can hold")
 def test_a_host_that_merely_claims_a_store_gets_no_keys_and_no_breakglass(h: Harness) -> None:
     """docs/security.md: a site registration key registers one new host that "cannot ... get
     any existing item's keys or data". A second host of the recovery site that puts a

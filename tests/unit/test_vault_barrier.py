@@ -33,6 +33,7 @@ def setup_group(h: Harness, *, consistent: bool = True) -> tuple[list[Agent], li
     h.site("prim")
     h.site("sec")
     a1, a2, st = h.register("prim", "hv1"), h.register("prim", "hv2"), h.register("sec", "st")
+    assert h.set_store("sec", "st").status_code == 200   # the site's store role
     vms = {a1: [vm_info("vm-a", "vma")], a2: [vm_info("vm-b", "vmb")]}
     for a, v in vms.items():
         a.beat(vms=v)

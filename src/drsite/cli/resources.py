@@ -52,7 +52,7 @@ audit = typer.Typer(help="The audit trail: who did what, from where, when (admin
 def sites_list(conn: Conn) -> None:
     """List sites."""
     with conn.client() as c:
-        show(c.sites(), ["name", "description", "hosts"], title="sites", json_out=conn.json)
+        show(c.sites(), ["name", "description", "hosts", "store_host"], title="sites", json_out=conn.json)
 
 
 @vault_command(sites, "create")
@@ -64,12 +64,40 @@ def sites_create(conn: Conn, name: str,
              json_out=conn.json)
 
 
+@vault_command(sites, "set-store")
+def sites_set_store(conn: Conn, site: str,
+                    host: str | None = typer.Argument(None, help="Host id, or host name in "
+                                                                 "SITE (omit with --none)."),
+                    none: bool = typer.Option(False, "--none", help="The site serves no store."),
+                    force: bool = typer.Option(False, help="Move the role although items "
+                                                           "replicate to the current store host "
+                                                           "(their points stay behind).")) -> None:
+    """Give SITE's store role to HOST (admin). Only that host's agent serves the site's
+    recovery store: it gets the store's access list and recovery book, and its break-glass
+    failovers are believed. A store URL another host announces is ignored and alerted."""
+    if (host is None) == (not none):
+        raise InvalidInput("give either HOST or --none",
+                           hint=f"'drsite sites set-store {site} HOST' (see 'drsite hosts list').")
+    with conn.client() as c:
+        res = c.set_store_host(site, host, force=force)
+    if conn.json:
+        print(json.dumps(res, indent=2, sort_keys=True, default=str))
+        return
+    who = res.get("store_host_name") or "no host"
+    console.print(f"site {site}: store role held by {who}"
+                  + ("" if res.get("changed") else " (unchanged)"))
+    if res.get("moved_items"):
+        console.print(f"{len(res['moved_items'])} item(s) stay on the old store host's store "
+                      "and must be protected anew: 'drsite items unprotect ITEM', then "
+                      "'drsite items protect VM --group GROUP'")
+
+
 @vault_command(hosts, "list")
 def hosts_list(conn: Conn, where: list[str] = WhereOpt, sort: str | None = SortOpt) -> None:
     """List registered hosts and whether their agent is up."""
     with conn.client() as c:
         show(select_rows(c.hosts(), where, sort),
-             ["id", "name", "site", "up", "last_heartbeat", "store_url"],
+             ["id", "name", "site", "up", "last_heartbeat", "store_role", "store_url"],
              title="hosts", json_out=conn.json)
 
 

@@ -139,6 +139,11 @@ class VaultClient:
     def registration_key(self, site: str, ttl_s: int = 3600) -> dict[str, Any]:
         return dict(self._call("POST", f"/sites/{site}/registration-keys", json={"ttl_s": ttl_s}))
 
+    def set_store_host(self, site: str, host: str | None, *, force: bool = False) -> dict[str, Any]:
+        """Give ``site``'s store role to ``host`` (id or name; None: to nobody) (admin)."""
+        return dict(self._call("PUT", f"/sites/{site}/store-host",
+                               json={"host": host, "force": force}))
+
     def hosts(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/hosts"))
 

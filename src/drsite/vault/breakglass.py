@@ -12,8 +12,9 @@ fenced (``failover_fence``, as after any unplanned failover). The store's access
 makes the item read-only for the old primary, and the store's generation record fences its
 engine in any case. Commit, cancel and change-point go through the vault as usual.
 
-Reports are believed only from a store-serving host of the item's target site (the host that
-holds the item's point key and replica); anything else is refused, audited and alerted. A
+Reports are believed only from the store host of the item's target site (the holder of its
+store role, ``storerole``: it holds the item's point key and replica; a host that merely claims
+a store in its heartbeat is not believed); anything else is refused, audited and alerted. A
 report for an item that a *different* failover already holds (the vault failed it over too
 before it was lost) is a conflict: two recovery VMs may exist; a critical alert says so.
 Idempotent per failover id.
@@ -84,7 +85,7 @@ def apply_reports(s: Session, host: Host, reports: list[dict[str, Any]], now: fl
             _refuse(s, host, fid, item_id, "no such item", now)
             continue
         group = s.get(Group, item.group_id)
-        if host.site_id != item.target_site_id or host.store_url is None \
+        if host.site_id != item.target_site_id or not storeacl.serves_store(s, host) \
                 or group is None or group.store_id is not None:
             _refuse(s, host, fid, item_id, "the host does not serve the item's recovery store",
                     now)

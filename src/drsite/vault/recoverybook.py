@@ -1,11 +1,12 @@
 """The recovery book the vault hands every store-serving agent beforehand, for break-glass
 failover when no vault answers (``drsite agent failover``; issue 14 part 4).
 
-For the store host of a site: every item that replicates to that site's agent store and is
-protected (or was in the middle of a failover), with what an unplanned failover needs of the
-vault — the VM's configuration as last reported, the source and recovery sites' names, the
-network map between them — and every recovery plan, its groups narrowed to those items. The
-point keys are not in it: they are in the store's access list already (``storeacl``).
+For the store host of a site (the holder of its store role, ``storerole``): every item that
+replicates to that site's agent store and is protected (or was in the middle of a failover),
+with what an unplanned failover needs of the vault — the VM's configuration as last reported,
+the source and recovery sites' names, the network map between them — and every recovery plan,
+its groups narrowed to those items. The point keys are not in it: they are in the store's access
+list already (``storeacl``).
 
 It goes in the heartbeat reply when the agent's ``recovery_book_digest`` differs (so an
 unchanged book costs nothing but the digest), and the agent keeps it in a 0600 file.
@@ -26,7 +27,7 @@ from drsite.core.errors import InvalidInput
 from drsite.core.states import ItemProtection
 from drsite.failover.wire import BOOK_FORMAT, recovery_book_digest, vm_spec_from_dict
 from drsite.vault.db.models import Host, Item, NetworkMapping, RecoveryPlan, Site, Vm
-from drsite.vault.storeacl import site_store_items
+from drsite.vault.storeacl import serves_store, site_store_items
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +109,8 @@ def book(s: Session, host: Host) -> dict[str, Any]:
 
 def reply_fields(s: Session, host: Host, agent_digest: str | None) -> dict[str, Any]:
     """``{"recovery_book": book}`` for a store-serving host whose book differs, else nothing."""
-    if host.store_url is None or host.revoked_at is not None:
-        return {}
+    if not serves_store(s, host):
+        return {}   # a store_url without the site's store role is only a claim (storerole)
     doc = book(s, host)
     if agent_digest is not None and agent_digest == recovery_book_digest(doc):
         return {}

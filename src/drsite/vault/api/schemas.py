@@ -32,6 +32,11 @@ class RegistrationKeyIn(Strict):
     ttl_s: int = 3600
 
 
+class StoreHostIn(Strict):
+    host: str | None  # host id or name in the site; None: the site has no store host
+    force: bool = False  # move the role although items replicate to the current store host
+
+
 class PolicyIn(Strict):
     name: str | None = None  # required by POST; PUT takes the name from the path
     frequency_s: float = 300.0

@@ -37,12 +37,21 @@ def site_names(s: Session) -> dict[int, str]:
 
 def site_view(site: Site, hosts: int) -> dict[str, Any]:
     return {"name": site.name, "description": site.description, "created_at": site.created_at,
-            "hosts": hosts}
+            "hosts": hosts, "store_host": site.store_host_id}
 
 
-def host_view(h: Host, site: str, now: float, settings: VaultSettings) -> dict[str, Any]:
+def store_roles(s: Session) -> set[str]:
+    """Ids of the hosts holding their site's store role."""
+    return {h for h in s.scalars(select(Site.store_host_id)) if h is not None}
+
+
+def host_view(h: Host, site: str, now: float, settings: VaultSettings,
+              roles: set[str]) -> dict[str, Any]:
+    """A host; ``store_url`` is what its agent claims, ``store_role`` whether an admin gave
+    it its site's store role (only then does it serve the site's store: ``storerole``)."""
     return {"id": h.id, "name": h.name, "site": site, "last_heartbeat": h.last_heartbeat,
             "up": agent_up(h, now, settings), "version": h.version, "store_url": h.store_url,
+            "store_role": h.id in roles,
             "registered_at": h.registered_at, "revoked": h.revoked_at is not None}
 
 

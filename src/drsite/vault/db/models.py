@@ -48,6 +48,11 @@ class Site(Base):
     name: Mapped[str] = mapped_column(String(64), unique=True)
     description: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[float] = mapped_column(Float)
+    # the host an admin granted the site's store role (migration 0011; ``storeacl``): only it
+    # gets the store's access list and recovery book and is believed about break-glass; a
+    # ``store_url`` in another host's heartbeat is a claim, never acted on. No foreign key
+    # (hosts refer to sites): checked where used (same site, not revoked).
+    store_host_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class RegistrationKey(Base):

@@ -579,7 +579,8 @@ def reverse_replication(ctx: TaskContext) -> Step:
     store = target_store(ctx, src.site_id)
     if store is None or store.store_url is None:
         raise PermanentError("no recovery store is online in the old primary's site",
-                             hint="Run the old primary's agent with --store-listen.")
+                             hint="Run the old primary's agent with --store-listen and give it "
+                                  "the site's store role ('drsite sites set-store SITE HOST').")
     rev = ctx.s.get(Item, rev_id)
     if rev is None:
         group = reverse_group(ctx, item)
