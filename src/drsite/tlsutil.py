@@ -249,6 +249,18 @@ class _Server(uvicorn.Server):
             for s, h in old.items():
                 signal.signal(s, h)
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's graceful stop, after the app's ``state.on_server_stop`` hooks ran: they end
+        the app's long waits (a command long poll answers at once), which would otherwise hold
+        every stop for the whole graceful timeout."""
+        state = getattr(self.config.app, "state", None)
+        for hook in list(getattr(state, "on_server_stop", None) or ()):
+            try:
+                hook()
+            except Exception:  # a hook must not keep the server from stopping
+                log.exception("server stop hook failed")
+        await super().shutdown(sockets)
+
 
 def _config(app: ASGIApp, ctx: ssl.SSLContext, *, host: str, port: int,
             keep_alive_s: int, graceful_s: int, log_level: str) -> uvicorn.Config:
@@ -437,9 +449,9 @@ def start_in_thread(app: ASGIApp, *, host: str, port: int, certfile: Path, keyfi
     ctx = server_context(certfile, keyfile, cafile, client_cert=client_cert)
     sock = _bind(host, port)
     real_port = int(sock.getsockname()[1])
-    server = uvicorn.Server(_config(app, ctx, host=host, port=real_port,
-                                    keep_alive_s=keep_alive_s, graceful_s=graceful_s,
-                                    log_level=log_level))
+    server = _Server(_config(app, ctx, host=host, port=real_port,
+                             keep_alive_s=keep_alive_s, graceful_s=graceful_s,
+                             log_level=log_level))
     failure: list[BaseException] = []
 
     def run() -> None:

@@ -194,3 +194,33 @@ def test_two_waiters_of_one_host_never_both_take_a_command(served: Served) -> No
         stop.set()
         t1.join(5)
         t2.join(5)
+
+
+def test_a_stopping_server_answers_the_long_poll_at_once(tmp_path: Path) -> None:
+    """A waiting long poll must not hold a vault's stop for the whole graceful timeout (every
+    ``drsite down`` and every vault restart took 10 s more): the stop hook answers it."""
+    s = Served(tmp_path)
+    got: list[float] = []
+
+    def poll() -> None:
+        s.link.wait_commands(30.0)
+        got.append(time.monotonic())
+
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 10
+    while s.vault.waiters.count() == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert s.vault.waiters.count() == 1
+    t0 = time.monotonic()
+    s.handle.stop(timeout=30)
+    stopped = time.monotonic() - t0
+    t.join(5)
+    try:
+        assert stopped < 1.5, f"the stop took {stopped:.1f} s with a long poll waiting"
+        assert got and got[0] - t0 < 1.5
+        assert s.vault.waiters.closed and s.vault.waiters.count() == 0
+    finally:
+        s.link.close()
+        s.vault.close()
+

@@ -57,6 +57,7 @@ def create_app(settings: VaultSettings, vault: Vault | None = None, *,
                   description="Control plane of drsite: sites, hosts, policies, protection groups, "
                               "protected items, recovery points, jobs, alerts.")
     app.state.vault = v
+    app.state.on_server_stop = [v.waiters.close]  # long polls answer before the graceful wait
     errors.install(app)
     app.add_middleware(audit.AuditMiddleware)  # every mutating or refused call → audit trail
     for r in (public.router, inventory.router, protection.router, operations.router, tokens.router,

@@ -49,10 +49,23 @@ class Waiters:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_host: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+        self.closed = False  # the server stops: long polls answer at once
+
+    def close(self) -> None:
+        """The server is stopping: wake every waiter (it answers with what is pending, or
+        nothing) and let later ones answer without waiting."""
+        with self._lock:
+            self.closed = True
+            targets = [w for ws in self._by_host.values() for w in ws]
+        self._set(targets)
 
     def wake(self, host_ids: set[str]) -> None:
         with self._lock:
             targets = [w for h in host_ids for w in self._by_host.get(h, [])]
+        self._set(targets)
+
+    @staticmethod
+    def _set(targets: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]) -> None:
         for loop, ev in targets:
             try:
                 loop.call_soon_threadsafe(ev.set)

@@ -161,7 +161,7 @@ async def wait_commands(body: CommandWaitIn, vault: VaultDep, cert: PeerCert) ->
             return {"commands": cmds}
         while True:
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 or vault.waiters.closed:  # timed out, or the server stops
                 return {"commands": []}
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ev.wait(), timeout=min(left, vault.push_poll_s))
