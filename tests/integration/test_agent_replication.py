@@ -21,11 +21,12 @@ import pytest
 from drsite.agent.daemon import Agent
 from drsite.agent.process import agent_register
 from drsite.agent.testing import FakeVault
-from drsite.core.model import Consistency, DiskSpec, VmSpec
+from drsite.core.model import Consistency, DiskSpec, PowerState, VmSpec
 from drsite.hypervisors.file.driver import FileHypervisor
 from drsite.store.digest import file_digest, image_digest
 from drsite.store.local.backend import LocalObjectStore
 from drsite.store.repository import Repository
+from tests.blackhole import Proxy
 
 pytestmark = pytest.mark.slow
 
@@ -248,3 +249,46 @@ def test_site_store_retention_and_deletion_run_on_the_stores_agent(sites: Sites)
     finally:
         primary.stop()
         t.join(30)
+
+
+def test_a_fence_overtakes_a_cycle_hung_on_a_black_holed_store(sites: Sites) -> None:
+    """Issue 13: an unplanned failover's fence reaches a live old primary whose cycle hangs on
+    the black-holed recovery store (no RST, only the network timeout tells): the fence must not
+    wait behind that cycle in the item's lane — the VM is powered off in about a second."""
+    vm_id = sites.make_vm(4 * MiB)
+    sites.hv.power_on(vm_id)
+    port = int(sites.store_url.rsplit(":", 1)[1])
+    proxy = Proxy(port)
+    primary = Agent(sites.tmp / "pri", hypervisor=sites.hv, heartbeat_interval=0.3)
+    t = threading.Thread(target=primary.run, daemon=True)
+    t.start()
+    try:
+        r = sites.vault.wait_final(sites.vault.send(
+            sites.pri_id, "protect", ITEM, {"vm_id": vm_id, "target_site": "site-b",
+                                            "store_url": proxy.url, "settings": SETTINGS}), 30)
+        assert r["status"] == "succeeded", r
+        proxy.hold()
+        sites.hv.write(vm_id, "d0", 0, b"\x33" * 65536)
+        cycle = sites.vault.send(sites.pri_id, "cycle", ITEM, {"app_consistent": False})
+        deadline = time.monotonic() + 10
+        while cycle not in primary.held_commands():
+            assert time.monotonic() < deadline, "the agent did not take the cycle"
+            time.sleep(0.05)
+        time.sleep(1.0)  # the cycle is shipping into the hole
+        t0 = time.monotonic()
+        fence = sites.vault.send(sites.pri_id, "failover_fence", ITEM,
+                                 {"failover_id": "f1", "recovery_site": "site-b",
+                                  "generation": 2})
+        r = sites.vault.wait_final(fence, 10)
+        took = time.monotonic() - t0
+        assert r["status"] == "succeeded" and r["result"]["fenced"] is True, r
+        assert took < 3, f"the fence waited {took:.1f} s behind the hung cycle"
+        assert sites.hv.get_vm(vm_id).power is PowerState.STOPPED
+        assert sites.vault.final(cycle) is None  # the cycle still hangs in the hole
+    finally:
+        proxy.close()
+        primary.stop()
+        t.join(60)
+        for vm in sites.hv.list_vms():
+            sites.hv.power_off(vm.vm_id, force=True)
+

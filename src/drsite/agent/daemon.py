@@ -100,6 +100,9 @@ CATALOGUE_TIMEOUT_S = 5.0  # listing an item's points at a peer store
 URGENT_KINDS = frozenset((*FAILOVER_KINDS, "unprotect"))
 URGENT_WORKERS = 4
 BARRIER_WORKERS = 4  # group barriers' prepare and seal: short, local, never behind a lane
+# run beside the item's lane, never queued behind its work: a fence powers the old primary's VM
+# off while a cycle may hang on a black-holed store for its whole network timeout
+BESIDE_LANE_KINDS = frozenset(("failover_fence",))
 FULL_HEARTBEAT_EVERY = 30
 CHANNEL_WAIT_S = 20.0  # how long the vault may hold the command channel's request
 
@@ -810,6 +813,9 @@ class Agent:
             with self._lock:
                 self._inflight.pop(cmd.command_id, None)
             raise  # not taken: the vault re-delivers it (the next heartbeat does not hold it)
+        if cmd.kind in BESIDE_LANE_KINDS and self._barrier_pool is not None:
+            self._barrier_pool.submit(self._beside_lane, cmd)
+            return
         with self._lock:
             if cmd.kind == "unprotect":
                 lane = self._lanes.get(cmd.item_id)
@@ -824,6 +830,19 @@ class Agent:
         """The lane a command runs in: its item's, a VM command's VM's (``vms.lane_of``), else
         the lane of commands of no item ("")."""
         return cmd.item_id or (lane_of(cmd) if cmd.kind.startswith("vm_") else "")
+
+    def _beside_lane(self, cmd: Command) -> None:
+        """A command of ``BESIDE_LANE_KINDS``, on a barrier thread, concurrently with whatever
+        the item's lane runs (a fence is idempotent and only powers the VM off and marks the
+        entry failed over; a cycle it overtakes fails on the store's newer generation)."""
+        try:
+            self._execute(cmd.item_id or "", _Task(cmd.kind, cmd))
+        except Exception:
+            log.exception("command %s (%s %s) failed unexpectedly", cmd.command_id, cmd.kind,
+                          cmd.item_id)
+        finally:
+            with self._lock:
+                self._inflight.pop(cmd.command_id, None)
 
     def _barrier_task(self, cmd: Command) -> None:
         """A group barrier's prepare (answered from here) or seal (then shipped in the item's
