@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/drsite demo
 
+# the suite in 4 workers (pytest-xdist): the end-to-end tests mostly wait on real processes and
+# timers, so 4 run side by side on 2 cores; a module's tests stay in one worker (tests/conftest.py)
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 4 --dist loadgroup
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -1,4 +1,18 @@
 """Shared pytest plugins: ``tests.pg`` provides the ``pg_server`` / ``pg_url`` fixtures (a
 throw-away PostgreSQL cluster; see tests/pg.py)."""
 
+import pytest
+
 pytest_plugins = ["tests.pg"]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's loadgroup reads the marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``--dist loadgroup``), a module's tests run in one worker, so its
+    module-scoped cluster starts once; the modules that use the README's cluster (a session
+    fixture) share one worker, so it starts once too."""
+    module = {item: item.nodeid.split("::")[0] for item in items}
+    readme = {module[item] for item in items if "readme" in getattr(item, "fixturenames", ())}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group("readme" if module[item] in readme
+                                                else module[item]))

@@ -17,6 +17,7 @@ Responsible for: starting drills and their views. Not responsible for: running t
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from sqlalchemy import func, select
@@ -38,6 +39,7 @@ from drsite.vault.policies import parse_window
 from drsite.vault.recovery_plans import get_plan, plan_tasks, validate_drill
 from drsite.vault.settings import VaultSettings
 
+log = logging.getLogger(__name__)
 DEFAULT_DRILL = {"every_s": 7 * 86400.0, "window": None, "boot_timeout_s": 120.0, "probe": None}
 
 
@@ -159,6 +161,8 @@ class DrillScheduler:
     def __init__(self, db: Database, settings: VaultSettings) -> None:
         self.db = db
         self.settings = settings
+        # why each due drill could not start (logged when the reason changes, not every tick)
+        self._held: dict[str, str] = {}
 
     def tick(self) -> list[str]:
         now = self.settings.clock.now()
@@ -177,12 +181,18 @@ class DrillScheduler:
                 if self._due(g.drill, last_group.get(g.name), now):
                     due.append((None, g.name))
             for plan, group in due:
+                target = drill_target(plan=plan, group=group)
                 try:
                     with s.begin_nested():
                         started.append(start_drill(s, plan, group_name=group,
                                                    trigger="schedule", now=now).id)
-                except (Conflict, InvalidInput, NotFound):
+                except (Conflict, InvalidInput, NotFound) as e:  # tried again next tick
+                    if self._held.get(target) != e.message:
+                        log.warning("scheduled drill of %s is due but cannot start: %s",
+                                    target, e.message)
+                        self._held[target] = e.message
                     continue
+                self._held.pop(target, None)
         return started
 
     def _due(self, spec: dict[str, Any] | None, prev: float | None, now: float) -> bool:
