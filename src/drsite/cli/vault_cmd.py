@@ -32,15 +32,41 @@ def serve(
                                            help="Seconds a controller that stopped renewing its "
                                                 "lease keeps it before another vault process "
                                                 "takes over."),
+    url: str | None = typer.Option(None, help="URL agents and operators reach this vault at "
+                                              "(default https://LISTEN); a standby vault names "
+                                              "the active one's in its refusals."),
 ) -> None:
     """Run the vault in the foreground (Ctrl-C or SIGTERM stops it cleanly), with the web
-    dashboard at /ui."""
+    dashboard at /ui. On a hot-standby PostgreSQL database it runs as the standby vault of a
+    pair: reads only, until 'drsite vault promote'."""
     from drsite.vault.server import run_vault
     from drsite.web.routes import router as dashboard
 
     run_vault(data, listen=listen, db_url=db, heartbeat_interval=heartbeat_interval,
               master_key_file=master_key_file, routers=[dashboard], workers=workers,
-              lease_s=controller_lease)
+              lease_s=controller_lease, url=url)
+
+
+@vault.command("promote")
+def promote(
+    vault: str | None = VaultOpt,
+    token: str | None = typer.Option(None, "--token", envvar="DRSITE_TOKEN"),
+    ca_file: Path | None = CaOpt,
+    data: Path | None = typer.Option(None, help="The standby vault's data directory (its CA)."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Make the standby vault at --vault the active one, when the active vault's site is lost:
+    its PostgreSQL is promoted, it takes the controller lease with a new epoch (the old active
+    vault, if it comes back, is fenced and refuses writes until 'drsite vault rejoin') and runs
+    the jobs. Never automatic: run it only when the other site is down or cut off."""
+    if ca_file is None and data is not None:
+        ca_file = data / "pki" / "ca.pem"
+    with client(vault, _admin_token(data, token), ca_file) as c:
+        res = c.promote()
+    if json_out:
+        show(res, [], title="", json_out=True)
+    else:
+        typer.echo(f"vault promoted: role {res['role']}, controller epoch {res['epoch']}")
 
 
 @vault.command("rotate-master-key")

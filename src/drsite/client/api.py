@@ -263,8 +263,12 @@ class VaultClient:
         return self.page("/events", limit=limit, cursor=cursor, **filters)
 
     def controller(self) -> dict[str, Any]:
-        """Which vault process is the controller (``{"lease", "this_process"}``)."""
+        """Which vault process is the controller (``{"lease", "role", "this_process"}``)."""
         return dict(self._call("GET", "/controller"))
+
+    def promote(self) -> dict[str, Any]:
+        """Make the vault this client talks to (a standby) the active one (admin)."""
+        return dict(self._call("POST", "/vault/promote"))
 
     def ack_alert(self, alert_id: str) -> None:
         self._call("POST", f"/alerts/{alert_id}/ack")

@@ -110,11 +110,14 @@ class Identity:
     info: dict[str, Any]
 
 
-def this_process(listen: str | None = None) -> Identity:
+def this_process(listen: str | None = None, url: str | None = None) -> Identity:
+    """``url``: where agents and operators reach this vault (a standby names the holder's as
+    the active vault's)."""
     host, pid = socket.gethostname(), os.getpid()
     info: dict[str, Any] = {"host": host, "pid": pid, "start": _start_ticks(pid),
                             "boot_id": _read("/proc/sys/kernel/random/boot_id"),
-                            "pidns": _pid_namespace(), "version": __version__, "listen": listen}
+                            "pidns": _pid_namespace(), "version": __version__, "listen": listen,
+                            "url": url}
     return Identity(f"{host}:{pid}:{uuid.uuid4().hex[:12]}", info)
 
 
@@ -162,6 +165,7 @@ class LeaseView:
         info = self.info or {}
         return {"holder": self.holder, "epoch": self.epoch, "live": self.live,
                 "host": info.get("host"), "pid": info.get("pid"), "listen": info.get("listen"),
+                "url": info.get("url"),
                 "version": info.get("version"), "acquired_at": self.acquired_at,
                 "renewed_at": self.renewed_at, "expires_at": self.expires_at,
                 "expires_in_s": round(self.expires_at - self.now, 3)}

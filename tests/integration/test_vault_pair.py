@@ -1,0 +1,164 @@
+"""A vault per site on PostgreSQL streaming replication (issue 14 parts 1–3), real processes:
+two PostgreSQL clusters drsite starts on loopback (``vault/pgcluster.py``: the primary, and a
+hot standby made by ``pg_basebackup`` from a replication slot), ``drsite vault serve`` on each.
+
+- the standby vault takes the CA from the replicated database (same CA, no files copied but
+  the master key), serves reads (the API with the active's tokens, the dashboard) and answers
+  every write — an operator's call, an agent's heartbeat — with ``standby`` (503, transient),
+  naming the active vault's URL;
+- what the active writes shows on the standby (streaming replication).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from drsite import tlsutil
+from drsite.pki import make_key_and_csr
+from drsite.vault.pgcluster import LocalCluster
+from drsite.web.session import COOKIE
+from tests.integration.test_vault_controller_processes import (
+    VaultProc,
+    free_port,
+    start_vault,
+    stop,
+)
+from tests.pg import pg_wanted
+
+
+@pytest.fixture(autouse=True)
+def _needs_pg() -> None:
+    run, reason = pg_wanted()
+    if not run:
+        pytest.skip(reason)
+
+
+@dataclass
+class Pair:
+    pg_a: LocalCluster
+    pg_b: LocalCluster
+    data_a: Path
+    data_b: Path
+    a: VaultProc
+    b: VaultProc | None
+    token: str
+    tmp: Path
+
+    @property
+    def ca(self) -> Path:
+        return self.data_a / "pki" / "ca.pem"
+
+    def api(self, v: VaultProc) -> httpx.Client:
+        return httpx.Client(base_url=v.url + "/api/v1", verify=tlsutil.client_context(self.ca),
+                            headers={"Authorization": f"Bearer {self.token}"}, timeout=30)
+
+    def start_b(self) -> VaultProc:
+        self.b = start_vault(self.data_b, self.pg_b.url(), self.tmp / "vault-b.log")
+        return self.b
+
+
+def wait(what: str, cond: object, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[Pair]:
+    # the clusters' directories must be reachable by the server's user (root runs it as
+    # postgres), which pytest's private tmp_path is not
+    pg_root = Path(tempfile.mkdtemp(prefix="drsite-pair-"))
+    pg_root.chmod(0o755)
+    pg_a = LocalCluster(pg_root / "a", free_port())
+    pg_b = LocalCluster(pg_root / "b", free_port())
+    procs: list[VaultProc] = []
+    try:
+        pg_a.init_primary()
+        data_a, data_b = tmp_path / "vault-a", tmp_path / "vault-b"
+        a = start_vault(data_a, pg_a.url(), tmp_path / "vault-a.log")
+        procs.append(a)
+        pg_b.init_standby(pg_a, "drsite_b")
+        data_b.mkdir(mode=0o700)
+        shutil.copy2(data_a / "master.key", data_b / "master.key")  # the one file a site copies
+        p = Pair(pg_a, pg_b, data_a, data_b, a, None, (data_a / "admin.token").read_text().strip(),
+                 tmp_path)
+        yield p
+        if p.b is not None:
+            procs.append(p.b)
+    finally:
+        for v in procs:
+            stop(v)
+        for pg in (pg_a, pg_b):
+            pg.stop("immediate")
+        shutil.rmtree(pg_root, ignore_errors=True)
+
+
+def register(p: Pair, v: VaultProc, host: str, site: str) -> tuple[Path, Path]:
+    with p.api(v) as api:
+        api.post("/sites", json={"name": site}).raise_for_status()
+        key = api.post(f"/sites/{site}/registration-keys", json={"ttl_s": 600}).json()["key"]
+    key_pem, csr = make_key_and_csr(host)
+    r = httpx.post(v.url + "/api/v1/agent/register", verify=tlsutil.client_context(p.ca),
+                   json={"key": key, "host_name": host, "csr_pem": csr.decode()})
+    assert r.status_code == 201, r.text
+    (p.tmp / f"{host}.key").write_bytes(key_pem)
+    (p.tmp / f"{host}.pem").write_text(r.json()["cert_pem"])
+    return p.tmp / f"{host}.pem", p.tmp / f"{host}.key"
+
+
+def test_standby_serves_reads_and_refuses_writes(pair: Pair) -> None:
+    p = pair
+    cert, key = register(p, p.a, "hv1", "prod")
+    b = p.start_b()
+    # the standby took the CA from the database: the same certificate, its own server cert
+    assert (p.data_b / "pki" / "ca.pem").read_bytes() == p.ca.read_bytes()
+    assert (p.data_b / "pki" / "server.pem").read_bytes() != (p.data_a / "pki" / "server.pem").read_bytes()
+    assert not (p.data_b / "admin.token").exists()
+
+    with p.api(b) as api:
+        ctl = api.get("/controller").json()
+        assert ctl["role"] == "standby" and ctl["this_process"]["controller"] is False
+        assert ctl["lease"]["url"] == p.a.url  # the active vault, from the replicated lease
+        sites = {s["name"] for s in api.get("/sites").json()}
+        assert "prod" in sites
+        # the dashboard (a session cookie holding the active's token)
+        ui = httpx.get(b.url + "/ui", verify=tlsutil.client_context(p.ca),
+                       cookies={COOKIE: p.token}, timeout=30)
+        assert ui.status_code == 200, ui.text[:500]
+        # an operator's write: refused before it starts, naming the active vault
+        r = api.post("/sites", json={"name": "dr"})
+        assert r.status_code == 503, r.text
+        body = r.json()
+        assert body["code"] == "standby" and body["class"] == "transient"
+        assert p.a.url in body["message"] and "drsite vault promote" in body["hint"]
+    # what the active writes shows on the standby
+    with p.api(p.a) as api:
+        api.post("/sites", json={"name": "dr"}).raise_for_status()
+    with p.api(b) as api:
+        wait("the new site replicated",
+             lambda: "dr" in {s["name"] for s in api.get("/sites").json()})
+
+    # an agent's heartbeat (writes): the standby error; the active takes it
+    ctx = tlsutil.client_context(p.ca, cert, key)
+    beat = {"host_name": "hv1", "version": "t", "vms": [], "items": []}
+    r = httpx.post(b.url + "/api/v1/agent/heartbeat", verify=ctx, json=beat, timeout=30)
+    assert r.status_code == 503 and r.json()["code"] == "standby", r.text
+    r = httpx.post(p.a.url + "/api/v1/agent/heartbeat", verify=ctx, json=beat, timeout=30)
+    assert r.status_code == 200, r.text
+    assert "Traceback" not in b.text()
+
+
+def test_standby_refuses_to_start_without_the_master_key(pair: Pair) -> None:
+    p = pair
+    (p.data_b / "master.key").unlink()
+    with pytest.raises(AssertionError, match="master key"):
+        p.start_b()
