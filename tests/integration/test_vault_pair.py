@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from drsite import tlsutil
+from drsite.agent.link import VaultLink
 from drsite.pki import make_key_and_csr
 from drsite.vault.pgcluster import LocalCluster
 from drsite.web.session import COOKIE
@@ -154,6 +155,13 @@ def test_standby_serves_reads_and_refuses_writes(pair: Pair) -> None:
     assert r.status_code == 503 and r.json()["code"] == "standby", r.text
     r = httpx.post(p.a.url + "/api/v1/agent/heartbeat", verify=ctx, json=beat, timeout=30)
     assert r.status_code == 200, r.text
+    # the agent's link, told the standby first, follows the active by itself
+    link = VaultLink([b.url, p.a.url], ctx)
+    try:
+        link.heartbeat(beat)
+        assert link.vault_url == p.a.url
+    finally:
+        link.close()
     assert "Traceback" not in b.text()
 
 

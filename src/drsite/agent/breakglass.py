@@ -170,14 +170,18 @@ def active_failover(data_dir: Path, item_id: str) -> str | None:
 
 
 def vault_answers(identity: AgentIdentity, timeout: float = 3.0) -> bool:
-    """Whether the vault this host is registered with answers (``GET /api/v1/version`` over
-    the agent's TLS identity) within ``timeout`` seconds."""
-    try:
-        r = httpx.get(identity.vault_url.rstrip("/") + "/api/v1/version",
-                      verify=identity.client_context(), timeout=timeout)
-    except httpx.HTTPError:
-        return False
-    return r.status_code < 500
+    """Whether a vault this host follows answers (``GET /api/v1/version`` over the agent's TLS
+    identity) within ``timeout`` seconds — either of a pair: a standby that answers is to be
+    promoted ('drsite vault promote'), not bypassed."""
+    for url in identity.vault_urls:
+        try:
+            r = httpx.get(url + "/api/v1/version", verify=identity.client_context(),
+                          timeout=timeout)
+        except httpx.HTTPError:
+            continue
+        if r.status_code < 500:
+            return True
+    return False
 
 
 # ------------------------------------------------------------------ the failover itself

@@ -22,7 +22,10 @@ agent = typer.Typer(help="The host agent: inventory, change tracking, replicatio
 
 @agent.command("register")
 def register(
-    vault: str = typer.Option(..., "--vault", help="Vault URL, e.g. https://127.0.0.1:8443."),
+    vault: list[str] = typer.Option(..., "--vault", help="Vault URL, e.g. https://127.0.0.1:8443; "
+                                                      "repeat it for a vault pair (the active one "
+                                                      "first): the agent follows whichever is "
+                                                      "active."),
     key: str = typer.Option(..., help="One-time key from 'drsite vault registration-key' (a new "
                                       "host) or 'drsite hosts reissue HOST' (this host again: "
                                       "its certificate is replaced)."),
@@ -39,8 +42,9 @@ def register(
     from drsite.agent.process import agent_register
 
     again = (data / "agent.json").exists()
-    ident = agent_register(vault_url=vault, key=key, data_dir=data, host_name=name,
-                           ca_file=ca_file, ca_fingerprint=ca_fingerprint)
+    ident = agent_register(vault_url=vault[0], key=key, data_dir=data, host_name=name,
+                           ca_file=ca_file, ca_fingerprint=ca_fingerprint,
+                           other_vaults=tuple(vault[1:]))
     if again:
         typer.echo(f"re-registered host {ident.host_id} in site {ident.site}: its certificate "
                    "was replaced; restart its agent ('drsite agent run') to use it")
@@ -63,6 +67,9 @@ def run(
                                                     "(e.g. through a proxy or NAT); default: "
                                                     "the --store-listen address."),
     heartbeat_interval: float = typer.Option(2.0, help="Seconds between heartbeats."),
+    vault: list[str] = typer.Option([], "--vault",
+                                    help="The vaults of a pair to follow, repeated (default: "
+                                         "the ones it registered with)."),
 ) -> None:
     """Run the agent daemon in the foreground (SIGTERM stops it cleanly)."""
     from drsite.agent.process import agent_run, configure_logging
@@ -70,7 +77,7 @@ def run(
     configure_logging()
     agent_run(data_dir=data, hypervisor_kind=hypervisor.value, vms_root=vms, store_dir=store,
               store_listen=store_listen, store_url=store_url,
-              heartbeat_interval=heartbeat_interval)
+              heartbeat_interval=heartbeat_interval, vault_urls=vault)
 
 
 StoreOpt = typer.Option(None, "--store", help="The recovery store directory the agent serves "
