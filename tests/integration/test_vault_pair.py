@@ -11,14 +11,22 @@ hot standby made by ``pg_basebackup`` from a replication slot), ``drsite vault s
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
+import ssl
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
 from drsite import tlsutil
@@ -27,6 +35,8 @@ from drsite.pki import make_key_and_csr
 from drsite.vault.pgcluster import LocalCluster
 from drsite.web.session import COOKIE
 from tests.integration.test_vault_controller_processes import (
+    LEASE_S,
+    REPO,
     VaultProc,
     free_port,
     start_vault,
@@ -87,7 +97,7 @@ def pair(tmp_path: Path) -> Iterator[Pair]:
         data_a, data_b = tmp_path / "vault-a", tmp_path / "vault-b"
         a = start_vault(data_a, pg_a.url(), tmp_path / "vault-a.log")
         procs.append(a)
-        pg_b.init_standby(pg_a, "drsite_b")
+        pg_b.init_standby(pg_a.port, "drsite_b")
         data_b.mkdir(mode=0o700)
         shutil.copy2(data_a / "master.key", data_b / "master.key")  # the one file a site copies
         p = Pair(pg_a, pg_b, data_a, data_b, a, None, (data_a / "admin.token").read_text().strip(),
@@ -170,3 +180,163 @@ def test_standby_refuses_to_start_without_the_master_key(pair: Pair) -> None:
     (p.data_b / "master.key").unlink()
     with pytest.raises(AssertionError, match="master key"):
         p.start_b()
+
+
+def start_at(data: Path, db_url: str, log: Path, port: int, peer: str) -> VaultProc:
+    """``drsite vault serve`` at a chosen port (the pair's URLs are known before either starts)."""
+    exe = Path(sys.executable).with_name("drsite")
+    cmd = [str(exe), "vault", "serve", "--data", str(data), "--db", db_url, "--listen",
+           f"127.0.0.1:{port}", "--heartbeat-interval", "1", "--controller-lease", str(LEASE_S),
+           "--peer", peer]
+    with open(log, "ab") as lf:
+        proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, cwd=REPO)
+    v = VaultProc(port, proc, log)
+    deadline = time.monotonic() + 60
+    while True:
+        assert v.alive(), f"vault exited: {v.text()[-3000:]}"
+        ca = data / "pki" / "ca.pem"
+        if ca.exists():
+            with contextlib.suppress(httpx.HTTPError, ssl.SSLError, OSError):
+                if httpx.get(v.url + "/api/v1/version", verify=tlsutil.client_context(ca),
+                             timeout=2).status_code == 200:
+                    return v
+        assert time.monotonic() < deadline, f"vault did not come up: {v.text()[-3000:]}"
+        time.sleep(0.1)
+
+
+def cluster_pids(pg: LocalCluster) -> list[int]:
+    """The postmaster and every backend of a cluster (to stop the whole server at once)."""
+    main = pg.pid()
+    assert main is not None
+    pids = [main]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == main:
+                pids.append(int(stat.parent.name))
+    return pids
+
+
+def drsite(*args: str) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).with_name("drsite")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120,
+                          cwd=REPO)
+
+
+def state(p: Pair, v: VaultProc) -> dict[str, Any]:
+    r = httpx.get(v.url + "/api/v1/vault/state", verify=tlsutil.client_context(p.ca), timeout=10)
+    assert r.status_code == 200, r.text
+    out: dict[str, Any] = r.json()
+    return out
+
+
+def test_promote_fences_the_old_active_until_it_rejoins(tmp_path: Path) -> None:
+    """SIGSTOP the active vault and its PostgreSQL, ``drsite vault promote`` the standby,
+    SIGCONT the old one: it sees the newer timeline and epoch, refuses every write (also after
+    a restart) and the agents' link moves on; ``drsite vault rejoin`` rewinds its database and
+    it comes back as the standby, with the new active's data."""
+    pg_root = Path(tempfile.mkdtemp(prefix="drsite-pair-"))
+    pg_root.chmod(0o755)
+    pg_a, pg_b = LocalCluster(pg_root / "a", free_port()), LocalCluster(pg_root / "b", free_port())
+    port_a, port_b = free_port(), free_port()
+    url_a, url_b = f"https://127.0.0.1:{port_a}", f"https://127.0.0.1:{port_b}"
+    data_a, data_b = tmp_path / "vault-a", tmp_path / "vault-b"
+    procs: list[VaultProc] = []
+    stopped: list[int] = []
+    try:
+        pg_a.init_primary()
+        a = start_at(data_a, pg_a.url(), tmp_path / "vault-a.log", port_a, url_b)
+        procs.append(a)
+        pg_b.init_standby(pg_a.port, "drsite_b")
+        data_b.mkdir(mode=0o700)
+        shutil.copy2(data_a / "master.key", data_b / "master.key")
+        b = start_at(data_b, pg_b.url(), tmp_path / "vault-b.log", port_b, url_a)
+        procs.append(b)
+        p = Pair(pg_a, pg_b, data_a, data_b, a, b, (data_a / "admin.token").read_text().strip(),
+                 tmp_path)
+        cert, key = register(p, a, "hv1", "prod")
+        sa, sb = state(p, a), state(p, b)
+        assert sa["role"] == "active" and sb["role"] == "standby", (sa, sb)
+        old_epoch, old_tl = sa["epoch"], sa["timeline"]
+
+        # site A freezes: the vault and every process of its PostgreSQL
+        stopped = [a.proc.pid, *cluster_pids(pg_a)]
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        out = drsite("vault", "promote", "--vault", url_b, "--token", p.token, "--ca-file",
+                     str(p.ca), "--json")
+        assert out.returncode == 0, out.stderr + out.stdout
+        sb = state(p, b)
+        assert sb["role"] == "active" and sb["epoch"] > old_epoch and sb["timeline"] > old_tl, sb
+        with p.api(b) as api:
+            api.post("/sites", json={"name": "dr"}).raise_for_status()  # B writes now
+            assert api.get("/controller").json()["this_process"]["controller"] is True
+        # stay stopped past the old active's confirmation window
+        time.sleep(max(0.0, LEASE_S + 1.0 - (time.monotonic() - t0)))
+        for pid in reversed(stopped):
+            os.kill(pid, signal.SIGCONT)
+        stopped = []
+
+        # the old active refuses writes: it names the new active
+        with p.api(a) as api:
+            r = api.post("/sites", json={"name": "split"})
+            assert r.status_code == 503, r.text
+            assert r.json()["code"] == "standby" and url_b in r.json()["message"], r.text
+            assert "fenced" in r.json()["message"] and "drsite vault rejoin" in r.json()["hint"]
+        assert state(p, a)["role"] == "fenced"
+        assert (data_a / "fenced.json").exists()
+        # an agent heartbeat too; the agent's link follows B by itself
+        ctx = tlsutil.client_context(p.ca, cert, key)
+        beat = {"host_name": "hv1", "version": "t", "vms": [], "items": []}
+        r = httpx.post(url_a + "/api/v1/agent/heartbeat", verify=ctx, json=beat, timeout=30)
+        assert r.status_code == 503 and r.json()["code"] == "standby", r.text
+        link = VaultLink([url_a, url_b], ctx)
+        try:
+            link.heartbeat(beat)
+            assert link.vault_url == url_b
+        finally:
+            link.close()
+        # A's database never took "split" (nor anything from its controller's fence)
+        with psycopg.connect(f"host=127.0.0.1 port={pg_a.port} user=postgres dbname=drsite",
+                             autocommit=True) as conn:
+            assert conn.execute("SELECT count(*) FROM sites WHERE name = 'split'"
+                                ).fetchone() == (0,)
+            lease = conn.execute("SELECT epoch FROM controller_lease").fetchone()
+            assert lease == (old_epoch,)
+
+        # a restart keeps it fenced
+        stop(a)
+        a = start_at(data_a, pg_a.url(), tmp_path / "vault-a.log", port_a, url_b)
+        procs.append(a)
+        with p.api(a) as api:
+            r = api.post("/sites", json={"name": "split"})
+            assert r.status_code == 503 and "fenced" in r.json()["message"], r.text
+        # rejoin refuses while the vault runs, then rewinds it into B's standby
+        out = drsite("vault", "rejoin", "--data", str(data_a), "--pg", str(pg_a.directory),
+                     "--pg-port", str(pg_a.port), "--primary-port", str(pg_b.port),
+                     "--slot", "drsite_a")
+        assert out.returncode == 2 and "is running" in " ".join((out.stderr + out.stdout).split())
+        stop(a)
+        out = drsite("vault", "rejoin", "--data", str(data_a), "--pg", str(pg_a.directory),
+                     "--pg-port", str(pg_a.port), "--primary-port", str(pg_b.port),
+                     "--slot", "drsite_a", "--json")
+        assert out.returncode == 0, out.stderr + out.stdout
+        assert not (data_a / "fenced.json").exists()
+        a = start_at(data_a, pg_a.url(), tmp_path / "vault-a.log", port_a, url_b)
+        procs.append(a)
+        assert state(p, a)["role"] == "standby"
+        with p.api(a) as api:
+            wait("B's writes on the rejoined standby",
+                 lambda: "dr" in {s["name"] for s in api.get("/sites").json()})
+            r = api.post("/sites", json={"name": "x"})
+            assert r.status_code == 503 and url_b in r.json()["message"], r.text
+        assert state(p, b)["role"] == "active"
+    finally:
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        for v in procs:
+            stop(v)
+        for pg in (pg_a, pg_b):
+            pg.stop("immediate")
+        shutil.rmtree(pg_root, ignore_errors=True)

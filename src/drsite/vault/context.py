@@ -33,6 +33,7 @@ from pathlib import Path
 
 from sqlalchemy import select, text
 
+from drsite import tlsutil
 from drsite.core.errors import PermanentError, SecretUnreadable, StandbyVault
 from drsite.fsutil import atomic_write_bytes
 from drsite.pki import CertificateAuthority
@@ -47,6 +48,7 @@ from drsite.vault.db.sealed import attach_sealer
 from drsite.vault.drills import DrillScheduler
 from drsite.vault.health import HealthMonitor
 from drsite.vault.jobs.runner import JobRunner
+from drsite.vault.pairfence import Fenced, PeerFence, load_marker, write_marker
 from drsite.vault.push import CommandPush, Waiters
 from drsite.vault.scheduler import Scheduler
 from drsite.vault.settings import VaultSettings
@@ -112,6 +114,13 @@ class Vault:
         self._role_stop = threading.Event()
         self._role_thread: threading.Thread | None = None
         self._started = False
+        # a vault of a pair: fenced (marker in DATA) once its peer was promoted past it
+        self.fenced: Fenced | None = load_marker(settings.data_dir)
+        self.fence: PeerFence | None = None
+        if settings.peer_url:
+            self.fence = PeerFence(settings.peer_url, tlsutil.client_context(tls.ca),
+                                   self._position, window_s=settings.lease_s,
+                                   on_fenced=self._on_fenced, fenced=self.fenced)
         db.set_gate(self._write_gate)
         self.lock = lock
         self.db = db
@@ -160,7 +169,47 @@ class Vault:
         url = (view.info or {}).get("url")
         return str(url) if url and view.holder is not None else None
 
+    def _position(self) -> tuple[int | None, int]:
+        """This vault's (timeline, lease epoch) as its database holds them (the timeline of a
+        primary: its current WAL file's; None on SQLite or a standby)."""
+        with self.db.read() as s:
+            epoch = read_lease(s).epoch
+            timeline: int | None = None
+            if not self.db.sqlite and not self.standby:
+                name = s.execute(text("SELECT pg_walfile_name(pg_current_wal_lsn())")).scalar_one()
+                timeline = int(str(name)[:8], 16)
+        return timeline, epoch
+
+    def state(self) -> dict[str, object]:
+        """What ``GET /vault/state`` answers: role (active, standby, fenced), timeline, epoch,
+        this vault's URL."""
+        role = "fenced" if self.fenced is not None else self.role
+        if role == "active":
+            timeline, epoch = self._position()
+        else:
+            with self.db.read() as s:
+                timeline, epoch = None, read_lease(s).epoch
+        return {"role": role, "timeline": timeline, "epoch": epoch,
+                "url": self.settings.advertised_url, "peer_url": self.settings.peer_url}
+
+    def _on_fenced(self, f: Fenced) -> None:
+        """The peer was promoted past this vault: keep it fenced across restarts, stop being
+        the controller without writing, stop the background work."""
+        self.fenced = f
+        try:
+            write_marker(self.settings.data_dir, f)
+        except OSError as e:
+            log.error("could not write the fence marker (the vault stays fenced while it "
+                      "runs): %s", e)
+        self.lease.step_down(f"the vault at {f.peer_url} was promoted past this one")
+        threading.Thread(target=lambda: self.controller.stop(release=False), daemon=True,
+                         name="drsite-vault-fenced").start()
+
     def _write_gate(self) -> None:
+        if self.fenced is not None:
+            raise self.fenced.error()
+        if self.fence is not None and not self.standby:
+            self.fence.admit()
         if not self.standby:
             return
         try:
@@ -234,6 +283,13 @@ class Vault:
                             type(e).__name__)
 
     def _run_active(self) -> None:
+        if self.fenced is not None:
+            log.error("this vault is fenced (%s): it runs no background work and writes "
+                      "nothing; make it a standby with 'drsite vault rejoin'",
+                      self.fenced.error().message)
+            return
+        if self.fence is not None:
+            self.fence.start()
         if self.listener is not None:
             self.listener.start()
         if self.settings.background:
@@ -317,6 +373,8 @@ class Vault:
     def stop(self) -> None:
         """Stop the background work and release the controller lease."""
         self._role_stop.set()
+        if self.fence is not None:
+            self.fence.stop()
         if self._role_thread is not None:
             self._role_thread.join(timeout=10)
             self._role_thread = None

@@ -284,6 +284,10 @@ class Lease:
             raise NotController(f"controller epoch {epoch} was superseded by epoch {now_epoch}; "
                                 "this vault process stepped down and wrote nothing")
 
+    def step_down(self, why: str) -> None:
+        """Stop being the controller now, without writing (a fenced vault of a pair)."""
+        self._lose(why)
+
     def _lose(self, why: str) -> None:
         with self._mutex:
             if self._epoch is None:
@@ -351,15 +355,17 @@ class Controller:
             t.start()
             self._threads.append(t)
 
-    def stop(self) -> None:
+    def stop(self, *, release: bool = True) -> None:
         """Stop both threads (the work in progress finishes its round), then release the
-        lease."""
+        lease (not when ``release`` is False: a fenced vault writes nothing, that included)."""
         self._stop.set()
         self.kick.set()
         for t in self._threads:
-            t.join(timeout=30)
+            if t is not threading.current_thread():
+                t.join(timeout=30)
         self._threads = []
-        self.lease.release()
+        if release:
+            self.lease.release()
 
     def ensure_elected(self) -> bool:
         """Run ``on_elected`` if a new term began since the last call; whether this process is

@@ -87,7 +87,7 @@ class LocalCluster:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
 
     def _conninfo(self, database: str = "postgres") -> str:
-        return f"host=127.0.0.1 port={self.port} user=postgres dbname={database} connect_timeout=5"
+        return _conninfo(self.port, database)
 
     # -- running the binaries ------------------------------------------------------------------
 
@@ -167,13 +167,8 @@ class LocalCluster:
                 conn.execute(f'CREATE DATABASE "{DATABASE}"')
 
     def create_slot(self, slot: str) -> None:
-        """A physical replication slot on this (primary) cluster (idempotent): WAL the standby
-        has not received is kept for it, however long it is away."""
-        _check_slot(slot)
-        with psycopg.connect(self._conninfo(), autocommit=True) as conn:
-            if conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s",
-                            (slot,)).fetchone() is None:
-                conn.execute("SELECT pg_create_physical_replication_slot(%s, true)", (slot,))
+        """A replication slot on this (primary) cluster (:func:`create_slot`)."""
+        create_slot(self.port, slot)
 
     def drop_slot(self, slot: str) -> None:
         _check_slot(slot)
@@ -182,18 +177,18 @@ class LocalCluster:
                             (slot,)).fetchone() is not None:
                 conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
 
-    def init_standby(self, primary: LocalCluster, slot: str) -> None:
-        """Make this cluster a hot standby of ``primary`` (a base backup streaming from the
-        replication ``slot``, created on the primary if missing), and start it. Idempotent: an
-        existing cluster is only started."""
+    def init_standby(self, primary_port: int, slot: str) -> None:
+        """Make this cluster a hot standby of the primary at 127.0.0.1:``primary_port`` (a base
+        backup streaming from the replication ``slot``, created there if missing), and start
+        it. Idempotent: an existing cluster is only started."""
         _check_slot(slot)
         self._prepare_dirs()
         if not self.exists:
-            primary.create_slot(slot)
+            create_slot(primary_port, slot)
             if self.data.exists():
                 shutil.rmtree(self.data)  # a base backup that did not finish
             self._run(self._bin("pg_basebackup"), "-D", str(self.data), "-h", "127.0.0.1",
-                      "-p", str(primary.port), "-U", "postgres", "-X", "stream", "-S", slot,
+                      "-p", str(primary_port), "-U", "postgres", "-X", "stream", "-S", slot,
                       "-R", "--checkpoint=fast")
         self.start()
 
@@ -245,8 +240,7 @@ class LocalCluster:
         return pid
 
     def checkpoint(self) -> None:
-        with psycopg.connect(self._conninfo(), autocommit=True) as conn:
-            conn.execute("CHECKPOINT")
+        checkpoint(self.port)
 
     def in_recovery(self) -> bool:
         with psycopg.connect(self._conninfo(), autocommit=True) as conn:
@@ -260,23 +254,24 @@ class LocalCluster:
                       "-t", str(START_TIMEOUT_S))
         self.checkpoint()  # the control file names the new timeline (pg_rewind reads it)
 
-    def rejoin(self, primary: LocalCluster, slot: str) -> str:
-        """Make this cluster (an old primary) a standby of ``primary`` again: stop it,
+    def rejoin(self, primary_port: int, slot: str) -> str:
+        """Make this cluster (an old primary) a standby of the primary at
+        127.0.0.1:``primary_port`` again: stop it,
         ``pg_rewind`` it onto the new primary's timeline (its writes after the fork are
         discarded), or, when rewinding fails, a fresh base backup; then start it streaming from
         ``slot``. Returns how (``rewind`` or ``basebackup``)."""
         _check_slot(slot)
         self.stop("fast")
-        primary.create_slot(slot)
+        create_slot(primary_port, slot)
         # pg_rewind reads the source's timeline from its control file, which a promotion updates
         # only at its next checkpoint: without one it finds "no rewind required" and the old
         # primary keeps the writes it made after the fork
-        primary.checkpoint()
+        checkpoint(primary_port)
         how = "rewind"
         if self.exists:
             rewound = self._run(self._bin("pg_rewind"), "--target-pgdata", str(self.data),
                                 "--source-server",
-                                f"host=127.0.0.1 port={primary.port} user=postgres dbname=postgres",
+                                _conninfo(primary_port),
                                 "--write-recovery-conf", check=False)
             if rewound.returncode != 0:
                 how = "basebackup"
@@ -286,7 +281,7 @@ class LocalCluster:
             if self.data.exists():
                 aside = self.directory / f"data.old-{int(time.time())}"
                 self.data.rename(aside)
-            self.init_standby(primary, slot)
+            self.init_standby(primary_port, slot)
             return how
         # pg_rewind -R wrote primary_conninfo; stream from our slot too
         with (self.data / "postgresql.auto.conf").open("a") as f:
@@ -294,6 +289,25 @@ class LocalCluster:
         (self.data / "standby.signal").touch()
         self.start()
         return how
+
+
+def _conninfo(port: int, database: str = "postgres") -> str:
+    return f"host=127.0.0.1 port={port} user=postgres dbname={database} connect_timeout=5"
+
+
+def create_slot(port: int, slot: str) -> None:
+    """A physical replication slot on the primary at 127.0.0.1:``port`` (idempotent): WAL the
+    standby has not received is kept for it, however long it is away."""
+    _check_slot(slot)
+    with psycopg.connect(_conninfo(port), autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s",
+                        (slot,)).fetchone() is None:
+            conn.execute("SELECT pg_create_physical_replication_slot(%s, true)", (slot,))
+
+
+def checkpoint(port: int) -> None:
+    with psycopg.connect(_conninfo(port), autocommit=True) as conn:
+        conn.execute("CHECKPOINT")
 
 
 def _check_slot(slot: str) -> None:

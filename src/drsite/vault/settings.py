@@ -57,6 +57,9 @@ class VaultSettings:
     # where agents and operators reach this vault (default https://LISTEN): recorded in the
     # lease, so a standby vault names the active one in its refusals
     url: str | None = None
+    # the other vault of a pair (issue 14): an active vault writes only while this peer has
+    # not been promoted past it (vault/pairfence.py)
+    peer_url: str | None = None
 
     @property
     def advertised_url(self) -> str | None:
