@@ -19,15 +19,23 @@ def up(data: Path = DataOpt,
        detach: bool = typer.Option(False, help="Leave the processes running and return."),
        hypervisor: HypervisorKind = typer.Option(HypervisorKind.file, "--hypervisor",
                                                  help="Hypervisor driver of both agents: file "
-                                                      "or qemu (QEMU/KVM VMs).")) -> None:
+                                                      "or qemu (QEMU/KVM VMs)."),
+       ha: bool = typer.Option(False, "--ha", help="A vault per site, each with its own "
+                                                   "PostgreSQL (site B's a hot standby by "
+                                                   "streaming replication); agents follow the "
+                                                   "active one.")) -> None:
     """Start a vault and two site agents (primary, secondary) as processes on 127.0.0.1."""
     from drsite.up import down as stop
     from drsite.up import up as start
 
-    c = start(data, hypervisor=hypervisor.value)
+    c = start(data, hypervisor=hypervisor.value, ha=ha)
     lines = "\n".join(c.env_lines())
+    pair = (f"vault B {c.vault_b_url}  (pid {c.pids['vault-secondary']}, standby; "
+            f"'drsite vault promote --vault {c.vault_b_url}' if site A is lost)\n"
+            f"pg      primary 127.0.0.1:{c.pg_ports['primary']}, standby "
+            f"127.0.0.1:{c.pg_ports['secondary']}\n") if c.ha else ""
     console.print(Panel.fit(
-        f"vault   {c.vault_url}  (pid {c.pids['vault']})\n"
+        f"vault   {c.vault_url}  (pid {c.pids['vault']})\n" + pair +
         f"agents  primary (pid {c.pids['agent-primary']}), secondary (pid "
         f"{c.pids['agent-secondary']}, store on 127.0.0.1:{c.store_port})\n"
         f"logs    {c.root / 'logs'}\n\nTo use the CLI against it:\n{lines}\n\n"
