@@ -8,7 +8,8 @@ is SIGKILLed at once — vault A, every process of PostgreSQL A, agent A, its VM
   promote and failover, is printed;
 - site A returns: its vault is fenced (a write refused, naming B), its agent follows B and its
   VMs are fenced (never running on both sites);
-- ``drsite vault rejoin``: vault A comes back as B's standby with B's data.
+- ``drsite vault rejoin``: vault A comes back as B's standby with B's data;
+- re-protect towards A through vault B, then a planned failback to A: digests equal.
 """
 
 from __future__ import annotations
@@ -28,7 +29,14 @@ from pathlib import Path
 import httpx
 import pytest
 from tests.e2e.test_cluster import until
-from tests.e2e.test_failover_cluster import equals_point, hv, make_vm, protect, setup
+from tests.e2e.test_failover_cluster import (
+    disks_digest,
+    equals_point,
+    hv,
+    make_vm,
+    protect,
+    setup,
+)
 from tests.pg import pg_wanted
 
 from drsite import tlsutil
@@ -185,3 +193,25 @@ def test_site_a_lost_promote_failover_fence_rejoin(ha: Cluster) -> None:
         assert ca.controller()["role"] == "standby"
         until("B's failovers on the rejoined standby",
               lambda: all(ca.item(i)["protection"] == "failed_over" for i in items.values()), 30)
+
+    # re-protect towards A through vault B (only differences travel), then a planned failback
+    # to site A: every VM back equal to its recovery VM
+    with client(c, c.vault_b_url) as cb:
+        for action in ("commit", "reprotect"):
+            jobs = [cb.item_action(i, action)["id"] for i in items.values()]
+            for j in jobs:
+                done = cb.wait_job(j, timeout=180)
+                assert done["state"] == "succeeded", done
+        rev = {n: cb.failovers(i)[0]["result"]["reprotect"]["item_id"] for n, i in items.items()}
+        for n, r in rev.items():
+            assert cb.item(r)["protection"] == "protected" and cb.item(r)["site"] == "secondary"
+            until(f"{n} replicates towards A", lambda r=r: len(cb.points(r)) >= 2, 90)
+            assert prim.get_vm(vms[n]).power is not PowerState.RUNNING, n  # never on both
+        jobs = [cb.item_action(r, "planned-failover")["id"] for r in rev.values()]
+        for j in jobs:
+            done = cb.wait_job(j, timeout=180)
+            assert done["state"] == "succeeded", done
+        for n in VMS:
+            back, rec = prim.find_vm(n), sec.find_vm(n)
+            assert back.power is PowerState.RUNNING and rec.power is PowerState.STOPPED, n
+            assert disks_digest(sec, rec.vm_id) == disks_digest(prim, back.vm_id), n
