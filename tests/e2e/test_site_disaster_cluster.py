@@ -10,6 +10,9 @@ is SIGKILLed at once — vault A, every process of PostgreSQL A, agent A, its VM
   VMs are fenced (never running on both sites);
 - ``drsite vault rejoin``: vault A comes back as B's standby with B's data;
 - re-protect towards A through vault B, then a planned failback to A: digests equal.
+
+And the active vault alone SIGKILLed in the middle of a plan: after the promotion the plan
+finishes or fails with a hint; no VM ever runs on both sites.
 """
 
 from __future__ import annotations
@@ -215,3 +218,48 @@ def test_site_a_lost_promote_failover_fence_rejoin(ha: Cluster) -> None:
             back, rec = prim.find_vm(n), sec.find_vm(n)
             assert back.power is PowerState.RUNNING and rec.power is PowerState.STOPPED, n
             assert disks_digest(sec, rec.vm_id) == disks_digest(prim, back.vm_id), n
+
+
+def test_active_vault_killed_mid_plan_then_promoted(ha: Cluster) -> None:
+    """SIGKILL of the active vault (only it) while a plan's planned failover runs; the standby
+    is promoted and its controller takes the job over: the plan finishes or fails with a hint,
+    and no VM ever runs on both sites."""
+    c = ha
+    vms = {n: make_vm(c, n, 8, f"10.0.0.{60 + i}") for i, n in enumerate(("m1", "m2"))}
+    prim, sec = hv(c, "primary"), hv(c, "secondary")
+
+    def on_both() -> list[str]:
+        return [n for n, v in vms.items() if prim.get_vm(v).power is PowerState.RUNNING
+                and any(x.name == n and x.power is PowerState.RUNNING for x in sec.list_vms())]
+
+    with c.client() as cl:
+        setup(cl)
+        items = {n: protect(cl, v)["id"] for n, v in vms.items()}
+        cl.apply_plans([{"name": "p", "groups": [{"name": "one", "vms": ["m1"]},
+                                                 {"name": "two", "vms": ["m2"]}]}])
+        job = cl.plan_action("p", "planned-failover")
+        until("plan running", lambda: cl.job(job["id"])["progress"] > 0
+              or cl.job(job["id"])["state"] != "queued", 30)
+    os.kill(c.pids["vault"], signal.SIGKILL)  # PostgreSQL A, the agents and the VMs live on
+    out = cli("vault", "promote", "--vault", c.vault_b_url, "--token", c.admin_token,
+              "--ca-file", str(c.ca_file), "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    with client(c, c.vault_b_url) as cb:
+        deadline = time.monotonic() + 180
+        while True:
+            assert on_both() == [], "a VM runs on both sites"
+            final = cb.job(job["id"])
+            if final["state"] in ("succeeded", "failed", "cancelled"):
+                break
+            assert time.monotonic() < deadline, final
+            time.sleep(0.2)
+        assert final["state"] in ("succeeded", "failed"), final
+        print(f"\nplan after the promotion: {final['state']}")
+        if final["state"] == "failed":
+            assert final["error"]["hint"], final
+        else:
+            for n, item in items.items():
+                assert sec.find_vm(n).power is PowerState.RUNNING, n
+                assert cb.item(item)["protection"] == "failed_over", n
+        assert on_both() == []
+        assert cb.controller()["role"] == "active"
