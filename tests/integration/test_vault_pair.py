@@ -145,6 +145,7 @@ def test_standby_serves_reads_and_refuses_writes(pair: Pair) -> None:
         ui = httpx.get(b.url + "/ui", verify=tlsutil.client_context(p.ca),
                        cookies={COOKIE: p.token}, timeout=30)
         assert ui.status_code == 200, ui.text[:500]
+        assert "<strong>standby</strong>" in ui.text and f'href="{p.a.url}/ui"' in ui.text
         # an operator's write: refused before it starts, naming the active vault
         r = api.post("/sites", json={"name": "dr"})
         assert r.status_code == 503, r.text
