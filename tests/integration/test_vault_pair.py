@@ -258,6 +258,12 @@ def test_promote_fences_the_old_active_until_it_rejoins(tmp_path: Path) -> None:
         sa, sb = state(p, a), state(p, b)
         assert sa["role"] == "active" and sb["role"] == "standby", (sa, sb)
         old_epoch, old_tl = sa["epoch"], sa["timeline"]
+        # while the active vault answers, a promotion is refused (a disaster tool, not a
+        # switchover: --force for that)
+        out = drsite("vault", "promote", "--vault", url_b, "--token", p.token, "--ca-file",
+                     str(p.ca))
+        assert out.returncode == 2 and "--force" in " ".join(out.stderr.split()), out.stderr
+        assert state(p, b)["role"] == "standby"
 
         # site A freezes: the vault and every process of its PostgreSQL
         stopped = [a.proc.pid, *cluster_pids(pg_a)]

@@ -57,6 +57,9 @@ def promote(
     token: str | None = typer.Option(None, "--token", envvar="DRSITE_TOKEN"),
     ca_file: Path | None = CaOpt,
     data: Path | None = typer.Option(None, help="The standby vault's data directory (its CA)."),
+    force: bool = typer.Option(False, "--force", help="Promote even while the active vault "
+                                                      "answers (a planned switchover: it is "
+                                                      "fenced, its last writes are lost)."),
     json_out: bool = JsonOpt,
 ) -> None:
     """Make the standby vault at --vault the active one, when the active vault's site is lost:
@@ -66,7 +69,7 @@ def promote(
     if ca_file is None and data is not None:
         ca_file = data / "pki" / "ca.pem"
     with client(vault, _admin_token(data, token), ca_file) as c:
-        res = c.promote()
+        res = c.promote(force=force)
     if json_out:
         show(res, [], title="", json_out=True)
     else:

@@ -266,9 +266,11 @@ class VaultClient:
         """Which vault process is the controller (``{"lease", "role", "this_process"}``)."""
         return dict(self._call("GET", "/controller"))
 
-    def promote(self) -> dict[str, Any]:
-        """Make the vault this client talks to (a standby) the active one (admin)."""
-        return dict(self._call("POST", "/vault/promote"))
+    def promote(self, *, force: bool = False) -> dict[str, Any]:
+        """Make the vault this client talks to (a standby) the active one (admin); ``force``
+        even while its peer answers as the active one."""
+        return dict(self._call("POST", "/vault/promote", params={"force": "true"} if force
+                               else None))
 
     def ack_alert(self, alert_id: str) -> None:
         self._call("POST", f"/alerts/{alert_id}/ack")

@@ -34,7 +34,7 @@ from pathlib import Path
 from sqlalchemy import select, text
 
 from drsite import tlsutil
-from drsite.core.errors import PermanentError, SecretUnreadable, StandbyVault
+from drsite.core.errors import Conflict, PermanentError, SecretUnreadable, StandbyVault
 from drsite.fsutil import atomic_write_bytes
 from drsite.pki import CertificateAuthority
 from drsite.vault import masterkey, notify
@@ -222,16 +222,29 @@ class Vault:
                            + "If the active site is lost, make this vault active with "
                              "'drsite vault promote'.")
 
-    def promote(self) -> dict[str, object]:
+    def promote(self, *, force: bool = False) -> dict[str, object]:
         """Make this standby vault active: promote its database (``pg_promote()``, waiting
         until it accepts writes), then take the controller lease with a new epoch, whoever
         holds it (the old active, if it returns, is fenced by that epoch), and run the
         background work. Idempotent: on an active vault it only makes sure this process holds
-        the lease. Needs a role allowed to call ``pg_promote`` (a superuser, or GRANT EXECUTE)."""
+        the lease. Needs a role allowed to call ``pg_promote`` (a superuser, or GRANT EXECUTE).
+
+        While the peer vault answers as the active one, refused (``Conflict``) unless
+        ``force``: promoting then fences a live vault, and what it writes until it notices
+        (at most ``lease_s / 3``) is lost — a planned switchover, not a disaster."""
         if self.db.sqlite:
             raise PermanentError("a vault on SQLite has no standby to promote",
                                  hint="Vault pairs run on PostgreSQL (see README, production "
                                       "layout).")
+        if self.standby and not force and self.fence is not None:
+            peer = self.fence.peer_state()
+            if peer is not None and peer.get("role") == "active":
+                raise Conflict(f"the active vault at {self.fence.peer_url} answers: promoting "
+                               "this one fences it, and what it writes until it notices is "
+                               "lost",
+                               hint="Promote only when the active site is lost or cut off "
+                                    "(its agents included); for a planned switchover, 'drsite "
+                                    "vault promote --force'.")
         promoted_db = False
         if self.db.in_recovery():
             with self.db.engine.connect() as conn:

@@ -135,6 +135,15 @@ class PeerFence:
                                hint="Stop one of them and make it the other's standby with "
                                     "'drsite vault rejoin'.")
 
+    def peer_state(self) -> dict[str, Any] | None:
+        """The peer's ``/vault/state`` answer, or None when it does not answer in time."""
+        try:
+            r = httpx.get(self.peer_url + STATE_PATH, verify=self._ctx, timeout=self.timeout_s)
+            out = r.json() if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
+        return out if isinstance(out, dict) else None
+
     def check(self) -> None:
         with self._lock:
             if self.fenced is None:
@@ -143,12 +152,9 @@ class PeerFence:
     def _check_locked(self) -> bool:
         """Ask the peer; whether this vault is confirmed (may write)."""
         sent = time.monotonic()
-        try:
-            r = httpx.get(self.peer_url + STATE_PATH, verify=self._ctx, timeout=self.timeout_s)
-            peer: dict[str, Any] | None = r.json() if r.status_code == 200 else None
-        except (httpx.HTTPError, ValueError) as e:
-            peer = None
-            log.debug("peer vault %s does not answer: %s", self.peer_url, e)
+        peer = self.peer_state()
+        if peer is None:
+            log.debug("peer vault %s does not answer", self.peer_url)
         self.last_answer = peer
         if peer is not None and peer.get("role") == "active":
             mine = self._own()

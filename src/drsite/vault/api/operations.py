@@ -179,9 +179,10 @@ def controller(vault: VaultDep, _p: Reader) -> dict[str, Any]:
 
 
 @router.post("/vault/promote", summary="Make this standby vault the active one (admin)")
-def promote(vault: VaultDep, _p: Admin) -> dict[str, Any]:
+def promote(vault: VaultDep, _p: Admin, force: bool = False) -> dict[str, Any]:
     """Promote this vault's database (a hot standby) and take the controller lease with a new
     epoch, whoever holds it: the old active, if it returns, is fenced. Manual by design: run it
     only when the active vault's site is lost (docs/control-plane.md, "Vault pair"). On an
-    active vault it only makes sure this process is the controller."""
-    return vault.promote()
+    active vault it only makes sure this process is the controller. Refused (409) while the
+    peer vault answers as the active one, unless ``force`` (a planned switchover)."""
+    return vault.promote(force=force)
