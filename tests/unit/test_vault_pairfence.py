@@ -61,3 +61,15 @@ def test_fenced_refuses_and_an_unreachable_peer_confirms() -> None:
     free.admit()
     free.admit()  # confirmed: no second question
     assert free.fenced is None and free.last_answer is None and calls == []
+
+
+def test_a_pair_needs_postgresql_and_an_https_peer(tmp_path: Path) -> None:
+    from drsite.core.errors import InvalidInput
+    from drsite.vault.server import run_vault
+
+    with pytest.raises(InvalidInput, match="needs PostgreSQL"):
+        run_vault(tmp_path / "v", peer_url="https://127.0.0.1:9")
+    with pytest.raises(InvalidInput, match="https"):
+        run_vault(tmp_path / "v", db_url="postgresql+psycopg://u@127.0.0.1:1/x",
+                  peer_url="http://127.0.0.1:9")
+    assert not (tmp_path / "v").exists()  # refused before anything was made

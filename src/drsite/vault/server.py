@@ -65,6 +65,13 @@ def run_vault(data_dir: Path, listen: str = "127.0.0.1:8443", db_url: str | None
         raise InvalidInput("several API workers need PostgreSQL: SQLite has one writer at a time "
                            "and stays the one-process default",
                            hint="Pass --db postgresql+psycopg://USER@HOST/DB, or --workers 1.")
+    if peer_url is not None and is_sqlite(db_url or "sqlite"):
+        raise InvalidInput("a vault pair (--peer) needs PostgreSQL: each vault runs on its own "
+                           "database, the standby's a streaming replica of the active's",
+                           hint="Pass --db postgresql+psycopg://… (see README, production "
+                                "layout across two sites), or leave --peer out.")
+    if peer_url is not None and not peer_url.startswith("https://"):
+        raise InvalidInput(f"peer URL {peer_url!r} is not an https:// URL")
     os.umask(0o077)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
