@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from drsite.core.errors import StandbyVault
+from drsite.core.errors import InvalidInput, StandbyVault
 from drsite.vault.pairfence import (
     MARKER,
     Fenced,
@@ -20,6 +20,7 @@ from drsite.vault.pairfence import (
     load_marker,
     write_marker,
 )
+from drsite.vault.server import run_vault
 
 
 def test_a_newer_timeline_wins_then_the_epoch() -> None:
@@ -64,9 +65,6 @@ def test_fenced_refuses_and_an_unreachable_peer_confirms() -> None:
 
 
 def test_a_pair_needs_postgresql_and_an_https_peer(tmp_path: Path) -> None:
-    from drsite.core.errors import InvalidInput
-    from drsite.vault.server import run_vault
-
     with pytest.raises(InvalidInput, match="needs PostgreSQL"):
         run_vault(tmp_path / "v", peer_url="https://127.0.0.1:9")
     with pytest.raises(InvalidInput, match="https"):
