@@ -162,6 +162,12 @@ class Vault:
     def role(self) -> str:
         return "standby" if self.standby else "active"
 
+    @property
+    def passive(self) -> bool:
+        """A standby or a fenced vault: every write is refused (bookkeeping writes — audit
+        rows, a token's last use — are not even tried)."""
+        return self.standby or self.fenced is not None
+
     def active_url(self) -> str | None:
         """The active vault's URL as the (replicated) lease row names it, if any."""
         with self.db.read() as s:

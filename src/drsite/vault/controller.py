@@ -58,7 +58,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from drsite import __version__
-from drsite.core.errors import Fenced
+from drsite.core.errors import Fenced, StandbyVault
 from drsite.vault.db.database import Database
 from drsite.vault.db.models import ControllerLease
 
@@ -392,8 +392,8 @@ class Controller:
             try:
                 if self.ensure_elected():
                     self.work()
-            except NotController:
-                pass  # the lease logged it; the loop waits for the next term
+            except (NotController, StandbyVault):
+                pass  # the lease (or the pair's fence) logged it; the loop waits or stops
             except Exception:  # keep the vault alive; the next round tries again
                 log.exception("vault background loop failed; retrying")
             # the next round after interval_s, or at once when kicked (a job was created, a
