@@ -291,6 +291,8 @@ def test_promote_fences_the_old_active_until_it_rejoins(tmp_path: Path) -> None:
             assert r.json()["code"] == "standby" and url_b in r.json()["message"], r.text
             assert "fenced" in r.json()["message"] and "drsite vault rejoin" in r.json()["hint"]
         assert state(p, a)["role"] == "fenced"
+        out = drsite("vault", "state", "--vault", url_a, "--ca-file", str(p.ca))
+        assert out.returncode == 0 and out.stdout.startswith("fenced"), out.stdout + out.stderr
         assert (data_a / "fenced.json").exists()
         # an agent heartbeat too; the agent's link follows B by itself
         ctx = tlsutil.client_context(p.ca, cert, key)

@@ -51,6 +51,26 @@ def serve(
               lease_s=controller_lease, url=url, peer_url=peer)
 
 
+@vault.command("state")
+def state(
+    vault: str | None = VaultOpt,
+    ca_file: Path | None = CaOpt,
+    data: Path | None = typer.Option(None, help="The vault's data directory (its CA)."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Show a vault's role in a pair: active, standby or fenced, with its database's timeline
+    and the controller lease's epoch (no token needed)."""
+    if ca_file is None and data is not None:
+        ca_file = data / "pki" / "ca.pem"
+    with client(vault, None, ca_file) as c:
+        res = c.vault_state()
+    if json_out:
+        show(res, [], title="", json_out=True)
+    else:
+        peer = f", peer {res['peer_url']}" if res.get("peer_url") else ""
+        typer.echo(f"{res['role']} (timeline {res['timeline']}, epoch {res['epoch']}){peer}")
+
+
 @vault.command("promote")
 def promote(
     vault: str | None = VaultOpt,

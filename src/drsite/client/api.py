@@ -266,6 +266,10 @@ class VaultClient:
         """Which vault process is the controller (``{"lease", "role", "this_process"}``)."""
         return dict(self._call("GET", "/controller"))
 
+    def vault_state(self) -> dict[str, Any]:
+        """The vault's role in a pair (``{"role", "timeline", "epoch", "url", "peer_url"}``)."""
+        return dict(self._call("GET", "/vault/state"))
+
     def promote(self, *, force: bool = False) -> dict[str, Any]:
         """Make the vault this client talks to (a standby) the active one (admin); ``force``
         even while its peer answers as the active one."""

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select, text
+from sqlalchemy.exc import DBAPIError
 
 from drsite import tlsutil
 from drsite.core.errors import Conflict, PermanentError, SecretUnreadable, StandbyVault
@@ -253,10 +254,17 @@ class Vault:
                                     "vault promote --force'.")
         promoted_db = False
         if self.db.in_recovery():
-            with self.db.engine.connect() as conn:
-                ok = conn.execute(text("SELECT pg_promote(true, :t)"),
-                                  {"t": PROMOTE_TIMEOUT_S}).scalar_one()
-                conn.commit()
+            try:
+                with self.db.engine.connect() as conn:
+                    ok = conn.execute(text("SELECT pg_promote(true, :t)"),
+                                      {"t": PROMOTE_TIMEOUT_S}).scalar_one()
+                    conn.commit()
+            except DBAPIError as e:
+                raise PermanentError(
+                    f"PostgreSQL refused to promote: {str(e.orig).strip().splitlines()[0]}",
+                    hint="Let the vault's database role promote (GRANT EXECUTE ON FUNCTION "
+                         "pg_promote(boolean, integer) TO that role), or promote the database "
+                         "yourself (pg_ctl promote): the vault notices within a second.") from e
             if not ok or self.db.in_recovery():
                 raise PermanentError("PostgreSQL did not finish its promotion in "
                                      f"{PROMOTE_TIMEOUT_S} s",
