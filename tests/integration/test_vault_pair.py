@@ -350,3 +350,22 @@ def test_promote_fences_the_old_active_until_it_rejoins(tmp_path: Path) -> None:
         for pg in (pg_a, pg_b):
             pg.stop("immediate")
         shutil.rmtree(pg_root, ignore_errors=True)
+
+
+def test_a_database_promoted_by_hand_makes_the_standby_active(pair: Pair) -> None:
+    """``pg_ctl promote`` of the standby's database, not ``drsite vault promote``: the standby
+    vault notices, becomes active and takes the controller lease once the old holder's lease
+    (replicated, no longer renewed here) has expired; then it writes."""
+    p = pair
+    b = p.start_b()
+    with p.api(b) as api:
+        assert api.get("/controller").json()["role"] == "standby"
+        p.pg_b.promote()
+        wait("the standby vault active", lambda: api.get("/controller").json()["role"] == "active",
+             20)
+        wait("the controller lease taken", lambda: api.get("/controller").json()
+             ["this_process"]["controller"] is True, 3 * LEASE_S + 10)
+        lease = api.get("/controller").json()["lease"]
+        assert lease["url"] == b.url and lease["epoch"] >= 2, lease
+        api.post("/sites", json={"name": "b-only"}).raise_for_status()
+    assert "Traceback" not in b.text()
