@@ -58,7 +58,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from drsite import __version__
-from drsite.core.errors import Fenced, StandbyVault
+from drsite.core.errors import DrsiteError, Fenced, StandbyVault
 from drsite.vault.db.database import Database
 from drsite.vault.db.models import ControllerLease
 
@@ -315,7 +315,7 @@ class Lease:
                                  ControllerLease.epoch == epoch)
                           .values(holder=None, expires_at=0.0))
             log.info("controller lease released (epoch %d)", epoch)
-        except SQLAlchemyError as e:
+        except (SQLAlchemyError, DrsiteError) as e:  # DrsiteError: a pair's fence refused
             log.warning("could not release the controller lease (epoch %d): %s; it expires "
                         "on its own", epoch, type(e).__name__)
 
