@@ -36,7 +36,7 @@ from benchlib import MiB, best, cache_note, mib, rate, try_drop_caches, workdir,
 from drsite.core.model import DiskSpec, VmSpec
 from drsite.hypervisors.qemu.driver import QemuHypervisor
 from drsite.hypervisors.qemu.readers import NbdDiskReader
-from drsite.replication.driver import read_batches
+from drsite.replication.batches import read_batches
 
 GRANULE = 64 * 1024
 GOAL = 0.7

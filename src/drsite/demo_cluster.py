@@ -254,7 +254,7 @@ def _failover_and_back(cluster: Cluster, c: VaultClient, hv: FileHypervisor,
 
     con.rule("[bold]failback: planned failover of the plan back to the original VMs")
     time.sleep(2)
-    _follow_job(c, c.plan_action("demo-plan", "planned-failover"), con, "failback")
+    _follow_job(c, c.plan_action("demo-plan", "failback"), con, "failback")
     back = Table(title="failback: original VM vs the stopped recovery VM (blake3 of each disk)")
     for col in ("VM", "disk", "recovery VM (stopped)", "original VM (primary)", "equal"):
         back.add_column(col)

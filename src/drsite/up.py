@@ -10,8 +10,14 @@ Layout under the data directory::
     secondary/agent/       the secondary agent's identity (+ hydrated replicas)
     secondary/vms/         file VMs of the secondary site (failover targets)
     secondary/store/       the recovery store the secondary agent serves over mTLS
+    <site>/import/         disk images 'drsite vms import' may read on that site's host
     logs/                  one log per process (0700 / 0600)
-    cluster.json           ports, pids, URLs (read by ``drsite down`` and the demo)
+    cluster.json           ports, pids, URLs, the VMs ``down`` stopped (read by ``drsite
+                           down``, ``drsite up`` and the demo)
+
+``down`` stops the VMs too (file VMs' guest processes, QEMU processes) and ``up`` starts again
+the ones it stopped. The pids of the processes ``up`` starts are saved as each starts, and an
+``up`` that fails half-way stops what it started, so no process outlives the cluster's record.
 
 With ``ha`` (``drsite up --ha``, issue 14) the vault is a pair, one per site, each with its
 own PostgreSQL cluster on loopback (``vault/pgcluster.py``)::
@@ -22,12 +28,14 @@ own PostgreSQL cluster on loopback (``vault/pgcluster.py``)::
     vault-secondary/       site B's vault: the standby (only master.key copied from A)
 
 Agents are registered with both vaults and follow the active one; ``drsite vault promote
---vault VAULT_B_URL`` makes B active when site A is lost.
+--vault VAULT_B_URL`` makes B active when site A is lost. Admin writes ``up`` makes (sites,
+registration keys, the store role) go to whichever vault of the pair is active.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -37,9 +45,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from drsite.agent.process import agent_register, make_hypervisor
 from drsite.client.api import VaultClient, VaultConfig
-from drsite.core.errors import Conflict, DrsiteError, NetworkError, TransientError
+from drsite.core.errors import (
+    Conflict,
+    DrsiteError,
+    InvalidInput,
+    NetworkError,
+    TransientError,
+)
+from drsite.core.model import PowerState
 from drsite.fsutil import atomic_write_json, read_json
+from drsite.hypervisors.contract import HypervisorDriver
+from drsite.hypervisors.qemu.driver import QemuHypervisor
 from drsite.vault.pgcluster import LocalCluster
 
 
@@ -60,6 +78,8 @@ class Cluster:
     pids: dict[str, int] = field(default_factory=dict)
     admin_token: str = ""
     hypervisor: str = "file"  # the agents' driver: "file" or "qemu"
+    hypervisors: dict[str, str] = field(default_factory=dict)  # a site's own driver, if other
+    stopped_vms: dict[str, list[str]] = field(default_factory=dict)  # site → VMs down stopped
     # a vault pair (``ha``): site B's vault and both PostgreSQL clusters' ports
     ha: bool = False
     vault_b_url: str = ""
@@ -80,9 +100,16 @@ class Cluster:
 
     @staticmethod
     def load(root: Path) -> Cluster:
+        """The cluster ``drsite up`` recorded in ``root`` (``InvalidInput`` when there is
+        none)."""
+        if not (root / "cluster.json").is_file():
+            raise InvalidInput(f"no drsite up deployment in {root} (no cluster.json)",
+                               hint="Pass the directory given to 'drsite up': drsite down "
+                                    "--data DIR.")
         d: dict[str, Any] = read_json(root / "cluster.json")
         d["root"] = Path(d["root"])
-        return Cluster(**d)
+        known = set(Cluster.__dataclass_fields__)
+        return Cluster(**{k: v for k, v in d.items() if k in known})
 
     def pg(self, site: str) -> LocalCluster:
         """The PostgreSQL cluster of ``site`` (``ha`` only)."""
@@ -92,10 +119,43 @@ class Cluster:
     def vault_urls(self) -> list[str]:
         return [self.vault_url, self.vault_b_url] if self.ha else [self.vault_url]
 
+    def active_url(self) -> str:
+        """The URL of the vault that takes writes: the only one, or the pair's vault whose
+        ``/vault/state`` says ``active`` (the newest timeline and epoch if both do, as for a
+        moment after a forced promotion). A pair with no active vault answering raises
+        ``TransientError``."""
+        if not self.ha:
+            return self.vault_url
+        best: tuple[tuple[int, int], str] | None = None
+        for url in self.vault_urls:
+            try:
+                with VaultClient(VaultConfig(url, self.admin_token, self.ca_file,
+                                             timeout=5)) as cl:
+                    st = cl.vault_state()
+            except (DrsiteError, OSError):
+                continue
+            if st.get("role") == "active":
+                pos = (int(st.get("timeline") or 0), int(st.get("epoch") or 0))
+                if best is None or pos > best[0]:
+                    best = (pos, url)
+        if best is None:
+            raise TransientError(f"no vault of the pair ({', '.join(self.vault_urls)}) answers "
+                                 "as the active one",
+                                 hint="Start the active site's vault, or if that site is lost "
+                                      "make the other one active: drsite vault promote --vault "
+                                      "URL.")
+        return best[1]
+
+    def active_client(self) -> VaultClient:
+        """An admin client of the vault that takes writes (see :meth:`active_url`)."""
+        return VaultClient(VaultConfig(self.active_url(), self.admin_token, self.ca_file))
+
     def env_lines(self) -> list[str]:
-        return [f"export DRSITE_VAULT_URL={self.vault_url}",
-                f"export DRSITE_TOKEN=$(cat {self.root / 'vault' / 'admin.token'})",
-                f"export DRSITE_CA_FILE={self.ca_file}"]
+        """Shell exports pointing the CLI at this cluster (``drsite env`` prints them)."""
+        token = shlex.quote(str(self.root / "vault" / "admin.token"))
+        return [f"export DRSITE_VAULT_URL={shlex.quote(self.vault_url)}",
+                f"export DRSITE_TOKEN=$(cat {token})",
+                f"export DRSITE_CA_FILE={shlex.quote(str(self.ca_file))}"]
 
 
 def _spawn(name: str, args: list[str], logs: Path,
@@ -140,6 +200,7 @@ def start_vault(c: Cluster) -> None:
         args += ["--db", c.pg("primary").url(), "--url", c.vault_url, "--peer", c.vault_b_url]
     proc = _spawn("vault", args, logs)
     c.pids["vault"] = proc.pid
+    c.save()  # a later 'drsite down' finds it whatever happens next
     token_file = c.root / "vault" / "admin.token"
     _wait("vault admin token", lambda: token_file.exists() and token_file.read_text().strip(),
           60, proc, logs / "vault.log")
@@ -160,6 +221,7 @@ def start_pg(c: Cluster) -> None:
     standby of it. A cluster that was rejoined or promoted keeps its role."""
     for site in ("primary", "secondary"):
         c.pg_ports[site] = c.pg_ports.get(site) or free_port()
+    c.save()  # a later 'drsite down' stops the clusters whatever happens next
     a, b = c.pg("primary"), c.pg("secondary")
     if a.exists:
         a.start()
@@ -188,6 +250,7 @@ def start_vault_b(c: Cluster) -> None:
                                       c.pg("secondary").url(), "--url", c.vault_b_url,
                                       "--peer", c.vault_url], logs)
     c.pids["vault-secondary"] = proc.pid
+    c.save()  # a later 'drsite down' finds it whatever happens next
 
     def ping() -> bool:
         with VaultClient(VaultConfig(c.vault_b_url, c.admin_token, c.ca_file, timeout=2)) as cl:
@@ -197,29 +260,38 @@ def start_vault_b(c: Cluster) -> None:
 
 
 def start_agent(c: Cluster, site: str, *, store: bool, hypervisor: str | None = None,
-                store_url: str | None = None, env: dict[str, str] | None = None) -> None:
+                store_url: str | None = None, env: dict[str, str] | None = None,
+                host: str | None = None) -> None:
     """Register (once) and start the agent of ``site`` with the ``hypervisor`` driver
     (``file`` or ``qemu``, VMs under ``<site>/vms``; default: the cluster's). ``store_url``:
     the URL the store is advertised at (a proxy in tests); ``env``: extra environment (e.g.
-    ``DRSITE_FAILPOINTS``)."""
-    from drsite.agent.process import agent_register
-
-    data = c.root / site / "agent"
-    vms = c.root / site / "vms"
+    ``DRSITE_FAILPOINTS``); with ``store`` the host gets its site's store role (admin call,
+    before the agent starts). ``host``: a further host of ``site`` (its files under
+    ``<host>/``, process ``agent-<host>``, no store), e.g. a second source host for a
+    consistency group."""
+    key_dir = host or site
+    data = c.root / key_dir / "agent"
+    vms = c.root / key_dir / "vms"
     vms.mkdir(parents=True, exist_ok=True)
+    (c.root / key_dir / "import").mkdir(exist_ok=True)
+    if hypervisor is not None and hypervisor != c.hypervisor:
+        c.hypervisors[site] = hypervisor
     if not (data / "agent.json").exists():
-        with c.client() as cl:
+        active = c.active_url()
+        with VaultClient(VaultConfig(active, c.admin_token, c.ca_file)) as cl:
             try:
                 cl.create_site(site, f"{site} site (drsite up)")
             except Conflict:
                 pass
             key = cl.registration_key(site, 600)["key"]
-        agent_register(vault_url=c.vault_url, key=key, data_dir=data, host_name=f"{site}-host",
+        agent_register(vault_url=active, key=key, data_dir=data,
+                       host_name=host or f"{site}-host",
                        ca_file=c.ca_file, ca_fingerprint=None,
-                       other_vaults=tuple(c.vault_urls[1:]))
+                       other_vaults=tuple(u for u in c.vault_urls if u != active))
     args = ["agent", "run", "--data", str(data), "--vms", str(vms),
-            "--hypervisor", hypervisor or c.hypervisor]
-    if store:
+            "--hypervisor", hypervisor or c.hypervisor,
+            "--import-dir", str(c.root / key_dir / "import")]
+    if store and host is None:
         if site == "primary":
             c.primary_store_port = port = c.primary_store_port or free_port()
         else:
@@ -227,20 +299,28 @@ def start_agent(c: Cluster, site: str, *, store: bool, hypervisor: str | None = 
         args += ["--store", str(c.root / site / "store"), "--store-listen", f"127.0.0.1:{port}"]
         if store_url is not None:
             args += ["--store-url", store_url]
-    proc = _spawn(f"agent-{site}", args, c.root / "logs", env)
-    c.pids[f"agent-{site}"] = proc.pid
+        # serving the site's store is a role the vault grants (``vault/storerole.py``): give
+        # it before the agent's first heartbeat announces its store (idempotent on a restart);
+        # a standby vault refuses writes, so a pair's active vault gets the call
+        with c.active_client() as cl:
+            cl.set_store_host(site, f"{site}-host")
+    proc = _spawn(f"agent-{key_dir}", args, c.root / "logs", env)
+    c.pids[f"agent-{key_dir}"] = proc.pid
+    c.save()
+    host_name = host or f"{site}-host"
 
     def up() -> bool:
         for url in c.vault_urls:  # a pair: whichever is active has the heartbeats
             try:
                 with VaultClient(VaultConfig(url, c.admin_token, c.ca_file, timeout=5)) as cl:
-                    if any(h.get("site") == site and h.get("up") for h in cl.hosts()):
+                    if any(h.get("site") == site and h.get("name") == host_name and h.get("up")
+                           for h in cl.hosts()):
                         return True
             except (DrsiteError, OSError):
                 continue
         return False
 
-    _wait(f"{site} agent heartbeat", up, 60, proc, c.root / "logs" / f"agent-{site}.log")
+    _wait(f"{key_dir} agent heartbeat", up, 60, proc, c.root / "logs" / f"agent-{key_dir}.log")
 
 
 def up(root: Path, *, hypervisor: str = "file", ha: bool = False) -> Cluster:
@@ -250,28 +330,79 @@ def up(root: Path, *, hypervisor: str = "file", ha: bool = False) -> Cluster:
     root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     c = Cluster.load(root) if (root / "cluster.json").exists() else Cluster(root)
+    if ha and not c.ha and (root / "vault").exists():  # refused before anything is stopped
+        raise Conflict(f"{root} holds a deployment without HA",
+                       hint="Use another --data directory for 'drsite up --ha'.")
     down(c)
     c.pids = {}
     c.hypervisor = hypervisor
-    if ha and not c.ha and (root / "vault").exists():
-        raise Conflict(f"{root} holds a deployment without HA",
-                       hint="Use another --data directory for 'drsite up --ha'.")
     c.ha = c.ha or ha
-    if c.ha:
-        root.chmod(0o755)  # the PostgreSQL server (user postgres when run as root) goes in
-        start_pg(c)
-    start_vault(c)
-    if c.ha:
-        start_vault_b(c)
-    start_agent(c, "secondary", store=True)
-    start_agent(c, "primary", store=True)
+    try:
+        if c.ha:
+            root.chmod(0o755)  # the PostgreSQL server (user postgres when run as root) goes in
+            start_pg(c)
+        start_vault(c)
+        if c.ha:
+            start_vault_b(c)
+        start_agent(c, "secondary", store=True)
+        start_agent(c, "primary", store=True)
+        start_stopped_vms(c)
+    except BaseException:
+        down(c, vms=False)  # nothing it started outlives it (the VMs were not touched yet)
+        c.save()
+        raise
     c.save()
     return c
 
 
-def down(c: Cluster, *, timeout: float = 15.0) -> None:
-    """Stop every process of the cluster (SIGTERM, then SIGKILL), and a pair's PostgreSQL
-    clusters."""
+def site_driver(c: Cluster, site: str) -> HypervisorDriver:
+    """The hypervisor driver of ``site``'s VMs (as its agent runs it)."""
+    return make_hypervisor(c.hypervisors.get(site, c.hypervisor), c.root / site / "vms")
+
+
+def sites(c: Cluster) -> list[str]:
+    return sorted(p.parent.name for p in c.root.glob("*/vms") if p.is_dir())
+
+
+def stop_vms(c: Cluster, timeout: float = 20.0) -> int:
+    """Stop every VM of the cluster's sites (gracefully; forced after ``timeout``), and every
+    QEMU process holding their disks; the ones that ran are recorded for the next ``up``.
+    Returns how many were running."""
+    n = 0
+    for site in sites(c):
+        hv = site_driver(c, site)
+        for vm in hv.list_vms():
+            if vm.power is PowerState.RUNNING:
+                c.stopped_vms.setdefault(site, [])
+                if vm.vm_id not in c.stopped_vms[site]:
+                    c.stopped_vms[site].append(vm.vm_id)
+                n += 1
+            try:
+                if isinstance(hv, QemuHypervisor):  # also a storage daemon of a stopped VM
+                    hv.stop_processes(vm.vm_id, timeout=timeout)
+                elif vm.power is PowerState.RUNNING:
+                    hv.power_off(vm.vm_id, timeout=timeout)
+            except DrsiteError:
+                hv.power_off(vm.vm_id, force=True)
+        c.save()
+    return n
+
+
+def start_stopped_vms(c: Cluster) -> None:
+    """Power on again the VMs ``down`` stopped (the ones still there)."""
+    for site, vm_ids in sorted(c.stopped_vms.items()):
+        hv = site_driver(c, site)
+        present = {vm.vm_id for vm in hv.list_vms()}
+        for vm_id in vm_ids:
+            if vm_id in present:
+                hv.power_on(vm_id)
+    c.stopped_vms = {}
+    c.save()
+
+
+def down(c: Cluster, *, timeout: float = 15.0, vms: bool = True) -> None:
+    """Stop every process of the cluster (SIGTERM, then SIGKILL), a pair's PostgreSQL
+    clusters, then (``vms``) its VMs."""
     for name, pid in list(c.pids.items()):
         try:
             os.killpg(pid, signal.SIGTERM)
@@ -297,6 +428,8 @@ def down(c: Cluster, *, timeout: float = 15.0) -> None:
         for site in ("primary", "secondary"):
             if site in c.pg_ports:
                 c.pg(site).stop("fast")
+    if vms and c.root.is_dir():
+        stop_vms(c)
 
 
 def _reap(pid: int) -> bool:

@@ -25,7 +25,7 @@ import pytest
 
 from drsite.core.errors import Conflict, InvalidInput, TrackingLost, VmNotFound
 from drsite.core.extents import ExtentList
-from drsite.core.model import DiskSpec, PowerState, SealedCycle, TrackingState, VmSpec
+from drsite.core.model import DiskSpec, Nic, PowerState, SealedCycle, TrackingState, VmSpec
 from drsite.hypervisors.contract import DiskReader, HypervisorDriver
 from drsite.hypervisors.file import FileHypervisor
 from drsite.hypervisors.qemu.tools import missing_tools
@@ -277,6 +277,35 @@ def test_start_tracking_drops_old_cycle(h: Harness) -> None:
     st = h.driver.tracking_status(vm_id)
     assert st.state is TrackingState.ACTIVE and st.epoch == e2 and st.pending_bytes["disk0"] == 0
     h.driver.power_off(vm_id)
+
+
+def test_create_blank_vm(h: Harness) -> None:
+    spec = VmSpec("blank", vcpus=2, memory_mib=64,
+                  nics=(Nic("prod", "52:54:00:00:00:31", "10.0.0.31"),),
+                  disks=(DiskSpec("d0", 2 * MiB), DiskSpec("d1", MiB)))
+    info = h.driver.create_blank(spec)
+    assert info.power is PowerState.STOPPED and info.name == "blank"
+    assert (info.vcpus, info.memory_mib) == (2, 64)
+    assert [(n.network, n.ip) for n in info.nics] == [("prod", "10.0.0.31")]
+    assert [(d.disk_id, d.size) for d in h.driver.get_vm(info.vm_id).disks] == [
+        ("d0", 2 * MiB), ("d1", MiB)]
+    r = h.driver.open_live_reader(info.vm_id, "d0")
+    assert r.size == 2 * MiB and read(r, 0, 4096) == bytes(4096) and read(r, MiB, 16) == bytes(16)
+    assert r.data_extents().total < MiB  # sparse: nothing written yet
+    r.close()
+    with pytest.raises(Conflict):
+        h.driver.create_blank(VmSpec("blank", disks=(DiskSpec("d0", MiB),)))
+    for bad in (VmSpec("bad name!", disks=(DiskSpec("d0", MiB),)),
+                VmSpec("dup", disks=(DiskSpec("d0", MiB), DiskSpec("d0", MiB))),
+                VmSpec("zero", disks=(DiskSpec("d0", 0),))):
+        with pytest.raises(InvalidInput):
+            h.driver.create_blank(bad)
+    assert sorted(v.name for v in h.driver.list_vms()) == ["blank"]  # nothing left behind
+    h.driver.power_on(info.vm_id)
+    assert h.driver.get_vm(info.vm_id).power is PowerState.RUNNING
+    h.driver.delete_vm(info.vm_id)
+    with pytest.raises(VmNotFound):
+        h.driver.find_vm("blank")
 
 
 def test_create_and_delete_vm(h: Harness) -> None:

@@ -237,7 +237,7 @@ def test_plan_three_groups_script_manual_resume(cluster: Cluster, tmp_path: Path
         assert ends == sorted(ends)  # in order
         lines = marker.read_text().splitlines()
         # the vault's script, then the secondary agent's (one machine here: one file)
-        assert lines == ["shop test_failover db", "web on web"]
+        assert lines == ["shop test-failover db", "web on web"]  # the action's one spelling
         sec = hv(cluster, "secondary")
         assert sorted(v.name for v in sec.list_vms() if v.power is PowerState.RUNNING) == \
             ["app-test", "db-test", "web-test"]

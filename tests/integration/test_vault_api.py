@@ -46,6 +46,7 @@ def two_sites(h: Harness) -> tuple[Agent, Agent]:
     h.site("sec")
     a = h.register("prim", "hv1")
     b = h.register("sec", "hv2")
+    assert h.set_store("sec", "hv2").status_code == 200   # the site's store role (storerole)
     a.beat(vms=[vm_info("vm-1", "web1"), vm_info("vm-2", "db1", labels=["db"])])
     b.beat(store_url="https://127.0.0.1:9443")
     return a, b
@@ -129,7 +130,7 @@ def test_tokens_roles_and_secrets(h: Harness, tmp_path: Path) -> None:
 def test_sites_registration_and_hosts(h: Harness) -> None:
     site = h.ok("POST", "/sites", json={"name": "prim", "description": "primary DC"})
     assert site == {"name": "prim", "description": "primary DC", "created_at": site["created_at"],
-                    "hosts": 0}
+                    "hosts": 0, "store_host": None}
     before = snapshot(h)
     err(h.call("POST", "/sites", json={"name": "prim"}), 409, "conflict")
     for bad in ("../etc", "a/b", "bad\x00name", "tab\tname", "", ".hidden", "x" * 64):
@@ -412,10 +413,83 @@ def test_jobs_alerts_events_health(h: Harness) -> None:
     events = h.entries("/events?limit=500")
     kinds = {e["kind"] for e in events}
     assert {"site", "host", "job", "alert", "item"} <= kinds
+    # filtered by kind and subject, newest first; bad filters are refused
+    mine = h.entries(f"/events?kind=item&subject={item_id}")
+    assert mine and all(e["kind"] == "item" and e["subject"] == item_id for e in mine)
+    assert mine == [e for e in events if e["kind"] == "item" and e["subject"] == item_id]
+    assert h.entries("/events?kind=nosuchkind") == []
+    assert len(h.ok("GET", "/events?kind=job&limit=1")["entries"]) == 1
+    err(h.call("GET", "/events?kind=../x"), 400)
+    err(h.call("GET", "/events?limit=1001"), 400)
     m = h.client.get("/api/v1/metrics").text
     assert f'drsite_item_rpo_seconds{{item="{item_id}",vm="web1"}} 120.0' in m
     assert 'drsite_agent_up{host="hv1",site="prim"} 0.0' in m
     assert 'drsite_jobs{kind="EnableProtection",state="succeeded"} 1.0' in m
+
+
+def test_cli_events_list_and_list_options(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``drsite events list``: the trail newest first, filtered by kind and subject, as a
+    table or JSON; a bad kind is the API's refusal with its hint. The lists' ``--where`` and
+    ``--sort``, and their refusals of a field no row has or a condition without ``=``."""
+    import json
+
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from drsite.cli import common
+    from drsite.cli.main import app
+    from drsite.client.api import VaultClient, VaultConfig
+    from drsite.core.errors import InvalidInput
+
+    def fake_client(*_a: Any) -> VaultClient:
+        c = VaultClient(VaultConfig("http://testserver", h.admin))
+        c._http.close()
+        c._http = TestClient(h.app, base_url="http://testserver/api/v1",
+                             headers={"Authorization": f"Bearer {h.admin}"})
+        return c
+
+    monkeypatch.setattr(common, "client", fake_client)
+    a, _b = two_sites(h)
+    policy_and_group(h)
+    item_id = protect(h, a)
+    runner = CliRunner()
+    r = runner.invoke(app, ["events", "list", "--kind", "item", "--subject", item_id, "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert rows and {(e["kind"], e["subject"]) for e in rows} == {("item", item_id)}
+    assert rows == sorted(rows, key=lambda e: -e["at"])
+    r = runner.invoke(app, ["events", "list", "--limit", "2", "--json"])
+    assert r.exit_code == 0 and len(json.loads(r.stdout)) == 2
+    r = runner.invoke(app, ["events", "list", "--kind", "site"])
+    assert r.exit_code == 0 and "events" in r.output and "prim" in r.output
+    r = runner.invoke(app, ["events", "list", "--kind", "a/b"])
+    assert isinstance(r.exception, InvalidInput) and r.exception.hint  # main() prints both
+    r = runner.invoke(app, ["events", "list", "--limit", "0"])
+    assert r.exit_code == 2 and "limit" in r.output.lower()
+    # every list: --where FIELD=VALUE (case-insensitive, combined) and --sort [-]FIELD
+    r = runner.invoke(app, ["hosts", "list", "--sort", "-name", "--json"])
+    assert r.exit_code == 0, r.output
+    assert [x["name"] for x in json.loads(r.stdout)] == ["hv2", "hv1"]
+    r = runner.invoke(app, ["hosts", "list", "--where", "site=PRIM", "--json"])
+    assert [x["name"] for x in json.loads(r.stdout)] == ["hv1"]
+    r = runner.invoke(app, ["hosts", "list", "--where", "site=prim", "--where", "name=hv2",
+                            "--json"])
+    assert json.loads(r.stdout) == []
+    r = runner.invoke(app, ["items", "list", "--where", f"id={item_id}", "--json"])
+    assert [x["id"] for x in json.loads(r.stdout)] == [item_id]
+    r = runner.invoke(app, ["vms", "list", "--sort", "name", "--json"])
+    names = [x["name"] for x in json.loads(r.stdout)]
+    assert names == sorted(names) and len(names) >= 2
+    r = runner.invoke(app, ["jobs", "list", "--where", "kind=EnableProtection", "--json"])
+    assert r.exit_code == 0 and {x["kind"] for x in json.loads(r.stdout)} == {"EnableProtection"}
+    r = runner.invoke(app, ["alerts", "list", "--all", "--sort", "raised_at"])
+    assert r.exit_code == 0
+    r = runner.invoke(app, ["hosts", "list", "--where", "nosuchfield=1"])
+    assert isinstance(r.exception, InvalidInput) and "site" in (r.exception.hint or "")
+    r = runner.invoke(app, ["hosts", "list", "--sort", "-nosuchfield"])
+    assert isinstance(r.exception, InvalidInput)
+    r = runner.invoke(app, ["vms", "list", "--where", "site"])
+    assert isinstance(r.exception, InvalidInput) and "FIELD=VALUE" in r.exception.message
 
 
 def test_secrets_never_in_logs_or_listings(h: Harness, caplog: pytest.LogCaptureFixture) -> None:

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from drsite.core.states import ItemProtection
+from drsite.core.states import FailoverState, ItemProtection
 from drsite.failover.wire import check_recovery_book, recovery_book_digest
-from drsite.vault.db.models import Command, Failover, Item
-from drsite.vault.testing import Agent, Harness
+from drsite.vault.db.models import Command, Failover, Group, Item, Store
+from drsite.vault.testing import Agent, Harness, vm_info
 from tests.integration.test_vault_api import policy_and_group, protect, two_sites
 from tests.integration.test_vault_trust import security_alerts
 
@@ -113,7 +113,10 @@ def test_breakglass_reports_the_vault_must_not_believe(h: Harness) -> None:
     beat(b, breakglass=[bg_record("i-000000000000", "bg-bbbbbbbbbbbb")])
     beat(b, breakglass=[bg_record(item_id, "bg-cccccccccccc", state="starting")])
     assert h.ok("GET", f"/items/{item_id}")["protection"] == "protected"
-    assert len(security_alerts(h)) == 3
+    # three refused reports, and the source host's store URL: a claim without the store role
+    alerts = security_alerts(h)
+    assert len(alerts) == 4
+    assert len([al for al in alerts if "without the site's store role" in al["message"]]) == 1
     # malformed
     r = beat(b, breakglass=[{"failover_id": "bg-dddddddddddd", "item_id": item_id}])
     assert r.status_code == 400, r.text
@@ -174,3 +177,79 @@ def test_a_vault_failover_waiting_meanwhile_gives_way(h: Harness) -> None:
         item = s.get(Item, item2)
         assert item is not None and item.failover_id == rec2["failover_id"]
         assert item.status == ItemProtection.FAILED_OVER
+
+
+def test_breakglass_reports_with_impossible_facts_are_refused(h: Harness) -> None:
+    """A report whose facts cannot come from a real break-glass failover: the item's recovery
+    store is a cloud store (the site's store host does not hold it), a generation that is not a
+    promotion (a failover writes at least 2; a negative or old one makes the old primary's
+    agent take the fence for a stale one and leave its VM running). Refused (alert, audited),
+    the item untouched, nothing fenced. A point id that is no point id (null, a path) or a
+    field of the wrong type is malformed (400), like a missing field."""
+    a, b = two_sites(h)
+    policy_and_group(h)
+    item_id = protect(h, a)
+    for n, bad in enumerate(({"generation": 1}, {"generation": 0}, {"generation": -1}), start=1):
+        fid = f"bg-00000000000{n}"
+        r = beat(b, breakglass=[bg_record(item_id, fid, **bad)])
+        assert r.status_code == 200, r.text
+        assert r.json()["breakglass_ack"] == [fid], bad
+        assert h.ok("GET", f"/items/{item_id}")["protection"] == "protected", bad
+        assert h.call("GET", f"/failovers/{fid}", "admin").status_code == 404, bad
+    assert len(security_alerts(h)) == 3
+    for bad in ({"point_id": None}, {"point_id": "../p1"}, {"generation": "2x"},
+                {"generation": 2.5}, {"requested_at": "yesterday"}, {"rto_s": [1]}):
+        r = beat(b, breakglass=[bg_record(item_id, "bg-000000000007", **bad)])
+        assert r.status_code == 400, (bad, r.text)
+    assert h.ok("GET", f"/items/{item_id}")["protection"] == "protected"
+    assert not [c for c in a.beat()["commands"] if c["kind"] == "failover_fence"]
+    # a generation not above one the vault recorded for the item (an older failover,
+    # cancelled at generation 3): going backwards
+    with h.vault.db.tx() as s:
+        s.add(Failover(id="f-000000000009", item_id=item_id, kind="unplanned",
+                       state=FailoverState.CANCELLED, point_id="p000001", generation=3, result={},
+                       notes=[], created_at=h.clock.now(), updated_at=h.clock.now()))
+    r = beat(b, breakglass=[bg_record(item_id, "bg-0000000000aa", generation=3)])
+    assert r.json()["breakglass_ack"] == ["bg-0000000000aa"]
+    assert h.ok("GET", f"/items/{item_id}")["protection"] == "protected"
+    assert len(security_alerts(h)) == 4
+    # the item's recovery store is a cloud store: the site's store host does not hold it
+    h.ok("POST", "/stores", json={"name": "offsite", "kind": "s3",
+                                  "config": {"bucket": "drsite-dr",
+                                             "endpoint_url": "http://127.0.0.1:1"},
+                                  "secret": {"access_key": "AKIAEXAMPLE", "secret_key": "s"}})
+    with h.vault.db.tx() as s:
+        item = s.get(Item, item_id)
+        assert item is not None
+        group = s.get(Group, item.group_id)
+        store = s.scalars(select(Store)).one()
+        assert group is not None
+        group.store_id = store.id
+    r = beat(b, breakglass=[bg_record(item_id, "bg-0000000000bb", generation=4)])
+    assert r.json()["breakglass_ack"] == ["bg-0000000000bb"]
+    assert h.ok("GET", f"/items/{item_id}")["protection"] == "protected"
+    assert len(security_alerts(h)) == 5
+    assert not [c for c in a.beat()["commands"] if c["kind"] == "failover_fence"]
+
+
+def test_one_vm_with_a_bad_configuration_does_not_cost_the_site_its_recovery_book(
+        h: Harness) -> None:
+    """The store agent takes a book whole or not at all (a malformed one is ignored and the
+    old one stays). One protected VM whose host reports a configuration the failover cannot
+    use (a disk without a size, a name that is no name) must not keep every other item of the
+    site out of the book: a source host would otherwise deny break-glass to items it does not
+    own."""
+    a, b = two_sites(h)
+    policy_and_group(h)
+    web = protect(h, a)
+    db = protect(h, a, "vm-2", "db1")
+    bad = vm_info("vm-2", "db1", labels=["db"])
+    bad["disks"] = [{"disk_id": "disk0", "size": None}]
+    a.beat(vms=[vm_info("vm-1", "web1"), bad])
+    book = check_recovery_book(beat(b).json()["recovery_book"])
+    assert web in book["items"]
+    # the item keeps the configuration it was protected with, if it had one; else it is left out
+    assert db not in book["items"] or book["items"][db]["vm_spec"]["disks"][0]["size"] == 1 << 20
+    a.beat(vms=[vm_info("vm-1", "web1"), {**vm_info("vm-2", "db 1"), "labels": ["db"]}])
+    book = check_recovery_book(beat(b).json()["recovery_book"])
+    assert web in book["items"]

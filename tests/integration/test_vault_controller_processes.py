@@ -261,6 +261,8 @@ def setup_protection(c: Cluster, tmp_path: Path, n_vms: int = 4) -> SimAgent:
             (tmp_path / f"{host}.key").write_bytes(key_pem)
             (tmp_path / f"{host}.pem").write_text(r.json()["cert_pem"])
             certs[host] = (tmp_path / f"{host}.pem", tmp_path / f"{host}.key")
+        # serving the site's store is a role the admin grants (vault/storerole.py)
+        api.put("/sites/dr/store-host", json={"host": "dr1"}).raise_for_status()
     # the recovery site's host serves a store (never contacted) and confirms its access list
     store = SimAgent(c.live_urls, c.ca, *certs["dr1"], "dr1", [], "https://127.0.0.1:9/store")
     c.store = store

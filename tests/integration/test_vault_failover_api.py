@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from drsite.vault.testing import Agent, Harness, vm_info
+from drsite.vault.testing import Agent, Harness, point, report, vm_info
 from tests.integration.test_vault_api import err, policy_and_group, protect, two_sites
 
 ENGINES = ["sqlite", "postgresql"]
@@ -60,6 +60,7 @@ def setup(h: Harness) -> tuple[Agent, Agent, str]:
 
 def test_planned_failover_commit_reprotect_commands(h: Harness) -> None:
     a, b, item = setup(h)
+    assert h.set_store("prim", "hv1").status_code == 200   # the old primary's store role
     job = h.ok("POST", f"/items/{item}/failover/planned-failover", json={})
     cmd = play(h, a, "failover_prepare", {"point_id": "p000000000002", "fingerprints": {"d0": "x"}})
     assert cmd["args"]["failover_id"].startswith("f-")
@@ -79,8 +80,17 @@ def test_planned_failover_commit_reprotect_commands(h: Harness) -> None:
     assert "fingerprints" not in str(fo)
     # no second failover while this one is open; cycles stop
     err(h.call("POST", f"/items/{item}/failover/test-failover", json={}), 409)
+    # commit (planned) re-protects: the way back must be mapped (or asked to be made)
+    e = err(h.call("POST", f"/items/{item}/failover/commit", json={}), 409)
+    assert "network mapping back" in e["message"] and "--create-reverse-mapping" in e["hint"]
+    assert "drsite network map --from-site sec --to-site prim --network dr" in e["hint"]
+    assert len(h.ok("GET", "/network-mappings")) == 1
+    assert h.ok("GET", f"/items/{item}")["active_job_id"] is None  # nothing started
     # commit (planned) re-protects: seed on the old primary, protect on the recovery host
-    job = h.ok("POST", f"/items/{item}/failover/commit", json={})
+    job = h.ok("POST", f"/items/{item}/failover/commit", json={"create_reverse_mapping": True})
+    back = [m for m in h.ok("GET", "/network-mappings") if m["source_site"] == "sec"]
+    assert [(m["source_network"], m["recovery_network"], m["test_network"]) for m in back] == \
+        [("dr", "lan", "bubble")]
     play(h, b, "failover_commit", fo_result("committed", point_id="p000000000002"))
     cmd = play(h, a, "reprotect_seed", {"base_point_id": "p1", "base_bytes_local": 100,
                                         "disk_bytes": 1000})
@@ -92,6 +102,12 @@ def test_planned_failover_commit_reprotect_commands(h: Harness) -> None:
     cmd = play(h, b, "protect", {"report": {"bytes_sent": 10}})
     assert cmd["item_id"] == rev_id and cmd["args"]["resync_from_base"] is True
     assert cmd["args"]["store_url"] == "https://127.0.0.1:9555"
+    # the job ends once the reverse item's first point reached the catalogue
+    assert h.job(job["id"])["state"] == "running"
+    b.beat(store_url="https://127.0.0.1:9443", items=[{
+        "item_id": rev_id, "report": report(rev_id, "rvm-1", "web1"),
+        "new_points": [point(rev_id, 1, h.clock.now())]}])
+    h.tick()
     assert h.job(job["id"])["state"] == "succeeded", h.job(job["id"])
     rev = h.ok("GET", f"/items/{rev_id}")
     assert rev["protection"] == "protected" and rev["target_site"] == "prim"
@@ -222,8 +238,11 @@ def test_planned_failover_failing_at_the_source_is_cancelled_back(h: Harness) ->
     cmd = play(h, a, "failover_resume_source", {"generation": 1, "powered_on": True})
     assert cmd["args"]["power_on"] is True
     assert h.job(job["id"])["state"] == "running"  # not before the source replicated once
-    # the store got the read-only list with the cancel: the source waits for its write grant
-    assert "access grant" in str(h.job(job["id"])), h.job(job["id"])
+    # the store got the read-only list with the cancel: the source waits for its write grant,
+    # and gets no cycle before the store confirmed the list that gives it its writes back
+    h.tick()
+    assert not [c for c in a.beat(vms=a.last_vms, store_url=a.store_url)["commands"] if c["kind"] == "cycle"]
+    assert "access grant" in h.job(job["id"])["message"], h.job(job["id"])
     h.store_beat()
     cmd = play(h, a, "cycle", {"point": {"point_id": "p000000000002"}})
     assert h.job(job["id"])["state"] == "succeeded"
@@ -237,7 +256,7 @@ def test_cli_plan_apply_diff_network_map_and_bad_yaml(h: Harness, tmp_path: Path
     from fastapi.testclient import TestClient
     from typer.testing import CliRunner
 
-    from drsite.cli import failover_cmd
+    from drsite.cli import common
     from drsite.cli.main import app
     from drsite.client.api import VaultClient, VaultConfig
 
@@ -248,7 +267,7 @@ def test_cli_plan_apply_diff_network_map_and_bad_yaml(h: Harness, tmp_path: Path
                              headers={"Authorization": f"Bearer {h.admin}"})
         return c
 
-    monkeypatch.setattr(failover_cmd, "client", fake_client)
+    monkeypatch.setattr(common, "client", fake_client)
     _a, _b, _item = setup(h)
     runner = CliRunner()
     plan = tmp_path / "plan.yaml"

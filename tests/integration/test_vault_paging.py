@@ -48,6 +48,7 @@ def fleet(h: Harness) -> tuple[Agent, Agent, Agent]:
     h.site("prim")
     h.site("sec")
     a, b, dr = h.register("prim", "hv1"), h.register("prim", "hv2"), h.register("sec", "dr1")
+    assert h.set_store("sec", "dr1").status_code == 200
     dr.beat(store_url="https://127.0.0.1:9443")
     a.beat(vms=vms(N_VMS))
     b.beat(vms=vms(3, "db"))
@@ -267,3 +268,15 @@ def test_cli_pages_and_never_cuts_a_list_silently(served: tuple[str, Vault],
     assert len(json.loads(r.stdout)) == N_VMS + 1 and "showing" not in r.stderr
     r = runner.invoke(cli, ["items", "list", "--health", "sick", *opts])
     assert r.exit_code != 0 and "unknown health" in str(r.exception)
+    # --sort sorts every matching item (all pages read), then --limit cuts
+    r = runner.invoke(cli, ["items", "list", "--json", "--limit", "3", "--sort", "-vm_name", *opts])
+    assert [i["vm_name"] for i in json.loads(r.stdout)] == [f"vm{i:03d}" for i in (22, 21, 20)]
+    assert f"showing 3 of {N_VMS} items" in r.stderr
+    # a --where the API filters stays paged; any other is applied to every page here
+    r = runner.invoke(cli, ["items", "list", "--json", "--limit", "2", "--where", "STATE=x", *opts])
+    assert r.exit_code != 0 and "STATE" in str(r.exception)  # no such field in the rows
+    r = runner.invoke(cli, ["items", "list", "--json", "--where", "vm_name=VM017", *opts])
+    assert [i["vm_name"] for i in json.loads(r.stdout)] == ["vm017"]
+    r = runner.invoke(cli, ["jobs", "list", "--json", "--limit", "2", "--where", "state=Queued",
+                            *opts])
+    assert r.exit_code == 0 and len(json.loads(r.stdout)) <= 2

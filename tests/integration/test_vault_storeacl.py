@@ -225,3 +225,27 @@ def test_two_transactions_making_one_point_key_agree(tmp_path: Path, pg_url: str
             assert storeacl.existing_point_key(s, "i-race") == got["first"]
     finally:
         hh.close()
+
+
+def test_a_host_that_merely_claims_a_store_gets_no_keys_and_no_breakglass(h: Harness) -> None:
+    """docs/security.md: a site registration key registers one new host that "cannot ... get
+    any existing item's keys or data". A second host of the recovery site that puts a
+    store_url in its heartbeat must not receive the site store's access list (every item's
+    point key), nor be believed when it reports a break-glass failover (the vault would fence
+    — power off — the item's production VM)."""
+    a, _b = two_sites(h)
+    policy_and_group(h)
+    item_id = protect(h, a)
+    intruder = h.register("sec", "hv3")
+    intruder.beat(store_url="https://127.0.0.1:9777")
+    assert intruder.store_acl is None or item_id not in intruder.store_acl["items"]
+    r = intruder.post("/heartbeat", {
+        "host_name": intruder.name, "version": "test", "store_url": intruder.store_url,
+        "vms": None, "items": [],
+        "breakglass": [{"failover_id": "bg-00000000abcd", "kind": "unplanned",
+                        "item_id": item_id, "state": "pending_commit", "point_id": "p000001",
+                        "generation": 2, "vm_id": "vm-x", "vm_name": "web1"}]})
+    assert r.status_code == 200, r.text
+    assert h.ok("GET", f"/items/{item_id}")["protection"] == "protected"
+    assert not [c for c in a.beat()["commands"] if c["kind"] == "failover_fence"]
+    assert security_alerts(h)

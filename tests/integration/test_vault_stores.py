@@ -207,7 +207,7 @@ def test_cli_store_commands(h: Harness, tmp_path: Path, monkeypatch: pytest.Monk
     from fastapi.testclient import TestClient
     from typer.testing import CliRunner
 
-    from drsite.cli import stores_cmd
+    from drsite.cli import common
     from drsite.cli.main import app
     from drsite.client.api import VaultClient, VaultConfig
 
@@ -218,7 +218,7 @@ def test_cli_store_commands(h: Harness, tmp_path: Path, monkeypatch: pytest.Monk
                              headers={"Authorization": f"Bearer {h.admin}"})
         return c
 
-    monkeypatch.setattr(stores_cmd, "client", fake_client)
+    monkeypatch.setattr(common, "client", fake_client)
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(var, raising=False)
     runner = CliRunner()

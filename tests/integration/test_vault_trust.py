@@ -306,7 +306,7 @@ def test_a_failover_commit_explains_removing_every_other_point(h: Harness) -> No
     # before the commit is ordered, the failover's point and the newest stay
     beat_item(a, item_id, removed=["p000002", "p000003"])
     assert catalogue(h, item_id) == ["p000001", "p000002", "p000003"]
-    h.ok("POST", f"/items/{item_id}/failover/commit", json={})
+    h.ok("POST", f"/items/{item_id}/failover/commit", json={"create_reverse_mapping": True})
     play(h, b, "failover_commit", fo_result("committed", point_id="p000002"))
     beat_item(a, item_id, removed=["p000001", "p000002", "p000003"])
     assert catalogue(h, item_id) == ["p000002"]

@@ -15,7 +15,7 @@ from drsite.agent.failover import FailoverCommands, FailoverHost
 from drsite.agent.link import Command
 from drsite.agent.recoverybook import RecoveryBook, apply_reply
 from drsite.core.errors import Conflict, InvalidInput, NotFound
-from drsite.failover.wire import BOOK_FORMAT
+from drsite.failover.wire import BOOK_FORMAT, BREAKGLASS_MAX_REPORTS
 from drsite.fsutil import atomic_write_json
 
 ITEM = "i-0123456789ab"
@@ -54,7 +54,8 @@ def _bg(tmp_path: Path, fid: str, state: str | None) -> None:
     if state:
         (tmp_path / "failover" / "failovers").mkdir(parents=True, exist_ok=True)
         atomic_write_json(tmp_path / "failover" / "failovers" / f"{fid}.json",
-                          {"failover_id": fid, "item_id": ITEM, "state": state})
+                          {"failover_id": fid, "item_id": ITEM, "state": state,
+                           "kind": "unplanned", "requested_at": 0.0, "steps": ["promoted"]})
 
 
 def test_reports_until_acknowledged(tmp_path: Path) -> None:
@@ -80,5 +81,28 @@ def test_vault_failover_refused_while_breakglass_holds_the_item(tmp_path: Path) 
         cmds.handle(cmd)
     # cancelled (through the vault, once it recorded it): the item may fail over again
     atomic_write_json(tmp_path / "failover" / "failovers" / "bg-000000000001.json",
-                      {"failover_id": "bg-000000000001", "item_id": ITEM, "state": "cancelled"})
+                      {"failover_id": "bg-000000000001", "item_id": ITEM, "state": "cancelled",
+                       "kind": "unplanned", "requested_at": 0.0, "steps": ["promoted"]})
     assert breakglass.active_failover(tmp_path, ITEM) is None
+
+
+def test_reports_go_at_most_a_heartbeats_worth_at_a_time(tmp_path: Path) -> None:
+    """A plan failed over by break-glass on a large site: more finished failovers than one
+    heartbeat may carry (the vault refuses the whole heartbeat beyond that: 422, every beat,
+    so the agent would never reach the vault again). They go in batches, oldest items first,
+    each until acknowledged."""
+    folder = tmp_path / "breakglass"
+    folder.mkdir()
+    n = BREAKGLASS_MAX_REPORTS + 5
+    for i in range(n):
+        item, fid = f"i-{i:012d}", f"bg-{i:012d}"
+        atomic_write_json(folder / f"{item}.json",
+                          {"failover_id": fid, "item_id": item, "point": "latest",
+                           "reported": False, "record": {"failover_id": fid, "item_id": item,
+                                                         "state": "pending_commit"}})
+    first = breakglass.pending_reports(tmp_path)
+    assert len(first) == BREAKGLASS_MAX_REPORTS
+    breakglass.mark_reported(tmp_path, [r["failover_id"] for r in first])
+    rest = breakglass.pending_reports(tmp_path)
+    assert [r["failover_id"] for r in rest] == [f"bg-{i:012d}" for i in range(
+        BREAKGLASS_MAX_REPORTS, n)]

@@ -28,6 +28,7 @@ def setup(h: Harness) -> tuple[Agent, Agent]:
     h.site("prim")
     h.site("sec")
     a, b = h.register("prim", "hv1"), h.register("sec", "hv2")
+    assert h.set_store("sec", "hv2").status_code == 200
     a.beat(vms=VMS)
     b.beat(store_url="https://127.0.0.1:9443")
     h.ok("POST", "/policies", json={"name": "p1", "frequency_s": 30})

@@ -48,12 +48,14 @@ def _columns(db: Database, table: str) -> set[str]:
     return {c["name"] for c in inspect(db.engine).get_columns(table)}
 
 
-@pytest.mark.parametrize("start", ["0006", "0007"])
+@pytest.mark.parametrize("start", ["0006", "0007", "0008", "0009", "0010", "0011"])
 def test_upgrade_from_an_older_revision_keeps_the_rows_and_downgrades_cleanly(
         url: str, start: str) -> None:
-    """A database at 0006 (before the store's sent list) or 0007 (before the controller lease)
-    reaches the models' schema with its hosts intact; a downgrade to ``start`` undoes 0008
-    (and 0007) and a second upgrade gets there again."""
+    """A database at 0006 (before the store's sent list), 0007 (before the controller lease),
+    0008 (before consistency groups), 0009 (before the items' lineage), 0010 (before the
+    store role) or 0011 (before the vault's CA in the database) reaches the models' schema with
+    its hosts intact; a downgrade to ``start`` undoes what came after it and a second upgrade
+    gets there again."""
     db = Database(url)
     try:
         with db.engine.begin() as conn:
@@ -72,14 +74,56 @@ def test_upgrade_from_an_older_revision_keeps_the_rows_and_downgrades_cleanly(
                 == [(0, None)]
         with db.engine.begin() as conn:
             command.downgrade(alembic_config(conn), start)
-        assert "controller_lease" not in inspect(db.engine).get_table_names()
-        assert "grant_changed_at" not in _columns(db, "items")
+        assert "vault_ca" not in inspect(db.engine).get_table_names()
+        assert ("store_host_id" in _columns(db, "sites")) == (start == "0011")
+        assert ("lineage_id" in _columns(db, "items")) == (start in ("0010", "0011"))
+        assert ("reverse_of_id" in _columns(db, "groups")) == (start in ("0010", "0011"))
+        leased = start in ("0008", "0009", "0010", "0011")
+        assert ("consistent" in _columns(db, "groups")) == (start in ("0009", "0010", "0011"))
+        assert ("group_barriers" in inspect(db.engine).get_table_names()) \
+            == (start in ("0009", "0010", "0011"))
+        assert ("controller_lease" in inspect(db.engine).get_table_names()) == leased
+        assert ("grant_changed_at" in _columns(db, "items")) == leased
         hosts = _columns(db, "hosts")
-        assert not hosts & {"store_acl_sent_at", "store_acl_confirmed_at"}
-        assert ("store_acl_sent" in hosts) == (start == "0007")
+        assert bool(hosts & {"store_acl_sent_at", "store_acl_confirmed_at"}) == leased
+        assert ("store_acl_sent" in hosts) == (start != "0006")
         db.migrate()
         assert _schema_diffs(db) == []
         with db.engine.connect() as conn:
             assert conn.execute(text("SELECT name FROM hosts")).all() == [("host1",)]
+    finally:
+        db.dispose()
+
+
+def test_upgrade_gives_the_store_role_to_the_host_that_served_each_sites_store(url: str) -> None:
+    """0011 (store role): serving a store becomes a role; an upgraded deployment keeps working —
+    the host that served each site's store (store URL, not revoked, most recently heard) gets
+    it; a site with no such host gets none; a downgrade drops the role."""
+    db = Database(url)
+    try:
+        with db.engine.begin() as conn:
+            command.upgrade(alembic_config(conn), "0010")
+            for n, site in enumerate(("a", "b", "c"), 1):
+                conn.execute(text("INSERT INTO sites (id, name, description, created_at) "
+                                  f"VALUES ({n}, '{site}', '', 1.0)"))
+            for hid, site, url_, beat, revoked in [
+                    ("h-1", 1, "'https://s1'", "10.0", "NULL"),
+                    ("h-2", 1, "'https://s2'", "20.0", "NULL"),   # the most recently heard
+                    ("h-3", 1, "'https://s3'", "30.0", "5.0"),    # revoked
+                    ("h-4", 2, "NULL", "40.0", "NULL"),           # serves no store
+                    ("h-5", 3, "'https://s5'", "NULL", "NULL"),   # never heard, but the only one
+                    ("h-6", 3, "NULL", "50.0", "NULL")]:
+                conn.execute(text(
+                    "INSERT INTO hosts (id, name, site_id, cert_fingerprint, cert_serial, "
+                    "registered_at, version, store_url, last_heartbeat, revoked_at) VALUES "
+                    f"('{hid}', '{hid}', {site}, 'fp', '1', 2.0, '', {url_}, {beat}, {revoked})"))
+        db.migrate()
+        assert _schema_diffs(db) == []
+        with db.engine.connect() as conn:
+            assert conn.execute(text("SELECT name, store_host_id FROM sites ORDER BY name")).all() \
+                == [("a", "h-2"), ("b", None), ("c", "h-5")]
+        with db.engine.begin() as conn:
+            command.downgrade(alembic_config(conn), "0010")
+        assert "store_host_id" not in _columns(db, "sites")
     finally:
         db.dispose()

@@ -38,6 +38,7 @@ def protected_with_store(h: Harness, **policy: Any) -> tuple[Agent, Agent, str]:
     h.site("prim")
     h.site("sec")
     a, b = h.register("prim", "hv1"), h.register("sec", "hv2")
+    assert h.set_store("sec", "hv2").status_code == 200
     a.beat(vms=VMS)
     b.beat(store_url="https://127.0.0.1:9443")
     h.ok("POST", "/policies", json={"name": "p1", "frequency_s": 30, "app_consistent_every_s": None,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.integration.test_vault_api import protect
 
 from drsite.vault.db.models import Drill, Item, Job, Point, Task
 from drsite.vault.testing import Harness, point, report, vm_info
@@ -44,12 +45,12 @@ def populate(h: Harness) -> str:
     h.site("prim")
     h.site("sec")
     a, b = h.register("prim", "hv1"), h.register("sec", "hv2")
+    assert h.set_store("sec", "hv2").status_code == 200
     a.beat(vms=VMS)
     b.beat(store_url="https://127.0.0.1:9443")
     h.ok("POST", "/policies", json={"name": "p1", "frequency_s": 30, "rpo_threshold_s": 120})
     h.ok("POST", "/groups", json={"name": "g1", "site": "prim", "target_site": "sec", "policy": "p1"})
-    item_id = str(h.ok("POST", "/items", json={"vm_id": "vm-1", "group": "g1"})["item_id"])
-    h.tick()
+    item_id = protect(h, a)  # its EnableProtection job played to the end
     for seq in range(1, 9):
         a.beat(vms=VMS, items=[{"item_id": item_id, "report": report(item_id, "vm-1", "web1"),
                                 "new_points": [point(item_id, seq, h.clock.now(), app=seq % 4 == 0,
@@ -91,7 +92,12 @@ def test_root_redirects_and_pages_need_a_session(h: Harness) -> None:
     r = h.client.get("/ui/vms", follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"] == "/ui/login?next=%2Fui%2Fvms"
     r = h.client.get("/ui/f/overview", headers={"HX-Request": "true"})
-    assert r.status_code == 401 and r.headers["HX-Redirect"] == "/ui/login"
+    assert r.status_code == 401 and r.headers["HX-Redirect"] == "/ui/login?next=%2Fui"
+    # a live fragment's session ends: back to the page it belongs to after the login
+    r = h.client.get("/ui/f/items/i-1?window=6h", headers={
+        "HX-Request": "true", "HX-Current-URL": "http://testserver/ui/items/i-1?window=6h"})
+    assert r.status_code == 401
+    assert r.headers["HX-Redirect"] == "/ui/login?next=%2Fui%2Fitems%2Fi-1%3Fwindow%3D6h"
     r = h.client.get("/ui/login")
     assert r.status_code == 200 and 'name="token"' in r.text
     assert "script-src 'self'" in r.headers["content-security-policy"]
@@ -165,7 +171,8 @@ def test_pages_show_the_vault_state(h: Harness) -> None:
     assert '<time datetime="' in vms and "ago" in vms and "UTC" in vms
     page = h.client.get(f"/ui/items/{item_id}").text
     assert page.count("<svg") >= 2
-    assert 'class="chart rpo"' in page and 'class="chart timeline"' in page
+    assert 'class="chart rpo wide"' in page and 'class="chart timeline wide"' in page
+    assert 'class="chart rpo narrow"' in page  # the phone form, shown by the stylesheet
     assert "mark mark-app" in page and "mark mark-crash" in page
     assert "threshold 2 min" in page and "time (UTC)" in page
     assert h.client.get(f"/ui/items/{item_id}?window=15m").status_code == 200
@@ -227,18 +234,18 @@ def test_a_reader_sees_everything_and_can_press_nothing(h: Harness) -> None:
     add_plan(h)
     csrf = login(h, h.token("reader", "audit"))
     for url in [*PAGES, *FRAGMENTS, f"/ui/items/{item_id}", f"/ui/jobs/{job_id}", "/ui/plans/tier1",
-                "/ui/plans/tier1/test_failover", f"/ui/jobs/{job_id}/cancel"]:
+                "/ui/plans/tier1/test-failover", f"/ui/jobs/{job_id}/cancel"]:
         assert h.client.get(url).status_code == 200, url
     job_page = h.client.get(f"/ui/jobs/{job_id}").text
     assert re.search(r"<button[^>]*disabled[^>]*>Cancel job</button>", job_page)
     plan_page = h.client.get("/ui/plans/tier1").text
     buttons = re.findall(r"<button[^>]*>[^<]*</button>", plan_page)
     labels = [b for b in buttons if "Log out" not in b]
-    assert len(labels) == 7 and all("disabled" in b for b in labels), labels
-    assert "/ui/plans/tier1/test_failover" not in plan_page  # no link to act through either
-    confirm = h.client.get("/ui/plans/tier1/test_failover").text
+    assert len(labels) == 8 and all("disabled" in b for b in labels), labels
+    assert "/ui/plans/tier1/test-failover" not in plan_page  # no link to act through either
+    confirm = h.client.get("/ui/plans/tier1/test-failover").text
     assert re.search(r'<button type="submit" id="confirm"[^>]*disabled', confirm)
-    for url in [f"/ui/jobs/{job_id}/cancel", "/ui/plans/tier1/test_failover", "/ui/alerts/1/ack"]:
+    for url in [f"/ui/jobs/{job_id}/cancel", "/ui/plans/tier1/test-failover", "/ui/alerts/1/ack"]:
         r = h.client.post(url, data={"csrf": csrf}, follow_redirects=False)
         assert r.status_code == 403, url
         assert "reader role" in r.text
@@ -256,20 +263,20 @@ def test_plan_page_and_an_operator_starting_a_test_failover(h: Harness) -> None:
     assert "tier1" in plans and "&lt;script&gt;" in plans and "<script>alert" not in plans
     page = h.client.get("/ui/plans/tier1").text
     assert "Tell the DBA" in page and "echo done" in page and f"/ui/items/{item_id}" in page
-    assert 'href="/ui/plans/tier1/planned_failover"' in page
-    confirm = h.client.get("/ui/plans/tier1/test_failover").text
+    assert 'href="/ui/plans/tier1/planned-failover"' in page
+    confirm = h.client.get("/ui/plans/tier1/test-failover").text
     assert "What will happen" in confirm and "isolated test network" in confirm
     assert 'value="latest_app"' in confirm
-    r = h.client.post("/ui/plans/tier1/test_failover", data={"csrf": csrf, "point": "latest"},
+    r = h.client.post("/ui/plans/tier1/test-failover", data={"csrf": csrf, "point": "latest"},
                       follow_redirects=False)
     assert r.status_code == 303, r.text
     job_id = r.headers["location"].rsplit("/", 1)[1]
     job: dict[str, Any] = h.job(job_id)
     assert job["kind"] == "RecoveryPlan" and job["target"] == "tier1"
     # a second one is refused by the vault's own rule, shown on the confirmation page
-    r = h.client.post("/ui/plans/tier1/test_failover", data={"csrf": csrf}, follow_redirects=False)
+    r = h.client.post("/ui/plans/tier1/test-failover", data={"csrf": csrf}, follow_redirects=False)
     assert r.status_code == 409 and "already has a job running" in r.text
-    assert h.client.post("/ui/plans/tier1/test_failover", data={"csrf": csrf, "point": "bogus"},
+    assert h.client.post("/ui/plans/tier1/test-failover", data={"csrf": csrf, "point": "bogus"},
                          follow_redirects=False).status_code == 400
     assert h.client.get("/ui/plans/tier1/explode").status_code == 404
     assert h.client.get("/ui/plans/nope").status_code == 404
@@ -324,7 +331,7 @@ def test_a_job_waiting_for_an_operator_is_resumed_from_its_page(h: Harness) -> N
     populate(h)
     add_plan(h)  # group "web": a manual pre action pauses the plan's failover
     csrf = login(h, h.admin)
-    r = h.client.post("/ui/plans/tier1/test_failover", data={"csrf": csrf}, follow_redirects=False)
+    r = h.client.post("/ui/plans/tier1/test-failover", data={"csrf": csrf}, follow_redirects=False)
     assert r.status_code == 303, r.text
     job_id = r.headers["location"].rsplit("/", 1)[1]
     h.tick()
@@ -401,28 +408,39 @@ def test_the_audit_page_is_for_admins_and_shows_dashboard_actions(h: Harness) ->
 
 
 def test_lists_say_how_many_of_how_many(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A list cut to a page says so ("Showing N of M") and links the next page; nothing is
-    cut without notice."""
-    from drsite.web import data
+    """A list cut to a page says so ("Showing a–b of M") and links the next page; nothing is
+    cut without notice. The VM list reads the API's pages along their cursor
+    (``ITEMS_PER_PAGE`` a request): in the API's order only up to the page shown, in another
+    order every matching item."""
+    from drsite.web import data, lists
 
     populate(h)
     login(h, h.admin)
     page = h.client.get("/ui/vms")
-    assert re.search(r'id="items-shown">Showing 1 of 1 protected VMs</p>', page.text), page.text
+    assert "Showing 1–1 of 1 protected VMs" in page.text, page.text
     monkeypatch.setattr(data, "ITEMS_PER_PAGE", 1)
+    monkeypatch.setattr(lists, "LIMITS", (1, *lists.LIMITS))
     h.ok("POST", "/items", json={"vm_id": "vm-2", "group": "g1"})
-    page = h.client.get("/ui/vms")
-    m = re.search(r'id="items-shown">Showing 1 of 2 protected VMs · <a href="([^"]+)">next page',
-                  page.text)
-    assert m, page.text
+    page = h.client.get("/ui/vms?limit=1")
+    assert "Showing 1–1 of 2 protected VMs" in page.text, page.text
     assert "db1" in page.text.split('id="items"')[1].split("</table>")[0]  # by VM name
+    m = re.search(r'<a href="([^"]+)" rel="next">', page.text)
+    assert m, page.text
     nxt = h.client.get(m.group(1).replace("&amp;", "&"))
     rows = nxt.text.split('id="items"')[1].split("</table>")[0]
     assert "web1" in rows and "db1" not in rows
-    assert "Showing 1 of 2 protected VMs" in nxt.text
+    assert "Showing 2–2 of 2 protected VMs" in nxt.text
+    every = h.client.get("/ui/vms").text  # two API pages of one item
+    rows = every.split('id="items"')[1].split("</table>")[0]
+    assert "Showing 1–2 of 2 protected VMs" in every and rows.index("db1") < rows.index("web1")
+    desc = h.client.get("/ui/vms?sort=vm_name&order=desc").text  # sorted here, all pages read
+    rows = desc.split('id="items"')[1].split("</table>")[0]
+    assert "Showing 1–2 of 2 protected VMs" in desc and rows.index("web1") < rows.index("db1")
     jobs = h.client.get("/ui/jobs").text
     total = len(h.entries("/jobs"))
-    assert f"Showing {total} of {total} jobs" in jobs
+    assert f"Showing 1–{total} of {total} jobs" in jobs
+    jobs = h.client.get("/ui/jobs?limit=1").text
+    assert f"Showing 1–1 of {total} jobs" in jobs and 'rel="next"' in jobs
     overview = h.client.get("/ui").text
     assert f"({min(8, total)} of {total}: " in overview
 
@@ -495,7 +513,7 @@ def test_an_operator_verifies_from_the_item_page(h: Harness) -> None:
         assert row is not None and row.args == {"points": "all"}
     assert h.client.get("/ui/items/nope/verify").status_code == 404
     r = h.client.post("/ui/items/nope/verify", data={"csrf": csrf}, follow_redirects=False)
-    assert r.status_code == 404 and "What will happen" in r.text
+    assert r.status_code == 404 and "no item" in r.text
     # a reader sees the button disabled and cannot post
     csrf = login(h, h.token("reader", "audit"))
     page = h.client.get(f"/ui/items/{item_id}").text

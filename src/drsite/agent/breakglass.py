@@ -27,10 +27,12 @@ Responsible for: these local steps and the report queue. Not responsible for: pa
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import secrets
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +50,11 @@ from drsite.core.errors import (
 from drsite.core.model import validate_name
 from drsite.core.states import FailoverState
 from drsite.failover import actions, records
-from drsite.failover.wire import network_map_from_args, vm_spec_from_dict
+from drsite.failover.wire import (
+    BREAKGLASS_MAX_REPORTS,
+    network_map_from_args,
+    vm_spec_from_dict,
+)
 from drsite.fsutil import atomic_write_bytes, atomic_write_json, read_json
 from drsite.hypervisors.contract import HypervisorDriver
 from drsite.sitestore.acl import ACL_FILE, StoreAcl
@@ -62,6 +68,7 @@ from drsite.store.repository import Repository
 log = logging.getLogger(__name__)
 
 BG_DIR = "breakglass"
+RUN_SUFFIX = ".run"             # DATA/breakglass/<item>.run: the run lock of a break-glass run
 WORK_DIR = "failover"           # the failover library's work directory (as agent/failover.py)
 RUN_FILE = "agent-run.json"   # how `drsite agent run` was started (hypervisor, VMs, store)
 DONE_STATES = (FailoverState.PENDING_COMMIT, FailoverState.COMMITTED)
@@ -115,7 +122,9 @@ def _save_record(data_dir: Path, item_id: str, doc: dict[str, Any]) -> None:
 
 def pending_reports(data_dir: Path) -> list[dict[str, Any]]:
     """The finished break-glass failovers the vault has not acknowledged: the failover
-    library's record of each as the break-glass run ended (``FailoverResult.to_dict()``)."""
+    library's record of each as the break-glass run ended (``FailoverResult.to_dict()``), at
+    most ``BREAKGLASS_MAX_REPORTS`` (what one heartbeat may carry; the rest go in the next
+    ones, as these are acknowledged)."""
     out: list[dict[str, Any]] = []
     folder = _records_dir(data_dir)
     if not folder.is_dir():
@@ -131,6 +140,8 @@ def pending_reports(data_dir: Path) -> list[dict[str, Any]]:
             continue
         if rec.get("state") in [s.value for s in DONE_STATES]:
             out.append(rec)
+            if len(out) >= BREAKGLASS_MAX_REPORTS:
+                break
     return out
 
 
@@ -151,22 +162,68 @@ def mark_reported(data_dir: Path, failover_ids: list[str]) -> None:
                          doc.get("failover_id"), path.stem)
 
 
+@contextlib.contextmanager
+def _run_lock(data_dir: Path, item_id: str) -> Iterator[None]:
+    """Held (``flock``) for the whole of a break-glass run of ``item_id``, up to its record
+    being saved finished."""
+    path = _records_dir(data_dir) / f"{validate_name('item', item_id)}{RUN_SUFFIX}"
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise classify_os_error(e, f"break-glass run lock {path}") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def vms_in_flight(data_dir: Path, book: dict[str, Any] | None) -> set[str]:
+    """Names of the VMs break-glass runs on this host are creating right now (their run lock
+    is held): the daemon leaves them out of its inventory until the run has saved its record,
+    which goes in the same heartbeat as the VM. Otherwise the vault could meet the recovery
+    VM before the failover — a new VM of its site, which a group there may auto-protect."""
+    folder = _records_dir(data_dir)
+    items = dict((book or {}).get("items") or {})
+    out: set[str] = set()
+    for path in sorted(folder.glob(f"*{RUN_SUFFIX}")) if folder.is_dir() else []:
+        entry = items.get(path.name[:-len(RUN_SUFFIX)])
+        if not isinstance(entry, dict):
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:   # held: a run is under way
+            out.update(str(n) for n in (entry.get("vm_name"),
+                                        dict(entry.get("vm_spec") or {}).get("name")) if n)
+        finally:
+            os.close(fd)
+    return out
+
+
 # ------------------------------------------------------------------ the vault's presence
 
 def active_failover(data_dir: Path, item_id: str) -> str | None:
-    """The id of the item's break-glass failover that still holds it on this host (not
-    cancelled: its step record says so, whoever cancelled it), or None. A vault's failover
+    """The id of the item's break-glass failover that still holds it on this host (promoted,
+    not cancelled: its step record says so, whoever cancelled it), or None. A vault's failover
     command for the item with another id is refused while there is one: the vault had not
     heard of it yet."""
     try:
         fid = str(dict(read_json(_record_path(data_dir, item_id))).get("failover_id") or "")
-        step = dict(read_json(Path(data_dir) / WORK_DIR / "failovers"
-                              / f"{validate_name('failover', fid)}.json"))
+        raw = read_json(Path(data_dir) / WORK_DIR / "failovers"
+                        / f"{validate_name('failover', fid)}.json")
     except FileNotFoundError:
         return None
-    if step.get("state") in (FailoverState.CANCELLED.value, FailoverState.CLEANED_UP.value):
-        return None
-    return fid
+    try:
+        step = records.FailoverResult.from_dict(raw)
+    except (KeyError, TypeError, ValueError):
+        return fid   # a damaged step record: assume it holds (no second VM on a guess)
+    # stopped before its promotion (e.g. its point was refused): nothing changed, no hold
+    return fid if records.holds_item(step) else None
 
 
 def vault_answers(identity: AgentIdentity, timeout: float = 3.0) -> bool:
@@ -186,6 +243,21 @@ def vault_answers(identity: AgentIdentity, timeout: float = 3.0) -> bool:
 
 # ------------------------------------------------------------------ the failover itself
 
+def _refuse_others(site: actions.Site, item_id: str, fid: str | None) -> None:
+    """``Conflict`` when another real failover (a vault's) holds the item on this host: a
+    second one would promote again and start a second VM. Checked before waiting for the
+    replica's lock and again under it (every failover of the item starts its record under
+    that lock)."""
+    others = [r for r in records.live_failovers(site, item_id) if r.failover_id != fid]
+    if others:
+        o = others[0]
+        raise Conflict(f"item {item_id} is in failover {o.failover_id} on this host already "
+                       f"({o.state.value}, VM {o.vm_name}); a second failover would start "
+                       "a second VM",
+                       hint="Commit or cancel that failover through the vault when it is "
+                            "back (drsite failover commit|cancel ITEM).")
+
+
 class BreakGlass:
     """Break-glass failovers of the items whose store this host serves (``store_dir``)."""
 
@@ -201,6 +273,21 @@ class BreakGlass:
         self.acl = StoreAcl(self.data_dir / ACL_FILE)
         self.replicas = self.data_dir / "replicas"
         self.work_dir = self.data_dir / WORK_DIR
+
+    def _check_user(self) -> None:
+        """The records a failover writes (0600) must be the agent's: root (sudo) would write
+        files the agent cannot read, so it would never report the failover to the vault."""
+        try:
+            owner = self.data_dir.stat().st_uid
+        except OSError as e:
+            raise classify_os_error(e, f"agent data directory {self.data_dir}") from e
+        if owner != os.geteuid():
+            raise InvalidInput(
+                f"the agent data directory {self.data_dir} belongs to user id {owner}, not to "
+                f"this user (id {os.geteuid()}): the agent could not read what break-glass "
+                "writes, and would never report the failover to the vault",
+                hint="Run it as the agent's user, e.g. sudo -u <agent user> drsite agent "
+                     "failover ...")
 
     def _auth(self, item_id: str) -> PointAuth:
         """The item's point MAC: break-glass never reads a point it cannot authenticate."""
@@ -265,8 +352,14 @@ class BreakGlass:
 
     def failover(self, item_id: str, point: str = "latest") -> actions.FailoverResult:
         """Fail ``item_id`` over to ``point`` ("latest", "latest_app" or a point id) on this
-        host; idempotent (see the module docstring)."""
+        host; idempotent (see the module docstring). Runs under the item's run lock (see
+        :func:`vms_in_flight`; a second run of the item waits for the first)."""
         item_id = validate_name("item", item_id)
+        self._check_user()
+        with _run_lock(self.data_dir, item_id):
+            return self._failover(item_id, point)
+
+    def _failover(self, item_id: str, point: str) -> actions.FailoverResult:
         entry = self.book.entry(item_id)
         auth = self._auth(item_id)
         path = _record_path(self.data_dir, item_id)
@@ -287,14 +380,7 @@ class BreakGlass:
                         f"{rec.point_id}); a second failover would start a second VM",
                         hint="Change the point through the vault once it is back: "
                              f"drsite failover change-point {item_id} --point {point}")
-        others = [r for r in records.live_failovers(site, item_id) if r.failover_id != fid]
-        if others:
-            o = others[0]
-            raise Conflict(f"item {item_id} is in failover {o.failover_id} on this host already "
-                           f"({o.state.value}, VM {o.vm_name}); a second failover would start "
-                           "a second VM",
-                           hint="Commit or cancel that failover through the vault when it is "
-                                "back (drsite failover commit|cancel ITEM).")
+        _refuse_others(site, item_id, fid)
         if fid is None:
             fid = f"bg-{secrets.token_hex(6)}"
             _save_record(self.data_dir, item_id, {"failover_id": fid, "item_id": item_id,
@@ -314,6 +400,9 @@ class BreakGlass:
                     primary=actions.Site(str(entry["source_site"]), None, self.work_dir),
                     recovery=site, repo=repo, hydrator=ReplicaHydrator(repo, replica_dir),
                     network_map=network_map_from_args(entry.get("network_map")))
+                # again under the lock: a vault's failover command (the vault came back) may
+                # have held it and failed the item over while this run waited for it
+                _refuse_others(site, item_id, fid)
                 # the store service must not rebuild the replica behind the VM it moves into
                 marker = held_marker(self.replicas, item_id)
                 atomic_write_json(marker, {"held_by": "break-glass failover", "at": time.time()})

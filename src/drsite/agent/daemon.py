@@ -41,6 +41,7 @@ from typing import Any
 import httpx
 
 import drsite
+from drsite.agent import barrier as barriers
 from drsite.agent import breakglass, cloudstores, pointkeys, recoverybook, storeacl, storerekey
 from drsite.agent.drill import DrillCommands
 from drsite.agent.failover import KINDS as FAILOVER_KINDS
@@ -62,6 +63,7 @@ from drsite.agent.state import (
     settings_from_args,
 )
 from drsite.agent.storeservice import StoreService
+from drsite.agent.vms import VmCommands, lane_of
 from drsite.core.errors import (
     AuthError,
     CommandInterrupted,
@@ -97,6 +99,7 @@ PROGRESS_REPOST_S = 10.0
 CATALOGUE_TIMEOUT_S = 5.0  # listing an item's points at a peer store
 URGENT_KINDS = frozenset((*FAILOVER_KINDS, "unprotect"))
 URGENT_WORKERS = 4
+BARRIER_WORKERS = 4  # group barriers' prepare and seal: short, local, never behind a lane
 FULL_HEARTBEAT_EVERY = 30
 CHANNEL_WAIT_S = 20.0  # how long the vault may hold the command channel's request
 
@@ -141,12 +144,14 @@ class Agent:
     """The daemon of one host. See the module docstring for what it does and decides.
 
     ``hypervisor``: the host's driver. ``store_dir`` + ``store_listen``: this host serves a
-    recovery store (a secondary site). ``transport`` replaces the network to the vault (tests);
+    recovery store (a secondary site). ``import_dir``: where ``vm_import`` may read disk images
+    (none: imports are refused). ``transport`` replaces the network to the vault (tests);
     ``target_factory`` replaces how an item's recovery target is built from its ``store_url``.
     """
 
     def __init__(self, data_dir: Path, *, hypervisor: HypervisorDriver,
                  heartbeat_interval: float = 2.0, store_dir: Path | None = None,
+                 import_dir: Path | None = None,
                  store_listen: str | None = None, offline_after_s: float = 30.0,
                  max_backoff_s: float = 30.0, max_parallel_items: int = 2,
                  transport: httpx.BaseTransport | None = None,
@@ -199,6 +204,7 @@ class Agent:
         # lanes whose next task is a failover or unprotect command start here, so that they
         # never queue behind replication stuck on a slow or hung peer
         self._urgent_pool: ThreadPoolExecutor | None = None
+        self._barrier_pool: ThreadPoolExecutor | None = None
         self._store: StoreService | None = None
         if store_dir is not None and store_listen is not None:
             self._store = StoreService(self.identity, store_dir, self.data_dir / "replicas",
@@ -210,6 +216,8 @@ class Agent:
         self.failover = FailoverCommands(self)
         self.scrubs = ScrubCommands(self)
         self.drills = DrillCommands(self)
+        self.barriers = barriers.BarrierCommands(self)
+        self.vms = VmCommands(hypervisor, self.data_dir, import_dir)
         self.command_channel = command_channel
         self._channel: threading.Thread | None = None
         self._started = False
@@ -227,6 +235,20 @@ class Agent:
     def live_item(self, cmd: Command) -> tuple[_Item, ItemReplicator]:
         """The item a command names, with its engine (``NotFound`` if not protected here)."""
         return self._live_item(cmd)
+
+    def lane_idle(self, item_id: str) -> bool:
+        with self._lock:
+            lane = self._lanes.get(item_id)
+            return lane is None or not (lane.active or lane.tasks)
+
+    def note_started(self, cmd: Command, **facts: Any) -> None:
+        self._journal.start(cmd.command_id, kind=cmd.kind, item_id=cmd.item_id, **facts)
+
+    def started_facts(self, command_id: str) -> dict[str, Any] | None:
+        return self._journal.started(command_id)
+
+    def already_done(self, cmd: Command, rep: ItemReplicator) -> PointInfo | None:
+        return self._already_done(cmd, rep, None)
 
     def set_generation(self, item_id: str, generation: int) -> None:
         """Persist the item's generation (the split-brain guard its engine checks)."""
@@ -310,6 +332,8 @@ class Agent:
                                             thread_name_prefix="agent-item")
             self._urgent_pool = ThreadPoolExecutor(URGENT_WORKERS,
                                                    thread_name_prefix="agent-urgent")
+            self._barrier_pool = ThreadPoolExecutor(BARRIER_WORKERS,
+                                                    thread_name_prefix="agent-barrier")
         if self._store is not None:
             self._store_url = self._store.start()
             if self._store_advertised is not None:
@@ -354,7 +378,8 @@ class Agent:
                 lane.cancel.set()
             pool, self._pool = self._pool, None
             urgent, self._urgent_pool = self._urgent_pool, None
-        for p in (pool, urgent):
+            bar, self._barrier_pool = self._barrier_pool, None
+        for p in (pool, urgent, bar):
             if p is not None:
                 p.shutdown(wait=True, cancel_futures=True)
         self._catalogues.stop()
@@ -498,10 +523,15 @@ class Agent:
 
     def _inventory(self) -> list[dict[str, Any]]:
         try:
-            return [vm.to_dict() for vm in self.hypervisor.list_vms()]
+            vms = [vm.to_dict() for vm in self.hypervisor.list_vms()]
         except DrsiteError as e:
             log.warning("listing VMs failed: %s", e)
             return []
+        if self._book is None:
+            return vms
+        # listed first, then checked: a run that ends in between is reported in this beat
+        hidden = breakglass.vms_in_flight(self.data_dir, self._book.doc)
+        return [v for v in vms if v.get("name") not in hidden]
 
     def _points_delta(self, item: _Item) -> tuple[list[PointInfo], list[str]]:
         """(points the vault has not acked, points it knows that are gone), from the last
@@ -767,6 +797,15 @@ class Agent:
                 return
             log.info("command %s: %s %s accepted", cmd.command_id, cmd.kind, cmd.item_id)
             self._inflight[cmd.command_id] = _Progress(cmd.item_id)
+        if cmd.kind in barriers.KINDS and self._barrier_pool is not None:
+            # a barrier's step runs at once and is journaled meanwhile: guest writes wait for
+            # it, and a crash before the journal is harmless (the vault re-delivers the seal,
+            # whose cycle the lane then adopts; a prepare's hold ends at its bound)
+            self._barrier_pool.submit(self._barrier_task, cmd)
+            with contextlib.suppress(DrsiteError):
+                self._journal.accept(cmd.command_id, kind=cmd.kind, item_id=cmd.item_id,
+                                     args=self._keep_point_keys(cmd))
+            return
         try:
             self._journal.accept(cmd.command_id, kind=cmd.kind, item_id=cmd.item_id,
                                  args=self._keep_point_keys(cmd))
@@ -781,7 +820,44 @@ class Agent:
                     log.info("item %s: interrupting its running work to unprotect it",
                              cmd.item_id)
                     lane.cancel.set()
+            self._enqueue(self._lane_key(cmd), _Task(cmd.kind, cmd))
+
+    @staticmethod
+    def _lane_key(cmd: Command) -> str:
+        """The lane a command runs in: its item's, a VM command's VM's (``vms.lane_of``), else
+        the lane of commands of no item ("")."""
+        return cmd.item_id or (lane_of(cmd) if cmd.kind.startswith("vm_") else "")
+
+    def _barrier_task(self, cmd: Command) -> None:
+        """A group barrier's prepare (answered from here) or seal (then shipped in the item's
+        lane), on a barrier thread: neither waits for a lane or a worker."""
+        if cmd.kind == "group_seal":
+            try:
+                self.barriers.seal(cmd)
+            except DrsiteError as e:  # the lane's cycle seals on its own: a per-VM point
+                log.warning("command %s: group seal of %s failed: %s", cmd.command_id,
+                            cmd.item_id, e)
+            except Exception:
+                log.exception("command %s: group seal of %s failed unexpectedly",
+                              cmd.command_id, cmd.item_id)
             self._enqueue(cmd.item_id, _Task(cmd.kind, cmd))
+            return
+        try:
+            result = self.barriers.prepare(cmd)
+        except DrsiteError as e:
+            log.info("command %s: %s misses the group barrier: %s", cmd.command_id,
+                     cmd.item_id, e)
+            self._finish(cmd, CommandStatus.FAILED, {}, e.to_dict())
+        except Exception as e:
+            log.exception("command %s: group prepare of %s failed unexpectedly",
+                          cmd.command_id, cmd.item_id)
+            self._finish(cmd, CommandStatus.FAILED, {}, PermanentError(
+                f"agent error in group_prepare: {type(e).__name__}: {e}").to_dict())
+        else:
+            self._finish_held(cmd, result)
+        finally:
+            with self._lock:
+                self._inflight.pop(cmd.command_id, None)
 
     def _resume_accepted(self) -> None:
         """After a restart: every command accepted before it and not finished is queued again
@@ -806,8 +882,8 @@ class Agent:
                      acc.kind, acc.item_id)
             with self._lock:
                 self._inflight[acc.command_id] = _Progress(acc.item_id)
-            self._enqueue(acc.item_id, _Task(acc.kind, Command(acc.command_id, acc.kind,
-                                                               acc.item_id, args)))
+            resumed = Command(acc.command_id, acc.kind, acc.item_id, args)
+            self._enqueue(self._lane_key(resumed), _Task(acc.kind, resumed))
 
     def _restore_secrets(self, acc: Accepted) -> dict[str, Any] | None:
         """A ``protect`` of a cloud-store item finds its store's full spec in the item's 0600
@@ -865,6 +941,21 @@ class Agent:
                 if task.command is not None:
                     with self._lock:
                         self._inflight.pop(task.command.command_id, None)
+
+    def _finish_held(self, cmd: Command, result: dict[str, Any]) -> None:
+        """A prepare that holds its guest: the vault hears it before the journal's fsync
+        (guest writes wait for the barrier's next step; a lost answer only makes the member
+        miss the barrier, and the journal then re-posts it)."""
+        fin = Finished(cmd.command_id, cmd.kind, cmd.item_id, CommandStatus.SUCCEEDED, result,
+                       None, time.time())
+        try:
+            self.link.post_result(cmd.command_id, status=CommandStatus.SUCCEEDED, progress=100.0,
+                                  result=result, error=None)
+            fin.posted = True
+        except DrsiteError as e:
+            log.info("result of command %s not delivered yet (%s); will retry",
+                     cmd.command_id, e)
+        self._journal.finish(fin)
 
     def _finish(self, cmd: Command, status: CommandStatus, result: dict[str, Any],
                 error: dict[str, Any] | None) -> None:
@@ -984,7 +1075,11 @@ class Agent:
                    "retention": self._retention, "unprotect": self._unprotect,
                    "update_settings": self._update_settings,
                    "store_rekey": self._store_rekey, "scrub": self.scrubs.handle,
-                   "verify": self.scrubs.handle, "drill_probe": self.drills.handle}.get(cmd.kind)
+                   "verify": self.scrubs.handle, "drill_probe": self.drills.handle,
+                   "group_prepare": self.barriers.prepare,
+                   "group_seal": self.barriers.ship,
+                   **dict.fromkeys(("vm_create", "vm_import", "vm_start", "vm_stop",
+                                    "vm_delete"), self.vms.handle)}.get(cmd.kind)
         if handler is None:
             return self.failover.handle(cmd)  # failover_* commands (agent/failover.py)
         return handler(cmd)

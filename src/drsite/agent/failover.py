@@ -185,24 +185,33 @@ class FailoverCommands:
     def _result(rec: actions.FailoverResult) -> dict[str, Any]:
         return {"failover": rec.to_dict()}
 
-    def _failover(self, cmd: Command) -> dict[str, Any]:
-        a = cmd.args
-        kind, fid = str(a.get("kind")), self._fid(cmd)
-        bg = breakglass.active_failover(self.agent.data_dir, cmd.item_id or "") \
-            if kind != "test" else None
+    def _refuse_breakglass(self, cmd: Command, fid: str) -> None:
+        """``Conflict`` while a break-glass failover the vault has not recorded holds the item
+        on this host (another failover would start a second VM)."""
+        bg = breakglass.active_failover(self.agent.data_dir, cmd.item_id or "")
         if bg is not None and bg != fid:
             raise Conflict(f"item {cmd.item_id} was failed over on this host by break-glass "
                            f"failover {bg}, which the vault has not recorded yet",
                            hint="Wait for this agent's next heartbeat (it reports the failover), "
                                 "then commit or cancel that one.")
+
+    def _failover(self, cmd: Command) -> dict[str, Any]:
+        a = cmd.args
+        kind, fid = str(a.get("kind")), self._fid(cmd)
+        if kind != "test":
+            self._refuse_breakglass(cmd, fid)
         with self._item(cmd) as pi:
+            if kind != "test":
+                # again under the replica's lock: a break-glass run (``drsite agent failover``)
+                # may have held it and failed the item over while this command waited for it
+                self._refuse_breakglass(cmd, fid)
             if kind == "test":
                 rec = actions.test_failover(pi, str(a.get("point") or "latest"), failover_id=fid,
                                             vm_name=a.get("vm_name"))
             elif kind == "unplanned":
                 self._hold(pi.item_id, True)
                 rec = actions.unplanned_failover(pi, str(a.get("point") or "latest"),
-                                                 failover_id=fid)
+                                                 failover_id=fid, replace_vm=a.get("replace_vm"))
             elif kind == "planned":
                 try:
                     point_id, prints = str(a["point_id"]), dict(a["fingerprints"])

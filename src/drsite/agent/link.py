@@ -42,8 +42,13 @@ COMMAND_KINDS = ("protect", "cycle", "resync", "retention", "unprotect", "update
                  "failover_resume_source", "failover_fence", "run_script",
                  "store_rekey",   # agent/storerekey.py
                  # store upkeep and drills (agent/scrub.py, agent/drill.py)
-                 "scrub", "verify", "drill_probe")
-ITEMLESS_KINDS = ("store_rekey",)   # commands of no item (item_id null; their lane is "")
+                 "scrub", "verify", "drill_probe",
+                 # consistency groups' barrier (agent/barrier.py)
+                 "group_prepare", "group_seal",
+                 # the VM lifecycle (agent/vms.py)
+                 "vm_create", "vm_import", "vm_start", "vm_stop", "vm_delete")
+# commands of no item (item_id null): store_rekey's lane is "", a VM command's its VM's
+ITEMLESS_KINDS = ("store_rekey", "vm_create", "vm_import", "vm_start", "vm_stop", "vm_delete")
 
 
 def vault_error(resp: httpx.Response, what: str) -> DrsiteError:

@@ -94,7 +94,7 @@ def make_hypervisor(kind: str, vms_root: Path) -> HypervisorDriver:
 def agent_run(data_dir: Path, hypervisor_kind: str = "file", vms_root: Path = Path("vms"),
               store_dir: Path | None = None, store_listen: str | None = None,
               heartbeat_interval: float = 2.0, store_url: str | None = None,
-              vault_urls: Sequence[str] = ()) -> None:
+              import_dir: Path | None = None, vault_urls: Sequence[str] = ()) -> None:
     """Run the agent daemon until SIGTERM/SIGINT (blocking); returns after a clean stop.
     ``vault_urls``: the vaults of a pair to follow (default: as registered).
 
@@ -106,6 +106,7 @@ def agent_run(data_dir: Path, hypervisor_kind: str = "file", vms_root: Path = Pa
                   heartbeat_interval=heartbeat_interval,
                   store_dir=Path(store_dir) if store_dir is not None else None,
                   store_listen=store_listen, store_url=store_url,
+                  import_dir=Path(import_dir) if import_dir is not None else None,
                   vault_urls=list(vault_urls) or None)
     installed: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():

@@ -333,7 +333,7 @@ def register(vault_url: str, key: str, data_dir: Path, *, host_name: str | None 
         other_vaults = existing.other_vaults
     if not key:
         raise InvalidInput("empty registration key",
-                           hint="Create one with 'drsite vault registration-key SITE'.")
+                           hint="Create one with 'drsite vault registration-key --site SITE'.")
     if existing is not None:
         host_name = host_name or existing.host_name
         if host_name != existing.host_name:
@@ -376,7 +376,7 @@ def register(vault_url: str, key: str, data_dir: Path, *, host_name: str | None 
         err = vault_error(resp, REGISTER_PATH)
         raise AuthError(f"the vault refused the registration key: {err.message}",
                         hint="Registration keys are one-time and expire; ask an admin for a new "
-                             "one ('drsite vault registration-key SITE', or 'drsite hosts "
+                             "one ('drsite vault registration-key --site SITE', or 'drsite hosts "
                              "reissue HOST' for a registered host).")
     if resp.status_code >= 400:
         raise vault_error(resp, REGISTER_PATH)

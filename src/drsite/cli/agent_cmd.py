@@ -67,6 +67,9 @@ def run(
                                                     "(e.g. through a proxy or NAT); default: "
                                                     "the --store-listen address."),
     heartbeat_interval: float = typer.Option(2.0, help="Seconds between heartbeats."),
+    import_dir: Path | None = typer.Option(None, help="Where 'drsite vms import' may read disk "
+                                                      "images on this host (default: the "
+                                                      "directory 'import' beside --vms)."),
     vault: list[str] = typer.Option([], "--vault",
                                     help="The vaults of a pair to follow, repeated (default: "
                                          "the ones it registered with)."),
@@ -77,7 +80,9 @@ def run(
     configure_logging()
     agent_run(data_dir=data, hypervisor_kind=hypervisor.value, vms_root=vms, store_dir=store,
               store_listen=store_listen, store_url=store_url,
-              heartbeat_interval=heartbeat_interval, vault_urls=vault)
+              heartbeat_interval=heartbeat_interval,
+              import_dir=import_dir if import_dir is not None else vms.absolute().parent / "import",
+              vault_urls=vault)
 
 
 StoreOpt = typer.Option(None, "--store", help="The recovery store directory the agent serves "

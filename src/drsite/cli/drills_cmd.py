@@ -4,20 +4,11 @@ plans and of protection groups (test failover, proven)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import typer
 
-from drsite.cli.common import (
-    EXIT_JOB_FAILED,
-    CaOpt,
-    JsonOpt,
-    TokenOpt,
-    VaultOpt,
-    client,
-    show,
-)
+from drsite.cli.common import EXIT_JOB_FAILED, Conn, show, vault_command
 
 drills = typer.Typer(no_args_is_help=True, help="Recovery drills: scheduled, proven test failovers.")
 
@@ -25,14 +16,13 @@ COLS = ["id", "plan", "group", "state", "trigger", "started_at", "rto_s", "rpo_s
 VM_COLS = ["vm", "point_id", "rpo_s", "rto_s", "verified", "guest_ready", "ok", "reason"]
 
 
-@drills.command("list")
-def drills_list(plan: str | None = typer.Option(None, help="Only this plan's drills."),
-                group: str | None = typer.Option(None, help="Only this group's drills."),
-                vault: str | None = VaultOpt, token: str | None = TokenOpt,
-                ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
+@vault_command(drills, "list")
+def drills_list(conn: Conn,
+                plan: str | None = typer.Option(None, help="Only this plan's drills."),
+                group: str | None = typer.Option(None, help="Only this group's drills.")) -> None:
     """The drill history, newest first."""
-    with client(vault, token, ca_file) as c:
-        show(c.drills(plan, group=group), COLS, title="drills", json_out=json_out)
+    with conn.client() as c:
+        show(c.drills(plan, group=group), COLS, title="drills", json_out=conn.json)
 
 
 def _show(d: dict[str, Any], json_out: bool) -> None:
@@ -46,38 +36,37 @@ def _show(d: dict[str, Any], json_out: bool) -> None:
                                           "answering)", json_out=False)
 
 
-@drills.command("show")
-def drills_show(drill_id: str, vault: str | None = VaultOpt, token: str | None = TokenOpt,
-                ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
+@vault_command(drills, "show")
+def drills_show(conn: Conn, drill_id: str) -> None:
     """One drill with its report."""
-    with client(vault, token, ca_file) as c:
-        _show(c.drill(drill_id), json_out)
+    with conn.client() as c:
+        _show(c.drill(drill_id), conn.json)
 
 
-@drills.command("run")
-def drills_run(plan: str | None = typer.Argument(None, help="The recovery plan to drill."),
+@vault_command(drills, "run")
+def drills_run(conn: Conn, plan: str | None = typer.Argument(None, help="The recovery plan to "
+                                                                          "drill."),
                group: str | None = typer.Option(None, help="Drill a protection group's VMs "
                                                 "instead of a plan."),
-               wait: bool = typer.Option(True, help="Follow the drill until it ends."),
-               vault: str | None = VaultOpt, token: str | None = TokenOpt,
-               ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
+               wait: bool = typer.Option(True, help="Follow the drill until it ends.")) -> None:
     """Run a drill of a plan (or of a group) now; exit code 1 when it fails."""
     if (plan is None) == (group is None):
         raise typer.BadParameter("give a plan, or --group GROUP (one of them)")
-    with client(vault, token, ca_file) as c:
+    with conn.client() as c:
         started = c.run_drill(plan, group=group)
         if not wait:
-            show(started, ["drill_id", "job_id"], title="drill started", json_out=json_out)
+            show(started, ["drill_id", "job_id"], title="drill started", json_out=conn.json)
             return
         c.wait_job(str(started["job_id"]), timeout=24 * 3600.0)
         d = c.drill(str(started["drill_id"]))
-    _show(d, json_out)
+    _show(d, conn.json)
     if d.get("state") != "passed":
         raise typer.Exit(EXIT_JOB_FAILED)
 
 
-@drills.command("schedule")
+@vault_command(drills, "schedule")
 def drills_schedule(
+    conn: Conn,
     group: str = typer.Option(..., help="The protection group whose VMs are drilled."),
     every: str | None = typer.Option(None, help="Seconds, 'daily' or 'weekly'; omit with "
                                      "--off."),
@@ -87,8 +76,6 @@ def drills_schedule(
                                      "exit 0 = the VM works (env: DRSITE_DRILL_IPS, ...)."),
     probe_timeout: float = typer.Option(60.0, help="Seconds for one probe run."),
     off: bool = typer.Option(False, "--off", help="End the group's drill schedule."),
-    vault: str | None = VaultOpt, token: str | None = TokenOpt, ca_file: Path | None = CaOpt,
-    json_out: bool = JsonOpt,
 ) -> None:
     """Give a protection group a drill schedule (plans carry theirs in the plan document)."""
     if off == (every is not None):
@@ -96,7 +83,7 @@ def drills_schedule(
     spec: dict[str, Any] | None = None if off else {
         "every_s": every, "window": window, "boot_timeout_s": boot_timeout,
         "probe": {"script": probe, "timeout_s": probe_timeout} if probe else None}
-    with client(vault, token, ca_file) as c:
+    with conn.client() as c:
         g = c.set_group_drill(group, spec)
     show({"group": g.get("name"), "drill": json.dumps(g.get("drill"))}, ["group", "drill"],
-         title="drill schedule", json_out=json_out)
+         title="drill schedule", json_out=conn.json)

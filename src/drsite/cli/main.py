@@ -9,9 +9,17 @@ import typer
 from rich.console import Console
 
 from drsite import __version__
-from drsite.cli import drills_cmd, failover_cmd, resources, stores_cmd, up_cmd
+from drsite.cli import (
+    drills_cmd,
+    failover_cmd,
+    protection_cmd,
+    resources,
+    stores_cmd,
+    up_cmd,
+    vms_cmd,
+)
 from drsite.cli.agent_cmd import agent
-from drsite.cli.common import EXIT_JOB_FAILED, EXIT_OK
+from drsite.cli.common import EXIT_JOB_FAILED, EXIT_OK, vault_command
 from drsite.cli.replicate import replicate
 from drsite.cli.vault_cmd import vault
 from drsite.core.errors import DrsiteError
@@ -63,9 +71,9 @@ app.add_typer(vault, name="vault")
 app.add_typer(agent, name="agent")
 app.add_typer(resources.sites, name="sites")
 app.add_typer(resources.hosts, name="hosts")
-app.add_typer(resources.vms, name="vms")
-app.add_typer(resources.policies, name="policies")
-app.add_typer(resources.groups, name="groups")
+app.add_typer(vms_cmd.vms, name="vms")
+app.add_typer(protection_cmd.policies, name="policies")
+app.add_typer(protection_cmd.groups, name="groups")
 app.add_typer(resources.items, name="items")
 app.add_typer(resources.jobs, name="jobs")
 app.add_typer(resources.jobs, name="job", hidden=True)  # `drsite job resume ID` reads naturally
@@ -73,13 +81,16 @@ app.add_typer(failover_cmd.failover, name="failover")
 app.add_typer(failover_cmd.plan, name="plan")
 app.add_typer(failover_cmd.network, name="network")
 app.add_typer(resources.alerts, name="alerts")
+app.add_typer(resources.events, name="events")
 app.add_typer(resources.tokens, name="tokens")
 app.add_typer(resources.audit, name="audit")
-app.add_typer(stores_cmd.store, name="store")
+app.add_typer(stores_cmd.store, name="stores")
+app.add_typer(stores_cmd.store, name="store", hidden=True)  # the name it had first
 app.add_typer(drills_cmd.drills, name="drills")
-app.command("health")(resources.health)
+vault_command(app, "health")(resources.health)
 app.command("up")(up_cmd.up)
 app.command("down")(up_cmd.down)
+app.command("env")(up_cmd.env)
 
 
 def main() -> None:

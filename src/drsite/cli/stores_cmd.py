@@ -18,7 +18,7 @@ from typing import Any
 
 import typer
 
-from drsite.cli.common import CaOpt, JsonOpt, TokenOpt, VaultOpt, client, console, show
+from drsite.cli.common import Conn, console, show, vault_command
 from drsite.core.errors import InvalidInput
 
 store = typer.Typer(help="Cloud recovery stores (S3, Azure Blob); admin to change.",
@@ -64,8 +64,9 @@ def _config(**kw: Any) -> dict[str, Any]:
     return {k: v for k, v in kw.items() if v is not None}
 
 
-@store.command("create")
+@vault_command(store, "create")
 def store_create(
+    conn: Conn,
     name: str,
     kind: str = typer.Option(..., help="s3 or azure."),
     bucket: str | None = typer.Option(None, help="S3 bucket."),
@@ -79,8 +80,6 @@ def store_create(
     bandwidth_limit: int | None = typer.Option(None, help="Bytes/s cap for this store."),
     encryption: bool = typer.Option(True, help="Encrypt objects with a vault-generated AES-256 key."),
     secret_file: Path | None = SecretFileOpt,
-    vault: str | None = VaultOpt, token: str | None = TokenOpt, ca_file: Path | None = CaOpt,
-    json_out: bool = JsonOpt,
 ) -> None:
     """Create a cloud recovery store (the vault generates its encryption key)."""
     config = _config(bucket=bucket, endpoint_url=endpoint_url, region=region, container=container,
@@ -88,33 +87,32 @@ def store_create(
                      max_in_flight=max_in_flight, bandwidth_limit_bps=bandwidth_limit)
     body = {"name": name, "kind": kind, "config": config,
             "secret": read_secret(kind, secret_file), "encryption": encryption}
-    with client(vault, token, ca_file) as c:
-        show(c.create_store(body), COLUMNS, title="store created", json_out=json_out)
+    with conn.client() as c:
+        show(c.create_store(body), COLUMNS, title="store created", json_out=conn.json)
 
 
-@store.command("list")
-def store_list(vault: str | None = VaultOpt, token: str | None = TokenOpt,
-               ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
+@vault_command(store, "list")
+def store_list(conn: Conn) -> None:
     """List cloud recovery stores (never their credentials or keys)."""
-    with client(vault, token, ca_file) as c:
-        show(c.stores(), COLUMNS, title="cloud stores", json_out=json_out)
+    with conn.client() as c:
+        show(c.stores(), COLUMNS, title="cloud stores", json_out=conn.json)
 
 
-@store.command("show")
-def store_show(name: str, vault: str | None = VaultOpt, token: str | None = TokenOpt,
-               ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
+@vault_command(store, "show")
+def store_show(conn: Conn, name: str) -> None:
     """Show a store: configuration, key ids, groups using it."""
-    with client(vault, token, ca_file) as c:
+    with conn.client() as c:
         s = c.store(name)
-        if json_out:
+        if conn.json:
             show(s, [], title="", json_out=True)
             return
         for k, v in s.items():
             console.print(f"[bold]{k}[/]: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
 
 
-@store.command("update")
+@vault_command(store, "update")
 def store_update(
+    conn: Conn,
     name: str,
     prefix: str | None = typer.Option(None, help="Key prefix (only while no group uses it)."),
     region: str | None = typer.Option(None, help="S3 region."),
@@ -123,65 +121,59 @@ def store_update(
     credentials: bool = typer.Option(False, "--credentials",
                                      help="Replace the credentials (from --secret-file or env)."),
     secret_file: Path | None = SecretFileOpt,
-    vault: str | None = VaultOpt, token: str | None = TokenOpt, ca_file: Path | None = CaOpt,
-    json_out: bool = JsonOpt,
 ) -> None:
     """Change a store's settings or credentials (sent to the agents of its items)."""
     config = _config(prefix=prefix, region=region, max_in_flight=max_in_flight,
                      bandwidth_limit_bps=bandwidth_limit)
-    with client(vault, token, ca_file) as c:
+    with conn.client() as c:
         secret = None
         if credentials or secret_file is not None:
             secret = read_secret(str(c.store(name)["kind"]), secret_file)
         show(c.update_store(name, config=config or None, secret=secret), COLUMNS,
-             title="store updated", json_out=json_out)
+             title="store updated", json_out=conn.json)
 
 
-@store.command("rotate-key")
-def store_rotate_key(name: str, vault: str | None = VaultOpt, token: str | None = TokenOpt,
-                     ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
+@vault_command(store, "rotate-key")
+def store_rotate_key(conn: Conn, name: str) -> None:
     """Make a new encryption key active; old keys stay for reading older objects."""
-    with client(vault, token, ca_file) as c:
+    with conn.client() as c:
         show(c.rotate_store_key(name), ["name", "active_key_id", "key_ids"],
-             title="key rotated", json_out=json_out)
+             title="key rotated", json_out=conn.json)
 
 
-@store.command("rekey")
-def store_rekey(name: str, wait: bool = typer.Option(True, help="Wait for the job to end."),
-                timeout: float = typer.Option(3600.0, help="Seconds to wait."),
-                vault: str | None = VaultOpt, token: str | None = TokenOpt,
-                ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
+@vault_command(store, "rekey")
+def store_rekey(conn: Conn, name: str,
+                wait: bool = typer.Option(True, help="Wait for the job to end."),
+                timeout: float = typer.Option(3600.0, help="Seconds to wait.")) -> None:
     """Re-encrypt the store's objects written under older keys with its active key (a
     resumable job run by an agent that holds the store; safe while replication runs)."""
-    with client(vault, token, ca_file) as c:
+    with conn.client() as c:
         job = c.rekey_store(name)
         if wait:
             job = c.wait_job(str(job["id"]), timeout=timeout)
         show(job, ["id", "kind", "target", "state", "message"], title="store rekey",
-             json_out=json_out)
+             json_out=conn.json)
         if job.get("state") == "failed":
             raise typer.Exit(2)
 
 
-@store.command("assign")
-def store_assign(name: str, group: str = typer.Option(..., help="Protection group."),
-                 vault: str | None = VaultOpt, token: str | None = TokenOpt,
-                 ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
+@vault_command(store, "assign")
+def store_assign(conn: Conn, name: str,
+                 group: str = typer.Option(..., help="Protection group.")) -> None:
     """Make a group replicate to this store (while it protects nothing yet). NAME '-' sets the
     group back to its target site's agent store."""
-    with client(vault, token, ca_file) as c:
+    with conn.client() as c:
         show(c.set_group_store(group, None if name == "-" else name),
              ["name", "site", "target_site", "store", "policy"], title="group",
-             json_out=json_out)
+             json_out=conn.json)
 
 
-@store.command("delete")
-def store_delete(name: str, vault: str | None = VaultOpt, token: str | None = TokenOpt,
-                 ca_file: Path | None = CaOpt, json_out: bool = JsonOpt) -> None:
+@vault_command(store, "delete")
+def store_delete(conn: Conn, name: str) -> None:
     """Delete a store no group uses. Its keys go with it: its objects become unreadable."""
-    with client(vault, token, ca_file) as c:
+    with conn.client() as c:
         c.delete_store(name)
-    if json_out:
+    if conn.json:
         print(json.dumps({"deleted": name}))
     else:
         console.print(f"store {name} deleted")

@@ -12,7 +12,8 @@ from rich.panel import Panel
 from drsite.cli.agent_cmd import HypervisorKind
 from drsite.cli.common import console
 
-DataOpt = typer.Option(Path("drsite-up"), help="Directory for the vault, agents, VMs, logs.")
+DataOpt = typer.Option(Path("drsite-up"), "--data",
+                       help="Directory for the vault, agents, VMs, logs.")
 
 
 def up(data: Path = DataOpt,
@@ -38,9 +39,14 @@ def up(data: Path = DataOpt,
         f"vault   {c.vault_url}  (pid {c.pids['vault']})\n" + pair +
         f"agents  primary (pid {c.pids['agent-primary']}), secondary (pid "
         f"{c.pids['agent-secondary']}, store on 127.0.0.1:{c.store_port})\n"
+        f"VMs     {c.hypervisor} VMs under {c.root}/<site>/vms; images to import in "
+        f"{c.root}/<site>/import\n"
         f"logs    {c.root / 'logs'}\n\nTo use the CLI against it:\n{lines}\n\n"
-        f"Then e.g. 'drsite hosts list', 'drsite vms list', 'drsite jobs list'."
-        + ("\nStop with 'drsite down'." if detach else "\nCtrl-C stops everything."),
+        f"Then e.g. 'drsite hosts list', 'drsite vms create app-01 --site primary --disk 1G', "
+        f"'drsite jobs list'.\nDashboard: {c.vault_url}/ui (log in with the token in "
+        f"{c.root / 'vault' / 'admin.token'})."
+        + (f"\nStop with 'drsite down --data {data}'." if detach
+           else "\nCtrl-C stops everything."),
         title="drsite is up"))
     if detach:
         return
@@ -62,11 +68,23 @@ def up(data: Path = DataOpt,
 
 
 def down(data: Path = DataOpt) -> None:
-    """Stop what 'drsite up --detach' started."""
+    """Stop what 'drsite up' started (--data: the directory given to it): the vault, the
+    agents, and the VMs ('drsite up' starts those again)."""
     from drsite.up import Cluster
     from drsite.up import down as stop
 
     c = Cluster.load(data.resolve())
+    procs = sorted(c.pids)
     stop(c)
     c.save()
-    console.print("stopped")
+    n = sum(len(v) for v in c.stopped_vms.values())
+    console.print(f"stopped {', '.join(procs) or 'no process'} and {n} running VM(s) in {c.root}")
+
+
+def env(data: Path = DataOpt) -> None:
+    """Print the shell exports that point the CLI at what 'drsite up' started: run
+    'eval "$(drsite env --data DIR)"'."""
+    from drsite.up import Cluster
+
+    c = Cluster.load(data.resolve())
+    typer.echo("\n".join(c.env_lines()))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from drsite.cli.common import CaOpt, JsonOpt, VaultOpt, client, show
+from drsite.cli.common import Conn, JsonOpt, client, show, vault_command
 
 MasterKeyOpt = typer.Option(None, "--master-key-file", envvar="DRSITE_MASTER_KEY_FILE",
                             help="File holding the master key that seals the vault's secrets "
@@ -51,46 +51,44 @@ def serve(
               lease_s=controller_lease, url=url, peer_url=peer)
 
 
-@vault.command("state")
+@vault_command(vault, "state")
 def state(
-    vault: str | None = VaultOpt,
-    ca_file: Path | None = CaOpt,
+    conn: Conn,
     data: Path | None = typer.Option(None, help="The vault's data directory (its CA)."),
-    json_out: bool = JsonOpt,
 ) -> None:
     """Show a vault's role in a pair: active, standby or fenced, with its database's timeline
     and the controller lease's epoch (no token needed)."""
+    ca_file = conn.ca_file
     if ca_file is None and data is not None:
         ca_file = data / "pki" / "ca.pem"
-    with client(vault, None, ca_file) as c:
+    with client(conn.vault, None, ca_file) as c:
         res = c.vault_state()
-    if json_out:
+    if conn.json:
         show(res, [], title="", json_out=True)
     else:
         peer = f", peer {res['peer_url']}" if res.get("peer_url") else ""
         typer.echo(f"{res['role']} (timeline {res['timeline']}, epoch {res['epoch']}){peer}")
 
 
-@vault.command("promote")
+@vault_command(vault, "promote")
 def promote(
-    vault: str | None = VaultOpt,
-    token: str | None = typer.Option(None, "--token", envvar="DRSITE_TOKEN"),
-    ca_file: Path | None = CaOpt,
-    data: Path | None = typer.Option(None, help="The standby vault's data directory (its CA)."),
+    conn: Conn,
+    data: Path | None = typer.Option(None, help="The standby vault's data directory (its CA, "
+                                                "its admin token)."),
     force: bool = typer.Option(False, "--force", help="Promote even while the active vault "
                                                       "answers (a planned switchover: it is "
                                                       "fenced, its last writes are lost)."),
-    json_out: bool = JsonOpt,
 ) -> None:
     """Make the standby vault at --vault the active one, when the active vault's site is lost:
     its PostgreSQL is promoted, it takes the controller lease with a new epoch (the old active
     vault, if it comes back, is fenced and refuses writes until 'drsite vault rejoin') and runs
     the jobs. Never automatic: run it only when the other site is down or cut off."""
+    ca_file = conn.ca_file
     if ca_file is None and data is not None:
         ca_file = data / "pki" / "ca.pem"
-    with client(vault, _admin_token(data, token), ca_file) as c:
+    with client(conn.vault, _admin_token(data, conn.token), ca_file) as c:
         res = c.promote(force=force)
-    if json_out:
+    if conn.json:
         show(res, [], title="", json_out=True)
     else:
         typer.echo(f"vault promoted: role {res['role']}, controller epoch {res['epoch']}")
@@ -124,21 +122,22 @@ def _admin_token(data: Path | None, token: str | None) -> str | None:
     return None
 
 
-@vault.command("registration-key")
+@vault_command(vault, "registration-key")
 def registration_key(
+    conn: Conn,
     site: str = typer.Option(..., help="Site the registering host joins."),
     ttl: int = typer.Option(3600, min=60, max=7 * 86400, help="Seconds until the key expires."),
-    data: Path | None = typer.Option(None, help="Vault data dir (reads its admin token)."),
-    vault: str | None = VaultOpt,
-    token: str | None = typer.Option(None, "--token", envvar="DRSITE_TOKEN"),
-    ca_file: Path | None = CaOpt, json_out: bool = JsonOpt,
+    data: Path | None = typer.Option(None, help="Vault data dir (reads its admin token and CA; "
+                                                "on the vault's machine)."),
 ) -> None:
-    """Print a one-time registration key for a host of SITE (expires after --ttl)."""
+    """Print a one-time registration key for a host of SITE (admin; expires after --ttl).
+    On the host: 'drsite agent register --vault URL --key KEY --ca-file CA'."""
+    ca_file = conn.ca_file
     if ca_file is None and data is not None:
         ca_file = data / "pki" / "ca.pem"
-    with client(vault, _admin_token(data, token), ca_file) as c:
+    with client(conn.vault, _admin_token(data, conn.token), ca_file) as c:
         res = c.registration_key(site, ttl)
-        if json_out:
+        if conn.json:
             show(res, [], title="", json_out=True)
         else:
             typer.echo(res["key"])
@@ -196,9 +195,10 @@ def restore(
 def rejoin(
     data: Path = typer.Option(..., help="The old active vault's data directory (stopped)."),
     pg: Path | None = typer.Option(None, help="Its PostgreSQL cluster directory, when drsite "
-                                              "runs it ('drsite vault pg init'): rewound onto "
-                                              "the active one's (pg_rewind, else a fresh base "
-                                              "backup) and started as its hot standby."),
+                                              "runs it ('drsite up --ha': DIR/pg/SITE): "
+                                              "rewound onto the active one's (pg_rewind, else "
+                                              "a fresh base backup) and started as its hot "
+                                              "standby."),
     pg_port: int = typer.Option(5432, help="That cluster's port."),
     primary_port: int = typer.Option(5433, help="The active vault's PostgreSQL port."),
     slot: str = typer.Option("drsite_standby", help="Replication slot on the active one."),

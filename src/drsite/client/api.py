@@ -139,6 +139,11 @@ class VaultClient:
     def registration_key(self, site: str, ttl_s: int = 3600) -> dict[str, Any]:
         return dict(self._call("POST", f"/sites/{site}/registration-keys", json={"ttl_s": ttl_s}))
 
+    def set_store_host(self, site: str, host: str | None, *, force: bool = False) -> dict[str, Any]:
+        """Give ``site``'s store role to ``host`` (id or name; None: to nobody) (admin)."""
+        return dict(self._call("PUT", f"/sites/{site}/store-host",
+                               json={"host": host, "force": force}))
+
     def hosts(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/hosts"))
 
@@ -149,8 +154,28 @@ class VaultClient:
         """A one-time key that replaces the certificate of ``host_id`` (admin)."""
         return dict(self._call("POST", f"/hosts/{host_id}/reissue", json={"ttl_s": ttl_s}))
 
-    def vms(self) -> list[dict[str, Any]]:
-        return list(self._call("GET", "/vms"))
+    def vms(self, *, all_vms: bool = False) -> list[dict[str, Any]]:
+        """The VM inventory (``all_vms``: also VMs no longer reported)."""
+        return list(self._call("GET", "/vms", params={"all": "true"} if all_vms else None))
+
+    def create_vm(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Create a VM on a host (``POST /vms``); returns its CreateVm job."""
+        return dict(self._call("POST", "/vms", json=body))
+
+    def import_vm(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Create a VM from disk images on its host (``POST /vms/import``); its ImportVm job."""
+        return dict(self._call("POST", "/vms/import", json=body))
+
+    def start_vm(self, vm_id: str) -> dict[str, Any]:
+        return dict(self._call("POST", f"/vms/{vm_id}/start"))
+
+    def stop_vm(self, vm_id: str, *, force: bool = False, timeout_s: float = 60.0
+                ) -> dict[str, Any]:
+        return dict(self._call("POST", f"/vms/{vm_id}/stop",
+                               json={"force": force, "timeout_s": timeout_s}))
+
+    def delete_vm(self, vm_id: str) -> dict[str, Any]:
+        return dict(self._call("DELETE", f"/vms/{vm_id}"))
 
     def policies(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/policies"))
@@ -176,6 +201,15 @@ class VaultClient:
     def create_group(self, group: dict[str, Any]) -> dict[str, Any]:
         return dict(self._call("POST", "/groups", json=group))
 
+    def update_group(self, name: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """Change a group's ``policy``, ``match``, ``store`` or ``drill`` (fields given)."""
+        return dict(self._call("PUT", f"/groups/{name}", json=changes))
+
+    def group_points(self, name: str, *, all: bool = False) -> list[dict[str, Any]]:
+        """A consistent group's group points, newest first (``all``: every barrier)."""
+        return list(self._call("GET", f"/groups/{name}/points",
+                               params={"all": "true"} if all else None))
+
     def delete_group(self, name: str) -> None:
         self._call("DELETE", f"/groups/{name}")
 
@@ -188,14 +222,19 @@ class VaultClient:
                    **filters: Any) -> dict[str, Any]:
         return self.page("/items", limit=limit, cursor=cursor, **filters)
 
+    def item_history(self, item_id: str) -> dict[str, Any]:
+        """The VM's history across failover and failback, from any of its items."""
+        return dict(self._call("GET", f"/items/{item_id}/history"))
+
     def item(self, item_id: str) -> dict[str, Any]:
         return dict(self._call("GET", f"/items/{item_id}"))
 
     def protect(self, vm_id: str, group: str) -> dict[str, Any]:
         return dict(self._call("POST", "/items", json={"vm_id": vm_id, "group": group}))
 
-    def unprotect(self, item_id: str) -> dict[str, Any]:
-        return dict(self._call("DELETE", f"/items/{item_id}"))
+    def unprotect(self, item_id: str, *, delete_points: bool = False) -> dict[str, Any]:
+        return dict(self._call("DELETE", f"/items/{item_id}",
+                               params={"delete_points": "true"} if delete_points else None))
 
     def resync(self, item_id: str) -> dict[str, Any]:
         return dict(self._call("POST", f"/items/{item_id}/resync"))
@@ -279,6 +318,12 @@ class VaultClient:
     def ack_alert(self, alert_id: str) -> None:
         self._call("POST", f"/alerts/{alert_id}/ack")
 
+    def events(self, *, kind: str | None = None, subject: str | None = None,
+               limit: int | None = 200) -> list[dict[str, Any]]:
+        """The event trail, newest first (``kind``: item, job, host, …; ``subject``: its id),
+        the newest ``limit`` events (None: all pages)."""
+        return self.collect("/events", limit=limit, kind=kind, subject=subject)
+
     def health(self) -> dict[str, Any]:
         return dict(self._call("GET", "/health"))
 
@@ -302,9 +347,10 @@ class VaultClient:
     # -- failover and recovery plans -------------------------------------------------------------
 
     def item_action(self, item_id: str, action: str, **body: Any) -> dict[str, Any]:
-        """Start a failover action on one item (``test-failover``, ``cleanup-test-failover``,
-        ``planned-failover``, ``unplanned-failover``, ``commit``, ``cancel``, ``change-point``,
-        ``reprotect``); returns its job."""
+        """Start a failover action on one item (a :class:`~drsite.core.actions.FailoverAction`:
+        ``test-failover``, ``cleanup-test-failover``, ``planned-failover``,
+        ``unplanned-failover``, ``commit``, ``cancel``, ``change-point``, ``reprotect``,
+        ``failback``); returns its job."""
         return dict(self._call("POST", f"/items/{item_id}/failover/{action}",
                                json={k: v for k, v in body.items() if v is not None}))
 
@@ -340,6 +386,9 @@ class VaultClient:
 
     def set_network_mapping(self, mapping: dict[str, Any]) -> dict[str, Any]:
         return dict(self._call("PUT", "/network-mappings", json=mapping))
+
+    def delete_network_mapping(self, mapping_id: int) -> None:
+        self._call("DELETE", f"/network-mappings/{int(mapping_id)}")
 
     # -- waiting -------------------------------------------------------------------------------
 

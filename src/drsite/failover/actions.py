@@ -247,6 +247,17 @@ def cleanup_test_failover(item: ProtectedItem, failover_id: str, notes: str = ""
 
 # --- planned / unplanned failover -----------------------------------------------------------
 
+def _refuse_vm_in_the_way(rec: FailoverResult, spec: VmSpec, vm: VmInfo | None,
+                          replace_vm: str | None) -> None:
+    """A VM of that name that this failover did not create (e.g. a stale one left by an
+    earlier failback; ``replace_vm``: the failback's own, re-created): never start its old
+    disks in place of the chosen point."""
+    if vm is not None and vm.vm_id != replace_vm:
+        raise Conflict(f"a VM named {spec.name} already exists on the recovery site "
+                       f"({vm.vm_id}); it was not created by failover {rec.failover_id}",
+                       hint="Delete or rename that VM on the recovery site, then fail over again.")
+
+
 def _create_and_start(item: ProtectedItem, run: ActionRun, p: PointInfo, spec: VmSpec,
                       images: dict[str, Path], *, from_replica: bool,
                       replace_vm: str | None, clock: Clock) -> None:
@@ -254,6 +265,9 @@ def _create_and_start(item: ProtectedItem, run: ActionRun, p: PointInfo, spec: V
     rec = run.rec
     hv = item.recovery.hv
     if not run.done("promoted"):
+        # a VM in the way is refused before the promotion, which would fence the old primary's
+        # engine for a failover that starts no VM
+        _refuse_vm_in_the_way(rec, spec, _find_vm(hv, spec.name), replace_vm)
         # promote BEFORE the recovery VM runs: from here on the old primary's engine is fenced
         g = item.generations.advance(item.item_id, item.recovery.name, now=clock.now(),
                                      failover_id=rec.failover_id, reason=f"{rec.kind} failover")
@@ -264,12 +278,8 @@ def _create_and_start(item: ProtectedItem, run: ActionRun, p: PointInfo, spec: V
         hv.power_off(vm.vm_id, timeout=10.0)
         hv.delete_vm(vm.vm_id)  # failback to the original VM: it is re-created with its name
         vm = None
-    if vm is not None and not run.done("creating_vm"):
-        # a VM of that name that this failover did not create (e.g. a stale one left by an
-        # earlier failback): never start its old disks in place of the chosen point
-        raise Conflict(f"a VM named {spec.name} already exists on the recovery site "
-                       f"({vm.vm_id}); it was not created by failover {rec.failover_id}",
-                       hint="Delete or rename that VM on the recovery site, then fail over again.")
+    if not run.done("creating_vm"):
+        _refuse_vm_in_the_way(rec, spec, vm, None)
     if vm is None:
         run.mark("creating_vm")
         stop = timed(rec.timings, "create_vm")
@@ -449,9 +459,12 @@ def planned_failover_recovery_side(item: ProtectedItem, *, failover_id: str, poi
 
 def unplanned_failover(item: ProtectedItem, choice: PointChoice = "latest", *,
                        failover_id: str | None = None, verify: bool = True,
+                       replace_vm: str | None = None,
                        clock: Clock | None = None) -> FailoverResult:
     """The source is unreachable (it is not touched): start the recovery VM from ``choice``
-    ("latest", "latest_app" or a point id) and promote.
+    ("latest", "latest_app" or a point id) and promote. ``replace_vm`` names a stopped VM of
+    the recovery VM's name on the recovery site that is an older incarnation of this one (left
+    by a failback): it is deleted and re-created, as in a failback.
 
     For the point the replica holds (after letting it catch up), the replica's images are
     moved into the VM; for any other point the point is restored from the store (parallel
@@ -477,8 +490,8 @@ def unplanned_failover(item: ProtectedItem, choice: PointChoice = "latest", *,
     p = item.repo.point(rec.point_id)
     images, from_replica = _images_for(item, p, run, verify=verify)
     spec = _recovery_spec(item, p, test=False, name=None)
-    _create_and_start(item, run, p, spec, images, from_replica=from_replica, replace_vm=None,
-                      clock=clock)
+    _create_and_start(item, run, p, spec, images, from_replica=from_replica,
+                      replace_vm=replace_vm, clock=clock)
     return rec
 
 

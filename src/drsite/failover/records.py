@@ -162,17 +162,27 @@ def _records_dir(site: Site) -> Path:
     return d
 
 
+def holds_item(rec: FailoverResult) -> bool:
+    """Whether failover ``rec`` (not a test) holds its item: promoted (and maybe still
+    starting), pending commit or committed — a second failover would promote again and start a
+    second VM. One that stopped before its promotion (a point refused, a VM in the way) changed
+    nothing in the store and holds nothing."""
+    if rec.kind == "test":
+        return False
+    if rec.state is FailoverState.STARTING:
+        return "promoted" in rec.steps
+    return rec.state in (FailoverState.PENDING_COMMIT, FailoverState.COMMITTED)
+
+
 def live_failovers(site: Site, item_id: str) -> list[FailoverResult]:
-    """The real (not test) failovers of ``item_id`` on ``site`` that hold it: started, pending
-    commit or committed — a second failover of the item would start a second VM."""
+    """The failovers of ``item_id`` on ``site`` that hold it (:func:`holds_item`)."""
     out = []
     for path in sorted(_records_dir(site).glob("*.json")):
         try:
             rec = FailoverResult.from_dict(read_json(path))
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if rec.item_id == item_id and rec.kind != "test" and rec.state in (
-                FailoverState.STARTING, FailoverState.PENDING_COMMIT, FailoverState.COMMITTED):
+        if rec.item_id == item_id and holds_item(rec):
             out.append(rec)
     return out
 

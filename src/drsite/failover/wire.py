@@ -65,6 +65,8 @@ def vm_spec_from_dict(d: dict[str, Any]) -> VmSpec:
 # ------------------------------------------------------------------------ the recovery book
 
 BOOK_FORMAT = 1
+# break-glass failovers one heartbeat reports at most (the vault refuses a heartbeat with more)
+BREAKGLASS_MAX_REPORTS = 100
 
 
 def recovery_book_digest(doc: dict[str, Any]) -> str:

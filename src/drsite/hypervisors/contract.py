@@ -2,8 +2,9 @@
 
 Every driver (the embedded file driver, QEMU/KVM, the in-memory test driver, libvirt later)
 implements :class:`HypervisorDriver`: the replication engine uses its inventory, power and
-change-tracking methods, failover uses its inventory, power and VM-creation methods. Every
-driver runs the same conformance suite (``tests/contract/test_driver_conformance.py``).
+change-tracking methods, failover uses its inventory, power and VM-creation methods, and the
+host's agent runs the operators' VM lifecycle (create, import, start, stop, delete) through
+them. Every driver runs the same conformance suite (``tests/contract/test_driver_conformance.py``).
 Drivers return results and raise :mod:`drsite.core.errors`; they never write the vault's
 database and never decide policy (what to ship, when to resync, which point to fail over to):
 that is the engine's and failover's job.
@@ -172,7 +173,18 @@ class HypervisorDriver(Protocol):
         that is gone)."""
         ...
 
-    # -- creation and removal (failover) --------------------------------------------------------
+    # -- creation and removal (operators, failover) ----------------------------------------------
+    def create_blank(self, spec: VmSpec) -> VmInfo:
+        """Create a stopped VM named ``spec.name`` with the vCPUs, memory and NICs of ``spec``
+        and an empty (all zeros, sparse: nothing allocated) disk of each size in
+        ``spec.disks``. Used by ``drsite vms create`` through the host's agent.
+
+        Raises ``Conflict`` if a VM of that name exists, ``InvalidInput`` for an invalid name,
+        duplicate disk ids or a disk size that is not positive; nothing is left behind on
+        failure. Not responsible for installing an OS or starting the VM.
+        """
+        ...
+
     def create_vm(self, spec: VmSpec, disk_images: dict[str, str]) -> VmInfo:
         """Create a stopped VM named ``spec.name`` whose disks are the raw image files
         ``disk_images`` (disk id → path). Used by planned and unplanned failover.
@@ -208,4 +220,32 @@ class HypervisorDriver(Protocol):
     def delete_vm(self, vm_id: str) -> None:
         """Power the VM off (forced) and remove it and its own disks; idempotent (an unknown
         ``vm_id`` is a no-op). Backing images of a copy-on-write VM are left alone."""
+        ...
+
+
+@runtime_checkable
+class WriteHolder(Protocol):
+    """Optional driver capability: a group barrier's write hold (multi-VM consistency groups,
+    ``vault/barrier_design.md``). A driver without it cannot take part in group points (its
+    members get per-VM points)."""
+
+    def hold(self, vm_id: str, barrier_id: str, *, timeout_s: float,
+             app_consistent: bool = False) -> dict[str, object]:
+        """Make the running guest's new writes wait (not fail) until :meth:`seal_held` or
+        :meth:`unhold` of ``barrier_id``, and never longer than ``timeout_s``: the bound is kept
+        by the guest side itself, so a caller that stops or dies never blocks the guest past
+        it. Returns ``{"barrier_id", "held_at", "timeout_s"}``. Idempotent per barrier;
+        ``Conflict`` while another barrier holds the VM. A stopped VM has nothing to hold:
+        its later :meth:`seal_held` reports ``held: false``."""
+        ...
+
+    def seal_held(self, vm_id: str, barrier_id: str, *, app_consistent: bool = False
+                  ) -> tuple[SealedCycle, dict[str, object]]:
+        """Seal (as :meth:`HypervisorDriver.seal`) and end the hold of ``barrier_id`` in one
+        step. The second value is ``{"id", "held", "paused_s"}``: ``held`` is True only when the
+        guest's writes were held without a break from :meth:`hold` to this seal."""
+        ...
+
+    def unhold(self, vm_id: str, barrier_id: str) -> bool:
+        """End the hold without sealing (the barrier was abandoned); False if not held."""
         ...

@@ -63,7 +63,7 @@ class Repository(Catalog):
             self._load_manifest(base)  # must exist and be readable
         if self.committed_cycle(cycle_id) is not None:
             raise Conflict(f"cycle {cycle_id} of {self.item_id} is already committed",
-                           hint="Use committed_cycle() to find its point.")
+                           hint="A cycle commits once: use the point it made.")
         sizes = {d: int(s) for d, s in sorted(disk_sizes.items())}
         marker = {"cycle_id": cycle_id, "base": base, "kind": kind, "disk_sizes": sizes,
                   "started_at": time.time()}

@@ -21,12 +21,14 @@ from drsite.vault.api import (
     drills,
     errors,
     failover,
+    history,
     inventory,
     operations,
     protection,
     public,
     stores,
     tokens,
+    vm_lifecycle,
 )
 from drsite.vault.context import Vault, bootstrap
 from drsite.vault.settings import VaultSettings
@@ -58,7 +60,8 @@ def create_app(settings: VaultSettings, vault: Vault | None = None, *,
     errors.install(app)
     app.add_middleware(audit.AuditMiddleware)  # every mutating or refused call → audit trail
     for r in (public.router, inventory.router, protection.router, operations.router, tokens.router,
-              agent.router, stores.router, failover.router, drills.router, audit.router):
+              agent.router, stores.router, failover.router, drills.router, audit.router, history.router,
+              vm_lifecycle.router):
         app.include_router(r, prefix=API_PREFIX)
     for r in routers:
         app.include_router(r)

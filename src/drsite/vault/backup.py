@@ -10,7 +10,9 @@ A backup is one tar file (0600, written atomically) holding:
 - ``pki/ca.key.sealed``, ``pki/server.key.sealed``, ``admin.token.sealed``: the private files,
   sealed (AES-256-GCM) under the same master key — the CA key is the identity every agent
   trusts, and must not sit in a backup in clear.
-- ``manifest.json``: format, time, drsite version, the master key's id, each member's blake3.
+- ``manifest.json``: format, time, drsite version, the master key's id, each member's blake3;
+  ``manifest.json.sealed``: the manifest's blake3 sealed under the master key, so a restore
+  refuses any member (a swapped database) changed by someone without the key.
 
 **The master key is never in a backup** (``docs/security.md``: the key and the database
 together open every secret, so they are kept apart). The backup names the key's id; a restore
@@ -65,7 +67,7 @@ from drsite.core.errors import (
 from drsite.fsutil import atomic_write_bytes, fsync_dir
 from drsite.vault.context import ADMIN_TOKEN_FILE
 from drsite.vault.db.database import Database, sqlite_url
-from drsite.vault.db.models import Item
+from drsite.vault.db.models import Host, Item
 from drsite.vault.heartbeat import RESTORED
 from drsite.vault.masterkey import (
     KEY_FILE,
@@ -85,6 +87,7 @@ from drsite.vault.settings import VaultSettings
 FORMAT = 1
 DB_MEMBER = "vault.db"
 MANIFEST = "manifest.json"
+MANIFEST_SEAL = "manifest.json.sealed"
 PUBLIC_FILES = ("pki/ca.pem", "pki/server.pem")
 SECRET_FILES = ("pki/ca.key", "pki/server.key", ADMIN_TOKEN_FILE)
 SEALED_SUFFIX = ".sealed"
@@ -179,9 +182,13 @@ def backup(data_dir: Path, out: Path, *, db_url: str | None = None,
     manifest = {"format": FORMAT, "created_at": time.time(), "version": drsite.__version__,
                 "master_key_id": ring.active.kid,
                 "members": {name: _digest(data) for name, data in sorted(members.items())}}
+    raw_manifest = json.dumps(manifest, indent=1).encode()
+    # the manifest's digest sealed under the master key: only its holder makes a backup that
+    # restores (the manifest's digests alone are recomputed by anyone who alters a member)
+    seal = json.dumps(ring.seal(_digest(raw_manifest), PURPOSE + MANIFEST)).encode()
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in [(MANIFEST, json.dumps(manifest, indent=1).encode()),
+        for name, data in [(MANIFEST, raw_manifest), (MANIFEST_SEAL, seal),
                            *sorted(members.items())]:
             info = tarfile.TarInfo(name)
             info.size, info.mode, info.mtime = len(data), 0o600, int(time.time())
@@ -195,7 +202,9 @@ def backup(data_dir: Path, out: Path, *, db_url: str | None = None,
                         round(time.monotonic() - t0, 3))
 
 
-def _read_archive(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
+def _read_archive(path: Path) -> tuple[dict[str, Any], bytes, bytes, dict[str, bytes]]:
+    """(manifest, its raw bytes, its seal, the other members) of the archive at ``path``,
+    the members checked against the manifest (not yet the seal: that needs the key)."""
     try:
         with tarfile.open(path, mode="r") as tar:
             files: dict[str, bytes] = {}
@@ -208,17 +217,33 @@ def _read_archive(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
         raise CorruptData(f"backup {path} cannot be read: {e}",
                           hint="Use another copy of the backup.") from e
     try:
-        manifest = json.loads(files.pop(MANIFEST))
+        raw = files.pop(MANIFEST)
+        seal = files.pop(MANIFEST_SEAL)
+        manifest = json.loads(raw)
         want = dict(manifest["members"])
     except (KeyError, ValueError, TypeError) as e:
-        raise CorruptData(f"backup {path} has no readable manifest") from e
+        raise CorruptData(f"backup {path} has no readable, sealed manifest") from e
     if manifest.get("format") != FORMAT:
         raise InvalidInput(f"backup {path} is of format {manifest.get('format')}, not {FORMAT}",
                            hint="Restore it with the drsite version that wrote it.")
     if set(want) != set(files) or any(_digest(files[n]) != d for n, d in want.items()):
         raise CorruptData(f"backup {path} is damaged: its members do not match its manifest",
                           hint="Use another copy of the backup.")
-    return manifest, files
+    return manifest, raw, seal, files
+
+
+def _check_seal(path: Path, ring: Keyring, raw: bytes, seal: bytes) -> None:
+    """The manifest was sealed under the master key ``ring`` holds (so every member, whose
+    digest it lists, is as the backup wrote it)."""
+    try:
+        ok = ring.unseal(json.loads(seal), PURPOSE + MANIFEST) == _digest(raw)
+    except (ValueError, TypeError, AttributeError, SecretUnreadable):
+        ok = False
+    if not ok:
+        raise CorruptData(f"backup {path} was not made with this master key, or was altered "
+                          "since: its manifest's seal does not match",
+                          hint="Restore a copy of the backup kept where it cannot be changed, "
+                               "with the master key the vault used when it was made.")
 
 
 def _holds_vault(path: Path) -> bool:
@@ -229,7 +254,7 @@ def restore(archive: Path, data_dir: Path, *, master_key_file: Path,
             force: bool = False) -> dict[str, Any]:
     """Restore ``archive`` into ``data_dir`` (see the module docstring); returns a report."""
     data_dir = Path(data_dir).absolute()
-    manifest, files = _read_archive(Path(archive))
+    manifest, raw_manifest, seal, files = _read_archive(Path(archive))
     key: MasterKey = read_key(Path(master_key_file))
     if key.kid != manifest["master_key_id"]:
         raise SecretUnreadable(f"{master_key_file} holds master key {key.kid}, but the backup's "
@@ -237,6 +262,7 @@ def restore(archive: Path, data_dir: Path, *, master_key_file: Path,
                                hint="Pass the master key file the vault used when the backup "
                                     "was made (backups never contain it).")
     ring = Keyring(key)
+    _check_seal(Path(archive), ring, raw_manifest, seal)
     replaced: Path | None = None
     lock: DataDirLock | None = None
     if _holds_vault(data_dir):
@@ -283,6 +309,11 @@ def restore(archive: Path, data_dir: Path, *, master_key_file: Path,
             db.migrate()
             with db.tx() as s:   # ask the agents for their whole catalogues (``heartbeat``)
                 s.execute(update(Item).values(acked_seq=RESTORED))
+                # which access list each store agent holds is unknown (it may have taken newer
+                # ones since the backup): no grant counts as confirmed before it says again
+                s.execute(update(Host).values(store_acl_digest=None, store_acl_sent=None,
+                                              store_acl_sent_at=None,
+                                              store_acl_confirmed_at=None))
             # every sealed value names this key and opens under it (a value in clear, from a
             # vault older than sealing, is sealed now: what the vault does at start anyway)
             seal_clear_values(db, open_keyring(db, stage / KEY_FILE))

@@ -12,8 +12,9 @@ fenced (``failover_fence``, as after any unplanned failover). The store's access
 makes the item read-only for the old primary, and the store's generation record fences its
 engine in any case. Commit, cancel and change-point go through the vault as usual.
 
-Reports are believed only from a store-serving host of the item's target site (the host that
-holds the item's point key and replica); anything else is refused, audited and alerted. A
+Reports are believed only from the store host of the item's target site (the holder of its
+store role, ``storerole``: it holds the item's point key and replica; a host that merely claims
+a store in its heartbeat is not believed); anything else is refused, audited and alerted. A
 report for an item that a *different* failover already holds (the vault failed it over too
 before it was lost) is a conflict: two recovery VMs may exist; a critical alert says so.
 Idempotent per failover id.
@@ -33,14 +34,15 @@ from sqlalchemy.orm import Session
 from drsite.core.errors import InvalidInput
 from drsite.core.model import validate_name
 from drsite.core.states import FailoverState, ItemProtection
+from drsite.failover.wire import BREAKGLASS_MAX_REPORTS
 from drsite.vault import commands, fencing, storeacl
 from drsite.vault.audit import AuditEntry, record_audit, record_event
-from drsite.vault.db.models import Failover, Host, Item, Site, Vm
+from drsite.vault.db.models import Failover, Group, Host, Item, Site, Vm
 from drsite.vault.trust import raise_security_alert
 
 log = logging.getLogger(__name__)
 
-MAX_REPORTS = 100
+MAX_REPORTS = BREAKGLASS_MAX_REPORTS
 # a break-glass failover may land on an item the vault had protected, or was failing over
 TAKEN_STATUSES = frozenset({ItemProtection.PROTECTED, ItemProtection.FAILING_OVER,
                             ItemProtection.ENABLING})
@@ -66,8 +68,13 @@ def apply_reports(s: Session, host: Host, reports: list[dict[str, Any]], now: fl
             fid = validate_name("failover", str(rec.get("failover_id") or ""))
             item_id = validate_name("item", str(rec.get("item_id") or ""))
             state = FailoverState(str(rec.get("state")))
-            point_id = str(rec["point_id"])
-            generation = int(rec["generation"])
+            point_id = validate_name("point", rec["point_id"])
+            generation = rec["generation"]
+            if not isinstance(generation, int) or isinstance(generation, bool):
+                raise TypeError("generation")
+            for key in ("point_created_at", "rto_s", "requested_at"):
+                if rec.get(key) is not None:
+                    float(rec[key])
         except (InvalidInput, KeyError, TypeError, ValueError) as e:
             raise InvalidInput(f"malformed break-glass report ({type(e).__name__})") from None
         acked.append(fid)
@@ -77,7 +84,9 @@ def apply_reports(s: Session, host: Host, reports: list[dict[str, Any]], now: fl
         if item is None:
             _refuse(s, host, fid, item_id, "no such item", now)
             continue
-        if host.site_id != item.target_site_id or host.store_url is None:
+        group = s.get(Group, item.group_id)
+        if host.site_id != item.target_site_id or not storeacl.serves_store(s, host) \
+                or group is None or group.store_id is not None:
             _refuse(s, host, fid, item_id, "the host does not serve the item's recovery store",
                     now)
             continue
@@ -94,18 +103,31 @@ def apply_reports(s: Session, host: Host, reports: list[dict[str, Any]], now: fl
                 "two recovery VMs may exist; keep one, delete the other by hand, then cancel or "
                 "commit the vault's failover")
             continue
+        # a failover promotes: generation 2 at least, and above every generation the vault
+        # recorded for the item (a lower one would make the old primary's agent take the
+        # fence for a stale one and leave its VM running)
+        earlier = max((g or 0 for g in s.scalars(select(Failover.generation).where(
+            Failover.item_id == item.id))), default=0)
+        if generation < 2 or generation <= earlier:
+            _refuse(s, host, fid, item_id, f"generation {generation} is no promotion (the "
+                    f"item's failovers reached generation {max(earlier, 1)})", now)
+            continue
         _record(s, host, item, rec, fid, state, point_id, generation, now)
     return acked
+
+
+def _number(v: Any) -> float | None:
+    return float(v) if v is not None else None
 
 
 def _record(s: Session, host: Host, item: Item, rec: dict[str, Any], fid: str,
             state: FailoverState, point_id: str, generation: int, now: float) -> None:
     site = s.get(Site, item.target_site_id)
     fo = Failover(id=fid, item_id=item.id, kind="unplanned", state=state, point_id=point_id,
-                  point_created_at=rec.get("point_created_at"), recovery_host_id=host.id,
+                  point_created_at=_number(rec.get("point_created_at")), recovery_host_id=host.id,
                   vm_name=str(rec.get("vm_name") or item.vm_name)[:64],
                   vm_id=str(rec.get("vm_id") or "")[:128] or None, generation=generation,
-                  rto_s=rec.get("rto_s"),
+                  rto_s=_number(rec.get("rto_s")),
                   result={"agent": rec, "breakglass": {"host": host.name, "recorded_at": now}},
                   notes=[*[str(n) for n in rec.get("notes") or []],
                          f"break-glass failover on host {host.name} while no vault answered"],

@@ -32,11 +32,15 @@ KINDS = ("protect", "cycle", "resync", "retention", "unprotect", "update_setting
          "failover_fence", "run_script",
          "store_rekey",   # re-encrypt a cloud store's old objects (jobs/stores.py)
          # store upkeep and drills (vault/scrub.py, vault/jobs/drills.py → agent/scrub.py, drill.py)
-         "scrub", "verify", "drill_probe")
+         "scrub", "verify", "drill_probe",
+         # consistency groups' barrier (vault/barrier.py → agent/barrier.py)
+         "group_prepare", "group_seal",
+         # the VM lifecycle (vault/jobs/vms.py → agent/vms.py)
+         "vm_create", "vm_import", "vm_start", "vm_stop", "vm_delete")
 # arguments holding an item's point key (scrubbed when the command ends, sealed at rest)
 POINT_KEY_ARGS = ("point_key", "rev_point_key")
 # commands that move data for an item: at most one of these is outstanding per item
-REPLICATION_KINDS = ("protect", "cycle", "resync")
+REPLICATION_KINDS = ("protect", "cycle", "resync", "group_prepare", "group_seal")
 
 
 def enqueue(s: Session, *, host_id: str, kind: str, item_id: str | None, args: dict[str, Any],

@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from drsite.core.actions import FailoverAction
 from drsite.core.errors import Conflict, InvalidInput, NotFound
 from drsite.core.model import validate_name
 from drsite.core.states import ACTIVE_JOB_STATES, FailoverState, ItemProtection
@@ -29,7 +30,7 @@ from drsite.vault.audit import record_event
 from drsite.vault.db.database import Database
 from drsite.vault.db.models import Drill, Failover, Group, Item, Job, RecoveryPlan, Task
 from drsite.vault.ids import new_id
-from drsite.vault.jobs import plan as P
+from drsite.vault.jobs import kinds as K
 from drsite.vault.jobs.create import create_job
 from drsite.vault.jobs.drills import RUNNING
 from drsite.vault.membership import items_by_vm
@@ -78,11 +79,11 @@ def start_drill(s: Session, plan_name: str | None = None, *, group_name: str | N
         groups = [{"name": g.name, "vms": vms, "pre": [], "post": []}]
         target = drill_target(plan=None, group=g.name)
     what = f"recovery plan {name}" if plan_name is not None else f"protection group {name}"
-    busy = s.scalars(select(Job.id).where(Job.kind.in_((P.PLAN, P.DRILL)), Job.target == target,
+    busy = s.scalars(select(Job.id).where(Job.kind.in_((K.PLAN, K.DRILL)), Job.target == target,
                                           Job.state.in_(ACTIVE_JOB_STATES))).first()
     if busy is not None:
         raise Conflict(f"{what} has a job running ({busy})",
-                       hint="Wait for it to end, or cancel it.")
+                       hint=f"Wait for it to end, or cancel it: drsite jobs cancel {busy}")
     items = items_by_vm(s)
     missing = [v for g_ in groups for v in g_["vms"] if v not in items]
     if missing:
@@ -99,15 +100,16 @@ def start_drill(s: Session, plan_name: str | None = None, *, group_name: str | N
                        hint="Clean it up first (drsite failover cleanup ITEM), "
                             "then run the drill.")
     spec = {**DEFAULT_DRILL, **own, **dict(drill or {})}
-    test_tasks, test_data = plan_tasks(groups, "test_failover")
-    clean_tasks, clean_data = plan_tasks(groups, "cleanup_test_failover")
-    clean_data = [{**d, "action": "cleanup_test_failover"} for d in clean_data]
+    test_tasks, test_data = plan_tasks(groups, FailoverAction.TEST_FAILOVER)
+    clean_tasks, clean_data = plan_tasks(groups, FailoverAction.CLEANUP_TEST_FAILOVER)
+    clean_data = [{**d, "action": FailoverAction.CLEANUP_TEST_FAILOVER.value} for d in clean_data]
     tasks = [*test_tasks, ("drill_probe", "Boot each test VM and run the probe"),
              *clean_tasks, ("drill_report", "Record the drill report (RPO, RTO, checks)")]
     data = [*test_data, {}, *clean_data, {}]
     did = new_id("d")
-    job = create_job(s, P.DRILL, target=target, item_id=None, now=now, tasks=tuple(tasks),
-                     args={"action": "test_failover", "point": "latest", "drill_id": did,
+    job = create_job(s, K.DRILL, target=target, item_id=None, now=now, tasks=tuple(tasks),
+                     args={"action": FailoverAction.TEST_FAILOVER.value, "point": "latest",
+                           "drill_id": did,
                            "drill": spec, "notes": f"drill {did} ({trigger})",
                            **({"plan": name} if plan_name is not None else {"group": name})})
     for t in s.scalars(select(Task).where(Task.job_id == job.id).order_by(Task.idx)):

@@ -11,6 +11,14 @@ Item health (:func:`item_health`, pure):
   scrub of the item's store failed;
 - **Normal** otherwise (also during initial replication: there is no RPO yet).
 
+An item held by a failover does not replicate; its health says what it waits for
+(:func:`failover_health`): **critical** when the failover's job failed after it reached the
+recovery site (the item is left ``failed_over`` for a cancel; nothing replicates until then),
+**warning** once committed and not re-protected (the VM is unprotected), normal while a
+failover runs or waits for its commit (its state says so). An item that is over
+(``reprotected``: a reverse item protects the VM now; ``removed``) is normal with no reasons:
+what its last pass said (e.g. "re-protect it") is no longer true.
+
 An agent is up when its last heartbeat is younger than ``missed_heartbeats × heartbeat_interval``.
 
 Alerts (:class:`HealthMonitor`): one open alert per condition key (``rpo:ITEM``,
@@ -32,12 +40,17 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from drsite.core.states import LIVE_ITEM_STATUSES, ItemProtection
+from drsite.core.states import (
+    FAILOVER_ITEM_STATUSES,
+    LIVE_ITEM_STATUSES,
+    FailoverState,
+    ItemProtection,
+)
 from drsite.replication.report import Health, ItemState
-from drsite.vault import fencing
+from drsite.vault import barrier, fencing
 from drsite.vault.audit import record_event
 from drsite.vault.db.database import Database
-from drsite.vault.db.models import Alert, Drill, Group, Host, Item, Policy
+from drsite.vault.db.models import Alert, Drill, Failover, Group, Host, Item, Job, Policy
 from drsite.vault.drills import drill_target
 from drsite.vault.itemfacts import ItemFacts, load_facts
 from drsite.vault.scrub import Damage, damage_of, damage_reasons
@@ -114,6 +127,23 @@ def item_health(item: Item | ItemFacts, policy: Policy | None, host_is_up: bool,
         reasons.extend(str(x) for x in issues)
     health = Health.CRITICAL if critical else Health.WARNING if warn else Health.NORMAL
     return ItemHealth(health, reasons, rpo, exceeded)
+
+
+def failover_health(item: Item, fo: Failover | None, job: Job | None) -> ItemHealth:
+    """The health of an item a failover holds (``fo``: the failover holding it or, once
+    committed, the last one; ``job``: its job)."""
+    if item.status == ItemProtection.COMMITTED:
+        return ItemHealth(Health.WARNING, [
+            f"failover committed: {item.vm_name} runs on the recovery site unprotected; "
+            f"re-protect it: drsite failover reprotect {item.id}"])
+    if fo is not None and fo.state == FailoverState.FAILED and item.status == \
+            ItemProtection.FAILED_OVER:
+        err = (job.error if job is not None else None) or {}
+        return ItemHealth(Health.CRITICAL, [
+            f"{fo.kind} failover {fo.id} failed: {err.get('message', 'see its job')}; "
+            f"{item.vm_name} does not replicate until the failover is cancelled: drsite "
+            f"failover cancel {item.id}"])
+    return ItemHealth(Health.NORMAL)  # running, or pending commit: its state says so
 
 
 def failed_drills(s: Session) -> dict[str, Drill]:
@@ -219,27 +249,48 @@ class HealthMonitor:
                 s.execute(update(Item).where(Item.id == item_id)
                           .values(health=ih.health.value, health_reasons=ih.reasons)
                           .execution_options(synchronize_session=False))
-            self._fences(s, conditions, unfenced)
+            for gname, b in barrier.missed_barriers(s).items():
+                conditions[f"group_barrier:{gname}"] = (
+                    "group_barrier", "warning", f"group {gname}",
+                    f"consistent group {gname} made no group point in its last barrier "
+                    f"({b.id}): {b.message}")
+            self._failover_items(s, conditions, unfenced)
+            self._items_over(s)
             self._sync_alerts(s, conditions, now)
 
     @staticmethod
-    def _fences(s: Session, conditions: dict[str, tuple[str, str, str, str]],
-                unfenced: dict[str, tuple[Item, Any, str]]) -> None:
-        """Items in a failover: Critical while the old primary is not known to be fenced
-        (``fencing.unfenced``), back to Normal once it is."""
-        for item_id, (item, _fo, issue) in unfenced.items():
-            reasons = [issue]
-            if item.health != Health.CRITICAL.value or item.health_reasons != reasons:
-                item.health = Health.CRITICAL.value
-                item.health_reasons = reasons
-            conditions[f"critical:{item_id}"] = ("critical", "critical", item.vm_name,
-                                                 f"{item.vm_name}: {issue}")
-        for item in s.scalars(select(Item).where(Item.status.in_(fencing.FENCED_STATUSES),
-                                                 Item.health == Health.CRITICAL.value)):
-            if item.id not in unfenced and item.health_reasons \
-                    and str(item.health_reasons[0]).startswith(fencing.WARNING):
-                item.health = Health.NORMAL.value
-                item.health_reasons = []
+    def _failover_items(s: Session, conditions: dict[str, tuple[str, str, str, str]],
+                        unfenced: dict[str, tuple[Item, Any, str]]) -> None:
+        """Health of the items failovers hold (:func:`failover_health`); Critical while the
+        old primary is not known to be fenced (``fencing.unfenced``). A critical one raises
+        ``critical:ITEM`` like any other critical item."""
+        for item in s.scalars(select(Item).where(Item.status.in_(FAILOVER_ITEM_STATUSES))):
+            fo = s.get(Failover, item.failover_id) if item.failover_id else \
+                s.scalars(select(Failover).where(Failover.item_id == item.id)
+                          .order_by(Failover.created_at.desc())).first()
+            job = s.get(Job, fo.job_id) if fo is not None and fo.job_id else None
+            ih = failover_health(item, fo, job)
+            if item.id in unfenced:
+                issue = unfenced[item.id][2]
+                ih = ItemHealth(Health.CRITICAL, [issue, *[r for r in ih.reasons
+                                                           if ih.health is Health.CRITICAL]])
+            if item.health != ih.health.value or item.health_reasons != ih.reasons:
+                item.health = ih.health.value
+                item.health_reasons = ih.reasons
+            if ih.health is Health.CRITICAL:
+                conditions[f"critical:{item.id}"] = (
+                    "critical", "critical", item.vm_name,
+                    f"{item.vm_name}: {'; '.join(ih.reasons)}")
+
+    @staticmethod
+    def _items_over(s: Session) -> None:
+        """Items no pass looks at any more (re-protected, removed) lose the health their last
+        pass gave them."""
+        for item in s.scalars(select(Item).where(
+                Item.status.in_((ItemProtection.REPROTECTED, ItemProtection.REMOVED)),
+                Item.health != Health.NORMAL.value)):
+            item.health = Health.NORMAL.value
+            item.health_reasons = []
 
     def _sync_alerts(self, s: Session, conditions: dict[str, tuple[str, str, str, str]],
                      now: float) -> None:

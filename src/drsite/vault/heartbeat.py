@@ -6,12 +6,14 @@ In one transaction: the host's liveness, version and store URL; the VM inventory
 (``new_points`` upserted by point id, ``removed_points`` deleted; the reply's ``ack`` is the
 highest catalogued seq, so the agent resends anything the vault did not keep); EnableProtection
 jobs for newly discovered VMs that a group with a policy matches; then the commands due to the
-host (marked sent). Item facts count only from the item's own host, and a removal only when
-the vault can explain it (``trust``): the rest is ignored, recorded and alerted. The store
-deletes/overwrites a store-serving host reports (``audit``) go to the audit trail; a
-store-serving host gets its store's access list when its copy is outdated (``storeacl``), and
-its recovery book likewise (``recoverybook``); break-glass failovers it reports are recorded
-first (``breakglass``) and acknowledged in the reply.
+host (marked sent). Item facts count only from the item's own host, and a removal only when the
+vault can explain it (``trust``): the rest is ignored, recorded and alerted. The store
+deletes/overwrites a store-serving host reports (``audit``) go to the audit trail; its
+``store_url`` is a claim, acted on only for the holder of the site's store role (``storerole``:
+a claim without it raises a security alert); a store-serving host gets its store's access list
+when its copy is outdated (``storeacl``), and its recovery book likewise (``recoverybook``);
+break-glass failovers it reports are recorded first (``breakglass``) and acknowledged in the
+reply.
 
 Responsible for: applying agent facts. Not responsible for: deciding what replicates when
 (``scheduler``) or health (``health``).
@@ -30,7 +32,7 @@ from drsite.core.errors import DrsiteError, InvalidInput
 from drsite.core.states import FAILOVER_ITEM_STATUSES, RETIRED_ITEM_STATUSES, FailoverState
 from drsite.replication.report import ItemReport, ItemState
 from drsite.store.format import PointInfo
-from drsite.vault import breakglass, commands, recoverybook, storeacl, trust
+from drsite.vault import breakglass, commands, recoverybook, storeacl, storerole, trust
 from drsite.vault.db.models import Failover, Group, Host, Item, Point, Vm
 from drsite.vault.jobs.create import start_enable_protection
 from drsite.vault.membership import active_item_for_vm, group_for_vm
@@ -95,7 +97,9 @@ def apply_heartbeat(s: Session, host: Host, beat: Beat, settings: VaultSettings)
     if host.version != beat.version[:64]:
         host.version = beat.version[:64]
     if host.store_url != beat.store_url:
+        # only the host's claim: a store is served by the holder of the site's store role
         host.store_url = beat.store_url
+        storerole.judge_claim(s, host, beat.store_url, now)
     # break-glass failovers first: the recovery VMs in this very inventory must be known as
     # such (never auto-protected), and the items failed over before anything is scheduled
     bg_acked = breakglass.apply_reports(s, host, beat.breakglass, now) if beat.breakglass else []

@@ -197,7 +197,8 @@ class LocalCluster:
         self._prepare_dirs()
         if not self.exists:
             raise InvalidInput(f"no PostgreSQL cluster in {self.data}",
-                               hint="Create it with 'drsite vault pg init' (or 'pg standby').")
+                               hint="Check the directory: 'drsite up --ha' keeps its "
+                                    "clusters in DIR/pg/primary and DIR/pg/secondary.")
         self._write_conf()
         if self.pid() is None:
             self._run(self._bin("pg_ctl"), "start", "-D", str(self.data), "-l", str(self.log),

@@ -13,13 +13,15 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from drsite.core.actions import FAILOVER_KINDS, PLAN_ACTIONS, POINT_ACTIONS, FailoverAction
 from drsite.core.errors import Conflict, InvalidInput, NotFound
 from drsite.core.model import validate_name
 from drsite.core.states import ACTIVE_JOB_STATES, NOT_PROTECTED
 from drsite.vault.audit import record_event
 from drsite.vault.db.models import Job, RecoveryPlan, Task
-from drsite.vault.jobs import plan as P
-from drsite.vault.jobs.create import FAILOVER_KINDS, PLAN_ACTIONS, create_job, point_arg
+from drsite.vault.jobs import kinds as K
+from drsite.vault.jobs.create import create_job
+from drsite.vault.jobs.item_actions import point_arg
 from drsite.vault.membership import items_by_vm
 from drsite.vault.policies import parse_window
 
@@ -166,14 +168,14 @@ def apply_plans(s: Session, docs: list[Any], now: float, *, dry_run: bool,
 def get_plan(s: Session, name: str) -> RecoveryPlan:
     p = s.scalars(select(RecoveryPlan).where(RecoveryPlan.name == validate_name("plan", name))).first()
     if p is None:
-        raise NotFound(f"no recovery plan {name!r}", hint="List plans with GET /api/v1/plans.")
+        raise NotFound(f"no recovery plan {name!r}", hint="List plans with 'drsite plan list'.")
     return p
 
 
 def plan_view(s: Session, name: str) -> dict[str, Any]:
     p = get_plan(s, name)
     items = items_by_vm(s)
-    last = s.scalars(select(Job).where(Job.kind == P.PLAN, Job.target == p.name)
+    last = s.scalars(select(Job).where(Job.kind == K.PLAN, Job.target == p.name)
                      .order_by(Job.created_at.desc())).first()
     groups = []
     for g in p.spec.get("groups", []):
@@ -184,8 +186,17 @@ def plan_view(s: Session, name: str) -> dict[str, Any]:
     return {"name": p.name, "description": p.description, "groups": groups,
             "drill": p.spec.get("drill"),
             "created_at": p.created_at, "updated_at": p.updated_at,
-            "last_job": {"id": last.id, "action": last.args.get("action"), "state": last.state,
+            "last_job": {"id": last.id, "action": _action_of(last), "state": last.state,
                          "message": last.message} if last else None}
+
+
+def _action_of(job: Job) -> str | None:
+    """The action a plan job ran, in its one spelling (older jobs stored ``test_failover``)."""
+    raw = job.args.get("action")
+    try:
+        return FailoverAction.parse(str(raw)).value if raw else None
+    except InvalidInput:
+        return str(raw)
 
 
 def list_plans(s: Session) -> list[dict[str, Any]]:
@@ -194,9 +205,10 @@ def list_plans(s: Session) -> list[dict[str, Any]]:
 
 def delete_plan(s: Session, name: str, now: float) -> None:
     p = get_plan(s, name)
-    if s.scalars(select(Job.id).where(Job.kind == P.PLAN, Job.target == p.name,
+    if s.scalars(select(Job.id).where(Job.kind == K.PLAN, Job.target == p.name,
                                       Job.state.in_(ACTIVE_JOB_STATES))).first():
-        raise Conflict(f"recovery plan {name} has a job running")
+        raise Conflict(f"recovery plan {name} has a job running",
+                       hint="Wait for it to end ('drsite jobs list --state active'), or cancel it.")
     s.delete(p)
     record_event(s, now, "plan", name, "deleted")
 
@@ -207,40 +219,43 @@ def _describe(a: dict[str, Any]) -> str:
     return f"script on {a['on']}: {a['script'][:60]}"
 
 
-def start_plan_action(s: Session, name: str, action: str, args: dict[str, Any], now: float) -> Job:
+def start_plan_action(s: Session, name: str, action: str | FailoverAction,
+                      args: dict[str, Any], now: float) -> Job:
     """A RecoveryPlan job running ``action`` group by group (VMs of a group in parallel);
     failovers run each group's pre/post actions."""
-    if action not in PLAN_ACTIONS:
-        raise InvalidInput(f"unknown plan action {action!r}; known: {', '.join(PLAN_ACTIONS)}")
+    act = FailoverAction.parse(str(action), PLAN_ACTIONS)
     p = get_plan(s, name)
-    if s.scalars(select(Job.id).where(Job.kind == P.PLAN, Job.target == p.name,
+    if s.scalars(select(Job.id).where(Job.kind == K.PLAN, Job.target == p.name,
                                       Job.state.in_(ACTIVE_JOB_STATES))).first():
         raise Conflict(f"recovery plan {name} already has a job running",
-                       hint="Wait for it to end, or cancel it.")
+                       hint="Wait for it to end ('drsite jobs list --state active'), or cancel it.")
     items = items_by_vm(s)
     groups = list(p.spec.get("groups", []))
     missing = [v for g in groups for v in g["vms"] if v not in items]
     if missing:
         raise Conflict(f"plan {name}: VM(s) {', '.join(missing)} are not protected",
-                       hint="Protect them or remove them from the plan.")
-    tasks, data = plan_tasks(groups, action)
+                       hint="Protect them ('drsite items protect VM --group GROUP'), or remove "
+                            "them from the plan ('drsite plan apply -f FILE').")
+    tasks, data = plan_tasks(groups, act)
     tasks.append(("plan_summary", "Plan summary (measured RTO)"))
     data.append({})
-    point = point_arg(args) if action in ("test_failover", "unplanned_failover") else None
-    job = create_job(s, P.PLAN, target=p.name, item_id=None, now=now, tasks=tuple(tasks),
-                     args={"action": action, "plan": p.name,
+    point = point_arg(args) if act in POINT_ACTIONS else None
+    job = create_job(s, K.PLAN, target=p.name, item_id=None, now=now, tasks=tuple(tasks),
+                     args={"action": act.value, "plan": p.name,
                            **({"point": point} if point else {}),
+                           **({"create_reverse_mapping": True}
+                              if args.get("create_reverse_mapping") else {}),
                            **({"notes": str(args.get("notes"))[:2000]} if args.get("notes") else {})})
     for t in s.scalars(select(Task).where(Task.job_id == job.id).order_by(Task.idx)):
         t.data = data[t.idx]
     return job
 
 
-def plan_tasks(groups: list[dict[str, Any]], action: str
+def plan_tasks(groups: list[dict[str, Any]], action: FailoverAction
                ) -> tuple[list[tuple[str, str]], list[dict[str, Any]]]:
     """The tasks (and their data) that run ``action`` over a plan's groups, in order: pre
     actions, the group's VMs in parallel, post actions (failovers only)."""
-    if action == "cancel":
+    if action is FailoverAction.CANCEL:
         groups = groups[::-1]  # undo in reverse order
     with_actions = action in FAILOVER_KINDS
     tasks: list[tuple[str, str]] = []
@@ -250,7 +265,7 @@ def plan_tasks(groups: list[dict[str, Any]], action: str
             for j, a in enumerate(g.get("pre", [])):
                 tasks.append(("plan_action", f"Group {g['name']}: pre {_describe(a)}"))
                 data.append({"group": g["name"], "phase": "pre", "action": a, "idx": j})
-        tasks.append(("plan_group", f"Group {g['name']}: {action.replace('_', ' ')} of "
+        tasks.append(("plan_group", f"Group {g['name']}: {action.words} of "
                                     f"{len(g['vms'])} VM(s)"))
         data.append({"group": g["name"], "vms": g["vms"], "order": gi})
         if with_actions:

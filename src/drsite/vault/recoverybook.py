@@ -1,11 +1,12 @@
 """The recovery book the vault hands every store-serving agent beforehand, for break-glass
 failover when no vault answers (``drsite agent failover``; issue 14 part 4).
 
-For the store host of a site: every item that replicates to that site's agent store and is
-protected (or was in the middle of a failover), with what an unplanned failover needs of the
-vault — the VM's configuration as last reported, the source and recovery sites' names, the
-network map between them — and every recovery plan, its groups narrowed to those items. The
-point keys are not in it: they are in the store's access list already (``storeacl``).
+For the store host of a site (the holder of its store role, ``storerole``): every item that
+replicates to that site's agent store and is protected (or was in the middle of a failover),
+with what an unplanned failover needs of the vault — the VM's configuration as last reported,
+the source and recovery sites' names, the network map between them — and every recovery plan,
+its groups narrowed to those items. The point keys are not in it: they are in the store's access
+list already (``storeacl``).
 
 It goes in the heartbeat reply when the agent's ``recovery_book_digest`` differs (so an
 unchanged book costs nothing but the digest), and the agent keeps it in a 0600 file.
@@ -16,15 +17,19 @@ Responsible for: building the book. Not responsible for: using it (the agent's
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from drsite.core.errors import InvalidInput
 from drsite.core.states import ItemProtection
-from drsite.failover.wire import BOOK_FORMAT, recovery_book_digest
+from drsite.failover.wire import BOOK_FORMAT, recovery_book_digest, vm_spec_from_dict
 from drsite.vault.db.models import Host, Item, NetworkMapping, RecoveryPlan, Site, Vm
-from drsite.vault.storeacl import site_store_items
+from drsite.vault.storeacl import serves_store, site_store_items
+
+log = logging.getLogger(__name__)
 
 # what break-glass may fail over: protected items, and those a failover was running on when
 # the vault was lost (the agent resumes or finishes it)
@@ -32,16 +37,32 @@ BOOK_STATUSES = frozenset({ItemProtection.PROTECTED, ItemProtection.FAILING_OVER
 
 
 def _vm_spec(vm: Vm | None, item: Item) -> dict[str, Any] | None:
-    """The VM's configuration as its host last reported it (kept in the item when gone)."""
-    if vm is None:
-        return dict(item.vm_spec) if item.vm_spec else None
-    info = vm.info or {}
-    return {"name": vm.name, "vcpus": info.get("vcpus") or 1,
+    """The VM's configuration as its host last reported it, else as kept in the item (the VM
+    is gone, or what its host reports is no usable configuration); None without either. The
+    agent takes a book whole or not at all: one VM's bad inventory must not cost the site's
+    other items their entries."""
+    kept = dict(item.vm_spec) if item.vm_spec else None
+    candidates: list[dict[str, Any] | None] = [kept]
+    if vm is not None:
+        info = vm.info or {}
+        candidates.insert(0, {
+            "name": vm.name, "vcpus": info.get("vcpus") or 1,
             "memory_mib": info.get("memory_mib") or 512,
             "nics": [{"network": n.get("network"), "mac": n.get("mac"), "ip": n.get("ip")}
-                     for n in info.get("nics") or []],
+                     for n in info.get("nics") or [] if isinstance(n, dict)],
             "disks": [{"disk_id": d.get("disk_id"), "size": d.get("size")}
-                      for d in info.get("disks") or []]}
+                      for d in info.get("disks") or [] if isinstance(d, dict)]})
+    for spec in candidates:
+        if spec is None:
+            continue
+        try:
+            vm_spec_from_dict(spec)
+        except InvalidInput as e:
+            # built at every heartbeat: debug, not a warning per beat
+            log.debug("item %s: VM configuration left out of the recovery book: %s", item.id, e)
+            continue
+        return spec
+    return None
 
 
 def book(s: Session, host: Host) -> dict[str, Any]:
@@ -88,8 +109,8 @@ def book(s: Session, host: Host) -> dict[str, Any]:
 
 def reply_fields(s: Session, host: Host, agent_digest: str | None) -> dict[str, Any]:
     """``{"recovery_book": book}`` for a store-serving host whose book differs, else nothing."""
-    if host.store_url is None or host.revoked_at is not None:
-        return {}
+    if not serves_store(s, host):
+        return {}   # a store_url without the site's store role is only a claim (storerole)
     doc = book(s, host)
     if agent_digest is not None and agent_digest == recovery_book_digest(doc):
         return {}

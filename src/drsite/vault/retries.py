@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from drsite.core.retry import RetryState
-from drsite.vault.db.models import Host
+from drsite.vault.db.models import Host, Site
 
 EARLY_RETRY_CODES = ("network", "peer_unavailable", "command_interrupted")
 
@@ -37,6 +37,7 @@ def early_retry(retry: RetryState, store_up: bool, now: float, heartbeat_interva
 def store_sites_up(s: Session, now: float, down_after_s: float) -> set[int]:
     """Sites with an agent that serves a recovery store and is up (a heartbeat within
     ``down_after_s``)."""
-    return {site for site, in s.execute(select(Host.site_id).where(
-        Host.store_url.is_not(None), Host.revoked_at.is_(None),
+    return {site for site, in s.execute(select(Host.site_id).join(
+        Site, Site.store_host_id == Host.id).where(
+        Host.site_id == Site.id, Host.store_url.is_not(None), Host.revoked_at.is_(None),
         Host.last_heartbeat >= now - down_after_s))}

@@ -42,6 +42,7 @@ from drsite.replication.report import ItemState
 from drsite.vault import commands, storeacl
 from drsite.vault import scrub as scrubbing
 from drsite.vault.audit import record_event
+from drsite.vault.barrier import BarrierRunner
 from drsite.vault.db.database import Database
 from drsite.vault.db.models import Command, Group, Host, Item, Policy
 from drsite.vault.ids import new_id
@@ -83,14 +84,15 @@ def apply_result(s: Session, cmd: Command, now: float) -> None:
     if cmd.kind == "scrub" and cmd.item_id is not None and cmd.job_id is None:
         _apply_scrub(s, cmd, now)
         return
-    if cmd.job_id is not None or cmd.item_id is None or cmd.kind not in ("cycle", "resync", "retention"):
+    if cmd.job_id is not None or cmd.item_id is None \
+            or cmd.kind not in ("cycle", "resync", "retention", "group_seal"):
         return
     item = s.get(Item, cmd.item_id)
     if item is None or item.status != ItemProtection.PROTECTED:
         return
     retry = RetryState.from_dict(item.retry or {})
     if cmd.status == CommandStatus.SUCCEEDED:
-        if cmd.kind in ("cycle", "resync"):
+        if cmd.kind in ("cycle", "resync", "group_seal"):
             retry.record_success()
             item.retry = retry.to_dict()
         if cmd.kind == "cycle" and cmd.args.get("app_consistent"):
@@ -150,9 +152,12 @@ class Scheduler:
         self.db = db
         self.settings = settings
         self._windows: dict[tuple[str, float], bool] = {}
+        self.barriers = BarrierRunner(db, settings)
 
     def tick(self) -> list[Command]:
-        """One pass over the protected items; returns the commands it queued."""
+        """One pass over the protected items (and the consistency groups' barriers, whose
+        members' cycles they are); returns the per-item commands it queued."""
+        self.barriers.tick()
         now = self.settings.clock.now()
         with self.db.read() as s:
             policies = {gid: p for gid, p in s.execute(
@@ -163,10 +168,14 @@ class Scheduler:
             open_kinds = _open_kinds(s, [f.id for f in items] if len(items) <= 500 else None)
             stores_up = store_sites_up(s, now, self.settings.agent_down_after_s)
             due: list[_Due] = []
+            consistent_groups = set(s.scalars(select(Group.id).where(Group.consistent.is_(True))))
             for item in items:
+                consistent = item.group_id in consistent_groups
                 policy = policies[item.group_id]
                 kinds = open_kinds.get(item.id, set())
                 for d in self._item(item, policy, kinds, now, item.target_site_id in stores_up):
+                    if d.kind == "cycle" and consistent:
+                        continue  # a consistent group's cycles come from its barrier
                     if d.kind == "retention":  # a site store's own agent runs it
                         row = s.get(Item, item.id)
                         if row is None:

@@ -36,6 +36,7 @@ from drsite.core.states import ItemProtection
 from drsite.vault.audit import record_event
 from drsite.vault.db.models import Group, Host, Item, Point, Policy
 from drsite.vault.itemfacts import ItemFacts
+from drsite.vault.storeacl import site_store_host
 from drsite.vault.stores import item_store_spec
 
 SCRUB_BUDGET_S = 300.0
@@ -118,9 +119,9 @@ def scrub_host(s: Session, item: Item) -> tuple[Host | None, dict[str, Any] | No
     """The host that scrubs the item's store, and the cloud store's spec (None: a site store)."""
     group = s.get(Group, item.group_id)
     spec = item_store_spec(s, item)
-    q = select(Host).where(Host.site_id == item.target_site_id, Host.revoked_at.is_(None))
     if group is None or group.store_id is None:
-        q = q.where(Host.store_url.is_not(None))
+        return site_store_host(s, item.target_site_id), spec   # the site's store host only
+    q = select(Host).where(Host.site_id == item.target_site_id, Host.revoked_at.is_(None))
     host = s.scalars(q.order_by(Host.last_heartbeat.desc())).first()
     return host, spec
 

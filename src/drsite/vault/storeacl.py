@@ -29,6 +29,13 @@ agent, and where a site-store item's retention runs.
   its way). So a stream of new items — a policy applied to thousands of VMs, whose list
   changes at every heartbeat — no longer keeps every grant pending until the stream stops,
   and a flip of the writer is never confirmed by a list built before it.
+- **The store role** (:func:`site_store_host`, :func:`serves_store`): a host serves its
+  site's store only when an admin granted it the site's store role (``sites.store_host_id``:
+  ``drsite sites set-store SITE HOST``, audited; ``drsite up`` grants it to its store agents).
+  A ``store_url`` in a heartbeat is only the host's claim: a host without the role gets no
+  access list, no recovery book, is never a store host, and its break-glass reports are
+  refused (``heartbeat`` raises one security alert per new claim). A host that lost the role
+  and still holds a list gets an empty one (no grants, no keys).
 - **Store-side retention** (:func:`retention_target`): retention and deletion of a site-store
   item's points run on the store's own agent (``retention`` with ``store_side``), since remote
   clients may not delete committed objects.
@@ -55,7 +62,7 @@ from sqlalchemy.orm import Session
 from drsite.core.states import RETIRED_ITEM_STATUSES, ItemProtection
 from drsite.sitestore.acl import FORMAT, acl_digest
 from drsite.vault import commands
-from drsite.vault.db.models import Command, Group, Host, Item, PointKey
+from drsite.vault.db.models import Command, Group, Host, Item, PointKey, Site
 
 KEY_BYTES = 32
 CONFIRM_MARGIN_S = 30.0  # an item this much older than a confirmed list is in it
@@ -191,12 +198,48 @@ def access_list_digest(s: Session, host: Host, now: float) -> tuple[dict[str, An
     return out
 
 
+def site_store_host(s: Session, site_id: int) -> Host | None:
+    """The host that serves ``site_id``'s agent store: the one holding the site's store role,
+    when it is not revoked and its agent runs a store (a ``store_url``); else None."""
+    site = s.get(Site, site_id)
+    if site is None or site.store_host_id is None:
+        return None
+    host = s.get(Host, site.store_host_id)
+    if host is None or host.site_id != site_id or host.revoked_at is not None \
+            or host.store_url is None:
+        return None
+    return host
+
+
+def has_store_role(s: Session, host: Host) -> bool:
+    """Whether an admin granted ``host`` its site's store role (whether or not it runs one)."""
+    site = s.get(Site, host.site_id)
+    return site is not None and site.store_host_id == host.id
+
+
+def serves_store(s: Session, host: Host) -> bool:
+    """Whether ``host`` serves its site's store (role granted, store running, not revoked)."""
+    return host.store_url is not None and host.revoked_at is None and has_store_role(s, host)
+
+
+def _no_grants(host: Host) -> dict[str, Any]:
+    """The list of a host that lost the store role: nobody may use its store remotely."""
+    return {"format": FORMAT, "store_host": host.id, "hosts": {}, "items": {},
+            "revoked": {"hosts": [], "serials": [], "fingerprints": []}}
+
+
 def reply_fields(s: Session, host: Host, agent_digest: str | None, now: float) -> dict[str, Any]:
     """``{"store_acl": list}`` for a store-serving host whose list differs from the one it has
     (``agent_digest``), else nothing. Records what the agent confirmed: the last list sent to
-    it, when its digest comes back."""
-    if host.store_url is None or host.revoked_at is not None:
+    it, when its digest comes back. A host without the store role gets nothing — or, while it
+    still holds a list (it lost the role), an empty one."""
+    if host.revoked_at is not None:
         return {}
+    if not serves_store(s, host):
+        if agent_digest is None:
+            return {}
+        empty = _no_grants(host)
+        return {} if agent_digest == acl_digest(empty) else {"store_acl": empty}
     if host.store_acl_digest != agent_digest:
         host.store_acl_digest = agent_digest
     doc, want = access_list_digest(s, host, now)
@@ -254,13 +297,11 @@ def grant_pending(s: Session, item: Item, now: float) -> str | None:
 
 def store_host(s: Session, item: Item) -> Host | None:
     """The host whose agent store holds ``item`` (None: a cloud store, or no store host): the
-    most recently heard, non-revoked store-serving host of the item's target site."""
+    holder of the store role of the item's target site (:func:`site_store_host`)."""
     group = s.get(Group, item.group_id)
     if group is None or group.store_id is not None:
         return None
-    return s.scalars(select(Host).where(Host.site_id == item.target_site_id,
-                                        Host.revoked_at.is_(None), Host.store_url.is_not(None))
-                     .order_by(Host.last_heartbeat.desc())).first()
+    return site_store_host(s, item.target_site_id)
 
 
 def retention_target(s: Session, item: Item, settings: dict[str, Any]) -> tuple[str, dict[str, Any]]:

@@ -41,7 +41,7 @@ def new_key(now: float) -> tuple[str, str]:
 def get_store(s: Session, store_name: str) -> Store:
     row = s.scalars(select(Store).where(Store.name == validate_name("store", store_name))).first()
     if row is None:
-        raise NotFound(f"no store {store_name!r}", hint="List stores with GET /api/v1/stores.")
+        raise NotFound(f"no store {store_name!r}", hint="List stores with 'drsite stores list'.")
     return row
 
 
@@ -101,7 +101,7 @@ def check_encryption(s: Session, group: Group, policy: Policy | None) -> None:
         raise InvalidInput(
             f"policy {policy.name} asks for encryption, but group {group.name} replicates to "
             "its target site's agent store, which does not encrypt at rest",
-            hint="Give the group a cloud store (PUT /groups/NAME {\"store\": ...}), or use a "
+            hint="Give the group a cloud store ('drsite stores assign STORE --group GROUP'), or use a "
                  "policy with encryption false.")
     if not (row.keys or {}).get("keys"):
         raise InvalidInput(

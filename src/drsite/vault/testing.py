@@ -158,6 +158,12 @@ class Harness:
         body = r.json()
         return Agent(self, body["host_id"], site, host_name, body["cert_pem"].encode())
 
+    def set_store(self, site: str, host_name: str | None, *, force: bool = False) -> Any:
+        """Give ``site``'s store role to ``host_name`` (admin API), as ``drsite sites
+        set-store`` does; the response."""
+        return self.call("PUT", f"/sites/{site}/store-host",
+                         json={"host": host_name, "force": force})
+
     def tick(self) -> None:
         self.vault.tick()
 

@@ -44,6 +44,7 @@ from drsite.core.states import CommandStatus
 from drsite.vault.audit import AuditEntry, record_audit, record_event
 from drsite.vault.db.models import Alert, Command, Failover, Host, Item, Point
 from drsite.vault.scheduler import item_policy
+from drsite.vault.storeacl import serves_store
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ class StoreAudit:
 
 def _store_of(s: Session, host: Host, item_id: str | None) -> bool:
     """Whether ``host``'s store (or, for its own items, ``host`` itself) holds ``item_id``."""
-    serves = host.store_url is not None
+    serves = serves_store(s, host)
     if item_id is None:
         return serves
     item = s.get(Item, item_id)

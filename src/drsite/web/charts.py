@@ -23,6 +23,8 @@ from drsite.web.fmt import duration, size, utc
 W, H = 1200, 260         # RPO chart viewBox (both plots share the width, so they scale alike)
 TL_H = 118               # timeline viewBox height
 ML, MR, MT, MB = 64, 16, 14, 34  # margins: left (y labels), right, top, bottom (x labels)
+# the narrow form, for phones: a viewBox close to the screen's width, so text keeps its size
+NW, NH, NTL_H = 400, 220, 150
 
 TIME_STEPS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200,
               86400, 2 * 86400, 7 * 86400)
@@ -59,6 +61,7 @@ def window_for(name: str | None, now: float, points: Sequence[dict[str, Any]]) -
 
 
 def time_ticks(w: Window, max_ticks: int = 8) -> list[float]:
+    """Round times to label the axis with (at most ``max_ticks``)."""
     step = next((s for s in TIME_STEPS if w.span / s <= max_ticks), TIME_STEPS[-1])
     first = math.ceil(w.start / step) * step
     return [first + i * step for i in range(int((w.end - first) // step) + 1)]
@@ -87,15 +90,18 @@ def _x(t: float, w: Window, left: float, width: float) -> float:
     return left + (t - w.start) / w.span * width
 
 
-def _svg_open(vb_w: int, vb_h: int, label: str, cls: str) -> str:
-    return (f'<svg class="chart {cls}" viewBox="0 0 {vb_w} {vb_h}" width="100%" role="img" '
+def _svg_open(vb_w: int, vb_h: int, label: str, cls: str, role: str = "img") -> str:
+    """An SVG plot: an image, or (``role="group"``) a group of links (an image's children are
+    presentational: it cannot hold links)."""
+    return (f'<svg class="chart {cls}" viewBox="0 0 {vb_w} {vb_h}" width="100%" role="{role}" '
             f'preserveAspectRatio="xMidYMid meet" aria-label="{escape(label)}" '
             f'xmlns="http://www.w3.org/2000/svg"><title>{escape(label)}</title>')
 
 
-def _time_axis(w: Window, y: float, left: float, width: float, top: float) -> list[str]:
+def _time_axis(w: Window, y: float, left: float, width: float, top: float,
+               max_ticks: int = 8) -> list[str]:
     out = [f'<line class="axis" x1="{left}" y1="{y}" x2="{left + width}" y2="{y}"/>']
-    for t in time_ticks(w):
+    for t in time_ticks(w, max_ticks):
         x = _x(t, w, left, width)
         out.append(f'<line class="grid" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{y}"/>')
         out.append(f'<line class="axis" x1="{x:.1f}" y1="{y}" x2="{x:.1f}" y2="{y + 4}"/>')
@@ -129,15 +135,17 @@ def rpo_series(points: Sequence[dict[str, Any]], w: Window) -> list[tuple[float,
     return series
 
 
-def rpo_chart(points: Sequence[dict[str, Any]], w: Window, threshold_s: float | None) -> Markup:
-    """Measured RPO over time, with the policy's RPO threshold."""
+def rpo_chart(points: Sequence[dict[str, Any]], w: Window, threshold_s: float | None, *,
+              narrow: bool = False) -> Markup:
+    """Measured RPO over time, with the policy's RPO threshold (``narrow``: the phone form)."""
     series = rpo_series(points, w)
-    left, width = ML, W - ML - MR
-    top, bottom = MT, H - MB
+    vb_w, vb_h = (NW, NH) if narrow else (W, H)
+    left, width = ML, vb_w - ML - MR
+    top, bottom = MT, vb_h - MB
     height = bottom - top
     vmax = max([v for _, v in series] + ([threshold_s * 1.1] if threshold_s else []) + [10.0])
-    vtop, ticks = value_ticks(vmax * 1.05)
-    out = [_svg_open(W, H, "RPO over time", "rpo")]
+    vtop, ticks = value_ticks(vmax * 1.05, 4 if narrow else 5)
+    out = [_svg_open(vb_w, vb_h, "RPO over time", "rpo narrow" if narrow else "rpo wide")]
     for v in ticks:
         y = bottom - v / vtop * height
         out.append(f'<line class="grid" x1="{left}" y1="{y:.1f}" x2="{left + width}" y2="{y:.1f}"/>')
@@ -146,7 +154,7 @@ def rpo_chart(points: Sequence[dict[str, Any]], w: Window, threshold_s: float | 
     out.append(f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{bottom}"/>')
     out.append(f'<text class="axis-title" x="12" y="{top + height / 2:.1f}" text-anchor="middle" '
                f'transform="rotate(-90 12 {top + height / 2:.1f})">RPO</text>')
-    out += _time_axis(w, bottom, left, width, top)
+    out += _time_axis(w, bottom, left, width, top, 3 if narrow else 8)
     if threshold_s:
         y = bottom - min(threshold_s, vtop) / vtop * height
         out.append(f'<line class="threshold" x1="{left}" y1="{y:.1f}" x2="{left + width}" y2="{y:.1f}"/>')
@@ -169,19 +177,32 @@ def rpo_chart(points: Sequence[dict[str, Any]], w: Window, threshold_s: float | 
     return Markup("".join(out))
 
 
-def timeline(points: Sequence[dict[str, Any]], w: Window) -> Markup:
-    """Recovery points on a time axis: app-consistent (upper lane) and crash-consistent (lower)."""
-    left, width = ML + 56, W - ML - 56 - MR
-    top, axis_y = 10, TL_H - MB
-    lanes = {"app": (top + 4, top + 36), "crash": (top + 44, axis_y - 4)}
-    out = [_svg_open(W, TL_H, "Recovery points", "timeline")]
+def timeline(points: Sequence[dict[str, Any]], w: Window, *, link: str | None = None,
+             narrow: bool = False) -> Markup:
+    """Recovery points on a time axis: app-consistent (upper lane) and crash-consistent
+    (lower). With ``link`` each mark is a link to ``link + point_id`` (the point picker: the
+    point's page, from which it is failed over to); the marks are for pointers, the keyboard
+    gets the same points as a list beside the plot. ``narrow``: the phone form (lane names
+    above the lanes, fewer ticks)."""
+    vb_w, vb_h = (NW, NTL_H) if narrow else (W, TL_H)
+    left = 12 if narrow else ML + 56
+    width = vb_w - left - MR
+    top, axis_y = (22 if narrow else 10), vb_h - MB
+    lanes = ({"app": (top + 4, top + 40), "crash": (top + 62, axis_y - 4)} if narrow
+             else {"app": (top + 4, top + 36), "crash": (top + 44, axis_y - 4)})
+    out = [_svg_open(vb_w, vb_h, "Recovery points", "timeline narrow" if narrow
+                     else "timeline wide", "img" if link is None else "group")]
     for name, (y0, y1) in lanes.items():
         out.append(f'<rect class="lane lane-{name}" x="{left}" y="{y0}" width="{width}" '
                    f'height="{y1 - y0}"/>')
         label = "app-consistent" if name == "app" else "crash-consistent"
-        out.append(f'<text class="tick" x="{left - 6}" y="{(y0 + y1) / 2 + 4:.1f}" '
-                   f'text-anchor="end">{label}</text>')
-    out += _time_axis(w, axis_y, left, width, top)
+        if narrow:
+            out.append(f'<text class="tick" x="{left}" y="{y0 - 5}" text-anchor="start">'
+                       f'{label}</text>')
+        else:
+            out.append(f'<text class="tick" x="{left - 6}" y="{(y0 + y1) / 2 + 4:.1f}" '
+                       f'text-anchor="end">{label}</text>')
+    out += _time_axis(w, axis_y, left, width, top, 3 if narrow else 8)
     shown = [p for p in points if p.get("created_at") is not None
              and w.start <= float(p["created_at"]) <= w.end][-MAX_MARKS:]
     for p in shown:
@@ -190,8 +211,15 @@ def timeline(points: Sequence[dict[str, Any]], w: Window) -> Markup:
         x = _x(float(p["created_at"]), w, left, width)
         tip = (f"{p.get('point_id', '')} · {kind}-consistent · {utc(float(p['created_at']))}"
                f" · {size(p.get('bytes_written'))} changed")
-        out.append(f'<line class="mark mark-{kind}" x1="{x:.1f}" y1="{y0 + 2}" x2="{x:.1f}" '
-                   f'y2="{y1 - 2}"><title>{escape(tip)}</title></line>')
+        mark = (f'<line class="mark mark-{kind}" x1="{x:.1f}" y1="{y0 + 2}" x2="{x:.1f}" '
+                f'y2="{y1 - 2}"><title>{escape(tip)}</title></line>')
+        if link is not None and p.get("point_id"):
+            href = escape(f"{link}{p['point_id']}")
+            hit = (f'<rect class="hit" x="{x - 4:.1f}" y="{y0}" width="8" height="{y1 - y0}"/>')
+            mark = (f'<a href="{href}" class="point-link" tabindex="-1" '
+                    f'aria-label="{escape(tip)}" data-point="{escape(p["point_id"])}">'
+                    f'{hit}{mark}</a>')
+        out.append(mark)
     if not shown:
         out.append(f'<text class="empty" x="{left + width / 2}" y="{(top + axis_y) / 2 + 4}" '
                    f'text-anchor="middle">no recovery point in this window</text>')

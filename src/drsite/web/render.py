@@ -53,8 +53,8 @@ def env() -> Environment:
     e = Environment(loader=PackageLoader("drsite.web", "templates"),
                     autoescape=select_autoescape(default=True, default_for_string=True),
                     undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    e.filters.update(utc=fmt.utc, duration=fmt.duration, size=fmt.size, rate=fmt.rate, pct=fmt.pct,
-                     short=fmt.short)
+    e.filters.update(utc=fmt.utc, iso=fmt.iso, duration=fmt.duration, size=fmt.size,
+                     rate=fmt.rate, pct=fmt.pct, short=fmt.short)
     e.globals.update(static_url=static_url, badge=fmt.badge, version=__version__,
                      JobState=JobState, TaskState=TaskState, ItemProtection=ItemProtection)
     return e

@@ -219,6 +219,23 @@ class FileHypervisor:
                 return False
             time.sleep(0.02)
 
+    @staticmethod
+    def _pid_gone(pid: int, timeout: float) -> bool:
+        """True once ``pid`` has exited (or is a zombie waiting for its parent)."""
+        if pid == os.getpid():
+            return True
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                return True
+            if state in ("Z", "X"):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+
     def _kill(self, paths: VmPaths, pid: int) -> None:
         if pid == os.getpid():
             raise Conflict("refusing to SIGKILL this process (an in-process guest of another driver)")
@@ -252,6 +269,10 @@ class FileHypervisor:
                         if pid != os.getpid():
                             os.kill(pid, signal.SIGTERM)
                 if self._wait_stopped(paths, timeout):
+                    # the lock goes first, the process right after: return once it is gone
+                    # (a caller that stops the host next must not find it still exiting)
+                    if not self._pid_gone(pid, 10.0):
+                        self._kill(paths, pid)
                     return
             self._kill(paths, pid)
             if not self._wait_stopped(paths, 10.0):
@@ -411,6 +432,28 @@ class FileHypervisor:
         record = self._act(paths, "seal", lambda vm: vm.seal(app_consistent=app_consistent),
                            app_consistent=app_consistent)
         return self._cycle(paths, record)
+
+    # -- group barrier (contract.WriteHolder) --------------------------------------------------
+    def hold(self, vm_id: str, barrier_id: str, *, timeout_s: float,
+             app_consistent: bool = False) -> dict[str, object]:
+        paths, _ = self._locate(vm_id)
+        return self._act(paths, "hold", lambda vm: vm.hold(barrier_id, timeout_s,
+                                                          app_consistent=app_consistent),
+                         timeout=10.0, barrier_id=barrier_id, timeout_s=timeout_s,
+                         app_consistent=app_consistent)
+
+    def seal_held(self, vm_id: str, barrier_id: str, *, app_consistent: bool = False
+                  ) -> tuple[SealedCycle, dict[str, object]]:
+        paths, _ = self._locate(vm_id)
+        record = self._act(paths, "seal_held",
+                           lambda vm: vm.seal_held(barrier_id, app_consistent=app_consistent),
+                           barrier_id=barrier_id, app_consistent=app_consistent)
+        return self._cycle(paths, record), dict(record["barrier"])
+
+    def unhold(self, vm_id: str, barrier_id: str) -> bool:
+        paths, _ = self._locate(vm_id)
+        return bool(self._act(paths, "unhold", lambda vm: vm.unhold(barrier_id), timeout=10.0,
+                              barrier_id=barrier_id))
 
     def pending_cycle(self, vm_id: str) -> SealedCycle | None:
         paths, _ = self._locate(vm_id)

@@ -18,15 +18,12 @@ for: scheduling cycles, reading frozen views (see :mod:`.readers`), processes or
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import shutil
 import subprocess
 import threading
 import time
 import uuid
-from array import array
-from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from pathlib import Path
@@ -45,6 +42,7 @@ from drsite.core.errors import (
 from drsite.core.extents import ExtentList
 from drsite.core.model import Consistency
 from drsite.fsutil import flock_exclusive, fsync_dir, read_record, write_record
+from drsite.hypervisors.file.cbw import CopyBeforeWrite, granule_count, granule_mask
 from drsite.hypervisors.file.cow import CowOverlay
 from drsite.hypervisors.file.layout import CBW_BLOCK, GRANULE, VmConfig, VmPaths
 from drsite.imagefile import pwrite_all
@@ -56,138 +54,7 @@ from drsite.tracking.changelog import (
 )
 
 log = logging.getLogger(__name__)
-_ZEROS = memoryview(bytes(1 << 20))
 HOOK_TIMEOUT = 60.0
-
-
-def _granules(size: int) -> int:
-    return (size + GRANULE - 1) // GRANULE
-
-
-def _all_zero(b: bytes) -> bool:
-    return _ZEROS[:len(b)] == b if len(b) <= len(_ZEROS) else b.count(0) == len(b)
-
-
-def granule_mask(extents: ExtentList, size: int) -> bytearray:
-    """One byte per 64 KiB granule: 1 where ``extents`` touch it."""
-    m = np.zeros(_granules(size), dtype=np.uint8)
-    b = extents.clip(size).blocks(GRANULE)
-    m[b] = 1
-    return bytearray(m.tobytes())
-
-
-class _Cbw:
-    """Copy-before-write state of one disk for one sealed cycle (guest side).
-
-    ``mask`` (one byte per 64 KiB granule) names the granules the cycle's view protects; None
-    means every granule (a full or untrusted cycle is read whole). Preservation is per
-    ``block`` (4 KiB; 64 KiB in cycles sealed before blocks were introduced): the first write to
-    a protected block copies that block only, so a 4 KiB write costs a 4 KiB copy, not 64 KiB.
-    The bitmap file holds one byte per block and is shared through ``mmap`` (what the reader
-    maps too); a set byte is visible to every reader of the file as soon as it is stored.
-    """
-
-    def __init__(self, disk_fd: int, size: int, fleece: Path, bitmap: Path,
-                 mask: bytearray | None, block: int = CBW_BLOCK,
-                 exact: ExtentList | None = None) -> None:
-        self.disk_fd = disk_fd
-        self.size = size
-        self.mask = mask
-        self.block = block
-        self._per_granule = max(1, GRANULE // block)
-        # ``exact`` (the cycle's changed extents, with ``mask``): only blocks the view is read
-        # over are preserved. A dirty granule's other blocks were not written in the cycle, so
-        # they are mostly not in the page cache: copying them cost the guest a disk read each.
-        self._lo: array[int] | None = None
-        self._hi: array[int] | None = None
-        if mask is not None and exact is not None:
-            blocks = exact.align(block, size)
-            self._lo = array("q", (blocks.starts // block).tolist())
-            self._hi = array("q", (-(-blocks.ends // block)).tolist())
-        n = (size + block - 1) // block
-        self.fleece_fd = self.bitmap_fd = -1
-        try:
-            self.fleece_fd = os.open(fleece, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            self.bitmap_fd = os.open(bitmap, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            if os.fstat(self.fleece_fd).st_size != size:
-                os.ftruncate(self.fleece_fd, size)
-            if os.fstat(self.bitmap_fd).st_size != n:
-                os.ftruncate(self.bitmap_fd, n)
-            self.done = mmap.mmap(self.bitmap_fd, n)
-        except OSError as e:
-            self._close_fds()
-            raise classify_os_error(e, f"copy-before-write files {fleece}") from e
-        self.copied = n - self.done[:].count(0)
-        self._dirty = False
-
-    def before_write(self, offset: int, length: int) -> None:
-        bs, done, mask = self.block, self.done, self.mask
-        b0, b1 = offset // bs, (offset + length - 1) // bs
-        if b0 == b1:  # the common case: one block, no numpy
-            if done[b0] or (mask is not None and not mask[b0 // self._per_granule]):
-                return
-            if self._lo is not None and self._hi is not None:
-                i = bisect_right(self._lo, b0) - 1
-                if i < 0 or b0 >= self._hi[i]:
-                    return
-            self._preserve(b0, b0 + 1)
-            return
-        cur = done[b0:b1 + 1]
-        if cur.count(0) == 0:
-            return
-        need = np.frombuffer(cur, np.uint8) == 0
-        if mask is not None:
-            blocks = np.arange(b0, b1 + 1)
-            need &= np.frombuffer(mask, np.uint8)[blocks // self._per_granule] != 0
-            if self._lo is not None and self._hi is not None and len(self._lo):
-                lo = np.frombuffer(self._lo, np.int64)
-                hi = np.frombuffer(self._hi, np.int64)
-                k = np.searchsorted(lo, blocks, "right") - 1
-                need &= (k >= 0) & (blocks < hi[np.clip(k, 0, None)])
-            elif self._lo is not None:
-                need[:] = False
-        idx = np.flatnonzero(need)
-        if idx.size == 0:
-            return
-        brk = np.flatnonzero(np.diff(idx) != 1)
-        firsts = np.concatenate([idx[:1], idx[brk + 1]]) + b0
-        lasts = np.concatenate([idx[brk], idx[-1:]]) + b0
-        for a, b in zip(firsts.tolist(), lasts.tolist(), strict=True):
-            self._preserve(a, b + 1)
-
-    def _preserve(self, a: int, b: int) -> None:
-        """Preserve blocks ``[a, b)``. Order matters (readers check the bitmap AFTER reading
-        the disk): the old data is in the fleece before the bytes are set, and the bytes are
-        set before the caller changes the disk."""
-        lo, hi = a * self.block, min(b * self.block, self.size)
-        old = os.pread(self.disk_fd, hi - lo, lo)
-        if not _all_zero(old):
-            pwrite_all(self.fleece_fd, old, lo)  # all-zero blocks stay holes in the fleece
-        self.done[a:b] = b"\x01" * (b - a)
-        self.copied += b - a
-        self._dirty = True
-
-    def flush(self) -> None:
-        if self._dirty:
-            os.fsync(self.fleece_fd)
-            self.done.flush()  # msync: the bitmap's pages
-            os.fsync(self.bitmap_fd)
-            self._dirty = False
-
-    def close(self, *, sync: bool) -> None:
-        if self.fleece_fd < 0:
-            return
-        if sync:
-            self.flush()
-        self.done.close()
-        self._close_fds()
-
-    def _close_fds(self) -> None:
-        for fd in (self.fleece_fd, self.bitmap_fd):
-            if fd >= 0:
-                with suppress(OSError):
-                    os.close(fd)
-        self.fleece_fd = self.bitmap_fd = -1
 
 
 class _Disk:
@@ -196,8 +63,8 @@ class _Disk:
         self.fd = fd
         self.size = size
         self.log: ChangeLog | None = None
-        self.dirty = bytearray(_granules(size))  # granules touched by the active log
-        self.cbw: _Cbw | None = None
+        self.dirty = bytearray(granule_count(size))  # granules touched by the active log
+        self.cbw: CopyBeforeWrite | None = None
         self.cow: CowOverlay | None = None  # a copy-on-write disk (``fd`` is its overlay)
 
     def note_write(self, offset: int, length: int) -> None:
@@ -206,6 +73,19 @@ class _Disk:
             self.dirty[g0] = 1
         else:
             self.dirty[g0:g1 + 1] = b"\x01" * (g1 - g0 + 1)
+
+
+class _Hold:
+    """A group barrier's hold on new writes: ends at :meth:`FileVm.seal_held`,
+    :meth:`FileVm.unhold` or, whatever the agent does, when its timer fires."""
+
+    def __init__(self, barrier_id: str, timeout_s: float, app: bool) -> None:
+        self.barrier_id = barrier_id
+        self.started = time.monotonic()
+        self.deadline = self.started + timeout_s
+        self.app = app
+        self.hook_error: str | None = None
+        self.timer: threading.Timer | None = None
 
 
 class FileVm:
@@ -223,6 +103,8 @@ class FileVm:
         self._gate = threading.Event()  # cleared while frozen: writers wait before the I/O lock
         self._gate.set()
         self._freezes = 0
+        self._hold: _Hold | None = None  # a group barrier's write hold (see hold())
+        self.hold_pauses: list[float] = []  # seconds each ended hold kept writes waiting (last 1000)
         self.disks: dict[str, _Disk] = {}
         self.epoch: str | None = None
         self.cycle: dict[str, Any] | None = None
@@ -350,7 +232,7 @@ class FileVm:
                     ext = ext.union(c.extents)
                 mask = granule_mask(ext, disk.size)
             block = int(record.get("cbw_block", GRANULE))
-            disk.cbw = _Cbw(disk.fd, disk.size, self.paths.fleece(self.epoch, cid, disk.disk_id),
+            disk.cbw = CopyBeforeWrite(disk.fd, disk.size, self.paths.fleece(self.epoch, cid, disk.disk_id),
                             self.paths.cbw_bitmap(self.epoch, cid, disk.disk_id), mask, block,
                             ext if mask is not None and block < GRANULE else None)
 
@@ -481,6 +363,114 @@ class FileVm:
     def frozen(self) -> bool:
         return self._freezes > 0
 
+    # -- group barrier: hold writes, seal under the hold, release ------------------------------
+    def hold(self, barrier_id: str, timeout_s: float, *, app_consistent: bool = False
+             ) -> dict[str, Any]:
+        """Hold new writes for a group barrier: they wait (they do not fail) until
+        :meth:`seal_held` or :meth:`unhold` for ``barrier_id``, and never longer than
+        ``timeout_s`` — a timer in this process ends the hold, so a stopped or dead caller never
+        blocks the guest past the bound. In-flight writes finish first (the I/O lock). With
+        ``app_consistent`` the disks are flushed and the freeze hook runs (its failure makes the
+        point crash-consistent, with a note). Idempotent per ``barrier_id``; ``Conflict`` while
+        another barrier holds the VM."""
+        if not 0 < timeout_s <= 60:
+            raise InvalidInput("a write hold lasts more than 0 and at most 60 seconds")
+        with self._io_lock:
+            self._check_open()
+            if self._hold is not None:
+                if self._hold.barrier_id == barrier_id:
+                    return self._hold_info(self._hold)
+                raise Conflict(f"VM {self.config.name} is held by barrier {self._hold.barrier_id}")
+            h = _Hold(barrier_id, timeout_s, app_consistent)
+            self._freezes += 1
+            self._gate.clear()
+            self._hold = h
+            h.timer = threading.Timer(timeout_s, self._expire_hold, args=(h,))
+            h.timer.daemon = True
+            h.timer.start()
+            if app_consistent:
+                self._flush_locked()
+        if app_consistent:  # outside the I/O lock: the hook may read the disks
+            h.hook_error = self._run_hook("freeze")
+        return self._hold_info(h)
+
+    @staticmethod
+    def _hold_info(h: _Hold) -> dict[str, Any]:
+        return {"barrier_id": h.barrier_id, "held_at": time.time() - (time.monotonic() - h.started),
+                "timeout_s": h.deadline - h.started}
+
+    def _end_hold_locked(self, h: _Hold) -> float:
+        """End hold ``h`` (caller holds the I/O lock); returns how long writes waited."""
+        if self._hold is not h:
+            return 0.0
+        self._hold = None
+        if h.timer is not None:
+            h.timer.cancel()
+        paused = time.monotonic() - h.started
+        self.hold_pauses = [*self.hold_pauses[-999:], paused]
+        if self._freezes > 0:
+            self._freezes -= 1
+        if self._freezes == 0:
+            self._gate.set()
+        return paused
+
+    def _after_hold(self, h: _Hold) -> None:
+        if h.app and h.hook_error is None:
+            err = self._run_hook("thaw")
+            if err:
+                log.warning("VM %s: %s", self.config.name, err)
+
+    def _expire_hold(self, h: _Hold) -> None:
+        with self._io_lock:
+            if self._hold is not h:
+                return
+            paused = self._end_hold_locked(h)
+        log.warning("VM %s: write hold of barrier %s ended at its bound (%.3f s)",
+                    self.config.name, h.barrier_id, paused)
+        self._after_hold(h)
+
+    def unhold(self, barrier_id: str) -> bool:
+        """End the hold of ``barrier_id`` without sealing; False if it is not held."""
+        with self._io_lock:
+            h = self._hold
+            if h is None or h.barrier_id != barrier_id:
+                return False
+            self._end_hold_locked(h)
+        self._after_hold(h)
+        return True
+
+    def seal_held(self, barrier_id: str, *, app_consistent: bool = False) -> dict[str, Any]:
+        """Seal for barrier ``barrier_id`` and end its hold, in one step under the I/O lock.
+
+        The record's ``barrier`` says whether writes were held without a break from the hold
+        to this seal (``held``: only then may the point join a group point) and how long they
+        waited (``paused_s``). Without the hold (it expired, or the guest restarted) this is an
+        ordinary crash-consistent seal with ``held: false``."""
+        with self._io_lock:
+            h = self._hold if self._hold is not None and self._hold.barrier_id == barrier_id \
+                else None
+            notes: list[str] = []
+            consistency = Consistency.CRASH
+            if h is None:
+                notes.append(f"group barrier {barrier_id}: the write hold had ended; "
+                             "a per-VM point")
+            elif h.app:
+                if h.hook_error:
+                    notes.append(h.hook_error + "; crash-consistent")
+                else:
+                    consistency = Consistency.APP
+            elif app_consistent:
+                notes.append("held without the freeze hook: crash-consistent")
+            try:
+                record = self._seal(consistency, notes,
+                                    barrier={"id": barrier_id, "held": h is not None})
+            finally:
+                paused = self._end_hold_locked(h) if h is not None else 0.0
+        if h is not None:
+            self._after_hold(h)
+        return {**record, "barrier": {"id": barrier_id, "held": h is not None,
+                                      "paused_s": paused}}
+
     def _run_hook(self, name: str) -> str | None:
         """Run ``hooks/<name>`` if present; returns an error text, or None on success/absence."""
         hook = self.paths.hooks / name
@@ -585,14 +575,15 @@ class FileVm:
             return self._seal(consistency, notes)
 
     def _seal(self, consistency: Consistency, notes: list[str],
-              on_sealed: Callable[[], str | None] | None = None) -> dict[str, Any]:
+              on_sealed: Callable[[], str | None] | None = None,
+              barrier: dict[str, Any] | None = None) -> dict[str, Any]:
         with self._io_lock:
             self._check_open()
             if self.epoch is None:
                 raise TrackingLost(f"VM {self.config.name}: change tracking was not started")
             if self.cycle is not None:
                 raise Conflict(f"VM {self.config.name} has unreleased cycle {self.cycle['cycle_id']}",
-                               hint="Resume it (pending_cycle) and release it first.")
+                               hint="Finish the pending cycle (ship and release it) first.")
             p, epoch = self.paths, self.epoch
             cid = uuid.uuid4().hex
             sealed_at = time.time()
@@ -651,8 +642,10 @@ class FileVm:
                 "full": full, "trusted": trusted, "cbw_all": full or not trusted,
                 "last_tag": self.last_tag, "boot_id": self.boot_id, "cbw_block": CBW_BLOCK,
             }
+            if barrier is not None:
+                record["barrier"] = barrier
             for disk in self.disks.values():  # 4. the frozen view starts now (before any write)
-                disk.cbw = _Cbw(disk.fd, disk.size, p.fleece(epoch, cid, disk.disk_id),
+                disk.cbw = CopyBeforeWrite(disk.fd, disk.size, p.fleece(epoch, cid, disk.disk_id),
                                 p.cbw_bitmap(epoch, cid, disk.disk_id),
                                 None if full or not trusted else masks[disk.disk_id], CBW_BLOCK,
                                 exact.get(disk.disk_id))
@@ -698,6 +691,8 @@ class FileVm:
             return {
                 "vm_id": self.config.vm_id, "name": self.config.name, "pid": os.getpid(),
                 "role": self.role, "epoch": self.epoch, "frozen": self.frozen,
+                "held_by": self._hold.barrier_id if self._hold else None,
+                "hold_pauses": list(self.hold_pauses[-100:]),
                 "cycle_id": self.cycle["cycle_id"] if self.cycle else None,
                 "last_tag": self.last_tag, "recovery_notes": list(self.recovery_notes),
                 "logs": {d.disk_id: {"records": d.log.records, "trusted": d.log.trusted,
@@ -706,8 +701,15 @@ class FileVm:
                 "cbw_copied": {d.disk_id: d.cbw.copied if d.cbw else 0 for d in self.disks.values()},
             }
 
+    def _drop_hold(self) -> None:
+        h = self._hold
+        if h is not None and h.timer is not None:
+            h.timer.cancel()
+        self._hold = None
+
     def close(self) -> None:
         """Clean stop: flush, mark the logs clean, drop the session (quiesced at rest if guest)."""
+        self._drop_hold()
         self._gate.set()
         with self._io_lock:
             if self.closed:
@@ -728,6 +730,7 @@ class FileVm:
 
     def crash(self) -> None:
         """Drop everything without flushing or marking clean: what SIGKILL leaves (tests)."""
+        self._drop_hold()
         self._gate.set()
         with self._io_lock:
             if self.closed:

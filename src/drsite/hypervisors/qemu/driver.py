@@ -258,6 +258,19 @@ class QemuHypervisor:
         except DrsiteError:
             return False
 
+    def stop_processes(self, vm_id: str, *, timeout: float = 30.0) -> None:
+        """Leave no QEMU process of the VM running (``drsite down``): a graceful power-off of a
+        running VM, then any storage daemon holding its disks is quit. Tracking state stays in
+        the VM directory (bitmaps in the qcow2s; a sealed cycle whose frozen view goes with
+        the daemon is carried into the next one, as after :meth:`power_on`)."""
+        paths, _ = self._locate(vm_id)
+        self.power_off(vm_id, timeout=timeout)
+        with _vm_lock(paths):
+            r = current_runner(paths)
+            if r is not None:
+                self._forget_writers(paths)
+                quit_runner(paths, r)
+
     def kill(self, vm_id: str) -> None:
         """SIGKILL the VM's QEMU (or storage daemon): an unclean stop, as a host crash of the
         process would be. For tests and drills."""
@@ -386,7 +399,7 @@ class QemuHypervisor:
             if paths.cycle.exists():
                 rec = read_record(paths.cycle) or {}
                 raise Conflict(f"VM {cfg.name} has unreleased cycle {rec.get('cycle_id')}",
-                               hint="Resume it (pending_cycle) and release it first.")
+                               hint="Finish the pending cycle (ship and release it) first.")
             reasons, _ = self._bitmap_problems(cfg, cyc, tr["bitmap"])
             if reasons:
                 raise TrackingLost(f"VM {cfg.name}: " + "; ".join(reasons))

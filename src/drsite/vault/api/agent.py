@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from drsite.core.errors import Conflict, InvalidInput, NotFound
 from drsite.pki import CertIdentity, cert_identity
-from drsite.vault import commands, fencing
+from drsite.vault import barrier, commands, fencing
 from drsite.vault.api.deps import PeerCert, VaultDep, name, note, set_actor
 from drsite.vault.api.schemas import CommandResultIn, CommandWaitIn, HeartbeatIn, RegisterIn
 from drsite.vault.audit import record_event
@@ -187,6 +187,7 @@ def command_result(command_id: str, body: CommandResultIn, vault: VaultDep,
         if commands.record_result(cmd, status=body.status, progress=body.progress, result=body.result,
                                   error=body.error, now=now):
             apply_result(s, cmd, now)
+            barrier.on_result(s, cmd, now)
             alert_not_authentic(s, host, cmd, now)
             if cmd.kind == "failover_fence":
                 fencing.apply_result(s, cmd, now)

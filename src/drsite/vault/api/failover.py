@@ -9,24 +9,27 @@ from fastapi import APIRouter, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
+from drsite.core.actions import ITEM_ACTIONS, PLAN_ACTIONS, FailoverAction
 from drsite.core.errors import InvalidInput, NotFound
 from drsite.vault import network_mappings, recovery_plans
 from drsite.vault.api.deps import Admin, Operator, Reader, VaultDep, name
 from drsite.vault.api.views import failover_view, job_view
 from drsite.vault.db.models import Failover, NetworkMapping
-from drsite.vault.jobs import create
+from drsite.vault.jobs import create, item_actions
 
 router = APIRouter()
-
-ACTIONS = {a.replace("_", "-"): a for a in create.ITEM_ACTIONS}
 
 
 class ActionIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    point: str | None = Field(None, description="latest | latest_app | a point id")
+    point: str | None = Field(None, description="latest | latest_app | latest_group "
+                                                "(multi-VM consistent) | a point id")
     vm_name: str | None = Field(None, description="name of the recovery/test VM")
     notes: str | None = Field(None, max_length=2000, description="cleanup: what was observed")
     reprotect: bool = Field(True, description="commit of a planned failover: re-protect at once")
+    create_reverse_mapping: bool = Field(False, description="re-protect (and a commit that "
+                                         "re-protects): create the missing network mappings "
+                                         "back by inverting the forward ones")
     shutdown_timeout: float | None = Field(None, gt=0, le=3600)
 
 
@@ -52,15 +55,13 @@ def _args(body: ActionIn | None) -> dict[str, Any]:
 
 
 @router.post("/items/{item_id}/failover/{action}", status_code=status.HTTP_202_ACCEPTED,
-             summary="Run a failover action on one item (test-failover, cleanup-test-failover, "
-                     "planned-failover, unplanned-failover, commit, cancel, change-point, reprotect)")
+             summary=f"Run a failover action on one item ({', '.join(ITEM_ACTIONS)})")
 def item_action(item_id: str, action: str, vault: VaultDep, _p: Operator,
                 body: ActionIn | None = None) -> dict[str, Any]:
-    if action not in ACTIONS:
-        raise InvalidInput(f"unknown failover action {action!r}", hint=f"Use one of {', '.join(ACTIONS)}.")
+    act = FailoverAction.parse(action, ITEM_ACTIONS)
     with vault.db.tx() as s:
-        job = create.start_item_action(s, name("item id", item_id), ACTIONS[action], _args(body),
-                                    vault.settings.clock.now())
+        job = item_actions.start_item_action(s, name("item id", item_id), act, _args(body),
+                                             vault.settings.clock.now())
         return job_view(s, job)
 
 
@@ -128,14 +129,10 @@ def delete_plan(plan: str, vault: VaultDep, _p: Admin) -> Response:
 
 
 @router.post("/plans/{plan}/{action}", status_code=status.HTTP_202_ACCEPTED,
-             summary="Run an action on a whole plan (test-failover, cleanup-test-failover, "
-                     "planned-failover, unplanned-failover, commit, cancel, reprotect)")
+             summary=f"Run an action on a whole plan ({', '.join(PLAN_ACTIONS)})")
 def plan_action(plan: str, action: str, vault: VaultDep, _p: Operator,
                 body: ActionIn | None = None) -> dict[str, Any]:
-    act = action.replace("-", "_")
-    if act not in create.PLAN_ACTIONS:
-        raise InvalidInput(f"unknown plan action {action!r}",
-                           hint=f"Use one of {', '.join(a.replace('_', '-') for a in create.PLAN_ACTIONS)}.")
+    act = FailoverAction.parse(action, PLAN_ACTIONS)
     with vault.db.tx() as s:
         job = recovery_plans.start_plan_action(s, plan, act, _args(body), vault.settings.clock.now())
         return job_view(s, job)

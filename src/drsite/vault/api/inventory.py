@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Request, status
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from drsite.core.errors import Conflict, InvalidInput, NotFound
-from drsite.vault import fencing
-from drsite.vault.api.deps import Admin, Reader, VaultDep, name, text
-from drsite.vault.api.schemas import RegistrationKeyIn, ReissueIn, SiteIn
-from drsite.vault.api.views import host_view, site_names, site_view, vm_view
+from drsite.vault import fencing, storerole
+from drsite.vault.api.deps import Admin, Reader, VaultDep, name, note, text
+from drsite.vault.api.schemas import RegistrationKeyIn, ReissueIn, SiteIn, StoreHostIn
+from drsite.vault.api.views import host_view, site_names, site_view, store_roles, vm_view
 from drsite.vault.audit import record_event
 from drsite.vault.auth import create_registration_key
 from drsite.vault.db.models import Host, Item, Site, Vm
@@ -25,7 +25,7 @@ MIN_KEY_TTL_S, MAX_KEY_TTL_S = 60, 30 * 86400
 def get_site(s: Session, site_name: str) -> Site:
     site = s.scalars(select(Site).where(Site.name == name("site", site_name))).first()
     if site is None:
-        raise NotFound(f"no site {site_name!r}", hint="List sites with GET /api/v1/sites.")
+        raise NotFound(f"no site {site_name!r}", hint="List sites with 'drsite sites list'.")
     return site
 
 
@@ -76,19 +76,43 @@ def registration_key(site: str, vault: VaultDep, _p: Admin,
         return {"key": key, "expires_at": expires, "site": row.name}
 
 
+@router.put("/sites/{site}/store-host",
+            summary="Give the site's store role to one of its hosts (or to none)")
+def set_store_host(site: str, body: StoreHostIn, request: Request, vault: VaultDep,
+                   _p: Admin) -> dict[str, Any]:
+    """Only the holder of a site's store role serves the site's store (``storerole``). Refused
+    (409) while items replicate to the current store host, unless ``force``."""
+    now = vault.settings.clock.now()
+    with vault.db.tx() as s:
+        row = get_site(s, site)
+        host = None
+        if body.host is not None:
+            wanted = name("host", body.host)
+            host = s.get(Host, wanted) or s.scalars(select(Host).where(
+                Host.site_id == row.id, Host.name == wanted)).first()
+            if host is None:
+                raise NotFound(f"no host {wanted!r} in site {row.name}",
+                               hint="List hosts with 'drsite hosts list'.")
+        out = storerole.assign(s, row, host, force=body.force, now=now)
+        note(request).update({"store_host": out["store_host"], "force": body.force,
+                              "moved_items": len(out["moved_items"])})
+        return {**out, "store_host_name": host.name if host is not None else None}
+
+
 @router.get("/hosts", summary="List registered hosts")
 def list_hosts(vault: VaultDep, _p: Reader) -> list[dict[str, Any]]:
     now = vault.settings.clock.now()
     with vault.db.read() as s:
         sites = site_names(s)
-        return [host_view(h, sites.get(h.site_id, ""), now, vault.settings)
+        roles = store_roles(s)
+        return [host_view(h, sites.get(h.site_id, ""), now, vault.settings, roles)
                 for h in s.scalars(select(Host).order_by(Host.site_id, Host.name))]
 
 
 def get_host(s: Session, host_id: str) -> Host:
     host = s.get(Host, name("host id", host_id))
     if host is None:
-        raise NotFound(f"no host {host_id!r}")
+        raise NotFound(f"no host {host_id!r}", hint="List hosts with 'drsite hosts list'.")
     return host
 
 
@@ -97,7 +121,8 @@ def show_host(host_id: str, vault: VaultDep, _p: Reader) -> dict[str, Any]:
     now = vault.settings.clock.now()
     with vault.db.read() as s:
         h = get_host(s, host_id)
-        return host_view(h, site_names(s).get(h.site_id, ""), now, vault.settings)
+        return host_view(h, site_names(s).get(h.site_id, ""), now, vault.settings,
+                         store_roles(s))
 
 
 @router.delete("/hosts/{host_id}", summary="Revoke a host (its certificate stops working)")
@@ -108,7 +133,8 @@ def revoke_host(host_id: str, vault: VaultDep, _p: Admin) -> dict[str, Any]:
         if h.revoked_at is None:
             h.revoked_at = now
             record_event(s, now, "host", h.name, "revoked")
-        return host_view(h, site_names(s).get(h.site_id, ""), now, vault.settings)
+        return host_view(h, site_names(s).get(h.site_id, ""), now, vault.settings,
+                         store_roles(s))
 
 
 @router.post("/hosts/{host_id}/reissue", status_code=status.HTTP_201_CREATED,
@@ -128,8 +154,9 @@ def reissue_host(host_id: str, vault: VaultDep, _p: Admin,
                 "site": site_names(s).get(h.site_id, "")}
 
 
-@router.get("/vms", summary="VM inventory reported by the agents")
-def list_vms(vault: VaultDep, _p: Reader) -> list[dict[str, Any]]:
+@router.get("/vms", summary="VM inventory reported by the agents (VMs no longer reported, "
+                            "e.g. deleted ones, with ?all=true)")
+def list_vms(vault: VaultDep, _p: Reader, all: bool = False) -> list[dict[str, Any]]:
     with vault.db.read() as s:
         sites = site_names(s)
         hosts = {h.id: h for h in s.scalars(select(Host))}
@@ -139,7 +166,7 @@ def list_vms(vault: VaultDep, _p: Reader) -> list[dict[str, Any]]:
         out = []
         for vm in s.scalars(select(Vm).order_by(Vm.name, Vm.id)):
             host = hosts[vm.host_id]
-            if host.revoked_at is not None:
+            if host.revoked_at is not None or not (vm.present or all):
                 continue
             out.append(vm_view(vm, host, sites.get(host.site_id, ""), items.get(f"{host.id}/{vm.vm_id}"),
                                warning=warnings.get((host.id, vm.vm_id))))

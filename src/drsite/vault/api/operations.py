@@ -128,7 +128,7 @@ def list_events(vault: VaultDep, _p: Reader, kind: str | None = None, subject: s
                 cursor: str | None = None) -> dict[str, Any]:
     q = select(Event)
     if kind is not None:
-        q = q.where(Event.kind == _text("kind", kind, 32))
+        q = q.where(Event.kind == name("event kind", kind))
     if subject is not None:
         q = q.where(Event.subject == _text("subject", subject))
     if since is not None:

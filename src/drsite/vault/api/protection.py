@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from drsite.core.errors import Conflict, InvalidInput, NotFound
 from drsite.core.states import FAILOVER_ITEM_STATUSES, LIVE_ITEM_STATUSES, ItemProtection
 from drsite.replication.report import Health, ItemState
-from drsite.vault import commands
+from drsite.vault import barrier, commands
 from drsite.vault.api.deps import Operator, Reader, VaultDep, name
 from drsite.vault.api.inventory import get_site
 from drsite.vault.api.paging import DEFAULT_LIMIT, Key, page
@@ -26,7 +26,7 @@ from drsite.vault.jobs.create import (
     start_resync,
     start_verify,
 )
-from drsite.vault.jobs.plan import VERIFY
+from drsite.vault.jobs.kinds import VERIFY
 from drsite.vault.policies import PolicyValues, agent_settings, apply_values
 from drsite.vault.recovery_plans import validate_drill
 from drsite.vault.scheduler import preload_policies
@@ -52,7 +52,7 @@ def _values(body: PolicyIn) -> PolicyValues:
 def get_policy(s: Session, policy_name: str) -> Policy:
     p = s.scalars(select(Policy).where(Policy.name == name("policy", policy_name))).first()
     if p is None:
-        raise NotFound(f"no policy {policy_name!r}", hint="List policies with GET /api/v1/policies.")
+        raise NotFound(f"no policy {policy_name!r}", hint="List policies with 'drsite policies list'.")
     return p
 
 
@@ -71,7 +71,8 @@ def create_policy(body: PolicyIn, vault: VaultDep, _p: Operator) -> dict[str, An
     now = vault.settings.clock.now()
     with vault.db.tx() as s:
         if s.scalars(select(Policy.id).where(Policy.name == policy_name)).first() is not None:
-            raise Conflict(f"policy {policy_name} exists", hint="Change it with PUT /policies/NAME.")
+            raise Conflict(f"policy {policy_name} exists",
+                           hint=f"Change it: drsite policies update {policy_name}")
         p = Policy(name=policy_name, created_at=now, updated_at=now)
         apply_values(p, values)
         s.add(p)
@@ -89,7 +90,9 @@ def show_policy(policy: str, vault: VaultDep, _p: Reader) -> dict[str, Any]:
 @router.put("/policies/{policy}", summary="Replace a policy's values (sent to every item under it)")
 def update_policy(policy: str, body: PolicyIn, vault: VaultDep, _p: Operator) -> dict[str, Any]:
     if body.name is not None and body.name != policy:
-        raise InvalidInput("a policy cannot be renamed", hint="Omit 'name' or repeat the path's name.")
+        raise InvalidInput("a policy cannot be renamed",
+                           hint="Create a policy under the new name instead: drsite policies "
+                                "create")
     values = _values(body)
     now = vault.settings.clock.now()
     with vault.db.tx() as s:
@@ -116,7 +119,8 @@ def delete_policy(policy: str, vault: VaultDep, _p: Operator) -> Response:
         used = s.scalars(select(Group.name).where(Group.policy_id == p.id)).all()
         if used:
             raise Conflict(f"policy {p.name} is used by group(s) {', '.join(used)}",
-                           hint="Associate another policy with those groups first.")
+                           hint="Give those groups another policy first: drsite groups update GROUP "
+                                "--policy POLICY")
         s.delete(p)
         record_event(s, now, "policy", p.name, "deleted")
     return Response(status_code=status.HTTP_204_NO_CONTENT)
@@ -127,7 +131,7 @@ def delete_policy(policy: str, vault: VaultDep, _p: Operator) -> Response:
 def get_group(s: Session, group_name: str) -> Group:
     g = s.scalars(select(Group).where(Group.name == name("group", group_name))).first()
     if g is None:
-        raise NotFound(f"no group {group_name!r}", hint="List groups with GET /api/v1/groups.")
+        raise NotFound(f"no group {group_name!r}", hint="List groups with 'drsite groups list'.")
     return g
 
 
@@ -160,7 +164,9 @@ def create_group(body: GroupIn, vault: VaultDep, _p: Operator) -> dict[str, Any]
         cloud = get_store(s, body.store) if body.store is not None else None
         g = Group(name=group_name, site_id=site.id, target_site_id=target.id,
                   policy_id=policy.id if policy else None, match=match, created_at=now,
-                  store_id=cloud.id if cloud else None, drill=_drill(group_name, body.drill))
+                  store_id=cloud.id if cloud else None, drill=_drill(group_name, body.drill),
+                  consistent=body.consistent,
+                  barrier_timeout_ms=barrier.check_timeout_ms(body.barrier_timeout_ms))
         check_encryption(s, g, policy)
         s.add(g)
         s.flush()
@@ -187,6 +193,14 @@ def update_group(group: str, body: GroupUpdate, vault: VaultDep, _p: Operator) -
         job = None
         if "store" in fields:
             _set_store(s, g, body.store, now)
+        if "barrier_timeout_ms" in fields and body.barrier_timeout_ms is not None:
+            g.barrier_timeout_ms = barrier.check_timeout_ms(body.barrier_timeout_ms)
+        if "consistent" in fields and body.consistent is not None \
+                and body.consistent != g.consistent:
+            g.consistent = body.consistent
+            barrier.check_members(s, g)  # > 16 VMs: refused (the transaction rolls back)
+            record_event(s, now, "group", g.name, "multi-VM consistent" if g.consistent
+                         else "not multi-VM consistent")
         if match is not None and match != g.match:
             g.match = match
         if "drill" in fields:
@@ -229,10 +243,21 @@ def _set_store(s: Session, g: Group, store_name: str | None, now: float) -> None
     if live:
         raise Conflict(f"group {g.name} still protects {len(live)} item(s); its recovery store "
                        "cannot change under them",
-                       hint="Disable protection of its items first, or create another group.")
+                       hint="Disable protection of its items first ('drsite items unprotect "
+                                "ITEM'), or create another group.")
     g.store_id = new_id
     record_event(s, now, "group", g.name, f"recovery store set to {cloud.name}" if cloud
                  else "recovery store set to the target site's agent store")
+
+
+@router.get("/groups/{group}/points",
+            summary="A consistent group's group points (newest first; all=true: every barrier)")
+def list_group_points(group: str, vault: VaultDep, _p: Reader, all: bool = False,
+                      limit: int = 100) -> list[dict[str, Any]]:
+    with vault.db.read() as s:
+        g = get_group(s, group)
+        return [barrier.view(b, g.name) for b in barrier.group_points(
+            s, g, include_partial=all, limit=max(1, min(limit, 1000)))]
 
 
 @router.delete("/groups/{group}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a group")
@@ -244,7 +269,8 @@ def delete_group(group: str, vault: VaultDep, _p: Operator) -> Response:
                                                Item.status.in_(LIVE_ITEM_STATUSES))).all()
         if live:
             raise Conflict(f"group {g.name} still protects {len(live)} item(s)",
-                           hint="Disable protection of its items first (DELETE /items/ID).")
+                           hint="Disable protection of its items first ('drsite items unprotect ITEM'), "
+                                "then delete it.")
         for retired in s.scalars(select(Item).where(Item.group_id == g.id)):
             s.delete(retired)  # removed or failed items: their jobs and events keep the history
         s.flush()
@@ -258,7 +284,8 @@ def delete_group(group: str, vault: VaultDep, _p: Operator) -> Response:
 def get_item(s: Session, item_id: str) -> Item:
     item = s.get(Item, name("item id", item_id))
     if item is None:
-        raise NotFound(f"no item {item_id!r}", hint="List items with GET /api/v1/items.")
+        raise NotFound(f"no item {item_id!r}",
+                       hint="List items with 'drsite items list --include-removed'.")
     return item
 
 
@@ -348,7 +375,7 @@ def protect(body: ItemIn, vault: VaultDep, _p: Operator) -> dict[str, Any]:
                                 Host.revoked_at.is_(None))).all()
         if not rows:
             raise NotFound(f"no VM {body.vm_id!r} in the inventory",
-                           hint="List VMs with GET /api/v1/vms (agents report them).")
+                           hint="List VMs with 'drsite vms list' (agents report them).")
         if len(rows) > 1:
             raise Conflict(f"VM id {body.vm_id!r} is reported by {len(rows)} hosts")
         vm, host = rows[0]

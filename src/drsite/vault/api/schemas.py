@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from drsite.core.states import CommandStatus
+from drsite.failover.wire import BREAKGLASS_MAX_REPORTS
 
 
 class Strict(BaseModel):
@@ -29,6 +30,11 @@ class SiteIn(Strict):
 
 class RegistrationKeyIn(Strict):
     ttl_s: int = 3600
+
+
+class StoreHostIn(Strict):
+    host: str | None  # host id or name in the site; None: the site has no store host
+    force: bool = False  # move the role although items replicate to the current store host
 
 
 class PolicyIn(Strict):
@@ -65,6 +71,8 @@ class GroupIn(Strict):
     match: MatchIn = Field(default_factory=MatchIn)
     store: str | None = None  # a cloud store instead of the target site's agent store
     drill: dict[str, Any] | None = None  # a drill schedule of the group's VMs
+    consistent: bool = False  # multi-VM consistency: group points from a barrier (≤ 16 VMs)
+    barrier_timeout_ms: int = 500  # the barrier's bound on guest write pauses
 
 
 class GroupUpdate(Strict):
@@ -76,6 +84,8 @@ class GroupUpdate(Strict):
     match: MatchIn | None = None
     store: str | None = None
     drill: dict[str, Any] | None = None
+    consistent: bool | None = None
+    barrier_timeout_ms: int | None = None
 
 
 class ItemIn(Strict):
@@ -132,7 +142,8 @@ class HeartbeatIn(Lenient):
     held: list[str] | None = Field(default=None, max_length=10_000)
     # store-serving agents: the recovery book they hold; break-glass failovers not yet recorded
     recovery_book_digest: str | None = Field(default=None, max_length=128)
-    breakglass: list[dict[str, Any]] = Field(default_factory=list, max_length=100)
+    breakglass: list[dict[str, Any]] = Field(default_factory=list,
+                                             max_length=BREAKGLASS_MAX_REPORTS)
 
 
 class CommandWaitIn(Lenient):
@@ -145,3 +156,35 @@ class CommandResultIn(Lenient):
     progress: float | None = None
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
+
+
+class DiskIn(Strict):
+    disk_id: str | None = None  # default d0, d1, …
+    size: int | None = None     # bytes; an import may leave it out (the image's size)
+    path: str | None = None     # import: the image, relative to the agent's import directory
+
+
+class NicIn(Strict):
+    network: str
+    ip: str | None = None
+    mac: str | None = None      # default: a stable 52:54:00:… address from host and VM name
+
+
+class VmCreateIn(Strict):
+    """POST /vms (CreateVm) and POST /vms/import (ImportVm: ``disks`` carry ``path``)."""
+
+    host: str                   # host id, or host name (with ``site`` when names repeat)
+    site: str | None = None
+    name: str
+    vcpus: int = 1
+    memory_mib: int = 512
+    disks: list[DiskIn] = Field(default_factory=list)
+    nics: list[NicIn] = Field(default_factory=list)
+    workload: dict[str, Any] | None = None  # file VMs: what the stand-in guest OS writes
+    start: bool = False
+    move: bool = False          # import: move the images into the VM instead of copying them
+
+
+class VmStopIn(Strict):
+    force: bool = False
+    timeout_s: float = 60.0

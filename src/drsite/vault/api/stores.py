@@ -56,7 +56,7 @@ def create_store(body: StoreIn, vault: VaultDep, _p: Admin) -> dict[str, Any]:
     now = vault.settings.clock.now()
     with vault.db.tx() as s:
         if s.scalars(select(Store.id).where(Store.name == store_name)).first() is not None:
-            raise Conflict(f"store {store_name} exists", hint="Change it with PUT /stores/NAME.")
+            raise Conflict(f"store {store_name} exists", hint=f"Change it: drsite stores update {store_name}")
         row = Store(name=store_name, kind=spec.kind, config=dict(spec.config),
                     secret=dict(spec.secret), keys={}, created_at=now, updated_at=now)
         kid = rotate_keys(row, now) if body.encryption else None

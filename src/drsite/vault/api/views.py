@@ -37,12 +37,21 @@ def site_names(s: Session) -> dict[int, str]:
 
 def site_view(site: Site, hosts: int) -> dict[str, Any]:
     return {"name": site.name, "description": site.description, "created_at": site.created_at,
-            "hosts": hosts}
+            "hosts": hosts, "store_host": site.store_host_id}
 
 
-def host_view(h: Host, site: str, now: float, settings: VaultSettings) -> dict[str, Any]:
+def store_roles(s: Session) -> set[str]:
+    """Ids of the hosts holding their site's store role."""
+    return {h for h in s.scalars(select(Site.store_host_id)) if h is not None}
+
+
+def host_view(h: Host, site: str, now: float, settings: VaultSettings,
+              roles: set[str]) -> dict[str, Any]:
+    """A host; ``store_url`` is what its agent claims, ``store_role`` whether an admin gave
+    it its site's store role (only then does it serve the site's store: ``storerole``)."""
     return {"id": h.id, "name": h.name, "site": site, "last_heartbeat": h.last_heartbeat,
             "up": agent_up(h, now, settings), "version": h.version, "store_url": h.store_url,
+            "store_role": h.id in roles,
             "registered_at": h.registered_at, "revoked": h.revoked_at is not None}
 
 
@@ -76,6 +85,7 @@ def group_view(s: Session, g: Group, sites: dict[int, str]) -> dict[str, Any]:
     return {"name": g.name, "site": sites.get(g.site_id), "target_site": sites.get(g.target_site_id),
             "policy": policy.name if policy else None, "match": normalise_match(g.match),
             "store": store.name if store else None, "items": n, "drill": g.drill,
+            "consistent": bool(g.consistent), "barrier_timeout_ms": g.barrier_timeout_ms,
             "created_at": g.created_at}
 
 
@@ -97,7 +107,8 @@ def item_view(s: Session, item: Item, now: float, settings: VaultSettings,
         damage = damage_of(s, [item.id]).get(item.id)
     ih = item_health(item, policy, agent_up(host, now, settings), now, damage) if live else None
     retry = item.retry or {}
-    return {"id": item.id, "vm_id": item.vm_id, "vm_name": item.vm_name,
+    return {"id": item.id, "lineage_id": item.lineage_id or item.id, "vm_id": item.vm_id,
+            "vm_name": item.vm_name, "origin_item_id": item.origin_item_id,
             "group": group.name if group else None, "policy": policy.name if policy else None,
             "source_host": host.name if host else None, "source_host_id": item.host_id,
             "site": sites.get(host.site_id) if host else None,
@@ -115,16 +126,31 @@ def item_view(s: Session, item: Item, now: float, settings: VaultSettings,
 
 
 def task_view(t: Task) -> dict[str, Any]:
-    return {"name": t.name, "title": t.title, "state": t.state, "started_at": t.started_at,
-            "ended_at": t.ended_at, "progress": t.progress, "message": t.message}
+    """A task; a recovery plan's group task also names the job it started per VM
+    (``child_jobs``: VM name → job id)."""
+    out: dict[str, Any] = {"name": t.name, "title": t.title, "state": t.state,
+                           "started_at": t.started_at, "ended_at": t.ended_at,
+                           "progress": t.progress, "message": t.message}
+    jobs = (t.data or {}).get("jobs") if t.name == "plan_group" else None
+    if isinstance(jobs, dict):
+        out["child_jobs"] = {str(k): str(v) for k, v in jobs.items()}
+    return out
+
+
+# what a job's arguments may show (never a secret): the failover action, the recovery point
+# asked for ("latest", "latest_app" or a point id), the failover and the plan job it belongs to
+JOB_ARGS_SHOWN = {"action": "action", "point": "point", "failover_id": "failover_id",
+                  "plan_job": "parent_job_id", "host": "host"}
 
 
 def job_view(s: Session, job: Job) -> dict[str, Any]:
     tasks = s.scalars(select(Task).where(Task.job_id == job.id).order_by(Task.idx)).all()
+    args = job.args or {}
     return {"id": job.id, "kind": job.kind, "state": job.state, "target": job.target,
             "item_id": job.item_id, "progress": job.progress, "message": job.message,
             "error": job.error, "cancel_requested": job.cancel_requested,
             "created_at": job.created_at, "started_at": job.started_at, "ended_at": job.ended_at,
+            **{shown: args.get(arg) for arg, shown in JOB_ARGS_SHOWN.items()},
             "tasks": [task_view(t) for t in tasks]}
 
 

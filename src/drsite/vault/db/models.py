@@ -48,6 +48,11 @@ class Site(Base):
     name: Mapped[str] = mapped_column(String(64), unique=True)
     description: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[float] = mapped_column(Float)
+    # the host an admin granted the site's store role (migration 0011; ``storeacl``): only it
+    # gets the store's access list and recovery book and is believed about break-glass; a
+    # ``store_url`` in another host's heartbeat is a claim, never acted on. No foreign key
+    # (hosts refer to sites): checked where used (same site, not revoked).
+    store_host_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class RegistrationKey(Base):
@@ -148,6 +153,37 @@ class Group(Base):
     store_id: Mapped[int | None] = mapped_column(ForeignKey("stores.id"), nullable=True)
     # a drill schedule over the group's protected VMs (migration 0006; vault/drills.py)
     drill: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # multi-VM consistency (migration 0009; vault/barrier.py): group points from a barrier
+    consistent: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    barrier_timeout_ms: Mapped[int] = mapped_column(Integer, default=500, server_default="500")
+    last_barrier_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_app_barrier_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    # the group this one mirrors (migration 0010): re-protect puts reverse items in a group
+    # with reverse_of_id = the forward group; a failback's items go back to reverse_of_id
+    reverse_of_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class GroupBarrier(Base):
+    """One run of a consistency group's barrier (``vault/barrier.py``); ``state`` ``committed``
+    is a group point: ``members[item].point_id`` of every member, all sealed under the hold.
+
+    ``members``: ``{item_id: {host_id, vm_name, prepare, seal, state (pending|held|missed|
+    sealing|committed|failed), point_id, point_created_at, held, paused_s, error}}``."""
+
+    __tablename__ = "group_barriers"
+    __table_args__ = (Index("ix_group_barriers_group_state", "group_id", "state"),)
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    group_id: Mapped[int] = mapped_column(ForeignKey("groups.id", ondelete="CASCADE"))
+    state: Mapped[str] = mapped_column(String(16))  # preparing|sealing|committed|partial
+    app_consistent: Mapped[bool] = mapped_column(Boolean, default=False)
+    started_at: Mapped[float] = mapped_column(Float)
+    prepare_deadline: Mapped[float] = mapped_column(Float)
+    hold_deadline: Mapped[float] = mapped_column(Float)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    point_time: Mapped[float | None] = mapped_column(Float, nullable=True)
+    members: Mapped[dict[str, Any]] = mapped_column(JSON)
+    message: Mapped[str] = mapped_column(Text, default="")
 
 
 class Item(Base):
@@ -195,6 +231,9 @@ class Item(Base):
     # when the store grant's writer last changed (migration 0008): a failover made the item
     # read-only, a cancel writable again (``storeacl.set_status``); None: not since created_at
     grant_changed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # the VM's one identity across failover and failback (migration 0010): the id of the first
+    # item that protected it; re-protect's reverse item (and failback's) inherits it
+    lineage_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 
 
 class Point(Base):
@@ -463,7 +502,7 @@ class ControllerLease(Base):
 
 
 class VaultCa(Base):
-    """The vault's CA (migration 0009, row ``ca``): ``cert`` its certificate (PEM), ``key`` its
+    """The vault's CA (migration 0012, row ``ca``): ``cert`` its certificate (PEM), ``key`` its
     private key (PEM), sealed at rest under the master key. The files in ``DATA/pki`` are a
     copy; the database's row is the one a standby vault, its database replicated, takes over
     with (``vault/castate.py``)."""

@@ -1,6 +1,7 @@
-"""Starting jobs — one function per kind (protection, resync, policy association, the failover
-actions of one item), each checking what must hold before the job exists — resuming a job that
-waits for an operator, and asking one to stop (``request_cancel``).
+"""Starting jobs — one function per kind (protection, resync, verify, policy association, store
+re-key; the failover actions of one item are in ``item_actions``), each checking what must hold
+before the job exists — resuming a job that waits for an operator, and asking one to stop
+(``request_cancel``).
 
 An item is owned by at most one active job (``items.active_job_id``, claimed by a conditional
 update, so two concurrent requests cannot both start one). Called by the API, the dashboard and
@@ -18,15 +19,15 @@ from sqlalchemy.orm import Session
 from drsite.core.errors import Conflict, InvalidInput, NotFound, VmNotFound
 from drsite.core.model import validate_name
 from drsite.core.retry import RetryState
-from drsite.core.states import ACTIVE_JOB_STATES, FailoverState, ItemProtection, JobState, TaskState
+from drsite.core.states import ACTIVE_JOB_STATES, ItemProtection, JobState, TaskState
 from drsite.replication.report import Health, ItemState
+from drsite.vault import barrier
 from drsite.vault.audit import record_event
-from drsite.vault.db.models import Failover, Group, Host, Item, Job, Task, Vm
+from drsite.vault.db.models import Group, Host, Item, Job, Task, Vm
 from drsite.vault.ids import new_id
-from drsite.vault.jobs import plan as P
-from drsite.vault.jobs.plan import ASSOCIATE, DISABLE, ENABLE, RESYNC, TASK_PLAN
+from drsite.vault.jobs import kinds as K
+from drsite.vault.jobs.kinds import ASSOCIATE, DISABLE, ENABLE, RESYNC, TASK_PLAN
 from drsite.vault.membership import active_item_for_vm, vm_ref
-from drsite.vault.scrub import failover_point
 
 
 def create_job(s: Session, kind: str, *, target: str, item_id: str | None,
@@ -69,10 +70,12 @@ def start_enable_protection(s: Session, *, vm: Vm, host: Host, group: Group, now
                            hint="Use a group whose site is the VM's host's site.")
     if group.policy_id is None:
         raise Conflict(f"group {group.name} has no policy",
-                       hint=f"Associate a policy first: PUT /groups/{group.name} {{\"policy\": …}}.")
+                       hint=f"Give it a policy first: drsite groups update {group.name} "
+                            "--policy POLICY")
     existing = active_item_for_vm(s, host.id, vm.vm_id)
     if existing is not None:
         raise Conflict(f"VM {vm.name} is already protected by item {existing.id} ({existing.status})")
+    barrier.check_members(s, group, adding=1)  # a consistent group: at most 16 VMs
     item_id = new_id("i")
     job = create_job(s, ENABLE, target=vm.name, item_id=item_id,
                      args={"vm_id": vm.vm_id, "host_id": host.id, "group": group.name, "reason": reason},
@@ -82,7 +85,7 @@ def start_enable_protection(s: Session, *, vm: Vm, host: Host, group: Group, now
                 vm_ref=vm_ref(host.id, vm.vm_id), state=ItemState.NEW, report=None, acked_seq=0,
                 retry=RetryState().to_dict(), critical_error=None, active_job_id=job.id,
                 health=Health.NORMAL, health_reasons=[],
-                created_at=now, updated_at=now)
+                created_at=now, updated_at=now, lineage_id=item_id)
     s.add(item)
     vm.auto_protect_blocked = False
     s.flush()
@@ -100,26 +103,41 @@ def start_disable_protection(s: Session, item: Item, *, delete_points: bool, now
     return job
 
 
-def start_resync(s: Session, item: Item, *, now: float) -> Job:
+def check_resync(item: Item) -> None:
+    """``Conflict`` unless a resync of ``item`` may start now."""
     if item.status != ItemProtection.PROTECTED:
         raise Conflict(f"item {item.id} is {item.status}",
-                       hint="A resync needs a protected item with a first recovery point.")
+                       hint="A resync needs a protected item with a first recovery point "
+                            "('drsite items list' shows the item's status).")
+    if item.active_job_id is not None:
+        raise Conflict(f"item {item.id} is busy with job {item.active_job_id}",
+                       hint=f"Wait for it: drsite jobs show {item.active_job_id}")
+
+
+def start_resync(s: Session, item: Item, *, now: float) -> Job:
+    check_resync(item)
     job = create_job(s, RESYNC, target=item.vm_name, item_id=item.id, args={"by_hand": True}, now=now)
     claim_item(s, item, job.id)
     return job
+
+
+def check_verify(item: Item) -> None:
+    """``Conflict`` unless the item's points may be verified now."""
+    if item.status in (ItemProtection.REMOVED, ItemProtection.FAILED):
+        raise Conflict(f"item {item.id} is {item.status}; its store is not verified any more",
+                       hint="Verify the VM's current item ('drsite items history ITEM' names it).")
 
 
 def start_verify(s: Session, item: Item, *, point: str | None, all_points: bool,
                  now: float) -> Job:
     """A Verify job of the item's latest point, of ``point``, or of every point. It does not
     hold the item (it only reads its store)."""
-    if item.status in (ItemProtection.REMOVED, ItemProtection.FAILED):
-        raise Conflict(f"item {item.id} is {item.status}; its store is not verified any more")
+    check_verify(item)
     if point is not None and all_points:
         raise InvalidInput("give a point or ask for all points, not both")
     points: str | list[str] = "all" if all_points else \
         [validate_name("point", point)] if point else "latest"
-    return create_job(s, P.VERIFY, target=item.vm_name, item_id=item.id,
+    return create_job(s, K.VERIFY, target=item.vm_name, item_id=item.id,
                       args={"points": points}, now=now)
 
 
@@ -132,12 +150,12 @@ def start_policy_association(s: Session, group: Group, *, now: float) -> Job:
 
 def start_store_rekey(s: Session, store_name: str, *, now: float) -> Job:
     """Re-encrypt the store's old objects (one such job per store at a time)."""
-    running = s.scalars(select(Job.id).where(Job.kind == P.REKEY, Job.target == store_name,
+    running = s.scalars(select(Job.id).where(Job.kind == K.REKEY, Job.target == store_name,
                                              Job.state.in_(ACTIVE_JOB_STATES))).first()
     if running is not None:
         raise Conflict(f"store {store_name} is already being re-encrypted (job {running})",
                        hint=f"Follow it with 'drsite jobs show {running}', or cancel it.")
-    return create_job(s, P.REKEY, target=store_name, item_id=None, args={"store": store_name},
+    return create_job(s, K.REKEY, target=store_name, item_id=None, args={"store": store_name},
                       now=now)
 
 
@@ -149,118 +167,6 @@ def request_cancel(s: Session, job: Job, now: float) -> None:
         job.cancel_requested = True
         job.updated_at = now
         record_event(s, now, "job", job.id, f"{job.kind} of {job.target}: cancel requested")
-
-
-# ------------------------------------------------------------------------------ failover actions
-
-ITEM_ACTIONS = ("test_failover", "cleanup_test_failover", "planned_failover", "unplanned_failover",
-                "commit", "cancel", "change_point", "reprotect")
-PLAN_ACTIONS = ("test_failover", "cleanup_test_failover", "planned_failover", "unplanned_failover",
-                "commit", "cancel", "reprotect")
-FAILOVER_KINDS = {"test_failover": "test", "planned_failover": "planned",
-                  "unplanned_failover": "unplanned"}
-# a failover holds the item and may still be committed, cancelled or moved to another point
-_HELD = frozenset({ItemProtection.FAILING_OVER, ItemProtection.FAILED_OVER})
-
-
-def _latest_failover(s: Session, item: Item, *, kind: str | None = None,
-                     states: tuple[FailoverState, ...]) -> Failover | None:
-    q = select(Failover).where(Failover.item_id == item.id, Failover.state.in_(states))
-    if kind is not None:
-        q = q.where(Failover.kind == kind)
-    return s.scalars(q.order_by(Failover.created_at.desc())).first()
-
-
-def get_item(s: Session, item_id: str) -> Item:
-    item = s.get(Item, validate_name("item", item_id))
-    if item is None:
-        raise NotFound(f"no item {item_id!r}", hint="List items with GET /api/v1/items.")
-    return item
-
-
-def point_arg(args: dict[str, Any]) -> str:
-    point = str(args.get("point") or "latest")
-    if point not in ("latest", "latest_app"):
-        validate_name("point", point)
-    return point
-
-
-def start_item_action(s: Session, item_id: str, action: str, args: dict[str, Any],
-                      now: float) -> Job:
-    """Start the job of ``action`` on one item (``Conflict`` when the item's state does not
-    allow it or another job holds the item)."""
-    if action not in ITEM_ACTIONS:
-        raise InvalidInput(f"unknown failover action {action!r}; known: {', '.join(ITEM_ACTIONS)}")
-    item = get_item(s, item_id)
-    if item.active_job_id is not None:  # checked before anything is created (claim_item is final)
-        raise Conflict(f"item {item.id} is busy with job {item.active_job_id}",
-                       hint=f"Wait for job {item.active_job_id} to end, or cancel it.")
-    args = dict(args)
-    for key in ("vm_name",):
-        if args.get(key) is not None:
-            args[key] = validate_name("VM", str(args[key]))
-    if action in FAILOVER_KINDS:
-        kind = FAILOVER_KINDS[action]
-        if item.status != ItemProtection.PROTECTED:
-            raise Conflict(f"{item.vm_name} is {item.status}; only a protected item can fail over",
-                           hint="Commit or cancel the failover in progress first." if
-                           item.status in _HELD else None)
-        if kind == "test" and _latest_failover(s, item, kind="test", states=(
-                FailoverState.STARTING, FailoverState.TEST_RUNNING)):
-            raise Conflict(f"{item.vm_name} already has a test failover running",
-                           hint="Clean it up first (cleanup_test_failover).")
-        point = point_arg(args)
-        if point not in ("latest", "latest_app"):
-            failover_point(s, item, point)  # a point known to be damaged is refused now
-        fo = Failover(id=new_id("f"), item_id=item.id, kind=kind, state=FailoverState.STARTING,
-                      point_id=None, result={}, notes=[], created_at=now, updated_at=now)
-        s.add(fo)
-        jkind = {"test": P.TEST_FAILOVER, "planned": P.PLANNED, "unplanned": P.UNPLANNED}[kind]
-        job_args: dict[str, Any] = {"failover_id": fo.id, "point": point}
-        job_args.update({k: args[k] for k in ("vm_name", "replace_vm", "shutdown_timeout", "plan_job")
-                         if k in args})
-        if kind == "planned" and item.origin_item_id and "replace_vm" not in job_args \
-                and "vm_name" not in job_args:
-            origin = s.get(Item, item.origin_item_id)
-            if origin is not None:  # failback: to the original VM, re-created in place
-                job_args["replace_vm"] = origin.vm_id
-        job = create_job(s, jkind, target=item.vm_name, item_id=item.id, args=job_args, now=now)
-        fo.job_id = job.id
-    else:
-        found: Failover | None
-        if action == "cleanup_test_failover":
-            found = _latest_failover(s, item, kind="test", states=(
-                FailoverState.TEST_RUNNING, FailoverState.STARTING, FailoverState.FAILED,
-                FailoverState.CANCELLED))
-            if found is None:
-                raise Conflict(f"{item.vm_name} has no test failover to clean up")
-            jkind = P.CLEANUP_TEST
-        elif action in ("commit", "cancel", "change_point"):
-            found = s.get(Failover, item.failover_id) if item.failover_id else None
-            if found is None or item.status not in _HELD:
-                raise Conflict(f"{item.vm_name} is {item.status}; there is no failover to {action}",
-                               hint="Fail the item over first.")
-            if action == "commit" and found.state != FailoverState.PENDING_COMMIT:
-                raise Conflict(f"failover {found.id} is {found.state}; only a failover pending commit "
-                               "can be committed", hint="Cancel it instead.")
-            jkind = {"commit": P.COMMIT, "cancel": P.CANCEL, "change_point": P.CHANGE_POINT}[action]
-        else:  # reprotect
-            found = _latest_failover(s, item, states=(FailoverState.COMMITTED,))
-            if found is None or item.status != ItemProtection.COMMITTED:
-                raise Conflict(f"{item.vm_name} is {item.status}; re-protect needs a committed "
-                               "failover", hint="Commit the failover first.")
-            jkind = P.REPROTECT
-        fo = found
-        job_args = {"failover_id": fo.id, "notes": str(args.get("notes") or "")[:2000],
-                    **({"plan_job": args["plan_job"]} if "plan_job" in args else {})}
-        if action == "change_point":
-            job_args["point"] = point_arg(args)
-        tasks = P.COMMIT_AND_REPROTECT if action == "commit" and fo.kind == "planned" \
-            and args.get("reprotect", True) else None
-        job = create_job(s, jkind, target=item.vm_name, item_id=item.id, args=job_args, now=now,
-                         tasks=tasks)
-    claim_item(s, item, job.id)
-    return job
 
 
 def resume_job(s: Session, job_id: str, now: float) -> Job:

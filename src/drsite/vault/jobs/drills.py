@@ -23,12 +23,13 @@ from typing import Any
 
 from sqlalchemy import select
 
+from drsite.core.actions import FailoverAction
 from drsite.core.errors import Conflict, DrsiteError, PermanentError
 from drsite.core.states import ACTIVE_JOB_STATES, FailoverState, JobState
 from drsite.vault.audit import record_event
 from drsite.vault.db.models import Drill, Failover, Host, Item, Job, Task
-from drsite.vault.jobs.create import start_item_action
 from drsite.vault.jobs.failover import run_command
+from drsite.vault.jobs.item_actions import start_item_action
 from drsite.vault.jobs.model import JobHandlers, Step, TaskContext, done, wait
 from drsite.vault.jobs.plans import plan_action, plan_group
 
@@ -193,7 +194,7 @@ def drill_on_end(ctx: TaskContext, state: JobState) -> None:
         if item is None or item.active_job_id is not None:
             continue
         try:
-            start_item_action(ctx.s, item.id, "cleanup_test_failover",
+            start_item_action(ctx.s, item.id, FailoverAction.CLEANUP_TEST_FAILOVER,
                               {"notes": f"cleanup after drill {drill.id} {state}"}, ctx.now)
         except (Conflict, DrsiteError):
             continue

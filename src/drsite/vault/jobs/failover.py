@@ -266,7 +266,9 @@ def failover_checks(ctx: TaskContext) -> Step:
         if src is None or not host_up(src, ctx):
             if waited_too_long(ctx):
                 raise NetworkError(f"source host of {item.vm_name} is not reachable; a planned "
-                                   "failover needs it", hint="Use an unplanned failover.")
+                                   "failover needs it",
+                                   hint=f"Use an unplanned failover: drsite failover unplanned "
+                                        f"{item.id}")
             return wait(40, "waiting for the source host")
     choice = _point_choice(ctx)
     points = ctx.s.scalars(select(Point).where(Point.item_id == item.id).order_by(Point.seq)).all()
@@ -275,7 +277,8 @@ def failover_checks(ctx: TaskContext) -> Step:
                            hint="Wait for its initial replication to finish.")
     if choice == "latest_app" and not any(p.consistency == "app" for p in points):
         raise InvalidInput(f"{item.vm_name} has no app-consistent recovery point",
-                           hint="Choose 'latest' or a point id.")
+                           hint=f"Choose 'latest' or a point id ('drsite items points "
+                                f"{item.id}' lists them).")
     if choice not in ("latest", "latest_app") and not any(p.point_id == choice for p in points):
         raise InvalidInput(f"recovery point {choice} of {item.vm_name} is not in the catalogue",
                            hint=f"List its points: drsite items points {item.id}")
@@ -375,8 +378,8 @@ def start_replica(ctx: TaskContext) -> Step:
         args.update(point_id=src.get("point_id"), fingerprints=src.get("fingerprints") or {})
         if ctx.job.args.get("vm_name"):
             args["vm_name"] = ctx.job.args["vm_name"]
-        if ctx.job.args.get("replace_vm"):
-            args["replace_vm"] = ctx.job.args["replace_vm"]
+    if ctx.job.args.get("replace_vm"):  # the stale VM of the item's origin (item_actions)
+        args["replace_vm"] = ctx.job.args["replace_vm"]
     got = run_command(ctx, _recovery(ctx, fo), "failover", args, item_id=item.id)
     if isinstance(got, Step):
         return got
@@ -451,9 +454,10 @@ def resume_source(ctx: TaskContext) -> Step:
     res = dict(got.result or {})
     # the source may write again: the item is protected (the job still holds it, so the
     # scheduler does not drive it yet) and its site store must grant the source's writes
-    # before the first one (an old primary only reads a failed-over item)
+    # before the first one (an old primary only reads a failed-over item); once the
+    # replication is sent the grant was confirmed, and a later list does not hold it back
     _back_to_protected(ctx, item)
-    pending = storeacl.grant_pending(ctx.s, item, ctx.now)
+    pending = None if "replicate_id" in ctx.data else storeacl.grant_pending(ctx.s, item, ctx.now)
     if pending is not None:
         store = storeacl.store_host(ctx.s, item)
         if store is not None and not host_up(store, ctx):
@@ -501,20 +505,43 @@ def change_point(ctx: TaskContext) -> Step:
     return done(f"{fo.vm_name} restarted from point {fo.point_id}")
 
 
-def _reverse_group(ctx: TaskContext, item: Item) -> Group:
-    """The group of reverse items: the item's group mirrored (recovery site → source site)."""
+def reverse_group(ctx: TaskContext, item: Item) -> Group:
+    """The group of the item's reverse item: the item's group mirrored (recovery site → source
+    site). A reverse group's own reverse is the group it mirrors (a failback's item goes back
+    home), so names never grow (``web`` ↔ ``web-reverse``)."""
     group = ctx.s.get(Group, item.group_id)
     if group is None:
-        raise PermanentError(f"the group of {item.vm_name} no longer exists")
+        raise PermanentError(f"the group of {item.vm_name} no longer exists",
+                             hint="Create a protection group for its site, then protect the "
+                                  "VM again: drsite groups create")
     src = ctx.s.get(Host, item.host_id)
     source_site = src.site_id if src is not None else group.site_id
-    name = f"{group.name}-reverse"[:64]
-    rev = ctx.s.scalars(select(Group).where(Group.name == name)).first()
-    if rev is None:
-        rev = Group(name=name, site_id=item.target_site_id, target_site_id=source_site,
-                    policy_id=group.policy_id, match={}, created_at=ctx.now)
-        ctx.s.add(rev)
-        ctx.s.flush()
+
+    def mirrors(g: Group | None) -> bool:
+        return g is not None and g.site_id == item.target_site_id \
+            and g.target_site_id == source_site
+
+    home = ctx.s.get(Group, group.reverse_of_id) if group.reverse_of_id is not None else None
+    if home is not None and mirrors(home):
+        return home
+    rev = ctx.s.scalars(select(Group).where(Group.reverse_of_id == group.id)
+                        .order_by(Group.id)).first()
+    if rev is not None and mirrors(rev):
+        return rev
+    base = f"{group.name[:56]}-reverse"
+    taken = set(ctx.s.scalars(select(Group.name).where(Group.name.like(f"{base}%"))))
+    legacy = ctx.s.scalars(select(Group).where(Group.name == base)).first()
+    if legacy is not None and legacy.reverse_of_id is None and mirrors(legacy):
+        legacy.reverse_of_id = group.id  # made before groups recorded what they mirror
+        return legacy
+    name = base if base not in taken else next(f"{base}-{i}" for i in range(2, 10_000)
+                                               if f"{base}-{i}" not in taken)
+    rev = Group(name=name, site_id=item.target_site_id, target_site_id=source_site,
+                policy_id=group.policy_id, match={}, created_at=ctx.now, reverse_of_id=group.id)
+    ctx.s.add(rev)
+    ctx.s.flush()
+    record_event(ctx.s, ctx.now, "group", name, f"created for the reverse items of group "
+                                                f"{group.name}")
     return rev
 
 
@@ -523,7 +550,7 @@ def reprotect_seed(ctx: TaskContext) -> Step:
     fo = failover_row(ctx)
     if fo.state != FailoverState.COMMITTED:
         raise InvalidInput(f"failover {fo.id} is {fo.state}; commit it before re-protecting",
-                           hint="Commit the failover first.")
+                           hint=f"Commit the failover first: drsite failover commit {item.id}")
     data = ctx.data
     rev_id = data.get("rev_item_id") or new_id("i")
     ctx.put(rev_item_id=rev_id)
@@ -552,16 +579,18 @@ def reverse_replication(ctx: TaskContext) -> Step:
     store = target_store(ctx, src.site_id)
     if store is None or store.store_url is None:
         raise PermanentError("no recovery store is online in the old primary's site",
-                             hint="Run the old primary's agent with --store-listen.")
+                             hint="Run the old primary's agent with --store-listen and give it "
+                                  "the site's store role ('drsite sites set-store SITE HOST').")
     rev = ctx.s.get(Item, rev_id)
     if rev is None:
-        group = _reverse_group(ctx, item)
+        group = reverse_group(ctx, item)
         rev = Item(id=rev_id, host_id=rec_host.id, vm_id=fo.vm_id, vm_name=fo.vm_name or item.vm_name,
                    group_id=group.id, target_site_id=src.site_id, status=ItemProtection.ENABLING,
                    vm_ref=vm_ref(rec_host.id, fo.vm_id), state=ItemState.RESYNCING, report=None,
                    acked_seq=0, retry=dict(item.retry or {}), critical_error=None,
                    active_job_id=None, health=Health.NORMAL, health_reasons=[], created_at=ctx.now,
-                   updated_at=ctx.now, origin_item_id=item.id, vm_spec=item.vm_spec)
+                   updated_at=ctx.now, origin_item_id=item.id, vm_spec=item.vm_spec,
+                   lineage_id=item.lineage_id or item.id)
         ctx.s.add(rev)
         ctx.s.flush()
     pending = storeacl.grant_pending(ctx.s, rev, ctx.now)
@@ -573,6 +602,11 @@ def reverse_replication(ctx: TaskContext) -> Step:
     got = run_command(ctx, rec_host, "protect", args, item_id=rev.id, progress=20.0)
     if isinstance(got, Step):
         return got
+    # done when the reverse item's first point is also in the catalogue operators see (it
+    # arrives with the agent's next heartbeat): a failback asked right after must find it
+    if ctx.s.scalars(select(Point.point_id).where(Point.item_id == rev.id)).first() is None:
+        return wait(95, "the reverse item's first point is committed; waiting for it to reach "
+                        "the catalogue")
     res = dict(got.result or {})
     report = dict(res.get("report") or {})
     sent = int(report.get("bytes_sent") or 0)

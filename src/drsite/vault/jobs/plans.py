@@ -23,11 +23,13 @@ from typing import Any
 
 from sqlalchemy import select
 
+from drsite.core.actions import FAILOVER_KINDS, FailoverAction
 from drsite.core.errors import Conflict, DrsiteError, InvalidInput, PermanentError
 from drsite.core.states import ACTIVE_JOB_STATES, FailoverState, ItemProtection, JobState
 from drsite.vault.db.models import Failover, Host, Item, Job, Task
-from drsite.vault.jobs.create import request_cancel, start_item_action
+from drsite.vault.jobs.create import request_cancel
 from drsite.vault.jobs.failover import run_command
+from drsite.vault.jobs.item_actions import start_item_action
 from drsite.vault.jobs.model import JobHandlers, Step, TaskContext, done, wait
 from drsite.vault.membership import items_by_vm
 
@@ -35,9 +37,15 @@ OUTPUT_TAIL = 2000
 
 
 def _env(ctx: TaskContext, data: dict[str, Any]) -> dict[str, str]:
-    return {"DRSITE_PLAN": str(ctx.job.target), "DRSITE_PLAN_ACTION": str(ctx.job.args.get("action")),
+    return {"DRSITE_PLAN": str(ctx.job.target), "DRSITE_PLAN_ACTION": _action(ctx).value,
             "DRSITE_JOB_ID": ctx.job.id, "DRSITE_GROUP": str(data.get("group")),
             "DRSITE_PHASE": str(data.get("phase"))}
+
+
+def _action(ctx: TaskContext, data: dict[str, Any] | None = None) -> FailoverAction:
+    """The action of a plan job (a drill's cleanup groups carry their own in the task's
+    data); jobs written before the spellings were unified hold ``test_failover``."""
+    return FailoverAction.parse(str((data or {}).get("action") or ctx.job.args.get("action")))
 
 
 def _script_dir(ctx: TaskContext) -> Path:
@@ -127,7 +135,7 @@ def plan_action(ctx: TaskContext) -> Step:
 def plan_group(ctx: TaskContext) -> Step:
     data = ctx.data
     # a drill's cleanup groups carry their own action (the job's is its test failover)
-    action = str(data.get("action") or ctx.job.args.get("action"))
+    action = _action(ctx, data)
     jobs: dict[str, str] = dict(data.get("jobs") or {})
     if not data.get("started"):
         items = items_by_vm(ctx.s)
@@ -139,7 +147,7 @@ def plan_group(ctx: TaskContext) -> Step:
             if vm in jobs:
                 continue
             args: dict[str, Any] = {"plan_job": ctx.job.id}
-            for k in ("point", "notes"):
+            for k in ("point", "notes", "create_reverse_mapping"):
                 if ctx.job.args.get(k):
                     args[k] = ctx.job.args[k]
             if _already_there(ctx, item, action):
@@ -163,7 +171,7 @@ def plan_group(ctx: TaskContext) -> Step:
     if failed:
         detail = "; ".join(f"{vm}: {j.message if j else 'job missing'}" for vm, j in failed.items())
         raise PermanentError(f"{len(failed)} of {len(states)} VM(s) of group {data.get('group')} "
-                             f"did not {action.replace('_', ' ')}: {detail}",
+                             f"did not {action.words}: {detail}",
                              hint="Look at each VM's job, fix the cause, then run the plan again "
                                   "(VMs already done are skipped).")
     ctx.put(ended_at=ctx.now, group_seconds=round(ctx.now - float(data.get("started_at", ctx.now)), 3))
@@ -176,22 +184,24 @@ def plan_group(ctx: TaskContext) -> Step:
 _OPEN_TEST = (FailoverState.STARTING, FailoverState.TEST_RUNNING)
 
 
-def _already_there(ctx: TaskContext, item: Item, action: str) -> bool:
+def _already_there(ctx: TaskContext, item: Item, action: FailoverAction) -> bool:
     """A re-run of a plan skips VMs already in the state the action leads to."""
     if item.active_job_id is not None:
         return False
-    if action in ("test_failover", "cleanup_test_failover"):
-        states = _OPEN_TEST if action == "test_failover" else \
+    A = FailoverAction
+    if action in (A.TEST_FAILOVER, A.CLEANUP_TEST_FAILOVER):
+        states = _OPEN_TEST if action is A.TEST_FAILOVER else \
             (*_OPEN_TEST, FailoverState.FAILED, FailoverState.CANCELLED)  # cleanup: also what failed
         open_test = ctx.s.scalars(select(Failover.id).where(
             Failover.item_id == item.id, Failover.kind == "test",
             Failover.state.in_(states))).first() is not None
-        return open_test if action == "test_failover" else not open_test
-    want = {"planned_failover": (ItemProtection.FAILED_OVER,),
-            "unplanned_failover": (ItemProtection.FAILED_OVER,),
-            "commit": (ItemProtection.COMMITTED, ItemProtection.REPROTECTED),
-            "reprotect": (ItemProtection.REPROTECTED,),
-            "cancel": (ItemProtection.PROTECTED,)}.get(action, ())
+        return open_test if action is A.TEST_FAILOVER else not open_test
+    want = {A.PLANNED_FAILOVER: (ItemProtection.FAILED_OVER,),
+            A.UNPLANNED_FAILOVER: (ItemProtection.FAILED_OVER,),
+            A.FAILBACK: (ItemProtection.FAILED_OVER,),
+            A.COMMIT: (ItemProtection.COMMITTED, ItemProtection.REPROTECTED),
+            A.REPROTECT: (ItemProtection.REPROTECTED,),
+            A.CANCEL: (ItemProtection.PROTECTED,)}.get(action, ())
     return item.status in want
 
 
@@ -204,12 +214,12 @@ def plan_summary(ctx: TaskContext) -> Step:
                   for t in tasks if t.name == "plan_action" and (t.data or {}).get("resumed_at"))
     rto = max(0.0, group_end - start)
     ctx.put(rto_s=round(rto, 3), waiting_for_operators_s=round(waiting, 3))
-    action = str(ctx.job.args.get("action"))
-    if action in ("test_failover", "planned_failover", "unplanned_failover"):
-        return done(f"plan {ctx.job.target}: {action.replace('_', ' ')} done; measured RTO "
+    action = _action(ctx)
+    if action in FAILOVER_KINDS:
+        return done(f"plan {ctx.job.target}: {action.words} done; measured RTO "
                     f"{rto:.1f} s (request → last group's VMs running), of which {waiting:.1f} s "
                     "waiting for operators")
-    return done(f"plan {ctx.job.target}: {action.replace('_', ' ')} done in {rto:.1f} s")
+    return done(f"plan {ctx.job.target}: {action.words} done in {rto:.1f} s")
 
 
 def plan_on_end(ctx: TaskContext, state: JobState) -> None:

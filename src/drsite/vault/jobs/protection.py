@@ -48,10 +48,9 @@ def _policy(ctx: TaskContext, item: Item) -> Policy:
 
 
 def target_store(ctx: TaskContext, site_id: int) -> Host | None:
-    """The most recently heard, non-revoked host of ``site_id`` that serves a recovery store."""
-    return ctx.s.scalars(select(Host).where(Host.site_id == site_id, Host.revoked_at.is_(None),
-                                            Host.store_url.is_not(None))
-                         .order_by(Host.last_heartbeat.desc())).first()
+    """The host serving ``site_id``'s recovery store: the holder of its store role
+    (``storerole``), not revoked and running a store."""
+    return storeacl.site_store_host(ctx.s, site_id)
 
 
 # --------------------------------------------------------------------------- EnableProtection
@@ -91,7 +90,9 @@ def prerequisites(ctx: TaskContext) -> Step:
     if store is None or not host_up(store, ctx):
         if waited_too_long(ctx):
             raise PermanentError(f"no recovery store is online in target site {site_name}",
-                                 hint="Run an agent with --store-listen in the target site.")
+                                 hint="Run an agent with --store-listen in the target site and "
+                                      f"give it the store role: 'drsite sites set-store "
+                                      f"{site_name} HOST'.")
         return wait(50, f"waiting for a recovery store in site {site_name}")
     pending = storeacl.grant_pending(ctx.s, item, ctx.now)
     if pending is not None:

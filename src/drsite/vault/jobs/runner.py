@@ -34,8 +34,8 @@ from drsite.vault.audit import record_event
 from drsite.vault.controller import NotController
 from drsite.vault.db.database import Database
 from drsite.vault.db.models import Item, Job, Task
+from drsite.vault.jobs.kinds import ROLLBACK_TASK, WEIGHTS
 from drsite.vault.jobs.model import JobHandlers, TaskContext
-from drsite.vault.jobs.plan import ROLLBACK_TASK, WEIGHTS
 from drsite.vault.jobs.registry import HANDLERS
 from drsite.vault.settings import VaultSettings
 

@@ -1,4 +1,4 @@
-"""The ordered tasks of every job kind (names are stored in the database: never rename one;
+"""Job kinds and the ordered tasks of each (names are stored in the database: never rename one;
 a job whose task names are unknown after an upgrade is failed at start-up, not guessed at).
 The states of jobs and tasks are :class:`~drsite.core.states.JobState` and ``TaskState``."""
 
@@ -16,10 +16,18 @@ COMMIT = "CommitFailover"
 CANCEL = "CancelFailover"
 CHANGE_POINT = "ChangeRecoveryPoint"
 REPROTECT = "Reprotect"
+FAILBACK = "Failback"  # a planned failover of a reverse item back to its original site
 PLAN = "RecoveryPlan"
 REKEY = "RekeyStore"
 VERIFY = "Verify"
 DRILL = "Drill"
+# the VM lifecycle on a host (vault/jobs/vms.py): one command to the host's agent each
+CREATE_VM = "CreateVm"
+IMPORT_VM = "ImportVm"
+START_VM = "StartVm"
+STOP_VM = "StopVm"
+DELETE_VM = "DeleteVm"
+VM_KINDS = (CREATE_VM, IMPORT_VM, START_VM, STOP_VM, DELETE_VM)
 
 TASK_PLAN: dict[str, tuple[tuple[str, str], ...]] = {
     ENABLE: (("prerequisites", "Prerequisite checks"),
@@ -38,6 +46,9 @@ TASK_PLAN: dict[str, tuple[tuple[str, str], ...]] = {
     PLANNED: (("failover_checks", "Prerequisite checks"),
               ("shutdown_source", "Shut down the source VM and ship the last changes"),
               ("start_replica", "Start the replica VM (no data lost)")),
+    FAILBACK: (("failover_checks", "Prerequisite checks"),
+               ("shutdown_source", "Shut down the failed-over VM and ship the last changes"),
+               ("start_replica", "Start the VM on its original site (no data lost)")),
     UNPLANNED: (("failover_checks", "Prerequisite checks"),
                 ("start_replica", "Start the replica VM from the recovery point")),
     COMMIT: (("commit", "Commit the failover"),),
@@ -52,6 +63,11 @@ TASK_PLAN: dict[str, tuple[tuple[str, str], ...]] = {
     REPROTECT: (("reprotect_seed", "Write the old primary's disks as the reverse base"),
                 ("reverse_replication", "Resync from the failed-over VM (only differences travel)")),
     REKEY: (("rekey", "Re-encrypt old objects under the active key"),),
+    CREATE_VM: (("create_vm", "Create the VM on its host"),),
+    IMPORT_VM: (("import_vm", "Create the VM on its host from disk images"),),
+    START_VM: (("start_vm", "Start the VM"),),
+    STOP_VM: (("stop_vm", "Stop the VM"),),
+    DELETE_VM: (("delete_vm", "Delete the VM and its disks"),),
 }
 # a planned failover's commit re-protects at once (the seed: protected in the reverse direction)
 COMMIT_AND_REPROTECT = TASK_PLAN[COMMIT] + TASK_PLAN[REPROTECT]

@@ -1,0 +1,153 @@
+"""Copy-before-write of a file VM's disk while a sealed cycle is read (guest side): the first
+guest write to a block the cycle's frozen view covers copies that block's old data into the
+cycle's fleece file and sets its byte in the shared bitmap, in that order, before the write
+reaches the disk (readers check the bitmap after reading the disk: see ``design.md``).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from array import array
+from bisect import bisect_right
+from contextlib import suppress
+from pathlib import Path
+
+import numpy as np
+
+from drsite.core.errors import classify_os_error
+from drsite.core.extents import ExtentList
+from drsite.hypervisors.file.layout import CBW_BLOCK, GRANULE
+from drsite.imagefile import pwrite_all
+
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+def granule_count(size: int) -> int:
+    return (size + GRANULE - 1) // GRANULE
+
+
+def all_zero(b: bytes) -> bool:
+    return _ZEROS[:len(b)] == b if len(b) <= len(_ZEROS) else b.count(0) == len(b)
+
+
+def granule_mask(extents: ExtentList, size: int) -> bytearray:
+    """One byte per 64 KiB granule: 1 where ``extents`` touch it."""
+    m = np.zeros(granule_count(size), dtype=np.uint8)
+    b = extents.clip(size).blocks(GRANULE)
+    m[b] = 1
+    return bytearray(m.tobytes())
+
+
+class CopyBeforeWrite:
+    """Copy-before-write state of one disk for one sealed cycle (guest side).
+
+    ``mask`` (one byte per 64 KiB granule) names the granules the cycle's view protects; None
+    means every granule (a full or untrusted cycle is read whole). Preservation is per
+    ``block`` (4 KiB; 64 KiB in cycles sealed before blocks were introduced): the first write to
+    a protected block copies that block only, so a 4 KiB write costs a 4 KiB copy, not 64 KiB.
+    The bitmap file holds one byte per block and is shared through ``mmap`` (what the reader
+    maps too); a set byte is visible to every reader of the file as soon as it is stored.
+    """
+
+    def __init__(self, disk_fd: int, size: int, fleece: Path, bitmap: Path,
+                 mask: bytearray | None, block: int = CBW_BLOCK,
+                 exact: ExtentList | None = None) -> None:
+        self.disk_fd = disk_fd
+        self.size = size
+        self.mask = mask
+        self.block = block
+        self._per_granule = max(1, GRANULE // block)
+        # ``exact`` (the cycle's changed extents, with ``mask``): only blocks the view is read
+        # over are preserved. A dirty granule's other blocks were not written in the cycle, so
+        # they are mostly not in the page cache: copying them cost the guest a disk read each.
+        self._lo: array[int] | None = None
+        self._hi: array[int] | None = None
+        if mask is not None and exact is not None:
+            blocks = exact.align(block, size)
+            self._lo = array("q", (blocks.starts // block).tolist())
+            self._hi = array("q", (-(-blocks.ends // block)).tolist())
+        n = (size + block - 1) // block
+        self.fleece_fd = self.bitmap_fd = -1
+        try:
+            self.fleece_fd = os.open(fleece, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self.bitmap_fd = os.open(bitmap, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            if os.fstat(self.fleece_fd).st_size != size:
+                os.ftruncate(self.fleece_fd, size)
+            if os.fstat(self.bitmap_fd).st_size != n:
+                os.ftruncate(self.bitmap_fd, n)
+            self.done = mmap.mmap(self.bitmap_fd, n)
+        except OSError as e:
+            self._close_fds()
+            raise classify_os_error(e, f"copy-before-write files {fleece}") from e
+        self.copied = n - self.done[:].count(0)
+        self._dirty = False
+
+    def before_write(self, offset: int, length: int) -> None:
+        bs, done, mask = self.block, self.done, self.mask
+        b0, b1 = offset // bs, (offset + length - 1) // bs
+        if b0 == b1:  # the common case: one block, no numpy
+            if done[b0] or (mask is not None and not mask[b0 // self._per_granule]):
+                return
+            if self._lo is not None and self._hi is not None:
+                i = bisect_right(self._lo, b0) - 1
+                if i < 0 or b0 >= self._hi[i]:
+                    return
+            self._preserve(b0, b0 + 1)
+            return
+        cur = done[b0:b1 + 1]
+        if cur.count(0) == 0:
+            return
+        need = np.frombuffer(cur, np.uint8) == 0
+        if mask is not None:
+            blocks = np.arange(b0, b1 + 1)
+            need &= np.frombuffer(mask, np.uint8)[blocks // self._per_granule] != 0
+            if self._lo is not None and self._hi is not None and len(self._lo):
+                lo = np.frombuffer(self._lo, np.int64)
+                hi = np.frombuffer(self._hi, np.int64)
+                k = np.searchsorted(lo, blocks, "right") - 1
+                need &= (k >= 0) & (blocks < hi[np.clip(k, 0, None)])
+            elif self._lo is not None:
+                need[:] = False
+        idx = np.flatnonzero(need)
+        if idx.size == 0:
+            return
+        brk = np.flatnonzero(np.diff(idx) != 1)
+        firsts = np.concatenate([idx[:1], idx[brk + 1]]) + b0
+        lasts = np.concatenate([idx[brk], idx[-1:]]) + b0
+        for a, b in zip(firsts.tolist(), lasts.tolist(), strict=True):
+            self._preserve(a, b + 1)
+
+    def _preserve(self, a: int, b: int) -> None:
+        """Preserve blocks ``[a, b)``. Order matters (readers check the bitmap AFTER reading
+        the disk): the old data is in the fleece before the bytes are set, and the bytes are
+        set before the caller changes the disk."""
+        lo, hi = a * self.block, min(b * self.block, self.size)
+        old = os.pread(self.disk_fd, hi - lo, lo)
+        if not all_zero(old):
+            pwrite_all(self.fleece_fd, old, lo)  # all-zero blocks stay holes in the fleece
+        self.done[a:b] = b"\x01" * (b - a)
+        self.copied += b - a
+        self._dirty = True
+
+    def flush(self) -> None:
+        if self._dirty:
+            os.fsync(self.fleece_fd)
+            self.done.flush()  # msync: the bitmap's pages
+            os.fsync(self.bitmap_fd)
+            self._dirty = False
+
+    def close(self, *, sync: bool) -> None:
+        if self.fleece_fd < 0:
+            return
+        if sync:
+            self.flush()
+        self.done.close()
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        for fd in (self.fleece_fd, self.bitmap_fd):
+            if fd >= 0:
+                with suppress(OSError):
+                    os.close(fd)
+        self.fleece_fd = self.bitmap_fd = -1

@@ -1,0 +1,361 @@
+"""Multi-VM consistency groups: the vault runs a two-phase barrier over a consistent group's
+members and records a group point when every member's point, sealed under the barrier's hold,
+is committed. Invariants in ``vault/barrier_design.md``; protocol in ``docs/control-plane.md``.
+
+One barrier per group at a time, at the group policy's frequency (anchored like cycles):
+
+1. **prepare**: ``group_prepare {barrier_id, hold_s, deadline, app_consistent}`` to every
+   eligible member (protected, not critical, no replication command open). Each agent holds
+   its guest's writes (bounded by the guest itself: ``hold_s``, never past ``deadline``).
+2. when every member answered ``held`` before ``prepare_deadline`` (half the bound):
+   ``group_seal {barrier_id}`` to all of them, in the transaction that records the last
+   answer (the command channel delivers it in milliseconds). Each seals under its hold, ends
+   it, ships and commits an ordinary delta point, and answers with it and ``held``.
+3. every seal answered: ``committed`` (a group point) only if every member was held when it
+   sealed and its point is committed; otherwise ``partial``.
+
+A member that misses the prepare (refused, failed, or silent at ``prepare_deadline``: a
+stopped or dead agent) makes the barrier ``partial`` at once: its open prepare is withdrawn,
+it gets a plain ``cycle`` (a per-VM point whenever its agent answers), and the held members
+are sealed at once (per-VM points; their guests write again now, not at the bound).
+A ``partial`` barrier is a warning alert ``group_barrier:GROUP`` until a later one commits.
+
+Responsible for: when a barrier runs, its commands, its outcome. Not responsible for: the
+bound on guest writes (the guest keeps it), shipping (agents), retention of member points.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from drsite.core.errors import InvalidInput, PermanentError
+from drsite.core.states import FINAL_COMMAND_STATUSES, OPEN_COMMAND_STATUSES, CommandStatus, ItemProtection
+from drsite.replication.planner import app_consistent_due, next_cycle_at
+from drsite.replication.report import ItemState
+from drsite.vault import commands
+from drsite.vault.audit import record_event
+from drsite.vault.db.database import Database
+from drsite.vault.db.models import Command, Group, GroupBarrier, Item, Point, Policy
+from drsite.vault.ids import new_id
+from drsite.vault.settings import VaultSettings
+
+log = logging.getLogger(__name__)
+
+MAX_MEMBERS = 16  # as Azure Site Recovery's multi-VM consistency groups
+MIN_TIMEOUT_MS, MAX_TIMEOUT_MS = 50, 10_000
+OPEN_STATES = ("preparing", "sealing")
+SEAL_TIMEOUT_MIN_S = 60.0  # a member whose seal does not answer in max(this, 3 periods) fails
+KINDS = ("group_prepare", "group_seal")
+
+
+def check_timeout_ms(ms: int) -> int:
+    if not MIN_TIMEOUT_MS <= ms <= MAX_TIMEOUT_MS:
+        raise InvalidInput(f"barrier_timeout_ms must be {MIN_TIMEOUT_MS} to {MAX_TIMEOUT_MS}",
+                           hint="It bounds how long guest writes may wait per group point; "
+                                "500 (the default) suits hosts on one LAN.")
+    return ms
+
+
+def member_count(s: Session, group_id: int) -> int:
+    """Items that count against the group's 16 members (every live protection)."""
+    return len(s.scalars(select(Item.id).where(
+        Item.group_id == group_id,
+        Item.status.in_((ItemProtection.ENABLING, ItemProtection.PROTECTED)))).all())
+
+
+def check_members(s: Session, group: Group, adding: int = 0) -> None:
+    """``InvalidInput`` when a consistent group would hold more than 16 VMs."""
+    n = member_count(s, group.id) + adding
+    if group.consistent and n > MAX_MEMBERS:
+        raise InvalidInput(f"a consistent group holds at most {MAX_MEMBERS} VMs; group "
+                           f"{group.name} would hold {n}",
+                           hint=f"Split the VMs over several groups, or make {group.name} not "
+                                f"consistent: drsite groups update {group.name} --no-consistent")
+
+
+def _set(b: GroupBarrier, item_id: str, **values: Any) -> None:
+    members = {k: dict(v) for k, v in (b.members or {}).items()}
+    members[item_id] = {**members.get(item_id, {}), **values}
+    b.members = members  # a new object: JSON columns do not track mutation
+
+
+def on_result(s: Session, cmd: Command, now: float) -> None:
+    """Digest a final ``group_prepare``/``group_seal`` result (in the result's transaction)."""
+    if cmd.kind not in KINDS or cmd.status not in FINAL_COMMAND_STATUSES or cmd.item_id is None:
+        return
+    b = s.get(GroupBarrier, str((cmd.args or {}).get("barrier_id") or ""))
+    if b is None or cmd.item_id not in (b.members or {}):
+        return
+    m = b.members[cmd.item_id]
+    ok = cmd.status == CommandStatus.SUCCEEDED
+    if cmd.kind == "group_prepare":
+        if m.get("prepare") != cmd.id or m.get("state") != "pending":
+            return
+        if ok and b.state == "preparing" and now < b.prepare_deadline:
+            _set(b, cmd.item_id, state="held", held_at=(cmd.result or {}).get("held_at"))
+            if all(v.get("state") == "held" for v in b.members.values()):
+                _seal_all(s, b, now)
+        elif ok:  # held, but after the prepare's bound: sealed at once (per-VM point)
+            _set(b, cmd.item_id, state="held", error="held after the prepare's bound")
+            if b.state == "preparing":
+                _give_up(s, b, now)
+        else:
+            why = str((cmd.error or {}).get("message") or "prepare failed")
+            _set(b, cmd.item_id, state="missed", error=why)
+            if b.state == "preparing":
+                _give_up(s, b, now)
+        return
+    if m.get("seal") != cmd.id:
+        return
+    res = dict(cmd.result or {})
+    point = dict(res.get("point") or {})
+    barrier = dict(res.get("barrier") or {})
+    if ok:
+        _set(b, cmd.item_id, state="committed", point_id=point.get("point_id"),
+             point_created_at=point.get("created_at"), held=bool(barrier.get("held")),
+             paused_s=barrier.get("paused_s"))
+    else:
+        _set(b, cmd.item_id, state="failed", held=False,
+             error=str((cmd.error or {}).get("message") or "seal failed"))
+    _maybe_end(s, b, now)
+
+
+def _seal_all(s: Session, b: GroupBarrier, now: float) -> None:
+    b.state = "sealing"
+    for item_id in sorted(b.members):
+        _seal_one(s, b, item_id, now)
+
+
+def _seal_one(s: Session, b: GroupBarrier, item_id: str, now: float) -> None:
+    m = b.members[item_id]
+    if m.get("seal"):
+        return
+    cmd = commands.enqueue(s, host_id=str(m["host_id"]), kind="group_seal", item_id=item_id,
+                           args={"barrier_id": b.id, "app_consistent": b.app_consistent}, now=now)
+    _set(b, item_id, seal=cmd.id, state="sealing" if m.get("state") == "held" else m.get("state"))
+
+
+def _give_up(s: Session, b: GroupBarrier, now: float) -> None:
+    """A member missed the prepare: no group point from this barrier. Withdraw the open
+    prepares, seal the held members now (per-VM points; their writes resume at once) and give
+    the members that missed a plain cycle."""
+    b.state = "sealing"
+    missed: list[str] = []
+    for item_id in sorted(b.members):
+        m = b.members[item_id]
+        if m.get("state") == "held":
+            _seal_one(s, b, item_id, now)
+            continue
+        if m.get("state") == "pending":
+            prep = s.get(Command, str(m.get("prepare")))
+            if prep is not None and prep.status in OPEN_COMMAND_STATUSES:
+                prep.status = CommandStatus.FAILED
+                prep.error = PermanentError(
+                    f"withdrawn: group barrier {b.id} passed its bound without this member",
+                    hint="Nothing to do; the member gets a per-VM point.").to_dict()
+                prep.updated_at = prep.finished_at = now
+            _set(b, item_id, state="missed", error="no answer within the barrier's bound")
+        missed.append(str(b.members[item_id].get("vm_name") or item_id))
+        if commands.outstanding(s, item_id, ("protect", "cycle", "resync")) is None:
+            commands.enqueue(s, host_id=str(m["host_id"]), kind="cycle", item_id=item_id,
+                             args={"app_consistent": False}, now=now)
+    b.message = f"missed the barrier: {', '.join(missed)} (per-VM points)"
+    log.warning("group barrier %s: %s", b.id, b.message)
+    _maybe_end(s, b, now)
+
+
+def _seal_timeout(s: Session, b: GroupBarrier, now: float) -> None:
+    """Members whose seal did not answer in time (an agent stopped or gone after it held):
+    the barrier ends without a group point, so the group's other members are not left without
+    points; a late answer still commits that member's per-VM point."""
+    late = []
+    for item_id, m in sorted(b.members.items()):
+        if m.get("state") in ("pending", "held", "sealing"):
+            _set(b, item_id, state="failed", held=False, error="no seal answer in time")
+            late.append(str(m.get("vm_name") or item_id))
+    if late:
+        b.message = f"no seal answer in time: {', '.join(late)} (per-VM points)"
+    _maybe_end(s, b, now)
+
+
+def _maybe_end(s: Session, b: GroupBarrier, now: float) -> None:
+    if b.state != "sealing":
+        return
+    ms = b.members.values()
+    if any(m.get("state") in ("pending", "held", "sealing") for m in ms):
+        return
+    b.ended_at = now
+    group = s.get(Group, b.group_id)
+    name = group.name if group is not None else str(b.group_id)
+    if all(m.get("state") == "committed" and m.get("held") for m in ms):
+        b.state = "committed"
+        b.point_time = min(float(m.get("point_created_at") or now) for m in ms)
+        b.message = f"group point of {len(b.members)} VM(s)"
+        record_event(s, now, "group", name, f"group point {b.id} of {len(b.members)} VM(s)")
+        return
+    b.state = "partial"
+    if not b.message:
+        unheld = sorted(str(m.get("vm_name")) for m in ms if not m.get("held"))
+        b.message = (f"not held when sealed: {', '.join(unheld)} (per-VM points)" if unheld
+                     else "a member's point failed")
+    record_event(s, now, "group", name, f"barrier {b.id} without a group point: {b.message}")
+
+
+class BarrierRunner:
+    """Starts barriers when due and ends those whose prepare passed its bound. ``tick()`` is
+    called by the scheduler's tick (clock injected)."""
+
+    def __init__(self, db: Database, settings: VaultSettings) -> None:
+        self.db = db
+        self.settings = settings
+
+    def tick(self) -> list[GroupBarrier]:
+        now = self.settings.clock.now()
+        started: list[GroupBarrier] = []
+        with self.db.read() as s:
+            groups = [g.id for g in s.scalars(select(Group).where(Group.consistent.is_(True),
+                                                                 Group.policy_id.is_not(None)))]
+        for gid in groups:
+            with self.db.tx() as s:
+                b = self._group(s, gid, now)
+                if b is not None:
+                    started.append(b)
+        return started
+
+    def _group(self, s: Session, gid: int, now: float) -> GroupBarrier | None:
+        group = s.get(Group, gid)
+        if group is None or not group.consistent or group.policy_id is None:
+            return None
+        policy = s.get(Policy, group.policy_id)
+        if policy is None:
+            return None
+        open_b = s.scalars(select(GroupBarrier).where(GroupBarrier.group_id == gid,
+                                                      GroupBarrier.state.in_(OPEN_STATES))).all()
+        for b in open_b:
+            if b.state == "preparing" and now >= b.prepare_deadline:
+                _give_up(s, b, now)
+            elif now - b.started_at >= max(SEAL_TIMEOUT_MIN_S, 3 * policy.frequency_s):
+                _seal_timeout(s, b, now)
+            else:
+                _maybe_end(s, b, now)
+        open_b = [b for b in open_b if b.state in OPEN_STATES]
+        if open_b:
+            return None
+        if next_cycle_at(group.last_barrier_at, policy.frequency_s, now) > now:
+            return None
+        return self._start(s, group, policy, now)
+
+    def _start(self, s: Session, group: Group, policy: Policy, now: float) -> GroupBarrier | None:
+        items = s.scalars(select(Item).where(Item.group_id == group.id,
+                                             Item.status == ItemProtection.PROTECTED,
+                                             Item.active_job_id.is_(None))
+                          .order_by(Item.id)).all()
+        if not items:
+            return None
+        open_rep = {i for (i,) in s.execute(select(Command.item_id).where(
+            Command.item_id.in_([it.id for it in items]),
+            Command.kind.in_(commands.REPLICATION_KINDS),
+            Command.status.in_(OPEN_COMMAND_STATUSES)))}
+        members = [it for it in items[:MAX_MEMBERS]
+                   if it.id not in open_rep and it.critical_error is None
+                   and it.state == ItemState.PROTECTED.value]
+        # anchored on the due time, as cycles: lateness does not accumulate
+        nxt = next_cycle_at(group.last_barrier_at, policy.frequency_s, now)
+        group.last_barrier_at = min(nxt, now)
+        if not members:
+            return None
+        app = app_consistent_due(group.last_app_barrier_at, policy.app_consistent_every_s, now)
+        if app:
+            group.last_app_barrier_at = now
+        bound = group.barrier_timeout_ms / 1000.0
+        b = GroupBarrier(id=new_id("gb"), group_id=group.id, state="preparing",
+                         app_consistent=app, started_at=now,
+                         prepare_deadline=now + bound / 2, hold_deadline=now + bound,
+                         members={}, message="")
+        s.add(b)
+        left_out = [it.vm_name for it in items if it not in members]
+        if left_out:
+            # busy, resyncing or critical: a group point needs every member, so this round
+            # gives the eligible members plain cycles (per-VM points) and says why
+            b.state, b.ended_at = "partial", now
+            b.message = f"not eligible now: {', '.join(left_out)} (per-VM points)"
+            b.members = {it.id: {"host_id": it.host_id, "vm_name": it.vm_name, "prepare": None,
+                                 "seal": None, "state": "missed", "error": "group not eligible"}
+                         for it in members}
+            for it in members:
+                commands.enqueue(s, host_id=it.host_id, kind="cycle", item_id=it.id,
+                                 args={"app_consistent": app}, now=now)
+            return b
+        ms: dict[str, Any] = {}
+        for it in members:
+            cmd = commands.enqueue(s, host_id=it.host_id, kind="group_prepare", item_id=it.id,
+                                   args={"barrier_id": b.id, "hold_s": bound,
+                                         "deadline": now + bound, "app_consistent": app},
+                                   now=now)
+            ms[it.id] = {"host_id": it.host_id, "vm_name": it.vm_name, "prepare": cmd.id,
+                         "state": "pending", "seal": None}
+        b.members = ms
+        return b
+
+
+def group_points(s: Session, group: Group, *, include_partial: bool = False,
+                 limit: int = 100) -> list[GroupBarrier]:
+    """The group's points (committed barriers), newest first; with ``include_partial`` every
+    barrier."""
+    q = select(GroupBarrier).where(GroupBarrier.group_id == group.id)
+    if not include_partial:
+        q = q.where(GroupBarrier.state == "committed")
+    return list(s.scalars(q.order_by(GroupBarrier.started_at.desc()).limit(limit)))
+
+
+def latest_group_point(s: Session, item: Item, *, before: float | None = None
+                       ) -> tuple[GroupBarrier, str]:
+    """The newest group point of the item's group that holds the item and whose every member
+    point is still catalogued and not damaged, recorded (ended) at or before ``before``
+    (a plan's request time: all of its items resolve to the same group point). Returns it and
+    the item's point id; ``InvalidInput`` when there is none."""
+    q = select(GroupBarrier).where(GroupBarrier.group_id == item.group_id,
+                                   GroupBarrier.state == "committed")
+    if before is not None:
+        q = q.where(GroupBarrier.ended_at <= before)
+    for b in s.scalars(q.order_by(GroupBarrier.started_at.desc()).limit(200)):
+        if item.id not in b.members:
+            continue
+        wanted = {(i, str(m.get("point_id"))) for i, m in b.members.items()}
+        have = {(p.item_id, p.point_id) for p in s.scalars(select(Point).where(
+            Point.item_id.in_([i for i, _ in wanted]),
+            Point.point_id.in_([p for _, p in wanted]), Point.damage.is_(None)))}
+        if wanted <= have:
+            return b, str(b.members[item.id]["point_id"])
+    raise InvalidInput(f"{item.vm_name} has no multi-VM consistent (group) point",
+                       hint="Its group must be consistent (drsite groups update GROUP "
+                            "--consistent) and have committed a group point; see drsite "
+                            "groups points GROUP.")
+
+
+def view(b: GroupBarrier, group_name: str) -> dict[str, Any]:
+    return {"id": b.id, "group": group_name, "state": b.state, "app_consistent": b.app_consistent,
+            "started_at": b.started_at, "ended_at": b.ended_at, "point_time": b.point_time,
+            "message": b.message,
+            "members": {i: {k: m.get(k) for k in ("vm_name", "state", "point_id",
+                                                   "point_created_at", "held", "paused_s",
+                                                   "error")}
+                        for i, m in sorted((b.members or {}).items())}}
+
+
+def missed_barriers(s: Session) -> dict[str, GroupBarrier]:
+    """Consistent groups whose last ended barrier made no group point (a warning alert until
+    one does): group name → that barrier."""
+    out: dict[str, GroupBarrier] = {}
+    for g in s.scalars(select(Group).where(Group.consistent.is_(True))):
+        last = s.scalars(select(GroupBarrier)
+                         .where(GroupBarrier.group_id == g.id,
+                                GroupBarrier.state.in_(("committed", "partial")))
+                         .order_by(GroupBarrier.started_at.desc()).limit(1)).first()
+        if last is not None and last.state == "partial":
+            out[g.name] = last
+    return out

@@ -1,0 +1,199 @@
+"""The vault's group barrier with a fake clock: prepare to every member, seal only once all
+are held, a group point only when every member sealed under its hold and committed; a member
+that misses the prepare's bound → per-VM points, an alert; at most 16 VMs; failover choice
+``latest_group`` resolves every member to the same group point."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from drsite.core.errors import InvalidInput
+from drsite.vault.barrier import check_members
+from drsite.vault.db.models import Group, Job
+from drsite.vault.testing import Agent, Harness, point, report, vm_info
+
+MIDNIGHT = 1_700_006_400.0
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Iterator[Harness]:
+    hh = Harness(tmp_path / "vault")
+    hh.clock.t = MIDNIGHT + 12 * 3600
+    yield hh
+    hh.close()
+
+
+def setup_group(h: Harness, *, consistent: bool = True) -> tuple[list[Agent], list[str]]:
+    """Two source hosts (one VM each) in site prim, a store host in sec, group g1 protected."""
+    h.site("prim")
+    h.site("sec")
+    a1, a2, st = h.register("prim", "hv1"), h.register("prim", "hv2"), h.register("sec", "st")
+    assert h.set_store("sec", "st").status_code == 200   # the site's store role
+    vms = {a1: [vm_info("vm-a", "vma")], a2: [vm_info("vm-b", "vmb")]}
+    for a, v in vms.items():
+        a.beat(vms=v)
+    st.beat(store_url="https://127.0.0.1:9443")
+    h.ok("POST", "/policies", json={"name": "p1", "frequency_s": 30, "app_consistent_every_s": None})
+    h.ok("POST", "/groups", json={"name": "g1", "site": "prim", "target_site": "sec",
+                                  "policy": "p1", "consistent": consistent,
+                                  "barrier_timeout_ms": 400})
+    items = [h.ok("POST", "/items", json={"vm_id": vm, "group": "g1"})["item_id"]
+             for vm in ("vm-a", "vm-b")]
+    h.store_beat()
+    h.tick()
+    for a, item_id, (vm, name) in zip((a1, a2), items, (("vm-a", "vma"), ("vm-b", "vmb")),
+                                      strict=True):
+        (cmd,) = [c for c in a.beat(vms=vms[a])["commands"] if c["kind"] == "protect"]
+        a.beat(vms=vms[a], items=[{"item_id": item_id, "report": report(item_id, vm, name),
+                                   "new_points": [point(item_id, 1, h.clock.now())]}])
+        a.result(cmd["command_id"], "succeeded")
+    h.tick()
+    for i in items:
+        assert h.ok("GET", f"/items/{i}")["protection"] == "protected"
+    return [a1, a2], items
+
+
+def cmds(a: Agent, kind: str) -> list[dict[str, Any]]:
+    return [c for c in a.beat()["commands"] if c["kind"] == kind]
+
+
+def seal_ok(h: Harness, a: Agent, c: dict[str, Any], seq: int, *, held: bool = True) -> None:
+    p = point(c["item_id"], seq, h.clock.now())
+    a.beat(items=[{"item_id": c["item_id"], "report": report(c["item_id"], "x", "x"),
+                   "new_points": [p]}])
+    r = a.result(c["command_id"], "succeeded",
+                 result={"point": p, "barrier": {"id": c["args"]["barrier_id"], "held": held,
+                                                 "paused_s": 0.01}})
+    assert r.status_code == 200, r.text
+
+
+def test_group_point_from_a_two_phase_barrier(h: Harness) -> None:
+    (a1, a2), items = setup_group(h)  # its last tick started the first barrier
+    assert h.ok("GET", "/groups/g1")["consistent"] is True
+    # no per-item cycles for a consistent group: the barrier's prepares instead
+    p1, p2 = cmds(a1, "group_prepare"), cmds(a2, "group_prepare")
+    assert len(p1) == len(p2) == 1 and not cmds(a1, "cycle")
+    bid = p1[0]["args"]["barrier_id"]
+    assert p2[0]["args"]["barrier_id"] == bid and p1[0]["args"]["hold_s"] == 0.4
+    a1.result(p1[0]["command_id"], "succeeded", result={"barrier_id": bid})
+    assert cmds(a1, "group_seal") == []  # not before every member is held
+    a2.result(p2[0]["command_id"], "succeeded", result={"barrier_id": bid})
+    (s1,), (s2,) = cmds(a1, "group_seal"), cmds(a2, "group_seal")
+    seal_ok(h, a1, s1, 2)
+    assert h.ok("GET", "/groups/g1/points") == []  # recorded only when every member committed
+    seal_ok(h, a2, s2, 2)
+    (gp,) = h.ok("GET", "/groups/g1/points")
+    assert gp["id"] == bid and gp["state"] == "committed"
+    assert {i: m["point_id"] for i, m in gp["members"].items()} == {i: "p000002" for i in items}
+    # failover to the latest multi-VM consistent point: each member to its point of it
+    h.clock.advance(1)
+    for item_id in items:
+        job = h.ok("POST", f"/items/{item_id}/failover/test-failover",
+                   json={"point": "latest_group"})
+        with h.vault.db.read() as s:
+            assert s.get(Job, job["id"]).args["point"] == "p000002"  # type: ignore[union-attr]
+        fo = h.ok("GET", f"/items/{item_id}/failovers")[0]
+        assert any(f"group point {bid}" in n for n in fo["notes"])
+
+
+def test_a_seal_not_under_the_hold_is_no_group_point(h: Harness) -> None:
+    (a1, a2), _items = setup_group(h)
+    for a in (a1, a2):
+        (p,) = cmds(a, "group_prepare")
+        a.result(p["command_id"], "succeeded", result={})
+    (s1,), (s2,) = cmds(a1, "group_seal"), cmds(a2, "group_seal")
+    seal_ok(h, a1, s1, 2)
+    seal_ok(h, a2, s2, 2, held=False)  # its guest's hold expired before the seal
+    assert h.ok("GET", "/groups/g1/points") == []
+    (b,) = h.ok("GET", "/groups/g1/points?all=true")
+    assert b["state"] == "partial" and "vmb" in b["message"]
+    h.vault.monitor.tick()
+    alerts = h.ok("GET", "/alerts?state=active")["entries"]
+    assert any(al["key"] == "group_barrier:g1" for al in alerts)
+
+
+def test_a_silent_member_misses_the_bound_others_are_sealed_at_once(h: Harness) -> None:
+    (a1, a2), items = setup_group(h)  # its last tick started the first barrier
+    (p1,) = cmds(a1, "group_prepare")
+    (p2,) = cmds(a2, "group_prepare")
+    a1.result(p1["command_id"], "succeeded", result={})
+    h.clock.advance(0.25)  # past the prepare's bound (half of 400 ms); a2 never answers
+    h.tick()
+    (s1,) = cmds(a1, "group_seal")  # the held member is sealed (and released) now
+    (c2,) = cmds(a2, "cycle")  # the silent one gets a per-VM cycle
+    assert not cmds(a2, "group_seal")
+    # its withdrawn prepare answered late: refused, nothing changes
+    assert a2.result(p2["command_id"], "succeeded", result={}).status_code == 409
+    seal_ok(h, a1, s1, 2, held=True)
+    (b,) = h.ok("GET", "/groups/g1/points?all=true")
+    assert b["state"] == "partial" and "vmb" in b["message"]
+    assert b["members"][items[1]]["state"] == "missed"
+    h.vault.monitor.tick()
+    active = h.ok("GET", "/alerts?state=active")["entries"]
+    assert any(al["key"] == "group_barrier:g1" for al in active)
+    r = h.call("POST", f"/items/{items[0]}/failover/test-failover", json={"point": "latest_group"})
+    assert r.status_code == 400 and "no multi-VM consistent" in r.json()["message"]
+    # the next barrier commits: the alert clears
+    a2.result(c2["command_id"], "succeeded", result={})
+    h.clock.advance(30)
+    h.tick()
+    for a in (a1, a2):
+        (p,) = cmds(a, "group_prepare")
+        a.result(p["command_id"], "succeeded", result={})
+    for a in (a1, a2):
+        (sc,) = cmds(a, "group_seal")
+        seal_ok(h, a, sc, 3)
+    assert len(h.ok("GET", "/groups/g1/points")) == 1
+    h.vault.monitor.tick()
+    active = h.ok("GET", "/alerts?state=active")["entries"]
+    assert not any(al["key"] == "group_barrier:g1" for al in active)
+
+
+def test_a_refused_prepare_ends_the_barrier_at_once(h: Harness) -> None:
+    (a1, a2), _ = setup_group(h)
+    (p1,) = cmds(a1, "group_prepare")
+    (p2,) = cmds(a2, "group_prepare")
+    a1.result(p1["command_id"], "succeeded", result={})
+    a2.result(p2["command_id"], "failed", error={"code": "busy", "class": "transient",
+                                                 "message": "vmb is busy", "hint": ""})
+    assert len(cmds(a1, "group_seal")) == 1 and len(cmds(a2, "cycle")) == 1
+
+
+def test_at_most_16_vms_and_bound_validated(h: Harness) -> None:
+    setup_group(h, consistent=False)
+    r = h.call("PUT", "/groups/g1", json={"barrier_timeout_ms": 10})
+    assert r.status_code == 400
+    h.ok("PUT", "/groups/g1", json={"consistent": True})
+    with h.vault.db.read() as s:
+        g = s.scalars(select(Group).where(Group.name == "g1")).one()
+        check_members(s, g, adding=14)  # 16: fine
+        with pytest.raises(InvalidInput, match="at most 16"):
+            check_members(s, g, adding=15)
+
+
+def test_a_member_silent_after_it_held_does_not_stop_the_group(h: Harness) -> None:
+    (a1, a2), items = setup_group(h)
+    for a in (a1, a2):
+        (p,) = cmds(a, "group_prepare")
+        a.result(p["command_id"], "succeeded", result={})
+    (s1,) = cmds(a1, "group_seal")
+    (s2,) = cmds(a2, "group_seal")
+    seal_ok(h, a1, s1, 2)  # a2's agent stops after holding: its seal never answers
+    h.clock.advance(89)  # max(60 s, 3 periods of 30 s)
+    h.tick()
+    assert h.ok("GET", "/groups/g1/points?all=true")[0]["state"] == "sealing"
+    h.clock.advance(2)
+    h.tick()  # the barrier ends; the next round: a2 still has its seal open → a1 alone cycles
+    rows = h.ok("GET", "/groups/g1/points?all=true")
+    assert rows[1]["state"] == "partial" and "no seal answer" in rows[1]["message"]
+    assert rows[0]["state"] == "partial" and "not eligible" in rows[0]["message"]
+    assert len(cmds(a1, "cycle")) == 1
+    # the late answer still commits a2's per-VM point; no group point appears from it
+    seal_ok(h, a2, s2, 2)
+    assert h.ok("GET", "/groups/g1/points") == []
+    assert h.ok("GET", "/groups/g1/points?all=true")[1]["members"][items[1]]["state"] == "committed"
