@@ -123,10 +123,15 @@ def test_site_a_lost_promote_failover_fence_rejoin(ha: Cluster) -> None:
         cl.apply_plans([{"name": "shop", "groups": [{"name": "all", "vms": list(VMS)}]}])
         for n, item in items.items():
             until(f"{n} has delta points", lambda item=item: len(cl.points(item)) >= 2, 90)
-    # vault B, a standby, sees all of it (streaming replication) and refuses writes
+    # vault B, a standby, sees all of it (streaming replication) and refuses writes; up gave
+    # each site's store role to its host through the active vault (A)
+    assert c.active_url() == c.vault_url
     with client(c, c.vault_b_url) as cb:
         until("the plan on the standby", lambda: any(p["name"] == "shop" for p in cb.plans()), 30)
         assert cb.controller()["role"] == "standby"
+        hosts = {h["id"]: h["name"] for h in cb.hosts()}
+        assert {s["name"]: hosts.get(s["store_host"]) for s in cb.sites()} \
+            == {"primary": "primary-host", "secondary": "secondary-host"}
     r = httpx.post(c.vault_b_url + "/api/v1/sites", json={"name": "x"},
                    headers={"Authorization": f"Bearer {c.admin_token}"},
                    verify=tlsutil.client_context(c.ca_file), timeout=30)
@@ -172,7 +177,9 @@ def test_site_a_lost_promote_failover_fence_rejoin(ha: Cluster) -> None:
                    verify=tlsutil.client_context(c.ca_file), timeout=30)
     assert r.status_code == 503 and r.json()["code"] == "standby", r.text
     assert c.vault_b_url in r.json()["message"] and "fenced" in r.json()["message"]
-    # its agent follows B by itself; vault B fences the old primaries (VMs off)
+    # its agent follows B by itself; vault B fences the old primaries (VMs off). Its store
+    # role is granted again (idempotent) through B, the active vault now: A, fenced, refuses
+    assert c.active_url() == c.vault_b_url
     start_agent(c, "primary", store=True)
     with client(c, c.vault_b_url) as cb:
         for n, item in items.items():
