@@ -41,8 +41,8 @@ class World:
     def __init__(self, h: Harness) -> None:
         self.h = h
         self.a, self.b = two_sites(h)
-        # re-protect writes the reverse item's base into prim's store: hv1 needs its role
-        assert h.set_store("prim", "hv1").status_code == 200
+        # the primary site's store serves the reverse direction: its host holds the role
+        assert h.set_store("prim", self.a.name).status_code == 200
         self.vms: dict[str, list[dict[str, Any]]] = {
             self.a.host_id: [vm_info("vm-1", "web1"), vm_info("vm-2", "db1", labels=["db"])],
             self.b.host_id: []}

@@ -13,8 +13,11 @@ import pytest
 from sqlalchemy import select
 
 from drsite.core.errors import InvalidInput
+from drsite.vault import barrier
 from drsite.vault.barrier import check_members
-from drsite.vault.db.models import Group, Job
+from drsite.vault.db.models import Group, Item, Job
+from drsite.vault.jobs.create import create_job
+from drsite.vault.jobs.item_actions import start_item_action
 from drsite.vault.testing import Agent, Harness, point, report, vm_info
 
 MIDNIGHT = 1_700_006_400.0
@@ -99,6 +102,48 @@ def test_group_point_from_a_two_phase_barrier(h: Harness) -> None:
             assert s.get(Job, job["id"]).args["point"] == "p000002"  # type: ignore[union-attr]
         fo = h.ok("GET", f"/items/{item_id}/failovers")[0]
         assert any(f"group point {bid}" in n for n in fo["notes"])
+
+
+def test_a_plan_keeps_every_member_on_the_group_point_its_first_vm_chose(h: Harness) -> None:
+    """A barrier commits on the seals' results; a member's point may reach the catalogue a
+    beat later. A plan whose first group resolved before that point arrived must not move a
+    later group's VM to the newer group point (found by the causal e2e test: A on one group
+    point, B on the next)."""
+    (a1, a2), items = setup_group(h)
+    for seq in (2, 3):
+        for a in (a1, a2):
+            (p,) = cmds(a, "group_prepare")
+            a.result(p["command_id"], "succeeded", result={})
+        (s1,), (s2,) = cmds(a1, "group_seal"), cmds(a2, "group_seal")
+        seal_ok(h, a1, s1, seq)
+        if seq == 2:
+            seal_ok(h, a2, s2, seq)
+        else:  # the seal's result first; the point's catalogue beat comes later
+            late = point(items[1], seq, h.clock.now())
+            a2.result(s2["command_id"], "succeeded",
+                      result={"point": late, "barrier": {"id": s2["args"]["barrier_id"],
+                                                         "held": True, "paused_s": 0.01}})
+        h.clock.advance(31)
+        h.tick()
+    newest = h.ok("GET", "/groups/g1/points")[0]
+    assert newest["state"] == "committed" and newest["members"][items[1]]["point_id"] == "p000003"
+    h.clock.advance(1)
+    with h.vault.db.tx() as s:
+        plan = create_job(s, "plan", target="pl", item_id=None, args={}, now=h.clock.now(),
+                          tasks=(("plan_group", "first"),))
+        plan_id = plan.id
+        job_a = start_item_action(s, items[0], "test-failover",
+                                  {"plan_job": plan_id, "point": "latest_group"}, h.clock.now())
+        assert job_a.args["point"] == "p000002"  # the newest group point whose points are in
+    a2.beat(items=[{"item_id": items[1], "report": report(items[1], "x", "x"),
+                    "new_points": [late]}])
+    h.clock.advance(5)
+    with h.vault.db.tx() as s:
+        job_b = start_item_action(s, items[1], "test-failover",
+                                  {"plan_job": plan_id, "point": "latest_group"}, h.clock.now())
+        assert job_b.args["point"] == "p000002"  # the plan's group point, not the newer one
+        # without a plan, the newest whole group point
+        assert barrier.latest_group_point(s, s.get(Item, items[0]))[1] == "p000003"  # type: ignore[arg-type]
 
 
 def test_a_seal_not_under_the_hold_is_no_group_point(h: Harness) -> None:

@@ -337,6 +337,23 @@ def latest_group_point(s: Session, item: Item, *, before: float | None = None
                             "groups points GROUP.")
 
 
+def member_point(s: Session, barrier_id: str, item: Item) -> tuple[GroupBarrier, str]:
+    """The item's point in the group point ``barrier_id`` (a plan pinned it for the item's
+    group); ``InvalidInput`` when that group point is gone, does not hold the item, or the
+    item's point in it is no longer catalogued undamaged."""
+    b = s.get(GroupBarrier, barrier_id)
+    m = (b.members or {}).get(item.id) if b is not None and b.state == "committed" else None
+    pid = str(m.get("point_id")) if m else ""
+    if b is None or not pid or s.scalars(select(Point.point_id).where(
+            Point.item_id == item.id, Point.point_id == pid,
+            Point.damage.is_(None))).first() is None:
+        raise InvalidInput(f"{item.vm_name} has no point in group point {barrier_id}, which "
+                           "the plan chose for its group's other VMs",
+                           hint="Run the plan again: it chooses the newest group point that "
+                                "holds every VM; see drsite groups points GROUP.")
+    return b, pid
+
+
 def view(b: GroupBarrier, group_name: str) -> dict[str, Any]:
     return {"id": b.id, "group": group_name, "state": b.state, "app_consistent": b.app_consistent,
             "started_at": b.started_at, "ended_at": b.ended_at, "point_time": b.point_time,

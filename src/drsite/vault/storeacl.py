@@ -113,14 +113,19 @@ def point_keys(s: Session, item_ids: list[str], now: float) -> dict[str, str]:
     return out
 
 
+def _on_site_store(site_id: int) -> Any:
+    """The items whose recovery store is the agent store of ``site_id`` (not a cloud store)
+    and that are not retired: a filter for a select joined with their group."""
+    return ((Item.target_site_id == site_id) & Group.store_id.is_(None)
+            & Item.status.not_in(sorted(RETIRED_ITEM_STATUSES)))
+
+
 def site_store_items(s: Session, site_id: int) -> list[Item]:
     """Active items whose recovery store is the agent store of ``site_id`` (not a cloud
-    store), as rows (the recovery book needs their configuration)."""
-    rows = s.execute(select(Item, Group.store_id).join(Group, Group.id == Item.group_id)
-                     .where(Item.target_site_id == site_id)).all()
-    return sorted((it for it, store_id in rows
-                   if store_id is None and it.status not in RETIRED_ITEM_STATUSES),
-                  key=lambda it: it.id)
+    store), as rows (the recovery book needs their configuration), by id."""
+    rows = s.scalars(select(Item).join(Group, Group.id == Item.group_id)
+                     .where(_on_site_store(site_id)))
+    return sorted(rows, key=lambda it: it.id)
 
 
 def set_status(item: Item, status: ItemProtection, now: float) -> None:
@@ -135,11 +140,10 @@ def set_status(item: Item, status: ItemProtection, now: float) -> None:
 def _site_store_rows(s: Session, site_id: int) -> list[tuple[str, str, ItemProtection]]:
     """(id, source host, status) of the active items whose recovery store is the agent store of
     ``site_id`` (not a cloud store), by id."""
-    rows = s.execute(select(Item.id, Item.host_id, Item.status, Group.store_id)
+    rows = s.execute(select(Item.id, Item.host_id, Item.status)
                      .join(Group, Group.id == Item.group_id)
-                     .where(Item.target_site_id == site_id)).all()
-    return sorted((i, h, st) for i, h, st, store_id in rows
-                  if store_id is None and st not in RETIRED_ITEM_STATUSES)
+                     .where(_on_site_store(site_id))).all()
+    return sorted((i, h, st) for i, h, st in rows)
 
 
 def _keys(s: Session, item_ids: list[str], now: float) -> dict[str, str]:

@@ -219,20 +219,11 @@ def _item_args(action: str, fields: dict[str, str]) -> dict[str, Any]:
 
 @router.post("/ui/items/{item_id}/act/{action}")
 async def item_action(request: Request, item_id: str, action: str) -> Response:
-    vault = H.vault_of(request)
-    user = await run_in_threadpool(current_user, request, vault)
-    if user is None:
-        return H.session_ended(request)  # the login form, back to this page
-    try:
-        confirm = await run_in_threadpool(_item_confirm, vault, user, item_id, action)
-    except DrsiteError as e:
-        return H.error(vault, user, e, H.status_of(e))
-
     def run(vault: Vault, user: WebUser, fields: dict[str, str]) -> str:
         job_id = data.start_item_action(vault, user, item_id, action, _item_args(action, fields))
         return f"/ui/jobs/{quote(job_id)}"
 
-    return await H.act(request, confirm, "vms", run)
+    return await H.act(request, lambda v, u: _item_confirm(v, u, item_id, action), "vms", run)
 
 
 def _verify_confirm(vault: Vault, user: WebUser, item_id: str) -> dict[str, Any]:
@@ -251,22 +242,13 @@ def verify_confirm(request: Request, item_id: str) -> Response:
 
 @router.post("/ui/items/{item_id}/verify")
 async def verify(request: Request, item_id: str) -> Response:
-    vault = H.vault_of(request)
-    user = await run_in_threadpool(current_user, request, vault)
-    if user is None:
-        return H.session_ended(request)
-    try:
-        confirm = await run_in_threadpool(_verify_confirm, vault, user, item_id)
-    except DrsiteError as e:
-        return H.error(vault, user, e, H.status_of(e))
-
     def run(vault: Vault, user: WebUser, fields: dict[str, str]) -> str:
         which = fields.get("point", "latest")
         if which not in dict(VERIFY_CHOICES):
             raise InvalidInput(f"unknown choice {which!r}: verify the newest point or all points")
         return f"/ui/jobs/{quote(data.start_verify(vault, user, item_id, which))}"
 
-    return await H.act(request, confirm, "vms", run)
+    return await H.act(request, lambda v, u: _verify_confirm(v, u, item_id), "vms", run)
 
 
 # ------------------------------------------------------------------------- a plan's actions
@@ -304,17 +286,8 @@ def plan_action_confirm(request: Request, name: str, action: str) -> Response:
 
 @router.post("/ui/plans/{name}/{action}")
 async def plan_action(request: Request, name: str, action: str) -> Response:
-    vault = H.vault_of(request)
-    user = await run_in_threadpool(current_user, request, vault)
-    if user is None:
-        return H.session_ended(request)
-    try:
-        confirm = await run_in_threadpool(_plan_confirm, vault, name, action)
-    except DrsiteError as e:
-        return H.error(vault, user, e, H.status_of(e))
-    act = FailoverAction.parse(action, PLAN_ACTIONS)
-
     def run(vault: Vault, _user: WebUser, fields: dict[str, str]) -> str:
+        act = FailoverAction.parse(action, PLAN_ACTIONS)  # a known action: _plan_confirm said so
         args: dict[str, Any] = {}
         if act in POINT_ACTIONS:
             point = fields.get("point", "latest")
@@ -327,7 +300,7 @@ async def plan_action(request: Request, name: str, action: str) -> Response:
             args["create_reverse_mapping"] = True
         return f"/ui/jobs/{quote(data.start_plan_action(vault, name, act.value, args))}"
 
-    return await H.act(request, confirm, "plans", run)
+    return await H.act(request, lambda v, u: _plan_confirm(v, name, action), "plans", run)
 
 
 # ------------------------------------------------------------------------- jobs and alerts
@@ -369,7 +342,7 @@ async def job_action(request: Request, job_id: str, action: str) -> Response:
             data.resume_job(vault, job_id)
         return f"/ui/jobs/{quote(job_id)}"
 
-    return await H.act(request, confirm, "jobs", run)
+    return await H.act(request, lambda v, u: confirm, "jobs", run)
 
 
 @router.post("/ui/alerts/{alert_id}/ack")

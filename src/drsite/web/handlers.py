@@ -159,13 +159,24 @@ def session_ended(request: Request) -> Response:
                 hint=None)
 
 
-async def checked_post(request: Request) -> tuple[Vault, WebUser, dict[str, str]] | Response:
-    """The session, form and checks of an action POST, or the response refusing it (no
-    session: the login form, which comes back to the page the form was on)."""
+async def signed_in(request: Request) -> tuple[Vault, WebUser] | Response:
+    """The vault and the session's user, or the response refusing the request (no session:
+    the login form, which comes back to the page the form was on)."""
     vault = vault_of(request)
     user = await run_in_threadpool(current_user, request, vault)
     if user is None:
         return session_ended(request)
+    return vault, user
+
+
+async def checked_post(request: Request, session: tuple[Vault, WebUser] | None = None
+                       ) -> tuple[Vault, WebUser, dict[str, str]] | Response:
+    """The session, form and checks of an action POST, or the response refusing it;
+    ``session``: the one :func:`signed_in` already found (not looked up again)."""
+    got = session if session is not None else await signed_in(request)
+    if isinstance(got, Response):
+        return got
+    vault, user = got
     try:
         fields = await form(request)
     except InvalidInput as e:
@@ -181,17 +192,27 @@ async def checked_post(request: Request) -> tuple[Vault, WebUser, dict[str, str]
     return vault, user, fields
 
 
-async def act(request: Request, confirm: dict[str, Any], active: str,
-              action: Callable[[Vault, WebUser, dict[str, str]], str]) -> Response:
-    """Run an action POST: on success redirect (303) to the page ``action`` returns; a refusal
-    is shown on the confirmation page, with its hint."""
-    checked = await checked_post(request)
+async def act(request: Request, confirm: Callable[[Vault, WebUser], dict[str, Any]],
+              active: str, action: Callable[[Vault, WebUser, dict[str, str]], str]) -> Response:
+    """Run an action POST: the session first, then its confirmation page's context
+    (``confirm``: an unknown item or action is refused here, with its status), then the form's
+    checks; on success redirect (303) to the page ``action`` returns; a refusal is shown on the
+    confirmation page, with its hint."""
+    session = await signed_in(request)
+    if isinstance(session, Response):
+        return session
+    vault, user = session
+    try:
+        shown = await run_in_threadpool(confirm, vault, user)
+    except DrsiteError as e:
+        return error(vault, user, e, status_of(e))
+    checked = await checked_post(request, session)
     if isinstance(checked, Response):
         return checked
     vault, user, fields = checked
     try:
         target = await run_in_threadpool(action, vault, user, fields)
     except DrsiteError as e:
-        c = ctx(vault, user, active, **{**confirm, "error": e, "values": fields})
+        c = ctx(vault, user, active, **{**shown, "error": e, "values": fields})
         return page("confirm.html", status_of(e), **c)
     return RedirectResponse(target, status_code=303)

@@ -89,8 +89,19 @@ def _group_point(s: Session, item: Item, args: dict[str, Any], now: float) -> tu
     """The item's point in the newest whole group point recorded before the request (a plan's
     request: every item of the plan resolves to the same group point), and a note naming it."""
     plan_job = s.get(Job, str(args["plan_job"])) if args.get("plan_job") else None
-    gp, point = barrier.latest_group_point(
-        s, item, before=plan_job.created_at if plan_job is not None else now)
+    if plan_job is None:
+        gp, point = barrier.latest_group_point(s, item, before=now)
+    else:
+        # the plan's first VM of a group pins the group point in the plan job's args and the
+        # others take theirs from it: a member point catalogued between two of the plan's
+        # groups must not move a later VM to a newer group point than an earlier one's
+        pinned: dict[str, str] = dict(plan_job.args.get("group_points") or {})
+        key = str(item.group_id)
+        if key in pinned:
+            gp, point = barrier.member_point(s, pinned[key], item)
+        else:
+            gp, point = barrier.latest_group_point(s, item, before=plan_job.created_at)
+            plan_job.args = {**plan_job.args, "group_points": {**pinned, key: gp.id}}
     return point, f"latest multi-VM consistent point: group point {gp.id}, point {point}"
 
 
