@@ -5,7 +5,8 @@ is SIGKILLed at once — vault A, every process of PostgreSQL A, agent A, its VM
 
 - ``drsite vault promote`` at B; the plan's unplanned failover through vault B; every recovery
   VM equals its failover point (digests); the RTO from the kill to all VMs running, split into
-  promote and failover, is printed;
+  promote and failover, is printed; break-glass on site B is refused while vault B answers,
+  naming both vaults;
 - site A returns: its vault is fenced (a write refused, naming B), its agent follows B and its
   VMs are fenced (never running on both sites);
 - ``drsite vault rejoin``: vault A comes back as B's standby with B's data;
@@ -168,6 +169,12 @@ def test_site_a_lost_promote_failover_fence_rejoin(ha: Cluster) -> None:
             assert cb.item(item)["protection"] == "failed_over"
     print(f"\nsite disaster, 3 VMs: promote {t_promoted - t_kill:.1f} s, failover "
           f"{t_done - t_promoted:.1f} s, RTO {t_done - t_kill:.1f} s (kill to all VMs running)")
+    # break-glass on site B is refused while vault B answers; the refusal names both vaults
+    # the agent follows, the one that answered and the one that did not
+    p = cli("agent", "failover", items["web"], "--data", str(c.root / "secondary" / "agent"))
+    said = " ".join(p.stderr.split())
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    assert f"the vault at {c.vault_b_url} answers ({c.vault_url} did not)" in said, said
 
     # site A returns: its database and vault first — fenced, a write refused naming B
     pg_a.start()

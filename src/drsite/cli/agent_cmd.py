@@ -142,21 +142,17 @@ def failover(
     store's own catalogue (points authenticated with the item's key), with the generation
     promotion written before the VM starts. The vault learns of it from this agent's heartbeat
     when it is back. Idempotent: running it again returns the same failover."""
-    from drsite.agent.breakglass import vault_answers
+    from drsite.agent.breakglass import refuse_while_a_vault_answers
     from drsite.agent.process import breakglass_host
-    from drsite.core.errors import Conflict, InvalidInput
+    from drsite.core.errors import InvalidInput
 
     if (item_id is None) == (plan is None):
         raise InvalidInput("name one item or one --plan")
     bg = breakglass_host(data, hypervisor_kind=hypervisor.value if hypervisor else None,
                          vms_root=vms, store_dir=store)
-    if not force and vault_answers(bg.identity):
+    if not force:
         what = f"plan run {plan} unplanned-failover" if plan else f"failover unplanned {item_id}"
-        raise Conflict(
-            f"the vault ({bg.identity.vault_url}) answers: break-glass is for when it does not. "
-            "A failover it does not run is unknown to it until this agent's next heartbeat; "
-            "meanwhile it may fail the item over itself (a second VM) or keep replicating it",
-            hint=f"Use the vault: drsite {what} (or --force if the vault is wrong about it).")
+        refuse_while_a_vault_answers(bg.identity, what)
     if plan is not None:
         recs = bg.failover_plan(plan, point)
     else:
