@@ -119,22 +119,32 @@ class Cluster:
     def vault_urls(self) -> list[str]:
         return [self.vault_url, self.vault_b_url] if self.ha else [self.vault_url]
 
-    def active_url(self) -> str:
-        """The URL of the vault that takes writes: the only one, or the pair's vault whose
-        ``/vault/state`` says ``active`` (the newest timeline and epoch if both do, as for a
-        moment after a forced promotion). A pair with no active vault answering raises
-        ``TransientError``."""
+    def vault_states(self) -> dict[str, dict[str, Any] | None]:
+        """Each vault of the pair (A, then B) and its ``/vault/state`` as it answers it
+        (``role``: active, standby or fenced; ``timeline``, ``epoch``), None for a vault that
+        does not answer. Without a pair nothing is asked: ``{}``."""
         if not self.ha:
-            return self.vault_url
-        best: tuple[tuple[int, int], str] | None = None
+            return {}
+        out: dict[str, dict[str, Any] | None] = {}
         for url in self.vault_urls:
             try:
                 with VaultClient(VaultConfig(url, self.admin_token, self.ca_file,
                                              timeout=5)) as cl:
-                    st = cl.vault_state()
+                    out[url] = cl.vault_state()
             except (DrsiteError, OSError):
-                continue
-            if st.get("role") == "active":
+                out[url] = None
+        return out
+
+    def active_url(self, states: dict[str, dict[str, Any] | None] | None = None) -> str:
+        """The URL of the vault that takes writes: the only one, or the pair's vault whose
+        ``/vault/state`` says ``active`` (the newest timeline and epoch if both do, as for a
+        moment after a forced promotion). ``states``: :meth:`vault_states` already read (else
+        it is read here). A pair with no active vault answering raises ``TransientError``."""
+        if not self.ha:
+            return self.vault_url
+        best: tuple[tuple[int, int], str] | None = None
+        for url, st in (self.vault_states() if states is None else states).items():
+            if st is not None and st.get("role") == "active":
                 pos = (int(st.get("timeline") or 0), int(st.get("epoch") or 0))
                 if best is None or pos > best[0]:
                     best = (pos, url)

@@ -10,6 +10,7 @@ is SIGKILLed at once — vault A, every process of PostgreSQL A, agent A, its VM
 - site A returns: its vault is fenced (a write refused, naming B), its agent follows B and its
   VMs are fenced (never running on both sites);
 - ``drsite vault rejoin``: vault A comes back as B's standby with B's data;
+- ``drsite up``'s summary shows each vault's role as the vaults say it, at each stage;
 - re-protect towards A through vault B, then a planned failback to A: digests equal.
 
 And the active vault alone SIGKILLed in the middle of a plan: after the promotion the plan
@@ -44,6 +45,7 @@ from tests.e2e.test_failover_cluster import (
 from tests.pg import pg_wanted
 
 from drsite import tlsutil
+from drsite.cli.up_cmd import summary
 from drsite.client.api import VaultClient, VaultConfig
 from drsite.core.model import PowerState
 from drsite.up import Cluster, down, start_agent, start_vault, up
@@ -127,6 +129,9 @@ def test_site_a_lost_promote_failover_fence_rejoin(ha: Cluster) -> None:
     # vault B, a standby, sees all of it (streaming replication) and refuses writes; up gave
     # each site's store role to its host through the active vault (A)
     assert c.active_url() == c.vault_url
+    said = summary(c, c.vault_states(), data=c.root, detach=True)  # drsite up --ha's
+    assert f"vault A {c.vault_url}  (pid {c.pids['vault']}, active)" in said, said
+    assert f"vault B {c.vault_b_url}  (pid {c.pids['vault-secondary']}, standby;" in said, said
     with client(c, c.vault_b_url) as cb:
         until("the plan on the standby", lambda: any(p["name"] == "shop" for p in cb.plans()), 30)
         assert cb.controller()["role"] == "standby"
@@ -187,6 +192,9 @@ def test_site_a_lost_promote_failover_fence_rejoin(ha: Cluster) -> None:
     # its agent follows B by itself; vault B fences the old primaries (VMs off). Its store
     # role is granted again (idempotent) through B, the active vault now: A, fenced, refuses
     assert c.active_url() == c.vault_b_url
+    said = summary(c, c.vault_states(), data=c.root, detach=True)
+    assert f"vault A {c.vault_url}  (pid {c.pids['vault']}, fenced:" in said, said
+    assert f"vault B {c.vault_b_url}  (pid {c.pids['vault-secondary']}, active)" in said, said
     start_agent(c, "primary", store=True)
     with client(c, c.vault_b_url) as cb:
         for n, item in items.items():
@@ -206,6 +214,10 @@ def test_site_a_lost_promote_failover_fence_rejoin(ha: Cluster) -> None:
                                          "drsite_primary").returncode == 0, 90)
     assert not (c.root / "vault" / "fenced.json").exists()
     start_vault(c)
+    # the summary reads the roles from the vaults: B active, A its standby now
+    said = summary(c, c.vault_states(), data=c.root, detach=True)
+    assert f"vault A {c.vault_url}  (pid {c.pids['vault']}, standby;" in said, said
+    assert f"vault B {c.vault_b_url}  (pid {c.pids['vault-secondary']}, active)" in said, said
     with client(c, c.vault_url) as ca:
         assert ca.controller()["role"] == "standby"
         until("B's failovers on the rejoined standby",
