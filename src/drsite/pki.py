@@ -198,6 +198,34 @@ class CertificateAuthority:
             raise classify_os_error(exc, f"CA directory {directory}") from exc
 
     @classmethod
+    def install(cls, directory: Path, cert_pem: bytes, key_pem: bytes) -> CertificateAuthority:
+        """Write a CA held elsewhere (the vault's database: a standby vault taking over) into
+        ``directory``, which has none yet, and load it (key and certificate checked to match).
+        Key first, then the certificate, as :meth:`load_or_create`; an existing CA there is
+        loaded, not replaced (the caller compares it)."""
+        directory = Path(directory)
+        cert_path, key_path = directory / CA_CERT, directory / CA_KEY
+        try:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(directory / CA_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if not cert_path.exists():
+                    atomic_write_bytes(key_path, key_pem)
+                    os.chmod(key_path, 0o600)
+                    atomic_write_bytes(cert_path, cert_pem)
+                    os.chmod(cert_path, 0o644)
+                return cls._load(directory, cert_path, key_path)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise classify_os_error(exc, f"CA directory {directory}") from exc
+
+    def key_pem(self) -> bytes:
+        """The CA's private key (PEM, unencrypted): only for sealing it into the database."""
+        return _key_pem(self._key)
+
+    @classmethod
     def _load(cls, directory: Path, cert_path: Path, key_path: Path) -> CertificateAuthority:
         if not key_path.exists():
             raise PermanentError(f"CA certificate {cert_path} exists but its key {key_path} is "

@@ -18,6 +18,18 @@ Layout under the data directory::
 ``down`` stops the VMs too (file VMs' guest processes, QEMU processes) and ``up`` starts again
 the ones it stopped. The pids of the processes ``up`` starts are saved as each starts, and an
 ``up`` that fails half-way stops what it started, so no process outlives the cluster's record.
+
+With ``ha`` (``drsite up --ha``, issue 14) the vault is a pair, one per site, each with its
+own PostgreSQL cluster on loopback (``vault/pgcluster.py``)::
+
+    pg/primary/            site A's cluster: the primary
+    pg/secondary/          site B's cluster: a hot standby (base backup, slot drsite_secondary)
+    vault/                 site A's vault: the active one
+    vault-secondary/       site B's vault: the standby (only master.key copied from A)
+
+Agents are registered with both vaults and follow the active one; ``drsite vault promote
+--vault VAULT_B_URL`` makes B active when site A is lost. Admin writes ``up`` makes (sites,
+registration keys, the store role) go to whichever vault of the pair is active.
 """
 
 from __future__ import annotations
@@ -46,6 +58,7 @@ from drsite.core.model import PowerState
 from drsite.fsutil import atomic_write_json, read_json
 from drsite.hypervisors.contract import HypervisorDriver
 from drsite.hypervisors.qemu.driver import QemuHypervisor
+from drsite.vault.pgcluster import LocalCluster
 
 
 def free_port() -> int:
@@ -67,6 +80,11 @@ class Cluster:
     hypervisor: str = "file"  # the agents' driver: "file" or "qemu"
     hypervisors: dict[str, str] = field(default_factory=dict)  # a site's own driver, if other
     stopped_vms: dict[str, list[str]] = field(default_factory=dict)  # site → VMs down stopped
+    # a vault pair (``ha``): site B's vault and both PostgreSQL clusters' ports
+    ha: bool = False
+    vault_b_url: str = ""
+    vault_b_port: int = 0
+    pg_ports: dict[str, int] = field(default_factory=dict)
 
     @property
     def ca_file(self) -> Path:
@@ -92,6 +110,55 @@ class Cluster:
         d["root"] = Path(d["root"])
         known = set(Cluster.__dataclass_fields__)
         return Cluster(**{k: v for k, v in d.items() if k in known})
+
+    def pg(self, site: str) -> LocalCluster:
+        """The PostgreSQL cluster of ``site`` (``ha`` only)."""
+        return LocalCluster(self.root / "pg" / site, self.pg_ports[site])
+
+    @property
+    def vault_urls(self) -> list[str]:
+        return [self.vault_url, self.vault_b_url] if self.ha else [self.vault_url]
+
+    def vault_states(self) -> dict[str, dict[str, Any] | None]:
+        """Each vault of the pair (A, then B) and its ``/vault/state`` as it answers it
+        (``role``: active, standby or fenced; ``timeline``, ``epoch``), None for a vault that
+        does not answer. Without a pair nothing is asked: ``{}``."""
+        if not self.ha:
+            return {}
+        out: dict[str, dict[str, Any] | None] = {}
+        for url in self.vault_urls:
+            try:
+                with VaultClient(VaultConfig(url, self.admin_token, self.ca_file,
+                                             timeout=5)) as cl:
+                    out[url] = cl.vault_state()
+            except (DrsiteError, OSError):
+                out[url] = None
+        return out
+
+    def active_url(self, states: dict[str, dict[str, Any] | None] | None = None) -> str:
+        """The URL of the vault that takes writes: the only one, or the pair's vault whose
+        ``/vault/state`` says ``active`` (the newest timeline and epoch if both do, as for a
+        moment after a forced promotion). ``states``: :meth:`vault_states` already read (else
+        it is read here). A pair with no active vault answering raises ``TransientError``."""
+        if not self.ha:
+            return self.vault_url
+        best: tuple[tuple[int, int], str] | None = None
+        for url, st in (self.vault_states() if states is None else states).items():
+            if st is not None and st.get("role") == "active":
+                pos = (int(st.get("timeline") or 0), int(st.get("epoch") or 0))
+                if best is None or pos > best[0]:
+                    best = (pos, url)
+        if best is None:
+            raise TransientError(f"no vault of the pair ({', '.join(self.vault_urls)}) answers "
+                                 "as the active one",
+                                 hint="Start the active site's vault, or if that site is lost "
+                                      "make the other one active: drsite vault promote --vault "
+                                      "URL.")
+        return best[1]
+
+    def active_client(self) -> VaultClient:
+        """An admin client of the vault that takes writes (see :meth:`active_url`)."""
+        return VaultClient(VaultConfig(self.active_url(), self.admin_token, self.ca_file))
 
     def env_lines(self) -> list[str]:
         """Shell exports pointing the CLI at this cluster (``drsite env`` prints them)."""
@@ -131,11 +198,17 @@ def _wait(what: str, check: Any, timeout: float, proc: subprocess.Popen[bytes] |
 
 
 def start_vault(c: Cluster) -> None:
+    """Start site A's vault (the only one, or the active one of a pair)."""
     c.vault_port = c.vault_port or free_port()
     c.vault_url = f"https://127.0.0.1:{c.vault_port}"
     logs = c.root / "logs"
-    proc = _spawn("vault", ["vault", "serve", "--data", str(c.root / "vault"), "--listen",
-                            f"127.0.0.1:{c.vault_port}"], logs)
+    args = ["vault", "serve", "--data", str(c.root / "vault"), "--listen",
+            f"127.0.0.1:{c.vault_port}"]
+    if c.ha:
+        c.vault_b_port = c.vault_b_port or free_port()
+        c.vault_b_url = f"https://127.0.0.1:{c.vault_b_port}"
+        args += ["--db", c.pg("primary").url(), "--url", c.vault_url, "--peer", c.vault_b_url]
+    proc = _spawn("vault", args, logs)
     c.pids["vault"] = proc.pid
     c.save()  # a later 'drsite down' finds it whatever happens next
     token_file = c.root / "vault" / "admin.token"
@@ -148,6 +221,52 @@ def start_vault(c: Cluster) -> None:
             return bool(cl.version())
 
     _wait("vault API", ping, 60, proc, logs / "vault.log")
+
+
+PAIR_SLOT = "drsite_secondary"
+
+
+def start_pg(c: Cluster) -> None:
+    """Both PostgreSQL clusters of a pair (idempotent): site A's primary, then site B's hot
+    standby of it. A cluster that was rejoined or promoted keeps its role."""
+    for site in ("primary", "secondary"):
+        c.pg_ports[site] = c.pg_ports.get(site) or free_port()
+    c.save()  # a later 'drsite down' stops the clusters whatever happens next
+    a, b = c.pg("primary"), c.pg("secondary")
+    if a.exists:
+        a.start()
+    else:
+        a.init_primary()
+    if b.exists:
+        b.start()
+    else:
+        b.init_standby(a.port, PAIR_SLOT)
+
+
+def start_vault_b(c: Cluster) -> None:
+    """Start site B's vault of a pair (the standby until promoted): its data directory gets
+    only site A's master key; the CA and everything else come with the database."""
+    data = c.root / "vault-secondary"
+    data.mkdir(mode=0o700, exist_ok=True)
+    key = data / "master.key"
+    if not key.exists():
+        key.write_bytes((c.root / "vault" / "master.key").read_bytes())
+        key.chmod(0o600)
+    c.vault_b_port = c.vault_b_port or free_port()
+    c.vault_b_url = f"https://127.0.0.1:{c.vault_b_port}"
+    logs = c.root / "logs"
+    proc = _spawn("vault-secondary", ["vault", "serve", "--data", str(data), "--listen",
+                                      f"127.0.0.1:{c.vault_b_port}", "--db",
+                                      c.pg("secondary").url(), "--url", c.vault_b_url,
+                                      "--peer", c.vault_url], logs)
+    c.pids["vault-secondary"] = proc.pid
+    c.save()  # a later 'drsite down' finds it whatever happens next
+
+    def ping() -> bool:
+        with VaultClient(VaultConfig(c.vault_b_url, c.admin_token, c.ca_file, timeout=2)) as cl:
+            return bool(cl.controller())
+
+    _wait("site B's vault API", ping, 60, proc, logs / "vault-secondary.log")
 
 
 def start_agent(c: Cluster, site: str, *, store: bool, hypervisor: str | None = None,
@@ -168,15 +287,17 @@ def start_agent(c: Cluster, site: str, *, store: bool, hypervisor: str | None = 
     if hypervisor is not None and hypervisor != c.hypervisor:
         c.hypervisors[site] = hypervisor
     if not (data / "agent.json").exists():
-        with c.client() as cl:
+        active = c.active_url()
+        with VaultClient(VaultConfig(active, c.admin_token, c.ca_file)) as cl:
             try:
                 cl.create_site(site, f"{site} site (drsite up)")
             except Conflict:
                 pass
             key = cl.registration_key(site, 600)["key"]
-        agent_register(vault_url=c.vault_url, key=key, data_dir=data,
+        agent_register(vault_url=active, key=key, data_dir=data,
                        host_name=host or f"{site}-host",
-                       ca_file=c.ca_file, ca_fingerprint=None)
+                       ca_file=c.ca_file, ca_fingerprint=None,
+                       other_vaults=tuple(u for u in c.vault_urls if u != active))
     args = ["agent", "run", "--data", str(data), "--vms", str(vms),
             "--hypervisor", hypervisor or c.hypervisor,
             "--import-dir", str(c.root / key_dir / "import")]
@@ -189,8 +310,9 @@ def start_agent(c: Cluster, site: str, *, store: bool, hypervisor: str | None = 
         if store_url is not None:
             args += ["--store-url", store_url]
         # serving the site's store is a role the vault grants (``vault/storerole.py``): give
-        # it before the agent's first heartbeat announces its store (idempotent on a restart)
-        with c.client() as cl:
+        # it before the agent's first heartbeat announces its store (idempotent on a restart);
+        # a standby vault refuses writes, so a pair's active vault gets the call
+        with c.active_client() as cl:
             cl.set_store_host(site, f"{site}-host")
     proc = _spawn(f"agent-{key_dir}", args, c.root / "logs", env)
     c.pids[f"agent-{key_dir}"] = proc.pid
@@ -198,24 +320,40 @@ def start_agent(c: Cluster, site: str, *, store: bool, hypervisor: str | None = 
     host_name = host or f"{site}-host"
 
     def up() -> bool:
-        with c.client() as cl:
-            return any(h.get("site") == site and h.get("name") == host_name and h.get("up")
-                       for h in cl.hosts())
+        for url in c.vault_urls:  # a pair: whichever is active has the heartbeats
+            try:
+                with VaultClient(VaultConfig(url, c.admin_token, c.ca_file, timeout=5)) as cl:
+                    if any(h.get("site") == site and h.get("name") == host_name and h.get("up")
+                           for h in cl.hosts()):
+                        return True
+            except (DrsiteError, OSError):
+                continue
+        return False
 
     _wait(f"{key_dir} agent heartbeat", up, 60, proc, c.root / "logs" / f"agent-{key_dir}.log")
 
 
-def up(root: Path, *, hypervisor: str = "file") -> Cluster:
+def up(root: Path, *, hypervisor: str = "file", ha: bool = False) -> Cluster:
     """Start (or restart) the vault and both agents (both with the ``hypervisor`` driver);
-    idempotent over an existing directory."""
+    idempotent over an existing directory. ``ha``: a vault pair, one per site, on PostgreSQL
+    streaming replication (see the module docstring)."""
     root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     c = Cluster.load(root) if (root / "cluster.json").exists() else Cluster(root)
+    if ha and not c.ha and (root / "vault").exists():  # refused before anything is stopped
+        raise Conflict(f"{root} holds a deployment without HA",
+                       hint="Use another --data directory for 'drsite up --ha'.")
     down(c)
     c.pids = {}
     c.hypervisor = hypervisor
+    c.ha = c.ha or ha
     try:
+        if c.ha:
+            root.chmod(0o755)  # the PostgreSQL server (user postgres when run as root) goes in
+            start_pg(c)
         start_vault(c)
+        if c.ha:
+            start_vault_b(c)
         start_agent(c, "secondary", store=True)
         start_agent(c, "primary", store=True)
         start_stopped_vms(c)
@@ -273,7 +411,8 @@ def start_stopped_vms(c: Cluster) -> None:
 
 
 def down(c: Cluster, *, timeout: float = 15.0, vms: bool = True) -> None:
-    """Stop every process of the cluster (SIGTERM, then SIGKILL), then (``vms``) its VMs."""
+    """Stop every process of the cluster (SIGTERM, then SIGKILL), a pair's PostgreSQL
+    clusters, then (``vms``) its VMs."""
     for name, pid in list(c.pids.items()):
         try:
             os.killpg(pid, signal.SIGTERM)
@@ -295,6 +434,10 @@ def down(c: Cluster, *, timeout: float = 15.0, vms: bool = True) -> None:
             except ProcessLookupError:
                 pass
         c.pids.pop(name, None)
+    if c.ha:
+        for site in ("primary", "secondary"):
+            if site in c.pg_ports:
+                c.pg(site).stop("fast")
     if vms and c.root.is_dir():
         stop_vms(c)
 

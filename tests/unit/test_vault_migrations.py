@@ -48,13 +48,14 @@ def _columns(db: Database, table: str) -> set[str]:
     return {c["name"] for c in inspect(db.engine).get_columns(table)}
 
 
-@pytest.mark.parametrize("start", ["0006", "0007", "0008", "0009", "0010"])
+@pytest.mark.parametrize("start", ["0006", "0007", "0008", "0009", "0010", "0011"])
 def test_upgrade_from_an_older_revision_keeps_the_rows_and_downgrades_cleanly(
         url: str, start: str) -> None:
     """A database at 0006 (before the store's sent list), 0007 (before the controller lease),
-    0008 (before consistency groups), 0009 (before the items' lineage) or 0010 (before the
-    store role) reaches the models' schema with its hosts intact; a downgrade to ``start``
-    undoes what came after it and a second upgrade gets there again."""
+    0008 (before consistency groups), 0009 (before the items' lineage), 0010 (before the
+    store role) or 0011 (before the vault's CA in the database) reaches the models' schema with
+    its hosts intact; a downgrade to ``start`` undoes what came after it and a second upgrade
+    gets there again."""
     db = Database(url)
     try:
         with db.engine.begin() as conn:
@@ -73,13 +74,14 @@ def test_upgrade_from_an_older_revision_keeps_the_rows_and_downgrades_cleanly(
                 == [(0, None)]
         with db.engine.begin() as conn:
             command.downgrade(alembic_config(conn), start)
-        assert ("lineage_id" in _columns(db, "items")) == (start == "0010")
-        assert ("reverse_of_id" in _columns(db, "groups")) == (start == "0010")
-        leased = start in ("0008", "0009", "0010")
-        assert ("consistent" in _columns(db, "groups")) == (start in ("0009", "0010"))
+        assert "vault_ca" not in inspect(db.engine).get_table_names()
+        assert ("store_host_id" in _columns(db, "sites")) == (start == "0011")
+        assert ("lineage_id" in _columns(db, "items")) == (start in ("0010", "0011"))
+        assert ("reverse_of_id" in _columns(db, "groups")) == (start in ("0010", "0011"))
+        leased = start in ("0008", "0009", "0010", "0011")
+        assert ("consistent" in _columns(db, "groups")) == (start in ("0009", "0010", "0011"))
         assert ("group_barriers" in inspect(db.engine).get_table_names()) \
-            == (start in ("0009", "0010"))
-        assert "store_host_id" not in _columns(db, "sites")
+            == (start in ("0009", "0010", "0011"))
         assert ("controller_lease" in inspect(db.engine).get_table_names()) == leased
         assert ("grant_changed_at" in _columns(db, "items")) == leased
         hosts = _columns(db, "hosts")

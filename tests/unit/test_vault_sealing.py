@@ -258,8 +258,8 @@ def test_rotation_reseals_everything_and_refuses_a_running_vault(tmp_path: Path)
     h.close()
     report = masterkey.rotate_master_key(data)
     assert report["old_key"] == old and report["new_key"] != old and not report["resumed"]
-    # three stores' secret and keys, one protect command, one item's point key
-    assert report["values_resealed"] == 8
+    # three stores' secret and keys, one protect command, one item's point key, the CA's key
+    assert report["values_resealed"] == 9
     new = masterkey.read_key(data / "master.key").kid
     assert new == report["new_key"] and sealed_kids(data) == {new}
     assert not (data / "master.key.new").exists()

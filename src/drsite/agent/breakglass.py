@@ -16,9 +16,9 @@ vault once it is back). The record is reported in every heartbeat until the vaul
 acknowledges it (``breakglass`` / ``breakglass_ack``); the vault then records the failover
 (item ``failed_over``, the point used), fences the old primary and schedules nothing for it.
 
-While the vault answers, break-glass is refused (``Conflict``) unless forced: the vault would
-not know of the failover until the next heartbeat and might run its own (a second VM) or keep
-the item's replication going.
+While a vault answers (either of a pair), break-glass is refused (``Conflict``) unless forced:
+it would not know of the failover until the next heartbeat and might run its own (a second
+VM) or keep the item's replication going.
 
 Responsible for: these local steps and the report queue. Not responsible for: parsing options
 (``cli``), the hypervisor (given), the vault's side (``vault/breakglass.py``).
@@ -226,15 +226,45 @@ def active_failover(data_dir: Path, item_id: str) -> str | None:
     return fid if records.holds_item(step) else None
 
 
-def vault_answers(identity: AgentIdentity, timeout: float = 3.0) -> bool:
-    """Whether the vault this host is registered with answers (``GET /api/v1/version`` over
-    the agent's TLS identity) within ``timeout`` seconds."""
-    try:
-        r = httpx.get(identity.vault_url.rstrip("/") + "/api/v1/version",
-                      verify=identity.client_context(), timeout=timeout)
-    except httpx.HTTPError:
-        return False
-    return r.status_code < 500
+def vault_answers(identity: AgentIdentity, timeout: float = 3.0) -> dict[str, bool]:
+    """Every vault this host follows (``identity.vault_urls``, in that order) and whether it
+    answers ``GET /api/v1/version`` over the agent's TLS identity within ``timeout`` seconds
+    (a 5xx is no answer). All are asked, so that a refusal can say which answered."""
+    out: dict[str, bool] = {}
+    for url in identity.vault_urls:
+        try:
+            r = httpx.get(url + "/api/v1/version", verify=identity.client_context(),
+                          timeout=timeout)
+        except httpx.HTTPError:
+            out[url] = False
+            continue
+        out[url] = r.status_code < 500
+    return out
+
+
+def refuse_while_a_vault_answers(identity: AgentIdentity, use_instead: str,
+                                 timeout: float = 3.0) -> None:
+    """``Conflict`` when any vault this host follows answers — either of a pair: a standby that
+    answers is to be promoted ('drsite vault promote'), not bypassed. The message names every
+    vault asked and which answered; ``use_instead`` is the ``drsite`` command doing the same
+    through a vault (the hint). Not responsible for ``--force`` (the caller skips this)."""
+    asked = vault_answers(identity, timeout)
+    answered = [u for u, ok in asked.items() if ok]
+    if not answered:
+        return
+    silent = [u for u, ok in asked.items() if not ok]
+    who = (f"the vault at {answered[0]} answers" if len(answered) == 1
+           else f"the vaults at {', '.join(answered)} answer")
+    if silent:
+        who += f" ({', '.join(silent)} did not)"
+    pair = (" If the vault that answers is the standby of a lost active one, promote it first: "
+            "drsite vault promote." if len(asked) > 1 else "")
+    raise Conflict(
+        f"{who}: break-glass is for when no vault does. A failover no vault runs is unknown "
+        "to it until this agent's next heartbeat; meanwhile it may fail the item over itself "
+        "(a second VM) or keep replicating it",
+        hint=f"Use the vault: drsite {use_instead} (or --force if the vault is wrong about "
+             f"it).{pair}")
 
 
 # ------------------------------------------------------------------ the failover itself

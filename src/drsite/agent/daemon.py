@@ -159,7 +159,8 @@ class Agent:
                  max_backoff_s: float = 30.0, max_parallel_items: int = 2,
                  transport: httpx.BaseTransport | None = None,
                  target_factory: TargetFactory | None = None,
-                 command_channel: bool = True, store_url: str | None = None) -> None:
+                 command_channel: bool = True, store_url: str | None = None,
+                 vault_urls: list[str] | None = None) -> None:
         if (store_dir is None) != (store_listen is None):
             raise InvalidInput("a store server needs both store_dir and store_listen")
         if store_url is not None and not store_url.startswith("https://"):
@@ -174,7 +175,9 @@ class Agent:
         self.max_parallel_items = max(1, max_parallel_items)
         self.identity = AgentIdentity.load(self.data_dir)
         self._ctx: ssl.SSLContext = self.identity.client_context()
-        self.link = VaultLink(self.identity.vault_url, self._ctx, transport=transport)
+        # a vault pair: the link follows whichever vault is active (agent/link.py)
+        self.link = VaultLink(vault_urls or self.identity.vault_urls, self._ctx,
+                              transport=transport)
         self._target_factory = target_factory or self._site_target
         self._site_stores: dict[str, SiteObjectStore] = {}
         self._catalogue_stores: dict[str, SiteObjectStore] = {}
@@ -339,7 +342,7 @@ class Agent:
             if self._store_advertised is not None:
                 self._store_url = self._store_advertised
         log.info("agent %s (%s, site %s) starting; vault %s; %d item(s)", self.identity.host_id,
-                 self.identity.host_name, self.identity.site, self.identity.vault_url,
+                 self.identity.host_name, self.identity.site, " or ".join(self.link.vault_urls),
                  len(self._entries))
         for entry in sorted(self._entries.values(), key=lambda e: e.item_id):
             item = self._open_item(entry)
@@ -644,7 +647,7 @@ class Agent:
             what = "refused by" if isinstance(e, AuthError) else "cannot reach"
             if self._failures == 1:
                 log.warning("heartbeat failed: %s the vault at %s (%s): %s; retrying in %.1f s",
-                            what, self.identity.vault_url, e.error_class.value, e, delay)
+                            what, self.link.vault_url, e.error_class.value, e, delay)
             else:
                 log.info("heartbeat failed %d times in a row (%s); retrying in %.1f s",
                          self._failures, e, delay)
@@ -655,7 +658,7 @@ class Agent:
             return delay
         if self._failures:
             log.info("vault at %s reachable again after %d failed heartbeat(s)",
-                     self.identity.vault_url, self._failures)
+                     self.link.vault_url, self._failures)
         if self._offline:
             log.info("leaving offline mode: the vault's scheduler drives replication again")
         self._failures = 0
@@ -673,7 +676,7 @@ class Agent:
                 cmds = self.link.wait_commands(CHANNEL_WAIT_S)
             except NotFound:
                 log.info("the vault at %s has no command channel; commands arrive with "
-                         "heartbeats", self.identity.vault_url)
+                         "heartbeats", self.link.vault_url)
                 return
             except DrsiteError as e:
                 failures += 1

@@ -3,8 +3,12 @@
 Responsible for: the HTTP calls of ``/api/v1/agent/heartbeat`` and
 ``/api/v1/agent/commands/{id}/result``, parsing the replies, and mapping failures to the error
 hierarchy (unreachable vault, timeout → ``NetworkError``, transient; error answers through the
-codec of :mod:`drsite.core.errors`: the body's class, else by status, 5xx transient). Not
-responsible for: retrying or backing off (the daemon does), or for what the commands mean.
+codec of :mod:`drsite.core.errors`: the body's class, else by status, 5xx transient), and
+**following the active vault of a pair** (issue 14): it knows every vault URL of the pair and
+sends to the one that last answered; when that one refuses as the standby (``standby``) or
+cannot be reached (``network``), it tries the others in turn at once and remembers the first
+that answers. Not responsible for: retrying or backing off (the daemon does), or for what the
+commands mean.
 """
 
 from __future__ import annotations
@@ -12,12 +16,21 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
-from drsite.core.errors import AuthError, DrsiteError, InvalidInput, NetworkError, from_dict
+from drsite.core.errors import (
+    AuthError,
+    DrsiteError,
+    InvalidInput,
+    NetworkError,
+    StandbyVault,
+    from_dict,
+)
 from drsite.core.states import CommandStatus
 
 log = logging.getLogger(__name__)
@@ -97,41 +110,87 @@ class HeartbeatReply:
 
 
 class VaultLink:
-    """HTTPS client of the agent routes (client certificate in ``ssl_context``).
+    """HTTPS client of the agent routes (client certificate in ``ssl_context``), to one vault
+    or to the vaults of a pair (``vault_urls``, the active one first if known).
 
     ``transport`` replaces the network (tests: ``httpx.MockTransport``). Thread-safe: the
     heartbeat thread and command workers share one instance.
     """
 
-    def __init__(self, vault_url: str, ssl_context: ssl.SSLContext, *, timeout: float = 30.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
-        self.vault_url = vault_url.rstrip("/")
-        if transport is None:
-            # TCP_NODELAY: a request's body is not held back by Nagle's algorithm until the
-            # vault acknowledges its headers (a delayed ACK costs ~40 ms per request)
-            transport = httpx.HTTPTransport(
-                verify=ssl_context,
-                socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
-        self._http = httpx.Client(base_url=self.vault_url + "/api/v1/agent", verify=ssl_context,
-                                  timeout=timeout, transport=transport)
+    def __init__(self, vault_urls: str | Sequence[str], ssl_context: ssl.SSLContext, *,
+                 timeout: float = 30.0, transport: httpx.BaseTransport | None = None) -> None:
+        urls = [vault_urls] if isinstance(vault_urls, str) else list(vault_urls)
+        self.vault_urls: list[str] = []
+        for u in urls:
+            if u.rstrip("/") not in self.vault_urls:
+                self.vault_urls.append(u.rstrip("/"))
+        if not self.vault_urls:
+            raise InvalidInput("an agent needs at least one vault URL")
+        self._lock = threading.Lock()
+        self._active = 0
+        self._clients: list[httpx.Client] = []
+        for url in self.vault_urls:
+            t = transport
+            if t is None:
+                # TCP_NODELAY: a request's body is not held back by Nagle's algorithm until the
+                # vault acknowledges its headers (a delayed ACK costs ~40 ms per request)
+                t = httpx.HTTPTransport(
+                    verify=ssl_context,
+                    socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+            self._clients.append(httpx.Client(base_url=url + "/api/v1/agent", verify=ssl_context,
+                                              timeout=timeout, transport=t))
+
+    @property
+    def vault_url(self) -> str:
+        """The vault this link sends to first: the one that answered last."""
+        return self.vault_urls[self._active]
 
     def close(self) -> None:
-        self._http.close()
+        for c in self._clients:
+            c.close()
 
     def _post(self, path: str, body: dict[str, Any], *, timeout: float | None = None) -> Any:
+        """POST to the active vault; on ``standby`` or ``network``, to the others in turn (the
+        first that answers becomes the active one). Other errors are the vault's answer and
+        are raised as they are."""
+        with self._lock:
+            first = self._active
+        order = [(first + k) % len(self.vault_urls) for k in range(len(self.vault_urls))]
+        failed: list[DrsiteError] = []
+        for i in order:
+            try:
+                out = self._post_to(i, path, body, timeout=timeout)
+            except (StandbyVault, NetworkError) as e:
+                failed.append(e)
+                continue
+            if i != first:
+                with self._lock:
+                    self._active = i
+                log.warning("following the active vault at %s (%s)", self.vault_urls[i],
+                            "; ".join(f"{self.vault_urls[j]}: {e.code}"
+                                      for j, e in zip(order, failed, strict=False)))
+            return out
+        # every vault refused or was unreachable: a standby's refusal says most (it names the
+        # active vault), else the first failure
+        standby = [e for e in failed if isinstance(e, StandbyVault)]
+        raise standby[0] if standby else failed[0]
+
+    def _post_to(self, i: int, path: str, body: dict[str, Any], *,
+                 timeout: float | None = None) -> Any:
+        url = self.vault_urls[i]
         try:
-            resp = self._http.post(path, json=body, timeout=timeout if timeout is not None
-                                   else httpx.USE_CLIENT_DEFAULT)
+            resp = self._clients[i].post(path, json=body, timeout=timeout if timeout is not None
+                                         else httpx.USE_CLIENT_DEFAULT)
         except httpx.TimeoutException as e:
-            raise NetworkError(f"the vault at {self.vault_url} did not answer in time") from e
+            raise NetworkError(f"the vault at {url} did not answer in time") from e
         except httpx.ConnectError as e:
             text = str(e)
             if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
-                raise AuthError(f"the vault at {self.vault_url} presents a certificate not "
+                raise AuthError(f"the vault at {url} presents a certificate not "
                                 f"signed by the CA this host registered with: {e}") from e
-            raise NetworkError(f"cannot reach the vault at {self.vault_url}: {e}") from e
+            raise NetworkError(f"cannot reach the vault at {url}: {e}") from e
         except httpx.HTTPError as e:
-            raise NetworkError(f"request to the vault at {self.vault_url} failed: {e}") from e
+            raise NetworkError(f"request to the vault at {url} failed: {e}") from e
         if resp.status_code >= 400:
             raise vault_error(resp, path)
         if not resp.content:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -44,7 +45,8 @@ def configure_logging(level: str = "INFO") -> None:
 
 def agent_register(vault_url: str, key: str, data_dir: Path, host_name: str | None,
                    ca_file: Path | None = None, ca_fingerprint: str | None = None,
-                   insecure_first_contact: bool = False) -> AgentIdentity:
+                   insecure_first_contact: bool = False,
+                   other_vaults: tuple[str, ...] = ()) -> AgentIdentity:
     """Register this host (see :func:`drsite.agent.registration.register`).
 
     Trust of the vault: ``ca_file`` (the vault's CA certificate) or ``ca_fingerprint`` (its
@@ -52,7 +54,8 @@ def agent_register(vault_url: str, key: str, data_dir: Path, host_name: str | No
     taken, then everything is verified). Both given: the file must have that fingerprint.
     Neither: refused unless ``insecure_first_contact`` — or, when ``data_dir`` already holds
     a registration (re-registration with a re-issue key), the CA it trusts already.
-    ``host_name`` None: the registered name, else the machine's host name.
+    ``host_name`` None: the registered name, else the machine's host name. ``other_vaults``:
+    the other vault(s) of a pair, followed when the first is the standby or unreachable.
     """
     ca_pem: bytes | None = None
     if ca_file is not None:
@@ -71,7 +74,7 @@ def agent_register(vault_url: str, key: str, data_dir: Path, host_name: str | No
     elif ca_fingerprint is not None:
         ca_pem = fetch_ca_by_fingerprint(vault_url, ca_fingerprint)
     return register(vault_url, key, Path(data_dir), host_name=host_name, ca_pem=ca_pem,
-                    insecure_first_contact=insecure_first_contact)
+                    insecure_first_contact=insecure_first_contact, other_vaults=other_vaults)
 
 
 def make_hypervisor(kind: str, vms_root: Path) -> HypervisorDriver:
@@ -91,8 +94,9 @@ def make_hypervisor(kind: str, vms_root: Path) -> HypervisorDriver:
 def agent_run(data_dir: Path, hypervisor_kind: str = "file", vms_root: Path = Path("vms"),
               store_dir: Path | None = None, store_listen: str | None = None,
               heartbeat_interval: float = 2.0, store_url: str | None = None,
-              import_dir: Path | None = None) -> None:
+              import_dir: Path | None = None, vault_urls: Sequence[str] = ()) -> None:
     """Run the agent daemon until SIGTERM/SIGINT (blocking); returns after a clean stop.
+    ``vault_urls``: the vaults of a pair to follow (default: as registered).
 
     Work cut short by the stop resumes at the next start (the vault re-sends its commands).
     """
@@ -102,7 +106,8 @@ def agent_run(data_dir: Path, hypervisor_kind: str = "file", vms_root: Path = Pa
                   heartbeat_interval=heartbeat_interval,
                   store_dir=Path(store_dir) if store_dir is not None else None,
                   store_listen=store_listen, store_url=store_url,
-                  import_dir=Path(import_dir) if import_dir is not None else None)
+                  import_dir=Path(import_dir) if import_dir is not None else None,
+                  vault_urls=list(vault_urls) or None)
     installed: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
         def on_signal(sig: int, frame: FrameType | None) -> None:

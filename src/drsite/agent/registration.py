@@ -81,6 +81,18 @@ class AgentIdentity:
     site: str
     vault_url: str
     host_name: str
+    # every vault of a pair (issue 14), the one registered with first; () = only that one
+    other_vaults: tuple[str, ...] = ()
+
+    @property
+    def vault_urls(self) -> list[str]:
+        """The vaults this host follows (``VaultLink``): the one it registered with, then the
+        others of its pair."""
+        out = [self.vault_url.rstrip("/")]
+        for u in self.other_vaults:
+            if u.rstrip("/") not in out:
+                out.append(u.rstrip("/"))
+        return out
 
     @property
     def key_file(self) -> Path:
@@ -114,8 +126,12 @@ class AgentIdentity:
                                                 for k in ("host_id", "site", "vault_url")):
             raise InvalidInput(f"agent identity {path} is incomplete",
                                hint="Register again into an empty data directory.")
+        others = raw.get("vault_urls")
+        if not isinstance(others, list) or not all(isinstance(u, str) for u in others):
+            others = []
         ident = AgentIdentity(Path(data_dir), raw["host_id"], raw["site"], raw["vault_url"],
-                              str(raw.get("host_name") or raw["host_id"]))
+                              str(raw.get("host_name") or raw["host_id"]),
+                              tuple(u for u in others if u.rstrip("/") != raw["vault_url"].rstrip("/")))
         for f in (ident.key_file, ident.cert_file, ident.ca_file):
             if not f.is_file():
                 raise InvalidInput(f"registration file {f} is missing",
@@ -289,7 +305,7 @@ def _existing(data_dir: Path, vault_url: str) -> AgentIdentity | None:
 
 def register(vault_url: str, key: str, data_dir: Path, *, host_name: str | None = None,
              ca_pem: bytes | None = None, insecure_first_contact: bool = False,
-             timeout: float = 30.0) -> AgentIdentity:
+             timeout: float = 30.0, other_vaults: tuple[str, ...] = ()) -> AgentIdentity:
     """Register this host with the vault and store its identity in ``data_dir``.
 
     ``ca_pem``: the vault's CA (from ``--ca-file``, or from :func:`fetch_ca_by_fingerprint`).
@@ -302,6 +318,9 @@ def register(vault_url: str, key: str, data_dir: Path, *, host_name: str | None 
     the old ones (the CA already trusted is used when none is given). A site key is refused by
     the vault (``Conflict``): it never takes over an existing host.
 
+    ``other_vaults``: the other vault(s) of a pair (issue 14), kept in ``agent.json`` so the
+    agent follows whichever is active; a re-registration without them keeps the ones held.
+
     Errors: ``Conflict`` if ``data_dir`` holds the registration of another vault, or the key
     cannot re-register this host; ``AuthError`` if the registration key is refused (used,
     expired or unknown) or the vault's certificate is not trusted; ``NetworkError`` if the vault
@@ -310,6 +329,8 @@ def register(vault_url: str, key: str, data_dir: Path, *, host_name: str | None 
     data_dir = Path(data_dir)
     vault_url = vault_url.rstrip("/")
     existing = _existing(data_dir, vault_url)
+    if not other_vaults and existing is not None:
+        other_vaults = existing.other_vaults
     if not key:
         raise InvalidInput("empty registration key",
                            hint="Create one with 'drsite vault registration-key --site SITE'.")
@@ -385,13 +406,15 @@ def register(vault_url: str, key: str, data_dir: Path, *, host_name: str | None 
         atomic_write_bytes(data_dir / CA_FILE, ca_pem)
         atomic_write_json(data_dir / IDENTITY_FILE, {
             "host_id": host_id, "site": site, "vault_url": vault_url, "host_name": host_name,
+            "vault_urls": [vault_url, *[u.rstrip("/") for u in other_vaults]],
             "registered_at": time.time()})
     except OSError as e:
         raise classify_os_error(e, f"agent data directory {data_dir}") from e
     log.info("%s host %s (%s) in site %s with the vault at %s",
              "re-registered" if existing is not None else "registered", host_id, host_name, site,
              vault_url)
-    return AgentIdentity(data_dir, host_id, site, vault_url, host_name)
+    return AgentIdentity(data_dir, host_id, site, vault_url, host_name,
+                         tuple(u.rstrip("/") for u in other_vaults))
 
 
 __all__ = ["AgentIdentity", "fetch_ca_by_fingerprint", "fetch_ca_insecure",

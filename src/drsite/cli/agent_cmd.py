@@ -22,7 +22,10 @@ agent = typer.Typer(help="The host agent: inventory, change tracking, replicatio
 
 @agent.command("register")
 def register(
-    vault: str = typer.Option(..., "--vault", help="Vault URL, e.g. https://127.0.0.1:8443."),
+    vault: list[str] = typer.Option(..., "--vault", help="Vault URL, e.g. https://127.0.0.1:8443; "
+                                                      "repeat it for a vault pair (the active one "
+                                                      "first): the agent follows whichever is "
+                                                      "active."),
     key: str = typer.Option(..., help="One-time key from 'drsite vault registration-key' (a new "
                                       "host) or 'drsite hosts reissue HOST' (this host again: "
                                       "its certificate is replaced)."),
@@ -39,8 +42,9 @@ def register(
     from drsite.agent.process import agent_register
 
     again = (data / "agent.json").exists()
-    ident = agent_register(vault_url=vault, key=key, data_dir=data, host_name=name,
-                           ca_file=ca_file, ca_fingerprint=ca_fingerprint)
+    ident = agent_register(vault_url=vault[0], key=key, data_dir=data, host_name=name,
+                           ca_file=ca_file, ca_fingerprint=ca_fingerprint,
+                           other_vaults=tuple(vault[1:]))
     if again:
         typer.echo(f"re-registered host {ident.host_id} in site {ident.site}: its certificate "
                    "was replaced; restart its agent ('drsite agent run') to use it")
@@ -66,6 +70,9 @@ def run(
     import_dir: Path | None = typer.Option(None, help="Where 'drsite vms import' may read disk "
                                                       "images on this host (default: the "
                                                       "directory 'import' beside --vms)."),
+    vault: list[str] = typer.Option([], "--vault",
+                                    help="The vaults of a pair to follow, repeated (default: "
+                                         "the ones it registered with)."),
 ) -> None:
     """Run the agent daemon in the foreground (SIGTERM stops it cleanly)."""
     from drsite.agent.process import agent_run, configure_logging
@@ -74,7 +81,8 @@ def run(
     agent_run(data_dir=data, hypervisor_kind=hypervisor.value, vms_root=vms, store_dir=store,
               store_listen=store_listen, store_url=store_url,
               heartbeat_interval=heartbeat_interval,
-              import_dir=import_dir if import_dir is not None else vms.absolute().parent / "import")
+              import_dir=import_dir if import_dir is not None else vms.absolute().parent / "import",
+              vault_urls=vault)
 
 
 StoreOpt = typer.Option(None, "--store", help="The recovery store directory the agent serves "
@@ -134,21 +142,17 @@ def failover(
     store's own catalogue (points authenticated with the item's key), with the generation
     promotion written before the VM starts. The vault learns of it from this agent's heartbeat
     when it is back. Idempotent: running it again returns the same failover."""
-    from drsite.agent.breakglass import vault_answers
+    from drsite.agent.breakglass import refuse_while_a_vault_answers
     from drsite.agent.process import breakglass_host
-    from drsite.core.errors import Conflict, InvalidInput
+    from drsite.core.errors import InvalidInput
 
     if (item_id is None) == (plan is None):
         raise InvalidInput("name one item or one --plan")
     bg = breakglass_host(data, hypervisor_kind=hypervisor.value if hypervisor else None,
                          vms_root=vms, store_dir=store)
-    if not force and vault_answers(bg.identity):
+    if not force:
         what = f"plan run {plan} unplanned-failover" if plan else f"failover unplanned {item_id}"
-        raise Conflict(
-            f"the vault ({bg.identity.vault_url}) answers: break-glass is for when it does not. "
-            "A failover it does not run is unknown to it until this agent's next heartbeat; "
-            "meanwhile it may fail the item over itself (a second VM) or keep replicating it",
-            hint=f"Use the vault: drsite {what} (or --force if the vault is wrong about it).")
+        refuse_while_a_vault_answers(bg.identity, what)
     if plan is not None:
         recs = bg.failover_plan(plan, point)
     else:

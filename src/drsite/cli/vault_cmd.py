@@ -32,15 +32,66 @@ def serve(
                                            help="Seconds a controller that stopped renewing its "
                                                 "lease keeps it before another vault process "
                                                 "takes over."),
+    url: str | None = typer.Option(None, help="URL agents and operators reach this vault at "
+                                              "(default https://LISTEN); a standby vault names "
+                                              "the active one's in its refusals."),
+    peer: str | None = typer.Option(None, help="URL of the other vault of a pair: while "
+                                               "active, this vault writes only as long as that "
+                                               "one was not promoted past it (fenced otherwise, "
+                                               "until 'drsite vault rejoin')."),
 ) -> None:
     """Run the vault in the foreground (Ctrl-C or SIGTERM stops it cleanly), with the web
-    dashboard at /ui."""
+    dashboard at /ui. On a hot-standby PostgreSQL database it runs as the standby vault of a
+    pair: reads only, until 'drsite vault promote'."""
     from drsite.vault.server import run_vault
     from drsite.web.routes import router as dashboard
 
     run_vault(data, listen=listen, db_url=db, heartbeat_interval=heartbeat_interval,
               master_key_file=master_key_file, routers=[dashboard], workers=workers,
-              lease_s=controller_lease)
+              lease_s=controller_lease, url=url, peer_url=peer)
+
+
+@vault_command(vault, "state")
+def state(
+    conn: Conn,
+    data: Path | None = typer.Option(None, help="The vault's data directory (its CA)."),
+) -> None:
+    """Show a vault's role in a pair: active, standby or fenced, with its database's timeline
+    and the controller lease's epoch (no token needed)."""
+    ca_file = conn.ca_file
+    if ca_file is None and data is not None:
+        ca_file = data / "pki" / "ca.pem"
+    with client(conn.vault, None, ca_file) as c:
+        res = c.vault_state()
+    if conn.json:
+        show(res, [], title="", json_out=True)
+    else:
+        peer = f", peer {res['peer_url']}" if res.get("peer_url") else ""
+        typer.echo(f"{res['role']} (timeline {res['timeline']}, epoch {res['epoch']}){peer}")
+
+
+@vault_command(vault, "promote")
+def promote(
+    conn: Conn,
+    data: Path | None = typer.Option(None, help="The standby vault's data directory (its CA, "
+                                                "its admin token)."),
+    force: bool = typer.Option(False, "--force", help="Promote even while the active vault "
+                                                      "answers (a planned switchover: it is "
+                                                      "fenced, its last writes are lost)."),
+) -> None:
+    """Make the standby vault at --vault the active one, when the active vault's site is lost:
+    its PostgreSQL is promoted, it takes the controller lease with a new epoch (the old active
+    vault, if it comes back, is fenced and refuses writes until 'drsite vault rejoin') and runs
+    the jobs. Never automatic: run it only when the other site is down or cut off."""
+    ca_file = conn.ca_file
+    if ca_file is None and data is not None:
+        ca_file = data / "pki" / "ca.pem"
+    with client(conn.vault, _admin_token(data, conn.token), ca_file) as c:
+        res = c.promote(force=force)
+    if conn.json:
+        show(res, [], title="", json_out=True)
+    else:
+        typer.echo(f"vault promoted: role {res['role']}, controller epoch {res['epoch']}")
 
 
 @vault.command("rotate-master-key")
@@ -138,3 +189,33 @@ def restore(
         aside = f"; the vault it replaced is in {report['replaced']}" if report["replaced"] else ""
         typer.echo(f"restored into {report['data_dir']} (master key {report['master_key_id']})"
                    f"{aside}; start it with: drsite vault serve --data {report['data_dir']}")
+
+
+@vault.command("rejoin")
+def rejoin(
+    data: Path = typer.Option(..., help="The old active vault's data directory (stopped)."),
+    pg: Path | None = typer.Option(None, help="Its PostgreSQL cluster directory, when drsite "
+                                              "runs it ('drsite up --ha': DIR/pg/SITE): "
+                                              "rewound onto the active one's (pg_rewind, else "
+                                              "a fresh base backup) and started as its hot "
+                                              "standby."),
+    pg_port: int = typer.Option(5432, help="That cluster's port."),
+    primary_port: int = typer.Option(5433, help="The active vault's PostgreSQL port."),
+    slot: str = typer.Option("drsite_standby", help="Replication slot on the active one."),
+    db: str | None = typer.Option(None, help="Database URL of this vault (checked to be a "
+                                             "hot standby before the fence is lifted)."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Make a fenced old active vault the standby of the active one: its database becomes a
+    hot standby of the active vault's (with --pg: done here; else do it first with pg_rewind
+    or a base backup), then the fence marker is removed. Start it again with 'drsite vault
+    serve --peer ACTIVE_URL': it serves reads and follows the active one."""
+    from drsite.vault.rejoin import rejoin as run_rejoin
+
+    report = run_rejoin(data, pg=pg, pg_port=pg_port, primary_port=primary_port, slot=slot,
+                        db_url=db)
+    if json_out:
+        show(report, [], title="", json_out=True)
+    else:
+        typer.echo(f"rejoined as a standby ({report['how']}); start it with: drsite vault serve "
+                   f"--data {data} --peer ACTIVE_URL")

@@ -302,8 +302,18 @@ class VaultClient:
         return self.page("/events", limit=limit, cursor=cursor, **filters)
 
     def controller(self) -> dict[str, Any]:
-        """Which vault process is the controller (``{"lease", "this_process"}``)."""
+        """Which vault process is the controller (``{"lease", "role", "this_process"}``)."""
         return dict(self._call("GET", "/controller"))
+
+    def vault_state(self) -> dict[str, Any]:
+        """The vault's role in a pair (``{"role", "timeline", "epoch", "url", "peer_url"}``)."""
+        return dict(self._call("GET", "/vault/state"))
+
+    def promote(self, *, force: bool = False) -> dict[str, Any]:
+        """Make the vault this client talks to (a standby) the active one (admin); ``force``
+        even while its peer answers as the active one."""
+        return dict(self._call("POST", "/vault/promote", params={"force": "true"} if force
+                               else None))
 
     def ack_alert(self, alert_id: str) -> None:
         self._call("POST", f"/alerts/{alert_id}/ack")

@@ -276,6 +276,17 @@ class PeerUnavailable(TransientError):
                     "its own. Check that site's agent and the link between the sites.")
 
 
+class StandbyVault(TransientError):
+    """This vault is the standby of a pair (its database is a hot standby of the active
+    vault's): it answers reads, never writes. The message names the active vault when the
+    standby knows it; agents that know both vaults turn to the other one by themselves."""
+
+    code = "standby"
+    http_status = 503
+    default_hint = ("Send the request to the active vault; if the active site is lost, make "
+                    "this vault active with 'drsite vault promote'.")
+
+
 # --- the codec ------------------------------------------------------------------------------
 
 _CLASSES = frozenset(c.value for c in ErrorClass)

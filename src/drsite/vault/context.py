@@ -11,6 +11,13 @@ vault holds ``DATA/vault.lock`` shared (a master-key rotation needs it exclusive
 Every vault process serves the API; the background work runs only in the one that holds the
 controller lease (:mod:`drsite.vault.controller`), through a fenced view of the database
 (``control_db``): a write of a controller that lost the lease is refused before it happens.
+
+A **standby vault** (issue 14) runs on a hot-standby PostgreSQL, a streaming replica of the
+active vault's database: it serves reads, refuses every write before it starts
+(``StandbyVault``, naming the active vault from the replicated lease row), runs no background
+work, and becomes active when its database is promoted — by :meth:`Vault.promote` (``drsite
+vault promote``: ``pg_promote()``, then the lease taken with a new epoch whoever holds it), or
+by an operator promoting the database by hand (then it seeks the lease as any vault process).
 """
 
 from __future__ import annotations
@@ -24,20 +31,25 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import select, text
+from sqlalchemy.exc import DBAPIError
 
+from drsite import tlsutil
+from drsite.core.errors import Conflict, PermanentError, SecretUnreadable, StandbyVault
 from drsite.fsutil import atomic_write_bytes
 from drsite.pki import CertificateAuthority
 from drsite.vault import masterkey, notify
 from drsite.vault.audit import record_event
 from drsite.vault.auth import ADMIN_TOKEN_NAME, Role, create_token
-from drsite.vault.controller import Controller, Lease, NotController, this_process
-from drsite.vault.db.database import Database
+from drsite.vault.castate import sync_ca
+from drsite.vault.controller import Controller, Lease, NotController, read_lease, this_process
+from drsite.vault.db.database import Database, schema_revision
 from drsite.vault.db.models import ApiToken
 from drsite.vault.db.sealed import attach_sealer
 from drsite.vault.drills import DrillScheduler
 from drsite.vault.health import HealthMonitor
 from drsite.vault.jobs.runner import JobRunner
+from drsite.vault.pairfence import Fenced, PeerFence, load_marker, write_marker
 from drsite.vault.push import CommandPush, Waiters
 from drsite.vault.scheduler import Scheduler
 from drsite.vault.settings import VaultSettings
@@ -85,6 +97,9 @@ LOOP_MIN_S = 0.02
 # process on the same database, when no notification wakes it); this process's own commits
 # wake it at once
 PUSH_POLL_S = 1.0
+# a standby vault looks this often whether its database was promoted
+ROLE_POLL_S = 1.0
+PROMOTE_TIMEOUT_S = 60
 
 
 class Vault:
@@ -92,16 +107,30 @@ class Vault:
 
     def __init__(self, settings: VaultSettings, db: Database, ca: CertificateAuthority,
                  tls: TlsFiles, new_admin_token: str | None,
-                 lock: masterkey.DataDirLock | None = None) -> None:
+                 lock: masterkey.DataDirLock | None = None, *, standby: bool = False) -> None:
         self.settings = settings
+        # a standby's database is a hot standby: every write is refused before it starts
+        self.standby = standby
+        self._role_lock = threading.Lock()
+        self._role_stop = threading.Event()
+        self._role_thread: threading.Thread | None = None
+        self._started = False
+        # a vault of a pair: fenced (marker in DATA) once its peer was promoted past it
+        self.fenced: Fenced | None = load_marker(settings.data_dir)
+        self.fence: PeerFence | None = None
+        if settings.peer_url:
+            self.fence = PeerFence(settings.peer_url, tlsutil.client_context(tls.ca),
+                                   self._position, window_s=settings.lease_s,
+                                   on_fenced=self._on_fenced, fenced=self.fenced)
+        db.set_gate(self._write_gate)
         self.lock = lock
         self.db = db
         self.ca = ca
         self.tls = tls
         self.new_admin_token = new_admin_token
         self._kick = threading.Event()
-        self.lease = Lease(db, this_process(settings.listen), settings.lease_s,
-                           on_change=self._kick.set)
+        self.lease = Lease(db, this_process(settings.listen, settings.advertised_url),
+                           settings.lease_s, on_change=self._kick.set)
         # the controller's writes go through the fence (vault/controller.py)
         self.control_db = db.guarded(self.lease.guard)
         self.runner = JobRunner(self.control_db, settings)
@@ -127,6 +156,174 @@ class Vault:
         self.recovered: dict[str, str] = {}
         self._later: ThreadPoolExecutor | None = None
         self._later_lock = threading.Lock()
+
+    # -- standby and promotion ---------------------------------------------------------------
+
+    @property
+    def role(self) -> str:
+        return "standby" if self.standby else "active"
+
+    @property
+    def passive(self) -> bool:
+        """A standby or a fenced vault: every write is refused (bookkeeping writes — audit
+        rows, a token's last use — are not even tried)."""
+        return self.standby or self.fenced is not None
+
+    def active_url(self) -> str | None:
+        """The active vault's URL as the (replicated) lease row names it, if any."""
+        with self.db.read() as s:
+            view = read_lease(s)
+        url = (view.info or {}).get("url")
+        return str(url) if url and view.holder is not None else None
+
+    def _position(self) -> tuple[int | None, int]:
+        """This vault's (timeline, lease epoch) as its database holds them (the timeline of a
+        primary: its current WAL file's; None on SQLite or a standby)."""
+        with self.db.read() as s:
+            epoch = read_lease(s).epoch
+            timeline: int | None = None
+            if not self.db.sqlite and not self.standby:
+                name = s.execute(text("SELECT pg_walfile_name(pg_current_wal_lsn())")).scalar_one()
+                timeline = int(str(name)[:8], 16)
+        return timeline, epoch
+
+    def state(self) -> dict[str, object]:
+        """What ``GET /vault/state`` answers: role (active, standby, fenced), timeline, epoch,
+        this vault's URL."""
+        role = "fenced" if self.fenced is not None else self.role
+        if role == "active":
+            timeline, epoch = self._position()
+        else:
+            with self.db.read() as s:
+                timeline, epoch = None, read_lease(s).epoch
+        return {"role": role, "timeline": timeline, "epoch": epoch,
+                "url": self.settings.advertised_url, "peer_url": self.settings.peer_url}
+
+    def _on_fenced(self, f: Fenced) -> None:
+        """The peer was promoted past this vault: keep it fenced across restarts, stop being
+        the controller without writing, stop the background work."""
+        self.fenced = f
+        try:
+            write_marker(self.settings.data_dir, f)
+        except OSError as e:
+            log.error("could not write the fence marker (the vault stays fenced while it "
+                      "runs): %s", e)
+        self.lease.step_down(f"the vault at {f.peer_url} was promoted past this one")
+        threading.Thread(target=lambda: self.controller.stop(release=False), daemon=True,
+                         name="drsite-vault-fenced").start()
+
+    def _write_gate(self) -> None:
+        if self.fenced is not None:
+            raise self.fenced.error()
+        if self.fence is not None and not self.standby:
+            self.fence.admit()
+        if not self.standby:
+            return
+        try:
+            url = self.active_url()
+        except Exception:  # the refusal must not fail on its own read
+            url = None
+        where = f"the active vault is {url}" if url else "no active vault is known"
+        raise StandbyVault(f"this vault is the standby; {where}",
+                           hint=(f"Send writes to {url}. " if url else "")
+                           + "If the active site is lost, make this vault active with "
+                             "'drsite vault promote'.")
+
+    def promote(self, *, force: bool = False) -> dict[str, object]:
+        """Make this standby vault active: promote its database (``pg_promote()``, waiting
+        until it accepts writes), then take the controller lease with a new epoch, whoever
+        holds it (the old active, if it returns, is fenced by that epoch), and run the
+        background work. Idempotent: on an active vault it only makes sure this process holds
+        the lease. Needs a role allowed to call ``pg_promote`` (a superuser, or GRANT EXECUTE).
+
+        While the peer vault answers as the active one, refused (``Conflict``) unless
+        ``force``: promoting then fences a live vault, and what it writes until it notices
+        (at most ``lease_s / 3``) is lost — a planned switchover, not a disaster."""
+        if self.db.sqlite:
+            raise PermanentError("a vault on SQLite has no standby to promote",
+                                 hint="Vault pairs run on PostgreSQL (see README, production "
+                                      "layout).")
+        if self.standby and not force and self.fence is not None:
+            peer = self.fence.peer_state()
+            if peer is not None and peer.get("role") == "active":
+                raise Conflict(f"the active vault at {self.fence.peer_url} answers: promoting "
+                               "this one fences it, and what it writes until it notices is "
+                               "lost",
+                               hint="Promote only when the active site is lost or cut off "
+                                    "(its agents included); for a planned switchover, 'drsite "
+                                    "vault promote --force'.")
+        promoted_db = False
+        if self.db.in_recovery():
+            try:
+                with self.db.engine.connect() as conn:
+                    ok = conn.execute(text("SELECT pg_promote(true, :t)"),
+                                      {"t": PROMOTE_TIMEOUT_S}).scalar_one()
+                    conn.commit()
+            except DBAPIError as e:
+                raise PermanentError(
+                    f"PostgreSQL refused to promote: {str(e.orig).strip().splitlines()[0]}",
+                    hint="Let the vault's database role promote (GRANT EXECUTE ON FUNCTION "
+                         "pg_promote(boolean, integer) TO that role), or promote the database "
+                         "yourself (pg_ctl promote): the vault notices within a second.") from e
+            if not ok or self.db.in_recovery():
+                raise PermanentError("PostgreSQL did not finish its promotion in "
+                                     f"{PROMOTE_TIMEOUT_S} s",
+                                     hint="See the PostgreSQL server's log, then run 'drsite "
+                                          "vault promote' again.")
+            promoted_db = True
+        self._become_active(force=True)
+        view = self.lease.view()
+        log.warning("vault promoted: this process holds the controller lease at epoch %d",
+                    view.epoch)
+        return {"role": self.role, "epoch": view.epoch, "database_promoted": promoted_db,
+                "controller": self.lease.held}
+
+    def _become_active(self, *, force: bool) -> None:
+        with self._role_lock:
+            was_standby = self.standby
+            if was_standby:
+                self._check_schema()
+                self.standby = False
+                log.warning("this vault's database accepts writes: the vault is active now")
+            if force:
+                self.lease.step(force=True)
+            if was_standby and self._started:
+                self._run_active()
+
+    def _check_schema(self) -> None:
+        current, head = schema_revision(self.db.engine)
+        if current != head:
+            raise PermanentError(f"the database's schema is at revision {current}, this vault "
+                                 f"needs {head}",
+                                 hint="Run the same drsite version on both vaults.")
+
+    def _watch_role(self) -> None:
+        while not self._role_stop.wait(ROLE_POLL_S):
+            if not self.standby:
+                return
+            try:
+                if not self.db.in_recovery():
+                    self._become_active(force=False)
+                    return
+            except Exception as e:  # the database restarting: look again
+                log.warning("standby vault: cannot read the database's role: %s",
+                            type(e).__name__)
+
+    def _run_active(self) -> None:
+        if self.fenced is not None:
+            log.error("this vault is fenced (%s): it runs no background work and writes "
+                      "nothing; make it a standby with 'drsite vault rejoin'",
+                      self.fenced.error().message)
+            return
+        if self.fence is not None:
+            self.fence.start()
+        if self.listener is not None:
+            self.listener.start()
+        if self.settings.background:
+            self.controller.start()
+            return
+        self.lease.step()
+        self.controller.ensure_elected()
 
     def later(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` soon in this process's one bookkeeping thread, off the request path (a
@@ -188,17 +385,26 @@ class Vault:
     def start(self) -> None:
         """Seek the controller lease and, while holding it, run the background work (first
         resuming or failing the jobs a previous controller left). Without ``background``
-        (tests) the lease is taken now and ``tick()`` does the rounds."""
-        if self.listener is not None:
-            self.listener.start()
-        if self.settings.background:
-            self.controller.start()
-            return
-        self.lease.step()
-        self.controller.ensure_elected()
+        (tests) the lease is taken now and ``tick()`` does the rounds. A standby runs none of
+        it: it watches its database and starts them when the database is promoted."""
+        with self._role_lock:
+            self._started = True
+            if not self.standby:
+                self._run_active()
+                return
+        self._role_stop.clear()
+        self._role_thread = threading.Thread(target=self._watch_role, daemon=True,
+                                             name="drsite-vault-role")
+        self._role_thread.start()
 
     def stop(self) -> None:
         """Stop the background work and release the controller lease."""
+        self._role_stop.set()
+        if self.fence is not None:
+            self.fence.stop()
+        if self._role_thread is not None:
+            self._role_thread.join(timeout=10)
+            self._role_thread = None
         self.controller.stop()
         if self.listener is not None:
             self.listener.stop()
@@ -222,22 +428,46 @@ def bootstrap(settings: VaultSettings) -> Vault:
     lock = masterkey.DataDirLock(settings.data_dir, exclusive=False)
     db: Database | None = None
     try:
-        ca = CertificateAuthority.load_or_create(settings.pki_dir)
-        tls = ensure_server_cert(ca, settings.pki_dir)
         masterkey.private_sqlite_file(settings.database_url)
         db = Database(settings.database_url, idle_in_tx_s=settings.idle_in_tx_s)
-        db.migrate()
+        standby = db.in_recovery()
+        if standby:
+            _check_standby(db, settings)
+        else:
+            db.migrate()
         ring = masterkey.open_keyring(db, settings.master_key_path)
         attach_sealer(db.engine, ring)
-        masterkey.seal_clear_values(db, ring)
-        token = ensure_admin_token(db, settings.data_dir, settings.clock.now())
+        if not standby:
+            masterkey.seal_clear_values(db, ring)
+        ca = sync_ca(db, settings.pki_dir, settings.clock.now(), writable=not standby)
+        tls = ensure_server_cert(ca, settings.pki_dir)
+        token = None if standby else ensure_admin_token(db, settings.data_dir,
+                                                        settings.clock.now())
         masterkey.fix_modes(settings.data_dir)  # what the steps above created (CA cert: 0644)
     except BaseException:
         if db is not None:
             db.dispose()
         lock.release()
         raise
-    return Vault(settings, db, ca, tls, token, lock)
+    if standby:
+        log.info("the database is a hot standby: this vault is the standby (reads only)")
+    return Vault(settings, db, ca, tls, token, lock, standby=standby)
+
+
+def _check_standby(db: Database, settings: VaultSettings) -> None:
+    """A standby writes nothing at start: its schema must be the code's (the active vault
+    migrates the primary), and it needs the active vault's master key (it cannot make one)."""
+    current, head = schema_revision(db.engine)
+    if current != head:
+        raise PermanentError(f"the standby's database is at schema revision {current}, this "
+                             f"vault needs {head}",
+                             hint="Start the active vault with this drsite version first (it "
+                                  "migrates the primary database), then this standby.")
+    if masterkey.load_keyring(settings.master_key_path) is None:
+        raise SecretUnreadable(f"a standby vault needs the active vault's master key, and "
+                               f"{settings.master_key_path} does not exist",
+                               hint="Copy the active vault's master key file here (mode 0600) "
+                                    "or pass --master-key-file.")
 
 
 def attach(settings: VaultSettings) -> Vault:
@@ -247,14 +477,15 @@ def attach(settings: VaultSettings) -> Vault:
     lock = masterkey.DataDirLock(settings.data_dir, exclusive=False)
     db: Database | None = None
     try:
-        ca = CertificateAuthority.load_or_create(settings.pki_dir)
-        tls = ensure_server_cert(ca, settings.pki_dir)
         db = Database(settings.database_url, idle_in_tx_s=settings.idle_in_tx_s)
+        standby = db.in_recovery()
         ring = masterkey.open_keyring(db, settings.master_key_path)
         attach_sealer(db.engine, ring)
+        ca = sync_ca(db, settings.pki_dir, settings.clock.now(), writable=False)
+        tls = ensure_server_cert(ca, settings.pki_dir)
     except BaseException:
         if db is not None:
             db.dispose()
         lock.release()
         raise
-    return Vault(settings, db, ca, tls, None, lock)
+    return Vault(settings, db, ca, tls, None, lock, standby=standby)

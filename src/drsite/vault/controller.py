@@ -58,7 +58,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from drsite import __version__
-from drsite.core.errors import Fenced
+from drsite.core.errors import DrsiteError, Fenced, StandbyVault
 from drsite.vault.db.database import Database
 from drsite.vault.db.models import ControllerLease
 
@@ -110,11 +110,14 @@ class Identity:
     info: dict[str, Any]
 
 
-def this_process(listen: str | None = None) -> Identity:
+def this_process(listen: str | None = None, url: str | None = None) -> Identity:
+    """``url``: where agents and operators reach this vault (a standby names the holder's as
+    the active vault's)."""
     host, pid = socket.gethostname(), os.getpid()
     info: dict[str, Any] = {"host": host, "pid": pid, "start": _start_ticks(pid),
                             "boot_id": _read("/proc/sys/kernel/random/boot_id"),
-                            "pidns": _pid_namespace(), "version": __version__, "listen": listen}
+                            "pidns": _pid_namespace(), "version": __version__, "listen": listen,
+                            "url": url}
     return Identity(f"{host}:{pid}:{uuid.uuid4().hex[:12]}", info)
 
 
@@ -162,6 +165,7 @@ class LeaseView:
         info = self.info or {}
         return {"holder": self.holder, "epoch": self.epoch, "live": self.live,
                 "host": info.get("host"), "pid": info.get("pid"), "listen": info.get("listen"),
+                "url": info.get("url"),
                 "version": info.get("version"), "acquired_at": self.acquired_at,
                 "renewed_at": self.renewed_at, "expires_at": self.expires_at,
                 "expires_in_s": round(self.expires_at - self.now, 3)}
@@ -280,6 +284,10 @@ class Lease:
             raise NotController(f"controller epoch {epoch} was superseded by epoch {now_epoch}; "
                                 "this vault process stepped down and wrote nothing")
 
+    def step_down(self, why: str) -> None:
+        """Stop being the controller now, without writing (a fenced vault of a pair)."""
+        self._lose(why)
+
     def _lose(self, why: str) -> None:
         with self._mutex:
             if self._epoch is None:
@@ -307,7 +315,7 @@ class Lease:
                                  ControllerLease.epoch == epoch)
                           .values(holder=None, expires_at=0.0))
             log.info("controller lease released (epoch %d)", epoch)
-        except SQLAlchemyError as e:
+        except (SQLAlchemyError, DrsiteError) as e:  # DrsiteError: a pair's fence refused
             log.warning("could not release the controller lease (epoch %d): %s; it expires "
                         "on its own", epoch, type(e).__name__)
 
@@ -347,15 +355,17 @@ class Controller:
             t.start()
             self._threads.append(t)
 
-    def stop(self) -> None:
+    def stop(self, *, release: bool = True) -> None:
         """Stop both threads (the work in progress finishes its round), then release the
-        lease."""
+        lease (not when ``release`` is False: a fenced vault writes nothing, that included)."""
         self._stop.set()
         self.kick.set()
         for t in self._threads:
-            t.join(timeout=30)
+            if t is not threading.current_thread():
+                t.join(timeout=30)
         self._threads = []
-        self.lease.release()
+        if release:
+            self.lease.release()
 
     def ensure_elected(self) -> bool:
         """Run ``on_elected`` if a new term began since the last call; whether this process is
@@ -382,8 +392,8 @@ class Controller:
             try:
                 if self.ensure_elected():
                     self.work()
-            except NotController:
-                pass  # the lease logged it; the loop waits for the next term
+            except (NotController, StandbyVault):
+                pass  # the lease (or the pair's fence) logged it; the loop waits or stops
             except Exception:  # keep the vault alive; the next round tries again
                 log.exception("vault background loop failed; retrying")
             # the next round after interval_s, or at once when kicked (a job was created, a

@@ -47,10 +47,13 @@ MAX_WORKERS = 64
 def run_vault(data_dir: Path, listen: str = "127.0.0.1:8443", db_url: str | None = None,
               heartbeat_interval: float = 2.0, master_key_file: Path | None = None,
               routers: Sequence[APIRouter] = (), workers: int = 1,
-              lease_s: float = 10.0) -> None:
+              lease_s: float = 10.0, url: str | None = None,
+              peer_url: str | None = None) -> None:
     """Run a vault in the foreground until it is asked to stop (blocking). ``routers``: more
     routes to serve beside the API (the CLI adds the dashboard). ``workers``: API processes
-    (more than one needs PostgreSQL). ``lease_s``: the controller lease period."""
+    (more than one needs PostgreSQL). ``lease_s``: the controller lease period. ``url``: where
+    agents reach this vault (default ``https://LISTEN``). ``peer_url``: the other vault of a pair
+    (this one, when active, writes only while that one was not promoted past it)."""
     host, port = parse_listen(listen)
     if heartbeat_interval <= 0:
         raise InvalidInput("heartbeat_interval must be > 0")
@@ -62,11 +65,19 @@ def run_vault(data_dir: Path, listen: str = "127.0.0.1:8443", db_url: str | None
         raise InvalidInput("several API workers need PostgreSQL: SQLite has one writer at a time "
                            "and stays the one-process default",
                            hint="Pass --db postgresql+psycopg://USER@HOST/DB, or --workers 1.")
+    if peer_url is not None and is_sqlite(db_url or "sqlite"):
+        raise InvalidInput("a vault pair (--peer) needs PostgreSQL: each vault runs on its own "
+                           "database, the standby's a streaming replica of the active's",
+                           hint="Pass --db postgresql+psycopg://… (see README, production "
+                                "layout across two sites), or leave --peer out.")
+    if peer_url is not None and not peer_url.startswith("https://"):
+        raise InvalidInput(f"peer URL {peer_url!r} is not an https:// URL")
     os.umask(0o077)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = VaultSettings(data_dir=Path(data_dir), db_url=db_url, heartbeat_interval=heartbeat_interval,
-                             master_key_file=master_key_file, lease_s=lease_s, listen=listen)
+                             master_key_file=master_key_file, lease_s=lease_s, listen=listen,
+                             url=url, peer_url=peer_url)
     vault = bootstrap(settings)
     if vault.new_admin_token is not None:
         # the first admin token is in DATA/admin.token (0600); it is shown once on an interactive

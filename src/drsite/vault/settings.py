@@ -26,7 +26,8 @@ class VaultSettings:
     default). ``background`` runs the job runner, scheduler and health loop in a thread while
     the app is up — in the one vault process on the database that holds the controller lease
     (``vault/controller.py``, period ``lease_s``); tests set it False and call ``tick()``
-    themselves. ``listen`` is only shown (who the controller is).
+    themselves. ``listen`` and ``url`` are only shown (who the controller is; a standby vault
+    names the active one).
     """
 
     data_dir: Path
@@ -53,6 +54,18 @@ class VaultSettings:
     # the controller lease: a controller that stops renewing it is replaced after this long
     lease_s: float = 10.0
     listen: str | None = None
+    # where agents and operators reach this vault (default https://LISTEN): recorded in the
+    # lease, so a standby vault names the active one in its refusals
+    url: str | None = None
+    # the other vault of a pair (issue 14): an active vault writes only while this peer has
+    # not been promoted past it (vault/pairfence.py)
+    peer_url: str | None = None
+
+    @property
+    def advertised_url(self) -> str | None:
+        if self.url:
+            return self.url.rstrip("/")
+        return f"https://{self.listen}" if self.listen else None
 
     @property
     def database_url(self) -> str:

@@ -75,9 +75,23 @@ def nav(user: WebUser | None) -> tuple[tuple[str, str, str], ...]:
     return NAV + ADMIN_NAV if user is not None and user.is_admin else NAV
 
 
+def pair(vault: Vault) -> dict[str, Any] | None:
+    """The banner of a vault that is not the active one of its pair (standby, or fenced):
+    what it is and where the active vault is. None on an active vault."""
+    if vault.fenced is not None:
+        return {"role": "fenced", "active_url": vault.fenced.peer_url}
+    if vault.standby:
+        try:
+            url = vault.active_url()
+        except DrsiteError:
+            url = None
+        return {"role": "standby", "active_url": url}
+    return None
+
+
 def ctx(vault: Vault, user: WebUser, active: str, **kw: Any) -> dict[str, Any]:
     return {"user": user, "now": now(vault), "nav": nav(user), "active": active, "poll": POLL,
-            **kw}
+            "pair": pair(vault), **kw}
 
 
 def error(vault: Vault, user: WebUser | None, err: DrsiteError, status: int,
@@ -86,7 +100,7 @@ def error(vault: Vault, user: WebUser | None, err: DrsiteError, status: int,
     if fragment:
         return page("fragments/error.html", status, err=err)
     return page("error.html", status, user=user, now=now(vault), nav=nav(user), active="",
-                err=err, poll=POLL, status=status)
+                err=err, poll=POLL, status=status, pair=pair(vault))
 
 
 def status_of(err: DrsiteError) -> int:

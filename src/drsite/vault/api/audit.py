@@ -175,6 +175,11 @@ class AuditMiddleware:
 
 
 def _write(vault: Any, entry: AuditEntry) -> None:
+    if vault.passive:  # a standby or fenced vault writes nothing; the active one audits its own
+        log.info("%s vault: not recorded in the audit trail: %s %s by %s %s",
+                 "fenced" if vault.fenced is not None else "standby", entry.action,
+                 entry.outcome, entry.actor_kind, entry.actor)
+        return
     try:
         with vault.db.tx() as s:
             record_audit(s, entry)

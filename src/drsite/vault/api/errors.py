@@ -17,7 +17,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from drsite.core.errors import DrsiteError, InternalError, InvalidInput, class_for_status
+from drsite.core.errors import (
+    DrsiteError,
+    InternalError,
+    InvalidInput,
+    StandbyVault,
+    class_for_status,
+)
+
+# PostgreSQL's "cannot execute … in a read-only transaction": a write reached a hot standby
+READ_ONLY_SQLSTATE = "25006"
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +65,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _internal(req: Request, exc: Exception) -> JSONResponse:
+        if getattr(getattr(exc, "orig", None), "sqlstate", None) == READ_ONLY_SQLSTATE:
+            # the vault checks its role before each write; this is the database saying it
+            # first (a promotion or demotion in between)
+            return _answer(StandbyVault("this vault's database is a hot standby and takes no "
+                                        "writes"))
         log.exception("internal error on %s %s", req.method, req.url.path)
         return _answer(InternalError(f"internal error: {type(exc).__name__}",
                                      hint="See the vault's log."))

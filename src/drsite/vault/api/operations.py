@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from drsite.core.errors import InvalidInput, NotFound
 from drsite.core.states import ACTIVE_JOB_STATES, JOB_FILTER_ACTIVE, LIVE_ITEM_STATUSES, JobState
 from drsite.replication.report import Health
-from drsite.vault.api.deps import Operator, Reader, VaultDep, name
+from drsite.vault.api.deps import Admin, Operator, Reader, VaultDep, name
 from drsite.vault.api.paging import DEFAULT_LIMIT, Key, page
 from drsite.vault.api.views import alert_view, event_view, job_view
 from drsite.vault.db.models import Alert, Event, Host, Item, Job
@@ -171,8 +171,18 @@ def controller(vault: VaultDep, _p: Reader) -> dict[str, Any]:
     API processes may serve one vault: ``this_process.controller`` tells whether it is the
     one running the background work)."""
     lease = vault.lease.view()
-    return {"lease": lease.to_dict(),
+    return {"lease": lease.to_dict(), "role": vault.role,
             "this_process": {"host": socket.gethostname(), "pid": os.getpid(),
                              "controller": vault.lease.held
                              and lease.holder == vault.lease.ident.holder,
                              "epoch": vault.lease.epoch}}
+
+
+@router.post("/vault/promote", summary="Make this standby vault the active one (admin)")
+def promote(vault: VaultDep, _p: Admin, force: bool = False) -> dict[str, Any]:
+    """Promote this vault's database (a hot standby) and take the controller lease with a new
+    epoch, whoever holds it: the old active, if it returns, is fenced. Manual by design: run it
+    only when the active vault's site is lost (docs/control-plane.md, "Vault pair"). On an
+    active vault it only makes sure this process is the controller. Refused (409) while the
+    peer vault answers as the active one, unless ``force`` (a planned switchover)."""
+    return vault.promote(force=force)

@@ -24,7 +24,9 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -152,7 +154,16 @@ def upgrade(engine: Engine) -> None:
         command.upgrade(alembic_config(conn), "head")
 
 
+def schema_revision(engine: Engine) -> tuple[str | None, str | None]:
+    """(the database's revision, the newest this code knows), read without writing."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    with engine.connect() as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
+    return current, head
+
+
 Guard = Callable[[Session], None]
+Gate = Callable[[], None]
 
 
 class Database:
@@ -169,6 +180,20 @@ class Database:
         # one process's SQLite writers queue here, in order, instead of in the busy handler
         self._writers: FairLock | _NoLock = FairLock() if self.sqlite else _NoLock()
         self._guard: Guard | None = None
+        self._gate: Gate | None = None
+
+    def set_gate(self, gate: Gate) -> None:
+        """``gate()`` runs before every write transaction (``tx()``) of this database and of
+        the guarded views made after this call; it raises to refuse the write before anything
+        starts (a standby vault: ``StandbyVault``)."""
+        self._gate = gate
+
+    def in_recovery(self) -> bool:
+        """Whether the database is a hot standby (PostgreSQL in recovery: reads only)."""
+        if self.sqlite:
+            return False
+        with self.engine.connect() as conn:
+            return bool(conn.execute(text("SELECT pg_is_in_recovery()")).scalar_one())
 
     def guarded(self, guard: Guard) -> Database:
         """The same database (engine, sessions, writer queue) whose write transactions first
@@ -188,6 +213,8 @@ class Database:
 
     @contextmanager
     def tx(self) -> Iterator[Session]:
+        if self._gate is not None:
+            self._gate()
         with self._writers, self._sessions() as s, s.begin():
             if self._guard is not None:
                 self._guard(s)

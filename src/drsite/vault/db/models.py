@@ -499,3 +499,16 @@ class ControllerLease(Base):
     acquired_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     renewed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     expires_at: Mapped[float] = mapped_column(Float)
+
+
+class VaultCa(Base):
+    """The vault's CA (migration 0012, row ``ca``): ``cert`` its certificate (PEM), ``key`` its
+    private key (PEM), sealed at rest under the master key. The files in ``DATA/pki`` are a
+    copy; the database's row is the one a standby vault, its database replicated, takes over
+    with (``vault/castate.py``)."""
+
+    __tablename__ = "vault_ca"
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    cert: Mapped[str] = mapped_column(Text)
+    key: Mapped[str] = mapped_column(SealedJSON("vault_ca.key"))  # sealed at rest
+    created_at: Mapped[float] = mapped_column(Float)

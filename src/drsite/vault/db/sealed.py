@@ -138,4 +138,5 @@ SEALED_COLUMNS = (
     SealedColumn("stores", "id", "keys"),              # data-encryption keys
     SealedColumn("commands", "id", "args", COMMAND_ARG_PATHS),  # what agents receive
     SealedColumn("point_keys", "item_id", "key"),      # items' point keys (store/auth.py)
+    SealedColumn("vault_ca", "name", "key"),           # the CA's private key (vault/castate.py)
 )
