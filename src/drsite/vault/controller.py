@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, text, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from drsite import __version__
@@ -63,6 +63,9 @@ from drsite.vault.db.database import Database
 from drsite.vault.db.models import ControllerLease
 
 log = logging.getLogger(__name__)
+# PostgreSQL ended the session: idle-in-transaction timeout (a vault stopped mid-transaction),
+# admin shutdown, crash shutdown, cannot connect now
+DROPPED_BY_SERVER = frozenset(("25P03", "57P01", "57P02", "57P03"))
 
 LEASE = "controller"
 LOCK_TIMEOUT_MS = 2000  # an election round never waits longer than this for the row
@@ -394,6 +397,14 @@ class Controller:
                     self.work()
             except (NotController, StandbyVault):
                 pass  # the lease (or the pair's fence) logged it; the loop waits or stops
+            except DBAPIError as e:
+                if not (e.connection_invalidated or isinstance(e, OperationalError)
+                        or getattr(e.orig, "sqlstate", None) in DROPPED_BY_SERVER):
+                    log.exception("vault background loop failed; retrying")
+                else:  # the database went away or dropped us (restart, stop, timeout): a fault
+                    log.warning("vault background loop: database connection lost (%s: %s); "
+                                "retrying", type(e.orig).__name__,
+                                str(e.orig).splitlines()[0] if str(e.orig) else "")
             except Exception:  # keep the vault alive; the next round tries again
                 log.exception("vault background loop failed; retrying")
             # the next round after interval_s, or at once when kicked (a job was created, a

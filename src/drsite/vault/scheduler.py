@@ -223,6 +223,9 @@ class Scheduler:
                                                         Item.status == ItemProtection.PROTECTED,
                                                         Item.active_job_id.is_(None))))
             open_kinds = _open_kinds(s, ids)
+            # stamped after the re-check, not at the tick's start: a command the re-check saw
+            # finish was finished before this one was created (the commands table says so)
+            created = max(now, self.settings.clock.now())
             values: dict[str, dict[str, Any]] = {}
             for d in sorted(due, key=lambda x: x.item_id):
                 if d.item_id not in still:
@@ -234,7 +237,7 @@ class Scheduler:
                 taken.add(d.kind)
                 sent.append(Command(id=new_id("c"), host_id=d.host_id, item_id=d.item_id, job_id=None,
                                     kind=d.kind, args=d.args, status=CommandStatus.PENDING, progress=0.0,
-                                    deliveries=0, created_at=now, updated_at=now))
+                                    deliveries=0, created_at=created, updated_at=created))
                 values.setdefault(d.item_id, {}).update(d.item_values)
             for item_id in sorted(values):
                 if values[item_id]:
