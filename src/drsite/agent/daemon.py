@@ -31,10 +31,8 @@ import logging
 import ssl
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,41 +42,35 @@ import drsite
 from drsite.agent import barrier as barriers
 from drsite.agent import breakglass, cloudstores, pointkeys, recoverybook, storeacl, storerekey
 from drsite.agent.drill import DrillCommands
-from drsite.agent.failover import KINDS as FAILOVER_KINDS
 from drsite.agent.failover import FailoverCommands
-from drsite.agent.link import COMMAND_KINDS, Command, HeartbeatReply, VaultLink
+from drsite.agent.lanes import CommandLanes, Interrupted, Task
+from drsite.agent.link import Command, HeartbeatReply, VaultLink
 from drsite.agent.peers import CatalogueRefresher
 from drsite.agent.recoverybook import BOOK_FILE, RecoveryBook
 from drsite.agent.registration import AgentIdentity
 from drsite.agent.scrub import ScrubCommands
 from drsite.agent.state import (
-    Accepted,
     CatalogEntry,
     CatalogFile,
     CommandJournal,
-    Finished,
     ItemEntry,
     ItemPhase,
     ItemsFile,
     settings_from_args,
 )
 from drsite.agent.storeservice import StoreService
-from drsite.agent.vms import VmCommands, lane_of
+from drsite.agent.vms import VmCommands
 from drsite.core.errors import (
     AuthError,
-    CommandInterrupted,
     Conflict,
     DrsiteError,
     Fenced,
     InvalidInput,
     NotFound,
-    OperationInterrupted,
-    PermanentError,
     VmNotFound,
     classify_os_error,
 )
 from drsite.core.model import PowerState
-from drsite.core.states import CommandStatus
 from drsite.hypervisors.contract import HypervisorDriver
 from drsite.replication.driver import ItemReplicator
 from drsite.replication.report import Health, ItemReport, ItemState
@@ -95,37 +87,8 @@ log = logging.getLogger(__name__)
 TargetFactory = Callable[[str, str], RecoveryTarget]
 """``(store_url, item_id) → RecoveryTarget``; the default builds a ``SiteTarget``."""
 
-PROGRESS_REPOST_S = 10.0
 CATALOGUE_TIMEOUT_S = 5.0  # listing an item's points at a peer store
-URGENT_KINDS = frozenset((*FAILOVER_KINDS, "unprotect"))
-URGENT_WORKERS = 4
-BARRIER_WORKERS = 4  # group barriers' prepare and seal: short, local, never behind a lane
-# run beside the item's lane, never queued behind its work: a fence powers the old primary's VM
-# off while a cycle may hang on a black-holed store for its whole network timeout
-BESIDE_LANE_KINDS = frozenset(("failover_fence",))
 FULL_HEARTBEAT_EVERY = 30
-CHANNEL_WAIT_S = 20.0  # how long the vault may hold the command channel's request
-
-
-class Interrupted(Exception):
-    """Raised inside an item's work (from its progress callback) to stop it at once: the agent
-    is shutting down, or the item is being unprotected. Equivalent to a crash at that place,
-    which the engine resumes from."""
-
-
-@dataclass
-class _Task:
-    kind: str                      # a command kind, or "resume" / "auto" (the agent's own)
-    command: Command | None = None
-
-
-@dataclass
-class _Lane:
-    """Per-item FIFO of tasks; at most one of them runs at a time."""
-
-    tasks: deque[_Task] = field(default_factory=deque)
-    active: bool = False
-    cancel: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -134,13 +97,6 @@ class _Item:
     replicator: ItemReplicator | None
     catalog: Repository | None     # the heartbeat thread's own view of the item's points
     error: DrsiteError | None = None
-
-
-@dataclass
-class _Progress:
-    item_id: str
-    posted_at: float = 0.0
-    posted_progress: float = -1.0
 
 
 class Agent:
@@ -172,7 +128,6 @@ class Agent:
         self.heartbeat_interval = heartbeat_interval
         self.offline_after_s = offline_after_s
         self.max_backoff_s = max(max_backoff_s, heartbeat_interval)
-        self.max_parallel_items = max(1, max_parallel_items)
         self.identity = AgentIdentity.load(self.data_dir)
         self._ctx: ssl.SSLContext = self.identity.client_context()
         # a vault pair: the link follows whichever vault is active (agent/link.py)
@@ -192,8 +147,6 @@ class Agent:
         self._entries = self._items_file.load()
         self._catalog = self._catalog_file.load()
         self._items: dict[str, _Item] = {}
-        self._lanes: dict[str, _Lane] = {}
-        self._inflight: dict[str, _Progress] = {}   # accepted command ids (queued or running)
         # the items' recovery points, listed off the control loop (one thread per peer)
         self._catalogues = CatalogueRefresher(heartbeat_interval)
         # what the vault was last told (report digests per item, "" = inventory): heartbeats
@@ -203,11 +156,6 @@ class Agent:
         self._beats_since_full = 0
         self._lock = threading.RLock()
         self._stop = threading.Event()
-        self._pool: ThreadPoolExecutor | None = None
-        # lanes whose next task is a failover or unprotect command start here, so that they
-        # never queue behind replication stuck on a slow or hung peer
-        self._urgent_pool: ThreadPoolExecutor | None = None
-        self._barrier_pool: ThreadPoolExecutor | None = None
         self._store: StoreService | None = None
         if store_dir is not None and store_listen is not None:
             self._store = StoreService(self.identity, store_dir, self.data_dir / "replicas",
@@ -221,6 +169,7 @@ class Agent:
         self.drills = DrillCommands(self)
         self.barriers = barriers.BarrierCommands(self)
         self.vms = VmCommands(hypervisor, self.data_dir, import_dir)
+        self.lanes = CommandLanes(self, self._journal, self._lock, self._stop, max_parallel_items)
         self.command_channel = command_channel
         self._channel: threading.Thread | None = None
         self._started = False
@@ -239,10 +188,21 @@ class Agent:
         """The item a command names, with its engine (``NotFound`` if not protected here)."""
         return self._live_item(cmd)
 
+    @property
+    def max_parallel_items(self) -> int:
+        return self.lanes.max_parallel_items
+
     def lane_idle(self, item_id: str) -> bool:
-        with self._lock:
-            lane = self._lanes.get(item_id)
-            return lane is None or not (lane.active or lane.tasks)
+        """No task queued or running in the item's lane."""
+        return self.lanes.idle(item_id)
+
+    def lane_waiting(self, item_id: str) -> bool:
+        """True while a task waits in the item's lane (a long scrub yields to it)."""
+        return self.lanes.waiting(item_id)
+
+    def held_commands(self) -> list[str]:
+        """Ids of the commands this agent holds (:meth:`CommandLanes.held_commands`)."""
+        return self.lanes.held_commands()
 
     def note_started(self, cmd: Command, **facts: Any) -> None:
         self._journal.start(cmd.command_id, kind=cmd.kind, item_id=cmd.item_id, **facts)
@@ -327,16 +287,9 @@ class Agent:
                 return
             self._started = True
             self._stop.clear()
-            self._lanes = {}
-            self._inflight = {}
+            self.lanes.open()
             if self._catalogues.stopped:  # started again after a shutdown
                 self._catalogues = CatalogueRefresher(self.heartbeat_interval)
-            self._pool = ThreadPoolExecutor(self.max_parallel_items,
-                                            thread_name_prefix="agent-item")
-            self._urgent_pool = ThreadPoolExecutor(URGENT_WORKERS,
-                                                   thread_name_prefix="agent-urgent")
-            self._barrier_pool = ThreadPoolExecutor(BARRIER_WORKERS,
-                                                    thread_name_prefix="agent-barrier")
         if self._store is not None:
             self._store_url = self._store.start()
             if self._store_advertised is not None:
@@ -350,10 +303,10 @@ class Agent:
                 self._items[entry.item_id] = item
             if self._needs_resume(item):
                 log.info("item %s: resuming interrupted work after a restart", entry.item_id)
-                self._enqueue(entry.item_id, _Task("resume"))
-        self._resume_accepted()
+                self.lanes.enqueue(entry.item_id, Task("resume"))
+        self.lanes.resume_accepted()
         if self.command_channel and (self._channel is None or not self._channel.is_alive()):
-            self._channel = threading.Thread(target=self._channel_loop, daemon=True,
+            self._channel = threading.Thread(target=self.lanes.channel_loop, daemon=True,
                                              name="agent-commands")
             self._channel.start()
 
@@ -376,15 +329,7 @@ class Agent:
         server and the vault connection. Commands interrupted here are not reported failed:
         the vault re-sends them and the restarted agent resumes them."""
         self._stop.set()
-        with self._lock:
-            for lane in self._lanes.values():
-                lane.cancel.set()
-            pool, self._pool = self._pool, None
-            urgent, self._urgent_pool = self._urgent_pool, None
-            bar, self._barrier_pool = self._barrier_pool, None
-        for p in (pool, urgent, bar):
-            if p is not None:
-                p.shutdown(wait=True, cancel_futures=True)
+        self.lanes.close()
         self._catalogues.stop()
         if self._store is not None:
             self._store.stop()
@@ -400,13 +345,7 @@ class Agent:
 
     def wait_idle(self, timeout: float) -> bool:
         """True once no task is queued or running (tests, orderly shutdown)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                if not any(lane.active or lane.tasks for lane in self._lanes.values()):
-                    return True
-            time.sleep(0.02)
-        return False
+        return self.lanes.wait_idle(timeout)
 
     # ----------------------------------------------------------------------------- items
 
@@ -431,8 +370,7 @@ class Agent:
         return store
 
     def _on_progress(self, item_id: str, report: ItemReport) -> None:
-        lane = self._lanes.get(item_id)
-        if self._stop.is_set() or (lane is not None and lane.cancel.is_set()):
+        if self._stop.is_set() or self.lanes.cancelled(item_id):
             raise Interrupted(f"work on {item_id} interrupted")
 
     def _open_item(self, entry: ItemEntry) -> _Item:
@@ -464,7 +402,7 @@ class Agent:
         if item.replicator is not None:
             item.replicator.target.repo.close()
 
-    def _reopen(self, item_id: str) -> _Item | None:
+    def reopen(self, item_id: str) -> _Item | None:
         """Rebuild an item's engine from its files (after its work was interrupted)."""
         with self._lock:
             old = self._items.get(item_id)
@@ -629,9 +567,9 @@ class Agent:
         breakglass.mark_reported(self.data_dir, reply.breakglass_ack)
         self._apply_ack(reply, sent)
         for cmd in reply.commands:
-            self._accept(cmd)
-        self._flush_results()
-        self._post_progress()
+            self.lanes.accept(cmd)
+        self.lanes.flush_results()
+        self.lanes.post_progress()
         return reply
 
     def tick(self) -> float:
@@ -666,40 +604,6 @@ class Agent:
         self._last_ok = time.monotonic()
         return self.heartbeat_interval
 
-    def _channel_loop(self) -> None:
-        """The command channel: a long poll to the vault (same mTLS), so a command reaches the
-        agent when the vault commits it, not at the next heartbeat. Heartbeats still carry
-        commands too (re-deliveries, a vault without the channel); ids make both paths one."""
-        failures = 0
-        while not self._stop.is_set():
-            try:
-                cmds = self.link.wait_commands(CHANNEL_WAIT_S)
-            except NotFound:
-                log.info("the vault at %s has no command channel; commands arrive with "
-                         "heartbeats", self.link.vault_url)
-                return
-            except DrsiteError as e:
-                failures += 1
-                if failures == 1:
-                    log.info("command channel to the vault interrupted (%s); heartbeats carry "
-                             "commands meanwhile", e)
-                self._stop.wait(min(self.max_backoff_s, self.heartbeat_interval * failures))
-                continue
-            except Exception:  # the client was closed under it (shutdown) or a bug
-                if self._stop.is_set():
-                    return
-                log.exception("command channel failed; retrying")
-                self._stop.wait(self.heartbeat_interval)
-                continue
-            failures = 0
-            for cmd in cmds:
-                if self._stop.is_set():
-                    return  # not taken: the vault re-delivers (the next heartbeat lacks it)
-                try:
-                    self._accept(cmd)
-                except DrsiteError as e:
-                    log.warning("command %s not taken: %s", cmd.command_id, e)
-
     def _offline_step(self) -> None:
         """The vault has been away for ``offline_after_s``: run each idle item's own next step
         when due (frequency, retry schedule, resync window from its last settings)."""
@@ -714,329 +618,13 @@ class Agent:
             items = [it for it in self._items.values()
                      if it.replicator is not None and it.entry.phase == ItemPhase.PROTECTED]
             for it in items:
-                lane = self._lanes.get(it.entry.item_id)
-                if lane is not None and (lane.active or lane.tasks):
+                if not self.lanes.idle(it.entry.item_id):
                     continue
                 assert it.replicator is not None
                 if it.replicator.next_due() <= time.time():  # next_due first: it reads the clock
-                    self._enqueue(it.entry.item_id, _Task("auto"))
+                    self.lanes.enqueue(it.entry.item_id, Task("auto"))
 
-    # ----------------------------------------------------------------------------- results
-
-    def _post_final(self, fin: Finished) -> None:
-        try:
-            self.link.post_result(fin.command_id, status=fin.status,
-                                  progress=100.0 if fin.status == CommandStatus.SUCCEEDED else 0.0,
-                                  result=fin.result, error=fin.error)
-        except Conflict as e:
-            # the vault already has a different end for it (e.g. withdrawn): nothing to retry
-            log.warning("the vault refused the result of command %s: %s", fin.command_id, e)
-        except DrsiteError as e:
-            log.info("result of command %s not delivered yet (%s); will retry", fin.command_id, e)
-            return
-        self._journal.mark_posted(fin.command_id)
-
-    def _flush_results(self) -> None:
-        for fin in self._journal.unposted():
-            self._post_final(fin)
-
-    def _post_progress(self) -> None:
-        now = time.monotonic()
-        with self._lock:
-            todo: list[tuple[str, _Progress, float]] = []
-            for cid, pr in self._inflight.items():
-                item = self._items.get(pr.item_id)
-                prog = 0.0
-                if item is not None and item.replicator is not None and self._is_running(cid):
-                    prog = float(item.replicator.report.progress)
-                if not pr.item_id and pr.posted_progress >= 0:
-                    continue  # a command of no item (store_rekey) posts its own progress
-                if pr.posted_progress < 0 or abs(prog - pr.posted_progress) >= 0.5 \
-                        or now - pr.posted_at >= PROGRESS_REPOST_S:
-                    todo.append((cid, pr, prog))
-        for cid, pr, prog in todo:
-            try:
-                self.link.post_result(cid, status=CommandStatus.RUNNING, progress=prog)
-            except Conflict:
-                continue  # ended meanwhile (our final post won the race)
-            except DrsiteError as e:
-                log.debug("progress of %s not posted: %s", cid, e)
-                return
-            pr.posted_at, pr.posted_progress = now, prog
-
-    def lane_waiting(self, item_id: str) -> bool:
-        """True while a task waits in the item's lane (a long scrub yields to it)."""
-        with self._lock:
-            lane = self._lanes.get(item_id)
-            return lane is not None and bool(lane.tasks)
-
-    def _is_running(self, command_id: str) -> bool:
-        pr = self._inflight.get(command_id)
-        if pr is None:
-            return False
-        lane = self._lanes.get(pr.item_id)
-        return lane is not None and lane.active and not any(
-            t.command is not None and t.command.command_id == command_id for t in lane.tasks)
-
-    # ----------------------------------------------------------------------------- dispatch
-
-    def _accept(self, cmd: Command) -> None:
-        """Take a command from the vault (heartbeat reply or the command channel): ignore it if
-        queued or running, answer it from the journal if finished, else record it in the
-        journal (durably, so a restart resumes it) and queue it on its item's lane."""
-        if cmd.kind not in COMMAND_KINDS:
-            if self._journal.finished(cmd.command_id) is None:
-                err = InvalidInput(f"unknown command kind {cmd.kind!r}",
-                                   hint="The agent is older than the vault; upgrade it.")
-                self._finish(cmd, CommandStatus.FAILED, {}, err.to_dict())
-            return
-        with self._lock:
-            if cmd.command_id in self._inflight:
-                log.debug("command %s already queued or running", cmd.command_id)
-                return
-            if self._journal.finished(cmd.command_id) is not None:
-                log.info("command %s was already done; sending its result again", cmd.command_id)
-                self._journal.mark_unposted(cmd.command_id)
-                return
-            log.info("command %s: %s %s accepted", cmd.command_id, cmd.kind, cmd.item_id)
-            self._inflight[cmd.command_id] = _Progress(cmd.item_id)
-        if cmd.kind in barriers.KINDS and self._barrier_pool is not None:
-            # a barrier's step runs at once and is journaled meanwhile: guest writes wait for
-            # it, and a crash before the journal is harmless (the vault re-delivers the seal,
-            # whose cycle the lane then adopts; a prepare's hold ends at its bound)
-            self._barrier_pool.submit(self._barrier_task, cmd)
-            with contextlib.suppress(DrsiteError):
-                self._journal.accept(cmd.command_id, kind=cmd.kind, item_id=cmd.item_id,
-                                     args=self._keep_point_keys(cmd))
-            return
-        try:
-            self._journal.accept(cmd.command_id, kind=cmd.kind, item_id=cmd.item_id,
-                                 args=self._keep_point_keys(cmd))
-        except DrsiteError:
-            with self._lock:
-                self._inflight.pop(cmd.command_id, None)
-            raise  # not taken: the vault re-delivers it (the next heartbeat does not hold it)
-        if cmd.kind in BESIDE_LANE_KINDS and self._barrier_pool is not None:
-            self._barrier_pool.submit(self._beside_lane, cmd)
-            return
-        with self._lock:
-            if cmd.kind == "unprotect":
-                lane = self._lanes.get(cmd.item_id)
-                if lane is not None and lane.active:
-                    log.info("item %s: interrupting its running work to unprotect it",
-                             cmd.item_id)
-                    lane.cancel.set()
-            self._enqueue(self._lane_key(cmd), _Task(cmd.kind, cmd))
-
-    @staticmethod
-    def _lane_key(cmd: Command) -> str:
-        """The lane a command runs in: its item's, a VM command's VM's (``vms.lane_of``), else
-        the lane of commands of no item ("")."""
-        return cmd.item_id or (lane_of(cmd) if cmd.kind.startswith("vm_") else "")
-
-    def _beside_lane(self, cmd: Command) -> None:
-        """A command of ``BESIDE_LANE_KINDS``, on a barrier thread, concurrently with whatever
-        the item's lane runs (a fence is idempotent and only powers the VM off and marks the
-        entry failed over; a cycle it overtakes fails on the store's newer generation)."""
-        try:
-            self._execute(cmd.item_id or "", _Task(cmd.kind, cmd))
-        except Exception:
-            log.exception("command %s (%s %s) failed unexpectedly", cmd.command_id, cmd.kind,
-                          cmd.item_id)
-        finally:
-            with self._lock:
-                self._inflight.pop(cmd.command_id, None)
-
-    def _barrier_task(self, cmd: Command) -> None:
-        """A group barrier's prepare (answered from here) or seal (then shipped in the item's
-        lane), on a barrier thread: neither waits for a lane or a worker."""
-        if cmd.kind == "group_seal":
-            try:
-                self.barriers.seal(cmd)
-            except DrsiteError as e:  # the lane's cycle seals on its own: a per-VM point
-                log.warning("command %s: group seal of %s failed: %s", cmd.command_id,
-                            cmd.item_id, e)
-            except Exception:
-                log.exception("command %s: group seal of %s failed unexpectedly",
-                              cmd.command_id, cmd.item_id)
-            self._enqueue(cmd.item_id, _Task(cmd.kind, cmd))
-            return
-        try:
-            result = self.barriers.prepare(cmd)
-        except DrsiteError as e:
-            log.info("command %s: %s misses the group barrier: %s", cmd.command_id,
-                     cmd.item_id, e)
-            self._finish(cmd, CommandStatus.FAILED, {}, e.to_dict())
-        except Exception as e:
-            log.exception("command %s: group prepare of %s failed unexpectedly",
-                          cmd.command_id, cmd.item_id)
-            self._finish(cmd, CommandStatus.FAILED, {}, PermanentError(
-                f"agent error in group_prepare: {type(e).__name__}: {e}").to_dict())
-        else:
-            self._finish_held(cmd, result)
-        finally:
-            with self._lock:
-                self._inflight.pop(cmd.command_id, None)
-
-    def _resume_accepted(self) -> None:
-        """After a restart: every command accepted before it and not finished is queued again
-        (commands are idempotent; ``cycle``/``resync`` recognise work already done), or, when
-        its arguments carried secrets the journal does not keep and the agent cannot find
-        again, reported failed at once as interrupted (transient: the vault sends it again)."""
-        for acc in self._journal.unfinished():
-            args = dict(acc.args)
-            if acc.redacted:
-                restored = self._restore_secrets(acc)
-                if restored is None:
-                    log.warning("command %s (%s %s) was interrupted by a restart and carried "
-                                "credentials this host does not keep; reporting it interrupted",
-                                acc.command_id, acc.kind, acc.item_id)
-                    cmd = Command(acc.command_id, acc.kind, acc.item_id, args)
-                    self._finish(cmd, CommandStatus.FAILED, {}, CommandInterrupted(
-                        f"the agent of host {self.identity.host_name} restarted while it held "
-                        f"{acc.kind} of {acc.item_id}").to_dict())
-                    continue
-                args = restored
-            log.info("command %s (%s %s): resuming it after a restart", acc.command_id,
-                     acc.kind, acc.item_id)
-            with self._lock:
-                self._inflight[acc.command_id] = _Progress(acc.item_id)
-            resumed = Command(acc.command_id, acc.kind, acc.item_id, args)
-            self._enqueue(self._lane_key(resumed), _Task(acc.kind, resumed))
-
-    def _restore_secrets(self, acc: Accepted) -> dict[str, Any] | None:
-        """A ``protect`` of a cloud-store item finds its store's full spec in the item's 0600
-        spec file (written before the command ran); nothing else can be restored."""
-        if acc.kind != "protect":
-            return None
-        try:
-            spec = cloudstores.load_spec(self.data_dir, acc.item_id)
-        except DrsiteError:
-            return None
-        kept = dict(acc.args.get("store") or {})
-        if spec.get("name") != kept.get("name") or spec.get("kind") != kept.get("kind"):
-            return None
-        return {**acc.args, "store": spec}
-
-    def held_commands(self) -> list[str]:
-        """Ids of the commands this agent holds: queued, running, or finished with a result
-        the vault has not confirmed yet. The heartbeat carries them: the vault re-delivers at
-        once a command it delivered that is not among them (``docs/control-plane.md``)."""
-        with self._lock:
-            held = set(self._inflight)
-        held.update(f.command_id for f in self._journal.unposted())
-        return sorted(held)
-
-    def _enqueue(self, item_id: str, task: _Task) -> None:
-        with self._lock:
-            lane = self._lanes.setdefault(item_id, _Lane())
-            lane.tasks.append(task)
-            pool = self._urgent_pool if task.kind in URGENT_KINDS else self._pool
-            if not lane.active and pool is not None and not self._stop.is_set():
-                lane.active = True
-                pool.submit(self._drain, item_id)
-
-    def _drain(self, item_id: str) -> None:
-        while True:
-            with self._lock:
-                lane = self._lanes[item_id]
-                if self._stop.is_set() or not lane.tasks:
-                    lane.active = False
-                    if self._stop.is_set():
-                        for t in lane.tasks:
-                            if t.command is not None:
-                                self._inflight.pop(t.command.command_id, None)
-                        lane.tasks.clear()
-                    return
-                task = lane.tasks.popleft()
-                if task.kind == "unprotect":
-                    lane.cancel.clear()
-            try:
-                self._execute(item_id, task)
-            except Exception:
-                log.exception("item %s: task %s failed unexpectedly", item_id, task.kind)
-            finally:
-                self._catalogues.refresh(item_id)  # new points reach the next heartbeat
-                if task.command is not None:
-                    with self._lock:
-                        self._inflight.pop(task.command.command_id, None)
-
-    def _finish_held(self, cmd: Command, result: dict[str, Any]) -> None:
-        """A prepare that holds its guest: the vault hears it before the journal's fsync
-        (guest writes wait for the barrier's next step; a lost answer only makes the member
-        miss the barrier, and the journal then re-posts it)."""
-        fin = Finished(cmd.command_id, cmd.kind, cmd.item_id, CommandStatus.SUCCEEDED, result,
-                       None, time.time())
-        try:
-            self.link.post_result(cmd.command_id, status=CommandStatus.SUCCEEDED, progress=100.0,
-                                  result=result, error=None)
-            fin.posted = True
-        except DrsiteError as e:
-            log.info("result of command %s not delivered yet (%s); will retry",
-                     cmd.command_id, e)
-        self._journal.finish(fin)
-
-    def _finish(self, cmd: Command, status: CommandStatus, result: dict[str, Any],
-                error: dict[str, Any] | None) -> None:
-        fin = Finished(cmd.command_id, cmd.kind, cmd.item_id, status, result, error, time.time())
-        self._journal.finish(fin)
-        self._post_final(fin)
-
-    def _execute(self, item_id: str, task: _Task) -> None:
-        if task.command is None:
-            self._run_own(item_id, task.kind)
-            return
-        cmd = task.command
-        facts: dict[str, Any] = {}
-        if cmd.kind in ("cycle", "resync"):
-            item = self._items.get(item_id)
-            if item is not None and item.replicator is not None:
-                with contextlib.suppress(DrsiteError):
-                    latest = item.replicator.target.repo.latest()
-                    facts["before_seq"] = latest.seq if latest is not None else 0
-        self._journal.start(cmd.command_id, kind=cmd.kind, item_id=item_id, **facts)
-        started = time.monotonic()
-        try:
-            result = self._handle(cmd)
-        except Interrupted:
-            if self._stop.is_set():
-                log.info("command %s (%s %s) interrupted by shutdown; it resumes when the vault "
-                         "sends it again", cmd.command_id, cmd.kind, item_id)
-                return
-            self._reopen(item_id)
-            self._finish(cmd, CommandStatus.FAILED, {}, OperationInterrupted(
-                f"{cmd.kind} of {item_id} was interrupted to unprotect the item").to_dict())
-            return
-        except DrsiteError as e:
-            log.warning("command %s (%s %s) failed (%s): %s", cmd.command_id, cmd.kind, item_id,
-                        e.error_class.value, e)
-            if isinstance(e, Fenced):
-                self._fence_on_own(item_id, e)
-            self._finish(cmd, CommandStatus.FAILED, {}, e.to_dict())
-            return
-        except OSError as e:
-            # the host's own resources (a full disk, a vanished file): a drsite error naming
-            # the file, transient where the seed retries (ENOSPC → low_disk), never "unexpected"
-            where = f" ({e.filename})" if e.filename else ""
-            err = classify_os_error(e, f"{cmd.kind} of {item_id} on host "
-                                       f"{self.identity.host_name}{where}")
-            log.warning("command %s (%s %s) failed (%s): %s", cmd.command_id, cmd.kind, item_id,
-                        err.error_class.value, err)
-            self._finish(cmd, CommandStatus.FAILED, {}, err.to_dict())
-            return
-        except Exception as e:
-            log.exception("command %s (%s %s) failed unexpectedly", cmd.command_id, cmd.kind,
-                          item_id)
-            # a bug, not a fault to wait out: permanent (the item goes Critical), generic code
-            self._finish(cmd, CommandStatus.FAILED, {}, PermanentError(
-                f"agent error in {cmd.kind}: {type(e).__name__}: {e}",
-                hint="See the agent's log; report a bug if it persists.").to_dict())
-            return
-        log.info("command %s (%s %s) succeeded in %.1f s", cmd.command_id, cmd.kind, item_id,
-                 time.monotonic() - started)
-        self._finish(cmd, CommandStatus.SUCCEEDED, result, None)
-
-    def _run_own(self, item_id: str, kind: str) -> None:
+    def run_own(self, item_id: str, kind: str) -> None:
         """The agent's own work: ``resume`` after a restart, ``auto`` while offline."""
         item = self._items.get(item_id)
         if item is None or item.replicator is None:
@@ -1063,17 +651,17 @@ class Agent:
                          decision.reason)
         except Interrupted:
             if not self._stop.is_set():
-                self._reopen(item_id)
+                self.reopen(item_id)
         except DrsiteError as e:
             log.warning("item %s: %s failed (%s): %s; waiting for the vault", item_id, kind,
                         e.error_class.value, e)
             if isinstance(e, Fenced):
-                self._fence_on_own(item_id, e)
+                self.fence_on_own(item_id, e)
         err = rep.report.last_error
         if err and err.get("code") == Fenced.code:
-            self._fence_on_own(item_id, Fenced(str(err.get("message") or "fenced")))
+            self.fence_on_own(item_id, Fenced(str(err.get("message") or "fenced")))
 
-    def _fence_on_own(self, item_id: str, e: Fenced) -> None:
+    def fence_on_own(self, item_id: str, e: Fenced) -> None:
         """The store's generation record says another site was promoted: fence at once, without
         waiting for the vault (which may be unreachable) — the second way an old primary learns
         it was failed over (the first is the vault's ``failover_fence``)."""
@@ -1082,6 +670,25 @@ class Agent:
         except DrsiteError as err:
             log.error("item %s: fencing the old primary failed: %s", item_id, err)
 
+    def engine_progress(self, item_id: str) -> float | None:
+        item = self._items.get(item_id)
+        if item is None or item.replicator is None:
+            return None
+        return float(item.replicator.report.progress)
+
+    def latest_seq(self, item_id: str) -> int | None:
+        item = self._items.get(item_id)
+        if item is None or item.replicator is None:
+            return None
+        try:
+            latest = item.replicator.target.repo.latest()
+        except DrsiteError:
+            return None
+        return latest.seq if latest is not None else 0
+
+    def refresh_catalogue(self, item_id: str) -> None:
+        self._catalogues.refresh(item_id)  # new points reach the next heartbeat
+
     def _mark_protected(self, item: _Item) -> None:
         if item.entry.phase != ItemPhase.PROTECTED:
             item.entry.phase = ItemPhase.PROTECTED
@@ -1089,7 +696,8 @@ class Agent:
 
     # ----------------------------------------------------------------------------- commands
 
-    def _handle(self, cmd: Command) -> dict[str, Any]:
+    def handle_command(self, cmd: Command) -> dict[str, Any]:
+        """Run one command to its result, called from its lane (:mod:`drsite.agent.lanes`)."""
         handler = {"protect": self._protect, "cycle": self._cycle, "resync": self._resync,
                    "retention": self._retention, "unprotect": self._unprotect,
                    "update_settings": self._update_settings,
@@ -1111,7 +719,7 @@ class Agent:
                            f"{self.identity.host_id}",
                            hint="Enable protection again (the agent has no record of it).")
         if item.replicator is None:
-            item = self._reopen(cmd.item_id) or item
+            item = self.reopen(cmd.item_id) or item
             if item.replicator is None:
                 assert item.error is not None
                 raise item.error
@@ -1181,19 +789,6 @@ class Agent:
         point = item.replicator.run_initial(wait_transient=False)
         self._mark_protected(item)
         return {"point": point.to_dict(), "report": item.replicator.report.to_dict()}
-
-    def _keep_point_keys(self, cmd: Command) -> dict[str, Any]:
-        """The command's arguments for the journal: its point keys (``point_key`` for its item,
-        ``rev_point_key`` for a re-protect's reverse item) go to their 0600 key files now and
-        are left out, so the journal holds no key; a command queued again after a restart
-        finds them there (``pointkeys.auth_from_args`` falls back to the kept key)."""
-        args = dict(cmd.args)
-        rev = args.get("rev_item_id")
-        for arg, item_id in (("point_key", cmd.item_id), ("rev_point_key", rev)):
-            raw = args.pop(arg, None)
-            if isinstance(raw, str) and raw and raw != "redacted" and item_id:
-                pointkeys.save_key(self.data_dir, str(item_id), raw)
-        return args
 
     def _save_point_key(self, cmd: Command) -> bool:
         """Keep the item's point key from ``protect`` (0600 file); whether it changed."""
