@@ -32,7 +32,6 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +42,12 @@ from drsite.agent import barrier as barriers
 from drsite.agent import breakglass, cloudstores, pointkeys, recoverybook, storeacl, storerekey
 from drsite.agent.drill import DrillCommands
 from drsite.agent.failover import FailoverCommands
+from drsite.agent.items import Item
 from drsite.agent.lanes import CommandLanes, Interrupted, Task
 from drsite.agent.link import Command, HeartbeatReply, VaultLink
 from drsite.agent.peers import CatalogueRefresher
+from drsite.agent.protection import KINDS as PROTECTION_KINDS
+from drsite.agent.protection import ProtectionCommands
 from drsite.agent.recoverybook import BOOK_FILE, RecoveryBook
 from drsite.agent.registration import AgentIdentity
 from drsite.agent.scrub import ScrubCommands
@@ -62,7 +64,6 @@ from drsite.agent.storeservice import StoreService
 from drsite.agent.vms import VmCommands
 from drsite.core.errors import (
     AuthError,
-    Conflict,
     DrsiteError,
     Fenced,
     InvalidInput,
@@ -77,10 +78,8 @@ from drsite.replication.report import Health, ItemReport, ItemState
 from drsite.replication.target import RecoveryTarget
 from drsite.sitestore import SiteObjectStore, SiteTarget
 from drsite.store.contract import ObjectStore
-from drsite.store.factory import StoreSpec
 from drsite.store.format import PointInfo
 from drsite.store.repository import Repository
-from drsite.tracking.changelog import cap_for_interval
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +88,6 @@ TargetFactory = Callable[[str, str], RecoveryTarget]
 
 CATALOGUE_TIMEOUT_S = 5.0  # listing an item's points at a peer store
 FULL_HEARTBEAT_EVERY = 30
-
-
-@dataclass
-class _Item:
-    entry: ItemEntry
-    replicator: ItemReplicator | None
-    catalog: Repository | None     # the heartbeat thread's own view of the item's points
-    error: DrsiteError | None = None
 
 
 class Agent:
@@ -146,7 +137,7 @@ class Agent:
         self._journal = CommandJournal(self.data_dir / "commands.json")
         self._entries = self._items_file.load()
         self._catalog = self._catalog_file.load()
-        self._items: dict[str, _Item] = {}
+        self._items: dict[str, Item] = {}
         # the items' recovery points, listed off the control loop (one thread per peer)
         self._catalogues = CatalogueRefresher(heartbeat_interval)
         # what the vault was last told (report digests per item, "" = inventory): heartbeats
@@ -169,6 +160,7 @@ class Agent:
         self.drills = DrillCommands(self)
         self.barriers = barriers.BarrierCommands(self)
         self.vms = VmCommands(hypervisor, self.data_dir, import_dir)
+        self.protection = ProtectionCommands(self)
         self.lanes = CommandLanes(self, self._journal, self._lock, self._stop, max_parallel_items)
         self.command_channel = command_channel
         self._channel: threading.Thread | None = None
@@ -184,9 +176,20 @@ class Agent:
         """This host's recovery store service (secondary sites), if any."""
         return self._store
 
-    def live_item(self, cmd: Command) -> tuple[_Item, ItemReplicator]:
+    def live_item(self, cmd: Command) -> tuple[Item, ItemReplicator]:
         """The item a command names, with its engine (``NotFound`` if not protected here)."""
-        return self._live_item(cmd)
+        with self._lock:
+            item = self._items.get(cmd.item_id)
+        if item is None:
+            raise NotFound(f"item {cmd.item_id} is not protected on host "
+                           f"{self.identity.host_id}",
+                           hint="Enable protection again (the agent has no record of it).")
+        if item.replicator is None:
+            item = self.reopen(cmd.item_id) or item
+            if item.replicator is None:
+                assert item.error is not None
+                raise item.error
+        return item, item.replicator
 
     @property
     def max_parallel_items(self) -> int:
@@ -211,7 +214,8 @@ class Agent:
         return self._journal.started(command_id)
 
     def already_done(self, cmd: Command, rep: ItemReplicator) -> PointInfo | None:
-        return self._already_done(cmd, rep, None)
+        """The point the command's cycle committed before a restart cut off its result."""
+        return self.protection.already_done(cmd, rep, None)
 
     def set_generation(self, item_id: str, generation: int) -> None:
         """Persist the item's generation (the split-brain guard its engine checks)."""
@@ -219,7 +223,7 @@ class Agent:
             entry = self._entries.get(item_id)
             if entry is not None:
                 entry.generation = generation
-        self._save_entries()
+        self.save_entries()
 
     def set_failed_over(self, item_id: str, failed_over: bool) -> None:
         """Mark an item failed over (a planned failover shut its VM down): offline mode and
@@ -229,7 +233,7 @@ class Agent:
             if entry is None:
                 return
             entry.phase = ItemPhase.FAILED_OVER if failed_over else ItemPhase.PROTECTED
-        self._save_entries()
+        self.save_entries()
 
     def fence_item(self, item_id: str, reason: str) -> dict[str, Any]:
         """This host is no longer the item's primary (a failover promoted the recovery site):
@@ -258,7 +262,7 @@ class Agent:
             entry.fenced_running = entry.fenced_running or was_running
             entry.phase = ItemPhase.FAILED_OVER
         if first or was_running:
-            self._save_entries()
+            self.save_entries()
         return {"fenced": True, "vm_power": power, "was_running": was_running,
                 "reason": reason}
 
@@ -271,7 +275,7 @@ class Agent:
                 return False
             was_running = entry.fenced_running
             entry.fenced = entry.fenced_running = False
-        self._save_entries()
+        self.save_entries()
         return was_running
 
     @property
@@ -373,7 +377,7 @@ class Agent:
         if self._stop.is_set() or self.lanes.cancelled(item_id):
             raise Interrupted(f"work on {item_id} interrupted")
 
-    def _open_item(self, entry: ItemEntry) -> _Item:
+    def _open_item(self, entry: ItemEntry) -> Item:
         """Build the engine of one item from its entry (errors are kept in the item)."""
         try:
             if cloudstores.is_cloud(entry.store_url):  # spec from its 0600 file
@@ -390,19 +394,19 @@ class Agent:
             catalog = Repository(self._catalogue_store(entry.store_url, target), entry.item_id,
                                  auth=target.repo.auth)
             self._catalogues.track(entry.item_id, entry.store_url, catalog.points)
-            return _Item(entry, replicator, catalog)
+            return Item(entry, replicator, catalog)
         except DrsiteError as e:
             log.error("item %s cannot be opened (%s): %s", entry.item_id, e.error_class.value, e)
-            return _Item(entry, None, None, e)
+            return Item(entry, None, None, e)
 
-    def _close_item(self, item: _Item) -> None:
+    def _close_item(self, item: Item) -> None:
         self._catalogues.untrack(item.entry.item_id)
         if item.catalog is not None:
             item.catalog.close()
         if item.replicator is not None:
             item.replicator.target.repo.close()
 
-    def reopen(self, item_id: str) -> _Item | None:
+    def reopen(self, item_id: str) -> Item | None:
         """Rebuild an item's engine from its files (after its work was interrupted)."""
         with self._lock:
             old = self._items.get(item_id)
@@ -417,7 +421,7 @@ class Agent:
         return item
 
     @staticmethod
-    def _needs_resume(item: _Item) -> bool:
+    def _needs_resume(item: Item) -> bool:
         rep = item.replicator
         if rep is None:
             return False
@@ -427,12 +431,12 @@ class Agent:
         return rec.cycle_id is not None or rec.phase in (ItemState.INITIAL_REPLICATION,
                                                          ItemState.RESYNCING)
 
-    def _save_entries(self) -> None:
+    def save_entries(self) -> None:
         with self._lock:
             entries = dict(self._entries)
         self._items_file.save(entries)
 
-    def _issues(self, item: _Item) -> list[str]:
+    def _issues(self, item: Item) -> list[str]:
         """Conditions outside the engine's report that degrade the item (its recovery store
         at the peer site does not answer)."""
         cat = self._catalogues.get(item.entry.item_id)
@@ -440,7 +444,7 @@ class Agent:
             return []
         return [f"recovery store {item.entry.store_url} does not answer: {cat.error.message}"]
 
-    def _item_report(self, item: _Item) -> dict[str, Any]:
+    def _item_report(self, item: Item) -> dict[str, Any]:
         if item.replicator is not None:
             report = item.replicator.report.to_dict()
             issues = self._issues(item)
@@ -474,7 +478,7 @@ class Agent:
         hidden = breakglass.vms_in_flight(self.data_dir, self._book.doc)
         return [v for v in vms if v.get("name") not in hidden]
 
-    def _points_delta(self, item: _Item) -> tuple[list[PointInfo], list[str]]:
+    def _points_delta(self, item: Item) -> tuple[list[PointInfo], list[str]]:
         """(points the vault has not acked, points it knows that are gone), from the last
         catalogue listing (:class:`~drsite.agent.peers.CatalogueRefresher`): never a call to
         another site on the heartbeat's thread."""
@@ -625,41 +629,8 @@ class Agent:
                     self.lanes.enqueue(it.entry.item_id, Task("auto"))
 
     def run_own(self, item_id: str, kind: str) -> None:
-        """The agent's own work: ``resume`` after a restart, ``auto`` while offline."""
-        item = self._items.get(item_id)
-        if item is None or item.replicator is None:
-            return
-        rep = item.replicator
-        try:
-            if kind == "resume":
-                if rep.target.repo.latest() is None:
-                    point = rep.run_initial(wait_transient=False)
-                    self._mark_protected(item)
-                    log.info("item %s: interrupted initial replication finished (point %s)",
-                             item_id, point.point_id)
-                elif item.entry.resync_from_base:
-                    return  # the base is the old primary's disks: the vault's protect resyncs
-                elif item.entry.phase == ItemPhase.INITIAL:
-                    self._mark_protected(item)
-                if rep.rec.cycle_id is not None or rep.rec.phase is ItemState.RESYNCING:
-                    decision = rep.step()  # finishes the sealed cycle / the resync
-                    log.info("item %s: resumed interrupted work: %s", item_id,
-                             decision.reason)
-            else:
-                decision = rep.step()
-                log.info("item %s (offline mode): %s %s", item_id, decision.action.value,
-                         decision.reason)
-        except Interrupted:
-            if not self._stop.is_set():
-                self.reopen(item_id)
-        except DrsiteError as e:
-            log.warning("item %s: %s failed (%s): %s; waiting for the vault", item_id, kind,
-                        e.error_class.value, e)
-            if isinstance(e, Fenced):
-                self.fence_on_own(item_id, e)
-        err = rep.report.last_error
-        if err and err.get("code") == Fenced.code:
-            self.fence_on_own(item_id, Fenced(str(err.get("message") or "fenced")))
+        """The agent's own work on an item (:meth:`ProtectionCommands.run_own`)."""
+        self.protection.run_own(item_id, kind)
 
     def fence_on_own(self, item_id: str, e: Fenced) -> None:
         """The store's generation record says another site was promoted: fence at once, without
@@ -689,18 +660,51 @@ class Agent:
     def refresh_catalogue(self, item_id: str) -> None:
         self._catalogues.refresh(item_id)  # new points reach the next heartbeat
 
-    def _mark_protected(self, item: _Item) -> None:
+    def mark_protected(self, item: Item) -> None:
         if item.entry.phase != ItemPhase.PROTECTED:
             item.entry.phase = ItemPhase.PROTECTED
-            self._save_entries()
+            self.save_entries()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def lookup(self, item_id: str) -> tuple[Item | None, ItemEntry | None]:
+        with self._lock:
+            return self._items.get(item_id), self._entries.get(item_id)
+
+    def record_entry(self, entry: ItemEntry) -> None:
+        with self._lock:
+            self._entries[entry.item_id] = entry
+        self.save_entries()
+
+    def rebuild_item(self, entry: ItemEntry, old: Item | None) -> Item:
+        if old is not None:
+            self._close_item(old)
+        item = self._open_item(entry)
+        with self._lock:
+            self._items[entry.item_id] = item
+        return item
+
+    def forget_item(self, item: Item) -> None:
+        item_id = item.entry.item_id
+        with self._lock:
+            self._entries.pop(item_id, None)
+            self._items.pop(item_id, None)
+            cat = self._catalog.pop(item_id, None)
+            catalog = {k: CatalogEntry(v.ack, set(v.reported)) for k, v in self._catalog.items()}
+        self.save_entries()
+        if cat is not None:
+            self._catalog_file.save(catalog)
+        self._close_item(item)
+        with contextlib.suppress(FileNotFoundError):
+            (self._state_dir / f"{item_id}.json").unlink()
 
     # ----------------------------------------------------------------------------- commands
 
     def handle_command(self, cmd: Command) -> dict[str, Any]:
         """Run one command to its result, called from its lane (:mod:`drsite.agent.lanes`)."""
-        handler = {"protect": self._protect, "cycle": self._cycle, "resync": self._resync,
-                   "retention": self._retention, "unprotect": self._unprotect,
-                   "update_settings": self._update_settings,
+        handler = {**dict.fromkeys(PROTECTION_KINDS, self.protection.handle),
                    "store_rekey": self._store_rekey, "scrub": self.scrubs.handle,
                    "verify": self.scrubs.handle, "drill_probe": self.drills.handle,
                    "group_prepare": self.barriers.prepare,
@@ -711,204 +715,8 @@ class Agent:
             return self.failover.handle(cmd)  # failover_* commands (agent/failover.py)
         return handler(cmd)
 
-    def _live_item(self, cmd: Command) -> tuple[_Item, ItemReplicator]:
-        with self._lock:
-            item = self._items.get(cmd.item_id)
-        if item is None:
-            raise NotFound(f"item {cmd.item_id} is not protected on host "
-                           f"{self.identity.host_id}",
-                           hint="Enable protection again (the agent has no record of it).")
-        if item.replicator is None:
-            item = self.reopen(cmd.item_id) or item
-            if item.replicator is None:
-                assert item.error is not None
-                raise item.error
-        return item, item.replicator
-
-    def _protect(self, cmd: Command) -> dict[str, Any]:
-        a = cmd.args
-        try:
-            vm_id, store_url = str(a["vm_id"]), str(a["store_url"])
-        except KeyError as e:
-            raise InvalidInput(f"protect {cmd.item_id}: missing argument {e.args[0]!r}") from None
-        settings = dict(a.get("settings") or {})
-        settings_from_args(settings)  # validate before anything is recorded
-        cloud = a.get("store")  # a cloud store's full spec (credentials, keys)
-        if cloud is not None:
-            cloud = StoreSpec.from_dict(cloud).to_dict()  # validate before anything is recorded
-            store_url = cloudstores.CLOUD_STORE_URL + str(cloud["name"] or "store")
-        self.hypervisor.get_vm(vm_id)  # VmNotFound before anything is recorded
-        key_changed = self._save_point_key(cmd)
-        with self._lock:
-            entry = self._entries.get(cmd.item_id)
-            item = self._items.get(cmd.item_id)
-        if entry is not None and entry.vm_id != vm_id:
-            raise Conflict(f"item {cmd.item_id} protects VM {entry.vm_id} on this host, not "
-                           f"{vm_id}")
-        spec_changed = cloud is not None and cloudstores.save_spec(self.data_dir, cmd.item_id,
-                                                                   cloud)
-        rebuild = item is None or item.replicator is None or entry is None \
-            or entry.store_url != store_url or spec_changed or key_changed
-        if entry is None:
-            entry = ItemEntry(cmd.item_id, vm_id, str(a.get("target_site") or ""), store_url,
-                              settings, ItemPhase.INITIAL, time.time(),
-                              generation=int(a.get("generation") or 1),
-                              resync_from_base=bool(a.get("resync_from_base")))
-        else:
-            entry.store_url, entry.settings = store_url, settings
-            entry.target_site = str(a.get("target_site") or entry.target_site)
-        with self._lock:
-            self._entries[cmd.item_id] = entry
-        self._save_entries()
-        if rebuild:
-            if item is not None:
-                self._close_item(item)
-            item = self._open_item(entry)
-            with self._lock:
-                self._items[cmd.item_id] = item
-        assert item is not None
-        if item.replicator is None:
-            assert item.error is not None
-            raise item.error
-        item.replicator.settings = settings_from_args(settings)
-        self._apply_log_cap(entry.vm_id, item.replicator.settings.frequency_s)
-        if entry.resync_from_base:
-            # re-protect: the store holds the old primary's disks as a base point; only the
-            # blocks that differ travel (never an initial full copy over a common base)
-            rep = item.replicator
-            latest = rep.target.repo.latest()
-            if latest is None or latest.kind != "resync" or rep.rec.phase is not ItemState.PROTECTED:
-                point = rep.run_resync("re-protect: resync against the old primary's disks",
-                                       wait_transient=False)
-            else:
-                point = latest
-            entry.resync_from_base = False
-            self._mark_protected(item)  # saves the entries
-            self._save_entries()
-            return {"point": point.to_dict(), "report": rep.report.to_dict()}
-        point = item.replicator.run_initial(wait_transient=False)
-        self._mark_protected(item)
-        return {"point": point.to_dict(), "report": item.replicator.report.to_dict()}
-
-    def _save_point_key(self, cmd: Command) -> bool:
-        """Keep the item's point key from ``protect`` (0600 file); whether it changed."""
-        raw = cmd.args.get("point_key")
-        if not isinstance(raw, str) or not raw or raw == "redacted":
-            return False
-        return pointkeys.save_key(self.data_dir, cmd.item_id or "", raw)
-
-    def _already_done(self, cmd: Command, rep: ItemReplicator, kind: str | None
-                      ) -> PointInfo | None:
-        """The point a ``cycle``/``resync`` made before a crash cut off its result, if any."""
-        first = self._journal.started(cmd.command_id)
-        if first is None or "before_seq" not in first or rep.rec.cycle_id is not None:
-            return None
-        if rep.rec.phase is not ItemState.PROTECTED:
-            return None
-        later = [p for p in rep.target.repo.points()
-                 if p.seq > int(first["before_seq"]) and (kind is None or p.kind == kind)]
-        return later[0] if later else None
-
-    def _cycle(self, cmd: Command) -> dict[str, Any]:
-        _, rep = self._live_item(cmd)
-        done = self._already_done(cmd, rep, None)
-        if done is not None:
-            log.info("command %s: its cycle was committed before a restart (point %s)",
-                     cmd.command_id, done.point_id)
-            return {"point": done.to_dict(), "report": rep.report.to_dict()}
-        app = cmd.args.get("app_consistent")
-        point = rep.run_cycle(app_consistent=bool(app) if app is not None else None,
-                              wait_transient=False)
-        return {"point": point.to_dict(), "report": rep.report.to_dict()}
-
-    def _resync(self, cmd: Command) -> dict[str, Any]:
-        _, rep = self._live_item(cmd)
-        done = self._already_done(cmd, rep, "resync")
-        if done is not None:
-            return {"point": done.to_dict(), "report": rep.report.to_dict()}
-        reason = str(cmd.args.get("reason") or ("started by hand" if cmd.args.get("by_hand")
-                                                else "started by the vault"))
-        point = rep.run_resync(reason, wait_transient=False,
-                               from_store=bool(cmd.args.get("from_store")))
-        return {"point": point.to_dict(), "report": rep.report.to_dict()}
-
-    def _retention(self, cmd: Command) -> dict[str, Any]:
-        if cmd.args.get("store_side"):  # this host's store holds the item (agent/storeacl.py)
-            if self._store is None:
-                raise InvalidInput(f"host {self.identity.host_name} serves no recovery store",
-                                   hint="The vault sends store-side retention to the agent "
-                                        "that serves the item's store.")
-            return storeacl.store_retention(self._store, cmd)
-        _, rep = self._live_item(cmd)
-        if not rep.target.runs_retention:
-            # committed points on a site store are removed by the store's own agent only
-            return {"deleted_points": [], "store_side": False}
-        pinned = {p for p in (rep.target.replica_point(),) if p}
-        deleted = rep.target.repo.apply_retention(rep.settings.retention, time.time(), pinned)
-        if deleted:
-            log.info("item %s: retention removed %d point(s)", cmd.item_id, len(deleted))
-        return {"deleted_points": deleted}
-
     def _store_rekey(self, cmd: Command) -> dict[str, Any]:
         result = storerekey.run_rekey(self.link, cmd, self._stop)
         if self._stop.is_set():
             raise Interrupted("store rekey interrupted by shutdown")  # resumes when re-sent
         return result
-
-    def _update_settings(self, cmd: Command) -> dict[str, Any]:
-        settings = dict(cmd.args.get("settings") or {})
-        new = settings_from_args(settings)
-        item, rep = self._live_item(cmd)
-        item.entry.settings = settings
-        self._save_entries()
-        rep.settings = new
-        self._apply_log_cap(item.entry.vm_id, new.frequency_s)
-        return {"settings": settings}
-
-    def _apply_log_cap(self, vm_id: str, frequency_s: float) -> None:
-        """The change log holds a few intervals of writes at the policy's frequency (issue 13
-        part 5), not a fixed 64 MiB."""
-        self.hypervisor.set_change_log_limit(vm_id, cap_for_interval(frequency_s))
-
-    def _unprotect(self, cmd: Command) -> dict[str, Any]:
-        delete = bool(cmd.args.get("delete_points"))
-        with self._lock:
-            item = self._items.get(cmd.item_id)
-            entry = self._entries.get(cmd.item_id)
-        if item is None or entry is None:
-            return {"already_unprotected": True, "deleted_points": []}
-        deleted: list[str] = []
-        rep = item.replicator
-        if rep is not None:
-            with contextlib.suppress(VmNotFound):
-                pending = self.hypervisor.pending_cycle(entry.vm_id)
-                if pending is not None:
-                    self.hypervisor.release(pending)
-            repo = rep.target.repo
-            for cycle_id in repo.staged_cycles():
-                repo.abort(cycle_id)
-            if delete and not rep.target.runs_retention:
-                pass  # the store's own agent deletes them (the vault sends it 'retention')
-            elif delete:
-                for p in repo.points():
-                    repo.delete_point(p.point_id)
-                    deleted.append(p.point_id)
-                repo.gc()
-        elif delete:
-            raise item.error or NotFound(f"item {cmd.item_id} cannot be opened")
-        with self._lock:
-            self._entries.pop(cmd.item_id, None)
-            self._items.pop(cmd.item_id, None)
-            cat = self._catalog.pop(cmd.item_id, None)
-            catalog = {k: CatalogEntry(v.ack, set(v.reported)) for k, v in self._catalog.items()}
-        self._save_entries()
-        if cat is not None:
-            self._catalog_file.save(catalog)
-        self._close_item(item)
-        with contextlib.suppress(FileNotFoundError):
-            (self._state_dir / f"{cmd.item_id}.json").unlink()
-        cloudstores.remove_spec(self.data_dir, cmd.item_id)
-        pointkeys.remove_key(self.data_dir, cmd.item_id)
-        log.info("item %s unprotected%s", cmd.item_id,
-                 f", {len(deleted)} point(s) deleted" if delete else "")
-        return {"deleted_points": deleted}
