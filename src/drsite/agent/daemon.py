@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import ssl
 import threading
@@ -37,23 +36,21 @@ from typing import Any
 
 import httpx
 
-import drsite
 from drsite.agent import barrier as barriers
-from drsite.agent import breakglass, cloudstores, pointkeys, recoverybook, storeacl, storerekey
+from drsite.agent import cloudstores, pointkeys, storerekey
 from drsite.agent.drill import DrillCommands
 from drsite.agent.failover import FailoverCommands
+from drsite.agent.heartbeat import Heartbeats, inventory
 from drsite.agent.items import Item
 from drsite.agent.lanes import CommandLanes, Interrupted, Task
 from drsite.agent.link import Command, HeartbeatReply, VaultLink
-from drsite.agent.peers import CatalogueRefresher
+from drsite.agent.peers import Catalogue, CatalogueRefresher
 from drsite.agent.protection import KINDS as PROTECTION_KINDS
 from drsite.agent.protection import ProtectionCommands
 from drsite.agent.recoverybook import BOOK_FILE, RecoveryBook
 from drsite.agent.registration import AgentIdentity
 from drsite.agent.scrub import ScrubCommands
 from drsite.agent.state import (
-    CatalogEntry,
-    CatalogFile,
     CommandJournal,
     ItemEntry,
     ItemPhase,
@@ -74,7 +71,7 @@ from drsite.core.errors import (
 from drsite.core.model import PowerState
 from drsite.hypervisors.contract import HypervisorDriver
 from drsite.replication.driver import ItemReplicator
-from drsite.replication.report import Health, ItemReport, ItemState
+from drsite.replication.report import ItemReport, ItemState
 from drsite.replication.target import RecoveryTarget
 from drsite.sitestore import SiteObjectStore, SiteTarget
 from drsite.store.contract import ObjectStore
@@ -87,7 +84,6 @@ TargetFactory = Callable[[str, str], RecoveryTarget]
 """``(store_url, item_id) → RecoveryTarget``; the default builds a ``SiteTarget``."""
 
 CATALOGUE_TIMEOUT_S = 5.0  # listing an item's points at a peer store
-FULL_HEARTBEAT_EVERY = 30
 
 
 class Agent:
@@ -133,18 +129,11 @@ class Agent:
         except OSError as e:
             raise classify_os_error(e, f"agent data directory {self.data_dir}") from e
         self._items_file = ItemsFile(self.data_dir / "items.json")
-        self._catalog_file = CatalogFile(self.data_dir / "catalog.json")
         self._journal = CommandJournal(self.data_dir / "commands.json")
         self._entries = self._items_file.load()
-        self._catalog = self._catalog_file.load()
         self._items: dict[str, Item] = {}
         # the items' recovery points, listed off the control loop (one thread per peer)
         self._catalogues = CatalogueRefresher(heartbeat_interval)
-        # what the vault was last told (report digests per item, "" = inventory): heartbeats
-        # carry only what changed, and a full one every FULL_HEARTBEAT_EVERY or after a failure
-        self._beat_digests: dict[str, str] = {}
-        self._pending_digests: dict[str, str] = {}
-        self._beats_since_full = 0
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._store: StoreService | None = None
@@ -154,6 +143,7 @@ class Agent:
         # break-glass: what this store host would need of the vault to fail its items over
         self._book = RecoveryBook(self.data_dir / BOOK_FILE) if self._store is not None else None
         self._store_url: str | None = None
+        self.beats = Heartbeats(self, self._lock, store=self._store, book=self._book)
         self._store_advertised = store_url.rstrip("/") if store_url else None
         self.failover = FailoverCommands(self)
         self.scrubs = ScrubCommands(self)
@@ -436,145 +426,32 @@ class Agent:
             entries = dict(self._entries)
         self._items_file.save(entries)
 
-    def _issues(self, item: Item) -> list[str]:
-        """Conditions outside the engine's report that degrade the item (its recovery store
-        at the peer site does not answer)."""
-        cat = self._catalogues.get(item.entry.item_id)
-        if cat.error is None:
-            return []
-        return [f"recovery store {item.entry.store_url} does not answer: {cat.error.message}"]
-
-    def _item_report(self, item: Item) -> dict[str, Any]:
-        if item.replicator is not None:
-            report = item.replicator.report.to_dict()
-            issues = self._issues(item)
-            if issues:
-                report["agent_issues"] = issues
-            return report
-        err = item.error or NotFound("item not opened")
-        rep = ItemReport(item_id=item.entry.item_id, vm_id=item.entry.vm_id, vm_name="",
-                         state=ItemState.CRITICAL, health=Health.CRITICAL,
-                         health_reasons=[err.message], last_error=err.to_dict(),
-                         updated_at=time.time())
-        return rep.to_dict()
-
     def reports(self) -> dict[str, dict[str, Any]]:
         """The report of every item this host protects (what the heartbeat carries)."""
+        return self.beats.reports()
+
+    def open_items(self) -> list[Item]:
         with self._lock:
-            items = list(self._items.values())
-        return {it.entry.item_id: self._item_report(it) for it in items}
+            return list(self._items.values())
+
+    def has_item(self, item_id: str) -> bool:
+        with self._lock:
+            return item_id in self._items
+
+    def catalogue(self, item_id: str) -> Catalogue:
+        return self._catalogues.get(item_id)
 
     # ----------------------------------------------------------------------------- heartbeat
 
     def _inventory(self) -> list[dict[str, Any]]:
-        try:
-            vms = [vm.to_dict() for vm in self.hypervisor.list_vms()]
-        except DrsiteError as e:
-            log.warning("listing VMs failed: %s", e)
-            return []
-        if self._book is None:
-            return vms
-        # listed first, then checked: a run that ends in between is reported in this beat
-        hidden = breakglass.vms_in_flight(self.data_dir, self._book.doc)
-        return [v for v in vms if v.get("name") not in hidden]
-
-    def _points_delta(self, item: Item) -> tuple[list[PointInfo], list[str]]:
-        """(points the vault has not acked, points it knows that are gone), from the last
-        catalogue listing (:class:`~drsite.agent.peers.CatalogueRefresher`): never a call to
-        another site on the heartbeat's thread."""
-        if item.catalog is None:
-            return [], []
-        cat = self._catalog.get(item.entry.item_id) or CatalogEntry()
-        points = self._catalogues.get(item.entry.item_id).points
-        if points is None:
-            return [], []
-        new = [p for p in points if p.seq > cat.ack]
-        ids = {p.point_id for p in points}
-        removed = sorted(cat.reported - ids)
-        return new, removed
-
-    def build_heartbeat(self, *, full: bool = True
-                        ) -> tuple[dict[str, Any], dict[str, tuple[list[PointInfo], list[str]]]]:
-        """The heartbeat payload, and per item what it reports of points (to apply the ack).
-
-        ``full=False``: only what changed since the last heartbeat the vault answered —
-        ``vms`` is ``null`` when the inventory is unchanged, and an item is listed only when
-        its report changed or it has new or removed points (``docs/control-plane.md``)."""
-        with self._lock:
-            items = list(self._items.values())
-        sent: dict[str, tuple[list[PointInfo], list[str]]] = {}
-        out_items: list[dict[str, Any]] = []
-        digests: dict[str, str] = {}
-        for it in items:
-            new, removed = self._points_delta(it)
-            report = self._item_report(it)
-            digest = json.dumps(report, sort_keys=True, default=str)
-            digests[it.entry.item_id] = digest
-            if not full and not new and not removed \
-                    and self._beat_digests.get(it.entry.item_id) == digest:
-                continue
-            sent[it.entry.item_id] = (new, removed)
-            out_items.append({"item_id": it.entry.item_id, "report": report,
-                              "new_points": [p.to_dict() for p in new],
-                              "removed_points": removed})
-        vms = self._inventory()
-        digests[""] = json.dumps(vms, sort_keys=True, default=str)
-        payload = {"host_name": self.identity.host_name, "version": drsite.__version__,
-                   "store_url": self._store_url,
-                   "vms": vms if full or self._beat_digests.get("") != digests[""] else None,
-                   "items": out_items, "held": self.held_commands()}
-        self._pending_digests = digests
-        return payload, sent
-
-    def _apply_ack(self, reply: HeartbeatReply,
-                   sent: dict[str, tuple[list[PointInfo], list[str]]]) -> None:
-        changed = False
-        with self._lock:
-            for item_id, (new, removed) in sent.items():
-                if item_id not in self._items:
-                    continue
-                cat = self._catalog.setdefault(item_id, CatalogEntry())
-                before = (cat.ack, set(cat.reported))
-                cat.reported -= set(removed)
-                ack = reply.ack.get(item_id)
-                if ack is not None:
-                    cat.ack = ack
-                    cat.reported |= {p.point_id for p in new if p.seq <= ack}
-                changed |= before != (cat.ack, cat.reported)
-            catalog = {k: CatalogEntry(v.ack, set(v.reported)) for k, v in self._catalog.items()}
-        if changed:
-            self._catalog_file.save(catalog)
+        """The VMs the heartbeat reports (:func:`drsite.agent.heartbeat.inventory`)."""
+        return inventory(self.hypervisor, self.data_dir, self._book)
 
     def heartbeat_once(self) -> HeartbeatReply:
-        """One heartbeat: send, apply the ack, accept the commands, post pending results and
-        progress. Raises ``NetworkError`` (vault unreachable), ``AuthError`` and the like."""
-        full = self._beats_since_full >= FULL_HEARTBEAT_EVERY or not self._beat_digests
-        store_fields: dict[str, Any] = {}
-        try:
-            payload, sent = self.build_heartbeat(full=full)
-            store_fields = storeacl.beat_fields(self._store)  # access-list digest, store audit
-            payload.update(store_fields)
-            if self._book is not None:
-                payload["recovery_book_digest"] = self._book.digest
-            reports = breakglass.pending_reports(self.data_dir)
-            if reports:
-                payload["breakglass"] = reports  # until the vault acknowledges them
-            reply = self.link.heartbeat(payload)
-        except DrsiteError:
-            self._beat_digests = {}  # the vault may have missed anything: the next one is full
-            storeacl.beat_failed(self._store, store_fields)
-            raise
-        self._beat_digests = self._pending_digests
-        self._beats_since_full = 0 if full else self._beats_since_full + 1
-        storeacl.apply_reply(self._store, reply.store_acl)
-        recoverybook.apply_reply(self._book, reply.recovery_book)
-        breakglass.mark_reported(self.data_dir, reply.breakglass_ack)
-        self._apply_ack(reply, sent)
-        for cmd in reply.commands:
-            self.lanes.accept(cmd)
-        self.lanes.flush_results()
-        self.lanes.post_progress()
-        return reply
+        """One heartbeat (:meth:`Heartbeats.once`): send, apply the ack, accept the commands,
+        post pending results and progress. Raises ``NetworkError`` (vault unreachable),
+        ``AuthError`` and the like."""
+        return self.beats.once()
 
     def tick(self) -> float:
         """One iteration of :meth:`run`: a heartbeat (errors logged, backed off) and, when the
@@ -691,11 +568,10 @@ class Agent:
         with self._lock:
             self._entries.pop(item_id, None)
             self._items.pop(item_id, None)
-            cat = self._catalog.pop(item_id, None)
-            catalog = {k: CatalogEntry(v.ack, set(v.reported)) for k, v in self._catalog.items()}
+            acks = self.beats.drop_acks(item_id)
         self.save_entries()
-        if cat is not None:
-            self._catalog_file.save(catalog)
+        if acks is not None:
+            self.beats.save_acks(acks)
         self._close_item(item)
         with contextlib.suppress(FileNotFoundError):
             (self._state_dir / f"{item_id}.json").unlink()
