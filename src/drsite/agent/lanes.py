@@ -37,7 +37,7 @@ from drsite.agent import cloudstores, pointkeys
 from drsite.agent.failover import KINDS as FAILOVER_KINDS
 from drsite.agent.link import COMMAND_KINDS, Command, VaultLink
 from drsite.agent.registration import AgentIdentity
-from drsite.agent.state import Accepted, CommandJournal, Finished
+from drsite.agent.state import CommandJournal, Finished
 from drsite.agent.vms import lane_of
 from drsite.core.errors import (
     CommandInterrupted,
@@ -126,35 +126,6 @@ class LaneHost(Protocol):
         ...
 
     def refresh_catalogue(self, item_id: str) -> None: ...
-
-
-def keep_point_keys(data_dir: Path, cmd: Command) -> dict[str, Any]:
-    """The command's arguments for the journal: its point keys (``point_key`` for its item,
-    ``rev_point_key`` for a re-protect's reverse item) go to their 0600 key files now and
-    are left out, so the journal holds no key; a command queued again after a restart
-    finds them there (``pointkeys.auth_from_args`` falls back to the kept key)."""
-    args = dict(cmd.args)
-    rev = args.get("rev_item_id")
-    for arg, item_id in (("point_key", cmd.item_id), ("rev_point_key", rev)):
-        raw = args.pop(arg, None)
-        if isinstance(raw, str) and raw and raw != "redacted" and item_id:
-            pointkeys.save_key(data_dir, str(item_id), raw)
-    return args
-
-
-def restore_secrets(data_dir: Path, acc: Accepted) -> dict[str, Any] | None:
-    """A ``protect`` of a cloud-store item finds its store's full spec in the item's 0600
-    spec file (written before the command ran); nothing else can be restored."""
-    if acc.kind != "protect":
-        return None
-    try:
-        spec = cloudstores.load_spec(data_dir, acc.item_id)
-    except DrsiteError:
-        return None
-    kept = dict(acc.args.get("store") or {})
-    if spec.get("name") != kept.get("name") or spec.get("kind") != kept.get("kind"):
-        return None
-    return {**acc.args, "store": spec}
 
 
 def lane_key(cmd: Command) -> str:
@@ -312,11 +283,13 @@ class CommandLanes:
             self._barrier_pool.submit(self._barrier_task, cmd)
             with contextlib.suppress(DrsiteError):
                 self.journal.accept(cmd.command_id, kind=cmd.kind, item_id=cmd.item_id,
-                                    args=keep_point_keys(self.host.data_dir, cmd))
+                                    args=pointkeys.keep_keys(self.host.data_dir, cmd.item_id,
+                                                            cmd.args))
             return
         try:
             self.journal.accept(cmd.command_id, kind=cmd.kind, item_id=cmd.item_id,
-                                args=keep_point_keys(self.host.data_dir, cmd))
+                                args=pointkeys.keep_keys(self.host.data_dir, cmd.item_id,
+                                                            cmd.args))
         except DrsiteError:
             with self._lock:
                 self._inflight.pop(cmd.command_id, None)
@@ -341,7 +314,9 @@ class CommandLanes:
         for acc in self.journal.unfinished():
             args = dict(acc.args)
             if acc.redacted:
-                restored = restore_secrets(self.host.data_dir, acc)
+                # a cloud-store protect finds its spec again (nothing else can be restored)
+                restored = cloudstores.restore_spec(self.host.data_dir, acc.item_id, acc.args) \
+                    if acc.kind == "protect" else None
                 if restored is None:
                     log.warning("command %s (%s %s) was interrupted by a restart and carried "
                                 "credentials this host does not keep; reporting it interrupted",
