@@ -25,23 +25,21 @@ the store protocol (``sitestore``), scheduling (the vault's scheduler).
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import ssl
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from drsite.agent import barrier as barriers
-from drsite.agent import cloudstores, pointkeys, storerekey
+from drsite.agent import storerekey
 from drsite.agent.drill import DrillCommands
 from drsite.agent.failover import FailoverCommands
 from drsite.agent.heartbeat import Heartbeats, inventory
-from drsite.agent.items import Item
+from drsite.agent.items import Item, ItemEngines, TargetFactory
 from drsite.agent.lanes import CommandLanes, Interrupted, Task
 from drsite.agent.link import Command, HeartbeatReply, VaultLink
 from drsite.agent.peers import Catalogue, CatalogueRefresher
@@ -55,7 +53,6 @@ from drsite.agent.state import (
     ItemEntry,
     ItemPhase,
     ItemsFile,
-    settings_from_args,
 )
 from drsite.agent.storeservice import StoreService
 from drsite.agent.vms import VmCommands
@@ -66,24 +63,15 @@ from drsite.core.errors import (
     InvalidInput,
     NotFound,
     VmNotFound,
-    classify_os_error,
 )
 from drsite.core.model import PowerState
 from drsite.hypervisors.contract import HypervisorDriver
 from drsite.replication.driver import ItemReplicator
-from drsite.replication.report import ItemReport, ItemState
-from drsite.replication.target import RecoveryTarget
-from drsite.sitestore import SiteObjectStore, SiteTarget
-from drsite.store.contract import ObjectStore
+from drsite.replication.report import ItemReport
 from drsite.store.format import PointInfo
-from drsite.store.repository import Repository
 
 log = logging.getLogger(__name__)
 
-TargetFactory = Callable[[str, str], RecoveryTarget]
-"""``(store_url, item_id) → RecoveryTarget``; the default builds a ``SiteTarget``."""
-
-CATALOGUE_TIMEOUT_S = 5.0  # listing an item's points at a peer store
 
 
 class Agent:
@@ -120,14 +108,8 @@ class Agent:
         # a vault pair: the link follows whichever vault is active (agent/link.py)
         self.link = VaultLink(vault_urls or self.identity.vault_urls, self._ctx,
                               transport=transport)
-        self._target_factory = target_factory or self._site_target
-        self._site_stores: dict[str, SiteObjectStore] = {}
-        self._catalogue_stores: dict[str, SiteObjectStore] = {}
-        self._state_dir = self.data_dir / "items"
-        try:
-            self._state_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise classify_os_error(e, f"agent data directory {self.data_dir}") from e
+        self.engines = ItemEngines(self.data_dir, hypervisor, self._ctx,
+                                   on_progress=self._on_progress, target_factory=target_factory)
         self._items_file = ItemsFile(self.data_dir / "items.json")
         self._journal = CommandJournal(self.data_dir / "commands.json")
         self._entries = self._items_file.load()
@@ -295,7 +277,7 @@ class Agent:
             item = self._open_item(entry)
             with self._lock:
                 self._items[entry.item_id] = item
-            if self._needs_resume(item):
+            if item.needs_resume():
                 log.info("item %s: resuming interrupted work after a restart", entry.item_id)
                 self.lanes.enqueue(entry.item_id, Task("resume"))
         self.lanes.resume_accepted()
@@ -332,9 +314,7 @@ class Agent:
                 self._close_item(item)
             self._started = False
         self.link.close()
-        for st in [*self._site_stores.values(), *self._catalogue_stores.values()]:
-            with contextlib.suppress(Exception):
-                st.close()
+        self.engines.close_stores()
         log.info("agent %s stopped", self.identity.host_id)
 
     def wait_idle(self, timeout: float) -> bool:
@@ -343,58 +323,15 @@ class Agent:
 
     # ----------------------------------------------------------------------------- items
 
-    def _site_target(self, store_url: str, item_id: str) -> RecoveryTarget:
-        with self._lock:
-            store = self._site_stores.get(store_url)
-            if store is None:
-                store = self._site_stores[store_url] = SiteObjectStore(store_url, self._ctx)
-        target: RecoveryTarget = SiteTarget(store, item_id)
-        return target
-
-    def _catalogue_store(self, store_url: str, target: RecoveryTarget) -> ObjectStore:
-        """The store the heartbeat's catalogue lists: for a site store, a client of its own
-        with short timeouts (listing is small; a hung peer must be noticed in seconds)."""
-        if self._target_factory != self._site_target or not store_url.startswith("https://"):
-            return target.repo.store
-        with self._lock:
-            store = self._catalogue_stores.get(store_url)
-            if store is None:
-                store = self._catalogue_stores[store_url] = SiteObjectStore(
-                    store_url, self._ctx, timeout=CATALOGUE_TIMEOUT_S)
-        return store
-
     def _on_progress(self, item_id: str, report: ItemReport) -> None:
         if self._stop.is_set() or self.lanes.cancelled(item_id):
             raise Interrupted(f"work on {item_id} interrupted")
 
     def _open_item(self, entry: ItemEntry) -> Item:
-        """Build the engine of one item from its entry (errors are kept in the item)."""
-        try:
-            if cloudstores.is_cloud(entry.store_url):  # spec from its 0600 file
-                target = cloudstores.cloud_target(
-                    cloudstores.load_spec(self.data_dir, entry.item_id), entry.item_id)
-            else:
-                target = self._target_factory(entry.store_url, entry.item_id)
-            target.repo.auth = pointkeys.load_auth(self.data_dir, entry.item_id)
-            replicator = ItemReplicator(
-                item_id=entry.item_id, vm_id=entry.vm_id, driver=self.hypervisor, target=target,
-                state_dir=self._state_dir, settings=settings_from_args(entry.settings),
-                on_progress=functools.partial(self._on_progress, entry.item_id),
-                generation=entry.generation)
-            catalog = Repository(self._catalogue_store(entry.store_url, target), entry.item_id,
-                                 auth=target.repo.auth)
-            self._catalogues.track(entry.item_id, entry.store_url, catalog.points)
-            return Item(entry, replicator, catalog)
-        except DrsiteError as e:
-            log.error("item %s cannot be opened (%s): %s", entry.item_id, e.error_class.value, e)
-            return Item(entry, None, None, e)
+        return self.engines.open(entry, self._catalogues)
 
     def _close_item(self, item: Item) -> None:
-        self._catalogues.untrack(item.entry.item_id)
-        if item.catalog is not None:
-            item.catalog.close()
-        if item.replicator is not None:
-            item.replicator.target.repo.close()
+        self.engines.close(item, self._catalogues)
 
     def reopen(self, item_id: str) -> Item | None:
         """Rebuild an item's engine from its files (after its work was interrupted)."""
@@ -409,17 +346,6 @@ class Agent:
         with self._lock:
             self._items[item_id] = item
         return item
-
-    @staticmethod
-    def _needs_resume(item: Item) -> bool:
-        rep = item.replicator
-        if rep is None:
-            return False
-        if item.entry.phase == ItemPhase.INITIAL:
-            return True
-        rec = rep.rec
-        return rec.cycle_id is not None or rec.phase in (ItemState.INITIAL_REPLICATION,
-                                                         ItemState.RESYNCING)
 
     def save_entries(self) -> None:
         with self._lock:
@@ -574,7 +500,7 @@ class Agent:
             self.beats.save_acks(acks)
         self._close_item(item)
         with contextlib.suppress(FileNotFoundError):
-            (self._state_dir / f"{item_id}.json").unlink()
+            (self.engines.state_dir / f"{item_id}.json").unlink()
 
     # ----------------------------------------------------------------------------- commands
 
