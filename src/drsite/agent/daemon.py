@@ -12,12 +12,18 @@ short — and (2) while the vault has been unreachable for ``offline_after_s``, 
 it was told to protect replicating by their own settings (frequency, retry schedule, resync
 window), so that an outage of the control plane does not stop data protection.
 
-Idempotency: a command id runs at most once. Ids queued or running are ignored when re-sent;
-finished ones are answered from a persisted journal (``commands.json``); a ``cycle`` or
-``resync`` that completed just before a crash is recognised from the point sequence recorded
-when it started, so it is not run twice.
+:class:`Agent` wires the parts, each in a module of its own behind a Protocol of what it needs
+of the agent: the command intake, journal and per-item lanes (:mod:`~drsite.agent.lanes`),
+the heartbeat (:mod:`~drsite.agent.heartbeat`), item engines (:mod:`~drsite.agent.items`), the
+command handlers (:mod:`~drsite.agent.protection`, ``failover``, ``barrier``, ``scrub``,
+``drill``, ``vms``). It keeps the item table (``items.json`` and the open engines, under its
+lock, which the lanes and the heartbeat share), fencing, and the loop with its offline mode.
 
-Responsible for: the loop, dispatch, idempotency, restart behaviour, the local state files.
+Idempotency: a command id runs at most once (:mod:`~drsite.agent.lanes`); a ``cycle`` or
+``resync`` that completed just before a crash is recognised from the point sequence recorded
+when it started, so it is not run twice (:mod:`~drsite.agent.protection`).
+
+Responsible for: the loop, wiring, restart behaviour, the item table and its file.
 Not responsible for: replication mechanics (:class:`~drsite.replication.driver.ItemReplicator`),
 the store protocol (``sitestore``), scheduling (the vault's scheduler).
 """
@@ -143,118 +149,6 @@ class Agent:
 
     # ----------------------------------------------------------------------------- lifecycle
 
-    @property
-    def store_service(self) -> StoreService | None:
-        """This host's recovery store service (secondary sites), if any."""
-        return self._store
-
-    def live_item(self, cmd: Command) -> tuple[Item, ItemReplicator]:
-        """The item a command names, with its engine (``NotFound`` if not protected here)."""
-        with self._lock:
-            item = self._items.get(cmd.item_id)
-        if item is None:
-            raise NotFound(f"item {cmd.item_id} is not protected on host "
-                           f"{self.identity.host_id}",
-                           hint="Enable protection again (the agent has no record of it).")
-        if item.replicator is None:
-            item = self.reopen(cmd.item_id) or item
-            if item.replicator is None:
-                assert item.error is not None
-                raise item.error
-        return item, item.replicator
-
-    @property
-    def max_parallel_items(self) -> int:
-        return self.lanes.max_parallel_items
-
-    def lane_idle(self, item_id: str) -> bool:
-        """No task queued or running in the item's lane."""
-        return self.lanes.idle(item_id)
-
-    def lane_waiting(self, item_id: str) -> bool:
-        """True while a task waits in the item's lane (a long scrub yields to it)."""
-        return self.lanes.waiting(item_id)
-
-    def held_commands(self) -> list[str]:
-        """Ids of the commands this agent holds (:meth:`CommandLanes.held_commands`)."""
-        return self.lanes.held_commands()
-
-    def note_started(self, cmd: Command, **facts: Any) -> None:
-        self._journal.start(cmd.command_id, kind=cmd.kind, item_id=cmd.item_id, **facts)
-
-    def started_facts(self, command_id: str) -> dict[str, Any] | None:
-        return self._journal.started(command_id)
-
-    def already_done(self, cmd: Command, rep: ItemReplicator) -> PointInfo | None:
-        """The point the command's cycle committed before a restart cut off its result."""
-        return self.protection.already_done(cmd, rep, None)
-
-    def set_generation(self, item_id: str, generation: int) -> None:
-        """Persist the item's generation (the split-brain guard its engine checks)."""
-        with self._lock:
-            entry = self._entries.get(item_id)
-            if entry is not None:
-                entry.generation = generation
-        self.save_entries()
-
-    def set_failed_over(self, item_id: str, failed_over: bool) -> None:
-        """Mark an item failed over (a planned failover shut its VM down): offline mode and
-        resume-after-restart leave it alone; ``False`` makes it protected again."""
-        with self._lock:
-            entry = self._entries.get(item_id)
-            if entry is None:
-                return
-            entry.phase = ItemPhase.FAILED_OVER if failed_over else ItemPhase.PROTECTED
-        self.save_entries()
-
-    def fence_item(self, item_id: str, reason: str) -> dict[str, Any]:
-        """This host is no longer the item's primary (a failover promoted the recovery site):
-        power its VM off so that the old primary never writes beside the recovery VM, stop
-        replicating it (phase ``failed_over``: offline mode and resume leave it alone), and
-        remember whether it was running (a cancel powers it on again). Idempotent."""
-        with self._lock:
-            entry = self._entries.get(item_id)
-        if entry is None:
-            return {"fenced": False, "note": "the item is not protected on this host"}
-        was_running = False
-        power = "absent"
-        try:
-            vm = self.hypervisor.get_vm(entry.vm_id)
-            if vm.power is not PowerState.STOPPED:
-                was_running = True
-                log.warning("item %s: %s; powering VM %s off (fencing the old primary)",
-                            item_id, reason, vm.name)
-                self.hypervisor.power_off(entry.vm_id, force=True, timeout=10.0)
-            power = self.hypervisor.get_vm(entry.vm_id).power.value
-        except VmNotFound:
-            pass
-        with self._lock:
-            first = not entry.fenced
-            entry.fenced = True
-            entry.fenced_running = entry.fenced_running or was_running
-            entry.phase = ItemPhase.FAILED_OVER
-        if first or was_running:
-            self.save_entries()
-        return {"fenced": True, "vm_power": power, "was_running": was_running,
-                "reason": reason}
-
-    def unfence_item(self, item_id: str) -> bool:
-        """A cancelled failover hands the item back: clear the fence; True when the VM was
-        running when this host fenced it (the caller powers it on again)."""
-        with self._lock:
-            entry = self._entries.get(item_id)
-            if entry is None or not entry.fenced:
-                return False
-            was_running = entry.fenced_running
-            entry.fenced = entry.fenced_running = False
-        self.save_entries()
-        return was_running
-
-    @property
-    def store_url(self) -> str | None:
-        """The URL of this host's recovery store (secondary agents, once started)."""
-        return self._store_url
-
     def start(self) -> None:
         """Start the store server (if any) and the workers, rebuild the persisted items and
         resume their interrupted work. Idempotent; :meth:`run` calls it."""
@@ -321,64 +215,6 @@ class Agent:
         """True once no task is queued or running (tests, orderly shutdown)."""
         return self.lanes.wait_idle(timeout)
 
-    # ----------------------------------------------------------------------------- items
-
-    def _on_progress(self, item_id: str, report: ItemReport) -> None:
-        if self._stop.is_set() or self.lanes.cancelled(item_id):
-            raise Interrupted(f"work on {item_id} interrupted")
-
-    def _open_item(self, entry: ItemEntry) -> Item:
-        return self.engines.open(entry, self._catalogues)
-
-    def _close_item(self, item: Item) -> None:
-        self.engines.close(item, self._catalogues)
-
-    def reopen(self, item_id: str) -> Item | None:
-        """Rebuild an item's engine from its files (after its work was interrupted)."""
-        with self._lock:
-            old = self._items.get(item_id)
-            entry = self._entries.get(item_id)
-        if entry is None:
-            return None
-        if old is not None:
-            self._close_item(old)
-        item = self._open_item(entry)
-        with self._lock:
-            self._items[item_id] = item
-        return item
-
-    def save_entries(self) -> None:
-        with self._lock:
-            entries = dict(self._entries)
-        self._items_file.save(entries)
-
-    def reports(self) -> dict[str, dict[str, Any]]:
-        """The report of every item this host protects (what the heartbeat carries)."""
-        return self.beats.reports()
-
-    def open_items(self) -> list[Item]:
-        with self._lock:
-            return list(self._items.values())
-
-    def has_item(self, item_id: str) -> bool:
-        with self._lock:
-            return item_id in self._items
-
-    def catalogue(self, item_id: str) -> Catalogue:
-        return self._catalogues.get(item_id)
-
-    # ----------------------------------------------------------------------------- heartbeat
-
-    def _inventory(self) -> list[dict[str, Any]]:
-        """The VMs the heartbeat reports (:func:`drsite.agent.heartbeat.inventory`)."""
-        return inventory(self.hypervisor, self.data_dir, self._book)
-
-    def heartbeat_once(self) -> HeartbeatReply:
-        """One heartbeat (:meth:`Heartbeats.once`): send, apply the ack, accept the commands,
-        post pending results and progress. Raises ``NetworkError`` (vault unreachable),
-        ``AuthError`` and the like."""
-        return self.beats.once()
-
     def tick(self) -> float:
         """One iteration of :meth:`run`: a heartbeat (errors logged, backed off) and, when the
         vault has been unreachable for long, the items' own schedule. Returns the delay until
@@ -431,18 +267,117 @@ class Agent:
                 if it.replicator.next_due() <= time.time():  # next_due first: it reads the clock
                     self.lanes.enqueue(it.entry.item_id, Task("auto"))
 
-    def run_own(self, item_id: str, kind: str) -> None:
-        """The agent's own work on an item (:meth:`ProtectionCommands.run_own`)."""
-        self.protection.run_own(item_id, kind)
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
 
-    def fence_on_own(self, item_id: str, e: Fenced) -> None:
-        """The store's generation record says another site was promoted: fence at once, without
-        waiting for the vault (which may be unreachable) — the second way an old primary learns
-        it was failed over (the first is the vault's ``failover_fence``)."""
-        try:
-            self.fence_item(item_id, f"the recovery store names a newer primary ({e.message})")
-        except DrsiteError as err:
-            log.error("item %s: fencing the old primary failed: %s", item_id, err)
+    # ----------------------------------------------------------------------------- item table
+    # ``_entries``: items.json; ``_items``: their open engines; both under ``_lock``
+
+    def live_item(self, cmd: Command) -> tuple[Item, ItemReplicator]:
+        """The item a command names, with its engine (``NotFound`` if not protected here)."""
+        with self._lock:
+            item = self._items.get(cmd.item_id)
+        if item is None:
+            raise NotFound(f"item {cmd.item_id} is not protected on host "
+                           f"{self.identity.host_id}",
+                           hint="Enable protection again (the agent has no record of it).")
+        if item.replicator is None:
+            item = self.reopen(cmd.item_id) or item
+            if item.replicator is None:
+                assert item.error is not None
+                raise item.error
+        return item, item.replicator
+
+    def lookup(self, item_id: str) -> tuple[Item | None, ItemEntry | None]:
+        with self._lock:
+            return self._items.get(item_id), self._entries.get(item_id)
+
+    def open_items(self) -> list[Item]:
+        with self._lock:
+            return list(self._items.values())
+
+    def has_item(self, item_id: str) -> bool:
+        with self._lock:
+            return item_id in self._items
+
+    def record_entry(self, entry: ItemEntry) -> None:
+        with self._lock:
+            self._entries[entry.item_id] = entry
+        self.save_entries()
+
+    def save_entries(self) -> None:
+        with self._lock:
+            entries = dict(self._entries)
+        self._items_file.save(entries)
+
+    def rebuild_item(self, entry: ItemEntry, old: Item | None) -> Item:
+        if old is not None:
+            self._close_item(old)
+        item = self._open_item(entry)
+        with self._lock:
+            self._items[entry.item_id] = item
+        return item
+
+    def reopen(self, item_id: str) -> Item | None:
+        """Rebuild an item's engine from its files (after its work was interrupted)."""
+        with self._lock:
+            old = self._items.get(item_id)
+            entry = self._entries.get(item_id)
+        if entry is None:
+            return None
+        if old is not None:
+            self._close_item(old)
+        item = self._open_item(entry)
+        with self._lock:
+            self._items[item_id] = item
+        return item
+
+    def forget_item(self, item: Item) -> None:
+        item_id = item.entry.item_id
+        with self._lock:
+            self._entries.pop(item_id, None)
+            self._items.pop(item_id, None)
+            acks = self.beats.drop_acks(item_id)
+        self.save_entries()
+        if acks is not None:
+            self.beats.save_acks(acks)
+        self._close_item(item)
+        with contextlib.suppress(FileNotFoundError):
+            (self.engines.state_dir / f"{item_id}.json").unlink()
+
+    def mark_protected(self, item: Item) -> None:
+        if item.entry.phase != ItemPhase.PROTECTED:
+            item.entry.phase = ItemPhase.PROTECTED
+            self.save_entries()
+
+    def set_generation(self, item_id: str, generation: int) -> None:
+        """Persist the item's generation (the split-brain guard its engine checks)."""
+        with self._lock:
+            entry = self._entries.get(item_id)
+            if entry is not None:
+                entry.generation = generation
+        self.save_entries()
+
+    def set_failed_over(self, item_id: str, failed_over: bool) -> None:
+        """Mark an item failed over (a planned failover shut its VM down): offline mode and
+        resume-after-restart leave it alone; ``False`` makes it protected again."""
+        with self._lock:
+            entry = self._entries.get(item_id)
+            if entry is None:
+                return
+            entry.phase = ItemPhase.FAILED_OVER if failed_over else ItemPhase.PROTECTED
+        self.save_entries()
+
+    def _open_item(self, entry: ItemEntry) -> Item:
+        return self.engines.open(entry, self._catalogues)
+
+    def _close_item(self, item: Item) -> None:
+        self.engines.close(item, self._catalogues)
+
+    def _on_progress(self, item_id: str, report: ItemReport) -> None:
+        if self._stop.is_set() or self.lanes.cancelled(item_id):
+            raise Interrupted(f"work on {item_id} interrupted")
 
     def engine_progress(self, item_id: str) -> float | None:
         item = self._items.get(item_id)
@@ -460,47 +395,122 @@ class Agent:
             return None
         return latest.seq if latest is not None else 0
 
+    # ----------------------------------------------------------------------------- fencing
+
+    def fence_item(self, item_id: str, reason: str) -> dict[str, Any]:
+        """This host is no longer the item's primary (a failover promoted the recovery site):
+        power its VM off so that the old primary never writes beside the recovery VM, stop
+        replicating it (phase ``failed_over``: offline mode and resume leave it alone), and
+        remember whether it was running (a cancel powers it on again). Idempotent."""
+        with self._lock:
+            entry = self._entries.get(item_id)
+        if entry is None:
+            return {"fenced": False, "note": "the item is not protected on this host"}
+        was_running = False
+        power = "absent"
+        try:
+            vm = self.hypervisor.get_vm(entry.vm_id)
+            if vm.power is not PowerState.STOPPED:
+                was_running = True
+                log.warning("item %s: %s; powering VM %s off (fencing the old primary)",
+                            item_id, reason, vm.name)
+                self.hypervisor.power_off(entry.vm_id, force=True, timeout=10.0)
+            power = self.hypervisor.get_vm(entry.vm_id).power.value
+        except VmNotFound:
+            pass
+        with self._lock:
+            first = not entry.fenced
+            entry.fenced = True
+            entry.fenced_running = entry.fenced_running or was_running
+            entry.phase = ItemPhase.FAILED_OVER
+        if first or was_running:
+            self.save_entries()
+        return {"fenced": True, "vm_power": power, "was_running": was_running,
+                "reason": reason}
+
+    def unfence_item(self, item_id: str) -> bool:
+        """A cancelled failover hands the item back: clear the fence; True when the VM was
+        running when this host fenced it (the caller powers it on again)."""
+        with self._lock:
+            entry = self._entries.get(item_id)
+            if entry is None or not entry.fenced:
+                return False
+            was_running = entry.fenced_running
+            entry.fenced = entry.fenced_running = False
+        self.save_entries()
+        return was_running
+
+    def fence_on_own(self, item_id: str, e: Fenced) -> None:
+        """The store's generation record says another site was promoted: fence at once, without
+        waiting for the vault (which may be unreachable) — the second way an old primary learns
+        it was failed over (the first is the vault's ``failover_fence``)."""
+        try:
+            self.fence_item(item_id, f"the recovery store names a newer primary ({e.message})")
+        except DrsiteError as err:
+            log.error("item %s: fencing the old primary failed: %s", item_id, err)
+
+    # ----------------------------------------------------------------------------- host surface
+    # what the lanes, the heartbeat and the command handlers ask of the agent (their Protocols)
+
+    @property
+    def store_service(self) -> StoreService | None:
+        """This host's recovery store service (secondary sites), if any."""
+        return self._store
+
+    @property
+    def store_url(self) -> str | None:
+        """The URL of this host's recovery store (secondary agents, once started)."""
+        return self._store_url
+
+    @property
+    def max_parallel_items(self) -> int:
+        return self.lanes.max_parallel_items
+
+    def lane_idle(self, item_id: str) -> bool:
+        """No task queued or running in the item's lane."""
+        return self.lanes.idle(item_id)
+
+    def lane_waiting(self, item_id: str) -> bool:
+        """True while a task waits in the item's lane (a long scrub yields to it)."""
+        return self.lanes.waiting(item_id)
+
+    def held_commands(self) -> list[str]:
+        """Ids of the commands this agent holds (:meth:`CommandLanes.held_commands`)."""
+        return self.lanes.held_commands()
+
+    def note_started(self, cmd: Command, **facts: Any) -> None:
+        self._journal.start(cmd.command_id, kind=cmd.kind, item_id=cmd.item_id, **facts)
+
+    def started_facts(self, command_id: str) -> dict[str, Any] | None:
+        return self._journal.started(command_id)
+
+    def already_done(self, cmd: Command, rep: ItemReplicator) -> PointInfo | None:
+        """The point the command's cycle committed before a restart cut off its result."""
+        return self.protection.already_done(cmd, rep, None)
+
+    def run_own(self, item_id: str, kind: str) -> None:
+        """The agent's own work on an item (:meth:`ProtectionCommands.run_own`)."""
+        self.protection.run_own(item_id, kind)
+
+    def catalogue(self, item_id: str) -> Catalogue:
+        return self._catalogues.get(item_id)
+
     def refresh_catalogue(self, item_id: str) -> None:
         self._catalogues.refresh(item_id)  # new points reach the next heartbeat
 
-    def mark_protected(self, item: Item) -> None:
-        if item.entry.phase != ItemPhase.PROTECTED:
-            item.entry.phase = ItemPhase.PROTECTED
-            self.save_entries()
+    def reports(self) -> dict[str, dict[str, Any]]:
+        """The report of every item this host protects (what the heartbeat carries)."""
+        return self.beats.reports()
 
-    @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
+    def _inventory(self) -> list[dict[str, Any]]:
+        """The VMs the heartbeat reports (:func:`drsite.agent.heartbeat.inventory`)."""
+        return inventory(self.hypervisor, self.data_dir, self._book)
 
-    def lookup(self, item_id: str) -> tuple[Item | None, ItemEntry | None]:
-        with self._lock:
-            return self._items.get(item_id), self._entries.get(item_id)
-
-    def record_entry(self, entry: ItemEntry) -> None:
-        with self._lock:
-            self._entries[entry.item_id] = entry
-        self.save_entries()
-
-    def rebuild_item(self, entry: ItemEntry, old: Item | None) -> Item:
-        if old is not None:
-            self._close_item(old)
-        item = self._open_item(entry)
-        with self._lock:
-            self._items[entry.item_id] = item
-        return item
-
-    def forget_item(self, item: Item) -> None:
-        item_id = item.entry.item_id
-        with self._lock:
-            self._entries.pop(item_id, None)
-            self._items.pop(item_id, None)
-            acks = self.beats.drop_acks(item_id)
-        self.save_entries()
-        if acks is not None:
-            self.beats.save_acks(acks)
-        self._close_item(item)
-        with contextlib.suppress(FileNotFoundError):
-            (self.engines.state_dir / f"{item_id}.json").unlink()
+    def heartbeat_once(self) -> HeartbeatReply:
+        """One heartbeat (:meth:`Heartbeats.once`): send, apply the ack, accept the commands,
+        post pending results and progress. Raises ``NetworkError`` (vault unreachable),
+        ``AuthError`` and the like."""
+        return self.beats.once()
 
     # ----------------------------------------------------------------------------- commands
 
