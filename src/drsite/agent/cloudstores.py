@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from drsite.core.errors import InvalidInput, NotFound, classify_os_error
+from drsite.core.errors import DrsiteError, InvalidInput, NotFound, classify_os_error
 from drsite.core.model import validate_name
 from drsite.replication.target import LocalTarget, RecoveryTarget
 from drsite.store.factory import StoreSpec, store_repository
@@ -86,6 +86,20 @@ def load_spec(data_dir: Path, item_id: str) -> dict[str, Any]:
 def remove_spec(data_dir: Path, item_id: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         spec_path(data_dir, item_id).unlink()
+
+
+def restore_spec(data_dir: Path, item_id: str, args: dict[str, Any]) -> dict[str, Any] | None:
+    """A ``protect`` journaled without its store's secrets, made whole again from the item's
+    spec file (written before the command ran); None when the file is gone or names another
+    store."""
+    try:
+        spec = load_spec(data_dir, item_id)
+    except DrsiteError:
+        return None
+    kept = dict(args.get("store") or {})
+    if spec.get("name") != kept.get("name") or spec.get("kind") != kept.get("kind"):
+        return None
+    return {**args, "store": spec}
 
 
 def cloud_target(spec: dict[str, Any], item_id: str) -> RecoveryTarget:

@@ -12,12 +12,18 @@ short — and (2) while the vault has been unreachable for ``offline_after_s``, 
 it was told to protect replicating by their own settings (frequency, retry schedule, resync
 window), so that an outage of the control plane does not stop data protection.
 
-Idempotency: a command id runs at most once. Ids queued or running are ignored when re-sent;
-finished ones are answered from a persisted journal (``commands.json``); a ``cycle`` or
-``resync`` that completed just before a crash is recognised from the point sequence recorded
-when it started, so it is not run twice.
+:class:`Agent` wires the parts, each in a module of its own behind a Protocol of what it needs
+of the agent: the command intake, journal and per-item lanes (:mod:`~drsite.agent.lanes`),
+the heartbeat (:mod:`~drsite.agent.heartbeat`), item engines (:mod:`~drsite.agent.items`), the
+command handlers (:mod:`~drsite.agent.protection`, ``failover``, ``barrier``, ``scrub``,
+``drill``, ``vms``). It keeps the item table (``items.json`` and the open engines, under its
+lock, which the lanes and the heartbeat share), fencing, and the loop with its offline mode.
 
-Responsible for: the loop, dispatch, idempotency, restart behaviour, the local state files.
+Idempotency: a command id runs at most once (:mod:`~drsite.agent.lanes`); a ``cycle`` or
+``resync`` that completed just before a crash is recognised from the point sequence recorded
+when it started, so it is not run twice (:mod:`~drsite.agent.protection`).
+
+Responsible for: the loop, wiring, restart behaviour, the item table and its file.
 Not responsible for: replication mechanics (:class:`~drsite.replication.driver.ItemReplicator`),
 the store protocol (``sitestore``), scheduling (the vault's scheduler).
 """
@@ -25,122 +31,53 @@ the store protocol (``sitestore``), scheduling (the vault's scheduler).
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
 import logging
 import ssl
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-import drsite
 from drsite.agent import barrier as barriers
-from drsite.agent import breakglass, cloudstores, pointkeys, recoverybook, storeacl, storerekey
+from drsite.agent import storerekey
 from drsite.agent.drill import DrillCommands
-from drsite.agent.failover import KINDS as FAILOVER_KINDS
 from drsite.agent.failover import FailoverCommands
-from drsite.agent.link import COMMAND_KINDS, Command, HeartbeatReply, VaultLink
-from drsite.agent.peers import CatalogueRefresher
+from drsite.agent.heartbeat import Heartbeats, inventory
+from drsite.agent.items import Item, ItemEngines, TargetFactory
+from drsite.agent.lanes import CommandLanes, Interrupted, Task
+from drsite.agent.link import Command, HeartbeatReply, VaultLink
+from drsite.agent.peers import Catalogue, CatalogueRefresher
+from drsite.agent.protection import KINDS as PROTECTION_KINDS
+from drsite.agent.protection import ProtectionCommands
 from drsite.agent.recoverybook import BOOK_FILE, RecoveryBook
 from drsite.agent.registration import AgentIdentity
 from drsite.agent.scrub import ScrubCommands
 from drsite.agent.state import (
-    Accepted,
-    CatalogEntry,
-    CatalogFile,
     CommandJournal,
-    Finished,
     ItemEntry,
     ItemPhase,
     ItemsFile,
-    settings_from_args,
 )
 from drsite.agent.storeservice import StoreService
-from drsite.agent.vms import VmCommands, lane_of
+from drsite.agent.vms import VmCommands
 from drsite.core.errors import (
     AuthError,
-    CommandInterrupted,
-    Conflict,
     DrsiteError,
     Fenced,
     InvalidInput,
     NotFound,
-    OperationInterrupted,
-    PermanentError,
     VmNotFound,
-    classify_os_error,
 )
 from drsite.core.model import PowerState
-from drsite.core.states import CommandStatus
 from drsite.hypervisors.contract import HypervisorDriver
 from drsite.replication.driver import ItemReplicator
-from drsite.replication.report import Health, ItemReport, ItemState
-from drsite.replication.target import RecoveryTarget
-from drsite.sitestore import SiteObjectStore, SiteTarget
-from drsite.store.contract import ObjectStore
-from drsite.store.factory import StoreSpec
+from drsite.replication.report import ItemReport
 from drsite.store.format import PointInfo
-from drsite.store.repository import Repository
-from drsite.tracking.changelog import cap_for_interval
 
 log = logging.getLogger(__name__)
 
-TargetFactory = Callable[[str, str], RecoveryTarget]
-"""``(store_url, item_id) → RecoveryTarget``; the default builds a ``SiteTarget``."""
-
-PROGRESS_REPOST_S = 10.0
-CATALOGUE_TIMEOUT_S = 5.0  # listing an item's points at a peer store
-URGENT_KINDS = frozenset((*FAILOVER_KINDS, "unprotect"))
-URGENT_WORKERS = 4
-BARRIER_WORKERS = 4  # group barriers' prepare and seal: short, local, never behind a lane
-# run beside the item's lane, never queued behind its work: a fence powers the old primary's VM
-# off while a cycle may hang on a black-holed store for its whole network timeout
-BESIDE_LANE_KINDS = frozenset(("failover_fence",))
-FULL_HEARTBEAT_EVERY = 30
-CHANNEL_WAIT_S = 20.0  # how long the vault may hold the command channel's request
-
-
-class Interrupted(Exception):
-    """Raised inside an item's work (from its progress callback) to stop it at once: the agent
-    is shutting down, or the item is being unprotected. Equivalent to a crash at that place,
-    which the engine resumes from."""
-
-
-@dataclass
-class _Task:
-    kind: str                      # a command kind, or "resume" / "auto" (the agent's own)
-    command: Command | None = None
-
-
-@dataclass
-class _Lane:
-    """Per-item FIFO of tasks; at most one of them runs at a time."""
-
-    tasks: deque[_Task] = field(default_factory=deque)
-    active: bool = False
-    cancel: threading.Event = field(default_factory=threading.Event)
-
-
-@dataclass
-class _Item:
-    entry: ItemEntry
-    replicator: ItemReplicator | None
-    catalog: Repository | None     # the heartbeat thread's own view of the item's points
-    error: DrsiteError | None = None
-
-
-@dataclass
-class _Progress:
-    item_id: str
-    posted_at: float = 0.0
-    posted_progress: float = -1.0
 
 
 class Agent:
@@ -172,42 +109,21 @@ class Agent:
         self.heartbeat_interval = heartbeat_interval
         self.offline_after_s = offline_after_s
         self.max_backoff_s = max(max_backoff_s, heartbeat_interval)
-        self.max_parallel_items = max(1, max_parallel_items)
         self.identity = AgentIdentity.load(self.data_dir)
         self._ctx: ssl.SSLContext = self.identity.client_context()
         # a vault pair: the link follows whichever vault is active (agent/link.py)
         self.link = VaultLink(vault_urls or self.identity.vault_urls, self._ctx,
                               transport=transport)
-        self._target_factory = target_factory or self._site_target
-        self._site_stores: dict[str, SiteObjectStore] = {}
-        self._catalogue_stores: dict[str, SiteObjectStore] = {}
-        self._state_dir = self.data_dir / "items"
-        try:
-            self._state_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise classify_os_error(e, f"agent data directory {self.data_dir}") from e
+        self.engines = ItemEngines(self.data_dir, hypervisor, self._ctx,
+                                   on_progress=self._on_progress, target_factory=target_factory)
         self._items_file = ItemsFile(self.data_dir / "items.json")
-        self._catalog_file = CatalogFile(self.data_dir / "catalog.json")
         self._journal = CommandJournal(self.data_dir / "commands.json")
         self._entries = self._items_file.load()
-        self._catalog = self._catalog_file.load()
-        self._items: dict[str, _Item] = {}
-        self._lanes: dict[str, _Lane] = {}
-        self._inflight: dict[str, _Progress] = {}   # accepted command ids (queued or running)
+        self._items: dict[str, Item] = {}
         # the items' recovery points, listed off the control loop (one thread per peer)
         self._catalogues = CatalogueRefresher(heartbeat_interval)
-        # what the vault was last told (report digests per item, "" = inventory): heartbeats
-        # carry only what changed, and a full one every FULL_HEARTBEAT_EVERY or after a failure
-        self._beat_digests: dict[str, str] = {}
-        self._pending_digests: dict[str, str] = {}
-        self._beats_since_full = 0
         self._lock = threading.RLock()
         self._stop = threading.Event()
-        self._pool: ThreadPoolExecutor | None = None
-        # lanes whose next task is a failover or unprotect command start here, so that they
-        # never queue behind replication stuck on a slow or hung peer
-        self._urgent_pool: ThreadPoolExecutor | None = None
-        self._barrier_pool: ThreadPoolExecutor | None = None
         self._store: StoreService | None = None
         if store_dir is not None and store_listen is not None:
             self._store = StoreService(self.identity, store_dir, self.data_dir / "replicas",
@@ -215,12 +131,15 @@ class Agent:
         # break-glass: what this store host would need of the vault to fail its items over
         self._book = RecoveryBook(self.data_dir / BOOK_FILE) if self._store is not None else None
         self._store_url: str | None = None
+        self.beats = Heartbeats(self, self._lock, store=self._store, book=self._book)
         self._store_advertised = store_url.rstrip("/") if store_url else None
         self.failover = FailoverCommands(self)
         self.scrubs = ScrubCommands(self)
         self.drills = DrillCommands(self)
         self.barriers = barriers.BarrierCommands(self)
         self.vms = VmCommands(hypervisor, self.data_dir, import_dir)
+        self.protection = ProtectionCommands(self)
+        self.lanes = CommandLanes(self, self._journal, self._lock, self._stop, max_parallel_items)
         self.command_channel = command_channel
         self._channel: threading.Thread | None = None
         self._started = False
@@ -230,95 +149,6 @@ class Agent:
 
     # ----------------------------------------------------------------------------- lifecycle
 
-    @property
-    def store_service(self) -> StoreService | None:
-        """This host's recovery store service (secondary sites), if any."""
-        return self._store
-
-    def live_item(self, cmd: Command) -> tuple[_Item, ItemReplicator]:
-        """The item a command names, with its engine (``NotFound`` if not protected here)."""
-        return self._live_item(cmd)
-
-    def lane_idle(self, item_id: str) -> bool:
-        with self._lock:
-            lane = self._lanes.get(item_id)
-            return lane is None or not (lane.active or lane.tasks)
-
-    def note_started(self, cmd: Command, **facts: Any) -> None:
-        self._journal.start(cmd.command_id, kind=cmd.kind, item_id=cmd.item_id, **facts)
-
-    def started_facts(self, command_id: str) -> dict[str, Any] | None:
-        return self._journal.started(command_id)
-
-    def already_done(self, cmd: Command, rep: ItemReplicator) -> PointInfo | None:
-        return self._already_done(cmd, rep, None)
-
-    def set_generation(self, item_id: str, generation: int) -> None:
-        """Persist the item's generation (the split-brain guard its engine checks)."""
-        with self._lock:
-            entry = self._entries.get(item_id)
-            if entry is not None:
-                entry.generation = generation
-        self._save_entries()
-
-    def set_failed_over(self, item_id: str, failed_over: bool) -> None:
-        """Mark an item failed over (a planned failover shut its VM down): offline mode and
-        resume-after-restart leave it alone; ``False`` makes it protected again."""
-        with self._lock:
-            entry = self._entries.get(item_id)
-            if entry is None:
-                return
-            entry.phase = ItemPhase.FAILED_OVER if failed_over else ItemPhase.PROTECTED
-        self._save_entries()
-
-    def fence_item(self, item_id: str, reason: str) -> dict[str, Any]:
-        """This host is no longer the item's primary (a failover promoted the recovery site):
-        power its VM off so that the old primary never writes beside the recovery VM, stop
-        replicating it (phase ``failed_over``: offline mode and resume leave it alone), and
-        remember whether it was running (a cancel powers it on again). Idempotent."""
-        with self._lock:
-            entry = self._entries.get(item_id)
-        if entry is None:
-            return {"fenced": False, "note": "the item is not protected on this host"}
-        was_running = False
-        power = "absent"
-        try:
-            vm = self.hypervisor.get_vm(entry.vm_id)
-            if vm.power is not PowerState.STOPPED:
-                was_running = True
-                log.warning("item %s: %s; powering VM %s off (fencing the old primary)",
-                            item_id, reason, vm.name)
-                self.hypervisor.power_off(entry.vm_id, force=True, timeout=10.0)
-            power = self.hypervisor.get_vm(entry.vm_id).power.value
-        except VmNotFound:
-            pass
-        with self._lock:
-            first = not entry.fenced
-            entry.fenced = True
-            entry.fenced_running = entry.fenced_running or was_running
-            entry.phase = ItemPhase.FAILED_OVER
-        if first or was_running:
-            self._save_entries()
-        return {"fenced": True, "vm_power": power, "was_running": was_running,
-                "reason": reason}
-
-    def unfence_item(self, item_id: str) -> bool:
-        """A cancelled failover hands the item back: clear the fence; True when the VM was
-        running when this host fenced it (the caller powers it on again)."""
-        with self._lock:
-            entry = self._entries.get(item_id)
-            if entry is None or not entry.fenced:
-                return False
-            was_running = entry.fenced_running
-            entry.fenced = entry.fenced_running = False
-        self._save_entries()
-        return was_running
-
-    @property
-    def store_url(self) -> str | None:
-        """The URL of this host's recovery store (secondary agents, once started)."""
-        return self._store_url
-
     def start(self) -> None:
         """Start the store server (if any) and the workers, rebuild the persisted items and
         resume their interrupted work. Idempotent; :meth:`run` calls it."""
@@ -327,16 +157,9 @@ class Agent:
                 return
             self._started = True
             self._stop.clear()
-            self._lanes = {}
-            self._inflight = {}
+            self.lanes.open()
             if self._catalogues.stopped:  # started again after a shutdown
                 self._catalogues = CatalogueRefresher(self.heartbeat_interval)
-            self._pool = ThreadPoolExecutor(self.max_parallel_items,
-                                            thread_name_prefix="agent-item")
-            self._urgent_pool = ThreadPoolExecutor(URGENT_WORKERS,
-                                                   thread_name_prefix="agent-urgent")
-            self._barrier_pool = ThreadPoolExecutor(BARRIER_WORKERS,
-                                                    thread_name_prefix="agent-barrier")
         if self._store is not None:
             self._store_url = self._store.start()
             if self._store_advertised is not None:
@@ -348,12 +171,12 @@ class Agent:
             item = self._open_item(entry)
             with self._lock:
                 self._items[entry.item_id] = item
-            if self._needs_resume(item):
+            if item.needs_resume():
                 log.info("item %s: resuming interrupted work after a restart", entry.item_id)
-                self._enqueue(entry.item_id, _Task("resume"))
-        self._resume_accepted()
+                self.lanes.enqueue(entry.item_id, Task("resume"))
+        self.lanes.resume_accepted()
         if self.command_channel and (self._channel is None or not self._channel.is_alive()):
-            self._channel = threading.Thread(target=self._channel_loop, daemon=True,
+            self._channel = threading.Thread(target=self.lanes.channel_loop, daemon=True,
                                              name="agent-commands")
             self._channel.start()
 
@@ -376,15 +199,7 @@ class Agent:
         server and the vault connection. Commands interrupted here are not reported failed:
         the vault re-sends them and the restarted agent resumes them."""
         self._stop.set()
-        with self._lock:
-            for lane in self._lanes.values():
-                lane.cancel.set()
-            pool, self._pool = self._pool, None
-            urgent, self._urgent_pool = self._urgent_pool, None
-            bar, self._barrier_pool = self._barrier_pool, None
-        for p in (pool, urgent, bar):
-            if p is not None:
-                p.shutdown(wait=True, cancel_futures=True)
+        self.lanes.close()
         self._catalogues.stop()
         if self._store is not None:
             self._store.stop()
@@ -393,246 +208,12 @@ class Agent:
                 self._close_item(item)
             self._started = False
         self.link.close()
-        for st in [*self._site_stores.values(), *self._catalogue_stores.values()]:
-            with contextlib.suppress(Exception):
-                st.close()
+        self.engines.close_stores()
         log.info("agent %s stopped", self.identity.host_id)
 
     def wait_idle(self, timeout: float) -> bool:
         """True once no task is queued or running (tests, orderly shutdown)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                if not any(lane.active or lane.tasks for lane in self._lanes.values()):
-                    return True
-            time.sleep(0.02)
-        return False
-
-    # ----------------------------------------------------------------------------- items
-
-    def _site_target(self, store_url: str, item_id: str) -> RecoveryTarget:
-        with self._lock:
-            store = self._site_stores.get(store_url)
-            if store is None:
-                store = self._site_stores[store_url] = SiteObjectStore(store_url, self._ctx)
-        target: RecoveryTarget = SiteTarget(store, item_id)
-        return target
-
-    def _catalogue_store(self, store_url: str, target: RecoveryTarget) -> ObjectStore:
-        """The store the heartbeat's catalogue lists: for a site store, a client of its own
-        with short timeouts (listing is small; a hung peer must be noticed in seconds)."""
-        if self._target_factory != self._site_target or not store_url.startswith("https://"):
-            return target.repo.store
-        with self._lock:
-            store = self._catalogue_stores.get(store_url)
-            if store is None:
-                store = self._catalogue_stores[store_url] = SiteObjectStore(
-                    store_url, self._ctx, timeout=CATALOGUE_TIMEOUT_S)
-        return store
-
-    def _on_progress(self, item_id: str, report: ItemReport) -> None:
-        lane = self._lanes.get(item_id)
-        if self._stop.is_set() or (lane is not None and lane.cancel.is_set()):
-            raise Interrupted(f"work on {item_id} interrupted")
-
-    def _open_item(self, entry: ItemEntry) -> _Item:
-        """Build the engine of one item from its entry (errors are kept in the item)."""
-        try:
-            if cloudstores.is_cloud(entry.store_url):  # spec from its 0600 file
-                target = cloudstores.cloud_target(
-                    cloudstores.load_spec(self.data_dir, entry.item_id), entry.item_id)
-            else:
-                target = self._target_factory(entry.store_url, entry.item_id)
-            target.repo.auth = pointkeys.load_auth(self.data_dir, entry.item_id)
-            replicator = ItemReplicator(
-                item_id=entry.item_id, vm_id=entry.vm_id, driver=self.hypervisor, target=target,
-                state_dir=self._state_dir, settings=settings_from_args(entry.settings),
-                on_progress=functools.partial(self._on_progress, entry.item_id),
-                generation=entry.generation)
-            catalog = Repository(self._catalogue_store(entry.store_url, target), entry.item_id,
-                                 auth=target.repo.auth)
-            self._catalogues.track(entry.item_id, entry.store_url, catalog.points)
-            return _Item(entry, replicator, catalog)
-        except DrsiteError as e:
-            log.error("item %s cannot be opened (%s): %s", entry.item_id, e.error_class.value, e)
-            return _Item(entry, None, None, e)
-
-    def _close_item(self, item: _Item) -> None:
-        self._catalogues.untrack(item.entry.item_id)
-        if item.catalog is not None:
-            item.catalog.close()
-        if item.replicator is not None:
-            item.replicator.target.repo.close()
-
-    def _reopen(self, item_id: str) -> _Item | None:
-        """Rebuild an item's engine from its files (after its work was interrupted)."""
-        with self._lock:
-            old = self._items.get(item_id)
-            entry = self._entries.get(item_id)
-        if entry is None:
-            return None
-        if old is not None:
-            self._close_item(old)
-        item = self._open_item(entry)
-        with self._lock:
-            self._items[item_id] = item
-        return item
-
-    @staticmethod
-    def _needs_resume(item: _Item) -> bool:
-        rep = item.replicator
-        if rep is None:
-            return False
-        if item.entry.phase == ItemPhase.INITIAL:
-            return True
-        rec = rep.rec
-        return rec.cycle_id is not None or rec.phase in (ItemState.INITIAL_REPLICATION,
-                                                         ItemState.RESYNCING)
-
-    def _save_entries(self) -> None:
-        with self._lock:
-            entries = dict(self._entries)
-        self._items_file.save(entries)
-
-    def _issues(self, item: _Item) -> list[str]:
-        """Conditions outside the engine's report that degrade the item (its recovery store
-        at the peer site does not answer)."""
-        cat = self._catalogues.get(item.entry.item_id)
-        if cat.error is None:
-            return []
-        return [f"recovery store {item.entry.store_url} does not answer: {cat.error.message}"]
-
-    def _item_report(self, item: _Item) -> dict[str, Any]:
-        if item.replicator is not None:
-            report = item.replicator.report.to_dict()
-            issues = self._issues(item)
-            if issues:
-                report["agent_issues"] = issues
-            return report
-        err = item.error or NotFound("item not opened")
-        rep = ItemReport(item_id=item.entry.item_id, vm_id=item.entry.vm_id, vm_name="",
-                         state=ItemState.CRITICAL, health=Health.CRITICAL,
-                         health_reasons=[err.message], last_error=err.to_dict(),
-                         updated_at=time.time())
-        return rep.to_dict()
-
-    def reports(self) -> dict[str, dict[str, Any]]:
-        """The report of every item this host protects (what the heartbeat carries)."""
-        with self._lock:
-            items = list(self._items.values())
-        return {it.entry.item_id: self._item_report(it) for it in items}
-
-    # ----------------------------------------------------------------------------- heartbeat
-
-    def _inventory(self) -> list[dict[str, Any]]:
-        try:
-            vms = [vm.to_dict() for vm in self.hypervisor.list_vms()]
-        except DrsiteError as e:
-            log.warning("listing VMs failed: %s", e)
-            return []
-        if self._book is None:
-            return vms
-        # listed first, then checked: a run that ends in between is reported in this beat
-        hidden = breakglass.vms_in_flight(self.data_dir, self._book.doc)
-        return [v for v in vms if v.get("name") not in hidden]
-
-    def _points_delta(self, item: _Item) -> tuple[list[PointInfo], list[str]]:
-        """(points the vault has not acked, points it knows that are gone), from the last
-        catalogue listing (:class:`~drsite.agent.peers.CatalogueRefresher`): never a call to
-        another site on the heartbeat's thread."""
-        if item.catalog is None:
-            return [], []
-        cat = self._catalog.get(item.entry.item_id) or CatalogEntry()
-        points = self._catalogues.get(item.entry.item_id).points
-        if points is None:
-            return [], []
-        new = [p for p in points if p.seq > cat.ack]
-        ids = {p.point_id for p in points}
-        removed = sorted(cat.reported - ids)
-        return new, removed
-
-    def build_heartbeat(self, *, full: bool = True
-                        ) -> tuple[dict[str, Any], dict[str, tuple[list[PointInfo], list[str]]]]:
-        """The heartbeat payload, and per item what it reports of points (to apply the ack).
-
-        ``full=False``: only what changed since the last heartbeat the vault answered —
-        ``vms`` is ``null`` when the inventory is unchanged, and an item is listed only when
-        its report changed or it has new or removed points (``docs/control-plane.md``)."""
-        with self._lock:
-            items = list(self._items.values())
-        sent: dict[str, tuple[list[PointInfo], list[str]]] = {}
-        out_items: list[dict[str, Any]] = []
-        digests: dict[str, str] = {}
-        for it in items:
-            new, removed = self._points_delta(it)
-            report = self._item_report(it)
-            digest = json.dumps(report, sort_keys=True, default=str)
-            digests[it.entry.item_id] = digest
-            if not full and not new and not removed \
-                    and self._beat_digests.get(it.entry.item_id) == digest:
-                continue
-            sent[it.entry.item_id] = (new, removed)
-            out_items.append({"item_id": it.entry.item_id, "report": report,
-                              "new_points": [p.to_dict() for p in new],
-                              "removed_points": removed})
-        vms = self._inventory()
-        digests[""] = json.dumps(vms, sort_keys=True, default=str)
-        payload = {"host_name": self.identity.host_name, "version": drsite.__version__,
-                   "store_url": self._store_url,
-                   "vms": vms if full or self._beat_digests.get("") != digests[""] else None,
-                   "items": out_items, "held": self.held_commands()}
-        self._pending_digests = digests
-        return payload, sent
-
-    def _apply_ack(self, reply: HeartbeatReply,
-                   sent: dict[str, tuple[list[PointInfo], list[str]]]) -> None:
-        changed = False
-        with self._lock:
-            for item_id, (new, removed) in sent.items():
-                if item_id not in self._items:
-                    continue
-                cat = self._catalog.setdefault(item_id, CatalogEntry())
-                before = (cat.ack, set(cat.reported))
-                cat.reported -= set(removed)
-                ack = reply.ack.get(item_id)
-                if ack is not None:
-                    cat.ack = ack
-                    cat.reported |= {p.point_id for p in new if p.seq <= ack}
-                changed |= before != (cat.ack, cat.reported)
-            catalog = {k: CatalogEntry(v.ack, set(v.reported)) for k, v in self._catalog.items()}
-        if changed:
-            self._catalog_file.save(catalog)
-
-    def heartbeat_once(self) -> HeartbeatReply:
-        """One heartbeat: send, apply the ack, accept the commands, post pending results and
-        progress. Raises ``NetworkError`` (vault unreachable), ``AuthError`` and the like."""
-        full = self._beats_since_full >= FULL_HEARTBEAT_EVERY or not self._beat_digests
-        store_fields: dict[str, Any] = {}
-        try:
-            payload, sent = self.build_heartbeat(full=full)
-            store_fields = storeacl.beat_fields(self._store)  # access-list digest, store audit
-            payload.update(store_fields)
-            if self._book is not None:
-                payload["recovery_book_digest"] = self._book.digest
-            reports = breakglass.pending_reports(self.data_dir)
-            if reports:
-                payload["breakglass"] = reports  # until the vault acknowledges them
-            reply = self.link.heartbeat(payload)
-        except DrsiteError:
-            self._beat_digests = {}  # the vault may have missed anything: the next one is full
-            storeacl.beat_failed(self._store, store_fields)
-            raise
-        self._beat_digests = self._pending_digests
-        self._beats_since_full = 0 if full else self._beats_since_full + 1
-        storeacl.apply_reply(self._store, reply.store_acl)
-        recoverybook.apply_reply(self._book, reply.recovery_book)
-        breakglass.mark_reported(self.data_dir, reply.breakglass_ack)
-        self._apply_ack(reply, sent)
-        for cmd in reply.commands:
-            self._accept(cmd)
-        self._flush_results()
-        self._post_progress()
-        return reply
+        return self.lanes.wait_idle(timeout)
 
     def tick(self) -> float:
         """One iteration of :meth:`run`: a heartbeat (errors logged, backed off) and, when the
@@ -666,40 +247,6 @@ class Agent:
         self._last_ok = time.monotonic()
         return self.heartbeat_interval
 
-    def _channel_loop(self) -> None:
-        """The command channel: a long poll to the vault (same mTLS), so a command reaches the
-        agent when the vault commits it, not at the next heartbeat. Heartbeats still carry
-        commands too (re-deliveries, a vault without the channel); ids make both paths one."""
-        failures = 0
-        while not self._stop.is_set():
-            try:
-                cmds = self.link.wait_commands(CHANNEL_WAIT_S)
-            except NotFound:
-                log.info("the vault at %s has no command channel; commands arrive with "
-                         "heartbeats", self.link.vault_url)
-                return
-            except DrsiteError as e:
-                failures += 1
-                if failures == 1:
-                    log.info("command channel to the vault interrupted (%s); heartbeats carry "
-                             "commands meanwhile", e)
-                self._stop.wait(min(self.max_backoff_s, self.heartbeat_interval * failures))
-                continue
-            except Exception:  # the client was closed under it (shutdown) or a bug
-                if self._stop.is_set():
-                    return
-                log.exception("command channel failed; retrying")
-                self._stop.wait(self.heartbeat_interval)
-                continue
-            failures = 0
-            for cmd in cmds:
-                if self._stop.is_set():
-                    return  # not taken: the vault re-delivers (the next heartbeat lacks it)
-                try:
-                    self._accept(cmd)
-                except DrsiteError as e:
-                    log.warning("command %s not taken: %s", cmd.command_id, e)
-
     def _offline_step(self) -> None:
         """The vault has been away for ``offline_after_s``: run each idle item's own next step
         when due (frequency, retry schedule, resync window from its last settings)."""
@@ -714,366 +261,186 @@ class Agent:
             items = [it for it in self._items.values()
                      if it.replicator is not None and it.entry.phase == ItemPhase.PROTECTED]
             for it in items:
-                lane = self._lanes.get(it.entry.item_id)
-                if lane is not None and (lane.active or lane.tasks):
+                if not self.lanes.idle(it.entry.item_id):
                     continue
                 assert it.replicator is not None
                 if it.replicator.next_due() <= time.time():  # next_due first: it reads the clock
-                    self._enqueue(it.entry.item_id, _Task("auto"))
+                    self.lanes.enqueue(it.entry.item_id, Task("auto"))
 
-    # ----------------------------------------------------------------------------- results
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
 
-    def _post_final(self, fin: Finished) -> None:
-        try:
-            self.link.post_result(fin.command_id, status=fin.status,
-                                  progress=100.0 if fin.status == CommandStatus.SUCCEEDED else 0.0,
-                                  result=fin.result, error=fin.error)
-        except Conflict as e:
-            # the vault already has a different end for it (e.g. withdrawn): nothing to retry
-            log.warning("the vault refused the result of command %s: %s", fin.command_id, e)
-        except DrsiteError as e:
-            log.info("result of command %s not delivered yet (%s); will retry", fin.command_id, e)
-            return
-        self._journal.mark_posted(fin.command_id)
+    # ----------------------------------------------------------------------------- item table
+    # ``_entries``: items.json; ``_items``: their open engines; both under ``_lock``
 
-    def _flush_results(self) -> None:
-        for fin in self._journal.unposted():
-            self._post_final(fin)
-
-    def _post_progress(self) -> None:
-        now = time.monotonic()
+    def live_item(self, cmd: Command) -> tuple[Item, ItemReplicator]:
+        """The item a command names, with its engine (``NotFound`` if not protected here)."""
         with self._lock:
-            todo: list[tuple[str, _Progress, float]] = []
-            for cid, pr in self._inflight.items():
-                item = self._items.get(pr.item_id)
-                prog = 0.0
-                if item is not None and item.replicator is not None and self._is_running(cid):
-                    prog = float(item.replicator.report.progress)
-                if not pr.item_id and pr.posted_progress >= 0:
-                    continue  # a command of no item (store_rekey) posts its own progress
-                if pr.posted_progress < 0 or abs(prog - pr.posted_progress) >= 0.5 \
-                        or now - pr.posted_at >= PROGRESS_REPOST_S:
-                    todo.append((cid, pr, prog))
-        for cid, pr, prog in todo:
-            try:
-                self.link.post_result(cid, status=CommandStatus.RUNNING, progress=prog)
-            except Conflict:
-                continue  # ended meanwhile (our final post won the race)
-            except DrsiteError as e:
-                log.debug("progress of %s not posted: %s", cid, e)
-                return
-            pr.posted_at, pr.posted_progress = now, prog
+            item = self._items.get(cmd.item_id)
+        if item is None:
+            raise NotFound(f"item {cmd.item_id} is not protected on host "
+                           f"{self.identity.host_id}",
+                           hint="Enable protection again (the agent has no record of it).")
+        if item.replicator is None:
+            item = self.reopen(cmd.item_id) or item
+            if item.replicator is None:
+                assert item.error is not None
+                raise item.error
+        return item, item.replicator
 
-    def lane_waiting(self, item_id: str) -> bool:
-        """True while a task waits in the item's lane (a long scrub yields to it)."""
+    def lookup(self, item_id: str) -> tuple[Item | None, ItemEntry | None]:
         with self._lock:
-            lane = self._lanes.get(item_id)
-            return lane is not None and bool(lane.tasks)
+            return self._items.get(item_id), self._entries.get(item_id)
 
-    def _is_running(self, command_id: str) -> bool:
-        pr = self._inflight.get(command_id)
-        if pr is None:
-            return False
-        lane = self._lanes.get(pr.item_id)
-        return lane is not None and lane.active and not any(
-            t.command is not None and t.command.command_id == command_id for t in lane.tasks)
-
-    # ----------------------------------------------------------------------------- dispatch
-
-    def _accept(self, cmd: Command) -> None:
-        """Take a command from the vault (heartbeat reply or the command channel): ignore it if
-        queued or running, answer it from the journal if finished, else record it in the
-        journal (durably, so a restart resumes it) and queue it on its item's lane."""
-        if cmd.kind not in COMMAND_KINDS:
-            if self._journal.finished(cmd.command_id) is None:
-                err = InvalidInput(f"unknown command kind {cmd.kind!r}",
-                                   hint="The agent is older than the vault; upgrade it.")
-                self._finish(cmd, CommandStatus.FAILED, {}, err.to_dict())
-            return
+    def open_items(self) -> list[Item]:
         with self._lock:
-            if cmd.command_id in self._inflight:
-                log.debug("command %s already queued or running", cmd.command_id)
-                return
-            if self._journal.finished(cmd.command_id) is not None:
-                log.info("command %s was already done; sending its result again", cmd.command_id)
-                self._journal.mark_unposted(cmd.command_id)
-                return
-            log.info("command %s: %s %s accepted", cmd.command_id, cmd.kind, cmd.item_id)
-            self._inflight[cmd.command_id] = _Progress(cmd.item_id)
-        if cmd.kind in barriers.KINDS and self._barrier_pool is not None:
-            # a barrier's step runs at once and is journaled meanwhile: guest writes wait for
-            # it, and a crash before the journal is harmless (the vault re-delivers the seal,
-            # whose cycle the lane then adopts; a prepare's hold ends at its bound)
-            self._barrier_pool.submit(self._barrier_task, cmd)
-            with contextlib.suppress(DrsiteError):
-                self._journal.accept(cmd.command_id, kind=cmd.kind, item_id=cmd.item_id,
-                                     args=self._keep_point_keys(cmd))
-            return
-        try:
-            self._journal.accept(cmd.command_id, kind=cmd.kind, item_id=cmd.item_id,
-                                 args=self._keep_point_keys(cmd))
-        except DrsiteError:
-            with self._lock:
-                self._inflight.pop(cmd.command_id, None)
-            raise  # not taken: the vault re-delivers it (the next heartbeat does not hold it)
-        if cmd.kind in BESIDE_LANE_KINDS and self._barrier_pool is not None:
-            self._barrier_pool.submit(self._beside_lane, cmd)
-            return
+            return list(self._items.values())
+
+    def has_item(self, item_id: str) -> bool:
         with self._lock:
-            if cmd.kind == "unprotect":
-                lane = self._lanes.get(cmd.item_id)
-                if lane is not None and lane.active:
-                    log.info("item %s: interrupting its running work to unprotect it",
-                             cmd.item_id)
-                    lane.cancel.set()
-            self._enqueue(self._lane_key(cmd), _Task(cmd.kind, cmd))
+            return item_id in self._items
 
-    @staticmethod
-    def _lane_key(cmd: Command) -> str:
-        """The lane a command runs in: its item's, a VM command's VM's (``vms.lane_of``), else
-        the lane of commands of no item ("")."""
-        return cmd.item_id or (lane_of(cmd) if cmd.kind.startswith("vm_") else "")
+    def record_entry(self, entry: ItemEntry) -> None:
+        with self._lock:
+            self._entries[entry.item_id] = entry
+        self.save_entries()
 
-    def _beside_lane(self, cmd: Command) -> None:
-        """A command of ``BESIDE_LANE_KINDS``, on a barrier thread, concurrently with whatever
-        the item's lane runs (a fence is idempotent and only powers the VM off and marks the
-        entry failed over; a cycle it overtakes fails on the store's newer generation)."""
-        try:
-            self._execute(cmd.item_id or "", _Task(cmd.kind, cmd))
-        except Exception:
-            log.exception("command %s (%s %s) failed unexpectedly", cmd.command_id, cmd.kind,
-                          cmd.item_id)
-        finally:
-            with self._lock:
-                self._inflight.pop(cmd.command_id, None)
+    def save_entries(self) -> None:
+        with self._lock:
+            entries = dict(self._entries)
+        self._items_file.save(entries)
 
-    def _barrier_task(self, cmd: Command) -> None:
-        """A group barrier's prepare (answered from here) or seal (then shipped in the item's
-        lane), on a barrier thread: neither waits for a lane or a worker."""
-        if cmd.kind == "group_seal":
-            try:
-                self.barriers.seal(cmd)
-            except DrsiteError as e:  # the lane's cycle seals on its own: a per-VM point
-                log.warning("command %s: group seal of %s failed: %s", cmd.command_id,
-                            cmd.item_id, e)
-            except Exception:
-                log.exception("command %s: group seal of %s failed unexpectedly",
-                              cmd.command_id, cmd.item_id)
-            self._enqueue(cmd.item_id, _Task(cmd.kind, cmd))
-            return
-        try:
-            result = self.barriers.prepare(cmd)
-        except DrsiteError as e:
-            log.info("command %s: %s misses the group barrier: %s", cmd.command_id,
-                     cmd.item_id, e)
-            self._finish(cmd, CommandStatus.FAILED, {}, e.to_dict())
-        except Exception as e:
-            log.exception("command %s: group prepare of %s failed unexpectedly",
-                          cmd.command_id, cmd.item_id)
-            self._finish(cmd, CommandStatus.FAILED, {}, PermanentError(
-                f"agent error in group_prepare: {type(e).__name__}: {e}").to_dict())
-        else:
-            self._finish_held(cmd, result)
-        finally:
-            with self._lock:
-                self._inflight.pop(cmd.command_id, None)
+    def rebuild_item(self, entry: ItemEntry, old: Item | None) -> Item:
+        if old is not None:
+            self._close_item(old)
+        item = self._open_item(entry)
+        with self._lock:
+            self._items[entry.item_id] = item
+        return item
 
-    def _resume_accepted(self) -> None:
-        """After a restart: every command accepted before it and not finished is queued again
-        (commands are idempotent; ``cycle``/``resync`` recognise work already done), or, when
-        its arguments carried secrets the journal does not keep and the agent cannot find
-        again, reported failed at once as interrupted (transient: the vault sends it again)."""
-        for acc in self._journal.unfinished():
-            args = dict(acc.args)
-            if acc.redacted:
-                restored = self._restore_secrets(acc)
-                if restored is None:
-                    log.warning("command %s (%s %s) was interrupted by a restart and carried "
-                                "credentials this host does not keep; reporting it interrupted",
-                                acc.command_id, acc.kind, acc.item_id)
-                    cmd = Command(acc.command_id, acc.kind, acc.item_id, args)
-                    self._finish(cmd, CommandStatus.FAILED, {}, CommandInterrupted(
-                        f"the agent of host {self.identity.host_name} restarted while it held "
-                        f"{acc.kind} of {acc.item_id}").to_dict())
-                    continue
-                args = restored
-            log.info("command %s (%s %s): resuming it after a restart", acc.command_id,
-                     acc.kind, acc.item_id)
-            with self._lock:
-                self._inflight[acc.command_id] = _Progress(acc.item_id)
-            resumed = Command(acc.command_id, acc.kind, acc.item_id, args)
-            self._enqueue(self._lane_key(resumed), _Task(acc.kind, resumed))
-
-    def _restore_secrets(self, acc: Accepted) -> dict[str, Any] | None:
-        """A ``protect`` of a cloud-store item finds its store's full spec in the item's 0600
-        spec file (written before the command ran); nothing else can be restored."""
-        if acc.kind != "protect":
+    def reopen(self, item_id: str) -> Item | None:
+        """Rebuild an item's engine from its files (after its work was interrupted)."""
+        with self._lock:
+            old = self._items.get(item_id)
+            entry = self._entries.get(item_id)
+        if entry is None:
             return None
-        try:
-            spec = cloudstores.load_spec(self.data_dir, acc.item_id)
-        except DrsiteError:
-            return None
-        kept = dict(acc.args.get("store") or {})
-        if spec.get("name") != kept.get("name") or spec.get("kind") != kept.get("kind"):
-            return None
-        return {**acc.args, "store": spec}
-
-    def held_commands(self) -> list[str]:
-        """Ids of the commands this agent holds: queued, running, or finished with a result
-        the vault has not confirmed yet. The heartbeat carries them: the vault re-delivers at
-        once a command it delivered that is not among them (``docs/control-plane.md``)."""
+        if old is not None:
+            self._close_item(old)
+        item = self._open_item(entry)
         with self._lock:
-            held = set(self._inflight)
-        held.update(f.command_id for f in self._journal.unposted())
-        return sorted(held)
+            self._items[item_id] = item
+        return item
 
-    def _enqueue(self, item_id: str, task: _Task) -> None:
+    def forget_item(self, item: Item) -> None:
+        item_id = item.entry.item_id
         with self._lock:
-            lane = self._lanes.setdefault(item_id, _Lane())
-            lane.tasks.append(task)
-            pool = self._urgent_pool if task.kind in URGENT_KINDS else self._pool
-            if not lane.active and pool is not None and not self._stop.is_set():
-                lane.active = True
-                pool.submit(self._drain, item_id)
+            self._entries.pop(item_id, None)
+            self._items.pop(item_id, None)
+            acks = self.beats.drop_acks(item_id)
+        self.save_entries()
+        if acks is not None:
+            self.beats.save_acks(acks)
+        self._close_item(item)
+        with contextlib.suppress(FileNotFoundError):
+            (self.engines.state_dir / f"{item_id}.json").unlink()
 
-    def _drain(self, item_id: str) -> None:
-        while True:
-            with self._lock:
-                lane = self._lanes[item_id]
-                if self._stop.is_set() or not lane.tasks:
-                    lane.active = False
-                    if self._stop.is_set():
-                        for t in lane.tasks:
-                            if t.command is not None:
-                                self._inflight.pop(t.command.command_id, None)
-                        lane.tasks.clear()
-                    return
-                task = lane.tasks.popleft()
-                if task.kind == "unprotect":
-                    lane.cancel.clear()
-            try:
-                self._execute(item_id, task)
-            except Exception:
-                log.exception("item %s: task %s failed unexpectedly", item_id, task.kind)
-            finally:
-                self._catalogues.refresh(item_id)  # new points reach the next heartbeat
-                if task.command is not None:
-                    with self._lock:
-                        self._inflight.pop(task.command.command_id, None)
+    def mark_protected(self, item: Item) -> None:
+        if item.entry.phase != ItemPhase.PROTECTED:
+            item.entry.phase = ItemPhase.PROTECTED
+            self.save_entries()
 
-    def _finish_held(self, cmd: Command, result: dict[str, Any]) -> None:
-        """A prepare that holds its guest: the vault hears it before the journal's fsync
-        (guest writes wait for the barrier's next step; a lost answer only makes the member
-        miss the barrier, and the journal then re-posts it)."""
-        fin = Finished(cmd.command_id, cmd.kind, cmd.item_id, CommandStatus.SUCCEEDED, result,
-                       None, time.time())
-        try:
-            self.link.post_result(cmd.command_id, status=CommandStatus.SUCCEEDED, progress=100.0,
-                                  result=result, error=None)
-            fin.posted = True
-        except DrsiteError as e:
-            log.info("result of command %s not delivered yet (%s); will retry",
-                     cmd.command_id, e)
-        self._journal.finish(fin)
+    def set_generation(self, item_id: str, generation: int) -> None:
+        """Persist the item's generation (the split-brain guard its engine checks)."""
+        with self._lock:
+            entry = self._entries.get(item_id)
+            if entry is not None:
+                entry.generation = generation
+        self.save_entries()
 
-    def _finish(self, cmd: Command, status: CommandStatus, result: dict[str, Any],
-                error: dict[str, Any] | None) -> None:
-        fin = Finished(cmd.command_id, cmd.kind, cmd.item_id, status, result, error, time.time())
-        self._journal.finish(fin)
-        self._post_final(fin)
-
-    def _execute(self, item_id: str, task: _Task) -> None:
-        if task.command is None:
-            self._run_own(item_id, task.kind)
-            return
-        cmd = task.command
-        facts: dict[str, Any] = {}
-        if cmd.kind in ("cycle", "resync"):
-            item = self._items.get(item_id)
-            if item is not None and item.replicator is not None:
-                with contextlib.suppress(DrsiteError):
-                    latest = item.replicator.target.repo.latest()
-                    facts["before_seq"] = latest.seq if latest is not None else 0
-        self._journal.start(cmd.command_id, kind=cmd.kind, item_id=item_id, **facts)
-        started = time.monotonic()
-        try:
-            result = self._handle(cmd)
-        except Interrupted:
-            if self._stop.is_set():
-                log.info("command %s (%s %s) interrupted by shutdown; it resumes when the vault "
-                         "sends it again", cmd.command_id, cmd.kind, item_id)
+    def set_failed_over(self, item_id: str, failed_over: bool) -> None:
+        """Mark an item failed over (a planned failover shut its VM down): offline mode and
+        resume-after-restart leave it alone; ``False`` makes it protected again."""
+        with self._lock:
+            entry = self._entries.get(item_id)
+            if entry is None:
                 return
-            self._reopen(item_id)
-            self._finish(cmd, CommandStatus.FAILED, {}, OperationInterrupted(
-                f"{cmd.kind} of {item_id} was interrupted to unprotect the item").to_dict())
-            return
-        except DrsiteError as e:
-            log.warning("command %s (%s %s) failed (%s): %s", cmd.command_id, cmd.kind, item_id,
-                        e.error_class.value, e)
-            if isinstance(e, Fenced):
-                self._fence_on_own(item_id, e)
-            self._finish(cmd, CommandStatus.FAILED, {}, e.to_dict())
-            return
-        except OSError as e:
-            # the host's own resources (a full disk, a vanished file): a drsite error naming
-            # the file, transient where the seed retries (ENOSPC → low_disk), never "unexpected"
-            where = f" ({e.filename})" if e.filename else ""
-            err = classify_os_error(e, f"{cmd.kind} of {item_id} on host "
-                                       f"{self.identity.host_name}{where}")
-            log.warning("command %s (%s %s) failed (%s): %s", cmd.command_id, cmd.kind, item_id,
-                        err.error_class.value, err)
-            self._finish(cmd, CommandStatus.FAILED, {}, err.to_dict())
-            return
-        except Exception as e:
-            log.exception("command %s (%s %s) failed unexpectedly", cmd.command_id, cmd.kind,
-                          item_id)
-            # a bug, not a fault to wait out: permanent (the item goes Critical), generic code
-            self._finish(cmd, CommandStatus.FAILED, {}, PermanentError(
-                f"agent error in {cmd.kind}: {type(e).__name__}: {e}",
-                hint="See the agent's log; report a bug if it persists.").to_dict())
-            return
-        log.info("command %s (%s %s) succeeded in %.1f s", cmd.command_id, cmd.kind, item_id,
-                 time.monotonic() - started)
-        self._finish(cmd, CommandStatus.SUCCEEDED, result, None)
+            entry.phase = ItemPhase.FAILED_OVER if failed_over else ItemPhase.PROTECTED
+        self.save_entries()
 
-    def _run_own(self, item_id: str, kind: str) -> None:
-        """The agent's own work: ``resume`` after a restart, ``auto`` while offline."""
+    def _open_item(self, entry: ItemEntry) -> Item:
+        return self.engines.open(entry, self._catalogues)
+
+    def _close_item(self, item: Item) -> None:
+        self.engines.close(item, self._catalogues)
+
+    def _on_progress(self, item_id: str, report: ItemReport) -> None:
+        if self._stop.is_set() or self.lanes.cancelled(item_id):
+            raise Interrupted(f"work on {item_id} interrupted")
+
+    def engine_progress(self, item_id: str) -> float | None:
         item = self._items.get(item_id)
         if item is None or item.replicator is None:
-            return
-        rep = item.replicator
-        try:
-            if kind == "resume":
-                if rep.target.repo.latest() is None:
-                    point = rep.run_initial(wait_transient=False)
-                    self._mark_protected(item)
-                    log.info("item %s: interrupted initial replication finished (point %s)",
-                             item_id, point.point_id)
-                elif item.entry.resync_from_base:
-                    return  # the base is the old primary's disks: the vault's protect resyncs
-                elif item.entry.phase == ItemPhase.INITIAL:
-                    self._mark_protected(item)
-                if rep.rec.cycle_id is not None or rep.rec.phase is ItemState.RESYNCING:
-                    decision = rep.step()  # finishes the sealed cycle / the resync
-                    log.info("item %s: resumed interrupted work: %s", item_id,
-                             decision.reason)
-            else:
-                decision = rep.step()
-                log.info("item %s (offline mode): %s %s", item_id, decision.action.value,
-                         decision.reason)
-        except Interrupted:
-            if not self._stop.is_set():
-                self._reopen(item_id)
-        except DrsiteError as e:
-            log.warning("item %s: %s failed (%s): %s; waiting for the vault", item_id, kind,
-                        e.error_class.value, e)
-            if isinstance(e, Fenced):
-                self._fence_on_own(item_id, e)
-        err = rep.report.last_error
-        if err and err.get("code") == Fenced.code:
-            self._fence_on_own(item_id, Fenced(str(err.get("message") or "fenced")))
+            return None
+        return float(item.replicator.report.progress)
 
-    def _fence_on_own(self, item_id: str, e: Fenced) -> None:
+    def latest_seq(self, item_id: str) -> int | None:
+        item = self._items.get(item_id)
+        if item is None or item.replicator is None:
+            return None
+        try:
+            latest = item.replicator.target.repo.latest()
+        except DrsiteError:
+            return None
+        return latest.seq if latest is not None else 0
+
+    # ----------------------------------------------------------------------------- fencing
+
+    def fence_item(self, item_id: str, reason: str) -> dict[str, Any]:
+        """This host is no longer the item's primary (a failover promoted the recovery site):
+        power its VM off so that the old primary never writes beside the recovery VM, stop
+        replicating it (phase ``failed_over``: offline mode and resume leave it alone), and
+        remember whether it was running (a cancel powers it on again). Idempotent."""
+        with self._lock:
+            entry = self._entries.get(item_id)
+        if entry is None:
+            return {"fenced": False, "note": "the item is not protected on this host"}
+        was_running = False
+        power = "absent"
+        try:
+            vm = self.hypervisor.get_vm(entry.vm_id)
+            if vm.power is not PowerState.STOPPED:
+                was_running = True
+                log.warning("item %s: %s; powering VM %s off (fencing the old primary)",
+                            item_id, reason, vm.name)
+                self.hypervisor.power_off(entry.vm_id, force=True, timeout=10.0)
+            power = self.hypervisor.get_vm(entry.vm_id).power.value
+        except VmNotFound:
+            pass
+        with self._lock:
+            first = not entry.fenced
+            entry.fenced = True
+            entry.fenced_running = entry.fenced_running or was_running
+            entry.phase = ItemPhase.FAILED_OVER
+        if first or was_running:
+            self.save_entries()
+        return {"fenced": True, "vm_power": power, "was_running": was_running,
+                "reason": reason}
+
+    def unfence_item(self, item_id: str) -> bool:
+        """A cancelled failover hands the item back: clear the fence; True when the VM was
+        running when this host fenced it (the caller powers it on again)."""
+        with self._lock:
+            entry = self._entries.get(item_id)
+            if entry is None or not entry.fenced:
+                return False
+            was_running = entry.fenced_running
+            entry.fenced = entry.fenced_running = False
+        self.save_entries()
+        return was_running
+
+    def fence_on_own(self, item_id: str, e: Fenced) -> None:
         """The store's generation record says another site was promoted: fence at once, without
         waiting for the vault (which may be unreachable) — the second way an old primary learns
         it was failed over (the first is the vault's ``failover_fence``)."""
@@ -1082,17 +449,74 @@ class Agent:
         except DrsiteError as err:
             log.error("item %s: fencing the old primary failed: %s", item_id, err)
 
-    def _mark_protected(self, item: _Item) -> None:
-        if item.entry.phase != ItemPhase.PROTECTED:
-            item.entry.phase = ItemPhase.PROTECTED
-            self._save_entries()
+    # ----------------------------------------------------------------------------- host surface
+    # what the lanes, the heartbeat and the command handlers ask of the agent (their Protocols)
+
+    @property
+    def store_service(self) -> StoreService | None:
+        """This host's recovery store service (secondary sites), if any."""
+        return self._store
+
+    @property
+    def store_url(self) -> str | None:
+        """The URL of this host's recovery store (secondary agents, once started)."""
+        return self._store_url
+
+    @property
+    def max_parallel_items(self) -> int:
+        return self.lanes.max_parallel_items
+
+    def lane_idle(self, item_id: str) -> bool:
+        """No task queued or running in the item's lane."""
+        return self.lanes.idle(item_id)
+
+    def lane_waiting(self, item_id: str) -> bool:
+        """True while a task waits in the item's lane (a long scrub yields to it)."""
+        return self.lanes.waiting(item_id)
+
+    def held_commands(self) -> list[str]:
+        """Ids of the commands this agent holds (:meth:`CommandLanes.held_commands`)."""
+        return self.lanes.held_commands()
+
+    def note_started(self, cmd: Command, **facts: Any) -> None:
+        self._journal.start(cmd.command_id, kind=cmd.kind, item_id=cmd.item_id, **facts)
+
+    def started_facts(self, command_id: str) -> dict[str, Any] | None:
+        return self._journal.started(command_id)
+
+    def already_done(self, cmd: Command, rep: ItemReplicator) -> PointInfo | None:
+        """The point the command's cycle committed before a restart cut off its result."""
+        return self.protection.already_done(cmd, rep, None)
+
+    def run_own(self, item_id: str, kind: str) -> None:
+        """The agent's own work on an item (:meth:`ProtectionCommands.run_own`)."""
+        self.protection.run_own(item_id, kind)
+
+    def catalogue(self, item_id: str) -> Catalogue:
+        return self._catalogues.get(item_id)
+
+    def refresh_catalogue(self, item_id: str) -> None:
+        self._catalogues.refresh(item_id)  # new points reach the next heartbeat
+
+    def reports(self) -> dict[str, dict[str, Any]]:
+        """The report of every item this host protects (what the heartbeat carries)."""
+        return self.beats.reports()
+
+    def _inventory(self) -> list[dict[str, Any]]:
+        """The VMs the heartbeat reports (:func:`drsite.agent.heartbeat.inventory`)."""
+        return inventory(self.hypervisor, self.data_dir, self._book)
+
+    def heartbeat_once(self) -> HeartbeatReply:
+        """One heartbeat (:meth:`Heartbeats.once`): send, apply the ack, accept the commands,
+        post pending results and progress. Raises ``NetworkError`` (vault unreachable),
+        ``AuthError`` and the like."""
+        return self.beats.once()
 
     # ----------------------------------------------------------------------------- commands
 
-    def _handle(self, cmd: Command) -> dict[str, Any]:
-        handler = {"protect": self._protect, "cycle": self._cycle, "resync": self._resync,
-                   "retention": self._retention, "unprotect": self._unprotect,
-                   "update_settings": self._update_settings,
+    def handle_command(self, cmd: Command) -> dict[str, Any]:
+        """Run one command to its result, called from its lane (:mod:`drsite.agent.lanes`)."""
+        handler = {**dict.fromkeys(PROTECTION_KINDS, self.protection.handle),
                    "store_rekey": self._store_rekey, "scrub": self.scrubs.handle,
                    "verify": self.scrubs.handle, "drill_probe": self.drills.handle,
                    "group_prepare": self.barriers.prepare,
@@ -1103,217 +527,8 @@ class Agent:
             return self.failover.handle(cmd)  # failover_* commands (agent/failover.py)
         return handler(cmd)
 
-    def _live_item(self, cmd: Command) -> tuple[_Item, ItemReplicator]:
-        with self._lock:
-            item = self._items.get(cmd.item_id)
-        if item is None:
-            raise NotFound(f"item {cmd.item_id} is not protected on host "
-                           f"{self.identity.host_id}",
-                           hint="Enable protection again (the agent has no record of it).")
-        if item.replicator is None:
-            item = self._reopen(cmd.item_id) or item
-            if item.replicator is None:
-                assert item.error is not None
-                raise item.error
-        return item, item.replicator
-
-    def _protect(self, cmd: Command) -> dict[str, Any]:
-        a = cmd.args
-        try:
-            vm_id, store_url = str(a["vm_id"]), str(a["store_url"])
-        except KeyError as e:
-            raise InvalidInput(f"protect {cmd.item_id}: missing argument {e.args[0]!r}") from None
-        settings = dict(a.get("settings") or {})
-        settings_from_args(settings)  # validate before anything is recorded
-        cloud = a.get("store")  # a cloud store's full spec (credentials, keys)
-        if cloud is not None:
-            cloud = StoreSpec.from_dict(cloud).to_dict()  # validate before anything is recorded
-            store_url = cloudstores.CLOUD_STORE_URL + str(cloud["name"] or "store")
-        self.hypervisor.get_vm(vm_id)  # VmNotFound before anything is recorded
-        key_changed = self._save_point_key(cmd)
-        with self._lock:
-            entry = self._entries.get(cmd.item_id)
-            item = self._items.get(cmd.item_id)
-        if entry is not None and entry.vm_id != vm_id:
-            raise Conflict(f"item {cmd.item_id} protects VM {entry.vm_id} on this host, not "
-                           f"{vm_id}")
-        spec_changed = cloud is not None and cloudstores.save_spec(self.data_dir, cmd.item_id,
-                                                                   cloud)
-        rebuild = item is None or item.replicator is None or entry is None \
-            or entry.store_url != store_url or spec_changed or key_changed
-        if entry is None:
-            entry = ItemEntry(cmd.item_id, vm_id, str(a.get("target_site") or ""), store_url,
-                              settings, ItemPhase.INITIAL, time.time(),
-                              generation=int(a.get("generation") or 1),
-                              resync_from_base=bool(a.get("resync_from_base")))
-        else:
-            entry.store_url, entry.settings = store_url, settings
-            entry.target_site = str(a.get("target_site") or entry.target_site)
-        with self._lock:
-            self._entries[cmd.item_id] = entry
-        self._save_entries()
-        if rebuild:
-            if item is not None:
-                self._close_item(item)
-            item = self._open_item(entry)
-            with self._lock:
-                self._items[cmd.item_id] = item
-        assert item is not None
-        if item.replicator is None:
-            assert item.error is not None
-            raise item.error
-        item.replicator.settings = settings_from_args(settings)
-        self._apply_log_cap(entry.vm_id, item.replicator.settings.frequency_s)
-        if entry.resync_from_base:
-            # re-protect: the store holds the old primary's disks as a base point; only the
-            # blocks that differ travel (never an initial full copy over a common base)
-            rep = item.replicator
-            latest = rep.target.repo.latest()
-            if latest is None or latest.kind != "resync" or rep.rec.phase is not ItemState.PROTECTED:
-                point = rep.run_resync("re-protect: resync against the old primary's disks",
-                                       wait_transient=False)
-            else:
-                point = latest
-            entry.resync_from_base = False
-            self._mark_protected(item)  # saves the entries
-            self._save_entries()
-            return {"point": point.to_dict(), "report": rep.report.to_dict()}
-        point = item.replicator.run_initial(wait_transient=False)
-        self._mark_protected(item)
-        return {"point": point.to_dict(), "report": item.replicator.report.to_dict()}
-
-    def _keep_point_keys(self, cmd: Command) -> dict[str, Any]:
-        """The command's arguments for the journal: its point keys (``point_key`` for its item,
-        ``rev_point_key`` for a re-protect's reverse item) go to their 0600 key files now and
-        are left out, so the journal holds no key; a command queued again after a restart
-        finds them there (``pointkeys.auth_from_args`` falls back to the kept key)."""
-        args = dict(cmd.args)
-        rev = args.get("rev_item_id")
-        for arg, item_id in (("point_key", cmd.item_id), ("rev_point_key", rev)):
-            raw = args.pop(arg, None)
-            if isinstance(raw, str) and raw and raw != "redacted" and item_id:
-                pointkeys.save_key(self.data_dir, str(item_id), raw)
-        return args
-
-    def _save_point_key(self, cmd: Command) -> bool:
-        """Keep the item's point key from ``protect`` (0600 file); whether it changed."""
-        raw = cmd.args.get("point_key")
-        if not isinstance(raw, str) or not raw or raw == "redacted":
-            return False
-        return pointkeys.save_key(self.data_dir, cmd.item_id or "", raw)
-
-    def _already_done(self, cmd: Command, rep: ItemReplicator, kind: str | None
-                      ) -> PointInfo | None:
-        """The point a ``cycle``/``resync`` made before a crash cut off its result, if any."""
-        first = self._journal.started(cmd.command_id)
-        if first is None or "before_seq" not in first or rep.rec.cycle_id is not None:
-            return None
-        if rep.rec.phase is not ItemState.PROTECTED:
-            return None
-        later = [p for p in rep.target.repo.points()
-                 if p.seq > int(first["before_seq"]) and (kind is None or p.kind == kind)]
-        return later[0] if later else None
-
-    def _cycle(self, cmd: Command) -> dict[str, Any]:
-        _, rep = self._live_item(cmd)
-        done = self._already_done(cmd, rep, None)
-        if done is not None:
-            log.info("command %s: its cycle was committed before a restart (point %s)",
-                     cmd.command_id, done.point_id)
-            return {"point": done.to_dict(), "report": rep.report.to_dict()}
-        app = cmd.args.get("app_consistent")
-        point = rep.run_cycle(app_consistent=bool(app) if app is not None else None,
-                              wait_transient=False)
-        return {"point": point.to_dict(), "report": rep.report.to_dict()}
-
-    def _resync(self, cmd: Command) -> dict[str, Any]:
-        _, rep = self._live_item(cmd)
-        done = self._already_done(cmd, rep, "resync")
-        if done is not None:
-            return {"point": done.to_dict(), "report": rep.report.to_dict()}
-        reason = str(cmd.args.get("reason") or ("started by hand" if cmd.args.get("by_hand")
-                                                else "started by the vault"))
-        point = rep.run_resync(reason, wait_transient=False,
-                               from_store=bool(cmd.args.get("from_store")))
-        return {"point": point.to_dict(), "report": rep.report.to_dict()}
-
-    def _retention(self, cmd: Command) -> dict[str, Any]:
-        if cmd.args.get("store_side"):  # this host's store holds the item (agent/storeacl.py)
-            if self._store is None:
-                raise InvalidInput(f"host {self.identity.host_name} serves no recovery store",
-                                   hint="The vault sends store-side retention to the agent "
-                                        "that serves the item's store.")
-            return storeacl.store_retention(self._store, cmd)
-        _, rep = self._live_item(cmd)
-        if not rep.target.runs_retention:
-            # committed points on a site store are removed by the store's own agent only
-            return {"deleted_points": [], "store_side": False}
-        pinned = {p for p in (rep.target.replica_point(),) if p}
-        deleted = rep.target.repo.apply_retention(rep.settings.retention, time.time(), pinned)
-        if deleted:
-            log.info("item %s: retention removed %d point(s)", cmd.item_id, len(deleted))
-        return {"deleted_points": deleted}
-
     def _store_rekey(self, cmd: Command) -> dict[str, Any]:
         result = storerekey.run_rekey(self.link, cmd, self._stop)
         if self._stop.is_set():
             raise Interrupted("store rekey interrupted by shutdown")  # resumes when re-sent
         return result
-
-    def _update_settings(self, cmd: Command) -> dict[str, Any]:
-        settings = dict(cmd.args.get("settings") or {})
-        new = settings_from_args(settings)
-        item, rep = self._live_item(cmd)
-        item.entry.settings = settings
-        self._save_entries()
-        rep.settings = new
-        self._apply_log_cap(item.entry.vm_id, new.frequency_s)
-        return {"settings": settings}
-
-    def _apply_log_cap(self, vm_id: str, frequency_s: float) -> None:
-        """The change log holds a few intervals of writes at the policy's frequency (issue 13
-        part 5), not a fixed 64 MiB."""
-        self.hypervisor.set_change_log_limit(vm_id, cap_for_interval(frequency_s))
-
-    def _unprotect(self, cmd: Command) -> dict[str, Any]:
-        delete = bool(cmd.args.get("delete_points"))
-        with self._lock:
-            item = self._items.get(cmd.item_id)
-            entry = self._entries.get(cmd.item_id)
-        if item is None or entry is None:
-            return {"already_unprotected": True, "deleted_points": []}
-        deleted: list[str] = []
-        rep = item.replicator
-        if rep is not None:
-            with contextlib.suppress(VmNotFound):
-                pending = self.hypervisor.pending_cycle(entry.vm_id)
-                if pending is not None:
-                    self.hypervisor.release(pending)
-            repo = rep.target.repo
-            for cycle_id in repo.staged_cycles():
-                repo.abort(cycle_id)
-            if delete and not rep.target.runs_retention:
-                pass  # the store's own agent deletes them (the vault sends it 'retention')
-            elif delete:
-                for p in repo.points():
-                    repo.delete_point(p.point_id)
-                    deleted.append(p.point_id)
-                repo.gc()
-        elif delete:
-            raise item.error or NotFound(f"item {cmd.item_id} cannot be opened")
-        with self._lock:
-            self._entries.pop(cmd.item_id, None)
-            self._items.pop(cmd.item_id, None)
-            cat = self._catalog.pop(cmd.item_id, None)
-            catalog = {k: CatalogEntry(v.ack, set(v.reported)) for k, v in self._catalog.items()}
-        self._save_entries()
-        if cat is not None:
-            self._catalog_file.save(catalog)
-        self._close_item(item)
-        with contextlib.suppress(FileNotFoundError):
-            (self._state_dir / f"{cmd.item_id}.json").unlink()
-        cloudstores.remove_spec(self.data_dir, cmd.item_id)
-        pointkeys.remove_key(self.data_dir, cmd.item_id)
-        log.info("item %s unprotected%s", cmd.item_id,
-                 f", {len(deleted)} point(s) deleted" if delete else "")
-        return {"deleted_points": deleted}

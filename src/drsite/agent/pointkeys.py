@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+from typing import Any
 
 from drsite.core.errors import InvalidInput, classify_os_error
 from drsite.core.model import validate_name
@@ -67,6 +68,20 @@ def auth_from_args(data_dir: Path, item_id: str, raw: object) -> PointAuth | Non
     if isinstance(raw, str) and raw and raw != "redacted":
         save_key(data_dir, item_id, raw)
     return load_auth(data_dir, item_id)
+
+
+def keep_keys(data_dir: Path, item_id: str, args: dict[str, Any]) -> dict[str, Any]:
+    """A command's arguments for the agent's journal: its point keys (``point_key`` for its
+    item, ``rev_point_key`` for a re-protect's reverse item) go to their 0600 key files now and
+    are left out, so the journal holds no key; a command queued again after a restart finds
+    them there (:func:`auth_from_args` falls back to the kept key)."""
+    args = dict(args)
+    rev = args.get("rev_item_id")
+    for arg, owner in (("point_key", item_id), ("rev_point_key", rev)):
+        raw = args.pop(arg, None)
+        if isinstance(raw, str) and raw and raw != "redacted" and owner:
+            save_key(data_dir, str(owner), raw)
+    return args
 
 
 def remove_key(data_dir: Path, item_id: str) -> None:
