@@ -32,7 +32,9 @@ class Clock:
 def test_renewal_records_the_holder_and_an_older_epoch_is_fenced(tmp_path: Path) -> None:
     clk = Clock()
     w = WitnessBook(tmp_path, clk)
-    assert w.renew(A, 3, 10.0)["ok"] is True  # the first renewal records the holder
+    assert w.renew(A, 0, 10.0)["ok"] is True  # the first renewal records the holder, even at 0
+    assert w.record.holder == A and w.record.epoch == 0
+    assert w.renew(A, 3, 10.0)["ok"] is True
     clk.t += 3
     assert w.renew(A, 3, 10.0)["ok"] is True and w.quiet_s() == 0
     old = w.renew(A, 2, 10.0)  # the holder itself at an older epoch
@@ -252,3 +254,16 @@ def test_witness_options_are_checked_before_anything_starts(tmp_path: Path) -> N
         run_vault(tmp_path / "v", db_url=pg, peer_url=A, witness_url="https://w:1",
                   witness_token_file=tmp_path / "missing")
     assert not (tmp_path / "v").exists()
+
+
+def test_after_a_grant_renewals_carry_the_granted_epoch(tmp_path: Path) -> None:
+    """The promotion's own lease write passes the fence (a renewal) before the database holds
+    the granted epoch: the renewal must not present the older one and fence itself."""
+    clk = Clock()
+    book = WitnessBook(tmp_path, clk)
+    book.renew(A, 1, 10.0)
+    clk.t += 20
+    wl = FakeWitness(book, clk, B)
+    assert (wl.claim(2, 15.0) or {})["granted"] is True and wl.confirmed()
+    out = wl.renew(1)  # the database still says 1
+    assert out is not None and out["ok"] is True and book.record.epoch == 2

@@ -123,6 +123,8 @@ class PeerFence:
         self._lock = threading.Lock()
         self._confirmed_until = 0.0  # monotonic
         self._refusal: StandbyVault | None = None  # why the last check did not confirm
+        self._checked_at = float("-inf")  # when the last check ended, and its answer
+        self._checked_ok = False
         self.fenced: Fenced | None = fenced
         self.last_answer: dict[str, Any] | None = None
         self._stop = threading.Event()
@@ -133,11 +135,18 @@ class PeerFence:
         ask the peer first (the write waits at most ``timeout_s``)."""
         if self.fenced is not None:
             raise self.fenced.error()
-        if self._clock() < self._confirmed_until:
+        entered = self._clock()
+        if entered < self._confirmed_until:
             return
         with self._lock:
-            ok = (self.fenced is None and (self._clock() < self._confirmed_until
-                                           or self._check_locked()))
+            if self.fenced is None and self._clock() < self._confirmed_until:
+                ok = True
+            elif self.fenced is None and self._checked_at > entered:
+                # a check finished while this write waited for the lock: its answer holds
+                # (writes never queue behind one full check after another)
+                ok = self._checked_ok
+            else:
+                ok = self.fenced is None and self._check_locked()
             refusal = self._refusal
         if self.fenced is not None:
             raise self.fenced.error()
@@ -188,6 +197,11 @@ class PeerFence:
     def _check_locked(self, *, renewed: bool = False) -> bool:
         """Ask the peer (and, when it does not confirm, the witness unless ``renewed`` just
         now); whether this vault is confirmed (may write)."""
+        ok = self._ask_locked(renewed=renewed)
+        self._checked_at, self._checked_ok = self._clock(), ok
+        return ok
+
+    def _ask_locked(self, *, renewed: bool) -> bool:
         sent = self._clock()
         peer = self.peer_state()
         if peer is None:

@@ -10,7 +10,9 @@ URL), its **epoch** (the controller lease's), the holder's lease period, and whe
 last heard from it.
 
 - **renew** (the active vault, every ``lease_s / 3``: "I am X at epoch E"): the newest epoch
-  wins, a tie belongs to the recorded holder. X at E > recorded → X is the holder at E; X is the
+  wins, a tie belongs to the recorded holder (none recorded yet: the first renewal records its
+  vault, at whatever epoch — a new pair's active renews at epoch 0 before its first lease).
+  X at E > recorded → X is the holder at E; X is the
   holder at E → heard now; anything else → ``fenced`` with the recorded holder and epoch (the
   vault fences itself: rule 3).
 - **claim** (the standby vault, after its peer was silent ``after_s`` seconds): one
@@ -116,7 +118,8 @@ class WitnessBook:
         True, "holder", "epoch"}`` (a newer epoch, or the same epoch held by another vault)."""
         with self._lock:
             rec = self.record
-            if epoch > rec.epoch or (epoch == rec.epoch and holder == rec.holder):
+            if (rec.holder is None or epoch > rec.epoch
+                    or (epoch == rec.epoch and holder == rec.holder)):
                 if holder != rec.holder or epoch != rec.epoch:
                     log.warning("witness: holder %s at epoch %d (was %s at epoch %d)", holder,
                                 epoch, rec.holder, rec.epoch)

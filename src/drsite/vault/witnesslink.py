@@ -51,6 +51,9 @@ class WitnessLink:
         self.timeout_s = timeout_s
         self._clock = clock
         self.confirmed_until = 0.0  # monotonic: the last renewal the witness took + lease_s
+        # the epoch a claim was granted at: renewals carry it at least (the promotion's lease,
+        # taken at that epoch, is a write that passes the fence first)
+        self.granted_epoch = 0
         self.last_answer: dict[str, Any] | None = None
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
@@ -85,6 +88,7 @@ class WitnessLink:
         confirmed from when the renewal was sent; ``fenced`` True: a newer holder or epoch is
         recorded), or None when it does not answer (the confirmation runs out)."""
         sent = self._clock()
+        epoch = max(epoch, self.granted_epoch)
         out = self._post("/witness/renew", {"holder": self.me, "epoch": epoch,
                                             "lease_s": self.lease_s})
         self.last_answer = out
@@ -96,9 +100,16 @@ class WitnessLink:
         return self._clock() < self.confirmed_until
 
     def claim(self, epoch: int, after_s: float, *, force: bool = False) -> dict[str, Any] | None:
-        return self._post("/witness/claim", {"holder": self.me, "epoch": epoch,
-                                             "lease_s": self.lease_s, "after_s": after_s,
-                                             "force": force})
+        """Claim the pair at ``epoch`` (granted: recorded as the holder, and confirmed as a
+        renewal would be)."""
+        sent = self._clock()
+        out = self._post("/witness/claim", {"holder": self.me, "epoch": epoch,
+                                            "lease_s": self.lease_s, "after_s": after_s,
+                                            "force": force})
+        if out is not None and out.get("granted") is True:
+            self.granted_epoch = max(self.granted_epoch, epoch)
+            self.confirmed_until = max(self.confirmed_until, sent + self.lease_s)
+        return out
 
 
 class AutoPromote:
