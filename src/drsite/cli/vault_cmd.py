@@ -113,7 +113,8 @@ def promote(
     """Make the standby vault at --vault the active one, when the active vault's site is lost:
     its PostgreSQL is promoted, it takes the controller lease with a new epoch (the old active
     vault, if it comes back, is fenced and refuses writes until 'drsite vault rejoin') and runs
-    the jobs. Never automatic: run it only when the other site is down or cut off."""
+    the jobs. Run it only when the other site is down or cut off (with a witness, 'vault serve
+    --auto-promote-after' does it by itself under the witness's rule)."""
     ca_file = conn.ca_file
     if ca_file is None and data is not None:
         ca_file = data / "pki" / "ca.pem"
