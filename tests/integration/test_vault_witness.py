@@ -8,7 +8,9 @@ N`` on each, ``drsite vault witness`` between them.
   ``lease_s``, and writes again once the witness answers;
 - the standby cannot reach the active (a peer URL where nothing listens) while the active
   renews at the witness: the standby claims and is refused, never promotes, and the active
-  keeps writing (confirmed by the witness alone).
+  keeps writing (confirmed by the witness alone); an operator's ``drsite vault promote`` then
+  records B at the witness, and A is fenced by the witness's answer;
+- site A restarted after B promoted itself, B unreachable: the witness alone fences A.
 """
 
 from __future__ import annotations
@@ -206,9 +208,22 @@ def test_site_a_lost_the_standby_promotes_itself(trio: Trio) -> None:
         assert r.status_code == 201, r.text
         assert {"before", "after"} <= {s["name"] for s in api.get("/sites").json()}
     assert t.b is not None
-    assert "claims epoch" not in t.b.text()  # the claim is the witness's log, not B's
     assert "the witness granted this vault epoch" in t.b.text()
     assert "Traceback" not in t.b.text()
+
+    # site A comes back while B cannot be reached: the witness alone fences A (rule 3)
+    os.kill(t.b.proc.pid, signal.SIGSTOP)
+    try:
+        t.pg_a.start()
+        t.a = t.start_vault("vault-a2", t.data_a, t.pg_a, t.port_a, t.url_b)
+        wait("A fenced by the witness", lambda: t.state(t.url_a)["role"] == "fenced", 20)
+        r = write(t, t.url_a, "split")
+        assert r.status_code == 503 and t.url_b in r.json()["message"], r.text
+        assert (t.data_a / "fenced.json").exists()
+        assert "the witness" in t.a.text() and "past this vault's epoch" in t.a.text()
+    finally:
+        os.kill(t.b.proc.pid, signal.SIGCONT)
+    assert t.state(t.url_b)["role"] == "active"
 
 
 def test_the_active_cut_off_from_peer_and_witness_stops_writing(trio: Trio) -> None:
@@ -277,3 +292,15 @@ def test_the_witness_never_grants_while_the_active_renews(trio: Trio) -> None:
         assert write(t, t.url_a, f"w{i}").status_code == 201
         time.sleep(LEASE / 2)
     assert "Traceback" not in t.b.text()
+    # an operator's promotion records B at the witness (a forced claim): A, still renewing,
+    # is told it is fenced
+    out = subprocess.run([EXE, "vault", "promote", "--vault", t.url_b, "--token", t.token(),
+                          "--ca-file", str(t.ca), "--json"], capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr + out.stdout
+    sb = t.state(t.url_b)
+    assert sb["role"] == "active"
+    assert t.witness_state()["holder"] == t.url_b and t.witness_state()["epoch"] == sb["epoch"]
+    wait("A fenced", lambda: t.state(t.url_a)["role"] == "fenced", 3 * LEASE)
+    assert write(t, t.url_a, "split").status_code == 503
+    assert t.a is not None and "the witness" in t.a.text() and "past this vault's epoch" in t.a.text()
