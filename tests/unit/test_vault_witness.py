@@ -48,6 +48,10 @@ def test_renewal_records_the_holder_and_an_older_epoch_is_fenced(tmp_path: Path)
 def test_a_claim_needs_the_holder_quiet_past_its_lease_and_a_newer_epoch(tmp_path: Path) -> None:
     clk = Clock()
     w = WitnessBook(tmp_path, clk)
+    # nobody ever renewed (an active vault without this witness may be writing): refused
+    clk.t += 100
+    r = w.claim(B, 1, 15.0, 10.0)
+    assert r["granted"] is False and "no active vault has renewed" in r["why"]
     w.renew(A, 5, 10.0)
     clk.t += 14.9
     r = w.claim(B, 6, 15.0, 10.0)

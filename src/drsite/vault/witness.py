@@ -12,16 +12,16 @@ last heard from it.
 - **renew** (the active vault, every ``lease_s / 3``: "I am X at epoch E"): the newest epoch
   wins, a tie belongs to the recorded holder (none recorded yet: the first renewal records its
   vault, at whatever epoch — a new pair's active renews at epoch 0 before its first lease).
-  X at E > recorded → X is the holder at E; X is the
-  holder at E → heard now; anything else → ``fenced`` with the recorded holder and epoch (the
-  vault fences itself: rule 3).
+  X at E > recorded → X is the holder at E; X is the holder at E → heard now; anything else →
+  ``fenced`` with the recorded holder and epoch (the vault fences itself: rule 3).
 - **claim** (the standby vault, after its peer was silent ``after_s`` seconds): one
-  conditional write under a lock — granted only if the claimed epoch is newer than the recorded
-  one and the holder has not renewed for ``after_s`` seconds, ``after_s`` above the holder's
-  lease period (so the holder, cut off from the witness and its peer, has stopped writing:
-  rule 2). A grant counts as hearing from the new holder, so a second claimant within
-  ``after_s`` is refused: two claimants never both win. ``force`` (an operator's ``drsite vault
-  promote``) skips the quiet period, never the epoch rule.
+  conditional write under a lock — granted only if the claimed epoch is newer than the
+  recorded one and the holder has not renewed for ``after_s`` seconds, ``after_s`` above the
+  holder's lease period (so the holder, cut off from the witness and its peer, has stopped
+  writing: rule 2); with no holder recorded (no active vault ever renewed here: one may be
+  writing without this witness), refused. A grant counts as hearing from the new holder, so a
+  second claimant within ``after_s`` is refused: two claimants never both win. ``force`` (an
+  operator's ``drsite vault promote``) skips the quiet period, never the epoch rule.
 - **state**: what is recorded (no secret, no token needed).
 
 Times: the witness's own monotonic clock for "quiet for N seconds". After a restart the
@@ -137,7 +137,12 @@ class WitnessBook:
             why = ""
             if epoch <= rec.epoch:
                 why = f"epoch {epoch} is not newer than the recorded epoch {rec.epoch}"
-            elif not force and rec.holder is not None and rec.holder != claimant:
+            elif not force and rec.holder is None:
+                # no active vault ever renewed here: one may be writing without this witness
+                # (configured at one vault only, or a witness whose record was lost)
+                why = ("no active vault has renewed at this witness: start both vaults with "
+                       "--witness")
+            elif not force and rec.holder != claimant:
                 if after_s <= rec.lease_s:
                     why = (f"the quiet period {after_s:g} s is not above the holder's lease "
                            f"{rec.lease_s:g} s")
