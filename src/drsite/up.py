@@ -28,8 +28,12 @@ own PostgreSQL cluster on loopback (``vault/pgcluster.py``)::
     vault-secondary/       site B's vault: the standby (only master.key copied from A)
 
 Agents are registered with both vaults and follow the active one; ``drsite vault promote
---vault VAULT_B_URL`` makes B active when site A is lost. Admin writes ``up`` makes (sites,
-registration keys, the store role) go to whichever vault of the pair is active.
+--vault VAULT_B_URL`` makes B active when site A is lost. With ``witness`` (``drsite up --ha
+--witness``) a third process, the pair's witness (``witness/``: its record and token; its
+certificate from site A's CA), runs too, and vault B promotes itself when site A has been
+silent ``Cluster.auto_promote_after`` seconds (15) and the witness grants it
+(docs/control-plane.md). Admin writes ``up`` makes (sites, registration keys, the store role)
+go to whichever vault of the pair is active.
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+
+from drsite import tlsutil
 from drsite.agent.process import agent_register, make_hypervisor
 from drsite.client.api import VaultClient, VaultConfig
 from drsite.core.errors import (
@@ -58,7 +65,12 @@ from drsite.core.model import PowerState
 from drsite.fsutil import atomic_write_json, read_json
 from drsite.hypervisors.contract import HypervisorDriver
 from drsite.hypervisors.qemu.driver import QemuHypervisor
+from drsite.pki import CertificateAuthority
 from drsite.vault.pgcluster import LocalCluster
+
+# the demo pair's automatic promotion: vault B promotes itself this long after site A went
+# silent (above the default controller lease, 10 s)
+AUTO_PROMOTE_AFTER_S = 15.0
 
 
 def free_port() -> int:
@@ -85,6 +97,14 @@ class Cluster:
     vault_b_url: str = ""
     vault_b_port: int = 0
     pg_ports: dict[str, int] = field(default_factory=dict)
+    # the pair's witness (``ha`` with ``witness``): automatic promotion of vault B
+    witness: bool = False
+    witness_port: int = 0
+    auto_promote_after: float = AUTO_PROMOTE_AFTER_S
+
+    @property
+    def witness_url(self) -> str:
+        return f"https://127.0.0.1:{self.witness_port}" if self.witness else ""
 
     @property
     def ca_file(self) -> Path:
@@ -197,6 +217,39 @@ def _wait(what: str, check: Any, timeout: float, proc: subprocess.Popen[bytes] |
     raise NetworkError(f"{what}: not ready after {timeout:g} s ({last})")
 
 
+def witness_args(c: Cluster) -> list[str]:
+    """A pair vault's witness options (none without a witness)."""
+    if not c.witness:
+        return []
+    return ["--witness", c.witness_url, "--witness-token-file",
+            str(c.root / "witness" / "witness.token"),
+            "--auto-promote-after", f"{c.auto_promote_after:g}"]
+
+
+def start_witness(c: Cluster) -> None:
+    """Start the pair's witness; at first start site A's CA (made here if the vault has not
+    run yet) issues its certificate. Before the vaults: an active vault whose peer is not up
+    yet writes only while the witness answers."""
+    CertificateAuthority.load_or_create(c.root / "vault" / "pki")
+    c.witness_port = c.witness_port or free_port()
+    logs = c.root / "logs"
+    proc = _spawn("witness", ["vault", "witness", "--data", str(c.root / "witness"), "--listen",
+                              f"127.0.0.1:{c.witness_port}", "--ca-data", str(c.root / "vault")],
+                  logs)
+    c.pids["witness"] = proc.pid
+    c.save()
+
+    def ping() -> bool:
+        try:
+            r = httpx.get(c.witness_url + "/witness/state", timeout=2,
+                          verify=tlsutil.client_context(c.ca_file))
+        except httpx.HTTPError:
+            return False
+        return r.status_code == 200
+
+    _wait("the witness", ping, 60, proc, logs / "witness.log")
+
+
 def start_vault(c: Cluster) -> None:
     """Start site A's vault (the only one, or the active one of a pair)."""
     c.vault_port = c.vault_port or free_port()
@@ -207,7 +260,8 @@ def start_vault(c: Cluster) -> None:
     if c.ha:
         c.vault_b_port = c.vault_b_port or free_port()
         c.vault_b_url = f"https://127.0.0.1:{c.vault_b_port}"
-        args += ["--db", c.pg("primary").url(), "--url", c.vault_url, "--peer", c.vault_b_url]
+        args += ["--db", c.pg("primary").url(), "--url", c.vault_url, "--peer", c.vault_b_url,
+                 *witness_args(c)]
     proc = _spawn("vault", args, logs)
     c.pids["vault"] = proc.pid
     c.save()  # a later 'drsite down' finds it whatever happens next
@@ -258,7 +312,7 @@ def start_vault_b(c: Cluster) -> None:
     proc = _spawn("vault-secondary", ["vault", "serve", "--data", str(data), "--listen",
                                       f"127.0.0.1:{c.vault_b_port}", "--db",
                                       c.pg("secondary").url(), "--url", c.vault_b_url,
-                                      "--peer", c.vault_url], logs)
+                                      "--peer", c.vault_url, *witness_args(c)], logs)
     c.pids["vault-secondary"] = proc.pid
     c.save()  # a later 'drsite down' finds it whatever happens next
 
@@ -333,10 +387,14 @@ def start_agent(c: Cluster, site: str, *, store: bool, hypervisor: str | None = 
     _wait(f"{key_dir} agent heartbeat", up, 60, proc, c.root / "logs" / f"agent-{key_dir}.log")
 
 
-def up(root: Path, *, hypervisor: str = "file", ha: bool = False) -> Cluster:
+def up(root: Path, *, hypervisor: str = "file", ha: bool = False,
+       witness: bool = False) -> Cluster:
     """Start (or restart) the vault and both agents (both with the ``hypervisor`` driver);
     idempotent over an existing directory. ``ha``: a vault pair, one per site, on PostgreSQL
-    streaming replication (see the module docstring)."""
+    streaming replication; ``witness`` (with ``ha``): and the pair's witness, vault B promoting
+    itself when site A is lost (see the module docstring)."""
+    if witness and not ha:
+        raise InvalidInput("a witness is for a vault pair: drsite up --ha --witness")
     root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     c = Cluster.load(root) if (root / "cluster.json").exists() else Cluster(root)
@@ -347,10 +405,13 @@ def up(root: Path, *, hypervisor: str = "file", ha: bool = False) -> Cluster:
     c.pids = {}
     c.hypervisor = hypervisor
     c.ha = c.ha or ha
+    c.witness = c.witness or witness
     try:
         if c.ha:
             root.chmod(0o755)  # the PostgreSQL server (user postgres when run as root) goes in
             start_pg(c)
+        if c.witness:
+            start_witness(c)
         start_vault(c)
         if c.ha:
             start_vault_b(c)

@@ -66,3 +66,13 @@ def test_without_a_pair_one_vault_line_and_nothing_asked(tmp_path: Path) -> None
     out = text(c, {})
     assert out.startswith(f"vault   {A}  (pid 11)\nagents  ")
     assert "vault B" not in out and "pg " not in out
+
+
+def test_a_pair_with_a_witness_names_it_and_the_promotion_delay(tmp_path: Path) -> None:
+    c = pair(tmp_path)
+    c.witness, c.witness_port = True, 1003
+    c.pids["witness"] = 15
+    out = text(c, {A: ACTIVE, B: STANDBY})
+    assert "witness https://127.0.0.1:1003  (pid 15; the standby promotes itself 15 s after " \
+           "the active site went silent, if the witness agrees)" in out
+    assert "witness https" not in text(pair(tmp_path), {A: ACTIVE, B: STANDBY})

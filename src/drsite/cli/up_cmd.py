@@ -40,8 +40,13 @@ def vault_lines(c: Cluster, states: dict[str, dict[str, Any] | None]) -> str:
         else:
             what = role
         out += f"vault {name} {url}  (pid {c.pids.get(proc, '?')}, {what})\n"
-    return out + (f"pg      site A 127.0.0.1:{c.pg_ports['primary']}, site B 127.0.0.1:"
-                  f"{c.pg_ports['secondary']} (the standby vault's replicates the active's)\n")
+    out += (f"pg      site A 127.0.0.1:{c.pg_ports['primary']}, site B 127.0.0.1:"
+            f"{c.pg_ports['secondary']} (the standby vault's replicates the active's)\n")
+    if c.witness:
+        out += (f"witness {c.witness_url}  (pid {c.pids.get('witness', '?')}; the standby "
+                f"promotes itself {c.auto_promote_after:g} s after the active site went silent, "
+                "if the witness agrees)\n")
+    return out
 
 
 def summary(c: Cluster, states: dict[str, dict[str, Any] | None], *, data: Path,
@@ -76,12 +81,16 @@ def up(data: Path = DataOpt,
        ha: bool = typer.Option(False, "--ha", help="A vault per site, each with its own "
                                                    "PostgreSQL (site B's a hot standby by "
                                                    "streaming replication); agents follow the "
-                                                   "active one.")) -> None:
+                                                   "active one."),
+       witness: bool = typer.Option(False, "--witness", help="With --ha: the pair's witness "
+                                                             "too; vault B then promotes itself "
+                                                             "when site A has been silent (15 s) "
+                                                             "and the witness agrees.")) -> None:
     """Start a vault and two site agents (primary, secondary) as processes on 127.0.0.1."""
     from drsite.up import down as stop
     from drsite.up import up as start
 
-    c = start(data, hypervisor=hypervisor.value, ha=ha)
+    c = start(data, hypervisor=hypervisor.value, ha=ha, witness=witness)
     console.print(Panel.fit(summary(c, c.vault_states(), data=data, detach=detach),
                             title="drsite is up"))
     if detach:

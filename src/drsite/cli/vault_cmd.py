@@ -39,6 +39,16 @@ def serve(
                                                "active, this vault writes only as long as that "
                                                "one was not promoted past it (fenced otherwise, "
                                                "until 'drsite vault rejoin')."),
+    witness: str | None = typer.Option(None, help="URL of the pair's witness ('drsite vault "
+                                                  "witness'): while active, this vault writes "
+                                                  "only while it reaches its peer or the "
+                                                  "witness within the controller lease."),
+    witness_token_file: Path | None = typer.Option(None, help="The witness's token file "
+                                                              "(its DIR/witness.token)."),
+    auto_promote_after: float | None = typer.Option(
+        None, help="Seconds (above --controller-lease) after which this vault, a standby whose "
+                   "peer stopped answering, claims at the witness and promotes itself if "
+                   "granted. Default: never (manual 'drsite vault promote')."),
 ) -> None:
     """Run the vault in the foreground (Ctrl-C or SIGTERM stops it cleanly), with the web
     dashboard at /ui. On a hot-standby PostgreSQL database it runs as the standby vault of a
@@ -48,7 +58,28 @@ def serve(
 
     run_vault(data, listen=listen, db_url=db, heartbeat_interval=heartbeat_interval,
               master_key_file=master_key_file, routers=[dashboard], workers=workers,
-              lease_s=controller_lease, url=url, peer_url=peer)
+              lease_s=controller_lease, url=url, peer_url=peer, witness_url=witness,
+              witness_token_file=witness_token_file, auto_promote_after=auto_promote_after)
+
+
+@vault.command("witness")
+def witness(
+    data: Path = typer.Option(Path("drsite-witness"), help="The witness's data directory (its "
+                                                          "record, token and certificate)."),
+    listen: str = typer.Option("127.0.0.1:8444", help="HOST:PORT to listen on (HTTPS)."),
+    ca_data: Path | None = typer.Option(None, help="A vault's data directory (on this machine), "
+                                                   "at first start only: the pair's CA issues "
+                                                   "the witness's server certificate."),
+) -> None:
+    """Run the witness of a vault pair (a third place): it records which vault holds the pair
+    at which epoch, takes the active vault's renewals and grants a standby's claim only when
+    the holder has been silent long enough (see docs/control-plane.md, "Witness"). Vaults
+    reach it with 'vault serve --witness URL --witness-token-file DIR/witness.token'."""
+    from drsite.vault.server import parse_listen
+    from drsite.vault.witness import run_witness
+
+    host, port = parse_listen(listen)
+    run_witness(data, host=host, port=port, ca_data=ca_data)
 
 
 @vault_command(vault, "state")
@@ -82,7 +113,8 @@ def promote(
     """Make the standby vault at --vault the active one, when the active vault's site is lost:
     its PostgreSQL is promoted, it takes the controller lease with a new epoch (the old active
     vault, if it comes back, is fenced and refuses writes until 'drsite vault rejoin') and runs
-    the jobs. Never automatic: run it only when the other site is down or cut off."""
+    the jobs. Run it only when the other site is down or cut off (with a witness, 'vault serve
+    --auto-promote-after' does it by itself under the witness's rule)."""
     ca_file = conn.ca_file
     if ca_file is None and data is not None:
         ca_file = data / "pki" / "ca.pem"

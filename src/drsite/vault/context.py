@@ -18,6 +18,8 @@ active vault's database: it serves reads, refuses every write before it starts
 work, and becomes active when its database is promoted — by :meth:`Vault.promote` (``drsite
 vault promote``: ``pg_promote()``, then the lease taken with a new epoch whoever holds it), or
 by an operator promoting the database by hand (then it seeks the lease as any vault process).
+With a witness (``vault serve --witness URL --auto-promote-after N``, ``vault/witnesslink.py``)
+a standby whose peer was silent N seconds promotes itself when the witness grants it.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from drsite.vault.pairfence import Fenced, PeerFence, load_marker, write_marker
 from drsite.vault.push import CommandPush, Waiters
 from drsite.vault.scheduler import Scheduler
 from drsite.vault.settings import VaultSettings
+from drsite.vault.witnesslink import AutoPromote, WitnessLink
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +121,24 @@ class Vault:
         # a vault of a pair: fenced (marker in DATA) once its peer was promoted past it
         self.fenced: Fenced | None = load_marker(settings.data_dir)
         self.fence: PeerFence | None = None
+        self.witness: WitnessLink | None = None
+        self.autopromote: AutoPromote | None = None
+        if settings.witness_url and settings.advertised_url:
+            self.witness = WitnessLink(settings.witness_url, settings.witness_token or "",
+                                       tlsutil.client_context(tls.ca),
+                                       me=settings.advertised_url, lease_s=settings.lease_s)
         if settings.peer_url:
             self.fence = PeerFence(settings.peer_url, tlsutil.client_context(tls.ca),
                                    self._position, window_s=settings.lease_s,
-                                   on_fenced=self._on_fenced, fenced=self.fenced)
+                                   on_fenced=self._on_fenced, fenced=self.fenced,
+                                   witness=self.witness)
+            if self.witness is not None and settings.auto_promote_after is not None:
+                fence = self.fence
+                self.autopromote = AutoPromote(
+                    self.witness, after_s=settings.auto_promote_after, lease_s=settings.lease_s,
+                    peer_answers=lambda: fence.peer_state() is not None,
+                    own_epoch=lambda: self._position()[1],
+                    promote=lambda epoch: self._promote_claimed(epoch))
         db.set_gate(self._write_gate)
         self.lock = lock
         self.db = db
@@ -196,8 +213,12 @@ class Vault:
         else:
             with self.db.read() as s:
                 timeline, epoch = None, read_lease(s).epoch
+        # a standby about to claim at the witness: its answer no longer confirms the active
+        candidate = (role == "standby" and self.autopromote is not None
+                     and self.autopromote.candidate)
         return {"role": role, "timeline": timeline, "epoch": epoch,
-                "url": self.settings.advertised_url, "peer_url": self.settings.peer_url}
+                "url": self.settings.advertised_url, "peer_url": self.settings.peer_url,
+                "witness_url": self.settings.witness_url, "candidate": candidate}
 
     def _on_fenced(self, f: Fenced) -> None:
         """The peer was promoted past this vault: keep it fenced across restarts, stop being
@@ -229,7 +250,33 @@ class Vault:
                            + "If the active site is lost, make this vault active with "
                              "'drsite vault promote'.")
 
-    def promote(self, *, force: bool = False) -> dict[str, object]:
+    def _promote_claimed(self, epoch: int) -> None:
+        """Rule 1: the witness granted this standby ``epoch``; promote as the operator's
+        command does, the lease taken at that epoch at least."""
+        self.promote(force=True, min_epoch=epoch)
+
+    def _claim_for_operator(self) -> int:
+        """An operator's promotion with a witness: record this vault as the holder at a newer
+        epoch first (forced: the operator decided), so the old active is fenced by the witness
+        too. Returns the epoch to take the lease at (0: the witness did not answer)."""
+        assert self.witness is not None
+        seen = self.witness.state()
+        if seen is None:
+            log.warning("promotion: the witness %s does not answer; promoting without it (the "
+                        "old active is fenced by this vault's newer epoch)", self.witness.url)
+            return 0
+        with self.db.read() as s:
+            mine = read_lease(s).epoch
+        epoch = max(mine, int(seen.get("epoch") or 0)) + 1
+        out = self.witness.claim(epoch, self.settings.auto_promote_after or
+                                 self.settings.lease_s * 2, force=True)
+        if out is None or out.get("granted") is not True:
+            raise Conflict(f"the witness {self.witness.url} did not record this vault at epoch "
+                           f"{epoch}: {(out or {}).get('why', 'no answer')}",
+                           hint="Run 'drsite vault promote' again.")
+        return epoch
+
+    def promote(self, *, force: bool = False, min_epoch: int = 0) -> dict[str, object]:
         """Make this standby vault active: promote its database (``pg_promote()``, waiting
         until it accepts writes), then take the controller lease with a new epoch, whoever
         holds it (the old active, if it returns, is fenced by that epoch), and run the
@@ -252,6 +299,8 @@ class Vault:
                                hint="Promote only when the active site is lost or cut off "
                                     "(its agents included); for a planned switchover, 'drsite "
                                     "vault promote --force'.")
+        if self.standby and self.witness is not None and min_epoch == 0:
+            min_epoch = self._claim_for_operator()
         promoted_db = False
         if self.db.in_recovery():
             try:
@@ -271,14 +320,14 @@ class Vault:
                                      hint="See the PostgreSQL server's log, then run 'drsite "
                                           "vault promote' again.")
             promoted_db = True
-        self._become_active(force=True)
+        self._become_active(force=True, min_epoch=min_epoch)
         view = self.lease.view()
         log.warning("vault promoted: this process holds the controller lease at epoch %d",
                     view.epoch)
         return {"role": self.role, "epoch": view.epoch, "database_promoted": promoted_db,
                 "controller": self.lease.held}
 
-    def _become_active(self, *, force: bool) -> None:
+    def _become_active(self, *, force: bool, min_epoch: int = 0) -> None:
         with self._role_lock:
             was_standby = self.standby
             if was_standby:
@@ -286,7 +335,7 @@ class Vault:
                 self.standby = False
                 log.warning("this vault's database accepts writes: the vault is active now")
             if force:
-                self.lease.step(force=True)
+                self.lease.step(force=True, min_epoch=min_epoch)
             if was_standby and self._started:
                 self._run_active()
 
@@ -308,6 +357,13 @@ class Vault:
             except Exception as e:  # the database restarting: look again
                 log.warning("standby vault: cannot read the database's role: %s",
                             type(e).__name__)
+                continue
+            if self.autopromote is not None and self.fenced is None:
+                try:
+                    if self.autopromote.step():
+                        return
+                except Exception:  # a failed attempt: the next look tries again
+                    log.exception("automatic promotion failed; trying again")
 
     def _run_active(self) -> None:
         if self.fenced is not None:

@@ -219,14 +219,15 @@ class Lease:
         if not self.db.sqlite:
             s.execute(text(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}"))
 
-    def step(self, *, force: bool = False) -> float:
+    def step(self, *, force: bool = False, min_epoch: int = 0) -> float:
         """One election round: renew the lease if it is ours, take it if it is free. Returns
         how long to wait before the next round. Database errors propagate (the caller retries
         soon); the local state changes only after a commit.
 
         ``force`` takes the lease whoever holds it (a new epoch): for a promotion (issue 14:
         a standby vault promoted with its database) or an operator who knows the holder is
-        gone. The old holder is fenced from its next transaction on."""
+        gone. The old holder is fenced from its next transaction on. ``min_epoch``: a taken
+        lease's epoch is at least this (the epoch a pair's witness granted a promotion)."""
         mine = self._epoch
         with self.db.tx() as s:
             self._lock_timeout(s)
@@ -246,7 +247,7 @@ class Lease:
                     if holder is not None and row.expires_at > now:
                         log.warning("controller %s (epoch %d) %s: taking over its lease",
                                     holder, epoch, "is set aside" if force else "no longer runs")
-                    row.epoch = epoch = epoch + 1
+                    row.epoch = epoch = max(epoch + 1, min_epoch)
                     row.holder = self.ident.holder
                     row.info = dict(self.ident.info)
                     row.acquired_at = now

@@ -12,9 +12,16 @@ the pair's CA: nobody else can answer for the peer) what it is:
 - the peer is active with a newer (timeline, epoch) → we are **fenced**: every write refused
   from then on (``StandbyVault``, naming the peer), the controller stops, and a marker
   (``DATA/fenced.json``) keeps it so across restarts until ``drsite vault rejoin``;
-- the peer does not answer → we stay active (the peer's site may be the one lost). This is
-  the case a human or a witness must decide (docs/control-plane.md, "Vault pair": promote only
-  when site A is down or cut off from everything, agents included).
+- the peer does not answer → without a witness, we stay active (the peer's site may be the
+  one lost: a human decides, docs/control-plane.md, "Vault pair": promote only when site A is
+  down or cut off from everything, agents included). With a witness (``vault/witness.py``,
+  rule 2 of the witness rule), we stay active only while the witness took our renewal within
+  ``window_s`` (:class:`~drsite.vault.witnesslink.WitnessLink`); cut off from both, no write.
+  A standby that is a *candidate* for automatic promotion counts as not answering.
+
+With a witness the loop also renews at the witness every ``window_s / 3`` (whatever the peer
+says: the witness must keep hearing from the holder), and an answer naming a newer holder or
+epoch fences this vault exactly like a peer promoted past it (rule 3).
 
 Every write transaction checks the fence first (``Database.set_gate``): when the confirmation
 has expired — always the case after the process was stopped (SIGSTOP, a frozen VM) for longer
@@ -42,6 +49,7 @@ import httpx
 
 from drsite.core.errors import StandbyVault
 from drsite.fsutil import atomic_write_bytes
+from drsite.vault.witnesslink import WitnessLink
 
 log = logging.getLogger(__name__)
 
@@ -102,15 +110,21 @@ class PeerFence:
     def __init__(self, peer_url: str, ssl_context: ssl.SSLContext, own: Own, *,
                  window_s: float, timeout_s: float = 2.0,
                  on_fenced: Callable[[Fenced], None] | None = None,
-                 fenced: Fenced | None = None) -> None:
+                 fenced: Fenced | None = None, witness: WitnessLink | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.peer_url = peer_url.rstrip("/")
         self._ctx = ssl_context
         self._own = own
         self.window_s = window_s
         self.timeout_s = timeout_s
         self._on_fenced = on_fenced
+        self.witness = witness
+        self._clock = clock
         self._lock = threading.Lock()
         self._confirmed_until = 0.0  # monotonic
+        self._refusal: StandbyVault | None = None  # why the last check did not confirm
+        self._checked_at = float("-inf")  # when the last check ended, and its answer
+        self._checked_ok = False
         self.fenced: Fenced | None = fenced
         self.last_answer: dict[str, Any] | None = None
         self._stop = threading.Event()
@@ -121,19 +135,23 @@ class PeerFence:
         ask the peer first (the write waits at most ``timeout_s``)."""
         if self.fenced is not None:
             raise self.fenced.error()
-        if time.monotonic() < self._confirmed_until:
+        entered = self._clock()
+        if entered < self._confirmed_until:
             return
         with self._lock:
-            ok = (self.fenced is None and (time.monotonic() < self._confirmed_until
-                                           or self._check_locked()))
+            if self.fenced is None and self._clock() < self._confirmed_until:
+                ok = True
+            elif self.fenced is None and self._checked_at > entered:
+                # a check finished while this write waited for the lock: its answer holds
+                # (writes never queue behind one full check after another)
+                ok = self._checked_ok
+            else:
+                ok = self.fenced is None and self._check_locked()
+            refusal = self._refusal
         if self.fenced is not None:
             raise self.fenced.error()
         if not ok:
-            raise StandbyVault(f"this vault and the vault at {self.peer_url} are both active "
-                               "at the same timeline and epoch; this one writes nothing until "
-                               "that is resolved",
-                               hint="Stop one of them and make it the other's standby with "
-                                    "'drsite vault rejoin'.")
+            raise refusal or StandbyVault("this vault is not confirmed to write")
 
     def peer_state(self) -> dict[str, Any] | None:
         """The peer's ``/vault/state`` answer, or None when it does not answer in time."""
@@ -145,13 +163,46 @@ class PeerFence:
         return out if isinstance(out, dict) else None
 
     def check(self) -> None:
+        """One round of the loop: renew at the witness (if any), then ask the peer."""
         with self._lock:
+            if self.fenced is None and self.witness is not None:
+                self._renew_locked()
             if self.fenced is None:
-                self._check_locked()
+                self._check_locked(renewed=self.witness is not None)
 
-    def _check_locked(self) -> bool:
-        """Ask the peer; whether this vault is confirmed (may write)."""
-        sent = time.monotonic()
+    def _renew_locked(self) -> None:
+        """Renew at the witness as the holder at this vault's epoch; a newer holder or epoch
+        recorded there fences this vault (rule 3)."""
+        assert self.witness is not None
+        try:
+            epoch = self._own()[1]
+        except Exception as e:  # its database unreachable: no renewal, the window runs out
+            log.warning("cannot read this vault's epoch to renew at the witness: %s",
+                        type(e).__name__)
+            return
+        out = self.witness.renew(epoch)
+        if out is not None and out.get("fenced") is True:
+            holder = str(out.get("holder") or "(unknown)")
+            theirs = _int(out.get("epoch")) or 0
+            log.error("the witness %s records %s at epoch %s, past this vault's epoch %s: this "
+                      "vault is fenced and writes nothing until 'drsite vault rejoin'",
+                      self.witness.url, holder, theirs, epoch)
+            self._fence(Fenced(holder, None, theirs, time.time()))
+
+    def _fence(self, f: Fenced) -> None:
+        self.fenced = f
+        if self._on_fenced is not None:
+            self._on_fenced(f)
+
+    def _check_locked(self, *, renewed: bool = False) -> bool:
+        """Ask the peer (and, when it does not confirm, the witness unless ``renewed`` just
+        now); whether this vault is confirmed (may write)."""
+        ok = self._ask_locked(renewed=renewed)
+        self._checked_at, self._checked_ok = self._clock(), ok
+        return ok
+
+    def _ask_locked(self, *, renewed: bool) -> bool:
+        sent = self._clock()
         peer = self.peer_state()
         if peer is None:
             log.debug("peer vault %s does not answer", self.peer_url)
@@ -161,22 +212,43 @@ class PeerFence:
             theirs = (_int(peer.get("timeline")), _int(peer.get("epoch")) or 0)
             if _newer(theirs, mine):
                 f = Fenced(self.peer_url, theirs[0], theirs[1], time.time())
-                self.fenced = f
                 log.error("the peer vault %s is active at timeline %s, epoch %s, past this "
                           "vault's (timeline %s, epoch %s): this vault is fenced and writes "
                           "nothing until 'drsite vault rejoin'", self.peer_url, theirs[0],
                           theirs[1], mine[0], mine[1])
-                if self._on_fenced is not None:
-                    self._on_fenced(f)
+                self._fence(f)
                 return False
             if theirs == mine:
                 # two primaries at the same point: nobody can say who is newer; write nothing
                 log.error("the peer vault %s is active at this vault's own timeline and epoch "
                           "(%s): refusing writes until that changes", self.peer_url, mine)
+                self._refusal = StandbyVault(
+                    f"this vault and the vault at {self.peer_url} are both active at the same "
+                    "timeline and epoch; this one writes nothing until that is resolved",
+                    hint="Stop one of them and make it the other's standby with 'drsite vault "
+                         "rejoin'.")
                 return False
-        # a standby, a fenced or older peer, or none answering: confirmed from when we asked
-        self._confirmed_until = sent + self.window_s
-        return True
+        if self.witness is None or (peer is not None and peer.get("candidate") is not True):
+            # a standby, a fenced or older peer, or (no witness) none answering: confirmed
+            # from when we asked
+            self._confirmed_until = sent + self.window_s
+            return True
+        # the peer is silent (or a candidate for promotion): the witness must confirm us
+        if not renewed and not self.witness.confirmed():
+            self._renew_locked()
+            if self.fenced is not None:
+                return False
+        if self.witness.confirmed():
+            self._confirmed_until = max(self._confirmed_until, self.witness.confirmed_until)
+            return True
+        log.error("this vault reaches neither its peer %s nor the witness %s: it writes nothing "
+                  "until one of them answers", self.peer_url, self.witness.url)
+        self._refusal = StandbyVault(
+            f"this vault reaches neither its peer vault {self.peer_url} nor the witness "
+            f"{self.witness.url}: it writes nothing (the peer may be promoted)",
+            hint="Restore its links; if the peer was promoted, send writes there and make this "
+                 "vault its standby with 'drsite vault rejoin'.")
+        return False
 
     def start(self) -> None:
         if self._thread is not None:

@@ -48,12 +48,17 @@ def run_vault(data_dir: Path, listen: str = "127.0.0.1:8443", db_url: str | None
               heartbeat_interval: float = 2.0, master_key_file: Path | None = None,
               routers: Sequence[APIRouter] = (), workers: int = 1,
               lease_s: float = 10.0, url: str | None = None,
-              peer_url: str | None = None) -> None:
+              peer_url: str | None = None, witness_url: str | None = None,
+              witness_token_file: Path | None = None,
+              auto_promote_after: float | None = None) -> None:
     """Run a vault in the foreground until it is asked to stop (blocking). ``routers``: more
     routes to serve beside the API (the CLI adds the dashboard). ``workers``: API processes
     (more than one needs PostgreSQL). ``lease_s``: the controller lease period. ``url``: where
     agents reach this vault (default ``https://LISTEN``). ``peer_url``: the other vault of a pair
-    (this one, when active, writes only while that one was not promoted past it)."""
+    (this one, when active, writes only while that one was not promoted past it).
+    ``witness_url`` (with ``witness_token_file``): the pair's witness (``vault/witness.py``);
+    ``auto_promote_after``: seconds of the peer's silence after which this vault, a standby,
+    claims at the witness and promotes itself if granted (above ``lease_s``)."""
     host, port = parse_listen(listen)
     if heartbeat_interval <= 0:
         raise InvalidInput("heartbeat_interval must be > 0")
@@ -72,12 +77,15 @@ def run_vault(data_dir: Path, listen: str = "127.0.0.1:8443", db_url: str | None
                                 "layout across two sites), or leave --peer out.")
     if peer_url is not None and not peer_url.startswith("https://"):
         raise InvalidInput(f"peer URL {peer_url!r} is not an https:// URL")
+    witness_token = _check_witness(peer_url, witness_url, witness_token_file,
+                                   auto_promote_after, lease_s)
     os.umask(0o077)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = VaultSettings(data_dir=Path(data_dir), db_url=db_url, heartbeat_interval=heartbeat_interval,
                              master_key_file=master_key_file, lease_s=lease_s, listen=listen,
-                             url=url, peer_url=peer_url)
+                             url=url, peer_url=peer_url, witness_url=witness_url,
+                             witness_token=witness_token, auto_promote_after=auto_promote_after)
     vault = bootstrap(settings)
     if vault.new_admin_token is not None:
         # the first admin token is in DATA/admin.token (0600); it is shown once on an interactive
@@ -104,6 +112,39 @@ def run_vault(data_dir: Path, listen: str = "127.0.0.1:8443", db_url: str | None
                       cafile=vault.tls.ca, client_cert="optional")
     finally:
         vault.close()
+
+
+def _check_witness(peer_url: str | None, witness_url: str | None, token_file: Path | None,
+                   after_s: float | None, lease_s: float) -> str | None:
+    """The witness options, checked before anything starts; the witness token."""
+    if witness_url is None:
+        if after_s is not None or token_file is not None:
+            raise InvalidInput("--auto-promote-after and --witness-token-file need --witness",
+                               hint="Pass --witness URL of the pair's witness ('drsite vault "
+                                    "witness'), or leave them out.")
+        return None
+    if peer_url is None:
+        raise InvalidInput("a witness (--witness) is for a vault pair: pass --peer too")
+    if not witness_url.startswith("https://"):
+        raise InvalidInput(f"witness URL {witness_url!r} is not an https:// URL")
+    if after_s is not None and after_s <= lease_s:
+        raise InvalidInput(f"--auto-promote-after {after_s:g} must be above the controller lease "
+                           f"({lease_s:g} s): the old active must have stopped writing before "
+                           "the witness lets this vault promote",
+                           hint=f"Pass --auto-promote-after {max(lease_s * 1.5, lease_s + 5):g} "
+                                "or more, or a shorter --controller-lease.")
+    if token_file is None:
+        raise InvalidInput("--witness needs --witness-token-file (the witness's "
+                           "DIR/witness.token)")
+    try:
+        token = Path(token_file).read_text().strip()
+    except OSError as e:
+        raise InvalidInput(f"cannot read the witness token file {token_file}: {e.strerror}",
+                           hint="Copy the witness's DIR/witness.token (0600) to this vault's "
+                                "machine.") from e
+    if not token:
+        raise InvalidInput(f"the witness token file {token_file} is empty")
+    return token
 
 
 def _redact(url: str) -> str:

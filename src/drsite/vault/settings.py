@@ -60,6 +60,12 @@ class VaultSettings:
     # the other vault of a pair (issue 14): an active vault writes only while this peer has
     # not been promoted past it (vault/pairfence.py)
     peer_url: str | None = None
+    # the pair's witness (vault/witness.py): with it, an active vault cut off from both its
+    # peer and the witness stops writing, and a standby whose peer was silent
+    # ``auto_promote_after`` seconds promotes itself if the witness grants it
+    witness_url: str | None = None
+    witness_token: str | None = None
+    auto_promote_after: float | None = None
 
     @property
     def advertised_url(self) -> str | None:
