@@ -7,7 +7,8 @@ pytest_plugins = ["tests.pg"]
 
 
 LONGEST = frozenset(f"tests/e2e/test_{m}.py" for m in (
-    "groups_cluster", "crash_campaign", "failover_cluster", "liveness_cluster"))
+    "groups_cluster", "crash_campaign", "failover_cluster", "liveness_cluster",
+    "scrub_drill_cluster", "site_disaster_cluster", "breakglass_cluster"))
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's loadgroup reads the marks

@@ -279,3 +279,29 @@ def test_two_api_workers_never_hand_out_one_command(tmp_path: Path,
         assert len(got["one"]) == 3 and got["two"] == []
     finally:
         h.close()
+
+
+def test_concurrent_rounds_of_one_process_take_the_lease_once(db: Database) -> None:
+    """A promotion's forced step and the election thread's step run in two threads of one
+    process: the lease is taken once (a race took it again from itself at a newer epoch, and
+    the guard of the first term then fenced the process's own writes)."""
+    for _ in range(3):
+        lease = Lease(db, Identity(f"race:{os.urandom(4).hex()}", this_process().info), 30.0)
+        before = row(db).epoch
+        go = threading.Barrier(4)
+
+        def round_(lease: Lease, go: threading.Barrier, force: bool) -> None:
+            go.wait()
+            lease.step(force=force)
+
+        threads = [threading.Thread(target=round_, args=(lease, go, i == 0)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert lease.epoch == row(db).epoch and row(db).holder == lease.ident.holder
+        assert row(db).epoch == before + 1, (before, row(db))
+        with db.tx() as s:
+            lease.guard(s)  # the process's one term writes
+        lease.release()
+

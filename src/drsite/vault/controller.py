@@ -199,6 +199,10 @@ class Lease:
         self.ttl_s = ttl_s
         self.on_change = on_change
         self._mutex = threading.Lock()
+        # one election round at a time in this process: a promotion's forced step racing the
+        # election thread's step read "not mine" before the other committed, took the lease
+        # from itself at a newer epoch and fenced its own first term
+        self._stepping = threading.Lock()
         self._epoch: int | None = None
         self.term = 0
 
@@ -228,6 +232,10 @@ class Lease:
         a standby vault promoted with its database) or an operator who knows the holder is
         gone. The old holder is fenced from its next transaction on. ``min_epoch``: a taken
         lease's epoch is at least this (the epoch a pair's witness granted a promotion)."""
+        with self._stepping:
+            return self._step(force=force, min_epoch=min_epoch)
+
+    def _step(self, *, force: bool, min_epoch: int) -> float:
         mine = self._epoch
         with self.db.tx() as s:
             self._lock_timeout(s)
