@@ -181,9 +181,15 @@ class Cluster:
         return VaultClient(VaultConfig(self.active_url(), self.admin_token, self.ca_file))
 
     def env_lines(self) -> list[str]:
-        """Shell exports pointing the CLI at this cluster (``drsite env`` prints them)."""
+        """Shell exports pointing the CLI at this cluster (``drsite env`` prints them): for a
+        pair, at the vault that answers as the active one (vault A when neither answers; the
+        admin token and the CA are the pair's, replicated with the database)."""
+        try:
+            url = self.active_url()
+        except TransientError:
+            url = self.vault_url
         token = shlex.quote(str(self.root / "vault" / "admin.token"))
-        return [f"export DRSITE_VAULT_URL={shlex.quote(self.vault_url)}",
+        return [f"export DRSITE_VAULT_URL={shlex.quote(url)}",
                 f"export DRSITE_TOKEN=$(cat {token})",
                 f"export DRSITE_CA_FILE={shlex.quote(str(self.ca_file))}"]
 

@@ -86,3 +86,16 @@ def test_no_active_vault_is_a_transient_error_naming_promote(
         pair(tmp_path).active_url()
     assert A in e.value.message and B in e.value.message
     assert "drsite vault promote" in e.value.hint
+
+
+def test_drsite_env_points_at_the_active_vault_of_a_pair(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a promotion, ``drsite env`` names vault B (it named vault A whatever happened);
+    with neither answering, vault A."""
+    c = pair(tmp_path)
+    play(monkeypatch, {A: {"role": "fenced", "timeline": 1, "epoch": 1},
+                       B: {"role": "active", "timeline": 2, "epoch": 2}})
+    assert c.env_lines()[0] == f"export DRSITE_VAULT_URL={B}"
+    play(monkeypatch, {A: None, B: None})
+    assert c.env_lines()[0] == f"export DRSITE_VAULT_URL={A}"
+
