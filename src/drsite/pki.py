@@ -17,12 +17,14 @@ CSR/certificate/argument, ``PermanentError`` for an unusable CA directory.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import ipaddress
 import logging
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,6 +150,22 @@ def make_key_and_csr(common_name: str) -> tuple[bytes, bytes]:
     return _key_pem(key), csr.public_bytes(serialization.Encoding.PEM)
 
 
+@contextlib.contextmanager
+def _ca_dir_locked(directory: Path) -> Iterator[None]:
+    """``directory`` (created 0700) under its CA lock: two processes never create or install
+    two CAs at once. OS errors become drsite errors naming the directory."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(directory / CA_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise classify_os_error(exc, f"CA directory {directory}") from exc
+
+
 class CertificateAuthority:
     """The vault's CA: a self-signed EC P-256 root that signs agent and server certificates.
 
@@ -184,18 +202,10 @@ class CertificateAuthority:
         """
         directory = Path(directory)
         cert_path, key_path = directory / CA_CERT, directory / CA_KEY
-        try:
-            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(directory / CA_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)  # two processes never create two CAs at once
-                if cert_path.exists():
-                    return cls._load(directory, cert_path, key_path)
-                return cls._create(directory, name, cert_path, key_path)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise classify_os_error(exc, f"CA directory {directory}") from exc
+        with _ca_dir_locked(directory):
+            if cert_path.exists():
+                return cls._load(directory, cert_path, key_path)
+            return cls._create(directory, name, cert_path, key_path)
 
     @classmethod
     def install(cls, directory: Path, cert_pem: bytes, key_pem: bytes) -> CertificateAuthority:
@@ -205,21 +215,13 @@ class CertificateAuthority:
         loaded, not replaced (the caller compares it)."""
         directory = Path(directory)
         cert_path, key_path = directory / CA_CERT, directory / CA_KEY
-        try:
-            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(directory / CA_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                if not cert_path.exists():
-                    atomic_write_bytes(key_path, key_pem)
-                    os.chmod(key_path, 0o600)
-                    atomic_write_bytes(cert_path, cert_pem)
-                    os.chmod(cert_path, 0o644)
-                return cls._load(directory, cert_path, key_path)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise classify_os_error(exc, f"CA directory {directory}") from exc
+        with _ca_dir_locked(directory):
+            if not cert_path.exists():
+                atomic_write_bytes(key_path, key_pem)
+                os.chmod(key_path, 0o600)
+                atomic_write_bytes(cert_path, cert_pem)
+                os.chmod(cert_path, 0o644)
+            return cls._load(directory, cert_path, key_path)
 
     def key_pem(self) -> bytes:
         """The CA's private key (PEM, unencrypted): only for sealing it into the database."""

@@ -42,6 +42,7 @@ from tests.e2e.test_failover_cluster import (
     protect,
     setup,
 )
+from tests.integration.test_vault_pair import cluster_pids
 from tests.pg import pg_wanted
 
 from drsite import tlsutil
@@ -49,7 +50,6 @@ from drsite.cli.up_cmd import summary
 from drsite.client.api import VaultClient, VaultConfig
 from drsite.core.model import PowerState
 from drsite.up import Cluster, down, start_agent, start_vault, up
-from drsite.vault.pgcluster import LocalCluster
 
 pytestmark = pytest.mark.slow
 DRSITE = str(Path(sys.executable).parent / "drsite")
@@ -81,17 +81,6 @@ def ha() -> Iterator[Cluster]:
 
 def client(c: Cluster, url: str) -> VaultClient:
     return VaultClient(VaultConfig(url, c.admin_token, c.ca_file))
-
-
-def cluster_pids(pg: LocalCluster) -> list[int]:
-    main = pg.pid()
-    assert main is not None
-    pids = [main]
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == main:
-                pids.append(int(stat.parent.name))
-    return pids
 
 
 def guest_pids(c: Cluster, site: str) -> list[int]:
