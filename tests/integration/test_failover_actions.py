@@ -282,3 +282,40 @@ def test_unplanned_latest_app_change_point_commit(world: World) -> None:
     with pytest.raises(Conflict):
         fo.cancel(item, "uf2")
     assert os.path.exists(hv_b.vm_dir(moved.vm_id or ""))
+
+
+def test_unplanned_failover_killed_inside_vm_creation_resumes_from_the_store(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Crash campaign finding (issue 19): a failover from the replica was killed inside
+    ``create_vm`` after the first image had been moved out of the replica (and lost with the
+    VM's staging directory). The resumed failover must not look for the replica's images again:
+    it restores the point from the store, the VM equals the point, and the replica is rebuilt
+    in full on its next catch-up."""
+    import drsite.hypervisors.file.driver as file_driver
+
+    item = world.protect()
+    assert item.replicator is not None and item.hydrator is not None
+    world.write(world.a.hypervisor, item.vm_id, "d0", 8 * MiB)
+    p1 = item.replicator.run_cycle()
+    item.hydrator.catch_up()
+    real_move = file_driver.move_sparse
+    moved: list[Path] = []
+
+    def dying_move(src: Path, dst: Path) -> None:
+        if moved:
+            raise KeyboardInterrupt("SIGKILL inside create_vm")  # a BaseException, as a kill
+        real_move(src, dst)
+        moved.append(src)
+
+    monkeypatch.setattr(file_driver, "move_sparse", dying_move)
+    with pytest.raises(KeyboardInterrupt):
+        fo.unplanned_failover(item, "latest", failover_id="uf-kill")
+    monkeypatch.setattr(file_driver, "move_sparse", real_move)
+    assert moved and not moved[0].exists()  # the replica lost that image
+    res = fo.unplanned_failover(item, "latest", failover_id="uf-kill")
+    assert res.point_id == p1.point_id and res.image_source == "restore" and res.verified
+    hv_b = world.b.hypervisor
+    assert vm_digests(hv_b, res.vm_id or "") == point_digests(item.repo, p1.point_id)
+    item.hydrator.catch_up()
+    assert item.hydrator.state() == (p1.point_id, None) and item.hydrator.verify()
+

@@ -463,6 +463,28 @@ def test_replica_catch_up_crash_and_pruned_points(tmp_path: Path) -> None:
     assert h.pinned() == {p6}
 
 
+def test_replica_whose_images_were_moved_out_is_rebuilt_in_full(tmp_path: Path) -> None:
+    """A failover killed inside ``create_vm`` moved an image out of the replica (and lost it
+    with the VM's staging directory) while ``state.json`` still names the point: catch-up
+    rebuilds in full instead of writing the next delta onto a missing image (which left zeros
+    where the point had data: "the replica differs from the stopped source"), and a delta does
+    not stream onto it."""
+    repo = repo_on(LocalObjectStore(tmp_path / "store"))
+    rng = np.random.default_rng(4)
+    size = 2 * MiB
+    model = bytearray(rand(rng, size))
+    p = commit_cycle(repo, "c0", None, {"d0": size}, [("d0", 0, bytes(model), size)], 0.0)
+    h = ReplicaHydrator(repo, tmp_path / "replica")
+    assert h.catch_up() == [p]
+    h.disk_path("d0").unlink()  # moved into a VM that was never created
+    assert h.stream("c1", p, {"d0": size}) is None
+    blk = rand(rng, 4096)
+    model[8192:8192 + 4096] = blk
+    p1 = commit_cycle(repo, "c1", p, {"d0": size}, [("d0", 8192, blk, 4096)], 1.0)
+    assert h.catch_up() == [p1]
+    assert _replica_bytes(h, "d0", size) == bytes(model) and h.verify()
+
+
 def _stream_cycle(repo: Repository, h: ReplicaHydrator, cycle: str, base: str | None,
                   size: int, writes: list[tuple[int, bytes]], *, commit: bool = True
                   ) -> str | None:

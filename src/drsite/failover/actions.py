@@ -18,6 +18,7 @@ caller — the vault's job, one per item — runs one at a time).
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 import time
 from collections.abc import Callable
@@ -60,6 +61,8 @@ from drsite.replication.report import ItemState
 from drsite.store.format import PointInfo
 from drsite.store.generation import check_replication_direction
 from drsite.store.repository import Repository
+
+log = logging.getLogger(__name__)
 
 PointChoice = str  # "latest" | "latest_app" | a point id
 PIECE = 4 << 20
@@ -298,7 +301,21 @@ def _images_for(item: ProtectedItem, p: PointInfo, run: ActionRun, *,
     rec = run.rec
     restore_dir = item.recovery.work_dir / "restores" / rec.failover_id
     if item.hydrator is not None and run.done("images") and rec.image_source == "replica":
-        return {d: item.hydrator.disk_path(d) for d in p.disk_sizes}, True
+        images = {d: item.hydrator.disk_path(d) for d in p.disk_sizes}
+        if all(path.exists() for path in images.values()):
+            return images, True
+        # resumed after a crash inside create_vm: some images were moved out of the replica
+        # (and lost with the VM's staging directory): the replica is rebuilt later, this
+        # failover restores the point from the store
+        log.warning("failover %s: the replica's images of %s are gone (an interrupted VM "
+                    "creation); restoring point %s from the store", rec.failover_id,
+                    item.item_id, p.point_id)
+        _consume_replica(item)
+        rec.image_source = "restore"
+        images = _images_from_store(item, p, restore_dir, run)
+        if verify:
+            _verify(item, p, images, run)
+        return images, False
     if run.done("images") and rec.image_source == "restore":
         return {d: restore_dir / f"{d}.img" for d in p.disk_sizes}, False
     if _replica_holds(item, p):

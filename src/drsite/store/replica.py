@@ -170,6 +170,9 @@ class ReplicaHydrator:
     def disk_path(self, disk_id: str) -> Path:
         return self.dir / f"{validate_name('disk', disk_id)}.img"
 
+    def _has_images(self, point: PointInfo) -> bool:
+        return all(self.disk_path(d).exists() for d in point.disk_sizes)
+
     # -- applying ----------------------------------------------------------------------------
 
     def _exists(self, point_id: str | None, cycle_id: str | None) -> PointInfo | None:
@@ -271,6 +274,10 @@ class ReplicaHydrator:
         applied: list[str] = []
         st = self._load()
         cur = self._exists(st["point_id"], st["cycle_id"])
+        if cur is not None and not self._has_images(cur):
+            # its images were moved out (a failover killed mid-way, or a hand): the state
+            # names a point the directory does not hold; rebuild in full
+            cur = None
         ap = st["applying"]
         if ap:
             frm = self._exists(ap.get("from"), ap.get("from_cycle"))
@@ -337,6 +344,8 @@ class ReplicaHydrator:
                 base = self.repo.point(base_point_id)
             except ObjectNotFound:
                 return None
+            if not self._has_images(base):
+                return None  # a delta onto missing images would leave zeros where base had data
         else:
             base = None
         self._save({"point_id": st["point_id"] if ap is None else ap.get("from"),
