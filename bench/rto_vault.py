@@ -25,57 +25,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from benchlib import GiB, MiB, machine_info, workdir, write_json
+from clusterlib import cluster, file_vm, group, map_networks, policy, protect, wait, wait_more_points
 
 from drsite.client.api import VaultClient
-from drsite.core.model import DiskSpec, Nic, VmSpec
-from drsite.demo import seed_disk
 from drsite.hypervisors.file.driver import FileHypervisor
-from drsite.hypervisors.file.workload import WorkloadSpec
-from drsite.up import Cluster, down, up
-
-
-def wait(what: str, check: Any, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise SystemExit(f"timed out waiting for {what}")
+from drsite.up import Cluster
 
 
 def setup(c: Cluster, cl: VaultClient, sizes: dict[str, int], data_mib: int) -> dict[str, str]:
     hv = FileHypervisor(c.root / "primary" / "vms")
-    rng = np.random.default_rng(7)
-    vm_ids: dict[str, str] = {}
-    for name, size in sizes.items():
-        vm = hv.create_blank(VmSpec(name=name, nics=(Nic("prod", "52:54:00:00:10:01", None),),
-                                    disks=(DiskSpec("d0", size),)))
-        seed_disk(hv.disk_path(vm.vm_id, "d0"), size, data_mib * MiB / size, rng)
-        hv.set_workload(vm.vm_id, WorkloadSpec(pattern="random", io_size=4096, rate=256 * 1024,
-                                               seed=1))
-        hv.power_on(vm.vm_id)
-        vm_ids[name] = vm.vm_id
-    cl.create_policy({"name": "rto", "frequency_s": 5.0, "retention_hours": 24,
-                      "app_consistent_every_s": None, "rpo_threshold_s": 120,
-                      "resync_window": "00:00-00:00", "compression": True, "encryption": False,
-                      "bandwidth_limit_bps": None})
-    cl.create_group({"name": "g", "site": "primary", "target_site": "secondary", "policy": "rto",
-                     "match": {"vm_names": [], "hosts": [], "labels": []}})
-    cl.set_network_mapping({"source_site": "primary", "recovery_site": "secondary",
-                            "source_network": "prod", "recovery_network": "dr"})
-    items: dict[str, str] = {}
-    for name, vm_id in vm_ids.items():
-        wait("inventory", lambda v=vm_id: any(x["vm_id"] == v for x in cl.vms()), 60)
-        job = cl.wait_job(cl.protect(vm_id, "g")["job_id"], timeout=1800)
-        if job["state"] != "succeeded":
-            raise SystemExit(f"protect {name}: {job}")
-        items[name] = next(i["id"] for i in cl.items() if i["vm_id"] == vm_id)
-    for name, item in items.items():
-        n = len(cl.points(item))
-        wait(f"delta points of {name}", lambda i=item, n=n: len(cl.points(i)) >= n + 2, 120)
+    vm_ids = {name: file_vm(hv, name, size, data=data_mib * MiB / size, seed=7, rate=256 * 1024,
+                            mac="52:54:00:00:10:01")
+              for name, size in sizes.items()}
+    policy(cl, "rto")
+    group(cl, "g", "rto")
+    map_networks(cl)
+    items = protect(cl, vm_ids, "g")
+    wait_more_points(cl, items)
     return items
 
 
@@ -107,25 +74,16 @@ def main() -> int:
     runs = 1 if a.quick else a.runs
     out: dict[str, Any] = {"machine": machine_info(), "runs": runs, "data_mib": a.data_mib,
                            "results": {}}
-    with workdir(a.workdir) as root:
-        c = up(root / "cluster")
-        try:
-            with c.client() as cl:
-                items = setup(c, cl, sizes, a.data_mib)
-                for name, item in items.items():
-                    got = [one(cl, item) for _ in range(runs)]
-                    api = statistics.median(x for x, _ in got)
-                    agent = statistics.median(y for _, y in got)
-                    out["results"][name] = {"api_s": api, "agent_rto_s": agent,
-                                            "all": [list(x) for x in got]}
-                    print(f"{name:10s} API request → VM running {api:6.2f} s (median of {runs}); "
-                          f"agent's RTO {agent:6.2f} s", flush=True)
-        finally:
-            down(c)
-            for site in ("primary", "secondary"):
-                h = FileHypervisor(c.root / site / "vms")
-                for vm in h.list_vms():
-                    h.power_off(vm.vm_id, force=True)
+    with workdir(a.workdir) as root, cluster(root / "cluster") as c, c.client() as cl:
+        items = setup(c, cl, sizes, a.data_mib)
+        for name, item in items.items():
+            got = [one(cl, item) for _ in range(runs)]
+            api = statistics.median(x for x, _ in got)
+            agent = statistics.median(y for _, y in got)
+            out["results"][name] = {"api_s": api, "agent_rto_s": agent,
+                                    "all": [list(x) for x in got]}
+            print(f"{name:10s} API request → VM running {api:6.2f} s (median of {runs}); "
+                  f"agent's RTO {agent:6.2f} s", flush=True)
     r = out["results"]
     small, big = r["rto-1g"]["api_s"], r[next(k for k in r if k != "rto-1g")]["api_s"]
     print(f"ratio large/1 GiB = {big / small:.2f} (goal ≤ 1.2); large = {big:.2f} s (goal < 10 s)")

@@ -35,64 +35,30 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 from benchlib import MiB, machine_info, workdir, write_json
+from clusterlib import cluster, file_vm, group, map_networks, policy, protect, wait
 
 from drsite import tlsutil
 from drsite.client.api import VaultClient, VaultConfig
-from drsite.core.model import DiskSpec, Nic, PowerState, VmSpec
-from drsite.demo import seed_disk
+from drsite.core.model import PowerState
 from drsite.hypervisors.file.driver import FileHypervisor
-from drsite.hypervisors.file.workload import WorkloadSpec
-from drsite.up import Cluster, down, up
+from drsite.up import Cluster
 from drsite.vault.pgcluster import LocalCluster
 
 GOAL_S = 30.0
 DRSITE = str(Path(sys.executable).parent / "drsite")
 
 
-def wait(what: str, check: Any, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise SystemExit(f"timed out waiting for {what}")
-
-
 def setup(c: Cluster, cl: VaultClient, n: int, disk_mib: int) -> dict[str, str]:
     hv = FileHypervisor(c.root / "primary" / "vms")
-    rng = np.random.default_rng(7)
-    vm_ids: dict[str, str] = {}
-    for i in range(n):
-        name = f"vm{i:02d}"
-        vm = hv.create_blank(VmSpec(name=name, nics=(Nic("prod", f"52:54:00:00:20:{i:02x}",
-                                                         f"10.0.0.{10 + i}"),),
-                                    disks=(DiskSpec("d0", disk_mib * MiB),)))
-        seed_disk(hv.disk_path(vm.vm_id, "d0"), disk_mib * MiB, 0.5, rng)
-        hv.set_workload(vm.vm_id, WorkloadSpec(pattern="random", io_size=4096, rate=64 * 1024,
-                                               seed=i))
-        hv.power_on(vm.vm_id)
-        vm_ids[name] = vm.vm_id
-    cl.create_policy({"name": "sd", "frequency_s": 5.0, "retention_hours": 24,
-                      "app_consistent_every_s": None, "rpo_threshold_s": 120,
-                      "resync_window": "00:00-00:00", "compression": True, "encryption": False,
-                      "bandwidth_limit_bps": None})
-    cl.create_group({"name": "g", "site": "primary", "target_site": "secondary", "policy": "sd",
-                     "match": {"vm_names": [], "hosts": [], "labels": []}})
-    cl.set_network_mapping({"source_site": "primary", "recovery_site": "secondary",
-                            "source_network": "prod", "recovery_network": "dr"})
-    jobs = {}
-    for name, vm_id in vm_ids.items():
-        wait("inventory", lambda v=vm_id: any(x["vm_id"] == v for x in cl.vms()), 60)
-        jobs[name] = cl.protect(vm_id, "g")["job_id"]
-    items: dict[str, str] = {}
-    for name, job_id in jobs.items():
-        job = cl.wait_job(job_id, timeout=1800)
-        if job["state"] != "succeeded":
-            raise SystemExit(f"protect {name}: {job}")
-        items[name] = next(i["id"] for i in cl.items() if i["vm_id"] == vm_ids[name])
+    vm_ids = {f"vm{i:02d}": file_vm(hv, f"vm{i:02d}", disk_mib * MiB, data=0.5, seed=i,
+                                    rate=64 * 1024, mac=f"52:54:00:00:20:{i:02x}",
+                                    ip=f"10.0.0.{10 + i}")
+              for i in range(n)}
+    policy(cl, "sd")
+    group(cl, "g", "sd")
+    map_networks(cl)
+    items = protect(cl, vm_ids, "g")
     for name, item in items.items():
         wait(f"delta points of {name}", lambda i=item: len(cl.points(i)) >= 2, 180)
     cl.apply_plans([{"name": "site", "groups": [{"name": "all", "vms": list(vm_ids)}]}])
@@ -144,8 +110,7 @@ def main() -> int:
     # PostgreSQL (user postgres when run as root) must reach the clusters' directories
     with workdir(Path(tempfile.gettempdir())) as root:
         root.chmod(0o755)
-        c = up(root / "cluster", ha=True)
-        try:
+        with cluster(root / "cluster", ha=True) as c:
             with c.client() as cl:
                 items = setup(c, cl, a.vms, a.disk_mib)
             with VaultClient(VaultConfig(c.vault_b_url, c.admin_token, c.ca_file)) as cb:
@@ -179,13 +144,6 @@ def main() -> int:
                         "rto_s": round(t_done - t0, 2), "vms_running": running,
                         "promote": json.loads(p.stdout),
                         "agent_rto_s_max": round(max(agent_rto), 2)})
-        finally:
-            down(c)
-            for site in ("primary", "secondary"):
-                h = FileHypervisor(c.root / site / "vms")
-                for vm in h.list_vms():
-                    with contextlib.suppress(Exception):
-                        h.power_off(vm.vm_id, force=True)
     ok = out["rto_s"] <= GOAL_S and out["vms_running"] == a.vms
     print(f"site A lost, {a.vms} VMs: detect {out['detect_s']:.2f} s ({a.misses} missed probes "
           f"{a.probe_s:g} s apart), promote {out['promote_s']:.2f} s, failover "

@@ -145,11 +145,16 @@ def pg_wanted() -> tuple[bool, str]:
     return True, ""
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[str]:
+def require_pg() -> None:
+    """Skip the calling test (or fixture) unless PostgreSQL tests run here (:func:`pg_wanted`)."""
     run, reason = pg_wanted()
     if not run:
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    require_pg()
     with postgres_cluster() as url:
         yield url
 

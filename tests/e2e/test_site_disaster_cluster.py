@@ -43,7 +43,7 @@ from tests.e2e.test_failover_cluster import (
     setup,
 )
 from tests.integration.test_vault_pair import cluster_pids
-from tests.pg import pg_wanted
+from tests.pg import require_pg
 
 from drsite import tlsutil
 from drsite.cli.up_cmd import summary
@@ -58,9 +58,7 @@ VMS = ("web", "app", "db")
 
 @pytest.fixture
 def ha() -> Iterator[Cluster]:
-    run, reason = pg_wanted()
-    if not run:
-        pytest.skip(reason)
+    require_pg()
     # PostgreSQL (user postgres when run as root) must reach its directories
     base = Path(tempfile.mkdtemp(prefix="drsite-ha-"))
     base.chmod(0o755)

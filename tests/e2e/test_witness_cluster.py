@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 from tests.e2e.test_site_disaster_cluster import client, cluster_pids
-from tests.pg import pg_wanted
+from tests.pg import require_pg
 
 from drsite import tlsutil
 from drsite.cli.up_cmd import summary
@@ -30,9 +30,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def ha() -> Iterator[Cluster]:
-    run, reason = pg_wanted()
-    if not run:
-        pytest.skip(reason)
+    require_pg()
     base = Path(tempfile.mkdtemp(prefix="drsite-witness-"))
     base.chmod(0o755)
     c: Cluster | None = None

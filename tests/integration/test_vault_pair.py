@@ -42,14 +42,12 @@ from tests.integration.test_vault_controller_processes import (
     start_vault,
     stop,
 )
-from tests.pg import pg_wanted
+from tests.pg import require_pg
 
 
 @pytest.fixture(autouse=True)
 def _needs_pg() -> None:
-    run, reason = pg_wanted()
-    if not run:
-        pytest.skip(reason)
+    require_pg()
 
 
 @dataclass

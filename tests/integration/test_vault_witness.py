@@ -37,7 +37,7 @@ from drsite.pki import CertificateAuthority
 from drsite.vault.pgcluster import LocalCluster
 from tests.integration.test_vault_controller_processes import REPO, VaultProc, free_port, stop
 from tests.integration.test_vault_pair import cluster_pids
-from tests.pg import pg_wanted
+from tests.pg import require_pg
 
 LEASE = 4.0
 AFTER = 8.0
@@ -46,9 +46,7 @@ EXE = str(Path(sys.executable).with_name("drsite"))
 
 @pytest.fixture(autouse=True)
 def _needs_pg() -> None:
-    run, reason = pg_wanted()
-    if not run:
-        pytest.skip(reason)
+    require_pg()
 
 
 @dataclass
