@@ -33,16 +33,6 @@ log = logging.getLogger(__name__)
 HYPERVISOR_KINDS = ("file", "qemu")
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """Log lines with time, level, logger and thread to stderr (only if nothing is set up)."""
-    root = logging.getLogger()
-    if root.handlers:
-        return
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
-
-
 def agent_register(vault_url: str, key: str, data_dir: Path, host_name: str | None,
                    ca_file: Path | None = None, ca_fingerprint: str | None = None,
                    insecure_first_contact: bool = False,

@@ -75,7 +75,8 @@ def run(
                                          "the ones it registered with)."),
 ) -> None:
     """Run the agent daemon in the foreground (SIGTERM stops it cleanly)."""
-    from drsite.agent.process import agent_run, configure_logging
+    from drsite.agent.process import agent_run
+    from drsite.logsetup import configure_logging
 
     configure_logging()
     agent_run(data_dir=data, hypervisor_kind=hypervisor.value, vms_root=vms, store_dir=store,

@@ -26,6 +26,7 @@ from fastapi import APIRouter
 
 from drsite import tlsutil
 from drsite.core.errors import InvalidInput
+from drsite.logsetup import configure_logging
 from drsite.vault.app import create_app
 from drsite.vault.context import ADMIN_TOKEN_FILE, attach, bootstrap
 from drsite.vault.db.database import is_sqlite
@@ -80,8 +81,7 @@ def run_vault(data_dir: Path, listen: str = "127.0.0.1:8443", db_url: str | None
     witness_token = _check_witness(peer_url, witness_url, witness_token_file,
                                    auto_promote_after, lease_s)
     os.umask(0o077)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     settings = VaultSettings(data_dir=Path(data_dir), db_url=db_url, heartbeat_interval=heartbeat_interval,
                              master_key_file=master_key_file, lease_s=lease_s, listen=listen,
                              url=url, peer_url=peer_url, witness_url=witness_url,

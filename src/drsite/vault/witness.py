@@ -52,6 +52,7 @@ from pydantic import BaseModel, Field
 from drsite import tlsutil
 from drsite.core.errors import AuthError, InvalidInput, PermanentError
 from drsite.fsutil import atomic_write_bytes
+from drsite.logsetup import configure_logging
 from drsite.pki import CA_CERT, CertificateAuthority
 from drsite.vault.api import errors
 
@@ -233,9 +234,7 @@ def prepare(data_dir: Path, ca_data: Path | None) -> tuple[str, Path, Path, Path
 def run_witness(data_dir: Path, *, host: str, port: int, ca_data: Path | None) -> None:
     """Run the witness in the foreground until SIGTERM/SIGINT (blocking)."""
     os.umask(0o077)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     token, ca_file, cert, key = prepare(data_dir, ca_data)
     book = WitnessBook(data_dir)
     log.info("witness in %s: holder %s at epoch %d", data_dir, book.record.holder,
