@@ -5,13 +5,14 @@ time from the restart to "protected with a new point" (failover phases: to the j
 p50/p100, against the goal of two policy intervals. The logic is ``tests/crash_campaign.py``
 (CI runs a short campaign of it: ``tests/e2e/test_crash_campaign.py``).
 
-    .venv/bin/python bench/crash_campaign.py [--trials 54] [--seed 7] [--json FILE]
+    .venv/bin/python bench/crash_campaign.py [--trials 54] [--seed 7] [--json FILE] [--keep-logs DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -29,6 +30,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--policy", type=float, default=5.0, help="policy frequency, s")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--keep-logs", type=Path, metavar="DIR",
+                    help="if a trial fails, copy the deployment's logs here (the job and item "
+                         "of a failed trial are in --json)")
     args = ap.parse_args()
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="drsite-crash-") as tmp:
@@ -37,6 +41,8 @@ def main() -> int:
             trials = camp.run(args.trials)
         finally:
             camp.close()
+            if args.keep_logs and any(not t.ok for t in camp.trials):
+                shutil.copytree(camp.c.root / "logs", args.keep_logs, dirs_exist_ok=True)
     out = summary(trials)
     out["machine"] = machine_info(Path(tempfile.gettempdir()))
     out["wall_s"] = round(time.monotonic() - t0, 1)

@@ -62,6 +62,8 @@ class Trial:
     outcome: str = ""
     ok: bool = False
     problems: list[str] = field(default_factory=list)
+    # a failed trial's evidence: the job that did not end (its tasks and messages) and the item
+    evidence: dict[str, Any] = field(default_factory=dict)
 
 
 def _until(check: Any, timeout: float, poll: float = 0.2) -> Any:
@@ -212,13 +214,23 @@ class Campaign:
         out: dict[str, Any] | None = _until(ended, timeout)
         return out
 
-    def _cancel_back(self, item: str) -> None:
-        """Untimed clean-up after a failover trial: cancel so the item is protected again."""
+    def _keep_evidence(self, t: Trial, job_id: str, item: str) -> None:
+        """What a job that did not end (or failed) and its item looked like at the end."""
+        with self.client() as cl:
+            t.evidence = {"job": cl.job(job_id), "item": cl.item(item)}
+
+    def _cancel_back(self, t: Trial, item: str) -> None:
+        """Untimed clean-up after a failover trial: cancel so the item is protected again
+        (a cancel that does not end within 90 s is the trial's finding, with its evidence)."""
         with self.client() as cl:
             it = cl.item(item)
             if it["protection"] in ("failed_over", "failing_over") and not it.get("active_job_id"):
-                job = cl.wait_job(cl.item_action(item, "cancel")["id"], timeout=90)
-                if job["state"] == "succeeded":
+                job_id = cl.item_action(item, "cancel")["id"]
+                end = self._job_end(job_id, 90)
+                if end is None:
+                    t.problems.append(f"the cancel {job_id} after the trial did not end in 90 s")
+                    self._keep_evidence(t, job_id, item)
+                elif end["state"] == "succeeded":
                     self._pool.append(item)
 
     # ------------------------------------------------------------------ one trial
@@ -289,6 +301,7 @@ class Campaign:
         t.restart_to_done_s = round(time.monotonic() - t_restart, 2) if end else None
         if end is None:
             t.problems.append("the failover job did not end")
+            self._keep_evidence(t, job["id"], item)
             return
         t.outcome = f"job {end['state']}"
         if end["state"] == "failed" and not (end.get("error") or {}).get("message"):
@@ -316,7 +329,7 @@ class Campaign:
                           t.goal_s + 10):
                 t.problems.append("the old primary's VM still runs")
         self._check_safety(t, item, name)
-        self._cancel_back(item)
+        self._cancel_back(t, item)
 
     def _equals_point(self, vm_id: str, item: str, point_id: str) -> bool:
         repo = Repository(self._store("secondary"), item)
@@ -353,6 +366,7 @@ class Campaign:
         end = self._job_end(job["id"], t.goal_s + 60)
         if end is None or end["state"] != "succeeded":
             t.problems.append(f"cancel ended {end and end['state']}: {end and end.get('error')}")
+            self._keep_evidence(t, job["id"], item)
             return
         self._liveness(t, item, t_restart, wall)
         self._check_safety(t, item, name)
@@ -373,6 +387,7 @@ class Campaign:
         end = self._job_end(job["id"], t.goal_s + 90)
         if end is None or end["state"] != "succeeded":
             t.problems.append(f"commit ended {end and end['state']}: {end and end.get('error')}")
+            self._keep_evidence(t, job["id"], item)
             return
         with self.client() as cl:
             rev = str(cl.failovers(item)[0]["result"]["reprotect"]["item_id"])
