@@ -351,44 +351,43 @@ class Campaign:
     def _trial_unplanned(self, t: Trial) -> None:
         self._failover(t, "unplanned")
 
-    def _trial_cancel(self, t: Trial) -> None:
+    def _after(self, t: Trial, first: str, second: str, budget_s: float
+               ) -> tuple[str, str, float, float] | None:
+        """``first`` on a free item (untimed, must succeed), then ``second``: the victim is
+        killed during ``second``, which must succeed. (item, VM name, restart time, wall time
+        of the kill), or None when the trial failed (its problems and evidence recorded)."""
         item = self._free_item()
         with self.client() as cl:
             name = cl.item(item)["vm_name"]
-            job = cl.wait_job(cl.item_action(item, "unplanned-failover")["id"], timeout=90)
+            job = cl.wait_job(cl.item_action(item, first)["id"], timeout=90)
             if job["state"] != "succeeded":
-                t.problems.append(f"set-up failover {job['state']}: {job.get('error')}")
-                return
-            job = cl.item_action(item, "cancel")
+                t.problems.append(f"set-up {first} {job['state']}: {job.get('error')}")
+                return None
+            job = cl.item_action(item, second)
         time.sleep(t.kill_after_s)
         wall = time.time()
         t_restart = self._crash(t.victim)
-        end = self._job_end(job["id"], t.goal_s + 60)
+        end = self._job_end(job["id"], budget_s)
         if end is None or end["state"] != "succeeded":
-            t.problems.append(f"cancel ended {end and end['state']}: {end and end.get('error')}")
+            t.problems.append(f"{second} ended {end and end['state']}: {end and end.get('error')}")
             self._keep_evidence(t, job["id"], item)
+            return None
+        return item, name, t_restart, wall
+
+    def _trial_cancel(self, t: Trial) -> None:
+        got = self._after(t, "unplanned-failover", "cancel", t.goal_s + 60)
+        if got is None:
             return
+        item, name, t_restart, wall = got
         self._liveness(t, item, t_restart, wall)
         self._check_safety(t, item, name)
         self._pool.append(item)
 
     def _trial_reprotect(self, t: Trial) -> None:
-        item = self._free_item()
-        with self.client() as cl:
-            name = cl.item(item)["vm_name"]
-            job = cl.wait_job(cl.item_action(item, "planned-failover")["id"], timeout=90)
-            if job["state"] != "succeeded":
-                t.problems.append(f"set-up failover {job['state']}: {job.get('error')}")
-                return
-            job = cl.item_action(item, "commit")
-        time.sleep(t.kill_after_s)
-        wall = time.time()
-        t_restart = self._crash(t.victim)
-        end = self._job_end(job["id"], t.goal_s + 90)
-        if end is None or end["state"] != "succeeded":
-            t.problems.append(f"commit ended {end and end['state']}: {end and end.get('error')}")
-            self._keep_evidence(t, job["id"], item)
+        got = self._after(t, "planned-failover", "commit", t.goal_s + 90)
+        if got is None:
             return
+        item, name, t_restart, wall = got
         with self.client() as cl:
             rev = str(cl.failovers(item)[0]["result"]["reprotect"]["item_id"])
         self._liveness(t, rev, t_restart, wall)
