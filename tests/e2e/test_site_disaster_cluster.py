@@ -22,11 +22,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,14 +40,14 @@ from tests.e2e.test_failover_cluster import (
     protect,
     setup,
 )
+from tests.hacluster import ha_cluster
 from tests.integration.test_vault_pair import cluster_pids
-from tests.pg import require_pg
 
 from drsite import tlsutil
 from drsite.cli.up_cmd import summary
 from drsite.client.api import VaultClient, VaultConfig
 from drsite.core.model import PowerState
-from drsite.up import Cluster, down, start_agent, start_vault, up
+from drsite.up import Cluster, start_agent, start_vault
 
 pytestmark = pytest.mark.slow
 DRSITE = str(Path(sys.executable).parent / "drsite")
@@ -58,23 +56,8 @@ VMS = ("web", "app", "db")
 
 @pytest.fixture
 def ha() -> Iterator[Cluster]:
-    require_pg()
-    # PostgreSQL (user postgres when run as root) must reach its directories
-    base = Path(tempfile.mkdtemp(prefix="drsite-ha-"))
-    base.chmod(0o755)
-    c: Cluster | None = None
-    try:
-        c = up(base / "c", ha=True)
+    with ha_cluster("drsite-ha-") as c:
         yield c
-    finally:
-        if c is not None:
-            down(c)
-            for site in ("primary", "secondary"):
-                h = hv(c, site)
-                for vm in h.list_vms():
-                    with contextlib.suppress(Exception):
-                        h.power_off(vm.vm_id, force=True)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def client(c: Cluster, url: str) -> VaultClient:

@@ -9,38 +9,26 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 from tests.e2e.test_site_disaster_cluster import client, cluster_pids
-from tests.pg import require_pg
+from tests.hacluster import ha_cluster
 
 from drsite import tlsutil
 from drsite.cli.up_cmd import summary
-from drsite.up import Cluster, down, up
+from drsite.up import Cluster
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def ha() -> Iterator[Cluster]:
-    require_pg()
-    base = Path(tempfile.mkdtemp(prefix="drsite-witness-"))
-    base.chmod(0o755)
-    c: Cluster | None = None
-    try:
-        c = up(base / "c", ha=True, witness=True)
+    with ha_cluster("drsite-witness-", witness=True) as c:
         yield c
-    finally:
-        if c is not None:
-            down(c)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def witness_state(c: Cluster) -> dict[str, object]:
