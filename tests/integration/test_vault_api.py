@@ -439,7 +439,7 @@ def test_cli_events_list_and_list_options(h: Harness, monkeypatch: pytest.Monkey
     from drsite.cli import common
     from drsite.cli.main import app
     from drsite.client.api import VaultClient, VaultConfig
-    from drsite.core.errors import InvalidInput
+    from drsite.core.errors import InvalidInput, NotFound
 
     def fake_client(*_a: Any) -> VaultClient:
         c = VaultClient(VaultConfig("http://testserver", h.admin))
@@ -490,6 +490,32 @@ def test_cli_events_list_and_list_options(h: Harness, monkeypatch: pytest.Monkey
     assert isinstance(r.exception, InvalidInput)
     r = runner.invoke(app, ["vms", "list", "--where", "site"])
     assert isinstance(r.exception, InvalidInput) and "FIELD=VALUE" in r.exception.message
+    for cmd in (["policies", "list"], ["groups", "list"], ["store", "list"], ["plan", "list"],
+                ["network", "list"], ["failover", "list"], ["drills", "list"]):
+        r = runner.invoke(app, [*cmd, "--where", "name=nosuch", "--sort", "-name", "--json"])
+        assert r.exit_code == 0 and json.loads(r.stdout) == [], (cmd, r.output)
+    r = runner.invoke(app, ["groups", "list", "--where", "policy=p1", "--json"])
+    assert r.exit_code == 0 and [g["name"] for g in json.loads(r.stdout)] == ["g1"], r.output
+    r = runner.invoke(app, ["policies", "list", "--where", "nosuchfield=1"])
+    assert isinstance(r.exception, InvalidInput) and "frequency_s" in (r.exception.hint or "")
+    # one site, one host: their fields, hosts and VMs
+    r = runner.invoke(app, ["sites", "show", "prim", "--json"])
+    assert r.exit_code == 0, r.output
+    site = json.loads(r.stdout)
+    assert site["name"] == "prim" and [x["name"] for x in site["hosts"]] == ["hv1"]
+    assert {v["name"] for v in site["vms"]} == {"web1", "db1"} and all(v["site"] == "prim"
+                                                                for v in site["vms"])
+    r = runner.invoke(app, ["sites", "show", "prim"])
+    assert r.exit_code == 0 and "hosts of prim" in r.output and "hv1" in r.output
+    r = runner.invoke(app, ["sites", "show", "nosuch"])
+    assert isinstance(r.exception, NotFound) and "sites list" in (r.exception.hint or "")
+    r = runner.invoke(app, ["hosts", "show", "hv1", "--json"])
+    assert r.exit_code == 0, r.output
+    host = json.loads(r.stdout)
+    assert host["name"] == "hv1" and host["site"] == "prim" and "store_role" in host
+    assert host["vms"] and all(v["host"] == "hv1" for v in host["vms"])
+    r = runner.invoke(app, ["hosts", "show", "nosuch"])
+    assert isinstance(r.exception, NotFound)
 
 
 def test_secrets_never_in_logs_or_listings(h: Harness, caplog: pytest.LogCaptureFixture) -> None:

@@ -8,7 +8,15 @@ from typing import Any
 
 import typer
 
-from drsite.cli.common import EXIT_JOB_FAILED, Conn, show, vault_command
+from drsite.cli.common import (
+    EXIT_JOB_FAILED,
+    Conn,
+    SortOpt,
+    WhereOpt,
+    select_rows,
+    show,
+    vault_command,
+)
 
 drills = typer.Typer(no_args_is_help=True, help="Recovery drills: scheduled, proven test failovers.")
 
@@ -19,10 +27,11 @@ VM_COLS = ["vm", "point_id", "rpo_s", "rto_s", "verified", "guest_ready", "ok", 
 @vault_command(drills, "list")
 def drills_list(conn: Conn,
                 plan: str | None = typer.Option(None, help="Only this plan's drills."),
-                group: str | None = typer.Option(None, help="Only this group's drills.")) -> None:
+                group: str | None = typer.Option(None, help="Only this group's drills."),
+                where: list[str] = WhereOpt, sort: str | None = SortOpt) -> None:
     """The drill history, newest first."""
     with conn.client() as c:
-        show(c.drills(plan, group=group), COLS, title="drills", json_out=conn.json)
+        show(select_rows(c.drills(plan, group=group), where, sort), COLS, title="drills", json_out=conn.json)
 
 
 def _show(d: dict[str, Any], json_out: bool) -> None:

@@ -13,9 +13,12 @@ import yaml
 from drsite.cli.common import (
     Conn,
     ItemArg,
+    SortOpt,
+    WhereOpt,
     console,
     follow_job,
     item_ref,
+    select_rows,
     show,
     vault_command,
 )
@@ -151,10 +154,11 @@ def fo_failback(conn: Conn, item_id: str = typer.Argument(
 
 
 @vault_command(failover, "list")
-def fo_list(conn: Conn, item_id: str | None = typer.Argument(None)) -> None:
+def fo_list(conn: Conn, item_id: str | None = typer.Argument(None),
+            where: list[str] = WhereOpt, sort: str | None = SortOpt) -> None:
     """List failovers (of one item, or all), newest first."""
     with conn.client() as c:
-        rows = c.failovers(item_ref(c, item_id) if item_id else None)
+        rows = select_rows(c.failovers(item_ref(c, item_id) if item_id else None), where, sort)
         show(rows, ["id", "item_id", *FO_COLS[1:], "created_at"], title="failovers",
              json_out=conn.json)
 
@@ -192,15 +196,15 @@ def plan_apply(conn: Conn,
 
 
 @vault_command(plan, "list")
-def plan_list(conn: Conn) -> None:
-    """List recovery plans."""
+def plan_list(conn: Conn, where: list[str] = WhereOpt, sort: str | None = SortOpt) -> None:
+    """List recovery plans (--where and --sort act on the columns shown)."""
     with conn.client() as c:
         rows = [{"name": p["name"], "groups": len(p["groups"]),
                  "vms": sum(len(g["items"]) for g in p["groups"]),
                  "last_job": (p.get("last_job") or {}).get("state"),
                  "description": p["description"]} for p in c.plans()]
-        show(rows, ["name", "groups", "vms", "last_job", "description"], title="recovery plans",
-             json_out=conn.json)
+        show(select_rows(rows, where, sort), ["name", "groups", "vms", "last_job", "description"],
+             title="recovery plans", json_out=conn.json)
 
 
 @vault_command(plan, "show")
@@ -285,10 +289,11 @@ def network_map(conn: Conn,
 
 
 @vault_command(network, "list")
-def network_list(conn: Conn) -> None:
+def network_list(conn: Conn, where: list[str] = WhereOpt, sort: str | None = SortOpt) -> None:
     """List network mappings."""
     with conn.client() as c:
-        show(c.network_mappings(), MAP_COLS, title="network mappings", json_out=conn.json)
+        show(select_rows(c.network_mappings(), where, sort), MAP_COLS, title="network mappings",
+             json_out=conn.json)
 
 
 @vault_command(network, "delete")

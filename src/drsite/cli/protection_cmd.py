@@ -8,7 +8,16 @@ from typing import Any
 
 import typer
 
-from drsite.cli.common import Conn, console, follow_job, show, vault_command
+from drsite.cli.common import (
+    Conn,
+    SortOpt,
+    WhereOpt,
+    console,
+    follow_job,
+    select_rows,
+    show,
+    vault_command,
+)
 from drsite.core.errors import InvalidInput, NotFound
 
 policies = typer.Typer(help="Replication policies: how often, how long points are kept, "
@@ -27,10 +36,10 @@ def _never(v: float | None) -> float | None:
 
 
 @vault_command(policies, "list")
-def policies_list(conn: Conn) -> None:
+def policies_list(conn: Conn, where: list[str] = WhereOpt, sort: str | None = SortOpt) -> None:
     """List policies."""
     with conn.client() as c:
-        show(c.policies(), POLICY_COLS, title="policies", json_out=conn.json)
+        show(select_rows(c.policies(), where, sort), POLICY_COLS, title="policies", json_out=conn.json)
 
 
 @vault_command(policies, "show")
@@ -153,10 +162,10 @@ GROUP_COLS = ["name", "site", "target_site", "policy", "consistent", "match", "i
 
 
 @vault_command(groups, "list")
-def groups_list(conn: Conn) -> None:
+def groups_list(conn: Conn, where: list[str] = WhereOpt, sort: str | None = SortOpt) -> None:
     """List protection groups."""
     with conn.client() as c:
-        show(c.groups(), GROUP_COLS, title="protection groups", json_out=conn.json)
+        show(select_rows(c.groups(), where, sort), GROUP_COLS, title="protection groups", json_out=conn.json)
 
 
 @vault_command(groups, "show")

@@ -55,6 +55,24 @@ def sites_list(conn: Conn) -> None:
         show(c.sites(), ["name", "description", "hosts", "store_host"], title="sites", json_out=conn.json)
 
 
+@vault_command(sites, "show")
+def sites_show(conn: Conn, name: str) -> None:
+    """One site: its fields, its hosts (which one serves the site's store) and its VMs."""
+    with conn.client() as c:
+        site = next((x for x in c.sites() if x["name"] == name), None)
+        if site is None:
+            raise NotFound(f"no site {name!r}", hint="List sites with 'drsite sites list'.")
+        hosts_ = [h for h in c.hosts() if h["site"] == name]
+        vms_ = [v for v in c.vms() if v["site"] == name]
+    if conn.json:
+        show({**site, "hosts": hosts_, "vms": vms_}, [], title="", json_out=True)
+        return
+    for k, v in site.items():
+        console.print(f"[bold]{k}[/]: {v}")
+    show(hosts_, HOST_COLS, title=f"hosts of {name}", json_out=False)
+    show(vms_, SITE_VM_COLS, title=f"VMs of {name}", json_out=False)
+
+
 @vault_command(sites, "create")
 def sites_create(conn: Conn, name: str,
                  description: str = typer.Option("", help="Free text.")) -> None:
@@ -92,13 +110,31 @@ def sites_set_store(conn: Conn, site: str,
                       "'drsite items protect VM --group GROUP'")
 
 
+HOST_COLS = ["id", "name", "site", "up", "last_heartbeat", "store_role", "store_url"]
+SITE_VM_COLS = ["vm_id", "name", "host", "power", "item_id", "warning"]
+
+
 @vault_command(hosts, "list")
 def hosts_list(conn: Conn, where: list[str] = WhereOpt, sort: str | None = SortOpt) -> None:
     """List registered hosts and whether their agent is up."""
     with conn.client() as c:
-        show(select_rows(c.hosts(), where, sort),
-             ["id", "name", "site", "up", "last_heartbeat", "store_role", "store_url"],
-             title="hosts", json_out=conn.json)
+        show(select_rows(c.hosts(), where, sort), HOST_COLS, title="hosts", json_out=conn.json)
+
+
+@vault_command(hosts, "show")
+def hosts_show(conn: Conn, host: str = typer.Argument(..., help="Host id, or host name."),
+               site: str | None = typer.Option(None, help="Site of the host (when names "
+                                                           "repeat across sites).")) -> None:
+    """One host: every field (agent version, certificate revoked?, store role) and its VMs."""
+    with conn.client() as c:
+        h = resolve_host(c.hosts(), host, site)
+        vms_ = [v for v in c.vms() if v["host_id"] == h["id"]]
+    if conn.json:
+        show({**h, "vms": vms_}, [], title="", json_out=True)
+        return
+    for k, v in h.items():
+        console.print(f"[bold]{k}[/]: {v}")
+    show(vms_, SITE_VM_COLS, title=f"VMs on {h['name']}", json_out=False)
 
 
 def resolve_host(hosts_: list[dict[str, Any]], host: str | None, site: str | None

@@ -18,7 +18,7 @@ from typing import Any
 
 import typer
 
-from drsite.cli.common import Conn, console, show, vault_command
+from drsite.cli.common import Conn, SortOpt, WhereOpt, console, select_rows, show, vault_command
 from drsite.core.errors import InvalidInput
 
 store = typer.Typer(help="Cloud recovery stores (S3, Azure Blob); admin to change.",
@@ -92,10 +92,10 @@ def store_create(
 
 
 @vault_command(store, "list")
-def store_list(conn: Conn) -> None:
+def store_list(conn: Conn, where: list[str] = WhereOpt, sort: str | None = SortOpt) -> None:
     """List cloud recovery stores (never their credentials or keys)."""
     with conn.client() as c:
-        show(c.stores(), COLUMNS, title="cloud stores", json_out=conn.json)
+        show(select_rows(c.stores(), where, sort), COLUMNS, title="cloud stores", json_out=conn.json)
 
 
 @vault_command(store, "show")
