@@ -141,6 +141,16 @@ def _take_pending(vault: Vault, ident: CertIdentity) -> tuple[str, list[dict[str
         return host.id, [commands.to_wire(c) for c in commands.deliver_pending(s, host.id, now)]
 
 
+@router.post("/clock", summary="The vault's cut clock, for an agent's offset estimate")
+async def clock(vault: VaultDep, cert: PeerCert) -> dict[str, Any]:
+    """``{clock_id, t}``: the clock group barriers' cuts are named in (``barrier.cut_clock``,
+    this process's monotonic clock). Answered on the event loop without a thread hop or the
+    database (a cached certificate check), so its round trip, which bounds the agent's
+    offset uncertainty, stays short."""
+    verify_agent_cert(vault.ca, cert)
+    return {"clock_id": barrier.CLOCK_ID, "t": barrier.cut_clock()}
+
+
 @router.post("/commands/wait", summary="Long poll: this host's commands as soon as they exist")
 async def wait_commands(body: CommandWaitIn, vault: VaultDep, cert: PeerCert) -> dict[str, Any]:
     """The command channel (``docs/control-plane.md``): answers at once with the host's pending
