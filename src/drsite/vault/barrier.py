@@ -455,7 +455,7 @@ def view(b: GroupBarrier, group_name: str, s: Session | None = None) -> dict[str
     every member point of which is still catalogued undamaged (one failover can use)."""
     out = {"id": b.id, "group": group_name, "state": b.state, "app_consistent": b.app_consistent,
            "started_at": b.started_at, "ended_at": b.ended_at, "point_time": b.point_time,
-           "message": b.message,
+           "message": b.message, "mode": "cut" if _is_cut(b) else "two_phase",
             "members": {i: {k: m.get(k) for k in ("vm_name", "state", "point_id",
                                                    "point_created_at", "held", "paused_s",
                                                    "error")}
