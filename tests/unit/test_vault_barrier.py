@@ -460,3 +460,26 @@ def test_no_clock_cut_when_disabled(tmp_path: Path) -> None:
         assert [c["kind"] for c in a1.beat()["commands"]] == ["group_prepare"]
     finally:
         hh.close()
+
+
+def test_a_member_silent_at_the_cuts_bound_misses_it(hc: Harness) -> None:
+    """A cut's member whose agent does not say it took the cut by the bound (stopped before
+    it could) misses it like a silent prepare: its seal is withdrawn (a late answer is
+    refused), it gets a plain cycle; the member that took it keeps its (per-VM) point."""
+    (a1, a2), items = setup_group(hc)
+    (s1,), (s2,) = cmds(a1, "group_seal"), cmds(a2, "group_seal")
+    assert a1.result(s1["command_id"], "running", progress=50.0,
+                     result={"cut": {"held": True}}).status_code == 200
+    hc.clock.advance(0.3)
+    hc.tick()
+    assert hc.ok("GET", "/groups/g1/points?all=true")[0]["state"] == "sealing"  # not yet
+    hc.clock.advance(0.2)  # past the bound (400 ms)
+    hc.tick()
+    (c2,) = cmds(a2, "cycle")
+    assert c2["item_id"] == items[1]
+    assert a2.result(s2["command_id"], "succeeded", result={}).status_code == 409
+    cut_ok(hc, a1, s1, 2)
+    b = hc.ok("GET", "/groups/g1/points?all=true")[0]
+    assert b["state"] == "partial" and b["members"][items[1]]["state"] == "missed"
+    assert b["message"] == "missed the barrier: vmb (per-VM points)"
+    assert b["members"][items[0]]["point_id"] == "p000002"

@@ -26,6 +26,7 @@ from drsite.agent.link import Command, VaultLink
 from drsite.core.clockcut import ClockSample, CutPlan, best_sample
 from drsite.core.errors import Busy, Conflict, DrsiteError, InvalidInput
 from drsite.core.model import SealedCycle
+from drsite.core.states import CommandStatus
 from drsite.hypervisors.contract import HypervisorDriver, WriteHolder
 from drsite.replication.driver import ItemReplicator
 from drsite.replication.report import ItemState
@@ -73,6 +74,9 @@ def _holder(hv: HypervisorDriver) -> WriteHolder:
 class BarrierCommands:
     def __init__(self, host: BarrierHost) -> None:
         self.host = host
+        # how long each VM's last hold call took (a QEMU hold spawns its watchdog before the
+        # stop): a cut's hold call starts that much earlier, so it is in place in time
+        self._hold_took: dict[str, float] = {}
 
     def prepare(self, cmd: Command) -> dict[str, Any]:
         """Hold the guest's writes until the seal, the barrier's end or ``hold_s``, whichever
@@ -113,8 +117,10 @@ class BarrierCommands:
                 log.info("item %s: missed the clock cut of group barrier %s: %s",
                          cmd.item_id, bid, got)
                 self.host.note_started(cmd, barrier={"id": bid, "held": False, "missed": got})
+                self._took_cut(cmd, held=False)
                 return  # the lane's cycle is a per-VM point
             cycle, info = got
+            self._took_cut(cmd, held=bool(info.get("held")))
         else:
             cycle, info = hv.seal_held(vm_id, bid, app_consistent=app)
         try:
@@ -128,6 +134,16 @@ class BarrierCommands:
         self.host.note_started(cmd, **facts)
         log.info("item %s: sealed for group barrier %s (held %s, writes waited %s s)",
                  cmd.item_id, bid, info.get("held"), info.get("paused_s"))
+
+    def _took_cut(self, cmd: Command, *, held: bool) -> None:
+        """Tell the vault this member took the cut (a ``running`` post; else the vault
+        withdraws its seal at the cut's bound, as it would for a stopped agent)."""
+        try:
+            self.host.link.post_result(cmd.command_id, status=CommandStatus.RUNNING,
+                                       progress=50.0, result={"cut": {"held": held}})
+        except DrsiteError as e:
+            log.info("command %s: the vault did not hear that the cut was taken: %s",
+                     cmd.command_id, e)
 
     def _samples(self, clock_id: str, until: float) -> list[ClockSample]:
         """Readings of the vault's cut clock, until one is good enough, ``CUT_SAMPLES`` were
@@ -164,16 +180,19 @@ class BarrierCommands:
         u = sample.uncertainty(plan.cut_local)
         if u > hold_s / 4:
             return f"clock uncertainty {u * 1000:.1f} ms is too large"
-        wait = plan.hold_at() - time.monotonic()
+        took = min(self._hold_took.get(vm_id, 0.0), margin * 4)
+        wait = plan.hold_at() - took - time.monotonic()
         if wait < 0:
             return f"the cut came {-wait * 1000:.1f} ms too soon (command late)"
         time.sleep(wait)
+        calling = time.monotonic()
         hv.hold(vm_id, bid, timeout_s=hold_s, app_consistent=bool(a.get("app_consistent")))
         held_local = time.monotonic()
+        self._hold_took[vm_id] = held_local - calling
         if not plan.held_before_cut(held_local):
             hv.unhold(vm_id, bid)
-            return (f"the hold began {(held_local - plan.hold_at()) * 1000:.1f} ms late, "
-                    "not surely before the cut")
+            return (f"the hold was in place {(held_local - plan.hold_at()) * 1000:.1f} ms "
+                    "after its planned start, not surely before the cut")
         while (left := plan.seal_from() - time.monotonic()) > 0:
             time.sleep(left)
         sealing = time.monotonic()

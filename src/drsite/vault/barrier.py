@@ -156,6 +156,48 @@ def _is_cut(b: GroupBarrier) -> bool:
     return any("cut_at" in m for m in (b.members or {}).values())
 
 
+def on_progress(s: Session, cmd: Command) -> None:
+    """A ``running`` post of a cut's ``group_seal``: the agent took the cut (held and
+    sealed, or missed it) and ships; it is no longer withdrawn at the cut's bound."""
+    if cmd.kind != "group_seal" or cmd.item_id is None:
+        return
+    b = s.get(GroupBarrier, str((cmd.args or {}).get("barrier_id") or ""))
+    if b is None or cmd.item_id not in (b.members or {}) or not _is_cut(b):
+        return
+    if b.members[cmd.item_id].get("seal") == cmd.id:
+        _set(b, cmd.item_id, took_cut=True)
+
+
+def _cut_bound(s: Session, b: GroupBarrier, now: float) -> None:
+    """The cut's bound passed: members that did not say they took the cut (a stopped or dead
+    agent, a lost command) miss it, as a silent member misses a prepare: their seal is
+    withdrawn (a late answer is refused), they get a plain cycle; the others' points are
+    per-VM (the barrier is ``partial``)."""
+    late: list[str] = []
+    for item_id in sorted(b.members):
+        m = b.members[item_id]
+        if m.get("took_cut") or m.get("state") != "sealing":
+            continue
+        cmd = s.get(Command, str(m.get("seal")))
+        if cmd is None or cmd.status not in OPEN_COMMAND_STATUSES:
+            continue
+        cmd.status = CommandStatus.FAILED
+        cmd.error = PermanentError(
+            f"withdrawn: group barrier {b.id} passed its cut's bound without this member",
+            hint="Nothing to do; the member gets a per-VM point.").to_dict()
+        cmd.updated_at = cmd.finished_at = now
+        _set(b, item_id, state="missed", held=False,
+             error="did not take the cut within the barrier's bound")
+        late.append(str(m.get("vm_name") or item_id))
+        if commands.outstanding(s, item_id, ("protect", "cycle", "resync")) is None:
+            commands.enqueue(s, host_id=str(m["host_id"]), kind="cycle", item_id=item_id,
+                             args={"app_consistent": False}, now=now)
+    if late:
+        b.message = f"missed the barrier: {', '.join(late)} (per-VM points)"
+        log.warning("group barrier %s: %s", b.id, b.message)
+    _maybe_end(s, b, now)
+
+
 def _seal_all(s: Session, b: GroupBarrier, now: float) -> None:
     b.state = "sealing"
     for item_id in sorted(b.members):
@@ -272,6 +314,9 @@ class BarrierRunner:
         for b in open_b:
             if b.state == "preparing" and now >= b.prepare_deadline:
                 _give_up(s, b, now)
+            elif _is_cut(b) and now >= b.prepare_deadline and b.state == "sealing" \
+                    and not b.message:
+                _cut_bound(s, b, now)
             elif now - b.started_at >= max(SEAL_TIMEOUT_MIN_S, 3 * policy.frequency_s):
                 _seal_timeout(s, b, now)
             else:
@@ -343,6 +388,9 @@ class BarrierRunner:
             # ahead (the command channel delivers in milliseconds; half the bound is left)
             cut_at = cut_clock() + bound / 2
             b.state = "sealing"
+            # a member that has not said it took the cut by then (a stopped or dead agent)
+            # misses it: its seal is withdrawn and it gets a plain cycle (``_cut_bound``)
+            b.prepare_deadline = now + bound
             for it in members:
                 cmd = commands.enqueue(s, host_id=it.host_id, kind="group_seal", item_id=it.id,
                                        args={"barrier_id": b.id, "app_consistent": app,

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request, status
 from sqlalchemy.orm import Session
 
 from drsite.core.errors import Conflict, InvalidInput, NotFound
+from drsite.core.states import CommandStatus
 from drsite.pki import CertIdentity, cert_identity
 from drsite.vault import barrier, commands, fencing
 from drsite.vault.api.deps import PeerCert, VaultDep, name, note, set_actor
@@ -194,8 +195,11 @@ def command_result(command_id: str, body: CommandResultIn, vault: VaultDep,
         cmd = s.get(Command, name("command id", command_id))
         if cmd is None or cmd.host_id != host.id:
             raise NotFound(f"no command {command_id!r} for this host")
-        if commands.record_result(cmd, status=body.status, progress=body.progress, result=body.result,
-                                  error=body.error, now=now):
+        ended = commands.record_result(cmd, status=body.status, progress=body.progress,
+                                       result=body.result, error=body.error, now=now)
+        if not ended and cmd.status == CommandStatus.RUNNING:
+            barrier.on_progress(s, cmd)
+        if ended:
             apply_result(s, cmd, now)
             barrier.on_result(s, cmd, now)
             alert_not_authentic(s, host, cmd, now)
