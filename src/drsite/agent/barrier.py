@@ -109,6 +109,8 @@ class BarrierCommands:
         vm_id = rep.rec.vm_id
         if rep.rec.cycle_id is not None or self.host.hypervisor.pending_cycle(vm_id) is not None:
             hv.unhold(vm_id, bid)  # a cycle is in flight: it ships first, no group point
+            if "cut_at" in cmd.args:
+                self._took_cut(cmd, held=False)
             return
         app = bool(cmd.args.get("app_consistent"))
         if "cut_at" in cmd.args:
@@ -132,8 +134,11 @@ class BarrierCommands:
         if before is not None:
             facts["before_seq"] = before
         self.host.note_started(cmd, **facts)
-        log.info("item %s: sealed for group barrier %s (held %s, writes waited %s s)",
-                 cmd.item_id, bid, info.get("held"), info.get("paused_s"))
+        log.info("item %s: sealed for group barrier %s (held %s, writes waited %s s%s)",
+                 cmd.item_id, bid, info.get("held"), info.get("paused_s"),
+                 f"; cut: clock uncertainty {info['uncertainty_s']:.4f} s, hold in place "
+                 f"{info['hold_lead_s']:.4f} s before the cut" if "uncertainty_s" in info
+                 else "")
 
     def _took_cut(self, cmd: Command, *, held: bool) -> None:
         """Tell the vault this member took the cut (a ``running`` post; else the vault
