@@ -399,7 +399,7 @@ def cut_ok(h: Harness, a: Agent, c: dict[str, Any], seq: int, *, held: bool = Tr
     assert r.status_code == 200, r.text
 
 
-def test_a_clock_cut_is_one_command_per_member_and_a_miss_falls_back_to_two_phase(
+def test_a_clock_cut_is_one_command_per_member_and_two_misses_fall_back_to_two_phase(
         hc: Harness) -> None:
     (a1, a2), items = setup_group(hc)
     first = a1.beat()["commands"]
@@ -433,7 +433,13 @@ def test_a_clock_cut_is_one_command_per_member_and_a_miss_falls_back_to_two_phas
     hc.vault.monitor.tick()
     assert any(al["key"] == "group_barrier:g1"
                for al in hc.ok("GET", "/alerts?state=active")["entries"])
-    # so the next barrier is two-phase; it commits, and the one after is a cut again
+    # one miss: the next barrier is a cut again; a second miss in a row: then two-phase
+    hc.clock.advance(30)
+    hc.tick()
+    (s1,), (s2,) = cmds(a1, "group_seal"), cmds(a2, "group_seal")
+    assert "cut_at" in s1["args"]
+    cut_ok(hc, a1, s1, 4)
+    cut_ok(hc, a2, s2, 4, held=False, missed="the cut came 40.0 ms too soon (command late)")
     hc.clock.advance(30)
     hc.tick()
     assert [c["kind"] for c in a1.beat()["commands"]] == ["group_prepare"]
@@ -445,7 +451,7 @@ def test_a_clock_cut_is_one_command_per_member_and_a_miss_falls_back_to_two_phas
     for a in (a1, a2):
         (sc,) = cmds(a, "group_seal")
         assert "cut_at" not in sc["args"]
-        seal_ok(hc, a, sc, 4)
+        seal_ok(hc, a, sc, 5)
     assert hc.ok("GET", "/groups/g1/points?all=true")[0]["state"] == "committed"
     hc.clock.advance(30)
     hc.tick()
@@ -470,6 +476,8 @@ def test_a_member_silent_at_the_cuts_bound_misses_it(hc: Harness) -> None:
     (s1,), (s2,) = cmds(a1, "group_seal"), cmds(a2, "group_seal")
     assert a1.result(s1["command_id"], "running", progress=50.0,
                      result={"cut": {"held": True}}).status_code == 200
+    # a periodic progress post (no ``cut``) does not count as taking the cut
+    assert a2.result(s2["command_id"], "running", progress=0.0).status_code == 200
     hc.clock.advance(0.3)
     hc.tick()
     assert hc.ok("GET", "/groups/g1/points?all=true")[0]["state"] == "sealing"  # not yet

@@ -74,9 +74,10 @@ def _holder(hv: HypervisorDriver) -> WriteHolder:
 class BarrierCommands:
     def __init__(self, host: BarrierHost) -> None:
         self.host = host
-        # how long each VM's last hold call took (a QEMU hold spawns its watchdog before the
-        # stop): a cut's hold call starts that much earlier, so it is in place in time
-        self._hold_took: dict[str, float] = {}
+        # how long each VM's recent hold calls took (a QEMU hold spawns its watchdog before
+        # the stop): a cut's hold call starts earlier by the shortest of them (one slow call
+        # on a busy host must not lengthen every later pause), at most the margin
+        self._hold_took: dict[str, list[float]] = {}
 
     def prepare(self, cmd: Command) -> dict[str, Any]:
         """Hold the guest's writes until the seal, the barrier's end or ``hold_s``, whichever
@@ -185,7 +186,7 @@ class BarrierCommands:
         u = sample.uncertainty(plan.cut_local)
         if u > hold_s / 4:
             return f"clock uncertainty {u * 1000:.1f} ms is too large"
-        took = min(self._hold_took.get(vm_id, 0.0), margin * 4)
+        took = min(min(self._hold_took.get(vm_id) or [0.0]), margin)
         wait = plan.hold_at() - took - time.monotonic()
         if wait < 0:
             return f"the cut came {-wait * 1000:.1f} ms too soon (command late)"
@@ -193,7 +194,7 @@ class BarrierCommands:
         calling = time.monotonic()
         hv.hold(vm_id, bid, timeout_s=hold_s, app_consistent=bool(a.get("app_consistent")))
         held_local = time.monotonic()
-        self._hold_took[vm_id] = held_local - calling
+        self._hold_took[vm_id] = [*self._hold_took.get(vm_id, [])[-4:], held_local - calling]
         if not plan.held_before_cut(held_local):
             hv.unhold(vm_id, bid)
             return (f"the hold was in place {(held_local - plan.hold_at()) * 1000:.1f} ms "

@@ -19,7 +19,7 @@ clock_id, margin_s, hold_s, app_consistent}`` to every member at once, ``cut_at`
 of this process's cut clock (:func:`cut_clock`, read by agents through ``POST
 /agent/clock``) half the bound ahead; each agent holds around it, seals and answers as in
 step 2 (``missed`` when it could not prove its hold around the cut). A cut a member missed is
-``partial``, and the group's next barrier is two-phase (``_cut_mode``).
+``partial``; after two such in a row the group's next barrier is two-phase (``_cut_mode``).
 
 A member that misses the prepare (refused, failed, or silent at ``prepare_deadline``: a
 stopped or dead agent) makes the barrier ``partial`` at once: its open prepare is withdrawn,
@@ -67,6 +67,7 @@ MIN_TIMEOUT_MS, MAX_TIMEOUT_MS = 50, 10_000
 OPEN_STATES = ("preparing", "sealing")
 SEAL_TIMEOUT_MIN_S = 60.0  # a member whose seal does not answer in max(this, 3 periods) fails
 KINDS = ("group_prepare", "group_seal")
+CUT_MISSES_TO_FALL_BACK = 2  # missed cuts in a row before one two-phase barrier
 # the clock a clock cut is named in: this process's monotonic clock (never stepped), which
 # agents sample through POST /agent/clock; the id names the process, so an agent whose
 # samples come from another vault process cannot map the cut and misses it
@@ -159,8 +160,8 @@ def _is_cut(b: GroupBarrier) -> bool:
 def on_progress(s: Session, cmd: Command) -> None:
     """A ``running`` post of a cut's ``group_seal``: the agent took the cut (held and
     sealed, or missed it) and ships; it is no longer withdrawn at the cut's bound."""
-    if cmd.kind != "group_seal" or cmd.item_id is None:
-        return
+    if cmd.kind != "group_seal" or cmd.item_id is None or "cut" not in (cmd.result or {}):
+        return  # the agent's periodic progress posts carry no ``cut``
     b = s.get(GroupBarrier, str((cmd.args or {}).get("barrier_id") or ""))
     if b is None or cmd.item_id not in (b.members or {}) or not _is_cut(b):
         return
@@ -329,17 +330,20 @@ class BarrierRunner:
         return self._start(s, group, policy, now)
 
     def _cut_mode(self, s: Session, group: Group) -> bool:
-        """A clock cut unless disabled, or unless the group's last barrier was a cut that a
-        member missed: then the two-phase barrier, so a member that cannot take cuts (its
-        clock samples too uncertain, its commands too late) still lets every other barrier
-        make a group point."""
+        """A clock cut unless disabled, or unless the group's last ``CUT_MISSES_TO_FALL_BACK``
+        barriers were all cuts that a member missed: then one two-phase barrier, so a member
+        that cannot take cuts (its clock readings too uncertain, its commands or holds too
+        slow) still lets the group make group points, while a miss now and then (a busy
+        host) costs one per-VM round, not a two-phase pause."""
         if not self.settings.barrier_clock_cut:
             return False
         last = s.scalars(select(GroupBarrier)
                          .where(GroupBarrier.group_id == group.id,
                                 GroupBarrier.state.in_(("committed", "partial")))
-                         .order_by(GroupBarrier.started_at.desc()).limit(1)).first()
-        return last is None or not (_is_cut(last) and last.state == "partial")
+                         .order_by(GroupBarrier.started_at.desc())
+                         .limit(CUT_MISSES_TO_FALL_BACK)).all()
+        return len(last) < CUT_MISSES_TO_FALL_BACK or not all(
+            _is_cut(b) and b.state == "partial" for b in last)
 
     def _start(self, s: Session, group: Group, policy: Policy, now: float) -> GroupBarrier | None:
         items = s.scalars(select(Item).where(Item.group_id == group.id,
