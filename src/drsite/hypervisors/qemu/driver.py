@@ -24,8 +24,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -60,7 +58,7 @@ from drsite.core.model import (
 )
 from drsite.fsutil import flock_exclusive, read_record, write_record
 from drsite.hypervisors.contract import DiskReader
-from drsite.hypervisors.qemu import holdwatch
+from drsite.hypervisors.qemu import hold as holds
 from drsite.hypervisors.qemu.guest_agent import GuestAgent
 from drsite.hypervisors.qemu.layout import QemuDisk, QemuVmConfig, VmDir
 from drsite.hypervisors.qemu.nbd import NbdClient
@@ -142,7 +140,7 @@ class QemuHypervisor:
         self.start_timeout = start_timeout
         self._writers: dict[tuple[Path, str], tuple[str, NbdClient]] = {}
         self._writers_lock = threading.RLock()
-        self._watchdogs: dict[Path, subprocess.Popen[bytes]] = {}  # holdwatch per held VM
+        self._watchdogs: holds.Watchdogs = {}  # holdwatch process per held VM
 
     # -- locating VMs -------------------------------------------------------------------------
     def _configs(self) -> list[tuple[VmDir, QemuVmConfig]]:
@@ -464,133 +462,55 @@ class QemuHypervisor:
             write_record(paths.tracking, tr)
             return self._cycle(rec)
 
-    # -- group barrier (contract.WriteHolder) --------------------------------------------------
+    # -- group barrier (contract.WriteHolder; the mechanics in hold.py) -------------------------
     def hold(self, vm_id: str, barrier_id: str, *, timeout_s: float,
              app_consistent: bool = False) -> dict[str, object]:
-        """Hold the guest's writes for a group barrier: QMP ``stop`` (QEMU drains the
-        in-flight I/O, the vCPUs stop, so the guest issues no write) until :meth:`seal_held`
-        or :meth:`unhold` resume it (``cont``). The bound is kept by a ``holdwatch`` process
-        started *before* the stop, in its own session: it resumes the VM at ``timeout_s`` even
-        when this process is stopped or killed. A VM in ``prelaunch`` (vCPUs never started)
-        issues no writes: it is held without a stop, as long as it stays there. A VM that is
-        off, or paused by someone else, is not held (its seal reports ``held: false``).
-        ``app_consistent`` is not honoured here (a stopped guest cannot run its freeze): the
-        member's point is crash-consistent with a note, which keeps the cut consistent.
-
-        Writes through :meth:`write` (the driver's NBD test writer) are not guest I/O and are
-        not held."""
+        """Hold the guest's writes for a group barrier: QMP ``stop`` until :meth:`seal_held`
+        or :meth:`unhold` resume it (``cont``), never past ``timeout_s`` (a ``holdwatch``
+        process keeps the bound even when this process is stopped or killed). A VM in
+        ``prelaunch`` is held without a stop; an off VM, or one paused by someone else, is not
+        held (its seal reports ``held: false``). ``app_consistent`` is not honoured (a stopped
+        guest cannot run its freeze): the member point is crash-consistent with a note, which
+        keeps the cut consistent. Writes through :meth:`write` (the NBD test writer) are not
+        guest I/O and are not held."""
         if not 0 < timeout_s <= 60:
             raise InvalidInput("a write hold lasts more than 0 and at most 60 seconds")
         paths, cfg = self._locate(vm_id)
         with _vm_lock(paths):
-            r = current_runner(paths)
-            rec = read_record(paths.hold)
-            if rec is not None and r is not None and rec.get("runner") == r.token \
-                    and time.monotonic() < float(rec["deadline"]):
-                if rec["barrier_id"] == barrier_id:
-                    return self._hold_info(rec)
-                raise Conflict(f"VM {cfg.name} is held by barrier {rec['barrier_id']}")
-            if rec is not None:  # stale: its QEMU is gone, or its watchdog is about to end it
-                self._end_hold(paths, rec)
-            started = time.monotonic()
-            info = {"barrier_id": barrier_id, "held_at": time.time(), "timeout_s": timeout_s}
-            if r is None or r.kind != "vm":
-                return info  # off: nothing to hold; its seal reports held: false
-            with QmpClient.connect(str(paths.qmp_socket), timeout=10.0) as q:
-                status = str(q.execute("query-status").get("status"))
-                if status not in ("running", "prelaunch"):
-                    return info  # paused by someone else: not ours to hold or resume
-                rec = {"barrier_id": barrier_id, "runner": r.token, "status": status,
-                       "stopped": status == "running", "held_at": info["held_at"],
-                       "started": started, "deadline": started + timeout_s,
-                       "app_consistent": app_consistent}
-                write_record(paths.hold, rec)  # before the watchdog: it acts on this record
-                if status == "running":
-                    self._start_watchdog(paths, rec)
-                    try:
-                        q.execute("stop")
-                    except BaseException:
-                        self._end_hold(paths, rec)
-                        raise
-            return self._hold_info(rec)
-
-    @staticmethod
-    def _hold_info(rec: dict[str, Any]) -> dict[str, object]:
-        return {"barrier_id": rec["barrier_id"], "held_at": rec["held_at"],
-                "timeout_s": float(rec["deadline"]) - float(rec["started"])}
-
-    def _start_watchdog(self, paths: VmDir, rec: dict[str, Any]) -> None:
-        old = self._watchdogs.pop(paths.dir, None)
-        if old is not None:
-            old.kill()
-            old.wait()
-        with open(paths.log, "ab") as log:
-            self._watchdogs[paths.dir] = subprocess.Popen(
-                [sys.executable, "-I", "-S", holdwatch.__file__, str(paths.dir),
-                 str(rec["barrier_id"]), repr(float(rec["deadline"])), str(paths.qmp_socket)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-
-    def _end_hold(self, paths: VmDir, rec: dict[str, Any]) -> None:
-        """(VM lock held) Resume a VM this hold stopped, drop the record, stop its watchdog."""
-        try:
-            if rec.get("stopped"):
-                r = current_runner(paths)
-                if r is not None and r.token == rec.get("runner"):
-                    with QmpClient.connect(str(paths.qmp_socket), timeout=10.0) as q:
-                        if q.execute("query-status").get("status") == "paused":
-                            q.execute("cont")
-        finally:
-            paths.hold.unlink(missing_ok=True)
-            w = self._watchdogs.pop(paths.dir, None)
-            if w is not None:
-                w.kill()
-                w.wait()
-
-    def _held(self, paths: VmDir, barrier_id: str) -> dict[str, Any] | None:
-        """(VM lock held) The hold of ``barrier_id`` if it lasted without a break to now."""
-        rec = read_record(paths.hold)
-        if rec is None or rec.get("barrier_id") != barrier_id:
-            return None
-        r = current_runner(paths)
-        if r is None or r.token != rec.get("runner") or time.monotonic() > float(rec["deadline"]):
-            return None
-        with QmpClient.connect(str(paths.qmp_socket), timeout=10.0) as q:
-            status = q.execute("query-status").get("status")
-        # stopped by us and still paused; or never left prelaunch (it cannot go back there)
-        return rec if status == ("paused" if rec.get("stopped") else "prelaunch") else None
+            return holds.begin(paths, cfg.name, barrier_id, timeout_s, app_consistent,
+                               self._watchdogs)
 
     def seal_held(self, vm_id: str, barrier_id: str, *, app_consistent: bool = False
                   ) -> tuple[SealedCycle, dict[str, object]]:
         """Seal (one QMP transaction, as :meth:`seal`) while the VM is held, then resume it;
         ``held`` is True only when the hold of ``barrier_id`` lasted without a break."""
-        paths, _cfg = self._locate(vm_id)
+        paths, _ = self._locate(vm_id)
         with _vm_lock(paths):
-            rec = read_record(paths.hold)
-            mine = rec if rec is not None and rec.get("barrier_id") == barrier_id else None
-            held = self._held(paths, barrier_id) if mine is not None else None
+            mine = holds.recorded(paths, barrier_id)
+            held = mine is not None and holds.unbroken(paths, mine)
             notes: tuple[str, ...] = ()
-            if held is None:
+            if not held:
                 notes = (f"group barrier {barrier_id}: the write hold had ended; a per-VM "
                          "point",)
-            elif app_consistent or held.get("app_consistent"):
+            elif app_consistent or (mine or {}).get("app_consistent"):
                 notes = ("held by QMP stop, without the guest's freeze: crash-consistent",)
             try:
-                cycle = self._seal(vm_id, app_consistent=app_consistent and held is None,
+                cycle = self._seal(vm_id, app_consistent=app_consistent and not held,
                                    extra_notes=notes)
             finally:
                 paused = time.monotonic() - float(mine["started"]) if mine is not None else 0.0
                 if mine is not None:
-                    self._end_hold(paths, mine)
-        return cycle, {"id": barrier_id, "held": held is not None, "paused_s": paused}
+                    holds.end(paths, mine, self._watchdogs)
+        return cycle, {"id": barrier_id, "held": held, "paused_s": paused}
 
     def unhold(self, vm_id: str, barrier_id: str) -> bool:
         """End the hold of ``barrier_id`` without sealing (resume the VM); False if none."""
         paths, _ = self._locate(vm_id)
         with _vm_lock(paths):
-            rec = read_record(paths.hold)
-            if rec is None or rec.get("barrier_id") != barrier_id:
+            rec = holds.recorded(paths, barrier_id)
+            if rec is None:
                 return False
-            self._end_hold(paths, rec)
+            holds.end(paths, rec, self._watchdogs)
             return True
 
     def _quiesce(self, paths: VmDir, cfg: QemuVmConfig, runner: Runner
