@@ -35,7 +35,8 @@ def h(tmp_path: Path) -> Iterator[Harness]:
     hh.close()
 
 
-def setup_group(h: Harness, *, consistent: bool = True) -> tuple[list[Agent], list[str]]:
+def setup_group(h: Harness, *, consistent: bool = True, app_every: float | None = None
+                ) -> tuple[list[Agent], list[str]]:
     """Two source hosts (one VM each) in site prim, a store host in sec, group g1 protected."""
     h.site("prim")
     h.site("sec")
@@ -45,7 +46,8 @@ def setup_group(h: Harness, *, consistent: bool = True) -> tuple[list[Agent], li
     for a, v in vms.items():
         a.beat(vms=v)
     st.beat(store_url="https://127.0.0.1:9443")
-    h.ok("POST", "/policies", json={"name": "p1", "frequency_s": 30, "app_consistent_every_s": None})
+    h.ok("POST", "/policies", json={"name": "p1", "frequency_s": 30,
+                                    "app_consistent_every_s": app_every})
     h.ok("POST", "/groups", json={"name": "g1", "site": "prim", "target_site": "sec",
                                   "policy": "p1", "consistent": consistent,
                                   "barrier_timeout_ms": 400})
@@ -491,3 +493,21 @@ def test_a_member_silent_at_the_cuts_bound_misses_it(hc: Harness) -> None:
     assert b["state"] == "partial" and b["members"][items[1]]["state"] == "missed"
     assert b["message"] == "missed the barrier: vmb (per-VM points)"
     assert b["members"][items[0]]["point_id"] == "p000002"
+
+
+def test_an_app_consistent_barrier_is_two_phase(hc: Harness) -> None:
+    """A freeze hook runs inside the hold and outlasts a cut's window: app-consistent
+    barriers use the two-phase barrier, crash-consistent ones the cut."""
+    (a1, a2), _ = setup_group(hc, app_every=3600)
+    (p1,) = cmds(a1, "group_prepare")
+    assert p1["args"]["app_consistent"] is True
+    (p2,) = cmds(a2, "group_prepare")
+    for a, p in ((a1, p1), (a2, p2)):
+        a.result(p["command_id"], "succeeded", result={})
+    for a in (a1, a2):
+        (sc,) = cmds(a, "group_seal")
+        seal_ok(hc, a, sc, 2)
+    hc.clock.advance(30)
+    hc.tick()
+    (s1,) = cmds(a1, "group_seal")
+    assert "cut_at" in s1["args"] and s1["args"]["app_consistent"] is False

@@ -387,7 +387,9 @@ class BarrierRunner:
                                  args={"app_consistent": app}, now=now)
             return b
         ms: dict[str, Any] = {}
-        if self._cut_mode(s, group):
+        # app-consistent: two-phase (a freeze hook runs inside the hold and takes longer
+        # than a cut's window; the cut would be missed and the app point lost)
+        if not app and self._cut_mode(s, group):
             # the cut: every member holds around one instant of this vault's clock, ``lead``
             # ahead (the command channel delivers in milliseconds; half the bound is left)
             cut_at = cut_clock() + bound / 2
