@@ -163,6 +163,8 @@ def phase(cl: VaultClient, items: list[str], writers: list[Writer], seconds: flo
     pause_s: list[float] = []
     holds: list[float] = []
     barriers = {"committed": 0, "partial": 0}
+    modes: dict[str, int] = {}
+    missed: dict[str, int] = {}
     for item, w in zip(items, writers, strict=True):
         seals = [float(p["created_at"]) for p in cl.points(item)
                  if t0 + 1 <= float(p["created_at"]) <= t1 - 0.1]
@@ -171,6 +173,12 @@ def phase(cl: VaultClient, items: list[str], writers: list[Writer], seconds: flo
         for g in cl.group_points("g", all=True):
             if t0 <= g["started_at"] <= t1 and g["state"] in barriers:
                 barriers[g["state"]] += 1
+                key = f"{g.get('mode', 'two_phase')} {g['state']}"
+                modes[key] = modes.get(key, 0) + 1
+                for m in g["members"].values():
+                    if m.get("error"):
+                        why = str(m["error"]).split(" ms")[0].rstrip("0123456789.- ")
+                        missed[why] = missed.get(why, 0) + 1
                 holds += [float(m["paused_s"] or 0.0) for m in g["members"].values()
                           if m.get("paused_s") is not None]
     return {"cycles": len(pause_s), "write_median_ms": 1000 * base,
@@ -178,7 +186,8 @@ def phase(cl: VaultClient, items: list[str], writers: list[Writer], seconds: flo
             "write_pause_p99_ms": 1000 * pct(pause_s, 99),
             "write_pause_max_ms": 1000 * max(pause_s, default=float("nan")),
             **({"hold_p50_ms": 1000 * pct(holds, 50), "hold_p99_ms": 1000 * pct(holds, 99),
-                "hold_max_ms": 1000 * max(holds, default=float("nan")), "barriers": barriers}
+                "hold_max_ms": 1000 * max(holds, default=float("nan")), "barriers": barriers,
+                "modes": modes, "missed": missed}
                if consistent else {})}
 
 
@@ -195,6 +204,8 @@ def report(r: dict[str, Any]) -> None:
           f"{grp['hold_max_ms']:.1f} ms; write pause p50 {grp['write_pause_p50_ms']:.1f} ms, "
           f"p99 {grp['write_pause_p99_ms']:.1f} ms (goal <= 50 ms: "
           f"{'met' if grp['write_pause_p99_ms'] <= 50 else 'NOT met'})")
+    print(f"barriers by mode: {grp.get('modes')}; members that missed, by reason: "
+          f"{grp.get('missed')}")
     if r["ratio_p99"] is not None:
         print(f"ratio group / per-VM write pause p99: {r['ratio_p99']:.2f}")
 

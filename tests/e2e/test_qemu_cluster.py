@@ -8,7 +8,8 @@ VM on the secondary whose disks equal the stopped source's (read through each si
 block layer, by digest: never the qcow2 files); commit re-protects at once and only
 differences travel back; a guest write on the recovery VM (raw images moved in) ships as a
 reverse delta point equal to its disks; failback re-creates the original VM, equal again.
-A drill of a QEMU VM boots its test VM, probes it through QEMU and reports RPO and RTO."""
+A drill of a QEMU VM boots its test VM, probes it through QEMU and reports RPO and RTO.
+Two running QEMU guests in a consistent group get group points (the barrier holds them)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 from tests.e2e.test_failover_cluster import protect, run, setup, until
 from tests.integration.test_qemu_driver import require_qemu
+from tests.integration.test_qemu_hold import booted_writer, guest_writes
 
 from drsite.core.model import DiskSpec, Nic, PowerState, VmSpec
 from drsite.hypervisors.qemu.driver import QemuHypervisor, _vm_lock
@@ -272,3 +274,41 @@ def test_qemu_drill_boots_probes_and_cleans_up(cluster: Cluster, tmp_path: Path)
                                           if a["kind"] == "drill" and a["active"]], 15)
         until("the test VM removed", lambda: not any(x.name == v["test_vm"]
                                                      for x in sec.list_vms()), 60)
+
+
+def test_a_consistent_group_of_qemu_vms_forms_group_points(cluster: Cluster) -> None:
+    """Two running QEMU guests (boot sectors that write their disks without pause) in one
+    consistent group: the barriers hold them (QMP stop, the seal's transaction, cont), every
+    member is held, group points form, and the guests run and write on afterwards."""
+    runner = QemuHypervisor(cluster.root / "primary" / "vms", start_cpus=True, agent_timeout=0.5)
+    try:
+        vms = [booted_writer(runner, f"gw{k}") for k in range(2)]
+        with cluster.client() as cl:
+            cl.create_policy({"name": "fast", "frequency_s": 5.0, "retention_hours": 24,
+                              "app_consistent_every_s": None, "rpo_threshold_s": 120,
+                              "resync_window": "00:00-00:00", "compression": True,
+                              "encryption": False, "bandwidth_limit_bps": None})
+            cl.create_group({"name": "qg", "site": "primary", "target_site": "secondary",
+                             "policy": "fast",
+                             "match": {"vm_names": [], "hosts": [], "labels": []},
+                             "consistent": True, "barrier_timeout_ms": 1000})
+            until("inventory", lambda: set(vms) <= {v["vm_id"] for v in cl.vms()})
+            items = []
+            for vm in vms:
+                job = cl.wait_job(cl.protect(vm, "qg")["job_id"], timeout=180)
+                assert job["state"] == "succeeded", job
+                items.append(next(it["id"] for it in cl.items() if it["vm_id"] == vm))
+
+            def whole() -> list[dict[str, Any]]:
+                return [g for g in cl.group_points("qg") if g["complete"]
+                        and set(g["members"]) == set(items)
+                        and all(m["held"] for m in g["members"].values())]
+
+            until("3 group points of the QEMU guests", lambda: len(whole()) >= 3, 120)
+            for g in whole():
+                assert all(0 < m["paused_s"] < 1.0 for m in g["members"].values()), g
+            for vm in vms:
+                w0 = guest_writes(runner, vm)
+                until("the guest writes on", lambda v=vm, w=w0: guest_writes(runner, v) > w, 10)
+    finally:
+        runner.close()

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -67,6 +68,63 @@ def test_prepare_hold_seal_release(sites: Sites) -> None:
         r = v.wait_final(v.send(sites.pri_id, "group_seal", ITEM, {"barrier_id": "gb-2"}), 30)
         assert r["status"] == "succeeded" and r["result"]["barrier"]["held"] is False, r
         assert r["result"]["point"]["seq"] == 3
+    finally:
+        primary.stop()
+        t.join(30)
+        sites.hv.power_off(vm.vm_id, force=True)
+
+
+def test_clock_cut_holds_around_the_cut_or_misses_it(sites: Sites) -> None:
+    """A clock cut (``group_seal`` with ``cut_at``): the agent reads the vault's cut clock
+    (here 1000 s off its own), holds the guest just around the cut (a short pause, a write
+    issued meanwhile waits) and claims it; a cut that comes too soon, or is named in a
+    clock the agent cannot read, is missed: a per-VM point that says why."""
+    vm = sites.hv.create_blank(VmSpec(name="db", disks=(DiskSpec("d0", 4 * MiB),)))
+    sites.hv.power_on(vm.vm_id)
+    primary = Agent(sites.tmp / "pri", hypervisor=sites.hv, heartbeat_interval=0.3)
+    t = threading.Thread(target=primary.run, daemon=True)
+    t.start()
+    v = sites.vault
+    v.clock_offset = 1000.0
+    try:
+        assert v.wait_final(sites.protect(vm.vm_id), 30)["status"] == "succeeded"
+
+        def cut(bid: str, lead: float, clock_id: str = "fake-clock") -> dict[str, Any]:
+            args = {"barrier_id": bid, "cut_at": v.cut_clock() + lead, "clock_id": clock_id,
+                    "margin_s": 0.05, "hold_s": 2.0, "app_consistent": False}
+            return v.wait_final(v.send(sites.pri_id, "group_seal", ITEM, args), 30)
+
+        writes: list[float] = []
+        stop = threading.Event()
+
+        def writer() -> None:  # a write every 5 ms; the longest one shows the pause
+            while not stop.is_set():
+                t0 = time.monotonic()
+                sites.hv.write(vm.vm_id, "d0", 0, b"w" * 512)
+                writes.append(time.monotonic() - t0)
+                stop.wait(0.005)
+
+        w = threading.Thread(target=writer, daemon=True)
+        w.start()
+        r = cut("gb-c1", 1.5)
+        stop.set()
+        w.join(5)
+        assert r["status"] == "succeeded", r
+        b = r["result"]["barrier"]
+        assert b["held"] is True and "missed" not in b, b
+        assert 0.0 < b["paused_s"] < 1.0 and r["result"]["point"]["seq"] == 2
+        assert max(writes) < 1.0 and len(writes) > 20
+
+        r = cut("gb-c2", 0.0)  # the cut is past when the command arrives
+        assert r["status"] == "succeeded", r
+        b = r["result"]["barrier"]
+        assert b["held"] is False and "too soon" in b["missed"], b
+        assert r["result"]["point"]["seq"] == 3  # still a (per-VM) point
+
+        r = cut("gb-c3", 1.5, clock_id="clk-other")  # another vault process's clock
+        b = r["result"]["barrier"]
+        assert b["held"] is False and "no reading" in b["missed"], b
+        assert sites.hv.guest_status(vm.vm_id)["held_by"] is None  # type: ignore[index]
     finally:
         primary.stop()
         t.join(30)

@@ -292,3 +292,36 @@ def test_a_fence_overtakes_a_cycle_hung_on_a_black_holed_store(sites: Sites) -> 
         for vm in sites.hv.list_vms():
             sites.hv.power_off(vm.vm_id, force=True)
 
+
+
+def test_retention_keeps_the_points_the_vault_names(sites: Sites) -> None:
+    """``retention`` with ``keep`` (member points of group points): the store's agent keeps
+    them whatever the rule says, removes the rest the rule drops; a malformed ``keep`` fails
+    the command and removes nothing."""
+    vm_id = sites.make_vm(4 * MiB)
+    primary = Agent(sites.tmp / "pri", hypervisor=sites.hv, heartbeat_interval=0.3)
+    t = threading.Thread(target=primary.run, daemon=True)
+    t.start()
+    sec_id = sites.secondary.identity.host_id
+    try:
+        assert sites.vault.wait_final(sites.protect(vm_id), 30)["status"] == "succeeded"
+        for _ in range(2):
+            sites.hv.write(vm_id, "d0", 0, os.urandom(4096))
+            r = sites.vault.wait_final(sites.vault.send(sites.pri_id, "cycle", ITEM, {}), 30)
+            assert r["status"] == "succeeded", r
+        time.sleep(1.0)
+        short = {**SETTINGS, "retention_hours": 0.0001}  # 0.36 s: all but the newest go
+        r = sites.vault.wait_final(sites.vault.send(
+            sec_id, "retention", ITEM, {"store_side": True, "settings": short,
+                                        "keep": "p000000000001"}), 30)
+        assert r["status"] == "failed" and r["error"]["code"] == "invalid_input", r
+        assert len(sites.repo().points()) == 3
+        r = sites.vault.wait_final(sites.vault.send(
+            sec_id, "retention", ITEM, {"store_side": True, "settings": short,
+                                        "keep": ["p000000000001"]}), 30)
+        assert r["status"] == "succeeded", r
+        assert r["result"]["deleted_points"] == ["p000000000002"]
+        assert [p.point_id for p in sites.repo().points()] == ["p000000000001", "p000000000003"]
+    finally:
+        primary.stop()
+        t.join(30)

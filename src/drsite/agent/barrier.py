@@ -22,8 +22,11 @@ import logging
 import time
 from typing import Any, Protocol
 
-from drsite.agent.link import Command
+from drsite.agent.link import Command, VaultLink
+from drsite.core.clockcut import ClockSample, CutPlan, best_sample
 from drsite.core.errors import Busy, Conflict, DrsiteError, InvalidInput
+from drsite.core.model import SealedCycle
+from drsite.core.states import CommandStatus
 from drsite.hypervisors.contract import HypervisorDriver, WriteHolder
 from drsite.replication.driver import ItemReplicator
 from drsite.replication.report import ItemState
@@ -32,12 +35,15 @@ from drsite.store.format import PointInfo
 log = logging.getLogger(__name__)
 
 KINDS = ("group_prepare", "group_seal")
+CUT_SAMPLES = 5  # vault clock readings per cut at most: the shortest round trip bounds it
+CUT_GOOD_S = 0.001  # enough: stop sampling once the uncertainty is below this
 
 
 class BarrierHost(Protocol):
     """What these commands need of the agent daemon."""
 
     hypervisor: HypervisorDriver
+    link: VaultLink
 
     def live_item(self, cmd: Command) -> tuple[Any, ItemReplicator]: ...
 
@@ -68,6 +74,10 @@ def _holder(hv: HypervisorDriver) -> WriteHolder:
 class BarrierCommands:
     def __init__(self, host: BarrierHost) -> None:
         self.host = host
+        # how long each VM's recent hold calls took (a QEMU hold spawns its watchdog before
+        # the stop): a cut's hold call starts earlier by the shortest of them (one slow call
+        # on a busy host must not lengthen every later pause), at most the margin
+        self._hold_took: dict[str, list[float]] = {}
 
     def prepare(self, cmd: Command) -> dict[str, Any]:
         """Hold the guest's writes until the seal, the barrier's end or ``hold_s``, whichever
@@ -92,15 +102,30 @@ class BarrierCommands:
 
     def seal(self, cmd: Command) -> None:
         """Seal under the hold and end it (barrier thread); shipping follows in the lane.
-        Journals the seal's facts only after the guest writes again."""
+        With ``cut_at`` (a clock cut) hold around the cut first (:meth:`_cut`). Journals the
+        seal's facts only after the guest writes again."""
         bid = str(cmd.args["barrier_id"])
         hv = _holder(self.host.hypervisor)
         _, rep = self.host.live_item(cmd)
         vm_id = rep.rec.vm_id
         if rep.rec.cycle_id is not None or self.host.hypervisor.pending_cycle(vm_id) is not None:
             hv.unhold(vm_id, bid)  # a cycle is in flight: it ships first, no group point
+            if "cut_at" in cmd.args:
+                self._took_cut(cmd, held=False)
             return
-        cycle, info = hv.seal_held(vm_id, bid, app_consistent=bool(cmd.args.get("app_consistent")))
+        app = bool(cmd.args.get("app_consistent"))
+        if "cut_at" in cmd.args:
+            got = self._cut(cmd, hv, vm_id)
+            if isinstance(got, str):
+                log.info("item %s: missed the clock cut of group barrier %s: %s",
+                         cmd.item_id, bid, got)
+                self.host.note_started(cmd, barrier={"id": bid, "held": False, "missed": got})
+                self._took_cut(cmd, held=False)
+                return  # the lane's cycle is a per-VM point
+            cycle, info = got
+            self._took_cut(cmd, held=bool(info.get("held")))
+        else:
+            cycle, info = hv.seal_held(vm_id, bid, app_consistent=app)
         try:
             latest = rep.target.repo.latest()
             before = latest.seq if latest is not None else 0
@@ -110,8 +135,79 @@ class BarrierCommands:
         if before is not None:
             facts["before_seq"] = before
         self.host.note_started(cmd, **facts)
-        log.info("item %s: sealed for group barrier %s (held %s, writes waited %s s)",
-                 cmd.item_id, bid, info.get("held"), info.get("paused_s"))
+        log.info("item %s: sealed for group barrier %s (held %s, writes waited %s s%s)",
+                 cmd.item_id, bid, info.get("held"), info.get("paused_s"),
+                 f"; cut: clock uncertainty {info['uncertainty_s']:.4f} s, hold in place "
+                 f"{info['hold_lead_s']:.4f} s before the cut" if "uncertainty_s" in info
+                 else "")
+
+    def _took_cut(self, cmd: Command, *, held: bool) -> None:
+        """Tell the vault this member took the cut (a ``running`` post; else the vault
+        withdraws its seal at the cut's bound, as it would for a stopped agent)."""
+        try:
+            self.host.link.post_result(cmd.command_id, status=CommandStatus.RUNNING,
+                                       progress=50.0, result={"cut": {"held": held}})
+        except DrsiteError as e:
+            log.info("command %s: the vault did not hear that the cut was taken: %s",
+                     cmd.command_id, e)
+
+    def _samples(self, clock_id: str, until: float) -> list[ClockSample]:
+        """Readings of the vault's cut clock, until one is good enough, ``CUT_SAMPLES`` were
+        taken or local monotonic time ``until`` comes."""
+        out: list[ClockSample] = []
+        while len(out) < CUT_SAMPLES and time.monotonic() < until:
+            try:
+                out.append(ClockSample(*self.host.link.clock_sample(
+                    timeout=max(0.05, until - time.monotonic()))))
+            except DrsiteError as e:
+                log.info("vault clock reading failed: %s", e)
+                break
+            if out[-1].clock_id == clock_id and out[-1].radius <= CUT_GOOD_S:
+                break
+        return out
+
+    def _cut(self, cmd: Command, hv: WriteHolder, vm_id: str
+             ) -> tuple[SealedCycle, dict[str, object]] | str:
+        """Hold the guest's writes around the vault's cut instant and seal after it: the
+        sealed cycle and its barrier facts, or why this member misses the cut (nothing is
+        held then). Claims the cut (``held``) only when its own readings prove, within the
+        clock bound, that the hold began before the cut and the seal after it
+        (``core.clockcut``; the argument is in ``vault/barrier_design.md``)."""
+        a = cmd.args
+        bid, clock_id = str(a["barrier_id"]), str(a["clock_id"])
+        cut_at, margin = float(a["cut_at"]), float(a["margin_s"])
+        hold_s = float(a["hold_s"])
+        first = time.monotonic()
+        sample = best_sample(self._samples(clock_id, first + hold_s / 4), clock_id,
+                             time.monotonic())
+        if sample is None:
+            return f"no reading of the vault's cut clock {clock_id} (another vault process?)"
+        plan = CutPlan(sample, cut_at, margin)
+        u = sample.uncertainty(plan.cut_local)
+        if u > hold_s / 4:
+            return f"clock uncertainty {u * 1000:.1f} ms is too large"
+        took = min(min(self._hold_took.get(vm_id) or [0.0]), margin)
+        wait = plan.hold_at() - took - time.monotonic()
+        if wait < 0:
+            return f"the cut came {-wait * 1000:.1f} ms too soon (command late)"
+        time.sleep(wait)
+        calling = time.monotonic()
+        hv.hold(vm_id, bid, timeout_s=hold_s, app_consistent=bool(a.get("app_consistent")))
+        held_local = time.monotonic()
+        self._hold_took[vm_id] = [*self._hold_took.get(vm_id, [])[-4:], held_local - calling]
+        if not plan.held_before_cut(held_local):
+            hv.unhold(vm_id, bid)
+            return (f"the hold was in place {(held_local - plan.hold_at()) * 1000:.1f} ms "
+                    "after its planned start, not surely before the cut")
+        while (left := plan.seal_from() - time.monotonic()) > 0:
+            time.sleep(left)
+        sealing = time.monotonic()
+        if not plan.sealed_after_cut(sealing):  # by construction; the check is the claim
+            hv.unhold(vm_id, bid)
+            return "the seal could not be placed surely after the cut"
+        cycle, info = hv.seal_held(vm_id, bid, app_consistent=bool(a.get("app_consistent")))
+        return cycle, {**info, "uncertainty_s": u,
+                       "hold_lead_s": plan.cut_local - held_local}
 
     def ship(self, cmd: Command) -> dict[str, Any]:
         """(Item lane) Ship and commit the sealed cycle; seal now when the barrier thread did
@@ -129,6 +225,10 @@ class BarrierCommands:
         point = done if done is not None else rep.run_cycle(
             app_consistent=bool(cmd.args.get("app_consistent")), wait_transient=False)
         held = bool(barrier.get("held")) and barrier.get("cycle_id") == point.cycle_id
-        return {"point": point.to_dict(), "report": rep.report.to_dict(),
-                "barrier": {"id": bid, "held": held,
-                            "paused_s": float(barrier.get("paused_s") or 0.0)}}
+        out: dict[str, Any] = {"id": bid, "held": held,
+                               "paused_s": float(barrier.get("paused_s") or 0.0)}
+        if barrier.get("missed"):
+            out["missed"] = str(barrier["missed"])
+        elif "cut_at" in cmd.args and not held:
+            out["missed"] = "not sealed under a hold around the cut"
+        return {"point": point.to_dict(), "report": rep.report.to_dict(), "barrier": out}

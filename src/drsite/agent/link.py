@@ -17,6 +17,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -211,6 +212,19 @@ class VaultLink:
                 bad += 1
                 log.error("dropping a malformed command from the vault: %s", e)
         return commands, bad
+
+    def clock_sample(self, timeout: float = 2.0) -> tuple[str, float, float, float]:
+        """One reading of the active vault's cut clock: ``(clock_id, vault_t, sent, received)``
+        with ``sent``/``received`` this host's ``time.monotonic()`` around the request (the
+        reading was taken between them)."""
+        with self._lock:
+            i = self._active
+        sent = time.monotonic()
+        out = self._post_to(i, "/clock", {}, timeout=timeout)
+        received = time.monotonic()
+        if not isinstance(out, dict) or not isinstance(out.get("t"), (int, float)):
+            raise NetworkError("the vault's clock reply is malformed")
+        return str(out.get("clock_id")), float(out["t"]), sent, received
 
     def wait_commands(self, wait_s: float) -> list[Command]:
         """The command channel: this host's commands as soon as the vault has any, or ``[]``

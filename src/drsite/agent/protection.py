@@ -258,7 +258,8 @@ class ProtectionCommands:
         if not rep.target.runs_retention:
             # committed points on a site store are removed by the store's own agent only
             return {"deleted_points": [], "store_side": False}
-        pinned = {p for p in (rep.target.replica_point(),) if p}
+        # the vault's ``keep``: member points of group points within retention
+        pinned = {p for p in (rep.target.replica_point(),) if p} | storeacl.retention_keep(cmd)
         deleted = rep.target.repo.apply_retention(rep.settings.retention, time.time(), pinned)
         if deleted:
             log.info("item %s: retention removed %d point(s)", cmd.item_id, len(deleted))

@@ -65,6 +65,17 @@ def apply_reply(svc: StoreService | None, doc: Any) -> None:
         log.error("ignoring the vault's store access list: %s", e)
 
 
+def retention_keep(cmd: Command) -> set[str]:
+    """The ``keep`` of a ``retention`` command: points its retention must not remove (member
+    points of group points within the policy's retention; the vault names them)."""
+    keep = cmd.args.get("keep") or []
+    if not isinstance(keep, list) or not all(isinstance(p, str) for p in keep):
+        raise InvalidInput(f"retention of {cmd.item_id}: 'keep' must be a list of point ids",
+                           hint="The vault sends it; check that agent and vault run the same "
+                                "drsite version (drsite version).")
+    return set(keep)
+
+
 def store_retention(svc: StoreService, cmd: Command) -> dict[str, Any]:
     """Run an item's retention (or deletion of every point) on this host's store."""
     item_id = validate_name("item", cmd.item_id or "")
@@ -88,7 +99,8 @@ def store_retention(svc: StoreService, cmd: Command) -> dict[str, Any]:
                 repo.gc()
             else:
                 assert rule is not None
-                pinned = ReplicaHydrator(repo, replica_dir).pinned()
+                # the vault's ``keep``: member points of group points within retention
+                pinned = ReplicaHydrator(repo, replica_dir).pinned() | retention_keep(cmd)
                 deleted = repo.apply_retention(rule, time.time(), pinned)  # GC included
     finally:
         repo.close()

@@ -46,6 +46,9 @@ class FakeVault:
 
     __test__ = False
 
+    def cut_clock(self) -> float:
+        return time.monotonic() + self.clock_offset
+
     def __init__(self, directory: Path) -> None:
         self.dir = Path(directory)
         self.ca = CertificateAuthority.load_or_create(self.dir / "ca")
@@ -57,6 +60,10 @@ class FakeVault:
         self.keyfile.write_bytes(key_pem)
         self.keyfile.chmod(0o600)
         self.lock = threading.RLock()
+        # the cut clock of group barriers (POST /agent/clock): this host's monotonic clock
+        # shifted by ``clock_offset`` (a vault on another host)
+        self.clock_id = "fake-clock"
+        self.clock_offset = 0.0
         self.keys: dict[str, str] = {}            # key → site
         self.reissue_keys: dict[str, str] = {}    # key → the host whose certificate it replaces
         self.hosts: dict[str, FakeHost] = {}
@@ -288,6 +295,11 @@ class FakeVault:
         @app.post("/api/v1/agent/heartbeat")
         async def heartbeat(request: Request) -> dict[str, Any]:
             return self.heartbeat(self._host(request), await request.json())
+
+        @app.post("/api/v1/agent/clock")
+        async def clock(request: Request) -> dict[str, Any]:
+            self._host(request)
+            return {"clock_id": self.clock_id, "t": self.cut_clock()}
 
         @app.post("/api/v1/agent/commands/{command_id}/result")
         async def result(command_id: str, request: Request) -> dict[str, Any]:

@@ -292,7 +292,9 @@ def groups_points(conn: Conn, name: str,
     if conn.json:
         show(rows, [], title="group points", json_out=True)
         return
-    flat = [{"id": r["id"], "state": r["state"], "point_time": r["point_time"],
+    flat = [{"id": r["id"], "state": r["state"] if r.get("complete", True) or
+             r["state"] != "committed" else "committed (a member point is gone)",
+             "point_time": r["point_time"],
              "members": ", ".join(f"{m['vm_name']}={m['point_id']}"
                                   for m in r["members"].values()),
              "message": r["message"]} for r in rows]

@@ -14,25 +14,42 @@ One barrier per group at a time, at the group policy's frequency (anchored like 
 3. every seal answered: ``committed`` (a group point) only if every member was held when it
    sealed and its point is committed; otherwise ``partial``.
 
+By default the barrier is a **clock cut** instead: ``group_seal {barrier_id, cut_at,
+clock_id, margin_s, hold_s, app_consistent}`` to every member at once, ``cut_at`` an instant
+of this process's cut clock (:func:`cut_clock`, read by agents through ``POST
+/agent/clock``) half the bound ahead; each agent holds around it, seals and answers as in
+step 2 (``missed`` when it could not prove its hold around the cut). A cut a member missed is
+``partial``; after two such in a row the group's next barrier is two-phase (``_cut_mode``).
+
 A member that misses the prepare (refused, failed, or silent at ``prepare_deadline``: a
 stopped or dead agent) makes the barrier ``partial`` at once: its open prepare is withdrawn,
 it gets a plain ``cycle`` (a per-VM point whenever its agent answers), and the held members
 are sealed at once (per-VM points; their guests write again now, not at the bound).
 A ``partial`` barrier is a warning alert ``group_barrier:GROUP`` until a later one commits.
 
-Responsible for: when a barrier runs, its commands, its outcome. Not responsible for: the
-bound on guest writes (the guest keeps it), shipping (agents), retention of member points.
+Retention: :func:`kept_member_points` names the member points that group points within the
+policy's retention keep (the ``keep`` of every ``retention`` command; a removal of one is
+refused by ``trust``). A group point one of whose member points is gone is not offered
+(:func:`latest_group_point`, :func:`member_point`; listed with ``complete: false``).
+
+Responsible for: when a barrier runs, its commands, its outcome, which member points group
+points keep. Not responsible for: the bound on guest writes (the guest keeps it), shipping
+(agents), applying retention (agents).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import secrets
+import time
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from drsite.core.errors import InvalidInput, PermanentError
+from drsite.core.retention import PointStamp, RetentionRule, points_to_keep
 from drsite.core.states import FINAL_COMMAND_STATUSES, OPEN_COMMAND_STATUSES, CommandStatus, ItemProtection
 from drsite.replication.planner import app_consistent_due, next_cycle_at
 from drsite.replication.report import ItemState
@@ -50,6 +67,16 @@ MIN_TIMEOUT_MS, MAX_TIMEOUT_MS = 50, 10_000
 OPEN_STATES = ("preparing", "sealing")
 SEAL_TIMEOUT_MIN_S = 60.0  # a member whose seal does not answer in max(this, 3 periods) fails
 KINDS = ("group_prepare", "group_seal")
+CUT_MISSES_TO_FALL_BACK = 2  # missed cuts in a row before one two-phase barrier
+# the clock a clock cut is named in: this process's monotonic clock (never stepped), which
+# agents sample through POST /agent/clock; the id names the process, so an agent whose
+# samples come from another vault process cannot map the cut and misses it
+CLOCK_ID = f"clk-{os.getpid()}-{secrets.token_hex(6)}"
+
+
+def cut_clock() -> float:
+    """The clock of :data:`CLOCK_ID` (seconds)."""
+    return time.monotonic()
 
 
 def check_timeout_ms(ms: int) -> int:
@@ -117,10 +144,58 @@ def on_result(s: Session, cmd: Command, now: float) -> None:
     if ok:
         _set(b, cmd.item_id, state="committed", point_id=point.get("point_id"),
              point_created_at=point.get("created_at"), held=bool(barrier.get("held")),
-             paused_s=barrier.get("paused_s"))
+             paused_s=barrier.get("paused_s"),
+             **({"error": str(barrier["missed"])} if barrier.get("missed") else {}))
     else:
         _set(b, cmd.item_id, state="failed", held=False,
              error=str((cmd.error or {}).get("message") or "seal failed"))
+    _maybe_end(s, b, now)
+
+
+def _is_cut(b: GroupBarrier) -> bool:
+    """A clock-cut barrier (its members were sent ``group_seal`` with ``cut_at``)."""
+    return any("cut_at" in m for m in (b.members or {}).values())
+
+
+def on_progress(s: Session, cmd: Command) -> None:
+    """A ``running`` post of a cut's ``group_seal``: the agent took the cut (held and
+    sealed, or missed it) and ships; it is no longer withdrawn at the cut's bound."""
+    if cmd.kind != "group_seal" or cmd.item_id is None or "cut" not in (cmd.result or {}):
+        return  # the agent's periodic progress posts carry no ``cut``
+    b = s.get(GroupBarrier, str((cmd.args or {}).get("barrier_id") or ""))
+    if b is None or cmd.item_id not in (b.members or {}) or not _is_cut(b):
+        return
+    if b.members[cmd.item_id].get("seal") == cmd.id:
+        _set(b, cmd.item_id, took_cut=True)
+
+
+def _cut_bound(s: Session, b: GroupBarrier, now: float) -> None:
+    """The cut's bound passed: members that did not say they took the cut (a stopped or dead
+    agent, a lost command) miss it, as a silent member misses a prepare: their seal is
+    withdrawn (a late answer is refused), they get a plain cycle; the others' points are
+    per-VM (the barrier is ``partial``)."""
+    late: list[str] = []
+    for item_id in sorted(b.members):
+        m = b.members[item_id]
+        if m.get("took_cut") or m.get("state") != "sealing":
+            continue
+        cmd = s.get(Command, str(m.get("seal")))
+        if cmd is None or cmd.status not in OPEN_COMMAND_STATUSES:
+            continue
+        cmd.status = CommandStatus.FAILED
+        cmd.error = PermanentError(
+            f"withdrawn: group barrier {b.id} passed its cut's bound without this member",
+            hint="Nothing to do; the member gets a per-VM point.").to_dict()
+        cmd.updated_at = cmd.finished_at = now
+        _set(b, item_id, state="missed", held=False,
+             error="did not take the cut within the barrier's bound")
+        late.append(str(m.get("vm_name") or item_id))
+        if commands.outstanding(s, item_id, ("protect", "cycle", "resync")) is None:
+            commands.enqueue(s, host_id=str(m["host_id"]), kind="cycle", item_id=item_id,
+                             args={"app_consistent": False}, now=now)
+    if late:
+        b.message = f"missed the barrier: {', '.join(late)} (per-VM points)"
+        log.warning("group barrier %s: %s", b.id, b.message)
     _maybe_end(s, b, now)
 
 
@@ -199,8 +274,10 @@ def _maybe_end(s: Session, b: GroupBarrier, now: float) -> None:
         return
     b.state = "partial"
     if not b.message:
-        unheld = sorted(str(m.get("vm_name")) for m in ms if not m.get("held"))
-        b.message = (f"not held when sealed: {', '.join(unheld)} (per-VM points)" if unheld
+        unheld = sorted(str(m.get("vm_name")) + (f" ({m['error']})" if m.get("error") else "")
+                        for m in ms if not m.get("held"))
+        what = "missed the clock cut" if _is_cut(b) else "not held when sealed"
+        b.message = (f"{what}: {', '.join(unheld)} (per-VM points)" if unheld
                      else "a member's point failed")
     record_event(s, now, "group", name, f"barrier {b.id} without a group point: {b.message}")
 
@@ -238,6 +315,9 @@ class BarrierRunner:
         for b in open_b:
             if b.state == "preparing" and now >= b.prepare_deadline:
                 _give_up(s, b, now)
+            elif _is_cut(b) and now >= b.prepare_deadline and b.state == "sealing" \
+                    and not b.message:
+                _cut_bound(s, b, now)
             elif now - b.started_at >= max(SEAL_TIMEOUT_MIN_S, 3 * policy.frequency_s):
                 _seal_timeout(s, b, now)
             else:
@@ -248,6 +328,22 @@ class BarrierRunner:
         if next_cycle_at(group.last_barrier_at, policy.frequency_s, now) > now:
             return None
         return self._start(s, group, policy, now)
+
+    def _cut_mode(self, s: Session, group: Group) -> bool:
+        """A clock cut unless disabled, or unless the group's last ``CUT_MISSES_TO_FALL_BACK``
+        barriers were all cuts that a member missed: then one two-phase barrier, so a member
+        that cannot take cuts (its clock readings too uncertain, its commands or holds too
+        slow) still lets the group make group points, while a miss now and then (a busy
+        host) costs one per-VM round, not a two-phase pause."""
+        if not self.settings.barrier_clock_cut:
+            return False
+        last = s.scalars(select(GroupBarrier)
+                         .where(GroupBarrier.group_id == group.id,
+                                GroupBarrier.state.in_(("committed", "partial")))
+                         .order_by(GroupBarrier.started_at.desc())
+                         .limit(CUT_MISSES_TO_FALL_BACK)).all()
+        return len(last) < CUT_MISSES_TO_FALL_BACK or not all(
+            _is_cut(b) and b.state == "partial" for b in last)
 
     def _start(self, s: Session, group: Group, policy: Policy, now: float) -> GroupBarrier | None:
         items = s.scalars(select(Item).where(Item.group_id == group.id,
@@ -291,6 +387,27 @@ class BarrierRunner:
                                  args={"app_consistent": app}, now=now)
             return b
         ms: dict[str, Any] = {}
+        # app-consistent: two-phase (a freeze hook runs inside the hold and takes longer
+        # than a cut's window; the cut would be missed and the app point lost)
+        if not app and self._cut_mode(s, group):
+            # the cut: every member holds around one instant of this vault's clock, ``lead``
+            # ahead (the command channel delivers in milliseconds; half the bound is left)
+            cut_at = cut_clock() + bound / 2
+            b.state = "sealing"
+            # a member that has not said it took the cut by then (a stopped or dead agent)
+            # misses it: its seal is withdrawn and it gets a plain cycle (``_cut_bound``)
+            b.prepare_deadline = now + bound
+            for it in members:
+                cmd = commands.enqueue(s, host_id=it.host_id, kind="group_seal", item_id=it.id,
+                                       args={"barrier_id": b.id, "app_consistent": app,
+                                             "cut_at": cut_at, "clock_id": CLOCK_ID,
+                                             "margin_s": self.settings.barrier_cut_margin_s,
+                                             "hold_s": bound},
+                                       now=now)
+                ms[it.id] = {"host_id": it.host_id, "vm_name": it.vm_name, "prepare": None,
+                             "state": "sealing", "seal": cmd.id, "cut_at": cut_at}
+            b.members = ms
+            return b
         for it in members:
             cmd = commands.enqueue(s, host_id=it.host_id, kind="group_prepare", item_id=it.id,
                                    args={"barrier_id": b.id, "hold_s": bound,
@@ -302,10 +419,49 @@ class BarrierRunner:
         return b
 
 
+def _point_time(b: GroupBarrier) -> float:
+    return b.point_time if b.point_time is not None else b.started_at
+
+
+def kept_member_points(s: Session, item_id: str, group_id: int, rule: RetentionRule,
+                       now: float) -> set[str]:
+    """The item's points that group points keep: the retention rule applied to the group's
+    committed group points as if each were one point stamped at its point time (every group
+    point of the rule's keep-all window, one per thinning bucket, the newest always), and the
+    item's member point of each group point the rule keeps. Retention must keep these on top
+    of what the rule keeps of the item's own points, else a thinning that picks a different
+    point per bucket for each member would break every older group point."""
+    q = select(GroupBarrier).where(GroupBarrier.group_id == group_id,
+                                   GroupBarrier.state == "committed")
+    rows = {b.id: b for b in s.scalars(q.where(
+        GroupBarrier.started_at >= now - rule.retention_s - 3600.0))}
+    # the newest group point holding the item is kept however old (as the newest point is)
+    for b in s.scalars(q.order_by(GroupBarrier.started_at.desc()).limit(200)):
+        if item_id in (b.members or {}):
+            rows.setdefault(b.id, b)
+            break
+    mine = [b for b in rows.values() if item_id in (b.members or {})]
+    stamps = [PointStamp(b.id, _point_time(b), b.app_consistent, seq=i)
+              for i, b in enumerate(sorted(mine, key=lambda b: (b.started_at, b.id)), 1)]
+    keep = points_to_keep(stamps, rule, now)
+    return {str(b.members[item_id].get("point_id")) for b in mine
+            if b.id in keep and b.members[item_id].get("point_id")}
+
+
+def _complete(s: Session, b: GroupBarrier) -> bool:
+    """Every member point of the group point is catalogued and not damaged."""
+    wanted = {(i, str(m.get("point_id"))) for i, m in (b.members or {}).items()}
+    have = {(p.item_id, p.point_id) for p in s.scalars(select(Point).where(
+        Point.item_id.in_([i for i, _ in wanted]),
+        Point.point_id.in_([p for _, p in wanted]), Point.damage.is_(None)))}
+    return bool(wanted) and wanted <= have
+
+
 def group_points(s: Session, group: Group, *, include_partial: bool = False,
                  limit: int = 100) -> list[GroupBarrier]:
     """The group's points (committed barriers), newest first; with ``include_partial`` every
-    barrier."""
+    barrier. A group point one of whose member points is gone (or not catalogued yet) is
+    listed with ``complete: false`` by :func:`view` and is not offered to failover."""
     q = select(GroupBarrier).where(GroupBarrier.group_id == group.id)
     if not include_partial:
         q = q.where(GroupBarrier.state == "committed")
@@ -323,13 +479,7 @@ def latest_group_point(s: Session, item: Item, *, before: float | None = None
     if before is not None:
         q = q.where(GroupBarrier.ended_at <= before)
     for b in s.scalars(q.order_by(GroupBarrier.started_at.desc()).limit(200)):
-        if item.id not in b.members:
-            continue
-        wanted = {(i, str(m.get("point_id"))) for i, m in b.members.items()}
-        have = {(p.item_id, p.point_id) for p in s.scalars(select(Point).where(
-            Point.item_id.in_([i for i, _ in wanted]),
-            Point.point_id.in_([p for _, p in wanted]), Point.damage.is_(None)))}
-        if wanted <= have:
+        if item.id in b.members and _complete(s, b):
             return b, str(b.members[item.id]["point_id"])
     raise InvalidInput(f"{item.vm_name} has no multi-VM consistent (group) point",
                        hint="Its group must be consistent (drsite groups update GROUP "
@@ -354,14 +504,19 @@ def member_point(s: Session, barrier_id: str, item: Item) -> tuple[GroupBarrier,
     return b, pid
 
 
-def view(b: GroupBarrier, group_name: str) -> dict[str, Any]:
-    return {"id": b.id, "group": group_name, "state": b.state, "app_consistent": b.app_consistent,
-            "started_at": b.started_at, "ended_at": b.ended_at, "point_time": b.point_time,
-            "message": b.message,
+def view(b: GroupBarrier, group_name: str, s: Session | None = None) -> dict[str, Any]:
+    """The barrier as the API shows it; with a session, ``complete``: a committed group point
+    every member point of which is still catalogued undamaged (one failover can use)."""
+    out = {"id": b.id, "group": group_name, "state": b.state, "app_consistent": b.app_consistent,
+           "started_at": b.started_at, "ended_at": b.ended_at, "point_time": b.point_time,
+           "message": b.message, "mode": "cut" if _is_cut(b) else "two_phase",
             "members": {i: {k: m.get(k) for k in ("vm_name", "state", "point_id",
                                                    "point_created_at", "held", "paused_s",
                                                    "error")}
                         for i, m in sorted((b.members or {}).items())}}
+    if s is not None:
+        out["complete"] = b.state == "committed" and _complete(s, b)
+    return out
 
 
 def missed_barriers(s: Session) -> dict[str, GroupBarrier]:

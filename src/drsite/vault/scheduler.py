@@ -11,7 +11,8 @@ own facts:
 - ``resync`` → a ``resync`` command (``by_hand: false``) — the planner only says so inside the
   policy's resync window (by hand, the Resync job sends it at once);
 - never more than one outstanding replication command (protect, cycle, resync) per item;
-- ``retention`` hourly (own command, one outstanding at most);
+- ``retention`` hourly (own command, one outstanding at most; ``keep``: the member points
+  group points within retention keep, ``barrier.kept_member_points``);
 - ``scrub`` of the item's recovery store every ``policy.scrub_interval_s``, sent to the host
   that reads the store cheaply, and a repair ``resync`` (compared with what the store can
   restore) when a scrub found the newest point damaged (rules in ``vault/scrub.py``);
@@ -35,6 +36,7 @@ from sqlalchemy.orm import Session
 
 from drsite.core.errors import CorruptData, TrackingLost, from_dict
 from drsite.core.model import TrackingState
+from drsite.core.retention import rule_for_hours
 from drsite.core.retry import RetryState
 from drsite.core.states import OPEN_COMMAND_STATUSES, CommandStatus, ItemProtection
 from drsite.replication.planner import Action, PlanInput, app_consistent_due, next_cycle_at, plan
@@ -42,7 +44,7 @@ from drsite.replication.report import ItemState
 from drsite.vault import commands, storeacl
 from drsite.vault import scrub as scrubbing
 from drsite.vault.audit import record_event
-from drsite.vault.barrier import BarrierRunner
+from drsite.vault.barrier import BarrierRunner, kept_member_points
 from drsite.vault.db.database import Database
 from drsite.vault.db.models import Command, Group, Host, Item, Policy
 from drsite.vault.ids import new_id
@@ -182,6 +184,11 @@ class Scheduler:
                             continue
                         d.host_id, d.args = storeacl.retention_target(s, row,
                                                                       agent_settings(policy))
+                        # member points of group points within retention stay
+                        keep = kept_member_points(s, item.id, item.group_id,
+                                                  rule_for_hours(policy.retention_hours), now)
+                        if keep:
+                            d.args = {**d.args, "keep": sorted(keep)}
                     due.append(d)
                 due.extend(_scrub(s, item, policy, kinds, now))
         if not due:

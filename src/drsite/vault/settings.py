@@ -51,6 +51,11 @@ class VaultSettings:
     rollback_timeout_s: float = 600.0
     # an agent's clock may run this far ahead of the vault's when its retention removes points
     retention_skew_s: float = 300.0
+    # consistency groups: a clock cut (``vault/barrier_design.md``) instead of the two-phase
+    # barrier's prepare round trip; the guest is held ``barrier_cut_margin_s`` plus twice the
+    # agent's clock uncertainty, plus the seal
+    barrier_clock_cut: bool = True
+    barrier_cut_margin_s: float = 0.02
     # the controller lease: a controller that stops renewing it is replaced after this long
     lease_s: float = 10.0
     listen: str | None = None

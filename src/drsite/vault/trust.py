@@ -11,8 +11,9 @@ A point removal from the owner must be explained by something the vault can chec
   failover commit (every point but the committed one);
 - the item's retention rule (:func:`drsite.core.retention.points_to_keep` over the vault's own
   catalogue, ``rule_for_hours(policy.retention_hours)``, evaluated ``retention_skew_s`` ahead
-  to absorb the agent's clock running ahead): a point the rule keeps, and the newest point, are
-  never removable by retention.
+  to absorb the agent's clock running ahead): a point the rule keeps, the newest point, and a
+  member point of a group point the rule keeps (``barrier.kept_member_points``) are never
+  removable by retention.
 An unexplained removal is refused (the catalogue keeps the point), recorded and alerted.
 
 Security alerts (``kind`` ``security``, severity critical) are raised by events, not by
@@ -42,6 +43,7 @@ from drsite.core.errors import InvalidInput, PointNotAuthentic, from_dict
 from drsite.core.retention import PointStamp, RetentionRule, points_to_keep, rule_for_hours
 from drsite.core.states import CommandStatus
 from drsite.vault.audit import AuditEntry, record_audit, record_event
+from drsite.vault.barrier import kept_member_points
 from drsite.vault.db.models import Alert, Command, Failover, Host, Item, Point
 from drsite.vault.scheduler import item_policy
 from drsite.vault.storeacl import serves_store
@@ -142,11 +144,14 @@ def judge_removals(s: Session, item: Item, removed: list[str], now: float,
     newest = max(rows, key=lambda r: (r.seq, r.created_at, r.point_id)).point_id
     keep = points_to_keep([PointStamp(r.point_id, r.created_at, r.consistency == "app", False,
                                       seq=r.seq) for r in rows], rule, now + skew_s)
+    grouped = kept_member_points(s, item.id, item.group_id, rule, now + skew_s)
     accepted: list[str] = []
     refused: dict[str, str] = {}
     for pid in asked:
         if pid == newest:
             refused[pid] = "it is the newest point"
+        elif pid in grouped:
+            refused[pid] = "a group point within the retention keeps it"
         elif pid in keep:
             refused[pid] = (f"the retention rule ({rule.retention_s / 3600:g} h, every point of "
                             f"the last {rule.keep_all_s / 3600:g} h) keeps it")

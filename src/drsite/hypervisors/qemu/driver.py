@@ -58,6 +58,7 @@ from drsite.core.model import (
 )
 from drsite.fsutil import flock_exclusive, read_record, write_record
 from drsite.hypervisors.contract import DiskReader
+from drsite.hypervisors.qemu import hold as holds
 from drsite.hypervisors.qemu.guest_agent import GuestAgent
 from drsite.hypervisors.qemu.layout import QemuDisk, QemuVmConfig, VmDir
 from drsite.hypervisors.qemu.nbd import NbdClient
@@ -139,6 +140,7 @@ class QemuHypervisor:
         self.start_timeout = start_timeout
         self._writers: dict[tuple[Path, str], tuple[str, NbdClient]] = {}
         self._writers_lock = threading.RLock()
+        self._watchdogs: holds.Watchdogs = {}  # holdwatch process per held VM
 
     # -- locating VMs -------------------------------------------------------------------------
     def _configs(self) -> list[tuple[VmDir, QemuVmConfig]]:
@@ -391,6 +393,10 @@ class QemuHypervisor:
         systems are frozen through qemu-guest-agent around the transaction; without an
         answering agent the cycle is crash-consistent and ``note`` says why.
         """
+        return self._seal(vm_id, app_consistent=app_consistent)
+
+    def _seal(self, vm_id: str, *, app_consistent: bool, extra_notes: tuple[str, ...] = ()
+              ) -> SealedCycle:
         paths, cfg = self._locate(vm_id)
         with self._session(paths, cfg) as (cyc, runner):
             tr = read_record(paths.tracking)
@@ -408,7 +414,7 @@ class QemuHypervisor:
             nxt = f"{BITMAP_PREFIX}{tr['epoch'][:12]}-{gen}"
             tr["sealing"] = {"cycle_id": cycle_id, "next": nxt}
             write_record(paths.tracking, tr)
-            notes = list(tr.get("notes", []))
+            notes = [*tr.get("notes", []), *extra_notes]
             consistency = Consistency.CRASH
             agent: GuestAgent | None = None
             if app_consistent:
@@ -455,6 +461,57 @@ class QemuHypervisor:
             tr.update(bitmap=nxt, gen=gen, sealing=None, notes=[])
             write_record(paths.tracking, tr)
             return self._cycle(rec)
+
+    # -- group barrier (contract.WriteHolder; the mechanics in hold.py) -------------------------
+    def hold(self, vm_id: str, barrier_id: str, *, timeout_s: float,
+             app_consistent: bool = False) -> dict[str, object]:
+        """Hold the guest's writes for a group barrier: QMP ``stop`` until :meth:`seal_held`
+        or :meth:`unhold` resume it (``cont``), never past ``timeout_s`` (a ``holdwatch``
+        process keeps the bound even when this process is stopped or killed). A VM in
+        ``prelaunch`` is held without a stop; an off VM, or one paused by someone else, is not
+        held (its seal reports ``held: false``). ``app_consistent`` is not honoured (a stopped
+        guest cannot run its freeze): the member point is crash-consistent with a note, which
+        keeps the cut consistent. Writes through :meth:`write` (the NBD test writer) are not
+        guest I/O and are not held."""
+        if not 0 < timeout_s <= 60:
+            raise InvalidInput("a write hold lasts more than 0 and at most 60 seconds")
+        paths, cfg = self._locate(vm_id)
+        with _vm_lock(paths):
+            return holds.begin(paths, cfg.name, barrier_id, timeout_s, app_consistent,
+                               self._watchdogs)
+
+    def seal_held(self, vm_id: str, barrier_id: str, *, app_consistent: bool = False
+                  ) -> tuple[SealedCycle, dict[str, object]]:
+        """Seal (one QMP transaction, as :meth:`seal`) while the VM is held, then resume it;
+        ``held`` is True only when the hold of ``barrier_id`` lasted without a break."""
+        paths, _ = self._locate(vm_id)
+        with _vm_lock(paths):
+            mine = holds.recorded(paths, barrier_id)
+            held = mine is not None and holds.unbroken(paths, mine)
+            notes: tuple[str, ...] = ()
+            if not held:
+                notes = (f"group barrier {barrier_id}: the write hold had ended; a per-VM "
+                         "point",)
+            elif app_consistent or (mine or {}).get("app_consistent"):
+                notes = ("held by QMP stop, without the guest's freeze: crash-consistent",)
+            try:
+                cycle = self._seal(vm_id, app_consistent=app_consistent and not held,
+                                   extra_notes=notes)
+            finally:
+                paused = time.monotonic() - float(mine["started"]) if mine is not None else 0.0
+                if mine is not None:
+                    holds.end(paths, mine, self._watchdogs)
+        return cycle, {"id": barrier_id, "held": held, "paused_s": paused}
+
+    def unhold(self, vm_id: str, barrier_id: str) -> bool:
+        """End the hold of ``barrier_id`` without sealing (resume the VM); False if none."""
+        paths, _ = self._locate(vm_id)
+        with _vm_lock(paths):
+            rec = holds.recorded(paths, barrier_id)
+            if rec is None:
+                return False
+            holds.end(paths, rec, self._watchdogs)
+            return True
 
     def _quiesce(self, paths: VmDir, cfg: QemuVmConfig, runner: Runner
                  ) -> tuple[GuestAgent | None, Consistency, str]:

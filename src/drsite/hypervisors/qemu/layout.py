@@ -115,6 +115,11 @@ class VmDir:
         return self.dir / "stop.json"
 
     @property
+    def hold(self) -> Path:
+        """A group barrier's write hold (``QemuHypervisor.hold``; ``holdwatch`` ends it)."""
+        return self.dir / "hold.json"
+
+    @property
     def lock(self) -> Path:
         return self.dir / ".lock"
 

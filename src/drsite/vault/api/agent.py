@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request, status
 from sqlalchemy.orm import Session
 
 from drsite.core.errors import Conflict, InvalidInput, NotFound
+from drsite.core.states import CommandStatus
 from drsite.pki import CertIdentity, cert_identity
 from drsite.vault import barrier, commands, fencing
 from drsite.vault.api.deps import PeerCert, VaultDep, name, note, set_actor
@@ -141,6 +142,16 @@ def _take_pending(vault: Vault, ident: CertIdentity) -> tuple[str, list[dict[str
         return host.id, [commands.to_wire(c) for c in commands.deliver_pending(s, host.id, now)]
 
 
+@router.post("/clock", summary="The vault's cut clock, for an agent's offset estimate")
+async def clock(vault: VaultDep, cert: PeerCert) -> dict[str, Any]:
+    """``{clock_id, t}``: the clock group barriers' cuts are named in (``barrier.cut_clock``,
+    this process's monotonic clock). Answered on the event loop without a thread hop or the
+    database (a cached certificate check), so its round trip, which bounds the agent's
+    offset uncertainty, stays short."""
+    verify_agent_cert(vault.ca, cert)
+    return {"clock_id": barrier.CLOCK_ID, "t": barrier.cut_clock()}
+
+
 @router.post("/commands/wait", summary="Long poll: this host's commands as soon as they exist")
 async def wait_commands(body: CommandWaitIn, vault: VaultDep, cert: PeerCert) -> dict[str, Any]:
     """The command channel (``docs/control-plane.md``): answers at once with the host's pending
@@ -184,8 +195,11 @@ def command_result(command_id: str, body: CommandResultIn, vault: VaultDep,
         cmd = s.get(Command, name("command id", command_id))
         if cmd is None or cmd.host_id != host.id:
             raise NotFound(f"no command {command_id!r} for this host")
-        if commands.record_result(cmd, status=body.status, progress=body.progress, result=body.result,
-                                  error=body.error, now=now):
+        ended = commands.record_result(cmd, status=body.status, progress=body.progress,
+                                       result=body.result, error=body.error, now=now)
+        if not ended and cmd.status == CommandStatus.RUNNING:
+            barrier.on_progress(s, cmd)
+        if ended:
             apply_result(s, cmd, now)
             barrier.on_result(s, cmd, now)
             alert_not_authentic(s, host, cmd, now)

@@ -256,7 +256,7 @@ def list_group_points(group: str, vault: VaultDep, _p: Reader, all: bool = False
                       limit: int = 100) -> list[dict[str, Any]]:
     with vault.db.read() as s:
         g = get_group(s, group)
-        return [barrier.view(b, g.name) for b in barrier.group_points(
+        return [barrier.view(b, g.name, s) for b in barrier.group_points(
             s, g, include_partial=all, limit=max(1, min(limit, 1000)))]
 
 

@@ -1,0 +1,52 @@
+"""Clock-cut maths (``core/clockcut.py``): whatever the true offset, the split of a round
+trip between its two directions and a clock drift within ``DRIFT``, a member that claims its
+hold began before the cut and its seal after it is right on the vault's clock."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from drsite.core.clockcut import DRIFT, ClockSample, CutPlan, best_sample
+
+
+@settings(max_examples=400, deadline=None)
+@given(offset=st.floats(-1e6, 1e6), sent=st.floats(0, 1e5), up=st.floats(0, 0.05),
+       down=st.floats(0, 0.05), drift=st.floats(-DRIFT * 0.999, DRIFT * 0.999),
+       lead=st.floats(0.0, 0.5), probe=st.floats(-0.3, 0.3), margin=st.floats(0.001, 0.05))
+def test_a_claim_is_true_on_the_vault_clock(offset: float, sent: float, up: float, down: float,
+                                           drift: float, lead: float, probe: float,
+                                           margin: float) -> None:
+    # the vault's clock at local time t: V(t) = t + offset + drift * (t - at), read at ``at``
+    at = sent + up
+
+    def vault(t: float) -> float:
+        return t + offset + drift * (t - at)
+
+    s = ClockSample("c", vault(at), sent, at + down)
+    cut_at = vault(at + down) + lead
+    plan = CutPlan(s, cut_at, margin)
+    t = plan.cut_local + probe
+    if plan.held_before_cut(t):
+        assert vault(t) < cut_at
+    if plan.sealed_after_cut(t):
+        assert vault(t) > cut_at
+    # the planned instants keep their promise
+    seal = plan.seal_from()
+    assert plan.sealed_after_cut(seal) and vault(seal) > cut_at
+    if plan.held_before_cut(plan.hold_at() + margin / 2):
+        assert vault(plan.hold_at() + margin / 2) < cut_at
+
+
+def test_the_shortest_round_trip_of_the_named_clock_wins() -> None:
+    a = ClockSample("v1", 100.0, 10.0, 10.010)
+    b = ClockSample("v1", 100.5, 10.5, 10.502)
+    c = ClockSample("v2", 100.6, 10.6, 10.6001)
+    assert best_sample([a, b, c], "v1", 10.6) is b
+    assert best_sample([a, b, c], "v3", 10.6) is None
+    assert abs(b.offset - 89.999) < 1e-9 and abs(b.radius - 0.001) < 1e-9
+    # a hold 5 ms before the cut is surely before it; 1 ms is not (u is 1.3 ms)
+    plan = CutPlan(b, 100.8, 0.01)  # 0.3 s on: u = 1 ms + 0.3 ms of drift
+    assert plan.held_before_cut(plan.cut_local - 0.005)
+    assert not plan.held_before_cut(plan.cut_local - 0.001)
+    assert plan.seal_from() > plan.cut_local + b.radius
