@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import MiB, machine_info, workdir, write_json
+from clusterlib import power_off_all, wait
 
 from drsite.client.api import VaultClient
 from drsite.core.model import DiskSpec, VmSpec
@@ -39,16 +40,6 @@ from drsite.up import Cluster, down, start_agent, up
 
 HOSTS = (("primary", "primary"), ("primary-b", "primary-b"))  # (vms dir, agent key)
 BOUND_MS = 500
-
-
-def wait(what: str, check: Any, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise SystemExit(f"timed out waiting for {what}")
 
 
 class Writer:
@@ -102,10 +93,7 @@ def main() -> int:
             res = run(c, args.seconds)
         finally:
             down(c)
-            for d, _ in HOSTS:
-                h = FileHypervisor(c.root / d / "vms")
-                for v in h.list_vms():
-                    h.power_off(v.vm_id, force=True)
+            power_off_all(c.root, tuple(d for d, _ in HOSTS))
     res["machine"] = machine
     res["loadavg"] = {"before": load_before, "after": os.getloadavg()}
     report(res)
