@@ -16,6 +16,7 @@ from drsite.hypervisors.contract import DiskReader, VectorDiskReader
 
 READ_AHEAD_BATCHES = 3
 MAX_BATCH_EXTENTS = 4096
+ALIGN = 4096
 KEEP_FREE_SLABS = 8  # free batch buffers a pool keeps for reuse (more are freed)
 
 
@@ -51,7 +52,10 @@ class SlabPool:
         with self._lock:
             arr = self._free.pop() if self._free else None
         if arr is None or arr.size < n:
-            arr = np.empty(max(n, self.size), np.uint8)
+            m = max(n, self.size)
+            base = np.empty(m + ALIGN, np.uint8)
+            at = -base.ctypes.data % ALIGN
+            arr = base[at:at + m]  # page-aligned (direct I/O can write from it)
         return Slab(arr, self)
 
     def give_back(self, arr: npt.NDArray[np.uint8]) -> None:
