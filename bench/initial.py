@@ -15,7 +15,9 @@ Both page-cache states are measured: **cold** (caches dropped before every timed
 process may) and **warm** (the source image read into the page cache before every timed run,
 for cp and for us alike). Throughput = logical image bytes / wall seconds; each side runs
 ``--runs`` times per state (interleaved), the best (fastest) run of each is reported.
-Goals: (a) ours / cp >= 0.8, (b) ours incl. replica / cp >= 0.6.
+Goals: (a) ours / cp >= 0.8, (b) ours incl. replica / cp >= 0.6. CPU seconds are printed
+too (cp's process; every thread of ours): on a shared box wall time also measures the
+neighbours, CPU time is what each copy costs.
 
     .venv/bin/python bench/initial.py [--size-mib 2048] [--fill 0.5] [--runs 2]
         [--cache cold,warm] [--workdir DIR]
