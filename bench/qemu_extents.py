@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
             def engine_read() -> float:
                 t = time.perf_counter()
-                got = sum(len(b) for _, _, b in read_batches(reader, changed.split(4 * MiB), 4 * MiB))
+                got = sum(len(b) for _, _, b, _ in read_batches(reader, changed.split(4 * MiB), 4 * MiB))
                 assert got == total
                 return time.perf_counter() - t
 

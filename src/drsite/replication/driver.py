@@ -40,7 +40,7 @@ from drsite.core.retention import RetentionRule
 from drsite.core.throttle import TokenBucket
 from drsite.hypervisors.contract import HypervisorDriver
 from drsite.replication import allocator
-from drsite.replication.batches import read_batches
+from drsite.replication.batches import SlabPool, read_batches
 from drsite.replication.planner import (
     Action,
     Decision,
@@ -455,20 +455,23 @@ class ItemReplicator:
                     rate = self.settings.bandwidth_limit_bps
                     bucket = TokenBucket(rate, self.clock)
                     io = max(64 * 1024, min(io, rate // 4))  # small pieces: a smooth rate
+                slabs = SlabPool(io)  # read buffers, reused across the cycle's disks
                 for disk_id in sorted(remaining):
                     ext = remaining[disk_id].split(io)
                     if len(ext) == 0:
                         continue
                     reader = self.driver.open_cycle_reader(cycle, disk_id)
                     try:
-                        for offs, lens, data in read_batches(reader, ext, io):
+                        for offs, lens, data, slab in read_batches(reader, ext, io, slabs):
                             if bucket is not None:
                                 bucket.consume(len(data))
-                            writer.write_many(disk_id, offs, lens, data)
+                            writer.write_many(disk_id, offs, lens, data, owner=slab)
                             rep.bytes_done += len(data)
                             since_save += len(data)
                             if since_save >= self.settings.save_every_bytes:
-                                writer.flush()
+                                # progress only: packs are stored as they fill (the writer
+                                # keeps a few in flight), so no flush here, which would
+                                # stall reading and compressing until every upload landed
                                 since_save = 0
                                 self._save()
                             self._emit()

@@ -93,11 +93,37 @@ def decompressor() -> Any:
     return d
 
 
+PROBE = 8 << 10      # bytes of each compressibility probe
+PROBES = 4           # probes spread over a frame of at least PROBE_MIN bytes
+PROBE_MIN = 256 << 10
+PROBE_GAIN = 0.9     # a probe compressing below this ratio means "compress the frame"
+
+
+def looks_incompressible(raw: bytes | memoryview, level: int) -> bool:
+    """Whether ``PROBES`` small slices spread over a large frame all fail to compress: then the
+    frame is stored raw without running zstd over it. zstd itself passes random data quickly,
+    but its output buffer (the frame's size, fresh memory) cost a page fault per 4 KiB: for
+    incompressible data that was most of the kernel time of an initial copy. A frame mixing
+    random and compressible data may be stored raw: correct, only less compact."""
+    n = len(raw)
+    if n < PROBE_MIN:
+        return False
+    c = compressor(level)
+    mv = memoryview(raw)
+    step = (n - PROBE) // (PROBES - 1)
+    for k in range(PROBES):
+        at = k * step
+        if len(c.compress(mv[at:at + PROBE])) < PROBE * PROBE_GAIN:
+            return False
+    return True
+
+
 def compress_frame(raw: bytes | memoryview, level: int) -> tuple[int, bytes | memoryview, bytes]:
     """(codec, payload, blake3-128 of raw). Runs in worker threads: blake3/zstd drop the GIL.
-    ``level`` 0 means no compression (a policy with compression off): frames are stored RAW."""
+    ``level`` 0 means no compression (a policy with compression off): frames are stored RAW,
+    as are frames that :func:`looks_incompressible`."""
     h = hash16(raw)
-    if level == 0:
+    if level == 0 or looks_incompressible(raw, level):
         return RAW, raw, h
     z = compressor(level).compress(raw)
     if len(z) >= len(raw):

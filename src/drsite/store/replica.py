@@ -48,6 +48,8 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _SYNC_FILE_RANGE_WRITE = 0x02
 WRITEBACK_EVERY_S = 0.5  # a streaming replica starts writing its dirty pages back this often
+DIRECT_ALIGN = 4096      # offset, length and memory alignment of a direct write
+DIRECT_MIN = 256 << 10   # runs at least this large bypass the page cache when they can
 
 _libc: Any = None
 
@@ -388,6 +390,8 @@ class ReplicaStream:
         self.base = base
         self.disk_sizes = dict(disk_sizes)
         self._fds: dict[str, int] = {}
+        self._direct: dict[str, int] = {}  # O_DIRECT descriptors (absent: not supported here)
+        self._no_direct: set[str] = set()  # disks whose direct writes were refused
         self._fresh: dict[str, bool] = {}
         self._stop = threading.Event()
         self._flusher: threading.Thread | None = None
@@ -401,6 +405,9 @@ class ReplicaStream:
                     os.ftruncate(fd, 0)  # every range not written reads as zeros
                 os.ftruncate(fd, size)
                 self._fresh[disk_id] = fresh
+                with contextlib.suppress(OSError, AttributeError):  # tmpfs: no O_DIRECT
+                    self._direct[disk_id] = os.open(path, os.O_WRONLY | os.O_DIRECT
+                                                    | os.O_CLOEXEC)
         except OSError as exc:
             self.close()
             raise classify_os_error(exc, f"replica images in {hydrator.dir}") from exc
@@ -426,8 +433,23 @@ class ReplicaStream:
                                   strict=True):
                     zero_range(fd, off, n)
             data = runs[~zero]
+            dfd = -1 if disk_id in self._no_direct else self._direct.get(disk_id, -1)
+            addr = np.frombuffer(mv, np.uint8).ctypes.data if dfd >= 0 and len(mv) else 0
             for off, n, ro in zip(data["offset"].tolist(), data["length"].tolist(),
                                   data["roff"].tolist(), strict=True):
+                if n >= DIRECT_MIN and dfd >= 0 and not (off | n | (addr + ro)) % DIRECT_ALIGN:
+                    # large aligned runs (an initial copy's) skip the page cache: no copy
+                    # into it and nothing left for the final fsync to write
+                    try:
+                        if os.pwrite(dfd, mv[ro:ro + n], off) == n:
+                            continue
+                    except OSError as exc:
+                        if exc.errno != errno.EINVAL:
+                            raise
+                        # refused here: buffered from now on (the descriptor stays open until
+                        # close(): other worker threads may be using it)
+                        self._no_direct.add(disk_id)
+                        dfd = -1
                 done = os.pwrite(fd, mv[ro:ro + n], off)
                 while done < n:
                     done += os.pwrite(fd, mv[ro + done:ro + n], off + done)
@@ -463,6 +485,7 @@ class ReplicaStream:
         if self._flusher is not None and self._flusher is not threading.current_thread():
             self._flusher.join()
         fds, self._fds = self._fds, {}
-        for fd in fds.values():
+        direct, self._direct = self._direct, {}
+        for fd in [*fds.values(), *direct.values()]:
             with contextlib.suppress(OSError):
                 os.close(fd)

@@ -64,6 +64,7 @@ class _Pending:
     disk: int
     entries: Entries | None  # None: the future classifies the piece
     future: Future[tuple[Entries, int, bytes | memoryview, bytes]] | None
+    owner: object = None  # keeps the caller's buffer alive while the frame may point into it
 
 
 Tee = Callable[[str, Entries, bytes | memoryview], None]
@@ -155,8 +156,10 @@ class PointWriter:
         self._broken = False
         self._queue: deque[_Pending] = deque()
         self._window = 4 * repo.threads
-        # the open pack: frames and their entries (disk index in "disk")
+        # the open pack: frames and their entries (disk index in "disk"), and the owners of
+        # the caller buffers that frames stored raw still point into
         self._frames: list[bytes | memoryview] = []
+        self._owners: list[object] = []
         self._open: list[Entries] = []
         self._open_size = 0
         self._open_entries = 0
@@ -225,14 +228,18 @@ class PointWriter:
         self.write_many(disk_id, np.array([offset], np.int64), np.array([n], np.int64), data)
 
     def write_many(self, disk_id: str, offsets: npt.ArrayLike, lengths: npt.ArrayLike,
-                   data: bytes | bytearray | memoryview) -> None:
+                   data: bytes | bytearray | memoryview, *, owner: object = None) -> None:
         """Record many extents of one disk at once: extent ``i`` is ``lengths[i]`` bytes at
         ``offsets[i]``, the extents' bytes concatenated in ``data``, in write order (a later
         extent wins where two overlap, as with separate :meth:`write` calls).
 
         Consecutive extents share zstd frames of up to ``FRAME_MAX`` bytes, so scattered small
         writes cost an index row each, not a frame each. Copied before this returns (the caller
-        may reuse ``data``); durable only after :meth:`flush`."""
+        may reuse ``data``), unless ``owner`` is given: then ``data`` is used in place and the
+        writer holds a reference to ``owner`` for as long as it may still read ``data`` (the
+        caller must not change ``data`` while ``owner`` is alive: a ``batches.Slab`` goes back
+        to its pool only when its last reference is dropped). Durable only after
+        :meth:`flush`."""
         view = memoryview(data).cast("B")
         off = np.asarray(offsets, np.int64).reshape(-1)
         ln = np.asarray(lengths, np.int64).reshape(-1)
@@ -258,17 +265,20 @@ class PointWriter:
         bounds = np.concatenate([fstarts, [po.size]]).tolist()
         ends = np.concatenate([[0], np.cumsum(pl)]).tolist()
         assert self._pool is not None
-        # the one copy (the caller may reuse its buffer), for the whole batch at once; its
-        # frames are views of it. Zero detection and compression run in the worker threads
-        # so this thread only feeds them.
-        slab = np.empty(total, np.uint8)
-        slab[:] = np.frombuffer(view, np.uint8)
-        smv = slab.data
+        # frames are views of the caller's buffer (``owner`` set: kept alive while needed) or
+        # of one copy of the whole batch (the caller may reuse its buffer). Zero detection and
+        # compression run in the worker threads so this thread only feeds them.
+        if owner is None:
+            slab = np.empty(total, np.uint8)
+            slab[:] = np.frombuffer(view, np.uint8)
+            smv, owner = slab.data, slab
+        else:
+            smv = view
         for a, b in itertools.pairwise(bounds):
             frame = smv[ends[a]:ends[b]]
             fut = self._pool.submit(_prepare, frame, po[a:b], pl[a:b], self.zstd_level, self.tee,
                                     disk_id)
-            self._queue.append(_Pending(i, None, fut))
+            self._queue.append(_Pending(i, None, fut, owner))
             self._drain(self._window)
 
     def write_zero(self, disk_id: str, offset: int, length: int) -> None:
@@ -300,6 +310,8 @@ class PointWriter:
                     e["flen"][data] = len(payload)
                     e["hash"][data] = np.frombuffer(h, "V16")[0]
                     self._frames.append(payload)
+                    if isinstance(payload, memoryview):  # stored raw: may point into the batch
+                        self._owners.append(item.owner)
                     self._open_size += len(payload)
             else:
                 assert item.entries is not None
@@ -320,18 +332,22 @@ class PointWriter:
         e = np.concatenate(self._open)
         header = {"v": 1, "cycle": self.cycle_id, "pack_no": self._pack_no,
                   "disks": self.disk_ids}
-        frames = self._frames
+        frames, owners = self._frames, self._owners
         self._pack_no += 1
         self._frames, self._open, self._open_size, self._open_entries = [], [], 0, 0
+        self._owners = []
         assert self._uploader is not None
-        self._uploads.append((self._uploader.submit(self._upload, frames, header, e), e))
+        self._uploads.append((self._uploader.submit(self._upload, frames, owners, header, e),
+                              e))
         self._reap(max(UPLOADS_IN_FLIGHT, self.repo.upload_threads + 1))
 
-    def _upload(self, frames: list[bytes | memoryview], header: dict[str, Any], e: Entries
-                ) -> tuple[str, int]:
+    def _upload(self, frames: list[bytes | memoryview], owners: list[object],
+                header: dict[str, Any], e: Entries) -> tuple[str, int]:
         with self._bufs_lock:
             buf = self._bufs.pop() if self._bufs else None
         blob = encode_pack(frames, header, e, buf)
+        frames.clear()  # copied into the pack: the batches' buffers may be reused now
+        owners.clear()
         try:
             rel = f"packs/{self.cycle_id}/{hex_hash(blob)}"
             try:
