@@ -37,8 +37,9 @@ class Served:
                                               client_cert="optional")
         url = self.handle.url
         admin = (settings.data_dir / "admin.token").read_text().strip()
+        # set-up, not under test: a loaded CI box may take more than httpx's default 5 s
         op = httpx.Client(base_url=url + "/api/v1", verify=tlsutil.client_context(v.tls.ca),
-                          headers={"Authorization": f"Bearer {admin}"})
+                          headers={"Authorization": f"Bearer {admin}"}, timeout=60.0)
         op.post("/sites", json={"name": "prim"}).raise_for_status()
         key = op.post("/sites/prim/registration-keys", json={"ttl_s": 600}).json()["key"]
         key_pem, csr = make_key_and_csr("hv1")
