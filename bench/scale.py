@@ -14,8 +14,9 @@ commands like the agent (a ``running`` post at once, then the final result): ``p
 ``retention``, ``update_settings``, ``unprotect`` → succeeded at once. (``--protocol poll``: the
 agent before the command channel — full heartbeats, commands in their replies only.) No data
 moves: this measures the control plane only. One more simulated host in the target site serves
-a (never contacted) store: it reports its URL and confirms the access list the vault sends, so
-the vault has a recovery store to point items at.
+a (never contacted) store: it holds the site's store role (``PUT /sites/dr/store-host``), reports
+its URL and confirms the access list the vault sends, so the vault has a recovery store to point
+items at.
 
 Setup: sites ``prod`` and ``dr``; a policy (frequency ``--frequency``, no app-consistent
 points); a group of site ``prod`` matching the label ``bench`` with that policy — every VM the
@@ -709,6 +710,8 @@ def run_engine(engine: str, a: argparse.Namespace, root: Path) -> dict[str, Any]
         certs = d / "certs"
         certs.mkdir()
         ctx = register(adm, base, ca, certs, "dr", "dr-store")
+        # a store is served by the holder of its site's store role, which an admin assigns
+        ok(adm.put("/sites/dr/store-host", json={"host": "dr-store"}))
         gen.hosts.append(SimHost("dr-store", base, ctx, [], "https://127.0.0.1:9/bench-store", gen))
         per_host: list[list[dict[str, Any]]] = [[] for _ in range(a.hosts)]
         for i in range(a.items):
