@@ -14,8 +14,9 @@ commands like the agent (a ``running`` post at once, then the final result): ``p
 ``retention``, ``update_settings``, ``unprotect`` → succeeded at once. (``--protocol poll``: the
 agent before the command channel — full heartbeats, commands in their replies only.) No data
 moves: this measures the control plane only. One more simulated host in the target site serves
-a (never contacted) store: it reports its URL and confirms the access list the vault sends, so
-the vault has a recovery store to point items at.
+a (never contacted) store: it holds the site's store role (``PUT /sites/dr/store-host``), reports
+its URL and confirms the access list the vault sends, so the vault has a recovery store to point
+items at.
 
 Setup: sites ``prod`` and ``dr``; a policy (frequency ``--frequency``, no app-consistent
 points); a group of site ``prod`` matching the label ``bench`` with that policy — every VM the
@@ -709,6 +710,8 @@ def run_engine(engine: str, a: argparse.Namespace, root: Path) -> dict[str, Any]
         certs = d / "certs"
         certs.mkdir()
         ctx = register(adm, base, ca, certs, "dr", "dr-store")
+        # a store is served by the holder of its site's store role, which an admin assigns
+        ok(adm.put("/sites/dr/store-host", json={"host": "dr-store"}))
         gen.hosts.append(SimHost("dr-store", base, ctx, [], "https://127.0.0.1:9/bench-store", gen))
         per_host: list[list[dict[str, Any]]] = [[] for _ in range(a.hosts)]
         for i in range(a.items):
@@ -723,12 +726,22 @@ def run_engine(engine: str, a: argparse.Namespace, root: Path) -> dict[str, Any]
         # every item protected and no job active
         t_prot = time.perf_counter()
         deadline = time.monotonic() + a.setup_timeout
+        setup_errors: list[str] = []
         while True:
             time.sleep(3)
-            n_items = ok(adm.get("/items", params={"limit": 1}))["total"]
-            protected = ok(adm.get("/items", params={"limit": 1,
-                                                     "protection": "protected"}))["total"]
-            active = ok(adm.get("/jobs", params={"state": "active", "limit": 1}))["total"]
+            try:
+                n_items = ok(adm.get("/items", params={"limit": 1}))["total"]
+                protected = ok(adm.get("/items", params={"limit": 1,
+                                                         "protection": "protected"}))["total"]
+                active = ok(adm.get("/jobs", params={"state": "active", "limit": 1}))["total"]
+            except (RuntimeError, httpx.HTTPError) as e:
+                # a transient refusal (HTTP 5xx, a dropped connection) while the vault is
+                # loaded: recorded and asked again, not the end of a long setup
+                if "transient" not in str(e) and not isinstance(e, httpx.HTTPError):
+                    raise
+                setup_errors.append(str(e)[:300])
+                print(f"  [{engine}] setup poll failed, asking again: {str(e)[:200]}", flush=True)
+                continue
             print(f"  [{engine}] {time.perf_counter() - t_prot:5.0f} s: {protected}/{a.items} "
                   f"protected, {n_items} items, jobs active: {active}", flush=True)
             if protected >= a.items and not active:
@@ -737,6 +750,7 @@ def run_engine(engine: str, a: argparse.Namespace, root: Path) -> dict[str, Any]
                 raise RuntimeError(f"{engine}: only {protected}/{a.items} items protected after "
                                    f"{a.setup_timeout} s; errors: {gen.stats.errors[:5]}")
         out["protect_all_s"] = time.perf_counter() - t_prot
+        out["setup_errors"] = setup_errors
         # the measured window
         probe = Probe(base, ca, reader, proc.pid, a.probe_pause)
         out["load_before"] = os.getloadavg()

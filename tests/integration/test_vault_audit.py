@@ -92,6 +92,7 @@ def test_every_mutation_of_a_scripted_scenario_is_audited(h: Harness,
     h.ok("POST", f"/items/{item_id}/resync", token=op)
     assert h.call("DELETE", "/tokens/ro").status_code == 204
     a2.beat(vms=VMS)
+    assert a2.post("/commands/wait", {"timeout_s": 0}).status_code == 200
 
     entries = trail(h)
     find(entries, "POST /api/v1/sites", actor="admin", target="name=prim", actor_kind="token",
@@ -123,8 +124,9 @@ def test_every_mutation_of_a_scripted_scenario_is_audited(h: Harness,
     find(entries, "DELETE /api/v1/stores/{store}", actor="admin", target="store=offsite")
     find(entries, "POST /api/v1/items/{item_id}/resync", actor="op", target=f"item_id={item_id}")
     find(entries, "DELETE /api/v1/tokens/{token}", actor="admin", target="token=ro")
-    # agent facts are not audited when accepted: heartbeats and results leave no rows
-    assert not [e for e in entries if e["action"] == "POST /api/v1/agent/heartbeat"]
+    # agent facts are not audited when accepted: heartbeats, results and polls leave no rows
+    assert not [e for e in entries if e["action"] in ("POST /api/v1/agent/heartbeat",
+                                                      "POST /api/v1/agent/commands/wait")]
     assert all(e["at"] == h.clock.now() for e in entries)
     # never a secret: not in the API's rows, the raw rows, nor the log lines
     text = json.dumps(entries) + raw_audit(h) + caplog.text

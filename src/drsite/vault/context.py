@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
 
@@ -105,6 +106,14 @@ ROLE_POLL_S = 1.0
 PROMOTE_TIMEOUT_S = 60
 
 
+# Agent requests write (a heartbeat, a command result and a delivery are each a transaction).
+# On SQLite one transaction writes at a time: 40 threads queued on the write lock held every
+# thread of the pool, and an operator's GET (a read, which WAL serves beside the writer) waited
+# for a free thread — GET /items p99 340 ms at 1,000 items. A few threads keep the writer busy.
+AGENT_THREADS_SQLITE = 8
+AGENT_THREADS = 24  # PostgreSQL writes in parallel (pool: database.POOL_SIZE + POOL_OVERFLOW)
+
+
 class Vault:
     """Everything one vault process holds. Built by :func:`bootstrap` (or :func:`attach`)."""
 
@@ -170,6 +179,11 @@ class Vault:
         if not db.sqlite:
             db.listen("after_flush", notify.after_flush)
             self.listener = notify.Listener(db.url, self.waiters.wake, self._jobs_changed)
+        # the threads agent requests (heartbeats, command results, the command channel's
+        # looks) may hold at once: the rest of the API's thread pool (anyio's default, 40)
+        # stays free for operators whatever the agents' write load (``api/agent.py``)
+        self.agent_limiter = anyio.CapacityLimiter(AGENT_THREADS_SQLITE if db.sqlite
+                                                   else AGENT_THREADS)
         self.recovered: dict[str, str] = {}
         self._later: ThreadPoolExecutor | None = None
         self._later_lock = threading.Lock()

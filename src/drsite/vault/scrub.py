@@ -69,14 +69,14 @@ def damage_of(s: Session, item_ids: list[str] | None = None) -> dict[str, Damage
         bad.setdefault(item_id, {})[point_id] = str((dmg or {}).get("reason") or "damaged")
     if not bad:
         return {}
-    newest_seq = dict(s.execute(select(Point.item_id, func.max(Point.seq))
-                                .where(Point.item_id.in_(sorted(bad))).group_by(Point.item_id)).all())
+    top = (select(Point.item_id, func.max(Point.seq).label("seq"))
+           .where(Point.item_id.in_(sorted(bad))).group_by(Point.item_id).subquery())
     newest: dict[str, str] = {}
-    for item_id, seq in newest_seq.items():
-        pid = s.scalars(select(Point.point_id).where(Point.item_id == item_id,
-                                                     Point.seq == seq)).first()
-        if pid is not None:
-            newest[item_id] = pid
+    for item_id, pid in s.execute(
+            select(Point.item_id, Point.point_id)
+            .join(top, (Point.item_id == top.c.item_id) & (Point.seq == top.c.seq))
+            .order_by(Point.item_id, Point.point_id)):
+        newest.setdefault(item_id, pid)  # one per item, whatever the number of damaged items
     return {i: Damage(p, newest.get(i)) for i, p in bad.items()}
 
 

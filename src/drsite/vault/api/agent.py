@@ -113,7 +113,15 @@ def _store_url(url: str | None) -> str | None:
 
 
 @router.post("/heartbeat", summary="Report inventory, items and points; receive commands")
-def heartbeat(body: HeartbeatIn, vault: VaultDep, cert: PeerCert, request: Request) -> dict[str, Any]:
+async def heartbeat(body: HeartbeatIn, vault: VaultDep, cert: PeerCert,
+                    request: Request) -> dict[str, Any]:
+    # agent requests run in threads of their own (vault.agent_limiter), never all of the API's
+    return await anyio.to_thread.run_sync(_heartbeat, body, vault, cert, request,
+                                          limiter=vault.agent_limiter)
+
+
+def _heartbeat(body: HeartbeatIn, vault: Vault, cert: bytes | None,
+               request: Request) -> dict[str, Any]:
     store_url = _store_url(body.store_url)
     beat = Beat(host_name=body.host_name, version=body.version, store_url=store_url, vms=body.vms,
                 items=[ItemBeat(item_id=i.item_id, report=i.report, new_points=i.new_points,
@@ -160,14 +168,16 @@ async def wait_commands(body: CommandWaitIn, vault: VaultDep, cert: PeerCert) ->
     also wake it by notification on PostgreSQL, ``vault/notify.py``),
     at most ``timeout_s``; then ``{"commands": []}``. It waits for the database only, never
     for an agent."""
-    ident = await anyio.to_thread.run_sync(verify_agent_cert, vault.ca, cert)
+    ident = await anyio.to_thread.run_sync(verify_agent_cert, vault.ca, cert,
+                                           limiter=vault.agent_limiter)
     deadline = time.monotonic() + body.timeout_s
     # registered before the first look (the certificate names the host id): a command
     # committed between that look and the wait still wakes it
     host_id = ident.common_name
     ev = vault.waiters.register(host_id)
     try:
-        _, cmds = await anyio.to_thread.run_sync(_take_pending, vault, ident)
+        _, cmds = await anyio.to_thread.run_sync(_take_pending, vault, ident,
+                                                  limiter=vault.agent_limiter)
         if cmds or body.timeout_s <= 0:
             return {"commands": cmds}
         while True:
@@ -177,7 +187,8 @@ async def wait_commands(body: CommandWaitIn, vault: VaultDep, cert: PeerCert) ->
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ev.wait(), timeout=min(left, vault.push_poll_s))
             ev.clear()
-            _, cmds = await anyio.to_thread.run_sync(_take_pending, vault, ident)
+            _, cmds = await anyio.to_thread.run_sync(_take_pending, vault, ident,
+                                                      limiter=vault.agent_limiter)
             if cmds:
                 return {"commands": cmds}
     finally:
@@ -185,8 +196,14 @@ async def wait_commands(body: CommandWaitIn, vault: VaultDep, cert: PeerCert) ->
 
 
 @router.post("/commands/{command_id}/result", summary="Post a command's progress or result")
-def command_result(command_id: str, body: CommandResultIn, vault: VaultDep,
-                   cert: PeerCert, request: Request) -> dict[str, Any]:
+async def command_result(command_id: str, body: CommandResultIn, vault: VaultDep,
+                         cert: PeerCert, request: Request) -> dict[str, Any]:
+    return await anyio.to_thread.run_sync(_command_result, command_id, body, vault, cert, request,
+                                          limiter=vault.agent_limiter)
+
+
+def _command_result(command_id: str, body: CommandResultIn, vault: Vault, cert: bytes | None,
+                    request: Request) -> dict[str, Any]:
     now = vault.settings.clock.now()
     ident = verify_agent_cert(vault.ca, cert)  # before the transaction (cached)
     set_actor(request, "host", ident.common_name)

@@ -3,9 +3,9 @@
 :class:`AuditMiddleware` records, after the response (in its own transaction, so a refused call
 whose transaction rolled back is recorded too):
 - every mutating call (POST/PUT/PATCH/DELETE) under ``/api/v1`` and every dashboard POST
-  (``/ui``), whatever its outcome — except an agent's accepted heartbeat or command result
-  (agent facts, recorded as the host's liveness and the command's state; what a heartbeat
-  carries that the vault refuses is audited by ``trust``);
+  (``/ui``), whatever its outcome — except an agent's accepted heartbeat, command result or
+  command-channel poll (agent facts, recorded as the host's liveness and the command's state;
+  what a heartbeat carries that the vault refuses is audited by ``trust``);
 - every refused read under ``/api/v1`` (401/403).
 Who: the token name or host id the route authenticated (``deps.set_actor``; routes that know
 more add ``deps.note(request)`` detail), else ``anonymous``. What: the route's template and target (its
@@ -48,7 +48,11 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-AGENT_FACTS = ("/api/v1/agent/heartbeat", "/api/v1/agent/commands/{command_id}/result")
+# an agent's accepted heartbeats, command results and command-channel polls: facts recorded as
+# the host's liveness and the commands' states (a long poll answers every command at scale:
+# auditing each cost a write transaction and a log line per delivery)
+AGENT_FACTS = ("/api/v1/agent/heartbeat", "/api/v1/agent/commands/{command_id}/result",
+               "/api/v1/agent/commands/wait")
 BODY_FIELDS = ("name", "host_name", "vm_id", "group", "site", "target_site", "role", "kind",
                "store", "policy")
 MAX_BODY = 64 * 1024

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Response, status
 from sqlalchemy import ColumnElement, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from drsite.core.errors import Conflict, InvalidInput, NotFound
 from drsite.core.states import FAILOVER_ITEM_STATUSES, LIVE_ITEM_STATUSES, ItemProtection
@@ -16,7 +16,7 @@ from drsite.vault.api.deps import Operator, Reader, VaultDep, name
 from drsite.vault.api.inventory import get_site
 from drsite.vault.api.paging import DEFAULT_LIMIT, Key, page
 from drsite.vault.api.schemas import GroupIn, GroupUpdate, ItemIn, MatchIn, PolicyIn, VerifyIn
-from drsite.vault.api.views import group_view, item_view, policy_view, site_names
+from drsite.vault.api.views import PageLookups, group_view, item_view, policy_view, site_names
 from drsite.vault.audit import record_event
 from drsite.vault.db.models import Group, Host, Item, Job, Point, Policy, Task, Vm
 from drsite.vault.jobs.create import (
@@ -29,8 +29,6 @@ from drsite.vault.jobs.create import (
 from drsite.vault.jobs.kinds import VERIFY
 from drsite.vault.policies import PolicyValues, agent_settings, apply_values
 from drsite.vault.recovery_plans import validate_drill
-from drsite.vault.scheduler import preload_policies
-from drsite.vault.scrub import Damage, damage_of
 from drsite.vault.stores import check_encryption, get_store
 
 router = APIRouter()
@@ -347,12 +345,12 @@ def list_items(vault: VaultDep, _p: Reader, all: bool = False, protection: str |
     with vault.db.read() as s:
         where = item_filters(s, all=all, protection=protection, state=state, health=health,
                              host=host, site=site, target_site=target_site, group=group, q=q)
-        sites = site_names(s)
-        _keep = preload_policies(s)  # keeps them in the identity map
-        damages: dict[str, Damage] = {}
-        return page(s, select(Item).where(*where), ITEM_ORDER, limit=limit, cursor=cursor,
-                    prepare=lambda rows: damages.update(damage_of(s, [i.id for i in rows])),
-                    view=lambda i: item_view(s, i, now, vault.settings, sites, damages))
+        lookups: list[PageLookups] = []
+        # vm_spec (the VM's recorded spec, for failover) is not shown: not read nor decoded
+        return page(s, select(Item).where(*where).options(defer(Item.vm_spec)), ITEM_ORDER,
+                    limit=limit, cursor=cursor,
+                    prepare=lambda rows: lookups.append(PageLookups.read(s, rows)),
+                    view=lambda i: item_view(s, i, now, vault.settings, lookups[0]))
 
 
 @router.get("/items/{item_id}", summary="Show a protected item and its report")

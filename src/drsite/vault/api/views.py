@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
@@ -89,20 +90,50 @@ def group_view(s: Session, g: Group, sites: dict[int, str]) -> dict[str, Any]:
             "created_at": g.created_at}
 
 
+@dataclass(frozen=True)
+class PageLookups:
+    """What :func:`item_view` reads beside the item, for a page of items at once: site names,
+    the page's hosts, groups and their policies, and the page's store damage — a fixed number
+    of queries per page, and dictionary lookups (not ``Session.get``) per item."""
+
+    sites: dict[int, str]
+    hosts: dict[str, Host]
+    groups: dict[int, Group]
+    policies: dict[int, Policy]
+    damages: dict[str, Damage]
+
+    @classmethod
+    def read(cls, s: Session, items: list[Item]) -> PageLookups:
+        hosts = {h.id: h for h in s.scalars(select(Host).where(
+            Host.id.in_(sorted({i.host_id for i in items}))))} if items else {}
+        groups = {g.id: g for g in s.scalars(select(Group).where(
+            Group.id.in_(sorted({i.group_id for i in items}))))} if items else {}
+        wanted = sorted({g.policy_id for g in groups.values() if g.policy_id is not None})
+        policies = {p.id: p for p in s.scalars(select(Policy).where(Policy.id.in_(wanted)))} \
+            if wanted else {}
+        return cls(site_names(s), hosts, groups, policies,
+                   damage_of(s, [i.id for i in items]) if items else {})
+
+
 def item_view(s: Session, item: Item, now: float, settings: VaultSettings,
-              sites: dict[int, str] | None = None,
-              damages: dict[str, Damage] | None = None) -> dict[str, Any]:
-    """``damages``: the damage of a page of items, read once (:func:`damage_of`), else the
-    item's own is read."""
-    sites = sites if sites is not None else site_names(s)
-    host = s.get(Host, item.host_id)
-    group = s.get(Group, item.group_id)
-    policy = item_policy(s, item)
+              page: PageLookups | None = None) -> dict[str, Any]:
+    """One item as the API shows it; ``page``: what its page read once (:class:`PageLookups`),
+    else the item's own rows are read."""
+    if page is not None:
+        sites = page.sites
+        host = page.hosts.get(item.host_id)
+        group = page.groups.get(item.group_id)
+        policy = page.policies.get(group.policy_id) if group and group.policy_id else None
+    else:
+        sites = site_names(s)
+        host = s.get(Host, item.host_id)
+        group = s.get(Group, item.group_id)
+        policy = item_policy(s, item)
     live = item.status in LIVE_ITEM_STATUSES
     if not live:
         damage = None
-    elif damages is not None:
-        damage = damages.get(item.id)
+    elif page is not None:
+        damage = page.damages.get(item.id)
     else:
         damage = damage_of(s, [item.id]).get(item.id)
     ih = item_health(item, policy, agent_up(host, now, settings), now, damage) if live else None

@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -197,6 +198,8 @@ class Item(Base):
     """
 
     __tablename__ = "items"
+    # GET /items's order (VM name, then id): a page is read in index order up to its limit
+    __table_args__ = (Index("ix_items_vm_name_id", "vm_name", "id"),)
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     host_id: Mapped[str] = mapped_column(ForeignKey("hosts.id"))
     vm_id: Mapped[str] = mapped_column(String(128))
@@ -240,7 +243,10 @@ class Point(Base):
     """The recovery-point catalogue (``PointInfo`` dicts reported by agents)."""
 
     __tablename__ = "points"
-    __table_args__ = (UniqueConstraint("item_id", "point_id"), Index("ix_points_item_seq", "item_id", "seq"))
+    # ix_points_damaged: the few damaged points (scrub.damage_of), without a scan of the catalogue
+    __table_args__ = (UniqueConstraint("item_id", "point_id"), Index("ix_points_item_seq", "item_id", "seq"),
+                      Index("ix_points_damaged", "item_id", sqlite_where=text("damage IS NOT NULL"),
+                            postgresql_where=text("damage IS NOT NULL")))
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     item_id: Mapped[str] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"))
     point_id: Mapped[str] = mapped_column(String(128))

@@ -1,0 +1,120 @@
+"""The operator's list and health reads cost a fixed number of SQL statements, whatever the
+fleet (issue 13): ``GET /items`` (a page with its total, each item's host, group, policy, site
+and store damage) and ``GET /health`` must not query per row. A fleet three times larger, on
+more hosts, with more damaged items, must cost the same statements — an N+1 (a per-item
+lookup of its host, policy or newest damaged point) fails this test.
+
+Also: damaged points are read through the partial index ``ix_points_damaged``, not by a scan of
+the whole catalogue (which grows with items x retained points)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import event, text, update
+
+from drsite.vault.db.models import Point
+from drsite.vault.testing import Harness, point, vm_info
+from tests.pg import fresh_database
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[str], Harness]]:
+    """Makes vaults, each on a database of its own (SQLite, or a fresh PostgreSQL database)."""
+    server = request.getfixturevalue("pg_server") if request.param == "postgresql" else None
+    made: list[Harness] = []
+
+    def make(name: str) -> Harness:
+        made.append(Harness(tmp_path / name, fresh_database(server) if server else None))
+        return made[-1]
+
+    yield make
+    for hh in made:
+        hh.close()
+
+
+def fleet(h: Harness, hosts: int, per_host: int, damaged: int) -> list[str]:
+    """``hosts`` source hosts of ``per_host`` VMs each under one policy (items enabling), three
+    points per item, the newest point of ``damaged`` items marked damaged; the item ids."""
+    h.site("prim")
+    h.site("sec")
+    dr = h.register("sec", "dr1")
+    assert h.set_store("sec", "dr1").status_code == 200
+    dr.beat(store_url="https://127.0.0.1:9443")
+    for i in range(hosts):
+        h.register("prim", f"hv{i}").beat(vms=[
+            vm_info(f"vm-{i}-{j}", f"vm{i:02d}x{j:03d}", labels=["all"]) for j in range(per_host)])
+    h.ok("POST", "/policies", json={"name": "p", "frequency_s": 300})
+    h.ok("POST", "/groups", json={"name": "g", "site": "prim", "target_site": "sec",
+                                   "policy": "p", "match": {"labels": ["all"]}})
+    h.tick()
+    ids = [i["id"] for i in h.entries("/items")]
+    assert len(ids) == hosts * per_host
+    now = h.clock.now()
+    with h.vault.db.tx() as s:
+        for item_id in ids:
+            for seq in (1, 2, 3):
+                p = point(item_id, seq, now - 60 * (3 - seq))
+                s.add(Point(item_id=item_id, point_id=p["point_id"], seq=seq,
+                            created_at=p["created_at"], consistency="crash", bytes_written=4096,
+                            info=p))
+        s.flush()
+        s.execute(update(Point).where(Point.item_id.in_(ids[:damaged]), Point.seq == 3)
+                  .values(damage={"reason": "checksum mismatch", "found_at": now, "by": "scrub"}))
+    return ids
+
+
+def statements(h: Harness, path: str) -> tuple[list[str], dict[str, Any]]:
+    """The SQL statements ``GET path`` ran (not the deferred token touch), and its body."""
+    seen: list[str] = []
+
+    def count(_conn: Any, _cur: Any, stmt: str, *_a: Any) -> None:
+        if not threading.current_thread().name.startswith("drsite-later"):
+            seen.append(stmt)
+
+    h.ok("GET", path)  # the token's last_used_at is touched once, off the request path
+    event.listen(h.vault.db.engine, "before_cursor_execute", count)
+    try:
+        body = h.ok("GET", path)
+    finally:
+        event.remove(h.vault.db.engine, "before_cursor_execute", count)
+    return seen, body
+
+
+@pytest.mark.parametrize("path", ["/items?limit=100", "/health"])
+def test_list_and_health_statements_do_not_grow_with_the_fleet(
+        harness: Callable[[str], Harness], path: str) -> None:
+    small_h, big_h = harness("small"), harness("big")
+    fleet(small_h, hosts=2, per_host=5, damaged=1)
+    fleet(big_h, hosts=6, per_host=5, damaged=5)
+    small, small_body = statements(small_h, path)
+    big, big_body = statements(big_h, path)
+    if path.startswith("/items"):
+        assert small_body["total"] == 10 and big_body["total"] == 30
+        assert len(big_body["entries"]) == 30
+        # what the queries fed: each item's host, group, policy and damage
+        assert {e["source_host"] for e in big_body["entries"]} == {f"hv{i}" for i in range(6)}
+        assert all(e["group"] == "g" and e["policy"] == "p" and e["target_site"] == "sec"
+                   for e in big_body["entries"])
+        assert sum(1 for e in big_body["entries"] if e["damaged_points"] == ["p000003"]) == 5
+    else:
+        assert big_body["agents"]["up"] == 7
+    assert len(big) == len(small), (small, big)
+    assert len(small) <= 16, small
+
+
+def test_damaged_points_are_read_through_their_partial_index(tmp_path: Path) -> None:
+    h = Harness(tmp_path / "vault")
+    try:
+        fleet(h, hosts=1, per_host=3, damaged=1)
+        with h.vault.db.read() as s:
+            plan = " ".join(str(r[-1]) for r in s.execute(text(
+                "EXPLAIN QUERY PLAN SELECT item_id, point_id, damage FROM points "
+                "WHERE damage IS NOT NULL")))
+        assert "ix_points_damaged" in plan, plan
+    finally:
+        h.close()
