@@ -19,7 +19,7 @@ from drsite.core.errors import PointNotAuthentic
 from drsite.core.states import ItemProtection
 from drsite.sitestore.acl import AclState, acl_digest
 from drsite.vault import storeacl
-from drsite.vault.db.models import Command, Item
+from drsite.vault.db.models import Command, Host, Item
 from drsite.vault.testing import Harness, vm_info
 from tests.integration.test_vault_api import policy_and_group, protect, two_sites
 from tests.integration.test_vault_trust import security_alerts
@@ -197,6 +197,33 @@ def test_a_writer_flip_is_not_confirmed_by_a_list_built_before_it(h: Harness) ->
     with h.vault.db.tx() as s:
         item = s.get(Item, item_id)
         assert item is not None and storeacl.grant_pending(s, item, h.clock.now()) is None
+
+
+def test_a_confirmed_grant_is_answered_without_building_the_list(
+        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Protecting N items at once had every waiting job rebuild the store's whole access list
+    on every pass (N²; bench/scale: 1,000 items protected in 100 s, 2,000 in 571 s). A grant
+    the agent confirmed in a list built after it, or a grant the list cannot hold, is answered
+    from the item and its hosts alone."""
+    a, b = two_sites(h)
+    policy_and_group(h)
+    item_id = protect(h, a)
+    h.clock.advance(storeacl.CONFIRM_MARGIN_S + 1)
+    with h.vault.db.tx() as s:      # the agent confirmed a list built well after the item
+        store = s.get(Host, b.host_id)
+        assert store is not None
+        store.store_acl_confirmed_at = h.clock.now()
+
+    def no_list(*_a: object) -> None:
+        raise AssertionError("the whole access list was built")
+
+    monkeypatch.setattr(storeacl, "access_list_digest", no_list)
+    with h.vault.db.tx() as s:
+        item = s.get(Item, item_id)
+        assert item is not None and storeacl.grant_pending(s, item, h.clock.now()) is None
+        item.status = ItemProtection.FAILED_OVER   # read-only: never granted, list or not
+        assert storeacl.grant_pending(s, item, h.clock.now()) is not None
+        item.status = ItemProtection.PROTECTED
 
 
 def test_two_transactions_making_one_point_key_agree(tmp_path: Path, pg_url: str) -> None:

@@ -49,7 +49,6 @@ Responsible for: these decisions. Not responsible for: evaluating the list (the 
 from __future__ import annotations
 
 import base64
-import math
 import os
 import threading
 from collections import OrderedDict
@@ -276,24 +275,26 @@ def grant_pending(s: Session, item: Item, now: float) -> str | None:
     host = store_host(s, item)
     if host is None:
         return None
-    doc, want = access_list_digest(s, host, now)
-    grant = doc["items"].get(item.id)
     waiting = (f"waiting for the store agent of the target site ({host.name}) to receive the "
                "item's access grant (next heartbeat)")
-    if grant is None or grant["writer"] != item.host_id:
+    source = s.get(Host, item.host_id)
+    # the item's row in the current list, read from the item alone (the list is built from
+    # every item of the store: one job per pass rebuilding it made protecting N items cost N²):
+    # listed unless retired, its source the writer unless read-only, no grant for a revoked one
+    if (item.status in RETIRED_ITEM_STATUSES or item.status in READ_ONLY_STATUSES
+            or source is None or source.revoked_at is not None):
         return waiting   # the current list does not let the source write (read-only, revoked)
     # at scale: the grant is as it is now since ``since`` (the item was made, its writer last
     # changed, its source got its certificate); a list the agent confirmed, built well after
     # that, has it — and so has every list built later, the one in flight included
-    source = s.get(Host, item.host_id)
-    since = max(item.created_at, item.grant_changed_at or 0.0,
-                source.registered_at if source is not None else math.inf)
+    since = max(item.created_at, item.grant_changed_at or 0.0, source.registered_at)
     confirmed = host.store_acl_confirmed_at
     if confirmed is not None and since <= confirmed - CONFIRM_MARGIN_S:
         return None
     # exactly: the agent holds this very list and no other one is in flight (after a failover
     # is cancelled the list flips back to one the agent still holds, while a reply with the
     # read-only list may not have reached it yet)
+    _doc, want = access_list_digest(s, host, now)
     if host.store_acl_digest == want and host.store_acl_sent in (None, want):
         return None
     return waiting
