@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from drsite.agent import cloudstores, pointkeys, storeacl
+from drsite.agent import cloudstores, pointkeys, storeacl, syncmode
 from drsite.agent.items import Item
 from drsite.agent.lanes import Interrupted
 from drsite.agent.link import Command
@@ -204,6 +204,8 @@ class ProtectionCommands:
             raise item.error
         item.replicator.settings = settings_from_args(settings)
         self._apply_log_cap(entry.vm_id, item.replicator.settings.frequency_s)
+        # before the first seal: a sync item's journal begins at its initial point
+        self._apply_sync_mode(item)
         if entry.resync_from_base:
             # re-protect: the store holds the old primary's disks as a base point; only the
             # blocks that differ travel (never an initial full copy over a common base)
@@ -272,7 +274,16 @@ class ProtectionCommands:
         self.host.save_entries()
         rep.settings = new
         self._apply_log_cap(item.entry.vm_id, new.frequency_s)
+        self._apply_sync_mode(item)
         return {"settings": settings}
+
+    def _apply_sync_mode(self, item: Item) -> None:
+        """Synchronous or asynchronous, as the policy says (``agent/syncmode.py``)."""
+        syncmode.sync_mode(item.entry.settings)  # InvalidInput before anything changes
+        assert item.replicator is not None
+        item.sync_issue = syncmode.configure(self.host.hypervisor, self.host.identity,
+                                             item.entry.item_id, item.entry.vm_id,
+                                             item.replicator.target, item.entry.settings)
 
     def _apply_log_cap(self, vm_id: str, frequency_s: float) -> None:
         """The change log holds a few intervals of writes at the policy's frequency (issue 13

@@ -1,0 +1,26 @@
+"""Synchronous mode, no acknowledged write lost (issue 18 part 2): a short campaign on a real
+deployment (vault + two agents + guest processes): SIGKILL guest and primary agent at a
+random moment, unplanned failover to latest, every acknowledged write on the recovery disk.
+The long campaign (30+ trials) is ``bench/sync_crash_campaign.py``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.sync_campaign import SyncCampaign
+
+pytestmark = pytest.mark.slow
+
+
+def test_no_acknowledged_write_lost_after_sigkill_of_the_primary(tmp_path: Path) -> None:
+    camp = SyncCampaign(tmp_path / "c", seed=18)
+    try:
+        for _ in range(2):
+            t = camp.trial(kill_window_s=2.0)
+            assert t.ok, t.problems
+            assert t.acked_writes > 0 and t.slots_checked > 0
+            assert "sync journal replayed" in t.replayed, t.replayed
+    finally:
+        camp.close()
