@@ -66,7 +66,7 @@ class FrameReader:
     def _complete(self) -> bool:
         if len(self._buf) < _HEAD.size:
             return False
-        _, n = _HEAD.unpack_from(self._buf, 0)
+        n = int(_HEAD.unpack_from(self._buf, 0)[1])
         if n > MAX_FRAME:
             raise NetworkError(f"sync frame of {n} bytes exceeds the limit")
         return len(self._buf) >= _HEAD.size + n
