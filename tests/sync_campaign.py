@@ -149,6 +149,7 @@ class SyncCampaign:
         self.prim = FileHypervisor(self.c.root / "primary" / "vms")
         self.sec = FileHypervisor(self.c.root / "secondary" / "vms")
         self.trials: list[Trial] = []
+        self._fallbacks = 0
         with self.client() as cl:
             cl.create_policy({"name": "sync", "frequency_s": frequency_s, "retention_hours": 24,
                               "app_consistent_every_s": None, "rpo_threshold_s": 60,
@@ -253,6 +254,54 @@ class SyncCampaign:
         if lost:
             t.problems.append(f"{len(lost)} acknowledged write(s) missing on the recovery "
                               f"disk, e.g. slot/acked seq/found {lost[:3]} ({t.replayed})")
+
+    def fallback(self, budget_ms: int, *, blackhole: bool = False) -> dict[str, Any]:
+        """Kill the recovery agent (or, ``blackhole``, stop it with SIGSTOP: a hung peer, no
+        RST): the guest's writes go on after at most the budget, the vault raises the
+        ``sync_suspended`` alert; the agent back, sync returns after the next cycle's point
+        and the alert clears. Returns what was measured; raises AssertionError otherwise."""
+        with self.client() as cl:
+            cl.update_policy("sync", {**{k: v for k, v in cl.policy("sync").items()
+                                         if k not in ("name", "created_at", "updated_at")},
+                                      "sync_budget_ms": budget_ms})
+        self._fallbacks += 1
+        vm_id, name = self._vm(200 + self._fallbacks)
+        item = self._protect(vm_id)
+        assert _until(lambda: self._in_sync(vm_id, item), 60), self.prim.sync_status(vm_id)
+        address = VmPaths(self.prim.vm_dir(vm_id)).socket_address()
+        pid = self.c.pids["agent-secondary"]
+        if blackhole:
+            os.kill(pid, signal.SIGSTOP)
+        else:
+            _kill(pid)
+        t0 = time.monotonic()
+        lat: list[float] = []
+        while time.monotonic() - t0 < 2.0:
+            w0 = time.monotonic()
+            guest_call(address, "write", timeout=30.0, disk_id="d0", offset=0,
+                       data=encode_data(block(0, len(lat) + 1)))
+            lat.append(time.monotonic() - w0)
+        st = self.prim.sync_status(vm_id)
+        assert st is not None and st["state"] == "suspended", st
+        with self.client() as cl:
+            alert = _until(lambda: [a for a in cl.alerts(state="active", kind="sync_suspended")
+                                    if a["subject"] == name], 30)
+        assert alert, "no sync_suspended alert"
+        t_back = time.monotonic()
+        if blackhole:
+            os.kill(pid, signal.SIGCONT)
+        else:
+            start_agent(self.c, "secondary", store=True)
+        back = _until(lambda: self._in_sync(vm_id, item), 90, poll=0.5)
+        assert back, f"not back in sync: {self.prim.sync_status(vm_id)}"
+        took = time.monotonic() - t_back
+        with self.client() as cl:
+            cleared = _until(lambda: not [a for a in cl.alerts(state="active",
+                                                                kind="sync_suspended")
+                                          if a["subject"] == name], 30)
+        assert cleared, "the sync_suspended alert did not clear"
+        return {"writes": len(lat), "max_write_s": max(lat), "first_write_s": lat[0],
+                "alert": alert[0]["message"], "back_in_sync_s": round(took, 1)}
 
     def summary(self) -> dict[str, Any]:
         return {"trials": len(self.trials), "ok": sum(t.ok for t in self.trials),

@@ -24,3 +24,20 @@ def test_no_acknowledged_write_lost_after_sigkill_of_the_primary(tmp_path: Path)
             assert "sync journal replayed" in t.replayed, t.replayed
     finally:
         camp.close()
+
+
+def test_recovery_agent_lost_then_back_fallback_alert_and_return(tmp_path: Path) -> None:
+    """Kill the recovery agent, then (another VM) stop it with SIGSTOP — a hung peer, no RST:
+    no write waits more than the budget, the alert appears; the agent back, the next cycle's
+    point brings the item back in sync and clears the alert."""
+    camp = SyncCampaign(tmp_path / "c", seed=5, budget_ms=300)
+    try:
+        for blackhole in (False, True):
+            got = camp.fallback(300, blackhole=blackhole)
+            print(blackhole, got)
+            assert got["max_write_s"] < 0.3 + 0.5  # the budget, plus a loaded box's scheduling
+            assert got["writes"] > 10  # asynchronous after the fallback: writes flow
+            assert "sync mode suspended" in got["alert"]
+        assert "latency budget of 300 ms" in got["alert"]  # the hung peer: by the budget
+    finally:
+        camp.close()

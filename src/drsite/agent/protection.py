@@ -30,7 +30,7 @@ from drsite.agent.registration import AgentIdentity
 from drsite.agent.state import ItemEntry, ItemPhase, settings_from_args
 from drsite.agent.storeservice import StoreService
 from drsite.core.errors import Conflict, DrsiteError, Fenced, InvalidInput, NotFound, VmNotFound
-from drsite.hypervisors.contract import HypervisorDriver
+from drsite.hypervisors.contract import HypervisorDriver, SyncMirrorHost
 from drsite.replication.driver import ItemReplicator
 from drsite.replication.report import ItemState
 from drsite.store.factory import StoreSpec
@@ -231,6 +231,9 @@ class ProtectionCommands:
             log.info("command %s: its cycle was committed before a restart (point %s)",
                      cmd.command_id, done.point_id)
             return {"point": done.to_dict(), "report": rep.report.to_dict()}
+        item, _ = self.host.lookup(cmd.item_id)
+        if item is not None:
+            self._refresh_sync_mode(item)
         app = cmd.args.get("app_consistent")
         point = rep.run_cycle(app_consistent=bool(app) if app is not None else None,
                               wait_transient=False)
@@ -276,6 +279,21 @@ class ProtectionCommands:
         self._apply_log_cap(item.entry.vm_id, new.frequency_s)
         self._apply_sync_mode(item)
         return {"settings": settings}
+
+    def _refresh_sync_mode(self, item: Item) -> None:
+        """Before a cycle of a sync item whose mirror is suspended (or never configured):
+        ask the recovery site for its sync endpoint again (its agent may have restarted on
+        another port), so that this cycle's seal begins a journal run that can connect."""
+        try:
+            sync, _ = syncmode.sync_mode(item.entry.settings)
+            hv = self.host.hypervisor
+            if not sync or not isinstance(hv, SyncMirrorHost):
+                return
+            st = hv.sync_status(item.entry.vm_id)
+        except DrsiteError:
+            return
+        if item.sync_issue or (st is not None and st.get("state") == "suspended"):
+            self._apply_sync_mode(item)
 
     def _apply_sync_mode(self, item: Item) -> None:
         """Synchronous or asynchronous, as the policy says (``agent/syncmode.py``)."""

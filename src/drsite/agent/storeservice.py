@@ -30,6 +30,7 @@ from drsite import tlsutil
 from drsite.agent.registration import AgentIdentity
 from drsite.core.errors import DrsiteError, InvalidInput, classify_os_error
 from drsite.core.model import validate_name
+from drsite.fsutil import atomic_write_json, read_json
 from drsite.sitestore import SiteObjectStore, make_store_app
 from drsite.sitestore.acl import ACL_FILE, StoreAcl
 from drsite.sitestore.audit import StoreAuditLog
@@ -100,12 +101,7 @@ class StoreService:
             self.replicas_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise classify_os_error(e, f"replica directory {self.replicas_dir}") from e
-        ident = self.identity
-        self.sync = SyncServer(self.replicas_dir.parent / "sync-journals", self.replicas_dir,
-                               tlsutil.server_context(ident.cert_file, ident.key_file,
-                                                      ident.ca_file, client_cert="required"),
-                               self.acl, host=self.host or "127.0.0.1")
-        self.sync.start()
+        self.sync = self._start_sync()
         app = make_store_app(self._store, self.replicas_dir, acl=self.acl, audit=self.audit,
                              sync_port=self.sync.port)
         self._server = tlsutil.start_in_thread(
@@ -120,6 +116,28 @@ class StoreService:
         self._thread = threading.Thread(target=self._loop, name="agent-hydrate", daemon=True)
         self._thread.start()
         return self._server.url
+
+    def _start_sync(self) -> SyncServer:
+        """The sync-journal server, on the port it had before a restart when that is free
+        (``sync-journals/port.json``): the guests of primary hosts keep its address."""
+        ident = self.identity
+        journals = self.replicas_dir.parent / "sync-journals"
+        ctx = tlsutil.server_context(ident.cert_file, ident.key_file, ident.ca_file,
+                                     client_cert="required")
+        host = self.host or "127.0.0.1"
+        try:
+            old = int((read_json(journals / "port.json") or {}).get("port") or 0)
+        except (OSError, ValueError, AttributeError):
+            old = 0
+        try:
+            srv = SyncServer(journals, self.replicas_dir, ctx, self.acl, host=host, port=old)
+        except OSError:
+            log.warning("sync-journal port %d is taken; primaries will be told a new one", old)
+            srv = SyncServer(journals, self.replicas_dir, ctx, self.acl, host=host)
+        srv.start()
+        if srv.port != old:
+            atomic_write_json(journals / "port.json", {"port": srv.port})
+        return srv
 
     def stop(self) -> None:
         """Stop the loop (after the catch-up in progress) and the server. Idempotent."""
