@@ -64,7 +64,7 @@ class SyncServer:
         self._sock.close()
         with self._lock:
             for s in self._active.values():
-                _close(s)
+                _shutdown_raw(s)
             self._active.clear()
             for j in self._open.values():
                 j.close()
@@ -88,7 +88,7 @@ class SyncServer:
         with self._lock:
             s = self._active.pop(item_id, None)
         if s is not None:
-            _close(s)
+            _shutdown_raw(s)  # its connection thread closes it
 
     # -- connections --------------------------------------------------------------------------
     def _serve(self) -> None:
@@ -152,7 +152,7 @@ class SyncServer:
                                 "is closed")
             old = self._active.pop(item_id, None)
             if old is not None:
-                _close(old)  # the mirror began a new run: the old connection is over
+                _shutdown_raw(old)  # the mirror began a new run: the old connection is over
             journal.begin(stream, base)
             self._active[item_id] = sock
         log.info("sync journal of %s begins at %d (stream %s, from %s)", item_id, base,
@@ -179,6 +179,14 @@ class SyncServer:
         seq = W.seq_of(body)
         journal.append(seq, W.entry_payload(body))
         return seq
+
+
+def _shutdown_raw(s: socket.socket) -> None:
+    """End a connection another thread uses: TCP shutdown below TLS (no OpenSSL call here)."""
+    try:
+        socket.socket.shutdown(s, socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def _close(s: socket.socket) -> None:

@@ -160,7 +160,7 @@ class SyncMirror:
         sock, self._sock = self._sock, None
         self._cv.notify_all()
         if sock is not None:
-            threading.Thread(target=_close_quietly, args=(sock,), daemon=True).start()
+            _shutdown_raw(sock)  # the run's I/O thread wakes from its read and closes it
 
     def _context(self) -> ssl.SSLContext:
         if self._ctx is None:
@@ -188,6 +188,11 @@ class SyncMirror:
         return sock
 
     def _sender(self, run: int, base: int) -> None:
+        """The run's one I/O thread: connect, then send what is queued and read acks until
+        all of it is acknowledged, again and again. One thread only ever uses the TLS
+        connection (OpenSSL objects are not for concurrent use); other threads end it with a
+        raw TCP shutdown. Writes queued while a batch is in flight go in the next batch: at
+        queue depth > 1 batches share the recovery site's fdatasync."""
         try:
             sock = self._connect(base)
         except (OSError, DrsiteError, ssl.SSLError) as e:
@@ -203,9 +208,7 @@ class SyncMirror:
             self.state = "in_sync"
             self.reason = ""
             self._cv.notify_all()
-        acker = threading.Thread(target=self._acker, args=(run, sock), daemon=True,
-                                 name="drsite-sync-acks")
-        acker.start()
+        reader = W.FrameReader(sock)
         try:
             while True:
                 with self._cv:
@@ -217,31 +220,29 @@ class SyncMirror:
                     self._queue.clear()
                     self._queued_bytes = 0
                 sock.sendall(b"".join(W.entry_frame(s, p) for s, p in batch))
-        except (OSError, ssl.SSLError) as e:
-            with self._cv:
-                if self._run == run:
-                    self._suspend_locked(f"the connection to the recovery agent failed: {e}")
-
-    def _acker(self, run: int, sock: socket.socket) -> None:
-        reader = W.FrameReader(sock)
-        try:
-            while True:
-                kind, body = reader.read()
-                with self._cv:
-                    if self._run != run:
-                        return
-                    if kind == W.T_ACK:
+                last = batch[-1][0]
+                while True:
+                    kind, body = reader.read()
+                    if kind != W.T_ACK:
+                        err = W.read_json_body(body) if kind == W.T_JSON else {}
+                        raise NetworkError(f"the recovery agent stopped the sync journal: "
+                                           f"{(err.get('error') or {}).get('message', kind)}")
+                    with self._cv:
+                        if self._run != run:
+                            return
                         self.acked = max(self.acked, W.seq_of(body))
                         self._cv.notify_all()
-                    else:
-                        err = W.read_json_body(body) if kind == W.T_JSON else {}
-                        self._suspend_locked(f"the recovery agent stopped the sync journal: "
-                                             f"{(err.get('error') or {}).get('message', kind)}")
-                        return
+                        if self.acked >= last:
+                            break
         except (OSError, DrsiteError, ssl.SSLError) as e:
             with self._cv:
                 if self._run == run:
                     self._suspend_locked(f"the connection to the recovery agent failed: {e}")
+        finally:
+            with self._cv:
+                if self._sock is sock:
+                    self._sock = None
+            _close_quietly(sock)
 
     # -- status / end -------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -258,7 +259,16 @@ class SyncMirror:
             sock, self._sock = self._sock, None
             self._cv.notify_all()
         if sock is not None:
-            _close_quietly(sock)
+            _shutdown_raw(sock)
+
+
+def _shutdown_raw(sock: socket.socket) -> None:
+    """End a connection another thread is using: a TCP shutdown below TLS (no OpenSSL call
+    from this thread), which makes that thread's read or write fail at once."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def _close_quietly(sock: socket.socket) -> None:
