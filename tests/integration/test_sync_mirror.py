@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from drsite.core.errors import Forbidden
+from drsite.core.errors import Forbidden, InvalidInput
 from drsite.core.model import DiskSpec, VmSpec
 from drsite.hypervisors.contract import SyncMirrorHost
 from drsite.hypervisors.file import FileHypervisor
@@ -210,6 +210,31 @@ def test_a_caller_the_access_list_refuses_gets_no_journal(tmp_path: Path,
         st = _wait_state(hv, vm_id, "suspended")
         assert "refused" in st["reason"] and "may not put" in st["reason"]
         assert not (tmp_path / "journals" / ITEM / "journal.json").exists()
+    finally:
+        rt.stop()
+        srv.stop()
+
+
+def test_sync_config_survives_a_guest_restart_and_is_removed(tmp_path: Path,
+                                                             certs: TestCerts) -> None:
+    srv = _server(tmp_path, certs)
+    hv = FileHypervisor(tmp_path / "vms")
+    vm_id, rt = _running(hv)
+    try:
+        hv.set_sync(vm_id, _config(certs, srv.port))
+        hv.release(hv.seal(vm_id))
+        before = _wait_state(hv, vm_id, "in_sync")
+        rt.stop()
+        rt = hv.guest(vm_id)  # a new guest reads sync.json: a new stream, from its next seal
+        st = hv.sync_status(vm_id)
+        assert st is not None and st["state"] == "starting" and st["stream"] != before["stream"]
+        hv.release(hv.seal(vm_id))
+        _wait_state(hv, vm_id, "in_sync")
+        hv.set_sync(vm_id, None)
+        assert hv.sync_status(vm_id) is None
+        assert not (hv.vm_dir(vm_id) / "sync.json").exists()
+        with pytest.raises(InvalidInput):
+            hv.set_sync(vm_id, {**_config(certs, srv.port), "budget_ms": 0})
     finally:
         rt.stop()
         srv.stop()

@@ -333,6 +333,9 @@ class ProtectionCommands:
                 repo.gc()
         elif delete:
             raise item.error or NotFound(f"item {cmd.item_id} cannot be opened")
+        if isinstance(host.hypervisor, SyncMirrorHost):  # no mirror to an unprotected item
+            with contextlib.suppress(DrsiteError):
+                host.hypervisor.set_sync(entry.vm_id, None)
         host.forget_item(item)
         cloudstores.remove_spec(host.data_dir, cmd.item_id)
         pointkeys.remove_key(host.data_dir, cmd.item_id)
