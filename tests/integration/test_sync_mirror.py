@@ -6,13 +6,14 @@ budget, and the next seal brings the mirror back."""
 from __future__ import annotations
 
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from drsite.core.errors import Forbidden, InvalidInput
+from drsite.core.errors import Forbidden, InvalidInput, NetworkError
 from drsite.core.model import DiskSpec, VmSpec
 from drsite.hypervisors.contract import SyncMirrorHost
 from drsite.hypervisors.file import FileHypervisor
@@ -21,8 +22,9 @@ from drsite.sitestore.acl import Op
 from drsite.sitestore.syncserver import SyncServer
 from drsite.sitestore.testing import OpenAcl, TestCerts, make_test_certs
 from drsite.store.auth import PointAuth
-from drsite.tlsutil import server_context
-from drsite.tracking.syncjournal import replay
+from drsite.tlsutil import client_context, server_context
+from drsite.tracking import syncwire as W
+from drsite.tracking.syncjournal import encode_writes, replay
 from tests.blackhole import Proxy
 
 MiB = 1 << 20
@@ -237,4 +239,53 @@ def test_sync_config_survives_a_guest_restart_and_is_removed(tmp_path: Path,
             hv.set_sync(vm_id, {**_config(certs, srv.port), "budget_ms": 0})
     finally:
         rt.stop()
+        srv.stop()
+
+
+def _raw_client(certs: TestCerts, port: int) -> Any:
+    ctx = client_context(certs.ca_file, certs.client_cert, certs.client_key)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    return ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+def test_server_refuses_bad_hellos_and_frames_and_keeps_the_journal(tmp_path: Path,
+                                                                   certs: TestCerts) -> None:
+    srv = _server(tmp_path, certs)
+    try:
+        # a hello without its fields: refused with a drsite error, nothing begun
+        s = _raw_client(certs, srv.port)
+        s.sendall(W.json_frame({"item_id": ITEM}))
+        reply = W.read_json(W.FrameReader(s))
+        assert reply["ok"] is False and reply["error"]["code"] == "invalid_input"
+        s.close()
+        assert not (tmp_path / "journals" / ITEM / "journal.json").exists()
+        # a good run, then an entry that does not follow: the connection ends, the journal
+        # keeps what was acknowledged
+        stream = "0" * 31 + "1"
+        s = _raw_client(certs, srv.port)
+        s.sendall(W.json_frame({"item_id": ITEM, "stream": stream, "base": 10}))
+        r = W.FrameReader(s)
+        assert W.read_json(r)["ok"] is True
+        s.sendall(W.entry_frame(11, encode_writes([("d0", 0, b"a" * 4096)])))
+        kind, body = r.read()
+        assert kind == W.T_ACK and W.seq_of(body) == 11
+        s.sendall(W.entry_frame(13, encode_writes([("d0", 0, b"b" * 4096)])))
+        with pytest.raises((NetworkError, OSError)):
+            r.read()
+        s.close()
+        j = srv.journal(ITEM)
+        assert j.last == 11 and j.coverage(stream, 10).ok
+        # not TLS at all: the handshake fails, the server goes on
+        raw = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+        raw.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        raw.settimeout(5)
+        with pytest.raises(OSError):  # closed by the server (or reset): no answer
+            if raw.recv(100) == b"":
+                raise ConnectionResetError("closed")
+        raw.close()
+        s = _raw_client(certs, srv.port)
+        s.sendall(W.json_frame({"item_id": "../x", "stream": stream, "base": 0}))
+        assert W.read_json(W.FrameReader(s))["ok"] is False
+        s.close()
+    finally:
         srv.stop()
