@@ -57,3 +57,20 @@ def test_consistent_group_through_the_cli(served: tuple[str, Vault]) -> None:
     assert r.exit_code == 0 and json.loads(r.output) == [], r.output
     r = run(app, ["groups", "points", "nope", *opts])
     assert isinstance(r.exception, NotFound) and r.exception.exit_code == 2
+
+
+def test_sync_policy_through_the_cli(served: tuple[str, Vault]) -> None:
+    url, vault = served
+    admin = (vault.settings.data_dir / "admin.token").read_text().strip()
+    opts = ["--vault", url, "--token", admin, "--ca-file", str(vault.tls.ca)]
+    run = CliRunner().invoke
+    r = run(app, ["policies", "create", "zero", "--mode", "sync", "--sync-budget-ms", "20",
+                  "--json", *opts])
+    assert r.exit_code == 0, r.output
+    made = json.loads(r.output)
+    assert made["mode"] == "sync" and made["sync_budget_ms"] == 20
+    r = run(app, ["policies", "update", "zero", "--sync-budget-ms", "80", "--json", *opts])
+    assert r.exit_code == 0 and json.loads(r.output)["sync_budget_ms"] == 80, r.output
+    assert json.loads(r.output)["mode"] == "sync"  # kept
+    r = run(app, ["policies", "update", "zero", "--mode", "semi", *opts])
+    assert isinstance(r.exception, InvalidInput) and "mode" in r.exception.message

@@ -96,7 +96,7 @@ def vault_command(data: Path, store: Path, hv: FileHypervisor) -> FailoverComman
     """The agent daemon's failover commands on the same host (what runs a vault's command)."""
     acl = StoreAcl(data / ACL_FILE)
     svc = SimpleNamespace(local_store=LocalObjectStore(store), replicas_dir=data / "replicas",
-                          acl=acl)
+                          acl=acl, sync=None)  # StoreService.sync: no sync-journal server
     return FailoverCommands(cast(FailoverHost, SimpleNamespace(
         data_dir=data, hypervisor=hv, store_service=svc,
         identity=SimpleNamespace(host_name="b"))))

@@ -138,3 +138,50 @@ def test_store_damage_health_rules() -> None:
     both = Damage({"p1": "x", "p4": "y"}, newest="p4")
     assert item_health(_item(), p, True, 1010, both).health is Health.WARNING
     assert item_health(_item(status="committed"), p, True, 1010, both).health is Health.CRITICAL
+
+
+def test_sync_alert_follows_the_agents_sync_line(tmp_path: Path) -> None:
+    """A synchronous item whose agent reports 'sync mode suspended: …' has a sync_suspended
+    alert and a warning; the alert clears when the line goes (back in sync)."""
+    h = Harness(tmp_path / "vault", heartbeat_interval=600.0)
+    try:
+        h.site("prim")
+        h.site("sec")
+        a, b = h.register("prim", "hv1"), h.register("sec", "hv2")
+        assert h.set_store("sec", "hv2").status_code == 200
+        a.beat(vms=VMS)
+        b.beat(store_url="https://127.0.0.1:9443")
+        p = h.ok("POST", "/policies", json={"name": "zero", "frequency_s": 30, "mode": "sync",
+                                            "sync_budget_ms": 20})
+        assert p["mode"] == "sync" and p["sync_budget_ms"] == 20
+        h.ok("POST", "/groups", json={"name": "g1", "site": "prim", "target_site": "sec",
+                                      "policy": "zero"})
+        item_id = h.ok("POST", "/items", json={"vm_id": "vm-1", "group": "g1"})["item_id"]
+        h.tick()
+        line = ("sync mode suspended: a write waited more than the latency budget of 20 ms "
+                "for the recovery site; writes replicate asynchronously until the next "
+                "recovery point")
+        rep = {**report(item_id, "vm-1", "web1"), "agent_issues": [line]}
+        a.beat(vms=VMS, items=[{"item_id": item_id, "report": rep,
+                                "new_points": [point(item_id, 1, h.clock.now())]}])
+        h.tick()
+        (al,) = alerts(h, "sync_suspended")
+        assert al["severity"] == "warning" and "latency budget of 20 ms" in str(al["message"])
+        item = h.ok("GET", f"/items/{item_id}")
+        assert item["health"] == "warning" and line in item["health_reasons"]
+        a.beat(vms=VMS, items=[{"item_id": item_id, "report": report(item_id, "vm-1", "web1")}])
+        h.tick()
+        assert alerts(h, "sync_suspended") == []
+        assert len(alerts(h, "sync_suspended", "cleared")) == 1
+        assert h.ok("GET", f"/items/{item_id}")["health"] == "normal"
+    finally:
+        h.close()
+
+
+def test_policy_mode_is_checked(h: Harness) -> None:
+    for bad in ({"mode": "semi"}, {"mode": "sync", "sync_budget_ms": 0},
+                {"sync_budget_ms": 60_001}):
+        r = h.call("POST", "/policies", json={"name": "bad", **bad})
+        assert r.status_code == 400 and r.json()["code"] == "invalid_input", r.text
+    p = h.ok("POST", "/policies", json={"name": "plain"})
+    assert p["mode"] == "async" and p["sync_budget_ms"] == 50

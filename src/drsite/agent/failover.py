@@ -154,6 +154,10 @@ class FailoverCommands:
         replica_dir = replicas / item_id
         replica_dir.mkdir(parents=True, exist_ok=True)
         self._replicas = replicas
+        svc = self.agent.store_service
+        sync = svc.sync if svc is not None and not a.get("store") else None
+        journal = sync.journal(item_id) if sync is not None and sync.has_journal(item_id) \
+            else None
         try:
             with replica_lock(replica_dir):
                 yield actions.ProtectedItem(
@@ -161,7 +165,8 @@ class FailoverCommands:
                     primary=actions.Site(source_site, None, self.work_dir),
                     recovery=actions.Site(recovery_site, hv, self.work_dir),
                     repo=repo, hydrator=ReplicaHydrator(repo, replica_dir),
-                    network_map=network_map_from_args(a.get("network_map")))
+                    network_map=network_map_from_args(a.get("network_map")),
+                    sync_journal=journal)
         finally:
             repo.close()
 
@@ -209,7 +214,10 @@ class FailoverCommands:
                 rec = actions.test_failover(pi, str(a.get("point") or "latest"), failover_id=fid,
                                             vm_name=a.get("vm_name"))
             elif kind == "unplanned":
-                self._hold(pi.item_id, True)
+                self._hold(pi.item_id, True)  # also closes the item's sync journal to writers
+                svc = self.agent.store_service
+                if svc is not None and svc.sync is not None:
+                    svc.sync.disconnect(pi.item_id)
                 rec = actions.unplanned_failover(pi, str(a.get("point") or "latest"),
                                                  failover_id=fid, replace_vm=a.get("replace_vm"))
             elif kind == "planned":

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import drsite
-from drsite.agent import breakglass, recoverybook, storeacl
+from drsite.agent import breakglass, recoverybook, storeacl, syncmode
 from drsite.agent.items import Item
 from drsite.agent.lanes import CommandLanes
 from drsite.agent.link import HeartbeatReply, VaultLink
@@ -113,9 +113,12 @@ class Heartbeats:
         """Conditions outside the engine's report that degrade the item (its recovery store
         at the peer site does not answer)."""
         cat = self.host.catalogue(item.entry.item_id)
-        if cat.error is None:
-            return []
-        return [f"recovery store {item.entry.store_url} does not answer: {cat.error.message}"]
+        out = syncmode.issues(self.host.hypervisor, item.entry.vm_id, item.entry.settings,
+                              cat.points, item.sync_issue)
+        if cat.error is not None:
+            out.append(f"recovery store {item.entry.store_url} does not answer: "
+                       f"{cat.error.message}")
+        return out
 
     def item_report(self, item: Item) -> dict[str, Any]:
         if item.replicator is not None:

@@ -52,6 +52,7 @@ class Item:
     replicator: ItemReplicator | None
     catalog: Repository | None     # the heartbeat thread's own view of the item's points
     error: DrsiteError | None = None
+    sync_issue: str | None = None  # why synchronous mode could not be configured (syncmode)
 
     def needs_resume(self) -> bool:
         """Its work was cut short by a restart: an unconfirmed initial copy, a sealed cycle in

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from drsite.agent import cloudstores, pointkeys, storeacl
+from drsite.agent import cloudstores, pointkeys, storeacl, syncmode
 from drsite.agent.items import Item
 from drsite.agent.lanes import Interrupted
 from drsite.agent.link import Command
@@ -30,7 +30,7 @@ from drsite.agent.registration import AgentIdentity
 from drsite.agent.state import ItemEntry, ItemPhase, settings_from_args
 from drsite.agent.storeservice import StoreService
 from drsite.core.errors import Conflict, DrsiteError, Fenced, InvalidInput, NotFound, VmNotFound
-from drsite.hypervisors.contract import HypervisorDriver
+from drsite.hypervisors.contract import HypervisorDriver, SyncMirrorHost
 from drsite.replication.driver import ItemReplicator
 from drsite.replication.report import ItemState
 from drsite.store.factory import StoreSpec
@@ -204,6 +204,8 @@ class ProtectionCommands:
             raise item.error
         item.replicator.settings = settings_from_args(settings)
         self._apply_log_cap(entry.vm_id, item.replicator.settings.frequency_s)
+        # before the first seal: a sync item's journal begins at its initial point
+        self._apply_sync_mode(item)
         if entry.resync_from_base:
             # re-protect: the store holds the old primary's disks as a base point; only the
             # blocks that differ travel (never an initial full copy over a common base)
@@ -229,6 +231,9 @@ class ProtectionCommands:
             log.info("command %s: its cycle was committed before a restart (point %s)",
                      cmd.command_id, done.point_id)
             return {"point": done.to_dict(), "report": rep.report.to_dict()}
+        item, _ = self.host.lookup(cmd.item_id)
+        if item is not None:
+            self._refresh_sync_mode(item)
         app = cmd.args.get("app_consistent")
         point = rep.run_cycle(app_consistent=bool(app) if app is not None else None,
                               wait_transient=False)
@@ -273,7 +278,31 @@ class ProtectionCommands:
         self.host.save_entries()
         rep.settings = new
         self._apply_log_cap(item.entry.vm_id, new.frequency_s)
+        self._apply_sync_mode(item)
         return {"settings": settings}
+
+    def _refresh_sync_mode(self, item: Item) -> None:
+        """Before a cycle of a sync item whose mirror is suspended (or never configured):
+        ask the recovery site for its sync endpoint again (its agent may have restarted on
+        another port), so that this cycle's seal begins a journal run that can connect."""
+        try:
+            sync, _ = syncmode.sync_mode(item.entry.settings)
+            hv = self.host.hypervisor
+            if not sync or not isinstance(hv, SyncMirrorHost):
+                return
+            st = hv.sync_status(item.entry.vm_id)
+        except DrsiteError:
+            return
+        if item.sync_issue or (st is not None and st.get("state") == "suspended"):
+            self._apply_sync_mode(item)
+
+    def _apply_sync_mode(self, item: Item) -> None:
+        """Synchronous or asynchronous, as the policy says (``agent/syncmode.py``)."""
+        syncmode.sync_mode(item.entry.settings)  # InvalidInput before anything changes
+        assert item.replicator is not None
+        item.sync_issue = syncmode.configure(self.host.hypervisor, self.host.identity,
+                                             item.entry.item_id, item.entry.vm_id,
+                                             item.replicator.target, item.entry.settings)
 
     def _apply_log_cap(self, vm_id: str, frequency_s: float) -> None:
         """The change log holds a few intervals of writes at the policy's frequency (issue 13
@@ -305,6 +334,9 @@ class ProtectionCommands:
                 repo.gc()
         elif delete:
             raise item.error or NotFound(f"item {cmd.item_id} cannot be opened")
+        if isinstance(host.hypervisor, SyncMirrorHost):  # no mirror to an unprotected item
+            with contextlib.suppress(DrsiteError):
+                host.hypervisor.set_sync(entry.vm_id, None)
         host.forget_item(item)
         cloudstores.remove_spec(host.data_dir, cmd.item_id)
         pointkeys.remove_key(host.data_dir, cmd.item_id)

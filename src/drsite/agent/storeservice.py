@@ -30,10 +30,12 @@ from drsite import tlsutil
 from drsite.agent.registration import AgentIdentity
 from drsite.core.errors import DrsiteError, InvalidInput, classify_os_error
 from drsite.core.model import validate_name
+from drsite.fsutil import atomic_write_json, read_json
 from drsite.sitestore import SiteObjectStore, make_store_app
 from drsite.sitestore.acl import ACL_FILE, StoreAcl
 from drsite.sitestore.audit import StoreAuditLog
 from drsite.sitestore.server import replica_held
+from drsite.sitestore.syncserver import SyncServer
 from drsite.store.local.backend import LocalObjectStore
 from drsite.store.replica import ReplicaHydrator
 from drsite.store.repository import Repository
@@ -74,6 +76,8 @@ class StoreService:
         self.acl = StoreAcl(acl_file or self.replicas_dir.parent / ACL_FILE)
         self.audit = StoreAuditLog()
         self._server: tlsutil.ServerHandle | None = None
+        # synchronous mode's journals (DATA/sync-journals/<item>/), served beside the store
+        self.sync: SyncServer | None = None
         self._self_client: SiteObjectStore | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -97,7 +101,9 @@ class StoreService:
             self.replicas_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise classify_os_error(e, f"replica directory {self.replicas_dir}") from e
-        app = make_store_app(self._store, self.replicas_dir, acl=self.acl, audit=self.audit)
+        self.sync = self._start_sync()
+        app = make_store_app(self._store, self.replicas_dir, acl=self.acl, audit=self.audit,
+                             sync_port=self.sync.port)
         self._server = tlsutil.start_in_thread(
             app, host=self.host, port=self.port, certfile=self.identity.cert_file,
             keyfile=self.identity.key_file, cafile=self.identity.ca_file, client_cert="required")
@@ -111,6 +117,28 @@ class StoreService:
         self._thread.start()
         return self._server.url
 
+    def _start_sync(self) -> SyncServer:
+        """The sync-journal server, on the port it had before a restart when that is free
+        (``sync-journals/port.json``): the guests of primary hosts keep its address."""
+        ident = self.identity
+        journals = self.replicas_dir.parent / "sync-journals"
+        ctx = tlsutil.server_context(ident.cert_file, ident.key_file, ident.ca_file,
+                                     client_cert="required")
+        host = self.host or "127.0.0.1"
+        try:
+            old = int((read_json(journals / "port.json") or {}).get("port") or 0)
+        except (OSError, ValueError, AttributeError):
+            old = 0
+        try:
+            srv = SyncServer(journals, self.replicas_dir, ctx, self.acl, host=host, port=old)
+        except OSError:
+            log.warning("sync-journal port %d is taken; primaries will be told a new one", old)
+            srv = SyncServer(journals, self.replicas_dir, ctx, self.acl, host=host)
+        srv.start()
+        if srv.port != old:
+            atomic_write_json(journals / "port.json", {"port": srv.port})
+        return srv
+
     def stop(self) -> None:
         """Stop the loop (after the catch-up in progress) and the server. Idempotent."""
         self._stop.set()
@@ -123,6 +151,9 @@ class StoreService:
         if self._server is not None:
             self._server.stop()
             self._server = None
+        if self.sync is not None:
+            self.sync.stop()
+            self.sync = None
 
     def item_ids(self) -> list[str]:
         """Items that have a repository in the store."""
@@ -151,6 +182,7 @@ class StoreService:
             if self._stop.is_set():
                 break
             try:
+                self._trim_journal(item_id)
                 if replica_held(self.replicas_dir, item_id) or self._up_to_date(item_id):
                     continue
                 done = client.catch_up(item_id)
@@ -165,6 +197,25 @@ class StoreService:
                                 e.error_class.value, e)
                     self._errors[item_id] = str(e)
         return applied
+
+    def _trim_journal(self, item_id: str) -> None:
+        """Drop the sync journal's segments the item's latest (authentic) point covers."""
+        sync = self.sync
+        if sync is None or not sync.has_journal(item_id) or replica_held(self.replicas_dir,
+                                                                         item_id):
+            return
+        repo = Repository(self._store, item_id)
+        auth = self.acl.point_auth(item_id)
+        if auth is None:
+            return  # no point key: nothing proves the point is the writer's
+        repo.auth = auth
+        latest = repo.latest()
+        mark = (latest.meta.get("sync") if latest is not None else None) or {}
+        if mark:
+            n = sync.journal(item_id).trim(str(mark.get("stream")), int(mark.get("seq", -1)))
+            if n:
+                log.info("sync journal of %s: %d segment(s) covered by point %s dropped",
+                         item_id, n, latest.point_id if latest else "?")
 
     def _up_to_date(self, item_id: str) -> bool:
         """The replica holds the latest point (read from local files: no request, no lock)."""

@@ -27,7 +27,7 @@ groups = typer.Typer(help="Protection groups: the VMs of a site (by name or host
                           "to a target site under a policy.", no_args_is_help=True)
 
 POLICY_COLS = ["name", "frequency_s", "retention_hours", "app_consistent_every_s",
-               "rpo_threshold_s", "resync_window"]
+               "rpo_threshold_s", "resync_window", "mode", "sync_budget_ms"]
 
 
 def _never(v: float | None) -> float | None:
@@ -71,6 +71,10 @@ FIELDS: dict[str, tuple[str, Any, str]] = {
     "scrub_interval": ("scrub_interval_s", 86400.0, "Seconds between scrubs of the recovery "
                                                     "store (0: never)."),
     "scrub_rate": ("scrub_rate_bps", 32 << 20, "Bytes/s a scrub may read (0: unpaced)."),
+    "mode": ("mode", "async", "async (cycles only) or sync (a guest write waits for the "
+                              "recovery site; file VMs on an agent store)."),
+    "sync_budget_ms": ("sync_budget_ms", 50, "sync: the most a guest write waits for the "
+                                             "recovery site before falling back to async."),
 }
 
 
@@ -98,6 +102,8 @@ def policies_create(
     bandwidth_limit: int = typer.Option(0, help=FIELDS["bandwidth_limit"][2]),
     scrub_interval: float = typer.Option(86400.0, help=FIELDS["scrub_interval"][2]),
     scrub_rate: int = typer.Option(32 << 20, help=FIELDS["scrub_rate"][2]),
+    mode: str = typer.Option("async", help=FIELDS["mode"][2]),
+    sync_budget_ms: int = typer.Option(50, help=FIELDS["sync_budget_ms"][2]),
 ) -> None:
     """Create a replication policy."""
     body = {"name": name, **_body({
@@ -105,7 +111,7 @@ def policies_create(
         "app_consistent_every": app_consistent_every, "rpo_threshold": rpo_threshold,
         "resync_window": resync_window, "compression": compression, "encryption": encryption,
         "bandwidth_limit": bandwidth_limit, "scrub_interval": scrub_interval,
-        "scrub_rate": scrub_rate})}
+        "scrub_rate": scrub_rate, "mode": mode, "sync_budget_ms": sync_budget_ms})}
     with conn.client() as c:
         show(c.create_policy(body), POLICY_COLS, title="policy created", json_out=conn.json)
 
@@ -124,6 +130,8 @@ def policies_update(
     bandwidth_limit: int | None = typer.Option(None, help=FIELDS["bandwidth_limit"][2]),
     scrub_interval: float | None = typer.Option(None, help=FIELDS["scrub_interval"][2]),
     scrub_rate: int | None = typer.Option(None, help=FIELDS["scrub_rate"][2]),
+    mode: str | None = typer.Option(None, help=FIELDS["mode"][2]),
+    sync_budget_ms: int | None = typer.Option(None, help=FIELDS["sync_budget_ms"][2]),
 ) -> None:
     """Change some values of a policy (the others keep theirs); the new settings go to every
     item under it."""
@@ -132,7 +140,8 @@ def policies_update(
         "app_consistent_every": app_consistent_every, "rpo_threshold": rpo_threshold,
         "resync_window": resync_window, "compression": compression, "encryption": encryption,
         "bandwidth_limit": bandwidth_limit, "scrub_interval": scrub_interval,
-        "scrub_rate": scrub_rate}.items() if v is not None}
+        "scrub_rate": scrub_rate, "mode": mode,
+        "sync_budget_ms": sync_budget_ms}.items() if v is not None}
     if not given:
         raise InvalidInput("nothing to change", hint="Give the values to change, e.g. "
                                                      "--frequency 30 (see --help).")

@@ -118,3 +118,6 @@ class SealedCycle:
     disk_sizes: dict[str, int]
     trusted: bool = True
     note: str = ""
+    # synchronous mode: the seal's instant in the sync journal's numbering ({stream, seq});
+    # carried into the point's meta so a failover knows which journal entries follow it
+    sync_mark: dict[str, Any] | None = None

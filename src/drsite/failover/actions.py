@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -55,12 +56,14 @@ from drsite.failover.records import (
     pending_record,
     start_record,
 )
+from drsite.fsutil import fsync_dir
 from drsite.hypervisors.contract import HypervisorDriver
 from drsite.imagefile import RawImageReader
 from drsite.replication.report import ItemState
 from drsite.store.format import PointInfo
 from drsite.store.generation import check_replication_direction
 from drsite.store.repository import Repository
+from drsite.tracking.syncjournal import replay
 
 log = logging.getLogger(__name__)
 
@@ -506,10 +509,54 @@ def unplanned_failover(item: ProtectedItem, choice: PointChoice = "latest", *,
         run.save()
     p = item.repo.point(rec.point_id)
     images, from_replica = _images_for(item, p, run, verify=verify)
+    if choice == "latest":
+        images, from_replica = _replay_sync_journal(item, p, images, run,
+                                                    from_replica=from_replica)
     spec = _recovery_spec(item, p, test=False, name=None)
     _create_and_start(item, run, p, spec, images, from_replica=from_replica,
                       replace_vm=replace_vm, clock=clock)
     return rec
+
+
+def _replay_sync_journal(item: ProtectedItem, p: PointInfo, images: dict[str, Path],
+                         run: ActionRun, *, from_replica: bool) -> tuple[dict[str, Path], bool]:
+    """A synchronous item: add to point ``p``'s images every write the guest had
+    acknowledged after its seal (the sync journal's entries after the point's mark), when
+    the journal runs on from that seal without a gap; otherwise say in the record's notes
+    that the RPO is the point's, and why. Replica images are first moved to the failover's
+    own directory (a rename) and the replica forgotten, so a replica never holds more than
+    the point its state names. Idempotent: replaying again writes the same bytes in order."""
+    j = item.sync_journal
+    rec = run.rec
+    if j is None or run.done("journal"):
+        return images, from_replica
+    mark = p.meta.get("sync") or {}
+    stream, seq = mark.get("stream"), mark.get("seq")
+    cov = j.coverage(str(stream) if stream else None, int(seq) if seq is not None else None)
+    if not cov.ok:
+        rec.notes.append(f"sync journal not replayed ({cov.reason}): the VM holds point "
+                         f"{p.point_id}; writes acknowledged after its seal are lost")
+        run.mark("journal")
+        return images, from_replica
+    if from_replica:
+        own = item.recovery.work_dir / "restores" / rec.failover_id
+        own.mkdir(parents=True, exist_ok=True)
+        moved = {d: own / f"{d}.img" for d in images}
+        for d, src in images.items():
+            os.replace(src, moved[d])
+        fsync_dir(own)
+        _consume_replica(item)
+        rec.image_source = "restore"  # the failover's own images from here on (resume)
+        run.save()
+        images, from_replica = moved, False
+    assert seq is not None
+    n, nbytes = replay(j, int(seq), images)
+    rec.notes.append(f"sync journal replayed: {n} write batch(es), {nbytes} bytes after the "
+                     f"seal of point {p.point_id} (every write acknowledged up to entry "
+                     f"{cov.last})")
+    log.info("failover %s: %s", rec.failover_id, rec.notes[-1])
+    run.mark("journal")
+    return images, from_replica
 
 
 def commit(item: ProtectedItem, failover_id: str) -> FailoverResult:

@@ -26,6 +26,7 @@ from drsite.store.format import PointInfo
 from drsite.store.generation import GenerationStore
 from drsite.store.replica import ReplicaHydrator
 from drsite.store.repository import Repository
+from drsite.tracking.syncjournal import SyncJournal
 
 
 @dataclass
@@ -73,6 +74,9 @@ class ProtectedItem:
     hydrator: ReplicaHydrator | None = None
     replicator: ItemReplicator | None = None
     network_map: NetworkMap = field(default_factory=NetworkMap)
+    # synchronous mode: the recovery site's journal of the item's acknowledged writes; an
+    # unplanned failover to "latest" replays what follows the point's seal
+    sync_journal: SyncJournal | None = None
 
     @property
     def generations(self) -> GenerationStore:

@@ -13,7 +13,7 @@ that is the engine's and failover's job.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -248,4 +248,22 @@ class WriteHolder(Protocol):
 
     def unhold(self, vm_id: str, barrier_id: str) -> bool:
         """End the hold without sealing (the barrier was abandoned); False if not held."""
+        ...
+
+
+@runtime_checkable
+class SyncMirrorHost(Protocol):
+    """Optional driver capability: synchronous mode (``mode: sync`` policies). A guest write
+    is acknowledged only once the recovery site's sync journal holds it, or after at most the
+    configuration's ``budget_ms`` (then the guest goes on asynchronously until its next seal).
+    Each seal's :attr:`SealedCycle.sync_mark` names its instant in the journal's numbering."""
+
+    def set_sync(self, vm_id: str, config: dict[str, Any] | None) -> None:
+        """Enter (``config``: item_id, host, port, budget_ms, ca_file, cert_file, key_file) or
+        leave (None) synchronous mode; kept across guest restarts."""
+        ...
+
+    def sync_status(self, vm_id: str) -> dict[str, Any] | None:
+        """The running guest's mirror (``state``: starting | connecting | in_sync |
+        suspended, ``reason``, ``stream``, ``base``, ``seq``, ``acked``), or None."""
         ...

@@ -480,7 +480,9 @@ class ItemReplicator:
                 self._check_fence()  # a promotion while we shipped: commit nothing
                 point = writer.commit(created_at=cycle.sealed_at, consistency=cycle.consistency,
                                       meta={"vm_id": self.rec.vm_id, "vm_name": self.rec.vm_name,
-                                            "epoch": cycle.epoch, "note": cycle.note})
+                                            "epoch": cycle.epoch, "note": cycle.note,
+                                            **({"sync": cycle.sync_mark} if cycle.sync_mark
+                                               else {})})
                 rep.bytes_sent += writer.bytes_written - writer.zero_bytes
                 rep.bytes_stored += writer.bytes_stored
                 streaming = False  # committed: after_commit settles the stream

@@ -251,6 +251,17 @@ class SiteObjectStore:
             raise NetworkError(f"catch-up of {item_id}: malformed answer")
         return applied
 
+    def sync_port(self, item_id: str) -> int:
+        """The port of the recovery site's sync-journal server for ``item_id`` (same host as
+        the store). ``NotFound`` when that site runs none."""
+        validate_name("item", item_id)
+        resp = self._request("GET", f"{P.ITEMS}{item_id}/sync-endpoint",
+                             f"sync endpoint of {item_id}")
+        try:
+            return int(resp.json()["port"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise NetworkError(f"sync endpoint of {item_id}: malformed answer") from exc
+
     def digests(self, item_id: str, disk_id: str, *, from_store: bool,
                 block: int = RESYNC_BLOCK) -> DigestResult:
         """The server's per-block digests of the latest point of ``item_id``/``disk_id`` (from

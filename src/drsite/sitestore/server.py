@@ -239,7 +239,8 @@ class _StoreService:
 
     def __init__(self, store: ObjectStore, replicas: Path, acl: Authorizer,
                  audit: StoreAuditLog | None, repo_factory: RepoFactory | None,
-                 max_object: int) -> None:
+                 max_object: int, sync_port: int | None = None) -> None:
+        self.sync_port = sync_port
         self.store = store
         self.replicas = Path(replicas)
         self.acl = acl
@@ -360,6 +361,16 @@ class _StoreService:
             finally:
                 repo.close()
 
+    async def sync_endpoint(self, request: Request) -> Response:
+        """Where this site's sync-journal server listens (synchronous mode), for the item's
+        writer; ``NotFound`` when this site runs none."""
+        item_id = validate_name("item", request.path_params["item_id"])
+        self.acl.authorize(_ident(request), "put", item_id, f"the sync journal of {item_id}")
+        if self.sync_port is None:
+            raise NotFound("this recovery site runs no sync-journal server",
+                           hint="Upgrade the recovery site's agent ('drsite agent run').")
+        return JSONResponse({"port": self.sync_port})
+
     async def catch_up(self, request: Request) -> Response:
         item_id = validate_name("item", request.path_params["item_id"])
         self.acl.authorize(_ident(request), "read", item_id, f"the replica of {item_id}")
@@ -402,9 +413,11 @@ class _StoreService:
 
 def make_store_app(store: ObjectStore, replicas: Path, *, acl: Authorizer,
                    audit: StoreAuditLog | None = None, repo_factory: RepoFactory | None = None,
-                   max_object: int = P.MAX_OBJECT) -> ASGIApp:
+                   max_object: int = P.MAX_OBJECT, sync_port: int | None = None) -> ASGIApp:
     """The ASGI app serving ``store`` and the replicas under ``replicas/<item_id>/``.
 
+    ``sync_port``: the port of this site's sync-journal server (``syncserver``), given to an
+    item's writer by ``GET /replica/v1/items/{item}/sync-endpoint``.
     ``acl`` decides every request (:class:`~drsite.sitestore.acl.StoreAcl`: the vault's list;
     without a list every request is refused); ``audit`` receives every delete/overwrite, done
     or refused.
@@ -414,13 +427,15 @@ def make_store_app(store: ObjectStore, replicas: Path, *, acl: Authorizer,
     manifest outlives a point deleted by the primary). Run it with :mod:`drsite.tlsutil`
     (``client_cert="required"``); without that module's protocol every request gets 401.
     """
-    svc = _StoreService(store, replicas, acl, audit, repo_factory, max_object)
+    svc = _StoreService(store, replicas, acl, audit, repo_factory, max_object, sync_port)
     routes = [
         Route(P.OBJECTS + "{key:drsite_key}", _endpoint(svc.objects),
               methods=["GET", "HEAD", "PUT", "DELETE"]),
         Route(P.LIST, _endpoint(svc.listing), methods=["GET"]),
         Route(P.ITEMS + "{item_id}/catch-up", _endpoint(svc.catch_up), methods=["POST"]),
         Route(P.ITEMS + "{item_id}/digests", _endpoint(svc.digests), methods=["GET"]),
+        Route(P.ITEMS + "{item_id}/sync-endpoint", _endpoint(svc.sync_endpoint),
+              methods=["GET"]),
     ]
     app: Any = Starlette(routes=routes, exception_handlers={HTTPException: _route_error})
     return _RequireClientCert(app)

@@ -25,6 +25,9 @@ Alerts (:class:`HealthMonitor`): one open alert per condition key (``rpo:ITEM``,
 ``critical:ITEM``, ``agent_down:HOST``, ``drill:PLAN`` (``drill:group:GROUP``) while the latest
 drill of a plan (a group) failed,
 ``store_damage:ITEM`` while damage found by a scrub or a verify is not critical,
+``sync:ITEM`` while a synchronous item is not at RPO 0 (its agent reports ``sync mode
+suspended: …``: fallen back to asynchronous, or catching up until the recovery point sealed
+where its journal restarted is committed),
 ``replication_failing:ITEM`` after ``FAILING_AFTER`` transient failures in a row — a full or
 unreachable store, also during initial replication); raised when the condition starts,
 refreshed while it lasts (no duplicates), cleared when it ends. Acknowledging only marks it
@@ -58,6 +61,8 @@ from drsite.vault.settings import VaultSettings
 from drsite.vault.trust import SECURITY
 
 FAILING_AFTER = 2  # transient failures in a row that raise a replication_failing alert
+# the agent's report line of a synchronous item that is not at RPO 0 (agent/syncmode.py)
+SYNC_SUSPENDED = "sync mode suspended: "
 # an open alert's last_seen_at is refreshed at most this often (not a write per alert per pass)
 ALERT_SEEN_EVERY_S = 30.0
 
@@ -228,6 +233,11 @@ class HealthMonitor:
                     conditions[f"replication_failing:{item.id}"] = (
                         "replication_failing", "warning", item.vm_name,
                         f"{what} of {item.vm_name} failed {failures} times in a row: {msg}")
+                sync_line = next((str(x) for x in (item.report or {}).get("agent_issues") or []
+                                  if str(x).startswith(SYNC_SUSPENDED)), None)
+                if sync_line is not None:
+                    conditions[f"sync:{item.id}"] = (
+                        "sync_suspended", "warning", item.vm_name, f"{item.vm_name}: {sync_line}")
                 if ih.health is Health.CRITICAL:
                     conditions[f"critical:{item.id}"] = (
                         "critical", "critical", item.vm_name,

@@ -55,7 +55,9 @@ def _report_news(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
     or the stored one is ``REPORT_EVERY_S`` old (an item row is not rewritten every beat)."""
     if old is None:
         return True
-    if any(old.get(k) != v for k, v in new.items() if k not in _REPORT_CLOCKS):
+    # both sides' keys: a field that went away (``agent_issues`` once the condition ended)
+    # is news too, else the stored report kept it until REPORT_EVERY_S
+    if any(old.get(k) != new.get(k) for k in old.keys() | new.keys() if k not in _REPORT_CLOCKS):
         return True
     return float(new.get("updated_at") or 0.0) - float(old.get("updated_at") or 0.0) >= REPORT_EVERY_S
 

@@ -73,8 +73,19 @@ class PolicyValues:
     rpo_threshold_s: float
     scrub_interval_s: float | None = 86400.0
     scrub_rate_bps: int | None = 32 << 20
+    mode: str = "async"
+    sync_budget_ms: int = 50
 
     def check(self) -> PolicyValues:
+        if self.mode not in ("async", "sync"):
+            raise InvalidInput(f"mode must be 'async' or 'sync', not {self.mode!r}",
+                               hint="sync: a guest write waits for the recovery site (file "
+                                    "VMs on an agent-to-agent store); async: cycles only.")
+        if not 1 <= self.sync_budget_ms <= 60_000:
+            raise InvalidInput("sync_budget_ms must be between 1 and 60000",
+                               hint="The most a guest write may wait for the recovery site "
+                                    "before the item falls back to asynchronous; 50 suits "
+                                    "a metro link.")
         if self.frequency_s < 5:
             raise InvalidInput("frequency_s must be at least 5 seconds",
                                hint="Use 30, 300 or 900, or any value >= 5.")
@@ -112,6 +123,8 @@ def apply_values(p: Policy, v: PolicyValues) -> None:
     p.rpo_threshold_s = v.rpo_threshold_s
     p.scrub_interval_s = v.scrub_interval_s
     p.scrub_rate_bps = v.scrub_rate_bps
+    p.mode = v.mode
+    p.sync_budget_ms = v.sync_budget_ms
 
 
 def agent_settings(p: Policy) -> dict[str, Any]:
@@ -119,4 +132,5 @@ def agent_settings(p: Policy) -> dict[str, Any]:
     return {"frequency_s": p.frequency_s, "app_consistent_every_s": p.app_consistent_every_s,
             "rpo_threshold_s": p.rpo_threshold_s, "retention_hours": p.retention_hours,
             "resync_window": p.resync_window, "compression": p.compression,
-            "encryption": p.encryption, "bandwidth_limit_bps": p.bandwidth_limit_bps}
+            "encryption": p.encryption, "bandwidth_limit_bps": p.bandwidth_limit_bps,
+            "mode": p.mode or "async", "sync_budget_ms": p.sync_budget_ms or 50}

@@ -60,6 +60,7 @@ from drsite.hypervisors.file.cow import CowDiskReader, create_cow_files
 from drsite.hypervisors.file.layout import GRANULE, VmConfig, VmPaths
 from drsite.hypervisors.file.readers import CycleDiskReader
 from drsite.hypervisors.file.runtime import GuestRuntime
+from drsite.hypervisors.file.syncmirror import SyncConfig
 from drsite.hypervisors.file.vm import FileVm
 from drsite.hypervisors.file.workload import WorkloadSpec
 from drsite.imagefile import RawImageReader, move_sparse
@@ -351,6 +352,28 @@ class FileHypervisor:
                 guest_call(paths.socket_address(), "workload",
                              spec=spec.to_dict() if spec else None)
 
+    # -- synchronous mode (contract.SyncMirrorHost) --------------------------------------------
+    def set_sync(self, vm_id: str, config: dict[str, Any] | None) -> None:
+        """Enter (``config``: ``syncmirror.SyncConfig`` fields) or leave (None) synchronous
+        mode: stored in ``sync.json`` (0600; a guest started later reads it) and applied now if
+        the VM runs. The mirror begins its journal at the VM's next seal."""
+        paths, _ = self._locate(vm_id)
+        if config is None:
+            paths.sync_config.unlink(missing_ok=True)
+        else:
+            SyncConfig.from_dict(config)  # validated before it is stored
+            write_record(paths.sync_config, dict(config))
+            os.chmod(paths.sync_config, 0o600)
+        if self._power(paths) is PowerState.RUNNING:
+            guest_call(paths.socket_address(), "sync_config", timeout=10.0, config=config)
+
+    def sync_status(self, vm_id: str) -> dict[str, Any] | None:
+        """The running guest's mirror status (``SyncMirror.status``), or None (stopped, or
+        not in synchronous mode)."""
+        st = self.guest_status(vm_id)
+        sync = (st or {}).get("sync")
+        return dict(sync) if isinstance(sync, dict) else None
+
     # -- tracking -----------------------------------------------------------------------------
     def set_change_log_limit(self, vm_id: str, max_bytes: int) -> None:
         """Cap the VM's change logs (stored in ``vm.json``; from the next seal on)."""
@@ -409,7 +432,7 @@ class FileHypervisor:
                                float(record["sealed_at"]), Consistency(record["consistency"]),
                                {d: ExtentList.of([(0, n)]) for d, n in sizes.items()}, sizes, True,
                                "; ".join(["first cycle of the epoch: whole disks",
-                                          *record.get("notes", [])]))
+                                          *record.get("notes", [])]), record.get("sync"))
         notes = list(record.get("notes", []))
         trusted = bool(record.get("trusted", True))
         changed: dict[str, ExtentList] = {}
@@ -425,7 +448,7 @@ class FileHypervisor:
             changed[disk_id] = ext.clip(sizes[disk_id])
         return SealedCycle(record["cycle_id"], record["vm_id"], epoch, float(record["sealed_at"]),
                            Consistency(record["consistency"]), changed, sizes, trusted,
-                           "; ".join(notes))
+                           "; ".join(notes), record.get("sync"))
 
     def seal(self, vm_id: str, *, app_consistent: bool = False) -> SealedCycle:
         paths, _ = self._locate(vm_id)

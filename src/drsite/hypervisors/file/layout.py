@@ -121,6 +121,11 @@ class VmPaths:
         return self.dir / "session.json"
 
     @property
+    def sync_config(self) -> Path:
+        """``sync.json``: synchronous mode's configuration (``syncmirror.SyncConfig``), 0600."""
+        return self.dir / "sync.json"
+
+    @property
     def unclean(self) -> Path:
         return self.dir / "unclean"
 

@@ -18,8 +18,9 @@ from contextlib import suppress
 from typing import Any
 
 from drsite.core.errors import InvalidInput
-from drsite.fsutil import atomic_write_bytes
+from drsite.fsutil import atomic_write_bytes, read_record
 from drsite.hypervisors.file.control import ControlServer, decode_data
+from drsite.hypervisors.file.syncmirror import SyncConfig, SyncMirror
 from drsite.hypervisors.file.vm import FileVm
 from drsite.hypervisors.file.workload import Workload, WorkloadSpec
 
@@ -50,10 +51,15 @@ class GuestRuntime:
             "workload": lambda r: self.set_workload(
                 WorkloadSpec.from_dict(r["spec"]) if r.get("spec") else None),
             "shutdown": lambda r: self._shutdown_async(),
+            "sync_config": lambda r: self.set_sync(
+                SyncConfig.from_dict(r["config"]) if r.get("config") else None),
         })
 
     def start(self) -> None:
         self.set_workload(self.vm.config.workload)
+        raw = read_record(self.vm.paths.sync_config)
+        if raw:
+            self.set_sync(SyncConfig.from_dict(raw))
         # the pid file before the control socket answers: a driver that saw a ping reply
         # finds the pid file too (power state = pid file + lock), never "stopped"
         atomic_write_bytes(self.vm.paths.pid, f"{os.getpid()}\n".encode())
@@ -63,6 +69,18 @@ class GuestRuntime:
         st = self.vm.status()
         st["workload"] = self.workload.stats() if self.workload else None
         return st
+
+    def set_sync(self, config: SyncConfig | None) -> dict[str, Any] | None:
+        """Enter synchronous mode with ``config`` (a new mirror, unless the current one has
+        the same configuration) or leave it (None). Returns the mirror's status."""
+        cur = self.vm.mirror
+        if config is None:
+            self.vm.set_mirror(None)
+            return None
+        if cur is None or cur.config != config:
+            self.vm.set_mirror(SyncMirror(config))
+        m = self.vm.mirror
+        return m.status() if m is not None else None
 
     def _freeze(self) -> None:
         self.vm.freeze()

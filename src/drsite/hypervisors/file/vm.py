@@ -45,6 +45,7 @@ from drsite.fsutil import flock_exclusive, fsync_dir, read_record, write_record
 from drsite.hypervisors.file.cbw import CopyBeforeWrite, granule_count, granule_mask
 from drsite.hypervisors.file.cow import CowOverlay
 from drsite.hypervisors.file.layout import CBW_BLOCK, GRANULE, VmConfig, VmPaths
+from drsite.hypervisors.file.syncmirror import SyncMirror
 from drsite.imagefile import pwrite_all
 from drsite.tracking.changelog import (
     DEFAULT_MAX_BYTES,
@@ -109,6 +110,7 @@ class FileVm:
         self.epoch: str | None = None
         self.cycle: dict[str, Any] | None = None
         self.last_tag: int | None = None
+        self.mirror: SyncMirror | None = None  # synchronous mode (syncmirror.py), set_mirror()
         self.closed = False
         self.recovery_notes: list[str] = []
         self.unclean_previous = False
@@ -287,6 +289,8 @@ class FileVm:
         if not by_disk:
             return
         self._acquire_unfrozen(frozen_timeout)
+        wait_for: int | None = None
+        mirror = self.mirror
         try:
             self._check_open()
             for disk_id, (offs, lens) in by_disk.items():
@@ -308,8 +312,20 @@ class FileVm:
                     raise classify_os_error(e, f"write to disk {disk_id}") from e
             if tag is not None:
                 self.last_tag = tag
+            if mirror is not None:  # numbered in the write order, sent by the mirror's thread
+                wait_for = mirror.submit(writes)
         finally:
             self._io_lock.release()
+        if mirror is not None and wait_for is not None:
+            mirror.wait(wait_for)  # at most the budget; outside the lock (QD > 1 overlaps)
+
+    def set_mirror(self, mirror: SyncMirror | None) -> None:
+        """Enter (a mirror) or leave (None) synchronous mode; the old mirror is closed. Under
+        the I/O lock: no batch is numbered by one mirror and waited on by another."""
+        with self._io_lock:
+            old, self.mirror = self.mirror, mirror
+        if old is not None and old is not mirror:
+            old.close()
 
     def read(self, disk_id: str, offset: int, length: int) -> bytes:
         """Read the live disk (what the guest sees)."""
@@ -642,6 +658,8 @@ class FileVm:
                 "full": full, "trusted": trusted, "cbw_all": full or not trusted,
                 "last_tag": self.last_tag, "boot_id": self.boot_id, "cbw_block": CBW_BLOCK,
             }
+            if self.mirror is not None:  # the seal's instant in the sync journal's numbering
+                record["sync"] = self.mirror.mark()
             if barrier is not None:
                 record["barrier"] = barrier
             for disk in self.disks.values():  # 4. the frozen view starts now (before any write)
@@ -695,6 +713,7 @@ class FileVm:
                 "hold_pauses": list(self.hold_pauses[-100:]),
                 "cycle_id": self.cycle["cycle_id"] if self.cycle else None,
                 "last_tag": self.last_tag, "recovery_notes": list(self.recovery_notes),
+                "sync": self.mirror.status() if self.mirror is not None else None,
                 "logs": {d.disk_id: {"records": d.log.records, "trusted": d.log.trusted,
                                      "reason": d.log.reason} if d.log else None
                          for d in self.disks.values()},
@@ -709,6 +728,7 @@ class FileVm:
 
     def close(self) -> None:
         """Clean stop: flush, mark the logs clean, drop the session (quiesced at rest if guest)."""
+        self.set_mirror(None)
         self._drop_hold()
         self._gate.set()
         with self._io_lock:
@@ -730,6 +750,7 @@ class FileVm:
 
     def crash(self) -> None:
         """Drop everything without flushing or marking clean: what SIGKILL leaves (tests)."""
+        self.set_mirror(None)
         self._drop_hold()
         self._gate.set()
         with self._io_lock:

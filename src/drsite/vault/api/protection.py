@@ -44,7 +44,8 @@ def _values(body: PolicyIn) -> PolicyValues:
                         bandwidth_limit_bps=body.bandwidth_limit_bps,
                         resync_window=body.resync_window, rpo_threshold_s=body.rpo_threshold_s,
                         scrub_interval_s=body.scrub_interval_s,
-                        scrub_rate_bps=body.scrub_rate_bps).check()
+                        scrub_rate_bps=body.scrub_rate_bps, mode=body.mode,
+                        sync_budget_ms=body.sync_budget_ms).check()
 
 
 def get_policy(s: Session, policy_name: str) -> Policy:

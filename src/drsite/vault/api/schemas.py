@@ -50,6 +50,8 @@ class PolicyIn(Strict):
     rpo_threshold_s: float = 1800.0
     scrub_interval_s: float | None = 86400.0
     scrub_rate_bps: int | None = 32 << 20
+    mode: str = "async"  # "sync": a guest write waits for the recovery site (file VMs)
+    sync_budget_ms: int = 50  # the most it waits before the item falls back to async
 
 
 class VerifyIn(Strict):

@@ -75,6 +75,7 @@ def policy_view(p: Policy) -> dict[str, Any]:
             "encryption": p.encryption, "bandwidth_limit_bps": p.bandwidth_limit_bps,
             "resync_window": p.resync_window, "rpo_threshold_s": p.rpo_threshold_s,
             "scrub_interval_s": p.scrub_interval_s, "scrub_rate_bps": p.scrub_rate_bps,
+            "mode": p.mode or "async", "sync_budget_ms": p.sync_budget_ms or 50,
             "created_at": p.created_at, "updated_at": p.updated_at}
 
 

@@ -136,6 +136,10 @@ class Policy(Base):
                                                            server_default="86400")
     scrub_rate_bps: Mapped[int | None] = mapped_column(BigInteger, nullable=True,
                                                        server_default=str(32 << 20))
+    # synchronous mode (migration 0014; agent/syncmode.py): "async" | "sync", and the most a
+    # guest write may wait for the recovery site before the item falls back to async
+    mode: Mapped[str] = mapped_column(String(8), default="async", server_default="async")
+    sync_budget_ms: Mapped[int] = mapped_column(Integer, default=50, server_default="50")
 
 
 class Group(Base):

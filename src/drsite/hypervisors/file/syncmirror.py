@@ -1,0 +1,282 @@
+"""Synchronous mode of a file VM: each batch of guest writes is acknowledged to the guest only
+once the recovery agent holds it durably (its sync journal, ``tracking.syncjournal``) — or
+after at most the policy's latency budget, when the mirror falls back to asynchronous.
+
+How it fits :class:`~drsite.hypervisors.file.vm.FileVm` (all under its I/O lock, so the
+numbering is the write order and a seal is one instant of it):
+
+- :meth:`SyncMirror.submit` numbers every batch (``seq`` +1, also while suspended) and, while a
+  journal run is active, queues it for the sender thread; after releasing the lock the writer
+  :meth:`SyncMirror.wait` s for the ack, at most ``budget_ms``;
+- :meth:`SyncMirror.mark` gives the seal its instant ``{stream, seq}`` (stored in the cycle and
+  in the point's meta) and, when no run is active (never started, or suspended), begins one
+  at that instant: the journal holds the writes after the seal, the point what came before.
+
+Fallback: a write whose ack does not come within the budget, a lost connection or a refused
+hello suspend the mirror (``state: suspended``, ``reason``): writers stop waiting at once,
+the change log records everything as always, and the next seal begins a new run; the item
+is back in sync once that seal's point is committed (the agent checks, ``agent/syncmode.py``).
+
+Responsible for: numbering, sending, waiting within the budget, the run's state. Not
+responsible for: durability on the recovery site (the server), the seal (``FileVm``).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from drsite import tlsutil
+from drsite.core.errors import DrsiteError, InvalidInput, NetworkError
+from drsite.tracking import syncwire as W
+from drsite.tracking.syncjournal import encode_writes
+
+log = logging.getLogger(__name__)
+MAX_QUEUED_BYTES = 256 << 20   # beyond this the mirror suspends rather than buffer more
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    """Where and how to mirror (``sync.json`` in the VM directory, written by the driver)."""
+
+    item_id: str
+    host: str
+    port: int
+    budget_ms: int
+    ca_file: str
+    cert_file: str
+    key_file: str
+
+    def __post_init__(self) -> None:
+        if not self.item_id or not 0 < self.port < 65536 or not 1 <= self.budget_ms <= 60_000:
+            raise InvalidInput(f"bad sync configuration {self!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"item_id": self.item_id, "host": self.host, "port": self.port,
+                "budget_ms": self.budget_ms, "ca_file": self.ca_file,
+                "cert_file": self.cert_file, "key_file": self.key_file}
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> SyncConfig:
+        try:
+            return SyncConfig(str(d["item_id"]), str(d["host"]), int(d["port"]),
+                              int(d["budget_ms"]), str(d["ca_file"]), str(d["cert_file"]),
+                              str(d["key_file"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise InvalidInput(f"bad sync configuration: {e}") from None
+
+
+class SyncMirror:
+    """The guest's half of synchronous mode (see module doc). Thread-safe."""
+
+    def __init__(self, config: SyncConfig, *, connect_timeout: float = 5.0) -> None:
+        self.config = config
+        self.stream = uuid.uuid4().hex
+        self.seq = 0                     # the last batch numbered (under the VM's I/O lock)
+        self.state = "starting"          # starting | connecting | in_sync | suspended | closed
+        self.reason = "waiting for the next seal to begin the sync journal"
+        self.base: int | None = None     # the current run's seal instant
+        self.acked = 0
+        self.suspended_at: float | None = None
+        self.fallbacks = 0
+        self._cv = threading.Condition()
+        self._queue: deque[tuple[int, bytes]] = deque()
+        self._queued_bytes = 0
+        self._run = 0                    # bumped at each begin/suspend: a sender of an old run stops
+        self._sock: socket.socket | None = None
+        self._connect_timeout = connect_timeout
+        self._ctx: ssl.SSLContext | None = None
+
+    # -- under the VM's I/O lock --------------------------------------------------------------
+    def submit(self, writes: Sequence[tuple[str, int, bytes | bytearray | memoryview]]) -> int | None:
+        """Number one batch; queue it while a run is active. Returns the seq to wait for,
+        or None (asynchronous: nothing to wait for)."""
+        with self._cv:
+            self.seq += 1
+            if self.state not in ("connecting", "in_sync"):
+                return None
+            payload = encode_writes(writes)
+            if self._queued_bytes + len(payload) > MAX_QUEUED_BYTES:
+                self._suspend_locked("the recovery agent fell too far behind")
+                return None
+            self._queue.append((self.seq, payload))
+            self._queued_bytes += len(payload)
+            self._cv.notify_all()
+            return self.seq
+
+    def mark(self) -> dict[str, Any]:
+        """The seal's instant; begins a new run there if none is active."""
+        with self._cv:
+            mark = {"stream": self.stream, "seq": self.seq}
+            if self.state in ("starting", "suspended"):
+                self._begin_locked()
+            return mark
+
+    # -- after the I/O lock -------------------------------------------------------------------
+    def wait(self, seq: int) -> None:
+        """Wait until ``seq`` is durable on the recovery site, at most the budget; past it,
+        or on any failure, the mirror suspends and this returns (never raises)."""
+        deadline = time.monotonic() + self.config.budget_ms / 1000.0
+        with self._cv:
+            while self.acked < seq and self.state in ("connecting", "in_sync"):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._suspend_locked(f"a write waited more than the latency budget of "
+                                         f"{self.config.budget_ms} ms for the recovery site")
+                    return
+                self._cv.wait(left)
+
+    # -- runs ---------------------------------------------------------------------------------
+    def _begin_locked(self) -> None:
+        self._run += 1
+        self.base = self.seq
+        self.acked = self.seq
+        self._queue.clear()
+        self._queued_bytes = 0
+        self.state = "connecting"
+        threading.Thread(target=self._sender, args=(self._run, self.base), daemon=True,
+                         name="drsite-sync-mirror").start()
+
+    def _suspend_locked(self, reason: str) -> None:
+        if self.state in ("suspended", "closed"):
+            return
+        log.warning("sync mode suspended for %s: %s", self.config.item_id, reason)
+        self.state = "suspended"
+        self.reason = reason
+        self.suspended_at = time.time()
+        self.fallbacks += 1
+        self._run += 1
+        self._queue.clear()
+        self._queued_bytes = 0
+        sock, self._sock = self._sock, None
+        self._cv.notify_all()
+        if sock is not None:
+            _shutdown_raw(sock)  # the run's I/O thread wakes from its read and closes it
+
+    def _context(self) -> ssl.SSLContext:
+        if self._ctx is None:
+            c = self.config
+            self._ctx = tlsutil.client_context(Path(c.ca_file), Path(c.cert_file), Path(c.key_file))
+        return self._ctx
+
+    def _connect(self, base: int) -> socket.socket:
+        c = self.config
+        raw = socket.create_connection((c.host, c.port), timeout=self._connect_timeout)
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = self._context().wrap_socket(raw, server_hostname=c.host)
+        except BaseException:
+            raw.close()
+            raise
+        sock.sendall(W.json_frame({"item_id": c.item_id, "stream": self.stream, "base": base}))
+        reply = W.read_json(W.FrameReader(sock))
+        if not reply.get("ok"):
+            sock.close()
+            err = reply.get("error") or {}
+            raise NetworkError(f"the recovery agent refused the sync journal: "
+                               f"{err.get('message', reply)}")
+        sock.settimeout(None)
+        return sock
+
+    def _sender(self, run: int, base: int) -> None:
+        """The run's one I/O thread: connect, then send what is queued and read acks until
+        all of it is acknowledged, again and again. One thread only ever uses the TLS
+        connection (OpenSSL objects are not for concurrent use); other threads end it with a
+        raw TCP shutdown. Writes queued while a batch is in flight go in the next batch: at
+        queue depth > 1 batches share the recovery site's fdatasync."""
+        try:
+            sock = self._connect(base)
+        except (OSError, DrsiteError, ssl.SSLError) as e:
+            with self._cv:
+                if self._run == run:
+                    self._suspend_locked(f"cannot reach the recovery agent's sync journal: {e}")
+            return
+        with self._cv:
+            if self._run != run:
+                _close_quietly(sock)
+                return
+            self._sock = sock
+            self.state = "in_sync"
+            self.reason = ""
+            self._cv.notify_all()
+        reader = W.FrameReader(sock)
+        try:
+            while True:
+                with self._cv:
+                    while self._run == run and not self._queue:
+                        self._cv.wait()
+                    if self._run != run:
+                        return
+                    batch = list(self._queue)
+                    self._queue.clear()
+                    self._queued_bytes = 0
+                sock.sendall(b"".join(W.entry_frame(s, p) for s, p in batch))
+                last = batch[-1][0]
+                while True:
+                    kind, body = reader.read()
+                    if kind != W.T_ACK:
+                        err = W.read_json_body(body) if kind == W.T_JSON else {}
+                        raise NetworkError(f"the recovery agent stopped the sync journal: "
+                                           f"{(err.get('error') or {}).get('message', kind)}")
+                    with self._cv:
+                        if self._run != run:
+                            return
+                        self.acked = max(self.acked, W.seq_of(body))
+                        self._cv.notify_all()
+                        if self.acked >= last:
+                            break
+        except (OSError, DrsiteError, ssl.SSLError) as e:
+            with self._cv:
+                if self._run == run:
+                    self._suspend_locked(f"the connection to the recovery agent failed: {e}")
+        finally:
+            with self._cv:
+                if self._sock is sock:
+                    self._sock = None
+            _close_quietly(sock)
+
+    # -- status / end -------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        with self._cv:
+            return {"item_id": self.config.item_id, "state": self.state, "reason": self.reason,
+                    "stream": self.stream, "seq": self.seq, "base": self.base,
+                    "acked": self.acked, "budget_ms": self.config.budget_ms,
+                    "fallbacks": self.fallbacks, "suspended_at": self.suspended_at}
+
+    def close(self) -> None:
+        with self._cv:
+            self._run += 1
+            self.state = "closed"
+            sock, self._sock = self._sock, None
+            self._cv.notify_all()
+        if sock is not None:
+            _shutdown_raw(sock)
+
+
+def _shutdown_raw(sock: socket.socket) -> None:
+    """End a connection another thread is using: a TCP shutdown below TLS (no OpenSSL call
+    from this thread), which makes that thread's read or write fail at once."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _close_quietly(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass

@@ -1,0 +1,200 @@
+"""The recovery site's sync-journal server: where synchronous file VMs send their writes.
+
+A TLS socket server (client certificate required, the vault's CA only) beside the store
+server, speaking :mod:`drsite.tracking.syncwire`. Per connection: the hello names the item,
+the stream and the seal instant the run begins at; the caller must be the item's writer in
+the store's access list (``Authorizer.authorize(..., "put", item, ...)``), and the item must
+not be held by a failover (:func:`~drsite.sitestore.server.replica_held`). Then entries are
+appended to the item's :class:`~drsite.tracking.syncjournal.SyncJournal` and acknowledged
+after one ``fdatasync`` for every entry read so far (group commit: at queue depth > 1 many
+entries share one flush). A newer connection for an item replaces the older one (the mirror
+began a new run).
+
+Responsible for: connections, authorization, appending and acknowledging. Not responsible for:
+trimming (the store agent, after points commit) or replay (failover).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+from pathlib import Path
+
+from drsite.core.errors import DrsiteError, Forbidden, InvalidInput, NetworkError
+from drsite.core.model import validate_name
+from drsite.pki import cert_identity
+from drsite.sitestore.acl import Authorizer
+from drsite.sitestore.server import replica_held
+from drsite.tracking import syncwire as W
+from drsite.tracking.syncjournal import SyncJournal
+
+log = logging.getLogger(__name__)
+HELLO_TIMEOUT_S = 10.0
+
+
+class SyncServer:
+    """Serves the sync journals under ``journals/<item>/`` (see module doc)."""
+
+    def __init__(self, journals: Path, replicas: Path, context: ssl.SSLContext,
+                 acl: Authorizer, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.journals = Path(journals)
+        self.replicas = Path(replicas)
+        self.context = context
+        self.acl = acl
+        self.host = host
+        self._lock = threading.Lock()
+        self._open: dict[str, SyncJournal] = {}
+        self._active: dict[str, socket.socket] = {}   # item → its current connection
+        self._stop = threading.Event()
+        self._sock = socket.create_server((host, port))
+        self._sock.settimeout(0.25)
+        self.port = int(self._sock.getsockname()[1])
+        self._thread = threading.Thread(target=self._serve, name="sync-server", daemon=True)
+
+    def start(self) -> None:
+        self.journals.mkdir(parents=True, exist_ok=True)
+        self._thread.start()
+        log.info("sync journal server at %s:%d", self.host, self.port)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2.0)
+        self._sock.close()
+        with self._lock:
+            for s in self._active.values():
+                _shutdown_raw(s)
+            self._active.clear()
+            for j in self._open.values():
+                j.close()
+            self._open.clear()
+
+    # -- journals -----------------------------------------------------------------------------
+    def journal(self, item_id: str) -> SyncJournal:
+        """The item's journal, opened once (a torn tail is cut at that open)."""
+        validate_name("item", item_id)
+        with self._lock:
+            j = self._open.get(item_id)
+            if j is None:
+                j = self._open[item_id] = SyncJournal.open(self.journals / item_id)
+            return j
+
+    def has_journal(self, item_id: str) -> bool:
+        return (self.journals / validate_name("item", item_id)).is_dir()
+
+    def disconnect(self, item_id: str) -> None:
+        """Close the item's connection (a failover takes the journal over)."""
+        with self._lock:
+            s = self._active.pop(item_id, None)
+        if s is not None:
+            _shutdown_raw(s)  # its connection thread closes it
+
+    # -- connections --------------------------------------------------------------------------
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                raw, addr = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._conn, args=(raw, addr), daemon=True,
+                             name="sync-conn").start()
+
+    def _conn(self, raw: socket.socket, addr: object) -> None:
+        item_id = ""
+        conn: socket.socket = raw
+        try:
+            raw.settimeout(HELLO_TIMEOUT_S)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                sock = self.context.wrap_socket(raw, server_side=True)
+            except (ssl.SSLError, OSError) as e:
+                log.warning("sync connection from %s: TLS handshake failed: %s", addr, e)
+                return
+            conn = sock
+            reader = W.FrameReader(sock)
+            try:
+                item_id, journal = self._hello(sock, W.read_json(reader))
+            except DrsiteError as e:
+                log.warning("sync connection from %s refused: %s", addr, e)
+                sock.sendall(W.json_frame({"ok": False, "error": e.to_dict()}))
+                return
+            sock.sendall(W.json_frame({"ok": True}))
+            sock.settimeout(None)
+            self._pump(item_id, sock, reader, journal)
+        except (OSError, DrsiteError, ssl.SSLError) as e:
+            log.info("sync connection of %s from %s ended: %s", item_id or "?", addr, e)
+        finally:
+            with self._lock:
+                if item_id and self._active.get(item_id) is conn:
+                    self._active.pop(item_id, None)
+            _close(conn)
+
+    def _hello(self, sock: ssl.SSLSocket, hello: dict[str, object]) -> tuple[str, SyncJournal]:
+        der = sock.getpeercert(binary_form=True)
+        if not der:
+            raise Forbidden("a sync connection needs a client certificate")
+        ident = cert_identity(der)
+        try:
+            item_id = validate_name("item", str(hello["item_id"]))
+            stream, base = str(hello["stream"]), int(str(hello["base"]))
+        except (KeyError, ValueError) as e:
+            raise InvalidInput(f"malformed sync hello: {e}") from None
+        self.acl.authorize(ident, "put", item_id, f"sync journal of {item_id}")
+        journal = self.journal(item_id)
+        # the held check, the new run and its registration are one step under the lock:
+        # a failover writes the held marker, then disconnect()s (which takes the lock)
+        with self._lock:
+            if replica_held(self.replicas, item_id):
+                raise Forbidden(f"item {item_id} failed over on this site: its sync journal "
+                                "is closed")
+            old = self._active.pop(item_id, None)
+            if old is not None:
+                _shutdown_raw(old)  # the mirror began a new run: the old connection is over
+            journal.begin(stream, base)
+            self._active[item_id] = sock
+        log.info("sync journal of %s begins at %d (stream %s, from %s)", item_id, base,
+                 stream[:8], ident.common_name)
+        return item_id, journal
+
+    def _pump(self, item_id: str, sock: ssl.SSLSocket, reader: W.FrameReader,
+              journal: SyncJournal) -> None:
+        while not self._stop.is_set():
+            last = self._append(reader.read(), journal)
+            while reader.ready():   # group commit: everything already here shares one flush
+                last = self._append(reader.read(), journal)
+            with self._lock:
+                if self._active.get(item_id) is not sock:
+                    raise NetworkError("replaced by a newer sync connection")
+            journal.sync()
+            sock.sendall(W.ack_frame(last))
+
+    @staticmethod
+    def _append(frame: tuple[int, bytes], journal: SyncJournal) -> int:
+        kind, body = frame
+        if kind != W.T_ENTRY:
+            raise InvalidInput(f"unexpected sync frame type {kind}")
+        seq = W.seq_of(body)
+        journal.append(seq, W.entry_payload(body))
+        return seq
+
+
+def _shutdown_raw(s: socket.socket) -> None:
+    """End a connection another thread uses: TCP shutdown below TLS (no OpenSSL call here)."""
+    try:
+        socket.socket.shutdown(s, socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _close(s: socket.socket) -> None:
+    try:
+        s.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        s.close()
+    except OSError:
+        pass

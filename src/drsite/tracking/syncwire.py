@@ -1,0 +1,118 @@
+"""The sync mirror's wire format (guest → recovery agent, over mTLS): length-prefixed frames.
+
+Frame = ``type (1 byte) | length (4 bytes, LE) | body``:
+
+- ``JSON`` (0): the client's hello ``{"item_id", "stream", "base"}`` and the server's answer
+  ``{"ok": true}`` or ``{"ok": false, "error": DrsiteError.to_dict()}``;
+- ``ENTRY`` (1): ``seq (8 bytes) | payload`` (:func:`~drsite.tracking.syncjournal.encode_writes`);
+- ``ACK`` (2): ``seq (8 bytes)``: every entry up to ``seq`` is durable on the recovery site.
+
+One connection is one journal run: the hello begins the journal at ``base`` (a seal
+instant), entries follow as ``base + 1, base + 2, …``; the connection ends at the first error
+(the mirror then waits for the next seal to begin again).
+
+Responsible for: framing. Not responsible for: what the frames mean (mirror, server).
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import ssl
+import struct
+from typing import Any
+
+from drsite.core.errors import NetworkError
+
+T_JSON, T_ENTRY, T_ACK = 0, 1, 2
+_HEAD = struct.Struct("<BI")
+_SEQ = struct.Struct("<Q")
+MAX_FRAME = (64 << 20) + 64
+
+
+def frame(kind: int, body: bytes) -> bytes:
+    return _HEAD.pack(kind, len(body)) + body
+
+
+def json_frame(obj: dict[str, Any]) -> bytes:
+    return frame(T_JSON, json.dumps(obj, separators=(",", ":")).encode())
+
+
+def entry_frame(seq: int, payload: bytes) -> bytes:
+    return _HEAD.pack(T_ENTRY, _SEQ.size + len(payload)) + _SEQ.pack(seq) + payload
+
+
+def ack_frame(seq: int) -> bytes:
+    return frame(T_ACK, _SEQ.pack(seq))
+
+
+def seq_of(body: bytes | memoryview) -> int:
+    return int(_SEQ.unpack_from(body, 0)[0])
+
+
+def entry_payload(body: bytes) -> memoryview:
+    return memoryview(body)[_SEQ.size:]
+
+
+class FrameReader:
+    """Reads frames from a (TLS) socket with its own buffer, so :meth:`ready` can tell
+    whether a whole frame can be had without blocking (the server's group commit)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buf = bytearray()
+
+    def _complete(self) -> bool:
+        if len(self._buf) < _HEAD.size:
+            return False
+        n = int(_HEAD.unpack_from(self._buf, 0)[1])
+        if n > MAX_FRAME:
+            raise NetworkError(f"sync frame of {n} bytes exceeds the limit")
+        return len(self._buf) >= _HEAD.size + n
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(1 << 20)
+        if not chunk:
+            raise NetworkError("the sync peer closed the connection")
+        self._buf += chunk
+
+    def ready(self) -> bool:
+        """A whole frame is buffered, or can be read without waiting."""
+        while not self._complete():
+            pending = self.sock.pending() if isinstance(self.sock, ssl.SSLSocket) else 0
+            if not pending and not select.select([self.sock], [], [], 0)[0]:
+                return False
+            self._fill()
+        return True
+
+    def read(self) -> tuple[int, bytes]:
+        """The next frame ``(type, body)``; blocks (socket timeout applies)."""
+        while not self._complete():
+            self._fill()
+        kind, n = _HEAD.unpack_from(self._buf, 0)
+        body = bytes(self._buf[_HEAD.size:_HEAD.size + n])
+        del self._buf[:_HEAD.size + n]
+        return kind, body
+
+
+def read_json(reader: FrameReader) -> dict[str, Any]:
+    kind, body = reader.read()
+    if kind != T_JSON:
+        raise NetworkError(f"expected a JSON sync frame, got type {kind}")
+    try:
+        out = json.loads(body)
+    except ValueError as e:
+        raise NetworkError(f"malformed JSON sync frame: {e}") from None
+    if not isinstance(out, dict):
+        raise NetworkError("a JSON sync frame is not an object")
+    return out
+
+
+def read_json_body(body: bytes) -> dict[str, Any]:
+    """A JSON frame's body as an object (``{}`` when it is not one)."""
+    try:
+        out = json.loads(body)
+    except ValueError:
+        return {}
+    return out if isinstance(out, dict) else {}

@@ -1,0 +1,291 @@
+"""Synchronous mode of a file VM against a real sync-journal server over mTLS (in-process
+guest): every acknowledged write is in the journal, a point + the journal after its seal is
+the live disk, a black-holed or dead recovery agent never blocks a write longer than the
+budget, and the next seal brings the mirror back."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from drsite.core.errors import Forbidden, InvalidInput, NetworkError
+from drsite.core.model import DiskSpec, VmSpec
+from drsite.hypervisors.contract import SyncMirrorHost
+from drsite.hypervisors.file import FileHypervisor
+from drsite.pki import CertIdentity
+from drsite.sitestore.acl import Op
+from drsite.sitestore.syncserver import SyncServer
+from drsite.sitestore.testing import OpenAcl, TestCerts, make_test_certs
+from drsite.store.auth import PointAuth
+from drsite.tlsutil import client_context, server_context
+from drsite.tracking import syncwire as W
+from drsite.tracking.syncjournal import encode_writes, replay
+from tests.blackhole import Proxy
+
+MiB = 1 << 20
+ITEM = "item-sync-1"
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> TestCerts:
+    return make_test_certs(tmp_path_factory.mktemp("pki"))
+
+
+def _server(tmp: Path, certs: TestCerts, acl: Any = None) -> SyncServer:
+    ctx = server_context(certs.server_cert, certs.server_key, certs.ca_file,
+                         client_cert="required")
+    s = SyncServer(tmp / "journals", tmp / "replicas", ctx, acl or OpenAcl())
+    s.start()
+    return s
+
+
+def _config(certs: TestCerts, port: int, budget_ms: int = 200) -> dict[str, Any]:
+    return {"item_id": ITEM, "host": "127.0.0.1", "port": port, "budget_ms": budget_ms,
+            "ca_file": str(certs.ca_file), "cert_file": str(certs.client_cert),
+            "key_file": str(certs.client_key)}
+
+
+def _running(hv: FileHypervisor) -> tuple[str, Any]:
+    vm_id = hv.create_blank(VmSpec("vm1", disks=(DiskSpec("d0", 4 * MiB),
+                                                 DiskSpec("d1", 4 * MiB)))).vm_id
+    hv.start_tracking(vm_id)
+    rt = hv.guest(vm_id)
+    c = hv.seal(vm_id)
+    hv.release(c)
+    return vm_id, rt
+
+
+def _wait_state(hv: FileHypervisor, vm_id: str, state: str, timeout: float = 10.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    st: dict[str, Any] | None = None
+    while time.monotonic() < deadline:
+        st = hv.sync_status(vm_id)
+        if st is not None and st["state"] == state:
+            return st
+        time.sleep(0.02)
+    raise AssertionError(f"mirror never reached {state}: {st}")
+
+
+def _block(seq: int) -> bytes:
+    return seq.to_bytes(8, "little") * 512
+
+
+def _snapshot(hv: FileHypervisor, cycle: Any, out: Path) -> dict[str, Path]:
+    """The point of ``cycle`` as raw images (what the recovery site's replica holds)."""
+    images = {}
+    out.mkdir(parents=True, exist_ok=True)
+    for d, size in cycle.disk_sizes.items():
+        r = hv.open_cycle_reader(cycle, d)
+        try:
+            buf = bytearray(size)
+            r.readinto(0, memoryview(buf))
+        finally:
+            r.close()
+        (out / f"{d}.img").write_bytes(bytes(buf))
+        images[d] = out / f"{d}.img"
+    return images
+
+
+def test_point_plus_journal_is_every_acknowledged_write(tmp_path: Path, certs: TestCerts) -> None:
+    srv = _server(tmp_path, certs)
+    hv = FileHypervisor(tmp_path / "vms")
+    assert isinstance(hv, SyncMirrorHost)
+    vm_id, rt = _running(hv)
+    try:
+        hv.set_sync(vm_id, _config(certs, srv.port))
+        assert (os.stat(hv.vm_dir(vm_id) / "sync.json").st_mode & 0o777) == 0o600
+        assert hv.sync_status(vm_id)["state"] == "starting"  # type: ignore[index]
+        rt.vm.write("d0", 0, _block(1), tag=1)  # before any seal: asynchronous
+        cycle = hv.seal(vm_id)
+        assert cycle.sync_mark is not None and cycle.sync_mark["seq"] == 1
+        _wait_state(hv, vm_id, "in_sync")
+        for i in range(2, 200):
+            rt.vm.write_many([("d0", (i % 900) * 4096, _block(i)),
+                              ("d1", (i % 700) * 4096, _block(i + 10_000))], tag=i)
+        # acknowledged = in the journal, durable: no wait needed
+        j = srv.journal(ITEM)
+        assert j.last == cycle.sync_mark["seq"] + 198
+        assert j.coverage(cycle.sync_mark["stream"], cycle.sync_mark["seq"]).ok
+        images = _snapshot(hv, cycle, tmp_path / "point")
+        n, nbytes = replay(j, int(cycle.sync_mark["seq"]), images)
+        assert n == 198 and nbytes == 198 * 2 * 4096
+        for d in ("d0", "d1"):
+            live = rt.vm.read(d, 0, 4 * MiB)
+            assert images[d].read_bytes() == live, d
+        hv.release(cycle)
+        st = hv.sync_status(vm_id)
+        assert st is not None and st["state"] == "in_sync" and st["acked"] == st["seq"]
+    finally:
+        rt.stop()
+        srv.stop()
+
+
+def test_black_holed_recovery_agent_costs_at_most_the_budget(tmp_path: Path,
+                                                             certs: TestCerts) -> None:
+    srv = _server(tmp_path, certs)
+    proxy = Proxy(srv.port)
+    hv = FileHypervisor(tmp_path / "vms")
+    vm_id, rt = _running(hv)
+    budget_ms = 150
+    try:
+        hv.set_sync(vm_id, _config(certs, proxy.port, budget_ms))
+        c1 = hv.seal(vm_id)
+        hv.release(c1)
+        _wait_state(hv, vm_id, "in_sync")
+        rt.vm.write("d0", 0, _block(1), tag=1)
+        proxy.hold()  # a partition: no RST, no FIN
+        t0 = time.monotonic()
+        rt.vm.write("d0", 4096, _block(2), tag=2)
+        first = time.monotonic() - t0
+        st = hv.sync_status(vm_id)
+        assert st is not None and st["state"] == "suspended"
+        assert "latency budget of 150 ms" in st["reason"]
+        assert budget_ms / 1000 * 0.9 <= first < budget_ms / 1000 + 0.5
+        t0 = time.monotonic()
+        for i in range(3, 103):  # suspended: asynchronous, no waiting at all
+            rt.vm.write("d0", i * 4096, _block(i), tag=i)
+        assert time.monotonic() - t0 < 1.0
+        # the gap is in the change log as always (the next cycle ships it)
+        proxy.release()
+        c2 = hv.seal(vm_id)
+        assert c2.changed["d0"].total >= 101 * 4096
+        st = _wait_state(hv, vm_id, "in_sync")
+        assert st["base"] == c2.sync_mark["seq"]  # type: ignore[index]
+        rt.vm.write("d0", 0, _block(500), tag=500)
+        j = srv.journal(ITEM)
+        assert j.coverage(c2.sync_mark["stream"], c2.sync_mark["seq"]).ok  # type: ignore[index]
+        assert not j.coverage(c1.sync_mark["stream"], c1.sync_mark["seq"]).ok  # type: ignore[index]
+        hv.release(c2)
+    finally:
+        rt.stop()
+        proxy.close()
+        srv.stop()
+
+
+def test_dead_recovery_agent_suspends_at_once_and_a_seal_retries(tmp_path: Path,
+                                                                certs: TestCerts) -> None:
+    srv = _server(tmp_path, certs)
+    port = srv.port
+    hv = FileHypervisor(tmp_path / "vms")
+    vm_id, rt = _running(hv)
+    try:
+        hv.set_sync(vm_id, _config(certs, port, 1000))
+        hv.release(hv.seal(vm_id))
+        _wait_state(hv, vm_id, "in_sync")
+        srv.stop()  # the connection is closed: the mirror learns at once
+        t0 = time.monotonic()
+        for i in range(20):
+            rt.vm.write("d0", i * 4096, _block(i), tag=i)
+        assert time.monotonic() - t0 < 1.5
+        st = _wait_state(hv, vm_id, "suspended")
+        assert st["fallbacks"] == 1
+        hv.release(hv.seal(vm_id))  # nobody listens: the new run fails, writes don't wait
+        t0 = time.monotonic()
+        rt.vm.write("d0", 0, _block(99), tag=99)
+        assert time.monotonic() - t0 < 1.5
+        _wait_state(hv, vm_id, "suspended")
+    finally:
+        rt.stop()
+
+
+class _DenyAcl(OpenAcl):
+    def authorize(self, ident: CertIdentity, op: Op, item_id: str | None, what: str) -> None:
+        raise Forbidden(f"{ident.common_name} may not {op} {what}")
+
+    def point_auth(self, item_id: str) -> PointAuth | None:
+        return None
+
+
+def test_a_caller_the_access_list_refuses_gets_no_journal(tmp_path: Path,
+                                                         certs: TestCerts) -> None:
+    srv = _server(tmp_path, certs, _DenyAcl())
+    hv = FileHypervisor(tmp_path / "vms")
+    vm_id, rt = _running(hv)
+    try:
+        hv.set_sync(vm_id, _config(certs, srv.port))
+        hv.release(hv.seal(vm_id))
+        st = _wait_state(hv, vm_id, "suspended")
+        assert "refused" in st["reason"] and "may not put" in st["reason"]
+        assert not (tmp_path / "journals" / ITEM / "journal.json").exists()
+    finally:
+        rt.stop()
+        srv.stop()
+
+
+def test_sync_config_survives_a_guest_restart_and_is_removed(tmp_path: Path,
+                                                             certs: TestCerts) -> None:
+    srv = _server(tmp_path, certs)
+    hv = FileHypervisor(tmp_path / "vms")
+    vm_id, rt = _running(hv)
+    try:
+        hv.set_sync(vm_id, _config(certs, srv.port))
+        hv.release(hv.seal(vm_id))
+        before = _wait_state(hv, vm_id, "in_sync")
+        rt.stop()
+        rt = hv.guest(vm_id)  # a new guest reads sync.json: a new stream, from its next seal
+        st = hv.sync_status(vm_id)
+        assert st is not None and st["state"] == "starting" and st["stream"] != before["stream"]
+        hv.release(hv.seal(vm_id))
+        _wait_state(hv, vm_id, "in_sync")
+        hv.set_sync(vm_id, None)
+        assert hv.sync_status(vm_id) is None
+        assert not (hv.vm_dir(vm_id) / "sync.json").exists()
+        with pytest.raises(InvalidInput):
+            hv.set_sync(vm_id, {**_config(certs, srv.port), "budget_ms": 0})
+    finally:
+        rt.stop()
+        srv.stop()
+
+
+def _raw_client(certs: TestCerts, port: int) -> Any:
+    ctx = client_context(certs.ca_file, certs.client_cert, certs.client_key)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    return ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+def test_server_refuses_bad_hellos_and_frames_and_keeps_the_journal(tmp_path: Path,
+                                                                   certs: TestCerts) -> None:
+    srv = _server(tmp_path, certs)
+    try:
+        # a hello without its fields: refused with a drsite error, nothing begun
+        s = _raw_client(certs, srv.port)
+        s.sendall(W.json_frame({"item_id": ITEM}))
+        reply = W.read_json(W.FrameReader(s))
+        assert reply["ok"] is False and reply["error"]["code"] == "invalid_input"
+        s.close()
+        assert not (tmp_path / "journals" / ITEM / "journal.json").exists()
+        # a good run, then an entry that does not follow: the connection ends, the journal
+        # keeps what was acknowledged
+        stream = "0" * 31 + "1"
+        s = _raw_client(certs, srv.port)
+        s.sendall(W.json_frame({"item_id": ITEM, "stream": stream, "base": 10}))
+        r = W.FrameReader(s)
+        assert W.read_json(r)["ok"] is True
+        s.sendall(W.entry_frame(11, encode_writes([("d0", 0, b"a" * 4096)])))
+        kind, body = r.read()
+        assert kind == W.T_ACK and W.seq_of(body) == 11
+        s.sendall(W.entry_frame(13, encode_writes([("d0", 0, b"b" * 4096)])))
+        with pytest.raises((NetworkError, OSError)):
+            r.read()
+        s.close()
+        j = srv.journal(ITEM)
+        assert j.last == 11 and j.coverage(stream, 10).ok
+        # not TLS at all: the handshake fails, the server goes on
+        raw = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+        raw.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        raw.settimeout(5)
+        with pytest.raises(OSError):  # closed by the server (or reset): no answer
+            if raw.recv(100) == b"":
+                raise ConnectionResetError("closed")
+        raw.close()
+        s = _raw_client(certs, srv.port)
+        s.sendall(W.json_frame({"item_id": "../x", "stream": stream, "base": 0}))
+        assert W.read_json(W.FrameReader(s))["ok"] is False
+        s.close()
+    finally:
+        srv.stop()

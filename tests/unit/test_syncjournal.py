@@ -1,0 +1,142 @@
+"""The sync journal (tracking/syncjournal.py): append, group fsync, contiguity, trim, a torn
+tail after a crash, and coverage of a point's seal instant."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from drsite.core.errors import Conflict, InvalidInput
+from drsite.tracking import syncjournal as J
+from drsite.tracking.syncjournal import SyncJournal, decode_writes, encode_writes
+
+
+def _payload(seq: int) -> bytes:
+    return encode_writes([("d0", seq * 4096, seq.to_bytes(8, "little") * 512),
+                          ("d1", 0, b"x" * 100)])
+
+
+def test_encode_decode_round_trip_and_bad_input() -> None:
+    writes = [("d0", 4096, b"a" * 4096), ("disk-1", 1 << 40, b"\x00\x01")]
+    assert decode_writes(encode_writes(writes)) == writes
+    with pytest.raises(InvalidInput):
+        decode_writes(encode_writes(writes)[:-1])
+    with pytest.raises(InvalidInput):
+        decode_writes(encode_writes(writes) + b"\x00")
+    with pytest.raises(InvalidInput):
+        encode_writes([("", 0, b"x")])
+
+
+def test_append_sync_reopen_and_contiguity(tmp_path: Path) -> None:
+    stream = uuid.uuid4().hex
+    j = SyncJournal.open(tmp_path / "j")
+    with pytest.raises(Conflict):
+        j.append(1, b"x")  # not begun
+    j.begin(stream, 10)
+    for s in range(11, 21):
+        j.append(s, _payload(s))
+    with pytest.raises(Conflict, match="does not follow"):
+        j.append(22, _payload(22))
+    with pytest.raises(Conflict):
+        j.append(20, _payload(20))
+    j.sync()
+    assert j.last == 20 and j.first_base == 10
+    j.close()
+    j2 = SyncJournal.open(tmp_path / "j")
+    assert j2.stream == stream and j2.last == 20 and j2.cut_bytes == 0
+    got = list(j2.entries_after(15))
+    assert [s for s, _ in got] == [16, 17, 18, 19, 20]
+    assert got[0][1] == _payload(16)
+    j2.append(21, _payload(21))  # continues after a reopen
+    assert j2.last == 21
+
+
+def test_torn_tail_is_cut_at_open(tmp_path: Path) -> None:
+    stream = uuid.uuid4().hex
+    j = SyncJournal.open(tmp_path / "j")
+    j.begin(stream, 0)
+    for s in range(1, 6):
+        j.append(s, _payload(s))
+    j.sync()
+    seg = next((tmp_path / "j").glob("seg-*.j"))
+    j.close()
+    size = seg.stat().st_size
+    # a crash in the middle of entry 5: only part of it reached the disk
+    os.truncate(seg, size - 100)
+    j2 = SyncJournal.open(tmp_path / "j")
+    assert j2.last == 4 and j2.cut_bytes > 0
+    assert seg.stat().st_size < size - 100
+    j2.append(5, _payload(5))
+    j2.sync()
+    j2.close()
+    # a flipped byte in the last entry's payload: its CRC fails, it is cut
+    data = bytearray(seg.read_bytes())
+    data[-10] ^= 0xFF
+    seg.write_bytes(bytes(data))
+    j3 = SyncJournal.open(tmp_path / "j")
+    assert j3.last == 4
+    assert [s for s, _ in j3.entries_after(0)] == [1, 2, 3, 4]
+
+
+def test_begin_replaces_the_run_and_a_crash_before_the_state_keeps_the_old(tmp_path: Path) -> None:
+    a, b = uuid.uuid4().hex, uuid.uuid4().hex
+    j = SyncJournal.open(tmp_path / "j")
+    j.begin(a, 0)
+    j.append(1, _payload(1))
+    j.sync()
+    j.begin(a, 0)  # not idempotent once entries exist: a new run at the same base
+    assert j.last == 0
+    j.append(1, _payload(1))
+    j.begin(b, 7)
+    assert j.stream == b and j.first_base == 7 and j.last == 7
+    assert list(j.entries_after(0)) == []
+    j.close()
+    # a foreign segment (another stream) left behind is dropped at open
+    (tmp_path / "j" / "seg-00000000000000ff.j").write_bytes(
+        J._SEG_HEAD.pack(J._SEG_MAGIC, uuid.UUID(a).bytes, 255))
+    j2 = SyncJournal.open(tmp_path / "j")
+    assert j2.stream == b and j2.last == 7
+    assert not (tmp_path / "j" / "seg-00000000000000ff.j").exists()
+
+
+def test_segments_rotate_and_trim_keeps_what_a_point_does_not_cover(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(J, "SEGMENT_BYTES", 20_000)
+    stream = uuid.uuid4().hex
+    j = SyncJournal.open(tmp_path / "j")
+    j.begin(stream, 100)
+    for s in range(101, 141):
+        j.append(s, _payload(s))
+    j.sync()
+    nseg = j.describe()["segments"]
+    assert isinstance(nseg, int) and nseg > 3
+    assert j.trim(uuid.uuid4().hex, 130) == 0  # another stream's point trims nothing
+    deleted = j.trim(stream, 125)
+    assert deleted > 0
+    first = j.first_base
+    assert first is not None and first <= 125
+    assert [s for s, _ in j.entries_after(125)] == list(range(126, 141))
+    assert j.coverage(stream, 125).ok
+    j.close()
+    j2 = SyncJournal.open(tmp_path / "j")  # reopened after a trim: still contiguous
+    assert j2.first_base == first and j2.last == 140
+    assert [s for s, _ in j2.entries_after(130)] == list(range(131, 141))
+    j2.trim(stream, 10_000)
+    assert j2.describe()["segments"] == 1  # the last segment always stays
+
+
+def test_coverage_says_why_not(tmp_path: Path) -> None:
+    stream = uuid.uuid4().hex
+    j = SyncJournal.open(tmp_path / "j")
+    assert not j.coverage(stream, 0).ok
+    j.begin(stream, 50)
+    for s in range(51, 56):
+        j.append(s, _payload(s))
+    assert j.coverage(stream, 50).ok and j.coverage(stream, 55).ok
+    assert "starts at 50" in j.coverage(stream, 49).reason
+    assert "ends at 55" in j.coverage(stream, 56).reason
+    assert "restarted" in j.coverage(uuid.uuid4().hex, 52).reason
+    assert "not sealed in synchronous mode" in j.coverage(None, None).reason
