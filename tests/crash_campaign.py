@@ -21,9 +21,7 @@ Used by ``tests/e2e/test_crash_campaign.py`` (a short campaign in CI) and
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,6 +39,7 @@ from drsite.store.digest import file_digest, image_digest
 from drsite.store.local.backend import LocalObjectStore
 from drsite.store.repository import Repository
 from drsite.up import Cluster, down, start_agent, start_vault, up
+from tests.procs import kill9, until
 
 PHASES = ("initial", "delta", "planned", "unplanned", "cancel", "reprotect")
 # the kill comes after a random delay up to this into the operation (a failover through the
@@ -64,35 +63,6 @@ class Trial:
     problems: list[str] = field(default_factory=list)
     # a failed trial's evidence: the job that did not end (its tasks and messages) and the item
     evidence: dict[str, Any] = field(default_factory=dict)
-
-
-def _until(check: Any, timeout: float, poll: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            res = check()
-        except Exception:  # the vault is restarting: ask again
-            res = None
-        if res:
-            return res
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(poll)
-
-
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.waitpid(pid, os.WNOHANG)
-            os.kill(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            return
-        time.sleep(0.02)
 
 
 class Campaign:
@@ -149,7 +119,7 @@ class Campaign:
 
     def _protect(self, vm_id: str) -> str:
         with self.client() as cl:
-            _until(lambda: any(v["vm_id"] == vm_id for v in cl.vms()), 30)
+            until(lambda: any(v["vm_id"] == vm_id for v in cl.vms()), 30)
             job = cl.wait_job(cl.protect(vm_id, "g")["job_id"], timeout=120)
             if job["state"] != "succeeded":
                 raise AssertionError(f"protect failed: {job.get('error')}")
@@ -167,7 +137,7 @@ class Campaign:
 
     def _crash(self, victim: str) -> float:
         """Kill -9 ``victim``, restart it after a random pause; returns when it is back."""
-        _kill(self.c.pids[victim])
+        kill9(self.c.pids[victim])
         time.sleep(self.rng.uniform(0.0, 0.5))
         if victim == "vault":
             start_vault(self.c)
@@ -203,7 +173,7 @@ class Campaign:
 
     def _back_to_protected(self, item: str, t_restart: float, since_wall: float,
                            timeout: float) -> float | None:
-        ok = _until(lambda: self._new_point(item, since_wall), timeout)
+        ok = until(lambda: self._new_point(item, since_wall), timeout)
         return time.monotonic() - t_restart if ok else None
 
     def _job_end(self, job_id: str, timeout: float) -> dict[str, Any] | None:
@@ -211,7 +181,7 @@ class Campaign:
             with self.client() as cl:
                 j = cl.job(job_id)
             return j if j["state"] in ("succeeded", "failed", "cancelled") else None
-        out: dict[str, Any] | None = _until(ended, timeout)
+        out: dict[str, Any] | None = until(ended, timeout)
         return out
 
     def _keep_evidence(self, t: Trial, job_id: str, item: str) -> None:
@@ -265,7 +235,7 @@ class Campaign:
     def _trial_initial(self, t: Trial) -> None:
         vm_id, name = self._vm()
         with self.client() as cl:
-            _until(lambda: any(v["vm_id"] == vm_id for v in cl.vms()), 30)
+            until(lambda: any(v["vm_id"] == vm_id for v in cl.vms()), 30)
             job = cl.protect(vm_id, "g")
         time.sleep(t.kill_after_s)
         wall = time.time()
@@ -308,7 +278,7 @@ class Campaign:
             t.problems.append("the job failed without a message")
         name, vm_id = it["vm_name"], it["vm_id"]
         if end["state"] == "succeeded":
-            rec = _until(lambda: next((v for v in self.sec.list_vms() if v.name == name
+            rec = until(lambda: next((v for v in self.sec.list_vms() if v.name == name
                                        and v.power is PowerState.RUNNING), None), 10)
             if rec is None:
                 t.problems.append("no recovery VM runs after a succeeded failover")
@@ -325,7 +295,7 @@ class Campaign:
                 if not self._equals_point(rec.vm_id, item, point):
                     t.problems.append(f"unplanned failover: recovery VM differs from {point}")
             # the old primary is fenced (unplanned) or off (planned)
-            if not _until(lambda: self.prim.get_vm(vm_id).power is PowerState.STOPPED,
+            if not until(lambda: self.prim.get_vm(vm_id).power is PowerState.STOPPED,
                           t.goal_s + 10):
                 t.problems.append("the old primary's VM still runs")
         self._check_safety(t, item, name)

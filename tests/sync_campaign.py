@@ -36,43 +36,13 @@ from drsite.hypervisors.file.control import encode_data
 from drsite.hypervisors.file.driver import FileHypervisor
 from drsite.hypervisors.file.layout import VmPaths
 from drsite.up import Cluster, down, start_agent, up
+from tests.procs import kill9, until
 
 MiB = 1 << 20
 BLOCK = 4096
 SLOTS = 1024                    # the first 4 MiB of the disk
 _STAMP = struct.Struct("<8sQQ")
 MAGIC = b"DRSYNCW1"
-
-
-def _until(check: Any, timeout: float, poll: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            res = check()
-        except Exception:  # a process is restarting: ask again
-            res = None
-        if res:
-            return res
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(poll)
-
-
-def _kill(pid: int | None) -> None:
-    if pid is None:
-        return
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.waitpid(pid, os.WNOHANG)
-            os.kill(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            return
-        time.sleep(0.01)
 
 
 def block(thread: int, seq: int) -> bytes:
@@ -182,7 +152,7 @@ class SyncCampaign:
 
     def _protect(self, vm_id: str) -> str:
         with self.client() as cl:
-            _until(lambda: any(v["vm_id"] == vm_id for v in cl.vms()), 30)
+            until(lambda: any(v["vm_id"] == vm_id for v in cl.vms()), 30)
             job = cl.wait_job(cl.protect(vm_id, "g")["job_id"], timeout=120)
             if job["state"] != "succeeded":
                 raise AssertionError(f"protect failed: {job.get('error')}")
@@ -211,7 +181,7 @@ class SyncCampaign:
     def _trial(self, t: Trial) -> None:
         vm_id, name = self._vm(t.n)
         item = self._protect(vm_id)
-        if not _until(lambda: self._in_sync(vm_id, item), 60):
+        if not until(lambda: self._in_sync(vm_id, item), 60):
             t.problems.append(f"never in sync: {self.prim.sync_status(vm_id)}")
             return
         w = Writers(VmPaths(self.prim.vm_dir(vm_id)).socket_address(), self.writers)
@@ -219,8 +189,8 @@ class SyncCampaign:
         time.sleep(t.kill_after_s)
         guest_pid = _guest_pid(self.prim, vm_id)
         agent_pid = self.c.pids.get("agent-primary")
-        _kill(guest_pid)   # the whole primary, as close to one instant as two signals go
-        _kill(agent_pid)
+        kill9(guest_pid)   # the whole primary, as close to one instant as two signals go
+        kill9(agent_pid)
         w.stop()
         t.acked_writes = w.count
         t0 = time.monotonic()
@@ -232,7 +202,7 @@ class SyncCampaign:
             fo = cl.failovers(item)[0]
         t.failover_s = round(time.monotonic() - t0, 2)
         t.replayed = "; ".join(n for n in fo.get("notes") or [] if "sync journal" in n)
-        rec = _until(lambda: next((v for v in self.sec.list_vms() if v.name == name
+        rec = until(lambda: next((v for v in self.sec.list_vms() if v.name == name
                                    and v.power is PowerState.RUNNING), None), 20)
         if rec is None:
             t.problems.append("no recovery VM runs after the failover")
@@ -267,13 +237,13 @@ class SyncCampaign:
         self._fallbacks += 1
         vm_id, name = self._vm(200 + self._fallbacks)
         item = self._protect(vm_id)
-        assert _until(lambda: self._in_sync(vm_id, item), 60), self.prim.sync_status(vm_id)
+        assert until(lambda: self._in_sync(vm_id, item), 60), self.prim.sync_status(vm_id)
         address = VmPaths(self.prim.vm_dir(vm_id)).socket_address()
         pid = self.c.pids["agent-secondary"]
         if blackhole:
             os.kill(pid, signal.SIGSTOP)
         else:
-            _kill(pid)
+            kill9(pid)
         t0 = time.monotonic()
         lat: list[float] = []
         while time.monotonic() - t0 < 2.0:
@@ -284,7 +254,7 @@ class SyncCampaign:
         st = self.prim.sync_status(vm_id)
         assert st is not None and st["state"] == "suspended", st
         with self.client() as cl:
-            alert = _until(lambda: [a for a in cl.alerts(state="active", kind="sync_suspended")
+            alert = until(lambda: [a for a in cl.alerts(state="active", kind="sync_suspended")
                                     if a["subject"] == name], 30)
         assert alert, "no sync_suspended alert"
         t_back = time.monotonic()
@@ -292,11 +262,11 @@ class SyncCampaign:
             os.kill(pid, signal.SIGCONT)
         else:
             start_agent(self.c, "secondary", store=True)
-        back = _until(lambda: self._in_sync(vm_id, item), 90, poll=0.5)
+        back = until(lambda: self._in_sync(vm_id, item), 90, poll=0.5)
         assert back, f"not back in sync: {self.prim.sync_status(vm_id)}"
         took = time.monotonic() - t_back
         with self.client() as cl:
-            cleared = _until(lambda: not [a for a in cl.alerts(state="active",
+            cleared = until(lambda: not [a for a in cl.alerts(state="active",
                                                                 kind="sync_suspended")
                                           if a["subject"] == name], 30)
         assert cleared, "the sync_suspended alert did not clear"
