@@ -65,6 +65,16 @@ class Trial:
     evidence: dict[str, Any] = field(default_factory=dict)
 
 
+def protect_vm(cl: VaultClient, vm_id: str, group: str) -> str:
+    """Protect a VM the agents reported (waits for it in the inventory) in ``group``; waits for
+    the job and returns the item id (AssertionError with the job's error if it failed)."""
+    until(lambda: any(v["vm_id"] == vm_id for v in cl.vms()), 30)
+    job = cl.wait_job(cl.protect(vm_id, group)["job_id"], timeout=120)
+    if job["state"] != "succeeded":
+        raise AssertionError(f"protect failed: {job.get('error')}")
+    return str(next(it["id"] for it in cl.items() if it["vm_id"] == vm_id))
+
+
 class Campaign:
     """One deployment, many trials. ``policy_s``: the policy frequency (goal = 2 × it)."""
 
@@ -119,11 +129,7 @@ class Campaign:
 
     def _protect(self, vm_id: str) -> str:
         with self.client() as cl:
-            until(lambda: any(v["vm_id"] == vm_id for v in cl.vms()), 30)
-            job = cl.wait_job(cl.protect(vm_id, "g")["job_id"], timeout=120)
-            if job["state"] != "succeeded":
-                raise AssertionError(f"protect failed: {job.get('error')}")
-            return str(next(it["id"] for it in cl.items() if it["vm_id"] == vm_id))
+            return protect_vm(cl, vm_id, "g")
 
     def _free_item(self) -> str:
         while self._pool:

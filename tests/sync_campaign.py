@@ -36,6 +36,7 @@ from drsite.hypervisors.file.control import encode_data
 from drsite.hypervisors.file.driver import FileHypervisor
 from drsite.hypervisors.file.layout import VmPaths
 from drsite.up import Cluster, down, start_agent, up
+from tests.crash_campaign import protect_vm
 from tests.procs import kill9, until
 
 MiB = 1 << 20
@@ -152,11 +153,7 @@ class SyncCampaign:
 
     def _protect(self, vm_id: str) -> str:
         with self.client() as cl:
-            until(lambda: any(v["vm_id"] == vm_id for v in cl.vms()), 30)
-            job = cl.wait_job(cl.protect(vm_id, "g")["job_id"], timeout=120)
-            if job["state"] != "succeeded":
-                raise AssertionError(f"protect failed: {job.get('error')}")
-            return str(next(it["id"] for it in cl.items() if it["vm_id"] == vm_id))
+            return protect_vm(cl, vm_id, "g")
 
     def _in_sync(self, vm_id: str, item: str) -> bool:
         st = self.prim.sync_status(vm_id)

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 from tests.cloud import server_or_skip
-from tests.e2e.test_failover_cluster import cluster, hv, kill, make_vm, until
+from tests.e2e.test_failover_cluster import cluster, hv, make_vm, until
+from tests.procs import kill9
 
 from drsite.core.model import PowerState
 from drsite.store.digest import file_digest, image_digest
@@ -87,7 +88,7 @@ def test_protect_to_cloud_and_unplanned_failover_from_it(kind: str, cluster: Clu
         until("delta points in the cloud store", lambda: len(cl.points(item["id"])) >= n0 + 2, 60)
 
         # the primary site is lost: its agent dies, its VM is gone
-        kill(cluster.pids["agent-primary"])
+        kill9(cluster.pids["agent-primary"])
         hv(cluster, "primary").power_off(vm_id, force=True)
         time.sleep(1)
         point = cl.points(item["id"])[-1]["point_id"]

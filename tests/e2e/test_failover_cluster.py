@@ -8,8 +8,6 @@ after an unplanned failover and is fenced); SIGKILL of the vault in the middle o
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 from tests.e2e.test_cluster import until
+from tests.procs import kill9
 
 from drsite.client.api import VaultClient
 from drsite.core.model import DiskSpec, Nic, PowerState, VmSpec
@@ -245,21 +244,6 @@ def test_plan_three_groups_script_manual_resume(cluster: Cluster, tmp_path: Path
         assert not [v for v in sec.list_vms()]
 
 
-def kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.waitpid(pid, os.WNOHANG)
-            os.kill(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            return
-        time.sleep(0.05)
-
-
 def test_sigkill_vault_mid_plan_and_split_brain(cluster: Cluster) -> None:
     vms = {n: make_vm(cluster, n, 8, f"10.0.0.{i + 20}") for i, n in enumerate(("a1", "a2"))}
     prim, sec = hv(cluster, "primary"), hv(cluster, "secondary")
@@ -271,7 +255,7 @@ def test_sigkill_vault_mid_plan_and_split_brain(cluster: Cluster) -> None:
         job = cl.plan_action("p", "planned-failover")
         until("plan running", lambda: cl.job(job["id"])["progress"] > 0
               or cl.job(job["id"])["state"] != "queued", 30)
-    kill(cluster.pids["vault"])
+    kill9(cluster.pids["vault"])
     start_vault(cluster)
     with cluster.client() as cl:
         final = cl.wait_job(job["id"], timeout=180)
@@ -301,7 +285,7 @@ def test_sigkill_vault_mid_plan_and_split_brain(cluster: Cluster) -> None:
         a3_vm = make_vm(cluster, "a3", 8, "10.0.0.30")
         a3 = protect(cl, a3_vm)["id"]
         until("a3 has delta points", lambda: len(cl.points(a3)) >= 2, 60)
-        kill(cluster.pids["agent-primary"])
+        kill9(cluster.pids["agent-primary"])
         run(cl, cl.item_action(a3, "unplanned-failover"))
         fo = cl.failovers(a3)[0]
         rec_vm = sec.find_vm("a3")
@@ -325,7 +309,7 @@ def test_sigkill_vault_mid_plan_and_split_brain(cluster: Cluster) -> None:
         log = cluster.root / "logs" / "agent-primary.log"
         assert any(a3 in ln and "fencing the old primary" in ln for ln in log.read_text().splitlines())
         # cut off from the vault, it does not replicate on its own (offline mode skips it)
-        kill(cluster.pids["vault"])
+        kill9(cluster.pids["vault"])
         time.sleep(35)
         assert sorted((cluster.root / "secondary" / "store" / "items" / a3 / "points").iterdir()) \
             == store_points

@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 from tests.blackhole import Proxy
 from tests.e2e.test_cluster import alive, stop_process, until
-from tests.e2e.test_failover_cluster import disks_digest, hv, kill, make_vm, protect, run, setup
+from tests.e2e.test_failover_cluster import disks_digest, hv, make_vm, protect, run, setup
+from tests.procs import kill9
 
 from drsite.client.api import VaultClient
 from drsite.core.model import PowerState
@@ -112,7 +113,7 @@ def test_vault_killed_in_unplanned_failover_then_cancel_replicates_again(cluster
         until("delta points", lambda: len(deltas(cl, item)) >= 1, 30)
         os.kill(cluster.pids["agent-primary"], signal.SIGSTOP)
         job = cl.item_action(item, "unplanned-failover")
-    kill(cluster.pids["vault"])        # early in the failover
+    kill9(cluster.pids["vault"])        # early in the failover
     start_vault(cluster)
     with cluster.client() as cl:
         final = cl.wait_job(job["id"], timeout=60)
@@ -134,7 +135,7 @@ def test_vault_killed_in_unplanned_failover_then_cancel_replicates_again(cluster
         until("source report fenced",
               lambda: ((cl.item(item).get("report") or {}).get("last_error") or {})
               .get("code") == "fenced", 15)
-    kill(cluster.pids["vault"])        # vault-kill-then-cancel
+    kill9(cluster.pids["vault"])        # vault-kill-then-cancel
     start_vault(cluster)
     with cluster.client() as cl:
         n = len(cl.points(item))

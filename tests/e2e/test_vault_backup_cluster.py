@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 from tests.e2e.test_cluster import until
-from tests.e2e.test_failover_cluster import cluster, kill, make_vm, protect, setup
+from tests.e2e.test_failover_cluster import cluster, make_vm, protect, setup
+from tests.procs import kill9
 
 from drsite.client.api import VaultClient, VaultConfig
 from drsite.up import Cluster, start_vault
@@ -79,7 +80,7 @@ def test_backup_a_live_vault_and_restore_it(cluster: Cluster, tmp_path: Path) ->
     assert rep["master_key_id"].startswith("mk-")
 
     # the vault's host is lost; its master key was kept apart
-    kill(cluster.pids["vault"])
+    kill9(cluster.pids["vault"])
     kept_key = tmp_path / "kept-master.key"
     kept_key.write_text(key_b64 + "\n")
     kept_key.chmod(0o600)
