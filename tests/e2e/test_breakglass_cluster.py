@@ -22,11 +22,11 @@ from tests.e2e.test_failover_cluster import (
     cluster,
     equals_point,
     hv,
-    kill,
     make_vm,
     protect,
     setup,
 )
+from tests.procs import kill9
 
 from drsite.core.model import PowerState
 from drsite.up import Cluster, start_agent, start_vault
@@ -85,8 +85,8 @@ def test_breakglass_failover_without_vault(cluster: Cluster) -> None:
     assert sec.get_vm(forced["vm_id"]).power is PowerState.RUNNING
 
     # site A and the vault are lost (the primary VM keeps running: a partition)
-    kill(cluster.pids["vault"])
-    kill(cluster.pids["agent-primary"])
+    kill9(cluster.pids["vault"])
+    kill9(cluster.pids["agent-primary"])
 
     listing = ok_json(agent_cli(cluster, "points", "--json"))
     row = next(r for r in listing["items"] if r["item_id"] == item)
