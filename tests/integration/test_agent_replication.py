@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,29 @@ class Sites:
                                 "store_url": self.store_url, "settings": SETTINGS},
                                command_id=command_id)
 
+    @contextmanager
+    def primary_agent(self, join_s: float = 30) -> Iterator[Agent]:
+        """The primary's agent, running on a thread of this process until the block ends."""
+        primary = Agent(self.tmp / "pri", hypervisor=self.hv, heartbeat_interval=0.3)
+        t = threading.Thread(target=primary.run, daemon=True)
+        t.start()
+        try:
+            yield primary
+        finally:
+            primary.stop()
+            t.join(join_s)
+        assert not t.is_alive(), "the primary agent did not stop"
+
+    def cycles(self, vm_id: str, n: int) -> list[dict[str, Any]]:
+        """``n`` cycles, each after a 4 KiB write to d0; their (succeeded) results."""
+        out = []
+        for _ in range(n):
+            self.hv.write(vm_id, "d0", 0, os.urandom(4096))
+            r = self.vault.wait_final(self.vault.send(self.pri_id, "cycle", ITEM, {}), 30)
+            assert r["status"] == "succeeded", r
+            out.append(r)
+        return out
+
     def repo(self) -> Repository:
         return Repository(LocalObjectStore(self.tmp / "store"), ITEM)
 
@@ -100,10 +124,7 @@ def sites(tmp_path: Path) -> Iterator[Sites]:
 def test_protect_cycle_and_hydrated_replica(sites: Sites) -> None:
     size = 8 * MiB
     vm_id = sites.make_vm(size)
-    primary = Agent(sites.tmp / "pri", hypervisor=sites.hv, heartbeat_interval=0.3)
-    t = threading.Thread(target=primary.run, daemon=True)
-    t.start()
-    try:
+    with sites.primary_agent():
         r = sites.vault.wait_final(sites.protect(vm_id), 30)
         assert r["status"] == "succeeded", r
         assert r["result"]["point"]["kind"] == "initial"
@@ -127,10 +148,6 @@ def test_protect_cycle_and_hydrated_replica(sites: Sites) -> None:
         # the vault's catalogue got both points
         sites.vault.wait_heartbeat(sites.pri_id, sites.vault.hosts[sites.pri_id].heartbeats, 5)
         assert set(sites.vault.points[ITEM]) == {"p000000000001", "p000000000002"}
-    finally:
-        primary.stop()
-        t.join(30)
-    assert not t.is_alive()
 
 
 def _agent_proc(sites: Sites, failpoint: str | None) -> subprocess.Popen[str]:
@@ -207,16 +224,10 @@ def test_site_store_retention_and_deletion_run_on_the_stores_agent(sites: Sites)
     engine skips retention, its ``retention`` deletes nothing; the store's agent deletes them
     (``retention`` with ``store_side``), audits each, and the source reports them removed."""
     vm_id = sites.make_vm(4 * MiB)
-    primary = Agent(sites.tmp / "pri", hypervisor=sites.hv, heartbeat_interval=0.3)
-    t = threading.Thread(target=primary.run, daemon=True)
-    t.start()
     sec_id = sites.secondary.identity.host_id
-    try:
+    with sites.primary_agent():
         assert sites.vault.wait_final(sites.protect(vm_id), 30)["status"] == "succeeded"
-        for _ in range(2):
-            sites.hv.write(vm_id, "d0", 0, os.urandom(4096))
-            r = sites.vault.wait_final(sites.vault.send(sites.pri_id, "cycle", ITEM, {}), 30)
-            assert r["status"] == "succeeded", r
+        for r in sites.cycles(vm_id, 2):
             reasons = r["result"]["report"]["health_reasons"]
             assert not [x for x in reasons if "retention" in x], reasons
         r = sites.vault.wait_final(sites.vault.send(sites.pri_id, "retention", ITEM, {}), 30)
@@ -246,9 +257,6 @@ def test_site_store_retention_and_deletion_run_on_the_stores_agent(sites: Sites)
                 break
             assert time.monotonic() < deadline, audit
             time.sleep(0.1)
-    finally:
-        primary.stop()
-        t.join(30)
 
 
 def test_a_fence_overtakes_a_cycle_hung_on_a_black_holed_store(sites: Sites) -> None:
@@ -299,16 +307,10 @@ def test_retention_keeps_the_points_the_vault_names(sites: Sites) -> None:
     them whatever the rule says, removes the rest the rule drops; a malformed ``keep`` fails
     the command and removes nothing."""
     vm_id = sites.make_vm(4 * MiB)
-    primary = Agent(sites.tmp / "pri", hypervisor=sites.hv, heartbeat_interval=0.3)
-    t = threading.Thread(target=primary.run, daemon=True)
-    t.start()
     sec_id = sites.secondary.identity.host_id
-    try:
+    with sites.primary_agent():
         assert sites.vault.wait_final(sites.protect(vm_id), 30)["status"] == "succeeded"
-        for _ in range(2):
-            sites.hv.write(vm_id, "d0", 0, os.urandom(4096))
-            r = sites.vault.wait_final(sites.vault.send(sites.pri_id, "cycle", ITEM, {}), 30)
-            assert r["status"] == "succeeded", r
+        sites.cycles(vm_id, 2)
         time.sleep(1.0)
         short = {**SETTINGS, "retention_hours": 0.0001}  # 0.36 s: all but the newest go
         r = sites.vault.wait_final(sites.vault.send(
@@ -322,6 +324,3 @@ def test_retention_keeps_the_points_the_vault_names(sites: Sites) -> None:
         assert r["status"] == "succeeded", r
         assert r["result"]["deleted_points"] == ["p000000000002"]
         assert [p.point_id for p in sites.repo().points()] == ["p000000000001", "p000000000003"]
-    finally:
-        primary.stop()
-        t.join(30)
