@@ -33,17 +33,15 @@ from typing import Any, Protocol
 
 from drsite import failpoints
 from drsite.agent import breakglass, pointkeys
+from drsite.agent.host import AgentHost
 from drsite.agent.link import Command
-from drsite.agent.registration import AgentIdentity
 from drsite.agent.state import ItemEntry
-from drsite.agent.storeservice import StoreService
 from drsite.core.errors import Conflict, DrsiteError, Fenced, InvalidInput, PermanentError
 from drsite.core.model import PowerState, validate_name
 from drsite.core.states import FailoverState
 from drsite.failover import actions, reprotect
 from drsite.failover.wire import network_map_from_args, vm_spec_from_dict
 from drsite.fsutil import atomic_write_json, read_json
-from drsite.hypervisors.contract import HypervisorDriver
 from drsite.replication.driver import ItemReplicator
 from drsite.replication.report import ItemState
 from drsite.sitestore.server import held_marker, replica_lock
@@ -70,16 +68,9 @@ class LiveItem(Protocol):
     def entry(self) -> ItemEntry: ...
 
 
-class FailoverHost(Protocol):
+class FailoverHost(AgentHost, Protocol):
     """What the failover commands need of the agent daemon (:class:`drsite.agent.daemon.Agent`
     implements it; declared here so that this module does not import the daemon)."""
-
-    data_dir: Path
-    hypervisor: HypervisorDriver
-    identity: AgentIdentity
-
-    @property
-    def store_service(self) -> StoreService | None: ...
 
     def live_item(self, cmd: Command) -> tuple[LiveItem, ItemReplicator]: ...
 

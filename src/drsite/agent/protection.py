@@ -23,14 +23,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from drsite.agent import cloudstores, pointkeys, storeacl, syncmode
+from drsite.agent.host import AgentHost
 from drsite.agent.items import Item
 from drsite.agent.lanes import Interrupted
 from drsite.agent.link import Command
-from drsite.agent.registration import AgentIdentity
 from drsite.agent.state import ItemEntry, ItemPhase, settings_from_args
-from drsite.agent.storeservice import StoreService
 from drsite.core.errors import Conflict, DrsiteError, Fenced, InvalidInput, NotFound, VmNotFound
-from drsite.hypervisors.contract import HypervisorDriver, SyncMirrorHost
+from drsite.hypervisors.contract import SyncMirrorHost
 from drsite.replication.driver import ItemReplicator
 from drsite.replication.report import ItemState
 from drsite.store.factory import StoreSpec
@@ -42,16 +41,9 @@ log = logging.getLogger(__name__)
 KINDS = ("protect", "cycle", "resync", "retention", "update_settings", "unprotect")
 
 
-class ProtectionHost(Protocol):
+class ProtectionHost(AgentHost, Protocol):
     """What these commands need of the agent daemon (:class:`drsite.agent.daemon.Agent`
     implements it; declared here so that this module does not import the daemon)."""
-
-    data_dir: Path
-    hypervisor: HypervisorDriver
-    identity: AgentIdentity
-
-    @property
-    def store_service(self) -> StoreService | None: ...
 
     @property
     def stopping(self) -> bool:
