@@ -121,7 +121,7 @@ def test_clock_cut_holds_around_the_cut_or_misses_it(sites: Sites) -> None:
         assert b["held"] is False and "too soon" in b["missed"], b
         assert r["result"]["point"]["seq"] == 3  # still a (per-VM) point
 
-        r = cut("gb-c3", 1.5, clock_id="clk-other")  # another vault process's clock
+        r = cut("gb-c3", 1.5, clock_id="clk-other")  # another vault machine's clock
         b = r["result"]["barrier"]
         assert b["held"] is False and "no reading" in b["missed"], b
         assert sites.hv.guest_status(vm.vm_id)["held_by"] is None  # type: ignore[index]

@@ -5,6 +5,9 @@ that misses the prepare's bound → per-VM points, an alert; at most 16 VMs; fai
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -513,3 +516,18 @@ def test_an_app_consistent_barrier_is_two_phase(hc: Harness) -> None:
     hc.tick()
     (s1,) = cmds(a1, "group_seal")
     assert "cut_at" in s1["args"] and s1["args"]["app_consistent"] is False
+
+
+def test_the_cut_clock_is_shared_by_every_process_of_the_machine() -> None:
+    """The vault's API workers are separate processes: an agent's clock reading may come from
+    any of them, so they must name (and read) one clock. Another process of this machine
+    gets the same id, and its reading of the clock falls between two of ours."""
+    code = ("import json, time; from drsite.vault import barrier; "
+            "print(json.dumps([barrier.CLOCK_ID, barrier.cut_clock()]))")
+    before = barrier.cut_clock()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    after = barrier.cut_clock()
+    clock_id, t = json.loads(out)
+    assert clock_id == barrier.CLOCK_ID and clock_id.startswith("clk-")
+    assert before <= t <= after

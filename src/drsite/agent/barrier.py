@@ -181,7 +181,7 @@ class BarrierCommands:
         sample = best_sample(self._samples(clock_id, first + hold_s / 4), clock_id,
                              time.monotonic())
         if sample is None:
-            return f"no reading of the vault's cut clock {clock_id} (another vault process?)"
+            return f"no reading of the vault's cut clock {clock_id} (a vault on another machine?)"
         plan = CutPlan(sample, cut_at, margin)
         u = sample.uncertainty(plan.cut_local)
         if u > hold_s / 4:

@@ -43,6 +43,7 @@ import logging
 import os
 import secrets
 import time
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -68,10 +69,30 @@ OPEN_STATES = ("preparing", "sealing")
 SEAL_TIMEOUT_MIN_S = 60.0  # a member whose seal does not answer in max(this, 3 periods) fails
 KINDS = ("group_prepare", "group_seal")
 CUT_MISSES_TO_FALL_BACK = 2  # missed cuts in a row before one two-phase barrier
-# the clock a clock cut is named in: this process's monotonic clock (never stepped), which
-# agents sample through POST /agent/clock; the id names the process, so an agent whose
-# samples come from another vault process cannot map the cut and misses it
-CLOCK_ID = f"clk-{os.getpid()}-{secrets.token_hex(6)}"
+
+
+def _clock_id() -> str:
+    """The id of this process's ``CLOCK_MONOTONIC``. On Linux every process of one boot and
+    one time namespace reads the same monotonic clock, so the vault's API workers (forked by
+    one supervisor, on one machine) share an id: an agent may sample any of them. Another
+    machine (a vault pair's standby) or another time namespace has another id; without
+    ``/proc`` the id names this process alone (a cut sampled elsewhere is then missed, never
+    mis-mapped)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        try:
+            ns = os.readlink("/proc/self/ns/time")  # "time:[4026531834]"
+        except OSError:  # a kernel without time namespaces: one monotonic clock per boot
+            ns = "time:[none]"
+        return f"clk-{boot}-{ns[6:-1]}"
+    except OSError:
+        return f"clk-{os.getpid()}-{secrets.token_hex(6)}"
+
+
+# the clock a clock cut is named in: the machine's monotonic clock (never stepped), which
+# agents sample through POST /agent/clock; an agent whose samples come from another clock
+# (another machine's vault) cannot map the cut and misses it
+CLOCK_ID = _clock_id()
 
 
 def cut_clock() -> float:
