@@ -127,7 +127,7 @@ def hosts_show(conn: Conn, host: str = typer.Argument(..., help="Host id, or hos
                                                            "repeat across sites).")) -> None:
     """One host: every field (agent version, certificate revoked?, store role) and its VMs."""
     with conn.client() as c:
-        h = resolve_host(c.hosts(), host, site)
+        h = resolve_host(c.hosts(), host, site, revoked=True)
         vms_ = [v for v in c.vms() if v["host_id"] == h["id"]]
     if conn.json:
         show({**h, "vms": vms_}, [], title="", json_out=True)
@@ -137,11 +137,16 @@ def hosts_show(conn: Conn, host: str = typer.Argument(..., help="Host id, or hos
     show(vms_, SITE_VM_COLS, title=f"VMs on {h['name']}", json_out=False)
 
 
-def resolve_host(hosts_: list[dict[str, Any]], host: str | None, site: str | None
-                 ) -> dict[str, Any]:
+def resolve_host(hosts_: list[dict[str, Any]], host: str | None, site: str | None, *,
+                 revoked: bool = False) -> dict[str, Any]:
     """The host named ``host`` (its id, or its name in ``site``); without ``host``, the one
-    host of ``site``."""
+    host of ``site``. Revoked hosts are found only with ``revoked`` (to show or re-issue
+    them), and only by id or when no live host has the name."""
     live = [h for h in hosts_ if not h.get("revoked")]
+    if revoked and host is not None and not any(
+            h["id"] == host or (h["name"] == host and (site is None or h["site"] == site))
+            for h in live):
+        live = list(hosts_)
     if host is None:
         if site is None:
             raise InvalidInput("which host?", hint="Give --host HOST or --site SITE "
@@ -176,7 +181,7 @@ def hosts_reissue(conn: Conn, host: str = typer.Argument(..., help="Host id, or 
     'drsite agent register --vault URL --key KEY --data DIR': a new key pair and certificate
     replace the old ones, which stop working."""
     with conn.client() as c:
-        h = resolve_host(c.hosts(), host, site)
+        h = resolve_host(c.hosts(), host, site, revoked=True)
         res = c.reissue_host(h["id"], ttl)
         if conn.json:
             show(res, [], title="", json_out=True)
