@@ -241,11 +241,12 @@ def test_a_reader_sees_everything_and_can_press_nothing(h: Harness) -> None:
     plan_page = h.client.get("/ui/plans/tier1").text
     buttons = re.findall(r"<button[^>]*>[^<]*</button>", plan_page)
     labels = [b for b in buttons if "Log out" not in b]
-    assert len(labels) == 8 and all("disabled" in b for b in labels), labels
+    assert len(labels) == 9 and all("disabled" in b for b in labels), labels  # 8 + drill
     assert "/ui/plans/tier1/test-failover" not in plan_page  # no link to act through either
     confirm = h.client.get("/ui/plans/tier1/test-failover").text
     assert re.search(r'<button type="submit" id="confirm"[^>]*disabled', confirm)
-    for url in [f"/ui/jobs/{job_id}/cancel", "/ui/plans/tier1/test-failover", "/ui/alerts/1/ack"]:
+    for url in [f"/ui/jobs/{job_id}/cancel", "/ui/plans/tier1/test-failover", "/ui/alerts/1/ack",
+                "/ui/plans/tier1/drill"]:
         r = h.client.post(url, data={"csrf": csrf}, follow_redirects=False)
         assert r.status_code == 403, url
         assert "reader role" in r.text
@@ -582,3 +583,36 @@ def test_drill_history_and_a_drills_report(h: Harness) -> None:
     assert h.client.get("/ui/drills/nope").status_code == 404
     plan = h.client.get("/ui/plans/tier1").text
     assert "Drill every 7 d inside 01:00-05:00" in plan and 'href="/ui/drills?plan=tier1"' in plan
+
+
+def test_an_operator_runs_a_drill_from_the_plan_page(h: Harness) -> None:
+    """The plan page's 'Run a drill now': a confirmation page that says what a drill does, a
+    POST that starts the vault's own drill and lands on its report; a reader sees the button
+    disabled (and cannot post it: see test_a_reader_sees_everything_and_can_press_nothing); an
+    unknown plan is a 404; a plan with no protected VM is refused on the confirmation page
+    with the reason."""
+    populate(h)
+    add_plan(h)
+    h.ok("POST", "/plans", json={"plans": [{"name": "empty", "groups": [
+        {"name": "g", "vms": ["ghost"]}]}]})
+    login(h, h.token("reader", "audit"))
+    page = h.client.get("/ui/plans/tier1").text
+    assert re.search(r'<button type="button" class="\s*" disabled id="plan-drill"', page), page
+    csrf = login(h, h.token("operator", "ops"))
+    page = h.client.get("/ui/plans/tier1").text
+    assert 'href="/ui/plans/tier1/drill" id="plan-drill"' in page
+    confirm = h.client.get("/ui/plans/tier1/drill").text
+    assert "What will happen" in confirm and "records the drill" in confirm
+    r = h.client.post("/ui/plans/tier1/drill", data={"csrf": csrf}, follow_redirects=False)
+    assert r.status_code == 303, r.text
+    drill_id = r.headers["location"].rsplit("/", 1)[1]
+    d = h.ok("GET", f"/drills/{drill_id}")
+    assert d["plan"] == "tier1" and d["trigger"] == "hand"
+    assert drill_id in h.client.get("/ui/drills?plan=tier1").text
+    assert h.client.get("/ui/plans/nope/drill").status_code == 404
+    assert h.client.post("/ui/plans/nope/drill", data={"csrf": csrf},
+                         follow_redirects=False).status_code == 404
+    empty = h.client.get("/ui/plans/empty/drill").text
+    assert "ghost is not protected" in empty and "disabled" in empty
+    r = h.client.post("/ui/plans/empty/drill", data={"csrf": csrf}, follow_redirects=False)
+    assert r.status_code == 409 and "ghost" in r.text

@@ -5,8 +5,8 @@ disabled — then a POST that calls the API's own operation and redirects (303) 
 A VM's actions (``/ui/items/{id}/act/{action}``): test failover (point, test VM name) and its
 cleanup (notes), planned and unplanned failover (point), commit (re-protect, reverse network
 mappings), cancel, change of recovery point (point), resync, re-protect, failback; verify
-(``/ui/items/{id}/verify``). A plan's (``/ui/plans/{name}/{action}``), a job's (cancel, resume),
-an alert's acknowledgement.
+(``/ui/items/{id}/verify``). A plan's (``/ui/plans/{name}/{action}``) and its drill now
+(``/ui/plans/{name}/drill``), a job's (cancel, resume), an alert's acknowledgement.
 
 The point picker: latest, latest app-consistent, or any point of the catalogue (the newest on
 the page, with absolute times; every point on the points list, which links back here with the
@@ -249,6 +249,39 @@ async def verify(request: Request, item_id: str) -> Response:
         return f"/ui/jobs/{quote(data.start_verify(vault, user, item_id, which))}"
 
     return await H.act(request, lambda v, u: _verify_confirm(v, u, item_id), "vms", run)
+
+
+# ------------------------------------------------------------------------- a plan's drill
+
+DRILL_WHAT = ("Runs the plan's test failover now, from each VM's latest recovery point, in the "
+              "isolated test network; verifies each test VM's disks against its recovery point, "
+              "boots it and runs the plan's probe (if the plan has one); then cleans the test "
+              "VMs up and records the drill's report (RPO, RTO, what failed). Production VMs "
+              "and replication are not touched.")
+
+
+def _drill_confirm(vault: Vault, name: str) -> dict[str, Any]:
+    data.plan(vault, name)  # 404 for an unknown plan
+    why = data.plan_allowed(vault, name).get(A.TEST_FAILOVER.value)
+    refusal = InvalidInput(f"no VM of the plan can have a test failover now: {why}",
+                           hint="Each VM's page says what it can do.") if why else None
+    return confirm_ctx(f"Drill of recovery plan {name}", "run the drill", DRILL_WHAT,
+                       f"/ui/plans/{quote(name)}/drill", f"/ui/plans/{quote(name)}", False,
+                       refusal=refusal)
+
+
+# declared before the plan's actions: "drill" is not a failover action of /ui/plans/{name}/{action}
+@router.get("/ui/plans/{name}/drill")
+def drill_confirm(request: Request, name: str) -> Response:
+    return H.view(request, "confirm.html", "plans", lambda v, u: _drill_confirm(v, name))
+
+
+@router.post("/ui/plans/{name}/drill")
+async def drill(request: Request, name: str) -> Response:
+    def run(vault: Vault, user: WebUser, _fields: dict[str, str]) -> str:
+        return f"/ui/drills/{quote(data.start_drill(vault, user, name))}"
+
+    return await H.act(request, lambda v, u: _drill_confirm(v, name), "plans", run)
 
 
 # ------------------------------------------------------------------------- a plan's actions

@@ -357,6 +357,12 @@ def drill(vault: Vault, user: WebUser, drill_id: str) -> dict[str, Any]:
     return drills_api.show_drill(drill_id, vault, principal(user))
 
 
+def start_drill(vault: Vault, user: WebUser, plan: str) -> str:
+    """A drill of plan ``plan`` now, with the plan's own drill settings; the drill's id."""
+    return str(drills_api.run_drill(drills_api.DrillIn(plan=plan), vault,
+                                    principal(user))["drill_id"])
+
+
 JOB_SORTS = ("created_at", "kind", "target", "state", "progress", "started_at")
 JOB_LIST_MAX = 1000
 
