@@ -331,6 +331,30 @@ def test_vault_unreachable_backs_off_and_keeps_replicating(env: Env) -> None:
         a.shutdown()
 
 
+def test_the_vault_back_ends_the_heartbeat_backoff_at_once(env: Env) -> None:
+    """Issue 19: after the vault was away long enough for the heartbeat backoff to grow, the
+    command channel's first answer (``vault_back``) makes the next heartbeat go now — results
+    held meanwhile reach the vault then — not at the end of the backoff (up to
+    ``max_backoff_s``); while heartbeats succeed it changes nothing."""
+    a = Agent(env.data, hypervisor=env.hv, heartbeat_interval=0.1, target_factory=env.target,
+              max_backoff_s=30.0)
+    t = threading.Thread(target=a.run, daemon=True)
+    t.start()
+    try:
+        env.vault.refuse_heartbeats = True
+        before = env.vault.hosts[env.host_id].heartbeats
+        time.sleep(3.5)  # failures 0.1, 0.2, 0.4, 0.8, 1.6 s apart: the next ≈ 2.8 s later
+        env.vault.refuse_heartbeats = False
+        t0 = time.monotonic()
+        a.vault_back()
+        env.vault.wait_heartbeat(env.host_id, before, 5)
+        took = time.monotonic() - t0
+        assert took < 1.5, f"the heartbeat waited {took:.2f} s for its backoff"
+    finally:
+        a.stop()
+        t.join(30)
+
+
 def test_vault_link_maps_errors() -> None:
     import ssl
 

@@ -124,6 +124,8 @@ class Agent:
         self._catalogues = CatalogueRefresher(heartbeat_interval)
         self._lock = threading.RLock()
         self._stop = threading.Event()
+        # set to heartbeat at once (the vault is back: end the backoff; or stop)
+        self._wake = threading.Event()
         self._store: StoreService | None = None
         if store_dir is not None and store_listen is not None:
             self._store = StoreService(self.identity, store_dir, self.data_dir / "replicas",
@@ -186,13 +188,23 @@ class Agent:
         try:
             while not self._stop.is_set():
                 delay = self.tick()
-                self._stop.wait(delay)
+                self._wake.wait(delay)
+                self._wake.clear()
         finally:
             self.shutdown()
 
     def stop(self) -> None:
         """Ask :meth:`run` to return (safe from a signal handler or another thread)."""
         self._stop.set()
+        self._wake.set()
+
+    def vault_back(self) -> None:
+        """The command channel reached the vault again: while heartbeats are failing, send
+        the next one now instead of at the end of its backoff (which grows to
+        ``max_backoff_s``), so results held meanwhile are posted and a job waiting on them goes
+        on within a second of the vault's return."""
+        if self._failures:
+            self._wake.set()
 
     def shutdown(self) -> None:
         """Interrupt running work (it resumes after the restart), stop the workers, the store

@@ -45,6 +45,7 @@ from drsite.core.errors import (
     DrsiteError,
     Fenced,
     InvalidInput,
+    NetworkError,
     NotFound,
     OperationInterrupted,
     PermanentError,
@@ -126,6 +127,10 @@ class LaneHost(Protocol):
         ...
 
     def refresh_catalogue(self, item_id: str) -> None: ...
+
+    def vault_back(self) -> None:
+        """The command channel reached the vault after failing: heartbeat now."""
+        ...
 
 
 def lane_key(cmd: Command) -> str:
@@ -228,7 +233,9 @@ class CommandLanes:
         failures = 0
         while not self._stop.is_set():
             try:
-                cmds = link.wait_commands(CHANNEL_WAIT_S)
+                # after a failure, a poll the vault answers at once: its return is seen now,
+                # not when a long poll with nothing to deliver ends
+                cmds = link.wait_commands(0.0 if failures else CHANNEL_WAIT_S)
             except NotFound:
                 log.info("the vault at %s has no command channel; commands arrive with "
                          "heartbeats", link.vault_url)
@@ -238,8 +245,12 @@ class CommandLanes:
                 if failures == 1:
                     log.info("command channel to the vault interrupted (%s); heartbeats carry "
                              "commands meanwhile", e)
-                self._stop.wait(min(self.host.max_backoff_s,
-                                    self.host.heartbeat_interval * failures))
+                # a vault that is down (refused, unreachable) is probed every interval: a
+                # failed connect costs it nothing, and its return is seen within one interval;
+                # a vault that answers with errors gets the growing backoff
+                backoff = self.host.heartbeat_interval * (
+                    1 if isinstance(e, NetworkError) else failures)
+                self._stop.wait(min(self.host.max_backoff_s, backoff))
                 continue
             except Exception:  # the client was closed under it (shutdown) or a bug
                 if self._stop.is_set():
@@ -247,7 +258,9 @@ class CommandLanes:
                 log.exception("command channel failed; retrying")
                 self._stop.wait(self.host.heartbeat_interval)
                 continue
-            failures = 0
+            if failures:
+                failures = 0
+                self.host.vault_back()
             for cmd in cmds:
                 if self._stop.is_set():
                     return  # not taken: the vault re-delivers (the next heartbeat lacks it)
