@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from drsite.core.clock import FakeClock
-from drsite.core.errors import NetworkError, ObjectNotFound, PermanentError
+from drsite.core.errors import DrsiteError, Forbidden, NetworkError, ObjectNotFound, PermanentError
 from drsite.core.model import DiskSpec, VmSpec
 from drsite.hypervisors.testing.memory import MemoryHypervisor
 from drsite.replication.driver import ItemReplicator, ReplicationSettings
@@ -38,12 +38,17 @@ class CrashingStore(MemoryObjectStore):
         super().__init__()
         self.crash_after: int | None = None
         self.fail_puts = 0
+        self.refuse_puts = 0
         self.puts = 0
 
     def put(self, key: str, data: bytes | memoryview, *, overwrite: bool = False) -> None:
         if self.fail_puts > 0:
             self.fail_puts -= 1
             raise NetworkError("injected: store unreachable")
+        if self.refuse_puts > 0:
+            self.refuse_puts -= 1
+            raise Forbidden(f"injected: host h1 may not put {key}: item item1 is not assigned "
+                            "to it")
         if self.crash_after is not None:
             if self.crash_after <= 0:
                 raise Crash()
@@ -150,6 +155,24 @@ def test_transient_store_failure_retries_on_the_seed_schedule(env: Env) -> None:
     assert env.store.fail_puts == 2
     p = env.item.run_initial()  # sleeps on the fake clock: +60 s, +120 s, +240 s, then succeeds
     assert env.clock.sleeps[:3] == [60.0, 120.0, 240.0]
+    assert env.point_bytes(p.point_id) == env.source()
+    assert env.item.report.last_error is None
+
+
+def test_a_store_refusal_is_retried_not_critical(env: Env) -> None:
+    """A site store that refuses this host's writes ('not assigned to it') may hold an access
+    list older than the vault's grant (a cancelled failover): the engine reports the refusal,
+    keeps its state and tries again when told (the vault decides whether it is Critical)."""
+    env.item.run_initial()
+    env.write("d0", 0, 64 * KiB)
+    env.store.refuse_puts = 1
+    with pytest.raises(DrsiteError) as got:
+        env.item.run_cycle(wait_transient=False)
+    assert got.value.code == "forbidden" and got.value.transient
+    rep = env.item.report
+    assert rep.state is not ItemState.CRITICAL and rep.health is not Health.CRITICAL
+    assert rep.last_error is not None and rep.last_error["code"] == "forbidden"
+    p = env.item.run_cycle(wait_transient=False)  # the vault sends the next cycle: it runs
     assert env.point_bytes(p.point_id) == env.source()
     assert env.item.report.last_error is None
 

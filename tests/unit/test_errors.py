@@ -46,6 +46,7 @@ EXPECTED: dict[str, tuple[type[E.DrsiteError], int, int]] = {
     "busy": (E.Busy, 503, 75),
     "command_interrupted": (E.CommandInterrupted, 503, 75),
     "peer_unavailable": (E.PeerUnavailable, 503, 75),
+    "grant_pending": (E.GrantPending, 503, 75),
     "standby": (E.StandbyVault, 503, 75),
 }
 

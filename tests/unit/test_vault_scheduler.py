@@ -11,7 +11,10 @@ from typing import Any
 
 import pytest
 
+from drsite.core.states import ItemProtection
 from drsite.replication.report import ItemState
+from drsite.vault import storeacl
+from drsite.vault.db.models import Item
 from drsite.vault.testing import Agent, Harness, point, report, vm_info
 
 VMS = [vm_info("vm-1", "web1")]
@@ -193,6 +196,50 @@ def test_permanent_failure_makes_the_item_critical_and_stops_it(h: Harness) -> N
     assert "critical" in [x["kind"] for x in h.entries("/alerts?state=cleared")]
     # replication goes on at once (the tick that ended the job scheduled a cycle)
     assert "cycle" in [x["kind"] for x in a.beat(vms=VMS)["commands"]]
+
+
+def flip(h: Harness, item_id: str, status: ItemProtection) -> None:
+    with h.vault.db.tx() as s:
+        row = s.get(Item, item_id)
+        assert row is not None
+        storeacl.set_status(row, status, h.clock.now())
+
+
+# as the source's engine reports a store's refusal: a failure to retry (it cannot tell why)
+FORBIDDEN = {"code": "forbidden", "class": "transient", "hint": "scope",
+             "message": "host hv1 may not put items/x/staging/y: item x is not assigned to it"}
+
+
+def test_a_store_refusal_for_a_grant_in_flight_is_retried_once_confirmed(h: Harness) -> None:
+    """Issue 19 (found by the crash campaign): after a cancelled failover the item is writable
+    again, but until the store's agent holds a list that says so it refuses the source's
+    writes ('not assigned'). A cycle refused then is not Critical: it is retried as soon as the
+    store's agent confirms the list — and a refusal while the vault's grant is confirmed stays
+    permanent (Critical: someone else's item)."""
+    a, b, item_id = protected_with_store(h)
+    flip(h, item_id, ItemProtection.FAILED_OVER)   # a failover: the store holds it read-only
+    b.beat(store_url=b.store_url)
+    b.beat(store_url=b.store_url)
+    flip(h, item_id, ItemProtection.PROTECTED)     # its cancel: writable again, in the vault
+    h.clock.advance(30)
+    (c,) = sent(h, "cycle")
+    a.result(c.id, "failed", error=FORBIDDEN)
+    h.tick()
+    item = h.ok("GET", f"/items/{item_id}")
+    assert item["state"] != "critical" and item["health"] != "critical", item
+    assert [x for x in h.entries("/alerts?state=active") if x["kind"] == "critical"] == []
+    h.clock.advance(5)
+    assert sent(h, "cycle") == []   # the store has not confirmed the list: no attempt
+    b.beat(store_url=b.store_url)   # receives the writable list
+    b.beat(store_url=b.store_url)   # confirms it
+    (c2,) = sent(h, "cycle")        # retried at once, not after the seed's first minute
+    a.result(c2.id, "succeeded")
+    # with the grant confirmed, a refusal is what it says: permanent
+    h.clock.advance(30)
+    (c3,) = sent(h, "cycle")
+    a.result(c3.id, "failed", error=FORBIDDEN)
+    h.tick()
+    assert h.ok("GET", f"/items/{item_id}")["state"] == "critical"
 
 
 def test_tracking_lost_is_not_critical(h: Harness) -> None:

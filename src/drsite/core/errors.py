@@ -276,6 +276,17 @@ class PeerUnavailable(TransientError):
                     "its own. Check that site's agent and the link between the sites.")
 
 
+class GrantPending(TransientError):
+    """A site store refused an item's writes because the access list its agent holds does
+    not grant them yet, while the vault has granted them (a list in flight: after a failover
+    was cancelled, or before the store's agent heartbeated again). Retried as soon as the
+    store's agent confirms the list."""
+
+    code = "grant_pending"
+    default_hint = ("Nothing to do: replication resumes once the recovery store's agent "
+                    "holds the item's grant (its next heartbeat).")
+
+
 class StandbyVault(TransientError):
     """This vault is the standby of a pair (its database is a hot standby of the active
     vault's): it answers reads, never writes. The message names the active vault when the

@@ -30,6 +30,7 @@ from drsite.core.errors import (
     DrsiteError,
     ErrorClass,
     Fenced,
+    Forbidden,
     TrackingLost,
     classify_os_error,
     from_dict,
@@ -613,6 +614,13 @@ class ItemReplicator:
             self._mark_resync(e.message)
             r.retry.record_success()
             return
+        if e.code == Forbidden.code:
+            # the recovery store refused this host: its access list may lag a writer change
+            # the vault made (a cancelled failover; the list comes with the store agent's next
+            # heartbeat). The vault knows the grant and decides whether that is Critical
+            # (``vault/scheduler.apply_result``); the engine retries rather than stop for good
+            e = from_dict({**e.to_dict(), "class": ErrorClass.TRANSIENT.value})
+            self.report.last_error = e.to_dict()
         r.retry.record_failure(e, now)
         if not e.transient:
             r.phase = ItemState.CRITICAL

@@ -19,6 +19,10 @@ own facts:
 - after a failed command: transient → next attempt after 1, 2, 4, 8, 10 min, then every 30 min
   (:class:`drsite.core.retry.RetryState`, kept in the item row so a restart keeps the schedule);
   permanent → the item goes Critical and nothing more is sent until an operator resyncs by hand.
+  A site store's refusal of the source's writes (``forbidden``) is Critical only when the
+  store's agent has confirmed the item's grant (``storeacl.grant_pending``); before that (a
+  list in flight after a cancelled failover) it is ``grant_pending``, retried as soon as the
+  agent confirms the list.
   ``tracking_lost`` and ``corrupt_data`` are not Critical: the agent marks the item for resync.
 
 Responsible for: sending replication commands on time and digesting their results. Not
@@ -34,7 +38,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, false, or_, select, true, update
 from sqlalchemy.orm import Session
 
-from drsite.core.errors import CorruptData, TrackingLost, from_dict
+from drsite.core.errors import CorruptData, Forbidden, GrantPending, TrackingLost, from_dict
 from drsite.core.model import TrackingState
 from drsite.core.retention import rule_for_hours
 from drsite.core.retry import RetryState
@@ -108,6 +112,15 @@ def apply_result(s: Session, cmd: Command, now: float) -> None:
     if cmd.kind == "retention":
         log.warning("retention of %s failed: %s", item.id, err.message)
         return
+    if err.code == Forbidden.code:
+        # the site store refused the source's writes (the engine reports it as a failure to
+        # retry: it cannot tell why). Writes the vault has granted but the store agent's list
+        # does not hold yet (after a cancelled failover, before its next heartbeat) are tried
+        # again as soon as the agent confirms the list (tick); with the grant confirmed, the
+        # refusal is what it says: Critical
+        why = storeacl.grant_pending(s, item, now)
+        err = GrantPending(f"{err.message} ({why})") if why is not None \
+            else Forbidden(err.message, hint=err.hint)
     retry.record_failure(err, now)
     item.retry = retry.to_dict()
     if not err.transient:
@@ -175,7 +188,9 @@ class Scheduler:
                 consistent = item.group_id in consistent_groups
                 policy = policies[item.group_id]
                 kinds = open_kinds.get(item.id, set())
-                for d in self._item(item, policy, kinds, now, item.target_site_id in stores_up):
+                granted = _grant_now_confirmed(s, item, now)
+                for d in self._item(item, policy, kinds, now, item.target_site_id in stores_up,
+                                    granted):
                     if d.kind == "cycle" and consistent:
                         continue  # a consistent group's cycles come from its barrier
                     if d.kind == "retention":  # a site store's own agent runs it
@@ -265,11 +280,12 @@ class Scheduler:
         return hit
 
     def _plan(self, item: ItemFacts, policy: Policy, now: float,
-              store_up: bool = False) -> tuple[Action, float]:
+              store_up: bool = False, granted: bool = False) -> tuple[Action, float]:
         """The planner's action and the time the next cycle is (was) due. ``store_up``: an
-        agent serving the item's recovery store is up (see :func:`early_retry`)."""
+        agent serving the item's recovery store is up (see :func:`early_retry`); ``granted``:
+        the last attempt was refused for a grant the store's agent now confirms."""
         retry = RetryState.from_dict(item.retry) if item.retry else RetryState()
-        if early_retry(retry, store_up, now, self.settings.heartbeat_interval):
+        if granted or early_retry(retry, store_up, now, self.settings.heartbeat_interval):
             retry.next_attempt_at = now
         report = item.report or {}
         nxt = next_cycle_at(item.last_cycle_sent_at, policy.frequency_s, now)
@@ -285,7 +301,7 @@ class Scheduler:
         return plan(pi).action, nxt
 
     def _item(self, item: ItemFacts, policy: Policy, open_kinds: set[str], now: float,
-              store_up: bool = False) -> list[_Due]:
+              store_up: bool = False, granted: bool = False) -> list[_Due]:
         out: list[_Due] = []
         repair = scrubbing.repair_due(item)
         if repair is not None and not open_kinds.intersection(commands.REPLICATION_KINDS) \
@@ -298,7 +314,7 @@ class Scheduler:
                             {"scrub": {**sc, "repair_for": sc.get("latest_point"),
                                        "repair_sent_at": now}}))
         elif not open_kinds.intersection(commands.REPLICATION_KINDS):
-            action, due_at = self._plan(item, policy, now, store_up)
+            action, due_at = self._plan(item, policy, now, store_up, granted)
             if action is Action.DELTA:
                 last_app = max(item.last_app_point_time or 0.0, item.last_app_cycle_at or 0.0) or None
                 app = app_consistent_due(last_app, policy.app_consistent_every_s, now)
@@ -315,6 +331,18 @@ class Scheduler:
                 and "retention" not in open_kinds:
             out.append(_Due(item.id, item.host_id, "retention", {}, {"last_retention_at": now}))
         return out
+
+
+def _grant_now_confirmed(s: Session, item: ItemFacts, now: float) -> bool:
+    """Whether the item's last replication was refused by its site store for a grant
+    (``grant_pending``) that the store's agent has confirmed since: retry at once. Read only
+    for such items (a handful), not for every item of a pass."""
+    retry = item.retry or {}
+    if not retry.get("failures") or (retry.get("last_error") or {}).get("code") \
+            != GrantPending.code:
+        return False
+    row = s.get(Item, item.id)
+    return row is not None and storeacl.grant_pending(s, row, now) is None
 
 
 def _scrub(s: Session, item: ItemFacts, policy: Policy, open_kinds: set[str],
