@@ -205,12 +205,13 @@ def engine_main(argv: list[str]) -> int:
     vm = hv.find_vm(a.vm)
     target: RecoveryTarget
     if a.site is not None:
-        from drsite.sitestore import SiteObjectStore, SiteTarget
+        from drsite.sitestore import SITE_TARGET_OPTIONS, SiteObjectStore, SiteTarget
         from drsite.tlsutil import client_context
 
         info = json.loads(a.site.read_text())
         ctx = client_context(Path(info["ca"]), Path(info["cert"]), Path(info["key"]))
-        target = SiteTarget(SiteObjectStore(info["url"], ctx), ITEM)
+        # as an agent builds it
+        target = SiteTarget(SiteObjectStore(info["url"], ctx), ITEM, **SITE_TARGET_OPTIONS)
     else:
         repo = Repository(LocalObjectStore(a.store), ITEM)
         target = LocalTarget(repo, ReplicaHydrator(repo, a.replicas / ITEM) if a.replicas
