@@ -322,12 +322,11 @@ class SiteTarget:
 
     def __init__(self, store: SiteObjectStore, item_id: str, *, segment_size: int = 64 << 20,
                  pack_target: int = 8 << 20, retry_attempts: int = 4,
-                 upload_threads: int = 2, background_catch_up: bool = False) -> None:
+                 background_catch_up: bool = False) -> None:
         self.store = store
         self.item_id = validate_name("item", item_id)
         self._repo = Repository(RetryingStore(store, attempts=retry_attempts), item_id,
-                                segment_size=segment_size, pack_target=pack_target,
-                                upload_threads=upload_threads)
+                                segment_size=segment_size, pack_target=pack_target)
         self.background_catch_up = background_catch_up
         self._cv = threading.Condition()
         self._wanted = False          # a catch-up was asked for since the running one started
