@@ -157,7 +157,8 @@ def resolve(e: Entries, lo: int, hi: int) -> Entries:
     out["roff"] = out["roff"] + (xs[first] - out["offset"]).astype(np.uint32)
     out["offset"] = xs[first]
     out["length"] = xe[last] - xs[first]
-    res: Entries = out[out["codec"] != ZERO]
+    zero = out["codec"] == ZERO
+    res: Entries = out[~zero] if zero.any() else out
     return res
 
 
