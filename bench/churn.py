@@ -205,12 +205,13 @@ def engine_main(argv: list[str]) -> int:
     vm = hv.find_vm(a.vm)
     target: RecoveryTarget
     if a.site is not None:
-        from drsite.sitestore import SiteObjectStore, SiteTarget
+        from drsite.sitestore import SITE_TARGET_OPTIONS, SiteObjectStore, SiteTarget
         from drsite.tlsutil import client_context
 
         info = json.loads(a.site.read_text())
         ctx = client_context(Path(info["ca"]), Path(info["cert"]), Path(info["key"]))
-        target = SiteTarget(SiteObjectStore(info["url"], ctx), ITEM)
+        # as an agent builds it
+        target = SiteTarget(SiteObjectStore(info["url"], ctx), ITEM, **SITE_TARGET_OPTIONS)
     else:
         repo = Repository(LocalObjectStore(a.store), ITEM)
         target = LocalTarget(repo, ReplicaHydrator(repo, a.replicas / ITEM) if a.replicas
@@ -325,6 +326,16 @@ class Bench:
     def close(self) -> None:
         if self._server is not None:
             stop_process(self._server)
+
+    def _replica_current(self) -> bool:
+        """The site server's replica holds a point and applies none (local target: True)."""
+        if not self.site:
+            return True
+        try:
+            st = json.loads((Path(self.site["replicas"]) / ITEM / "state.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return bool(st.get("point_id")) and not st.get("applying")
 
     def store_dir(self) -> Path:
         return Path(self.site["store"]) if self.site else self.root / "store"
@@ -461,10 +472,12 @@ class Bench:
         engine = subprocess.Popen(cmd, cwd=BENCH_DIR.parent)
         try:
             t_init = time.monotonic()
-            # the engine's initial copy is done when it records it: after the commit and the
-            # target's after_commit (a site store hydrates the whole replica then), so the
-            # trials measure steady state, not the initial hydration
-            while not (events.exists() and '"initial"' in events.read_text()):
+            # the engine's initial copy is done when it records it (after the commit and the
+            # target's after_commit) and, on a site store (whose catch-up runs in the
+            # background), when the server's replica holds it: the trials measure steady
+            # state, not the initial hydration
+            while not (events.exists() and '"initial"' in events.read_text()
+                       and self._replica_current()):
                 if engine.poll() is not None or time.monotonic() - t_init > 900:
                     raise RuntimeError(f"engine did not commit the initial point "
                                        f"(exit {engine.poll()})")

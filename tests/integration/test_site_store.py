@@ -12,6 +12,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -313,7 +315,8 @@ def test_errors_map_back_to_their_classes(site: RunningSiteStore, client: SiteOb
 # --------------------------------------------------------------------------- replication end to end
 
 class _Env:
-    def __init__(self, tmp: Path, site: RunningSiteStore) -> None:
+    def __init__(self, tmp: Path, site: RunningSiteStore, *,
+                 background_catch_up: bool = False) -> None:
         self.tmp = tmp
         self.site = site
         self.clock = FakeClock()
@@ -322,7 +325,8 @@ class _Env:
                                                                   DiskSpec("d1", 2 * MiB))))
         self.rng = np.random.default_rng(3)
         self.store = site.client()
-        self.target = SiteTarget(self.store, "item1", segment_size=1 * MiB, pack_target=256 * KiB)
+        self.target = SiteTarget(self.store, "item1", segment_size=1 * MiB, pack_target=256 * KiB,
+                                 background_catch_up=background_catch_up)
         self.item = ItemReplicator(
             item_id="item1", vm_id=self.vm.vm_id, driver=self.hv, target=self.target,
             state_dir=tmp / "state", clock=self.clock,
@@ -468,6 +472,99 @@ def test_hydration_damage_comes_back_as_corrupt_data(site: RunningSiteStore,
     assert r.status_code == CorruptData.http_status == 500
     assert r.json()["code"] == "corrupt_data" and r.json()["class"] == "permanent"
     env.store.close()
+
+
+def test_background_catch_up_hydrates_after_the_cycle_returns(site: RunningSiteStore,
+                                                             tmp_path: Path) -> None:
+    """With the agent's options the catch-up runs beside the next cycle; settled, the server's
+    replica equals the source at the latest point."""
+    env = _Env(tmp_path, site, background_catch_up=True)
+    env.write("d0", 0, 300 * KiB)
+    env.item.run_initial()
+    for i in range(3):
+        env.write("d0", (i * 37 + 5) * KiB, 20000)
+        env.write("d1", 1 * MiB + i * 4096, 4096)
+        env.item.run_cycle()
+    assert env.target.settle(30)
+    latest = env.server_repo().latest()
+    assert latest is not None and latest.seq == 4
+    assert env.hydrator().state() == (latest.point_id, None)
+    assert env.hydrator().verify()
+    assert env.replica_bytes() == env.source() == env.point_bytes(latest.point_id)
+    calls = [r for r in site.requests if r[1] == "/replica/v1/items/item1/catch-up"]
+    assert 1 <= len(calls) <= 4
+    assert not env.target.busy
+    env.store.close()
+
+
+def test_background_catch_up_requests_coalesce(site: RunningSiteStore, tmp_path: Path) -> None:
+    """Commits made while a catch-up runs cost one more call, not one each."""
+    env = _Env(tmp_path, site, background_catch_up=True)
+    entered, release = threading.Event(), threading.Event()
+    calls: list[str] = []
+
+    def slow(item_id: str) -> list[str]:
+        calls.append(item_id)
+        entered.set()
+        assert release.wait(30)
+        return []
+
+    env.store.catch_up = slow  # type: ignore[method-assign]
+    env.write("d0", 0, 4096)
+    p0 = env.item.run_initial()
+    assert entered.wait(30) and env.target.busy
+    for _ in range(5):
+        env.target.after_commit(p0)
+    assert env.target.settle(0.2) is False  # still running
+    release.set()
+    assert env.target.settle(30)
+    assert calls == ["item1", "item1"]
+    assert not env.target.busy
+    env.store.close()
+
+
+def test_background_catch_up_damage_comes_back(site: RunningSiteStore, tmp_path: Path) -> None:
+    """A background catch-up that finds damaged data: the next after_commit raises its
+    CorruptData (the engine's repair path), then settle() raises the next one's."""
+    env = _Env(tmp_path, site, background_catch_up=True)
+    env.write("d0", 0, 512 * KiB)
+    env.item.run_initial()
+    assert env.target.settle(30)
+    env.write("d0", 0, 512 * KiB)
+    catch_up = env.target.after_commit
+    env.target.after_commit = lambda point: None  # type: ignore[method-assign]
+    p1 = env.item.run_cycle()
+    env.target.after_commit = catch_up  # type: ignore[method-assign]
+    for k in site.backend.list("items/item1/packs/"):
+        if p1.cycle_id in k:
+            d = bytearray(site.backend.get(k))
+            d[len(d) // 3] ^= 0xFF
+            site.backend.put(k, bytes(d), overwrite=True)
+    env.target.after_commit(p1)      # returns at once: the call runs in the background
+    deadline = time.monotonic() + 30
+    while env.target.busy:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    with pytest.raises(CorruptData):
+        env.target.after_commit(p1)  # raises the previous call's damage; asks again
+    with pytest.raises(CorruptData) as ei:
+        env.target.settle(30)
+    assert not ei.value.transient
+    assert env.target.settle(1)      # reported once
+    env.store.close()
+
+
+def test_put_sends_a_view_without_copying_it_whole(site: RunningSiteStore,
+                                                   client: SiteObjectStore) -> None:
+    """A put of a memoryview into a larger buffer (a pack writer's) stores exactly its bytes,
+    across several body pieces, and an empty one stores an empty object."""
+    buf = np.random.default_rng(5).integers(0, 256, 3 * MiB + 12345, dtype=np.uint8)
+    view = memoryview(buf).cast("B")[777:777 + 2 * MiB + 999]
+    client.put("items/x/packs/c/big", view)
+    assert client.get("items/x/packs/c/big") == bytes(view)
+    assert client.size("items/x/packs/c/big") == len(view)
+    client.put("items/x/packs/c/empty", memoryview(b""))
+    assert client.get("items/x/packs/c/empty") == b""
 
 
 # --------------------------------------------------------------------------- serve() and SIGTERM

@@ -31,7 +31,7 @@ from drsite.hypervisors.contract import HypervisorDriver
 from drsite.replication.driver import ItemReplicator
 from drsite.replication.report import ItemReport, ItemState
 from drsite.replication.target import RecoveryTarget
-from drsite.sitestore import SiteObjectStore, SiteTarget
+from drsite.sitestore import SITE_TARGET_OPTIONS, SiteObjectStore, SiteTarget
 from drsite.store.contract import ObjectStore
 from drsite.store.repository import Repository
 
@@ -96,7 +96,8 @@ class ItemEngines:
             store = self._site_stores.get(store_url)
             if store is None:
                 store = self._site_stores[store_url] = SiteObjectStore(store_url, self._ctx)
-        target: RecoveryTarget = SiteTarget(store, item_id)
+        # the store agent hydrates while the next cycle ships (its loop follows points too)
+        target: RecoveryTarget = SiteTarget(store, item_id, **SITE_TARGET_OPTIONS)
         return target
 
     def _catalogue_store(self, store_url: str, target: RecoveryTarget) -> ObjectStore:

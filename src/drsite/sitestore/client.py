@@ -21,8 +21,9 @@ from __future__ import annotations
 import builtins
 import json
 import ssl
+import threading
 from collections.abc import Callable, Iterator
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import httpx
 import numpy as np
@@ -103,6 +104,7 @@ def _status_error(resp: httpx.Response, what: str) -> DrsiteError:
 
 
 CONNECT_TIMEOUT_S = 5.0
+PUT_PIECE = 1 << 20   # a put's body goes out in pieces of this size (views, not copies)
 
 
 class SiteObjectStore:
@@ -149,7 +151,8 @@ class SiteObjectStore:
     def _fail(self, exc: httpx.TransportError, what: str) -> NoReturn:
         raise _transport_error(exc, what, self.base_url) from exc
 
-    def _request(self, method: str, path: str, what: str, *, content: bytes | None = None,
+    def _request(self, method: str, path: str, what: str, *,
+                 content: bytes | Iterator[bytes] | None = None,
                  params: dict[str, str] | None = None, headers: dict[str, str] | None = None,
                  timeout: float | None = None, ok_404: bool = False) -> httpx.Response:
         try:
@@ -174,10 +177,17 @@ class SiteObjectStore:
 
     def put(self, key: str, data: bytes | memoryview, *, overwrite: bool = False) -> None:
         path = self._obj(key)
-        body = data if isinstance(data, bytes) else memoryview(data).cast("B").tobytes()
-        self._request("PUT", path, f"put {key}", content=body,
+        view = memoryview(data).cast("B")
+        # sent in pieces straight from the caller's buffer (a pack writer's reused 8 MiB
+        # buffer): no copy of the whole body per put, which cost a fresh 8 MiB allocation
+        # (page faults, RSS) for every pack in flight
+        # (h11 takes any bytes-like piece: it joins each into the bytes it sends)
+        pieces = cast(Iterator[bytes],
+                      (view[i:i + PUT_PIECE] for i in range(0, len(view), PUT_PIECE)))
+        self._request("PUT", path, f"put {key}", content=pieces,
                       params={"overwrite": "1" if overwrite else "0"},
-                      headers={"Content-Type": "application/octet-stream"})
+                      headers={"Content-Type": "application/octet-stream",
+                               "Content-Length": str(len(view))})
 
     def get(self, key: str) -> bytes:
         return self._request("GET", self._obj(key), f"get {key}").content
@@ -286,6 +296,10 @@ class SiteObjectStore:
         return DigestResult(digests, bad, read)
 
 
+# how an agent builds its site targets (the benchmarks build theirs the same way)
+SITE_TARGET_OPTIONS: dict[str, Any] = {"background_catch_up": True}
+
+
 class SiteTarget:
     """The recovery side of one item on a secondary site's store server.
 
@@ -295,21 +309,84 @@ class SiteTarget:
     digests for a resync. Not responsible for: pinning the point the remote replica holds
     against retention (``replica_point()`` is ``None``; the server's hydrator rebuilds from the
     latest point if its base was pruned), or deciding when to do any of it.
+
+    ``background_catch_up``: :meth:`after_commit` asks for the catch-up in a thread of its own
+    and returns at once, so the server's hydration of one point overlaps the shipping of the
+    next cycle instead of adding to every cycle (the store agent's own hydration loop keeps
+    the replica current anyway; the call only makes it prompt). Requests made while one runs
+    are coalesced into one more call (the server applies every point up to the latest). What
+    that call raised is raised by the next :meth:`after_commit` (``CorruptData`` included, so
+    the engine's repair still starts) or by :meth:`settle`. Without it (the default) the call
+    is made in :meth:`after_commit` and the replica holds the point when it returns.
     """
 
     def __init__(self, store: SiteObjectStore, item_id: str, *, segment_size: int = 64 << 20,
-                 pack_target: int = 8 << 20, retry_attempts: int = 4) -> None:
+                 pack_target: int = 8 << 20, retry_attempts: int = 4,
+                 background_catch_up: bool = False) -> None:
         self.store = store
         self.item_id = validate_name("item", item_id)
         self._repo = Repository(RetryingStore(store, attempts=retry_attempts), item_id,
                                 segment_size=segment_size, pack_target=pack_target)
+        self.background_catch_up = background_catch_up
+        self._cv = threading.Condition()
+        self._wanted = False          # a catch-up was asked for since the running one started
+        self._running = False         # the catch-up thread is alive
+        self._error: DrsiteError | None = None   # what the last background call raised
 
     @property
     def repo(self) -> Repository:
         return self._repo
 
     def after_commit(self, point: PointInfo) -> None:
-        self.store.catch_up(self.item_id)
+        if not self.background_catch_up:
+            self.store.catch_up(self.item_id)
+            return
+        with self._cv:
+            err, self._error = self._error, None
+            self._wanted = True
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._catch_up_loop, daemon=True,
+                                 name=f"drsite-catch-up-{self.item_id}").start()
+        if err is not None:
+            raise err
+
+    def _catch_up_loop(self) -> None:
+        """Call catch-up until no request is left; exits when idle (no thread per idle item)."""
+        while True:
+            with self._cv:
+                if not self._wanted:
+                    self._running = False
+                    self._cv.notify_all()
+                    return
+                self._wanted = False
+            try:
+                self.store.catch_up(self.item_id)
+                err: DrsiteError | None = None
+            except DrsiteError as exc:
+                err = exc
+            except Exception as exc:   # never lose a failure in a thread nobody joins
+                err = NetworkError(f"catch-up of {self.item_id} failed: "
+                                   f"{exc.__class__.__name__}: {exc}")
+            with self._cv:
+                self._error = err   # only the latest call's outcome counts
+
+    @property
+    def busy(self) -> bool:
+        """A background catch-up is running or asked for."""
+        with self._cv:
+            return self._running
+
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait until no background catch-up is running or asked for (at most ``timeout``
+        seconds); raise what the last one raised. False if it was still running."""
+        with self._cv:
+            if not self._cv.wait_for(lambda: not self._running, timeout):
+                return False
+            err, self._error = self._error, None
+        if err is not None:
+            raise err
+        return True
 
     def digests(self, disk_id: str, *, from_store: bool, block: int = RESYNC_BLOCK,
                 progress: Callable[[int], None] | None = None) -> DigestResult:

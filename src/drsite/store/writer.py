@@ -460,8 +460,13 @@ class PointWriter:
                 keys[s] = None
                 continue
             all_packs = packs + self.pack_keys
-            used, inv = np.unique(r["pack"], return_inverse=True)
-            r["pack"] = inv.astype(np.uint32)
+            # the packs this segment uses, renumbered in order (np.unique(return_inverse)
+            # without its sort: pack numbers are small, a segment's rows many)
+            pk = r["pack"].astype(np.int64)
+            present = np.zeros(len(all_packs), bool)
+            present[pk] = True
+            used = np.flatnonzero(present)
+            r["pack"] = (np.cumsum(present) - 1)[pk].astype(np.uint32)
             r["disk"] = 0
             blob = encode_blob("map", {"packs": [all_packs[int(u)] for u in used]},
                                 compressor(max(1, repo.zstd_level)).compress(r.tobytes()))
