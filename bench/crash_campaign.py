@@ -50,7 +50,8 @@ def main() -> int:
     for t in trials:
         print(f"{t.n:3d} {t.phase:10s} kill {t.victim:16s} after {t.kill_after_s:4.2f} s → "
               f"{t.outcome or '-':22s} {t.restart_to_done_s if t.restart_to_done_s is not None else '-':>6} s"
-              f"  {'ok' if t.ok else 'FAILED: ' + '; '.join(t.problems)}")
+              f"  {'ok' if t.ok else 'FAILED: ' + '; '.join(t.problems)}"
+              + ("" if t.ok else f" (item {t.item or '?'}, killed {t.killed_at or '?'} UTC)"))
     for group in ("by_phase", "by_victim"):
         for k, v in out[group].items():
             print(f"{group[3:]:7s} {k:16s} trials {v['trials']:3d} failed {v['failed']:2d} "

@@ -63,6 +63,8 @@ class Trial:
     problems: list[str] = field(default_factory=list)
     # a failed trial's evidence: the job that did not end (its tasks and messages) and the item
     evidence: dict[str, Any] = field(default_factory=dict)
+    item: str = ""      # the item under test, and when its victim was killed (UTC, to find it
+    killed_at: str = ""  # in the deployment's logs)
 
 
 def protect_vm(cl: VaultClient, vm_id: str, group: str) -> str:
@@ -88,6 +90,7 @@ class Campaign:
         self.trials: list[Trial] = []
         self._n = 0
         self._pool: list[str] = []   # protected items free for the next failover trial
+        self._killed_at = ""  # when the current trial's victim was killed (UTC)
         with self.client() as cl:
             cl.create_policy({"name": "fast", "frequency_s": policy_s, "retention_hours": 24,
                               "app_consistent_every_s": None, "rpo_threshold_s": 60,
@@ -144,6 +147,7 @@ class Campaign:
     def _crash(self, victim: str) -> float:
         """Kill -9 ``victim``, restart it after a random pause; returns when it is back."""
         kill9(self.c.pids[victim])
+        self._killed_at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
         time.sleep(self.rng.uniform(0.0, 0.5))
         if victim == "vault":
             start_vault(self.c)
@@ -214,10 +218,12 @@ class Campaign:
     def trial(self, phase: str, victim: str) -> Trial:
         t = Trial(len(self.trials) + 1, phase, victim,
                   round(self.rng.uniform(0.0, KILL_WINDOW_S[phase]), 2), goal_s=2 * self.policy_s)
+        self._killed_at = ""
         try:
             getattr(self, f"_trial_{phase}")(t)
         except Exception as e:  # a broken trial is a finding, not a crash of the campaign
             t.problems.append(f"{type(e).__name__}: {e}")
+        t.killed_at = self._killed_at
         t.ok = not t.problems
         self.trials.append(t)
         return t
@@ -233,9 +239,12 @@ class Campaign:
         # budget: the goal plus the time a restarted process needs to be useful again
         took = self._back_to_protected(item, t_restart, wall, t.goal_s + 20)
         t.restart_to_done_s = None if took is None else round(took, 2)
+        t.item = item
         if took is None:
             t.problems.append(f"not protected with a new point {t.goal_s + 20:.0f} s after "
                               "the restart")
+            with self.client() as cl:
+                t.evidence = {"item": cl.item(item)}
         t.outcome = "protected, new point"
 
     def _trial_initial(self, t: Trial) -> None:
