@@ -75,7 +75,7 @@ class OverlayServer:
         if not d.is_dir():
             return []
         for p in d.iterdir():
-            rec = _read(p / "run.json")
+            rec = _read(p / "run.json") if p.is_dir() else None
             if rec is not None:
                 out.append(rec)
         return sorted(out, key=lambda r: (float(r.get("created", 0)), str(r["stream"])))

@@ -89,6 +89,8 @@ def healthy(q: QmpClient, paths: VmDir, runner: Runner) -> dict[str, Any] | None
     run = read_record(paths.sync_run)
     if run is None or run.get("runner") != runner.token:
         return None
+    if (read_record(paths.sync_watch) or {}).get("stream") == run["stream"]:
+        return None   # the watchdog cut it loose (the job may still be winding down)
     jobs = {str(j.get("device")): j for j in q.execute("query-block-jobs")}
     for name in run["jobs"]:
         j = jobs.get(name)

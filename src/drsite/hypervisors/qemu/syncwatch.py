@@ -136,7 +136,22 @@ def _ours(cfg: dict[str, Any]) -> bool:
         _alive(int(cfg["pid"]), str(cfg["token"]))
 
 
-def yank(cfg: dict[str, Any], reason: str) -> None:
+def monitor(cfg: dict[str, Any]) -> tuple[socket.socket, Any]:
+    """The VM's second QMP monitor, in capabilities mode with out-of-band commands on. Opened
+    at start and kept: QEMU sends a new client's greeting from its main loop, which may be
+    the very thing waiting on the silent recovery site (only out-of-band commands run then)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10.0)
+    s.connect(cfg["watch_socket"])
+    f = s.makefile("rwb")
+    f.readline()
+    f.write(b'{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}\n')
+    f.flush()
+    f.readline()
+    return s, f
+
+
+def yank(cfg: dict[str, Any], mon: Any, reason: str) -> None:
     """Record why, then cut the run's NBD connections (QMP ``yank``, out of band)."""
     if not _ours(cfg):
         return
@@ -144,21 +159,13 @@ def yank(cfg: dict[str, Any], reason: str) -> None:
                 {"stream": cfg["stream"], "state": "suspended", "reason": reason,
                  "at": time.time()})
     instances = [{"type": "block-node", "node-name": n} for n in cfg["nodes"]]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(5.0)
-        s.connect(cfg["watch_socket"])
-        f = s.makefile("rwb")
-        f.readline()
-        f.write(b'{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}\n')
-        f.flush()
-        f.readline()
-        f.write(json.dumps({"exec-oob": "yank", "id": "y",
-                            "arguments": {"instances": instances}}).encode() + b"\n")
-        f.flush()
-        while True:
-            msg = json.loads(f.readline() or b"{}")
-            if msg.get("id") == "y" or not msg:
-                break
+    mon.write(json.dumps({"exec-oob": "yank", "id": "y",
+                          "arguments": {"instances": instances}}).encode() + b"\n")
+    mon.flush()
+    while True:
+        msg = json.loads(mon.readline() or b"{}")
+        if msg.get("id") == "y" or not msg:
+            break
     print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} sync mirror run {cfg['stream'][:8]} cut "
           f"loose: {reason}", file=sys.stderr, flush=True)
 
@@ -194,9 +201,13 @@ def watch(cfg: dict[str, Any]) -> str:
 
 def main(argv: list[str]) -> int:
     cfg = json.loads(argv[1])
-    reason = watch(cfg)
-    if reason != "ended":
-        yank(cfg, reason)
+    sock, mon = monitor(cfg)
+    try:
+        reason = watch(cfg)
+        if reason != "ended":
+            yank(cfg, mon, reason)
+    finally:
+        sock.close()
     return 0
 
 
