@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from tests.integration.test_qemu_driver import require_qemu
 from tests.sync_campaign_qemu import QemuSyncCampaign
 

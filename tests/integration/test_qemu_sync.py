@@ -188,7 +188,7 @@ def test_a_write_during_the_stall_is_acknowledged_on_the_primary(tmp_path: Path,
     """A write in flight when the mirror is cut loose completes for the guest (QEMU 7.2's
     write-blocking mirror fails the job, not the guest's write), and the dirty bitmap has it:
     the next point ships it."""
-    hv, vm_id, ov, conf = sync_vm(tmp_path, certs, budget_ms=200)
+    hv, vm_id, ov, _ = sync_vm(tmp_path, certs, budget_ms=200)
     try:
         hv.release(hv.seal(vm_id))
         daemon = json.loads((ov.item_dir(ITEM) / "daemon.json").read_text())
