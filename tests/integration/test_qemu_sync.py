@@ -17,15 +17,24 @@ from typing import Any
 
 import pytest
 
+from drsite.core.errors import Forbidden, InvalidInput
 from drsite.core.model import DiskSpec, VmSpec
 from drsite.failover.synctail import OverlayTail
 from drsite.hypervisors.contract import SyncMirrorHost
 from drsite.hypervisors.qemu.driver import QemuHypervisor, _vm_lock
 from drsite.hypervisors.qemu.layout import VmDir
 from drsite.hypervisors.qemu.qmp import QmpClient
+from drsite.sitestore.acl import StoreAcl
+from drsite.sitestore.server import held_marker
 from drsite.sitestore.syncoverlay import OverlayServer, writer_dn
-from drsite.sitestore.testing import TestCerts, make_test_certs
+from drsite.sitestore.testing import (
+    RunningSiteStore,
+    TestCerts,
+    issue_agent_cert,
+    make_test_certs,
+)
 from tests.integration.test_qemu_driver import require_qemu
+from tests.integration.test_store_authz import acl_doc
 
 MiB = 1 << 20
 ITEM = "item-sync-q"
@@ -205,4 +214,49 @@ def test_a_write_during_the_stall_is_acknowledged_on_the_primary(tmp_path: Path,
         hv.release(c)
     finally:
         hv.delete_vm(vm_id)
+        ov.stop()
+
+
+def test_the_store_provisions_overlays_for_the_items_writer_only(tmp_path: Path,
+                                                                 certs: TestCerts) -> None:
+    """``POST items/{item}/sync-overlay`` over the store's mTLS: the writer gets a run whose
+    export its own certificate passes (the mirror runs); another host of the same CA is
+    refused by the access list; a malformed body and an item held by a failover too."""
+    other = issue_agent_cert(certs.ca, tmp_path / "pki-other", "host-other", site="site-c")
+    acl = StoreAcl(tmp_path / "agent" / "store-acl.json")
+    acl.update(acl_doc(certs, other[0]))
+    ov = OverlayServer(tmp_path / "overlays", certs.ca_file, certs.server_cert, certs.server_key)
+    site = RunningSiteStore(tmp_path / "site", certs=certs, acl=acl, overlays=ov)
+    hv = QemuHypervisor(tmp_path / "vms")
+    vm_id = hv.create_blank(VmSpec("sq", disks=(DiskSpec("d0", 4 * MiB),)),
+                            guest_agent=False).vm_id
+    try:
+        with site.client() as writer, site.client(*other) as stranger:
+            with pytest.raises(Forbidden):
+                stranger.sync_overlay("item-a", {"d0": 4 * MiB})
+            with pytest.raises(InvalidInput):
+                writer.sync_overlay("item-a", {"d0": -1})
+            prov = writer.sync_overlay("item-a", hv.sync_disks(vm_id))
+            held_marker(site.replicas, "item-b").parent.mkdir(parents=True, exist_ok=True)
+            held_marker(site.replicas, "item-b").write_text("{}")
+            with site.client(*other) as b_writer, pytest.raises(Forbidden):
+                b_writer.sync_overlay("item-b", {"d0": 4 * MiB})
+        hv.start_tracking(vm_id)
+        hv.power_on(vm_id)
+        hv.set_sync(vm_id, {"item_id": "item-a", "host": "127.0.0.1", "port": prov["port"],
+                            "budget_ms": 500, "ca_file": str(certs.ca_file),
+                            "cert_file": str(certs.client_cert),
+                            "key_file": str(certs.client_key), "stream": prov["stream"],
+                            "exports": prov["exports"]})
+        c = hv.seal(vm_id)
+        assert c.sync_mark == {"stream": prov["stream"], "seq": 0}
+        assert (hv.sync_status(vm_id) or {})["state"] == "in_sync"
+        hv.release(c)
+        with pytest.raises(InvalidInput):   # the exports must match the VM's disks
+            hv.set_sync(vm_id, {"item_id": "item-a", "host": "127.0.0.1", "port": 1,
+                                "budget_ms": 500, "ca_file": "x", "cert_file": "x",
+                                "key_file": "x", "stream": "s", "exports": {"d9": "e"}})
+    finally:
+        hv.delete_vm(vm_id)
+        site.stop()
         ov.stop()
