@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -34,7 +35,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from drsite.core.errors import DrsiteError, InvalidInput
+from drsite.core.errors import DrsiteError, InvalidInput, NetworkError
 from drsite.fsutil import read_record, write_record
 from drsite.hypervisors.qemu import syncwatch
 from drsite.hypervisors.qemu.layout import QemuVmConfig, VmDir
@@ -42,6 +43,7 @@ from drsite.hypervisors.qemu.qmp import QmpClient
 from drsite.hypervisors.qemu.runner import Runner
 
 TLS_OBJECT = "drsite-synctls"
+WATCHDOG_START_S = 10.0
 NODE = "drsite-sync{}"        # NBD node and mirror job of disk i
 _CONFIG_KEYS = ("item_id", "host", "port", "budget_ms", "ca_file", "cert_file", "key_file",
                 "stream", "exports")
@@ -179,7 +181,11 @@ def begin(q: QmpClient, paths: VmDir, cfg: QemuVmConfig, conf: dict[str, Any],
     paths.sync_watch.unlink(missing_ok=True)
     conf["used"] = True
     write_record(paths.sync_config, conf)
-    _start_watchdog(paths, conf, run, runner, watchers)
+    try:
+        _start_watchdog(paths, conf, run, runner, watchers)
+    except BaseException:
+        end(q, paths, watchers)
+        raise
     return run
 
 
@@ -206,9 +212,20 @@ def _start_watchdog(paths: VmDir, conf: dict[str, Any], run: dict[str, Any], run
             "watch_socket": str(paths.watch_socket), "nodes": run["nodes"],
             "pid": runner.pid, "token": runner.token}
     with open(paths.log, "ab") as log:
-        watchers[paths.dir] = subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, "-I", "-S", syncwatch.__file__, json.dumps(wcfg)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
+            start_new_session=True)
+    watchers[paths.dir] = proc
+    # the run counts as begun once its watchdog holds the monitor (a stall before that would
+    # find no one to cut it loose)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], WATCHDOG_START_S)
+    line = proc.stdout.readline() if ready else b""
+    proc.stdout.close()
+    if line.strip() != b"ready":
+        raise NetworkError(f"the sync watchdog did not start in {WATCHDOG_START_S:.0f} s "
+                           f"(exit {proc.poll()}); see {paths.log}")
 
 
 def not_begun(paths: VmDir, conf: dict[str, Any], reason: str) -> None:

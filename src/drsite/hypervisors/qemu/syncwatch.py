@@ -202,6 +202,8 @@ def watch(cfg: dict[str, Any]) -> str:
 def main(argv: list[str]) -> int:
     cfg = json.loads(argv[1])
     sock, mon = monitor(cfg)
+    print("ready", flush=True)   # the driver waits for this before the run counts as begun
+    sys.stdout.close()
     try:
         reason = watch(cfg)
         if reason != "ended":
