@@ -17,7 +17,9 @@ Used by ``tests/e2e/test_sync_campaign_qemu.py`` (a few trials in the normal sui
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import tempfile
 import threading
 import time
@@ -47,6 +49,7 @@ class QemuWriter:
         self.rng = random.Random(seed)
         self.acked: list[dict[int, int]] = [{}]
         self.count = 0
+        self._seq = 0
         self._stop = threading.Event()
         self._dir = tempfile.TemporaryDirectory(prefix="drsite-qw-")
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -59,25 +62,29 @@ class QemuWriter:
         self._thread.join(30)
         self._dir.cleanup()
 
-    def _run(self) -> None:
-        seq = 0
+    def write_once(self) -> bool:
+        """One stamped block to a random slot; True once the guest's write completed."""
+        self._seq += 1
+        slot = self.rng.randrange(SLOTS)
         src = Path(self._dir.name) / "block"
-        while not self._stop.is_set():
-            seq += 1
-            slot = self.rng.randrange(SLOTS)
-            src.write_bytes(block(0, seq))
-            try:
-                with _vm_lock(self.paths), \
-                        QmpClient.connect(str(self.paths.qmp_socket), timeout=30) as q:
-                    out = q.execute("human-monitor-command", {
-                        "command-line": f'qemu-io -d vd0/virtio-backend '
-                                        f'"write -s {src} {slot * BLOCK} {BLOCK}"'}, timeout=30)
-            except (DrsiteError, OSError):
-                return   # QEMU is gone: this write was not acknowledged
-            if "error" in str(out).lower() or "failed" in str(out).lower():
-                return   # qemu-io prints its errors in the answer (its progress to stdout)
-            self.acked[0][slot] = seq   # acknowledged: recorded outside the VM
-            self.count += 1
+        src.write_bytes(block(0, self._seq))
+        try:
+            with _vm_lock(self.paths), \
+                    QmpClient.connect(str(self.paths.qmp_socket), timeout=30) as q:
+                out = q.execute("human-monitor-command", {
+                    "command-line": f'qemu-io -d vd0/virtio-backend '
+                                    f'"write -s {src} {slot * BLOCK} {BLOCK}"'}, timeout=30)
+        except (DrsiteError, OSError):
+            return False   # QEMU is gone: this write was not acknowledged
+        if "error" in str(out).lower() or "failed" in str(out).lower():
+            return False   # qemu-io prints its errors in the answer (its progress to stdout)
+        self.acked[0][slot] = self._seq   # acknowledged: recorded outside the VM
+        self.count += 1
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and self.write_once():
+            pass
 
 
 class QemuSyncCampaign:
@@ -196,6 +203,59 @@ class QemuSyncCampaign:
         if lost:
             t.problems.append(f"{len(lost)} acknowledged write(s) missing on the recovery "
                               f"disk, e.g. slot/acked seq/found {lost[:3]} ({t.replayed})")
+
+    def fallback(self, budget_ms: int) -> dict[str, Any]:
+        """Stop the recovery site's overlay daemon of a VM in sync with SIGSTOP (a hung peer:
+        no RST): a guest write completes after about the budget, the item says ``sync mode
+        suspended`` and the vault raises the ``sync_suspended`` alert; the daemon back, the
+        agent provisions a new overlay, the next cycle begins a run on it, the item is in
+        sync after that cycle's point and the alert clears. Returns what was measured;
+        raises AssertionError otherwise."""
+        with self.client() as cl:
+            cl.update_policy("sync", {**{k: v for k, v in cl.policy("sync").items()
+                                         if k not in ("name", "created_at", "updated_at")},
+                                      "sync_budget_ms": budget_ms})
+        vm_id, name = self._vm(200 + len(self.trials))
+        with self.client() as cl:
+            item = protect_vm(cl, vm_id, "g")
+        assert until(lambda: self._in_sync(vm_id, item), 90, poll=0.5), \
+            self.prim.sync_status(vm_id)
+        before = (self.prim.sync_status(vm_id) or {})["stream"]
+        found = list((self.c.root / "secondary").rglob(f"sync-overlays/{item}/daemon.json"))
+        daemon = read_record(found[0]) if found else None
+        assert daemon is not None, "no overlay daemon for the item"
+        w = QemuWriter(self.prim, vm_id, 1)
+        os.kill(int(daemon["pid"]), signal.SIGSTOP)
+        try:
+            lat = []
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 2.0:
+                w0 = time.monotonic()
+                w.write_once()
+                lat.append(time.monotonic() - w0)
+            st = self.prim.sync_status(vm_id)
+            assert st is not None and st["state"] == "suspended", st
+            with self.client() as cl:
+                alert = until(lambda: [a for a in cl.alerts(state="active",
+                                                            kind="sync_suspended")
+                                       if a["subject"] == name], 60, poll=0.5)
+            assert alert, "no sync_suspended alert"
+        finally:
+            os.kill(int(daemon["pid"]), signal.SIGCONT)
+        t_back = time.monotonic()
+        back = until(lambda: self._in_sync(vm_id, item)
+                     and (self.prim.sync_status(vm_id) or {}).get("stream") != before, 120,
+                     poll=0.5)
+        assert back, f"not back in sync: {self.prim.sync_status(vm_id)}"
+        took = time.monotonic() - t_back
+        with self.client() as cl:
+            cleared = until(lambda: not [a for a in cl.alerts(state="active",
+                                                                kind="sync_suspended")
+                                          if a["subject"] == name], 60, poll=0.5)
+        assert cleared, "the sync_suspended alert did not clear"
+        return {"writes": len(lat), "max_write_s": round(max(lat), 3),
+                "first_write_s": round(lat[0], 3), "alert": alert[0]["message"],
+                "back_in_sync_s": round(took, 1)}
 
     def summary(self) -> dict[str, Any]:
         return {"trials": len(self.trials), "ok": sum(t.ok for t in self.trials),

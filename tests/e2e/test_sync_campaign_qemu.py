@@ -27,3 +27,22 @@ def test_no_acknowledged_write_lost_after_sigkill_of_qemu_and_agent(tmp_path: Pa
             assert "sync overlay applied" in t.replayed, t.replayed
     finally:
         camp.close()
+
+
+def test_hung_recovery_storage_fallback_alert_and_return(tmp_path: Path) -> None:
+    """The recovery site's overlay daemon stopped with SIGSTOP (a hung peer, no RST): the
+    guest's write waits about the budget, no longer; the alert appears; the daemon back, a
+    new overlay and the next cycle's point bring the item back in sync and clear the alert."""
+    require_qemu()
+    camp = QemuSyncCampaign(tmp_path / "c", seed=5, budget_ms=300)
+    try:
+        got = camp.fallback(300)
+        print(got)
+        # the watchdog: a probe every budget/4, a budget without an answer, then the yank;
+        # plus the HMP round trip and a loaded box's scheduling
+        assert got["max_write_s"] < 0.3 * 1.25 + 0.7, got
+        assert got["writes"] > 10, got   # asynchronous after the fallback: writes flow
+        assert "sync mode suspended" in got["alert"]
+        assert "latency budget of 300 ms" in got["alert"]
+    finally:
+        camp.close()

@@ -23,6 +23,8 @@ overlays (``failover.synctail``), deciding who may write (the store's access lis
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -30,6 +32,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -124,7 +127,12 @@ class OverlayServer:
         return {"port": port, "stream": stream, "exports": exports}
 
     def _qmp(self, item_id: str) -> Path:
-        return self.item_dir(item_id) / "qsd.qmp"
+        """The daemon's QMP socket, in a short directory of its own (a unix socket path is
+        limited to 108 bytes; data directories can be deeper)."""
+        h = hashlib.sha1(str(self.item_dir(item_id).absolute()).encode()).hexdigest()[:16]
+        d = Path(tempfile.gettempdir()) / f"drsite-qsd-{os.getuid()}" / h
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return d / "qmp.sock"
 
     def _daemon(self, item_id: str, writer_dn: str) -> int:
         """The item's daemon for ``writer_dn`` (started, or restarted for another writer)."""
@@ -206,6 +214,10 @@ class OverlayServer:
             if process_token(int(rec["pid"])) == rec.get("token"):
                 os.kill(int(rec["pid"]), signal.SIGKILL)
         (self.item_dir(item_id) / "daemon.json").unlink(missing_ok=True)
+        sock = self._qmp(item_id)
+        sock.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            sock.parent.rmdir()
 
     def stop(self) -> None:
         with self._lock:
