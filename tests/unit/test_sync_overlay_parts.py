@@ -20,7 +20,7 @@ from drsite.hypervisors.qemu import syncwatch
 from drsite.hypervisors.qemu.layout import QemuDisk, QemuVmConfig
 from drsite.hypervisors.qemu.runner import process_token
 from drsite.hypervisors.qemu.syncmirror import check_config
-from drsite.sitestore.syncoverlay import writer_dn
+from drsite.sitestore.syncoverlay import OverlayServer, writer_dn
 from drsite.sitestore.testing import make_test_certs
 
 
@@ -95,3 +95,16 @@ def test_watchdog_reports_a_refusing_site_and_stops_when_its_run_ends(tmp_path: 
     cfg = _watch_cfg(tmp_path, port, 200)
     (tmp_path / "syncrun.json").unlink()   # the driver ended the run
     assert syncwatch.watch(cfg) == "ended"
+
+
+def test_trim_deletes_only_the_runs_provisioned_before_the_points_run(tmp_path: Path) -> None:
+    ov = OverlayServer(tmp_path / "ov", tmp_path / "ca", tmp_path / "c", tmp_path / "k")
+    item = ov.item_dir("item-1")
+    for i, s in enumerate(("a", "b", "c")):
+        _run(item, s * 32, float(i))
+    assert ov.trim("item-1", None) == 0
+    assert ov.trim("item-1", "d" * 32) == 0          # a run this site never made: keep all
+    assert ov.trim("item-1", "b" * 32) == 1           # no daemon runs: nothing to unexport
+    assert [r["stream"] for r in ov.runs("item-1")] == ["b" * 32, "c" * 32]
+    assert not (item / ("a" * 32)).exists()
+    assert ov.trim("item-1", "b" * 32) == 0           # idempotent
