@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -259,4 +260,25 @@ def test_the_store_provisions_overlays_for_the_items_writer_only(tmp_path: Path,
     finally:
         hv.delete_vm(vm_id)
         site.stop()
+        ov.stop()
+
+
+def test_unwritten_runs_go_only_when_a_later_run_was_written(tmp_path: Path,
+                                                             certs: TestCerts) -> None:
+    """An overlay nobody wrote before a written one never began (dropped at the next
+    provisioning); an empty one after the newest written run may be running (kept)."""
+    ov = OverlayServer(tmp_path / "overlays", certs.ca_file, certs.server_cert, certs.server_key)
+    try:
+        who = dn(certs.client_cert)
+        a = ov.provision(ITEM, {"d0": MiB}, who)["stream"]
+        b = ov.provision(ITEM, {"d0": MiB}, who)["stream"]
+        assert [r["stream"] for r in ov.runs(ITEM)] == [a, b]   # nothing written: all kept
+        ov.stop_item(ITEM)
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 0 512",
+                        str(ov.run_dir(ITEM, b) / "d0.qcow2")], check=True, capture_output=True)
+        c = ov.provision(ITEM, {"d0": MiB}, who)["stream"]
+        assert [r["stream"] for r in ov.runs(ITEM)] == [b, c]   # a dropped, b written, c new
+        d = ov.provision(ITEM, {"d0": MiB}, who)["stream"]
+        assert [r["stream"] for r in ov.runs(ITEM)] == [b, c, d]   # c may be running: kept
+    finally:
         ov.stop()

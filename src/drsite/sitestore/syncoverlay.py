@@ -13,7 +13,7 @@ once it is flushed here. Invariants:
 
 - an overlay is never handed out twice (``run.json`` is written before its export exists);
 - overlays are deleted only when a committed point's mark names a newer run (``trim``), or
-  when they were never written (an empty overlay of a run that never began);
+  when they were never written and a later run was (an overlay of a run that never began);
 - a failover stops the item's daemon first (:meth:`OverlayServer.stop_item`): nothing writes
   an overlay once failover reads it.
 
@@ -242,10 +242,17 @@ class OverlayServer:
         return n
 
     def _drop_unwritten(self, item_id: str) -> None:
-        """Runs whose overlays hold nothing (never begun): deleted when a new one is made."""
-        for r in self.runs(item_id):
-            rd = self.run_dir(item_id, str(r["stream"]))
-            if all(not _allocated(rd / f"{d}.qcow2") for d in r["disks"]):
+        """Runs whose overlays hold nothing and that were provisioned before a run that holds
+        something: never begun (a primary never goes back to an older run). An empty run
+        after the newest written one may be the one running now: kept."""
+        runs = self.runs(item_id)
+        written = [any(_allocated(self.run_dir(item_id, str(r["stream"])) / f"{d}.qcow2")
+                       for d in r["disks"]) for r in runs]
+        if True not in written:
+            return
+        newest = len(written) - 1 - written[::-1].index(True)
+        for r, w in zip(runs[:newest], written[:newest], strict=True):
+            if not w:
                 self._delete_run(item_id, str(r["stream"]))
 
     def _delete_run(self, item_id: str, stream: str) -> None:
