@@ -121,7 +121,11 @@ class OverlayServer:
                             "type": "nbd", "id": node, "node-name": node, "name": exports[d],
                             "writable": True, "writethrough": True})
             except OSError as e:
+                shutil.rmtree(rd, ignore_errors=True)
                 raise PermanentError(f"sync overlay of {item_id}: {e}") from e
+            except DrsiteError:
+                self._delete_run(item_id, stream)   # never handed out: nothing may keep it
+                raise
         log.info("sync overlay %s of %s exported on port %d to %s", stream[:8], item_id, port,
                  writer_dn)
         return {"port": port, "stream": stream, "exports": exports}
