@@ -34,6 +34,7 @@ from drsite.sitestore.testing import (
     issue_agent_cert,
     make_test_certs,
 )
+from tests.blackhole import Proxy
 from tests.integration.test_qemu_driver import require_qemu
 from tests.integration.test_store_authz import acl_doc
 
@@ -281,4 +282,27 @@ def test_unwritten_runs_go_only_when_a_later_run_was_written(tmp_path: Path,
         d = ov.provision(ITEM, {"d0": MiB}, who)["stream"]
         assert [r["stream"] for r in ov.runs(ITEM)] == [b, c, d]   # c may be running: kept
     finally:
+        ov.stop()
+
+
+def test_black_holed_link_falls_back_within_the_budget(tmp_path: Path, certs: TestCerts) -> None:
+    """The link to the recovery site drops every byte, no RST, no FIN (``tests.blackhole``):
+    the watchdog's own probe goes the same way, so the guest's write waits about the
+    budget, then the mirror is cut loose."""
+    budget_ms = 300
+    hv, vm_id, ov, conf = sync_vm(tmp_path, certs, budget_ms=budget_ms)
+    proxy = Proxy(int(conf["port"]))
+    try:
+        hv.set_sync(vm_id, {**conf, "port": proxy.port})
+        hv.release(hv.seal(vm_id))
+        assert (hv.sync_status(vm_id) or {})["state"] == "in_sync"
+        guest_write(hv, vm_id, 0, 4096, 1)
+        proxy.hold()
+        took = guest_write(hv, vm_id, 8192, 4096, 2)
+        assert took < budget_ms / 1000 * 1.25 + 1.0, took
+        st = hv.sync_status(vm_id) or {}
+        assert st["state"] == "suspended" and "latency budget" in st["reason"], st
+    finally:
+        proxy.close()
+        hv.delete_vm(vm_id)
         ov.stop()
