@@ -394,6 +394,9 @@ class QemuHypervisor:
         ``Conflict`` while a cycle is unreleased. With ``app_consistent`` the guest's file
         systems are frozen through qemu-guest-agent around the transaction; without an
         answering agent the cycle is crash-consistent and ``note`` says why.
+
+        Synchronous mode (``set_sync``): the seal begins a mirror run on the configured
+        overlay when none runs, and its ``sync_mark`` names the run (``syncmirror``).
         """
         paths, _ = self._locate(vm_id)
         with _vm_lock(paths):
@@ -403,7 +406,8 @@ class QemuHypervisor:
     def _sync_to_begin(self, paths: VmDir) -> dict[str, Any] | None:
         """The sync configuration whose overlay this seal should begin a run on: synchronous
         mode, the VM running, its overlay not used yet, no healthy run, and the recovery
-        site answering a probe (before the VM is stopped)."""
+        site answering a probe (within the budget, before the seal's session: a
+        ``blockdev-add`` to a silent site would block QEMU's main loop)."""
         conf = read_record(paths.sync_config)
         r = current_runner(paths)
         if conf is None or conf.get("used") or r is None or r.kind != "vm":
@@ -438,16 +442,17 @@ class QemuHypervisor:
             write_record(paths.tracking, tr)
             notes = [*tr.get("notes", []), *extra_notes]
             consistency = Consistency.CRASH
+            # synchronous mode: a run begins before the transaction (its mirror must sit on
+            # the root node, which a frozen view's fleece filter is not), and before the
+            # guest's freeze (beginning may take a while). An overlay begun before a seal
+            # holds every write after it: point + overlay = the disks.
+            mark = self._sync_mark(cyc.qmp, paths, cfg, runner, sync_begin, notes)
             agent: GuestAgent | None = None
             if app_consistent:
                 agent, consistency, note = self._quiesce(paths, cfg, runner)
                 if note:
                     notes.append(note)
             views: list[FrozenView] = []
-            # synchronous mode: a run begins just before the transaction (its mirror must sit
-            # on the root node, which a frozen view's fleece filter is not). An overlay begun
-            # before a seal holds every write after it: point + overlay = the disks.
-            mark = self._sync_mark(cyc.qmp, paths, cfg, runner, sync_begin, notes)
             try:
                 try:
                     views = cyc.seal_many([(d.node, tr["bitmap"], nxt) for d in cfg.disks],
@@ -578,7 +583,7 @@ class QemuHypervisor:
                 notes = ("held by QMP stop, without the guest's freeze: crash-consistent",)
             try:
                 cycle = self._seal(vm_id, app_consistent=app_consistent and not held,
-                                   extra_notes=notes)
+                                   extra_notes=notes, sync_begin=self._sync_to_begin(paths))
             finally:
                 paused = time.monotonic() - float(mine["started"]) if mine is not None else 0.0
                 if mine is not None:
