@@ -16,9 +16,9 @@ import pytest
 
 from drsite.core.errors import InvalidInput
 from drsite.failover.synctail import OverlayTail
-from drsite.hypervisors.qemu import syncwatch
-from drsite.hypervisors.qemu.layout import QemuDisk, QemuVmConfig
-from drsite.hypervisors.qemu.runner import process_token
+from drsite.hypervisors.qemu import syncmirror, syncwatch
+from drsite.hypervisors.qemu.layout import QemuDisk, QemuVmConfig, VmDir
+from drsite.hypervisors.qemu.runner import Runner, process_token
 from drsite.hypervisors.qemu.syncmirror import check_config
 from drsite.sitestore.syncoverlay import OverlayServer, writer_dn
 from drsite.sitestore.testing import make_test_certs
@@ -108,3 +108,29 @@ def test_trim_deletes_only_the_runs_provisioned_before_the_points_run(tmp_path: 
     assert [r["stream"] for r in ov.runs("item-1")] == ["b" * 32, "c" * 32]
     assert not (item / ("a" * 32)).exists()
     assert ov.trim("item-1", "b" * 32) == 0           # idempotent
+
+
+class _NoRootQemu:
+    """A QEMU whose device sits on the disk's own node (started before synchronous mode)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def execute(self, command: str, arguments: object = None, **_: object) -> object:
+        self.calls.append(command)
+        if command == "query-block":
+            return [{"qdev": "/machine/peripheral/vd0/virtio-backend",
+                     "inserted": {"node-name": "drv0"}}]
+        return []
+
+
+def test_a_run_does_not_begin_on_a_qemu_without_the_root_node(tmp_path: Path) -> None:
+    """Its mirror would sit on the disk's node and every later fleece would fail."""
+    cfg = QemuVmConfig("vm-1", "vm", 1, 64, (), (QemuDisk("d0", 4096, "drv0"),), False)
+    conf = {"item_id": "i", "host": "127.0.0.1", "port": 9, "budget_ms": 50, "ca_file": "c",
+            "cert_file": "c", "key_file": "k", "stream": "s", "exports": {"d0": "s-d0"}}
+    q = _NoRootQemu()
+    with pytest.raises(InvalidInput, match="pass-through root node"):
+        syncmirror.begin(q, VmDir(tmp_path), cfg, check_config(conf, cfg),  # type: ignore[arg-type]
+                         Runner("vm", os.getpid(), "t"), {})
+    assert "blockdev-mirror" not in q.calls and "blockdev-add" not in q.calls

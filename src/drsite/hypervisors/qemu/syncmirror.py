@@ -40,7 +40,7 @@ from drsite.fsutil import read_record, write_record
 from drsite.hypervisors.qemu import syncwatch
 from drsite.hypervisors.qemu.layout import QemuVmConfig, VmDir
 from drsite.hypervisors.qemu.qmp import QmpClient
-from drsite.hypervisors.qemu.runner import Runner
+from drsite.hypervisors.qemu.runner import Runner, root_node
 
 TLS_OBJECT = "drsite-synctls"
 WATCHDOG_START_S = 10.0
@@ -161,6 +161,14 @@ def begin(q: QmpClient, paths: VmDir, cfg: QemuVmConfig, conf: dict[str, Any],
     run = {"stream": conf["stream"], "seq": 0, "runner": runner.token, "nodes": [],
            "jobs": [], "started": time.time(), "budget_ms": int(conf["budget_ms"])}
     roots = _roots(q)
+    old = [d.disk_id for i, d in enumerate(cfg.disks) if roots.get(f"vd{i}") != root_node(d.node)]
+    if old or not paths.watch_socket.exists():
+        # a QEMU started before synchronous mode existed: a mirror on the disk's own node
+        # would make every later seal's fleece job fail (design.md, synchronous mode 1)
+        raise InvalidInput(f"VM {cfg.name} runs without the pass-through root node and the "
+                           "watchdog's monitor that synchronous mode needs",
+                           hint="Power the VM off and on again (drsite vms stop, drsite vms "
+                                "start) to run it with them.")
     try:
         for i, (d, node) in enumerate(zip(cfg.disks, nodes, strict=True)):
             q.execute("blockdev-add", {
