@@ -33,6 +33,7 @@ from drsite.failover.wire import BOOK_FORMAT, vm_spec_from_dict
 from drsite.hypervisors.file import FileHypervisor
 from drsite.sitestore.acl import ACL_FILE, FORMAT, StoreAcl
 from drsite.sitestore.server import replica_lock
+from drsite.sitestore.syncoverlay import OverlayServer
 from drsite.store.auth import PointAuth
 from drsite.store.generation import GenerationStore
 from drsite.store.local import LocalObjectStore
@@ -96,7 +97,9 @@ def vault_command(data: Path, store: Path, hv: FileHypervisor) -> FailoverComman
     """The agent daemon's failover commands on the same host (what runs a vault's command)."""
     acl = StoreAcl(data / ACL_FILE)
     svc = SimpleNamespace(local_store=LocalObjectStore(store), replicas_dir=data / "replicas",
-                          acl=acl, sync=None)  # StoreService.sync: no sync-journal server
+                          acl=acl, sync=None,  # StoreService.sync: no sync-journal server
+                          overlays=OverlayServer(data / "sync-overlays", data / "ca.pem",
+                                                 data / "cert.pem", data / "key.pem"))
     return FailoverCommands(cast(FailoverHost, SimpleNamespace(
         data_dir=data, hypervisor=hv, store_service=svc,
         identity=SimpleNamespace(host_name="b"))))

@@ -40,6 +40,7 @@ from drsite.core.errors import Conflict, DrsiteError, Fenced, InvalidInput, Perm
 from drsite.core.model import PowerState, validate_name
 from drsite.core.states import FailoverState
 from drsite.failover import actions, reprotect
+from drsite.failover.synctail import OverlayTail
 from drsite.failover.wire import network_map_from_args, vm_spec_from_dict
 from drsite.fsutil import atomic_write_json, read_json
 from drsite.replication.driver import ItemReplicator
@@ -149,6 +150,8 @@ class FailoverCommands:
         sync = svc.sync if svc is not None and not a.get("store") else None
         journal = sync.journal(item_id) if sync is not None and sync.has_journal(item_id) \
             else None
+        overlays = svc.overlays.item_dir(item_id) if svc is not None and not a.get("store") \
+            else None   # synchronous QEMU VMs (failover.synctail.OverlayTail)
         try:
             with replica_lock(replica_dir):
                 yield actions.ProtectedItem(
@@ -157,7 +160,9 @@ class FailoverCommands:
                     recovery=actions.Site(recovery_site, hv, self.work_dir),
                     repo=repo, hydrator=ReplicaHydrator(repo, replica_dir),
                     network_map=network_map_from_args(a.get("network_map")),
-                    sync_journal=journal)
+                    sync_journal=journal,
+                    sync_overlay=OverlayTail(overlays) if overlays is not None and
+                    overlays.is_dir() else None)
         finally:
             repo.close()
 
@@ -209,6 +214,8 @@ class FailoverCommands:
                 svc = self.agent.store_service
                 if svc is not None and svc.sync is not None:
                     svc.sync.disconnect(pi.item_id)
+                if svc is not None:
+                    svc.overlays.stop_item(pi.item_id)  # nothing writes an overlay read now
                 rec = actions.unplanned_failover(pi, str(a.get("point") or "latest"),
                                                  failover_id=fid, replace_vm=a.get("replace_vm"))
             elif kind == "planned":

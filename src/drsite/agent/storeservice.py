@@ -35,6 +35,7 @@ from drsite.sitestore import SiteObjectStore, make_store_app
 from drsite.sitestore.acl import ACL_FILE, StoreAcl
 from drsite.sitestore.audit import StoreAuditLog
 from drsite.sitestore.server import replica_held
+from drsite.sitestore.syncoverlay import OverlayServer
 from drsite.sitestore.syncserver import SyncServer
 from drsite.store.local.backend import LocalObjectStore
 from drsite.store.replica import ReplicaHydrator
@@ -78,6 +79,10 @@ class StoreService:
         self._server: tlsutil.ServerHandle | None = None
         # synchronous mode's journals (DATA/sync-journals/<item>/), served beside the store
         self.sync: SyncServer | None = None
+        # synchronous QEMU VMs' overlays (DATA/sync-overlays/<item>/<run>/), NBD beside the store
+        self.overlays = OverlayServer(self.replicas_dir.parent / "sync-overlays",
+                                      identity.ca_file, identity.cert_file, identity.key_file,
+                                      host=self.host or "127.0.0.1")
         self._self_client: SiteObjectStore | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -103,7 +108,7 @@ class StoreService:
             raise classify_os_error(e, f"replica directory {self.replicas_dir}") from e
         self.sync = self._start_sync()
         app = make_store_app(self._store, self.replicas_dir, acl=self.acl, audit=self.audit,
-                             sync_port=self.sync.port)
+                             sync_port=self.sync.port, overlays=self.overlays)
         self._server = tlsutil.start_in_thread(
             app, host=self.host, port=self.port, certfile=self.identity.cert_file,
             keyfile=self.identity.key_file, cafile=self.identity.ca_file, client_cert="required")
@@ -154,6 +159,7 @@ class StoreService:
         if self.sync is not None:
             self.sync.stop()
             self.sync = None
+        self.overlays.stop()
 
     def item_ids(self) -> list[str]:
         """Items that have a repository in the store."""
@@ -199,10 +205,11 @@ class StoreService:
         return applied
 
     def _trim_journal(self, item_id: str) -> None:
-        """Drop the sync journal's segments the item's latest (authentic) point covers."""
+        """Drop the sync journal's segments, and the sync overlays of runs older than its run,
+        that the item's latest (authentic) point covers."""
         sync = self.sync
-        if sync is None or not sync.has_journal(item_id) or replica_held(self.replicas_dir,
-                                                                         item_id):
+        if sync is None or replica_held(self.replicas_dir, item_id) or \
+                not (sync.has_journal(item_id) or self.overlays.item_dir(item_id).is_dir()):
             return
         repo = Repository(self._store, item_id)
         auth = self.acl.point_auth(item_id)
@@ -211,7 +218,10 @@ class StoreService:
         repo.auth = auth
         latest = repo.latest()
         mark = (latest.meta.get("sync") if latest is not None else None) or {}
-        if mark:
+        if mark and self.overlays.trim(item_id, str(mark.get("stream"))):
+            log.info("sync overlays of %s older than point %s's run dropped", item_id,
+                     latest.point_id if latest else "?")
+        if mark and sync.has_journal(item_id):
             n = sync.journal(item_id).trim(str(mark.get("stream")), int(mark.get("seq", -1)))
             if n:
                 log.info("sync journal of %s: %d segment(s) covered by point %s dropped",

@@ -25,7 +25,7 @@ from typing import Any
 
 from drsite.agent.registration import AgentIdentity
 from drsite.core.errors import DrsiteError, InvalidInput
-from drsite.hypervisors.contract import HypervisorDriver, SyncMirrorHost
+from drsite.hypervisors.contract import HypervisorDriver, SyncMirrorHost, SyncOverlayHost
 from drsite.replication.target import RecoveryTarget
 from drsite.sitestore import SiteTarget
 from drsite.store.format import PointInfo
@@ -65,11 +65,16 @@ def configure(hv: HypervisorDriver, identity: AgentIdentity, item_id: str, vm_id
             return (f"{SUSPENDED}synchronous mode needs a recovery site's agent store, not a "
                     "cloud store; the item replicates asynchronously")
         host = target.store.base_url.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
-        port = target.store.sync_port(item_id)
+        run: dict[str, Any] = {}
+        if isinstance(hv, SyncOverlayHost):   # QEMU: a fresh overlay on the recovery site
+            run = target.store.sync_overlay(item_id, hv.sync_disks(vm_id))
+            port = int(run.pop("port"))
+        else:
+            port = target.store.sync_port(item_id)
         hv.set_sync(vm_id, {"item_id": item_id, "host": host, "port": port,
                             "budget_ms": budget, "ca_file": str(identity.ca_file),
                             "cert_file": str(identity.cert_file),
-                            "key_file": str(identity.key_file)})
+                            "key_file": str(identity.key_file), **run})
         log.info("item %s: synchronous mode to %s:%d, budget %d ms", item_id, host, port,
                  budget)
         return None

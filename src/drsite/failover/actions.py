@@ -56,6 +56,7 @@ from drsite.failover.records import (
     pending_record,
     start_record,
 )
+from drsite.failover.synctail import JournalTail, SyncTail
 from drsite.fsutil import fsync_dir
 from drsite.hypervisors.contract import HypervisorDriver
 from drsite.imagefile import RawImageReader
@@ -63,7 +64,6 @@ from drsite.replication.report import ItemState
 from drsite.store.format import PointInfo
 from drsite.store.generation import check_replication_direction
 from drsite.store.repository import Repository
-from drsite.tracking.syncjournal import replay
 
 log = logging.getLogger(__name__)
 
@@ -521,20 +521,23 @@ def unplanned_failover(item: ProtectedItem, choice: PointChoice = "latest", *,
 def _replay_sync_journal(item: ProtectedItem, p: PointInfo, images: dict[str, Path],
                          run: ActionRun, *, from_replica: bool) -> tuple[dict[str, Path], bool]:
     """A synchronous item: add to point ``p``'s images every write the guest had
-    acknowledged after its seal (the sync journal's entries after the point's mark), when
-    the journal runs on from that seal without a gap; otherwise say in the record's notes
-    that the RPO is the point's, and why. Replica images are first moved to the failover's
-    own directory (a rename) and the replica forgotten, so a replica never holds more than
-    the point its state names. Idempotent: replaying again writes the same bytes in order."""
+    acknowledged after its seal (the sync journal's entries after the point's mark, or the
+    sync overlay of the run the mark names: ``failover.synctail``), when the tail covers that
+    seal; otherwise say in the record's notes that the RPO is the point's, and why. Replica
+    images are first moved to the failover's own directory (a rename) and the replica
+    forgotten, so a replica never holds more than the point its state names. Idempotent:
+    applying again writes the same bytes in order."""
     j = item.sync_journal
+    tail: SyncTail | None = JournalTail(j) if j is not None else item.sync_overlay
     rec = run.rec
-    if j is None or run.done("journal"):
+    if tail is None or run.done("journal"):
         return images, from_replica
     mark = p.meta.get("sync") or {}
     stream, seq = mark.get("stream"), mark.get("seq")
-    cov = j.coverage(str(stream) if stream else None, int(seq) if seq is not None else None)
+    cov = tail.coverage(str(stream) if stream else None, int(seq) if seq is not None else None)
     if not cov.ok:
-        rec.notes.append(f"sync journal not replayed ({cov.reason}): the VM holds point "
+        what = "sync journal not replayed" if j is not None else "sync overlay not applied"
+        rec.notes.append(f"{what} ({cov.reason}): the VM holds point "
                          f"{p.point_id}; writes acknowledged after its seal are lost")
         run.mark("journal")
         return images, from_replica
@@ -549,11 +552,9 @@ def _replay_sync_journal(item: ProtectedItem, p: PointInfo, images: dict[str, Pa
         rec.image_source = "restore"  # the failover's own images from here on (resume)
         run.save()
         images, from_replica = moved, False
-    assert seq is not None
-    n, nbytes = replay(j, int(seq), images)
-    rec.notes.append(f"sync journal replayed: {n} write batch(es), {nbytes} bytes after the "
-                     f"seal of point {p.point_id} (every write acknowledged up to entry "
-                     f"{cov.last})")
+    assert seq is not None and stream is not None
+    applied = tail.apply(str(stream), int(seq), images)
+    rec.notes.append(tail.describe(applied, p.point_id, cov))
     log.info("failover %s: %s", rec.failover_id, rec.notes[-1])
     run.mark("journal")
     return images, from_replica

@@ -19,6 +19,7 @@ from drsite.core.errors import Conflict, InvalidInput, NotFound
 from drsite.core.model import VmSpec, validate_name
 from drsite.core.states import FailoverState
 from drsite.failover.network import NetworkMap
+from drsite.failover.synctail import OverlayTail
 from drsite.fsutil import atomic_write_json, read_json
 from drsite.hypervisors.contract import HypervisorDriver
 from drsite.replication.driver import ItemReplicator
@@ -77,6 +78,9 @@ class ProtectedItem:
     # synchronous mode: the recovery site's journal of the item's acknowledged writes; an
     # unplanned failover to "latest" replays what follows the point's seal
     sync_journal: SyncJournal | None = None
+    # synchronous QEMU VMs: the recovery site's sync overlays of the item (``failover.synctail``;
+    # the overlay daemon is stopped before the failover reads them)
+    sync_overlay: OverlayTail | None = None
 
     @property
     def generations(self) -> GenerationStore:

@@ -267,3 +267,15 @@ class SyncMirrorHost(Protocol):
         """The running guest's mirror (``state``: starting | connecting | in_sync |
         suspended, ``reason``, ``stream``, ``base``, ``seq``, ``acked``), or None."""
         ...
+
+
+@runtime_checkable
+class SyncOverlayHost(SyncMirrorHost, Protocol):
+    """A :class:`SyncMirrorHost` whose mirror writes into an overlay the recovery site
+    provisions per run (QEMU's active mirror into an NBD export): ``set_sync``'s
+    configuration also names that run (``stream``, ``exports``: disk id → NBD export), and a
+    new one is needed each time a run ends (``sync_status`` says ``suspended``)."""
+
+    def sync_disks(self, vm_id: str) -> dict[str, int]:
+        """Disk id → size in bytes: what the overlay of a run must hold."""
+        ...

@@ -272,6 +272,21 @@ class SiteObjectStore:
         except (ValueError, KeyError, TypeError) as exc:
             raise NetworkError(f"sync endpoint of {item_id}: malformed answer") from exc
 
+    def sync_overlay(self, item_id: str, disks: dict[str, int]) -> dict[str, Any]:
+        """A new sync overlay run on the recovery site for ``item_id`` (synchronous QEMU
+        VMs): ``{"port", "stream", "exports": {disk: NBD export}}``, exported to this
+        client's certificate only. ``NotFound`` when that site serves none."""
+        validate_name("item", item_id)
+        resp = self._request("POST", f"{P.ITEMS}{item_id}/sync-overlay",
+                             f"sync overlay of {item_id}",
+                             content=json.dumps({"disks": disks}).encode(), timeout=60.0)
+        try:
+            out = dict(resp.json())
+            return {"port": int(out["port"]), "stream": str(out["stream"]),
+                    "exports": {str(k): str(v) for k, v in dict(out["exports"]).items()}}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise NetworkError(f"sync overlay of {item_id}: malformed answer") from exc
+
     def digests(self, item_id: str, disk_id: str, *, from_store: bool,
                 block: int = RESYNC_BLOCK) -> DigestResult:
         """The server's per-block digests of the latest point of ``item_id``/``disk_id`` (from

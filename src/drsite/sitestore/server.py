@@ -65,6 +65,7 @@ from drsite.sitestore import protocol as P
 from drsite.sitestore.acl import Authorizer, Op, item_of
 from drsite.sitestore.audit import StoreAuditLog
 from drsite.sitestore.immutable import CommittedCycles, check_remote_change
+from drsite.sitestore.syncoverlay import OverlayServer, writer_dn
 from drsite.store.contract import ObjectStore, validate_key, validate_prefix
 from drsite.store.replica import ReplicaHydrator
 from drsite.store.repository import Repository
@@ -239,8 +240,10 @@ class _StoreService:
 
     def __init__(self, store: ObjectStore, replicas: Path, acl: Authorizer,
                  audit: StoreAuditLog | None, repo_factory: RepoFactory | None,
-                 max_object: int, sync_port: int | None = None) -> None:
+                 max_object: int, sync_port: int | None = None,
+                 overlays: OverlayServer | None = None) -> None:
         self.sync_port = sync_port
+        self.overlays = overlays
         self.store = store
         self.replicas = Path(replicas)
         self.acl = acl
@@ -371,6 +374,29 @@ class _StoreService:
                            hint="Upgrade the recovery site's agent ('drsite agent run').")
         return JSONResponse({"port": self.sync_port})
 
+    async def sync_overlay(self, request: Request) -> Response:
+        """A new sync overlay run for a synchronous QEMU VM (``syncoverlay``), exported to the
+        caller's certificate only; the caller must be the item's writer. Body
+        ``{"disks": {disk id: size}}``; answer ``{"port", "stream", "exports"}``."""
+        item_id = validate_name("item", request.path_params["item_id"])
+        ident = _ident(request)
+        self.acl.authorize(ident, "put", item_id, f"the sync overlay of {item_id}")
+        if self.overlays is None:
+            raise NotFound("this recovery site serves no sync overlays",
+                           hint="Upgrade the recovery site's agent ('drsite agent run').")
+        if replica_held(self.replicas, item_id):
+            raise Forbidden(f"item {item_id} failed over on this site: its sync overlays are "
+                            "closed")
+        try:
+            body = json.loads(await _read_body(request, 1 << 16))
+            disks = {validate_name("disk", str(k)): int(v) for k, v in body["disks"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise InvalidInput(f"malformed sync overlay request: {e}") from None
+        der = peer_certificate(request.scope)
+        assert der is not None   # _RequireClientCert let the request in
+        out = await run_in_threadpool(self.overlays.provision, item_id, disks, writer_dn(der))
+        return JSONResponse(out)
+
     async def catch_up(self, request: Request) -> Response:
         item_id = validate_name("item", request.path_params["item_id"])
         self.acl.authorize(_ident(request), "read", item_id, f"the replica of {item_id}")
@@ -413,11 +439,14 @@ class _StoreService:
 
 def make_store_app(store: ObjectStore, replicas: Path, *, acl: Authorizer,
                    audit: StoreAuditLog | None = None, repo_factory: RepoFactory | None = None,
-                   max_object: int = P.MAX_OBJECT, sync_port: int | None = None) -> ASGIApp:
+                   max_object: int = P.MAX_OBJECT, sync_port: int | None = None,
+                   overlays: OverlayServer | None = None) -> ASGIApp:
     """The ASGI app serving ``store`` and the replicas under ``replicas/<item_id>/``.
 
     ``sync_port``: the port of this site's sync-journal server (``syncserver``), given to an
-    item's writer by ``GET /replica/v1/items/{item}/sync-endpoint``.
+    item's writer by ``GET /replica/v1/items/{item}/sync-endpoint``. ``overlays``: this
+    site's sync overlays (synchronous QEMU VMs), provisioned for an item's writer by
+    ``POST /replica/v1/items/{item}/sync-overlay``.
     ``acl`` decides every request (:class:`~drsite.sitestore.acl.StoreAcl`: the vault's list;
     without a list every request is refused); ``audit`` receives every delete/overwrite, done
     or refused.
@@ -427,7 +456,8 @@ def make_store_app(store: ObjectStore, replicas: Path, *, acl: Authorizer,
     manifest outlives a point deleted by the primary). Run it with :mod:`drsite.tlsutil`
     (``client_cert="required"``); without that module's protocol every request gets 401.
     """
-    svc = _StoreService(store, replicas, acl, audit, repo_factory, max_object, sync_port)
+    svc = _StoreService(store, replicas, acl, audit, repo_factory, max_object, sync_port,
+                        overlays)
     routes = [
         Route(P.OBJECTS + "{key:drsite_key}", _endpoint(svc.objects),
               methods=["GET", "HEAD", "PUT", "DELETE"]),
@@ -436,6 +466,8 @@ def make_store_app(store: ObjectStore, replicas: Path, *, acl: Authorizer,
         Route(P.ITEMS + "{item_id}/digests", _endpoint(svc.digests), methods=["GET"]),
         Route(P.ITEMS + "{item_id}/sync-endpoint", _endpoint(svc.sync_endpoint),
               methods=["GET"]),
+        Route(P.ITEMS + "{item_id}/sync-overlay", _endpoint(svc.sync_overlay),
+              methods=["POST"]),
     ]
     app: Any = Starlette(routes=routes, exception_handlers={HTTPException: _route_error})
     return _RequireClientCert(app)

@@ -19,6 +19,7 @@ from drsite.sitestore.acl import Authorizer, Op
 from drsite.sitestore.audit import StoreAuditLog
 from drsite.sitestore.client import SiteObjectStore
 from drsite.sitestore.server import make_store_app
+from drsite.sitestore.syncoverlay import OverlayServer
 from drsite.store.auth import PointAuth
 from drsite.store.contract import ObjectStore
 from drsite.store.local import LocalObjectStore
@@ -104,7 +105,8 @@ class RunningSiteStore:
     overwrites."""
 
     def __init__(self, directory: Path, backend: ObjectStore | None = None,
-                 certs: TestCerts | None = None, acl: Authorizer | None = None) -> None:
+                 certs: TestCerts | None = None, acl: Authorizer | None = None,
+                 overlays: OverlayServer | None = None) -> None:
         self.directory = directory
         self.certs = certs or make_test_certs(directory / "pki")
         self.backend: ObjectStore = backend if backend is not None else \
@@ -113,7 +115,7 @@ class RunningSiteStore:
         self.audit = StoreAuditLog()
         self._recorder = _Recorder(make_store_app(self.backend, self.replicas,
                                                   acl=acl if acl is not None else OpenAcl(),
-                                                  audit=self.audit))
+                                                  audit=self.audit, overlays=overlays))
         self.handle: ServerHandle = start_in_thread(
             self._recorder, host="127.0.0.1", port=0, certfile=self.certs.server_cert,
             keyfile=self.certs.server_key, cafile=self.certs.ca_file, client_cert="required")

@@ -59,6 +59,7 @@ from drsite.core.model import (
 from drsite.fsutil import flock_exclusive, read_record, write_record
 from drsite.hypervisors.contract import DiskReader
 from drsite.hypervisors.qemu import hold as holds
+from drsite.hypervisors.qemu import syncmirror
 from drsite.hypervisors.qemu.guest_agent import GuestAgent
 from drsite.hypervisors.qemu.layout import QemuDisk, QemuVmConfig, VmDir
 from drsite.hypervisors.qemu.nbd import NbdClient
@@ -141,6 +142,7 @@ class QemuHypervisor:
         self._writers: dict[tuple[Path, str], tuple[str, NbdClient]] = {}
         self._writers_lock = threading.RLock()
         self._watchdogs: holds.Watchdogs = {}  # holdwatch process per held VM
+        self._sync_watchers: syncmirror.Watchers = {}  # syncwatch process per mirrored VM
 
     # -- locating VMs -------------------------------------------------------------------------
     def _configs(self) -> list[tuple[VmDir, QemuVmConfig]]:
@@ -392,11 +394,35 @@ class QemuHypervisor:
         ``Conflict`` while a cycle is unreleased. With ``app_consistent`` the guest's file
         systems are frozen through qemu-guest-agent around the transaction; without an
         answering agent the cycle is crash-consistent and ``note`` says why.
-        """
-        return self._seal(vm_id, app_consistent=app_consistent)
 
-    def _seal(self, vm_id: str, *, app_consistent: bool, extra_notes: tuple[str, ...] = ()
-              ) -> SealedCycle:
+        Synchronous mode (``set_sync``): the seal begins a mirror run on the configured
+        overlay when none runs, and its ``sync_mark`` names the run (``syncmirror``).
+        """
+        paths, _ = self._locate(vm_id)
+        with _vm_lock(paths):
+            conf = self._sync_to_begin(paths)
+            return self._seal(vm_id, app_consistent=app_consistent, sync_begin=conf)
+
+    def _sync_to_begin(self, paths: VmDir) -> dict[str, Any] | None:
+        """The sync configuration whose overlay this seal should begin a run on: synchronous
+        mode, the VM running, its overlay not used yet, no healthy run, and the recovery
+        site answering a probe (within the budget, before the seal's session: a
+        ``blockdev-add`` to a silent site would block QEMU's main loop)."""
+        conf = read_record(paths.sync_config)
+        r = current_runner(paths)
+        if conf is None or conf.get("used") or r is None or r.kind != "vm":
+            return None
+        with QmpClient.connect(str(paths.qmp_socket), timeout=10.0) as q:
+            if syncmirror.healthy(q, paths, r) is not None:
+                return None
+        why = syncmirror.probe(conf, int(conf["budget_ms"]) / 1000.0)
+        if why is not None:
+            syncmirror.not_begun(paths, conf, why)
+            return None
+        return conf
+
+    def _seal(self, vm_id: str, *, app_consistent: bool, extra_notes: tuple[str, ...] = (),
+              sync_begin: dict[str, Any] | None = None) -> SealedCycle:
         paths, cfg = self._locate(vm_id)
         with self._session(paths, cfg) as (cyc, runner):
             tr = read_record(paths.tracking)
@@ -416,6 +442,11 @@ class QemuHypervisor:
             write_record(paths.tracking, tr)
             notes = [*tr.get("notes", []), *extra_notes]
             consistency = Consistency.CRASH
+            # synchronous mode: a run begins before the transaction (its mirror must sit on
+            # the root node, which a frozen view's fleece filter is not), and before the
+            # guest's freeze (beginning may take a while). An overlay begun before a seal
+            # holds every write after it: point + overlay = the disks.
+            mark = self._sync_mark(cyc.qmp, paths, cfg, runner, sync_begin, notes)
             agent: GuestAgent | None = None
             if app_consistent:
                 agent, consistency, note = self._quiesce(paths, cfg, runner)
@@ -449,7 +480,8 @@ class QemuHypervisor:
                        "notes": notes, "full": full, "runner": runner.token,
                        "views": [_view_to_dict(d.disk_id, v)
                                  for d, v in zip(cfg.disks, views, strict=True)],
-                       "changed": {k: e.to_pairs() for k, e in changed.items()}}
+                       "changed": {k: e.to_pairs() for k, e in changed.items()},
+                       "sync": mark}
                 write_record(paths.cycle, rec)  # the commit point of the seal
             except BaseException:
                 for v in views:
@@ -461,6 +493,61 @@ class QemuHypervisor:
             tr.update(bitmap=nxt, gen=gen, sealing=None, notes=[])
             write_record(paths.tracking, tr)
             return self._cycle(rec)
+
+    def _sync_mark(self, q: QmpClient, paths: VmDir, cfg: QemuVmConfig, runner: Runner,
+                   begin: dict[str, Any] | None, notes: list[str]) -> dict[str, Any] | None:
+        """The seal's instant in synchronous mode: a run begun here (``seq`` 0), the next
+        seal of a healthy run, or None (asynchronous). A run that cannot begin leaves the
+        seal as it is (the status says why)."""
+        if begin is not None:
+            try:
+                run = syncmirror.begin(q, paths, cfg, begin, runner, self._sync_watchers)
+            except DrsiteError as e:
+                syncmirror.not_begun(paths, begin, f"the mirror could not begin: {e}")
+                notes.append(f"sync mirror not begun: {e}")
+                return None
+            return {"stream": run["stream"], "seq": 0}
+        if runner.kind != "vm" or not paths.sync_config.exists():
+            return None
+        return syncmirror.next_mark(q, paths, runner)
+
+    # -- synchronous mode (contract.SyncMirrorHost; the mechanics in syncmirror.py) -----------
+    def set_sync(self, vm_id: str, config: dict[str, Any] | None) -> None:
+        """Enter (``config``: ``syncmirror.check_config``'s fields: the recovery site's
+        overlay export per disk, its ``stream``, the budget, this host's certificate files)
+        or leave (None) synchronous mode. Leaving ends the mirror run now; entering takes
+        effect at the next seal (a running healthy run goes on until it ends)."""
+        paths, cfg = self._locate(vm_id)
+        with _vm_lock(paths):
+            if config is None:
+                r = current_runner(paths)
+                if r is not None and r.kind == "vm":
+                    with QmpClient.connect(str(paths.qmp_socket), timeout=10.0) as q:
+                        syncmirror.end(q, paths, self._sync_watchers)
+                else:
+                    syncmirror.end(None, paths, self._sync_watchers)
+                syncmirror.store_config(paths, None)
+                paths.sync_watch.unlink(missing_ok=True)
+                return
+            syncmirror.store_config(paths, syncmirror.check_config(config, cfg))
+
+    def sync_status(self, vm_id: str) -> dict[str, Any] | None:
+        """The mirror's state (``syncmirror.status``), or None (not in synchronous mode, or
+        the VM is off)."""
+        paths, _ = self._locate(vm_id)
+        with _vm_lock(paths):
+            if not paths.sync_config.exists():
+                return None
+            r = current_runner(paths)
+            if r is None or r.kind != "vm":
+                return None
+            with QmpClient.connect(str(paths.qmp_socket), timeout=10.0) as q:
+                return syncmirror.status(q, paths, r)
+
+    def sync_disks(self, vm_id: str) -> dict[str, int]:
+        """Disk id → size: what the recovery site's overlay of this VM must hold."""
+        _, cfg = self._locate(vm_id)
+        return {d.disk_id: d.size for d in cfg.disks}
 
     # -- group barrier (contract.WriteHolder; the mechanics in hold.py) -------------------------
     def hold(self, vm_id: str, barrier_id: str, *, timeout_s: float,
@@ -496,7 +583,7 @@ class QemuHypervisor:
                 notes = ("held by QMP stop, without the guest's freeze: crash-consistent",)
             try:
                 cycle = self._seal(vm_id, app_consistent=app_consistent and not held,
-                                   extra_notes=notes)
+                                   extra_notes=notes, sync_begin=self._sync_to_begin(paths))
             finally:
                 paused = time.monotonic() - float(mine["started"]) if mine is not None else 0.0
                 if mine is not None:
@@ -544,7 +631,7 @@ class QemuHypervisor:
         sizes = {vd["disk_id"]: int(vd["size"]) for vd in rec["views"]}
         return SealedCycle(rec["cycle_id"], rec["vm_id"], rec["epoch"], float(rec["sealed_at"]),
                            Consistency(rec["consistency"]), changed, sizes, True,
-                           "; ".join(rec.get("notes", [])))
+                           "; ".join(rec.get("notes", [])), rec.get("sync"))
 
     def _live_cycle(self, paths: VmDir) -> dict[str, Any] | None:
         rec = read_record(paths.cycle)

@@ -124,6 +124,26 @@ class VmDir:
         return self.dir / ".lock"
 
     @property
+    def sync_config(self) -> Path:
+        """Synchronous mode's configuration (``set_sync``; 0600)."""
+        return self.dir / "sync.json"
+
+    @property
+    def sync_run(self) -> Path:
+        """The active mirror run (``syncmirror``): stream, base, nodes, watchdog."""
+        return self.dir / "syncrun.json"
+
+    @property
+    def sync_watch(self) -> Path:
+        """What the run's watchdog (``syncwatch``) saw when it cut the mirror loose."""
+        return self.dir / "syncwatch.json"
+
+    @property
+    def sync_tls(self) -> Path:
+        """QEMU's ``tls-creds-x509`` directory (CA, the host's client certificate)."""
+        return self.dir / "synctls"
+
+    @property
     def log(self) -> Path:
         return self.dir / "qemu.log"
 
@@ -156,3 +176,9 @@ class VmDir:
     @property
     def qga_socket(self) -> Path:
         return self.run_dir / "qga.sock"
+
+    @property
+    def watch_socket(self) -> Path:
+        """A second QMP monitor, for the sync watchdog's out-of-band ``yank`` (the first
+        serves one client at a time: the driver's sessions)."""
+        return self.run_dir / "qmpw.sock"

@@ -86,20 +86,32 @@ def vm_args(paths: VmDir, cfg: QemuVmConfig, *, start_cpus: bool) -> list[str]:
             "-display", "none", "-machine", f"q35,accel={accel}",
             "-m", str(cfg.memory_mib), "-smp", str(cfg.vcpus),
             "-chardev", f"socket,id=qmp0,path={paths.qmp_socket},server=on,wait=off",
-            "-mon", "chardev=qmp0,mode=control"]
+            "-mon", "chardev=qmp0,mode=control",
+            "-chardev", f"socket,id=qmpw,path={paths.watch_socket},server=on,wait=off",
+            "-mon", "chardev=qmpw,mode=control"]
     if not start_cpus:
         args.append("-S")
     for i, d in enumerate(cfg.disks):
         args += ["-blockdev", _file_node(paths, d.disk_id, i),
                  "-blockdev", f"driver=qcow2,file=file{i},node-name={d.node}",
+                 # a pass-through root above the disk's node: synchronous mode's mirror sits
+                 # on the root while a fleece job (a frozen view) works on the node below —
+                 # QEMU 7.2 refuses both jobs on one node (see design.md)
+                 "-blockdev", f"driver=raw,file={d.node},node-name={root_node(d.node)}",
                  # share-rw: drsite's own NBD export of the node (test writes) may write too
                  "-device",
-                 f"virtio-blk-pci,drive={d.node},id=vd{i},share-rw=on,bootindex={i}"]
+                 f"virtio-blk-pci,drive={root_node(d.node)},id=vd{i},share-rw=on,"
+                 f"bootindex={i}"]
     if cfg.guest_agent:
         args += ["-chardev", f"socket,id=qga0,path={paths.qga_socket},server=on,wait=off",
                  "-device", "virtio-serial-pci",
                  "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"]
     return args
+
+
+def root_node(node: str) -> str:
+    """The name of the pass-through root a running VM's device sits on, above ``node``."""
+    return f"{node}-root"
 
 
 def daemon_args(paths: VmDir, cfg: QemuVmConfig) -> list[str]:
@@ -128,7 +140,7 @@ def start_runner(paths: VmDir, cfg: QemuVmConfig, kind: str, *, start_cpus: bool
     QEMU's log if the process exits early, ``NetworkError`` if QMP does not come up in time.
     """
     args = vm_args(paths, cfg, start_cpus=start_cpus) if kind == "vm" else daemon_args(paths, cfg)
-    for s in (paths.qmp_socket, paths.nbd_socket, paths.qga_socket):
+    for s in (paths.qmp_socket, paths.nbd_socket, paths.qga_socket, paths.watch_socket):
         s.unlink(missing_ok=True)
     with open(paths.log, "ab") as log:
         log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} starting {kind}\n".encode())

@@ -1,0 +1,308 @@
+"""Synchronous mode of QEMU VMs against real QEMU (skips without QEMU unless
+DRSITE_TEST_QEMU=1): the primary's active mirror (``hypervisors/qemu/syncmirror.py``) into the
+recovery site's overlay export (``sitestore/syncoverlay.py``, NBD over TLS with the vault's
+CA, only the writer's certificate authorized), the overlay applied over a point's image
+(``failover/synctail.py``), the fallback when the recovery site stops answering
+(``syncwatch``), and a certificate the overlay's access list does not name."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from drsite.core.errors import Forbidden, InvalidInput
+from drsite.core.model import DiskSpec, VmSpec
+from drsite.failover.synctail import OverlayTail
+from drsite.hypervisors.contract import SyncMirrorHost
+from drsite.hypervisors.qemu.driver import QemuHypervisor, _vm_lock
+from drsite.hypervisors.qemu.layout import VmDir
+from drsite.hypervisors.qemu.qmp import QmpClient
+from drsite.sitestore.acl import StoreAcl
+from drsite.sitestore.server import held_marker
+from drsite.sitestore.syncoverlay import OverlayServer, writer_dn
+from drsite.sitestore.testing import (
+    RunningSiteStore,
+    TestCerts,
+    issue_agent_cert,
+    make_test_certs,
+)
+from tests.blackhole import Proxy
+from tests.integration.test_qemu_driver import require_qemu
+from tests.integration.test_store_authz import acl_doc
+
+MiB = 1 << 20
+ITEM = "item-sync-q"
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> TestCerts:
+    require_qemu()
+    return make_test_certs(tmp_path_factory.mktemp("pki"))
+
+
+def dn(cert: Path) -> str:
+    return writer_dn(__import__("ssl").PEM_cert_to_DER_cert(cert.read_text()))
+
+
+def guest_write(hv: QemuHypervisor, vm_id: str, off: int, n: int, pattern: int) -> float:
+    """A write by the guest's virtio-blk device (HMP qemu-io on its BlockBackend); returns
+    when the guest sees it complete, with the seconds it took."""
+    paths = VmDir(hv.vm_dir(vm_id))
+    with _vm_lock(paths), QmpClient.connect(str(paths.qmp_socket), timeout=60) as q:
+        t0 = time.monotonic()
+        out = q.execute("human-monitor-command", {
+            "command-line": f'qemu-io -d vd0/virtio-backend "write -P {pattern} {off} {n}"'},
+            timeout=60)
+        took = time.monotonic() - t0
+    assert "error" not in str(out).lower() and "failed" not in str(out).lower(), out
+    return took
+
+
+def sync_vm(tmp: Path, certs: TestCerts, *, budget_ms: int = 400, size: int = 8 * MiB,
+            cert: Path | None = None, key: Path | None = None
+            ) -> tuple[QemuHypervisor, str, OverlayServer, dict[str, Any]]:
+    hv = QemuHypervisor(tmp / "vms")
+    vm_id = hv.create_blank(VmSpec("sq", disks=(DiskSpec("d0", size),)), guest_agent=False).vm_id
+    hv.start_tracking(vm_id)
+    hv.power_on(vm_id)
+    ov = OverlayServer(tmp / "overlays", certs.ca_file, certs.server_cert, certs.server_key)
+    prov = ov.provision(ITEM, hv.sync_disks(vm_id), dn(certs.client_cert))
+    conf = {"item_id": ITEM, "host": "127.0.0.1", "port": prov["port"], "budget_ms": budget_ms,
+            "ca_file": str(certs.ca_file), "cert_file": str(cert or certs.client_cert),
+            "key_file": str(key or certs.client_key), "stream": prov["stream"],
+            "exports": prov["exports"]}
+    hv.set_sync(vm_id, conf)
+    return hv, vm_id, ov, conf
+
+
+def point_image(hv: QemuHypervisor, cycle: Any, out: Path) -> Path:
+    r = hv.open_cycle_reader(cycle, "d0")
+    try:
+        buf = bytearray(r.size)
+        r.readinto(0, memoryview(buf))
+    finally:
+        r.close()
+    out.write_bytes(buf)
+    return out
+
+
+def test_overlay_plus_point_holds_every_acknowledged_write(tmp_path: Path,
+                                                           certs: TestCerts) -> None:
+    hv, vm_id, ov, conf = sync_vm(tmp_path, certs)
+    try:
+        assert isinstance(hv, SyncMirrorHost)
+        assert (hv.sync_status(vm_id) or {})["state"] == "starting"
+        guest_write(hv, vm_id, 0, 64 * 1024, 1)          # before the seal: in the point
+        c1 = hv.seal(vm_id)
+        assert c1.sync_mark == {"stream": conf["stream"], "seq": 0}
+        st = hv.sync_status(vm_id) or {}
+        assert st["state"] == "in_sync" and st["stream"] == conf["stream"], st
+        img = point_image(hv, c1, tmp_path / "point.img")
+        want = bytearray(img.read_bytes())
+        hv.release(c1)
+
+        def write(off: int, n: int, pattern: int) -> None:
+            guest_write(hv, vm_id, off, n, pattern)
+            want[off:off + n] = bytes([pattern]) * n
+
+        # after the seal: only the overlay has them (sector-sized, overlapping, a rewrite)
+        write(4096, 4096, 2)
+        write(1 * MiB + 512, 512, 3)
+        write(3 * MiB, 128 * 1024, 4)
+        write(3 * MiB + 8192, 4096, 5)
+        c2 = hv.seal(vm_id)                               # a later seal of the same run
+        assert c2.sync_mark == {"stream": conf["stream"], "seq": 1}
+        hv.release(c2)
+        write(7 * MiB, 4096, 6)
+        hv.kill(vm_id)                                    # the primary dies (SIGKILL)
+        ov.stop_item(ITEM)
+        tail = OverlayTail(ov.item_dir(ITEM))
+        cov = tail.coverage(conf["stream"], 0)
+        assert cov.ok, cov
+        assert img.read_bytes() != want                    # the point alone misses them
+        n, nbytes = tail.apply(conf["stream"], 0, {"d0": img})
+        assert n == 1 and 4096 + 512 + 128 * 1024 + 4096 <= nbytes <= 256 * 1024
+        assert img.read_bytes() == want
+        tail.apply(conf["stream"], 0, {"d0": img})        # idempotent
+        assert img.read_bytes() == want
+        assert not tail.coverage("0" * 32, 0).ok
+        assert not tail.coverage(None, None).ok
+    finally:
+        hv.delete_vm(vm_id)
+        ov.stop()
+
+
+def test_silent_recovery_site_falls_back_within_the_budget(tmp_path: Path,
+                                                           certs: TestCerts) -> None:
+    budget_ms = 300
+    hv, vm_id, ov, conf = sync_vm(tmp_path, certs, budget_ms=budget_ms)
+    try:
+        hv.release(hv.seal(vm_id))
+        assert (hv.sync_status(vm_id) or {})["state"] == "in_sync"
+        quick = guest_write(hv, vm_id, 0, 4096, 1)
+        daemon = json.loads((ov.item_dir(ITEM) / "daemon.json").read_text())
+        os.kill(int(daemon["pid"]), signal.SIGSTOP)       # the recovery site hangs
+        try:
+            took = guest_write(hv, vm_id, 8192, 4096, 2)
+            # the watchdog probes every budget/4 and yanks after a budget without an answer
+            assert took < budget_ms / 1000 * 1.25 + 1.0, (took, quick)
+            st = hv.sync_status(vm_id) or {}
+            assert st["state"] == "suspended", st
+            assert "latency budget" in st["reason"], st
+            assert guest_write(hv, vm_id, 16384, 4096, 3) < 1.0   # asynchronous from here
+            assert hv.seal(vm_id).sync_mark is None           # no run: an async point
+        finally:
+            os.kill(int(daemon["pid"]), signal.SIGCONT)
+        hv.release(hv.pending_cycle(vm_id))  # type: ignore[arg-type]
+        # back in sync: a new overlay, begun at the next seal
+        prov = ov.provision(ITEM, hv.sync_disks(vm_id), dn(certs.client_cert))
+        hv.set_sync(vm_id, {**conf, "port": prov["port"], "stream": prov["stream"],
+                            "exports": prov["exports"]})
+        c = hv.seal(vm_id)
+        assert c.sync_mark == {"stream": prov["stream"], "seq": 0}
+        assert (hv.sync_status(vm_id) or {})["state"] == "in_sync"
+        hv.release(c)
+    finally:
+        hv.delete_vm(vm_id)
+        ov.stop()
+
+
+def test_a_certificate_the_overlay_does_not_authorize_is_refused(tmp_path: Path,
+                                                                 certs: TestCerts) -> None:
+    # the secondary's own certificate: same CA, but not the item's writer
+    hv, vm_id, ov, conf = sync_vm(tmp_path, certs, cert=certs.server_cert, key=certs.server_key)
+    try:
+        c = hv.seal(vm_id)
+        assert c.sync_mark is None
+        st = hv.sync_status(vm_id) or {}
+        assert st["state"] == "suspended" and "did not answer" in st["reason"], st
+        hv.release(c)
+        run = ov.runs(ITEM)[-1]
+        assert run["stream"] == conf["stream"]
+        log = (ov.item_dir(ITEM) / "qsd.log").read_text()
+        assert "authz" in log.lower() or "denied" in log.lower() or "not allowed" in log.lower(), log
+    finally:
+        hv.delete_vm(vm_id)
+        ov.stop()
+
+
+def test_a_write_during_the_stall_is_acknowledged_on_the_primary(tmp_path: Path,
+                                                                 certs: TestCerts) -> None:
+    """A write in flight when the mirror is cut loose completes for the guest (QEMU 7.2's
+    write-blocking mirror fails the job, not the guest's write), and the dirty bitmap has it:
+    the next point ships it."""
+    hv, vm_id, ov, _ = sync_vm(tmp_path, certs, budget_ms=200)
+    try:
+        hv.release(hv.seal(vm_id))
+        daemon = json.loads((ov.item_dir(ITEM) / "daemon.json").read_text())
+        os.kill(int(daemon["pid"]), signal.SIGSTOP)
+        done = threading.Event()
+        try:
+            threading.Thread(target=lambda: (guest_write(hv, vm_id, 2 * MiB, 4096, 9),
+                                             done.set()), daemon=True).start()
+            assert done.wait(5.0)
+        finally:
+            os.kill(int(daemon["pid"]), signal.SIGCONT)
+        c = hv.seal(vm_id)
+        assert any(s <= 2 * MiB < s + n for s, n in c.changed["d0"].to_pairs()), c.changed
+        hv.release(c)
+    finally:
+        hv.delete_vm(vm_id)
+        ov.stop()
+
+
+def test_the_store_provisions_overlays_for_the_items_writer_only(tmp_path: Path,
+                                                                 certs: TestCerts) -> None:
+    """``POST items/{item}/sync-overlay`` over the store's mTLS: the writer gets a run whose
+    export its own certificate passes (the mirror runs); another host of the same CA is
+    refused by the access list; a malformed body and an item held by a failover too."""
+    other = issue_agent_cert(certs.ca, tmp_path / "pki-other", "host-other", site="site-c")
+    acl = StoreAcl(tmp_path / "agent" / "store-acl.json")
+    acl.update(acl_doc(certs, other[0]))
+    ov = OverlayServer(tmp_path / "overlays", certs.ca_file, certs.server_cert, certs.server_key)
+    site = RunningSiteStore(tmp_path / "site", certs=certs, acl=acl, overlays=ov)
+    hv = QemuHypervisor(tmp_path / "vms")
+    vm_id = hv.create_blank(VmSpec("sq", disks=(DiskSpec("d0", 4 * MiB),)),
+                            guest_agent=False).vm_id
+    try:
+        with site.client() as writer, site.client(*other) as stranger:
+            with pytest.raises(Forbidden):
+                stranger.sync_overlay("item-a", {"d0": 4 * MiB})
+            with pytest.raises(InvalidInput):
+                writer.sync_overlay("item-a", {"d0": -1})
+            prov = writer.sync_overlay("item-a", hv.sync_disks(vm_id))
+            held_marker(site.replicas, "item-b").parent.mkdir(parents=True, exist_ok=True)
+            held_marker(site.replicas, "item-b").write_text("{}")
+            with site.client(*other) as b_writer, pytest.raises(Forbidden):
+                b_writer.sync_overlay("item-b", {"d0": 4 * MiB})
+        hv.start_tracking(vm_id)
+        hv.power_on(vm_id)
+        hv.set_sync(vm_id, {"item_id": "item-a", "host": "127.0.0.1", "port": prov["port"],
+                            "budget_ms": 500, "ca_file": str(certs.ca_file),
+                            "cert_file": str(certs.client_cert),
+                            "key_file": str(certs.client_key), "stream": prov["stream"],
+                            "exports": prov["exports"]})
+        c = hv.seal(vm_id)
+        assert c.sync_mark == {"stream": prov["stream"], "seq": 0}
+        assert (hv.sync_status(vm_id) or {})["state"] == "in_sync"
+        hv.release(c)
+        with pytest.raises(InvalidInput):   # the exports must match the VM's disks
+            hv.set_sync(vm_id, {"item_id": "item-a", "host": "127.0.0.1", "port": 1,
+                                "budget_ms": 500, "ca_file": "x", "cert_file": "x",
+                                "key_file": "x", "stream": "s", "exports": {"d9": "e"}})
+    finally:
+        hv.delete_vm(vm_id)
+        site.stop()
+        ov.stop()
+
+
+def test_unwritten_runs_go_only_when_a_later_run_was_written(tmp_path: Path,
+                                                             certs: TestCerts) -> None:
+    """An overlay nobody wrote before a written one never began (dropped at the next
+    provisioning); an empty one after the newest written run may be running (kept)."""
+    ov = OverlayServer(tmp_path / "overlays", certs.ca_file, certs.server_cert, certs.server_key)
+    try:
+        who = dn(certs.client_cert)
+        a = ov.provision(ITEM, {"d0": MiB}, who)["stream"]
+        b = ov.provision(ITEM, {"d0": MiB}, who)["stream"]
+        assert [r["stream"] for r in ov.runs(ITEM)] == [a, b]   # nothing written: all kept
+        ov.stop_item(ITEM)
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 0 512",
+                        str(ov.run_dir(ITEM, b) / "d0.qcow2")], check=True, capture_output=True)
+        c = ov.provision(ITEM, {"d0": MiB}, who)["stream"]
+        assert [r["stream"] for r in ov.runs(ITEM)] == [b, c]   # a dropped, b written, c new
+        d = ov.provision(ITEM, {"d0": MiB}, who)["stream"]
+        assert [r["stream"] for r in ov.runs(ITEM)] == [b, c, d]   # c may be running: kept
+    finally:
+        ov.stop()
+
+
+def test_black_holed_link_falls_back_within_the_budget(tmp_path: Path, certs: TestCerts) -> None:
+    """The link to the recovery site drops every byte, no RST, no FIN (``tests.blackhole``):
+    the watchdog's own probe goes the same way, so the guest's write waits about the
+    budget, then the mirror is cut loose."""
+    budget_ms = 300
+    hv, vm_id, ov, conf = sync_vm(tmp_path, certs, budget_ms=budget_ms)
+    proxy = Proxy(int(conf["port"]))
+    try:
+        hv.set_sync(vm_id, {**conf, "port": proxy.port})
+        hv.release(hv.seal(vm_id))
+        assert (hv.sync_status(vm_id) or {})["state"] == "in_sync"
+        guest_write(hv, vm_id, 0, 4096, 1)
+        proxy.hold()
+        took = guest_write(hv, vm_id, 8192, 4096, 2)
+        assert took < budget_ms / 1000 * 1.25 + 1.0, took
+        st = hv.sync_status(vm_id) or {}
+        assert st["state"] == "suspended" and "latency budget" in st["reason"], st
+    finally:
+        proxy.close()
+        hv.delete_vm(vm_id)
+        ov.stop()
