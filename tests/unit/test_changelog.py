@@ -237,10 +237,12 @@ def test_one_million_records_load_fast(tmp_path: Path) -> None:
     hdr = LogHeader(LogState.CLEAN, 0, salt, BOOT, "e1", "d0")
     path = tmp_path / "big.hrl"
     path.write_bytes(hdr.pack() + recs.tobytes())
-    t = time.perf_counter()
+    # CPU time, not wall time: the suite runs in parallel on loaded boxes; what this guards
+    # is that loading is vectorised (a Python loop over 1M records costs seconds of CPU)
+    t = time.process_time()
     c = load_log(path)
-    elapsed = time.perf_counter() - t
+    elapsed = time.process_time() - t
     assert c.trusted and c.records == n
     uniq = np.unique(recs["offset"].astype(np.int64))
     assert c.covered_bytes == coalesce(uniq, np.full(uniq.size, 4096)).total
-    assert elapsed < 1.0, f"1M records loaded in {elapsed:.2f}s"
+    assert elapsed < 1.0, f"1M records loaded in {elapsed:.2f} s of CPU"
