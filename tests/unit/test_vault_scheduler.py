@@ -13,7 +13,7 @@ import pytest
 
 from drsite.core.states import ItemProtection
 from drsite.replication.report import ItemState
-from drsite.vault import storeacl
+from drsite.vault import commands, storeacl
 from drsite.vault.db.models import Item
 from drsite.vault.testing import Agent, Harness, point, report, vm_info
 
@@ -240,6 +240,25 @@ def test_a_store_refusal_for_a_grant_in_flight_is_retried_once_confirmed(h: Harn
     a.result(c3.id, "failed", error=FORBIDDEN)
     h.tick()
     assert h.ok("GET", f"/items/{item_id}")["state"] == "critical"
+
+
+def test_nothing_is_sent_before_the_source_is_told_its_item_is_back(h: Harness) -> None:
+    """Issue 19 (found by the crash campaign): a cancel whose source agent was down ends with
+    the hand-back (``failover_resume_source``, the new generation) queued for it. The
+    scheduler must not send a cycle before that command ran: the restarted agent would write
+    with the old generation, be fenced, and the item would stay Critical."""
+    a, item_id = protected(h)
+    with h.vault.db.tx() as s:
+        back = commands.enqueue(s, host_id=a.host_id, kind="failover_resume_source",
+                                item_id=item_id, args={"generation": 3, "power_on": False},
+                                now=h.clock.now())
+        back_id = back.id
+    h.clock.advance(30)
+    assert sent(h) == []
+    h.clock.advance(30)
+    assert sent(h) == []
+    a.result(back_id, "succeeded", result={})
+    assert [c.kind for c in sent(h)] == ["cycle"]
 
 
 def test_tracking_lost_is_not_critical(h: Harness) -> None:

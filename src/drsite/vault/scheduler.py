@@ -10,7 +10,8 @@ own facts:
   scheduler drift the schedule; a slot missed by more than one period is not made up;
 - ``resync`` → a ``resync`` command (``by_hand: false``) — the planner only says so inside the
   policy's resync window (by hand, the Resync job sends it at once);
-- never more than one outstanding replication command (protect, cycle, resync) per item;
+- never more than one outstanding replication command (protect, cycle, resync) per item, and
+  none while the item's hand-back to its source (``failover_resume_source``) is open;
 - ``retention`` hourly (own command, one outstanding at most; ``keep``: the member points
   group points within retention keep, ``barrier.kept_member_points``);
 - ``scrub`` of the item's recovery store every ``policy.scrub_interval_s``, sent to the host
@@ -61,6 +62,10 @@ log = logging.getLogger(__name__)
 
 # permanent errors the agent remedies itself by marking the item for resync
 SELF_REMEDIED = (TrackingLost, CorruptData)
+# while one of these is open for an item, its source has not been told the item is back (a
+# cancel's hand-back queued while the source's agent was down): nothing is sent before it — a
+# cycle would write with the old generation and be fenced, leaving the item Critical
+HANDBACK_KINDS = frozenset({"failover_resume_source"})
 
 
 def effective_state(item: Item | ItemFacts) -> ItemState:
@@ -254,7 +259,7 @@ class Scheduler:
                     continue
                 kinds = commands.REPLICATION_KINDS if d.kind in commands.REPLICATION_KINDS else (d.kind,)
                 taken = open_kinds.setdefault(d.item_id, set())
-                if taken.intersection(kinds):
+                if taken.intersection(kinds) or taken.intersection(HANDBACK_KINDS):
                     continue
                 taken.add(d.kind)
                 sent.append(Command(id=new_id("c"), host_id=d.host_id, item_id=d.item_id, job_id=None,
@@ -303,6 +308,8 @@ class Scheduler:
     def _item(self, item: ItemFacts, policy: Policy, open_kinds: set[str], now: float,
               store_up: bool = False, granted: bool = False) -> list[_Due]:
         out: list[_Due] = []
+        if open_kinds.intersection(HANDBACK_KINDS):
+            return out
         repair = scrubbing.repair_due(item)
         if repair is not None and not open_kinds.intersection(commands.REPLICATION_KINDS) \
                 and effective_state(item) is not ItemState.CRITICAL:
