@@ -245,10 +245,15 @@ class Scheduler:
                                     kind=d.kind, args=d.args, status=CommandStatus.PENDING, progress=0.0,
                                     deliveries=0, created_at=created, updated_at=created))
                 values.setdefault(d.item_id, {}).update(d.item_values)
+            # one executemany per set of columns (in id order), not a statement per item: the
+            # scheduler's write was half of the controller's time at 1,000 items on PostgreSQL
+            batches: dict[tuple[str, ...], list[dict[str, Any]]] = {}
             for item_id in sorted(values):
                 if values[item_id]:
-                    s.execute(update(Item).where(Item.id == item_id).values(**values[item_id])
-                              .execution_options(synchronize_session=False))
+                    batches.setdefault(tuple(sorted(values[item_id])), []).append(
+                        {"id": item_id, **values[item_id]})
+            for rows in batches.values():
+                s.execute(update(Item), rows)
             s.add_all(sent)
         return sent
 
