@@ -233,6 +233,10 @@ class Database:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._read_sessions = sessionmaker(self.engine.execution_options(**{READ_ONLY: True}),
                                            expire_on_commit=False)
+        # PostgreSQL: reads without a transaction (no BEGIN, no ROLLBACK: two round trips of
+        # the three a one-statement read cost); SQLite: the read transactions above
+        self._loose_sessions = self._read_sessions if self.sqlite else sessionmaker(
+            self.engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)
         # one process's SQLite writers queue here, in order, instead of in the busy handler
         self._writers: FairLock | _NoLock = FairLock() if self.sqlite else _NoLock()
         self._guard: Guard | None = None
@@ -282,6 +286,18 @@ class Database:
         ``BEGIN`` so it does not queue behind the writer. Objects stay readable after the
         block (detached); changes made to them are discarded."""
         with self._read_sessions() as s:
+            try:
+                yield s
+            finally:
+                s.rollback()
+
+    @contextmanager
+    def read_loose(self) -> Iterator[Session]:
+        """Reads that need no snapshot across their statements (each statement sees what was
+        committed when it ran): a token check, a health summary. On PostgreSQL no transaction
+        at all (autocommit: no BEGIN and ROLLBACK round trips); on SQLite :meth:`read`. Never
+        for a decision that must see its rows consistently (the scheduler, a job step)."""
+        with self._loose_sessions() as s:
             try:
                 yield s
             finally:
