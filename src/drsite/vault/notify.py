@@ -8,8 +8,9 @@ transaction that queues a command or ends one also sends ``NOTIFY drsite`` (deli
 PostgreSQL at commit, dropped at rollback), and every process listens on its own connection:
 
 - payload ``c:HOST`` — a command for HOST was queued: its long polls here look at once;
-- payload ``j`` — a job was created or a command ended: the job runner asks its waiting jobs
-  at once (in the controller; elsewhere harmless).
+- payload ``j`` — a command ended: the job runner asks its waiting jobs at once (in the
+  controller; elsewhere harmless); ``n`` — a job was created: the same, and the runner lists
+  the active jobs again.
 
 With notifications the long polls look at the table only every ``POLL_WITH_NOTIFY_S`` as a
 safety net, instead of every second. SQLite (one process) needs none of this.
@@ -46,7 +47,7 @@ def _libpq(url: str) -> str:
 def after_flush(session: Session, _ctx: Any) -> None:
     """Session hook (write sessions): queue the NOTIFYs for what this flush wrote."""
     hosts: set[str] = set()
-    jobs = False
+    jobs = new_job = False
     for obj in (*session.new, *session.dirty):
         if isinstance(obj, Command):
             if obj.status == CommandStatus.PENDING:
@@ -54,8 +55,8 @@ def after_flush(session: Session, _ctx: Any) -> None:
             elif obj not in session.new and obj.status in FINAL_COMMAND_STATUSES:
                 jobs = True
         elif isinstance(obj, Job) and obj in session.new:
-            jobs = True
-    payloads = [f"c:{h}" for h in sorted(hosts)] + (["j"] if jobs else [])
+            new_job = True
+    payloads = [f"c:{h}" for h in sorted(hosts)] + (["n"] if new_job else ["j"] if jobs else [])
     if not payloads:
         return
     conn = session.connection()
@@ -69,10 +70,12 @@ class Listener:
     wait for the next poll)."""
 
     def __init__(self, url: str, on_hosts: Callable[[set[str]], None],
-                 on_jobs: Callable[[], None]) -> None:
+                 on_jobs: Callable[[], None],
+                 on_new_job: Callable[[], None] | None = None) -> None:
         self.url = _libpq(url)
         self.on_hosts = on_hosts
         self.on_jobs = on_jobs
+        self.on_new_job = on_new_job or on_jobs
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.listening = threading.Event()
@@ -103,6 +106,8 @@ class Listener:
                                 self.on_hosts({n.payload[2:]})
                             elif n.payload == "j":
                                 self.on_jobs()
+                            elif n.payload == "n":
+                                self.on_new_job()
             except Exception as e:  # the database went away: listen again soon
                 self.listening.clear()
                 log.warning("listening for vault notifications failed (%s: %s); again in 1 s",

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 _HOSTS = "drsite_push_hosts"
 _KICK = "drsite_push_kick"
+_NEW_JOB = "drsite_push_new_job"
 
 
 class Waiters:
@@ -97,9 +98,11 @@ class CommandPush:
     """Session hooks: after a commit that touched commands, wake their hosts' waiters; after
     one that created a job or ended a command, call ``on_change`` (kick the background loop)."""
 
-    def __init__(self, waiters: Waiters, on_change: Callable[[], None] | None = None) -> None:
+    def __init__(self, waiters: Waiters, on_change: Callable[[], None] | None = None,
+                 on_new_job: Callable[[], None] | None = None) -> None:
         self.waiters = waiters
         self.on_change = on_change
+        self.on_new_job = on_new_job or on_change   # a job was created (else on_change)
 
     def after_flush(self, session: Session, _ctx: Any) -> None:
         hosts: set[str] = session.info.setdefault(_HOSTS, set())
@@ -109,16 +112,20 @@ class CommandPush:
                 if obj not in session.new and obj.status in FINAL_COMMAND_STATUSES:
                     session.info[_KICK] = True   # a job may be waiting for this result
             elif isinstance(obj, Job) and obj in session.new:
-                session.info[_KICK] = True
+                session.info[_NEW_JOB] = True
 
     def after_commit(self, session: Session) -> None:
         hosts = session.info.pop(_HOSTS, None)
         kick = session.info.pop(_KICK, False)
+        new_job = session.info.pop(_NEW_JOB, False)
         if hosts:
             self.waiters.wake(hosts)
-        if kick and self.on_change is not None:
+        if new_job and self.on_new_job is not None:
+            self.on_new_job()
+        elif kick and self.on_change is not None:
             self.on_change()
 
     def after_rollback(self, session: Session) -> None:
         session.info.pop(_HOSTS, None)
         session.info.pop(_KICK, None)
+        session.info.pop(_NEW_JOB, None)

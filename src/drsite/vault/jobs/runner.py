@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 MAX_STEPS_PER_TICK = 16
 BACKOFF_ABOVE = 64  # active jobs beyond which waiting jobs are asked less often
 BACKOFF_MAX_S = 1.0
+ACTIVE_IDS_MAX_AGE_S = 2.0  # a budgeted pass lists the active jobs at least this often
 
 
 def ordered_tasks(s: Session, job_id: str) -> list[Task]:
@@ -71,11 +72,33 @@ class JobRunner:
         self.settings = settings
         self._resume_after = ""  # the job a budgeted pass stopped after
         self._next_ask: dict[str, tuple[float, float]] = {}  # job -> (monotonic due, delay)
+        # the active jobs' ids as last listed (monotonic time): a budgeted pass lists them
+        # again only when woken or after ACTIVE_IDS_MAX_AGE_S (listing 5,000 ids each round was
+        # a fifth of the controller's time)
+        self._active: tuple[list[str], float] | None = None
+        self._ended: set[str] = set()  # jobs ended here since the ids were listed
 
-    def wake(self) -> None:
-        """Something jobs wait for happened (a job was created, a command ended): the next
-        pass asks every active job again, however long it has been waiting."""
+    def wake(self, *, new_job: bool = False) -> None:
+        """Something jobs wait for happened (a command ended; ``new_job``: a job was created):
+        the next pass asks every active job again, however long it has been waiting (and, for
+        a new job, lists the active jobs again)."""
         self._next_ask.clear()
+        if new_job:
+            self._active = None
+
+    def _active_ids(self, s: Session, cached: bool) -> list[str]:
+        """The active jobs' ids in creation order: listed now, or (``cached``) as listed by a
+        pass at most ``ACTIVE_IDS_MAX_AGE_S`` ago with no job created since (this process's
+        commits and other processes' notifications say so: :meth:`wake`); jobs that ended
+        here are dropped from it, a job ended elsewhere is found ended by its advance."""
+        now = time.monotonic()
+        if cached and self._active is not None and now - self._active[1] < ACTIVE_IDS_MAX_AGE_S:
+            return [i for i in self._active[0] if i not in self._ended]
+        ids = list(s.scalars(select(Job.id).where(Job.state.in_(ACTIVE_JOB_STATES))
+                             .order_by(Job.created_at, Job.id)))
+        self._active = (ids, now)
+        self._ended = set()
+        return list(ids)
 
     # ------------------------------------------------------------------------------ start-up
 
@@ -130,8 +153,8 @@ class JobRunner:
         active = 0
         for _ in range(3):  # jobs started by jobs (PolicyAssociation) get their first step now
             with self.db.read() as s:
-                ids = [i for i in s.scalars(select(Job.id).where(Job.state.in_(ACTIVE_JOB_STATES))
-                                            .order_by(Job.created_at, Job.id)) if i not in seen]
+                ids = [i for i in self._active_ids(s, cached=deadline is not None)
+                       if i not in seen]
             if not ids:
                 break
             backoff = deadline is not None and len(ids) > BACKOFF_ABOVE
@@ -164,6 +187,7 @@ class JobRunner:
                     self._next_ask[job_id] = (now + delay, delay)
                 else:
                     self._next_ask.pop(job_id, None)
+                    self._ended.add(job_id)
             if deadline is not None:
                 self._resume_after = ""
         if len(self._next_ask) > 4 * max(active, BACKOFF_ABOVE):
