@@ -14,10 +14,9 @@ from typing import Any
 import pytest
 from sqlalchemy import event
 
-from drsite.core.states import JobState
+from drsite.core.states import CommandStatus, JobState
 from drsite.vault import context, notify
-from drsite.vault.db.database import Database
-from drsite.vault.db.models import Job
+from drsite.vault.db.models import Command, Job
 from drsite.vault.jobs import runner as runner_mod
 from drsite.vault.testing import Harness, vm_info
 
@@ -110,12 +109,13 @@ def test_another_process_announces_a_new_job_apart_from_an_ended_command(
     """PostgreSQL, several vault processes: a job created in another process is announced as
     ``n`` (the controller lists the active jobs again), an ended command as ``j`` (its waiting
     jobs are asked, the list is kept)."""
-    h = Harness(tmp_path / "vault", pg_url)   # migrates the database
-    other = Database(pg_url)
-    other.listen("after_flush", notify.after_flush)
+    h = Harness(tmp_path / "vault", pg_url)
+    h.site("prim")
+    host_id = h.register("prim", "hv1").host_id
+    other = h.vault.db   # its write sessions send the NOTIFYs (as in every vault process)
     got: list[str] = []
-    listener = notify.Listener(pg_url, lambda _hosts: None, lambda: got.append("j"),
-                               lambda: got.append("n"))
+    listener = notify.Listener(pg_url, lambda _hosts: None,
+                               lambda ended: got.append(f"e {ended}"), lambda: got.append("n"))
     listener.start()
     try:
         assert listener.listening.wait(10)
@@ -127,7 +127,59 @@ def test_another_process_announces_a_new_job_apart_from_an_ended_command(
         while not got and time.monotonic() < deadline:
             time.sleep(0.01)
         assert got == ["n"]
+        with other.tx() as s:   # a command of that job, queued then ended
+            s.add(Command(id="c-other", host_id=host_id, item_id=None, job_id="j-other",
+                          kind="protect", args={}, status=CommandStatus.PENDING, progress=0.0,
+                          deliveries=0, created_at=now, updated_at=now))
+        with other.tx() as s:
+            cmd = s.get(Command, "c-other")
+            assert cmd is not None
+            cmd.status = CommandStatus.SUCCEEDED
+        deadline = time.monotonic() + 10
+        while len(got) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert got == ["n", f"e {(frozenset({'j-other'}), frozenset())}"]
     finally:
         listener.stop()
-        other.dispose()
         h.close()
+
+
+def test_an_ended_command_asks_its_own_jobs_not_every_job(
+        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At scale (more than ``BACKOFF_ABOVE`` active jobs) a waiting job is asked again after a
+    growing delay; an ended command asks again at once only its own job and its item's jobs
+    (before: every job, at every ended cycle — at 5,000 items no job ever backed off and each
+    pass asked all of them)."""
+    monkeypatch.setattr(runner_mod, "BACKOFF_ABOVE", 1)
+    monkeypatch.setattr(runner_mod, "BACKOFF_MAX_S", 600.0)
+    monkeypatch.setattr(h.vault.settings, "loop_interval", 600.0)   # a long back-off
+    jobs_waiting(h, 3)
+    runner = h.vault.runner
+    asked: list[str] = []
+    real = runner._advance
+
+    def counted(s: Any, job: Any) -> bool:
+        asked.append(job.id)
+        return real(s, job)
+
+    monkeypatch.setattr(runner, "_advance", counted)
+    active = [j for j in h.entries("/jobs") if j["kind"] == "EnableProtection"]
+    jobs = [j["id"] for j in active]
+    items = {j["id"]: j["item_id"] for j in active}
+    assert len(jobs) == 3
+    runner.tick(budget_s=10.0)   # the group's PolicyAssociation job ends in it too
+    assert set(jobs) <= set(asked)
+    asked.clear()
+    runner.tick(budget_s=10.0)
+    assert asked == []                               # backing off
+    runner.wake(jobs=[jobs[0]])                      # its command ended
+    runner.tick(budget_s=10.0)
+    assert asked == [jobs[0]]
+    asked.clear()
+    runner.wake(jobs=[], items=[items[jobs[1]]])     # a command of its item (a cycle) ended
+    runner.tick(budget_s=10.0)
+    assert asked == [jobs[1]]
+    asked.clear()
+    runner.wake()                                    # anything: every job
+    runner.tick(budget_s=10.0)
+    assert sorted(asked) == sorted(jobs)

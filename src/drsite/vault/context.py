@@ -53,7 +53,7 @@ from drsite.vault.drills import DrillScheduler
 from drsite.vault.health import HealthMonitor
 from drsite.vault.jobs.runner import JobRunner
 from drsite.vault.pairfence import Fenced, PeerFence, load_marker, write_marker
-from drsite.vault.push import CommandPush, Waiters
+from drsite.vault.push import CommandPush, Ended, Waiters
 from drsite.vault.scheduler import Scheduler
 from drsite.vault.settings import VaultSettings
 from drsite.vault.witnesslink import AutoPromote, WitnessLink
@@ -439,8 +439,12 @@ class Vault:
             return notify.POLL_WITH_NOTIFY_S
         return PUSH_POLL_S
 
-    def _jobs_changed(self) -> None:
-        self.runner.wake()
+    def _jobs_changed(self, ended: Ended | None = None) -> None:
+        """Commands ended (``ended``: their jobs and items; None: any job may care)."""
+        if ended is None:
+            self.runner.wake()
+        else:
+            self.runner.wake(jobs=ended[0], items=ended[1])
         self._kick.set()
 
     def _job_created(self) -> None:

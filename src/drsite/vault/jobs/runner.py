@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -77,12 +78,23 @@ class JobRunner:
         # a fifth of the controller's time)
         self._active: tuple[list[str], float] | None = None
         self._ended: set[str] = set()  # jobs ended here since the ids were listed
+        self._of_item: dict[str, set[str]] = {}  # item -> its active jobs, as last listed
 
-    def wake(self, *, new_job: bool = False) -> None:
-        """Something jobs wait for happened (a command ended; ``new_job``: a job was created):
-        the next pass asks every active job again, however long it has been waiting (and, for
-        a new job, lists the active jobs again)."""
-        self._next_ask.clear()
+    def wake(self, *, jobs: Iterable[str] | None = None, items: Iterable[str] = (),
+             new_job: bool = False) -> None:
+        """Something jobs wait for happened: the next pass asks them again, however long they
+        have been waiting. ``jobs``/``items``: commands of these jobs and items ended — only
+        those jobs (and the items' jobs) are asked (at scale every ended cycle asked all
+        5,000 jobs again: no job ever backed off); None: every job. ``new_job``: a job was
+        created — every job is asked and the active jobs are listed again."""
+        if jobs is None or new_job:
+            self._next_ask.clear()
+        else:
+            woken = set(jobs)
+            for item_id in items:
+                woken.update(self._of_item.get(item_id, ()))
+            for job_id in woken:
+                self._next_ask.pop(job_id, None)
         if new_job:
             self._active = None
 
@@ -94,9 +106,15 @@ class JobRunner:
         now = time.monotonic()
         if cached and self._active is not None and now - self._active[1] < ACTIVE_IDS_MAX_AGE_S:
             return [i for i in self._active[0] if i not in self._ended]
-        ids = list(s.scalars(select(Job.id).where(Job.state.in_(ACTIVE_JOB_STATES))
-                             .order_by(Job.created_at, Job.id)))
+        rows = s.execute(select(Job.id, Job.item_id).where(Job.state.in_(ACTIVE_JOB_STATES))
+                         .order_by(Job.created_at, Job.id)).all()
+        ids = [r[0] for r in rows]
+        of_item: dict[str, set[str]] = {}
+        for job_id, item_id in rows:
+            if item_id is not None:
+                of_item.setdefault(item_id, set()).add(job_id)
         self._active = (ids, now)
+        self._of_item = of_item
         self._ended = set()
         return list(ids)
 
