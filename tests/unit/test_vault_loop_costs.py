@@ -183,3 +183,19 @@ def test_an_ended_command_asks_its_own_jobs_not_every_job(
     runner.wake()                                    # anything: every job
     runner.tick(budget_s=10.0)
     assert sorted(asked) == sorted(jobs)
+    # a pass whose budget allows one job asks a woken one first, even when the others are
+    # due too (every job asked again, then the last job's command ended)
+    asked.clear()
+    runner.wake()
+    runner.wake(jobs=[jobs[2]])
+
+    def slow(s: Any, job: Any) -> bool:
+        asked.append(job.id)
+        time.sleep(0.05)
+        return real(s, job)
+
+    monkeypatch.setattr(runner, "_advance", slow)
+    runner.tick(budget_s=0.01)
+    assert asked == [jobs[2]]
+    runner.tick(budget_s=0.01)                       # then the round robin
+    assert len(asked) == 2 and asked[1] != jobs[2]
