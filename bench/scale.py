@@ -113,6 +113,27 @@ def _ppid(pid: int) -> int | None:
         return None
 
 
+def pg_statements(db_url: str, *, reset: bool, top: int = 25) -> list[dict[str, Any]]:
+    """``pg_stat_statements`` of the vault's database (the server preloads it with
+    ``--pg-stat-statements``): reset at the window's start, the ``top`` statements by total
+    time at its end (calls, total and mean ms, rows, shared blocks hit and read)."""
+    import psycopg
+
+    with psycopg.connect(db_url.replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        if reset:
+            conn.execute("SELECT pg_stat_statements_reset()")
+            return []
+        rows = conn.execute(
+            "SELECT calls, total_exec_time, mean_exec_time, rows, shared_blks_hit, "
+            "shared_blks_read, query FROM pg_stat_statements WHERE dbid = (SELECT oid FROM "
+            "pg_database WHERE datname = current_database()) ORDER BY total_exec_time DESC "
+            "LIMIT %s", (top,)).fetchall()
+    return [{"calls": r[0], "total_ms": round(r[1], 1), "mean_ms": round(r[2], 3), "rows": r[3],
+             "blks_hit": r[4], "blks_read": r[5], "query": " ".join(str(r[6]).split())[:400]}
+            for r in rows]
+
+
 def postmaster_pid(port: int) -> int | None:
     for d in os.listdir("/proc"):
         if not d.isdigit():
@@ -680,7 +701,8 @@ def run_engine(engine: str, a: argparse.Namespace, root: Path) -> dict[str, Any]
             sys.path.insert(0, str(REPO))
             from tests.pg import fresh_database, postgres_cluster
 
-            server = stack.enter_context(postgres_cluster())
+            server = stack.enter_context(postgres_cluster(settings=(
+                ("shared_preload_libraries=pg_stat_statements",) if a.pg_stat_statements else ())))
             db_url = fresh_database(server)
             pg_pid = postmaster_pid(int(server.rsplit(":", 1)[1].split("/")[0]))
             out["pg_note"] = ("PostgreSQL 15 cluster as tests/pg.py starts it (fsync=off, "
@@ -753,6 +775,8 @@ def run_engine(engine: str, a: argparse.Namespace, root: Path) -> dict[str, Any]
         out["setup_errors"] = setup_errors
         # the measured window
         probe = Probe(base, ca, reader, proc.pid, a.probe_pause)
+        if db_url is not None and a.pg_stat_statements:
+            pg_statements(db_url, reset=True)
         out["load_before"] = os.getloadavg()
         cpu0, gcpu0 = vault_cpu(proc.pid), self_cpu()
         pg0 = tree_cpu(pg_pid) if pg_pid else None
@@ -768,6 +792,8 @@ def run_engine(engine: str, a: argparse.Namespace, root: Path) -> dict[str, Any]
         pg1 = tree_cpu(pg_pid) if pg_pid else None
         rss1 = vault_rss(proc.pid)
         out["load_after"] = os.getloadavg()
+        if db_url is not None and a.pg_stat_statements:
+            out["pg_statements"] = pg_statements(db_url, reset=False)
         hb1, res1 = gen.stats.heartbeats, gen.stats.result_posts
         lat = {k: list(v) for k, v in probe.lat.items()}
         rss_peak = probe.rss_peak
@@ -777,10 +803,15 @@ def run_engine(engine: str, a: argparse.Namespace, root: Path) -> dict[str, Any]
             a.profile.mkdir(parents=True, exist_ok=True)
             spy_exe = Path(sys.executable).with_name("py-spy")
             print(f"  [{engine}] profiling the vault for {a.profile_seconds:.0f} s", flush=True)
-            subprocess.run([str(spy_exe), "record", "-o", str(a.profile / f"vault-{engine}.txt"),
-                            "-f", "raw", "-r", "50", "-d", str(int(a.profile_seconds)),
-                            "--subprocesses", "--pid", str(proc.pid)], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.STDOUT, check=False)
+            if spy_exe.exists():
+                subprocess.run([str(spy_exe), "record", "-o",
+                                str(a.profile / f"vault-{engine}.txt"), "-f", "raw", "-r", "50",
+                                "-d", str(int(a.profile_seconds)), "--subprocesses", "--pid",
+                                str(proc.pid)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.STDOUT, check=False)
+            else:   # the window's figures are not lost for want of a profiler
+                print(f"  [{engine}] no profile: {spy_exe} is not installed "
+                      "(.venv/bin/pip install py-spy)", flush=True)
         probe.halt.set()
         probe.join(120)
         gen.shutdown()
@@ -887,6 +918,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="after the window, py-spy record the vault under the same load into "
                          "DIR/vault-ENGINE.txt (raw format)")
     ap.add_argument("--profile-seconds", type=float, default=30.0)
+    ap.add_argument("--pg-stat-statements", action="store_true",
+                    help="PostgreSQL: preload pg_stat_statements and record the window's top "
+                         "statements by total time in the JSON")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--json", type=Path, default=None)

@@ -61,8 +61,9 @@ def _demote(user: pwd.struct_passwd | None) -> dict[str, object]:
 
 
 @contextlib.contextmanager
-def postgres_cluster(bindir: Path | None = None) -> Iterator[str]:
-    """Start a cluster; yields ``postgresql+psycopg://postgres@127.0.0.1:PORT/postgres``."""
+def postgres_cluster(bindir: Path | None = None, settings: tuple[str, ...] = ()) -> Iterator[str]:
+    """Start a cluster; yields ``postgresql+psycopg://postgres@127.0.0.1:PORT/postgres``.
+    ``settings``: more ``name=value`` server settings (``-c``), e.g. a preloaded library."""
     bindir = bindir or find_bindir()
     if bindir is None:
         raise RuntimeError("PostgreSQL server binaries not found")
@@ -84,7 +85,8 @@ def postgres_cluster(bindir: Path | None = None) -> Iterator[str]:
         proc = subprocess.Popen(
             [str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-h", "127.0.0.1",
              "-k", str(sock), "-c", "fsync=off", "-c", "synchronous_commit=off",
-             "-c", "full_page_writes=off", "-c", "max_connections=200"],
+             "-c", "full_page_writes=off", "-c", "max_connections=200",
+             *(x for kv in settings for x in ("-c", kv))],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp, **_demote(user))  # type: ignore[call-overload]
         url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
         _wait_ready(port, proc, tmp / "postgres.log")

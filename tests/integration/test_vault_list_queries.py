@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from sqlalchemy import event, text, update
 
@@ -118,3 +119,28 @@ def test_damaged_points_are_read_through_their_partial_index(tmp_path: Path) -> 
         assert "ix_points_damaged" in plan, plan
     finally:
         h.close()
+
+
+def test_loose_reads_take_no_transaction_on_postgresql(harness: Callable[[str], Harness]) -> None:
+    """The token check and ``GET /health`` read through ``Database.read_loose``: on PostgreSQL
+    each statement runs on its own (no BEGIN and ROLLBACK round trips: two of the three a
+    token check cost); on SQLite it is a read transaction, as ``read()``. Either way it reads
+    what was committed, and the API answers the same."""
+    h = harness("loose")
+    fleet(h, hosts=1, per_host=2, damaged=0)
+    with h.vault.db.read_loose() as s:
+        assert s.execute(text("SELECT count(*) FROM items")).scalar_one() == 2
+        raw = s.connection().connection.dbapi_connection
+        if h.vault.db.sqlite:
+            assert raw is not None and raw.in_transaction
+        else:
+            assert isinstance(raw, psycopg.Connection) and raw.autocommit
+            assert raw.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    with h.vault.db.read() as s:   # read() keeps its snapshot
+        s.execute(text("SELECT 1"))
+        raw = s.connection().connection.dbapi_connection
+        if not h.vault.db.sqlite:
+            assert isinstance(raw, psycopg.Connection) and not raw.autocommit
+            assert raw.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+    assert h.ok("GET", "/health")["agents"]["up"] == 2
+    assert h.call("GET", "/health", token="drst_not-a-token").status_code == 401

@@ -23,9 +23,12 @@ NET = {"code": "network", "class": "transient", "message": "store unreachable", 
 BROKEN = {"code": "broken_chain", "class": "permanent", "message": "chain broken", "hint": "resync"}
 
 
-@pytest.fixture
-def h(tmp_path: Path) -> Iterator[Harness]:
-    hh = Harness(tmp_path / "vault")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def h(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
+    """A vault on SQLite, and on PostgreSQL (the scheduler's candidates query joins the
+    policy; its writes are executemany batches)."""
+    url = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
+    hh = Harness(tmp_path / "vault", url)
     hh.clock.t = MIDNIGHT + 12 * 3600  # noon UTC: outside the default resync window
     yield hh
     hh.close()

@@ -53,7 +53,7 @@ from drsite.vault.drills import DrillScheduler
 from drsite.vault.health import HealthMonitor
 from drsite.vault.jobs.runner import JobRunner
 from drsite.vault.pairfence import Fenced, PeerFence, load_marker, write_marker
-from drsite.vault.push import CommandPush, Waiters
+from drsite.vault.push import CommandPush, Ended, Waiters
 from drsite.vault.scheduler import Scheduler
 from drsite.vault.settings import VaultSettings
 from drsite.vault.witnesslink import AutoPromote, WitnessLink
@@ -62,6 +62,10 @@ log = logging.getLogger(__name__)
 
 ADMIN_TOKEN_FILE = "admin.token"
 RUNNER_BUDGET_S = 0.2  # the job runner's share of one background round
+# the health pass reads every item: the next one starts at least this many times its own
+# duration after it ended (a quarter of the loop at most), however short health_interval is
+# (at 5,000 items it was half of the controller's time, and the job runner starved)
+HEALTH_REST_FACTOR = 3.0
 
 
 @dataclass(frozen=True)
@@ -167,10 +171,11 @@ class Vault:
                                      interval_s=settings.loop_interval, kick=self._kick,
                                      min_interval_s=LOOP_MIN_S)
         self._last_health = 0.0
+        self._health_every = settings.health_interval
         # long polls of the agents (the command channel) and the hook that wakes them; a job
         # created or a command ended here kicks the loop (and its waiting jobs are asked now)
         self.waiters = Waiters()
-        push = CommandPush(self.waiters, self._jobs_changed)
+        push = CommandPush(self.waiters, self._jobs_changed, self._job_created)
         db.listen("after_flush", push.after_flush)
         db.listen("after_commit", push.after_commit)
         db.listen("after_rollback", push.after_rollback)
@@ -178,7 +183,8 @@ class Vault:
         self.listener: notify.Listener | None = None
         if not db.sqlite:
             db.listen("after_flush", notify.after_flush)
-            self.listener = notify.Listener(db.url, self.waiters.wake, self._jobs_changed)
+            self.listener = notify.Listener(db.url, self.waiters.wake, self._jobs_changed,
+                                            self._job_created)
         # the threads agent requests (heartbeats, command results, the command channel's
         # looks) may hold at once: the rest of the API's thread pool (anyio's default, 40)
         # stays free for operators whatever the agents' write load (``api/agent.py``)
@@ -433,8 +439,16 @@ class Vault:
             return notify.POLL_WITH_NOTIFY_S
         return PUSH_POLL_S
 
-    def _jobs_changed(self) -> None:
-        self.runner.wake()
+    def _jobs_changed(self, ended: Ended | None = None) -> None:
+        """Commands ended (``ended``: their jobs and items; None: any job may care)."""
+        if ended is None:
+            self.runner.wake()
+        else:
+            self.runner.wake(jobs=ended[0], items=ended[1])
+        self._kick.set()
+
+    def _job_created(self) -> None:
+        self.runner.wake(new_job=True)
         self._kick.set()
 
     def _elected(self) -> None:
@@ -443,14 +457,18 @@ class Vault:
 
     def _round(self) -> None:
         # jobs and the scheduler run every loop_interval; health (a pass over every item) at
-        # most every health_interval: alerts do not need 0.25 s. The job runner has a time
+        # most every health_interval, and a quarter of the time at most (HEALTH_REST_FACTOR):
+        # alerts do not need 0.25 s. The job runner has a time
         # budget per round, so thousands of jobs never delay the scheduler's cycles.
         self.runner.tick(budget_s=RUNNER_BUDGET_S)
         self.scheduler.tick()
         self.drills.tick()
-        if time.monotonic() - self._last_health >= self.settings.health_interval:
+        if time.monotonic() - self._last_health >= self._health_every:
+            t0 = time.monotonic()
             self.monitor.tick()
             self._last_health = time.monotonic()
+            self._health_every = max(self.settings.health_interval,
+                                     HEALTH_REST_FACTOR * (self._last_health - t0))
 
     def start(self) -> None:
         """Seek the controller lease and, while holding it, run the background work (first

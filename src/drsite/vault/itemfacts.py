@@ -19,7 +19,7 @@ from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
 from drsite.core.states import ItemProtection
-from drsite.vault.db.models import Item
+from drsite.vault.db.models import Group, Item, Policy
 
 _COLUMNS = (Item.id, Item.host_id, Item.group_id, Item.target_site_id, Item.vm_name,
             Item.status, Item.state,
@@ -63,11 +63,16 @@ REPORT_FIELDS = ("last_error", "resync_reason", "agent_issues", "last_point_id")
 _NAMES = tuple(f.name for f in fields(ItemFacts) if f.name != "report")
 
 
-def load_facts(s: Session, *where: ColumnElement[bool]) -> list[ItemFacts]:
-    """The facts of the items matching ``where``, in id order."""
+def load_facts(s: Session, *where: ColumnElement[bool], with_policy: bool = False) -> list[ItemFacts]:
+    """The facts of the items matching ``where``, in id order. ``with_policy``: joined with
+    their group and its policy, so ``where`` may name ``Group`` and ``Policy`` columns (items
+    of a group without a policy are left out) — one join, not a subquery per item row."""
     out = []
     n = len(REPORT_FIELDS)
-    for row in s.execute(select(*_COLUMNS).where(*where).order_by(Item.id)):
+    q = select(*_COLUMNS)
+    if with_policy:
+        q = q.join(Group, Group.id == Item.group_id).join(Policy, Policy.id == Group.policy_id)
+    for row in s.execute(q.where(*where).order_by(Item.id)):
         values: list[Any] = list(row)
         report = {k: v for k, v in zip(REPORT_FIELDS, values[-n:], strict=True) if v is not None}
         out.append(ItemFacts(**dict(zip(_NAMES, values[:-n], strict=True)),

@@ -8,8 +8,10 @@ transaction that queues a command or ends one also sends ``NOTIFY drsite`` (deli
 PostgreSQL at commit, dropped at rollback), and every process listens on its own connection:
 
 - payload ``c:HOST`` — a command for HOST was queued: its long polls here look at once;
-- payload ``j`` — a job was created or a command ended: the job runner asks its waiting jobs
-  at once (in the controller; elsewhere harmless).
+- payload ``e:JOBS;ITEMS`` — commands ended (their jobs' and items' ids, comma-separated):
+  the job runner asks the jobs that may wait for them at once (in the controller; elsewhere
+  harmless); ``j`` — the same for every job (the ids did not fit); ``n`` — a job was created:
+  every job is asked, and the runner lists the active jobs again.
 
 With notifications the long polls look at the table only every ``POLL_WITH_NOTIFY_S`` as a
 safety net, instead of every second. SQLite (one process) needs none of this.
@@ -31,6 +33,7 @@ from sqlalchemy.orm import Session
 
 from drsite.core.states import FINAL_COMMAND_STATUSES, CommandStatus
 from drsite.vault.db.models import Command, Job
+from drsite.vault.push import Ended
 
 log = logging.getLogger(__name__)
 
@@ -46,21 +49,37 @@ def _libpq(url: str) -> str:
 def after_flush(session: Session, _ctx: Any) -> None:
     """Session hook (write sessions): queue the NOTIFYs for what this flush wrote."""
     hosts: set[str] = set()
-    jobs = False
+    jobs: set[str] = set()
+    items: set[str] = set()
+    ended = new_job = False
     for obj in (*session.new, *session.dirty):
         if isinstance(obj, Command):
             if obj.status == CommandStatus.PENDING:
                 hosts.add(obj.host_id)
             elif obj not in session.new and obj.status in FINAL_COMMAND_STATUSES:
-                jobs = True
+                ended = True
+                jobs.update([obj.job_id] if obj.job_id else [])
+                items.update([obj.item_id] if obj.item_id else [])
         elif isinstance(obj, Job) and obj in session.new:
-            jobs = True
-    payloads = [f"c:{h}" for h in sorted(hosts)] + (["j"] if jobs else [])
+            new_job = True
+    payloads = [f"c:{h}" for h in sorted(hosts)]
+    if new_job:
+        payloads.append("n")
+    elif ended:
+        e = f"e:{','.join(sorted(jobs))};{','.join(sorted(items))}"
+        payloads.append(e if len(e) <= MAX_PAYLOAD else "j")
     if not payloads:
         return
     conn = session.connection()
     for p in payloads:
         conn.exec_driver_sql("SELECT pg_notify(%(c)s, %(p)s)", {"c": CHANNEL, "p": p[:MAX_PAYLOAD]})
+
+
+def parse_ended(body: str) -> Ended:
+    """``JOBS;ITEMS`` of an ``e:`` payload: the ended commands' jobs and items."""
+    jobs, _, items = body.partition(";")
+    return (frozenset(j for j in jobs.split(",") if j),
+            frozenset(i for i in items.split(",") if i))
 
 
 class Listener:
@@ -69,10 +88,12 @@ class Listener:
     wait for the next poll)."""
 
     def __init__(self, url: str, on_hosts: Callable[[set[str]], None],
-                 on_jobs: Callable[[], None]) -> None:
+                 on_jobs: Callable[[Ended | None], None],
+                 on_new_job: Callable[[], None]) -> None:
         self.url = _libpq(url)
         self.on_hosts = on_hosts
         self.on_jobs = on_jobs
+        self.on_new_job = on_new_job
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.listening = threading.Event()
@@ -101,8 +122,12 @@ class Listener:
                         for n in conn.notifies(timeout=1.0, stop_after=1):
                             if n.payload.startswith("c:"):
                                 self.on_hosts({n.payload[2:]})
+                            elif n.payload.startswith("e:"):
+                                self.on_jobs(parse_ended(n.payload[2:]))
                             elif n.payload == "j":
-                                self.on_jobs()
+                                self.on_jobs(None)
+                            elif n.payload == "n":
+                                self.on_new_job()
             except Exception as e:  # the database went away: listen again soon
                 self.listening.clear()
                 log.warning("listening for vault notifications failed (%s: %s); again in 1 s",

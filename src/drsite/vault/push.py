@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 _HOSTS = "drsite_push_hosts"
 _KICK = "drsite_push_kick"
+_NEW_JOB = "drsite_push_new_job"
 
 
 class Waiters:
@@ -93,13 +94,20 @@ class Waiters:
             return sum(len(v) for v in self._by_host.values())
 
 
+# ended commands: (their jobs' ids, their items' ids) — the jobs that may wait for them
+Ended = tuple[frozenset[str], frozenset[str]]
+
+
 class CommandPush:
     """Session hooks: after a commit that touched commands, wake their hosts' waiters; after
-    one that created a job or ended a command, call ``on_change`` (kick the background loop)."""
+    one that ended commands, call ``on_change`` with their jobs and items (the jobs waiting for
+    them are asked at once, not every job); after one that created a job, ``on_new_job``."""
 
-    def __init__(self, waiters: Waiters, on_change: Callable[[], None] | None = None) -> None:
+    def __init__(self, waiters: Waiters, on_change: Callable[[Ended], None] | None = None,
+                 on_new_job: Callable[[], None] | None = None) -> None:
         self.waiters = waiters
         self.on_change = on_change
+        self.on_new_job = on_new_job
 
     def after_flush(self, session: Session, _ctx: Any) -> None:
         hosts: set[str] = session.info.setdefault(_HOSTS, set())
@@ -107,18 +115,27 @@ class CommandPush:
             if isinstance(obj, Command):
                 hosts.add(obj.host_id)
                 if obj not in session.new and obj.status in FINAL_COMMAND_STATUSES:
-                    session.info[_KICK] = True   # a job may be waiting for this result
+                    # a job may be waiting for this result: its own, or one of its item
+                    jobs, items = session.info.setdefault(_KICK, (set(), set()))
+                    if obj.job_id is not None:
+                        jobs.add(obj.job_id)
+                    if obj.item_id is not None:
+                        items.add(obj.item_id)
             elif isinstance(obj, Job) and obj in session.new:
-                session.info[_KICK] = True
+                session.info[_NEW_JOB] = True
 
     def after_commit(self, session: Session) -> None:
         hosts = session.info.pop(_HOSTS, None)
-        kick = session.info.pop(_KICK, False)
+        kick = session.info.pop(_KICK, None)
+        new_job = session.info.pop(_NEW_JOB, False)
         if hosts:
             self.waiters.wake(hosts)
-        if kick and self.on_change is not None:
-            self.on_change()
+        if new_job and self.on_new_job is not None:
+            self.on_new_job()
+        if kick is not None and self.on_change is not None:
+            self.on_change((frozenset(kick[0]), frozenset(kick[1])))
 
     def after_rollback(self, session: Session) -> None:
         session.info.pop(_HOSTS, None)
         session.info.pop(_KICK, None)
+        session.info.pop(_NEW_JOB, None)

@@ -24,11 +24,16 @@ agent, and where a site-store item's retention runs.
   confirmed list was built — since the item was made, its writer last changed
   (``items.grant_changed_at``: a failover, a cancel; :func:`set_status`) and its source got its
   certificate — so that list, and every later one (the one in flight too), has it; *exactly*,
-  the agent's digest is the current list's and no other list is in flight (a cancelled
-  failover flips the list back to one the agent still holds while the read-only one may be on
-  its way). So a stream of new items — a policy applied to thousands of VMs, whose list
-  changes at every heartbeat — no longer keeps every grant pending until the stream stops,
-  and a flip of the writer is never confirmed by a list built before it.
+  the list the agent holds (its digest) lets the item's source write it, with the source's
+  current certificate, and no other list is in flight (a cancelled failover flips the list back
+  to one the agent still holds while the read-only one may be on its way). The held list is
+  read by its digest from the lists this process built (a digest names one content), not
+  rebuilt per job: only when another process built it is the current list built, at most once
+  per state of the store host and ``REBUILD_AFTER_S`` — a pass of N waiting jobs costs one
+  build, not N (protecting N items at once was N²). So a stream of new items — a policy
+  applied to thousands of VMs, whose list changes at every heartbeat — no longer keeps every
+  grant pending until the stream stops, and a flip of the writer is never confirmed by a list
+  built before it.
 - **The store role** (:func:`site_store_host`, :func:`serves_store`): a host serves its
   site's store only when an admin granted it the site's store role (``sites.store_host_id``:
   ``drsite sites set-store SITE HOST``, audited; ``drsite up`` grants it to its store agents).
@@ -51,6 +56,7 @@ from __future__ import annotations
 import base64
 import os
 import threading
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -71,6 +77,15 @@ _CACHE = threading.Lock()
 _DocKey = tuple[str, tuple[tuple[str, str, ItemProtection], ...],
                 tuple[tuple[str, str, str, float | None], ...]]
 _DOCS: OrderedDict[_DocKey, tuple[dict[str, Any], str]] = OrderedDict()
+# digest -> list, for every list this process built (a digest names one content): what a store
+# agent that reports a digest holds, read without rebuilding the list (:func:`grant_pending`)
+_BY_DIGEST: OrderedDict[str, dict[str, Any]] = OrderedDict()
+KNOWN_LISTS = 16
+# store host -> (its agent's digest, the list sent last, monotonic time) of the last build
+# :func:`grant_pending` made that did not name the agent's list: not rebuilt for that state
+# within REBUILD_AFTER_S (a pass of N waiting jobs builds the list once, not N times)
+_TRIED: dict[str, tuple[str | None, str | None, float]] = {}
+REBUILD_AFTER_S = 1.0
 _KEYS: dict[str, str] = {}  # item id -> point key: immutable once made
 # failed over (or further): the old primary's item is read-only on the store
 READ_ONLY_STATUSES = frozenset({ItemProtection.FAILED_OVER, ItemProtection.COMMITTED,
@@ -196,9 +211,26 @@ def access_list_digest(s: Session, host: Host, now: float) -> tuple[dict[str, An
     out = (doc, acl_digest(doc))
     with _CACHE:
         _DOCS[key] = out
-        while len(_DOCS) > 16:
+        while len(_DOCS) > KNOWN_LISTS:
             _DOCS.popitem(last=False)
+        _remember(doc, out[1])
     return out
+
+
+def _remember(doc: dict[str, Any], digest: str) -> None:
+    """Index a list this process built by its digest (caller holds ``_CACHE``)."""
+    _BY_DIGEST[digest] = doc
+    _BY_DIGEST.move_to_end(digest)
+    while len(_BY_DIGEST) > KNOWN_LISTS:
+        _BY_DIGEST.popitem(last=False)
+
+
+def _known_list(digest: str) -> dict[str, Any] | None:
+    with _CACHE:
+        doc = _BY_DIGEST.get(digest)
+        if doc is not None:
+            _BY_DIGEST.move_to_end(digest)
+        return doc
 
 
 def site_store_host(s: Session, site_id: int) -> Host | None:
@@ -291,13 +323,45 @@ def grant_pending(s: Session, item: Item, now: float) -> str | None:
     confirmed = host.store_acl_confirmed_at
     if confirmed is not None and since <= confirmed - CONFIRM_MARGIN_S:
         return None
-    # exactly: the agent holds this very list and no other one is in flight (after a failover
-    # is cancelled the list flips back to one the agent still holds, while a reply with the
-    # read-only list may not have reached it yet)
-    _doc, want = access_list_digest(s, host, now)
-    if host.store_acl_digest == want and host.store_acl_sent in (None, want):
+    # exactly: the list the agent holds lets the source write the item, and no other list is
+    # in flight (after a failover is cancelled the list flips back to one the agent still
+    # holds, while a reply with the read-only list may not have reached it yet)
+    held = host.store_acl_digest
+    if held is None or host.store_acl_sent not in (None, held):
+        return waiting
+    doc = _known_list(held)
+    if doc is None:
+        # a list built by another vault process (or before a restart): build the current one,
+        # at most once per state of the store host per REBUILD_AFTER_S — whichever list the
+        # agent holds, only a list whose content this process knows can confirm a grant
+        state = (held, host.store_acl_sent)
+        with _CACHE:
+            tried = _TRIED.get(host.id)
+        mono = time.monotonic()
+        if tried is not None and tried[:2] == state and mono - tried[2] < REBUILD_AFTER_S:
+            return waiting
+        _doc, want = access_list_digest(s, host, now)
+        if want != held:
+            with _CACHE:
+                _TRIED[host.id] = (*state, mono)
+            return waiting
+        doc = _doc
+    grant = doc["items"].get(item.id)
+    if grant is not None and grant["writer"] == source.id and grants_writer(doc, host.id, source):
         return None
     return waiting
+
+
+def grants_writer(doc: dict[str, Any], store_host_id: str, source: Host) -> bool:
+    """Whether the list ``doc`` of ``store_host_id``'s store accepts ``source``'s current
+    certificate (listed with its fingerprint and serial, not revoked)."""
+    cert = doc["hosts"].get(source.id)
+    return (doc["store_host"] == store_host_id and cert is not None
+            and cert["fingerprint"] == source.cert_fingerprint
+            and cert["serial"] == source.cert_serial
+            and source.id not in doc["revoked"]["hosts"]
+            and source.cert_serial not in doc["revoked"]["serials"]
+            and source.cert_fingerprint not in doc["revoked"]["fingerprints"])
 
 
 def store_host(s: Session, item: Item) -> Host | None:

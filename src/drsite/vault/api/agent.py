@@ -161,7 +161,8 @@ async def clock(vault: VaultDep, cert: PeerCert) -> dict[str, Any]:
 
 
 @router.post("/commands/wait", summary="Long poll: this host's commands as soon as they exist")
-async def wait_commands(body: CommandWaitIn, vault: VaultDep, cert: PeerCert) -> dict[str, Any]:
+async def wait_commands(body: CommandWaitIn, vault: VaultDep, cert: PeerCert,
+                        request: Request) -> dict[str, Any]:
     """The command channel (``docs/control-plane.md``): answers at once with the host's pending
     commands, or holds the request until one is committed (woken in-process, or found by a
     look at the table every ``vault.push_poll_s`` — commands written by another vault process
@@ -170,6 +171,7 @@ async def wait_commands(body: CommandWaitIn, vault: VaultDep, cert: PeerCert) ->
     for an agent."""
     ident = await anyio.to_thread.run_sync(verify_agent_cert, vault.ca, cert,
                                            limiter=vault.agent_limiter)
+    set_actor(request, "host", ident.common_name)  # a refused or failed poll names its host
     deadline = time.monotonic() + body.timeout_s
     # registered before the first look (the certificate names the host id): a command
     # committed between that look and the wait still wakes it

@@ -2,7 +2,9 @@
 "hint"}``, with the class's ``http_status`` (the table in ``docs/control-plane.md``).
 
 Besides the classes' own statuses: 422 for a body of the wrong shape or type (code
-``invalid_input``), and an unexpected exception is 500 ``internal`` (transient). Validation
+``invalid_input``), an unexpected exception is 500 ``internal`` (transient), and the database
+failing for the moment (a lost connection, a deadlock, too many connections:
+``db.database.transient_db_error``) is 503 ``busy`` with ``Retry-After``. Validation
 messages name the fields and the problem but never echo the submitted values (they may hold
 secrets).
 """
@@ -15,16 +17,21 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as SaTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from drsite.core.errors import (
+    Busy,
     DrsiteError,
     InternalError,
     InvalidInput,
     StandbyVault,
     class_for_status,
 )
+from drsite.vault.db.database import transient_db_error
 
+RETRY_AFTER_S = 1
 # PostgreSQL's "cannot execute … in a read-only transaction": a write reached a hot standby
 READ_ONLY_SQLSTATE = "25006"
 
@@ -39,9 +46,11 @@ def _describe(errors: list[Any]) -> str:
     return "; ".join(parts)
 
 
-def _answer(err: DrsiteError, status: int | None = None) -> JSONResponse:
+def _answer(err: DrsiteError, status: int | None = None,
+            headers: dict[str, str] | None = None) -> JSONResponse:
     status = err.http_status if status is None else status
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     return JSONResponse(err.to_dict(), status_code=status, headers=headers)
 
 
@@ -63,13 +72,35 @@ def install(app: FastAPI) -> None:
         return _answer(class_for_status(exc.status_code)(str(exc.detail), hint=""),
                        status=exc.status_code)
 
-    @app.exception_handler(Exception)
-    async def _internal(req: Request, exc: Exception) -> JSONResponse:
+    async def _database(req: Request, exc: Exception) -> JSONResponse:
+        # handled inside the middleware stack (not as a bare Exception at its top), so the
+        # audit trail records what the client got
         if getattr(getattr(exc, "orig", None), "sqlstate", None) == READ_ONLY_SQLSTATE:
             # the vault checks its role before each write; this is the database saying it
             # first (a promotion or demotion in between)
             return _answer(StandbyVault("this vault's database is a hot standby and takes no "
                                         "writes"))
-        log.exception("internal error on %s %s", req.method, req.url.path)
-        return _answer(InternalError(f"internal error: {type(exc).__name__}",
-                                     hint="See the vault's log."))
+        if transient_db_error(exc):
+            # the database failed for the moment (a connection it ended, a deadlock, too many
+            # connections): the client is told when to retry, never handed a 500
+            log.warning("%s %s: the database failed for the moment (%s: %s); answered 503",
+                        req.method, req.url.path, type(exc).__name__,
+                        str(exc).splitlines()[0] if str(exc) else "")
+            return _answer(Busy("the vault's database did not complete this request",
+                                hint="Retry after the Retry-After delay; drsite's agents and "
+                                     "CLI retry on their own."),
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+        return _internal_error(req, exc)
+
+    app.add_exception_handler(DBAPIError, _database)
+    app.add_exception_handler(SaTimeoutError, _database)
+
+    @app.exception_handler(Exception)
+    async def _internal(req: Request, exc: Exception) -> JSONResponse:
+        return _internal_error(req, exc)
+
+
+def _internal_error(req: Request, exc: Exception) -> JSONResponse:
+    log.exception("internal error on %s %s", req.method, req.url.path, exc_info=exc)
+    return _answer(InternalError(f"internal error: {type(exc).__name__}",
+                                 hint="See the vault's log."))

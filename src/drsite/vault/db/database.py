@@ -15,6 +15,7 @@ Not responsible for: what is written (callers).
 from __future__ import annotations
 
 import copy
+import select
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -27,6 +28,8 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
+from sqlalchemy.exc import TimeoutError as SaTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -75,10 +78,63 @@ def make_engine(url: str, *, idle_in_tx_s: float | None = None) -> Engine:
     args: dict[str, Any] = {}
     if idle_in_tx_s is not None and url.startswith("postgresql"):
         args["options"] = f"-c idle_in_transaction_session_timeout={int(idle_in_tx_s * 1000)}"
-    # no pre-ping: it cost a round trip per transaction; a connection found dead (the server
-    # restarted, or ended a session idle in a transaction) fails that one transaction, and
-    # SQLAlchemy then replaces every pooled connection older than the failure
-    return create_engine(url, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW, connect_args=args)
+    # no pre-ping (a round trip per transaction): a pooled connection the server ended while
+    # it sat in the pool is found at checkout by a look at its socket instead (:func:`_ended`)
+    # and replaced; one that dies during a transaction fails that transaction (transient: the
+    # API answers 503 with Retry-After, :func:`transient_db_error`), and SQLAlchemy then
+    # replaces every pooled connection older than the failure
+    engine = create_engine(url, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW,
+                           connect_args=args)
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
+        if _ended(dbapi_conn):
+            raise DisconnectionError("the server ended this pooled connection")  # pool retries
+
+    return engine
+
+
+def _ended(dbapi_conn: Any) -> bool:
+    """Whether the server ended an idle pooled PostgreSQL connection, without a round trip:
+    the connection is closed, or its socket is readable — an idle connection of the pool
+    (none LISTENs) hears from the server only when it ends the session (its FATAL message:
+    restart, ``pg_terminate_backend``, a timeout)."""
+    if getattr(dbapi_conn, "closed", False):
+        return True
+    try:
+        readable, _w, _x = select.select([dbapi_conn.fileno()], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
+# SQLSTATE classes of PostgreSQL errors worth a retry: connection exception, transaction
+# rollback (serialization failure, deadlock), insufficient resources (too many connections),
+# operator intervention (shutdown, statement timeout); and lock not available
+TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57")
+TRANSIENT_SQLSTATES = ("55P03", "25P03")
+
+
+def transient_db_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is the database failing for the moment (a retry may succeed), not a
+    bug: a lost or ended connection, a serialization failure or deadlock, too many
+    connections, a shutdown, a busy SQLite file, the pool out of connections."""
+    if isinstance(exc, SaTimeoutError):
+        return True   # QueuePool: no connection free within the pool's timeout
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    orig = exc.orig
+    state = getattr(orig, "sqlstate", None)
+    if isinstance(state, str):
+        return state[:2] in TRANSIENT_SQLSTATE_CLASSES or state in TRANSIENT_SQLSTATES
+    if not isinstance(exc, OperationalError):
+        return False
+    if hasattr(orig, "sqlstate"):
+        return True   # psycopg: an operational error without a SQLSTATE is a broken connection
+    msg = str(orig).lower()
+    return "database is locked" in msg or "database is busy" in msg   # SQLite
 
 
 def is_sqlite(url: str) -> bool:
@@ -177,6 +233,10 @@ class Database:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._read_sessions = sessionmaker(self.engine.execution_options(**{READ_ONLY: True}),
                                            expire_on_commit=False)
+        # PostgreSQL: reads without a transaction (no BEGIN, no ROLLBACK: two round trips of
+        # the three a one-statement read cost); SQLite: the read transactions above
+        self._loose_sessions = self._read_sessions if self.sqlite else sessionmaker(
+            self.engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)
         # one process's SQLite writers queue here, in order, instead of in the busy handler
         self._writers: FairLock | _NoLock = FairLock() if self.sqlite else _NoLock()
         self._guard: Guard | None = None
@@ -226,6 +286,18 @@ class Database:
         ``BEGIN`` so it does not queue behind the writer. Objects stay readable after the
         block (detached); changes made to them are discarded."""
         with self._read_sessions() as s:
+            try:
+                yield s
+            finally:
+                s.rollback()
+
+    @contextmanager
+    def read_loose(self) -> Iterator[Session]:
+        """Reads that need no snapshot across their statements (each statement sees what was
+        committed when it ran): a token check, a health summary. On PostgreSQL no transaction
+        at all (autocommit: no BEGIN and ROLLBACK round trips); on SQLite :meth:`read`. Never
+        for a decision that must see its rows consistently (the scheduler, a job step)."""
+        with self._loose_sessions() as s:
             try:
                 yield s
             finally:

@@ -1,0 +1,123 @@
+"""The database failing for the moment is never a 500 (issue 13: under load on PostgreSQL a
+request failed with HTTP 500 on "a connection the server closed").
+
+- A pooled connection the server ended while it sat in the pool (a restart,
+  ``pg_terminate_backend``, a timeout) is found at checkout and replaced: the request works.
+- A connection that dies during a request's transaction answers 503 ``busy`` with
+  ``Retry-After``, and the audit trail records that answer with the agent's host as actor
+  (a failed long poll said "anonymous", status 500).
+- A database error that is a bug (a constraint violated) stays a 500 ``internal``."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as SaTimeoutError
+
+from drsite.vault.api import agent as agent_api
+from drsite.vault.db.database import Database, transient_db_error
+from drsite.vault.testing import Harness
+from tests.integration.test_vault_api import two_sites
+from tests.integration.test_vault_audit import find, trail
+
+
+def _pid(db: Database) -> int:
+    with db.read() as s:
+        return int(s.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+
+def test_a_pooled_connection_the_server_ended_is_replaced(pg_url: str) -> None:
+    db = Database(pg_url)
+    try:
+        old = _pid(db)   # back in the pool, idle
+        with psycopg.connect(pg_url.replace("+psycopg", ""), autocommit=True) as admin:
+            assert admin.execute("SELECT pg_terminate_backend(%s)", (old,)).fetchone() == (True,)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:   # until the backend is gone
+                row = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                                    (old,)).fetchone()
+                if row == (0,):
+                    break
+                time.sleep(0.05)
+        new = _pid(db)   # before: OperationalError ("server closed the connection")
+        assert new != old
+        with db.tx() as s:
+            assert s.execute(text("SELECT 1")).scalar_one() == 1
+    finally:
+        db.dispose()
+
+
+def test_a_connection_lost_in_a_request_is_a_503_with_retry_after(
+        tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    h = Harness(tmp_path / "vault", pg_url)
+    try:
+        a, _b = two_sites(h)
+        real = agent_api._take_pending
+
+        def dies(vault: Any, ident: Any) -> Any:
+            with vault.db.read() as s:   # the server ends this request's session
+                s.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+            return real(vault, ident)
+
+        monkeypatch.setattr(agent_api, "_take_pending", dies)
+        r = a.post("/commands/wait", {"timeout_s": 0})
+        assert r.status_code == 503, r.text
+        assert r.headers["Retry-After"] == "1"
+        assert r.json()["code"] == "busy" and "Retry" in r.json()["hint"]
+        monkeypatch.setattr(agent_api, "_take_pending", real)
+        assert a.post("/commands/wait", {"timeout_s": 0}).status_code == 200   # next one works
+        row = find(trail(h), "POST /api/v1/agent/commands/wait", "failed")
+        assert (row["actor_kind"], row["actor"], row["status"], row["error_code"]) == (
+            "host", a.host_id, 503, "busy")
+    finally:
+        h.close()
+
+
+def test_a_database_bug_stays_a_500(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    h = Harness(tmp_path / "vault")
+    try:
+        a, _b = two_sites(h)
+
+        def violates(_vault: Any, _ident: Any) -> Any:
+            raise IntegrityError("INSERT …", {}, sqlite3.IntegrityError("UNIQUE constraint failed"))
+
+        monkeypatch.setattr(agent_api, "_take_pending", violates)
+        r = a.post("/commands/wait", {"timeout_s": 0})
+        assert r.status_code == 500 and r.json()["code"] == "internal"
+        assert "Retry-After" not in r.headers
+        row = find(trail(h), "POST /api/v1/agent/commands/wait", "failed")
+        assert (row["actor_kind"], row["actor"], row["status"]) == ("host", a.host_id, 500)
+    finally:
+        h.close()
+
+
+class _PgError(Exception):
+    def __init__(self, sqlstate: str | None) -> None:
+        super().__init__("pg")
+        self.sqlstate = sqlstate
+
+
+@pytest.mark.parametrize(("exc", "transient"), [
+    (OperationalError("q", {}, _PgError(None)), True),          # the connection broke
+    (OperationalError("q", {}, _PgError("57P01")), True),       # admin shutdown
+    (OperationalError("q", {}, _PgError("40P01")), True),       # deadlock
+    (OperationalError("q", {}, _PgError("40001")), True),       # serialization failure
+    (OperationalError("q", {}, _PgError("53300")), True),       # too many connections
+    (OperationalError("q", {}, _PgError("08006")), True),       # connection failure
+    (OperationalError("q", {}, _PgError("55P03")), True),       # lock not available
+    (OperationalError("q", {}, sqlite3.OperationalError("database is locked")), True),
+    (SaTimeoutError("QueuePool limit reached"), True),
+    (OperationalError("q", {}, sqlite3.OperationalError("no such table: items")), False),
+    (IntegrityError("q", {}, _PgError("23505")), False),        # unique violation: a bug
+    (OperationalError("q", {}, _PgError("42P01")), False),      # undefined table: a bug
+    (ValueError("x"), False),
+])
+def test_which_database_errors_are_transient(exc: BaseException, transient: bool) -> None:
+    assert transient_db_error(exc) is transient
