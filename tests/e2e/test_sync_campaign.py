@@ -26,6 +26,22 @@ def test_no_acknowledged_write_lost_after_sigkill_of_the_primary(tmp_path: Path)
         camp.close()
 
 
+def test_breakglass_failover_replays_the_journal(tmp_path: Path) -> None:
+    """The vault is killed with the whole primary: the recovery site's agent host fails the
+    item over alone (``drsite agent failover``), and every acknowledged write is on the
+    recovery disk, as in a vault-run failover; the record says the journal was replayed."""
+    camp = SyncCampaign(tmp_path / "c", seed=27)
+    try:
+        for _ in range(2):
+            t = camp.trial(kill_window_s=2.0, breakglass=True)
+            print(t)
+            assert t.ok, t.problems
+            assert t.acked_writes > 0 and t.slots_checked > 0
+            assert "sync journal replayed" in t.replayed, t.replayed
+    finally:
+        camp.close()
+
+
 def test_recovery_agent_lost_then_back_fallback_alert_and_return(tmp_path: Path) -> None:
     """Kill the recovery agent, then (another VM) stop it with SIGSTOP — a hung peer, no RST:
     no write waits more than the budget, the alert appears; the agent back, the next cycle's

@@ -19,6 +19,7 @@ from drsite.hypervisors.contract import SyncMirrorHost
 from drsite.hypervisors.file import FileHypervisor
 from drsite.pki import CertIdentity
 from drsite.sitestore.acl import Op
+from drsite.sitestore.server import held_marker
 from drsite.sitestore.syncserver import SyncServer
 from drsite.sitestore.testing import OpenAcl, TestCerts, make_test_certs
 from drsite.store.auth import PointAuth
@@ -191,6 +192,33 @@ def test_dead_recovery_agent_suspends_at_once_and_a_seal_retries(tmp_path: Path,
         _wait_state(hv, vm_id, "suspended")
     finally:
         rt.stop()
+
+
+def test_no_write_is_acknowledged_once_a_failover_holds_the_item(tmp_path: Path,
+                                                                  certs: TestCerts) -> None:
+    """Break-glass runs in another process: it cannot close the server's connection, only
+    write the held marker and then read the journal. Every write acknowledged after the marker
+    would be missing from what it read, so none is: the mirror suspends, and everything
+    acknowledged before the marker is in the journal."""
+    srv = _server(tmp_path, certs)
+    hv = FileHypervisor(tmp_path / "vms")
+    vm_id, rt = _running(hv)
+    try:
+        hv.set_sync(vm_id, _config(certs, srv.port, 1000))
+        hv.release(hv.seal(vm_id))
+        _wait_state(hv, vm_id, "in_sync")
+        for i in range(1, 30):
+            rt.vm.write("d0", i * 4096, _block(i), tag=i)
+        acked = hv.sync_status(vm_id)["acked"]  # type: ignore[index]
+        (tmp_path / "replicas").mkdir(exist_ok=True)
+        held_marker(tmp_path / "replicas", ITEM).write_text("{}")
+        rt.vm.write("d0", 0, _block(99), tag=99)   # not acknowledged by the journal
+        st = _wait_state(hv, vm_id, "suspended")
+        assert st["acked"] == acked, st
+        assert srv.journal(ITEM).last is not None and srv.journal(ITEM).last >= acked
+    finally:
+        rt.stop()
+        srv.stop()
 
 
 class _DenyAcl(OpenAcl):

@@ -35,7 +35,7 @@ from drsite.sitestore import SiteObjectStore, make_store_app
 from drsite.sitestore.acl import ACL_FILE, StoreAcl
 from drsite.sitestore.audit import StoreAuditLog
 from drsite.sitestore.server import replica_held
-from drsite.sitestore.syncserver import SyncServer
+from drsite.sitestore.syncserver import SyncServer, journals_dir
 from drsite.store.local.backend import LocalObjectStore
 from drsite.store.replica import ReplicaHydrator
 from drsite.store.repository import Repository
@@ -121,7 +121,7 @@ class StoreService:
         """The sync-journal server, on the port it had before a restart when that is free
         (``sync-journals/port.json``): the guests of primary hosts keep its address."""
         ident = self.identity
-        journals = self.replicas_dir.parent / "sync-journals"
+        journals = journals_dir(self.replicas_dir.parent)
         ctx = tlsutil.server_context(ident.cert_file, ident.key_file, ident.ca_file,
                                      client_cert="required")
         host = self.host or "127.0.0.1"

@@ -528,10 +528,17 @@ def _replay_sync_journal(item: ProtectedItem, p: PointInfo, images: dict[str, Pa
     the point its state names. Idempotent: replaying again writes the same bytes in order."""
     j = item.sync_journal
     rec = run.rec
-    if j is None or run.done("journal"):
+    if run.done("journal"):
         return images, from_replica
     mark = p.meta.get("sync") or {}
     stream, seq = mark.get("stream"), mark.get("seq")
+    if j is None:
+        if stream:  # sealed in synchronous mode, yet this host holds no journal of the item
+            rec.notes.append(f"sync journal not replayed (this host holds no sync journal of "
+                             f"{item.item_id}): the VM holds point {p.point_id}; writes "
+                             "acknowledged after its seal are lost")
+            run.mark("journal")
+        return images, from_replica
     cov = j.coverage(str(stream) if stream else None, int(seq) if seq is not None else None)
     if not cov.ok:
         rec.notes.append(f"sync journal not replayed ({cov.reason}): the VM holds point "

@@ -32,6 +32,12 @@ from drsite.tracking.syncjournal import SyncJournal
 
 log = logging.getLogger(__name__)
 HELLO_TIMEOUT_S = 10.0
+JOURNALS_DIR = "sync-journals"   # DATA/sync-journals/<item>/: beside DATA/replicas/
+
+
+def journals_dir(data_dir: Path) -> Path:
+    """Where an agent whose data directory is ``data_dir`` keeps its sync journals."""
+    return Path(data_dir) / JOURNALS_DIR
 
 
 class SyncServer:
@@ -169,6 +175,12 @@ class SyncServer:
                 if self._active.get(item_id) is not sock:
                     raise NetworkError("replaced by a newer sync connection")
             journal.sync()
+            # after the flush, before the ack: a failover in another process (break-glass)
+            # writes the held marker, then reads the journal, so every entry acknowledged
+            # here was durable before it read
+            if replica_held(self.replicas, item_id):
+                raise Forbidden(f"item {item_id} failed over on this site: its sync journal "
+                                "is closed")
             sock.sendall(W.ack_frame(last))
 
     @staticmethod
