@@ -67,6 +67,7 @@ def parse(b: bytes) -> tuple[int, int] | None:
 class Trial:
     n: int
     kill_after_s: float
+    item: str = ""
     acked_writes: int = 0
     slots_checked: int = 0
     replayed: str = ""
@@ -182,9 +183,20 @@ class SyncCampaign:
         self.trials.append(t)
         return t
 
+    def vm_in_sync(self, n: int) -> tuple[str, str, str]:
+        """A new VM, protected and in sync: (VM id, name, item); AssertionError otherwise."""
+        vm_id, name = self._vm(n)
+        item = self._protect(vm_id)
+        assert until(lambda: self._in_sync(vm_id, item), 60), self.prim.sync_status(vm_id)
+        return vm_id, name, item
+
+    def journal_dir(self, item: str) -> Path:
+        """The item's sync journal on the recovery site's agent host."""
+        return self._agent_data() / "sync-journals" / item
+
     def _trial(self, t: Trial, breakglass: bool) -> None:
         vm_id, name = self._vm(t.n)
-        item = self._protect(vm_id)
+        item = t.item = self._protect(vm_id)
         if not until(lambda: self._in_sync(vm_id, item), 60):
             t.problems.append(f"never in sync: {self.prim.sync_status(vm_id)}")
             return

@@ -221,6 +221,46 @@ def test_no_write_is_acknowledged_once_a_failover_holds_the_item(tmp_path: Path,
         srv.stop()
 
 
+def test_drop_removes_a_journal_in_use_crash_safely_and_a_new_run_starts_afresh(
+        tmp_path: Path, certs: TestCerts) -> None:
+    """Deleting a journal (unprotect, commit, asynchronous mode) closes its connection, the
+    mirror suspends and its next seal begins a new journal; a removal a crash interrupted
+    (renamed aside, not yet removed) is finished by the next sweep."""
+    ctx = server_context(certs.server_cert, certs.server_key, certs.ca_file,
+                         client_cert="required")
+    srv = SyncServer(tmp_path / "journals", tmp_path / "replicas", ctx, OpenAcl(),
+                     latest_point=lambda item: "p000000000005")
+    srv.start()
+    hv = FileHypervisor(tmp_path / "vms")
+    vm_id, rt = _running(hv)
+    try:
+        hv.set_sync(vm_id, _config(certs, srv.port, 1000))
+        hv.release(hv.seal(vm_id))
+        _wait_state(hv, vm_id, "in_sync")
+        rt.vm.write("d0", 0, _block(1), tag=1)
+        state = (tmp_path / "journals" / ITEM / "journal.json").read_text()
+        assert '"after_point":"p000000000005"' in state.replace(" ", "")
+        assert srv.journal_items() == [ITEM]
+        assert srv.drop(ITEM) and not srv.drop(ITEM)
+        assert srv.journal_items() == [] and not (tmp_path / "journals" / ITEM).exists()
+        assert [p.name for p in (tmp_path / "journals").iterdir()] == []
+        rt.vm.write("d0", 0, _block(2), tag=2)  # the connection is gone: no ack, suspended
+        _wait_state(hv, vm_id, "suspended")
+        hv.release(hv.seal(vm_id))               # a new run, in a new journal
+        _wait_state(hv, vm_id, "in_sync")
+        rt.vm.write("d0", 4096, _block(3), tag=3)
+        assert srv.journal(ITEM).last == hv.sync_status(vm_id)["acked"]  # type: ignore[index]
+        # a crash after the rename: the sweep (at start and every pass) removes it
+        aside = tmp_path / "journals" / ".dropped-item-x-0000"
+        (aside / "sub").mkdir(parents=True)
+        (aside / "seg-0000000000000000.j").write_bytes(b"x" * 100)
+        assert srv.sweep() == 1 and not aside.exists()
+        assert srv.journal_items() == [ITEM]
+    finally:
+        rt.stop()
+        srv.stop()
+
+
 class _DenyAcl(OpenAcl):
     def authorize(self, ident: CertIdentity, op: Op, item_id: str | None, what: str) -> None:
         raise Forbidden(f"{ident.common_name} may not {op} {what}")

@@ -180,3 +180,30 @@ def test_a_read_only_open_changes_nothing_and_stops_at_a_torn_tail(tmp_path: Pat
     assert r2.last == 8 and (tmp_path / "j" / "seg-00000000000000ff.j").exists()
     r2.close()
     w.close()
+
+
+def test_outlived_only_by_a_point_committed_after_the_run_and_not_of_its_stream() -> None:
+    s = uuid.uuid4().hex
+    run = {"stream": s, "base": 7, "after_point": "p000000000003"}
+    mark = {"stream": s, "seq": 9}
+    assert not J.outlived(run, "p000000000003", None)          # the point before the run
+    assert not J.outlived(run, "p000000000004", mark)          # sealed in the run: needed
+    assert J.outlived(run, "p000000000004", None)              # sealed with no mirror: async
+    assert J.outlived(run, "p000000000010", {"stream": uuid.uuid4().hex, "seq": 2})
+    assert not J.outlived(run, None, None)                     # no point at all
+    assert J.outlived({**run, "after_point": None}, "p000000000001", None)  # none before it
+    # a journal begun by an older agent does not say what came before it: never
+    assert not J.outlived({"stream": s, "base": 7}, "p000000000009", None)
+    assert not J.outlived(None, "p000000000009", None)
+
+
+def test_begin_records_what_the_run_began_after(tmp_path: Path) -> None:
+    s = uuid.uuid4().hex
+    j = SyncJournal.open(tmp_path / "j")
+    j.begin(s, 0)
+    assert "after_point" not in (J.journal_state(tmp_path / "j") or {})
+    j.begin(s, 4, after_point=None)
+    assert J.journal_state(tmp_path / "j") == {"stream": s, "base": 4, "after_point": None}
+    j.begin(s, 9, after_point="p000000000002")
+    assert (J.journal_state(tmp_path / "j") or {})["after_point"] == "p000000000002"
+    j.close()

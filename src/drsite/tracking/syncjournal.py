@@ -275,18 +275,23 @@ class SyncJournal:
         if self.readonly:
             raise Conflict(f"sync journal {self.dir} was opened read-only")
 
-    def begin(self, stream: str, base: int) -> None:
+    def begin(self, stream: str, base: int, *, after_point: str | bool | None = False) -> None:
         """Start the journal over for ``stream`` at seal instant ``base`` (the previous
         entries are dropped: a journal is one contiguous run). Idempotent for the same
-        (stream, base) when nothing was appended yet."""
+        (stream, base) when nothing was appended yet. ``after_point``: the item's newest
+        committed point as this run begins (None: none), kept in ``journal.json`` for
+        :func:`outlived` (False: not known, not kept)."""
         uuid.UUID(stream)  # validated
         self._writable()
+        state: dict[str, Any] = {"stream": stream, "base": base}
+        if after_point is not False:
+            state["after_point"] = after_point
         with self._lock:
             try:
                 if (self.stream == stream and len(self._segs) == 1
                         and self._segs[0].base == base and self._segs[0].last == base):
                     return
-                atomic_write_json(self.dir / STATE, {"stream": stream, "base": base})
+                atomic_write_json(self.dir / STATE, state)
                 for s in self._segs:
                     os.close(s.fd)
                     s.path.unlink(missing_ok=True)
@@ -389,6 +394,21 @@ def journal_state(directory: Path) -> dict[str, Any] | None:
     return raw if isinstance(raw, dict) else None
 
 
+def outlived(state: dict[str, Any] | None, latest_id: str | None,
+             latest_mark: dict[str, Any] | None) -> bool:
+    """Whether a journal (its ``journal.json`` ``state``) can no longer serve any failover,
+    given the item's newest committed point (``latest_id``, its ``sync`` mark): only a
+    failover to "latest" replays, and only when that point was sealed in the journal's stream.
+    A point committed after the run began (``after_point``) that is not of the stream was
+    sealed after the stream's mirror ended (a VM seals one cycle at a time, and a mirror
+    marks every seal while it lives): mode asynchronous, or a new mirror whose own run
+    replaces this one. Never for a journal that does not record ``after_point``."""
+    if not isinstance(state, dict) or "after_point" not in state or latest_id is None:
+        return False
+    after = state["after_point"]
+    if after is not None and latest_id <= str(after):   # p%012d: ordered as strings
+        return False
+    return (latest_mark or {}).get("stream") != state.get("stream")
 
 
 def replay(journal: SyncJournal, mark: int, images: dict[str, Path]) -> tuple[int, int]:
