@@ -1,8 +1,9 @@
 """Zero data loss of synchronous mode (issue 18 part 2) on a real deployment: a workload
 outside the VM records every write the guest acknowledged, the whole primary (guest process
 and primary agent) is killed with SIGKILL at a random moment, an unplanned failover to
-"latest" runs through the vault, and every acknowledged write must be on the recovery VM's
-disk.
+"latest" runs through the vault — or, ``breakglass``, the vault is killed too and the
+recovery site's agent host runs it alone (``drsite agent failover``) — and every acknowledged
+write must be on the recovery VM's disk.
 
 The workload: ``writers`` threads of this process write 4 KiB blocks through the guest's
 control socket (``write``: acknowledged only after the VM's ``write_many`` returned, i.e.
@@ -18,10 +19,13 @@ Used by ``tests/e2e/test_sync_campaign.py`` (a few trials in the normal suite) a
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
 import struct
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,13 +39,14 @@ from drsite.hypervisors.file.control import call as guest_call
 from drsite.hypervisors.file.control import encode_data
 from drsite.hypervisors.file.driver import FileHypervisor
 from drsite.hypervisors.file.layout import VmPaths
-from drsite.up import Cluster, down, start_agent, up
+from drsite.up import Cluster, down, start_agent, start_vault, up
 from tests.crash_campaign import protect_vm
 from tests.procs import kill9, until
 
 MiB = 1 << 20
 BLOCK = 4096
 SLOTS = 1024                    # the first 4 MiB of the disk
+DRSITE = str(Path(sys.executable).parent / "drsite")
 _STAMP = struct.Struct("<8sQQ")
 MAGIC = b"DRSYNCW1"
 
@@ -62,6 +67,7 @@ def parse(b: bytes) -> tuple[int, int] | None:
 class Trial:
     n: int
     kill_after_s: float
+    item: str = ""
     acked_writes: int = 0
     slots_checked: int = 0
     replayed: str = ""
@@ -165,21 +171,37 @@ class SyncCampaign:
         reasons = it.get("health_reasons") or []
         return not any("sync mode" in str(x) for x in [*issues, *reasons])
 
-    def trial(self, kill_window_s: float = 3.0) -> Trial:
+    def trial(self, kill_window_s: float = 3.0, *, breakglass: bool = False) -> Trial:
+        """One trial; ``breakglass``: the vault is killed with the primary and the recovery
+        site's agent host fails the item over alone (then the vault is started again)."""
         t = Trial(len(self.trials) + 1, round(self.rng.uniform(0.3, kill_window_s), 2))
         try:
-            self._trial(t)
+            self._trial(t, breakglass)
         except Exception as e:  # a broken trial is a finding, not a crash of the campaign
             t.problems.append(f"{type(e).__name__}: {e}")
         t.ok = not t.problems
         self.trials.append(t)
         return t
 
-    def _trial(self, t: Trial) -> None:
-        vm_id, name = self._vm(t.n)
+    def vm_in_sync(self, n: int) -> tuple[str, str, str]:
+        """A new VM, protected and in sync: (VM id, name, item); AssertionError otherwise."""
+        vm_id, name = self._vm(n)
         item = self._protect(vm_id)
+        assert until(lambda: self._in_sync(vm_id, item), 60), self.prim.sync_status(vm_id)
+        return vm_id, name, item
+
+    def journal_dir(self, item: str) -> Path:
+        """The item's sync journal on the recovery site's agent host."""
+        return self._agent_data() / "sync-journals" / item
+
+    def _trial(self, t: Trial, breakglass: bool) -> None:
+        vm_id, name = self._vm(t.n)
+        item = t.item = self._protect(vm_id)
         if not until(lambda: self._in_sync(vm_id, item), 60):
             t.problems.append(f"never in sync: {self.prim.sync_status(vm_id)}")
+            return
+        if breakglass and not until(lambda: self._in_book(item), 30):
+            t.problems.append("the recovery book never named the item")
             return
         w = Writers(VmPaths(self.prim.vm_dir(vm_id)).socket_address(), self.writers)
         w.start()
@@ -188,15 +210,14 @@ class SyncCampaign:
         agent_pid = self.c.pids.get("agent-primary")
         kill9(guest_pid)   # the whole primary, as close to one instant as two signals go
         kill9(agent_pid)
+        if breakglass:
+            kill9(self.c.pids.get("vault"))
         w.stop()
         t.acked_writes = w.count
         t0 = time.monotonic()
-        with self.client() as cl:
-            job = cl.wait_job(cl.item_action(item, "unplanned-failover")["id"], timeout=120)
-            if job["state"] != "succeeded":
-                t.problems.append(f"unplanned failover {job['state']}: {job.get('error')}")
-                return
-            fo = cl.failovers(item)[0]
+        fo = self._breakglass(t, item) if breakglass else self._vault_failover(t, item)
+        if fo is None:
+            return
         t.failover_s = round(time.monotonic() - t0, 2)
         t.replayed = "; ".join(n for n in fo.get("notes") or [] if "sync journal" in n)
         rec = until(lambda: next((v for v in self.sec.list_vms() if v.name == name
@@ -205,8 +226,45 @@ class SyncCampaign:
             t.problems.append("no recovery VM runs after the failover")
             return
         self._check(t, w, self.sec.disk_path(rec.vm_id, "d0"))
+        if breakglass:  # the vault again; it learns the failover from the agent's heartbeat
+            start_vault(self.c)
+            with self.client() as cl:
+                if not until(lambda: cl.item(item)["protection"] == "failed_over", 30):
+                    t.problems.append("the vault did not record the break-glass failover")
         # the primary agent again, for the next trial (its old item is failed over)
         start_agent(self.c, "primary", store=True)
+
+    def _vault_failover(self, t: Trial, item: str) -> dict[str, Any] | None:
+        with self.client() as cl:
+            job = cl.wait_job(cl.item_action(item, "unplanned-failover")["id"], timeout=120)
+            if job["state"] != "succeeded":
+                t.problems.append(f"unplanned failover {job['state']}: {job.get('error')}")
+                return None
+            return dict(cl.failovers(item)[0])
+
+    def _agent_data(self) -> Path:
+        return self.c.root / "secondary" / "agent"
+
+    def _in_book(self, item: str) -> bool:
+        try:
+            book = json.loads((self._agent_data() / "recovery-book.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return item in book.get("items", {})
+
+    def _breakglass(self, t: Trial, item: str) -> dict[str, Any] | None:
+        """``drsite agent failover ITEM`` on the recovery site's agent host: its record."""
+        p = subprocess.run([DRSITE, "agent", "failover", item, "--json",
+                            "--data", str(self._agent_data())],
+                           capture_output=True, text=True, timeout=180)
+        if p.returncode != 0:
+            t.problems.append(f"break-glass failover exited {p.returncode}: {p.stderr.strip()}")
+            return None
+        rec = dict(json.loads(p.stdout))
+        if rec.get("state") != "pending_commit":
+            t.problems.append(f"break-glass failover ended {rec.get('state')}")
+            return None
+        return rec
 
     def _check(self, t: Trial, w: Writers, disk: Path) -> None:
         with open(disk, "rb") as f:

@@ -5,9 +5,11 @@ The long campaign (30+ trials) is ``bench/sync_crash_campaign.py``."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
+from tests.procs import until
 from tests.sync_campaign import SyncCampaign
 
 pytestmark = pytest.mark.slow
@@ -22,6 +24,56 @@ def test_no_acknowledged_write_lost_after_sigkill_of_the_primary(tmp_path: Path)
             assert t.ok, t.problems
             assert t.acked_writes > 0 and t.slots_checked > 0
             assert "sync journal replayed" in t.replayed, t.replayed
+    finally:
+        camp.close()
+
+
+def test_breakglass_failover_replays_the_journal(tmp_path: Path) -> None:
+    """The vault is killed with the whole primary: the recovery site's agent host fails the
+    item over alone (``drsite agent failover``), and every acknowledged write is on the
+    recovery disk, as in a vault-run failover; the record says the journal was replayed."""
+    camp = SyncCampaign(tmp_path / "c", seed=27)
+    try:
+        for _ in range(2):
+            t = camp.trial(kill_window_s=2.0, breakglass=True)
+            print(t)
+            assert t.ok, t.problems
+            assert t.acked_writes > 0 and t.slots_checked > 0
+            assert "sync journal replayed" in t.replayed, t.replayed
+    finally:
+        camp.close()
+
+
+def test_journals_are_deleted_when_no_failover_can_need_them(tmp_path: Path) -> None:
+    """On the recovery site's agent host: a failed-over item's journal stays until the
+    failover is committed; an unprotected item's goes; an item whose policy went asynchronous
+    loses its journal once a point sealed without the mirror is committed."""
+    camp = SyncCampaign(tmp_path / "c", seed=31)
+    try:
+        t = camp.trial(kill_window_s=1.0)
+        assert t.ok, t.problems
+        failed_over = camp.journal_dir(t.item)
+        _, _, unprotected = camp.vm_in_sync(101)
+        _, _, going_async = camp.vm_in_sync(102)
+        assert failed_over.is_dir() and camp.journal_dir(unprotected).is_dir()
+        time.sleep(6)   # a few store passes: the failover may still change point or cancel
+        assert failed_over.is_dir()
+        with camp.client() as cl:
+            job = cl.wait_job(cl.item_action(t.item, "commit")["id"], timeout=120)
+            assert job["state"] == "succeeded", job
+            assert until(lambda: not failed_over.exists(), 30), "kept after the commit"
+            job = cl.wait_job(cl.unprotect(unprotected)["job_id"], timeout=120)
+            assert job["state"] == "succeeded", job
+            assert until(lambda: not camp.journal_dir(unprotected).exists(), 30)
+            assert camp.journal_dir(going_async).is_dir()
+            pol = {k: v for k, v in cl.policy("sync").items()
+                   if k not in ("name", "created_at", "updated_at")}
+            cl.update_policy("sync", {**pol, "mode": "async"})
+            assert until(lambda: not camp.journal_dir(going_async).exists(), 60), \
+                "kept after the item went asynchronous"
+        left = [p.name for p in (camp.journal_dir(t.item).parent).iterdir()
+                if p.name.startswith(".dropped-")]
+        assert left == []
     finally:
         camp.close()
 

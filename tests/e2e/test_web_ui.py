@@ -521,7 +521,8 @@ def pages_to_check(env: Env) -> list[str]:
             f"/ui/jobs/{job}", f"/ui/jobs/{plan_job}", "/ui/plans", "/ui/plans/tier1",
             "/ui/plans/tier1/cleanup-test-failover", "/ui/drills",
             *([f"/ui/drills/{drills[0]['id']}"] if drills else []), "/ui/alerts?state=all",
-            "/ui/events", "/ui/sites", f"/ui/hosts/{host}", "/ui/audit", "/ui/nope"]
+            "/ui/events", "/ui/sites", f"/ui/hosts/{host}", "/ui/audit", "/ui/policies",
+            "/ui/nope"]
 
 
 @pytest.mark.timeout(600)
@@ -574,3 +575,52 @@ def check_page(pg: Any, axe: str, url: str, viewport: str, found: list[str]) -> 
     for v in res:
         found.append(f"{viewport} {url}: {v['impact']} {v['id']} ({v['help']}): "
                      + " | ".join(v["nodes"]))
+
+
+@pytest.mark.timeout(300)
+def test_the_replication_mode_shows_on_the_policies_and_vm_pages(env: Env, browser: Any) -> None:
+    """A synchronous policy with a VM in sync: the policies page gives each policy's mode and
+    budget and counts the VMs in sync; the VM page says synchronous, the budget and in sync;
+    an asynchronous VM's page says asynchronous. axe finds nothing serious on either page."""
+    hv = FileHypervisor(env.cluster.root / "primary" / "vms")
+    vm = hv.create_blank(VmSpec(name="app", nics=(Nic("prod", "52:54:00:00:02:01", "10.0.0.7"),),
+                                disks=(DiskSpec("d0", 8 * MiB),)))
+    hv.power_on(vm.vm_id)
+    with env.client() as cl:
+        cl.create_policy({"name": "ui-sync", "frequency_s": 5.0, "retention_hours": 24,
+                          "app_consistent_every_s": None, "rpo_threshold_s": 60,
+                          "resync_window": "00:00-00:00", "compression": True,
+                          "encryption": False, "bandwidth_limit_bps": None, "mode": "sync",
+                          "sync_budget_ms": 500})
+        cl.create_group({"name": "gs", "site": "primary", "target_site": "secondary",
+                         "policy": "ui-sync",
+                         "match": {"vm_names": [], "hosts": [], "labels": []}})
+        until("inventory", lambda: vm.vm_id in {v["vm_id"] for v in cl.vms()})
+        job = cl.wait_job(cl.protect(vm.vm_id, "gs")["job_id"], timeout=180)
+        assert job["state"] == "succeeded", job
+        app = next(it["id"] for it in cl.items() if it["vm_name"] == "app")
+        until("the VM in sync", lambda: (cl.item(app).get("sync") or {}).get("state")
+              == "in_sync", 90)
+    axe = axe_source()
+    found: list[str] = []
+    ctx = browser.new_context(ignore_https_errors=True, viewport=DESKTOP, bypass_csp=True)
+    ctx.set_default_timeout(20_000)
+    pg = ctx.new_page()
+    try:
+        login(pg, env, admin_token(env), "/ui/policies")
+        row = pg.locator("#policy-ui-sync")
+        expect_text(row, r"synchronous \(budget 500 ms\)")
+        expect_text(row, r"in sync 1")
+        expect_text(row, r"gs")
+        expect_text(pg.locator("#policy-ui-fast"), r"asynchronous")
+        check_page(pg, axe, "/ui/policies", "desktop", found)
+        pg.goto(f"{env.url}/ui/items/{app}")
+        expect_text(pg.locator("#sync-mode"), r"synchronous .*500 ms.* in sync")
+        check_page(pg, axe, f"/ui/items/{app}", "desktop", found)
+        pg.click("#sync-mode >> xpath=preceding::dd[1]//a")   # the policy link
+        sync_api.expect(pg).to_have_url(re.compile(r"/ui/policies#policy-ui-sync$"))
+        pg.goto(f"{env.url}/ui/items/{env.items['web']}")
+        expect_text(pg.locator("#sync-mode"), r"asynchronous")
+    finally:
+        ctx.close()
+    assert found == [], "\n".join(found)

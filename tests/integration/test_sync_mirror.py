@@ -19,6 +19,7 @@ from drsite.hypervisors.contract import SyncMirrorHost
 from drsite.hypervisors.file import FileHypervisor
 from drsite.pki import CertIdentity
 from drsite.sitestore.acl import Op
+from drsite.sitestore.server import held_marker
 from drsite.sitestore.syncserver import SyncServer
 from drsite.sitestore.testing import OpenAcl, TestCerts, make_test_certs
 from drsite.store.auth import PointAuth
@@ -191,6 +192,73 @@ def test_dead_recovery_agent_suspends_at_once_and_a_seal_retries(tmp_path: Path,
         _wait_state(hv, vm_id, "suspended")
     finally:
         rt.stop()
+
+
+def test_no_write_is_acknowledged_once_a_failover_holds_the_item(tmp_path: Path,
+                                                                  certs: TestCerts) -> None:
+    """Break-glass runs in another process: it cannot close the server's connection, only
+    write the held marker and then read the journal. Every write acknowledged after the marker
+    would be missing from what it read, so none is: the mirror suspends, and everything
+    acknowledged before the marker is in the journal."""
+    srv = _server(tmp_path, certs)
+    hv = FileHypervisor(tmp_path / "vms")
+    vm_id, rt = _running(hv)
+    try:
+        hv.set_sync(vm_id, _config(certs, srv.port, 1000))
+        hv.release(hv.seal(vm_id))
+        _wait_state(hv, vm_id, "in_sync")
+        for i in range(1, 30):
+            rt.vm.write("d0", i * 4096, _block(i), tag=i)
+        acked = hv.sync_status(vm_id)["acked"]  # type: ignore[index]
+        (tmp_path / "replicas").mkdir(exist_ok=True)
+        held_marker(tmp_path / "replicas", ITEM).write_text("{}")
+        rt.vm.write("d0", 0, _block(99), tag=99)   # not acknowledged by the journal
+        st = _wait_state(hv, vm_id, "suspended")
+        assert st["acked"] == acked, st
+        assert srv.journal(ITEM).last is not None and srv.journal(ITEM).last >= acked
+    finally:
+        rt.stop()
+        srv.stop()
+
+
+def test_drop_removes_a_journal_in_use_crash_safely_and_a_new_run_starts_afresh(
+        tmp_path: Path, certs: TestCerts) -> None:
+    """Deleting a journal (unprotect, commit, asynchronous mode) closes its connection, the
+    mirror suspends and its next seal begins a new journal; a removal a crash interrupted
+    (renamed aside, not yet removed) is finished by the next sweep."""
+    ctx = server_context(certs.server_cert, certs.server_key, certs.ca_file,
+                         client_cert="required")
+    srv = SyncServer(tmp_path / "journals", tmp_path / "replicas", ctx, OpenAcl(),
+                     latest_point=lambda item: "p000000000005")
+    srv.start()
+    hv = FileHypervisor(tmp_path / "vms")
+    vm_id, rt = _running(hv)
+    try:
+        hv.set_sync(vm_id, _config(certs, srv.port, 1000))
+        hv.release(hv.seal(vm_id))
+        _wait_state(hv, vm_id, "in_sync")
+        rt.vm.write("d0", 0, _block(1), tag=1)
+        state = (tmp_path / "journals" / ITEM / "journal.json").read_text()
+        assert '"after_point":"p000000000005"' in state.replace(" ", "")
+        assert srv.journal_items() == [ITEM]
+        assert srv.drop(ITEM) and not srv.drop(ITEM)
+        assert srv.journal_items() == [] and not (tmp_path / "journals" / ITEM).exists()
+        assert [p.name for p in (tmp_path / "journals").iterdir()] == []
+        rt.vm.write("d0", 0, _block(2), tag=2)  # the connection is gone: no ack, suspended
+        _wait_state(hv, vm_id, "suspended")
+        hv.release(hv.seal(vm_id))               # a new run, in a new journal
+        _wait_state(hv, vm_id, "in_sync")
+        rt.vm.write("d0", 4096, _block(3), tag=3)
+        assert srv.journal(ITEM).last == hv.sync_status(vm_id)["acked"]  # type: ignore[index]
+        # a crash after the rename: the sweep (at start and every pass) removes it
+        aside = tmp_path / "journals" / ".dropped-item-x-0000"
+        (aside / "sub").mkdir(parents=True)
+        (aside / "seg-0000000000000000.j").write_bytes(b"x" * 100)
+        assert srv.sweep() == 1 and not aside.exists()
+        assert srv.journal_items() == [ITEM]
+    finally:
+        rt.stop()
+        srv.stop()
 
 
 class _DenyAcl(OpenAcl):

@@ -545,3 +545,55 @@ def test_heartbeat_ignores_items_of_other_hosts(h: Harness) -> None:
     assert reply["ack"] == {}
     assert h.ok("GET", f"/items/{item_id}")["state"] == "protected"
     assert [p["seq"] for p in h.entries(f"/items/{item_id}/points")] == [1]
+
+
+def test_cli_shows_the_replication_mode(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``drsite policies list|show`` give a policy's mode and budget; ``drsite items show``
+    the item's mode and whether it is in sync (``suspended: why`` from its agent's report),
+    as a table and in --json."""
+    import json
+
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from drsite.cli import common
+    from drsite.cli.main import app
+    from drsite.client.api import VaultClient, VaultConfig
+
+    def fake_client(*_a: Any) -> VaultClient:
+        c = VaultClient(VaultConfig("http://testserver", h.admin))
+        c._http.close()
+        c._http = TestClient(h.app, base_url="http://testserver/api/v1",
+                             headers={"Authorization": f"Bearer {h.admin}"})
+        return c
+
+    monkeypatch.setattr(common, "client", fake_client)
+    a, _b = two_sites(h)
+    policy_and_group(h, mode="sync", sync_budget_ms=120)
+    item_id = protect(h, a)
+    runner = CliRunner(env={"COLUMNS": "250"})
+    r = runner.invoke(app, ["policies", "list", "--json"])
+    assert r.exit_code == 0, r.output
+    assert [(p["name"], p["mode"], p["sync_budget_ms"]) for p in json.loads(r.stdout)] \
+        == [("p1", "sync", 120)]
+    r = runner.invoke(app, ["policies", "list"])
+    assert r.exit_code == 0 and "sync" in r.output and "120" in r.output, r.output
+    r = runner.invoke(app, ["policies", "show", "p1"])
+    assert "mode: sync" in r.output and "sync_budget_ms: 120" in r.output, r.output
+    rep = report(item_id, "vm-1", "web1")
+    rep["agent_issues"] = ["sync mode suspended: the recovery agent refused the sync journal"]
+    a.beat(vms=[vm_info("vm-1", "web1")], items=[{"item_id": item_id, "report": rep}])
+    r = runner.invoke(app, ["items", "show", item_id, "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["sync"] == {
+        "mode": "sync", "budget_ms": 120, "state": "suspended",
+        "reason": "the recovery agent refused the sync journal"}
+    r = runner.invoke(app, ["items", "show", item_id])
+    assert r.exit_code == 0, r.output
+    flat = " ".join(r.output.split())
+    assert "sync, 120 ms budget" in flat and "suspended: the recovery agent refused" in flat, \
+        r.output
+    a.beat(vms=[vm_info("vm-1", "web1")], items=[{"item_id": item_id,
+                                                   "report": report(item_id, "vm-1", "web1")}])
+    r = runner.invoke(app, ["items", "show", item_id])
+    assert "in sync" in " ".join(r.output.split()), r.output

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from drsite.core.errors import InvalidInput
 from drsite.core.states import FailoverState, ItemProtection
 from drsite.failover.wire import check_recovery_book, recovery_book_digest
 from drsite.vault.db.models import Command, Failover, Group, Item, Store
@@ -69,6 +70,33 @@ def test_recovery_book_reaches_the_store_agent(h: Harness) -> None:
     # unchanged: not sent again; a host serving no store gets none
     assert "recovery_book" not in beat(b, book_digest=recovery_book_digest(book)).json()
     assert "recovery_book" not in beat(a).json()
+
+
+def test_the_book_names_the_sync_journals_to_keep(h: Harness) -> None:
+    """The store host keeps the sync journals of items a failover may still replay —
+    protected (or being enabled or taken apart), failing over, failed over and not committed —
+    and deletes the others: unprotected, committed, re-protected (a reverse item has an id,
+    and a journal, of its own)."""
+    a, b = two_sites(h)
+    policy_and_group(h)
+    item_id = protect(h, a)
+
+    def kept(status: ItemProtection) -> list[str]:
+        with h.vault.db.tx() as s:
+            it = s.get(Item, item_id)
+            assert it is not None
+            it.status = status
+        return list(check_recovery_book(beat(b).json()["recovery_book"])["sync_journals"])
+
+    for st in (ItemProtection.ENABLING, ItemProtection.PROTECTED, ItemProtection.DISABLING,
+               ItemProtection.FAILING_OVER, ItemProtection.FAILED_OVER):
+        assert kept(st) == [item_id], st
+    for st in (ItemProtection.COMMITTED, ItemProtection.REPROTECTED, ItemProtection.REMOVED,
+               ItemProtection.FAILED):
+        assert kept(st) == [], st
+    # a malformed list is refused with the book (the agent keeps the one in force)
+    with pytest.raises(InvalidInput, match="sync_journals"):
+        check_recovery_book({"format": 1, "items": {}, "plans": {}, "sync_journals": "all"})
 
 
 def test_a_reported_breakglass_failover_is_recorded_once(h: Harness) -> None:

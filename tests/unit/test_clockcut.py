@@ -50,3 +50,39 @@ def test_the_shortest_round_trip_of_the_named_clock_wins() -> None:
     assert plan.held_before_cut(plan.cut_local - 0.005)
     assert not plan.held_before_cut(plan.cut_local - 0.001)
     assert plan.seal_from() > plan.cut_local + b.radius
+
+
+def test_the_agent_stops_reading_the_clock_before_the_readings_cost_the_cut() -> None:
+    """On a loaded host a clock reading takes a scheduling round (here 30 ms, each with a
+    15 ms radius: never 'good enough'): the agent stops as soon as another reading would end
+    too close to when its hold must be asked for, instead of taking all five and coming too
+    late for a cut 120 ms ahead."""
+    import time
+    from types import SimpleNamespace
+    from typing import Any
+
+    from drsite.agent.barrier import CUT_SAMPLES, BarrierCommands
+
+    taken: list[float] = []
+
+    def clock_sample(timeout: float = 2.0) -> tuple[str, float, float, float]:
+        sent = time.monotonic()
+        time.sleep(0.030)
+        received = time.monotonic()
+        taken.append(received)
+        mid = (sent + received) / 2
+        return "clk", mid + 1000.0 - 0.015 + 0.015, mid - 0.015, mid + 0.015
+
+    host: Any = SimpleNamespace(link=SimpleNamespace(clock_sample=clock_sample))
+    bc = BarrierCommands(host)
+    now = time.monotonic()
+    cut_at = now + 1000.0 + 0.120
+    got = bc._samples("clk", now + 0.5, cut_at, 0.02, 0.0)
+    assert 1 <= len(got) < CUT_SAMPLES, len(got)
+    plan = CutPlan(best_sample(got, "clk", time.monotonic()) or got[0], cut_at, 0.02)
+    assert time.monotonic() < plan.hold_at()   # still in time to hold before the cut
+    # with time to spare (a cut 2 s ahead) it keeps reading, up to five
+    taken.clear()
+    now = time.monotonic()
+    got = bc._samples("clk", now + 0.5, now + 1000.0 + 2.0, 0.02, 0.0)
+    assert len(got) == CUT_SAMPLES

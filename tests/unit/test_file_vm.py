@@ -454,3 +454,113 @@ def test_change_log_cap_follows_the_policy(hv: FileHypervisor) -> None:
         assert log is not None and log.max_records == (cap - HEADER_SIZE) // RECORD_SIZE
     finally:
         vm.close()
+
+
+def _instant_only(vm: FileVm) -> dict[str, object]:
+    """A seal's instant without its commit (as if the guest died right after the hold
+    ended): logs rotated, not yet fsynced or marked clean, no cycle record."""
+    with vm._io_lock:
+        return vm._seal_locked(Consistency.CRASH, [])
+
+
+def test_a_seal_holds_writes_without_a_single_fsync(hv: FileHypervisor,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Group barrier pause (issue 18): every fsync of a seal (the next logs, made ahead after
+    the previous release; the sealed logs' records and CLEAN header; the directory; the cycle
+    record) happens while writes flow, none while the hold keeps them waiting. The cycle is
+    durable and clean all the same when seal_held returns."""
+    from drsite.tracking.changelog import LogState, load_log
+    vm_id = make(hv, sizes=(4 * MiB, 1 * MiB))
+    hv.start_tracking(vm_id)
+    rt = hv.guest(vm_id)
+    base(hv, vm_id)
+    paths = VmPaths(hv.vm_dir(vm_id))
+    epoch = hv.tracking_status(vm_id).epoch
+    assert epoch is not None
+    assert paths.next_log(epoch, "d0").exists()   # made ahead at the release
+    in_hold: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if rt.vm._hold is not None:
+            in_hold.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    for i in range(3):
+        rt.vm.write("d0", i * GRANULE, b"w" * 10)
+        rt.vm.hold(f"b{i}", 5.0)
+        rec = rt.vm.seal_held(f"b{i}")
+        assert rec["barrier"]["held"]
+        assert json.loads(paths.cycle_file(epoch).read_text())["cycle_id"] == rec["cycle_id"]
+        for d, names in rec["logs"].items():
+            c = load_log(paths.epoch_dir(epoch) / names[-1])
+            assert c.trusted and c.state is LogState.CLEAN, (d, c)
+        assert rt.vm.release(rec["cycle_id"])
+    monkeypatch.undo()
+    assert in_hold == []
+    c = hv.seal(vm_id)
+    assert c.trusted and c.changed["d0"].to_pairs() == []
+    hv.release(c)
+    hv.power_off(vm_id)
+
+
+def test_a_guest_killed_between_the_instant_and_the_commit(hv: FileHypervisor) -> None:
+    """The seal's logs are renamed, not yet closed, and writes went on into the new logs: a
+    process crash (same boot) finds no cycle, carries the sealed logs (open, of this boot:
+    trusted after validation) into the next seal with what was written since; a host crash
+    (another boot) distrusts them (a resync)."""
+    for host_crash in (False, True):
+        vm_id = make(hv, name=f"k{int(host_crash)}")
+        hv.start_tracking(vm_id)
+        rt = hv.guest(vm_id)
+        base(hv, vm_id)
+        rt.vm.write("d0", 10, b"a")
+        rec = _instant_only(rt.vm)
+        rt.vm.write("d0", 2 * GRANULE, b"b")   # after the instant: in the new active log
+        rt.vm.crash()
+        paths = VmPaths(hv.vm_dir(vm_id))
+        assert not paths.cycle_file(str(rec["epoch"])).exists()
+        vm = FileVm.open(hv.vm_dir(vm_id),
+                         boot_id=str(uuid.uuid4()) if host_crash else None)
+        try:
+            assert vm.cycle is None
+        finally:
+            vm.close()
+        c = hv.seal(vm_id)
+        assert c.cycle_id != rec["cycle_id"]
+        if host_crash:
+            assert not c.trusted
+        else:
+            assert c.trusted and c.changed["d0"].to_pairs() == [(10, 1), (2 * GRANULE, 1)]
+        hv.release(c)
+
+
+def test_next_logs_made_ahead_are_dropped_at_open_and_take_the_cap_in_force(
+        hv: FileHypervisor) -> None:
+    from drsite.tracking.changelog import HEADER_SIZE, RECORD_SIZE, cap_for_interval
+    vm_id = make(hv)
+    hv.start_tracking(vm_id)
+    rt = hv.guest(vm_id)
+    base(hv, vm_id)
+    paths = VmPaths(hv.vm_dir(vm_id))
+    epoch = hv.tracking_status(vm_id).epoch
+    assert epoch is not None and paths.next_log(epoch, "d0").exists()
+    cap = cap_for_interval(900)
+    hv.set_change_log_limit(vm_id, cap)   # after the next logs were made
+    rt.vm.write("d0", 0, b"x")
+    c = hv.seal(vm_id)
+    log = rt.vm.disks["d0"].log
+    assert log is not None and log.max_records == (cap - HEADER_SIZE) // RECORD_SIZE
+    hv.release(c)
+    assert paths.next_log(epoch, "d0").exists()
+    rt.vm.write("d0", 5, b"y")
+    rt.vm.crash()   # an active log and a next one: the next one goes at the open
+    vm = FileVm.open(hv.vm_dir(vm_id), role="driver")
+    try:
+        assert not paths.next_log(epoch, "d0").exists()
+    finally:
+        vm.close()
+    c = hv.seal(vm_id)
+    assert c.trusted and c.changed["d0"].to_pairs() == [(5, 1)]
+    hv.release(c)

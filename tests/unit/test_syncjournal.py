@@ -140,3 +140,70 @@ def test_coverage_says_why_not(tmp_path: Path) -> None:
     assert "ends at 55" in j.coverage(stream, 56).reason
     assert "restarted" in j.coverage(uuid.uuid4().hex, 52).reason
     assert "not sealed in synchronous mode" in j.coverage(None, None).reason
+
+
+def test_a_read_only_open_changes_nothing_and_stops_at_a_torn_tail(tmp_path: Path) -> None:
+    """Break-glass reads the journal beside the agent that may still append to it: a partial
+    last entry (being written) ends what it reads, nothing on disk changes, writes refuse."""
+    stream = uuid.uuid4().hex
+    assert SyncJournal.open_readonly(tmp_path / "none").coverage(stream, 0).reason == \
+        "the sync journal is empty"
+    assert not (tmp_path / "none").exists()  # not created
+    w = SyncJournal.open(tmp_path / "j")
+    w.begin(stream, 3)
+    for s in range(4, 9):
+        w.append(s, _payload(s))
+    w.sync()
+    seg = next((tmp_path / "j").glob("seg-*.j"))
+    size = seg.stat().st_size
+    # the writer is half-way through entry 9 (its head and part of its payload)
+    payload = _payload(9)
+    head = J._ENT_HEAD.pack(J._ENT_MAGIC, 9, len(payload), J._crc(9, payload))
+    with open(seg, "ab") as f:
+        f.write(head + payload[:50])
+    before = sorted((p.name, p.stat().st_size) for p in (tmp_path / "j").iterdir())
+    r = SyncJournal.open_readonly(tmp_path / "j")
+    assert r.readonly and r.stream == stream and r.last == 8 and r.cut_bytes > 0
+    assert r.coverage(stream, 5).ok and r.coverage(stream, 5).last == 8
+    assert [s for s, _ in r.entries_after(5)] == [6, 7, 8]
+    for call in (lambda: r.append(9, payload), lambda: r.begin(stream, 20),
+                 lambda: r.trim(stream, 8)):
+        with pytest.raises(Conflict, match="read-only"):
+            call()
+    r.close()
+    assert sorted((p.name, p.stat().st_size) for p in (tmp_path / "j").iterdir()) == before
+    assert seg.stat().st_size > size  # the torn tail is the writer's to cut, not the reader's
+    # a segment of another stream (a begin under way in the writer) ends the read, kept
+    (tmp_path / "j" / "seg-00000000000000ff.j").write_bytes(
+        J._SEG_HEAD.pack(J._SEG_MAGIC, uuid.uuid4().bytes, 255))
+    r2 = SyncJournal.open_readonly(tmp_path / "j")
+    assert r2.last == 8 and (tmp_path / "j" / "seg-00000000000000ff.j").exists()
+    r2.close()
+    w.close()
+
+
+def test_outlived_only_by_a_point_committed_after_the_run_and_not_of_its_stream() -> None:
+    s = uuid.uuid4().hex
+    run = {"stream": s, "base": 7, "after_point": "p000000000003"}
+    mark = {"stream": s, "seq": 9}
+    assert not J.outlived(run, "p000000000003", None)          # the point before the run
+    assert not J.outlived(run, "p000000000004", mark)          # sealed in the run: needed
+    assert J.outlived(run, "p000000000004", None)              # sealed with no mirror: async
+    assert J.outlived(run, "p000000000010", {"stream": uuid.uuid4().hex, "seq": 2})
+    assert not J.outlived(run, None, None)                     # no point at all
+    assert J.outlived({**run, "after_point": None}, "p000000000001", None)  # none before it
+    # a journal begun by an older agent does not say what came before it: never
+    assert not J.outlived({"stream": s, "base": 7}, "p000000000009", None)
+    assert not J.outlived(None, "p000000000009", None)
+
+
+def test_begin_records_what_the_run_began_after(tmp_path: Path) -> None:
+    s = uuid.uuid4().hex
+    j = SyncJournal.open(tmp_path / "j")
+    j.begin(s, 0)
+    assert "after_point" not in (J.journal_state(tmp_path / "j") or {})
+    j.begin(s, 4, after_point=None)
+    assert J.journal_state(tmp_path / "j") == {"stream": s, "base": 4, "after_point": None}
+    j.begin(s, 9, after_point="p000000000002")
+    assert (J.journal_state(tmp_path / "j") or {})["after_point"] == "p000000000002"
+    j.close()

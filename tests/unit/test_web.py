@@ -12,16 +12,16 @@ import pytest
 from tests.integration.test_vault_api import protect
 
 from drsite.vault.db.models import Drill, Item, Job, Point, Task
-from drsite.vault.testing import Harness, point, report, vm_info
+from drsite.vault.testing import Agent, Harness, point, report, vm_info
 from drsite.web import charts, fmt
 from drsite.web.routes import router as dashboard
 from drsite.web.session import COOKIE, csrf_for
 
 VMS = [vm_info("vm-1", "web1"), vm_info("vm-2", "db1")]
 PAGES = ["/ui", "/ui/vms", "/ui/jobs", "/ui/jobs?state=active", "/ui/alerts", "/ui/alerts?state=active",
-         "/ui/plans", "/ui/drills", "/ui/drills?plan=tier1"]
+         "/ui/plans", "/ui/drills", "/ui/drills?plan=tier1", "/ui/policies"]
 FRAGMENTS = ["/ui/f/overview", "/ui/f/vms", "/ui/f/jobs", "/ui/f/jobs?state=failed", "/ui/f/alerts",
-             "/ui/f/plans", "/ui/f/drills"]
+             "/ui/f/plans", "/ui/f/drills", "/ui/f/policies"]
 
 
 @pytest.fixture
@@ -42,6 +42,11 @@ def login(h: Harness, token: str) -> str:
 
 def populate(h: Harness) -> str:
     """Two sites, a protected VM with crash and app-consistent points; the item id."""
+    return populate_agent(h)[0]
+
+
+def populate_agent(h: Harness) -> tuple[str, Agent]:
+    """:func:`populate`, and the VM's host as the vault sees it."""
     h.site("prim")
     h.site("sec")
     a, b = h.register("prim", "hv1"), h.register("sec", "hv2")
@@ -57,7 +62,7 @@ def populate(h: Harness) -> str:
                                                      nbytes=1 << 20)]}])
         h.tick()
         h.clock.advance(30)
-    return item_id
+    return item_id, a
 
 
 def add_failed_job(h: Harness) -> str:
@@ -616,3 +621,47 @@ def test_an_operator_runs_a_drill_from_the_plan_page(h: Harness) -> None:
     assert "ghost is not protected" in empty and "disabled" in empty
     r = h.client.post("/ui/plans/empty/drill", data={"csrf": csrf}, follow_redirects=False)
     assert r.status_code == 409 and "ghost" in r.text
+
+
+def test_the_replication_mode_on_the_policies_and_item_pages_and_in_the_api(h: Harness) -> None:
+    """Asynchronous, then synchronous in sync, then suspended with the agent's reason, then
+    unknown while its agent is silent: the item's ``sync`` in the API, the VM page and the
+    policies page (counts per state, and the VMs not in sync) say the same."""
+    item_id, a = populate_agent(h)
+    login(h, h.admin)
+    assert h.ok("GET", f"/items/{item_id}")["sync"] == {
+        "mode": "async", "budget_ms": None, "state": None, "reason": None}
+    assert "asynchronous" in h.client.get("/ui/f/policies").text
+    h.ok("PUT", "/policies/p1", json={"frequency_s": 30, "rpo_threshold_s": 120,
+                                      "mode": "sync", "sync_budget_ms": 80})
+
+    def beat(issues: list[str]) -> None:
+        rep = report(item_id, "vm-1", "web1")
+        if issues:
+            rep["agent_issues"] = issues   # the agent's own lines (agent/heartbeat.py)
+        a.beat(vms=VMS, items=[{"item_id": item_id, "report": rep}])
+        h.tick()
+
+    beat([])
+    assert h.ok("GET", f"/items/{item_id}")["sync"] == {
+        "mode": "sync", "budget_ms": 80, "state": "in_sync", "reason": None}
+    page = h.client.get(f"/ui/f/items/{item_id}").text
+    assert re.search(r'id="sync-mode">synchronous .*80 ms.*<span class="badge ok">in sync</span>',
+                     page), page
+    pol = h.client.get("/ui/f/policies").text
+    assert re.search(r'id="policy-p1".*synchronous <span class="muted">\(budget 80 ms\)</span>'
+                     r'.*<span class="badge ok">in sync</span> 1', pol, re.S), pol
+    why = "the recovery agent did not acknowledge within 80 ms"
+    beat([f"sync mode suspended: {why}; writes replicate asynchronously until the next "
+          "recovery point"])
+    sync = h.ok("GET", f"/items/{item_id}")["sync"]
+    assert sync["state"] == "suspended" and sync["reason"].startswith(why), sync
+    page = h.client.get(f"/ui/f/items/{item_id}").text
+    assert '<span class="badge warn">suspended</span> ' + why in page
+    pol = h.client.get("/ui/f/policies").text
+    assert '<span class="badge warn">suspended</span> 1' in pol
+    assert f'href="/ui/items/{item_id}">web1</a>' in pol and why in pol
+    h.clock.advance(3600)   # the agent is silent: what it said last is not believed
+    sync = h.ok("GET", f"/items/{item_id}")["sync"]
+    assert sync == {"mode": "sync", "budget_ms": 80, "state": "unknown",
+                    "reason": "its agent does not report"}, sync

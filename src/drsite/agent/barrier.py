@@ -151,9 +151,13 @@ class BarrierCommands:
             log.info("command %s: the vault did not hear that the cut was taken: %s",
                      cmd.command_id, e)
 
-    def _samples(self, clock_id: str, until: float) -> list[ClockSample]:
+    def _samples(self, clock_id: str, until: float, cut_at: float, margin: float,
+                 took: float) -> list[ClockSample]:
         """Readings of the vault's cut clock, until one is good enough, ``CUT_SAMPLES`` were
-        taken or local monotonic time ``until`` comes."""
+        taken, local monotonic time ``until`` comes, or another round trip like the last
+        would end within one more of when the hold must be asked for (a better reading is
+        worth a few milliseconds of pause, not the cut: on a loaded host each reading takes
+        a scheduling round of its own)."""
         out: list[ClockSample] = []
         while len(out) < CUT_SAMPLES and time.monotonic() < until:
             try:
@@ -162,7 +166,13 @@ class BarrierCommands:
             except DrsiteError as e:
                 log.info("vault clock reading failed: %s", e)
                 break
-            if out[-1].clock_id == clock_id and out[-1].radius <= CUT_GOOD_S:
+            best = best_sample(out, clock_id, time.monotonic())
+            if best is None:
+                continue
+            if best.radius <= CUT_GOOD_S:
+                break
+            rtt = out[-1].received - out[-1].sent
+            if time.monotonic() + 2 * rtt > CutPlan(best, cut_at, margin).hold_at() - took:
                 break
         return out
 
@@ -178,18 +188,21 @@ class BarrierCommands:
         cut_at, margin = float(a["cut_at"]), float(a["margin_s"])
         hold_s = float(a["hold_s"])
         first = time.monotonic()
-        sample = best_sample(self._samples(clock_id, first + hold_s / 4), clock_id,
-                             time.monotonic())
+        took = min(min(self._hold_took.get(vm_id) or [0.0]), margin)
+        samples = self._samples(clock_id, first + hold_s / 4, cut_at, margin, took)
+        sampled = time.monotonic()
+        sample = best_sample(samples, clock_id, sampled)
         if sample is None:
             return f"no reading of the vault's cut clock {clock_id} (a vault on another machine?)"
         plan = CutPlan(sample, cut_at, margin)
         u = sample.uncertainty(plan.cut_local)
         if u > hold_s / 4:
             return f"clock uncertainty {u * 1000:.1f} ms is too large"
-        took = min(min(self._hold_took.get(vm_id) or [0.0]), margin)
         wait = plan.hold_at() - took - time.monotonic()
         if wait < 0:
-            return f"the cut came {-wait * 1000:.1f} ms too soon (command late)"
+            return (f"the cut came {-wait * 1000:.1f} ms too soon (command late: here "
+                    f"{(plan.cut_local - first) * 1000:.0f} ms before the cut, "
+                    f"{len(samples)} clock reading(s) took {(sampled - first) * 1000:.0f} ms)")
         time.sleep(wait)
         calling = time.monotonic()
         hv.hold(vm_id, bid, timeout_s=hold_s, app_consistent=bool(a.get("app_consistent")))

@@ -4,7 +4,8 @@ no vault answers (``drsite agent failover``), from the store's own catalogue.
 What it uses, all on this host: the recovery book (``recoverybook``: the item's VM
 configuration, sites and network map, the recovery plans), the store's access list (the
 item's point key: every point and generation record read must carry a valid MAC, as in a
-vault-run failover), the local store and the hydrated replica. It runs the failover library's
+vault-run failover), the local store, the hydrated replica and, for a synchronous item, its
+sync journal (read-only: the agent may still run beside it). It runs the failover library's
 ``unplanned_failover`` under the replica's lock, so the promotion (generation + 1, written
 with the MAC) is in the store *before* the recovery VM starts: the old primary's engine is
 fenced from then on, whoever tells it.
@@ -59,11 +60,13 @@ from drsite.fsutil import atomic_write_bytes, atomic_write_json, read_json
 from drsite.hypervisors.contract import HypervisorDriver
 from drsite.sitestore.acl import ACL_FILE, StoreAcl
 from drsite.sitestore.server import held_marker, replica_lock
+from drsite.sitestore.syncserver import journals_dir
 from drsite.store.auth import PointAuth
 from drsite.store.format import PointInfo, canonical_json
 from drsite.store.local.backend import LocalObjectStore
 from drsite.store.replica import ReplicaHydrator
 from drsite.store.repository import Repository
+from drsite.tracking.syncjournal import SyncJournal
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +303,12 @@ class BreakGlass:
         self.replicas = self.data_dir / "replicas"
         self.work_dir = self.data_dir / WORK_DIR
 
+    def _journal(self, item_id: str) -> SyncJournal | None:
+        """The item's sync journal on this host, read-only (None: the item never ran in
+        synchronous mode here)."""
+        path = journals_dir(self.data_dir) / item_id
+        return SyncJournal.open_readonly(path) if path.is_dir() else None
+
     def _check_user(self) -> None:
         """The records a failover writes (0600) must be the agent's: root (sudo) would write
         files the agent cannot read, so it would never report the failover to the vault."""
@@ -418,6 +427,7 @@ class BreakGlass:
             _save_record(self.data_dir, item_id, {**prev, "point": point})
         repo = Repository(self.store, item_id, auth=auth)
         replica_dir = self.replicas / item_id
+        journal: SyncJournal | None = None
         try:
             with replica_lock(replica_dir):
                 pi = actions.ProtectedItem(
@@ -429,9 +439,14 @@ class BreakGlass:
                 # again under the lock: a vault's failover command (the vault came back) may
                 # have held it and failed the item over while this run waited for it
                 _refuse_others(site, item_id, fid)
-                # the store service must not rebuild the replica behind the VM it moves into
+                # the store service must not rebuild the replica behind the VM it moves into;
+                # the agent's journal server acknowledges no write after it (syncserver)
                 marker = held_marker(self.replicas, item_id)
                 atomic_write_json(marker, {"held_by": "break-glass failover", "at": time.time()})
+                # a synchronous item: "latest" replays the writes acknowledged after the
+                # point's seal, read beside the agent that may still be appending
+                journal = self._journal(item_id)
+                pi.sync_journal = journal
                 try:
                     rec = actions.unplanned_failover(pi, point, failover_id=fid)
                 except DrsiteError:
@@ -441,6 +456,8 @@ class BreakGlass:
                     raise
         finally:
             repo.close()
+            if journal is not None:
+                journal.close()
         doc = dict(read_json(path))
         if doc.get("record") != rec.to_dict():
             doc.update(record=rec.to_dict(), reported=False)

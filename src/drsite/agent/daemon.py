@@ -132,6 +132,8 @@ class Agent:
                                        store_listen)
         # break-glass: what this store host would need of the vault to fail its items over
         self._book = RecoveryBook(self.data_dir / BOOK_FILE) if self._store is not None else None
+        if self._store is not None:
+            self._store.book = self._book   # the sync journals to keep
         self._store_url: str | None = None
         self.beats = Heartbeats(self, self._lock, store=self._store, book=self._book)
         self._store_advertised = store_url.rstrip("/") if store_url else None

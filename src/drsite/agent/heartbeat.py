@@ -238,8 +238,10 @@ class Heartbeats:
             raise
         self._beat_digests = self._pending_digests
         self._beats_since_full = 0 if full else self._beats_since_full + 1
-        storeacl.apply_reply(self.store, reply.store_acl)
+        # the book first: it names the sync journals to keep, and the list may admit a new
+        # item's writer (whose journal must not look like an unprotected item's)
         recoverybook.apply_reply(self.book, reply.recovery_book)
+        storeacl.apply_reply(self.store, reply.store_acl)
         breakglass.mark_reported(self.host.data_dir, reply.breakglass_ack)
         self._apply_ack(reply, sent)
         lanes = self.host.lanes

@@ -27,6 +27,7 @@ import threading
 from pathlib import Path
 
 from drsite import tlsutil
+from drsite.agent.recoverybook import RecoveryBook
 from drsite.agent.registration import AgentIdentity
 from drsite.core.errors import DrsiteError, InvalidInput, classify_os_error
 from drsite.core.model import validate_name
@@ -36,10 +37,11 @@ from drsite.sitestore.acl import ACL_FILE, StoreAcl
 from drsite.sitestore.audit import StoreAuditLog
 from drsite.sitestore.server import replica_held
 from drsite.sitestore.syncoverlay import OverlayServer
-from drsite.sitestore.syncserver import SyncServer
+from drsite.sitestore.syncserver import SyncServer, journals_dir
 from drsite.store.local.backend import LocalObjectStore
 from drsite.store.replica import ReplicaHydrator
 from drsite.store.repository import Repository
+from drsite.tracking.syncjournal import journal_state, outlived
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,8 @@ class StoreService:
         self.overlays = OverlayServer(self.replicas_dir.parent / "sync-overlays",
                                       identity.ca_file, identity.cert_file, identity.key_file,
                                       host=self.host or "127.0.0.1")
+        # the recovery book (the daemon's): which items' sync journals to keep
+        self.book: RecoveryBook | None = None
         self._self_client: SiteObjectStore | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -126,7 +130,7 @@ class StoreService:
         """The sync-journal server, on the port it had before a restart when that is free
         (``sync-journals/port.json``): the guests of primary hosts keep its address."""
         ident = self.identity
-        journals = self.replicas_dir.parent / "sync-journals"
+        journals = journals_dir(self.replicas_dir.parent)
         ctx = tlsutil.server_context(ident.cert_file, ident.key_file, ident.ca_file,
                                      client_cert="required")
         host = self.host or "127.0.0.1"
@@ -135,11 +139,14 @@ class StoreService:
         except (OSError, ValueError, AttributeError):
             old = 0
         try:
-            srv = SyncServer(journals, self.replicas_dir, ctx, self.acl, host=host, port=old)
+            srv = SyncServer(journals, self.replicas_dir, ctx, self.acl, host=host, port=old,
+                             latest_point=self._latest_point_id)
         except OSError:
             log.warning("sync-journal port %d is taken; primaries will be told a new one", old)
-            srv = SyncServer(journals, self.replicas_dir, ctx, self.acl, host=host)
+            srv = SyncServer(journals, self.replicas_dir, ctx, self.acl, host=host,
+                             latest_point=self._latest_point_id)
         srv.start()
+        srv.sweep()
         if srv.port != old:
             atomic_write_json(journals / "port.json", {"port": srv.port})
         return srv
@@ -184,6 +191,10 @@ class StoreService:
         if client is None:
             raise InvalidInput("the store server is not running")
         applied: dict[str, list[str]] = {}
+        try:
+            self.drop_journals()
+        except DrsiteError as e:
+            log.warning("deleting sync journals failed: %s", e)
         for item_id in self.item_ids():
             if self._stop.is_set():
                 break
@@ -204,9 +215,40 @@ class StoreService:
                     self._errors[item_id] = str(e)
         return applied
 
+    def _latest_point_id(self, item_id: str) -> str | None:
+        """The item's newest point in the store, by its listing (not authenticated: what a
+        journal run records as begun after, so a forged newer id only keeps it longer)."""
+        keys = list(self._store.list(f"items/{item_id}/points/"))
+        return keys[-1].rsplit("/", 1)[-1] if keys else None   # p%012d: sorted = seq order
+
+    def drop_journals(self) -> list[str]:
+        """Delete the sync journals no failover can need any more; the items whose journal
+        went. A journal goes when the recovery book lists the journals to keep
+        (``sync_journals``: the items of this store that are protected, being taken apart, or
+        in a failover not committed) and its item is not among them — unprotected, failed
+        over and committed, re-protected (a reverse item has an id, and a journal, of its
+        own). Without such a book (none yet, or an older vault) nothing goes here; the
+        asynchronous case is :meth:`_trim_journal`'s. Also finishes interrupted removals."""
+        sync, book = self.sync, self.book
+        if sync is None:
+            return []
+        sync.sweep()
+        keep = (book.doc or {}).get("sync_journals") if book is not None else None
+        if not isinstance(keep, list):
+            return []
+        kept = set(keep)
+        gone = [i for i in sync.journal_items() if i not in kept]
+        for item_id in gone:
+            sync.drop(item_id)
+            log.info("sync journal of %s deleted: the vault no longer protects the item to "
+                     "this site", item_id)
+        return gone
+
     def _trim_journal(self, item_id: str) -> None:
         """Drop the sync journal's segments, and the sync overlays of runs older than its run,
-        that the item's latest (authentic) point covers."""
+        that the item's latest (authentic) point covers; the whole journal once that point was
+        sealed after the journal's mirror ended (``syncjournal.outlived``: the item went
+        asynchronous)."""
         sync = self.sync
         if sync is None or replica_held(self.replicas_dir, item_id) or \
                 not (sync.has_journal(item_id) or self.overlays.item_dir(item_id).is_dir()):
@@ -221,7 +263,15 @@ class StoreService:
         if mark and self.overlays.trim(item_id, str(mark.get("stream"))):
             log.info("sync overlays of %s older than point %s's run dropped", item_id,
                      latest.point_id if latest else "?")
-        if mark and sync.has_journal(item_id):
+        if not sync.has_journal(item_id):
+            return
+        if latest is not None and outlived(journal_state(sync.journals / item_id),
+                                           latest.point_id, mark):
+            sync.drop(item_id)
+            log.info("sync journal of %s deleted: point %s was sealed after its mirror "
+                     "ended (asynchronous mode)", item_id, latest.point_id)
+            return
+        if mark:
             n = sync.journal(item_id).trim(str(mark.get("stream")), int(mark.get("seq", -1)))
             if n:
                 log.info("sync journal of %s: %d segment(s) covered by point %s dropped",

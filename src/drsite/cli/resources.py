@@ -243,8 +243,25 @@ def items_show(conn: Conn, item_id: str = ItemArg) -> None:
         show(it, [], title="", json_out=True)
         return
     show(item_rows([it]), [*ITEM_COLS, "lineage_id"], title=f"item {item_id}", json_out=False)
+    mode = sync_columns(it.get("sync"))
+    console.print(f"  mode: {mode['mode']}" + (f" · {mode['sync']}" if mode["sync"] != "-"
+                                                else ""), markup=False, highlight=False)
     for reason in it.get("health_reasons") or []:
         console.print(f"  [yellow]•[/] {reason}")
+
+
+def sync_columns(sync: dict[str, Any] | None) -> dict[str, str]:
+    """``mode`` ("sync, 50 ms budget" | "async") and ``sync`` (in sync | suspended: why |
+    unknown: why | -) of an item's ``sync`` (the vault's view; absent from older vaults):
+    a line under the item's table (a reason does not fit a column)."""
+    if not sync:
+        return {"mode": "-", "sync": "-"}
+    if sync.get("mode") != "sync":
+        return {"mode": str(sync.get("mode") or "async"), "sync": "-"}
+    state = str(sync.get("state") or "unknown").replace("_", " ")
+    reason = sync.get("reason")
+    return {"mode": f"sync, {sync.get('budget_ms')} ms budget",
+            "sync": f"{state}: {reason}" if reason else state}
 
 
 @vault_command(items, "history")

@@ -530,10 +530,17 @@ def _replay_sync_journal(item: ProtectedItem, p: PointInfo, images: dict[str, Pa
     j = item.sync_journal
     tail: SyncTail | None = JournalTail(j) if j is not None else item.sync_overlay
     rec = run.rec
-    if tail is None or run.done("journal"):
+    if run.done("journal"):
         return images, from_replica
     mark = p.meta.get("sync") or {}
     stream, seq = mark.get("stream"), mark.get("seq")
+    if tail is None:
+        if stream:  # sealed in synchronous mode, yet this host holds no journal or overlay
+            rec.notes.append(f"sync journal not replayed (this host holds no sync journal or "
+                             f"overlay of {item.item_id}): the VM holds point {p.point_id}; "
+                             "writes acknowledged after its seal are lost")
+            run.mark("journal")
+        return images, from_replica
     cov = tail.coverage(str(stream) if stream else None, int(seq) if seq is not None else None)
     if not cov.ok:
         what = "sync journal not replayed" if j is not None else "sync overlay not applied"

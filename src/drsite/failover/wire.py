@@ -79,7 +79,8 @@ def check_recovery_book(doc: Any) -> dict[str, Any]:
     """Validate a recovery book's shape (``InvalidInput`` naming what is wrong):
     ``{"format": 1, "site", "items": {ITEM: {"vm_id", "vm_name", "vm_spec", "source_site",
     "recovery_site", "network_map"}}, "plans": {NAME: {"groups": [{"name", "items": [ITEM]}],
-    "actions": [str]}}}``."""
+    "actions": [str]}}, "sync_journals": [ITEM]}`` (the last optional: from vaults that
+    delete sync journals)."""
     if not isinstance(doc, dict) or doc.get("format") != BOOK_FORMAT:
         raise InvalidInput("recovery book: not an object of format 1")
     items, plans = doc.get("items"), doc.get("plans")
@@ -94,6 +95,10 @@ def check_recovery_book(doc: Any) -> dict[str, Any]:
                 raise InvalidInput(f"recovery book: item {item_id} lacks {key!r}")
         vm_spec_from_dict(dict(entry.get("vm_spec") or {}))
         network_map_from_args(entry.get("network_map"))
+    journals = doc.get("sync_journals")
+    if journals is not None and not (isinstance(journals, list)
+                                     and all(isinstance(i, str) for i in journals)):
+        raise InvalidInput("recovery book: 'sync_journals' must be a list of item ids")
     for name, plan in plans.items():
         groups = plan.get("groups") if isinstance(plan, dict) else None
         if not isinstance(groups, list) or not all(

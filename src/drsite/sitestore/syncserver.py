@@ -10,20 +10,36 @@ after one ``fdatasync`` for every entry read so far (group commit: at queue dept
 entries share one flush). A newer connection for an item replaces the older one (the mirror
 began a new run).
 
-Responsible for: connections, authorization, appending and acknowledging. Not responsible for:
-trimming (the store agent, after points commit) or replay (failover).
+A journal is deleted with :meth:`SyncServer.drop` (crash-safe: renamed aside under
+``.dropped-*``, then removed; :meth:`SyncServer.sweep` finishes an interrupted removal).
+
+Responsible for: connections, authorization, appending and acknowledging, removing a journal.
+Not responsible for: trimming or deciding when a journal goes (the store agent), or replay
+(failover).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import secrets
+import shutil
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
-from drsite.core.errors import DrsiteError, Forbidden, InvalidInput, NetworkError
+from drsite.core.errors import (
+    Conflict,
+    DrsiteError,
+    Forbidden,
+    InvalidInput,
+    NetworkError,
+    classify_os_error,
+)
 from drsite.core.model import validate_name
+from drsite.fsutil import fsync_dir
 from drsite.pki import cert_identity
 from drsite.sitestore.acl import Authorizer
 from drsite.sitestore.server import replica_held
@@ -32,14 +48,25 @@ from drsite.tracking.syncjournal import SyncJournal
 
 log = logging.getLogger(__name__)
 HELLO_TIMEOUT_S = 10.0
+JOURNALS_DIR = "sync-journals"   # DATA/sync-journals/<item>/: beside DATA/replicas/
+DROPPED = ".dropped-"            # a journal being removed (renamed aside first)
+
+
+def journals_dir(data_dir: Path) -> Path:
+    """Where an agent whose data directory is ``data_dir`` keeps its sync journals."""
+    return Path(data_dir) / JOURNALS_DIR
 
 
 class SyncServer:
     """Serves the sync journals under ``journals/<item>/`` (see module doc)."""
 
     def __init__(self, journals: Path, replicas: Path, context: ssl.SSLContext,
-                 acl: Authorizer, *, host: str = "127.0.0.1", port: int = 0) -> None:
+                 acl: Authorizer, *, host: str = "127.0.0.1", port: int = 0,
+                 latest_point: Callable[[str], str | None] | None = None) -> None:
         self.journals = Path(journals)
+        # the item's newest committed point id (None: none), recorded when a run begins
+        # (``SyncJournal.begin``'s ``after_point``); None: not recorded
+        self.latest_point = latest_point
         self.replicas = Path(replicas)
         self.context = context
         self.acl = acl
@@ -82,6 +109,58 @@ class SyncServer:
 
     def has_journal(self, item_id: str) -> bool:
         return (self.journals / validate_name("item", item_id)).is_dir()
+
+    def journal_items(self) -> list[str]:
+        """Items that have a journal directory here."""
+        try:
+            names = sorted(p.name for p in self.journals.iterdir() if p.is_dir())
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise classify_os_error(e, f"sync journals {self.journals}") from e
+        out: list[str] = []
+        for n in names:
+            try:
+                out.append(validate_name("item", n))
+            except InvalidInput:
+                continue
+        return out
+
+    def drop(self, item_id: str) -> bool:
+        """Delete the item's journal, closing its connection: renamed aside (one atomic
+        step: from then on the item has no journal, a new run starts a new one), then
+        removed (:meth:`sweep`). Whether there was one."""
+        path = self.journals / validate_name("item", item_id)
+        with self._lock:
+            s = self._active.pop(item_id, None)
+            j = self._open.pop(item_id, None)
+            try:
+                if path.is_dir():
+                    os.replace(path, self.journals / f"{DROPPED}{item_id}-{secrets.token_hex(4)}")
+                    fsync_dir(self.journals)
+                    existed = True
+                else:
+                    existed = False
+            except OSError as e:
+                raise classify_os_error(e, f"sync journal {path}") from e
+        if s is not None:
+            _shutdown_raw(s)
+        if j is not None:
+            j.close()
+        self.sweep()
+        return existed
+
+    def sweep(self) -> int:
+        """Finish removals a crash interrupted (every ``.dropped-*`` directory); how many."""
+        try:
+            gone = [p for p in self.journals.iterdir() if p.name.startswith(DROPPED)]
+        except FileNotFoundError:
+            return 0
+        except OSError as e:
+            raise classify_os_error(e, f"sync journals {self.journals}") from e
+        for p in gone:
+            shutil.rmtree(p, ignore_errors=True)
+        return len(gone)
 
     def disconnect(self, item_id: str) -> None:
         """Close the item's connection (a failover takes the journal over)."""
@@ -144,16 +223,22 @@ class SyncServer:
             raise InvalidInput(f"malformed sync hello: {e}") from None
         self.acl.authorize(ident, "put", item_id, f"sync journal of {item_id}")
         journal = self.journal(item_id)
+        after: str | bool | None = False
+        if self.latest_point is not None:
+            after = self.latest_point(item_id)
         # the held check, the new run and its registration are one step under the lock:
         # a failover writes the held marker, then disconnect()s (which takes the lock)
         with self._lock:
             if replica_held(self.replicas, item_id):
                 raise Forbidden(f"item {item_id} failed over on this site: its sync journal "
                                 "is closed")
+            if self._open.get(item_id) is not journal:
+                raise Conflict(f"the sync journal of {item_id} was removed meanwhile; the "
+                               "next seal begins a new one")
             old = self._active.pop(item_id, None)
             if old is not None:
                 _shutdown_raw(old)  # the mirror began a new run: the old connection is over
-            journal.begin(stream, base)
+            journal.begin(stream, base, after_point=after)
             self._active[item_id] = sock
         log.info("sync journal of %s begins at %d (stream %s, from %s)", item_id, base,
                  stream[:8], ident.common_name)
@@ -169,6 +254,12 @@ class SyncServer:
                 if self._active.get(item_id) is not sock:
                     raise NetworkError("replaced by a newer sync connection")
             journal.sync()
+            # after the flush, before the ack: a failover in another process (break-glass)
+            # writes the held marker, then reads the journal, so every entry acknowledged
+            # here was durable before it read
+            if replica_held(self.replicas, item_id):
+                raise Forbidden(f"item {item_id} failed over on this site: its sync journal "
+                                "is closed")
             sock.sendall(W.ack_frame(last))
 
     @staticmethod

@@ -416,6 +416,10 @@ class ChangeLog:
         self.records += n
         self._dirty = True
 
+    def set_max_bytes(self, max_bytes: int) -> None:
+        """The cap from now on (a log made ahead of its use takes the one in force then)."""
+        self.max_records = max(0, (max_bytes - HEADER_SIZE) // RECORD_SIZE)
+
     def flush(self) -> None:
         """fsync the log (the guest's flush does this before fsyncing the disk)."""
         if self._dirty and self._fd >= 0:
@@ -451,6 +455,18 @@ class ChangeLog:
         except OSError as e:
             raise classify_os_error(e, f"change log {self.path}") from e
         self.path = sealed_path
+
+    def move(self, path: Path) -> None:
+        """Rename the log to ``path``, still open and not durable: a seal's instant, whose
+        :meth:`close` (records, then the CLEAN header, fsynced) and the directory's fsync come
+        after, before the seal's commit point. A process crash meanwhile leaves an OPEN log
+        of this boot (trusted after validation); a host crash, one of another boot
+        (untrusted)."""
+        try:
+            os.replace(self.path, path)
+        except OSError as e:
+            raise classify_os_error(e, f"change log {self.path}") from e
+        self.path = path
 
     def rotate(self, sealed_path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> ChangeLog:
         """:meth:`seal` this log and return a new empty log at the old path."""

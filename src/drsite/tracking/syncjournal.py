@@ -123,6 +123,7 @@ class SyncJournal:
         self._segs: list[_Segment] = []
         self.cut_bytes = 0          # bytes of a torn tail cut off at open
         self._dirty = False
+        self.readonly = False       # opened by :meth:`open_readonly`
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
@@ -138,18 +139,40 @@ class SyncJournal:
             raise classify_os_error(e, f"sync journal {directory}") from e
         return j
 
+    @classmethod
+    def open_readonly(cls, directory: Path) -> SyncJournal:
+        """Open for reading only, changing nothing on disk: what another process (the agent's
+        journal server) may still be appending to. A torn or non-contiguous tail, or a
+        segment the state does not name, ends the entries read (as :meth:`open` would cut
+        there); :meth:`begin`, :meth:`append` and :meth:`trim` refuse. For break-glass
+        failover, which runs beside the agent (``agent/breakglass.py``)."""
+        j = cls(directory)
+        j.readonly = True
+        try:
+            j._load()
+        except OSError as e:
+            j.close()
+            raise classify_os_error(e, f"sync journal {directory}") from e
+        return j
+
     def _load(self) -> None:
         state = journal_state(self.dir)
         files = sorted(self.dir.glob("seg-*.j"))
         if not isinstance(state, dict) or "stream" not in state:
-            for f in files:
-                f.unlink()
+            if not self.readonly:
+                for f in files:
+                    f.unlink()
             return
         stream, base = str(state["stream"]), int(state["base"])
         sid = uuid.UUID(stream).bytes
         expect: int | None = None
         for f in files:
-            fd = os.open(f, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                fd = os.open(f, (os.O_RDONLY if self.readonly else os.O_RDWR) | os.O_CLOEXEC)
+            except FileNotFoundError:
+                if self.readonly and expect is None:
+                    continue   # trimmed by the writer since the listing
+                raise
             head = os.pread(fd, _SEG_HEAD.size, 0)
             ok = len(head) == _SEG_HEAD.size
             if ok:
@@ -158,20 +181,24 @@ class SyncJournal:
                     (expect is None or seg_base == expect)
             if not ok:  # another stream, or not following: this and every later one go
                 os.close(fd)
-                for g in files[files.index(f):]:
-                    g.unlink(missing_ok=True)
+                if not self.readonly:
+                    for g in files[files.index(f):]:
+                        g.unlink(missing_ok=True)
                 break
             size, last = self._scan(fd, seg_base)
             self._segs.append(_Segment(f, seg_base, fd, size, last))
             expect = last
             if size < os.fstat(fd).st_size:  # torn or foreign tail: cut it (and what follows)
                 self.cut_bytes += os.fstat(fd).st_size - size
-                os.ftruncate(fd, size)
-                os.fsync(fd)
-                for g in files[files.index(f) + 1:]:
-                    g.unlink(missing_ok=True)
+                if not self.readonly:
+                    os.ftruncate(fd, size)
+                    os.fsync(fd)
+                    for g in files[files.index(f) + 1:]:
+                        g.unlink(missing_ok=True)
                 break
         self.stream = stream
+        if self.readonly:
+            return
         if not self._segs:
             self._new_segment(base)
         fsync_dir(self.dir)
@@ -244,17 +271,27 @@ class SyncJournal:
             return Coverage(True, last)
 
     # -- writing ------------------------------------------------------------------------------
-    def begin(self, stream: str, base: int) -> None:
+    def _writable(self) -> None:
+        if self.readonly:
+            raise Conflict(f"sync journal {self.dir} was opened read-only")
+
+    def begin(self, stream: str, base: int, *, after_point: str | bool | None = False) -> None:
         """Start the journal over for ``stream`` at seal instant ``base`` (the previous
         entries are dropped: a journal is one contiguous run). Idempotent for the same
-        (stream, base) when nothing was appended yet."""
+        (stream, base) when nothing was appended yet. ``after_point``: the item's newest
+        committed point as this run begins (None: none), kept in ``journal.json`` for
+        :func:`outlived` (False: not known, not kept)."""
         uuid.UUID(stream)  # validated
+        self._writable()
+        state: dict[str, Any] = {"stream": stream, "base": base}
+        if after_point is not False:
+            state["after_point"] = after_point
         with self._lock:
             try:
                 if (self.stream == stream and len(self._segs) == 1
                         and self._segs[0].base == base and self._segs[0].last == base):
                     return
-                atomic_write_json(self.dir / STATE, {"stream": stream, "base": base})
+                atomic_write_json(self.dir / STATE, state)
                 for s in self._segs:
                     os.close(s.fd)
                     s.path.unlink(missing_ok=True)
@@ -268,6 +305,7 @@ class SyncJournal:
         """Append entry ``seq`` (must be ``last + 1``); durable after :meth:`sync`."""
         if len(payload) > MAX_ENTRY:
             raise InvalidInput(f"sync journal entry of {len(payload)} bytes exceeds {MAX_ENTRY}")
+        self._writable()
         with self._lock:
             if not self._segs:
                 raise Conflict("the sync journal was not begun")
@@ -304,6 +342,7 @@ class SyncJournal:
     def trim(self, stream: str | None, mark: int | None) -> int:
         """A point sealed at ``(stream, mark)`` is committed: delete the segments all of
         whose entries it covers (never the last one). Returns how many were deleted."""
+        self._writable()
         with self._lock:
             if stream is None or mark is None or stream != self.stream:
                 return 0
@@ -355,6 +394,21 @@ def journal_state(directory: Path) -> dict[str, Any] | None:
     return raw if isinstance(raw, dict) else None
 
 
+def outlived(state: dict[str, Any] | None, latest_id: str | None,
+             latest_mark: dict[str, Any] | None) -> bool:
+    """Whether a journal (its ``journal.json`` ``state``) can no longer serve any failover,
+    given the item's newest committed point (``latest_id``, its ``sync`` mark): only a
+    failover to "latest" replays, and only when that point was sealed in the journal's stream.
+    A point committed after the run began (``after_point``) that is not of the stream was
+    sealed after the stream's mirror ended (a VM seals one cycle at a time, and a mirror
+    marks every seal while it lives): mode asynchronous, or a new mirror whose own run
+    replaces this one. Never for a journal that does not record ``after_point``."""
+    if not isinstance(state, dict) or "after_point" not in state or latest_id is None:
+        return False
+    after = state["after_point"]
+    if after is not None and latest_id <= str(after):   # p%012d: ordered as strings
+        return False
+    return (latest_mark or {}).get("stream") != state.get("stream")
 
 
 def replay(journal: SyncJournal, mark: int, images: dict[str, Path]) -> tuple[int, int]:

@@ -6,7 +6,8 @@ replicates to that site's agent store and is protected (or was in the middle of 
 with what an unplanned failover needs of the vault — the VM's configuration as last reported,
 the source and recovery sites' names, the network map between them — and every recovery plan,
 its groups narrowed to those items. The point keys are not in it: they are in the store's access
-list already (``storeacl``).
+list already (``storeacl``). ``sync_journals`` lists the items whose sync journals the store
+host keeps (those a failover may still replay); it deletes the others.
 
 It goes in the heartbeat reply when the agent's ``recovery_book_digest`` differs (so an
 unchanged book costs nothing but the digest), and the agent keeps it in a 0600 file.
@@ -24,7 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from drsite.core.errors import InvalidInput
-from drsite.core.states import ItemProtection
+from drsite.core.states import LIVE_ITEM_STATUSES, ItemProtection
 from drsite.failover.wire import BOOK_FORMAT, recovery_book_digest, vm_spec_from_dict
 from drsite.vault.db.models import Host, Item, NetworkMapping, RecoveryPlan, Site, Vm
 from drsite.vault.storeacl import serves_store, site_store_items
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 # what break-glass may fail over: protected items, and those a failover was running on when
 # the vault was lost (the agent resumes or finishes it)
 BOOK_STATUSES = frozenset({ItemProtection.PROTECTED, ItemProtection.FAILING_OVER})
+# whose sync journals the store host keeps: a failover may still replay them (the others'
+# are deleted there: unprotected, committed, re-protected; see the agent's storeservice)
+JOURNAL_STATUSES = LIVE_ITEM_STATUSES | {ItemProtection.FAILING_OVER, ItemProtection.FAILED_OVER}
 
 
 def _vm_spec(vm: Vm | None, item: Item) -> dict[str, Any] | None:
@@ -69,7 +73,8 @@ def book(s: Session, host: Host) -> dict[str, Any]:
     """The recovery book of the store ``host`` serves (format: ``failover.wire``). A fixed
     number of queries, whatever the number of items (it is built at every heartbeat)."""
     sites = {st.id: st.name for st in s.scalars(select(Site))}
-    todo = [it for it in site_store_items(s, host.site_id) if it.status in BOOK_STATUSES]
+    every = site_store_items(s, host.site_id)
+    todo = [it for it in every if it.status in BOOK_STATUSES]
     src_ids = sorted({it.host_id for it in todo})
     hosts = {h.id: h for h in s.scalars(select(Host).where(Host.id.in_(src_ids)))} if todo else {}
     vms = {(v.host_id, v.vm_id): v for v in s.scalars(
@@ -104,7 +109,8 @@ def book(s: Session, host: Host) -> dict[str, Any]:
         if groups:
             plans[p.name] = {"groups": groups, "actions": actions}
     return {"format": BOOK_FORMAT, "site": sites.get(host.site_id, str(host.site_id)),
-            "items": items, "plans": plans}
+            "items": items, "plans": plans,
+            "sync_journals": sorted(it.id for it in every if it.status in JOURNAL_STATUSES)}
 
 
 def reply_fields(s: Session, host: Host, agent_digest: str | None) -> dict[str, Any]:

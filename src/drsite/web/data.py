@@ -24,7 +24,7 @@ from sqlalchemy import func, select
 
 from drsite.core.actions import PLAN_ACTIONS
 from drsite.core.errors import DrsiteError, NotFound
-from drsite.core.states import JobState, TaskState
+from drsite.core.states import LIVE_ITEM_STATUSES, JobState, TaskState
 from drsite.vault import recovery_plans
 from drsite.vault.api import audit as audit_api
 from drsite.vault.api import drills as drills_api
@@ -33,9 +33,10 @@ from drsite.vault.api import history as history_api
 from drsite.vault.api import inventory, operations, protection
 from drsite.vault.api.deps import Principal
 from drsite.vault.api.schemas import VerifyIn
-from drsite.vault.api.views import failover_view, job_view
+from drsite.vault.api.views import failover_view, job_view, sync_view
 from drsite.vault.context import Vault
-from drsite.vault.db.models import Event, Failover, Item, Job, Point
+from drsite.vault.db.models import Event, Failover, Group, Host, Item, Job, Point, Policy
+from drsite.vault.health import agent_up
 from drsite.vault.jobs import create, item_actions
 from drsite.vault.jobs.registry import HANDLERS
 from drsite.vault.membership import items_by_vm
@@ -516,6 +517,42 @@ def host(vault: Vault, user: WebUser, host_id: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------- recovery plans
+
+def policies(vault: Vault, user: WebUser) -> dict[str, Any]:
+    """Every policy as the API shows it, with the groups that use it, how many VMs it
+    protects and, for a synchronous one, how many are in sync, suspended or unknown
+    (``sync_counts``) and the VMs that are not in sync (``suspended``: id, VM, state,
+    reason), as each item's ``sync`` says (``views.sync_view``)."""
+    rows = protection.list_policies(vault, principal(user))
+    now = vault.settings.clock.now()
+    with vault.db.read() as s:
+        by_id = {p.id: p for p in s.scalars(select(Policy))}
+        groups: dict[int, list[str]] = {}
+        for g in s.scalars(select(Group).order_by(Group.name)):
+            if g.policy_id is not None:
+                groups.setdefault(g.policy_id, []).append(g.name)
+        hosts = {h.id: h for h in s.scalars(select(Host))}
+        counted: dict[int | None, list[tuple[str, str, dict[str, Any]]]] = {}
+        for item, pid in s.execute(select(Item, Group.policy_id)
+                                   .join(Group, Group.id == Item.group_id)
+                                   .where(Item.status.in_(sorted(LIVE_ITEM_STATUSES)))
+                                   .order_by(Item.vm_name, Item.id)):
+            pol = by_id.get(pid) if pid is not None else None
+            up = agent_up(hosts.get(item.host_id), now, vault.settings)
+            counted.setdefault(pid, []).append((item.id, item.vm_name,
+                                                sync_view(item, pol, up)))
+        ids = {p.name: pid for pid, p in by_id.items()}
+    for r in rows:
+        pid = ids.get(r["name"])
+        mine = counted.get(pid, []) if pid is not None else []
+        r["groups"] = groups.get(pid, []) if pid is not None else []
+        r["n_vms"] = len(mine)
+        states = [v["state"] for _, _, v in mine]
+        r["sync_counts"] = {k: states.count(k) for k in ("in_sync", "suspended", "unknown")}
+        r["suspended"] = [{"id": i, "vm_name": n, "state": v["state"], "reason": v["reason"]}
+                          for i, n, v in mine if v["state"] in ("suspended", "unknown")][:20]
+    return {"policies": rows}
+
 
 def plans(vault: Vault) -> list[dict[str, Any]]:
     with vault.db.read() as s:

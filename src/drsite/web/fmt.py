@@ -94,7 +94,9 @@ STATE_CLASSES: dict[str, str] = {
     ItemState.RESYNCING: "run", ItemProtection.ENABLING: "run", ItemState.RESYNC_REQUIRED: "warn",
     ItemProtection.FAILING_OVER: "run", ItemProtection.FAILED_OVER: "warn",
     NOT_PROTECTED: "warn", ItemState.CRITICAL: "crit",
-    "passed": "ok"}  # a drill (running and failed are the job states' words)
+    "passed": "ok",  # a drill (running and failed are the job states' words)
+    # synchronous mode (the item's ``sync.state``)
+    "in_sync": "ok", "suspended": "warn", "unknown": "muted"}
 
 
 def badge(value: Any, kind: str = "state") -> Markup:

@@ -25,7 +25,8 @@ POLL = "every 2s"
 MAX_FORM_BYTES = 16 * 1024
 NAV = (("overview", "/ui", "Overview"), ("vms", "/ui/vms", "VMs"),
        ("jobs", "/ui/jobs", "Jobs"), ("plans", "/ui/plans", "Plans"),
-       ("drills", "/ui/drills", "Drills"), ("alerts", "/ui/alerts", "Alerts"),
+       ("drills", "/ui/drills", "Drills"), ("policies", "/ui/policies", "Policies"),
+       ("alerts", "/ui/alerts", "Alerts"),
        ("sites", "/ui/sites", "Sites"), ("events", "/ui/events", "Events"))
 ADMIN_NAV = (("audit", "/ui/audit", "Audit"),)  # shown to admins only (the page is admin only)
 

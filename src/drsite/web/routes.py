@@ -180,6 +180,7 @@ _page_and_fragment("/ui/sites", "sites", "sites", lambda r: data.sites)
 _page_and_fragment("/ui/audit", "audit", "audit", _audit)
 _page_and_fragment("/ui/drills", "drills", "drills", _drills)
 _page_and_fragment("/ui/plans", "plans", "plans", lambda r: lambda v, u: {"plans": data.plans(v)})
+_page_and_fragment("/ui/policies", "policies", "policies", lambda r: data.policies)
 
 
 def _item(request: Request, item_id: str) -> Build:

@@ -34,6 +34,7 @@ import numpy as np
 from drsite.core.errors import (
     Busy,
     Conflict,
+    DrsiteError,
     InvalidInput,
     PermanentError,
     TrackingLost,
@@ -115,6 +116,11 @@ class FileVm:
         self.recovery_notes: list[str] = []
         self.unclean_previous = False
         self.host_crashed = False
+        # the next seal's logs, made ahead outside the I/O lock (``_prepare_next_logs``), so
+        # a seal's window (writes wait; a barrier's hold) has no log creation in it
+        self._next_lock = threading.Lock()
+        self._next_ready: tuple[str, dict[str, ChangeLog]] | None = None
+        self._sealing: list[ChangeLog] = []  # the logs a seal sealed, closed at its commit
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
@@ -140,6 +146,7 @@ class FileVm:
         except BaseException:
             vm._release_fds()
             raise
+        vm._prepare_next_logs()
         return vm
 
     def _recover_and_open(self) -> None:
@@ -478,10 +485,11 @@ class FileVm:
             elif app_consistent:
                 notes.append("held without the freeze hook: crash-consistent")
             try:
-                record = self._seal(consistency, notes,
-                                    barrier={"id": barrier_id, "held": h is not None})
+                record = self._seal_locked(consistency, notes,
+                                           barrier={"id": barrier_id, "held": h is not None})
             finally:
                 paused = self._end_hold_locked(h) if h is not None else 0.0
+        self._commit_seal(record)   # writes flow again meanwhile
         if h is not None:
             self._after_hold(h)
         return {**record, "barrier": {"id": barrier_id, "held": h is not None,
@@ -552,7 +560,8 @@ class FileVm:
                 disk.dirty = bytearray(len(disk.dirty))
             self.epoch, self.cycle = new, None
             self._drop_other_epochs(new)
-            return new
+        self._prepare_next_logs()
+        return new
 
     def seal(self, *, app_consistent: bool = False, run_hooks: bool = True) -> dict[str, Any]:
         """Rotate every disk's log at one instant and start copy-before-write for the view.
@@ -587,12 +596,22 @@ class FileVm:
                     raise
             finally:
                 self.thaw()
-        with self._io_lock:
-            return self._seal(consistency, notes)
+        return self._seal(consistency, notes)
 
     def _seal(self, consistency: Consistency, notes: list[str],
-              on_sealed: Callable[[], str | None] | None = None,
-              barrier: dict[str, Any] | None = None) -> dict[str, Any]:
+              on_sealed: Callable[[], str | None] | None = None) -> dict[str, Any]:
+        """Seal (:meth:`_seal_locked` under the I/O lock), then commit it (:meth:`_commit_seal`,
+        after the lock: writes flow again)."""
+        with self._io_lock:
+            record = self._seal_locked(consistency, notes, on_sealed)
+        self._commit_seal(record)
+        return record
+
+    def _seal_locked(self, consistency: Consistency, notes: list[str],
+                     on_sealed: Callable[[], str | None] | None = None,
+                     barrier: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The seal's instant (the caller holds the I/O lock): every disk's log rotated, the
+        frozen view started, ``self.cycle`` set; not yet durable (:meth:`_commit_seal`)."""
         with self._io_lock:
             self._check_open()
             if self.epoch is None:
@@ -608,49 +627,64 @@ class FileVm:
             # the cycle is "full" (changed = whole disks, frozen view over whole disks).
             full = not bool((read_record(p.epoch_state(epoch)) or {}).get("base_released"))
             # 1. the next logs exist (durably) before the old ones are sealed: a crash in between
-            #    never leaves a disk without an active log (see _open_active_log)
-            nxt = {d.disk_id: ChangeLog.create(p.next_log(epoch, d.disk_id), epoch=epoch,
-                                               disk_id=d.disk_id, max_bytes=self._log_cap(),
-                                               boot_id=self.boot_id)
-                   for d in self.disks.values()}
+            #    never leaves a disk without an active log (see _open_active_log); made ahead
+            #    of the seal when they could be
+            nxt = self._take_next_logs(epoch)
             trusted = True
             masks: dict[str, bytearray | None] = {}
             exact: dict[str, ExtentList] = {}
             logs: dict[str, list[str]] = {}
-            for disk in self.disks.values():
-                assert disk.log is not None
-                trusted &= disk.log.trusted
-                if not disk.log.trusted:
-                    notes.append(f"disk {disk.disk_id}: {disk.log.reason}")
-                mask = disk.dirty
-                names = []
-                for old in carried.get(disk.disk_id, []):
-                    c = load_log(old, boot_id=self.boot_id)
-                    if not c.trusted:
-                        trusted = False
-                        notes.append(f"disk {disk.disk_id}: {c.reason}")
-                    else:
-                        mask = bytearray(np.bitwise_or(np.frombuffer(mask, np.uint8),
-                                                       np.frombuffer(granule_mask(c.extents, disk.size),
-                                                                     np.uint8)).tobytes())
-                    names.append(old.name)
-                sealed = p.sealed_log(epoch, cid, disk.disk_id)
-                disk.log.seal(sealed)  # 2. fsync, mark clean, rename
-                names.append(sealed.name)
-                logs[disk.disk_id] = names
-                masks[disk.disk_id] = mask
-                if not full and trusted:  # the blocks the view will be read over, exactly
-                    ext = load_log(sealed, boot_id=self.boot_id).extents
+            moved: list[tuple[_Disk, Path]] = []   # (disk, its active log's path) moved
+            try:
+                for disk in self.disks.values():
+                    assert disk.log is not None
+                    trusted &= disk.log.trusted
+                    if not disk.log.trusted:
+                        notes.append(f"disk {disk.disk_id}: {disk.log.reason}")
+                    mask = disk.dirty
+                    names = []
                     for old in carried.get(disk.disk_id, []):
-                        ext = ext.union(load_log(old, boot_id=self.boot_id).extents)
-                    exact[disk.disk_id] = ext
-            for disk in self.disks.values():  # 3. promote the next logs
-                log_ = nxt[disk.disk_id]
-                os.replace(log_.path, p.active_log(epoch, disk.disk_id))
-                log_.path = p.active_log(epoch, disk.disk_id)
-                disk.log = log_
-                disk.dirty = bytearray(len(disk.dirty))
-            fsync_dir(p.epoch_dir(epoch))
+                        c = load_log(old, boot_id=self.boot_id)
+                        if not c.trusted:
+                            trusted = False
+                            notes.append(f"disk {disk.disk_id}: {c.reason}")
+                        else:
+                            mask = bytearray(np.bitwise_or(np.frombuffer(mask, np.uint8),
+                                                           np.frombuffer(granule_mask(c.extents, disk.size),
+                                                                         np.uint8)).tobytes())
+                        names.append(old.name)
+                    sealed = p.sealed_log(epoch, cid, disk.disk_id)
+                    # 2. renamed, still open: made durable and marked clean after the instant,
+                    #    before the commit point (_commit_seal)
+                    moved.append((disk, disk.log.path))
+                    disk.log.move(sealed)
+                    self._sealing.append(disk.log)
+                    names.append(sealed.name)
+                    logs[disk.disk_id] = names
+                    masks[disk.disk_id] = mask
+                    if not full and trusted:  # the blocks the view will be read over, exactly
+                        ext = load_log(sealed, boot_id=self.boot_id).extents
+                        for old in carried.get(disk.disk_id, []):
+                            ext = ext.union(load_log(old, boot_id=self.boot_id).extents)
+                        exact[disk.disk_id] = ext
+                for disk in self.disks.values():  # 3. promote the next logs (their directory's
+                    log_ = nxt[disk.disk_id]        #    fsync is the commit's)
+                    os.replace(log_.path, p.active_log(epoch, disk.disk_id))
+                    log_.path = p.active_log(epoch, disk.disk_id)
+                    disk.log = log_
+                    disk.dirty = bytearray(len(disk.dirty))
+            except BaseException:
+                # a failed seal: a log moved and not replaced goes back to where the disk's
+                # writes are logged; one replaced stays sealed, carried into the next seal
+                for disk, path in moved:
+                    if disk.log is not None and disk.log.path != path:
+                        with suppress(DrsiteError):
+                            disk.log.move(path)
+                for unused in [*self._sealing, *nxt.values()]:
+                    if all(d.log is not unused for d in self.disks.values()):
+                        unused.abandon()
+                self._sealing = []
+                raise
             record: dict[str, Any] = {
                 "cycle_id": cid, "vm_id": self.config.vm_id, "epoch": epoch,
                 "sealed_at": sealed_at, "consistency": consistency.value, "notes": notes,
@@ -671,9 +705,72 @@ class FileVm:
                 err = on_sealed()
                 if err:
                     notes.append(err)
-            write_record(p.cycle_file(epoch), record)  # 5. the commit point of the seal
             self.cycle = record
             return record
+
+    def _commit_seal(self, record: dict[str, Any]) -> None:
+        """5. The commit point of a seal, once writes flow again (called without the I/O
+        lock, so after a barrier's hold): until it is durable a crash leaves what a crash
+        before it always did — sealed logs no record owns (carried into the next seal) and
+        stale copy-before-write files (removed at the next open). Nothing else touches the
+        cycle before the seal returns: release() needs its id, a second seal is refused. A
+        failed write forgets the cycle (its logs are carried)."""
+        sealing, self._sealing = self._sealing, []
+        try:
+            for old in sealing:     # records fsynced, then the CLEAN header (fsynced)
+                old.close()
+            fsync_dir(self.paths.epoch_dir(record["epoch"]))   # the seal's renames
+            write_record(self.paths.cycle_file(record["epoch"]), record)
+        except BaseException:
+            for old in sealing:
+                old.abandon()
+            with self._io_lock:
+                if self.cycle is record:
+                    self.cycle = None
+                    for disk in self.disks.values():
+                        if disk.cbw is not None:
+                            disk.cbw.close(sync=False)
+                            disk.cbw = None
+            raise
+
+    def _take_next_logs(self, epoch: str) -> dict[str, ChangeLog]:
+        """The next seal's logs (caller holds the I/O lock): those made ahead for this epoch
+        and these disks, else new ones; durable either way. A log made ahead takes the cap in
+        force now."""
+        with self._next_lock:
+            ready, self._next_ready = self._next_ready, None
+            if ready is not None and ready[0] == epoch and set(ready[1]) == set(self.disks) \
+                    and all(log_.path.exists() for log_ in ready[1].values()):
+                cap = self._log_cap()
+                for log_ in ready[1].values():
+                    log_.set_max_bytes(cap)
+                return ready[1]
+            for log_ in (ready[1].values() if ready is not None else ()):
+                log_.abandon()   # its file is replaced below
+            return {d.disk_id: ChangeLog.create(self.paths.next_log(epoch, d.disk_id),
+                                                epoch=epoch, disk_id=d.disk_id,
+                                                max_bytes=self._log_cap(), boot_id=self.boot_id)
+                    for d in self.disks.values()}
+
+    def _prepare_next_logs(self) -> None:
+        """Make the next seal's logs now (a running guest, between cycles), outside the I/O
+        lock: writes go on meanwhile. A crash leaves an active log and a next one, which the
+        next open removes (``_open_active_log``). Best effort: a failure only means the seal
+        makes them itself."""
+        if self.role != "guest" or self.closed:
+            return
+        with self._next_lock:
+            epoch, disks = self.epoch, list(self.disks)
+            if epoch is None or self._next_ready is not None:
+                return
+            try:
+                logs = {d: ChangeLog.create(self.paths.next_log(epoch, d), epoch=epoch,
+                                            disk_id=d, max_bytes=self._log_cap(),
+                                            boot_id=self.boot_id) for d in disks}
+            except DrsiteError as e:
+                log.info("VM %s: next change logs not made ahead: %s", self.config.name, e)
+                return
+            self._next_ready = (epoch, logs)
 
     def release(self, cycle_id: str) -> bool:
         """Drop the frozen view and sealed logs of ``cycle_id``; False if it is not pending."""
@@ -689,7 +786,8 @@ class FileVm:
             if self.cycle.get("full"):  # after the commit point: a crash in between over-approximates
                 write_record(self.paths.epoch_state(self.cycle["epoch"]), {"base_released": True})
             self.cycle = None
-            return True
+        self._prepare_next_logs()   # the next seal's, while writes go on
+        return True
 
     def _delete_cycle(self, record: dict[str, Any], *, keep_logs: bool = False) -> None:
         """Forget a cycle; with ``keep_logs`` its sealed logs stay and are carried."""
@@ -763,6 +861,10 @@ class FileVm:
 
     def _release_fds(self) -> None:
         self.closed = True
+        with self._next_lock:
+            ready, self._next_ready = self._next_ready, None
+        for log_ in (ready[1].values() if ready is not None else ()):
+            log_.abandon()  # a stale next log is removed at the next open (_open_active_log)
         for disk in self.disks.values():
             if disk.cbw is not None:
                 disk.cbw.close(sync=False)

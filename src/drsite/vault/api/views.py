@@ -25,7 +25,7 @@ from drsite.vault.db.models import (
     Task,
     Vm,
 )
-from drsite.vault.health import agent_up, item_health
+from drsite.vault.health import SYNC_SUSPENDED, agent_up, item_health
 from drsite.vault.membership import normalise_match
 from drsite.vault.scheduler import item_policy
 from drsite.vault.scrub import Damage, damage_of
@@ -116,6 +116,32 @@ class PageLookups:
                    damage_of(s, [i.id for i in items]) if items else {})
 
 
+def sync_view(item: Item, policy: Policy | None, agent_is_up: bool) -> dict[str, Any]:
+    """The item's replication mode as its policy sets it: ``mode`` ("async" | "sync"), and in
+    synchronous mode the latency ``budget_ms`` and whether the item is at RPO 0: ``state``
+    ``in_sync``; ``suspended`` with the agent's ``reason`` (its report line, as the
+    ``sync_suspended`` alert says it); or ``unknown`` with why (not replicating, its agent
+    silent, no report yet). Asynchronous: ``budget_ms``, ``state`` and ``reason`` are None."""
+    mode = (policy.mode if policy is not None else None) or "async"
+    out: dict[str, Any] = {"mode": mode, "budget_ms": None, "state": None, "reason": None}
+    if mode != "sync" or policy is None:
+        return out
+    out["budget_ms"] = policy.sync_budget_ms
+    line = next((str(x) for x in (item.report or {}).get("agent_issues") or []
+                 if str(x).startswith(SYNC_SUSPENDED)), None)
+    if item.status not in LIVE_ITEM_STATUSES:
+        out.update(state="unknown", reason=f"the item is {item.status.replace('_', ' ')}")
+    elif not agent_is_up:
+        out.update(state="unknown", reason="its agent does not report")
+    elif not item.report:
+        out.update(state="unknown", reason="no report from its agent yet")
+    elif line is not None:
+        out.update(state="suspended", reason=line[len(SYNC_SUSPENDED):])
+    else:
+        out["state"] = "in_sync"
+    return out
+
+
 def item_view(s: Session, item: Item, now: float, settings: VaultSettings,
               page: PageLookups | None = None) -> dict[str, Any]:
     """One item as the API shows it; ``page``: what its page read once (:class:`PageLookups`),
@@ -137,7 +163,8 @@ def item_view(s: Session, item: Item, now: float, settings: VaultSettings,
         damage = page.damages.get(item.id)
     else:
         damage = damage_of(s, [item.id]).get(item.id)
-    ih = item_health(item, policy, agent_up(host, now, settings), now, damage) if live else None
+    up = agent_up(host, now, settings)
+    ih = item_health(item, policy, up, now, damage) if live else None
     retry = item.retry or {}
     return {"id": item.id, "lineage_id": item.lineage_id or item.id, "vm_id": item.vm_id,
             "vm_name": item.vm_name, "origin_item_id": item.origin_item_id,
@@ -154,7 +181,8 @@ def item_view(s: Session, item: Item, now: float, settings: VaultSettings,
             "active_job_id": item.active_job_id, "created_at": item.created_at,
             "updated_at": item.updated_at, "report": item.report,
             "scrub": item.scrub, "last_scrub_at": item.last_scrub_at,
-            "damaged_points": sorted(damage.points) if damage else []}
+            "damaged_points": sorted(damage.points) if damage else [],
+            "sync": sync_view(item, policy, up)}
 
 
 def task_view(t: Task) -> dict[str, Any]:
