@@ -72,7 +72,7 @@ FIELDS: dict[str, tuple[str, Any, str]] = {
                                                     "store (0: never)."),
     "scrub_rate": ("scrub_rate_bps", 32 << 20, "Bytes/s a scrub may read (0: unpaced)."),
     "mode": ("mode", "async", "async (cycles only) or sync (a guest write waits for the "
-                              "recovery site; file VMs on an agent store)."),
+                              "recovery site; file and QEMU VMs on an agent store)."),
     "sync_budget_ms": ("sync_budget_ms", 50, "sync: the most a guest write waits for the "
                                              "recovery site before falling back to async."),
 }
