@@ -1,13 +1,15 @@
 """Synchronous mode, no acknowledged write lost (issue 18 part 2), by hand: N trials (default
-30) of SIGKILL of the whole primary (guest process + primary agent) at a random moment while
-writers outside the VM record every acknowledged write, then an unplanned failover to
-"latest" through the vault and a check that every acknowledged write is on the recovery
-VM's disk (``tests/sync_campaign.py``).
+30) of SIGKILL of the whole primary (the guest — a file VM's guest process, or QEMU with
+``--qemu`` — and the primary agent) at a random moment while writers outside the VM record
+every acknowledged write, then an unplanned failover to "latest" through the vault and a
+check that every acknowledged write is on the recovery VM's disk (``tests/sync_campaign.py``,
+``tests/sync_campaign_qemu.py``).
 
-    .venv/bin/python bench/sync_crash_campaign.py [TRIALS] [SEED] [KILL_WINDOW_S]
+    .venv/bin/python bench/sync_crash_campaign.py [--qemu] [TRIALS] [SEED] [KILL_WINDOW_S]
 
 The kill comes 0.3 s to KILL_WINDOW_S (default 12: past two 5 s policy cycles, so the
-failover's point is often a later cycle's, the journal having been trimmed behind it).
+failover's point is often a later cycle's, the journal having been trimmed — or older
+overlays deleted — behind it).
 """
 
 from __future__ import annotations
@@ -21,15 +23,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: tests.*
 
 from tests.sync_campaign import SyncCampaign
+from tests.sync_campaign_qemu import QemuSyncCampaign
 
 
 def main() -> int:
-    trials = int(sys.argv[1]) if len(sys.argv) > 1 else 30
-    seed = int(sys.argv[2]) if len(sys.argv) > 2 else 1
-    window = float(sys.argv[3]) if len(sys.argv) > 3 else 12.0
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__)
+        return 0
+    args = [a for a in sys.argv[1:] if a != "--qemu"]
+    qemu = len(args) != len(sys.argv) - 1
+    trials = int(args[0]) if len(args) > 0 else 30
+    seed = int(args[1]) if len(args) > 1 else 1
+    window = float(args[2]) if len(args) > 2 else 12.0
     with tempfile.TemporaryDirectory(prefix="drsite-sync-campaign-") as tmp:
         t0 = time.monotonic()
-        camp = SyncCampaign(Path(tmp) / "c", seed=seed)
+        camp = (QemuSyncCampaign if qemu else SyncCampaign)(Path(tmp) / "c", seed=seed)
         try:
             for _ in range(trials):
                 t = camp.trial(kill_window_s=window)

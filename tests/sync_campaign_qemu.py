@@ -12,7 +12,7 @@ site's overlay flushed it). The monitor serves one command at a time, so at most
 is unacknowledged when QEMU dies; a slot must hold its last acknowledged seq or a later one.
 
 Used by ``tests/e2e/test_sync_campaign_qemu.py`` (a few trials in the normal suite) and
-``bench/sync_crash_campaign_qemu.py`` (30+ trials by hand).
+``bench/sync_crash_campaign.py --qemu`` (30+ trials by hand).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 campaign on a real deployment (vault + two QEMU agents, skips without QEMU unless
 DRSITE_TEST_QEMU=1): SIGKILL QEMU and the primary agent at a random moment, unplanned
 failover to latest, every acknowledged write on the recovery disk. The long campaign (30+
-trials) is ``bench/sync_crash_campaign_qemu.py``."""
+trials) is ``bench/sync_crash_campaign.py --qemu``."""
 
 from __future__ import annotations
 
