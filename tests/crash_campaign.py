@@ -39,7 +39,7 @@ from drsite.store.digest import file_digest, image_digest
 from drsite.store.local.backend import LocalObjectStore
 from drsite.store.repository import Repository
 from drsite.up import Cluster, down, start_agent, start_vault, up
-from tests.procs import kill9, until
+from tests.procs import campaign_protection, kill9, until
 
 PHASES = ("initial", "delta", "planned", "unplanned", "cancel", "reprotect")
 # the kill comes after a random delay up to this into the operation (a failover through the
@@ -92,18 +92,8 @@ class Campaign:
         self._pool: list[str] = []   # protected items free for the next failover trial
         self._killed_at = ""  # when the current trial's victim was killed (UTC)
         with self.client() as cl:
-            cl.create_policy({"name": "fast", "frequency_s": policy_s, "retention_hours": 24,
-                              "app_consistent_every_s": None, "rpo_threshold_s": 60,
-                              "resync_window": "00:00-00:00", "compression": True,
-                              "encryption": False, "bandwidth_limit_bps": None})
-            cl.create_group({"name": "g", "site": "primary", "target_site": "secondary",
-                             "policy": "fast",
-                             "match": {"vm_names": [], "hosts": [], "labels": []}})
-            for src, dst, a, b in (("primary", "secondary", "prod", "dr"),
-                                   ("secondary", "primary", "dr", "prod")):
-                cl.set_network_mapping({"source_site": src, "recovery_site": dst,
-                                        "source_network": a, "recovery_network": b,
-                                        "test_network": b + "-test", "ip_rule": {"kind": "keep"}})
+            campaign_protection(cl, "fast", policy_s, (("primary", "secondary", "prod", "dr"),
+                                                       ("secondary", "primary", "dr", "prod")))
 
     # ------------------------------------------------------------------ plumbing
 

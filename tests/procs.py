@@ -1,4 +1,5 @@
-"""Process helpers of the crash campaigns (``crash_campaign``, ``sync_campaign``)."""
+"""Process and set-up helpers of the crash campaigns (``crash_campaign``, ``sync_campaign``,
+``sync_campaign_qemu``)."""
 
 from __future__ import annotations
 
@@ -40,3 +41,23 @@ def kill9(pid: int | None) -> None:
         except (ProcessLookupError, ChildProcessError):
             return
         time.sleep(0.01)
+
+
+def campaign_protection(cl: Any, policy: str, frequency_s: float,
+                        networks: tuple[tuple[str, str, str, str], ...] = (
+                            ("primary", "secondary", "prod", "dr"),),
+                        **settings: Any) -> None:
+    """The campaigns' deployment set-up through ``cl`` (a ``VaultClient``): policy ``policy``
+    every ``frequency_s`` s (no app-consistent points, no resync window; ``settings`` add to or
+    override it, e.g. ``mode="sync"``), group ``g`` from site primary to secondary with it, and
+    the network mappings ``(source site, recovery site, network, recovery network)``."""
+    cl.create_policy({"name": policy, "frequency_s": frequency_s, "retention_hours": 24,
+                      "app_consistent_every_s": None, "rpo_threshold_s": 60,
+                      "resync_window": "00:00-00:00", "compression": True,
+                      "encryption": False, "bandwidth_limit_bps": None, **settings})
+    cl.create_group({"name": "g", "site": "primary", "target_site": "secondary",
+                     "policy": policy, "match": {"vm_names": [], "hosts": [], "labels": []}})
+    for src, dst, a, b in networks:
+        cl.set_network_mapping({"source_site": src, "recovery_site": dst,
+                                "source_network": a, "recovery_network": b,
+                                "test_network": b + "-test", "ip_rule": {"kind": "keep"}})

@@ -41,7 +41,7 @@ from drsite.hypervisors.file.driver import FileHypervisor
 from drsite.hypervisors.file.layout import VmPaths
 from drsite.up import Cluster, down, start_agent, start_vault, up
 from tests.crash_campaign import protect_vm
-from tests.procs import kill9, until
+from tests.procs import campaign_protection, kill9, until
 
 MiB = 1 << 20
 BLOCK = 4096
@@ -128,17 +128,7 @@ class SyncCampaign:
         self.trials: list[Trial] = []
         self._fallbacks = 0
         with self.client() as cl:
-            cl.create_policy({"name": "sync", "frequency_s": frequency_s, "retention_hours": 24,
-                              "app_consistent_every_s": None, "rpo_threshold_s": 60,
-                              "resync_window": "00:00-00:00", "compression": True,
-                              "encryption": False, "bandwidth_limit_bps": None,
-                              "mode": "sync", "sync_budget_ms": budget_ms})
-            cl.create_group({"name": "g", "site": "primary", "target_site": "secondary",
-                             "policy": "sync",
-                             "match": {"vm_names": [], "hosts": [], "labels": []}})
-            cl.set_network_mapping({"source_site": "primary", "recovery_site": "secondary",
-                                    "source_network": "prod", "recovery_network": "dr",
-                                    "test_network": "dr-test", "ip_rule": {"kind": "keep"}})
+            campaign_protection(cl, "sync", frequency_s, mode="sync", sync_budget_ms=budget_ms)
 
     def client(self) -> VaultClient:
         return self.c.client()

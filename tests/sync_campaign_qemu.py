@@ -35,7 +35,7 @@ from drsite.hypervisors.qemu.layout import VmDir
 from drsite.hypervisors.qemu.qmp import QmpClient
 from drsite.up import Cluster, down, start_agent, up
 from tests.crash_campaign import protect_vm
-from tests.procs import kill9, until
+from tests.procs import campaign_protection, kill9, until
 from tests.sync_campaign import BLOCK, SLOTS, Trial, block, parse
 
 MiB = 1 << 20
@@ -98,17 +98,7 @@ class QemuSyncCampaign:
         self.sec = QemuHypervisor(self.c.root / "secondary" / "vms", agent_timeout=0.5)
         self.trials: list[Trial] = []
         with self.client() as cl:
-            cl.create_policy({"name": "sync", "frequency_s": frequency_s, "retention_hours": 24,
-                              "app_consistent_every_s": None, "rpo_threshold_s": 60,
-                              "resync_window": "00:00-00:00", "compression": True,
-                              "encryption": False, "bandwidth_limit_bps": None,
-                              "mode": "sync", "sync_budget_ms": budget_ms})
-            cl.create_group({"name": "g", "site": "primary", "target_site": "secondary",
-                             "policy": "sync",
-                             "match": {"vm_names": [], "hosts": [], "labels": []}})
-            cl.set_network_mapping({"source_site": "primary", "recovery_site": "secondary",
-                                    "source_network": "prod", "recovery_network": "dr",
-                                    "test_network": "dr-test", "ip_rule": {"kind": "keep"}})
+            campaign_protection(cl, "sync", frequency_s, mode="sync", sync_budget_ms=budget_ms)
 
     def client(self) -> VaultClient:
         return self.c.client()
