@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from drsite.core.errors import PermanentError, classify_os_error
+from drsite.core.errors import InvalidInput, PermanentError, classify_os_error
+from drsite.core.model import validate_name
 
 
 def fsync_dir(path: Path) -> None:
@@ -103,3 +104,23 @@ def read_record(path: Path) -> dict[str, Any] | None:
     if not isinstance(d, dict):
         raise PermanentError(f"{path}: not a JSON object")
     return d
+
+
+def named_subdirs(root: Path, kind: str, what: str) -> list[str]:
+    """The sub-directories of ``root`` whose names are valid ``kind`` names
+    (:func:`drsite.core.model.validate_name`), sorted; none if ``root`` does not exist. Other
+    entries are skipped; an unreadable ``root`` raises the drsite error for it (``what`` names
+    it)."""
+    try:
+        names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise classify_os_error(e, what) from e
+    out: list[str] = []
+    for n in names:
+        try:
+            out.append(validate_name(kind, n))
+        except InvalidInput:
+            continue
+    return out

@@ -30,8 +30,7 @@ from drsite import tlsutil
 from drsite.agent.recoverybook import RecoveryBook
 from drsite.agent.registration import AgentIdentity
 from drsite.core.errors import DrsiteError, InvalidInput, classify_os_error
-from drsite.core.model import validate_name
-from drsite.fsutil import atomic_write_json, read_json
+from drsite.fsutil import atomic_write_json, named_subdirs, read_json
 from drsite.sitestore import SiteObjectStore, make_store_app
 from drsite.sitestore.acl import ACL_FILE, StoreAcl
 from drsite.sitestore.audit import StoreAuditLog
@@ -170,20 +169,8 @@ class StoreService:
 
     def item_ids(self) -> list[str]:
         """Items that have a repository in the store."""
-        root = self.store_dir / "items"
-        try:
-            names = sorted(p.name for p in root.iterdir() if p.is_dir())
-        except FileNotFoundError:
-            return []
-        except OSError as e:
-            raise classify_os_error(e, f"recovery store {self.store_dir}") from e
-        out: list[str] = []
-        for n in names:
-            try:
-                out.append(validate_name("item", n))
-            except InvalidInput:
-                continue
-        return out
+        return named_subdirs(self.store_dir / "items", "item",
+                             f"recovery store {self.store_dir}")
 
     def hydrate_once(self) -> dict[str, list[str]]:
         """One pass: catch every item's replica up; returns the points applied per item."""

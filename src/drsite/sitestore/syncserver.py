@@ -39,7 +39,7 @@ from drsite.core.errors import (
     classify_os_error,
 )
 from drsite.core.model import validate_name
-from drsite.fsutil import fsync_dir
+from drsite.fsutil import fsync_dir, named_subdirs
 from drsite.pki import cert_identity
 from drsite.sitestore.acl import Authorizer
 from drsite.sitestore.server import replica_held
@@ -112,19 +112,7 @@ class SyncServer:
 
     def journal_items(self) -> list[str]:
         """Items that have a journal directory here."""
-        try:
-            names = sorted(p.name for p in self.journals.iterdir() if p.is_dir())
-        except FileNotFoundError:
-            return []
-        except OSError as e:
-            raise classify_os_error(e, f"sync journals {self.journals}") from e
-        out: list[str] = []
-        for n in names:
-            try:
-                out.append(validate_name("item", n))
-            except InvalidInput:
-                continue
-        return out
+        return named_subdirs(self.journals, "item", f"sync journals {self.journals}")
 
     def drop(self, item_id: str) -> bool:
         """Delete the item's journal, closing its connection: renamed aside (one atomic
