@@ -61,3 +61,18 @@ def campaign_protection(cl: Any, policy: str, frequency_s: float,
         cl.set_network_mapping({"source_site": src, "recovery_site": dst,
                                 "source_network": a, "recovery_network": b,
                                 "test_network": b + "-test", "ip_rule": {"kind": "keep"}})
+
+
+def run_sync_trials(camp: Any, n: int, replayed: str, **trial_kw: Any) -> None:
+    """``n`` trials of a synchronous-mode campaign (``SyncCampaign``, ``QemuSyncCampaign``),
+    then closes it: each must lose no acknowledged write, have checked some, and say
+    ``replayed`` of its failover's tail (the journal replayed, the overlay applied)."""
+    try:
+        for _ in range(n):
+            t = camp.trial(**trial_kw)
+            print(t)
+            assert t.ok, t.problems
+            assert t.acked_writes > 0 and t.slots_checked > 0
+            assert replayed in t.replayed, t.replayed
+    finally:
+        camp.close()

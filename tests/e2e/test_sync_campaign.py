@@ -9,39 +9,23 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.procs import until
+from tests.procs import run_sync_trials, until
 from tests.sync_campaign import SyncCampaign
 
 pytestmark = pytest.mark.slow
 
 
 def test_no_acknowledged_write_lost_after_sigkill_of_the_primary(tmp_path: Path) -> None:
-    camp = SyncCampaign(tmp_path / "c", seed=18)
-    try:
-        for _ in range(3):
-            t = camp.trial(kill_window_s=2.0)
-            print(t)
-            assert t.ok, t.problems
-            assert t.acked_writes > 0 and t.slots_checked > 0
-            assert "sync journal replayed" in t.replayed, t.replayed
-    finally:
-        camp.close()
+    run_sync_trials(SyncCampaign(tmp_path / "c", seed=18), 3, "sync journal replayed",
+                    kill_window_s=2.0)
 
 
 def test_breakglass_failover_replays_the_journal(tmp_path: Path) -> None:
     """The vault is killed with the whole primary: the recovery site's agent host fails the
     item over alone (``drsite agent failover``), and every acknowledged write is on the
     recovery disk, as in a vault-run failover; the record says the journal was replayed."""
-    camp = SyncCampaign(tmp_path / "c", seed=27)
-    try:
-        for _ in range(2):
-            t = camp.trial(kill_window_s=2.0, breakglass=True)
-            print(t)
-            assert t.ok, t.problems
-            assert t.acked_writes > 0 and t.slots_checked > 0
-            assert "sync journal replayed" in t.replayed, t.replayed
-    finally:
-        camp.close()
+    run_sync_trials(SyncCampaign(tmp_path / "c", seed=27), 2, "sync journal replayed",
+                    kill_window_s=2.0, breakglass=True)
 
 
 def test_journals_are_deleted_when_no_failover_can_need_them(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from tests.integration.test_qemu_driver import require_qemu
+from tests.procs import run_sync_trials
 from tests.sync_campaign_qemu import QemuSyncCampaign
 
 pytestmark = pytest.mark.slow
@@ -17,16 +18,8 @@ pytestmark = pytest.mark.slow
 
 def test_no_acknowledged_write_lost_after_sigkill_of_qemu_and_agent(tmp_path: Path) -> None:
     require_qemu()
-    camp = QemuSyncCampaign(tmp_path / "c", seed=18)
-    try:
-        for _ in range(3):
-            t = camp.trial(kill_window_s=2.0)
-            print(t)
-            assert t.ok, t.problems
-            assert t.acked_writes > 0 and t.slots_checked > 0
-            assert "sync overlay applied" in t.replayed, t.replayed
-    finally:
-        camp.close()
+    run_sync_trials(QemuSyncCampaign(tmp_path / "c", seed=18), 3, "sync overlay applied",
+                    kill_window_s=2.0)
 
 
 def test_hung_recovery_storage_fallback_alert_and_return(tmp_path: Path) -> None:
