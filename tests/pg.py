@@ -22,10 +22,12 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from drsite.vault.testing import Harness
 
 BIN_GLOBS = ("/usr/lib/postgresql/*/bin",)
 
@@ -164,3 +166,20 @@ def pg_server() -> Iterator[str]:
 @pytest.fixture
 def pg_url(pg_server: str) -> str:
     return fresh_database(pg_server)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def vault_harnesses(request: pytest.FixtureRequest,
+                    tmp_path: Path) -> Iterator[Callable[[str], Harness]]:
+    """Makes vaults, each on a database of its own (SQLite, or a fresh PostgreSQL database of
+    the session's server): every test using it runs on both engines."""
+    server = request.getfixturevalue("pg_server") if request.param == "postgresql" else None
+    made: list[Harness] = []
+
+    def make(name: str) -> Harness:
+        made.append(Harness(tmp_path / name, fresh_database(server) if server else None))
+        return made[-1]
+
+    yield make
+    for hh in made:
+        hh.close()

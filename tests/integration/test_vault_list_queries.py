@@ -10,7 +10,7 @@ the whole catalogue (which grows with items x retained points)."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,22 +20,6 @@ from sqlalchemy import event, text, update
 
 from drsite.vault.db.models import Point
 from drsite.vault.testing import Harness, point, vm_info
-from tests.pg import fresh_database
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[str], Harness]]:
-    """Makes vaults, each on a database of its own (SQLite, or a fresh PostgreSQL database)."""
-    server = request.getfixturevalue("pg_server") if request.param == "postgresql" else None
-    made: list[Harness] = []
-
-    def make(name: str) -> Harness:
-        made.append(Harness(tmp_path / name, fresh_database(server) if server else None))
-        return made[-1]
-
-    yield make
-    for hh in made:
-        hh.close()
 
 
 def fleet(h: Harness, hosts: int, per_host: int, damaged: int) -> list[str]:
@@ -88,8 +72,8 @@ def statements(h: Harness, path: str) -> tuple[list[str], dict[str, Any]]:
 
 @pytest.mark.parametrize("path", ["/items?limit=100", "/health"])
 def test_list_and_health_statements_do_not_grow_with_the_fleet(
-        harness: Callable[[str], Harness], path: str) -> None:
-    small_h, big_h = harness("small"), harness("big")
+        vault_harnesses: Callable[[str], Harness], path: str) -> None:
+    small_h, big_h = vault_harnesses("small"), vault_harnesses("big")
     fleet(small_h, hosts=2, per_host=5, damaged=1)
     fleet(big_h, hosts=6, per_host=5, damaged=5)
     small, small_body = statements(small_h, path)
@@ -121,12 +105,12 @@ def test_damaged_points_are_read_through_their_partial_index(tmp_path: Path) -> 
         h.close()
 
 
-def test_loose_reads_take_no_transaction_on_postgresql(harness: Callable[[str], Harness]) -> None:
+def test_loose_reads_take_no_transaction_on_postgresql(vault_harnesses: Callable[[str], Harness]) -> None:
     """The token check and ``GET /health`` read through ``Database.read_loose``: on PostgreSQL
     each statement runs on its own (no BEGIN and ROLLBACK round trips: two of the three a
     token check cost); on SQLite it is a read transaction, as ``read()``. Either way it reads
     what was committed, and the API answers the same."""
-    h = harness("loose")
+    h = vault_harnesses("loose")
     fleet(h, hosts=1, per_host=2, damaged=0)
     with h.vault.db.read_loose() as s:
         assert s.execute(text("SELECT count(*) FROM items")).scalar_one() == 2

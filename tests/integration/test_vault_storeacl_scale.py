@@ -11,7 +11,7 @@ whose certificate changed since, stays pending."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +21,6 @@ from sqlalchemy import event
 from drsite.vault import storeacl
 from drsite.vault.db.models import Host, Item
 from drsite.vault.testing import Agent, Harness, vm_info
-from tests.pg import fresh_database
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[str], Harness]]:
-    """Makes vaults, each on a database of its own (SQLite, or a fresh PostgreSQL database)."""
-    server = request.getfixturevalue("pg_server") if request.param == "postgresql" else None
-    made: list[Harness] = []
-
-    def make(name: str) -> Harness:
-        made.append(Harness(tmp_path / name, fresh_database(server) if server else None))
-        return made[-1]
-
-    yield make
-    for hh in made:
-        hh.close()
 
 
 def forget_lists() -> None:
@@ -106,13 +90,13 @@ def one_pass(h: Harness, ids: list[str], monkeypatch: pytest.MonkeyPatch
 
 
 def test_waiting_jobs_do_not_rebuild_the_list_per_job(
-        harness: Callable[[str], Harness], monkeypatch: pytest.MonkeyPatch) -> None:
+        vault_harnesses: Callable[[str], Harness], monkeypatch: pytest.MonkeyPatch) -> None:
     """A pass over N waiting jobs builds the store's list at most once (when another process
     built the one its agent holds), and each job's check costs the same statements whatever
     the fleet: 4 items and 16 items."""
     got: dict[int, tuple[list[int], list[int]]] = {}
     for n in (4, 16):
-        h = harness(f"fleet{n}")
+        h = vault_harnesses(f"fleet{n}")
         _a, _b, ids = waiting_fleet(h, n)
         forget_lists()   # the heartbeats ran in another vault process
         answers, first, builds = one_pass(h, ids, monkeypatch)
