@@ -150,6 +150,25 @@ def test_not_held_refuses_every_write(db: Database) -> None:
         assert s.get(ControllerLease, LEASE) is not None
 
 
+def open_controller_tx(db: Database, lease: Lease, hold_s: float
+                       ) -> tuple[threading.Thread, threading.Event]:
+    """A controller transaction of ``lease``'s holder, open on a thread until the returned
+    event is set (or ``hold_s`` passed); it then commits the event 'a, slow'. Returns once it
+    is open."""
+    inside, release = threading.Event(), threading.Event()
+
+    def slow_controller_tx() -> None:
+        with db.guarded(lease.guard).tx() as s:
+            inside.set()
+            release.wait(hold_s)
+            s.add(Event(at=time.time(), kind="test", subject="controller", message="a, slow"))
+
+    t = threading.Thread(target=slow_controller_tx)
+    t.start()
+    assert inside.wait(10)
+    return t, release
+
+
 def test_takeover_waits_for_the_old_controllers_open_transaction(db: Database) -> None:
     """FOR SHARE: while a controller transaction is open, no takeover commits; the old
     controller's transaction commits under its epoch, the takeover comes after it."""
@@ -157,17 +176,7 @@ def test_takeover_waits_for_the_old_controllers_open_transaction(db: Database) -
         pytest.skip("SQLite serialises writers with BEGIN IMMEDIATE (one process)")
     a, b = Lease(db, other("a"), 1.0), Lease(db, other("b"), 1.0)
     a.step()
-    inside, release = threading.Event(), threading.Event()
-
-    def slow_controller_tx() -> None:
-        with db.guarded(a.guard).tx() as s:
-            inside.set()
-            release.wait(10)
-            s.add(Event(at=time.time(), kind="test", subject="controller", message="a, slow"))
-
-    t = threading.Thread(target=slow_controller_tx)
-    t.start()
-    assert inside.wait(10)
+    t, release = open_controller_tx(db, a, 10)
     time.sleep(1.1)  # a's lease expired while its transaction is open
     t0 = time.monotonic()
     with pytest.raises(OperationalError):  # lock_timeout: the row is share-locked by a
@@ -189,18 +198,8 @@ def test_a_renewal_does_not_wait_for_the_controllers_open_transaction(db: Databa
         pytest.skip("SQLite serialises writers with BEGIN IMMEDIATE (one process)")
     a, b = Lease(db, other("a"), 5.0), Lease(db, other("b"), 5.0)
     a.step()
-    inside, release = threading.Event(), threading.Event()
-
-    def slow_controller_tx() -> None:
-        with db.guarded(a.guard).tx() as s:
-            inside.set()
-            release.wait(20)
-            s.add(Event(at=time.time(), kind="test", subject="controller", message="a, slow"))
-
-    t = threading.Thread(target=slow_controller_tx)
-    t.start()
+    t, release = open_controller_tx(db, a, 20)
     try:
-        assert inside.wait(10)
         t0 = time.monotonic()
         a.step()   # renewed at once, not after the transaction
         assert time.monotonic() - t0 < 1.0 and a.held
