@@ -427,19 +427,13 @@ def test_jobs_alerts_events_health(h: Harness) -> None:
     assert 'drsite_jobs{kind="EnableProtection",state="succeeded"} 1.0' in m
 
 
-def test_cli_events_list_and_list_options(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``drsite events list``: the trail newest first, filtered by kind and subject, as a
-    table or JSON; a bad kind is the API's refusal with its hint. The lists' ``--where`` and
-    ``--sort``, and their refusals of a field no row has or a condition without ``=``."""
-    import json
-
+def cli_against(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the ``drsite`` CLI talk to the harness's vault in-process, as admin (its client's
+    HTTP session replaced by a ``TestClient`` of the vault's app)."""
     from fastapi.testclient import TestClient
-    from typer.testing import CliRunner
 
     from drsite.cli import common
-    from drsite.cli.main import app
     from drsite.client.api import VaultClient, VaultConfig
-    from drsite.core.errors import InvalidInput, NotFound
 
     def fake_client(*_a: Any) -> VaultClient:
         c = VaultClient(VaultConfig("http://testserver", h.admin))
@@ -449,6 +443,20 @@ def test_cli_events_list_and_list_options(h: Harness, monkeypatch: pytest.Monkey
         return c
 
     monkeypatch.setattr(common, "client", fake_client)
+
+
+def test_cli_events_list_and_list_options(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``drsite events list``: the trail newest first, filtered by kind and subject, as a
+    table or JSON; a bad kind is the API's refusal with its hint. The lists' ``--where`` and
+    ``--sort``, and their refusals of a field no row has or a condition without ``=``."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from drsite.cli.main import app
+    from drsite.core.errors import InvalidInput, NotFound
+
+    cli_against(h, monkeypatch)
     a, _b = two_sites(h)
     policy_and_group(h)
     item_id = protect(h, a)
@@ -553,21 +561,11 @@ def test_cli_shows_the_replication_mode(h: Harness, monkeypatch: pytest.MonkeyPa
     as a table and in --json."""
     import json
 
-    from fastapi.testclient import TestClient
     from typer.testing import CliRunner
 
-    from drsite.cli import common
     from drsite.cli.main import app
-    from drsite.client.api import VaultClient, VaultConfig
 
-    def fake_client(*_a: Any) -> VaultClient:
-        c = VaultClient(VaultConfig("http://testserver", h.admin))
-        c._http.close()
-        c._http = TestClient(h.app, base_url="http://testserver/api/v1",
-                             headers={"Authorization": f"Bearer {h.admin}"})
-        return c
-
-    monkeypatch.setattr(common, "client", fake_client)
+    cli_against(h, monkeypatch)
     a, _b = two_sites(h)
     policy_and_group(h, mode="sync", sync_budget_ms=120)
     item_id = protect(h, a)

@@ -12,7 +12,13 @@ from typing import Any
 import pytest
 
 from drsite.vault.testing import Agent, Harness, point, report, vm_info
-from tests.integration.test_vault_api import err, policy_and_group, protect, two_sites
+from tests.integration.test_vault_api import (
+    cli_against,
+    err,
+    policy_and_group,
+    protect,
+    two_sites,
+)
 
 ENGINES = ["sqlite", "postgresql"]
 
@@ -253,21 +259,11 @@ def test_cli_plan_apply_diff_network_map_and_bad_yaml(h: Harness, tmp_path: Path
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 
-    from fastapi.testclient import TestClient
     from typer.testing import CliRunner
 
-    from drsite.cli import common
     from drsite.cli.main import app
-    from drsite.client.api import VaultClient, VaultConfig
 
-    def fake_client(*_a: Any) -> VaultClient:
-        c = VaultClient(VaultConfig("http://testserver", h.admin))
-        c._http.close()
-        c._http = TestClient(h.app, base_url="http://testserver/api/v1",
-                             headers={"Authorization": f"Bearer {h.admin}"})
-        return c
-
-    monkeypatch.setattr(common, "client", fake_client)
+    cli_against(h, monkeypatch)
     _a, _b, _item = setup(h)
     runner = CliRunner()
     plan = tmp_path / "plan.yaml"

@@ -14,6 +14,7 @@ import pytest
 
 from drsite.replication.report import ItemState
 from drsite.vault.testing import Agent, Harness, point, report, vm_info
+from tests.integration.test_vault_api import cli_against
 
 ACCESS = "AKIA-drsite-example-access"
 SECRET = "drsite-secret-key-never-returned-0123"
@@ -204,21 +205,11 @@ def test_cloud_group_protect_args_carry_the_spec(h: Harness,
 def test_cli_store_commands(h: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 
-    from fastapi.testclient import TestClient
     from typer.testing import CliRunner
 
-    from drsite.cli import common
     from drsite.cli.main import app
-    from drsite.client.api import VaultClient, VaultConfig
 
-    def fake_client(*_a: Any) -> VaultClient:
-        c = VaultClient(VaultConfig("http://testserver", h.admin))
-        c._http.close()
-        c._http = TestClient(h.app, base_url="http://testserver/api/v1",
-                             headers={"Authorization": f"Bearer {h.admin}"})
-        return c
-
-    monkeypatch.setattr(common, "client", fake_client)
+    cli_against(h, monkeypatch)
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(var, raising=False)
     runner = CliRunner()
