@@ -76,3 +76,16 @@ def run_sync_trials(camp: Any, n: int, replayed: str, **trial_kw: Any) -> None:
             assert replayed in t.replayed, t.replayed
     finally:
         camp.close()
+
+
+def item_in_sync(hv: Any, cl: Any, vm_id: str, item: str) -> bool:
+    """A synchronous-mode item is in sync: its VM's mirror (``hv.sync_status``) says so and
+    neither its agent's report nor its health names a sync-mode problem. Meant for ``until``
+    (a driver or vault that does not answer counts as not in sync)."""
+    st = hv.sync_status(vm_id)
+    if st is None or st["state"] != "in_sync":
+        return False
+    it = cl.item(item)
+    issues = (it.get("report") or {}).get("agent_issues") or []
+    reasons = it.get("health_reasons") or []
+    return not any("sync mode" in str(x) for x in [*issues, *reasons])

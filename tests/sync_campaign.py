@@ -41,7 +41,7 @@ from drsite.hypervisors.file.driver import FileHypervisor
 from drsite.hypervisors.file.layout import VmPaths
 from drsite.up import Cluster, down, start_agent, start_vault, up
 from tests.crash_campaign import protect_vm
-from tests.procs import campaign_protection, kill9, until
+from tests.procs import campaign_protection, item_in_sync, kill9, until
 
 MiB = 1 << 20
 BLOCK = 4096
@@ -152,14 +152,8 @@ class SyncCampaign:
             return protect_vm(cl, vm_id, "g")
 
     def _in_sync(self, vm_id: str, item: str) -> bool:
-        st = self.prim.sync_status(vm_id)
-        if st is None or st["state"] != "in_sync":
-            return False
         with self.client() as cl:
-            it = cl.item(item)
-        issues = (it.get("report") or {}).get("agent_issues") or []
-        reasons = it.get("health_reasons") or []
-        return not any("sync mode" in str(x) for x in [*issues, *reasons])
+            return item_in_sync(self.prim, cl, vm_id, item)
 
     def trial(self, kill_window_s: float = 3.0, *, breakglass: bool = False) -> Trial:
         """One trial; ``breakglass``: the vault is killed with the primary and the recovery

@@ -35,7 +35,7 @@ from drsite.hypervisors.qemu.layout import VmDir
 from drsite.hypervisors.qemu.qmp import QmpClient
 from drsite.up import Cluster, down, start_agent, up
 from tests.crash_campaign import protect_vm
-from tests.procs import campaign_protection, kill9, until
+from tests.procs import campaign_protection, item_in_sync, kill9, until
 from tests.sync_campaign import BLOCK, SLOTS, Trial, block, parse
 
 MiB = 1 << 20
@@ -122,17 +122,8 @@ class QemuSyncCampaign:
         return vm.vm_id, name
 
     def _in_sync(self, vm_id: str, item: str) -> bool:
-        try:
-            st = self.prim.sync_status(vm_id)
-        except DrsiteError:
-            return False
-        if st is None or st["state"] != "in_sync":
-            return False
         with self.client() as cl:
-            it = cl.item(item)
-        issues = (it.get("report") or {}).get("agent_issues") or []
-        reasons = it.get("health_reasons") or []
-        return not any("sync mode" in str(x) for x in [*issues, *reasons])
+            return item_in_sync(self.prim, cl, vm_id, item)
 
     def trial(self, kill_window_s: float = 3.0) -> Trial:
         t = Trial(len(self.trials) + 1, round(self.rng.uniform(0.3, kill_window_s), 2))
