@@ -41,10 +41,10 @@ from typing import Any
 
 from cryptography import x509
 
-from drsite.core.errors import DrsiteError, InvalidInput, NetworkError, PermanentError
+from drsite.core.errors import DrsiteError, InvalidInput, PermanentError
 from drsite.core.model import validate_name
 from drsite.fsutil import atomic_write_json, read_json
-from drsite.hypervisors.qemu.qmp import QmpClient
+from drsite.hypervisors.qemu.qmp import QmpClient, wait_for_monitor
 from drsite.hypervisors.qemu.runner import process_token
 from drsite.hypervisors.qemu.tools import run_tool
 
@@ -169,21 +169,7 @@ class OverlayServer:
         with open(self.item_dir(item_id) / "qsd.log", "ab") as lf:
             proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=lf, stderr=lf,
                                     start_new_session=True, close_fds=True)
-        deadline = time.monotonic() + 15.0
-        while True:
-            if proc.poll() is not None:
-                raise PermanentError(f"{DAEMON} for {item_id} exited with {proc.returncode}")
-            if qmp.exists():
-                try:
-                    QmpClient.connect(str(qmp), timeout=2.0).close()
-                    break
-                except NetworkError:
-                    pass
-            if time.monotonic() > deadline:
-                proc.kill()
-                proc.wait()
-                raise NetworkError(f"{DAEMON} for {item_id} did not start")
-            time.sleep(0.01)
+        wait_for_monitor(proc, qmp, 15.0, f"{DAEMON} for {item_id}")
         tok = process_token(proc.pid) or ""
         atomic_write_json(self.item_dir(item_id) / "daemon.json",
                           {"pid": proc.pid, "token": tok, "port": port, "writer": writer_dn})

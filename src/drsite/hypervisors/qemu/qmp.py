@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -273,3 +275,26 @@ class QmpClient:
                 self.close()
                 raise NetworkError(f"QMP {self._path}: QEMU closed the connection")
             self._buf += chunk
+
+
+def wait_for_monitor(proc: subprocess.Popen[bytes], sock: Path, timeout: float, what: str,
+                     detail: Callable[[], str] = lambda: "") -> None:
+    """Wait until the freshly started QEMU process ``proc`` answers on its QMP socket
+    ``sock`` (a connection is accepted and closed). ``PermanentError`` if it exits first,
+    ``NetworkError`` (after killing it) if ``timeout`` passes; both name ``what`` and end with
+    ``detail()`` (its log, say)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise PermanentError(f"{what} exited with {proc.returncode}{detail()}")
+        if sock.exists():
+            try:
+                QmpClient.connect(str(sock), timeout=2.0).close()
+                return
+            except NetworkError:
+                pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise NetworkError(f"{what} did not open its QMP socket in {timeout:.0f}s{detail()}")
+        time.sleep(0.01)

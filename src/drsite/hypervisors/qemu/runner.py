@@ -21,10 +21,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from drsite.core.errors import DrsiteError, NetworkError, NotFound, PermanentError
+from drsite.core.errors import DrsiteError, NotFound, PermanentError
 from drsite.fsutil import read_record, write_record
 from drsite.hypervisors.qemu.layout import QemuVmConfig, VmDir
-from drsite.hypervisors.qemu.qmp import QmpClient
+from drsite.hypervisors.qemu.qmp import QmpClient, wait_for_monitor
 
 VM_BINARY = "qemu-system-x86_64"
 DAEMON_BINARY = "qemu-storage-daemon"
@@ -148,25 +148,12 @@ def start_runner(paths: VmDir, cfg: QemuVmConfig, kind: str, *, start_cpus: bool
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True, close_fds=True, cwd=paths.dir)
     _children[proc.pid] = proc
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            _children.pop(proc.pid, None)
-            raise PermanentError(f"QEMU {kind} of {cfg.name} exited with {proc.returncode}: "
-                                 f"{log_tail(paths)}")
-        if paths.qmp_socket.exists():
-            try:
-                QmpClient.connect(str(paths.qmp_socket), timeout=2.0).close()
-                break
-            except NetworkError:
-                pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            _children.pop(proc.pid, None)
-            raise NetworkError(f"QEMU {kind} of {cfg.name} did not open its QMP socket in "
-                               f"{timeout:.0f}s: {log_tail(paths)}")
-        time.sleep(0.01)
+    try:
+        wait_for_monitor(proc, paths.qmp_socket, timeout, f"QEMU {kind} of {cfg.name}",
+                         lambda: f": {log_tail(paths)}")
+    except DrsiteError:
+        _children.pop(proc.pid, None)
+        raise
     tok = process_token(proc.pid)
     if tok is None:
         raise PermanentError(f"QEMU {kind} of {cfg.name} exited at once: {log_tail(paths)}")
