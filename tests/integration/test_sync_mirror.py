@@ -72,6 +72,14 @@ def _wait_state(hv: FileHypervisor, vm_id: str, state: str, timeout: float = 10.
     raise AssertionError(f"mirror never reached {state}: {st}")
 
 
+def _start_sync(hv: FileHypervisor, vm_id: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Put the running VM in synchronous mode and seal (a run begins at a seal); its mirror's
+    status once in sync."""
+    hv.set_sync(vm_id, config)
+    hv.release(hv.seal(vm_id))
+    return _wait_state(hv, vm_id, "in_sync")
+
+
 def _block(seq: int) -> bytes:
     return seq.to_bytes(8, "little") * 512
 
@@ -175,9 +183,7 @@ def test_dead_recovery_agent_suspends_at_once_and_a_seal_retries(tmp_path: Path,
     hv = FileHypervisor(tmp_path / "vms")
     vm_id, rt = _running(hv)
     try:
-        hv.set_sync(vm_id, _config(certs, port, 1000))
-        hv.release(hv.seal(vm_id))
-        _wait_state(hv, vm_id, "in_sync")
+        _start_sync(hv, vm_id, _config(certs, port, 1000))
         srv.stop()  # the connection is closed: the mirror learns at once
         t0 = time.monotonic()
         for i in range(20):
@@ -204,9 +210,7 @@ def test_no_write_is_acknowledged_once_a_failover_holds_the_item(tmp_path: Path,
     hv = FileHypervisor(tmp_path / "vms")
     vm_id, rt = _running(hv)
     try:
-        hv.set_sync(vm_id, _config(certs, srv.port, 1000))
-        hv.release(hv.seal(vm_id))
-        _wait_state(hv, vm_id, "in_sync")
+        _start_sync(hv, vm_id, _config(certs, srv.port, 1000))
         for i in range(1, 30):
             rt.vm.write("d0", i * 4096, _block(i), tag=i)
         acked = hv.sync_status(vm_id)["acked"]  # type: ignore[index]
@@ -234,9 +238,7 @@ def test_drop_removes_a_journal_in_use_crash_safely_and_a_new_run_starts_afresh(
     hv = FileHypervisor(tmp_path / "vms")
     vm_id, rt = _running(hv)
     try:
-        hv.set_sync(vm_id, _config(certs, srv.port, 1000))
-        hv.release(hv.seal(vm_id))
-        _wait_state(hv, vm_id, "in_sync")
+        _start_sync(hv, vm_id, _config(certs, srv.port, 1000))
         rt.vm.write("d0", 0, _block(1), tag=1)
         state = (tmp_path / "journals" / ITEM / "journal.json").read_text()
         assert '"after_point":"p000000000005"' in state.replace(" ", "")
@@ -291,9 +293,7 @@ def test_sync_config_survives_a_guest_restart_and_is_removed(tmp_path: Path,
     hv = FileHypervisor(tmp_path / "vms")
     vm_id, rt = _running(hv)
     try:
-        hv.set_sync(vm_id, _config(certs, srv.port))
-        hv.release(hv.seal(vm_id))
-        before = _wait_state(hv, vm_id, "in_sync")
+        before = _start_sync(hv, vm_id, _config(certs, srv.port))
         rt.stop()
         rt = hv.guest(vm_id)  # a new guest reads sync.json: a new stream, from its next seal
         st = hv.sync_status(vm_id)
