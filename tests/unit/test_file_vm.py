@@ -564,3 +564,30 @@ def test_next_logs_made_ahead_are_dropped_at_open_and_take_the_cap_in_force(
     c = hv.seal(vm_id)
     assert c.trusted and c.changed["d0"].to_pairs() == [(5, 1)]
     hv.release(c)
+
+
+def test_a_stale_pid_file_naming_another_process_is_never_signalled(hv: FileHypervisor) -> None:
+    """A guest that died leaves its pid file; its pid may since name any process. With the VM's
+    lock held by someone else (not a guest), the VM still counts as stopped, and power_off
+    returns without signalling that process (it used to SIGTERM it, then refuse to go on)."""
+    import subprocess
+
+    from drsite.fsutil import flock_exclusive
+
+    vm_id = make(hv)
+    paths = VmPaths(hv.vm_dir(vm_id))
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        paths.pid.write_text(f"{other.pid}\n")
+        fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            assert flock_exclusive(fd, 0)
+            assert hv.get_vm(vm_id).power is PowerState.STOPPED
+            hv.power_off(vm_id)
+            hv.power_off(vm_id, force=True)
+        finally:
+            os.close(fd)
+        assert other.poll() is None, "an unrelated process was signalled"
+    finally:
+        other.kill()
+        other.wait()

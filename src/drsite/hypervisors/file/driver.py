@@ -154,15 +154,22 @@ class FileHypervisor:
         if proc is not None and proc.poll() is not None:
             self._procs.pop(paths.dir, None)  # reaped
         pid = self._guest_pid(paths)
-        if pid is None or not self._locked(paths):
+        if pid is None or not self._locked(paths) or not self._is_guest(pid):
             return PowerState.STOPPED
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return PowerState.STOPPED
-        except PermissionError:
-            pass
         return PowerState.RUNNING
+
+    @staticmethod
+    def _is_guest(pid: int) -> bool:
+        """Whether ``pid`` is a live drsite guest process, or this process (which may run
+        in-process guests). A pid file outlives its guest, and after the guest is gone its pid
+        may name any process: that one is never signalled, and the VM counts as stopped."""
+        if pid == os.getpid():
+            return True
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+        return GUEST_MODULE.encode() in cmdline  # empty for a zombie: gone
 
     def power_on(self, vm_id: str) -> None:
         paths, cfg = self._locate(vm_id)
@@ -220,32 +227,23 @@ class FileHypervisor:
                 return False
             time.sleep(0.02)
 
-    @staticmethod
-    def _pid_gone(pid: int, timeout: float) -> bool:
-        """True once ``pid`` has exited (or is a zombie waiting for its parent)."""
+    def _pid_gone(self, pid: int, timeout: float) -> bool:
+        """True once ``pid`` is no longer a live guest (exited, a zombie waiting for its parent,
+        or its pid taken by another process)."""
         if pid == os.getpid():
             return True
         deadline = time.monotonic() + timeout
-        while True:
-            try:
-                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except (OSError, IndexError):
-                return True
-            if state in ("Z", "X"):
-                return True
+        while self._is_guest(pid):
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.02)
+        return True
 
     def _kill(self, paths: VmPaths, pid: int) -> None:
         if pid == os.getpid():
             raise Conflict("refusing to SIGKILL this process (an in-process guest of another driver)")
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            return  # gone already
-        if GUEST_MODULE.encode() not in cmdline:
-            raise PermanentError(f"pid {pid} in {paths.pid} is not a drsite guest; not killing it")
+        if not self._is_guest(pid):
+            return  # gone already (its pid may name another process by now: never signalled)
         with suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
@@ -267,7 +265,7 @@ class FileHypervisor:
                     guest_call(paths.socket_address(), "shutdown", timeout=min(timeout, 5.0))
                 except DrsiteError:
                     with suppress(ProcessLookupError):
-                        if pid != os.getpid():
+                        if pid != os.getpid() and self._is_guest(pid):
                             os.kill(pid, signal.SIGTERM)
                 if self._wait_stopped(paths, timeout):
                     # the lock goes first, the process right after: return once it is gone
