@@ -167,10 +167,14 @@ class SyncMirror:
         self._cv.release()
         try:
             try:
+                data = b"".join(W.entry_frame(s, p) for s, p in batch)
                 sock.settimeout(max(deadline - time.monotonic(), 1e-3))
-                sock.sendall(b"".join(W.entry_frame(s, p) for s, p in batch))
+                set_at = time.monotonic()
+                sock.sendall(data)
                 while True:
-                    sock.settimeout(max(deadline - time.monotonic(), 1e-3))
+                    if time.monotonic() - set_at > 1e-3:   # the timeout is per operation
+                        sock.settimeout(max(deadline - time.monotonic(), 1e-3))
+                        set_at = time.monotonic()
                     kind, body = reader.read()
                     if kind != W.T_ACK:
                         err = W.read_json_body(body) if kind == W.T_JSON else {}
