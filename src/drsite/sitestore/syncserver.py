@@ -42,7 +42,7 @@ from drsite.core.model import validate_name
 from drsite.fsutil import fsync_dir, named_subdirs
 from drsite.pki import cert_identity
 from drsite.sitestore.acl import Authorizer
-from drsite.sitestore.server import replica_held
+from drsite.sitestore.server import held_marker, replica_held
 from drsite.tracking import syncwire as W
 from drsite.tracking.syncjournal import SyncJournal
 
@@ -234,6 +234,7 @@ class SyncServer:
 
     def _pump(self, item_id: str, sock: ssl.SSLSocket, reader: W.FrameReader,
               journal: SyncJournal) -> None:
+        held = str(held_marker(self.replicas, item_id))   # replica_held, one stat per flush
         while not self._stop.is_set():
             last = self._append(reader.read(), journal)
             while reader.ready():   # group commit: everything already here shares one flush
@@ -245,7 +246,7 @@ class SyncServer:
             # after the flush, before the ack: a failover in another process (break-glass)
             # writes the held marker, then reads the journal, so every entry acknowledged
             # here was durable before it read
-            if replica_held(self.replicas, item_id):
+            if os.path.exists(held):
                 raise Forbidden(f"item {item_id} failed over on this site: its sync journal "
                                 "is closed")
             sock.sendall(W.ack_frame(last))
