@@ -7,8 +7,9 @@ the store's access list (``Authorizer.authorize(..., "put", item, ...)``), and t
 not be held by a failover (:func:`~drsite.sitestore.server.replica_held`). Then entries are
 appended to the item's :class:`~drsite.tracking.syncjournal.SyncJournal` and acknowledged
 after one ``fdatasync`` for every entry read so far (group commit: at queue depth > 1 many
-entries share one flush). A newer connection for an item replaces the older one (the mirror
-began a new run).
+entries share one flush), by the connection's own thread: receive, append, flush, ack, with
+no hand-off (the journal's preallocated segment makes the flush data-only). A newer
+connection for an item replaces the older one (the mirror began a new run).
 
 A journal is deleted with :meth:`SyncServer.drop` (crash-safe: renamed aside under
 ``.dropped-*``, then removed; :meth:`SyncServer.sweep` finishes an interrupted removal).
