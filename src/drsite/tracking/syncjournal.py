@@ -49,7 +49,7 @@ from drsite.fsutil import atomic_write_json, fsync_dir, read_json
 from drsite.imagefile import pwrite_all
 
 SEGMENT_BYTES = 64 << 20     # a segment is closed after this much (trim drops whole segments)
-PREALLOC = 4 << 20           # zeros written ahead of the last segment's end (see module doc)
+PREALLOC = 1 << 20           # zeros written ahead of the last segment's end (see module doc)
 _ZEROS = bytes(1 << 20)
 MAX_ENTRY = 64 << 20         # largest batch accepted
 _SEG_MAGIC = b"DRSJSEG1"
