@@ -334,7 +334,7 @@ class SyncJournal:
                 if seg.size >= SEGMENT_BYTES:
                     os.ftruncate(seg.fd, seg.size)   # no zeros before the next segment
                     seg.alloc = seg.size
-                    os.fdatasync(seg.fd)
+                    os.fsync(seg.fd)   # the new size too (a zero tail would still read clean)
                     self._new_segment(seg.last)
                     seg = self._segs[-1]
                 head = _ENT_HEAD.pack(_ENT_MAGIC, seq, len(payload), _crc(seq, payload))
