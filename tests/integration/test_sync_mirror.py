@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -258,6 +259,132 @@ def test_drop_removes_a_journal_in_use_crash_safely_and_a_new_run_starts_afresh(
         (aside / "seg-0000000000000000.j").write_bytes(b"x" * 100)
         assert srv.sweep() == 1 and not aside.exists()
         assert srv.journal_items() == [ITEM]
+    finally:
+        rt.stop()
+        srv.stop()
+
+
+def _count_sends(mirror: Any) -> list[int]:
+    """Record the thread of every send on the mirror's connection (a list of thread ids)."""
+    sock = mirror._sock
+    assert sock is not None
+    threads: list[int] = []
+    send = sock.sendall
+
+    def sendall(data: bytes) -> None:
+        threads.append(threading.get_ident())
+        send(data)
+
+    sock.sendall = sendall
+    return threads
+
+
+def test_writers_send_their_own_batches_and_no_acknowledged_write_is_lost(
+        tmp_path: Path, certs: TestCerts) -> None:
+    """The write path has no I/O thread: at queue depth 1 the writer's own thread sends its
+    batch and reads its ack; at depth 16 the writers that queued while a batch was on the
+    wire go together in the next one (fewer sends than batches). Across QD1 → QD16 → QD1
+    every acknowledged batch is in the journal: the point + the journal is the live disk."""
+    srv = _server(tmp_path, certs)
+    hv = FileHypervisor(tmp_path / "vms")
+    vm_id, rt = _running(hv)
+    try:
+        hv.set_sync(vm_id, _config(certs, srv.port, 5000))
+        cycle = hv.seal(vm_id)
+        _wait_state(hv, vm_id, "in_sync")
+        mirror = rt.vm.mirror
+        sends = _count_sends(mirror)
+        for i in range(1, 51):
+            rt.vm.write("d0", i * 4096, _block(i), tag=i)
+        assert sends == [threading.get_ident()] * 50   # one send per write, on the writer
+        assert mirror.acked == mirror.seq
+
+        def writer(k: int) -> None:
+            for i in range(40):
+                rt.vm.write("d1", ((k * 40 + i) % 1000) * 4096, _block(k * 1000 + i))
+
+        del sends[:]
+        threads = [threading.Thread(target=writer, args=(k,)) for k in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(sends) < 16 * 40, "no batch was shared at queue depth 16"
+        assert len(set(sends)) > 1                    # leaders are the writers themselves
+        for i in range(51, 71):
+            rt.vm.write("d0", i * 4096, _block(i), tag=i)
+        st = hv.sync_status(vm_id)
+        assert st is not None and st["state"] == "in_sync" and st["acked"] == st["seq"]
+        j = srv.journal(ITEM)
+        assert j.last == st["acked"]
+        images = _snapshot(hv, cycle, tmp_path / "point")
+        n, _ = replay(j, int(cycle.sync_mark["seq"]), images)  # type: ignore[index]
+        assert n == 50 + 16 * 40 + 20
+        for d in ("d0", "d1"):
+            assert images[d].read_bytes() == rt.vm.read(d, 0, 4 * MiB), d
+        hv.release(cycle)
+    finally:
+        rt.stop()
+        srv.stop()
+
+
+def test_a_hung_peer_bounds_every_concurrent_writer_by_the_budget(tmp_path: Path,
+                                                                 certs: TestCerts) -> None:
+    """Queue depth 8 against a black hole: the leader (blocked reading its ack) and the
+    writers waiting behind it all return within the budget; the mirror suspends once, and the
+    next seal brings it back."""
+    srv = _server(tmp_path, certs)
+    proxy = Proxy(srv.port)
+    hv = FileHypervisor(tmp_path / "vms")
+    vm_id, rt = _running(hv)
+    budget_ms = 200
+    try:
+        _start_sync(hv, vm_id, _config(certs, proxy.port, budget_ms))
+        rt.vm.write("d0", 0, _block(1), tag=1)
+        proxy.hold()
+        took: list[float] = []
+
+        def writer(k: int) -> None:
+            t0 = time.monotonic()
+            rt.vm.write("d0", (k + 1) * 4096, _block(k))
+            took.append(time.monotonic() - t0)
+
+        threads = [threading.Thread(target=writer, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert len(took) == 8 and max(took) < budget_ms / 1000 + 0.5, took
+        st = hv.sync_status(vm_id)
+        assert st is not None and st["state"] == "suspended" and st["fallbacks"] == 1, st
+        assert "latency budget of 200 ms" in st["reason"]
+        proxy.release()
+        hv.release(hv.seal(vm_id))
+        _wait_state(hv, vm_id, "in_sync")
+        rt.vm.write("d0", 0, _block(2), tag=2)
+        st = hv.sync_status(vm_id)
+        assert st is not None and st["state"] == "in_sync" and st["acked"] == st["seq"]
+    finally:
+        rt.stop()
+        proxy.close()
+        srv.stop()
+
+
+def test_an_idle_connection_the_recovery_agent_closes_suspends_without_a_write(
+        tmp_path: Path, certs: TestCerts) -> None:
+    """Nobody writes, so nobody reads the connection: the run's watcher sees the hang-up and
+    the mirror suspends at once (the report and the alert do not wait for the next write)."""
+    srv = _server(tmp_path, certs)
+    hv = FileHypervisor(tmp_path / "vms")
+    vm_id, rt = _running(hv)
+    try:
+        _start_sync(hv, vm_id, _config(certs, srv.port, 1000))
+        srv.disconnect(ITEM)
+        st = _wait_state(hv, vm_id, "suspended", timeout=5)
+        assert "closed the connection" in st["reason"] and st["fallbacks"] == 1
+        t0 = time.monotonic()
+        rt.vm.write("d0", 0, _block(1), tag=1)   # asynchronous: no wait
+        assert time.monotonic() - t0 < 0.5
     finally:
         rt.stop()
         srv.stop()

@@ -3,7 +3,6 @@ tail after a crash, and coverage of a point's seal instant."""
 
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 
@@ -17,6 +16,13 @@ from drsite.tracking.syncjournal import SyncJournal, decode_writes, encode_write
 def _payload(seq: int) -> bytes:
     return encode_writes([("d0", seq * 4096, seq.to_bytes(8, "little") * 512),
                           ("d1", 0, b"x" * 100)])
+
+
+def _end(j: SyncJournal) -> int:
+    """The end of the last entry in a one-segment journal (the file goes on with zeros)."""
+    n = j.describe()["bytes"]
+    assert isinstance(n, int)
+    return n
 
 
 def test_encode_decode_round_trip_and_bad_input() -> None:
@@ -62,19 +68,23 @@ def test_torn_tail_is_cut_at_open(tmp_path: Path) -> None:
         j.append(s, _payload(s))
     j.sync()
     seg = next((tmp_path / "j").glob("seg-*.j"))
+    size = _end(j)
     j.close()
-    size = seg.stat().st_size
-    # a crash in the middle of entry 5: only part of it reached the disk
-    os.truncate(seg, size - 100)
+    # a crash in the middle of entry 5: its last 100 bytes did not reach the disk (the
+    # preallocated zeros are still there)
+    with open(seg, "r+b") as f:
+        f.seek(size - 100)
+        f.write(bytes(100))
     j2 = SyncJournal.open(tmp_path / "j")
     assert j2.last == 4 and j2.cut_bytes > 0
     assert seg.stat().st_size < size - 100
     j2.append(5, _payload(5))
     j2.sync()
+    end = _end(j2)
     j2.close()
     # a flipped byte in the last entry's payload: its CRC fails, it is cut
     data = bytearray(seg.read_bytes())
-    data[-10] ^= 0xFF
+    data[end - 10] ^= 0xFF
     seg.write_bytes(bytes(data))
     j3 = SyncJournal.open(tmp_path / "j")
     assert j3.last == 4
@@ -155,11 +165,12 @@ def test_a_read_only_open_changes_nothing_and_stops_at_a_torn_tail(tmp_path: Pat
         w.append(s, _payload(s))
     w.sync()
     seg = next((tmp_path / "j").glob("seg-*.j"))
-    size = seg.stat().st_size
+    size = _end(w)
     # the writer is half-way through entry 9 (its head and part of its payload)
     payload = _payload(9)
     head = J._ENT_HEAD.pack(J._ENT_MAGIC, 9, len(payload), J._crc(9, payload))
-    with open(seg, "ab") as f:
+    with open(seg, "r+b") as f:
+        f.seek(size)
         f.write(head + payload[:50])
     before = sorted((p.name, p.stat().st_size) for p in (tmp_path / "j").iterdir())
     r = SyncJournal.open_readonly(tmp_path / "j")
@@ -172,7 +183,9 @@ def test_a_read_only_open_changes_nothing_and_stops_at_a_torn_tail(tmp_path: Pat
             call()
     r.close()
     assert sorted((p.name, p.stat().st_size) for p in (tmp_path / "j").iterdir()) == before
-    assert seg.stat().st_size > size  # the torn tail is the writer's to cut, not the reader's
+    with open(seg, "rb") as f:  # the torn tail is the writer's to cut, not the reader's
+        f.seek(size)
+        assert f.read(len(head)) == head
     # a segment of another stream (a begin under way in the writer) ends the read, kept
     (tmp_path / "j" / "seg-00000000000000ff.j").write_bytes(
         J._SEG_HEAD.pack(J._SEG_MAGIC, uuid.uuid4().bytes, 255))
@@ -207,3 +220,53 @@ def test_begin_records_what_the_run_began_after(tmp_path: Path) -> None:
     j.begin(s, 9, after_point="p000000000002")
     assert (J.journal_state(tmp_path / "j") or {})["after_point"] == "p000000000002"
     j.close()
+
+
+def test_the_last_segment_is_preallocated_and_a_zero_tail_is_a_clean_end(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Appends overwrite zeros written ahead (a data-only fdatasync); reopening keeps the
+    zeros (nothing is cut, the entries are all there); past the zeros the segment grows by
+    another stretch of them; a segment is cut to its last entry before the next one begins,
+    and a zero tail left on an earlier segment still reads as its clean end."""
+    monkeypatch.setattr(J, "PREALLOC", 64 << 10)
+    monkeypatch.setattr(J, "SEGMENT_BYTES", 100_000)
+    stream = uuid.uuid4().hex
+    j = SyncJournal.open(tmp_path / "j")
+    j.begin(stream, 0)
+    seg = next((tmp_path / "j").glob("seg-*.j"))
+    prealloc = seg.stat().st_size
+    assert prealloc >= J._SEG_HEAD.size + (64 << 10)
+    assert seg.read_bytes()[J._SEG_HEAD.size:] == bytes(prealloc - J._SEG_HEAD.size)
+    for s in range(1, 6):
+        j.append(s, _payload(s))
+    j.sync()
+    assert seg.stat().st_size == prealloc and _end(j) < prealloc  # no growth: overwrites
+    j.close()
+    j = SyncJournal.open(tmp_path / "j")
+    assert j.last == 5 and j.cut_bytes == 0 and seg.stat().st_size == prealloc
+    for s in range(6, 40):  # past the zeros: another stretch, then a second segment
+        j.append(s, _payload(s))
+    j.sync()
+    segs = sorted((tmp_path / "j").glob("seg-*.j"))
+    assert len(segs) >= 2 and segs[0] == seg
+    assert seg.stat().st_size == _seg_end(seg)    # the closed segment: no zeros left
+    assert segs[-1].stat().st_size > _seg_end(segs[-1])
+    j.close()
+    with open(seg, "ab") as f:   # zeros after an earlier segment's last entry: a clean end
+        f.write(bytes(8192))
+    j = SyncJournal.open(tmp_path / "j")
+    assert j.last == 39 and j.cut_bytes == 0
+    assert [s for s, _ in j.entries_after(0)] == list(range(1, 40))
+    j.close()
+
+
+def _seg_end(path: Path) -> int:
+    """The end of a segment file's last entry."""
+    data = path.read_bytes()
+    pos = J._SEG_HEAD.size
+    while pos + J._ENT_HEAD.size <= len(data):
+        magic, _, length, _ = J._ENT_HEAD.unpack_from(data, pos)
+        if magic != J._ENT_MAGIC:
+            break
+        pos += J._ENT_HEAD.size + length
+    return pos

@@ -7,8 +7,9 @@ the store's access list (``Authorizer.authorize(..., "put", item, ...)``), and t
 not be held by a failover (:func:`~drsite.sitestore.server.replica_held`). Then entries are
 appended to the item's :class:`~drsite.tracking.syncjournal.SyncJournal` and acknowledged
 after one ``fdatasync`` for every entry read so far (group commit: at queue depth > 1 many
-entries share one flush). A newer connection for an item replaces the older one (the mirror
-began a new run).
+entries share one flush), by the connection's own thread: receive, append, flush, ack, with
+no hand-off (the journal's preallocated segment makes the flush data-only). A newer
+connection for an item replaces the older one (the mirror began a new run).
 
 A journal is deleted with :meth:`SyncServer.drop` (crash-safe: renamed aside under
 ``.dropped-*``, then removed; :meth:`SyncServer.sweep` finishes an interrupted removal).
@@ -42,7 +43,7 @@ from drsite.core.model import validate_name
 from drsite.fsutil import fsync_dir, named_subdirs
 from drsite.pki import cert_identity
 from drsite.sitestore.acl import Authorizer
-from drsite.sitestore.server import replica_held
+from drsite.sitestore.server import held_marker, replica_held
 from drsite.tracking import syncwire as W
 from drsite.tracking.syncjournal import SyncJournal
 
@@ -234,6 +235,7 @@ class SyncServer:
 
     def _pump(self, item_id: str, sock: ssl.SSLSocket, reader: W.FrameReader,
               journal: SyncJournal) -> None:
+        held = str(held_marker(self.replicas, item_id))   # replica_held, one stat per flush
         while not self._stop.is_set():
             last = self._append(reader.read(), journal)
             while reader.ready():   # group commit: everything already here shares one flush
@@ -245,7 +247,7 @@ class SyncServer:
             # after the flush, before the ack: a failover in another process (break-glass)
             # writes the held marker, then reads the journal, so every entry acknowledged
             # here was durable before it read
-            if replica_held(self.replicas, item_id):
+            if os.path.exists(held):
                 raise Forbidden(f"item {item_id} failed over on this site: its sync journal "
                                 "is closed")
             sock.sendall(W.ack_frame(last))

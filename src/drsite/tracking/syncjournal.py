@@ -19,7 +19,13 @@ whenever ``base <= m <= last``. Invariants:
   as it cuts off anything after the first entry that does not follow its predecessor;
 - segments (``seg-<base:016x>.j``) hold entries ``> base``; :meth:`SyncJournal.trim` deletes
   whole segments every entry of which a committed point covers; the first remaining segment's
-  base is the journal's ``first_base``.
+  base is the journal's ``first_base``;
+- the last segment is *preallocated*: zeros are written ``PREALLOC`` ahead of its end, so an
+  append overwrites blocks the file already has and its ``fdatasync`` flushes data only (an
+  append past the end of a file also commits its new size: a filesystem journal commit, about
+  one more wait per write). Zeros are never an entry (no magic), so a tail of zeros is the
+  clean end of a segment, not a torn entry; a segment is cut to its last entry before the
+  next one begins.
 
 Responsible for: the journal's files, their crash safety and reading entries back. Not
 responsible for: the network (``sitestore.syncserver``), when to trim (the store agent), or
@@ -43,6 +49,8 @@ from drsite.fsutil import atomic_write_json, fsync_dir, read_json
 from drsite.imagefile import pwrite_all
 
 SEGMENT_BYTES = 64 << 20     # a segment is closed after this much (trim drops whole segments)
+PREALLOC = 1 << 20           # zeros written ahead of the last segment's end (see module doc)
+_ZEROS = bytes(1 << 20)
 MAX_ENTRY = 64 << 20         # largest batch accepted
 _SEG_MAGIC = b"DRSJSEG1"
 _SEG_HEAD = struct.Struct("<8s16sQ")        # magic, stream uuid bytes, base seq
@@ -105,12 +113,14 @@ class Coverage:
 
 
 class _Segment:
-    def __init__(self, path: Path, base: int, fd: int, size: int, last: int) -> None:
+    def __init__(self, path: Path, base: int, fd: int, size: int, last: int,
+                 alloc: int) -> None:
         self.path = path
         self.base = base
         self.fd = fd
-        self.size = size
+        self.size = size        # the end of the last entry
         self.last = last        # the last entry's seq (== base when empty)
+        self.alloc = alloc      # the file's size: entries, then zeros (preallocated)
 
 
 class SyncJournal:
@@ -186,10 +196,13 @@ class SyncJournal:
                         g.unlink(missing_ok=True)
                 break
             size, last = self._scan(fd, seg_base)
-            self._segs.append(_Segment(f, seg_base, fd, size, last))
+            total = os.fstat(fd).st_size
+            self._segs.append(_Segment(f, seg_base, fd, size, last, total))
             expect = last
-            if size < os.fstat(fd).st_size:  # torn or foreign tail: cut it (and what follows)
-                self.cut_bytes += os.fstat(fd).st_size - size
+            if size < total and not _zeros(fd, size, total):
+                # torn or foreign tail: cut it (and what follows)
+                self.cut_bytes += total - size
+                self._segs[-1].alloc = size
                 if not self.readonly:
                     os.ftruncate(fd, size)
                     os.fsync(fd)
@@ -225,11 +238,16 @@ class SyncJournal:
         path = self.dir / f"seg-{base:016x}.j"
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        os.write(fd, _SEG_HEAD.pack(_SEG_MAGIC, uuid.UUID(self.stream).bytes, base))
-        os.fsync(fd)
-        os.replace(tmp, path)
-        fsync_dir(self.dir)
-        self._segs.append(_Segment(path, base, fd, _SEG_HEAD.size, base))
+        try:
+            os.write(fd, _SEG_HEAD.pack(_SEG_MAGIC, uuid.UUID(self.stream).bytes, base))
+            alloc = _write_zeros(fd, _SEG_HEAD.size, _SEG_HEAD.size + PREALLOC)
+            os.fsync(fd)
+            os.replace(tmp, path)
+            fsync_dir(self.dir)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._segs.append(_Segment(path, base, fd, _SEG_HEAD.size, base, alloc))
 
     # -- state --------------------------------------------------------------------------------
     @property
@@ -314,10 +332,15 @@ class SyncJournal:
                 raise Conflict(f"sync journal entry {seq} does not follow {seg.last}")
             try:
                 if seg.size >= SEGMENT_BYTES:
-                    os.fdatasync(seg.fd)
+                    os.ftruncate(seg.fd, seg.size)   # no zeros before the next segment
+                    seg.alloc = seg.size
+                    os.fsync(seg.fd)   # the new size too (a zero tail would still read clean)
                     self._new_segment(seg.last)
                     seg = self._segs[-1]
                 head = _ENT_HEAD.pack(_ENT_MAGIC, seq, len(payload), _crc(seq, payload))
+                end = seg.size + len(head) + len(payload)
+                if end > seg.alloc:   # made durable by the next sync, with the entry
+                    seg.alloc = _write_zeros(seg.fd, seg.alloc, end + PREALLOC)
                 n = os.pwritev(seg.fd, [head, payload], seg.size)
                 if n != len(head) + len(payload):
                     raise PermanentError(f"short write to sync journal {seg.path}")
@@ -380,6 +403,27 @@ class SyncJournal:
                 except OSError:
                     pass
             self._segs = []
+
+
+def _zeros(fd: int, start: int, end: int) -> bool:
+    """Whether bytes ``[start, end)`` of ``fd`` are all zero (a preallocated tail)."""
+    while start < end:
+        chunk = os.pread(fd, min(len(_ZEROS), end - start), start)
+        if not chunk or chunk != _ZEROS[:len(chunk)]:
+            return False
+        start += len(chunk)
+    return True
+
+
+def _write_zeros(fd: int, start: int, end: int) -> int:
+    """Write zeros over ``[start, end)`` (rounded up to 4 KiB); the new end."""
+    end = (end + 4095) & ~4095
+    pos = start
+    while pos < end:
+        n = min(len(_ZEROS), end - pos)
+        pwrite_all(fd, memoryview(_ZEROS)[:n], pos)
+        pos += n
+    return end
 
 
 def journal_state(directory: Path) -> dict[str, Any] | None:

@@ -29,6 +29,7 @@ T_JSON, T_ENTRY, T_ACK = 0, 1, 2
 _HEAD = struct.Struct("<BI")
 _SEQ = struct.Struct("<Q")
 MAX_FRAME = (64 << 20) + 64
+_CHUNK = 64 << 10
 
 
 def frame(kind: int, body: bytes) -> bytes:
@@ -62,6 +63,9 @@ class FrameReader:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._buf = bytearray()
+        # received into, then appended: no allocation per receive (a TLS read returns at
+        # most one record, 16 KiB)
+        self._chunk = memoryview(bytearray(_CHUNK))
 
     def _complete(self) -> bool:
         if len(self._buf) < _HEAD.size:
@@ -72,10 +76,10 @@ class FrameReader:
         return len(self._buf) >= _HEAD.size + n
 
     def _fill(self) -> None:
-        chunk = self.sock.recv(1 << 20)
-        if not chunk:
+        n = self.sock.recv_into(self._chunk)
+        if not n:
             raise NetworkError("the sync peer closed the connection")
-        self._buf += chunk
+        self._buf += self._chunk[:n]
 
     def ready(self) -> bool:
         """A whole frame is buffered, or can be read without waiting."""

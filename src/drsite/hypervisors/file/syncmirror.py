@@ -6,8 +6,9 @@ How it fits :class:`~drsite.hypervisors.file.vm.FileVm` (all under its I/O lock,
 numbering is the write order and a seal is one instant of it):
 
 - :meth:`SyncMirror.submit` numbers every batch (``seq`` +1, also while suspended) and, while a
-  journal run is active, queues it for the sender thread; after releasing the lock the writer
-  :meth:`SyncMirror.wait` s for the ack, at most ``budget_ms``;
+  journal run is active, queues it; after releasing the lock the writer :meth:`SyncMirror.wait`
+  s for the ack, at most ``budget_ms`` — sending the queue and reading the acks itself when
+  no other writer is on the wire (see the class doc);
 - :meth:`SyncMirror.mark` gives the seal its instant ``{stream, seq}`` (stored in the cycle and
   in the point's meta) and, when no run is active (never started, or suspended), begins one
   at that instant: the journal holds the writes after the seal, the point what came before.
@@ -24,6 +25,8 @@ responsible for: durability on the recovery site (the server), the seal (``FileV
 from __future__ import annotations
 
 import logging
+import os
+import select
 import socket
 import ssl
 import threading
@@ -76,7 +79,16 @@ class SyncConfig:
 
 
 class SyncMirror:
-    """The guest's half of synchronous mode (see module doc). Thread-safe."""
+    """The guest's half of synchronous mode (see module doc). Thread-safe.
+
+    No I/O thread on the write path: a waiting writer whose batch is not acknowledged yet,
+    when nobody is on the wire, *leads*: it sends everything queued (its own batch and those
+    queued since) and reads the acks itself, then wakes the others. At queue depth 1 a write
+    is one send and one receive on the guest's own thread (no hand-off, no wake-up); at
+    depth > 1 the writers that queued meanwhile go in the next batch and share the recovery
+    site's ``fdatasync`` (group commit). One thread at a time uses the TLS connection
+    (``_busy``, under ``_cv``): OpenSSL objects are not for concurrent use; other threads end
+    it with a raw TCP shutdown. A leader's socket operations time out at its own deadline."""
 
     def __init__(self, config: SyncConfig, *, connect_timeout: float = 5.0) -> None:
         self.config = config
@@ -91,8 +103,10 @@ class SyncMirror:
         self._cv = threading.Condition()
         self._queue: deque[tuple[int, bytes]] = deque()
         self._queued_bytes = 0
-        self._run = 0                    # bumped at each begin/suspend: a sender of an old run stops
-        self._sock: socket.socket | None = None
+        self._run = 0                    # bumped at each begin/suspend: I/O of an old run stops
+        self._sock: ssl.SSLSocket | None = None   # the run's connection (once in sync)
+        self._reader: W.FrameReader | None = None
+        self._busy = False               # a leader is using the connection
         self._connect_timeout = connect_timeout
         self._ctx: ssl.SSLContext | None = None
 
@@ -110,8 +124,7 @@ class SyncMirror:
                 return None
             self._queue.append((self.seq, payload))
             self._queued_bytes += len(payload)
-            self._cv.notify_all()
-            return self.seq
+            return self.seq  # sent by a waiting writer (wait), not by a thread woken here
 
     def mark(self) -> dict[str, Any]:
         """The seal's instant; begins a new run there if none is active."""
@@ -124,7 +137,8 @@ class SyncMirror:
     # -- after the I/O lock -------------------------------------------------------------------
     def wait(self, seq: int) -> None:
         """Wait until ``seq`` is durable on the recovery site, at most the budget; past it,
-        or on any failure, the mirror suspends and this returns (never raises)."""
+        or on any failure, the mirror suspends and this returns (never raises). Leads (sends
+        and reads the acks itself) when nobody else is on the wire."""
         deadline = time.monotonic() + self.config.budget_ms / 1000.0
         with self._cv:
             while self.acked < seq and self.state in ("connecting", "in_sync"):
@@ -133,7 +147,61 @@ class SyncMirror:
                     self._suspend_locked(f"a write waited more than the latency budget of "
                                          f"{self.config.budget_ms} ms for the recovery site")
                     return
-                self._cv.wait(left)
+                if self.state == "in_sync" and not self._busy and self._queue:
+                    self._lead_locked(deadline)
+                else:
+                    self._cv.wait(left)
+
+    def _lead_locked(self, deadline: float) -> None:
+        """Send everything queued and read acks until all of it is acknowledged (or this
+        writer's deadline passes: suspended). Called and returns with ``_cv`` held; releases
+        it for the network I/O."""
+        sock, reader, run = self._sock, self._reader, self._run
+        assert sock is not None and reader is not None
+        batch = list(self._queue)
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._busy = True
+        last = batch[-1][0]
+        failure: str | None = None
+        self._cv.release()
+        try:
+            try:
+                data = b"".join(W.entry_frame(s, p) for s, p in batch)
+                sock.settimeout(max(deadline - time.monotonic(), 1e-3))
+                set_at = time.monotonic()
+                sock.sendall(data)
+                while True:
+                    if time.monotonic() - set_at > 1e-3:   # the timeout is per operation
+                        sock.settimeout(max(deadline - time.monotonic(), 1e-3))
+                        set_at = time.monotonic()
+                    kind, body = reader.read()
+                    if kind != W.T_ACK:
+                        err = W.read_json_body(body) if kind == W.T_JSON else {}
+                        raise NetworkError(f"the recovery agent stopped the sync journal: "
+                                           f"{(err.get('error') or {}).get('message', kind)}")
+                    got = W.seq_of(body)
+                    with self._cv:
+                        if self._run != run:
+                            break
+                        if got > self.acked:
+                            self.acked = got
+                            self._cv.notify_all()
+                    if got >= last:
+                        break
+            except TimeoutError:
+                failure = (f"a write waited more than the latency budget of "
+                           f"{self.config.budget_ms} ms for the recovery site")
+            except (OSError, DrsiteError, ssl.SSLError) as e:
+                failure = f"the connection to the recovery agent failed: {e}"
+        finally:
+            self._cv.acquire()
+            self._busy = False
+            if failure is not None and self._run == run:
+                self._suspend_locked(failure)
+            if self._sock is not sock:   # the run ended while this thread used it
+                _close_quietly(sock)
+            self._cv.notify_all()        # the next leader, or writers acknowledged here
 
     # -- runs ---------------------------------------------------------------------------------
     def _begin_locked(self) -> None:
@@ -143,7 +211,7 @@ class SyncMirror:
         self._queue.clear()
         self._queued_bytes = 0
         self.state = "connecting"
-        threading.Thread(target=self._sender, args=(self._run, self.base), daemon=True,
+        threading.Thread(target=self._connector, args=(self._run, self.base), daemon=True,
                          name="drsite-sync-mirror").start()
 
     def _suspend_locked(self, reason: str) -> None:
@@ -154,13 +222,20 @@ class SyncMirror:
         self.reason = reason
         self.suspended_at = time.time()
         self.fallbacks += 1
+        self._end_run_locked()
+
+    def _end_run_locked(self) -> None:
+        """The run is over: waiters stop, its connection is shut down (and closed, unless a
+        leader is using it: the leader closes it)."""
         self._run += 1
         self._queue.clear()
         self._queued_bytes = 0
-        sock, self._sock = self._sock, None
+        sock, self._sock, self._reader = self._sock, None, None
         self._cv.notify_all()
         if sock is not None:
-            _shutdown_raw(sock)  # the run's I/O thread wakes from its read and closes it
+            _shutdown_raw(sock)  # a leader's read or write fails at once; the watcher wakes
+            if not self._busy:
+                _close_quietly(sock)
 
     def _context(self) -> ssl.SSLContext:
         if self._ctx is None:
@@ -168,7 +243,7 @@ class SyncMirror:
             self._ctx = tlsutil.client_context(Path(c.ca_file), Path(c.cert_file), Path(c.key_file))
         return self._ctx
 
-    def _connect(self, base: int) -> socket.socket:
+    def _connect(self, base: int) -> ssl.SSLSocket:
         c = self.config
         raw = socket.create_connection((c.host, c.port), timeout=self._connect_timeout)
         try:
@@ -184,15 +259,13 @@ class SyncMirror:
             err = reply.get("error") or {}
             raise NetworkError(f"the recovery agent refused the sync journal: "
                                f"{err.get('message', reply)}")
-        sock.settimeout(None)
         return sock
 
-    def _sender(self, run: int, base: int) -> None:
-        """The run's one I/O thread: connect, then send what is queued and read acks until
-        all of it is acknowledged, again and again. One thread only ever uses the TLS
-        connection (OpenSSL objects are not for concurrent use); other threads end it with a
-        raw TCP shutdown. Writes queued while a batch is in flight go in the next batch: at
-        queue depth > 1 batches share the recovery site's fdatasync."""
+    def _connector(self, run: int, base: int) -> None:
+        """The run's thread: connect and say hello (off the I/O lock: a seal never waits for
+        the network), then watch the idle connection for the peer closing it, so the mirror
+        suspends at once rather than at the next write. It never reads or writes the TLS
+        connection once it is in sync (the leaders do) and wakes only on a hang-up."""
         try:
             sock = self._connect(base)
         except (OSError, DrsiteError, ssl.SSLError) as e:
@@ -200,49 +273,38 @@ class SyncMirror:
                 if self._run == run:
                     self._suspend_locked(f"cannot reach the recovery agent's sync journal: {e}")
             return
-        with self._cv:
-            if self._run != run:
-                _close_quietly(sock)
-                return
-            self._sock = sock
-            self.state = "in_sync"
-            self.reason = ""
-            self._cv.notify_all()
-        reader = W.FrameReader(sock)
         try:
-            while True:
-                with self._cv:
-                    while self._run == run and not self._queue:
-                        self._cv.wait()
-                    if self._run != run:
-                        return
-                    batch = list(self._queue)
-                    self._queue.clear()
-                    self._queued_bytes = 0
-                sock.sendall(b"".join(W.entry_frame(s, p) for s, p in batch))
-                last = batch[-1][0]
-                while True:
-                    kind, body = reader.read()
-                    if kind != W.T_ACK:
-                        err = W.read_json_body(body) if kind == W.T_JSON else {}
-                        raise NetworkError(f"the recovery agent stopped the sync journal: "
-                                           f"{(err.get('error') or {}).get('message', kind)}")
-                    with self._cv:
-                        if self._run != run:
-                            return
-                        self.acked = max(self.acked, W.seq_of(body))
-                        self._cv.notify_all()
-                        if self.acked >= last:
-                            break
-        except (OSError, DrsiteError, ssl.SSLError) as e:
+            watch = os.dup(sock.fileno())  # its own fd: the socket may be closed meanwhile
+        except OSError as e:
+            _close_quietly(sock)
             with self._cv:
                 if self._run == run:
                     self._suspend_locked(f"the connection to the recovery agent failed: {e}")
-        finally:
+            return
+        try:
             with self._cv:
-                if self._sock is sock:
-                    self._sock = None
-            _close_quietly(sock)
+                if self._run != run:
+                    _close_quietly(sock)
+                    return
+                self._sock, self._reader = sock, W.FrameReader(sock)
+                self.state = "in_sync"
+                self.reason = ""
+                self._cv.notify_all()
+            poller = select.poll()
+            poller.register(watch, select.POLLRDHUP)   # FIN or RST; not data (the acks)
+            while True:
+                try:
+                    poller.poll()
+                except InterruptedError:
+                    continue
+                with self._cv:
+                    while self._busy and self._run == run:
+                        self._cv.wait()   # a leader is on the wire: it sees the end itself
+                    if self._run == run:
+                        self._suspend_locked("the recovery agent closed the connection")
+                    return
+        finally:
+            os.close(watch)
 
     # -- status / end -------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -254,12 +316,8 @@ class SyncMirror:
 
     def close(self) -> None:
         with self._cv:
-            self._run += 1
             self.state = "closed"
-            sock, self._sock = self._sock, None
-            self._cv.notify_all()
-        if sock is not None:
-            _shutdown_raw(sock)
+            self._end_run_locked()
 
 
 def _shutdown_raw(sock: socket.socket) -> None:

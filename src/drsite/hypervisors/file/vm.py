@@ -319,7 +319,7 @@ class FileVm:
                     raise classify_os_error(e, f"write to disk {disk_id}") from e
             if tag is not None:
                 self.last_tag = tag
-            if mirror is not None:  # numbered in the write order, sent by the mirror's thread
+            if mirror is not None:  # numbered in the write order; sent by a waiting writer
                 wait_for = mirror.submit(writes)
         finally:
             self._io_lock.release()
