@@ -55,6 +55,11 @@ DAEMON = "qemu-storage-daemon"
 # the refcounts (3x fewer flushes, measured; refcounts are repaired when a crashed overlay is
 # opened read-write, which qemu-img commit does; reads never need them)
 OVERLAY_OPTIONS = "extended_l2=on,cluster_size=16k,lazy_refcounts=on"
+# the overlay node's L2 cache in 4 KiB entries (default: a cluster, 16 KiB): a written-through
+# write that allocates writes back one 4 KiB L2 piece, not 16 KiB (-8 us per mirrored write at
+# p50, measured interleaved; aio=io_uring -4 us, cache.direct+aio=native -9 us: not taken,
+# each can make the node fail to open where io_uring or O_DIRECT is not available)
+NODE_OPTIONS: dict[str, Any] = {"l2-cache-entry-size": 4096}
 
 
 class OverlayServer:
@@ -116,6 +121,7 @@ class OverlayServer:
                         node = f"ov-{stream[:12]}-{i}"
                         q.execute("blockdev-add", {
                             "driver": "qcow2", "node-name": node,
+                            **NODE_OPTIONS,
                             "file": {"driver": "file", "filename": str(rd / f"{d}.qcow2")}})
                         q.execute("block-export-add", {
                             "type": "nbd", "id": node, "node-name": node, "name": exports[d],
