@@ -7,7 +7,8 @@ device's BlockBackend, as ``sync_latency_qemu.py``):
 - ``async``  — no mirror;
 - ``before`` — the mirror into an overlay daemon as provisioned before the change: its NBD
   listener without ``TCP_NODELAY`` (as QEMU 7.2's own ``addr.type=inet`` listener), the
-  overlay node's L2 cache in cluster-sized (16 KiB) entries;
+  overlay node's L2 cache in cluster-sized (16 KiB) entries, no runway of written zeros;
+- ``no_runway`` — as ``after`` without the runway (``syncoverlay._runway``);
 - ``after``  — the mirror into an overlay daemon as ``sitestore.syncoverlay`` provisions it now.
 
 Per write: the HMP round trip, and the same minus the median round trip of a no-I/O
@@ -60,16 +61,19 @@ def _listener_without_nodelay(host: str) -> socket.socket:
 @contextmanager
 def provisioned_as(variant: str) -> Iterator[None]:
     """Provision with the settings of ``variant`` (``before`` restores the old ones)."""
-    saved = syncoverlay._listener, dict(syncoverlay.NODE_OPTIONS)
+    saved = syncoverlay._listener, dict(syncoverlay.NODE_OPTIONS), syncoverlay.RUNWAY
     if variant == "before":
         syncoverlay._listener = _listener_without_nodelay
         syncoverlay.NODE_OPTIONS.clear()
+    if variant in ("before", "no_runway"):
+        syncoverlay.RUNWAY = 0
     try:
         yield
     finally:
         syncoverlay._listener = saved[0]
         syncoverlay.NODE_OPTIONS.clear()
         syncoverlay.NODE_OPTIONS.update(saved[1])
+        syncoverlay.RUNWAY = saved[2]
 
 
 class Variant:

@@ -363,8 +363,11 @@ def test_the_overlay_maps_writes_zeroes_and_discards_as_the_source_sees_them(
         tmp_path: Path, certs: TestCerts) -> None:
     """The overlay's allocation map is what failover applies: a 4 KiB write, a sector write,
     a write-zeroes and a discard by the guest after the point's seal; point + overlay equals
-    the source as a later seal of the run sees it, and nothing else is applied."""
+    the source as a later seal of the run sees it, and nothing else is applied (the runway
+    of zeros the overlay's clusters were allocated in is not)."""
     hv, vm_id, ov, conf = sync_vm(tmp_path, certs)
+    ovl = ov.run_dir(ITEM, conf["stream"]) / "d0.qcow2"
+    provisioned = ovl.stat().st_size
     try:
         guest_write(hv, vm_id, 0, 8 * MiB, 7)                   # the point: all 7s
         c1 = hv.seal(vm_id)
@@ -385,7 +388,8 @@ def test_the_overlay_maps_writes_zeroes_and_discards_as_the_source_sees_them(
         hv.release(c2)
         hv.kill(vm_id)
         ov.stop_item(ITEM)
-        ovl = ov.run_dir(ITEM, conf["stream"]) / "d0.qcow2"
+        # the runway of written zeros past the new image's end took the allocated clusters
+        assert provisioned >= 8 * MiB and ovl.stat().st_size == provisioned
         mapped = json.loads(subprocess.run(
             ["qemu-img", "map", "--output=json", "-f", "qcow2", str(ovl)],
             check=True, capture_output=True, text=True).stdout)

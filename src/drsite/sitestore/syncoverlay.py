@@ -61,6 +61,8 @@ OVERLAY_OPTIONS = "extended_l2=on,cluster_size=16k,lazy_refcounts=on"
 # p50, measured interleaved; aio=io_uring -4 us, cache.direct+aio=native -9 us: not taken,
 # each can make the node fail to open where io_uring or O_DIRECT is not available)
 NODE_OPTIONS: dict[str, Any] = {"l2-cache-entry-size": 4096}
+# zeros written past a new overlay's end (see _runway)
+RUNWAY = 64 << 20
 
 
 class OverlayServer:
@@ -113,6 +115,7 @@ class OverlayServer:
                 for d, size in disks.items():
                     run_tool(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
                               OVERLAY_OPTIONS, str(rd / f"{d}.qcow2"), str(int(size))])
+                    _runway(rd / f"{d}.qcow2", min(RUNWAY, int(size)))
                 atomic_write_json(rd / "run.json", {"stream": stream, "disks": dict(disks),
                                                     "exports": exports, "created": time.time(),
                                                     "writer": writer_dn})
@@ -284,6 +287,23 @@ def _allocated(path: Path) -> bool:
     except DrsiteError:
         return True   # cannot tell: keep it
     return any(e.get("present") for e in json.loads(out))
+
+
+def _runway(path: Path, nbytes: int) -> None:
+    """Write ``nbytes`` of zeros past the end of the new overlay ``path`` and fsync. qcow2
+    appends the clusters it allocates, so the first ``nbytes`` of them overwrite blocks the
+    file system has already allocated and written: the written-through write's
+    ``fdatasync`` then needs no journal commit for a block allocation (ext4: 50-120 us less
+    per mirrored write at the overlay, measured, ``bench/sync_overlay_options.py``); past
+    the runway the overlay grows as before. qcow2 reads only what its tables name, so the
+    allocation map (what failover applies) is unchanged."""
+    zeros = bytes(1 << 20)
+    with open(path, "r+b") as f:
+        f.seek(0, os.SEEK_END)
+        while nbytes > 0:
+            nbytes -= f.write(zeros[:min(nbytes, len(zeros))])
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _listener(host: str) -> socket.socket:
