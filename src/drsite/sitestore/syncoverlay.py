@@ -9,8 +9,9 @@ from it). Each *run* of the primary's mirror gets a fresh sparse qcow2 overlay p
 (``<item>/<stream>/<disk>.qcow2``, virtual size = the disk's, 512-byte subclusters:
 ``extended_l2`` with 16 KiB clusters, so the allocation map is exactly the sectors the guest
 wrote; ``lazy_refcounts``) exported read-write with ``writethrough``: a write is answered only
-once it is flushed here. The daemon's NBD listener is ours, with ``TCP_NODELAY`` (see
-``_listener``). Invariants:
+once it is flushed here. A new overlay gets 64 MiB of written zeros past its end for the
+clusters qcow2 appends (``_runway``); the daemon's NBD listener is ours, with
+``TCP_NODELAY`` (``_listener``). Invariants:
 
 - an overlay is never handed out twice (``run.json`` is written before its export exists);
 - overlays are deleted only when a committed point's mark names a newer run (``trim``), or
