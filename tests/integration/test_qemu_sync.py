@@ -306,3 +306,58 @@ def test_black_holed_link_falls_back_within_the_budget(tmp_path: Path, certs: Te
         proxy.close()
         hv.delete_vm(vm_id)
         ov.stop()
+
+
+def _daemons_of(ov: OverlayServer, item: str) -> list[int]:
+    return ov._orphans(item)   # every qemu-storage-daemon serving the item's QMP socket
+
+
+def test_drop_stops_the_daemon_and_removes_the_files_also_after_a_crash(
+        tmp_path: Path, certs: TestCerts) -> None:
+    """An item whose sync state ended: ``drop`` stops its daemon — one an earlier agent
+    process started (``daemon.json``) and one it never recorded — and removes its directory;
+    a crash after the daemon stopped, or after the rename, is finished by the next ``drop``
+    or ``sweep``; a VM still mirroring into it only suspends."""
+    hv, vm_id, ov, _conf = sync_vm(tmp_path, certs)
+    try:
+        c = hv.seal(vm_id)
+        hv.release(c)
+        assert (hv.sync_status(vm_id) or {})["state"] == "in_sync"
+        guest_write(hv, vm_id, 0, 4096, 7)
+        assert len(_daemons_of(ov, ITEM)) == 1
+        # a later agent process: knows the daemon only by daemon.json
+        ov2 = OverlayServer(tmp_path / "overlays", certs.ca_file, certs.server_cert,
+                            certs.server_key)
+        assert ov2.items() == [ITEM]
+        assert ov2.drop(ITEM)
+        assert _daemons_of(ov, ITEM) == [] and not ov.item_dir(ITEM).exists()
+        assert ov2.items() == [] and not ov2.drop(ITEM)   # idempotent
+        assert not [p for p in (tmp_path / "overlays").iterdir()]
+        guest_write(hv, vm_id, 4096, 4096, 8)   # the guest's write still completes
+        assert until_state(hv, vm_id, "suspended")
+        # an unrecorded daemon (agent killed before daemon.json) and a crash after the stop
+        ov.provision(ITEM, {"d0": MiB}, dn(certs.client_cert))
+        (ov.item_dir(ITEM) / "daemon.json").unlink()
+        ov3 = OverlayServer(tmp_path / "overlays", certs.ca_file, certs.server_cert,
+                            certs.server_key)
+        ov3.stop_item(ITEM)                      # "daemon stopped", then the crash
+        assert _daemons_of(ov, ITEM) == [] and ov.item_dir(ITEM).is_dir()
+        assert ov3.drop(ITEM) and not ov.item_dir(ITEM).exists()
+        # a crash after the rename: sweep (at start) finishes it
+        ov.provision(ITEM, {"d0": MiB}, dn(certs.client_cert))
+        ov.stop_item(ITEM)
+        aside = tmp_path / "overlays" / f".dropped-{ITEM}-x"
+        os.replace(ov.item_dir(ITEM), aside)
+        assert ov3.items() == [] and ov3.sweep() == 1 and not aside.exists()
+    finally:
+        hv.delete_vm(vm_id)
+        ov.stop()
+
+
+def until_state(hv: QemuHypervisor, vm_id: str, state: str, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (hv.sync_status(vm_id) or {}).get("state") == state:
+            return True
+        time.sleep(0.1)
+    return False

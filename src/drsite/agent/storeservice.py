@@ -110,6 +110,7 @@ class StoreService:
         except OSError as e:
             raise classify_os_error(e, f"replica directory {self.replicas_dir}") from e
         self.sync = self._start_sync()
+        self.overlays.sweep()   # removals a crash interrupted
         app = make_store_app(self._store, self.replicas_dir, acl=self.acl, audit=self.audit,
                              sync_port=self.sync.port, overlays=self.overlays)
         self._server = tlsutil.start_in_thread(
@@ -182,6 +183,10 @@ class StoreService:
             self.drop_journals()
         except DrsiteError as e:
             log.warning("deleting sync journals failed: %s", e)
+        try:
+            self.drop_overlays()
+        except DrsiteError as e:
+            log.warning("deleting sync overlays failed: %s", e)
         for item_id in self.item_ids():
             if self._stop.is_set():
                 break
@@ -229,6 +234,30 @@ class StoreService:
             sync.drop(item_id)
             log.info("sync journal of %s deleted: the vault no longer protects the item to "
                      "this site", item_id)
+        return gone
+
+    def drop_overlays(self) -> list[str]:
+        """Delete the sync overlays (daemon, files) of the items whose sync state ended on
+        this site, by the journals' rule (:meth:`drop_journals`: not in the recovery book's
+        ``sync_journals``; none without such a book), except while a failover holds the
+        replica (a break-glass failover reads them). Each deletion is audited. Also finishes
+        interrupted removals. The items whose overlays went."""
+        book = self.book
+        self.overlays.sweep()
+        keep = (book.doc or {}).get("sync_journals") if book is not None else None
+        if not isinstance(keep, list):
+            return []
+        kept = set(keep)
+        gone = []
+        for item_id in self.overlays.items():
+            if item_id in kept or replica_held(self.replicas_dir, item_id):
+                continue
+            if self.overlays.drop(item_id):
+                gone.append(item_id)
+                self.audit.record("delete", f"sync-overlays/{item_id}", item_id,
+                                  self.identity.host_id, "ok")
+                log.info("sync overlays of %s deleted (daemon stopped, files removed): the "
+                         "vault no longer protects the item to this site", item_id)
         return gone
 
     def _trim_journal(self, item_id: str) -> None:

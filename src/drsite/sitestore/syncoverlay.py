@@ -15,7 +15,13 @@ once it is flushed here. Invariants:
 - overlays are deleted only when a committed point's mark names a newer run (``trim``), or
   when they were never written and a later run was (an overlay of a run that never began);
 - a failover stops the item's daemon first (:meth:`OverlayServer.stop_item`): nothing writes
-  an overlay once failover reads it.
+  an overlay once failover reads it;
+- an item whose sync state ended here (unprotected, protection disabled, failed over and
+  committed, re-protected the other way) loses everything at once (:meth:`OverlayServer.drop`):
+  its daemon is stopped (also one a killed agent left, found by its QMP socket), then its
+  directory is renamed aside (``.dropped-*``: one atomic step) and removed; a crash in between
+  is finished by the next :meth:`~OverlayServer.drop` (the directory is still there) or by
+  :meth:`~OverlayServer.sweep` at start.
 
 Responsible for: the daemons, overlay files, exports, trimming. Not responsible for: applying
 overlays (``failover.synctail``), deciding who may write (the store's access list).
@@ -41,15 +47,16 @@ from typing import Any
 
 from cryptography import x509
 
-from drsite.core.errors import DrsiteError, InvalidInput, PermanentError
+from drsite.core.errors import DrsiteError, InvalidInput, PermanentError, classify_os_error
 from drsite.core.model import validate_name
-from drsite.fsutil import atomic_write_json, read_json
+from drsite.fsutil import atomic_write_json, fsync_dir, read_json
 from drsite.hypervisors.qemu.qmp import QmpClient, wait_for_monitor
 from drsite.hypervisors.qemu.runner import process_token
 from drsite.hypervisors.qemu.tools import run_tool
 
 log = logging.getLogger(__name__)
 DAEMON = "qemu-storage-daemon"
+DROPPED = ".dropped-"   # an item's directory renamed aside, being removed (sweep finishes it)
 # extended_l2 with 16 KiB clusters: 32 subclusters of 512 bytes (the allocation map is exactly
 # the sectors written); lazy_refcounts: a written-through write flushes data and L2 only, not
 # the refcounts (3x fewer flushes, measured; refcounts are repaired when a crashed overlay is
@@ -203,6 +210,13 @@ class OverlayServer:
                 time.sleep(0.02)
             if process_token(int(rec["pid"])) == rec.get("token"):
                 os.kill(int(rec["pid"]), signal.SIGKILL)
+        for pid in self._orphans(item_id):
+            tok = process_token(pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)   # unrecorded: its runs were never handed out
+            deadline = time.monotonic() + 10.0
+            while tok is not None and process_token(pid) == tok and time.monotonic() < deadline:
+                time.sleep(0.02)
         (self.item_dir(item_id) / "daemon.json").unlink(missing_ok=True)
         sock = self._qmp(item_id)
         sock.unlink(missing_ok=True)
@@ -213,6 +227,63 @@ class OverlayServer:
         with self._lock:
             for item_id in list(self._daemons):
                 self._stop_locked(item_id)
+
+    def items(self) -> list[str]:
+        """Items that have overlays (a directory) here."""
+        try:
+            return sorted(p.name for p in self.root.iterdir()
+                          if p.is_dir() and not p.name.startswith("."))
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise classify_os_error(e, f"sync overlays {self.root}") from e
+
+    def drop(self, item_id: str) -> bool:
+        """Delete everything of the item here (its sync state ended on this site): stop its
+        daemon, rename its directory aside, remove it. Idempotent; whether there was one.
+        The caller decides that no failover can need the overlays any more."""
+        d = self.item_dir(item_id)
+        with self._lock:
+            self._stop_locked(item_id)   # nothing writes or exports the files from here on
+            try:
+                if d.is_dir():
+                    os.replace(d, self.root / f"{DROPPED}{item_id}-{uuid.uuid4().hex[:8]}")
+                    fsync_dir(self.root)
+                    existed = True
+                else:
+                    existed = False
+            except OSError as e:
+                raise classify_os_error(e, f"sync overlays {d}") from e
+        self.sweep()
+        return existed
+
+    def sweep(self) -> int:
+        """Finish removals a crash interrupted (every ``.dropped-*`` directory); how many."""
+        try:
+            gone = [p for p in self.root.iterdir() if p.name.startswith(DROPPED)]
+        except FileNotFoundError:
+            return 0
+        except OSError as e:
+            raise classify_os_error(e, f"sync overlays {self.root}") from e
+        for p in gone:
+            shutil.rmtree(p, ignore_errors=True)
+        return len(gone)
+
+    def _orphans(self, item_id: str) -> list[int]:
+        """Daemons serving this item's QMP socket that no ``daemon.json`` names (an agent
+        killed between starting one and recording it)."""
+        needle = f"path={self._qmp(item_id)},".encode()
+        out = []
+        for p in Path("/proc").iterdir():
+            if not p.name.isdigit():
+                continue
+            try:
+                argv = (p / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv and argv[0].endswith(DAEMON.encode()) and any(needle in a for a in argv):
+                out.append(int(p.name))
+        return out
 
     # -- trimming -----------------------------------------------------------------------------
     def trim(self, item_id: str, stream: str | None) -> int:
