@@ -361,3 +361,83 @@ def until_state(hv: QemuHypervisor, vm_id: str, state: str, timeout: float = 20.
             return True
         time.sleep(0.1)
     return False
+
+
+def test_rotation_switches_layers_under_the_live_mirror_and_retires_the_old_ones(
+        tmp_path: Path, certs: TestCerts) -> None:
+    """A long run's overlay gets a new layer under the export (the mirror stays in sync);
+    point + every layer in order = the disks; the older layers go only once the point before
+    the latest was committed after the switch, and point + the layers left = the disks."""
+    hv, vm_id, ov, conf = sync_vm(tmp_path, certs)
+    stream = conf["stream"]
+    rd = ov.run_dir(ITEM, stream)
+    try:
+        c0 = hv.seal(vm_id)
+        img0 = point_image(hv, c0, tmp_path / "p0.img")
+        want = bytearray(img0.read_bytes())
+        hv.release(c0)
+
+        def write(off: int, n: int, pattern: int) -> None:
+            guest_write(hv, vm_id, off, n, pattern)
+            want[off:off + n] = bytes([pattern]) * n
+
+        write(0, 64 * 1024, 1)                       # layer 0
+        assert ov.rotate(ITEM, lambda _i: None) is None            # under the threshold
+        assert ov.rotate(ITEM, lambda _i: "p000000000001", force=True) == 1
+        rec = json.loads((rd / "run.json").read_text())
+        assert rec["layers"] == [0, 1] and rec["switched"] == {"1": "p000000000001"}
+        write(512, 512, 2)                           # layer 1: over a sector of layer 0's
+        write(5 * MiB, 4096, 3)
+        assert (hv.sync_status(vm_id) or {})["state"] == "in_sync"
+        c1 = hv.seal(vm_id)                          # sealed after the switch
+        assert c1.sync_mark == {"stream": stream, "seq": 1}
+        img1 = point_image(hv, c1, tmp_path / "p1.img")
+        hv.release(c1)
+        # not proven: the point before the latest was committed before the switch
+        assert ov.retire(ITEM, "p000000000002", "p000000000001") == 0
+        assert ov.rotate(ITEM, lambda _i: "p000000000002", force=True) == 2
+        write(6 * MiB, 4096, 4)                      # layer 2
+        assert ov.retire(ITEM, "p000000000003", "p000000000002") == 1   # layer 0 goes
+        rec = json.loads((rd / "run.json").read_text())
+        assert rec["layers"] == [1, 2] and not (rd / "d0.qcow2").exists()
+        write(7 * MiB, 4096, 5)                      # still mirrored, into layer 2
+        assert (hv.sync_status(vm_id) or {})["state"] == "in_sync"
+        hv.kill(vm_id)
+        ov.stop_item(ITEM)
+        tail = OverlayTail(ov.item_dir(ITEM))
+        tail.apply(stream, 1, {"d0": img1})          # the point sealed after layer 1's switch
+        assert img1.read_bytes() == want
+        assert img0.read_bytes() != want             # the first point alone misses them
+    finally:
+        hv.delete_vm(vm_id)
+        ov.stop()
+
+
+def test_every_layer_in_order_over_the_first_point(tmp_path: Path, certs: TestCerts) -> None:
+    """Before any retirement, the point the run began at + layers 0, 1, 2 in order = the
+    disks, also where a later layer rewrote a sector of an earlier one."""
+    hv, vm_id, ov, conf = sync_vm(tmp_path, certs)
+    try:
+        c0 = hv.seal(vm_id)
+        img0 = point_image(hv, c0, tmp_path / "p0.img")
+        want = bytearray(img0.read_bytes())
+        hv.release(c0)
+        for layer, (off, n) in enumerate([(0, 8192), (4096, 512), (4096 + 512, 4096)]):
+            guest_write(hv, vm_id, off, n, 10 + layer)
+            want[off:off + n] = bytes([10 + layer]) * n
+            guest_write(hv, vm_id, 2 * MiB + layer * 4096, 4096, 20 + layer)
+            want[2 * MiB + layer * 4096:2 * MiB + (layer + 1) * 4096] = bytes([20 + layer]) * 4096
+            if layer < 2:
+                assert ov.rotate(ITEM, lambda _i: None, force=True) == layer + 1
+        assert (hv.sync_status(vm_id) or {})["state"] == "in_sync"
+        hv.kill(vm_id)
+        ov.stop_item(ITEM)
+        tail = OverlayTail(ov.item_dir(ITEM))
+        n, nbytes = tail.apply(conf["stream"], 0, {"d0": img0})
+        assert n == 1 and nbytes >= 8192 + 512 + 4096 + 3 * 4096
+        assert img0.read_bytes() == want
+        tail.apply(conf["stream"], 0, {"d0": img0})   # idempotent
+        assert img0.read_bytes() == want
+    finally:
+        hv.delete_vm(vm_id)
+        ov.stop()

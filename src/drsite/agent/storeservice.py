@@ -35,7 +35,7 @@ from drsite.sitestore import SiteObjectStore, make_store_app
 from drsite.sitestore.acl import ACL_FILE, StoreAcl
 from drsite.sitestore.audit import StoreAuditLog
 from drsite.sitestore.server import replica_held
-from drsite.sitestore.syncoverlay import OverlayServer
+from drsite.sitestore.syncoverlay import ROTATE_BYTES, OverlayServer
 from drsite.sitestore.syncserver import SyncServer, journals_dir
 from drsite.store.local.backend import LocalObjectStore
 from drsite.store.replica import ReplicaHydrator
@@ -67,7 +67,7 @@ class StoreService:
 
     def __init__(self, identity: AgentIdentity, store_dir: Path, replicas_dir: Path,
                  listen: str, *, hydrate_every_s: float = HYDRATE_EVERY_S,
-                 acl_file: Path | None = None) -> None:
+                 acl_file: Path | None = None, overlay_rotate_bytes: int = ROTATE_BYTES) -> None:
         self.identity = identity
         self.store_dir = Path(store_dir)
         self.replicas_dir = Path(replicas_dir)
@@ -83,7 +83,8 @@ class StoreService:
         # synchronous QEMU VMs' overlays (DATA/sync-overlays/<item>/<run>/), NBD beside the store
         self.overlays = OverlayServer(self.replicas_dir.parent / "sync-overlays",
                                       identity.ca_file, identity.cert_file, identity.key_file,
-                                      host=self.host or "127.0.0.1")
+                                      host=self.host or "127.0.0.1",
+                                      rotate_bytes=overlay_rotate_bytes)
         # the recovery book (the daemon's): which items' sync journals to keep
         self.book: RecoveryBook | None = None
         self._self_client: SiteObjectStore | None = None
@@ -187,6 +188,11 @@ class StoreService:
             self.drop_overlays()
         except DrsiteError as e:
             log.warning("deleting sync overlays failed: %s", e)
+        for item_id in self.overlays.items():
+            try:   # a long run's overlay past the threshold gets a new layer
+                self.overlays.rotate(item_id, self._latest_point_id)
+            except DrsiteError as e:
+                log.warning("rotating the sync overlay of %s failed: %s", item_id, e)
         for item_id in self.item_ids():
             if self._stop.is_set():
                 break
@@ -279,6 +285,12 @@ class StoreService:
         if mark and self.overlays.trim(item_id, str(mark.get("stream"))):
             log.info("sync overlays of %s older than point %s's run dropped", item_id,
                      latest.point_id if latest else "?")
+        if latest is not None and self.overlays.item_dir(item_id).is_dir():
+            ids = repo.point_ids()
+            prev = ids[-2] if len(ids) > 1 and ids[-1] == latest.point_id else None
+            if prev is not None:
+                repo.point(prev)   # authentic too (raises otherwise)
+            self.overlays.retire(item_id, latest.point_id, prev)
         if not sync.has_journal(item_id):
             return
         if latest is not None and outlived(journal_state(sync.journals / item_id),

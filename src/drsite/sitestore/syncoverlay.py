@@ -42,13 +42,16 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 
+from drsite import failpoints
 from drsite.core.errors import DrsiteError, InvalidInput, PermanentError, classify_os_error
 from drsite.core.model import validate_name
+from drsite.failover.synctail import layer_path, run_layers
 from drsite.fsutil import atomic_write_json, fsync_dir, read_json
 from drsite.hypervisors.qemu.qmp import QmpClient, wait_for_monitor
 from drsite.hypervisors.qemu.runner import process_token
@@ -62,15 +65,20 @@ DROPPED = ".dropped-"   # an item's directory renamed aside, being removed (swee
 # the refcounts (3x fewer flushes, measured; refcounts are repaired when a crashed overlay is
 # opened read-write, which qemu-img commit does; reads never need them)
 OVERLAY_OPTIONS = "extended_l2=on,cluster_size=16k,lazy_refcounts=on"
+# a run's top layer is rotated past this many bytes on disk (design.md: the failover's
+# qemu-img commit of a layer this size takes seconds, the space it holds is at most about
+# twice this until two points are committed after the switch, and a rotation costs one drain)
+ROTATE_BYTES = 256 << 20
 
 
 class OverlayServer:
     """Sync overlays under ``root/<item>/<stream>/`` (see module doc). Thread-safe."""
 
     def __init__(self, root: Path, ca_file: Path, cert_file: Path, key_file: Path, *,
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", rotate_bytes: int = ROTATE_BYTES) -> None:
         self.root = Path(root)
         self.host = host
+        self.rotate_bytes = rotate_bytes
         self._tls = (Path(ca_file), Path(cert_file), Path(key_file))
         self._lock = threading.Lock()
         self._daemons: dict[str, tuple[subprocess.Popen[bytes], int, str]] = {}
@@ -285,6 +293,160 @@ class OverlayServer:
                 out.append(int(p.name))
         return out
 
+    # -- rotation (design.md "Rotating a run's overlay") ------------------------------------
+    def top_bytes(self, item_id: str) -> int:
+        """Bytes on disk of the newest run's newest layer (every disk)."""
+        runs = self.runs(item_id)
+        if not runs:
+            return 0
+        rd = self.run_dir(item_id, str(runs[-1]["stream"]))
+        top = run_layers(runs[-1])[-1]
+        total = 0
+        for d in runs[-1]["disks"]:
+            with contextlib.suppress(OSError):
+                total += layer_path(rd, d, top).stat().st_blocks * 512
+        return total
+
+    def rotate(self, item_id: str, latest_point: Callable[[str], str | None], *,
+               force: bool = False) -> int | None:
+        """Past ``rotate_bytes`` (or ``force``): give the run this process's daemon exports
+        a new top layer, switched in under the export in one transaction (the primary's
+        mirror does not notice). Returns the new layer's number, or None. Steps, each safe to
+        crash after: the layer files; ``run.json`` lists the layer (a failover applies it,
+        empty or not); the switch; ``switched[n]`` = the newest committed point after the
+        switch (what :meth:`retire` compares with)."""
+        with self._lock:
+            cur = self._daemons.get(item_id)
+            runs = self.runs(item_id)
+            if cur is None or cur[0].poll() is not None or not runs:
+                return None
+            if not force and self.top_bytes(item_id) <= self.rotate_bytes:
+                return None
+            rec = runs[-1]
+            stream = str(rec["stream"])
+            rd = self.run_dir(item_id, stream)
+            disks = sorted(rec["disks"])
+            with QmpClient.connect(str(self._qmp(item_id)), timeout=10.0) as q:
+                tops = {str(e.get("id")): str(e.get("node-name"))
+                        for e in q.execute("query-block-exports")}
+                top = _layer_of(tops.get(_node(stream, 0, 0)))
+                if top is None:
+                    return None   # not exported here (an older daemon's run)
+                layers = run_layers(rec)
+                if layers[-1] != top and top in layers:
+                    # listed after the top but never switched in (a crash): never written
+                    layers = layers[:layers.index(top) + 1]
+                    self._write_run(rd, {**rec, "layers": layers})
+                self._tidy(rd, {**rec, "layers": layers})
+                n = layers[-1] + 1
+                for d in disks:
+                    run_tool(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                              OVERLAY_OPTIONS, str(layer_path(rd, d, n)),
+                              str(int(rec["disks"][d]))])
+                rec = {**rec, "layers": [*layers, n]}
+                self._write_run(rd, rec)
+                failpoints.hit("overlay.rotate-listed")
+                added: list[str] = []
+                try:
+                    actions = []
+                    for i, d in enumerate(disks):
+                        q.execute("blockdev-add", {"driver": "file", "node-name":
+                                                   _file_node(stream, i, n),
+                                                   "filename": str(layer_path(rd, d, n))})
+                        added.append(_file_node(stream, i, n))
+                        q.execute("blockdev-add", {"driver": "qcow2",
+                                                   "node-name": _node(stream, i, n),
+                                                   "file": _file_node(stream, i, n),
+                                                   "backing": None})
+                        added.append(_node(stream, i, n))
+                        actions.append({"type": "blockdev-snapshot", "data": {
+                            "node": _node(stream, i, top), "overlay": _node(stream, i, n)}})
+                    q.execute("transaction", {"actions": actions})
+                except DrsiteError:
+                    for node in reversed(added):
+                        with contextlib.suppress(DrsiteError):
+                            q.execute("blockdev-del", {"node-name": node})
+                    self._write_run(rd, {**rec, "layers": layers})
+                    self._tidy(rd, {**rec, "layers": layers})
+                    raise
+            failpoints.hit("overlay.rotate-switched")
+            switched = dict(rec.get("switched") or {})
+            switched[str(n)] = latest_point(item_id)
+            self._write_run(rd, {**rec, "switched": switched})
+        log.info("sync overlay %s of %s rotated to layer %d (after point %s)", stream[:8],
+                 item_id, n, switched[str(n)])
+        return n
+
+    def retire(self, item_id: str, latest_id: str | None, previous_id: str | None) -> int:
+        """Delete the layers no failover can need: those before a layer whose switch came
+        before the seal of the item's latest authentic point ``latest_id`` — proven by the
+        point before it, ``previous_id``, having been committed after the switch (a VM seals
+        one cycle at a time, so the second point committed after the switch was sealed after
+        it, and every write of the older layers is in it). Steps, each safe to crash after:
+        the daemon drops the older layers' nodes; ``run.json`` stops listing them; the files
+        go. Returns how many layers went."""
+        if latest_id is None or previous_id is None:
+            return 0
+        gone = 0
+        with self._lock:
+            for rec in self.runs(item_id):
+                stream = str(rec["stream"])
+                rd = self.run_dir(item_id, stream)
+                layers = run_layers(rec)
+                switched = rec.get("switched") or {}
+                proven = [n for n in layers[1:] if str(n) in switched
+                          and previous_id > str(switched[str(n)] or "")]
+                if not proven:
+                    self._tidy(rd, rec)
+                    continue
+                k = proven[-1]
+                old = [n for n in layers if n < k]
+                self._detach(item_id, stream, len(rec["disks"]), k, old)
+                failpoints.hit("overlay.retire-detached")
+                rec = {**rec, "layers": [n for n in layers if n >= k],
+                       "switched": {m: p for m, p in switched.items() if int(m) >= k}}
+                self._write_run(rd, rec)
+                failpoints.hit("overlay.retire-forgotten")
+                self._tidy(rd, rec)
+                gone += len(old)
+                log.info("sync overlay %s of %s: %d layer(s) before layer %d retired (point %s "
+                         "was sealed after its switch)", stream[:8], item_id, len(old), k,
+                         latest_id)
+        return gone
+
+    def _detach(self, item_id: str, stream: str, ndisks: int, k: int, old: list[int]) -> None:
+        """In this process's daemon, if it serves the run: layer ``k`` loses its backing and
+        the ``old`` layers' nodes go (a daemon this process did not start keeps them open:
+        it never reads them — the mirror writes whole 512-byte sectors, one subcluster —, and
+        their space comes back when it quits)."""
+        cur = self._daemons.get(item_id)
+        if cur is None or cur[0].poll() is not None:
+            return
+        with QmpClient.connect(str(self._qmp(item_id)), timeout=10.0) as q:
+            names = {str(n.get("node-name")) for n in q.execute("query-named-block-nodes")}
+            for i in range(ndisks):
+                if _node(stream, i, k) not in names:
+                    continue
+                q.execute("blockdev-reopen", {"options": [{
+                    "driver": "qcow2", "node-name": _node(stream, i, k),
+                    "file": _file_node(stream, i, k), "backing": None}]})
+                for n in reversed(old):
+                    for node in (_node(stream, i, n), _file_node(stream, i, n) if n else None):
+                        if node in names:
+                            q.execute("blockdev-del", {"node-name": node})
+
+    def _tidy(self, rd: Path, rec: dict[str, Any]) -> None:
+        """Remove the layer files ``run.json`` does not list: created but never listed (so
+        never switched in), or no longer listed (retired)."""
+        keep = {layer_path(rd, d, n).name for n in run_layers(rec) for d in rec["disks"]}
+        for p in rd.glob("*.qcow2"):
+            if p.name not in keep:
+                p.unlink(missing_ok=True)
+
+    @staticmethod
+    def _write_run(rd: Path, rec: dict[str, Any]) -> None:
+        atomic_write_json(rd / "run.json", rec)
+
     # -- trimming -----------------------------------------------------------------------------
     def trim(self, item_id: str, stream: str | None) -> int:
         """A committed point's mark names run ``stream``: delete the runs provisioned before
@@ -307,8 +469,8 @@ class OverlayServer:
         something: never begun (a primary never goes back to an older run). An empty run
         after the newest written one may be the one running now: kept."""
         runs = self.runs(item_id)
-        written = [any(_allocated(self.run_dir(item_id, str(r["stream"])) / f"{d}.qcow2")
-                       for d in r["disks"]) for r in runs]
+        written = [any(_allocated(layer_path(self.run_dir(item_id, str(r["stream"])), d, n))
+                       for d in r["disks"] for n in run_layers(r)) for r in runs]
         if True not in written:
             return
         newest = len(written) - 1 - written[::-1].index(True)
@@ -318,25 +480,48 @@ class OverlayServer:
 
     def _delete_run(self, item_id: str, stream: str) -> None:
         rd = self.run_dir(item_id, stream)
+        rec = _read(rd / "run.json") or {}
+        layers = run_layers(rec)
         try:
             with QmpClient.connect(str(self._qmp(item_id)), timeout=2.0) as q:
-                for i in range(16):
-                    node = f"ov-{stream[:12]}-{i}"
+                for i in range(len(rec.get("disks") or {}) or 16):
                     try:
-                        q.execute("block-export-del", {"id": node, "mode": "hard"})
+                        q.execute("block-export-del", {"id": _node(stream, i, 0),
+                                                       "mode": "hard"})
                     except DrsiteError:
+                        if rec:
+                            continue
                         break
                     deadline = time.monotonic() + 5.0
-                    while time.monotonic() < deadline:
+                    nodes = [x for n in reversed(layers)
+                             for x in (_node(stream, i, n), _file_node(stream, i, n) if n
+                                       else None) if x]
+                    while nodes and time.monotonic() < deadline:
                         try:
-                            q.execute("blockdev-del", {"node-name": node})
-                            break
+                            q.execute("blockdev-del", {"node-name": nodes[0]})
+                            nodes.pop(0)
                         except DrsiteError:
                             time.sleep(0.02)   # the export is still going away
         except DrsiteError:
             pass   # no daemon: nothing exports it
         (rd / "run.json").unlink(missing_ok=True)
         shutil.rmtree(rd, ignore_errors=True)
+
+
+def _node(stream: str, disk: int, layer: int) -> str:
+    """The daemon's qcow2 node of a layer (layer 0's is also its export's id)."""
+    return f"ov-{stream[:12]}-{disk}" + (f"-L{layer}" if layer else "")
+
+
+def _file_node(stream: str, disk: int, layer: int) -> str:
+    return f"ovf-{stream[:12]}-{disk}-L{layer}"
+
+
+def _layer_of(node: str | None) -> int | None:
+    if not node:
+        return None
+    _, sep, tail = node.rpartition("-L")
+    return int(tail) if sep and tail.isdigit() else 0
 
 
 def _allocated(path: Path) -> bool:
