@@ -441,3 +441,24 @@ def test_every_layer_in_order_over_the_first_point(tmp_path: Path, certs: TestCe
     finally:
         hv.delete_vm(vm_id)
         ov.stop()
+
+
+def test_a_run_the_latest_point_outlived_goes(tmp_path: Path, certs: TestCerts) -> None:
+    """A run goes once a committed point marked it (it began) and a newer latest point is
+    not of it (the item went asynchronous); a run no point marked (not begun: it may begin
+    at the next seal) and the run the latest point names stay."""
+    ov = OverlayServer(tmp_path / "overlays", certs.ca_file, certs.server_cert, certs.server_key)
+    try:
+        who = dn(certs.client_cert)
+        a = ov.provision(ITEM, {"d0": MiB}, who)["stream"]
+        assert ov.drop_outlived(ITEM, "p000000000005", None) == 0      # never marked: kept
+        ov.note_marked(ITEM, a, "p000000000003")
+        ov.note_marked(ITEM, a, "p000000000004")                       # the first one counts
+        assert ov.drop_outlived(ITEM, "p000000000003", a) == 0         # the latest is of it
+        assert ov.drop_outlived(ITEM, "p000000000004", a) == 0
+        b = ov.provision(ITEM, {"d0": MiB}, who)["stream"]
+        assert ov.drop_outlived(ITEM, "p000000000005", None) == 1      # asynchronous now
+        assert [r["stream"] for r in ov.runs(ITEM)] == [b]
+        assert not ov.run_dir(ITEM, a).exists()
+    finally:
+        ov.stop()

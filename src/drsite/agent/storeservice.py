@@ -286,6 +286,11 @@ class StoreService:
             log.info("sync overlays of %s older than point %s's run dropped", item_id,
                      latest.point_id if latest else "?")
         if latest is not None and self.overlays.item_dir(item_id).is_dir():
+            if mark.get("stream"):
+                self.overlays.note_marked(item_id, str(mark["stream"]), latest.point_id)
+            if self.overlays.drop_outlived(item_id, latest.point_id, mark.get("stream")):
+                log.info("sync overlays of %s deleted: point %s was sealed after their mirror "
+                         "ended", item_id, latest.point_id)
             ids = repo.point_ids()
             prev = ids[-2] if len(ids) > 1 and ids[-1] == latest.point_id else None
             if prev is not None:

@@ -13,7 +13,11 @@ once it is flushed here. Invariants:
 
 - an overlay is never handed out twice (``run.json`` is written before its export exists);
 - overlays are deleted only when a committed point's mark names a newer run (``trim``), or
-  when they were never written and a later run was (an overlay of a run that never began);
+  when they were never written and a later run was (an overlay of a run that never began),
+  or when a point marked the run and a newer latest point is not of it (``drop_outlived``:
+  the item went asynchronous);
+- a run's overlay is a chain of layers (``rotate``/``retire``; the argument is in
+  ``hypervisors/qemu/design.md``, synchronous mode 7);
 - a failover stops the item's daemon first (:meth:`OverlayServer.stop_item`): nothing writes
   an overlay once failover reads it;
 - an item whose sync state ended here (unprotected, protection disabled, failed over and
@@ -462,6 +466,30 @@ class OverlayServer:
             for r in runs[:names.index(stream)]:
                 self._delete_run(item_id, str(r["stream"]))
                 n += 1
+        return n
+
+    def note_marked(self, item_id: str, stream: str, point_id: str) -> None:
+        """A committed (authentic) point sealed inside run ``stream``: the run began. The
+        first such point is kept in ``run.json`` (``marked``) for :meth:`drop_outlived`."""
+        with self._lock:
+            for rec in self.runs(item_id):
+                if rec["stream"] == stream and not rec.get("marked"):
+                    self._write_run(self.run_dir(item_id, stream), {**rec, "marked": point_id})
+
+    def drop_outlived(self, item_id: str, latest_id: str, latest_stream: str | None) -> int:
+        """Delete the runs the item's latest authentic point ``latest_id`` outlived: a run
+        that had begun (a committed point ``marked`` it) while the latest point, newer than
+        that one, is not of it. A primary marks every seal while a run is healthy and never
+        resumes a run that was not, so that run ended before the latest point's seal and its
+        writes are in it (the item went asynchronous, or a later run replaced it). Returns
+        how many went."""
+        n = 0
+        with self._lock:
+            for rec in self.runs(item_id):
+                marked = rec.get("marked")
+                if marked and latest_id > str(marked) and rec["stream"] != latest_stream:
+                    self._delete_run(item_id, str(rec["stream"]))
+                    n += 1
         return n
 
     def _drop_unwritten(self, item_id: str) -> None:
