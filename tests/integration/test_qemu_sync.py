@@ -462,3 +462,39 @@ def test_a_run_the_latest_point_outlived_goes(tmp_path: Path, certs: TestCerts) 
         assert not ov.run_dir(ITEM, a).exists()
     finally:
         ov.stop()
+
+
+def test_a_site_silent_between_the_probe_and_the_run_start_is_cut_off(
+        tmp_path: Path, certs: TestCerts, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The overlay's daemon stops (SIGSTOP: the kernel still accepts the connection, nobody
+    answers the TLS handshake) right after the seal's probe: the run start's ``blockdev-add``
+    would wait in QEMU's main loop for ever; our copy of the connection is shut down after
+    ``ADD_GUARD_S``, the add fails, the seal completes asynchronously with the reason, and
+    QEMU answers again."""
+    from drsite.hypervisors.qemu import syncmirror
+    hv, vm_id, ov, _conf = sync_vm(tmp_path, certs, budget_ms=200)
+    daemon = json.loads((ov.item_dir(ITEM) / "daemon.json").read_text())
+    real_probe = syncmirror.probe
+
+    def probe_then_stop(conf: dict[str, Any], timeout: float) -> str | None:
+        why = real_probe(conf, timeout)
+        os.kill(int(daemon["pid"]), signal.SIGSTOP)
+        return why
+
+    monkeypatch.setattr(syncmirror, "probe", probe_then_stop)
+    try:
+        t0 = time.monotonic()
+        c = hv.seal(vm_id)
+        took = time.monotonic() - t0
+        assert c.sync_mark is None, c.sync_mark
+        assert "sync mirror not begun" in c.note and "handshake" in c.note, c.note
+        assert took < syncmirror.ADD_GUARD_S + 5.0, took
+        st = hv.sync_status(vm_id) or {}
+        assert st["state"] == "suspended" and "handshake" in st["reason"], st
+        guest_write(hv, vm_id, 0, 4096, 9)            # QEMU's main loop runs again
+        hv.release(c)
+        print(f"seal with a silent site: {took:.2f} s")
+    finally:
+        os.kill(int(daemon["pid"]), signal.SIGCONT)
+        hv.delete_vm(vm_id)
+        ov.stop()
