@@ -204,6 +204,8 @@ def test_sync_item_failover_reprotect_in_sync_again_and_failback(tmp_path: Path)
         prim_overlays = [p for p in (c.root / "primary").rglob("sync-overlays/*")
                          if p.name == rev]
         assert prim_overlays, "no overlay of the reverse item on the old primary's site"
+        # the forward item's sync state ended on the recovery site: its overlays went
+        assert until(lambda: not overlay_dirs(camp, item), 60, poll=0.5), overlay_dirs(camp, item)
         w2 = QemuWriter(camp.sec, rec.vm_id, 2)
         w2._seq = w._seq + 1_000_000   # stamps newer than every first-phase one
         w2.start()

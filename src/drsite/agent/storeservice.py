@@ -245,8 +245,9 @@ class StoreService:
     def drop_overlays(self) -> list[str]:
         """Delete the sync overlays (daemon, files) of the items whose sync state ended on
         this site, by the journals' rule (:meth:`drop_journals`: not in the recovery book's
-        ``sync_journals``; none without such a book), except while a failover holds the
-        replica (a break-glass failover reads them). Each deletion is audited. Also finishes
+        ``sync_journals``; none without such a book). A failover not committed keeps its
+        item in the list; the held marker a real failover leaves on the replica does not
+        count (it stays after the commit). Each deletion is audited. Also finishes
         interrupted removals. The items whose overlays went."""
         book = self.book
         self.overlays.sweep()
@@ -256,7 +257,7 @@ class StoreService:
         kept = set(keep)
         gone = []
         for item_id in self.overlays.items():
-            if item_id in kept or replica_held(self.replicas_dir, item_id):
+            if item_id in kept:
                 continue
             if self.overlays.drop(item_id):
                 gone.append(item_id)
