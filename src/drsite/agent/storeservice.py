@@ -271,7 +271,9 @@ class StoreService:
         """Drop the sync journal's segments, and the sync overlays of runs older than its run,
         that the item's latest (authentic) point covers; the whole journal once that point was
         sealed after the journal's mirror ended (``syncjournal.outlived``: the item went
-        asynchronous)."""
+        asynchronous), and likewise a sync overlay run it outlived (``drop_outlived``); and the
+        layers of a rotated overlay that the latest point was sealed after (``retire``: the
+        point before it committed after their successor's switch)."""
         sync = self.sync
         if sync is None or replica_held(self.replicas_dir, item_id) or \
                 not (sync.has_journal(item_id) or self.overlays.item_dir(item_id).is_dir()):
@@ -295,7 +297,11 @@ class StoreService:
             ids = repo.point_ids()
             prev = ids[-2] if len(ids) > 1 and ids[-1] == latest.point_id else None
             if prev is not None:
-                repo.point(prev)   # authentic too (raises otherwise)
+                try:
+                    repo.point(prev)   # authentic too
+                except DrsiteError as e:
+                    log.debug("sync overlay layers of %s kept: point %s: %s", item_id, prev, e)
+                    prev = None
             self.overlays.retire(item_id, latest.point_id, prev)
         if not sync.has_journal(item_id):
             return
