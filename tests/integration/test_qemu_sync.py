@@ -318,7 +318,7 @@ def test_drop_stops_the_daemon_and_removes_the_files_also_after_a_crash(
     process started (``daemon.json``) and one it never recorded — and removes its directory;
     a crash after the daemon stopped, or after the rename, is finished by the next ``drop``
     or ``sweep``; a VM still mirroring into it only suspends."""
-    hv, vm_id, ov, _conf = sync_vm(tmp_path, certs)
+    hv, vm_id, ov, _conf = sync_vm(tmp_path, certs, budget_ms=2000)  # a loaded box: no watchdog cut
     try:
         c = hv.seal(vm_id)
         hv.release(c)
@@ -368,7 +368,7 @@ def test_rotation_switches_layers_under_the_live_mirror_and_retires_the_old_ones
     """A long run's overlay gets a new layer under the export (the mirror stays in sync);
     point + every layer in order = the disks; the older layers go only once the point before
     the latest was committed after the switch, and point + the layers left = the disks."""
-    hv, vm_id, ov, conf = sync_vm(tmp_path, certs)
+    hv, vm_id, ov, conf = sync_vm(tmp_path, certs, budget_ms=2000)  # a loaded box: no watchdog cut
     stream = conf["stream"]
     rd = ov.run_dir(ITEM, stream)
     try:
@@ -416,7 +416,7 @@ def test_rotation_switches_layers_under_the_live_mirror_and_retires_the_old_ones
 def test_every_layer_in_order_over_the_first_point(tmp_path: Path, certs: TestCerts) -> None:
     """Before any retirement, the point the run began at + layers 0, 1, 2 in order = the
     disks, also where a later layer rewrote a sector of an earlier one."""
-    hv, vm_id, ov, conf = sync_vm(tmp_path, certs)
+    hv, vm_id, ov, conf = sync_vm(tmp_path, certs, budget_ms=2000)  # a loaded box: no watchdog cut
     try:
         c0 = hv.seal(vm_id)
         img0 = point_image(hv, c0, tmp_path / "p0.img")

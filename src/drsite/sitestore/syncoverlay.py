@@ -313,16 +313,15 @@ class OverlayServer:
 
     def rotate(self, item_id: str, latest_point: Callable[[str], str | None], *,
                force: bool = False) -> int | None:
-        """Past ``rotate_bytes`` (or ``force``): give the run this process's daemon exports
-        a new top layer, switched in under the export in one transaction (the primary's
+        """Past ``rotate_bytes`` (or ``force``): give the run the item's daemon exports a new
+        top layer, switched in under the export in one transaction (the primary's
         mirror does not notice). Returns the new layer's number, or None. Steps, each safe to
         crash after: the layer files; ``run.json`` lists the layer (a failover applies it,
         empty or not); the switch; ``switched[n]`` = the newest committed point after the
         switch (what :meth:`retire` compares with)."""
         with self._lock:
-            cur = self._daemons.get(item_id)
             runs = self.runs(item_id)
-            if cur is None or cur[0].poll() is not None or not runs:
+            if not runs or not self._serving(item_id):
                 return None
             if not force and self.top_bytes(item_id) <= self.rotate_bytes:
                 return None
@@ -405,7 +404,12 @@ class OverlayServer:
                     continue
                 k = proven[-1]
                 old = [n for n in layers if n < k]
-                self._detach(item_id, stream, len(rec["disks"]), k, old)
+                try:
+                    self._detach(item_id, stream, len(rec["disks"]), k, old)
+                except DrsiteError as e:   # kept (listed, whole): tried again next pass
+                    log.warning("sync overlay %s of %s: layers before %d not retired: %s",
+                                stream[:8], item_id, k, e)
+                    continue
                 failpoints.hit("overlay.retire-detached")
                 rec = {**rec, "layers": [n for n in layers if n >= k],
                        "switched": {m: p for m, p in switched.items() if int(m) >= k}}
@@ -419,12 +423,11 @@ class OverlayServer:
         return gone
 
     def _detach(self, item_id: str, stream: str, ndisks: int, k: int, old: list[int]) -> None:
-        """In this process's daemon, if it serves the run: layer ``k`` loses its backing and
-        the ``old`` layers' nodes go (a daemon this process did not start keeps them open:
-        it never reads them — the mirror writes whole 512-byte sectors, one subcluster —, and
-        their space comes back when it quits)."""
-        cur = self._daemons.get(item_id)
-        if cur is None or cur[0].poll() is not None:
+        """In the item's daemon, if it serves the run: layer ``k`` loses its backing and the
+        ``old`` layers' nodes go. (Were it unreachable, the files still go: it never reads
+        them — the mirror writes whole 512-byte sectors, one subcluster each — and their
+        space comes back when it quits.)"""
+        if not self._serving(item_id):
             return
         with QmpClient.connect(str(self._qmp(item_id)), timeout=10.0) as q:
             names = {str(n.get("node-name")) for n in q.execute("query-named-block-nodes")}
@@ -438,6 +441,16 @@ class OverlayServer:
                     for node in (_node(stream, i, n), _file_node(stream, i, n) if n else None):
                         if node in names:
                             q.execute("blockdev-del", {"node-name": node})
+
+    def _serving(self, item_id: str) -> bool:
+        """The item's daemon runs: this process's, or one an earlier agent process started
+        (``daemon.json``, by ``pid:starttime``; it outlives a killed agent and goes on
+        serving its run, so it is rotated like ours — everything is read from the daemon)."""
+        cur = self._daemons.get(item_id)
+        if cur is not None:
+            return cur[0].poll() is None
+        rec = _read(self.item_dir(item_id) / "daemon.json")
+        return rec is not None and process_token(int(rec["pid"])) == rec.get("token")
 
     def _tidy(self, rd: Path, rec: dict[str, Any]) -> None:
         """Remove the layer files ``run.json`` does not list: created but never listed (so
