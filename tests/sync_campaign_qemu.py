@@ -122,8 +122,11 @@ class QemuSyncCampaign:
         return vm.vm_id, name
 
     def _in_sync(self, vm_id: str, item: str) -> bool:
+        return self._in_sync_on(self.prim, vm_id, item)
+
+    def _in_sync_on(self, hv: QemuHypervisor, vm_id: str, item: str) -> bool:
         with self.client() as cl:
-            return item_in_sync(self.prim, cl, vm_id, item)
+            return item_in_sync(hv, cl, vm_id, item)
 
     def trial(self, kill_window_s: float = 3.0) -> Trial:
         t = Trial(len(self.trials) + 1, round(self.rng.uniform(0.3, kill_window_s), 2))

@@ -331,7 +331,7 @@ def start_vault_b(c: Cluster) -> None:
 
 def start_agent(c: Cluster, site: str, *, store: bool, hypervisor: str | None = None,
                 store_url: str | None = None, env: dict[str, str] | None = None,
-                host: str | None = None) -> None:
+                host: str | None = None, extra_args: tuple[str, ...] = ()) -> None:
     """Register (once) and start the agent of ``site`` with the ``hypervisor`` driver
     (``file`` or ``qemu``, VMs under ``<site>/vms``; default: the cluster's). ``store_url``:
     the URL the store is advertised at (a proxy in tests); ``env``: extra environment (e.g.
@@ -374,7 +374,7 @@ def start_agent(c: Cluster, site: str, *, store: bool, hypervisor: str | None = 
         # a standby vault refuses writes, so a pair's active vault gets the call
         with c.active_client() as cl:
             cl.set_store_host(site, f"{site}-host")
-    proc = _spawn(f"agent-{key_dir}", args, c.root / "logs", env)
+    proc = _spawn(f"agent-{key_dir}", [*args, *extra_args], c.root / "logs", env)
     c.pids[f"agent-{key_dir}"] = proc.pid
     c.save()
     host_name = host or f"{site}-host"

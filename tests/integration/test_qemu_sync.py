@@ -405,3 +405,195 @@ def test_the_overlay_maps_writes_zeroes_and_discards_as_the_source_sees_them(
     finally:
         hv.delete_vm(vm_id)
         ov.stop()
+
+
+def _daemons_of(ov: OverlayServer, item: str) -> list[int]:
+    return ov._orphans(item)   # every qemu-storage-daemon serving the item's QMP socket
+
+
+def test_drop_stops_the_daemon_and_removes_the_files_also_after_a_crash(
+        tmp_path: Path, certs: TestCerts) -> None:
+    """An item whose sync state ended: ``drop`` stops its daemon — one an earlier agent
+    process started (``daemon.json``) and one it never recorded — and removes its directory;
+    a crash after the daemon stopped, or after the rename, is finished by the next ``drop``
+    or ``sweep``; a VM still mirroring into it only suspends."""
+    hv, vm_id, ov, _conf = sync_vm(tmp_path, certs, budget_ms=2000)  # a loaded box: no watchdog cut
+    try:
+        c = hv.seal(vm_id)
+        hv.release(c)
+        assert (hv.sync_status(vm_id) or {})["state"] == "in_sync"
+        guest_write(hv, vm_id, 0, 4096, 7)
+        assert len(_daemons_of(ov, ITEM)) == 1
+        # a later agent process: knows the daemon only by daemon.json
+        ov2 = OverlayServer(tmp_path / "overlays", certs.ca_file, certs.server_cert,
+                            certs.server_key)
+        assert ov2.items() == [ITEM]
+        assert ov2.drop(ITEM)
+        assert _daemons_of(ov, ITEM) == [] and not ov.item_dir(ITEM).exists()
+        assert ov2.items() == [] and not ov2.drop(ITEM)   # idempotent
+        assert not [p for p in (tmp_path / "overlays").iterdir()]
+        guest_write(hv, vm_id, 4096, 4096, 8)   # the guest's write still completes
+        assert until_state(hv, vm_id, "suspended")
+        # an unrecorded daemon (agent killed before daemon.json) and a crash after the stop
+        ov.provision(ITEM, {"d0": MiB}, dn(certs.client_cert))
+        (ov.item_dir(ITEM) / "daemon.json").unlink()
+        ov3 = OverlayServer(tmp_path / "overlays", certs.ca_file, certs.server_cert,
+                            certs.server_key)
+        ov3.stop_item(ITEM)                      # "daemon stopped", then the crash
+        assert _daemons_of(ov, ITEM) == [] and ov.item_dir(ITEM).is_dir()
+        assert ov3.drop(ITEM) and not ov.item_dir(ITEM).exists()
+        # a crash after the rename: sweep (at start) finishes it
+        ov.provision(ITEM, {"d0": MiB}, dn(certs.client_cert))
+        ov.stop_item(ITEM)
+        aside = tmp_path / "overlays" / f".dropped-{ITEM}-x"
+        os.replace(ov.item_dir(ITEM), aside)
+        assert ov3.items() == [] and ov3.sweep() == 1 and not aside.exists()
+    finally:
+        hv.delete_vm(vm_id)
+        ov.stop()
+
+
+def until_state(hv: QemuHypervisor, vm_id: str, state: str, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (hv.sync_status(vm_id) or {}).get("state") == state:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_rotation_switches_layers_under_the_live_mirror_and_retires_the_old_ones(
+        tmp_path: Path, certs: TestCerts) -> None:
+    """A long run's overlay gets a new layer under the export (the mirror stays in sync);
+    point + every layer in order = the disks; the older layers go only once the point before
+    the latest was committed after the switch, and point + the layers left = the disks."""
+    hv, vm_id, ov, conf = sync_vm(tmp_path, certs, budget_ms=2000)  # a loaded box: no watchdog cut
+    stream = conf["stream"]
+    rd = ov.run_dir(ITEM, stream)
+    try:
+        c0 = hv.seal(vm_id)
+        img0 = point_image(hv, c0, tmp_path / "p0.img")
+        want = bytearray(img0.read_bytes())
+        hv.release(c0)
+
+        def write(off: int, n: int, pattern: int) -> None:
+            guest_write(hv, vm_id, off, n, pattern)
+            want[off:off + n] = bytes([pattern]) * n
+
+        write(0, 64 * 1024, 1)                       # layer 0
+        assert ov.rotate(ITEM, lambda _i: None) is None            # under the threshold
+        assert ov.rotate(ITEM, lambda _i: "p000000000001", force=True) == 1
+        rec = json.loads((rd / "run.json").read_text())
+        assert rec["layers"] == [0, 1] and rec["switched"] == {"1": "p000000000001"}
+        write(512, 512, 2)                           # layer 1: over a sector of layer 0's
+        write(5 * MiB, 4096, 3)
+        assert (hv.sync_status(vm_id) or {})["state"] == "in_sync"
+        c1 = hv.seal(vm_id)                          # sealed after the switch
+        assert c1.sync_mark == {"stream": stream, "seq": 1}
+        img1 = point_image(hv, c1, tmp_path / "p1.img")
+        hv.release(c1)
+        # not proven: the point before the latest was committed before the switch
+        assert ov.retire(ITEM, "p000000000002", "p000000000001") == 0
+        assert ov.rotate(ITEM, lambda _i: "p000000000002", force=True) == 2
+        write(6 * MiB, 4096, 4)                      # layer 2
+        assert ov.retire(ITEM, "p000000000003", "p000000000002") == 1   # layer 0 goes
+        rec = json.loads((rd / "run.json").read_text())
+        assert rec["layers"] == [1, 2] and not (rd / "d0.qcow2").exists()
+        write(7 * MiB, 4096, 5)                      # still mirrored, into layer 2
+        assert (hv.sync_status(vm_id) or {})["state"] == "in_sync"
+        hv.kill(vm_id)
+        ov.stop_item(ITEM)
+        tail = OverlayTail(ov.item_dir(ITEM))
+        tail.apply(stream, 1, {"d0": img1})          # the point sealed after layer 1's switch
+        assert img1.read_bytes() == want
+        assert img0.read_bytes() != want             # the first point alone misses them
+    finally:
+        hv.delete_vm(vm_id)
+        ov.stop()
+
+
+def test_every_layer_in_order_over_the_first_point(tmp_path: Path, certs: TestCerts) -> None:
+    """Before any retirement, the point the run began at + layers 0, 1, 2 in order = the
+    disks, also where a later layer rewrote a sector of an earlier one."""
+    hv, vm_id, ov, conf = sync_vm(tmp_path, certs, budget_ms=2000)  # a loaded box: no watchdog cut
+    try:
+        c0 = hv.seal(vm_id)
+        img0 = point_image(hv, c0, tmp_path / "p0.img")
+        want = bytearray(img0.read_bytes())
+        hv.release(c0)
+        for layer, (off, n) in enumerate([(0, 8192), (4096, 512), (4096 + 512, 4096)]):
+            guest_write(hv, vm_id, off, n, 10 + layer)
+            want[off:off + n] = bytes([10 + layer]) * n
+            guest_write(hv, vm_id, 2 * MiB + layer * 4096, 4096, 20 + layer)
+            want[2 * MiB + layer * 4096:2 * MiB + (layer + 1) * 4096] = bytes([20 + layer]) * 4096
+            if layer < 2:
+                assert ov.rotate(ITEM, lambda _i: None, force=True) == layer + 1
+        assert (hv.sync_status(vm_id) or {})["state"] == "in_sync"
+        hv.kill(vm_id)
+        ov.stop_item(ITEM)
+        tail = OverlayTail(ov.item_dir(ITEM))
+        n, nbytes = tail.apply(conf["stream"], 0, {"d0": img0})
+        assert n == 1 and nbytes >= 8192 + 512 + 4096 + 3 * 4096
+        assert img0.read_bytes() == want
+        tail.apply(conf["stream"], 0, {"d0": img0})   # idempotent
+        assert img0.read_bytes() == want
+    finally:
+        hv.delete_vm(vm_id)
+        ov.stop()
+
+
+def test_a_run_the_latest_point_outlived_goes(tmp_path: Path, certs: TestCerts) -> None:
+    """A run goes once a committed point marked it (it began) and a newer latest point is
+    not of it (the item went asynchronous); a run no point marked (not begun: it may begin
+    at the next seal) and the run the latest point names stay."""
+    ov = OverlayServer(tmp_path / "overlays", certs.ca_file, certs.server_cert, certs.server_key)
+    try:
+        who = dn(certs.client_cert)
+        a = ov.provision(ITEM, {"d0": MiB}, who)["stream"]
+        assert ov.drop_outlived(ITEM, "p000000000005", None) == 0      # never marked: kept
+        ov.note_marked(ITEM, a, "p000000000003")
+        ov.note_marked(ITEM, a, "p000000000004")                       # the first one counts
+        assert ov.drop_outlived(ITEM, "p000000000003", a) == 0         # the latest is of it
+        assert ov.drop_outlived(ITEM, "p000000000004", a) == 0
+        b = ov.provision(ITEM, {"d0": MiB}, who)["stream"]
+        assert ov.drop_outlived(ITEM, "p000000000005", None) == 1      # asynchronous now
+        assert [r["stream"] for r in ov.runs(ITEM)] == [b]
+        assert not ov.run_dir(ITEM, a).exists()
+    finally:
+        ov.stop()
+
+
+def test_a_site_silent_between_the_probe_and_the_run_start_is_cut_off(
+        tmp_path: Path, certs: TestCerts, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The overlay's daemon stops (SIGSTOP: the kernel still accepts the connection, nobody
+    answers the TLS handshake) right after the seal's probe: the run start's ``blockdev-add``
+    would wait in QEMU's main loop for ever; our copy of the connection is shut down after
+    ``ADD_GUARD_S``, the add fails, the seal completes asynchronously with the reason, and
+    QEMU answers again."""
+    from drsite.hypervisors.qemu import syncmirror
+    hv, vm_id, ov, _conf = sync_vm(tmp_path, certs, budget_ms=200)
+    daemon = json.loads((ov.item_dir(ITEM) / "daemon.json").read_text())
+    real_probe = syncmirror.probe
+
+    def probe_then_stop(conf: dict[str, Any], timeout: float) -> str | None:
+        why = real_probe(conf, timeout)
+        os.kill(int(daemon["pid"]), signal.SIGSTOP)
+        return why
+
+    monkeypatch.setattr(syncmirror, "probe", probe_then_stop)
+    try:
+        t0 = time.monotonic()
+        c = hv.seal(vm_id)
+        took = time.monotonic() - t0
+        assert c.sync_mark is None, c.sync_mark
+        assert "sync mirror not begun" in c.note and "handshake" in c.note, c.note
+        assert took < syncmirror.ADD_GUARD_S + 5.0, took
+        st = hv.sync_status(vm_id) or {}
+        assert st["state"] == "suspended" and "handshake" in st["reason"], st
+        guest_write(hv, vm_id, 0, 4096, 9)            # QEMU's main loop runs again
+        hv.release(c)
+        print(f"seal with a silent site: {took:.2f} s")
+    finally:
+        os.kill(int(daemon["pid"]), signal.SIGCONT)
+        hv.delete_vm(vm_id)
+        ov.stop()

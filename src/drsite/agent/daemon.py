@@ -74,6 +74,7 @@ from drsite.core.model import PowerState
 from drsite.hypervisors.contract import HypervisorDriver
 from drsite.replication.driver import ItemReplicator
 from drsite.replication.report import ItemReport
+from drsite.sitestore.syncoverlay import ROTATE_BYTES
 from drsite.store.format import PointInfo
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,8 @@ class Agent:
                  transport: httpx.BaseTransport | None = None,
                  target_factory: TargetFactory | None = None,
                  command_channel: bool = True, store_url: str | None = None,
-                 vault_urls: list[str] | None = None) -> None:
+                 vault_urls: list[str] | None = None,
+                 overlay_rotate_bytes: int = ROTATE_BYTES) -> None:
         if (store_dir is None) != (store_listen is None):
             raise InvalidInput("a store server needs both store_dir and store_listen")
         if store_url is not None and not store_url.startswith("https://"):
@@ -129,7 +131,7 @@ class Agent:
         self._store: StoreService | None = None
         if store_dir is not None and store_listen is not None:
             self._store = StoreService(self.identity, store_dir, self.data_dir / "replicas",
-                                       store_listen)
+                                       store_listen, overlay_rotate_bytes=overlay_rotate_bytes)
         # break-glass: what this store host would need of the vault to fail its items over
         self._book = RecoveryBook(self.data_dir / BOOK_FILE) if self._store is not None else None
         if self._store is not None:

@@ -27,6 +27,7 @@ from drsite.agent.registration import (
 )
 from drsite.core.errors import AuthError, InvalidInput, classify_os_error
 from drsite.hypervisors.contract import HypervisorDriver
+from drsite.sitestore.syncoverlay import ROTATE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,8 @@ def make_hypervisor(kind: str, vms_root: Path) -> HypervisorDriver:
 def agent_run(data_dir: Path, hypervisor_kind: str = "file", vms_root: Path = Path("vms"),
               store_dir: Path | None = None, store_listen: str | None = None,
               heartbeat_interval: float = 2.0, store_url: str | None = None,
-              import_dir: Path | None = None, vault_urls: Sequence[str] = ()) -> None:
+              import_dir: Path | None = None, vault_urls: Sequence[str] = (),
+              overlay_rotate_bytes: int = ROTATE_BYTES) -> None:
     """Run the agent daemon until SIGTERM/SIGINT (blocking); returns after a clean stop.
     ``vault_urls``: the vaults of a pair to follow (default: as registered).
 
@@ -97,7 +99,8 @@ def agent_run(data_dir: Path, hypervisor_kind: str = "file", vms_root: Path = Pa
                   store_dir=Path(store_dir) if store_dir is not None else None,
                   store_listen=store_listen, store_url=store_url,
                   import_dir=Path(import_dir) if import_dir is not None else None,
-                  vault_urls=list(vault_urls) or None)
+                  vault_urls=list(vault_urls) or None,
+                  overlay_rotate_bytes=overlay_rotate_bytes)
     installed: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
         def on_signal(sig: int, frame: FrameType | None) -> None:

@@ -35,7 +35,7 @@ from drsite.sitestore import SiteObjectStore, make_store_app
 from drsite.sitestore.acl import ACL_FILE, StoreAcl
 from drsite.sitestore.audit import StoreAuditLog
 from drsite.sitestore.server import replica_held
-from drsite.sitestore.syncoverlay import OverlayServer
+from drsite.sitestore.syncoverlay import ROTATE_BYTES, OverlayServer
 from drsite.sitestore.syncserver import SyncServer, journals_dir
 from drsite.store.local.backend import LocalObjectStore
 from drsite.store.replica import ReplicaHydrator
@@ -67,7 +67,7 @@ class StoreService:
 
     def __init__(self, identity: AgentIdentity, store_dir: Path, replicas_dir: Path,
                  listen: str, *, hydrate_every_s: float = HYDRATE_EVERY_S,
-                 acl_file: Path | None = None) -> None:
+                 acl_file: Path | None = None, overlay_rotate_bytes: int = ROTATE_BYTES) -> None:
         self.identity = identity
         self.store_dir = Path(store_dir)
         self.replicas_dir = Path(replicas_dir)
@@ -83,7 +83,8 @@ class StoreService:
         # synchronous QEMU VMs' overlays (DATA/sync-overlays/<item>/<run>/), NBD beside the store
         self.overlays = OverlayServer(self.replicas_dir.parent / "sync-overlays",
                                       identity.ca_file, identity.cert_file, identity.key_file,
-                                      host=self.host or "127.0.0.1")
+                                      host=self.host or "127.0.0.1",
+                                      rotate_bytes=overlay_rotate_bytes)
         # the recovery book (the daemon's): which items' sync journals to keep
         self.book: RecoveryBook | None = None
         self._self_client: SiteObjectStore | None = None
@@ -110,6 +111,7 @@ class StoreService:
         except OSError as e:
             raise classify_os_error(e, f"replica directory {self.replicas_dir}") from e
         self.sync = self._start_sync()
+        self.overlays.sweep()   # removals a crash interrupted
         app = make_store_app(self._store, self.replicas_dir, acl=self.acl, audit=self.audit,
                              sync_port=self.sync.port, overlays=self.overlays)
         self._server = tlsutil.start_in_thread(
@@ -182,6 +184,15 @@ class StoreService:
             self.drop_journals()
         except DrsiteError as e:
             log.warning("deleting sync journals failed: %s", e)
+        try:
+            self.drop_overlays()
+        except DrsiteError as e:
+            log.warning("deleting sync overlays failed: %s", e)
+        for item_id in self.overlays.items():
+            try:   # a long run's overlay past the threshold gets a new layer
+                self.overlays.rotate(item_id, self._latest_point_id)
+            except DrsiteError as e:
+                log.warning("rotating the sync overlay of %s failed: %s", item_id, e)
         for item_id in self.item_ids():
             if self._stop.is_set():
                 break
@@ -231,11 +242,38 @@ class StoreService:
                      "this site", item_id)
         return gone
 
+    def drop_overlays(self) -> list[str]:
+        """Delete the sync overlays (daemon, files) of the items whose sync state ended on
+        this site, by the journals' rule (:meth:`drop_journals`: not in the recovery book's
+        ``sync_journals``; none without such a book). A failover not committed keeps its
+        item in the list; the held marker a real failover leaves on the replica does not
+        count (it stays after the commit). Each deletion is audited. Also finishes
+        interrupted removals. The items whose overlays went."""
+        book = self.book
+        self.overlays.sweep()
+        keep = (book.doc or {}).get("sync_journals") if book is not None else None
+        if not isinstance(keep, list):
+            return []
+        kept = set(keep)
+        gone = []
+        for item_id in self.overlays.items():
+            if item_id in kept:
+                continue
+            if self.overlays.drop(item_id):
+                gone.append(item_id)
+                self.audit.record("delete", f"sync-overlays/{item_id}", item_id,
+                                  self.identity.host_id, "ok")
+                log.info("sync overlays of %s deleted (daemon stopped, files removed): the "
+                         "vault no longer protects the item to this site", item_id)
+        return gone
+
     def _trim_journal(self, item_id: str) -> None:
         """Drop the sync journal's segments, and the sync overlays of runs older than its run,
         that the item's latest (authentic) point covers; the whole journal once that point was
         sealed after the journal's mirror ended (``syncjournal.outlived``: the item went
-        asynchronous)."""
+        asynchronous), and likewise a sync overlay run it outlived (``drop_outlived``); and the
+        layers of a rotated overlay that the latest point was sealed after (``retire``: the
+        point before it committed after their successor's switch)."""
         sync = self.sync
         if sync is None or replica_held(self.replicas_dir, item_id) or \
                 not (sync.has_journal(item_id) or self.overlays.item_dir(item_id).is_dir()):
@@ -250,6 +288,21 @@ class StoreService:
         if mark and self.overlays.trim(item_id, str(mark.get("stream"))):
             log.info("sync overlays of %s older than point %s's run dropped", item_id,
                      latest.point_id if latest else "?")
+        if latest is not None and self.overlays.item_dir(item_id).is_dir():
+            if mark.get("stream"):
+                self.overlays.note_marked(item_id, str(mark["stream"]), latest.point_id)
+            if self.overlays.drop_outlived(item_id, latest.point_id, mark.get("stream")):
+                log.info("sync overlays of %s deleted: point %s was sealed after their mirror "
+                         "ended", item_id, latest.point_id)
+            ids = repo.point_ids()
+            prev = ids[-2] if len(ids) > 1 and ids[-1] == latest.point_id else None
+            if prev is not None:
+                try:
+                    repo.point(prev)   # authentic too
+                except DrsiteError as e:
+                    log.debug("sync overlay layers of %s kept: point %s: %s", item_id, prev, e)
+                    prev = None
+            self.overlays.retire(item_id, latest.point_id, prev)
         if not sync.has_journal(item_id):
             return
         if latest is not None and outlived(journal_state(sync.journals / item_id),

@@ -73,6 +73,10 @@ def run(
     vault: list[str] = typer.Option([], "--vault",
                                     help="The vaults of a pair to follow, repeated (default: "
                                          "the ones it registered with)."),
+    sync_overlay_rotate_mib: int = typer.Option(
+        256, min=1, help="Recovery-site hosts: a synchronous QEMU VM's overlay gets a new "
+                         "layer past this many MiB (the older ones go once two points are "
+                         "committed after the switch)."),
 ) -> None:
     """Run the agent daemon in the foreground (SIGTERM stops it cleanly)."""
     from drsite.agent.process import agent_run
@@ -83,7 +87,7 @@ def run(
               store_listen=store_listen, store_url=store_url,
               heartbeat_interval=heartbeat_interval,
               import_dir=import_dir if import_dir is not None else vms.absolute().parent / "import",
-              vault_urls=vault)
+              vault_urls=vault, overlay_rotate_bytes=sync_overlay_rotate_mib << 20)
 
 
 StoreOpt = typer.Option(None, "--store", help="The recovery store directory the agent serves "

@@ -8,7 +8,9 @@ to "latest" adds it to the point's images.
 - :class:`OverlayTail` — a QEMU VM's sync overlays (``sitestore.syncoverlay``): the overlay
   of the run the point's mark names holds the newest content of every sector written after
   that run began (at or before the point's seal), so its allocated sectors written over the
-  point's images give the disks as the guest last saw them acknowledged.
+  point's images give the disks as the guest last saw them acknowledged. A rotated run's
+  overlay is a chain of *layers* (``run.json`` ``layers``, oldest first; each receives the
+  writes from its switch to the next one's): applied one after the other, in that order.
 
 Responsible for: coverage (may this tail be applied to that point?) and applying it. Not
 responsible for: choosing the point or moving images (``failover.actions``), stopping
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from drsite.core.errors import PermanentError
 from drsite.hypervisors.qemu.tools import run_tool
@@ -63,6 +65,16 @@ class JournalTail:
                 f"point {point_id} (every write acknowledged up to entry {cov.last})")
 
 
+def run_layers(rec: dict[str, Any]) -> list[int]:
+    """The layers of a run (``run.json``), oldest first (a run never rotated: ``[0]``)."""
+    return [int(n) for n in rec.get("layers") or [0]]
+
+
+def layer_path(run_dir: Path, disk_id: str, n: int) -> Path:
+    """Layer ``n`` of a disk's overlay: ``<disk>.qcow2`` (the first), ``<disk>.L<n>.qcow2``."""
+    return run_dir / (f"{disk_id}.qcow2" if n == 0 else f"{disk_id}.L{n}.qcow2")
+
+
 class OverlayTail:
     """A QEMU VM's sync overlays (``<root>/<item>/<stream>/<disk>.qcow2`` + ``run.json``)."""
 
@@ -103,15 +115,19 @@ class OverlayTail:
             if disk_id not in images:
                 raise PermanentError(f"sync overlay {rd} has disk {disk_id!r}, which the "
                                      "recovery images lack")
-            ov = rd / f"{disk_id}.qcow2"
-            extents = json.loads(run_tool(["qemu-img", "map", "--output=json", "-f", "qcow2",
-                                           str(ov)], timeout=600))
-            nbytes += sum(int(e["length"]) for e in extents if e.get("present"))
-            # the overlay's allocated sectors (data or written zeros) onto the image: point
-            # the overlay at the image (header only), then commit it down (idempotent)
-            run_tool(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b",
-                      str(Path(images[disk_id]).absolute()), "-F", "raw", str(ov)])
-            run_tool(["qemu-img", "commit", "-q", "-d", "-f", "qcow2", str(ov)], timeout=3600)
+        for n in run_layers(rec):   # oldest first: a later layer's sectors are newer
+            for disk_id in rec["disks"]:
+                ov = layer_path(rd, disk_id, n)
+                # the overlay's allocated sectors (data or written zeros) onto the image: point
+                # the overlay at the image (header only), then commit it down (idempotent)
+                run_tool(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b",
+                          str(Path(images[disk_id]).absolute()), "-F", "raw", str(ov)])
+                extents = json.loads(run_tool(["qemu-img", "map", "--output=json", "-f",
+                                               "qcow2", str(ov)], timeout=600))
+                nbytes += sum(int(e["length"]) for e in extents
+                              if e.get("present") and int(e.get("depth", 0)) == 0)
+                run_tool(["qemu-img", "commit", "-q", "-d", "-f", "qcow2", str(ov)],
+                         timeout=3600)
         return len(rec["disks"]), nbytes
 
     def describe(self, applied: tuple[int, int], point_id: str, cov: Coverage) -> str:

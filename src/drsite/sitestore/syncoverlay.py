@@ -15,9 +15,19 @@ clusters qcow2 appends (``_runway``); the daemon's NBD listener is ours, with
 
 - an overlay is never handed out twice (``run.json`` is written before its export exists);
 - overlays are deleted only when a committed point's mark names a newer run (``trim``), or
-  when they were never written and a later run was (an overlay of a run that never began);
+  when they were never written and a later run was (an overlay of a run that never began),
+  or when a point marked the run and a newer latest point is not of it (``drop_outlived``:
+  the item went asynchronous);
+- a run's overlay is a chain of layers (``rotate``/``retire``; the argument is in
+  ``hypervisors/qemu/design.md``, synchronous mode 7);
 - a failover stops the item's daemon first (:meth:`OverlayServer.stop_item`): nothing writes
-  an overlay once failover reads it.
+  an overlay once failover reads it;
+- an item whose sync state ended here (unprotected, protection disabled, failed over and
+  committed, re-protected the other way) loses everything at once (:meth:`OverlayServer.drop`):
+  its daemon is stopped (also one a killed agent left, found by its QMP socket), then its
+  directory is renamed aside (``.dropped-*``: one atomic step) and removed; a crash in between
+  is finished by the next :meth:`~OverlayServer.drop` (the directory is still there) or by
+  :meth:`~OverlayServer.sweep` at start.
 
 Responsible for: the daemons, overlay files, exports, trimming. Not responsible for: applying
 overlays (``failover.synctail``), deciding who may write (the store's access list).
@@ -38,20 +48,24 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 
-from drsite.core.errors import DrsiteError, InvalidInput, PermanentError
+from drsite import failpoints
+from drsite.core.errors import DrsiteError, InvalidInput, PermanentError, classify_os_error
 from drsite.core.model import validate_name
-from drsite.fsutil import atomic_write_json, read_json
+from drsite.failover.synctail import layer_path, run_layers
+from drsite.fsutil import atomic_write_json, fsync_dir, read_json
 from drsite.hypervisors.qemu.qmp import QmpClient, wait_for_monitor
 from drsite.hypervisors.qemu.runner import process_token
 from drsite.hypervisors.qemu.tools import run_tool
 
 log = logging.getLogger(__name__)
 DAEMON = "qemu-storage-daemon"
+DROPPED = ".dropped-"   # an item's directory renamed aside, being removed (sweep finishes it)
 # extended_l2 with 16 KiB clusters: 32 subclusters of 512 bytes (the allocation map is exactly
 # the sectors written); lazy_refcounts: a written-through write flushes data and L2 only, not
 # the refcounts (3x fewer flushes, measured; refcounts are repaired when a crashed overlay is
@@ -64,15 +78,20 @@ OVERLAY_OPTIONS = "extended_l2=on,cluster_size=16k,lazy_refcounts=on"
 NODE_OPTIONS: dict[str, Any] = {"l2-cache-entry-size": 4096}
 # zeros written past a new overlay's end (see _runway)
 RUNWAY = 64 << 20
+# a run's top layer is rotated past this many bytes on disk (design.md: the failover's
+# qemu-img commit of a layer this size takes seconds, the space it holds is at most about
+# twice this until two points are committed after the switch, and a rotation costs one drain)
+ROTATE_BYTES = 256 << 20
 
 
 class OverlayServer:
     """Sync overlays under ``root/<item>/<stream>/`` (see module doc). Thread-safe."""
 
     def __init__(self, root: Path, ca_file: Path, cert_file: Path, key_file: Path, *,
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", rotate_bytes: int = ROTATE_BYTES) -> None:
         self.root = Path(root)
         self.host = host
+        self.rotate_bytes = rotate_bytes
         self._tls = (Path(ca_file), Path(cert_file), Path(key_file))
         self._lock = threading.Lock()
         self._daemons: dict[str, tuple[subprocess.Popen[bytes], int, str]] = {}
@@ -217,6 +236,13 @@ class OverlayServer:
                 time.sleep(0.02)
             if process_token(int(rec["pid"])) == rec.get("token"):
                 os.kill(int(rec["pid"]), signal.SIGKILL)
+        for pid in self._orphans(item_id):
+            tok = process_token(pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)   # unrecorded: its runs were never handed out
+            deadline = time.monotonic() + 10.0
+            while tok is not None and process_token(pid) == tok and time.monotonic() < deadline:
+                time.sleep(0.02)
         (self.item_dir(item_id) / "daemon.json").unlink(missing_ok=True)
         sock = self._qmp(item_id)
         sock.unlink(missing_ok=True)
@@ -227,6 +253,249 @@ class OverlayServer:
         with self._lock:
             for item_id in list(self._daemons):
                 self._stop_locked(item_id)
+
+    def items(self) -> list[str]:
+        """Items that have overlays (a directory) here."""
+        try:
+            return sorted(p.name for p in self.root.iterdir()
+                          if p.is_dir() and not p.name.startswith("."))
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise classify_os_error(e, f"sync overlays {self.root}") from e
+
+    def drop(self, item_id: str) -> bool:
+        """Delete everything of the item here (its sync state ended on this site): stop its
+        daemon, rename its directory aside, remove it. Idempotent; whether there was one.
+        The caller decides that no failover can need the overlays any more."""
+        d = self.item_dir(item_id)
+        with self._lock:
+            self._stop_locked(item_id)   # nothing writes or exports the files from here on
+            try:
+                if d.is_dir():
+                    os.replace(d, self.root / f"{DROPPED}{item_id}-{uuid.uuid4().hex[:8]}")
+                    fsync_dir(self.root)
+                    existed = True
+                else:
+                    existed = False
+            except OSError as e:
+                raise classify_os_error(e, f"sync overlays {d}") from e
+        self.sweep()
+        return existed
+
+    def sweep(self) -> int:
+        """Finish removals a crash interrupted (every ``.dropped-*`` directory); how many."""
+        try:
+            gone = [p for p in self.root.iterdir() if p.name.startswith(DROPPED)]
+        except FileNotFoundError:
+            return 0
+        except OSError as e:
+            raise classify_os_error(e, f"sync overlays {self.root}") from e
+        for p in gone:
+            shutil.rmtree(p, ignore_errors=True)
+        return len(gone)
+
+    def _orphans(self, item_id: str) -> list[int]:
+        """Daemons serving this item's QMP socket that no ``daemon.json`` names (an agent
+        killed between starting one and recording it)."""
+        needle = f"path={self._qmp(item_id)},".encode()
+        out = []
+        for p in Path("/proc").iterdir():
+            if not p.name.isdigit():
+                continue
+            try:
+                argv = (p / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv and argv[0].endswith(DAEMON.encode()) and any(needle in a for a in argv):
+                out.append(int(p.name))
+        return out
+
+    # -- rotation (design.md "Rotating a run's overlay") ------------------------------------
+    def top_bytes(self, item_id: str) -> int:
+        """How far qcow2 has written into the newest run's newest layer (every disk): its file
+        node's highest written offset as the item's daemon counts it. qcow2 allocates clusters
+        at increasing offsets, first inside the runway of zeros the layer was made with
+        (``_runway``), which the file's size on disk does not tell from data: counted, a fresh
+        layer would look full; left out, a small disk's layer would never rotate. The size on
+        disk where the daemon does not know the node."""
+        runs = self.runs(item_id)
+        if not runs:
+            return 0
+        rec = runs[-1]
+        stream = str(rec["stream"])
+        rd = self.run_dir(item_id, stream)
+        top = run_layers(rec)[-1]
+        written: dict[str, int] = {}
+        with contextlib.suppress(DrsiteError, OSError), \
+                QmpClient.connect(str(self._qmp(item_id)), timeout=10.0) as q:
+            for st in q.execute("query-blockstats", {"query-nodes": True}):
+                f = (st.get("parent") or {}).get("stats") or {}
+                if st.get("node-name") and "wr_highest_offset" in f:
+                    written[str(st["node-name"])] = int(f["wr_highest_offset"])
+        total = 0
+        for i, d in enumerate(sorted(rec["disks"])):
+            node = _node(stream, i, top)
+            if node in written:
+                total += written[node]
+                continue
+            with contextlib.suppress(OSError):
+                total += layer_path(rd, d, top).stat().st_blocks * 512
+        return total
+
+    def rotate(self, item_id: str, latest_point: Callable[[str], str | None], *,
+               force: bool = False) -> int | None:
+        """Past ``rotate_bytes`` (or ``force``): give the run the item's daemon exports a new
+        top layer, switched in under the export in one transaction (the primary's
+        mirror does not notice). Returns the new layer's number, or None. Steps, each safe to
+        crash after: the layer files; ``run.json`` lists the layer (a failover applies it,
+        empty or not); the switch; ``switched[n]`` = the newest committed point after the
+        switch (what :meth:`retire` compares with)."""
+        with self._lock:
+            runs = self.runs(item_id)
+            if not runs or not self._serving(item_id):
+                return None
+            if not force and self.top_bytes(item_id) <= self.rotate_bytes:
+                return None
+            rec = runs[-1]
+            stream = str(rec["stream"])
+            rd = self.run_dir(item_id, stream)
+            disks = sorted(rec["disks"])
+            with QmpClient.connect(str(self._qmp(item_id)), timeout=10.0) as q:
+                tops = {str(e.get("id")): str(e.get("node-name"))
+                        for e in q.execute("query-block-exports")}
+                top = _layer_of(tops.get(_node(stream, 0, 0)))
+                if top is None:
+                    return None   # not exported here (an older daemon's run)
+                layers = run_layers(rec)
+                if layers[-1] != top and top in layers:
+                    # listed after the top but never switched in (a crash): never written
+                    layers = layers[:layers.index(top) + 1]
+                    self._write_run(rd, {**rec, "layers": layers})
+                self._tidy(rd, {**rec, "layers": layers})
+                n = layers[-1] + 1
+                for d in disks:
+                    run_tool(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                              OVERLAY_OPTIONS, str(layer_path(rd, d, n)),
+                              str(int(rec["disks"][d]))])
+                    _runway(layer_path(rd, d, n), min(RUNWAY, int(rec["disks"][d])))
+                rec = {**rec, "layers": [*layers, n]}
+                self._write_run(rd, rec)
+                failpoints.hit("overlay.rotate-listed")
+                added: list[str] = []
+                try:
+                    actions = []
+                    for i, d in enumerate(disks):
+                        q.execute("blockdev-add", {"driver": "file", "node-name":
+                                                   _file_node(stream, i, n),
+                                                   "filename": str(layer_path(rd, d, n))})
+                        added.append(_file_node(stream, i, n))
+                        q.execute("blockdev-add", {"driver": "qcow2", **NODE_OPTIONS,
+                                                   "node-name": _node(stream, i, n),
+                                                   "file": _file_node(stream, i, n),
+                                                   "backing": None})
+                        added.append(_node(stream, i, n))
+                        actions.append({"type": "blockdev-snapshot", "data": {
+                            "node": _node(stream, i, top), "overlay": _node(stream, i, n)}})
+                    q.execute("transaction", {"actions": actions})
+                except DrsiteError:
+                    for node in reversed(added):
+                        with contextlib.suppress(DrsiteError):
+                            q.execute("blockdev-del", {"node-name": node})
+                    self._write_run(rd, {**rec, "layers": layers})
+                    self._tidy(rd, {**rec, "layers": layers})
+                    raise
+            failpoints.hit("overlay.rotate-switched")
+            switched = dict(rec.get("switched") or {})
+            switched[str(n)] = latest_point(item_id)
+            self._write_run(rd, {**rec, "switched": switched})
+        log.info("sync overlay %s of %s rotated to layer %d (after point %s)", stream[:8],
+                 item_id, n, switched[str(n)])
+        return n
+
+    def retire(self, item_id: str, latest_id: str | None, previous_id: str | None) -> int:
+        """Delete the layers no failover can need: those before a layer whose switch came
+        before the seal of the item's latest authentic point ``latest_id`` — proven by the
+        point before it, ``previous_id``, having been committed after the switch (a VM seals
+        one cycle at a time, so the second point committed after the switch was sealed after
+        it, and every write of the older layers is in it). Steps, each safe to crash after:
+        the daemon drops the older layers' nodes; ``run.json`` stops listing them; the files
+        go. Returns how many layers went."""
+        if latest_id is None or previous_id is None:
+            return 0
+        gone = 0
+        with self._lock:
+            for rec in self.runs(item_id):
+                stream = str(rec["stream"])
+                rd = self.run_dir(item_id, stream)
+                layers = run_layers(rec)
+                switched = rec.get("switched") or {}
+                proven = [n for n in layers[1:] if str(n) in switched
+                          and previous_id > str(switched[str(n)] or "")]
+                if not proven:
+                    self._tidy(rd, rec)
+                    continue
+                k = proven[-1]
+                old = [n for n in layers if n < k]
+                try:
+                    self._detach(item_id, stream, len(rec["disks"]), k, old)
+                except DrsiteError as e:   # kept (listed, whole): tried again next pass
+                    log.warning("sync overlay %s of %s: layers before %d not retired: %s",
+                                stream[:8], item_id, k, e)
+                    continue
+                failpoints.hit("overlay.retire-detached")
+                rec = {**rec, "layers": [n for n in layers if n >= k],
+                       "switched": {m: p for m, p in switched.items() if int(m) >= k}}
+                self._write_run(rd, rec)
+                failpoints.hit("overlay.retire-forgotten")
+                self._tidy(rd, rec)
+                gone += len(old)
+                log.info("sync overlay %s of %s: %d layer(s) before layer %d retired (point %s "
+                         "was sealed after its switch)", stream[:8], item_id, len(old), k,
+                         latest_id)
+        return gone
+
+    def _detach(self, item_id: str, stream: str, ndisks: int, k: int, old: list[int]) -> None:
+        """In the item's daemon, if it serves the run: layer ``k`` loses its backing and the
+        ``old`` layers' nodes go. (Were it unreachable, the files still go: it never reads
+        them — the mirror writes whole 512-byte sectors, one subcluster each — and their
+        space comes back when it quits.)"""
+        if not self._serving(item_id):
+            return
+        with QmpClient.connect(str(self._qmp(item_id)), timeout=10.0) as q:
+            names = {str(n.get("node-name")) for n in q.execute("query-named-block-nodes")}
+            for i in range(ndisks):
+                if _node(stream, i, k) not in names:
+                    continue
+                q.execute("blockdev-reopen", {"options": [{
+                    "driver": "qcow2", "node-name": _node(stream, i, k),
+                    "file": _file_node(stream, i, k), "backing": None}]})
+                for n in reversed(old):
+                    for node in (_node(stream, i, n), _file_node(stream, i, n) if n else None):
+                        if node in names:
+                            q.execute("blockdev-del", {"node-name": node})
+
+    def _serving(self, item_id: str) -> bool:
+        """The item's daemon runs: this process's, or one an earlier agent process started
+        (``daemon.json``, by ``pid:starttime``; it outlives a killed agent and goes on
+        serving its run, so it is rotated like ours — everything is read from the daemon)."""
+        cur = self._daemons.get(item_id)
+        if cur is not None:
+            return cur[0].poll() is None
+        rec = _read(self.item_dir(item_id) / "daemon.json")
+        return rec is not None and process_token(int(rec["pid"])) == rec.get("token")
+
+    def _tidy(self, rd: Path, rec: dict[str, Any]) -> None:
+        """Remove the layer files ``run.json`` does not list: created but never listed (so
+        never switched in), or no longer listed (retired)."""
+        keep = {layer_path(rd, d, n).name for n in run_layers(rec) for d in rec["disks"]}
+        for p in rd.glob("*.qcow2"):
+            if p.name not in keep:
+                p.unlink(missing_ok=True)
+
+    @staticmethod
+    def _write_run(rd: Path, rec: dict[str, Any]) -> None:
+        atomic_write_json(rd / "run.json", rec)
 
     # -- trimming -----------------------------------------------------------------------------
     def trim(self, item_id: str, stream: str | None) -> int:
@@ -245,13 +514,37 @@ class OverlayServer:
                 n += 1
         return n
 
+    def note_marked(self, item_id: str, stream: str, point_id: str) -> None:
+        """A committed (authentic) point sealed inside run ``stream``: the run began. The
+        first such point is kept in ``run.json`` (``marked``) for :meth:`drop_outlived`."""
+        with self._lock:
+            for rec in self.runs(item_id):
+                if rec["stream"] == stream and not rec.get("marked"):
+                    self._write_run(self.run_dir(item_id, stream), {**rec, "marked": point_id})
+
+    def drop_outlived(self, item_id: str, latest_id: str, latest_stream: str | None) -> int:
+        """Delete the runs the item's latest authentic point ``latest_id`` outlived: a run
+        that had begun (a committed point ``marked`` it) while the latest point, newer than
+        that one, is not of it. A primary marks every seal while a run is healthy and never
+        resumes a run that was not, so that run ended before the latest point's seal and its
+        writes are in it (the item went asynchronous, or a later run replaced it). Returns
+        how many went."""
+        n = 0
+        with self._lock:
+            for rec in self.runs(item_id):
+                marked = rec.get("marked")
+                if marked and latest_id > str(marked) and rec["stream"] != latest_stream:
+                    self._delete_run(item_id, str(rec["stream"]))
+                    n += 1
+        return n
+
     def _drop_unwritten(self, item_id: str) -> None:
         """Runs whose overlays hold nothing and that were provisioned before a run that holds
         something: never begun (a primary never goes back to an older run). An empty run
         after the newest written one may be the one running now: kept."""
         runs = self.runs(item_id)
-        written = [any(_allocated(self.run_dir(item_id, str(r["stream"])) / f"{d}.qcow2")
-                       for d in r["disks"]) for r in runs]
+        written = [any(_allocated(layer_path(self.run_dir(item_id, str(r["stream"])), d, n))
+                       for d in r["disks"] for n in run_layers(r)) for r in runs]
         if True not in written:
             return
         newest = len(written) - 1 - written[::-1].index(True)
@@ -261,25 +554,48 @@ class OverlayServer:
 
     def _delete_run(self, item_id: str, stream: str) -> None:
         rd = self.run_dir(item_id, stream)
+        rec = _read(rd / "run.json") or {}
+        layers = run_layers(rec)
         try:
             with QmpClient.connect(str(self._qmp(item_id)), timeout=2.0) as q:
-                for i in range(16):
-                    node = f"ov-{stream[:12]}-{i}"
+                for i in range(len(rec.get("disks") or {}) or 16):
                     try:
-                        q.execute("block-export-del", {"id": node, "mode": "hard"})
+                        q.execute("block-export-del", {"id": _node(stream, i, 0),
+                                                       "mode": "hard"})
                     except DrsiteError:
+                        if rec:
+                            continue
                         break
                     deadline = time.monotonic() + 5.0
-                    while time.monotonic() < deadline:
+                    nodes = [x for n in reversed(layers)
+                             for x in (_node(stream, i, n), _file_node(stream, i, n) if n
+                                       else None) if x]
+                    while nodes and time.monotonic() < deadline:
                         try:
-                            q.execute("blockdev-del", {"node-name": node})
-                            break
+                            q.execute("blockdev-del", {"node-name": nodes[0]})
+                            nodes.pop(0)
                         except DrsiteError:
                             time.sleep(0.02)   # the export is still going away
         except DrsiteError:
             pass   # no daemon: nothing exports it
         (rd / "run.json").unlink(missing_ok=True)
         shutil.rmtree(rd, ignore_errors=True)
+
+
+def _node(stream: str, disk: int, layer: int) -> str:
+    """The daemon's qcow2 node of a layer (layer 0's is also its export's id)."""
+    return f"ov-{stream[:12]}-{disk}" + (f"-L{layer}" if layer else "")
+
+
+def _file_node(stream: str, disk: int, layer: int) -> str:
+    return f"ovf-{stream[:12]}-{disk}-L{layer}"
+
+
+def _layer_of(node: str | None) -> int | None:
+    if not node:
+        return None
+    _, sep, tail = node.rpartition("-L")
+    return int(tail) if sep and tail.isdigit() else 0
 
 
 def _allocated(path: Path) -> bool:

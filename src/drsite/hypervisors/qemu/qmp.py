@@ -17,13 +17,14 @@ serialises its callers with a lock; it is not meant for heavy concurrent use.
 
 from __future__ import annotations
 
+import array
 import json
 import socket
 import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -158,7 +159,7 @@ class QmpClient:
     # --- commands ------------------------------------------------------------------------------
 
     def execute(self, command: str, arguments: JsonObj | None = None, *,
-                timeout: float = 30.0) -> Any:
+                timeout: float = 30.0, fds: Sequence[int] = ()) -> Any:
         """Run ``command`` with ``arguments`` and return the ``return`` member of the reply.
 
         Raises ``QmpCommandError``/``QmpInvalidArgument``/``QmpNotFound`` when QEMU refuses,
@@ -174,7 +175,7 @@ class QmpClient:
             if arguments:
                 msg["arguments"] = arguments
             deadline = time.monotonic() + timeout
-            self._send(msg)
+            self._send(msg, fds)
             while True:
                 reply = self._read_message(deadline)
                 if "event" in reply:
@@ -228,9 +229,14 @@ class QmpClient:
 
     # --- wire -------------------------------------------------------------------------------------
 
-    def _send(self, msg: JsonObj) -> None:
+    def _send(self, msg: JsonObj, fds: Sequence[int] = ()) -> None:
+        """``fds`` go along (SCM_RIGHTS) with the message (``getfd``)."""
         data = json.dumps(msg).encode() + b"\n"
         try:
+            if fds:
+                n = self._sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                 array.array("i", fds))])
+                data = data[n:]
             self._sock.sendall(data)
         except OSError as e:
             self.close()

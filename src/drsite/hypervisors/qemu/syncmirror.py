@@ -28,10 +28,13 @@ import json
 import os
 import select
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,7 @@ from drsite.hypervisors.qemu.qmp import QmpClient
 from drsite.hypervisors.qemu.runner import Runner, root_node
 
 TLS_OBJECT = "drsite-synctls"
+ADD_GUARD_S = 2.0             # at least: a run start's handshake on a loaded host, not a stall
 WATCHDOG_START_S = 10.0
 NODE = "drsite-sync{}"        # NBD node and mirror job of disk i
 _CONFIG_KEYS = ("item_id", "host", "port", "budget_ms", "ca_file", "cert_file", "key_file",
@@ -171,10 +175,12 @@ def begin(q: QmpClient, paths: VmDir, cfg: QemuVmConfig, conf: dict[str, Any],
                                 "start) to run it with them.")
     try:
         for i, (d, node) in enumerate(zip(cfg.disks, nodes, strict=True)):
-            q.execute("blockdev-add", {
-                "driver": "nbd", "node-name": node, "export": conf["exports"][d.disk_id],
-                "server": {"type": "inet", "host": str(conf["host"]), "port": str(conf["port"])},
-                "tls-creds": TLS_OBJECT, "reconnect-delay": 0})
+            with _guarded_connection(q, conf, node) as fdname:
+                q.execute("blockdev-add", {
+                    "driver": "nbd", "node-name": node, "export": conf["exports"][d.disk_id],
+                    "server": {"type": "fd", "str": fdname},
+                    "tls-hostname": str(conf["host"]),
+                    "tls-creds": TLS_OBJECT, "reconnect-delay": 0})
             run["nodes"].append(node)
             write_record(paths.sync_run, run)   # end() must find what exists
             q.execute("blockdev-mirror", {
@@ -195,6 +201,56 @@ def begin(q: QmpClient, paths: VmDir, cfg: QemuVmConfig, conf: dict[str, Any],
         end(q, paths, watchers)
         raise
     return run
+
+
+@contextmanager
+def _guarded_connection(q: QmpClient, conf: dict[str, Any], name: str) -> Iterator[str]:
+    """A TCP connection to the overlay, opened here and handed to QEMU (``getfd`` as
+    ``name``) for the NBD node's ``blockdev-add``, which does the TLS handshake and the NBD
+    negotiation in QEMU's main loop and waits for ever on a site that accepted the
+    connection and went silent (checked on QEMU 7.2: in-band QMP stops answering, and
+    ``yank`` does not end it). Our copy of the socket bounds it: if the add has not
+    returned within ``ADD_GUARD_S`` (at least the budget), it is shut down; QEMU reads EOF
+    and the add fails. Yields the fd's name."""
+    budget_s = int(conf["budget_ms"]) / 1000.0
+    limit = max(budget_s, ADD_GUARD_S)
+    try:
+        sock = socket.create_connection((str(conf["host"]), int(conf["port"])), timeout=limit)
+    except OSError as e:
+        raise NetworkError(f"the recovery site's sync overlay at {conf['host']}:{conf['port']}"
+                           f" refused or did not answer the connection: {e}") from e
+    lock = threading.Lock()
+    state = {"done": False, "cut": False}
+
+    def cut() -> None:
+        with lock:
+            if not state["done"]:
+                state["cut"] = True
+                with suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(limit, cut)
+    handed = False
+    try:
+        q.execute("getfd", {"fdname": name}, fds=[sock.fileno()])
+        handed = True
+        timer.start()
+        try:
+            yield name
+        except DrsiteError as e:
+            if state["cut"]:
+                raise NetworkError(f"the recovery site's sync overlay did not complete the NBD "
+                                   f"handshake within {limit:.1f} s: {e}") from e
+            raise
+        finally:
+            with lock:
+                state["done"] = True
+            timer.cancel()
+    finally:
+        if handed:
+            with suppress(DrsiteError):   # not consumed by a failed add
+                q.execute("closefd", {"fdname": name})
+        sock.close()   # QEMU holds its own descriptor of the connection
 
 
 def _roots(q: QmpClient) -> dict[str, str]:
