@@ -763,6 +763,8 @@ def run_engine(engine: str, a: argparse.Namespace, root: Path) -> dict[str, Any]
                 protected = ok(adm.get("/items", params={"limit": 1,
                                                          "protection": "protected"}))["total"]
                 active = ok(adm.get("/jobs", params={"state": "active", "limit": 1}))["total"]
+                failed = ok(adm.get("/items", params={"limit": 1,
+                                                      "protection": "failed"}))["total"]
             except (RuntimeError, httpx.HTTPError) as e:
                 # a transient refusal (HTTP 5xx, a dropped connection) while the vault is
                 # loaded: recorded and asked again, not the end of a long setup
@@ -772,7 +774,8 @@ def run_engine(engine: str, a: argparse.Namespace, root: Path) -> dict[str, Any]
                 print(f"  [{engine}] setup poll failed, asking again: {str(e)[:200]}", flush=True)
                 continue
             print(f"  [{engine}] {time.perf_counter() - t_prot:5.0f} s: {protected}/{a.items} "
-                  f"protected, {n_items} items, jobs active: {active}", flush=True)
+                  f"protected, {n_items} items, jobs active: {active}, items failed: {failed}",
+                  flush=True)
             if protected >= a.items and not active:
                 break
             if time.monotonic() > deadline or proc.poll() is not None:

@@ -13,8 +13,10 @@ beat, for each scenario:
 - ``new``: one new item (``enabling``) since the last beat (its grant must reach the store);
 
 the SQL statements of the beat, the rows they returned (PostgreSQL: the cursor's row count;
-SQLite does not count a SELECT's rows), the beat's CPU time (``time.process_time``: the
-request's thread and the test client, not the box's load) and its wall time, the reply's size;
+SQLite does not count a SELECT's rows), the beat's CPU time (``time.process_time`` of this
+process: the vault's request thread and the test client, not the box's load; with SQLite the
+database's work too, with PostgreSQL not — the server is another process) and its wall time,
+the reply's size;
 and, with ``--profile``, the top functions of the ``steady`` and ``status`` beats at the
 largest N (cProfile).
 
@@ -59,20 +61,28 @@ class StoreAgent:
         self.agent, self.store_url = agent, store_url
         self.acl: dict[str, Any] | None = None
         self.book: dict[str, Any] | None = None
+        self.acl_digest: str | None = None
+        self.book_digest: str | None = None
 
-    def beat(self) -> tuple[dict[str, Any], int]:
-        body = {"host_name": self.agent.name, "version": "bench", "store_url": self.store_url,
-                "vms": None, "items": [], "held": [],
-                "store_acl_digest": acl_digest(self.acl) if self.acl is not None else None,
-                "recovery_book_digest": (recovery_book_digest(self.book)
-                                         if self.book is not None else None)}
-        r = self.agent.post("/heartbeat", body)
-        assert r.status_code == 200, r.text
-        out: dict[str, Any] = r.json()
+    def body(self) -> dict[str, Any]:
+        return {"host_name": self.agent.name, "version": "bench", "store_url": self.store_url,
+                "vms": None, "items": [], "held": [], "store_acl_digest": self.acl_digest,
+                "recovery_book_digest": self.book_digest}
+
+    def take(self, out: dict[str, Any]) -> None:
+        """The reply's list and book, kept with their digests (the agent's work, not timed)."""
         if out.get("store_acl") is not None:
             self.acl = out["store_acl"]
+            self.acl_digest = acl_digest(out["store_acl"])
         if out.get("recovery_book") is not None:
             self.book = out["recovery_book"]
+            self.book_digest = recovery_book_digest(out["recovery_book"])
+
+    def beat(self) -> tuple[dict[str, Any], int]:
+        """One heartbeat; the reply and its size (the reply is taken by :meth:`take`)."""
+        r = self.agent.post("/heartbeat", self.body())
+        assert r.status_code == 200, r.text
+        out: dict[str, Any] = r.json()
         return out, len(r.content)
 
 
@@ -134,8 +144,8 @@ def populate(h: Harness, n: int) -> tuple[StoreAgent, Agent, int]:
         s.execute(insert(Vm), vms)
         s.execute(insert(Item), items)
     agent = StoreAgent(store, "https://127.0.0.1:9443")
-    agent.beat()   # the first list (point keys made) and book
-    agent.beat()   # confirmed
+    agent.take(agent.beat()[0])   # the first list (point keys made) and book
+    agent.take(agent.beat()[0])   # confirmed
     return agent, sources[0], gid
 
 
@@ -166,7 +176,7 @@ def unchange(h: Harness, agent: StoreAgent, scenario: str, k: int, n: int) -> No
             s.execute(update(Item).where(Item.id == f"i{k % n:05d}").values(
                 status=ItemProtection.ENABLING))
         h.clock.advance(2.0)
-        agent.beat()
+        agent.take(agent.beat()[0])
 
 
 def measure(h: Harness, agent: StoreAgent, counter: Counter, scenario: str, beats: int,
@@ -179,8 +189,9 @@ def measure(h: Harness, agent: StoreAgent, counter: Counter, scenario: str, beat
         change(h, scenario, k, n, gid, src)
         with counter.counting():
             c0, w0 = time.process_time(), time.perf_counter()
-            _out, nbytes = agent.beat()
+            out, nbytes = agent.beat()
             c1, w1 = time.process_time(), time.perf_counter()
+        agent.take(out)
         stmts.append(len(counter.statements))
         rows.append(counter.rows)
         cpu.append((c1 - c0) * 1000)
@@ -209,10 +220,8 @@ def profiled_beat(h: Harness, agent: StoreAgent, prof: cProfile.Profile) -> None
     """:func:`apply_heartbeat` of the store host's beat in this thread (the route's thread is
     out of cProfile's sight), with the digests the agent holds."""
     beat = Beat(host_name=agent.agent.name, version="bench", store_url=agent.store_url,
-                vms=None, items=[], held=[],
-                store_acl_digest=acl_digest(agent.acl) if agent.acl is not None else None,
-                recovery_book_digest=(recovery_book_digest(agent.book)
-                                      if agent.book is not None else None))
+                vms=None, items=[], held=[], store_acl_digest=agent.acl_digest,
+                recovery_book_digest=agent.book_digest)
     with h.vault.db.tx() as s:
         host = s.get(Host, agent.agent.host_id)
         assert host is not None
@@ -221,10 +230,7 @@ def profiled_beat(h: Harness, agent: StoreAgent, prof: cProfile.Profile) -> None
             reply = apply_heartbeat(s, host, beat, h.vault.settings)
         finally:
             prof.disable()
-    if reply.get("store_acl") is not None:
-        agent.acl = reply["store_acl"]
-    if reply.get("recovery_book") is not None:
-        agent.book = reply["recovery_book"]
+    agent.take(reply)
 
 
 def top(prof: cProfile.Profile, n: int = 18) -> str:
