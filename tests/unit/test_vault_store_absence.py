@@ -100,3 +100,38 @@ def test_no_store_host_at_all_still_fails_after_the_wait_limit(h: Harness) -> No
     job = h.job(out["job_id"])
     assert job["state"] == "failed"
     assert job["error"]["message"] == "no recovery store is online in target site sec"
+
+
+def test_a_source_host_that_missed_beats_is_waited_for(h: Harness) -> None:
+    """The same for the item's own host: at 5,000 items jobs failed "host h010 sends no
+    heartbeats" for source hosts a few seconds late under load."""
+    a, _b = setup(h)
+    out = h.ok("POST", "/items", json={"vm_id": "vm-1", "group": "g1"})
+    job_id = out["job_id"]
+    h.store_beat()
+    h.clock.advance(h.settings.agent_down_after_s + 2)   # the source is late, not gone
+    end = h.clock.now() + 70
+    while h.clock.now() < end:   # past the old 60 s limit, the store beats, the source not
+        h.clock.advance(2.0)
+        h.store_beat()
+        h.tick()
+    job = h.job(job_id)
+    assert job["state"] == "running", job
+    assert "waiting for a heartbeat of host hv1 (it missed heartbeats" in job["message"]
+    a.beat(vms=VMS)
+    h.tick()
+    assert [c for c in a.beat(vms=VMS)["commands"] if c["kind"] == "protect"]
+
+
+def test_a_source_host_gone_fails_the_job_as_before(h: Harness) -> None:
+    _a, _b = setup(h)
+    h.clock.advance(h.settings.agent_down_after_s + 2)   # the source is late already
+    out = h.ok("POST", "/items", json={"vm_id": "vm-1", "group": "g1"})
+    end = h.clock.now() + h.settings.store_gone_after_s
+    while h.clock.now() < end:
+        h.clock.advance(2.0)
+        h.store_beat()
+        h.tick()
+    job = h.job(out["job_id"])
+    assert job["state"] == "failed", job
+    assert job["error"]["message"] == "host hv1 sends no heartbeats"
