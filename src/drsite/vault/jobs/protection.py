@@ -114,8 +114,10 @@ def prerequisites(ctx: TaskContext) -> Step:
     policy = _policy(ctx, item)
     if not host_up(host, ctx):
         # like the store host below: one that missed a few beats under load is waited for
-        # (at 5,000 items jobs failed "sends no heartbeats" for sources 7 s late); the job
-        # fails once the host is gone and the job waited long enough for a restarted vault
+        # (at 5,000 items jobs failed "sends no heartbeats" for sources a few seconds late);
+        # the job fails once the host is gone and the task waited its own limit
+        # (waited_too_long; a task started before a long vault outage may still fail at the
+        # first pass after it, before the host beats again: as before)
         age = missed_beats(ctx, host)
         if age is None and waited_too_long(ctx):
             raise NetworkError(f"host {host.name} sends no heartbeats",
@@ -142,8 +144,8 @@ def prerequisites(ctx: TaskContext) -> Step:
     store = target_store(ctx, item.target_site_id)
     if store is None or not host_up(store, ctx):
         # a store host that missed a few beats (under load) is waited for, however long the
-        # job has waited; the job fails once it is gone (or there is none) and it waited
-        # long enough for a restarted vault to hear from it
+        # job has waited; the job fails once it is gone (or there is none) and the task
+        # waited its own limit (waited_too_long)
         why = store_unavailable(ctx, store, site_name)
         if not why.transient and waited_too_long(ctx):
             raise why
