@@ -15,7 +15,8 @@ commands like the agent (a ``running`` post at once, then the final result): ``p
 agent before the command channel — full heartbeats, commands in their replies only.) No data
 moves: this measures the control plane only. One more simulated host in the target site serves
 a (never contacted) store: it holds the site's store role (``PUT /sites/dr/store-host``), reports
-its URL and confirms the access list the vault sends, so the vault has a recovery store to point
+its URL and confirms the access list the vault sends (and keeps the recovery book's digest, as
+the agent does: an unchanged book is not sent again), so the vault has a recovery store to point
 items at.
 
 Setup: sites ``prod`` and ``dr``; a policy (frequency ``--frequency``, no app-consistent
@@ -79,6 +80,7 @@ from benchlib import BENCH_DIR, machine_info, workdir, write_json
 from sqlalchemy import create_engine, text
 
 from drsite import tlsutil
+from drsite.failover.wire import recovery_book_digest
 from drsite.pki import make_key_and_csr
 from drsite.sitestore.acl import acl_digest
 
@@ -284,6 +286,7 @@ class SimHost:
         self.accepted: set[str] = set()
         self.held: set[str] = set()  # accepted, final result not confirmed yet
         self.store_acl: dict[str, Any] | None = None
+        self.book_digest: str | None = None  # the recovery book's, like the agent keeps it
         self.beats = 0
         self.sent_reports: dict[str, str] = {}  # item id -> the report digest the vault has
         self.sent_vms = False
@@ -312,6 +315,8 @@ class SimHost:
             body["held"] = sorted(self.held)
         if self.store_acl is not None:
             body["store_acl_digest"] = acl_digest(self.store_acl)
+        if self.book_digest is not None:
+            body["recovery_book_digest"] = self.book_digest
         return body, digests
 
     async def run(self, stop: asyncio.Event, offset: float) -> None:
@@ -367,6 +372,8 @@ class SimHost:
                 it.points = [p for p in it.points if p["seq"] > it.ack]
         if reply.get("store_acl") is not None:
             self.store_acl = reply["store_acl"]
+        if reply.get("recovery_book") is not None:
+            self.book_digest = recovery_book_digest(reply["recovery_book"])
         self.take(reply.get("commands") or [])
 
     def take(self, cmds: list[dict[str, Any]]) -> None:
@@ -756,6 +763,8 @@ def run_engine(engine: str, a: argparse.Namespace, root: Path) -> dict[str, Any]
                 protected = ok(adm.get("/items", params={"limit": 1,
                                                          "protection": "protected"}))["total"]
                 active = ok(adm.get("/jobs", params={"state": "active", "limit": 1}))["total"]
+                failed = ok(adm.get("/items", params={"limit": 1,
+                                                      "protection": "failed"}))["total"]
             except (RuntimeError, httpx.HTTPError) as e:
                 # a transient refusal (HTTP 5xx, a dropped connection) while the vault is
                 # loaded: recorded and asked again, not the end of a long setup
@@ -765,7 +774,8 @@ def run_engine(engine: str, a: argparse.Namespace, root: Path) -> dict[str, Any]
                 print(f"  [{engine}] setup poll failed, asking again: {str(e)[:200]}", flush=True)
                 continue
             print(f"  [{engine}] {time.perf_counter() - t_prot:5.0f} s: {protected}/{a.items} "
-                  f"protected, {n_items} items, jobs active: {active}", flush=True)
+                  f"protected, {n_items} items, jobs active: {active}, items failed: {failed}",
+                  flush=True)
             if protected >= a.items and not active:
                 break
             if time.monotonic() > deadline or proc.poll() is not None:

@@ -104,3 +104,11 @@ class VaultSettings:
     @property
     def agent_down_after_s(self) -> float:
         return self.missed_heartbeats * self.heartbeat_interval
+
+    @property
+    def store_gone_after_s(self) -> float:
+        """A host silent for this long is gone, not late: EnableProtection waiting for its
+        source host or its recovery store's host fails then (with what to do), not when the
+        host missed a few beats under load (``jobs/protection.py``). Ten times
+        ``agent_down_after_s``, at least two minutes."""
+        return max(120.0, 10.0 * self.agent_down_after_s)

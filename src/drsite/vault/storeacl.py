@@ -54,13 +54,14 @@ Responsible for: these decisions. Not responsible for: evaluating the list (the 
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import threading
 import time
 from collections import OrderedDict
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -72,10 +73,10 @@ from drsite.vault.db.models import Command, Group, Host, Item, PointKey, Site
 KEY_BYTES = 32
 CONFIRM_MARGIN_S = 30.0  # an item this much older than a confirmed list is in it
 _CACHE = threading.Lock()
-# (store host, its item rows, its host rows) -> (list, digest): keyed by the rows themselves,
-# not a hash of them, so two different lists never share an entry
-_DocKey = tuple[str, tuple[tuple[str, str, ItemProtection], ...],
-                tuple[tuple[str, str, str, float | None], ...]]
+# (store host, the fingerprint of what its list holds of the site-store items, its host rows)
+# -> (list, digest): the fingerprint is a digest of length-prefixed rows, so two different
+# lists share an entry only if SHA-256/BLAKE2b collide (:func:`site_store_fingerprint`)
+_DocKey = tuple[str, str, tuple[tuple[str, str, str, float | None], ...]]
 _DOCS: OrderedDict[_DocKey, tuple[dict[str, Any], str]] = OrderedDict()
 # digest -> list, for every list this process built (a digest names one content): what a store
 # agent that reports a digest holds, read without rebuilding the list (:func:`grant_pending`)
@@ -127,7 +128,7 @@ def point_keys(s: Session, item_ids: list[str], now: float) -> dict[str, str]:
     return out
 
 
-def _on_site_store(site_id: int) -> Any:
+def on_site_store(site_id: int) -> Any:
     """The items whose recovery store is the agent store of ``site_id`` (not a cloud store)
     and that are not retired: a filter for a select joined with their group."""
     return ((Item.target_site_id == site_id) & Group.store_id.is_(None)
@@ -138,7 +139,7 @@ def site_store_items(s: Session, site_id: int) -> list[Item]:
     """Active items whose recovery store is the agent store of ``site_id`` (not a cloud
     store), as rows (the recovery book needs their configuration), by id."""
     rows = s.scalars(select(Item).join(Group, Group.id == Item.group_id)
-                     .where(_on_site_store(site_id)))
+                     .where(on_site_store(site_id)))
     return sorted(rows, key=lambda it: it.id)
 
 
@@ -156,8 +157,57 @@ def _site_store_rows(s: Session, site_id: int) -> list[tuple[str, str, ItemProte
     ``site_id`` (not a cloud store), by id."""
     rows = s.execute(select(Item.id, Item.host_id, Item.status)
                      .join(Group, Group.id == Item.group_id)
-                     .where(_on_site_store(site_id))).all()
+                     .where(on_site_store(site_id))).all()
     return sorted((i, h, st) for i, h, st in rows)
+
+
+def _field(expr: str) -> str:
+    """SQL: a column as text in a row's fingerprint. Free text (``*``-marked: a VM's name) is
+    length-prefixed; ids, statuses, numbers and JSON (whose strings escape control
+    characters) cannot hold the separator, char(31). NULL is ``-``, '' is empty: so the
+    concatenation of the rows names one content."""
+    if expr.startswith("*"):
+        expr = expr[1:]
+        return (f"(CASE WHEN {expr} IS NULL THEN '-' ELSE "
+                f"CAST(length({expr}) AS TEXT) || ':' || {expr} END)")
+    return f"coalesce(CAST({expr} AS TEXT), '-')"
+
+
+# what of a site-store item its access list holds: the item, its source (the writer and
+# reader), whether it is read-only — not its status (enabling -> protected changes nothing)
+_ACL_FIELDS = ("i.id", "i.host_id", "CASE WHEN i.status IN ({ro}) THEN 'r' ELSE 'w' END")
+# what of it the recovery book holds (``recoverybook``): its status, VM, kept configuration,
+# the VM's inventory row and its source host's site
+BOOK_FIELDS = ("i.id", "i.status", "i.host_id", "i.vm_id", "*i.vm_name", "i.target_site_id",
+               "i.vm_spec", "*v.name", "v.info", "h.site_id")
+
+
+def site_store_fingerprint(s: Session, site_id: int, fields: tuple[str, ...]) -> str:
+    """A digest of ``fields`` of every active item on ``site_id``'s agent store (and of its VM
+    row ``v`` and source host row ``h``): one statement and one row, whatever the number of
+    items — the database reads the rows (in C: ~7 ms for the list's fields of 5,000 items on
+    SQLite, ~23 ms for the book's), Python does not decode them. Equal fingerprints, equal
+    rows: a document built from those rows is reused while its fingerprint stands (the store
+    heartbeat's access list and recovery book), so a beat where nothing they hold changed
+    builds neither."""
+    ro = ", ".join(f"'{st.value}'" for st in sorted(READ_ONLY_STATUSES))
+    retired = ", ".join(f"'{st.value}'" for st in sorted(RETIRED_ITEM_STATUSES))
+    pg = s.get_bind().dialect.name == "postgresql"
+    row = f" || {'chr' if pg else 'char'}(31) || ".join(_field(f.format(ro=ro)) for f in fields)
+    frm = ("FROM items i JOIN groups g ON g.id = i.group_id "
+           "LEFT JOIN vms v ON v.host_id = i.host_id AND v.vm_id = i.vm_id "
+           "LEFT JOIN hosts h ON h.id = i.host_id "
+           f"WHERE i.target_site_id = :site AND g.store_id IS NULL AND i.status NOT IN ({retired})")
+    if pg:
+        got = s.execute(text(
+            f"SELECT count(*), encode(sha256(convert_to(coalesce(string_agg({row}, ';' "
+            f"ORDER BY i.id), ''), 'UTF8')), 'hex') {frm}"), {"site": site_id}).one()
+        return f"{got[0]}:{got[1]}"
+    # SQLite: in the table's order, not sorted (a sort of the rows cost more than the rest):
+    # the same rows in another order only make another key (a rebuild), never a wrong hit
+    got = s.execute(text(f"SELECT count(*), group_concat({row}, ';') {frm}"),
+                    {"site": site_id}).one()
+    return f"{got[0]}:{hashlib.blake2b((got[1] or '').encode(), digest_size=32).hexdigest()}"
 
 
 def _keys(s: Session, item_ids: list[str], now: float) -> dict[str, str]:
@@ -180,21 +230,28 @@ def access_list(s: Session, host: Host, now: float) -> dict[str, Any]:
 
 
 def access_list_digest(s: Session, host: Host, now: float) -> tuple[dict[str, Any], str]:
-    """:func:`access_list` and its digest, built once per change of the rows it depends on."""
-    items = _site_store_rows(s, host.site_id)
-    writers = {h for _, h, _ in items} | {host.id}
+    """:func:`access_list` and its digest, built once per change of what it holds: the key is
+    the fingerprint of the site-store items' (id, source, read-only) — one statement, one row —
+    and the host rows (few). A status change that does not flip the writer (enabling ->
+    protected) changes nothing here."""
+    fp = site_store_fingerprint(s, host.site_id, _ACL_FIELDS)
     host_rows: list[tuple[str, str, str, float | None]] = sorted(
         (r[0], r[1], r[2], r[3]) for r in s.execute(
             select(Host.id, Host.cert_fingerprint, Host.cert_serial, Host.revoked_at)
-            .where(Host.id.in_(sorted(writers)) | Host.revoked_at.is_not(None))))
-    key: _DocKey = (host.id, tuple(items), tuple(host_rows))
+            .where((Host.id.in_(select(Item.host_id).join(Group, Group.id == Item.group_id)
+                                .where(on_site_store(host.site_id)).distinct()))
+                   | (Host.id == host.id) | Host.revoked_at.is_not(None))))
+    key: _DocKey = (host.id, fp, tuple(host_rows))
     with _CACHE:
         hit = _DOCS.get(key)
         if hit is not None:
             _DOCS.move_to_end(key)
             return hit
-    live = {hid: {"fingerprint": fp, "serial": serial}
-            for hid, fp, serial, revoked_at in host_rows if hid in writers and revoked_at is None}
+    items = _site_store_rows(s, host.site_id)
+    writers = {h for _, h, _ in items} | {host.id}
+    live = {hid: {"fingerprint": fp_, "serial": serial}
+            for hid, fp_, serial, revoked_at in host_rows
+            if hid in writers and revoked_at is None}
     keys = _keys(s, [i for i, h, _ in items if h in live], now)
     grants: dict[str, Any] = {}
     for item_id, source, status in items:

@@ -13,7 +13,15 @@ from typing import Any
 
 from sqlalchemy import delete, select
 
-from drsite.core.errors import AuthError, NetworkError, PermanentError, VmNotFound, from_dict
+from drsite.core.errors import (
+    AuthError,
+    DrsiteError,
+    NetworkError,
+    PeerUnavailable,
+    PermanentError,
+    VmNotFound,
+    from_dict,
+)
 from drsite.core.retry import RetryState
 from drsite.core.states import UNSTARTED_COMMAND_STATUSES, CommandStatus, ItemProtection, JobState
 from drsite.replication.report import ItemState
@@ -29,6 +37,16 @@ from drsite.vault.stores import CLOUD_STORE_URL, check_encryption, group_store, 
 def host_up(host: Host, ctx: TaskContext) -> bool:
     return (host.last_heartbeat is not None
             and ctx.now - host.last_heartbeat <= ctx.settings.agent_down_after_s)
+
+
+def missed_beats(ctx: TaskContext, host: Host) -> float | None:
+    """Seconds since ``host`` last beat when that is within ``store_gone_after_s`` — a host
+    that missed a few heartbeats (a loaded vault or host), worth waiting for; None when it
+    never beat or is silent for longer (gone: an operator must act)."""
+    if host.last_heartbeat is None:
+        return None
+    age = ctx.now - host.last_heartbeat
+    return age if age <= ctx.settings.store_gone_after_s else None
 
 
 def waited_too_long(ctx: TaskContext) -> bool:
@@ -53,6 +71,35 @@ def target_store(ctx: TaskContext, site_id: int) -> Host | None:
     return storeacl.site_store_host(ctx.s, site_id)
 
 
+def store_unavailable(ctx: TaskContext, store: Host | None, site_name: str) -> DrsiteError:
+    """Why the recovery store of ``site_name`` cannot be used now (``store`` is its host, or
+    None: no host holds the site's store role and runs a store). *Transient*
+    (``PeerUnavailable``) while its host is registered and was heard from within
+    ``store_gone_after_s`` — it missed a few heartbeats (a loaded vault or host): a job keeps
+    waiting; *permanent* once it is gone (never heard from, or silent for longer) or there is
+    none: an operator must act."""
+    if store is None:
+        return PermanentError(f"no recovery store is online in target site {site_name}",
+                              hint="Run an agent with --store-listen in the target site and "
+                                   f"give it the store role: 'drsite sites set-store "
+                                   f"{site_name} HOST'.")
+    gone_after = ctx.settings.store_gone_after_s
+    age = missed_beats(ctx, store)
+    if age is not None:
+        return PeerUnavailable(
+            f"waiting for the recovery store of site {site_name}: its host {store.name} "
+            f"missed heartbeats (last {age:.0f} s ago; gone after {gone_after:.0f} s)")
+    if store.last_heartbeat is None:
+        silent = "has sent no heartbeat since it registered"
+    else:
+        silent = f"has sent no heartbeat for {ctx.now - store.last_heartbeat:.0f} s"
+    return PermanentError(
+        f"the recovery store of site {site_name} is gone: its host {store.name} {silent}",
+        hint=f"Start the store's agent on {store.name} ('drsite agent run --store-listen ...') "
+             f"or give the store role to another host ('drsite sites set-store {site_name} "
+             "HOST'), then protect the VM again.")
+
+
 # --------------------------------------------------------------------------- EnableProtection
 
 def prerequisites(ctx: TaskContext) -> Step:
@@ -66,10 +113,18 @@ def prerequisites(ctx: TaskContext) -> Step:
         raise VmNotFound(f"VM {item.vm_name} is not reported by host {host.name}")
     policy = _policy(ctx, item)
     if not host_up(host, ctx):
-        if waited_too_long(ctx):
+        # like the store host below: one that missed a few beats under load is waited for
+        # (at 5,000 items jobs failed "sends no heartbeats" for sources a few seconds late);
+        # the job fails once the host is gone and the task waited its own limit
+        # (waited_too_long; a task started before a long vault outage may still fail at the
+        # first pass after it, before the host beats again: as before)
+        age = missed_beats(ctx, host)
+        if age is None and waited_too_long(ctx):
             raise NetworkError(f"host {host.name} sends no heartbeats",
                                hint="Start its agent ('drsite agent run'), then protect the VM again.")
-        return wait(10, f"waiting for a heartbeat of host {host.name}")
+        return wait(10, f"waiting for a heartbeat of host {host.name}" + (
+            f" (it missed heartbeats: last {age:.0f} s ago; gone after "
+            f"{ctx.settings.store_gone_after_s:.0f} s)" if age is not None else ""))
     site = ctx.s.get(Site, item.target_site_id)
     site_name = site.name if site else str(item.target_site_id)
     group = ctx.s.get(Group, item.group_id)
@@ -88,15 +143,23 @@ def prerequisites(ctx: TaskContext) -> Step:
                                   "with encryption false.")
     store = target_store(ctx, item.target_site_id)
     if store is None or not host_up(store, ctx):
-        if waited_too_long(ctx):
-            raise PermanentError(f"no recovery store is online in target site {site_name}",
-                                 hint="Run an agent with --store-listen in the target site and "
-                                      f"give it the store role: 'drsite sites set-store "
-                                      f"{site_name} HOST'.")
-        return wait(50, f"waiting for a recovery store in site {site_name}")
+        # a store host that missed a few beats (under load) is waited for, however long the
+        # job has waited; the job fails once it is gone (or there is none) and the task
+        # waited its own limit (waited_too_long)
+        why = store_unavailable(ctx, store, site_name)
+        if not why.transient and waited_too_long(ctx):
+            raise why
+        return wait(50, why.message if why.transient
+                    else f"waiting for a recovery store in site {site_name}")
     pending = storeacl.grant_pending(ctx.s, item, ctx.now)
     if pending is not None:
-        if waited_too_long(ctx):
+        # the store's agent confirms a new list at its next beat: a slow one is waited for; the
+        # job fails when it waited store_gone_after_s and no list built in that time (or
+        # since) was confirmed — the agent beats but does not take lists
+        gone_after = ctx.settings.store_gone_after_s
+        confirmed = store.store_acl_confirmed_at
+        if (ctx.task.started_at is not None and ctx.now - ctx.task.started_at > gone_after
+                and (confirmed is None or ctx.now - confirmed > gone_after)):
             raise PermanentError(f"the store agent of site {site_name} did not confirm the "
                                  "item's access grant", hint="Check that its agent runs and "
                                  "reaches the vault ('drsite hosts list').")
