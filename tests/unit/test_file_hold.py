@@ -12,7 +12,7 @@ import pytest
 
 from drsite.core.errors import Conflict, InvalidInput
 from drsite.core.model import DiskSpec, VmSpec
-from drsite.hypervisors.contract import WriteHolder
+from drsite.hypervisors.contract import ScheduledCut, WriteHolder
 from drsite.hypervisors.file import FileHypervisor
 
 MiB = 1 << 20
@@ -142,4 +142,79 @@ def test_a_failing_freeze_hook_gives_a_crash_consistent_member(hv: FileHyperviso
     assert barrier["held"] is True  # still a consistent cut, only not app-consistent
     assert cycle.consistency.value == "crash" and "freeze hook exited 3" in cycle.note
     hv.release(cycle)
+    rt.stop()  # type: ignore[attr-defined]
+
+
+def test_the_guest_times_a_cut_itself(hv: FileHypervisor) -> None:
+    """``cut_seal`` (``contract.ScheduledCut``): the guest holds at ``hold_at`` and seals at
+    ``seal_at`` on the caller's monotonic clock, so the pause is that window plus the seal's
+    instant, not the caller's round trips; it reports when the hold was in place and when
+    the seal began, which the caller proves its cut with."""
+    vm_id, rt = running(hv)
+    assert isinstance(hv, ScheduledCut)
+    done: list[tuple[int, float]] = []
+    t0 = time.monotonic()
+    hold_at, seal_at = t0 + 0.2, t0 + 0.23
+    w = threading.Thread(target=lambda: (time.sleep(0.21), _writer(rt, 1, done).run()),
+                         daemon=True)
+    w.start()
+    cycle, b = hv.cut_seal(vm_id, "c1", hold_at=hold_at, hold_by=t0 + 0.215, seal_at=seal_at,
+                           timeout_s=2.0)
+    w.join(5)
+    assert cycle is not None and b["held"] is True, b
+    held, sealed = float(b["held_local"]), float(b["sealed_local"])  # type: ignore[arg-type]
+    assert hold_at <= held <= t0 + 0.215 and seal_at <= sealed
+    assert float(b["paused_s"]) < 0.2  # type: ignore[arg-type]
+    assert done and done[0][1] >= sealed  # the write issued in the window waited for the seal
+    assert hv.cycle_record(cycle)["barrier"] == {"id": "c1", "held": True}
+    hv.release(cycle)
+    # hold_by already past: nothing held, nothing sealed
+    now = time.monotonic()
+    cycle, b = hv.cut_seal(vm_id, "c2", hold_at=now - 0.1, hold_by=now - 0.05,
+                           seal_at=now + 0.05, timeout_s=2.0)
+    assert cycle is None and "not surely before the cut" in str(b["missed"])
+    assert hv.pending_cycle(vm_id) is None and hv.guest_status(vm_id)["held_by"] is None  # type: ignore[index]
+    # another clock (another host or time namespace) is refused
+    with pytest.raises(InvalidInput):
+        rt.vm.cut("c3", hold_at=now, hold_by=now + 0.1, seal_at=now + 0.2,  # type: ignore[attr-defined]
+                  timeout_s=2.0, clock_id="clk-elsewhere")
+    rt.stop()  # type: ignore[attr-defined]
+
+
+def test_a_release_cleans_up_with_writes_flowing(hv: FileHypervisor,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A release holds the I/O lock only to stop copy-before-write and unlink ``cycle.json``;
+    the directory's fsync and the files' removal follow with writes flowing (a slow fsync
+    on a busy disk held every write behind it), while a seal waits for them."""
+    import drsite.hypervisors.file.vm as vmmod
+
+    vm_id, rt = running(hv)
+    cycle = hv.seal(vm_id)
+    syncing, go = threading.Event(), threading.Event()
+    real = vmmod.fsync_dir
+
+    def slow_fsync(path: Path) -> None:
+        syncing.set()
+        assert go.wait(5)
+        real(path)
+
+    monkeypatch.setattr(vmmod, "fsync_dir", slow_fsync)
+    rel = threading.Thread(target=lambda: rt.vm.release(cycle.cycle_id), daemon=True)  # type: ignore[attr-defined]
+    rel.start()
+    assert syncing.wait(5)
+    t0 = time.monotonic()
+    rt.vm.write("d0", 0, b"r" * 4096, tag=1)  # type: ignore[attr-defined]
+    assert time.monotonic() - t0 < 1.0     # not behind the release's fsync
+    assert hv.pending_cycle(vm_id) is None  # cycle.json is gone already
+    sealed: list[dict[str, object]] = []
+    s = threading.Thread(target=lambda: sealed.append(rt.vm.seal()), daemon=True)  # type: ignore[attr-defined]
+    s.start()
+    time.sleep(0.2)
+    assert sealed == []                    # a seal waits for the release's clean-up
+    go.set()
+    rel.join(5)
+    s.join(5)
+    assert len(sealed) == 1
+    monkeypatch.setattr(vmmod, "fsync_dir", real)
+    rt.vm.release(sealed[0]["cycle_id"])  # type: ignore[attr-defined]
     rt.stop()  # type: ignore[attr-defined]

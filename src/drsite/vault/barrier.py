@@ -40,10 +40,7 @@ points keep. Not responsible for: the bound on guest writes (the guest keeps it)
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 import time
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -52,6 +49,7 @@ from sqlalchemy.orm import Session
 from drsite.core.errors import InvalidInput, PermanentError
 from drsite.core.retention import PointStamp, RetentionRule, points_to_keep
 from drsite.core.states import FINAL_COMMAND_STATUSES, OPEN_COMMAND_STATUSES, CommandStatus, ItemProtection
+from drsite.fsutil import monotonic_clock_id
 from drsite.replication.planner import app_consistent_due, next_cycle_at
 from drsite.replication.report import ItemState
 from drsite.vault import commands
@@ -71,28 +69,10 @@ KINDS = ("group_prepare", "group_seal")
 CUT_MISSES_TO_FALL_BACK = 2  # missed cuts in a row before one two-phase barrier
 
 
-def _clock_id() -> str:
-    """The id of this process's ``CLOCK_MONOTONIC``. On Linux every process of one boot and
-    one time namespace reads the same monotonic clock, so the vault's API workers (forked by
-    one supervisor, on one machine) share an id: an agent may sample any of them. Another
-    machine (a vault pair's standby) or another time namespace has another id; without
-    ``/proc`` the id names this process alone (a cut sampled elsewhere is then missed, never
-    mis-mapped)."""
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        try:
-            ns = os.readlink("/proc/self/ns/time")  # "time:[4026531834]"
-        except OSError:  # a kernel without time namespaces: one monotonic clock per boot
-            ns = "time:[none]"
-        return f"clk-{boot}-{ns[6:-1]}"
-    except OSError:
-        return f"clk-{os.getpid()}-{secrets.token_hex(6)}"
-
-
 # the clock a clock cut is named in: the machine's monotonic clock (never stepped), which
 # agents sample through POST /agent/clock; an agent whose samples come from another clock
 # (another machine's vault) cannot map the cut and misses it
-CLOCK_ID = _clock_id()
+CLOCK_ID = monotonic_clock_id()
 
 
 def cut_clock() -> float:
@@ -423,6 +403,8 @@ class BarrierRunner:
                                        args={"barrier_id": b.id, "app_consistent": app,
                                              "cut_at": cut_at, "clock_id": CLOCK_ID,
                                              "margin_s": self.settings.barrier_cut_margin_s,
+                                             "guest_margin_s":
+                                                 self.settings.barrier_cut_guest_margin_s,
                                              "hold_s": bound},
                                        now=now)
                 ms[it.id] = {"host_id": it.host_id, "vm_name": it.vm_name, "prepare": None,
