@@ -125,16 +125,19 @@ class ClockKeeper:
                 self.add(self._read())
             except DrsiteError as e:
                 log.debug("background reading of the vault's cut clock failed: %s", e)
+            except Exception:   # the link closed under us (the agent stops): end quietly
+                if self._stopping():
+                    return
+                log.exception("background reading of the vault's cut clock failed")
             time.sleep(self.every)
 
 
 class BarrierCommands:
     def __init__(self, host: BarrierHost) -> None:
         self.host = host
-        stopping = getattr(host, "stopping", None)
         self.clock = ClockKeeper(
             lambda: ClockSample(*self.host.link.clock_sample(timeout=1.0)),
-            stopping if callable(stopping) else (lambda: False))
+            lambda: bool(getattr(self.host, "stopping", False)))  # the agent's property
         # how long each VM's recent hold calls took (a QEMU hold spawns its watchdog before
         # the stop): a cut's hold call starts earlier by the shortest of them (one slow call
         # on a busy host must not lengthen every later pause), at most the margin
@@ -222,8 +225,11 @@ class BarrierCommands:
         host each reading takes a scheduling round of its own)."""
         out = self.clock.samples(clock_id, time.monotonic())
         best = best_sample(out, clock_id, time.monotonic())
-        if best is not None and best.uncertainty(cut_at - best.offset) <= CUT_FRESH_S:
-            return out
+        if best is not None:
+            if best.uncertainty(cut_at - best.offset) <= CUT_FRESH_S:
+                return out
+            # a kept reading will do: a new one must not cost the hold it would improve
+            until = min(until, CutPlan(best, cut_at, margin).hold_at() - took - 0.01)
         taken = 0
         while taken < CUT_SAMPLES and time.monotonic() < until:
             try:
@@ -276,8 +282,9 @@ class BarrierCommands:
         u = sample.uncertainty(plan.cut_local)
         if u > hold_s / 4:
             return f"clock uncertainty {u * 1000:.1f} ms is too large"
+        taken = sum(1 for x in samples if x.sent >= first)
         late = (f"(command late: here {(plan.cut_local - first) * 1000:.0f} ms before the cut, "
-                f"{len(samples)} clock reading(s) in {(sampled - first) * 1000:.0f} ms)")
+                f"{taken} clock reading(s) in {(sampled - first) * 1000:.0f} ms)")
         if scheduled:
             assert isinstance(hv, ScheduledCut)
             return self._scheduled_cut(hv, vm_id, bid, plan, u, hold_s, late)

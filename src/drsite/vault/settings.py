@@ -58,7 +58,7 @@ class VaultSettings:
     barrier_cut_margin_s: float = 0.02
     # the margin when the guest times the cut itself (a driver with ``ScheduledCut``: no
     # call in the pause, only the guest thread's wake-up and the I/O lock)
-    barrier_cut_guest_margin_s: float = 0.005
+    barrier_cut_guest_margin_s: float = 0.01
     # the controller lease: a controller that stops renewing it is replaced after this long
     lease_s: float = 10.0
     listen: str | None = None
