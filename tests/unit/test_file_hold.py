@@ -218,3 +218,51 @@ def test_a_release_cleans_up_with_writes_flowing(hv: FileHypervisor,
     monkeypatch.setattr(vmmod, "fsync_dir", real)
     rt.vm.release(sealed[0]["cycle_id"])  # type: ignore[attr-defined]
     rt.stop()  # type: ignore[attr-defined]
+
+
+def test_a_cut_holds_from_its_instant_even_when_its_thread_wakes_late(
+        hv: FileHypervisor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cut's hold is armed ahead: the first write at or after ``hold_at`` puts it in
+    effect, so a guest thread that wakes 80 ms late (a busy host) neither misses the cut nor
+    lets a write through; and no write completes between the hold's reported start and the
+    seal (the property the claim rests on)."""
+    import drsite.hypervisors.file.vm as vmmod
+
+    vm_id, rt = running(hv)
+    real = vmmod._sleep_until
+    calls: list[float] = []
+
+    def late_sleep(t: float) -> None:
+        calls.append(t)
+        real(t + (0.08 if len(calls) == 1 else 0.0))  # the hold's wake-up comes late
+
+    monkeypatch.setattr(vmmod, "_sleep_until", late_sleep)
+    ends: list[tuple[float, float]] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            start = time.monotonic()
+            rt.vm.write("d0", (i % 64) * 4096, b"w" * 4096, tag=i)  # type: ignore[attr-defined]
+            ends.append((start, time.monotonic()))
+            i += 1
+            time.sleep(0.001)
+
+    w = threading.Thread(target=writer, daemon=True)
+    w.start()
+    t0 = time.monotonic()
+    hold_at = t0 + 0.1
+    cycle, b = hv.cut_seal(vm_id, "c4", hold_at=hold_at, hold_by=hold_at + 0.02,
+                           seal_at=hold_at + 0.15, timeout_s=2.0)
+    time.sleep(0.05)
+    stop.set()
+    w.join(5)
+    assert cycle is not None and b["held"] is True, b
+    held, sealed = float(b["held_local"]), float(b["sealed_local"])  # type: ignore[arg-type]
+    assert hold_at <= held < hold_at + 0.02   # in effect from its instant, not the wake-up
+    # a write issued after the hold's start completes only after the seal's instant
+    assert not [(a, e) for a, e in ends if a > held and e < sealed], "a write inside the hold"
+    assert any(e < held for _, e in ends) and any(a > held for a, _ in ends)
+    hv.release(cycle)
+    rt.stop()  # type: ignore[attr-defined]

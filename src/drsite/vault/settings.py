@@ -56,9 +56,10 @@ class VaultSettings:
     # agent's clock uncertainty, plus the seal
     barrier_clock_cut: bool = True
     barrier_cut_margin_s: float = 0.02
-    # the margin when the guest times the cut itself (a driver with ``ScheduledCut``: no
-    # call in the pause, only the guest thread's wake-up and the I/O lock)
-    barrier_cut_guest_margin_s: float = 0.01
+    # the margin when the guest times the cut itself (a driver with ``ScheduledCut``): no
+    # call and no thread wake-up in it (the hold is armed ahead, the first write after its
+    # instant puts it in effect), only a write in flight at that instant
+    barrier_cut_guest_margin_s: float = 0.005
     # the controller lease: a controller that stops renewing it is replaced after this long
     lease_s: float = 10.0
     listen: str | None = None

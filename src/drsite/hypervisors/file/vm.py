@@ -87,14 +87,20 @@ class _Hold:
     """A group barrier's hold on new writes: ends at :meth:`FileVm.seal_held`,
     :meth:`FileVm.unhold` or, whatever the agent does, when its timer fires."""
 
-    def __init__(self, barrier_id: str, timeout_s: float, app: bool) -> None:
+    def __init__(self, barrier_id: str, timeout_s: float, app: bool,
+                 at: float | None = None) -> None:
         self.barrier_id = barrier_id
-        self.started = time.monotonic()
-        self.in_place = self.started  # when the gate was closed under the I/O lock (hold())
+        self.started = time.monotonic() if at is None else at
+        self.in_place = self.started  # from then on no write completes (hold(), _activate)
         self.deadline = self.started + timeout_s
         self.app = app
         self.hook_error: str | None = None
         self.timer: threading.Timer | None = None
+        # a cut's hold is armed ahead and takes effect at ``at`` (FileVm.cut): until it is
+        # active writes flow; the first write at or after ``at`` (or the cut's thread)
+        # activates it under the I/O lock
+        self.at = at
+        self.active = at is None
 
 
 def _sleep_until(t: float) -> None:
@@ -119,6 +125,7 @@ class FileVm:
         self._gate.set()
         self._freezes = 0
         self._hold: _Hold | None = None  # a group barrier's write hold (see hold())
+        self._last_write_end = 0.0  # when the last write ended (kept while a hold is armed)
         self.hold_pauses: list[float] = []  # seconds each ended hold kept writes waiting (last 1000)
         self.disks: dict[str, _Disk] = {}
         self.epoch: str | None = None
@@ -280,7 +287,10 @@ class FileVm:
                 raise Busy(f"VM {self.config.name} is frozen")
             self._io_lock.acquire()
             if self._gate.is_set():
-                return
+                h = self._hold
+                if h is None or h.active or time.monotonic() < (h.at or 0.0):
+                    return
+                self._activate_locked(h)  # an armed cut's instant passed: this write waits
             self._io_lock.release()
 
     def write(self, disk_id: str, offset: int, data: bytes | bytearray | memoryview, *,
@@ -338,6 +348,8 @@ class FileVm:
             if mirror is not None:  # numbered in the write order, sent by the mirror's thread
                 wait_for = mirror.submit(writes)
         finally:
+            if self._hold is not None:  # an armed cut's hold dates itself after this write
+                self._last_write_end = time.monotonic()
             self._io_lock.release()
         if mirror is not None and wait_for is not None:
             mirror.wait(wait_for)  # at most the budget; outside the lock (QD > 1 overlaps)
@@ -441,6 +453,17 @@ class FileVm:
         return {"barrier_id": h.barrier_id, "held_at": time.time() - (time.monotonic() - h.started),
                 "timeout_s": h.deadline - h.started}
 
+    def _activate_locked(self, h: _Hold) -> None:
+        """An armed hold takes effect (caller holds the I/O lock): the gate closes, so no
+        write completes from now until it ends. Every write that completed after ``h.at``
+        had passed the gate before ``h.at`` (a write re-checks the time under the lock) and
+        ended before this lock was taken, so the hold is in effect from the later of ``h.at``
+        and the last write's end — not from when this thread got to run."""
+        h.active = True
+        h.in_place = h.started = max(h.at or 0.0, self._last_write_end)
+        self._freezes += 1
+        self._gate.clear()
+
     def _end_hold_locked(self, h: _Hold) -> float:
         """End hold ``h`` (caller holds the I/O lock); returns how long writes waited."""
         if self._hold is not h:
@@ -448,6 +471,8 @@ class FileVm:
         self._hold = None
         if h.timer is not None:
             h.timer.cancel()
+        if not h.active:   # armed, never in effect: nothing waited
+            return 0.0
         paused = time.monotonic() - h.started
         self.hold_pauses = [*self.hold_pauses[-999:], paused]
         if self._freezes > 0:
@@ -495,6 +520,9 @@ class FileVm:
                 sealed_local = time.monotonic()
                 h = self._hold if self._hold is not None and self._hold.barrier_id == barrier_id \
                     else None
+                if h is not None and not h.active:  # armed, its instant not come: not held
+                    self._end_hold_locked(h)
+                    h = None
                 notes: list[str] = []
                 consistency = Consistency.CRASH
                 if h is None:
@@ -525,8 +553,11 @@ class FileVm:
         cut"): hold new writes at ``hold_at``, seal under the hold at ``seal_at`` and end it,
         all instants of this host's ``time.monotonic()`` — the caller's clock, which
         ``clock_id`` (:func:`~drsite.fsutil.monotonic_clock_id` of the caller) must name. The
-        caller's round trip to this process is then outside the pause: writes wait from the
-        hold (a sleep's wake-up after ``hold_at``) to the end of the seal's instant.
+        caller's round trip to this process is then outside the pause, and so is this
+        thread's wake-up at ``hold_at``: the hold is armed ahead and the first write at or
+        after ``hold_at`` puts it in effect (:meth:`_activate_locked`), so writes wait from
+        ``hold_at`` (or the end of the write in flight then) to the end of the seal's
+        instant.
 
         Returns :meth:`seal_held`'s record (``barrier.held_local``/``sealed_local`` are what
         the caller checks its claim with), or ``{"missed": why}`` with nothing sealed and no
@@ -541,14 +572,25 @@ class FileVm:
             raise InvalidInput("a cut holds at or before its hold_by, seals after it, within "
                                "the hold's bound")
         with self._cycle_lock:   # no release's clean-up in the held window
-            _sleep_until(hold_at)
-            self.hold(barrier_id, timeout_s)
             with self._io_lock:
-                h = self._hold if self._hold is not None and self._hold.barrier_id == barrier_id \
-                    else None
-            if h is None or h.in_place > hold_by:
+                self._check_open()
+                if self._hold is not None:
+                    raise Conflict(f"VM {self.config.name} is held by barrier "
+                                   f"{self._hold.barrier_id}")
+                h = _Hold(barrier_id, timeout_s, False, at=max(hold_at, now))
+                self._hold = h
+                self._last_write_end = 0.0  # writes from now on date themselves
+                h.timer = threading.Timer(h.deadline - now, self._expire_hold, args=(h,))
+                h.timer.daemon = True
+                h.timer.start()
+            _sleep_until(h.started)
+            with self._io_lock:
+                if self._hold is h and not h.active:
+                    self._activate_locked(h)
+                live = self._hold is h
+            if not live or h.in_place > hold_by:
                 self.unhold(barrier_id)
-                late = (h.in_place - hold_at) * 1000 if h is not None else float("nan")
+                late = (h.in_place - hold_at) * 1000
                 return {"missed": f"the hold was in place {late:.1f} ms after its planned "
                                   "start, not surely before the cut"}
             _sleep_until(seal_at)
