@@ -131,10 +131,10 @@ def test_a_fresh_kept_reading_maps_the_cut_without_a_round_trip() -> None:
     assert bc2.clock.samples("clk", now) == []
     got = bc2._samples("clk", now + 0.5, cut_at, 0.005, 0.0)
     assert len(calls) >= 1 and all(s.received >= now for s in got)
-    # a kept reading 5 s old: 0.5 ms radius + 5 ms drift > CUT_FRESH_S, so it is read again
+    # a kept reading 12 s old: 0.5 ms radius + 12 ms drift > CUT_FRESH_S: read again
     calls.clear()
     bc3 = BarrierCommands(host)
-    aged = now - 5.0
+    aged = now - 12.0
     bc3.clock.add(ClockSample("clk", aged + 1000.0, aged - 0.0005, aged + 0.0005))
     got = bc3._samples("clk", now + 0.5, cut_at, 0.005, 0.0)
     assert calls and best_sample(got, "clk", time.monotonic()) is not got[0]

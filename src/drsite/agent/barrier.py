@@ -40,8 +40,9 @@ KINDS = ("group_prepare", "group_seal")
 CUT_SAMPLES = 5  # vault clock readings per cut at most: the shortest round trip bounds it
 CUT_GOOD_S = 0.001  # enough: stop sampling once the uncertainty is below this
 # the vault's cut clock is read in the background while cuts come (``ClockKeeper``), so a cut
-# whose kept readings already bound the offset this well takes no reading of its own
-CUT_FRESH_S = 0.003
+# whose kept readings already bound the offset this well takes no reading of its own: a
+# reading on a loaded host takes tens of ms and costs cuts, a few ms of u cost 2u of pause
+CUT_FRESH_S = 0.010
 CLOCK_EVERY_S = 1.0     # a background reading this often (drift adds DRIFT x age: 1 ms / s)
 CLOCK_KEEP = 16         # the last readings kept
 CLOCK_MAX_AGE_S = 30.0  # an older reading is never used (its drift term alone is 30 ms)
