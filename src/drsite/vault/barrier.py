@@ -17,7 +17,7 @@ One barrier per group at a time, at the group policy's frequency (anchored like 
 By default the barrier is a **clock cut** instead: ``group_seal {barrier_id, cut_at,
 clock_id, margin_s, hold_s, app_consistent}`` to every member at once, ``cut_at`` an instant
 of this process's cut clock (:func:`cut_clock`, read by agents through ``POST
-/agent/clock``) half the bound ahead; each agent holds around it, seals and answers as in
+/agent/clock``) ``barrier_cut_lead`` of the bound ahead; each agent holds around it, seals and answers as in
 step 2 (``missed`` when it could not prove its hold around the cut). A cut a member missed is
 ``partial``; after two such in a row the group's next barrier is two-phase (``_cut_mode``).
 
@@ -392,12 +392,14 @@ class BarrierRunner:
         # than a cut's window; the cut would be missed and the app point lost)
         if not app and self._cut_mode(s, group):
             # the cut: every member holds around one instant of this vault's clock, ``lead``
-            # ahead (the command channel delivers in milliseconds; half the bound is left)
-            cut_at = cut_clock() + bound / 2
+            # ahead (the command channel delivers in milliseconds, but hundreds on a loaded
+            # host: a command that comes after the cut is a miss)
+            lead = bound * self.settings.barrier_cut_lead
+            cut_at = cut_clock() + lead
             b.state = "sealing"
             # a member that has not said it took the cut by then (a stopped or dead agent)
             # misses it: its seal is withdrawn and it gets a plain cycle (``_cut_bound``)
-            b.prepare_deadline = now + bound
+            b.prepare_deadline = now + lead + bound / 2
             for it in members:
                 cmd = commands.enqueue(s, host_id=it.host_id, kind="group_seal", item_id=it.id,
                                        args={"barrier_id": b.id, "app_consistent": app,
