@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import secrets
 import tempfile
 import time
 from pathlib import Path
@@ -124,3 +125,21 @@ def named_subdirs(root: Path, kind: str, what: str) -> list[str]:
         except InvalidInput:
             continue
     return out
+
+
+def monotonic_clock_id() -> str:
+    """The id of this process's ``CLOCK_MONOTONIC``. On Linux every process of one boot and
+    one time namespace reads the same monotonic clock, so processes with equal ids (a vault's
+    API workers; an agent and its host's file guests) can exchange ``time.monotonic()``
+    instants as they are. Another machine or another time namespace has another id; without
+    ``/proc`` the id names this process alone (an instant from elsewhere is then refused,
+    never mis-mapped)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        try:
+            ns = os.readlink("/proc/self/ns/time")  # "time:[4026531834]"
+        except OSError:  # a kernel without time namespaces: one monotonic clock per boot
+            ns = "time:[none]"
+        return f"clk-{boot}-{ns[6:-1]}"
+    except OSError:
+        return f"clk-{os.getpid()}-{secrets.token_hex(6)}"

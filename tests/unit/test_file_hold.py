@@ -12,7 +12,7 @@ import pytest
 
 from drsite.core.errors import Conflict, InvalidInput
 from drsite.core.model import DiskSpec, VmSpec
-from drsite.hypervisors.contract import WriteHolder
+from drsite.hypervisors.contract import ScheduledCut, WriteHolder
 from drsite.hypervisors.file import FileHypervisor
 
 MiB = 1 << 20
@@ -141,5 +141,128 @@ def test_a_failing_freeze_hook_gives_a_crash_consistent_member(hv: FileHyperviso
     cycle, barrier = hv.seal_held(vm_id, "app2", app_consistent=True)
     assert barrier["held"] is True  # still a consistent cut, only not app-consistent
     assert cycle.consistency.value == "crash" and "freeze hook exited 3" in cycle.note
+    hv.release(cycle)
+    rt.stop()  # type: ignore[attr-defined]
+
+
+def test_the_guest_times_a_cut_itself(hv: FileHypervisor) -> None:
+    """``cut_seal`` (``contract.ScheduledCut``): the guest holds at ``hold_at`` and seals at
+    ``seal_at`` on the caller's monotonic clock, so the pause is that window plus the seal's
+    instant, not the caller's round trips; it reports when the hold was in place and when
+    the seal began, which the caller proves its cut with."""
+    vm_id, rt = running(hv)
+    assert isinstance(hv, ScheduledCut)
+    done: list[tuple[int, float]] = []
+    t0 = time.monotonic()
+    hold_at, seal_at = t0 + 0.2, t0 + 0.23
+    w = threading.Thread(target=lambda: (time.sleep(0.21), _writer(rt, 1, done).run()),
+                         daemon=True)
+    w.start()
+    cycle, b = hv.cut_seal(vm_id, "c1", hold_at=hold_at, hold_by=t0 + 0.215, seal_at=seal_at,
+                           timeout_s=2.0)
+    w.join(5)
+    assert cycle is not None and b["held"] is True, b
+    held, sealed = float(b["held_local"]), float(b["sealed_local"])  # type: ignore[arg-type]
+    assert hold_at <= held <= t0 + 0.215 and seal_at <= sealed
+    assert float(b["paused_s"]) < 0.2  # type: ignore[arg-type]
+    assert done and done[0][1] >= sealed  # the write issued in the window waited for the seal
+    assert hv.cycle_record(cycle)["barrier"] == {"id": "c1", "held": True}
+    hv.release(cycle)
+    # hold_by already past: nothing held, nothing sealed
+    now = time.monotonic()
+    cycle, b = hv.cut_seal(vm_id, "c2", hold_at=now - 0.1, hold_by=now - 0.05,
+                           seal_at=now + 0.05, timeout_s=2.0)
+    assert cycle is None and "not surely before the cut" in str(b["missed"])
+    assert hv.pending_cycle(vm_id) is None and hv.guest_status(vm_id)["held_by"] is None  # type: ignore[index]
+    # another clock (another host or time namespace) is refused
+    with pytest.raises(InvalidInput):
+        rt.vm.cut("c3", hold_at=now, hold_by=now + 0.1, seal_at=now + 0.2,  # type: ignore[attr-defined]
+                  timeout_s=2.0, clock_id="clk-elsewhere")
+    rt.stop()  # type: ignore[attr-defined]
+
+
+def test_a_release_cleans_up_with_writes_flowing(hv: FileHypervisor,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A release holds the I/O lock only to stop copy-before-write and unlink ``cycle.json``;
+    the directory's fsync and the files' removal follow with writes flowing (a slow fsync
+    on a busy disk held every write behind it), while a seal waits for them."""
+    import drsite.hypervisors.file.vm as vmmod
+
+    vm_id, rt = running(hv)
+    cycle = hv.seal(vm_id)
+    syncing, go = threading.Event(), threading.Event()
+    real = vmmod.fsync_dir
+
+    def slow_fsync(path: Path) -> None:
+        syncing.set()
+        assert go.wait(5)
+        real(path)
+
+    monkeypatch.setattr(vmmod, "fsync_dir", slow_fsync)
+    rel = threading.Thread(target=lambda: rt.vm.release(cycle.cycle_id), daemon=True)  # type: ignore[attr-defined]
+    rel.start()
+    assert syncing.wait(5)
+    t0 = time.monotonic()
+    rt.vm.write("d0", 0, b"r" * 4096, tag=1)  # type: ignore[attr-defined]
+    assert time.monotonic() - t0 < 1.0     # not behind the release's fsync
+    assert hv.pending_cycle(vm_id) is None  # cycle.json is gone already
+    sealed: list[dict[str, object]] = []
+    s = threading.Thread(target=lambda: sealed.append(rt.vm.seal()), daemon=True)  # type: ignore[attr-defined]
+    s.start()
+    time.sleep(0.2)
+    assert sealed == []                    # a seal waits for the release's clean-up
+    go.set()
+    rel.join(5)
+    s.join(5)
+    assert len(sealed) == 1
+    monkeypatch.setattr(vmmod, "fsync_dir", real)
+    rt.vm.release(sealed[0]["cycle_id"])  # type: ignore[attr-defined]
+    rt.stop()  # type: ignore[attr-defined]
+
+
+def test_a_cut_holds_from_its_instant_even_when_its_thread_wakes_late(
+        hv: FileHypervisor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cut's hold is armed ahead: the first write at or after ``hold_at`` puts it in
+    effect, so a guest thread that wakes 80 ms late (a busy host) neither misses the cut nor
+    lets a write through; and no write completes between the hold's reported start and the
+    seal (the property the claim rests on)."""
+    import drsite.hypervisors.file.vm as vmmod
+
+    vm_id, rt = running(hv)
+    real = vmmod._sleep_until
+    calls: list[float] = []
+
+    def late_sleep(t: float) -> None:
+        calls.append(t)
+        real(t + (0.08 if len(calls) == 1 else 0.0))  # the hold's wake-up comes late
+
+    monkeypatch.setattr(vmmod, "_sleep_until", late_sleep)
+    ends: list[tuple[float, float]] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            start = time.monotonic()
+            rt.vm.write("d0", (i % 64) * 4096, b"w" * 4096, tag=i)  # type: ignore[attr-defined]
+            ends.append((start, time.monotonic()))
+            i += 1
+            time.sleep(0.001)
+
+    w = threading.Thread(target=writer, daemon=True)
+    w.start()
+    t0 = time.monotonic()
+    hold_at = t0 + 0.1
+    cycle, b = hv.cut_seal(vm_id, "c4", hold_at=hold_at, hold_by=hold_at + 0.02,
+                           seal_at=hold_at + 0.15, timeout_s=2.0)
+    time.sleep(0.05)
+    stop.set()
+    w.join(5)
+    assert cycle is not None and b["held"] is True, b
+    held, sealed = float(b["held_local"]), float(b["sealed_local"])  # type: ignore[arg-type]
+    assert hold_at <= held < hold_at + 0.02   # in effect from its instant, not the wake-up
+    # a write issued after the hold's start completes only after the seal's instant
+    assert not [(a, e) for a, e in ends if a > held and e < sealed], "a write inside the hold"
+    assert any(e < held for _, e in ends) and any(a > held for a, _ in ends)
     hv.release(cycle)
     rt.stop()  # type: ignore[attr-defined]

@@ -27,6 +27,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,18 +262,26 @@ class CommandLanes:
             if failures:
                 failures = 0
                 self.host.vault_back()
-            for cmd in cmds:
+            # a barrier's steps first, each at once (a clock cut's members of this host are
+            # sent together): their journal entries (an fsync each) wait until all started
+            later: list[Callable[[], None]] = []
+            for cmd in sorted(cmds, key=lambda c: c.kind not in barriers.KINDS):
                 if self._stop.is_set():
-                    return  # not taken: the vault re-delivers (the next heartbeat lacks it)
+                    break  # not taken: the vault re-delivers (the next heartbeat lacks it)
                 try:
-                    self.accept(cmd)
+                    self.accept(cmd, journal_later=later)
                 except DrsiteError as e:
                     log.warning("command %s not taken: %s", cmd.command_id, e)
+            for journal in later:
+                journal()
 
-    def accept(self, cmd: Command) -> None:
+    def accept(self, cmd: Command, *, journal_later: list[Callable[[], None]] | None = None
+               ) -> None:
         """Take a command from the vault (heartbeat reply or the command channel): ignore it if
         queued or running, answer it from the journal if finished, else record it in the
-        journal (durably, so a restart resumes it) and queue it on its item's lane."""
+        journal (durably, so a restart resumes it) and queue it on its item's lane. A barrier
+        step starts before its journal entry; with ``journal_later`` that entry is appended
+        there for the caller to write once the batch's other barrier steps started too."""
         if cmd.kind not in COMMAND_KINDS:
             if self.journal.finished(cmd.command_id) is None:
                 err = InvalidInput(f"unknown command kind {cmd.kind!r}",
@@ -294,10 +303,16 @@ class CommandLanes:
             # it, and a crash before the journal is harmless (the vault re-delivers the seal,
             # whose cycle the lane then adopts; a prepare's hold ends at its bound)
             self._barrier_pool.submit(self._barrier_task, cmd)
-            with contextlib.suppress(DrsiteError):
-                self.journal.accept(cmd.command_id, kind=cmd.kind, item_id=cmd.item_id,
-                                    args=pointkeys.keep_keys(self.host.data_dir, cmd.item_id,
-                                                            cmd.args))
+
+            def journal() -> None:
+                with contextlib.suppress(DrsiteError):
+                    self.journal.accept(cmd.command_id, kind=cmd.kind, item_id=cmd.item_id,
+                                        args=pointkeys.keep_keys(self.host.data_dir,
+                                                                 cmd.item_id, cmd.args))
+            if journal_later is not None:
+                journal_later.append(journal)
+            else:
+                journal()
             return
         try:
             self.journal.accept(cmd.command_id, kind=cmd.kind, item_id=cmd.item_id,

@@ -41,10 +41,18 @@ class ClockSample:
         """Bound on the estimate's error when it was taken (half the round trip)."""
         return (self.received - self.sent) / 2
 
+    @property
+    def reach(self) -> float:
+        """The error bound's constant part: the radius, plus the drift over the radius (the
+        reading was taken anywhere in the round trip, so up to a radius from its middle)."""
+        return self.radius * (1 + DRIFT)
+
     def uncertainty(self, local_t: float) -> float:
-        """Bound on the estimate's error at local time ``local_t``."""
+        """Bound on the estimate's error at local time ``local_t``: the true offset at the
+        reading's real instant ``a`` (within the round trip) is within the radius of the
+        estimate, and drifts by at most ``DRIFT * |local_t - a|`` since."""
         mid = (self.sent + self.received) / 2
-        return self.radius + DRIFT * abs(local_t - mid)
+        return self.reach + DRIFT * abs(local_t - mid)
 
 
 def best_sample(samples: Iterable[ClockSample], clock_id: str, local_t: float
@@ -73,6 +81,15 @@ class CutPlan:
         u = self.sample.uncertainty(self.cut_local)
         return self.cut_local - u - self.margin_s
 
+    def hold_by(self) -> float:
+        """The last local time (at or after the sample) at which a hold in place still surely
+        began before the cut: :meth:`held_before_cut` is true up to it, false after."""
+        s = self.sample
+        mid = (s.sent + s.received) / 2
+        # t + offset + reach + DRIFT * (t - mid) < cut_at, for t >= mid
+        t = (self.cut_at - s.offset - s.reach + DRIFT * mid) / (1 + DRIFT)
+        return t - 1e-6
+
     def held_before_cut(self, held_local: float) -> bool:
         """A hold in place at local time ``held_local`` surely began before the cut."""
         return held_local + self.sample.offset + self.sample.uncertainty(held_local) < self.cut_at
@@ -81,8 +98,8 @@ class CutPlan:
         """The first local time at which a seal surely begins after the cut."""
         s = self.sample
         mid = (s.sent + s.received) / 2
-        # t + offset - radius - DRIFT * (t - mid) > cut_at, for t >= mid
-        t = (self.cut_at - s.offset + s.radius - DRIFT * mid) / (1 - DRIFT)
+        # t + offset - reach - DRIFT * (t - mid) > cut_at, for t >= mid
+        t = (self.cut_at - s.offset + s.reach - DRIFT * mid) / (1 - DRIFT)
         return max(t, mid) + 1e-6
 
     def sealed_after_cut(self, seal_local: float) -> bool:

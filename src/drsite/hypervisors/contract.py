@@ -252,6 +252,25 @@ class WriteHolder(Protocol):
 
 
 @runtime_checkable
+class ScheduledCut(Protocol):
+    """Optional driver capability, beside :class:`WriteHolder`: a group barrier's clock cut
+    timed by the guest side itself, so the caller's round trip to the guest is not in the
+    guest's pause (``vault/barrier_design.md``, "The clock cut")."""
+
+    def cut_seal(self, vm_id: str, barrier_id: str, *, hold_at: float, hold_by: float,
+                 seal_at: float, timeout_s: float) -> tuple[SealedCycle | None, dict[str, object]]:
+        """Hold the guest's new writes at ``hold_at``, seal under the hold at ``seal_at`` and
+        end the hold — instants of the caller's ``time.monotonic()``; the hold never lasts
+        more than ``timeout_s``. Returns the cycle and ``{"id", "held", "paused_s",
+        "held_local", "sealed_local"}`` (when the hold was in place; a time at or before the
+        seal's instant: what the caller proves its cut with), or ``(None, {"missed": why})``
+        with nothing sealed and nothing held when the hold was not in place by ``hold_by``.
+        Raises (nothing sealed) when the guest cannot take the cut (another clock, another
+        barrier's hold)."""
+        ...
+
+
+@runtime_checkable
 class SyncMirrorHost(Protocol):
     """Optional driver capability: synchronous mode (``mode: sync`` policies). A guest write
     is acknowledged only once the recovery site's sync journal holds it, or after at most the

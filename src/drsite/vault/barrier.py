@@ -17,7 +17,7 @@ One barrier per group at a time, at the group policy's frequency (anchored like 
 By default the barrier is a **clock cut** instead: ``group_seal {barrier_id, cut_at,
 clock_id, margin_s, hold_s, app_consistent}`` to every member at once, ``cut_at`` an instant
 of this process's cut clock (:func:`cut_clock`, read by agents through ``POST
-/agent/clock``) half the bound ahead; each agent holds around it, seals and answers as in
+/agent/clock``) ``barrier_cut_lead`` of the bound ahead; each agent holds around it, seals and answers as in
 step 2 (``missed`` when it could not prove its hold around the cut). A cut a member missed is
 ``partial``; after two such in a row the group's next barrier is two-phase (``_cut_mode``).
 
@@ -40,10 +40,7 @@ points keep. Not responsible for: the bound on guest writes (the guest keeps it)
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 import time
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -52,6 +49,7 @@ from sqlalchemy.orm import Session
 from drsite.core.errors import InvalidInput, PermanentError
 from drsite.core.retention import PointStamp, RetentionRule, points_to_keep
 from drsite.core.states import FINAL_COMMAND_STATUSES, OPEN_COMMAND_STATUSES, CommandStatus, ItemProtection
+from drsite.fsutil import monotonic_clock_id
 from drsite.replication.planner import app_consistent_due, next_cycle_at
 from drsite.replication.report import ItemState
 from drsite.vault import commands
@@ -71,28 +69,10 @@ KINDS = ("group_prepare", "group_seal")
 CUT_MISSES_TO_FALL_BACK = 2  # missed cuts in a row before one two-phase barrier
 
 
-def _clock_id() -> str:
-    """The id of this process's ``CLOCK_MONOTONIC``. On Linux every process of one boot and
-    one time namespace reads the same monotonic clock, so the vault's API workers (forked by
-    one supervisor, on one machine) share an id: an agent may sample any of them. Another
-    machine (a vault pair's standby) or another time namespace has another id; without
-    ``/proc`` the id names this process alone (a cut sampled elsewhere is then missed, never
-    mis-mapped)."""
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        try:
-            ns = os.readlink("/proc/self/ns/time")  # "time:[4026531834]"
-        except OSError:  # a kernel without time namespaces: one monotonic clock per boot
-            ns = "time:[none]"
-        return f"clk-{boot}-{ns[6:-1]}"
-    except OSError:
-        return f"clk-{os.getpid()}-{secrets.token_hex(6)}"
-
-
 # the clock a clock cut is named in: the machine's monotonic clock (never stepped), which
 # agents sample through POST /agent/clock; an agent whose samples come from another clock
 # (another machine's vault) cannot map the cut and misses it
-CLOCK_ID = _clock_id()
+CLOCK_ID = monotonic_clock_id()
 
 
 def cut_clock() -> float:
@@ -412,17 +392,21 @@ class BarrierRunner:
         # than a cut's window; the cut would be missed and the app point lost)
         if not app and self._cut_mode(s, group):
             # the cut: every member holds around one instant of this vault's clock, ``lead``
-            # ahead (the command channel delivers in milliseconds; half the bound is left)
-            cut_at = cut_clock() + bound / 2
+            # ahead (the command channel delivers in milliseconds, but hundreds on a loaded
+            # host: a command that comes after the cut is a miss)
+            lead = bound * self.settings.barrier_cut_lead
+            cut_at = cut_clock() + lead
             b.state = "sealing"
             # a member that has not said it took the cut by then (a stopped or dead agent)
             # misses it: its seal is withdrawn and it gets a plain cycle (``_cut_bound``)
-            b.prepare_deadline = now + bound
+            b.prepare_deadline = now + lead + bound / 2
             for it in members:
                 cmd = commands.enqueue(s, host_id=it.host_id, kind="group_seal", item_id=it.id,
                                        args={"barrier_id": b.id, "app_consistent": app,
                                              "cut_at": cut_at, "clock_id": CLOCK_ID,
                                              "margin_s": self.settings.barrier_cut_margin_s,
+                                             "guest_margin_s":
+                                                 self.settings.barrier_cut_guest_margin_s,
                                              "hold_s": bound},
                                        now=now)
                 ms[it.id] = {"host_id": it.host_id, "vm_name": it.vm_name, "prepare": None,

@@ -56,6 +56,14 @@ class VaultSettings:
     # agent's clock uncertainty, plus the seal
     barrier_clock_cut: bool = True
     barrier_cut_margin_s: float = 0.02
+    # the margin when the guest times the cut itself (a driver with ``ScheduledCut``): no
+    # call and no thread wake-up in it (the hold is armed ahead, the first write after its
+    # instant puts it in effect), only a write in flight at that instant
+    barrier_cut_guest_margin_s: float = 0.005
+    # the cut is this fraction of the bound ahead of the barrier's start (the command's
+    # delivery and the agent's preparation fit in it); a member has until the cut plus half
+    # the bound to say it took the cut
+    barrier_cut_lead: float = 0.6
     # the controller lease: a controller that stops renewing it is replaced after this long
     lease_s: float = 10.0
     listen: str | None = None

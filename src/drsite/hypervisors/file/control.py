@@ -4,7 +4,7 @@ Request ``{"cmd": NAME, ...args}``, reply ``{"ok": true, "result": ...}`` or
 ``{"ok": false, "error": {"code", "class", "message", "hint"}}``; the client turns errors back
 into the matching :mod:`drsite.core.errors` class (:func:`~drsite.core.errors.from_dict`).
 Commands: ping, status, seal, release, start_tracking, freeze, thaw, write, flush, workload,
-shutdown.
+shutdown, hold, seal_held, unhold, cut, sync_config.
 
 Responsible for: framing, dispatch and error translation. Not responsible for: what a command
 does (that is :class:`~drsite.hypervisors.file.vm.FileVm` and the guest runtime).

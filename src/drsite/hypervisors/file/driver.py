@@ -52,7 +52,7 @@ from drsite.core.model import (
     VmSpec,
     validate_name,
 )
-from drsite.fsutil import flock_exclusive, read_record, write_record
+from drsite.fsutil import flock_exclusive, monotonic_clock_id, read_record, write_record
 from drsite.hypervisors.contract import DiskReader
 from drsite.hypervisors.file.control import call as guest_call
 from drsite.hypervisors.file.control import encode_data
@@ -469,6 +469,20 @@ class FileHypervisor:
         record = self._act(paths, "seal_held",
                            lambda vm: vm.seal_held(barrier_id, app_consistent=app_consistent),
                            barrier_id=barrier_id, app_consistent=app_consistent)
+        return self._cycle(paths, record), dict(record["barrier"])
+
+    def cut_seal(self, vm_id: str, barrier_id: str, *, hold_at: float, hold_by: float,
+                 seal_at: float, timeout_s: float) -> tuple[SealedCycle | None, dict[str, object]]:
+        """(``contract.ScheduledCut``) The guest process times the hold and the seal itself
+        (``FileVm.cut``; it shares this process's monotonic clock, checked by clock id). A
+        stopped VM cannot be held: it seals with ``held: false``."""
+        paths, _ = self._locate(vm_id)
+        record = self._act(paths, "cut", lambda vm: vm.seal_held(barrier_id),
+                           timeout=max(0.0, seal_at - time.monotonic()) + 30.0,
+                           barrier_id=barrier_id, hold_at=hold_at, hold_by=hold_by,
+                           seal_at=seal_at, timeout_s=timeout_s, clock_id=monotonic_clock_id())
+        if "missed" in record:
+            return None, {"missed": str(record["missed"])}
         return self._cycle(paths, record), dict(record["barrier"])
 
     def unhold(self, vm_id: str, barrier_id: str) -> bool:

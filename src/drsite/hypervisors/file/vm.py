@@ -42,7 +42,13 @@ from drsite.core.errors import (
 )
 from drsite.core.extents import ExtentList
 from drsite.core.model import Consistency
-from drsite.fsutil import flock_exclusive, fsync_dir, read_record, write_record
+from drsite.fsutil import (
+    flock_exclusive,
+    fsync_dir,
+    monotonic_clock_id,
+    read_record,
+    write_record,
+)
 from drsite.hypervisors.file.cbw import CopyBeforeWrite, granule_count, granule_mask
 from drsite.hypervisors.file.cow import CowOverlay
 from drsite.hypervisors.file.layout import CBW_BLOCK, GRANULE, VmConfig, VmPaths
@@ -81,13 +87,26 @@ class _Hold:
     """A group barrier's hold on new writes: ends at :meth:`FileVm.seal_held`,
     :meth:`FileVm.unhold` or, whatever the agent does, when its timer fires."""
 
-    def __init__(self, barrier_id: str, timeout_s: float, app: bool) -> None:
+    def __init__(self, barrier_id: str, timeout_s: float, app: bool,
+                 at: float | None = None) -> None:
         self.barrier_id = barrier_id
-        self.started = time.monotonic()
+        self.started = time.monotonic() if at is None else at
+        self.in_place = self.started  # from then on no write completes (hold(), _activate)
         self.deadline = self.started + timeout_s
         self.app = app
         self.hook_error: str | None = None
         self.timer: threading.Timer | None = None
+        # a cut's hold is armed ahead and takes effect at ``at`` (FileVm.cut): until it is
+        # active writes flow; the first write at or after ``at`` (or the cut's thread)
+        # activates it under the I/O lock
+        self.at = at
+        self.active = at is None
+
+
+def _sleep_until(t: float) -> None:
+    """Sleep until ``time.monotonic()`` reaches ``t`` (no wait when it has)."""
+    while (left := t - time.monotonic()) > 0:
+        time.sleep(left)
 
 
 class FileVm:
@@ -106,6 +125,7 @@ class FileVm:
         self._gate.set()
         self._freezes = 0
         self._hold: _Hold | None = None  # a group barrier's write hold (see hold())
+        self._last_write_end = 0.0  # when the last write ended (kept while a hold is armed)
         self.hold_pauses: list[float] = []  # seconds each ended hold kept writes waiting (last 1000)
         self.disks: dict[str, _Disk] = {}
         self.epoch: str | None = None
@@ -121,6 +141,9 @@ class FileVm:
         self._next_lock = threading.Lock()
         self._next_ready: tuple[str, dict[str, ChangeLog]] | None = None
         self._sealing: list[ChangeLog] = []  # the logs a seal sealed, closed at its commit
+        # taken before the I/O lock by whatever makes or ends a cycle (seal, release): a
+        # release removes its files after the I/O lock, and no seal may start in between
+        self._cycle_lock = threading.RLock()
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
@@ -264,7 +287,10 @@ class FileVm:
                 raise Busy(f"VM {self.config.name} is frozen")
             self._io_lock.acquire()
             if self._gate.is_set():
-                return
+                h = self._hold
+                if h is None or h.active or time.monotonic() < (h.at or 0.0):
+                    return
+                self._activate_locked(h)  # an armed cut's instant passed: this write waits
             self._io_lock.release()
 
     def write(self, disk_id: str, offset: int, data: bytes | bytearray | memoryview, *,
@@ -322,6 +348,8 @@ class FileVm:
             if mirror is not None:  # numbered in the write order; sent by a waiting writer
                 wait_for = mirror.submit(writes)
         finally:
+            if self._hold is not None:  # an armed cut's hold dates itself after this write
+                self._last_write_end = time.monotonic()
             self._io_lock.release()
         if mirror is not None and wait_for is not None:
             mirror.wait(wait_for)  # at most the budget; outside the lock (QD > 1 overlaps)
@@ -407,6 +435,9 @@ class FileVm:
             h = _Hold(barrier_id, timeout_s, app_consistent)
             self._freezes += 1
             self._gate.clear()
+            # from now no write completes until the hold ends: writes finish under the I/O
+            # lock, and a new one re-checks the gate once it has the lock
+            h.in_place = time.monotonic()
             self._hold = h
             h.timer = threading.Timer(timeout_s, self._expire_hold, args=(h,))
             h.timer.daemon = True
@@ -422,6 +453,17 @@ class FileVm:
         return {"barrier_id": h.barrier_id, "held_at": time.time() - (time.monotonic() - h.started),
                 "timeout_s": h.deadline - h.started}
 
+    def _activate_locked(self, h: _Hold) -> None:
+        """An armed hold takes effect (caller holds the I/O lock): the gate closes, so no
+        write completes from now until it ends. Every write that completed after ``h.at``
+        had passed the gate before ``h.at`` (a write re-checks the time under the lock) and
+        ended before this lock was taken, so the hold is in effect from the later of ``h.at``
+        and the last write's end — not from when this thread got to run."""
+        h.active = True
+        h.in_place = h.started = max(h.at or 0.0, self._last_write_end)
+        self._freezes += 1
+        self._gate.clear()
+
     def _end_hold_locked(self, h: _Hold) -> float:
         """End hold ``h`` (caller holds the I/O lock); returns how long writes waited."""
         if self._hold is not h:
@@ -429,6 +471,8 @@ class FileVm:
         self._hold = None
         if h.timer is not None:
             h.timer.cancel()
+        if not h.active:   # armed, never in effect: nothing waited
+            return 0.0
         paused = time.monotonic() - h.started
         self.hold_pauses = [*self.hold_pauses[-999:], paused]
         if self._freezes > 0:
@@ -468,32 +512,89 @@ class FileVm:
         The record's ``barrier`` says whether writes were held without a break from the hold
         to this seal (``held``: only then may the point join a group point) and how long they
         waited (``paused_s``). Without the hold (it expired, or the guest restarted) this is an
-        ordinary crash-consistent seal with ``held: false``."""
-        with self._io_lock:
-            h = self._hold if self._hold is not None and self._hold.barrier_id == barrier_id \
-                else None
-            notes: list[str] = []
-            consistency = Consistency.CRASH
-            if h is None:
-                notes.append(f"group barrier {barrier_id}: the write hold had ended; "
-                             "a per-VM point")
-            elif h.app:
-                if h.hook_error:
-                    notes.append(h.hook_error + "; crash-consistent")
-                else:
-                    consistency = Consistency.APP
-            elif app_consistent:
-                notes.append("held without the freeze hook: crash-consistent")
-            try:
-                record = self._seal_locked(consistency, notes,
-                                           barrier={"id": barrier_id, "held": h is not None})
-            finally:
-                paused = self._end_hold_locked(h) if h is not None else 0.0
-        self._commit_seal(record)   # writes flow again meanwhile
+        ordinary crash-consistent seal with ``held: false``. ``held_local``/``sealed_local``
+        (this host's ``time.monotonic()``): when the hold was in place, and a time at or before
+        the seal's instant (taken under the I/O lock, before the logs rotate)."""
+        with self._cycle_lock:
+            with self._io_lock:
+                sealed_local = time.monotonic()
+                h = self._hold if self._hold is not None and self._hold.barrier_id == barrier_id \
+                    else None
+                if h is not None and not h.active:  # armed, its instant not come: not held
+                    self._end_hold_locked(h)
+                    h = None
+                notes: list[str] = []
+                consistency = Consistency.CRASH
+                if h is None:
+                    notes.append(f"group barrier {barrier_id}: the write hold had ended; "
+                                 "a per-VM point")
+                elif h.app:
+                    if h.hook_error:
+                        notes.append(h.hook_error + "; crash-consistent")
+                    else:
+                        consistency = Consistency.APP
+                elif app_consistent:
+                    notes.append("held without the freeze hook: crash-consistent")
+                try:
+                    record = self._seal_locked(consistency, notes,
+                                               barrier={"id": barrier_id, "held": h is not None})
+                finally:
+                    paused = self._end_hold_locked(h) if h is not None else 0.0
+            self._commit_seal(record)   # writes flow again meanwhile
         if h is not None:
             self._after_hold(h)
         return {**record, "barrier": {"id": barrier_id, "held": h is not None,
-                                      "paused_s": paused}}
+                                      "paused_s": paused, "sealed_local": sealed_local,
+                                      "held_local": h.in_place if h is not None else None}}
+
+    def cut(self, barrier_id: str, *, hold_at: float, hold_by: float, seal_at: float,
+            timeout_s: float, clock_id: str) -> dict[str, Any]:
+        """A clock cut's hold and seal, timed here (``vault/barrier_design.md``, "The clock
+        cut"): hold new writes at ``hold_at``, seal under the hold at ``seal_at`` and end it,
+        all instants of this host's ``time.monotonic()`` — the caller's clock, which
+        ``clock_id`` (:func:`~drsite.fsutil.monotonic_clock_id` of the caller) must name. The
+        caller's round trip to this process is then outside the pause, and so is this
+        thread's wake-up at ``hold_at``: the hold is armed ahead and the first write at or
+        after ``hold_at`` puts it in effect (:meth:`_activate_locked`), so writes wait from
+        ``hold_at`` (or the end of the write in flight then) to the end of the seal's
+        instant.
+
+        Returns :meth:`seal_held`'s record (``barrier.held_local``/``sealed_local`` are what
+        the caller checks its claim with), or ``{"missed": why}`` with nothing sealed and no
+        hold left when the hold was not in place by ``hold_by``. ``InvalidInput`` for another
+        clock or instants out of order."""
+        if clock_id != monotonic_clock_id():
+            raise InvalidInput(f"VM {self.config.name}: the cut is timed in another clock "
+                               f"({clock_id}) than this guest's")
+        now = time.monotonic()
+        if not (hold_at <= hold_by < seal_at and seal_at - now <= timeout_s
+                and seal_at - hold_at < timeout_s):
+            raise InvalidInput("a cut holds at or before its hold_by, seals after it, within "
+                               "the hold's bound")
+        with self._cycle_lock:   # no release's clean-up in the held window
+            with self._io_lock:
+                self._check_open()
+                if self._hold is not None:
+                    raise Conflict(f"VM {self.config.name} is held by barrier "
+                                   f"{self._hold.barrier_id}")
+                h = _Hold(barrier_id, timeout_s, False, at=max(hold_at, now))
+                self._hold = h
+                self._last_write_end = 0.0  # writes from now on date themselves
+                h.timer = threading.Timer(h.deadline - now, self._expire_hold, args=(h,))
+                h.timer.daemon = True
+                h.timer.start()
+            _sleep_until(h.started)
+            with self._io_lock:
+                if self._hold is h and not h.active:
+                    self._activate_locked(h)
+                live = self._hold is h
+            if not live or h.in_place > hold_by:
+                self.unhold(barrier_id)
+                late = (h.in_place - hold_at) * 1000
+                return {"missed": f"the hold was in place {late:.1f} ms after its planned "
+                                  "start, not surely before the cut"}
+            _sleep_until(seal_at)
+            return self.seal_held(barrier_id)
 
     def _run_hook(self, name: str) -> str | None:
         """Run ``hooks/<name>`` if present; returns an error text, or None on success/absence."""
@@ -527,7 +628,7 @@ class FileVm:
         Refused (``InvalidInput``) on a VM with copy-on-write disks: those are test-failover
         VMs, which are never replicated (see ``design.md``)."""
         new = epoch or uuid.uuid4().hex
-        with self._io_lock:
+        with self._cycle_lock, self._io_lock:
             self._check_open()
             cow = sorted(d.disk_id for d in self.disks.values() if d.cow is not None)
             if cow:
@@ -602,9 +703,10 @@ class FileVm:
               on_sealed: Callable[[], str | None] | None = None) -> dict[str, Any]:
         """Seal (:meth:`_seal_locked` under the I/O lock), then commit it (:meth:`_commit_seal`,
         after the lock: writes flow again)."""
-        with self._io_lock:
-            record = self._seal_locked(consistency, notes, on_sealed)
-        self._commit_seal(record)
+        with self._cycle_lock:
+            with self._io_lock:
+                record = self._seal_locked(consistency, notes, on_sealed)
+            self._commit_seal(record)
         return record
 
     def _seal_locked(self, consistency: Consistency, notes: list[str],
@@ -773,26 +875,38 @@ class FileVm:
             self._next_ready = (epoch, logs)
 
     def release(self, cycle_id: str) -> bool:
-        """Drop the frozen view and sealed logs of ``cycle_id``; False if it is not pending."""
-        with self._io_lock:
-            self._check_open()
-            if self.cycle is None or self.cycle["cycle_id"] != cycle_id:
-                return False
-            for disk in self.disks.values():
-                if disk.cbw is not None:
-                    disk.cbw.close(sync=False)
-                    disk.cbw = None
-            self._delete_cycle(self.cycle)
-            if self.cycle.get("full"):  # after the commit point: a crash in between over-approximates
-                write_record(self.paths.epoch_state(self.cycle["epoch"]), {"base_released": True})
-            self.cycle = None
+        """Drop the frozen view and sealed logs of ``cycle_id``; False if it is not pending.
+
+        Under the I/O lock only what writes depend on: copy-before-write stops and
+        ``cycle.json`` is unlinked (the commit point; a guest crash after it sees no cycle, and
+        after a host crash an unreleased cycle is dropped anyway). The directory's fsync and
+        the files' removal follow with writes flowing, under ``_cycle_lock`` (no seal
+        meanwhile, which would carry the logs being removed)."""
+        with self._cycle_lock:
+            with self._io_lock:
+                self._check_open()
+                record = self.cycle
+                if record is None or record["cycle_id"] != cycle_id:
+                    return False
+                for disk in self.disks.values():
+                    if disk.cbw is not None:
+                        disk.cbw.close(sync=False)
+                        disk.cbw = None
+                self.paths.cycle_file(record["epoch"]).unlink(missing_ok=True)
+                self.cycle = None
+            self._delete_cycle(record, committed=True)
+            if record.get("full"):  # after the commit point: a crash in between over-approximates
+                write_record(self.paths.epoch_state(record["epoch"]), {"base_released": True})
         self._prepare_next_logs()   # the next seal's, while writes go on
         return True
 
-    def _delete_cycle(self, record: dict[str, Any], *, keep_logs: bool = False) -> None:
-        """Forget a cycle; with ``keep_logs`` its sealed logs stay and are carried."""
+    def _delete_cycle(self, record: dict[str, Any], *, keep_logs: bool = False,
+                      committed: bool = False) -> None:
+        """Forget a cycle; with ``keep_logs`` its sealed logs stay and are carried.
+        ``committed``: its ``cycle.json`` is already unlinked."""
         p, epoch = self.paths, record["epoch"]
-        p.cycle_file(epoch).unlink(missing_ok=True)  # the commit point of the release
+        if not committed:
+            p.cycle_file(epoch).unlink(missing_ok=True)  # the commit point of the release
         fsync_dir(p.epoch_dir(epoch))
         for disk_id, names in record["logs"].items():
             for n in names:
