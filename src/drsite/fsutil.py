@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import secrets
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -125,6 +126,26 @@ def named_subdirs(root: Path, kind: str, what: str) -> list[str]:
         except InvalidInput:
             continue
     return out
+
+
+DROPPED = ".dropped-"   # a name renamed aside for removal: one rename, then rmtree at leisure
+
+
+def sweep_dropped(root: Path, what: str) -> int:
+    """Remove every ``.dropped-*`` entry of ``root``: removals that a crash interrupted after
+    the rename that made them final. How many were found (0 when ``root`` does not exist)."""
+    try:
+        gone = [p for p in root.iterdir() if p.name.startswith(DROPPED)]
+    except FileNotFoundError:
+        return 0
+    except OSError as e:
+        raise classify_os_error(e, f"{what} {root}") from e
+    for p in gone:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return len(gone)
 
 
 def monotonic_clock_id() -> str:

@@ -24,11 +24,13 @@ def h(tmp_path: Path) -> Iterator[Harness]:
     hh.close()
 
 
-def setup(h: Harness) -> tuple[Agent, Agent]:
+def setup(h: Harness, store: str = "hv2") -> tuple[Agent, Agent]:
+    """Sites prim and sec, a source host hv1 with VMS and the store host ``store`` of sec
+    (beating), policy p1 and group g1 (prim → sec)."""
     h.site("prim")
     h.site("sec")
-    a, b = h.register("prim", "hv1"), h.register("sec", "hv2")
-    assert h.set_store("sec", "hv2").status_code == 200
+    a, b = h.register("prim", "hv1"), h.register("sec", store)
+    assert h.set_store("sec", store).status_code == 200
     a.beat(vms=VMS)
     b.beat(store_url="https://127.0.0.1:9443")
     h.ok("POST", "/policies", json={"name": "p1", "frequency_s": 30})

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.unit.test_vault_jobs import setup as jobs_setup
 
 from drsite.vault.testing import Agent, Harness, point, report, vm_info
 
@@ -24,16 +25,7 @@ def h(tmp_path: Path) -> Iterator[Harness]:
 
 
 def setup(h: Harness) -> tuple[Agent, Agent]:
-    h.site("prim")
-    h.site("sec")
-    a, b = h.register("prim", "hv1"), h.register("sec", "dr-store")
-    assert h.set_store("sec", "dr-store").status_code == 200
-    a.beat(vms=VMS)
-    b.beat(store_url="https://127.0.0.1:9443")
-    h.ok("POST", "/policies", json={"name": "p1", "frequency_s": 30})
-    h.ok("POST", "/groups", json={"name": "g1", "site": "prim", "target_site": "sec",
-                                  "policy": "p1"})
-    return a, b
+    return jobs_setup(h, store="dr-store")
 
 
 def silence(h: Harness, a: Agent, seconds: float) -> None:

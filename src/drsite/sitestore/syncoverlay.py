@@ -58,14 +58,13 @@ from drsite import failpoints
 from drsite.core.errors import DrsiteError, InvalidInput, PermanentError, classify_os_error
 from drsite.core.model import validate_name
 from drsite.failover.synctail import layer_path, run_layers
-from drsite.fsutil import atomic_write_json, fsync_dir, read_json
+from drsite.fsutil import DROPPED, atomic_write_json, fsync_dir, read_json, sweep_dropped
 from drsite.hypervisors.qemu.qmp import QmpClient, wait_for_monitor
 from drsite.hypervisors.qemu.runner import process_token
 from drsite.hypervisors.qemu.tools import run_tool
 
 log = logging.getLogger(__name__)
 DAEMON = "qemu-storage-daemon"
-DROPPED = ".dropped-"   # an item's directory renamed aside, being removed (sweep finishes it)
 # extended_l2 with 16 KiB clusters: 32 subclusters of 512 bytes (the allocation map is exactly
 # the sectors written); lazy_refcounts: a written-through write flushes data and L2 only, not
 # the refcounts (3x fewer flushes, measured; refcounts are repaired when a crashed overlay is
@@ -285,15 +284,7 @@ class OverlayServer:
 
     def sweep(self) -> int:
         """Finish removals a crash interrupted (every ``.dropped-*`` directory); how many."""
-        try:
-            gone = [p for p in self.root.iterdir() if p.name.startswith(DROPPED)]
-        except FileNotFoundError:
-            return 0
-        except OSError as e:
-            raise classify_os_error(e, f"sync overlays {self.root}") from e
-        for p in gone:
-            shutil.rmtree(p, ignore_errors=True)
-        return len(gone)
+        return sweep_dropped(self.root, "sync overlays")
 
     def _orphans(self, item_id: str) -> list[int]:
         """Daemons serving this item's QMP socket that no ``daemon.json`` names (an agent

@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import shutil
 import socket
 import ssl
 import threading
@@ -40,7 +39,7 @@ from drsite.core.errors import (
     classify_os_error,
 )
 from drsite.core.model import validate_name
-from drsite.fsutil import fsync_dir, named_subdirs
+from drsite.fsutil import DROPPED, fsync_dir, named_subdirs, sweep_dropped
 from drsite.pki import cert_identity
 from drsite.sitestore.acl import Authorizer
 from drsite.sitestore.server import held_marker, replica_held
@@ -50,7 +49,6 @@ from drsite.tracking.syncjournal import SyncJournal
 log = logging.getLogger(__name__)
 HELLO_TIMEOUT_S = 10.0
 JOURNALS_DIR = "sync-journals"   # DATA/sync-journals/<item>/: beside DATA/replicas/
-DROPPED = ".dropped-"            # a journal being removed (renamed aside first)
 
 
 def journals_dir(data_dir: Path) -> Path:
@@ -141,15 +139,7 @@ class SyncServer:
 
     def sweep(self) -> int:
         """Finish removals a crash interrupted (every ``.dropped-*`` directory); how many."""
-        try:
-            gone = [p for p in self.journals.iterdir() if p.name.startswith(DROPPED)]
-        except FileNotFoundError:
-            return 0
-        except OSError as e:
-            raise classify_os_error(e, f"sync journals {self.journals}") from e
-        for p in gone:
-            shutil.rmtree(p, ignore_errors=True)
-        return len(gone)
+        return sweep_dropped(self.journals, "sync journals")
 
     def disconnect(self, item_id: str) -> None:
         """Close the item's connection (a failover takes the journal over)."""
