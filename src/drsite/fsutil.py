@@ -131,6 +131,20 @@ def named_subdirs(root: Path, kind: str, what: str) -> list[str]:
 DROPPED = ".dropped-"   # a name renamed aside for removal: one rename, then rmtree at leisure
 
 
+def drop_aside(path: Path, what: str) -> bool:
+    """Rename the directory ``path`` aside for removal (``.dropped-<name>-<random>`` in its
+    parent, the parent fsynced): from here on it is gone by its name, and
+    :func:`sweep_dropped` removes it, after a crash too. Whether there was one."""
+    try:
+        if not path.is_dir():
+            return False
+        os.replace(path, path.parent / f"{DROPPED}{path.name}-{secrets.token_hex(4)}")
+        fsync_dir(path.parent)
+        return True
+    except OSError as e:
+        raise classify_os_error(e, f"{what} {path}") from e
+
+
 def sweep_dropped(root: Path, what: str) -> int:
     """Remove every ``.dropped-*`` entry of ``root``: removals that a crash interrupted after
     the rename that made them final. How many were found (0 when ``root`` does not exist)."""

@@ -58,7 +58,7 @@ from drsite import failpoints
 from drsite.core.errors import DrsiteError, InvalidInput, PermanentError, classify_os_error
 from drsite.core.model import validate_name
 from drsite.failover.synctail import layer_path, run_layers
-from drsite.fsutil import DROPPED, atomic_write_json, fsync_dir, read_json, sweep_dropped
+from drsite.fsutil import atomic_write_json, drop_aside, read_json, sweep_dropped
 from drsite.hypervisors.qemu.qmp import QmpClient, wait_for_monitor
 from drsite.hypervisors.qemu.runner import process_token
 from drsite.hypervisors.qemu.tools import run_tool
@@ -270,15 +270,7 @@ class OverlayServer:
         d = self.item_dir(item_id)
         with self._lock:
             self._stop_locked(item_id)   # nothing writes or exports the files from here on
-            try:
-                if d.is_dir():
-                    os.replace(d, self.root / f"{DROPPED}{item_id}-{uuid.uuid4().hex[:8]}")
-                    fsync_dir(self.root)
-                    existed = True
-                else:
-                    existed = False
-            except OSError as e:
-                raise classify_os_error(e, f"sync overlays {d}") from e
+            existed = drop_aside(d, "sync overlays")
         self.sweep()
         return existed
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import socket
 import ssl
 import threading
@@ -36,10 +35,9 @@ from drsite.core.errors import (
     Forbidden,
     InvalidInput,
     NetworkError,
-    classify_os_error,
 )
 from drsite.core.model import validate_name
-from drsite.fsutil import DROPPED, fsync_dir, named_subdirs, sweep_dropped
+from drsite.fsutil import drop_aside, named_subdirs, sweep_dropped
 from drsite.pki import cert_identity
 from drsite.sitestore.acl import Authorizer
 from drsite.sitestore.server import held_marker, replica_held
@@ -121,15 +119,7 @@ class SyncServer:
         with self._lock:
             s = self._active.pop(item_id, None)
             j = self._open.pop(item_id, None)
-            try:
-                if path.is_dir():
-                    os.replace(path, self.journals / f"{DROPPED}{item_id}-{secrets.token_hex(4)}")
-                    fsync_dir(self.journals)
-                    existed = True
-                else:
-                    existed = False
-            except OSError as e:
-                raise classify_os_error(e, f"sync journal {path}") from e
+            existed = drop_aside(path, "sync journal")
         if s is not None:
             _shutdown_raw(s)
         if j is not None:
