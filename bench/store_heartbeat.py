@@ -42,6 +42,7 @@ from typing import Any
 
 from benchlib import BENCH_DIR, machine_info, write_json
 from sqlalchemy import event, insert, update
+from vault_ops import store_site
 
 from drsite.core.states import ItemProtection
 from drsite.failover.wire import recovery_book_digest
@@ -115,13 +116,7 @@ class Counter:
 def populate(h: Harness, n: int) -> tuple[StoreAgent, Agent, int]:
     """Sites, a store host with the store role, a policy and a group, and ``n`` protected
     items of ``ceil(n / 25)`` source hosts written into the database directly."""
-    h.site("prod")
-    h.site("dr")
-    store = h.register("dr", "dr-store")
-    assert h.set_store("dr", "dr-store").status_code == 200
-    h.ok("POST", "/policies", json={"name": "p30", "frequency_s": 30})
-    h.ok("POST", "/groups", json={"name": "g", "site": "prod", "target_site": "dr",
-                                  "policy": "p30", "match": {"labels": ["nobody"]}})
+    store = store_site(h)
     sources = [h.register("prod", f"hv{k:03d}") for k in range((n + PER_HOST - 1) // PER_HOST)]
     now = h.clock.now()
     with h.vault.db.tx() as s:

@@ -63,8 +63,9 @@ class Meter:
             self.kind = ""
 
 
-def populate(h: Harness, n: int, n_hosts: int) -> tuple[Agent, list[Agent],
-                                                         dict[str, list[dict[str, Any]]]]:
+def store_site(h: Harness) -> Agent:
+    """Sites prod and dr, dr's store host (registered, with the store role), policy p30 and a
+    group g prod → dr that matches no VM (items are written into the database directly)."""
     h.site("prod")
     h.site("dr")
     store = h.register("dr", "dr-store")
@@ -72,6 +73,12 @@ def populate(h: Harness, n: int, n_hosts: int) -> tuple[Agent, list[Agent],
     h.ok("POST", "/policies", json={"name": "p30", "frequency_s": 30})
     h.ok("POST", "/groups", json={"name": "g", "site": "prod", "target_site": "dr",
                                   "policy": "p30", "match": {"labels": ["nobody"]}})
+    return store
+
+
+def populate(h: Harness, n: int, n_hosts: int) -> tuple[Agent, list[Agent],
+                                                         dict[str, list[dict[str, Any]]]]:
+    store = store_site(h)
     hosts = [h.register("prod", f"hv{k:03d}") for k in range(n_hosts)]
     now = h.clock.now()
     per = n // n_hosts
