@@ -11,21 +11,26 @@ request failed with HTTP 500 on "a connection the server closed").
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as SaTimeoutError
 
 from drsite.vault.api import agent as agent_api
 from drsite.vault.db.database import Database, transient_db_error
-from drsite.vault.testing import Harness
+from drsite.vault.db.models import Vm
+from drsite.vault.jobs import runner as runner_mod
+from drsite.vault.testing import Harness, vm_info
+from drsite.vault.vmrows import vm_row
 from tests.integration.test_vault_api import two_sites
 from tests.integration.test_vault_audit import find, trail
+from tests.unit.test_vault_loop_costs import jobs_waiting
 
 
 def _pid(db: Database) -> int:
@@ -121,3 +126,106 @@ class _PgError(Exception):
 ])
 def test_which_database_errors_are_transient(exc: BaseException, transient: bool) -> None:
     assert transient_db_error(exc) is transient
+
+
+def _blocked_on_a_lock(pg_url: str, timeout: float = 20.0) -> None:
+    """Until some session of the database waits for a row lock (the second writer)."""
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(pg_url.replace("+psycopg", ""), autocommit=True) as admin:
+        while time.monotonic() < deadline:
+            row = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                                "current_database() AND wait_event_type = 'Lock'").fetchone()
+            if row is not None and row[0] > 0:
+                return
+            time.sleep(0.02)
+    raise AssertionError("the second writer never waited for the first")
+
+
+def test_a_failover_and_a_heartbeat_insert_the_same_vm_at_once(tmp_path: Path, pg_url: str) -> None:
+    """Seen in CI (site disaster, vault on PostgreSQL): the failover step registering the
+    recovery VM and its host's heartbeat reporting it inserted the same (host, vm) row at once;
+    the later one failed the unique constraint, and the failover job failed with "internal
+    error in the vault". Both writers now end with the one row, whoever came first."""
+    h = Harness(tmp_path / "vault", pg_url)
+    try:
+        a, _b = two_sites(h)
+        db = h.vault.db
+        beat: dict[str, Any] = {}
+
+        def heartbeat() -> None:
+            try:
+                beat["reply"] = a.beat(vms=[vm_info("vm-1", "web1"), vm_info("vm-9", "rec")])
+            except BaseException as e:
+                beat["error"] = e
+
+        # the failover's transaction inserts first and holds its row; the heartbeat's insert
+        # waits for it, then finds the row instead of failing
+        with db.tx() as s:
+            row, inserted = vm_row(s, a.host_id, "vm-9", lambda: Vm(
+                host_id=a.host_id, vm_id="vm-9", name="rec", info={}, present=False,
+                first_seen=0.0, last_seen=0.0, auto_protect_blocked=True))
+            assert inserted
+            t = threading.Thread(target=heartbeat)
+            t.start()
+            _blocked_on_a_lock(pg_url)
+        t.join(30)
+        assert "error" not in beat, beat.get("error")
+        with db.read() as s:
+            rows = [(r.present, r.info.get("name"), r.auto_protect_blocked)
+                    for r in s.scalars(select(Vm).where(Vm.vm_id == "vm-9"))]
+        # one row, the heartbeat's facts on it, and the failover's mark survived
+        assert rows == [(True, "rec", True)], rows
+
+        # the other order: the heartbeat's row is there first; the failover finds and marks it
+        a.beat(vms=[vm_info("vm-1", "web1"), vm_info("vm-9", "rec"), vm_info("vm-8", "rec2")])
+        with db.tx() as s:
+            row, inserted = vm_row(s, a.host_id, "vm-8", lambda: Vm(
+                host_id=a.host_id, vm_id="vm-8", name="rec2", info={}, present=False,
+                first_seen=0.0, last_seen=0.0, auto_protect_blocked=True))
+            assert not inserted and row.present
+    finally:
+        h.close()
+
+
+def test_a_job_step_that_meets_a_transient_database_error_runs_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job step's transaction that fails for the moment (a deadlock) wrote nothing: the step
+    is asked again and the job carries on; only ``DB_RETRIES`` such failures in a row, or an
+    error that is a bug, fail the job ("internal error in the vault")."""
+    h = Harness(tmp_path / "vault")
+    try:
+        jobs_waiting(h, 2)
+        runner = h.vault.runner
+        real = runner._advance
+        jobs = [j["id"] for j in h.entries("/jobs") if j["kind"] == "EnableProtection"]
+        deadlock = OperationalError("q", {}, _PgError("40P01"))
+        fails = {jobs[0]: 2, jobs[1]: runner_mod.DB_RETRIES + 1}
+
+        def flaky(s: Any, job: Any) -> bool:
+            if fails.get(job.id, 0) > 0:
+                fails[job.id] -= 1
+                raise deadlock
+            return real(s, job)
+
+        monkeypatch.setattr(runner, "_advance", flaky)
+        for _ in range(runner_mod.DB_RETRIES + 2):
+            runner.wake()
+            runner.tick()
+        first, second = h.ok("GET", f"/jobs/{jobs[0]}"), h.ok("GET", f"/jobs/{jobs[1]}")
+        assert first["state"] in ("running", "queued") and first["error"] is None, first
+        assert second["state"] == "failed", second
+        assert "internal error in the vault: OperationalError" in second["error"]["message"]
+
+        # a bug (a constraint violated) fails its job at the first time
+        bug = IntegrityError("INSERT …", {}, sqlite3.IntegrityError("UNIQUE constraint failed"))
+
+        def buggy(s: Any, job: Any) -> bool:
+            raise bug
+
+        monkeypatch.setattr(runner, "_advance", buggy)
+        runner.wake()
+        runner.tick()
+        first = h.ok("GET", f"/jobs/{jobs[0]}")
+        assert first["state"] == "failed" and "IntegrityError" in first["error"]["message"]
+    finally:
+        h.close()

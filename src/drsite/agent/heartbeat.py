@@ -106,6 +106,10 @@ class Heartbeats:
         self._beat_digests: dict[str, str] = {}
         self._pending_digests: dict[str, str] = {}
         self._beats_since_full = 0
+        # one beat at a time (the beat thread, a tick, a caller's heartbeat_once): a beat's
+        # digests and acks are the ones it sent, and a beat that returns found every earlier
+        # one answered (what it carried is at the vault)
+        self._beat_lock = threading.Lock()
 
     # ----------------------------------------------------------------------------- reports
 
@@ -220,6 +224,10 @@ class Heartbeats:
     def once(self) -> HeartbeatReply:
         """One heartbeat: send, apply the ack, accept the commands, post pending results and
         progress. Raises ``NetworkError`` (vault unreachable), ``AuthError`` and the like."""
+        with self._beat_lock:
+            return self._once()
+
+    def _once(self) -> HeartbeatReply:
         full = self._beats_since_full >= FULL_HEARTBEAT_EVERY or not self._beat_digests
         store_fields: dict[str, Any] = {}
         try:

@@ -39,6 +39,7 @@ from drsite.vault import commands, fencing, storeacl
 from drsite.vault.audit import AuditEntry, record_audit, record_event
 from drsite.vault.db.models import Failover, Group, Host, Item, Site, Vm
 from drsite.vault.trust import raise_security_alert
+from drsite.vault.vmrows import vm_row
 
 log = logging.getLogger(__name__)
 
@@ -139,12 +140,11 @@ def _record(s: Session, host: Host, item: Item, rec: dict[str, Any], fid: str,
     item.updated_at = now
     commands.cancel_open(s, item.id, now, "item failed over (break-glass)")
     if fo.vm_id:
-        row = s.scalars(select(Vm).where(Vm.host_id == host.id, Vm.vm_id == fo.vm_id)).first()
-        if row is None:
-            s.add(Vm(host_id=host.id, vm_id=fo.vm_id, name=(fo.vm_name or fo.vm_id)[:64], info={},
-                     present=False, first_seen=now, last_seen=now, auto_protect_blocked=True))
-        else:
-            row.auto_protect_blocked = True
+        vm_id = fo.vm_id
+        row, _new = vm_row(s, host.id, vm_id, lambda: Vm(
+            host_id=host.id, vm_id=vm_id, name=(fo.vm_name or vm_id)[:64], info={},
+            present=False, first_seen=now, last_seen=now, auto_protect_blocked=True))
+        row.auto_protect_blocked = True
     fencing.request_fence(s, item, fo, site.name if site else "", now)
     record_audit(s, AuditEntry(at=now, actor_kind="host", actor=host.id,
                                action="agent.breakglass", target=f"item={item.id}",

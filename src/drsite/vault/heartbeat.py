@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from sqlalchemy import delete, func, select
@@ -37,6 +38,7 @@ from drsite.vault.db.models import Failover, Group, Host, Item, Point, Vm
 from drsite.vault.jobs.create import start_enable_protection
 from drsite.vault.membership import active_item_for_vm, group_for_vm
 from drsite.vault.settings import VaultSettings
+from drsite.vault.vmrows import vm_row
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +146,14 @@ def _apply_inventory(s: Session, host: Host, vms: list[dict[str, Any]], now: flo
         vm_id, name = _vm_fields(d)
         seen.add(vm_id)
         row = rows.get(vm_id)
+        inserted = False
         if row is None:
-            row = Vm(host_id=host.id, vm_id=vm_id, name=name[:64], info=d, present=True,
-                     first_seen=now, last_seen=now, auto_protect_blocked=False)
-            s.add(row)
+            # a failover or VM job may insert the same VM at this moment (vmrows)
+            row, inserted = vm_row(s, host.id, vm_id, partial(
+                Vm, host_id=host.id, vm_id=vm_id, name=name[:64], info=d, present=True,
+                first_seen=now, last_seen=now, auto_protect_blocked=False))
             rows[vm_id] = row
+        if inserted:
             new.append(row)
         else:
             changed = False

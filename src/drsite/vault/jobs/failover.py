@@ -57,6 +57,7 @@ from drsite.vault.membership import vm_ref
 from drsite.vault.policies import agent_settings
 from drsite.vault.scrub import failover_point
 from drsite.vault.stores import store_spec
+from drsite.vault.vmrows import vm_row
 
 TRANSIENT_RETRIES = 3
 
@@ -197,14 +198,11 @@ def register_recovery_vm(ctx: TaskContext, fo: Failover) -> None:
     (its protection is the failover's re-protect)."""
     if not fo.recovery_host_id or not fo.vm_id:
         return
-    row = ctx.s.scalars(select(Vm).where(Vm.host_id == fo.recovery_host_id,
-                                         Vm.vm_id == fo.vm_id)).first()
-    if row is None:
-        ctx.s.add(Vm(host_id=fo.recovery_host_id, vm_id=fo.vm_id, name=(fo.vm_name or fo.vm_id)[:64],
-                     info={}, present=False, first_seen=ctx.now, last_seen=ctx.now,
-                     auto_protect_blocked=True))
-    else:
-        row.auto_protect_blocked = True
+    host_id, vm_id = fo.recovery_host_id, fo.vm_id
+    row, _new = vm_row(ctx.s, host_id, vm_id, lambda: Vm(
+        host_id=host_id, vm_id=vm_id, name=(fo.vm_name or vm_id)[:64], info={}, present=False,
+        first_seen=ctx.now, last_seen=ctx.now, auto_protect_blocked=True))
+    row.auto_protect_blocked = True
 
 
 def apply_failover_result(fo: Failover, result: dict[str, Any] | None, now: float) -> None:

@@ -10,6 +10,11 @@ At start-up (:meth:`JobRunner.recover`) the runner looks at every job a previous
 active: it resumes those whose kind and current task it knows (task bodies derive everything
 from rows, so calling them again is safe), and fails the others with a reason that says why.
 
+A step that meets the database failing for the moment (a deadlock, a serialization failure, a
+connection the server ended: :func:`transient_db_error`) wrote nothing — its transaction rolled
+back — and is simply asked again, up to ``DB_RETRIES`` times in a row; any other exception is a
+bug and fails that job alone ("internal error in the vault").
+
 Responsible for: job/task bookkeeping (states, times, progress, errors, events). Not
 responsible for: what tasks do (``protection``, ``maintenance``).
 """
@@ -34,7 +39,7 @@ from drsite.core.states import (
 )
 from drsite.vault.audit import record_event
 from drsite.vault.controller import NotController
-from drsite.vault.db.database import Database
+from drsite.vault.db.database import Database, transient_db_error
 from drsite.vault.db.models import Item, Job, Task
 from drsite.vault.jobs.kinds import ROLLBACK_TASK, WEIGHTS
 from drsite.vault.jobs.model import JobHandlers, TaskContext
@@ -47,6 +52,7 @@ MAX_STEPS_PER_TICK = 16
 BACKOFF_ABOVE = 64  # active jobs beyond which waiting jobs are asked less often
 BACKOFF_MAX_S = 1.0
 ACTIVE_IDS_MAX_AGE_S = 2.0  # a budgeted pass lists the active jobs at least this often
+DB_RETRIES = 8  # a step's transient database failures in a row before its job fails
 
 
 def ordered_tasks(s: Session, job_id: str) -> list[Task]:
@@ -74,6 +80,7 @@ class JobRunner:
         self.settings = settings
         self._resume_after = ""  # the job a budgeted pass stopped after
         self._next_ask: dict[str, tuple[float, float]] = {}  # job -> (monotonic due, delay)
+        self._db_failures: dict[str, int] = {}  # job -> transient database failures in a row
         # the active jobs' ids as last listed (monotonic time): a budgeted pass lists them
         # again only when woken or after ACTIVE_IDS_MAX_AGE_S (listing 5,000 ids each round was
         # a fifth of the controller's time)
@@ -210,12 +217,24 @@ class JobRunner:
                     with self.db.tx() as s:
                         job = s.get(Job, job_id)
                         still = job is not None and self._advance(s, job)
+                    self._db_failures.pop(job_id, None)
                 except NotController:
                     raise  # fenced: nothing was written; the new controller carries the job on
                 except Exception as exc:  # a bug must not stop the other jobs: fail this one
-                    log.exception("job %s: internal error", job_id)
-                    self._fail_internal(job_id, exc)
-                    still = False
+                    failures = self._db_failures.get(job_id, 0) + 1
+                    if transient_db_error(exc) and failures <= DB_RETRIES:
+                        # rolled back: the step runs again (after the usual backoff)
+                        self._db_failures[job_id] = failures
+                        log.warning("job %s: the database failed for the moment (%s: %s); "
+                                    "the step runs again (%d/%d)", job_id, type(exc).__name__,
+                                    str(exc).splitlines()[0] if str(exc) else "", failures,
+                                    DB_RETRIES)
+                        still = True
+                    else:
+                        self._db_failures.pop(job_id, None)
+                        log.exception("job %s: internal error", job_id)
+                        self._fail_internal(job_id, exc)
+                        still = False
                 if still:
                     active += 1
                     delay = self._next_ask.get(job_id, (0.0, self.settings.loop_interval / 2))[1]

@@ -25,6 +25,7 @@ from drsite.vault.audit import record_event
 from drsite.vault.db.models import Command, Host, Vm
 from drsite.vault.jobs.model import JobHandlers, Step, TaskContext, done, wait
 from drsite.vault.jobs.protection import host_up
+from drsite.vault.vmrows import vm_row
 
 TRANSIENT_RETRIES = 3
 INVENTORY_WAIT_S = 30.0
@@ -109,11 +110,12 @@ def _write_inventory(ctx: TaskContext, host: Host, row: Vm | None, vm: dict[str,
             row.present = False
         return
     if row is None:
-        ctx.s.add(Vm(host_id=host.id, vm_id=vm_id, name=str(vm.get("name"))[:64], info=vm,
-                     present=True, first_seen=ctx.now, last_seen=ctx.now,
-                     auto_protect_blocked=False))
-    else:
-        row.info, row.present, row.last_seen = vm, True, ctx.now
+        row, new = vm_row(ctx.s, host.id, vm_id, lambda: Vm(
+            host_id=host.id, vm_id=vm_id, name=str(vm.get("name"))[:64], info=vm, present=True,
+            first_seen=ctx.now, last_seen=ctx.now, auto_protect_blocked=False))
+        if new:
+            return
+    row.info, row.present, row.last_seen = vm, True, ctx.now
 
 
 def vm_on_end(ctx: TaskContext, state: JobState) -> None:
