@@ -16,6 +16,7 @@ from tests.crash_campaign import Campaign, summary
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.timeout(900)  # 20 trials: 224 s in CI, near the suite's 300 s default
 def test_crash_campaign(tmp_path: Path) -> None:
     trials = int(os.environ.get("DRSITE_CRASH_TRIALS", "20"))
     camp = Campaign(tmp_path / "c", seed=int(os.environ.get("DRSITE_CRASH_SEED", "11")))

@@ -132,6 +132,7 @@ def full(gp: dict[str, Any], items: list[str]) -> bool:
     return gp["state"] == "committed" and set(gp["members"]) == set(items)
 
 
+@pytest.mark.timeout(900)  # 30+ group points checked: 182 s in CI, 206 s under load
 def test_causal_workload_fault_and_latest_group(cluster: Cluster, tmp_path: Path) -> None:
     ha = FileHypervisor(cluster.root / "primary" / "vms")
     hb = FileHypervisor(cluster.root / "primary-b" / "vms")

@@ -77,6 +77,7 @@ def _crash_trial(camp: QemuSyncCampaign, n: int, failpoint: str) -> tuple[Trial,
     return t, layers
 
 
+@pytest.mark.timeout(900)  # four trials of a QEMU deployment: 122 s in CI, 228 s under load
 def test_failover_after_the_recovery_agent_died_inside_a_rotation(tmp_path: Path) -> None:
     """Each crash point of a rotation: after the new layer is listed, after the switch,
     after the older layers' nodes went, after ``run.json`` stopped listing them. Every
