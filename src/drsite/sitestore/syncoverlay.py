@@ -295,6 +295,22 @@ class OverlayServer:
         return out
 
     # -- rotation (design.md "Rotating a run's overlay") ------------------------------------
+    def top_size_bound(self, item_id: str) -> int:
+        """An upper bound of :meth:`top_bytes` without the daemon: the newest layer's files'
+        sizes (a written offset is never past its file's end). The runway counts in it."""
+        runs = self.runs(item_id)
+        if not runs:
+            return 0
+        rec = runs[-1]
+        rd = self.run_dir(item_id, str(rec["stream"]))
+        top = run_layers(rec)[-1]
+        total = 0
+        for d in sorted(rec["disks"]):
+            with contextlib.suppress(OSError):
+                st = layer_path(rd, d, top).stat()
+                total += max(st.st_size, st.st_blocks * 512)   # top_bytes' fallback too
+        return total
+
     def top_bytes(self, item_id: str) -> int:
         """How far qcow2 has written into the newest run's newest layer (every disk): its file
         node's highest written offset as the item's daemon counts it. qcow2 allocates clusters
@@ -338,7 +354,10 @@ class OverlayServer:
             runs = self.runs(item_id)
             if not runs or not self._serving(item_id):
                 return None
-            if not force and self.top_bytes(item_id) <= self.rotate_bytes:
+            # the files' sizes bound what qcow2 wrote (it writes inside a file or extends
+            # it): within the threshold, the daemon need not be asked (every 2 s per item)
+            if not force and (self.top_size_bound(item_id) <= self.rotate_bytes
+                              or self.top_bytes(item_id) <= self.rotate_bytes):
                 return None
             rec = runs[-1]
             stream = str(rec["stream"])
