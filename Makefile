@@ -16,9 +16,10 @@ demo: $(STAMP)
 	$(BIN)/drsite demo
 
 # the suite in 4 workers (pytest-xdist): the end-to-end tests mostly wait on real processes and
-# timers, so 4 run side by side on 2 cores; a module's tests stay in one worker (tests/conftest.py)
+# timers, so 4 run side by side on 2 cores; a module's tests stay in one worker, and the longest
+# modules start first (tests/conftest.py; xdist would reorder them by their number of tests)
 test: $(STAMP)
-	$(BIN)/pytest -q -n 4 --dist loadgroup
+	$(BIN)/pytest -q -n 4 --dist loadgroup --no-loadscope-reorder
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -1,14 +1,24 @@
 """Shared pytest plugins: ``tests.pg`` provides the ``pg_server`` / ``pg_url`` fixtures (a
 throw-away PostgreSQL cluster; see tests/pg.py)."""
 
+import json
+from collections import Counter
+from pathlib import Path
+
 import pytest
 
 pytest_plugins = ["tests.pg"]
 
 
-LONGEST = frozenset(f"tests/e2e/test_{m}.py" for m in (
-    "groups_cluster", "crash_campaign", "failover_cluster", "liveness_cluster",
-    "scrub_drill_cluster", "site_disaster_cluster", "breakglass_cluster"))
+# seconds each group (a module, or "readme") took in a full run (tests/group_seconds.py writes
+# it from a run's JUnit XML): the groups are handed to the workers longest first, so a 4-minute
+# module does not start last and set the suite's wall time alone
+GROUP_SECONDS = Path(__file__).with_name("group_seconds.json")
+UNKNOWN_TEST_SECONDS = 2.0  # a group the table does not know yet: this much per test
+
+
+def group_of(module: str, readme_modules: set[str]) -> str:
+    return "readme" if module in readme_modules else module
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's loadgroup reads the marks
@@ -16,11 +26,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Under pytest-xdist (``--dist loadgroup``), a module's tests run in one worker, so its
     module-scoped cluster starts once; the modules that use the README's cluster (a session
     fixture) share one worker, so it starts once too."""
-    # the longest modules start first (xdist hands groups out in this order): a 3-minute module
-    # started last would set the suite's wall time alone
-    items.sort(key=lambda item: item.nodeid.split("::")[0] not in LONGEST)
     module = {item: item.nodeid.split("::")[0] for item in items}
     readme = {module[item] for item in items if "readme" in getattr(item, "fixturenames", ())}
+    group = {item: group_of(module[item], readme) for item in items}
+    known: dict[str, float] = json.loads(GROUP_SECONDS.read_text()) if GROUP_SECONDS.exists() else {}
+    tests = Counter(group.values())
+    seconds = {g: known.get(g, UNKNOWN_TEST_SECONDS * n) for g, n in tests.items()}
+    # xdist hands out the groups in this order when run with --no-loadscope-reorder (the
+    # Makefile's test target: its default reorders them by their number of tests)
+    items.sort(key=lambda item: -seconds[group[item]])
     for item in items:
-        item.add_marker(pytest.mark.xdist_group("readme" if module[item] in readme
-                                                else module[item]))
+        item.add_marker(pytest.mark.xdist_group(group[item]))

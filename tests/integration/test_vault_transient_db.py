@@ -24,11 +24,12 @@ from sqlalchemy.exc import TimeoutError as SaTimeoutError
 
 from drsite.vault.api import agent as agent_api
 from drsite.vault.db.database import Database, transient_db_error
-from drsite.vault.db.models import Vm
+from drsite.vault.db.models import Group, Host, Item, Job, Vm
 from drsite.vault.jobs import runner as runner_mod
+from drsite.vault.jobs.create import start_enable_protection
 from drsite.vault.testing import Harness, vm_info
 from drsite.vault.vmrows import vm_row
-from tests.integration.test_vault_api import two_sites
+from tests.integration.test_vault_api import policy_and_group, two_sites
 from tests.integration.test_vault_audit import find, trail
 from tests.unit.test_vault_loop_costs import jobs_waiting
 
@@ -227,5 +228,43 @@ def test_a_job_step_that_meets_a_transient_database_error_runs_again(
         runner.tick()
         first = h.ok("GET", f"/jobs/{jobs[0]}")
         assert first["state"] == "failed" and "IntegrityError" in first["error"]["message"]
+    finally:
+        h.close()
+
+
+def test_two_protections_of_one_vm_at_once_one_wins_the_other_is_a_conflict(
+        tmp_path: Path, pg_url: str) -> None:
+    """A request to protect a VM while another transaction (the group's auto-protection in a
+    heartbeat, another request) protects it: on PostgreSQL the later insert of the item
+    waited, then failed the unique vm_ref — an HTTP 500 and, in a heartbeat, a failed beat.
+    Now: 409 ``conflict`` saying why, one item, no orphan job."""
+    h = Harness(tmp_path / "vault", pg_url)
+    try:
+        a, _b = two_sites(h)
+        policy_and_group(h)
+        db = h.vault.db
+        answer: dict[str, Any] = {}
+
+        def request() -> None:
+            answer["r"] = h.call("POST", "/items", json={"vm_id": "vm-1", "group": "g1"})
+
+        with db.tx() as s:
+            vm = s.scalars(select(Vm).where(Vm.vm_id == "vm-1")).one()
+            host = s.get(Host, a.host_id)
+            group = s.scalars(select(Group).where(Group.name == "g1")).one()
+            assert host is not None
+            job, _item = start_enable_protection(s, vm=vm, host=host, group=group, now=time.time(),
+                                                 reason="the first")
+            t = threading.Thread(target=request)
+            t.start()
+            _blocked_on_a_lock(pg_url)
+        t.join(30)
+        r = answer["r"]
+        assert r.status_code == 409, r.text
+        assert r.json()["code"] == "conflict" and "already" in r.json()["message"]
+        with db.read() as s:
+            items = list(s.scalars(select(Item.id).where(Item.vm_id == "vm-1")))
+            jobs = list(s.scalars(select(Job.id).where(Job.kind == "EnableProtection")))
+        assert len(items) == 1 and jobs == [job.id], (items, jobs)
     finally:
         h.close()

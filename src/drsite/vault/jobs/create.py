@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from drsite.core.errors import Conflict, InvalidInput, NotFound, VmNotFound
@@ -77,16 +78,28 @@ def start_enable_protection(s: Session, *, vm: Vm, host: Host, group: Group, now
         raise Conflict(f"VM {vm.name} is already protected by item {existing.id} ({existing.status})")
     barrier.check_members(s, group, adding=1)  # a consistent group: at most 16 VMs
     item_id = new_id("i")
-    job = create_job(s, ENABLE, target=vm.name, item_id=item_id,
-                     args={"vm_id": vm.vm_id, "host_id": host.id, "group": group.name, "reason": reason},
-                     now=now)
-    item = Item(id=item_id, host_id=host.id, vm_id=vm.vm_id, vm_name=vm.name, group_id=group.id,
-                target_site_id=group.target_site_id, status=ItemProtection.ENABLING,
-                vm_ref=vm_ref(host.id, vm.vm_id), state=ItemState.NEW, report=None, acked_seq=0,
-                retry=RetryState().to_dict(), critical_error=None, active_job_id=job.id,
-                health=Health.NORMAL, health_reasons=[],
-                created_at=now, updated_at=now, lineage_id=item_id)
-    s.add(item)
+    # another transaction (the heartbeat's auto-protection, a second request) may be
+    # protecting the same VM at this moment: on PostgreSQL the later insert waits, then fails
+    # the item's unique vm_ref. The job and the item go in one savepoint, so that loser leaves
+    # nothing behind and says why (on SQLite writers are serialized: the check above sees it)
+    s.flush()
+    try:
+        with s.begin_nested():
+            job = create_job(s, ENABLE, target=vm.name, item_id=item_id,
+                             args={"vm_id": vm.vm_id, "host_id": host.id, "group": group.name,
+                                   "reason": reason}, now=now)
+            item = Item(id=item_id, host_id=host.id, vm_id=vm.vm_id, vm_name=vm.name,
+                        group_id=group.id, target_site_id=group.target_site_id,
+                        status=ItemProtection.ENABLING, vm_ref=vm_ref(host.id, vm.vm_id),
+                        state=ItemState.NEW, report=None, acked_seq=0,
+                        retry=RetryState().to_dict(), critical_error=None, active_job_id=job.id,
+                        health=Health.NORMAL, health_reasons=[],
+                        created_at=now, updated_at=now, lineage_id=item_id)
+            s.add(item)
+    except IntegrityError:
+        raise Conflict(f"VM {vm.name} is already being protected (another request or the "
+                       "group's auto-protection took it at the same moment)",
+                       hint="List its item: drsite items list") from None
     vm.auto_protect_blocked = False
     s.flush()
     return job, item
