@@ -5,6 +5,8 @@ bound is a per-VM point (``held: false``)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -125,6 +127,50 @@ def test_clock_cut_holds_around_the_cut_or_misses_it(sites: Sites) -> None:
         b = r["result"]["barrier"]
         assert b["held"] is False and "no reading" in b["missed"], b
         assert sites.hv.guest_status(vm.vm_id)["held_by"] is None  # type: ignore[index]
+    finally:
+        primary.stop()
+        t.join(30)
+        sites.hv.power_off(vm.vm_id, force=True)
+
+
+def test_guest_killed_while_a_cut_is_armed(sites: Sites) -> None:
+    """SIGKILL of the guest process while a clock cut's hold is armed in it (the cut 1.5 s
+    ahead): the agent's ``group_seal`` ends — it never waits for a guest that is gone — and
+    says so; the VM, started again, holds nothing and the item's next cycle commits a point."""
+    vm = sites.hv.create_blank(VmSpec(name="db", disks=(DiskSpec("d0", 4 * MiB),)))
+    sites.hv.power_on(vm.vm_id)
+    primary = Agent(sites.tmp / "pri", hypervisor=sites.hv, heartbeat_interval=0.3)
+    t = threading.Thread(target=primary.run, daemon=True)
+    t.start()
+    v = sites.vault
+    try:
+        assert v.wait_final(sites.protect(vm.vm_id), 30)["status"] == "succeeded"
+        pid = int((sites.hv.vm_dir(vm.vm_id) / "guest.pid").read_text().strip())
+        args = {"barrier_id": "gb-k", "cut_at": v.cut_clock() + 1.5, "clock_id": "fake-clock",
+                "margin_s": 0.05, "hold_s": 2.0, "app_consistent": False}
+        cid = v.send(sites.pri_id, "group_seal", ITEM, args)
+        deadline = time.monotonic() + 10
+        while any(c["command_id"] == cid for c in v.queue.get(sites.pri_id, [])) \
+                and time.monotonic() < deadline:
+            time.sleep(0.02)   # until the agent took it (then the hold is armed in the guest)
+        time.sleep(0.3)
+        os.kill(pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        r = v.wait_final(cid, 60)
+        assert time.monotonic() - t0 < 30, r
+        print("group_seal after the kill:", r)
+        if r["status"] == "succeeded":   # sealed as a stopped VM: a per-VM point, not held
+            assert r["result"]["barrier"]["held"] is False, r
+        else:
+            assert r["error"] and r["error"]["message"], r
+        sites.hv.power_on(vm.vm_id)
+        assert sites.hv.guest_status(vm.vm_id)["held_by"] is None  # type: ignore[index]
+        t1 = time.monotonic()
+        sites.hv.write(vm.vm_id, "d0", 0, b"z" * 4096)   # not held
+        assert time.monotonic() - t1 < 2.0
+        r = v.wait_final(v.send(sites.pri_id, "cycle", ITEM, {}), 60)
+        assert r["status"] == "succeeded", r
+        assert r["result"]["point"]["kind"] in ("delta", "resync"), r
     finally:
         primary.stop()
         t.join(30)
