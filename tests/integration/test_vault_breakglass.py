@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from drsite.agent.recoverybook import RecoveryBook, apply_reply
 from drsite.core.errors import InvalidInput
 from drsite.core.states import FailoverState, ItemProtection
 from drsite.failover.wire import check_recovery_book, recovery_book_digest
@@ -29,10 +30,11 @@ def h(tmp_path: Path) -> Iterator[Harness]:
 
 
 def beat(agent: Agent, *, book_digest: str | None = None,
-         breakglass: list[dict[str, Any]] | None = None) -> Any:
+         breakglass: list[dict[str, Any]] | None = None, patches: bool = False) -> Any:
     body: dict[str, Any] = {"host_name": agent.name, "version": "test",
                             "store_url": agent.store_url, "vms": None, "items": [],
-                            "recovery_book_digest": book_digest}
+                            "recovery_book_digest": book_digest,
+                            "recovery_book_patches": patches}
     if breakglass is not None:
         body["breakglass"] = breakglass
     return agent.post("/heartbeat", body)
@@ -70,6 +72,40 @@ def test_recovery_book_reaches_the_store_agent(h: Harness) -> None:
     # unchanged: not sent again; a host serving no store gets none
     assert "recovery_book" not in beat(b, book_digest=recovery_book_digest(book)).json()
     assert "recovery_book" not in beat(a).json()
+
+
+def test_a_store_agent_that_takes_patches_gets_what_changed(h: Harness, tmp_path: Path) -> None:
+    """At thousands of items the book is megabytes and changes with every item protected: an
+    agent that says it takes patches gets only what changed in the book it holds; one that
+    does not (an older agent), or holds a book the vault does not know, gets the whole book;
+    a patch that does not apply leaves the book and makes the next beat ask for all of it."""
+    a, b = two_sites(h)
+    policy_and_group(h)
+    first = protect(h, a)
+    held = RecoveryBook(tmp_path / "book.json")
+    r = beat(b, patches=True).json()                        # nothing held: the whole book
+    apply_reply(held, r["recovery_book"], r.get("recovery_book_patch"))
+    assert set(held.doc["items"]) == {first}                # type: ignore[index]
+    second = protect(h, a, "vm-2", "db1")
+    r = beat(b, book_digest=held.digest, patches=True).json()
+    assert "recovery_book" not in r
+    patch = r["recovery_book_patch"]
+    assert set(patch["objects"]["items"]["put"]) == {second} and patch["put"] == {}
+    apply_reply(held, None, patch)
+    whole = check_recovery_book(beat(b).json()["recovery_book"])   # as an older agent sees it
+    assert held.doc == whole and held.digest == recovery_book_digest(whole)
+    assert RecoveryBook(tmp_path / "book.json").doc == whole       # persisted
+    assert "recovery_book" not in beat(b, book_digest=held.digest, patches=True).json()
+    # a book the vault never built: the whole book
+    assert "recovery_book" in beat(b, book_digest="0" * 64, patches=True).json()
+    # a patch of another book is refused: the book stays, the next beat asks for all of it
+    stale = RecoveryBook(tmp_path / "stale.json")
+    stale.update({**whole, "items": {}, "sync_journals": []})
+    apply_reply(stale, None, patch)
+    assert stale.doc is not None and stale.doc["items"] == {} and stale.digest is None
+    r = beat(b, book_digest=stale.digest, patches=True).json()
+    apply_reply(stale, r["recovery_book"], None)
+    assert stale.doc == whole and stale.digest == recovery_book_digest(whole)
 
 
 def test_the_book_names_the_sync_journals_to_keep(h: Harness) -> None:

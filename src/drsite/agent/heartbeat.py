@@ -236,6 +236,7 @@ class Heartbeats:
             payload.update(store_fields)
             if self.book is not None:
                 payload["recovery_book_digest"] = self.book.digest
+                payload["recovery_book_patches"] = True
             reports = breakglass.pending_reports(self.host.data_dir)
             if reports:
                 payload["breakglass"] = reports  # until the vault acknowledges them
@@ -248,7 +249,7 @@ class Heartbeats:
         self._beats_since_full = 0 if full else self._beats_since_full + 1
         # the book first: it names the sync journals to keep, and the list may admit a new
         # item's writer (whose journal must not look like an unprotected item's)
-        recoverybook.apply_reply(self.book, reply.recovery_book)
+        recoverybook.apply_reply(self.book, reply.recovery_book, reply.recovery_book_patch)
         storeacl.apply_reply(self.store, reply.store_acl)
         breakglass.mark_reported(self.host.data_dir, reply.breakglass_ack)
         self._apply_ack(reply, sent)

@@ -107,6 +107,7 @@ class HeartbeatReply:
     malformed: int = 0  # commands dropped because they could not be parsed
     store_acl: dict[str, Any] | None = None  # a new store access list (store-serving agents)
     recovery_book: dict[str, Any] | None = None  # a new recovery book (store-serving agents)
+    recovery_book_patch: dict[str, Any] | None = None  # or what changed in the one it holds
     breakglass_ack: list[str] = field(default_factory=list)  # break-glass failovers recorded
 
 
@@ -250,9 +251,10 @@ class VaultLink:
                 except (TypeError, ValueError):
                     log.error("ignoring a malformed ack for item %s: %r", item_id, seq)
         acl, book = out.get("store_acl"), out.get("recovery_book")
-        acked = out.get("breakglass_ack")
+        patch, acked = out.get("recovery_book_patch"), out.get("breakglass_ack")
         return HeartbeatReply(commands, ack, bad, acl if isinstance(acl, dict) else None,
                               book if isinstance(book, dict) else None,
+                              patch if isinstance(patch, dict) else None,
                               [str(x) for x in acked] if isinstance(acked, list) else [])
 
     def post_result(self, command_id: str, *, status: CommandStatus, progress: float,

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from drsite.core.errors import InvalidInput, NotFound, classify_os_error
-from drsite.failover.wire import check_recovery_book, recovery_book_digest
+from drsite.failover.wire import apply_book_patch, check_recovery_book, recovery_book_digest
 from drsite.fsutil import atomic_write_bytes, read_json
 from drsite.store.format import canonical_json
 
@@ -46,6 +46,7 @@ class RecoveryBook:
         self._lock = threading.Lock()
         self._doc: dict[str, Any] | None = None
         self._digest: str | None = None
+        self._unpatched = False  # a patch did not apply: ask for the whole book
         with contextlib.suppress(FileNotFoundError):
             try:
                 doc = check_recovery_book(read_json(self.path))
@@ -56,7 +57,8 @@ class RecoveryBook:
 
     @property
     def digest(self) -> str | None:
-        return self._digest
+        """The digest the vault is told (None: send the whole book, after a patch failed)."""
+        return None if self._unpatched else self._digest
 
     @property
     def doc(self) -> dict[str, Any] | None:
@@ -66,16 +68,34 @@ class RecoveryBook:
         """Persist and adopt ``doc`` (``InvalidInput`` if malformed: the old book stays);
         whether it changed."""
         doc = check_recovery_book(doc)
-        digest = recovery_book_digest(doc)
         with self._lock:
-            if digest == self._digest:
-                return False
+            return self._adopt(doc, recovery_book_digest(doc))
+
+    def patch(self, patch: dict[str, Any]) -> bool:
+        """Apply a patch of the vault's (``failover.wire.apply_book_patch``) to the book held,
+        persist and adopt the result; whether it changed. ``InvalidInput`` if it does not
+        apply (another base, malformed, another digest): the book stays, and the next
+        heartbeat asks for the whole book."""
+        with self._lock:
             try:
-                atomic_write_bytes(self.path, canonical_json(doc))
-                os.chmod(self.path, 0o600)
-            except OSError as e:
-                raise classify_os_error(e, f"recovery book {self.path}") from e
-            self._doc, self._digest = doc, digest
+                if self._doc is None or patch.get("base") != self._digest:
+                    raise InvalidInput("recovery book patch: not of the book held")
+                doc = apply_book_patch(self._doc, patch)
+            except InvalidInput:
+                self._unpatched = True
+                raise
+            return self._adopt(doc, str(patch["digest"]))
+
+    def _adopt(self, doc: dict[str, Any], digest: str) -> bool:
+        self._unpatched = False
+        if digest == self._digest:
+            return False
+        try:
+            atomic_write_bytes(self.path, canonical_json(doc))
+            os.chmod(self.path, 0o600)
+        except OSError as e:
+            raise classify_os_error(e, f"recovery book {self.path}") from e
+        self._doc, self._digest = doc, digest
         return True
 
     def entry(self, item_id: str) -> dict[str, Any]:
@@ -96,14 +116,22 @@ class RecoveryBook:
         return dict(plans[name])
 
 
-def apply_reply(book: RecoveryBook | None, doc: Any) -> None:
-    """Take the book of a heartbeat reply (absent: unchanged). A malformed one is logged and
-    ignored: the book in force stays."""
-    if book is None or doc is None:
+def apply_reply(book: RecoveryBook | None, doc: Any, patch: dict[str, Any] | None = None) -> None:
+    """Take the book (or the patch of the book held) of a heartbeat reply (absent: unchanged).
+    A malformed one is logged and ignored: the book in force stays (after a patch that did
+    not apply, the next heartbeat asks for the whole book)."""
+    if book is None or (doc is None and patch is None):
         return
     try:
-        if book.update(doc):
-            log.info("recovery book updated: %d item(s), %d plan(s)",
-                     len(doc.get("items") or {}), len(doc.get("plans") or {}))
+        if doc is not None:
+            changed = book.update(doc)
+        else:
+            assert patch is not None
+            changed = book.patch(patch)
+        if changed and book.doc is not None:
+            log.info("recovery book updated%s: %d item(s), %d plan(s)",
+                     "" if doc is not None else " (patch)", len(book.doc.get("items") or {}),
+                     len(book.doc.get("plans") or {}))
     except InvalidInput as e:
-        log.error("ignoring the vault's recovery book: %s", e)
+        log.error("ignoring the vault's recovery book%s: %s", "" if doc is not None else " patch",
+                  e)

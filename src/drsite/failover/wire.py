@@ -8,7 +8,7 @@ Shared by the vault (validating a mapping or a plan before it sends anything) an
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard
 
 from blake3 import blake3
 
@@ -75,6 +75,17 @@ def recovery_book_digest(doc: dict[str, Any]) -> str:
     return str(blake3(canonical_json(doc)).hexdigest())
 
 
+def _check_book_item(item_id: Any, entry: Any) -> None:
+    validate_name("item", str(item_id))
+    if not isinstance(entry, dict):
+        raise InvalidInput(f"recovery book: item {item_id} is not an object")
+    for key in ("vm_id", "vm_name", "source_site", "recovery_site"):
+        if not isinstance(entry.get(key), str):
+            raise InvalidInput(f"recovery book: item {item_id} lacks {key!r}")
+    vm_spec_from_dict(dict(entry.get("vm_spec") or {}))
+    network_map_from_args(entry.get("network_map"))
+
+
 def check_recovery_book(doc: Any) -> dict[str, Any]:
     """Validate a recovery book's shape (``InvalidInput`` naming what is wrong):
     ``{"format": 1, "site", "items": {ITEM: {"vm_id", "vm_name", "vm_spec", "source_site",
@@ -87,14 +98,7 @@ def check_recovery_book(doc: Any) -> dict[str, Any]:
     if not isinstance(items, dict) or not isinstance(plans, dict):
         raise InvalidInput("recovery book: 'items' and 'plans' must be objects")
     for item_id, entry in items.items():
-        validate_name("item", str(item_id))
-        if not isinstance(entry, dict):
-            raise InvalidInput(f"recovery book: item {item_id} is not an object")
-        for key in ("vm_id", "vm_name", "source_site", "recovery_site"):
-            if not isinstance(entry.get(key), str):
-                raise InvalidInput(f"recovery book: item {item_id} lacks {key!r}")
-        vm_spec_from_dict(dict(entry.get("vm_spec") or {}))
-        network_map_from_args(entry.get("network_map"))
+        _check_book_item(item_id, entry)
     journals = doc.get("sync_journals")
     if journals is not None and not (isinstance(journals, list)
                                      and all(isinstance(i, str) for i in journals)):
@@ -105,3 +109,79 @@ def check_recovery_book(doc: Any) -> dict[str, Any]:
                 isinstance(g, dict) and isinstance(g.get("items"), list) for g in groups):
             raise InvalidInput(f"recovery book: plan {name} has no list of groups of items")
     return doc
+
+
+# A book patch: what changed between the book an agent holds (``base``, its digest) and the
+# vault's (``digest``), so a store host of thousands of items is not sent the whole book (MBs)
+# each time one item changes. Per top-level key: objects (items, plans) by their keys, sorted
+# lists of names (sync_journals) by their members, anything else whole. An agent applies a
+# patch only to the book whose digest is ``base`` and adopts the result only if its digest is
+# ``digest``; otherwise it asks for the whole book (it sends no digest).
+
+def _is_name_set(v: Any) -> TypeGuard[list[str]]:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v) and v == sorted(set(v))
+
+
+def book_patch(old: dict[str, Any], new: dict[str, Any], base: str, digest: str
+               ) -> dict[str, Any]:
+    """The patch that turns ``old`` (digest ``base``) into ``new`` (digest ``digest``)."""
+    put: dict[str, Any] = {}
+    objects: dict[str, dict[str, Any]] = {}
+    names: dict[str, dict[str, list[str]]] = {}
+    for key, value in new.items():
+        before = old.get(key)
+        if key in old and before == value:
+            continue
+        if isinstance(value, dict) and isinstance(before, dict):
+            objects[key] = {"put": {k: v for k, v in value.items()
+                                    if k not in before or before[k] != v},
+                            "drop": sorted(k for k in before if k not in value)}
+        elif _is_name_set(value) and _is_name_set(before):
+            was, now = set(before), set(value)
+            names[key] = {"add": sorted(now - was), "drop": sorted(was - now)}
+        else:
+            put[key] = value
+    return {"base": base, "digest": digest, "put": put, "objects": objects, "names": names,
+            "drop": sorted(k for k in old if k not in new)}
+
+
+def apply_book_patch(doc: dict[str, Any], patch: Any) -> dict[str, Any]:
+    """``doc`` with ``patch`` applied and checked (``InvalidInput`` if the patch is malformed,
+    or the result's digest is not the patch's ``digest``); ``doc`` itself is not changed.
+    Only what the patch brings is validated: ``doc`` was, when it was adopted."""
+    try:
+        put = dict(patch["put"])
+        objects = {str(k): (dict(v["put"]), [str(x) for x in v["drop"]])
+                   for k, v in dict(patch["objects"]).items()}
+        names = {str(k): ([str(x) for x in v["add"]], {str(x) for x in v["drop"]})
+                 for k, v in dict(patch["names"]).items()}
+        dropped = [str(k) for k in patch["drop"]]
+        digest = str(patch["digest"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise InvalidInput(f"recovery book patch: malformed ({type(e).__name__}: {e})") from None
+    out = {k: v for k, v in doc.items() if k not in dropped}
+    out.update(put)
+    for key, (changed, gone) in objects.items():
+        cur = out.get(key)
+        if not isinstance(cur, dict):
+            raise InvalidInput(f"recovery book patch: {key!r} is not an object in the book")
+        merged = {k: v for k, v in cur.items() if k not in gone}
+        merged.update(changed)
+        out[key] = merged
+    for key, (add, removed) in names.items():
+        cur = out.get(key)
+        if not _is_name_set(cur):
+            raise InvalidInput(f"recovery book patch: {key!r} is not a list of names in the book")
+        out[key] = sorted((set(cur) - removed) | set(add))
+    # what the patch brought (the rest was checked when the book was adopted)
+    if out.get("format") != BOOK_FORMAT or not isinstance(out.get("items"), dict) \
+            or not isinstance(out.get("plans"), dict):
+        raise InvalidInput("recovery book patch: the result is not a book of format 1")
+    brought = out["items"] if "items" in put else objects.get("items", ({}, []))[0]
+    for item_id, entry in brought.items():
+        _check_book_item(item_id, entry)
+    if "plans" in put or "plans" in objects or "sync_journals" in put:
+        check_recovery_book({**out, "items": {}})
+    if recovery_book_digest(out) != digest:
+        raise InvalidInput("recovery book patch: the result's digest is not the vault's")
+    return out

@@ -83,6 +83,7 @@ class Beat:
     store_acl_digest: str | None = None   # the store access list the agent has (storeacl)
     held: list[str] | None = None  # command ids the agent holds (None: it does not say)
     recovery_book_digest: str | None = None  # the recovery book the agent has (recoverybook)
+    recovery_book_patches: bool = False  # the agent takes a patch of its book (recoverybook)
     breakglass: list[dict[str, Any]] = field(default_factory=list)  # break-glass failovers
 
 
@@ -134,7 +135,8 @@ def apply_heartbeat(s: Session, host: Host, beat: Beat, settings: VaultSettings)
     return {"commands": [commands.to_wire(c) for c in due], "ack": ack,
             "heartbeat_interval": settings.heartbeat_interval,
             **storeacl.reply_fields(s, host, beat.store_acl_digest, now),
-            **recoverybook.reply_fields(s, host, beat.recovery_book_digest),
+            **recoverybook.reply_fields(s, host, beat.recovery_book_digest,
+                                        patches=beat.recovery_book_patches),
             **({"breakglass_ack": bg_acked} if bg_acked else {})}
 
 

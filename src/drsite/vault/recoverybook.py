@@ -10,7 +10,10 @@ list already (``storeacl``). ``sync_journals`` lists the items whose sync journa
 host keeps (those a failover may still replay); it deletes the others.
 
 It goes in the heartbeat reply when the agent's ``recovery_book_digest`` differs (so an
-unchanged book costs nothing but the digest), and the agent keeps it in a 0600 file.
+unchanged book costs nothing but the digest), and the agent keeps it in a 0600 file. An agent
+that says it takes patches (``recovery_book_patches``) and holds a book this process built
+recently gets only what changed (``failover.wire.book_patch``): at thousands of items the book
+is megabytes, and it changes with every item protected.
 
 Responsible for: building the book. Not responsible for: using it (the agent's
 ``breakglass``), or what the vault does with a break-glass report (``vault/breakglass.py``).
@@ -29,7 +32,12 @@ from sqlalchemy.orm import Session
 
 from drsite.core.errors import InvalidInput
 from drsite.core.states import LIVE_ITEM_STATUSES, ItemProtection
-from drsite.failover.wire import BOOK_FORMAT, recovery_book_digest, vm_spec_from_dict
+from drsite.failover.wire import (
+    BOOK_FORMAT,
+    book_patch,
+    recovery_book_digest,
+    vm_spec_from_dict,
+)
 from drsite.vault.db.models import Group, Host, Item, NetworkMapping, RecoveryPlan, Site, Vm
 from drsite.vault.storeacl import BOOK_FIELDS, on_site_store, serves_store, site_store_fingerprint
 
@@ -46,6 +54,8 @@ JOURNAL_STATUSES = LIVE_ITEM_STATUSES | {ItemProtection.FAILING_OVER, ItemProtec
 # (store host, fingerprint of its items' rows, the small tables' rows) -> (book, digest):
 # a beat where nothing the book holds changed reads one row of items, not every item
 _BOOKS: OrderedDict[tuple[str, str, str], tuple[dict[str, Any], str]] = OrderedDict()
+# the same books by digest: what an agent that sends one of these holds, to patch it
+_BY_DIGEST: OrderedDict[str, dict[str, Any]] = OrderedDict()
 _CACHE = threading.Lock()
 KNOWN_BOOKS = 8
 
@@ -109,8 +119,12 @@ def book_digest(s: Session, host: Host) -> tuple[dict[str, Any], str]:
     out = (doc, recovery_book_digest(doc))
     with _CACHE:
         _BOOKS[key] = out
+        _BY_DIGEST[out[1]] = doc
+        _BY_DIGEST.move_to_end(out[1])
         while len(_BOOKS) > KNOWN_BOOKS:
             _BOOKS.popitem(last=False)
+        while len(_BY_DIGEST) > KNOWN_BOOKS:
+            _BY_DIGEST.popitem(last=False)
     return out
 
 
@@ -162,11 +176,19 @@ def _build(s: Session, host: Host, sites: dict[int, str], maps_rows: list[Networ
             "sync_journals": sorted(r[0] for r in rows if r[1] in JOURNAL_STATUSES)}
 
 
-def reply_fields(s: Session, host: Host, agent_digest: str | None) -> dict[str, Any]:
-    """``{"recovery_book": book}`` for a store-serving host whose book differs, else nothing."""
+def reply_fields(s: Session, host: Host, agent_digest: str | None, *,
+                 patches: bool = False) -> dict[str, Any]:
+    """For a store-serving host whose book differs: ``{"recovery_book_patch": patch}`` when
+    it takes patches and holds a book this process built recently, else
+    ``{"recovery_book": book}``; nothing when its book is current."""
     if not serves_store(s, host):
         return {}   # a store_url without the site's store role is only a claim (storerole)
     doc, digest = book_digest(s, host)
     if agent_digest is not None and agent_digest == digest:
         return {}
+    if patches and agent_digest:
+        with _CACHE:
+            held = _BY_DIGEST.get(agent_digest)
+        if held is not None:
+            return {"recovery_book_patch": book_patch(held, doc, agent_digest, digest)}
     return {"recovery_book": doc}

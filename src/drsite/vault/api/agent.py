@@ -129,7 +129,8 @@ def _heartbeat(body: HeartbeatIn, vault: Vault, cert: bytes | None,
                 audit=[StoreAudit(op=a.op, key=a.key, item_id=a.item_id, caller=a.caller,
                                   outcome=a.outcome, at=a.at) for a in body.audit],
                 store_acl_digest=body.store_acl_digest, held=body.held,
-                recovery_book_digest=body.recovery_book_digest, breakglass=body.breakglass)
+                recovery_book_digest=body.recovery_book_digest,
+                recovery_book_patches=body.recovery_book_patches, breakglass=body.breakglass)
     ident = verify_agent_cert(vault.ca, cert)  # before the transaction (cached)
     set_actor(request, "host", ident.common_name)
     with vault.db.tx() as s:

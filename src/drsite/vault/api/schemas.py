@@ -144,6 +144,7 @@ class HeartbeatIn(Lenient):
     held: list[str] | None = Field(default=None, max_length=10_000)
     # store-serving agents: the recovery book they hold; break-glass failovers not yet recorded
     recovery_book_digest: str | None = Field(default=None, max_length=128)
+    recovery_book_patches: bool = False  # it applies book patches (recoverybook): agents >= 0.x
     breakglass: list[dict[str, Any]] = Field(default_factory=list,
                                              max_length=BREAKGLASS_MAX_REPORTS)
 
