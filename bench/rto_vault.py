@@ -81,12 +81,14 @@ def main() -> int:
     ap.add_argument("--data-mib", type=int, default=256)
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the work files (bench/verify_ab.py reads the agent's replicas)")
     a = ap.parse_args()
     sizes = {"rto-1g": GiB, "rto-10g" if a.quick else "rto-100g": (10 if a.quick else 100) * GiB}
     runs = 1 if a.quick else a.runs
     out: dict[str, Any] = {"machine": machine_info(), "runs": runs, "data_mib": a.data_mib,
                            "results": {}}
-    with workdir(a.workdir) as root, cluster(root / "cluster") as c, c.client() as cl:
+    with workdir(a.workdir, keep=a.keep) as root, cluster(root / "cluster") as c, c.client() as cl:
         items = setup(c, cl, sizes, a.data_mib)
         for name, item in items.items():
             got = [one(c, cl, item) for _ in range(runs)]
