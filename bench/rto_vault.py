@@ -5,7 +5,8 @@ and 100 GiB, sparse) holding the same ``--data-mib`` of data, protected through 
 (initial replication + a few delta cycles). Then, per size, an unplanned failover of the
 latest point through ``POST /items/{id}/failover/unplanned-failover``, timed from the request
 to the job's end as the API reports it (the recovery VM is running when the job succeeds), and
-the agent's own figure (``failovers.rto_s``: command start → VM running). Each is cancelled
+the agent's own figure (``failovers.rto_s``: command start → VM running) with its steps (the
+failover record's ``timings`` on the recovery host: hydrate, verify, create_vm, power_on). Each is cancelled
 afterwards (untimed) so the next run starts from a protected item.
 
 The difference between the two is the control plane: the job runner's tick, the command's
@@ -19,6 +20,7 @@ recovery agent's next heartbeat, 2 s) and the result's post. Goals: 100 GiB with
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -46,20 +48,30 @@ def setup(c: Cluster, cl: VaultClient, sizes: dict[str, int], data_mib: int) -> 
     return items
 
 
-def one(cl: VaultClient, item: str) -> tuple[float, float]:
+def agent_steps(c: Cluster, failover_id: str) -> dict[str, float]:
+    """The recovery agent's own step timings of a failover (its record on the recovery host;
+    the API does not serve them)."""
+    rec = c.root / "secondary" / "agent" / "failover" / "failovers" / f"{failover_id}.json"
+    return {k: float(v) for k, v in json.loads(rec.read_text()).get("timings", {}).items()
+            if k != "cancel"}
+
+
+def one(c: Cluster, cl: VaultClient, item: str) -> tuple[float, float, dict[str, float]]:
     t0 = time.monotonic()
     job = cl.item_action(item, "unplanned-failover")
     final = cl.wait_job(job["id"], timeout=600, poll=0.05)
     api_s = time.monotonic() - t0
     if final["state"] != "succeeded":
         raise SystemExit(f"failover: {final}")
-    agent_s = float(cl.failovers(item)[0]["rto_s"] or 0.0)
+    fo = cl.failovers(item)[0]
+    agent_s = float(fo["rto_s"] or 0.0)
+    steps = agent_steps(c, str(final.get("failover_id") or fo.get("failover_id")))
     done = cl.wait_job(cl.item_action(item, "cancel")["id"], timeout=600)
     if done["state"] != "succeeded":
         raise SystemExit(f"cancel: {done}")
     wait("protected again", lambda: cl.item(item)["protection"] == "protected", 60)
     time.sleep(6)  # let a cycle land and the replica catch up before the next run
-    return api_s, agent_s
+    return api_s, agent_s, steps
 
 
 def main() -> int:
@@ -69,21 +81,26 @@ def main() -> int:
     ap.add_argument("--data-mib", type=int, default=256)
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the work files (bench/verify_ab.py reads the agent's replicas)")
     a = ap.parse_args()
     sizes = {"rto-1g": GiB, "rto-10g" if a.quick else "rto-100g": (10 if a.quick else 100) * GiB}
     runs = 1 if a.quick else a.runs
     out: dict[str, Any] = {"machine": machine_info(), "runs": runs, "data_mib": a.data_mib,
                            "results": {}}
-    with workdir(a.workdir) as root, cluster(root / "cluster") as c, c.client() as cl:
+    with workdir(a.workdir, keep=a.keep) as root, cluster(root / "cluster") as c, c.client() as cl:
         items = setup(c, cl, sizes, a.data_mib)
         for name, item in items.items():
-            got = [one(cl, item) for _ in range(runs)]
-            api = statistics.median(x for x, _ in got)
-            agent = statistics.median(y for _, y in got)
-            out["results"][name] = {"api_s": api, "agent_rto_s": agent,
-                                    "all": [list(x) for x in got]}
+            got = [one(c, cl, item) for _ in range(runs)]
+            api = statistics.median(x for x, _, _ in got)
+            agent = statistics.median(y for _, y, _ in got)
+            steps = {k: statistics.median(s.get(k, 0.0) for _, _, s in got)
+                     for k in sorted({k for _, _, s in got for k in s})}
+            out["results"][name] = {"api_s": api, "agent_rto_s": agent, "agent_steps": steps,
+                                    "all": [[x, y, s] for x, y, s in got]}
             print(f"{name:10s} API request → VM running {api:6.2f} s (median of {runs}); "
-                  f"agent's RTO {agent:6.2f} s", flush=True)
+                  f"agent's RTO {agent:6.2f} s; agent's steps (medians) "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in steps.items()), flush=True)
     r = out["results"]
     small, big = r["rto-1g"]["api_s"], r[next(k for k in r if k != "rto-1g")]["api_s"]
     print(f"ratio large/1 GiB = {big / small:.2f} (goal ≤ 1.2); large = {big:.2f} s (goal < 10 s)")

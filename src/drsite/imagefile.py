@@ -15,6 +15,9 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Self
 
+import numpy as np
+import numpy.typing as npt
+
 from drsite.core.errors import InvalidInput, classify_os_error
 from drsite.core.extents import ExtentList, coalesce
 
@@ -179,6 +182,28 @@ class RawImageReader:
         self._check(offset, len(buf))
         try:
             pread_full(self._fd, buf, offset)
+        except OSError as e:
+            raise classify_os_error(e, f"read {self.path}") from e
+
+    def readv(self, offsets: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64],
+              buf: memoryview) -> None:
+        """Fill ``buf`` with the extents ``(offsets[i], lengths[i])``, concatenated in order:
+        one ``preadv`` per extent, no Python call per extent for the caller."""
+        mv = buf.cast("B") if buf.format != "B" else buf
+        offs, lens = offsets.tolist(), lengths.tolist()
+        if not offs:
+            return
+        if sum(lens) != len(mv):
+            raise InvalidInput("readv: the extents do not fill the buffer")
+        self._check(min(offs), 0)
+        self._check(max(o + n for o, n in zip(offs, lens, strict=True)), 0)
+        pos = 0
+        try:
+            for off, n in zip(offs, lens, strict=True):
+                piece = mv[pos:pos + n]
+                if os.preadv(self._fd, [piece], off) != n:
+                    pread_full(self._fd, piece, off)
+                pos += n
         except OSError as e:
             raise classify_os_error(e, f"read {self.path}") from e
 

@@ -4,6 +4,8 @@ corruption, quarantine, replica hydration, and a model-based property test."""
 from __future__ import annotations
 
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -675,3 +677,51 @@ def _run_script(script: list[tuple[str, int, int, int, bool]], tmp: Path) -> Non
     fresh = Repository(mem, "vm1", segment_size=16 * KiB, pack_target=8 * KiB)
     for pid in kept:
         assert read_point(fresh, pid) == images[pid], pid
+
+
+class _SlowMaps(MemoryObjectStore):
+    """Segment maps take 5 ms to fetch (an object-store round trip); counts how many are
+    fetched at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slow = False
+        self.in_flight = self.most = 0
+        self._count_lock = threading.Lock()
+
+    def get(self, key: str) -> bytes:
+        if not (self.slow and "/maps/" in key):
+            return super().get(key)
+        with self._count_lock:
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+        try:
+            time.sleep(0.005)
+            return super().get(key)
+        finally:
+            with self._count_lock:
+                self.in_flight -= 1
+
+
+def test_a_cold_reader_fetches_the_maps_of_scattered_data_in_parallel() -> None:
+    """A point with data in 32 segments: a new reader's data_extents fetches the 32 maps
+    several at a time (MAP_FETCHERS), lists the same extents, and a damaged map still reports
+    its whole segment (the prefetch leaves the error to the reader's own read)."""
+    store = _SlowMaps()
+    size = 64 * SEG
+    writes = [("d0", i * SEG + 4096, bytes([i + 1]) * 4096, 4096) for i in range(0, 80, 2)
+              if i * SEG < size]
+    pid = commit_cycle(repo_on(store), "c1", None, {"d0": size}, writes, 1.0)
+    want = ExtentList.of([(off, n) for _, off, _, n in writes])
+    store.slow = True
+    assert repo_on(store).reader(pid, "d0").data_extents() == want
+    assert store.most >= 2
+    # damage one map: its segment is reported whole, the others as they are
+    cold = repo_on(store)
+    keys = cold._map_keys(cold._load_manifest(pid)["disks"]["d0"])
+    bad = keys[4]
+    assert bad is not None
+    store.objects[cold.key(bad)] = b"garbage"
+    got = cold.reader(pid, "d0").data_extents()
+    assert got == want.subtract(ExtentList.of([(4 * SEG, SEG)])).union(
+        ExtentList.of([(4 * SEG, SEG)]))

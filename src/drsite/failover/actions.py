@@ -38,7 +38,7 @@ from drsite.core.errors import (
 from drsite.core.model import Consistency, DiskSpec, VmInfo, VmSpec, validate_name
 from drsite.core.states import FailoverState
 from drsite.failover.images import (
-    digests_differ,
+    blocks_differ,
     disk_fingerprint,
     frozen_replica_copy,
     restore_point,
@@ -409,7 +409,7 @@ def planned_failover(item: ProtectedItem, *, failover_id: str | None = None,
         src = src_hv.open_live_reader(item.vm_id, disk_id)
         try:
             with RawImageReader(path, p.disk_sizes[disk_id]) as img:
-                bad = digests_differ(src, img)
+                bad = blocks_differ(src, img)
         finally:
             src.close()
         return f" in {bad} block(s)" if bad else None

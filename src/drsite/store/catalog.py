@@ -24,7 +24,13 @@ from typing import Any, TypeVar
 import numpy as np
 import zstandard
 
-from drsite.core.errors import BrokenChain, CorruptData, InvalidInput, ObjectNotFound
+from drsite.core.errors import (
+    BrokenChain,
+    CorruptData,
+    DrsiteError,
+    InvalidInput,
+    ObjectNotFound,
+)
 from drsite.core.extents import ExtentList, coalesce
 from drsite.core.model import validate_name
 from drsite.store.auth import MANIFEST, PointAuth
@@ -49,6 +55,11 @@ T = TypeVar("T")
 # (never a valid key: keys are validated names, this one starts with a NUL)
 DAMAGED_MAP = "\x00damaged-table:"
 MAP_CACHE_BYTES = 32 << 20
+# a cold read of a point whose data is scattered loads one small map per 64 MiB segment: fetch
+# them MAP_FETCHERS at a time (a disk or object-store round trip each, not CPU), at most
+# MAP_PREFETCH ahead of their use (the map cache must still hold them when they are used)
+MAP_FETCHERS = 8
+MAP_PREFETCH = 256
 
 
 class _Lru(OrderedDict[str, Any]):
@@ -294,6 +305,25 @@ class Catalog:
             return SegMap(e, packs)
 
         return self._maps.fetch(rel, load)
+
+    def _prefetch_maps(self, rels: list[str | None]) -> None:
+        """Load the maps of ``rels`` that are not cached yet, ``MAP_FETCHERS`` in parallel (a
+        hint: an error is left to the caller's own ``_get_map`` of that map to raise)."""
+        todo = list(dict.fromkeys(r for r in rels if r and not r.startswith(DAMAGED_MAP)
+                                  and r not in self._maps))
+        if len(todo) < 2:
+            return
+
+        def one(rel: str) -> None:
+            try:
+                self._get_map(rel)
+            except DrsiteError:
+                pass
+
+        with ThreadPoolExecutor(min(MAP_FETCHERS, len(todo)),
+                                thread_name_prefix="drsite-maps") as pool:
+            for _ in pool.map(one, todo):
+                pass
 
     def _disk(self, body: dict[str, Any], disk_id: str) -> dict[str, Any]:
         d = body["disks"].get(disk_id)

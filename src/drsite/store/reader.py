@@ -16,7 +16,7 @@ import numpy.typing as npt
 
 from drsite.core.errors import BrokenChain, CorruptData, InvalidInput
 from drsite.core.extents import ExtentList, coalesce
-from drsite.store.catalog import Catalog
+from drsite.store.catalog import MAP_PREFETCH, Catalog
 from drsite.store.entries import diff_entries
 from drsite.store.format import SegMap, empty_entries
 
@@ -171,6 +171,8 @@ class PointReader:
         ln: list[npt.NDArray[np.int64]] = []
         seg = self.segment_size
         for i, mk in enumerate(self._keys):
+            if i % MAP_PREFETCH == 0:
+                self.repo._prefetch_maps(self._keys[i:i + MAP_PREFETCH])
             if mk is not None:
                 try:
                     e = self.repo._get_map(mk).entries
