@@ -34,7 +34,7 @@ from drsite.core.extents import ExtentList, coalesce
 from drsite.core.model import Consistency
 from drsite.store.auth import MANIFEST
 from drsite.store.catalog import DAMAGED_MAP, Catalog
-from drsite.store.entries import classify_many, resolve, split_segments
+from drsite.store.entries import classify_many, overlay, split_segments
 from drsite.store.format import (
     ENTRY_DT,
     FRAME_MAX,
@@ -45,6 +45,7 @@ from drsite.store.format import (
     ZERO,
     Entries,
     PointInfo,
+    SegMap,
     canonical_json,
     compress_frame,
     compressor,
@@ -112,6 +113,13 @@ def frame_pieces(offsets: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64]
     return po, pl, np.asarray(starts, np.int64)
 
 
+def _encode_map(m: SegMap, level: int) -> tuple[bytes, str]:
+    """(blob, blake3 hex) of a segment map; a worker thread's job (zstd and blake3 drop the
+    GIL)."""
+    blob = encode_blob("map", {"packs": m.packs}, compressor(level).compress(m.entries.data))
+    return blob, hex_hash(blob)
+
+
 def _same_table(repo: Catalog, rel: str, chunk: list[str | None]) -> bool:
     try:
         return repo._get_table(rel) == chunk
@@ -168,6 +176,9 @@ class PointWriter:
         self.pack_keys: list[str] = []
         self._done: dict[int, list[Entries]] = {i: [] for i in range(len(self.disk_ids))}
         self._covered: dict[int, ExtentList] = {}
+        # maps this commit stores, decoded: they seed the map cache once stored (the next
+        # cycle's base maps, not read back and decompressed)
+        self._new_maps: list[tuple[str, SegMap]] = []
         self._finished: PointInfo | None = None
 
     # -- resume ------------------------------------------------------------------------------
@@ -425,19 +436,42 @@ class PointWriter:
         keys: list[str | None] = base_keys + [None] * (nseg - len(base_keys))
         parts = self._done[self._disk_idx[disk_id]]
         e = np.concatenate(parts) if parts else empty_entries()
+        if len(parts) > 1:
+            parts[:] = [e]  # the same rows, held once (a retried commit finds them here)
         changed = coalesce(e["offset"], e["length"]) if e.size else ExtentList.empty()
         segs, pieces = split_segments(e, seg)
         del e
-        order = np.argsort(segs, kind="stable")  # write order kept within a segment
-        segs = segs[order]
-        touched = np.unique(segs).tolist()
+        # a cycle written in disk order (the engine's) has its pieces grouped by segment
+        # already: slices of them, no reordering copy; otherwise a stable sort (write order
+        # kept within a segment)
+        order: npt.NDArray[np.int64] | None = None
+        if segs.size > 1 and bool((segs[1:] < segs[:-1]).any()):
+            order = np.argsort(segs, kind="stable")
+            segs = segs[order]
+        touched = segs[np.flatnonzero(np.diff(segs, prepend=-1))].tolist()  # sorted: no unique
         if bd and int(bd["size"]) > size and nseg:
             touched = sorted(set(touched) | {nseg - 1})  # shrink: clip the new last segment
         new: list[tuple[str, bytes]] = []
+        pending: deque[tuple[int, str | None, SegMap, Future[tuple[bytes, str]]]] = deque()
+        level = max(1, repo.zstd_level)
+        assert self._pool is not None
+
+        def settle(keep: int) -> None:
+            """Take the encoded maps, in segment order, until ``keep`` are left in flight."""
+            while len(pending) > keep:
+                s_, old_, m_, fut = pending.popleft()
+                blob, h = fut.result()
+                if old_ is not None and old_.rsplit("/", 1)[-1] == h:
+                    continue  # same content as the base: share its key
+                rel = f"maps/{self.cycle_id}/{h}"
+                keys[s_] = rel
+                new.append((rel, blob))
+                self._new_maps.append((rel, m_))
+
         for s in touched:
             lo, hi = s * seg, min((s + 1) * seg, size)
             a, b = np.searchsorted(segs, s, "left"), np.searchsorted(segs, s, "right")
-            mine = pieces[order[a:b]]  # a copy of this segment's pieces only
+            mine = pieces[a:b] if order is None else pieces[order[a:b]]  # not changed below
             old = keys[s]
             bm = None
             if old is not None:
@@ -449,13 +483,9 @@ class PointWriter:
                     whole = ExtentList.of([(lo, hi - lo)])
                     if whole.subtract(coalesce(mine["offset"], mine["length"])).total:
                         raise
-            if bm is not None:
-                packs = list(bm.packs)
-                mine["pack"] += len(packs)
-                stack = np.concatenate([bm.entries, mine])
-            else:
-                packs, stack = [], mine
-            r = resolve(stack, lo, hi)
+            packs = list(bm.packs) if bm is not None else []
+            r = overlay(bm.entries if bm is not None else empty_entries(), mine, lo, hi,
+                        len(packs))
             if r.size == 0:
                 keys[s] = None
                 continue
@@ -468,14 +498,10 @@ class PointWriter:
             used = np.flatnonzero(present)
             r["pack"] = (np.cumsum(present) - 1)[pk].astype(np.uint32)
             r["disk"] = 0
-            blob = encode_blob("map", {"packs": [all_packs[int(u)] for u in used]},
-                                compressor(max(1, repo.zstd_level)).compress(r.tobytes()))
-            h = hex_hash(blob)
-            if old is not None and old.rsplit("/", 1)[-1] == h:
-                continue  # same content as the base: share its key
-            rel = f"maps/{self.cycle_id}/{h}"
-            keys[s] = rel
-            new.append((rel, blob))
+            m = SegMap(r, [all_packs[int(u)] for u in used])
+            pending.append((s, old, m, self._pool.submit(_encode_map, m, level)))
+            settle(2 * repo.threads)  # the next segments are resolved while these compress
+        settle(0)
         base_tables = list(bd["tables"]) if bd and int(bd["segment_size"]) == seg else []
         tables: list[str | None] = []
         for t in range(-(-nseg // TABLE_SPAN)):
@@ -551,12 +577,16 @@ class PointWriter:
                     from exc
         disks: dict[str, Any] = {}
         new: list[tuple[str, bytes]] = []
+        self._new_maps = []
         for d in self.disk_ids:
             disks[d], objs = self._disk_maps(d, base_body)
             new.extend(objs)
         assert self._pool is not None
         for _ in self._pool.map(lambda kv: self._put_map(kv[1]), new):
             pass
+        for rel, m in self._new_maps:  # stored: same key, same content as a read would give
+            repo._maps.fetch(rel, lambda m=m: m)  # type: ignore[misc]
+        self._new_maps = []
         meta_bytes = sum(len(b) for _, b in new)
         stats = {"zero_bytes": self.zero_bytes, "packs": len(self.pack_keys),
                  "metadata_bytes": meta_bytes, "new_objects": len(new) + len(self.pack_keys)}
