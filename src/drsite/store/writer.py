@@ -9,6 +9,7 @@ leaves a stale marker that ``Repository.resume`` and GC remove.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import threading
@@ -113,11 +114,8 @@ def frame_pieces(offsets: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64]
     return po, pl, np.asarray(starts, np.int64)
 
 
-def _encode_map(m: SegMap, level: int) -> tuple[bytes, str]:
-    """(blob, blake3 hex) of a segment map; a worker thread's job (zstd and blake3 drop the
-    GIL)."""
-    blob = encode_blob("map", {"packs": m.packs}, compressor(level).compress(m.entries.data))
-    return blob, hex_hash(blob)
+def _itself(m: SegMap) -> SegMap:
+    return m
 
 
 def _same_table(repo: Catalog, rel: str, chunk: list[str | None]) -> bool:
@@ -176,9 +174,7 @@ class PointWriter:
         self.pack_keys: list[str] = []
         self._done: dict[int, list[Entries]] = {i: [] for i in range(len(self.disk_ids))}
         self._covered: dict[int, ExtentList] = {}
-        # maps this commit stores, decoded: they seed the map cache once stored (the next
-        # cycle's base maps, not read back and decompressed)
-        self._new_maps: list[tuple[str, SegMap]] = []
+        self._maps_stored = [0, 0]  # segment maps this commit stored: count, bytes
         self._finished: PointInfo | None = None
 
     # -- resume ------------------------------------------------------------------------------
@@ -452,21 +448,22 @@ class PointWriter:
         if bd and int(bd["size"]) > size and nseg:
             touched = sorted(set(touched) | {nseg - 1})  # shrink: clip the new last segment
         new: list[tuple[str, bytes]] = []
-        pending: deque[tuple[int, str | None, SegMap, Future[tuple[bytes, str]]]] = deque()
+        pending: deque[tuple[int, SegMap, Future[tuple[str | None, int]]]] = deque()
         level = max(1, repo.zstd_level)
         assert self._pool is not None
 
         def settle(keep: int) -> None:
-            """Take the encoded maps, in segment order, until ``keep`` are left in flight."""
+            """Take the stored maps, in segment order, until ``keep`` are left in flight."""
             while len(pending) > keep:
-                s_, old_, m_, fut = pending.popleft()
-                blob, h = fut.result()
-                if old_ is not None and old_.rsplit("/", 1)[-1] == h:
-                    continue  # same content as the base: share its key
-                rel = f"maps/{self.cycle_id}/{h}"
+                s_, m_, fut = pending.popleft()
+                rel, n = fut.result()
+                if rel is None:
+                    continue  # same content as the base: keeps its key
                 keys[s_] = rel
-                new.append((rel, blob))
-                self._new_maps.append((rel, m_))
+                self._maps_stored[0] += 1
+                self._maps_stored[1] += n
+                # stored: the next cycle's base map, not read back and decompressed
+                repo._maps.fetch(rel, functools.partial(_itself, m_))
 
         for s in touched:
             lo, hi = s * seg, min((s + 1) * seg, size)
@@ -499,8 +496,8 @@ class PointWriter:
             r["pack"] = (np.cumsum(present) - 1)[pk].astype(np.uint32)
             r["disk"] = 0
             m = SegMap(r, [all_packs[int(u)] for u in used])
-            pending.append((s, old, m, self._pool.submit(_encode_map, m, level)))
-            settle(2 * repo.threads)  # the next segments are resolved while these compress
+            pending.append((s, m, self._pool.submit(self._store_map, m, level, old)))
+            settle(2 * repo.threads)  # the next segments are resolved while these are stored
         settle(0)
         base_tables = list(bd["tables"]) if bd and int(bd["segment_size"]) == seg else []
         tables: list[str | None] = []
@@ -533,6 +530,17 @@ class PointWriter:
             entry["changed_key"] = rel
             new.append((rel, blob))
         return entry, new
+
+    def _store_map(self, m: SegMap, level: int, old: str | None) -> tuple[str | None, int]:
+        """Encode and store a segment map (a worker thread's job: zstd, blake3 and the store
+        drop the GIL); returns its key and size, or (None, 0) if it is ``old``'s content.
+        Maps are content-addressed objects of the staged cycle: storing them before the
+        manifest is safe (GC keeps a staged cycle's objects, a retry finds them stored)."""
+        blob = encode_blob("map", {"packs": m.packs}, compressor(level).compress(m.entries.data))
+        h = hex_hash(blob)
+        if old is not None and old.rsplit("/", 1)[-1] == h:
+            return None, 0
+        return self._put_map(blob), len(blob)
 
     def _put_map(self, data: bytes) -> str:
         """Store a map, table or changed-extent list of this cycle under its content address."""
@@ -577,19 +585,17 @@ class PointWriter:
                     from exc
         disks: dict[str, Any] = {}
         new: list[tuple[str, bytes]] = []
-        self._new_maps = []
+        self._maps_stored = [0, 0]
         for d in self.disk_ids:
             disks[d], objs = self._disk_maps(d, base_body)
             new.extend(objs)
         assert self._pool is not None
         for _ in self._pool.map(lambda kv: self._put_map(kv[1]), new):
             pass
-        for rel, m in self._new_maps:  # stored: same key, same content as a read would give
-            repo._maps.fetch(rel, lambda m=m: m)  # type: ignore[misc]
-        self._new_maps = []
-        meta_bytes = sum(len(b) for _, b in new)
+        meta_bytes = sum(len(b) for _, b in new) + self._maps_stored[1]
         stats = {"zero_bytes": self.zero_bytes, "packs": len(self.pack_keys),
-                 "metadata_bytes": meta_bytes, "new_objects": len(new) + len(self.pack_keys)}
+                 "metadata_bytes": meta_bytes,
+                 "new_objects": len(new) + self._maps_stored[0] + len(self.pack_keys)}
         for _attempt in range(8):
             seq = self._next_seq()
             pid = f"p{seq:012d}"
