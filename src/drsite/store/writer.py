@@ -465,9 +465,11 @@ class PointWriter:
                 # stored: the next cycle's base map, not read back and decompressed
                 repo._maps.fetch(rel, functools.partial(_itself, m_))
 
-        for s in touched:
+        tarr = np.asarray(touched, np.int64)
+        firsts = np.searchsorted(segs, tarr, "left").tolist()
+        lasts = np.searchsorted(segs, tarr, "right").tolist()
+        for s, a, b in zip(touched, firsts, lasts, strict=True):
             lo, hi = s * seg, min((s + 1) * seg, size)
-            a, b = np.searchsorted(segs, s, "left"), np.searchsorted(segs, s, "right")
             mine = pieces[a:b] if order is None else pieces[order[a:b]]  # not changed below
             old = keys[s]
             bm = None
