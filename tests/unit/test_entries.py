@@ -1,12 +1,15 @@
 """``store.entries.resolve`` (a segment map from overlaid index rows) against a byte-by-byte
-model: every byte of ``[lo, hi)`` names the last row covering it (zero rows: nothing)."""
+model: every byte of ``[lo, hi)`` names the last row covering it (zero rows: nothing); and
+``overlay`` (a base map + a cycle's pieces, the commit's path) against ``resolve``, byte for byte,
+on its fast path and off it."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from drsite.store.entries import resolve
+from drsite.store import entries
+from drsite.store.entries import overlay, resolve
 from drsite.store.format import ENTRY_DT, ZERO
 
 
@@ -51,3 +54,68 @@ def test_resolve_matches_a_byte_model(seed: int) -> None:
     assert np.all(np.diff(res["offset"]) > 0) and np.all(res["codec"] != ZERO)
     assert np.all(res["length"] > 0)
     assert _expand(res) == _model(e, lo, hi)
+
+
+def _rows(rng: np.random.Generator, n: int, span: int, maxlen: int) -> np.ndarray:
+    e = np.zeros(n, ENTRY_DT)
+    e["offset"] = rng.integers(0, span, n)
+    e["length"] = rng.integers(1, maxlen, n)
+    e["codec"] = rng.choice([1, 2, ZERO], n)
+    e["roff"] = rng.integers(0, 1000, n)
+    e["pack"] = rng.integers(0, 5, n)
+    e["foff"] = rng.integers(0, 99, n)
+    if n:
+        e["hash"] = np.frombuffer(rng.bytes(16 * n), "V16")
+    return e
+
+
+def _disjoint_sorted(rng: np.random.Generator, n: int, span: int) -> np.ndarray:
+    """Sorted, disjoint rows (touching neighbours allowed) with zero rows among them: a cycle's
+    writes of one segment in disk order."""
+    starts = np.unique(rng.integers(0, span, n))
+    ends = np.append(starts[1:], span)
+    lens = np.minimum(rng.integers(1, 40, starts.size), ends - starts)
+    e = _rows(rng, starts.size, span, 2)
+    e["offset"], e["length"] = starts, lens
+    return e
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_overlay_equals_resolve(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(1000 + seed)
+    lo, hi = 100, 100 + int(rng.integers(1, 600))
+    kind = seed % 5
+    base = resolve(_rows(rng, int(rng.integers(0, 60)), 800, 80), lo, hi)
+    if kind == 0:    # the fast path: a resolved base, a sorted disjoint cycle inside [lo, hi)
+        new = _disjoint_sorted(rng, int(rng.integers(0, 60)), hi - lo)
+        new["offset"] += lo
+    elif kind == 1:  # dense small writes over a fragmented base (4 KiB churn in miniature)
+        base = resolve(np.concatenate([base, _disjoint_sorted(rng, 200, hi - lo)]), 0, hi)
+        base = base[base["offset"] >= lo] if base.size else base
+        new = _disjoint_sorted(rng, 150, hi - lo)
+        new["offset"] += lo
+    elif kind == 2:  # overlapping writes within the cycle: resolve's general path
+        new = _rows(rng, int(rng.integers(0, 40)), hi, 60)
+    elif kind == 3:  # rows passing the segment's end (a shrunk disk): clipped
+        new = _disjoint_sorted(rng, 30, 900)
+        base = resolve(_rows(rng, 30, 900, 80), 0, 900)
+    else:            # an empty side
+        new = _disjoint_sorted(rng, 20, hi - lo) if seed % 2 else _rows(rng, 0, 1, 2)
+        new["offset"] += lo
+        if seed % 2:
+            base = base[:0]
+    shift = int(rng.integers(0, 4))
+    b0, n0 = base.copy(), new.copy()
+    if kind in (0, 1, 4):  # must take the fast path, not fall back on resolve
+        with monkeypatch.context() as m:
+            m.setattr(entries, "resolve", lambda *a: pytest.fail("overlay fell back"))
+            got = overlay(base, new, lo, hi, shift)
+    else:
+        got = overlay(base, new, lo, hi, shift)
+    assert base.tobytes() == b0.tobytes() and new.tobytes() == n0.tobytes()  # inputs unchanged
+    want_in = new.copy()
+    want_in["pack"] += np.uint32(shift)
+    stack = np.concatenate([base, want_in])
+    want = resolve(stack, lo, hi)
+    assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
+    assert _expand(got) == _model(stack, lo, hi)

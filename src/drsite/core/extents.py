@@ -134,8 +134,11 @@ def coalesce(starts: npt.ArrayLike, lengths: npt.ArrayLike) -> ExtentList:
     s, n = s[keep], n[keep]
     if s.size == 0:
         return ExtentList.empty()
-    order = np.argsort(s, kind="stable")
-    s, e = s[order], (s + n)[order]
+    if s.size > 1 and bool((s[1:] < s[:-1]).any()):
+        order = np.argsort(s, kind="stable")
+        s, e = s[order], (s + n)[order]
+    else:  # already in order (a cycle's writes in disk order): no sort, no gather
+        e = s + n
     run_end = np.maximum.accumulate(e)
     # a new run starts where the extent begins after everything before it has ended
     new_run = np.empty(s.size, dtype=bool)

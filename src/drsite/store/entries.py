@@ -162,6 +162,74 @@ def resolve(e: Entries, lo: int, hi: int) -> Entries:
     return res
 
 
+def _sorted_disjoint(off: npt.NDArray[np.int64], end: npt.NDArray[np.int64]) -> bool:
+    return off.size < 2 or bool((off[1:] >= end[:-1]).all())
+
+
+def overlay(base: Entries, new: Entries, lo: int, hi: int, pack_shift: int = 0) -> Entries:
+    """``resolve(concatenate([base, new']), lo, hi)`` where ``new'`` is ``new`` with
+    ``pack_shift`` added to its ``pack`` column: a segment's new map from its base map and a
+    cycle's pieces of it. Neither input is changed.
+
+    When ``base`` is a resolved map inside ``[lo, hi)`` (sorted, disjoint, data only) and
+    ``new`` is sorted and disjoint inside ``[lo, hi)`` (a cycle's writes in disk order, as the
+    engine ships them), the base rows no new row touches are kept as they are and only the
+    touched ones are cut: no sort of every bound, no elementary intervals. Otherwise this is
+    :func:`resolve`. Both give the same rows (tests/unit/test_entries.py checks it).
+    """
+    bo = base["offset"]
+    be = bo + base["length"]
+    no = new["offset"]
+    ne = no + new["length"]
+    fast = (
+        _sorted_disjoint(bo, be) and _sorted_disjoint(no, ne)
+        and (base.size == 0 or (int(bo[0]) >= lo and int(be[-1]) <= hi
+                                and bool((base["length"] > 0).all())
+                                and not bool((base["codec"] == ZERO).any())))
+        and (new.size == 0 or (int(no[0]) >= lo and int(ne[-1]) <= hi
+                               and bool((new["length"] > 0).all())))
+    )
+    if not fast:
+        shifted = new.copy()
+        shifted["pack"] += np.uint32(pack_shift)
+        return resolve(np.concatenate([base, shifted]), lo, hi)
+    data = new["codec"] != ZERO
+    # base row b meets the new rows j0[b] .. j1[b]-1 (sorted, disjoint: a contiguous range)
+    j0 = np.searchsorted(ne, bo, "right")
+    j1 = np.searchsorted(no, be, "left")
+    k = np.maximum(j1 - j0, 0)
+    # what is left of b: the k+1 gaps between b's start, its new rows and its end (some empty)
+    cnt = k + 1
+    row = np.repeat(np.arange(base.size), cnt)
+    pos = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+    j = j0[row] + pos
+    kr = k[row]
+    gs = bo[row]
+    ge = be[row]
+    cut = pos > 0
+    gs[cut] = np.maximum(gs[cut], ne[j[cut] - 1])
+    inner = pos < kr
+    ge[inner] = np.minimum(ge[inner], no[j[inner]])
+    left = ge > gs
+    row, gs, ge = row[left], gs[left], ge[left]
+    nd = int(np.count_nonzero(data))
+    out = np.empty(row.size + nd, ENTRY_DT)
+    # merge the two sorted, disjoint sequences by offset
+    nsel = new[data] if nd != new.size else new
+    at_new = np.searchsorted(gs, nsel["offset"]) + np.arange(nd)
+    is_new = np.zeros(out.size, bool)
+    is_new[at_new] = True
+    piece = base[row]
+    piece["roff"] = piece["roff"] + (gs - piece["offset"]).astype(np.uint32)
+    piece["offset"] = gs
+    piece["length"] = ge - gs
+    out[~is_new] = piece
+    out[at_new] = nsel
+    if nd and pack_shift:
+        out["pack"][at_new] += np.uint32(pack_shift)
+    return out
+
+
 def diff_entries(a: Entries, pa: list[str], b: Entries, pb: list[str], lo: int,
                   hi: int) -> ExtentList:
     """Ranges of ``[lo, hi)`` where two resolved maps name different bytes (or data vs hole)."""

@@ -9,6 +9,7 @@ leaves a stale marker that ``Repository.resume`` and GC remove.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import threading
@@ -34,7 +35,7 @@ from drsite.core.extents import ExtentList, coalesce
 from drsite.core.model import Consistency
 from drsite.store.auth import MANIFEST
 from drsite.store.catalog import DAMAGED_MAP, Catalog
-from drsite.store.entries import classify_many, resolve, split_segments
+from drsite.store.entries import classify_many, overlay, split_segments
 from drsite.store.format import (
     ENTRY_DT,
     FRAME_MAX,
@@ -45,6 +46,7 @@ from drsite.store.format import (
     ZERO,
     Entries,
     PointInfo,
+    SegMap,
     canonical_json,
     compress_frame,
     compressor,
@@ -112,6 +114,10 @@ def frame_pieces(offsets: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64]
     return po, pl, np.asarray(starts, np.int64)
 
 
+def _itself(m: SegMap) -> SegMap:
+    return m
+
+
 def _same_table(repo: Catalog, rel: str, chunk: list[str | None]) -> bool:
     try:
         return repo._get_table(rel) == chunk
@@ -168,6 +174,7 @@ class PointWriter:
         self.pack_keys: list[str] = []
         self._done: dict[int, list[Entries]] = {i: [] for i in range(len(self.disk_ids))}
         self._covered: dict[int, ExtentList] = {}
+        self._maps_stored = [0, 0]  # segment maps this commit stored: count, bytes
         self._finished: PointInfo | None = None
 
     # -- resume ------------------------------------------------------------------------------
@@ -425,19 +432,45 @@ class PointWriter:
         keys: list[str | None] = base_keys + [None] * (nseg - len(base_keys))
         parts = self._done[self._disk_idx[disk_id]]
         e = np.concatenate(parts) if parts else empty_entries()
+        if len(parts) > 1:
+            parts[:] = [e]  # the same rows, held once (a retried commit finds them here)
         changed = coalesce(e["offset"], e["length"]) if e.size else ExtentList.empty()
         segs, pieces = split_segments(e, seg)
         del e
-        order = np.argsort(segs, kind="stable")  # write order kept within a segment
-        segs = segs[order]
-        touched = np.unique(segs).tolist()
+        # a cycle written in disk order (the engine's) has its pieces grouped by segment
+        # already: slices of them, no reordering copy; otherwise a stable sort (write order
+        # kept within a segment)
+        order: npt.NDArray[np.int64] | None = None
+        if segs.size > 1 and bool((segs[1:] < segs[:-1]).any()):
+            order = np.argsort(segs, kind="stable")
+            segs = segs[order]
+        touched = segs[np.flatnonzero(np.diff(segs, prepend=-1))].tolist()  # sorted: no unique
         if bd and int(bd["size"]) > size and nseg:
             touched = sorted(set(touched) | {nseg - 1})  # shrink: clip the new last segment
         new: list[tuple[str, bytes]] = []
-        for s in touched:
+        pending: deque[tuple[int, SegMap, Future[tuple[str | None, int]]]] = deque()
+        level = max(1, repo.zstd_level)
+        assert self._pool is not None
+
+        def settle(keep: int) -> None:
+            """Take the stored maps, in segment order, until ``keep`` are left in flight."""
+            while len(pending) > keep:
+                s_, m_, fut = pending.popleft()
+                rel, n = fut.result()
+                if rel is None:
+                    continue  # same content as the base: keeps its key
+                keys[s_] = rel
+                self._maps_stored[0] += 1
+                self._maps_stored[1] += n
+                # stored: the next cycle's base map, not read back and decompressed
+                repo._maps.fetch(rel, functools.partial(_itself, m_))
+
+        tarr = np.asarray(touched, np.int64)
+        firsts = np.searchsorted(segs, tarr, "left").tolist()
+        lasts = np.searchsorted(segs, tarr, "right").tolist()
+        for s, a, b in zip(touched, firsts, lasts, strict=True):
             lo, hi = s * seg, min((s + 1) * seg, size)
-            a, b = np.searchsorted(segs, s, "left"), np.searchsorted(segs, s, "right")
-            mine = pieces[order[a:b]]  # a copy of this segment's pieces only
+            mine = pieces[a:b] if order is None else pieces[order[a:b]]  # not changed below
             old = keys[s]
             bm = None
             if old is not None:
@@ -449,13 +482,9 @@ class PointWriter:
                     whole = ExtentList.of([(lo, hi - lo)])
                     if whole.subtract(coalesce(mine["offset"], mine["length"])).total:
                         raise
-            if bm is not None:
-                packs = list(bm.packs)
-                mine["pack"] += len(packs)
-                stack = np.concatenate([bm.entries, mine])
-            else:
-                packs, stack = [], mine
-            r = resolve(stack, lo, hi)
+            packs = list(bm.packs) if bm is not None else []
+            r = overlay(bm.entries if bm is not None else empty_entries(), mine, lo, hi,
+                        len(packs))
             if r.size == 0:
                 keys[s] = None
                 continue
@@ -468,14 +497,10 @@ class PointWriter:
             used = np.flatnonzero(present)
             r["pack"] = (np.cumsum(present) - 1)[pk].astype(np.uint32)
             r["disk"] = 0
-            blob = encode_blob("map", {"packs": [all_packs[int(u)] for u in used]},
-                                compressor(max(1, repo.zstd_level)).compress(r.tobytes()))
-            h = hex_hash(blob)
-            if old is not None and old.rsplit("/", 1)[-1] == h:
-                continue  # same content as the base: share its key
-            rel = f"maps/{self.cycle_id}/{h}"
-            keys[s] = rel
-            new.append((rel, blob))
+            m = SegMap(r, [all_packs[int(u)] for u in used])
+            pending.append((s, m, self._pool.submit(self._store_map, m, level, old)))
+            settle(2 * repo.threads)  # the next segments are resolved while these are stored
+        settle(0)
         base_tables = list(bd["tables"]) if bd and int(bd["segment_size"]) == seg else []
         tables: list[str | None] = []
         for t in range(-(-nseg // TABLE_SPAN)):
@@ -507,6 +532,17 @@ class PointWriter:
             entry["changed_key"] = rel
             new.append((rel, blob))
         return entry, new
+
+    def _store_map(self, m: SegMap, level: int, old: str | None) -> tuple[str | None, int]:
+        """Encode and store a segment map (a worker thread's job: zstd, blake3 and the store
+        drop the GIL); returns its key and size, or (None, 0) if it is ``old``'s content.
+        Maps are content-addressed objects of the staged cycle: storing them before the
+        manifest is safe (GC keeps a staged cycle's objects, a retry finds them stored)."""
+        blob = encode_blob("map", {"packs": m.packs}, compressor(level).compress(m.entries.data))
+        h = hex_hash(blob)
+        if old is not None and old.rsplit("/", 1)[-1] == h:
+            return None, 0
+        return self._put_map(blob), len(blob)
 
     def _put_map(self, data: bytes) -> str:
         """Store a map, table or changed-extent list of this cycle under its content address."""
@@ -551,15 +587,17 @@ class PointWriter:
                     from exc
         disks: dict[str, Any] = {}
         new: list[tuple[str, bytes]] = []
+        self._maps_stored = [0, 0]
         for d in self.disk_ids:
             disks[d], objs = self._disk_maps(d, base_body)
             new.extend(objs)
         assert self._pool is not None
         for _ in self._pool.map(lambda kv: self._put_map(kv[1]), new):
             pass
-        meta_bytes = sum(len(b) for _, b in new)
+        meta_bytes = sum(len(b) for _, b in new) + self._maps_stored[1]
         stats = {"zero_bytes": self.zero_bytes, "packs": len(self.pack_keys),
-                 "metadata_bytes": meta_bytes, "new_objects": len(new) + len(self.pack_keys)}
+                 "metadata_bytes": meta_bytes,
+                 "new_objects": len(new) + self._maps_stored[0] + len(self.pack_keys)}
         for _attempt in range(8):
             seq = self._next_seq()
             pid = f"p{seq:012d}"
