@@ -326,33 +326,48 @@ class FileVm:
         mirror = self.mirror
         try:
             self._check_open()
-            for disk_id, (offs, lens) in by_disk.items():
-                disk = self.disks[disk_id]
-                if disk.log is not None:
-                    disk.log.append_many(offs, lens)
-                    for offset, n in zip(offs, lens, strict=True):
-                        disk.note_write(offset, n)
-            for disk_id, offset, data in writes:
-                disk = self.disks[disk_id]
-                try:
-                    if disk.cbw is not None:
-                        disk.cbw.before_write(offset, len(data))
-                    if disk.cow is not None:
-                        disk.cow.write(offset, data)
-                    else:
-                        pwrite_all(disk.fd, data, offset)
-                except OSError as e:
-                    raise classify_os_error(e, f"write to disk {disk_id}") from e
+            if mirror is not None:
+                # numbered in the write order and, when the wire is idle, sent now: the
+                # recovery site's append and fdatasync overlap the local writes below; the
+                # write returns once both are done (wait, after the lock)
+                wait_for = mirror.submit(writes)
+            try:
+                self._write_locked(by_disk, writes)
+            except BaseException as e:
+                if mirror is not None and wait_for is not None:
+                    mirror.abandon(wait_for, str(e))   # the journal may hold it: run ends
+                    wait_for = None
+                raise
             if tag is not None:
                 self.last_tag = tag
-            if mirror is not None:  # numbered in the write order; sent by a waiting writer
-                wait_for = mirror.submit(writes)
         finally:
             if self._hold is not None:  # an armed cut's hold dates itself after this write
                 self._last_write_end = time.monotonic()
             self._io_lock.release()
         if mirror is not None and wait_for is not None:
             mirror.wait(wait_for)  # at most the budget; outside the lock (QD > 1 overlaps)
+
+    def _write_locked(self, by_disk: dict[str, tuple[list[int], list[int]]],
+                      writes: Sequence[tuple[str, int, bytes | bytearray | memoryview]]) -> None:
+        """A batch's local writes (under the I/O lock): every log record, then each write's
+        copy-before-write and its data."""
+        for disk_id, (offs, lens) in by_disk.items():
+            disk = self.disks[disk_id]
+            if disk.log is not None:
+                disk.log.append_many(offs, lens)
+                for offset, n in zip(offs, lens, strict=True):
+                    disk.note_write(offset, n)
+        for disk_id, offset, data in writes:
+            disk = self.disks[disk_id]
+            try:
+                if disk.cbw is not None:
+                    disk.cbw.before_write(offset, len(data))
+                if disk.cow is not None:
+                    disk.cow.write(offset, data)
+                else:
+                    pwrite_all(disk.fd, data, offset)
+            except OSError as e:
+                raise classify_os_error(e, f"write to disk {disk_id}") from e
 
     def set_mirror(self, mirror: SyncMirror | None) -> None:
         """Enter (a mirror) or leave (None) synchronous mode; the old mirror is closed. Under
