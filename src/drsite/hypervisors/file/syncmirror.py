@@ -65,6 +65,7 @@ class _Lead:
     last: int          # the last seq sent: the turn ends when it is acknowledged
     deadline: float    # time.monotonic()
     thread: int        # the writer that reads the acks
+    timeout_at: float = 0.0   # when the socket's timeout was last set to the deadline
 
 
 @dataclass(frozen=True)
@@ -241,7 +242,8 @@ class SyncMirror:
     def _send(self, lead: _Lead) -> str | None:
         """Send the turn's frames (without ``_cv``); a failure's reason, or None."""
         try:
-            lead.sock.settimeout(max(lead.deadline - time.monotonic(), 1e-3))
+            lead.timeout_at = time.monotonic()
+            lead.sock.settimeout(max(lead.deadline - lead.timeout_at, 1e-3))
             lead.sock.sendall(lead.data)
             return None
         except TimeoutError:
@@ -254,11 +256,11 @@ class SyncMirror:
         failure's reason, or None."""
         sock, reader = lead.sock, lead.reader
         try:
-            set_at = 0.0
             while True:
-                if time.monotonic() - set_at > 1e-3:   # the timeout is per operation
-                    sock.settimeout(max(lead.deadline - time.monotonic(), 1e-3))
-                    set_at = time.monotonic()
+                now = time.monotonic()
+                if now - lead.timeout_at > 1e-3:   # the timeout is per operation
+                    sock.settimeout(max(lead.deadline - now, 1e-3))
+                    lead.timeout_at = now
                 kind, body = reader.read()
                 if kind != W.T_ACK:
                     err = W.read_json_body(body) if kind == W.T_JSON else {}
