@@ -539,7 +539,7 @@ def test_a_batch_goes_before_its_local_writes_and_a_crash_between_loses_no_ackno
         def doomed() -> None:
             try:
                 rt.vm.write("d0", 900 * 4096, _block(900), tag=900)
-            except Exception as e:   # noqa: BLE001 - the write's error, checked below
+            except Exception as e:   # the write's error, checked below
                 failed.append(e)
 
         t = threading.Thread(target=doomed)
