@@ -9,6 +9,7 @@ Invariants (see ``design.md``):
 - every write, seal, release and epoch change runs under ``_io_lock``, so no write is split
   across two logs and a seal is one instant for all disks;
 - per write: change-log record → (copy-before-write: fleece granule → bitmap byte) → disk;
+  in synchronous mode the batch is numbered (and, the wire idle, sent) before all three;
 - flush: logs, then fleece and bitmaps, then disks.
 
 Responsible for: write ordering, rotation, CBW, crash recovery of its own files. Not responsible
