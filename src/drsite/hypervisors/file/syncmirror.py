@@ -135,6 +135,7 @@ class SyncMirror:
         self._reader: W.FrameReader | None = None
         self._busy = False               # a leader is using the connection
         self._pending: _Lead | None = None   # sent from submit; its writer reads the acks in wait
+        self._waiters = 0                # writers in wait()
         self._connect_timeout = connect_timeout
         self._ctx: ssl.SSLContext | None = None
 
@@ -153,10 +154,12 @@ class SyncMirror:
                 return None
             self._queue.append((self.seq, frame))
             self._queued_bytes += len(frame)
-            if (self.state == "in_sync" and not self._busy
-                    and self._queued_bytes <= EARLY_SEND_BYTES):
-                # idle wire: every frame sent before was acknowledged, so the peer has read
-                # it all and this small send fits the socket buffers (never waits for it)
+            if (self.state == "in_sync" and not self._busy and not self._waiters
+                    and len(self._queue) == 1 and len(frame) <= EARLY_SEND_BYTES):
+                # queue depth 1 (no other writer waiting: at depth > 1 a send here would
+                # lengthen the I/O lock every writer takes; they lead from wait) and an idle
+                # wire: every frame sent before was acknowledged, so the peer has read it
+                # all and this small send fits the socket buffers (never waits for it)
                 lead = self._take_wire_locked(time.monotonic() + self.config.budget_ms / 1000.0)
                 self._cv.release()
                 try:
@@ -198,33 +201,41 @@ class SyncMirror:
         itself) when nobody else is on the wire."""
         deadline = time.monotonic() + self.config.budget_ms / 1000.0
         with self._cv:
-            lead = self._pending
-            if lead is not None and lead.thread == threading.get_ident():
-                self._pending = None
+            self._waiters += 1
+            try:
+                self._wait_locked(seq, deadline)
+            finally:
+                self._waiters -= 1
+
+    def _wait_locked(self, seq: int, deadline: float) -> None:
+        """:meth:`wait` with ``_cv`` held (released for the network I/O)."""
+        lead = self._pending
+        if lead is not None and lead.thread == threading.get_ident():
+            self._pending = None
+            self._cv.release()
+            try:
+                failure = self._read_acks(lead)
+            finally:
+                self._cv.acquire()
+            self._release_wire_locked(lead, failure)
+        while self.acked < seq and self.state in ("connecting", "in_sync"):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._suspend_locked(f"a write waited more than the latency budget of "
+                                     f"{self.config.budget_ms} ms for the recovery site")
+                return
+            if self.state == "in_sync" and not self._busy and self._queue:
+                lead = self._take_wire_locked(deadline)
                 self._cv.release()
                 try:
-                    failure = self._read_acks(lead)
+                    failure = self._send(lead)
+                    if failure is None:
+                        failure = self._read_acks(lead)
                 finally:
                     self._cv.acquire()
                 self._release_wire_locked(lead, failure)
-            while self.acked < seq and self.state in ("connecting", "in_sync"):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self._suspend_locked(f"a write waited more than the latency budget of "
-                                         f"{self.config.budget_ms} ms for the recovery site")
-                    return
-                if self.state == "in_sync" and not self._busy and self._queue:
-                    lead = self._take_wire_locked(deadline)
-                    self._cv.release()
-                    try:
-                        failure = self._send(lead)
-                        if failure is None:
-                            failure = self._read_acks(lead)
-                    finally:
-                        self._cv.acquire()
-                    self._release_wire_locked(lead, failure)
-                else:
-                    self._cv.wait(left)
+            else:
+                self._cv.wait(left)
 
     # -- a leader's turn on the wire ----------------------------------------------------------
     def _take_wire_locked(self, deadline: float) -> _Lead:
