@@ -127,6 +127,7 @@ class SyncMirror:
         self.suspended_at: float | None = None
         self.fallbacks = 0
         self.early_sends = 0             # batches sent from submit (before their local writes)
+        self.early_send_bytes = EARLY_SEND_BYTES   # 0: never (the benchmark's serial variant)
         self._cv = threading.Condition()
         self._queue: deque[tuple[int, bytes]] = deque()   # (seq, entry frame)
         self._queued_bytes = 0
@@ -155,7 +156,7 @@ class SyncMirror:
             self._queue.append((self.seq, frame))
             self._queued_bytes += len(frame)
             if (self.state == "in_sync" and not self._busy and not self._waiters
-                    and len(self._queue) == 1 and len(frame) <= EARLY_SEND_BYTES):
+                    and len(self._queue) == 1 and len(frame) <= self.early_send_bytes):
                 # queue depth 1 (no other writer waiting: at depth > 1 a send here would
                 # lengthen the I/O lock every writer takes; they lead from wait) and an idle
                 # wire: every frame sent before was acknowledged, so the peer has read it
