@@ -141,10 +141,12 @@ class SyncMirror:
         self._ctx: ssl.SSLContext | None = None
 
     # -- under the VM's I/O lock --------------------------------------------------------------
-    def submit(self, writes: Sequence[tuple[str, int, bytes | bytearray | memoryview]]) -> int | None:
+    def submit(self, writes: Sequence[tuple[str, int, bytes | bytearray | memoryview]], *,
+               alone: bool = True) -> int | None:
         """Number one batch (before its local writes); queue it while a run is active, and
-        send it now when the wire is idle. Returns the seq to :meth:`wait` for (or to
-        :meth:`abandon`), or None (asynchronous: nothing to wait for)."""
+        send it now when the wire is idle and the writer is ``alone`` (the caller's hint: no
+        other writer in the VM's write path, queue depth 1). Returns the seq to :meth:`wait`
+        for (or to :meth:`abandon`), or None (asynchronous: nothing to wait for)."""
         with self._cv:
             self.seq += 1
             if self.state not in ("connecting", "in_sync"):
@@ -155,10 +157,11 @@ class SyncMirror:
                 return None
             self._queue.append((self.seq, frame))
             self._queued_bytes += len(frame)
-            if (self.state == "in_sync" and not self._busy and not self._waiters
+            if (alone and self.state == "in_sync" and not self._busy and not self._waiters
                     and len(self._queue) == 1 and len(frame) <= self.early_send_bytes):
-                # queue depth 1 (no other writer waiting: at depth > 1 a send here would
-                # lengthen the I/O lock every writer takes; they lead from wait) and an idle
+                # queue depth 1 (no other writer: at depth > 1 a send here would lengthen the
+                # I/O lock every writer takes — the recovery side, woken on this CPU, runs
+                # while it is held; the waiting writers lead from wait instead) and an idle
                 # wire: every frame sent before was acknowledged, so the peer has read it
                 # all and this small send fits the socket buffers (never waits for it)
                 lead = self._take_wire_locked(time.monotonic() + self.config.budget_ms / 1000.0)

@@ -122,6 +122,8 @@ class FileVm:
         self.max_log_bytes = max_log_bytes
         self._lock_fd = lock_fd
         self._io_lock = threading.RLock()
+        self._writers = 0                 # threads in write_many (the guest's queue depth)
+        self._writers_lock = threading.Lock()
         self._gate = threading.Event()  # cleared while frozen: writers wait before the I/O lock
         self._gate.set()
         self._freezes = 0
@@ -322,16 +324,27 @@ class FileVm:
             lens.append(n)
         if not by_disk:
             return
+        with self._writers_lock:
+            self._writers += 1
+        try:
+            self._write_many(by_disk, writes, tag, frozen_timeout)
+        finally:
+            with self._writers_lock:
+                self._writers -= 1
+
+    def _write_many(self, by_disk: dict[str, tuple[list[int], list[int]]],
+                    writes: Sequence[tuple[str, int, bytes | bytearray | memoryview]],
+                    tag: int | None, frozen_timeout: float | None) -> None:
         self._acquire_unfrozen(frozen_timeout)
         wait_for: int | None = None
         mirror = self.mirror
         try:
             self._check_open()
             if mirror is not None:
-                # numbered in the write order and, when the wire is idle, sent now: the
-                # recovery site's append and fdatasync overlap the local writes below; the
-                # write returns once both are done (wait, after the lock)
-                wait_for = mirror.submit(writes)
+                # numbered in the write order and, alone (queue depth 1) with the wire idle,
+                # sent now: the recovery site's append and fdatasync overlap the local writes
+                # below; the write returns once both are done (wait, after the lock)
+                wait_for = mirror.submit(writes, alone=self._writers == 1)
             try:
                 self._write_locked(by_disk, writes)
             except BaseException as e:
