@@ -61,7 +61,7 @@ class _Lead:
     sock: ssl.SSLSocket
     reader: W.FrameReader
     run: int
-    data: bytes        # the frames to send, in seq order
+    batch: list[tuple[int, bytes]]   # (seq, payload) to send, in seq order
     last: int          # the last seq sent: the turn ends when it is acknowledged
     deadline: float    # time.monotonic()
     thread: int        # the writer that reads the acks
@@ -129,7 +129,7 @@ class SyncMirror:
         self.early_sends = 0             # batches sent from submit (before their local writes)
         self.early_send_bytes = EARLY_SEND_BYTES   # 0: never (the benchmark's serial variant)
         self._cv = threading.Condition()
-        self._queue: deque[tuple[int, bytes]] = deque()   # (seq, entry frame)
+        self._queue: deque[tuple[int, bytes]] = deque()   # (seq, payload)
         self._queued_bytes = 0
         self._run = 0                    # bumped at each begin/suspend: I/O of an old run stops
         self._sock: ssl.SSLSocket | None = None   # the run's connection (once in sync)
@@ -151,14 +151,14 @@ class SyncMirror:
             self.seq += 1
             if self.state not in ("connecting", "in_sync"):
                 return None
-            frame = W.entry_frame(self.seq, encode_writes(writes))
-            if self._queued_bytes + len(frame) > MAX_QUEUED_BYTES:
+            payload = encode_writes(writes)
+            if self._queued_bytes + len(payload) > MAX_QUEUED_BYTES:
                 self._suspend_locked("the recovery agent fell too far behind")
                 return None
-            self._queue.append((self.seq, frame))
-            self._queued_bytes += len(frame)
+            self._queue.append((self.seq, payload))
+            self._queued_bytes += len(payload)
             if (alone and self.state == "in_sync" and not self._busy and not self._waiters
-                    and len(self._queue) == 1 and len(frame) <= self.early_send_bytes):
+                    and len(self._queue) == 1 and len(payload) <= self.early_send_bytes):
                 # queue depth 1 (no other writer: at depth > 1 a send here would lengthen the
                 # I/O lock every writer takes — the recovery side, woken on this CPU, runs
                 # while it is held; the waiting writers lead from wait instead) and an idle
@@ -250,16 +250,16 @@ class SyncMirror:
         self._queue.clear()
         self._queued_bytes = 0
         self._busy = True
-        data = batch[0][1] if len(batch) == 1 else b"".join(f for _, f in batch)
-        return _Lead(sock, reader, self._run, data, batch[-1][0], deadline,
+        return _Lead(sock, reader, self._run, batch, batch[-1][0], deadline,
                      threading.get_ident())
 
     def _send(self, lead: _Lead) -> str | None:
         """Send the turn's frames (without ``_cv``); a failure's reason, or None."""
         try:
+            data = b"".join(W.entry_frame(q, payload) for q, payload in lead.batch)
             lead.timeout_at = time.monotonic()
             lead.sock.settimeout(max(lead.deadline - lead.timeout_at, 1e-3))
-            lead.sock.sendall(lead.data)
+            lead.sock.sendall(data)
             return None
         except TimeoutError:
             return self._over_budget()
