@@ -304,12 +304,16 @@ def test_writers_send_their_own_batches_and_no_acknowledged_write_is_lost(
                 rt.vm.write("d1", ((k * 40 + i) % 1000) * 4096, _block(k * 1000 + i))
 
         del sends[:]
+        early = mirror.early_sends
         threads = [threading.Thread(target=writer, args=(k,)) for k in range(16)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(60)
         assert len(sends) < 16 * 40, "no batch was shared at queue depth 16"
+        # a writer sends from submit (under the I/O lock) only when alone in the write path:
+        # at depth 16 that is the ramp up and down, not the steady state
+        assert mirror.early_sends - early < 16 * 40 // 4, mirror.early_sends - early
         assert len(set(sends)) > 1                    # leaders are the writers themselves
         for i in range(51, 71):
             rt.vm.write("d0", i * 4096, _block(i), tag=i)
@@ -483,4 +487,104 @@ def test_server_refuses_bad_hellos_and_frames_and_keeps_the_journal(tmp_path: Pa
         assert W.read_json(W.FrameReader(s))["ok"] is False
         s.close()
     finally:
+        srv.stop()
+
+
+def test_a_batch_goes_before_its_local_writes_and_a_crash_between_loses_no_acknowledged_write(
+        tmp_path: Path, certs: TestCerts, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At queue depth 1 the writer sends its batch before the batch's local writes (the
+    recovery site's flush overlaps them) and returns once both are done. A crash between the
+    two — the journal holds the batch, the disk does not — loses no acknowledged write: the
+    point + the journal (a failover to latest) has every one, and the unacknowledged batch
+    too, which a guest may see either way. A local write that fails after its batch was sent
+    ends the run (the journal may hold what the disk does not); the next seal begins anew."""
+    from drsite.hypervisors.file import vm as vm_module
+
+    srv = _server(tmp_path, certs)
+    hv = FileHypervisor(tmp_path / "vms")
+    vm_id, rt = _running(hv)
+    try:
+        hv.set_sync(vm_id, _config(certs, srv.port, 5000))
+        cycle = hv.seal(vm_id)
+        _wait_state(hv, vm_id, "in_sync")
+        mirror = rt.vm.mirror
+        sock = mirror._sock
+        on_disk_at_send: list[bool] = []
+        send = sock.sendall
+
+        def sendall(data: bytes) -> None:   # under the I/O lock, before the local writes
+            seq = W.seq_of(memoryview(data)[5:])
+            on_disk_at_send.append(rt.vm.read("d0", seq * 4096, 4096) == _block(seq))
+            send(data)
+
+        sock.sendall = sendall
+        base = mirror.seq
+        for i in range(base + 1, base + 31):
+            rt.vm.write("d0", i * 4096, _block(i), tag=i)
+            assert rt.vm.read("d0", i * 4096, 4096) == _block(i)   # both done on return
+        assert on_disk_at_send == [False] * 30 and mirror.early_sends == 30
+        acked = mirror.acked
+        assert acked == base + 30 and srv.journal(ITEM).last == acked
+
+        # the crash window: the batch is in the journal, its local write has not happened
+        entered, go = threading.Event(), threading.Event()
+        real = vm_module.pwrite_all
+
+        def stalled(fd: int, data: Any, offset: int) -> None:
+            if offset == 900 * 4096:
+                entered.set()
+                go.wait(30)
+                raise OSError(5, "Input/output error (the guest dies here)")
+            real(fd, data, offset)
+
+        monkeypatch.setattr(vm_module, "pwrite_all", stalled)
+        failed: list[BaseException] = []
+
+        def doomed() -> None:
+            try:
+                rt.vm.write("d0", 900 * 4096, _block(900), tag=900)
+            except Exception as e:   # the write's error, checked below
+                failed.append(e)
+
+        t = threading.Thread(target=doomed)
+        t.start()
+        assert entered.wait(10)
+        j = srv.journal(ITEM)
+        deadline = time.monotonic() + 10
+        while j.last != acked + 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert j.last == acked + 1                        # durable there, not yet here
+        assert rt.vm.read("d0", 900 * 4096, 4096) != _block(900)
+        assert mirror.acked == acked or mirror.acked == acked + 1
+        go.set()
+        t.join(10)
+        assert len(failed) == 1 and "Input/output error" in str(failed[0])
+        st = hv.sync_status(vm_id)
+        assert st is not None and st["state"] == "suspended", st
+        assert f"local write of batch {acked + 1} failed" in st["reason"]
+
+        # failover to latest from the journal as the crash left it: every acknowledged write
+        images = _snapshot(hv, cycle, tmp_path / "point")
+        n, _ = replay(j, int(cycle.sync_mark["seq"]), images)  # type: ignore[index]
+        assert n == 31
+        img = images["d0"].read_bytes()
+        for i in range(base + 1, base + 31):
+            assert img[i * 4096:(i + 1) * 4096] == _block(i), i
+        assert img[900 * 4096:901 * 4096] == _block(900)   # unacknowledged: allowed
+
+        monkeypatch.setattr(vm_module, "pwrite_all", real)
+        hv.release(cycle)
+        c2 = hv.seal(vm_id)                                 # a new run from here
+        _wait_state(hv, vm_id, "in_sync")
+        for i in range(1, 11):
+            rt.vm.write("d1", i * 4096, _block(i + 2000), tag=i)
+        st = hv.sync_status(vm_id)
+        assert st is not None and st["state"] == "in_sync" and st["acked"] == st["seq"]
+        images = _snapshot(hv, c2, tmp_path / "point2")
+        replay(j, int(c2.sync_mark["seq"]), images)  # type: ignore[index]
+        for d in ("d0", "d1"):
+            assert images[d].read_bytes() == rt.vm.read(d, 0, 4 * MiB), d
+        hv.release(c2)
+    finally:
+        rt.stop()
         srv.stop()

@@ -5,10 +5,13 @@ after at most the policy's latency budget, when the mirror falls back to asynchr
 How it fits :class:`~drsite.hypervisors.file.vm.FileVm` (all under its I/O lock, so the
 numbering is the write order and a seal is one instant of it):
 
-- :meth:`SyncMirror.submit` numbers every batch (``seq`` +1, also while suspended) and, while a
-  journal run is active, queues it; after releasing the lock the writer :meth:`SyncMirror.wait`
-  s for the ack, at most ``budget_ms`` — sending the queue and reading the acks itself when
-  no other writer is on the wire (see the class doc);
+- :meth:`SyncMirror.submit` numbers every batch (``seq`` +1, also while suspended), *before*
+  the batch's local writes, and, while a journal run is active, queues it — and when the wire
+  is idle sends it at once, so the recovery site's append and ``fdatasync`` overlap the
+  guest's local writes; after releasing the lock the writer :meth:`SyncMirror.wait` s for the
+  ack, at most ``budget_ms`` — sending the queue and reading the acks itself when no other
+  writer is on the wire (see the class doc); a batch whose local writes fail after it was
+  numbered is :meth:`SyncMirror.abandon` ed (the run ends: suspended);
 - :meth:`SyncMirror.mark` gives the seal its instant ``{stream, seq}`` (stored in the cycle and
   in the point's meta) and, when no run is active (never started, or suspended), begins one
   at that instant: the journal holds the writes after the seal, the point what came before.
@@ -45,6 +48,24 @@ from drsite.tracking.syncjournal import encode_writes
 
 log = logging.getLogger(__name__)
 MAX_QUEUED_BYTES = 256 << 20   # beyond this the mirror suspends rather than buffer more
+# A batch is sent from submit (under the VM's I/O lock) only when the wire is idle (nothing
+# unacknowledged: the peer has read everything sent) and the frames are at most this: they
+# then fit the kernel's socket buffers, so the send never waits for the peer.
+EARLY_SEND_BYTES = 64 << 10
+
+
+@dataclass
+class _Lead:
+    """A leader's turn on the wire: what it sent and until when it may wait for the acks."""
+
+    sock: ssl.SSLSocket
+    reader: W.FrameReader
+    run: int
+    batch: list[tuple[int, bytes]]   # (seq, payload) to send, in seq order
+    last: int          # the last seq sent: the turn ends when it is acknowledged
+    deadline: float    # time.monotonic()
+    thread: int        # the writer that reads the acks
+    timeout_at: float = 0.0   # when the socket's timeout was last set to the deadline
 
 
 @dataclass(frozen=True)
@@ -81,14 +102,19 @@ class SyncConfig:
 class SyncMirror:
     """The guest's half of synchronous mode (see module doc). Thread-safe.
 
-    No I/O thread on the write path: a waiting writer whose batch is not acknowledged yet,
-    when nobody is on the wire, *leads*: it sends everything queued (its own batch and those
-    queued since) and reads the acks itself, then wakes the others. At queue depth 1 a write
-    is one send and one receive on the guest's own thread (no hand-off, no wake-up); at
-    depth > 1 the writers that queued meanwhile go in the next batch and share the recovery
-    site's ``fdatasync`` (group commit). One thread at a time uses the TLS connection
-    (``_busy``, under ``_cv``): OpenSSL objects are not for concurrent use; other threads end
-    it with a raw TCP shutdown. A leader's socket operations time out at its own deadline."""
+    No I/O thread on the write path: a writer *leads* when nobody is on the wire: it sends
+    everything queued (its own batch and those queued since) and reads the acks itself, then
+    wakes the others. At queue depth 1 the writer sends its batch from :meth:`submit`, under
+    the VM's I/O lock and before the batch's local writes (the wire is idle and the frame
+    small: the send never waits for the peer), so the round trip and the recovery site's
+    ``fdatasync`` overlap the local writes; it reads the ack in :meth:`wait`. A write is one
+    send and one receive on the guest's own thread: no hand-off, no wake-up. At depth > 1
+    the writers that queued meanwhile go in the next batch, sent by a waiting writer, and
+    share the recovery site's ``fdatasync`` (group commit). One thread at a time uses the
+    TLS connection (``_busy``, under ``_cv``, held from a leader's send to its last ack —
+    across its local writes when it sent from :meth:`submit`): OpenSSL objects are not for
+    concurrent use; other threads end it with a raw TCP shutdown. A leader's socket
+    operations time out at its own deadline (the budget from :meth:`submit` or :meth:`wait`)."""
 
     def __init__(self, config: SyncConfig, *, connect_timeout: float = 5.0) -> None:
         self.config = config
@@ -100,20 +126,27 @@ class SyncMirror:
         self.acked = 0
         self.suspended_at: float | None = None
         self.fallbacks = 0
+        self.early_sends = 0             # batches sent from submit (before their local writes)
+        self.early_send_bytes = EARLY_SEND_BYTES   # 0: never (the benchmark's serial variant)
         self._cv = threading.Condition()
-        self._queue: deque[tuple[int, bytes]] = deque()
+        self._queue: deque[tuple[int, bytes]] = deque()   # (seq, payload)
         self._queued_bytes = 0
         self._run = 0                    # bumped at each begin/suspend: I/O of an old run stops
         self._sock: ssl.SSLSocket | None = None   # the run's connection (once in sync)
         self._reader: W.FrameReader | None = None
         self._busy = False               # a leader is using the connection
+        self._pending: _Lead | None = None   # sent from submit; its writer reads the acks in wait
+        self._waiters = 0                # writers in wait()
         self._connect_timeout = connect_timeout
         self._ctx: ssl.SSLContext | None = None
 
     # -- under the VM's I/O lock --------------------------------------------------------------
-    def submit(self, writes: Sequence[tuple[str, int, bytes | bytearray | memoryview]]) -> int | None:
-        """Number one batch; queue it while a run is active. Returns the seq to wait for,
-        or None (asynchronous: nothing to wait for)."""
+    def submit(self, writes: Sequence[tuple[str, int, bytes | bytearray | memoryview]], *,
+               alone: bool = True) -> int | None:
+        """Number one batch (before its local writes); queue it while a run is active, and
+        send it now when the wire is idle and the writer is ``alone`` (the caller's hint: no
+        other writer in the VM's write path, queue depth 1). Returns the seq to :meth:`wait`
+        for (or to :meth:`abandon`), or None (asynchronous: nothing to wait for)."""
         with self._cv:
             self.seq += 1
             if self.state not in ("connecting", "in_sync"):
@@ -124,7 +157,37 @@ class SyncMirror:
                 return None
             self._queue.append((self.seq, payload))
             self._queued_bytes += len(payload)
-            return self.seq  # sent by a waiting writer (wait), not by a thread woken here
+            if (alone and self.state == "in_sync" and not self._busy and not self._waiters
+                    and len(self._queue) == 1 and len(payload) <= self.early_send_bytes):
+                # queue depth 1 (no other writer: at depth > 1 a send here would lengthen the
+                # I/O lock every writer takes — the recovery side, woken on this CPU, runs
+                # while it is held; the waiting writers lead from wait instead) and an idle
+                # wire: every frame sent before was acknowledged, so the peer has read it
+                # all and this small send fits the socket buffers (never waits for it)
+                lead = self._take_wire_locked(time.monotonic() + self.config.budget_ms / 1000.0)
+                self._cv.release()
+                try:
+                    failure = self._send(lead)
+                finally:
+                    self._cv.acquire()
+                if failure is not None:
+                    self._release_wire_locked(lead, failure)
+                else:
+                    self._pending = lead
+                    self.early_sends += 1
+            return self.seq
+
+    def abandon(self, seq: int, why: str) -> None:
+        """The local writes of batch ``seq`` (numbered, perhaps sent) failed: the journal may
+        hold a batch the disks do not, so the run ends (suspended; the next seal begins a new
+        one). The caller's turn on the wire, if it sent from :meth:`submit`, ends here.
+        Called under the VM's I/O lock, so no seal began another run since ``submit``."""
+        with self._cv:
+            self._suspend_locked(f"the local write of batch {seq} failed: {why}")
+            lead = self._pending
+            if lead is not None and lead.thread == threading.get_ident():
+                self._pending = None
+                self._release_wire_locked(lead, None)
 
     def mark(self) -> dict[str, Any]:
         """The seal's instant; begins a new run there if none is active."""
@@ -137,71 +200,114 @@ class SyncMirror:
     # -- after the I/O lock -------------------------------------------------------------------
     def wait(self, seq: int) -> None:
         """Wait until ``seq`` is durable on the recovery site, at most the budget; past it,
-        or on any failure, the mirror suspends and this returns (never raises). Leads (sends
-        and reads the acks itself) when nobody else is on the wire."""
+        or on any failure, the mirror suspends and this returns (never raises). Reads the
+        acks of what this writer sent from :meth:`submit`; leads (sends and reads the acks
+        itself) when nobody else is on the wire."""
         deadline = time.monotonic() + self.config.budget_ms / 1000.0
         with self._cv:
-            while self.acked < seq and self.state in ("connecting", "in_sync"):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self._suspend_locked(f"a write waited more than the latency budget of "
-                                         f"{self.config.budget_ms} ms for the recovery site")
-                    return
-                if self.state == "in_sync" and not self._busy and self._queue:
-                    self._lead_locked(deadline)
-                else:
-                    self._cv.wait(left)
+            self._waiters += 1
+            try:
+                self._wait_locked(seq, deadline)
+            finally:
+                self._waiters -= 1
 
-    def _lead_locked(self, deadline: float) -> None:
-        """Send everything queued and read acks until all of it is acknowledged (or this
-        writer's deadline passes: suspended). Called and returns with ``_cv`` held; releases
-        it for the network I/O."""
-        sock, reader, run = self._sock, self._reader, self._run
-        assert sock is not None and reader is not None
+    def _wait_locked(self, seq: int, deadline: float) -> None:
+        """:meth:`wait` with ``_cv`` held (released for the network I/O)."""
+        lead = self._pending
+        if lead is not None and lead.thread == threading.get_ident():
+            self._pending = None
+            self._cv.release()
+            try:
+                failure = self._read_acks(lead)
+            finally:
+                self._cv.acquire()
+            self._release_wire_locked(lead, failure)
+        while self.acked < seq and self.state in ("connecting", "in_sync"):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._suspend_locked(f"a write waited more than the latency budget of "
+                                     f"{self.config.budget_ms} ms for the recovery site")
+                return
+            if self.state == "in_sync" and not self._busy and self._queue:
+                lead = self._take_wire_locked(deadline)
+                self._cv.release()
+                try:
+                    failure = self._send(lead)
+                    if failure is None:
+                        failure = self._read_acks(lead)
+                finally:
+                    self._cv.acquire()
+                self._release_wire_locked(lead, failure)
+            else:
+                self._cv.wait(left)
+
+    # -- a leader's turn on the wire ----------------------------------------------------------
+    def _take_wire_locked(self, deadline: float) -> _Lead:
+        """Take the connection (``_busy``) and everything queued."""
+        sock, reader = self._sock, self._reader
+        assert sock is not None and reader is not None and not self._busy
         batch = list(self._queue)
         self._queue.clear()
         self._queued_bytes = 0
         self._busy = True
-        last = batch[-1][0]
-        failure: str | None = None
-        self._cv.release()
+        return _Lead(sock, reader, self._run, batch, batch[-1][0], deadline,
+                     threading.get_ident())
+
+    def _send(self, lead: _Lead) -> str | None:
+        """Send the turn's frames (without ``_cv``); a failure's reason, or None."""
         try:
-            try:
-                data = b"".join(W.entry_frame(s, p) for s, p in batch)
-                sock.settimeout(max(deadline - time.monotonic(), 1e-3))
-                set_at = time.monotonic()
-                sock.sendall(data)
-                while True:
-                    if time.monotonic() - set_at > 1e-3:   # the timeout is per operation
-                        sock.settimeout(max(deadline - time.monotonic(), 1e-3))
-                        set_at = time.monotonic()
-                    kind, body = reader.read()
-                    if kind != W.T_ACK:
-                        err = W.read_json_body(body) if kind == W.T_JSON else {}
-                        raise NetworkError(f"the recovery agent stopped the sync journal: "
-                                           f"{(err.get('error') or {}).get('message', kind)}")
-                    got = W.seq_of(body)
-                    with self._cv:
-                        if self._run != run:
-                            break
-                        if got > self.acked:
-                            self.acked = got
-                            self._cv.notify_all()
-                    if got >= last:
-                        break
-            except TimeoutError:
-                failure = (f"a write waited more than the latency budget of "
-                           f"{self.config.budget_ms} ms for the recovery site")
-            except (OSError, DrsiteError, ssl.SSLError) as e:
-                failure = f"the connection to the recovery agent failed: {e}"
-        finally:
-            self._cv.acquire()
-            self._busy = False
-            if failure is not None and self._run == run:
-                self._suspend_locked(failure)
-            if self._sock is not sock:   # the run ended while this thread used it
-                _close_quietly(sock)
-            self._cv.notify_all()        # the next leader, or writers acknowledged here
+            data = b"".join(W.entry_frame(q, payload) for q, payload in lead.batch)
+            lead.timeout_at = time.monotonic()
+            lead.sock.settimeout(max(lead.deadline - lead.timeout_at, 1e-3))
+            lead.sock.sendall(data)
+            return None
+        except TimeoutError:
+            return self._over_budget()
+        except (OSError, DrsiteError, ssl.SSLError) as e:
+            return f"the connection to the recovery agent failed: {e}"
+
+    def _read_acks(self, lead: _Lead) -> str | None:
+        """Read acks until the turn's last seq is acknowledged (without ``_cv``); a
+        failure's reason, or None."""
+        sock, reader = lead.sock, lead.reader
+        try:
+            while True:
+                now = time.monotonic()
+                if now - lead.timeout_at > 1e-3:   # the timeout is per operation
+                    sock.settimeout(max(lead.deadline - now, 1e-3))
+                    lead.timeout_at = now
+                kind, body = reader.read()
+                if kind != W.T_ACK:
+                    err = W.read_json_body(body) if kind == W.T_JSON else {}
+                    raise NetworkError(f"the recovery agent stopped the sync journal: "
+                                       f"{(err.get('error') or {}).get('message', kind)}")
+                got = W.seq_of(body)
+                with self._cv:
+                    if self._run != lead.run:
+                        return None
+                    if got > self.acked:
+                        self.acked = got
+                        self._cv.notify_all()
+                if got >= lead.last:
+                    return None
+        except TimeoutError:
+            return self._over_budget()
+        except (OSError, DrsiteError, ssl.SSLError) as e:
+            return f"the connection to the recovery agent failed: {e}"
+
+    def _over_budget(self) -> str:
+        return (f"a write waited more than the latency budget of "
+                f"{self.config.budget_ms} ms for the recovery site")
+
+    def _release_wire_locked(self, lead: _Lead, failure: str | None) -> None:
+        """End a turn (``_cv`` held): suspend on failure, close a connection whose run ended
+        meanwhile, wake the next leader and the writers acknowledged."""
+        self._busy = False
+        if failure is not None and self._run == lead.run:
+            self._suspend_locked(failure)
+        if self._sock is not lead.sock:   # the run ended while this thread used it
+            _close_quietly(lead.sock)
+        self._cv.notify_all()
 
     # -- runs ---------------------------------------------------------------------------------
     def _begin_locked(self) -> None:

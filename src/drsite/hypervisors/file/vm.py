@@ -9,6 +9,7 @@ Invariants (see ``design.md``):
 - every write, seal, release and epoch change runs under ``_io_lock``, so no write is split
   across two logs and a seal is one instant for all disks;
 - per write: change-log record → (copy-before-write: fleece granule → bitmap byte) → disk;
+  in synchronous mode the batch is numbered (and, the wire idle, sent) before all three;
 - flush: logs, then fleece and bitmaps, then disks.
 
 Responsible for: write ordering, rotation, CBW, crash recovery of its own files. Not responsible
@@ -121,6 +122,8 @@ class FileVm:
         self.max_log_bytes = max_log_bytes
         self._lock_fd = lock_fd
         self._io_lock = threading.RLock()
+        self._writers = 0                 # threads in write_many (the guest's queue depth)
+        self._writers_lock = threading.Lock()
         self._gate = threading.Event()  # cleared while frozen: writers wait before the I/O lock
         self._gate.set()
         self._freezes = 0
@@ -321,38 +324,64 @@ class FileVm:
             lens.append(n)
         if not by_disk:
             return
+        with self._writers_lock:
+            self._writers += 1
+        try:
+            self._write_many(by_disk, writes, tag, frozen_timeout)
+        finally:
+            with self._writers_lock:
+                self._writers -= 1
+
+    def _write_many(self, by_disk: dict[str, tuple[list[int], list[int]]],
+                    writes: Sequence[tuple[str, int, bytes | bytearray | memoryview]],
+                    tag: int | None, frozen_timeout: float | None) -> None:
         self._acquire_unfrozen(frozen_timeout)
         wait_for: int | None = None
         mirror = self.mirror
         try:
             self._check_open()
-            for disk_id, (offs, lens) in by_disk.items():
-                disk = self.disks[disk_id]
-                if disk.log is not None:
-                    disk.log.append_many(offs, lens)
-                    for offset, n in zip(offs, lens, strict=True):
-                        disk.note_write(offset, n)
-            for disk_id, offset, data in writes:
-                disk = self.disks[disk_id]
-                try:
-                    if disk.cbw is not None:
-                        disk.cbw.before_write(offset, len(data))
-                    if disk.cow is not None:
-                        disk.cow.write(offset, data)
-                    else:
-                        pwrite_all(disk.fd, data, offset)
-                except OSError as e:
-                    raise classify_os_error(e, f"write to disk {disk_id}") from e
+            if mirror is not None:
+                # numbered in the write order and, alone (queue depth 1) with the wire idle,
+                # sent now: the recovery site's append and fdatasync overlap the local writes
+                # below; the write returns once both are done (wait, after the lock)
+                wait_for = mirror.submit(writes, alone=self._writers == 1)
+            try:
+                self._write_locked(by_disk, writes)
+            except BaseException as e:
+                if mirror is not None and wait_for is not None:
+                    mirror.abandon(wait_for, str(e))   # the journal may hold it: run ends
+                    wait_for = None
+                raise
             if tag is not None:
                 self.last_tag = tag
-            if mirror is not None:  # numbered in the write order; sent by a waiting writer
-                wait_for = mirror.submit(writes)
         finally:
             if self._hold is not None:  # an armed cut's hold dates itself after this write
                 self._last_write_end = time.monotonic()
             self._io_lock.release()
         if mirror is not None and wait_for is not None:
             mirror.wait(wait_for)  # at most the budget; outside the lock (QD > 1 overlaps)
+
+    def _write_locked(self, by_disk: dict[str, tuple[list[int], list[int]]],
+                      writes: Sequence[tuple[str, int, bytes | bytearray | memoryview]]) -> None:
+        """A batch's local writes (under the I/O lock): every log record, then each write's
+        copy-before-write and its data."""
+        for disk_id, (offs, lens) in by_disk.items():
+            disk = self.disks[disk_id]
+            if disk.log is not None:
+                disk.log.append_many(offs, lens)
+                for offset, n in zip(offs, lens, strict=True):
+                    disk.note_write(offset, n)
+        for disk_id, offset, data in writes:
+            disk = self.disks[disk_id]
+            try:
+                if disk.cbw is not None:
+                    disk.cbw.before_write(offset, len(data))
+                if disk.cow is not None:
+                    disk.cow.write(offset, data)
+                else:
+                    pwrite_all(disk.fd, data, offset)
+            except OSError as e:
+                raise classify_os_error(e, f"write to disk {disk_id}") from e
 
     def set_mirror(self, mirror: SyncMirror | None) -> None:
         """Enter (a mirror) or leave (None) synchronous mode; the old mirror is closed. Under

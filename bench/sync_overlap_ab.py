@@ -1,0 +1,146 @@
+"""Synchronous mode of file VMs (issue 18): what sending a batch before its local writes saves,
+A/B write by write. Two sync file VMs in this process against one recovery side (a real
+sync-journal server in its own process, ``sync_latency.py --serve``): ``serial`` with the
+send from ``submit`` turned off (``SyncMirror.early_send_bytes = 0``: the batch goes after its
+local writes, as before the change) and ``overlap`` (as shipped). QD1 writes alternate
+between the two VMs, so the box's load falls on both alike; then QD16 (16 writer threads),
+one second per VM in turn, ``--qd16-rounds`` times.
+
+    .venv/bin/python bench/sync_overlap_ab.py [--n 4000] [--qd16-rounds 4]
+                                              [--recovery-dir /dev/shm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository
+
+from benchlib import machine_info, workdir
+from sync_latency import local_reference, stats
+
+from drsite.core.model import DiskSpec, VmSpec
+from drsite.hypervisors.file import FileHypervisor
+from drsite.sitestore.testing import make_test_certs
+
+MiB = 1 << 20
+DISK = 256 * MiB
+IO = 4096
+LATENCY = Path(__file__).resolve().parent / "sync_latency.py"
+
+
+def qd16(vm: Any, seconds: float) -> float:
+    stop = threading.Event()
+    counts = [0] * 16
+
+    def run(k: int) -> None:
+        rng = random.Random(k)
+        buf = os.urandom(IO)
+        while not stop.is_set():
+            vm.write("d0", rng.randrange(DISK // IO) * IO, buf)
+            counts[k] += 1
+
+    threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(16)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    return sum(counts) / (time.perf_counter() - t0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=4000)
+    ap.add_argument("--qd16-rounds", type=int, default=4)
+    ap.add_argument("--dir", type=Path, default=None)
+    ap.add_argument("--recovery-dir", type=Path, default=None)
+    a = ap.parse_args()
+    with workdir(a.dir) as wd:
+        res: dict[str, Any] = {"machine": machine_info(wd), "load_avg_before": os.getloadavg()}
+        rng = random.Random(18)
+        res["local_durable"] = local_reference(wd / "ref.img", a.n // 2, rng)
+        recovery = wd / "recovery"
+        if a.recovery_dir is not None:
+            recovery = Path(tempfile.mkdtemp(prefix="sync-recovery-", dir=a.recovery_dir))
+            res["recovery_dir"] = str(recovery)
+        srv = subprocess.Popen([sys.executable, str(LATENCY), "--serve", str(recovery)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        rts = []
+        try:
+            assert srv.stdout is not None
+            port = int(srv.stdout.readline())
+            certs = make_test_certs(recovery / "pki")
+            hv = FileHypervisor(wd / "vms")
+            vms: dict[str, Any] = {}
+            for name in ("serial", "overlap"):
+                vm_id = hv.create_blank(VmSpec(name, disks=(DiskSpec("d0", DISK),))).vm_id
+                hv.start_tracking(vm_id)
+                rt = hv.guest(vm_id)
+                rts.append(rt)
+                hv.release(hv.seal(vm_id))
+                hv.set_sync(vm_id, {"item_id": f"bench-{name}", "host": "127.0.0.1",
+                                    "port": port, "budget_ms": 5000,
+                                    "ca_file": str(certs.ca_file),
+                                    "cert_file": str(certs.client_cert),
+                                    "key_file": str(certs.client_key)})
+                hv.release(hv.seal(vm_id))
+                deadline = time.monotonic() + 10
+                while (hv.sync_status(vm_id) or {}).get("state") != "in_sync":
+                    if time.monotonic() > deadline:
+                        raise SystemExit(f"mirror not in sync: {hv.sync_status(vm_id)}")
+                    time.sleep(0.02)
+                assert rt.vm.mirror is not None
+                if name == "serial":
+                    rt.vm.mirror.early_send_bytes = 0
+                vms[name] = (vm_id, rt.vm)
+            lat: dict[str, list[float]] = {k: [] for k in vms}
+            buf = os.urandom(IO)
+            for i in range(a.n):
+                off = rng.randrange(DISK // IO) * IO
+                for name in (("serial", "overlap") if i % 2 else ("overlap", "serial")):
+                    vm = vms[name][1]
+                    t0 = time.perf_counter()
+                    vm.write("d0", off, buf, tag=i)
+                    lat[name].append(time.perf_counter() - t0)
+            res["load_avg_after_qd1"] = os.getloadavg()
+            tput: dict[str, list[float]] = {k: [] for k in vms}
+            for r in range(a.qd16_rounds):
+                for name in (("serial", "overlap") if r % 2 else ("overlap", "serial")):
+                    tput[name].append(round(qd16(vms[name][1], 1.0)))
+            for name, (vm_id, vm) in vms.items():
+                st = hv.sync_status(vm_id) or {}
+                res[name] = {"sync_qd1": stats(lat[name]), "qd16_writes_per_s": tput[name],
+                             "early_sends": vm.mirror.early_sends,
+                             "mirror_state": st.get("state"), "fallbacks": st.get("fallbacks")}
+        finally:
+            for rt in rts:
+                rt.stop()
+            assert srv.stdin is not None
+            srv.stdin.close()
+            srv.wait(30)
+            if a.recovery_dir is not None:
+                shutil.rmtree(recovery, ignore_errors=True)
+        res["load_avg_after"] = os.getloadavg()
+        s, o = res["serial"]["sync_qd1"], res["overlap"]["sync_qd1"]
+        res["overlap_saves_p50_us"] = round(s["p50_us"] - o["p50_us"], 1)
+        res["overlap_saves_mean_us"] = round(s["mean_us"] - o["mean_us"], 1)
+        print(json.dumps(res, indent=2, default=str))
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
