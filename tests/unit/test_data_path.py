@@ -19,7 +19,15 @@ from drsite.core.errors import InvalidInput
 from drsite.core.extents import ExtentList
 from drsite.core.model import Consistency
 from drsite.replication.batches import Slab, SlabPool, read_batches
-from drsite.store.format import PROBE_MIN, RAW, ZSTD, compress_frame, looks_incompressible
+from drsite.store.format import (
+    ENTRY_DT,
+    PROBE_MIN,
+    RAW,
+    ZSTD,
+    compress_frame,
+    encode_pack,
+    looks_incompressible,
+)
 from drsite.store.local import LocalObjectStore
 from drsite.store.local.backend import WRITE_CHUNK, _write_direct
 from drsite.store.replica import ReplicaHydrator
@@ -320,3 +328,22 @@ def test_a_failing_tee_fails_the_cycle_and_breaks_the_writer() -> None:
         w.write("d0", 3 * MiB, data[:4096])
     w.close()
     assert repo.points() == []
+
+
+def test_packs_are_assembled_page_aligned() -> None:
+    """encode_pack starts the pack on a page boundary of a new buffer or of a reused one
+    (whatever its own alignment), so the local store can write it O_DIRECT; the bytes are the
+    pack's either way."""
+    frames = [b"x" * 5000, memoryview(b"y" * 70000)]
+    e = np.zeros(2, ENTRY_DT)
+    first = encode_pack(frames, {"v": 1}, e)
+    assert np.frombuffer(first, np.uint8).ctypes.data % 4096 == 0
+    want = bytes(first)
+    for shift in (0, 1, 100, 4095):
+        raw = np.empty(200_000, np.uint8)
+        out = raw[shift:]
+        got = encode_pack(frames, {"v": 1}, e, out)
+        assert np.frombuffer(got, np.uint8).ctypes.data % 4096 == 0
+        assert bytes(got) == want
+    small = np.empty(10, np.uint8)  # too small: a new buffer
+    assert bytes(encode_pack(frames, {"v": 1}, e, small)) == want
