@@ -20,16 +20,14 @@ from drsite.core.extents import ExtentList
 from drsite.core.model import Consistency
 from drsite.replication.batches import Slab, SlabPool, read_batches
 from drsite.store.format import (
-    ENTRY_DT,
     PROBE_MIN,
     RAW,
     ZSTD,
     compress_frame,
-    encode_pack,
     looks_incompressible,
 )
 from drsite.store.local import LocalObjectStore
-from drsite.store.local.backend import WRITE_CHUNK, _write_direct
+from drsite.store.local.backend import WRITE_CHUNK
 from drsite.store.replica import ReplicaHydrator
 from drsite.store.repository import Repository
 from drsite.store.testing import MemoryObjectStore
@@ -115,30 +113,6 @@ def test_local_store_writes_large_objects_whole(tmp_path: Path) -> None:
     store.put("a/b", memoryview(blob))
     assert store.size("a/b") == len(blob) and store.get("a/b") == blob
     assert store.get_range("a/b", WRITE_CHUNK - 5, 10) == blob[WRITE_CHUNK - 5:WRITE_CHUNK + 5]
-    # from a page-aligned buffer (a pack's): the whole blocks go O_DIRECT where the filesystem
-    # has it, the odd tail through the cache; the object is the same bytes either way
-    for n in (3 * WRITE_CHUNK + 17, 2 * WRITE_CHUNK, WRITE_CHUNK + 4095, WRITE_CHUNK - 1):
-        raw = np.empty(n + 4096, np.uint8)
-        at = -raw.ctypes.data % 4096
-        buf = raw[at:at + n]
-        buf[:] = rng.integers(0, 256, n, dtype=np.uint8)
-        want = buf.tobytes()
-        store.put(f"c/{n}", buf.data)
-        buf[:] = 0  # the store is done with the buffer once put returned
-        assert store.size(f"c/{n}") == n and store.get(f"c/{n}") == want
-    if _has_direct_io(tmp_path):
-        assert _write_direct_used(tmp_path), "an aligned large object did not go O_DIRECT"
-
-
-def _write_direct_used(d: Path) -> bool:
-    raw = np.zeros(WRITE_CHUNK + 8192, np.uint8)
-    at = -raw.ctypes.data % 4096
-    f = d / "direct-probe"
-    f.write_bytes(b"")
-    try:
-        return _write_direct(f, raw[at:at + WRITE_CHUNK + 100].data) == WRITE_CHUNK
-    finally:
-        f.unlink()
 
 
 def _disk(rng: np.random.Generator, size: int, runs: list[tuple[int, int, int]]
@@ -329,21 +303,3 @@ def test_a_failing_tee_fails_the_cycle_and_breaks_the_writer() -> None:
     w.close()
     assert repo.points() == []
 
-
-def test_packs_are_assembled_page_aligned() -> None:
-    """encode_pack starts the pack on a page boundary of a new buffer or of a reused one
-    (whatever its own alignment), so the local store can write it O_DIRECT; the bytes are the
-    pack's either way."""
-    frames = [b"x" * 5000, memoryview(b"y" * 70000)]
-    e = np.zeros(2, ENTRY_DT)
-    first = encode_pack(frames, {"v": 1}, e)
-    assert np.frombuffer(first, np.uint8).ctypes.data % 4096 == 0
-    want = bytes(first)
-    for shift in (0, 1, 100, 4095):
-        raw = np.empty(200_000, np.uint8)
-        out = raw[shift:]
-        got = encode_pack(frames, {"v": 1}, e, out)
-        assert np.frombuffer(got, np.uint8).ctypes.data % 4096 == 0
-        assert bytes(got) == want
-    small = np.empty(10, np.uint8)  # too small: a new buffer
-    assert bytes(encode_pack(frames, {"v": 1}, e, small)) == want

@@ -35,7 +35,6 @@ from drsite.core.errors import CorruptData
 from drsite.core.model import Consistency
 
 BLOCK = 4096                 # zero detection granule: all-zero aligned blocks are never stored
-PAGE = 4096                  # packs are assembled page-aligned (direct I/O can write them)
 FRAME_MAX = 1 << 20          # raw bytes per zstd frame
 TABLE_SPAN = 256             # segment-map keys per segment table
 MAX_PACK_ENTRIES = 1 << 16
@@ -174,18 +173,14 @@ def encode_pack(frames: list[bytes | memoryview], header: dict[str, Any],
     can be read and trusted alone (resume) without fetching the whole pack.
 
     Assembled in one numpy buffer: ``out`` when it is large enough (a writer reuses its pack
-    buffers: no fresh memory to fault in and zero per pack), else a new one; the pack starts
-    on a page boundary of it (a local store writes such a buffer with ``O_DIRECT``)."""
+    buffers: no fresh memory to fault in and zero per pack), else a new one."""
     hdr = canonical_json(header)
     trailer = hdr + entries.astype(ENTRY_DT).tobytes()
     footer = PACK_FOOTER.pack(PACK_MAGIC, len(hdr), entries.size, hash16(trailer))
     parts = [*frames, trailer, footer]
     total = sum(len(p) for p in parts)
-    at = -out.ctypes.data % PAGE if out is not None else 0
-    if out is None or out.size - at < total:
-        out = np.empty(total + PAGE, np.uint8)
-        at = -out.ctypes.data % PAGE
-    out = out[at:]
+    if out is None or out.size < total:
+        out = np.empty(total, np.uint8)
     pos = 0
     for p in parts:
         n = len(p)

@@ -23,8 +23,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-
 from drsite.core.errors import (
     DrsiteError,
     InvalidInput,
@@ -40,41 +38,7 @@ _TMP = ".tmp"
 # bytes per write(): measured on ext4 (kernel 6.18, this project's 2-core VM), one 8 MiB write
 # took 6-10x the kernel time of eight 1 MiB writes (0.6-1.0 vs 0.1 CPU-s per 512 MiB)
 WRITE_CHUNK = 1 << 20
-DIRECT_ALIGN = 4096         # an O_DIRECT write's offset, length and buffer address
-DIRECT_MIN = 1 << 20        # objects at least this large from an aligned buffer skip the cache
 
-
-
-def _write_direct(path: Path, view: memoryview) -> int:
-    """Write the whole 4 KiB blocks of a large object from a page-aligned buffer (a point
-    writer's pack buffer) to ``path`` with ``O_DIRECT``: no copy into the page cache and
-    nothing left for the fsync to write back (the copy and the writeback were most of the
-    kernel time of storing packs). Returns how many bytes were written (0: none, the caller
-    writes everything through the cache: small or unaligned objects, filesystems without
-    O_DIRECT such as tmpfs)."""
-    n = len(view) // DIRECT_ALIGN * DIRECT_ALIGN
-    if n < DIRECT_MIN or not hasattr(os, "O_DIRECT"):
-        return 0
-    if np.frombuffer(view, np.uint8).ctypes.data % DIRECT_ALIGN:
-        return 0
-    try:
-        dfd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-    except OSError:
-        return 0
-    done = 0
-    try:
-        while done < n:
-            k = os.pwrite(dfd, view[done:min(n, done + WRITE_CHUNK)], done)
-            if k <= 0 or k % DIRECT_ALIGN:
-                break
-            done += k
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            raise
-        # refused (alignment rules of this device): the rest goes through the cache
-    finally:
-        os.close(dfd)
-    return done
 
 
 class LocalObjectStore:
@@ -145,10 +109,10 @@ class LocalObjectStore:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 view = memoryview(data).cast("B")
-                done = _write_direct(tmp, view)
+                done = 0
                 while done < len(view):
-                    done += os.pwrite(fd, view[done:done + WRITE_CHUNK], done)
-                os.fsync(fd)  # the inode, and the tail written through the cache
+                    done += os.write(fd, view[done:done + WRITE_CHUNK])
+                os.fsync(fd)
             finally:
                 os.close(fd)
             # a concurrent delete may remove the (empty) parent between makedirs and link
