@@ -5,17 +5,27 @@ equal its source, however the slabs are recycled."""
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from drsite.core.errors import InvalidInput
 from drsite.core.extents import ExtentList
 from drsite.core.model import Consistency
 from drsite.replication.batches import Slab, SlabPool, read_batches
-from drsite.store.format import PROBE_MIN, RAW, ZSTD, compress_frame, looks_incompressible
+from drsite.store.format import (
+    PROBE_MIN,
+    RAW,
+    ZSTD,
+    compress_frame,
+    looks_incompressible,
+)
 from drsite.store.local import LocalObjectStore
 from drsite.store.local.backend import WRITE_CHUNK
 from drsite.store.replica import ReplicaHydrator
@@ -237,3 +247,59 @@ def test_replica_streamed_from_slabs_uses_direct_writes_and_equals_the_point(tmp
     stream.finish(p1)
     assert h.disk_path("d0").read_bytes().ljust(size, b"\0") == model.tobytes()
     assert h.verify()
+
+
+def test_tee_runs_beside_the_workers_and_is_done_when_flush_returns() -> None:
+    """The tee gets every frame's runs from its own threads while later frames are
+    compressed; each call still has the slab's bytes (the writer holds the slab until the call
+    returned), and flush (so commit) returns only after every call returned."""
+    repo = Repository(MemoryObjectStore(), "vm1", segment_size=MiB, pack_target=MiB, threads=2)
+    rng = np.random.default_rng(3)
+    size = 6 * MiB
+    disk = rng.integers(0, 256, size, dtype=np.uint8)
+    disk[MiB:2 * MiB] = 0  # a zero frame: its runs reach the tee too
+    image = np.full(size, 255, np.uint8)
+    threads: set[str] = set()
+    lock = threading.Lock()
+
+    def tee(disk_id: str, runs: np.ndarray, raw: bytes | memoryview) -> None:
+        time.sleep(0.01)  # a slow device: the slab must still hold this frame's bytes
+        rb = np.frombuffer(raw, np.uint8) if len(raw) else np.zeros(0, np.uint8)
+        for r in runs:
+            o, n = int(r["offset"]), int(r["length"])
+            image[o:o + n] = 0 if r["codec"] == 0 else rb[int(r["roff"]):int(r["roff"]) + n]
+        with lock:
+            threads.add(threading.current_thread().name)
+
+    pool = SlabPool(MiB, keep=1)
+    w = repo.begin("c0", base=None, disk_sizes={"d0": size}, kind="initial")
+    w.tee = tee
+    todo = ExtentList.of([(0, size)])
+    for offs, lens, data, slab in read_batches(ArrayReader(disk), todo.split(MiB), MiB, pool):
+        w.write_many("d0", offs, lens, data, owner=slab)
+        del data, slab
+    w.commit(created_at=1.0, consistency=Consistency.CRASH)
+    assert (image == disk).all()
+    assert threads and all(t.startswith("drsite-tee-") for t in threads)
+
+
+def test_a_failing_tee_fails_the_cycle_and_breaks_the_writer() -> None:
+    """An error in a tee call reaches the caller (write_many or flush/commit) and the writer
+    refuses more work: the cycle is resumed with a new writer, whose replica catches up from
+    the store."""
+    repo = Repository(MemoryObjectStore(), "vm1", segment_size=MiB, pack_target=MiB, threads=2)
+
+    def tee(disk_id: str, runs: np.ndarray, raw: bytes | memoryview) -> None:
+        raise OSError(28, "No space left on device")
+
+    w = repo.begin("c0", base=None, disk_sizes={"d0": 4 * MiB}, kind="initial")
+    w.tee = tee
+    data = np.random.default_rng(1).integers(0, 256, 2 * MiB, dtype=np.uint8).tobytes()
+    with pytest.raises(OSError):
+        w.write_many("d0", np.array([0], np.int64), np.array([len(data)], np.int64), data)
+        w.commit(created_at=1.0, consistency=Consistency.CRASH)
+    with pytest.raises(InvalidInput):
+        w.write("d0", 3 * MiB, data[:4096])
+    w.close()
+    assert repo.points() == []
+

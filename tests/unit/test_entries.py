@@ -1,7 +1,8 @@
 """``store.entries.resolve`` (a segment map from overlaid index rows) against a byte-by-byte
 model: every byte of ``[lo, hi)`` names the last row covering it (zero rows: nothing); and
 ``overlay`` (a base map + a cycle's pieces, the commit's path) against ``resolve``, byte for byte,
-on its fast path and off it."""
+on its fast path and off it; ``classify_many`` (zero/data runs of written pieces) against a
+block-by-block model."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import numpy as np
 import pytest
 
 from drsite.store import entries
-from drsite.store.entries import overlay, resolve
-from drsite.store.format import ENTRY_DT, ZERO
+from drsite.store.entries import classify_many, overlay, resolve
+from drsite.store.format import BLOCK, ENTRY_DT, ZERO
 
 
 def _model(e: np.ndarray, lo: int, hi: int) -> dict[int, tuple[int, int, int, int]]:
@@ -119,3 +120,60 @@ def test_overlay_equals_resolve(seed: int, monkeypatch: pytest.MonkeyPatch) -> N
     want = resolve(stack, lo, hi)
     assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
     assert _expand(got) == _model(stack, lo, hi)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_classify_many_matches_a_block_model(seed: int) -> None:
+    """A piece's part of a 4 KiB block of the disk grid is data iff one of its bytes is not
+    zero, wherever that byte is (first word, last byte, middle); data runs index the returned
+    bytes in order. Whole aligned blocks (the fast path, which looks at a block's
+    first word before scanning it) and odd pieces alike."""
+    rng = np.random.default_rng(seed)
+    aligned = seed % 2 == 0
+    nblk = int(rng.integers(1, 40))
+    if aligned:
+        starts = np.sort(rng.choice(200, nblk, replace=False)).astype(np.int64) * BLOCK
+        offs, lens = starts, np.full(nblk, BLOCK, np.int64)
+    else:
+        cuts = np.sort(rng.choice(200 * BLOCK, 2 * nblk, replace=False)).astype(np.int64)
+        offs, lens = cuts[0::2], cuts[1::2] - cuts[0::2]
+    n = int(lens.sum())
+    buf = np.zeros(n, np.uint8)
+    pos = 0
+    for ln in lens.tolist():  # per piece: some zero, some data in one odd place
+        kind = int(rng.integers(0, 5))
+        if kind == 1:
+            buf[pos] = 7                                     # first byte only
+        elif kind == 2:
+            buf[pos + ln - 1] = 9                            # last byte only
+        elif kind == 3:
+            buf[pos + int(rng.integers(0, ln))] = 1          # somewhere inside
+        elif kind == 4:
+            buf[pos:pos + ln] = rng.integers(0, 256, ln, dtype=np.uint8)
+        pos += ln
+    e, raw = classify_many(memoryview(buf.tobytes()), offs, lens)
+    # the model, per byte of the disk: its value (-2: not written) and its granule (a piece's
+    # part of one disk block), which is data iff one of its bytes is not zero
+    span = 200 * BLOCK
+    value = np.full(span, -2, np.int64)
+    gran = np.full(span, -1, np.int64)
+    pos = 0
+    for i, (o, ln) in enumerate(zip(offs.tolist(), lens.tolist(), strict=True)):
+        value[o:o + ln] = buf[pos:pos + ln]
+        gran[o:o + ln] = i * 1000 + np.arange(o, o + ln) // BLOCK
+        pos += ln
+    written = value > -2
+    nonzero_gran = np.unique(gran[written & (value > 0)])
+    want = np.where(np.isin(gran, nonzero_gran), value, -1)
+    want[~written] = -2
+    got = np.full(span, -2, np.int64)
+    rawa = np.frombuffer(bytes(raw), np.uint8) if len(raw) else np.zeros(0, np.uint8)
+    for r in e:
+        o, ln = int(r["offset"]), int(r["length"])
+        assert (got[o:o + ln] == -2).all(), "runs overlap"
+        if r["codec"] == ZERO:
+            got[o:o + ln] = -1
+        else:
+            got[o:o + ln] = rawa[int(r["roff"]):int(r["roff"]) + ln]
+    bad = np.flatnonzero(got != want)
+    assert bad.size == 0, f"byte {bad[:1]}: got {got[bad[:1]]}, want {want[bad[:1]]}"

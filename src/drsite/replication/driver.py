@@ -18,7 +18,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -425,6 +425,12 @@ class ItemReplicator:
             if not self.settings.compression:
                 writer.zstd_level = 0
             streaming = False
+            # progress saves (the record only: what is stored is the store's to say) run in
+            # this thread, off the feeding thread: its fsyncs no longer stall reading and
+            # compressing. One at a time; every one has landed before _ship returns or raises,
+            # so none can overwrite a later synchronous save.
+            saver = ThreadPoolExecutor(1, thread_name_prefix=f"drsite-save-{self.rec.item_id}")
+            saving: Future[None] | None = None
             try:
                 rep = self.report
                 resumed = 0
@@ -469,15 +475,20 @@ class ItemReplicator:
                             writer.write_many(disk_id, offs, lens, data, owner=slab)
                             rep.bytes_done += len(data)
                             since_save += len(data)
-                            if since_save >= self.settings.save_every_bytes:
+                            if since_save >= self.settings.save_every_bytes and (
+                                    saving is None or saving.done()):
                                 # progress only: packs are stored as they fill (the writer
                                 # keeps a few in flight), so no flush here, which would
                                 # stall reading and compressing until every upload landed
                                 since_save = 0
-                                self._save()
+                                if saving is not None:
+                                    saving.result()  # its error fails the cycle, as before
+                                saving = saver.submit(self._file.save_dict, self.rec.to_dict())
                             self._emit()
                     finally:
                         reader.close()
+                if saving is not None:
+                    saving.result()
                 self._check_fence()  # a promotion while we shipped: commit nothing
                 point = writer.commit(created_at=cycle.sealed_at, consistency=cycle.consistency,
                                       meta={"vm_id": self.rec.vm_id, "vm_name": self.rec.vm_name,
@@ -488,6 +499,7 @@ class ItemReplicator:
                 rep.bytes_stored += writer.bytes_stored
                 streaming = False  # committed: after_commit settles the stream
             finally:
+                saver.shutdown(wait=True)
                 writer.close()
                 if streaming:
                     assert isinstance(self.target, StreamingTarget)

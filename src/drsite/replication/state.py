@@ -69,3 +69,8 @@ class RecordFile:
 
     def save(self, rec: ItemRecord) -> None:
         atomic_write_json(self.path, rec.to_dict())
+
+    def save_dict(self, d: dict[str, Any]) -> None:
+        """Save a record already turned into a dict (:meth:`ItemRecord.to_dict`): a snapshot
+        another thread may write while the record changes on."""
+        atomic_write_json(self.path, d)

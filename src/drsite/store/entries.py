@@ -65,7 +65,13 @@ def classify_many(view: memoryview, offsets: npt.NDArray[np.int64],
     # non-zero flag per sub-piece
     if bool((sl == BLOCK).all()):
         # whole aligned blocks, laid end to end in the buffer
-        m = np.asarray(np.frombuffer(view, np.uint64).reshape(-1, BLOCK // 8).any(axis=1), bool)
+        # a block whose first word is not zero holds data (most blocks of written data): only
+        # the others are scanned whole (``any`` over every word cost a pass over all the data)
+        words = np.frombuffer(view, np.uint64).reshape(-1, BLOCK // 8)
+        m = words[:, 0] != 0
+        maybe = np.flatnonzero(~m)
+        if maybe.size:
+            m[maybe] = words[maybe].any(axis=1)
     elif not (bool((sb % 8).any()) or bool((sl % 8).any())):
         m = np.maximum.reduceat(np.frombuffer(view, np.uint64), sb // 8) != 0
     else:

@@ -59,32 +59,42 @@ from drsite.store.format import (
 )
 
 UPLOADS_IN_FLIGHT = 2  # packs being stored while the next one fills (memory: 2 x pack_target)
+TEE_THREADS = 2        # threads writing the tee's copy (a replica): blocked on the device mostly
+TEE_IN_FLIGHT = 8      # frames handed to the tee and not yet written (memory: 8 x FRAME_MAX)
 
 
 @dataclass
 class _Pending:
     disk: int
     entries: Entries | None  # None: the future classifies the piece
-    future: Future[tuple[Entries, int, bytes | memoryview, bytes]] | None
+    future: Future[_Prepared] | None
     owner: object = None  # keeps the caller's buffer alive while the frame may point into it
+    disk_id: str = ""
 
 
 Tee = Callable[[str, Entries, bytes | memoryview], None]
+# a frame's zero/data runs, codec, payload, blake3-128 of its data and the data itself
+_Prepared = tuple[Entries, int, bytes | memoryview, bytes, bytes | memoryview]
 
 
 def _prepare(frame: memoryview, offsets: npt.NDArray[np.int64],
-             lengths: npt.NDArray[np.int64], level: int, tee: Tee | None, disk_id: str
-             ) -> tuple[Entries, int, bytes | memoryview, bytes]:
+             lengths: npt.NDArray[np.int64], level: int) -> _Prepared:
     """Worker-thread half of :meth:`PointWriter.write_many`: zero/data runs of one frame's
-    pieces (handed to ``tee`` if set), then (codec, payload, blake3-128) of its data runs
-    (codec 0 and empty payload if all zero)."""
+    pieces, then (codec, payload, blake3-128) of its data runs (codec 0 and empty payload if
+    all zero), and the data runs' bytes (for the tee)."""
     e, raw = classify_many(frame, offsets, lengths)
-    if tee is not None:
-        tee(disk_id, e, raw)
     if not raw:
-        return e, 0, b"", b""
+        return e, 0, b"", b"", b""
     codec, payload, h = compress_frame(raw, level)
-    return e, codec, payload, h
+    return e, codec, payload, h, raw
+
+
+def _tee_call(tee: Tee, disk_id: str, e: Entries, raw: bytes | memoryview,
+              owner: object) -> None:
+    """One frame's runs to the tee, in a tee thread; ``owner`` keeps ``raw``'s buffer (the
+    caller's slab) alive until the write returned."""
+    tee(disk_id, e, raw)
+    del owner  # (the executor's work item holds it until this returns)
 
 
 def frame_pieces(offsets: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64]
@@ -151,9 +161,13 @@ class PointWriter:
         # zstd level for data frames; 0 stores frames as they are (policy: compression off)
         self.zstd_level = repo.zstd_level
         # also hand every write's zero/data runs to ``tee(disk_id, runs, raw)`` (a replica being
-        # written from the same buffers). Called from worker threads in any order across
-        # frames: set it only for cycles whose writes never overlap (the engine's cycles).
+        # written from the same buffers). Called from tee threads (TEE_THREADS), in any order
+        # across frames, while later frames are compressed: set it only for cycles whose writes
+        # never overlap (the engine's cycles). Every call has returned when flush() returns;
+        # the first error a call raised is raised by write_many/flush.
         self.tee: Tee | None = None
+        self._tee_pool: ThreadPoolExecutor | None = None
+        self._tees: deque[Future[None]] = deque()
         self._uploader: ThreadPoolExecutor | None = ThreadPoolExecutor(
             repo.upload_threads, thread_name_prefix=f"drsite-upload-{cycle_id}")
         self._uploads: deque[tuple[Future[tuple[str, int]], Entries]] = deque()
@@ -283,9 +297,8 @@ class PointWriter:
             smv = view
         for a, b in itertools.pairwise(bounds):
             frame = smv[ends[a]:ends[b]]
-            fut = self._pool.submit(_prepare, frame, po[a:b], pl[a:b], self.zstd_level, self.tee,
-                                    disk_id)
-            self._queue.append(_Pending(i, None, fut, owner))
+            fut = self._pool.submit(_prepare, frame, po[a:b], pl[a:b], self.zstd_level)
+            self._queue.append(_Pending(i, None, fut, owner, disk_id))
             self._drain(self._window)
 
     def write_zero(self, disk_id: str, offset: int, length: int) -> None:
@@ -307,7 +320,7 @@ class PointWriter:
         while len(self._queue) > keep:
             item = self._queue[0]
             if item.future is not None:
-                e, codec, payload, h = item.future.result()
+                e, codec, payload, h, raw = item.future.result()
                 e["disk"] = item.disk
                 self.zero_bytes += int(e["length"][e["codec"] == ZERO].sum())
                 if payload:
@@ -320,6 +333,9 @@ class PointWriter:
                     if isinstance(payload, memoryview):  # stored raw: may point into the batch
                         self._owners.append(item.owner)
                     self._open_size += len(payload)
+                if self.tee is not None:
+                    # the replica's writes wait for the device, not a compression worker
+                    self._tee_submit(item.disk_id, e, raw, item.owner)
             else:
                 assert item.entries is not None
                 e = item.entries
@@ -328,6 +344,27 @@ class PointWriter:
             self._open_entries += e.size
             if self._open_size >= self.repo.pack_target or self._open_entries >= MAX_PACK_ENTRIES:
                 self._seal()
+
+    def _tee_submit(self, disk_id: str, e: Entries, raw: bytes | memoryview,
+                    owner: object) -> None:
+        assert self.tee is not None
+        if self._tee_pool is None:
+            self._tee_pool = ThreadPoolExecutor(TEE_THREADS,
+                                                thread_name_prefix=f"drsite-tee-{self.cycle_id}")
+        # ``e`` is not changed after this (the open pack concatenates copies of it)
+        self._tees.append(self._tee_pool.submit(_tee_call, self.tee, disk_id, e, raw, owner))
+        self._reap_tees(TEE_IN_FLIGHT)
+
+    def _reap_tees(self, keep: int) -> None:
+        """Wait for tee calls, oldest first, until at most ``keep`` are pending; raises the
+        first error one raised."""
+        while len(self._tees) > keep:
+            try:
+                self._tees[0].result()
+            except BaseException:
+                self._broken = True  # the tee's copy has a hole: resume with a new writer
+                raise
+            self._tees.popleft()
 
     def _seal(self) -> None:
         """Hand the open pack to the uploader thread (encode, hash, put + fsync) so that reading
@@ -402,6 +439,7 @@ class PointWriter:
                                "cycle with a new writer")
         self._drain(0)
         self._seal()
+        self._reap_tees(0)
         self._reap(0)
 
     def covered(self, disk_id: str) -> ExtentList:
@@ -646,6 +684,11 @@ class PointWriter:
             self._queue.clear()
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        if self._tee_pool is not None:
+            # calls already running finish (the tee's target may close once this returns)
+            self._tee_pool.shutdown(wait=True, cancel_futures=True)
+            self._tee_pool = None
+            self._tees.clear()
         if self._uploader is not None:
             # uploads already running finish (a pack is whole or absent); queued ones are dropped
             self._uploader.shutdown(wait=True, cancel_futures=True)
