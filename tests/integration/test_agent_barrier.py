@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +31,26 @@ def sites(tmp_path: Path) -> Iterator[Sites]:
     s.close()
 
 
-def test_prepare_hold_seal_release(sites: Sites) -> None:
+@contextmanager
+def protected_guest(sites: Sites) -> Iterator[str]:
+    """A running guest process, protected by a primary agent that runs meanwhile."""
     vm = sites.hv.create_blank(VmSpec(name="db", disks=(DiskSpec("d0", 4 * MiB),)))
-    sites.hv.power_on(vm.vm_id)  # a guest process
+    sites.hv.power_on(vm.vm_id)
     primary = Agent(sites.tmp / "pri", hypervisor=sites.hv, heartbeat_interval=0.3)
     t = threading.Thread(target=primary.run, daemon=True)
     t.start()
-    v = sites.vault
     try:
-        assert v.wait_final(sites.protect(vm.vm_id), 30)["status"] == "succeeded"
+        assert sites.vault.wait_final(sites.protect(vm.vm_id), 30)["status"] == "succeeded"
+        yield vm.vm_id
+    finally:
+        primary.stop()
+        t.join(30)
+        sites.hv.power_off(vm.vm_id, force=True)
+
+
+def test_prepare_hold_seal_release(sites: Sites) -> None:
+    v = sites.vault
+    with protected_guest(sites) as vm_id:   # a guest process
         late = v.wait_final(v.send(sites.pri_id, "group_prepare", ITEM, {
             "barrier_id": "gb-late", "hold_s": 1.0, "deadline": time.time() - 1}), 10)
         assert late["status"] == "failed" and late["error"]["code"] == "conflict", late
@@ -47,9 +59,9 @@ def test_prepare_hold_seal_release(sites: Sites) -> None:
         r = v.wait_final(v.send(sites.pri_id, "group_prepare", ITEM, {
             "barrier_id": "gb-1", "hold_s": 5.0, "deadline": time.time() + 5}), 10)
         assert r["status"] == "succeeded", r
-        assert sites.hv.guest_status(vm.vm_id)["held_by"] == "gb-1"  # type: ignore[index]
+        assert sites.hv.guest_status(vm_id)["held_by"] == "gb-1"  # type: ignore[index]
         wrote = threading.Event()
-        threading.Thread(target=lambda: (sites.hv.write(vm.vm_id, "d0", 0, b"x" * 4096),
+        threading.Thread(target=lambda: (sites.hv.write(vm_id, "d0", 0, b"x" * 4096),
                                          wrote.set()), daemon=True).start()
         assert not wrote.wait(0.5)
         r = v.wait_final(v.send(sites.pri_id, "group_seal", ITEM, {"barrier_id": "gb-1"}), 30)
@@ -58,38 +70,27 @@ def test_prepare_hold_seal_release(sites: Sites) -> None:
         assert 0.5 <= r["result"]["barrier"]["paused_s"] < 5.0
         assert r["result"]["point"]["seq"] == 2
         assert wrote.wait(5)  # released by the seal
-        assert sites.hv.guest_status(vm.vm_id)["held_by"] is None  # type: ignore[index]
+        assert sites.hv.guest_status(vm_id)["held_by"] is None  # type: ignore[index]
 
         # the guest's own bound ends a hold nobody seals; the late seal is a per-VM point
         r = v.wait_final(v.send(sites.pri_id, "group_prepare", ITEM, {
             "barrier_id": "gb-2", "hold_s": 0.3, "deadline": time.time() + 5}), 10)
         assert r["status"] == "succeeded", r
         t0 = time.monotonic()
-        sites.hv.write(vm.vm_id, "d0", 8192, b"y" * 512)
+        sites.hv.write(vm_id, "d0", 8192, b"y" * 512)
         assert time.monotonic() - t0 < 2.0
         r = v.wait_final(v.send(sites.pri_id, "group_seal", ITEM, {"barrier_id": "gb-2"}), 30)
         assert r["status"] == "succeeded" and r["result"]["barrier"]["held"] is False, r
         assert r["result"]["point"]["seq"] == 3
-    finally:
-        primary.stop()
-        t.join(30)
-        sites.hv.power_off(vm.vm_id, force=True)
-
 
 def test_clock_cut_holds_around_the_cut_or_misses_it(sites: Sites) -> None:
     """A clock cut (``group_seal`` with ``cut_at``): the agent reads the vault's cut clock
     (here 1000 s off its own), holds the guest just around the cut (a short pause, a write
     issued meanwhile waits) and claims it; a cut that comes too soon, or is named in a
     clock the agent cannot read, is missed: a per-VM point that says why."""
-    vm = sites.hv.create_blank(VmSpec(name="db", disks=(DiskSpec("d0", 4 * MiB),)))
-    sites.hv.power_on(vm.vm_id)
-    primary = Agent(sites.tmp / "pri", hypervisor=sites.hv, heartbeat_interval=0.3)
-    t = threading.Thread(target=primary.run, daemon=True)
-    t.start()
     v = sites.vault
     v.clock_offset = 1000.0
-    try:
-        assert v.wait_final(sites.protect(vm.vm_id), 30)["status"] == "succeeded"
+    with protected_guest(sites) as vm_id:
 
         def cut(bid: str, lead: float, clock_id: str = "fake-clock") -> dict[str, Any]:
             args = {"barrier_id": bid, "cut_at": v.cut_clock() + lead, "clock_id": clock_id,
@@ -102,7 +103,7 @@ def test_clock_cut_holds_around_the_cut_or_misses_it(sites: Sites) -> None:
         def writer() -> None:  # a write every 5 ms; the longest one shows the pause
             while not stop.is_set():
                 t0 = time.monotonic()
-                sites.hv.write(vm.vm_id, "d0", 0, b"w" * 512)
+                sites.hv.write(vm_id, "d0", 0, b"w" * 512)
                 writes.append(time.monotonic() - t0)
                 stop.wait(0.005)
 
@@ -126,26 +127,16 @@ def test_clock_cut_holds_around_the_cut_or_misses_it(sites: Sites) -> None:
         r = cut("gb-c3", 1.5, clock_id="clk-other")  # another vault machine's clock
         b = r["result"]["barrier"]
         assert b["held"] is False and "no reading" in b["missed"], b
-        assert sites.hv.guest_status(vm.vm_id)["held_by"] is None  # type: ignore[index]
-    finally:
-        primary.stop()
-        t.join(30)
-        sites.hv.power_off(vm.vm_id, force=True)
+        assert sites.hv.guest_status(vm_id)["held_by"] is None  # type: ignore[index]
 
 
 def test_guest_killed_while_a_cut_is_armed(sites: Sites) -> None:
     """SIGKILL of the guest process while a clock cut's hold is armed in it (the cut 1.5 s
     ahead): the agent's ``group_seal`` ends — it never waits for a guest that is gone — and
     says so; the VM, started again, holds nothing and the item's next cycle commits a point."""
-    vm = sites.hv.create_blank(VmSpec(name="db", disks=(DiskSpec("d0", 4 * MiB),)))
-    sites.hv.power_on(vm.vm_id)
-    primary = Agent(sites.tmp / "pri", hypervisor=sites.hv, heartbeat_interval=0.3)
-    t = threading.Thread(target=primary.run, daemon=True)
-    t.start()
     v = sites.vault
-    try:
-        assert v.wait_final(sites.protect(vm.vm_id), 30)["status"] == "succeeded"
-        pid = int((sites.hv.vm_dir(vm.vm_id) / "guest.pid").read_text().strip())
+    with protected_guest(sites) as vm_id:
+        pid = int((sites.hv.vm_dir(vm_id) / "guest.pid").read_text().strip())
         args = {"barrier_id": "gb-k", "cut_at": v.cut_clock() + 1.5, "clock_id": "fake-clock",
                 "margin_s": 0.05, "hold_s": 2.0, "app_consistent": False}
         cid = v.send(sites.pri_id, "group_seal", ITEM, args)
@@ -163,15 +154,11 @@ def test_guest_killed_while_a_cut_is_armed(sites: Sites) -> None:
             assert r["result"]["barrier"]["held"] is False, r
         else:
             assert r["error"] and r["error"]["message"], r
-        sites.hv.power_on(vm.vm_id)
-        assert sites.hv.guest_status(vm.vm_id)["held_by"] is None  # type: ignore[index]
+        sites.hv.power_on(vm_id)
+        assert sites.hv.guest_status(vm_id)["held_by"] is None  # type: ignore[index]
         t1 = time.monotonic()
-        sites.hv.write(vm.vm_id, "d0", 0, b"z" * 4096)   # not held
+        sites.hv.write(vm_id, "d0", 0, b"z" * 4096)   # not held
         assert time.monotonic() - t1 < 2.0
         r = v.wait_final(v.send(sites.pri_id, "cycle", ITEM, {}), 60)
         assert r["status"] == "succeeded", r
         assert r["result"]["point"]["kind"] in ("delta", "resync"), r
-    finally:
-        primary.stop()
-        t.join(30)
-        sites.hv.power_off(vm.vm_id, force=True)
