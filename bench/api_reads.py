@@ -37,7 +37,7 @@ import drsite
 from drsite.vault.testing import Harness, report
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vault_ops import populate  # noqa: E402
+from vault_ops import populate
 
 PATHS = ("/api/v1/items", "/api/v1/health")
 
@@ -46,7 +46,7 @@ def pct(xs: list[float], p: float) -> float:
     if not xs:
         return float("nan")
     s = sorted(xs)
-    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--agents", type=int, default=6)
     ap.add_argument("--busy-seconds", type=float, default=30.0)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--switch-interval", type=float, default=None,
+                    help="sys.setswitchinterval for the busy phase (default: the tree's)")
     a = ap.parse_args(argv)
     load = Path("/proc/loadavg").read_text().split()[:3]
     print(f"drsite from {drsite.__file__}; load {load}", flush=True)
@@ -123,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
                        for k in range(a.agents)]
             threads.append(threading.Thread(target=ticker, daemon=True))
             lat: dict[str, list[float]] = {p: [] for p in PATHS}
+            if a.switch_interval is not None:
+                sys.setswitchinterval(a.switch_interval)
+            out["switch_interval"] = sys.getswitchinterval()
             c0, w0 = time.process_time(), time.monotonic()
             for t in threads:
                 t.start()
@@ -143,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                                ("n", len(lat[p])), ("p50_ms", 1000 * pct(lat[p], 50)),
                                ("p99_ms", 1000 * pct(lat[p], 99)),
                                ("mean_ms", 1000 * statistics.fmean(lat[p])))}}
-            print(f"  busy {win:.0f} s: process {cpu / win:.2f} cores, {served[0] / win:.1f} "
+            print(f"  busy {win:.0f} s (switch interval {1000 * sys.getswitchinterval():.1f} ms): "
+                  f"process {cpu / win:.2f} cores, {served[0] / win:.1f} "
                   f"agent posts/s served, "
                   f"{failed[0]} failed", flush=True)
             for p in PATHS:

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response, status
 from sqlalchemy import ColumnElement, select
-from sqlalchemy.orm import Session, defer
+from sqlalchemy.orm import Session
 
 from drsite.core.errors import Conflict, InvalidInput, NotFound
 from drsite.core.states import FAILOVER_ITEM_STATUSES, LIVE_ITEM_STATUSES, ItemProtection
@@ -20,6 +20,7 @@ from drsite.vault.api.views import PageLookups, group_view, item_view, policy_vi
 from drsite.vault.audit import record_event
 from drsite.vault.auth import Role
 from drsite.vault.db.models import Group, Host, Item, Job, Point, Policy, Task, Vm
+from drsite.vault.itemfacts import ITEM_ROW_COLUMNS, item_rows
 from drsite.vault.jobs.create import (
     start_disable_protection,
     start_enable_protection,
@@ -362,9 +363,10 @@ def list_items(vault: VaultDep, _p: Reader, all: bool = False, protection: str |
         where = item_filters(s, all=all, protection=protection, state=state, health=health,
                              host=host, site=site, target_site=target_site, group=group, q=q)
         lookups: list[PageLookups] = []
-        # vm_spec (the VM's recorded spec, for failover) is not shown: not read nor decoded
-        return page(s, select(Item).where(*where).options(defer(Item.vm_spec)), ITEM_ORDER,
-                    limit=limit, cursor=cursor,
+        # the shown columns as plain tuples (not ORM rows; vm_spec, the VM's recorded spec for
+        # failover, is not shown: not read nor decoded)
+        return page(s, select(*ITEM_ROW_COLUMNS).where(*where), ITEM_ORDER,
+                    limit=limit, cursor=cursor, rows_of=item_rows,
                     prepare=lambda rows: lookups.append(PageLookups.read(s, rows)),
                     view=lambda i: item_view(s, i, now, vault.settings, lookups[0]))
 
