@@ -18,8 +18,9 @@ import anyio.to_thread
 import psycopg
 import pytest
 from fastapi.responses import JSONResponse
-from sqlalchemy import event, text, update
+from sqlalchemy import event, select, text, update
 
+from drsite.vault.db.database import loads_json
 from drsite.vault.db.models import Item, Point
 from drsite.vault.testing import Harness, point, vm_info
 
@@ -199,3 +200,28 @@ def test_hot_reads_check_the_token_in_one_worker_thread(
     assert [e for e in trail if e["action"] == f"GET /api/v1{path}" and e["outcome"] == "refused"
             and e["error_code"] == "auth_failed"]
     assert h.call("GET", "/items?limit=0", token=reader).status_code == 400
+
+
+def test_json_columns_read_as_json_loads_reads_them(
+        vault_harnesses: Callable[[str], Harness]) -> None:
+    """JSON columns are decoded by ``db.loads_json`` (``{}`` and ``[]`` without the decoder):
+    the values are what ``json.loads`` gives, and each read a new object (changing one read's
+    value changes no other's)."""
+    h = vault_harnesses("json")
+    ids = fleet(h, hosts=1, per_host=2, damaged=0)
+    nested = {"failures": 1, "last_error": {"message": "é {} []", "hint": None}, "at": [1.5, []]}
+    with h.vault.db.tx() as s:
+        s.execute(update(Item).where(Item.id == ids[0]).values(retry={}, health_reasons=[]))
+        s.execute(update(Item).where(Item.id == ids[1]).values(retry=nested,
+                                                                health_reasons=["a", "[]"]))
+    with h.vault.db.read() as s:
+        rows = {r.id: r for r in s.execute(select(Item.id, Item.retry, Item.health_reasons))}
+        again = {r.id: r for r in s.execute(select(Item.id, Item.retry, Item.health_reasons))}
+    assert rows[ids[0]].retry == {} and rows[ids[0]].health_reasons == []
+    assert rows[ids[1]].retry == nested and rows[ids[1]].health_reasons == ["a", "[]"]
+    assert rows[ids[0]].retry is not again[ids[0]].retry
+    rows[ids[0]].retry["x"] = 1
+    rows[ids[0]].health_reasons.append("x")
+    assert again[ids[0]].retry == {} and again[ids[0]].health_reasons == []
+    assert loads_json("{}") == {} and loads_json(b"[]") == [] and loads_json(" {}") == {}
+    assert loads_json("null") is None and loads_json('{"a": [1]}') == {"a": [1]}
