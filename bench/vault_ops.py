@@ -9,7 +9,9 @@ round (``Vault.tick``) every 0.25 s; every 2 s every source host beats with the 
 cycle ended since (report and new point), and the store host beats (``--store-digest``: with
 the digests of the list and book it holds, as the agent does; default: the list's only, as
 ``bench/scale.py``'s generator did before v4-scale); every command a reply carries is answered
-``running`` then ``succeeded``. Printed per kind of call: calls, process CPU per call, SQL
+``running`` then ``succeeded``; every ``--reads-every`` simulated seconds an operator reads
+``GET /items`` and ``GET /health`` (a reader token). Printed per kind of call: calls, process
+CPU per call, SQL
 statements per call. The drsite imported is the first on ``sys.path``: run a tree with
 ``PYTHONPATH=TREE/src``.
 
