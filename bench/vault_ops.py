@@ -9,7 +9,9 @@ round (``Vault.tick``) every 0.25 s; every 2 s every source host beats with the 
 cycle ended since (report and new point), and the store host beats (``--store-digest``: with
 the digests of the list and book it holds, as the agent does; default: the list's only, as
 ``bench/scale.py``'s generator did before v4-scale); every command a reply carries is answered
-``running`` then ``succeeded``. Printed per kind of call: calls, process CPU per call, SQL
+``running`` then ``succeeded``; every ``--reads-every`` simulated seconds an operator reads
+``GET /items`` and ``GET /health`` (a reader token). Printed per kind of call: calls, process
+CPU per call, SQL
 statements per call. The drsite imported is the first on ``sys.path``: run a tree with
 ``PYTHONPATH=TREE/src``.
 
@@ -35,7 +37,7 @@ from drsite.sitestore.acl import acl_digest
 from drsite.vault.db.models import Group, Item, Point, Vm
 from drsite.vault.testing import Agent, Harness, point, report, vm_info
 
-KINDS = ("tick", "heartbeat", "result", "store_beat")
+KINDS = ("tick", "heartbeat", "result", "store_beat", "items", "health")
 
 
 class Meter:
@@ -123,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hosts", type=int, default=40)
     ap.add_argument("--seconds", type=float, default=40.0)
     ap.add_argument("--store-digest", action="store_true")
+    ap.add_argument("--reads-every", type=float, default=1.0,
+                    help="simulated seconds between two operator reads (GET /items, GET "
+                         "/health with a reader token, as bench/scale.py's probe)")
     a = ap.parse_args(argv)
     print(f"drsite from {drsite.__file__}; load {Path('/proc/loadavg').read_text().split()[:3]}")
     with tempfile.TemporaryDirectory(prefix="vault-ops-") as tmp:
@@ -134,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             ended: dict[str, list[str]] = collections.defaultdict(list)
             by_id = {r["id"]: r for rows in items.values() for r in rows}
             acl: dict[str, Any] | None = None
+            reader = h.hdr(h.token("reader", "probe"))
+            next_read = h.clock.now()
             book: str | None = None
 
             def post(agent: Agent, kind: str, path: str, body: Any) -> Any:
@@ -148,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
                 h.clock.advance(0.25)
                 k += 1
                 m.run("tick", h.tick)
+                if h.clock.now() >= next_read:
+                    next_read += a.reads_every
+                    for kind, path in (("items", "/api/v1/items"), ("health", "/api/v1/health")):
+                        r = m.run(kind, h.client.get, path, headers=reader)
+                        assert r.status_code == 200, r.text
                 if k % 8:
                     continue
                 for agent in hosts:   # every 2 s

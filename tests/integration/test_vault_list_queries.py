@@ -14,11 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 import psycopg
 import pytest
-from sqlalchemy import event, text, update
+from fastapi.responses import JSONResponse
+from sqlalchemy import event, select, text, update
 
-from drsite.vault.db.models import Point
+from drsite.vault.db.database import loads_json
+from drsite.vault.db.models import Item, Point
 from drsite.vault.testing import Harness, point, vm_info
 
 
@@ -128,3 +131,97 @@ def test_loose_reads_take_no_transaction_on_postgresql(vault_harnesses: Callable
             assert raw.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
     assert h.ok("GET", "/health")["agents"]["up"] == 2
     assert h.call("GET", "/health", token="drst_not-a-token").status_code == 401
+
+
+def test_a_listed_item_is_the_item_as_its_own_page_shows_it(
+        vault_harnesses: Callable[[str], Harness]) -> None:
+    """``GET /items`` reads plain columns (``itemfacts.ItemRow``), ``GET /items/{id}`` the ORM
+    row: each entry of the list must be the item's own page, field for field — whatever it
+    holds (damage, a critical error, retries, a failed scrub, a report with agent issues, a
+    late source host). A column the list forgot or read wrong fails here."""
+    h = vault_harnesses("rows")
+    ids = fleet(h, hosts=2, per_host=3, damaged=1)
+    now = h.clock.now()
+    with h.vault.db.tx() as s:
+        s.execute(update(Item).where(Item.id == ids[1]).values(
+            critical_error={"code": "chain_broken", "message": "broken chain", "hint": "resync"},
+            state="critical"))
+        s.execute(update(Item).where(Item.id == ids[2]).values(
+            retry={"failures": 2, "last_error": {"message": "store full"},
+                   "next_attempt_at": now + 60}, last_point_time=now - 7200,
+            scrub={"error": {"message": "unreachable"}}, last_scrub_at=now - 5))
+        s.execute(update(Item).where(Item.id == ids[3]).values(
+            report={"item_id": ids[3], "state": "protected",
+                    "agent_issues": ["sync mode suspended: peer slow"]}))
+    h.clock.advance(3 * h.vault.settings.agent_down_after_s)   # every source host is late
+    listed = h.entries("/items")
+    assert sorted(e["id"] for e in listed) == sorted(ids)
+    for entry in listed:
+        assert entry == h.ok("GET", f"/items/{entry['id']}"), entry["id"]
+    shown = {e["id"]: e for e in listed}
+    assert shown[ids[0]]["damaged_points"] == ["p000003"]
+    assert shown[ids[1]]["state"] == "critical" and shown[ids[1]]["health"] == "critical"
+    assert shown[ids[2]]["last_error"] == {"message": "store full"}
+    assert any("source agent" in r for r in shown[ids[4]]["health_reasons"])
+
+
+@pytest.mark.parametrize("path", ["/items", "/health"])
+def test_hot_reads_check_the_token_in_one_worker_thread(
+        vault_harnesses: Callable[[str], Harness], path: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``GET /items`` and ``GET /health`` check the token, read and render in one worker
+    thread (not three hops: the token dependency, the route, FastAPI's response validation —
+    each a wait for the GIL in a busy vault), and still refuse a missing, unknown or agent
+    caller (401, audited) and render what Starlette's ``JSONResponse`` would."""
+    h = vault_harnesses("hops")
+    fleet(h, hosts=1, per_host=2, damaged=0)
+    reader = h.token("reader", "ro")
+    hops: list[str] = []
+    real = anyio.to_thread.run_sync
+
+    async def counted(func: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        hops.append(getattr(func, "__name__", repr(func)))
+        return await real(func, *args, **kw)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counted)
+    r = h.call("GET", path, token=reader)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    assert len(hops) == 1, hops
+    assert r.content == JSONResponse(r.json()).body
+    for token in (None, "drst_not-a-token"):
+        refused = h.call("GET", path, token=token)
+        assert refused.status_code == 401 and refused.json()["code"] == "auth_failed"
+    h.peer = h.agents[0].cert_der   # an agent's certificate is no operator token
+    try:
+        assert h.call("GET", path, token=None).status_code == 401
+    finally:
+        h.peer = None
+    trail = h.ok("GET", "/audit?limit=50")["entries"]
+    assert [e for e in trail if e["action"] == f"GET /api/v1{path}" and e["outcome"] == "refused"
+            and e["error_code"] == "auth_failed"]
+    assert h.call("GET", "/items?limit=0", token=reader).status_code == 400
+
+
+def test_json_columns_read_as_json_loads_reads_them(
+        vault_harnesses: Callable[[str], Harness]) -> None:
+    """JSON columns are decoded by ``db.loads_json`` (``{}`` and ``[]`` without the decoder):
+    the values are what ``json.loads`` gives, and each read a new object (changing one read's
+    value changes no other's)."""
+    h = vault_harnesses("json")
+    ids = fleet(h, hosts=1, per_host=2, damaged=0)
+    nested = {"failures": 1, "last_error": {"message": "é {} []", "hint": None}, "at": [1.5, []]}
+    with h.vault.db.tx() as s:
+        s.execute(update(Item).where(Item.id == ids[0]).values(retry={}, health_reasons=[]))
+        s.execute(update(Item).where(Item.id == ids[1]).values(retry=nested,
+                                                                health_reasons=["a", "[]"]))
+    with h.vault.db.read() as s:
+        rows = {r.id: r for r in s.execute(select(Item.id, Item.retry, Item.health_reasons))}
+        again = {r.id: r for r in s.execute(select(Item.id, Item.retry, Item.health_reasons))}
+    assert rows[ids[0]].retry == {} and rows[ids[0]].health_reasons == []
+    assert rows[ids[1]].retry == nested and rows[ids[1]].health_reasons == ["a", "[]"]
+    assert rows[ids[0]].retry is not again[ids[0]].retry
+    rows[ids[0]].retry["x"] = 1
+    rows[ids[0]].health_reasons.append("x")
+    assert again[ids[0]].retry == {} and again[ids[0]].health_reasons == []
+    assert loads_json("{}") == {} and loads_json(b"[]") == [] and loads_json(" {}") == {}
+    assert loads_json("null") is None and loads_json('{"a": [1]}') == {"a": [1]}

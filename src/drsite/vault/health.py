@@ -55,7 +55,7 @@ from drsite.vault.audit import record_event
 from drsite.vault.db.database import Database
 from drsite.vault.db.models import Alert, Drill, Failover, Group, Host, Item, Job, Policy
 from drsite.vault.drills import drill_target
-from drsite.vault.itemfacts import ItemFacts, load_facts
+from drsite.vault.itemfacts import ItemFacts, ItemRow, load_facts
 from drsite.vault.scrub import Damage, damage_of, damage_reasons
 from drsite.vault.settings import VaultSettings
 from drsite.vault.trust import SECURITY
@@ -80,7 +80,7 @@ def agent_up(host: Host | None, now: float, settings: VaultSettings) -> bool:
             and now - host.last_heartbeat <= settings.agent_down_after_s)
 
 
-def item_health(item: Item | ItemFacts, policy: Policy | None, host_is_up: bool, now: float,
+def item_health(item: Item | ItemFacts | ItemRow, policy: Policy | None, host_is_up: bool, now: float,
                 damage: Damage | None = None) -> ItemHealth:
     """The health of one item now, with the reasons an operator reads (``damage``: its damaged
     recovery points, :func:`drsite.vault.scrub.damage_of`)."""

@@ -78,3 +78,41 @@ def load_facts(s: Session, *where: ColumnElement[bool], with_policy: bool = Fals
         out.append(ItemFacts(**dict(zip(_NAMES, values[:-n], strict=True)),
                              report=report or None))
     return out
+
+
+@dataclass(slots=True)
+class ItemRow:
+    """The columns of one item ``GET /items`` shows (attribute names as on ``Item``, so the
+    views and pure rules take either): read as plain tuples (:func:`item_row_columns`), not
+    ORM rows — no instance built, tracked and expired per item of a page."""
+
+    id: str
+    lineage_id: str | None
+    vm_id: str
+    vm_name: str
+    origin_item_id: str | None
+    group_id: int
+    host_id: str
+    target_site_id: int
+    status: ItemProtection
+    state: str
+    critical_error: dict[str, Any] | None
+    retry: dict[str, Any]
+    active_job_id: str | None
+    last_point_time: float | None
+    last_app_point_time: float | None
+    health: str
+    health_reasons: list[Any]
+    scrub: dict[str, Any] | None
+    last_scrub_at: float | None
+    created_at: float
+    updated_at: float
+    report: dict[str, Any] | None
+
+
+ITEM_ROW_COLUMNS = tuple(getattr(Item, f.name) for f in fields(ItemRow))
+
+
+def item_rows(rows: Any) -> list[ItemRow]:
+    """``ItemRow`` of each result row of ``select(*ITEM_ROW_COLUMNS)``."""
+    return [ItemRow(*row) for row in rows]

@@ -53,7 +53,7 @@ from drsite.vault.barrier import BarrierRunner, kept_member_points
 from drsite.vault.db.database import Database
 from drsite.vault.db.models import Command, Group, Host, Item, Policy
 from drsite.vault.ids import new_id
-from drsite.vault.itemfacts import ItemFacts, load_facts
+from drsite.vault.itemfacts import ItemFacts, ItemRow, load_facts
 from drsite.vault.policies import agent_settings, parse_window
 from drsite.vault.retries import early_retry, store_sites_up
 from drsite.vault.settings import VaultSettings
@@ -77,7 +77,7 @@ def effective_state(item: Item | ItemFacts) -> ItemState:
         return ItemState.NEW
 
 
-def item_policy(s: Session, item: Item) -> Policy | None:
+def item_policy(s: Session, item: Item | ItemFacts | ItemRow) -> Policy | None:
     group = s.get(Group, item.group_id)
     return s.get(Policy, group.policy_id) if group is not None and group.policy_id else None
 

@@ -35,7 +35,7 @@ from drsite.core.errors import Conflict
 from drsite.core.states import ItemProtection
 from drsite.vault.audit import record_event
 from drsite.vault.db.models import Group, Host, Item, Point, Policy
-from drsite.vault.itemfacts import ItemFacts
+from drsite.vault.itemfacts import ItemFacts, ItemRow
 from drsite.vault.storeacl import site_store_host
 from drsite.vault.stores import item_store_spec
 
@@ -80,7 +80,7 @@ def damage_of(s: Session, item_ids: list[str] | None = None) -> dict[str, Damage
     return {i: Damage(p, newest.get(i)) for i, p in bad.items()}
 
 
-def damage_reasons(item: Item | ItemFacts,
+def damage_reasons(item: Item | ItemFacts | ItemRow,
                    damage: Damage | None) -> tuple[bool, bool, list[str]]:
     """(warning, critical, reasons) of an item's store damage: critical only for a damaged
     newest point that cannot be repaired (the item is not protected); a damaged newest point

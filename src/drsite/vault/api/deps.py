@@ -6,11 +6,12 @@ in production it returns the verified client certificate that ``tlsutil`` puts i
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
 
 from drsite import tlsutil
 from drsite.core.errors import Forbidden, InvalidInput
@@ -71,24 +72,32 @@ def _bearer(request: Request) -> str | None:
     return value.strip()
 
 
+def authorize(request: Request, vault: Vault, role: Role) -> Principal:
+    """The caller's bearer token checked for ``role`` (``AuthError`` → 401, ``Forbidden`` →
+    403) and named for the audit trail: what :func:`require`'s dependency does, callable from
+    inside a route's own thread (the hot reads, ``GET /items`` and ``GET /health``, check the
+    token there: a thread hop fewer, each a wait for the GIL when the process is busy)."""
+    now = vault.settings.clock.now()
+    with vault.db.read_loose() as s:  # one statement: no write lock, no transaction
+        tok = authenticate_token(s, _bearer(request), now, touch=False)
+        principal = Principal(tok.name, Role(tok.role))
+        set_actor(request, "token", principal.name)
+        tok_id, stale = tok.id, token_needs_touch(tok, now)
+    if stale and not vault.passive:  # off the request path: a GET never waits for the write lock
+        def touch() -> None:
+            with vault.db.tx() as s:
+                touch_token(s, tok_id, now)
+
+        vault.later(touch)
+    ensure_role(principal, role)
+    return principal
+
+
 def require(role: Role) -> Callable[[Request, Vault], Principal]:
     """A dependency admitting tokens whose role is at least ``role`` (401 / 403 otherwise)."""
 
     def dependency(request: Request, vault: VaultDep) -> Principal:
-        now = vault.settings.clock.now()
-        with vault.db.read_loose() as s:  # one statement: no write lock, no transaction
-            tok = authenticate_token(s, _bearer(request), now, touch=False)
-            principal = Principal(tok.name, Role(tok.role))
-            set_actor(request, "token", principal.name)
-            tok_id, stale = tok.id, token_needs_touch(tok, now)
-        if stale and not vault.passive:  # off the request path: a GET never waits for the write lock
-            def touch() -> None:
-                with vault.db.tx() as s:
-                    touch_token(s, tok_id, now)
-
-            vault.later(touch)
-        ensure_role(principal, role)
-        return principal
+        return authorize(request, vault, role)
 
     return dependency
 
@@ -104,6 +113,16 @@ async def peer_cert(request: Request) -> bytes | None:
 
 
 PeerCert = Annotated[bytes | None, Depends(peer_cert)]
+
+
+def json_response(content: Any) -> Response:
+    """``content`` rendered to JSON here, in the route's thread, as Starlette's
+    ``JSONResponse`` renders it (the same bytes). A route returning a ``Response`` skips
+    FastAPI's response validation and encoding — another thread hop and a walk of the whole
+    body — so only views of plain JSON types (``views``) may be returned this way."""
+    return Response(json.dumps(content, ensure_ascii=False, allow_nan=False, indent=None,
+                               separators=(",", ":")).encode("utf-8"),
+                    media_type="application/json")
 
 
 def name(kind: str, value: str) -> str:

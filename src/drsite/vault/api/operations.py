@@ -6,15 +6,16 @@ import os
 import socket
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
 from sqlalchemy import func, select
 
 from drsite.core.errors import InvalidInput, NotFound
 from drsite.core.states import ACTIVE_JOB_STATES, JOB_FILTER_ACTIVE, LIVE_ITEM_STATUSES, JobState
 from drsite.replication.report import Health
-from drsite.vault.api.deps import Admin, Operator, Reader, VaultDep, name
+from drsite.vault.api.deps import Admin, Operator, Reader, VaultDep, authorize, json_response, name
 from drsite.vault.api.paging import DEFAULT_LIMIT, Key, page
 from drsite.vault.api.views import alert_view, event_view, job_view
+from drsite.vault.auth import Role
 from drsite.vault.db.models import Alert, Event, Host, Item, Job
 from drsite.vault.health import agent_up
 from drsite.vault.jobs.create import request_cancel
@@ -138,6 +139,11 @@ def list_events(vault: VaultDep, _p: Reader, kind: str | None = None, subject: s
 
 
 @router.get("/health", summary="Counts by health, worst RPOs, agents up/down")
+def health_route(request: Request, vault: VaultDep) -> Response:
+    """:func:`health` (reader token), checked, read and rendered in one worker thread."""
+    return json_response(health(vault, authorize(request, vault, Role.READER)))
+
+
 def health(vault: VaultDep, _p: Reader) -> dict[str, Any]:
     """Counts of the health the vault last evaluated (every ``health_interval``) by SQL, the
     ten oldest newest-points, agents, open alerts and active jobs: a handful of queries,

@@ -89,15 +89,18 @@ def after_cursor(keys: Sequence[Key], values: Sequence[Any]) -> ColumnElement[bo
 
 def page(s: Session, q: Select[Any], keys: Sequence[Key], *, limit: int, cursor: str | None,
          view: Callable[[Any], dict[str, Any]],
-         prepare: Callable[[list[Any]], None] | None = None) -> dict[str, Any]:
+         prepare: Callable[[list[Any]], None] | None = None,
+         rows_of: Callable[[Any], list[Any]] | None = None) -> dict[str, Any]:
     """One page of ``q`` (a ``select(Model)`` with its filters) in the order of ``keys``;
     ``prepare`` sees the page's rows before ``view`` shows each (to read what they need in
-    one query)."""
+    one query). ``rows_of``: ``q`` selects columns (the keys' among them), and this makes the
+    page's rows of its result."""
     limit = check_limit(limit)
     total = s.scalar(select(func.count()).select_from(q.order_by(None).subquery()))
     if cursor:
         q = q.where(after_cursor(keys, decode_cursor(cursor, len(keys))))
-    rows = list(s.scalars(q.order_by(*(k.order() for k in keys)).limit(limit + 1)))
+    q = q.order_by(*(k.order() for k in keys)).limit(limit + 1)
+    rows = rows_of(s.execute(q)) if rows_of is not None else list(s.scalars(q))
     more = len(rows) > limit
     rows = rows[:limit]
     nxt = encode_cursor([getattr(rows[-1], k.name) for k in keys]) if more and rows else None

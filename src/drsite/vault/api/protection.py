@@ -4,21 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, Request, Response, status
 from sqlalchemy import ColumnElement, select
-from sqlalchemy.orm import Session, defer
+from sqlalchemy.orm import Session
 
 from drsite.core.errors import Conflict, InvalidInput, NotFound
 from drsite.core.states import FAILOVER_ITEM_STATUSES, LIVE_ITEM_STATUSES, ItemProtection
 from drsite.replication.report import Health, ItemState
 from drsite.vault import barrier, commands
-from drsite.vault.api.deps import Operator, Reader, VaultDep, name
+from drsite.vault.api.deps import Operator, Reader, VaultDep, authorize, json_response, name
 from drsite.vault.api.inventory import get_site
 from drsite.vault.api.paging import DEFAULT_LIMIT, Key, page
 from drsite.vault.api.schemas import GroupIn, GroupUpdate, ItemIn, MatchIn, PolicyIn, VerifyIn
 from drsite.vault.api.views import PageLookups, group_view, item_view, policy_view, site_names
 from drsite.vault.audit import record_event
+from drsite.vault.auth import Role
 from drsite.vault.db.models import Group, Host, Item, Job, Point, Policy, Task, Vm
+from drsite.vault.itemfacts import ITEM_ROW_COLUMNS, item_rows
 from drsite.vault.jobs.create import (
     start_disable_protection,
     start_enable_protection,
@@ -334,6 +336,20 @@ def item_filters(s: Session, *, all: bool = False, protection: str | None = None
 
 @router.get("/items", summary="List protected items, a page at a time (filters: protection, "
                               "state, health, host, site, target_site, group, q)")
+def list_items_route(request: Request, vault: VaultDep, all: bool = False,
+                     protection: str | None = None, state: str | None = None,
+                     health: str | None = None, host: str | None = None, site: str | None = None,
+                     target_site: str | None = None, group: str | None = None,
+                     q: str | None = None, limit: int = DEFAULT_LIMIT,
+                     cursor: str | None = None) -> Response:
+    """:func:`list_items` (reader token), checked, read and rendered in one worker thread."""
+    p = authorize(request, vault, Role.READER)
+    return json_response(list_items(vault, p, all=all, protection=protection, state=state,
+                                    health=health, host=host, site=site,
+                                    target_site=target_site, group=group, q=q, limit=limit,
+                                    cursor=cursor))
+
+
 def list_items(vault: VaultDep, _p: Reader, all: bool = False, protection: str | None = None,
                state: str | None = None, health: str | None = None, host: str | None = None,
                site: str | None = None, target_site: str | None = None,
@@ -347,9 +363,10 @@ def list_items(vault: VaultDep, _p: Reader, all: bool = False, protection: str |
         where = item_filters(s, all=all, protection=protection, state=state, health=health,
                              host=host, site=site, target_site=target_site, group=group, q=q)
         lookups: list[PageLookups] = []
-        # vm_spec (the VM's recorded spec, for failover) is not shown: not read nor decoded
-        return page(s, select(Item).where(*where).options(defer(Item.vm_spec)), ITEM_ORDER,
-                    limit=limit, cursor=cursor,
+        # the shown columns as plain tuples (not ORM rows; vm_spec, the VM's recorded spec for
+        # failover, is not shown: not read nor decoded)
+        return page(s, select(*ITEM_ROW_COLUMNS).where(*where), ITEM_ORDER,
+                    limit=limit, cursor=cursor, rows_of=item_rows,
                     prepare=lambda rows: lookups.append(PageLookups.read(s, rows)),
                     view=lambda i: item_view(s, i, now, vault.settings, lookups[0]))
 

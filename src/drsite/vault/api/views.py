@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from drsite.vault.db.models import (
     Vm,
 )
 from drsite.vault.health import SYNC_SUSPENDED, agent_up, item_health
+from drsite.vault.itemfacts import ItemRow
 from drsite.vault.membership import normalise_match
 from drsite.vault.scheduler import item_policy
 from drsite.vault.scrub import Damage, damage_of
@@ -104,7 +106,7 @@ class PageLookups:
     damages: dict[str, Damage]
 
     @classmethod
-    def read(cls, s: Session, items: list[Item]) -> PageLookups:
+    def read(cls, s: Session, items: Sequence[Item | ItemRow]) -> PageLookups:
         hosts = {h.id: h for h in s.scalars(select(Host).where(
             Host.id.in_(sorted({i.host_id for i in items}))))} if items else {}
         groups = {g.id: g for g in s.scalars(select(Group).where(
@@ -116,7 +118,7 @@ class PageLookups:
                    damage_of(s, [i.id for i in items]) if items else {})
 
 
-def sync_view(item: Item, policy: Policy | None, agent_is_up: bool) -> dict[str, Any]:
+def sync_view(item: Item | ItemRow, policy: Policy | None, agent_is_up: bool) -> dict[str, Any]:
     """The item's replication mode as its policy sets it: ``mode`` ("async" | "sync"), and in
     synchronous mode the latency ``budget_ms`` and whether the item is at RPO 0: ``state``
     ``in_sync``; ``suspended`` with the agent's ``reason`` (its report line, as the
@@ -142,10 +144,11 @@ def sync_view(item: Item, policy: Policy | None, agent_is_up: bool) -> dict[str,
     return out
 
 
-def item_view(s: Session, item: Item, now: float, settings: VaultSettings,
+def item_view(s: Session, item: Item | ItemRow, now: float, settings: VaultSettings,
               page: PageLookups | None = None) -> dict[str, Any]:
-    """One item as the API shows it; ``page``: what its page read once (:class:`PageLookups`),
-    else the item's own rows are read."""
+    """One item as the API shows it (an ORM row, or the columns a list read: ``ItemRow``);
+    ``page``: what its page read once (:class:`PageLookups`), else the item's own rows are
+    read."""
     if page is not None:
         sites = page.sites
         host = page.hosts.get(item.host_id)
