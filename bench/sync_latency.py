@@ -37,7 +37,7 @@ from benchlib import machine_info, workdir
 from drsite.core.model import DiskSpec, VmSpec
 from drsite.hypervisors.file import FileHypervisor
 from drsite.sitestore.syncserver import SyncServer
-from drsite.sitestore.testing import OpenAcl, make_test_certs
+from drsite.sitestore.testing import OpenAcl, TestCerts, make_test_certs
 from drsite.tlsutil import server_context
 
 MiB = 1 << 20
@@ -104,6 +104,21 @@ def qd1(vm: object, n: int, rng: random.Random) -> list[float]:
     return lat
 
 
+def enter_sync(hv: FileHypervisor, vm_id: str, item_id: str, port: int, certs: TestCerts,
+               budget_ms: int) -> None:
+    """Put the (tracked, running) VM in synchronous mode towards the recovery server at
+    ``port`` and wait until its mirror is in sync (the journal begins at the seal after)."""
+    hv.set_sync(vm_id, {"item_id": item_id, "host": "127.0.0.1", "port": port,
+                        "budget_ms": budget_ms, "ca_file": str(certs.ca_file),
+                        "cert_file": str(certs.client_cert), "key_file": str(certs.client_key)})
+    hv.release(hv.seal(vm_id))
+    deadline = time.monotonic() + 10
+    while (hv.sync_status(vm_id) or {}).get("state") != "in_sync":
+        if time.monotonic() > deadline:
+            raise SystemExit(f"mirror not in sync: {hv.sync_status(vm_id)}")
+        time.sleep(0.02)
+
+
 def qd16(vm: object, seconds: float) -> dict[str, float]:
     stop = threading.Event()
     counts = [0] * 16
@@ -163,16 +178,7 @@ def main() -> int:
                 hv.release(hv.seal(vm_id))
                 res["async_qd1"] = stats(qd1(rt.vm, a.n, rng))
                 res["async_qd16"] = qd16(rt.vm, a.qd16_seconds)
-                hv.set_sync(vm_id, {"item_id": "bench", "host": "127.0.0.1", "port": port,
-                                    "budget_ms": a.budget_ms, "ca_file": str(certs.ca_file),
-                                    "cert_file": str(certs.client_cert),
-                                    "key_file": str(certs.client_key)})
-                hv.release(hv.seal(vm_id))  # the journal begins at this seal
-                deadline = time.monotonic() + 10
-                while (hv.sync_status(vm_id) or {}).get("state") != "in_sync":
-                    if time.monotonic() > deadline:
-                        raise SystemExit(f"mirror not in sync: {hv.sync_status(vm_id)}")
-                    time.sleep(0.02)
+                enter_sync(hv, vm_id, "bench", port, certs, a.budget_ms)
                 res["sync_qd1"] = stats(qd1(rt.vm, a.n, rng))
                 res["sync_qd16"] = qd16(rt.vm, a.qd16_seconds)
                 res["mirror"] = hv.sync_status(vm_id)

@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository
 
 from benchlib import machine_info, workdir
-from sync_latency import local_reference, stats
+from sync_latency import enter_sync, local_reference, qd16, stats
 
 from drsite.core.model import DiskSpec, VmSpec
 from drsite.hypervisors.file import FileHypervisor
@@ -38,28 +37,6 @@ MiB = 1 << 20
 DISK = 256 * MiB
 IO = 4096
 LATENCY = Path(__file__).resolve().parent / "sync_latency.py"
-
-
-def qd16(vm: Any, seconds: float) -> float:
-    stop = threading.Event()
-    counts = [0] * 16
-
-    def run(k: int) -> None:
-        rng = random.Random(k)
-        buf = os.urandom(IO)
-        while not stop.is_set():
-            vm.write("d0", rng.randrange(DISK // IO) * IO, buf)
-            counts[k] += 1
-
-    threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(16)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    time.sleep(seconds)
-    stop.set()
-    for t in threads:
-        t.join(30)
-    return sum(counts) / (time.perf_counter() - t0)
 
 
 def main() -> int:
@@ -92,17 +69,7 @@ def main() -> int:
                 rt = hv.guest(vm_id)
                 rts.append(rt)
                 hv.release(hv.seal(vm_id))
-                hv.set_sync(vm_id, {"item_id": f"bench-{name}", "host": "127.0.0.1",
-                                    "port": port, "budget_ms": 5000,
-                                    "ca_file": str(certs.ca_file),
-                                    "cert_file": str(certs.client_cert),
-                                    "key_file": str(certs.client_key)})
-                hv.release(hv.seal(vm_id))
-                deadline = time.monotonic() + 10
-                while (hv.sync_status(vm_id) or {}).get("state") != "in_sync":
-                    if time.monotonic() > deadline:
-                        raise SystemExit(f"mirror not in sync: {hv.sync_status(vm_id)}")
-                    time.sleep(0.02)
+                enter_sync(hv, vm_id, f"bench-{name}", port, certs, 5000)
                 assert rt.vm.mirror is not None
                 if name == "serial":
                     rt.vm.mirror.early_send_bytes = 0
@@ -120,7 +87,7 @@ def main() -> int:
             tput: dict[str, list[float]] = {k: [] for k in vms}
             for r in range(a.qd16_rounds):
                 for name in (("serial", "overlap") if r % 2 else ("overlap", "serial")):
-                    tput[name].append(round(qd16(vms[name][1], 1.0)))
+                    tput[name].append(round(qd16(vms[name][1], 1.0)["writes_per_s"]))
             for name, (vm_id, vm) in vms.items():
                 st = hv.sync_status(vm_id) or {}
                 res[name] = {"sync_qd1": stats(lat[name]), "qd16_writes_per_s": tput[name],

@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository
 
 from benchlib import workdir
+from sync_latency import enter_sync
 
 from drsite.core.model import DiskSpec, VmSpec
 from drsite.hypervisors.file import FileHypervisor
@@ -65,16 +66,7 @@ def client(wd: Path, port: int, n: int, server_pid: int | None = None) -> None:
     rt = hv.guest(vm_id)
     try:
         hv.release(hv.seal(vm_id))
-        hv.set_sync(vm_id, {"item_id": f"bench{n}-{os.getpid()}", "host": "127.0.0.1", "port": port,
-                            "budget_ms": 5000, "ca_file": str(certs.ca_file),
-                            "cert_file": str(certs.client_cert),
-                            "key_file": str(certs.client_key)})
-        hv.release(hv.seal(vm_id))
-        deadline = time.monotonic() + 10
-        while (hv.sync_status(vm_id) or {}).get("state") != "in_sync":
-            if time.monotonic() > deadline:
-                raise SystemExit(f"mirror not in sync: {hv.sync_status(vm_id)}")
-            time.sleep(0.02)
+        enter_sync(hv, vm_id, f"bench{n}-{os.getpid()}", port, certs, 5000)
         rng, buf = random.Random(18), os.urandom(IO)
         pids = {"guest_side": os.getpid(), "recovery_side": server_pid}
         before = {k: counters(p) for k, p in pids.items() if p is not None}
