@@ -264,6 +264,7 @@ class Stats:
 
 FULL_HEARTBEAT_EVERY = 15  # like the agent: a full heartbeat every 15 (else what changed)
 CHANNEL_WAIT_S = 20.0
+SOON_GAP_S = 0.5  # like the agent (drsite.agent.daemon.SOON_GAP_S)
 
 
 class SimHost:
@@ -290,6 +291,8 @@ class SimHost:
         self.beats = 0
         self.sent_reports: dict[str, str] = {}  # item id -> the report digest the vault has
         self.sent_vms = False
+        # like the agent's beat_soon: the vault asked for a heartbeat on the channel
+        self.soon = asyncio.Event()
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -343,9 +346,19 @@ class SimHost:
             except httpx.HTTPError as e:
                 st.heartbeat_errors += 1
                 st.error(f"heartbeat {self.name}: {type(e).__name__}: {e}")
-            # like the agent: the next heartbeat one interval after this one ended
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.gen.a.heartbeat)
+            await self.pause(stop, t0)
+
+    async def pause(self, stop: asyncio.Event, began: float) -> None:
+        """Like the agent: the next heartbeat one interval after this one ended, or sooner
+        when asked (``soon``), at least ``SOON_GAP_S`` after the last one began."""
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.soon.wait())]
+        await asyncio.wait(waits, timeout=self.gen.a.heartbeat,
+                           return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
+        if self.soon.is_set() and not stop.is_set():
+            self.soon.clear()
+            await asyncio.sleep(max(0.0, began + SOON_GAP_S - time.perf_counter()))
 
     async def channel(self, stop: asyncio.Event) -> None:
         """The long poll: commands as soon as the vault has them."""
@@ -362,7 +375,10 @@ class SimHost:
                 st.error(f"channel {self.name}: HTTP {r.status_code} {r.text[:200]}")
                 await asyncio.sleep(1.0)
                 continue
-            self.take(r.json().get("commands") or [])
+            out = r.json()
+            if out.get("heartbeat") is True:
+                self.soon.set()
+            self.take(out.get("commands") or [])
 
     def on_reply(self, reply: dict[str, Any]) -> None:
         for item_id, seq in (reply.get("ack") or {}).items():

@@ -37,3 +37,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: -seconds[group[item]])
     for item in items:
         item.add_marker(pytest.mark.xdist_group(group[item]))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop the cloud test servers this process started (Azurite, SeaweedFS, moto): an xdist
+    worker may end with ``os._exit``, which skips their ``atexit`` stop, and they outlived the
+    run."""
+    from drsite.store.testing.servers import stop_shared_servers
+
+    stop_shared_servers()

@@ -225,3 +225,88 @@ def test_a_stopping_server_answers_the_long_poll_at_once(tmp_path: Path) -> None
         s.link.close()
         s.vault.close()
 
+
+
+def test_a_job_waiting_for_a_heartbeat_asks_the_agent_for_one_at_once(served: Served) -> None:
+    """``push.want_heartbeat`` (a job waits for a store access list to be confirmed or a point
+    to reach the catalogue): the host's waiting long poll answers at once with ``heartbeat``,
+    a host asked less than ``BEAT_ASK_GAP_S`` ago is not asked again, and a rolled-back
+    transaction asks nothing."""
+    from drsite.vault import push
+
+    got: list[tuple[float, bool, int]] = []
+
+    def poll(wait_s: float) -> None:
+        r = served.link.wait_channel(wait_s)
+        got.append((time.monotonic(), r.heartbeat, len(r.commands)))
+
+    def waiting() -> None:
+        deadline = time.monotonic() + 10
+        while served.vault.waiters.count() == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert served.vault.waiters.count() == 1
+
+    t = threading.Thread(target=poll, args=(20.0,), daemon=True)
+    t.start()
+    waiting()
+    # a rolled-back transaction: nothing
+    with pytest.raises(RuntimeError), served.vault.db.tx() as s:
+        push.want_heartbeat(s, served.host_id)
+        raise RuntimeError("rolled back")
+    time.sleep(0.3)
+    assert got == []
+    t0 = time.monotonic()
+    with served.vault.db.tx() as s:
+        push.want_heartbeat(s, served.host_id)
+    t.join(5)
+    assert got and got[0][1] is True and got[0][2] == 0
+    assert got[0][0] - t0 < 0.5
+    # asked again at once: not within the gap — the next long poll waits
+    with served.vault.db.tx() as s:
+        push.want_heartbeat(s, served.host_id)
+    t0 = time.monotonic()
+    poll(0.5)
+    assert got[1][1] is False and got[1][0] - t0 >= 0.4
+    # after the gap: asked again, and the ask waits for the next long poll if none is open
+    time.sleep(push.BEAT_ASK_GAP_S)
+    with served.vault.db.tx() as s:
+        push.want_heartbeat(s, served.host_id)
+    t0 = time.monotonic()
+    poll(5.0)
+    assert got[2][1] is True and got[2][0] - t0 < 0.5
+
+
+def test_a_long_poll_of_a_killed_agent_never_takes_a_command(served: Served,
+                                                             tmp_path: Path) -> None:
+    """An agent killed while its long poll waits: the kernel closes its socket, but the vault's
+    handler still waits beside the restarted agent's new poll. A command must go to the live
+    one — taken by the dead one it was marked sent into a closed connection and lost until a
+    heartbeat noticed (seconds of a failover). Five rounds: either waiter may wake first."""
+    import http.client
+    import json as _json
+    from urllib.parse import urlparse
+
+    u = urlparse(served.handle.url)
+    ctx = tlsutil.client_context(served.vault.tls.ca, tmp_path / "agent.pem",
+                                 tmp_path / "agent.key")
+    for _ in range(5):
+        dead = http.client.HTTPSConnection(u.hostname or "127.0.0.1", u.port, context=ctx,
+                                           timeout=30)
+        dead.request("POST", "/api/v1/agent/commands/wait",
+                      body=_json.dumps({"timeout_s": 30}),
+                      headers={"Content-Type": "application/json"})
+        deadline = time.monotonic() + 10
+        while served.vault.waiters.count() < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        dead.close()   # killed: the socket is closed, the vault's handler still waits
+        got: list[Command] = []
+        t = threading.Thread(target=lambda out=got: out.extend(served.link.wait_commands(10.0)),
+                             daemon=True)
+        t.start()
+        deadline = time.monotonic() + 10
+        while served.vault.waiters.count() < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+        cid, _ = served.enqueue()
+        t.join(10)
+        assert [c.command_id for c in got] == [cid]

@@ -322,6 +322,31 @@ def test_low_disk_in_a_failover_step_is_retried_on_the_seed_schedule(h: Harness)
     assert h.job(job["id"])["state"] == "succeeded"
 
 
+def test_a_step_that_could_not_reach_the_store_is_sent_again_once_its_host_beats(
+        h: Harness) -> None:
+    """Crash campaign: the recovery site's agent killed during a planned failover — the
+    source's final sync cannot reach its store (``network``). Re-sent at once, then two and
+    four heartbeats later; but once the store's host heartbeats after the failure (it is back
+    from its restart), at once: a failover does not sit out seconds of spacing."""
+    a, b, item = setup(h)
+    h.ok("POST", f"/items/{item}/failover/planned-failover", json={})
+    down = {"code": "network", "class": "transient", "hint": "Check the recovery site.",
+            "message": "list 'items/i/points/': cannot reach the store server: ConnectError"}
+    play(h, a, "failover_prepare", status="failed", error=down)
+    h.clock.advance(0.2)
+    play(h, a, "failover_prepare", status="failed", error=down)   # re-sent at once
+    h.clock.advance(0.2)
+    h.tick()
+    vms = [vm_info("vm-1", "web1"), vm_info("vm-2", "db1", labels=["db"])]
+    assert [c for c in a.beat(vms=vms)["commands"] if c["kind"] == "failover_prepare"] == []
+    # the store's host beats (restarted): the next try goes now, not 4 s after the failure
+    h.clock.advance(0.2)
+    b.beat(store_url="https://127.0.0.1:9443")
+    play(h, a, "failover_prepare", {"point_id": "p000000000002", "fingerprints": {"d0": "x"}})
+    assert "sending it again" not in h.job(
+        h.ok("GET", f"/items/{item}")["active_job_id"])["message"]
+
+
 def test_unplanned_failover_fences_the_old_primary_when_it_is_back(h: Harness) -> None:
     """Issue 13 part 2: after an unplanned failover the source host gets `failover_fence`
     (whenever it is back); until it confirms, the item is Critical with "old primary may still

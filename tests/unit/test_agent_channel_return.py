@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from drsite.agent.lanes import CHANNEL_WAIT_S, CommandLanes
-from drsite.agent.link import Command
+from drsite.agent.link import ChannelReply
 from drsite.agent.state import CommandJournal
 from drsite.core.errors import Busy, NetworkError
 
@@ -20,18 +20,20 @@ from drsite.core.errors import Busy, NetworkError
 class Link:
     vault_url = "https://127.0.0.1:1"
 
-    def __init__(self, errors: list[Exception], stop: threading.Event) -> None:
+    def __init__(self, errors: list[Exception], stop: threading.Event,
+                 beat_asked_at: tuple[int, ...] = ()) -> None:
         self.errors = errors
         self.stop = stop
         self.calls: list[tuple[float, float]] = []  # (monotonic time, wait_s)
+        self.beat_asked_at = beat_asked_at  # the calls whose answer asks for a heartbeat
 
-    def wait_commands(self, wait_s: float) -> list[Command]:
+    def wait_channel(self, wait_s: float) -> ChannelReply:
         self.calls.append((time.monotonic(), wait_s))
         if self.errors:
             raise self.errors.pop(0)
         if len(self.calls) > 12:
             self.stop.set()
-        return []
+        return ChannelReply([], heartbeat=len(self.calls) in self.beat_asked_at)
 
 
 class Host:
@@ -41,17 +43,22 @@ class Host:
     def __init__(self, link: Link) -> None:
         self.link = link
         self.returns: list[int] = []  # the call count when vault_back was called
+        self.beats_asked: list[int] = []  # the call count when beat_soon was called
 
     def vault_back(self) -> None:
         self.returns.append(len(self.link.calls))
+
+    def beat_soon(self) -> None:
+        self.beats_asked.append(len(self.link.calls))
 
     def __getattr__(self, name: str) -> Any:  # nothing else is used by the channel loop
         raise AttributeError(name)
 
 
-def run(tmp_path: Path, errors: list[Exception]) -> tuple[Link, Host]:
+def run(tmp_path: Path, errors: list[Exception],
+        beat_asked_at: tuple[int, ...] = ()) -> tuple[Link, Host]:
     stop = threading.Event()
-    link = Link(errors, stop)
+    link = Link(errors, stop, beat_asked_at)
     host = Host(link)
     lanes = CommandLanes(host, CommandJournal(tmp_path / "commands.json"),  # type: ignore[arg-type]
                          threading.RLock(), stop, 1)
@@ -79,3 +86,10 @@ def test_a_vault_that_answers_with_errors_gets_a_growing_backoff(tmp_path: Path)
     waited = link.calls[4][0] - link.calls[0][0]
     assert waited >= 0.05 * (1 + 2 + 3 + 4) * 0.95, waited
     assert host.returns == [5]
+
+
+def test_the_vaults_ask_for_a_heartbeat_on_the_channel_is_passed_on(tmp_path: Path) -> None:
+    """A channel answer with ``heartbeat`` (a job of the vault waits for this host's next
+    heartbeat) makes the agent beat now; other answers do not."""
+    _, host = run(tmp_path, [], beat_asked_at=(2, 5))
+    assert host.beats_asked == [2, 5]

@@ -25,6 +25,7 @@ from drsite.agent.testing import FakeVault
 from drsite.core.errors import (
     AuthError,
     CommandInterrupted,
+    DrsiteError,
     InvalidInput,
     NetworkError,
     OperationInterrupted,
@@ -485,3 +486,49 @@ def test_heartbeat_holds_queued_and_running_commands(env: Env) -> None:
         assert cid not in env.vault.hosts[env.host_id].last["held"]
     finally:
         a.shutdown()
+
+
+def test_only_the_first_answered_heartbeat_of_a_process_says_restarted(env: Env) -> None:
+    """``restarted``: the vault re-sends at once every command delivered before it that the
+    beat does not hold (they died with the old process); later beats do not say it."""
+    a = env.agent()
+    try:
+        env.vault.refuse_heartbeats = True
+        with pytest.raises(DrsiteError):   # refused (503): not answered
+            a.heartbeat_once()
+        env.vault.refuse_heartbeats = False
+        a.heartbeat_once()   # the first one answered
+        assert env.vault.hosts[env.host_id].last.get("restarted") is True
+        a.heartbeat_once()
+        assert "restarted" not in env.vault.hosts[env.host_id].last
+    finally:
+        a.shutdown()
+    b = env.agent()   # a new process (of the same host)
+    try:
+        b.heartbeat_once()
+        assert env.vault.hosts[env.host_id].last.get("restarted") is True
+    finally:
+        b.shutdown()
+
+
+def test_beat_soon_sends_the_next_heartbeat_now_and_a_burst_is_one_beat(env: Env) -> None:
+    """The vault asked for a heartbeat (its long poll said ``heartbeat``: a job waits for a
+    store access list to be confirmed, or a point to reach the catalogue): the next beat goes
+    now, not at the end of the interval; a burst of asks is one beat (``soon_gap_s`` apart)."""
+    a = Agent(env.data, hypervisor=env.hv, heartbeat_interval=30.0, target_factory=env.target)
+    t = threading.Thread(target=a.run, daemon=True)
+    t.start()
+    try:
+        env.vault.wait_heartbeat(env.host_id, 0, 10)
+        time.sleep(0.6)
+        before = env.vault.hosts[env.host_id].heartbeats
+        t0 = time.monotonic()
+        for _ in range(20):
+            a.beat_soon()
+        env.vault.wait_heartbeat(env.host_id, before, 5)
+        assert time.monotonic() - t0 < 1.5
+        time.sleep(1.5)
+        assert env.vault.hosts[env.host_id].heartbeats == before + 1
+    finally:
+        a.stop()
+        t.join(30)

@@ -119,6 +119,30 @@ def test_lost_commands_are_delivered_again_at_the_next_heartbeat(h: Harness) -> 
     assert [c["command_id"] for c in a.beat(held=[])["commands"]] == [cmd["command_id"]]
 
 
+def test_a_restarted_agents_first_heartbeat_gets_every_lost_command_back(h: Harness) -> None:
+    """An agent killed right after a delivery: its first heartbeat after the restart was built
+    after the delivery, yet the previous heartbeat (the old process's) was before it — by the
+    ordinary rule that command would come back one heartbeat later. ``restarted`` says the
+    agent holds all it will ever run of what was delivered before: the rest comes at once."""
+    a, _ = setup(h)
+    start(h)
+    a.beat(vms=VMS, held=[])
+    h.clock.advance(0.5)
+    h.tick()
+    # delivered after that heartbeat, on the command channel; then the agent was killed
+    r = a.post("/commands/wait", {"timeout_s": 0})
+    assert r.status_code == 200, r.text
+    (cmd,) = [c for c in r.json()["commands"] if c["kind"] == "protect"]
+    h.clock.advance(0.5)
+    # (without the flag it would not come yet: a channel delivery may cross a heartbeat of a
+    # live agent — test_lost_commands_are_delivered_again_at_the_next_heartbeat)
+    reply = a.beat(vms=VMS, held=[], restarted=True)
+    assert [c["command_id"] for c in reply["commands"]] == [cmd["command_id"]]
+    # what it holds is never sent again
+    h.clock.advance(0.1)
+    assert a.beat(vms=VMS, held=[cmd["command_id"]], restarted=True)["commands"] == []
+
+
 def test_silent_running_commands_are_delivered_again_after_heartbeats_not_minutes(h: Harness) -> None:
     a, _ = setup(h)
     start(h)

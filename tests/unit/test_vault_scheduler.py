@@ -167,6 +167,27 @@ def test_first_network_retry_is_early_when_the_store_agent_is_back(h: Harness) -
     assert len(sent(h, "cycle")) == 1
 
 
+def test_first_network_retry_goes_as_soon_as_the_store_agent_beats_after_the_failure(
+        h: Harness) -> None:
+    """Crash campaign: the store's agent was killed and is back half a second after the cycle
+    failed — its heartbeat after the failure says so: the retry goes then, not two heartbeat
+    intervals after the failure. Once per run of failures, as before."""
+    a, _ = protected(h, frequency_s=30)
+    h.clock.advance(30)
+    (c,) = sent(h, "cycle")
+    a.result(c.id, "failed", error=NET)
+    h.clock.advance(0.1)
+    assert sent(h, "cycle") == []                 # no heartbeat of the store since
+    h.clock.advance(0.4)
+    b = next(x for x in h.agents if x.name == "hv2")
+    b.beat(store_url="https://127.0.0.1:9443")   # its first heartbeat after the restart
+    (c,) = sent(h, "cycle")
+    a.result(c.id, "failed", error=NET)           # again: the link itself is down
+    h.clock.advance(0.5)
+    b.beat(store_url="https://127.0.0.1:9443")
+    assert sent(h, "cycle") == []                 # the seed's schedule now
+
+
 def test_permanent_failure_makes_the_item_critical_and_stops_it(h: Harness) -> None:
     a, item_id = protected(h)
     h.clock.advance(30)

@@ -79,6 +79,9 @@ from drsite.store.format import PointInfo
 
 log = logging.getLogger(__name__)
 
+# heartbeats asked for early (beat_soon) stay at least this far apart (or a quarter of the
+# interval, if shorter): a burst of wake-ups is one heartbeat, never a storm
+SOON_GAP_S = 0.5
 
 
 class Agent:
@@ -109,6 +112,7 @@ class Agent:
         self.data_dir = Path(data_dir)
         self.hypervisor = hypervisor
         self.heartbeat_interval = heartbeat_interval
+        self.soon_gap_s = min(SOON_GAP_S, heartbeat_interval / 4)
         self.offline_after_s = offline_after_s
         self.max_backoff_s = max(max_backoff_s, heartbeat_interval)
         self.identity = AgentIdentity.load(self.data_dir)
@@ -163,6 +167,7 @@ class Agent:
                 return
             self._started = True
             self._stop.clear()
+            self.beats.started()  # what the vault delivered before this start is lost unless held
             self.lanes.open()
             if self._catalogues.stopped:  # started again after a shutdown
                 self._catalogues = CatalogueRefresher(self.heartbeat_interval)
@@ -191,8 +196,12 @@ class Agent:
         self.start()
         try:
             while not self._stop.is_set():
+                began = time.monotonic()
                 delay = self.tick()
-                self._wake.wait(delay)
+                if self._wake.wait(delay):
+                    # woken early (beat_soon, vault_back): beats stay SOON_GAP_S apart, so a
+                    # burst of wake-ups is one heartbeat
+                    self._stop.wait(max(0.0, began + self.soon_gap_s - time.monotonic()))
                 self._wake.clear()
         finally:
             self.shutdown()
@@ -208,6 +217,14 @@ class Agent:
         ``max_backoff_s``), so results held meanwhile are posted and a job waiting on them goes
         on within a second of the vault's return."""
         if self._failures:
+            self._wake.set()
+
+    def beat_soon(self) -> None:
+        """Heartbeat now rather than at the end of the interval (at most one every
+        ``soon_gap_s``): the vault asked for one on the command channel (a job waits for a
+        store access list to be confirmed or a point to reach its catalogue). Ignored while
+        heartbeats fail (their backoff stands; :meth:`vault_back` ends it)."""
+        if not self._failures:
             self._wake.set()
 
     def shutdown(self) -> None:

@@ -70,6 +70,10 @@ class BeatHost(Protocol):
         """The item's last point listing (and its failure, if any)."""
         ...
 
+    def beat_soon(self) -> None:
+        """Send the next heartbeat now rather than at the end of the interval."""
+        ...
+
 
 def inventory(hypervisor: HypervisorDriver, data_dir: Path,
               book: RecoveryBook | None) -> list[dict[str, Any]]:
@@ -110,6 +114,11 @@ class Heartbeats:
         # digests and acks are the ones it sent, and a beat that returns found every earlier
         # one answered (what it carried is at the vault)
         self._beat_lock = threading.Lock()
+        # starts of the agent's work, and the last one a heartbeat was answered after: until
+        # then beats say ``restarted`` (the vault re-sends at once every command it delivered
+        # before that the beat's ``held`` does not list)
+        self._starts = 1
+        self._answered_start = 0
 
     # ----------------------------------------------------------------------------- reports
 
@@ -221,6 +230,10 @@ class Heartbeats:
         if changed:
             self._catalog_file.save(catalog)
 
+    def started(self) -> None:
+        """The agent (re)started its work: the next answered heartbeat says ``restarted``."""
+        self._starts += 1
+
     def once(self) -> HeartbeatReply:
         """One heartbeat: send, apply the ack, accept the commands, post pending results and
         progress. Raises ``NetworkError`` (vault unreachable), ``AuthError`` and the like."""
@@ -237,6 +250,9 @@ class Heartbeats:
             if self.book is not None:
                 payload["recovery_book_digest"] = self.book.digest
                 payload["recovery_book_patches"] = True
+            starts = self._starts
+            if starts != self._answered_start:
+                payload["restarted"] = True
             reports = breakglass.pending_reports(self.host.data_dir)
             if reports:
                 payload["breakglass"] = reports  # until the vault acknowledges them
@@ -247,9 +263,11 @@ class Heartbeats:
             raise
         self._beat_digests = self._pending_digests
         self._beats_since_full = 0 if full else self._beats_since_full + 1
+        self._answered_start = starts
         # the book first: it names the sync journals to keep, and the list may admit a new
         # item's writer (whose journal must not look like an unprotected item's)
         recoverybook.apply_reply(self.book, reply.recovery_book, reply.recovery_book_patch)
+        # (a job waiting for this list to be confirmed asks for the next beat on the channel)
         storeacl.apply_reply(self.store, reply.store_acl)
         breakglass.mark_reported(self.host.data_dir, reply.breakglass_ack)
         self._apply_ack(reply, sent)

@@ -133,6 +133,10 @@ class LaneHost(Protocol):
         """The command channel reached the vault after failing: heartbeat now."""
         ...
 
+    def beat_soon(self) -> None:
+        """The vault asks for a heartbeat now (its reply on the command channel)."""
+        ...
+
 
 def lane_key(cmd: Command) -> str:
     """The lane a command runs in: its item's, a VM command's VM's (``vms.lane_of``), else
@@ -236,7 +240,7 @@ class CommandLanes:
             try:
                 # after a failure, a poll the vault answers at once: its return is seen now,
                 # not when a long poll with nothing to deliver ends
-                cmds = link.wait_commands(0.0 if failures else CHANNEL_WAIT_S)
+                got = link.wait_channel(0.0 if failures else CHANNEL_WAIT_S)
             except NotFound:
                 log.info("the vault at %s has no command channel; commands arrive with "
                          "heartbeats", link.vault_url)
@@ -262,6 +266,9 @@ class CommandLanes:
             if failures:
                 failures = 0
                 self.host.vault_back()
+            if got.heartbeat:
+                self.host.beat_soon()  # a job of the vault waits for this host's heartbeat
+            cmds = got.commands
             # a barrier's steps first, each at once (a clock cut's members of this host are
             # sent together): their journal entries (an fsync each) wait until all started
             later: list[Callable[[], None]] = []

@@ -111,6 +111,15 @@ class HeartbeatReply:
     breakglass_ack: list[str] = field(default_factory=list)  # break-glass failovers recorded
 
 
+@dataclass(frozen=True)
+class ChannelReply:
+    """The command channel's answer: commands, and whether the vault asks for a heartbeat
+    now (it answers at once then, with or without commands)."""
+
+    commands: list[Command]
+    heartbeat: bool = False
+
+
 class VaultLink:
     """HTTPS client of the agent routes (client certificate in ``ssl_context``), to one vault
     or to the vaults of a pair (``vault_urls``, the active one first if known).
@@ -231,10 +240,15 @@ class VaultLink:
         """The command channel: this host's commands as soon as the vault has any, or ``[]``
         after about ``wait_s`` (the vault holds the request open). ``NotFound`` from a vault
         without the channel."""
+        return self.wait_channel(wait_s).commands
+
+    def wait_channel(self, wait_s: float) -> ChannelReply:
+        """:meth:`wait_commands`, and whether the vault asks for a heartbeat now (a job waits
+        for one: a store access list to confirm, a point to reach its catalogue)."""
         out = self._post("/commands/wait", {"timeout_s": wait_s}, timeout=wait_s + 15.0) or {}
         if not isinstance(out, dict):
             raise NetworkError("the vault's command channel reply is not an object")
-        return self._commands(out)[0]
+        return ChannelReply(self._commands(out)[0], out.get("heartbeat") is True)
 
     def heartbeat(self, payload: dict[str, Any]) -> HeartbeatReply:
         """Send one heartbeat; the reply's malformed commands are dropped (and logged)."""

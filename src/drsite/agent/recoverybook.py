@@ -26,7 +26,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from drsite.core.errors import InvalidInput, NotFound, classify_os_error
+from drsite.core.errors import DrsiteError, InvalidInput, NotFound, classify_os_error
 from drsite.failover.wire import apply_book_patch, check_recovery_book, recovery_book_digest
 from drsite.fsutil import atomic_write_bytes, read_json
 from drsite.store.format import canonical_json
@@ -135,3 +135,6 @@ def apply_reply(book: RecoveryBook | None, doc: Any, patch: dict[str, Any] | Non
     except InvalidInput as e:
         log.error("ignoring the vault's recovery book%s: %s", "" if doc is not None else " patch",
                   e)
+    except DrsiteError as e:  # not persisted (a full disk): not adopted; the digest the vault
+        # is told is still the old book's, so the next heartbeat brings it again
+        log.error("cannot keep the vault's recovery book (%s); the book in force stays", e)

@@ -25,7 +25,7 @@ from typing import Any
 from drsite.agent.link import Command
 from drsite.agent.state import settings_from_args
 from drsite.agent.storeservice import StoreService
-from drsite.core.errors import InvalidInput
+from drsite.core.errors import DrsiteError, InvalidInput
 from drsite.core.model import validate_name
 from drsite.sitestore.server import replica_lock
 from drsite.store.replica import ReplicaHydrator
@@ -47,22 +47,27 @@ def beat_failed(svc: StoreService | None, fields: dict[str, Any]) -> None:
         svc.audit.give_back(list(fields["audit"]))
 
 
-def apply_reply(svc: StoreService | None, doc: Any) -> None:
-    """Take the list of a heartbeat reply (absent: unchanged). A malformed list is logged and
-    ignored: the list in force stays."""
+def apply_reply(svc: StoreService | None, doc: Any) -> bool:
+    """Take the list of a heartbeat reply (absent: unchanged); True when the list in force
+    changed. A malformed list is logged and ignored: the list in force stays."""
     if svc is None or doc is None:
-        return
+        return False
     if not isinstance(doc, dict):
         log.error("ignoring a store access list that is not an object")
-        return
+        return False
     try:
         if svc.acl.update(doc):
             st = svc.acl.state
             log.info("store access list updated: %d item(s), %d host(s), %d revoked",
                      len(st.items) if st else 0, len(st.hosts) if st else 0,
                      len(st.revoked_hosts) if st else 0)
+            return True
     except InvalidInput as e:
         log.error("ignoring the vault's store access list: %s", e)
+    except DrsiteError as e:  # not persisted (a full disk): not used; the vault sends it again
+        log.error("cannot keep the vault's store access list (%s); the list in force stays, "
+                  "the next heartbeat brings it again", e)
+    return False
 
 
 def retention_keep(cmd: Command) -> set[str]:

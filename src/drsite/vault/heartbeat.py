@@ -82,6 +82,7 @@ class Beat:
     audit: list[trust.StoreAudit] = field(default_factory=list)
     store_acl_digest: str | None = None   # the store access list the agent has (storeacl)
     held: list[str] | None = None  # command ids the agent holds (None: it does not say)
+    restarted: bool = False  # the agent's first answered heartbeat since its process started
     recovery_book_digest: str | None = None  # the recovery book the agent has (recoverybook)
     recovery_book_patches: bool = False  # the agent takes a patch of its book (recoverybook)
     breakglass: list[dict[str, Any]] = field(default_factory=list)  # break-glass failovers
@@ -131,7 +132,9 @@ def apply_heartbeat(s: Session, host: Host, beat: Beat, settings: VaultSettings)
     due = commands.deliver(s, host.id, now, resend_after_s=settings.resend_after_s,
                            stale_running_s=settings.stale_running_s,
                            held=set(beat.held) if beat.held is not None else None,
-                           prev_beat_at=prev_beat_at)
+                           # a restarted agent holds every command it will ever run of
+                           # those delivered before now: the rest died with the old process
+                           prev_beat_at=now if beat.restarted else prev_beat_at)
     return {"commands": [commands.to_wire(c) for c in due], "ack": ack,
             "heartbeat_interval": settings.heartbeat_interval,
             **storeacl.reply_fields(s, host, beat.store_acl_digest, now),

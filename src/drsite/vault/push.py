@@ -17,6 +17,12 @@ A command is marked ``sent`` in the same transaction that reads it, so two waite
 the agent then does not receive (the reply was lost) is re-delivered by the heartbeat rule
 (``commands.deliver``), which knows what the agent holds.
 
+A job that waits for a host's next heartbeat (a store access list to be confirmed, a first
+point to reach the catalogue) asks for it (:func:`want_heartbeat`): after its transaction
+commits, the host's long poll answers at once with ``"heartbeat": true`` and the agent beats
+now instead of at the end of its interval (asked at most once per ``BEAT_ASK_GAP_S`` per host;
+only waiters of this process hear it — elsewhere the heartbeat simply comes on time).
+
 The same hook kicks the background loop (:meth:`CommandPush.on_change`) when a job is created
 or a command ends, so a job's next task runs at once instead of at the next loop tick.
 
@@ -29,19 +35,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from drsite.core.states import FINAL_COMMAND_STATUSES
-from drsite.vault.db.models import Command, Job
+from drsite.vault.db.models import Command, Job, Point
 
 log = logging.getLogger(__name__)
 
 _HOSTS = "drsite_push_hosts"
 _KICK = "drsite_push_kick"
 _NEW_JOB = "drsite_push_new_job"
+_BEATS = "drsite_push_beats"
+
+BEAT_ASK_GAP_S = 1.0  # a host is asked for an early heartbeat at most this often
+
+
+def want_heartbeat(s: Session, host_id: str) -> None:
+    """A job in this transaction waits for the host's next heartbeat: once the transaction
+    commits, its command channel asks the agent for one now (:meth:`Waiters.want_beat`)."""
+    s.info.setdefault(_BEATS, set()).add(host_id)
 
 
 class Waiters:
@@ -51,6 +67,10 @@ class Waiters:
         self._lock = threading.Lock()
         self._by_host: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
         self.closed = False  # the server stops: long polls answer at once
+        # hosts asked for a heartbeat whose long poll has not answered it yet, and when each
+        # host was last asked (monotonic)
+        self._beats: set[str] = set()
+        self._asked: dict[str, float] = {}
 
     def close(self) -> None:
         """The server is stopping: wake every waiter (it answers with what is pending, or
@@ -72,6 +92,27 @@ class Waiters:
                 loop.call_soon_threadsafe(ev.set)
             except RuntimeError:  # its loop is closed: the waiter is gone
                 continue
+
+    def want_beat(self, host_ids: set[str]) -> None:
+        """Ask these hosts for a heartbeat now: their long poll (the one open, or the next)
+        answers at once with ``"heartbeat": true``. A host asked less than
+        ``BEAT_ASK_GAP_S`` ago is not asked again (a job is asked every loop round)."""
+        now = time.monotonic()
+        with self._lock:
+            hosts = {h for h in host_ids if now - self._asked.get(h, -BEAT_ASK_GAP_S) >= BEAT_ASK_GAP_S}
+            for h in hosts:
+                self._asked[h] = now
+            self._beats |= hosts
+            targets = [w for h in hosts for w in self._by_host.get(h, [])]
+        self._set(targets)
+
+    def take_beat(self, host_id: str) -> bool:
+        """Whether the host was asked for a heartbeat (once: the caller's reply says so)."""
+        with self._lock:
+            if host_id in self._beats:
+                self._beats.discard(host_id)
+                return True
+            return False
 
     def register(self, host_id: str) -> asyncio.Event:
         """An event set whenever the host's commands change (the caller clears it before each
@@ -123,13 +164,20 @@ class CommandPush:
                         items.add(obj.item_id)
             elif isinstance(obj, Job) and obj in session.new:
                 session.info[_NEW_JOB] = True
+            elif isinstance(obj, Point) and obj in session.new:
+                # a job may wait for the item's point to reach the catalogue (a heartbeat
+                # brought it): its item's jobs are asked at once
+                session.info.setdefault(_KICK, (set(), set()))[1].add(obj.item_id)
 
     def after_commit(self, session: Session) -> None:
         hosts = session.info.pop(_HOSTS, None)
         kick = session.info.pop(_KICK, None)
         new_job = session.info.pop(_NEW_JOB, False)
+        beats = session.info.pop(_BEATS, None)
         if hosts:
             self.waiters.wake(hosts)
+        if beats:
+            self.waiters.want_beat(beats)
         if new_job and self.on_new_job is not None:
             self.on_new_job()
         if kick is not None and self.on_change is not None:
@@ -139,3 +187,4 @@ class CommandPush:
         session.info.pop(_HOSTS, None)
         session.info.pop(_KICK, None)
         session.info.pop(_NEW_JOB, None)
+        session.info.pop(_BEATS, None)

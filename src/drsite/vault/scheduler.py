@@ -195,7 +195,7 @@ class Scheduler:
                 policy = policies[item.group_id]
                 kinds = open_kinds.get(item.id, set())
                 granted = _grant_now_confirmed(s, item, now)
-                for d in self._item(item, policy, kinds, now, item.target_site_id in stores_up,
+                for d in self._item(item, policy, kinds, now, stores_up.get(item.target_site_id),
                                     granted):
                     if d.kind == "cycle" and consistent:
                         continue  # a consistent group's cycles come from its barrier
@@ -289,12 +289,13 @@ class Scheduler:
         return hit
 
     def _plan(self, item: ItemFacts, policy: Policy, now: float,
-              store_up: bool = False, granted: bool = False) -> tuple[Action, float]:
-        """The planner's action and the time the next cycle is (was) due. ``store_up``: an
-        agent serving the item's recovery store is up (see :func:`early_retry`); ``granted``:
-        the last attempt was refused for a grant the store's agent now confirms."""
+              store_beat_at: float | None = None, granted: bool = False) -> tuple[Action, float]:
+        """The planner's action and the time the next cycle is (was) due. ``store_beat_at``:
+        the last heartbeat of the agent serving the item's recovery store, if it is up (see
+        :func:`early_retry`); ``granted``: the last attempt was refused for a grant the store's
+        agent now confirms."""
         retry = RetryState.from_dict(item.retry) if item.retry else RetryState()
-        if granted or early_retry(retry, store_up, now, self.settings.heartbeat_interval):
+        if granted or early_retry(retry, store_beat_at, now, self.settings.heartbeat_interval):
             retry.next_attempt_at = now
         report = item.report or {}
         nxt = next_cycle_at(item.last_cycle_sent_at, policy.frequency_s, now)
@@ -310,7 +311,7 @@ class Scheduler:
         return plan(pi).action, nxt
 
     def _item(self, item: ItemFacts, policy: Policy, open_kinds: set[str], now: float,
-              store_up: bool = False, granted: bool = False) -> list[_Due]:
+              store_beat_at: float | None = None, granted: bool = False) -> list[_Due]:
         out: list[_Due] = []
         if open_kinds.intersection(HANDBACK_KINDS):
             return out
@@ -325,7 +326,7 @@ class Scheduler:
                             {"scrub": {**sc, "repair_for": sc.get("latest_point"),
                                        "repair_sent_at": now}}))
         elif not open_kinds.intersection(commands.REPLICATION_KINDS):
-            action, due_at = self._plan(item, policy, now, store_up, granted)
+            action, due_at = self._plan(item, policy, now, store_beat_at, granted)
             if action is Action.DELTA:
                 last_app = max(item.last_app_point_time or 0.0, item.last_app_cycle_at or 0.0) or None
                 app = app_consistent_due(last_app, policy.app_consistent_every_s, now)

@@ -67,7 +67,7 @@ from sqlalchemy.orm import Session
 
 from drsite.core.states import RETIRED_ITEM_STATUSES, ItemProtection
 from drsite.sitestore.acl import FORMAT, acl_digest
-from drsite.vault import commands
+from drsite.vault import commands, push
 from drsite.vault.db.models import Command, Group, Host, Item, PointKey, Site
 
 KEY_BYTES = 32
@@ -360,10 +360,20 @@ def _confirm(host: Host, agent_digest: str | None) -> None:
 def grant_pending(s: Session, item: Item, now: float) -> str | None:
     """Why the item's writes would still be refused by its site store (its agent has not
     confirmed, in a heartbeat, a list that grants them), or None. A job waits on this before
-    it sends ``protect``, so the first write never races the list (module docstring)."""
+    it sends ``protect``, so the first write never races the list (module docstring). While
+    it waits, the store host is asked for a heartbeat now (``push.want_heartbeat``): the list
+    goes out in its reply and comes back confirmed in the beat after, instead of one and two
+    heartbeat intervals later."""
     host = store_host(s, item)
     if host is None:
         return None
+    why = _grant_pending(s, item, host, now)
+    if why is not None:
+        push.want_heartbeat(s, host.id)
+    return why
+
+
+def _grant_pending(s: Session, item: Item, host: Host, now: float) -> str | None:
     waiting = (f"waiting for the store agent of the target site ({host.name}) to receive the "
                "item's access grant (next heartbeat)")
     source = s.get(Host, item.host_id)

@@ -77,13 +77,16 @@ class Agent:
             self.h.peer = None
 
     def beat(self, vms: list[dict[str, Any]] | None = None, items: list[dict[str, Any]] | None = None,
-             store_url: str | None = None, held: list[str] | None = None) -> dict[str, Any]:
+             store_url: str | None = None, held: list[str] | None = None,
+             restarted: bool = False) -> dict[str, Any]:
         digest = acl_digest(self.store_acl) if self.store_acl is not None else None
         body: dict[str, Any] = {"host_name": self.name, "version": "test", "store_url": store_url,
                                 "vms": vms or [], "items": items or [],
                                 "store_acl_digest": digest}
         if held is not None:
             body["held"] = held
+        if restarted:
+            body["restarted"] = True
         r = self.post("/heartbeat", body)
         assert r.status_code == 200, r.text
         out: dict[str, Any] = r.json()

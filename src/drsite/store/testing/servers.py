@@ -218,5 +218,16 @@ def shared_server(kind: str) -> RunningServer:
         return got
 
 
+def stop_shared_servers() -> None:
+    """Stop every process-wide server now (idempotent). pytest calls it at the end of each
+    session: an xdist worker may leave with ``os._exit``, which runs no ``atexit`` hook, and
+    its Azurite or SeaweedFS would outlive the run."""
+    with _lock:
+        got = [s for s in _servers.values() if isinstance(s, RunningServer)]
+        _servers.clear()
+    for s in got:
+        s.stop()
+
+
 def unique_prefix() -> str:
     return f"t-{uuid.uuid4().hex[:12]}/"

@@ -129,6 +129,7 @@ def _heartbeat(body: HeartbeatIn, vault: Vault, cert: bytes | None,
                 audit=[StoreAudit(op=a.op, key=a.key, item_id=a.item_id, caller=a.caller,
                                   outcome=a.outcome, at=a.at) for a in body.audit],
                 store_acl_digest=body.store_acl_digest, held=body.held,
+                restarted=body.restarted,
                 recovery_book_digest=body.recovery_book_digest,
                 recovery_book_patches=body.recovery_book_patches, breakglass=body.breakglass)
     ident = verify_agent_cert(vault.ca, cert)  # before the transaction (cached)
@@ -181,8 +182,9 @@ async def wait_commands(body: CommandWaitIn, vault: VaultDep, cert: PeerCert,
     try:
         _, cmds = await anyio.to_thread.run_sync(_take_pending, vault, ident,
                                                   limiter=vault.agent_limiter)
-        if cmds or body.timeout_s <= 0:
-            return {"commands": cmds}
+        beat = vault.waiters.take_beat(host_id)
+        if cmds or beat or body.timeout_s <= 0:
+            return _channel_reply(cmds, beat)
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or vault.waiters.closed:  # timed out, or the server stops
@@ -190,12 +192,24 @@ async def wait_commands(body: CommandWaitIn, vault: VaultDep, cert: PeerCert,
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ev.wait(), timeout=min(left, vault.push_poll_s))
             ev.clear()
+            if await request.is_disconnected():
+                # its agent is gone (killed: the kernel closed the socket): a command taken
+                # here would be marked sent into a dead connection while the restarted agent's
+                # own long poll waits beside this one — lost until a heartbeat noticed
+                return {"commands": []}
+            beat = vault.waiters.take_beat(host_id)
             _, cmds = await anyio.to_thread.run_sync(_take_pending, vault, ident,
                                                       limiter=vault.agent_limiter)
-            if cmds:
-                return {"commands": cmds}
+            if cmds or beat:
+                return _channel_reply(cmds, beat)
     finally:
         vault.waiters.unregister(host_id, ev)
+
+
+def _channel_reply(cmds: list[dict[str, Any]], beat: bool) -> dict[str, Any]:
+    """The long poll's answer; ``heartbeat``: a job waits for this host's next heartbeat
+    (``push.want_heartbeat``), send it now."""
+    return {"commands": cmds, **({"heartbeat": True} if beat else {})}
 
 
 @router.post("/commands/{command_id}/result", summary="Post a command's progress or result")

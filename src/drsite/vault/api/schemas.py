@@ -142,6 +142,9 @@ class HeartbeatIn(Lenient):
     # ids of the commands the agent holds (queued, running, result not yet confirmed); None
     # from agents that do not list them (then only the timeouts re-deliver)
     held: list[str] | None = Field(default=None, max_length=10_000)
+    # the agent's first answered heartbeat since its process started: every command delivered
+    # before it that ``held`` does not list was lost with the old process (re-sent at once)
+    restarted: bool = False
     # store-serving agents: the recovery book they hold; break-glass failovers not yet recorded
     recovery_book_digest: str | None = Field(default=None, max_length=128)
     recovery_book_patches: bool = False  # it applies book patches (recoverybook): agents >= 0.x

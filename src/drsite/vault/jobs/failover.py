@@ -25,7 +25,14 @@ from typing import Any
 
 from sqlalchemy import select
 
-from drsite.core.errors import Conflict, InvalidInput, NetworkError, PermanentError, from_dict
+from drsite.core.errors import (
+    Conflict,
+    DrsiteError,
+    InvalidInput,
+    NetworkError,
+    PermanentError,
+    from_dict,
+)
 from drsite.core.retry import RetryState
 from drsite.core.states import (
     FINAL_COMMAND_STATUSES,
@@ -37,7 +44,7 @@ from drsite.core.states import (
 )
 from drsite.failover.wire import network_map_from_args, vm_spec_from_dict
 from drsite.replication.report import Health, ItemState
-from drsite.vault import commands, fencing, storeacl
+from drsite.vault import commands, fencing, push, storeacl
 from drsite.vault.audit import record_event
 from drsite.vault.db.models import (
     Command,
@@ -55,6 +62,7 @@ from drsite.vault.jobs.model import JobHandlers, Step, TaskContext, done, wait
 from drsite.vault.jobs.protection import _policy, host_up, target_store, waited_too_long
 from drsite.vault.membership import vm_ref
 from drsite.vault.policies import agent_settings
+from drsite.vault.retries import EARLY_RETRY_CODES
 from drsite.vault.scrub import failover_point
 from drsite.vault.stores import store_spec
 from drsite.vault.vmrows import vm_row
@@ -145,8 +153,9 @@ def run_command(ctx: TaskContext, host: Host | None, kind: str, args: dict[str, 
     """Send ``kind`` once (its id in the task's data under ``key``) and report where it is: the
     succeeded command, or a ``wait`` step. A permanent failure raises its error. A transient
     one is sent again (same arguments: the agent resumes): ``TRANSIENT_RETRIES`` times at
-    once, two and four heartbeat intervals later (an agent being restarted is back by then),
-    then on the seed's schedule (1, 2, 4, 8, 10 min, then every
+    once, two and four heartbeat intervals later (an agent being restarted is back by then;
+    a failure to reach the item's store is sent again as soon as the store's host heartbeats
+    after it: ``_store_back``), then on the seed's schedule (1, 2, 4, 8, 10 min, then every
     30 min; ``core.retry``), the job's message naming the error and the next attempt — a full
     disk is retried once space exists, never waited out in silence."""
     if host is None or host.revoked_at is not None:
@@ -161,7 +170,8 @@ def run_command(ctx: TaskContext, host: Host | None, kind: str, args: dict[str, 
         tries = int(data.get(f"{key}_tries") or 0)
         spacing = 2 * ctx.settings.heartbeat_interval * tries   # 0, 2, 4 heartbeats: a
         since = ctx.now - (cmd.finished_at or ctx.now)            # restarting agent is back
-        if tries < TRANSIENT_RETRIES and since < spacing:
+        if tries < TRANSIENT_RETRIES and since < spacing and not _store_back(ctx, item_id, err,
+                                                                               cmd):
             return wait(max(progress, cmd.progress),
                         f"{kind} on host {host.name} failed ({err.code}): {err.message}; sending "
                         f"it again in {spacing - since:.0f} s")
@@ -191,6 +201,18 @@ def run_command(ctx: TaskContext, host: Host | None, kind: str, args: dict[str, 
         return wait(progress * 0.5, f"waiting for host {host.name} (no heartbeat); {kind} is "
                                     "queued for it (cancel the job to give up)")
     return wait(max(progress, cmd.progress), f"{kind} on host {host.name}: {cmd.status}")
+
+
+def _store_back(ctx: TaskContext, item_id: str, err: DrsiteError, cmd: Command) -> bool:
+    """A command that could not reach the item's recovery store, whose host has heartbeated
+    since: it is back (the usual cause: that agent was restarting) — send it again now rather
+    than after the spacing (still at most ``TRANSIENT_RETRIES`` times)."""
+    if err.code not in EARLY_RETRY_CODES or cmd.finished_at is None:
+        return False
+    item = ctx.s.get(Item, item_id)
+    store = storeacl.store_host(ctx.s, item) if item is not None else None
+    return (store is not None and store.last_heartbeat is not None
+            and store.last_heartbeat > cmd.finished_at)
 
 
 def register_recovery_vm(ctx: TaskContext, fo: Failover) -> None:
@@ -603,6 +625,7 @@ def reverse_replication(ctx: TaskContext) -> Step:
     # done when the reverse item's first point is also in the catalogue operators see (it
     # arrives with the agent's next heartbeat): a failback asked right after must find it
     if ctx.s.scalars(select(Point.point_id).where(Point.item_id == rev.id)).first() is None:
+        push.want_heartbeat(ctx.s, rec_host.id)  # the point comes with it: now
         return wait(95, "the reverse item's first point is committed; waiting for it to reach "
                         "the catalogue")
     res = dict(got.result or {})

@@ -25,7 +25,7 @@ from drsite.core.errors import (
 from drsite.core.retry import RetryState
 from drsite.core.states import UNSTARTED_COMMAND_STATUSES, CommandStatus, ItemProtection, JobState
 from drsite.replication.report import ItemState
-from drsite.vault import commands, storeacl
+from drsite.vault import commands, push, storeacl
 from drsite.vault.audit import record_event
 from drsite.vault.db.models import Command, Group, Host, Item, Point, Policy, Site, Vm
 from drsite.vault.jobs.model import JobHandlers, Step, TaskContext, done, wait
@@ -235,6 +235,7 @@ def initial_replication(ctx: TaskContext) -> Step:
         # agent's next heartbeat), so "protected" never shows an item without a point
         if ctx.s.scalars(select(Point.point_id).where(Point.item_id == item.id)).first():
             return done("first recovery point committed")
+        push.want_heartbeat(ctx.s, item.host_id)  # the point comes with it: now
         return wait(99.0, "first point committed; waiting for it to reach the catalogue")
     retry = RetryState.from_dict(data.get("retry") or {})
     if cmd is None or cmd.status == CommandStatus.FAILED:
@@ -247,9 +248,8 @@ def initial_replication(ctx: TaskContext) -> Step:
             # on the item too: its health says why initial replication does not progress
             item.retry = retry.to_dict()
             item.updated_at = ctx.now
-        if early_retry(retry, item.target_site_id in store_sites_up(
-                ctx.s, ctx.now, ctx.settings.agent_down_after_s), ctx.now,
-                ctx.settings.heartbeat_interval):
+        if early_retry(retry, store_sites_up(ctx.s, ctx.now, ctx.settings.agent_down_after_s)
+                       .get(item.target_site_id), ctx.now, ctx.settings.heartbeat_interval):
             retry.next_attempt_at = ctx.now  # the other site's agent is back (vault/retries.py)
         if not retry.due(ctx.now):
             assert retry.next_attempt_at is not None
