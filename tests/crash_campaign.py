@@ -21,6 +21,7 @@ Used by ``tests/e2e/test_crash_campaign.py`` (a short campaign in CI) and
 
 from __future__ import annotations
 
+import os
 import random
 import statistics
 import time
@@ -65,6 +66,7 @@ class Trial:
     evidence: dict[str, Any] = field(default_factory=dict)
     item: str = ""      # the item under test, and when its victim was killed (UTC, to find it
     killed_at: str = ""  # in the deployment's logs)
+    load: float = 0.0   # the 1-minute load average per CPU when the trial ended
 
 
 def protect_vm(cl: VaultClient, vm_id: str, group: str) -> str:
@@ -214,6 +216,7 @@ class Campaign:
         except Exception as e:  # a broken trial is a finding, not a crash of the campaign
             t.problems.append(f"{type(e).__name__}: {e}")
         t.killed_at = self._killed_at
+        t.load = round(os.getloadavg()[0] / (os.cpu_count() or 1), 2)
         t.ok = not t.problems
         self.trials.append(t)
         return t
