@@ -19,6 +19,7 @@ TLS, threads) — less at the mercy of a shared box's disk than the full figure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -28,7 +29,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository
 
@@ -143,6 +146,30 @@ def qd16(vm: object, seconds: float) -> dict[str, float]:
     return {"writes_per_s": round(total / el, 1), "MB_per_s": round(total * IO / el / 1e6, 2)}
 
 
+@contextlib.contextmanager
+def journal_server(wd: Path, recovery_dir: Path | None,
+                   res: dict[str, Any]) -> Iterator[tuple[int, TestCerts]]:
+    """The recovery side's journal server in its own process (this script's ``--serve``):
+    yields its port and the test PKI; stopped at exit. Under ``wd/recovery``, or a fresh
+    directory in ``recovery_dir`` (named in ``res``, removed at exit)."""
+    recovery = wd / "recovery"
+    if recovery_dir is not None:
+        recovery = Path(tempfile.mkdtemp(prefix="sync-recovery-", dir=recovery_dir))
+        res["recovery_dir"] = str(recovery)
+    srv = subprocess.Popen([sys.executable, __file__, "--serve", str(recovery)],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert srv.stdout is not None
+        port = int(srv.stdout.readline())
+        yield port, make_test_certs(recovery / "pki")  # the same CA (load_or_create)
+    finally:
+        assert srv.stdin is not None
+        srv.stdin.close()
+        srv.wait(30)
+        if recovery_dir is not None:
+            shutil.rmtree(recovery, ignore_errors=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--serve", type=Path)
@@ -160,16 +187,7 @@ def main() -> int:
         res: dict[str, object] = {"machine": machine_info(wd),
                                   "load_avg_before": os.getloadavg()}
         res["local_durable"] = local_reference(wd / "ref.img", a.n, rng)
-        recovery = wd / "recovery"
-        if a.recovery_dir is not None:
-            recovery = Path(tempfile.mkdtemp(prefix="sync-recovery-", dir=a.recovery_dir))
-            res["recovery_dir"] = str(recovery)
-        srv = subprocess.Popen([sys.executable, __file__, "--serve", str(recovery)],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        try:
-            assert srv.stdout is not None
-            port = int(srv.stdout.readline())
-            certs = make_test_certs(recovery / "pki")  # the same CA (load_or_create)
+        with journal_server(wd, a.recovery_dir, res) as (port, certs):
             hv = FileHypervisor(wd / "vms")
             vm_id = hv.create_blank(VmSpec("bench", disks=(DiskSpec("d0", DISK),))).vm_id
             hv.start_tracking(vm_id)
@@ -184,12 +202,6 @@ def main() -> int:
                 res["mirror"] = hv.sync_status(vm_id)
             finally:
                 rt.stop()
-        finally:
-            assert srv.stdin is not None
-            srv.stdin.close()
-            srv.wait(30)
-            if a.recovery_dir is not None:
-                shutil.rmtree(recovery, ignore_errors=True)
         res["load_avg_after"] = os.getloadavg()
         s, asy = res["sync_qd1"], res["async_qd1"]
         ref = res["local_durable"]["o_dsync"]  # type: ignore[index]

@@ -16,10 +16,7 @@ import argparse
 import json
 import os
 import random
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,16 +24,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository
 
 from benchlib import machine_info, workdir
-from sync_latency import enter_sync, local_reference, qd16, stats
+from sync_latency import enter_sync, journal_server, local_reference, qd16, stats
 
 from drsite.core.model import DiskSpec, VmSpec
 from drsite.hypervisors.file import FileHypervisor
-from drsite.sitestore.testing import make_test_certs
 
 MiB = 1 << 20
 DISK = 256 * MiB
 IO = 4096
-LATENCY = Path(__file__).resolve().parent / "sync_latency.py"
 
 
 def main() -> int:
@@ -50,57 +45,44 @@ def main() -> int:
         res: dict[str, Any] = {"machine": machine_info(wd), "load_avg_before": os.getloadavg()}
         rng = random.Random(18)
         res["local_durable"] = local_reference(wd / "ref.img", a.n // 2, rng)
-        recovery = wd / "recovery"
-        if a.recovery_dir is not None:
-            recovery = Path(tempfile.mkdtemp(prefix="sync-recovery-", dir=a.recovery_dir))
-            res["recovery_dir"] = str(recovery)
-        srv = subprocess.Popen([sys.executable, str(LATENCY), "--serve", str(recovery)],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         rts = []
-        try:
-            assert srv.stdout is not None
-            port = int(srv.stdout.readline())
-            certs = make_test_certs(recovery / "pki")
-            hv = FileHypervisor(wd / "vms")
-            vms: dict[str, Any] = {}
-            for name in ("serial", "overlap"):
-                vm_id = hv.create_blank(VmSpec(name, disks=(DiskSpec("d0", DISK),))).vm_id
-                hv.start_tracking(vm_id)
-                rt = hv.guest(vm_id)
-                rts.append(rt)
-                hv.release(hv.seal(vm_id))
-                enter_sync(hv, vm_id, f"bench-{name}", port, certs, 5000)
-                assert rt.vm.mirror is not None
-                if name == "serial":
-                    rt.vm.mirror.early_send_bytes = 0
-                vms[name] = (vm_id, rt.vm)
-            lat: dict[str, list[float]] = {k: [] for k in vms}
-            buf = os.urandom(IO)
-            for i in range(a.n):
-                off = rng.randrange(DISK // IO) * IO
-                for name in (("serial", "overlap") if i % 2 else ("overlap", "serial")):
-                    vm = vms[name][1]
-                    t0 = time.perf_counter()
-                    vm.write("d0", off, buf, tag=i)
-                    lat[name].append(time.perf_counter() - t0)
-            res["load_avg_after_qd1"] = os.getloadavg()
-            tput: dict[str, list[float]] = {k: [] for k in vms}
-            for r in range(a.qd16_rounds):
-                for name in (("serial", "overlap") if r % 2 else ("overlap", "serial")):
-                    tput[name].append(round(qd16(vms[name][1], 1.0)["writes_per_s"]))
-            for name, (vm_id, vm) in vms.items():
-                st = hv.sync_status(vm_id) or {}
-                res[name] = {"sync_qd1": stats(lat[name]), "qd16_writes_per_s": tput[name],
-                             "early_sends": vm.mirror.early_sends,
-                             "mirror_state": st.get("state"), "fallbacks": st.get("fallbacks")}
-        finally:
-            for rt in rts:
-                rt.stop()
-            assert srv.stdin is not None
-            srv.stdin.close()
-            srv.wait(30)
-            if a.recovery_dir is not None:
-                shutil.rmtree(recovery, ignore_errors=True)
+        with journal_server(wd, a.recovery_dir, res) as (port, certs):
+            try:
+                hv = FileHypervisor(wd / "vms")
+                vms: dict[str, Any] = {}
+                for name in ("serial", "overlap"):
+                    vm_id = hv.create_blank(VmSpec(name, disks=(DiskSpec("d0", DISK),))).vm_id
+                    hv.start_tracking(vm_id)
+                    rt = hv.guest(vm_id)
+                    rts.append(rt)
+                    hv.release(hv.seal(vm_id))
+                    enter_sync(hv, vm_id, f"bench-{name}", port, certs, 5000)
+                    assert rt.vm.mirror is not None
+                    if name == "serial":
+                        rt.vm.mirror.early_send_bytes = 0
+                    vms[name] = (vm_id, rt.vm)
+                lat: dict[str, list[float]] = {k: [] for k in vms}
+                buf = os.urandom(IO)
+                for i in range(a.n):
+                    off = rng.randrange(DISK // IO) * IO
+                    for name in (("serial", "overlap") if i % 2 else ("overlap", "serial")):
+                        vm = vms[name][1]
+                        t0 = time.perf_counter()
+                        vm.write("d0", off, buf, tag=i)
+                        lat[name].append(time.perf_counter() - t0)
+                res["load_avg_after_qd1"] = os.getloadavg()
+                tput: dict[str, list[float]] = {k: [] for k in vms}
+                for r in range(a.qd16_rounds):
+                    for name in (("serial", "overlap") if r % 2 else ("overlap", "serial")):
+                        tput[name].append(round(qd16(vms[name][1], 1.0)["writes_per_s"]))
+                for name, (vm_id, vm) in vms.items():
+                    st = hv.sync_status(vm_id) or {}
+                    res[name] = {"sync_qd1": stats(lat[name]), "qd16_writes_per_s": tput[name],
+                                 "early_sends": vm.mirror.early_sends,
+                                 "mirror_state": st.get("state"), "fallbacks": st.get("fallbacks")}
+            finally:
+                for rt in rts:
+                    rt.stop()
         res["load_avg_after"] = os.getloadavg()
         s, o = res["serial"]["sync_qd1"], res["overlap"]["sync_qd1"]
         res["overlap_saves_p50_us"] = round(s["p50_us"] - o["p50_us"], 1)
