@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from drsite.core.errors import Conflict, Fenced
+from drsite.core.errors import Conflict, Fenced, NetworkError
 from drsite.core.model import Consistency, DiskSpec, Nic, PowerState, VmSpec
 from drsite.failover import actions as fo
 from drsite.failover import reprotect as fo_reprotect
@@ -222,6 +222,33 @@ def test_planned_failover_loses_nothing_then_reprotect_and_failback(world: World
     world.write(hv_a, back.vm_id, "d0", 8 * MiB)
     p = fwd.replicator.run_cycle()
     assert point_digests(fwd.repo, p.point_id)["d0"] == vm_digests(hv_a, back.vm_id)["d0"]
+
+
+def test_planned_failover_after_an_interrupted_cycle_loses_nothing(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cycle the store outage interrupted left its frozen view sealed; the guest wrote on.
+    The planned failover's final cycle must hold those writes (it once committed the old view
+    and the proof failed: 'the replica differs from the stopped source')."""
+    item = world.protect()
+    hv_a = world.a.hypervisor
+    world.write(hv_a, item.vm_id, "d0", 8 * MiB)
+    real_put = world.store_b.put
+
+    def unreachable(*a: Any, **k: Any) -> None:
+        raise NetworkError("injected: the recovery site's store is unreachable")
+
+    monkeypatch.setattr(world.store_b, "put", unreachable)
+    assert item.replicator is not None
+    with pytest.raises(NetworkError):
+        item.replicator.run_cycle(wait_transient=False)
+    monkeypatch.setattr(world.store_b, "put", real_put)
+    world.write(hv_a, item.vm_id, "d1", 4 * MiB)   # acknowledged after the interrupted seal
+
+    res = fo.planned_failover(item, failover_id="pf-int")
+    assert res.state is fo.FailoverState.PENDING_COMMIT and res.verified
+    src = vm_digests(hv_a, item.vm_id)
+    assert vm_digests(world.b.hypervisor, res.vm_id or "") == src
+    assert point_digests(item.repo, res.point_id or "") == src
 
 
 def test_unplanned_failover_fences_the_old_primary_and_cancel(world: World) -> None:

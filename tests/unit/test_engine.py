@@ -177,6 +177,43 @@ def test_a_store_refusal_is_retried_not_critical(env: Env) -> None:
     assert env.item.report.last_error is None
 
 
+def test_run_cycle_after_an_interrupted_cycle_holds_the_writes_made_since(env: Env) -> None:
+    """A planned failover's final cycle (run_cycle) came after a cycle the store outage had
+    interrupted: it finished the old frozen view and returned that point, so the replica
+    lacked the writes made since and the failover failed its proof (CI, crash campaign). The
+    old cycle is committed as its own point, then a fresh one holds every write."""
+    env.item.run_initial()
+    env.write("d0", 0, 64 * KiB)
+    old_view = env.source()
+    env.store.fail_puts = 1
+    with pytest.raises(DrsiteError) as got:
+        env.item.run_cycle(wait_transient=False)
+    assert got.value.transient and env.item.rec.cycle_id is not None
+    env.write("d1", 4096, 8192)   # the guest writes on, then the source stops
+    n = len(env.repo().points())
+    p = env.item.run_cycle(wait_transient=False)
+    assert env.point_bytes(p.point_id) == env.source()
+    points = env.repo().points()
+    assert len(points) == n + 2
+    assert env.point_bytes(points[-2].point_id) == old_view
+
+
+def test_run_cycle_after_a_crash_mid_cycle_holds_the_writes_made_since(env: Env) -> None:
+    """The same after a crash: the restarted engine (a new replicator over the same state)
+    finds the sealed cycle and must not hand it back as the point of 'now'."""
+    env.item.run_initial()
+    env.write("d0", 256 * KiB, 300 * KiB)
+    env.store.crash_after = 1
+    with pytest.raises(Crash):
+        env.item.run_cycle()
+    env.store.crash_after = None
+    env.write("d0", 0, 4096)
+    item = env.new_item()
+    p = item.run_cycle()
+    assert env.point_bytes(p.point_id) == env.source()
+    assert env.hv.pending_cycle(env.vm.vm_id) is None
+
+
 def test_vm_not_found_is_permanent_and_critical(env: Env) -> None:
     env.item.run_initial()
     env.hv.remove(env.vm.vm_id)
@@ -375,14 +412,14 @@ def test_property_every_point_equals_the_source_at_its_instant(tmp_path_factory:
     def record_new_points() -> None:
         for p in env.repo().points():
             if p.point_id not in expected:
-                expected[p.point_id] = sealed[-1]
+                expected[p.point_id] = sealed[p.cycle_id]
 
-    sealed: list[dict[str, bytes]] = []
+    sealed: dict[str, dict[str, bytes]] = {}   # cycle id -> the source at its seal
     real_seal = env.hv.seal
 
     def seal_and_remember(vm_id: str, *, app_consistent: bool = False):  # type: ignore[no-untyped-def]
         c = real_seal(vm_id, app_consistent=app_consistent)
-        sealed.append(env.source())
+        sealed[c.cycle_id] = env.source()
         return c
 
     env.hv.seal = seal_and_remember  # type: ignore[method-assign]
@@ -413,11 +450,11 @@ def test_property_every_point_equals_the_source_at_its_instant(tmp_path_factory:
     if env.repo().latest() is None:
         item.run_initial()
         record_new_points()
-    # the first cycle may only finish a cycle sealed before the crash; the second is sealed
-    # after every write, so then the replica must equal the source
-    for _ in range(2):
-        item.run_cycle()
-        record_new_points()
+    # one call: a cycle sealed before a crash is finished as its own point, then a cycle
+    # sealed after every write, so then the point and the replica equal the source
+    last = item.run_cycle()
+    record_new_points()
+    assert expected[last.point_id] == env.source()
     points = env.repo().points()
     assert points
     for p in points:

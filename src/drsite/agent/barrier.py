@@ -352,8 +352,10 @@ class BarrierCommands:
             # now rather than at its bound; this cycle is a per-VM point
             with contextlib.suppress(DrsiteError):
                 self.host.hypervisor.unhold(rep.rec.vm_id, bid)
+        cut = barrier.get("cycle_id")
         point = done if done is not None else rep.run_cycle(
-            app_consistent=bool(cmd.args.get("app_consistent")), wait_transient=False)
+            app_consistent=bool(cmd.args.get("app_consistent")), wait_transient=False,
+            sealed_for_call=str(cut) if cut else None)
         held = bool(barrier.get("held")) and barrier.get("cycle_id") == point.cycle_id
         out: dict[str, Any] = {"id": bid, "held": held,
                                "paused_s": float(barrier.get("paused_s") or 0.0)}

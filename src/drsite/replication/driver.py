@@ -236,12 +236,20 @@ class ItemReplicator:
         assert latest is not None
         return latest
 
-    def run_cycle(self, *, app_consistent: bool | None = None,
-                  wait_transient: bool = True) -> PointInfo:
-        """Run one delta cycle now (or the pending resync) and return the new point.
-        ``wait_transient``: as in :meth:`run_initial`."""
-        self._run_now(wait_transient)
+    def run_cycle(self, *, app_consistent: bool | None = None, wait_transient: bool = True,
+                  sealed_for_call: str | None = None) -> PointInfo:
+        """Run one delta cycle now (or the pending resync) and return the new point: a point
+        whose frozen view was taken by this call, so it holds every write acknowledged before
+        the call (a planned failover's final cycle relies on it). A cycle sealed earlier and
+        not yet committed (interrupted by a crash or a store outage) is finished first, as its
+        own point, then a fresh one runs. A retry wait pending from an earlier failure does
+        not hold the call back (it runs now); ``wait_transient``: as in :meth:`run_initial`
+        for failures during the call. ``sealed_for_call``: the id of a cycle the caller sealed
+        for this call (a group barrier's cut), which is the point to return, not a stale one."""
+        self._run_now(False)
         before = self.target.repo.latest()
+        stale = {c for c in (self.rec.cycle_id, self._pending_cycle_id())
+                 if c and c != sealed_for_call}
         self.rec.last_cycle_started = None  # make the cycle due
         self._force_app = app_consistent
         try:
@@ -249,7 +257,11 @@ class ItemReplicator:
                 self._step_or_raise(wait_transient)
                 latest = self.target.repo.latest()
                 if latest is not None and (before is None or latest.seq > before.seq):
-                    return latest
+                    if latest.cycle_id not in stale:
+                        return latest
+                    # the old frozen view is committed; the caller's writes are in the next
+                    before = latest
+                    self.rec.last_cycle_started = None
         finally:
             self._force_app = None
 
@@ -265,6 +277,15 @@ class ItemReplicator:
             if latest is not None and (before is None or latest.seq > before.seq) \
                     and self.rec.phase is ItemState.PROTECTED:
                 return latest
+
+    def _pending_cycle_id(self) -> str | None:
+        """The driver's sealed, unreleased cycle, if any (None when the driver cannot say: the
+        step that follows meets the same failure and records it)."""
+        try:
+            pending = self.driver.pending_cycle(self.rec.vm_id)
+        except DrsiteError:
+            return None
+        return pending.cycle_id if pending is not None else None
 
     def _run_now(self, wait_transient: bool) -> None:
         """The caller decided to run now: a pending retry wait does not hold it back."""
