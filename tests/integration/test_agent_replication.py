@@ -145,6 +145,10 @@ def test_protect_cycle_and_hydrated_replica(sites: Sites) -> None:
             src = file_digest(sites.hv.disk_path(vm_id, d), size)
             assert image_digest(repo.reader(point["point_id"], d)) == src
             assert file_digest(sites.tmp / "sec" / "replicas" / ITEM / f"{d}.img", size) == src
+        # the store's catch-ups left every segment map of the point in the agent's shared
+        # cache: a failover on this host verifies with them warm
+        svc = sites.secondary.store_service
+        assert svc is not None and set(repo._maps) and set(repo._maps) <= set(svc.map_cache)
         # the vault's catalogue got both points
         sites.vault.wait_heartbeat(sites.pri_id, sites.vault.hosts[sites.pri_id].heartbeats, 5)
         assert set(sites.vault.points[ITEM]) == {"p000000000001", "p000000000002"}

@@ -18,6 +18,7 @@ from drsite.core.errors import BrokenChain, Conflict, CorruptData, InvalidInput
 from drsite.core.extents import ExtentList
 from drsite.core.model import Consistency
 from drsite.core.retention import RetentionRule
+from drsite.store.catalog import MapCache
 from drsite.store.contract import ObjectStore
 from drsite.store.digest import file_digest, image_digest
 from drsite.store.local import LocalObjectStore
@@ -725,3 +726,68 @@ def test_a_cold_reader_fetches_the_maps_of_scattered_data_in_parallel() -> None:
     got = cold.reader(pid, "d0").data_extents()
     assert got == want.subtract(ExtentList.of([(4 * SEG, SEG)])).union(
         ExtentList.of([(4 * SEG, SEG)]))
+
+
+class _CountingStore(MemoryObjectStore):
+    """Counts the gets of ``counted`` keys (segment maps; tables share their prefix)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counted: set[str] = set()
+        self.map_gets = 0
+
+    def get(self, key: str) -> bytes:
+        self.map_gets += key in self.counted
+        return super().get(key)
+
+
+def test_map_cache_shared_by_repositories_serves_verified_maps_warm(tmp_path: Path) -> None:
+    """An agent's catch-ups and failovers share one MapCache: the maps a catch-up verified are
+    not loaded again by the failover's new Repository (a 100 GiB disk with scattered data
+    loaded 1,543 maps cold). A Repository without it (scrub) still reads the store, and so
+    still finds a map damaged after it was cached."""
+    store = _CountingStore()
+    cache = MapCache()
+    rng = np.random.default_rng(3)
+    size = 16 * SEG
+    writer = Repository(store, "vm1", segment_size=SEG, pack_target=PACK, threads=2)
+    model = bytearray(size)
+    writes = []
+    for i in range(0, 16, 2):   # data in every other segment
+        blk = rand(rng, 8192)
+        model[i * SEG + 4096:i * SEG + 4096 + len(blk)] = blk
+        writes.append(("d0", i * SEG + 4096, blk, len(blk)))
+    p0 = commit_cycle(writer, "c0", None, {"d0": size}, writes, 1.0)
+    blk = rand(rng, 4096)
+    model[3 * SEG:3 * SEG + 4096] = blk
+    p1 = commit_cycle(writer, "c1", p0, {"d0": size}, [("d0", 3 * SEG, blk, 4096)], 2.0)
+
+    h = ReplicaHydrator(Repository(store, "vm1", map_cache=cache), tmp_path / "replica")
+    assert h.catch_up() == [p1]
+    store.counted = set(cache)
+    assert len(store.counted) == 9   # the maps of 9 segments holding data
+    store.map_gets = 0
+    failover_repo = Repository(store, "vm1", map_cache=cache)
+    assert read_point(failover_repo, p1) == bytes(model)
+    assert store.map_gets == 0, "the catch-up's maps were loaded again"
+    assert read_point(Repository(store, "vm1"), p1) == bytes(model)
+    assert store.map_gets == 9   # a repository of its own: every map with data, from the store
+
+    # another item's maps in the same cache are not dropped by this item's forget-all
+    other = Repository(store, "vm2", segment_size=SEG, pack_target=PACK, threads=2,
+                       map_cache=cache)
+    q0 = commit_cycle(other, "c0", None, {"d0": size}, [("d0", 0, blk, 4096)], 1.0)
+    n_other = sum(k.startswith("items/vm2/") for k in cache)
+    assert n_other == 1
+    failover_repo._forget_all()
+    assert not any(k.startswith("items/vm1/") for k in cache)
+    assert sum(k.startswith("items/vm2/") for k in cache) == n_other
+    assert read_point(other, q0, "d0")[:4096] == blk
+
+    # damage after caching: the shared copy (verified) still reads right; scrub sees the store
+    assert read_point(failover_repo, p1) == bytes(model)
+    key = next(k for k in store.list("items/vm1/maps/"))
+    store.put(key, b"damaged", overwrite=True)
+    assert read_point(Repository(store, "vm1", map_cache=cache), p1) == bytes(model)
+    rep = Repository(store, "vm1").verify(p1)
+    assert not rep.ok and key in rep.damaged_keys

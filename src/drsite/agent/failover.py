@@ -141,12 +141,14 @@ class FailoverCommands:
             raise InvalidInput(f"{cmd.kind} {cmd.item_id}: missing argument {e.args[0]!r}") from None
         item_id = validate_name("item", cmd.item_id or "")
         store, replicas = self._store(a)
-        repo = Repository(store, item_id, auth=self._auth(item_id, a.get("point_key")))
+        svc = self.agent.store_service
+        repo = Repository(store, item_id, auth=self._auth(item_id, a.get("point_key")),
+                          map_cache=svc.map_cache if svc is not None and store is svc.local_store
+                          else None)
         hv = self.agent.hypervisor
         replica_dir = replicas / item_id
         replica_dir.mkdir(parents=True, exist_ok=True)
         self._replicas = replicas
-        svc = self.agent.store_service
         sync = svc.sync if svc is not None and not a.get("store") else None
         journal = sync.journal(item_id) if sync is not None and sync.has_journal(item_id) \
             else None

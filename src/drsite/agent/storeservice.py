@@ -37,6 +37,7 @@ from drsite.sitestore.audit import StoreAuditLog
 from drsite.sitestore.server import replica_held
 from drsite.sitestore.syncoverlay import ROTATE_BYTES, OverlayServer
 from drsite.sitestore.syncserver import SyncServer, journals_dir
+from drsite.store.catalog import MapCache
 from drsite.store.local.backend import LocalObjectStore
 from drsite.store.replica import ReplicaHydrator
 from drsite.store.repository import Repository
@@ -74,6 +75,10 @@ class StoreService:
         self.host, self.port = parse_listen(listen)
         self.hydrate_every_s = hydrate_every_s
         self._store = LocalObjectStore(self.store_dir)
+        # segment maps verified by a catch-up serve the next catch-up and a failover's
+        # verification warm (a failover of a 100 GiB disk with scattered data loaded 1,543
+        # maps cold); scrub reads the store itself
+        self.map_cache = MapCache()
         # the vault's access list, persisted beside the replicas (the agent's data directory)
         self.acl = StoreAcl(acl_file or self.replicas_dir.parent / ACL_FILE)
         self.audit = StoreAuditLog()
@@ -112,8 +117,10 @@ class StoreService:
             raise classify_os_error(e, f"replica directory {self.replicas_dir}") from e
         self.sync = self._start_sync()
         self.overlays.sweep()   # removals a crash interrupted
+        cache = self.map_cache
         app = make_store_app(self._store, self.replicas_dir, acl=self.acl, audit=self.audit,
-                             sync_port=self.sync.port, overlays=self.overlays)
+                             sync_port=self.sync.port, overlays=self.overlays,
+                             repo_factory=lambda s, item: Repository(s, item, map_cache=cache))
         self._server = tlsutil.start_in_thread(
             app, host=self.host, port=self.port, certfile=self.identity.cert_file,
             keyfile=self.identity.key_file, cafile=self.identity.ca_file, client_cert="required")

@@ -9,7 +9,6 @@ leaves a stale marker that ``Repository.resume`` and GC remove.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import threading
@@ -122,10 +121,6 @@ def frame_pieces(offsets: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64]
         i = max(j, i + 1)
         base = int(ends[i - 1])
     return po, pl, np.asarray(starts, np.int64)
-
-
-def _itself(m: SegMap) -> SegMap:
-    return m
 
 
 def _same_table(repo: Catalog, rel: str, chunk: list[str | None]) -> bool:
@@ -501,7 +496,7 @@ class PointWriter:
                 self._maps_stored[0] += 1
                 self._maps_stored[1] += n
                 # stored: the next cycle's base map, not read back and decompressed
-                repo._maps.fetch(rel, functools.partial(_itself, m_))
+                repo._cache_map(rel, m_)
 
         tarr = np.asarray(touched, np.int64)
         firsts = np.searchsorted(segs, tarr, "left").tolist()

@@ -22,6 +22,15 @@ from drsite.vault.db.models import Host, Site
 EARLY_RETRY_CODES = ("network", "peer_unavailable", "command_interrupted")
 
 
+def store_came_back(code: str | None, failed_at: float | None,
+                    store_beat_at: float | None) -> bool:
+    """A failure to reach the item's recovery store (``code``), and the agent serving that
+    store has heartbeated since (``store_beat_at`` > ``failed_at``): it is back, the usual
+    cause being that agent restarting."""
+    return (code in EARLY_RETRY_CODES and failed_at is not None and store_beat_at is not None
+            and store_beat_at > failed_at)
+
+
 def early_retry(retry: RetryState, store_beat_at: float | None, now: float,
                 heartbeat_interval: float) -> bool:
     """The first retry after a failure to reach the other site comes early — as soon as the
@@ -34,8 +43,8 @@ def early_retry(retry: RetryState, store_beat_at: float | None, now: float,
             or retry.first_failure_at is None:
         return False
     code = (retry.last_error or {}).get("code")
-    return code in EARLY_RETRY_CODES and (store_beat_at > retry.first_failure_at
-                                          or now - retry.first_failure_at >= 2 * heartbeat_interval)
+    return store_came_back(code, retry.first_failure_at, store_beat_at) or (
+        code in EARLY_RETRY_CODES and now - retry.first_failure_at >= 2 * heartbeat_interval)
 
 
 def store_sites_up(s: Session, now: float, down_after_s: float) -> dict[int, float]:

@@ -62,7 +62,7 @@ from drsite.vault.jobs.model import JobHandlers, Step, TaskContext, done, wait
 from drsite.vault.jobs.protection import _policy, host_up, target_store, waited_too_long
 from drsite.vault.membership import vm_ref
 from drsite.vault.policies import agent_settings
-from drsite.vault.retries import EARLY_RETRY_CODES
+from drsite.vault.retries import EARLY_RETRY_CODES, store_came_back
 from drsite.vault.scrub import failover_point
 from drsite.vault.stores import store_spec
 from drsite.vault.vmrows import vm_row
@@ -207,12 +207,11 @@ def _store_back(ctx: TaskContext, item_id: str, err: DrsiteError, cmd: Command) 
     """A command that could not reach the item's recovery store, whose host has heartbeated
     since: it is back (the usual cause: that agent was restarting) — send it again now rather
     than after the spacing (still at most ``TRANSIENT_RETRIES`` times)."""
-    if err.code not in EARLY_RETRY_CODES or cmd.finished_at is None:
+    if err.code not in EARLY_RETRY_CODES:
         return False
     item = ctx.s.get(Item, item_id)
     store = storeacl.store_host(ctx.s, item) if item is not None else None
-    return (store is not None and store.last_heartbeat is not None
-            and store.last_heartbeat > cmd.finished_at)
+    return store is not None and store_came_back(err.code, cmd.finished_at, store.last_heartbeat)
 
 
 def register_recovery_vm(ctx: TaskContext, fo: Failover) -> None:
