@@ -81,6 +81,15 @@ def _start_sync(hv: FileHypervisor, vm_id: str, config: dict[str, Any]) -> dict[
     return _wait_state(hv, vm_id, "in_sync")
 
 
+def _sealed_in_sync(hv: FileHypervisor, vm_id: str, config: dict[str, Any]) -> Any:
+    """Put the running VM in synchronous mode and seal; the cycle (not released: its point is
+    what the journal's writes replay onto), once the mirror is in sync."""
+    hv.set_sync(vm_id, config)
+    cycle = hv.seal(vm_id)
+    _wait_state(hv, vm_id, "in_sync")
+    return cycle
+
+
 def _block(seq: int) -> bytes:
     return seq.to_bytes(8, "little") * 512
 
@@ -289,9 +298,7 @@ def test_writers_send_their_own_batches_and_no_acknowledged_write_is_lost(
     hv = FileHypervisor(tmp_path / "vms")
     vm_id, rt = _running(hv)
     try:
-        hv.set_sync(vm_id, _config(certs, srv.port, 5000))
-        cycle = hv.seal(vm_id)
-        _wait_state(hv, vm_id, "in_sync")
+        cycle = _sealed_in_sync(hv, vm_id, _config(certs, srv.port, 5000))
         mirror = rt.vm.mirror
         sends = _count_sends(mirror)
         for i in range(1, 51):
@@ -504,9 +511,7 @@ def test_a_batch_goes_before_its_local_writes_and_a_crash_between_loses_no_ackno
     hv = FileHypervisor(tmp_path / "vms")
     vm_id, rt = _running(hv)
     try:
-        hv.set_sync(vm_id, _config(certs, srv.port, 5000))
-        cycle = hv.seal(vm_id)
-        _wait_state(hv, vm_id, "in_sync")
+        cycle = _sealed_in_sync(hv, vm_id, _config(certs, srv.port, 5000))
         mirror = rt.vm.mirror
         sock = mirror._sock
         on_disk_at_send: list[bool] = []

@@ -791,3 +791,32 @@ def test_map_cache_shared_by_repositories_serves_verified_maps_warm(tmp_path: Pa
     assert read_point(Repository(store, "vm1", map_cache=cache), p1) == bytes(model)
     rep = Repository(store, "vm1").verify(p1)
     assert not rep.ok and key in rep.damaged_keys
+
+
+def test_map_cache_offer_takes_only_verified_segment_maps(mem: MemoryObjectStore) -> None:
+    """A store server offers every object it stores to the host's MapCache: segment maps whose
+    bytes match their key are cached (a replica written from the shipping stream is read by
+    no catch-up, so a failover would load them cold); tables, packs, a map whose bytes do not
+    match its key and a key of another shape are not."""
+    repo = repo_on(mem)
+    rng = np.random.default_rng(4)
+    commit_cycle(repo, "c0", None, {"d0": 4 * SEG},
+                 [("d0", i * SEG, rand(rng, 4096), 4096) for i in range(4)], 1.0)
+    cache = MapCache()
+    offered = {k: cache.offer(k, mem.get(k)) for k in mem.list("items/vm1/")}
+    maps = {k for k, ok in offered.items() if ok}
+    assert len(maps) == 4 and all("/maps/" in k for k in maps)
+    assert all(not ok for k, ok in offered.items() if "/maps/" not in k)   # packs, manifest
+    assert sum(1 for k, ok in offered.items() if "/maps/" in k and not ok) == 1   # the table
+    key = next(iter(maps))
+    good = mem.get(key)
+    fresh = MapCache()
+    assert not fresh.offer(key, good[:-1] + bytes([good[-1] ^ 1]))   # hash mismatch
+    assert not fresh.offer("items/vm1/maps/" + key.rsplit("/", 1)[-1], good)   # no cycle part
+    assert not list(fresh)
+    # what a read of the point finds in the shared cache is what it would decode itself
+    r = Repository(mem, "vm1", segment_size=SEG, map_cache=cache)
+    own = repo_on(mem)
+    pid = own.latest().point_id   # type: ignore[union-attr]
+    assert read_point(r, pid) == read_point(own, pid)
+    assert set(own._maps) == maps

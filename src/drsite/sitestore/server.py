@@ -66,6 +66,7 @@ from drsite.sitestore.acl import Authorizer, Op, item_of
 from drsite.sitestore.audit import StoreAuditLog
 from drsite.sitestore.immutable import CommittedCycles, check_remote_change
 from drsite.sitestore.syncoverlay import OverlayServer, writer_dn
+from drsite.store.catalog import MapCache
 from drsite.store.contract import ObjectStore, validate_key, validate_prefix
 from drsite.store.replica import ReplicaHydrator
 from drsite.store.repository import Repository
@@ -241,8 +242,10 @@ class _StoreService:
     def __init__(self, store: ObjectStore, replicas: Path, acl: Authorizer,
                  audit: StoreAuditLog | None, repo_factory: RepoFactory | None,
                  max_object: int, sync_port: int | None = None,
-                 overlays: OverlayServer | None = None) -> None:
+                 overlays: OverlayServer | None = None,
+                 map_cache: MapCache | None = None) -> None:
         self.sync_port = sync_port
+        self.map_cache = map_cache
         self.overlays = overlays
         self.store = store
         self.replicas = Path(replicas)
@@ -251,6 +254,11 @@ class _StoreService:
         self.repo_factory: RepoFactory = repo_factory or (lambda s, item: Repository(s, item))
         self.max_object = max_object
         self.cycles = CommittedCycles()
+
+    def _put(self, key: str, body: memoryview, overwrite: bool) -> None:
+        self.store.put(key, body, overwrite=overwrite)
+        if self.map_cache is not None and not overwrite:
+            self.map_cache.offer(key, body)   # stored: a failover here reads the map warm
 
     def _repo(self, item_id: str) -> Repository:
         """The item's repository for replica work, with its point key: hydration and digests
@@ -293,7 +301,7 @@ class _StoreService:
             body = await _read_body(request, self.max_object)
             if overwrite:
                 await self._change("overwrite", key, ident, bytes(body))
-            await run_in_threadpool(self.store.put, key, memoryview(body), overwrite=overwrite)
+            await run_in_threadpool(self._put, key, memoryview(body), overwrite)
             if overwrite:
                 self._note("overwrite", key, item_id, ident, "ok")
             log.debug("put %s (%d bytes, overwrite=%s) by %s", key, len(body), overwrite,
@@ -440,13 +448,15 @@ class _StoreService:
 def make_store_app(store: ObjectStore, replicas: Path, *, acl: Authorizer,
                    audit: StoreAuditLog | None = None, repo_factory: RepoFactory | None = None,
                    max_object: int = P.MAX_OBJECT, sync_port: int | None = None,
-                   overlays: OverlayServer | None = None) -> ASGIApp:
+                   overlays: OverlayServer | None = None,
+                   map_cache: MapCache | None = None) -> ASGIApp:
     """The ASGI app serving ``store`` and the replicas under ``replicas/<item_id>/``.
 
     ``sync_port``: the port of this site's sync-journal server (``syncserver``), given to an
     item's writer by ``GET /replica/v1/items/{item}/sync-endpoint``. ``overlays``: this
     site's sync overlays (synchronous QEMU VMs), provisioned for an item's writer by
-    ``POST /replica/v1/items/{item}/sync-overlay``.
+    ``POST /replica/v1/items/{item}/sync-overlay``. ``map_cache``: the segment maps stored
+    through this server are put in it (:meth:`MapCache.offer`), for the host's failovers.
     ``acl`` decides every request (:class:`~drsite.sitestore.acl.StoreAcl`: the vault's list;
     without a list every request is refused); ``audit`` receives every delete/overwrite, done
     or refused.
@@ -457,7 +467,7 @@ def make_store_app(store: ObjectStore, replicas: Path, *, acl: Authorizer,
     (``client_cert="required"``); without that module's protocol every request gets 401.
     """
     svc = _StoreService(store, replicas, acl, audit, repo_factory, max_object, sync_port,
-                        overlays)
+                        overlays, map_cache)
     routes = [
         Route(P.OBJECTS + "{key:drsite_key}", _endpoint(svc.objects),
               methods=["GET", "HEAD", "PUT", "DELETE"]),

@@ -60,6 +60,9 @@ MAP_CACHE_BYTES = 32 << 20
 # MAP_PREFETCH ahead of their use (the map cache must still hold them when they are used)
 MAP_FETCHERS = 8
 MAP_PREFETCH = 256
+# a stored object larger than this is not decoded to seed a MapCache (a map of a segment
+# written in scattered 4 KiB pieces is ~1 MiB of entries before compression)
+MAP_OFFER_MAX = 4 << 20
 
 
 class _Lru(OrderedDict[str, Any]):
@@ -115,6 +118,16 @@ def _map_weight(m: SegMap) -> int:
     return int(m.entries.nbytes) + 100 * len(m.packs)
 
 
+def _decode_map(data: bytes, key: str) -> SegMap:
+    """A segment map's bytes (hash already checked) → its entries and packs."""
+    header, payload = decode_blob("map", data, key)
+    e = decode_entries(payload, key)
+    packs = [str(p) for p in header["packs"]]
+    if e.size and int(e["pack"].max()) >= len(packs):
+        raise CorruptData(f"segment map {key} names a pack it does not list")
+    return SegMap(e, packs)
+
+
 class MapCache(_Lru):
     """Segment maps shared by the repositories of one process (one agent's catch-ups and
     failovers of the items its store holds), keyed by full store key.
@@ -127,6 +140,23 @@ class MapCache(_Lru):
 
     def __init__(self, max_maps: int = 16384, max_bytes: int = 64 << 20) -> None:
         super().__init__(max_maps, _map_weight, max_bytes)
+
+    def offer(self, key: str, data: bytes | memoryview) -> bool:
+        """An object just stored under ``key`` (a store server's PUT): cached if it is a
+        segment map whose bytes match the blake3 in its key and decode as a read would
+        decode them; anything else (tables, packs, damage) is ignored. Returns whether it was
+        cached. (A recovery site's replica is written from the shipping stream, so no
+        catch-up reads the maps there; the failover would load them all cold.)"""
+        parts = key.split("/")
+        if len(parts) != 5 or parts[0] != "items" or parts[2] != "maps" \
+                or len(data) > MAP_OFFER_MAX or hex_hash(data) != parts[4]:
+            return False
+        try:
+            m = _decode_map(bytes(data), key)
+        except (DrsiteError, KeyError, TypeError, ValueError):
+            return False   # a segment table or a changed-extent list (or damage): not a map
+        self.fetch(key, lambda: m)
+        return True
 
 
 class Catalog:
@@ -326,13 +356,7 @@ class Catalog:
                               "the maps it lists cannot be read")
 
         def load() -> SegMap:
-            key = self.key(rel)
-            header, payload = decode_blob("map", self._get_blob(rel, "segment map"), key)
-            e = decode_entries(payload, key)
-            packs = [str(p) for p in header["packs"]]
-            if e.size and int(e["pack"].max()) >= len(packs):
-                raise CorruptData(f"segment map {key} names a pack it does not list")
-            return SegMap(e, packs)
+            return _decode_map(self._get_blob(rel, "segment map"), self.key(rel))
 
         return self._maps.fetch(self.prefix + rel, load)
 
