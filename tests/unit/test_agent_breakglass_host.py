@@ -35,6 +35,7 @@ from drsite.sitestore.acl import ACL_FILE, FORMAT, StoreAcl
 from drsite.sitestore.server import replica_lock
 from drsite.sitestore.syncoverlay import OverlayServer
 from drsite.store.auth import PointAuth
+from drsite.store.catalog import MapCache
 from drsite.store.generation import GenerationStore
 from drsite.store.local import LocalObjectStore
 from drsite.store.repository import Repository
@@ -98,6 +99,7 @@ def vault_command(data: Path, store: Path, hv: FileHypervisor) -> FailoverComman
     acl = StoreAcl(data / ACL_FILE)
     svc = SimpleNamespace(local_store=LocalObjectStore(store), replicas_dir=data / "replicas",
                           acl=acl, sync=None,  # StoreService.sync: no sync-journal server
+                          map_cache=MapCache(),
                           overlays=OverlayServer(data / "sync-overlays", data / "ca.pem",
                                                  data / "cert.pem", data / "key.pem"))
     return FailoverCommands(cast(FailoverHost, SimpleNamespace(

@@ -820,3 +820,38 @@ def test_map_cache_offer_takes_only_verified_segment_maps(mem: MemoryObjectStore
     pid = own.latest().point_id   # type: ignore[union-attr]
     assert read_point(r, pid) == read_point(own, pid)
     assert set(own._maps) == maps
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 60))
+def test_property_readv_of_scattered_extents_equals_the_model(seed: int, n: int) -> None:
+    """``readv`` of any batch of extents — scattered over many segments, crossing segment
+    boundaries, unsorted, overlapping, empty, in holes — equals the model, on a point whose
+    segments' maps come from several cycles (the lookups of a batch run over the slices of all
+    its segments' maps at once)."""
+    seg = 16 * KiB
+    size = 64 * seg + 5000
+    store = MemoryObjectStore()
+    repo = Repository(store, "vm1", segment_size=seg, pack_target=64 * KiB, threads=2)
+    rng = np.random.default_rng(seed)
+    model = bytearray(size)
+    base = None
+    for c in range(3):
+        writes: list[tuple[str, int, bytes | None, int]] = []
+        for _ in range(int(rng.integers(1, 25))):
+            off = int(rng.integers(0, size - 1))
+            ln = int(rng.integers(1, min(3 * seg, size - off) + 1))
+            data = None if rng.random() < 0.2 else rand(rng, ln)
+            model[off:off + ln] = data if data is not None else bytes(ln)
+            writes.append(("d0", off, data, ln))
+        base = commit_cycle(repo, f"c{c}", base, {"d0": size}, writes, float(c))
+    assert base is not None
+    offs = rng.integers(0, size, n).astype(np.int64)
+    lens = np.minimum(rng.integers(0, 2 * seg, n), size - offs).astype(np.int64)
+    lens[rng.random(n) < 0.1] = 0
+    buf = bytearray(int(lens.sum()))
+    reader = Repository(store, "vm1", segment_size=seg).reader(base, "d0")
+    reader.readv(offs, lens, memoryview(buf))
+    want = b"".join(bytes(model[o:o + ln]) for o, ln in zip(offs.tolist(), lens.tolist(),
+                                                              strict=True))
+    assert bytes(buf) == want

@@ -18,7 +18,7 @@ from drsite.core.errors import BrokenChain, CorruptData, InvalidInput
 from drsite.core.extents import ExtentList, coalesce
 from drsite.store.catalog import MAP_PREFETCH, Catalog
 from drsite.store.entries import diff_entries
-from drsite.store.format import SegMap, empty_entries
+from drsite.store.format import Entries, SegMap, empty_entries
 
 FRAMES_AT_ONCE = 16  # frames a batched read holds at once (up to 16 MiB decompressed)
 
@@ -69,8 +69,8 @@ class PointReader:
     def readv(self, offsets: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64],
               buf: memoryview) -> None:
         """Fill ``buf`` with many extents (their bytes concatenated, in order); verified like
-        :meth:`readinto`. The map lookups of a whole batch are a few numpy operations per
-        segment; frames are fetched in parallel, ``FRAMES_AT_ONCE`` at a time (memory stays
+        :meth:`readinto`. The map lookups of a whole batch are numpy operations over the
+        batch (:meth:`_lookup`); frames are fetched in parallel, ``FRAMES_AT_ONCE`` at a time (memory stays
         bounded however scattered the batch), each decompressed and checked once."""
         out = np.frombuffer(buf.cast("B") if buf.format != "B" else buf, np.uint8)
         offs = np.asarray(offsets, np.int64)
@@ -84,59 +84,10 @@ class PointReader:
         if int(lens.sum()) != out.size:
             raise InvalidInput("readv: the extents do not fill the buffer")
         out[:] = 0
-        pos = np.cumsum(lens) - lens
-        seg = self.segment_size
-        # (destination in buf, length, frame index, source offset in the frame) of every piece
-        dst: list[npt.NDArray[np.int64]] = []
-        ln: list[npt.NDArray[np.int64]] = []
-        fid: list[npt.NDArray[np.int64]] = []
-        src: list[npt.NDArray[np.int64]] = []
-        specs: list[tuple[str, int, int, int, int, bytes]] = []
-        index: dict[tuple[str, int], int] = {}
-        s0, s1 = offs // seg, (np.maximum(ends, offs + 1) - 1) // seg
-        for s in _touched_segments(s0, s1).tolist():
-            mk = self._keys[s]
-            if mk is None:
-                continue
-            m = self.repo._get_map(mk)
-            e = m.entries
-            if e.size == 0:
-                continue
-            sel = np.flatnonzero((s0 <= s) & (s1 >= s) & (lens > 0))
-            if sel.size == 0:
-                continue
-            eo = e["offset"]
-            ee = eo + e["length"]
-            lo_i = np.searchsorted(ee, offs[sel], "right")
-            hi_i = np.searchsorted(eo, ends[sel], "left")
-            cnt = np.maximum(hi_i - lo_i, 0)
-            if int(cnt.sum()) == 0:
-                continue
-            j = np.repeat(sel, cnt)
-            i = np.repeat(lo_i, cnt) + (np.arange(int(cnt.sum()))
-                                     - np.repeat(np.cumsum(cnt) - cnt, cnt))
-            lo = np.maximum(eo[i], offs[j])
-            hi = np.minimum(ee[i], ends[j])
-            # one frame per distinct (pack, frame offset) of this map
-            keys = e["pack"][i].astype(np.int64) * (1 << 40) + e["foff"][i]
-            uk, first, inv = np.unique(keys, return_index=True, return_inverse=True)
-            ids = np.empty(uk.size, np.int64)
-            for n, f in enumerate(first.tolist()):
-                r = int(i[f])
-                fk = (m.packs[int(e["pack"][r])], int(e["foff"][r]))
-                got = index.get(fk)
-                if got is None:
-                    got = index[fk] = len(specs)
-                    specs.append((fk[0], fk[1], int(e["flen"][r]), int(e["codec"][r]),
-                                  int(e["rlen"][r]), bytes(e["hash"][r])))
-                ids[n] = got
-            dst.append(pos[j] + (lo - offs[j]))
-            ln.append(hi - lo)
-            fid.append(ids[inv.reshape(-1)])
-            src.append(e["roff"][i].astype(np.int64) + (lo - eo[i]))
-        if not specs:
+        found = self._lookup(offs, lens, ends)
+        if found is None:
             return
-        d_all, l_all, f_all, s_all = (np.concatenate(x) for x in (dst, ln, fid, src))
+        specs, d_all, l_all, f_all, s_all = found
         order = np.argsort(f_all, kind="stable")
         d_all, l_all, f_all, s_all = d_all[order], l_all[order], f_all[order], s_all[order]
         cuts = np.searchsorted(f_all, np.arange(0, len(specs) + 1))
@@ -164,6 +115,90 @@ class PointReader:
                 self._frames.move_to_end((group[q][0], group[q][1]))
             while len(self._frames) > self._cache_cap:
                 self._frames.popitem(last=False)
+
+    def _lookup(self, offs: npt.NDArray[np.int64], lens: npt.NDArray[np.int64],
+                ends: npt.NDArray[np.int64]
+                ) -> tuple[list[tuple[str, int, int, int, int, bytes]], npt.NDArray[np.int64],
+                           npt.NDArray[np.int64], npt.NDArray[np.int64],
+                           npt.NDArray[np.int64]] | None:
+        """Where the bytes of a batch of extents are: (frame specs, and per piece: destination
+        in the batch's buffer, length, frame index, offset in the frame), or None when the
+        batch holds no stored data. Per touched segment only the slice of its map that the
+        batch's range there can overlap is taken (two binary searches); the pieces are then
+        found for the whole batch at once over the concatenated slices (sorted and disjoint:
+        segments are), so the numpy work does not grow with the number of segments a
+        scattered batch touches."""
+        seg = self.segment_size
+        live = np.flatnonzero(lens > 0)
+        if live.size == 0:
+            return None
+        lo_o, hi_o = offs[live], ends[live]
+        s0, s1 = lo_o // seg, (hi_o - 1) // seg
+        touched = _touched_segments(s0, s1)
+        # the batch's lowest offset and highest end inside each touched segment
+        k0, k1 = np.searchsorted(touched, s0), np.searchsorted(touched, s1)
+        seg_lo = touched * seg
+        seg_hi = np.minimum(seg_lo + seg, self.size)
+        lo_b, hi_b = seg_hi.copy(), seg_lo.copy()
+        np.minimum.at(lo_b, k0, lo_o)
+        np.maximum.at(hi_b, k1, hi_o)
+        span = np.flatnonzero(k1 > k0)   # extents crossing a segment boundary (few)
+        for x in span.tolist():
+            lo_b[k0[x] + 1:k1[x] + 1] = seg_lo[k0[x] + 1:k1[x] + 1]
+            hi_b[k0[x]:k1[x]] = seg_hi[k0[x]:k1[x]]
+        parts: list[Entries] = []
+        gpack: list[npt.NDArray[np.int64]] = []
+        packs: list[str] = []
+        for t, s in enumerate(touched.tolist()):
+            mk = self._keys[s]
+            if mk is None:
+                continue
+            m = self.repo._get_map(mk)
+            e = m.entries
+            if e.size == 0:
+                continue
+            eo = e["offset"]
+            a = max(int(np.searchsorted(eo, lo_b[t], "right")) - 1, 0)
+            b = int(np.searchsorted(eo, hi_b[t], "left"))
+            if b <= a:
+                continue
+            parts.append(e[a:b])
+            gpack.append(e["pack"][a:b].astype(np.int64) + len(packs))
+            packs.extend(m.packs)
+        if not parts:
+            return None
+        e = np.concatenate(parts)
+        gp = np.concatenate(gpack)
+        eo = e["offset"]
+        ee = eo + e["length"]
+        lo_i = np.searchsorted(ee, lo_o, "right")
+        hi_i = np.searchsorted(eo, hi_o, "left")
+        cnt = np.maximum(hi_i - lo_i, 0)
+        total = int(cnt.sum())
+        if total == 0:
+            return None
+        j = np.repeat(live, cnt)
+        i = np.repeat(lo_i, cnt) + (np.arange(total) - np.repeat(np.cumsum(cnt) - cnt, cnt))
+        lo = np.maximum(eo[i], offs[j])
+        hi = np.minimum(ee[i], ends[j])
+        # one frame per distinct (pack, frame offset); a pack named by several maps is one
+        keys = gp[i] * (1 << 40) + e["foff"][i]
+        uk, first, inv = np.unique(keys, return_index=True, return_inverse=True)
+        ids = np.empty(uk.size, np.int64)
+        specs: list[tuple[str, int, int, int, int, bytes]] = []
+        index: dict[tuple[str, int], int] = {}
+        for n, f in enumerate(first.tolist()):
+            r = int(i[f])
+            fk = (packs[int(gp[r])], int(e["foff"][r]))
+            got = index.get(fk)
+            if got is None:
+                got = index[fk] = len(specs)
+                specs.append((fk[0], fk[1], int(e["flen"][r]), int(e["codec"][r]),
+                              int(e["rlen"][r]), bytes(e["hash"][r])))
+            ids[n] = got
+        pos = np.cumsum(lens) - lens
+        return (specs, pos[j] + (lo - offs[j]), hi - lo, ids[inv.reshape(-1)],
+                e["roff"][i].astype(np.int64) + (lo - eo[i]))
 
     def data_extents(self) -> ExtentList:
         """Ranges that hold stored data (everything else reads as zeros)."""
