@@ -258,7 +258,10 @@ class _StoreService:
     def _put(self, key: str, body: memoryview, overwrite: bool) -> None:
         self.store.put(key, body, overwrite=overwrite)
         if self.map_cache is not None and not overwrite:
-            self.map_cache.offer(key, body)   # stored: a failover here reads the map warm
+            try:   # stored: a failover here reads the map warm (best effort: never fails a put)
+                self.map_cache.offer(key, body)
+            except Exception:
+                log.exception("segment map %s not cached", key)
 
     def _repo(self, item_id: str) -> Repository:
         """The item's repository for replica work, with its point key: hydration and digests
