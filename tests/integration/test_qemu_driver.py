@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -174,6 +175,45 @@ def test_seal_of_stopped_vm_uses_storage_daemon(hv: QemuHypervisor) -> None:
     c2 = hv.seal(vm, app_consistent=True)
     assert c2.consistency is Consistency.APP, c2.note
     hv.release(c2)
+
+
+class _Killed(BaseException):
+    """Stands in for the agent dying (not an Exception: nothing may catch it)."""
+
+
+def test_a_runner_started_by_an_agent_killed_before_qemu_answered_is_found_again(
+        hv: QemuHypervisor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent is killed while it waits for a new storage daemon's QMP socket: the daemon
+    (detached) lives on. The restarted agent must find it from runner.json and use it — a
+    second daemon on the same disks fails on the image locks, and the first one leaked for ever
+    (a CI run left one behind)."""
+    from drsite.hypervisors.qemu import runner as runner_mod
+
+    vm = make_vm(hv, "killed-start", [4 * MiB])
+
+    def killed(*a: object, **k: object) -> None:
+        raise _Killed()
+
+    monkeypatch.setattr(runner_mod, "wait_for_monitor", killed)
+    with pytest.raises(_Killed):
+        hv.write(vm, "d0", 0, b"y" * 10)   # stopped: starts a storage daemon
+    monkeypatch.undo()
+    r = hv.runner(vm)
+    assert r is not None and r.kind == "daemon", "the started daemon is not recorded"
+    assert runner_mod.process_token(r.pid) == r.token
+    sock = hv._locate(vm)[0].qmp_socket   # the agent restarts later: QEMU is up by then
+    deadline = time.monotonic() + 10
+    while not sock.exists():
+        assert time.monotonic() < deadline, "the daemon never opened its QMP socket"
+        time.sleep(0.02)
+    restarted = QemuHypervisor(hv.root, agent_timeout=0.5)   # the agent after its restart
+    try:
+        restarted.write(vm, "d0", 0, b"z" * 10)   # through the same daemon
+        assert restarted.runner(vm) == r
+        restarted.delete_vm(vm)
+    finally:
+        restarted.close()
+    assert runner_mod.process_token(r.pid) is None, "the daemon outlived its VM"
 
 
 @pytest.mark.slow

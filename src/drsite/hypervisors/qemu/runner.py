@@ -148,16 +148,20 @@ def start_runner(paths: VmDir, cfg: QemuVmConfig, kind: str, *, start_cpus: bool
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True, close_fds=True, cwd=paths.dir)
     _children[proc.pid] = proc
+    # recorded before QEMU answers: an agent killed while it waits (the process is detached
+    # and lives on) must find that process after its restart, not start a second one on the
+    # same disks (the image locks refuse it) and leave the first running for ever
+    tok = process_token(proc.pid)
+    if tok is not None:
+        write_record(paths.runner, {"kind": kind, "pid": proc.pid, "token": tok})
     try:
         wait_for_monitor(proc, paths.qmp_socket, timeout, f"QEMU {kind} of {cfg.name}",
                          lambda: f": {log_tail(paths)}")
     except DrsiteError:
         _children.pop(proc.pid, None)
         raise
-    tok = process_token(proc.pid)
-    if tok is None:
+    if tok is None or process_token(proc.pid) != tok:
         raise PermanentError(f"QEMU {kind} of {cfg.name} exited at once: {log_tail(paths)}")
-    write_record(paths.runner, {"kind": kind, "pid": proc.pid, "token": tok})
     return Runner(kind, proc.pid, tok)
 
 
