@@ -118,11 +118,9 @@ class StoreService:
             raise classify_os_error(e, f"replica directory {self.replicas_dir}") from e
         self.sync = self._start_sync()
         self.overlays.sweep()   # removals a crash interrupted
-        cache = self.map_cache
         app = make_store_app(self._store, self.replicas_dir, acl=self.acl, audit=self.audit,
                              sync_port=self.sync.port, overlays=self.overlays,
-                             repo_factory=lambda s, item: Repository(s, item, map_cache=cache),
-                             map_cache=cache)
+                             map_cache=self.map_cache)
         self._server = tlsutil.start_in_thread(
             app, host=self.host, port=self.port, certfile=self.identity.cert_file,
             keyfile=self.identity.key_file, cafile=self.identity.ca_file, client_cert="required")

@@ -251,7 +251,8 @@ class _StoreService:
         self.replicas = Path(replicas)
         self.acl = acl
         self.audit = audit
-        self.repo_factory: RepoFactory = repo_factory or (lambda s, item: Repository(s, item))
+        self.repo_factory: RepoFactory = repo_factory or (
+            lambda s, item: Repository(s, item, map_cache=map_cache))
         self.max_object = max_object
         self.cycles = CommittedCycles()
 
@@ -465,7 +466,8 @@ def make_store_app(store: ObjectStore, replicas: Path, *, acl: Authorizer,
     or refused.
 
     ``repo_factory(store, item_id)`` builds the :class:`Repository` used for catch-up and
-    digests (default: ``Repository(store, item_id)``; a fresh one per request, so no cached
+    digests (default: ``Repository(store, item_id, map_cache=map_cache)``; a fresh one per
+    request (maps, content-addressed, may come from ``map_cache``), so no cached
     manifest outlives a point deleted by the primary). Run it with :mod:`drsite.tlsutil`
     (``client_cert="required"``); without that module's protocol every request gets 401.
     """

@@ -70,8 +70,8 @@ class PointReader:
               buf: memoryview) -> None:
         """Fill ``buf`` with many extents (their bytes concatenated, in order); verified like
         :meth:`readinto`. The map lookups of a whole batch are numpy operations over the
-        batch (:meth:`_lookup`); frames are fetched in parallel, ``FRAMES_AT_ONCE`` at a time (memory stays
-        bounded however scattered the batch), each decompressed and checked once."""
+        batch (:meth:`_lookup`); frames are fetched in parallel, ``FRAMES_AT_ONCE`` at a time
+        (memory stays bounded however scattered the batch), each decompressed and checked once."""
         out = np.frombuffer(buf.cast("B") if buf.format != "B" else buf, np.uint8)
         offs = np.asarray(offsets, np.int64)
         lens = np.asarray(lengths, np.int64)
