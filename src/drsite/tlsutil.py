@@ -187,6 +187,20 @@ class _AlertingSSLProtocol(asyncio.sslproto.SSLProtocol):
                             or getattr(handshake_exc, "reason", None) or handshake_exc)
         super()._on_handshake_complete(handshake_exc)
 
+    def end_close_wait(self) -> bool:
+        """A server stopping: if this connection has sent its close_notify and only waits for
+        the peer's (up to ``ssl_shutdown_timeout``, 30 s), finish the close now, as the peer's
+        reply would. Nothing of ours is dropped: the raw transport's ``close`` still flushes
+        what it holds. An idle client (a pooled keep-alive connection nobody reads) never
+        replies, and held every stop for the whole graceful timeout. True if it did."""
+        state = getattr(self, "_state", None)
+        if state is not asyncio.sslproto.SSLProtocolState.SHUTDOWN:
+            return False
+        if self._get_write_buffer_size() != 0:  # type: ignore[attr-defined]
+            return False
+        self._on_shutdown_complete(None)  # type: ignore[attr-defined]
+        return True
+
 
 class _AlertingEventLoop(asyncio.SelectorEventLoop):
     """The selector loop, with :class:`_AlertingSSLProtocol` for TLS connections."""
@@ -259,7 +273,24 @@ class _Server(uvicorn.Server):
                 hook()
             except Exception:  # a hook must not keep the server from stopping
                 log.exception("server stop hook failed")
-        await super().shutdown(sockets)
+        reaper = asyncio.get_running_loop().create_task(self._end_close_waits())
+        try:
+            await super().shutdown(sockets)
+        finally:
+            reaper.cancel()
+
+    async def _end_close_waits(self) -> None:
+        """While the graceful stop runs: a connection whose response is complete and whose TLS
+        close only waits for the peer's close_notify is closed at once (an idle keep-alive
+        client never sends it). In-flight responses are left to finish."""
+        while True:
+            for conn in list(self.server_state.connections):
+                transport = getattr(conn, "transport", None)
+                proto = getattr(transport, "_ssl_protocol", None)
+                if (isinstance(proto, _AlertingSSLProtocol) and transport is not None
+                        and transport.is_closing()):
+                    proto.end_close_wait()
+            await asyncio.sleep(0.02)
 
 
 def _config(app: ASGIApp, ctx: ssl.SSLContext, *, host: str, port: int,
