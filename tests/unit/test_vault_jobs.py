@@ -179,6 +179,33 @@ def test_initial_replication_retries_transient_failures_on_the_seed_schedule(h: 
     assert h.ok("GET", f"/items/{item_id}")["health"] in ("normal", "warning")
 
 
+def test_initial_replication_is_retried_at_once_after_each_restart_of_the_store_agent(
+        h: Harness) -> None:
+    """The copy failed to reach the recovery site because its store agent was killed, and
+    again after that agent came back and was killed once more: each restart (its first
+    heartbeat says ``restarted``) sends the copy again at once; without a restart since the
+    last failure, the seed's schedule."""
+    a, b = setup(h)
+    job_id, _ = start(h)
+    h.tick()
+    (cmd,) = commands(a, "protect")
+    net = {"code": "network", "class": "transient", "message": "store unreachable", "hint": ""}
+    for _ in range(3):
+        a.result(cmd["command_id"], "failed", error=net)
+        h.tick()
+        h.clock.advance(0.5)
+        b.beat(store_url="https://127.0.0.1:9443", restarted=True)
+        h.tick()
+        (cmd,) = commands(a, "protect")
+    a.result(cmd["command_id"], "failed", error=net)  # the link: no restart since
+    h.tick()
+    h.clock.advance(20)
+    b.beat(store_url="https://127.0.0.1:9443")
+    h.tick()
+    assert commands(a, "protect") == []
+    assert "retry 5" in h.job(job_id)["message"]
+
+
 def test_permanent_failure_fails_the_job_with_class_and_hint(h: Harness) -> None:
     a, _ = setup(h)
     job_id, item_id = start(h)

@@ -188,6 +188,33 @@ def test_first_network_retry_goes_as_soon_as_the_store_agent_beats_after_the_fai
     assert sent(h, "cycle") == []                 # the seed's schedule now
 
 
+def test_every_restart_of_the_store_agent_earns_one_retry_at_once(h: Harness) -> None:
+    """The crash campaign kills the store's agent twice in a row: the second failure used to
+    wait the seed's two minutes although the agent was back in seconds. Each restart after the
+    last failure (its first heartbeat says ``restarted``) now earns one retry at once; a
+    failure with no restart since (the link is down, the agent is not) follows the schedule."""
+    a, item_id = protected(h, frequency_s=30)
+    b = next(x for x in h.agents if x.name == "hv2")
+    h.clock.advance(30)
+    (c,) = sent(h, "cycle")
+    for failures in (1, 2, 3):
+        a.result(c.id, "failed", error=NET)
+        h.clock.advance(0.5)
+        b.beat(store_url="https://127.0.0.1:9443", restarted=True)  # back: a new process
+        (c,) = sent(h, "cycle")
+        assert h.ok("GET", f"/items/{item_id}")["last_error"]["code"] == "network", failures
+    a.result(c.id, "failed", error=NET)           # no restart since: the seed's schedule
+    for _ in range(3):
+        h.clock.advance(5)
+        b.beat(store_url="https://127.0.0.1:9443")
+        assert sent(h, "cycle") == []
+    h.clock.advance(5)
+    b.beat(store_url="https://127.0.0.1:9443", restarted=True)  # killed and back once more
+    (c,) = sent(h, "cycle")
+    a.result(c.id, "succeeded")
+    assert h.ok("GET", f"/items/{item_id}")["last_error"] is None
+
+
 def test_permanent_failure_makes_the_item_critical_and_stops_it(h: Harness) -> None:
     a, item_id = protected(h)
     h.clock.advance(30)

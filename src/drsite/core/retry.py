@@ -30,6 +30,7 @@ class RetryState:
 
     failures: int = 0
     first_failure_at: float | None = None
+    last_failure_at: float | None = None
     next_attempt_at: float | None = None
     last_error: dict[str, str] | None = None
     gave_up: bool = False
@@ -44,12 +45,14 @@ class RetryState:
         self.failures += 1
         if self.first_failure_at is None:
             self.first_failure_at = now
+        self.last_failure_at = now
         self.next_attempt_at = now + retry_delay(self.failures)
         self.history.append(self.next_attempt_at)
 
     def record_success(self) -> None:
         self.failures = 0
         self.first_failure_at = None
+        self.last_failure_at = None
         self.next_attempt_at = None
         self.last_error = None
         self.gave_up = False
@@ -62,6 +65,7 @@ class RetryState:
 
     def to_dict(self) -> dict[str, object]:
         return {"failures": self.failures, "first_failure_at": self.first_failure_at,
+                "last_failure_at": self.last_failure_at,
                 "next_attempt_at": self.next_attempt_at, "last_error": self.last_error,
                 "gave_up": self.gave_up}
 
@@ -70,6 +74,9 @@ class RetryState:
         le = d.get("last_error")
         return RetryState(failures=int(d.get("failures", 0) or 0),  # type: ignore[call-overload]
                           first_failure_at=d.get("first_failure_at"),  # type: ignore[arg-type]
+                          # a state saved before it was kept: the first failure is the last known
+                          last_failure_at=d.get("last_failure_at",  # type: ignore[arg-type]
+                                                d.get("first_failure_at")),
                           next_attempt_at=d.get("next_attempt_at"),  # type: ignore[arg-type]
                           last_error=le if isinstance(le, dict) else None,
                           gave_up=bool(d.get("gave_up", False)))

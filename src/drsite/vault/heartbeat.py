@@ -100,6 +100,8 @@ def apply_heartbeat(s: Session, host: Host, beat: Beat, settings: VaultSettings)
     now = settings.clock.now()
     prev_beat_at = host.last_heartbeat
     host.last_heartbeat = now  # liveness lives on the host row only
+    if beat.restarted:
+        host.started_at = now  # its process is new: failures to reach it retry once more
     if host.version != beat.version[:64]:
         host.version = beat.version[:64]
     if host.store_url != beat.store_url:

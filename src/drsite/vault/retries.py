@@ -5,13 +5,18 @@ take time to clear. A failure to reach the *other site* right after one of its p
 killed is the common case of issue 19, and it clears in seconds: the first retry of such a
 failure comes as soon as that site's store agent heartbeats after the failure (it is back), or
 two heartbeat intervals after it while that agent counts as up, once per run of failures — a
-second failure (the link itself is down) follows the seed's schedule. Used by the scheduler
-(cycles, resyncs) and by the EnableProtection job (``protect``).
+second failure (the link itself is down) follows the seed's schedule. Besides, every restart of
+that agent after the last failure (its first heartbeat saying ``restarted``,
+``hosts.started_at``) earns one retry at once, whatever the count: an agent killed twice in a
+row is back in seconds both times, while a link that stays down (no restart) is not hammered.
+Used by the scheduler (cycles, resyncs) and by the EnableProtection job (``protect``).
 
 Responsible for: that rule and the facts it needs. Not responsible for: the schedule itself.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -20,6 +25,13 @@ from drsite.core.retry import RetryState
 from drsite.vault.db.models import Host, Site
 
 EARLY_RETRY_CODES = ("network", "peer_unavailable", "command_interrupted")
+
+
+class StoreAgent(NamedTuple):
+    """The agent serving a site's recovery store, while it counts as up."""
+
+    beat_at: float  # its last heartbeat
+    started_at: float | None  # when its process last started (vault time), if known
 
 
 def store_came_back(code: str | None, failed_at: float | None,
@@ -31,27 +43,33 @@ def store_came_back(code: str | None, failed_at: float | None,
             and store_beat_at > failed_at)
 
 
-def early_retry(retry: RetryState, store_beat_at: float | None, now: float,
+def early_retry(retry: RetryState, store: StoreAgent | None, now: float,
                 heartbeat_interval: float) -> bool:
-    """The first retry after a failure to reach the other site comes early — as soon as the
-    agent serving the item's store heartbeats after the failure (``store_beat_at``: its last
-    heartbeat while it counts as up, None when it does not), or two heartbeat intervals after
-    it — not after the seed's first minute: the usual cause is that agent restarting (issue
-    19: after a kill -9 anywhere, back to protected within a cycle). Once only per run of
-    failures: a second failure (the link itself is down) follows the seed's schedule."""
-    if retry.failures != 1 or retry.gave_up or store_beat_at is None \
-            or retry.first_failure_at is None:
+    """Whether a retry after a failure to reach the other site goes now, before the seed's
+    schedule (``store``: the agent serving the item's store, None while it counts as down):
+    - the first failure of a run: as soon as that agent heartbeats after it, or two heartbeat
+      intervals after it (issue 19: after a kill -9 anywhere, back to protected within a cycle);
+    - any failure: once that agent has restarted since the last failure (one retry per
+      restart: a failure after it waits for the next restart or the schedule)."""
+    if retry.gave_up or store is None or retry.first_failure_at is None:
         return False
     code = (retry.last_error or {}).get("code")
-    return store_came_back(code, retry.first_failure_at, store_beat_at) or (
-        code in EARLY_RETRY_CODES and now - retry.first_failure_at >= 2 * heartbeat_interval)
+    if code not in EARLY_RETRY_CODES:
+        return False
+    last = retry.last_failure_at if retry.last_failure_at is not None else retry.first_failure_at
+    if store.started_at is not None and store.started_at > last:
+        return True
+    return retry.failures == 1 and (
+        store_came_back(code, retry.first_failure_at, store.beat_at)
+        or now - retry.first_failure_at >= 2 * heartbeat_interval)
 
 
-def store_sites_up(s: Session, now: float, down_after_s: float) -> dict[int, float]:
+def store_sites_up(s: Session, now: float, down_after_s: float) -> dict[int, StoreAgent]:
     """Sites with an agent that serves a recovery store and is up (a heartbeat within
-    ``down_after_s``), and that agent's last heartbeat."""
-    rows = s.execute(select(Host.site_id, Host.last_heartbeat).join(
+    ``down_after_s``), and that agent's last heartbeat and start."""
+    rows = s.execute(select(Host.site_id, Host.last_heartbeat, Host.started_at).join(
         Site, Site.store_host_id == Host.id).where(
         Host.site_id == Site.id, Host.store_url.is_not(None), Host.revoked_at.is_(None),
         Host.last_heartbeat >= now - down_after_s))
-    return {site: float(at) for site, at in rows if at is not None}
+    return {site: StoreAgent(float(at), None if started is None else float(started))
+            for site, at, started in rows if at is not None}

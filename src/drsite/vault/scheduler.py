@@ -55,7 +55,7 @@ from drsite.vault.db.models import Command, Group, Host, Item, Policy
 from drsite.vault.ids import new_id
 from drsite.vault.itemfacts import ItemFacts, ItemRow, load_facts
 from drsite.vault.policies import agent_settings, parse_window
-from drsite.vault.retries import early_retry, store_sites_up
+from drsite.vault.retries import StoreAgent, early_retry, store_sites_up
 from drsite.vault.settings import VaultSettings
 
 log = logging.getLogger(__name__)
@@ -289,13 +289,12 @@ class Scheduler:
         return hit
 
     def _plan(self, item: ItemFacts, policy: Policy, now: float,
-              store_beat_at: float | None = None, granted: bool = False) -> tuple[Action, float]:
-        """The planner's action and the time the next cycle is (was) due. ``store_beat_at``:
-        the last heartbeat of the agent serving the item's recovery store, if it is up (see
-        :func:`early_retry`); ``granted``: the last attempt was refused for a grant the store's
-        agent now confirms."""
+              store: StoreAgent | None = None, granted: bool = False) -> tuple[Action, float]:
+        """The planner's action and the time the next cycle is (was) due. ``store``: the agent
+        serving the item's recovery store, if it is up (see :func:`early_retry`); ``granted``:
+        the last attempt was refused for a grant the store's agent now confirms."""
         retry = RetryState.from_dict(item.retry) if item.retry else RetryState()
-        if granted or early_retry(retry, store_beat_at, now, self.settings.heartbeat_interval):
+        if granted or early_retry(retry, store, now, self.settings.heartbeat_interval):
             retry.next_attempt_at = now
         report = item.report or {}
         nxt = next_cycle_at(item.last_cycle_sent_at, policy.frequency_s, now)
@@ -311,7 +310,7 @@ class Scheduler:
         return plan(pi).action, nxt
 
     def _item(self, item: ItemFacts, policy: Policy, open_kinds: set[str], now: float,
-              store_beat_at: float | None = None, granted: bool = False) -> list[_Due]:
+              store: StoreAgent | None = None, granted: bool = False) -> list[_Due]:
         out: list[_Due] = []
         if open_kinds.intersection(HANDBACK_KINDS):
             return out
@@ -326,7 +325,7 @@ class Scheduler:
                             {"scrub": {**sc, "repair_for": sc.get("latest_point"),
                                        "repair_sent_at": now}}))
         elif not open_kinds.intersection(commands.REPLICATION_KINDS):
-            action, due_at = self._plan(item, policy, now, store_beat_at, granted)
+            action, due_at = self._plan(item, policy, now, store, granted)
             if action is Action.DELTA:
                 last_app = max(item.last_app_point_time or 0.0, item.last_app_cycle_at or 0.0) or None
                 app = app_consistent_due(last_app, policy.app_consistent_every_s, now)

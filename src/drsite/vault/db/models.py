@@ -96,6 +96,10 @@ class Host(Base):
     # confirmed holding (migration 0008; ``storeacl.grant_pending``)
     store_acl_sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     store_acl_confirmed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # when the agent's process last started, as the vault saw it: the first heartbeat that says
+    # ``restarted`` (migration 0015); each restart of a store's agent earns the items that
+    # failed to reach it one early retry (``vault/retries.py``)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Vm(Base):
