@@ -855,3 +855,48 @@ def test_property_readv_of_scattered_extents_equals_the_model(seed: int, n: int)
     want = b"".join(bytes(model[o:o + ln]) for o, ln in zip(offs.tolist(), lens.tolist(),
                                                               strict=True))
     assert bytes(buf) == want
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2**32 - 1))
+def test_property_readv_over_damaged_frames_fails_exactly_when_it_touches_them(seed: int) -> None:
+    """A batched ``readv`` over a point one of whose cycles' packs reads back damaged (every
+    frame of cycle c1 bit-flipped on the read path): a batch that touches a byte c1 holds
+    raises ``CorruptData`` naming that cycle's pack; a batch that does not equals the model —
+    the batch's lookups never take a frame of the wrong cycle, and never return damaged bytes."""
+    seg = 16 * KiB
+    size = 40 * seg + 3000
+    faulty = FaultyObjectStore(MemoryObjectStore())
+    repo = Repository(faulty, "vm1", segment_size=seg, pack_target=64 * KiB, threads=2)
+    rng = np.random.default_rng(seed)
+    model = bytearray(size)
+    owner = np.full(size, -1, np.int64)   # the cycle whose frame holds each byte (-1: zero)
+    base = None
+    for c in range(3):
+        writes: list[tuple[str, int, bytes | None, int]] = []
+        for _ in range(int(rng.integers(1, 20))):
+            off = int(rng.integers(0, size - 1))
+            ln = int(rng.integers(1, min(2 * seg, size - off) + 1))
+            data = None if rng.random() < 0.2 else rand(rng, ln)
+            model[off:off + ln] = data if data is not None else bytes(ln)
+            owner[off:off + ln] = c if data is not None else -1
+            writes.append(("d0", off, data, ln))
+        base = commit_cycle(repo, f"c{c}", base, {"d0": size}, writes, float(c))
+    assert base is not None
+    faulty.inject("get_range", "bitflip", prefix="items/vm1/packs/c1/", times=None)
+    for _ in range(6):
+        n = int(rng.integers(1, 40))
+        offs = rng.integers(0, size, n).astype(np.int64)
+        lens = np.minimum(rng.integers(0, seg, n), size - offs).astype(np.int64)
+        touches = any(bool((owner[o:o + ln] == 1).any())
+                      for o, ln in zip(offs.tolist(), lens.tolist(), strict=True))
+        buf = bytearray(int(lens.sum()))
+        reader = Repository(faulty, "vm1", segment_size=seg).reader(base, "d0")
+        if touches:
+            with pytest.raises(CorruptData, match="items/vm1/packs/c1/"):
+                reader.readv(offs, lens, memoryview(buf))
+            continue
+        reader.readv(offs, lens, memoryview(buf))
+        want = b"".join(bytes(model[o:o + ln]) for o, ln in zip(offs.tolist(), lens.tolist(),
+                                                                  strict=True))
+        assert bytes(buf) == want
