@@ -11,10 +11,10 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from drsite.replication.driver import ReplicationSettings
-from drsite.replication.local import LocalPaths, open_item
-from drsite.replication.planner import ALWAYS, ResyncWindow
 from drsite.replication.report import ItemReport
+
+# the replication engine (numpy, the store, the file driver) is imported by the command that
+# runs it, not by every ``drsite`` invocation
 
 
 class Until(StrEnum):
@@ -38,6 +38,10 @@ def replicate(
     json_out: bool = typer.Option(False, "--json", help="Print the item's report as JSON."),
 ) -> None:
     """Replicate one file VM to a local recovery store (resumes whatever a crash left)."""
+    from drsite.replication.driver import ReplicationSettings
+    from drsite.replication.local import LocalPaths, open_item
+    from drsite.replication.planner import ALWAYS, ResyncWindow
+
     window = ALWAYS if resync_window == "always" else ResyncWindow(*resync_window.split("-", 1))
     settings = ReplicationSettings(frequency_s=frequency, resync_window=window)
     item = open_item(LocalPaths(vms, store, replicas, state), vm, settings)
