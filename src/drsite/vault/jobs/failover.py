@@ -207,7 +207,7 @@ def _store_back(ctx: TaskContext, item_id: str, err: DrsiteError, cmd: Command) 
     """A command that could not reach the item's recovery store, whose host has heartbeated
     since: it is back (the usual cause: that agent was restarting) — send it again now rather
     than after the spacing (still at most ``TRANSIENT_RETRIES`` times)."""
-    if err.code not in EARLY_RETRY_CODES:
+    if err.code not in EARLY_RETRY_CODES:  # (store_came_back checks it too) no query for others
         return False
     item = ctx.s.get(Item, item_id)
     store = storeacl.store_host(ctx.s, item) if item is not None else None
