@@ -276,6 +276,56 @@ def test_a_job_waiting_for_a_heartbeat_asks_the_agent_for_one_at_once(served: Se
     assert got[2][1] is True and got[2][0] - t0 < 0.5
 
 
+def test_a_heartbeat_asked_in_another_process_on_postgresql_reaches_the_long_poll(
+        pg_url: str, tmp_path: Path) -> None:
+    """Several vault processes on PostgreSQL: a job in one (the controller) waits for a host's
+    heartbeat while that host's long poll waits in another (an API worker). The ask is
+    announced (NOTIFY at commit) and the poll answers ``heartbeat`` at once — before, only the
+    asking process's waiters heard it and the heartbeat came at the end of its interval. A
+    rolled-back ask announces nothing; an ask no poll answered is dropped after its TTL."""
+    from drsite.vault import push
+
+    served = Served(tmp_path, pg_url)
+    other = another_process(served, pg_url)  # another vault process, with the announce hook
+    other.listen("before_commit", notify.BeatAnnouncer())
+    got: list[tuple[float, bool]] = []
+
+    def poll(wait_s: float) -> None:
+        r = served.link.wait_channel(wait_s)
+        got.append((time.monotonic(), r.heartbeat))
+
+    def waiting() -> None:
+        deadline = time.monotonic() + 10
+        while served.vault.waiters.count() == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert served.vault.waiters.count() == 1
+
+    try:
+        assert served.vault.listener is not None and served.vault.listener.listening.wait(10)
+        t = threading.Thread(target=poll, args=(20.0,), daemon=True)
+        t.start()
+        waiting()
+        with pytest.raises(RuntimeError), other.tx() as s:
+            push.want_heartbeat(s, served.host_id)
+            raise RuntimeError("rolled back")
+        time.sleep(0.5)
+        assert got == []
+        t0 = time.monotonic()
+        with other.tx() as s:
+            push.want_heartbeat(s, served.host_id)
+        t.join(10)
+        assert got and got[0][1] is True
+        assert got[0][0] - t0 < 1.0, got[0][0] - t0  # far below the poll's 20 s
+        # an ask that no poll answered in time is dropped: the heartbeat came on time since
+        served.vault.waiters.want_beat({"h-gone"})
+        with served.vault.waiters._lock:
+            served.vault.waiters._asked["h-gone"] -= push.BEAT_ASK_TTL_S + 1
+        assert served.vault.waiters.take_beat("h-gone") is False
+    finally:
+        other.dispose()
+        served.close()
+
+
 def test_a_long_poll_of_a_killed_agent_never_takes_a_command(served: Served,
                                                              tmp_path: Path) -> None:
     """An agent killed while its long poll waits: the kernel closes its socket, but the vault's

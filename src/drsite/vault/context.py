@@ -183,8 +183,9 @@ class Vault:
         self.listener: notify.Listener | None = None
         if not db.sqlite:
             db.listen("after_flush", notify.after_flush)
+            db.listen("before_commit", notify.BeatAnnouncer())
             self.listener = notify.Listener(db.url, self.waiters.wake, self._jobs_changed,
-                                            self._job_created)
+                                            self._job_created, self.waiters.want_beat)
         # the threads agent requests (heartbeats, command results, the command channel's
         # looks) may hold at once: the rest of the API's thread pool (anyio's default, 40)
         # stays free for operators whatever the agents' write load (``api/agent.py``)

@@ -8,6 +8,9 @@ transaction that queues a command or ends one also sends ``NOTIFY drsite`` (deli
 PostgreSQL at commit, dropped at rollback), and every process listens on its own connection:
 
 - payload ``c:HOST`` — a command for HOST was queued: its long polls here look at once;
+- payload ``b:HOST,HOST`` — a job wants these hosts' next heartbeat now
+  (``push.want_heartbeat``): their long polls here answer ``"heartbeat": true`` (sent at most
+  once per ``push.BEAT_ASK_GAP_S`` per host by each process);
 - payload ``e:JOBS;ITEMS`` — commands ended (their jobs' and items' ids, comma-separated):
   the job runner asks the jobs that may wait for them at once (in the controller; elsewhere
   harmless); ``j`` — the same for every job (the ids did not fit); ``n`` — a job was created:
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +37,7 @@ from sqlalchemy.orm import Session
 
 from drsite.core.states import FINAL_COMMAND_STATUSES, CommandStatus
 from drsite.vault.db.models import Command, Job
-from drsite.vault.push import Ended
+from drsite.vault.push import BEAT_ASK_GAP_S, Ended, beats_wanted
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +79,39 @@ def after_flush(session: Session, _ctx: Any) -> None:
         conn.exec_driver_sql("SELECT pg_notify(%(c)s, %(p)s)", {"c": CHANNEL, "p": p[:MAX_PAYLOAD]})
 
 
+class BeatAnnouncer:
+    """Session hook (``before_commit`` of write sessions): announce the heartbeat asks of the
+    transaction to every vault process (PostgreSQL delivers them at commit, drops them at
+    rollback). A job waiting for a heartbeat asks every round: a host is announced at most once
+    per ``BEAT_ASK_GAP_S`` by this process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sent: dict[str, float] = {}
+
+    def __call__(self, session: Session) -> None:
+        hosts = beats_wanted(session)
+        if not hosts:
+            return
+        now = time.monotonic()
+        with self._lock:
+            due = sorted(h for h in hosts if now - self._sent.get(h, -BEAT_ASK_GAP_S) >= BEAT_ASK_GAP_S)
+            for h in due:
+                self._sent[h] = now
+            if len(self._sent) > 4096:  # forget old entries (many hosts over a long life)
+                self._sent = {h: t for h, t in self._sent.items() if now - t < BEAT_ASK_GAP_S}
+        conn = session.connection()
+        while due:
+            chunk: list[str] = []
+            while due and len(",".join([*chunk, due[0]])) + 2 <= MAX_PAYLOAD:
+                chunk.append(due.pop(0))
+            if not chunk:  # one id longer than a payload (never: ids are 64 at most)
+                due.pop(0)
+                continue
+            conn.exec_driver_sql("SELECT pg_notify(%(c)s, %(p)s)",
+                                 {"c": CHANNEL, "p": "b:" + ",".join(chunk)})
+
+
 def parse_ended(body: str) -> Ended:
     """``JOBS;ITEMS`` of an ``e:`` payload: the ended commands' jobs and items."""
     jobs, _, items = body.partition(";")
@@ -89,9 +126,11 @@ class Listener:
 
     def __init__(self, url: str, on_hosts: Callable[[set[str]], None],
                  on_jobs: Callable[[Ended | None], None],
-                 on_new_job: Callable[[], None]) -> None:
+                 on_new_job: Callable[[], None],
+                 on_beats: Callable[[set[str]], None] | None = None) -> None:
         self.url = _libpq(url)
         self.on_hosts = on_hosts
+        self.on_beats = on_beats
         self.on_jobs = on_jobs
         self.on_new_job = on_new_job
         self._stop = threading.Event()
@@ -122,6 +161,9 @@ class Listener:
                         for n in conn.notifies(timeout=1.0, stop_after=1):
                             if n.payload.startswith("c:"):
                                 self.on_hosts({n.payload[2:]})
+                            elif n.payload.startswith("b:"):
+                                if self.on_beats is not None:
+                                    self.on_beats({h for h in n.payload[2:].split(",") if h})
                             elif n.payload.startswith("e:"):
                                 self.on_jobs(parse_ended(n.payload[2:]))
                             elif n.payload == "j":

@@ -21,7 +21,9 @@ A job that waits for a host's next heartbeat (a store access list to be confirme
 point to reach the catalogue) asks for it (:func:`want_heartbeat`): after its transaction
 commits, the host's long poll answers at once with ``"heartbeat": true`` and the agent beats
 now instead of at the end of its interval (asked at most once per ``BEAT_ASK_GAP_S`` per host;
-only waiters of this process hear it — elsewhere the heartbeat simply comes on time).
+on PostgreSQL the ask is also announced to the other vault processes, whose long poll of that
+host, open or next, answers the same way; an ask not answered within ``BEAT_ASK_TTL_S`` is
+dropped — the heartbeat it wanted has come on time by then).
 
 The same hook kicks the background loop (:meth:`CommandPush.on_change`) when a job is created
 or a command ends, so a job's next task runs at once instead of at the next loop tick.
@@ -52,12 +54,19 @@ _NEW_JOB = "drsite_push_new_job"
 _BEATS = "drsite_push_beats"
 
 BEAT_ASK_GAP_S = 1.0  # a host is asked for an early heartbeat at most this often
+BEAT_ASK_TTL_S = 10.0  # an ask no long poll answered is dropped after this
 
 
 def want_heartbeat(s: Session, host_id: str) -> None:
     """A job in this transaction waits for the host's next heartbeat: once the transaction
-    commits, its command channel asks the agent for one now (:meth:`Waiters.want_beat`)."""
+    commits, its command channel asks the agent for one now (:meth:`Waiters.want_beat`; on
+    PostgreSQL the other vault processes hear it too, ``notify.before_commit``)."""
     s.info.setdefault(_BEATS, set()).add(host_id)
+
+
+def beats_wanted(s: Session) -> set[str]:
+    """The hosts this transaction asks for a heartbeat (:func:`want_heartbeat`)."""
+    return set(s.info.get(_BEATS) or ())
 
 
 class Waiters:
@@ -107,11 +116,12 @@ class Waiters:
         self._set(targets)
 
     def take_beat(self, host_id: str) -> bool:
-        """Whether the host was asked for a heartbeat (once: the caller's reply says so)."""
+        """Whether the host was asked for a heartbeat within ``BEAT_ASK_TTL_S`` (once: the
+        caller's reply says so)."""
         with self._lock:
             if host_id in self._beats:
                 self._beats.discard(host_id)
-                return True
+                return time.monotonic() - self._asked.get(host_id, 0.0) <= BEAT_ASK_TTL_S
             return False
 
     def register(self, host_id: str) -> asyncio.Event:
