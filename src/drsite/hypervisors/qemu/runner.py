@@ -3,7 +3,8 @@
 
 A runner is identified by a token ``"<pid>:<start time>"`` (from ``/proc``), so a pid reused
 by another process is never mistaken for it; ``runner.json`` in the VM directory names the
-current runner, so a restarted driver finds it again. Frozen views (fleece jobs, exports) live
+current runner, so a restarted driver finds it again; it is written before QEMU runs (a start
+gate), so no QEMU process holds the disks unrecorded. Frozen views (fleece jobs, exports) live
 inside the runner: when it stops, they are gone.
 
 Responsible for: command lines, starting a runner and waiting for its QMP socket, liveness,
