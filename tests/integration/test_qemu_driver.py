@@ -216,6 +216,92 @@ def test_a_runner_started_by_an_agent_killed_before_qemu_answered_is_found_again
     assert runner_mod.process_token(r.pid) is None, "the daemon outlived its VM"
 
 
+def _processes_naming(path: Path) -> list[str]:
+    """Command lines of the live processes that name ``path`` (a QEMU process holding a disk,
+    or a runner's start gate), zombies left out."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        if str(path) in cmd and stat[stat.rfind(")") + 2:][:1] not in ("Z", "X"):
+            out.append(f"{d.name}: {cmd[:160]}")
+    return out
+
+
+def _none_naming(path: Path, timeout: float = 5.0) -> list[str]:
+    """``_processes_naming(path)`` once it is empty, or what is left after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while (left := _processes_naming(path)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+_WRITE_ONCE = """
+import sys
+from pathlib import Path
+from drsite.hypervisors.qemu.driver import QemuHypervisor
+QemuHypervisor(Path(sys.argv[1]), agent_timeout=0.5).write(sys.argv[2], "d0", 0, b"x" * 10)
+"""
+
+
+@pytest.mark.parametrize("failpoint", ["qemu.runner-spawned", "qemu.runner-recorded"])
+def test_a_driver_killed_while_it_starts_a_runner_leaves_no_unrecorded_qemu(
+        hv: QemuHypervisor, failpoint: str) -> None:
+    """A driver process is SIGKILLed right after it started a storage daemon, before
+    (``runner-spawned``) or just after (``runner-recorded``) runner.json names it: the
+    sync-rotation campaign's test killed the primary's agent just as it started one, and the
+    daemon ran on unrecorded, holding the disks (the restarted agent's daemon was refused by
+    the image locks, delete_vm stopped nothing). No QEMU process may hold the disks unless
+    recorded: here none is left, a restarted driver starts its own, delete_vm leaves nothing."""
+    import subprocess
+    import sys
+
+    vm = make_vm(hv, "killed-spawn", [4 * MiB])
+    disk = VmDir(hv.vm_dir(vm)).qcow2("d0")
+    env = {**os.environ, "DRSITE_FAILPOINTS": f"{failpoint}=kill"}
+    p = subprocess.run([sys.executable, "-c", _WRITE_ONCE, str(hv.root), vm], env=env,
+                       capture_output=True, timeout=120)
+    assert p.returncode == -9, (p.returncode, p.stderr[-2000:])
+    assert _none_naming(disk) == [], "QEMU runs though its driver died before letting it"
+    restarted = QemuHypervisor(hv.root, agent_timeout=0.5)   # the agent after its restart
+    try:
+        restarted.write(vm, "d0", 0, b"z" * 10)
+        r = restarted.runner(vm)
+        assert r is not None and r.kind == "daemon"
+        restarted.delete_vm(vm)
+    finally:
+        restarted.close()
+    assert _none_naming(disk) == [], "a QEMU process outlived its VM"
+
+
+def test_a_runner_whose_record_cannot_be_written_does_not_run(
+        hv: QemuHypervisor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writing runner.json fails after the storage daemon was started (the VM directory was
+    deleted meanwhile, the disk is full): the daemon must not run on — nothing would ever
+    know of it and it would hold the disks for ever."""
+    from drsite.core.errors import NotFound
+    from drsite.hypervisors.qemu import runner as runner_mod
+
+    vm = make_vm(hv, "unrecorded", [4 * MiB])
+    paths = VmDir(hv.vm_dir(vm))
+
+    def gone(path: Path, data: dict[str, object]) -> None:
+        raise NotFound(f"writing {path}: the VM directory is gone")
+
+    monkeypatch.setattr(runner_mod, "write_record", gone)
+    with pytest.raises(NotFound):
+        hv.write(vm, "d0", 0, b"y" * 10)
+    monkeypatch.undo()
+    assert _none_naming(paths.qcow2("d0")) == [], "an unrecorded QEMU process holds the disk"
+    assert hv.runner(vm) is None
+    hv.write(vm, "d0", 0, b"y" * 10)   # the disks are free: the next daemon starts
+
+
 @pytest.mark.slow
 def test_unclean_qemu_stop_is_tracking_lost_then_new_epoch(hv: QemuHypervisor) -> None:
     size = 8 * MiB

@@ -3,7 +3,8 @@
 
 A runner is identified by a token ``"<pid>:<start time>"`` (from ``/proc``), so a pid reused
 by another process is never mistaken for it; ``runner.json`` in the VM directory names the
-current runner, so a restarted driver finds it again. Frozen views (fleece jobs, exports) live
+current runner, so a restarted driver finds it again; it is written before QEMU runs (a start
+gate), so no QEMU process holds the disks unrecorded. Frozen views (fleece jobs, exports) live
 inside the runner: when it stops, they are gone.
 
 Responsible for: command lines, starting a runner and waiting for its QMP socket, liveness,
@@ -21,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from drsite import failpoints
 from drsite.core.errors import DrsiteError, NotFound, PermanentError
 from drsite.fsutil import read_record, write_record
 from drsite.hypervisors.qemu.layout import QemuVmConfig, VmDir
@@ -29,6 +31,16 @@ from drsite.hypervisors.qemu.qmp import QmpClient, wait_for_monitor
 VM_BINARY = "qemu-system-x86_64"
 DAEMON_BINARY = "qemu-storage-daemon"
 START_TIMEOUT = 15.0
+
+# Every runner is started behind this gate: a shell on the read end of a pipe that execs the
+# QEMU command line (its arguments) only when it reads ``_GO``. EOF — the starting driver died,
+# or gave up because the record could not be written — ends it without running QEMU. So no
+# QEMU process ever holds a VM's disks unless ``runner.json`` named it first.
+_GO = b"go\n"
+_GATE = ("/bin/sh", "-c",
+         'IFS= read -r go && [ "$go" = go ] || '
+         '{ echo "drsite: start cancelled: its driver stopped before recording it" >&2; '
+         'exit 97; }; exec "$@" </dev/null', "drsite-runner-gate")
 
 # children started by this process, by pid: polled so they never linger as zombies
 _children: dict[int, subprocess.Popen[bytes]] = {}
@@ -136,33 +148,68 @@ def start_runner(paths: VmDir, cfg: QemuVmConfig, kind: str, *, start_cpus: bool
                  timeout: float = START_TIMEOUT) -> Runner:
     """Start a runner of ``kind`` for the VM and record it in ``runner.json``.
 
+    Record first, then run: the process is started behind a gate (:data:`_GATE`) and execs
+    QEMU only after ``runner.json`` names it (pid and start time survive the exec). A driver
+    killed before that — the gate reads EOF and exits — or a record that cannot be written
+    (the VM directory was deleted) leaves no QEMU process behind; one killed after it leaves
+    a recorded process that a restarted driver finds (and ``delete_vm`` stops).
+
     The caller must have made sure no runner holds the disks. Raises ``PermanentError`` with
     QEMU's log if the process exits early, ``NetworkError`` if QMP does not come up in time.
     """
     args = vm_args(paths, cfg, start_cpus=start_cpus) if kind == "vm" else daemon_args(paths, cfg)
     for s in (paths.qmp_socket, paths.nbd_socket, paths.qga_socket, paths.watch_socket):
         s.unlink(missing_ok=True)
-    with open(paths.log, "ab") as log:
-        log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} starting {kind}\n".encode())
-        log.flush()
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                start_new_session=True, close_fds=True, cwd=paths.dir)
+    gate_r, gate_w = os.pipe()   # both close-on-exec; the gate gets the read end as stdin
+    try:
+        with open(paths.log, "ab") as log:
+            log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} starting {kind}\n".encode())
+            log.flush()
+            proc = subprocess.Popen([*_GATE, *args], stdin=gate_r, stdout=log, stderr=log,
+                                    start_new_session=True, close_fds=True, cwd=paths.dir)
+    except BaseException:
+        os.close(gate_w)
+        raise
+    finally:
+        os.close(gate_r)
     _children[proc.pid] = proc
-    # recorded before QEMU answers: an agent killed while it waits (the process is detached
-    # and lives on) must find that process after its restart, not start a second one on the
-    # same disks (the image locks refuse it) and leave the first running for ever
-    tok = process_token(proc.pid)
-    if tok is not None:
+    try:
+        failpoints.hit("qemu.runner-spawned")
+        tok = process_token(proc.pid)
+        if tok is None:
+            raise PermanentError(f"QEMU {kind} of {cfg.name} exited at once: {log_tail(paths)}")
         write_record(paths.runner, {"kind": kind, "pid": proc.pid, "token": tok})
+        failpoints.hit("qemu.runner-recorded")
+    except BaseException:
+        os.close(gate_w)   # EOF: the gate exits without running QEMU
+        _reap_gate(proc)
+        raise
+    try:
+        os.write(gate_w, _GO)
+    except BrokenPipeError:
+        pass   # the gate is gone (killed): wait_for_monitor reports the exit
+    finally:
+        os.close(gate_w)
     try:
         wait_for_monitor(proc, paths.qmp_socket, timeout, f"QEMU {kind} of {cfg.name}",
                          lambda: f": {log_tail(paths)}")
     except DrsiteError:
         _children.pop(proc.pid, None)
         raise
-    if tok is None or process_token(proc.pid) != tok:
+    if process_token(proc.pid) != tok:
         raise PermanentError(f"QEMU {kind} of {cfg.name} exited at once: {log_tail(paths)}")
     return Runner(kind, proc.pid, tok)
+
+
+def _reap_gate(proc: subprocess.Popen[bytes]) -> None:
+    """Wait for a gate whose pipe was closed before ``_GO`` (it exits at EOF, having run
+    nothing); SIGKILL it if it lingers."""
+    try:
+        proc.wait(timeout=5.0)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    _children.pop(proc.pid, None)
 
 
 def wait_gone(runner: Runner, timeout: float) -> bool:
