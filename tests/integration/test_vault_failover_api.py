@@ -371,3 +371,94 @@ def test_unplanned_failover_fences_the_old_primary_when_it_is_back(h: Harness) -
     assert not any(v["warning"] for v in h.ok("GET", "/vms"))
     fo = h.ok("GET", f"/items/{item}/failovers")[0]
     assert fo["result"]["fence"]["state"] == "done" and fo["result"]["fence"]["vm_power"] == "stopped"
+
+
+def take(h: Harness, agent: Agent, kind: str) -> dict[str, Any]:
+    """Tick, and let the agent take the one command of ``kind`` without answering it."""
+    h.tick()
+    reply = agent.beat(store_url="https://127.0.0.1:9443" if agent.site == "sec"
+                       else "https://127.0.0.1:9555",
+                       vms=[vm_info("vm-1", "web1")] if agent.site == "prim" else [])
+    cmds = [c for c in reply["commands"] if c["kind"] == kind]
+    assert len(cmds) == 1, reply["commands"]
+    return dict(cmds[0])
+
+
+def test_a_failover_the_recovery_host_finished_after_its_job_was_cancelled_is_recorded(
+        h: Harness) -> None:
+    """The recovery host took the failover command and hung (SIGSTOP); the operator cancelled
+    the job; the host came back and started the recovery VM. Found by an outside review: the
+    vault said "cancelled, no VM", the item 'failed_over' with normal health, commit was refused
+    and the only way out deleted the running VM. Now: critical while the outcome is unknown,
+    then the late success is recorded — the failover pending commit with its VM, critical until
+    an operator commits or cancels it — and commit works."""
+    a, b, item = setup(h)
+    job = h.ok("POST", f"/items/{item}/failover/planned-failover", json={})
+    play(h, a, "failover_prepare", {"point_id": "p000000000002", "fingerprints": {"d0": "x"}})
+    cmd = take(h, b, "failover")
+    assert b.result(cmd["command_id"], "running").status_code == 200
+    h.clock.advance(h.settings.agent_down_after_s + 1)   # the recovery host hangs
+    h.tick()
+    msg = h.job(job["id"])["message"]
+    assert "took failover" in msg and "queued" not in msg, msg
+    h.ok("POST", f"/jobs/{job['id']}/cancel")
+    h.tick()
+    assert h.job(job["id"])["state"] == "cancelled"
+    it = h.ok("GET", f"/items/{item}")
+    assert it["protection"] == "failed_over" and it["health"] == "critical", it
+    assert "was cancelled after it reached the recovery site" in it["health_reasons"][0]
+    assert h.ok("GET", "/health")["items"]["critical"] == 1   # counted while failed over
+    # the host is back: it started the VM
+    b.beat(store_url="https://127.0.0.1:9443")
+    assert b.result(cmd["command_id"], "succeeded",
+                    result=fo_result("pending_commit", point_id="p000000000002")
+                    ).status_code == 200
+    h.tick()
+    fo = h.ok("GET", f"/items/{item}/failovers")[0]
+    assert fo["state"] == "pending_commit" and fo["vm_id"] == "rvm-1", fo
+    assert fo["result"]["late_start"]["job_state"] == "cancelled"
+    it = h.ok("GET", f"/items/{item}")
+    assert it["protection"] == "failed_over" and it["health"] == "critical", it
+    assert "started after its job was cancelled" in it["health_reasons"][0]
+    assert any(al["kind"] == "critical" and al["active"] for al in h.entries("/alerts"))
+    # the operator keeps it: commit is accepted
+    h.ok("POST", f"/items/{item}/failover/commit", json={"create_reverse_mapping": True})
+    play(h, b, "failover_commit", fo_result("committed", point_id="p000000000002"))
+    assert h.ok("GET", f"/items/{item}/failovers")[0]["state"] == "committed"
+
+
+def test_an_unplanned_failover_finished_after_its_cancel_fences_the_old_primary(
+        h: Harness) -> None:
+    """The same for an unplanned failover: the late recovery VM means the old primary must be
+    fenced, as after a success (its VM would otherwise run on both sites)."""
+    a, b, item = setup(h)
+    job = h.ok("POST", f"/items/{item}/failover/unplanned-failover", json={})
+    cmd = take(h, b, "failover")
+    h.ok("POST", f"/jobs/{job['id']}/cancel")
+    h.tick()
+    assert h.job(job["id"])["state"] == "cancelled"
+    assert b.result(cmd["command_id"], "succeeded",
+                    result=fo_result("pending_commit")).status_code == 200
+    h.tick()
+    fo = h.ok("GET", f"/items/{item}/failovers")[0]
+    assert fo["state"] == "pending_commit" and fo["result"]["fence"]["state"] == "pending", fo
+    fence = play(h, a, "failover_fence", {"fenced": True, "vm_power": "stopped",
+                                          "was_running": True})
+    assert fence["args"]["failover_id"] == fo["id"]
+
+
+def test_a_late_recovery_vm_under_a_running_cancel_is_left_to_that_cancel(h: Harness) -> None:
+    """The operator already runs `failover cancel` (which deletes whatever the recovery host
+    started) when the late success arrives: the fact is recorded, the cancel decides."""
+    _a, b, item = setup(h)
+    job = h.ok("POST", f"/items/{item}/failover/unplanned-failover", json={})
+    cmd = take(h, b, "failover")
+    h.ok("POST", f"/jobs/{job['id']}/cancel")
+    h.tick()
+    undo = h.ok("POST", f"/items/{item}/failover/cancel", json={})
+    assert b.result(cmd["command_id"], "succeeded",
+                    result=fo_result("pending_commit")).status_code == 200
+    h.tick()
+    fo = h.ok("GET", f"/items/{item}/failovers")[0]
+    assert fo["state"] == "cancelled" and fo["result"]["late_start"]["superseded_by"] == undo["id"]
+    play(h, b, "failover_cancel", fo_result("cancelled", generation=3))

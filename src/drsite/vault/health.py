@@ -12,8 +12,10 @@ Item health (:func:`item_health`, pure):
 - **Normal** otherwise (also during initial replication: there is no RPO yet).
 
 An item held by a failover does not replicate; its health says what it waits for
-(:func:`failover_health`): **critical** when the failover's job failed after it reached the
-recovery site (the item is left ``failed_over`` for a cancel; nothing replicates until then),
+(:func:`failover_health`): **critical** when the failover's job failed or was cancelled after
+it reached the recovery site (the item is left ``failed_over`` for a cancel; nothing replicates
+until then), or when that site started the recovery VM after the job ended (a late result:
+commit or cancel it),
 **warning** once committed and not re-protected (the VM is unprotected), normal while a
 failover runs or waits for its commit (its state says so). An item that is over
 (``reprotected``: a reverse item protects the VM now; ``removed``) is normal with no reasons:
@@ -148,6 +150,21 @@ def failover_health(item: Item, fo: Failover | None, job: Job | None) -> ItemHea
             f"{fo.kind} failover {fo.id} failed: {err.get('message', 'see its job')}; "
             f"{item.vm_name} does not replicate until the failover is cancelled: drsite "
             f"failover cancel {item.id}"])
+    if fo is not None and fo.state == FailoverState.CANCELLED and item.status == \
+            ItemProtection.FAILED_OVER:
+        # its job was cancelled after the recovery host took the command: that host may have
+        # started the recovery VM (recorded when it answers: jobs.failover.apply_late_result)
+        return ItemHealth(Health.CRITICAL, [
+            f"{fo.kind} failover {fo.id} was cancelled after it reached the recovery site, "
+            f"which may still start {item.vm_name} there; it does not replicate until the "
+            f"failover is cancelled: drsite failover cancel {item.id}"])
+    late = dict((fo.result or {}).get("late_start") or {}) if fo is not None else {}
+    if fo is not None and late and fo.state == FailoverState.PENDING_COMMIT:
+        return ItemHealth(Health.CRITICAL, [
+            f"the recovery VM {fo.vm_name} of {fo.kind} failover {fo.id} started after its job "
+            f"was {late.get('job_state') or 'ended'} and runs on the recovery site; keep it: "
+            f"drsite failover commit {item.id}; or drsite failover cancel {item.id}, which "
+            f"deletes it and what it wrote since point {fo.point_id} and resumes the source"])
     return ItemHealth(Health.NORMAL)  # running, or pending commit: its state says so
 
 

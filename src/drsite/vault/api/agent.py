@@ -25,6 +25,7 @@ from drsite.vault.context import Vault
 from drsite.vault.db.models import Command, Host, RegistrationKey, Site
 from drsite.vault.heartbeat import Beat, ItemBeat, apply_heartbeat
 from drsite.vault.ids import new_id
+from drsite.vault.jobs.failover import apply_late_result
 from drsite.vault.scheduler import apply_result
 from drsite.vault.trust import StoreAudit, alert_not_authentic
 
@@ -239,4 +240,6 @@ def _command_result(command_id: str, body: CommandResultIn, vault: Vault, cert: 
             alert_not_authentic(s, host, cmd, now)
             if cmd.kind == "failover_fence":
                 fencing.apply_result(s, cmd, now)
+            elif cmd.kind == "failover":
+                apply_late_result(s, cmd, now)  # its job ended before it did
         return {"command_id": cmd.id, "status": cmd.status}

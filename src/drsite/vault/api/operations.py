@@ -10,7 +10,13 @@ from fastapi import APIRouter, Request, Response
 from sqlalchemy import func, select
 
 from drsite.core.errors import InvalidInput, NotFound
-from drsite.core.states import ACTIVE_JOB_STATES, JOB_FILTER_ACTIVE, LIVE_ITEM_STATUSES, JobState
+from drsite.core.states import (
+    ACTIVE_JOB_STATES,
+    FAILOVER_ITEM_STATUSES,
+    JOB_FILTER_ACTIVE,
+    LIVE_ITEM_STATUSES,
+    JobState,
+)
 from drsite.replication.report import Health
 from drsite.vault.api.deps import Admin, Operator, Reader, VaultDep, authorize, json_response, name
 from drsite.vault.api.paging import DEFAULT_LIMIT, Key, page
@@ -150,12 +156,16 @@ def health(vault: VaultDep, _p: Reader) -> dict[str, Any]:
     whatever the number of items."""
     now = vault.settings.clock.now()
     live = Item.status.in_(LIVE_ITEM_STATUSES)
+    # counted: every item a VM has — replicating, or held by a failover that is not over (a
+    # failed-over item whose old primary may still write is the one an operator must see);
+    # the RPO list: the replicating ones (an item held by a failover does not replicate)
+    counted = Item.status.in_(sorted(LIVE_ITEM_STATUSES | FAILOVER_ITEM_STATUSES))
     # counts of a summary: each query may see a later commit than the one before (no
     # transaction on PostgreSQL: two round trips fewer)
     with vault.db.read_loose() as s:
         hosts = list(s.scalars(select(Host).where(Host.revoked_at.is_(None))))
         counts = {h.value: 0 for h in Health}
-        for value, n in s.execute(select(Item.health, func.count()).where(live)
+        for value, n in s.execute(select(Item.health, func.count()).where(counted)
                                   .group_by(Item.health)):
             if value in counts:
                 counts[value] = int(n)

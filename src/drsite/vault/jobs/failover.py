@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from drsite.core.errors import (
     Conflict,
@@ -52,6 +53,7 @@ from drsite.vault.db.models import (
     Group,
     Host,
     Item,
+    Job,
     NetworkMapping,
     Point,
     Site,
@@ -198,8 +200,15 @@ def run_command(ctx: TaskContext, host: Host | None, kind: str, args: dict[str, 
     if cmd.status == CommandStatus.SUCCEEDED:
         return cmd
     if not host_up(host, ctx):
-        return wait(progress * 0.5, f"waiting for host {host.name} (no heartbeat); {kind} is "
-                                    "queued for it (cancel the job to give up)")
+        if cmd.status == CommandStatus.PENDING:
+            return wait(progress * 0.5, f"waiting for host {host.name} (no heartbeat); {kind} "
+                                        "is queued for it (cancel the job to give up)")
+        # delivered: the host may be doing it — a cancel of this job does not stop it, and
+        # what it did is recorded when it answers (``apply_late_result``)
+        return wait(max(progress, cmd.progress) * 0.5,
+                    f"waiting for host {host.name} (no heartbeat): it took {kind} "
+                    f"({cmd.status}) and has not answered since; if this job is cancelled, what "
+                    "the host did is recorded once it is back")
     return wait(max(progress, cmd.progress), f"{kind} on host {host.name}: {cmd.status}")
 
 
@@ -215,15 +224,75 @@ def _store_back(ctx: TaskContext, item_id: str, err: DrsiteError, cmd: Command) 
 
 
 def register_recovery_vm(ctx: TaskContext, fo: Failover) -> None:
+    _register_recovery_vm(ctx.s, fo, ctx.now)
+
+
+def _register_recovery_vm(s: Session, fo: Failover, now: float) -> None:
     """Known to the inventory before its host reports it, and never auto-protected by a group
     (its protection is the failover's re-protect)."""
     if not fo.recovery_host_id or not fo.vm_id:
         return
     host_id, vm_id = fo.recovery_host_id, fo.vm_id
-    row, _new = vm_row(ctx.s, host_id, vm_id, lambda: Vm(
+    row, _new = vm_row(s, host_id, vm_id, lambda: Vm(
         host_id=host_id, vm_id=vm_id, name=(fo.vm_name or vm_id)[:64], info={}, present=False,
-        first_seen=ctx.now, last_seen=ctx.now, auto_protect_blocked=True))
+        first_seen=now, last_seen=now, auto_protect_blocked=True))
     row.auto_protect_blocked = True
+
+
+def apply_late_result(s: Session, cmd: Command, now: float) -> None:
+    """A ``failover`` command that ended *after* its job did: the job was cancelled (or failed)
+    while the recovery host held the command — hung, partitioned — and the host then went on
+    and started the recovery VM. The vault records what happened instead of a cancelled
+    failover with no VM: the failover takes the state the host reports (pending commit, or a
+    test VM running) with its VM, the item is failed over as after a success (an unplanned
+    failover's old primary is fenced), and the item's health is critical until an operator
+    commits or cancels it (``health.failover_health``). When another job already holds the
+    item (a cancel that will delete that VM), only the fact is recorded."""
+    if cmd.kind != "failover" or cmd.status != CommandStatus.SUCCEEDED or cmd.job_id is None:
+        return
+    job = s.get(Job, cmd.job_id)
+    if job is None or job.state not in (JobState.CANCELLED, JobState.FAILED):
+        return  # a running job reads the result itself; a cancelling one in its end hook
+    _adopt_late_start(s, cmd, job, JobState(job.state), now)
+
+
+def _adopt_late_start(s: Session, cmd: Command, job: Job, ended_as: JobState,
+                      now: float) -> None:
+    fid = str((cmd.args or {}).get("failover_id") or "")
+    fo = s.get(Failover, fid) if fid else None
+    item = s.get(Item, cmd.item_id) if cmd.item_id else None
+    if fo is None or item is None or fo.state not in (FailoverState.CANCELLED,
+                                                      FailoverState.FAILED):
+        return
+    rec = dict((cmd.result or {}).get("failover") or {})
+    late = {"job_id": job.id, "job_state": str(ended_as), "at": now,
+            "vm_id": rec.get("vm_id"), "state": rec.get("state")}
+    where = s.get(Host, cmd.host_id)
+    host = where.name if where is not None else cmd.host_id
+    if item.active_job_id is not None and item.active_job_id != job.id:
+        fo.result = {**dict(fo.result or {}), "late_start": {**late, "superseded_by":
+                                                               item.active_job_id}}
+        fo.updated_at = now
+        record_event(s, now, "item", item.id,
+                     f"the recovery VM of failover {fo.id} started on host {host} after its job "
+                     f"was {ended_as}; job {item.active_job_id}, now running, decides its fate")
+        return
+    apply_failover_result(fo, cmd.result, now)
+    fo.result = {**dict(fo.result or {}), "late_start": late}
+    _register_recovery_vm(s, fo, now)
+    if fo.kind != "test":
+        storeacl.set_status(item, ItemProtection.FAILED_OVER, now)
+        item.failover_id = fo.id
+        item.updated_at = now
+        commands.cancel_open(s, item.id, now, "item failed over")
+        if fo.kind == "unplanned":
+            site = s.get(Site, item.target_site_id)
+            fencing.request_fence(s, item, fo, site.name if site else str(item.target_site_id),
+                                  now)
+    record_event(s, now, "item", item.id,
+                 f"the recovery VM {fo.vm_name} of {fo.kind} failover {fo.id} started on host "
+                 f"{host} after its job was {ended_as}: the failover is {fo.state} (commit or "
+                 "cancel it)")
 
 
 def apply_failover_result(fo: Failover, result: dict[str, Any] | None, now: float) -> None:
@@ -686,6 +755,14 @@ def failover_on_end(ctx: TaskContext, state: JobState) -> None:
         fo.updated_at = ctx.now
     if fo.job_id is None:
         fo.job_id = ctx.job.id
+    if state != JobState.SUCCEEDED:
+        # the recovery host's success that came while the job was being cancelled (after
+        # this, ``apply_late_result`` takes one that comes later)
+        late = ctx.s.scalars(select(Command).where(
+            Command.job_id == ctx.job.id, Command.kind == "failover",
+            Command.status == CommandStatus.SUCCEEDED)).first()
+        if late is not None:
+            _adopt_late_start(ctx.s, late, ctx.job, state, ctx.now)
 
 
 def _recovery_side_ran(ctx: TaskContext) -> bool:
