@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from drsite.core.errors import InvalidInput
 from drsite.pki import make_key_and_csr
 from drsite.replication.report import ItemState
 from drsite.vault.testing import Agent, Harness, point, report, vm_info
@@ -231,6 +232,11 @@ def test_policies(h: Harness) -> None:
                 {"rpo_threshold_s": 10}, {"app_consistent_every_s": 10}, {"bandwidth_limit_bps": 5}):
         err(h.call("POST", "/policies", json={"name": "bad", **bad}), 400, "invalid_input")
     err(h.call("POST", "/policies", json={"name": "bad", "frequency_s": "30"}), 422)
+    # NaN and infinities (JSON extensions Python reads): refused, not a 500 or a null
+    for raw in ('{"name": "bad", "frequency_s": NaN}', '{"name": "bad", "rpo_threshold_s": NaN}',
+                '{"name": "bad", "app_consistent_every_s": Infinity}'):
+        r = h.call("POST", "/policies", content=raw, headers={"Content-Type": "application/json"})
+        assert r.status_code in (400, 422) and "finite" in r.text.lower(), (raw, r.text)
     err(h.call("POST", "/policies", json={"name": "bad", "compression": 1}), 422)
     err(h.call("POST", "/policies", json={"frequency_s": 30}), 400)
     err(h.call("POST", "/policies", json={"name": "gold"}), 409)
@@ -239,6 +245,9 @@ def test_policies(h: Harness) -> None:
     err(h.call("POST", "/policies", token=ro, json={"name": "x"}), 403)
     before = {**before, "/tokens": snapshot(h)["/tokens"]}
     assert snapshot(h) == before
+    r = h.call("PUT", "/policies/gold", content='{"rpo_threshold_s": NaN}',
+               headers={"Content-Type": "application/json"})
+    assert r.status_code in (400, 422), r.text
     p2 = h.ok("PUT", "/policies/gold", json={"frequency_s": 300, "rpo_threshold_s": 900})
     assert p2["frequency_s"] == 300 and p2["retention_hours"] == 24  # PUT replaces every value
     err(h.call("PUT", "/policies/gold", json={"name": "silver"}), 400)
@@ -553,6 +562,24 @@ def test_heartbeat_ignores_items_of_other_hosts(h: Harness) -> None:
     assert reply["ack"] == {}
     assert h.ok("GET", f"/items/{item_id}")["state"] == "protected"
     assert [p["seq"] for p in h.entries(f"/items/{item_id}/points")] == [1]
+
+
+def test_cli_refuses_a_number_that_is_not_finite(h: Harness,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """``drsite policies create x --frequency nan`` printed a Python traceback (JSON cannot
+    carry NaN): now a clear error, exit 2, and nothing created."""
+    from typer.testing import CliRunner
+
+    from drsite.cli.main import app
+
+    cli_against(h, monkeypatch)
+    runner = CliRunner(env={"COLUMNS": "250"})
+    for args in (["policies", "create", "x", "--frequency", "nan"],
+                 ["policies", "create", "x", "--rpo-threshold", "inf"]):
+        r = runner.invoke(app, args)   # (``main`` prints it and exits 2; see test_groups_cli)
+        assert isinstance(r.exception, InvalidInput) and r.exception.exit_code == 2, r.exception
+        assert "give a finite number" in r.exception.message
+    assert h.ok("GET", "/policies") == []
 
 
 def test_cli_shows_the_replication_mode(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,6 +7,7 @@ exit by error class). Not responsible for: retries (callers decide) or rendering
 
 from __future__ import annotations
 
+import math
 import os
 import ssl
 import time
@@ -63,6 +64,19 @@ def error_from_response(resp: httpx.Response) -> E.DrsiteError:
     return E.from_dict({**body, "message": message}, http_status=resp.status_code)
 
 
+def _check_finite(value: Any, where: str = "") -> None:
+    """``InvalidInput`` for a NaN or infinite number in a request body (JSON cannot carry one:
+    ``--frequency nan`` printed a traceback)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise E.InvalidInput(f"{where or 'a value'} is {value}: give a finite number")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, str(k))
+    elif isinstance(value, list | tuple):
+        for v in value:
+            _check_finite(v, where)
+
+
 class VaultClient:
     def __init__(self, config: VaultConfig) -> None:
         self.config = config
@@ -85,6 +99,8 @@ class VaultClient:
 
     def _call(self, method: str, path: str, *, json: Any = None,
               params: dict[str, Any] | None = None) -> Any:
+        if json is not None:
+            _check_finite(json)
         try:
             resp = self._http.request(method, path, json=json, params=params)
         except httpx.ConnectError as e:

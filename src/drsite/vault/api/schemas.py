@@ -16,7 +16,9 @@ from drsite.failover.wire import BREAKGLASS_MAX_REPORTS
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # operators' requests: NaN and infinities are refused (a NaN frequency was a 500); agents'
+    # reports (Lenient) keep taking them, a bad number must not make a host look down
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class Lenient(BaseModel):
