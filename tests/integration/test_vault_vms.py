@@ -131,3 +131,20 @@ def test_refusals(h: Harness) -> None:
     assert f"drsite failover cancel {item}" in e["hint"]
     e = err(h.call("DELETE", "/vms/vm-1"), 409)  # cancel and re-protect need its disks
     assert not [j for j in h.entries("/jobs") if j["kind"].endswith("Vm")]
+
+
+def test_a_vm_of_a_host_that_is_down_says_its_power_is_an_old_report(h: Harness) -> None:
+    """Found by the outside review: after a site loss, `vms list` showed the lost host's VM
+    'running' with no warning, as if it were now. Its power is the last report: the view says
+    the host is down and for how long, and the warning goes once the host heartbeats again."""
+    a, _b = two_sites(h)
+    a.beat(vms=[vm_info("vm-1", "web1")])
+    (vm,) = [v for v in h.ok("GET", "/vms") if v["vm_id"] == "vm-1"]
+    assert vm["host_up"] is True and vm["warning"] is None
+    h.clock.advance(h.settings.agent_down_after_s + 60)
+    (vm,) = [v for v in h.ok("GET", "/vms") if v["vm_id"] == "vm-1"]
+    assert vm["host_up"] is False and vm["power"] == "running", vm
+    assert "down (no heartbeat for" in vm["warning"] and "as it last reported" in vm["warning"]
+    a.beat(vms=[vm_info("vm-1", "web1")])
+    (vm,) = [v for v in h.ok("GET", "/vms") if v["vm_id"] == "vm-1"]
+    assert vm["host_up"] is True and vm["warning"] is None

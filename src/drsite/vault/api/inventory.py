@@ -16,6 +16,7 @@ from drsite.vault.api.views import host_view, site_names, site_view, store_roles
 from drsite.vault.audit import record_event
 from drsite.vault.auth import create_registration_key
 from drsite.vault.db.models import Host, Item, Site, Vm
+from drsite.vault.health import agent_up
 
 router = APIRouter()
 
@@ -163,11 +164,27 @@ def list_vms(vault: VaultDep, _p: Reader, all: bool = False) -> list[dict[str, A
         items = {ref: iid for ref, iid in s.execute(select(Item.vm_ref, Item.id)
                                                     .where(Item.vm_ref.is_not(None)))}
         warnings = fencing.vm_warnings(s)
+        now = vault.settings.clock.now()
+        down = {h.id: _down_warning(h, now) for h in hosts.values()
+                if not agent_up(h, now, vault.settings)}
         out = []
         for vm in s.scalars(select(Vm).order_by(Vm.name, Vm.id)):
             host = hosts[vm.host_id]
             if host.revoked_at is not None or not (vm.present or all):
                 continue
-            out.append(vm_view(vm, host, sites.get(host.site_id, ""), items.get(f"{host.id}/{vm.vm_id}"),
-                               warning=warnings.get((host.id, vm.vm_id))))
+            # a host that does not heartbeat: its VMs' power is what it last said, not now
+            warn = "; ".join(w for w in (warnings.get((host.id, vm.vm_id)), down.get(host.id))
+                             if w) or None
+            view = vm_view(vm, host, sites.get(host.site_id, ""),
+                           items.get(f"{host.id}/{vm.vm_id}"), warning=warn)
+            view["host_up"] = host.id not in down
+            out.append(view)
         return out
+
+
+def _down_warning(host: Host, now: float) -> str:
+    if host.last_heartbeat is None:
+        return f"host {host.name} never reported: power unknown"
+    ago = max(0.0, now - host.last_heartbeat)
+    when = f"{ago:.0f} s" if ago < 120 else f"{ago / 60:.0f} min"
+    return f"host {host.name} down (no heartbeat for {when}): power is as it last reported"
