@@ -60,8 +60,8 @@ from drsite.store.format import (
 UPLOADS_IN_FLIGHT = 2  # packs being stored while the next one fills (memory: 2 x pack_target)
 TEE_THREADS = 2        # threads writing the tee's copy (a replica): blocked on the device mostly
 TEE_IN_FLIGHT = 8      # frames handed to the tee and not yet written (memory: 8 x FRAME_MAX)
-# adaptive compression (``PointWriter.adaptive``): after the feeder waited for a compressor
-# while the store was idle, this many frames (per frame of the workers' window) go raw
+# adaptive compression (``PointWriter.adaptive``): after the feeder waited for a compressor (and
+# not the store since), at most this many windows of frames go raw
 RAW_RUN = 4
 
 
@@ -165,6 +165,7 @@ class PointWriter:
         self.adaptive = False
         self._frame_no = 0        # frames handed to the workers so far
         self._stall_at = -(1 << 62)  # frame count when the feeder last waited on the CPU
+        self._store_wait_at = -(1 << 62)  # ... and when it last waited on the store
         self._stored_one = False  # an upload of this writer has returned (the store is known)
         self.raw_chosen_bytes = 0  # data bytes the adaptive rule stored raw (they were eligible)
         # also hand every write's zero/data runs to ``tee(disk_id, runs, raw)`` (a replica being
@@ -314,22 +315,24 @@ class PointWriter:
 
         Adaptive (policy "auto"; store/design.md "Adaptive compression"): a raw frame costs the
         store its bytes and saves the compressors' CPU, so frames go raw only while the
-        compressors are the bottleneck. The signal is where the feeding thread waits:
-        :meth:`_drain` notes when it waited for a frame still being prepared while an upload
-        thread was idle (the store waits for the compressors); the next ``RAW_RUN`` windows of frames
-        after that go raw, unless every upload thread is busy (the store is the bottleneck:
-        compressing is free and saves it bytes). When the runs pass without such a wait (the
-        workers keep up: a source read, or the store, or a small delta is the bottleneck),
-        frames are compressed again. A raw run is at least its length unless the store fills
-        up, and a switch back needs the CPU to be the bottleneck again, so the choice cannot
-        flip frame by frame. Until one upload has returned the store's speed is unknown and
-        every frame is compressed. Either codec reads back the same bytes."""
+        compressors are the bottleneck. The signal is what the single feeding thread last
+        waited for: a frame still being prepared while no sealed pack waited for an upload
+        thread (a *CPU wait*, noted by :meth:`_drain`), or an upload (a *store wait*, noted by
+        :meth:`_reap`: the uploads in flight are at their cap). A frame goes raw when the last
+        wait was a CPU wait, at most ``RAW_RUN`` windows of frames ago, and no pack is queued
+        for an upload thread now; otherwise it is compressed (the store is the bottleneck, so
+        compressing is free and saves it bytes; or nothing waits for the CPU, e.g. a source
+        read or a small delta is the bottleneck). Until one upload has returned the store's
+        speed is unknown and every frame is compressed. A switch needs a wait of the other
+        kind (a pack's upload, or a frame's preparation), so the choice cannot flip frame by
+        frame. Either codec reads back the same bytes."""
         self._frame_no += 1
         if not self.adaptive or self.zstd_level == 0:
             return self.zstd_level
-        if self._frame_no - self._stall_at > RAW_RUN * self._window:
+        if self._frame_no - self._stall_at > RAW_RUN * self._window or \
+                self._store_wait_at >= self._stall_at:
             return self.zstd_level
-        return 0 if self._uploading() < self.repo.upload_threads else self.zstd_level
+        return 0 if self._uploading() <= self.repo.upload_threads else self.zstd_level
 
     def _uploading(self) -> int:
         """Packs handed to the uploader whose put has not returned."""
@@ -355,8 +358,8 @@ class PointWriter:
             item = self._queue[0]
             if item.future is not None:
                 if keep and self.adaptive and self._stored_one and not item.future.done() and \
-                        self._uploading() < self.repo.upload_threads:
-                    self._stall_at = self._frame_no  # waits for the CPU; an uploader is idle
+                        self._uploading() <= self.repo.upload_threads:
+                    self._stall_at = self._frame_no  # waits for the CPU; no pack waits
                 e, codec, payload, h, raw = item.future.result()
                 e["disk"] = item.disk
                 self.zero_bytes += int(e["length"][e["codec"] == ZERO].sum())
@@ -454,6 +457,8 @@ class PointWriter:
         """Record finished uploads, in pack order, until at most ``keep`` are in flight."""
         while len(self._uploads) > keep:
             fut, e = self._uploads[0]
+            if keep and not fut.done():
+                self._store_wait_at = self._frame_no  # the feeder waits for the store
             try:
                 rel, size = fut.result()
             except BaseException:
