@@ -135,7 +135,7 @@ def test_compression_becomes_a_mode_and_rows_keep_their_meaning(url: str) -> Non
     db = Database(url)
     try:
         with db.engine.begin() as conn:
-            command.upgrade(alembic_config(conn), "0014")
+            command.upgrade(alembic_config(conn), "0015")
             for n, (nm, comp) in enumerate((("on", "true"), ("no", "false")), 1):
                 conn.execute(text(
                     "INSERT INTO policies (id, name, frequency_s, retention_hours, compression, "
@@ -151,7 +151,7 @@ def test_compression_becomes_a_mode_and_rows_keep_their_meaning(url: str) -> Non
                               "created_at, updated_at) VALUES "
                               "(3, 'ad', 30, 24, 'auto', false, 'always', 60, 1.0, 1.0)"))
         with db.engine.begin() as conn:
-            command.downgrade(alembic_config(conn), "0014")
+            command.downgrade(alembic_config(conn), "0015")
         with db.engine.connect() as conn:
             got = conn.execute(text("SELECT name, compression FROM policies ORDER BY id")).all()
         assert [(nm, bool(c)) for nm, c in got] == [("on", True), ("no", False), ("ad", True)]

@@ -2,11 +2,8 @@
 "off", instead of a boolean. Existing rows keep their meaning: true → "zstd", false → "off".
 A downgrade maps "off" to false and "zstd" and "auto" to true.
 
-(Revision 0015 is reserved for the lead's migration: when both are merged, this one's
-``down_revision`` becomes "0015".)
-
 Revision ID: 0016
-Revises: 0014
+Revises: 0015
 Create Date: 2026-12-06
 """
 
@@ -16,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0016"
-down_revision = "0014"
+down_revision = "0015"
 branch_labels = None
 depends_on = None
 
