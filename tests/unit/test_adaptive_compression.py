@@ -175,8 +175,8 @@ def test_a_point_mixing_raw_and_compressed_frames_is_a_base_like_any_other(
 
 def test_compression_mode_values() -> None:
     """The policy's modes, and the boolean it used to be; anything else is a clear error."""
+    from drsite.core.compression import compression_mode
     from drsite.core.errors import InvalidInput
-    from drsite.core.model import compression_mode
 
     assert [compression_mode(v) for v in ("auto", "zstd", "off", True, False)] \
         == ["auto", "zstd", "off", "zstd", "off"]

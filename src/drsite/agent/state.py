@@ -24,8 +24,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from drsite.core.compression import compression_mode
 from drsite.core.errors import InvalidInput, classify_os_error
-from drsite.core.model import compression_mode
 from drsite.core.retention import rule_for_hours
 from drsite.core.states import CommandStatus
 from drsite.fsutil import atomic_write_json, read_json

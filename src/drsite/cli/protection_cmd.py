@@ -18,8 +18,8 @@ from drsite.cli.common import (
     show,
     vault_command,
 )
+from drsite.core.compression import compression_mode
 from drsite.core.errors import InvalidInput, NotFound
-from drsite.core.model import compression_mode
 
 policies = typer.Typer(help="Replication policies: how often, how long points are kept, "
                             "app-consistent points, RPO threshold, resync window, scrub.",

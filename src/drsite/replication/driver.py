@@ -24,6 +24,7 @@ from pathlib import Path
 
 from drsite import failpoints
 from drsite.core.clock import Clock, SystemClock
+from drsite.core.compression import compression_mode
 from drsite.core.errors import (
     Conflict,
     CorruptData,
@@ -36,7 +37,7 @@ from drsite.core.errors import (
     from_dict,
 )
 from drsite.core.extents import ExtentList
-from drsite.core.model import Consistency, SealedCycle, TrackingState, compression_mode
+from drsite.core.model import Consistency, SealedCycle, TrackingState
 from drsite.core.retention import RetentionRule
 from drsite.core.throttle import TokenBucket
 from drsite.hypervisors.contract import HypervisorDriver

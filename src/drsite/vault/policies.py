@@ -66,7 +66,7 @@ class PolicyValues:
     retention_hours: float
     app_consistent_every_s: float | None
     initial_replication_start: str | None
-    compression: str  # "auto" | "zstd" | "off" (core.model.compression_mode)
+    compression: str  # "auto" | "zstd" | "off" (core.compression.compression_mode)
     encryption: bool
     bandwidth_limit_bps: int | None
     resync_window: str

@@ -8,8 +8,8 @@ from fastapi import APIRouter, Request, Response, status
 from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
+from drsite.core.compression import compression_mode
 from drsite.core.errors import Conflict, InvalidInput, NotFound
-from drsite.core.model import compression_mode
 from drsite.core.states import FAILOVER_ITEM_STATUSES, LIVE_ITEM_STATUSES, ItemProtection
 from drsite.replication.report import Health, ItemState
 from drsite.vault import barrier, commands
