@@ -228,7 +228,9 @@ class Site:
         return vm.vm_id
 
     def item(self, item_id: str, vm_id: str, *, hydrate: bool,
-             compression: bool = True) -> tuple[ItemReplicator, TimedTarget]:
+             compression: bool | str = True) -> tuple[ItemReplicator, TimedTarget]:
+        """``compression``: True/False (every tree), or "auto" | "zstd" | "off" (a tree with
+        adaptive compression; an older tree takes any string as True)."""
         repo = Repository(self.store, item_id)
         hydrator = ReplicaHydrator(repo, self.root / "secondary" / "replicas" / item_id) \
             if hydrate else None

@@ -6,10 +6,12 @@ incompressible (random) and compressible (text-like), with holes between. The VM
 * reference: ``cp --sparse=always IMAGE COPY`` then ``fsync(COPY)``. Our engine fsyncs every
   pack it stores, so the reference is made durable too.
 * ours (a): ``ItemReplicator.run_initial`` to a committed point in a ``LocalObjectStore``
-  (``LocalTarget`` without hydrator); (a0) the same with compression off;
+  (``LocalTarget`` without hydrator), compression zstd; (a0) the same with compression off;
+  (aa) the same with compression "auto" (adaptive: raw frames while the CPU is the
+  bottleneck);
 * ours (b): the same including the hydrated replica image (``LocalTarget`` with a
   ``ReplicaHydrator``, written while the cycle is shipped), i.e. a bootable copy on the
-  recovery side, like cp's.
+  recovery side, like cp's; (ba) the same with compression "auto".
 
 Both page-cache states are measured: **cold** (caches dropped before every timed run, when the
 process may) and **warm** (the source image read into the page cache before every timed run,
@@ -80,7 +82,7 @@ def run_cp(src: Path, dst: Path) -> tuple[float, float]:
 
 
 def run_ours(site: Site, vm_id: str, item_id: str, *, hydrate: bool,
-             compression: bool = True) -> dict[str, Any]:
+             compression: bool | str = True) -> dict[str, Any]:
     site.drop_item(item_id)
     settle()
     it, target = site.item(item_id, vm_id, hydrate=hydrate, compression=compression)
@@ -120,6 +122,8 @@ def measure(site: Site, vm_id: str, src: Path, wd: Path, size: int, runs: int,
     runs_a: list[dict[str, Any]] = []
     runs_b: list[dict[str, Any]] = []
     runs_0: list[dict[str, Any]] = []
+    runs_aa: list[dict[str, Any]] = []
+    runs_ba: list[dict[str, Any]] = []
     replica_differs = False
     for i in range(runs):
         prepare(src, state)
@@ -140,6 +144,19 @@ def measure(site: Site, vm_id: str, src: Path, wd: Path, size: int, runs: int,
               f"{rate(size, runs_0[-1]['seconds'])}  (CPU {runs_0[-1]['cpu_seconds']:.2f} s)")
         site.drop_item(f"init-0{i}")
         prepare(src, state)
+        runs_aa.append(run_ours(site, vm_id, f"init-aa{i}", hydrate=False, compression="auto"))
+        ra_ = runs_aa[-1]
+        print(f"  run {i + 1}: ours, compression auto     {ra_['seconds']:6.2f} s  "
+              f"{rate(size, ra_['seconds'])}  (CPU {ra_['cpu_seconds']:.2f} s; stored "
+              f"{mib(ra_['bytes_stored'])})")
+        site.drop_item(f"init-aa{i}")
+        prepare(src, state)
+        runs_ba.append(run_ours(site, vm_id, f"init-ba{i}", hydrate=True, compression="auto"))
+        rba = runs_ba[-1]
+        print(f"  run {i + 1}: ours, auto incl. hydration {rba['seconds']:6.2f} s  "
+              f"{rate(size, rba['seconds'])}  (CPU {rba['cpu_seconds']:.2f} s)")
+        site.drop_item(f"init-ba{i}")
+        prepare(src, state)
         runs_b.append(run_ours(site, vm_id, f"init-b{i}", hydrate=True))
         rb = runs_b[-1]
         print(f"  run {i + 1}: ours, incl. hydration      {rb['seconds']:6.2f} s  "
@@ -155,6 +172,10 @@ def measure(site: Site, vm_id: str, src: Path, wd: Path, size: int, runs: int,
     a_best = min(runs_a, key=lambda r: r["seconds"])
     b_best = min(runs_b, key=lambda r: r["seconds"])
     z_best = min(runs_0, key=lambda r: r["seconds"])
+    aa_best = min(runs_aa, key=lambda r: r["seconds"])
+    ba_best = min(runs_ba, key=lambda r: r["seconds"])
+    raa = cp_best / aa_best["seconds"]
+    rba_ = cp_best / ba_best["seconds"]
     r0 = cp_best / z_best["seconds"]
     ra = cp_best / a_best["seconds"]
     rb_ = cp_best / b_best["seconds"]
@@ -167,20 +188,33 @@ def measure(site: Site, vm_id: str, src: Path, wd: Path, size: int, runs: int,
           f"{'met' if ra >= GOAL else 'NOT met'})")
     print(f"  (a0) same, compression off      {z_best['seconds']:6.2f} s  "
           f"{rate(size, z_best['seconds'])}  ratio {r0:.2f}")
+    print(f"  (aa) same, compression auto     {aa_best['seconds']:6.2f} s  "
+          f"{rate(size, aa_best['seconds'])}  ratio {raa:.2f}  (goal >= {GOAL}: "
+          f"{'met' if raa >= GOAL else 'NOT met'})")
     print(f"  (b) ours incl. replica          {b_best['seconds']:6.2f} s  "
           f"{rate(size, b_best['seconds'])}  ratio {rb_:.2f}  (goal >= {GOAL_REPLICA}: "
           f"{'met' if rb_ >= GOAL_REPLICA else 'NOT met'})")
+    print(f"  (ba) incl. replica, auto        {ba_best['seconds']:6.2f} s  "
+          f"{rate(size, ba_best['seconds'])}  ratio {rba_:.2f}  (goal >= {GOAL_REPLICA}: "
+          f"{'met' if rba_ >= GOAL_REPLICA else 'NOT met'})")
+    print(f"  stored in packs: zstd {mib(a_best['bytes_stored'])}, auto "
+          f"{mib(aa_best['bytes_stored'])}, off {mib(z_best['bytes_stored'])}")
     print(f"  bytes read {mib(a_best['bytes_read'])}, sent (non-zero, raw) "
           f"{mib(a_best['bytes_sent'])}, stored in packs {mib(a_best['bytes_stored'])}; "
           f"compression {comp:.2f}x")
     # on a shared box wall time mostly measures the neighbours; CPU time is what a copy costs
     # (cp's is mostly kernel copying; ours includes hashing, compression and every thread)
     cpu = {k: min(r["cpu_seconds"] for r in rs)
-           for k, rs in (("a", runs_a), ("a0", runs_0), ("b", runs_b))}
+           for k, rs in (("a", runs_a), ("a0", runs_0), ("aa", runs_aa), ("b", runs_b),
+                         ("ba", runs_ba))}
     print(f"  CPU seconds (least of {runs}): cp {min(cp_cpu):.2f}, (a) {cpu['a']:.2f}, "
-          f"(a0) {cpu['a0']:.2f}, (b) {cpu['b']:.2f}")
+          f"(a0) {cpu['a0']:.2f}, (aa) {cpu['aa']:.2f}, (b) {cpu['b']:.2f}, "
+          f"(ba) {cpu['ba']:.2f}")
     return {"cp_seconds": cp_t, "cp_cpu_seconds": cp_cpu, "cpu_best": cpu, "ours_a": runs_a,
-            "ours_b": runs_b, "ours_a0": runs_0,
+            "ours_b": runs_b, "ours_a0": runs_0, "ours_aa": runs_aa, "ours_ba": runs_ba,
+            "aa_best": aa_best["seconds"], "ba_best": ba_best["seconds"], "ratio_aa": raa,
+            "ratio_ba": rba_, "bytes_stored_auto": aa_best["bytes_stored"],
+            "bytes_stored_off": z_best["bytes_stored"],
             "cp_best": cp_best, "a_best": a_best["seconds"], "b_best": b_best["seconds"],
             "a0_best": z_best["seconds"], "ratio_a": ra, "ratio_b": rb_, "ratio_a0": r0,
             "compression": comp, "bytes_read": a_best["bytes_read"],

@@ -8,7 +8,9 @@ process, trees alternating, and prints every run (wall, user and system CPU, the
 CPU, the load average) and the median CPU seconds per GiB of data per tree and mode.
 
 Modes: ``a`` to a committed point, ``a0`` the same with compression off, ``b`` including the
-hydrated replica. The source image is read through the page cache before every run (warm).
+hydrated replica; ``aa`` and ``ba`` are ``a`` and ``b`` with compression "auto" (adaptive),
+which a tree without it runs as zstd: A/B of ``aa`` against an older base is its zstd against
+this tree's auto. The source image is read through the page cache before every run (warm).
 
     .venv/bin/python bench/initial_ab.py --base main [--rounds 5] [--modes a,a0,b]
         [--size-mib 1024] [--workdir DIR]
@@ -43,7 +45,8 @@ def child(wd: Path, vm_id: str, item: str, mode: str) -> None:
 
     site = Site(wd)
     site.drop_item(item)
-    it, target = site.item(item, vm_id, hydrate=mode == "b", compression=mode != "a0")
+    comp: bool | str = {"a0": False, "aa": "auto", "ba": "auto"}.get(mode, True)
+    it, target = site.item(item, vm_id, hydrate=mode.startswith("b"), compression=comp)
 
     def cpu(who: int) -> tuple[float, float]:
         r = resource.getrusage(who)

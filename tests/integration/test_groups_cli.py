@@ -74,3 +74,26 @@ def test_sync_policy_through_the_cli(served: tuple[str, Vault]) -> None:
     assert json.loads(r.output)["mode"] == "sync"  # kept
     r = run(app, ["policies", "update", "zero", "--mode", "semi", *opts])
     assert isinstance(r.exception, InvalidInput) and "mode" in r.exception.message
+
+
+def test_compression_modes_through_the_cli(served: tuple[str, Vault]) -> None:
+    """``--compression auto|zstd|off`` (default auto) reaches the API; a bad value is a clear
+    error before any request; the older ``--no-compression`` still means off."""
+    url, vault = served
+    admin = (vault.settings.data_dir / "admin.token").read_text().strip()
+    opts = ["--vault", url, "--token", admin, "--ca-file", str(vault.tls.ca)]
+    run = CliRunner().invoke
+    r = run(app, ["policies", "create", "c1", "--json", *opts])
+    assert r.exit_code == 0 and json.loads(r.output)["compression"] == "auto", r.output
+    r = run(app, ["policies", "create", "c2", "--compression", "zstd", "--json", *opts])
+    assert r.exit_code == 0 and json.loads(r.output)["compression"] == "zstd", r.output
+    r = run(app, ["policies", "create", "c3", "--no-compression", "--json", *opts])
+    assert r.exit_code == 0 and json.loads(r.output)["compression"] == "off", r.output
+    r = run(app, ["policies", "update", "c2", "--compression", "off", "--json", *opts])
+    assert r.exit_code == 0 and json.loads(r.output)["compression"] == "off", r.output
+    assert json.loads(r.output)["frequency_s"] == 300  # the others kept
+    r = run(app, ["policies", "update", "c2", "--compression", "gzip", *opts])
+    assert isinstance(r.exception, InvalidInput)
+    assert "compression must be 'auto', 'zstd' or 'off'" in r.exception.message
+    r = run(app, ["policies", "create", "--help"])
+    assert "auto" in r.output and "zstd" in r.output and "--no-compression" not in r.output

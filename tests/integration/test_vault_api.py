@@ -223,7 +223,8 @@ def test_policies(h: Harness) -> None:
                                         "app_consistent_every_s": 3600,
                                         "initial_replication_start": "22:00",
                                         "bandwidth_limit_bps": 10_000_000, "rpo_threshold_s": 300})
-    assert p["resync_window"] == "18:00-08:00" and p["compression"] is True and p["encryption"] is False
+    assert p["resync_window"] == "18:00-08:00" and p["encryption"] is False
+    assert p["compression"] == "auto"  # the default: zstd unless the CPU holds the copy up
     assert h.ok("GET", "/policies/gold") == p
     assert [x["name"] for x in h.ok("GET", "/policies")] == ["gold"]
     before = snapshot(h)
@@ -238,6 +239,9 @@ def test_policies(h: Harness) -> None:
         r = h.call("POST", "/policies", content=raw, headers={"Content-Type": "application/json"})
         assert r.status_code in (400, 422) and "finite" in r.text.lower(), (raw, r.text)
     err(h.call("POST", "/policies", json={"name": "bad", "compression": 1}), 422)
+    e = h.call("POST", "/policies", json={"name": "bad", "compression": "gzip"})
+    err(e, 400, "invalid_input")
+    assert "compression must be 'auto', 'zstd' or 'off'" in e.text
     err(h.call("POST", "/policies", json={"frequency_s": 30}), 400)
     err(h.call("POST", "/policies", json={"name": "gold"}), 409)
     err(h.call("POST", "/policies", json={"name": "a\nb"}), 400)
@@ -250,6 +254,11 @@ def test_policies(h: Harness) -> None:
     assert r.status_code in (400, 422), r.text
     p2 = h.ok("PUT", "/policies/gold", json={"frequency_s": 300, "rpo_threshold_s": 900})
     assert p2["frequency_s"] == 300 and p2["retention_hours"] == 24  # PUT replaces every value
+    # the boolean compression of older clients still works: true is "zstd", false is "off"
+    for given, stored in ((True, "zstd"), (False, "off"), ("off", "off"), ("zstd", "zstd"),
+                          ("auto", "auto")):
+        p3 = h.ok("PUT", "/policies/gold", json={"compression": given})
+        assert p3["compression"] == stored and h.ok("GET", "/policies/gold") == p3
     err(h.call("PUT", "/policies/gold", json={"name": "silver"}), 400)
     err(h.call("PUT", "/policies/none", json={}), 404)
     err(h.call("GET", "/policies/..%2Fetc"), 404)  # never reaches a route

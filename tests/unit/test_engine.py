@@ -612,3 +612,19 @@ def test_compression_off_stores_frames_as_they_are(tmp_path: Path) -> None:
     p = env.item.run_initial()
     assert p.bytes_stored >= 1 * MiB  # not compressed
     assert env.point_bytes(p.point_id) == env.source()
+
+
+def test_compression_auto_reaches_the_writer_and_points_equal_the_source(tmp_path: Path) -> None:
+    """Policy "auto": the engine's writer is adaptive (its stats count the bytes it chose to
+    store raw); the initial point and a delta over it equal the source."""
+    env = Env(tmp_path, sizes=(8 * MiB,))
+    env.item.settings = ReplicationSettings(frequency_s=30, resync_window=ALWAYS,
+                                            compression="auto")
+    env.hv.write(env.vm.vm_id, "d0", 0, (b"compressible text " * 200_000)[: 3 * MiB])
+    p = env.item.run_initial()
+    assert "raw_chosen_bytes" in p.meta["stats"]
+    assert env.point_bytes(p.point_id) == env.source()
+    env.hv.write(env.vm.vm_id, "d0", MiB, b"changed " * 512)
+    q = env.item.run_cycle()
+    assert q is not None and q.base_point_id == p.point_id
+    assert env.point_bytes(q.point_id) == env.source()

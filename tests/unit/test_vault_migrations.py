@@ -127,3 +127,33 @@ def test_upgrade_gives_the_store_role_to_the_host_that_served_each_sites_store(u
         assert "store_host_id" not in _columns(db, "sites")
     finally:
         db.dispose()
+
+
+def test_compression_becomes_a_mode_and_rows_keep_their_meaning(url: str) -> None:
+    """0016: ``policies.compression`` goes from a boolean to "auto" | "zstd" | "off": true
+    becomes "zstd", false "off"; a downgrade maps "off" to false and the others to true."""
+    db = Database(url)
+    try:
+        with db.engine.begin() as conn:
+            command.upgrade(alembic_config(conn), "0015")
+            for n, (nm, comp) in enumerate((("on", "true"), ("no", "false")), 1):
+                conn.execute(text(
+                    "INSERT INTO policies (id, name, frequency_s, retention_hours, compression, "
+                    "encryption, resync_window, rpo_threshold_s, created_at, updated_at) VALUES "
+                    f"({n}, '{nm}', 30, 24, {comp}, false, 'always', 60, 1.0, 1.0)"))
+        db.migrate()
+        assert _schema_diffs(db) == []
+        with db.engine.begin() as conn:
+            assert conn.execute(text("SELECT name, compression FROM policies ORDER BY id")).all() \
+                == [("on", "zstd"), ("no", "off")]
+            conn.execute(text("INSERT INTO policies (id, name, frequency_s, retention_hours, "
+                              "compression, encryption, resync_window, rpo_threshold_s, "
+                              "created_at, updated_at) VALUES "
+                              "(3, 'ad', 30, 24, 'auto', false, 'always', 60, 1.0, 1.0)"))
+        with db.engine.begin() as conn:
+            command.downgrade(alembic_config(conn), "0015")
+        with db.engine.connect() as conn:
+            got = conn.execute(text("SELECT name, compression FROM policies ORDER BY id")).all()
+        assert [(nm, bool(c)) for nm, c in got] == [("on", True), ("no", False), ("ad", True)]
+    finally:
+        db.dispose()

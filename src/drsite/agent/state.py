@@ -24,6 +24,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from drsite.core.compression import compression_mode
 from drsite.core.errors import InvalidInput, classify_os_error
 from drsite.core.retention import rule_for_hours
 from drsite.core.states import CommandStatus
@@ -48,7 +49,8 @@ def settings_from_args(d: dict[str, Any] | None) -> ReplicationSettings:
 
     Keys (all optional): ``frequency_s``, ``app_consistent_every_s`` (null = never),
     ``rpo_threshold_s``, ``retention_hours``, ``resync_window`` ("HH:MM-HH:MM", "always", or
-    null for the default 18:00-08:00). ``InvalidInput`` on a bad value.
+    null for the default 18:00-08:00), ``compression_mode`` ("auto" | "zstd" | "off"; else the
+    boolean ``compression`` an older vault sends). ``InvalidInput`` on a bad value.
     """
     d = d or {}
     base = ReplicationSettings()
@@ -68,7 +70,8 @@ def settings_from_args(d: dict[str, Any] | None) -> ReplicationSettings:
         bw = d.get("bandwidth_limit_bps")
         return ReplicationSettings(frequency_s=freq, app_consistent_every_s=app,
                                    rpo_threshold_s=rpo, retention=retention,
-                                   compression=bool(d.get("compression", True)),
+                                   compression=compression_mode(
+                                       d.get("compression_mode", d.get("compression", True))),
                                    bandwidth_limit_bps=int(bw) if bw else None,
                                    resync_window=window)
     except (TypeError, ValueError) as e:

@@ -18,6 +18,7 @@ from drsite.cli.common import (
     show,
     vault_command,
 )
+from drsite.core.compression import compression_mode
 from drsite.core.errors import InvalidInput, NotFound
 
 policies = typer.Typer(help="Replication policies: how often, how long points are kept, "
@@ -63,7 +64,9 @@ FIELDS: dict[str, tuple[str, Any, str]] = {
     "rpo_threshold": ("rpo_threshold_s", 1800.0, "Alert when the RPO passes this (s)."),
     "resync_window": ("resync_window", "18:00-08:00", "When automatic resyncs may run "
                                                       "(HH:MM-HH:MM, local time)."),
-    "compression": ("compression", True, "zstd compression of shipped data."),
+    "compression": ("compression", "auto", "auto (zstd unless the CPU, not the store, holds "
+                                           "the copy up: a fast local store gets some frames "
+                                           "raw), zstd (every frame) or off."),
     "encryption": ("encryption", False, "Encrypt data at rest in the store (cloud stores "
                                         "with keys only)."),
     "bandwidth_limit": ("bandwidth_limit_bps", None, "Bytes/s cap for replication traffic "
@@ -85,6 +88,8 @@ def _body(values: dict[str, Any]) -> dict[str, Any]:
         if field in ("app_consistent_every_s", "scrub_interval_s", "bandwidth_limit_bps",
                      "scrub_rate_bps"):
             v = _never(v)
+        elif field == "compression":
+            v = compression_mode(v)  # a clear error before any request
         out[field] = v
     return out
 
@@ -97,7 +102,9 @@ def policies_create(
     app_consistent_every: float = typer.Option(3600.0, help=FIELDS["app_consistent_every"][2]),
     rpo_threshold: float = typer.Option(1800.0, help=FIELDS["rpo_threshold"][2]),
     resync_window: str = typer.Option("18:00-08:00", help=FIELDS["resync_window"][2]),
-    compression: bool = typer.Option(True, help=FIELDS["compression"][2]),
+    compression: str = typer.Option("auto", help=FIELDS["compression"][2]),
+    no_compression: bool = typer.Option(False, "--no-compression", hidden=True,
+                                        help="The older form of --compression off."),
     encryption: bool = typer.Option(False, help=FIELDS["encryption"][2]),
     bandwidth_limit: int = typer.Option(0, help=FIELDS["bandwidth_limit"][2]),
     scrub_interval: float = typer.Option(86400.0, help=FIELDS["scrub_interval"][2]),
@@ -109,7 +116,8 @@ def policies_create(
     body = {"name": name, **_body({
         "frequency": frequency, "retention_hours": retention_hours,
         "app_consistent_every": app_consistent_every, "rpo_threshold": rpo_threshold,
-        "resync_window": resync_window, "compression": compression, "encryption": encryption,
+        "resync_window": resync_window,
+        "compression": "off" if no_compression else compression, "encryption": encryption,
         "bandwidth_limit": bandwidth_limit, "scrub_interval": scrub_interval,
         "scrub_rate": scrub_rate, "mode": mode, "sync_budget_ms": sync_budget_ms})}
     with conn.client() as c:
@@ -125,7 +133,9 @@ def policies_update(
                                                       help=FIELDS["app_consistent_every"][2]),
     rpo_threshold: float | None = typer.Option(None, help=FIELDS["rpo_threshold"][2]),
     resync_window: str | None = typer.Option(None, help=FIELDS["resync_window"][2]),
-    compression: bool | None = typer.Option(None, help=FIELDS["compression"][2]),
+    compression: str | None = typer.Option(None, help=FIELDS["compression"][2]),
+    no_compression: bool = typer.Option(False, "--no-compression", hidden=True,
+                                        help="The older form of --compression off."),
     encryption: bool | None = typer.Option(None, help=FIELDS["encryption"][2]),
     bandwidth_limit: int | None = typer.Option(None, help=FIELDS["bandwidth_limit"][2]),
     scrub_interval: float | None = typer.Option(None, help=FIELDS["scrub_interval"][2]),
@@ -135,6 +145,8 @@ def policies_update(
 ) -> None:
     """Change some values of a policy (the others keep theirs); the new settings go to every
     item under it."""
+    if no_compression:
+        compression = "off"
     given = {k: v for k, v in {
         "frequency": frequency, "retention_hours": retention_hours,
         "app_consistent_every": app_consistent_every, "rpo_threshold": rpo_threshold,

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from drsite import failpoints
 from drsite.core.clock import Clock, SystemClock
+from drsite.core.compression import compression_mode
 from drsite.core.errors import (
     Conflict,
     CorruptData,
@@ -79,7 +80,10 @@ class ReplicationSettings:
     rpo_threshold_s: float = 1800.0
     retention: RetentionRule = field(default_factory=RetentionRule)
     resync_window: ResyncWindow = field(default_factory=ResyncWindow)
-    compression: bool = True     # zstd level 1 on shipped data (off: stored as is)
+    # "zstd": level 1 on every data frame; "off": stored as is; "auto": compressed unless the
+    # compressors, not the store, are the bottleneck (``PointWriter.adaptive``). A bool is the
+    # old form: True = "zstd", False = "off"
+    compression: str | bool = "zstd"
     bandwidth_limit_bps: int | None = None  # cap on data read and shipped (None: no cap)
     io_size: int = IO_SIZE
     resync_block: int = RESYNC_BLOCK
@@ -90,6 +94,7 @@ class ReplicationSettings:
 
     def __post_init__(self) -> None:
         validate_frequency(self.frequency_s)
+        object.__setattr__(self, "compression", compression_mode(self.compression))
 
 
 ProgressFn = Callable[[ItemReport], None]
@@ -443,8 +448,10 @@ class ItemReplicator:
         if done is None:
             writer = repo.begin(cycle.cycle_id, base=base, disk_sizes=dict(cycle.disk_sizes),
                                 kind=kind)
-            if not self.settings.compression:
+            mode = compression_mode(self.settings.compression)
+            if mode == "off":
                 writer.zstd_level = 0
+            writer.adaptive = mode == "auto"
             streaming = False
             # progress saves (the record only: what is stored is the store's to say) run in
             # this thread, off the feeding thread: its fsyncs no longer stall reading and

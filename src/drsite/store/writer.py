@@ -60,6 +60,9 @@ from drsite.store.format import (
 UPLOADS_IN_FLIGHT = 2  # packs being stored while the next one fills (memory: 2 x pack_target)
 TEE_THREADS = 2        # threads writing the tee's copy (a replica): blocked on the device mostly
 TEE_IN_FLIGHT = 8      # frames handed to the tee and not yet written (memory: 8 x FRAME_MAX)
+# adaptive compression (``PointWriter.adaptive``): after the feeder waited for a compressor (and
+# not the store since), at most this many windows of frames go raw
+RAW_RUN = 4
 
 
 @dataclass
@@ -69,6 +72,7 @@ class _Pending:
     future: Future[_Prepared] | None
     owner: object = None  # keeps the caller's buffer alive while the frame may point into it
     disk_id: str = ""
+    level: int = 0  # the zstd level the frame was handed with (0: stored raw)
 
 
 Tee = Callable[[str, Entries, bytes | memoryview], None]
@@ -155,6 +159,15 @@ class PointWriter:
             repo.threads, thread_name_prefix=f"drsite-pack-{cycle_id}")
         # zstd level for data frames; 0 stores frames as they are (policy: compression off)
         self.zstd_level = repo.zstd_level
+        # policy "auto": each frame is compressed or stored raw depending on which side of the
+        # pipeline waits for the other (:meth:`_frame_level`, store/design.md "Adaptive
+        # compression"); ``zstd_level`` is the level of the frames it compresses
+        self.adaptive = False
+        self._frame_no = 0        # frames handed to the workers so far
+        self._stall_at = -(1 << 62)  # frame count when the feeder last waited on the CPU
+        self._store_wait_at = -(1 << 62)  # ... and when it last waited on the store
+        self._stored_one = False  # an upload of this writer has returned (the store is known)
+        self.raw_chosen_bytes = 0  # data bytes the adaptive rule stored raw (they were eligible)
         # also hand every write's zero/data runs to ``tee(disk_id, runs, raw)`` (a replica being
         # written from the same buffers). Called from tee threads (TEE_THREADS), in any order
         # across frames, while later frames are compressed: set it only for cycles whose writes
@@ -292,9 +305,38 @@ class PointWriter:
             smv = view
         for a, b in itertools.pairwise(bounds):
             frame = smv[ends[a]:ends[b]]
-            fut = self._pool.submit(_prepare, frame, po[a:b], pl[a:b], self.zstd_level)
-            self._queue.append(_Pending(i, None, fut, owner, disk_id))
+            level = self._frame_level()
+            fut = self._pool.submit(_prepare, frame, po[a:b], pl[a:b], level)
+            self._queue.append(_Pending(i, None, fut, owner, disk_id, level))
             self._drain(self._window)
+
+    def _frame_level(self) -> int:
+        """The zstd level of the next frame handed to the workers (0: stored raw).
+
+        Adaptive (policy "auto"; store/design.md "Adaptive compression"): a raw frame costs the
+        store its bytes and saves the compressors' CPU, so frames go raw only while the
+        compressors are the bottleneck. The signal is what the single feeding thread last
+        waited for: a frame still being prepared while no sealed pack waited for an upload
+        thread (a *CPU wait*, noted by :meth:`_drain`), or an upload (a *store wait*, noted by
+        :meth:`_reap`: the uploads in flight are at their cap). A frame goes raw when the last
+        wait was a CPU wait, at most ``RAW_RUN`` windows of frames ago, and no pack is queued
+        for an upload thread now; otherwise it is compressed (the store is the bottleneck, so
+        compressing is free and saves it bytes; or nothing waits for the CPU, e.g. a source
+        read or a small delta is the bottleneck). Until one upload has returned the store's
+        speed is unknown and every frame is compressed. A switch needs a wait of the other
+        kind (a pack's upload, or a frame's preparation), so the choice cannot flip frame by
+        frame. Either codec reads back the same bytes."""
+        self._frame_no += 1
+        if not self.adaptive or self.zstd_level == 0:
+            return self.zstd_level
+        if self._frame_no - self._stall_at > RAW_RUN * self._window or \
+                self._store_wait_at >= self._stall_at:
+            return self.zstd_level
+        return 0 if self._uploading() <= self.repo.upload_threads else self.zstd_level
+
+    def _uploading(self) -> int:
+        """Packs handed to the uploader whose put has not returned."""
+        return sum(1 for f, _e in self._uploads if not f.done())
 
     def write_zero(self, disk_id: str, offset: int, length: int) -> None:
         """Record ``[offset, offset+length)`` as zeros (overrides the base and earlier writes)."""
@@ -315,6 +357,9 @@ class PointWriter:
         while len(self._queue) > keep:
             item = self._queue[0]
             if item.future is not None:
+                if keep and self.adaptive and self._stored_one and not item.future.done() and \
+                        self._uploading() <= self.repo.upload_threads:
+                    self._stall_at = self._frame_no  # waits for the CPU; no pack waits
                 e, codec, payload, h, raw = item.future.result()
                 e["disk"] = item.disk
                 self.zero_bytes += int(e["length"][e["codec"] == ZERO].sum())
@@ -325,6 +370,8 @@ class PointWriter:
                     e["flen"][data] = len(payload)
                     e["hash"][data] = np.frombuffer(h, "V16")[0]
                     self._frames.append(payload)
+                    if item.level == 0 and self.zstd_level:
+                        self.raw_chosen_bytes += len(payload)
                     if isinstance(payload, memoryview):  # stored raw: may point into the batch
                         self._owners.append(item.owner)
                     self._open_size += len(payload)
@@ -393,6 +440,7 @@ class PointWriter:
                 self.repo.store.put(self.repo.key(rel), blob)
             except ObjectExists:
                 pass  # content-addressed: an earlier attempt landed
+            self._stored_one = True
             failpoints.hit("store.pack-stored")
             return rel, len(blob)
         finally:
@@ -409,6 +457,8 @@ class PointWriter:
         """Record finished uploads, in pack order, until at most ``keep`` are in flight."""
         while len(self._uploads) > keep:
             fut, e = self._uploads[0]
+            if keep and not fut.done():
+                self._store_wait_at = self._frame_no  # the feeder waits for the store
             try:
                 rel, size = fut.result()
             except BaseException:
@@ -631,6 +681,8 @@ class PointWriter:
         stats = {"zero_bytes": self.zero_bytes, "packs": len(self.pack_keys),
                  "metadata_bytes": meta_bytes,
                  "new_objects": len(new) + self._maps_stored[0] + len(self.pack_keys)}
+        if self.adaptive:
+            stats["raw_chosen_bytes"] = self.raw_chosen_bytes  # (this writer's, not a resumed part's)
         for _attempt in range(8):
             seq = self._next_seq()
             pid = f"p{seq:012d}"

@@ -66,7 +66,7 @@ class PolicyValues:
     retention_hours: float
     app_consistent_every_s: float | None
     initial_replication_start: str | None
-    compression: bool
+    compression: str  # "auto" | "zstd" | "off" (core.compression.compression_mode)
     encryption: bool
     bandwidth_limit_bps: int | None
     resync_window: str
@@ -131,6 +131,8 @@ def agent_settings(p: Policy) -> dict[str, Any]:
     """The ``settings`` of ``protect`` and ``update_settings`` commands."""
     return {"frequency_s": p.frequency_s, "app_consistent_every_s": p.app_consistent_every_s,
             "rpo_threshold_s": p.rpo_threshold_s, "retention_hours": p.retention_hours,
-            "resync_window": p.resync_window, "compression": p.compression,
-            "encryption": p.encryption, "bandwidth_limit_bps": p.bandwidth_limit_bps,
+            # an agent reads "compression_mode"; one older than it reads the boolean
+            "resync_window": p.resync_window, "compression": p.compression != "off",
+            "compression_mode": p.compression, "encryption": p.encryption,
+            "bandwidth_limit_bps": p.bandwidth_limit_bps,
             "mode": p.mode or "async", "sync_budget_ms": p.sync_budget_ms or 50}

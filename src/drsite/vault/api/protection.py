@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request, Response, status
 from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
+from drsite.core.compression import compression_mode
 from drsite.core.errors import Conflict, InvalidInput, NotFound
 from drsite.core.states import FAILOVER_ITEM_STATUSES, LIVE_ITEM_STATUSES, ItemProtection
 from drsite.replication.report import Health, ItemState
@@ -42,7 +43,8 @@ def _values(body: PolicyIn) -> PolicyValues:
     return PolicyValues(frequency_s=body.frequency_s, retention_hours=body.retention_hours,
                         app_consistent_every_s=body.app_consistent_every_s,
                         initial_replication_start=body.initial_replication_start,
-                        compression=body.compression, encryption=body.encryption,
+                        compression=compression_mode(body.compression),
+                        encryption=body.encryption,
                         bandwidth_limit_bps=body.bandwidth_limit_bps,
                         resync_window=body.resync_window, rpo_threshold_s=body.rpo_threshold_s,
                         scrub_interval_s=body.scrub_interval_s,

@@ -45,7 +45,7 @@ class PolicyIn(Strict):
     retention_hours: float = 24.0
     app_consistent_every_s: float | None = 3600.0
     initial_replication_start: str | None = None
-    compression: bool = True
+    compression: bool | str = "auto"  # "auto" | "zstd" | "off"; true/false mean "zstd"/"off"
     encryption: bool = False
     bandwidth_limit_bps: int | None = None
     resync_window: str = "18:00-08:00"
