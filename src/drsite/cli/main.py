@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -101,6 +102,9 @@ def main() -> None:
         err.print(f"[red]error[/] ({e.code}, {e.error_class.value}): {e.message}")
         if e.hint:
             err.print(f"[yellow]hint[/]: {e.hint}")
+        if "--json" in sys.argv[1:]:
+            # a script reading stdout gets the error as JSON too (it got nothing)
+            print(json.dumps({"error": e.to_dict()}))
         sys.exit(e.exit_code)  # 2 permanent, 75 transient
 
 

@@ -162,8 +162,9 @@ def registration_key(
     data: Path | None = typer.Option(None, help="Vault data dir (reads its admin token and CA; "
                                                 "on the vault's machine)."),
 ) -> None:
-    """Print a one-time registration key for a host of SITE (admin; expires after --ttl).
-    On the host: 'drsite agent register --vault URL --key KEY --ca-file CA'."""
+    """Print a one-time registration key for a host of the site given by --site (admin;
+    expires after --ttl). On the host: 'drsite agent register --vault URL --key KEY --ca-file
+    CA'."""
     ca_file = conn.ca_file
     if ca_file is None and data is not None:
         ca_file = data / "pki" / "ca.pem"
