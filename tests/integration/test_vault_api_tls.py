@@ -74,6 +74,14 @@ def test_https_registration_and_client_certificates(served: tuple[str, Vault], t
     r = agent.post("/agent/heartbeat", json=beat)
     assert r.status_code == 200, r.text
     assert r.json()["commands"] == []
+    # a malformed body with a valid certificate: refused before the route ran, and audited as
+    # that host's, not as "anonymous" (found by the outside review: probes stayed anonymous)
+    assert agent.post("/agent/heartbeat", json={}).status_code in (400, 422)
+    assert anon.post("/agent/heartbeat", json={}).status_code in (400, 401, 422)
+    refused = [e for e in op.get("/audit", params={"limit": 100}).json()["entries"]
+               if e["action"] == "POST /api/v1/agent/heartbeat" and e["outcome"] == "refused"]
+    assert {(e["actor_kind"], e["actor"]) for e in refused} >= {("host", reg["host_id"]),
+                                                                ("anonymous", "")}, refused
     assert op.get(f"/hosts/{reg['host_id']}").json()["up"] is True
     # the background loop runs jobs: a policy association ends without anyone ticking
     op.post("/policies", json={"name": "p1", "frequency_s": 30}).raise_for_status()

@@ -8,7 +8,8 @@ whose transaction rolled back is recorded too):
   what a heartbeat carries that the vault refuses is audited by ``trust``);
 - every refused read under ``/api/v1`` (401/403).
 Who: the token name or host id the route authenticated (``deps.set_actor``; routes that know
-more add ``deps.note(request)`` detail), else ``anonymous``. What: the route's template and target (its
+more add ``deps.note(request)`` detail), else the host of a valid agent certificate on an agent
+route (a body refused before the route ran), else ``anonymous``. What: the route's template and target (its
 path parameters and a few naming fields of a JSON body: ``name``, ``host_name``, ``vm_id``, …,
 never anything else of a body). From where: the client address. Outcome: ok (< 400), refused
 (4xx, with the error code) or failed (5xx). Unauthenticated refusals (401) repeat (an agent
@@ -32,11 +33,12 @@ from fastapi import APIRouter
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from drsite.core.errors import InvalidInput
+from drsite.core.errors import DrsiteError, InvalidInput
+from drsite.tlsutil import peer_certificate
 from drsite.vault.api.deps import STATE_ACTOR, STATE_DETAIL, Admin, VaultDep, ensure_role
 from drsite.vault.api.paging import DEFAULT_LIMIT, Key, page
 from drsite.vault.audit import AuditEntry, audit_view, record_audit
-from drsite.vault.auth import Role
+from drsite.vault.auth import Role, verify_agent_cert
 from drsite.vault.db.models import Audit
 
 router = APIRouter()
@@ -88,6 +90,22 @@ def _error_code(body: bytes, status: int) -> str | None:
         parsed = None
     code = parsed.get("code") if isinstance(parsed, dict) else None
     return str(code) if code else STATUS_CODES.get(status, "internal" if status >= 500 else None)
+
+
+async def _cert_actor(scope: Scope, vault: Any, path: str) -> tuple[str, str] | None:
+    """The host of a valid agent certificate on a request refused before its route named it (a
+    malformed body is refused while the request is read): such a probe is the host's, never
+    ``anonymous``. None without a certificate the vault's CA signed."""
+    if not path.startswith("/api/v1/agent/"):
+        return None
+    cert = peer_certificate(scope)
+    if cert is None:
+        return None
+    try:
+        ident = await run_in_threadpool(verify_agent_cert, vault.ca, cert)
+    except DrsiteError:
+        return None
+    return ("host", ident.common_name)
 
 
 class AuditMiddleware:
@@ -144,7 +162,8 @@ class AuditMiddleware:
                 template = "/api/v1" + template
             action = f"{method} {template}"
             if self._wanted(method, action, status):
-                actor = state.get(STATE_ACTOR) or ("anonymous", "")
+                actor = state.get(STATE_ACTOR) or await _cert_actor(scope, vault, path) \
+                    or ("anonymous", "")
                 client = scope.get("client")
                 entry = AuditEntry(
                     at=at, actor_kind=actor[0], actor=actor[1],
