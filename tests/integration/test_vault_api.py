@@ -591,6 +591,28 @@ def test_cli_refuses_a_number_that_is_not_finite(h: Harness,
     assert h.ok("GET", "/policies") == []
 
 
+def test_cli_lists_points_with_their_utc_time(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``drsite items points`` showed '-' in its time column for every point (found by the
+    outside review): the column is the point's creation in UTC."""
+    import time as _time
+
+    from typer.testing import CliRunner
+
+    from drsite.cli.main import app
+
+    cli_against(h, monkeypatch)
+    a, _b = two_sites(h)
+    policy_and_group(h)
+    item_id = protect(h, a)
+    t = h.clock.now()
+    a.beat(vms=[vm_info("vm-1", "web1")], items=[{
+        "item_id": item_id, "report": report(item_id, "vm-1", "web1"),
+        "new_points": [point(item_id, 1, t)]}])
+    r = CliRunner(env={"COLUMNS": "250"}).invoke(app, ["items", "points", item_id])
+    assert r.exit_code == 0, r.output
+    assert _time.strftime("%Y-%m-%d %H:%M:%S", _time.gmtime(t)) in r.output, r.output
+
+
 def test_cli_shows_the_replication_mode(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     """``drsite policies list|show`` give a policy's mode and budget; ``drsite items show``
     the item's mode and whether it is in sync (``suspended: why`` from its agent's report),

@@ -296,9 +296,11 @@ def items_points(conn: Conn, item_id: str = ItemArg,
         item_id = item_ref(c, item_id)
         rows, total = fetch_list(c, f"/items/{item_id}/points", limit=limit,
                                  all_pages=all_pages, consistency=consistency)
-        rows = [{**p, "at": _utc(p.get("created_at")),
+        # "utc", not "at": a column named "at" is shown as an age ("5m ago"), and a formatted
+        # time there showed as "-"
+        rows = [{**p, "utc": _utc(p.get("created_at")),
                  "damaged": (p.get("damage") or {}).get("reason") or ""} for p in rows]
-        show_list(rows, total, ["point_id", "at", "created_at", "consistency", "kind",
+        show_list(rows, total, ["point_id", "utc", "created_at", "consistency", "kind",
                                 "bytes_written", "bytes_stored", "damaged"],
                   title=f"recovery points of {item_id}", what="points", json_out=conn.json)
 
