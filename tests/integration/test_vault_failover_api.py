@@ -462,3 +462,28 @@ def test_a_late_recovery_vm_under_a_running_cancel_is_left_to_that_cancel(h: Har
     fo = h.ok("GET", f"/items/{item}/failovers")[0]
     assert fo["state"] == "cancelled" and fo["result"]["late_start"]["superseded_by"] == undo["id"]
     play(h, b, "failover_cancel", fo_result("cancelled", generation=3))
+
+
+def test_cancel_does_not_wait_for_a_down_recovery_host_that_never_got_the_failover(
+        h: Harness) -> None:
+    """Found by the outside review (a failback cancelled while the old primary's site was
+    lost): the source was off, the failover's command never left the vault, and `failover
+    cancel` waited for the lost host for ever before resuming the source — the VM off on both
+    sites. Nothing of the failover is on that host: the cancel goes straight to the source."""
+    a, b, item = setup(h)
+    job = h.ok("POST", f"/items/{item}/failover/planned-failover", json={})
+    play(h, a, "failover_prepare", {"point_id": "p000000000002", "fingerprints": {"d0": "x"}})
+    h.clock.advance(h.settings.agent_down_after_s + 1)   # the recovery site is lost
+    a.beat(vms=[vm_info("vm-1", "web1")])
+    h.tick()
+    h.ok("POST", f"/jobs/{job['id']}/cancel")
+    h.tick()
+    assert h.ok("GET", f"/items/{item}")["protection"] == "failed_over"
+    undo = h.ok("POST", f"/items/{item}/failover/cancel", json={})
+    cmd = play(h, a, "failover_resume_source", {"generation": 1, "powered_on": True})
+    assert cmd["args"]["power_on"] is True          # the source VM runs again
+    first = h.job(undo["id"])["tasks"][0]
+    assert first["state"] == "succeeded" and "never received" in first["message"], first
+    assert h.ok("GET", f"/items/{item}")["protection"] == "protected"
+    assert not [c for c in b.beat(store_url="https://127.0.0.1:9443")["commands"]
+                if c["kind"].startswith("failover")]   # nothing for the lost host when back

@@ -510,12 +510,28 @@ def cancel(ctx: TaskContext) -> Step:
     item = ctx.item()
     fo = failover_row(ctx)
     fencing.withdraw(ctx.s, fo, ctx.now)
-    got = run_command(ctx, _recovery(ctx, fo), "failover_cancel", item_context(ctx, item, fo),
+    host = _recovery(ctx, fo)
+    if "command_id" not in ctx.data and host is not None and not host_up(host, ctx) \
+            and not _recovery_host_took(ctx, fo):
+        # the recovery host never received this failover (its command was withdrawn before
+        # delivery): nothing of it to undo there, and the source must not wait for a host
+        # that is down (a failback cancelled while the old primary's site is lost left the VM
+        # off on both sites until that site came back)
+        return done(f"recovery host {host.name} is down and never received failover {fo.id}: "
+                    "nothing to undo there")
+    got = run_command(ctx, host, "failover_cancel", item_context(ctx, item, fo),
                       item_id=item.id)
     if isinstance(got, Step):
         return got
     apply_failover_result(fo, got.result, ctx.now)
     return done(f"recovery VM deleted; generation {fo.generation} names the source again")
+
+
+def _recovery_host_took(ctx: TaskContext, fo: Failover) -> bool:
+    """Whether any ``failover`` command of ``fo`` was ever delivered to its recovery host."""
+    return ctx.s.scalars(select(Command.id).where(
+        Command.kind == "failover", Command.args["failover_id"].as_string() == fo.id,
+        Command.sent_at.is_not(None))).first() is not None
 
 
 def resume_source(ctx: TaskContext) -> Step:
