@@ -33,6 +33,19 @@ class SlowPackStore(MemoryObjectStore):
         super().put(key, data, overwrite=overwrite)
 
 
+def slow_compressors(monkeypatch: pytest.MonkeyPatch, delay: float) -> None:
+    """Each frame handed to the workers with a zstd level costs ``delay`` more (a raw one
+    nothing): the compressors, not the store, are the bottleneck."""
+    real = writer_mod._prepare
+
+    def slow_zstd(frame: memoryview, offsets: Any, lengths: Any, level: int) -> Any:
+        if level:
+            time.sleep(delay)
+        return real(frame, offsets, lengths, level)
+
+    monkeypatch.setattr(writer_mod, "_prepare", slow_zstd)
+
+
 def _text(n: int, seed: int) -> bytes:
     rng = np.random.default_rng(seed)
     words = [b"alpha", b"beta", b"gamma", b"delta", b"epsilon", b"zeta", b"eta", b"theta"]
@@ -90,14 +103,7 @@ def test_a_fast_store_with_saturated_compressors_gets_mostly_raw_frames(
     """The compressors are the bottleneck (each compressed frame costs 20 ms, a raw one
     nothing) and the store takes a pack at once: most frames go raw, the first pack (before
     the store's speed is known) and the periodic probes are compressed."""
-    real = writer_mod._prepare
-
-    def slow_zstd(frame: memoryview, offsets: Any, lengths: Any, level: int) -> Any:
-        if level:
-            time.sleep(0.02)
-        return real(frame, offsets, lengths, level)
-
-    monkeypatch.setattr(writer_mod, "_prepare", slow_zstd)
+    slow_compressors(monkeypatch, 0.02)
     choices: list[int] = []  # the level of each frame handed after the first upload returned
     decide = writer_mod.PointWriter._frame_level
 
@@ -126,14 +132,7 @@ def test_a_fast_store_with_saturated_compressors_gets_mostly_raw_frames(
 def test_without_adaptive_every_compressible_frame_is_compressed(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The same saturated compressors with the policy "zstd": no frame is chosen raw."""
-    real = writer_mod._prepare
-
-    def slow_zstd(frame: memoryview, offsets: Any, lengths: Any, level: int) -> Any:
-        if level:
-            time.sleep(0.005)
-        return real(frame, offsets, lengths, level)
-
-    monkeypatch.setattr(writer_mod, "_prepare", slow_zstd)
+    slow_compressors(monkeypatch, 0.005)
     store = MemoryObjectStore()
     repo = Repository(store, "vm1", segment_size=4 * MiB, pack_target=MiB, threads=2)
     data = _text(24 * MiB, 3)
@@ -146,14 +145,7 @@ def test_a_point_mixing_raw_and_compressed_frames_is_a_base_like_any_other(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A delta over a point with raw and zstd frames, itself adaptive: both read back equal
     to their sources (reads never depend on the codec)."""
-    real = writer_mod._prepare
-
-    def slow_zstd(frame: memoryview, offsets: Any, lengths: Any, level: int) -> Any:
-        if level:
-            time.sleep(0.01)
-        return real(frame, offsets, lengths, level)
-
-    monkeypatch.setattr(writer_mod, "_prepare", slow_zstd)
+    slow_compressors(monkeypatch, 0.01)
     store = MemoryObjectStore()
     repo = Repository(store, "vm1", segment_size=4 * MiB, pack_target=MiB, threads=2)
     data = bytearray(_text(32 * MiB, 4))
