@@ -36,3 +36,8 @@ def test_an_error_with_json_is_json_on_stdout() -> None:
 def test_an_error_without_json_leaves_stdout_empty() -> None:
     r = run("items", "list", "--vault", f"https://127.0.0.1:{_free_port()}", "--token", "t")
     assert r.returncode == 75 and r.stdout == "" and "hint:" in r.stderr, r
+
+
+def test_version_with_json() -> None:
+    r = run("version", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["version"], r

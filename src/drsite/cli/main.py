@@ -31,9 +31,10 @@ app = typer.Typer(name="drsite", no_args_is_help=True, add_completion=False,
 
 
 @app.command()
-def version() -> None:
+def version(json_out: bool = typer.Option(False, "--json", help="Print {\"version\": ...}.")
+            ) -> None:
     """Print the drsite version."""
-    typer.echo(__version__)
+    typer.echo(json.dumps({"version": __version__}) if json_out else __version__)
 
 
 @app.command()
