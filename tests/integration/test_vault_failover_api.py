@@ -478,7 +478,9 @@ def test_cancel_does_not_wait_for_a_down_recovery_host_that_never_got_the_failov
     h.tick()
     h.ok("POST", f"/jobs/{job['id']}/cancel")
     h.tick()
-    assert h.ok("GET", f"/items/{item}")["protection"] == "failed_over"
+    it = h.ok("GET", f"/items/{item}")
+    assert it["protection"] == "failed_over" and it["health"] == "critical", it
+    assert "cancelled after the source was shut down" in it["health_reasons"][0], it
     undo = h.ok("POST", f"/items/{item}/failover/cancel", json={})
     cmd = play(h, a, "failover_resume_source", {"generation": 1, "powered_on": True})
     assert cmd["args"]["power_on"] is True          # the source VM runs again

@@ -154,6 +154,11 @@ def failover_health(item: Item, fo: Failover | None, job: Job | None) -> ItemHea
             ItemProtection.FAILED_OVER:
         # its job was cancelled after the recovery host took the command: that host may have
         # started the recovery VM (recorded when it answers: jobs.failover.apply_late_result)
+        if (fo.result or {}).get("recovery_took") is False:
+            return ItemHealth(Health.CRITICAL, [
+                f"{fo.kind} failover {fo.id} was cancelled after the source was shut down; "
+                f"{item.vm_name} runs nowhere and does not replicate until the failover is "
+                f"cancelled (the source is resumed): drsite failover cancel {item.id}"])
         return ItemHealth(Health.CRITICAL, [
             f"{fo.kind} failover {fo.id} was cancelled after it reached the recovery site, "
             f"which may still start {item.vm_name} there; it does not replicate until the "

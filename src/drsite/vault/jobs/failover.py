@@ -768,6 +768,9 @@ def failover_on_end(ctx: TaskContext, state: JobState) -> None:
         return
     if state != JobState.SUCCEEDED and fo.state == FailoverState.STARTING:
         fo.state = FailoverState.FAILED if state == JobState.FAILED else FailoverState.CANCELLED
+        # whether the recovery host took its command (it may start the VM): the item's health
+        # says so (health.failover_health)
+        fo.result = {**dict(fo.result or {}), "recovery_took": _recovery_host_took(ctx, fo)}
         fo.updated_at = ctx.now
     if fo.job_id is None:
         fo.job_id = ctx.job.id
