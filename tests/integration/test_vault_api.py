@@ -594,6 +594,7 @@ def test_cli_refuses_a_number_that_is_not_finite(h: Harness,
 def test_cli_lists_points_with_their_utc_time(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     """``drsite items points`` showed '-' in its time column for every point (found by the
     outside review): the column is the point's creation in UTC."""
+    import json
     import time as _time
 
     from typer.testing import CliRunner
@@ -608,9 +609,13 @@ def test_cli_lists_points_with_their_utc_time(h: Harness, monkeypatch: pytest.Mo
     a.beat(vms=[vm_info("vm-1", "web1")], items=[{
         "item_id": item_id, "report": report(item_id, "vm-1", "web1"),
         "new_points": [point(item_id, 1, t)]}])
-    r = CliRunner(env={"COLUMNS": "250"}).invoke(app, ["items", "points", item_id])
+    want = _time.strftime("%Y-%m-%d %H:%M:%S", _time.gmtime(t))
+    r = CliRunner().invoke(app, ["items", "points", item_id, "--json"])
     assert r.exit_code == 0, r.output
-    assert _time.strftime("%Y-%m-%d %H:%M:%S", _time.gmtime(t)) in r.output, r.output
+    assert [p["utc"] for p in json.loads(r.stdout)] == [want], r.stdout
+    # the table (its width is the terminal's: a narrow one folds the cell, so no match on it)
+    r = CliRunner().invoke(app, ["items", "points", item_id])
+    assert r.exit_code == 0 and want[:4] in r.output and " - " not in r.output, r.output
 
 
 def test_cli_shows_the_replication_mode(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
