@@ -187,19 +187,15 @@ class _AlertingSSLProtocol(asyncio.sslproto.SSLProtocol):
                             or getattr(handshake_exc, "reason", None) or handshake_exc)
         super()._on_handshake_complete(handshake_exc)
 
-    def end_close_wait(self) -> bool:
+    def end_close_wait(self) -> None:
         """A server stopping: if this connection has sent its close_notify and only waits for
         the peer's (up to ``ssl_shutdown_timeout``, 30 s), finish the close now, as the peer's
         reply would. Nothing of ours is dropped: the raw transport's ``close`` still flushes
         what it holds. An idle client (a pooled keep-alive connection nobody reads) never
-        replies, and held every stop for the whole graceful timeout. True if it did."""
-        state = getattr(self, "_state", None)
-        if state is not asyncio.sslproto.SSLProtocolState.SHUTDOWN:
-            return False
-        if self._get_write_buffer_size() != 0:  # type: ignore[attr-defined]
-            return False
-        self._on_shutdown_complete(None)  # type: ignore[attr-defined]
-        return True
+        replies, and held every stop for the whole graceful timeout."""
+        if getattr(self, "_state", None) is asyncio.sslproto.SSLProtocolState.SHUTDOWN \
+                and self._get_write_buffer_size() == 0:  # type: ignore[attr-defined]
+            self._on_shutdown_complete(None)  # type: ignore[attr-defined]
 
 
 class _AlertingEventLoop(asyncio.SelectorEventLoop):

@@ -287,7 +287,7 @@ def test_a_heartbeat_asked_in_another_process_on_postgresql_reaches_the_long_pol
 
     served = Served(tmp_path, pg_url)
     other = another_process(served, pg_url)  # another vault process, with the announce hook
-    other.listen("before_commit", notify.BeatAnnouncer())
+    other.listen("before_commit", notify.BeatAnnouncer(push.Waiters()))
     got: list[tuple[float, bool]] = []
 
     def poll(wait_s: float) -> None:

@@ -448,7 +448,7 @@ class ItemReplicator:
         if done is None:
             writer = repo.begin(cycle.cycle_id, base=base, disk_sizes=dict(cycle.disk_sizes),
                                 kind=kind)
-            mode = compression_mode(self.settings.compression)
+            mode = self.settings.compression  # normalised by __post_init__
             if mode == "off":
                 writer.zstd_level = 0
             writer.adaptive = mode == "auto"

@@ -183,7 +183,7 @@ class Vault:
         self.listener: notify.Listener | None = None
         if not db.sqlite:
             db.listen("after_flush", notify.after_flush)
-            db.listen("before_commit", notify.BeatAnnouncer())
+            db.listen("before_commit", notify.BeatAnnouncer(self.waiters))
             self.listener = notify.Listener(db.url, self.waiters.wake, self._jobs_changed,
                                             self._job_created, self.waiters.want_beat)
         # the threads agent requests (heartbeats, command results, the command channel's

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -37,13 +36,14 @@ from sqlalchemy.orm import Session
 
 from drsite.core.states import FINAL_COMMAND_STATUSES, CommandStatus
 from drsite.vault.db.models import Command, Job
-from drsite.vault.push import BEAT_ASK_GAP_S, Ended, beats_wanted
+from drsite.vault.push import Ended, Waiters, beats_wanted
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "drsite"
 POLL_WITH_NOTIFY_S = 5.0
 MAX_PAYLOAD = 7000  # PostgreSQL's limit is 8000 bytes
+BEATS_PER_NOTIFY = MAX_PAYLOAD // 65  # host ids are 64 characters at most, and a comma
 
 
 def _libpq(url: str) -> str:
@@ -82,34 +82,21 @@ def after_flush(session: Session, _ctx: Any) -> None:
 class BeatAnnouncer:
     """Session hook (``before_commit`` of write sessions): announce the heartbeat asks of the
     transaction to every vault process (PostgreSQL delivers them at commit, drops them at
-    rollback). A job waiting for a heartbeat asks every round: a host is announced at most once
-    per ``BEAT_ASK_GAP_S`` by this process."""
+    rollback). A job waiting for a heartbeat asks every round: only the hosts this process's
+    ``waiters`` would ask now are announced (the same once-per-``BEAT_ASK_GAP_S`` gate; the
+    commit's own ask marks them)."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._sent: dict[str, float] = {}
+    def __init__(self, waiters: Waiters) -> None:
+        self.waiters = waiters
 
     def __call__(self, session: Session) -> None:
-        hosts = beats_wanted(session)
-        if not hosts:
+        due = self.waiters.beats_due(beats_wanted(session))
+        if not due:
             return
-        now = time.monotonic()
-        with self._lock:
-            due = sorted(h for h in hosts if now - self._sent.get(h, -BEAT_ASK_GAP_S) >= BEAT_ASK_GAP_S)
-            for h in due:
-                self._sent[h] = now
-            if len(self._sent) > 4096:  # forget old entries (many hosts over a long life)
-                self._sent = {h: t for h, t in self._sent.items() if now - t < BEAT_ASK_GAP_S}
         conn = session.connection()
-        while due:
-            chunk: list[str] = []
-            while due and len(",".join([*chunk, due[0]])) + 2 <= MAX_PAYLOAD:
-                chunk.append(due.pop(0))
-            if not chunk:  # one id longer than a payload (never: ids are 64 at most)
-                due.pop(0)
-                continue
+        for i in range(0, len(due), BEATS_PER_NOTIFY):
             conn.exec_driver_sql("SELECT pg_notify(%(c)s, %(p)s)",
-                                 {"c": CHANNEL, "p": "b:" + ",".join(chunk)})
+                                 {"c": CHANNEL, "p": "b:" + ",".join(due[i:i + BEATS_PER_NOTIFY])})
 
 
 def parse_ended(body: str) -> Ended:

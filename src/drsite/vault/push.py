@@ -108,12 +108,21 @@ class Waiters:
         ``BEAT_ASK_GAP_S`` ago is not asked again (a job is asked every loop round)."""
         now = time.monotonic()
         with self._lock:
-            hosts = {h for h in host_ids if now - self._asked.get(h, -BEAT_ASK_GAP_S) >= BEAT_ASK_GAP_S}
+            hosts = self._not_asked(host_ids, now)
             for h in hosts:
                 self._asked[h] = now
             self._beats |= hosts
             targets = [w for h in hosts for w in self._by_host.get(h, [])]
         self._set(targets)
+
+    def beats_due(self, host_ids: set[str]) -> list[str]:
+        """Of these hosts, those :meth:`want_beat` would ask now (not asked within
+        ``BEAT_ASK_GAP_S``), sorted; marks nothing (``notify.BeatAnnouncer`` announces those)."""
+        with self._lock:
+            return sorted(self._not_asked(host_ids, time.monotonic()))
+
+    def _not_asked(self, host_ids: set[str], now: float) -> set[str]:
+        return {h for h in host_ids if now - self._asked.get(h, -BEAT_ASK_GAP_S) >= BEAT_ASK_GAP_S}
 
     def take_beat(self, host_id: str) -> bool:
         """Whether the host was asked for a heartbeat within ``BEAT_ASK_TTL_S`` (once: the

@@ -56,8 +56,9 @@ def early_retry(retry: RetryState, store: StoreAgent | None, now: float,
     code = (retry.last_error or {}).get("code")
     if code not in EARLY_RETRY_CODES:
         return False
-    last = retry.last_failure_at if retry.last_failure_at is not None else retry.first_failure_at
-    if store.started_at is not None and store.started_at > last:
+    # (a state saved before last_failure_at was kept reads it as first_failure_at: from_dict)
+    if store.started_at is not None and retry.last_failure_at is not None \
+            and store.started_at > retry.last_failure_at:
         return True
     return retry.failures == 1 and (
         store_came_back(code, retry.first_failure_at, store.beat_at)
