@@ -88,6 +88,13 @@ class Agent:
         if restarted:
             body["restarted"] = True
         r = self.post("/heartbeat", body)
+        for _ in range(2):
+            # like a real agent, a beat the database failed for the moment (503 busy: e.g. a
+            # loaded machine stalled a transaction past PostgreSQL's idle-in-transaction
+            # timeout, and nothing of it was written) is sent again
+            if r.status_code != 503 or r.json().get("code") != "busy":
+                break
+            r = self.post("/heartbeat", body)
         assert r.status_code == 200, r.text
         out: dict[str, Any] = r.json()
         self.store_url, self.last_vms = store_url, list(vms or [])
