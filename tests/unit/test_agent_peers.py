@@ -34,7 +34,7 @@ def test_breaker_opens_fails_fast_probes_and_closes() -> None:
         with pytest.raises(NetworkError):
             b.call(down)
     assert b.is_open and len(calls) == 2
-    with pytest.raises(PeerUnavailable, match="timed out"):
+    with pytest.raises(PeerUnavailable, match="2 call"):
         b.call(down)              # fails fast: the peer is not called
     assert len(calls) == 2
     clock.t = 11                 # half-open: one probe goes through
@@ -75,4 +75,35 @@ def test_a_hung_peer_stalls_only_its_own_items() -> None:
         assert isinstance(r.get("a").error, (NetworkError, PeerUnavailable))
     finally:
         hang.set()
+        r.stop()
+
+
+def test_an_open_breaker_never_quotes_another_items_failure() -> None:
+    """Items on one peer share its breaker; an item whose own listing never failed learns
+    only that the peer fails fast, not item A's error (which names item A); an item that did
+    fail keeps its own error."""
+    r = CatalogueRefresher(3600, breaker_open_for_s=60)
+    r.stop()   # no background threads: the listings run here, in order
+
+    def a_fails() -> list[PointInfo]:
+        raise NetworkError("list items/i-aaa/points: timed out talking to https://peer")
+
+    try:
+        r.track("i-aaa", "https://peer", a_fails)
+        r.track("i-bbb", "https://peer", lambda: [])
+        tr_a, tr_b = r._items["i-aaa"], r._items["i-bbb"]
+        r._list("i-aaa", tr_a)
+        r._list("i-aaa", tr_a)            # two failures in a row: the breaker opens
+        assert r.breaker("https://peer").is_open
+        r._list("i-bbb", tr_b)            # refused fast, without a call
+        err_b = r.get("i-bbb").error
+        assert isinstance(err_b, PeerUnavailable) and "i-aaa" not in err_b.message, err_b
+        assert "https://peer is not answering" in err_b.message and "fail fast" in err_b.message
+        r._list("i-aaa", tr_a)            # refused fast too: keeps its own, more telling error
+        err_a = r.get("i-aaa").error
+        assert isinstance(err_a, NetworkError) and "i-aaa" in err_a.message
+        r.refresh("i-bbb")                # a probe that succeeds closes it for every item
+        assert r.get("i-bbb").error is None and r.get("i-bbb").points == []
+        assert not r.breaker("https://peer").is_open
+    finally:
         r.stop()

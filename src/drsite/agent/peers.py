@@ -52,15 +52,19 @@ class PeerBreaker:
             return self._opened_at is not None
 
     def before_call(self) -> None:
-        """Raise ``PeerUnavailable`` while open (except for one probe after ``open_for_s``)."""
+        """Raise ``PeerUnavailable`` while open (except for one probe after ``open_for_s``).
+        Its message names the peer only: the failures that opened the breaker were other
+        calls' (another item's listing names that item), and each caller keeps its own."""
         with self._lock:
             if self._opened_at is None:
                 return
             if not self._probing and self._clock() - self._opened_at >= self.open_for_s:
                 self._probing = True  # half-open: this call is the probe
                 return
-            why = f": {self.last_error.message}" if self.last_error is not None else ""
-        raise PeerUnavailable(f"{self.peer} is not answering{why}")
+            failures = self._failures
+        raise PeerUnavailable(
+            f"{self.peer} is not answering ({failures} call(s) in a row failed); calls to it "
+            f"fail fast, and one is tried every {self.open_for_s:.0f} s until it answers")
 
     def success(self) -> None:
         with self._lock:
@@ -196,9 +200,19 @@ class CatalogueRefresher:
         self.kick()
 
     def _list(self, item_id: str, tr: _Tracked, *, probe: bool = False) -> None:
+        breaker = self.breaker(tr.peer)
+        try:
+            if not probe:
+                breaker.before_call()
+        except PeerUnavailable as e:
+            with self._lock:
+                # the item's own last failure says more than "fails fast" (and is its own)
+                if tr.view.error is None:
+                    tr.view.error = e
+            return
         try:
             with tr.busy:
-                points = self.breaker(tr.peer).call(tr.lister, probe=probe)
+                points = breaker.call(tr.lister, probe=True)
         except DrsiteError as e:
             with self._lock:
                 tr.view.error = e
