@@ -171,23 +171,36 @@ def test_bad_input_is_refused_and_changes_nothing(h: Harness) -> None:
                                                  "ip_rule": {"kind": "subnet", "source": "10.0.0.0/24",
                                                              "target": "10.1.0.0/16"}}), 400)
     assert h.entries("/jobs?kind=TestFailover") == []
-    # an unmapped network fails the prerequisite check with a clear message, before anything runs
-    h.ok("DELETE", f"/network-mappings/{h.ok('GET', '/network-mappings')[0]['id']}")
+    # a job created while the network was mapped: its first step checks again, before
+    # anything runs, and fails with the same clear message
     job = h.ok("POST", f"/items/{item}/failover/test-failover", json={})
+    mapping = h.ok("GET", "/network-mappings")[0]
+    h.ok("DELETE", f"/network-mappings/{mapping['id']}")
     h.tick()
     j = h.job(job["id"])
     assert j["state"] == "failed" and "network 'lan' has no network mapping" in j["error"]["message"], j
     assert j["error"]["hint"]
     assert h.ok("GET", f"/items/{item}")["protection"] == "protected"
     assert h.ok("GET", f"/items/{item}/failovers")[0]["state"] == "failed"
+    # now unmapped: the request itself is refused (400, what to do), and nothing is created
+    before = (h.entries("/jobs"), h.ok("GET", f"/items/{item}/failovers"))
+    for action in ("test-failover", "planned-failover", "unplanned-failover"):
+        body = err(h.call("POST", f"/items/{item}/failover/{action}", json={}), 400)
+        assert "network 'lan' has no network mapping" in body["message"] and body["hint"], body
+    assert (h.entries("/jobs"), h.ok("GET", f"/items/{item}/failovers")) == before
+    assert h.ok("GET", f"/items/{item}")["protection"] == "protected"
 
 
 def test_unplanned_change_point_then_cancel_hands_the_item_back(h: Harness) -> None:
     a, b, item = setup(h)
-    job = h.ok("POST", f"/items/{item}/failover/unplanned-failover", json={"point": "latest_app"})
-    h.tick()
-    j = h.job(job["id"])
-    assert j["state"] == "failed" and "app-consistent" in j["error"]["message"], j
+    # no app-consistent point: refused before a job exists (400, exit 2 in the CLI)
+    body = err(h.call("POST", f"/items/{item}/failover/unplanned-failover",
+                      json={"point": "latest_app"}), 400)
+    assert "app-consistent" in body["message"] and "latest" in body["hint"], body
+    body = err(h.call("POST", f"/items/{item}/failover/unplanned-failover",
+                      json={"point": "p000000000077"}), 400)
+    assert "not in the catalogue" in body["message"], body
+    assert h.entries("/jobs?kind=UnplannedFailover") == []
     job = h.ok("POST", f"/items/{item}/failover/unplanned-failover", json={})
     cmd = play(h, b, "failover", fo_result("pending_commit"))
     assert cmd["args"]["kind"] == "unplanned" and cmd["args"]["point"] == "latest"
@@ -213,7 +226,7 @@ def test_unplanned_change_point_then_cancel_hands_the_item_back(h: Harness) -> N
     assert j["state"] == "succeeded" and "replicates again" in j["message"], j
     assert "p000000000009" in j["message"]
     assert h.ok("GET", f"/items/{item}")["protection"] == "protected"
-    assert sorted(f["state"] for f in h.ok("GET", f"/items/{item}/failovers")) == ["cancelled", "failed"]
+    assert [f["state"] for f in h.ok("GET", f"/items/{item}/failovers")] == ["cancelled"]
 
 
 def test_cancelled_failover_job_withdraws_its_queued_command(h: Harness) -> None:

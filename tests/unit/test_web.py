@@ -56,6 +56,7 @@ def populate_agent(h: Harness) -> tuple[str, Agent]:
     h.ok("POST", "/policies", json={"name": "p1", "frequency_s": 30, "rpo_threshold_s": 120})
     h.ok("POST", "/groups", json={"name": "g1", "site": "prim", "target_site": "sec", "policy": "p1"})
     item_id = protect(h, a)  # its EnableProtection job played to the end
+    map_networks(h)
     for seq in range(1, 9):
         a.beat(vms=VMS, items=[{"item_id": item_id, "report": report(item_id, "vm-1", "web1"),
                                 "new_points": [point(item_id, seq, h.clock.now(), app=seq % 4 == 0,
@@ -63,6 +64,15 @@ def populate_agent(h: Harness) -> tuple[str, Agent]:
         h.tick()
         h.clock.advance(30)
     return item_id, a
+
+
+def map_networks(h: Harness) -> int:
+    """Map the VM's network ``lan`` to the recovery site (``dr``, test network ``bubble``): a
+    failover of an unmapped NIC is refused. The mapping's id."""
+    out: dict[str, Any] = h.ok("PUT", "/network-mappings", json={
+        "source_site": "prim", "recovery_site": "sec", "source_network": "lan",
+        "recovery_network": "dr", "test_network": "bubble"})
+    return int(out["id"])
 
 
 def add_failed_job(h: Harness) -> str:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.unit.test_web import add_plan, login, populate
+from tests.unit.test_web import add_plan, login, map_networks, populate
 
 from drsite.vault.db.models import Alert, Event, Failover, Item, Job, Point
 from drsite.vault.testing import Harness
@@ -44,6 +44,14 @@ def disabled(page: str) -> set[str]:
 def test_vm_page_enables_the_valid_actions_and_says_why_not(h: Harness) -> None:
     item_id = populate(h)
     login(h, h.token("operator", "ops"))
+    # no network mapping: every failover is refused, with the reason and the way out
+    mapping = h.ok("GET", "/network-mappings")[0]["id"]
+    h.ok("DELETE", f"/network-mappings/{mapping}")
+    page = h.client.get(f"/ui/items/{item_id}").text
+    assert enabled(page) == {"resync", "verify"}, enabled(page)
+    why = page[page.index('id="why-not"'):]
+    assert "network &#39;lan&#39; has no network mapping" in why, why
+    map_networks(h)
     page = h.client.get(f"/ui/items/{item_id}").text
     assert enabled(page) == {"test-failover", "planned-failover", "unplanned-failover",
                              "resync", "verify"}, enabled(page)
@@ -61,9 +69,6 @@ def test_vm_page_enables_the_valid_actions_and_says_why_not(h: Harness) -> None:
 
 def test_test_failover_with_a_point_and_a_name_then_cleanup_with_notes(h: Harness) -> None:
     item_id = populate(h)
-    h.ok("PUT", "/network-mappings", json={"source_site": "prim", "recovery_site": "sec",
-                                           "source_network": "lan", "recovery_network": "dr",
-                                           "test_network": "bubble"})
     csrf = login(h, h.token("operator", "ops"))
     confirm = h.client.get(f"/ui/items/{item_id}/act/test-failover?point=p000003").text
     # the picker: latest, latest app-consistent, and every point with its UTC time

@@ -99,7 +99,11 @@ def recovery_host(ctx: TaskContext, item: Item) -> Host | None:
 
 
 def network_rows(ctx: TaskContext, source_site_id: int, recovery_site_id: int) -> list[dict[str, Any]]:
-    rows = ctx.s.scalars(select(NetworkMapping).where(
+    return _network_rows(ctx.s, source_site_id, recovery_site_id)
+
+
+def _network_rows(s: Session, source_site_id: int, recovery_site_id: int) -> list[dict[str, Any]]:
+    rows = s.scalars(select(NetworkMapping).where(
         NetworkMapping.source_site_id == source_site_id,
         NetworkMapping.recovery_site_id == recovery_site_id).order_by(NetworkMapping.source_network))
     return [{"source": r.source_network, "recovery": r.recovery_network, "test": r.test_network,
@@ -109,7 +113,12 @@ def network_rows(ctx: TaskContext, source_site_id: int, recovery_site_id: int) -
 def vm_spec_of(ctx: TaskContext, item: Item) -> dict[str, Any]:
     """The protected VM's configuration: the inventory's last report (kept when the host is
     gone: an unplanned failover must not need the source), snapshotted into the item."""
-    vm = ctx.s.scalars(select(Vm).where(Vm.host_id == item.host_id, Vm.vm_id == item.vm_id)).first()
+    return _vm_spec(ctx.s, item, keep=True)
+
+
+def _vm_spec(s: Session, item: Item, *, keep: bool) -> dict[str, Any]:
+    """:func:`vm_spec_of`; ``keep``: snapshot it into the item (else nothing is written)."""
+    vm = s.scalars(select(Vm).where(Vm.host_id == item.host_id, Vm.vm_id == item.vm_id)).first()
     if vm is not None:
         info = vm.info or {}
         spec = {"name": vm.name, "vcpus": info.get("vcpus") or 1,
@@ -118,7 +127,7 @@ def vm_spec_of(ctx: TaskContext, item: Item) -> dict[str, Any]:
                          for n in info.get("nics") or []],
                 "disks": [{"disk_id": d.get("disk_id"), "size": d.get("size")}
                           for d in info.get("disks") or []]}
-        if spec != item.vm_spec:
+        if keep and spec != item.vm_spec:
             item.vm_spec = spec
         return spec
     if item.vm_spec:
@@ -359,32 +368,52 @@ def failover_checks(ctx: TaskContext) -> Step:
                                         f"{item.id}")
             return wait(40, "waiting for the source host")
     choice = _point_choice(ctx)
-    points = ctx.s.scalars(select(Point).where(Point.item_id == item.id).order_by(Point.seq)).all()
-    if not points:
-        raise InvalidInput(f"{item.vm_name} has no recovery point yet",
-                           hint="Wait for its initial replication to finish.")
-    if choice == "latest_app" and not any(p.consistency == "app" for p in points):
-        raise InvalidInput(f"{item.vm_name} has no app-consistent recovery point",
-                           hint=f"Choose 'latest' or a point id ('drsite items points "
-                                f"{item.id}' lists them).")
-    if choice not in ("latest", "latest_app") and not any(p.point_id == choice for p in points):
-        raise InvalidInput(f"recovery point {choice} of {item.vm_name} is not in the catalogue",
-                           hint=f"List its points: drsite items points {item.id}")
+    # checked when the job was created (item_actions.preflight); again now, the catalogue and
+    # the mappings may have changed since (a plan's items start without them)
+    check_ready(ctx.s, item, fo.kind, choice)
     # a point the scrub or a verify found damaged is refused; latest falls back to an intact one
     usable, note = failover_point(ctx.s, item, choice)
     if usable != choice:
         ctx.job.args = {**dict(ctx.job.args), "point": usable}
         fo.notes = [*list(fo.notes or []), note]
         ctx.put(point_note=note)
-    args = item_context(ctx, item, fo)
-    # the network mapping check, here so that a bad mapping fails before anything is touched
-    spec = vm_spec_from_dict(args["vm_spec"])
-    network_map_from_args(args["network_map"]).check(spec, test=fo.kind == "test")
+    spec = vm_spec_from_dict(vm_spec_of(ctx, item))
     fo.recovery_host_id = host.id
     fo.updated_at = ctx.now
     ctx.put(recovery_host=host.id, recovery_site=target)
     return done(f"recovery on host {host.name} (site {target}); networks mapped for "
                 f"{len(spec.nics)} NIC(s)")
+
+
+def check_ready(s: Session, item: Item, kind: str, choice: str) -> None:
+    """The checks of a failover of ``kind`` to point ``choice`` that need no agent: the item
+    has a point (an app-consistent one for ``latest_app``; the one named, if named), the vault
+    knows the VM's configuration, and every NIC's network is mapped to the recovery site (to a
+    test network for a test failover). Raises ``InvalidInput`` with what to do; writes
+    nothing. Run before a failover job is created (a refusal, not a failed job) and again by
+    its first step."""
+    points = s.execute(select(Point.point_id, Point.consistency)
+                       .where(Point.item_id == item.id)).all()
+    if not points:
+        raise InvalidInput(f"{item.vm_name} has no recovery point yet",
+                           hint="Wait for its initial replication to finish "
+                                f"('drsite items show {item.id}' shows its progress).")
+    if choice == "latest_app" and not any(c == "app" for _, c in points):
+        raise InvalidInput(f"{item.vm_name} has no app-consistent recovery point",
+                           hint=f"Choose 'latest' or a point id ('drsite items points "
+                                f"{item.id}' lists them).")
+    if choice not in ("latest", "latest_app", "latest_group") \
+            and not any(p == choice for p, _ in points):
+        raise InvalidInput(f"recovery point {choice} of {item.vm_name} is not in the catalogue",
+                           hint=f"List its points: drsite items points {item.id}")
+    try:
+        spec = vm_spec_from_dict(_vm_spec(s, item, keep=False))
+    except PermanentError as e:
+        raise InvalidInput(e.message, hint=e.hint) from None
+    src = s.get(Host, item.host_id)
+    src_site = src.site_id if src is not None else item.target_site_id
+    network_map_from_args(_network_rows(s, src_site, item.target_site_id)).check(
+        spec, test=kind == "test")
 
 
 def _recovery(ctx: TaskContext, fo: Failover) -> Host | None:

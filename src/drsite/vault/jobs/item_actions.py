@@ -36,6 +36,7 @@ from drsite.vault.db.models import Failover, Host, Item, Job
 from drsite.vault.ids import new_id
 from drsite.vault.jobs import kinds as K
 from drsite.vault.jobs.create import claim_item, create_job
+from drsite.vault.jobs.failover import check_ready
 from drsite.vault.network_mappings import ensure_reverse_mappings
 from drsite.vault.scrub import failover_point
 
@@ -134,11 +135,13 @@ def _failback_item(s: Session, item: Item) -> Item:
 
 
 def preflight(s: Session, item_id: str, action: str | FailoverAction,
-              args: dict[str, Any]) -> tuple[Item, Failover | None, bool]:
+              args: dict[str, Any], *, ready: bool = True) -> tuple[Item, Failover | None, bool]:
     """What :func:`start_item_action` checks before it creates anything, without creating
     anything: the item the action acts on (a failback's reverse item), the failover a follow-up
-    acts on, and whether the job re-protects. Raises the refusal (``Conflict`` with its hint)
-    the start would raise — the dashboard shows it before an operator presses anything."""
+    acts on, and whether the job re-protects. Raises the refusal (``Conflict`` with its hint;
+    ``InvalidInput`` when a failover could not start — no point, an unmapped network:
+    ``failover.check_ready``, skipped unless ``ready``) the start would raise — the dashboard
+    shows it before an operator presses anything."""
     act = FailoverAction.parse(str(action), ITEM_ACTIONS)
     item = get_item(s, item_id)
     if act is A.FAILBACK:
@@ -150,7 +153,7 @@ def preflight(s: Session, item_id: str, action: str | FailoverAction,
     if args.get("vm_name") is not None:
         validate_name("VM", str(args["vm_name"]))
     if act in FAILOVER_KINDS:
-        _check_failover(s, item, act, args)
+        _check_failover(s, item, act, args, ready=ready)
         return item, None, False
     found = _follow_up_failover(s, item, act)
     reprotects = act is A.REPROTECT or (act is A.COMMIT and found.kind == "planned"
@@ -178,14 +181,16 @@ def allowed_actions(s: Session, item: Item) -> dict[FailoverAction, DrsiteError 
 
 
 def start_item_action(s: Session, item_id: str, action: str | FailoverAction,
-                      args: dict[str, Any], now: float) -> Job:
+                      args: dict[str, Any], now: float, *, ready: bool = True) -> Job:
     """Start the job of ``action`` on one item (``Conflict`` when the item's state does not
-    allow it or another job holds the item: :func:`preflight`)."""
+    allow it or another job holds the item, ``InvalidInput`` when a failover could not start:
+    :func:`preflight`). ``ready=False`` leaves the failover's readiness to its job's first step
+    (a recovery plan starts every VM it can; one that cannot fails its own job)."""
     act = FailoverAction.parse(str(action), ITEM_ACTIONS)
     args = dict(args)
     if args.get("vm_name") is not None:
         args["vm_name"] = validate_name("VM", str(args["vm_name"]))
-    item, found, reprotects = preflight(s, item_id, act, args)
+    item, found, reprotects = preflight(s, item_id, act, args, ready=ready)
     if act in FAILOVER_KINDS:
         job = _start_failover(s, item, act, args, now)
     else:
@@ -197,7 +202,8 @@ def start_item_action(s: Session, item_id: str, action: str | FailoverAction,
     return job
 
 
-def _check_failover(s: Session, item: Item, act: FailoverAction, args: dict[str, Any]) -> None:
+def _check_failover(s: Session, item: Item, act: FailoverAction, args: dict[str, Any], *,
+                    ready: bool) -> None:
     kind = FAILOVER_KINDS[act]
     if item.status != ItemProtection.PROTECTED:
         held = item.status in _HELD
@@ -212,6 +218,8 @@ def _check_failover(s: Session, item: Item, act: FailoverAction, args: dict[str,
                        "wait until it is cleaned up",
                        hint=f"Clean it up first: drsite failover cleanup {item.id}")
     point = point_arg(args)
+    if ready:
+        check_ready(s, item, kind, point)
     if point not in POINT_CHOICES:
         failover_point(s, item, point)  # a point known to be damaged is refused now
 

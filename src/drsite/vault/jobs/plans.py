@@ -154,7 +154,7 @@ def plan_group(ctx: TaskContext) -> Step:
                 skipped.append(vm)
                 continue
             try:
-                job = start_item_action(ctx.s, item.id, action, args, ctx.now)
+                job = start_item_action(ctx.s, item.id, action, args, ctx.now, ready=False)
             except Conflict as e:
                 ctx.put(jobs=jobs)  # the jobs started for the group's other VMs stay visible
                 raise Conflict(f"VM {vm}: {e.message}", hint=e.hint) from None
