@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -450,6 +451,42 @@ def test_drop_stops_the_daemon_and_removes_the_files_also_after_a_crash(
         assert ov3.items() == [] and ov3.sweep() == 1 and not aside.exists()
     finally:
         hv.delete_vm(vm_id)
+        ov.stop()
+
+
+_PROVISION = """
+import sys
+from pathlib import Path
+from drsite.sitestore.syncoverlay import OverlayServer
+root, ca, cert, key, item, writer = sys.argv[1:]
+OverlayServer(Path(root), Path(ca), Path(cert), Path(key)).provision(item, {"d0": 1 << 20}, writer)
+"""
+
+
+@pytest.mark.parametrize("failpoint", ["overlay.daemon-spawned", "overlay.daemon-recorded"])
+def test_an_agent_killed_while_it_starts_the_overlay_daemon_leaves_none_unrecorded(
+        tmp_path: Path, certs: TestCerts, failpoint: str) -> None:
+    """The agent is SIGKILLed right after it started an item's qemu-storage-daemon, before
+    (``daemon-spawned``) or just after (``daemon-recorded``) daemon.json names it. The
+    daemon runs behind the runners' gate, so none runs at all (before the gate: one ran on
+    unrecorded until the item's next stop swept it by its QMP path); the next agent process
+    provisions the item and its drop leaves nothing."""
+    item = f"item-killed-{failpoint.rsplit('-', 1)[1]}"
+    env = {**os.environ, "DRSITE_FAILPOINTS": f"{failpoint}=kill"}
+    p = subprocess.run([sys.executable, "-c", _PROVISION, str(tmp_path / "overlays"),
+                        str(certs.ca_file), str(certs.server_cert), str(certs.server_key), item,
+                        dn(certs.client_cert)], env=env, capture_output=True, timeout=120)
+    assert p.returncode == -9, (p.returncode, p.stderr[-2000:])
+    ov = OverlayServer(tmp_path / "overlays", certs.ca_file, certs.server_cert, certs.server_key)
+    deadline = time.monotonic() + 5
+    while _daemons_of(ov, item) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _daemons_of(ov, item) == [], "a daemon runs though its agent died before letting it"
+    try:
+        prov = ov.provision(item, {"d0": MiB}, dn(certs.client_cert))   # the restarted agent
+        assert prov["port"] and len(_daemons_of(ov, item)) == 1
+        assert ov.drop(item) and _daemons_of(ov, item) == []
+    finally:
         ov.stop()
 
 

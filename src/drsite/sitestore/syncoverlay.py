@@ -1,7 +1,8 @@
 """The recovery site's sync overlays: where synchronous QEMU VMs mirror their writes.
 
 Per sync item, a ``qemu-storage-daemon`` (own session, recorded in ``daemon.json`` by
-``pid:starttime``) serves NBD over TLS with the vault's CA: ``tls-creds-x509`` with
+``pid:starttime`` before it runs: it starts behind the runners' gate, ``runner.spawn_gated``)
+serves NBD over TLS with the vault's CA: ``tls-creds-x509`` with
 ``verify-peer`` (a client certificate of the vault's CA is required) and ``tls-authz`` = an
 ``authz-list`` allowing only the distinguished name of the item's writer host (the host the
 store's access list lets ``put`` the item; the HTTPS request that provisions the overlay comes
@@ -24,7 +25,8 @@ clusters qcow2 appends (``_runway``); the daemon's NBD listener is ours, with
   an overlay once failover reads it;
 - an item whose sync state ended here (unprotected, protection disabled, failed over and
   committed, re-protected the other way) loses everything at once (:meth:`OverlayServer.drop`):
-  its daemon is stopped (also one a killed agent left, found by its QMP socket), then its
+  its daemon is stopped (also one an agent of an older version left unrecorded, found by its
+  QMP socket), then its
   directory is renamed aside (``.dropped-*``: one atomic step) and removed; a crash in between
   is finished by the next :meth:`~OverlayServer.drop` (the directory is still there) or by
   :meth:`~OverlayServer.sweep` at start.
@@ -60,7 +62,7 @@ from drsite.core.model import validate_name
 from drsite.failover.synctail import layer_path, run_layers
 from drsite.fsutil import atomic_write_json, drop_aside, read_json, sweep_dropped
 from drsite.hypervisors.qemu.qmp import QmpClient, wait_for_monitor
-from drsite.hypervisors.qemu.runner import process_token
+from drsite.hypervisors.qemu.runner import cancel_gated, open_gate, process_token, spawn_gated
 from drsite.hypervisors.qemu.tools import run_tool
 
 log = logging.getLogger(__name__)
@@ -197,14 +199,31 @@ class OverlayServer:
             listener.close()
             raise PermanentError(f"{DAEMON} is not installed",
                                  hint="Install Debian's qemu-system-common package.")
+        # record first, then run (as the VMs' runners): behind the gate the daemon execs only
+        # once daemon.json names it, so an agent killed in between leaves no daemon holding
+        # the overlays unrecorded
+        record = self.item_dir(item_id) / "daemon.json"
         with listener, open(self.item_dir(item_id) / "qsd.log", "ab") as lf:
-            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=lf, stderr=lf,
-                                    start_new_session=True, close_fds=True,
-                                    pass_fds=(listener.fileno(),))
-        wait_for_monitor(proc, qmp, 15.0, f"{DAEMON} for {item_id}")
-        tok = process_token(proc.pid) or ""
-        atomic_write_json(self.item_dir(item_id) / "daemon.json",
-                          {"pid": proc.pid, "token": tok, "port": port, "writer": writer_dn})
+            proc, gate = spawn_gated(args, stdout=lf, pass_fds=(listener.fileno(),))
+        try:
+            failpoints.hit("overlay.daemon-spawned")
+            tok = process_token(proc.pid)
+            if tok is None:
+                raise PermanentError(f"{DAEMON} for {item_id} exited at once")
+            atomic_write_json(record, {"pid": proc.pid, "token": tok, "port": port,
+                                       "writer": writer_dn})
+            failpoints.hit("overlay.daemon-recorded")
+        except BaseException:
+            cancel_gated(proc, gate)
+            raise
+        open_gate(gate)
+        try:
+            wait_for_monitor(proc, qmp, 15.0, f"{DAEMON} for {item_id}")
+        except DrsiteError:
+            proc.kill()   # QMP never answered: nothing was exported through it
+            proc.wait()
+            record.unlink(missing_ok=True)
+            raise
         self._daemons[item_id] = (proc, port, tok)
         return port
 

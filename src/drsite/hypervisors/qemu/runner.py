@@ -21,6 +21,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from drsite import failpoints
 from drsite.core.errors import DrsiteError, NotFound, PermanentError
@@ -160,18 +161,10 @@ def start_runner(paths: VmDir, cfg: QemuVmConfig, kind: str, *, start_cpus: bool
     args = vm_args(paths, cfg, start_cpus=start_cpus) if kind == "vm" else daemon_args(paths, cfg)
     for s in (paths.qmp_socket, paths.nbd_socket, paths.qga_socket, paths.watch_socket):
         s.unlink(missing_ok=True)
-    gate_r, gate_w = os.pipe()   # both close-on-exec; the gate gets the read end as stdin
-    try:
-        with open(paths.log, "ab") as log:
-            log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} starting {kind}\n".encode())
-            log.flush()
-            proc = subprocess.Popen([*_GATE, *args], stdin=gate_r, stdout=log, stderr=log,
-                                    start_new_session=True, close_fds=True, cwd=paths.dir)
-    except BaseException:
-        os.close(gate_w)
-        raise
-    finally:
-        os.close(gate_r)
+    with open(paths.log, "ab") as log:
+        log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} starting {kind}\n".encode())
+        log.flush()
+        proc, gate = spawn_gated(args, stdout=log, cwd=paths.dir)
     _children[proc.pid] = proc
     try:
         failpoints.hit("qemu.runner-spawned")
@@ -181,15 +174,10 @@ def start_runner(paths: VmDir, cfg: QemuVmConfig, kind: str, *, start_cpus: bool
         write_record(paths.runner, {"kind": kind, "pid": proc.pid, "token": tok})
         failpoints.hit("qemu.runner-recorded")
     except BaseException:
-        os.close(gate_w)   # EOF: the gate exits without running QEMU
-        _reap_gate(proc)
+        cancel_gated(proc, gate)
+        _children.pop(proc.pid, None)
         raise
-    try:
-        os.write(gate_w, _GO)
-    except BrokenPipeError:
-        pass   # the gate is gone (killed): wait_for_monitor reports the exit
-    finally:
-        os.close(gate_w)
+    open_gate(gate)
     try:
         wait_for_monitor(proc, paths.qmp_socket, timeout, f"QEMU {kind} of {cfg.name}",
                          lambda: f": {log_tail(paths)}")
@@ -201,15 +189,47 @@ def start_runner(paths: VmDir, cfg: QemuVmConfig, kind: str, *, start_cpus: bool
     return Runner(kind, proc.pid, tok)
 
 
-def _reap_gate(proc: subprocess.Popen[bytes]) -> None:
-    """Wait for a gate whose pipe was closed before ``_GO`` (it exits at EOF, having run
-    nothing); SIGKILL it if it lingers."""
+def spawn_gated(args: list[str], *, stdout: IO[bytes], cwd: Path | None = None,
+                pass_fds: tuple[int, ...] = ()) -> tuple[subprocess.Popen[bytes], int]:
+    """Start ``args`` behind the gate (:data:`_GATE`: own session, stdin ``/dev/null`` once
+    it runs). Returns the process — a shell until :func:`open_gate`; its pid and start time
+    (:func:`process_token`) stay those of the program it execs — and the gate's pipe. The
+    caller records the process, then :func:`open_gate`, or :func:`cancel_gated` if it could
+    not; a caller killed in between leaves a shell that reads EOF and exits, having run
+    nothing. Responsible for the gate only, not for recording or waiting for the program."""
+    gate_r, gate_w = os.pipe()   # both close-on-exec; the gate gets the read end as stdin
+    try:
+        proc = subprocess.Popen([*_GATE, *args], stdin=gate_r, stdout=stdout, stderr=stdout,
+                                start_new_session=True, close_fds=True, cwd=cwd,
+                                pass_fds=pass_fds)
+    except BaseException:
+        os.close(gate_w)
+        raise
+    finally:
+        os.close(gate_r)
+    return proc, gate_w
+
+
+def open_gate(gate: int) -> None:
+    """Let a gated process run (it execs its program). A gate that is gone (killed) is left
+    to the caller's wait for the program, which reports the exit."""
+    try:
+        os.write(gate, _GO)
+    except BrokenPipeError:
+        pass
+    finally:
+        os.close(gate)
+
+
+def cancel_gated(proc: subprocess.Popen[bytes], gate: int) -> None:
+    """End a gated process that must not run: EOF on its pipe (it exits having run
+    nothing); waited for, and SIGKILLed if it lingers."""
+    os.close(gate)
     try:
         proc.wait(timeout=5.0)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-    _children.pop(proc.pid, None)
 
 
 def wait_gone(runner: Runner, timeout: float) -> bool:
