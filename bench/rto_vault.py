@@ -14,7 +14,12 @@ delivery (pushed over the agents' command channel since issue 13; before, it wai
 recovery agent's next heartbeat, 2 s) and the result's post. Goals: 100 GiB within 1.2× of
 1 GiB; API request → VM running ≤ 2 s for 1 GiB.
 
-    .venv/bin/python bench/rto_vault.py [--quick] [--runs N] [--json FILE]
+The recovery agent proves its replicas equal to their points in the background, so a failover
+usually compares nothing ("compared: pre-verified 0 MiB") or only the cycles since the last
+proof ("incremental"); ``--unverified`` forgets that proof before each failover: every byte is
+compared, as right after a replica was rebuilt (the worst case).
+
+    .venv/bin/python bench/rto_vault.py [--quick] [--runs N] [--unverified] [--json FILE]
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from benchlib import GiB, MiB, machine_info, workdir, write_json
 from clusterlib import cluster, file_vm, group, map_networks, policy, protect, wait, wait_more_points
 
 from drsite.client.api import VaultClient
+from drsite.fsutil import atomic_write_json
 from drsite.hypervisors.file.driver import FileHypervisor
+from drsite.sitestore.server import replica_lock
 from drsite.up import Cluster
 
 
@@ -48,15 +55,29 @@ def setup(c: Cluster, cl: VaultClient, sizes: dict[str, int], data_mib: int) -> 
     return items
 
 
-def agent_steps(c: Cluster, failover_id: str) -> dict[str, float]:
+def agent_steps(c: Cluster, failover_id: str) -> tuple[dict[str, float], str]:
     """The recovery agent's own step timings of a failover (its record on the recovery host;
-    the API does not serve them)."""
+    the API does not serve them), and what its verification compared (``verify_scope``)."""
     rec = c.root / "secondary" / "agent" / "failover" / "failovers" / f"{failover_id}.json"
-    return {k: float(v) for k, v in json.loads(rec.read_text()).get("timings", {}).items()
-            if k != "cancel"}
+    d = json.loads(rec.read_text())
+    steps = {k: float(v) for k, v in d.get("timings", {}).items() if k != "cancel"}
+    return steps, f"{d.get('verify_scope') or '-'} {int(d.get('verify_bytes') or 0) // MiB} MiB"
 
 
-def one(c: Cluster, cl: VaultClient, item: str) -> tuple[float, float, dict[str, float]]:
+def forget_verified(c: Cluster, item: str) -> None:
+    """Make the replica unverified (as right after a rebuild): the failover compares every
+    byte, as every failover did before the background verification."""
+    replica = c.root / "secondary" / "agent" / "replicas" / item
+    with replica_lock(replica):
+        st = json.loads((replica / "state.json").read_text())
+        st["verified"] = None
+        atomic_write_json(replica / "state.json", st)
+
+
+def one(c: Cluster, cl: VaultClient, item: str, *,
+        unverified: bool) -> tuple[float, float, dict[str, float], str]:
+    if unverified:
+        forget_verified(c, item)
     t0 = time.monotonic()
     job = cl.item_action(item, "unplanned-failover")
     final = cl.wait_job(job["id"], timeout=600, poll=0.05)
@@ -65,13 +86,13 @@ def one(c: Cluster, cl: VaultClient, item: str) -> tuple[float, float, dict[str,
         raise SystemExit(f"failover: {final}")
     fo = cl.failovers(item)[0]
     agent_s = float(fo["rto_s"] or 0.0)
-    steps = agent_steps(c, str(final.get("failover_id") or fo.get("failover_id")))
+    steps, scope = agent_steps(c, str(final.get("failover_id") or fo.get("failover_id")))
     done = cl.wait_job(cl.item_action(item, "cancel")["id"], timeout=600)
     if done["state"] != "succeeded":
         raise SystemExit(f"cancel: {done}")
     wait("protected again", lambda: cl.item(item)["protection"] == "protected", 60)
     time.sleep(6)  # let a cycle land and the replica catch up before the next run
-    return api_s, agent_s, steps
+    return api_s, agent_s, steps, scope
 
 
 def main() -> int:
@@ -83,6 +104,9 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--keep", action="store_true",
                     help="keep the work files (bench/verify_ab.py reads the agent's replicas)")
+    ap.add_argument("--unverified", action="store_true",
+                    help="forget each replica's background verification before its failover "
+                         "(the worst case: the failover compares every byte of the point)")
     a = ap.parse_args()
     sizes = {"rto-1g": GiB, "rto-10g" if a.quick else "rto-100g": (10 if a.quick else 100) * GiB}
     runs = 1 if a.quick else a.runs
@@ -91,16 +115,17 @@ def main() -> int:
     with workdir(a.workdir, keep=a.keep) as root, cluster(root / "cluster") as c, c.client() as cl:
         items = setup(c, cl, sizes, a.data_mib)
         for name, item in items.items():
-            got = [one(c, cl, item) for _ in range(runs)]
-            api = statistics.median(x for x, _, _ in got)
-            agent = statistics.median(y for _, y, _ in got)
-            steps = {k: statistics.median(s.get(k, 0.0) for _, _, s in got)
-                     for k in sorted({k for _, _, s in got for k in s})}
+            got = [one(c, cl, item, unverified=a.unverified) for _ in range(runs)]
+            api = statistics.median(x for x, _, _, _ in got)
+            agent = statistics.median(y for _, y, _, _ in got)
+            steps = {k: statistics.median(s.get(k, 0.0) for _, _, s, _ in got)
+                     for k in sorted({k for _, _, s, _ in got for k in s})}
             out["results"][name] = {"api_s": api, "agent_rto_s": agent, "agent_steps": steps,
-                                    "all": [[x, y, s] for x, y, s in got]}
+                                    "all": [[x, y, s, v] for x, y, s, v in got]}
             print(f"{name:10s} API request → VM running {api:6.2f} s (median of {runs}); "
                   f"agent's RTO {agent:6.2f} s; agent's steps (medians) "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in steps.items()), flush=True)
+                  + ", ".join(f"{k} {v:.3f}" for k, v in steps.items())
+                  + "; compared: " + ", ".join(v for _, _, _, v in got), flush=True)
     r = out["results"]
     small, big = r["rto-1g"]["api_s"], r[next(k for k in r if k != "rto-1g")]["api_s"]
     print(f"ratio large/1 GiB = {big / small:.2f} (goal ≤ 1.2); large = {big:.2f} s (goal < 10 s)")

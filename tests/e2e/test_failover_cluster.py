@@ -8,6 +8,7 @@ after an unplanned failover and is fenced); SIGKILL of the vault in the middle o
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -285,9 +286,21 @@ def test_sigkill_vault_mid_plan_and_split_brain(cluster: Cluster) -> None:
         a3_vm = make_vm(cluster, "a3", 8, "10.0.0.30")
         a3 = protect(cl, a3_vm)["id"]
         until("a3 has delta points", lambda: len(cl.points(a3)) >= 2, 60)
+        # the store agent proves its replica equal to the point it holds in the background
+        state = cluster.root / "secondary" / "agent" / "replicas" / a3 / "state.json"
+
+        def verified() -> bool:
+            st = json.loads(state.read_text()) if state.exists() else {}
+            return bool(st.get("verified")) and st["verified"]["point_id"] == st["point_id"]
+
+        until("a3's replica verified in the background", verified, 60)
         kill9(cluster.pids["agent-primary"])
         run(cl, cl.item_action(a3, "unplanned-failover"))
         fo = cl.failovers(a3)[0]
+        # so the failover compared nothing, or only a cycle that arrived meanwhile
+        agent_rec = fo["result"]["agent"]
+        assert agent_rec["verified"] and agent_rec["verify_scope"] in (
+            "pre-verified", "incremental"), agent_rec
         rec_vm = sec.find_vm("a3")
         assert rec_vm.power is PowerState.RUNNING and fo["generation"] == 2
         assert equals_point(cluster, sec, rec_vm.vm_id, a3, fo["point_id"])

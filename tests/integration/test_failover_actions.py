@@ -420,3 +420,44 @@ def test_unplanned_failover_work_does_not_grow_with_the_disk(
     # the 32 extents are read in one batch per side, not one call each
     assert big["PointReader.readv"] + big.get("PointReader.readinto", 0) <= 2, big
     assert peak_b < peak_s + 2 * MiB, (peak_s, peak_b)
+
+
+def test_unplanned_failover_boots_a_pre_verified_replica_and_never_a_damaged_one(
+        world: World) -> None:
+    """The background verification proved the replica equal to the latest point: the failover
+    compares nothing (its RTO does not read the data). A replica damaged in a range the last
+    cycle wrote (not yet verified) is found by the failover's own comparison of those ranges,
+    and the VM is restored from the store instead: its disks equal the point."""
+    from contextlib import nullcontext
+
+    item = world.protect("pv", sizes=(8 * MiB,))
+    hv_a, hv_b = world.a.hypervisor, world.b.hypervisor
+    assert item.replicator is not None and item.hydrator is not None
+    p1 = item.replicator.run_cycle()
+    assert item.hydrator.verify_step(nullcontext, None, budget_s=60.0) is None
+    assert item.hydrator.verified() == p1.point_id
+    res = fo.unplanned_failover(item, "latest", failover_id="pv1")
+    assert res.verified and (res.verify_scope, res.verify_bytes) == ("pre-verified", 0)
+    assert res.image_source == "replica"
+    assert vm_digests(hv_b, res.vm_id or "") == point_digests(item.repo, p1.point_id)
+    fo.cancel(item, "pv1")
+    assert hv_b.list_vms() == []
+
+    # the cancel rebuilt the replica (verified anew in the background); then one more cycle,
+    # whose range the replica got wrong
+    item.hydrator.catch_up()
+    assert item.hydrator.verify_step(nullcontext, None, budget_s=60.0) is None
+    off, _ = world.write(hv_a, item.vm_id, "d0", 8 * MiB)
+    p2 = item.replicator.run_cycle()
+    assert item.hydrator.state() == (p2.point_id, None) and item.hydrator.verified() != p2.point_id
+    fd = os.open(item.hydrator.disk_path("d0"), os.O_RDWR)
+    try:
+        os.pwrite(fd, b"\xee" * 512, off)
+    finally:
+        os.close(fd)
+    res = fo.unplanned_failover(item, "latest", failover_id="pv2")
+    assert res.point_id == p2.point_id and res.image_source == "restore", res
+    assert res.verify_scope == "full" and any("restored from the store" in n for n in res.notes)
+    assert vm_digests(hv_b, res.vm_id or "") == point_digests(item.repo, p2.point_id)
+    fo.cancel(item, "pv2")
+    hv_a.power_off(item.vm_id)

@@ -13,9 +13,9 @@ import pytest
 from drsite.core.errors import CorruptData, InvalidReplicaState
 from drsite.core.extents import ExtentList
 from drsite.failover import images
-from drsite.failover.images import COMPARE_BYTES, COMPARE_EXTENTS, blocks_differ, compare_batches
 from drsite.failover.reprotect import write_base_point
 from drsite.imagefile import RawImageReader
+from drsite.store.compare import COMPARE_BYTES, COMPARE_EXTENTS, blocks_differ, compare_batches
 from drsite.store.local.backend import LocalObjectStore
 from drsite.store.repository import Repository
 

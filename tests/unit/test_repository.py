@@ -659,6 +659,9 @@ def _run_script(script: list[tuple[str, int, int, int, bool]], tmp: Path) -> Non
             hydrator.catch_up()
             assert hydrator.state() == (base, None)
             assert _replica_bytes(hydrator, "d0", SIZE) == images[base]
+            # what a failover compares (only what changed since the last check) agrees
+            assert hydrator.check(repo.point(base)).how in ("full", "incremental",
+                                                             "pre-verified")
     if w is not None:
         w.close()
     kept = [p.point_id for p in repo.points()]

@@ -24,28 +24,32 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from functools import partial
 from pathlib import Path
 
 from drsite import tlsutil
 from drsite.agent.recoverybook import RecoveryBook
 from drsite.agent.registration import AgentIdentity
-from drsite.core.errors import DrsiteError, InvalidInput, classify_os_error
+from drsite.core.errors import DrsiteError, InvalidInput, InvalidReplicaState, classify_os_error
 from drsite.fsutil import atomic_write_json, named_subdirs, read_json
 from drsite.sitestore import SiteObjectStore, make_store_app
 from drsite.sitestore.acl import ACL_FILE, StoreAcl
 from drsite.sitestore.audit import StoreAuditLog
-from drsite.sitestore.server import replica_held
+from drsite.sitestore.server import replica_held, replica_lock
 from drsite.sitestore.syncoverlay import ROTATE_BYTES, OverlayServer
 from drsite.sitestore.syncserver import SyncServer, journals_dir
 from drsite.store.catalog import MapCache
 from drsite.store.local.backend import LocalObjectStore
-from drsite.store.replica import ReplicaHydrator
+from drsite.store.replica import ReplicaHydrator, VerifyProgress, proven_current
 from drsite.store.repository import Repository
 from drsite.tracking.syncjournal import journal_state, outlived
 
 log = logging.getLogger(__name__)
 
 HYDRATE_EVERY_S = 2.0
+# seconds a hydration pass spends verifying replicas at most (the rest waits for the next)
+VERIFY_BUDGET_S = 2.0
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -97,6 +101,9 @@ class StoreService:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._errors: dict[str, str] = {}   # item → last hydration error logged (no log floods)
+        # item → its replica's background verification under way (ReplicaHydrator.verify_step)
+        self._verifying: dict[str, VerifyProgress] = {}
+        self._verify_next = 0   # where the next verification pass starts (round robin)
 
     @property
     def local_store(self) -> LocalObjectStore:
@@ -218,7 +225,56 @@ class StoreService:
                     log.warning("hydrating the replica of %s failed (%s): %s", item_id,
                                 e.error_class.value, e)
                     self._errors[item_id] = str(e)
+        self.verify_replicas()
         return applied
+
+    def verify_replicas(self, budget_s: float = VERIFY_BUDGET_S) -> dict[str, str]:
+        """Advance the replicas' background verification (``ReplicaHydrator.verify_step``)
+        for at most ``budget_s`` seconds in all, item after item (round robin across passes:
+        a long one does not starve the others), so that a failover finds the point it boots
+        already proven equal to its store copy and compares nothing. A replica found to
+        differ is forgotten (the next pass rebuilds it) and logged. Returns the items whose
+        replica this pass proved, with the point."""
+        done: dict[str, str] = {}
+        items = self.item_ids()
+        if not items:
+            return done
+        start = self._verify_next % len(items)
+        deadline = time.monotonic() + budget_s
+        for k, item_id in enumerate(items[start:] + items[:start]):
+            left = deadline - time.monotonic()
+            if self._stop.is_set() or left <= 0:
+                self._verify_next = start + k
+                break
+            replica_dir = self.replicas_dir / item_id
+            if replica_held(self.replicas_dir, item_id) or not replica_dir.is_dir():
+                self._verifying.pop(item_id, None)
+                continue
+            if item_id not in self._verifying and proven_current(replica_dir):
+                continue
+            repo = Repository(self._store, item_id, auth=self.acl.point_auth(item_id),
+                              map_cache=self.map_cache)
+            try:
+                h = ReplicaHydrator(repo, replica_dir)
+                progress = h.verify_step(partial(replica_lock, replica_dir),
+                                         self._verifying.get(item_id), budget_s=left)
+                if progress is None:
+                    self._verifying.pop(item_id, None)
+                    ver = h.verified()
+                    if ver is not None:
+                        done[item_id] = ver
+                else:
+                    self._verifying[item_id] = progress
+            except InvalidReplicaState as e:
+                self._verifying.pop(item_id, None)
+                log.error("replica of %s: %s", item_id, e)
+            except DrsiteError as e:
+                self._verifying.pop(item_id, None)
+                log.warning("verifying the replica of %s failed (%s): %s", item_id,
+                            e.error_class.value, e)
+            finally:
+                repo.close()
+        return done
 
     def _latest_point_id(self, item_id: str) -> str | None:
         """The item's newest point in the store, by its listing (not authenticated: what a

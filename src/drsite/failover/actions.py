@@ -38,7 +38,6 @@ from drsite.core.errors import (
 from drsite.core.model import Consistency, DiskSpec, VmInfo, VmSpec, validate_name
 from drsite.core.states import FailoverState
 from drsite.failover.images import (
-    blocks_differ,
     disk_fingerprint,
     frozen_replica_copy,
     restore_point,
@@ -61,6 +60,7 @@ from drsite.fsutil import fsync_dir
 from drsite.hypervisors.contract import HypervisorDriver
 from drsite.imagefile import RawImageReader
 from drsite.replication.report import ItemState
+from drsite.store.compare import blocks_differ
 from drsite.store.format import PointInfo
 from drsite.store.generation import check_replication_direction
 from drsite.store.repository import Repository
@@ -135,6 +135,7 @@ def _verify(item: ProtectedItem, point: PointInfo, images: dict[str, Path], run:
                                    point.disk_sizes[disk_id])
     stop()
     run.rec.verified = True
+    run.rec.verify_scope = "full"
 
 
 def _replica_holds(item: ProtectedItem, point: PointInfo) -> bool:
@@ -326,13 +327,39 @@ def _images_for(item: ProtectedItem, p: PointInfo, run: ActionRun, *,
         images = {d: item.hydrator.disk_path(d) for d in p.disk_sizes}
         rec.image_source = "replica"
         from_replica = True
+        if verify:
+            try:
+                _check_replica(item, p, run)
+            except InvalidReplicaState as e:
+                # the replica was forgotten (rebuilt later): the point's own data, verified
+                log.warning("failover %s: %s; restoring point %s from the store instead",
+                            rec.failover_id, e, p.point_id)
+                rec.notes.append(f"the replica was not the point ({e.message}); restored from "
+                                 "the store instead")
+                rec.image_source = "restore"
+                images = _images_from_store(item, p, restore_dir, run)
+                from_replica = False
+                _verify(item, p, images, run)
     else:
         images = _images_from_store(item, p, restore_dir, run)
         from_replica = False
-    if verify:
-        _verify(item, p, images, run)
+        if verify:
+            _verify(item, p, images, run)
     run.mark("images")
     return images, from_replica
+
+
+def _check_replica(item: ProtectedItem, p: PointInfo, run: ActionRun) -> None:
+    """Prove the replica's images equal ``p`` before they boot: only what the background
+    verification has not proven yet is compared (``ReplicaHydrator.check``; nothing when it
+    proved ``p`` already). ``InvalidReplicaState`` when they differ."""
+    assert item.hydrator is not None
+    stop = timed(run.rec.timings, "verify")
+    scope = item.hydrator.check(p)
+    stop()
+    run.rec.verified = True
+    run.rec.verify_scope = scope.how
+    run.rec.verify_bytes = scope.bytes
 
 
 def _replica_proven_equal(item: ProtectedItem, run: ActionRun, p: PointInfo,

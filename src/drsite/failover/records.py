@@ -117,6 +117,11 @@ class FailoverResult:
     image_source: str = ""          # "replica" | "replica-copy" | "restore"
     bytes_restored: int = 0
     verified: bool = False
+    # how the images were proven equal to the point: "full", "incremental" (the replica's
+    # ranges changed since it was last verified) or "pre-verified" (the replica had been
+    # proven equal to this very point in the background); bytes compared per side
+    verify_scope: str = ""
+    verify_bytes: int = 0
     backing_dir: str | None = None  # test failover: the frozen images under the CoW VM
     notes: list[str] = field(default_factory=list)
     reprotect_item_id: str | None = None

@@ -17,6 +17,15 @@ Invariants:
   point id is known only at commit. ``catch_up`` finds that point by its cycle
   (``committed_cycle``) and re-applies it from the store; a cycle that never committed leaves an
   unknown mix, rebuilt in full.
+- ``verified`` (``{"point_id", "cycle_id"}`` or null) names a point V the images were once
+  proven equal to, byte for byte, by comparison with the store; since then only ranges of
+  ``diff(V, current)`` were written (deltas write a point's changed ranges, and ``diff``
+  covers every range whose recorded content changed). So comparing those ranges alone proves
+  the images equal the current point (:meth:`ReplicaHydrator.check`). A full write (a
+  rebuild, a new disk, a streamed full cycle) clears it and changes ``epoch`` first, in the
+  marker saved before its first byte. It is advanced in the background
+  (:meth:`ReplicaHydrator.verify_step`, a batch at a time under the caller's lock), so a
+  failover usually finds ``verified`` equal to the point it boots and compares nothing.
 """
 
 from __future__ import annotations
@@ -28,15 +37,27 @@ import errno
 import json
 import os
 import threading
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import numpy.typing as npt
 
-from drsite.core.errors import BrokenChain, CorruptData, ObjectNotFound, classify_os_error
+from drsite.core.errors import (
+    BrokenChain,
+    CorruptData,
+    InvalidReplicaState,
+    ObjectNotFound,
+    classify_os_error,
+)
 from drsite.core.extents import ExtentList
 from drsite.core.model import validate_name
+from drsite.imagefile import RawImageReader
+from drsite.store.compare import COMPARE_BYTES, COMPARE_EXTENTS, ranges_differ
 from drsite.store.digest import file_digest, image_digest
 from drsite.store.format import ZERO, Entries, PointInfo
 from drsite.store.reader import PointReader, iter_pieces
@@ -104,6 +125,72 @@ def zero_range(fd: int, offset: int, length: int) -> None:
         os.pwrite(fd, zeros[:n], off)
 
 
+def proven_current(replica_dir: Path) -> bool:
+    """Whether the replica in ``replica_dir`` has nothing to verify now: its verified point is
+    the point it holds (or it holds none, or a point is being applied). Reads the state file
+    only (no repository, no lock): a hint for a background pass, never a proof."""
+    try:
+        st = json.loads((Path(replica_dir) / "state.json").read_bytes())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(st, dict) or st.get("applying") or not st.get("point_id"):
+        return True
+    ver = st.get("verified")
+    return isinstance(ver, dict) and ver.get("point_id") == st["point_id"]
+
+
+def _new_epoch() -> str:
+    """A token that changes whenever the images are rewritten in full (or forgotten)."""
+    return os.urandom(8).hex()
+
+
+@dataclass(frozen=True)
+class VerifyScope:
+    """What :meth:`ReplicaHydrator.check` compared: ``how`` is ``pre-verified`` (nothing: the
+    background verification had proven this point), ``incremental`` (the ranges changed since
+    point ``since``) or ``full``; ``bytes`` compared per side."""
+
+    how: str
+    bytes: int
+    since: str | None
+
+
+@dataclass
+class VerifyProgress:
+    """A background verification under way: the point it proves (``target``), the ranges per
+    disk still to compare, and the verified point and state epoch it started from."""
+
+    target: PointInfo
+    todo: dict[str, ExtentList]
+    since: str | None
+    epoch: str | None    # the state's epoch: a full rewrite of the images changes it
+    compared: int = 0
+
+    def retarget(self, repo: Repository, to: PointInfo) -> None:
+        """The replica moved on from ``target`` to ``to`` by deltas: the ranges that changed
+        are compared too (against ``to``); disks ``to`` lacks are dropped."""
+        todo: dict[str, ExtentList] = {}
+        for disk_id in to.disk_sizes:
+            changed = repo.diff(self.target.point_id, to.point_id, disk_id)
+            left = self.todo.get(disk_id)
+            todo[disk_id] = changed if left is None else left.union(changed)
+        self.target, self.todo = to, todo
+
+    def next_batch(self) -> tuple[str, ExtentList] | None:
+        """The next ranges to compare (at most ``COMPARE_BYTES`` of one disk), taken out of
+        ``todo``; None when nothing is left."""
+        for disk_id in sorted(self.todo):
+            ext = self.todo[disk_id]
+            if len(ext) == 0:
+                continue
+            pieces = ext.split(COMPARE_BYTES)
+            ends = np.cumsum(pieces.lengths)
+            k = max(1, min(int(np.searchsorted(ends, COMPARE_BYTES, "right")), COMPARE_EXTENTS))
+            self.todo[disk_id] = ExtentList(pieces.starts[k:], pieces.lengths[k:])
+            return disk_id, ExtentList(pieces.starts[:k], pieces.lengths[:k])
+        return None
+
+
 class ReplicaHydrator:
     """Keeps ``replica_dir/<disk_id>.img`` equal to the latest committed point.
 
@@ -128,13 +215,17 @@ class ReplicaHydrator:
         try:
             data = self._state_path.read_bytes()
         except FileNotFoundError:
-            return {"point_id": None, "cycle_id": None, "applying": None}
+            return {"point_id": None, "cycle_id": None, "applying": None, "verified": None,
+                    "epoch": None}
         except OSError as exc:
             raise classify_os_error(exc, f"replica state {self._state_path}") from exc
         try:
             st = json.loads(data)
+            ver = st.get("verified")
             return {"point_id": st.get("point_id"), "cycle_id": st.get("cycle_id"),
-                    "applying": st.get("applying")}
+                    "applying": st.get("applying"),
+                    "verified": ver if isinstance(ver, dict) and ver.get("point_id") else None,
+                    "epoch": st.get("epoch")}
         except (ValueError, AttributeError) as exc:
             raise CorruptData(f"replica state {self._state_path} is damaged: {exc}") from exc
 
@@ -261,14 +352,22 @@ class ReplicaHydrator:
                     stale.unlink()
 
     def _step(self, cur: PointInfo | None, to: PointInfo) -> None:
-        """Apply one point: marker first, then the ranges, then the new state."""
+        """Apply one point: marker first, then the ranges, then the new state. A full write
+        of any disk forgets the verified point (in the marker, before the first byte)."""
+        plan = self._plan(cur, to)
+        st = self._load()
+        verified, epoch = st["verified"], st["epoch"]
+        if any(full for _, full in plan.values()):
+            verified, epoch = None, _new_epoch()
         self._save({"point_id": cur.point_id if cur else None,
                     "cycle_id": cur.cycle_id if cur else None,
                     "applying": {"to": to.point_id, "to_cycle": to.cycle_id,
                                  "from": cur.point_id if cur else None,
-                                 "from_cycle": cur.cycle_id if cur else None}})
-        self._apply(to, self._plan(cur, to))
-        self._save({"point_id": to.point_id, "cycle_id": to.cycle_id, "applying": None})
+                                 "from_cycle": cur.cycle_id if cur else None},
+                    "verified": verified, "epoch": epoch})
+        self._apply(to, plan)
+        self._save({"point_id": to.point_id, "cycle_id": to.cycle_id, "applying": None,
+                    "verified": verified, "epoch": epoch})
 
     def catch_up(self) -> list[str]:
         """Bring the replica to the latest committed point; returns the point ids applied, in
@@ -323,6 +422,138 @@ class ReplicaHydrator:
             self._step(cur, latest)
             return latest
 
+    # -- verification ------------------------------------------------------------------------
+
+    def verified(self) -> str | None:
+        """The point the images were last proven equal to (see the module doc), or None."""
+        ver = self._load()["verified"]
+        return str(ver["point_id"]) if ver else None
+
+    def _settled(self, st: dict[str, Any]) -> PointInfo | None:
+        """The point the replica holds when nothing is being applied and its images exist."""
+        if st["applying"] or st["point_id"] is None:
+            return None
+        p = self._exists(st["point_id"], st["cycle_id"])
+        return p if p is not None and self._has_images(p) else None
+
+    def _scope(self, verified: dict[str, Any] | None, point: PointInfo) -> dict[str, ExtentList]:
+        """Per disk of ``point``: the ranges whose comparison proves the images equal it —
+        ``diff(verified, point)`` when the verified point still exists, else every range
+        either side holds data in (a full comparison)."""
+        base = self._exists(verified["point_id"], verified.get("cycle_id")) if verified else None
+        out: dict[str, ExtentList] = {}
+        for disk_id, size in point.disk_sizes.items():
+            if base is not None and disk_id in base.disk_sizes:
+                out[disk_id] = self.repo.diff(base.point_id, point.point_id, disk_id)
+                continue
+            reader = self.repo.reader(point.point_id, disk_id)
+            try:
+                with RawImageReader(self.disk_path(disk_id), size) as img:
+                    out[disk_id] = reader.data_extents().union(img.data_extents()).clip(size)
+            finally:
+                reader.close()
+        return out
+
+    def _differ(self, point: PointInfo, disk_id: str, ranges: ExtentList) -> int:
+        """Blocks of ``ranges`` in which the image of ``disk_id`` differs from ``point``."""
+        size = point.disk_sizes[disk_id]
+        path = self.disk_path(disk_id)
+        if not path.exists() or path.stat().st_size != size:
+            return max(1, len(ranges))
+        reader = self.repo.reader(point.point_id, disk_id)
+        try:
+            with RawImageReader(path, size) as img:
+                return ranges_differ(img, reader, ranges)
+        finally:
+            reader.close()
+
+    def _forget(self, why: str) -> NoReturn:
+        """The images are not what the state says: forget the point (the next
+        :meth:`catch_up` rebuilds them in full from the latest point)."""
+        self._save({"point_id": None, "cycle_id": None, "applying": None, "verified": None,
+                    "epoch": _new_epoch()})
+        raise InvalidReplicaState(f"the replica in {self.dir} {why}; it is rebuilt from the "
+                                  "store", hint="Nothing to do: the next hydration rebuilds it; "
+                                  "a failover meanwhile restores the point from the store.")
+
+    def check(self, point: PointInfo) -> VerifyScope:
+        """Prove the images equal ``point`` (the point the replica holds; the caller holds the
+        replica's lock), comparing only what the verified point leaves unproven: nothing when
+        it is ``point``, ``diff(verified, point)`` when it is older, everything otherwise. On
+        success ``point`` becomes the verified point; a difference forgets the replica's
+        state and raises ``InvalidReplicaState``."""
+        st = self._load()
+        if self._settled(st) is None or st["point_id"] != point.point_id:
+            raise InvalidReplicaState(f"the replica in {self.dir} does not hold point "
+                                      f"{point.point_id}")
+        ver = st["verified"]
+        if ver is not None and ver["point_id"] == point.point_id:
+            return VerifyScope("pre-verified", 0, ver["point_id"])
+        scope = self._scope(ver, point)
+        how = "incremental" if ver is not None and self._exists(
+            ver["point_id"], ver.get("cycle_id")) is not None else "full"
+        nbytes = 0
+        for disk_id, ranges in scope.items():
+            nbytes += int(ranges.lengths.sum())
+            bad = self._differ(point, disk_id, ranges)
+            if bad:
+                self._forget(f"differs from point {point.point_id} in {bad} block(s) of disk "
+                             f"{disk_id}")
+        self._save({**st, "verified": {"point_id": point.point_id, "cycle_id": point.cycle_id}})
+        return VerifyScope(how, nbytes, ver["point_id"] if ver else None)
+
+    def verify_step(self, lock: Callable[[], AbstractContextManager[Any]],
+                    progress: VerifyProgress | None, *, budget_s: float) -> VerifyProgress | None:
+        """Advance the background verification for at most ``budget_s`` seconds, a batch at a
+        time, each under ``lock()`` (the replica's lock: a failover or hydration waits one
+        batch at most). Returns the progress to pass to the next call, or None when there is
+        nothing to do now (the verified point is the held one, or a point is being applied).
+        If hydration moved the replica on from the point being verified by deltas, the ranges
+        that changed are added and the target moves with it; a full rewrite (the verified
+        point forgotten) starts over. A difference forgets the replica's state (it is
+        rebuilt) and raises ``InvalidReplicaState``."""
+        deadline = time.monotonic() + budget_s
+        with lock():
+            st = self._load()
+            held = self._settled(st)
+            if held is None:
+                return None
+            ver = st["verified"]
+            if ver is not None and ver["point_id"] == held.point_id:
+                return None
+            if progress is None or progress.since != (ver or {}).get("point_id") \
+                    or progress.epoch != st["epoch"]:
+                progress = VerifyProgress(held, self._scope(ver, held),
+                                          (ver or {}).get("point_id"), st["epoch"])
+        while True:
+            if time.monotonic() >= deadline:
+                return progress
+            with lock():
+                st = self._load()
+                held = self._settled(st)
+                ver_id = (st["verified"] or {}).get("point_id")
+                if held is None:
+                    return progress if st["applying"] else None
+                if ver_id == held.point_id:
+                    return None   # a failover's check proved it meanwhile
+                if ver_id != progress.since or st["epoch"] != progress.epoch:
+                    # rewritten in full (or proven otherwise) meanwhile: start over
+                    return self.verify_step(lock, None, budget_s=max(0.0, deadline
+                                                                     - time.monotonic()))
+                if held.point_id != progress.target.point_id:
+                    progress.retarget(self.repo, held)
+                batch = progress.next_batch()
+                if batch is None:
+                    self._save({**st, "verified": {"point_id": held.point_id,
+                                                   "cycle_id": held.cycle_id}})
+                    return None
+                disk_id, ranges = batch
+                bad = self._differ(held, disk_id, ranges)
+                if bad:
+                    self._forget(f"differs from point {held.point_id} in {bad} block(s) of "
+                                 f"disk {disk_id}")
+                progress.compared += int(ranges.lengths.sum())
+
     # -- streaming a cycle while it is shipped ------------------------------------------------
 
     def stream(self, cycle_id: str, base_point_id: str | None,
@@ -354,7 +585,10 @@ class ReplicaHydrator:
                     "cycle_id": st["cycle_id"] if ap is None else ap.get("from_cycle"),
                     "applying": {"to": None, "to_cycle": cycle_id,
                                  "from": base.point_id if base else None,
-                                 "from_cycle": base.cycle_id if base else None}})
+                                 "from_cycle": base.cycle_id if base else None},
+                    # a delta writes its changed ranges only; a full cycle rewrites the images
+                    "verified": st["verified"] if base is not None else None,
+                    "epoch": st["epoch"] if base is not None else _new_epoch()})
         return ReplicaStream(self, cycle_id, base, disk_sizes)
 
     def verify(self, point_id: str | None = None) -> bool:
@@ -476,8 +710,10 @@ class ReplicaStream:
             if stale.stem not in point.disk_sizes:
                 with contextlib.suppress(OSError):
                     stale.unlink()
+        st = self.hydrator._load()
         self.hydrator._save({"point_id": point.point_id, "cycle_id": point.cycle_id,
-                             "applying": None})
+                             "applying": None, "verified": st["verified"],
+                             "epoch": st["epoch"]})
 
     def close(self) -> None:
         """Close the images; the applying marker stays (``catch_up`` settles it)."""
