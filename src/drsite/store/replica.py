@@ -506,8 +506,9 @@ class ReplicaHydrator:
                     progress: VerifyProgress | None, *, budget_s: float) -> VerifyProgress | None:
         """Advance the background verification for at most ``budget_s`` seconds, a batch at a
         time, each under ``lock()`` (the replica's lock: a failover or hydration waits one
-        batch at most). Returns the progress to pass to the next call, or None when there is
-        nothing to do now (the verified point is the held one, or a point is being applied).
+        batch at most). Returns the progress to pass to the next call (also while a point is
+        being applied: it goes on after it), or None when there is nothing to do (the verified
+        point is the held one, or the replica holds none).
         If hydration moved the replica on from the point being verified by deltas, the ranges
         that changed are added and the target moves with it; a full rewrite (the verified
         point forgotten) starts over. A difference forgets the replica's state (it is
@@ -516,8 +517,8 @@ class ReplicaHydrator:
         with lock():
             st = self._load()
             held = self._settled(st)
-            if held is None:
-                return None
+            if held is None:   # a point being applied: go on after it (progress follows it)
+                return progress if st["applying"] else None
             ver = st["verified"]
             if ver is not None and ver["point_id"] == held.point_id:
                 return None
