@@ -9,7 +9,8 @@ does today (``--protocol push``): a long poll on the command channel (``POST
 /agent/commands/wait``), heartbeats every ``--heartbeat`` seconds with what changed (the VM
 inventory when it changed, an item's report when it changed and its new recovery points (seq >
 the vault's ack); everything every 15th beat) and the ids of the commands it holds; it answers
-commands like the agent (a ``running`` post at once, then the final result): ``protect`` → after
+commands like the agent (a ``running`` post after the next heartbeat while it runs, then the
+final result): ``protect`` → after
 ``--initial-seconds`` a first point; ``cycle``/``resync`` → after ``--cycle-seconds`` a new point;
 ``retention``, ``update_settings``, ``unprotect`` → succeeded at once. (``--protocol poll``: the
 agent before the command channel — full heartbeats, commands in their replies only.) No data
@@ -286,6 +287,9 @@ class SimHost:
         self.items: dict[str, SimItem] = {}
         self.accepted: set[str] = set()
         self.held: set[str] = set()  # accepted, final result not confirmed yet
+        # accepted and not finished -> when its last ``running`` was posted (0: never): as the
+        # agent's ``post_progress``, at the end of each heartbeat, first time then every 10 s
+        self.inflight: dict[str, float] = {}
         self.store_acl: dict[str, Any] | None = None
         self.book_digest: str | None = None  # the recovery book's, like the agent keeps it
         self.beats = 0
@@ -343,6 +347,7 @@ class SimHost:
                     self.sent_reports.update(digests)
                     self.sent_vms = True
                     self.on_reply(r.json())
+                    await self.post_progress()
             except httpx.HTTPError as e:
                 st.heartbeat_errors += 1
                 st.error(f"heartbeat {self.name}: {type(e).__name__}: {e}")
@@ -400,6 +405,7 @@ class SimHost:
                 continue  # re-delivered while queued/running: the agent ignores it
             self.accepted.add(cid)
             self.held.add(cid)
+            self.inflight[cid] = 0.0
             self.gen.stats.commands[kind] = self.gen.stats.commands.get(kind, 0) + 1
             if kind == "protect" and item_id not in self.items:
                 vm_id = cmd["args"]["vm_id"]
@@ -412,6 +418,8 @@ class SimHost:
     async def post_result(self, cid: str, status: str, progress: float,
                           result: dict[str, Any] | None = None) -> None:
         st = self.gen.stats
+        if status != "running":
+            self.inflight.pop(cid, None)   # no running post after the final one
         body = {"status": status, "progress": progress, "result": result or {}, "error": None}
         for attempt in range(5):
             try:
@@ -434,9 +442,24 @@ class SimHost:
                 self.held.discard(cid)
             return
 
+    async def post_progress(self) -> None:
+        """``running`` for the commands still in flight, as the agent posts them after each
+        heartbeat (``lanes.post_progress``): the first time, then every 10 s. A command taken
+        from the channel that ends before the next heartbeat posts only its final result."""
+        now = time.monotonic()
+        for cid, last in list(self.inflight.items()):
+            if last == 0.0 or now - last >= 10.0:
+                self.inflight[cid] = now
+                await self.post_result(cid, "running", 0.0)
+
     async def execute(self, cid: str, kind: str, item_id: str, args: dict[str, Any]) -> None:
+        try:
+            await self._execute(cid, kind, item_id, args)
+        finally:
+            self.inflight.pop(cid, None)
+
+    async def _execute(self, cid: str, kind: str, item_id: str, args: dict[str, Any]) -> None:
         a = self.gen.a
-        await self.post_result(cid, "running", 0.0)
         it = self.items.get(item_id)
         if kind in ("protect", "cycle", "resync") and it is not None:
             await asyncio.sleep(a.initial_seconds if kind == "protect" else a.cycle_seconds)

@@ -49,6 +49,9 @@ def setup_group(h: Harness, *, consistent: bool = True, app_every: float | None 
     for a, v in vms.items():
         a.beat(vms=v)
     st.beat(store_url="https://127.0.0.1:9443")
+    h.ok("PUT", "/network-mappings", json={"source_site": "prim", "recovery_site": "sec",
+                                           "source_network": "lan", "recovery_network": "dr",
+                                           "test_network": "bubble"})
     h.ok("POST", "/policies", json={"name": "p1", "frequency_s": 30,
                                     "app_consistent_every_s": app_every})
     h.ok("POST", "/groups", json={"name": "g1", "site": "prim", "target_site": "sec",
