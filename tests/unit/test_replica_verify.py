@@ -154,3 +154,22 @@ def test_nothing_is_verified_while_a_point_is_being_applied(tmp_path: Path) -> N
     finally:
         stream.close()
         w.close()
+
+
+def test_a_periodic_full_reproof_finds_damage_no_cycle_rewrote(tmp_path: Path) -> None:
+    """Damage behind the hydrator's back in a range no cycle rewrote since the last proof is
+    not in an incremental comparison's scope; the periodic full re-proof (``full_every_s``)
+    finds it before a failover needs the replica."""
+    repo, h, model, p1 = setup(tmp_path)
+    assert h.verify_step(no_lock, None, budget_s=60.0, full_every_s=3600.0) is None
+    assert h.verified() == p1                   # proven in full just now: not due again
+    assert h.verify_step(no_lock, None, budget_s=60.0, full_every_s=3600.0) is None
+    p2 = delta(repo, h, model, "c2", p1, 5 * MiB, 64 * 1024, seed=2)
+    flip(h, 100)                                # p1's data, which no later cycle touched
+    assert h.check(repo.point(p2)).how == "incremental"   # not its scope: not seen
+    prog = h.verify_step(no_lock, None, budget_s=0.0, full_every_s=0.0)
+    assert prog is not None and prog.full       # due (every 0 s): a full comparison
+    with pytest.raises(InvalidReplicaState, match="differs from point"):
+        h.verify_step(no_lock, prog, budget_s=60.0, full_every_s=0.0)
+    assert h.state() == (None, None)
+    assert h.catch_up() == [p2] and _replica_bytes(h, "d0", SIZE) == bytes(model)

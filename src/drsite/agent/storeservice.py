@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 HYDRATE_EVERY_S = 2.0
 # seconds a hydration pass spends verifying replicas at most (the rest waits for the next)
 VERIFY_BUDGET_S = 2.0
+# a replica proven current is compared in full again after this long (damage to its images
+# in ranges no cycle rewrote is found before a failover needs it)
+FULL_REPROOF_S = 24 * 3600.0
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -232,7 +235,8 @@ class StoreService:
         """Advance the replicas' background verification (``ReplicaHydrator.verify_step``)
         for at most ``budget_s`` seconds in all, item after item (round robin across passes:
         a long one does not starve the others), so that a failover finds the point it boots
-        already proven equal to its store copy and compares nothing. A replica found to
+        already proven equal to its store copy and compares nothing; every ``FULL_REPROOF_S``
+        a replica is compared in full again. A replica found to
         differ is forgotten (the next pass rebuilds it) and logged. Returns the items whose
         replica this pass proved, with the point."""
         done: dict[str, str] = {}
@@ -250,14 +254,15 @@ class StoreService:
             if replica_held(self.replicas_dir, item_id) or not replica_dir.is_dir():
                 self._verifying.pop(item_id, None)
                 continue
-            if item_id not in self._verifying and proven_current(replica_dir):
+            if item_id not in self._verifying and proven_current(replica_dir, FULL_REPROOF_S):
                 continue
             repo = Repository(self._store, item_id, auth=self.acl.point_auth(item_id),
                               map_cache=self.map_cache)
             try:
                 h = ReplicaHydrator(repo, replica_dir)
                 progress = h.verify_step(partial(replica_lock, replica_dir),
-                                         self._verifying.get(item_id), budget_s=left)
+                                         self._verifying.get(item_id), budget_s=left,
+                                         full_every_s=FULL_REPROOF_S)
                 if progress is None:
                     self._verifying.pop(item_id, None)
                     ver = h.verified()

@@ -125,10 +125,11 @@ def zero_range(fd: int, offset: int, length: int) -> None:
         os.pwrite(fd, zeros[:n], off)
 
 
-def proven_current(replica_dir: Path) -> bool:
+def proven_current(replica_dir: Path, full_every_s: float | None = None) -> bool:
     """Whether the replica in ``replica_dir`` has nothing to verify now: its verified point is
-    the point it holds (or it holds none, or a point is being applied). Reads the state file
-    only (no repository, no lock): a hint for a background pass, never a proof."""
+    the point it holds, and (with ``full_every_s``) its last full comparison is recent enough
+    (or it holds no point, or one is being applied). Reads the state file only (no
+    repository, no lock): a hint for a background pass, never a proof."""
     try:
         st = json.loads((Path(replica_dir) / "state.json").read_bytes())
     except (OSError, ValueError):
@@ -136,7 +137,11 @@ def proven_current(replica_dir: Path) -> bool:
     if not isinstance(st, dict) or st.get("applying") or not st.get("point_id"):
         return True
     ver = st.get("verified")
-    return isinstance(ver, dict) and ver.get("point_id") == st["point_id"]
+    if not (isinstance(ver, dict) and ver.get("point_id") == st["point_id"]):
+        return False
+    full_at = st.get("proven_full_at")
+    return full_every_s is None or (isinstance(full_at, int | float)
+                                    and time.time() - full_at < full_every_s)
 
 
 def _new_epoch() -> str:
@@ -164,6 +169,7 @@ class VerifyProgress:
     todo: dict[str, ExtentList]
     since: str | None
     epoch: str | None    # the state's epoch: a full rewrite of the images changes it
+    full: bool = False   # every range with data is compared (not only what changed)
     compared: int = 0
 
     def retarget(self, repo: Repository, to: PointInfo) -> None:
@@ -216,7 +222,7 @@ class ReplicaHydrator:
             data = self._state_path.read_bytes()
         except FileNotFoundError:
             return {"point_id": None, "cycle_id": None, "applying": None, "verified": None,
-                    "epoch": None}
+                    "epoch": None, "proven_full_at": None}
         except OSError as exc:
             raise classify_os_error(exc, f"replica state {self._state_path}") from exc
         try:
@@ -225,7 +231,7 @@ class ReplicaHydrator:
             return {"point_id": st.get("point_id"), "cycle_id": st.get("cycle_id"),
                     "applying": st.get("applying"),
                     "verified": ver if isinstance(ver, dict) and ver.get("point_id") else None,
-                    "epoch": st.get("epoch")}
+                    "epoch": st.get("epoch"), "proven_full_at": st.get("proven_full_at")}
         except (ValueError, AttributeError) as exc:
             raise CorruptData(f"replica state {self._state_path} is damaged: {exc}") from exc
 
@@ -356,18 +362,18 @@ class ReplicaHydrator:
         of any disk forgets the verified point (in the marker, before the first byte)."""
         plan = self._plan(cur, to)
         st = self._load()
-        verified, epoch = st["verified"], st["epoch"]
+        verified, epoch, full_at = st["verified"], st["epoch"], st["proven_full_at"]
         if any(full for _, full in plan.values()):
-            verified, epoch = None, _new_epoch()
+            verified, epoch, full_at = None, _new_epoch(), None
         self._save({"point_id": cur.point_id if cur else None,
                     "cycle_id": cur.cycle_id if cur else None,
                     "applying": {"to": to.point_id, "to_cycle": to.cycle_id,
                                  "from": cur.point_id if cur else None,
                                  "from_cycle": cur.cycle_id if cur else None},
-                    "verified": verified, "epoch": epoch})
+                    "verified": verified, "epoch": epoch, "proven_full_at": full_at})
         self._apply(to, plan)
         self._save({"point_id": to.point_id, "cycle_id": to.cycle_id, "applying": None,
-                    "verified": verified, "epoch": epoch})
+                    "verified": verified, "epoch": epoch, "proven_full_at": full_at})
 
     def catch_up(self) -> list[str]:
         """Bring the replica to the latest committed point; returns the point ids applied, in
@@ -454,6 +460,11 @@ class ReplicaHydrator:
                 reader.close()
         return out
 
+    def _proves_in_full(self, verified: dict[str, Any] | None) -> bool:
+        """Whether :meth:`_scope` from ``verified`` compares everything (no usable base)."""
+        return verified is None or self._exists(verified["point_id"],
+                                                verified.get("cycle_id")) is None
+
     def _differ(self, point: PointInfo, disk_id: str, ranges: ExtentList) -> int:
         """Blocks of ``ranges`` in which the image of ``disk_id`` differs from ``point``."""
         size = point.disk_sizes[disk_id]
@@ -471,7 +482,7 @@ class ReplicaHydrator:
         """The images are not what the state says: forget the point (the next
         :meth:`catch_up` rebuilds them in full from the latest point)."""
         self._save({"point_id": None, "cycle_id": None, "applying": None, "verified": None,
-                    "epoch": _new_epoch()})
+                    "epoch": _new_epoch(), "proven_full_at": None})
         raise InvalidReplicaState(f"the replica in {self.dir} {why}; it is rebuilt from the "
                                   "store", hint="Nothing to do: the next hydration rebuilds it; "
                                   "a failover meanwhile restores the point from the store.")
@@ -499,11 +510,13 @@ class ReplicaHydrator:
             if bad:
                 self._forget(f"differs from point {point.point_id} in {bad} block(s) of disk "
                              f"{disk_id}")
-        self._save({**st, "verified": {"point_id": point.point_id, "cycle_id": point.cycle_id}})
+        self._save({**st, "verified": {"point_id": point.point_id, "cycle_id": point.cycle_id},
+                    "proven_full_at": time.time() if how == "full" else st["proven_full_at"]})
         return VerifyScope(how, nbytes, ver["point_id"] if ver else None)
 
     def verify_step(self, lock: Callable[[], AbstractContextManager[Any]],
-                    progress: VerifyProgress | None, *, budget_s: float) -> VerifyProgress | None:
+                    progress: VerifyProgress | None, *, budget_s: float,
+                    full_every_s: float | None = None) -> VerifyProgress | None:
         """Advance the background verification for at most ``budget_s`` seconds, a batch at a
         time, each under ``lock()`` (the replica's lock: a failover or hydration waits one
         batch at most). Returns the progress to pass to the next call (also while a point is
@@ -511,8 +524,11 @@ class ReplicaHydrator:
         point is the held one, or the replica holds none).
         If hydration moved the replica on from the point being verified by deltas, the ranges
         that changed are added and the target moves with it; a full rewrite (the verified
-        point forgotten) starts over. A difference forgets the replica's state (it is
-        rebuilt) and raises ``InvalidReplicaState``."""
+        point forgotten) starts over. ``full_every_s``: a replica proven current is compared
+        in full again when its last full comparison is older than this (damage done to the
+        image behind the hydrator's back, in ranges no cycle rewrote, is found before a
+        failover needs it). A difference forgets the replica's state (it is rebuilt) and
+        raises ``InvalidReplicaState``."""
         deadline = time.monotonic() + budget_s
         with lock():
             st = self._load()
@@ -520,12 +536,18 @@ class ReplicaHydrator:
             if held is None:   # a point being applied: go on after it (progress follows it)
                 return progress if st["applying"] else None
             ver = st["verified"]
-            if ver is not None and ver["point_id"] == held.point_id:
-                return None
-            if progress is None or progress.since != (ver or {}).get("point_id") \
-                    or progress.epoch != st["epoch"]:
-                progress = VerifyProgress(held, self._scope(ver, held),
-                                          (ver or {}).get("point_id"), st["epoch"])
+            ver_id = (ver or {}).get("point_id")
+            if progress is None or progress.since != ver_id or progress.epoch != st["epoch"]:
+                if ver_id == held.point_id:
+                    full_at = st["proven_full_at"]
+                    if full_every_s is None or (full_at is not None
+                                                and time.time() - float(full_at) < full_every_s):
+                        return None
+                    progress = VerifyProgress(held, self._scope(None, held), ver_id,
+                                              st["epoch"], full=True)
+                else:
+                    progress = VerifyProgress(held, self._scope(ver, held), ver_id, st["epoch"],
+                                              full=self._proves_in_full(ver))
         while True:
             if time.monotonic() >= deadline:
                 return progress
@@ -535,18 +557,21 @@ class ReplicaHydrator:
                 ver_id = (st["verified"] or {}).get("point_id")
                 if held is None:
                     return progress if st["applying"] else None
-                if ver_id == held.point_id:
+                if ver_id == held.point_id and ver_id != progress.since:
                     return None   # a failover's check proved it meanwhile
                 if ver_id != progress.since or st["epoch"] != progress.epoch:
                     # rewritten in full (or proven otherwise) meanwhile: start over
                     return self.verify_step(lock, None, budget_s=max(0.0, deadline
-                                                                     - time.monotonic()))
+                                                                     - time.monotonic()),
+                                            full_every_s=full_every_s)
                 if held.point_id != progress.target.point_id:
                     progress.retarget(self.repo, held)
                 batch = progress.next_batch()
                 if batch is None:
                     self._save({**st, "verified": {"point_id": held.point_id,
-                                                   "cycle_id": held.cycle_id}})
+                                                   "cycle_id": held.cycle_id},
+                                "proven_full_at": time.time() if progress.full
+                                else st["proven_full_at"]})
                     return None
                 disk_id, ranges = batch
                 bad = self._differ(held, disk_id, ranges)
@@ -589,7 +614,8 @@ class ReplicaHydrator:
                                  "from_cycle": base.cycle_id if base else None},
                     # a delta writes its changed ranges only; a full cycle rewrites the images
                     "verified": st["verified"] if base is not None else None,
-                    "epoch": st["epoch"] if base is not None else _new_epoch()})
+                    "epoch": st["epoch"] if base is not None else _new_epoch(),
+                    "proven_full_at": st["proven_full_at"] if base is not None else None})
         return ReplicaStream(self, cycle_id, base, disk_sizes)
 
     def verify(self, point_id: str | None = None) -> bool:
@@ -714,7 +740,7 @@ class ReplicaStream:
         st = self.hydrator._load()
         self.hydrator._save({"point_id": point.point_id, "cycle_id": point.cycle_id,
                              "applying": None, "verified": st["verified"],
-                             "epoch": st["epoch"]})
+                             "epoch": st["epoch"], "proven_full_at": st["proven_full_at"]})
 
     def close(self) -> None:
         """Close the images; the applying marker stays (``catch_up`` settles it)."""
