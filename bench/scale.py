@@ -435,6 +435,8 @@ class SimHost:
                 st.error(f"result {cid}: HTTP {r.status_code}")
                 await asyncio.sleep(1.0 + attempt)
                 continue
+            if status == "running" and r.status_code == 409:
+                return   # it ended meanwhile (the final post won the race): the agent ignores it
             if r.status_code >= 300:
                 st.result_errors += 1
                 st.error(f"result {cid}: HTTP {r.status_code} {r.text[:200]}")
@@ -448,7 +450,7 @@ class SimHost:
         from the channel that ends before the next heartbeat posts only its final result."""
         now = time.monotonic()
         for cid, last in list(self.inflight.items()):
-            if last == 0.0 or now - last >= 10.0:
+            if cid in self.inflight and (last == 0.0 or now - last >= 10.0):
                 self.inflight[cid] = now
                 await self.post_result(cid, "running", 0.0)
 

@@ -16,11 +16,13 @@ several, sharing a database.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from fastapi import APIRouter
 
@@ -102,16 +104,31 @@ def run_vault(data_dir: Path, listen: str = "127.0.0.1:8443", db_url: str | None
         # the supervisor holds nothing open: each worker opens the data and the database itself
         tls = vault.tls
         vault.close()
-        tlsutil.serve_workers(lambda: create_app(settings, attach(settings), routers=routers),
+        tlsutil.serve_workers(lambda: settle_heap(create_app(settings, attach(settings),
+                                                             routers=routers)),
                               workers=workers, host=host, port=port, certfile=tls.cert,
                               keyfile=tls.key, cafile=tls.ca, client_cert="optional")
         return
-    app = create_app(settings, vault, routers=routers)
+    app = settle_heap(create_app(settings, vault, routers=routers))
     try:
         tlsutil.serve(app, host=host, port=port, certfile=vault.tls.cert, keyfile=vault.tls.key,
                       cafile=vault.tls.ca, client_cert="optional")
     finally:
         vault.close()
+
+
+T = TypeVar("T")
+
+
+def settle_heap(app: T) -> T:
+    """Move everything the start-up made (modules, mappers, routes, schemas: most of a vault's
+    objects, and none of them garbage) out of the garbage collector's reach (``gc.freeze``),
+    so that its full collections scan only what requests and jobs create. Measured at 1,000
+    items: full collections of 150–320 ms every 7–10 s, each stalling every request of the
+    process (the API's p99). Returns ``app``."""
+    gc.collect()
+    gc.freeze()
+    return app
 
 
 def _check_witness(peer_url: str | None, witness_url: str | None, token_file: Path | None,
