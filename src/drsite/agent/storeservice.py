@@ -236,9 +236,9 @@ class StoreService:
         for at most ``budget_s`` seconds in all, item after item (round robin across passes:
         a long one does not starve the others), so that a failover finds the point it boots
         already proven equal to its store copy and compares nothing; every ``FULL_REPROOF_S``
-        a replica is compared in full again. A replica found to
-        differ is forgotten (the next pass rebuilds it) and logged. Returns the items whose
-        replica this pass proved, with the point."""
+        a replica is compared in full again. A replica found to differ is forgotten (the
+        next pass rebuilds it) and logged; other failures are logged once per new error.
+        Returns the items whose replica this pass proved, with the point."""
         done: dict[str, str] = {}
         items = self.item_ids()
         if not items:
@@ -275,8 +275,12 @@ class StoreService:
                 log.error("replica of %s: %s", item_id, e)
             except DrsiteError as e:
                 self._verifying.pop(item_id, None)
-                log.warning("verifying the replica of %s failed (%s): %s", item_id,
-                            e.error_class.value, e)
+                if self._errors.get(f"verify:{item_id}") != str(e):   # once per new error
+                    log.warning("verifying the replica of %s failed (%s): %s", item_id,
+                                e.error_class.value, e)
+                    self._errors[f"verify:{item_id}"] = str(e)
+            else:
+                self._errors.pop(f"verify:{item_id}", None)
             finally:
                 repo.close()
         return done
