@@ -1,6 +1,7 @@
 """Shared pytest plugins: ``tests.pg`` provides the ``pg_server`` / ``pg_url`` fixtures (a
 throw-away PostgreSQL cluster; see tests/pg.py)."""
 
+import gc
 import json
 from collections import Counter
 from pathlib import Path
@@ -22,6 +23,17 @@ def group_of(module: str, readme_modules: set[str]) -> str:
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's loadgroup reads the marks
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Freeze what the imports and the collection made (about 260,000 objects, none garbage)
+    out of the garbage collector's reach, in every worker: its full collections, which hold
+    the GIL throughout, then scan only what the tests make. On a loaded 2-core CI box a full
+    collection of the whole heap stalled a worker for seconds — past PostgreSQL's
+    idle-in-transaction timeout (5 s) in the middle of a test's transaction (the vault does the
+    same at start-up: ``server.settle_heap``)."""
+    gc.collect()
+    gc.freeze()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist (``--dist loadgroup``), a module's tests run in one worker, so its
     module-scoped cluster starts once; the modules that use the README's cluster (a session

@@ -12,9 +12,7 @@ from drsite.vault.server import settle_heap
 def test_settle_heap_freezes_what_exists_and_returns_the_app() -> None:
     app = object()
     before = gc.get_freeze_count()
-    try:
-        assert settle_heap(app) is app
-        assert gc.get_freeze_count() > before
-        assert gc.get_freeze_count() > len(gc.get_objects(generation=2))  # most of the heap
-    finally:
-        gc.unfreeze()
+    assert settle_heap(app) is app     # (left frozen: the test session freezes its heap too)
+    assert gc.get_freeze_count() > before
+    assert gc.get_objects(generation=2) == [] or \
+        gc.get_freeze_count() > len(gc.get_objects(generation=2))  # most of the heap
