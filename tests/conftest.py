@@ -22,7 +22,6 @@ def group_of(module: str, readme_modules: set[str]) -> str:
     return "readme" if module in readme_modules else module
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's loadgroup reads the marks
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Freeze what the imports and the collection made (about 260,000 objects, none garbage)
     out of the garbage collector's reach, in every worker: its full collections, which hold
@@ -34,6 +33,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     gc.freeze()
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's loadgroup reads the marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist (``--dist loadgroup``), a module's tests run in one worker, so its
     module-scoped cluster starts once; the modules that use the README's cluster (a session
