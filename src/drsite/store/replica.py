@@ -149,6 +149,18 @@ def _new_epoch() -> str:
     return os.urandom(8).hex()
 
 
+def _kept_proof(st: dict[str, Any]) -> dict[str, Any]:
+    """The state's proof fields, carried unchanged into a state a delta writes."""
+    return {"verified": st["verified"], "epoch": st["epoch"],
+            "proven_full_at": st["proven_full_at"]}
+
+
+def _no_proof() -> dict[str, Any]:
+    """The proof fields of images rewritten in full (or forgotten): nothing proven, a new
+    epoch."""
+    return {"verified": None, "epoch": _new_epoch(), "proven_full_at": None}
+
+
 @dataclass(frozen=True)
 class VerifyScope:
     """What :meth:`ReplicaHydrator.check` compared: ``how`` is ``pre-verified`` (nothing: the
@@ -361,19 +373,17 @@ class ReplicaHydrator:
         """Apply one point: marker first, then the ranges, then the new state. A full write
         of any disk forgets the verified point (in the marker, before the first byte)."""
         plan = self._plan(cur, to)
-        st = self._load()
-        verified, epoch, full_at = st["verified"], st["epoch"], st["proven_full_at"]
-        if any(full for _, full in plan.values()):
-            verified, epoch, full_at = None, _new_epoch(), None
+        proof = _no_proof() if any(full for _, full in plan.values()) \
+            else _kept_proof(self._load())
         self._save({"point_id": cur.point_id if cur else None,
                     "cycle_id": cur.cycle_id if cur else None,
                     "applying": {"to": to.point_id, "to_cycle": to.cycle_id,
                                  "from": cur.point_id if cur else None,
                                  "from_cycle": cur.cycle_id if cur else None},
-                    "verified": verified, "epoch": epoch, "proven_full_at": full_at})
+                    **proof})
         self._apply(to, plan)
         self._save({"point_id": to.point_id, "cycle_id": to.cycle_id, "applying": None,
-                    "verified": verified, "epoch": epoch, "proven_full_at": full_at})
+                    **proof})
 
     def catch_up(self) -> list[str]:
         """Bring the replica to the latest committed point; returns the point ids applied, in
@@ -442,10 +452,12 @@ class ReplicaHydrator:
         p = self._exists(st["point_id"], st["cycle_id"])
         return p if p is not None and self._has_images(p) else None
 
-    def _scope(self, verified: dict[str, Any] | None, point: PointInfo) -> dict[str, ExtentList]:
+    def _scope(self, verified: dict[str, Any] | None,
+               point: PointInfo) -> tuple[dict[str, ExtentList], bool]:
         """Per disk of ``point``: the ranges whose comparison proves the images equal it —
         ``diff(verified, point)`` when the verified point still exists, else every range
-        either side holds data in (a full comparison)."""
+        either side holds data in; and whether that is a full comparison (no verified point
+        left to start from)."""
         base = self._exists(verified["point_id"], verified.get("cycle_id")) if verified else None
         out: dict[str, ExtentList] = {}
         for disk_id, size in point.disk_sizes.items():
@@ -458,12 +470,7 @@ class ReplicaHydrator:
                     out[disk_id] = reader.data_extents().union(img.data_extents()).clip(size)
             finally:
                 reader.close()
-        return out
-
-    def _proves_in_full(self, verified: dict[str, Any] | None) -> bool:
-        """Whether :meth:`_scope` from ``verified`` compares everything (no usable base)."""
-        return verified is None or self._exists(verified["point_id"],
-                                                verified.get("cycle_id")) is None
+        return out, base is None
 
     def _differ(self, point: PointInfo, disk_id: str, ranges: ExtentList) -> int:
         """Blocks of ``ranges`` in which the image of ``disk_id`` differs from ``point``."""
@@ -481,8 +488,7 @@ class ReplicaHydrator:
     def _forget(self, why: str) -> NoReturn:
         """The images are not what the state says: forget the point (the next
         :meth:`catch_up` rebuilds them in full from the latest point)."""
-        self._save({"point_id": None, "cycle_id": None, "applying": None, "verified": None,
-                    "epoch": _new_epoch(), "proven_full_at": None})
+        self._save({"point_id": None, "cycle_id": None, "applying": None, **_no_proof()})
         raise InvalidReplicaState(f"the replica in {self.dir} {why}; it is rebuilt from the "
                                   "store", hint="Nothing to do: the next hydration rebuilds it; "
                                   "a failover meanwhile restores the point from the store.")
@@ -500,9 +506,8 @@ class ReplicaHydrator:
         ver = st["verified"]
         if ver is not None and ver["point_id"] == point.point_id:
             return VerifyScope("pre-verified", 0, ver["point_id"])
-        scope = self._scope(ver, point)
-        how = "incremental" if ver is not None and self._exists(
-            ver["point_id"], ver.get("cycle_id")) is not None else "full"
+        scope, full = self._scope(ver, point)
+        how = "full" if full else "incremental"
         nbytes = 0
         for disk_id, ranges in scope.items():
             nbytes += int(ranges.lengths.sum())
@@ -543,11 +548,10 @@ class ReplicaHydrator:
                     if full_every_s is None or (full_at is not None
                                                 and time.time() - float(full_at) < full_every_s):
                         return None
-                    progress = VerifyProgress(held, self._scope(None, held), ver_id,
-                                              st["epoch"], full=True)
+                    todo, full = self._scope(None, held)
                 else:
-                    progress = VerifyProgress(held, self._scope(ver, held), ver_id, st["epoch"],
-                                              full=self._proves_in_full(ver))
+                    todo, full = self._scope(ver, held)
+                progress = VerifyProgress(held, todo, ver_id, st["epoch"], full=full)
         while True:
             if time.monotonic() >= deadline:
                 return progress
@@ -613,9 +617,7 @@ class ReplicaHydrator:
                                  "from": base.point_id if base else None,
                                  "from_cycle": base.cycle_id if base else None},
                     # a delta writes its changed ranges only; a full cycle rewrites the images
-                    "verified": st["verified"] if base is not None else None,
-                    "epoch": st["epoch"] if base is not None else _new_epoch(),
-                    "proven_full_at": st["proven_full_at"] if base is not None else None})
+                    **(_kept_proof(st) if base is not None else _no_proof())})
         return ReplicaStream(self, cycle_id, base, disk_sizes)
 
     def verify(self, point_id: str | None = None) -> bool:
@@ -737,10 +739,8 @@ class ReplicaStream:
             if stale.stem not in point.disk_sizes:
                 with contextlib.suppress(OSError):
                     stale.unlink()
-        st = self.hydrator._load()
         self.hydrator._save({"point_id": point.point_id, "cycle_id": point.cycle_id,
-                             "applying": None, "verified": st["verified"],
-                             "epoch": st["epoch"], "proven_full_at": st["proven_full_at"]})
+                             "applying": None, **_kept_proof(self.hydrator._load())})
 
     def close(self) -> None:
         """Close the images; the applying marker stays (``catch_up`` settles it)."""
