@@ -34,6 +34,7 @@ from drsite.core.errors import (
     PermanentError,
     from_dict,
 )
+from drsite.core.model import VmSpec
 from drsite.core.retry import RetryState
 from drsite.core.states import (
     FINAL_COMMAND_STATUSES,
@@ -136,11 +137,17 @@ def _vm_spec(s: Session, item: Item, *, keep: bool) -> dict[str, Any]:
                          hint="Wait for its host to report its inventory once.")
 
 
+def _source_site_id(s: Session, item: Item) -> int:
+    """The site the item's VM is protected from (its host's; the recovery site when the host
+    row is gone, as an unplanned failover must not need it)."""
+    src = s.get(Host, item.host_id)
+    return src.site_id if src is not None else item.target_site_id
+
+
 def item_context(ctx: TaskContext, item: Item, fo: Failover) -> dict[str, Any]:
     """The arguments every recovery-side command carries: what the item is, without asking
     the source."""
-    src = ctx.s.get(Host, item.host_id)
-    src_site = src.site_id if src is not None else item.target_site_id
+    src_site = _source_site_id(ctx.s, item)
     args: dict[str, Any] = {
         "failover_id": fo.id, "vm_id": item.vm_id, "vm_spec": vm_spec_of(ctx, item),
         "source_site": site_name(ctx, src_site), "recovery_site": site_name(ctx, item.target_site_id),
@@ -370,14 +377,13 @@ def failover_checks(ctx: TaskContext) -> Step:
     choice = _point_choice(ctx)
     # checked when the job was created (item_actions.preflight); again now, the catalogue and
     # the mappings may have changed since (a plan's items start without them)
-    check_ready(ctx.s, item, fo.kind, choice)
+    spec = check_ready(ctx.s, item, fo.kind, choice, keep=True)
     # a point the scrub or a verify found damaged is refused; latest falls back to an intact one
     usable, note = failover_point(ctx.s, item, choice)
     if usable != choice:
         ctx.job.args = {**dict(ctx.job.args), "point": usable}
         fo.notes = [*list(fo.notes or []), note]
         ctx.put(point_note=note)
-    spec = vm_spec_from_dict(vm_spec_of(ctx, item))
     fo.recovery_host_id = host.id
     fo.updated_at = ctx.now
     ctx.put(recovery_host=host.id, recovery_site=target)
@@ -385,13 +391,15 @@ def failover_checks(ctx: TaskContext) -> Step:
                 f"{len(spec.nics)} NIC(s)")
 
 
-def check_ready(s: Session, item: Item, kind: str, choice: str) -> None:
+def check_ready(s: Session, item: Item, kind: str, choice: str, *,
+                keep: bool = False) -> VmSpec:
     """The checks of a failover of ``kind`` to point ``choice`` that need no agent: the item
     has a point (an app-consistent one for ``latest_app``; the one named, if named), the vault
     knows the VM's configuration, and every NIC's network is mapped to the recovery site (to a
-    test network for a test failover). Raises ``InvalidInput`` with what to do; writes
-    nothing. Run before a failover job is created (a refusal, not a failed job) and again by
-    its first step."""
+    test network for a test failover). Raises ``InvalidInput`` with what to do; returns the
+    VM's configuration, and writes nothing unless ``keep`` (it is then snapshotted into the
+    item: :func:`vm_spec_of`). Run before a failover job is created (a refusal, not a failed
+    job) and again by its first step."""
     points = s.execute(select(Point.point_id, Point.consistency)
                        .where(Point.item_id == item.id)).all()
     if not points:
@@ -407,13 +415,12 @@ def check_ready(s: Session, item: Item, kind: str, choice: str) -> None:
         raise InvalidInput(f"recovery point {choice} of {item.vm_name} is not in the catalogue",
                            hint=f"List its points: drsite items points {item.id}")
     try:
-        spec = vm_spec_from_dict(_vm_spec(s, item, keep=False))
+        spec = vm_spec_from_dict(_vm_spec(s, item, keep=keep))
     except PermanentError as e:
         raise InvalidInput(e.message, hint=e.hint) from None
-    src = s.get(Host, item.host_id)
-    src_site = src.site_id if src is not None else item.target_site_id
-    network_map_from_args(_network_rows(s, src_site, item.target_site_id)).check(
+    network_map_from_args(_network_rows(s, _source_site_id(s, item), item.target_site_id)).check(
         spec, test=kind == "test")
+    return spec
 
 
 def _recovery(ctx: TaskContext, fo: Failover) -> Host | None:
