@@ -231,18 +231,16 @@ class StoreService:
         self.verify_replicas()
         return applied
 
-    def verify_replicas(self, budget_s: float = VERIFY_BUDGET_S) -> dict[str, str]:
+    def verify_replicas(self, budget_s: float = VERIFY_BUDGET_S) -> None:
         """Advance the replicas' background verification (``ReplicaHydrator.verify_step``)
         for at most ``budget_s`` seconds in all, item after item (round robin across passes:
         a long one does not starve the others), so that a failover finds the point it boots
         already proven equal to its store copy and compares nothing; every ``FULL_REPROOF_S``
         a replica is compared in full again. A replica found to differ is forgotten (the
-        next pass rebuilds it) and logged; other failures are logged once per new error.
-        Returns the items whose replica this pass proved, with the point."""
-        done: dict[str, str] = {}
+        next pass rebuilds it) and logged; other failures are logged once per new error."""
         items = self.item_ids()
         if not items:
-            return done
+            return
         start = self._verify_next % len(items)
         deadline = time.monotonic() + budget_s
         for k, item_id in enumerate(items[start:] + items[:start]):
@@ -265,9 +263,6 @@ class StoreService:
                                          full_every_s=FULL_REPROOF_S)
                 if progress is None:
                     self._verifying.pop(item_id, None)
-                    ver = h.verified()
-                    if ver is not None:
-                        done[item_id] = ver
                 else:
                     self._verifying[item_id] = progress
             except InvalidReplicaState as e:
@@ -283,7 +278,6 @@ class StoreService:
                 self._errors.pop(f"verify:{item_id}", None)
             finally:
                 repo.close()
-        return done
 
     def _latest_point_id(self, item_id: str) -> str | None:
         """The item's newest point in the store, by its listing (not authenticated: what a
