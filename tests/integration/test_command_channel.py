@@ -25,11 +25,14 @@ from drsite.vault.db.database import Database
 from drsite.vault.db.sealed import attach_sealer
 from drsite.vault.masterkey import load_keyring
 from drsite.vault.settings import VaultSettings
+from drsite.vault.testing import HARNESS_IDLE_IN_TX_S
 
 
 class Served:
     def __init__(self, tmp: Path, db_url: str | None = None) -> None:
-        settings = VaultSettings(data_dir=tmp / "vault", loop_interval=0.05, db_url=db_url)
+        # in this test's process, as the harness's vault (its long idle-in-transaction limit)
+        settings = VaultSettings(data_dir=tmp / "vault", loop_interval=0.05, db_url=db_url,
+                                 idle_in_tx_limit_s=HARNESS_IDLE_IN_TX_S)
         app = create_app(settings)
         self.vault: Vault = app.state.vault
         v = self.vault

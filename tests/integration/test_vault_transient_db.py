@@ -268,3 +268,30 @@ def test_two_protections_of_one_vm_at_once_one_wins_the_other_is_a_conflict(
         assert len(items) == 1 and jobs == [job.id], (items, jobs)
     finally:
         h.close()
+
+
+def test_the_idle_in_transaction_limit_is_half_the_lease_unless_set(tmp_path: Path,
+                                                                    pg_url: str) -> None:
+    """A vault's PostgreSQL sessions are ended when idle in a transaction for lease_s / 2 (a
+    stopped vault must not hold the lease's lock longer); the in-process test harness sets
+    a long limit (a stalled test worker is not a stopped vault)."""
+    from drsite.vault.settings import VaultSettings
+    from drsite.vault.testing import HARNESS_IDLE_IN_TX_S
+
+    def limit(db: Database) -> str:
+        with db.read() as s:
+            return str(s.execute(text("SHOW idle_in_transaction_session_timeout")).scalar_one())
+
+    assert VaultSettings(data_dir=tmp_path / "a", lease_s=12.0).idle_in_tx_s == 6.0
+    assert VaultSettings(data_dir=tmp_path / "a", lease_s=1.0).idle_in_tx_s == 2.0
+    assert VaultSettings(data_dir=tmp_path / "a", idle_in_tx_limit_s=30.0).idle_in_tx_s == 30.0
+    db = Database(pg_url, idle_in_tx_s=VaultSettings(data_dir=tmp_path / "a").idle_in_tx_s)
+    try:
+        assert limit(db) == "5s"
+    finally:
+        db.dispose()
+    h = Harness(tmp_path / "vault", pg_url)
+    try:
+        assert limit(h.vault.db) == f"{int(HARNESS_IDLE_IN_TX_S / 60)}min"
+    finally:
+        h.close()

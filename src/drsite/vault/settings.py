@@ -66,6 +66,11 @@ class VaultSettings:
     barrier_cut_lead: float = 0.6
     # the controller lease: a controller that stops renewing it is replaced after this long
     lease_s: float = 10.0
+    # PostgreSQL ends a session idle inside a transaction for this long; None: lease_s / 2 (at
+    # least 2 s), so a stopped vault process cannot hold the lease's share lock past its lease.
+    # The in-process test harness sets it long (it stops no process; a loaded test box
+    # stalling its own worker must not fail a test of API logic)
+    idle_in_tx_limit_s: float | None = None
     listen: str | None = None
     # where agents and operators reach this vault (default https://LISTEN): recorded in the
     # lease, so a standby vault names the active one in its refusals
@@ -102,6 +107,8 @@ class VaultSettings:
     def idle_in_tx_s(self) -> float:
         """PostgreSQL ends a session idle inside a transaction for this long (a stopped process
         must not keep the controller lease's share lock beyond its lease)."""
+        if self.idle_in_tx_limit_s is not None:
+            return self.idle_in_tx_limit_s
         return max(2.0, self.lease_s / 2.0)
 
     @property

@@ -28,6 +28,7 @@ from drsite.vault.context import Vault
 from drsite.vault.settings import VaultSettings
 
 T0 = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
+HARNESS_IDLE_IN_TX_S = 300.0
 
 
 def utc_minute_of_day(t: float) -> int:
@@ -110,6 +111,11 @@ class Harness:
     def __init__(self, data_dir: Path, db_url: str | None = None, *,
                  routers: Sequence[APIRouter] = (), **settings: Any) -> None:
         self.clock = FakeClock(T0)
+        # a long idle-in-transaction limit: this vault runs in the test's own process, which no
+        # test stops; the limit's purpose (a stopped vault process must not hold the lease's
+        # lock) is tested with real processes. A loaded box stalling this process for seconds
+        # mid-transaction (CI: three times) is not what these tests are about
+        settings.setdefault("idle_in_tx_limit_s", HARNESS_IDLE_IN_TX_S)
         self.settings = VaultSettings(data_dir=data_dir, db_url=db_url, clock=self.clock,
                                       minute_of_day=utc_minute_of_day, background=False, **settings)
         self.app = create_app(self.settings, routers=routers)
