@@ -14,6 +14,10 @@ from enum import StrEnum
 
 from drsite.core.errors import InvalidInput
 
+# the named point choices of a failover (or else a point id): the newest point, the newest
+# app-consistent one, the item's point in the newest whole multi-VM consistent group point
+POINT_CHOICES = ("latest", "latest_app", "latest_group")
+
 
 class FailoverAction(StrEnum):
     TEST_FAILOVER = "test-failover"

@@ -26,6 +26,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from drsite.core.actions import POINT_CHOICES
 from drsite.core.errors import (
     Conflict,
     DrsiteError,
@@ -410,8 +411,7 @@ def check_ready(s: Session, item: Item, kind: str, choice: str, *,
         raise InvalidInput(f"{item.vm_name} has no app-consistent recovery point",
                            hint=f"Choose 'latest' or a point id ('drsite items points "
                                 f"{item.id}' lists them).")
-    if choice not in ("latest", "latest_app", "latest_group") \
-            and not any(p == choice for p, _ in points):
+    if choice not in POINT_CHOICES and not any(p == choice for p, _ in points):
         raise InvalidInput(f"recovery point {choice} of {item.vm_name} is not in the catalogue",
                            hint=f"List its points: drsite items points {item.id}")
     try:

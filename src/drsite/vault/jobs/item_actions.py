@@ -27,7 +27,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from drsite.core.actions import FAILOVER_KINDS, ITEM_ACTIONS, FailoverAction
+from drsite.core.actions import FAILOVER_KINDS, ITEM_ACTIONS, POINT_CHOICES, FailoverAction
 from drsite.core.errors import Conflict, DrsiteError, NotFound
 from drsite.core.model import validate_name
 from drsite.core.states import LIVE_ITEM_STATUSES, FailoverState, ItemProtection
@@ -74,9 +74,6 @@ def live_item_of_lineage(s: Session, item: Item) -> Item | None:
                                         Item.status.in_(LIVE_ITEM_STATUSES | _HELD
                                                         | {ItemProtection.COMMITTED}))
                      .order_by(Item.created_at.desc(), Item.id.desc())).first()
-
-
-POINT_CHOICES = ("latest", "latest_app", "latest_group")
 
 
 def point_arg(args: dict[str, Any]) -> str:
