@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -173,3 +176,39 @@ def test_a_periodic_full_reproof_finds_damage_no_cycle_rewrote(tmp_path: Path) -
         h.verify_step(no_lock, prog, budget_s=60.0, full_every_s=0.0)
     assert h.state() == (None, None)
     assert h.catch_up() == [p2] and _replica_bytes(h, "d0", SIZE) == bytes(model)
+
+
+_VERIFY_IN_A_PROCESS = """
+import contextlib, sys
+from pathlib import Path
+from drsite.store.local import LocalObjectStore
+from drsite.store.replica import ReplicaHydrator
+from tests.unit.test_repository import repo_on
+root = Path(sys.argv[1])
+h = ReplicaHydrator(repo_on(LocalObjectStore(root / "store")), root / "replica")
+h.verify_step(contextlib.nullcontext, None, budget_s=60.0)
+"""
+
+
+@pytest.mark.parametrize("failpoint", ["replica.verify-batch=kill@1", "replica.verify-proving"
+                                       "=kill"])
+def test_a_background_proof_killed_midway_proves_nothing_and_runs_again(
+        tmp_path: Path, failpoint: str) -> None:
+    """The store agent SIGKILLed in the middle of a background proof (after its first batch,
+    or with every batch compared, before the proof is saved): the replica's state is the one
+    before it (nothing proven), readable, and the next agent's proof starts over and
+    completes; the images are untouched."""
+    repo, h, model, _p1 = setup(tmp_path)
+    p1 = h.state()[0]
+    assert p1 is not None
+    p2 = delta(repo, h, model, "c2", p1, 1 * MiB, 5 * MiB, seed=5)   # two batches to compare
+    before = (h.dir / "state.json").read_bytes()
+    proc = subprocess.run([sys.executable, "-c", _VERIFY_IN_A_PROCESS, str(tmp_path)],
+                          cwd=Path(__file__).parents[2], capture_output=True, text=True,
+                          env={**os.environ, "DRSITE_FAILPOINTS": failpoint}, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert (h.dir / "state.json").read_bytes() == before
+    assert h.verified() is None and h.state()[0] == p2
+    assert h.verify_step(no_lock, None, budget_s=60.0) is None
+    assert h.verified() == p2 and h.check(repo.point(p2)).how == "pre-verified"
+    assert _replica_bytes(h, "d0", SIZE) == bytes(model)

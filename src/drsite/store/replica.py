@@ -47,6 +47,7 @@ from typing import Any, NoReturn
 import numpy as np
 import numpy.typing as npt
 
+from drsite import failpoints
 from drsite.core.errors import (
     BrokenChain,
     CorruptData,
@@ -572,6 +573,7 @@ class ReplicaHydrator:
                     progress.retarget(self.repo, held)
                 batch = progress.next_batch()
                 if batch is None:
+                    failpoints.hit("replica.verify-proving")
                     self._save({**st, "verified": {"point_id": held.point_id,
                                                    "cycle_id": held.cycle_id},
                                 "proven_full_at": time.time() if progress.full
@@ -583,6 +585,7 @@ class ReplicaHydrator:
                     self._forget(f"differs from point {held.point_id} in {bad} block(s) of "
                                  f"disk {disk_id}")
                 progress.compared += int(ranges.lengths.sum())
+                failpoints.hit("replica.verify-batch")   # a kill here loses only progress
 
     # -- streaming a cycle while it is shipped ------------------------------------------------
 
