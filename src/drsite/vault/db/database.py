@@ -255,6 +255,7 @@ class Database:
         self._writers: FairLock | _NoLock = FairLock() if self.sqlite else _NoLock()
         self._guard: Guard | None = None
         self._gate: Gate | None = None
+        self._listeners: list[tuple[str, Any]] = []   # shared with the guarded views
 
     def set_gate(self, gate: Gate) -> None:
         """``gate()`` runs before every write transaction (``tx()``) of this database and of
@@ -284,6 +285,7 @@ class Database:
         """Hook ``fn`` to a session event (``after_flush``, ``after_commit``, ...) of the write
         sessions (``tx()``)."""
         event.listen(self._sessions, name, fn)
+        self._listeners.append((name, fn))
 
     @contextmanager
     def tx(self) -> Iterator[Session]:
@@ -318,4 +320,11 @@ class Database:
                 s.rollback()
 
     def dispose(self) -> None:
+        """Close the pool's connections and unhook the session listeners: SQLAlchemy keeps
+        a sessionmaker's listeners in a class-level registry (weakly keyed by the
+        sessionmaker's session class, which the listener's owner holds), so a listener left
+        hooked keeps its vault, engine and caches alive for the life of the process."""
+        while self._listeners:
+            name, fn = self._listeners.pop()
+            event.remove(self._sessions, name, fn)
         self.engine.dispose()
