@@ -198,9 +198,7 @@ def test_a_background_proof_killed_midway_proves_nothing_and_runs_again(
     or with every batch compared, before the proof is saved): the replica's state is the one
     before it (nothing proven), readable, and the next agent's proof starts over and
     completes; the images are untouched."""
-    repo, h, model, _p1 = setup(tmp_path)
-    p1 = h.state()[0]
-    assert p1 is not None
+    repo, h, model, p1 = setup(tmp_path)
     p2 = delta(repo, h, model, "c2", p1, 1 * MiB, 5 * MiB, seed=5)   # two batches to compare
     before = (h.dir / "state.json").read_bytes()
     proc = subprocess.run([sys.executable, "-c", _VERIFY_IN_A_PROCESS, str(tmp_path)],
