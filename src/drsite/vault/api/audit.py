@@ -1,7 +1,8 @@
 """The audit trail over HTTP: the middleware that records calls, and ``GET /audit`` (admin).
 
-:class:`AuditMiddleware` records, after the response (in its own transaction, so a refused call
-whose transaction rolled back is recorded too):
+:class:`AuditMiddleware` records, once the route has answered and before the answer's last byte is
+sent (in its own transaction, so a refused call whose transaction rolled back is recorded too; a
+client that has its response finds the call in ``GET /audit``):
 - every mutating call (POST/PUT/PATCH/DELETE) under ``/api/v1`` and every dashboard POST
   (``/ui``), whatever its outcome — except an agent's accepted heartbeat, command result or
   command-channel poll (agent facts, recorded as the host's liveness and the command's state;
@@ -146,34 +147,46 @@ class AuditMiddleware:
         async def snd(msg: Message) -> None:
             if msg["type"] == "http.response.start":
                 seen["status"] = int(msg["status"])
-            elif (msg["type"] == "http.response.body" and (seen["status"] or 0) >= 400
-                  and len(err) < MAX_ERROR_BODY):
-                err.extend(msg.get("body", b"")[:MAX_ERROR_BODY - len(err)])
+            elif msg["type"] == "http.response.body":
+                if (seen["status"] or 0) >= 400 and len(err) < MAX_ERROR_BODY:
+                    err.extend(msg.get("body", b"")[:MAX_ERROR_BODY - len(err)])
+                if not msg.get("more_body", False):
+                    # the row is written before the client can have its answer: an operator who
+                    # was refused finds the refusal in the trail at once, never a moment later
+                    await record()
             await send(msg)
 
         vault = scope["app"].state.vault
         at = vault.settings.clock.now()
-        try:
-            await self.app(scope, recv, snd)
-        finally:
+
+        async def record() -> None:
+            if seen.get("recorded"):
+                return
+            seen["recorded"] = True
             status = seen["status"] or 500
             template = getattr(scope.get("route"), "path", None) or path
             if api and not template.startswith("/api/v1/"):  # routes of an included router
                 template = "/api/v1" + template
             action = f"{method} {template}"
-            if self._wanted(method, action, status):
-                actor = state.get(STATE_ACTOR) or await _cert_actor(scope, vault, path) \
-                    or ("anonymous", "")
-                client = scope.get("client")
-                entry = AuditEntry(
-                    at=at, actor_kind=actor[0], actor=actor[1],
-                    client=str(client[0]) if client else None, action=action,
-                    target=_target(scope, bytes(body), seen["body_done"] and "overflow" not in seen),
-                    outcome="ok" if status < 400 else "refused" if status < 500 else "failed",
-                    status=status, error_code=_error_code(bytes(err), status) if status >= 400 else None,
-                    detail=dict(state.get(STATE_DETAIL) or {}))
-                if not self._repeated(entry):
-                    await run_in_threadpool(_write, vault, entry)
+            if not self._wanted(method, action, status):
+                return
+            actor = state.get(STATE_ACTOR) or await _cert_actor(scope, vault, path) \
+                or ("anonymous", "")
+            client = scope.get("client")
+            entry = AuditEntry(
+                at=at, actor_kind=actor[0], actor=actor[1],
+                client=str(client[0]) if client else None, action=action,
+                target=_target(scope, bytes(body), seen["body_done"] and "overflow" not in seen),
+                outcome="ok" if status < 400 else "refused" if status < 500 else "failed",
+                status=status, error_code=_error_code(bytes(err), status) if status >= 400 else None,
+                detail=dict(state.get(STATE_DETAIL) or {}))
+            if not self._repeated(entry):
+                await run_in_threadpool(_write, vault, entry)
+
+        try:
+            await self.app(scope, recv, snd)
+        finally:  # no complete answer was sent (the route raised, the client went away): a 500
+            await record()
 
     def _wanted(self, method: str, action: str, status: int) -> bool:
         if method not in MUTATING:
