@@ -35,3 +35,19 @@ def test_a_closed_vault_is_freed(tmp_path: Path) -> None:
     del h
     gc.collect()
     assert vault() is None and engine() is None
+
+
+def test_a_closed_vault_that_served_agents_is_freed(tmp_path: Path) -> None:
+    """The harness's stand-in for the agent certificate is one module-level function: FastAPI
+    caches each dependency callable it meets, strongly, so a per-harness override (a closure
+    over the harness) kept every harness that served an agent call alive with its vault."""
+    h = Harness(tmp_path / "vault")
+    h.site("prim")
+    agent = h.register("prim", "hv1")
+    agent.beat()
+    assert agent.result("no-such-command", "succeeded").status_code == 404
+    vault = weakref.ref(h.vault)
+    h.close()
+    del h, agent
+    gc.collect()
+    assert vault() is None

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.testclient import TestClient
 
 from drsite.core.clock import FakeClock
@@ -107,6 +107,15 @@ class Agent:
         return self.post(f"/commands/{command_id}/result", {"status": status, **kw})
 
 
+async def _harness_peer(request: Request) -> bytes | None:
+    """The harness's stand-in for the connection's certificate. One module-level function for
+    every harness: FastAPI caches each dependency callable it meets (strongly, by identity), so
+    a callable of each harness (a closure or bound method over it) kept every closed harness
+    alive, with its vault (~15,000-35,000 objects a test: long full collections in the test
+    workers)."""
+    return cast("bytes | None", getattr(request.app.state, "harness_peer", None))
+
+
 class Harness:
     def __init__(self, data_dir: Path, db_url: str | None = None, *,
                  routers: Sequence[APIRouter] = (), **settings: Any) -> None:
@@ -120,12 +129,21 @@ class Harness:
                                       minute_of_day=utc_minute_of_day, background=False, **settings)
         self.app = create_app(self.settings, routers=routers)
         self.vault: Vault = self.app.state.vault
-        self.peer: bytes | None = None
-        self.app.dependency_overrides[peer_cert] = lambda: self.peer
+        self.peer = None
+        self.app.dependency_overrides[peer_cert] = _harness_peer
         self.client = TestClient(self.app, raise_server_exceptions=False)
         self.client.__enter__()
         self.admin = (data_dir / "admin.token").read_text().strip()
         self.agents: list[Agent] = []
+
+    @property
+    def peer(self) -> bytes | None:
+        """The client certificate (DER) the next requests come with (None: none)."""
+        return cast("bytes | None", getattr(self.app.state, "harness_peer", None))
+
+    @peer.setter
+    def peer(self, der: bytes | None) -> None:
+        self.app.state.harness_peer = der
 
     def close(self) -> None:
         self.client.__exit__(None, None, None)
