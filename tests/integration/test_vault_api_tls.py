@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -122,6 +123,60 @@ def test_a_call_is_in_the_audit_trail_before_its_caller_has_the_answer(
                        ("POST /api/v1/sites", "refused", 409),
                        ("POST /api/v1/sites", "ok", 201)], got
     assert got[0][2] in (400, 422)
+
+
+def _failing(monkeypatch: pytest.MonkeyPatch, vault: Vault, which: str, times: int) -> None:
+    """``vault.db.<which>`` fails ``times`` times the way a database failing for the moment does
+    (SQLite's "database is locked"; the API answers 503 busy)."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    real = getattr(vault.db, which)
+    left = [times]
+
+    def flaky(*a: Any, **kw: Any) -> Any:
+        left[0] -= 1
+        if left[0] >= 0:
+            raise OperationalError("SELECT 1", {}, sqlite3.OperationalError("database is locked"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(vault.db, which, flaky)
+
+
+def test_the_cli_client_asks_a_busy_vault_again_for_reads_only(
+        served: tuple[str, Vault], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vault's 503 busy says the CLI retries on its own: reads are asked again after the
+    Retry-After (a few times), writes never (one may have been done), and a vault that stays
+    busy is reported with what was tried."""
+    from drsite.client import api as client_api
+
+    url, vault = served
+    admin = (vault.settings.data_dir / "admin.token").read_text().strip()
+    monkeypatch.setattr(client_api, "BUSY_WAIT_S", (0.05, 0.05))
+    sent: list[str] = []
+    with VaultClient(VaultConfig(url, admin, vault.tls.ca)) as c:
+        c._http.event_hooks["request"].append(lambda r: sent.append(r.method))
+        c.create_site("prim")
+        with pytest.MonkeyPatch.context() as mp:
+            _failing(mp, vault, "read", 2)
+            sent.clear()
+            assert [s["name"] for s in c.sites()] == ["prim"]
+            assert sent == ["GET"] * 3               # two busy answers, then the list
+        with pytest.MonkeyPatch.context() as mp:
+            _failing(mp, vault, "read", 100)
+            sent.clear()
+            with pytest.raises(E.Busy) as busy:
+                c.sites()
+            assert sent == ["GET"] * (client_api.BUSY_RETRIES + 1)
+            assert "Asked 5 times" in busy.value.hint
+        with pytest.MonkeyPatch.context() as mp:
+            _failing(mp, vault, "tx", 1)
+            sent.clear()
+            with pytest.raises(E.Busy):
+                c.create_site("sec")                 # a write is not asked again
+            assert sent == ["POST"]
+        assert [s["name"] for s in c.sites()] == ["prim"]
 
 
 def _free_port() -> int:

@@ -2,7 +2,9 @@
 
 Responsible for: HTTPS to the vault (verifying its certificate against the vault's CA), the
 bearer token, and turning error responses back into the drsite error hierarchy (so the CLI can
-exit by error class). Not responsible for: retries (callers decide) or rendering.
+exit by error class); reads the vault answered ``503 busy`` (its database failed for the moment,
+nothing was done) are asked again after its ``Retry-After``, a few times. Not responsible for:
+retrying anything else (a write may have been done; callers decide) or rendering.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ from drsite.core import errors as E
 from drsite.core.states import TERMINAL_JOB_STATES
 
 PAGE_MAX = 1000  # the vault's largest page
+# a read answered "503 busy" is asked again this many times, waiting the answer's Retry-After
+# (bounded): a database failover or a stalled transaction lasts seconds, not minutes
+BUSY_RETRIES = 4
+BUSY_WAIT_S = (0.2, 5.0)
+IDEMPOTENT = frozenset({"GET", "HEAD"})
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,25 @@ def error_from_response(resp: httpx.Response) -> E.DrsiteError:
     return E.from_dict({**body, "message": message}, http_status=resp.status_code)
 
 
+def _code(resp: httpx.Response) -> str | None:
+    """The error code of an error answer's JSON body, if it has one."""
+    try:
+        body = resp.json()
+    except ValueError:
+        return None
+    code = body.get("code") if isinstance(body, dict) else None
+    return code if isinstance(code, str) else None
+
+
+def _retry_after(resp: httpx.Response) -> float:
+    """The answer's ``Retry-After`` in seconds (1 when absent or not a number of seconds)."""
+    try:
+        s = float(resp.headers.get("retry-after", "1"))
+    except ValueError:
+        return 1.0
+    return s if math.isfinite(s) and s >= 0 else 1.0
+
+
 def _check_finite(value: Any, where: str = "") -> None:
     """``InvalidInput`` for a NaN or infinite number in a request body (JSON cannot carry one:
     ``--frequency nan`` printed a traceback)."""
@@ -101,8 +127,30 @@ class VaultClient:
               params: dict[str, Any] | None = None) -> Any:
         if json is not None:
             _check_finite(json)
+        waited = 0.0
+        for attempt in range(BUSY_RETRIES + 1):
+            resp = self._send(method, path, json=json, params=params)
+            if not (resp.status_code == 503 and method in IDEMPOTENT and _code(resp) == "busy"):
+                break
+            if attempt == BUSY_RETRIES:
+                err = error_from_response(resp)
+                err.hint = (f"Asked {attempt + 1} times over {waited:.0f} s; the vault's "
+                            "database still fails. Check the vault's log and its database.")
+                raise err
+            pause = min(max(_retry_after(resp), BUSY_WAIT_S[0]), BUSY_WAIT_S[1])
+            time.sleep(pause)
+            waited += pause
+        if resp.status_code >= 400:
+            raise error_from_response(resp)
+        if resp.status_code == 204 or not resp.content:
+            return None
+        ctype = resp.headers.get("content-type", "")
+        return resp.json() if "json" in ctype else resp.text
+
+    def _send(self, method: str, path: str, *, json: Any,
+              params: dict[str, Any] | None) -> httpx.Response:
         try:
-            resp = self._http.request(method, path, json=json, params=params)
+            return self._http.request(method, path, json=json, params=params)
         except httpx.ConnectError as e:
             if "CERTIFICATE_VERIFY_FAILED" in str(e):
                 raise E.AuthError(f"the vault's certificate is not trusted: {e}",
@@ -111,12 +159,6 @@ class VaultClient:
                                  hint="Is the vault running? Check --vault / DRSITE_VAULT_URL.") from e
         except httpx.TimeoutException as e:
             raise E.NetworkError(f"the vault did not answer in {self.config.timeout:g} s") from e
-        if resp.status_code >= 400:
-            raise error_from_response(resp)
-        if resp.status_code == 204 or not resp.content:
-            return None
-        ctype = resp.headers.get("content-type", "")
-        return resp.json() if "json" in ctype else resp.text
 
     # -- pages ---------------------------------------------------------------------------------
 

@@ -87,8 +87,9 @@ def install(app: FastAPI) -> None:
                         req.method, req.url.path, type(exc).__name__,
                         str(exc).splitlines()[0] if str(exc) else "")
             return _answer(Busy("the vault's database did not complete this request",
-                                hint="Retry after the Retry-After delay; drsite's agents and "
-                                     "CLI retry on their own."),
+                                hint="Retry after the Retry-After delay; "
+                                     "drsite's agents retry on their own, its CLI retries "
+                                     "reads."),
                            headers={"Retry-After": str(RETRY_AFTER_S)})
         return _internal_error(req, exc)
 
