@@ -22,7 +22,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from drsite.core.actions import ITEM_ACTIONS, PLAN_ACTIONS, POINT_ACTIONS, FailoverAction
+from drsite.core.actions import (
+    ITEM_ACTIONS,
+    PLAN_ACTIONS,
+    POINT_ACTIONS,
+    POINT_CHOICES,
+    FailoverAction,
+)
 from drsite.core.errors import DrsiteError, InvalidInput, NotFound
 from drsite.vault.context import Vault
 from drsite.web import data
@@ -127,9 +133,11 @@ PLAN_TEXT: dict[str, tuple[str, str, bool]] = {
         "A planned failover of every re-protected VM of the plan back to the site it came from, "
         "group by group (no data lost). Commit afterwards.", True),
 }
-PLAN_POINTS = (("latest", "Latest recovery point (lowest RPO)"),
-               ("latest_app", "Latest app-consistent recovery point"),
-               ("latest_group", "Latest multi-VM consistent point (consistent groups)"))
+POINT_LABELS = {"latest": "Latest recovery point (lowest RPO)",
+                "latest_app": "Latest app-consistent recovery point",
+                "latest_group": "Latest multi-VM consistent point (consistent groups)"}
+# the dashboard offers exactly the choices the API takes (a choice added there fails here)
+PLAN_POINTS = tuple((c, POINT_LABELS[c]) for c in POINT_CHOICES)
 VERIFY_WHAT = ("Reads the chosen recovery points whole from the recovery store, on the host that "
                "serves it, checking every piece of data against its hash, and records each disk's "
                "digest. A point that cannot be restored exactly is marked damaged and refused for "
