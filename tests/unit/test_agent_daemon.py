@@ -482,8 +482,44 @@ def test_heartbeat_holds_queued_and_running_commands(env: Env) -> None:
         assert cid in env.vault.hosts[env.host_id].last["held"]
         gate.set()
         env.run(a, cid)
-        a.heartbeat_once()
-        assert cid not in env.vault.hosts[env.host_id].last["held"]
+        # no longer held once its result is posted and marked so (the mark follows the
+        # vault's answer, which the test may see first)
+        deadline = time.monotonic() + 10
+        while True:
+            a.heartbeat_once()
+            if cid not in env.vault.hosts[env.host_id].last["held"]:
+                break
+            assert time.monotonic() < deadline, "still held 10 s after its result"
+            time.sleep(0.05)
+    finally:
+        a.shutdown()
+
+
+def test_a_command_with_a_final_result_is_not_held_while_its_lane_finishes(env: Env) -> None:
+    """Its lane refreshes the catalogue after the command ends (slow on a big store): the
+    command is no longer in flight from its result on, so beats do not list it as held and
+    no "running" progress can follow its final result."""
+    a = env.agent()
+    try:
+        env.run(a, env.vault.send(env.host_id, "protect", ITEM, env.protect_args()))
+        gate = threading.Event()
+        orig = a.refresh_catalogue
+
+        def slow_refresh(*args: Any, **kw: Any) -> Any:
+            gate.wait(10)
+            return orig(*args, **kw)
+
+        a.refresh_catalogue = slow_refresh  # type: ignore[method-assign]
+        cid = env.vault.send(env.host_id, "cycle", ITEM, {})
+        env.run(a, cid)
+        deadline = time.monotonic() + 5
+        while cid in a.lanes.held_commands():
+            assert time.monotonic() < deadline, "held while its lane finishes"
+            time.sleep(0.02)
+        a.lanes.post_progress()
+        assert [r["status"] for r in env.vault.results[cid]][-1] == "succeeded"
+        assert not gate.is_set()        # the lane was still in its refresh throughout
+        gate.set()
     finally:
         a.shutdown()
 

@@ -99,7 +99,8 @@ def test_the_health_pass_takes_a_quarter_of_the_loop_at_most(
     assert vault._health_every >= context.HEALTH_REST_FACTOR * 0.2
     vault._round()
     assert len(passes) == 1   # rests three times its duration
-    time.sleep(context.HEALTH_REST_FACTOR * 0.2 + 0.05)
+    # (measured: on a loaded box the 0.2 s sleep takes longer, and so does the rest)
+    time.sleep(max(0.0, vault._last_health + vault._health_every - time.monotonic()) + 0.05)
     vault._round()
     assert len(passes) == 2
 

@@ -522,6 +522,10 @@ class CommandLanes:
                 error: dict[str, Any] | None) -> None:
         fin = Finished(cmd.command_id, cmd.kind, cmd.item_id, status, result, error, time.time())
         self.journal.finish(fin)
+        with self._lock:
+            # ended: from here the journal holds it until the vault has the result; still
+            # "in flight" it was listed as held (and could post "running") after its result
+            self._inflight.pop(cmd.command_id, None)
         self._post_final(fin)
 
     def _post_final(self, fin: Finished) -> None:
