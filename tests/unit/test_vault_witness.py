@@ -271,3 +271,41 @@ def test_after_a_grant_renewals_carry_the_granted_epoch(tmp_path: Path) -> None:
     assert (wl.claim(2, 15.0) or {})["granted"] is True and wl.confirmed()
     out = wl.renew(1)  # the database still says 1
     assert out is not None and out["ok"] is True and book.record.epoch == 2
+
+
+def test_the_automatic_promotion_waits_for_an_operators_promotion() -> None:
+    """The standby's role watcher does not run its automatic promotion (rule 1) while an
+    operator's promotion runs, and stops once that made the vault active: both used to claim
+    at the witness, the second at yet another epoch (seen as a flaky epoch in CI)."""
+    import types
+
+    from drsite.vault import context
+
+    steps: list[str] = []
+    fake = types.SimpleNamespace(
+        standby=True, fenced=None, _role_stop=threading.Event(),
+        _promote_lock=threading.RLock(),
+        db=types.SimpleNamespace(in_recovery=lambda: True),
+        autopromote=types.SimpleNamespace(step=lambda: steps.append("step") or False))
+    orig_poll = context.ROLE_POLL_S
+    context.ROLE_POLL_S = 0.01
+    try:
+        fake._promote_lock.acquire()          # the operator's promotion is running
+        watcher = threading.Thread(target=context.Vault._watch_role, args=(fake,))
+        watcher.start()
+        threading.Event().wait(0.3)
+        assert steps == []
+        fake.standby = False                  # it made the vault active, then let go
+        fake._promote_lock.release()
+        watcher.join(5)
+        assert not watcher.is_alive() and steps == []
+        # without a promotion running, the watcher looks as before
+        fake.standby = True
+        watcher = threading.Thread(target=context.Vault._watch_role, args=(fake,))
+        watcher.start()
+        threading.Event().wait(0.3)
+        assert steps
+        fake._role_stop.set()
+        watcher.join(5)
+    finally:
+        context.ROLE_POLL_S = orig_poll

@@ -128,6 +128,10 @@ class Vault:
         # a standby's database is a hot standby: every write is refused before it starts
         self.standby = standby
         self._role_lock = threading.Lock()
+        # one promotion at a time: an operator's and the standby's automatic one (rule 1) raced
+        # — both claimed at the witness, the second at yet another epoch (re-entrant: the
+        # automatic one promotes through promote())
+        self._promote_lock = threading.RLock()
         self._role_stop = threading.Event()
         self._role_thread: threading.Thread | None = None
         self._started = False
@@ -298,6 +302,11 @@ class Vault:
         return epoch
 
     def promote(self, *, force: bool = False, min_epoch: int = 0) -> dict[str, object]:
+        """See :meth:`_promote`; one promotion at a time."""
+        with self._promote_lock:
+            return self._promote(force=force, min_epoch=min_epoch)
+
+    def _promote(self, *, force: bool, min_epoch: int) -> dict[str, object]:
         """Make this standby vault active: promote its database (``pg_promote()``, waiting
         until it accepts writes), then take the controller lease with a new epoch, whoever
         holds it (the old active, if it returns, is fenced by that epoch), and run the
@@ -380,11 +389,17 @@ class Vault:
                             type(e).__name__)
                 continue
             if self.autopromote is not None and self.fenced is None:
+                if not self._promote_lock.acquire(blocking=False):
+                    continue   # an operator's promotion runs: look again after it
                 try:
+                    if not self.standby:
+                        return   # it made this vault active
                     if self.autopromote.step():
                         return
                 except Exception:  # a failed attempt: the next look tries again
                     log.exception("automatic promotion failed; trying again")
+                finally:
+                    self._promote_lock.release()
 
     def _run_active(self) -> None:
         if self.fenced is not None:
