@@ -19,7 +19,7 @@ from drsite.core.errors import PointNotAuthentic
 from drsite.core.states import ItemProtection
 from drsite.sitestore.acl import AclState, acl_digest
 from drsite.vault import storeacl
-from drsite.vault.db.models import Command, Host, Item
+from drsite.vault.db.models import Command, Host, Item, PointKey
 from drsite.vault.testing import Harness, vm_info
 from tests.integration.test_vault_api import policy_and_group, protect, two_sites
 from tests.integration.test_vault_trust import security_alerts
@@ -276,3 +276,35 @@ def test_a_host_that_merely_claims_a_store_gets_no_keys_and_no_breakglass(h: Har
     assert h.ok("GET", f"/items/{item_id}")["protection"] == "protected"
     assert not [c for c in a.beat()["commands"] if c["kind"] == "failover_fence"]
     assert security_alerts(h)
+
+
+def test_a_point_key_made_in_a_rolled_back_transaction_is_never_sent(h: Harness) -> None:
+    """The access list caches the items' keys and the lists it built. A key made while
+    building a list in a transaction that then rolls back (a failed commit, a refused request,
+    a group commit's batch) was cached anyway: the next list carried a key the database never
+    held, while the next transaction made the item another one — the store would refuse the
+    source's points as not authentic."""
+    a, b = two_sites(h)
+    policy_and_group(h)
+    b.beat(store_url=b.store_url)
+    item_id = protect(h, a)
+    with h.vault.db.tx() as s:      # the item has no key yet (as before its first list)
+        s.execute(PointKey.__table__.delete().where(PointKey.item_id == item_id))
+    storeacl._KEYS.clear()
+    storeacl._DOCS.clear()
+
+    class Undo(Exception):
+        pass
+
+    with pytest.raises(Undo), h.vault.db.tx() as s:
+        made, _ = storeacl.access_list_digest(s, s.get(Host, b.host_id), h.clock.now())
+        assert made["items"][item_id]["point_key"]
+        raise Undo
+    with h.vault.db.tx() as s:
+        doc, _ = storeacl.access_list_digest(s, s.get(Host, b.host_id), h.clock.now())
+    with h.vault.db.read() as s:
+        stored = storeacl.existing_point_key(s, item_id)
+    assert stored is not None and doc["items"][item_id]["point_key"] == stored
+    with h.vault.db.tx() as s:      # and from the cache, once committed
+        again, _ = storeacl.access_list_digest(s, s.get(Host, b.host_id), h.clock.now())
+    assert again["items"][item_id]["point_key"] == stored

@@ -87,7 +87,8 @@ KNOWN_LISTS = 16
 # within REBUILD_AFTER_S (a pass of N waiting jobs builds the list once, not N times)
 _TRIED: dict[str, tuple[str | None, str | None, float]] = {}
 REBUILD_AFTER_S = 1.0
-_KEYS: dict[str, str] = {}  # item id -> point key: immutable once made
+_KEYS: dict[str, str] = {}  # item id -> point key: immutable once made (and committed)
+MADE_KEYS = "drsite_made_point_keys"  # session.info: this transaction made a point key
 # failed over (or further): the old primary's item is read-only on the store
 READ_ONLY_STATUSES = frozenset({ItemProtection.FAILED_OVER, ItemProtection.COMMITTED,
                                 ItemProtection.REPROTECTED})
@@ -101,6 +102,7 @@ def point_key(s: Session, item_id: str, now: float) -> str:
     if row is None:
         row = PointKey(item_id=item_id, key=base64.b64encode(os.urandom(KEY_BYTES)).decode(),
                        created_at=now)
+        s.info[MADE_KEYS] = True
         try:
             with s.begin_nested():
                 s.add(row)
@@ -210,16 +212,29 @@ def site_store_fingerprint(s: Session, site_id: int, fields: tuple[str, ...]) ->
     return f"{got[0]}:{hashlib.blake2b((got[1] or '').encode(), digest_size=32).hexdigest()}"
 
 
-def _keys(s: Session, item_ids: list[str], now: float) -> dict[str, str]:
+def _keys(s: Session, item_ids: list[str], now: float) -> tuple[dict[str, str], bool]:
+    """The items' point keys, and whether this transaction created any. Only committed keys
+    are cached: a key created here is undone if the transaction rolls back (a failed commit,
+    a refused request, a group commit's batch), and a cached one would then go out in an
+    access list while the next transaction makes the item another key."""
     with _CACHE:
         out = {i: _KEYS[i] for i in item_ids if i in _KEYS}
     missing = [i for i in item_ids if i not in out]
+    made = False
     if missing:
-        got = point_keys(s, missing, now)
-        with _CACHE:
-            _KEYS.update(got)
-        out.update(got)
-    return out
+        found = {r.item_id: r.key for r in s.scalars(select(PointKey).where(
+            PointKey.item_id.in_(sorted(missing))))}
+        if s.info.get(MADE_KEYS):
+            made = True   # a key read here may be one this transaction made: cache nothing
+        else:
+            with _CACHE:
+                _KEYS.update(found)
+        out.update(found)
+        for item_id in missing:
+            if item_id not in out:
+                out[item_id] = point_key(s, item_id, now)
+                made = True
+    return out, made
 
 
 def access_list(s: Session, host: Host, now: float) -> dict[str, Any]:
@@ -252,7 +267,7 @@ def access_list_digest(s: Session, host: Host, now: float) -> tuple[dict[str, An
     live = {hid: {"fingerprint": fp_, "serial": serial}
             for hid, fp_, serial, revoked_at in host_rows
             if hid in writers and revoked_at is None}
-    keys = _keys(s, [i for i, h, _ in items if h in live], now)
+    keys, made = _keys(s, [i for i, h, _ in items if h in live], now)
     grants: dict[str, Any] = {}
     for item_id, source, status in items:
         if source not in live:
@@ -267,9 +282,10 @@ def access_list_digest(s: Session, host: Host, now: float) -> tuple[dict[str, An
                        "fingerprints": [r[1] for r in revoked]}}
     out = (doc, acl_digest(doc))
     with _CACHE:
-        _DOCS[key] = out
-        while len(_DOCS) > KNOWN_LISTS:
-            _DOCS.popitem(last=False)
+        if not made:   # a list holding keys this transaction made is not known to be committed
+            _DOCS[key] = out
+            while len(_DOCS) > KNOWN_LISTS:
+                _DOCS.popitem(last=False)
         _remember(doc, out[1])
     return out
 
