@@ -135,9 +135,13 @@ def _heartbeat(body: HeartbeatIn, vault: Vault, cert: bytes | None,
                 recovery_book_patches=body.recovery_book_patches, breakglass=body.breakglass)
     ident = verify_agent_cert(vault.ca, cert)  # before the transaction (cached)
     set_actor(request, "host", ident.common_name)
-    with vault.db.tx() as s:
-        host = agent_host(s, ident)
-        return apply_heartbeat(s, host, beat, vault.settings)
+
+    def apply(s: Session) -> dict[str, Any]:
+        # group-committed with other beats and results (db/groupcommit.py): changes only this
+        # host's rows, and runs again alone if its batch is rolled back
+        return apply_heartbeat(s, agent_host(s, ident), beat, vault.settings)
+
+    return vault.db.batched(apply)
 
 
 def _take_pending(vault: Vault, ident: CertIdentity) -> tuple[str, list[dict[str, Any]]]:
@@ -225,21 +229,32 @@ def _command_result(command_id: str, body: CommandResultIn, vault: Vault, cert: 
     now = vault.settings.clock.now()
     ident = verify_agent_cert(vault.ca, cert)  # before the transaction (cached)
     set_actor(request, "host", ident.common_name)
-    with vault.db.tx() as s:
-        host = agent_host(s, ident)
-        cmd = s.get(Command, name("command id", command_id))
-        if cmd is None or cmd.host_id != host.id:
-            raise NotFound(f"no command {command_id!r} for this host")
-        ended = commands.record_result(cmd, status=body.status, progress=body.progress,
-                                       result=body.result, error=body.error, now=now)
-        if not ended and cmd.status == CommandStatus.RUNNING:
-            barrier.on_progress(s, cmd)
-        if ended:
-            apply_result(s, cmd, now)
-            barrier.on_result(s, cmd, now)
-            alert_not_authentic(s, host, cmd, now)
-            if cmd.kind == "failover_fence":
-                fencing.apply_result(s, cmd, now)
-            elif cmd.kind == "failover":
-                apply_late_result(s, cmd, now)  # its job ended before it did
-        return {"command_id": cmd.id, "status": cmd.status}
+    cid = name("command id", command_id)
+
+    def record(s: Session) -> dict[str, Any]:
+        # group-committed with other results (db/groupcommit.py): changes only this command's
+        # rows and what its end decides, and runs again alone if its batch is rolled back
+        return _record_result(s, ident, cid, body, now)
+
+    return vault.db.batched(record)
+
+
+def _record_result(s: Session, ident: CertIdentity, command_id: str, body: CommandResultIn,
+                   now: float) -> dict[str, Any]:
+    host = agent_host(s, ident)
+    cmd = s.get(Command, command_id)
+    if cmd is None or cmd.host_id != host.id:
+        raise NotFound(f"no command {command_id!r} for this host")
+    ended = commands.record_result(cmd, status=body.status, progress=body.progress,
+                                   result=body.result, error=body.error, now=now)
+    if not ended and cmd.status == CommandStatus.RUNNING:
+        barrier.on_progress(s, cmd)
+    if ended:
+        apply_result(s, cmd, now)
+        barrier.on_result(s, cmd, now)
+        alert_not_authentic(s, host, cmd, now)
+        if cmd.kind == "failover_fence":
+            fencing.apply_result(s, cmd, now)
+        elif cmd.kind == "failover":
+            apply_late_result(s, cmd, now)  # its job ended before it did
+    return {"command_id": cmd.id, "status": cmd.status}

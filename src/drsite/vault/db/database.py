@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -33,7 +33,10 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.exc import TimeoutError as SaTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
+from drsite.vault.db.groupcommit import GroupCommit
+
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+T = TypeVar("T")
 
 
 # connections: API worker threads (anyio's default limit is 40) + the background loop + slack
@@ -256,6 +259,7 @@ class Database:
         self._guard: Guard | None = None
         self._gate: Gate | None = None
         self._listeners: list[tuple[str, Any]] = []   # shared with the guarded views
+        self._group = GroupCommit(self.tx)
 
     def set_gate(self, gate: Gate) -> None:
         """``gate()`` runs before every write transaction (``tx()``) of this database and of
@@ -276,7 +280,18 @@ class Database:
         written (the controller's fence: ``vault/controller.py``)."""
         view = copy.copy(self)
         view._guard = guard
+        view._group = GroupCommit(view.tx)   # its batches pass its guard
         return view
+
+    def batched(self, fn: Callable[[Session], T]) -> T:
+        """``fn(session)`` in a write transaction, on SQLite shared with the calls that
+        queued while the previous one ran (one commit for all: ``groupcommit.py``; ``fn``
+        must change only rows its call names and be safe to run again). On PostgreSQL, which
+        writes from many connections at once, its own ``tx()``."""
+        if not self.sqlite:
+            with self.tx() as s:
+                return fn(s)
+        return self._group.run(fn)
 
     def migrate(self) -> None:
         upgrade(self.engine)
