@@ -137,8 +137,8 @@ def _heartbeat(body: HeartbeatIn, vault: Vault, cert: bytes | None,
     set_actor(request, "host", ident.common_name)
 
     def apply(s: Session) -> dict[str, Any]:
-        # group-committed with other beats and results (db/groupcommit.py): changes only this
-        # host's rows, and runs again alone if its batch is rolled back
+        # group-committed with other beats and results (db/groupcommit.py): runs again alone
+        # if its batch is rolled back
         return apply_heartbeat(s, agent_host(s, ident), beat, vault.settings)
 
     return vault.db.batched(apply)
@@ -232,8 +232,8 @@ def _command_result(command_id: str, body: CommandResultIn, vault: Vault, cert: 
     cid = name("command id", command_id)
 
     def record(s: Session) -> dict[str, Any]:
-        # group-committed with other results (db/groupcommit.py): changes only this command's
-        # rows and what its end decides, and runs again alone if its batch is rolled back
+        # group-committed with other results and beats (db/groupcommit.py): runs again alone
+        # if its batch is rolled back
         return _record_result(s, ident, cid, body, now)
 
     return vault.db.batched(record)

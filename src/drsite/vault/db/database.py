@@ -286,7 +286,8 @@ class Database:
     def batched(self, fn: Callable[[Session], T]) -> T:
         """``fn(session)`` in a write transaction, on SQLite shared with the calls that
         queued while the previous one ran (one commit for all: ``groupcommit.py``; ``fn``
-        must change only rows its call names and be safe to run again). On PostgreSQL, which
+        must be safe to run again and see the calls before it through the session). On
+        PostgreSQL, which
         writes from many connections at once, its own ``tx()``."""
         if not self.sqlite:
             with self.tx() as s:

@@ -9,8 +9,11 @@ that arrived while the previous batch ran in one transaction: one commit, one ``
 Invariants:
 - each call's outcome is its own: when any call of a batch raises (or the commit fails), the
   batch is rolled back and every call runs again alone, in its own transaction — so a call's
-  function must change only rows its own call names and be safe to run again (it was rolled
-  back, never committed, before it runs again);
+  function must be safe to run again (it was rolled back, never committed, before it runs
+  again) and keep nothing outside the database of what it did before the commit;
+- a call sees the changes of the calls before it in its batch (one session, ORM statements
+  only: a Core ``UPDATE`` would leave their loaded rows stale), so a batch ends as the same
+  calls would, one after the other;
 - calls run in arrival order, as the writer queue would have run them one by one;
 - no thread leads for long: a leader runs one batch, then hands the lead to the oldest call
   that queued meanwhile (whose thread then runs the next batch) and returns.
