@@ -169,7 +169,7 @@ def test_the_cli_client_asks_a_busy_vault_again_for_reads_only(
             with pytest.raises(E.Busy) as busy:
                 c.sites()
             assert sent == ["GET"] * (client_api.BUSY_RETRIES + 1)
-            assert "Asked 5 times" in busy.value.hint
+            assert "asked 5 times" in busy.value.hint and "Retry after" in busy.value.hint
         with pytest.MonkeyPatch.context() as mp:
             _failing(mp, vault, "tx", 1)
             sent.clear()

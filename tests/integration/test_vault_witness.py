@@ -238,19 +238,21 @@ def test_the_active_cut_off_from_peer_and_witness_stops_writing(trio: Trio) -> N
         last_ok = 0.0
         n = 0
         while time.monotonic() - t0 < LEASE + 15:
+            sent = time.monotonic() - t0
             r = write(t, t.url_a, f"p{n}")
             n += 1
             if r.status_code != 201:
                 refused = r
                 break
-            last_ok = time.monotonic() - t0
+            last_ok = sent
             time.sleep(0.2)
         took = time.monotonic() - t0
         assert refused is not None, "vault A kept writing, cut off from its peer and witness"
-        # the last confirmation was sent before the freeze: no write is taken past lease_s
-        # (plus the time one write takes), and the refusal comes within lease_s plus one
+        # the last confirmation was sent before the freeze: no write sent past lease_s is
+        # taken (its gate is checked after it was sent; on a loaded box a write taken in
+        # time may return a second later), and the refusal comes within lease_s plus one
         # check of both (each waits 2 s for an answer)
-        assert last_ok <= LEASE + 1.0, (last_ok, took)
+        assert last_ok <= LEASE + 0.25, (last_ok, took)
         assert took <= LEASE + 5.0, (last_ok, took)
         assert refused.status_code == 503, refused.text
         body = refused.json()

@@ -2,8 +2,8 @@
 
 Responsible for: HTTPS to the vault (verifying its certificate against the vault's CA), the
 bearer token, and turning error responses back into the drsite error hierarchy (so the CLI can
-exit by error class); reads the vault answered ``503 busy`` (its database failed for the moment,
-nothing was done) are asked again after its ``Retry-After``, a few times. Not responsible for:
+exit by error class); reads the vault answered ``503 busy`` with a ``Retry-After`` (its database
+failed for the moment) are asked again after that delay, a few times. Not responsible for:
 retrying anything else (a write may have been done; callers decide) or rendering.
 """
 
@@ -130,12 +130,15 @@ class VaultClient:
         waited = 0.0
         for attempt in range(BUSY_RETRIES + 1):
             resp = self._send(method, path, json=json, params=params)
-            if not (resp.status_code == 503 and method in IDEMPOTENT and _code(resp) == "busy"):
+            # the vault's database failing for the moment: 503 busy with a Retry-After (a
+            # route's own Busy, a resource held by a job, carries none and is not asked again)
+            if not (resp.status_code == 503 and method in IDEMPOTENT and _code(resp) == "busy"
+                    and "retry-after" in resp.headers):
                 break
             if attempt == BUSY_RETRIES:
                 err = error_from_response(resp)
-                err.hint = (f"Asked {attempt + 1} times over {waited:.0f} s; the vault's "
-                            "database still fails. Check the vault's log and its database.")
+                err.hint = (f"{err.hint} (asked {attempt + 1} times over {waited:.0f} s; "
+                            "if it lasts, check the vault's log and its database)").lstrip()
                 raise err
             pause = min(max(_retry_after(resp), BUSY_WAIT_S[0]), BUSY_WAIT_S[1])
             time.sleep(pause)

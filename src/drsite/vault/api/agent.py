@@ -152,9 +152,14 @@ def _take_pending(vault: Vault, ident: CertIdentity) -> tuple[str, list[dict[str
         host_id = agent_host(s, ident).id
         if not commands.has_pending(s, host_id):
             return host_id, []
-    with vault.db.tx() as s:
+
+    def take(s: Session) -> tuple[str, list[dict[str, Any]]]:
+        # group-committed with beats and results (db/groupcommit.py): a delivery no longer
+        # queues behind each of their commits; runs again alone if its batch is rolled back
         host = agent_host(s, ident)
         return host.id, [commands.to_wire(c) for c in commands.deliver_pending(s, host.id, now)]
+
+    return vault.db.batched(take)
 
 
 @router.post("/clock", summary="The vault's cut clock, for an agent's offset estimate")
