@@ -11,9 +11,9 @@ Invariants:
   batch is rolled back and every call runs again alone, in its own transaction — so a call's
   function must be safe to run again (it was rolled back, never committed, before it runs
   again) and keep nothing outside the database of what it did before the commit;
-- a call sees the changes of the calls before it in its batch (one session, ORM statements
-  only: a Core ``UPDATE`` would leave their loaded rows stale), so a batch ends as the same
-  calls would, one after the other;
+- a call sees the changes of the calls before it in its batch (one session, flushed after
+  each call; but a Core ``UPDATE`` would leave rows another call loaded stale), so a batch
+  ends as the same calls would, one after the other;
 - calls run in arrival order, as the writer queue would have run them one by one;
 - no thread leads for long: a leader runs one batch, then hands the lead to the oldest call
   that queued meanwhile (whose thread then runs the next batch) and returns.
@@ -93,6 +93,7 @@ class GroupCommit:
                 with self._tx() as s:
                     for c in batch:
                         c.result = c.fn(s)
+                        s.flush()   # the next call sees this one's rows, even in a Core read
                 self.batches += 1
             except Exception:
                 for c in batch:   # rolled back: each alone, for its own outcome
