@@ -9,7 +9,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +137,18 @@ def test_heartbeat_payload_shape(env: Env) -> None:
         a.shutdown()
 
 
+def beat_until(agent: Agent, cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Heartbeat until ``cond()`` holds (the lane refreshes its catalogue, which the beats
+    read, just after it posts a command's result: a beat in between misses a new point)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        agent.heartbeat_once()
+        if cond():
+            return
+        assert time.monotonic() < deadline, "the beats never showed it"
+        time.sleep(0.05)
+
+
 def test_commands_run_and_results_are_posted(env: Env) -> None:
     a = env.agent()
     try:
@@ -148,8 +160,8 @@ def test_commands_run_and_results_are_posted(env: Env) -> None:
         assert r["status"] == "succeeded"
         point = r["result"]["point"]
         assert point["seq"] == 2 and point["kind"] == "delta" and point["bytes_written"] == 8192
-        a.heartbeat_once()
-        assert set(env.vault.points[ITEM]) == {"p000000000001", "p000000000002"}
+        # the lane refreshes the catalogue the beats read after it posted the result
+        beat_until(a, lambda: set(env.vault.points[ITEM]) == {"p000000000001", "p000000000002"})
         # the point equals the source
         repo = env.repo()
         assert image_digest(repo.reader(point["point_id"], "d0")) == \
@@ -162,8 +174,7 @@ def test_commands_run_and_results_are_posted(env: Env) -> None:
         r = env.run(a, env.vault.send(env.host_id, "retention", ITEM))
         assert r["status"] == "succeeded"
         assert r["result"]["deleted_points"] == ["p000000000001"]
-        a.heartbeat_once()
-        assert env.vault.removed[ITEM] == {"p000000000001"}
+        beat_until(a, lambda: env.vault.removed.get(ITEM) == {"p000000000001"})
         assert set(env.vault.points[ITEM]) == {"p000000000002"}
 
         r = env.run(a, env.vault.send(env.host_id, "resync", ITEM, {"by_hand": True}))
