@@ -220,20 +220,14 @@ def _keys(s: Session, item_ids: list[str], now: float) -> tuple[dict[str, str], 
     with _CACHE:
         out = {i: _KEYS[i] for i in item_ids if i in _KEYS}
     missing = [i for i in item_ids if i not in out]
-    made = False
-    if missing:
-        found = {r.item_id: r.key for r in s.scalars(select(PointKey).where(
-            PointKey.item_id.in_(sorted(missing))))}
-        if s.info.get(MADE_KEYS):
-            made = True   # a key read here may be one this transaction made: cache nothing
-        else:
-            with _CACHE:
-                _KEYS.update(found)
-        out.update(found)
-        for item_id in missing:
-            if item_id not in out:
-                out[item_id] = point_key(s, item_id, now)
-                made = True
+    if not missing:
+        return out, False
+    out.update(point_keys(s, missing, now))
+    # a key read or made here may be one this transaction made: then cache nothing
+    made = bool(s.info.get(MADE_KEYS))
+    if not made:
+        with _CACHE:
+            _KEYS.update({i: out[i] for i in missing})
     return out, made
 
 
