@@ -27,7 +27,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict
 from pathlib import Path
@@ -422,7 +422,12 @@ class QemuHypervisor:
         return conf
 
     def _seal(self, vm_id: str, *, app_consistent: bool, extra_notes: tuple[str, ...] = (),
-              sync_begin: dict[str, Any] | None = None) -> SealedCycle:
+              sync_begin: dict[str, Any] | None = None,
+              after_cut: Callable[[QmpClient], None] | None = None) -> SealedCycle:
+        """The seal (see :meth:`seal`). ``after_cut`` runs on the session's QMP connection
+        right after the transaction that is the cut, before the changed extents are read and
+        the record written: what a held guest needs no longer waits for that (a barrier's
+        hold ends there)."""
         paths, cfg = self._locate(vm_id)
         with self._session(paths, cfg) as (cyc, runner):
             tr = read_record(paths.tracking)
@@ -458,6 +463,8 @@ class QemuHypervisor:
                     views = cyc.seal_many([(d.node, tr["bitmap"], nxt) for d in cfg.disks],
                                           cycle_id)
                     sealed_at = time.time()
+                    if after_cut is not None:
+                        after_cut(cyc.qmp)
                 finally:
                     if agent is not None:
                         try:
@@ -581,13 +588,24 @@ class QemuHypervisor:
                          "point",)
             elif app_consistent or (mine or {}).get("app_consistent"):
                 notes = ("held by QMP stop, without the guest's freeze: crash-consistent",)
+            resumed: list[float] = []
+
+            def resume(q: QmpClient) -> None:
+                # the cut is taken: the guest runs on while the seal reads its changed extents
+                # and writes its record (the hold's record and watchdog end below)
+                if mine is not None:
+                    holds.resume(q, paths, mine)
+                    resumed.append(time.monotonic())
+
             try:
                 cycle = self._seal(vm_id, app_consistent=app_consistent and not held,
-                                   extra_notes=notes, sync_begin=self._sync_to_begin(paths))
+                                   extra_notes=notes, sync_begin=self._sync_to_begin(paths),
+                                   after_cut=resume)
             finally:
-                paused = time.monotonic() - float(mine["started"]) if mine is not None else 0.0
                 if mine is not None:
                     holds.end(paths, mine, self._watchdogs)
+                    resumed.append(time.monotonic())
+        paused = resumed[0] - float(mine["started"]) if mine is not None else 0.0
         return cycle, {"id": barrier_id, "held": held, "paused_s": paused}
 
     def unhold(self, vm_id: str, barrier_id: str) -> bool:

@@ -90,6 +90,18 @@ def _start_watchdog(paths: VmDir, rec: dict[str, Any], watchdogs: Watchdogs) -> 
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
 
 
+def resume(q: QmpClient, paths: VmDir, rec: dict[str, Any]) -> None:
+    """Resume the VM through ``q`` when this hold stopped it and it is still paused (a VM the
+    hold did not stop, or one its watchdog resumed, is left as it is). The record stays:
+    :func:`end` drops it."""
+    if not rec.get("stopped"):
+        return
+    r = current_runner(paths)
+    if r is not None and r.token == rec.get("runner") \
+            and q.execute("query-status").get("status") == "paused":
+        q.execute("cont")
+
+
 def end(paths: VmDir, rec: dict[str, Any], watchdogs: Watchdogs) -> None:
     """Resume a VM this hold stopped, drop the record, stop its watchdog."""
     try:
@@ -97,8 +109,7 @@ def end(paths: VmDir, rec: dict[str, Any], watchdogs: Watchdogs) -> None:
             r = current_runner(paths)
             if r is not None and r.token == rec.get("runner"):
                 with QmpClient.connect(str(paths.qmp_socket), timeout=10.0) as q:
-                    if q.execute("query-status").get("status") == "paused":
-                        q.execute("cont")
+                    resume(q, paths, rec)
     finally:
         paths.hold.unlink(missing_ok=True)
         w = watchdogs.pop(paths.dir, None)
