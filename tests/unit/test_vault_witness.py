@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ssl
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +172,29 @@ def test_gate_cut_off_from_peer_and_witness_stops_writing_within_the_lease(tmp_p
     wl.up = True
     f.admit()
     assert f.fenced is None
+
+
+def test_a_check_asks_the_peer_and_the_witness_at_once(tmp_path: Path) -> None:
+    """Cut off from both, a write that must check waits one timeout, not one per party (CI: a
+    vault checking them one after the other refused 5.4 s past its lease on a loaded box)."""
+    clk = Clock()
+    book = WitnessBook(tmp_path, clk)
+
+    class SlowWitness(FakeWitness):
+        def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
+            time.sleep(0.6)  # no answer within the timeout
+            return None
+
+    class SlowPeer(FakePeerFence):
+        def peer_state(self) -> dict[str, Any] | None:
+            time.sleep(0.6)
+            return None
+
+    f = SlowPeer(clk, SlowWitness(book, clk, A))
+    t0 = time.monotonic()
+    with pytest.raises(StandbyVault, match="neither its peer"):
+        f.admit()
+    assert time.monotonic() - t0 < 1.1  # one at a time would be >= 1.2
 
 
 def test_gate_without_a_witness_is_unchanged_and_a_silent_peer_confirms() -> None:

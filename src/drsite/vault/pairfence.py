@@ -25,9 +25,10 @@ epoch fences this vault exactly like a peer promoted past it (rule 3).
 
 Every write transaction checks the fence first (``Database.set_gate``): when the confirmation
 has expired — always the case after the process was stopped (SIGSTOP, a frozen VM) for longer
-than ``window_s``: the monotonic clock runs on — the write waits for a fresh answer (at most
-``timeout_s``) before it may start. A background loop refreshes it every ``window_s / 3``, so
-a healthy pair never waits.
+than ``window_s``: the monotonic clock runs on — the write waits for a fresh answer before it
+may start: at most one check, and a check asks the peer and renews at the witness at once, so
+it lasts at most ``timeout_s`` (plus the local database read of this vault's epoch). A
+background loop refreshes it every ``window_s / 3``, so a healthy pair never waits.
 
 Responsible for: deciding, from the peer's answer, whether this vault may write. Not
 responsible for: promotion (``context.Vault.promote``), the database's role, or agents.
@@ -132,7 +133,8 @@ class PeerFence:
 
     def admit(self) -> None:
         """Before a write: raise ``StandbyVault`` when fenced; when the confirmation expired,
-        ask the peer first (the write waits at most ``timeout_s``)."""
+        ask the peer (and the witness) first: the write waits for at most one check, whether
+        its own or the one running when it came (each lasts about ``timeout_s``)."""
         if self.fenced is not None:
             raise self.fenced.error()
         entered = self._clock()
@@ -163,12 +165,10 @@ class PeerFence:
         return out if isinstance(out, dict) else None
 
     def check(self) -> None:
-        """One round of the loop: renew at the witness (if any), then ask the peer."""
+        """One round of the loop: renew at the witness (if any) and ask the peer."""
         with self._lock:
-            if self.fenced is None and self.witness is not None:
-                self._renew_locked()
             if self.fenced is None:
-                self._check_locked(renewed=self.witness is not None)
+                self._check_locked()
 
     def _renew_locked(self) -> None:
         """Renew at the witness as the holder at this vault's epoch; a newer holder or epoch
@@ -194,16 +194,34 @@ class PeerFence:
         if self._on_fenced is not None:
             self._on_fenced(f)
 
-    def _check_locked(self, *, renewed: bool = False) -> bool:
-        """Ask the peer (and, when it does not confirm, the witness unless ``renewed`` just
-        now); whether this vault is confirmed (may write)."""
-        ok = self._ask_locked(renewed=renewed)
+    def _check_locked(self) -> bool:
+        """Ask the peer and, with a witness, renew there at the same time (a vault cut off
+        from both learns it within one ``timeout_s``, not two); whether this vault is
+        confirmed (may write)."""
+        ok = self._ask_locked()
         self._checked_at, self._checked_ok = self._clock(), ok
         return ok
 
-    def _ask_locked(self, *, renewed: bool) -> bool:
+    def _peer_while_renewing(self) -> dict[str, Any] | None:
+        """The peer's answer, asked in a thread while this one renews at the witness."""
+        answer: list[dict[str, Any] | None] = [None]
+
+        def ask() -> None:
+            answer[0] = self.peer_state()
+
+        t = threading.Thread(target=ask, daemon=True, name="drsite-vault-peer-ask")
+        t.start()
+        try:
+            self._renew_locked()
+        finally:
+            t.join()
+        return answer[0]
+
+    def _ask_locked(self) -> bool:
         sent = self._clock()
-        peer = self.peer_state()
+        peer = self.peer_state() if self.witness is None else self._peer_while_renewing()
+        if self.fenced is not None:  # the witness named a newer holder (rule 3)
+            return False
         if peer is None:
             log.debug("peer vault %s does not answer", self.peer_url)
         self.last_answer = peer
@@ -233,11 +251,8 @@ class PeerFence:
             # from when we asked
             self._confirmed_until = sent + self.window_s
             return True
-        # the peer is silent (or a candidate for promotion): the witness must confirm us
-        if not renewed and not self.witness.confirmed():
-            self._renew_locked()
-            if self.fenced is not None:
-                return False
+        # the peer is silent (or a candidate for promotion): the witness must confirm us (it
+        # was just asked, above)
         if self.witness.confirmed():
             self._confirmed_until = max(self._confirmed_until, self.witness.confirmed_until)
             return True
