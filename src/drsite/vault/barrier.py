@@ -180,7 +180,7 @@ def _cut_bound(s: Session, b: GroupBarrier, now: float) -> None:
         m = b.members[item_id]
         if m.get("took_cut") or m.get("state") != "sealing":
             continue
-        cmd = s.get(Command, str(m.get("seal")))
+        cmd = commands.locked(s, str(m.get("seal")))
         if cmd is None or cmd.status not in OPEN_COMMAND_STATUSES:
             continue
         cmd.status = CommandStatus.FAILED
@@ -227,7 +227,7 @@ def _give_up(s: Session, b: GroupBarrier, now: float) -> None:
             _seal_one(s, b, item_id, now)
             continue
         if m.get("state") == "pending":
-            prep = s.get(Command, str(m.get("prepare")))
+            prep = commands.locked(s, str(m.get("prepare")))
             if prep is not None and prep.status in OPEN_COMMAND_STATUSES:
                 prep.status = CommandStatus.FAILED
                 prep.error = PermanentError(

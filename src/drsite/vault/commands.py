@@ -6,6 +6,13 @@ acknowledged by the agent (``running``, with progress) and ended by it (``succee
 side, so the vault delivers a command again when a ``sent`` one was not acknowledged in time
 (e.g. the agent restarted) or a ``running`` one went silent for long.
 
+Every transition is a read-check-write of one row, so whoever makes one reads the row with
+:func:`locked` (``FOR UPDATE`` on PostgreSQL, where API workers and the controller write at
+once): a result, a re-delivery and a withdrawal of one command then follow each other, and
+none writes over another's final status (a ``running`` post read before the ``succeeded``
+one committed used to put the command back to running: reopened, it held its item's
+replication lane until the agent answered it again). SQLite serialises writers anyway.
+
 Responsible for: queue state and its transitions. Not responsible for: what a result means to
 a job or to the scheduler (they read the command rows).
 """
@@ -18,7 +25,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from drsite.core.errors import Conflict, InvalidInput, PermanentError
+from drsite.core.errors import Conflict, InvalidInput, NotFound, PermanentError
 from drsite.core.states import FINAL_COMMAND_STATUSES, OPEN_COMMAND_STATUSES, CommandStatus
 from drsite.vault.db.models import Command
 from drsite.vault.ids import new_id
@@ -55,6 +62,19 @@ def enqueue(s: Session, *, host_id: str, kind: str, item_id: str | None, args: d
     return cmd
 
 
+def locked(s: Session, command_id: str) -> Command | None:
+    """The command, read again and locked until this transaction ends (see the module)."""
+    return s.get(Command, command_id, with_for_update=True, populate_existing=True)
+
+
+def of_host(s: Session, host_id: str, command_id: str) -> Command:
+    """The host's command, locked (an agent's result); ``NotFound`` for another host's."""
+    cmd = locked(s, command_id)
+    if cmd is None or cmd.host_id != host_id:
+        raise NotFound(f"no command {command_id!r} for this host")
+    return cmd
+
+
 def outstanding(s: Session, item_id: str, kinds: tuple[str, ...]) -> Command | None:
     """The oldest open command of one of ``kinds`` for the item, if any."""
     return s.scalars(select(Command)
@@ -68,7 +88,9 @@ def cancel_open(s: Session, item_id: str, now: float, reason: str) -> int:
     except ``unprotect``: that one must reach the agent whenever it comes back."""
     n = 0
     for cmd in s.scalars(select(Command).where(Command.item_id == item_id, Command.kind != "unprotect",
-                                               Command.status == CommandStatus.PENDING)):
+                                               Command.status == CommandStatus.PENDING)
+                         .order_by(Command.id).with_for_update()
+                         .execution_options(populate_existing=True)):
         cmd.status = CommandStatus.FAILED
         cmd.error = PermanentError(f"withdrawn: {reason}").to_dict()
         scrub_secrets(cmd)

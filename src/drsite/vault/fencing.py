@@ -96,7 +96,7 @@ def withdraw(s: Session, fo: Failover, now: float) -> None:
     fence = dict((fo.result or {}).get("fence") or {})
     if fence.get("state") != PENDING:
         return
-    cmd = s.get(Command, fence.get("command_id") or "")
+    cmd = commands.locked(s, fence.get("command_id") or "")
     if cmd is not None and cmd.status in OPEN_COMMAND_STATUSES:
         cmd.status = CommandStatus.FAILED
         cmd.error = PermanentError("withdrawn: the failover was cancelled").to_dict()

@@ -22,7 +22,7 @@ from drsite.vault.api.schemas import CommandResultIn, CommandWaitIn, HeartbeatIn
 from drsite.vault.audit import record_event
 from drsite.vault.auth import agent_host, consume_registration_key, lookup_registration_key, verify_agent_cert
 from drsite.vault.context import Vault
-from drsite.vault.db.models import Command, Host, RegistrationKey, Site
+from drsite.vault.db.models import Host, RegistrationKey, Site
 from drsite.vault.heartbeat import Beat, ItemBeat, apply_heartbeat
 from drsite.vault.ids import new_id
 from drsite.vault.jobs.failover import apply_late_result
@@ -245,9 +245,7 @@ def _command_result(command_id: str, body: CommandResultIn, vault: Vault, cert: 
 def _record_result(s: Session, ident: CertIdentity, command_id: str, body: CommandResultIn,
                    now: float) -> dict[str, Any]:
     host = agent_host(s, ident)
-    cmd = s.get(Command, command_id)
-    if cmd is None or cmd.host_id != host.id:
-        raise NotFound(f"no command {command_id!r} for this host")
+    cmd = commands.of_host(s, host.id, command_id)  # locked: see commands
     ended = commands.record_result(cmd, status=body.status, progress=body.progress,
                                    result=body.result, error=body.error, now=now)
     if not ended and cmd.status == CommandStatus.RUNNING:

@@ -785,7 +785,9 @@ def failover_on_end(ctx: TaskContext, state: JobState) -> None:
     if state != JobState.SUCCEEDED:
         reached = _recovery_side_ran(ctx)  # before withdrawing: a withdrawn one has 'failed' too
         for cmd in ctx.s.scalars(select(Command).where(Command.job_id == ctx.job.id,
-                                                       Command.status.in_(OPEN_COMMAND_STATUSES))):
+                                                       Command.status.in_(OPEN_COMMAND_STATUSES))
+                                 .order_by(Command.id).with_for_update()
+                         .execution_options(populate_existing=True)):
             if cmd.status == CommandStatus.PENDING:
                 cmd.status = CommandStatus.FAILED
                 cmd.error = PermanentError(f"withdrawn: job {ctx.job.id} {state}").to_dict()

@@ -123,7 +123,9 @@ def vm_on_end(ctx: TaskContext, state: JobState) -> None:
     if state == JobState.SUCCEEDED:
         return
     for cmd in ctx.s.scalars(select(Command).where(Command.job_id == ctx.job.id,
-                                                   Command.status.in_(OPEN_COMMAND_STATUSES))):
+                                                   Command.status.in_(OPEN_COMMAND_STATUSES))
+                             .order_by(Command.id).with_for_update()
+                         .execution_options(populate_existing=True)):
         if cmd.status == CommandStatus.PENDING:
             cmd.status = CommandStatus.FAILED
             cmd.error = PermanentError(f"withdrawn: job {ctx.job.id} {state}").to_dict()
