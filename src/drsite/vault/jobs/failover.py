@@ -787,7 +787,7 @@ def failover_on_end(ctx: TaskContext, state: JobState) -> None:
         for cmd in ctx.s.scalars(select(Command).where(Command.job_id == ctx.job.id,
                                                        Command.status.in_(OPEN_COMMAND_STATUSES))
                                  .order_by(Command.id).with_for_update()
-                         .execution_options(populate_existing=True)):
+                                 .execution_options(populate_existing=True)):
             if cmd.status == CommandStatus.PENDING:
                 cmd.status = CommandStatus.FAILED
                 cmd.error = PermanentError(f"withdrawn: job {ctx.job.id} {state}").to_dict()
