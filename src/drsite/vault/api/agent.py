@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 from fastapi import APIRouter, Request, status
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from drsite.core.errors import Conflict, InvalidInput, NotFound
@@ -22,7 +23,7 @@ from drsite.vault.api.schemas import CommandResultIn, CommandWaitIn, HeartbeatIn
 from drsite.vault.audit import record_event
 from drsite.vault.auth import agent_host, consume_registration_key, lookup_registration_key, verify_agent_cert
 from drsite.vault.context import Vault
-from drsite.vault.db.models import Host, RegistrationKey, Site
+from drsite.vault.db.models import Command, Host, Item, RegistrationKey, Site
 from drsite.vault.heartbeat import Beat, ItemBeat, apply_heartbeat
 from drsite.vault.ids import new_id
 from drsite.vault.jobs.failover import apply_late_result
@@ -245,6 +246,11 @@ def _command_result(command_id: str, body: CommandResultIn, vault: Vault, cert: 
 def _record_result(s: Session, ident: CertIdentity, command_id: str, body: CommandResultIn,
                    now: float) -> dict[str, Any]:
     host = agent_host(s, ident)
+    # locks in the order jobs take them, the item and then its command (the other way round,
+    # a result and a job ending on the same item could dead-lock on PostgreSQL)
+    item_id = s.scalar(select(Command.item_id).where(Command.id == command_id))
+    if item_id is not None:
+        s.get(Item, item_id, with_for_update=True)
     cmd = commands.of_host(s, host.id, command_id)  # locked: see commands
     ended = commands.record_result(cmd, status=body.status, progress=body.progress,
                                    result=body.result, error=body.error, now=now)
