@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from drsite.vault.db.database import sqlite_url
 from drsite.vault.testing import Harness
 
 BIN_GLOBS = ("/usr/lib/postgresql/*/bin",)
@@ -166,6 +167,15 @@ def pg_server() -> Iterator[str]:
 @pytest.fixture
 def pg_url(pg_server: str) -> str:
     return fresh_database(pg_server)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database's URL: every test using it runs on SQLite (a file in
+    ``tmp_path``) and on PostgreSQL (a new database of the session's server)."""
+    if request.param == "postgresql":
+        return str(request.getfixturevalue("pg_url"))
+    return sqlite_url(tmp_path / "vault.db")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

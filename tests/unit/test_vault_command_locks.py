@@ -9,7 +9,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,17 +16,15 @@ import pytest
 from drsite.core.errors import Conflict, NotFound
 from drsite.core.states import CommandStatus
 from drsite.vault import commands
-from drsite.vault.db.database import Database, sqlite_url
+from drsite.vault.db.database import Database
 from drsite.vault.db.models import Command, Host, Site
 from drsite.vault.db.sealed import attach_sealer
 from drsite.vault.masterkey import Keyring, MasterKey
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    url = (str(request.getfixturevalue("pg_url")) if request.param == "postgresql"
-           else sqlite_url(tmp_path / "vault.db"))
-    d = Database(url, idle_in_tx_s=10.0)
+@pytest.fixture
+def db(any_db_url: str) -> Iterator[Database]:
+    d = Database(any_db_url, idle_in_tx_s=10.0)
     d.migrate()
     attach_sealer(d.engine, Keyring(MasterKey.generate()))  # Command.args has sealed paths
     with d.tx() as s:

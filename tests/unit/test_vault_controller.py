@@ -27,15 +27,13 @@ from drsite.vault.controller import (
     holder_gone,
     this_process,
 )
-from drsite.vault.db.database import Database, FairLock, sqlite_url
+from drsite.vault.db.database import Database, FairLock
 from drsite.vault.db.models import ControllerLease, Event
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    url = (str(request.getfixturevalue("pg_url")) if request.param == "postgresql"
-           else sqlite_url(tmp_path / "vault.db"))
-    d = Database(url, idle_in_tx_s=5.0)
+@pytest.fixture
+def db(any_db_url: str) -> Iterator[Database]:
+    d = Database(any_db_url, idle_in_tx_s=5.0)
     d.migrate()
     try:
         yield d
