@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from drsite.core.errors import Conflict
+from drsite.core.errors import Conflict, NetworkError
 from drsite.core.model import DiskSpec, VmSpec
 from drsite.hypervisors.contract import WriteHolder
+from drsite.hypervisors.qemu import hold as holds
 from drsite.hypervisors.qemu.driver import QemuHypervisor
 from drsite.hypervisors.qemu.layout import VmDir
 from drsite.hypervisors.qemu.qmp import QmpClient
@@ -138,6 +139,31 @@ def test_the_guest_runs_again_right_after_the_cut(hv: QemuHypervisor,
     assert barrier["held"] is True
     assert seen and seen[0][0] == "running" and seen[0][1] > 0, seen  # it ran and wrote
     assert float(barrier["paused_s"]) < 1.5, barrier  # type: ignore[arg-type]
+    assert status(hv, vm_id) == "running" and not VmDir(hv.vm_dir(vm_id)).hold.exists()
+
+
+def test_a_failed_resume_after_the_cut_keeps_the_cut(hv: QemuHypervisor,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The resume right after the cut fails (a QMP error): the cut stands — the cycle is sealed,
+    noted, and the hold's end resumes the guest on a fresh connection."""
+    vm_id = booted_writer(hv, "w5")
+    hv.release(hv.seal(vm_id))
+
+    real = holds.resume
+    calls: list[int] = []
+
+    def first_fails(q: QmpClient, paths: VmDir, rec: dict[str, object]) -> None:
+        calls.append(1)
+        if len(calls) == 1:  # the resume after the cut; the hold's end then works
+            raise NetworkError("QMP: connection is closed")
+        real(q, paths, rec)
+
+    hv.hold(vm_id, "gb-5", timeout_s=5.0)
+    monkeypatch.setattr(holds, "resume", first_fails)
+    cycle, barrier = hv.seal_held(vm_id, "gb-5")
+    assert len(calls) == 2
+    assert barrier["held"] is True and "after the cut" in cycle.note, cycle
+    hv.release(cycle)
     assert status(hv, vm_id) == "running" and not VmDir(hv.vm_dir(vm_id)).hold.exists()
 
 

@@ -105,6 +105,23 @@ def check_members(s: Session, group: Group, adding: int = 0) -> None:
                                 f"consistent: drsite groups update {group.name} --no-consistent")
 
 
+def locked(s: Session, barrier_id: str) -> GroupBarrier | None:
+    """The barrier, read again and locked until this transaction ends (``FOR UPDATE`` on
+    PostgreSQL): its ``members`` is one JSON value that every member's result and the tick
+    rewrite whole, so two writers that read it unlocked lose each other's member (two seals
+    posted at once: one member stayed ``sealing`` until the seal timeout). Lock order: a
+    result takes its item, this barrier, then its command (``lock_for_result``); the tick
+    takes the barrier, then its members' commands."""
+    return s.get(GroupBarrier, barrier_id, with_for_update=True, populate_existing=True)
+
+
+def lock_for_result(s: Session, kind: str, args: dict[str, Any] | None) -> None:
+    """Before a ``group_*`` command's row is locked for its result: its barrier (see
+    :func:`locked`)."""
+    if kind in KINDS:
+        locked(s, str((args or {}).get("barrier_id") or ""))
+
+
 def _set(b: GroupBarrier, item_id: str, **values: Any) -> None:
     members = {k: dict(v) for k, v in (b.members or {}).items()}
     members[item_id] = {**members.get(item_id, {}), **values}
@@ -115,7 +132,7 @@ def on_result(s: Session, cmd: Command, now: float) -> None:
     """Digest a final ``group_prepare``/``group_seal`` result (in the result's transaction)."""
     if cmd.kind not in KINDS or cmd.status not in FINAL_COMMAND_STATUSES or cmd.item_id is None:
         return
-    b = s.get(GroupBarrier, str((cmd.args or {}).get("barrier_id") or ""))
+    b = locked(s, str((cmd.args or {}).get("barrier_id") or ""))
     if b is None or cmd.item_id not in (b.members or {}):
         return
     m = b.members[cmd.item_id]
@@ -163,7 +180,7 @@ def on_progress(s: Session, cmd: Command) -> None:
     sealed, or missed it) and ships; it is no longer withdrawn at the cut's bound."""
     if cmd.kind != "group_seal" or cmd.item_id is None or "cut" not in (cmd.result or {}):
         return  # the agent's periodic progress posts carry no ``cut``
-    b = s.get(GroupBarrier, str((cmd.args or {}).get("barrier_id") or ""))
+    b = locked(s, str((cmd.args or {}).get("barrier_id") or ""))
     if b is None or cmd.item_id not in (b.members or {}) or not _is_cut(b):
         return
     if b.members[cmd.item_id].get("seal") == cmd.id:
@@ -312,7 +329,9 @@ class BarrierRunner:
         if policy is None:
             return None
         open_b = s.scalars(select(GroupBarrier).where(GroupBarrier.group_id == gid,
-                                                      GroupBarrier.state.in_(OPEN_STATES))).all()
+                                                      GroupBarrier.state.in_(OPEN_STATES))
+                           .order_by(GroupBarrier.id).with_for_update()  # see locked()
+                           .execution_options(populate_existing=True)).all()
         for b in open_b:
             if b.state == "preparing" and now >= b.prepare_deadline:
                 _give_up(s, b, now)

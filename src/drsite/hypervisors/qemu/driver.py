@@ -22,6 +22,7 @@ config, not wired), or libvirt.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import threading
@@ -76,6 +77,8 @@ from drsite.hypervisors.qemu.runner import (
 from drsite.hypervisors.qemu.tools import run_tool
 from drsite.hypervisors.qemu.tracking import BitmapCycle, FrozenView
 from drsite.imagefile import move_sparse
+
+log = logging.getLogger(__name__)
 
 BITMAP_PREFIX = "drsite-"
 LOCK_TIMEOUT = 120.0
@@ -464,7 +467,11 @@ class QemuHypervisor:
                                           cycle_id)
                     sealed_at = time.time()
                     if after_cut is not None:
-                        after_cut(cyc.qmp)
+                        try:
+                            after_cut(cyc.qmp)
+                        except (DrsiteError, OSError) as e:  # the cut stands; the caller's end of
+                            notes.append(f"after the cut: {e}")  # the hold tries again
+                            log.warning("VM %s: after the cut: %s", cfg.name, e)
                 finally:
                     if agent is not None:
                         try:
@@ -491,11 +498,15 @@ class QemuHypervisor:
                        "sync": mark}
                 write_record(paths.cycle, rec)  # the commit point of the seal
             except BaseException:
+                undone = True
                 for v in views:
-                    with suppress(DrsiteError):
+                    try:
                         cyc.undo_seal(v)
-                tr["sealing"] = None
-                write_record(paths.tracking, tr)
+                    except DrsiteError:
+                        undone = False
+                if undone:  # else the record keeps "sealing": the next session's reconcile
+                    tr["sealing"] = None  # folds the bitmaps back (no change is lost)
+                    write_record(paths.tracking, tr)
                 raise
             tr.update(bitmap=nxt, gen=gen, sealing=None, notes=[])
             write_record(paths.tracking, tr)

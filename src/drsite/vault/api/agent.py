@@ -246,11 +246,15 @@ def _command_result(command_id: str, body: CommandResultIn, vault: Vault, cert: 
 def _record_result(s: Session, ident: CertIdentity, command_id: str, body: CommandResultIn,
                    now: float) -> dict[str, Any]:
     host = agent_host(s, ident)
-    # locks in the order jobs take them, the item and then its command (the other way round,
-    # a result and a job ending on the same item could dead-lock on PostgreSQL)
-    item_id = s.scalar(select(Command.item_id).where(Command.id == command_id))
-    if item_id is not None:
-        s.get(Item, item_id, with_for_update=True)
+    # locks in the order jobs and the barrier tick take them: the item, a group command's
+    # barrier, then the command (the other way round, a result could dead-lock with a job
+    # ending on the same item, or with the tick); another host's command is not touched
+    peek = s.execute(select(Command.item_id, Command.kind, Command.args)
+                     .where(Command.id == command_id, Command.host_id == host.id)).first()
+    if peek is not None:
+        if peek.item_id is not None:
+            s.get(Item, peek.item_id, with_for_update=True)
+        barrier.lock_for_result(s, peek.kind, peek.args)
     cmd = commands.of_host(s, host.id, command_id)  # locked: see commands
     ended = commands.record_result(cmd, status=body.status, progress=body.progress,
                                    result=body.result, error=body.error, now=now)

@@ -544,6 +544,7 @@ def commit(ctx: TaskContext) -> Step:
 
 def cancel(ctx: TaskContext) -> Step:
     item = ctx.item()
+    ctx.s.get(Item, item.id, with_for_update=True)  # before the fence command (lock order)
     fo = failover_row(ctx)
     fencing.withdraw(ctx.s, fo, ctx.now)
     host = _recovery(ctx, fo)
