@@ -498,14 +498,20 @@ class QemuHypervisor:
                        "sync": mark}
                 write_record(paths.cycle, rec)  # the commit point of the seal
             except BaseException:
+                # seal_many undoes its own half-done views before it raises, but that undo
+                # fails too when the QMP connection is gone (a transaction applied whose reply
+                # timed out): so undo by the views' names again (idempotent) and clear
+                # "sealing" only when every undo worked; else the next session's reconcile
+                # folds the bitmaps back (no change is lost, no TrackingLost)
                 undone = True
-                for v in views:
+                for v in views or [cyc.view(d.node, tr["bitmap"], nxt, f"{cycle_id}-{i}", 0)
+                                   for i, d in enumerate(cfg.disks)]:
                     try:
                         cyc.undo_seal(v)
-                    except DrsiteError:
+                    except (DrsiteError, OSError):
                         undone = False
-                if undone:  # else the record keeps "sealing": the next session's reconcile
-                    tr["sealing"] = None  # folds the bitmaps back (no change is lost)
+                if undone:
+                    tr["sealing"] = None
                     write_record(paths.tracking, tr)
                 raise
             tr.update(bitmap=nxt, gen=gen, sealing=None, notes=[])

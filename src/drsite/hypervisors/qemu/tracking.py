@@ -22,6 +22,7 @@ when tracking is untrusted (see :meth:`BitmapCycle.bitmap_state`), or libvirt.
 from __future__ import annotations
 
 import os
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,9 +207,10 @@ class BitmapCycle:
                     "type": "nbd", "id": v.export_id, "node-name": v.fleece_node,
                     "name": v.export_name, "writable": False, "bitmaps": [v.bitmap]})
         except BaseException:
-            for v in views:
-                self.undo_seal(v)
-            raise
+            for v in views:  # best effort: the caller undoes again by name and keeps its
+                with suppress(DrsiteError, OSError):  # "sealing" record while any undo fails
+                    self.undo_seal(v)
+            raise  # the original error (a timeout), not the undo's
         return views
 
     def view(self, node: str, current: str, next_bitmap: str, tag: str, size: int
