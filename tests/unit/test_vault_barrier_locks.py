@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select
+from tests.unit.test_vault_barrier import MIDNIGHT, setup_group
 
 from drsite.core.states import CommandStatus
 from drsite.vault import barrier
@@ -20,40 +21,7 @@ from drsite.vault.api.agent import _record_result
 from drsite.vault.api.schemas import CommandResultIn
 from drsite.vault.auth import verify_agent_cert
 from drsite.vault.db.models import Command, GroupBarrier
-from drsite.vault.testing import Agent, Harness, point, report, vm_info
-
-MIDNIGHT = 1_700_006_400.0
-
-
-def consistent_pair(h: Harness) -> tuple[list[Agent], list[str]]:
-    """Two protected VMs on two hosts in a consistent group whose barrier has begun."""
-    h.site("prim")
-    h.site("sec")
-    a1, a2, st = h.register("prim", "hv1"), h.register("prim", "hv2"), h.register("sec", "st")
-    assert h.set_store("sec", "st").status_code == 200
-    vms = {a1: [vm_info("vm-a", "vma")], a2: [vm_info("vm-b", "vmb")]}
-    for a, v in vms.items():
-        a.beat(vms=v)
-    st.beat(store_url="https://127.0.0.1:9443")
-    h.ok("PUT", "/network-mappings", json={"source_site": "prim", "recovery_site": "sec",
-                                            "source_network": "lan", "recovery_network": "dr",
-                                            "test_network": "bubble"})
-    h.ok("POST", "/policies", json={"name": "p1", "frequency_s": 30,
-                                    "app_consistent_every_s": None})
-    h.ok("POST", "/groups", json={"name": "g1", "site": "prim", "target_site": "sec",
-                                  "policy": "p1", "consistent": True, "barrier_timeout_ms": 400})
-    items = [h.ok("POST", "/items", json={"vm_id": vm, "group": "g1"})["item_id"]
-             for vm in ("vm-a", "vm-b")]
-    h.store_beat()
-    h.tick()
-    for a, item_id, (vm, name) in zip((a1, a2), items, (("vm-a", "vma"), ("vm-b", "vmb")),
-                                      strict=True):
-        (cmd,) = [c for c in a.beat(vms=vms[a])["commands"] if c["kind"] == "protect"]
-        a.beat(vms=vms[a], items=[{"item_id": item_id, "report": report(item_id, vm, name),
-                                   "new_points": [point(item_id, 1, h.clock.now())]}])
-        a.result(cmd["command_id"], "succeeded")
-    h.tick()
-    return [a1, a2], items
+from drsite.vault.testing import Agent, Harness, point, report
 
 
 def seals(h: Harness, agents: list[Agent]) -> list[tuple[Agent, dict[str, Any]]]:
@@ -93,7 +61,7 @@ def h(tmp_path: Path, any_db_url: str) -> Any:
 
 
 def test_two_seals_posted_at_once_both_count(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
-    agents, items = consistent_pair(h)
+    agents, items = setup_group(h)
     todo = []
     for a, c in seals(h, agents):
         p = point(c["item_id"], 2, h.clock.now())
@@ -124,7 +92,7 @@ def test_two_seals_posted_at_once_both_count(h: Harness, monkeypatch: pytest.Mon
 @pytest.mark.parametrize("late", [0, 1])
 def test_a_cut_tick_waiting_for_a_took_cut_post_keeps_that_seal(
         h: Harness, monkeypatch: pytest.MonkeyPatch, late: int) -> None:
-    agents, items = consistent_pair(h)
+    agents, items = setup_group(h)
     by_item = {c["item_id"]: (a, c) for a, c in seals(h, agents)}
     if not all("cut_at" in c["args"] for _, c in by_item.values()):
         pytest.skip("the barrier is not in cut mode here")
