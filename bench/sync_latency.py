@@ -107,6 +107,26 @@ def qd1(vm: object, n: int, rng: random.Random) -> list[float]:
     return lat
 
 
+def cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system) used so far by this process, or by ``pid``."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def qd1_with_cpu(vm: object, n: int, rng: random.Random, server_pid: int) -> dict[str, float]:
+    """:func:`qd1`'s latency figures plus the CPU each side used per write (the guest: this
+    process, which runs it; the recovery side: the journal server's process)."""
+    g0, s0, t0 = cpu_s(), cpu_s(server_pid), time.perf_counter()
+    lat = qd1(vm, n, rng)
+    g1, s1, el = cpu_s(), cpu_s(server_pid), time.perf_counter() - t0
+    return {**stats(lat), "guest_cpu_us_per_write": round((g1 - g0) / n * 1e6, 1),
+            "recovery_cpu_us_per_write": round((s1 - s0) / n * 1e6, 1),
+            "wall_us_per_write": round(el / n * 1e6, 1)}
+
+
 def enter_sync(hv: FileHypervisor, vm_id: str, item_id: str, port: int, certs: TestCerts,
                budget_ms: int) -> None:
     """Put the (tracked, running) VM in synchronous mode towards the recovery server at
@@ -148,9 +168,9 @@ def qd16(vm: object, seconds: float) -> dict[str, float]:
 
 @contextlib.contextmanager
 def journal_server(wd: Path, recovery_dir: Path | None,
-                   res: dict[str, Any]) -> Iterator[tuple[int, TestCerts]]:
+                   res: dict[str, Any]) -> Iterator[tuple[int, TestCerts, int]]:
     """The recovery side's journal server in its own process (this script's ``--serve``):
-    yields its port and the test PKI; stopped at exit. Under ``wd/recovery``, or a fresh
+    yields its port, the test PKI and its pid; stopped at exit. Under ``wd/recovery``, or a fresh
     directory in ``recovery_dir`` (named in ``res``, removed at exit)."""
     recovery = wd / "recovery"
     if recovery_dir is not None:
@@ -161,7 +181,7 @@ def journal_server(wd: Path, recovery_dir: Path | None,
     try:
         assert srv.stdout is not None
         port = int(srv.stdout.readline())
-        yield port, make_test_certs(recovery / "pki")  # the same CA (load_or_create)
+        yield port, make_test_certs(recovery / "pki"), srv.pid  # the same CA (load_or_create)
     finally:
         assert srv.stdin is not None
         srv.stdin.close()
@@ -187,7 +207,7 @@ def main() -> int:
         res: dict[str, object] = {"machine": machine_info(wd),
                                   "load_avg_before": os.getloadavg()}
         res["local_durable"] = local_reference(wd / "ref.img", a.n, rng)
-        with journal_server(wd, a.recovery_dir, res) as (port, certs):
+        with journal_server(wd, a.recovery_dir, res) as (port, certs, server_pid):
             hv = FileHypervisor(wd / "vms")
             vm_id = hv.create_blank(VmSpec("bench", disks=(DiskSpec("d0", DISK),))).vm_id
             hv.start_tracking(vm_id)
@@ -197,7 +217,7 @@ def main() -> int:
                 res["async_qd1"] = stats(qd1(rt.vm, a.n, rng))
                 res["async_qd16"] = qd16(rt.vm, a.qd16_seconds)
                 enter_sync(hv, vm_id, "bench", port, certs, a.budget_ms)
-                res["sync_qd1"] = stats(qd1(rt.vm, a.n, rng))
+                res["sync_qd1"] = qd1_with_cpu(rt.vm, a.n, rng, server_pid)
                 res["sync_qd16"] = qd16(rt.vm, a.qd16_seconds)
                 res["mirror"] = hv.sync_status(vm_id)
             finally:

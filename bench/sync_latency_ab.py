@@ -4,8 +4,9 @@ alternately with two versions of the code (``--ref``, default ``main``, extracte
 Each run's load average is kept with its figures; the summary gives per-variant medians of
 the sync QD1 p50/p99, the ratio to the same run's local ``O_DSYNC`` p50, and QD16.
 
-Each version runs its own ``bench/sync_latency.py`` with ``PYTHONPATH`` = its ``src`` (ahead of
-the editable install), in both of its processes (the guest and the recovery side).
+Both versions run this worktree's ``bench/sync_latency.py`` (one measurement for both) with
+``PYTHONPATH`` = the version's ``src`` (ahead of the editable install), in both of its
+processes (the guest and the recovery side).
 
     .venv/bin/python bench/sync_latency_ab.py [--ref main] [--rounds 3] [--n 1000]
                                               [--qd16-seconds 3] [--recovery-dir /dev/shm]
@@ -39,7 +40,7 @@ def extract(ref: str, into: Path) -> Path:
 
 def run(tree: Path, args: list[str]) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=str(tree / "src"))
-    out = subprocess.run([sys.executable, str(tree / "bench" / "sync_latency.py"), *args],
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "sync_latency.py"), *args],
                          check=True, capture_output=True, text=True, env=env).stdout
     res: dict[str, Any] = json.loads(out)
     return res
@@ -58,11 +59,19 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "ratio_to_local_o_dsync": [r["sync_p50_over_local_dsync_p50"] for r in runs],
         "async_qd1_p50_us": [r["async_qd1"]["p50_us"] for r in runs],
         "sync_qd16_writes_per_s": [r["sync_qd16"]["writes_per_s"] for r in runs],
+        # CPU per sync QD1 write, each side (older trees' sync_latency.py did not measure it)
+        "guest_cpu_us_per_write": [r["sync_qd1"].get("guest_cpu_us_per_write") for r in runs],
+        "recovery_cpu_us_per_write": [r["sync_qd1"].get("recovery_cpu_us_per_write")
+                                      for r in runs],
         "median": {"sync_qd1_p50_us": med(p50),
                    "sync_qd1_p99_us": med([r["sync_qd1"]["p99_us"] for r in runs]),
                    "ratio": med([r["sync_p50_over_local_dsync_p50"] for r in runs]),
                    "sync_qd16_writes_per_s": med([r["sync_qd16"]["writes_per_s"]
-                                                  for r in runs])}}
+                                                  for r in runs]),
+                   "guest_cpu_us_per_write": med([r["sync_qd1"].get("guest_cpu_us_per_write", 0)
+                                                  for r in runs]),
+                   "recovery_cpu_us_per_write": med(
+                       [r["sync_qd1"].get("recovery_cpu_us_per_write", 0) for r in runs])}}
 
 
 def main() -> int:
@@ -94,7 +103,10 @@ def main() -> int:
                       f"O_DSYNC p50 {r['local_durable']['o_dsync']['p50_us']} us, "
                       f"sync QD1 p50 {r['sync_qd1']['p50_us']} / p99 {r['sync_qd1']['p99_us']}"
                       f" us ({r['sync_p50_over_local_dsync_p50']}x), QD16 "
-                      f"{r['sync_qd16']['writes_per_s']}/s", file=sys.stderr, flush=True)
+                      f"{r['sync_qd16']['writes_per_s']}/s, CPU per QD1 write: guest "
+                      f"{r['sync_qd1'].get('guest_cpu_us_per_write')} us, recovery "
+                      f"{r['sync_qd1'].get('recovery_cpu_us_per_write')} us",
+                      file=sys.stderr, flush=True)
     print(json.dumps({"args": args, "variants": {k: summary(v) for k, v in results.items()}},
                      indent=2))
     return 0

@@ -18,10 +18,11 @@ from drsite.core.errors import Forbidden, InvalidInput, NetworkError
 from drsite.core.model import DiskSpec, VmSpec
 from drsite.hypervisors.contract import SyncMirrorHost
 from drsite.hypervisors.file import FileHypervisor
+from drsite.hypervisors.file.syncmirror import ACK_SPIN_MAX_S
 from drsite.pki import CertIdentity
 from drsite.sitestore.acl import Op
 from drsite.sitestore.server import held_marker
-from drsite.sitestore.syncserver import SyncServer
+from drsite.sitestore.syncserver import NEXT_SPIN_S, SyncServer
 from drsite.sitestore.testing import OpenAcl, TestCerts, make_test_certs
 from drsite.store.auth import PointAuth
 from drsite.tlsutil import client_context, server_context
@@ -590,6 +591,64 @@ def test_a_batch_goes_before_its_local_writes_and_a_crash_between_loses_no_ackno
         for d in ("d0", "d1"):
             assert images[d].read_bytes() == rt.vm.read(d, 0, 4 * MiB), d
         hv.release(c2)
+    finally:
+        rt.stop()
+        srv.stop()
+
+
+def test_spinning_only_while_the_answer_is_due_within_microseconds(
+        tmp_path: Path, certs: TestCerts, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At queue depth 1 the writer busy-waits for its ack and the recovery side's connection
+    for the writer's next entry (a wake-up from an idle CPU costs as much as the wait). Each
+    stops on its own when its answer is slow: writes 30 ms apart cost the recovery side no
+    spinning, and a recovery side 3 ms slow costs the writer none after a few writes. Every
+    write is still acknowledged."""
+    spins: dict[str, int] = {"writer": 0, "server": 0}
+    spin = W.FrameReader.spin
+
+    def counting(self: W.FrameReader, until: float) -> bool:
+        who = "server" if threading.current_thread().name == "sync-conn" else "writer"
+        spins[who] += 1
+        return spin(self, until)
+
+    monkeypatch.setattr(W.FrameReader, "spin", counting)
+    srv = _server(tmp_path, certs)
+    hv = FileHypervisor(tmp_path / "vms")
+    vm_id, rt = _running(hv)
+    try:
+        _start_sync(hv, vm_id, _config(certs, srv.port, 5000))
+        mirror = rt.vm.mirror
+        # bounds far above this box's round trips, loaded or not: every answer is "due soon"
+        mirror.ack_spin_max_s, srv.next_spin_s = 0.05, 0.02
+        for i in range(1, 41):   # back to back
+            rt.vm.write("d0", i * 4096, _block(i), tag=i)
+        # every write; the server after every ack (the first entry follows the hello; the
+        # spin after the 40th ack may have begun)
+        assert spins["writer"] == 40 and spins["server"] in (39, 40), spins
+        assert 0 < mirror.ack_rtt_s <= mirror.ack_spin_max_s
+        mirror.ack_spin_max_s, srv.next_spin_s = ACK_SPIN_MAX_S, NEXT_SPIN_S
+
+        spins.update(writer=0, server=0)
+        for i in range(41, 51):  # a writer with pauses: the server stops spinning at once
+            time.sleep(0.03)
+            rt.vm.write("d0", i * 4096, _block(i), tag=i)
+        assert spins["server"] <= 1, spins
+
+        spins.update(writer=0, server=0)
+        append = srv.journal(ITEM).append
+
+        def slow_append(seq: int, payload: Any, *, durable: bool = False) -> None:
+            time.sleep(0.003)
+            append(seq, payload, durable=durable)
+
+        monkeypatch.setattr(srv.journal(ITEM), "append", slow_append)
+        for i in range(51, 81):  # a slow recovery side: the writer stops spinning
+            rt.vm.write("d0", i * 4096, _block(i), tag=i)
+        assert spins["writer"] <= 8, spins
+        assert mirror.ack_rtt_s > mirror.ack_spin_max_s
+        st = hv.sync_status(vm_id)
+        assert st is not None and st["state"] == "in_sync" and st["acked"] == st["seq"]
+        assert srv.journal(ITEM).last == st["acked"]
     finally:
         rt.stop()
         srv.stop()

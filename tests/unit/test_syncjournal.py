@@ -270,3 +270,55 @@ def _seg_end(path: Path) -> int:
             break
         pos += J._ENT_HEAD.size + length
     return pos
+
+
+def test_a_durable_append_is_one_dsync_write_unless_something_else_waits_for_a_flush(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``append(durable=True)`` makes every entry so far durable: alone (the preallocated
+    zeros underneath already flushed) it is one ``pwritev`` with ``RWF_DSYNC`` and no
+    ``fdatasync``; after entries appended without a flush, or when the append wrote new zeros
+    ahead, it is a plain write and one ``fdatasync`` of the file (RWF_DSYNC would flush only
+    its own range)."""
+    if not J._RWF_DSYNC:
+        pytest.skip("no RWF_DSYNC on this platform")
+    monkeypatch.setattr(J, "PREALLOC", 64 << 10)
+    calls: list[tuple[str, int]] = []
+    real_pwritev, real_fdatasync = J.os.pwritev, J.os.fdatasync
+
+    def pwritev(fd: int, bufs: list[bytes], off: int, flags: int = 0) -> int:
+        calls.append(("pwritev", flags))
+        return real_pwritev(fd, bufs, off, flags)
+
+    def fdatasync(fd: int) -> None:
+        calls.append(("fdatasync", 0))
+        real_fdatasync(fd)
+
+    j = SyncJournal.open(tmp_path / "j")
+    j.begin(uuid.uuid4().hex, 0)
+    monkeypatch.setattr(J.os, "pwritev", pwritev)
+    monkeypatch.setattr(J.os, "fdatasync", fdatasync)
+    j.append(1, _payload(1), durable=True)
+    assert calls == [("pwritev", J._RWF_DSYNC)]
+    j.sync()   # nothing left to flush
+    assert calls == [("pwritev", J._RWF_DSYNC)]
+    del calls[:]
+    j.append(2, _payload(2))
+    j.append(3, _payload(3))
+    j.append(4, _payload(4), durable=True)   # group commit: one flush for 2..4
+    assert calls == [("pwritev", 0)] * 3 + [("fdatasync", 0)]
+    del calls[:]
+    seq = 5
+    while not any(c == ("fdatasync", 0) for c in calls):   # until an append writes zeros ahead
+        j.append(seq, _payload(seq), durable=True)
+        seq += 1
+        assert seq < 100
+    assert calls[-2:] == [("pwritev", 0), ("fdatasync", 0)]
+    del calls[:]
+    j.append(seq, _payload(seq), durable=True)   # the zeros are flushed: back to one write
+    assert calls == [("pwritev", J._RWF_DSYNC)]
+    j.close()
+    j = SyncJournal.open(tmp_path / "j")
+    assert j.last == seq and j.cut_bytes == 0
+    assert [s for s, _ in j.entries_after(0)] == list(range(1, seq + 1))
+    assert dict(j.entries_after(0))[seq] == _payload(seq)
+    j.close()

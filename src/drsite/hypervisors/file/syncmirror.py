@@ -52,6 +52,10 @@ MAX_QUEUED_BYTES = 256 << 20   # beyond this the mirror suspends rather than buf
 # unacknowledged: the peer has read everything sent) and the frames are at most this: they
 # then fit the kernel's socket buffers, so the send never waits for the peer.
 EARLY_SEND_BYTES = 64 << 10
+# A writer at queue depth 1 spins (``FrameReader.spin``) rather than sleeps for its ack, for
+# at most twice the acks' recent round trip and never past this; while that round trip is
+# longer (a slow recovery disk or link), it sleeps: a wake-up then costs a small share.
+ACK_SPIN_MAX_S = 1e-3
 
 
 @dataclass
@@ -66,6 +70,7 @@ class _Lead:
     deadline: float    # time.monotonic()
     thread: int        # the writer that reads the acks
     timeout_at: float = 0.0   # when the socket's timeout was last set to the deadline
+    sent_at: float = 0.0      # time.perf_counter() after the send (the ack round trip's start)
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,10 @@ class SyncMirror:
         self.fallbacks = 0
         self.early_sends = 0             # batches sent from submit (before their local writes)
         self.early_send_bytes = EARLY_SEND_BYTES   # 0: never (the benchmark's serial variant)
+        self.ack_spin_max_s = ACK_SPIN_MAX_S       # 0: never spin (the benchmark's variant)
+        # moving average of queue-depth-1 ack round trips, each at most 2 * ack_spin_max_s
+        # (whether to spin, not a measurement to report); 0: none yet
+        self.ack_rtt_s = 0.0
         self._cv = threading.Condition()
         self._queue: deque[tuple[int, bytes]] = deque()   # (seq, payload)
         self._queued_bytes = 0
@@ -218,7 +227,7 @@ class SyncMirror:
             self._pending = None
             self._cv.release()
             try:
-                failure = self._read_acks(lead)
+                failure = self._read_acks(lead, spin=True)
             finally:
                 self._cv.acquire()
             self._release_wire_locked(lead, failure)
@@ -260,17 +269,24 @@ class SyncMirror:
             lead.timeout_at = time.monotonic()
             lead.sock.settimeout(max(lead.deadline - lead.timeout_at, 1e-3))
             lead.sock.sendall(data)
+            lead.sent_at = time.perf_counter()
             return None
         except TimeoutError:
             return self._over_budget()
         except (OSError, DrsiteError, ssl.SSLError) as e:
             return f"the connection to the recovery agent failed: {e}"
 
-    def _read_acks(self, lead: _Lead) -> str | None:
+    def _read_acks(self, lead: _Lead, *, spin: bool = False) -> str | None:
         """Read acks until the turn's last seq is acknowledged (without ``_cv``); a
-        failure's reason, or None."""
+        failure's reason, or None. ``spin`` (queue depth 1, the writer sent from
+        :meth:`submit`): busy-wait for the first ack while it is due soon (see
+        ``ACK_SPIN_MAX_S``), and keep the round trip's moving average."""
         sock, reader = lead.sock, lead.reader
         try:
+            rtt = self.ack_rtt_s
+            if spin and self.ack_spin_max_s > 0 and rtt <= self.ack_spin_max_s:
+                reader.spin(lead.sent_at + min(2 * rtt, self.ack_spin_max_s)
+                            if rtt else lead.sent_at + self.ack_spin_max_s)
             while True:
                 now = time.monotonic()
                 if now - lead.timeout_at > 1e-3:   # the timeout is per operation
@@ -289,6 +305,10 @@ class SyncMirror:
                         self.acked = got
                         self._cv.notify_all()
                 if got >= lead.last:
+                    if spin:   # clamped: one slow flush does not stop spinning for long
+                        took = min(time.perf_counter() - lead.sent_at,
+                                   2 * self.ack_spin_max_s)
+                        self.ack_rtt_s = took if not rtt else rtt + (took - rtt) / 8
                     return None
         except TimeoutError:
             return self._over_budget()
