@@ -606,10 +606,10 @@ def test_spinning_only_while_the_answer_is_due_within_microseconds(
     spins: dict[str, int] = {"writer": 0, "server": 0}
     spin = W.FrameReader.spin
 
-    def counting(self: W.FrameReader, until: float) -> bool:
+    def counting(self: W.FrameReader, until: float, stop: Any = None) -> bool:
         who = "server" if threading.current_thread().name == "sync-conn" else "writer"
         spins[who] += 1
-        return spin(self, until)
+        return spin(self, until, stop)
 
     monkeypatch.setattr(W.FrameReader, "spin", counting)
     srv = _server(tmp_path, certs)
@@ -637,9 +637,9 @@ def test_spinning_only_while_the_answer_is_due_within_microseconds(
         spins.update(writer=0, server=0)
         append = srv.journal(ITEM).append
 
-        def slow_append(seq: int, payload: Any, *, durable: bool = False) -> None:
+        def slow_append(seq: int, payload: Any, **kw: Any) -> None:
             time.sleep(0.003)
-            append(seq, payload, durable=durable)
+            append(seq, payload, **kw)
 
         monkeypatch.setattr(srv.journal(ITEM), "append", slow_append)
         for i in range(51, 81):  # a slow recovery side: the writer stops spinning
@@ -652,3 +652,35 @@ def test_spinning_only_while_the_answer_is_due_within_microseconds(
     finally:
         rt.stop()
         srv.stop()
+
+
+def test_a_spinning_writer_keeps_the_budget(tmp_path: Path, certs: TestCerts,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recovery side that stops answering while the writer spins for its ack: the spin ends
+    at the write's deadline (the budget), not at the spin's own bound, and the mirror
+    suspends."""
+    srv = _server(tmp_path, certs)
+    hv = FileHypervisor(tmp_path / "vms")
+    vm_id, rt = _running(hv)
+    try:
+        _start_sync(hv, vm_id, _config(certs, srv.port, 5))
+        mirror = rt.vm.mirror
+        rt.vm.write("d0", 0, _block(1), tag=1)
+        mirror.ack_spin_max_s = 1.0   # a spin bound far past the 5 ms budget
+        append = srv.journal(ITEM).append
+
+        def stalled(seq: int, payload: Any, **kw: Any) -> None:
+            time.sleep(0.3)
+            append(seq, payload, **kw)
+
+        monkeypatch.setattr(srv.journal(ITEM), "append", stalled)
+        t0 = time.monotonic()
+        rt.vm.write("d0", 4096, _block(2), tag=2)
+        took = time.monotonic() - t0
+        assert took < 0.1, took   # the budget (5 ms) and the box's slack; the spin: 1 s
+        st = _wait_state(hv, vm_id, "suspended")
+        assert "latency budget" in st["reason"]
+    finally:
+        rt.stop()
+        srv.stop()
+

@@ -316,9 +316,30 @@ def test_a_durable_append_is_one_dsync_write_unless_something_else_waits_for_a_f
     del calls[:]
     j.append(seq, _payload(seq), durable=True)   # the zeros are flushed: back to one write
     assert calls == [("pwritev", J._RWF_DSYNC)]
+    j.append(seq + 1, _payload(seq + 1))   # left unflushed, as a crash would leave it
     j.close()
     j = SyncJournal.open(tmp_path / "j")
-    assert j.last == seq and j.cut_bytes == 0
-    assert [s for s, _ in j.entries_after(0)] == list(range(1, seq + 1))
+    assert j.last == seq + 1 and j.cut_bytes == 0
+    assert [s for s, _ in j.entries_after(0)] == list(range(1, seq + 2))
     assert dict(j.entries_after(0))[seq] == _payload(seq)
+    del calls[:]
+    # after an open, what an earlier process appended may be in the page cache only: the
+    # first durable append flushes the whole file
+    j.append(seq + 2, _payload(seq + 2), durable=True)
+    assert calls == [("pwritev", 0), ("fdatasync", 0)]
+    j.close()
+
+
+def test_an_append_of_a_replaced_run_is_refused(tmp_path: Path) -> None:
+    """``append(run=)`` names the run its connection began: after a newer ``begin`` (another
+    connection, perhaps another stream whose numbers overlap) it is refused."""
+    j = SyncJournal.open(tmp_path / "j")
+    j.begin(uuid.uuid4().hex, 0)
+    old = j.run
+    j.append(1, _payload(1), run=old, durable=True)
+    j.begin(uuid.uuid4().hex, 1)   # a restarted guest: a new stream whose base happens to be 1
+    with pytest.raises(Conflict, match="newer run"):
+        j.append(2, _payload(2), run=old, durable=True)
+    j.append(2, _payload(2), run=j.run, durable=True)
+    assert [s for s, _ in j.entries_after(1)] == [2]
     j.close()

@@ -25,24 +25,42 @@ def test_spin_returns_when_a_frame_arrives_and_gives_up_at_its_bound() -> None:
     a, b = _pair()
     try:
         r = W.FrameReader(a)
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         assert r.spin(t0 + 0.02) is False          # nothing came: False at the bound
-        took = time.perf_counter() - t0
+        took = time.monotonic() - t0
         assert 0.02 <= took < 0.5
-        cpu0 = time.thread_time()
         threading.Timer(0.05, lambda: b.sendall(W.ack_frame(7))).start()
-        t0 = time.perf_counter()
+        timeouts: list[float] = []
+        poll = r._poll()
+
+        def recording(timeout: float) -> list[tuple[int, int]]:
+            timeouts.append(timeout)
+            return poll(timeout)
+
+        r._poll = lambda: recording  # type: ignore[method-assign]
+        t0 = time.monotonic()
         assert r.spin(t0 + 5.0) is True            # the ack came during the spin
-        took = time.perf_counter() - t0
+        took = time.monotonic() - t0
         assert 0.04 <= took < 2.0
-        assert time.thread_time() - cpu0 > took / 4   # it spun (on CPU), it did not sleep
+        # it spun: many polls, none of which could sleep
+        assert len(timeouts) > 10 and set(timeouts) == {0}
+        del r._poll
         assert r.read() == (W.T_ACK, (7).to_bytes(8, "little"))
         b.sendall(W.ack_frame(8) + W.ack_frame(9))
         assert r.read()[0] == W.T_ACK              # 9 is now buffered whole
-        assert r.spin(time.perf_counter() - 1) is True   # buffered: True even past the bound
+        assert r.spin(time.monotonic() - 1) is True   # buffered: True even past the bound
         assert W.seq_of(r.read()[1]) == 9
+        calls: list[int] = []
+
+        def stop() -> bool:
+            calls.append(1)
+            return len(calls) > 3
+
+        t0 = time.monotonic()                      # stop() ends a spin at once
+        assert r.spin(t0 + 5.0, stop=stop) is False
+        assert len(calls) == 4 and time.monotonic() - t0 < 1.0
         b.shutdown(socket.SHUT_WR)                 # a hang-up ends a spin too
-        assert r.spin(time.perf_counter() + 5.0) is True
+        assert r.spin(time.monotonic() + 5.0) is True
         with pytest.raises(Exception, match="closed"):
             r.read()
     finally:
@@ -56,6 +74,8 @@ def test_ready_polls_a_descriptor_past_1023() -> None:
         pytest.skip("the descriptor limit is below 2048")
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
     a, b = _pair()
+    with pytest.raises(OSError):
+        os.fstat(1500)   # free: dup2 would close whatever held it
     high = os.dup2(a.fileno(), 1500)
     hs = socket.socket(fileno=high)
     try:

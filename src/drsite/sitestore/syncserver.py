@@ -6,7 +6,7 @@ the stream and the seal instant the run begins at; the caller must be the item's
 the store's access list (``Authorizer.authorize(..., "put", item, ...)``), and the item must
 not be held by a failover (:func:`~drsite.sitestore.server.replica_held`). Then entries are
 appended to the item's :class:`~drsite.tracking.syncjournal.SyncJournal` and acknowledged
-after one ``fdatasync`` for every entry read so far (group commit: at queue depth > 1 many
+after one flush for every entry read so far (group commit: at queue depth > 1 many
 entries share one flush), by the connection's own thread: receive, append, flush, ack, with
 no hand-off (the journal's preallocated segment makes the flush data-only). A newer
 connection for an item replaces the older one (the mirror began a new run).
@@ -51,8 +51,10 @@ HELLO_TIMEOUT_S = 10.0
 # next entry, at most this long, when the writer's last gap (ack sent → next entry read here)
 # was under 4 times as long (a gap read after sleeping includes the wake-up): a writer at
 # queue depth 1 sends its next write within tens of µs, and waking a sleeping thread on an
-# idle CPU costs as much. A writer with longer gaps costs no spinning.
+# idle CPU costs as much. A writer with longer gaps costs no spinning; one whose gaps are just
+# over the window costs two spins in every SPIN_REST + 2 entries.
 NEXT_SPIN_S = 200e-6
+SPIN_REST = 16   # after two spins in a row that caught nothing, this many entries without
 JOURNALS_DIR = "sync-journals"   # DATA/sync-journals/<item>/: beside DATA/replicas/
 
 
@@ -172,14 +174,14 @@ class SyncServer:
             conn = sock
             reader = W.FrameReader(sock)
             try:
-                item_id, journal = self._hello(sock, W.read_json(reader))
+                item_id, journal, run = self._hello(sock, W.read_json(reader))
             except DrsiteError as e:
                 log.warning("sync connection from %s refused: %s", addr, e)
                 sock.sendall(W.json_frame({"ok": False, "error": e.to_dict()}))
                 return
             sock.sendall(W.json_frame({"ok": True}))
             sock.settimeout(None)
-            self._pump(item_id, sock, reader, journal)
+            self._pump(item_id, sock, reader, journal, run)
         except (OSError, DrsiteError, ssl.SSLError) as e:
             log.info("sync connection of %s from %s ended: %s", item_id or "?", addr, e)
         finally:
@@ -188,7 +190,8 @@ class SyncServer:
                     self._active.pop(item_id, None)
             _close(conn)
 
-    def _hello(self, sock: ssl.SSLSocket, hello: dict[str, object]) -> tuple[str, SyncJournal]:
+    def _hello(self, sock: ssl.SSLSocket,
+               hello: dict[str, object]) -> tuple[str, SyncJournal, int]:
         der = sock.getpeercert(binary_form=True)
         if not der:
             raise Forbidden("a sync connection needs a client certificate")
@@ -216,31 +219,42 @@ class SyncServer:
             if old is not None:
                 _shutdown_raw(old)  # the mirror began a new run: the old connection is over
             journal.begin(stream, base, after_point=after)
+            run = journal.run   # this connection's appends are refused once another begins
             self._active[item_id] = sock
         log.info("sync journal of %s begins at %d (stream %s, from %s)", item_id, base,
                  stream[:8], ident.common_name)
-        return item_id, journal
+        return item_id, journal, run
 
     def _pump(self, item_id: str, sock: ssl.SSLSocket, reader: W.FrameReader,
-              journal: SyncJournal) -> None:
+              journal: SyncJournal, run: int) -> None:
         held = str(held_marker(self.replicas, item_id))   # replica_held, one stat per flush
         gap = 0.0   # the writer's last gap: ack sent → its next entry read
         acked_at = 0.0
+        misses = 0  # spins in a row that ended with nothing
+        rest = 0    # entries to take without spinning (after two misses)
         while not self._stop.is_set():
-            if acked_at and gap <= 4 * self.next_spin_s:
-                reader.spin(acked_at + self.next_spin_s)
+            if rest:
+                rest -= 1
+            elif acked_at and gap <= 4 * self.next_spin_s:
+                if reader.spin(acked_at + self.next_spin_s):
+                    misses = 0
+                else:
+                    misses += 1
+                    if misses == 2:   # gaps just over the window: spinning only costs
+                        misses, rest = 0, SPIN_REST
             frame = reader.read()
             if acked_at:
-                gap = time.perf_counter() - acked_at
+                gap = time.monotonic() - acked_at
             # group commit: everything already here shares one flush — the last entry's
-            # write is it (``durable``: one RWF_DSYNC write, or a write and an fdatasync)
+            # write is it (``durable``: one RWF_DSYNC write, or a write and an fdatasync);
+            # each append names this connection's run, refused once a newer one began
             while reader.ready():
-                self._append(frame, journal, durable=False)
+                self._append(frame, journal, run, durable=False)
                 frame = reader.read()
             with self._lock:
                 if self._active.get(item_id) is not sock:
                     raise NetworkError("replaced by a newer sync connection")
-            last = self._append(frame, journal, durable=True)
+            last = self._append(frame, journal, run, durable=True)
             # after the flush, before the ack: a failover in another process (break-glass)
             # writes the held marker, then reads the journal, so every entry acknowledged
             # here was durable before it read
@@ -248,15 +262,16 @@ class SyncServer:
                 raise Forbidden(f"item {item_id} failed over on this site: its sync journal "
                                 "is closed")
             sock.sendall(W.ack_frame(last))
-            acked_at = time.perf_counter()
+            acked_at = time.monotonic()
 
     @staticmethod
-    def _append(frame: tuple[int, bytes], journal: SyncJournal, *, durable: bool) -> int:
+    def _append(frame: tuple[int, bytes], journal: SyncJournal, run: int, *,
+                durable: bool) -> int:
         kind, body = frame
         if kind != W.T_ENTRY:
             raise InvalidInput(f"unexpected sync frame type {kind}")
         seq = W.seq_of(body)
-        journal.append(seq, W.entry_payload(body), durable=durable)
+        journal.append(seq, W.entry_payload(body), durable=durable, run=run)
         return seq
 
 

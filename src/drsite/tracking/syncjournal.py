@@ -2,8 +2,9 @@
 
 A file VM in synchronous mode (``mode: sync``) sends every batch of guest writes to the
 recovery site before the guest sees it acknowledged; the recovery site appends it here and
-answers only after ``fdatasync``. Each batch is one *entry* numbered by the guest's mirror
-(``seq``, +1 per batch, in the guest's write order). A journal belongs to one *stream* (one
+answers only once it is flushed (``fdatasync``, or an ``RWF_DSYNC`` write). Each batch is
+one *entry* numbered by the guest's mirror (``seq``, +1 per batch, in the guest's write
+order). A journal belongs to one *stream* (one
 run of the mirror, a uuid) and starts at a *base*: the ``seq`` of a seal instant of that
 stream (the cycle record's ``sync`` mark), so that
 
@@ -37,6 +38,7 @@ applying entries to disks (``failover``).
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import threading
@@ -136,8 +138,13 @@ class SyncJournal:
         self.stream: str | None = None
         self._segs: list[_Segment] = []
         self.cut_bytes = 0          # bytes of a torn tail cut off at open
+        # something appended may not be durable yet (an entry, or zeros written ahead): the
+        # next durable append flushes the whole file, not its own range only
         self._dirty = False
         self.readonly = False       # opened by :meth:`open_readonly`
+        # +1 at every begin: an append names the run it belongs to (``run=``), so a connection
+        # a newer one replaced cannot append into the newer run
+        self.run = 0
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
@@ -216,6 +223,9 @@ class SyncJournal:
         self.stream = stream
         if self.readonly:
             return
+        # a crashed process may have left entries in the page cache only: the first durable
+        # append after an open flushes the whole file
+        self._dirty = True
         if not self._segs:
             self._new_segment(base)
         fsync_dir(self.dir)
@@ -309,6 +319,7 @@ class SyncJournal:
         if after_point is not False:
             state["after_point"] = after_point
         with self._lock:
+            self.run += 1
             try:
                 if (self.stream == stream and len(self._segs) == 1
                         and self._segs[0].base == base and self._segs[0].last == base):
@@ -320,18 +331,25 @@ class SyncJournal:
                 self._segs = []
                 self.stream = stream
                 self._new_segment(base)
+                self._dirty = False   # the only segment is new and flushed, nothing after it
             except OSError as e:
                 raise classify_os_error(e, f"sync journal {self.dir}") from e
 
-    def append(self, seq: int, payload: bytes | memoryview, *, durable: bool = False) -> None:
+    def append(self, seq: int, payload: bytes | memoryview, *, durable: bool = False,
+               run: int | None = None) -> None:
         """Append entry ``seq`` (must be ``last + 1``); durable after :meth:`sync` — or on
         return with ``durable``, which makes every entry appended so far durable (when
         nothing else is pending, one ``pwritev`` with ``RWF_DSYNC`` instead of a write and an
-        ``fdatasync``: one system call, the same flush)."""
+        ``fdatasync``: one system call, the same flush). ``run``: refused (Conflict) unless
+        the journal's current run is that one (:attr:`run`, read right after the caller's
+        :meth:`begin`)."""
+        global _RWF_DSYNC
         if len(payload) > MAX_ENTRY:
             raise InvalidInput(f"sync journal entry of {len(payload)} bytes exceeds {MAX_ENTRY}")
         self._writable()
         with self._lock:
+            if run is not None and run != self.run:
+                raise Conflict("the sync journal began a newer run")
             if not self._segs:
                 raise Conflict("the sync journal was not begun")
             seg = self._segs[-1]
@@ -353,7 +371,15 @@ class SyncJournal:
                 # with anything else unflushed (earlier entries, new zeros) the whole file is
                 # flushed after the write instead
                 flush_here = bool(durable and not self._dirty and _RWF_DSYNC)
-                n = os.pwritev(seg.fd, [head, payload], seg.size, _RWF_DSYNC if flush_here else 0)
+                try:
+                    n = os.pwritev(seg.fd, [head, payload], seg.size,
+                                   _RWF_DSYNC if flush_here else 0)
+                except OSError as e:
+                    if not flush_here or e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    _RWF_DSYNC = 0   # a kernel without per-write flags: write, then flush
+                    flush_here = False
+                    n = os.pwritev(seg.fd, [head, payload], seg.size)
                 if n != len(head) + len(payload):
                     raise PermanentError(f"short write to sync journal {seg.path}")
                 seg.size += n
@@ -367,15 +393,14 @@ class SyncJournal:
 
     def sync(self) -> None:
         """Make every appended entry durable (one ``fdatasync``: group commit)."""
-        with self._lock:
+        with self._lock:   # held through the flush: a durable append waits for it
             if not self._dirty or not self._segs:
                 return
-            fd = self._segs[-1].fd
-            self._dirty = False
-        try:
-            os.fdatasync(fd)
-        except OSError as e:
-            raise classify_os_error(e, f"sync journal {self.dir}") from e
+            try:
+                os.fdatasync(self._segs[-1].fd)
+            except OSError as e:
+                raise classify_os_error(e, f"sync journal {self.dir}") from e
+            self._dirty = False   # only once flushed
 
     def trim(self, stream: str | None, mark: int | None) -> int:
         """A point sealed at ``(stream, mark)`` is committed: delete the segments all of

@@ -69,6 +69,7 @@ class FrameReader:
         # most one record, 16 KiB)
         self._chunk = memoryview(bytearray(_CHUNK))
         self._poller: select.poll | None = None
+        self._polled_fd = -1
 
     def _complete(self) -> bool:
         if len(self._buf) < _HEAD.size:
@@ -95,17 +96,23 @@ class FrameReader:
 
     def _poll(self) -> Callable[[float], list[tuple[int, int]]]:
         """``poll`` on the socket (not ``select``: no limit on the descriptor's number)."""
-        if self._poller is None:
+        fd = self.sock.fileno()
+        if fd < 0:
+            raise NetworkError("the sync connection is closed")
+        if self._poller is None or fd != self._polled_fd:   # registered by number
             self._poller = select.poll()
-            self._poller.register(self.sock.fileno(), select.POLLIN)
+            self._poller.register(fd, select.POLLIN)
+            self._polled_fd = fd
         return self._poller.poll
 
-    def spin(self, until: float) -> bool:
+    def spin(self, until: float, stop: Callable[[], bool] | None = None) -> bool:
         """Busy-wait, never sleeping, until a whole frame is buffered or bytes are readable
-        (True), or ``time.perf_counter()`` passes ``until`` (False). For a reader whose answer
-        is due within microseconds: a blocked reader lets its CPU go idle, and waking an idle
-        CPU (an inter-processor interrupt; in a VM, an exit to the hypervisor) costs tens of
-        µs a message. Each turn is one ``poll(0)``, which releases the GIL."""
+        (True), or ``time.monotonic()`` passes ``until``, or ``stop()`` says so (False). For a
+        reader whose answer is due within microseconds: a blocked reader lets its CPU go idle,
+        and waking an idle CPU (an inter-processor interrupt; in a VM, an exit to the
+        hypervisor) costs tens of µs a message. Each turn is one ``poll(0)``, which releases
+        the GIL — too briefly for a waiting thread to take it: other threads of the process
+        may wait for the interpreter's forced switch while a spin lasts."""
         if self._complete():
             return True
         if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
@@ -114,7 +121,7 @@ class FrameReader:
         while True:
             if poll(0):
                 return True
-            if time.perf_counter() >= until:
+            if time.monotonic() >= until or (stop is not None and stop()):
                 return False
 
     def read(self) -> tuple[int, bytes]:

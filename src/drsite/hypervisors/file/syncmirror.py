@@ -53,9 +53,10 @@ MAX_QUEUED_BYTES = 256 << 20   # beyond this the mirror suspends rather than buf
 # then fit the kernel's socket buffers, so the send never waits for the peer.
 EARLY_SEND_BYTES = 64 << 10
 # A writer at queue depth 1 spins (``FrameReader.spin``) rather than sleeps for its ack, for
-# at most twice the acks' recent round trip and never past this; while that round trip is
-# longer (a slow recovery disk or link), it sleeps: a wake-up then costs a small share.
-ACK_SPIN_MAX_S = 1e-3
+# at most twice the acks' recent round trip and never past this (nor its deadline), and stops
+# when another writer arrives; while that round trip is longer (a slow recovery disk or
+# link), it sleeps: a wake-up then costs a small share.
+ACK_SPIN_MAX_S = 0.5e-3
 
 
 @dataclass
@@ -70,7 +71,7 @@ class _Lead:
     deadline: float    # time.monotonic()
     thread: int        # the writer that reads the acks
     timeout_at: float = 0.0   # when the socket's timeout was last set to the deadline
-    sent_at: float = 0.0      # time.perf_counter() after the send (the ack round trip's start)
+    sent_at: float = 0.0      # time.monotonic() after the send (the ack round trip's start)
 
 
 @dataclass(frozen=True)
@@ -269,7 +270,7 @@ class SyncMirror:
             lead.timeout_at = time.monotonic()
             lead.sock.settimeout(max(lead.deadline - lead.timeout_at, 1e-3))
             lead.sock.sendall(data)
-            lead.sent_at = time.perf_counter()
+            lead.sent_at = time.monotonic()
             return None
         except TimeoutError:
             return self._over_budget()
@@ -285,8 +286,10 @@ class SyncMirror:
         try:
             rtt = self.ack_rtt_s
             if spin and self.ack_spin_max_s > 0 and rtt <= self.ack_spin_max_s:
-                reader.spin(lead.sent_at + min(2 * rtt, self.ack_spin_max_s)
-                            if rtt else lead.sent_at + self.ack_spin_max_s)
+                window = min(2 * rtt, self.ack_spin_max_s) if rtt else self.ack_spin_max_s
+                if not reader.spin(min(lead.sent_at + window, lead.deadline), self._crowded) \
+                        and time.monotonic() >= lead.deadline:
+                    return self._over_budget()
             while True:
                 now = time.monotonic()
                 if now - lead.timeout_at > 1e-3:   # the timeout is per operation
@@ -306,7 +309,7 @@ class SyncMirror:
                         self._cv.notify_all()
                 if got >= lead.last:
                     if spin:   # clamped: one slow flush does not stop spinning for long
-                        took = min(time.perf_counter() - lead.sent_at,
+                        took = min(time.monotonic() - lead.sent_at,
                                    2 * self.ack_spin_max_s)
                         self.ack_rtt_s = took if not rtt else rtt + (took - rtt) / 8
                     return None
@@ -314,6 +317,11 @@ class SyncMirror:
             return self._over_budget()
         except (OSError, DrsiteError, ssl.SSLError) as e:
             return f"the connection to the recovery agent failed: {e}"
+
+    def _crowded(self) -> bool:
+        """Another writer arrived (read without ``_cv``: a hint): a spinning writer stops,
+        the newcomer needs the CPU and the GIL for its local writes."""
+        return self._waiters > 1 or bool(self._queue)
 
     def _over_budget(self) -> str:
         return (f"a write waited more than the latency budget of "
