@@ -54,7 +54,7 @@ HELLO_TIMEOUT_S = 10.0
 # idle CPU costs as much. A writer with longer gaps costs no spinning; one whose gaps are just
 # over the window costs two spins in every SPIN_REST + 2 entries.
 NEXT_SPIN_S = 200e-6
-SPIN_REST = 16   # after two spins in a row that caught nothing, this many entries without
+SPIN_REST = 16   # after two spins in a row that caught nothing: this many entries read unspun
 JOURNALS_DIR = "sync-journals"   # DATA/sync-journals/<item>/: beside DATA/replicas/
 
 
