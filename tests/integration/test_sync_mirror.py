@@ -20,6 +20,7 @@ from drsite.hypervisors.contract import SyncMirrorHost
 from drsite.hypervisors.file import FileHypervisor
 from drsite.hypervisors.file.syncmirror import ACK_SPIN_MAX_S
 from drsite.pki import CertIdentity
+from drsite.sitestore import syncserver
 from drsite.sitestore.acl import Op
 from drsite.sitestore.server import held_marker
 from drsite.sitestore.syncserver import NEXT_SPIN_S, SyncServer
@@ -612,6 +613,8 @@ def test_spinning_only_while_the_answer_is_due_within_microseconds(
         return spin(self, until, stop)
 
     monkeypatch.setattr(W.FrameReader, "spin", counting)
+    # no rest after missed spins: on a loaded box two gaps in a row can pass any window
+    monkeypatch.setattr(syncserver, "SPIN_REST", 0)
     srv = _server(tmp_path, certs)
     hv = FileHypervisor(tmp_path / "vms")
     vm_id, rt = _running(hv)
@@ -619,7 +622,7 @@ def test_spinning_only_while_the_answer_is_due_within_microseconds(
         _start_sync(hv, vm_id, _config(certs, srv.port, 5000))
         mirror = rt.vm.mirror
         # bounds far above this box's round trips, loaded or not: every answer is "due soon"
-        mirror.ack_spin_max_s, srv.next_spin_s = 0.05, 0.02
+        mirror.ack_spin_max_s, srv.next_spin_s = 0.5, 0.2
         for i in range(1, 41):   # back to back
             rt.vm.write("d0", i * 4096, _block(i), tag=i)
         # every write; the server after every ack (the first entry follows the hello; the
@@ -677,7 +680,8 @@ def test_a_spinning_writer_keeps_the_budget(tmp_path: Path, certs: TestCerts,
         t0 = time.monotonic()
         rt.vm.write("d0", 4096, _block(2), tag=2)
         took = time.monotonic() - t0
-        assert took < 0.1, took   # the budget (5 ms) and the box's slack; the spin: 1 s
+        # the budget (5 ms) and a loaded box's slack; without the cap: the stall (0.3 s)
+        assert took < 0.25, took
         st = _wait_state(hv, vm_id, "suspended")
         assert "latency budget" in st["reason"]
     finally:
