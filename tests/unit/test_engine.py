@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +12,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from drsite.core.clock import FakeClock
-from drsite.core.errors import DrsiteError, Forbidden, NetworkError, ObjectNotFound, PermanentError
+from drsite.core.errors import (
+    DrsiteError,
+    Forbidden,
+    LowDiskSpace,
+    NetworkError,
+    ObjectNotFound,
+    PermanentError,
+)
 from drsite.core.model import DiskSpec, VmSpec
 from drsite.hypervisors.testing.memory import MemoryHypervisor
 from drsite.replication.driver import ItemReplicator, ReplicationSettings
@@ -628,3 +636,26 @@ def test_compression_auto_reaches_the_writer_and_points_equal_the_source(tmp_pat
     q = env.item.run_cycle()
     assert q is not None and q.base_point_id == p.point_id
     assert env.point_bytes(q.point_id) == env.source()
+
+
+def test_a_full_disk_under_the_record_is_a_transient_error_not_a_crash(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's record cannot be saved (no space left where it lives): the step raises
+    what it is — transient, "no space left" — instead of a raw OSError that would end its
+    process; nothing committed is lost, and once there is room the next cycle runs."""
+    env.write("d0", 0, 64 * KiB)
+    p0 = env.item.run_initial()
+    env.write("d0", 64 * KiB, 4096)
+    save = env.item._file.save
+
+    def full(rec: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(env.item._file, "save", full)
+    with pytest.raises(LowDiskSpace, match="no space left") as got:
+        env.item.step()
+    assert got.value.transient
+    assert env.repo().latest() is not None and env.point_bytes(p0.point_id)
+    monkeypatch.setattr(env.item._file, "save", save)   # room again
+    p1 = env.item.run_cycle()
+    assert env.point_bytes(p1.point_id) == env.source()

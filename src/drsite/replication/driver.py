@@ -202,7 +202,9 @@ class ItemReplicator:
         return next_cycle_at(r.last_cycle_started, self.settings.frequency_s, self.clock.now())
 
     def step(self) -> Decision:
-        """Do the next thing this item needs; never raises a drsite error (it is recorded)."""
+        """Do the next thing this item needs; a drsite error of the step is recorded, not
+        raised — only a failure to save the record itself is raised (classified, e.g.
+        ``LowDiskSpace``)."""
         now = self.clock.now()
         try:
             self._check_fence()
@@ -225,7 +227,14 @@ class ItemReplicator:
             decision = Decision(Action.NOTHING, f"failed: {e}")
             self._fail(classify_os_error(e, "replication"))
         self._refresh_report()
-        self._save()
+        try:
+            self._save()
+        except OSError as e:
+            # the outcome cannot be recorded (a full disk): raised as what it is (transient,
+            # "no space left"), not as a crash; nothing is lost — the store, not the record,
+            # says what is committed, and the next step saves again
+            raise classify_os_error(e, f"saving the replication record of {self.rec.item_id}") \
+                from e
         return decision
 
     def run_initial(self, *, wait_transient: bool = True) -> PointInfo:
