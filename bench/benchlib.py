@@ -70,6 +70,16 @@ def settle() -> None:
     os.sync()
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process from ``/proc`` (its reaped children not counted; 0.0 if it
+    cannot be read), in clock ticks' resolution."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def try_drop_caches() -> bool:
     """Drop the page cache if this process may (root outside a container); False otherwise."""
     try:

@@ -49,7 +49,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchlib import BENCH_DIR, GiB, KiB, MiB, machine_info, workdir, write_json
+from benchlib import (
+    BENCH_DIR,
+    GiB,
+    KiB,
+    MiB,
+    machine_info,
+    process_cpu_seconds,
+    workdir,
+    write_json,
+)
 
 from drsite.core.model import DiskSpec, VmSpec
 from drsite.core.retention import RetentionRule
@@ -90,13 +99,7 @@ ITEM = "churn"
 
 # -- processes ---------------------------------------------------------------------------------
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (and its reaped children are not counted)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
+cpu_seconds = process_cpu_seconds   # utime + stime of a process (/proc)
 
 
 def peak_rss(pid: int) -> int:

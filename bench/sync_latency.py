@@ -35,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository
 
-from benchlib import machine_info, workdir
+from benchlib import machine_info, process_cpu_seconds, workdir
 
 from drsite.core.model import DiskSpec, VmSpec
 from drsite.hypervisors.file import FileHypervisor
@@ -112,8 +112,7 @@ def cpu_s(pid: int | None = None) -> float:
     if pid is None:
         t = os.times()
         return t.user + t.system
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return process_cpu_seconds(pid)
 
 
 def qd1_with_cpu(vm: object, n: int, rng: random.Random, server_pid: int) -> dict[str, float]:
