@@ -5,10 +5,12 @@ failed over, the old primary fenced, no second failover — and reports it must 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from sqlalchemy import select
 
@@ -17,8 +19,9 @@ from drsite.core.errors import InvalidInput
 from drsite.core.states import FailoverState, ItemProtection
 from drsite.failover.wire import check_recovery_book, recovery_book_digest
 from drsite.vault.db.models import Command, Failover, Group, Item, Store
-from drsite.vault.testing import Agent, Harness, vm_info
+from drsite.vault.testing import Agent, Harness, point, report, vm_info
 from tests.integration.test_vault_api import policy_and_group, protect, two_sites
+from tests.integration.test_vault_transient_db import _blocked_on_a_lock
 from tests.integration.test_vault_trust import security_alerts
 
 
@@ -317,3 +320,64 @@ def test_one_vm_with_a_bad_configuration_does_not_cost_the_site_its_recovery_boo
     a.beat(vms=[vm_info("vm-1", "web1"), {**vm_info("vm-2", "db 1"), "labels": ["db"]}])
     book = check_recovery_book(beat(b).json()["recovery_book"])
     assert web in book["items"]
+
+
+def test_a_breakglass_beat_locks_its_items_in_id_order(tmp_path: Path, pg_url: str) -> None:
+    """PostgreSQL: a beat with a break-glass report writes the reported item (and withdraws
+    its commands) and, at its end, the items it reports as their host. It locks them all in
+    id order before writing any, as the scheduler does: a beat that locked its break-glass
+    item first and then waited for an item of lower id could dead-lock with a scheduler tick
+    that holds the lower one and waits for the break-glass item."""
+    h = Harness(tmp_path / "vault", pg_url)
+    try:
+        a, b = two_sites(h)
+        policy_and_group(h)
+        bg_item = protect(h, a)
+        # an item host b replicates, with an id below the break-glass item's
+        low = "i-000000000000"
+        assert low < bg_item
+        with h.vault.db.tx() as s:
+            src = s.get(Item, bg_item)
+            assert src is not None
+            s.add(Item(id=low, host_id=b.host_id, vm_id="vm-9", vm_name="db9",
+                       group_id=src.group_id, target_site_id=src.target_site_id,
+                       status=ItemProtection.PROTECTED, vm_ref=f"{b.host_id}/vm-9", state="new",
+                       report=None, acked_seq=0, retry=dict(src.retry), critical_error=None,
+                       health_reasons=[], created_at=src.created_at, updated_at=src.updated_at))
+        body: dict[str, Any] = {
+            "host_name": b.name, "version": "test", "store_url": b.store_url, "vms": None,
+            "items": [{"item_id": low, "report": report(low, "vm-9", "db9",
+                                                         last_point_time=h.clock.now()),
+                       "new_points": [point(low, 1, h.clock.now())]}],
+            "breakglass": [bg_record(bg_item)]}
+        out: dict[str, Any] = {}
+
+        def send() -> None:
+            out["reply"] = b.post("/heartbeat", body)
+
+        url = pg_url.replace("+psycopg", "")
+        with psycopg.connect(url) as holder:
+            # another writer (a scheduler tick: id order) holds the low item
+            holder.execute("SELECT id FROM items WHERE id = %s FOR UPDATE", (low,))
+            t = threading.Thread(target=send)
+            t.start()
+            _blocked_on_a_lock(pg_url)
+            # the beat waits for the low item holding no item of higher id: the holder can
+            # still take the break-glass item (old order: the beat held it → this tick and
+            # the beat dead-locked)
+            with psycopg.connect(url) as tick:
+                got = tick.execute("SELECT id FROM items WHERE id = %s FOR UPDATE NOWAIT",
+                                   (bg_item,)).fetchall()
+                assert got == [(bg_item,)]
+                tick.rollback()
+            holder.rollback()
+        t.join(30)
+        r = out["reply"]
+        assert r.status_code == 200, r.text
+        assert r.json()["breakglass_ack"] == [bg_record(bg_item)["failover_id"]]
+        assert h.ok("GET", f"/items/{bg_item}")["protection"] == "failed_over"
+        with h.vault.db.read() as s:
+            got_low = s.get(Item, low)
+            assert got_low is not None and got_low.last_point_time == h.clock.now()
+    finally:
+        h.close()

@@ -58,9 +58,29 @@ def _refuse(s: Session, host: Host, fid: str, item_id: str, why: str, now: float
                                outcome="refused", detail={"failover_id": fid, "why": why}))
 
 
+def item_ids(reports: list[dict[str, Any]]) -> set[str]:
+    """The well-formed item ids ``reports`` name (what :func:`apply_reports` may write), for
+    the caller to lock in id order first. Malformed ones are left to ``apply_reports``."""
+    if len(reports) > MAX_REPORTS:
+        raise InvalidInput(f"at most {MAX_REPORTS} break-glass reports per heartbeat")
+    out: set[str] = set()
+    for rec in reports:
+        try:
+            out.add(validate_name("item", str(rec.get("item_id") or "")))
+        except (InvalidInput, AttributeError):
+            continue
+    return out
+
+
 def apply_reports(s: Session, host: Host, reports: list[dict[str, Any]], now: float) -> list[str]:
     """Digest ``reports`` from ``host``; the failover ids to acknowledge (recorded, already
-    known, or refused for good: a refused report is not accepted later either)."""
+    known, or refused for good: a refused report is not accepted later either).
+
+    The caller has locked the reported items (``FOR UPDATE``, fresh: ``populate_existing``)
+    in id order with every other item its transaction writes: the status read here is then
+    the one this transaction overwrites (PostgreSQL: a failover job committing meanwhile is
+    waited for, not overwritten), and withdrawing an item's commands never precedes locking
+    an item of lower id (the lock order, ``vault/design.md``)."""
     if len(reports) > MAX_REPORTS:
         raise InvalidInput(f"at most {MAX_REPORTS} break-glass reports per heartbeat")
     acked: list[str] = []

@@ -95,6 +95,14 @@ def _vm_fields(d: dict[str, Any]) -> tuple[str, str]:
     return vm_id, name
 
 
+def _lock_items(s: Session, ids: set[str]) -> None:
+    """Lock the existing items of ``ids`` (``FOR UPDATE``; SQLite: its one writer already),
+    in id order, and load them fresh into the session."""
+    if ids:
+        s.scalars(select(Item).where(Item.id.in_(sorted(ids))).order_by(Item.id)
+                  .with_for_update().execution_options(populate_existing=True)).all()
+
+
 def apply_heartbeat(s: Session, host: Host, beat: Beat, settings: VaultSettings) -> dict[str, Any]:
     """Apply ``beat`` from ``host``; returns the reply ``{"commands", "ack", "heartbeat_interval"}``."""
     now = settings.clock.now()
@@ -110,7 +118,14 @@ def apply_heartbeat(s: Session, host: Host, beat: Beat, settings: VaultSettings)
         storerole.judge_claim(s, host, beat.store_url, now)
     # break-glass failovers first: the recovery VMs in this very inventory must be known as
     # such (never auto-protected), and the items failed over before anything is scheduled
-    bg_acked = breakglass.apply_reports(s, host, beat.breakglass, now) if beat.breakglass else []
+    bg_acked: list[str] = []
+    if beat.breakglass:
+        # a report fails its item over and withdraws its commands; the reported items are
+        # written at the end: lock all of them first, in id order (items → barriers →
+        # commands), as the scheduler does, or this beat and a scheduler tick could each hold
+        # an item the other waits for (PostgreSQL)
+        _lock_items(s, breakglass.item_ids(beat.breakglass) | {ib.item_id for ib in beat.items})
+        bg_acked = breakglass.apply_reports(s, host, beat.breakglass, now)
     new_vms = _apply_inventory(s, host, beat.vms, now) if beat.vms is not None else []
     ack: dict[str, int] = {}
     ids = sorted({ib.item_id for ib in beat.items})
