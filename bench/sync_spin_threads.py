@@ -4,7 +4,7 @@ thread sleeps 1 ms in a loop (its oversleep: how long it waited for the GIL) and
 and releases a cycle every 50 ms (the seal's duration). Run with the writer's spin on
 (``ACK_SPIN_MAX_S``) and off, alternately, ``--rounds`` times each.
 
-    .venv/bin/python bench/sync_spin_threads.py [--rounds 2] [--n 4000]
+    .venv/bin/python bench/sync_spin_threads.py [--rounds 2] [--n 4000] [--variants 0:x,500:x]
 
 A spinning thread releases the GIL only for each ``poll(0)``: a thread that wants it gets it at
 the next forced switch (``sys.getswitchinterval()``, 5 ms) unless the spinner blocks first.
@@ -35,8 +35,11 @@ def pct(xs: list[float], p: float) -> float:
     return round(xs[min(len(xs) - 1, int(len(xs) * p))] * 1e6, 1) if xs else 0.0
 
 
-def one(wd: Path, spin_s: float, n: int) -> dict[str, object]:
+def one(wd: Path, spin_s: float, n: int, switch_s: float | None = None) -> dict[str, object]:
     res: dict[str, object] = {}
+    old_switch = sys.getswitchinterval()
+    if switch_s is not None:
+        sys.setswitchinterval(switch_s)
     with S.journal_server(wd, None, res) as (port, certs, _pid):
         hv = FileHypervisor(wd / "vms")
         vm_id = hv.create_blank(VmSpec("bench", disks=(DiskSpec("d0", S.DISK),))).vm_id
@@ -73,7 +76,9 @@ def one(wd: Path, spin_s: float, n: int) -> dict[str, object]:
                 t.join(30)
         finally:
             rt.stop()
-    return {"spin_max_us": round(spin_s * 1e6), "write_p50_us": pct(lat, 0.5),
+            sys.setswitchinterval(old_switch)
+    return {"spin_max_us": round(spin_s * 1e6),
+            "switch_interval_us": round((switch_s or old_switch) * 1e6), "write_p50_us": pct(lat, 0.5),
             "write_p99_us": pct(lat, 0.99), "tick_oversleep_p50_us": pct(over, 0.5),
             "tick_oversleep_p99_us": pct(over, 0.99), "tick_oversleep_max_us": pct(over, 1.0),
             "seal_p50_us": pct(seals, 0.5), "seal_p99_us": pct(seals, 0.99),
@@ -85,15 +90,24 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--n", type=int, default=4000)
     ap.add_argument("--dir", type=Path, default=None)
+    ap.add_argument("--variants", default=None,
+                    help="comma-separated SPIN_US:SWITCH_US pairs run in turn each round "
+                         "(SWITCH_US: the process's sys.setswitchinterval, 'x' = as the mirror "
+                         "leaves it); default: spin off and on, both as the mirror leaves it")
     a = ap.parse_args()
+    variants: list[tuple[float, float | None]] = []
+    for v in (a.variants or f"0:x,{round(ACK_SPIN_MAX_S * 1e6)}:x").split(","):
+        spin_us, switch_us = v.split(":")
+        variants.append((float(spin_us) / 1e6,
+                         None if switch_us == "x" else float(switch_us) / 1e6))
     runs = []
     with workdir(a.dir) as wd:
         info = machine_info(wd)
         for i in range(a.rounds):
-            for spin in ((0.0, ACK_SPIN_MAX_S) if i % 2 == 0 else (ACK_SPIN_MAX_S, 0.0)):
-                sub = wd / f"r{i}-{int(spin * 1e6)}"
+            for j, (spin, switch) in enumerate(variants if i % 2 == 0 else variants[::-1]):
+                sub = wd / f"r{i}-{j}"
                 sub.mkdir()
-                r = one(sub, spin, a.n)
+                r = one(sub, spin, a.n, switch)
                 print(json.dumps(r), file=sys.stderr, flush=True)
                 runs.append(r)
     print(json.dumps({"machine": info, "runs": runs}, indent=2))

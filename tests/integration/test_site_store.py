@@ -279,6 +279,53 @@ def test_oversized_body_refused_before_reading(site: RunningSiteStore) -> None:
     assert not site.backend.exists("big")
 
 
+def test_bodies_of_every_size_land_exactly_as_sent(site: RunningSiteStore,
+                                                    client: SiteObjectStore,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """Bodies of other sizes after each other and at once, a body cut short (nothing stored,
+    the next put unharmed), a chunked body (no Content-Length) and an empty one each land
+    exactly as sent (a guard for any reuse of body buffers: bench/site_put.py measured one)."""
+    rng = np.random.default_rng(7)
+    blobs = {f"items/i/packs/c/p{i}": rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+             for i, size in enumerate([8 * MiB, 1 * MiB + 5, 8 * MiB - 1, 3, 0, 8 * MiB])}
+    for k, v in blobs.items():            # one after the other: a big buffer lent to a small body
+        client.put(k, v)
+    errors: list[BaseException] = []
+
+    def put(k: str, v: bytes) -> None:
+        try:
+            client.put(k, v)
+        except BaseException as e:       # pragma: no cover - reported below
+            errors.append(e)
+
+    again = {k.replace("/c/", "/d/"): v[::-1] for k, v in blobs.items()}
+    ts = [threading.Thread(target=put, args=kv) for kv in again.items()]
+    for th in ts:
+        th.start()
+    for th in ts:
+        th.join(60)
+    assert not errors
+    # a body cut short (the connection closes after half of it): nothing is stored
+    ctx = client_context(site.certs.ca_file, site.certs.client_cert, site.certs.client_key)
+    with socket.create_connection(("127.0.0.1", site.handle.port), timeout=5) as raw, \
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        tls.sendall(f"PUT /store/v1/objects/items/i/packs/c/cut HTTP/1.1\r\nHost: x\r\n"
+                    f"Content-Length: {4 * MiB}\r\n\r\n".encode() + b"\xee" * (2 * MiB))
+    # a chunked body (no Content-Length) is read as before
+    with httpx.Client(verify=ctx, base_url=site.url) as raw_client:
+        r = raw_client.put("/store/v1/objects/items/i/packs/c/chunked",
+                           content=iter([b"a" * 70000, b"b" * 5]))
+        assert r.status_code == 201, r.text
+    client.put("items/i/packs/c/after", blobs["items/i/packs/c/p0"][::-1])
+    assert not site.backend.exists("items/i/packs/c/cut")   # an incomplete body is never put
+    # a client that went away is no internal error of the server (it was: a traceback)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+    assert site.backend.get("items/i/packs/c/chunked") == b"a" * 70000 + b"b" * 5
+    assert site.backend.get("items/i/packs/c/after") == blobs["items/i/packs/c/p0"][::-1]
+    for k, v in {**blobs, **again}.items():
+        assert site.backend.get(k) == v, k
+
+
 def test_bad_parameters_refused_by_server(site: RunningSiteStore) -> None:
     ctx = client_context(site.certs.ca_file, site.certs.client_cert, site.certs.client_key)
     with httpx.Client(verify=ctx, base_url=site.url) as raw:

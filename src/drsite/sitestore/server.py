@@ -42,7 +42,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -196,6 +196,12 @@ def _endpoint(fn: Handler) -> Handler:
                 log.info("%s %s by %s: %s %s", request.method, request.url.path, _peer(request),
                          exc.code, exc.message)
             return _error_response(exc)
+        except ClientDisconnect:
+            # the caller went away mid-body (a network blip, a killed agent): nothing was
+            # stored; the answer reaches nobody
+            log.info("%s %s by %s: the client disconnected before its body ended",
+                     request.method, request.url.path, _peer(request))
+            return Response(status_code=400)
         except Exception:
             log.exception("%s %s by %s failed", request.method, request.url.path, _peer(request))
             return _error_response(InternalError("internal error in the recovery store server",
