@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,7 +23,9 @@ from drsite.core.errors import (
     PermanentError,
 )
 from drsite.core.model import DiskSpec, VmSpec
+from drsite.core.retention import RetentionRule
 from drsite.hypervisors.testing.memory import MemoryHypervisor
+from drsite.replication import driver as driver_mod
 from drsite.replication.driver import ItemReplicator, ReplicationSettings
 from drsite.replication.planner import ALWAYS, ResyncWindow
 from drsite.replication.report import Health, ItemState
@@ -414,6 +418,9 @@ op = st.one_of(
 def test_property_every_point_equals_the_source_at_its_instant(tmp_path_factory: pytest.TempPathFactory,
                                                                ops: list[tuple]) -> None:  # type: ignore[type-arg]
     env = Env(tmp_path_factory.mktemp("prop"), sizes=(SIZE, 1 * MiB + 4096 * 3))
+    # every delta cycle plans re-homing (store/compaction.py): crashes land in it too
+    env.settings = replace(env.settings, rehome_every_s=0.0, retention=SHORT)
+    env.item = env.new_item()
     env.write("d0", 0, 100 * KiB)
     expected: dict[str, dict[str, bytes]] = {}
 
@@ -659,3 +666,176 @@ def test_a_full_disk_under_the_record_is_a_transient_error_not_a_crash(
     monkeypatch.setattr(env.item._file, "save", save)   # room again
     p1 = env.item.run_cycle()
     assert env.point_bytes(p1.point_id) == env.source()
+
+
+# a retention short enough for re-homing (REHOME_RETENTION_CYCLES at a 30 s policy)
+SHORT = RetentionRule(retention_s=120.0, keep_all_s=0.0)
+
+
+def _scatter(env: Env, share: float) -> None:
+    """Overwrite ``share`` of each disk in random 4 KiB blocks."""
+    for d in env.vm.disks:
+        n = int(share * d.size // 4096)
+        for off in (env.rng.choice(d.size // 4096, n, replace=False) * 4096).tolist():
+            env.write(d.disk_id, off, 4096)
+
+
+def test_rehoming_keeps_the_store_small_and_every_point_equal_to_its_source(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scattered writes leave most packs with a few live blocks, kept for many cycles (the
+    store grew to 5-8 x the disk: bench/store_growth.py). Re-homing stores those blocks again
+    (store/compaction.py): with the same writes the store ends far smaller, every point still
+    equals the source at its instant (also across crashes in the middle of a cycle that
+    re-homes), and so does the replica."""
+    stored: dict[float, int] = {}
+    rehomed: dict[float, int] = {}
+    died_rehoming: dict[float, int] = {}   # cycles that died after they began re-homing
+    real_rehome = ItemReplicator._rehome_into
+    began = [False]
+
+    def rehome_into(self: ItemReplicator, *args: Any) -> int:
+        began[0] = True
+        return real_rehome(self, *args)
+
+    monkeypatch.setattr(ItemReplicator, "_rehome_into", rehome_into)
+    for share in (0.0, 0.5, 0.1):
+        # 0.1 with a small floor: a plan larger than a cycle's share is spread over cycles
+        # (what is left is taken later, minus what the guest changed meanwhile)
+        monkeypatch.setattr(driver_mod, "REHOME_MIN_BYTES", 16 * KiB if share == 0.1
+                            else 32 * MiB)
+        env = Env(tmp_path / f"share{share}")
+        env.settings = replace(env.settings, rehome_share=share, rehome_every_s=0.0,
+                               retention=SHORT)
+        env.item = env.new_item()
+        for d in env.vm.disks:
+            env.write(d.disk_id, 0, d.size)
+        env.item.run_initial()
+        repo = env.repo()
+        rehomed[share] = died_rehoming[share] = 0
+        for c in range(16):
+            _scatter(env, 0.3)
+            if c >= 4:
+                # a fresh cycle dies at its n-th put (in its changes, its re-homing or its
+                # maps); a new engine finishes it as its own point, then runs a fresh one
+                env.store.crash_after = (7 * c) % 19
+                began[0] = False
+                try:
+                    env.item.run_cycle()
+                except Crash:
+                    died_rehoming[share] += began[0]
+                finally:
+                    env.store.crash_after = None
+                env.item = env.new_item()
+            p = env.item.run_cycle()
+            assert env.point_bytes(p.point_id) == env.source(), (share, c)
+            rehomed[share] += int(p.meta.get("rehomed") or 0)
+            for old in repo.points()[:-3]:
+                repo.delete_point(old.point_id)
+            repo.gc()
+        assert env.replica_bytes() == env.source()
+        for p in repo.points():   # the kept points are whole
+            repo.reader(p.point_id, "d0").readinto(0, memoryview(bytearray(SIZE)))
+        stored[share] = repo.storage_bytes()
+    assert died_rehoming[0.5] >= 1 and died_rehoming[0.1] >= 1, died_rehoming
+    assert rehomed[0.0] == 0 and rehomed[0.5] > 0 and rehomed[0.1] > 0
+    assert stored[0.5] < 0.7 * stored[0.0], stored
+    assert stored[0.1] < stored[0.0], stored
+
+
+def _rehoming_env(tmp_path: Path) -> Env:
+    """An item whose store has sparse packs (scattered writes over full disks, short
+    retention, re-homing planned at every cycle)."""
+    env = Env(tmp_path)
+    env.settings = replace(env.settings, rehome_share=0.5, rehome_every_s=0.0, retention=SHORT)
+    env.item = env.new_item()
+    for d in env.vm.disks:
+        env.write(d.disk_id, 0, d.size)
+    env.item.run_initial()
+    for _ in range(3):
+        _scatter(env, 0.3)
+        env.item.run_cycle()
+    return env
+
+
+def test_rehoming_reads_the_base_point_not_the_disk_written_since_the_seal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guest writes on after the seal, also where re-homing reads: the point holds the
+    disk as it was at the seal (re-homed bytes come from the base point, never from the live
+    disk), and the next point holds the new writes."""
+    env = _rehoming_env(tmp_path)
+    real = ItemReplicator._rehome_into
+    seen: dict[str, Any] = {}
+
+    def write_then_rehome(self: ItemReplicator, writer: Any, base: str,
+                          todo: dict[str, Any], rehome: dict[str, Any], bucket: Any) -> int:
+        seen["at_seal"] = env.source()
+        for d, ext in rehome.items():
+            for off, n in zip(ext.starts.tolist()[:20], ext.lengths.tolist()[:20], strict=True):
+                env.write(d, off, n)    # the live disk changes under the re-homed ranges
+        seen["rehome"] = sum(e.total for e in rehome.values())
+        return real(self, writer, base, todo, rehome, bucket)
+
+    monkeypatch.setattr(ItemReplicator, "_rehome_into", write_then_rehome)
+    _scatter(env, 0.3)
+    p = env.item.run_cycle()
+    assert seen.get("rehome", 0) > 0 and int(p.meta.get("rehomed") or 0) > 0
+    assert env.point_bytes(p.point_id) == seen["at_seal"]
+    assert env.source() != seen["at_seal"]
+    monkeypatch.setattr(ItemReplicator, "_rehome_into", real)
+    q = env.item.run_cycle()
+    assert env.point_bytes(q.point_id) == env.source()
+
+
+def test_a_resumed_cycle_whose_changed_list_differs_is_staged_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Staged re-homed base bytes count as covered on a resume; if the resumed cycle's
+    changed list were not the one it was sealed with, they could cover a change. The engine
+    records a digest of the list when it adopts a cycle and stages a cycle again whose list
+    differs."""
+    env = _rehoming_env(tmp_path)
+    _scatter(env, 0.3)
+    env.store.crash_after = 4
+    with pytest.raises(Crash):
+        env.item.run_cycle()
+    env.store.crash_after = None
+    staged = env.repo().staged_cycles()
+    assert staged
+    monkeypatch.setattr(driver_mod, "_changed_digest", lambda cycle: "another list")
+    env.item = env.new_item()
+    aborted: list[str] = []
+    real_abort = Repository.abort
+
+    def abort(self: Repository, cycle_id: str) -> None:
+        aborted.append(cycle_id)
+        real_abort(self, cycle_id)
+
+    monkeypatch.setattr(Repository, "abort", abort)
+    p = env.item.run_cycle()
+    assert staged[0] in aborted
+    assert env.point_bytes(p.point_id) == env.source()
+
+
+def test_rehoming_yields_when_the_last_cycle_left_no_slack(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At capacity the RPO comes first: after a delta cycle that took more than
+    REHOME_SLACK of the frequency, the next cycle re-homes nothing; with slack again, it does."""
+    env = _rehoming_env(tmp_path)
+    real_seal = env.hv.seal
+
+    def slow_seal(vm_id: str, *, app_consistent: bool = False):  # type: ignore[no-untyped-def]
+        c = real_seal(vm_id, app_consistent=app_consistent)
+        env.clock.advance(0.9 * env.settings.frequency_s)   # this cycle leaves no slack
+        return c
+
+    monkeypatch.setattr(env.hv, "seal", slow_seal)
+    _scatter(env, 0.3)
+    env.item.run_cycle()
+    monkeypatch.setattr(env.hv, "seal", real_seal)
+    _scatter(env, 0.3)
+    busy = env.item.run_cycle()
+    assert not busy.meta.get("rehomed")
+    assert env.point_bytes(busy.point_id) == env.source()
+    _scatter(env, 0.3)
+    calm = env.item.run_cycle()
+    assert int(calm.meta.get("rehomed") or 0) > 0
+    assert env.point_bytes(calm.point_id) == env.source()

@@ -22,6 +22,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import xxhash
+
 from drsite import failpoints
 from drsite.core.clock import Clock, SystemClock
 from drsite.core.compression import compression_mode
@@ -32,6 +35,7 @@ from drsite.core.errors import (
     ErrorClass,
     Fenced,
     Forbidden,
+    InvalidInput,
     TrackingLost,
     classify_os_error,
     from_dict,
@@ -57,13 +61,23 @@ from drsite.replication.report import Health, ItemReport, ItemState
 from drsite.replication.resync import RESYNC_BLOCK, block_digests, differing_extents
 from drsite.replication.state import ItemRecord, RecordFile
 from drsite.replication.target import RecoveryTarget, StreamingTarget
+from drsite.store.compaction import plan_rehome
 from drsite.store.format import PointInfo
 from drsite.store.generation import check_not_fenced
 from drsite.store.maintenance import VerifyReport
+from drsite.store.writer import PointWriter
 
 log = logging.getLogger(__name__)
 
 IO_SIZE = 4 * 1024 * 1024
+REHOME_MIN_BYTES = 32 * 1024 * 1024
+# planning reads every segment map of the base point; beyond this many segments (256 GiB of
+# disks at 64 MiB) it is skipped (an incremental liveness index would be needed)
+REHOME_MAX_SEGMENTS = 4096
+REHOME_RETENTION_CYCLES = 16
+# re-homing yields to the RPO: a cycle re-homes only when the previous delta cycle took at most
+# this share of the policy's frequency (at capacity the store grows as it did before)
+REHOME_SLACK = 0.6
 
 
 def local_minute_of_day(t: float) -> int:
@@ -91,13 +105,35 @@ class ReplicationSettings:
     # GC sweeps (listing and deleting objects: many requests on a remote store) run at most
     # this often; retention still deletes expired points after every cycle
     gc_every_s: float = 300.0
+    # re-homing (store/compaction.py): a delta cycle also stores again the base point's live
+    # data that sits in sparse packs, so GC can delete those packs once older points expire;
+    # at most ``rehome_share`` of the cycle's changed bytes (at least ``REHOME_MIN_BYTES``) per
+    # cycle, planned at most every ``rehome_every_s``. 0: never. Only while the retention
+    # keeps points for at most ``REHOME_RETENTION_CYCLES`` cycles: a longer one keeps the
+    # old packs alive anyway, and the copies would only add to the store
+    rehome_share: float = 0.25
+    rehome_every_s: float = 60.0
 
     def __post_init__(self) -> None:
         validate_frequency(self.frequency_s)
+        if not 0.0 <= self.rehome_share <= 1.0 or not self.rehome_every_s >= 0.0:
+            raise InvalidInput(f"re-homing: share {self.rehome_share} must be in [0, 1] and "
+                               f"every_s {self.rehome_every_s} at least 0")
         object.__setattr__(self, "compression", compression_mode(self.compression))
 
 
 ProgressFn = Callable[[ItemReport], None]
+
+
+def _changed_digest(cycle: SealedCycle) -> str:
+    """A digest of a sealed cycle's changed extents (all disks)."""
+    h = xxhash.xxh3_128()
+    for d in sorted(cycle.changed):
+        e = cycle.changed[d]
+        h.update(d.encode() + b"\0")
+        h.update(np.ascontiguousarray(e.starts, np.int64).tobytes())
+        h.update(np.ascontiguousarray(e.lengths, np.int64).tobytes())
+    return h.hexdigest()
 
 
 class ItemReplicator:
@@ -136,6 +172,10 @@ class ItemReplicator:
         self._force_app: bool | None = None
         self._post_commit_issue: str | None = None
         self._last_gc: float | None = None  # None: the first commit of this process sweeps
+        # re-homing planned and not yet done (in memory: a restart plans again), and when
+        self._rehome: dict[str, ExtentList] = {}
+        self._rehome_planned: float | None = None
+        self._last_delta_s: float | None = None   # seal to commit of the last delta cycle
         # called after a point is committed and before its frozen view is released (a drill
         # can compare the point with the source as it was at that instant)
         self.before_release: Callable[[SealedCycle, PointInfo], None] | None = None
@@ -382,11 +422,20 @@ class ItemReplicator:
     def _delta(self) -> None:
         r = self.rec
         cycle = self._own_cycle("delta")
+        sealed_now = cycle is None
         if cycle is None:
             r.last_cycle_started = self.clock.now()
             app = self._force_app if self._force_app is not None else self._app_due()
             cycle = self.driver.seal(r.vm_id, app_consistent=app)
             self._adopt(cycle, "delta")
+        elif r.cycle_changed is not None and r.cycle_changed != _changed_digest(cycle):
+            # what was staged may hold re-homed base bytes where this changed list now has a
+            # change: stage the cycle again from its frozen view
+            log.warning("%s: cycle %s resumed with another changed list; staging it again",
+                        r.vm_name, cycle.cycle_id)
+            self.target.repo.abort(cycle.cycle_id)
+            r.cycle_changed = _changed_digest(cycle)
+            self._save()
         assert cycle is not None
         if not cycle.trusted:
             self._mark_resync(f"change tracking untrusted: {cycle.note or 'log damaged'}")
@@ -394,7 +443,78 @@ class ItemReplicator:
         latest = self.target.repo.latest()
         assert latest is not None
         todo = {d: cycle.changed[d].clip(size) for d, size in cycle.disk_sizes.items()}
-        self._ship(cycle, "delta", latest.point_id, todo, step="delta cycle")
+        rehome = self._rehome_take(latest, cycle, todo) if sealed_now else {}
+        self._ship(cycle, "delta", latest.point_id, todo, step="delta cycle", rehome=rehome)
+        if sealed_now and r.last_cycle_started is not None:
+            self._last_delta_s = self.clock.now() - r.last_cycle_started
+
+    def _rehome_take(self, latest: PointInfo, cycle: SealedCycle,
+                     todo: dict[str, ExtentList]) -> dict[str, ExtentList]:
+        """This cycle's share of re-homing (``store/compaction.py``): extents of the base
+        point ``latest`` to store again, none of them in ``todo`` (what the guest changed wins:
+        it is shipped from the frozen view) nor past the end of a disk in the base or the
+        cycle (a resize). Planned from the base when nothing planned is left and the last plan
+        is ``rehome_every_s`` old; a planning error only skips re-homing. Nothing while the
+        previous delta cycle took more than ``REHOME_SLACK`` of the frequency."""
+        s = self.settings
+        if s.rehome_share <= 0 or s.retention.retention_s > REHOME_RETENTION_CYCLES * s.frequency_s:
+            return {}
+        if self._last_delta_s is not None and self._last_delta_s > REHOME_SLACK * s.frequency_s:
+            return {}   # no slack: the RPO first (what is planned waits)
+        base = latest.point_id
+        sizes = {d: min(n, latest.disk_sizes[d]) for d, n in cycle.disk_sizes.items()
+                 if d in latest.disk_sizes}
+
+        def usable(plan: dict[str, ExtentList]) -> dict[str, ExtentList]:
+            return {d: (e.subtract(todo[d]) if d in todo else e).clip(sizes[d])
+                    for d, e in plan.items() if d in sizes}
+
+        changed = sum(e.total for e in todo.values())
+        pending = usable(self._rehome)
+        now = self.clock.now()
+        if not any(len(e) for e in pending.values()) and (
+                self._rehome_planned is None or now - self._rehome_planned >= s.rehome_every_s):
+            self._rehome_planned = now
+            repo = self.target.repo
+            nseg = sum(-(-size // repo.segment_size) for size in cycle.disk_sizes.values())
+            if nseg <= REHOME_MAX_SEGMENTS:
+                budget = max(REHOME_MIN_BYTES, int(changed * s.rehome_share)) \
+                    * max(1, int(s.rehome_every_s // max(s.frequency_s, 1.0)))
+                try:
+                    plan = plan_rehome(repo, base, budget=budget)
+                except (DrsiteError, OSError) as exc:
+                    log.warning("%s: re-homing not planned: %s", self.rec.vm_name, exc)
+                    plan = None
+                except Exception:   # a plan only saves space: never the cycle's failure
+                    log.exception("%s: re-homing not planned", self.rec.vm_name)
+                    plan = None
+                if plan is not None and not plan.empty:
+                    log.info("%s: re-homing %d bytes of %d sparse packs (%d stored bytes)",
+                             self.rec.vm_name, plan.live_bytes, len(plan.packs),
+                             plan.pack_bytes)
+                    pending = usable(plan.ranges)
+        cap = max(REHOME_MIN_BYTES, int(changed * s.rehome_share))
+        take: dict[str, ExtentList] = {}
+        rest: dict[str, ExtentList] = {}
+        for d in sorted(pending):
+            e = pending[d]
+            if cap <= 0 or len(e) == 0:
+                if len(e):
+                    rest[d] = e
+                continue
+            k = int(np.searchsorted(np.cumsum(e.lengths), cap, "right"))
+            if k == 0:   # the first extent alone is over the cap: its first part
+                take[d] = ExtentList(e.starts[:1].copy(), np.array([cap], np.int64))
+                rest[d] = ExtentList(np.concatenate([[e.starts[0] + cap], e.starts[1:]]),
+                                     np.concatenate([[e.lengths[0] - cap], e.lengths[1:]]))
+                cap = 0
+                continue
+            take[d] = ExtentList(e.starts[:k], e.lengths[:k])
+            cap -= take[d].total
+            if k < len(e):
+                rest[d] = ExtentList(e.starts[k:], e.lengths[k:])
+        self._rehome = rest
+        return take
 
     def _resync(self, reason: str) -> None:
         r = self.rec
@@ -440,6 +560,47 @@ class ItemReplicator:
         r.resync_reason = ""
         rep.resyncs += 1
 
+    def _rehome_into(self, writer: PointWriter, base: str, todo: dict[str, ExtentList],
+                     rehome: dict[str, ExtentList], bucket: TokenBucket | None) -> int:
+        """Store ``rehome``'s extents of ``base`` again in this cycle (read from ``base``:
+        verified, the bytes the new point holds there anyway), minus anything in ``todo``,
+        within the bandwidth cap. Bytes written. A read that fails (damage in the base, an
+        unreachable store) ends re-homing for this cycle, not the cycle: what it skips the
+        point takes from its base as it would have."""
+        repo = self.target.repo
+        io = self.settings.io_size
+        done = 0
+        for disk_id in sorted(rehome):
+            ext = rehome[disk_id]
+            if disk_id in todo:
+                ext = ext.subtract(todo[disk_id])   # the guest's writes win, always
+            ext = ext.split(io)
+            if len(ext) == 0:
+                continue
+            reader = repo.reader(base, disk_id)
+            try:
+                ends = np.cumsum(ext.lengths)
+                a = 0
+                while a < len(ext):
+                    start = int(ends[a - 1]) if a else 0
+                    b = max(a + 1, int(np.searchsorted(ends, start + io, "right")))
+                    offs, lens = ext.starts[a:b], ext.lengths[a:b]
+                    buf = bytearray(int(lens.sum()))
+                    if bucket is not None:
+                        bucket.consume(len(buf))
+                    try:
+                        reader.readv(offs, lens, memoryview(buf))
+                    except (DrsiteError, OSError) as exc:
+                        log.warning("%s: re-homing stopped (%d bytes done): reading point %s "
+                                    "failed: %s", self.rec.vm_name, done, base, exc)
+                        return done
+                    writer.write_many(disk_id, offs, lens, buf, owner=buf)
+                    done += len(buf)
+                    a = b
+            finally:
+                reader.close()
+        return done
+
     def _mark_resync(self, reason: str) -> None:
         self.rec.phase = ItemState.RESYNC_REQUIRED
         self.rec.resync_reason = reason
@@ -448,10 +609,13 @@ class ItemReplicator:
     # ----------------------------------------------------------------------------- shipping
 
     def _ship(self, cycle: SealedCycle, kind: str, base: str | None,
-              todo: dict[str, ExtentList], *, step: str) -> None:
+              todo: dict[str, ExtentList], *, step: str,
+              rehome: dict[str, ExtentList] | None = None) -> None:
         """Write the ``todo`` extents of the frozen view into the cycle's point and commit it.
 
-        Extents already durably in the store for this cycle (a resumed cycle) are skipped."""
+        Extents already durably in the store for this cycle (a resumed cycle) are skipped.
+        ``rehome``: extents of ``base``, disjoint from ``todo``, stored again from ``base``
+        itself (``store/compaction.py``) — not in a resumed cycle."""
         repo = self.target.repo
         done = repo.committed_cycle(cycle.cycle_id)
         if done is None:
@@ -526,12 +690,15 @@ class ItemReplicator:
                         reader.close()
                 if saving is not None:
                     saving.result()
+                rehomed = self._rehome_into(writer, base, todo, rehome, bucket) \
+                    if rehome and fresh and base is not None else 0
                 self._check_fence()  # a promotion while we shipped: commit nothing
                 point = writer.commit(created_at=cycle.sealed_at, consistency=cycle.consistency,
                                       meta={"vm_id": self.rec.vm_id, "vm_name": self.rec.vm_name,
                                             "epoch": cycle.epoch, "note": cycle.note,
                                             **({"sync": cycle.sync_mark} if cycle.sync_mark
-                                               else {})})
+                                               else {}),
+                                            **({"rehomed": rehomed} if rehomed else {})})
                 rep.bytes_sent += writer.bytes_written - writer.zero_bytes
                 rep.bytes_stored += writer.bytes_stored
                 streaming = False  # committed: after_commit settles the stream
@@ -635,6 +802,7 @@ class ItemReplicator:
     def _adopt(self, cycle: SealedCycle, kind: str) -> None:
         self.rec.cycle_id = cycle.cycle_id
         self.rec.cycle_kind = kind
+        self.rec.cycle_changed = _changed_digest(cycle)
         self._save()
 
     def _drop_pending(self) -> None:

@@ -25,6 +25,9 @@ class ItemRecord:
     epoch: str | None = None
     cycle_id: str | None = None
     cycle_kind: str | None = None          # "initial" | "delta" | "resync"
+    # digest of the adopted cycle's changed extents: a resumed delta cycle whose changed list
+    # differs starts its staging again (its staged re-homed base bytes may cover a change)
+    cycle_changed: str | None = None
     last_cycle_started: float | None = None
     resync_by_hand: bool = False
     resync_from_store: bool = False        # the store was damaged: compare against it, not the replica
@@ -36,7 +39,8 @@ class ItemRecord:
         return {
             "item_id": self.item_id, "vm_id": self.vm_id, "vm_name": self.vm_name,
             "phase": self.phase.value, "epoch": self.epoch, "cycle_id": self.cycle_id,
-            "cycle_kind": self.cycle_kind, "last_cycle_started": self.last_cycle_started,
+            "cycle_kind": self.cycle_kind, "cycle_changed": self.cycle_changed,
+            "last_cycle_started": self.last_cycle_started,
             "resync_by_hand": self.resync_by_hand, "resync_from_store": self.resync_from_store,
             "resync_reason": self.resync_reason, "retry": self.retry.to_dict(),
             "report": self.report.to_dict() if self.report else None,
@@ -47,7 +51,8 @@ class ItemRecord:
         return ItemRecord(
             item_id=d["item_id"], vm_id=d["vm_id"], vm_name=d["vm_name"],
             phase=ItemState(d["phase"]), epoch=d.get("epoch"), cycle_id=d.get("cycle_id"),
-            cycle_kind=d.get("cycle_kind"), last_cycle_started=d.get("last_cycle_started"),
+            cycle_kind=d.get("cycle_kind"), cycle_changed=d.get("cycle_changed"),
+            last_cycle_started=d.get("last_cycle_started"),
             resync_by_hand=bool(d.get("resync_by_hand")),
             resync_from_store=bool(d.get("resync_from_store")),
             resync_reason=d.get("resync_reason", ""),
