@@ -221,8 +221,10 @@ def engine_main(argv: list[str]) -> int:
                              else None)
     keep = RetentionRule(retention_s=3 * a.frequency, keep_all_s=0.0,
                          thin_interval_s=3600.0, app_interval_s=3600.0)
+    rehome = os.environ.get("CHURN_REHOME_SHARE")   # set by --rehome-share
     settings = ReplicationSettings(frequency_s=a.frequency, app_consistent_every_s=None,
-                                   resync_window=ALWAYS, retention=keep)
+                                   resync_window=ALWAYS, retention=keep,
+                                   **({"rehome_share": float(rehome)} if rehome else {}))
     item = ItemReplicator(item_id=ITEM, vm_id=vm.vm_id, driver=hv, target=target,
                           state_dir=a.state, settings=settings)
     with a.events.open("a") as ev:
@@ -670,6 +672,8 @@ def main(argv: list[str] | None = None) -> int:
                          "previous frequency reached (fewer trials; lower rates not re-run)")
     ap.add_argument("--all-rates", action="store_true",
                     help="try every rate even after one fails (a fuller curve)")
+    ap.add_argument("--rehome-share", type=float, default=None,
+                    help="the engine's re-homing share (0: off; default: the engine's)")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
@@ -694,6 +698,13 @@ def main(argv: list[str] | None = None) -> int:
         "prefilled": not a.sparse,
         "load_start": load1(),
     }
+    if a.rehome_share is not None:
+        os.environ["CHURN_REHOME_SHARE"] = str(a.rehome_share)   # the engine processes read it
+    results["rehome_share"] = a.rehome_share
+    # SIGTERM (a user's kill, a timeout) unwinds like an error: the VMs, engines and servers
+    # are stopped and the work directory goes (it was left behind, tens of GB, with the
+    # guest processes still running)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with workdir(a.workdir, a.keep) as wd:
         bench = Bench(wd, disk, a.target, prefill=not a.sparse, driver=a.driver)
         try:
