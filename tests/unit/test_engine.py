@@ -668,8 +668,9 @@ def test_a_full_disk_under_the_record_is_a_transient_error_not_a_crash(
     assert env.point_bytes(p1.point_id) == env.source()
 
 
-# a retention short enough for re-homing (REHOME_RETENTION_CYCLES at a 30 s policy)
-SHORT = RetentionRule(retention_s=120.0, keep_all_s=0.0)
+# a retention short enough for re-homing (REHOME_RETENTION_CYCLES at a 30 s policy) that
+# keeps every point of these tests (the fake clock hardly moves): all of them are checked
+SHORT = RetentionRule(retention_s=120.0, keep_all_s=120.0)
 
 
 def _scatter(env: Env, share: float) -> None:
