@@ -70,14 +70,20 @@ def settle() -> None:
     os.sync()
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process from ``/proc`` (its reaped children not counted; 0.0 if it
-    cannot be read), in clock ticks' resolution."""
+def process_cpu_times(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process from ``/proc`` in seconds (its reaped children not counted;
+    zeros if it cannot be read), in clock ticks' resolution."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        tick = os.sysconf("SC_CLK_TCK")
+        return int(fields[11]) / tick, int(fields[12]) / tick
     except (OSError, IndexError, ValueError):
-        return 0.0
+        return 0.0, 0.0
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (:func:`process_cpu_times`)."""
+    return sum(process_cpu_times(pid))
 
 
 def try_drop_caches() -> bool:

@@ -99,9 +99,6 @@ ITEM = "churn"
 
 # -- processes ---------------------------------------------------------------------------------
 
-cpu_seconds = process_cpu_seconds   # utime + stime of a process (/proc)
-
-
 def peak_rss(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -427,10 +424,10 @@ class Bench:
         workload writer plus QEMU; None when the file guest did not answer."""
         if self.driver == "file":
             st = self._file_status(vm_id)
-            return cpu_seconds(int(st["pid"])) if st else None
+            return process_cpu_seconds(int(st["pid"])) if st else None
         r = self.hv.runner(vm_id)
         w = self._writer.pid if self._writer is not None else -1
-        return cpu_seconds(w) + (cpu_seconds(r.pid) if r is not None else 0.0)
+        return process_cpu_seconds(w) + (process_cpu_seconds(r.pid) if r is not None else 0.0)
 
     def drop_item(self) -> None:
         import shutil
@@ -524,7 +521,7 @@ class Bench:
                 raise RuntimeError(f"engine exited with {engine.returncode}")
             time.sleep(0.25)
         b0, t0, w0 = self.guest_bytes(vm_id), time.monotonic(), time.time()
-        gc0, ec0 = self.guest_cpu(vm_id), cpu_seconds(engine.pid)
+        gc0, ec0 = self.guest_cpu(vm_id), process_cpu_seconds(engine.pid)
         rpo: list[float] = []
         rss = 0
         load = [load1()]
@@ -537,7 +534,7 @@ class Bench:
             rss = max(rss, vm_rss(engine.pid))
             time.sleep(0.25)
         b1, t1, w1 = self.guest_bytes(vm_id), time.monotonic(), time.time()
-        gc1, ec1 = self.guest_cpu(vm_id), cpu_seconds(engine.pid)
+        gc1, ec1 = self.guest_cpu(vm_id), process_cpu_seconds(engine.pid)
         load.append(load1())
         cycles = [json.loads(x) for x in events.read_text().splitlines()] \
             if events.exists() else []

@@ -6,8 +6,8 @@ server tree when ``--ref-src`` names one (a ``git archive`` copy's ``src``): run
 
     .venv/bin/python bench/site_put.py [--packs 96] [--rounds 3] [--ref-src /tmp/ref/src]
 
-Reference measured in the same run: ``cp`` of the same bytes from the page cache to a file on
-the server's filesystem + ``fsync`` per 8 MiB (what the server's disk work costs without TLS or
+Reference measured in the same run: the same bytes written by this process as files on the
+same filesystem, one ``fsync`` per 8 MiB (what the server's disk work costs without TLS or
 HTTP).
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import machine_info, process_cpu_seconds, workdir
+from benchlib import machine_info, process_cpu_times, workdir
 
 from drsite.sitestore import SiteObjectStore
 from drsite.tlsutil import client_context
@@ -48,15 +48,6 @@ def start_server(wd: Path, src: Path) -> tuple[subprocess.Popen[bytes], dict[str
             raise SystemExit("the site server did not start")
         time.sleep(0.05)
     return proc, json.loads(info.read_text())
-
-
-def user_seconds(pid: int) -> float:
-    """utime of a process (its Python and user-space libraries: TLS, copies), from /proc."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[11]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return 0.0
 
 
 def put_all(store: SiteObjectStore, blobs: list[bytes], run: str, threads: int) -> None:
@@ -85,9 +76,10 @@ def one(wd: Path, src: Path, blobs: list[bytes], threads: int) -> dict[str, floa
                                              Path(info["key"]))
         store = SiteObjectStore(info["url"], ctx)
         put_all(store, blobs[:4], "warm", threads)      # connections and imports warm
-        c0, u0, t0 = process_cpu_seconds(proc.pid), user_seconds(proc.pid), time.perf_counter()
+        (u0, s0), t0 = process_cpu_times(proc.pid), time.perf_counter()
         put_all(store, blobs, "run", threads)
-        t1, c1, u1 = time.perf_counter(), process_cpu_seconds(proc.pid), user_seconds(proc.pid)
+        t1, (u1, s1) = time.perf_counter(), process_cpu_times(proc.pid)
+        c0, c1 = u0 + s0, u1 + s1
         store.close()
     finally:
         proc.terminate()
