@@ -27,21 +27,25 @@ SIZE = 48 * MiB
 
 
 class Site:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *, size: int = SIZE, fill_every: int = 2,
+                 rate: int = 1 * MiB) -> None:
+        """Two disks of ``size``, every ``fill_every``-th MiB written (incompressible), the
+        guest writing 4 KiB blocks at random at ``rate`` bytes/s."""
         self.tmp = tmp
+        self.size = size
         self.vms = tmp / "vms"
         self.hv = FileHypervisor(self.vms)
-        vm = self.hv.create_blank(VmSpec(name="crashy", disks=(DiskSpec("d0", SIZE),
-                                                               DiskSpec("d1", SIZE))))
+        vm = self.hv.create_blank(VmSpec(name="crashy", disks=(DiskSpec("d0", size),
+                                                               DiskSpec("d1", size))))
         self.vm_id = vm.vm_id
         rng = np.random.default_rng(3)
         for d in ("d0", "d1"):
             with open(self.hv.disk_path(vm.vm_id, d), "r+b") as f:
-                for i in range(0, SIZE // MiB, 2):  # half the disk: incompressible 1 MiB runs
+                for i in range(0, size // MiB, fill_every):  # incompressible 1 MiB runs
                     os.pwrite(f.fileno(), rng.integers(0, 256, MiB, dtype=np.uint8).tobytes(),
                               i * MiB)
         self.hv.set_workload(vm.vm_id, WorkloadSpec(pattern="random", io_size=4096,
-                                                    rate=1 * MiB, seed=9))
+                                                    rate=rate, seed=9))
         self.hv.power_on(vm.vm_id)
 
     def repo(self) -> Repository:
@@ -76,9 +80,10 @@ class Site:
         latest = repo.latest()
         assert latest is not None
         for d in ("d0", "d1"):
-            src = file_digest(self.hv.disk_path(self.vm_id, d), SIZE)
+            src = file_digest(self.hv.disk_path(self.vm_id, d), self.size)
             assert image_digest(repo.reader(latest.point_id, d)) == src
-            assert file_digest(self.tmp / "replicas" / "item-crashy" / f"{d}.img", SIZE) == src
+            assert file_digest(self.tmp / "replicas" / "item-crashy" / f"{d}.img",
+                               self.size) == src
         self.verify_all_points()
 
 
@@ -131,3 +136,38 @@ def test_sigkill_mid_commit_leaves_points_whole(site: Site, failpoint: str) -> N
     assert len(cycles) == len(set(cycles)), "a cycle was committed twice"
     assert site.repo().staged_cycles() == []
     site.stop_and_prove()
+
+
+def test_sigkill_while_rehoming_leaves_points_whole(tmp_path: Path) -> None:
+    """A guest that overwrites most of its disk every cycle leaves the older packs sparse, and
+    with a short retention each cycle also stores their live blocks again (re-homing,
+    ``store/compaction.py``). ``drsite replicate`` is killed in the middle of that: nothing
+    committed is touched, the restarted process commits the interrupted cycle as its own point
+    and re-homes again, and the last point and the replica equal the disks."""
+    # ~27 % of each disk overwritten per 5 s cycle (over half would be a resync)
+    site = Site(tmp_path, size=16 * MiB, fill_every=1, rate=2 * MiB)
+    try:
+        short = ("--retention-hours", "0.02")   # 72 s of 5 s points: re-homing is on
+        # the initial point and four cycles (the first is short): the next cycle's base reads
+        # ~40 % of the initial packs (a process plans re-homing at its first cycle, then once a
+        # minute)
+        site.report(site.run("--until", "cycles", "--cycles", "4", *short))
+        before = site.repo().points()
+        proc = site.run("--until", "cycles", "--cycles", "6", *short,
+                        failpoint="engine.rehome-batch=kill@2")
+        assert proc.returncode == -9, "never killed while re-homing: " + proc.stderr[-2000:]
+        repo = site.repo()
+        assert [p.point_id for p in repo.points()][:len(before)] == \
+            [p.point_id for p in before]
+        assert len(repo.staged_cycles()) == 1, "the cycle that was re-homing is not staged"
+        site.verify_all_points()
+
+        rep = site.report(site.run("--until", "cycles", "--cycles", "2", *short))
+        assert rep["state"] == "protected" and rep["last_error"] is None
+        repo = site.repo()
+        assert repo.staged_cycles() == []
+        rehomed = [int(p.meta.get("rehomed") or 0) for p in repo.points()]
+        assert any(rehomed), f"the restarted process re-homed nothing: {rehomed}"
+        site.stop_and_prove()
+    finally:
+        site.hv.power_off(site.vm_id, force=True)

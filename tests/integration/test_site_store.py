@@ -36,6 +36,7 @@ from drsite.core.errors import (
     ObjectNotFound,
 )
 from drsite.core.model import DiskSpec, VmSpec
+from drsite.core.retention import RetentionRule
 from drsite.hypervisors.testing.memory import MemoryHypervisor
 from drsite.pki import CertificateAuthority, cert_identity
 from drsite.replication.driver import ItemReplicator, ReplicationSettings
@@ -363,7 +364,8 @@ def test_errors_map_back_to_their_classes(site: RunningSiteStore, client: SiteOb
 
 class _Env:
     def __init__(self, tmp: Path, site: RunningSiteStore, *,
-                 background_catch_up: bool = False) -> None:
+                 background_catch_up: bool = False,
+                 settings: ReplicationSettings | None = None) -> None:
         self.tmp = tmp
         self.site = site
         self.clock = FakeClock()
@@ -377,9 +379,9 @@ class _Env:
         self.item = ItemReplicator(
             item_id="item1", vm_id=self.vm.vm_id, driver=self.hv, target=self.target,
             state_dir=tmp / "state", clock=self.clock,
-            settings=ReplicationSettings(frequency_s=30, app_consistent_every_s=None,
-                                         resync_window=ALWAYS, io_size=256 * KiB,
-                                         save_every_bytes=256 * KiB))
+            settings=settings or ReplicationSettings(
+                frequency_s=30, app_consistent_every_s=None, resync_window=ALWAYS,
+                io_size=256 * KiB, save_every_bytes=256 * KiB))
 
     def write(self, disk: str, off: int, n: int) -> None:
         self.hv.write(self.vm.vm_id, disk, off,
@@ -459,6 +461,43 @@ def test_replication_over_the_site_store(site: RunningSiteStore, tmp_path: Path)
     env.item.step()
     assert env.item.report.resyncs == 2
     assert [c for c in env.digest_calls() if "from_store=1" in c]
+    env.store.close()
+
+
+def test_rehoming_through_the_site_store(site: RunningSiteStore, tmp_path: Path) -> None:
+    """Re-homing (``store/compaction.py``) through a remote store: planning asks the server
+    for pack sizes, the base point is read back over mTLS, the re-homed bytes land in the
+    cycle's packs on the recovery site. Every point and the server's replica equal the source,
+    and GC there frees the sparse packs once the older points are gone."""
+    env = _Env(tmp_path, site, settings=ReplicationSettings(
+        frequency_s=30, app_consistent_every_s=None, resync_window=ALWAYS, io_size=256 * KiB,
+        save_every_bytes=256 * KiB, rehome_share=0.5, rehome_every_s=0.0,
+        retention=RetentionRule(retention_s=120.0, keep_all_s=120.0)))
+    for d in env.vm.disks:
+        env.write(d.disk_id, 0, d.size)
+    p0 = env.item.run_initial()
+    repo = env.server_repo()
+    initial_packs = set(site.backend.list(f"items/item1/packs/{p0.cycle_id}/"))
+    assert initial_packs
+    rehomed = 0
+    for _ in range(8):
+        for d in env.vm.disks:   # 30 % of each disk in scattered 4 KiB blocks
+            n = int(0.3 * d.size // 4096)
+            for off in (env.rng.choice(d.size // 4096, n, replace=False) * 4096).tolist():
+                env.write(d.disk_id, off, 4096)
+        p = env.item.run_cycle()
+        assert env.point_bytes(p.point_id) == env.source()
+        assert env.hydrator().state() == (p.point_id, None)
+        rehomed += int(p.meta.get("rehomed") or 0)
+        for old in repo.points()[:-2]:
+            repo.delete_point(old.point_id)
+        repo.gc()
+    assert rehomed > 0
+    # 0.7 ** 8 of the initial copy is still live: without re-homing its packs would all stay
+    assert not initial_packs & set(site.backend.list("items/item1/packs/"))
+    assert env.replica_bytes() == env.source()
+    # planning asked the server for the sizes of packs (and nothing else needs a HEAD here)
+    assert any(m == "HEAD" and "/packs/" in path for m, path, _ in site.requests)
     env.store.close()
 
 

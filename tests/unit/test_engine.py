@@ -50,6 +50,7 @@ class CrashingStore(MemoryObjectStore):
         super().__init__()
         self.crash_after: int | None = None
         self.fail_puts = 0
+        self.full_puts = 0
         self.refuse_puts = 0
         self.puts = 0
 
@@ -57,6 +58,9 @@ class CrashingStore(MemoryObjectStore):
         if self.fail_puts > 0:
             self.fail_puts -= 1
             raise NetworkError("injected: store unreachable")
+        if self.full_puts > 0:
+            self.full_puts -= 1
+            raise LowDiskSpace(f"injected: {key}: no space left on device")
         if self.refuse_puts > 0:
             self.refuse_puts -= 1
             raise Forbidden(f"injected: host h1 may not put {key}: item item1 is not assigned "
@@ -867,3 +871,44 @@ def test_a_damaged_pack_under_rehoming_stops_rehoming_not_the_cycle(tmp_path: Pa
     buf = bytearray(4096)
     r.readinto(off, memoryview(buf))
     assert bytes(buf) == changed["d0"][off:off + 4096]
+
+
+def test_a_full_disk_while_rehoming_is_transient_and_loses_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store's disk fills while a cycle re-homes: the cycle fails as a transient
+    ``low_disk`` (the item is not critical, no point becomes visible), its staged pieces stay;
+    once space is back the engine commits that cycle as its own point (the disk as it was at its
+    seal) and then a fresh one (the writes made since): nothing the guest wrote is lost."""
+    env = _rehoming_env(tmp_path)
+    real = ItemReplicator._rehome_into
+    at_seal: dict[str, bytes] = {}
+
+    def fill_then_rehome(self: ItemReplicator, *args: Any) -> int:
+        at_seal.update(env.source())   # nothing wrote since the seal
+        env.store.full_puts = 1000     # full from here on, for the rest of this attempt
+        return real(self, *args)
+
+    monkeypatch.setattr(ItemReplicator, "_rehome_into", fill_then_rehome)
+    repo = env.repo()
+    before = [p.point_id for p in repo.points()]
+    _scatter(env, 0.3)
+    with pytest.raises(DrsiteError) as got:
+        env.item.run_cycle(wait_transient=False)
+    assert at_seal, "the cycle never re-homed"
+    assert got.value.code == "low_disk" and got.value.transient, got.value
+    rep = env.item.report
+    assert rep.state is not ItemState.CRITICAL and rep.health is not Health.CRITICAL
+    assert rep.last_error is not None and rep.last_error["code"] == "low_disk"
+    assert [p.point_id for p in repo.points()] == before, "a point of a failed cycle is visible"
+    assert len(repo.staged_cycles()) == 1
+
+    env.store.full_puts = 0   # space is back; the guest wrote on meanwhile
+    monkeypatch.setattr(ItemReplicator, "_rehome_into", real)
+    _scatter(env, 0.1)
+    fresh = env.item.run_cycle(wait_transient=False)
+    points = repo.points()
+    assert [p.point_id for p in points[:len(before)]] == before and len(points) == len(before) + 2
+    assert env.point_bytes(points[-2].point_id) == at_seal
+    assert env.point_bytes(fresh.point_id) == env.source()
+    assert env.replica_bytes() == env.source()
+    assert repo.staged_cycles() == [] and env.item.report.last_error is None

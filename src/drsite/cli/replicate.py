@@ -35,15 +35,20 @@ def replicate(
     cycles: int = typer.Option(1, min=0, help="Delta cycles to run with --until cycles."),
     resync: bool = typer.Option(False, help="Start a resync by hand first."),
     resync_window: str = typer.Option("always", help="'always' or HH:MM-HH:MM (local time)."),
+    retention_hours: float = typer.Option(
+        24.0, min=0.001, help="Keep recovery points this long (every point of the first hour; "
+                              "older ones thinned to one per hour)."),
     json_out: bool = typer.Option(False, "--json", help="Print the item's report as JSON."),
 ) -> None:
     """Replicate one file VM to a local recovery store (resumes whatever a crash left)."""
+    from drsite.core.retention import rule_for_hours
     from drsite.replication.driver import ReplicationSettings
     from drsite.replication.local import LocalPaths, open_item
     from drsite.replication.planner import ALWAYS, ResyncWindow
 
     window = ALWAYS if resync_window == "always" else ResyncWindow(*resync_window.split("-", 1))
-    settings = ReplicationSettings(frequency_s=frequency, resync_window=window)
+    settings = ReplicationSettings(frequency_s=frequency, resync_window=window,
+                                   retention=rule_for_hours(retention_hours))
     item = open_item(LocalPaths(vms, store, replicas, state), vm, settings)
     con = Console(stderr=True)
     if resync:

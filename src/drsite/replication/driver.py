@@ -594,6 +594,7 @@ class ItemReplicator:
                         log.warning("%s: re-homing stopped (%d bytes done): reading point %s "
                                     "failed: %s", self.rec.vm_name, done, base, exc)
                         return done
+                    failpoints.hit("engine.rehome-batch")  # a kill here: part re-homed
                     writer.write_many(disk_id, offs, lens, buf, owner=buf)
                     done += len(buf)
                     a = b
