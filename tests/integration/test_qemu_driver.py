@@ -19,7 +19,16 @@ import pytest
 
 from drsite.core.errors import TrackingLost
 from drsite.core.extents import ExtentList
-from drsite.core.model import Consistency, DiskSpec, SealedCycle, TrackingState, VmSpec
+from drsite.core.model import (
+    Consistency,
+    DiskSpec,
+    PowerState,
+    SealedCycle,
+    TrackingState,
+    VmSpec,
+)
+from drsite.fsutil import write_record
+from drsite.hypervisors.qemu import runner as runner_mod
 from drsite.hypervisors.qemu.driver import QemuHypervisor
 from drsite.hypervisors.qemu.layout import VmDir
 from drsite.hypervisors.qemu.qmp import QmpClient
@@ -32,6 +41,7 @@ from drsite.store.digest import image_digest
 from drsite.store.format import PointInfo
 from drsite.store.local.backend import LocalObjectStore
 from drsite.store.repository import Repository
+from tests import dying
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -187,7 +197,6 @@ def test_a_runner_started_by_an_agent_killed_before_qemu_answered_is_found_again
     (detached) lives on. The restarted agent must find it from runner.json and use it — a
     second daemon on the same disks fails on the image locks, and the first one leaked for ever
     (a CI run left one behind)."""
-    from drsite.hypervisors.qemu import runner as runner_mod
 
     vm = make_vm(hv, "killed-start", [4 * MiB])
 
@@ -285,7 +294,6 @@ def test_a_runner_whose_record_cannot_be_written_does_not_run(
     deleted meanwhile, the disk is full): the daemon must not run on — nothing would ever
     know of it and it would hold the disks for ever."""
     from drsite.core.errors import NotFound
-    from drsite.hypervisors.qemu import runner as runner_mod
 
     vm = make_vm(hv, "unrecorded", [4 * MiB])
     paths = VmDir(hv.vm_dir(vm))
@@ -530,6 +538,53 @@ def test_engine_replica_equals_source_at_each_point(hv: QemuHypervisor, tmp_path
     item.run_cycle()
     assert len(checked) == 5
     hv.power_off(vm)
+
+
+def test_kill_then_power_on_waits_for_every_thread_of_the_killed_qemu(
+        hv: QemuHypervisor) -> None:
+    """The flake of the test above: ``seal; kill; power_on`` failed with QEMU's ``Failed to get
+    "write" lock``. A SIGKILLed QEMU's main thread is a zombie at once, while its last thread
+    still tears the KVM VM down (RCU grace periods) with the disks open, tens of milliseconds;
+    kill() took the zombie for gone whenever that outlasted wait_gone's 50 ms reaping slice.
+    Here the killed runner is a process stopped in that state (``tests/dying.py``): recorded
+    in runner.json, our child as power_on's runner is, main thread exited, d0's lock held."""
+    vm = make_vm(hv, "dying", [4 * MiB])
+    paths = VmDir(hv.vm_dir(vm))
+    proc, tok = dying.start(paths.qcow2("d0"))
+    runner_mod._children[proc.pid] = proc
+    try:
+        write_record(paths.runner, {"kind": "vm", "pid": proc.pid, "token": tok})
+        hv.kill(vm)
+        assert not dying.locked(paths.qcow2("d0")), "kill() returned while the old QEMU held d0"
+        hv.power_on(vm)
+        assert hv.get_vm(vm).power is PowerState.RUNNING
+    finally:
+        runner_mod._children.pop(proc.pid, None)
+        dying.finish(proc)
+
+
+def test_power_on_waits_for_an_exiting_runner_that_still_holds_the_disks(
+        hv: QemuHypervisor) -> None:
+    """A runner on its way out (a storage daemon told to quit, a killed QEMU) whose last
+    thread still has the disks open when power_on comes: power_on waits until it is gone
+    (quit_runner: its monitor no longer answers, so wait, SIGKILL after 10 s), then starts the
+    VM; before, it started QEMU at once, which failed on the image lock."""
+    vm = make_vm(hv, "exiting", [4 * MiB])
+    paths = VmDir(hv.vm_dir(vm))
+    proc, tok = dying.start(paths.qcow2("d0"))
+    runner_mod._children[proc.pid] = proc
+    ends = threading.Timer(1.0, dying.release, (proc,))  # its last thread exits after 1 s
+    try:
+        write_record(paths.runner, {"kind": "daemon", "pid": proc.pid, "token": tok})
+        ends.start()
+        hv.power_on(vm)
+        assert proc.poll() is not None, "power_on started QEMU before the old runner was gone"
+        assert hv.get_vm(vm).power is PowerState.RUNNING
+    finally:
+        ends.cancel()
+        ends.join()
+        runner_mod._children.pop(proc.pid, None)
+        dying.finish(proc)
 
 
 def test_seal_interrupted_before_its_record_is_undone(hv: QemuHypervisor,

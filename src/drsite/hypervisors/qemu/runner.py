@@ -57,7 +57,17 @@ class Runner:
 
 
 def process_token(pid: int) -> str | None:
-    """``"<pid>:<start time>"`` of a live (non-zombie) process, else None."""
+    """``"<pid>:<start time>"`` of a live process, else None.
+
+    Live means any thread of it still runs, not only its first one: ``/proc/<pid>/stat``
+    shows the main thread, which is a zombie as soon as it has exited, while the process's
+    other threads may still be exiting with its files open — and a file's image lock goes
+    only when the last thread closes it. A SIGKILLed ``qemu-system-x86_64`` is such a process
+    for tens of milliseconds (its last thread tears the KVM VM down, RCU grace periods,
+    before its disks' fds are closed), longer on a loaded host; a new QEMU started on its
+    disks meanwhile fails with ``Failed to get "write" lock``. A zombie whose other threads
+    are all gone (``Threads: 1``) holds nothing any more.
+    """
     child = _children.get(pid)
     if child is not None and child.poll() is not None:
         _children.pop(pid, None)
@@ -67,13 +77,29 @@ def process_token(pid: int) -> str | None:
     except OSError:
         return None
     fields = stat[stat.rfind(")") + 2:].split()
-    if not fields or fields[0] in ("Z", "X"):
+    if not fields:
+        return None
+    if fields[0] in ("Z", "X"):
+        if _thread_count(pid) > 1:
+            return f"{pid}:{fields[19]}"  # its main thread exited; others still hold its files
         try:
             os.waitpid(pid, os.WNOHANG)  # ours (started by an earlier driver object): reap it
         except ChildProcessError:
             pass
         return None
     return f"{pid}:{fields[19]}"
+
+
+def _thread_count(pid: int) -> int:
+    """The ``Threads:`` of ``/proc/<pid>/status`` (0 once the process is gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in status.splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return 0
 
 
 def current_runner(paths: VmDir) -> Runner | None:
@@ -233,7 +259,8 @@ def cancel_gated(proc: subprocess.Popen[bytes], gate: int) -> None:
 
 
 def wait_gone(runner: Runner, timeout: float) -> bool:
-    """Wait until the runner's process has exited (and is reaped if ours); True if it did."""
+    """Wait until the runner's process has exited — every thread of it, so its files (the
+    disks' image locks) are closed — and is reaped if ours; True if it did."""
     deadline = time.monotonic() + timeout
     while True:
         child = _children.get(runner.pid)
