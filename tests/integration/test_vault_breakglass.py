@@ -19,6 +19,7 @@ from drsite.core.errors import InvalidInput
 from drsite.core.states import FailoverState, ItemProtection
 from drsite.failover.wire import check_recovery_book, recovery_book_digest
 from drsite.vault.db.models import Command, Failover, Group, Item, Store
+from drsite.vault.jobs.failover import check_ready
 from drsite.vault.testing import Agent, Harness, point, report, vm_info
 from tests.integration.test_vault_api import policy_and_group, protect, two_sites
 from tests.integration.test_vault_transient_db import _blocked_on_a_lock
@@ -381,3 +382,99 @@ def test_a_breakglass_beat_locks_its_items_in_id_order(tmp_path: Path, pg_url: s
             assert got_low is not None and got_low.last_point_time == h.clock.now()
     finally:
         h.close()
+
+
+def test_a_failover_step_reads_the_status_a_breakglass_beat_commits(tmp_path: Path,
+                                                                     pg_url: str) -> None:
+    """PostgreSQL: a break-glass report commits "failed over" while a vault failover job's
+    step is between reading the item and writing it. The step reads the item locked: it waits
+    for that commit, sees the break-glass failover and fails ("meanwhile"), sending nothing.
+    Read unlocked, it saw "protected", sent the recovery host a failover and overwrote the
+    status with "failing_over" once the report committed (the item no longer said who holds it)."""
+    h = Harness(tmp_path / "vault", pg_url)
+    try:
+        a, _b = two_sites(h)
+        policy_and_group(h)
+        item_id = protect(h, a)
+        h.ok("PUT", "/network-mappings", json={"source_site": "prim", "recovery_site": "sec",
+                                               "source_network": "lan", "recovery_network": "dr"})
+        h.tick()   # this process holds the controller lease from here on
+        with h.vault.db.tx() as s:
+            # the VM's configuration is snapshotted already (a first step that wrote it would
+            # hold the item from then on, and the race would be closed by accident)
+            it = s.get(Item, item_id)
+            assert it is not None
+            check_ready(s, it, "unplanned", "latest", keep=True)
+        job = h.ok("POST", f"/items/{item_id}/failover/unplanned-failover", json={})
+        fid = bg_record(item_id)["failover_id"]
+        errors: list[BaseException] = []
+
+        def run_jobs() -> None:
+            try:
+                h.vault.runner.tick()
+            except BaseException as exc:   # reported by the test below
+                errors.append(exc)
+
+        url = pg_url.replace("+psycopg", "")
+        with psycopg.connect(url) as breakglass:
+            # what the report's transaction writes (breakglass.apply_reports), not committed yet
+            breakglass.execute("UPDATE items SET status = 'failed_over', failover_id = %s "
+                               "WHERE id = %s", (fid, item_id))
+            t = threading.Thread(target=run_jobs)
+            t.start()
+            _blocked_on_a_lock(pg_url)   # the job's step waits for the item
+            breakglass.commit()
+        t.join(30)
+        assert not t.is_alive() and not errors, errors
+        for _ in range(2):
+            h.tick()
+        done = h.ok("GET", f"/jobs/{job['id']}")
+        assert done["state"] == "failed" and "meanwhile" in done["error"]["message"], done
+        with h.vault.db.read() as s:
+            item = s.get(Item, item_id)
+            assert item is not None
+            assert (item.status, item.failover_id) == (ItemProtection.FAILED_OVER, fid)
+            assert not list(s.scalars(select(Command).where(Command.kind == "failover",
+                                                            Command.item_id == item_id)))
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize("then", ["finish", "cancel"])
+def test_a_breakglass_failover_while_protection_is_enabled_is_kept(h: Harness, then: str) -> None:
+    """The item's first point is committed, its EnableProtection job has not finished, and a
+    break-glass failover of it is reported. The job must not make it "protected" again
+    (cycles would be scheduled for a VM that runs on the recovery site), nor, when cancelled,
+    delete the points its recovery VM came from."""
+    a, b = two_sites(h)
+    policy_and_group(h)
+    out = h.ok("POST", "/items", json={"vm_id": "vm-1", "group": "g1"})
+    item_id = str(out["item_id"])
+    h.store_beat()
+    h.tick()
+    reply = a.beat(vms=[vm_info("vm-1", "web1")])
+    (cmd,) = [c for c in reply["commands"] if c["kind"] == "protect"]
+    assert a.result(cmd["command_id"], "running", progress=5).status_code == 200
+    a.beat(vms=[vm_info("vm-1", "web1")],
+           items=[{"item_id": item_id, "report": report(item_id, "vm-1", "web1",
+                                                         last_point_time=h.clock.now()),
+                   "new_points": [point(item_id, 1, h.clock.now())]}])
+    rec = bg_record(item_id)
+    assert beat(b, breakglass=[rec]).json()["breakglass_ack"] == [rec["failover_id"]]
+    assert h.ok("GET", f"/items/{item_id}")["protection"] == "failed_over"
+    if then == "finish":
+        assert a.result(cmd["command_id"], "succeeded").status_code == 200
+    else:
+        h.ok("POST", f"/jobs/{out['job_id']}/cancel")
+    for _ in range(3):
+        h.tick()
+    job = h.job(out["job_id"])
+    assert job["state"] == ("failed" if then == "finish" else "cancelled"), job
+    it = h.ok("GET", f"/items/{item_id}")
+    assert it["protection"] == "failed_over", it
+    with h.vault.db.read() as s:
+        item = s.get(Item, item_id)
+        assert item is not None and item.failover_id == rec["failover_id"]
+        kinds = [c.kind for c in s.scalars(select(Command).where(Command.item_id == item_id))]
+        assert "unprotect" not in kinds, kinds
+    assert h.entries(f"/items/{item_id}/points")   # its points are kept

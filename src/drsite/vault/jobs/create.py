@@ -106,6 +106,9 @@ def start_enable_protection(s: Session, *, vm: Vm, host: Host, group: Group, now
 
 
 def start_disable_protection(s: Session, item: Item, *, delete_points: bool, now: float) -> Job:
+    # the status is judged and written here: read afresh and locked (a break-glass failover
+    # committed since the caller read it must not be overwritten with "disabling")
+    s.refresh(item, with_for_update=True)
     if item.status not in (ItemProtection.PROTECTED, ItemProtection.ENABLING):
         raise Conflict(f"item {item.id} is {item.status}", hint="Only protected items can be disabled.")
     job = create_job(s, DISABLE, target=item.vm_name, item_id=item.id,

@@ -461,7 +461,7 @@ def cleanup_test_vm(ctx: TaskContext) -> Step:
 # ------------------------------------------------------------------------- planned / unplanned
 
 def shutdown_source(ctx: TaskContext) -> Step:
-    item = ctx.item()
+    item = ctx.locked_item()   # the status is judged and written here
     fo = failover_row(ctx)
     _taken_by_another(item, fo)
     src = ctx.s.get(Host, item.host_id)
@@ -490,7 +490,7 @@ def _taken_by_another(item: Item, fo: Failover) -> None:
 
 
 def start_replica(ctx: TaskContext) -> Step:
-    item = ctx.item()
+    item = ctx.locked_item()   # the status is judged and written here
     fo = failover_row(ctx)
     _taken_by_another(item, fo)
     # from the moment the recovery side may promote, the item is not plainly protected: no
@@ -543,8 +543,7 @@ def commit(ctx: TaskContext) -> Step:
 
 
 def cancel(ctx: TaskContext) -> Step:
-    item = ctx.item()
-    ctx.s.get(Item, item.id, with_for_update=True)  # before the fence command (lock order)
+    item = ctx.locked_item()   # before the fence command (lock order)
     fo = failover_row(ctx)
     fencing.withdraw(ctx.s, fo, ctx.now)
     host = _recovery(ctx, fo)
@@ -778,7 +777,7 @@ def failover_on_end(ctx: TaskContext, state: JobState) -> None:
     """After a failed or cancelled job: commands it queued that no agent took yet are
     withdrawn; if one reached an agent (it may still promote and start a VM there), the item is
     left ``failed_over`` so that a cancel can undo whatever happened."""
-    item = ctx.s.get(Item, ctx.job.item_id) if ctx.job.item_id else None
+    item = ctx.locked_item_or_none()
     if item is not None and item.active_job_id == ctx.job.id:
         item.active_job_id = None
     fid = ctx.job.args.get("failover_id")

@@ -62,6 +62,26 @@ class TaskContext:
                                  hint="Start the operation again if it is still needed.")
         return item
 
+    def locked_item(self) -> Item:
+        """The job's item read afresh and locked (``FOR UPDATE``; SQLite: its one writer
+        already) until this step commits: for a step that decides on the item's status and
+        writes it. Another writer of the status (a break-glass failover reported by a
+        heartbeat, ``vault/breakglass.py``) commits before this read or waits for this step;
+        an unlocked read could be overwritten with what it saw before that commit. Lock order:
+        the runner's job and task rows, then the item, then commands — nothing takes an item
+        and then waits for a job or task row."""
+        item = self.locked_item_or_none()
+        if item is None:
+            raise PermanentError(f"protected item {self.job.item_id} no longer exists",
+                                 hint="Start the operation again if it is still needed.")
+        return item
+
+    def locked_item_or_none(self) -> Item | None:
+        """As :meth:`locked_item`; ``None`` when the job has no item or it is gone."""
+        if not self.job.item_id:
+            return None
+        return self.s.get(Item, self.job.item_id, with_for_update=True, populate_existing=True)
+
 
 TaskFn = Callable[[TaskContext], Step]
 HookFn = Callable[[TaskContext], None]

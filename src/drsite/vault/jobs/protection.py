@@ -15,6 +15,7 @@ from sqlalchemy import delete, select
 
 from drsite.core.errors import (
     AuthError,
+    Conflict,
     DrsiteError,
     NetworkError,
     PeerUnavailable,
@@ -265,7 +266,13 @@ def initial_replication(ctx: TaskContext) -> Step:
 
 
 def finalize(ctx: TaskContext) -> Step:
-    item = ctx.item()
+    item = ctx.locked_item()   # the status is judged and written here
+    if item.status != ItemProtection.ENABLING:
+        # a break-glass failover recorded while protection was enabled (vault/breakglass.py):
+        # the item is failed over; "protected" would hide that and schedule cycles
+        raise Conflict(f"{item.vm_name} became {item.status} while its protection was enabled"
+                       + (f" (failover {item.failover_id})" if item.failover_id else ""),
+                       hint=f"See the item's failovers: drsite failover list {item.id}")
     item.status = ItemProtection.PROTECTED
     if item.state in (ItemState.NEW, ItemState.INITIAL_REPLICATION):
         item.state = ItemState.PROTECTED
@@ -292,9 +299,15 @@ def _retire_item(ctx: TaskContext, item: Item, status: ItemProtection) -> None:
 
 def enable_rollback(ctx: TaskContext) -> Step:
     """After a cancel: tell the agent to unprotect (deleting the points it made), wait for it
-    (at most ``rollback_timeout_s``), and retire the item."""
-    item = ctx.item()
+    (at most ``rollback_timeout_s``), and retire the item. An item failed over meanwhile (a
+    break-glass failover, ``vault/breakglass.py``) is left as it is: its points are what its
+    recovery VM came from."""
+    item = ctx.locked_item()
     data = ctx.data
+    if "command_id" not in data and item.status != ItemProtection.ENABLING:
+        return done(f"{item.vm_name} is {item.status} now"
+                    + (f" (failover {item.failover_id})" if item.failover_id else "")
+                    + ": nothing undone, its points are kept")
     if not _protect_sent(ctx):
         _retire_item(ctx, item, ItemProtection.REMOVED)
         return done("nothing was sent to the agent; nothing to undo")
@@ -317,7 +330,7 @@ def enable_rollback(ctx: TaskContext) -> Step:
 
 
 def enable_on_end(ctx: TaskContext, state: JobState) -> None:
-    item = ctx.s.get(Item, ctx.job.item_id) if ctx.job.item_id else None
+    item = ctx.locked_item_or_none()
     if item is None:
         return
     if item.active_job_id == ctx.job.id:
@@ -394,7 +407,7 @@ def remove_item(ctx: TaskContext) -> Step:
 
 
 def disable_on_end(ctx: TaskContext, state: JobState) -> None:
-    item = ctx.s.get(Item, ctx.job.item_id) if ctx.job.item_id else None
+    item = ctx.locked_item_or_none()
     if item is None:
         return
     if item.active_job_id == ctx.job.id:
