@@ -303,3 +303,39 @@ def test_a_failing_tee_fails_the_cycle_and_breaks_the_writer() -> None:
     w.close()
     assert repo.points() == []
 
+
+
+def test_rehomed_writes_are_stored_but_neither_teed_nor_listed_as_changed() -> None:
+    """``write_many(rehomed=True)``: the base's own bytes stored again (re-homing). The point
+    reads them, its maps take them from this cycle's packs, but its changed list holds only
+    the other writes, and the tee (a replica at the base) is not handed them."""
+    repo = Repository(MemoryObjectStore(), "vm1", segment_size=MiB, pack_target=MiB, threads=2)
+    rng = np.random.default_rng(5)
+    base_bytes = rng.integers(0, 256, 4 * MiB, dtype=np.uint8)
+    w = repo.begin("c0", base=None, disk_sizes={"d0": 4 * MiB}, kind="initial")
+    w.write("d0", 0, base_bytes.tobytes())
+    p0 = w.commit(created_at=1.0, consistency=Consistency.CRASH)
+    teed: list[tuple[int, int]] = []
+
+    def tee(disk_id: str, runs: np.ndarray, raw: bytes | memoryview) -> None:
+        teed.extend((int(r["offset"]), int(r["length"])) for r in runs)
+
+    w = repo.begin("c1", base=p0.point_id, disk_sizes={"d0": 4 * MiB}, kind="delta")
+    w.tee = tee
+    change = rng.integers(0, 256, 8 * KiB, dtype=np.uint8).tobytes()
+    w.write_many("d0", [MiB, 3 * MiB], [4 * KiB, 4 * KiB], change)
+    offs, lens = np.array([0, 2 * MiB], np.int64), np.array([64 * KiB, 128 * KiB], np.int64)
+    again = np.concatenate([base_bytes[0:64 * KiB], base_bytes[2 * MiB:2 * MiB + 128 * KiB]])
+    w.write_many("d0", offs, lens, again.tobytes(), rehomed=True)
+    p1 = w.commit(created_at=2.0, consistency=Consistency.CRASH)
+    r = repo.reader(p1.point_id, "d0")
+    assert r.changed_extents() == ExtentList.of([(MiB, 4 * KiB), (3 * MiB, 4 * KiB)])
+    assert sorted(teed) == [(MiB, 4 * KiB), (3 * MiB, 4 * KiB)]
+    want = base_bytes.copy()
+    want[MiB:MiB + 4 * KiB] = np.frombuffer(change[:4 * KiB], np.uint8)
+    want[3 * MiB:3 * MiB + 4 * KiB] = np.frombuffer(change[4 * KiB:], np.uint8)
+    got = bytearray(4 * MiB)
+    r.readinto(0, memoryview(got))
+    assert bytes(got) == want.tobytes()
+    # the re-homed ranges are this cycle's now: the map diff lists them (they moved)
+    assert repo.diff(p0.point_id, p1.point_id, "d0").total == 8 * KiB + 192 * KiB

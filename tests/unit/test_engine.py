@@ -778,6 +778,7 @@ def test_rehoming_reads_the_base_point_not_the_disk_written_since_the_seal(
             for off, n in zip(ext.starts.tolist()[:20], ext.lengths.tolist()[:20], strict=True):
                 env.write(d, off, n)    # the live disk changes under the re-homed ranges
         seen["rehome"] = sum(e.total for e in rehome.values())
+        seen["ranges"] = dict(rehome)
         return real(self, writer, base, todo, rehome, bucket)
 
     monkeypatch.setattr(ItemReplicator, "_rehome_into", write_then_rehome)
@@ -786,6 +787,10 @@ def test_rehoming_reads_the_base_point_not_the_disk_written_since_the_seal(
     assert seen.get("rehome", 0) > 0 and int(p.meta.get("rehomed") or 0) > 0
     assert env.point_bytes(p.point_id) == seen["at_seal"]
     assert env.source() != seen["at_seal"]
+    # not what the cycle changed: the point's changed list (what a replica at the base
+    # rewrites) leaves the re-homed ranges out
+    for d, ext in seen["ranges"].items():
+        assert env.repo().reader(p.point_id, d).changed_extents().intersect(ext).total == 0
     monkeypatch.setattr(ItemReplicator, "_rehome_into", real)
     q = env.item.run_cycle()
     assert env.point_bytes(q.point_id) == env.source()

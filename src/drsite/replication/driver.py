@@ -595,7 +595,9 @@ class ItemReplicator:
                                     "failed: %s", self.rec.vm_name, done, base, exc)
                         return done
                     failpoints.hit("engine.rehome-batch")  # a kill here: part re-homed
-                    writer.write_many(disk_id, offs, lens, buf, owner=buf)
+                    # not the cycle's change: no tee (the replica, at the base, holds these
+                    # bytes) and not in the point's changed list
+                    writer.write_many(disk_id, offs, lens, buf, owner=buf, rehomed=True)
                     done += len(buf)
                     a = b
             finally:

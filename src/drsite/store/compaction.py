@@ -12,7 +12,9 @@ Invariants (the caller's, ``replication.driver``):
 - a re-homed range holds the *base point's* bytes, read through its verified reader; the base
   of a staged cycle is pinned (retention, GC), so it cannot go while it is read;
 - re-homed ranges never overlap the cycle's changed extents (they are subtracted first), so
-  what the guest wrote always wins;
+  what the guest wrote always wins; they are written with ``PointWriter.write_many(...,
+  rehomed=True)``, so the point's changed list (what a replica at the base rewrites) and the
+  tee leave them out — their bytes are the base's;
 - planning only reads immutable objects (manifest, tables, maps) and the packs' sizes; it writes
   nothing and may be skipped or cut short at any time: it changes how much space the store
   takes, never what a point holds.

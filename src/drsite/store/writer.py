@@ -73,6 +73,7 @@ class _Pending:
     owner: object = None  # keeps the caller's buffer alive while the frame may point into it
     disk_id: str = ""
     level: int = 0  # the zstd level the frame was handed with (0: stored raw)
+    tee: bool = True  # handed to the tee (not: re-homed bytes, which a replica holds already)
 
 
 Tee = Callable[[str, Entries, bytes | memoryview], None]
@@ -196,6 +197,10 @@ class PointWriter:
         self.pack_keys: list[str] = []
         self._done: dict[int, list[Entries]] = {i: [] for i in range(len(self.disk_ids))}
         self._covered: dict[int, ExtentList] = {}
+        # per disk, the extents written with ``rehomed=True`` by this writer (not by an earlier
+        # attempt of a resumed cycle: those count as changed, which is only conservative)
+        self._rehomed: dict[int, list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]]] = \
+            {i: [] for i in range(len(self.disk_ids))}
         self._maps_stored = [0, 0]  # segment maps this commit stored: count, bytes
         self._finished: PointInfo | None = None
 
@@ -257,7 +262,8 @@ class PointWriter:
         self.write_many(disk_id, np.array([offset], np.int64), np.array([n], np.int64), data)
 
     def write_many(self, disk_id: str, offsets: npt.ArrayLike, lengths: npt.ArrayLike,
-                   data: bytes | bytearray | memoryview, *, owner: object = None) -> None:
+                   data: bytes | bytearray | memoryview, *, owner: object = None,
+                   rehomed: bool = False) -> None:
         """Record many extents of one disk at once: extent ``i`` is ``lengths[i]`` bytes at
         ``offsets[i]``, the extents' bytes concatenated in ``data``, in write order (a later
         extent wins where two overlap, as with separate :meth:`write` calls).
@@ -268,7 +274,12 @@ class PointWriter:
         writer holds a reference to ``owner`` for as long as it may still read ``data`` (the
         caller must not change ``data`` while ``owner`` is alive: a ``batches.Slab`` goes back
         to its pool only when its last reference is dropped). Durable only after
-        :meth:`flush`."""
+        :meth:`flush`.
+
+        ``rehomed``: the bytes are the base point's own, stored again (``store/compaction.py``;
+        the caller's promise, not checked): they are not handed to the tee (a replica of the
+        base holds them) and not listed in the point's changed extents (a replica moving on from
+        the base need not write them), though the point's maps take them from this cycle."""
         view = memoryview(data).cast("B")
         off = np.asarray(offsets, np.int64).reshape(-1)
         ln = np.asarray(lengths, np.int64).reshape(-1)
@@ -290,6 +301,8 @@ class PointWriter:
             raise InvalidInput(f"a write passes the end of disk {disk_id} "
                                f"({self.disk_sizes[disk_id]} bytes)")
         self.bytes_written += total
+        if rehomed:
+            self._rehomed[i].append((off.copy(), ln.copy()))
         po, pl, fstarts = frame_pieces(off, ln)
         bounds = np.concatenate([fstarts, [po.size]]).tolist()
         ends = np.concatenate([[0], np.cumsum(pl)]).tolist()
@@ -307,7 +320,7 @@ class PointWriter:
             frame = smv[ends[a]:ends[b]]
             level = self._frame_level()
             fut = self._pool.submit(_prepare, frame, po[a:b], pl[a:b], level)
-            self._queue.append(_Pending(i, None, fut, owner, disk_id, level))
+            self._queue.append(_Pending(i, None, fut, owner, disk_id, level, not rehomed))
             self._drain(self._window)
 
     def _frame_level(self) -> int:
@@ -375,7 +388,7 @@ class PointWriter:
                     if isinstance(payload, memoryview):  # stored raw: may point into the batch
                         self._owners.append(item.owner)
                     self._open_size += len(payload)
-                if self.tee is not None:
+                if self.tee is not None and item.tee:
                     # the replica's writes wait for the device, not a compression worker
                     self._tee_submit(item.disk_id, e, raw, item.owner)
             else:
@@ -518,6 +531,10 @@ class PointWriter:
         if len(parts) > 1:
             parts[:] = [e]  # the same rows, held once (a retried commit finds them here)
         changed = coalesce(e["offset"], e["length"]) if e.size else ExtentList.empty()
+        rehomed = self._rehomed[self._disk_idx[disk_id]]
+        if rehomed and len(changed):
+            changed = changed.subtract(coalesce(np.concatenate([o for o, _ in rehomed]),
+                                                np.concatenate([n for _, n in rehomed])))
         segs, pieces = split_segments(e, seg)
         del e
         # a cycle written in disk order (the engine's) has its pieces grouped by segment
