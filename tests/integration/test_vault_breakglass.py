@@ -22,6 +22,7 @@ from drsite.vault.db.models import Command, Failover, Group, Item, Store
 from drsite.vault.jobs.failover import check_ready
 from drsite.vault.testing import Agent, Harness, point, report, vm_info
 from tests.integration.test_vault_api import policy_and_group, protect, two_sites
+from tests.integration.test_vault_failover_api import fo_result, play, setup
 from tests.integration.test_vault_transient_db import _blocked_on_a_lock
 from tests.integration.test_vault_trust import security_alerts
 
@@ -478,3 +479,107 @@ def test_a_breakglass_failover_while_protection_is_enabled_is_kept(h: Harness, t
         kinds = [c.kind for c in s.scalars(select(Command).where(Command.item_id == item_id))]
         assert "unprotect" not in kinds, kinds
     assert h.entries(f"/items/{item_id}/points")   # its points are kept
+
+
+def test_a_breakglass_failover_during_a_cancel_is_not_handed_back(h: Harness) -> None:
+    """A vault failover is being cancelled: the source has taken the item back ("protected")
+    and the job waits for the source's first replication. Meanwhile the recovery store's host
+    reports a break-glass failover of the item. The cancel job must not make it "protected"
+    again on its next ask (that hid the running recovery VM, gave the old primary its store
+    writes back and dropped the fence)."""
+    a, b, item = setup(h)
+    h.ok("POST", f"/items/{item}/failover/unplanned-failover", json={})
+    play(h, b, "failover", fo_result("pending_commit"))
+    job = h.ok("POST", f"/items/{item}/failover/cancel", json={})
+    play(h, b, "failover_cancel", fo_result("cancelled", generation=3))
+    play(h, a, "failover_resume_source", {"generation": 3, "powered_on": False, "resync": True})
+    assert h.job(job["id"])["state"] == "running"
+    assert h.ok("GET", f"/items/{item}")["protection"] == "protected"
+    rec = bg_record(item, "bg-0a0a0a0a0a0a", generation=4)
+    assert beat(b, breakglass=[rec]).json()["breakglass_ack"] == [rec["failover_id"]]
+    for _ in range(3):
+        h.tick()
+    done = h.job(job["id"])
+    assert done["state"] == "failed" and "meanwhile" in done["error"]["message"], done
+    it = h.ok("GET", f"/items/{item}")
+    assert it["protection"] == "failed_over", it
+    with h.vault.db.read() as s:
+        row = s.get(Item, item)
+        assert row is not None and row.failover_id == rec["failover_id"]
+
+
+def test_an_unprotect_queued_by_a_rollback_is_withdrawn_by_a_breakglass_failover(
+        h: Harness) -> None:
+    """EnableProtection cancelled after its first point: the rollback queued "unprotect" (with
+    the points deleted) for the source host, which is down. A break-glass failover of the item
+    is reported before it returns: the unprotect is withdrawn (the recovery VM came from those
+    points), the rollback ends without retiring the item, and the source never receives it."""
+    a, b = two_sites(h)
+    policy_and_group(h)
+    out = h.ok("POST", "/items", json={"vm_id": "vm-1", "group": "g1"})
+    item_id = str(out["item_id"])
+    h.store_beat()
+    h.tick()
+    (cmd,) = [c for c in a.beat(vms=[vm_info("vm-1", "web1")])["commands"]
+              if c["kind"] == "protect"]
+    assert a.result(cmd["command_id"], "running", progress=5).status_code == 200
+    a.beat(vms=[vm_info("vm-1", "web1")],
+           items=[{"item_id": item_id, "report": report(item_id, "vm-1", "web1",
+                                                         last_point_time=h.clock.now()),
+                   "new_points": [point(item_id, 1, h.clock.now())]}])
+    h.ok("POST", f"/jobs/{out['job_id']}/cancel")
+    h.tick()
+    with h.vault.db.read() as s:
+        (unprotect,) = s.scalars(select(Command).where(Command.item_id == item_id,
+                                                       Command.kind == "unprotect"))
+        assert unprotect.status == "pending"
+        unprotect_id = unprotect.id
+    assert h.job(out["job_id"])["state"] == "cancelling"
+    rec = bg_record(item_id)
+    assert beat(b, breakglass=[rec]).json()["breakglass_ack"] == [rec["failover_id"]]
+    for _ in range(2):
+        h.tick()
+    job = h.job(out["job_id"])
+    assert job["state"] == "cancelled", job
+    assert h.ok("GET", f"/items/{item_id}")["protection"] == "failed_over"
+    assert not [c for c in a.beat(vms=[vm_info("vm-1", "web1")])["commands"]
+                if c["kind"] == "unprotect"]
+    with h.vault.db.read() as s:
+        got = s.get(Command, unprotect_id)
+        assert got is not None and got.status == "failed" and got.sent_at is None
+    assert h.entries(f"/items/{item_id}/points")
+
+
+def test_a_breakglass_failover_of_the_reverse_item_is_not_overwritten(h: Harness) -> None:
+    """Re-protect after a committed planned failover: the reverse item (recovery site → old
+    primary's site) is "enabling" until its first point is catalogued. A break-glass failover
+    of the reverse item reported meanwhile (by the old primary's site store) is kept: the
+    re-protect job fails instead of marking the reverse item "protected"."""
+    a, b, item = setup(h)
+    assert h.set_store("prim", "hv1").status_code == 200   # the old primary's store role
+    h.ok("POST", f"/items/{item}/failover/planned-failover", json={})
+    play(h, a, "failover_prepare", {"point_id": "p000000000002", "fingerprints": {"d0": "x"}})
+    play(h, b, "failover", fo_result("pending_commit", point_id="p000000000002"))
+    job = h.ok("POST", f"/items/{item}/failover/commit", json={"create_reverse_mapping": True})
+    play(h, b, "failover_commit", fo_result("committed", point_id="p000000000002"))
+    cmd = play(h, a, "reprotect_seed", {"base_point_id": "p1", "base_bytes_local": 100,
+                                        "disk_bytes": 1000})
+    rev_id = cmd["args"]["rev_item_id"]
+    a.beat(store_url="https://127.0.0.1:9555", vms=[vm_info("vm-1", "web1")])
+    h.tick()
+    h.store_beat()
+    play(h, b, "protect", {"report": {"bytes_sent": 10}})
+    assert h.job(job["id"])["state"] == "running"
+    b.beat(store_url="https://127.0.0.1:9443", items=[{
+        "item_id": rev_id, "report": report(rev_id, "rvm-1", "web1"),
+        "new_points": [point(rev_id, 1, h.clock.now())]}])
+    assert h.ok("GET", f"/items/{rev_id}")["protection"] == "enabling"
+    rec = bg_record(rev_id, "bg-0b0b0b0b0b0b", source_site="sec", recovery_site="prim")
+    a.store_url = "https://127.0.0.1:9555"
+    assert beat(a, breakglass=[rec]).json()["breakglass_ack"] == [rec["failover_id"]]
+    assert h.ok("GET", f"/items/{rev_id}")["protection"] == "failed_over"
+    for _ in range(2):
+        h.tick()
+    done = h.job(job["id"])
+    assert done["state"] == "failed" and rev_id in done["error"]["message"], done
+    assert h.ok("GET", f"/items/{rev_id}")["protection"] == "failed_over"

@@ -330,6 +330,7 @@ def test_rehomed_writes_are_stored_but_neither_teed_nor_listed_as_changed() -> N
     p1 = w.commit(created_at=2.0, consistency=Consistency.CRASH)
     r = repo.reader(p1.point_id, "d0")
     assert r.changed_extents() == ExtentList.of([(MiB, 4 * KiB), (3 * MiB, 4 * KiB)])
+    assert p1.bytes_written == 8 * KiB    # the change rate counts the changes only
     assert sorted(teed) == [(MiB, 4 * KiB), (3 * MiB, 4 * KiB)]
     want = base_bytes.copy()
     want[MiB:MiB + 4 * KiB] = np.frombuffer(change[:4 * KiB], np.uint8)
@@ -339,3 +340,40 @@ def test_rehomed_writes_are_stored_but_neither_teed_nor_listed_as_changed() -> N
     assert bytes(got) == want.tobytes()
     # the re-homed ranges are this cycle's now: the map diff lists them (they moved)
     assert repo.diff(p0.point_id, p1.point_id, "d0").total == 8 * KiB + 192 * KiB
+
+
+def test_a_write_after_a_rehomed_range_is_a_change_one_before_it_is_not() -> None:
+    """Overlapping re-homed and ordinary writes (the engine never makes them; the writer stays
+    right anyway): the later write wins in the point, so a later ordinary write over a
+    re-homed range is listed as changed, and an earlier one that the re-homed bytes (the
+    base's) overwrote is not — a replica at the base applying the list ends equal to the point."""
+    repo = Repository(MemoryObjectStore(), "vm1", segment_size=MiB, pack_target=MiB, threads=2)
+    rng = np.random.default_rng(6)
+    base = rng.integers(0, 256, 2 * MiB, dtype=np.uint8)
+    w = repo.begin("c0", base=None, disk_sizes={"d0": 2 * MiB}, kind="initial")
+    w.write("d0", 0, base.tobytes())
+    p0 = w.commit(created_at=1.0, consistency=Consistency.CRASH)
+    w = repo.begin("c1", base=p0.point_id, disk_sizes={"d0": 2 * MiB}, kind="delta")
+    early = rng.integers(0, 256, 4 * KiB, dtype=np.uint8).tobytes()
+    w.write("d0", 0, early)                                   # overwritten by the re-homing
+    w.write_many("d0", [0, MiB], [64 * KiB, 64 * KiB],
+                 np.concatenate([base[:64 * KiB], base[MiB:MiB + 64 * KiB]]).tobytes(),
+                 rehomed=True)
+    late = rng.integers(0, 256, 4 * KiB, dtype=np.uint8).tobytes()
+    w.write("d0", MiB + 8 * KiB, late)                        # wins over the re-homed bytes
+    w.write_zero("d0", MiB + 32 * KiB, 4 * KiB)               # so does a zero range
+    p1 = w.commit(created_at=2.0, consistency=Consistency.CRASH)
+    r = repo.reader(p1.point_id, "d0")
+    assert r.changed_extents() == ExtentList.of([(MiB + 8 * KiB, 4 * KiB),
+                                                 (MiB + 32 * KiB, 4 * KiB)])
+    want = base.copy()
+    want[MiB + 8 * KiB:MiB + 12 * KiB] = np.frombuffer(late, np.uint8)
+    want[MiB + 32 * KiB:MiB + 36 * KiB] = 0
+    got = bytearray(2 * MiB)
+    r.readinto(0, memoryview(got))
+    assert bytes(got) == want.tobytes()
+    # a replica at the base that writes only the changed list ends equal to the point
+    replica = base.copy()
+    for off, n in r.changed_extents().to_pairs():
+        replica[off:off + n] = np.frombuffer(bytes(got[off:off + n]), np.uint8)
+    assert replica.tobytes() == bytes(got)

@@ -152,7 +152,8 @@ class PointWriter:
         self.disk_sizes = dict(disk_sizes)
         self.disk_ids = sorted(self.disk_sizes)
         self._disk_idx = {d: i for i, d in enumerate(self.disk_ids)}
-        self.bytes_written = 0
+        self.bytes_written = 0     # every byte written (re-homed ones too)
+        self.rehomed_bytes = 0     # of which re-homed: not the point's changes
         self.bytes_stored = 0
         self.zero_bytes = 0
         self.meta_bytes = 0
@@ -198,8 +199,13 @@ class PointWriter:
         self._done: dict[int, list[Entries]] = {i: [] for i in range(len(self.disk_ids))}
         self._covered: dict[int, ExtentList] = {}
         # per disk, the extents written with ``rehomed=True`` by this writer (not by an earlier
-        # attempt of a resumed cycle: those count as changed, which is only conservative)
+        # attempt of a resumed cycle: those count as changed, which is only conservative), and
+        # the other writes that came after the first of them (a later write wins: where one
+        # covers a re-homed range, the point holds its bytes there, a change)
         self._rehomed: dict[int, list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]]] = \
+            {i: [] for i in range(len(self.disk_ids))}
+        self._after_rehomed: dict[int, list[tuple[npt.NDArray[np.int64],
+                                                  npt.NDArray[np.int64]]]] = \
             {i: [] for i in range(len(self.disk_ids))}
         self._maps_stored = [0, 0]  # segment maps this commit stored: count, bytes
         self._finished: PointInfo | None = None
@@ -279,7 +285,9 @@ class PointWriter:
         ``rehomed``: the bytes are the base point's own, stored again (``store/compaction.py``;
         the caller's promise, not checked): they are not handed to the tee (a replica of the
         base holds them) and not listed in the point's changed extents (a replica moving on from
-        the base need not write them), though the point's maps take them from this cycle."""
+        the base need not write them), though the point's maps take them from this cycle. A
+        later write over a re-homed range is listed as changed (it wins), an earlier one is
+        not (the re-homed bytes win: the base's)."""
         view = memoryview(data).cast("B")
         off = np.asarray(offsets, np.int64).reshape(-1)
         ln = np.asarray(lengths, np.int64).reshape(-1)
@@ -303,6 +311,9 @@ class PointWriter:
         self.bytes_written += total
         if rehomed:
             self._rehomed[i].append((off.copy(), ln.copy()))
+            self.rehomed_bytes += total
+        elif self._rehomed[i]:
+            self._after_rehomed[i].append((off.copy(), ln.copy()))
         po, pl, fstarts = frame_pieces(off, ln)
         bounds = np.concatenate([fstarts, [po.size]]).tolist()
         ends = np.concatenate([[0], np.cumsum(pl)]).tolist()
@@ -358,6 +369,9 @@ class PointWriter:
             return
         e = np.zeros(1, ENTRY_DT)
         e["offset"], e["length"], e["disk"], e["codec"] = offset, length, i, ZERO
+        if self._rehomed[i]:
+            self._after_rehomed[i].append((np.array([offset], np.int64),
+                                           np.array([length], np.int64)))
         if self.tee is not None:
             self.tee(disk_id, e, b"")
         self.bytes_written += length
@@ -533,8 +547,13 @@ class PointWriter:
         changed = coalesce(e["offset"], e["length"]) if e.size else ExtentList.empty()
         rehomed = self._rehomed[self._disk_idx[disk_id]]
         if rehomed and len(changed):
-            changed = changed.subtract(coalesce(np.concatenate([o for o, _ in rehomed]),
-                                                np.concatenate([n for _, n in rehomed])))
+            same = coalesce(np.concatenate([o for o, _ in rehomed]),
+                            np.concatenate([n for _, n in rehomed]))
+            after = self._after_rehomed[self._disk_idx[disk_id]]
+            if after:   # what a later write covers holds that write's bytes: a change
+                same = same.subtract(coalesce(np.concatenate([o for o, _ in after]),
+                                              np.concatenate([n for _, n in after])))
+            changed = changed.subtract(same)
         segs, pieces = split_segments(e, seg)
         del e
         # a cycle written in disk order (the engine's) has its pieces grouped by segment
@@ -706,7 +725,9 @@ class PointWriter:
             body = {"format": 1, "point_id": pid, "item_id": repo.item_id, "seq": seq,
                     "created_at": float(created_at), "consistency": Consistency(consistency).value,
                     "kind": self.kind, "cycle_id": self.cycle_id, "base_point_id": self.base,
-                    "disk_sizes": dict(self.disk_sizes), "bytes_written": self.bytes_written,
+                    # the cycle's changes (what the dashboard's change rate sums)
+                    "disk_sizes": dict(self.disk_sizes),
+                    "bytes_written": self.bytes_written - self.rehomed_bytes,
                     "bytes_stored": self.bytes_stored + meta_bytes,
                     "meta": {**(meta or {}), "stats": stats}, "disks": disks}
             canon = canonical_json(body)

@@ -157,7 +157,9 @@ def _record(s: Session, host: Host, item: Item, rec: dict[str, Any], fid: str,
     storeacl.set_status(item, ItemProtection.FAILED_OVER, now)
     item.failover_id = fid
     item.updated_at = now
-    commands.cancel_open(s, item.id, now, "item failed over (break-glass)")
+    # an EnableProtection rolled back (or failed) meanwhile may have queued "unprotect" with
+    # its points deleted: those points are what the recovery VM came from — withdrawn too
+    commands.cancel_open(s, item.id, now, "item failed over (break-glass)", unprotect=True)
     if fo.vm_id:
         vm_id = fo.vm_id
         row, _new = vm_row(s, host.id, vm_id, lambda: Vm(

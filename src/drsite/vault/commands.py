@@ -83,11 +83,14 @@ def outstanding(s: Session, item_id: str, kinds: tuple[str, ...]) -> Command | N
                      .order_by(Command.created_at, Command.id)).first()
 
 
-def cancel_open(s: Session, item_id: str, now: float, reason: str) -> int:
+def cancel_open(s: Session, item_id: str, now: float, reason: str, *,
+                unprotect: bool = False) -> int:
     """Fail every open command of the item that has not reached its agent yet (``pending``),
-    except ``unprotect``: that one must reach the agent whenever it comes back."""
+    except ``unprotect``: that one must reach the agent whenever it comes back — unless
+    ``unprotect`` (the item was failed over meanwhile: its points must stay)."""
     n = 0
-    for cmd in s.scalars(select(Command).where(Command.item_id == item_id, Command.kind != "unprotect",
+    kinds = Command.kind.is_not(None) if unprotect else Command.kind != "unprotect"
+    for cmd in s.scalars(select(Command).where(Command.item_id == item_id, kinds,
                                                Command.status == CommandStatus.PENDING)
                          .order_by(Command.id).with_for_update()
                          .execution_options(populate_existing=True)):

@@ -245,9 +245,14 @@ class Scheduler:
         ids = sorted({d.item_id for d in due})
         sent: list[Command] = []
         with self.db.tx() as s:
+            # locked, in id order, before any is written (the batches below are per set of
+            # columns, not in id order); an item a break-glass report or a job takes meanwhile
+            # is re-read after that commit and no longer matches (PostgreSQL re-checks a locked
+            # row's WHERE)
             still = set(s.scalars(select(Item.id).where(Item.id.in_(ids),
                                                         Item.status == ItemProtection.PROTECTED,
-                                                        Item.active_job_id.is_(None))))
+                                                        Item.active_job_id.is_(None))
+                                  .order_by(Item.id).with_for_update()))
             open_kinds = _open_kinds(s, ids)
             # stamped after the re-check, not at the tick's start: a command the re-check saw
             # finish was finished before this one was created (the commands table says so)

@@ -575,9 +575,12 @@ def resume_source(ctx: TaskContext) -> Step:
     failover), then replicate once — a resync when the source's engine had been fenced — so
     that the job says "the source replicates again" only once a new point proves it. The source
     may be down (unplanned): then the commands stay queued for it and the job ends saying so;
-    the item is protected again either way (the scheduler drives it when its agent is back)."""
-    item = ctx.item()
+    the item is protected again either way (the scheduler drives it when its agent is back).
+    Asked again while it waits: a break-glass failover recorded meanwhile (after the item was
+    protected again) holds the item then, and is not overwritten."""
+    item = ctx.locked_item()
     fo = failover_row(ctx)
+    _taken_by_another(item, fo)
     src = ctx.s.get(Host, item.host_id)
     prepared = ctx.s.scalars(select(Command.id).where(
         Command.item_id == item.id, Command.kind == "failover_prepare",
@@ -708,10 +711,12 @@ def reprotect_seed(ctx: TaskContext) -> Step:
 
 
 def reverse_replication(ctx: TaskContext) -> Step:
-    item = ctx.item()
     fo = failover_row(ctx)
     seed = ctx.sibling("reprotect_seed")
     rev_id = str((seed.data if seed is not None else {}).get("rev_item_id"))
+    # both items' statuses are judged and written here: locked, in id order
+    ctx.lock_items(rev_id)
+    item = ctx.item()
     rec_host = _recovery(ctx, fo)
     src = ctx.s.get(Host, item.host_id)
     if rec_host is None or src is None or fo.vm_id is None:
@@ -753,6 +758,12 @@ def reverse_replication(ctx: TaskContext) -> Step:
     sent = int(report.get("bytes_sent") or 0)
     seed_res = dict((fo.result or {}).get("reprotect_seed") or {})
     disk = int(seed_res.get("disk_bytes") or 0)
+    if rev.status != ItemProtection.ENABLING:
+        # a break-glass failover of the reverse item recorded meanwhile (vault/breakglass.py)
+        raise Conflict(f"reverse item {rev.id} of {rev.vm_name} became {rev.status} while it "
+                       "was being protected" + (f" (failover {rev.failover_id})"
+                                                if rev.failover_id else ""),
+                       hint=f"See its failovers: drsite failover list {rev.id}")
     rev.status = ItemProtection.PROTECTED
     rev.state = ItemState.PROTECTED
     rev.last_cycle_sent_at = ctx.now

@@ -67,14 +67,25 @@ class TaskContext:
         already) until this step commits: for a step that decides on the item's status and
         writes it. Another writer of the status (a break-glass failover reported by a
         heartbeat, ``vault/breakglass.py``) commits before this read or waits for this step;
-        an unlocked read could be overwritten with what it saw before that commit. Lock order:
-        the runner's job and task rows, then the item, then commands — nothing takes an item
-        and then waits for a job or task row."""
+        an unlocked read could be overwritten with what it saw before that commit.
+
+        Lock order: the runner locks the job row first (``JobRunner.tick``), then a step locks
+        items (in id order when more than one: :meth:`lock_items`), then commands and the
+        job's task rows (written at the commit). No other transaction locks an item and then
+        waits for a job or task row (the API's cancel and resume write only those), and only
+        one job transaction runs at a time (the controller's runner)."""
         item = self.locked_item_or_none()
         if item is None:
             raise PermanentError(f"protected item {self.job.item_id} no longer exists",
                                  hint="Start the operation again if it is still needed.")
         return item
+
+    def lock_items(self, *others: str) -> None:
+        """Lock the job's item and ``others`` (those that exist), in id order, read afresh."""
+        ids = sorted({i for i in (self.job.item_id, *others) if i})
+        if ids:
+            self.s.scalars(select(Item).where(Item.id.in_(ids)).order_by(Item.id)
+                           .with_for_update().execution_options(populate_existing=True)).all()
 
     def locked_item_or_none(self) -> Item | None:
         """As :meth:`locked_item`; ``None`` when the job has no item or it is gone."""

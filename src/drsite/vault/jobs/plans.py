@@ -139,6 +139,9 @@ def plan_group(ctx: TaskContext) -> Step:
     jobs: dict[str, str] = dict(data.get("jobs") or {})
     if not data.get("started"):
         items = items_by_vm(ctx.s)
+        # the group's items are claimed (written) below in the plan's order: locked first, in
+        # id order, as every other writer of several items takes them
+        ctx.lock_items(*(items[vm].id for vm in data.get("vms", []) if vm in items))
         skipped: list[str] = []
         for vm in data.get("vms", []):
             item = items.get(vm)

@@ -304,10 +304,18 @@ def enable_rollback(ctx: TaskContext) -> Step:
     recovery VM came from."""
     item = ctx.locked_item()
     data = ctx.data
-    if "command_id" not in data and item.status != ItemProtection.ENABLING:
-        return done(f"{item.vm_name} is {item.status} now"
-                    + (f" (failover {item.failover_id})" if item.failover_id else "")
-                    + ": nothing undone, its points are kept")
+    if item.status != ItemProtection.ENABLING:   # asked again while waiting, too
+        cmd = ctx.s.get(Command, data["command_id"]) if "command_id" in data else None
+        what = f"{item.vm_name} is {item.status} now" + (
+            f" (failover {item.failover_id})" if item.failover_id else "")
+        if cmd is not None and cmd.sent_at is not None:
+            # delivered before the failover was known: it cannot be recalled
+            msg = (f"{what}: nothing more undone; unprotect {cmd.id} had been delivered to "
+                   f"its host before: it may have deleted the item's points (check: drsite "
+                   f"items points {item.id})")
+            record_event(ctx.s, ctx.now, "item", item.id, msg)
+            return done(msg)
+        return done(f"{what}: nothing undone, its points are kept")
     if not _protect_sent(ctx):
         _retire_item(ctx, item, ItemProtection.REMOVED)
         return done("nothing was sent to the agent; nothing to undo")

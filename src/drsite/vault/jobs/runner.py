@@ -215,7 +215,8 @@ class JobRunner:
                     continue
                 try:
                     with self.db.tx() as s:
-                        job = s.get(Job, job_id)
+                        # the job row first (the lock order: jobs/model.py locked_item)
+                        job = s.get(Job, job_id, with_for_update=True)
                         still = job is not None and self._advance(s, job)
                     self._db_failures.pop(job_id, None)
                 except NotController:
