@@ -230,7 +230,8 @@ def engine_main(argv: list[str]) -> int:
             ev.write(json.dumps({"kind": kind, "point": point.point_id,
                                  "created_at": point.created_at, "committed_at": time.time(),
                                  "started_at": t0, "bytes_sent": rep.bytes_sent,
-                                 "bytes_stored": rep.bytes_stored}) + "\n")
+                                 "bytes_stored": rep.bytes_stored,
+                                 "rehomed": int(point.meta.get("rehomed") or 0)}) + "\n")
             ev.flush()
 
         t0 = time.time()
@@ -552,6 +553,12 @@ class Bench:
             "load1": load, "cycles": len(mine),
             "cycle_seconds_max": max(durations, default=0.0),
             "cycle_seconds_mean": sum(durations) / len(durations) if durations else 0.0,
+            # per cycle: committed (s into the window), took (s), sealed-to-commit (s: the RPO
+            # it left), bytes re-homed
+            "cycle_log": [[round(c["committed_at"] - w0, 2),
+                           round(c["committed_at"] - c["started_at"], 2),
+                           round(c["committed_at"] - c["created_at"], 2),
+                           int(c.get("rehomed") or 0)] for c in mine],
         }
 
 

@@ -917,3 +917,47 @@ def test_a_full_disk_while_rehoming_is_transient_and_loses_nothing(
     assert env.point_bytes(fresh.point_id) == env.source()
     assert env.replica_bytes() == env.source()
     assert repo.staged_cycles() == [] and env.item.report.last_error is None
+
+
+def test_rehoming_takes_only_what_fits_in_the_slack(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Re-homing may use the time left before REHOME_SLACK of the frequency: with the last
+    cycle's shipping taking half the frequency and the last re-homing's measured rate, a cycle
+    re-homes about (0.6 - 0.5) x frequency x rate bytes, not its whole share (a 5-minute churn
+    run at capacity: re-homing cycles took 9-12 s of a 10 s policy and broke the RPO)."""
+    monkeypatch.setattr(driver_mod, "REHOME_MIN_STEP", 16 * KiB)
+    env = _rehoming_env(tmp_path)
+    rate = 64 * KiB   # bytes per (fake) second re-homing goes at
+    real = ItemReplicator._rehome_batches
+
+    def timed(self: ItemReplicator, writer: Any, *args: Any) -> int:
+        before = writer.rehomed_bytes
+        n = real(self, writer, *args)
+        env.clock.advance((writer.rehomed_bytes - before) / rate)
+        return n
+
+    monkeypatch.setattr(ItemReplicator, "_rehome_batches", timed)
+    real_seal = env.hv.seal
+    ship_s = [0.0]
+
+    def slow_seal(vm_id: str, *, app_consistent: bool = False):  # type: ignore[no-untyped-def]
+        c = real_seal(vm_id, app_consistent=app_consistent)
+        env.clock.advance(ship_s[0])   # stands for the cycle's shipping time
+        return c
+
+    monkeypatch.setattr(env.hv, "seal", slow_seal)
+    freq = env.settings.frequency_s
+    got: list[int] = []
+    for share_of_freq in (0.0, 0.5, 0.5, 0.59, 0.6, 0.0):
+        ship_s[0] = share_of_freq * freq
+        _scatter(env, 0.3)
+        p = env.item.run_cycle()
+        assert env.point_bytes(p.point_id) == env.source()
+        got.append(int(p.meta.get("rehomed") or 0))
+    # a cycle goes by the previous cycle's shipping time (0, 0, 15, 15, 17.7, 18 s here): the
+    # first re-homing has no rate yet (its share), the second 18 s of slack (more than is
+    # pending), the third and fourth 3 s (192 KiB at 64 KiB/s), the fifth 0.3 s (19 KiB), the
+    # sixth none
+    assert got[0] > 0 and got[1] > 0, got
+    assert 0 < got[2] <= 3 * rate and 0 < got[3] <= 3 * rate, got
+    assert 0 < got[4] <= int(0.3 * rate) + 1 and got[5] == 0, got

@@ -75,9 +75,12 @@ REHOME_MIN_BYTES = 32 * 1024 * 1024
 # disks at 64 MiB) it is skipped (an incremental liveness index would be needed)
 REHOME_MAX_SEGMENTS = 4096
 REHOME_RETENTION_CYCLES = 16
-# re-homing yields to the RPO: a cycle re-homes only when the previous delta cycle took at most
-# this share of the policy's frequency (at capacity the store grows as it did before)
+# re-homing yields to the RPO: a cycle re-homes only as much as fits, by the last cycles'
+# timings, before this share of the policy's frequency has passed since its seal (at capacity
+# nothing fits and the store grows as it did before)
 REHOME_SLACK = 0.6
+# less than this fits: not worth a pass over the base's packs
+REHOME_MIN_STEP = 4 * 1024 * 1024
 
 
 def local_minute_of_day(t: float) -> int:
@@ -176,6 +179,11 @@ class ItemReplicator:
         self._rehome: dict[str, ExtentList] = {}
         self._rehome_planned: float | None = None
         self._last_delta_s: float | None = None   # seal to commit of the last delta cycle
+        # seal to the end of shipping its changes (its re-homing not counted), and the rate
+        # of the last re-homing (bytes read from the base, verified, compressed and stored)
+        self._last_ship_s: float | None = None
+        self._rehome_rate: float | None = None
+        self._shipped_at: float | None = None
         # called after a point is committed and before its frozen view is released (a drill
         # can compare the point with the source as it was at that instant)
         self.before_release: Callable[[SealedCycle, PointInfo], None] | None = None
@@ -444,9 +452,13 @@ class ItemReplicator:
         assert latest is not None
         todo = {d: cycle.changed[d].clip(size) for d, size in cycle.disk_sizes.items()}
         rehome = self._rehome_take(latest, cycle, todo) if sealed_now else {}
+        self._shipped_at = None
         self._ship(cycle, "delta", latest.point_id, todo, step="delta cycle", rehome=rehome)
         if sealed_now and r.last_cycle_started is not None:
-            self._last_delta_s = self.clock.now() - r.last_cycle_started
+            now = self.clock.now()
+            self._last_delta_s = now - r.last_cycle_started
+            self._last_ship_s = (self._shipped_at if self._shipped_at is not None
+                                 else now) - r.last_cycle_started
 
     def _rehome_take(self, latest: PointInfo, cycle: SealedCycle,
                      todo: dict[str, ExtentList]) -> dict[str, ExtentList]:
@@ -454,12 +466,16 @@ class ItemReplicator:
         point ``latest`` to store again, none of them in ``todo`` (what the guest changed wins:
         it is shipped from the frozen view) nor past the end of a disk in the base or the
         cycle (a resize). Planned from the base when nothing planned is left and the last plan
-        is ``rehome_every_s`` old; a planning error only skips re-homing. Nothing while the
-        previous delta cycle took more than ``REHOME_SLACK`` of the frequency."""
+        is ``rehome_every_s`` old; a planning error only skips re-homing. Only as much as fits
+        before ``REHOME_SLACK`` of the frequency has passed since the seal, if this cycle ships
+        its changes as fast as the last one did and re-homes at the last re-homing's rate:
+        nothing after a cycle whose shipping alone took that long (the RPO first)."""
         s = self.settings
         if s.rehome_share <= 0 or s.retention.retention_s > REHOME_RETENTION_CYCLES * s.frequency_s:
             return {}
-        if self._last_delta_s is not None and self._last_delta_s > REHOME_SLACK * s.frequency_s:
+        slack_s = REHOME_SLACK * s.frequency_s
+        spent = self._last_ship_s if self._last_ship_s is not None else self._last_delta_s
+        if spent is not None and spent >= slack_s:
             return {}   # no slack: the RPO first (what is planned waits)
         base = latest.point_id
         sizes = {d: min(n, latest.disk_sizes[d]) for d, n in cycle.disk_sizes.items()
@@ -494,6 +510,10 @@ class ItemReplicator:
                              plan.pack_bytes)
                     pending = usable(plan.ranges)
         cap = max(REHOME_MIN_BYTES, int(changed * s.rehome_share))
+        if spent is not None and self._rehome_rate:
+            cap = min(cap, int((slack_s - spent) * self._rehome_rate))   # what fits in time
+            if cap < REHOME_MIN_STEP:
+                cap = 0   # all of it waits
         take: dict[str, ExtentList] = {}
         rest: dict[str, ExtentList] = {}
         for d in sorted(pending):
@@ -567,6 +587,17 @@ class ItemReplicator:
         within the bandwidth cap. Bytes written. A read that fails (damage in the base, an
         unreachable store) ends re-homing for this cycle, not the cycle: what it skips the
         point takes from its base as it would have."""
+        t0 = self.clock.now()
+        try:
+            return self._rehome_batches(writer, base, todo, rehome, bucket)
+        finally:
+            took = self.clock.now() - t0
+            done = writer.rehomed_bytes
+            if took > 0 and done >= REHOME_MIN_STEP:
+                self._rehome_rate = done / took
+
+    def _rehome_batches(self, writer: PointWriter, base: str, todo: dict[str, ExtentList],
+                        rehome: dict[str, ExtentList], bucket: TokenBucket | None) -> int:
         repo = self.target.repo
         io = self.settings.io_size
         done = 0
@@ -693,6 +724,7 @@ class ItemReplicator:
                         reader.close()
                 if saving is not None:
                     saving.result()
+                self._shipped_at = self.clock.now()
                 rehomed = self._rehome_into(writer, base, todo, rehome, bucket) \
                     if rehome and fresh and base is not None else 0
                 self._check_fence()  # a promotion while we shipped: commit nothing
