@@ -928,15 +928,14 @@ def test_rehoming_takes_only_what_fits_in_the_slack(
     monkeypatch.setattr(driver_mod, "REHOME_MIN_STEP", 16 * KiB)
     env = _rehoming_env(tmp_path)
     rate = 64 * KiB   # bytes per (fake) second re-homing goes at
-    real = ItemReplicator._rehome_batches
+    real = ItemReplicator._rehome_into
 
-    def timed(self: ItemReplicator, writer: Any, *args: Any) -> int:
-        before = writer.rehomed_bytes
-        n = real(self, writer, *args)
-        env.clock.advance((writer.rehomed_bytes - before) / rate)
+    def timed(self: ItemReplicator, *args: Any) -> int:
+        n = real(self, *args)
+        env.clock.advance(n / rate)
         return n
 
-    monkeypatch.setattr(ItemReplicator, "_rehome_batches", timed)
+    monkeypatch.setattr(ItemReplicator, "_rehome_into", timed)
     real_seal = env.hv.seal
     ship_s = [0.0]
 

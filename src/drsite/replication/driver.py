@@ -179,9 +179,12 @@ class ItemReplicator:
         self._rehome: dict[str, ExtentList] = {}
         self._rehome_planned: float | None = None
         self._last_delta_s: float | None = None   # seal to commit of the last delta cycle
-        # seal to the end of shipping its changes (its re-homing not counted), and the rate
-        # of the last re-homing (bytes read from the base, verified, compressed and stored)
+        # the last delta cycle's seal to its changes stored (re-homing not counted; a cycle
+        # that did not re-home: to its commit) and that rate, and the last re-homing's rate
+        # (bytes read from the base, verified, compressed, stored, committed): re-homing's
+        # time budget (_rehome_take); before the first re-homing, the shipping rate stands in
         self._last_ship_s: float | None = None
+        self._last_ship_rate: float | None = None
         self._rehome_rate: float | None = None
         self._shipped_at: float | None = None
         # called after a point is committed and before its frozen view is released (a drill
@@ -459,6 +462,9 @@ class ItemReplicator:
             self._last_delta_s = now - r.last_cycle_started
             self._last_ship_s = (self._shipped_at if self._shipped_at is not None
                                  else now) - r.last_cycle_started
+            changed = sum(e.total for e in todo.values())
+            if self._last_ship_s > 0 and changed >= REHOME_MIN_STEP:
+                self._last_ship_rate = changed / self._last_ship_s
 
     def _rehome_take(self, latest: PointInfo, cycle: SealedCycle,
                      todo: dict[str, ExtentList]) -> dict[str, ExtentList]:
@@ -510,8 +516,9 @@ class ItemReplicator:
                              plan.pack_bytes)
                     pending = usable(plan.ranges)
         cap = max(REHOME_MIN_BYTES, int(changed * s.rehome_share))
-        if spent is not None and self._rehome_rate:
-            cap = min(cap, int((slack_s - spent) * self._rehome_rate))   # what fits in time
+        rate = self._rehome_rate or self._last_ship_rate
+        if spent is not None and rate:
+            cap = min(cap, int((slack_s - spent) * rate))   # what fits in time
             if cap < REHOME_MIN_STEP:
                 cap = 0   # all of it waits
         take: dict[str, ExtentList] = {}
@@ -587,17 +594,6 @@ class ItemReplicator:
         within the bandwidth cap. Bytes written. A read that fails (damage in the base, an
         unreachable store) ends re-homing for this cycle, not the cycle: what it skips the
         point takes from its base as it would have."""
-        t0 = self.clock.now()
-        try:
-            return self._rehome_batches(writer, base, todo, rehome, bucket)
-        finally:
-            took = self.clock.now() - t0
-            done = writer.rehomed_bytes
-            if took > 0 and done >= REHOME_MIN_STEP:
-                self._rehome_rate = done / took
-
-    def _rehome_batches(self, writer: PointWriter, base: str, todo: dict[str, ExtentList],
-                        rehome: dict[str, ExtentList], bucket: TokenBucket | None) -> int:
         repo = self.target.repo
         io = self.settings.io_size
         done = 0
@@ -724,9 +720,13 @@ class ItemReplicator:
                         reader.close()
                 if saving is not None:
                     saving.result()
-                self._shipped_at = self.clock.now()
-                rehomed = self._rehome_into(writer, base, todo, rehome, bucket) \
-                    if rehome and fresh and base is not None else 0
+                rehomed = 0
+                if rehome and fresh and base is not None:
+                    # the changes stored first: the time from here to the commit is
+                    # re-homing's (the writer pipelines: what is handed over is not yet stored)
+                    writer.flush()
+                    self._shipped_at = self.clock.now()
+                    rehomed = self._rehome_into(writer, base, todo, rehome, bucket)
                 self._check_fence()  # a promotion while we shipped: commit nothing
                 point = writer.commit(created_at=cycle.sealed_at, consistency=cycle.consistency,
                                       meta={"vm_id": self.rec.vm_id, "vm_name": self.rec.vm_name,
@@ -736,6 +736,10 @@ class ItemReplicator:
                                             **({"rehomed": rehomed} if rehomed else {})})
                 rep.bytes_sent += writer.bytes_written - writer.zero_bytes
                 rep.bytes_stored += writer.bytes_stored
+                if rehomed >= REHOME_MIN_STEP and self._shipped_at is not None:
+                    took = self.clock.now() - self._shipped_at
+                    if took > 0:   # read, verified, compressed, stored, and the commit
+                        self._rehome_rate = rehomed / took
                 streaming = False  # committed: after_commit settles the stream
             finally:
                 saver.shutdown(wait=True)
