@@ -60,6 +60,7 @@ from benchlib import (
     write_json,
 )
 
+from drsite.core.errors import ObjectNotFound
 from drsite.core.model import DiskSpec, VmSpec
 from drsite.core.retention import RetentionRule
 from drsite.hypervisors.contract import HypervisorDriver
@@ -537,6 +538,10 @@ class Bench:
         b1, t1, w1 = self.guest_bytes(vm_id), time.monotonic(), time.time()
         gc1, ec1 = self.guest_cpu(vm_id), process_cpu_seconds(engine.pid)
         load.append(load1())
+        try:   # the item's objects in the store (a site store's: not measured here)
+            store_bytes: int | None = None if self.site else repo.storage_bytes()
+        except (OSError, ObjectNotFound):
+            store_bytes = None   # an object deleted while listed (GC)
         cycles = [json.loads(x) for x in events.read_text().splitlines()] \
             if events.exists() else []
         mine = [c for c in cycles if c["kind"] == "delta" and w0 <= c["committed_at"] <= w1]
@@ -553,6 +558,7 @@ class Bench:
             "load1": load, "cycles": len(mine),
             "cycle_seconds_max": max(durations, default=0.0),
             "cycle_seconds_mean": sum(durations) / len(durations) if durations else 0.0,
+            "store_bytes": store_bytes,
             # per cycle: committed (s into the window), took (s), sealed-to-commit (s: the RPO
             # it left), bytes re-homed
             "cycle_log": [[round(c["committed_at"] - w0, 2),
