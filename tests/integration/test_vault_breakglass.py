@@ -441,25 +441,34 @@ def test_a_failover_step_reads_the_status_a_breakglass_beat_commits(tmp_path: Pa
         h.close()
 
 
-@pytest.mark.parametrize("then", ["finish", "cancel"])
-def test_a_breakglass_failover_while_protection_is_enabled_is_kept(h: Harness, then: str) -> None:
-    """The item's first point is committed, its EnableProtection job has not finished, and a
-    break-glass failover of it is reported. The job must not make it "protected" again
-    (cycles would be scheduled for a VM that runs on the recovery site), nor, when cancelled,
-    delete the points its recovery VM came from."""
+def _enabling_with_its_first_point(h: Harness) -> tuple[Agent, Agent, dict[str, Any],
+                                                        dict[str, Any]]:
+    """Two sites; an item whose EnableProtection job runs, its protect command running and its
+    first point catalogued. Returns the agents, the POST /items reply and the command."""
     a, b = two_sites(h)
     policy_and_group(h)
     out = h.ok("POST", "/items", json={"vm_id": "vm-1", "group": "g1"})
     item_id = str(out["item_id"])
     h.store_beat()
     h.tick()
-    reply = a.beat(vms=[vm_info("vm-1", "web1")])
-    (cmd,) = [c for c in reply["commands"] if c["kind"] == "protect"]
+    (cmd,) = [c for c in a.beat(vms=[vm_info("vm-1", "web1")])["commands"]
+              if c["kind"] == "protect"]
     assert a.result(cmd["command_id"], "running", progress=5).status_code == 200
     a.beat(vms=[vm_info("vm-1", "web1")],
            items=[{"item_id": item_id, "report": report(item_id, "vm-1", "web1",
                                                          last_point_time=h.clock.now()),
                    "new_points": [point(item_id, 1, h.clock.now())]}])
+    return a, b, out, cmd
+
+
+@pytest.mark.parametrize("then", ["finish", "cancel"])
+def test_a_breakglass_failover_while_protection_is_enabled_is_kept(h: Harness, then: str) -> None:
+    """The item's first point is committed, its EnableProtection job has not finished, and a
+    break-glass failover of it is reported. The job must not make it "protected" again
+    (cycles would be scheduled for a VM that runs on the recovery site), nor, when cancelled,
+    delete the points its recovery VM came from."""
+    a, b, out, cmd = _enabling_with_its_first_point(h)
+    item_id = str(out["item_id"])
     rec = bg_record(item_id)
     assert beat(b, breakglass=[rec]).json()["breakglass_ack"] == [rec["failover_id"]]
     assert h.ok("GET", f"/items/{item_id}")["protection"] == "failed_over"
@@ -514,19 +523,8 @@ def test_an_unprotect_queued_by_a_rollback_is_withdrawn_by_a_breakglass_failover
     the points deleted) for the source host, which is down. A break-glass failover of the item
     is reported before it returns: the unprotect is withdrawn (the recovery VM came from those
     points), the rollback ends without retiring the item, and the source never receives it."""
-    a, b = two_sites(h)
-    policy_and_group(h)
-    out = h.ok("POST", "/items", json={"vm_id": "vm-1", "group": "g1"})
+    a, b, out, _cmd = _enabling_with_its_first_point(h)
     item_id = str(out["item_id"])
-    h.store_beat()
-    h.tick()
-    (cmd,) = [c for c in a.beat(vms=[vm_info("vm-1", "web1")])["commands"]
-              if c["kind"] == "protect"]
-    assert a.result(cmd["command_id"], "running", progress=5).status_code == 200
-    a.beat(vms=[vm_info("vm-1", "web1")],
-           items=[{"item_id": item_id, "report": report(item_id, "vm-1", "web1",
-                                                         last_point_time=h.clock.now()),
-                   "new_points": [point(item_id, 1, h.clock.now())]}])
     h.ok("POST", f"/jobs/{out['job_id']}/cancel")
     h.tick()
     with h.vault.db.read() as s:

@@ -304,23 +304,27 @@ def test_a_failing_tee_fails_the_cycle_and_breaks_the_writer() -> None:
     assert repo.points() == []
 
 
+def _committed_base(size: int, seed: int) -> tuple[Repository, npt.NDArray[np.uint8], str]:
+    """A repository holding one point of a disk ``d0`` of random bytes: (repo, bytes, id)."""
+    repo = Repository(MemoryObjectStore(), "vm1", segment_size=MiB, pack_target=MiB, threads=2)
+    data = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
+    w = repo.begin("c0", base=None, disk_sizes={"d0": size}, kind="initial")
+    w.write("d0", 0, data.tobytes())
+    return repo, data, w.commit(created_at=1.0, consistency=Consistency.CRASH).point_id
+
 
 def test_rehomed_writes_are_stored_but_neither_teed_nor_listed_as_changed() -> None:
     """``write_many(rehomed=True)``: the base's own bytes stored again (re-homing). The point
     reads them, its maps take them from this cycle's packs, but its changed list holds only
     the other writes, and the tee (a replica at the base) is not handed them."""
-    repo = Repository(MemoryObjectStore(), "vm1", segment_size=MiB, pack_target=MiB, threads=2)
-    rng = np.random.default_rng(5)
-    base_bytes = rng.integers(0, 256, 4 * MiB, dtype=np.uint8)
-    w = repo.begin("c0", base=None, disk_sizes={"d0": 4 * MiB}, kind="initial")
-    w.write("d0", 0, base_bytes.tobytes())
-    p0 = w.commit(created_at=1.0, consistency=Consistency.CRASH)
+    repo, base_bytes, p0 = _committed_base(4 * MiB, 5)
+    rng = np.random.default_rng(15)
     teed: list[tuple[int, int]] = []
 
     def tee(disk_id: str, runs: np.ndarray, raw: bytes | memoryview) -> None:
         teed.extend((int(r["offset"]), int(r["length"])) for r in runs)
 
-    w = repo.begin("c1", base=p0.point_id, disk_sizes={"d0": 4 * MiB}, kind="delta")
+    w = repo.begin("c1", base=p0, disk_sizes={"d0": 4 * MiB}, kind="delta")
     w.tee = tee
     change = rng.integers(0, 256, 8 * KiB, dtype=np.uint8).tobytes()
     w.write_many("d0", [MiB, 3 * MiB], [4 * KiB, 4 * KiB], change)
@@ -339,7 +343,7 @@ def test_rehomed_writes_are_stored_but_neither_teed_nor_listed_as_changed() -> N
     r.readinto(0, memoryview(got))
     assert bytes(got) == want.tobytes()
     # the re-homed ranges are this cycle's now: the map diff lists them (they moved)
-    assert repo.diff(p0.point_id, p1.point_id, "d0").total == 8 * KiB + 192 * KiB
+    assert repo.diff(p0, p1.point_id, "d0").total == 8 * KiB + 192 * KiB
 
 
 def test_a_write_after_a_rehomed_range_is_a_change_one_before_it_is_not() -> None:
@@ -347,13 +351,9 @@ def test_a_write_after_a_rehomed_range_is_a_change_one_before_it_is_not() -> Non
     right anyway): the later write wins in the point, so a later ordinary write over a
     re-homed range is listed as changed, and an earlier one that the re-homed bytes (the
     base's) overwrote is not — a replica at the base applying the list ends equal to the point."""
-    repo = Repository(MemoryObjectStore(), "vm1", segment_size=MiB, pack_target=MiB, threads=2)
-    rng = np.random.default_rng(6)
-    base = rng.integers(0, 256, 2 * MiB, dtype=np.uint8)
-    w = repo.begin("c0", base=None, disk_sizes={"d0": 2 * MiB}, kind="initial")
-    w.write("d0", 0, base.tobytes())
-    p0 = w.commit(created_at=1.0, consistency=Consistency.CRASH)
-    w = repo.begin("c1", base=p0.point_id, disk_sizes={"d0": 2 * MiB}, kind="delta")
+    repo, base, p0 = _committed_base(2 * MiB, 6)
+    rng = np.random.default_rng(16)
+    w = repo.begin("c1", base=p0, disk_sizes={"d0": 2 * MiB}, kind="delta")
     early = rng.integers(0, 256, 4 * KiB, dtype=np.uint8).tobytes()
     w.write("d0", 0, early)                                   # overwritten by the re-homing
     w.write_many("d0", [0, MiB], [64 * KiB, 64 * KiB],
