@@ -232,7 +232,8 @@ def engine_main(argv: list[str]) -> int:
                                  "created_at": point.created_at, "committed_at": time.time(),
                                  "started_at": t0, "bytes_sent": rep.bytes_sent,
                                  "bytes_stored": rep.bytes_stored,
-                                 "rehomed": int(point.meta.get("rehomed") or 0)}) + "\n")
+                                 "rehomed": int(point.meta.get("rehomed") or 0),
+                                 "phases": rep.last_cycle}) + "\n")
             ev.flush()
 
         t0 = time.time()
@@ -560,11 +561,11 @@ class Bench:
             "cycle_seconds_mean": sum(durations) / len(durations) if durations else 0.0,
             "store_bytes": store_bytes,
             # per cycle: committed (s into the window), took (s), sealed-to-commit (s: the RPO
-            # it left), bytes re-homed
+            # it left), bytes re-homed, where its time went (ItemReport.last_cycle)
             "cycle_log": [[round(c["committed_at"] - w0, 2),
                            round(c["committed_at"] - c["started_at"], 2),
                            round(c["committed_at"] - c["created_at"], 2),
-                           int(c.get("rehomed") or 0)] for c in mine],
+                           int(c.get("rehomed") or 0), c.get("phases")] for c in mine],
         }
 
 

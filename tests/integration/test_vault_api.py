@@ -654,7 +654,11 @@ def test_cli_shows_the_replication_mode(h: Harness, monkeypatch: pytest.MonkeyPa
     flat = " ".join(r.output.split())
     assert "sync, 120 ms budget" in flat and "suspended: the recovery agent refused" in flat, \
         r.output
-    a.beat(vms=[vm_info("vm-1", "web1")], items=[{"item_id": item_id,
-                                                   "report": report(item_id, "vm-1", "web1")}])
+    a.beat(vms=[vm_info("vm-1", "web1")], items=[{"item_id": item_id, "report": report(
+        item_id, "vm-1", "web1", last_cycle={"seal": 0.01, "ship": 5.04, "commit": 1.2,
+                                             "total": 6.3})}])
     r = runner.invoke(app, ["items", "show", item_id])
-    assert "in sync" in " ".join(r.output.split()), r.output
+    flat = " ".join(r.output.split())
+    assert "in sync" in flat, r.output
+    # where the last cycle's time went (ItemReport.last_cycle)
+    assert "last cycle: 6.3 s: ship 5.0 · commit 1.2" in flat, r.output

@@ -28,7 +28,7 @@ from drsite.hypervisors.testing.memory import MemoryHypervisor
 from drsite.replication import driver as driver_mod
 from drsite.replication.driver import ItemReplicator, ReplicationSettings
 from drsite.replication.planner import ALWAYS, ResyncWindow
-from drsite.replication.report import Health, ItemState
+from drsite.replication.report import Health, ItemReport, ItemState
 from drsite.replication.target import LocalTarget
 from drsite.store.replica import ReplicaHydrator
 from drsite.store.repository import Repository
@@ -960,3 +960,32 @@ def test_rehoming_takes_only_what_fits_in_the_slack(
     assert got[0] > 0 and got[1] > 0, got
     assert 0 < got[2] <= 3 * rate and 0 < got[3] <= 3 * rate, got
     assert 0 < got[4] <= int(0.3 * rate) + 1 and got[5] == 0, got
+
+
+def test_the_report_says_where_the_last_cycle_spent_its_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ItemReport.last_cycle``: the phases of the last fresh delta cycle in seconds (what a
+    slow cycle waited for), with flush and re-homing only when it re-homed; a report from an
+    agent keeps only known phases with sane numbers."""
+    from drsite.replication.report import cycle_phases
+
+    env = _rehoming_env(tmp_path)
+    real_seal = env.hv.seal
+
+    def slow_seal(vm_id: str, *, app_consistent: bool = False):  # type: ignore[no-untyped-def]
+        c = real_seal(vm_id, app_consistent=app_consistent)
+        env.clock.advance(1.5)
+        return c
+
+    monkeypatch.setattr(env.hv, "seal", slow_seal)
+    _scatter(env, 0.3)
+    p = env.item.run_cycle()
+    phases = env.item.report.last_cycle
+    assert phases is not None and phases["seal"] == 1.5 and phases["total"] >= 1.5
+    assert {"ship", "commit", "replica", "retention"} <= set(phases)
+    assert ("rehome" in phases) == bool(p.meta.get("rehomed")), (phases, p.meta)
+    again = ItemReport.from_dict(env.item.report.to_dict())
+    assert again.last_cycle == phases
+    assert cycle_phases({"seal": 1, "ship": -1, "x": 2, "commit": True, "total": "9"}) \
+        == {"seal": 1.0}
+    assert cycle_phases([1, 2]) is None

@@ -246,8 +246,21 @@ def items_show(conn: Conn, item_id: str = ItemArg) -> None:
     mode = sync_columns(it.get("sync"))
     console.print(f"  mode: {mode['mode']}" + (f" · {mode['sync']}" if mode["sync"] != "-"
                                                 else ""), markup=False, highlight=False)
+    cycle = cycle_line((it.get("report") or {}).get("last_cycle"))
+    if cycle:
+        console.print(f"  last cycle: {cycle}", markup=False, highlight=False)
     for reason in it.get("health_reasons") or []:
         console.print(f"  [yellow]•[/] {reason}")
+
+
+def cycle_line(phases: Any) -> str:
+    """"7.2 s: seal 0.1 · ship 5.0 · …" from a report's ``last_cycle`` (phases under 0.05 s
+    left out), or "" when there is none."""
+    if not isinstance(phases, dict) or not isinstance(phases.get("total"), int | float):
+        return ""
+    parts = [f"{k} {float(v):.1f}" for k, v in phases.items()
+             if k != "total" and isinstance(v, int | float) and v >= 0.05]
+    return f"{float(phases['total']):.1f} s" + (": " + " · ".join(parts) if parts else "")
 
 
 def sync_columns(sync: dict[str, Any] | None) -> dict[str, str]:

@@ -57,7 +57,7 @@ from drsite.replication.planner import (
     plan,
     validate_frequency,
 )
-from drsite.replication.report import Health, ItemReport, ItemState
+from drsite.replication.report import CYCLE_PHASES, Health, ItemReport, ItemState
 from drsite.replication.resync import RESYNC_BLOCK, block_digests, differing_extents
 from drsite.replication.state import ItemRecord, RecordFile
 from drsite.replication.target import RecoveryTarget, StreamingTarget
@@ -187,6 +187,8 @@ class ItemReplicator:
         self._last_ship_rate: float | None = None
         self._rehome_rate: float | None = None
         self._shipped_at: float | None = None
+        # when each phase of the fresh delta cycle under way ended (report.CYCLE_PHASES)
+        self._marks: dict[str, float] = {}
         # called after a point is committed and before its frozen view is released (a drill
         # can compare the point with the source as it was at that instant)
         self.before_release: Callable[[SealedCycle, PointInfo], None] | None = None
@@ -434,11 +436,14 @@ class ItemReplicator:
         r = self.rec
         cycle = self._own_cycle("delta")
         sealed_now = cycle is None
+        self._marks = {}
         if cycle is None:
             r.last_cycle_started = self.clock.now()
+            self._mark("start")
             app = self._force_app if self._force_app is not None else self._app_due()
             cycle = self.driver.seal(r.vm_id, app_consistent=app)
             self._adopt(cycle, "delta")
+            self._mark("seal")
         elif r.cycle_changed is not None and r.cycle_changed != _changed_digest(cycle):
             # what was staged may hold re-homed base bytes where this changed list now has a
             # change: stage the cycle again from its frozen view
@@ -465,6 +470,24 @@ class ItemReplicator:
             changed = sum(e.total for e in todo.values())
             if self._last_ship_s > 0 and changed >= REHOME_MIN_STEP:
                 self._last_ship_rate = changed / self._last_ship_s
+            self.report.last_cycle = self._phases()
+
+    def _mark(self, phase: str) -> None:
+        """Note that ``phase`` of the fresh delta cycle under way ended now."""
+        self._marks[phase] = self.clock.now()
+
+    def _phases(self) -> dict[str, float] | None:
+        """The marked phases' durations (each from the previous mark), and the total."""
+        if "start" not in self._marks:
+            return None
+        out: dict[str, float] = {}
+        prev = self._marks["start"]
+        for phase in CYCLE_PHASES:
+            if phase in self._marks:
+                out[phase] = round(max(0.0, self._marks[phase] - prev), 3)
+                prev = self._marks[phase]
+        out["total"] = round(max(0.0, prev - self._marks["start"]), 3)
+        return out
 
     def _rehome_take(self, latest: PointInfo, cycle: SealedCycle,
                      todo: dict[str, ExtentList]) -> dict[str, ExtentList]:
@@ -720,13 +743,16 @@ class ItemReplicator:
                         reader.close()
                 if saving is not None:
                     saving.result()
+                self._mark("ship")
                 rehomed = 0
                 if rehome and fresh and base is not None:
                     # the changes stored first: the time from here to the commit is
                     # re-homing's (the writer pipelines: what is handed over is not yet stored)
                     writer.flush()
+                    self._mark("flush")
                     self._shipped_at = self.clock.now()
                     rehomed = self._rehome_into(writer, base, todo, rehome, bucket)
+                    self._mark("rehome")
                 self._check_fence()  # a promotion while we shipped: commit nothing
                 point = writer.commit(created_at=cycle.sealed_at, consistency=cycle.consistency,
                                       meta={"vm_id": self.rec.vm_id, "vm_name": self.rec.vm_name,
@@ -734,6 +760,7 @@ class ItemReplicator:
                                             **({"sync": cycle.sync_mark} if cycle.sync_mark
                                                else {}),
                                             **({"rehomed": rehomed} if rehomed else {})})
+                self._mark("commit")
                 rep.bytes_sent += writer.bytes_written - writer.zero_bytes
                 rep.bytes_stored += writer.bytes_stored
                 if rehomed >= REHOME_MIN_STEP and self._shipped_at is not None:
@@ -785,6 +812,7 @@ class ItemReplicator:
             log.warning("%s: point %s committed, but the replica did not catch up: %s",
                         r.vm_name, point.point_id, e)
             self._post_commit_issue = f"replica behind the latest point: {e.message}"
+        self._mark("replica")
         try:
             if self.target.runs_retention:
                 pinned = {p for p in (self.target.replica_point(),) if p}
@@ -798,6 +826,7 @@ class ItemReplicator:
         except DrsiteError as e:
             log.warning("%s: retention failed: %s", r.vm_name, e)
             self._post_commit_issue = f"retention failed: {e.message}"
+        self._mark("retention")
 
     # ----------------------------------------------------------------------------- helpers
 

@@ -22,6 +22,26 @@ class Health(StrEnum):
     CRITICAL = "critical"
 
 
+# where the last fresh delta cycle's time went, in order (seconds each; "total": seal to done):
+# freezing the disks, shipping the changes, storing what was still in flight before re-homing,
+# re-homing, the commit (the rest stored, maps, manifest), releasing the frozen view + saving
+# the record + the replica's catch-up, retention (and a GC sweep when one is due)
+CYCLE_PHASES = ("seal", "ship", "flush", "rehome", "commit", "replica", "retention", "total")
+
+
+def cycle_phases(raw: Any) -> dict[str, float] | None:
+    """``raw`` as a phase dict: known phases with finite non-negative numbers only (a report
+    comes from an agent: nothing else is kept)."""
+    if not isinstance(raw, dict):
+        return None
+    out: dict[str, float] = {}
+    for k in CYCLE_PHASES:
+        v = raw.get(k)
+        if isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 1e9:
+            out[k] = round(float(v), 3)
+    return out or None
+
+
 @dataclass
 class ItemReport:
     item_id: str
@@ -50,6 +70,7 @@ class ItemReport:
     last_error: dict[str, str] | None = None
     next_attempt_at: float | None = None
     updated_at: float = 0.0
+    last_cycle: dict[str, float] | None = None   # CYCLE_PHASES of the last fresh delta cycle
 
     def to_dict(self) -> dict[str, Any]:
         # a shallow copy by hand (``dataclasses.asdict`` deep-copies every value: it was half
@@ -59,6 +80,7 @@ class ItemReport:
         d["health"] = self.health.value
         d["health_reasons"] = list(self.health_reasons)
         d["last_error"] = dict(self.last_error) if self.last_error is not None else None
+        d["last_cycle"] = dict(self.last_cycle) if self.last_cycle is not None else None
         return d
 
     @staticmethod
@@ -66,6 +88,7 @@ class ItemReport:
         d = dict(d)
         d["state"] = ItemState(d["state"])
         d["health"] = Health(d["health"])
+        d["last_cycle"] = cycle_phases(d.get("last_cycle"))
         known = set(ItemReport.__dataclass_fields__)
         return ItemReport(**{k: v for k, v in d.items() if k in known})
 
