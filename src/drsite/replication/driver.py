@@ -179,14 +179,16 @@ class ItemReplicator:
         self._rehome: dict[str, ExtentList] = {}
         self._rehome_planned: float | None = None
         self._last_delta_s: float | None = None   # seal to commit of the last delta cycle
-        # the last delta cycle's seal to its changes stored (re-homing not counted; a cycle
-        # that did not re-home: to its commit) and that rate, and the last re-homing's rate
-        # (bytes read from the base, verified, compressed, stored, committed): re-homing's
-        # time budget (_rehome_take); before the first re-homing, the shipping rate stands in
+        # re-homing's time budget (_rehome_take): the last delta cycle's time without its
+        # re-homing (seal to done: shipping, commit, replica, retention; minus the time from
+        # its changes stored to its commit when it re-homed) and its shipping rate, and the
+        # last re-homing's rate (bytes read from the base, verified, compressed, stored, and
+        # the commit), for which the shipping rate stands in before the first re-homing
         self._last_ship_s: float | None = None
         self._last_ship_rate: float | None = None
         self._rehome_rate: float | None = None
         self._shipped_at: float | None = None
+        self._rehome_took: float | None = None
         # when each phase of the fresh delta cycle under way ended (report.CYCLE_PHASES)
         self._marks: dict[str, float] = {}
         # called after a point is committed and before its frozen view is released (a drill
@@ -460,13 +462,12 @@ class ItemReplicator:
         assert latest is not None
         todo = {d: cycle.changed[d].clip(size) for d, size in cycle.disk_sizes.items()}
         rehome = self._rehome_take(latest, cycle, todo) if sealed_now else {}
-        self._shipped_at = None
+        self._shipped_at = self._rehome_took = None
         self._ship(cycle, "delta", latest.point_id, todo, step="delta cycle", rehome=rehome)
         if sealed_now and r.last_cycle_started is not None:
             now = self.clock.now()
             self._last_delta_s = now - r.last_cycle_started
-            self._last_ship_s = (self._shipped_at if self._shipped_at is not None
-                                 else now) - r.last_cycle_started
+            self._last_ship_s = max(0.0, self._last_delta_s - (self._rehome_took or 0.0))
             changed = sum(e.total for e in todo.values())
             if self._last_ship_s > 0 and changed >= REHOME_MIN_STEP:
                 self._last_ship_rate = changed / self._last_ship_s
@@ -496,9 +497,9 @@ class ItemReplicator:
         it is shipped from the frozen view) nor past the end of a disk in the base or the
         cycle (a resize). Planned from the base when nothing planned is left and the last plan
         is ``rehome_every_s`` old; a planning error only skips re-homing. Only as much as fits
-        before ``REHOME_SLACK`` of the frequency has passed since the seal, if this cycle ships
-        its changes as fast as the last one did and re-homes at the last re-homing's rate:
-        nothing after a cycle whose shipping alone took that long (the RPO first)."""
+        before ``REHOME_SLACK`` of the frequency has passed since the seal, if the rest of this
+        cycle takes as long as the last one's did and it re-homes at the last re-homing's rate:
+        nothing after a cycle that took that long without re-homing (the RPO first)."""
         s = self.settings
         if s.rehome_share <= 0 or s.retention.retention_s > REHOME_RETENTION_CYCLES * s.frequency_s:
             return {}
@@ -763,10 +764,11 @@ class ItemReplicator:
                 self._mark("commit")
                 rep.bytes_sent += writer.bytes_written - writer.zero_bytes
                 rep.bytes_stored += writer.bytes_stored
-                if rehomed >= REHOME_MIN_STEP and self._shipped_at is not None:
-                    took = self.clock.now() - self._shipped_at
-                    if took > 0:   # read, verified, compressed, stored, and the commit
-                        self._rehome_rate = rehomed / took
+                if rehomed and self._shipped_at is not None:
+                    # read, verified, compressed, stored, and the commit
+                    self._rehome_took = self.clock.now() - self._shipped_at
+                    if self._rehome_took > 0 and rehomed >= REHOME_MIN_STEP:
+                        self._rehome_rate = rehomed / self._rehome_took
                 streaming = False  # committed: after_commit settles the stream
             finally:
                 saver.shutdown(wait=True)
