@@ -989,3 +989,76 @@ def test_the_report_says_where_the_last_cycle_spent_its_time(
     assert cycle_phases({"seal": 1, "ship": -1, "x": 2, "commit": True, "total": "9"}) \
         == {"seal": 1.0}
     assert cycle_phases([1, 2]) is None
+
+
+def test_a_cycle_that_overran_settles_its_replica_after_the_next_seal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A delta cycle that took longer than the frequency leaves its replica stream unsettled
+    (images written by the tee, not yet fsynced; the marker says "applying"): the next cycle
+    is due at once, and its seal does not wait for the device. That next cycle settles it
+    (after its seal, before its own stream), a crash in between is caught up from the store,
+    and a settle after someone else caught the replica up records nothing stale."""
+    env = Env(tmp_path)
+    env.write("d0", 0, 512 * KiB)
+    env.item.run_initial()
+    real_seal = env.hv.seal
+    slow = [True]
+    seals: list[float] = []
+
+    def seal(vm_id: str, *, app_consistent: bool = False):  # type: ignore[no-untyped-def]
+        c = real_seal(vm_id, app_consistent=app_consistent)
+        seals.append(env.clock.now())
+        if slow[0]:
+            env.clock.advance(1.2 * env.settings.frequency_s)   # this cycle overruns
+        return c
+
+    monkeypatch.setattr(env.hv, "seal", seal)
+    finished: list[float] = []
+    from drsite.store.replica import ReplicaStream
+    orig = ReplicaStream.finish
+
+    def finish(self: ReplicaStream, point: Any) -> None:
+        finished.append(env.clock.now())
+        orig(self, point)
+
+    monkeypatch.setattr(ReplicaStream, "finish", finish)
+    env.write("d0", 4096, 8192)
+    p1 = env.item.run_cycle()
+    assert env.hydrator.state()[1] is not None, "the overrun cycle's replica was settled"
+    assert env.replica_bytes() == env.source()    # written, only not yet synced/recorded
+    assert finished == []
+    slow[0] = False
+    env.write("d1", 0, 4096)
+    p2 = env.item.run_cycle()
+    assert finished and finished[0] >= seals[-1], "settled before the next seal"
+    assert env.hydrator.state() == (p2.point_id, None)
+    assert env.replica_bytes() == env.source()
+    assert env.point_bytes(p1.point_id) != env.source()
+
+    # overrun again, then the engine dies before its next cycle: the next one catches up
+    slow[0] = True
+    env.write("d0", 65536, 4096)
+    env.item.run_cycle()
+    assert env.hydrator.state()[1] is not None
+    slow[0] = False
+    env.item = env.new_item()
+    env.write("d1", 8192, 4096)
+    p4 = env.item.run_cycle()
+    assert env.hydrator.state() == (p4.point_id, None)
+    assert env.replica_bytes() == env.source()
+
+    # overrun; then another engine over the same state (a restart while the old object
+    # lingers) commits the next point and catches the replica up past it: the old one's
+    # deferred settle must not record its older point over that
+    slow[0] = True
+    env.write("d0", 131072, 4096)
+    old = env.item
+    old.run_cycle()
+    slow[0] = False
+    env.item = env.new_item()
+    env.write("d1", 12288, 4096)
+    p6 = env.item.run_cycle()
+    assert env.hydrator.state() == (p6.point_id, None)
+    old.settle_replica()
+    assert env.hydrator.state() == (p6.point_id, None)
+    assert env.replica_bytes() == env.source()

@@ -70,6 +70,7 @@ def replicate(
             time.sleep(max(0.0, item.next_due() - time.time()))
             item.run_cycle()
             done += 1
+        item.settle_replica()   # the last cycle's replica, if it overran and deferred it
     rep = item.report
     if json_out:
         print(json.dumps(rep.to_dict(), indent=1))

@@ -197,6 +197,12 @@ class ItemReplicator:
 
     # ----------------------------------------------------------------------------- public API
 
+    def settle_replica(self) -> None:
+        """Settle a replica stream whose settling a cycle deferred (it overran its frequency):
+        what a caller that stops running cycles calls (nothing to do otherwise)."""
+        if isinstance(self.target, StreamingTarget):
+            self.target.settle()
+
     @property
     def report(self) -> ItemReport:
         assert self.rec.report is not None
@@ -782,6 +788,11 @@ class ItemReplicator:
 
     def _finish(self, cycle: SealedCycle, point: PointInfo) -> None:
         r = self.rec
+        # a delta cycle that overran its frequency: the next one is due now, and its seal
+        # should not wait for the replica's fsync (the target settles it after that seal)
+        overran = (r.cycle_kind == "delta" and point.cycle_id == cycle.cycle_id
+                   and r.last_cycle_started is not None
+                   and self.clock.now() - r.last_cycle_started >= self.settings.frequency_s)
         if r.cycle_kind == "resync" and point.cycle_id == cycle.cycle_id:
             # the repair is committed: a failure below must not make it run again in full
             r.resync_by_hand = False
@@ -807,7 +818,10 @@ class ItemReplicator:
         # damage found while hydrating (that starts the repair)
         self._post_commit_issue = None
         try:
-            self.target.after_commit(point)
+            if overran and isinstance(self.target, StreamingTarget):
+                self.target.after_commit(point, defer=True)
+            else:
+                self.target.after_commit(point)
         except CorruptData:
             raise
         except DrsiteError as e:

@@ -3,16 +3,19 @@ after a commit (hydrate its replica disks) and how it answers a resync's checksu
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
-from drsite.core.errors import ObjectNotFound
+from drsite.core.errors import DrsiteError, ObjectNotFound
 from drsite.imagefile import RawImageReader
 from drsite.replication.resync import RESYNC_BLOCK, DigestResult, block_digests
 from drsite.store.format import PointInfo
 from drsite.store.replica import ReplicaHydrator, ReplicaStream
 from drsite.store.repository import Repository
 from drsite.store.writer import Tee
+
+log = logging.getLogger(__name__)
 
 
 class RecoveryTarget(Protocol):
@@ -69,6 +72,19 @@ class StreamingTarget(RecoveryTarget, Protocol):
         settle what it wrote)."""
         ...
 
+    def after_commit(self, point: PointInfo, *, defer: bool = False) -> None:
+        """:meth:`RecoveryTarget.after_commit`; ``defer``: a stream of ``point``'s cycle is
+        settled (its images fsynced, the point recorded) later — by :meth:`settle`, which the
+        next :meth:`open_stream`, :meth:`close_stream` and ``after_commit`` call first — so a
+        cycle that overran its frequency does not hold the next seal back for the device."""
+        ...
+
+    def settle(self) -> None:
+        """Settle a stream whose settling was deferred (nothing if none). Never raises: a
+        failure leaves the replica's applying marker, and the next catch-up settles it from the
+        store."""
+        ...
+
 
 class LocalTarget:
     """A recovery site on this machine: a repository and, optionally, a hydrated replica
@@ -83,6 +99,8 @@ class LocalTarget:
         # every byte it applies, at the cost of a second pass)
         self.stream_replica = stream_replica
         self._stream: ReplicaStream | None = None
+        # a committed cycle's stream whose settling was deferred (after_commit(defer=True))
+        self._unsettled: tuple[ReplicaStream, PointInfo] | None = None
 
     @property
     def repo(self) -> Repository:
@@ -90,26 +108,44 @@ class LocalTarget:
 
     def open_stream(self, cycle_id: str, base_point_id: str | None,
                     disk_sizes: dict[str, int]) -> Tee | None:
-        self.close_stream()
+        self.close_stream()   # settles a deferred one first
         if self.hydrator is None or not self.stream_replica:
             return None
         self._stream = self.hydrator.stream(cycle_id, base_point_id, disk_sizes)
         return self._stream.write_runs if self._stream is not None else None
 
     def close_stream(self) -> None:
+        self.settle()
         s, self._stream = self._stream, None
         if s is not None:
             s.close()
 
-    def after_commit(self, point: PointInfo) -> None:
+    def after_commit(self, point: PointInfo, *, defer: bool = False) -> None:
+        self.settle()
         s, self._stream = self._stream, None
         if s is not None:
             if s.cycle_id == point.cycle_id:
+                if defer:
+                    # the images hold the point (written by the tee), unsynced; the marker
+                    # says "applying" until settle(), so a crash meanwhile is caught up
+                    self._unsettled = (s, point)
+                    return
                 s.finish(point)
             else:
                 s.close()
         if self.hydrator is not None:
             self.hydrator.catch_up()
+
+    def settle(self) -> None:
+        u, self._unsettled = self._unsettled, None
+        if u is None:
+            return
+        s, point = u
+        try:
+            s.finish(point)
+        except (DrsiteError, OSError) as e:
+            log.warning("replica of point %s not settled (the next catch-up settles it from "
+                        "the store): %s", point.point_id, e)
 
     @property
     def runs_retention(self) -> bool:

@@ -738,12 +738,18 @@ class ReplicaStream:
             raise classify_os_error(exc, f"replica images in {self.hydrator.dir}") from exc
         finally:
             self.close()
+        st = self.hydrator._load()
+        ap = st["applying"]
+        if ap is None or ap.get("to") is not None or ap.get("to_cycle") != self.cycle_id:
+            # settled by someone else meanwhile (a catch-up from the store while this stream's
+            # settling was deferred, LocalTarget.after_commit): theirs is the state
+            return
         for stale in self.hydrator.dir.glob("*.img"):
             if stale.stem not in point.disk_sizes:
                 with contextlib.suppress(OSError):
                     stale.unlink()
         self.hydrator._save({"point_id": point.point_id, "cycle_id": point.cycle_id,
-                             "applying": None, **_kept_proof(self.hydrator._load())})
+                             "applying": None, **_kept_proof(st)})
 
     def close(self) -> None:
         """Close the images; the applying marker stays (``catch_up`` settles it)."""
