@@ -996,50 +996,61 @@ def test_a_cycle_that_overran_settles_its_replica_after_the_next_seal(
     """A delta cycle that took longer than the frequency leaves its replica stream unsettled
     (images written by the tee, not yet fsynced; the marker says "applying"): the next cycle
     is due at once, and its seal does not wait for the device. That next cycle settles it
-    (after its seal, before its own stream), a crash in between is caught up from the store,
-    and a settle after someone else caught the replica up records nothing stale."""
+    right after its seal (closing the stream), a crash in between is caught up from the store
+    (the unsynced writes lost), and a settle after someone else caught the replica up past it
+    records nothing stale."""
+    from drsite.store.replica import ReplicaStream
+
     env = Env(tmp_path)
     env.write("d0", 0, 512 * KiB)
     env.item.run_initial()
     real_seal = env.hv.seal
     slow = [True]
-    seals: list[float] = []
+    events: list[str] = []
 
     def seal(vm_id: str, *, app_consistent: bool = False):  # type: ignore[no-untyped-def]
         c = real_seal(vm_id, app_consistent=app_consistent)
-        seals.append(env.clock.now())
+        events.append("seal")
         if slow[0]:
             env.clock.advance(1.2 * env.settings.frequency_s)   # this cycle overruns
         return c
 
     monkeypatch.setattr(env.hv, "seal", seal)
-    finished: list[float] = []
-    from drsite.store.replica import ReplicaStream
     orig = ReplicaStream.finish
 
     def finish(self: ReplicaStream, point: Any) -> None:
-        finished.append(env.clock.now())
+        events.append("finish")
         orig(self, point)
 
     monkeypatch.setattr(ReplicaStream, "finish", finish)
+    target = env.item.target
+    assert isinstance(target, LocalTarget)
     env.write("d0", 4096, 8192)
-    p1 = env.item.run_cycle()
-    assert env.hydrator.state()[1] is not None, "the overrun cycle's replica was settled"
+    env.item.run_cycle()
+    assert events == ["seal"] and env.hydrator.state()[1] is not None
     assert env.replica_bytes() == env.source()    # written, only not yet synced/recorded
-    assert finished == []
+    assert target._unsettled is not None
+    stream = target._unsettled[0]
     slow[0] = False
     env.write("d1", 0, 4096)
     p2 = env.item.run_cycle()
-    assert finished and finished[0] >= seals[-1], "settled before the next seal"
+    # the overrun cycle's replica settled after the next seal, then that cycle's own
+    assert events == ["seal", "seal", "finish", "finish"], events
+    assert env.item.report.last_cycle is not None and "settle" in env.item.report.last_cycle
+    assert not stream._fds and stream._flusher is not None and not stream._flusher.is_alive()
     assert env.hydrator.state() == (p2.point_id, None)
     assert env.replica_bytes() == env.source()
-    assert env.point_bytes(p1.point_id) != env.source()
 
-    # overrun again, then the engine dies before its next cycle: the next one catches up
+    # overrun again, then the engine dies before its next cycle and the unsynced writes are
+    # lost: the next engine catches the replica up from the store
     slow[0] = True
     env.write("d0", 65536, 4096)
     env.item.run_cycle()
     assert env.hydrator.state()[1] is not None
+    target._unsettled[0].close()   # type: ignore[index]   # the process is gone
+    with open(env.hydrator.disk_path("d0"), "r+b") as f:
+        f.seek(65536)
+        f.write(bytes(4096))
     slow[0] = False
     env.item = env.new_item()
     env.write("d1", 8192, 4096)

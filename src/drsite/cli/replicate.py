@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from enum import StrEnum
@@ -11,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
+from drsite.core.errors import DrsiteError
 from drsite.replication.report import ItemReport
 
 # the replication engine (numpy, the store, the file driver) is imported by the command that
@@ -62,14 +64,19 @@ def replicate(
                             total=rep.bytes_total or None, completed=rep.bytes_done)
 
         item.on_progress = show
-        if resync:
-            item.run_resync()
-        item.run_initial()
-        done = 0
-        while until is Until.forever or (until is Until.cycles and done < cycles):
-            time.sleep(max(0.0, item.next_due() - time.time()))
-            item.run_cycle()
-            done += 1
+        try:
+            if resync:
+                item.run_resync()
+            item.run_initial()
+            done = 0
+            while until is Until.forever or (until is Until.cycles and done < cycles):
+                time.sleep(max(0.0, item.next_due() - time.time()))
+                item.run_cycle()
+                done += 1
+        except BaseException:
+            with contextlib.suppress(DrsiteError):
+                item.settle_replica()   # best effort; the next run's catch-up settles the rest
+            raise
         item.settle_replica()   # the last cycle's replica, if it overran and deferred it
     rep = item.report
     if json_out:

@@ -426,6 +426,7 @@ def planned_failover(item: ProtectedItem, *, failover_id: str | None = None,
     if not run.done("final_cycle"):
         stop = timed(rec.timings, "final_cycle")
         p = item.replicator.run_cycle()
+        item.replicator.settle_replica()   # the replica is needed now, not at the next cycle
         stop()
         rec.point_id, rec.point_created_at = p.point_id, p.created_at
         run.mark("final_cycle")

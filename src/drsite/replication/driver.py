@@ -199,9 +199,19 @@ class ItemReplicator:
 
     def settle_replica(self) -> None:
         """Settle a replica stream whose settling a cycle deferred (it overran its frequency):
-        what a caller that stops running cycles calls (nothing to do otherwise)."""
+        what a caller that stops running cycles, or needs the replica now (a failover's
+        final cycle), calls; nothing to do otherwise. Raises what settling met."""
         if isinstance(self.target, StreamingTarget):
             self.target.settle()
+
+    def _settle_quietly(self) -> None:
+        """:meth:`settle_replica` for a step about to use the replica or start a stream: a
+        failure is logged; the replica keeps its marker and the step's catch-up settles it."""
+        try:
+            self.settle_replica()
+        except DrsiteError as e:
+            log.warning("%s: the replica's last point was not settled (the next catch-up "
+                        "settles it from the store): %s", self.rec.vm_name, e)
 
     @property
     def report(self) -> ItemReport:
@@ -420,6 +430,7 @@ class ItemReplicator:
 
     def _initial(self) -> None:
         r = self.rec
+        self._settle_quietly()
         r.phase = ItemState.INITIAL_REPLICATION
         self._refresh_report()
         cycle = self._own_cycle("initial")
@@ -452,6 +463,8 @@ class ItemReplicator:
             cycle = self.driver.seal(r.vm_id, app_consistent=app)
             self._adopt(cycle, "delta")
             self._mark("seal")
+            self._settle_quietly()   # the last cycle's replica, if it deferred that: now
+            self._mark("settle")
         elif r.cycle_changed is not None and r.cycle_changed != _changed_digest(cycle):
             # what was staged may hold re-homed base bytes where this changed list now has a
             # change: stage the cycle again from its frozen view
@@ -575,6 +588,7 @@ class ItemReplicator:
 
     def _resync(self, reason: str) -> None:
         r = self.rec
+        self._settle_quietly()   # its digests come from the replica only when it is settled
         r.phase = ItemState.RESYNCING
         r.resync_reason = reason
         self._refresh_report()
@@ -832,6 +846,10 @@ class ItemReplicator:
         try:
             if self.target.runs_retention:
                 pinned = {p for p in (self.target.replica_point(),) if p}
+                if isinstance(self.target, StreamingTarget):
+                    # also what a deferred (unsettled) stream came from: a crash before it is
+                    # settled is caught up from there
+                    pinned |= self.target.pinned_points()
                 now = self.clock.now()
                 sweep = (self._last_gc is None
                          or now - self._last_gc >= self.settings.gc_every_s)

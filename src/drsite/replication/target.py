@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
-from drsite.core.errors import DrsiteError, ObjectNotFound
+from drsite.core.errors import DrsiteError, ObjectNotFound, classify_os_error
 from drsite.imagefile import RawImageReader
 from drsite.replication.resync import RESYNC_BLOCK, DigestResult, block_digests
 from drsite.store.format import PointInfo
@@ -80,9 +80,14 @@ class StreamingTarget(RecoveryTarget, Protocol):
         ...
 
     def settle(self) -> None:
-        """Settle a stream whose settling was deferred (nothing if none). Never raises: a
-        failure leaves the replica's applying marker, and the next catch-up settles it from the
-        store."""
+        """Settle a stream whose settling was deferred (nothing if none). Raises what the
+        settling met (the stream is closed either way; the replica keeps its applying marker,
+        and the next catch-up settles it from the store)."""
+        ...
+
+    def pinned_points(self) -> set[str]:
+        """Points retention must keep for the replica (the one it holds, and while it is
+        being written — also while a deferred stream is unsettled — the one it came from)."""
         ...
 
 
@@ -115,13 +120,21 @@ class LocalTarget:
         return self._stream.write_runs if self._stream is not None else None
 
     def close_stream(self) -> None:
-        self.settle()
+        self._settle_quietly()
         s, self._stream = self._stream, None
         if s is not None:
             s.close()
 
+    def _settle_quietly(self) -> None:
+        """:meth:`settle`, a failure logged (whoever opens or settles next catches up)."""
+        try:
+            self.settle()
+        except DrsiteError as e:
+            log.warning("a deferred replica stream was not settled (the next catch-up settles "
+                        "it from the store): %s", e)
+
     def after_commit(self, point: PointInfo, *, defer: bool = False) -> None:
-        self.settle()
+        self._settle_quietly()   # the catch-up below settles what it could not
         s, self._stream = self._stream, None
         if s is not None:
             if s.cycle_id == point.cycle_id:
@@ -138,14 +151,15 @@ class LocalTarget:
 
     def settle(self) -> None:
         u, self._unsettled = self._unsettled, None
-        if u is None:
-            return
-        s, point = u
-        try:
-            s.finish(point)
-        except (DrsiteError, OSError) as e:
-            log.warning("replica of point %s not settled (the next catch-up settles it from "
-                        "the store): %s", point.point_id, e)
+        if u is not None:
+            try:
+                u[0].finish(u[1])   # closes the stream whatever happens
+            except OSError as e:
+                raise classify_os_error(e, f"settling the replica of point {u[1].point_id}") \
+                    from e
+
+    def pinned_points(self) -> set[str]:
+        return self.hydrator.pinned() if self.hydrator is not None else set()
 
     @property
     def runs_retention(self) -> bool:
