@@ -178,17 +178,15 @@ class ItemReplicator:
         # re-homing planned and not yet done (in memory: a restart plans again), and when
         self._rehome: dict[str, ExtentList] = {}
         self._rehome_planned: float | None = None
-        self._last_delta_s: float | None = None   # seal to commit of the last delta cycle
         # re-homing's time budget (_rehome_take): the last delta cycle's time without its
         # re-homing (seal to done: shipping, commit, replica, retention; minus the time from
-        # its changes stored to its commit when it re-homed) and its shipping rate, and the
-        # last re-homing's rate (bytes read from the base, verified, compressed, stored, and
-        # the commit), for which the shipping rate stands in before the first re-homing
+        # its changes stored — the "flush" mark — to its commit when it re-homed) and its
+        # shipping rate, and the last re-homing's rate (bytes read from the base, verified,
+        # compressed, stored, and the commit), for which the shipping rate stands in before
+        # the first re-homing
         self._last_ship_s: float | None = None
         self._last_ship_rate: float | None = None
         self._rehome_rate: float | None = None
-        self._shipped_at: float | None = None
-        self._rehome_took: float | None = None
         # when each phase of the fresh delta cycle under way ended (report.CYCLE_PHASES)
         self._marks: dict[str, float] = {}
         # called after a point is committed and before its frozen view is released (a drill
@@ -465,13 +463,14 @@ class ItemReplicator:
             self._mark("seal")
             self._settle_quietly()   # the last cycle's replica, if it deferred that: now
             self._mark("settle")
-        elif r.cycle_changed is not None and r.cycle_changed != _changed_digest(cycle):
+        elif r.cycle_changed is not None and \
+                r.cycle_changed != (digest := _changed_digest(cycle)):
             # what was staged may hold re-homed base bytes where this changed list now has a
             # change: stage the cycle again from its frozen view
             log.warning("%s: cycle %s resumed with another changed list; staging it again",
                         r.vm_name, cycle.cycle_id)
             self.target.repo.abort(cycle.cycle_id)
-            r.cycle_changed = _changed_digest(cycle)
+            r.cycle_changed = digest
             self._save()
         assert cycle is not None
         if not cycle.trusted:
@@ -481,16 +480,20 @@ class ItemReplicator:
         assert latest is not None
         todo = {d: cycle.changed[d].clip(size) for d, size in cycle.disk_sizes.items()}
         rehome = self._rehome_take(latest, cycle, todo) if sealed_now else {}
-        self._shipped_at = self._rehome_took = None
         self._ship(cycle, "delta", latest.point_id, todo, step="delta cycle", rehome=rehome)
         if sealed_now and r.last_cycle_started is not None:
-            now = self.clock.now()
-            self._last_delta_s = now - r.last_cycle_started
-            self._last_ship_s = max(0.0, self._last_delta_s - (self._rehome_took or 0.0))
+            took = self.clock.now() - r.last_cycle_started
+            self._last_ship_s = max(0.0, took - self._rehome_seconds())
             changed = sum(e.total for e in todo.values())
             if self._last_ship_s > 0 and changed >= REHOME_MIN_STEP:
                 self._last_ship_rate = changed / self._last_ship_s
             self.report.last_cycle = self._phases()
+
+    def _rehome_seconds(self) -> float:
+        """The fresh delta cycle's time from its changes stored to its commit when it
+        re-homed (re-homing's share of it, the commit included), else 0."""
+        m = self._marks
+        return m["commit"] - m["flush"] if "flush" in m and "commit" in m else 0.0
 
     def _mark(self, phase: str) -> None:
         """Note that ``phase`` of the fresh delta cycle under way ended now."""
@@ -523,7 +526,7 @@ class ItemReplicator:
         if s.rehome_share <= 0 or s.retention.retention_s > REHOME_RETENTION_CYCLES * s.frequency_s:
             return {}
         slack_s = REHOME_SLACK * s.frequency_s
-        spent = self._last_ship_s if self._last_ship_s is not None else self._last_delta_s
+        spent = self._last_ship_s
         if spent is not None and spent >= slack_s:
             return {}   # no slack: the RPO first (what is planned waits)
         base = latest.point_id
@@ -771,7 +774,6 @@ class ItemReplicator:
                     # re-homing's (the writer pipelines: what is handed over is not yet stored)
                     writer.flush()
                     self._mark("flush")
-                    self._shipped_at = self.clock.now()
                     rehomed = self._rehome_into(writer, base, todo, rehome, bucket)
                     self._mark("rehome")
                 self._check_fence()  # a promotion while we shipped: commit nothing
@@ -784,11 +786,9 @@ class ItemReplicator:
                 self._mark("commit")
                 rep.bytes_sent += writer.bytes_written - writer.zero_bytes
                 rep.bytes_stored += writer.bytes_stored
-                if rehomed and self._shipped_at is not None:
-                    # read, verified, compressed, stored, and the commit
-                    self._rehome_took = self.clock.now() - self._shipped_at
-                    if self._rehome_took > 0 and rehomed >= REHOME_MIN_STEP:
-                        self._rehome_rate = rehomed / self._rehome_took
+                took = self._rehome_seconds()   # read, verified, compressed, stored, committed
+                if took > 0 and rehomed >= REHOME_MIN_STEP:
+                    self._rehome_rate = rehomed / took
                 streaming = False  # committed: after_commit settles the stream
             finally:
                 saver.shutdown(wait=True)

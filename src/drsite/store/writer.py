@@ -77,6 +77,13 @@ class _Pending:
 
 
 Tee = Callable[[str, Entries, bytes | memoryview], None]
+
+
+def _union(parts: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]]) -> ExtentList:
+    """The ranges of ``(offsets, lengths)`` pairs, merged."""
+    if not parts:
+        return ExtentList.empty()
+    return coalesce(np.concatenate([o for o, _ in parts]), np.concatenate([n for _, n in parts]))
 # a frame's zero/data runs, codec, payload, blake3-128 of its data and the data itself
 _Prepared = tuple[Entries, int, bytes | memoryview, bytes, bytes | memoryview]
 
@@ -547,12 +554,8 @@ class PointWriter:
         changed = coalesce(e["offset"], e["length"]) if e.size else ExtentList.empty()
         rehomed = self._rehomed[self._disk_idx[disk_id]]
         if rehomed and len(changed):
-            same = coalesce(np.concatenate([o for o, _ in rehomed]),
-                            np.concatenate([n for _, n in rehomed]))
-            after = self._after_rehomed[self._disk_idx[disk_id]]
-            if after:   # what a later write covers holds that write's bytes: a change
-                same = same.subtract(coalesce(np.concatenate([o for o, _ in after]),
-                                              np.concatenate([n for _, n in after])))
+            # what a later write covers holds that write's bytes: a change
+            same = _union(rehomed).subtract(_union(self._after_rehomed[self._disk_idx[disk_id]]))
             changed = changed.subtract(same)
         segs, pieces = split_segments(e, seg)
         del e

@@ -89,9 +89,10 @@ def cancel_open(s: Session, item_id: str, now: float, reason: str, *,
     except ``unprotect``: that one must reach the agent whenever it comes back — unless
     ``unprotect`` (the item was failed over meanwhile: its points must stay)."""
     n = 0
-    kinds = Command.kind.is_not(None) if unprotect else Command.kind != "unprotect"
-    for cmd in s.scalars(select(Command).where(Command.item_id == item_id, kinds,
-                                               Command.status == CommandStatus.PENDING)
+    which = [Command.item_id == item_id, Command.status == CommandStatus.PENDING]
+    if not unprotect:
+        which.append(Command.kind != "unprotect")
+    for cmd in s.scalars(select(Command).where(*which)
                          .order_by(Command.id).with_for_update()
                          .execution_options(populate_existing=True)):
         cmd.status = CommandStatus.FAILED

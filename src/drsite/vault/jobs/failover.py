@@ -62,7 +62,7 @@ from drsite.vault.db.models import (
     Vm,
 )
 from drsite.vault.ids import new_id
-from drsite.vault.jobs.model import JobHandlers, Step, TaskContext, done, wait
+from drsite.vault.jobs.model import JobHandlers, Step, TaskContext, done, taken_meanwhile, wait
 from drsite.vault.jobs.protection import _policy, host_up, target_store, waited_too_long
 from drsite.vault.membership import vm_ref
 from drsite.vault.policies import agent_settings
@@ -760,10 +760,7 @@ def reverse_replication(ctx: TaskContext) -> Step:
     disk = int(seed_res.get("disk_bytes") or 0)
     if rev.status != ItemProtection.ENABLING:
         # a break-glass failover of the reverse item recorded meanwhile (vault/breakglass.py)
-        raise Conflict(f"reverse item {rev.id} of {rev.vm_name} became {rev.status} while it "
-                       "was being protected" + (f" (failover {rev.failover_id})"
-                                                if rev.failover_id else ""),
-                       hint=f"See its failovers: drsite failover list {rev.id}")
+        raise taken_meanwhile(rev, f"it was being protected as reverse item {rev.id}")
     rev.status = ItemProtection.PROTECTED
     rev.state = ItemState.PROTECTED
     rev.last_cycle_sent_at = ctx.now

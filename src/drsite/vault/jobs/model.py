@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from drsite.core.errors import PermanentError
+from drsite.core.errors import Conflict, PermanentError
 from drsite.core.states import JobState
 from drsite.vault.db.models import Item, Job, Task
 from drsite.vault.settings import VaultSettings
@@ -92,6 +92,14 @@ class TaskContext:
         if not self.job.item_id:
             return None
         return self.s.get(Item, self.job.item_id, with_for_update=True, populate_existing=True)
+
+
+def taken_meanwhile(item: Item, doing: str) -> Conflict:
+    """What a step raises when the item it was ``doing`` something with changed status under it
+    (a break-glass failover recorded meanwhile, ``vault/breakglass.py``)."""
+    held = f" (failover {item.failover_id})" if item.failover_id else ""
+    return Conflict(f"{item.vm_name} became {item.status} while {doing}{held}",
+                    hint=f"See its failovers: drsite failover list {item.id}")
 
 
 TaskFn = Callable[[TaskContext], Step]

@@ -15,7 +15,6 @@ from sqlalchemy import delete, select
 
 from drsite.core.errors import (
     AuthError,
-    Conflict,
     DrsiteError,
     NetworkError,
     PeerUnavailable,
@@ -29,7 +28,7 @@ from drsite.replication.report import ItemState
 from drsite.vault import commands, push, storeacl
 from drsite.vault.audit import record_event
 from drsite.vault.db.models import Command, Group, Host, Item, Point, Policy, Site, Vm
-from drsite.vault.jobs.model import JobHandlers, Step, TaskContext, done, wait
+from drsite.vault.jobs.model import JobHandlers, Step, TaskContext, done, taken_meanwhile, wait
 from drsite.vault.policies import agent_settings, parse_initial_start
 from drsite.vault.retries import early_retry, store_sites_up
 from drsite.vault.stores import CLOUD_STORE_URL, check_encryption, group_store, item_store_spec
@@ -270,9 +269,7 @@ def finalize(ctx: TaskContext) -> Step:
     if item.status != ItemProtection.ENABLING:
         # a break-glass failover recorded while protection was enabled (vault/breakglass.py):
         # the item is failed over; "protected" would hide that and schedule cycles
-        raise Conflict(f"{item.vm_name} became {item.status} while its protection was enabled"
-                       + (f" (failover {item.failover_id})" if item.failover_id else ""),
-                       hint=f"See the item's failovers: drsite failover list {item.id}")
+        raise taken_meanwhile(item, "its protection was enabled")
     item.status = ItemProtection.PROTECTED
     if item.state in (ItemState.NEW, ItemState.INITIAL_REPLICATION):
         item.state = ItemState.PROTECTED
