@@ -1073,3 +1073,59 @@ def test_a_cycle_that_overran_settles_its_replica_after_the_next_seal(
     old.settle_replica()
     assert env.hydrator.state() == (p6.point_id, None)
     assert env.replica_bytes() == env.source()
+
+
+def test_a_deferred_replica_settle_that_fails_is_caught_up_from_the_store(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device fails the deferred replica's fsync (EIO) when the next cycle settles it: the
+    cycle goes on (the failure is logged, the stream closed), the replica keeps its applying
+    marker, and that cycle's catch-up settles it from the store — the replica ends equal to
+    the source and names the new point."""
+    import errno
+
+    from drsite.store.replica import ReplicaStream
+
+    env = Env(tmp_path)
+    env.write("d0", 0, 512 * KiB)
+    env.item.run_initial()
+    real_seal = env.hv.seal
+    slow = [True]
+
+    def seal(vm_id: str, *, app_consistent: bool = False):  # type: ignore[no-untyped-def]
+        c = real_seal(vm_id, app_consistent=app_consistent)
+        if slow[0]:
+            env.clock.advance(1.2 * env.settings.frequency_s)
+        return c
+
+    monkeypatch.setattr(env.hv, "seal", seal)
+    env.write("d0", 4096, 8192)
+    env.item.run_cycle()
+    assert env.hydrator.state()[1] is not None   # deferred
+    orig = ReplicaStream.finish
+    failed: list[ReplicaStream] = []
+
+    def finish(self: ReplicaStream, point: Any) -> None:
+        if not failed:
+            failed.append(self)
+            self.close()
+            raise OSError(errno.EIO, "Input/output error")
+        orig(self, point)
+
+    monkeypatch.setattr(ReplicaStream, "finish", finish)
+    slow[0] = False
+    # the tee's unsynced writes of the deferred cycle are lost with the device error
+    with open(env.hydrator.disk_path("d0"), "r+b") as f:
+        f.seek(4096)
+        f.write(bytes(8192))
+    env.write("d1", 0, 4096)
+    p = env.item.run_cycle()
+    assert failed and not failed[0]._fds
+    assert env.item.report.last_error is None
+    assert env.hydrator.state() == (p.point_id, None)
+    assert env.replica_bytes() == env.source()
+    with pytest.raises(DrsiteError):   # settle_replica, by contrast, says what it met
+        failed.clear()
+        slow[0] = True
+        env.write("d0", 65536, 4096)
+        env.item.run_cycle()
+        env.item.settle_replica()
