@@ -286,6 +286,19 @@ def per_s(a: float | None, b: float | None, seconds: float) -> float:
     return float("nan") if a is None or b is None else (b - a) / seconds
 
 
+def rss_parts(pid: int) -> tuple[int, int, int]:
+    """(RssAnon, RssFile, RssShmem) of ``pid`` in bytes; zeros if it is gone."""
+    out = {"RssAnon:": 0, "RssFile:": 0, "RssShmem:": 0}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            k = line.split(maxsplit=1)[0] if line else ""
+            if k in out:
+                out[k] = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return out["RssAnon:"], out["RssFile:"], out["RssShmem:"]
+
+
 def vm_rss(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -527,6 +540,8 @@ class Bench:
         gc0, ec0 = self.guest_cpu(vm_id), process_cpu_seconds(engine.pid)
         rpo: list[float] = []
         rss = 0
+        # (s into the window, engine RSS, its anonymous, file-backed and shared parts) every ~5 s
+        rss_log: list[tuple[float, int, int, int, int]] = []
         load = [load1()]
         while time.monotonic() - t0 < window:
             if engine.poll() is not None:
@@ -534,7 +549,11 @@ class Bench:
             latest = repo.latest()
             assert latest is not None
             rpo.append(time.time() - latest.created_at)
-            rss = max(rss, vm_rss(engine.pid))
+            now_rss = vm_rss(engine.pid)
+            rss = max(rss, now_rss)
+            if not rss_log or time.monotonic() - t0 - rss_log[-1][0] >= 5.0:
+                rss_log.append((round(time.monotonic() - t0, 1), now_rss,
+                                *rss_parts(engine.pid)))
             time.sleep(0.25)
         b1, t1, w1 = self.guest_bytes(vm_id), time.monotonic(), time.time()
         gc1, ec1 = self.guest_cpu(vm_id), process_cpu_seconds(engine.pid)
@@ -555,6 +574,7 @@ class Bench:
             "passed": max(rpo) <= RPO_FACTOR * freq and b0 is not None and b1 is not None,
             "guest_unanswered": b0 is None or b1 is None,
             "engine_rss_max": rss, "engine_peak_rss": peak_rss(engine.pid),
+            "engine_rss_log": rss_log,
             "engine_cpu": (ec1 - ec0) / (t1 - t0), "guest_cpu": per_s(gc0, gc1, t1 - t0),
             "load1": load, "cycles": len(mine),
             "cycle_seconds_max": max(durations, default=0.0),

@@ -816,6 +816,7 @@ class ItemReplicator:
         if self.before_release is not None and point.cycle_id == cycle.cycle_id:
             self.before_release(cycle, point)
         self.driver.release(cycle)
+        self._mark("release")
         r.cycle_id = None
         r.cycle_kind = None
         r.phase = ItemState.PROTECTED
@@ -828,6 +829,7 @@ class ItemReplicator:
         rep.step = ""
         rep.progress = 100.0
         self._save()
+        self._mark("record")
         # the point is committed: what follows must not turn the cycle into a failure, except
         # damage found while hydrating (that starts the repair)
         self._post_commit_issue = None

@@ -25,10 +25,10 @@ class Health(StrEnum):
 # where the last fresh delta cycle's time went, in order (seconds each; "total": seal to done):
 # freezing the disks, settling the previous cycle's replica (deferred when that cycle overran
 # its frequency), shipping the changes, storing what was still in flight before re-homing,
-# re-homing, the commit (the rest stored, maps, manifest), releasing the frozen view + saving
-# the record + the replica's catch-up, retention (and a GC sweep when one is due)
-CYCLE_PHASES = ("seal", "settle", "ship", "flush", "rehome", "commit", "replica", "retention",
-                "total")
+# re-homing, the commit (the rest stored, maps, manifest), releasing the frozen view, saving
+# the engine's record, the replica's catch-up, retention (and a GC sweep when one is due)
+CYCLE_PHASES = ("seal", "settle", "ship", "flush", "rehome", "commit", "release", "record",
+                "replica", "retention", "total")
 
 
 def cycle_phases(raw: Any) -> dict[str, float] | None:
