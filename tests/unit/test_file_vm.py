@@ -176,13 +176,110 @@ def test_cycle_with_64k_blocks_from_before_still_reads(hv: FileHypervisor) -> No
     paths = VmPaths(hv.vm_dir(vm_id))
     rec = hv.cycle_record(c)
     del rec["cbw_block"]  # as written before copy-before-write blocks existed
+    del rec["cbw_slots"]  # (and before packed fleeces)
     paths.cycle_file(rec["epoch"]).write_text(json.dumps(rec))
+    for f in (paths.tracking / rec["epoch"]).glob("*.slots"):
+        f.unlink()
     for f in (paths.tracking / rec["epoch"]).glob("*.cbw"):
         f.write_bytes(bytes(64))  # one byte per 64 KiB granule of the 4 MiB disk
     rt = hv.guest(vm_id)
     rt.vm.write("d0", 2 * GRANULE + 10, b"B")
     assert rt.vm.status()["cbw_copied"]["d0"] == 1  # one 64 KiB block
     assert read_view(hv, c, "d0", 2 * GRANULE, GRANULE) == b"A" * GRANULE
+    hv.release(c)
+    hv.power_off(vm_id)
+
+
+def test_fleece_is_packed_in_copy_order(hv: FileHypervisor) -> None:
+    """Preserved blocks are appended to the fleece in the order they are copied (its size is
+    what was copied, not the disk's: scattered blocks at their own offsets made fleeces whose
+    unlink took seconds), the slot index names each slot's block, an all-zero block is a hole,
+    and the view reads every preserved block back from its slot."""
+    size = 16 * MiB
+    vm_id = make(hv, sizes=(size,))
+    hv.start_tracking(vm_id)
+    rt = hv.guest(vm_id)
+    base(hv, vm_id)
+    rng = random.Random(11)
+    blocks = rng.sample(range(size // CBW_BLOCK), 40)
+    rt.vm.write_many([("d0", b * CBW_BLOCK, rng.randbytes(CBW_BLOCK)) for b in blocks])
+    rt.vm.write("d0", 3 * CBW_BLOCK, bytes(CBW_BLOCK))   # changed, to zeros
+    before = rt.vm.read("d0", 0, size)
+    c = hv.seal(vm_id)
+    assert hv.cycle_record(c)["cbw_slots"] is True
+    order = [*reversed(blocks[:30]), 3]   # overwritten after the seal, in this order
+    for b in order:
+        rt.vm.write("d0", b * CBW_BLOCK, b"W" * CBW_BLOCK)
+    paths = VmPaths(hv.vm_dir(vm_id))
+    fleece = paths.fleece(c.epoch, c.cycle_id, "d0")
+    slots = np.frombuffer(paths.cbw_slots(c.epoch, c.cycle_id, "d0").read_bytes(), "<i8")
+    assert slots.tolist() == order
+    assert fleece.stat().st_size == 30 * CBW_BLOCK   # the zero block (slot 30) is not written
+    assert fleece.read_bytes()[:CBW_BLOCK] == before[order[0] * CBW_BLOCK:][:CBW_BLOCK]
+    for s, n in c.changed["d0"]:
+        assert read_view(hv, c, "d0", s, n) == before[s:s + n]
+    r = hv.open_cycle_reader(c, "d0")
+    try:
+        assert len(ExtentList.of([(b * CBW_BLOCK, CBW_BLOCK) for b in order])
+                   .subtract(r.data_extents())) == 0
+    finally:
+        r.close()
+    hv.release(c)
+    assert not fleece.exists() and not paths.cbw_slots(c.epoch, c.cycle_id, "d0").exists()
+    hv.power_off(vm_id)
+
+
+def test_packed_fleece_resumes_after_a_guest_kill(hv: FileHypervisor) -> None:
+    """A guest killed with a cycle unreleased: the restarted guest takes slots after the ones
+    listed and cuts a copy whose entry was never appended (else an all-zero block given that
+    slot would read the orphan's bytes); a block listed twice reads from its later slot."""
+    vm_id = make(hv, sizes=(4 * MiB,))
+    hv.start_tracking(vm_id)
+    rt = hv.guest(vm_id)
+    base(hv, vm_id)
+    rt.vm.write("d0", 0, b"A" * CBW_BLOCK)
+    rt.vm.write("d0", 8 * CBW_BLOCK, bytes(CBW_BLOCK))   # changed to zeros
+    rt.vm.write("d0", 16 * CBW_BLOCK, b"C" * CBW_BLOCK)
+    c = hv.seal(vm_id)
+    rt.vm.write("d0", 0, b"a" * CBW_BLOCK)                # slot 0
+    hv.power_off(vm_id, force=True)   # in-process SIGKILL
+    paths = VmPaths(hv.vm_dir(vm_id))
+    fleece = paths.fleece(c.epoch, c.cycle_id, "d0")
+    slots = paths.cbw_slots(c.epoch, c.cycle_id, "d0")
+    with open(fleece, "r+b") as f:   # a copy into slot 1 whose entry the kill cut off
+        f.seek(CBW_BLOCK)
+        f.write(b"X" * CBW_BLOCK)
+    with open(slots, "ab") as f:     # and half an entry
+        f.write(b"\x01\x02\x03")
+    rt = hv.guest(vm_id)
+    rt.vm.write("d0", 8 * CBW_BLOCK, b"z" * CBW_BLOCK)    # all-zero pre-seal: slot 1, a hole
+    rt.vm.write("d0", 16 * CBW_BLOCK, b"c" * CBW_BLOCK)   # slot 2
+    assert np.frombuffer(slots.read_bytes(), "<i8").tolist() == [0, 8, 16]
+    assert read_view(hv, c, "d0", 0, CBW_BLOCK) == b"A" * CBW_BLOCK
+    assert read_view(hv, c, "d0", 8 * CBW_BLOCK, CBW_BLOCK) == bytes(CBW_BLOCK)
+    assert read_view(hv, c, "d0", 16 * CBW_BLOCK, CBW_BLOCK) == b"C" * CBW_BLOCK
+    # a block listed twice (copied again after a restart that came before its byte was set)
+    with open(slots, "ab") as f:
+        f.write(np.array([16], "<i8").tobytes())
+    with open(fleece, "r+b") as f:
+        f.seek(3 * CBW_BLOCK)
+        f.write(b"C" * CBW_BLOCK)
+    assert read_view(hv, c, "d0", 16 * CBW_BLOCK, CBW_BLOCK) == b"C" * CBW_BLOCK
+    hv.release(c)
+    hv.power_off(vm_id)
+
+
+def test_a_slot_index_missing_a_preserved_block_is_tracking_lost(hv: FileHypervisor) -> None:
+    vm_id = make(hv)
+    hv.start_tracking(vm_id)
+    rt = hv.guest(vm_id)
+    base(hv, vm_id)
+    rt.vm.write("d0", 0, b"A" * CBW_BLOCK)
+    c = hv.seal(vm_id)
+    rt.vm.write("d0", 0, b"B" * CBW_BLOCK)
+    VmPaths(hv.vm_dir(vm_id)).cbw_slots(c.epoch, c.cycle_id, "d0").write_bytes(b"")
+    with pytest.raises(TrackingLost, match="slot index"):
+        read_view(hv, c, "d0", 0, CBW_BLOCK)
     hv.release(c)
     hv.power_off(vm_id)
 
@@ -591,3 +688,45 @@ def test_a_stale_pid_file_naming_another_process_is_never_signalled(hv: FileHype
     finally:
         other.kill()
         other.wait()
+
+
+def test_slot_index_shared_by_reading_threads(tmp_path: Path) -> None:
+    """A frozen view's read-ahead threads share its slot index while the guest appends to it:
+    every block published (its entry appended, then its byte set) is found at its slot. Two
+    loads at once once counted the same entries twice and skipped the ones after them."""
+    from drsite.hypervisors.file.cbw import SLOT_ENTRY, SlotIndex
+
+    path = tmp_path / "x.slots"
+    wfd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    rfd = os.open(path, os.O_RDONLY)
+    idx = SlotIndex(rfd)
+    published: list[int] = []   # blocks whose entry is in the file (the "bitmap")
+    errors: list[BaseException] = []
+    done = threading.Event()
+    n = 20_000
+
+    def guest() -> None:
+        for s in range(n):
+            os.pwrite(wfd, np.array([s * 7 + 3], "<i8").tobytes(), s * SLOT_ENTRY)
+            published.append(s)
+        done.set()
+
+    def reader(seed: int) -> None:
+        r = random.Random(seed)
+        try:
+            while not done.is_set() or r.random() < 0.5:
+                if published:
+                    s = published[-1 - r.randrange(min(len(published), 50))]
+                    assert idx.offset(s * 7 + 3, CBW_BLOCK) == s * CBW_BLOCK
+        except BaseException as e:   # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    guest()
+    for t in threads:
+        t.join()
+    os.close(wfd)
+    os.close(rfd)
+    assert not errors, errors[0]

@@ -1,13 +1,15 @@
 """Copy-before-write of a file VM's disk while a sealed cycle is read (guest side): the first
 guest write to a block the cycle's frozen view covers copies that block's old data into the
-cycle's fleece file and sets its byte in the shared bitmap, in that order, before the write
-reaches the disk (readers check the bitmap after reading the disk: see ``design.md``).
+cycle's fleece file (and, in the packed layout, its block number into the slot index) and sets
+its byte in the shared bitmap, in that order, before the write reaches the disk (readers check
+the bitmap after reading the disk: see ``design.md``).
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import threading
 from array import array
 from bisect import bisect_right
 from contextlib import suppress
@@ -15,12 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from drsite.core.errors import classify_os_error
+from drsite.core.errors import TrackingLost, classify_os_error
 from drsite.core.extents import ExtentList
 from drsite.hypervisors.file.layout import CBW_BLOCK, GRANULE
 from drsite.imagefile import pwrite_all
 
 _ZEROS = memoryview(bytes(1 << 20))
+# one slot index entry: the block number (little-endian int64) of the fleece's slot at its place
+SLOT_ENTRY = 8
 
 
 def granule_count(size: int) -> int:
@@ -48,11 +52,18 @@ class CopyBeforeWrite:
     a protected block copies that block only, so a 4 KiB write costs a 4 KiB copy, not 64 KiB.
     The bitmap file holds one byte per block and is shared through ``mmap`` (what the reader
     maps too); a set byte is visible to every reader of the file as soon as it is stored.
+
+    Fleece layouts: with ``slots`` (the packed layout, cycles whose record has ``cbw_slots``)
+    preserved blocks are appended to the fleece in the order they are copied — slot k at
+    ``k * block`` — and the ``slots`` file says which block each slot holds (one little-endian
+    int64 per slot). Without it, a block is kept at its own offset in a sparse fleece the
+    disk's size: scattered 4 KiB blocks there made a fleece of ~250,000 extents per GB whose
+    unlink at release took 16-20 s on ext4 with online discard (the packed one: ~0.3 s).
     """
 
     def __init__(self, disk_fd: int, size: int, fleece: Path, bitmap: Path,
                  mask: bytearray | None, block: int = CBW_BLOCK,
-                 exact: ExtentList | None = None) -> None:
+                 exact: ExtentList | None = None, slots: Path | None = None) -> None:
         self.disk_fd = disk_fd
         self.size = size
         self.mask = mask
@@ -68,11 +79,25 @@ class CopyBeforeWrite:
             self._lo = array("q", (blocks.starts // block).tolist())
             self._hi = array("q", (-(-blocks.ends // block)).tolist())
         n = (size + block - 1) // block
-        self.fleece_fd = self.bitmap_fd = -1
+        self.fleece_fd = self.bitmap_fd = self.slots_fd = -1
+        self.next_slot = 0   # packed layout: the slot the next preserved block takes
         try:
             self.fleece_fd = os.open(fleece, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             self.bitmap_fd = os.open(bitmap, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            if os.fstat(self.fleece_fd).st_size != size:
+            if slots is not None:
+                # resumed after a guest restart: slots listed are taken (one whose block's
+                # bitmap byte was never set is an orphan, never read: its block was not
+                # written, so preserving it again to a later slot copies the same bytes)
+                self.slots_fd = os.open(slots, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                have = os.fstat(self.slots_fd).st_size
+                self.next_slot = have // SLOT_ENTRY
+                if have % SLOT_ENTRY:
+                    os.ftruncate(self.slots_fd, self.next_slot * SLOT_ENTRY)
+                # bytes past the listed slots are a copy whose entry was never appended: cut
+                # them, so an all-zero block given that slot later reads as the hole it is
+                if os.fstat(self.fleece_fd).st_size > self.next_slot * block:
+                    os.ftruncate(self.fleece_fd, self.next_slot * block)
+            elif os.fstat(self.fleece_fd).st_size != size:
                 os.ftruncate(self.fleece_fd, size)
             if os.fstat(self.bitmap_fd).st_size != n:
                 os.ftruncate(self.bitmap_fd, n)
@@ -120,11 +145,18 @@ class CopyBeforeWrite:
 
     def _preserve(self, a: int, b: int) -> None:
         """Preserve blocks ``[a, b)``. Order matters (readers check the bitmap AFTER reading
-        the disk): the old data is in the fleece before the bytes are set, and the bytes are
-        set before the caller changes the disk."""
+        the disk): the old data is in the fleece (and its slots in the index) before the bytes
+        are set, and the bytes are set before the caller changes the disk."""
         lo, hi = a * self.block, min(b * self.block, self.size)
         old = os.pread(self.disk_fd, hi - lo, lo)
-        if not all_zero(old):
+        if self.slots_fd >= 0:
+            s = self.next_slot
+            # all-zero blocks stay holes in the fleece (a new fleece: holes read as zeros)
+            if not all_zero(old):
+                pwrite_all(self.fleece_fd, old, s * self.block)
+            pwrite_all(self.slots_fd, np.arange(a, b, dtype="<i8").tobytes(), s * SLOT_ENTRY)
+            self.next_slot = s + (b - a)
+        elif not all_zero(old):
             pwrite_all(self.fleece_fd, old, lo)  # all-zero blocks stay holes in the fleece
         self.done[a:b] = b"\x01" * (b - a)
         self.copied += b - a
@@ -133,6 +165,8 @@ class CopyBeforeWrite:
     def flush(self) -> None:
         if self._dirty:
             os.fsync(self.fleece_fd)
+            if self.slots_fd >= 0:
+                os.fsync(self.slots_fd)
             self.done.flush()  # msync: the bitmap's pages
             os.fsync(self.bitmap_fd)
             self._dirty = False
@@ -146,8 +180,47 @@ class CopyBeforeWrite:
         self._close_fds()
 
     def _close_fds(self) -> None:
-        for fd in (self.fleece_fd, self.bitmap_fd):
+        for fd in (self.fleece_fd, self.bitmap_fd, self.slots_fd):
             if fd >= 0:
                 with suppress(OSError):
                     os.close(fd)
-        self.fleece_fd = self.bitmap_fd = -1
+        self.fleece_fd = self.bitmap_fd = self.slots_fd = -1
+
+
+class SlotIndex:
+    """A reader's view of a packed fleece's slot index: block → slot, loaded as it grows.
+
+    The guest appends a slot's entry before it sets the block's bitmap byte, so a reader that
+    saw the byte finds the entry by reading what was appended since it last looked. A block
+    listed twice (its first copy orphaned by a guest restart before the byte was set) maps to
+    its later slot; both hold the same pre-seal bytes. Thread-safe (a reader's read-ahead
+    threads share it)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._slot_of: dict[int, int] = {}
+        self._loaded = 0   # entries read so far
+        self._lock = threading.Lock()   # one load at a time: each reads from ``_loaded`` on
+
+    def offset(self, block: int, block_size: int) -> int:
+        """Where ``block``'s preserved bytes start in the fleece. ``TrackingLost`` if the
+        index does not list it (a damaged or truncated index: the view cannot be trusted)."""
+        s = self._slot_of.get(block)
+        if s is None:
+            with self._lock:
+                self._load()
+            s = self._slot_of.get(block)
+            if s is None:
+                raise TrackingLost(f"the copy-before-write slot index lists no slot for block "
+                                   f"{block} its bitmap marks preserved")
+        return s * block_size
+
+    def _load(self) -> None:
+        n = os.fstat(self._fd).st_size // SLOT_ENTRY
+        if n <= self._loaded:
+            return
+        raw = os.pread(self._fd, (n - self._loaded) * SLOT_ENTRY, self._loaded * SLOT_ENTRY)
+        got = len(raw) // SLOT_ENTRY
+        blocks = np.frombuffer(raw, "<i8", got).tolist()
+        self._slot_of.update(zip(blocks, range(self._loaded, self._loaded + got), strict=True))
+        self._loaded += got

@@ -512,7 +512,9 @@ class FileHypervisor:
                                paths.fleece(cycle.epoch, cycle.cycle_id, disk_id),
                                paths.cbw_bitmap(cycle.epoch, cycle.cycle_id, disk_id),
                                cfg.disk_size(disk_id), int(record.get("cbw_block", GRANULE)),
-                               whole=bool(record.get("cbw_all")))
+                               whole=bool(record.get("cbw_all")),
+                               slots=paths.cbw_slots(cycle.epoch, cycle.cycle_id, disk_id)
+                               if record.get("cbw_slots") else None)
 
     def open_live_reader(self, vm_id: str, disk_id: str) -> DiskReader:
         paths, cfg = self._locate(vm_id)

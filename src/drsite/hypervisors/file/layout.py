@@ -15,7 +15,8 @@ VMDIR/tracking/<epoch>/<disk>.next.hrl                the next log, during a sea
 VMDIR/tracking/<epoch>/<cycle>.<disk>.sealed.hrl      sealed logs
 VMDIR/tracking/<epoch>/epoch.json                     {"base_released": bool}
 VMDIR/tracking/<epoch>/cycle.json                     the unreleased sealed cycle
-VMDIR/tracking/<epoch>/<cycle>.<disk>.fleece / .cbw   copy-before-write data and bitmap
+VMDIR/tracking/<epoch>/<cycle>.<disk>.fleece / .cbw / .slots
+                                                copy-before-write data, bitmap, slot index
 ```
 Sealed logs not named by ``cycle.json`` are *carried*: the next seal includes them (a seal or a
 release interrupted by a crash leaves them; carrying over-approximates and never loses a write).
@@ -165,6 +166,10 @@ class VmPaths:
 
     def cbw_bitmap(self, epoch: str, cycle_id: str, disk_id: str) -> Path:
         return self.epoch_dir(epoch) / f"{cycle_id}.{disk_id}.cbw"
+
+    def cbw_slots(self, epoch: str, cycle_id: str, disk_id: str) -> Path:
+        """The slot index of a packed fleece (the cycle record's ``cbw_slots``)."""
+        return self.epoch_dir(epoch) / f"{cycle_id}.{disk_id}.slots"
 
     def epoch_state(self, epoch: str) -> Path:
         return self.epoch_dir(epoch) / "epoch.json"

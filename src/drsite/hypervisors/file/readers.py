@@ -6,7 +6,9 @@ The frozen-view read order is the mirror of the guest's write order (see ``desig
 the disk, THEN read the copy-before-write bitmap, then re-read the preserved granules from the
 fleece. Any post-seal data the disk read saw implies its bitmap byte was already set. The
 bitmap is read through a shared read-only ``mmap`` of the guest's file: a byte the guest set
-is in the page cache page that the mapping shows, so no syscall per extent is needed.
+is in the page cache page that the mapping shows, so no syscall per extent is needed. In the
+packed fleece layout a preserved block's place in the fleece comes from the slot index, which
+the guest appended before setting the byte.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import numpy as np
 import numpy.typing as npt
 
 from drsite.core.errors import InvalidInput, NotFound, classify_os_error
-from drsite.core.extents import ExtentList
+from drsite.core.extents import ExtentList, blocks_to_extents
+from drsite.hypervisors.file.cbw import SlotIndex
 from drsite.hypervisors.file.layout import GRANULE
 from drsite.imagefile import RawImageReader, pread_full, sparse_data_extents
 
@@ -39,12 +42,14 @@ class CycleDiskReader(RawImageReader):
 
     Frozen over every block the copy-before-write protects: the cycle's changed extents for a
     trusted cycle, the whole disk for an untrusted one. ``block`` is the cycle's
-    copy-before-write block (the bitmap holds one byte per block). Open descriptors keep working
+    copy-before-write block (the bitmap holds one byte per block); ``slots``: the cycle's slot
+    index when its fleece is packed (``cbw.CopyBeforeWrite``). Open descriptors keep working
     after a release, but the guest then stops preserving: read before releasing.
     """
 
     def __init__(self, disk: Path, fleece: Path, bitmap: Path, size: int,
-                 block: int = GRANULE, *, whole: bool = False) -> None:
+                 block: int = GRANULE, *, whole: bool = False,
+                 slots: Path | None = None) -> None:
         super().__init__(disk, size)
         # Keep the guest's page cache free of the large folios our reads would leave: on Linux
         # a small write into a large cached folio dirties (and writes back) all of it, and the
@@ -56,11 +61,15 @@ class CycleDiskReader(RawImageReader):
             os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL if whole
                              else os.POSIX_FADV_RANDOM)
         self._block = block
-        self._fleece = self._bitmap = -1
+        self._fleece = self._bitmap = self._slots = -1
         self._map: mmap.mmap | None = None
+        self._index: SlotIndex | None = None
         try:
             self._fleece = _open_ro(fleece, "cycle fleece (cycle released?)")
             self._bitmap = _open_ro(bitmap, "cycle bitmap (cycle released?)")
+            if slots is not None:
+                self._slots = _open_ro(slots, "cycle slot index (cycle released?)")
+                self._index = SlotIndex(self._slots)
             n = (size + block - 1) // block
             if n:
                 if os.fstat(self._bitmap).st_size < n:
@@ -128,19 +137,28 @@ class CycleDiskReader(RawImageReader):
                 lo = max(o, int(blocks[i]) * bs)
                 hi = min(o + lens[e], (int(blocks[i]) + 1) * bs)
                 at = int(starts[e]) + lo - o
-                pread_full(self._fleece, mv[at:at + hi - lo], lo)
+                src = lo if self._index is None else \
+                    self._index.offset(int(blocks[i]), bs) + lo - int(blocks[i]) * bs
+                pread_full(self._fleece, mv[at:at + hi - lo], src)
         except OSError as e:
             raise classify_os_error(e, "reading frozen view") from e
 
     def data_extents(self) -> ExtentList:
-        return sparse_data_extents(self._fd, self._size).union(
-            sparse_data_extents(self._fleece, self._size))
+        live = sparse_data_extents(self._fd, self._size)
+        if self._index is None:   # a fleece at the disk's offsets
+            return live.union(sparse_data_extents(self._fleece, self._size))
+        if self._map is None:
+            return live
+        # preserved blocks may hold pre-seal data the disk no longer has (a block preserved
+        # as zeros is read and found zero: an over-approximation, as a hole-punched disk's)
+        preserved = np.flatnonzero(np.frombuffer(self._map, np.uint8))
+        return live.union(blocks_to_extents(preserved, self._block, self._size))
 
     def close(self) -> None:
         if self._map is not None:
             self._map.close()
             self._map = None
-        for name in ("_fleece", "_bitmap"):
+        for name in ("_fleece", "_bitmap", "_slots"):
             fd = getattr(self, name, -1)
             if fd >= 0:
                 with suppress(OSError):

@@ -249,7 +249,8 @@ class FileVm:
         assert self.epoch is not None
         keep = record["cycle_id"] if record else None
         for f in self.paths.epoch_dir(self.epoch).iterdir():
-            stale_cbw = f.suffix in (".fleece", ".cbw") and f.name.split(".", 1)[0] != keep
+            stale_cbw = f.suffix in (".fleece", ".cbw", ".slots") \
+                and f.name.split(".", 1)[0] != keep
             if stale_cbw or f.name.endswith(".tmp"):
                 f.unlink(missing_ok=True)
 
@@ -269,7 +270,9 @@ class FileVm:
             block = int(record.get("cbw_block", GRANULE))
             disk.cbw = CopyBeforeWrite(disk.fd, disk.size, self.paths.fleece(self.epoch, cid, disk.disk_id),
                             self.paths.cbw_bitmap(self.epoch, cid, disk.disk_id), mask, block,
-                            ext if mask is not None and block < GRANULE else None)
+                            ext if mask is not None and block < GRANULE else None,
+                            self.paths.cbw_slots(self.epoch, cid, disk.disk_id)
+                            if record.get("cbw_slots") else None)
 
     # -- I/O ----------------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -822,6 +825,7 @@ class FileVm:
                 "logs": logs, "disk_sizes": {d.disk_id: d.size for d in self.disks.values()},
                 "full": full, "trusted": trusted, "cbw_all": full or not trusted,
                 "last_tag": self.last_tag, "boot_id": self.boot_id, "cbw_block": CBW_BLOCK,
+                "cbw_slots": True,   # a packed fleece (cbw.py); absent in older records
             }
             if self.mirror is not None:  # the seal's instant in the sync journal's numbering
                 record["sync"] = self.mirror.mark()
@@ -831,7 +835,7 @@ class FileVm:
                 disk.cbw = CopyBeforeWrite(disk.fd, disk.size, p.fleece(epoch, cid, disk.disk_id),
                                 p.cbw_bitmap(epoch, cid, disk.disk_id),
                                 None if full or not trusted else masks[disk.disk_id], CBW_BLOCK,
-                                exact.get(disk.disk_id))
+                                exact.get(disk.disk_id), p.cbw_slots(epoch, cid, disk.disk_id))
             if on_sealed is not None:
                 err = on_sealed()
                 if err:
@@ -943,6 +947,7 @@ class FileVm:
                     (p.epoch_dir(epoch) / n).unlink(missing_ok=True)
             p.fleece(epoch, record["cycle_id"], disk_id).unlink(missing_ok=True)
             p.cbw_bitmap(epoch, record["cycle_id"], disk_id).unlink(missing_ok=True)
+            p.cbw_slots(epoch, record["cycle_id"], disk_id).unlink(missing_ok=True)
 
     # -- status / closing ---------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
