@@ -12,7 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from drsite.core.errors import Conflict, InvalidInput, NotFound, TrackingLost, VmNotFound
+from drsite.core.errors import (
+    Conflict,
+    DrsiteError,
+    InvalidInput,
+    NotFound,
+    TrackingLost,
+    VmNotFound,
+)
 from drsite.core.extents import ExtentList
 from drsite.core.model import Consistency, DiskSpec, PowerState, TrackingState, VmSpec
 from drsite.hypervisors.file import FileHypervisor, FileVm
@@ -211,7 +218,7 @@ def test_fleece_is_packed_in_copy_order(hv: FileHypervisor) -> None:
     for b in order:
         rt.vm.write("d0", b * CBW_BLOCK, b"W" * CBW_BLOCK)
     paths = VmPaths(hv.vm_dir(vm_id))
-    fleece = paths.fleece(c.epoch, c.cycle_id, "d0")
+    fleece = paths.fleece(c.epoch, c.cycle_id, "d0", packed=True)
     slots = np.frombuffer(paths.cbw_slots(c.epoch, c.cycle_id, "d0").read_bytes(), "<i8")
     assert slots.tolist() == order
     assert fleece.stat().st_size == 30 * CBW_BLOCK   # the zero block (slot 30) is not written
@@ -232,7 +239,8 @@ def test_fleece_is_packed_in_copy_order(hv: FileHypervisor) -> None:
 def test_packed_fleece_resumes_after_a_guest_kill(hv: FileHypervisor) -> None:
     """A guest killed with a cycle unreleased: the restarted guest takes slots after the ones
     listed and cuts a copy whose entry was never appended (else an all-zero block given that
-    slot would read the orphan's bytes); a block listed twice reads from its later slot."""
+    slot would read the orphan's bytes); a block listed but never marked (an orphan: copied,
+    killed before its byte was set) is copied again to a later slot, and reads right."""
     vm_id = make(hv, sizes=(4 * MiB,))
     hv.start_tracking(vm_id)
     rt = hv.guest(vm_id)
@@ -244,27 +252,59 @@ def test_packed_fleece_resumes_after_a_guest_kill(hv: FileHypervisor) -> None:
     rt.vm.write("d0", 0, b"a" * CBW_BLOCK)                # slot 0
     hv.power_off(vm_id, force=True)   # in-process SIGKILL
     paths = VmPaths(hv.vm_dir(vm_id))
-    fleece = paths.fleece(c.epoch, c.cycle_id, "d0")
+    fleece = paths.fleece(c.epoch, c.cycle_id, "d0", packed=True)
     slots = paths.cbw_slots(c.epoch, c.cycle_id, "d0")
-    with open(fleece, "r+b") as f:   # a copy into slot 1 whose entry the kill cut off
+    with open(fleece, "r+b") as f:   # block 16 copied to slot 1, listed, its byte never set
         f.seek(CBW_BLOCK)
+        f.write(b"C" * CBW_BLOCK)
+    with open(slots, "ab") as f:
+        f.write(np.array([16], "<i8").tobytes())
+    with open(fleece, "r+b") as f:   # a copy into slot 2 whose entry the kill cut off
+        f.seek(2 * CBW_BLOCK)
         f.write(b"X" * CBW_BLOCK)
-    with open(slots, "ab") as f:     # and half an entry
-        f.write(b"\x01\x02\x03")
     rt = hv.guest(vm_id)
-    rt.vm.write("d0", 8 * CBW_BLOCK, b"z" * CBW_BLOCK)    # all-zero pre-seal: slot 1, a hole
-    rt.vm.write("d0", 16 * CBW_BLOCK, b"c" * CBW_BLOCK)   # slot 2
-    assert np.frombuffer(slots.read_bytes(), "<i8").tolist() == [0, 8, 16]
+    rt.vm.write("d0", 8 * CBW_BLOCK, b"z" * CBW_BLOCK)    # all-zero pre-seal: slot 2, a hole
+    rt.vm.write("d0", 16 * CBW_BLOCK, b"c" * CBW_BLOCK)   # slot 3
+    assert np.frombuffer(slots.read_bytes(), "<i8").tolist() == [0, 16, 8, 16]
     assert read_view(hv, c, "d0", 0, CBW_BLOCK) == b"A" * CBW_BLOCK
     assert read_view(hv, c, "d0", 8 * CBW_BLOCK, CBW_BLOCK) == bytes(CBW_BLOCK)
     assert read_view(hv, c, "d0", 16 * CBW_BLOCK, CBW_BLOCK) == b"C" * CBW_BLOCK
-    # a block listed twice (copied again after a restart that came before its byte was set)
-    with open(slots, "ab") as f:
-        f.write(np.array([16], "<i8").tobytes())
-    with open(fleece, "r+b") as f:
-        f.seek(3 * CBW_BLOCK)
-        f.write(b"C" * CBW_BLOCK)
-    assert read_view(hv, c, "d0", 16 * CBW_BLOCK, CBW_BLOCK) == b"C" * CBW_BLOCK
+    hv.release(c)
+    hv.power_off(vm_id)
+
+
+def test_a_copy_that_fails_leaves_its_slots_unused(hv: FileHypervisor,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk while a block is copied: the guest's write fails, and the slot that copy
+    took is never given to another block (an all-zero block there would read its bytes)."""
+    from drsite.hypervisors.file import cbw
+
+    vm_id = make(hv, sizes=(4 * MiB,))
+    hv.start_tracking(vm_id)
+    rt = hv.guest(vm_id)
+    base(hv, vm_id)
+    rt.vm.write("d0", 0, b"A" * CBW_BLOCK)
+    rt.vm.write("d0", 5 * CBW_BLOCK, bytes(CBW_BLOCK))   # changed to zeros
+    c = hv.seal(vm_id)
+    slots = VmPaths(hv.vm_dir(vm_id)).cbw_slots(c.epoch, c.cycle_id, "d0")
+    real = cbw.pwrite_all
+    calls = {"n": 0}
+
+    def full_on_index(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+        if os.path.samefile(f"/proc/self/fd/{fd}", slots) and not calls["n"]:
+            calls["n"] += 1   # the copy landed in slot 0; its entry finds the disk full
+            raise OSError(28, "No space left on device")
+        real(fd, data, offset)
+
+    monkeypatch.setattr(cbw, "pwrite_all", full_on_index)
+    with pytest.raises(DrsiteError):
+        rt.vm.write("d0", 0, b"a" * CBW_BLOCK)
+    rt.vm.write("d0", 5 * CBW_BLOCK, b"z" * CBW_BLOCK)   # all-zero pre-seal: not slot 0
+    rt.vm.write("d0", 0, b"a" * CBW_BLOCK)               # retried
+    entries = np.frombuffer(slots.read_bytes(), "<i8").tolist()
+    assert entries[1:] == [5, 0] and calls["n"] == 1
+    assert read_view(hv, c, "d0", 5 * CBW_BLOCK, CBW_BLOCK) == bytes(CBW_BLOCK)
+    assert read_view(hv, c, "d0", 0, CBW_BLOCK) == b"A" * CBW_BLOCK
     hv.release(c)
     hv.power_off(vm_id)
 
@@ -387,6 +427,7 @@ def test_interrupted_seal_logs_are_carried(hv: FileHypervisor) -> None:
     c2 = hv.seal(vm_id)
     assert c2.trusted and c2.changed["d0"].to_pairs() == [(10, 1), (20, 1)]
     assert not paths.fleece(c.epoch, c.cycle_id, "d0").exists()
+    assert not paths.fleece(c.epoch, c.cycle_id, "d0", packed=True).exists()
 
 
 def test_seal_errors_and_epochs(hv: FileHypervisor) -> None:
@@ -699,11 +740,11 @@ def test_slot_index_shared_by_reading_threads(tmp_path: Path) -> None:
     path = tmp_path / "x.slots"
     wfd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
     rfd = os.open(path, os.O_RDONLY)
-    idx = SlotIndex(rfd)
     published: list[int] = []   # blocks whose entry is in the file (the "bitmap")
     errors: list[BaseException] = []
     done = threading.Event()
     n = 20_000
+    idx = SlotIndex(rfd, n * 7 + 4)
 
     def guest() -> None:
         for s in range(n):

@@ -150,12 +150,14 @@ class CopyBeforeWrite:
         lo, hi = a * self.block, min(b * self.block, self.size)
         old = os.pread(self.disk_fd, hi - lo, lo)
         if self.slots_fd >= 0:
+            # the slots are taken before anything is written: a copy that fails half-way (a
+            # full disk) leaves them unlisted, never reused — a later all-zero block given
+            # one of them would read that copy's bytes through its hole
             s = self.next_slot
-            # all-zero blocks stay holes in the fleece (a new fleece: holes read as zeros)
-            if not all_zero(old):
+            self.next_slot = s + (b - a)
+            if not all_zero(old):   # all-zero blocks stay holes (slots are written once)
                 pwrite_all(self.fleece_fd, old, s * self.block)
             pwrite_all(self.slots_fd, np.arange(a, b, dtype="<i8").tobytes(), s * SLOT_ENTRY)
-            self.next_slot = s + (b - a)
         elif not all_zero(old):
             pwrite_all(self.fleece_fd, old, lo)  # all-zero blocks stay holes in the fleece
         self.done[a:b] = b"\x01" * (b - a)
@@ -192,28 +194,30 @@ class SlotIndex:
 
     The guest appends a slot's entry before it sets the block's bitmap byte, so a reader that
     saw the byte finds the entry by reading what was appended since it last looked. A block
-    listed twice (its first copy orphaned by a guest restart before the byte was set) maps to
-    its later slot; both hold the same pre-seal bytes. Thread-safe (a reader's read-ahead
-    threads share it)."""
+    listed twice (its first copy orphaned by a guest restart, or a failed write, before the byte
+    was set) may map to either slot: both hold its pre-seal bytes whole (the entry is appended
+    only after the copy). Kept as one uint32 (slot + 1) per block of the disk, allocated lazily
+    (untouched pages cost nothing): bounded by the disk's size, not by how many blocks a long
+    copy under heavy writes preserves. Thread-safe (a reader's read-ahead threads share it)."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, blocks: int) -> None:
         self._fd = fd
-        self._slot_of: dict[int, int] = {}
+        self._slot1 = np.zeros(blocks, np.uint32)   # calloc: pages appear as entries land
         self._loaded = 0   # entries read so far
         self._lock = threading.Lock()   # one load at a time: each reads from ``_loaded`` on
 
     def offset(self, block: int, block_size: int) -> int:
         """Where ``block``'s preserved bytes start in the fleece. ``TrackingLost`` if the
         index does not list it (a damaged or truncated index: the view cannot be trusted)."""
-        s = self._slot_of.get(block)
-        if s is None:
+        s = int(self._slot1[block]) if 0 <= block < self._slot1.size else 0
+        if not s:
             with self._lock:
                 self._load()
-            s = self._slot_of.get(block)
-            if s is None:
+            s = int(self._slot1[block]) if 0 <= block < self._slot1.size else 0
+            if not s:
                 raise TrackingLost(f"the copy-before-write slot index lists no slot for block "
                                    f"{block} its bitmap marks preserved")
-        return s * block_size
+        return (s - 1) * block_size
 
     def _load(self) -> None:
         n = os.fstat(self._fd).st_size // SLOT_ENTRY
@@ -221,6 +225,11 @@ class SlotIndex:
             return
         raw = os.pread(self._fd, (n - self._loaded) * SLOT_ENTRY, self._loaded * SLOT_ENTRY)
         got = len(raw) // SLOT_ENTRY
-        blocks = np.frombuffer(raw, "<i8", got).tolist()
-        self._slot_of.update(zip(blocks, range(self._loaded, self._loaded + got), strict=True))
+        if self._loaded + got >= 2**32 - 1:
+            raise TrackingLost("the copy-before-write slot index lists more slots than a "
+                               "reader can hold (2^32 - 2)")
+        blocks = np.frombuffer(raw, "<i8", got)
+        slot1 = np.arange(self._loaded + 1, self._loaded + 1 + got, dtype=np.uint32)
+        ok = (blocks >= 0) & (blocks < self._slot1.size)   # damage names no block of ours
+        self._slot1[blocks[ok]] = slot1[ok]
         self._loaded += got

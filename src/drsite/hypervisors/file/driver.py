@@ -508,13 +508,14 @@ class FileHypervisor:
     def open_cycle_reader(self, cycle: SealedCycle, disk_id: str) -> DiskReader:
         paths, cfg = self._locate(cycle.vm_id)
         record = self.cycle_record(cycle)
+        packed = bool(record.get("cbw_slots"))
         return CycleDiskReader(paths.disk(disk_id),
-                               paths.fleece(cycle.epoch, cycle.cycle_id, disk_id),
+                               paths.fleece(cycle.epoch, cycle.cycle_id, disk_id, packed=packed),
                                paths.cbw_bitmap(cycle.epoch, cycle.cycle_id, disk_id),
                                cfg.disk_size(disk_id), int(record.get("cbw_block", GRANULE)),
                                whole=bool(record.get("cbw_all")),
                                slots=paths.cbw_slots(cycle.epoch, cycle.cycle_id, disk_id)
-                               if record.get("cbw_slots") else None)
+                               if packed else None)
 
     def open_live_reader(self, vm_id: str, disk_id: str) -> DiskReader:
         paths, cfg = self._locate(vm_id)

@@ -15,8 +15,9 @@ VMDIR/tracking/<epoch>/<disk>.next.hrl                the next log, during a sea
 VMDIR/tracking/<epoch>/<cycle>.<disk>.sealed.hrl      sealed logs
 VMDIR/tracking/<epoch>/epoch.json                     {"base_released": bool}
 VMDIR/tracking/<epoch>/cycle.json                     the unreleased sealed cycle
-VMDIR/tracking/<epoch>/<cycle>.<disk>.fleece / .cbw / .slots
-                                                copy-before-write data, bitmap, slot index
+VMDIR/tracking/<epoch>/<cycle>.<disk>.pfleece / .cbw / .slots
+                                                copy-before-write data (packed; `.fleece`: at
+                                                the blocks' offsets), bitmap, slot index
 ```
 Sealed logs not named by ``cycle.json`` are *carried*: the next seal includes them (a seal or a
 release interrupted by a crash leaves them; carrying over-approximates and never loses a write).
@@ -161,8 +162,11 @@ class VmPaths:
     def sealed_log(self, epoch: str, cycle_id: str, disk_id: str) -> Path:
         return self.epoch_dir(epoch) / f"{cycle_id}.{disk_id}{SEALED_SUFFIX}"
 
-    def fleece(self, epoch: str, cycle_id: str, disk_id: str) -> Path:
-        return self.epoch_dir(epoch) / f"{cycle_id}.{disk_id}.fleece"
+    def fleece(self, epoch: str, cycle_id: str, disk_id: str, *, packed: bool = False) -> Path:
+        """A cycle's fleece; ``packed`` (records with ``cbw_slots``) has a name of its own, so
+        that code that knows only blocks at their own offsets finds no fleece instead of
+        reading slots as offsets."""
+        return self.epoch_dir(epoch) / f"{cycle_id}.{disk_id}.{'pfleece' if packed else 'fleece'}"
 
     def cbw_bitmap(self, epoch: str, cycle_id: str, disk_id: str) -> Path:
         return self.epoch_dir(epoch) / f"{cycle_id}.{disk_id}.cbw"

@@ -69,7 +69,7 @@ class CycleDiskReader(RawImageReader):
             self._bitmap = _open_ro(bitmap, "cycle bitmap (cycle released?)")
             if slots is not None:
                 self._slots = _open_ro(slots, "cycle slot index (cycle released?)")
-                self._index = SlotIndex(self._slots)
+                self._index = SlotIndex(self._slots, -(-size // block))
             n = (size + block - 1) // block
             if n:
                 if os.fstat(self._bitmap).st_size < n:

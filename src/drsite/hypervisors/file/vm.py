@@ -249,7 +249,7 @@ class FileVm:
         assert self.epoch is not None
         keep = record["cycle_id"] if record else None
         for f in self.paths.epoch_dir(self.epoch).iterdir():
-            stale_cbw = f.suffix in (".fleece", ".cbw", ".slots") \
+            stale_cbw = f.suffix in (".fleece", ".pfleece", ".cbw", ".slots") \
                 and f.name.split(".", 1)[0] != keep
             if stale_cbw or f.name.endswith(".tmp"):
                 f.unlink(missing_ok=True)
@@ -268,11 +268,12 @@ class FileVm:
                     ext = ext.union(c.extents)
                 mask = granule_mask(ext, disk.size)
             block = int(record.get("cbw_block", GRANULE))
-            disk.cbw = CopyBeforeWrite(disk.fd, disk.size, self.paths.fleece(self.epoch, cid, disk.disk_id),
+            packed = bool(record.get("cbw_slots"))
+            disk.cbw = CopyBeforeWrite(disk.fd, disk.size,
+                            self.paths.fleece(self.epoch, cid, disk.disk_id, packed=packed),
                             self.paths.cbw_bitmap(self.epoch, cid, disk.disk_id), mask, block,
                             ext if mask is not None and block < GRANULE else None,
-                            self.paths.cbw_slots(self.epoch, cid, disk.disk_id)
-                            if record.get("cbw_slots") else None)
+                            self.paths.cbw_slots(self.epoch, cid, disk.disk_id) if packed else None)
 
     # -- I/O ----------------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -832,7 +833,8 @@ class FileVm:
             if barrier is not None:
                 record["barrier"] = barrier
             for disk in self.disks.values():  # 4. the frozen view starts now (before any write)
-                disk.cbw = CopyBeforeWrite(disk.fd, disk.size, p.fleece(epoch, cid, disk.disk_id),
+                disk.cbw = CopyBeforeWrite(disk.fd, disk.size,
+                                p.fleece(epoch, cid, disk.disk_id, packed=True),
                                 p.cbw_bitmap(epoch, cid, disk.disk_id),
                                 None if full or not trusted else masks[disk.disk_id], CBW_BLOCK,
                                 exact.get(disk.disk_id), p.cbw_slots(epoch, cid, disk.disk_id))
@@ -946,6 +948,7 @@ class FileVm:
                 if not keep_logs:
                     (p.epoch_dir(epoch) / n).unlink(missing_ok=True)
             p.fleece(epoch, record["cycle_id"], disk_id).unlink(missing_ok=True)
+            p.fleece(epoch, record["cycle_id"], disk_id, packed=True).unlink(missing_ok=True)
             p.cbw_bitmap(epoch, record["cycle_id"], disk_id).unlink(missing_ok=True)
             p.cbw_slots(epoch, record["cycle_id"], disk_id).unlink(missing_ok=True)
 
