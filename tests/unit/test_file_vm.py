@@ -219,7 +219,7 @@ def test_fleece_is_packed_in_copy_order(hv: FileHypervisor) -> None:
         rt.vm.write("d0", b * CBW_BLOCK, b"W" * CBW_BLOCK)
     paths = VmPaths(hv.vm_dir(vm_id))
     fleece = paths.fleece(c.epoch, c.cycle_id, "d0", packed=True)
-    slots = np.frombuffer(paths.cbw_slots(c.epoch, c.cycle_id, "d0").read_bytes(), "<i8")
+    slots = np.frombuffer(paths.cbw_slots(c.epoch, c.cycle_id, "d0").read_bytes(), "<i8") - 1
     assert slots.tolist() == order
     assert fleece.stat().st_size == 30 * CBW_BLOCK   # the zero block (slot 30) is not written
     assert fleece.read_bytes()[:CBW_BLOCK] == before[order[0] * CBW_BLOCK:][:CBW_BLOCK]
@@ -258,14 +258,14 @@ def test_packed_fleece_resumes_after_a_guest_kill(hv: FileHypervisor) -> None:
         f.seek(CBW_BLOCK)
         f.write(b"C" * CBW_BLOCK)
     with open(slots, "ab") as f:
-        f.write(np.array([16], "<i8").tobytes())
+        f.write(np.array([16 + 1], "<i8").tobytes())
     with open(fleece, "r+b") as f:   # a copy into slot 2 whose entry the kill cut off
         f.seek(2 * CBW_BLOCK)
         f.write(b"X" * CBW_BLOCK)
     rt = hv.guest(vm_id)
     rt.vm.write("d0", 8 * CBW_BLOCK, b"z" * CBW_BLOCK)    # all-zero pre-seal: slot 2, a hole
     rt.vm.write("d0", 16 * CBW_BLOCK, b"c" * CBW_BLOCK)   # slot 3
-    assert np.frombuffer(slots.read_bytes(), "<i8").tolist() == [0, 16, 8, 16]
+    assert (np.frombuffer(slots.read_bytes(), "<i8") - 1).tolist() == [0, 16, 8, 16]
     assert read_view(hv, c, "d0", 0, CBW_BLOCK) == b"A" * CBW_BLOCK
     assert read_view(hv, c, "d0", 8 * CBW_BLOCK, CBW_BLOCK) == bytes(CBW_BLOCK)
     assert read_view(hv, c, "d0", 16 * CBW_BLOCK, CBW_BLOCK) == b"C" * CBW_BLOCK
@@ -276,7 +276,8 @@ def test_packed_fleece_resumes_after_a_guest_kill(hv: FileHypervisor) -> None:
 def test_a_copy_that_fails_leaves_its_slots_unused(hv: FileHypervisor,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A full disk while a block is copied: the guest's write fails, and the slot that copy
-    took is never given to another block (an all-zero block there would read its bytes)."""
+    took is never given to another block (an all-zero block there would read its bytes), nor
+    read as naming one (its entry, never written, is a hole: 0 is no block, not block 0)."""
     from drsite.hypervisors.file import cbw
 
     vm_id = make(hv, sizes=(4 * MiB,))
@@ -284,6 +285,7 @@ def test_a_copy_that_fails_leaves_its_slots_unused(hv: FileHypervisor,
     rt = hv.guest(vm_id)
     base(hv, vm_id)
     rt.vm.write("d0", 0, b"A" * CBW_BLOCK)
+    rt.vm.write("d0", 3 * CBW_BLOCK, b"B" * CBW_BLOCK)
     rt.vm.write("d0", 5 * CBW_BLOCK, bytes(CBW_BLOCK))   # changed to zeros
     c = hv.seal(vm_id)
     slots = VmPaths(hv.vm_dir(vm_id)).cbw_slots(c.epoch, c.cycle_id, "d0")
@@ -292,19 +294,30 @@ def test_a_copy_that_fails_leaves_its_slots_unused(hv: FileHypervisor,
 
     def full_on_index(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
         if os.path.samefile(f"/proc/self/fd/{fd}", slots) and not calls["n"]:
-            calls["n"] += 1   # the copy landed in slot 0; its entry finds the disk full
+            calls["n"] += 1   # block 3's copy landed in slot 0; its entry finds the disk full
             raise OSError(28, "No space left on device")
         real(fd, data, offset)
 
     monkeypatch.setattr(cbw, "pwrite_all", full_on_index)
     with pytest.raises(DrsiteError):
-        rt.vm.write("d0", 0, b"a" * CBW_BLOCK)
-    rt.vm.write("d0", 5 * CBW_BLOCK, b"z" * CBW_BLOCK)   # all-zero pre-seal: not slot 0
-    rt.vm.write("d0", 0, b"a" * CBW_BLOCK)               # retried
-    entries = np.frombuffer(slots.read_bytes(), "<i8").tolist()
-    assert entries[1:] == [5, 0] and calls["n"] == 1
-    assert read_view(hv, c, "d0", 5 * CBW_BLOCK, CBW_BLOCK) == bytes(CBW_BLOCK)
-    assert read_view(hv, c, "d0", 0, CBW_BLOCK) == b"A" * CBW_BLOCK
+        rt.vm.write("d0", 3 * CBW_BLOCK, b"b" * CBW_BLOCK)
+    rt.vm.write("d0", 5 * CBW_BLOCK, b"z" * CBW_BLOCK)   # all-zero pre-seal: slot 1, not 0
+    r = hv.open_cycle_reader(c, "d0")
+    try:
+        def view(block: int) -> bytes:
+            buf = bytearray(CBW_BLOCK)
+            r.readinto(block * CBW_BLOCK, memoryview(buf))
+            return bytes(buf)
+
+        assert view(5) == bytes(CBW_BLOCK)   # this reader has now read the index's hole
+        rt.vm.write("d0", 0, b"a" * CBW_BLOCK)                 # slot 2
+        rt.vm.write("d0", 3 * CBW_BLOCK, b"b" * CBW_BLOCK)     # retried: slot 3
+        assert view(0) == b"A" * CBW_BLOCK
+        assert view(3) == b"B" * CBW_BLOCK
+    finally:
+        r.close()
+    entries = (np.frombuffer(slots.read_bytes(), "<i8") - 1).tolist()
+    assert entries == [-1, 5, 0, 3] and calls["n"] == 1
     hv.release(c)
     hv.power_off(vm_id)
 
@@ -748,7 +761,7 @@ def test_slot_index_shared_by_reading_threads(tmp_path: Path) -> None:
 
     def guest() -> None:
         for s in range(n):
-            os.pwrite(wfd, np.array([s * 7 + 3], "<i8").tobytes(), s * SLOT_ENTRY)
+            os.pwrite(wfd, np.array([s * 7 + 3 + 1], "<i8").tobytes(), s * SLOT_ENTRY)
             published.append(s)
         done.set()
 

@@ -23,7 +23,8 @@ from drsite.hypervisors.file.layout import CBW_BLOCK, GRANULE
 from drsite.imagefile import pwrite_all
 
 _ZEROS = memoryview(bytes(1 << 20))
-# one slot index entry: the block number (little-endian int64) of the fleece's slot at its place
+# one slot index entry: 1 + the block number (little-endian int64) of the fleece's slot at its
+# place; 0 (a hole: a slot taken by a copy that failed before its entry landed) names no block
 SLOT_ENTRY = 8
 
 
@@ -56,9 +57,10 @@ class CopyBeforeWrite:
     Fleece layouts: with ``slots`` (the packed layout, cycles whose record has ``cbw_slots``)
     preserved blocks are appended to the fleece in the order they are copied — slot k at
     ``k * block`` — and the ``slots`` file says which block each slot holds (one little-endian
-    int64 per slot). Without it, a block is kept at its own offset in a sparse fleece the
-    disk's size: scattered 4 KiB blocks there made a fleece of ~250,000 extents per GB whose
-    unlink at release took 16-20 s on ext4 with online discard (the packed one: ~0.3 s).
+    int64 per slot, the block + 1: an entry never written reads 0, no block). Without it, a
+    block is kept at its own offset in a sparse fleece the disk's size: scattered 4 KiB blocks
+    there made a fleece of ~250,000 extents per GB whose unlink at release took 16-20 s on ext4
+    with online discard (the packed one: ~0.3 s).
     """
 
     def __init__(self, disk_fd: int, size: int, fleece: Path, bitmap: Path,
@@ -157,7 +159,8 @@ class CopyBeforeWrite:
             self.next_slot = s + (b - a)
             if not all_zero(old):   # all-zero blocks stay holes (slots are written once)
                 pwrite_all(self.fleece_fd, old, s * self.block)
-            pwrite_all(self.slots_fd, np.arange(a, b, dtype="<i8").tobytes(), s * SLOT_ENTRY)
+            pwrite_all(self.slots_fd, np.arange(a + 1, b + 1, dtype="<i8").tobytes(),
+                       s * SLOT_ENTRY)
         elif not all_zero(old):
             pwrite_all(self.fleece_fd, old, lo)  # all-zero blocks stay holes in the fleece
         self.done[a:b] = b"\x01" * (b - a)
@@ -228,8 +231,9 @@ class SlotIndex:
         if self._loaded + got >= 2**32 - 1:
             raise TrackingLost("the copy-before-write slot index lists more slots than a "
                                "reader can hold (2^32 - 2)")
-        blocks = np.frombuffer(raw, "<i8", got)
+        blocks = np.frombuffer(raw, "<i8", got) - 1
         slot1 = np.arange(self._loaded + 1, self._loaded + 1 + got, dtype=np.uint32)
-        ok = (blocks >= 0) & (blocks < self._slot1.size)   # damage names no block of ours
+        # a hole (-1: a slot whose copy failed before its entry) or damage names no block
+        ok = (blocks >= 0) & (blocks < self._slot1.size)
         self._slot1[blocks[ok]] = slot1[ok]
         self._loaded += got
