@@ -784,3 +784,37 @@ def test_slot_index_shared_by_reading_threads(tmp_path: Path) -> None:
     os.close(wfd)
     os.close(rfd)
     assert not errors, errors[0]
+
+
+def test_packed_view_data_extents_while_the_guest_marks_blocks(hv: FileHypervisor) -> None:
+    """The initial copy asks a packed view for its data extents while the guest (another
+    process) keeps setting bitmap bytes: numpy's nonzero over the live map raised "number of
+    non-zero array elements changed", and the traceback's view then kept the map from closing
+    (the demo's first failure with the packed fleece)."""
+    import subprocess
+    import sys
+    import time
+
+    vm_id = make(hv, sizes=(64 * MiB,))
+    hv.start_tracking(vm_id)
+    c = hv.seal(vm_id)   # the first cycle: the whole disk is protected
+    bitmap = VmPaths(hv.vm_dir(vm_id)).cbw_bitmap(c.epoch, c.cycle_id, "d0")
+    marker = subprocess.Popen([sys.executable, "-c", (   # the guest's stores, as fast as it can
+        "import mmap, os, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+        "m = mmap.mmap(fd, os.fstat(fd).st_size)\n"
+        "end, i = time.monotonic() + 3, 0\n"
+        "while time.monotonic() < end:\n"
+        "    m[i % len(m)] = 1 - m[i % len(m)]\n"
+        "    i += 7919\n"), str(bitmap)])
+    try:
+        time.sleep(0.3)
+        for _ in range(40):
+            r = hv.open_cycle_reader(c, "d0")
+            try:
+                r.data_extents()
+            finally:
+                r.close()
+    finally:
+        marker.wait()
+    hv.release(c)

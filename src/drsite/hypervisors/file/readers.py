@@ -151,7 +151,9 @@ class CycleDiskReader(RawImageReader):
             return live
         # preserved blocks may hold pre-seal data the disk no longer has (a block preserved
         # as zeros is read and found zero: an over-approximation, as a hole-punched disk's)
-        preserved = np.flatnonzero(np.frombuffer(self._map, np.uint8))
+        # a copy (``mmap[:]``: no buffer of the map stays exported): the guest sets bytes while
+        # this runs, and numpy's nonzero refuses an array whose count changes under it
+        preserved = np.flatnonzero(np.frombuffer(self._map[:], np.uint8))
         return live.union(blocks_to_extents(preserved, self._block, self._size))
 
     def close(self) -> None:
