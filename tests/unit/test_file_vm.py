@@ -24,6 +24,7 @@ from drsite.core.extents import ExtentList
 from drsite.core.model import Consistency, DiskSpec, PowerState, TrackingState, VmSpec
 from drsite.hypervisors.file import FileHypervisor, FileVm
 from drsite.hypervisors.file.layout import CBW_BLOCK, GRANULE, VmPaths
+from drsite.hypervisors.file.runtime import GuestRuntime
 
 MiB = 1 << 20
 
@@ -45,6 +46,17 @@ def base(hv: FileHypervisor, vm_id: str) -> None:
     hv.release(c)
 
 
+def tracked_guest(hv: FileHypervisor, name: str = "vm1",
+                  sizes: tuple[int, ...] = (4 * MiB,)) -> tuple[str, GuestRuntime]:
+    """A VM made, tracked, running in this process, with its first (whole-disk) cycle
+    released: what most tests here start from."""
+    vm_id = make(hv, name, sizes)
+    hv.start_tracking(vm_id)
+    rt = hv.guest(vm_id)
+    base(hv, vm_id)
+    return vm_id, rt
+
+
 def read_view(hv: FileHypervisor, cycle: object, disk: str, off: int, n: int) -> bytes:
     r = hv.open_cycle_reader(cycle, disk)  # type: ignore[arg-type]
     try:
@@ -56,10 +68,7 @@ def read_view(hv: FileHypervisor, cycle: object, disk: str, off: int, n: int) ->
 
 
 def test_changed_extents_exact_and_coalesced(hv: FileHypervisor) -> None:
-    vm_id = make(hv, sizes=(4 * MiB, 1 * MiB))
-    hv.start_tracking(vm_id)
-    rt = hv.guest(vm_id)
-    base(hv, vm_id)
+    vm_id, rt = tracked_guest(hv, sizes=(4 * MiB, 1 * MiB))
     rt.vm.write("d0", 100, b"x" * 5)
     rt.vm.write("d0", 105, b"y" * 10)  # touching: merges
     rt.vm.write("d0", 70_000, b"z")
@@ -132,10 +141,7 @@ def test_cbw_preserves_written_blocks_only_and_batched_reads_agree(hv: FileHyper
     preserved blocks, unpreserved blocks and granules outside the cycle mixed in one batch; a
     cycle recorded with the old 64 KiB blocks still reads right."""
     size = 4 * MiB
-    vm_id = make(hv, sizes=(size,))
-    hv.start_tracking(vm_id)
-    rt = hv.guest(vm_id)
-    base(hv, vm_id)
+    vm_id, rt = tracked_guest(hv, sizes=(size,))
     rng = random.Random(9)
     pre = [(g * GRANULE + b * CBW_BLOCK, rng.randbytes(CBW_BLOCK))
            for g in (1, 5, 9) for b in (0, 3, 15)]
@@ -173,10 +179,7 @@ def test_cbw_preserves_written_blocks_only_and_batched_reads_agree(hv: FileHyper
 
 def test_cycle_with_64k_blocks_from_before_still_reads(hv: FileHypervisor) -> None:
     """A guest restarted on a cycle sealed with 64 KiB copy-before-write blocks keeps them."""
-    vm_id = make(hv)
-    hv.start_tracking(vm_id)
-    rt = hv.guest(vm_id)
-    base(hv, vm_id)
+    vm_id, rt = tracked_guest(hv)
     rt.vm.write("d0", 2 * GRANULE, b"A" * GRANULE)
     c = hv.seal(vm_id)
     hv.power_off(vm_id)
@@ -203,10 +206,7 @@ def test_fleece_is_packed_in_copy_order(hv: FileHypervisor) -> None:
     unlink took seconds), the slot index names each slot's block, an all-zero block is a hole,
     and the view reads every preserved block back from its slot."""
     size = 16 * MiB
-    vm_id = make(hv, sizes=(size,))
-    hv.start_tracking(vm_id)
-    rt = hv.guest(vm_id)
-    base(hv, vm_id)
+    vm_id, rt = tracked_guest(hv, sizes=(size,))
     rng = random.Random(11)
     blocks = rng.sample(range(size // CBW_BLOCK), 40)
     rt.vm.write_many([("d0", b * CBW_BLOCK, rng.randbytes(CBW_BLOCK)) for b in blocks])
@@ -241,10 +241,7 @@ def test_packed_fleece_resumes_after_a_guest_kill(hv: FileHypervisor) -> None:
     listed and cuts a copy whose entry was never appended (else an all-zero block given that
     slot would read the orphan's bytes); a block listed but never marked (an orphan: copied,
     killed before its byte was set) is copied again to a later slot, and reads right."""
-    vm_id = make(hv, sizes=(4 * MiB,))
-    hv.start_tracking(vm_id)
-    rt = hv.guest(vm_id)
-    base(hv, vm_id)
+    vm_id, rt = tracked_guest(hv, sizes=(4 * MiB,))
     rt.vm.write("d0", 0, b"A" * CBW_BLOCK)
     rt.vm.write("d0", 8 * CBW_BLOCK, bytes(CBW_BLOCK))   # changed to zeros
     rt.vm.write("d0", 16 * CBW_BLOCK, b"C" * CBW_BLOCK)
@@ -280,10 +277,7 @@ def test_a_copy_that_fails_leaves_its_slots_unused(hv: FileHypervisor,
     read as naming one (its entry, never written, is a hole: 0 is no block, not block 0)."""
     from drsite.hypervisors.file import cbw
 
-    vm_id = make(hv, sizes=(4 * MiB,))
-    hv.start_tracking(vm_id)
-    rt = hv.guest(vm_id)
-    base(hv, vm_id)
+    vm_id, rt = tracked_guest(hv, sizes=(4 * MiB,))
     rt.vm.write("d0", 0, b"A" * CBW_BLOCK)
     rt.vm.write("d0", 3 * CBW_BLOCK, b"B" * CBW_BLOCK)
     rt.vm.write("d0", 5 * CBW_BLOCK, bytes(CBW_BLOCK))   # changed to zeros
@@ -323,10 +317,7 @@ def test_a_copy_that_fails_leaves_its_slots_unused(hv: FileHypervisor,
 
 
 def test_a_slot_index_missing_a_preserved_block_is_tracking_lost(hv: FileHypervisor) -> None:
-    vm_id = make(hv)
-    hv.start_tracking(vm_id)
-    rt = hv.guest(vm_id)
-    base(hv, vm_id)
+    vm_id, rt = tracked_guest(hv)
     rt.vm.write("d0", 0, b"A" * CBW_BLOCK)
     c = hv.seal(vm_id)
     rt.vm.write("d0", 0, b"B" * CBW_BLOCK)
@@ -355,10 +346,7 @@ def test_release_is_idempotent_and_drops_files(hv: FileHypervisor) -> None:
 
 
 def test_pending_cycle_after_engine_crash(hv: FileHypervisor) -> None:
-    vm_id = make(hv)
-    hv.start_tracking(vm_id)
-    rt = hv.guest(vm_id)
-    base(hv, vm_id)
+    vm_id, rt = tracked_guest(hv)
     rt.vm.write("d0", GRANULE + 5, b"old!")
     c = hv.seal(vm_id)
     rt.vm.write("d0", GRANULE + 5, b"new!")
@@ -394,10 +382,7 @@ def test_unclean_stop_same_boot_trusted_and_cbw_resumes(hv: FileHypervisor) -> N
 
 
 def test_host_crash_untrusted_and_cycle_dropped(hv: FileHypervisor) -> None:
-    vm_id = make(hv)
-    hv.start_tracking(vm_id)
-    rt = hv.guest(vm_id)
-    base(hv, vm_id)
+    vm_id, rt = tracked_guest(hv)
     rt.vm.write("d0", 0, b"A" * 100)
     c = hv.seal(vm_id)
     rt.vm.write("d0", 5 * GRANULE, b"B")
@@ -621,10 +606,7 @@ def test_a_seal_holds_writes_without_a_single_fsync(hv: FileHypervisor,
     record) happens while writes flow, none while the hold keeps them waiting. The cycle is
     durable and clean all the same when seal_held returns."""
     from drsite.tracking.changelog import LogState, load_log
-    vm_id = make(hv, sizes=(4 * MiB, 1 * MiB))
-    hv.start_tracking(vm_id)
-    rt = hv.guest(vm_id)
-    base(hv, vm_id)
+    vm_id, rt = tracked_guest(hv, sizes=(4 * MiB, 1 * MiB))
     paths = VmPaths(hv.vm_dir(vm_id))
     epoch = hv.tracking_status(vm_id).epoch
     assert epoch is not None
@@ -690,10 +672,7 @@ def test_a_guest_killed_between_the_instant_and_the_commit(hv: FileHypervisor) -
 def test_next_logs_made_ahead_are_dropped_at_open_and_take_the_cap_in_force(
         hv: FileHypervisor) -> None:
     from drsite.tracking.changelog import HEADER_SIZE, RECORD_SIZE, cap_for_interval
-    vm_id = make(hv)
-    hv.start_tracking(vm_id)
-    rt = hv.guest(vm_id)
-    base(hv, vm_id)
+    vm_id, rt = tracked_guest(hv)
     paths = VmPaths(hv.vm_dir(vm_id))
     epoch = hv.tracking_status(vm_id).epoch
     assert epoch is not None and paths.next_log(epoch, "d0").exists()

@@ -84,6 +84,8 @@ def _union(parts: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]]) -> 
     if not parts:
         return ExtentList.empty()
     return coalesce(np.concatenate([o for o, _ in parts]), np.concatenate([n for _, n in parts]))
+
+
 # a frame's zero/data runs, codec, payload, blake3-128 of its data and the data itself
 _Prepared = tuple[Entries, int, bytes | memoryview, bytes, bytes | memoryview]
 

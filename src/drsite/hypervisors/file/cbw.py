@@ -212,15 +212,19 @@ class SlotIndex:
     def offset(self, block: int, block_size: int) -> int:
         """Where ``block``'s preserved bytes start in the fleece. ``TrackingLost`` if the
         index does not list it (a damaged or truncated index: the view cannot be trusted)."""
-        s = int(self._slot1[block]) if 0 <= block < self._slot1.size else 0
+        s = self._slot(block)
         if not s:
             with self._lock:
                 self._load()
-            s = int(self._slot1[block]) if 0 <= block < self._slot1.size else 0
+            s = self._slot(block)
             if not s:
                 raise TrackingLost(f"the copy-before-write slot index lists no slot for block "
                                    f"{block} its bitmap marks preserved")
         return (s - 1) * block_size
+
+    def _slot(self, block: int) -> int:
+        """``block``'s slot + 1 as loaded so far; 0 if none (or no block of this disk)."""
+        return int(self._slot1[block]) if 0 <= block < self._slot1.size else 0
 
     def _load(self) -> None:
         n = os.fstat(self._fd).st_size // SLOT_ENTRY

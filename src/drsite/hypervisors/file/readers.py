@@ -67,10 +67,10 @@ class CycleDiskReader(RawImageReader):
         try:
             self._fleece = _open_ro(fleece, "cycle fleece (cycle released?)")
             self._bitmap = _open_ro(bitmap, "cycle bitmap (cycle released?)")
+            n = (size + block - 1) // block
             if slots is not None:
                 self._slots = _open_ro(slots, "cycle slot index (cycle released?)")
-                self._index = SlotIndex(self._slots, -(-size // block))
-            n = (size + block - 1) // block
+                self._index = SlotIndex(self._slots, n)
             if n:
                 if os.fstat(self._bitmap).st_size < n:
                     raise NotFound(f"cycle bitmap {bitmap} is shorter than the disk")
@@ -150,9 +150,9 @@ class CycleDiskReader(RawImageReader):
         if self._map is None:
             return live
         # preserved blocks may hold pre-seal data the disk no longer has (a block preserved
-        # as zeros is read and found zero: an over-approximation, as a hole-punched disk's)
-        # a copy (``mmap[:]``: no buffer of the map stays exported): the guest sets bytes while
-        # this runs, and numpy's nonzero refuses an array whose count changes under it
+        # as zeros is read and found zero: an over-approximation, as a hole-punched disk's).
+        # Over a copy (``mmap[:]``: no buffer of the map stays exported): the guest sets bytes
+        # meanwhile, and numpy's nonzero refuses an array whose count changes under it
         preserved = np.flatnonzero(np.frombuffer(self._map[:], np.uint8))
         return live.union(blocks_to_extents(preserved, self._block, self._size))
 
