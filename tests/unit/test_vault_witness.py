@@ -333,3 +333,40 @@ def test_the_automatic_promotion_waits_for_an_operators_promotion() -> None:
         watcher.join(5)
     finally:
         context.ROLE_POLL_S = orig_poll
+
+
+def test_state_never_answers_active_at_the_old_epoch_during_a_promotion(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A promotion makes the vault active and then takes the lease at the granted epoch; a
+    ``GET /vault/state`` between the two answered "active" at the old epoch (CI saw it as
+    ``epoch 1 > 1`` right after an automatic promotion). It now waits for the promotion."""
+    import contextlib
+    import types
+
+    from drsite.vault import context
+
+    epoch = [1]
+    monkeypatch.setattr(context, "read_lease", lambda s: types.SimpleNamespace(epoch=epoch[0]))
+    v = object.__new__(context.Vault)
+    seen: list[dict[str, object]] = []
+
+    def step(*, force: bool = False, min_epoch: int = 0) -> float:
+        # another request asks for the state while the lease is being taken
+        asker = threading.Thread(target=lambda: seen.append(v.state()))
+        asker.start()
+        asker.join(0.5)
+        epoch[0] = max(epoch[0] + 1, min_epoch)
+        return 1.0
+
+    v.__dict__.update(
+        standby=True, fenced=None, _role_lock=threading.Lock(), _started=False,
+        autopromote=None, lease=types.SimpleNamespace(step=step),
+        db=types.SimpleNamespace(sqlite=False, read=contextlib.nullcontext),
+        settings=types.SimpleNamespace(advertised_url=B, peer_url=A, witness_url=None))
+    v.__dict__["_check_schema"] = lambda: None
+    v.__dict__["_position"] = lambda: (2, epoch[0])
+    v._become_active(force=True, min_epoch=3)
+    deadline = time.monotonic() + 5
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seen and seen[0]["role"] == "active" and seen[0]["epoch"] == 3, seen

@@ -231,13 +231,18 @@ class Vault:
 
     def state(self) -> dict[str, object]:
         """What ``GET /vault/state`` answers: role (active, standby, fenced), timeline, epoch,
-        this vault's URL."""
-        role = "fenced" if self.fenced is not None else self.role
-        if role == "active":
-            timeline, epoch = self._position()
-        else:
-            with self.db.read() as s:
-                timeline, epoch = None, read_lease(s).epoch
+        this vault's URL.
+
+        Read under the role lock: a promotion makes the vault active and then takes the lease
+        at the new epoch, and between the two an answer "active at the old epoch" would be a
+        lie the peer and the witness act on."""
+        with self._role_lock:
+            role = "fenced" if self.fenced is not None else self.role
+            if role == "active":
+                timeline, epoch = self._position()
+            else:
+                with self.db.read() as s:
+                    timeline, epoch = None, read_lease(s).epoch
         # a standby about to claim at the witness: its answer no longer confirms the active
         candidate = (role == "standby" and self.autopromote is not None
                      and self.autopromote.candidate)
