@@ -68,6 +68,7 @@ from drsite.hypervisors.qemu.qmp import QmpClient
 from drsite.hypervisors.qemu.readers import NbdDiskReader
 from drsite.hypervisors.qemu.runner import (
     Runner,
+    connect_runner,
     current_runner,
     kill_runner,
     quit_runner,
@@ -299,7 +300,7 @@ class QemuHypervisor:
             if r is None:
                 self._forget_writers(paths)
                 r = start_runner(paths, cfg, "daemon", timeout=self.start_timeout)
-            with QmpClient.connect(str(paths.qmp_socket), timeout=10.0) as q:
+            with connect_runner(paths, r, timeout=self.start_timeout) as q:
                 cyc = BitmapCycle(q, paths.fleece_dir, paths.nbd_socket)
                 if reconcile:
                     self._reconcile(paths, cfg, cyc, r)

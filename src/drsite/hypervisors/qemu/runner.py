@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO
 
 from drsite import failpoints
-from drsite.core.errors import DrsiteError, NotFound, PermanentError
+from drsite.core.errors import DrsiteError, NetworkError, NotFound, PermanentError
 from drsite.fsutil import read_record, write_record
 from drsite.hypervisors.qemu.layout import QemuVmConfig, VmDir
 from drsite.hypervisors.qemu.qmp import QmpClient, wait_for_monitor
@@ -213,6 +213,25 @@ def start_runner(paths: VmDir, cfg: QemuVmConfig, kind: str, *, start_cpus: bool
     if process_token(proc.pid) != tok:
         raise PermanentError(f"QEMU {kind} of {cfg.name} exited at once: {log_tail(paths)}")
     return Runner(kind, proc.pid, tok)
+
+
+def connect_runner(paths: VmDir, r: Runner, *, timeout: float) -> QmpClient:
+    """A QMP connection to the live runner ``r`` of the VM at ``paths``, waiting up to
+    ``timeout`` for its monitor: a runner that an earlier driver started (an agent killed while
+    it waited, then restarted) may still be starting — its socket missing, or bound and not yet
+    listening (refused). ``NetworkError`` if it does not answer in time, or if it exits
+    meanwhile (then with its log)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return QmpClient.connect(str(paths.qmp_socket), timeout=10.0)
+        except NetworkError:
+            if process_token(r.pid) != r.token:
+                raise NetworkError(f"QEMU {r.kind} (pid {r.pid}) exited before its monitor "
+                                   f"answered: {log_tail(paths)}") from None
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.02)
 
 
 def spawn_gated(args: list[str], *, stdout: IO[bytes], cwd: Path | None = None,
