@@ -69,6 +69,7 @@ from drsite.hypervisors.file.workload import Workload, WorkloadSpec
 from drsite.hypervisors.qemu.driver import QemuHypervisor
 from drsite.hypervisors.qemu.layout import VmDir
 from drsite.hypervisors.qemu.nbd import NbdClient
+from drsite.memtune import tune_malloc
 from drsite.replication.driver import ItemReplicator, ReplicationSettings
 from drsite.replication.planner import ALWAYS
 from drsite.replication.target import LocalTarget, RecoveryTarget
@@ -202,6 +203,7 @@ def engine_main(argv: list[str]) -> int:
         stop = True
 
     signal.signal(signal.SIGTERM, on_term)
+    tune_malloc()   # as 'drsite agent run' and 'drsite replicate' do
     hv = make_driver(a.driver, a.vms)
     vm = hv.find_vm(a.vm)
     target: RecoveryTarget

@@ -744,6 +744,28 @@ class _CountingStore(MemoryObjectStore):
         return super().get(key)
 
 
+def test_prefetch_goes_no_further_than_the_map_cache_holds(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cold data_extents over more maps than a repository's map cache holds fetches each
+    map once: maps fetched far ahead were evicted before their use and fetched again."""
+    import drsite.store.catalog as catalog
+
+    store = _CountingStore()
+    size = 48 * SEG
+    writes = [("d0", i * SEG + b * 8192, bytes([i + 1]) * 4096, 4096)
+              for i in range(48) for b in range(32)]   # 32 entries in each of 48 maps
+    pid = commit_cycle(repo_on(store), "c1", None, {"d0": size}, writes, 1.0)
+    want = ExtentList.of([(off, n) for _, off, _, n in writes])
+    monkeypatch.setattr(catalog, "MAP_CACHE_BYTES", 16 * 32 * 64)   # ~8 maps of 32 entries
+    cold = repo_on(store)
+    keys = [k for k in cold._map_keys(cold._load_manifest(pid)["disks"]["d0"]) if k]
+    assert len(keys) == 48
+    store.counted = {cold.key(k) for k in keys}
+    assert cold.reader(pid, "d0").data_extents() == want
+    assert store.map_gets == 48, f"{store.map_gets} map reads for 48 maps"
+
+
+
 def test_map_cache_shared_by_repositories_serves_verified_maps_warm(tmp_path: Path) -> None:
     """An agent's catch-ups and failovers share one MapCache: the maps a catch-up verified are
     not loaded again by the failover's new Repository (a 100 GiB disk with scattered data

@@ -81,8 +81,10 @@ def run(
     """Run the agent daemon in the foreground (SIGTERM stops it cleanly)."""
     from drsite.agent.process import agent_run
     from drsite.logsetup import configure_logging
+    from drsite.memtune import tune_malloc
 
     configure_logging()
+    tune_malloc()   # before the agent's threads exist
     agent_run(data_dir=data, hypervisor_kind=hypervisor.value, vms_root=vms, store_dir=store,
               store_listen=store_listen, store_url=store_url,
               heartbeat_interval=heartbeat_interval,

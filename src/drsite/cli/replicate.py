@@ -44,10 +44,12 @@ def replicate(
 ) -> None:
     """Replicate one file VM to a local recovery store (resumes whatever a crash left)."""
     from drsite.core.retention import rule_for_hours
+    from drsite.memtune import tune_malloc
     from drsite.replication.driver import ReplicationSettings
     from drsite.replication.local import LocalPaths, open_item
     from drsite.replication.planner import ALWAYS, ResyncWindow
 
+    tune_malloc()   # before the engine's threads exist
     window = ALWAYS if resync_window == "always" else ResyncWindow(*resync_window.split("-", 1))
     settings = ReplicationSettings(frequency_s=frequency, resync_window=window,
                                    retention=rule_for_hours(retention_hours))
