@@ -18,7 +18,8 @@ Per pattern, on one VM:
   workload steps through the rates, ascending; per rate ``--warmup-cycles`` cycles to reach
   steady state, then the window (``--window`` s): every 0.25 s the measured RPO = now −
   creation time of the newest committed point (the design's definition), the engine's RSS;
-  the guest's achieved write rate and both processes' CPU over the window.
+  the guest's achieved write rate and both processes' CPU over the window; the engine's exact
+  peak RSS per cycle phase (``phase_peak_mib``: its VmHWM, read and reset at each phase).
 
 A rate *passes* when the RPO stayed ≤ 2 F for the whole window; the ramp stops at the first
 failure (``--all-rates`` goes on). The highest passing rate is the capacity, reported with the
@@ -44,6 +45,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +74,7 @@ from drsite.hypervisors.qemu.nbd import NbdClient
 from drsite.memtune import tune_malloc
 from drsite.replication.driver import ItemReplicator, ReplicationSettings
 from drsite.replication.planner import ALWAYS
+from drsite.replication.report import CYCLE_PHASES
 from drsite.replication.target import LocalTarget, RecoveryTarget
 from drsite.store.local.backend import LocalObjectStore
 from drsite.store.replica import ReplicaHydrator
@@ -181,6 +184,66 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
 
 # -- the engine process ------------------------------------------------------------------------
 
+class PhasePeaks:
+    """The engine's exact peak RSS per cycle phase: whenever the replicator marks a phase done
+    (``ItemReplicator._marks``, what ``ItemReport.last_cycle`` is made of) the kernel's
+    high-water mark (VmHWM) is read — the peak since the previous mark — and reset
+    (``clear_refs`` 5). Polls every 5 ms: phases marked within one poll share their peak (named
+    "a+b"). ``idle`` is the time between cycles. No sampling misses a spike, unlike a poll of
+    VmRSS."""
+
+    def __init__(self, item: ItemReplicator) -> None:
+        self._item = item
+        self._lock = threading.Lock()
+        self._seen: tuple[float, frozenset[str]] = (0.0, frozenset())
+        self.cycle: dict[str, int] = {}   # phase → peak bytes, of the cycle under way
+        _reset_hwm()
+        threading.Thread(target=self._run, daemon=True, name="phase-peaks").start()
+
+    def _run(self) -> None:
+        while True:
+            self.poll()
+            time.sleep(0.005)
+
+    def poll(self) -> None:
+        with self._lock:
+            marks = dict(self._item._marks)
+            start = marks.get("start", 0.0)
+            done = frozenset(marks) - {"start"}
+            seen_start, seen = self._seen
+            if start != seen_start:   # a new cycle: the time since the last mark was idle
+                self._note("idle")
+                seen = frozenset()
+            new = [ph for ph in CYCLE_PHASES if ph in done - seen]
+            if new:
+                self._note("+".join(new))
+            self._seen = (start, done)
+
+    def _note(self, phase: str) -> None:
+        self.cycle[phase] = max(self.cycle.get(phase, 0), _hwm())
+        _reset_hwm()
+
+    def take(self) -> dict[str, int]:
+        """The peaks (MiB) noted since the last take (call after a cycle: its phases)."""
+        self.poll()
+        with self._lock:
+            out, self.cycle = self.cycle, {}
+        return {k: v >> 20 for k, v in out.items()}
+
+
+def _hwm() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_hwm() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def engine_main(argv: list[str]) -> int:
     """Protect one file VM until SIGTERM: initial point, then a cycle every ``--frequency``
     seconds (the loop of ``drsite replicate --until forever``), with a short retention so the
@@ -227,6 +290,7 @@ def engine_main(argv: list[str]) -> int:
                                    **({"rehome_share": float(rehome)} if rehome else {}))
     item = ItemReplicator(item_id=ITEM, vm_id=vm.vm_id, driver=hv, target=target,
                           state_dir=a.state, settings=settings)
+    peaks = PhasePeaks(item)
     with a.events.open("a") as ev:
         def record(kind: str, t0: float, point: Any) -> None:
             rep = item.report
@@ -235,7 +299,7 @@ def engine_main(argv: list[str]) -> int:
                                  "started_at": t0, "bytes_sent": rep.bytes_sent,
                                  "bytes_stored": rep.bytes_stored,
                                  "rehomed": int(point.meta.get("rehomed") or 0),
-                                 "phases": rep.last_cycle}) + "\n")
+                                 "phases": rep.last_cycle, "peak_mib": peaks.take()}) + "\n")
             ev.flush()
 
         t0 = time.time()
@@ -519,7 +583,8 @@ class Bench:
                       f"{t['ratio']:.2f}); engine RSS max {t['engine_rss_max'] / MiB:.0f} MiB, "
                       f"CPU {t['engine_cpu']:.2f}, guest CPU {t['guest_cpu']:.2f}; cycles "
                       f"{t['cycles']} (longest {t['cycle_seconds_max']:.1f} s); load "
-                      f"{t['load1'][0]:.1f}-{t['load1'][1]:.1f}", file=log, flush=True)
+                      f"{t['load1'][0]:.1f}-{t['load1'][1]:.1f}; peak RSS per phase (MiB) "
+                      f"{t['phase_peak_mib']}", file=log, flush=True)
                 if not t["passed"] and not all_rates:
                     break
         finally:
@@ -575,7 +640,11 @@ class Bench:
             # a window whose guest did not answer has no write rate: it cannot pass
             "passed": max(rpo) <= RPO_FACTOR * freq and b0 is not None and b1 is not None,
             "guest_unanswered": b0 is None or b1 is None,
-            "engine_rss_max": rss, "engine_peak_rss": peak_rss(engine.pid),
+            # the engine resets its VmHWM at each phase (PhasePeaks): its peak over the
+            # window's cycles is the highest phase peak
+            "engine_rss_max": rss,
+            "engine_peak_rss": max(peak_rss(engine.pid),
+                                   max(phase_peak(mine).values(), default=0) << 20),
             "engine_rss_log": rss_log,
             "engine_cpu": (ec1 - ec0) / (t1 - t0), "guest_cpu": per_s(gc0, gc1, t1 - t0),
             "load1": load, "cycles": len(mine),
@@ -588,7 +657,18 @@ class Bench:
                            round(c["committed_at"] - c["started_at"], 2),
                            round(c["committed_at"] - c["created_at"], 2),
                            int(c.get("rehomed") or 0), c.get("phases")] for c in mine],
+            # the engine's exact peak RSS (MiB) per phase over the window's cycles (VmHWM)
+            "phase_peak_mib": phase_peak(mine),
         }
+
+
+def phase_peak(cycles: list[dict[str, Any]]) -> dict[str, int]:
+    """The highest peak of each phase over ``cycles`` (their ``peak_mib``)."""
+    out: dict[str, int] = {}
+    for c in cycles:
+        for k, v in (c.get("peak_mib") or {}).items():
+            out[k] = max(out.get(k, 0), int(v))
+    return out
 
 
 # -- the benchmark -----------------------------------------------------------------------------
