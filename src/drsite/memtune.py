@@ -6,7 +6,8 @@ but after the first one is freed it raises its mmap threshold to that size, and 
 serves them from per-thread heaps that return memory to the system only from their top: the
 engine kept tens of MiB it no longer used between cycles (bench/RESULTS.md, 2026-12-08). A
 fixed threshold keeps big buffers mmapped (returned on free; the buffers that are reused —
-slabs, pack buffers — are pooled by their owners) and two arenas bound the per-thread heaps.
+slabs, pack buffers — are pooled by their owners) and fewer arenas bound the per-thread heaps.
+Measured: the same initial-copy speed and CPU (bench/initial.py, RESULTS 2026-12-08).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ log = logging.getLogger(__name__)
 M_MMAP_THRESHOLD = -3   # glibc's mallopt parameters (malloc.h)
 M_ARENA_MAX = -8
 MMAP_THRESHOLD = 1 << 20
-ARENA_MAX = 2
+# glibc's default is 8 per core; one per core, at least 2 and at most 8, bounds what idle heaps
+# keep while threads on a many-core host do not all queue on one arena's lock (measured: 2)
+ARENA_MAX = min(8, max(2, os.cpu_count() or 2))
 
 
 def tune_malloc() -> bool:
