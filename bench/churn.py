@@ -241,7 +241,7 @@ def _hwm() -> int:
 
 def _reset_hwm() -> None:
     with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
-        f.write("5")   # not allowed: the peaks are the process's since the last reset
+        f.write("5")   # where not allowed, a phase's peak is the process's so far
 
 
 def engine_main(argv: list[str]) -> int:
