@@ -220,7 +220,7 @@ class PhasePeaks:
             self._seen = (start, done)
 
     def _note(self, phase: str) -> None:
-        self.cycle[phase] = max(self.cycle.get(phase, 0), _hwm())
+        self.cycle[phase] = max(self.cycle.get(phase, 0), peak_rss(os.getpid()))
         _reset_hwm()
 
     def take(self) -> dict[str, int]:
@@ -229,14 +229,6 @@ class PhasePeaks:
         with self._lock:
             out, self.cycle = self.cycle, {}
         return {k: v >> 20 for k, v in out.items()}
-
-
-def _hwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _reset_hwm() -> None:

@@ -13,7 +13,6 @@ Measured: the same initial-copy speed and CPU (bench/initial.py, RESULTS 2026-12
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 
@@ -35,7 +34,7 @@ def tune_malloc() -> bool:
             {"MALLOC_MMAP_THRESHOLD_", "MALLOC_ARENA_MAX"} & set(os.environ):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)   # this process's own symbols: its C library's among them
         if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
             return False
         ok = int(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) == 1

@@ -194,6 +194,8 @@ class CopyBeforeWrite:
 
 
 SLOT_MERGE_MIN = 4096   # recent slot entries a reader keeps apart before merging
+_Slots = tuple[npt.NDArray[np.int64], npt.NDArray[np.uint32]]   # (blocks sorted, slot + 1)
+_NO_SLOTS: _Slots = (np.empty(0, np.int64), np.empty(0, np.uint32))
 
 
 class SlotIndex:
@@ -216,9 +218,8 @@ class SlotIndex:
     def __init__(self, fd: int, blocks: int) -> None:
         self._fd = fd
         self._blocks = blocks
-        empty = (np.empty(0, np.int64), np.empty(0, np.uint32))
-        self._old: tuple[npt.NDArray[np.int64], npt.NDArray[np.uint32]] = empty
-        self._new: tuple[npt.NDArray[np.int64], npt.NDArray[np.uint32]] = empty
+        self._old: _Slots = _NO_SLOTS
+        self._new: _Slots = _NO_SLOTS
         self._loaded = 0   # entries read so far
         self._lock = threading.Lock()   # one load at a time: each reads from ``_loaded`` on
 
@@ -261,15 +262,15 @@ class SlotIndex:
         slot1 = np.arange(self._loaded + 1, self._loaded + 1 + got, dtype=np.uint32)
         # a hole (-1: a slot whose copy failed before its entry) or damage names no block
         ok = (blocks >= 0) & (blocks < self._blocks)
-        keys = np.concatenate([self._new[0], blocks[ok]])
-        vals = np.concatenate([self._new[1], slot1[ok]])
-        if keys.size > max(SLOT_MERGE_MIN, self._old[0].size // 8):
-            keys = np.concatenate([self._old[0], keys])
-            vals = np.concatenate([self._old[1], vals])
-            order = np.argsort(keys, kind="stable")
-            self._old = (keys[order], vals[order])
-            self._new = (np.empty(0, np.int64), np.empty(0, np.uint32))
+        parts = [self._new, (blocks[ok], slot1[ok])]
+        merge = self._new[0].size + int(ok.sum()) > max(SLOT_MERGE_MIN, self._old[0].size // 8)
+        if merge:
+            parts.insert(0, self._old)
+        keys = np.concatenate([k for k, _ in parts])
+        order = np.argsort(keys, kind="stable")
+        level = (keys[order], np.concatenate([v for _, v in parts])[order])
+        if merge:
+            self._old, self._new = level, _NO_SLOTS   # the older level first (see above)
         else:
-            order = np.argsort(keys, kind="stable")
-            self._new = (keys[order], vals[order])
+            self._new = level
         self._loaded += got
